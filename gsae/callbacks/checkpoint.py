@@ -1,0 +1,92 @@
+"""Checkpointing that also writes a SAELens export beside each checkpoint and tells evaluation
+callbacks where the new checkpoint is."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
+
+from gsae.export import export_saelens
+
+
+def saelens_dir(ckpt_path: str | Path) -> Path:
+    """Where the SAELens export of a checkpoint goes: ``<name>.ckpt`` -> ``<name>.saelens/``."""
+    p = Path(ckpt_path)
+    return p.with_name(p.stem + ".saelens")
+
+
+class SAECheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that keeps checkpoints in ``<root>/<run name>/checkpoints`` (the same folder
+    across restarts, so ``--ckpt_path last`` finds them), writes ``<name>.saelens/`` beside every
+    ``<name>.ckpt``, and calls ``on_sae_checkpoint(trainer, pl_module, path)`` on every other callback
+    that has it (the evaluation callbacks)."""
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str | None = None,
+        every_n_train_steps: int | None = 1000,
+        save_last: bool = True,
+        save_top_k: int = -1,
+        export_saelens: bool = True,
+    ) -> None:
+        """Checkpoint every ``every_n_train_steps`` steps and at the end of training.
+
+        Args:
+            dirpath: folder of the checkpoints (default ``<default_root_dir>/<run name>/checkpoints``).
+            filename: Lightning checkpoint filename template (default ``epoch={epoch}-step={step}``).
+            every_n_train_steps: save every this many optimizer steps (the final step is always saved).
+            save_last: also keep ``last.ckpt`` (what ``--ckpt_path last`` resumes from).
+            save_top_k: how many step checkpoints to keep, newest first (-1 keeps all).
+            export_saelens: write a SAELens-format export beside every checkpoint.
+        """
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            every_n_train_steps=every_n_train_steps,
+            save_last=save_last,
+            save_top_k=save_top_k,
+            monitor="step" if save_top_k > 0 else None,
+            mode="max",
+        )
+        self.export_saelens = export_saelens
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            name = trainer.logger.name if trainer.logger is not None and trainer.logger.name else "run"
+            self.dirpath = str(Path(trainer.default_root_dir) / name / "checkpoints")
+        super().setup(trainer, pl_module, stage)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Always keep the final state: save it unless this step was just saved."""
+        if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step and not trainer.interrupted:
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
+
+    @override
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        module = trainer.lightning_module
+        if trainer.is_global_zero and self.export_saelens:
+            meta = module.describe()
+            dm = trainer.datamodule
+            meta["context_size"] = getattr(dm, "context_size", None)
+            export_saelens(module.sae, saelens_dir(filepath), meta)
+        for cb in trainer.callbacks:
+            if cb is not self and hasattr(cb, "on_sae_checkpoint"):
+                cb.on_sae_checkpoint(trainer, module, filepath)
+
+    @override
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._remove_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            shutil.rmtree(saelens_dir(filepath), ignore_errors=True)
+            Path(str(filepath) + ".eval.json").unlink(missing_ok=True)

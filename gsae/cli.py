@@ -1,0 +1,121 @@
+"""The command line: a LightningCLI whose typed ``__init__`` arguments are the configuration.
+
+``python train.py`` trains the default GPT-2 config; ``--config configs/X.yaml`` any config; every
+option can be overridden (``--model.sae.k 64``); ``--help`` lists them with their docstrings;
+``--print_config`` prints the resolved config; ``--ckpt_path last`` resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from jsonargparse import lazy_instance
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from gsae.callbacks.checkpoint import SAECheckpoint
+from gsae.data.datamodule import TokenDataModule
+from gsae.systems.base import SAESystem
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "gpt2" / "topk.yaml"
+
+# Errors a user causes with a bad option or file: reported as one line, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
+
+
+class GSAECLI(LightningCLI):
+    """LightningCLI with the LM linked from the model to the data module and ``--ckpt_path``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.lm", "data.lm", apply_on="instantiate")
+        parser.add_lightning_class_args(SAECheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.every_n_train_steps": 1000})
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="Checkpoint to resume from: a path, or 'last' for the newest last.ckpt of this run.",
+        )
+
+
+def trainer_defaults() -> dict:
+    return {
+        "default_root_dir": "checkpoints",
+        "logger": lazy_instance(TensorBoardLogger, save_dir="checkpoints", name="gsae"),
+        "max_epochs": 1,
+        "log_every_n_steps": 10,
+        "enable_model_summary": False,
+    }
+
+
+def build_cli(args: list[str] | None = None, run_defaults: bool = True) -> GSAECLI:
+    """Parse ``args`` and instantiate model, data and trainer (does not train)."""
+    args = list(sys.argv[1:] if args is None else args)
+    if run_defaults and not any(a == "--config" or a.startswith("--config=") for a in args) and not _is_help(args):
+        args = ["--config", str(DEFAULT_CONFIG), *args]
+    return GSAECLI(
+        SAESystem,
+        TokenDataModule,
+        subclass_mode_model=True,
+        run=False,
+        args=args,
+        auto_configure_optimizers=False,
+        trainer_defaults=trainer_defaults(),
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def _is_help(args: list[str]) -> bool:
+    return any(a in ("-h", "--help") or a.startswith("--print_config") for a in args) and "--config" not in args
+
+
+def resolve_ckpt_path(cli: GSAECLI) -> str | None:
+    """``last`` -> the ``last.ckpt`` in the run's checkpoint folder (clear error if there is none)."""
+    path = cli.config.get("ckpt_path")
+    if path is None:
+        return None
+    if path == "last":
+        for cb in cli.trainer.checkpoint_callbacks:
+            logger = cli.trainer.logger
+            name = logger.name if logger is not None and logger.name else "run"
+            folder = Path(cb.dirpath) if cb.dirpath else Path(cli.trainer.default_root_dir) / name / "checkpoints"
+            last = sorted(folder.glob("last*.ckpt"), key=os.path.getmtime)
+            if last:
+                return str(last[-1])
+        raise FileNotFoundError("--ckpt_path last: no last.ckpt in this run's checkpoint folder; nothing to resume")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--ckpt_path: no checkpoint at {path!r}")
+    _check_checkpoint(path)
+    return path
+
+
+def _check_checkpoint(path: str) -> None:
+    from gsae.export import load_checkpoint
+
+    load_checkpoint(path)  # raises a one-line ValueError for corrupt or foreign files
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point of ``train.py``: returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    warnings.filterwarnings("ignore", message=".*Sparse invariant checks.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    try:
+        cli = build_cli(args)
+        ckpt = resolve_ckpt_path(cli)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    except USER_ERRORS as e:
+        if os.environ.get("GSAE_DEBUG"):
+            raise
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        return 1
+    return 0

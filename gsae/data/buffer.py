@@ -1,0 +1,54 @@
+"""Activation shuffling buffer: mixes tokens across contexts so an SAE batch is not a few whole sequences.
+
+Each call takes the freshly harvested rows and returns as many rows, drawn uniformly from the
+buffer plus the new rows; the rest stay in the buffer. While the buffer fills (the first
+``capacity / (n/2)`` steps) only half of the incoming rows are returned. No row is ever returned
+twice and none is dropped (except what is still buffered when training stops). The buffer and its
+random generator are part of the checkpoint, so a resumed run mixes exactly as an uninterrupted one.
+Activations and gradients (g-SAE) travel together.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gsae.data.batch import ActivationBatch
+
+
+class ShuffleBuffer:
+    """A fixed-capacity mixing buffer of activation rows (and their gradients)."""
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        if capacity < 0:
+            raise ValueError(f"--model.buffer_size must be >= 0 (got {capacity})")
+        self.capacity = capacity
+        self.gen = torch.Generator().manual_seed(seed)
+        self.x: Tensor | None = None
+        self.grad: Tensor | None = None
+
+    @property
+    def fill(self) -> int:
+        return 0 if self.x is None else self.x.shape[0]
+
+    def mix(self, batch: ActivationBatch) -> ActivationBatch:
+        """Add ``batch``'s rows, return a uniformly drawn set of rows of the same size (half while filling)."""
+        if self.capacity == 0:
+            return batch
+        x = batch.x if self.x is None else torch.cat([self.x, batch.x])
+        g = batch.grad if self.grad is None or batch.grad is None else torch.cat([self.grad, batch.grad])
+        n_in = batch.x.shape[0]
+        n_out = n_in if self.fill + n_in // 2 >= self.capacity else n_in // 2
+        n_out = max(n_out, x.shape[0] - self.capacity)  # never keep more than capacity
+        perm = torch.randperm(x.shape[0], generator=self.gen).to(x.device)
+        out, keep = perm[:n_out], perm[n_out:]
+        self.x = x[keep]
+        self.grad = None if g is None else g[keep]
+        return ActivationBatch(x[out], None if g is None else g[out])
+
+    def state_dict(self) -> dict:
+        return {"x": self.x, "grad": self.grad, "gen": self.gen.get_state(), "capacity": self.capacity}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.x, self.grad = state["x"], state["grad"]
+        self.gen.set_state(state["gen"])

@@ -1,0 +1,187 @@
+"""Token sources -> fixed-length contexts -> per-rank, per-worker batches.
+
+A source yields *documents* (lists of token ids): HF ``datasets`` (streaming by default; a ``text``
+column tokenized with the model's tokenizer, or a pretokenized ``input_ids`` column), local files
+(txt / jsonl / parquet through ``datasets``' ``data_files``), or ``synthetic`` (offline random
+tokens with some structure, for the quickstart and tests).
+
+Packing (SAELens ``concat_and_batch_sequences`` with BOS handling as in SPEC §5): documents are
+concatenated with a separator token (BOS=EOS for GPT-2) between them and cut into chunks of
+``context_size − 1`` tokens, each prefixed with BOS (``prepend_bos``). Pretokenized rows are
+treated as pieces of one continuous stream (they already carry their separators).
+
+Held-out validation: document ``j`` belongs to validation iff ``j % val_every == 0`` (or a separate
+split is named), so validation tokens never appear in training.
+
+Sharding: the packed contexts of the training stream are numbered 0, 1, 2, ...; rank ``r`` of ``W``
+takes contexts ``i ≡ r (mod W)``, in order, and groups them into batches of ``batch_size``. So the
+global batch ``s`` is the same set of contexts whatever ``W`` is (2 ranks × B/2 = 1 rank × B), which is
+what makes DDP training equal to single-process training. DataLoader worker ``w`` of ``n`` builds the
+batches ``b ≡ w (mod n)``; the DataLoader interleaves workers round-robin, so the order is unchanged.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from gsae.data.batch import TokenBatch
+
+Documents = Callable[[], Iterator[list[int]]]
+
+_FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class DataSourceError(ValueError):
+    """A dataset option is wrong (missing path, no usable column, unreachable hub)."""
+
+
+def local_data_files(path: str) -> tuple[str, list[str]] | None:
+    """``(datasets builder, files)`` if ``path`` is a local file, folder or glob; else ``None``."""
+    if any(c in path for c in "*?["):
+        files = sorted(glob.glob(path))
+    elif os.path.isdir(path):
+        files = sorted(str(p) for p in Path(path).rglob("*") if p.suffix in _FILE_BUILDERS)
+    elif os.path.isfile(path):
+        files = [path]
+    elif path.startswith((".", "/", "~")) or Path(path).suffix in _FILE_BUILDERS:
+        raise DataSourceError(f"--data.dataset: local path {path!r} does not exist")
+    else:
+        return None
+    if not files:
+        raise DataSourceError(f"--data.dataset: no .txt/.jsonl/.parquet files at {path!r}")
+    suffixes = {Path(f).suffix for f in files}
+    if len(suffixes) != 1 or next(iter(suffixes)) not in _FILE_BUILDERS:
+        raise DataSourceError(f"--data.dataset: files at {path!r} must all be one of {sorted(_FILE_BUILDERS)} (got {sorted(suffixes)})")
+    return _FILE_BUILDERS[suffixes.pop()], files
+
+
+def hf_rows(path: str, name: str | None, split: str, streaming: bool) -> Iterator[dict]:
+    """Rows of a local-files or hub dataset (streaming by default)."""
+    import datasets
+
+    local = local_data_files(path)
+    try:
+        if local is not None:
+            builder, files = local
+            return iter(datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming))
+        if os.environ.get("HF_DATASETS_OFFLINE") != "1" and os.environ.get("HF_HUB_OFFLINE") != "1":
+            from gsae.lm import _hub_reachable
+
+            if not _hub_reachable():
+                raise DataSourceError(
+                    f"--data.dataset: {path!r} is not a local path and the Hugging Face hub is unreachable "
+                    "(offline, use `--data.dataset synthetic` or the quickstart: configs/quickstart/topk.yaml)"
+                )
+        return iter(datasets.load_dataset(path, name, split=split, streaming=streaming))
+    except DataSourceError:
+        raise
+    except (FileNotFoundError, ValueError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataSourceError(f"--data.dataset: could not open {path!r} (split {split!r}): {msg}") from None
+
+
+def row_tokens(rows: Iterator[dict], text_column: str, encode: Callable[[list[str]], list[list[int]]], chunk: int = 64) -> Iterator[list[int]]:
+    """Token lists from dataset rows: the ``input_ids`` column if present, else ``text_column`` tokenized."""
+    rows = iter(rows)
+    first = next(rows, None)
+    if first is None:
+        return
+    if "input_ids" in first:
+        for row in itertools.chain([first], rows):
+            yield list(row["input_ids"])
+        return
+    if text_column not in first:
+        raise DataSourceError(
+            f"--data.text_column: dataset has no {text_column!r} or 'input_ids' column (columns: {sorted(first)})"
+        )
+    it = itertools.chain([first], rows)
+    while batch := [r[text_column] for r in itertools.islice(it, chunk)]:
+        yield from encode(batch)
+
+
+def pack(docs: Iterator[list[int]], context_size: int, bos: int, prepend_bos: bool, separator: int | None) -> Iterator[list[int]]:
+    """Concatenate documents (``separator`` between them) and cut into contexts of ``context_size``."""
+    body = context_size - 1 if prepend_bos else context_size
+    buf: list[int] = []
+    first = True
+    for doc in docs:
+        if separator is not None and not first:
+            buf.append(separator)
+        first = False
+        buf.extend(doc)
+        while len(buf) >= body:
+            chunk, buf = buf[:body], buf[body:]
+            yield [bos, *chunk] if prepend_bos else chunk
+
+
+def synthetic_context(index: int, context_size: int, d_vocab: int, seed: int, bos: int, prepend_bos: bool) -> list[int]:
+    """Offline context ``index``: a seeded random walk over a Zipf-like vocabulary with repeated phrases.
+
+    Deterministic in ``(seed, index)`` so a resumed or sharded stream can jump to any context in O(1).
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    n = context_size - 1 if prepend_bos else context_size
+    vocab = d_vocab - 1 if bos == d_vocab - 1 else d_vocab  # keep the BOS id out of the body
+    ranks = torch.arange(1, vocab + 1, dtype=torch.float)
+    probs = ranks.pow(-1.1)
+    toks = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=gen)
+    # repeat earlier spans now and then, so there is context for attention to use
+    for start in range(8, n - 4, 16):
+        if torch.rand((), generator=gen) < 0.5:
+            src = int(torch.randint(0, start - 4, (), generator=gen))
+            toks[start : start + 4] = toks[src : src + 4]
+    toks = toks.tolist()
+    return [bos, *toks] if prepend_bos else toks
+
+
+class TokenStream(IterableDataset):
+    """Batches of packed contexts for one rank of one split, starting at batch ``start_batch``.
+
+    Args:
+        contexts: ``start -> iterator over the split's packed contexts from global index ``start``
+            on``; sources that can jump (synthetic) do so, others skip by re-packing.
+        batch_size: contexts per batch (per rank).
+        rank, world_size: this process's place in the DDP group.
+        start_batch: first batch index to yield (resume).
+        max_batches: stop after this batch index (exclusive), or ``None`` for an endless stream.
+    """
+
+    def __init__(
+        self,
+        contexts: Callable[[int], Iterator[list[int]]],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_batch: int = 0,
+        max_batches: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.contexts = contexts
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.start_batch = start_batch
+        self.max_batches = max_batches
+
+    def __iter__(self) -> Iterator[TokenBatch]:
+        info = get_worker_info()
+        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        per_batch = self.batch_size * self.world_size  # global contexts per batch index
+        first = self.start_batch * per_batch
+        it = self.contexts(first)
+        b = self.start_batch
+        while self.max_batches is None or b < self.max_batches:
+            block = list(itertools.islice(it, per_batch))
+            if len(block) < per_batch:
+                return  # the source ran out: end of the epoch
+            if (b - self.start_batch) % n_workers == worker:
+                rows = block[self.rank :: self.world_size]
+                yield TokenBatch(torch.tensor(rows, dtype=torch.long), b)
+            b += 1

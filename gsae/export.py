@@ -1,0 +1,87 @@
+"""SAELens-format export and import: ``sae_weights.safetensors`` + ``cfg.json`` that
+``sae_lens.SAE.load_from_disk`` loads, and the reverse (load our checkpoints without Lightning).
+
+Exact correspondence: our TopK SAE and SAELens' ``topk`` architecture compute the same
+``(x − b_dec) @ W_enc + b_enc`` and keep the same k latents. SAELens applies ReLU to the kept values;
+with ``relu_after_topk=False`` (our default, SPEC §1.1) a kept *negative* pre-activation differs, so
+``cfg.json``'s metadata records ``relu_after_topk`` and exports are exact for tokens whose k-th
+largest pre-activation is positive (the usual case after training). g-SAEs export as plain TopK:
+SAELens has no gradient-aware selection, so a SAELens-loaded g-SAE encodes like its ``β = 0`` TopK.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from gsae.sae.base import SparseAutoencoder
+
+
+def export_saelens(sae: SparseAutoencoder, path: str | Path, meta: dict) -> Path:
+    """Write ``sae`` to the folder ``path`` in SAELens format; ``meta`` is the checkpoint's ``describe()``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = sae.config()
+    arch = "topk" if "k" in cfg else "standard"
+    state = {name: p.detach().float().cpu().contiguous() for name, p in sae.named_parameters()}
+    save_file(state, str(path / "sae_weights.safetensors"))
+    lm = meta.get("lm", {})
+    cfg_json = {
+        "architecture": arch,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": arch == "topk",
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "model_name": lm.get("name"),
+            "hook_name": meta.get("hook"),
+            "hook_head_index": None,
+            "prepend_bos": True,
+            "context_size": meta.get("context_size"),
+            "model_from_pretrained_kwargs": {
+                k: lm[k] for k in ("fold_ln", "center_writing_weights", "center_unembed") if k in lm
+            },
+            "gsae": {"sae_class": meta.get("sae_class"), "sae_config": cfg, "objective": meta.get("objective")},
+        },
+    }
+    if arch == "topk":
+        cfg_json["k"] = cfg["k"]
+        cfg_json["rescale_acts_by_decoder_norm"] = False
+    (path / "cfg.json").write_text(json.dumps(cfg_json, indent=2))
+    return path
+
+
+def build_sae(meta: dict) -> SparseAutoencoder:
+    """Instantiate the SAE a checkpoint describes (``meta`` = its ``gsae`` section)."""
+    module, _, name = meta["sae_class"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(**meta["sae_config"])
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[SparseAutoencoder, dict]:
+    """``(sae, meta)`` from a gsae Lightning checkpoint, without Lightning or the LM."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise ValueError(f"checkpoint {str(path)!r} is corrupt or unreadable: {type(e).__name__}: {e}") from None
+    if not isinstance(ckpt, dict) or "gsae" not in ckpt:
+        raise ValueError(f"checkpoint {str(path)!r} is not a gsae checkpoint (no 'gsae' section)")
+    meta = ckpt["gsae"]
+    sae = build_sae(meta)
+    prefix = "sae."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    try:
+        sae.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {str(path)!r} does not match its SAE config: {str(e).splitlines()[0]}") from None
+    return sae, meta

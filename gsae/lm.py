@@ -1,0 +1,420 @@
+"""The frozen language model: the only module of gsae that touches TransformerLens.
+
+Everything the rest of the framework needs from the LM goes through :class:`LanguageModel`:
+load by name (or build a random-init GPT-2-architecture model), resolve and validate a hook
+name, the activation width ``d_in`` at a hook, activations at a hook (running no layer after
+it), ``dL/dx`` at a hook (one backward from the LM loss to the hook only), and running the rest
+of the model from a hook. A move from ``HookedTransformer`` to TransformerLens' successor API
+is a change to this file alone.
+
+Weight processing (SPEC §0): TransformerLens' ``from_pretrained`` folds LayerNorm and centres
+the writing weights and the unembedding by default, which changes residual-stream values. The
+flags are explicit options so that an SAE is always evaluated on the model it was trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from jsonargparse.typing import final
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+#: Architectures for random-weight models, built in-process (no download). ``random-gpt2`` is
+#: GPT-2 small's shape (for speed measurements); ``random-tiny`` is small enough for tests.
+RANDOM_PRESETS: dict[str, dict[str, int]] = {
+    "random-tiny": dict(n_layers=2, d_model=64, n_heads=4, d_mlp=256, n_ctx=128, d_vocab=257),
+    "random-small": dict(n_layers=4, d_model=128, n_heads=4, d_mlp=512, n_ctx=256, d_vocab=257),
+    "random-gpt2": dict(n_layers=12, d_model=768, n_heads=12, d_mlp=3072, n_ctx=1024, d_vocab=50257),
+}
+#: Byte-level vocabulary of the random models with ``d_vocab=257``: ids 0..255 are bytes, 256 is BOS/EOS.
+BYTE_BOS = 256
+
+_LAYER_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+class LMLoadError(RuntimeError):
+    """The language model could not be loaded (unknown name, hub unreachable, bad option)."""
+
+
+class HookRun(NamedTuple):
+    """What :meth:`LanguageModel.run_from_hook` returns.
+
+    Attributes:
+        logits: ``(B, T, d_vocab)`` next-token logits of the model with ``x`` at the hook.
+        cache: activations at the requested downstream hooks, ``{hook: (B, T, D)}``.
+    """
+
+    logits: Tensor
+    cache: dict[str, Tensor]
+
+
+class ActsAndGrads(NamedTuple):
+    """What :meth:`LanguageModel.activations_and_grads` returns.
+
+    Attributes:
+        acts: ``(B, T, D)`` activations at the hook (detached).
+        grads: ``(B, T, D)`` ``dL/dx`` at the hook for the LM cross-entropy ``L`` (detached).
+        loss: the scalar LM loss the gradient was taken of.
+    """
+
+    acts: Tensor
+    grads: Tensor
+    loss: Tensor
+
+
+@final
+class LanguageModel:
+    """A frozen TransformerLens language model, loaded lazily and never saved in a checkpoint.
+
+    Names: any TransformerLens model name (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``, ...),
+    loaded from the Hugging Face hub (or its local cache); or a random-weight GPT-2 architecture
+    built in-process: ``random-tiny`` (2 layers, d_model 64, byte vocabulary, for tests),
+    ``random-small`` (4 layers, d_model 128) and ``random-gpt2`` (GPT-2 small's shape, for speed
+    measurements). Random models use ``seed`` for their weights.
+    """
+
+    def __init__(
+        self,
+        name: str = "gpt2",
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        seed: int = 0,
+    ) -> None:
+        """Describe the model; weights load on first use.
+
+        Args:
+            name: TransformerLens model name (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``, ...)
+                or a random-weight preset (``random-tiny``, ``random-small``, ``random-gpt2``).
+            fold_ln: fold LayerNorm weights into the following layer (TransformerLens default True).
+            center_writing_weights: centre the weights that write to the residual stream; changes
+                residual values (SPEC §0: JB and Apollo SAEs need True, OpenAI v5 SAEs False).
+            center_unembed: centre the unembedding (logits shift by a constant; softmax unchanged).
+            dtype: dtype of the LM weights and activations (``bfloat16`` halves memory on GPU).
+            seed: weight seed of random-weight presets (ignored for pretrained models).
+        """
+        self.name = name
+        self.fold_ln = fold_ln
+        self.center_writing_weights = center_writing_weights
+        self.center_unembed = center_unembed
+        self.dtype = dtype
+        self.seed = seed
+        self._model = None
+        self._d_in_cache: dict[str, int] = {}
+        if name.startswith("random-") and name not in RANDOM_PRESETS:
+            raise LMLoadError(f"--model.lm.name: unknown random preset {name!r}; choose from {sorted(RANDOM_PRESETS)}")
+
+    # ------------------------------------------------------------------ loading
+    def describe(self) -> dict:
+        """The options that rebuild this model (stored in checkpoints and SAELens exports)."""
+        return dict(
+            name=self.name,
+            fold_ln=self.fold_ln,
+            center_writing_weights=self.center_writing_weights,
+            center_unembed=self.center_unembed,
+            dtype=self.dtype,
+            seed=self.seed,
+        )
+
+    @property
+    def model(self):
+        """The TransformerLens model: frozen (no grad), in eval mode; loaded on first access."""
+        if self._model is None:
+            self._model = self._load()
+            self._model.eval()
+            for p in self._model.parameters():
+                p.requires_grad_(False)
+        return self._model
+
+    def _load(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+            if self.name in RANDOM_PRESETS:
+                cfg = HookedTransformerConfig(
+                    **RANDOM_PRESETS[self.name],
+                    d_head=RANDOM_PRESETS[self.name]["d_model"] // RANDOM_PRESETS[self.name]["n_heads"],
+                    act_fn="gelu_new",
+                    normalization_type="LN",
+                    positional_embedding_type="standard",
+                    seed=self.seed,
+                    dtype=getattr(torch, self.dtype),
+                    device="cpu",
+                )
+                return HookedTransformer(cfg)
+            loader = _local_loader(self.name)
+            if loader is not None:
+                return loader(self)
+            kwargs = dict(
+                fold_ln=self.fold_ln,
+                center_writing_weights=self.center_writing_weights,
+                center_unembed=self.center_unembed,
+                dtype=self.dtype,
+                device="cpu",
+            )
+            try:
+                return _from_pretrained_offline_first(HookedTransformer, self.name, kwargs)
+            except OSError as e:
+                raise LMLoadError(
+                    f"--model.lm.name: could not load {self.name!r}: {_first_line(e)} (the Hugging Face hub may be "
+                    "unreachable; offline, try `python train.py --config configs/quickstart/topk.yaml`)"
+                ) from None
+            except ValueError as e:
+                raise LMLoadError(f"--model.lm.name: {_first_line(e)}") from None
+
+    def to(self, device: torch.device | str) -> LanguageModel:
+        """Move the model to ``device`` (a no-op if already there)."""
+        device = torch.device(device)
+        if self.device != device:
+            self.model.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tokenizer(self):
+        """The HF tokenizer, or ``None`` for byte-vocabulary random models (see :meth:`encode_text`)."""
+        return self.model.tokenizer
+
+    @property
+    def n_ctx(self) -> int:
+        return self.model.cfg.n_ctx
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.cfg.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.model.cfg.d_model
+
+    @property
+    def d_vocab(self) -> int:
+        return self.model.cfg.d_vocab
+
+    @property
+    def W_U(self) -> Tensor:
+        """Unembedding ``(d_model, d_vocab)``."""
+        return self.model.W_U
+
+    @property
+    def bos_token_id(self) -> int:
+        tok = self.tokenizer
+        if tok is None:
+            return BYTE_BOS
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if bos is None:
+            raise LMLoadError(f"--model.lm.name: the tokenizer of {self.name!r} has no BOS or EOS token")
+        return bos
+
+    @property
+    def eos_token_id(self) -> int:
+        tok = self.tokenizer
+        if tok is None or tok.eos_token_id is None:
+            return self.bos_token_id
+        return tok.eos_token_id
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        """Ids of every special token (masked and left unpatched by the metrics, SPEC §5)."""
+        tok = self.tokenizer
+        if tok is None:
+            return [BYTE_BOS]
+        ids = set(tok.all_special_ids)
+        ids.add(self.bos_token_id)
+        return sorted(i for i in ids if i is not None and i < self.d_vocab)
+
+    def encode_text(self, texts: Sequence[str]) -> list[list[int]]:
+        """Tokenize documents without special tokens (bytes for byte-vocabulary models)."""
+        tok = self.tokenizer
+        if tok is None:
+            return [list(t.encode("utf-8")) for t in texts]
+        return tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    # ------------------------------------------------------------------ hooks
+    def hook_names(self) -> list[str]:
+        return list(self.model.hook_dict)
+
+    def validate_hook(self, hook: str, option: str = "--model.hook") -> str:
+        """Return ``hook`` if the model has it, else raise a one-line error listing valid names."""
+        names = self.hook_names()
+        if hook not in names:
+            resid = [n for n in names if "resid" in n or n in ("hook_embed", "hook_pos_embed")]
+            raise ValueError(
+                f"{option}: unknown hook {hook!r} for model {self.name!r}; valid residual hooks: "
+                f"{', '.join(resid)} (and {len(names) - len(resid)} more: blocks.L.hook_mlp_out, blocks.L.attn.hook_z, ...)"
+            )
+        return hook
+
+    def hook_layer(self, hook: str) -> int | None:
+        """Index of the block a hook lives in (``None`` for embeddings and the final LN)."""
+        m = _LAYER_HOOK.match(hook)
+        return int(m.group(1)) if m else None
+
+    def resume_layer(self, hook: str) -> int | None:
+        """The ``start_at_layer`` that continues the model from ``hook``, or ``None`` if the hook is
+        inside a block (then :meth:`run_from_hook` falls back to a full forward with a patch hook)."""
+        m = _LAYER_HOOK.match(hook)
+        if m and m.group(2) == "hook_resid_pre":
+            return int(m.group(1))
+        if m and m.group(2) == "hook_resid_post":
+            return int(m.group(1)) + 1
+        return None
+
+    def d_in(self, hook: str) -> int:
+        """Width of the (flattened) activation at ``hook``."""
+        self.validate_hook(hook)
+        if hook not in self._d_in_cache:
+            tokens = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            self._d_in_cache[hook] = self.activations(tokens, hook).shape[-1]
+        return self._d_in_cache[hook]
+
+    # ------------------------------------------------------------------ running
+    @torch.no_grad()
+    def activations(self, tokens: Tensor, hook: str) -> Tensor:
+        """Activations ``(B, T, D)`` at ``hook``; no layer after the hook runs (``stop_at_layer``)."""
+        m = _LAYER_HOOK.match(hook)
+        if m and m.group(2) == "hook_resid_pre":
+            # the residual returned by stop_at_layer=L *is* blocks.L.hook_resid_pre
+            return self.model(tokens, stop_at_layer=int(m.group(1)))
+        stop = int(m.group(1)) + 1 if m else (0 if hook in ("hook_embed", "hook_pos_embed") else None)
+        store: dict[str, Tensor] = {}
+
+        def save(act: Tensor, hook) -> None:  # noqa: ARG001 - TransformerLens hook signature
+            store["x"] = act
+
+        self.model.run_with_hooks(tokens, stop_at_layer=stop, return_type=None, fwd_hooks=[(hook, save)])
+        return _flatten_heads(store["x"])
+
+    @torch.no_grad()
+    def logits(self, tokens: Tensor) -> Tensor:
+        """Clean next-token logits ``(B, T, d_vocab)``."""
+        return self.model(tokens, return_type="logits")
+
+    def run_from_hook(
+        self,
+        x: Tensor,
+        hook: str,
+        tokens: Tensor | None = None,
+        cache_hooks: Sequence[str] = (),
+        positions: Tensor | None = None,
+    ) -> HookRun:
+        """Run the model with ``x`` in place of the activation at ``hook``.
+
+        For ``hook_resid_pre``/``hook_resid_post`` hooks only the layers after the hook run
+        (``start_at_layer``); for hooks inside a block the whole model runs on ``tokens`` with a
+        patch hook. Autograd is left on: callers wrap in ``torch.no_grad()`` when they need no graph.
+
+        Args:
+            x: ``(B, T, D)`` activation to put at the hook.
+            hook: hook name.
+            tokens: ``(B, T)`` input tokens; needed only for hooks inside a block.
+            cache_hooks: later hooks whose (patched-model) activations to return.
+            positions: optional ``(B, T)`` bool mask; where False the clean activation is kept
+                (only used by the patch-hook path; with ``start_at_layer`` the caller passes the
+                clean values itself).
+        """
+        cache: dict[str, Tensor] = {}
+
+        def keep(act: Tensor, hook) -> None:
+            cache[hook.name] = act
+
+        fwd_hooks: list[tuple[str, Callable]] = [(h, keep) for h in cache_hooks]
+        start = self.resume_layer(hook)
+        if start is not None:
+            logits = self.model.run_with_hooks(x, start_at_layer=start, return_type="logits", fwd_hooks=fwd_hooks)
+            return HookRun(logits, cache)
+        if tokens is None:
+            raise ValueError(f"run_from_hook: hook {hook!r} is inside a block; pass tokens")
+
+        def patch(act: Tensor, hook) -> Tensor:  # noqa: ARG001
+            new = x.reshape(act.shape).to(act.dtype)
+            if positions is not None:
+                new = torch.where(positions.reshape(*positions.shape, *([1] * (act.dim() - 2))), new, act)
+            return new
+
+        logits = self.model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook, patch), *fwd_hooks])
+        return HookRun(logits, cache)
+
+    def activations_and_grads(
+        self, tokens: Tensor, hook: str, reduction: Literal["mean", "sum"] = "mean"
+    ) -> ActsAndGrads:
+        """Activations at ``hook`` and ``dL/dx`` of the next-token cross-entropy, in one backward pass.
+
+        The layers before the hook run without autograd (under ``no_grad``); the activation is made
+        a leaf requiring grad; the layers after it run with autograd and one ``torch.autograd.grad``
+        goes from the loss to the hook only: model parameters never get a ``.grad``.
+        ``L`` is the CE of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]``, reduced by ``mean``
+        over the ``B·(T−1)`` predictions (TransformerLens ``return_type="loss"``; SPEC §1.2 default) or
+        ``sum``. The last position has no label, so its gradient comes only through later positions:
+        it is exactly 0 for a causal model. The gradient includes the effect of ``x_t`` on every later
+        position's loss through attention (SPEC §1.2 [INFERRED]).
+        """
+        x = self.activations(tokens, hook).detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.run_from_hook(x, hook, tokens=tokens).logits
+            loss = next_token_loss(logits, tokens, reduction=reduction)
+            (grad,) = torch.autograd.grad(loss, x)
+        return ActsAndGrads(x.detach(), grad.detach(), loss.detach())
+
+
+def next_token_loss(logits: Tensor, tokens: Tensor, reduction: Literal["mean", "sum", "none"] = "mean") -> Tensor:
+    """Cross-entropy of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]``; ``none`` gives ``(B, T−1)``."""
+    lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    if reduction == "none":
+        return nll
+    return nll.sum() if reduction == "sum" else nll.mean()
+
+
+def _flatten_heads(act: Tensor) -> Tensor:
+    """``(B, T, n_heads, d_head)`` -> ``(B, T, n_heads·d_head)`` (attention ``hook_z``); else unchanged."""
+    return act.flatten(2) if act.dim() > 3 else act
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained_offline_first(cls, name: str, kwargs: dict):
+    """``from_pretrained``, failing fast (no minute of retries) when the hub is unreachable.
+
+    With ``HF_HUB_OFFLINE=1`` the local cache is used directly.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True") and not _hub_reachable():
+        raise OSError(
+            f"{name!r}: the Hugging Face hub is unreachable (set HF_HUB_OFFLINE=1 to use a locally cached copy)"
+        )
+    return cls.from_pretrained(name, **kwargs)
+
+
+#: Loaders for models that ship inside gsae (e.g. ``gsae-tiny``): name -> callable(LanguageModel) -> model.
+LOCAL_MODELS: dict[str, Callable] = {}
+
+
+def _local_loader(name: str) -> Callable | None:
+    return LOCAL_MODELS.get(name)

@@ -1,0 +1,147 @@
+"""Metrics: one definition each, with the formula and its source. Used by training, callbacks and ``evaluate.py``.
+
+Reconstruction metrics are computed from *sums* (:class:`ReconSums`) so that they can be
+all-reduced across DDP ranks and accumulated over batches before the ratios are taken.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ReconSums(NamedTuple):
+    """Sufficient statistics of a batch of reconstructions; add them up, then call :func:`recon_metrics`.
+
+    Attributes:
+        n: number of tokens.
+        sse: ``Σ_t ‖x_t − x̂_t‖²``.
+        sum_sq: ``Σ_t ‖x_t‖²``.
+        sum_x: ``Σ_t x_t`` (a ``d_in`` vector; gives the centered variance).
+        nmse_tok: ``Σ_t ‖x_t − x̂_t‖² / ‖x_t‖²`` (smol-sae's per-token NMSE).
+        l0: ``Σ_t #{i : f_i(x_t) ≠ 0}``.
+        cos: ``Σ_t cos(x_t, x̂_t)``.
+        l2_ratio: ``Σ_t ‖x̂_t‖ / ‖x_t‖``.
+    """
+
+    n: Tensor
+    sse: Tensor
+    sum_sq: Tensor
+    sum_x: Tensor
+    nmse_tok: Tensor
+    l0: Tensor
+    cos: Tensor
+    l2_ratio: Tensor
+
+    def flat(self) -> Tensor:
+        """All fields in one vector (one all-reduce)."""
+        scalars = torch.stack([self.n, self.sse, self.sum_sq, self.nmse_tok, self.l0, self.cos, self.l2_ratio])
+        return torch.cat([scalars, self.sum_x])
+
+    @classmethod
+    def unflat(cls, v: Tensor) -> ReconSums:
+        n, sse, sum_sq, nmse_tok, l0, cos, l2 = v[:7]
+        return cls(n, sse, sum_sq, v[7:], nmse_tok, l0, cos, l2)
+
+    def __add__(self, other: ReconSums) -> ReconSums:  # type: ignore[override]
+        return ReconSums.unflat(self.flat() + other.flat())
+
+
+@torch.no_grad()
+def recon_sums(x: Tensor, x_hat: Tensor, l0_per_token: Tensor) -> ReconSums:
+    """:class:`ReconSums` of ``x, x̂ (N, d_in)`` and the per-token active-latent counts ``(N,)``."""
+    x, x_hat = x.double(), x_hat.double()
+    err = (x - x_hat).pow(2).sum(-1)
+    sq = x.pow(2).sum(-1)
+    xn, xhn = x.norm(dim=-1).clamp_min(1e-12), x_hat.norm(dim=-1)
+    return ReconSums(
+        n=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
+        sse=err.sum(),
+        sum_sq=sq.sum(),
+        sum_x=x.sum(0),
+        nmse_tok=(err / sq.clamp_min(1e-12)).sum(),
+        l0=l0_per_token.double().sum(),
+        cos=F.cosine_similarity(x, x_hat, dim=-1).sum(),
+        l2_ratio=(xhn / xn).sum(),
+    )
+
+
+def recon_metrics(s: ReconSums) -> dict[str, float]:
+    """Reconstruction metrics from accumulated sums.
+
+    - ``mse``: ``mean_t ‖x − x̂‖²`` (sum over ``d_in``, mean over tokens).
+    - ``nmse``: ``mean_t ‖x − x̂‖²/‖x‖²``, the squared per-token NMSE of smol-sae / the g-SAE paper (SPEC §1.4).
+    - ``explained_variance``: ``1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²`` with ``x̄`` the mean over tokens (centered; SPEC §5's clean form).
+    - ``fvu_uncentered``: ``Σ‖x − x̂‖² / Σ‖x‖²`` (what SAELens v6 ``explained_variance`` ≈ ``1 −`` this; SPEC §5).
+    - ``l0``: mean number of active latents per token. ``cossim``: mean ``cos(x, x̂)``. ``l2_ratio``: mean ``‖x̂‖/‖x‖``.
+    """
+    n = s.n.clamp_min(1)
+    centered = (s.sum_sq - s.sum_x.pow(2).sum() / n).clamp_min(1e-12)
+    return {
+        "mse": float(s.sse / n),
+        "nmse": float(s.nmse_tok / n),
+        "explained_variance": float(1 - s.sse / centered),
+        "fvu_uncentered": float(s.sse / s.sum_sq.clamp_min(1e-12)),
+        "l0": float(s.l0 / n),
+        "cossim": float(s.cos / n),
+        "l2_ratio": float(s.l2_ratio / n),
+    }
+
+
+def kl_div_per_token(logits_clean: Tensor, logits_new: Tensor) -> Tensor:
+    """``KL(P_clean ‖ P_new)`` per token (sum over the vocabulary), shape of the logits minus the last dim.
+
+    The convention of every codebase in SPEC §0: ``F.kl_div(log_softmax(new), log_softmax(clean), log_target=True)``.
+    """
+    lp_clean = F.log_softmax(logits_clean.float(), dim=-1)
+    lp_new = F.log_softmax(logits_new.float(), dim=-1)
+    return (lp_clean.exp() * (lp_clean - lp_new)).sum(-1)
+
+
+class DeadLatentTracker(nn.Module):
+    """Both dead-latent definitions of SPEC §1.5, updated from a *global* fired mask each step.
+
+    - **batches** (g-SAE paper Table 1, smol-sae): dead if it did not fire in the last ``n_batches``
+      consecutive training batches: ``batches_since_fired >= n_batches`` (default 5).
+    - **tokens** (Gao et al., sparsify): dead if it did not fire in the last ``n_tokens`` tokens:
+      ``tokens_since_fired >= n_tokens`` (default 10M).
+
+    Latents start with both counters at 0 (alive until proven dead). The counters are buffers, so they
+    are in the checkpoint. Under DDP the caller passes the fired mask OR-reduced over ranks and the
+    global token count, so every rank holds the same counters ("dead" is global: sparsify #119).
+    """
+
+    def __init__(self, d_sae: int, n_batches: int = 5, n_tokens: int = 10_000_000) -> None:
+        super().__init__()
+        if n_batches <= 0:
+            raise ValueError(f"--model.dead_batches must be > 0 (got {n_batches})")
+        if n_tokens <= 0:
+            raise ValueError(f"--model.dead_tokens must be > 0 (got {n_tokens})")
+        self.n_batches = n_batches
+        self.n_tokens = n_tokens
+        self.register_buffer("batches_since_fired", torch.zeros(d_sae, dtype=torch.long))
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, fired: Tensor, n_tokens: int) -> None:
+        """Advance the counters by one batch of ``n_tokens`` tokens; ``fired`` is a bool ``(d_sae,)``."""
+        self.batches_since_fired.add_(1).masked_fill_(fired, 0)
+        self.tokens_since_fired.add_(int(n_tokens)).masked_fill_(fired, 0)
+
+    def dead_by_batches(self) -> Tensor:
+        return self.batches_since_fired >= self.n_batches
+
+    def dead_by_tokens(self) -> Tensor:
+        return self.tokens_since_fired >= self.n_tokens
+
+
+def fired_mask(top_idx: Tensor | None, top_acts: Tensor | None, latents: Tensor | None, d_sae: int) -> Tensor:
+    """Bool ``(d_sae,)``: latents with a nonzero activation on some token of the batch (SPEC §1.5)."""
+    if latents is not None:
+        return (latents != 0).any(0)
+    fired = torch.zeros(d_sae, dtype=torch.bool, device=top_idx.device)
+    fired[top_idx[top_acts != 0]] = True
+    return fired

@@ -1,0 +1,7 @@
+"""SAE models: plain ``nn.Module``s (no Lightning import)."""
+
+from gsae.sae.base import SAEOutput, SparseAutoencoder
+from gsae.sae.grad_topk import GradTopKSAE
+from gsae.sae.topk import TopKSAE
+
+__all__ = ["GradTopKSAE", "SAEOutput", "SparseAutoencoder", "TopKSAE"]

@@ -1,0 +1,141 @@
+"""The shared SAE base: parameters, decoding, decoder constraints, and the output contract.
+
+Vocabulary (STYLE §6): ``W_enc (d_in, d_sae)``, ``b_enc (d_sae,)``, ``W_dec (d_sae, d_in)`` (one row per
+latent direction), ``b_dec (d_in,)``. No Lightning import here: SAEs are plain ``nn.Module``s.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SAEOutput(NamedTuple):
+    """What an SAE forward returns.
+
+    Attributes:
+        x_hat: ``(N, d_in)`` reconstruction.
+        top_acts: ``(N, k)`` values of the active latents (TopK family) — for dense SAEs, ``None``.
+        top_idx: ``(N, k)`` indices of the active latents — for dense SAEs, ``None``.
+        latents: ``(N, d_sae)`` dense latent activations; materialised lazily by :meth:`SparseAutoencoder.densify`
+            for TopK SAEs (``None`` in the training path), always set for dense SAEs.
+        pre_acts: ``(N, d_sae)`` encoder pre-activations (detached; used by AuxK and diagnostics).
+        aux_loss: AuxK dead-latent loss (0 when disabled or no latent is dead).
+        sparsity_loss: L1 penalty for ReLU SAEs (0 for TopK).
+    """
+
+    x_hat: Tensor
+    top_acts: Tensor | None
+    top_idx: Tensor | None
+    latents: Tensor | None
+    pre_acts: Tensor
+    aux_loss: Tensor
+    sparsity_loss: Tensor
+
+
+class SparseAutoencoder(nn.Module):
+    """Base class: parameters, initialisation and decoder constraints shared by every SAE.
+
+    Initialisation (Gao et al. 2024 §A.1; smol-sae ``base.py``): decoder rows random unit vectors,
+    encoder = decoder transpose, ``b_enc = 0``; ``b_dec`` is set from the first training batch by
+    :meth:`init_b_dec` (see there).
+    """
+
+    #: Whether the decoder rows are kept at unit norm by the training system (post-step renorm).
+    unit_norm_decoder: bool = True
+
+    def __init__(self, d_in: int, d_sae: int, seed: int | None = 0) -> None:
+        super().__init__()
+        if d_in <= 0:
+            raise ValueError(f"--model.sae.d_in must be > 0 (got {d_in})")
+        if d_sae <= 0:
+            raise ValueError(f"--model.sae.d_sae must be > 0 (got {d_sae})")
+        self.d_in = d_in
+        self.d_sae = d_sae
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        w_dec = torch.randn(d_sae, d_in, generator=gen)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        self.W_enc = nn.Parameter(w_dec.T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    # ------------------------------------------------------------------ description
+    def config(self) -> dict:
+        """Constructor arguments that rebuild this SAE (stored in checkpoints)."""
+        raise NotImplementedError
+
+    @property
+    def architecture(self) -> str:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ decoding
+    def decode_sparse(self, top_acts: Tensor, top_idx: Tensor) -> Tensor:
+        """``Σ_j top_acts[n, j] · W_dec[top_idx[n, j]] + b_dec`` by gathering k rows (no dense d_sae matmul)."""
+        return F.embedding_bag(top_idx, self.W_dec, per_sample_weights=top_acts.to(self.W_dec.dtype), mode="sum") + self.b_dec
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Dense decode ``latents (N, d_sae) @ W_dec + b_dec``."""
+        return latents @ self.W_dec + self.b_dec
+
+    def densify(self, out: SAEOutput) -> Tensor:
+        """``(N, d_sae)`` dense latents of an output (scatters the top-k for TopK SAEs)."""
+        if out.latents is not None:
+            return out.latents
+        dense = out.top_acts.new_zeros(out.top_acts.shape[0], self.d_sae)
+        return dense.scatter_(-1, out.top_idx, out.top_acts)
+
+    def encode(self, x: Tensor, grad: Tensor | None = None) -> Tensor:
+        """Dense latents ``(N, d_sae)`` of ``x`` (``grad`` is used by gradient-aware SAEs only)."""
+        return self.densify(self(x, grad=grad))
+
+    def forward(self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None) -> SAEOutput:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def init_b_dec(self, x: Tensor, method: str = "geometric_median") -> None:
+        """Set ``b_dec`` from a batch ``x (N, d_in)``: its geometric median (Weiszfeld, as SAELens) or mean.
+
+        The geometric median is robust to the few huge-norm activations of GPT-2's residual stream.
+        """
+        x = x.float()
+        if method == "mean":
+            self.b_dec.copy_(x.mean(0))
+        elif method == "geometric_median":
+            self.b_dec.copy_(geometric_median(x))
+        elif method != "zeros":
+            raise ValueError(f"--model.b_dec_init must be geometric_median, mean or zeros (got {method!r})")
+
+    # ------------------------------------------------------------------ decoder constraints
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale every decoder row to unit norm (called after each optimizer step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Remove the component of ``W_dec.grad`` parallel to each row (Gao et al. 2024 App. A.4; sparsify).
+
+        With unit-norm rows this makes the update tangent to the sphere, so the post-step renorm
+        only corrects second-order drift instead of undoing part of every step.
+        """
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+
+def geometric_median(x: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
+    """Geometric median of the rows of ``x (N, d)`` by Weiszfeld iterations, starting from the mean."""
+    y = x.mean(0)
+    for _ in range(max_iter):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-8)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() <= tol * y.norm().clamp_min(1e-8):
+            return y_new
+        y = y_new
+    return y

@@ -1,0 +1,78 @@
+"""g-SAE: TopK whose *selection* is weighted by the loss gradient (Olmo et al. 2024, arXiv 2411.10397 §3).
+
+``s = z ∘ (1 + β·|W_dec g|)`` with ``g = ∇ₓL(x)`` the gradient of the LM's next-token cross-entropy at
+the SAE's input activation; ``K = TopK(s)``; the kept values are the *plain* ``z_K`` (SPEC §1.1). ``g``
+is a detached input: nothing back-propagates through the selection, and the loss stays
+reconstruction (+ AuxK). ``z_i·(W_dec g)_i`` is the attribution-patching estimate of the loss change
+from switching latent i off, so latents that matter to the output are preferred.
+
+Choices the paper leaves open (SPEC §1.2 [AMBIG]), with our defaults:
+
+- no ReLU after TopK (smol-sae, which the authors modified), as in :class:`TopKSAE`;
+- ``W_dec g`` uses the current (unit-norm) decoder rows;
+- the scale of ``g`` is set by the CE reduction (``mean`` by default, see ``LanguageModel.activations_and_grads``);
+  the training system logs ``median(β·|W_dec g|)`` over the selected latents so β can be checked.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gsae.sae.base import SAEOutput
+from gsae.sae.topk import TopKSAE
+
+
+class GradTopKSAE(TopKSAE):
+    """g-SAE: TopK selection by ``z ∘ (1 + β|W_dec ∇ₓL|)``; with ``grad=None`` it is plain TopK."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int = 15360,
+        k: int = 32,
+        beta: float = 1e5,
+        relu_after_topk: bool = False,
+        k_aux: int | None = None,
+        aux_coef: float = 1 / 32,
+        sparse_backward: bool = True,
+        seed: int = 0,
+    ) -> None:
+        """Build a g-SAE.
+
+        Args:
+            d_in: activation width at the hook (linked from the language model; not set in configs).
+            d_sae: number of latents.
+            k: number of active latents per token (must be <= d_sae).
+            beta: weight β of the gradient term in the selection score (paper: 1e5, with the mean-reduced CE).
+            relu_after_topk: apply ReLU to the kept values (default False, SPEC §1.1).
+            k_aux: AuxK latents (default ``d_in // 2``; 0 disables AuxK).
+            aux_coef: AuxK coefficient α.
+            sparse_backward: sparse encoder backward (k columns per token).
+            seed: seed of the decoder initialisation.
+        """
+        super().__init__(d_in, d_sae, k, relu_after_topk, k_aux, aux_coef, sparse_backward, seed)
+        if beta < 0:
+            raise ValueError(f"--model.sae.beta must be >= 0 (got {beta})")
+        self.beta = beta
+
+    @property
+    def architecture(self) -> str:
+        return "gsae"
+
+    def config(self) -> dict:
+        return {**super().config(), "beta": self.beta}
+
+    def attribution(self, grad: Tensor) -> Tensor:
+        """``β·|W_dec g|`` ``(N, d_sae)``: the gradient term of the selection score (detached)."""
+        with torch.no_grad():
+            return self.beta * (grad.to(self.W_dec.dtype) @ self.W_dec.T).abs()
+
+    def selection_scores(self, pre: Tensor, grad: Tensor | None) -> Tensor:
+        if grad is None or self.beta == 0:
+            return pre
+        return pre * (1 + self.attribution(grad))
+
+    def forward(self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None) -> SAEOutput:
+        """As :meth:`TopKSAE.forward`; ``grad (N, d_in)`` is ``∇ₓL`` for each row of ``x``."""
+        return super().forward(x, grad=grad, dead_mask=dead_mask)

@@ -1,0 +1,177 @@
+"""TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders") with AuxK.
+
+``z = W_encᵀ(x − b_dec) + b_enc``; keep the k largest entries of a *selection score* (``z`` itself
+for TopK; g-SAEs change only the score, see ``grad_topk.py``); ``x̂ = Σ_{i∈K} z_i W_dec[i] + b_dec``.
+
+The encoder backward is sparse: only the k kept pre-activations per token receive gradient, so
+``∂W_enc`` is a sparse (d_sae × N) · (N × d_in) product (N·k·d_in flops instead of N·d_sae·d_in),
+the trick of OpenAI's TopK kernels. ``tests/sae/test_topk.py`` checks it against dense autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gsae.sae.base import SAEOutput, SparseAutoencoder
+
+
+class _TopKEncode(torch.autograd.Function):
+    """``(x_c, W_enc, b_enc, scores?) -> (top_acts, top_idx)`` with a sparse backward.
+
+    ``top_acts[n, j] = (x_c @ W_enc + b_enc)[n, top_idx[n, j]]`` where ``top_idx`` are the k largest
+    entries of ``scores`` (default: the pre-activations themselves). ``scores`` never gets gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, scores_fn):
+        pre = torch.addmm(b_enc, x_c, W_enc)  # (N, d_sae)
+        scores = pre if scores_fn is None else scores_fn(pre)
+        top_idx = scores.topk(k, dim=-1, sorted=False).indices  # (N, k)
+        top_acts = pre.gather(-1, top_idx)
+        ctx.save_for_backward(x_c, W_enc, top_idx)
+        ctx.d_sae = W_enc.shape[1]
+        ctx.mark_non_differentiable(top_idx, pre)
+        return top_acts, top_idx, pre
+
+    @staticmethod
+    def backward(ctx, grad_acts: Tensor, _grad_idx, _grad_pre):
+        x_c, W_enc, top_idx = ctx.saved_tensors
+        n, k = top_idx.shape
+        rows = torch.arange(n, device=top_idx.device).repeat_interleave(k)
+        # G: sparse (N, d_sae) with the k gradients of each token at its kept latents
+        G = torch.sparse_coo_tensor(
+            torch.stack([rows, top_idx.reshape(-1)]), grad_acts.reshape(-1).to(x_c.dtype), (n, ctx.d_sae)
+        ).coalesce()
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.sparse.mm(G, W_enc.T)  # (N, d_in)
+        if ctx.needs_input_grad[1]:
+            grad_W = torch.sparse.mm(G.t(), x_c).T  # (d_in, d_sae)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(ctx.d_sae, dtype=grad_acts.dtype, device=grad_acts.device)
+            grad_b.index_add_(0, top_idx.reshape(-1), grad_acts.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None
+
+
+class TopKSAE(SparseAutoencoder):
+    """TopK sparse autoencoder with the AuxK dead-latent loss.
+
+    Defaults: no ReLU after TopK (SPEC §1.1 [AMBIG]: smol-sae, the g-SAE authors' base, keeps raw
+    pre-activations; OpenAI applies ReLU — set ``relu_after_topk: true`` for that).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int = 15360,
+        k: int = 32,
+        relu_after_topk: bool = False,
+        k_aux: int | None = None,
+        aux_coef: float = 1 / 32,
+        sparse_backward: bool = True,
+        seed: int = 0,
+    ) -> None:
+        """Build a TopK SAE.
+
+        Args:
+            d_in: activation width at the hook (linked from the language model; not set in configs).
+            d_sae: number of latents.
+            k: number of active latents per token (must be <= d_sae).
+            relu_after_topk: apply ReLU to the kept values (OpenAI); default False keeps raw
+                pre-activations (smol-sae, SPEC §1.1 recommendation).
+            k_aux: latents the AuxK loss reconstructs the residual with (Gao et al. App. B.1);
+                default ``d_in // 2``; 0 disables AuxK.
+            aux_coef: AuxK coefficient α (Gao et al.: 1/32).
+            sparse_backward: sparse encoder backward (k columns per token); False uses dense autograd.
+            seed: seed of the decoder initialisation.
+        """
+        super().__init__(d_in, d_sae, seed=seed)
+        if k <= 0:
+            raise ValueError(f"--model.sae.k must be > 0 (got {k})")
+        if k > d_sae:
+            raise ValueError(f"--model.sae.k must be <= d_sae (got {k} > {d_sae})")
+        self.k = k
+        self.relu_after_topk = relu_after_topk
+        self.k_aux = d_in // 2 if k_aux is None else k_aux
+        if self.k_aux < 0:
+            raise ValueError(f"--model.sae.k_aux must be >= 0 (got {k_aux})")
+        self.aux_coef = aux_coef
+        self.sparse_backward = sparse_backward
+        self.seed = seed
+
+    @property
+    def architecture(self) -> str:
+        return "topk"
+
+    def config(self) -> dict:
+        return dict(
+            d_in=self.d_in,
+            d_sae=self.d_sae,
+            k=self.k,
+            relu_after_topk=self.relu_after_topk,
+            k_aux=self.k_aux,
+            aux_coef=self.aux_coef,
+            sparse_backward=self.sparse_backward,
+            seed=self.seed,
+        )
+
+    # ------------------------------------------------------------------ selection
+    def selection_scores(self, pre: Tensor, grad: Tensor | None) -> Tensor:
+        """Score the top-k is taken of: the pre-activations (g-SAEs override this)."""
+        return pre
+
+    def _encode_topk(self, x: Tensor, grad: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        x_c = x.to(self.W_enc.dtype) - self.b_dec
+        if self.sparse_backward:
+            scores_fn = None if grad is None and type(self).selection_scores is TopKSAE.selection_scores else (
+                lambda pre: self.selection_scores(pre, grad)
+            )
+            top_acts, top_idx, pre = _TopKEncode.apply(x_c, self.W_enc, self.b_enc, self.k, scores_fn)
+        else:
+            pre = torch.addmm(self.b_enc, x_c, self.W_enc)
+            with torch.no_grad():
+                top_idx = self.selection_scores(pre.detach(), grad).topk(self.k, dim=-1, sorted=False).indices
+            top_acts = pre.gather(-1, top_idx)
+            pre = pre.detach()
+        if self.relu_after_topk:
+            top_acts = F.relu(top_acts)
+        return top_acts, top_idx, pre
+
+    def forward(self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None) -> SAEOutput:
+        """Encode, select, decode; with ``dead_mask (d_sae,)`` also the AuxK loss.
+
+        Args:
+            x: ``(N, d_in)`` activations.
+            grad: ``(N, d_in)`` ``dL/dx`` (used by g-SAEs; ignored here).
+            dead_mask: bool ``(d_sae,)``, True for latents counted dead (AuxK uses only these).
+        """
+        top_acts, top_idx, pre = self._encode_topk(x, grad)
+        x_hat = self.decode_sparse(top_acts, top_idx)
+        aux = self.auxk_loss(x, x_hat, pre, dead_mask)
+        zero = x_hat.new_zeros(())
+        return SAEOutput(x_hat, top_acts, top_idx, None, pre, aux, zero)
+
+    def auxk_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
+        """AuxK (Gao et al. 2024 App. B.1): reconstruct the residual ``e = x − x̂`` with the top ``k_aux``
+        *dead* latents, ``‖e − ê‖² / ‖e − ē‖²`` (normalised like sparsify), scaled by ``min(n_dead/k_aux, 1)``,
+        times ``aux_coef``. ``x̂`` and ``e`` are detached: only the dead latents' parameters learn from it.
+        """
+        if dead_mask is None or self.k_aux == 0 or not bool(dead_mask.any()):
+            return x_hat.new_zeros(())
+        n_dead = int(dead_mask.sum())
+        k_aux = min(self.k_aux, n_dead)
+        x_c = x.to(self.W_enc.dtype) - self.b_dec.detach()
+        # recompute pre-activations with grad only for the dead columns
+        W = self.W_enc[:, dead_mask]  # (d_in, n_dead)
+        pre_dead = x_c.detach() @ W + self.b_enc[dead_mask]
+        acts, idx = pre_dead.topk(k_aux, dim=-1, sorted=False)
+        if self.relu_after_topk:
+            acts = F.relu(acts)
+        dead_ids = dead_mask.nonzero().squeeze(-1)
+        e_hat = F.embedding_bag(dead_ids[idx], self.W_dec, per_sample_weights=acts, mode="sum")
+        e = (x.to(x_hat.dtype) - x_hat).detach()
+        denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+        scale = min(n_dead / self.k_aux, 1.0)
+        return self.aux_coef * scale * (e_hat - e).pow(2).sum() / denom

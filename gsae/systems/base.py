@@ -1,0 +1,270 @@
+"""Shared machinery of every training objective: the frozen LM, the SAE, optimizer and schedule,
+decoder constraints, dead-latent counters, DDP-exact reductions, checkpoints that describe themselves."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+
+from gsae import __version__
+from gsae.data.batch import ActivationBatch, TokenBatch
+from gsae.lm import LanguageModel
+from gsae.metrics import DeadLatentTracker, ReconSums, fired_mask, recon_metrics, recon_sums
+from gsae.sae.base import SAEOutput, SparseAutoencoder
+
+log = logging.getLogger(__name__)
+
+SAEFactory = Callable[[int], SparseAutoencoder]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops and the last good checkpoint is kept."""
+
+
+def _adam(params):
+    return torch.optim.Adam(params, lr=1e-4)
+
+
+class SAESystem(pl.LightningModule):
+    """Base LightningModule: subclasses implement :meth:`objective` (the loss of one batch)."""
+
+    def __init__(
+        self,
+        lm: LanguageModel,
+        sae: SAEFactory,
+        hook: str = "blocks.7.hook_resid_post",
+        optimizer: OptimizerCallable = _adam,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        lr_warmup_steps: int = 0,
+        lr_min_ratio: float = 0.1,
+        b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median",
+        exclude_special_tokens: bool = True,
+        dead_batches: int = 5,
+        dead_tokens: int = 10_000_000,
+        seed: int = 0,
+    ) -> None:
+        """Shared options of every objective.
+
+        Args:
+            lm: the frozen language model (never saved in checkpoints).
+            sae: the SAE class and its options; ``d_in`` is filled in from the hook.
+            hook: TransformerLens hook the SAE reads (and, for e2e, writes), e.g. ``blocks.7.hook_resid_post``.
+            optimizer: optimizer class and options (default Adam, lr 1e-4, betas (0.9, 0.999); SPEC §1.3).
+            lr_schedule: ``cosine`` decays from the peak to ``lr_min_ratio × peak`` over the run; ``constant`` keeps the peak.
+            lr_warmup_steps: linear warm-up steps from 0 to the peak learning rate.
+            lr_min_ratio: final learning rate as a fraction of the peak (cosine; 0.1 gives 1e-4 -> 1e-5, as smol-sae).
+            b_dec_init: set ``b_dec`` from the first global batch: its geometric median (default,
+                robust to GPT-2's huge-norm outliers), its mean, or zeros.
+            exclude_special_tokens: drop activations at special-token positions (BOS/EOS) from the
+                local objective (GPT-2's BOS position has outlier norms; SAELens masks them in evals).
+            dead_batches: a latent is dead if it did not fire in this many consecutive batches (SPEC §1.5; paper: 5).
+            dead_tokens: a latent is dead if it did not fire in this many tokens (Gao et al.: 10M); AuxK uses this one.
+            seed: seed of the shuffle buffer and other training randomness.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["lm", "sae", "optimizer"])
+        self.lm = lm
+        self.hook = lm.validate_hook(hook)
+        self.optimizer_factory = optimizer
+        self.lr_schedule = lr_schedule
+        if lr_warmup_steps < 0:
+            raise ValueError(f"--model.lr_warmup_steps must be >= 0 (got {lr_warmup_steps})")
+        if not 0 <= lr_min_ratio <= 1:
+            raise ValueError(f"--model.lr_min_ratio must be in [0, 1] (got {lr_min_ratio})")
+        self.lr_warmup_steps = lr_warmup_steps
+        self.lr_min_ratio = lr_min_ratio
+        self.b_dec_init = b_dec_init
+        self.exclude_special_tokens = exclude_special_tokens
+        self.seed = seed
+        self.sae = sae(lm.d_in(self.hook))
+        self.dead = DeadLatentTracker(self.sae.d_sae, dead_batches, dead_tokens)
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("act_scale", torch.tensor(1.0))  # E‖x − x̄‖² of the first batch: loss normaliser
+        self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
+        self._t_last: float | None = None
+        self._tokens_last = 0
+
+    # ------------------------------------------------------------------ the frozen LM lives outside the module tree
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "lm":  # keep the LM out of state_dict / DDP / .to(): it is not ours to save or train
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def frozen_lm(self) -> LanguageModel:
+        """The LM, moved to this module's device on first use."""
+        return self.lm.to(self.device)
+
+    # ------------------------------------------------------------------ DDP helpers
+    def _world(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def all_reduce(self, t: Tensor, op=None) -> Tensor:
+        """Sum (or ``op``) over ranks; identity in a single process."""
+        if self._world() > 1:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t
+
+    def all_gather_rows(self, x: Tensor) -> Tensor:
+        """Concatenate ``(n_r, d)`` tensors of every rank (ranks may have different ``n_r``)."""
+        world = self._world()
+        if world == 1:
+            return x
+        n = torch.tensor([x.shape[0]], device=x.device)
+        sizes = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(sizes, n)
+        m = int(max(s.item() for s in sizes))
+        pad = torch.zeros(m, *x.shape[1:], dtype=x.dtype, device=x.device)
+        pad[: x.shape[0]] = x
+        out = [torch.zeros_like(pad) for _ in range(world)]
+        dist.all_gather(out, pad)
+        return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+
+    # ------------------------------------------------------------------ harvesting
+    def token_mask(self, tokens: Tensor) -> Tensor:
+        """Bool ``(B, T)``: positions whose activations train the SAE (special tokens excluded if set)."""
+        if not self.exclude_special_tokens:
+            return torch.ones_like(tokens, dtype=torch.bool)
+        special = torch.tensor(self.lm.special_token_ids, device=tokens.device)
+        return ~torch.isin(tokens, special)
+
+    @torch.no_grad()
+    def maybe_initialize(self, x: Tensor) -> None:
+        """On the first batch: ``b_dec`` and the loss scale from the *global* batch (identical on every rank)."""
+        if bool(self.initialized):
+            return
+        xs = self.all_gather_rows(x.float())
+        self.sae.init_b_dec(xs, self.b_dec_init)
+        self.act_scale.fill_(float((xs - xs.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)))
+        self.initialized.fill_(True)
+
+    # ------------------------------------------------------------------ the step
+    def objective(self, batch: TokenBatch, stage: str) -> tuple[Tensor, SAEOutput, ActivationBatch, dict[str, Tensor]]:
+        """Loss of one batch; returns ``(loss, sae_output, activations, extra scalars to log)``."""
+        raise NotImplementedError
+
+    def shared_step(self, batch: TokenBatch, stage: str) -> Tensor:
+        loss, out, acts, extra = self.objective(batch, stage)
+        if stage == "train" and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({float(loss)}) at step {self.global_step}; stopping (last good checkpoint kept)"
+            )
+        with torch.no_grad():
+            l0 = (out.top_acts != 0).sum(-1) if out.top_acts is not None else (out.latents != 0).sum(-1)
+            sums = recon_sums(acts.x, out.x_hat, l0)
+            fired = fired_mask(out.top_idx, out.top_acts, out.latents, self.sae.d_sae)
+            # one all-reduce for the fired mask and the metric sums
+            packed = self.all_reduce(torch.cat([fired.double(), sums.flat()]))
+            fired_g, sums_g = packed[: self.sae.d_sae] > 0, ReconSums.unflat(packed[self.sae.d_sae :])
+        n_tokens = int(sums_g.n)
+        if stage == "train":
+            self.dead.update(fired_g, n_tokens)
+            self.tokens_seen += n_tokens
+            self._log_train(loss, sums_g, out, extra, n_tokens)
+        else:
+            self._val_sums = sums_g if self._val_sums is None else self._val_sums + sums_g
+            for name, v in extra.items():
+                self.log(f"val/{name}", v, on_step=False, on_epoch=True, sync_dist=True, batch_size=n_tokens)
+        return loss
+
+    def training_step(self, batch: TokenBatch, batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: TokenBatch, batch_idx: int) -> None:
+        self.shared_step(batch, "val")
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums: ReconSums | None = None
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_sums is None:
+            return
+        for name, v in recon_metrics(self._val_sums).items():
+            self.log(f"val/{name}", v, rank_zero_only=True)
+
+    def _log_train(self, loss: Tensor, sums: ReconSums, out: SAEOutput, extra: dict[str, Tensor], n_tokens: int) -> None:
+        metrics = {f"train/{k}": v for k, v in recon_metrics(sums).items()}
+        metrics["train/loss"] = float(loss.detach())
+        metrics["train/aux_loss"] = float(out.aux_loss.detach())
+        metrics["train/dead_fraction"] = float(self.dead.dead_by_batches().float().mean())
+        metrics["train/dead_fraction_tokens"] = float(self.dead.dead_by_tokens().float().mean())
+        metrics["train/tokens_seen"] = float(self.tokens_seen)
+        now, seen = time.perf_counter(), int(self.tokens_seen)
+        if self._t_last is not None and now > self._t_last:
+            metrics["train/tokens_per_s"] = (seen - self._tokens_last) / (now - self._t_last)
+        self._t_last, self._tokens_last = now, seen
+        metrics.update({f"train/{k}": float(v) for k, v in extra.items()})
+        if self._trainer is not None and self.trainer.optimizers:
+            metrics["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    # ------------------------------------------------------------------ decoder constraints
+    def on_after_backward(self) -> None:
+        if self.sae.unit_norm_decoder:
+            self.sae.remove_parallel_grad()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.sae.unit_norm_decoder:
+            self.sae.normalize_decoder()
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.sae.parameters())
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
+        if math.isinf(total):
+            total = 1
+        warm, schedule, floor = self.lr_warmup_steps, self.lr_schedule, self.lr_min_ratio
+
+        def factor(step: int) -> float:
+            if warm and step < warm:
+                return (step + 1) / warm
+            if schedule == "constant":
+                return 1.0
+            t = min(max(step - warm, 0) / max(total - warm, 1), 1.0)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints describe themselves
+    def describe(self) -> dict:
+        """What a checkpoint needs to rebuild the SAE without Lightning (used by ``evaluate.py`` and exports)."""
+        return {
+            "sae_class": f"{type(self.sae).__module__}.{type(self.sae).__qualname__}",
+            "sae_config": self.sae.config(),
+            "architecture": self.sae.architecture,
+            "hook": self.hook,
+            "lm": self.lm.describe(),
+            "objective": type(self).__name__,
+            "gsae_version": __version__,
+            "torch_version": torch.__version__,
+            "tokens_seen": int(self.tokens_seen),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["gsae"] = self.describe()
+        buffer = getattr(self, "buffer", None)
+        if buffer is not None:
+            checkpoint["gsae_buffer"] = buffer.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("gsae")
+        if meta is None:
+            raise ValueError("--ckpt_path: not a gsae checkpoint (no 'gsae' section)")
+        if meta["sae_config"] != self.sae.config():
+            diff = {k: (meta["sae_config"].get(k), v) for k, v in self.sae.config().items() if meta["sae_config"].get(k) != v}
+            raise ValueError(f"--ckpt_path: checkpoint SAE differs from the configured one (checkpoint, config): {diff}")
+        if meta["hook"] != self.hook:
+            raise ValueError(f"--ckpt_path: checkpoint hook {meta['hook']!r} differs from --model.hook {self.hook!r}")
+        buffer = getattr(self, "buffer", None)
+        if buffer is not None and "gsae_buffer" in checkpoint:
+            buffer.load_state_dict(checkpoint["gsae_buffer"])

@@ -1,0 +1,43 @@
+"""Shared test builders with tiny defaults (SAELens ``tests/helpers.py`` style)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """A frozen random-weight 2-layer GPT-2-architecture model (d_model 64, byte vocabulary)."""
+    from gsae.lm import LanguageModel
+
+    return LanguageModel("random-tiny", seed=0)
+
+
+def build_topk(d_in: int = 16, d_sae: int = 64, k: int = 4, **kw):
+    from gsae.sae import TopKSAE
+
+    return TopKSAE(d_in, d_sae=d_sae, k=k, **kw)
+
+
+def quickstart_args(tmp_path, *extra: str, steps: int = 20) -> list[str]:
+    """CLI args for a fast offline run under ``tmp_path``."""
+    return [
+        "--config", "configs/quickstart/topk.yaml",
+        "--trainer.max_steps", str(steps),
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]
