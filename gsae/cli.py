@@ -22,7 +22,7 @@ from gsae.data.datamodule import TokenDataModule
 from gsae.systems.base import SAESystem
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "gpt2" / "topk.yaml"
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "gpt2" / "gsae.yaml"
 
 # Errors a user causes with a bad option or file: reported as one line, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)

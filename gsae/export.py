@@ -29,6 +29,7 @@ def export_saelens(sae: SparseAutoencoder, path: str | Path, meta: dict) -> Path
     cfg = sae.config()
     arch = "topk" if "k" in cfg else "standard"
     state = {name: p.detach().float().cpu().contiguous() for name, p in sae.named_parameters()}
+    state["W_dec"] = sae.decoder_weight().detach().float().cpu().contiguous()
     save_file(state, str(path / "sae_weights.safetensors"))
     lm = meta.get("lm", {})
     cfg_json = {

@@ -73,6 +73,10 @@ class SparseAutoencoder(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ decoding
+    def decoder_weight(self) -> Tensor:
+        """The dictionary ``(d_sae, d_in)`` the forward uses (rows = latent directions)."""
+        return self.W_dec
+
     def decode_sparse(self, top_acts: Tensor, top_idx: Tensor) -> Tensor:
         """``Σ_j top_acts[n, j] · W_dec[top_idx[n, j]] + b_dec`` by gathering k rows (no dense d_sae matmul)."""
         return F.embedding_bag(top_idx, self.W_dec, per_sample_weights=top_acts.to(self.W_dec.dtype), mode="sum") + self.b_dec

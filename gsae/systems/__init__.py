@@ -1,6 +1,7 @@
 """LightningModules, one per training objective."""
 
 from gsae.systems.base import NonFiniteLossError, SAESystem
+from gsae.systems.e2e import E2ESAESystem
 from gsae.systems.local import LocalSAESystem
 
-__all__ = ["LocalSAESystem", "NonFiniteLossError", "SAESystem"]
+__all__ = ["E2ESAESystem", "LocalSAESystem", "NonFiniteLossError", "SAESystem"]

@@ -1,0 +1,100 @@
+"""End-to-end objective (Braun et al. 2024, arXiv 2405.12241; ``ApolloResearch/e2e_sae`` ``losses.py``; SPEC §2.2).
+
+The SAE output is spliced into the model at the hook and the remaining layers run on it:
+
+    loss = kl_coef · mean_tokens KL(P_clean ‖ P_sae)                       (e2e)
+         + Σ_h c_h · mean_elements (a_h^sae − a_h^clean)²                   (+ds: downstream hooks, clean targets detached)
+         + local_mse_coef · mean_elements (x̂ − x)²                          (optional local term)
+         + the SAE's own sparsity (ReLU: λ·mean‖c‖₁/d_in) or AuxK (TopK) term
+
+MSE terms are element means (F.mse_loss), as Apollo's code, so λ and the coefficients mean what
+their configs mean. Batches are whole sequences; the model is frozen and only the SAE gets
+gradients. Cost per batch: the prefix to the hook once, the suffix twice (clean, and patched with
+one backward to the SAE). With ``exclude_special_tokens`` the special-token positions keep their clean
+activation (unpatched, as SAELens evaluates) and are left out of the SAE's own terms.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gsae.data.batch import ActivationBatch, TokenBatch
+from gsae.metrics import kl_div_per_token
+from gsae.sae.base import SAEOutput
+from gsae.systems.base import SAESystem
+
+
+class E2ESAESystem(SAESystem):
+    """End-to-end SAE training (e2e, or e2e+ds with downstream hooks) for TopK or ReLU+L1 SAEs."""
+
+    def __init__(
+        self,
+        *args,
+        kl_coef: float = 1.0,
+        downstream_hooks: list[str] | None = None,
+        downstream_coef: float = 0.0,
+        downstream_coefs: list[float] | None = None,
+        local_mse_coef: float = 0.0,
+        **kwargs,
+    ) -> None:
+        """End-to-end objective.
+
+        Args:
+            kl_coef: coefficient of the KL term (Apollo: 1.0 for e2e, 0.5 for e2e+ds).
+            downstream_hooks: later hooks whose activations (patched vs clean) enter the loss (e2e+ds),
+                e.g. ``[blocks.7.hook_resid_pre, ..., blocks.11.hook_resid_pre]``.
+            downstream_coef: total downstream coefficient β, split evenly over the hooks (Apollo layer 6: 2.5).
+            downstream_coefs: per-hook coefficients instead of the even split (same length as ``downstream_hooks``).
+            local_mse_coef: coefficient of a local reconstruction term ``mean (x̂ − x)²`` (0 = pure e2e).
+        """
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters(ignore=["lm", "sae", "optimizer"])
+        hooks = list(downstream_hooks or [])
+        for h in hooks:
+            self.lm.validate_hook(h, option="--model.downstream_hooks")
+        if downstream_coefs is not None and len(downstream_coefs) != len(hooks):
+            raise ValueError(
+                f"--model.downstream_coefs has {len(downstream_coefs)} entries for {len(hooks)} --model.downstream_hooks"
+            )
+        if kl_coef < 0 or downstream_coef < 0 or local_mse_coef < 0:
+            raise ValueError("--model.kl_coef, --model.downstream_coef and --model.local_mse_coef must be >= 0")
+        self.kl_coef = kl_coef
+        self.downstream_hooks = hooks
+        self.downstream_coefs = (
+            list(downstream_coefs) if downstream_coefs is not None else [downstream_coef / max(len(hooks), 1)] * len(hooks)
+        )
+        self.local_mse_coef = local_mse_coef
+
+    def splice(self, x: Tensor, mask: Tensor, x_hat: Tensor) -> Tensor:
+        """``x (B, T, D)`` with the masked positions replaced by ``x_hat (N_mask, D)`` (differentiable in ``x_hat``)."""
+        full = torch.zeros_like(x, dtype=x_hat.dtype)
+        full = full.masked_scatter(mask[..., None], x_hat)
+        return torch.where(mask[..., None], full, x.to(x_hat.dtype))
+
+    def objective(self, batch: TokenBatch, stage: str) -> tuple[Tensor, SAEOutput, ActivationBatch, dict[str, Tensor]]:
+        tokens = batch.tokens
+        lm = self.frozen_lm()
+        mask = self.token_mask(tokens)
+        with torch.no_grad():
+            x = lm.activations(tokens, self.hook)  # (B, T, D): the prefix runs once
+            clean = lm.run_from_hook(x, self.hook, tokens=tokens, cache_hooks=self.downstream_hooks)
+        x_in = x[mask].float()
+        if stage == "train":
+            self.maybe_initialize(x_in)
+        dead = self.dead.dead_by_tokens() if stage == "train" else None
+        out = self.sae(x_in, dead_mask=dead)
+        patched = lm.run_from_hook(self.splice(x, mask, out.x_hat).to(x.dtype), self.hook, tokens=tokens, cache_hooks=self.downstream_hooks)
+        kl = kl_div_per_token(clean.logits, patched.logits).mean()
+        loss = self.kl_coef * kl + out.sparsity_loss + out.aux_loss
+        extra: dict[str, Tensor] = {"kl": kl.detach(), "sparsity_loss": out.sparsity_loss.detach()}
+        for h, c in zip(self.downstream_hooks, self.downstream_coefs):
+            mse = F.mse_loss(patched.cache[h].float(), clean.cache[h].float())
+            loss = loss + c * mse
+            extra[f"ds_mse/{h}"] = mse.detach()
+        if self.local_mse_coef:
+            local = F.mse_loss(out.x_hat, x_in)
+            loss = loss + self.local_mse_coef * local
+            extra["local_mse"] = local.detach()
+        return loss, out, ActivationBatch(x_in, None), extra
