@@ -47,7 +47,7 @@ def trainer_defaults() -> dict:
     return {
         "default_root_dir": "checkpoints",
         "logger": lazy_instance(TensorBoardLogger, save_dir="checkpoints", name="gsae"),
-        "max_epochs": 1,
+        "max_epochs": -1,
         "log_every_n_steps": 10,
         "enable_model_summary": False,
     }

@@ -145,3 +145,8 @@ def fired_mask(top_idx: Tensor | None, top_acts: Tensor | None, latents: Tensor 
     fired = torch.zeros(d_sae, dtype=torch.bool, device=top_idx.device)
     fired[top_idx[top_acts != 0]] = True
     return fired
+
+
+def l0_per_token(top_acts: Tensor | None, latents: Tensor | None) -> Tensor:
+    """``(N,)`` number of nonzero latents per token: ``#{i : f_i(x_t) ≠ 0}`` (SAELens ``l0``, ``!= 0``)."""
+    return (top_acts != 0).sum(-1) if top_acts is not None else (latents != 0).sum(-1)

@@ -1,1 +1,86 @@
-"""Benchmarks: pure functions that measure an SAE (no Lightning import), one file per benchmark."""
+"""Benchmarks: pure functions that measure an SAE (no Lightning import), one file per benchmark.
+
+:data:`BENCHMARKS` maps a benchmark name to its module, imported on first access; every module has
+``run(sae, lm, hook, tokens, *, seed=0, **options) -> dict`` and ``figures(result) -> dict[str, Figure]``
+(see :mod:`gsae.evals.common`). The callback (:class:`gsae.callbacks.EvaluationCallback`) and
+``evaluate.py`` both run benchmarks through :func:`run_benchmark`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Iterator, Mapping
+from types import ModuleType
+
+from torch import Tensor
+
+_MODULES = {
+    "loss_added": "gsae.evals.loss_added",
+    "dead_latents": "gsae.evals.dead_latents",
+    "steering": "gsae.evals.steering",
+    "sensitive_directions": "gsae.evals.sensitive_directions",
+    "decoder_geometry": "gsae.evals.decoder_geometry",
+}
+
+
+class _LazyModules(Mapping):
+    """``name -> module``, importing each module on first access; a registered module that does not exist
+    (yet) raises a one-line ``ValueError`` when it is used, not when the registry is imported."""
+
+    def __init__(self, paths: dict[str, str]) -> None:
+        self._paths = paths
+
+    def __getitem__(self, name: str) -> ModuleType:
+        if name not in self._paths:
+            raise KeyError(name)
+        try:
+            return importlib.import_module(self._paths[name])
+        except ModuleNotFoundError as e:
+            if e.name != self._paths[name]:
+                raise
+            raise ValueError(f"benchmark {name!r} is not available (module {self._paths[name]} is missing)") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._paths
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+
+BENCHMARKS: Mapping[str, ModuleType] = _LazyModules(_MODULES)
+
+
+def check_benchmarks(names: list[str], option: str = "--benchmarks") -> list[str]:
+    """Return ``names`` if all are known, else raise a one-line error naming ``option``."""
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown or not names:
+        raise ValueError(f"{option}: unknown benchmark(s) {unknown or names}; choose from {', '.join(BENCHMARKS)}")
+    return names
+
+
+def run_benchmark(name: str, sae, lm, hook: str, tokens: Tensor, *, seed: int = 0, **options) -> dict:
+    """Run benchmark ``name``, passing it only the ``options`` its ``run`` accepts (shared options such as
+    ``batch_size`` can be given to every benchmark)."""
+    fn = BENCHMARKS[name].run
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        options = {k: v for k, v in options.items() if k in params}
+    return fn(sae, lm, hook, tokens, seed=seed, **options)
+
+
+def benchmark_figures(name: str, result: dict) -> dict:
+    """``figures(result)`` of benchmark ``name`` (``{}`` if it draws none)."""
+    fn = getattr(BENCHMARKS[name], "figures", None)
+    return fn(result) if fn is not None else {}
+
+
+def scalars(result: dict) -> dict[str, float]:
+    """The top-level numbers of a result (curves, histograms and lists are left out)."""
+    return {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+__all__ = ["BENCHMARKS", "benchmark_figures", "check_benchmarks", "run_benchmark", "scalars"]

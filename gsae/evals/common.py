@@ -59,3 +59,11 @@ def batches(tokens: Tensor, batch_size: int) -> Iterator[Tensor]:
     """Consecutive ``(≤ batch_size, T)`` slices of ``tokens``."""
     for i in range(0, tokens.shape[0], batch_size):
         yield tokens[i : i + batch_size]
+
+
+def special_token_mask(lm: LanguageModel, tokens: Tensor, exclude: bool = True) -> Tensor:
+    """Bool ``(B, T)``: True at positions whose *input* token is not special (SPEC §5: SAELens masks
+    them from every metric and leaves them unpatched). All True when ``exclude`` is False."""
+    if not exclude:
+        return torch.ones_like(tokens, dtype=torch.bool)
+    return ~torch.isin(tokens, torch.tensor(lm.special_token_ids, device=tokens.device))

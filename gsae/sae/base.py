@@ -96,7 +96,9 @@ class SparseAutoencoder(nn.Module):
         """Dense latents ``(N, d_sae)`` of ``x`` (``grad`` is used by gradient-aware SAEs only)."""
         return self.densify(self(x, grad=grad))
 
-    def forward(self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(
+        self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None, aux_norm: Tensor | float | None = None
+    ) -> SAEOutput:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ initialisation

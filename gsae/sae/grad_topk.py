@@ -73,6 +73,8 @@ class GradTopKSAE(TopKSAE):
             return pre
         return pre * (1 + self.attribution(grad))
 
-    def forward(self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(
+        self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None, aux_norm: Tensor | float | None = None
+    ) -> SAEOutput:
         """As :meth:`TopKSAE.forward`; ``grad (N, d_in)`` is ``∇ₓL`` for each row of ``x``."""
-        return super().forward(x, grad=grad, dead_mask=dead_mask)
+        return super().forward(x, grad=grad, dead_mask=dead_mask, aux_norm=aux_norm)

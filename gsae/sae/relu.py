@@ -57,7 +57,9 @@ class ReLUSAE(SparseAutoencoder):
     def decode(self, latents: Tensor) -> Tensor:
         return latents @ self.decoder_weight() + self.b_dec
 
-    def forward(self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(
+        self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None, aux_norm: Tensor | float | None = None
+    ) -> SAEOutput:
         """``(N, d_in) -> SAEOutput`` with dense latents and the L1 sparsity loss (``grad``/``dead_mask`` unused)."""
         c = F.relu(torch.addmm(self.b_enc, x.to(self.W_enc.dtype), self.W_enc))  # (N, d_sae)
         x_hat = self.decode(c)

@@ -139,24 +139,31 @@ class TopKSAE(SparseAutoencoder):
             top_acts = F.relu(top_acts)
         return top_acts, top_idx, pre
 
-    def forward(self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None) -> SAEOutput:
+    def forward(
+        self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None, aux_norm: Tensor | float | None = None
+    ) -> SAEOutput:
         """Encode, select, decode; with ``dead_mask (d_sae,)`` also the AuxK loss.
 
         Args:
             x: ``(N, d_in)`` activations.
             grad: ``(N, d_in)`` ``dL/dx`` (used by g-SAEs; ignored here).
             dead_mask: bool ``(d_sae,)``, True for latents counted dead (AuxK uses only these).
+            aux_norm: multiply the AuxK squared error by this instead of ``1/‖e − ē‖²`` of this batch
+                (the training system passes a constant so the loss is exact under DDP).
         """
         top_acts, top_idx, pre = self._encode_topk(x, grad)
         x_hat = self.decode_sparse(top_acts, top_idx)
-        aux = self.auxk_loss(x, x_hat, pre, dead_mask)
+        aux = self.auxk_loss(x, x_hat, pre, dead_mask, aux_norm)
         zero = x_hat.new_zeros(())
         return SAEOutput(x_hat, top_acts, top_idx, None, pre, aux, zero)
 
-    def auxk_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
+    def auxk_loss(
+        self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None, aux_norm: Tensor | float | None = None
+    ) -> Tensor:
         """AuxK (Gao et al. 2024 App. B.1): reconstruct the residual ``e = x − x̂`` with the top ``k_aux``
-        *dead* latents, ``‖e − ê‖² / ‖e − ē‖²`` (normalised like sparsify), scaled by ``min(n_dead/k_aux, 1)``,
-        times ``aux_coef``. ``x̂`` and ``e`` are detached: only the dead latents' parameters learn from it.
+        *dead* latents, ``Σ‖e − ê‖² / Σ‖e − ē‖²`` (normalised like sparsify), scaled by ``min(n_dead/k_aux, 1)``,
+        times ``aux_coef``. ``x̂`` and ``e`` are detached: only the dead latents' parameters learn from it, and
+        they learn from nothing else, so under Adam the normalisation (``aux_norm``) hardly matters.
         """
         if dead_mask is None or self.k_aux == 0 or not bool(dead_mask.any()):
             return x_hat.new_zeros(())
@@ -172,6 +179,6 @@ class TopKSAE(SparseAutoencoder):
         dead_ids = dead_mask.nonzero().squeeze(-1)
         e_hat = F.embedding_bag(dead_ids[idx], self.W_dec, per_sample_weights=acts, mode="sum")
         e = (x.to(x_hat.dtype) - x_hat).detach()
-        denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+        norm = 1 / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12) if aux_norm is None else aux_norm
         scale = min(n_dead / self.k_aux, 1.0)
-        return self.aux_coef * scale * (e_hat - e).pow(2).sum() / denom
+        return self.aux_coef * scale * (e_hat - e).pow(2).sum() * norm

@@ -147,6 +147,10 @@ class SAESystem(pl.LightningModule):
         self.act_scale.fill_(float((xs - xs.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)))
         self.initialized.fill_(True)
 
+    def aux_norm(self, n_global: Tensor) -> Tensor:
+        """AuxK normaliser ``W / (N_global · E‖x − x̄‖²)``: a constant per step, so DDP-averaged gradients are exact."""
+        return self._world() / (n_global.clamp_min(1) * self.act_scale)
+
     # ------------------------------------------------------------------ the step
     def objective(self, batch: TokenBatch, stage: str) -> tuple[Tensor, SAEOutput, ActivationBatch, dict[str, Tensor]]:
         """Loss of one batch; returns ``(loss, sae_output, activations, extra scalars to log)``."""
@@ -212,7 +216,9 @@ class SAESystem(pl.LightningModule):
         if self.sae.unit_norm_decoder:
             self.sae.remove_parallel_grad()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # renormalise inside the step, before any callback (e.g. checkpointing) sees the parameters
+        super().optimizer_step(*args, **kwargs)
         if self.sae.unit_norm_decoder:
             self.sae.normalize_decoder()
 
@@ -246,7 +252,7 @@ class SAESystem(pl.LightningModule):
             "lm": self.lm.describe(),
             "objective": type(self).__name__,
             "gsae_version": __version__,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
             "tokens_seen": int(self.tokens_seen),
         }
 

@@ -84,7 +84,8 @@ class E2ESAESystem(SAESystem):
         if stage == "train":
             self.maybe_initialize(x_in)
         dead = self.dead.dead_by_tokens() if stage == "train" else None
-        out = self.sae(x_in, dead_mask=dead)
+        n_global = self.all_reduce(torch.tensor(float(x_in.shape[0]), device=self.device))
+        out = self.sae(x_in, dead_mask=dead, aux_norm=self.aux_norm(n_global))
         patched = lm.run_from_hook(self.splice(x, mask, out.x_hat).to(x.dtype), self.hook, tokens=tokens, cache_hooks=self.downstream_hooks)
         kl = kl_div_per_token(clean.logits, patched.logits).mean()
         loss = self.kl_coef * kl + out.sparsity_loss + out.aux_loss

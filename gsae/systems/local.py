@@ -39,9 +39,9 @@ class LocalSAESystem(SAESystem):
 
         Args:
             buffer_size: activation shuffle buffer capacity in tokens (0 disables); mixes tokens across contexts.
-            grad_reduction: g-SAE only: reduce the LM cross-entropy by ``mean`` over the batch's
-                predictions (default, TransformerLens' ``return_type="loss"``; the scale β=1e5 was set for)
-                or ``sum`` (gradients larger by the number of predictions); SPEC §1.2 [AMBIG].
+            grad_reduction: g-SAE only: reduce the LM cross-entropy by ``mean`` over the predictions of the
+                global LM batch (default, as TransformerLens' ``return_type="loss"`` on one device; the scale
+                β=1e5 was set for) or ``sum`` (gradients larger by the number of predictions); SPEC §1.2 [AMBIG].
         """
         super().__init__(*args, **kwargs)
         self.save_hyperparameters(ignore=["lm", "sae", "optimizer"])
@@ -57,7 +57,11 @@ class LocalSAESystem(SAESystem):
         lm = self.frozen_lm()
         mask = self.token_mask(tokens)  # (B, T)
         if self.needs_grad:
-            acts, grads, _ = lm.activations_and_grads(tokens, self.hook, self.grad_reduction)
+            acts, grads, _ = lm.activations_and_grads(tokens, self.hook, "sum")
+            if self.grad_reduction == "mean":
+                # mean over the *global* LM batch (all ranks have equal batches), so that the gradient's
+                # scale, and hence β's meaning, does not depend on how the batch is split over devices
+                grads = grads / (tokens.shape[0] * (tokens.shape[1] - 1) * self._world())
             return ActivationBatch(acts[mask].float(), grads[mask].float())
         return ActivationBatch(lm.activations(tokens, self.hook)[mask].float(), None)
 
@@ -68,7 +72,7 @@ class LocalSAESystem(SAESystem):
             self.maybe_initialize(acts.x)
         n_global = self.all_reduce(torch.tensor(float(acts.x.shape[0]), device=self.device))
         dead = self.dead.dead_by_tokens() if stage == "train" else None
-        out = self.sae(acts.x, grad=acts.grad, dead_mask=dead)
+        out = self.sae(acts.x, grad=acts.grad, dead_mask=dead, aux_norm=self.aux_norm(n_global))
         sse = (acts.x - out.x_hat).pow(2).sum()
         recon = sse / (n_global.clamp_min(1) * self.act_scale) * self._world()
         loss = recon + out.aux_loss

@@ -1,0 +1,426 @@
+"""Training throughput of gsae against SAELens and against the bare LM forward, on identical tokens.
+
+What is timed (steady-state steps; each round's first ``--warmup`` steps are discarded):
+
+- ``gsae``: our real training path. A :class:`gsae.systems.LocalSAESystem` (``TopKSAE(d, d_sae, k)``)
+  driven by a real ``lightning.Trainer`` over a DataLoader of :class:`TokenBatch` es. A step is the
+  interval between two consecutive ``on_train_batch_start`` callbacks (the last one closed by
+  ``on_train_epoch_end``), so it includes the batch fetch, the harvest (LM forward to the hook), the
+  shuffle buffer, the SAE forward/backward, Adam, the decoder constraints, metrics and ``self.log``.
+- ``saelens``: SAELens' own full training loop, ``LanguageModelSAETrainingRunner(cfg,
+  override_model=lm.model, override_dataset=<in-memory pretokenized Dataset of the same contexts>)``
+  with ``TopKTrainingSAEConfig(d_in, d_sae, k)`` (SAELens defaults otherwise: dense TopK activations,
+  decoder-norm rescaling, AuxK) and Adam. Its ``ActivationsStore`` harvests with
+  ``model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=layer+1)`` and mixes through its
+  ``mixing_buffer`` (``n_batches_in_buffer`` chosen so the buffer is 2 batches, mix fraction 0.5: one LM
+  forward per training step in steady state, the same mixing depth as our buffer of one batch). A step
+  is the interval between two consecutive ``next(data_provider)`` calls of ``SAETrainer.fit`` (the
+  last one closed when ``fit`` returns).
+- ``forward``: ``lm.activations(tokens, hook)`` alone (the LM forward up to the hook, no grad).
+- ``--objective gsae`` / ``e2e``: the same Lightning path with ``GradTopKSAE(d, d_sae, k, beta=1e5)`` in
+  the ``LocalSAESystem`` (harvest = forward + backward to the hook) or ``TopKSAE`` in the
+  ``E2ESAESystem`` (``kl_coef=1``; ``--e2e-downstream`` adds every later ``hook_resid_pre`` as a
+  downstream hook).
+
+Methods are interleaved: each of ``--rounds`` rounds runs every method once (order rotated between
+rounds) for ``--warmup`` + ``steps/rounds`` steps; the figures are medians over all measured steps.
+Tokens per second count LM tokens (``batch_size × context_size`` per step).
+
+Usage::
+
+    python benchmarks/train_throughput.py                    # TopK: gsae vs SAELens vs forward (~3-4 min on 2 cores)
+    python benchmarks/train_throughput.py --objective all    # TopK, g-SAE and e2e side by side
+    python benchmarks/train_throughput.py --profile 3        # also a torch.profiler table of 3 gsae steps
+
+The last lines of the default run are ``gsae_tokens_per_s=``, ``saelens_tokens_per_s=``,
+``forward_only_tokens_per_s=``, ``ratio_vs_saelens=`` (gsae / SAELens) and ``ratio_vs_forward=``.
+With several objectives it prints ``objective=NAME tokens_per_s=…`` per objective and
+``gsae_cost_vs_topk=`` / ``e2e_cost_vs_topk=`` (time per token ÷ TopK's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import statistics
+import sys
+import time
+import warnings
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens' progress bar
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch  # noqa: E402
+
+OBJECTIVES = ("topk", "gsae", "e2e")
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--objective", choices=[*OBJECTIVES, "all"], default="topk", help="training objective(s) to time")
+    p.add_argument("--baselines", choices=["auto", "on", "off"], default="auto",
+                   help="also time SAELens and the bare forward (auto: only with --objective topk)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per method (default 8; 6 with --objective all)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds the measured steps are split into")
+    p.add_argument("--warmup", type=int, default=1, help="discarded steps at the start of every round")
+    p.add_argument("--batch-size", type=int, default=32, help="contexts per step")
+    p.add_argument("--context-size", type=int, default=128, help="tokens per context")
+    p.add_argument("--d-sae", type=int, default=12288)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--hook", default="blocks.6.hook_resid_pre")
+    p.add_argument("--model", default="random-gpt2", help="gsae LanguageModel name (offline: random-gpt2)")
+    p.add_argument("--buffer-size", type=int, default=None, help="gsae shuffle buffer in tokens (default: one batch)")
+    p.add_argument("--beta", type=float, default=1e5, help="g-SAE beta")
+    p.add_argument("--e2e-downstream", action="store_true", help="e2e+ds: every later hook_resid_pre as downstream hook")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N steps of each objective with torch.profiler and print the top ops")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 6 if args.objective == "all" else 8
+    args.rounds = max(1, min(args.rounds, args.steps))
+    if args.buffer_size is None:
+        args.buffer_size = args.batch_size * args.context_size
+    return args
+
+
+def quiet() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "sae_lens", "transformer_lens", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def make_tokens(n_batches: int, batch_size: int, context_size: int, vocab: int, bos: int, seed: int) -> torch.Tensor:
+    """``(n_batches, B, T)`` random token ids with BOS at position 0 (as packed, BOS-prefixed contexts)."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (n_batches, batch_size, context_size), generator=gen)
+    tokens[..., 0] = bos
+    return tokens
+
+
+def split_steps(steps: int, rounds: int) -> list[int]:
+    base, extra = divmod(steps, rounds)
+    return [base + (1 if r < extra else 0) for r in range(rounds)]
+
+
+# ---------------------------------------------------------------------------------------------- gsae (Lightning)
+class StepTimer:
+    """Lightning callback: timestamps at every ``on_train_batch_start`` and once at epoch end."""
+
+    def __new__(cls):
+        import lightning.pytorch as pl
+
+        class _StepTimer(pl.Callback):
+            def __init__(self) -> None:
+                self.starts: list[float] = []
+                self.end: float | None = None
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                self.starts.append(time.perf_counter())
+
+            def on_train_epoch_end(self, trainer, pl_module) -> None:
+                if self.end is None:
+                    self.end = time.perf_counter()
+
+            def on_train_end(self, trainer, pl_module) -> None:
+                if self.end is None:
+                    self.end = time.perf_counter()
+
+            def step_times(self) -> list[float]:
+                ts = [*self.starts, self.end]
+                return [b - a for a, b in zip(ts[:-1], ts[1:])]
+
+        return _StepTimer()
+
+
+def build_system(objective: str, lm, args):
+    from gsae.sae import GradTopKSAE, TopKSAE
+    from gsae.systems import LocalSAESystem
+
+    d_sae, k = args.d_sae, args.k
+    if objective == "topk":
+        return LocalSAESystem(lm=lm, sae=lambda d: TopKSAE(d, d_sae, k), hook=args.hook, buffer_size=args.buffer_size,
+                              seed=args.seed)
+    if objective == "gsae":
+        return LocalSAESystem(lm=lm, sae=lambda d: GradTopKSAE(d, d_sae, k, beta=args.beta), hook=args.hook,
+                              buffer_size=args.buffer_size, seed=args.seed)
+    try:
+        from gsae.systems import E2ESAESystem
+    except ImportError as e:
+        raise NotImplementedError(f"gsae.systems.E2ESAESystem is not importable yet ({e})") from None
+    downstream = None
+    if args.e2e_downstream:
+        layer = lm.hook_layer(args.hook) or 0
+        downstream = [f"blocks.{i}.hook_resid_pre" for i in range(layer + 1, lm.n_layers)]
+    return E2ESAESystem(lm=lm, sae=lambda d: TopKSAE(d, d_sae, k), hook=args.hook, kl_coef=1.0,
+                        downstream_hooks=downstream, downstream_coef=2.5 if downstream else 0.0, seed=args.seed)
+
+
+def run_lightning(system, batches: torch.Tensor, callbacks=()) -> list[float]:
+    """Fit ``system`` for ``len(batches)`` steps with a real ``lightning.Trainer``; per-step seconds."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from gsae.data.batch import TokenBatch
+
+    data = [TokenBatch(batches[i], i) for i in range(batches.shape[0])]
+    loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=0)
+    timer = StepTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=len(data), logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[timer, *callbacks],
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.fit(system, train_dataloaders=loader)
+    return timer.step_times()
+
+
+# ---------------------------------------------------------------------------------------------- SAELens
+class TimedProvider:
+    """Wraps the ActivationsStore handed to ``SAETrainer``: a timestamp at every ``next()``."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.starts: list[float] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.starts.append(time.perf_counter())
+        return next(self.store)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+class SAELensBench:
+    """SAELens' ``LanguageModelSAETrainingRunner`` on our HookedTransformer and an in-memory token dataset."""
+
+    def __init__(self, lm, tokens: torch.Tensor, steps_per_run: int, args) -> None:
+        import datasets
+        from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
+        from sae_lens.config import LoggingConfig
+        from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+
+        B, T = args.batch_size, args.context_size
+        rows = tokens.reshape(-1, T)
+        dataset = datasets.Dataset.from_dict({"tokens": rows.tolist()})
+        self.cfg = LanguageModelSAERunnerConfig(
+            sae=TopKTrainingSAEConfig(d_in=lm.d_in(args.hook), d_sae=args.d_sae, k=args.k),
+            model_name=args.model,
+            hook_name=args.hook,
+            dataset_path="in-memory",
+            is_dataset_tokenized=True,
+            streaming=False,
+            context_size=T,
+            store_batch_size_prompts=B,
+            train_batch_size_tokens=B * T,
+            # mixing buffer = n_batches_in_buffer * context_size tokens = 2 training batches, half kept:
+            # one LM forward per training step in steady state
+            n_batches_in_buffer=2 * B,
+            training_tokens=steps_per_run * B * T,
+            prepend_bos=True,
+            exclude_special_tokens=[lm.bos_token_id],
+            lr=1e-4,
+            device="cpu",
+            dtype="float32",
+            logger=LoggingConfig(log_to_wandb=False),
+            checkpoint_path=None,
+            output_path=None,
+            n_checkpoints=0,
+            save_final_checkpoint=False,
+            verbose=False,
+            seed=args.seed,
+        )
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.runner = LanguageModelSAETrainingRunner(self.cfg, override_dataset=dataset, override_model=lm.model)
+        self.timed = TimedProvider(self.runner.activations_store)
+        self.runner.activations_store = self.timed
+
+    def run(self) -> list[float]:
+        self.timed.starts = []
+        self.runner.run()
+        end = time.perf_counter()
+        ts = [*self.timed.starts, end]
+        return [b - a for a, b in zip(ts[:-1], ts[1:])]
+
+
+# ---------------------------------------------------------------------------------------------- forward only
+def run_forward(lm, hook: str, batches: torch.Tensor) -> list[float]:
+    out = []
+    for i in range(batches.shape[0]):
+        t0 = time.perf_counter()
+        lm.activations(batches[i], hook)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- profiling
+def profile_objective(objective: str, lm, tokens: torch.Tensor, n_steps: int, args) -> None:
+    """torch.profiler over ``n_steps`` steady-state steps (after 2 unprofiled ones) of ``objective``."""
+    import lightning.pytorch as pl
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    class Prof(pl.Callback):
+        def __init__(self) -> None:
+            self.prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
+            self.ctx = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == 2:
+                self.prof.__enter__()
+            if batch_idx >= 2:
+                self.ctx = record_function("## train step ##")
+                self.ctx.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if self.ctx is not None:
+                self.ctx.__exit__(None, None, None)
+                self.ctx = None
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.prof.__exit__(None, None, None)
+
+    system = build_system(objective, lm, args)
+    # label the phases of the step
+    orig_harvest = getattr(system, "harvest", None)
+    if orig_harvest is not None:
+        def harvest(tokens_):
+            with record_function("# harvest (LM)"):
+                return orig_harvest(tokens_)
+        system.harvest = harvest
+    orig_sae_forward = system.sae.forward
+
+    def sae_forward(*a, **kw):
+        with record_function("# SAE forward"):
+            return orig_sae_forward(*a, **kw)
+    system.sae.forward = sae_forward
+    prof = Prof()
+    run_lightning(system, tokens[: 2 + n_steps], callbacks=[prof])
+    print(f"\n=== torch.profiler: {n_steps} steps of objective={objective} (self CPU time) ===")
+    print(prof.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(f"=== same, by total CPU time (regions and parents) ===")
+    print(prof.prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+
+
+# ---------------------------------------------------------------------------------------------- main
+def fmt(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet()
+    torch.set_num_threads(args.threads)
+    from gsae.lm import LanguageModel
+
+    objectives = list(OBJECTIVES) if args.objective == "all" else [args.objective]
+    baselines = args.baselines == "on" or (args.baselines == "auto" and args.objective == "topk")
+    B, T = args.batch_size, args.context_size
+    tokens_per_step = B * T
+    per_round = split_steps(args.steps, args.rounds)
+    steps_per_run = [args.warmup + m for m in per_round]
+
+    t_setup = time.perf_counter()
+    lm = LanguageModel(args.model, seed=args.seed)
+    lm.model  # noqa: B018 - load now
+    n_batches = max(steps_per_run) + 1
+    # SAELens streams through its dataset across rounds (+2 batches to fill its mixing buffer): give it enough rows
+    sl_batches = sum(steps_per_run) + 4
+    tokens = make_tokens(max(n_batches, sl_batches), B, T, lm.d_vocab, lm.bos_token_id, args.seed)
+
+    print(f"# gsae train throughput: model={args.model} hook={args.hook} tokens/step={B}x{T}={tokens_per_step} "
+          f"d_sae={args.d_sae} k={args.k} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"# rounds={args.rounds} measured steps/round={per_round} warmup/round={args.warmup} "
+          f"objectives={objectives} baselines={baselines} gsae buffer_size={args.buffer_size}")
+
+    methods: dict[str, callable] = {}
+    skipped: dict[str, str] = {}
+
+    def batches_for_round(r: int) -> torch.Tensor:
+        return tokens[: steps_per_run[r]]
+
+    for obj in objectives:
+        try:
+            system = build_system(obj, lm, args)
+        except NotImplementedError as e:
+            skipped[obj] = str(e)
+            print(f"# objective={obj}: SKIPPED: {e}")
+            continue
+        methods[obj] = (lambda s: (lambda r: run_lightning(s, batches_for_round(r))))(system)
+    if baselines:
+        import sae_lens
+
+        sl = SAELensBench(lm, tokens[:sl_batches], steps_per_run[0], args)
+        print(f"# SAELens {sae_lens.__version__}: LanguageModelSAETrainingRunner + TopKTrainingSAE, "
+              f"n_batches_in_buffer={sl.cfg.n_batches_in_buffer}, exclude_special_tokens={sl.cfg.exclude_special_tokens}")
+
+        def run_saelens(r: int) -> list[float]:
+            # every round runs warmup + m steps (training_tokens is per run)
+            sl.runner.cfg.training_tokens = steps_per_run[r] * tokens_per_step
+            return sl.run()
+
+        methods["saelens"] = run_saelens
+        methods["forward"] = lambda r: run_forward(lm, args.hook, batches_for_round(r))
+    print(f"# setup {time.perf_counter() - t_setup:.1f}s")
+
+    names = list(methods)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    t0 = time.perf_counter()
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            tr = time.perf_counter()
+            step_times = methods[name](r)
+            if len(step_times) != steps_per_run[r]:
+                print(f"# warning: {name} round {r}: {len(step_times)} step times for {steps_per_run[r]} steps")
+            kept = step_times[args.warmup:]
+            times[name].extend(kept)
+            print(f"# round {r} {name:8s} {time.perf_counter() - tr:6.1f}s  warmup "
+                  f"{' '.join(f'{t:.2f}' for t in step_times[: args.warmup])}  steps "
+                  f"{' '.join(f'{t:.2f}' for t in kept)}", flush=True)
+    print(f"# measured in {time.perf_counter() - t0:.1f}s")
+
+    if args.profile:  # before the summary, so the figures stay the last lines
+        for obj in objectives:
+            if obj not in skipped:
+                profile_objective(obj, lm, tokens, args.profile, args)
+
+    med = {n: statistics.median(v) for n, v in times.items() if v}
+    tps = {n: tokens_per_step / s for n, s in med.items()}
+    print(f"# {'method':8s} {'median s/step':>13s} {'min':>6s} {'max':>6s} {'n':>3s} {'tokens/s':>9s}")
+    for n in names:
+        v = times[n]
+        if v:
+            print(f"# {n:8s} {med[n]:13.3f} {min(v):6.2f} {max(v):6.2f} {len(v):3d} {tps[n]:9.1f}")
+
+    if len(objectives) > 1 or args.objective != "topk":
+        for obj in objectives:
+            if obj in tps:
+                print(f"objective={obj} tokens_per_s={fmt(tps[obj])}")
+            else:
+                print(f"objective={obj} tokens_per_s=n/a ({skipped.get(obj, 'not measured')})")
+        if "topk" in med:
+            for obj in ("gsae", "e2e"):
+                if obj in objectives:
+                    val = f"{med[obj] / med['topk']:.3f}" if obj in med else "n/a"
+                    print(f"{obj}_cost_vs_topk={val}")
+    if baselines and "topk" in tps:
+        print(f"gsae_tokens_per_s={fmt(tps['topk'])}")
+        print(f"saelens_tokens_per_s={fmt(tps['saelens'])}")
+        print(f"forward_only_tokens_per_s={fmt(tps['forward'])}")
+        print(f"ratio_vs_saelens={tps['topk'] / tps['saelens']:.3f}")
+        print(f"ratio_vs_forward={tps['topk'] / tps['forward']:.3f}")
+
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Dead latents and activation density on a held-out token stream (SPEC §1.5; g-SAE §4.1 Table 1, §4.3 Fig. 8).
+
+The unmasked tokens of ``tokens`` (special tokens dropped, as in training) are read in order and cut
+into consecutive *batches* of ``batch_tokens`` tokens; each batch's fired mask
+(:func:`gsae.metrics.fired_mask`) advances a :class:`gsae.metrics.DeadLatentTracker`, the same counters
+training uses, so both definitions are the training-time ones:
+
+- **batches** (g-SAE Table 1, smol-sae): dead if it did not fire in the last ``dead_batches``
+  consecutive batches (paper: 5 batches of 4096 tokens).
+- **tokens** (Gao et al.): dead if it did not fire in the last ``window_tokens`` tokens (default: the
+  whole stream, i.e. never fired in it). Counted per batch, like training.
+
+If the stream is shorter than ``dead_batches × batch_tokens``, ``batch_tokens`` shrinks to
+``n_tokens // dead_batches`` (reported as ``batch_tokens``). Tokens after the last full batch are
+dropped, so every number uses the same ``n_tokens``.
+
+Density of latent i = (#tokens where it fired) / n_tokens. Reported: its median over all latents and
+over latents that fired (g-SAE §4.3: 0.24% / 0.43% / 1.10% for g-SAE / TopK / e2e at L0 = 32), a
+log10-density histogram (never-fired latents counted apart in ``n_never_fired``), and the CDF of
+log10 density at the histogram edges (g-SAE Fig. 8 top).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from gsae.evals.common import batches, sae_on_tokens, special_token_mask
+from gsae.lm import LanguageModel
+from gsae.metrics import DeadLatentTracker, fired_mask
+from gsae.sae.base import SparseAutoencoder
+
+Rows = tuple[Tensor | None, Tensor | None, Tensor | None]  # (top_idx, top_acts, latents) of some tokens
+
+
+def _rows(out, keep: Tensor) -> Rows:
+    return tuple(None if t is None else t[keep] for t in (out.top_idx, out.top_acts, out.latents))
+
+
+def _slice(rows: Rows, a: int, b: int) -> Rows:
+    return tuple(None if t is None else t[a:b] for t in rows)
+
+
+def _fire_counts(rows: Rows, d_sae: int) -> Tensor:
+    """``(d_sae,)`` number of tokens on which each latent is nonzero."""
+    top_idx, top_acts, latents = rows
+    if latents is not None:
+        return (latents != 0).sum(0)
+    return torch.bincount(top_idx[top_acts != 0], minlength=d_sae)
+
+
+@torch.no_grad()
+def run(
+    sae: SparseAutoencoder,
+    lm: LanguageModel,
+    hook: str,
+    tokens: Tensor,
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    dead_batches: int = 5,
+    batch_tokens: int = 4096,
+    window_tokens: int | None = None,
+    exclude_special_tokens: bool = True,
+    log10_min: float = -7.0,
+    bin_width: float = 0.25,
+) -> dict:
+    """Both dead-latent fractions, alive fraction and the density distribution of ``sae`` on ``tokens``.
+
+    Args:
+        sae: any SAE.
+        lm: the language model.
+        hook: hook the SAE reads.
+        tokens: ``(n_seq, T)`` evaluation contexts, read in order as one stream.
+        seed: unused (deterministic); part of the benchmark contract.
+        batch_size: sequences per forward pass (memory only; does not change the result).
+        dead_batches: consecutive batches without firing that make a latent dead (paper: 5).
+        batch_tokens: tokens per batch of the "batches" definition (smol-sae: 4096).
+        window_tokens: token window of the "tokens" definition (default: the whole stream).
+        exclude_special_tokens: drop special-token positions from the stream (as training does).
+        log10_min: lowest edge of the log10-density histogram (lower densities go to the first bin).
+        bin_width: width of the histogram bins in log10 units.
+    """
+    del seed
+    special = special_token_mask(lm, tokens, exclude_special_tokens)
+    n_total = int(special.sum())
+    if n_total < dead_batches:
+        raise ValueError(f"dead_latents: {n_total} evaluation tokens, fewer than dead_batches={dead_batches}")
+    batch_tokens = min(batch_tokens, n_total // dead_batches)
+    n_used = n_total // batch_tokens * batch_tokens
+    window = n_used if window_tokens is None else window_tokens
+    tracker = DeadLatentTracker(sae.d_sae, dead_batches, window).to(sae.W_dec.device)
+    counts = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_dec.device)
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_dec.device)
+    seen = 0  # tokens fed so far; the current batch holds seen % batch_tokens of them
+    for tok in batches(tokens.to(lm.device), batch_size):
+        if seen >= n_used:
+            break
+        out = sae_on_tokens(sae, lm, hook, tok).out
+        rows = _rows(out, special_token_mask(lm, tok, exclude_special_tokens).reshape(-1).to(fired.device))
+        n = min(next(t for t in rows if t is not None).shape[0], n_used - seen)
+        a = 0
+        while a < n:  # split the rows at batch boundaries
+            b = min(n, a + batch_tokens - seen % batch_tokens)
+            piece = _slice(rows, a, b)
+            fired |= fired_mask(*piece, sae.d_sae)
+            counts += _fire_counts(piece, sae.d_sae)
+            seen += b - a
+            a = b
+            if seen % batch_tokens == 0:
+                tracker.update(fired, batch_tokens)
+                fired.zero_()
+    return _summary(tracker, counts, n_used, batch_tokens, dead_batches, window, log10_min, bin_width)
+
+
+def _summary(tracker, counts, n_used, batch_tokens, dead_batches, window, log10_min, bin_width) -> dict:
+    density = counts.double().cpu() / n_used
+    alive = density > 0
+    n_bins = max(1, math.ceil(-log10_min / bin_width))
+    edges = torch.linspace(log10_min, log10_min + n_bins * bin_width, n_bins + 1, dtype=torch.float64)
+    log_d = density[alive].log10().clamp(edges[0], edges[-1])
+    hist = torch.histogram(log_d, bins=edges).hist if alive.any() else torch.zeros(n_bins)
+    cdf = [float((density <= 10 ** float(e)).double().mean()) for e in edges]
+    return {
+        "dead_fraction_batches": float(tracker.dead_by_batches().double().mean()),
+        "dead_fraction_tokens": float(tracker.dead_by_tokens().double().mean()),
+        "n_dead_batches": int(tracker.dead_by_batches().sum()),
+        "n_dead_tokens": int(tracker.dead_by_tokens().sum()),
+        "alive_fraction": float(alive.double().mean()),
+        "median_density": float(density.median()),
+        "median_density_alive": float(density[alive].median()) if alive.any() else 0.0,
+        "frac_density_above_1pct": float((density > 0.01).double().mean()),
+        "frac_density_above_10pct": float((density > 0.1).double().mean()),
+        "n_tokens": n_used,
+        "batch_tokens": batch_tokens,
+        "dead_batches": dead_batches,
+        "window_tokens": window,
+        "n_never_fired": int((~alive).sum()),
+        "log10_density_hist": {"edges": edges.tolist(), "counts": [int(c) for c in hist]},
+        "density_cdf": {"log10_density": edges.tolist(), "fraction": cdf},
+    }
+
+
+def figures(result: dict) -> dict:
+    """Log10-density histogram and density CDF (g-SAE Fig. 8 top)."""
+    from matplotlib.figure import Figure
+
+    h, c = result["log10_density_hist"], result["density_cdf"]
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
+    edges = h["edges"]
+    ax.stairs(h["counts"], edges, fill=True)
+    ax.set(xlabel="log10 activation density", ylabel="latents",
+           title=f"density ({result['n_never_fired']} never fired)")
+    fig2 = Figure(figsize=(5, 3.5))
+    ax2 = fig2.add_subplot()
+    ax2.plot(c["log10_density"], c["fraction"])
+    ax2.set(xlabel="log10 activation density", ylabel="fraction of latents ≤", title="density CDF", ylim=(0, 1))
+    fig.tight_layout()
+    fig2.tight_layout()
+    return {"density_histogram": fig, "density_cdf": fig2}

@@ -1,0 +1,275 @@
+"""TopK SAE: selection and the sparse backward against naive references, decoder constraints, AuxK,
+option validation and the geometric-median ``b_dec`` initialisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_topk
+from scipy.optimize import minimize
+
+from gsae.sae import TopKSAE
+from gsae.sae.base import geometric_median
+
+
+def _randomize(sae: TopKSAE, seed: int = 1) -> TopKSAE:
+    """Give every parameter generic values (biases are 0 at init, which would hide bias bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return sae
+
+
+def naive_topk(sae: TopKSAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference: full pre-activation matrix, ``torch.topk``, dense masked latents, dense decode."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # (N, d_sae)
+    top = pre.topk(sae.k, dim=-1)
+    mask = torch.zeros_like(pre).scatter(-1, top.indices, 1.0)
+    latents = pre * mask
+    if sae.relu_after_topk:
+        latents = latents.relu()
+    x_hat = latents @ sae.W_dec + sae.b_dec  # (N, d_in)
+    return latents, top.indices, x_hat
+
+
+@pytest.mark.parametrize("sparse_backward", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+def test_forward_matches_naive_reference(sparse_backward: bool, relu: bool) -> None:
+    sae = _randomize(build_topk(d_in=16, d_sae=64, k=5, sparse_backward=sparse_backward, relu_after_topk=relu))
+    x = torch.randn(40, 16)
+    out = sae(x)
+    ref_latents, ref_idx, ref_x_hat = naive_topk(sae, x)
+
+    assert out.top_idx.shape == (40, 5) and out.top_acts.shape == (40, 5)
+    # exactly k distinct latents per token
+    assert all(len(set(row.tolist())) == 5 for row in out.top_idx)
+    assert [set(r.tolist()) for r in out.top_idx] == [set(r.tolist()) for r in ref_idx]
+    torch.testing.assert_close(sae.densify(out), ref_latents)
+    torch.testing.assert_close(out.x_hat, ref_x_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.encode(x), ref_latents)
+    # the sparse decode equals the dense decode of the densified latents
+    torch.testing.assert_close(sae.decode(sae.densify(out)), out.x_hat, rtol=1e-5, atol=1e-5)
+    # pre-activations are returned detached and complete
+    torch.testing.assert_close(out.pre_acts, (x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    assert not out.pre_acts.requires_grad
+
+
+def _grads(sae: TopKSAE, x: torch.Tensor, w: torch.Tensor, naive: bool) -> dict[str, torch.Tensor]:
+    sae.zero_grad()
+    if naive:
+        _, _, x_hat = naive_topk(sae, x)
+    else:
+        x_hat = sae(x).x_hat
+    # a loss whose gradient differs per output element (plain MSE would be too symmetric to catch index bugs)
+    loss = ((x_hat - x).pow(2) * w).sum()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_sparse_backward_equals_dense_autograd(relu: bool) -> None:
+    x = torch.randn(64, 16)
+    w = torch.rand(64, 16)
+    sparse = _randomize(build_topk(d_in=16, d_sae=48, k=6, relu_after_topk=relu, sparse_backward=True))
+    dense = _randomize(build_topk(d_in=16, d_sae=48, k=6, relu_after_topk=relu, sparse_backward=False))
+    torch.testing.assert_close(dict(sparse.named_parameters()), dict(dense.named_parameters()))
+
+    g_sparse = _grads(sparse, x, w, naive=False)
+    g_dense = _grads(dense, x, w, naive=False)
+    g_naive = _grads(dense, x, w, naive=True)
+    for name in ("W_enc", "b_enc", "b_dec", "W_dec"):
+        assert g_sparse[name].abs().sum() > 0, name
+        torch.testing.assert_close(g_sparse[name], g_naive[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(g_dense[name], g_naive[name], rtol=1e-4, atol=1e-5, msg=name)
+    # only the selected latents' encoder columns get gradient (the sparse backward's whole point)
+    selected = torch.zeros(48, dtype=torch.bool)
+    selected[sparse(x).top_idx.unique()] = True
+    assert torch.all(g_sparse["W_enc"][:, ~selected] == 0)
+    assert torch.all(g_sparse["b_enc"][~selected] == 0)
+
+
+def test_sparse_backward_input_gradient() -> None:
+    sae = _randomize(build_topk(d_in=8, d_sae=32, k=3))
+    x = torch.randn(10, 8, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    sae(x).x_hat.pow(2).sum().backward()
+    naive_topk(sae, x_ref)[2].pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_relu_after_topk() -> None:
+    x = torch.randn(32, 16)
+    plain = _randomize(build_topk(relu_after_topk=False, k=8))
+    relu = _randomize(build_topk(relu_after_topk=True, k=8))
+    with torch.no_grad():  # push pre-activations down so that some kept values are negative
+        plain.b_enc.sub_(2.0)
+        relu.b_enc.sub_(2.0)
+    out_plain, out_relu = plain(x), relu(x)
+    assert (out_plain.top_acts < 0).any(), "test setup: need negative kept values"
+    # same selection; ReLU only clamps the kept values
+    torch.testing.assert_close(out_relu.top_idx, out_plain.top_idx)
+    torch.testing.assert_close(out_relu.top_acts, out_plain.top_acts.relu())
+    assert (out_relu.top_acts >= 0).all()
+    # a clamped latent contributes nothing to the reconstruction
+    dense = plain.densify(out_plain).relu()
+    torch.testing.assert_close(out_relu.x_hat, dense @ relu.W_dec + relu.b_dec, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_rows_stay_unit_norm_under_adam() -> None:
+    sae = build_topk(d_in=16, d_sae=64, k=4)
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-2)
+    for _ in range(10):
+        x = torch.randn(128, 16) * 3 + 1
+        opt.zero_grad()
+        out = sae(x)
+        (out.x_hat - x).pow(2).sum(-1).mean().backward()
+        sae.remove_parallel_grad()
+        # the gradient is now tangent to the unit sphere at every row
+        radial = (sae.W_dec.grad * sae.W_dec).sum(-1)
+        assert sae.W_dec.grad.abs().sum() > 0
+        torch.testing.assert_close(radial, torch.zeros_like(radial), atol=1e-6, rtol=0)
+        opt.step()
+        drift = (sae.W_dec.norm(dim=1) - 1).abs().max()
+        sae.normalize_decoder()
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-6, rtol=0)
+    assert drift > 1e-4, "Adam steps should move rows off the sphere (otherwise this test checks nothing)"
+
+
+def test_remove_parallel_grad_without_grad_is_noop() -> None:
+    sae = build_topk()
+    sae.remove_parallel_grad()
+    assert sae.W_dec.grad is None
+
+
+def test_auxk_loss_reaches_only_dead_latents() -> None:
+    sae = _randomize(build_topk(d_in=16, d_sae=64, k=4, k_aux=8))
+    x = torch.randn(50, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[[3, 10, 11, 40]] = True
+    out = sae(x, dead_mask=dead)
+    assert out.aux_loss > 0
+    out.aux_loss.backward()
+    assert sae.W_enc.grad[:, dead].abs().sum() > 0 and sae.W_dec.grad[dead].abs().sum() > 0
+    assert torch.all(sae.W_enc.grad[:, ~dead] == 0)
+    assert torch.all(sae.b_enc.grad[~dead] == 0)
+    assert torch.all(sae.W_dec.grad[~dead] == 0)
+    assert sae.b_dec.grad is None or torch.all(sae.b_dec.grad == 0)
+    # no dead latent, no mask, or k_aux = 0: no AuxK loss
+    assert sae(x, dead_mask=torch.zeros(64, dtype=torch.bool)).aux_loss == 0
+    assert sae(x).aux_loss == 0
+    assert build_topk(d_in=16, d_sae=64, k=4, k_aux=0)(x, dead_mask=dead).aux_loss == 0
+
+
+def _sparse_features(n: int, features: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each row: 2 random features of ``features (n_feat, d)`` with magnitudes in [1, 3]."""
+    n_feat = features.shape[0]
+    idx = torch.rand(n, n_feat, generator=gen).argsort(-1)[:, :2]
+    s = torch.zeros(n, n_feat).scatter_(1, idx, 1 + 2 * torch.rand(n, 2, generator=gen))
+    return s @ features
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_auxk_revives_planted_dead_latent(relu: bool) -> None:
+    """A latent out-competed by the others (tiny encoder column) never fires. With AuxK it learns the
+    residual and fires again; without AuxK it gets no gradient at all and stays dead.
+
+    The planted latent has small *positive* pre-activations on part of the data: AuxK (like TopK)
+    trains a latent only through its kept (post-ReLU) values, so a latent whose pre-activations are
+    negative everywhere gets no gradient with ``relu_after_topk`` and, without it, fits the residual with a
+    negated decoder row (negative activations never win the top-k).
+    """
+    d_in, d_sae, j = 16, 32, 5
+    features = torch.randn(24, d_in, generator=torch.Generator().manual_seed(100))
+    features /= features.norm(dim=1, keepdim=True)
+    x_eval = _sparse_features(4096, features, torch.Generator().manual_seed(7))
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[j] = True
+    fire_rate = {}
+    for k_aux in (8, 0):
+        sae = TopKSAE(d_in, d_sae=d_sae, k=4, k_aux=k_aux, relu_after_topk=relu, seed=0)
+        with torch.no_grad():
+            sae.W_enc[:, j] *= 0.05
+        assert not (sae(x_eval).top_idx == j).any(), "planted latent must start dead"
+        w_enc_j, b_enc_j = sae.W_enc[:, j].detach().clone(), sae.b_enc[j].detach().clone()
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(300):
+            x = _sparse_features(256, features, gen)
+            out = sae(x, dead_mask=dead)
+            loss = (out.x_hat - x).pow(2).sum(-1).mean() + out.aux_loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sae.normalize_decoder()
+        with torch.no_grad():
+            fire_rate[k_aux] = float((sae(x_eval).top_idx == j).any(-1).float().mean())
+        if k_aux == 0:
+            # encoder column and bias untouched: no gradient ever reached the dead latent's encoder
+            # (Adam leaves parameters without gradient alone)
+            assert (sae.b_enc[j] - b_enc_j).abs() < 1.0
+    assert fire_rate[0] == 0.0
+    assert fire_rate[8] > 0.05, fire_rate
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [
+        (dict(d_sae=8, k=9), "--model.sae.k"),
+        (dict(d_sae=8, k=0), "--model.sae.k"),
+        (dict(d_sae=8, k=-1), "--model.sae.k"),
+        (dict(d_sae=0, k=1), "--model.sae.d_sae"),
+        (dict(d_sae=-4, k=1), "--model.sae.d_sae"),
+        (dict(d_sae=8, k=2, k_aux=-1), "--model.sae.k_aux"),
+    ],
+)
+def test_invalid_options_name_the_cli_key(kwargs: dict, option: str) -> None:
+    with pytest.raises(ValueError, match=option.replace(".", r"\.")) as exc:
+        TopKSAE(16, **kwargs)
+    assert "\n" not in str(exc.value)
+
+
+def test_k_equal_d_sae_is_allowed() -> None:
+    sae = build_topk(d_in=4, d_sae=6, k=6)
+    out = sae(torch.randn(3, 4))
+    assert sorted(out.top_idx[0].tolist()) == list(range(6))
+
+
+def test_config_rebuilds_the_same_sae() -> None:
+    sae = build_topk(d_in=16, d_sae=64, k=4, relu_after_topk=True, k_aux=3, seed=5)
+    again = TopKSAE(**sae.config())
+    torch.testing.assert_close(dict(again.named_parameters()), dict(sae.named_parameters()))
+    assert again.config() == sae.config()
+    assert sae.k_aux == 3 and build_topk(d_in=16).k_aux == 8  # default d_in // 2
+
+
+def _sum_dist(y, x) -> float:
+    return float((x - torch.as_tensor(y, dtype=x.dtype)).norm(dim=1).sum())
+
+
+def test_geometric_median_matches_brute_force() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=gen, dtype=torch.float64)
+    x[:10] += 50.0  # outliers pull the mean, not the median
+    gm = geometric_median(x, max_iter=500, tol=1e-10)
+    ref = minimize(_sum_dist, x.median(0).values.numpy(), args=(x,), method="Nelder-Mead",
+                   options=dict(xatol=1e-10, fatol=1e-12, maxiter=20000, maxfev=20000))
+    assert _sum_dist(gm, x) <= ref.fun + 1e-6
+    torch.testing.assert_close(gm, torch.as_tensor(ref.x), atol=1e-3, rtol=0)
+    # it beats the mean and every small perturbation of itself
+    assert _sum_dist(gm, x) < _sum_dist(x.mean(0), x) - 1.0
+    for _ in range(20):
+        assert _sum_dist(gm, x) <= _sum_dist(gm + 1e-3 * torch.randn(5, generator=gen, dtype=torch.float64), x)
+
+
+def test_init_b_dec() -> None:
+    sae = build_topk(d_in=5)
+    x = torch.randn(100, 5)
+    x[:5] += 100.0
+    sae.init_b_dec(x, "mean")
+    torch.testing.assert_close(sae.b_dec.data, x.mean(0))
+    sae.init_b_dec(x, "geometric_median")
+    torch.testing.assert_close(sae.b_dec.data, geometric_median(x))
+    assert sae.b_dec.norm() < 5  # robust to the outliers, unlike the mean
+    with pytest.raises(ValueError, match="--model.b_dec_init"):
+        sae.init_b_dec(x, "median")

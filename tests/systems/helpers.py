@@ -1,0 +1,75 @@
+"""Builders for system-level tests: a tiny system + data module + trainer, all offline."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from gsae.callbacks.checkpoint import SAECheckpoint
+from gsae.data import TokenDataModule
+from gsae.lm import LanguageModel
+from gsae.sae import GradTopKSAE, TopKSAE
+from gsae.systems import E2ESAESystem, LocalSAESystem
+
+HOOK = "blocks.1.hook_resid_pre"
+
+
+def build_system(objective: str = "topk", buffer_size: int = 0, **kw) -> pl.LightningModule:
+    lm = LanguageModel("random-tiny", seed=0)
+    common = dict(hook=HOOK, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2), lr_warmup_steps=2, dead_tokens=200, **kw)
+    if objective == "topk":
+        return LocalSAESystem(lm, lambda d: TopKSAE(d, 64, 4, k_aux=8), buffer_size=buffer_size, **common)
+    if objective == "gsae":
+        return LocalSAESystem(lm, lambda d: GradTopKSAE(d, 64, 4, beta=1e4, k_aux=8), buffer_size=buffer_size, **common)
+    if objective == "e2e":
+        return E2ESAESystem(
+            lm, lambda d: TopKSAE(d, 64, 4, k_aux=8), downstream_hooks=["blocks.1.hook_resid_post"], downstream_coef=0.5, **common
+        )
+    raise ValueError(objective)
+
+
+def build_data(system, batch_size: int = 4, context_size: int = 16) -> TokenDataModule:
+    return TokenDataModule(system.lm, dataset="synthetic", context_size=context_size, batch_size=batch_size, val_batches=1)
+
+
+def build_trainer(root, max_steps: int, callbacks=(), checkpoint_every: int | None = None, **kw) -> pl.Trainer:
+    cbs = list(callbacks)
+    if checkpoint_every:
+        cbs.append(SAECheckpoint(dirpath=str(root / "ckpts"), every_n_train_steps=checkpoint_every, export_saelens=False))
+    return pl.Trainer(
+        default_root_dir=str(root),
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=bool(checkpoint_every),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=cbs,
+        accelerator="cpu",
+        **kw,
+    )
+
+
+class RecordTokens(pl.Callback):
+    """Writes every training batch's contexts to ``<folder>/rank<r>.pt`` at the end of training."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+        self.seen: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append(batch.tokens.cpu())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save(torch.cat(self.seen), self.folder / f"rank{trainer.global_rank}.pt")
+
+
+class StopAt(pl.Callback):
+    """Stops training after step ``n`` (simulates an interrupted run)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.n:
+            trainer.should_stop = True
