@@ -375,11 +375,16 @@ class LanguageModel:
 
 def next_token_loss(logits: Tensor, tokens: Tensor, reduction: Literal["mean", "sum", "none"] = "mean") -> Tensor:
     """Cross-entropy of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]``; ``none`` gives ``(B, T−1)``."""
-    lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    lp = F.log_softmax(upcast(logits[:, :-1]), dim=-1)
     nll = -lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (B, T-1)
     if reduction == "none":
         return nll
     return nll.sum() if reduction == "sum" else nll.mean()
+
+
+def upcast(t: Tensor) -> Tensor:
+    """Half-precision tensors to float32 (for softmax / losses); float32 and float64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _flatten_heads(act: Tensor) -> Tensor:

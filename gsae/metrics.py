@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gsae.lm import upcast
+
 
 class ReconSums(NamedTuple):
     """Sufficient statistics of a batch of reconstructions; add them up, then call :func:`recon_metrics`.
@@ -96,8 +98,8 @@ def kl_div_per_token(logits_clean: Tensor, logits_new: Tensor) -> Tensor:
 
     The convention of every codebase in SPEC §0: ``F.kl_div(log_softmax(new), log_softmax(clean), log_target=True)``.
     """
-    lp_clean = F.log_softmax(logits_clean.float(), dim=-1)
-    lp_new = F.log_softmax(logits_new.float(), dim=-1)
+    lp_clean = F.log_softmax(upcast(logits_clean), dim=-1)
+    lp_new = F.log_softmax(upcast(logits_new), dim=-1)
     return (lp_clean.exp() * (lp_clean - lp_new)).sum(-1)
 
 

@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Iterator, Mapping
 from types import ModuleType
 
+import torch
 from torch import Tensor
 
 _MODULES = {
@@ -72,6 +73,28 @@ def run_benchmark(name: str, sae, lm, hook: str, tokens: Tensor, *, seed: int = 
     return fn(sae, lm, hook, tokens, seed=seed, **options)
 
 
+def run_benchmarks(
+    names: list[str], sae, lm, hook: str, tokens: Tensor, *, seed: int = 0, options: dict[str, dict] | None = None, **shared
+) -> dict[str, dict]:
+    """``{name: result}`` for several benchmarks, with the SAE in eval mode and no autograd graph.
+
+    ``shared`` options (e.g. ``batch_size``) go to every benchmark that accepts them; ``options[name]``
+    to benchmark ``name`` only. The SAE's training mode is restored afterwards. Runs outside
+    ``inference_mode`` (Lightning may call from validation): g-SAE encoding and ``decoder_geometry``
+    need ``∇ₓL``, which ``LanguageModel.activations_and_grads`` takes under its own ``enable_grad``.
+    """
+    was_training = sae.training
+    sae.eval()
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            return {
+                n: run_benchmark(n, sae, lm, hook, tokens, seed=seed, **{**shared, **(options or {}).get(n, {})})
+                for n in names
+            }
+    finally:
+        sae.train(was_training)
+
+
 def benchmark_figures(name: str, result: dict) -> dict:
     """``figures(result)`` of benchmark ``name`` (``{}`` if it draws none)."""
     fn = getattr(BENCHMARKS[name], "figures", None)
@@ -83,4 +106,23 @@ def scalars(result: dict) -> dict[str, float]:
     return {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-__all__ = ["BENCHMARKS", "benchmark_figures", "check_benchmarks", "run_benchmark", "scalars"]
+def tagged_scalars(results: dict[str, dict], prefix: str = "eval") -> dict[str, float]:
+    """``{"<prefix>/<benchmark>/<metric>": value}`` of ``{benchmark: result}`` (the TensorBoard tags)."""
+    return {f"{prefix}/{b}/{k}": v for b, r in results.items() for k, v in scalars(r).items()}
+
+
+def tagged_figures(results: dict[str, dict], prefix: str = "eval") -> dict:
+    """``{"<prefix>/<benchmark>/<figure>": Figure}`` of ``{benchmark: result}``."""
+    return {f"{prefix}/{b}/{k}": fig for b, r in results.items() for k, fig in benchmark_figures(b, r).items()}
+
+
+__all__ = [
+    "BENCHMARKS",
+    "benchmark_figures",
+    "check_benchmarks",
+    "run_benchmark",
+    "run_benchmarks",
+    "scalars",
+    "tagged_figures",
+    "tagged_scalars",
+]

@@ -1,0 +1,149 @@
+"""Run benchmarks (:mod:`gsae.evals`) on every checkpoint, and optionally every N steps, during training.
+
+Enable it in a config::
+
+    trainer:
+      callbacks:
+        - class_path: gsae.callbacks.EvaluationCallback
+          init_args:
+            benchmarks: [loss_added, dead_latents, decoder_geometry]
+            n_seqs: 32
+
+or on the command line: ``--trainer.callbacks+=gsae.callbacks.EvaluationCallback --trainer.callbacks.n_seqs 32``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from gsae.evals import check_benchmarks, run_benchmarks, tagged_figures, tagged_scalars
+
+log = logging.getLogger(__name__)
+
+#: Benchmarks run when none are named: cheap enough to run at every checkpoint.
+DEFAULT_BENCHMARKS = ("loss_added", "dead_latents", "decoder_geometry")
+
+
+class EvaluationCallback(Callback):
+    """Evaluate the SAE on held-out tokens at each checkpoint (``SAECheckpoint`` calls :meth:`on_sae_checkpoint`)
+    and every ``every_n_steps`` steps; log scalars as ``eval/<benchmark>/<metric>``, figures to TensorBoard,
+    and write ``<checkpoint>.eval.json`` beside each checkpoint.
+
+    Runs on global rank 0 only (under DDP the other ranks skip it, so there is one answer, not one per
+    rank). The held-out tokens are the first ``n_seqs`` contexts of ``trainer.datamodule.contexts("val")``,
+    read once and reused, so every evaluation of a run sees the same tokens.
+    """
+
+    def __init__(
+        self,
+        benchmarks: list[str] | None = None,
+        n_seqs: int = 32,
+        batch_size: int | None = None,
+        every_n_steps: int | None = None,
+        seed: int = 0,
+        options: dict[str, dict[str, Any]] | None = None,
+        log_figures: bool = True,
+        write_json: bool = True,
+    ) -> None:
+        """Choose what to evaluate and when.
+
+        Args:
+            benchmarks: benchmark names from ``gsae.evals.BENCHMARKS`` (loss_added, dead_latents, steering,
+                sensitive_directions, decoder_geometry); default loss_added, dead_latents, decoder_geometry.
+            n_seqs: held-out contexts to evaluate on (of the data module's ``context_size``).
+            batch_size: sequences per forward pass; default the data module's ``batch_size`` (for g-SAEs
+                the gradient that selects latents is then taken over batches of the training size).
+            every_n_steps: also evaluate (log only, no JSON) every this many optimizer steps; None: only at checkpoints.
+            seed: seed of the benchmarks' samples (latents, positions).
+            options: per-benchmark options, e.g. ``{"steering": {"n_latents": 64}}``.
+            log_figures: log each benchmark's figures to TensorBoard (when the logger is a TensorBoardLogger).
+            write_json: write ``<checkpoint>.eval.json`` beside every checkpoint.
+        """
+        super().__init__()
+        self.benchmarks = check_benchmarks(list(benchmarks or DEFAULT_BENCHMARKS), "EvaluationCallback.benchmarks")
+        unknown = set(options or {}) - set(self.benchmarks)
+        if unknown:
+            raise ValueError(f"EvaluationCallback.options: {sorted(unknown)} are not among the benchmarks {self.benchmarks}")
+        if n_seqs <= 0:
+            raise ValueError(f"EvaluationCallback.n_seqs must be > 0 (got {n_seqs})")
+        if every_n_steps is not None and every_n_steps <= 0:
+            raise ValueError(f"EvaluationCallback.every_n_steps must be > 0 or null (got {every_n_steps})")
+        self.n_seqs = n_seqs
+        self.batch_size = batch_size
+        self.every_n_steps = every_n_steps
+        self.seed = seed
+        self.options = options or {}
+        self.log_figures = log_figures
+        self.write_json = write_json
+        self._tokens: torch.Tensor | None = None
+        self._last: tuple[int, dict] | None = None  # (global step, results) of the latest evaluation
+
+    # ------------------------------------------------------------------ hooks
+    def on_sae_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ckpt_path: str | Path) -> None:
+        """Evaluate the checkpointed state (once per step: ``last.ckpt`` reuses it) and write the JSON."""
+        if not trainer.is_global_zero:
+            return
+        results = self.evaluate(trainer, pl_module)
+        if self.write_json:
+            payload = {"checkpoint": Path(ckpt_path).name, "step": trainer.global_step, "seed": self.seed,
+                       "n_seqs": int(self._tokens.shape[0]), "results": results}
+            Path(str(ckpt_path) + ".eval.json").write_text(json.dumps(payload, indent=1))
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and trainer.is_global_zero and step > 0 and step % self.every_n_steps == 0:
+            self.evaluate(trainer, pl_module)
+
+    # ------------------------------------------------------------------ work
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict]:
+        """``{benchmark: result}`` for the module's current SAE, logged once per global step."""
+        step = trainer.global_step
+        if self._last is not None and self._last[0] == step:
+            return self._last[1]
+        lm = pl_module.frozen_lm() if hasattr(pl_module, "frozen_lm") else pl_module.lm
+        tokens = self.held_out_tokens(trainer).to(lm.device)
+        dm = trainer.datamodule
+        batch_size = self.batch_size or getattr(dm, "batch_size", 8)
+        results = run_benchmarks(
+            self.benchmarks, pl_module.sae, lm, pl_module.hook, tokens,
+            seed=self.seed, options=self.options, batch_size=batch_size,
+        )
+        self._last = (step, results)
+        self._log(trainer, results, step)
+        return results
+
+    def held_out_tokens(self, trainer: pl.Trainer) -> torch.Tensor:
+        """``(n_seqs, T)`` first held-out contexts of the data module (read once)."""
+        if self._tokens is None:
+            dm = trainer.datamodule
+            if dm is None or not hasattr(dm, "contexts"):
+                raise ValueError("EvaluationCallback needs a data module with contexts('val') (gsae.data.TokenDataModule)")
+            ctx = list(itertools.islice(dm.contexts("val"), self.n_seqs))
+            if not ctx:
+                raise ValueError("EvaluationCallback: the data module has no validation contexts")
+            self._tokens = torch.tensor(ctx, dtype=torch.long)
+        return self._tokens
+
+    def _log(self, trainer: pl.Trainer, results: dict[str, dict], step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        values = tagged_scalars(results)
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)
+        writers = [lg.experiment for lg in trainer.loggers if isinstance(getattr(lg, "experiment", None), SummaryWriter)]
+        if self.log_figures and writers:
+            for tag, fig in tagged_figures(results).items():
+                for w in writers:
+                    w.add_figure(tag, fig, global_step=step, close=False)
+        log.info("evaluated %s at step %d", ", ".join(results), step)
+        log.debug("eval at step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))

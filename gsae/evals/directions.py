@@ -1,0 +1,204 @@
+"""Perturbation directions for the sensitive-directions benchmark (SPEC §3.2, Lee & Heimersheim 2024).
+
+Reference statistics come from the evaluation activations at the hook, position 0 excluded
+(``remove_first_token=True`` in ``dajale423/error_pathology``): the mean ``μ``, the covariance
+``Σ = cov(A) + 0.01·I`` (their ``cov += diag(diag(cov)).bool().float()*0.01``; adding ``0.01`` to every
+diagonal entry also keeps zero-variance dimensions positive definite), the median activation norm, and a
+pool of real activations. One unit direction ``u`` is drawn per token (``x' = x + L·u``):
+
+=========================  =====================================================================
+``isotropic``              ``u ∝ s·g − x``, ``g ~ N(0, I)``, ``s`` = median ``‖x‖`` (their 121 at L6)
+``cov_random_difference``  ``u ∝ t − x``, ``t ~ N(μ, Σ)``
+``cov_random_mixture``     ``u ∝ v₁ − v₂``, ``v₁, v₂ ~ N(μ, Σ)`` iid — no ``−x`` term
+``real_difference``        ``u ∝ a − x``, ``a`` a random real activation (position > 0)
+``real_mixture``           ``u ∝ a_i − a_j``, two random real activations (zero differences redrawn)
+``sae_error``              ``u ∝ SAE(x) − x`` (0 where the SAE is exact)
+``sae_feature_alive``      ``u = W_dec[i]/‖W_dec[i]‖``, ``i`` active on some eval token, inactive in the batch
+``sae_feature_active``     ``i`` active somewhere in the current batch
+``sae_feature_dead``       ``i`` never active on the eval tokens
+=========================  =====================================================================
+
+Every draw uses its own CPU generator seeded from ``(seed, batch index, kind)``, so a kind's directions do
+not depend on which other kinds are requested, nor on the device.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from gsae.evals.common import batches, sae_on_tokens
+from gsae.lm import LanguageModel
+from gsae.metrics import fired_mask
+from gsae.sae.base import SparseAutoencoder
+
+FEATURE_POOLS = {"sae_feature_alive": "alive", "sae_feature_active": "active", "sae_feature_dead": "dead"}
+DIRECTION_TYPES = (
+    "isotropic",
+    "cov_random_difference",
+    "cov_random_mixture",
+    "real_difference",
+    "real_mixture",
+    "sae_error",
+    *FEATURE_POOLS,
+)
+#: Added to the diagonal of the covariance (Lee & Heimersheim's code).
+COV_DIAGONAL = 0.01
+
+
+class ActivationStats(NamedTuple):
+    """Reference statistics of the evaluation activations at the hook (position 0 excluded).
+
+    Attributes:
+        mean: ``(D,)`` mean ``μ``.
+        cov: ``(D, D)`` covariance ``Σ`` (unbiased) with ``COV_DIAGONAL`` added to the diagonal.
+        chol: ``(D, D)`` lower Cholesky factor of ``cov`` (the sampler: ``μ + z Lᵀ``).
+        median_norm: median ``‖x‖`` (scale of the ``isotropic`` target).
+        real: ``(N_pool, D)`` real activations (all rows, or a seeded subset of ``max_real_pool``).
+        n_rows: number of activations the statistics are over.
+        fired: bool ``(d_sae,)``, latents active on some eval token; ``None`` when not computed.
+    """
+
+    mean: Tensor
+    cov: Tensor
+    chol: Tensor
+    median_norm: float
+    real: Tensor
+    n_rows: int
+    fired: Tensor | None
+
+
+def generator(seed: int, *key: object) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` and a key (stable across processes, unlike ``hash``)."""
+    return torch.Generator().manual_seed(zlib.crc32(repr((seed, *key)).encode()))
+
+
+@torch.no_grad()
+def fit_activation_stats(
+    sae: SparseAutoencoder,
+    lm: LanguageModel,
+    hook: str,
+    tokens: Tensor,
+    *,
+    batch_size: int,
+    max_real_pool: int,
+    seed: int,
+    need_fired: bool,
+) -> ActivationStats:
+    """One pass over ``tokens (n_seq, T)``: :class:`ActivationStats` (``fired`` only if ``need_fired``)."""
+    n_seq, T = tokens.shape
+    n_total = n_seq * (T - 1)
+    if n_total < 2:
+        raise ValueError("sensitive_directions: need at least 2 activations at positions > 0 for μ and Σ")
+    keep = torch.zeros(n_total, dtype=torch.bool)
+    keep[torch.randperm(n_total, generator=generator(seed, "real_pool"))[:max_real_pool]] = True
+    s1 = s2 = shift = fired = None
+    norms, pool, offset = [], [], 0
+    for tok in batches(tokens.to(lm.device), batch_size):
+        if need_fired:
+            r = sae_on_tokens(sae, lm, hook, tok)
+            f = fired_mask(r.out.top_idx, r.out.top_acts, r.out.latents, sae.d_sae)
+            fired = f if fired is None else fired | f
+            x = r.x
+        else:
+            x = lm.activations(tok, hook)
+        a = x[:, 1:].reshape(-1, x.shape[-1]).float()  # (B·(T−1), D)
+        if shift is None:  # centre on the first batch's mean: float32 products without cancellation
+            shift = a.mean(0)
+            s1 = torch.zeros_like(shift, dtype=torch.float64)
+            s2 = torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64, device=a.device)
+        c = a - shift
+        s1 += c.sum(0).double()
+        s2 += (c.T @ c).double()
+        norms.append(a.norm(dim=-1).cpu())
+        pool.append(a[keep[offset : offset + a.shape[0]].to(a.device)])
+        offset += a.shape[0]
+    mean_c = s1 / n_total
+    cov = (s2 - n_total * torch.outer(mean_c, mean_c)) / (n_total - 1)
+    cov += COV_DIAGONAL * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    dtype = x.dtype
+    return ActivationStats(
+        mean=(mean_c + shift.double()).to(dtype),
+        cov=cov.to(dtype),
+        chol=torch.linalg.cholesky(cov).to(dtype),
+        median_norm=float(torch.cat(norms).median()),
+        real=torch.cat(pool).to(dtype),
+        n_rows=n_total,
+        fired=fired,
+    )
+
+
+def unit(v: Tensor) -> Tensor:
+    """``v / ‖v‖`` along the last dim; rows with ``‖v‖ = 0`` stay 0."""
+    n = v.norm(dim=-1, keepdim=True)
+    return torch.where(n > 0, v / n.clamp_min(torch.finfo(v.dtype).tiny), torch.zeros_like(v))
+
+
+def sample_cov_random(stats: ActivationStats, n: int, gen: torch.Generator) -> Tensor:
+    """``n`` samples ``(n, D)`` of ``N(μ, Σ)``: ``μ + z Lᵀ`` with ``z ~ N(0, I)``."""
+    z = torch.randn(n, stats.mean.shape[0], generator=gen).to(stats.chol)
+    return stats.mean + z @ stats.chol.T
+
+
+def sample_real_pairs(stats: ActivationStats, n: int, gen: torch.Generator, max_tries: int = 10) -> tuple[Tensor, Tensor]:
+    """``n`` pairs of real activations ``(a_i, a_j)`` with ``a_i ≠ a_j`` (the zero rows of
+    ``a − a[perm]`` that Lee & Heimersheim remove are redrawn here)."""
+    m = stats.real.shape[0]
+    if m < 2:
+        raise ValueError("sensitive_directions: the real-activation pool needs at least 2 rows")
+    i = torch.randint(m, (n,), generator=gen)
+    j = (i + torch.randint(1, m, (n,), generator=gen)) % m  # j ≠ i
+    for _ in range(max_tries):
+        same = (stats.real[i] == stats.real[j]).all(-1).cpu()
+        if not same.any():
+            break
+        j[same] = torch.randint(m, (int(same.sum()),), generator=gen)
+    return stats.real[i], stats.real[j]
+
+
+def feature_pools(stats: ActivationStats, fired_batch: Tensor) -> dict[str, Tensor]:
+    """Latent ids of each pool (SPEC §3.2): alive-but-inactive in the batch, active in the batch, dead."""
+    alive = stats.fired.to(fired_batch.device)
+    masks = {"alive": alive & ~fired_batch, "active": fired_batch, "dead": ~alive}
+    return {k: m.nonzero().squeeze(-1) for k, m in masks.items()}
+
+
+def make_direction(
+    kind: str,
+    x: Tensor,
+    gen: torch.Generator,
+    stats: ActivationStats,
+    x_hat: Tensor | None = None,
+    W_dec: Tensor | None = None,
+    pool: Tensor | None = None,
+) -> Tensor:
+    """Unit directions ``(B, T, D)`` of type ``kind`` (module table), one per token of ``x (B, T, D)``.
+
+    ``x_hat`` is needed for ``sae_error``; ``W_dec (d_sae, D)`` and a non-empty ``pool`` of latent ids
+    for the ``sae_feature_*`` kinds.
+    """
+    shape, n = x.shape, x.shape[0] * x.shape[1]
+    flat = x.reshape(n, -1)
+    if kind == "isotropic":
+        g = torch.randn(n, shape[-1], generator=gen).to(x)
+        u = unit(stats.median_norm * g - flat)
+    elif kind == "cov_random_difference":
+        u = unit(sample_cov_random(stats, n, gen) - flat)
+    elif kind == "cov_random_mixture":
+        u = unit(sample_cov_random(stats, n, gen) - sample_cov_random(stats, n, gen))
+    elif kind == "real_difference":
+        u = unit(stats.real[torch.randint(stats.real.shape[0], (n,), generator=gen)] - flat)
+    elif kind == "real_mixture":
+        a_i, a_j = sample_real_pairs(stats, n, gen)
+        u = unit(a_i - a_j)
+    elif kind == "sae_error":
+        u = unit(x_hat.reshape(n, -1) - flat)
+    elif kind in FEATURE_POOLS:
+        ids = pool[torch.randint(pool.shape[0], (n,), generator=gen).to(pool.device)]
+        u = unit(W_dec[ids].to(x))
+    else:
+        raise ValueError(f"sensitive_directions: unknown direction type {kind!r}; choose from {', '.join(DIRECTION_TYPES)}")
+    return u.reshape(shape)

@@ -1,0 +1,157 @@
+"""SAELens SAEs behind gsae's :class:`~gsae.sae.base.SparseAutoencoder` interface, so every benchmark and
+``evaluate.py`` can measure them: a folder in SAELens format (``cfg.json`` + ``sae_weights.safetensors``,
+e.g. our own ``<name>.saelens/`` exports) or a pretrained release (``sae_lens:RELEASE/SAE_ID``).
+
+The adapter delegates ``encode``/``decode`` to SAELens, so any architecture SAELens implements (``standard``
+ReLU, ``topk``, ``jumprelu``, ``gated``, ...) and its input normalisation (``normalize_activations``)
+behave exactly as in SAELens. Latents are dense. SAELens has no gradient-aware selection: a g-SAE
+exported to SAELens format encodes as its β = 0 TopK (see :mod:`gsae.export`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from gsae.sae.base import SAEOutput, SparseAutoencoder
+
+#: ``LanguageModel`` options that SAELens' ``model_from_pretrained_kwargs`` can set.
+_LM_KEYS = ("fold_ln", "center_writing_weights", "center_unembed")
+
+
+class SAELensAdapter(SparseAutoencoder):
+    """A ``sae_lens.SAE`` with gsae's SAE interface: ``W_enc (d_in, d_sae)``, ``W_dec (d_sae, d_in)``, ``b_enc``,
+    ``b_dec``, ``encode``, ``decode`` and ``forward(x, grad=None) -> SAEOutput`` (dense ``latents``).
+
+    SAELens decoder rows need not have unit norm; the benchmarks normalise them where they need directions.
+    """
+
+    unit_norm_decoder = False
+
+    def __init__(self, sae) -> None:
+        """Wrap a loaded SAELens SAE.
+
+        Args:
+            sae: a ``sae_lens.SAE`` instance (any architecture).
+        """
+        nn.Module.__init__(self)  # parameters live in the wrapped SAE, not in SparseAutoencoder's
+        self.sl = sae
+        self.d_in = int(sae.cfg.d_in)
+        self.d_sae = int(sae.cfg.d_sae)
+        hook = sae.cfg.metadata.hook_name or ""
+        if hook.endswith("hook_z") and hasattr(sae, "turn_off_forward_pass_hook_z_reshaping"):
+            sae.turn_off_forward_pass_hook_z_reshaping()  # our activations are already (B, T, n_heads·d_head)
+
+    @property
+    def W_enc(self) -> Tensor:  # noqa: N802 - the SAE vocabulary (STYLE §6)
+        return self.sl.W_enc
+
+    @property
+    def W_dec(self) -> Tensor:  # noqa: N802
+        return self.sl.W_dec
+
+    @property
+    def b_dec(self) -> Tensor:
+        return self.sl.b_dec
+
+    @property
+    def b_enc(self) -> Tensor:
+        """``b_enc``, or the gate bias of gated SAEs, or zeros for architectures without one."""
+        for name in ("b_enc", "b_gate"):
+            if isinstance(getattr(self.sl, name, None), Tensor):
+                return getattr(self.sl, name)
+        return torch.zeros(self.d_sae, dtype=self.sl.W_dec.dtype, device=self.sl.W_dec.device)
+
+    @property
+    def architecture(self) -> str:
+        return f"saelens:{self.sl.cfg.architecture()}"
+
+    def config(self) -> dict:
+        return self.sl.cfg.to_dict()
+
+    def encode(self, x: Tensor, grad: Tensor | None = None) -> Tensor:
+        """Dense latents ``(N, d_sae)`` from SAELens' ``encode`` (``grad`` is ignored)."""
+        return self.sl.encode(x.to(self.sl.W_dec.dtype))
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.sl.decode(latents)
+
+    def forward(self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None) -> SAEOutput:
+        """``SAEOutput`` with dense ``latents``; ``pre_acts`` holds the latents too (SAELens exposes no
+        architecture-independent pre-activation); no auxiliary losses."""
+        latents = self.encode(x)
+        if latents.is_sparse:
+            latents = latents.to_dense()
+        x_hat = self.decode(latents).to(x.dtype)
+        zero = x_hat.new_zeros(())
+        return SAEOutput(x_hat, None, None, latents, latents.detach(), zero, zero)
+
+
+def is_saelens_folder(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "cfg.json").is_file() and (p / "sae_weights.safetensors").is_file()
+
+
+def lm_kwargs(metadata: dict, model: str | None = None) -> dict:
+    """``LanguageModel`` kwargs for an SAE's ``model_name`` and ``model_from_pretrained_kwargs``.
+
+    Flags SAELens does not set default to False: SAELens evaluates with
+    ``HookedTransformer.from_pretrained_no_processing(**model_from_pretrained_kwargs)`` (SPEC §0, §6).
+    """
+    name = model or metadata.get("model_name")
+    if not name:
+        raise ValueError("the SAE's cfg.json names no model (metadata.model_name); pass --model")
+    mfpk = metadata.get("model_from_pretrained_kwargs") or {}
+    return {"name": name, **{k: bool(mfpk.get(k, False)) for k in _LM_KEYS}}
+
+
+def load_saelens_folder(path: str | Path, device: str = "cpu", model: str | None = None) -> tuple[SAELensAdapter, dict]:
+    """``(adapter, meta)`` for a SAELens-format folder; ``meta`` has ``hook``, ``lm`` and ``context_size``."""
+    from sae_lens import SAE
+
+    try:
+        cfg = json.loads((Path(path) / "cfg.json").read_text())
+        sae = SAE.load_from_disk(str(path), device=device)
+    except Exception as e:  # noqa: BLE001 - any unreadable folder is reported the same way
+        raise ValueError(f"SAELens folder {str(path)!r} could not be loaded: {type(e).__name__}: {_first_line(e)}") from None
+    metadata = cfg.get("metadata", cfg)
+    return SAELensAdapter(sae), _meta(sae, metadata, model)
+
+
+def load_saelens_pretrained(spec: str, device: str = "cpu", model: str | None = None) -> tuple[SAELensAdapter, dict]:
+    """``(adapter, meta)`` for ``sae_lens:RELEASE/SAE_ID`` (``SAE.from_pretrained``); fails fast offline."""
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from gsae.lm import _hub_reachable
+
+    release, _, sae_id = spec.removeprefix("sae_lens:").partition("/")
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        raise ValueError(f"{spec!r}: unknown SAELens release {release!r} (see sae_lens/pretrained_saes.yaml)")
+    if sae_id not in directory[release].saes_map:
+        some = ", ".join(list(directory[release].saes_map)[:4])
+        raise ValueError(f"{spec!r}: release {release!r} has no SAE {sae_id!r} (e.g. {some}, ...)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") in ("1", "true", "True")
+    if not offline and not _hub_reachable():
+        raise ValueError(f"{spec!r}: the Hugging Face hub is unreachable (set HF_HUB_OFFLINE=1 to use a locally cached copy)")
+    try:
+        sae = SAE.from_pretrained(release, sae_id, device=device)
+    except Exception as e:  # noqa: BLE001 - hub, cache and conversion errors are reported the same way
+        raise ValueError(f"{spec!r}: could not load: {type(e).__name__}: {_first_line(e)}") from None
+    return SAELensAdapter(sae), _meta(sae, sae.cfg.metadata, model)
+
+
+def _meta(sae, metadata, model: str | None) -> dict:
+    get = metadata.get
+    hook = get("hook_name") or sae.cfg.metadata.hook_name
+    return {"hook": hook, "lm": lm_kwargs({"model_name": get("model_name"), "model_from_pretrained_kwargs": get("model_from_pretrained_kwargs")}, model), "context_size": get("context_size")}
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else ""

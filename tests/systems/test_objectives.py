@@ -1,0 +1,95 @@
+"""The training objectives' maths: e2e KL / downstream MSE, and what the frozen model never gets."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gsae.data import TokenBatch
+from gsae.sae.base import SAEOutput, SparseAutoencoder
+from tests.systems.helpers import HOOK, build_data, build_system, build_trainer
+
+
+class IdentitySAE(SparseAutoencoder):
+    """x̂ = x exactly (its latents are x itself), for known-answer tests."""
+
+    unit_norm_decoder = False
+
+    def __init__(self, d_in: int) -> None:
+        super().__init__(d_in, d_in)
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    @property
+    def architecture(self) -> str:
+        return "identity"
+
+    def config(self) -> dict:
+        return {"d_in": self.d_in}
+
+    def forward(self, x, grad=None, dead_mask=None, aux_norm=None) -> SAEOutput:
+        z = x.new_zeros(())
+        return SAEOutput(x * self.scale, None, None, x, x.detach(), z, z)
+
+
+def _batch(system, seed=0):
+    data = build_data(system)
+    data.setup("fit")
+    ctx = data.contexts("train", seed * 4)
+    rows = [next(ctx) for _ in range(4)]
+    return TokenBatch(torch.tensor(rows), 0)
+
+
+def test_identity_sae_spliced_gives_zero_kl_and_zero_downstream_mse():
+    system = build_system("e2e")
+    system.sae = IdentitySAE(64)
+    system.initialized.fill_(True)
+    loss, _, _, extra = system.objective(_batch(system), "val")
+    assert float(extra["kl"]) < 1e-10
+    assert float(extra["ds_mse/blocks.1.hook_resid_post"]) < 1e-10
+    assert float(loss) < 1e-10
+
+
+def test_e2e_kl_equals_two_independent_forward_passes():
+    system = build_system("e2e", exclude_special_tokens=False)
+    system.initialized.fill_(True)
+    batch = _batch(system, seed=1)
+    _, out, _, extra = system.objective(batch, "val")
+    model = system.lm.model
+
+    # independent: full forwards through TransformerLens, one clean and one with the SAE output patched in
+    def patch(act, hook):
+        return system.sae(act.reshape(-1, act.shape[-1])).x_hat.reshape(act.shape)
+
+    with torch.no_grad():
+        clean = model(batch.tokens)
+        patched = model.run_with_hooks(batch.tokens, fwd_hooks=[(HOOK, patch)])
+    ref = F.kl_div(F.log_softmax(patched, -1).flatten(0, 1), F.log_softmax(clean, -1).flatten(0, 1), log_target=True, reduction="batchmean")
+    torch.testing.assert_close(extra["kl"], ref, rtol=1e-5, atol=1e-7)
+
+
+def test_e2e_sae_gets_gradients_and_the_model_none():
+    system = build_system("e2e")
+    system.initialized.fill_(True)
+    loss, *_ = system.objective(_batch(system), "train")
+    loss.backward()
+    assert system.sae.W_enc.grad is not None and system.sae.W_enc.grad.abs().sum() > 0
+    assert system.sae.W_dec.grad.abs().sum() > 0
+    assert all(p.grad is None for p in system.lm.model.parameters())
+
+
+def test_training_leaves_the_language_model_untouched(tmp_path):
+    for objective in ("gsae", "e2e"):
+        system = build_system(objective)
+        before = {k: v.clone() for k, v in system.lm.model.state_dict().items()}
+        build_trainer(tmp_path, 3).fit(system, datamodule=build_data(system))
+        after = system.lm.model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), objective
+        assert all(p.grad is None for p in system.lm.model.parameters()), objective
+        assert not any(k.startswith("lm.") for k in system.state_dict())
+
+
+def test_gsae_beta_attribution_is_logged_in_a_sensible_range(tmp_path):
+    system = build_system("gsae")
+    system.initialized.fill_(True)
+    _, _, _, extra = system.objective(_batch(system), "train")
+    assert 0 < float(extra["beta_attribution_median"]) < 1e3

@@ -1,0 +1,99 @@
+"""The frozen LM wrapper: hooks, stop_at_layer, running from a hook, and the dL/dx harvest (g-SAE)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gsae.lm import LanguageModel, LMLoadError, next_token_loss
+
+HOOK = "blocks.1.hook_resid_pre"
+
+
+@pytest.fixture(scope="module")
+def lm64():
+    lm = LanguageModel("random-tiny", seed=1)
+    lm.model.double()  # float64 for finite differences
+    return lm
+
+
+def tokens(b=2, t=12, seed=0):
+    return torch.randint(0, 256, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_model_is_frozen_and_never_trainable(tiny_lm):
+    assert not tiny_lm.model.training
+    assert all(not p.requires_grad for p in tiny_lm.model.parameters())
+
+
+def test_unknown_hook_error_lists_valid_names(tiny_lm):
+    with pytest.raises(ValueError, match=r"--model.hook: unknown hook 'blocks.9.hook_resid_pre'.*blocks.1.hook_resid_post"):
+        tiny_lm.validate_hook("blocks.9.hook_resid_pre")
+
+
+def test_unknown_random_preset_is_named():
+    with pytest.raises(LMLoadError, match="--model.lm.name"):
+        LanguageModel("random-huge")
+
+
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out"])
+def test_activations_stop_at_the_hook(tiny_lm, hook, monkeypatch):
+    calls = []
+    block1 = tiny_lm.model.blocks[1]
+    orig = block1.forward
+    monkeypatch.setattr(block1, "forward", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    x = tiny_lm.activations(tokens(), hook)
+    assert x.shape == (2, 12, 64)
+    assert not calls, "a layer after the hook ran"
+
+
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"])
+def test_run_from_hook_reproduces_clean_logits(tiny_lm, hook):
+    t = tokens()
+    x = tiny_lm.activations(t, hook)
+    with torch.no_grad():
+        out = tiny_lm.run_from_hook(x, hook, tokens=t).logits
+    torch.testing.assert_close(out, tiny_lm.logits(t), atol=1e-5, rtol=1e-5)
+
+
+def test_grad_matches_finite_differences(lm64):
+    t = tokens(b=1, t=8)
+    _, grad, _ = lm64.activations_and_grads(t, HOOK, "mean")
+    x = lm64.activations(t, HOOK)
+
+    def loss_at(x_):
+        with torch.no_grad():
+            return next_token_loss(lm64.run_from_hook(x_, HOOK).logits, t, "mean")
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        p, d = int(torch.randint(0, 8, (), generator=gen)), int(torch.randint(0, 64, (), generator=gen))
+        e = torch.zeros_like(x)
+        e[0, p, d] = 1e-3  # TransformerLens keeps some float32 ops even in a float64 model: smaller eps is noise
+        fd = (loss_at(x + e) - loss_at(x - e)) / 2e-3
+        assert float(fd) == pytest.approx(float(grad[0, p, d]), rel=3e-3, abs=1e-6)
+    assert torch.all(grad[:, -1] == 0), "the last position has no label and nothing after it"
+
+
+def test_mean_and_sum_differ_by_the_prediction_count(tiny_lm):
+    t = tokens(b=3, t=10)
+    g_mean = tiny_lm.activations_and_grads(t, HOOK, "mean").grads
+    g_sum = tiny_lm.activations_and_grads(t, HOOK, "sum").grads
+    torch.testing.assert_close(g_sum, g_mean * 3 * 9, rtol=1e-4, atol=1e-7)
+
+
+def test_prefix_runs_without_autograd_and_params_get_no_grad(tiny_lm, monkeypatch):
+    grad_mode = {}
+    for i, block in enumerate(tiny_lm.model.blocks):
+        orig = block.forward
+
+        def wrapped(*a, _orig=orig, _i=i, **k):
+            grad_mode.setdefault(_i, []).append(torch.is_grad_enabled())
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(block, "forward", wrapped)
+    out = tiny_lm.activations_and_grads(tokens(), HOOK)
+    assert grad_mode[0] == [False], "the layer before the hook must run without autograd"
+    assert grad_mode[1] == [True]
+    assert out.grads.abs().sum() > 0
+    assert all(p.grad is None for p in tiny_lm.model.parameters())
