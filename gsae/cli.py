@@ -101,6 +101,22 @@ def _check_checkpoint(path: str) -> None:
     load_checkpoint(path)  # raises a one-line ValueError for corrupt or foreign files
 
 
+def user_message(e: BaseException) -> str:
+    """One line for the user: the innermost error that names an option (jsonargparse wraps errors raised
+    while instantiating classes in its own), else the error's first line."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for err in reversed(chain):
+        text = str(err).strip()
+        if text.startswith("--") or "--data." in text or "--model." in text or "--ckpt_path" in text:
+            return text.splitlines()[0]
+    text = str(chain[0]).strip()
+    return text.splitlines()[0] if text else type(chain[0]).__name__
+
+
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``train.py``: returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -116,6 +132,6 @@ def main(args: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if os.environ.get("GSAE_DEBUG"):
             raise
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 1
     return 0

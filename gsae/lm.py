@@ -168,8 +168,8 @@ class LanguageModel:
                 return _from_pretrained_offline_first(HookedTransformer, self.name, kwargs)
             except OSError as e:
                 raise LMLoadError(
-                    f"--model.lm.name: could not load {self.name!r}: {_first_line(e)} (the Hugging Face hub may be "
-                    "unreachable; offline, try `python train.py --config configs/quickstart/topk.yaml`)"
+                    f"--model.lm.name: could not load {self.name!r}: {_first_line(e)} "
+                    "(offline, try `python train.py --config configs/quickstart/topk.yaml`)"
                 ) from None
             except ValueError as e:
                 raise LMLoadError(f"--model.lm.name: {_first_line(e)}") from None
