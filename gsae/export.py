@@ -12,6 +12,7 @@ SAELens has no gradient-aware selection, so a SAELens-loaded g-SAE encodes like 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import json
 import warnings
 from pathlib import Path
@@ -42,6 +43,8 @@ def export_saelens(sae: SparseAutoencoder, path: str | Path, meta: dict) -> Path
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
+            # without a >= 6 version SAELens treats the file as pre-6.0 and drops this whole metadata block
+            "sae_lens_version": _saelens_version(),
             "model_name": lm.get("name"),
             "hook_name": meta.get("hook"),
             "hook_head_index": None,
@@ -58,6 +61,13 @@ def export_saelens(sae: SparseAutoencoder, path: str | Path, meta: dict) -> Path
         cfg_json["rescale_acts_by_decoder_norm"] = False
     (path / "cfg.json").write_text(json.dumps(cfg_json, indent=2))
     return path
+
+
+def _saelens_version() -> str:
+    try:
+        return importlib.metadata.version("sae_lens")
+    except importlib.metadata.PackageNotFoundError:
+        return "6.0.0"
 
 
 def build_sae(meta: dict) -> SparseAutoencoder:

@@ -114,7 +114,9 @@ class TokenDataModule(pl.LightningDataModule):
         """Packed contexts of ``which`` (``train`` or ``val``) from global index ``start`` on."""
         bos = self.lm.bos_token_id
         if self.dataset == SYNTHETIC:
-            offset = 0 if which == "train" else 1 << 40  # disjoint index ranges: val never equals train
+            # disjoint index ranges, so val never equals train; below 2**32 because torch's CPU generator
+            # keeps only the low 32 bits of a seed (an offset of 2**40 gave val context i == train context i)
+            offset = 0 if which == "train" else 1 << 31
             return (
                 synthetic_context(offset + i, self.context_size, self.lm.d_vocab, self.seed, bos, self.prepend_bos)
                 for i in itertools.count(start)

@@ -125,8 +125,9 @@ def synthetic_context(index: int, context_size: int, d_vocab: int, seed: int, bo
     """Offline context ``index``: a seeded random walk over a Zipf-like vocabulary with repeated phrases.
 
     Deterministic in ``(seed, index)`` so a resumed or sharded stream can jump to any context in O(1).
+    torch's CPU generator keeps only the low 32 bits of a seed, so indices ``2**32`` apart give the same context.
     """
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + index) % 2**32)
     n = context_size - 1 if prepend_bos else context_size
     vocab = d_vocab - 1 if bos == d_vocab - 1 else d_vocab  # keep the BOS id out of the body
     ranks = torch.arange(1, vocab + 1, dtype=torch.float)

@@ -87,6 +87,7 @@ def run_benchmarks(
     sae.eval()
     try:
         with torch.inference_mode(False), torch.no_grad():
+            tokens = tokens.clone()  # a normal tensor even if it was made in inference mode
             return {
                 n: run_benchmark(n, sae, lm, hook, tokens, seed=seed, **{**shared, **(options or {}).get(n, {})})
                 for n in names

@@ -10,7 +10,7 @@ pool of real activations. One unit direction ``u`` is drawn per token (``x' = x 
 ``isotropic``              ``u ∝ s·g − x``, ``g ~ N(0, I)``, ``s`` = median ``‖x‖`` (their 121 at L6)
 ``cov_random_difference``  ``u ∝ t − x``, ``t ~ N(μ, Σ)``
 ``cov_random_mixture``     ``u ∝ v₁ − v₂``, ``v₁, v₂ ~ N(μ, Σ)`` iid — no ``−x`` term
-``real_difference``        ``u ∝ a − x``, ``a`` a random real activation (position > 0)
+``real_difference``        ``u ∝ a − x``, ``a`` a random real activation (position > 0; redrawn where ``a = x``)
 ``real_mixture``           ``u ∝ a_i − a_j``, two random real activations (zero differences redrawn)
 ``sae_error``              ``u ∝ SAE(x) − x`` (0 where the SAE is exact)
 ``sae_feature_alive``      ``u = W_dec[i]/‖W_dec[i]‖``, ``i`` active on some eval token, inactive in the batch
@@ -143,20 +143,19 @@ def sample_cov_random(stats: ActivationStats, n: int, gen: torch.Generator) -> T
     return stats.mean + z @ stats.chol.T
 
 
-def sample_real_pairs(stats: ActivationStats, n: int, gen: torch.Generator, max_tries: int = 10) -> tuple[Tensor, Tensor]:
-    """``n`` pairs of real activations ``(a_i, a_j)`` with ``a_i ≠ a_j`` (the zero rows of
-    ``a − a[perm]`` that Lee & Heimersheim remove are redrawn here)."""
+def sample_real_other(stats: ActivationStats, avoid: Tensor, gen: torch.Generator, max_tries: int = 10) -> Tensor:
+    """One random real activation per row of ``avoid (n, D)``, redrawn where it equals that row (a zero
+    difference has no direction; Lee & Heimersheim drop the zero rows of ``a − a[perm]``)."""
     m = stats.real.shape[0]
     if m < 2:
         raise ValueError("sensitive_directions: the real-activation pool needs at least 2 rows")
-    i = torch.randint(m, (n,), generator=gen)
-    j = (i + torch.randint(1, m, (n,), generator=gen)) % m  # j ≠ i
+    idx = torch.randint(m, (avoid.shape[0],), generator=gen)
     for _ in range(max_tries):
-        same = (stats.real[i] == stats.real[j]).all(-1).cpu()
+        same = (stats.real[idx] == avoid).all(-1).cpu()
         if not same.any():
             break
-        j[same] = torch.randint(m, (int(same.sum()),), generator=gen)
-    return stats.real[i], stats.real[j]
+        idx[same] = torch.randint(m, (int(same.sum()),), generator=gen)
+    return stats.real[idx]
 
 
 def feature_pools(stats: ActivationStats, fired_batch: Tensor) -> dict[str, Tensor]:
@@ -190,15 +189,17 @@ def make_direction(
     elif kind == "cov_random_mixture":
         u = unit(sample_cov_random(stats, n, gen) - sample_cov_random(stats, n, gen))
     elif kind == "real_difference":
-        u = unit(stats.real[torch.randint(stats.real.shape[0], (n,), generator=gen)] - flat)
+        u = unit(sample_real_other(stats, flat, gen) - flat)
     elif kind == "real_mixture":
-        a_i, a_j = sample_real_pairs(stats, n, gen)
-        u = unit(a_i - a_j)
+        a_i = stats.real[torch.randint(stats.real.shape[0], (n,), generator=gen)]
+        u = unit(a_i - sample_real_other(stats, a_i, gen))
     elif kind == "sae_error":
         u = unit(x_hat.reshape(n, -1) - flat)
     elif kind in FEATURE_POOLS:
         ids = pool[torch.randint(pool.shape[0], (n,), generator=gen).to(pool.device)]
-        u = unit(W_dec[ids].to(x))
+        u = unit(W_dec.detach()[ids].to(x))
     else:
-        raise ValueError(f"sensitive_directions: unknown direction type {kind!r}; choose from {', '.join(DIRECTION_TYPES)}")
+        raise ValueError(
+            f"sensitive_directions: unknown direction type {kind!r}; choose from {', '.join(DIRECTION_TYPES)}"
+        )
     return u.reshape(shape)

@@ -33,10 +33,11 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from gsae.evals.common import batches, sae_on_tokens
+from gsae.evals.common import SAEOnTokens, batches, sae_on_tokens
 from gsae.evals.directions import (
     DIRECTION_TYPES,
     FEATURE_POOLS,
+    ActivationStats,
     feature_pools,
     fit_activation_stats,
     generator,
@@ -151,7 +152,9 @@ def window(mode: str, T: int, position: int | None, n_offsets: int, skip_first: 
         raise ValueError(f"sensitive_directions: mode must be all_tokens or single_token (got {mode!r})")
     p = T // 2 if position is None else position
     if not (1 if skip_first else 0) <= p <= T - 2:
-        raise ValueError(f"sensitive_directions: position must be in [0, {T - 2}] for sequences of length {T} (got {p})")
+        raise ValueError(
+            f"sensitive_directions: position must be in [0, {T - 2}] for sequences of length {T} (got {p})"
+        )
     if n_offsets < 1:
         raise ValueError(f"sensitive_directions: n_offsets must be >= 1 (got {n_offsets})")
     n = min(n_offsets, T - 1 - p)
@@ -160,11 +163,22 @@ def window(mode: str, T: int, position: int | None, n_offsets: int, skip_first: 
     return Window(p + n, perturb, torch.arange(p, p + n), p)
 
 
-def _batch_deltas(
-    kinds: list[str], r, stats, sae: SparseAutoencoder, win: Window, seed: int, bi: int, substitution: bool
+def batch_deltas(
+    kinds: list[str],
+    r: SAEOnTokens,
+    stats: ActivationStats,
+    sae: SparseAutoencoder,
+    win: Window,
+    seed: int,
+    batch_index: int,
+    substitution: bool,
 ) -> tuple[dict[str, Tensor], list[str]]:
-    """The perturbations of one batch: ``{name: (B, t_run, D)}`` (unit directions for the sweep kinds,
-    ``SAE(x) − x`` and ``ε·u`` for the substitution kinds) and the feature kinds skipped for an empty pool."""
+    """The perturbations of one batch, zero outside ``win.perturb``, and the feature kinds skipped (empty pool).
+
+    Returns ``{name: (B, t_run, D)}``: the unit directions ``u`` of ``kinds`` (scaled by the lengths later)
+    and, with ``substitution``, ``SAE(x) − x`` (``sae``) and ``ε·u`` for each of :data:`EPS_BASELINES`.
+    Directions come from ``generator(seed, batch_index, kind)``; ``r`` is ``sae_on_tokens`` of the batch.
+    """
     x, x_hat = r.x[:, : win.t_run], r.x_hat[:, : win.t_run]
     pools = {}
     if any(k in FEATURE_POOLS for k in kinds):
@@ -174,7 +188,7 @@ def _batch_deltas(
     def direction(kind: str) -> Tensor:
         if kind not in cache:
             pool = pools.get(FEATURE_POOLS.get(kind, ""))
-            cache[kind] = make_direction(kind, x, generator(seed, bi, kind), stats, x_hat, sae.W_dec, pool)
+            cache[kind] = make_direction(kind, x, generator(seed, batch_index, kind), stats, x_hat, sae.W_dec, pool)
         return cache[kind]
 
     out, skipped = {}, []
@@ -186,7 +200,7 @@ def _batch_deltas(
     if substitution:
         eps = (x_hat - x).norm(dim=-1, keepdim=True)  # (B, t, 1)
         out["sae"] = x_hat - x
-        g = torch.randn(x.shape, generator=generator(seed, bi, "eps_isotropic")).to(x)
+        g = torch.randn(x.shape, generator=generator(seed, batch_index, "eps_isotropic")).to(x)
         out["eps_isotropic"] = eps * unit(g)
         for name, kind in EPS_BASELINES.items():
             if kind is not None:
@@ -236,42 +250,37 @@ def run(
     lengths = [float(v) for v in (DEFAULT_LENGTHS if lengths is None else lengths)]
     kinds = list(DIRECTION_TYPES if direction_types is None else direction_types)
     unknown = [k for k in kinds if k not in DIRECTION_TYPES]
-    if unknown or not lengths:
+    if unknown:
         raise ValueError(
-            f"sensitive_directions: unknown direction_types {unknown} (choose from {', '.join(DIRECTION_TYPES)})"
-            if unknown else "sensitive_directions: lengths must not be empty"
+            f"sensitive_directions: unknown direction_types {unknown}; choose from {', '.join(DIRECTION_TYPES)}"
         )
+    if not lengths:
+        raise ValueError("sensitive_directions: lengths must not be empty")
     n_seq, T = tokens.shape
     win = window(mode, T, position, n_offsets, skip_first)
-    need_fired = any(k in FEATURE_POOLS for k in kinds)
     stats = fit_activation_stats(
-        sae, lm, hook, tokens, batch_size=batch_size, max_real_pool=max_real_pool, seed=seed, need_fired=need_fired
+        sae,
+        lm,
+        hook,
+        tokens,
+        batch_size=batch_size,
+        max_real_pool=max_real_pool,
+        seed=seed,
+        need_fired=any(k in FEATURE_POOLS for k in kinds),
     )
-    sums: dict[str, list] = {}  # name -> [kl (n_scales, t_run), l2, n_seq]
-    empty, n_batches, eps_sum, eps_n, zero_err = Counter(), 0, 0.0, 0, 0
+    sums: dict[str, list] = {}  # name -> [Σkl (n_scales, t_run), Σl2, n_seq]
+    empty, n_batches, eps = Counter(), 0, torch.zeros(3, dtype=torch.float64)  # eps: Σε, n, n(ε = 0)
     for bi, tok in enumerate(batches(tokens.to(lm.device), batch_size)):
         r = sae_on_tokens(sae, lm, hook, tok)
-        deltas, skipped = _batch_deltas(kinds, r, stats, sae, win, seed, bi, substitution)
+        deltas, skipped = batch_deltas(kinds, r, stats, sae, win, seed, bi, substitution)
         empty.update(skipped)
         n_batches += 1
         scales = {k: (lengths if k in kinds else [1.0]) for k in deltas}
-        names = list(deltas)
-        job_delta = torch.tensor([i for i, k in enumerate(names) for _ in scales[k]])
-        job_scale = torch.tensor([s for k in names for s in scales[k]])
-        need_tokens = lm.resume_layer(hook) is None
-        res = perturbation_sweep(
-            lm, hook, r.x[:, : win.t_run], torch.stack([deltas[k] for k in names]), job_delta, job_scale,
-            tokens=tok[:, : win.t_run] if need_tokens else None, forward_tokens=forward_tokens,
-        )
-        j0 = 0
-        for k in names:
-            n = len(scales[k])
-            acc = sums.setdefault(k, [0.0, 0.0, 0])
-            acc[0], acc[1], acc[2] = acc[0] + res.kl[j0 : j0 + n], acc[1] + res.l2[j0 : j0 + n], acc[2] + res.n_seq
-            j0 += n
+        _sweep_into(sums, lm, hook, r.x[:, : win.t_run], tok[:, : win.t_run], deltas, scales, forward_tokens)
         if substitution:
-            err = deltas["sae"].norm(dim=-1)[:, win.perturb.to(tok.device)]  # (B, n_perturbed)
-            eps_sum, eps_n, zero_err = eps_sum + float(err.double().sum()), eps_n + err.numel(), zero_err + int((err == 0).sum())
+            err = deltas["sae"].norm(dim=-1)[:, win.perturb.to(tok.device)].double().cpu()  # (B, n_perturbed)
+            eps += torch.stack([err.sum(), torch.tensor(err.numel()), (err == 0).sum()]).double()
+    curves = {k: _curve(sums[k], win) for k in kinds if k in sums}
     result = {
         "hook": hook,
         "mode": mode,
@@ -280,9 +289,9 @@ def run(
         "n_sequences": n_seq,
         "seq_len": T,
         "n_tokens": n_seq * win.read.numel(),
-        "direction_types": [k for k in kinds if k in sums],
+        "direction_types": list(curves),
         "skipped": {k: f"empty feature pool in {empty[k]} of {n_batches} batches" for k in kinds if empty[k]},
-        "curves": {k: _curve(sums[k], win) for k in kinds if k in sums},
+        "curves": curves,
         "stats": {
             "n_rows": stats.n_rows,
             "median_norm": stats.median_norm,
@@ -291,13 +300,36 @@ def run(
             "real_pool_size": int(stats.real.shape[0]),
             "n_alive_latents": None if stats.fired is None else int(stats.fired.sum()),
         },
+        **{f"kl_mean_over_lengths_{k}": sum(c["kl"]) / len(lengths) for k, c in curves.items()},
     }
-    for k in kinds:
-        if k in sums:
-            result[f"kl_mean_over_lengths_{k}"] = sum(result["curves"][k]["kl"]) / len(lengths)
     if substitution:
-        result.update(_substitution(sums, win, eps_sum / max(eps_n, 1), zero_err))
+        result.update(_substitution(sums, win, float(eps[0] / eps[1].clamp_min(1)), int(eps[2])))
     return result
+
+
+def _sweep_into(
+    sums: dict, lm: LanguageModel, hook: str, x: Tensor, tokens: Tensor, deltas: dict, scales: dict, forward_tokens: int
+) -> None:
+    """Run every ``(name, scale)`` of one batch in one :func:`perturbation_sweep`; add the sums to ``sums``."""
+    names = list(deltas)
+    job_delta = torch.tensor([i for i, k in enumerate(names) for _ in scales[k]])
+    job_scale = torch.tensor([s for k in names for s in scales[k]])
+    res = perturbation_sweep(
+        lm,
+        hook,
+        x,
+        torch.stack([deltas[k] for k in names]),
+        job_delta,
+        job_scale,
+        tokens=tokens if lm.resume_layer(hook) is None else None,
+        forward_tokens=forward_tokens,
+    )
+    j0 = 0
+    for k in names:
+        n = len(scales[k])
+        acc = sums.setdefault(k, [0.0, 0.0, 0])
+        acc[0], acc[1], acc[2] = acc[0] + res.kl[j0 : j0 + n], acc[1] + res.l2[j0 : j0 + n], acc[2] + res.n_seq
+        j0 += n
 
 
 def _curve(acc: list, win: Window) -> dict:
@@ -374,7 +406,9 @@ def figures(result: dict) -> dict:
             ax = fig.add_subplot()
             for k, v in sub["kl_by_offset"].items():
                 ax.plot(range(len(v)), v, marker=".", label=k)
-            ax.set(xlabel=f"offset from position {result['position']}", ylabel="mean KL", title="single-token substitution")
+            ax.set(
+                xlabel=f"offset from position {result['position']}", ylabel="mean KL", title="single-token substitution"
+            )
             ax.legend(fontsize=7)
             fig.tight_layout()
             figs["substitution_kl_vs_offset"] = fig

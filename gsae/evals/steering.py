@@ -75,8 +75,10 @@ def steer_at(
         where: bool ``(t+1,)`` positions that receive ``α d`` (the last one only, or all unmasked ones).
         max_rows: sequences per forward pass (the unsteered row is added to each chunk).
     """
-    x = lm.activations(prefix, hook)  # (1, t+1, D)
     n_a = alphas.shape[0]
+    if n_a == 0 or dirs.shape[0] == 0:
+        return torch.zeros(dirs.shape[0], n_a, 3, dtype=torch.float64)
+    x = lm.activations(prefix, hook)  # (1, t+1, D)
     per = max(1, (max_rows - 1) // n_a)  # latents per forward
     out = []
     for c in range(0, dirs.shape[0], per):

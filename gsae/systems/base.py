@@ -225,10 +225,12 @@ class SAESystem(pl.LightningModule):
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.sae.parameters())
-        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
-        if math.isinf(total):
-            total = 1
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         warm, schedule, floor = self.lr_warmup_steps, self.lr_schedule, self.lr_min_ratio
+        if math.isinf(total):
+            log.warning("--trainer.max_steps is not set: the cosine schedule needs a length; using a constant LR")
+            total, schedule = 1, "constant"
+        total = max(int(total), 1)
 
         def factor(step: int) -> float:
             if warm and step < warm:

@@ -1,0 +1,299 @@
+"""``evaluate.py``: run benchmarks on trained SAEs and compare them side by side.
+
+    python evaluate.py PATH [PATH ...] [--benchmarks loss_added,dead_latents,...] [--n-seqs 64]
+        [--context-size 128] [--batch-size 8] [--seed 0] [--device cpu] [--dataset synthetic|HF|files]
+        [--model NAME] [--options JSON] [--output FILE.json] [--logdir DIR]
+
+PATH is a gsae ``.ckpt``; a run folder (every ``**/*.ckpt`` under it, ``.saelens`` exports skipped, and
+``last*.ckpt`` skipped when another checkpoint there has the same global step); a SAELens-format folder
+(``cfg.json`` + ``sae_weights.safetensors``); or ``sae_lens:RELEASE/SAE_ID`` (a pretrained SAELens SAE).
+The LM comes from the checkpoint (``meta["lm"]``) or the SAELens metadata (``model_name`` +
+``model_from_pretrained_kwargs``); ``--model`` overrides its name. SAEs on the same LM are evaluated on
+the same held-out tokens: the first ``--n-seqs`` validation contexts of ``--dataset`` (default: the
+dataset a checkpoint was trained on, else ``synthetic`` for ``random-*`` models, else OpenWebText).
+
+Prints one column per SAE (rows ``benchmark.metric``); ``--output`` writes ``{benchmark: {sae: result}}``;
+``--logdir`` writes TensorBoard scalars and figures, one run per SAE. Bad input: one line on stderr, exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from gsae.evals import BENCHMARKS, check_benchmarks, run_benchmarks, scalars, tagged_figures, tagged_scalars
+from gsae.lm import LanguageModel
+from gsae.saelens_adapter import is_saelens_folder, load_saelens_folder, load_saelens_pretrained
+
+log = logging.getLogger(__name__)
+PRETRAINED = "sae_lens:"
+
+
+class Source(NamedTuple):
+    """One SAE to evaluate.
+
+    Attributes:
+        label: its name in the table, the JSON and TensorBoard.
+        kind: ``ckpt``, ``saelens`` or ``pretrained``.
+        path: file, folder or ``sae_lens:`` spec to load.
+        group: the PATH argument it came from (one TensorBoard run per group, steps on the x axis).
+        step: global step of a checkpoint (0 otherwise).
+        dataset: the dataset a checkpoint was trained on, if recorded.
+    """
+
+    label: str
+    kind: str
+    path: str
+    group: str
+    step: int = 0
+    dataset: str | None = None
+
+
+class ArgumentError(ValueError):
+    """A command-line error (reported as one line, exit code 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would exit with code 2 and a usage block
+        raise ArgumentError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint, run folder, SAELens folder or sae_lens:RELEASE/SAE_ID")
+    p.add_argument("--benchmarks", default=None, help=f"comma-separated, from {', '.join(BENCHMARKS)} (default: all available)")
+    p.add_argument("--n-seqs", type=int, default=64, help="held-out contexts to evaluate on")
+    p.add_argument("--context-size", type=int, default=None, help="tokens per context (default: the SAE's, else 128, capped at n_ctx)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the benchmarks' samples")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dataset", default=None, help="'synthetic', a HF dataset or local files (default: see above)")
+    p.add_argument("--model", default=None, help="override the language model name")
+    p.add_argument("--options", default=None, help='per-benchmark options as JSON, e.g. \'{"steering": {"n_latents": 64}}\'')
+    p.add_argument("--output", default=None, help="write {benchmark: {sae: result}} JSON here")
+    p.add_argument("--logdir", default=None, help="write TensorBoard scalars and figures here (one run per SAE)")
+    return p
+
+
+# ---------------------------------------------------------------------- finding SAEs
+def resolve(paths: list[str]) -> list[Source]:
+    """Expand every PATH into the SAEs it names (see the module docstring)."""
+    sources: list[Source] = []
+    for arg in paths:
+        if arg.startswith(PRETRAINED):
+            sources.append(Source(arg, "pretrained", arg, arg))
+            continue
+        p = Path(arg)
+        if not p.exists():
+            raise ArgumentError(f"PATH {arg!r}: no such file or directory")
+        if is_saelens_folder(p):
+            sources.append(Source(arg, "saelens", arg, arg))
+        elif p.is_file():
+            sources.append(Source(arg, "ckpt", arg, arg, *_ckpt_info(p)))
+        else:
+            found = _run_folder(p)
+            if not found:
+                raise ArgumentError(f"PATH {arg!r}: no .ckpt files and no SAELens cfg.json in this folder")
+            sources += [Source(str(Path(arg) / c.relative_to(p)), "ckpt", str(c), arg, *_ckpt_info(c)) for c in found]
+    return sources
+
+
+def _run_folder(folder: Path) -> list[Path]:
+    """Checkpoints under ``folder``, in step order; ``last*.ckpt`` dropped when it repeats a step checkpoint."""
+    ckpts = sorted({c.resolve(): c for c in folder.rglob("*.ckpt") if ".saelens" not in c.parts}.values())
+    steps = {c: _ckpt_info(c)[0] for c in ckpts}
+    named = {s for c, s in steps.items() if not c.name.startswith("last")}
+    keep = [c for c in ckpts if not (c.name.startswith("last") and steps[c] in named)]
+    return sorted(keep, key=lambda c: (steps[c], c.name))
+
+
+def _ckpt_info(path: Path) -> tuple[int, str | None]:
+    """``(global_step, training dataset)`` of a checkpoint (``(0, None)`` if unreadable: loading reports it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return int(ckpt.get("global_step", 0)), (ckpt.get("TokenDataModule") or {}).get("dataset")
+    except Exception:  # noqa: BLE001
+        return 0, None
+
+
+def load(src: Source, device: str, model: str | None):
+    """``(sae, meta)`` of a source; ``meta`` has ``hook``, ``lm`` (LanguageModel kwargs) and maybe ``context_size``."""
+    if src.kind == "pretrained":
+        return load_saelens_pretrained(src.path, device, model)
+    if src.kind == "saelens":
+        return load_saelens_folder(src.path, device, model)
+    from gsae.export import load_checkpoint
+
+    try:
+        sae, meta = load_checkpoint(src.path)
+    except ValueError as e:
+        raise ArgumentError(f"PATH {src.label!r}: {e}") from None
+    lm = dict(meta["lm"], **({"name": model} if model else {}))
+    return sae.to(device), {**meta, "lm": lm, "context_size": meta.get("context_size") or _export_context_size(src.path)}
+
+
+def _export_context_size(ckpt: str) -> int | None:
+    """The training ``context_size`` recorded in the SAELens export beside a checkpoint (``<name>.saelens/``)."""
+    from gsae.callbacks.checkpoint import saelens_dir
+
+    cfg = saelens_dir(ckpt) / "cfg.json"
+    try:
+        return json.loads(cfg.read_text())["metadata"].get("context_size")
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# ---------------------------------------------------------------------- tokens
+def held_out_tokens(lm: LanguageModel, dataset: str, context_size: int, n_seqs: int) -> torch.Tensor:
+    """``(n, T)`` first ``n_seqs`` validation contexts of ``dataset`` (``TokenDataModule.contexts("val")``)."""
+    from gsae.data import TokenDataModule
+
+    if context_size > lm.n_ctx:
+        raise ArgumentError(f"--context-size ({context_size}) exceeds the model's n_ctx ({lm.n_ctx}) for {lm.name!r}")
+    dm = TokenDataModule(lm=lm, dataset=dataset, context_size=context_size)
+    try:
+        dm.validate()
+        ctx = list(itertools.islice(dm.contexts("val"), n_seqs))
+    except ValueError as e:
+        raise ArgumentError(str(e).replace("--data.dataset", "--dataset")) from None
+    if not ctx:
+        raise ArgumentError(f"--dataset {dataset!r}: no validation contexts")
+    return torch.tensor(ctx, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------- output
+def table(results: dict[str, dict[str, dict]], labels: list[str]) -> str:
+    """Rows ``benchmark.metric``, one column per SAE."""
+    rows = []
+    for bench, per_sae in results.items():
+        names = list(dict.fromkeys(k for r in per_sae.values() for k in scalars(r)))
+        rows += [(f"{bench}.{k}", [scalars(per_sae[lb]).get(k) if lb in per_sae else None for lb in labels]) for k in names]
+    width = max([len(r[0]) for r in rows] + [6])
+    cols = [max(12, len(lb)) for lb in labels]
+    lines = [" ".join([" " * width, *(lb.rjust(c) for lb, c in zip(labels, cols))])]
+    for name, vals in rows:
+        cells = ["" if v is None else f"{v:.6g}" for v in vals]
+        lines.append(" ".join([name.ljust(width), *(s.rjust(c) for s, c in zip(cells, cols))]))
+    return "\n".join(lines)
+
+
+def short_labels(labels: list[str]) -> dict[str, str]:
+    """Labels with their common leading folder removed (for the table and TensorBoard run names)."""
+    paths = [lb for lb in labels if not lb.startswith(PRETRAINED)]
+    if not paths:
+        return {lb: lb for lb in labels}
+    common = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    return {lb: lb if lb.startswith(PRETRAINED) else os.path.relpath(os.path.abspath(lb), common) for lb in labels}
+
+
+def log_tensorboard(logdir: str, run: str, step: int, results: dict[str, dict]) -> None:
+    """Scalars ``eval/<benchmark>/<metric>`` and figures of one SAE into the TensorBoard run ``run``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(Path(logdir) / (re.sub(r"[^\w.=-]+", "_", run).strip("_") or "sae"))) as w:
+        for tag, v in tagged_scalars(results).items():
+            w.add_scalar(tag, v, step)
+        for tag, fig in tagged_figures(results).items():
+            w.add_figure(tag, fig, step, close=False)
+
+
+# ---------------------------------------------------------------------- main
+def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
+    """``{benchmark: {sae label: result}}`` for every SAE the arguments name."""
+    names = _benchmarks(args.benchmarks)
+    options = _options(args.options, names)
+    for flag in ("n_seqs", "batch_size"):
+        if getattr(args, flag) <= 0:
+            raise ArgumentError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sources = resolve(args.paths)
+    results: dict[str, dict[str, dict]] = {n: {} for n in names}
+    runs = short_labels(list(dict.fromkeys(s.group for s in sources)))
+    lms: dict[str, LanguageModel] = {}
+    tokens: dict[tuple, torch.Tensor] = {}
+    for src in sources:
+        sae, meta = load(src, device, args.model)
+        key = json.dumps(meta["lm"], sort_keys=True)
+        if key not in lms:
+            lms[key] = LanguageModel(**meta["lm"]).to(device)
+        lm = lms[key]
+        hook = lm.validate_hook(meta["hook"], option=f"PATH {src.label!r}: hook")
+        dataset = args.dataset or src.dataset or ("synthetic" if lm.name.startswith("random-") else "Skylion007/openwebtext")
+        ctx = args.context_size or min(meta.get("context_size") or 128, lm.n_ctx)
+        tk = (key, dataset, ctx)
+        if tk not in tokens:
+            tokens[tk] = held_out_tokens(lm, dataset, ctx, args.n_seqs).to(device)
+        log.info("evaluating %s (%s, %s)", src.label, lm.name, hook)
+        res = run_benchmarks(names, sae, lm, hook, tokens[tk], seed=args.seed, options=options, batch_size=args.batch_size)
+        for n in names:
+            results[n][src.label] = res[n]
+        if args.logdir:
+            log_tensorboard(args.logdir, runs[src.group], src.step, res)
+    return results
+
+
+def _benchmarks(text: str | None) -> list[str]:
+    """The benchmarks to run, imported now so that a missing one fails before any work; by default every
+    registered benchmark whose module exists."""
+    if text is None:
+        names = []
+        for n in BENCHMARKS:
+            try:
+                BENCHMARKS[n]  # noqa: B018
+                names.append(n)
+            except ValueError as e:
+                log.warning("skipping %s", e)
+        return names
+    names = check_benchmarks([b.strip() for b in text.split(",") if b.strip()])
+    for n in names:
+        BENCHMARKS[n]  # noqa: B018
+    return names
+
+
+def _options(text: str | None, names: list[str]) -> dict[str, dict]:
+    if not text:
+        return {}
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ArgumentError(f"--options: not valid JSON ({e})") from None
+    if not isinstance(opts, dict) or not all(isinstance(v, dict) for v in opts.values()):
+        raise ArgumentError('--options: expected {"benchmark": {"option": value}}')
+    unknown = set(opts) - set(names)
+    if unknown:
+        raise ArgumentError(f"--options: {sorted(unknown)} are not among --benchmarks {names}")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``evaluate.py``: returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        args = build_parser().parse_args(argv)
+        results = evaluate(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if os.environ.get("GSAE_DEBUG"):
+            raise
+        msg = str(e).strip()
+        print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        return 1
+    labels = list(dict.fromkeys(lb for per in results.values() for lb in per))
+    short = short_labels(labels)
+    print(table({b: {short[lb]: r for lb, r in per.items()} for b, per in results.items()}, [short[lb] for lb in labels]))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=1))
+    return 0
