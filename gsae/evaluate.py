@@ -13,7 +13,7 @@ the same held-out tokens: the first ``--n-seqs`` validation contexts of ``--data
 dataset a checkpoint was trained on, else ``synthetic`` for ``random-*`` models, else OpenWebText).
 
 Prints one column per SAE (rows ``benchmark.metric``); ``--output`` writes ``{benchmark: {sae: result}}``;
-``--logdir`` writes TensorBoard scalars and figures, one run per SAE. Bad input: one line on stderr, exit 1.
+``--logdir`` writes TensorBoard scalars and figures, one run per PATH. Bad input: one line on stderr, exit 1.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Source(NamedTuple):
         group: the PATH argument it came from (one TensorBoard run per group, steps on the x axis).
         step: global step of a checkpoint (0 otherwise).
         dataset: the dataset a checkpoint was trained on, if recorded.
+        batch_size: the training batch size (contexts per device) of a checkpoint, if recorded.
     """
 
     label: str
@@ -57,6 +58,7 @@ class Source(NamedTuple):
     group: str
     step: int = 0
     dataset: str | None = None
+    batch_size: int | None = None
 
 
 class ArgumentError(ValueError):
@@ -69,19 +71,48 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint, run folder, SAELens folder or sae_lens:RELEASE/SAE_ID")
-    p.add_argument("--benchmarks", default=None, help=f"comma-separated, from {', '.join(BENCHMARKS)} (default: all available)")
+    intro, _, rest = __doc__.partition("\n\n")
+    p = _Parser(
+        prog="evaluate.py", description=intro, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "paths", nargs="+", metavar="PATH", help="checkpoint, run folder, SAELens folder or sae_lens:RELEASE/SAE_ID"
+    )
+    p.add_argument(
+        "--benchmarks", default=None, help=f"comma-separated, from {', '.join(BENCHMARKS)} (default: all available)"
+    )
     p.add_argument("--n-seqs", type=int, default=64, help="held-out contexts to evaluate on")
-    p.add_argument("--context-size", type=int, default=None, help="tokens per context (default: the SAE's, else 128, capped at n_ctx)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument(
+        "--context-size",
+        type=int,
+        default=None,
+        help="tokens per context (default: the SAE's, else 128, capped at n_ctx)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences per forward pass (default: a checkpoint's training batch size, else 8; for g-SAEs the "
+        "gradient that selects latents is the mean CE over one such batch)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the benchmarks' samples")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dataset", default=None, help="'synthetic', a HF dataset or local files (default: see above)")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="'synthetic', a HF dataset or local files (default: a checkpoint's training dataset, else synthetic for "
+        "random-* models, else Skylion007/openwebtext)",
+    )
     p.add_argument("--model", default=None, help="override the language model name")
-    p.add_argument("--options", default=None, help='per-benchmark options as JSON, e.g. \'{"steering": {"n_latents": 64}}\'')
+    p.add_argument(
+        "--options", default=None, help='per-benchmark options as JSON, e.g. \'{"steering": {"n_latents": 64}}\''
+    )
     p.add_argument("--output", default=None, help="write {benchmark: {sae: result}} JSON here")
-    p.add_argument("--logdir", default=None, help="write TensorBoard scalars and figures here (one run per SAE)")
+    p.add_argument(
+        "--logdir",
+        default=None,
+        help="write TensorBoard scalars and figures here (one run per PATH; a run folder's checkpoints are steps)",
+    )
     return p
 
 
@@ -117,15 +148,17 @@ def _run_folder(folder: Path) -> list[Path]:
     return sorted(keep, key=lambda c: (steps[c], c.name))
 
 
-def _ckpt_info(path: Path) -> tuple[int, str | None]:
-    """``(global_step, training dataset)`` of a checkpoint (``(0, None)`` if unreadable: loading reports it)."""
+def _ckpt_info(path: Path) -> tuple[int, str | None, int | None]:
+    """``(global_step, training dataset, training batch size)`` of a checkpoint (``(0, None, None)`` if
+    unreadable: loading reports it)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        return int(ckpt.get("global_step", 0)), (ckpt.get("TokenDataModule") or {}).get("dataset")
+        data = ckpt.get("TokenDataModule") or {}
+        return int(ckpt.get("global_step", 0)), data.get("dataset"), data.get("batch_size")
     except Exception:  # noqa: BLE001
-        return 0, None
+        return 0, None, None
 
 
 def load(src: Source, device: str, model: str | None):
@@ -141,18 +174,11 @@ def load(src: Source, device: str, model: str | None):
     except ValueError as e:
         raise ArgumentError(f"PATH {src.label!r}: {e}") from None
     lm = dict(meta["lm"], **({"name": model} if model else {}))
-    return sae.to(device), {**meta, "lm": lm, "context_size": meta.get("context_size") or _export_context_size(src.path)}
-
-
-def _export_context_size(ckpt: str) -> int | None:
-    """The training ``context_size`` recorded in the SAELens export beside a checkpoint (``<name>.saelens/``)."""
-    from gsae.callbacks.checkpoint import saelens_dir
-
-    cfg = saelens_dir(ckpt) / "cfg.json"
-    try:
-        return json.loads(cfg.read_text())["metadata"].get("context_size")
-    except (OSError, ValueError, KeyError):
-        return None
+    return sae.to(device), {
+        **meta,
+        "lm": lm,
+        "context_size": (meta.get("data") or {}).get("context_size"),
+    }
 
 
 # ---------------------------------------------------------------------- tokens
@@ -179,7 +205,9 @@ def table(results: dict[str, dict[str, dict]], labels: list[str]) -> str:
     rows = []
     for bench, per_sae in results.items():
         names = list(dict.fromkeys(k for r in per_sae.values() for k in scalars(r)))
-        rows += [(f"{bench}.{k}", [scalars(per_sae[lb]).get(k) if lb in per_sae else None for lb in labels]) for k in names]
+        rows += [
+            (f"{bench}.{k}", [scalars(per_sae[lb]).get(k) if lb in per_sae else None for lb in labels]) for k in names
+        ]
     width = max([len(r[0]) for r in rows] + [6])
     cols = [max(12, len(lb)) for lb in labels]
     lines = [" ".join([" " * width, *(lb.rjust(c) for lb, c in zip(labels, cols))])]
@@ -215,33 +243,48 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     names = _benchmarks(args.benchmarks)
     options = _options(args.options, names)
     for flag in ("n_seqs", "batch_size"):
-        if getattr(args, flag) <= 0:
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ArgumentError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sources = resolve(args.paths)
     results: dict[str, dict[str, dict]] = {n: {} for n in names}
     runs = short_labels(list(dict.fromkeys(s.group for s in sources)))
-    lms: dict[str, LanguageModel] = {}
-    tokens: dict[tuple, torch.Tensor] = {}
+    cache: dict = {}
     for src in sources:
         sae, meta = load(src, device, args.model)
-        key = json.dumps(meta["lm"], sort_keys=True)
-        if key not in lms:
-            lms[key] = LanguageModel(**meta["lm"]).to(device)
-        lm = lms[key]
-        hook = lm.validate_hook(meta["hook"], option=f"PATH {src.label!r}: hook")
-        dataset = args.dataset or src.dataset or ("synthetic" if lm.name.startswith("random-") else "Skylion007/openwebtext")
-        ctx = args.context_size or min(meta.get("context_size") or 128, lm.n_ctx)
-        tk = (key, dataset, ctx)
-        if tk not in tokens:
-            tokens[tk] = held_out_tokens(lm, dataset, ctx, args.n_seqs).to(device)
+        lm, hook, toks = _lm_and_tokens(src, meta, args, device, cache)
         log.info("evaluating %s (%s, %s)", src.label, lm.name, hook)
-        res = run_benchmarks(names, sae, lm, hook, tokens[tk], seed=args.seed, options=options, batch_size=args.batch_size)
+        res = run_benchmarks(
+            names,
+            sae,
+            lm,
+            hook,
+            toks,
+            seed=args.seed,
+            options=options,
+            batch_size=args.batch_size or src.batch_size or 8,
+        )
         for n in names:
             results[n][src.label] = res[n]
         if args.logdir:
             log_tensorboard(args.logdir, runs[src.group], src.step, res)
     return results
+
+
+def _lm_and_tokens(src: Source, meta: dict, args: argparse.Namespace, device: str, cache: dict):
+    """``(lm, hook, tokens)`` of a source; LMs and token sets are shared through ``cache`` (same LM options,
+    dataset and context size -> the same tokens)."""
+    key = json.dumps(meta["lm"], sort_keys=True)
+    if key not in cache:
+        cache[key] = LanguageModel(**meta["lm"]).to(device)
+    lm = cache[key]
+    hook = lm.validate_hook(meta["hook"], option=f"PATH {src.label!r}: hook")
+    default = "synthetic" if lm.name.startswith("random-") else "Skylion007/openwebtext"
+    dataset = args.dataset or src.dataset or default
+    ctx = args.context_size or min(meta.get("context_size") or 128, lm.n_ctx)
+    if (key, dataset, ctx) not in cache:
+        cache[key, dataset, ctx] = held_out_tokens(lm, dataset, ctx, args.n_seqs).to(device)
+    return lm, hook, cache[key, dataset, ctx]
 
 
 def _benchmarks(text: str | None) -> list[str]:
@@ -292,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     labels = list(dict.fromkeys(lb for per in results.values() for lb in per))
     short = short_labels(labels)
-    print(table({b: {short[lb]: r for lb, r in per.items()} for b, per in results.items()}, [short[lb] for lb in labels]))
+    print(
+        table({b: {short[lb]: r for lb, r in per.items()} for b, per in results.items()}, [short[lb] for lb in labels])
+    )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=1))

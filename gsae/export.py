@@ -49,11 +49,17 @@ def export_saelens(sae: SparseAutoencoder, path: str | Path, meta: dict) -> Path
             "hook_name": meta.get("hook"),
             "hook_head_index": None,
             "prepend_bos": True,
-            "context_size": meta.get("context_size"),
+            "context_size": (meta.get("data") or {}).get("context_size", meta.get("context_size")),
             "model_from_pretrained_kwargs": {
                 k: lm[k] for k in ("fold_ln", "center_writing_weights", "center_unembed") if k in lm
             },
-            "gsae": {"sae_class": meta.get("sae_class"), "sae_config": cfg, "objective": meta.get("objective")},
+            "gsae": {
+                "sae_class": meta.get("sae_class"),
+                "sae_config": cfg,
+                "objective": meta.get("objective"),
+                "lm": lm,
+                "data": meta.get("data"),
+            },
         },
     }
     if arch == "topk":
@@ -67,6 +73,16 @@ def _saelens_version() -> str:
     try:
         return importlib.metadata.version("sae_lens")
     except importlib.metadata.PackageNotFoundError:
+        return "6.0.0"
+
+
+def _saelens_version() -> str:
+    """SAELens reads exports without this key as pre-6.0 configs and drops their metadata."""
+    try:
+        from importlib.metadata import version
+
+        return version("sae_lens")
+    except Exception:  # noqa: BLE001 - sae_lens not installed: any 6.x marker works
         return "6.0.0"
 
 

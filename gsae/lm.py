@@ -421,5 +421,64 @@ def _from_pretrained_offline_first(cls, name: str, kwargs: dict):
 LOCAL_MODELS: dict[str, Callable] = {}
 
 
+# ====================================================================== models that ship with gsae
+# ``gsae-*`` names (``gsae-tiny``) are loaded by ``gsae.tinylm.load`` (imported lazily below); that
+# package builds every model it loads or trains through :func:`build_hooked_transformer`, so this file
+# stays the only one that imports TransformerLens.
+
+#: GPT-2's block design; an architecture dict overrides these and gives the sizes.
+GPT2_BLOCK = dict(act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard")
+
+
+def build_hooked_transformer(
+    arch: dict,
+    tokenizer=None,
+    state_dict: dict[str, Tensor] | None = None,
+    seed: int = 0,
+    *,
+    dtype: str = "float32",
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    center_unembed: bool = False,
+    fold_value_biases: bool = False,
+):
+    """A GPT-2-architecture ``HookedTransformer`` (GPT-2's hook names) from an architecture dict.
+
+    Args:
+        arch: ``HookedTransformerConfig`` fields: ``n_layers``, ``d_model``, ``n_heads``, ``d_mlp``,
+            ``n_ctx``, ``d_vocab`` (``d_head`` defaults to ``d_model // n_heads``; act_fn, LN and
+            learned positions default to GPT-2's).
+        tokenizer: a Hugging Face tokenizer (``PreTrainedTokenizerFast``) or ``None``.
+        state_dict: HookedTransformer-format weights (any float dtype); ``None`` keeps the seeded
+            random init (a trainable model, e.g. for ``python -m gsae.tinylm.train``).
+        seed: seed of the random init.
+        dtype: dtype of the returned model.
+        fold_ln, center_writing_weights, center_unembed, fold_value_biases: TransformerLens weight
+            processing of ``state_dict`` (as ``from_pretrained`` does; all off: the weights as given).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    fields = {**GPT2_BLOCK, **arch}
+    fields.setdefault("d_head", fields["d_model"] // fields["n_heads"])
+    cfg = HookedTransformerConfig(**fields, seed=seed, dtype=getattr(torch, dtype), device="cpu")
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    if state_dict is not None:
+        model.load_and_process_state_dict(
+            {k: v.to(cfg.dtype) for k, v in state_dict.items()},
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+        )
+    return model
+
+
 def _local_loader(name: str) -> Callable | None:
+    """The loader of a model that ships with gsae: ``LOCAL_MODELS`` first, then ``gsae-*`` from gsae.tinylm."""
+    if name not in LOCAL_MODELS and name.startswith("gsae-"):
+        from gsae import tinylm
+
+        return tinylm.load  # raises LMLoadError naming the option for an unknown gsae-* name
     return LOCAL_MODELS.get(name)

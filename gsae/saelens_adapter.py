@@ -117,7 +117,9 @@ def load_saelens_folder(path: str | Path, device: str = "cpu", model: str | None
         cfg = json.loads((Path(path) / "cfg.json").read_text())
         sae = SAE.load_from_disk(str(path), device=device)
     except Exception as e:  # noqa: BLE001 - any unreadable folder is reported the same way
-        raise ValueError(f"SAELens folder {str(path)!r} could not be loaded: {type(e).__name__}: {_first_line(e)}") from None
+        raise ValueError(
+            f"SAELens folder {str(path)!r} could not be loaded: {type(e).__name__}: {_first_line(e)}"
+        ) from None
     metadata = cfg.get("metadata", cfg)
     return SAELensAdapter(sae), _meta(sae, metadata, model)
 
@@ -138,7 +140,9 @@ def load_saelens_pretrained(spec: str, device: str = "cpu", model: str | None = 
         raise ValueError(f"{spec!r}: release {release!r} has no SAE {sae_id!r} (e.g. {some}, ...)")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") in ("1", "true", "True")
     if not offline and not _hub_reachable():
-        raise ValueError(f"{spec!r}: the Hugging Face hub is unreachable (set HF_HUB_OFFLINE=1 to use a locally cached copy)")
+        raise ValueError(
+            f"{spec!r}: the Hugging Face hub is unreachable (set HF_HUB_OFFLINE=1 to use a locally cached copy)"
+        )
     try:
         sae = SAE.from_pretrained(release, sae_id, device=device)
     except Exception as e:  # noqa: BLE001 - hub, cache and conversion errors are reported the same way
@@ -149,7 +153,14 @@ def load_saelens_pretrained(spec: str, device: str = "cpu", model: str | None = 
 def _meta(sae, metadata, model: str | None) -> dict:
     get = metadata.get
     hook = get("hook_name") or sae.cfg.metadata.hook_name
-    return {"hook": hook, "lm": lm_kwargs({"model_name": get("model_name"), "model_from_pretrained_kwargs": get("model_from_pretrained_kwargs")}, model), "context_size": get("context_size")}
+    return {
+        "hook": hook,
+        "lm": lm_kwargs(
+            {"model_name": get("model_name"), "model_from_pretrained_kwargs": get("model_from_pretrained_kwargs")},
+            model,
+        ),
+        "context_size": get("context_size"),
+    }
 
 
 def _first_line(e: BaseException) -> str:

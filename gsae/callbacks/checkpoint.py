@@ -76,10 +76,7 @@ class SAECheckpoint(ModelCheckpoint):
         super()._save_checkpoint(trainer, filepath)
         module = trainer.lightning_module
         if trainer.is_global_zero and self.export_saelens:
-            meta = module.describe()
-            dm = trainer.datamodule
-            meta["context_size"] = getattr(dm, "context_size", None)
-            export_saelens(module.sae, saelens_dir(filepath), meta)
+            export_saelens(module.sae, saelens_dir(filepath), module.describe())
         for cb in trainer.callbacks:
             if cb is not self and hasattr(cb, "on_sae_checkpoint"):
                 cb.on_sae_checkpoint(trainer, module, filepath)

@@ -72,7 +72,9 @@ class EvaluationCallback(Callback):
         self.benchmarks = check_benchmarks(list(benchmarks or DEFAULT_BENCHMARKS), "EvaluationCallback.benchmarks")
         unknown = set(options or {}) - set(self.benchmarks)
         if unknown:
-            raise ValueError(f"EvaluationCallback.options: {sorted(unknown)} are not among the benchmarks {self.benchmarks}")
+            raise ValueError(
+                f"EvaluationCallback.options: {sorted(unknown)} are not among the benchmarks {self.benchmarks}"
+            )
         if n_seqs <= 0:
             raise ValueError(f"EvaluationCallback.n_seqs must be > 0 (got {n_seqs})")
         if every_n_steps is not None and every_n_steps <= 0:
@@ -94,12 +96,19 @@ class EvaluationCallback(Callback):
             return
         results = self.evaluate(trainer, pl_module)
         if self.write_json:
-            payload = {"checkpoint": Path(ckpt_path).name, "step": trainer.global_step, "seed": self.seed,
-                       "n_seqs": int(self._tokens.shape[0]), "results": results}
+            payload = {
+                "checkpoint": Path(ckpt_path).name,
+                "step": trainer.global_step,
+                "seed": self.seed,
+                "n_seqs": int(self._tokens.shape[0]),
+                "results": results,
+            }
             Path(str(ckpt_path) + ".eval.json").write_text(json.dumps(payload, indent=1))
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if self.every_n_steps and trainer.is_global_zero and step > 0 and step % self.every_n_steps == 0:
             self.evaluate(trainer, pl_module)
@@ -115,8 +124,14 @@ class EvaluationCallback(Callback):
         dm = trainer.datamodule
         batch_size = self.batch_size or getattr(dm, "batch_size", 8)
         results = run_benchmarks(
-            self.benchmarks, pl_module.sae, lm, pl_module.hook, tokens,
-            seed=self.seed, options=self.options, batch_size=batch_size,
+            self.benchmarks,
+            pl_module.sae,
+            lm,
+            pl_module.hook,
+            tokens,
+            seed=self.seed,
+            options=self.options,
+            batch_size=batch_size,
         )
         self._last = (step, results)
         self._log(trainer, results, step)
@@ -127,7 +142,9 @@ class EvaluationCallback(Callback):
         if self._tokens is None:
             dm = trainer.datamodule
             if dm is None or not hasattr(dm, "contexts"):
-                raise ValueError("EvaluationCallback needs a data module with contexts('val') (gsae.data.TokenDataModule)")
+                raise ValueError(
+                    "EvaluationCallback needs a data module with contexts('val') (gsae.data.TokenDataModule)"
+                )
             ctx = list(itertools.islice(dm.contexts("val"), self.n_seqs))
             if not ctx:
                 raise ValueError("EvaluationCallback: the data module has no validation contexts")
@@ -140,7 +157,9 @@ class EvaluationCallback(Callback):
         values = tagged_scalars(results)
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
-        writers = [lg.experiment for lg in trainer.loggers if isinstance(getattr(lg, "experiment", None), SummaryWriter)]
+        writers = [
+            lg.experiment for lg in trainer.loggers if isinstance(getattr(lg, "experiment", None), SummaryWriter)
+        ]
         if self.log_figures and writers:
             for tag, fig in tagged_figures(results).items():
                 for w in writers:

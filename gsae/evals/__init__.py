@@ -74,7 +74,15 @@ def run_benchmark(name: str, sae, lm, hook: str, tokens: Tensor, *, seed: int = 
 
 
 def run_benchmarks(
-    names: list[str], sae, lm, hook: str, tokens: Tensor, *, seed: int = 0, options: dict[str, dict] | None = None, **shared
+    names: list[str],
+    sae,
+    lm,
+    hook: str,
+    tokens: Tensor,
+    *,
+    seed: int = 0,
+    options: dict[str, dict] | None = None,
+    **shared,
 ) -> dict[str, dict]:
     """``{name: result}`` for several benchmarks, with the SAE in eval mode and no autograd graph.
 

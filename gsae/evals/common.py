@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from gsae.data.harvest import loss_gradients
 from gsae.lm import LanguageModel
 from gsae.sae.base import SAEOutput, SparseAutoencoder
 
@@ -46,7 +47,7 @@ def needs_grad(sae: SparseAutoencoder) -> bool:
 def sae_on_tokens(sae: SparseAutoencoder, lm: LanguageModel, hook: str, tokens: Tensor) -> SAEOnTokens:
     """Activations at ``hook`` for ``tokens (B, T)`` and the SAE's output on them."""
     if needs_grad(sae):
-        x, g, _ = lm.activations_and_grads(tokens, hook)
+        x, g, _ = loss_gradients(lm, tokens, hook, float(getattr(sae, "grad_normaliser", 0)))
     else:
         x, g = lm.activations(tokens, hook), None
     b, t, d = x.shape

@@ -152,8 +152,9 @@ def figures(result: dict) -> dict:
     ax = fig.add_subplot()
     edges = h["edges"]
     ax.stairs(h["counts"], edges, fill=True)
-    ax.set(xlabel="log10 activation density", ylabel="latents",
-           title=f"density ({result['n_never_fired']} never fired)")
+    ax.set(
+        xlabel="log10 activation density", ylabel="latents", title=f"density ({result['n_never_fired']} never fired)"
+    )
     fig2 = Figure(figsize=(5, 3.5))
     ax2 = fig2.add_subplot()
     ax2.plot(c["log10_density"], c["fraction"])

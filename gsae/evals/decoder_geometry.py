@@ -50,7 +50,9 @@ def nearest_neighbour_cosine(W_dec: Tensor, chunk: int = 1024) -> Tensor:
 def tail_bins(nn_cos: Tensor, n_per_bin: int, tail_quantile: float, gen: torch.Generator) -> dict[str, Tensor]:
     """Seeded samples of latent ids from the left tail, middle and right tail of ``nn_cos``."""
     c = nn_cos.double().cpu()
-    q = torch.tensor([tail_quantile, 0.5 - tail_quantile / 2, 0.5 + tail_quantile / 2, 1 - tail_quantile], dtype=c.dtype)
+    q = torch.tensor(
+        [tail_quantile, 0.5 - tail_quantile / 2, 0.5 + tail_quantile / 2, 1 - tail_quantile], dtype=c.dtype
+    )
     lo, m_lo, m_hi, hi = torch.quantile(c, q).tolist()
     members = {"left": c <= lo, "middle": (c >= m_lo) & (c <= m_hi), "right": c >= hi}
     out = {}
@@ -130,7 +132,11 @@ def run(
         start += k
         result[f"dd_{b}"] = float(vals.mean()) if k else float("nan")
         result[f"nn_cos_{b}_mean"] = float(nn_cos[bins[b]].mean()) if k else float("nan")
-        result["bins"][b] = {"latents": bins[b].tolist(), "nn_cos": nn_cos[bins[b]].tolist(), "mean_abs_dd": vals.tolist()}
+        result["bins"][b] = {
+            "latents": bins[b].tolist(),
+            "nn_cos": nn_cos[bins[b]].tolist(),
+            "mean_abs_dd": vals.tolist(),
+        }
     return result
 
 

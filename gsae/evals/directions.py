@@ -25,6 +25,7 @@ not depend on which other kinds are requested, nor on the device.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -45,6 +46,8 @@ DIRECTION_TYPES = (
     "sae_error",
     *FEATURE_POOLS,
 )
+#: Substitution kinds (SPEC §3.2 ``error_eval.py``): name -> the direction type ``u`` of ``x + ε·u``.
+EPS_BASELINES = {"eps_isotropic": None, "eps_cov_mixture": "cov_random_mixture", "eps_real_mixture": "real_mixture"}
 #: Added to the diagonal of the covariance (Lee & Heimersheim's code).
 COV_DIAGONAL = 0.01
 
@@ -76,57 +79,77 @@ def generator(seed: int, *key: object) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr((seed, *key)).encode()))
 
 
+class BatchActs(NamedTuple):
+    """One batch of evaluation sequences at the hook.
+
+    Attributes:
+        tokens: ``(B, T)`` tokens.
+        x: ``(B, T, D)`` activations.
+        x_hat: ``(B, T, D)`` SAE reconstruction, or ``None`` when the SAE was not run.
+        fired: bool ``(d_sae,)``, latents active somewhere in the batch, or ``None``.
+    """
+
+    tokens: Tensor
+    x: Tensor
+    x_hat: Tensor | None
+    fired: Tensor | None
+
+
 @torch.no_grad()
-def fit_activation_stats(
-    sae: SparseAutoencoder,
-    lm: LanguageModel,
-    hook: str,
-    tokens: Tensor,
-    *,
-    batch_size: int,
-    max_real_pool: int,
-    seed: int,
-    need_fired: bool,
-) -> ActivationStats:
-    """One pass over ``tokens (n_seq, T)``: :class:`ActivationStats` (``fired`` only if ``need_fired``)."""
-    n_seq, T = tokens.shape
-    n_total = n_seq * (T - 1)
-    if n_total < 2:
-        raise ValueError("sensitive_directions: need at least 2 activations at positions > 0 for μ and Σ")
-    keep = torch.zeros(n_total, dtype=torch.bool)
-    keep[torch.randperm(n_total, generator=generator(seed, "real_pool"))[:max_real_pool]] = True
-    s1 = s2 = shift = fired = None
-    norms, pool, offset = [], [], 0
+def batch_acts(
+    sae: SparseAutoencoder, lm: LanguageModel, hook: str, tokens: Tensor, batch_size: int, with_sae: bool = True
+) -> Iterator[BatchActs]:
+    """:class:`BatchActs` of consecutive batches of ``tokens (n_seq, T)``; only the layers before the hook
+    run, plus the SAE (with ``∇ₓL`` for g-SAEs) when ``with_sae``."""
     for tok in batches(tokens.to(lm.device), batch_size):
-        if need_fired:
-            r = sae_on_tokens(sae, lm, hook, tok)
-            f = fired_mask(r.out.top_idx, r.out.top_acts, r.out.latents, sae.d_sae)
-            fired = f if fired is None else fired | f
-            x = r.x
-        else:
-            x = lm.activations(tok, hook)
-        a = x[:, 1:].reshape(-1, x.shape[-1]).float()  # (B·(T−1), D)
+        if not with_sae:
+            yield BatchActs(tok, lm.activations(tok, hook), None, None)
+            continue
+        r = sae_on_tokens(sae, lm, hook, tok)
+        yield BatchActs(tok, r.x, r.x_hat, fired_mask(r.out.top_idx, r.out.top_acts, r.out.latents, sae.d_sae))
+
+
+@torch.no_grad()
+def fit_activation_stats(acts: Iterable[BatchActs], *, max_real_pool: int, seed: int) -> ActivationStats:
+    """:class:`ActivationStats` of the activations at positions > 0 of ``acts`` (one pass).
+
+    The real pool keeps the ``max_real_pool`` rows with the smallest seeded random keys (a uniform
+    subset, independent of the batching); ``fired`` is the union of the batches' (``None`` if absent).
+    """
+    s1 = s2 = shift = fired = pool = keys = None
+    norms, n, gen = [], 0, generator(seed, "real_pool")
+    for b in acts:
+        a = b.x[:, 1:].reshape(-1, b.x.shape[-1]).float()  # (B·(T−1), D)
         if shift is None:  # centre on the first batch's mean: float32 products without cancellation
             shift = a.mean(0)
             s1 = torch.zeros_like(shift, dtype=torch.float64)
             s2 = torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64, device=a.device)
+            pool, keys = a[:0], torch.empty(0)
         c = a - shift
         s1 += c.sum(0).double()
         s2 += (c.T @ c).double()
+        n += a.shape[0]
         norms.append(a.norm(dim=-1).cpu())
-        pool.append(a[keep[offset : offset + a.shape[0]].to(a.device)])
-        offset += a.shape[0]
-    mean_c = s1 / n_total
-    cov = (s2 - n_total * torch.outer(mean_c, mean_c)) / (n_total - 1)
+        keys = torch.cat([keys, torch.rand(a.shape[0], generator=gen)])
+        pool = torch.cat([pool, a])
+        if keys.shape[0] > max_real_pool:
+            keep = keys.topk(max_real_pool, largest=False).indices
+            keys, pool = keys[keep], pool[keep.to(pool.device)]
+        if b.fired is not None:
+            fired = b.fired if fired is None else fired | b.fired
+    if n < 2:
+        raise ValueError("sensitive_directions: need at least 2 activations at positions > 0 for μ and Σ")
+    mean_c = s1 / n
+    cov = (s2 - n * torch.outer(mean_c, mean_c)) / (n - 1)
     cov += COV_DIAGONAL * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-    dtype = x.dtype
+    dtype = b.x.dtype
     return ActivationStats(
         mean=(mean_c + shift.double()).to(dtype),
         cov=cov.to(dtype),
         chol=torch.linalg.cholesky(cov).to(dtype),
         median_norm=float(torch.cat(norms).median()),
-        real=torch.cat(pool).to(dtype),
-        n_rows=n_total,
+        real=pool.to(dtype),
+        n_rows=n,
         fired=fired,
     )
 
@@ -203,3 +226,54 @@ def make_direction(
             f"sensitive_directions: unknown direction type {kind!r}; choose from {', '.join(DIRECTION_TYPES)}"
         )
     return u.reshape(shape)
+
+
+def batch_deltas(
+    kinds: list[str],
+    b: BatchActs,
+    stats: ActivationStats,
+    W_dec: Tensor,
+    perturb: Tensor,
+    *,
+    seed: int,
+    batch_index: int,
+    substitution: bool,
+) -> tuple[dict[str, Tensor], list[str]]:
+    """The perturbations of one batch and the feature kinds skipped for an empty pool.
+
+    Only the first ``t_run = len(perturb)`` positions are built; positions where the bool ``perturb`` is
+    False get 0.
+
+    Returns ``{name: (B, t_run, D)}``: the unit directions ``u`` of ``kinds`` (scaled by the lengths later)
+    and, with ``substitution``, ``SAE(x) − x`` (``sae``) and ``ε·u`` for each of :data:`EPS_BASELINES`.
+    Directions come from ``generator(seed, batch_index, kind)``; ``b`` needs ``x_hat`` (and ``fired`` for
+    the feature kinds).
+    """
+    x, x_hat = b.x[:, : perturb.shape[0]], b.x_hat[:, : perturb.shape[0]]
+    pools = {}
+    if any(k in FEATURE_POOLS for k in kinds):
+        pools = feature_pools(stats, b.fired)
+    cache: dict[str, Tensor] = {}
+
+    def direction(kind: str) -> Tensor:
+        if kind not in cache:
+            pool = pools.get(FEATURE_POOLS.get(kind, ""))
+            cache[kind] = make_direction(kind, x, generator(seed, batch_index, kind), stats, x_hat, W_dec, pool)
+        return cache[kind]
+
+    out, skipped = {}, []
+    for kind in kinds:
+        if kind in FEATURE_POOLS and pools[FEATURE_POOLS[kind]].numel() == 0:
+            skipped.append(kind)
+        else:
+            out[kind] = direction(kind)
+    if substitution:
+        eps = (x_hat - x).norm(dim=-1, keepdim=True)  # (B, t, 1)
+        out["sae"] = x_hat - x
+        g = torch.randn(x.shape, generator=generator(seed, batch_index, "eps_isotropic")).to(x)
+        out["eps_isotropic"] = eps * unit(g)
+        for name, kind in EPS_BASELINES.items():
+            if kind is not None:
+                out[name] = eps * direction(kind)
+    mask = perturb.to(x.device)[None, :, None]
+    return {k: v * mask for k, v in out.items()}, skipped

@@ -108,7 +108,11 @@ def run(
         sums["n_ev"] += xm.shape[0]
     if recon is None:
         raise ValueError("loss_added: no evaluation tokens")
-    return {**_scores(sums), **recon_metrics(recon), "explained_variance_saelens_legacy": sums["ev_legacy"] / max(sums["n_ev"], 1)}
+    return {
+        **_scores(sums),
+        **recon_metrics(recon),
+        "explained_variance_saelens_legacy": sums["ev_legacy"] / max(sums["n_ev"], 1),
+    }
 
 
 def _scores(s: dict) -> dict:

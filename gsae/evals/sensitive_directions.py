@@ -17,12 +17,13 @@ as ``[:, :-1]`` in their code) and ``single_token`` (Gurnee: only position ``p``
 Position 0 is perturbed and counted by default, as in Lee & Heimersheim's code (SPEC §8.3 [AMBIG];
 ``skip_first=True`` leaves it out).
 
-Speed: the prefix up to the hook runs once per batch (``sae_on_tokens``); every perturbed copy runs only
-the layers after the hook (``LanguageModel.run_from_hook``), with the copies for all lengths and types
-stacked along the batch dim and cut into forwards of about ``forward_tokens`` tokens. The clean
-reference is computed by the same ``run_from_hook`` from ``x``, so length 0 gives KL 0. In
-``single_token`` mode the sequences are cut after the last position read (causality: later tokens cannot
-change it). ``benchmarks/eval_speed.py`` times this against a naive loop of full forwards with a patch hook.
+Speed: the prefix up to the hook and the SAE run once per batch (kept from the statistics pass up to
+:data:`CACHE_ELEMENTS`); every perturbed copy runs only the layers after the hook
+(``LanguageModel.run_from_hook``), with the copies for all lengths and types stacked along the batch dim
+and cut into forwards of about ``forward_tokens`` tokens. The clean reference is computed by the same
+``run_from_hook`` from ``x``, so length 0 gives KL 0. Sequences are cut after the last position read
+(causality: later positions cannot change it), which in ``single_token`` mode is ``p + n_offsets − 1``.
+``benchmarks/eval_speed.py`` times this against a naive loop of full forwards with a patch hook.
 """
 
 from __future__ import annotations
@@ -33,25 +34,23 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from gsae.evals.common import SAEOnTokens, batches, sae_on_tokens
 from gsae.evals.directions import (
     DIRECTION_TYPES,
+    EPS_BASELINES,
     FEATURE_POOLS,
-    ActivationStats,
-    feature_pools,
+    batch_acts,
+    batch_deltas,
     fit_activation_stats,
-    generator,
-    make_direction,
-    unit,
 )
 from gsae.lm import LanguageModel
-from gsae.metrics import fired_mask, kl_div_per_token
+from gsae.metrics import kl_div_per_token
 from gsae.sae.base import SparseAutoencoder
 
 #: Lee & Heimersheim's "Normal" lengths: [1,3,…,19] + [20,24,…,48] + [51,61,…,91] (23 values).
 DEFAULT_LENGTHS = (*range(1, 20, 2), *range(20, 49, 4), *range(51, 92, 10))
-#: Substitution kinds (SPEC §3.2 ``error_eval.py``): name -> the direction type ``u`` of ``x + ε·u``.
-EPS_BASELINES = {"eps_isotropic": None, "eps_cov_mixture": "cov_random_mixture", "eps_real_mixture": "real_mixture"}
+#: The activations and reconstructions of the evaluation set are kept between the two passes up to this
+#: many elements (512 MiB in float32); above it the prefix and the SAE run again in the second pass.
+CACHE_ELEMENTS = 2**27
 
 
 class SweepSums(NamedTuple):
@@ -143,17 +142,17 @@ def window(mode: str, T: int, position: int | None, n_offsets: int, skip_first: 
     """The :class:`Window` of a mode for sequences of length ``T`` (the last position is never read)."""
     if mode == "all_tokens":
         start = 1 if skip_first else 0
-        perturb = torch.ones(T, dtype=torch.bool)
-        perturb[:start] = False
         if T - 1 <= start:
             raise ValueError(f"sensitive_directions: sequences of length {T} leave no position to read")
-        return Window(T, perturb, torch.arange(start, T - 1), None)
+        perturb = torch.ones(T - 1, dtype=torch.bool)  # the last position is never read: not run
+        perturb[:start] = False
+        return Window(T - 1, perturb, torch.arange(start, T - 1), None)
     if mode != "single_token":
         raise ValueError(f"sensitive_directions: mode must be all_tokens or single_token (got {mode!r})")
-    p = T // 2 if position is None else position
-    if not (1 if skip_first else 0) <= p <= T - 2:
+    p, lo = T // 2 if position is None else position, 1 if skip_first else 0
+    if not lo <= p <= T - 2:
         raise ValueError(
-            f"sensitive_directions: position must be in [0, {T - 2}] for sequences of length {T} (got {p})"
+            f"sensitive_directions: position must be in [{lo}, {T - 2}] for sequences of length {T} (got {p})"
         )
     if n_offsets < 1:
         raise ValueError(f"sensitive_directions: n_offsets must be >= 1 (got {n_offsets})")
@@ -161,52 +160,6 @@ def window(mode: str, T: int, position: int | None, n_offsets: int, skip_first: 
     perturb = torch.zeros(p + n, dtype=torch.bool)
     perturb[p] = True
     return Window(p + n, perturb, torch.arange(p, p + n), p)
-
-
-def batch_deltas(
-    kinds: list[str],
-    r: SAEOnTokens,
-    stats: ActivationStats,
-    sae: SparseAutoencoder,
-    win: Window,
-    seed: int,
-    batch_index: int,
-    substitution: bool,
-) -> tuple[dict[str, Tensor], list[str]]:
-    """The perturbations of one batch, zero outside ``win.perturb``, and the feature kinds skipped (empty pool).
-
-    Returns ``{name: (B, t_run, D)}``: the unit directions ``u`` of ``kinds`` (scaled by the lengths later)
-    and, with ``substitution``, ``SAE(x) − x`` (``sae``) and ``ε·u`` for each of :data:`EPS_BASELINES`.
-    Directions come from ``generator(seed, batch_index, kind)``; ``r`` is ``sae_on_tokens`` of the batch.
-    """
-    x, x_hat = r.x[:, : win.t_run], r.x_hat[:, : win.t_run]
-    pools = {}
-    if any(k in FEATURE_POOLS for k in kinds):
-        pools = feature_pools(stats, fired_mask(r.out.top_idx, r.out.top_acts, r.out.latents, sae.d_sae))
-    cache: dict[str, Tensor] = {}
-
-    def direction(kind: str) -> Tensor:
-        if kind not in cache:
-            pool = pools.get(FEATURE_POOLS.get(kind, ""))
-            cache[kind] = make_direction(kind, x, generator(seed, batch_index, kind), stats, x_hat, sae.W_dec, pool)
-        return cache[kind]
-
-    out, skipped = {}, []
-    for kind in kinds:
-        if kind in FEATURE_POOLS and pools[FEATURE_POOLS[kind]].numel() == 0:
-            skipped.append(kind)
-        else:
-            out[kind] = direction(kind)
-    if substitution:
-        eps = (x_hat - x).norm(dim=-1, keepdim=True)  # (B, t, 1)
-        out["sae"] = x_hat - x
-        g = torch.randn(x.shape, generator=generator(seed, batch_index, "eps_isotropic")).to(x)
-        out["eps_isotropic"] = eps * unit(g)
-        for name, kind in EPS_BASELINES.items():
-            if kind is not None:
-                out[name] = eps * direction(kind)
-    mask = win.perturb.to(x.device)[None, :, None]
-    return {k: v * mask for k, v in out.items()}, skipped
 
 
 @torch.no_grad()
@@ -258,27 +211,23 @@ def run(
         raise ValueError("sensitive_directions: lengths must not be empty")
     n_seq, T = tokens.shape
     win = window(mode, T, position, n_offsets, skip_first)
-    stats = fit_activation_stats(
-        sae,
-        lm,
-        hook,
-        tokens,
-        batch_size=batch_size,
-        max_real_pool=max_real_pool,
-        seed=seed,
-        need_fired=any(k in FEATURE_POOLS for k in kinds),
-    )
+    # pass 1: μ, Σ, real pool, latents alive on the eval set; kept for pass 2 when small enough
+    cached = 2 * tokens.numel() * sae.d_in <= CACHE_ELEMENTS
+    acts = batch_acts(sae, lm, hook, tokens, batch_size, with_sae=cached or any(k in FEATURE_POOLS for k in kinds))
+    acts = list(acts) if cached else acts
+    stats = fit_activation_stats(acts, max_real_pool=max_real_pool, seed=seed)
     sums: dict[str, list] = {}  # name -> [Σkl (n_scales, t_run), Σl2, n_seq]
     empty, n_batches, eps = Counter(), 0, torch.zeros(3, dtype=torch.float64)  # eps: Σε, n, n(ε = 0)
-    for bi, tok in enumerate(batches(tokens.to(lm.device), batch_size)):
-        r = sae_on_tokens(sae, lm, hook, tok)
-        deltas, skipped = batch_deltas(kinds, r, stats, sae, win, seed, bi, substitution)
+    for bi, b in enumerate(acts if cached else batch_acts(sae, lm, hook, tokens, batch_size)):
+        deltas, skipped = batch_deltas(
+            kinds, b, stats, sae.W_dec, win.perturb, seed=seed, batch_index=bi, substitution=substitution
+        )
         empty.update(skipped)
         n_batches += 1
         scales = {k: (lengths if k in kinds else [1.0]) for k in deltas}
-        _sweep_into(sums, lm, hook, r.x[:, : win.t_run], tok[:, : win.t_run], deltas, scales, forward_tokens)
+        _sweep_into(sums, lm, hook, b.x[:, : win.t_run], b.tokens[:, : win.t_run], deltas, scales, forward_tokens)
         if substitution:
-            err = deltas["sae"].norm(dim=-1)[:, win.perturb.to(tok.device)].double().cpu()  # (B, n_perturbed)
+            err = deltas["sae"].norm(dim=-1)[:, win.perturb.to(b.x.device)].double().cpu()  # (B, n_perturbed)
             eps += torch.stack([err.sum(), torch.tensor(err.numel()), (err == 0).sum()]).double()
     curves = {k: _curve(sums[k], win) for k in kinds if k in sums}
     result = {
@@ -333,12 +282,14 @@ def _sweep_into(
 
 
 def _curve(acc: list, win: Window) -> dict:
-    """Means of one name's sums: per length in ``all_tokens`` mode; at ``p`` and per offset in ``single_token``."""
+    """Means of one name's sums: per length in ``all_tokens`` mode; at ``p`` and per offset in ``single_token``
+    (``n_tokens``: tokens per mean; fewer than the run's for a feature kind whose pool was empty in some batch)."""
     kl, l2, n = acc
     if win.position is None:
         return {
             "kl": (kl[:, win.read].sum(-1) / (n * win.read.numel())).tolist(),
             "l2": (l2[:, win.read].sum(-1) / (n * win.read.numel())).tolist(),
+            "n_tokens": n * win.read.numel(),
         }
     p = win.position
     return {
@@ -347,6 +298,7 @@ def _curve(acc: list, win: Window) -> dict:
         "kl_by_offset": (kl[:, win.read] / n).tolist(),
         "l2_by_offset": (l2[:, win.read] / n).tolist(),
         "kl_before_position": (kl[:, :p].sum(-1) / max(n * p, 1)).tolist(),
+        "n_tokens": n,
     }
 
 

@@ -35,7 +35,9 @@ ALPHAS: tuple[float, ...] = tuple(float(a) for a in range(0, 101, 10))
 
 
 @torch.no_grad()
-def alive_latents(sae: SparseAutoencoder, lm: LanguageModel, hook: str, tokens: Tensor, batch_size: int, exclude: bool) -> Tensor:
+def alive_latents(
+    sae: SparseAutoencoder, lm: LanguageModel, hook: str, tokens: Tensor, batch_size: int, exclude: bool
+) -> Tensor:
     """Indices of the latents that fire on some unmasked token of ``tokens``."""
     alive = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_dec.device)
     for tok in batches(tokens, batch_size):
@@ -64,7 +66,14 @@ def sample_positions(mask: Tensor, n_positions: int, gen: torch.Generator) -> li
 
 @torch.no_grad()
 def steer_at(
-    lm: LanguageModel, hook: str, prefix: Tensor, dirs: Tensor, top: Tensor, alphas: Tensor, where: Tensor, max_rows: int
+    lm: LanguageModel,
+    hook: str,
+    prefix: Tensor,
+    dirs: Tensor,
+    top: Tensor,
+    alphas: Tensor,
+    where: Tensor,
+    max_rows: int,
 ) -> Tensor:
     """``(n_lat, n_alpha, 3)`` [on_target, off_target_added, off_target_abs] of steering at the last position.
 

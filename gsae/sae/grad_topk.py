@@ -10,7 +10,8 @@ Choices the paper leaves open (SPEC §1.2 [AMBIG]), with our defaults:
 
 - no ReLU after TopK (smol-sae, which the authors modified), as in :class:`TopKSAE`;
 - ``W_dec g`` uses the current (unit-norm) decoder rows;
-- the scale of ``g`` is set by the CE reduction (``mean`` by default, see ``LanguageModel.activations_and_grads``);
+- the scale of ``g`` is set by the CE reduction (``mean`` over the global LM batch by default); the SAE
+  stores the normaliser it was trained with (``grad_normaliser``, see ``gsae/data/harvest.py``);
   the training system logs ``median(β·|W_dec g|)`` over the selected latents so β can be checked.
 """
 
@@ -55,6 +56,9 @@ class GradTopKSAE(TopKSAE):
         if beta < 0:
             raise ValueError(f"--model.sae.beta must be >= 0 (got {beta})")
         self.beta = beta
+        # the number of predictions the CE mean behind ``g`` was taken over in training (0 = not yet
+        # set: use the batch at hand); saved with the weights so evaluation uses the training scale
+        self.register_buffer("grad_normaliser", torch.tensor(0.0))
 
     @property
     def architecture(self) -> str:

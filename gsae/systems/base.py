@@ -256,7 +256,14 @@ class SAESystem(pl.LightningModule):
             "gsae_version": __version__,
             "torch_version": str(torch.__version__),
             "tokens_seen": int(self.tokens_seen),
+            "data": self._data_description(),
         }
+
+    def _data_description(self) -> dict | None:
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "context_size"):
+            return None
+        return {k: getattr(dm, k, None) for k in ("dataset", "dataset_config", "split", "context_size", "batch_size", "prepend_bos")}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gsae"] = self.describe()

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from gsae.data.batch import ActivationBatch, TokenBatch
 from gsae.data.buffer import ShuffleBuffer
+from gsae.data.harvest import loss_gradients, predictions
 from gsae.sae.base import SAEOutput
 from gsae.sae.grad_topk import GradTopKSAE
 from gsae.systems.base import SAESystem
@@ -57,11 +58,12 @@ class LocalSAESystem(SAESystem):
         lm = self.frozen_lm()
         mask = self.token_mask(tokens)  # (B, T)
         if self.needs_grad:
-            acts, grads, _ = lm.activations_and_grads(tokens, self.hook, "sum")
-            if self.grad_reduction == "mean":
+            if float(self.sae.grad_normaliser) == 0:
                 # mean over the *global* LM batch (all ranks have equal batches), so that the gradient's
                 # scale, and hence β's meaning, does not depend on how the batch is split over devices
-                grads = grads / (tokens.shape[0] * (tokens.shape[1] - 1) * self._world())
+                n = predictions(tokens) * self._world() if self.grad_reduction == "mean" else 1
+                self.sae.grad_normaliser.fill_(float(n))
+            acts, grads, _ = loss_gradients(lm, tokens, self.hook, float(self.sae.grad_normaliser))
             return ActivationBatch(acts[mask].float(), grads[mask].float())
         return ActivationBatch(lm.activations(tokens, self.hook)[mask].float(), None)
 

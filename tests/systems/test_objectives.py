@@ -93,3 +93,18 @@ def test_gsae_beta_attribution_is_logged_in_a_sensible_range(tmp_path):
     system.initialized.fill_(True)
     _, _, _, extra = system.objective(_batch(system), "train")
     assert 0 < float(extra["beta_attribution_median"]) < 1e3
+
+
+def test_gsae_encodes_at_evaluation_exactly_as_in_training():
+    """The gradient scale travels with the SAE (grad_normaliser), so the benchmarks select the latents training did."""
+    from gsae.evals.common import sae_on_tokens
+
+    system = build_system("gsae")
+    system.initialized.fill_(True)
+    batch = _batch(system)
+    acts = system.harvest(batch.tokens)  # sets the normaliser from the training batch: B·(T−1)
+    assert float(system.sae.grad_normaliser) == 4 * 15
+    train_idx = system.sae(acts.x, grad=acts.grad).top_idx
+    row0 = sae_on_tokens(system.sae, system.lm, HOOK, batch.tokens[:1]).out.top_idx  # a batch of one sequence
+    mask = system.token_mask(batch.tokens[:1])[0]
+    assert torch.equal(train_idx[: int(mask.sum())].sort(-1).values, row0[mask].sort(-1).values)

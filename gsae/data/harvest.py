@@ -1,0 +1,26 @@
+"""Harvesting ``(x, ∇ₓL)`` for gradient-aware SAEs: one place that fixes the gradient's scale.
+
+A g-SAE's selection score ``z ∘ (1 + β|W_dec g|)`` depends on the *scale* of ``g``, which depends on how
+the LM loss is reduced (SPEC §1.2 [AMBIG]). The SAE carries that scale with it: ``g = ∇ₓ(Σ CE) / n``
+with ``n = sae.grad_normaliser``, the number of predictions the CE mean was taken over when it was
+trained (the global LM batch: ``B·(T−1)·world`` for ``grad_reduction: mean``; 1 for ``sum``). Training
+and every benchmark compute ``g`` here, so a g-SAE encodes at evaluation time exactly as it did in training.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from gsae.lm import ActsAndGrads, LanguageModel
+
+
+def predictions(tokens: Tensor) -> int:
+    """Number of next-token predictions in a ``(B, T)`` batch: ``B·(T−1)``."""
+    return tokens.shape[0] * (tokens.shape[1] - 1)
+
+
+def loss_gradients(lm: LanguageModel, tokens: Tensor, hook: str, normaliser: float | None = None) -> ActsAndGrads:
+    """Activations and ``∇ₓ(Σ CE)/normaliser`` at ``hook``; ``normaliser`` None or 0 = this batch's prediction count (a mean)."""
+    acts, grads, loss = lm.activations_and_grads(tokens, hook, "sum")
+    n = float(normaliser) if normaliser else float(predictions(tokens))
+    return ActsAndGrads(acts, grads / n, loss / n)

@@ -1,0 +1,342 @@
+"""Activation plateaus and synthetic activations (Giglemiani et al. 2024, arXiv 2409.15019; SPEC §4).
+
+**Prompts.** ``prompt_len``-token windows of the eval contexts (the prefix of each context first, then the
+following non-overlapping windows; ``windows="prefix"`` keeps prefixes only). The base activation ``A`` is the
+activation at ``hook`` at ``position`` (default the last) of a prompt; every type below uses the same bases.
+
+**Targets** ``T`` (§4.2–4.3, App. A, D): ``model_generated`` (``A`` of another prompt, redrawn if
+``‖T − A‖ ≤ 1e-3``), ``random`` (``N(μ, Σ)`` of the bases' activations), ``sae_reconstruction`` (``SAE(T)``
+of the same ``model_generated`` target), and the synthetic activations of
+:mod:`gsae.evals.synthetic_activations` built from ``A``'s own code (``synthetic_random``,
+``synthetic_baseline``, ``synthetic_structured``, ``synthetic_structured_no_cos``).
+
+**Perturbation** (§4.1, App. A) of the activation at ``position`` only, ``n = 0..100``: ``absolute``
+``A + s·n·(T − A)/‖T − A‖`` (paper: ``s = 0.5`` for GPT-2, whose activations have norm ≈ 56); ``relative``
+``(1 − n/100)·A + (n/100)·T``. ``step_size="auto"`` sets ``s = 1.25 · mean‖T − A‖ / 100`` over the
+model-generated targets, i.e. 100 steps cover 1.25× the mean distance, as in the paper (50 vs ≈ 40): use it
+for models whose activation scale is not GPT-2's. Curves (§4.1): L2 distance at
+``blocks.{n_layers−1}.hook_resid_post`` and ``KL(P_0 ‖ P_n)`` of the next token (:func:`gsae.metrics.kl_div_per_token`),
+both at ``position``, between step ``n`` and step 0.
+
+**Plateau experiment** (§4.4): bases ``model_generated`` (``A``), ``synthetic_baseline``,
+``synthetic_structured`` and ``random``, each perturbed towards a fresh ``N(μ, Σ)`` sample with the
+``plateau_schedule`` (default absolute; SPEC §4.2 [AMBIG]); AP step = first step with L2 > ``ap_threshold``
+(paper: 20). ``ap_threshold="auto"`` is a gsae choice for non-GPT-2 scales: 0.25 × the median final L2 of
+these curves.
+
+**Speed.** The prompts run once up to the hook (``lm.activations``); each curve is ``101`` copies of the
+prompt, cut after ``position`` (later tokens cannot change it), that run only the layers after the hook
+(``lm.run_from_hook``), many curves per forward pass (about ``forward_tokens`` tokens).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from gsae.evals import synthetic_activations as syn
+from gsae.evals.common import batches, sae_on_tokens, special_token_mask
+from gsae.evals.step_metrics import format_table, report
+from gsae.evals.synthetic_activations import PLATEAU_BASES, TARGET_TYPES
+from gsae.lm import LanguageModel
+from gsae.metrics import kl_div_per_token
+from gsae.sae.base import SparseAutoencoder
+
+SCHEDULES = ("absolute", "relative")
+N_STEPS = 100
+
+__all__ = ["run", "figures", "format_table", "perturbation_steps", "perturbation_curves", "TARGET_TYPES"]
+
+
+class Prompts(NamedTuple):
+    """The prompts and their activations.
+
+    Attributes:
+        tokens: ``(P, L)`` prompt tokens. x: ``(P, L, D)`` activations at the hook.
+        code: the SAE's :class:`~gsae.evals.synthetic_activations.SparseCode` at ``position`` (``P`` rows).
+        recon: ``(P, D)`` SAE reconstruction at ``position``.
+        density: latent densities over every non-special prompt token.
+    """
+
+    tokens: Tensor
+    x: Tensor
+    code: syn.SparseCode
+    recon: Tensor
+    density: syn.LatentDensity
+
+
+class Curves(NamedTuple):
+    """Perturbation curves, ``(M, 101)`` each, 0 at step 0.
+
+    Attributes:
+        l2: L2 distance at the final residual. kl: ``KL(P_0 ‖ P_n)`` of the next token.
+    """
+
+    l2: Tensor
+    kl: Tensor
+
+
+def prompt_windows(tokens: Tensor, prompt_len: int, windows: Literal["all", "prefix"]) -> Tensor:
+    """``(P, prompt_len)`` prompts: every context's prefix, then (``all``) its next non-overlapping windows."""
+    n_seq, T = tokens.shape
+    if not 2 <= prompt_len <= T:
+        raise ValueError(f"plateaus: prompt_len must be in [2, {T}] for contexts of {T} tokens (got {prompt_len})")
+    if windows not in ("all", "prefix"):
+        raise ValueError(f"plateaus: windows must be all or prefix (got {windows!r})")
+    n_win = T // prompt_len if windows == "all" else 1
+    return torch.cat([tokens[:, w * prompt_len : (w + 1) * prompt_len] for w in range(n_win)])
+
+
+@torch.no_grad()
+def encode_prompts(
+    sae: SparseAutoencoder, lm: LanguageModel, hook: str, prompts: Tensor, position: int, batch_size: int
+) -> Prompts:
+    """Run the prompts up to the hook and the SAE on them; count latent densities on the non-special tokens."""
+    xs, codes, recons, counts, n_tok = [], [], [], torch.zeros(sae.d_sae, dtype=torch.long), 0
+    for tok in batches(prompts.to(lm.device), batch_size):
+        r = sae_on_tokens(sae, lm, hook, tok)
+        B, L, _ = r.x.shape
+        code = syn.sparse_code(r.out)
+        keep = special_token_mask(lm, tok).reshape(-1)
+        counts += syn.count_active(syn.SparseCode(code.idx[keep], code.vals[keep]), sae.d_sae).cpu()
+        n_tok += int(keep.sum())
+        at = torch.arange(B, device=tok.device) * L + position  # rows of `position` in the flattened batch
+        xs.append(r.x)
+        codes.append(syn.SparseCode(code.idx[at], code.vals[at]))
+        recons.append(r.x_hat[:, position])
+    K = max(c.idx.shape[1] for c in codes)  # dense SAEs: codes of different batches have different widths
+    pad = [syn.SparseCode(*(torch.nn.functional.pad(t, (0, K - t.shape[1])) for t in c)) for c in codes]
+    code = syn.SparseCode(torch.cat([c.idx for c in pad]), torch.cat([c.vals for c in pad]))
+    return Prompts(prompts, torch.cat(xs), code, torch.cat(recons), syn.latent_density(counts, n_tok))
+
+
+def perturbation_steps(
+    base: Tensor, target: Tensor, schedule: Literal["absolute", "relative"], step_size: float, n_steps: int = N_STEPS
+) -> Tensor:
+    """``(M, n_steps + 1, D)`` perturbed activations: ``A + s·n·unit(T − A)`` or ``(1 − n/N)·A + (n/N)·T``.
+
+    The relative schedule is exactly ``A`` at ``n = 0`` and exactly ``T`` at ``n = N``.
+    """
+    n = torch.arange(n_steps + 1, device=base.device, dtype=base.dtype)[None, :, None]
+    A, T = base[:, None], target[:, None]
+    if schedule == "absolute":
+        d = T - A
+        return A + step_size * n * d / d.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(d.dtype).tiny)
+    if schedule == "relative":
+        w = n / n_steps
+        return (1 - w) * A + w * T
+    raise ValueError(f"plateaus: schedule must be absolute or relative (got {schedule!r})")
+
+
+@torch.no_grad()
+def perturbation_curves(
+    lm: LanguageModel,
+    hook: str,
+    x: Tensor,
+    prompt_idx: Tensor,
+    steps: Tensor,
+    position: int,
+    *,
+    tokens: Tensor | None = None,
+    forward_tokens: int = 8192,
+) -> Curves:
+    """L2 (final residual) and next-token KL at ``position`` of every step of every curve, against step 0.
+
+    Args:
+        lm: the language model. hook: where ``steps`` go (at ``position``; earlier positions keep ``x``).
+        x: ``(P, L, D)`` prompt activations at the hook. prompt_idx: ``(M,)`` the prompt of each curve.
+        steps: ``(M, S, D)`` activations at ``position`` (from :func:`perturbation_steps`).
+        tokens: ``(P, L)`` prompt tokens, needed only for hooks inside a block.
+        forward_tokens: about how many tokens one forward pass holds (whole curves, at least one).
+    """
+    M, S, D = steps.shape
+    t_run = position + 1
+    fin = f"blocks.{lm.n_layers - 1}.hook_resid_post"
+    per_fwd = max(1, forward_tokens // (S * t_run))
+    l2 = torch.zeros(M, S, dtype=torch.float32)
+    kl = torch.zeros_like(l2)
+    for c0 in range(0, M, per_fwd):
+        idx = prompt_idx[c0 : c0 + per_fwd]
+        c = idx.shape[0]
+        xp = x[idx, :t_run][:, None].expand(c, S, t_run, D).clone()  # (c, S, t, D)
+        xp[:, :, position] = steps[c0 : c0 + c].to(xp)
+        xp = xp.reshape(c * S, t_run, D)
+        tok = None if tokens is None else tokens[idx, :t_run].repeat_interleave(S, 0)
+        run = lm.run_from_hook(xp, hook, tokens=tok, cache_hooks=[fin])
+        h = run.cache.get(fin, xp)[:, position].reshape(c, S, -1).float()
+        logits = run.logits[:, position].reshape(c, S, -1)
+        l2[c0 : c0 + c] = (h - h[:, :1]).norm(dim=-1).cpu()
+        kl[c0 : c0 + c] = kl_div_per_token(logits[:, :1].expand_as(logits), logits).float().cpu()
+        del run, xp
+    return Curves(l2, kl)
+
+
+@torch.no_grad()
+def run(
+    sae: SparseAutoencoder,
+    lm: LanguageModel,
+    hook: str,
+    tokens: Tensor,
+    *,
+    seed: int = 0,
+    n_perturbations: int = 200,
+    prompt_len: int = 10,
+    position: int | None = None,
+    windows: Literal["all", "prefix"] = "all",
+    step_size: float | Literal["auto"] = 0.5,
+    schedules: tuple[str, ...] = SCHEDULES,
+    target_types: tuple[str, ...] = TARGET_TYPES,
+    plateau: bool = True,
+    plateau_schedule: Literal["absolute", "relative"] = "absolute",
+    ap_threshold: float | Literal["auto"] = 20.0,
+    baseline_neighbours: int = 10,
+    structured_neighbours: int = 100,
+    target_cos: float | Literal["estimate"] = 0.42,
+    nl_variant: Literal["draft", "slope"] = "draft",
+    auc_variant: Literal["draft", "paper"] = "draft",
+    cov_jitter: float = 0.0,
+    batch_size: int = 64,
+    forward_tokens: int = 8192,
+) -> dict:
+    """Sensitivity to perturbations towards each target type, and activation plateaus (module docstring).
+
+    Args:
+        sae: the SAE whose latents build the synthetic activations (g-SAEs get ``∇ₓL`` to encode).
+        lm: the language model. hook: where activations are perturbed (paper: ``blocks.1.hook_resid_pre``).
+        tokens: ``(n_seq, T)`` eval contexts, cut into prompts (module docstring).
+        seed: seed of every sample (bases, targets, swaps); same seed, SAE and tokens → same numbers.
+        n_perturbations: curves per target type and schedule, and per plateau base (paper: 1000).
+        prompt_len: tokens per prompt (paper: 10). position: perturbed position (default the last).
+        windows: ``all`` (prefixes, then later non-overlapping windows) or ``prefix`` (one prompt per context).
+        step_size: ``s`` of the absolute schedule (paper 0.5 for GPT-2) or ``auto`` (module docstring).
+        schedules: subset of ``absolute``, ``relative``. target_types: subset of :data:`TARGET_TYPES`.
+        plateau: run the plateau experiment. plateau_schedule: its schedule (SPEC §4.2 [AMBIG]: absolute).
+        ap_threshold: L2 threshold of the AP step (paper: 20) or ``auto`` (module docstring).
+        baseline_neighbours: synthetic-baseline sparsity neighbourhood (paper: 10).
+        structured_neighbours: synthetic-structured top-latent neighbourhood (paper: 100).
+        target_cos: cosine of the new top latent to the base's (paper: 0.42) or ``estimate`` (from the data).
+        nl_variant: ``draft`` (SPEC §4.2) or ``slope`` (paper wording). auc_variant: ``draft`` or ``paper``.
+        cov_jitter: added to the eigenvalues of Σ of the random targets.
+        batch_size: prompts per forward up to the hook. forward_tokens: tokens per forward after the hook.
+    """
+    t0 = time.perf_counter()
+    bad = [t for t in target_types if t not in TARGET_TYPES] + [s for s in schedules if s not in SCHEDULES]
+    if bad or "model_generated" not in target_types or n_perturbations < 1:
+        raise ValueError(
+            f"plateaus: target_types must include model_generated and come from {', '.join(TARGET_TYPES)}; schedules "
+            f"from {', '.join(SCHEDULES)}; n_perturbations >= 1 (got unknown {bad}, n_perturbations={n_perturbations})"
+        )
+    pos = prompt_len - 1 if position is None else position
+    if not 0 <= pos < prompt_len:
+        raise ValueError(f"plateaus: position must be in [0, {prompt_len - 1}] (got {position})")
+    prompts = encode_prompts(sae, lm, hook, prompt_windows(tokens, prompt_len, windows), pos, batch_size)
+    setup = syn.build_targets(
+        sae,
+        prompts.x[:, pos],
+        prompts.recon,
+        prompts.code,
+        prompts.density,
+        n_perturbations,
+        seed,
+        baseline_neighbours=baseline_neighbours,
+        structured_neighbours=structured_neighbours,
+        target_cos=target_cos,
+        cov_jitter=cov_jitter,
+    )
+    s = step_size
+    if s == "auto":
+        s = 1.25 * setup.info["mean_distance"]["model_generated"] / N_STEPS
+    t_prep = time.perf_counter() - t0
+    tok = prompts.tokens.to(lm.device) if lm.resume_layer(hook) is None else None
+    A = prompts.x[setup.base_idx, pos]
+
+    def curves(base: Tensor, target: Tensor, schedule: str) -> Curves:
+        steps = perturbation_steps(base, target, schedule, float(s))
+        return perturbation_curves(
+            lm, hook, prompts.x, setup.base_idx, steps, pos, tokens=tok, forward_tokens=forward_tokens
+        )
+
+    sens = {sch: {t: curves(A, setup.targets[t], sch) for t in target_types} for sch in schedules}
+    plat = (
+        {b: curves(setup.plateau_bases[b], setup.plateau_target, plateau_schedule) for b in PLATEAU_BASES}
+        if plateau
+        else {}
+    )
+    t_total = time.perf_counter() - t0
+    n_curves = n_perturbations * (len(schedules) * len(target_types) + len(plat))
+    timings = {
+        "seconds_total": t_total,
+        "seconds_prepare": t_prep,
+        "seconds_forward": t_total - t_prep,
+        "n_curves": n_curves,
+        "curves_per_second": n_curves / max(t_total - t_prep, 1e-9),
+        "forward_tokens_per_second": n_curves * (N_STEPS + 1) * (pos + 1) / max(t_total - t_prep, 1e-9),
+    }
+    meta = {
+        "hook": hook,
+        "position": pos,
+        "prompt_len": prompt_len,
+        "n_prompts": int(prompts.tokens.shape[0]),
+        "n_perturbations": n_perturbations,
+        "n_steps": N_STEPS,
+        "step_size": float(s),
+        "step_size_option": step_size,
+        "nl_variant": nl_variant,
+        "auc_variant": auc_variant,
+        "plateau_schedule": plateau_schedule,
+        "ap_threshold_option": ap_threshold,
+        **setup.info,
+        "timings": timings,
+    }
+    return report(meta, sens, plat, ap_threshold, nl_variant, auc_variant)
+
+
+def figures(result: dict) -> dict:
+    """CDFs of the MS steps per target type (one figure per schedule; paper Fig. 2, A.1), of the AP steps per
+    base type (Fig. 3), and the mean L2 curve per target type (the dashed lines of Fig. 1)."""
+    from matplotlib.figure import Figure
+
+    def cdf(ax, vals: list, label: str) -> None:
+        v = sorted(x for x in vals if x is not None)
+        if v:  # curves that never cross stay out, so a CDF may end below 1
+            ax.step(v, [(i + 1) / len(vals) for i in range(len(v))], where="post", label=label)
+
+    figs = {}
+    for sch, by_type in result["steps"]["ms"].items():
+        fig = Figure(figsize=(5.5, 3.8))
+        ax = fig.add_subplot()
+        for t, vals in by_type.items():
+            cdf(ax, vals, t)
+        ax.set(
+            xlabel=f"MS step ({sch} step size)", ylabel="cumulative fraction", xlim=(0, N_STEPS), title=result["hook"]
+        )
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        figs[f"ms_cdf_{sch}"] = fig
+        fig = Figure(figsize=(5.5, 3.8))
+        ax = fig.add_subplot()
+        for t, c in result["mean_curves"][sch].items():
+            ax.plot(range(len(c["l2"])), c["l2"], label=t)
+        ax.set(xlabel=f"step ({sch})", ylabel="mean L2 at final residual", title=result["hook"])
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        figs[f"mean_l2_{sch}"] = fig
+    if "plateau" in result:
+        p = result["plateau"]
+        fig = Figure(figsize=(5.5, 3.8))
+        ax = fig.add_subplot()
+        for b, vals in p["ap_steps"].items():
+            cdf(ax, vals, b)
+        ax.set(
+            xlabel=f"AP step (L2 > {p['threshold']:.3g})",
+            ylabel="cumulative fraction",
+            xlim=(0, N_STEPS),
+            title="perturbing towards random activations",
+        )
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        figs["ap_cdf"] = fig
+    return figs
