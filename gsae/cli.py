@@ -72,7 +72,7 @@ def build_cli(args: list[str] | None = None, run_defaults: bool = True) -> GSAEC
 
 
 def _is_help(args: list[str]) -> bool:
-    return any(a in ("-h", "--help") or a.startswith("--print_config") for a in args) and "--config" not in args
+    return any(a in ("-h", "--help") or a.endswith(".help") for a in args)
 
 
 def resolve_ckpt_path(cli: GSAECLI) -> str | None:
@@ -98,7 +98,10 @@ def resolve_ckpt_path(cli: GSAECLI) -> str | None:
 def _check_checkpoint(path: str) -> None:
     from gsae.export import load_checkpoint
 
-    load_checkpoint(path)  # raises a one-line ValueError for corrupt or foreign files
+    try:
+        load_checkpoint(path)
+    except ValueError as e:  # corrupt or foreign file
+        raise ValueError(f"--ckpt_path: {e}") from None
 
 
 def user_message(e: BaseException) -> str:

@@ -70,19 +70,10 @@ def export_saelens(sae: SparseAutoencoder, path: str | Path, meta: dict) -> Path
 
 
 def _saelens_version() -> str:
-    try:
-        return importlib.metadata.version("sae_lens")
-    except importlib.metadata.PackageNotFoundError:
-        return "6.0.0"
-
-
-def _saelens_version() -> str:
     """SAELens reads exports without this key as pre-6.0 configs and drops their metadata."""
     try:
-        from importlib.metadata import version
-
-        return version("sae_lens")
-    except Exception:  # noqa: BLE001 - sae_lens not installed: any 6.x marker works
+        return importlib.metadata.version("sae_lens")
+    except importlib.metadata.PackageNotFoundError:  # any 6.x marker works
         return "6.0.0"
 
 

@@ -142,7 +142,7 @@ def fit_activation_stats(acts: Iterable[BatchActs], *, max_real_pool: int, seed:
     mean_c = s1 / n
     cov = (s2 - n * torch.outer(mean_c, mean_c)) / (n - 1)
     cov += COV_DIAGONAL * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-    dtype = b.x.dtype
+    dtype = torch.promote_types(b.x.dtype, torch.float32)  # a bfloat16 Σ would be too coarse to sample
     return ActivationStats(
         mean=(mean_c + shift.double()).to(dtype),
         cov=cov.to(dtype),
@@ -205,7 +205,7 @@ def make_direction(
     shape, n = x.shape, x.shape[0] * x.shape[1]
     flat = x.reshape(n, -1)
     if kind == "isotropic":
-        g = torch.randn(n, shape[-1], generator=gen).to(x)
+        g = torch.randn(n, shape[-1], generator=gen).to(stats.mean)
         u = unit(stats.median_norm * g - flat)
     elif kind == "cov_random_difference":
         u = unit(sample_cov_random(stats, n, gen) - flat)
@@ -220,12 +220,12 @@ def make_direction(
         u = unit(x_hat.reshape(n, -1) - flat)
     elif kind in FEATURE_POOLS:
         ids = pool[torch.randint(pool.shape[0], (n,), generator=gen).to(pool.device)]
-        u = unit(W_dec.detach()[ids].to(x))
+        u = unit(W_dec.detach()[ids].to(stats.mean))
     else:
         raise ValueError(
             f"sensitive_directions: unknown direction type {kind!r}; choose from {', '.join(DIRECTION_TYPES)}"
         )
-    return u.reshape(shape)
+    return u.reshape(shape).to(x.dtype)
 
 
 def batch_deltas(

@@ -232,6 +232,8 @@ def run(
     pos = prompt_len - 1 if position is None else position
     if not 0 <= pos < prompt_len:
         raise ValueError(f"plateaus: position must be in [0, {prompt_len - 1}] (got {position})")
+    if step_size != "auto" and not float(step_size) > 0:
+        raise ValueError(f"plateaus: step_size must be > 0 or 'auto' (got {step_size!r})")
     prompts = encode_prompts(sae, lm, hook, prompt_windows(tokens, prompt_len, windows), pos, batch_size)
     setup = syn.build_targets(
         sae,
@@ -253,11 +255,15 @@ def run(
     tok = prompts.tokens.to(lm.device) if lm.resume_layer(hook) is None else None
     A = prompts.x[setup.base_idx, pos]
 
-    def curves(base: Tensor, target: Tensor, schedule: str) -> Curves:
-        steps = perturbation_steps(base, target, schedule, float(s))
-        return perturbation_curves(
-            lm, hook, prompts.x, setup.base_idx, steps, pos, tokens=tok, forward_tokens=forward_tokens
-        )
+    def curves(base: Tensor, target: Tensor, schedule: str, block: int = 256) -> Curves:
+        out = []
+        for b0 in range(0, base.shape[0], block):  # blocks of curves bound the (M, 101, D) steps in memory
+            steps = perturbation_steps(base[b0 : b0 + block], target[b0 : b0 + block], schedule, float(s))
+            idx = setup.base_idx[b0 : b0 + block]
+            out.append(
+                perturbation_curves(lm, hook, prompts.x, idx, steps, pos, tokens=tok, forward_tokens=forward_tokens)
+            )
+        return Curves(torch.cat([c.l2 for c in out]), torch.cat([c.kl for c in out]))
 
     sens = {sch: {t: curves(A, setup.targets[t], sch) for t in target_types} for sch in schedules}
     plat = (

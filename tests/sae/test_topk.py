@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_topk
 from scipy.optimize import minimize
 
 from gsae.sae import TopKSAE
 from gsae.sae.base import geometric_median
+from tests.conftest import build_topk
+
+
+@pytest.fixture
+def one_thread():
+    """Many tiny ops: one intra-op thread is ~10x faster than two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _randomize(sae: TopKSAE, seed: int = 1) -> TopKSAE:
@@ -116,7 +125,7 @@ def test_relu_after_topk() -> None:
     torch.testing.assert_close(out_relu.x_hat, dense @ relu.W_dec + relu.b_dec, rtol=1e-5, atol=1e-5)
 
 
-def test_decoder_rows_stay_unit_norm_under_adam() -> None:
+def test_decoder_rows_stay_unit_norm_under_adam(one_thread) -> None:
     sae = build_topk(d_in=16, d_sae=64, k=4)
     opt = torch.optim.Adam(sae.parameters(), lr=3e-2)
     for _ in range(10):
@@ -126,9 +135,9 @@ def test_decoder_rows_stay_unit_norm_under_adam() -> None:
         (out.x_hat - x).pow(2).sum(-1).mean().backward()
         sae.remove_parallel_grad()
         # the gradient is now tangent to the unit sphere at every row
-        radial = (sae.W_dec.grad * sae.W_dec).sum(-1)
+        cos = torch.nn.functional.cosine_similarity(sae.W_dec.grad, sae.W_dec, dim=-1)
         assert sae.W_dec.grad.abs().sum() > 0
-        torch.testing.assert_close(radial, torch.zeros_like(radial), atol=1e-6, rtol=0)
+        assert cos.abs().max() < 1e-5
         opt.step()
         drift = (sae.W_dec.norm(dim=1) - 1).abs().max()
         sae.normalize_decoder()
@@ -170,16 +179,17 @@ def _sparse_features(n: int, features: torch.Tensor, gen: torch.Generator) -> to
 
 
 @pytest.mark.parametrize("relu", [False, True])
-def test_auxk_revives_planted_dead_latent(relu: bool) -> None:
-    """A latent out-competed by the others (tiny encoder column) never fires. With AuxK it learns the
-    residual and fires again; without AuxK it gets no gradient at all and stays dead.
+def test_auxk_revives_planted_dead_latent(relu: bool, one_thread) -> None:
+    """Data: 2 of 24 unit features per token; the SAE has 16 latents (k=2), so some features are left
+    in the residual. Latent ``j`` is planted dead: a tiny encoder column keeps it below the top-k of
+    every token. With AuxK it learns a missing feature from the residual and fires again; without
+    AuxK it never gets a gradient (its encoder column and bias stay bit-identical) and stays dead.
 
-    The planted latent has small *positive* pre-activations on part of the data: AuxK (like TopK)
-    trains a latent only through its kept (post-ReLU) values, so a latent whose pre-activations are
-    negative everywhere gets no gradient with ``relu_after_topk`` and, without it, fits the residual with a
-    negated decoder row (negative activations never win the top-k).
+    The planted latent has small *positive* pre-activations on part of the data: AuxK, like TopK,
+    trains a latent only through its kept (post-ReLU) values, so with ``relu_after_topk`` a latent
+    that is negative everywhere gets no AuxK gradient either.
     """
-    d_in, d_sae, j = 16, 32, 5
+    d_in, d_sae, j = 16, 16, 5
     features = torch.randn(24, d_in, generator=torch.Generator().manual_seed(100))
     features /= features.norm(dim=1, keepdim=True)
     x_eval = _sparse_features(4096, features, torch.Generator().manual_seed(7))
@@ -187,7 +197,7 @@ def test_auxk_revives_planted_dead_latent(relu: bool) -> None:
     dead[j] = True
     fire_rate = {}
     for k_aux in (8, 0):
-        sae = TopKSAE(d_in, d_sae=d_sae, k=4, k_aux=k_aux, relu_after_topk=relu, seed=0)
+        sae = TopKSAE(d_in, d_sae=d_sae, k=2, k_aux=k_aux, relu_after_topk=relu, seed=0)
         with torch.no_grad():
             sae.W_enc[:, j] *= 0.05
         assert not (sae(x_eval).top_idx == j).any(), "planted latent must start dead"
@@ -205,11 +215,10 @@ def test_auxk_revives_planted_dead_latent(relu: bool) -> None:
         with torch.no_grad():
             fire_rate[k_aux] = float((sae(x_eval).top_idx == j).any(-1).float().mean())
         if k_aux == 0:
-            # encoder column and bias untouched: no gradient ever reached the dead latent's encoder
-            # (Adam leaves parameters without gradient alone)
-            assert (sae.b_enc[j] - b_enc_j).abs() < 1.0
+            torch.testing.assert_close(sae.W_enc[:, j].detach(), w_enc_j, rtol=0, atol=0)
+            torch.testing.assert_close(sae.b_enc[j].detach(), b_enc_j, rtol=0, atol=0)
     assert fire_rate[0] == 0.0
-    assert fire_rate[8] > 0.05, fire_rate
+    assert fire_rate[8] > 0.03, fire_rate
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,258 @@
+"""Token stream: packing, DDP sharding, workers, exact resume, held-out validation, local sources, errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from gsae.data import DataSourceError, TokenDataModule
+from gsae.data.tokens import TokenStream, pack, synthetic_context
+from gsae.lm import BYTE_BOS
+
+
+# ---------------------------------------------------------------------------------------------- pack
+def test_pack_prepends_bos_and_separates_documents() -> None:
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
+    out = list(pack(iter(docs), context_size=4, bos=99, prepend_bos=True, separator=0))
+    # stream 1 2 3 0 4 5 0 6 7 8 9 10, cut into bodies of 3 (BOS takes the 4th slot); the tail "10" is dropped
+    assert out == [[99, 1, 2, 3], [99, 0, 4, 5], [99, 0, 6, 7], [99, 8, 9, 10]]
+    assert all(len(c) == 4 for c in out)
+
+
+def test_pack_without_bos_or_separator() -> None:
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
+    assert list(pack(iter(docs), 4, bos=99, prepend_bos=False, separator=None)) == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert list(pack(iter(docs), 3, bos=99, prepend_bos=False, separator=0)) == [
+        [1, 2, 3], [0, 4, 5], [0, 6, 7], [8, 9, 10]
+    ]
+    # a long document spans several contexts; nothing is lost except the incomplete tail
+    long = list(range(1, 101))
+    out = list(pack(iter([long]), 10, bos=0, prepend_bos=True, separator=None))
+    assert [t for c in out for t in c[1:]] == long[: 9 * len(out)] and len(out) == 11
+
+
+def test_synthetic_context_is_deterministic_and_keeps_bos_out_of_the_body() -> None:
+    a = synthetic_context(5, 64, 257, seed=0, bos=BYTE_BOS, prepend_bos=True)
+    assert a == synthetic_context(5, 64, 257, seed=0, bos=BYTE_BOS, prepend_bos=True)
+    assert a != synthetic_context(6, 64, 257, seed=0, bos=BYTE_BOS, prepend_bos=True)
+    assert a != synthetic_context(5, 64, 257, seed=1, bos=BYTE_BOS, prepend_bos=True)
+    assert len(a) == 64 and a[0] == BYTE_BOS and BYTE_BOS not in a[1:]
+    assert max(a[1:]) < 256
+    assert len(synthetic_context(5, 64, 257, seed=0, bos=BYTE_BOS, prepend_bos=False)) == 64
+
+
+# ---------------------------------------------------------------------------------------------- streams
+@pytest.fixture(scope="module")
+def synthetic_dm(tiny_lm) -> TokenDataModule:
+    return TokenDataModule(lm=tiny_lm, dataset="synthetic", context_size=16, batch_size=4)
+
+
+def _train_stream(dm: TokenDataModule, batch_size: int, **kw) -> TokenStream:
+    return TokenStream(lambda start: dm.contexts("train", start), batch_size, **kw)
+
+
+def _batches(stream, n: int) -> list:
+    return list(itertools.islice(iter(stream), n))
+
+
+def test_ranks_partition_the_single_process_batches(synthetic_dm) -> None:
+    world1 = _batches(_train_stream(synthetic_dm, 4), 5)
+    rank0 = _batches(_train_stream(synthetic_dm, 2, rank=0, world_size=2), 5)
+    rank1 = _batches(_train_stream(synthetic_dm, 2, rank=1, world_size=2), 5)
+    for b, (w, r0, r1) in enumerate(zip(world1, rank0, rank1)):
+        assert w.index == r0.index == r1.index == b
+        assert w.tokens.shape == (4, 16) and r0.tokens.shape == r1.tokens.shape == (2, 16)
+        rows0 = {tuple(r) for r in r0.tokens.tolist()}
+        rows1 = {tuple(r) for r in r1.tokens.tolist()}
+        assert not rows0 & rows1
+        assert rows0 | rows1 == {tuple(r) for r in w.tokens.tolist()}
+    # consecutive batches hold consecutive, distinct contexts
+    all_rows = [tuple(r) for w in world1 for r in w.tokens.tolist()]
+    assert len(set(all_rows)) == len(all_rows)
+
+
+def test_dataloader_workers_keep_batches_and_order(synthetic_dm) -> None:
+    stream = _train_stream(synthetic_dm, 3, max_batches=7)
+    single = list(DataLoader(stream, batch_size=None, num_workers=0))
+    multi = list(DataLoader(stream, batch_size=None, num_workers=2))
+    assert [b.index for b in single] == list(range(7))
+    assert [int(b.index) for b in multi] == list(range(7))
+    for a, b in zip(single, multi):
+        torch.testing.assert_close(a.tokens, b.tokens)
+
+
+def test_start_batch_resumes_exactly(synthetic_dm) -> None:
+    fresh = _batches(_train_stream(synthetic_dm, 3), 8)
+    resumed = _batches(_train_stream(synthetic_dm, 3, start_batch=5), 3)
+    assert [b.index for b in resumed] == [5, 6, 7]
+    for a, b in zip(fresh[5:], resumed):
+        torch.testing.assert_close(a.tokens, b.tokens)
+    # also sharded and with workers
+    fresh2 = _batches(_train_stream(synthetic_dm, 2, rank=1, world_size=2), 6)
+    stream = _train_stream(synthetic_dm, 2, rank=1, world_size=2, start_batch=4, max_batches=6)
+    resumed2 = list(DataLoader(stream, batch_size=None, num_workers=2))
+    assert [int(b.index) for b in resumed2] == [4, 5]
+    for a, b in zip(fresh2[4:], resumed2):
+        torch.testing.assert_close(a.tokens, b.tokens)
+
+
+def test_datamodule_resumes_from_its_state(synthetic_dm, tiny_lm) -> None:
+    fresh = _batches(synthetic_dm.train_dataloader(), 6)
+    dm = TokenDataModule(lm=tiny_lm, dataset="synthetic", context_size=16, batch_size=4)
+    dm.load_state_dict({**synthetic_dm.state_dict(), "consumed_batches": 4})
+    resumed = _batches(dm.train_dataloader(), 2)
+    assert [b.index for b in resumed] == [4, 5]
+    for a, b in zip(fresh[4:], resumed):
+        torch.testing.assert_close(a.tokens, b.tokens)
+    with pytest.raises(ValueError, match="--data.batch_size"):
+        dm.load_state_dict({"consumed_batches": 4, "batch_size": 8})
+
+
+def test_synthetic_validation_never_equals_training(synthetic_dm) -> None:
+    train = {tuple(c) for c in itertools.islice(synthetic_dm.contexts("train"), 400)}
+    val = {tuple(c) for c in itertools.islice(synthetic_dm.contexts("val"), 100)}
+    assert len(train) == 400 and len(val) == 100
+    assert not train & val
+    val_batches = list(synthetic_dm.val_dataloader())
+    assert len(val_batches) == synthetic_dm.val_batches
+    # the validation set is fixed: the same batches every time
+    for a, b in zip(val_batches, synthetic_dm.val_dataloader()):
+        torch.testing.assert_close(a.tokens, b.tokens)
+
+
+# ---------------------------------------------------------------------------------------------- local files
+N_DOCS = 60
+
+
+def _documents() -> list[str]:
+    """Documents of distinct random words, each tagged with its index (so a context shows whose text it holds)."""
+    gen = torch.Generator().manual_seed(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    docs = []
+    for j in range(N_DOCS):
+        n = 20 + 15 * (j % 4)
+        words = "".join(letters[i] if i < 26 else " " for i in torch.randint(0, 31, (n,), generator=gen).tolist())
+        docs.append(f"<doc{j:03d}> {words}")
+    return docs
+
+
+def _write(tmp_path, fmt: str, rows: list[dict]) -> str:
+    path = tmp_path / f"corpus.{fmt}"
+    if fmt == "txt":
+        path.write_text("\n".join(r["text"] for r in rows) + "\n")
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), str(path))
+    return str(path)
+
+
+def _doc_ids(contexts: list[list[int]]) -> set[int]:
+    text = b"".join(bytes(t for t in c if t != BYTE_BOS) + b"|" for c in contexts)
+    return {int(m) for m in re.findall(rb"<doc(\d{3})>", text)}
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "parquet"])
+def test_local_text_files_hold_out_every_nth_document(tmp_path, tiny_lm, fmt: str) -> None:
+    path = _write(tmp_path, fmt, [{"text": d} for d in _documents()])
+    dm = TokenDataModule(lm=tiny_lm, dataset=path, context_size=24, batch_size=2, val_every=3)
+    dm.validate()
+    train, val = list(dm.contexts("train")), list(dm.contexts("val"))
+    assert all(len(c) == 24 and c[0] == BYTE_BOS for c in train + val)
+    train_ids, val_ids = _doc_ids(train), _doc_ids(val)
+    assert train_ids and val_ids
+    assert all(j % 3 != 0 for j in train_ids)
+    assert all(j % 3 == 0 for j in val_ids)
+    assert not {tuple(c) for c in train} & {tuple(c) for c in val}
+    # the whole training text, in order, separated by BOS/EOS (tail cut by packing)
+    expected: list[int] = []
+    for j, d in enumerate(_documents()):
+        if j % 3:
+            expected += ([BYTE_BOS] if expected else []) + list(d.encode())
+    assert [t for c in train for t in c[1:]] == expected[: 23 * len(train)]
+    # resuming a re-packed source skips exactly
+    assert list(dm.contexts("train", start=3)) == train[3:]
+
+
+def test_local_stream_ends_with_the_source(tmp_path, tiny_lm) -> None:
+    path = _write(tmp_path, "jsonl", [{"text": d} for d in _documents()])
+    dm = TokenDataModule(lm=tiny_lm, dataset=path, context_size=24, batch_size=4, val_every=3)
+    n_train = len(list(dm.contexts("train")))
+    batches = list(dm.train_dataloader())
+    assert len(batches) == n_train // 4 and batches[-1].index == n_train // 4 - 1
+
+
+def test_pretokenized_input_ids(tmp_path, tiny_lm) -> None:
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(0, 256, (int(n),), generator=gen).tolist()}
+            for n in torch.randint(5, 40, (30,), generator=gen)]
+    path = _write(tmp_path, "jsonl", rows)
+    dm = TokenDataModule(lm=tiny_lm, dataset=path, context_size=16, batch_size=2, val_every=5)
+    dm.validate()
+    train, val = list(dm.contexts("train")), list(dm.contexts("val"))
+    # used as is: no tokenizer, no separators between rows, BOS prepended to each context
+    stream = [t for j, r in enumerate(rows) if j % 5 for t in r["input_ids"]]
+    assert [t for c in train for t in c[1:]] == stream[: 15 * len(train)]
+    assert all(c[0] == BYTE_BOS for c in train)
+    val_stream = [t for j, r in enumerate(rows) if j % 5 == 0 for t in r["input_ids"]]
+    assert [t for c in val for t in c[1:]] == val_stream[: 15 * len(val)]
+
+
+def test_text_column_option(tmp_path, tiny_lm) -> None:
+    path = _write(tmp_path, "jsonl", [{"body": d, "other": 1} for d in _documents()])
+    dm = TokenDataModule(lm=tiny_lm, dataset=path, text_column="body", context_size=24, val_every=3)
+    dm.validate()
+    assert _doc_ids(list(dm.contexts("train")))
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_missing_local_path(tmp_path, tiny_lm) -> None:
+    for path in (tmp_path / "nope.txt", tmp_path / "missing" / "dir"):
+        dm = TokenDataModule(lm=tiny_lm, dataset=str(path))
+        with pytest.raises(DataSourceError, match="--data.dataset") as exc:
+            dm.validate()
+        assert str(path) in _one_line(exc)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataSourceError, match="--data.dataset"):
+        TokenDataModule(lm=tiny_lm, dataset=str(empty)).validate()
+
+
+def test_dataset_without_text_column(tmp_path, tiny_lm) -> None:
+    path = _write(tmp_path, "jsonl", [{"body": d} for d in _documents()])
+    dm = TokenDataModule(lm=tiny_lm, dataset=path)
+    with pytest.raises(DataSourceError, match="--data.text_column") as exc:
+        dm.validate()
+    assert "body" in _one_line(exc)
+
+
+def test_context_size_larger_than_n_ctx(tiny_lm) -> None:
+    dm = TokenDataModule(lm=tiny_lm, dataset="synthetic", context_size=tiny_lm.n_ctx + 1)
+    with pytest.raises(ValueError, match="--data.context_size") as exc:
+        dm.validate()
+    assert str(tiny_lm.n_ctx) in _one_line(exc)
+    TokenDataModule(lm=tiny_lm, dataset="synthetic", context_size=tiny_lm.n_ctx).validate()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [(dict(context_size=1), "--data.context_size"), (dict(batch_size=0), "--data.batch_size"),
+     (dict(val_every=1), "--data.val_every")],
+)
+def test_invalid_options(kwargs: dict, option: str) -> None:
+    with pytest.raises(ValueError, match=option.replace(".", r"\.")):
+        TokenDataModule(dataset="synthetic", **kwargs)

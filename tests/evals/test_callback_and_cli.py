@@ -1,0 +1,145 @@
+"""End to end: a quickstart run through the CLI with the EvaluationCallback writes one ``.eval.json`` per
+checkpoint and TensorBoard figures; ``evaluate.py`` on the run folder prints the table and writes the JSON.
+Plus the one-line errors of ``evaluate.py`` and the callback's guards."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from gsae.callbacks import EvaluationCallback
+from gsae.evaluate import main as evaluate_main
+from tests.conftest import quickstart_args
+
+ALL = ["loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry"]
+SMALL_OPTIONS = {
+    "steering": {"n_latents": 2, "n_positions": 1, "alphas": [0, 50]},
+    "sensitive_directions": {"lengths": [1.0, 5.0], "direction_types": ["isotropic"], "substitution": False},
+    "decoder_geometry": {"n_per_bin": 3},
+}
+CALLBACK_YAML = """\
+trainer:
+  callbacks:
+    - class_path: gsae.callbacks.EvaluationCallback
+      init_args:
+        benchmarks: [loss_added, dead_latents]
+        n_seqs: 4
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from gsae.cli import main
+
+    tmp = tmp_path_factory.mktemp("run")
+    extra = tmp / "eval.yaml"
+    extra.write_text(CALLBACK_YAML)
+    args = quickstart_args(tmp, "--config", str(extra), "--checkpoint.every_n_train_steps", "5", steps=10)
+    assert main(args) == 0
+    return tmp / "quickstart-topk"
+
+
+@pytest.mark.slow
+def test_callback_writes_eval_json_per_checkpoint_and_figures(run_dir):
+    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    assert [c.name for c in ckpts] == ["epoch=0-step=10.ckpt", "epoch=0-step=5.ckpt", "last.ckpt"]
+    for c in ckpts:
+        payload = json.loads(Path(str(c) + ".eval.json").read_text())
+        assert set(payload["results"]) == {"loss_added", "dead_latents"}
+        assert payload["n_seqs"] == 4 and payload["step"] in (5, 10)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(glob.glob(str(run_dir / "version_0" / "events*"))[0], size_guidance={"images": 0})
+    ea.Reload()
+    assert "eval/dead_latents/density_histogram" in ea.Tags()["images"]
+    steps = [e.step for e in ea.Scalars("eval/loss_added/L_added")]
+    assert steps == [5, 10]  # once per step, although last.ckpt is saved at the same steps
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_the_run_folder(run_dir, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    rc = evaluate_main(
+        [
+            str(run_dir),
+            "--benchmarks",
+            ",".join(ALL),
+            "--n-seqs",
+            "4",
+            "--context-size",
+            "32",
+            "--device",
+            "cpu",
+            "--options",
+            json.dumps(SMALL_OPTIONS),
+            "--output",
+            str(out),
+            "--logdir",
+            str(tmp_path / "tb"),
+        ]
+    )
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert list(res) == ALL
+    labels = list(res["loss_added"])
+    assert [Path(lb).name for lb in labels] == ["epoch=0-step=5.ckpt", "epoch=0-step=10.ckpt"]  # last.ckpt deduplicated
+    table = capsys.readouterr().out
+    assert "loss_added.L_added" in table and "epoch=0-step=10.ckpt" in table
+    assert len(list((tmp_path / "tb").iterdir())) == 1  # one TensorBoard run for the run folder, steps 5 and 10
+
+
+def test_evaluate_cli_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_text("not a checkpoint")
+    (tmp_path / "empty").mkdir()
+    cases = {
+        (str(tmp_path / "missing.ckpt"),): "PATH",
+        (str(bad),): "corrupt or unreadable",
+        (str(bad), "--benchmarks", "loss_added,nope"): "--benchmarks",
+        (str(bad), "--n-seqs", "0"): "--n-seqs",
+        (str(bad), "--options", "{oops"): "--options",
+        (str(tmp_path / "empty"),): "no .ckpt files",
+    }
+    for args, needle in cases.items():
+        assert evaluate_main(list(args)) == 1, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and needle in err and "\n" not in err, (args, err)
+
+
+def test_callback_guards(tmp_path):
+    with pytest.raises(ValueError, match="EvaluationCallback.benchmarks"):
+        EvaluationCallback(benchmarks=["nope"])
+    with pytest.raises(ValueError, match="EvaluationCallback.options"):
+        EvaluationCallback(benchmarks=["loss_added"], options={"steering": {}})
+    cb = EvaluationCallback()
+    ckpt = tmp_path / "x.ckpt"
+    cb.on_sae_checkpoint(SimpleNamespace(is_global_zero=False, global_step=1), None, ckpt)  # rank > 0: nothing
+    assert not Path(str(ckpt) + ".eval.json").exists()
+
+
+@pytest.mark.slow
+def test_callback_on_a_gsae_every_n_steps_and_at_checkpoints(tmp_path):
+    """A g-SAE system: evaluated every 2 steps and at each checkpoint (step 3 and the final step 4),
+    once per step; the SAE is back in training mode afterwards."""
+    from tests.systems.helpers import build_data, build_system, build_trainer
+
+    system = build_system("gsae")
+    cb = EvaluationCallback(benchmarks=["loss_added", "dead_latents"], n_seqs=2, every_n_steps=2)
+    steps: list[int] = []
+    evaluate = cb.evaluate
+
+    def record(trainer, pl_module):
+        steps.append(trainer.global_step)
+        assert pl_module.sae.training
+        return evaluate(trainer, pl_module)
+
+    cb.evaluate = record
+    build_trainer(tmp_path, 4, callbacks=[cb], checkpoint_every=3).fit(system, datamodule=build_data(system))
+    assert cb._last[0] == 4 and sorted(set(steps)) == [2, 3, 4]
+    written = {json.loads(p.read_text())["step"] for p in (tmp_path / "ckpts").glob("*step=*.ckpt.eval.json")}
+    assert written == {3, 4} and (tmp_path / "ckpts" / "last.ckpt.eval.json").exists()
+    assert system.sae.training

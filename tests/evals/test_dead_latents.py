@@ -1,0 +1,55 @@
+"""dead_latents: a planted dead latent is dead under both definitions; the batching of the stream."""
+
+from __future__ import annotations
+
+import pytest
+
+from gsae.evals import dead_latents
+from gsae.metrics import DeadLatentTracker
+from tests.evals.helpers import HOOK, build_tokens, build_topk, plant_dead_latent
+
+
+def test_planted_dead_latent_is_dead_under_both_definitions(tiny_lm):
+    toks = build_tokens(8, 32)
+    healthy = dead_latents.run(build_topk(d_sae=16, k=8), tiny_lm, HOOK, toks, batch_tokens=40)
+    assert healthy["n_dead_batches"] == healthy["n_dead_tokens"] == healthy["n_never_fired"] == 0
+    sae = plant_dead_latent(build_topk(d_sae=16, k=8), i=3)
+    r = dead_latents.run(sae, tiny_lm, HOOK, toks, batch_size=3, batch_tokens=40)
+    assert r["n_tokens"] == 240 and r["batch_tokens"] == 40  # 8·31 unmasked tokens -> 6 full batches of 40
+    assert r["n_dead_batches"] == r["n_dead_tokens"] == r["n_never_fired"] == 1
+    assert r["dead_fraction_batches"] == r["dead_fraction_tokens"] == 1 / 16
+    assert r["alive_fraction"] == 15 / 16
+    assert sum(r["log10_density_hist"]["counts"]) == 15
+    assert r["density_cdf"]["fraction"][-1] == 1.0
+
+
+def test_dead_sets_match_a_naive_tracker(tiny_lm):
+    """The streamed, batch-split computation equals feeding per-batch fired masks by hand."""
+    sae, toks = plant_dead_latent(build_topk(d_sae=256, k=2), i=0), build_tokens(6, 32)
+    r = dead_latents.run(sae, tiny_lm, HOOK, toks, batch_size=4, batch_tokens=30, dead_batches=2, window_tokens=90)
+    x = tiny_lm.activations(toks, HOOK)[:, 1:].reshape(-1, 64)  # drop BOS, stream order
+    dense = sae.encode(x) != 0  # (186, d_sae)
+    ref = DeadLatentTracker(256, 2, 90)
+    for a in range(0, 180, 30):
+        ref.update(dense[a : a + 30].any(0), 30)
+    assert r["n_dead_batches"] == int(ref.dead_by_batches().sum())
+    assert r["n_dead_tokens"] == int(ref.dead_by_tokens().sum())
+    assert bool(ref.dead_by_batches()[0]) and bool(ref.dead_by_tokens()[0])
+    assert r["median_density"] == pytest.approx(float((dense[:180].double().mean(0)).median()))
+
+
+def test_short_stream_shrinks_batches(tiny_lm):
+    r = dead_latents.run(build_topk(), tiny_lm, HOOK, build_tokens(2, 16), dead_batches=5)
+    assert r["batch_tokens"] == 30 // 5 and r["n_tokens"] == 30
+
+
+def test_figures(tiny_lm):
+    r = dead_latents.run(build_topk(), tiny_lm, HOOK, build_tokens(2, 16))
+    assert set(dead_latents.figures(r)) == {"density_histogram", "density_cdf"}
+
+
+def test_deterministic(tiny_lm):
+    toks = build_tokens(4, 32)
+    a = dead_latents.run(build_topk(), tiny_lm, HOOK, toks, seed=1)
+    b = dead_latents.run(build_topk(), tiny_lm, HOOK, toks, seed=1)
+    assert a == b

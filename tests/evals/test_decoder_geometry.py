@@ -1,0 +1,60 @@
+"""decoder_geometry: nearest-neighbour cosine against brute force; the bins; the directional derivative
+against autograd on the mean CE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gsae.evals import decoder_geometry
+from gsae.evals.decoder_geometry import nearest_neighbour_cosine
+from gsae.lm import next_token_loss
+from tests.evals.helpers import HOOK, build_tokens, build_topk
+
+
+def test_nearest_neighbour_cosine_matches_brute_force():
+    w = torch.randn(37, 8) * torch.rand(37, 1)  # rows of different norms
+    w[5] = w[9] * 3  # an exact duplicate direction
+    fast = nearest_neighbour_cosine(w, chunk=10)
+    brute = torch.tensor(
+        [
+            max(float(torch.nn.functional.cosine_similarity(w[i], w[j], dim=0)) for j in range(37) if j != i)
+            for i in range(37)
+        ]
+    )
+    torch.testing.assert_close(fast, brute, atol=1e-6, rtol=0)
+    assert fast[5] == pytest.approx(1.0) and fast[9] == pytest.approx(1.0)
+
+
+def test_bins_are_the_tails_and_middle(tiny_lm):
+    sae = build_topk(d_sae=200)
+    r = decoder_geometry.run(sae, tiny_lm, HOOK, build_tokens(2, 16), n_per_bin=5, tail_quantile=0.1, grad_batch_size=2)
+    nn = nearest_neighbour_cosine(sae.W_dec)
+    lo, hi = torch.quantile(nn.double(), torch.tensor([0.1, 0.9], dtype=torch.float64)).tolist()
+    assert all(nn[i] <= lo + 1e-9 for i in r["bins"]["left"]["latents"])
+    assert all(nn[i] >= hi - 1e-9 for i in r["bins"]["right"]["latents"])
+    assert all(len(r["bins"][b]["latents"]) == 5 for b in ("left", "middle", "right"))
+    assert sum(r["nn_cos_hist"]["counts"]) == 200
+
+
+def test_directional_derivative_matches_autograd(tiny_lm):
+    """With all tokens in one batch of ``grad_batch_size`` sequences, ``|∇L·d|`` uses ∇ of the batch-mean CE."""
+    sae, toks = build_topk(d_sae=64), build_tokens(3, 16)
+    r = decoder_geometry.run(sae, tiny_lm, HOOK, toks, n_per_bin=2, grad_batch_size=3, batch_size=2)
+    x = tiny_lm.activations(toks, HOOK).requires_grad_(True)
+    with torch.enable_grad():
+        loss = next_token_loss(tiny_lm.run_from_hook(x, HOOK).logits, toks)  # mean over 3·15 predictions
+        (g,) = torch.autograd.grad(loss, x)
+    g = g[:, 1:-1].reshape(-1, 64)  # BOS and the last position are left out of the token mean
+    for b in ("left", "middle", "right"):
+        for latent, dd in zip(r["bins"][b]["latents"], r["bins"][b]["mean_abs_dd"]):
+            d = sae.W_dec[latent].detach() / sae.W_dec[latent].detach().norm()
+            assert dd == pytest.approx(float((g @ d).abs().mean()), rel=1e-4)
+
+
+def test_deterministic_and_figures(tiny_lm):
+    toks = build_tokens(2, 16)
+    a = decoder_geometry.run(build_topk(), tiny_lm, HOOK, toks, seed=2, n_per_bin=4)
+    b = decoder_geometry.run(build_topk(), tiny_lm, HOOK, toks, seed=2, n_per_bin=4)
+    assert a == b
+    assert set(decoder_geometry.figures(a)) == {"nn_cos_histogram", "directional_derivative"}

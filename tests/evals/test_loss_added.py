@@ -1,0 +1,118 @@
+"""loss_added: known answers (identity SAE) and agreement with SAELens ``run_evals`` on the same model,
+SAE weights and tokens."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from gsae.evals import loss_added
+from tests.evals.helpers import HOOK, IdentitySAE, build_tokens, build_topk
+
+
+def test_identity_sae_adds_nothing(tiny_lm):
+    r = loss_added.run(IdentitySAE(64), tiny_lm, HOOK, build_tokens(4, 32))
+    assert r["L_added"] == 0.0 and r["ce_increase"] == 0.0
+    assert abs(r["kl_sae"]) < 1e-7
+    assert r["ce_loss_score"] == 1.0 and r["kl_div_score"] == pytest.approx(1.0, abs=1e-6)
+    assert r["mse"] == 0.0 and r["explained_variance"] == 1.0 and r["cossim"] == pytest.approx(1.0)
+    assert r["n_tokens"] == 4 * 31  # BOS positions masked
+
+
+def test_definitions_are_distinct_and_consistent(tiny_lm):
+    r = loss_added.run(build_topk(), tiny_lm, HOOK, build_tokens(4, 32), batch_size=3)
+    assert r["ce_increase"] == pytest.approx(r["ce_sae"] - r["ce_clean"])
+    assert r["L_added"] == pytest.approx(r["ce_increase"] / r["ce_clean"])
+    assert r["ce_loss_score"] == pytest.approx((r["ce_ablation"] - r["ce_sae"]) / (r["ce_ablation"] - r["ce_clean"]))
+    assert r["kl_div_score"] == pytest.approx((r["kl_ablation"] - r["kl_sae"]) / r["kl_ablation"])
+    assert r["l0"] == 8.0
+
+
+def test_batch_size_does_not_change_token_means(tiny_lm):
+    sae, toks = build_topk(), build_tokens(6, 32)
+    a = loss_added.run(sae, tiny_lm, HOOK, toks, batch_size=6)
+    b = loss_added.run(sae, tiny_lm, HOOK, toks, batch_size=2)
+    for k in ("ce_sae", "kl_sae", "L_added", "explained_variance", "l0", "cossim"):
+        assert a[k] == pytest.approx(b[k], rel=1e-5), k
+
+
+def _saelens_run_evals(lm, sae_dir, tokens, batch_size):
+    """SAELens ``run_evals`` on an in-memory dataset of our token ids (every sequence once per pass)."""
+    import datasets
+    from sae_lens import SAE, ActivationsStore
+    from sae_lens.evals import get_eval_everything_config, run_evals
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    sl = SAE.load_from_disk(str(sae_dir))
+    n_batches = tokens.shape[0] // batch_size
+    store = ActivationsStore(
+        model=lm.model,
+        dataset=datasets.Dataset.from_dict({"input_ids": tokens.tolist()}),
+        streaming=False,
+        hook_name=HOOK,
+        hook_head_index=None,
+        context_size=tokens.shape[1],
+        d_in=64,
+        n_batches_in_buffer=1,
+        total_training_tokens=tokens.numel(),
+        store_batch_size_prompts=batch_size,
+        train_batch_size_tokens=64,
+        prepend_bos=True,
+        normalize_activations="none",
+        device="cpu",
+        dtype="float32",
+    )
+    # After the reconstruction batches SAELens' reset_input_dataset() does not rewind the sequence iterator;
+    # with exactly n_batches·batch_size rows the iterator is exhausted and the sparsity/variance pass wraps
+    # around to the same sequences, so both passes see every sequence once.
+    cfg = get_eval_everything_config(
+        batch_size_prompts=batch_size,
+        n_eval_reconstruction_batches=n_batches,
+        n_eval_sparsity_variance_batches=n_batches,
+    )
+    metrics, _ = run_evals(sl, store, lm.model, ActivationScaler(), cfg, exclude_special_tokens=lm.special_token_ids)
+    return {k: v for group in metrics.values() for k, v in group.items()}
+
+
+def _mark_saelens_v6(cfg_path):
+    """Without ``metadata.sae_lens_version`` SAELens treats cfg.json as pre-6.0 and rebuilds ``metadata``
+    from top-level keys, dropping ``hook_name`` (which ``run_evals`` needs); gsae's export omits it."""
+    import sae_lens
+
+    cfg = json.loads(cfg_path.read_text())
+    cfg["metadata"].setdefault("sae_lens_version", sae_lens.__version__)
+    cfg_path.write_text(json.dumps(cfg))
+
+
+def test_agrees_with_saelens_run_evals(tiny_lm, tmp_path):
+    from gsae.export import export_saelens
+
+    sae = build_topk(relu_after_topk=True)  # SAELens' topk applies ReLU to the kept values
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.1)
+        sae.b_enc.normal_(0, 0.1)
+    export_saelens(sae, tmp_path / "sae", {"hook": HOOK, "lm": tiny_lm.describe()})
+    _mark_saelens_v6(tmp_path / "sae" / "cfg.json")
+    toks, bs = build_tokens(8, 32), 4
+    ours = loss_added.run(sae, tiny_lm, HOOK, toks, batch_size=bs)
+    theirs = _saelens_run_evals(tiny_lm, tmp_path / "sae", toks, bs)
+    pairs = {  # ours -> SAELens name; the same definition, so 1e-4 relative
+        "ce_loss_score": "ce_loss_score",
+        "ce_clean": "ce_loss_without_sae",
+        "ce_sae": "ce_loss_with_sae",
+        "ce_ablation": "ce_loss_with_ablation",
+        "kl_sae": "kl_div_with_sae",
+        "kl_ablation": "kl_div_with_ablation",
+        "kl_div_score": "kl_div_score",
+        "l0": "l0",
+        "explained_variance": "explained_variance",
+        "explained_variance_saelens_legacy": "explained_variance_legacy",
+        "mse": "mse",
+        "cossim": "cossim",
+        "l2_ratio": "l2_ratio",
+    }
+    for ours_key, sl_key in pairs.items():
+        assert math.isclose(ours[ours_key], theirs[sl_key], rel_tol=1e-4), (ours_key, ours[ours_key], theirs[sl_key])

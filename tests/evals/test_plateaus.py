@@ -1,0 +1,147 @@
+"""Plateaus benchmark (SPEC §4): perturbation schedules, batched curves against a naive loop, end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from gsae.evals import plateaus as pl
+from gsae.metrics import kl_div_per_token
+from tests.evals.helpers import HOOK, build_tokens, build_topk
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads per process made these tiny ops ~30× slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SMALL = dict(n_perturbations=6, prompt_len=6, step_size="auto", ap_threshold="auto")
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return build_tokens(n_seqs=8, context_size=24)  # 4 windows of 6 tokens each → 32 prompts
+
+
+@pytest.fixture(scope="module")
+def sae():
+    return build_topk(d_in=64, d_sae=256, k=8)
+
+
+@pytest.fixture(scope="module")
+def result(tiny_lm, sae, tokens):
+    return pl.run(sae, tiny_lm, HOOK, tokens, seed=0, **SMALL)
+
+
+def test_relative_steps_start_at_the_base_and_end_exactly_on_the_target():
+    g = torch.Generator().manual_seed(0)
+    A, T = torch.randn(5, 16, generator=g) * 7, torch.randn(5, 16, generator=g) * 3
+    steps = pl.perturbation_steps(A, T, "relative", step_size=123.0)
+    assert steps.shape == (5, 101, 16)
+    assert torch.equal(steps[:, 0], A) and torch.equal(steps[:, 100], T)
+    torch.testing.assert_close(steps[:, 50], (A + T) / 2)
+
+
+def test_absolute_steps_move_s_per_step_towards_the_target():
+    g = torch.Generator().manual_seed(0)
+    A, T = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)
+    steps = pl.perturbation_steps(A, T, "absolute", step_size=0.5)
+    assert torch.equal(steps[:, 0], A)
+    dist = (steps - A[:, None]).norm(dim=-1)
+    torch.testing.assert_close(dist, 0.5 * torch.arange(101.0).expand(3, -1), atol=1e-4, rtol=1e-5)
+    u = (T - A) / (T - A).norm(dim=-1, keepdim=True)
+    torch.testing.assert_close((steps[:, 7] - A) / 3.5, u, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="schedule"):
+        pl.perturbation_steps(A, T, "log", 0.5)
+
+
+def test_prompt_windows_prefixes_first():
+    tok = torch.arange(2 * 25).reshape(2, 25)
+    p = pl.prompt_windows(tok, 10, "all")
+    assert p.shape == (4, 10)
+    assert torch.equal(p[:2], tok[:, :10]) and torch.equal(p[2:], tok[:, 10:20])
+    assert torch.equal(pl.prompt_windows(tok, 10, "prefix"), tok[:, :10])
+    with pytest.raises(ValueError, match="prompt_len"):
+        pl.prompt_windows(tok, 30, "all")
+
+
+@pytest.mark.parametrize("hook", [HOOK, "blocks.1.hook_resid_mid"])
+def test_batched_curves_match_a_naive_loop(tiny_lm, tokens, hook):
+    prompts = tokens[:3, :6]
+    x = tiny_lm.activations(prompts, hook)  # (3, 6, D)
+    pos = 4  # not the last: the batched runner cuts the prompt after it
+    g = torch.Generator().manual_seed(0)
+    target = x[:, pos] + 3 * torch.randn(3, x.shape[-1], generator=g)
+    steps = pl.perturbation_steps(x[[2, 0, 1], pos], target, "absolute", 0.05)
+    idx = torch.tensor([2, 0, 1])
+    tok = prompts if tiny_lm.resume_layer(hook) is None else None
+    got = pl.perturbation_curves(tiny_lm, hook, x, idx, steps, pos, tokens=tok, forward_tokens=500)
+    fin = f"blocks.{tiny_lm.n_layers - 1}.hook_resid_post"
+    for m in range(3):
+        clean = tiny_lm.run_from_hook(x[idx[m]][None], hook, tokens=prompts[idx[m]][None], cache_hooks=[fin])
+        for n in (0, 1, 37, 100):
+            xp = x[idx[m]].clone()
+            xp[pos] = steps[m, n]
+            run = tiny_lm.run_from_hook(xp[None], hook, tokens=prompts[idx[m]][None], cache_hooks=[fin])
+            l2 = (run.cache[fin][0, pos] - clean.cache[fin][0, pos]).norm()
+            kl = kl_div_per_token(clean.logits[0, pos], run.logits[0, pos])
+            torch.testing.assert_close(got.l2[m, n], l2, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got.kl[m, n], kl.float(), atol=1e-5, rtol=1e-3)
+    assert (got.l2[:, 0] == 0).all() and (got.kl[:, 0] == 0).all()
+
+
+def test_run_returns_every_table_row(result):
+    json.dumps(result)
+    types = list(pl.TARGET_TYPES)
+    assert result["target_types"] == types and result["schedules"] == ["absolute", "relative"]
+    for name in ("ms", "auc", "nl", "kl_ms"):
+        table = result["tables"][name]
+        assert list(table) == types
+        for row in table.values():
+            assert set(row) == {f"{s}_{k}" for s in ("abs", "rel") for k in ("mean", "std", "ks")}
+        assert table["model_generated"]["abs_ks"] == 0.0 and table["model_generated"]["rel_ks"] == 0.0
+    for sch in ("absolute", "relative"):
+        for t in types:
+            assert len(result["steps"]["ms"][sch][t]) == 6
+            assert all(0 <= v <= 99 for v in result["steps"]["ms"][sch][t])
+    p = result["plateau"]
+    assert list(p["ap_steps"]) == list(pl.PLATEAU_BASES) and p["table"]["model_generated"]["ks"] == 0.0
+    assert result["step_size"] == pytest.approx(1.25 * result["mean_distance"]["model_generated"] / 100)
+    assert result["n_prompts"] == 32 and result["position"] == 5
+    assert -1 <= result["target_cos"]["estimated"] <= 1
+    t = result["timings"]
+    assert t["n_curves"] == 6 * (2 * 7 + 4) and t["curves_per_second"] > 0
+    assert "ms_abs_ks_random" in result and "ap_mean_random" in result
+
+
+def test_format_table_and_figures(result):
+    text = pl.format_table(result)
+    for t in pl.TARGET_TYPES:
+        assert t in text
+    assert "Max slope" in text and "Activation plateau" in text
+    figs = pl.figures(result)
+    assert set(figs) == {"ms_cdf_absolute", "ms_cdf_relative", "mean_l2_absolute", "mean_l2_relative", "ap_cdf"}
+    assert all(isinstance(f, Figure) for f in figs.values())
+
+
+def test_run_is_deterministic_in_the_seed(tiny_lm, sae, tokens):
+    opts = dict(SMALL, n_perturbations=4, schedules=("relative",), plateau=False)
+    a = pl.run(sae, tiny_lm, HOOK, tokens, seed=1, **opts)
+    b = pl.run(sae, tiny_lm, HOOK, tokens, seed=1, **opts)
+    assert a["steps"] == b["steps"] and a["tables"] == b["tables"] and a["mean_curves"] == b["mean_curves"]
+    c = pl.run(sae, tiny_lm, HOOK, tokens, seed=2, **opts)
+    assert c["mean_curves"] != a["mean_curves"]
+
+
+def test_bad_options_raise(tiny_lm, sae, tokens):
+    with pytest.raises(ValueError, match="target_types"):
+        pl.run(sae, tiny_lm, HOOK, tokens, target_types=("random", "nope"), **SMALL)
+    with pytest.raises(ValueError, match="position"):
+        pl.run(sae, tiny_lm, HOOK, tokens, position=6, **SMALL)

@@ -1,0 +1,46 @@
+"""The benchmark registry and the shared runner: names, option routing, eval mode, g-SAEs, inference mode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gsae.evals import BENCHMARKS, check_benchmarks, run_benchmark, run_benchmarks, scalars, tagged_scalars
+from gsae.sae import GradTopKSAE
+from tests.evals.helpers import HOOK, build_tokens, build_topk
+
+CHEAP = ["loss_added", "dead_latents", "decoder_geometry"]
+
+
+def test_registry_names_every_benchmark():
+    assert list(BENCHMARKS) == ["loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry"]
+    for name in CHEAP + ["steering"]:
+        assert callable(BENCHMARKS[name].run) and callable(BENCHMARKS[name].figures)
+    with pytest.raises(ValueError, match="--benchmarks: unknown benchmark"):
+        check_benchmarks(["loss_added", "nope"])
+
+
+def test_options_go_only_where_accepted(tiny_lm):
+    r = run_benchmark("loss_added", build_topk(), tiny_lm, HOOK, build_tokens(2, 16), batch_size=1, n_latents=5)
+    assert r["n_tokens"] == 30
+
+
+def test_gsae_runs_through_every_cheap_benchmark_deterministically(tiny_lm):
+    sae = GradTopKSAE(64, 128, 8, beta=1e3)
+    sae.train()
+    toks = build_tokens(4, 16)
+    a = run_benchmarks(CHEAP, sae, tiny_lm, HOOK, toks, seed=0, batch_size=2)
+    b = run_benchmarks(CHEAP, sae, tiny_lm, HOOK, toks, seed=0, batch_size=2)
+    assert a == b and sae.training  # training mode restored
+    json.dumps(a)  # JSON-serialisable
+    assert "eval/loss_added/L_added" in tagged_scalars(a)
+    assert all(isinstance(v, float) for v in scalars(a["dead_latents"]).values())
+
+
+def test_runs_inside_inference_mode(tiny_lm):
+    """Lightning may checkpoint from validation (inference mode); g-SAE encoding needs ∇ₓL anyway."""
+    with torch.inference_mode():
+        r = run_benchmarks(["loss_added"], GradTopKSAE(64, 128, 8), tiny_lm, HOOK, build_tokens(2, 16))
+    assert r["loss_added"]["l0"] == 8.0

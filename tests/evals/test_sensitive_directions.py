@@ -1,0 +1,263 @@
+"""Sensitive directions (SPEC §3): direction definitions, the batched sweep against a naive loop, substitution."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gsae.evals import sensitive_directions as sd
+from gsae.evals.directions import (
+    DIRECTION_TYPES,
+    FEATURE_POOLS,
+    ActivationStats,
+    batch_acts,
+    feature_pools,
+    fit_activation_stats,
+    generator,
+    make_direction,
+    sample_cov_random,
+)
+from gsae.metrics import kl_div_per_token
+from gsae.sae.base import SAEOutput, SparseAutoencoder
+from tests.conftest import build_topk
+
+HOOK = "blocks.1.hook_resid_pre"
+
+
+class IdentitySAE(SparseAutoencoder):
+    """Returns ``x`` exactly; no latent ever fires."""
+
+    def forward(self, x, grad=None, dead_mask=None):
+        zero = x.new_zeros(())
+        idx = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+        return SAEOutput(x, x.new_zeros(x.shape[0], 1), idx, None, x.new_zeros(x.shape[0], self.d_sae), zero, zero)
+
+
+def build_stats(d: int = 8, n_real: int = 50, seed: int = 0, **kw) -> ActivationStats:
+    """Stats with a random mean and a random positive-definite covariance."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g)
+    cov = a @ a.T / d + 0.5 * torch.eye(d)
+    fields = dict(
+        mean=torch.randn(d, generator=g),
+        cov=cov,
+        chol=torch.linalg.cholesky(cov),
+        median_norm=3.0,
+        real=torch.randn(n_real, d, generator=g),
+        n_rows=n_real,
+        fired=None,
+    )
+    return ActivationStats(**{**fields, **kw})
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def sae():
+    return build_topk(d_in=64, d_sae=128, k=4)
+
+
+def cos(a, b):
+    return F.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1)
+
+
+def test_every_direction_has_unit_norm(tiny_lm, tokens, sae):
+    (r,) = batch_acts(sae, tiny_lm, HOOK, tokens, batch_size=4)
+    stats = fit_activation_stats([r], max_real_pool=1000, seed=0)
+    pools = feature_pools(stats, r.fired)
+    for kind in DIRECTION_TYPES:
+        pool = pools.get(FEATURE_POOLS.get(kind, ""))
+        if pool is not None and pool.numel() == 0:
+            continue
+        u = make_direction(kind, r.x, generator(0, 0, kind), stats, r.x_hat, sae.W_dec, pool)
+        assert u.shape == r.x.shape
+        torch.testing.assert_close(u.norm(dim=-1), torch.ones(u.shape[:-1]), msg=kind)
+
+
+def test_mixture_directions_do_not_contain_minus_x():
+    stats = build_stats()
+    x = 1000.0 * torch.randn(2, 50, 8)  # ‖x‖ ≫ the spread of the reference activations
+    mixtures = [make_direction(k, x, generator(0, k), stats) for k in ("cov_random_mixture", "real_mixture")]
+    differences = [
+        make_direction(k, x, generator(0, k), stats) for k in ("isotropic", "cov_random_difference", "real_difference")
+    ]
+    for u in mixtures:  # independent of x: cos(u, −x) ~ ±1/√d, not systematically 1
+        assert cos(u, -x).abs().mean() < 0.5
+    for u in differences:  # t − x ≈ −x
+        assert cos(u, -x).min() > 0.95
+
+
+def test_cov_random_samples_reproduce_mean_and_cov():
+    stats = build_stats(d=6)
+    v = sample_cov_random(stats, 200_000, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(v.mean(0), stats.mean, atol=0.02, rtol=0)
+    torch.testing.assert_close(torch.cov(v.T), stats.cov, atol=0.03, rtol=0)
+
+
+def test_fitted_stats_match_torch_cov_without_position_0(tiny_lm, tokens, sae):
+    acts = list(batch_acts(sae, tiny_lm, HOOK, tokens, batch_size=3, with_sae=False))
+    stats = fit_activation_stats(acts, max_real_pool=10, seed=0)
+    a = tiny_lm.activations(tokens, HOOK)[:, 1:].reshape(-1, 64)
+    torch.testing.assert_close(stats.mean, a.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.cov, torch.cov(a.T) + 0.01 * torch.eye(64), atol=1e-4, rtol=1e-4)
+    assert stats.real.shape == (10, 64) and stats.n_rows == a.shape[0] and stats.fired is None
+    assert (stats.real[:, None] == a[None]).all(-1).any(-1).all()  # the pool holds real rows (position > 0)
+    # the pool is a uniform subset that does not depend on how the activations were batched
+    again = fit_activation_stats(
+        batch_acts(sae, tiny_lm, HOOK, tokens, batch_size=4, with_sae=False), max_real_pool=10, seed=0
+    )
+    torch.testing.assert_close(again.real, stats.real)
+
+
+def test_length_zero_gives_zero_kl_and_l2(tiny_lm, tokens, sae):
+    res = sd.run(
+        sae, tiny_lm, HOOK, tokens, lengths=[0, 5], direction_types=["isotropic", "sae_error"], substitution=False
+    )
+    for c in res["curves"].values():
+        assert c["kl"][0] == pytest.approx(0, abs=1e-7) and c["l2"][0] == pytest.approx(0, abs=1e-6)
+        assert c["kl"][1] > 0
+
+
+def test_identity_sae_substitution_is_exact(tiny_lm, tokens):
+    res = sd.run(IdentitySAE(64, 64), tiny_lm, HOOK, tokens, lengths=[1.0])
+    sub = res["substitution"]
+    assert sub["epsilon_mean"] == 0 and sub["n_exact_tokens"] == tokens.shape[0] * (tokens.shape[1] - 1)
+    assert all(v == pytest.approx(0, abs=1e-7) for v in sub["kl"].values())
+    assert all(v is None for v in sub["ratio"].values())
+    assert res["curves"]["sae_error"]["kl"][0] == pytest.approx(0, abs=1e-7)  # no error direction to follow
+    assert {"sae_feature_alive", "sae_feature_active"} <= set(res["skipped"])  # empty pools are reported
+    assert "sae_feature_dead" in res["curves"]
+
+
+@torch.no_grad()
+def naive_curves(lm, hook, tokens, deltas, lengths, read, final):
+    """Reference: one full forward with a TransformerLens patch hook per (direction, length)."""
+    clean = {}
+    logits_clean = lm.model.run_with_hooks(tokens, fwd_hooks=[(final, lambda a, hook: clean.__setitem__("h", a))])
+    out = {}
+    for name, delta in deltas.items():
+        kls, l2s = [], []
+        for length in lengths:
+            store = {}
+            logits = lm.model.run_with_hooks(
+                tokens,
+                fwd_hooks=[
+                    (hook, lambda a, hook, d=delta, s=length: a + s * d),
+                    (final, lambda a, hook, store=store: store.__setitem__("h", a)),
+                ],
+            )
+            kls.append(float(kl_div_per_token(logits_clean, logits)[:, read].mean()))
+            l2s.append(float((store["h"] - clean["h"])[:, read].norm(dim=-1).mean()))
+        out[name] = (kls, l2s)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("hook", "mode"),
+    [(HOOK, "all_tokens"), (HOOK, "single_token"), ("blocks.0.hook_mlp_out", "all_tokens")],
+)
+def test_batched_sweep_equals_naive_full_forward_loop(tiny_lm, tokens, sae, hook, mode):
+    kinds, lengths, seed = ["cov_random_mixture", "real_difference", "sae_feature_active"], [1.0, 30.0], 3
+    # forward_tokens=60 → 5 sequences per forward, 4 per job: chunks straddle lengths and direction types
+    res = sd.run(
+        sae,
+        tiny_lm,
+        hook,
+        tokens,
+        seed=seed,
+        lengths=lengths,
+        direction_types=kinds,
+        mode=mode,
+        position=4,
+        n_offsets=5,
+        forward_tokens=60,
+    )
+    (r,) = batch_acts(sae, tiny_lm, hook, tokens, batch_size=64)
+    stats = fit_activation_stats([r], max_real_pool=65536, seed=seed)
+    pools = feature_pools(stats, r.fired)
+    perturb = torch.ones(tokens.shape[1], 1)
+    if mode == "single_token":
+        perturb = torch.zeros(tokens.shape[1], 1)
+        perturb[4] = 1
+    deltas = {}
+    for k in kinds:  # directions are drawn for the positions run: up to the last one read
+        x = r.x[:, : 4 + 5] if mode == "single_token" else r.x[:, :-1]
+        u = make_direction(
+            k, x, generator(seed, 0, k), stats, r.x_hat[:, : x.shape[1]], sae.W_dec, pools.get(FEATURE_POOLS.get(k, ""))
+        )
+        deltas[k] = F.pad(u, (0, 0, 0, tokens.shape[1] - x.shape[1])) * perturb
+    deltas["sae"] = (r.x_hat - r.x) * perturb
+    read = slice(4, 9) if mode == "single_token" else slice(0, -1)
+    ref = naive_curves(tiny_lm, hook, tokens, deltas, lengths, read, sd.final_hook(tiny_lm))
+    for k in kinds:
+        if mode == "single_token":
+            got_kl = [sum(row) / len(row) for row in res["curves"][k]["kl_by_offset"]]
+            got_l2 = [sum(row) / len(row) for row in res["curves"][k]["l2_by_offset"]]
+        else:
+            got_kl, got_l2 = res["curves"][k]["kl"], res["curves"][k]["l2"]
+        torch.testing.assert_close(torch.tensor(got_kl), torch.tensor(ref[k][0]), rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(torch.tensor(got_l2), torch.tensor(ref[k][1]), rtol=1e-4, atol=1e-5, msg=k)
+    sub = res["substitution"]  # length 1 · (SAE(x) − x) is the substitution
+    got = sub["kl"]["sae"] if mode == "all_tokens" else sum(sub["kl_by_offset"]["sae"]) / 5
+    assert got == pytest.approx(ref["sae"][0][0], rel=1e-4, abs=1e-6)
+
+
+def test_same_seed_same_numbers(tiny_lm, tokens, sae, monkeypatch):
+    kw = dict(lengths=[2.0, 10.0], direction_types=["isotropic", "real_mixture", "sae_feature_dead"], batch_size=2)
+    a, b = sd.run(sae, tiny_lm, HOOK, tokens, seed=5, **kw), sd.run(sae, tiny_lm, HOOK, tokens, seed=5, **kw)
+    c = sd.run(sae, tiny_lm, HOOK, tokens, seed=6, **kw)
+    assert a == b
+    monkeypatch.setattr(sd, "CACHE_ELEMENTS", 0)  # recompute activations in the second pass: same numbers
+    torch.testing.assert_close(sd.run(sae, tiny_lm, HOOK, tokens, seed=5, **kw)["curves"], a["curves"])
+    assert a["curves"]["isotropic"]["kl"] != c["curves"]["isotropic"]["kl"]
+
+
+def test_single_token_mode_leaves_earlier_positions_alone(tiny_lm, tokens, sae):
+    res = sd.run(sae, tiny_lm, HOOK, tokens, lengths=[3.0, 20.0], mode="single_token", position=5, n_offsets=4)
+    assert res["position"] == 5
+    for c in res["curves"].values():
+        assert c["kl_before_position"] == [0.0, 0.0]
+        assert len(c["kl_by_offset"][0]) == 4 and c["kl_by_offset"][1][0] > 0
+        assert c["kl"] == [row[0] for row in c["kl_by_offset"]]
+    assert len(res["substitution"]["kl_by_offset"]["sae"]) == 4
+
+
+def test_result_is_json_and_figures_draw(tiny_lm, tokens, sae):
+    import json
+
+    res = sd.run(sae, tiny_lm, HOOK, tokens, lengths=[1.0, 9.0], direction_types=["isotropic", "cov_random_mixture"])
+    json.dumps(res, allow_nan=False)
+    assert res["lengths"] == [1.0, 9.0] and res["n_tokens"] == tokens.shape[0] * (tokens.shape[1] - 1)
+    assert all(math.isfinite(v) for v in res["substitution"]["ratio"].values())
+    assert set(sd.figures(res)) == {"kl_vs_length", "l2_vs_length", "substitution_kl"}
+
+
+def test_default_lengths_and_option_errors(tiny_lm, tokens, sae):
+    assert len(sd.DEFAULT_LENGTHS) == 23 and sd.DEFAULT_LENGTHS[0] == 1 and sd.DEFAULT_LENGTHS[-1] == 91
+    with pytest.raises(ValueError, match="direction_types"):
+        sd.run(sae, tiny_lm, HOOK, tokens, direction_types=["bogus"])
+    with pytest.raises(ValueError, match="position"):
+        sd.run(sae, tiny_lm, HOOK, tokens, mode="single_token", position=11)
+
+
+def test_g_sae_and_skip_first(tiny_lm, tokens):
+    from gsae.sae import GradTopKSAE
+
+    sae = GradTopKSAE(64, d_sae=128, k=4, beta=10.0)
+    res = sd.run(
+        sae,
+        tiny_lm,
+        HOOK,
+        tokens,
+        lengths=[0.0, 4.0],
+        direction_types=["sae_error", "sae_feature_active"],
+        skip_first=True,
+    )
+    assert res["n_tokens"] == tokens.shape[0] * (tokens.shape[1] - 2)
+    assert res["curves"]["sae_error"]["kl"][0] == pytest.approx(0, abs=1e-7) and res["kl_sae"] > 0

@@ -1,0 +1,101 @@
+"""g-SAE selection (arXiv 2411.10397 §3): TopK of ``s = z ∘ (1 + β|W_dec g|)``, kept values plain ``z``,
+no gradient into ``g``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gsae.sae import GradTopKSAE, TopKSAE
+
+
+def _randomize(sae: TopKSAE, seed: int = 1) -> TopKSAE:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return sae
+
+
+def _pair(beta: float, **kw) -> tuple[GradTopKSAE, TopKSAE]:
+    g_sae = _randomize(GradTopKSAE(16, d_sae=64, k=5, beta=beta, **kw))
+    t_sae = _randomize(TopKSAE(16, d_sae=64, k=5, **kw))
+    torch.testing.assert_close(dict(g_sae.named_parameters()), dict(t_sae.named_parameters()))
+    return g_sae, t_sae
+
+
+def _index_sets(idx: torch.Tensor) -> list[set[int]]:
+    return [set(r.tolist()) for r in idx]
+
+
+@pytest.mark.parametrize("sparse_backward", [True, False])
+def test_beta_zero_or_no_grad_is_plain_topk(sparse_backward: bool) -> None:
+    x, g = torch.randn(50, 16), torch.randn(50, 16)
+    g_sae, t_sae = _pair(0.0, sparse_backward=sparse_backward)
+    ref = t_sae(x)
+    for out in (g_sae(x, grad=g), _pair(1e5, sparse_backward=sparse_backward)[0](x, grad=None)):
+        assert _index_sets(out.top_idx) == _index_sets(ref.top_idx)
+        torch.testing.assert_close(g_sae.densify(out), t_sae.densify(ref))
+        torch.testing.assert_close(out.x_hat, ref.x_hat)
+
+
+@pytest.mark.parametrize("sparse_backward", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+def test_selection_equals_brute_force_score(sparse_backward: bool, relu: bool) -> None:
+    beta = 2.0
+    x, g = torch.randn(200, 16), torch.randn(200, 16)
+    g_sae, t_sae = _pair(beta, sparse_backward=sparse_backward, relu_after_topk=relu)
+    out = g_sae(x, grad=g)
+
+    z = (x - g_sae.b_dec) @ g_sae.W_enc + g_sae.b_enc  # (N, d_sae)
+    a = (g @ g_sae.W_dec.T).abs()  # |W_dec g| per latent, (N, d_sae)
+    s = z * (1 + beta * a)
+    ref_idx = s.topk(5, dim=-1).indices
+    assert _index_sets(out.top_idx) == _index_sets(ref_idx)
+    # the gradient term changes the selection for many tokens (else this test would not test it)
+    differs = sum(a != b for a, b in zip(_index_sets(out.top_idx), _index_sets(t_sae(x).top_idx)))
+    assert differs > 50
+
+    # kept values are the plain pre-activations z (ReLU'd if asked), not the scores s
+    expected = z.gather(-1, out.top_idx)
+    torch.testing.assert_close(out.top_acts, expected.relu() if relu else expected)
+    dense = torch.zeros_like(z).scatter(-1, out.top_idx, out.top_acts)
+    torch.testing.assert_close(out.x_hat, dense @ g_sae.W_dec + g_sae.b_dec, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_sae.attribution(g), beta * a)
+
+
+@pytest.mark.parametrize("sparse_backward", [True, False])
+def test_no_gradient_flows_into_grad(sparse_backward: bool) -> None:
+    g_sae, _ = _pair(3.0, sparse_backward=sparse_backward)
+    x = torch.randn(30, 16, requires_grad=True)
+    g = torch.randn(30, 16, requires_grad=True)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:10] = True
+    out = g_sae(x, grad=g, dead_mask=dead)
+    loss = (out.x_hat - x.detach()).pow(2).sum() + out.aux_loss
+    (gx, gg) = torch.autograd.grad(loss, [x, g], allow_unused=True)
+    assert gg is None
+    assert gx is not None and gx.abs().sum() > 0
+    assert not out.pre_acts.requires_grad
+
+
+def test_sparse_and_dense_backward_agree_for_gsae() -> None:
+    x, g = torch.randn(64, 16), torch.randn(64, 16)
+    grads = []
+    for sparse in (True, False):
+        sae = _randomize(GradTopKSAE(16, d_sae=48, k=4, beta=5.0, sparse_backward=sparse))
+        sae(x, grad=g).x_hat.sub(x).pow(2).sum().backward()
+        grads.append({n: p.grad for n, p in sae.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_negative_beta_is_rejected_and_config_roundtrips() -> None:
+    with pytest.raises(ValueError, match=r"--model\.sae\.beta"):
+        GradTopKSAE(16, d_sae=64, k=4, beta=-1.0)
+    with pytest.raises(ValueError, match=r"--model\.sae\.k"):
+        GradTopKSAE(16, d_sae=4, k=5)
+    sae = GradTopKSAE(16, d_sae=64, k=4, beta=7.0, seed=3)
+    assert sae.config()["beta"] == 7.0 and sae.architecture == "gsae"
+    again = GradTopKSAE(**sae.config())
+    torch.testing.assert_close(dict(again.named_parameters()), dict(sae.named_parameters()))

@@ -1,0 +1,105 @@
+"""Bad inputs through the real CLI, in process: exit code 1 and one ``error: ...`` line naming the option."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gsae.cli import main
+from tests.conftest import quickstart_args
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def run_cli(tmp_path, monkeypatch, capsys):
+    """Run ``train.py`` in process on the quickstart config with extra args; returns (exit code, error line)."""
+    monkeypatch.chdir(REPO_ROOT)
+
+    def run(*extra: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(quickstart_args(tmp_path, *extra, steps=2))
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) <= 1, err
+        return code, lines[0] if lines else ""
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model.init_args.hook", "blocks.99.hook_resid_pre"], ["--model.hook", "blocks.99.hook_resid_pre",
+                                                                 "blocks.1.hook_resid_pre", "blocks.0.hook_resid_post"]),
+        (["--model.init_args.sae.init_args.k", "1000"], ["--model.sae.k", "1000 > 512"]),
+        (["--model.init_args.sae.init_args.d_sae", "0"], ["--model.sae.d_sae", "got 0"]),
+        (["--model.init_args.sae.init_args.k", "0"], ["--model.sae.k", "got 0"]),
+        (["--data.context_size", "1000"], ["--data.context_size", "1000", "128"]),
+        (["--data.batch_size", "0"], ["--data.batch_size"]),
+        (["--model.init_args.lm.name", "random-huge"], ["--model.lm.name", "random-huge"]),
+        (["--ckpt_path", "last"], ["--ckpt_path last", "nothing to resume"]),
+        (["--ckpt_path", "does/not/exist.ckpt"], ["--ckpt_path", "does/not/exist.ckpt"]),
+    ],
+    ids=["hook", "k>d_sae", "d_sae=0", "k=0", "context_size>n_ctx", "batch_size=0", "lm-preset", "ckpt-last",
+         "ckpt-missing"],
+)
+def test_bad_option(run_cli, args: list[str], expected: list[str]) -> None:
+    code, line = run_cli(*args)
+    assert code == 1
+    for text in expected:
+        assert text in line, line
+
+
+def test_missing_local_dataset(run_cli, tmp_path) -> None:
+    path = str(tmp_path / "no" / "corpus.txt")
+    code, line = run_cli("--data.dataset", path)
+    assert code == 1
+    assert "--data.dataset" in line and path in line
+
+
+def test_dataset_without_text_column(run_cli, tmp_path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"body": "hello world"}\n' * 5)
+    code, line = run_cli("--data.dataset", str(path))
+    assert code == 1
+    assert "--data.text_column" in line and "body" in line
+
+
+def test_corrupt_checkpoint(run_cli, tmp_path) -> None:
+    bad = tmp_path / "corrupt.ckpt"
+    bad.write_bytes(torch.randint(0, 256, (2048,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy().tobytes())
+    code, line = run_cli("--ckpt_path", str(bad))
+    assert code == 1
+    assert str(bad) in line and "corrupt or unreadable" in line
+
+
+def test_foreign_checkpoint(run_cli, tmp_path) -> None:
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    code, line = run_cli("--ckpt_path", str(foreign))
+    assert code == 1
+    assert "not a gsae checkpoint" in line
+
+
+def test_corrupt_checkpoint_names_the_option(run_cli, tmp_path) -> None:
+    bad = tmp_path / "corrupt.ckpt"
+    bad.write_bytes(b"\x00not a checkpoint")
+    assert "--ckpt_path" in run_cli("--ckpt_path", str(bad))[1]
+
+
+def test_shorthand_option_names_work(run_cli) -> None:
+    """``--model.sae.k 64`` (no ``init_args``) reaches the SAE, as the README and the error messages say."""
+    code, line = run_cli("--model.sae.k", "1000")
+    assert code == 1 and "--model.sae.k" in line and "1000 > 512" in line
+    code, line = run_cli("--model.hook", "blocks.99.hook_resid_pre")
+    assert code == 1 and "--model.hook" in line
+
+
+def test_unknown_option_is_a_parse_error(run_cli) -> None:
+    with pytest.raises(SystemExit) as exc:
+        run_cli("--model.init_args.sae.init_args.kk", "3")
+    assert exc.value.code != 0

@@ -1,0 +1,207 @@
+"""SAELens export (loads with ``sae_lens.SAE.load_from_disk`` and computes the same thing) and
+``load_checkpoint`` on a real checkpoint written by the CLI."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from gsae.export import export_saelens, load_checkpoint
+from gsae.sae import GradTopKSAE, TopKSAE
+from tests.conftest import build_topk, quickstart_args
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+META = {"lm": {"name": "random-tiny", "fold_ln": True, "center_writing_weights": False}, "hook": "blocks.1.hook_resid_pre",
+        "context_size": 64, "sae_class": "gsae.sae.TopKSAE", "objective": "LocalSAESystem"}
+
+
+def _load_saelens(path):
+    from sae_lens import SAE
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "non-empty model_from_pretrained_kwargs" advice
+        return SAE.load_from_disk(str(path))
+
+
+def _randomize(sae, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return sae
+
+
+@torch.no_grad()
+def test_relu_topk_export_is_exact(tmp_path) -> None:
+    sae = _randomize(build_topk(d_in=16, d_sae=64, k=5, relu_after_topk=True))
+    with torch.no_grad():
+        sae.b_enc.sub_(3.0)  # some kept pre-activations negative: ReLU'd to 0 on both sides
+    path = export_saelens(sae, tmp_path / "sae", META)
+    theirs = _load_saelens(path)
+    x = torch.randn(200, 16)
+    ours_latents = sae.encode(x)
+    assert (sae(x).top_acts == 0).any(), "test setup: want some ReLU'd kept values"
+    torch.testing.assert_close(theirs.encode(x), ours_latents, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(theirs.decode(ours_latents), sae(x).x_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs(x), sae(x).x_hat, rtol=1e-5, atol=1e-5)
+    assert theirs.cfg.k == 5 and theirs.cfg.d_in == 16 and theirs.cfg.d_sae == 64
+
+
+@torch.no_grad()
+def test_plain_topk_export_is_exact_when_kept_values_are_positive(tmp_path) -> None:
+    sae = _randomize(build_topk(d_in=16, d_sae=64, k=5, relu_after_topk=False))
+    sae.b_enc.add_(10.0)  # every pre-activation positive
+    theirs = _load_saelens(export_saelens(sae, tmp_path / "sae", META))
+    x = torch.randn(200, 16)
+    assert (sae(x).top_acts > 0).all()
+    torch.testing.assert_close(theirs.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs(x), sae(x).x_hat, rtol=1e-5, atol=1e-4)
+
+
+@torch.no_grad()
+def test_plain_topk_export_differs_only_on_negative_kept_values(tmp_path) -> None:
+    """The documented limit: SAELens ReLUs the kept values; without ``relu_after_topk`` a token whose
+    kept values include a negative one encodes differently, every other token exactly the same."""
+    sae = _randomize(build_topk(d_in=16, d_sae=64, k=5, relu_after_topk=False))
+    sae.b_enc.sub_(1.5)
+    theirs = _load_saelens(export_saelens(sae, tmp_path / "sae", META))
+    x = torch.randn(300, 16)
+    negative = (sae(x).top_acts < 0).any(-1)
+    assert negative.any() and (~negative).any()
+    ours, saelens = sae.encode(x), theirs.encode(x)
+    torch.testing.assert_close(saelens[~negative], ours[~negative], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(saelens, ours.relu(), rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_gsae_exports_as_its_beta_zero_topk(tmp_path) -> None:
+    sae = _randomize(GradTopKSAE(16, d_sae=64, k=5, beta=3.0, relu_after_topk=True))
+    theirs = _load_saelens(export_saelens(sae, tmp_path / "sae", {**META, "sae_class": "gsae.sae.GradTopKSAE"}))
+    x = torch.randn(100, 16)
+    torch.testing.assert_close(theirs.encode(x), sae.encode(x, grad=None), rtol=1e-5, atol=1e-6)
+    assert theirs.cfg.metadata["gsae"]["sae_config"]["beta"] == 3.0
+
+
+def test_export_metadata_survives_saelens_loading(tmp_path) -> None:
+    path = export_saelens(build_topk(d_in=16), tmp_path / "sae", META)
+    cfg = json.loads((path / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["apply_b_dec_to_input"] is True
+    md = _load_saelens(path).cfg.metadata
+    assert md.hook_name == "blocks.1.hook_resid_pre"
+    assert md.model_name == "random-tiny"
+    assert md.context_size == 64
+    assert md.model_from_pretrained_kwargs == {"fold_ln": True, "center_writing_weights": False}
+    assert md["gsae"]["sae_config"] == build_topk(d_in=16).config()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory) -> Path:
+    """A 5-step quickstart run through the real CLI, in process; returns its checkpoint folder (~6 s idle)."""
+    from gsae.cli import main
+
+    root = tmp_path_factory.mktemp("quickstart")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO_ROOT)
+        assert main(quickstart_args(root, steps=5)) == 0
+    folder = root / "quickstart-topk" / "checkpoints"
+    assert (folder / "last.ckpt").is_file()
+    return folder
+
+
+def test_load_checkpoint_of_a_system_state(tiny_lm, tmp_path) -> None:
+    """Fast variant without a training run: what ``SAESystem.on_save_checkpoint`` writes, loaded back."""
+    from gsae.systems import LocalSAESystem
+
+    system = LocalSAESystem(lm=tiny_lm, sae=lambda d_in: GradTopKSAE(d_in, d_sae=32, k=3, beta=2.0),
+                            hook="blocks.0.hook_resid_post")
+    _randomize(system.sae)
+    ckpt = {"state_dict": system.state_dict()}
+    system.on_save_checkpoint(ckpt)
+    path = tmp_path / "system.ckpt"
+    torch.save(ckpt, path)
+    sae, meta = load_checkpoint(path)
+    assert type(sae) is GradTopKSAE and sae.config() == system.sae.config()
+    assert meta["hook"] == "blocks.0.hook_resid_post" and meta["lm"] == tiny_lm.describe()
+    torch.testing.assert_close(sae.state_dict(), system.sae.state_dict(), rtol=0, atol=0)
+    assert not any("lm." in k or "blocks." in k for k in ckpt["state_dict"])  # no language-model weights
+
+
+@pytest.mark.slow
+def test_load_checkpoint_from_a_cli_run(quickstart_run: Path) -> None:
+    ckpts = sorted(quickstart_run.glob("*.ckpt"))
+    assert len(ckpts) >= 2  # the step checkpoint and last.ckpt
+    for ckpt in ckpts:
+        sae, meta = load_checkpoint(ckpt)
+        assert isinstance(sae, TopKSAE)
+        assert sae.d_sae == 512 and sae.k == 16 and sae.d_in == 64  # configs/quickstart/topk.yaml, random-tiny
+        assert meta["hook"] == "blocks.1.hook_resid_pre"
+        assert meta["lm"]["name"] == "random-tiny"
+        assert meta["architecture"] == "topk" and meta["objective"] == "LocalSAESystem"
+        assert meta["tokens_seen"] > 0
+        raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+        for name, p in sae.state_dict().items():
+            torch.testing.assert_close(p, raw["state_dict"][f"sae.{name}"], rtol=0, atol=0)
+        # the checkpoint never contains the language model's weights
+        assert all(k.startswith(("sae.", "dead.")) or "." not in k for k in raw["state_dict"]), list(raw["state_dict"])
+        # trained: b_dec was initialised from data, decoder rows are unit norm
+        assert sae.b_dec.abs().sum() > 0
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(512), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_saelens_export_beside_the_checkpoint(quickstart_run: Path) -> None:
+    sae, _ = load_checkpoint(quickstart_run / "last.ckpt")
+    theirs = _load_saelens(quickstart_run / "last.saelens")
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(theirs, name), getattr(sae, name), rtol=0, atol=0, msg=name)
+    x = torch.randn(64, 64) * 3
+    positive = (sae(x).top_acts > 0).all(-1)
+    torch.testing.assert_close(theirs.encode(x)[positive], sae.encode(x)[positive], rtol=1e-5, atol=1e-5)
+    assert theirs.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
+
+
+def _one_line_error(path) -> str:
+    with pytest.raises(ValueError) as exc:
+        load_checkpoint(path)
+    msg = str(exc.value)
+    assert "\n" not in msg and str(path) in msg
+    return msg
+
+
+def test_corrupt_checkpoint(tmp_path) -> None:
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy().tobytes())
+    assert "corrupt or unreadable" in _one_line_error(bad)
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    assert "corrupt or unreadable" in _one_line_error(empty)
+
+
+@pytest.mark.slow
+def test_truncated_checkpoint(quickstart_run: Path, tmp_path) -> None:
+    data = (quickstart_run / "last.ckpt").read_bytes()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(data[: len(data) // 2])
+    assert "corrupt or unreadable" in _one_line_error(cut)
+
+
+def test_foreign_torch_files(tmp_path) -> None:
+    for i, obj in enumerate([{"state_dict": {"w": torch.zeros(2)}}, torch.zeros(3), [1, 2]]):
+        path = tmp_path / f"foreign{i}.pt"
+        torch.save(obj, path)
+        assert "not a gsae checkpoint" in _one_line_error(path)
+
+
+@pytest.mark.slow
+def test_checkpoint_whose_weights_do_not_match_its_config(quickstart_run: Path, tmp_path) -> None:
+    raw = torch.load(quickstart_run / "last.ckpt", map_location="cpu", weights_only=False)
+    raw["gsae"]["sae_config"]["d_sae"] = 256
+    path = tmp_path / "mismatch.ckpt"
+    torch.save(raw, path)
+    assert "does not match" in _one_line_error(path)

@@ -1,0 +1,134 @@
+"""Metrics against their formulas; sums that add up; KL convention; dead-latent counters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gsae.metrics import DeadLatentTracker, ReconSums, fired_mask, kl_div_per_token, recon_metrics, recon_sums
+
+
+def _data(n: int = 300, d: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64) * 2 + 3  # nonzero mean: centered != uncentered
+    x_hat = x + 0.5 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    l0 = torch.randint(0, 10, (n,), generator=gen)
+    return x, x_hat, l0
+
+
+def test_recon_metrics_match_direct_formulas() -> None:
+    x, x_hat, l0 = _data()
+    m = recon_metrics(recon_sums(x, x_hat, l0))
+    err = (x - x_hat).pow(2).sum(-1)  # (N,)
+    assert m["mse"] == pytest.approx(float(err.mean()), rel=1e-9)
+    assert m["nmse"] == pytest.approx(float((err / x.pow(2).sum(-1)).mean()), rel=1e-9)
+    centered = (x - x.mean(0)).pow(2).sum()
+    assert m["explained_variance"] == pytest.approx(float(1 - err.sum() / centered), rel=1e-9)
+    assert m["fvu_uncentered"] == pytest.approx(float(err.sum() / x.pow(2).sum()), rel=1e-9)
+    assert m["l0"] == pytest.approx(float(l0.double().mean()), rel=1e-12)
+    assert m["cossim"] == pytest.approx(float(F.cosine_similarity(x, x_hat, dim=-1).mean()), rel=1e-9)
+    assert m["l2_ratio"] == pytest.approx(float((x_hat.norm(dim=-1) / x.norm(dim=-1)).mean()), rel=1e-9)
+    # with a nonzero mean the centered variance is much smaller, so EV is well below 1 - fvu_uncentered
+    assert m["explained_variance"] < 1 - m["fvu_uncentered"] - 0.01
+
+
+def test_perfect_and_zero_reconstruction() -> None:
+    x, _, l0 = _data()
+    perfect = recon_metrics(recon_sums(x, x.clone(), l0))
+    assert perfect["mse"] == 0 and perfect["nmse"] == 0 and perfect["explained_variance"] == 1
+    assert perfect["cossim"] == pytest.approx(1.0) and perfect["l2_ratio"] == pytest.approx(1.0)
+    # predicting the mean explains no variance
+    mean = recon_metrics(recon_sums(x, x.mean(0).expand_as(x), l0))
+    assert mean["explained_variance"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_recon_sums_add_up_over_halves() -> None:
+    x, x_hat, l0 = _data(n=301)
+    whole = recon_metrics(recon_sums(x, x_hat, l0))
+    a = recon_sums(x[:120], x_hat[:120], l0[:120])
+    b = recon_sums(x[120:], x_hat[120:], l0[120:])
+    halves = recon_metrics(a + b)
+    assert halves.keys() == whole.keys()
+    for key in whole:
+        assert halves[key] == pytest.approx(whole[key], rel=1e-10, abs=1e-12), key
+    # the flat vector round-trips (it is what DDP all-reduces)
+    back = ReconSums.unflat(a.flat())
+    for field, value in zip(ReconSums._fields, back):
+        torch.testing.assert_close(value, getattr(a, field), msg=field)
+
+
+def test_recon_sums_accept_float32_and_count_tokens() -> None:
+    x, x_hat, l0 = _data()
+    s = recon_sums(x.float(), x_hat.float(), l0)
+    assert s.sse.dtype == torch.float64 and float(s.n) == 300
+    assert recon_metrics(s)["mse"] == pytest.approx(recon_metrics(recon_sums(x, x_hat, l0))["mse"], rel=1e-5)
+
+
+def test_kl_div_per_token_matches_torch_convention() -> None:
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randn(3, 7, 50, generator=gen) * 3
+    new = clean + torch.randn(3, 7, 50, generator=gen)
+    kl = kl_div_per_token(clean, new)
+    ref = F.kl_div(F.log_softmax(new, -1), F.log_softmax(clean, -1), log_target=True, reduction="none").sum(-1)
+    assert kl.shape == (3, 7)
+    torch.testing.assert_close(kl, ref, rtol=1e-5, atol=1e-6)
+    assert (kl > 0).all()
+    # KL(clean || new), not KL(new || clean): the two differ for these logits
+    assert not torch.allclose(kl, kl_div_per_token(new, clean), rtol=1e-3)
+    torch.testing.assert_close(kl_div_per_token(clean, clean), torch.zeros(3, 7), atol=1e-6, rtol=0)
+    # invariant to a constant shift of the logits (softmax)
+    torch.testing.assert_close(kl_div_per_token(clean, clean + 5.0), torch.zeros(3, 7), atol=1e-5, rtol=0)
+
+
+def test_dead_latent_tracker_batches_definition() -> None:
+    tracker = DeadLatentTracker(d_sae=4, n_batches=5, n_tokens=10**9)
+    fired = torch.tensor([False, True, True, True])
+    for step in range(1, 8):
+        tracker.update(fired, n_tokens=10)
+        assert bool(tracker.dead_by_batches()[0]) == (step >= 5), step
+        assert not tracker.dead_by_batches()[1:].any()
+    # firing resets the counter: alive again, and dead only after another 5 silent batches
+    tracker.update(torch.tensor([True, True, True, True]), n_tokens=10)
+    assert not tracker.dead_by_batches().any()
+    for _ in range(4):
+        tracker.update(fired, n_tokens=10)
+    assert not tracker.dead_by_batches()[0]
+    tracker.update(fired, n_tokens=10)
+    assert tracker.dead_by_batches()[0]
+
+
+def test_dead_latent_tracker_tokens_definition() -> None:
+    tracker = DeadLatentTracker(d_sae=3, n_batches=10**6, n_tokens=100)
+    fired = torch.tensor([False, True, False])
+    tracker.update(fired, n_tokens=30)
+    tracker.update(fired, n_tokens=30)
+    tracker.update(fired, n_tokens=30)
+    assert not tracker.dead_by_tokens().any()  # 90 tokens < 100
+    tracker.update(torch.tensor([False, True, True]), n_tokens=30)
+    assert tracker.dead_by_tokens().tolist() == [True, False, False]  # 120 >= 100; latent 2 just fired
+    tracker.update(torch.tensor([True, True, False]), n_tokens=100)
+    assert tracker.dead_by_tokens().tolist() == [False, False, True]
+    assert tracker.tokens_since_fired.tolist() == [0, 0, 100]
+
+
+def test_dead_latent_tracker_state_and_validation() -> None:
+    tracker = DeadLatentTracker(d_sae=3, n_batches=2, n_tokens=5)
+    tracker.update(torch.tensor([False, True, False]), n_tokens=3)
+    state = tracker.state_dict()
+    assert set(state) == {"batches_since_fired", "tokens_since_fired"}
+    other = DeadLatentTracker(d_sae=3, n_batches=2, n_tokens=5)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.tokens_since_fired, tracker.tokens_since_fired)
+    with pytest.raises(ValueError, match="--model.dead_batches"):
+        DeadLatentTracker(3, n_batches=0)
+    with pytest.raises(ValueError, match="--model.dead_tokens"):
+        DeadLatentTracker(3, n_tokens=0)
+
+
+def test_fired_mask() -> None:
+    top_idx = torch.tensor([[0, 2], [2, 5]])
+    top_acts = torch.tensor([[1.0, 0.0], [-0.5, 0.0]])  # a kept zero (ReLU'd) does not count as firing
+    assert fired_mask(top_idx, top_acts, None, 6).tolist() == [True, False, True, False, False, False]
+    latents = torch.tensor([[0.0, 0.1, 0.0], [0.0, 0.0, -2.0]])
+    assert fired_mask(None, None, latents, 3).tolist() == [False, True, True]
