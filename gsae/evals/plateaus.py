@@ -1,13 +1,16 @@
 """Activation plateaus and synthetic activations (Giglemiani et al. 2024, arXiv 2409.15019; SPEC §4).
 
 **Prompts.** ``prompt_len``-token windows of the eval contexts (the prefix of each context first, then the
-following non-overlapping windows; ``windows="prefix"`` keeps prefixes only). The base activation ``A`` is the
-activation at ``hook`` at ``position`` (default the last) of a prompt; every type below uses the same bases.
+following non-overlapping windows; ``windows="prefix"`` keeps prefixes only). Later windows start mid-text
+without BOS, like the paper's 10-token slices of OpenWebText; they give 12× more prompts from 128-token
+contexts, for more bases and a better-conditioned ``Σ``. The base activation ``A`` is the activation at
+``hook`` at ``position`` (default the last) of a prompt; every type below uses the same bases (paired, as §4.2).
+Latent densities (sparsity, dead = never active) are counted over every non-special token of the prompts.
 
 **Targets** ``T`` (§4.2–4.3, App. A, D): ``model_generated`` (``A`` of another prompt, redrawn if
-``‖T − A‖ ≤ 1e-3``), ``random`` (``N(μ, Σ)`` of the bases' activations), ``sae_reconstruction`` (``SAE(T)``
-of the same ``model_generated`` target), and the synthetic activations of
-:mod:`gsae.evals.synthetic_activations` built from ``A``'s own code (``synthetic_random``,
+``‖T − A‖ ≤ 1e-3``), ``random`` (``N(μ, Σ)`` of all prompts' activations at ``position``; the paper used
+32,000), ``sae_reconstruction`` (``SAE(T)`` of the same ``model_generated`` target), and the synthetic
+activations of :mod:`gsae.evals.synthetic_activations` built from ``A``'s own code (``synthetic_random``,
 ``synthetic_baseline``, ``synthetic_structured``, ``synthetic_structured_no_cos``).
 
 **Perturbation** (§4.1, App. A) of the activation at ``position`` only, ``n = 0..100``: ``absolute``
@@ -26,7 +29,8 @@ these curves.
 
 **Speed.** The prompts run once up to the hook (``lm.activations``); each curve is ``101`` copies of the
 prompt, cut after ``position`` (later tokens cannot change it), that run only the layers after the hook
-(``lm.run_from_hook``), many curves per forward pass (about ``forward_tokens`` tokens).
+(``lm.run_from_hook``), many curves per forward pass (about ``forward_tokens`` tokens). Tables, ``format_table``
+and ``figures`` are in :mod:`gsae.evals.step_metrics`.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from torch import Tensor
 
 from gsae.evals import synthetic_activations as syn
 from gsae.evals.common import batches, sae_on_tokens, special_token_mask
-from gsae.evals.step_metrics import format_table, report
+from gsae.evals.step_metrics import figures, format_table, report
 from gsae.evals.synthetic_activations import PLATEAU_BASES, TARGET_TYPES
 from gsae.lm import LanguageModel
 from gsae.metrics import kl_div_per_token
@@ -223,17 +227,7 @@ def run(
         batch_size: prompts per forward up to the hook. forward_tokens: tokens per forward after the hook.
     """
     t0 = time.perf_counter()
-    bad = [t for t in target_types if t not in TARGET_TYPES] + [s for s in schedules if s not in SCHEDULES]
-    if bad or "model_generated" not in target_types or n_perturbations < 1:
-        raise ValueError(
-            f"plateaus: target_types must include model_generated and come from {', '.join(TARGET_TYPES)}; schedules "
-            f"from {', '.join(SCHEDULES)}; n_perturbations >= 1 (got unknown {bad}, n_perturbations={n_perturbations})"
-        )
-    pos = prompt_len - 1 if position is None else position
-    if not 0 <= pos < prompt_len:
-        raise ValueError(f"plateaus: position must be in [0, {prompt_len - 1}] (got {position})")
-    if step_size != "auto" and not float(step_size) > 0:
-        raise ValueError(f"plateaus: step_size must be > 0 or 'auto' (got {step_size!r})")
+    pos = _check_options(target_types, schedules, n_perturbations, prompt_len, position, step_size)
     prompts = encode_prompts(sae, lm, hook, prompt_windows(tokens, prompt_len, windows), pos, batch_size)
     setup = syn.build_targets(
         sae,
@@ -248,38 +242,27 @@ def run(
         target_cos=target_cos,
         cov_jitter=cov_jitter,
     )
-    s = step_size
-    if s == "auto":
-        s = 1.25 * setup.info["mean_distance"]["model_generated"] / N_STEPS
+    s = step_size if step_size != "auto" else 1.25 * setup.info["mean_distance"]["model_generated"] / N_STEPS
     t_prep = time.perf_counter() - t0
-    tok = prompts.tokens.to(lm.device) if lm.resume_layer(hook) is None else None
     A = prompts.x[setup.base_idx, pos]
-
-    def curves(base: Tensor, target: Tensor, schedule: str, block: int = 256) -> Curves:
-        out = []
-        for b0 in range(0, base.shape[0], block):  # blocks of curves bound the (M, 101, D) steps in memory
-            steps = perturbation_steps(base[b0 : b0 + block], target[b0 : b0 + block], schedule, float(s))
-            idx = setup.base_idx[b0 : b0 + block]
-            out.append(
-                perturbation_curves(lm, hook, prompts.x, idx, steps, pos, tokens=tok, forward_tokens=forward_tokens)
-            )
-        return Curves(torch.cat([c.l2 for c in out]), torch.cat([c.kl for c in out]))
-
-    sens = {sch: {t: curves(A, setup.targets[t], sch) for t in target_types} for sch in schedules}
-    plat = (
-        {b: curves(setup.plateau_bases[b], setup.plateau_target, plateau_schedule) for b in PLATEAU_BASES}
-        if plateau
-        else {}
-    )
-    t_total = time.perf_counter() - t0
-    n_curves = n_perturbations * (len(schedules) * len(target_types) + len(plat))
+    jobs = {("sens", sch, t): (A, setup.targets[t], sch) for sch in schedules for t in target_types}
+    if plateau:
+        jobs.update(
+            {("plat", b): (setup.plateau_bases[b], setup.plateau_target, plateau_schedule) for b in PLATEAU_BASES}
+        )
+    tok = prompts.tokens.to(lm.device) if lm.resume_layer(hook) is None else None
+    curves = _run_jobs(lm, hook, prompts.x, setup.base_idx, pos, float(s), jobs, tok, forward_tokens)
+    sens = {sch: {t: curves["sens", sch, t] for t in target_types} for sch in schedules}
+    plat = {b: curves["plat", b] for b in PLATEAU_BASES} if plateau else {}
+    t_fwd = max(time.perf_counter() - t0 - t_prep, 1e-9)
+    n_curves = n_perturbations * len(jobs)
     timings = {
-        "seconds_total": t_total,
+        "seconds_total": t_prep + t_fwd,
         "seconds_prepare": t_prep,
-        "seconds_forward": t_total - t_prep,
+        "seconds_forward": t_fwd,
         "n_curves": n_curves,
-        "curves_per_second": n_curves / max(t_total - t_prep, 1e-9),
-        "forward_tokens_per_second": n_curves * (N_STEPS + 1) * (pos + 1) / max(t_total - t_prep, 1e-9),
+        "curves_per_second": n_curves / t_fwd,
+        "forward_tokens_per_second": n_curves * (N_STEPS + 1) * (pos + 1) / t_fwd,
     }
     meta = {
         "hook": hook,
@@ -300,49 +283,44 @@ def run(
     return report(meta, sens, plat, ap_threshold, nl_variant, auc_variant)
 
 
-def figures(result: dict) -> dict:
-    """CDFs of the MS steps per target type (one figure per schedule; paper Fig. 2, A.1), of the AP steps per
-    base type (Fig. 3), and the mean L2 curve per target type (the dashed lines of Fig. 1)."""
-    from matplotlib.figure import Figure
-
-    def cdf(ax, vals: list, label: str) -> None:
-        v = sorted(x for x in vals if x is not None)
-        if v:  # curves that never cross stay out, so a CDF may end below 1
-            ax.step(v, [(i + 1) / len(vals) for i in range(len(v))], where="post", label=label)
-
-    figs = {}
-    for sch, by_type in result["steps"]["ms"].items():
-        fig = Figure(figsize=(5.5, 3.8))
-        ax = fig.add_subplot()
-        for t, vals in by_type.items():
-            cdf(ax, vals, t)
-        ax.set(
-            xlabel=f"MS step ({sch} step size)", ylabel="cumulative fraction", xlim=(0, N_STEPS), title=result["hook"]
+def _check_options(target_types, schedules, n_perturbations: int, prompt_len: int, position, step_size) -> int:
+    """Validate :func:`run`'s options; return the perturbed position."""
+    bad = [t for t in target_types if t not in TARGET_TYPES] + [s for s in schedules if s not in SCHEDULES]
+    if bad or "model_generated" not in target_types or n_perturbations < 1:
+        raise ValueError(
+            f"plateaus: target_types must include model_generated and come from {', '.join(TARGET_TYPES)}; schedules "
+            f"from {', '.join(SCHEDULES)}; n_perturbations >= 1 (got unknown {bad}, n_perturbations={n_perturbations})"
         )
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        figs[f"ms_cdf_{sch}"] = fig
-        fig = Figure(figsize=(5.5, 3.8))
-        ax = fig.add_subplot()
-        for t, c in result["mean_curves"][sch].items():
-            ax.plot(range(len(c["l2"])), c["l2"], label=t)
-        ax.set(xlabel=f"step ({sch})", ylabel="mean L2 at final residual", title=result["hook"])
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        figs[f"mean_l2_{sch}"] = fig
-    if "plateau" in result:
-        p = result["plateau"]
-        fig = Figure(figsize=(5.5, 3.8))
-        ax = fig.add_subplot()
-        for b, vals in p["ap_steps"].items():
-            cdf(ax, vals, b)
-        ax.set(
-            xlabel=f"AP step (L2 > {p['threshold']:.3g})",
-            ylabel="cumulative fraction",
-            xlim=(0, N_STEPS),
-            title="perturbing towards random activations",
-        )
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        figs["ap_cdf"] = fig
-    return figs
+    pos = prompt_len - 1 if position is None else position
+    if not 0 <= pos < prompt_len:
+        raise ValueError(f"plateaus: position must be in [0, {prompt_len - 1}] (got {position})")
+    if step_size != "auto" and not float(step_size) > 0:
+        raise ValueError(f"plateaus: step_size must be > 0 or 'auto' (got {step_size!r})")
+    return pos
+
+
+def _run_jobs(
+    lm: LanguageModel,
+    hook: str,
+    x: Tensor,
+    base_idx: Tensor,
+    pos: int,
+    step_size: float,
+    jobs: dict,
+    tokens: Tensor | None,
+    forward_tokens: int,
+    block: int = 256,
+) -> dict[tuple, Curves]:
+    """Curves of every job ``key -> (bases (M, D), targets (M, D), schedule)``, curve ``i`` on prompt ``base_idx[i]``.
+    Blocks of ``block`` curves bound the ``(block, 101, D)`` steps in memory."""
+    out = {}
+    for key, (A, T, schedule) in jobs.items():
+        parts = []
+        for b0 in range(0, A.shape[0], block):
+            steps = perturbation_steps(A[b0 : b0 + block], T[b0 : b0 + block], schedule, step_size)
+            idx = base_idx[b0 : b0 + block]
+            parts.append(
+                perturbation_curves(lm, hook, x, idx, steps, pos, tokens=tokens, forward_tokens=forward_tokens)
+            )
+        out[key] = Curves(torch.cat([c.l2 for c in parts]), torch.cat([c.kl for c in parts]))
+    return out

@@ -21,6 +21,8 @@ The draft divides by ``lin(i)`` as written: where the line is 0 the deviation is
 counts) or ``nan`` (none does), and where it is negative no deviation counts. Summaries: mean and
 population std (``np.std``, as the draft's ``calculate_metrics``) and the two-sample Kolmogorov–Smirnov
 statistic against the reference distribution (``scipy.stats.ks_2samp``, equal to SPEC's ``kstest(a, b)``).
+The plateaus benchmark's tables (:func:`report`, :func:`format_table`) and CDF figures (:func:`figures`) live
+here too: they are these distributions, laid out as the paper's Tables 1, A.1, B.1, B.2, C.1 and Figs. 2, 3.
 """
 
 from __future__ import annotations
@@ -243,3 +245,54 @@ def format_table(result: dict) -> str:
     tm = result["timings"]
     lines += ["", f"{tm['n_curves']} curves in {tm['seconds_total']:.1f} s ({tm['curves_per_second']:.1f} curves/s)"]
     return "\n".join(lines)
+
+
+def figures(result: dict) -> dict:
+    """CDFs of the MS steps per target type (one figure per schedule; paper Fig. 2, A.1), of the AP steps per
+    base type (Fig. 3), and the mean L2 curve per target type (the dashed lines of Fig. 1)."""
+    from matplotlib.figure import Figure
+
+    def cdf(ax, vals: list, label: str) -> None:
+        v = sorted(x for x in vals if x is not None)
+        if v:  # curves that never cross stay out, so a CDF may end below 1
+            ax.step(v, [(i + 1) / len(vals) for i in range(len(v))], where="post", label=label)
+
+    figs = {}
+    for sch, by_type in result["steps"]["ms"].items():
+        fig = Figure(figsize=(5.5, 3.8))
+        ax = fig.add_subplot()
+        for t, vals in by_type.items():
+            cdf(ax, vals, t)
+        ax.set(
+            xlabel=f"MS step ({sch} step size)",
+            ylabel="cumulative fraction",
+            xlim=(0, result["n_steps"]),
+            title=result["hook"],
+        )
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        figs[f"ms_cdf_{sch}"] = fig
+        fig = Figure(figsize=(5.5, 3.8))
+        ax = fig.add_subplot()
+        for t, c in result["mean_curves"][sch].items():
+            ax.plot(range(len(c["l2"])), c["l2"], label=t)
+        ax.set(xlabel=f"step ({sch})", ylabel="mean L2 at final residual", title=result["hook"])
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        figs[f"mean_l2_{sch}"] = fig
+    if "plateau" in result:
+        p = result["plateau"]
+        fig = Figure(figsize=(5.5, 3.8))
+        ax = fig.add_subplot()
+        for b, vals in p["ap_steps"].items():
+            cdf(ax, vals, b)
+        ax.set(
+            xlabel=f"AP step (L2 > {p['threshold']:.3g})",
+            ylabel="cumulative fraction",
+            xlim=(0, result["n_steps"]),
+            title="perturbing towards random activations",
+        )
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        figs["ap_cdf"] = fig
+    return figs

@@ -153,9 +153,9 @@ def sparsity_neighbours(density: LatentDensity, n: int, seed: int) -> Tensor:
     order = torch.sort(density.log10[alive], stable=True).indices  # random order within ties
     ids, s = alive[order], density.log10[alive[order]]  # (n_alive,) sorted by density
     q = density.log10  # (d_sae,)
-    W = min(2 * n + 2, ids.numel())
-    start = (torch.searchsorted(s, q) - (n + 1)).clamp(0, ids.numel() - W)
-    cand = start[:, None] + torch.arange(W)  # (d_sae, W) positions in the sorted array
+    width = min(2 * n + 2, ids.numel())
+    start = (torch.searchsorted(s, q) - (n + 1)).clamp(0, ids.numel() - width)
+    cand = start[:, None] + torch.arange(width)  # (d_sae, width) positions in the sorted array
     dist = (s[cand] - q[:, None]).abs()
     dist[ids[cand] == torch.arange(q.numel())[:, None]] = float("inf")  # never itself
     pick = torch.sort(dist, dim=-1, stable=True).indices[:, :n]
@@ -201,26 +201,40 @@ def synthetic_structured(
     if target_cos is None:
         pick = torch.randint(cand.shape[1], (cand.shape[0],), generator=generator(seed, "structured_no_cos"))
     else:
-        cos_c = (W[cand] * W[top_base][:, None]).sum(-1)  # (N, n)
+        cos_c = torch.cat(  # (N, n) cos(candidate, top_base), in chunks: W[cand] is (chunk, n, D)
+            [
+                (W[cand[r : r + chunk]] @ W[top_base[r : r + chunk], :, None]).squeeze(-1)
+                for r in range(0, len(cand), chunk)
+            ]
+        )
         pick = (cos_c - target_cos).abs().argmin(-1).cpu()
     top_synth = cand[torch.arange(cand.shape[0]), pick.to(W.device)]
-    new = idx.clone()
+    new, W_alive = idx.clone(), W[alive]
     for r0 in range(0, idx.shape[0], chunk):
         rows = slice(r0, r0 + chunk)
-        new[rows] = _match_to_top(W, alive, idx[rows], active[rows], order[rows], top_base[rows], top_synth[rows])
+        new[rows] = _match_to_top(
+            W, W_alive, alive, idx[rows], active[rows], order[rows], top_base[rows], top_synth[rows]
+        )
     top_cos = (W[top_synth] * W[top_base]).sum(-1)
     return StructuredCode(SparseCode(new.to(code.idx.device), code.vals), top_base, top_synth, top_cos)
 
 
 def _match_to_top(
-    W: Tensor, alive: Tensor, idx: Tensor, active: Tensor, order: Tensor, top_base: Tensor, top_synth: Tensor
+    W: Tensor,
+    W_alive: Tensor,
+    alive: Tensor,
+    idx: Tensor,
+    active: Tensor,
+    order: Tensor,
+    top_base: Tensor,
+    top_synth: Tensor,
 ) -> Tensor:
     """Step 5 of §4.3 for a chunk of rows: each other active latent → the unused non-dead latent whose cosine to
     ``top_synth`` is closest to its own cosine to ``top_base``; the top entry becomes ``top_synth``."""
     n = idx.shape[0]
     rows = torch.arange(n, device=idx.device)
     c_base = (W[idx] * W[top_base][:, None]).sum(-1)  # (n, K) cos(l_base, top_base)
-    c_pool = W[top_synth] @ W[alive].T  # (n, n_alive) cos(l, top_synth)
+    c_pool = W[top_synth] @ W_alive.T  # (n, n_alive) cos(l, top_synth)
     used = alive[None, :] == top_synth[:, None]  # (n, n_alive)
     new = idx.clone()
     new[rows, order[:, 0]] = top_synth

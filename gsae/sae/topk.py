@@ -42,7 +42,8 @@ class _TopKEncode(torch.autograd.Function):
         rows = torch.arange(n, device=top_idx.device).repeat_interleave(k)
         # G: sparse (N, d_sae) with the k gradients of each token at its kept latents
         G = torch.sparse_coo_tensor(
-            torch.stack([rows, top_idx.reshape(-1)]), grad_acts.reshape(-1).to(x_c.dtype), (n, ctx.d_sae)
+            torch.stack([rows, top_idx.reshape(-1)]), grad_acts.reshape(-1).to(x_c.dtype), (n, ctx.d_sae),
+            check_invariants=False,  # indices are built right here: in range by construction
         ).coalesce()
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
