@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from gsae.evals import BENCHMARKS, check_benchmarks, run_benchmarks, scalars, tagged_figures, tagged_scalars
+from gsae.evals import BENCHMARKS, OPT_IN, check_benchmarks, run_benchmarks, scalars, tagged_figures, tagged_scalars
 from gsae.lm import LanguageModel
 from gsae.saelens_adapter import is_saelens_folder, load_saelens_folder, load_saelens_pretrained
 
@@ -293,6 +293,8 @@ def _benchmarks(text: str | None) -> list[str]:
     if text is None:
         names = []
         for n in BENCHMARKS:
+            if n in OPT_IN:
+                continue
             try:
                 BENCHMARKS[n]  # noqa: B018
                 names.append(n)
@@ -338,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         table({b: {short[lb]: r for lb, r in per.items()} for b, per in results.items()}, [short[lb] for lb in labels])
     )
+    for bench, per in results.items():  # benchmarks with a table layout of their own (plateaus: the paper's Table 1)
+        fmt = getattr(BENCHMARKS[bench], "format_table", None)
+        for lb, r in per.items() if fmt else ():
+            print(f"\n{bench} — {short[lb]}\n{fmt(r)}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=1))

@@ -434,7 +434,7 @@ def build_hooked_transformer(
     arch: dict,
     tokenizer=None,
     state_dict: dict[str, Tensor] | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
     *,
     dtype: str = "float32",
     fold_ln: bool = False,
@@ -451,7 +451,8 @@ def build_hooked_transformer(
         tokenizer: a Hugging Face tokenizer (``PreTrainedTokenizerFast``) or ``None``.
         state_dict: HookedTransformer-format weights (any float dtype); ``None`` keeps the seeded
             random init (a trainable model, e.g. for ``python -m gsae.tinylm.train``).
-        seed: seed of the random init.
+        seed: seed of the random init (TransformerLens seeds torch, numpy and ``random`` with it);
+            ``None`` draws the init from the current global generators without reseeding them.
         dtype: dtype of the returned model.
         fold_ln, center_writing_weights, center_unembed, fold_value_biases: TransformerLens weight
             processing of ``state_dict`` (as ``from_pretrained`` does; all off: the weights as given).

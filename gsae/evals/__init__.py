@@ -22,7 +22,10 @@ _MODULES = {
     "steering": "gsae.evals.steering",
     "sensitive_directions": "gsae.evals.sensitive_directions",
     "decoder_geometry": "gsae.evals.decoder_geometry",
+    "plateaus": "gsae.evals.plateaus",
 }
+#: Registered but only run when named (costly: ``plateaus`` is ~1 min on the tiny model, far more on GPT-2 on CPU).
+OPT_IN = frozenset({"plateaus"})
 
 
 class _LazyModules(Mapping):
@@ -127,6 +130,7 @@ def tagged_figures(results: dict[str, dict], prefix: str = "eval") -> dict:
 
 __all__ = [
     "BENCHMARKS",
+    "OPT_IN",
     "benchmark_figures",
     "check_benchmarks",
     "run_benchmark",

@@ -59,6 +59,7 @@ def load(lm):
         read_config(lm.name)["arch"],
         tokenizer=load_tokenizer(path),
         state_dict=load_file(str(path / "model.safetensors")),
+        seed=None,  # the weights are loaded: do not reseed the global generators
         dtype=lm.dtype,
         fold_ln=lm.fold_ln,
         center_writing_weights=lm.center_writing_weights,

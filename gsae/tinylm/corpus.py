@@ -324,7 +324,8 @@ def documents(seed: int, n: int | None = None, start: int = 0) -> Iterator[str]:
         i += 1
 
 
-def _rows(seed: int, n: int | None, start: int = 0) -> Iterator[dict]:
+def rows(seed: int = 0, n: int | None = None, start: int = 0) -> Iterator[dict]:
+    """``{"text": document}`` rows (what a ``datasets`` stream yields), without the ``datasets`` machinery."""
     for text in documents(seed, n, start):
         yield {"text": text}
 
@@ -333,4 +334,4 @@ def as_dataset(seed: int = 0, n: int | None = None):
     """The corpus as a ``datasets.IterableDataset`` with one column ``text`` (endless if ``n`` is None)."""
     import datasets
 
-    return datasets.IterableDataset.from_generator(_rows, gen_kwargs={"seed": seed, "n": n})
+    return datasets.IterableDataset.from_generator(rows, gen_kwargs={"seed": seed, "n": n})

@@ -106,11 +106,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--min-lr-frac", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.1)
-    ap.add_argument("--max-steps", type=int, default=4000)
-    ap.add_argument("--time-budget-min", type=float, default=28.0, help="training stops (annealed) after this many minutes")
+    ap.add_argument("--max-steps", type=int, default=3000)
+    ap.add_argument("--time-budget-min", type=float, default=27.0, help="training stops (annealed) after this many minutes")
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--eval-contexts", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline-contexts", type=int, default=2000, help="contexts counted for the unigram/bigram baselines")
+    ap.add_argument("--threads", type=int, default=1, help="1 is far faster than 2 on a busy machine (no spinning OpenMP threads)")
     args = ap.parse_args(argv)
 
     t0 = time.time()
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     val = torch.tensor(list(itertools.islice(contexts(tok, args.seed + 1, args.n_ctx), args.eval_contexts)))
     # the baselines' counts come from a separate stretch of training text (documents 10**6 on)
-    base = baselines(torch.tensor(list(itertools.islice(contexts(tok, args.seed, args.n_ctx, start_doc=10**6), 2000))), val, len(tok))
+    base = baselines(torch.tensor(list(itertools.islice(contexts(tok, args.seed, args.n_ctx, start_doc=10**6), args.baseline_contexts))), val, len(tok))
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in base.items()}, flush=True)
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % args.eval_every == 0 or step == 1:
             val_ce = evaluate(model, val)
             loads.append(load1())

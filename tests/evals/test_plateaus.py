@@ -12,16 +12,6 @@ from gsae.evals import plateaus as pl
 from gsae.metrics import kl_div_per_token
 from tests.evals.helpers import HOOK, build_tokens, build_topk
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads per process made these tiny ops ~30× slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SMALL = dict(n_perturbations=6, prompt_len=6, step_size="auto", ap_threshold="auto")
 
 

@@ -12,15 +12,6 @@ from gsae.evals import synthetic_activations as syn
 from tests.evals.helpers import build_topk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads per process made these tiny ops ~30× slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def density_of(counts: list[int] | torch.Tensor, n_tokens: int = 1000) -> syn.LatentDensity:
     return syn.latent_density(torch.as_tensor(counts), n_tokens)
 
