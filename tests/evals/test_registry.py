@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from gsae.evals import BENCHMARKS, check_benchmarks, run_benchmark, run_benchmarks, scalars, tagged_scalars
+from gsae.evals import BENCHMARKS, OPT_IN, check_benchmarks, run_benchmark, run_benchmarks, scalars, tagged_scalars
 from gsae.sae import GradTopKSAE
 from tests.evals.helpers import HOOK, build_tokens, build_topk
 
@@ -15,8 +15,11 @@ CHEAP = ["loss_added", "dead_latents", "decoder_geometry"]
 
 
 def test_registry_names_every_benchmark():
-    assert list(BENCHMARKS) == ["loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry"]
-    for name in CHEAP + ["steering"]:
+    assert list(BENCHMARKS) == [
+        "loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry", "plateaus"
+    ]
+    assert OPT_IN == {"plateaus"}  # evaluate.py runs it only when named
+    for name in CHEAP + ["steering", "plateaus"]:
         assert callable(BENCHMARKS[name].run) and callable(BENCHMARKS[name].figures)
     with pytest.raises(ValueError, match="--benchmarks: unknown benchmark"):
         check_benchmarks(["loss_added", "nope"])
