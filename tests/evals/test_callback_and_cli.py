@@ -92,6 +92,22 @@ def test_evaluate_cli_on_the_run_folder(run_dir, tmp_path, capsys):
     assert len(list((tmp_path / "tb").iterdir())) == 1  # one TensorBoard run for the run folder, steps 5 and 10
 
 
+@pytest.mark.slow
+def test_evaluate_plateaus_prints_the_table_and_writes_json(run_dir, tmp_path, capsys):
+    out = tmp_path / "plateaus.json"
+    opts = {"plateaus": {"n_perturbations": 12, "step_size": "auto", "ap_threshold": "auto", "windows": "all"}}
+    ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+    rc = evaluate_main([ckpt, "--benchmarks", "plateaus", "--n-seqs", "8", "--options", json.dumps(opts), "--output", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "model_generated" in printed and "synthetic_structured" in printed and "abs_ks" in printed
+    res = json.loads(out.read_text())
+    assert list(res) == ["plateaus"]
+    tables = next(iter(res["plateaus"].values()))["tables"]["ms"]
+    assert tables["model_generated"]["abs_ks"] == 0.0
+    assert set(tables) >= {"random", "synthetic_baseline", "synthetic_structured", "sae_reconstruction"}
+
+
 def test_evaluate_cli_errors(tmp_path, capsys):
     bad = tmp_path / "bad.ckpt"
     bad.write_text("not a checkpoint")
