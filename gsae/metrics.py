@@ -140,15 +140,16 @@ class DeadLatentTracker(nn.Module):
         return self.tokens_since_fired >= self.n_tokens
 
 
+def fire_counts(top_idx: Tensor | None, top_acts: Tensor | None, latents: Tensor | None, d_sae: int) -> Tensor:
+    """``(d_sae,)``: on how many rows each latent has a nonzero activation (SPEC §1.5's activity test).
+
+    Give either the sparse form (``top_idx``, ``top_acts`` of any matching shapes) or dense ``latents (N, d_sae)``.
+    """
+    if latents is not None:
+        return (latents != 0).sum(0)
+    return torch.bincount(top_idx[top_acts != 0].reshape(-1), minlength=d_sae)
+
+
 def fired_mask(top_idx: Tensor | None, top_acts: Tensor | None, latents: Tensor | None, d_sae: int) -> Tensor:
     """Bool ``(d_sae,)``: latents with a nonzero activation on some token of the batch (SPEC §1.5)."""
-    if latents is not None:
-        return (latents != 0).any(0)
-    fired = torch.zeros(d_sae, dtype=torch.bool, device=top_idx.device)
-    fired[top_idx[top_acts != 0]] = True
-    return fired
-
-
-def l0_per_token(top_acts: Tensor | None, latents: Tensor | None) -> Tensor:
-    """``(N,)`` number of nonzero latents per token: ``#{i : f_i(x_t) ≠ 0}`` (SAELens ``l0``, ``!= 0``)."""
-    return (top_acts != 0).sum(-1) if top_acts is not None else (latents != 0).sum(-1)
+    return fire_counts(top_idx, top_acts, latents, d_sae) > 0

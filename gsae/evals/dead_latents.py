@@ -29,7 +29,7 @@ from torch import Tensor
 
 from gsae.evals.common import batches, sae_on_tokens, special_token_mask
 from gsae.lm import LanguageModel
-from gsae.metrics import DeadLatentTracker, fired_mask
+from gsae.metrics import DeadLatentTracker, fire_counts, fired_mask
 from gsae.sae.base import SparseAutoencoder
 
 Rows = tuple[Tensor | None, Tensor | None, Tensor | None]  # (top_idx, top_acts, latents) of some tokens
@@ -45,10 +45,7 @@ def _slice(rows: Rows, a: int, b: int) -> Rows:
 
 def _fire_counts(rows: Rows, d_sae: int) -> Tensor:
     """``(d_sae,)`` number of tokens on which each latent is nonzero."""
-    top_idx, top_acts, latents = rows
-    if latents is not None:
-        return (latents != 0).sum(0)
-    return torch.bincount(top_idx[top_acts != 0], minlength=d_sae)
+    return fire_counts(*rows, d_sae)
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gsae.evals.directions import generator
+from gsae.metrics import fire_counts
 from gsae.sae.base import SAEOutput, SparseAutoencoder
 
 TARGET_TYPES = (
@@ -126,7 +127,7 @@ def decode(sae: SparseAutoencoder, code: SparseCode) -> Tensor:
 
 def count_active(code: SparseCode, d_sae: int) -> Tensor:
     """``(d_sae,)`` number of rows of ``code`` in which each latent is active."""
-    return torch.bincount(code.idx[code.vals != 0].reshape(-1), minlength=d_sae)
+    return fire_counts(code.idx, code.vals, None, d_sae)
 
 
 def latent_density(counts: Tensor, n_tokens: int) -> LatentDensity:
