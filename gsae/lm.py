@@ -140,20 +140,10 @@ class LanguageModel:
     def _load(self):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            from transformer_lens import HookedTransformer, HookedTransformerConfig
+            from transformer_lens import HookedTransformer
 
             if self.name in RANDOM_PRESETS:
-                cfg = HookedTransformerConfig(
-                    **RANDOM_PRESETS[self.name],
-                    d_head=RANDOM_PRESETS[self.name]["d_model"] // RANDOM_PRESETS[self.name]["n_heads"],
-                    act_fn="gelu_new",
-                    normalization_type="LN",
-                    positional_embedding_type="standard",
-                    seed=self.seed,
-                    dtype=getattr(torch, self.dtype),
-                    device="cpu",
-                )
-                return HookedTransformer(cfg)
+                return build_hooked_transformer(RANDOM_PRESETS[self.name], seed=self.seed, dtype=self.dtype)
             loader = _local_loader(self.name)
             if loader is not None:
                 return loader(self)
