@@ -153,3 +153,8 @@ def fire_counts(top_idx: Tensor | None, top_acts: Tensor | None, latents: Tensor
 def fired_mask(top_idx: Tensor | None, top_acts: Tensor | None, latents: Tensor | None, d_sae: int) -> Tensor:
     """Bool ``(d_sae,)``: latents with a nonzero activation on some token of the batch (SPEC §1.5)."""
     return fire_counts(top_idx, top_acts, latents, d_sae) > 0
+
+
+def l0_per_token(top_acts: Tensor | None, latents: Tensor | None) -> Tensor:
+    """``(N,)`` number of nonzero latents per token: ``#{i : f_i(x_t) ≠ 0}`` (SAELens ``l0``, ``!= 0``)."""
+    return (top_acts != 0).sum(-1) if top_acts is not None else (latents != 0).sum(-1)

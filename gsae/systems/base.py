@@ -18,7 +18,7 @@ from torch import Tensor
 from gsae import __version__
 from gsae.data.batch import ActivationBatch, TokenBatch
 from gsae.lm import LanguageModel
-from gsae.metrics import DeadLatentTracker, ReconSums, fired_mask, recon_metrics, recon_sums
+from gsae.metrics import DeadLatentTracker, ReconSums, fired_mask, l0_per_token, recon_metrics, recon_sums
 from gsae.sae.base import SAEOutput, SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class SAESystem(pl.LightningModule):
                 f"non-finite training loss ({float(loss)}) at step {self.global_step}; stopping (last good checkpoint kept)"
             )
         with torch.no_grad():
-            l0 = (out.top_acts != 0).sum(-1) if out.top_acts is not None else (out.latents != 0).sum(-1)
+            l0 = l0_per_token(out.top_acts, out.latents)
             sums = recon_sums(acts.x, out.x_hat, l0)
             fired = fired_mask(out.top_idx, out.top_acts, out.latents, self.sae.d_sae)
             # one all-reduce for the fired mask and the metric sums
