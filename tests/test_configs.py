@@ -102,7 +102,7 @@ def test_print_config_round_trips(capsys, parse_only, tmp_path) -> None:
     printed = _exit_output(capsys, ["--config", "configs/quickstart/topk.yaml", "--print_config"])
     data = yaml.safe_load(printed)
     assert data["model"]["init_args"]["sae"]["init_args"]["k"] == 16
-    assert data["model"]["init_args"]["lm"]["name"] == "random-tiny"
+    assert data["model"]["init_args"]["lm"]["name"] == "gsae-tiny"
     again = tmp_path / "printed.yaml"
     again.write_text(printed)
     original = parse_only(["--config", "configs/quickstart/topk.yaml"])
@@ -119,4 +119,4 @@ def test_train_py_help_and_print_config_in_a_subprocess() -> None:
     run = subprocess.run([sys.executable, "train.py", "--config", "configs/quickstart/topk.yaml", "--print_config"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert yaml.safe_load(run.stdout)["model"]["init_args"]["sae"]["init_args"]["d_sae"] == 512
+    assert yaml.safe_load(run.stdout)["model"]["init_args"]["sae"]["init_args"]["d_sae"] == 1024

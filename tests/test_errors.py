@@ -34,11 +34,11 @@ def run_cli(tmp_path, monkeypatch, capsys):
     ("args", "expected"),
     [
         (["--model.init_args.hook", "blocks.99.hook_resid_pre"], ["--model.hook", "blocks.99.hook_resid_pre",
-                                                                 "blocks.1.hook_resid_pre", "blocks.0.hook_resid_post"]),
-        (["--model.init_args.sae.init_args.k", "1000"], ["--model.sae.k", "1000 > 512"]),
+                                                                 "blocks.3.hook_resid_pre", "blocks.0.hook_resid_post"]),
+        (["--model.init_args.sae.init_args.k", "2000"], ["--model.sae.k", "2000 > 1024"]),
         (["--model.init_args.sae.init_args.d_sae", "0"], ["--model.sae.d_sae", "got 0"]),
         (["--model.init_args.sae.init_args.k", "0"], ["--model.sae.k", "got 0"]),
-        (["--data.context_size", "1000"], ["--data.context_size", "1000", "128"]),
+        (["--data.context_size", "1000"], ["--data.context_size", "1000", "256"]),
         (["--data.batch_size", "0"], ["--data.batch_size"]),
         (["--model.init_args.lm.name", "random-huge"], ["--model.lm.name", "random-huge"]),
         (["--ckpt_path", "last"], ["--ckpt_path last", "nothing to resume"]),
@@ -93,8 +93,8 @@ def test_corrupt_checkpoint_names_the_option(run_cli, tmp_path) -> None:
 
 def test_shorthand_option_names_work(run_cli) -> None:
     """``--model.sae.k 64`` (no ``init_args``) reaches the SAE, as the README and the error messages say."""
-    code, line = run_cli("--model.sae.k", "1000")
-    assert code == 1 and "--model.sae.k" in line and "1000 > 512" in line
+    code, line = run_cli("--model.sae.k", "2000")
+    assert code == 1 and "--model.sae.k" in line and "2000 > 1024" in line
     code, line = run_cli("--model.hook", "blocks.99.hook_resid_pre")
     assert code == 1 and "--model.hook" in line
 

@@ -138,9 +138,9 @@ def test_load_checkpoint_from_a_cli_run(quickstart_run: Path) -> None:
     for ckpt in ckpts:
         sae, meta = load_checkpoint(ckpt)
         assert isinstance(sae, TopKSAE)
-        assert sae.d_sae == 512 and sae.k == 16 and sae.d_in == 64  # configs/quickstart/topk.yaml, random-tiny
-        assert meta["hook"] == "blocks.1.hook_resid_pre"
-        assert meta["lm"]["name"] == "random-tiny"
+        assert sae.d_sae == 1024 and sae.k == 16 and sae.d_in == 128  # configs/quickstart/topk.yaml, gsae-tiny
+        assert meta["hook"] == "blocks.2.hook_resid_post"
+        assert meta["lm"]["name"] == "gsae-tiny"
         assert meta["architecture"] == "topk" and meta["objective"] == "LocalSAESystem"
         assert meta["tokens_seen"] > 0
         raw = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -150,7 +150,7 @@ def test_load_checkpoint_from_a_cli_run(quickstart_run: Path) -> None:
         assert all(k.startswith(("sae.", "dead.")) or "." not in k for k in raw["state_dict"]), list(raw["state_dict"])
         # trained: b_dec was initialised from data, decoder rows are unit norm
         assert sae.b_dec.abs().sum() > 0
-        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(512), atol=1e-5, rtol=0)
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(1024), atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
@@ -160,10 +160,10 @@ def test_saelens_export_beside_the_checkpoint(quickstart_run: Path) -> None:
     theirs = _load_saelens(quickstart_run / "last.saelens")
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(getattr(theirs, name), getattr(sae, name), rtol=0, atol=0, msg=name)
-    x = torch.randn(64, 64) * 3
+    x = torch.randn(64, 128) * 3
     positive = (sae(x).top_acts > 0).all(-1)
     torch.testing.assert_close(theirs.encode(x)[positive], sae.encode(x)[positive], rtol=1e-5, atol=1e-5)
-    assert theirs.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
+    assert theirs.cfg.metadata.hook_name == "blocks.2.hook_resid_post"
 
 
 def _one_line_error(path) -> str:

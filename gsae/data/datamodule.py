@@ -45,7 +45,8 @@ class TokenDataModule(pl.LightningDataModule):
             lm: the language model (linked from ``--model.lm``; gives the tokenizer, BOS and ``n_ctx``).
             dataset: HF hub dataset (``Skylion007/openwebtext``; pretokenized ones with an ``input_ids``
                 column such as ``apollo-research/Skylion007-openwebtext-tokenizer-gpt2`` are used as is),
-                a local file / folder / glob of .txt, .jsonl or .parquet, or ``synthetic`` (offline).
+                a local file / folder / glob of .txt, .jsonl or .parquet, ``gsae-corpus`` (the generated corpus
+                of the shipped ``gsae-tiny`` model, offline), or ``synthetic`` (random tokens, offline).
             dataset_config: HF dataset configuration name, if it has several.
             split: split to train on.
             val_split: split to validate on; if unset, every ``val_every``-th document of ``split`` is
@@ -61,7 +62,8 @@ class TokenDataModule(pl.LightningDataModule):
             prepend_bos: start every context with BOS (SAELens and the JB/Apollo SAEs do).
             separator: put BOS/EOS between concatenated text documents.
             num_workers: DataLoader workers (each builds every n-th batch; order is unchanged).
-            seed: seed of the ``synthetic`` source.
+            seed: seed of the ``synthetic`` and ``gsae-corpus`` sources (``gsae-corpus`` seed 0 is the text
+                gsae-tiny was trained on; other seeds give unseen text).
         """
         super().__init__()
         if context_size < 2:
@@ -103,7 +105,7 @@ class TokenDataModule(pl.LightningDataModule):
     def _documents(self, which: str) -> Iterator[list[int]]:
         """Token lists of the training or validation documents."""
         split = self.val_split if which == "val" and self.val_split else self.split
-        rows = hf_rows(self.dataset, self.dataset_config, split, self.streaming)
+        rows = hf_rows(self.dataset, self.dataset_config, split, self.streaming, seed=self.seed)
         docs = row_tokens(rows, self.text_column, self.lm.encode_text)
         if self.val_split is None:
             keep = (lambda j: j % self.val_every == 0) if which == "val" else (lambda j: j % self.val_every != 0)
@@ -128,7 +130,7 @@ class TokenDataModule(pl.LightningDataModule):
 
     def _is_pretokenized(self) -> bool:
         if not hasattr(self, "_pretok"):
-            first = next(hf_rows(self.dataset, self.dataset_config, self.split, self.streaming), None)
+            first = next(hf_rows(self.dataset, self.dataset_config, self.split, self.streaming, seed=self.seed), None)
             self._pretok = first is not None and "input_ids" in first
         return self._pretok
 

@@ -62,8 +62,16 @@ def local_data_files(path: str) -> tuple[str, list[str]] | None:
     return _FILE_BUILDERS[suffixes.pop()], files
 
 
-def hf_rows(path: str, name: str | None, split: str, streaming: bool) -> Iterator[dict]:
-    """Rows of a local-files or hub dataset (streaming by default)."""
+#: ``--data.dataset gsae-corpus``: the procedural corpus gsae-tiny was trained on, generated in-process (offline, endless).
+GSAE_CORPUS = "gsae-corpus"
+
+
+def hf_rows(path: str, name: str | None, split: str, streaming: bool, seed: int = 0) -> Iterator[dict]:
+    """Rows of a local-files or hub dataset (streaming by default), or of the gsae corpus (``seed`` picks its stream)."""
+    if path == GSAE_CORPUS:
+        from gsae.tinylm.corpus import rows
+
+        return rows(seed)
     import datasets
 
     local = local_data_files(path)

@@ -47,6 +47,8 @@ def train_tokenizer(seed: int, n_docs: int, vocab_size: int, out: Path):
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT,
                                  add_bos_token=True, model_max_length=1024)
     hf.save_pretrained(str(out))
+    cfg_path = out / "tokenizer_config.json"  # a class name that transformers 4.x knows too (5.x writes its own)
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
     return load_tokenizer(out)  # as the loader will see it
 
 

@@ -55,5 +55,5 @@ def test_cli_resume_last_continues_the_run(tmp_path, capsys):
     state = torch.load(ckpts / "last.ckpt", weights_only=True)  # our checkpoints load without unpickling code
     assert state["global_step"] == 10
     assert state["TokenDataModule"]["consumed_batches"] == 10  # the stream position travels in the checkpoint
-    assert state["gsae"]["tokens_seen"] > 0 and state["gsae"]["hook"] == "blocks.1.hook_resid_pre"
+    assert state["gsae"]["tokens_seen"] > 0 and state["gsae"]["hook"] == "blocks.2.hook_resid_post"
     assert not any(k.startswith(("lm.", "model.")) for k in state["state_dict"])  # never the LM's weights
