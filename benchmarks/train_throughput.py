@@ -1,6 +1,6 @@
 """Training throughput of gsae against SAELens and against the bare LM forward, on identical tokens.
 
-What is timed (steady-state steps; each round's first ``--warmup`` steps are discarded):
+What is timed (steady-state steps; the first ``--warmup`` steps of the first round are discarded):
 
 - ``gsae``: our real training path. A :class:`gsae.systems.LocalSAESystem` (``TopKSAE(d, d_sae, k)``)
   driven by a real ``lightning.Trainer`` over a DataLoader of :class:`TokenBatch` es. A step is the
@@ -22,8 +22,10 @@ What is timed (steady-state steps; each round's first ``--warmup`` steps are dis
   ``E2ESAESystem`` (``kl_coef=1``; ``--e2e-downstream`` adds every later ``hook_resid_pre`` as a
   downstream hook).
 
-Methods are interleaved: each of ``--rounds`` rounds runs every method once (order rotated between
-rounds) for ``--warmup`` + ``steps/rounds`` steps; the figures are medians over all measured steps.
+Methods are interleaved: each of ``--rounds`` rounds (default: one per measured step) runs every method
+once (order rotated between rounds) for ``steps/rounds`` steps, plus ``--warmup`` discarded steps in the
+first round; the figures are medians over all measured steps. The machine may be shared: the per-round
+ratios to TopK are printed too (``#`` lines), as a check on drift in the background load.
 Tokens per second count LM tokens (``batch_size × context_size`` per step).
 
 Usage::
@@ -60,13 +62,30 @@ OBJECTIVES = ("topk", "gsae", "e2e")
 
 # ---------------------------------------------------------------------------------------------- setup
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--objective", choices=[*OBJECTIVES, "all"], default="topk", help="training objective(s) to time")
-    p.add_argument("--baselines", choices=["auto", "on", "off"], default="auto",
-                   help="also time SAELens and the bare forward (auto: only with --objective topk)")
-    p.add_argument("--steps", type=int, default=None, help="measured steps per method (default 8; 6 with --objective all)")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds the measured steps are split into")
-    p.add_argument("--warmup", type=int, default=1, help="discarded steps at the start of every round")
+    p.add_argument(
+        "--baselines",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="also time SAELens and the bare forward (auto: only with --objective topk)",
+    )
+    p.add_argument("--steps", type=int, default=6, help="measured steps per method")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds the measured steps are split into (default: one measured step per round)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="discarded steps at the start of the first round (buffer fills, b_dec init, Adam state)",
+    )
+    p.add_argument("--rewarm", type=int, default=0, help="discarded steps at the start of each later round")
     p.add_argument("--batch-size", type=int, default=32, help="contexts per step")
     p.add_argument("--context-size", type=int, default=128, help="tokens per context")
     p.add_argument("--d-sae", type=int, default=12288)
@@ -75,14 +94,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="random-gpt2", help="gsae LanguageModel name (offline: random-gpt2)")
     p.add_argument("--buffer-size", type=int, default=None, help="gsae shuffle buffer in tokens (default: one batch)")
     p.add_argument("--beta", type=float, default=1e5, help="g-SAE beta")
-    p.add_argument("--e2e-downstream", action="store_true", help="e2e+ds: every later hook_resid_pre as downstream hook")
+    p.add_argument(
+        "--e2e-downstream", action="store_true", help="e2e+ds: every later hook_resid_pre as downstream hook"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="after timing, profile N steps of each objective with torch.profiler and print the top ops")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile N steps of each objective with torch.profiler and print the top ops",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.steps is None:
-        args.steps = 6 if args.objective == "all" else 8
+    if args.rounds is None:
+        args.rounds = args.steps
     args.rounds = max(1, min(args.rounds, args.steps))
     if args.buffer_size is None:
         args.buffer_size = args.batch_size * args.context_size
@@ -144,11 +170,17 @@ def build_system(objective: str, lm, args):
 
     d_sae, k = args.d_sae, args.k
     if objective == "topk":
-        return LocalSAESystem(lm=lm, sae=lambda d: TopKSAE(d, d_sae, k), hook=args.hook, buffer_size=args.buffer_size,
-                              seed=args.seed)
+        return LocalSAESystem(
+            lm=lm, sae=lambda d: TopKSAE(d, d_sae, k), hook=args.hook, buffer_size=args.buffer_size, seed=args.seed
+        )
     if objective == "gsae":
-        return LocalSAESystem(lm=lm, sae=lambda d: GradTopKSAE(d, d_sae, k, beta=args.beta), hook=args.hook,
-                              buffer_size=args.buffer_size, seed=args.seed)
+        return LocalSAESystem(
+            lm=lm,
+            sae=lambda d: GradTopKSAE(d, d_sae, k, beta=args.beta),
+            hook=args.hook,
+            buffer_size=args.buffer_size,
+            seed=args.seed,
+        )
     try:
         from gsae.systems import E2ESAESystem
     except ImportError as e:
@@ -157,8 +189,15 @@ def build_system(objective: str, lm, args):
     if args.e2e_downstream:
         layer = lm.hook_layer(args.hook) or 0
         downstream = [f"blocks.{i}.hook_resid_pre" for i in range(layer + 1, lm.n_layers)]
-    return E2ESAESystem(lm=lm, sae=lambda d: TopKSAE(d, d_sae, k), hook=args.hook, kl_coef=1.0,
-                        downstream_hooks=downstream, downstream_coef=2.5 if downstream else 0.0, seed=args.seed)
+    return E2ESAESystem(
+        lm=lm,
+        sae=lambda d: TopKSAE(d, d_sae, k),
+        hook=args.hook,
+        kl_coef=1.0,
+        downstream_hooks=downstream,
+        downstream_coef=2.5 if downstream else 0.0,
+        seed=args.seed,
+    )
 
 
 def run_lightning(system, batches: torch.Tensor, callbacks=()) -> list[float]:
@@ -172,8 +211,15 @@ def run_lightning(system, batches: torch.Tensor, callbacks=()) -> list[float]:
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=0)
     timer = StepTimer()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=len(data), logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=len(data),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
         callbacks=[timer, *callbacks],
     )
     with contextlib.redirect_stdout(io.StringIO()):
@@ -263,51 +309,116 @@ def run_forward(lm, hook: str, batches: torch.Tensor) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------- profiling
+def _wrap(obj, name: str, label: str) -> None:
+    """Put ``obj.name`` inside a ``record_function(label)`` region (instance attribute; class untouched)."""
+    from torch.profiler import record_function
+
+    fn = getattr(obj, name)
+
+    def wrapped(*a, **kw):
+        with record_function(label):
+            return fn(*a, **kw)
+
+    setattr(obj, name, wrapped)
+
+
+#: phases of a step, as labelled by :func:`profile_objective`
+PHASES = (
+    "# step",
+    "# harvest (LM)",
+    "# buffer.mix",
+    "# SAE forward",
+    "# objective",
+    "# metrics+log (shared_step rest)",
+    "# backward",
+    "# Adam update",
+    "# decoder constraints",
+)
+
+
 def profile_objective(objective: str, lm, tokens: torch.Tensor, n_steps: int, args) -> None:
-    """torch.profiler over ``n_steps`` steady-state steps (after 2 unprofiled ones) of ``objective``."""
+    """torch.profiler over ``n_steps`` steady-state steps (after ``--warmup`` unprofiled ones) of ``objective``:
+    a per-phase table (ms per step) and the top ops by self CPU time."""
     import lightning.pytorch as pl
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    warm = max(args.warmup, 1)
+
     class Prof(pl.Callback):
         def __init__(self) -> None:
-            self.prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
-            self.ctx = None
+            self.prof = profile(activities=[ProfilerActivity.CPU])
+            self.regions: dict[str, object] = {}
+            self.on = False
+
+        def _open(self, label: str) -> None:
+            if self.on:
+                self.regions[label] = record_function(label)
+                self.regions[label].__enter__()
+
+        def _close(self, label: str) -> None:
+            r = self.regions.pop(label, None)
+            if r is not None:
+                r.__exit__(None, None, None)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if batch_idx == 2:
+            self._close("# step")
+            if batch_idx == warm:
                 self.prof.__enter__()
-            if batch_idx >= 2:
-                self.ctx = record_function("## train step ##")
-                self.ctx.__enter__()
+                self.on = True
+            self._open("# step")
+
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            self._open("# backward")
+
+        def on_after_backward(self, trainer, pl_module) -> None:
+            self._close("# backward")
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            self._open("# Adam update")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if self.ctx is not None:
-                self.ctx.__exit__(None, None, None)
-                self.ctx = None
+            self._close("# Adam update")
 
-        def on_train_end(self, trainer, pl_module) -> None:
-            self.prof.__exit__(None, None, None)
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self._close("# step")
+            if self.on:
+                self.prof.__exit__(None, None, None)
+                self.on = False
 
     system = build_system(objective, lm, args)
-    # label the phases of the step
-    orig_harvest = getattr(system, "harvest", None)
-    if orig_harvest is not None:
-        def harvest(tokens_):
-            with record_function("# harvest (LM)"):
-                return orig_harvest(tokens_)
-        system.harvest = harvest
-    orig_sae_forward = system.sae.forward
+    if hasattr(system, "harvest"):
+        _wrap(system, "harvest", "# harvest (LM)")
+    if hasattr(system, "buffer"):
+        _wrap(system.buffer, "mix", "# buffer.mix")
+    _wrap(system.sae, "forward", "# SAE forward")
+    _wrap(system, "objective", "# objective")
+    _wrap(system.sae, "normalize_decoder", "# decoder constraints")
+    _wrap(system.sae, "remove_parallel_grad", "# decoder constraints")
+    orig_shared = system.shared_step
+    orig_objective = system.objective
+    store: dict[str, object] = {}
 
-    def sae_forward(*a, **kw):
-        with record_function("# SAE forward"):
-            return orig_sae_forward(*a, **kw)
-    system.sae.forward = sae_forward
+    def objective_once(batch, stage):  # run the objective outside the metrics region
+        return store.pop("out") if "out" in store else orig_objective(batch, stage)
+
+    def shared_step(batch, stage):
+        store["out"] = orig_objective(batch, stage)
+        with record_function("# metrics+log (shared_step rest)"):
+            return orig_shared(batch, stage)
+
+    system.objective = objective_once
+    system.shared_step = shared_step
     prof = Prof()
-    run_lightning(system, tokens[: 2 + n_steps], callbacks=[prof])
-    print(f"\n=== torch.profiler: {n_steps} steps of objective={objective} (self CPU time) ===")
-    print(prof.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    print(f"=== same, by total CPU time (regions and parents) ===")
-    print(prof.prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    run_lightning(system, tokens[: warm + n_steps], callbacks=[prof])
+    events = prof.prof.key_averages()
+    total = {e.key: e.cpu_time_total for e in events}
+    step = total.get("# step", 0.0)
+    print(f"\n=== torch.profiler: objective={objective}, {n_steps} steps after {warm} warm-up (ms per step) ===")
+    for label in PHASES:
+        if label in total:
+            ms = total[label] / 1e3 / n_steps
+            print(f"{label:36s} {ms:10.1f} ms  {100 * total[label] / max(step, 1e-9):5.1f}%")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -326,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     B, T = args.batch_size, args.context_size
     tokens_per_step = B * T
     per_round = split_steps(args.steps, args.rounds)
-    steps_per_run = [args.warmup + m for m in per_round]
+    warm = [args.warmup] + [args.rewarm] * (args.rounds - 1)
+    steps_per_run = [w + m for w, m in zip(warm, per_round)]
 
     t_setup = time.perf_counter()
     lm = LanguageModel(args.model, seed=args.seed)
@@ -336,10 +448,14 @@ def main(argv: list[str] | None = None) -> int:
     sl_batches = sum(steps_per_run) + 4
     tokens = make_tokens(max(n_batches, sl_batches), B, T, lm.d_vocab, lm.bos_token_id, args.seed)
 
-    print(f"# gsae train throughput: model={args.model} hook={args.hook} tokens/step={B}x{T}={tokens_per_step} "
-          f"d_sae={args.d_sae} k={args.k} threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"# rounds={args.rounds} measured steps/round={per_round} warmup/round={args.warmup} "
-          f"objectives={objectives} baselines={baselines} gsae buffer_size={args.buffer_size}")
+    print(
+        f"# gsae train throughput: model={args.model} hook={args.hook} tokens/step={B}x{T}={tokens_per_step} "
+        f"d_sae={args.d_sae} k={args.k} threads={torch.get_num_threads()} torch={torch.__version__}"
+    )
+    print(
+        f"# rounds={args.rounds} measured steps/round={per_round} warmup steps/round={warm} "
+        f"objectives={objectives} baselines={baselines} gsae buffer_size={args.buffer_size}"
+    )
 
     methods: dict[str, callable] = {}
     skipped: dict[str, str] = {}
@@ -354,13 +470,15 @@ def main(argv: list[str] | None = None) -> int:
             skipped[obj] = str(e)
             print(f"# objective={obj}: SKIPPED: {e}")
             continue
-        methods[obj] = (lambda s: (lambda r: run_lightning(s, batches_for_round(r))))(system)
+        methods[obj] = (lambda s: lambda r: run_lightning(s, batches_for_round(r)))(system)
     if baselines:
         import sae_lens
 
         sl = SAELensBench(lm, tokens[:sl_batches], steps_per_run[0], args)
-        print(f"# SAELens {sae_lens.__version__}: LanguageModelSAETrainingRunner + TopKTrainingSAE, "
-              f"n_batches_in_buffer={sl.cfg.n_batches_in_buffer}, exclude_special_tokens={sl.cfg.exclude_special_tokens}")
+        print(
+            f"# SAELens {sae_lens.__version__}: LanguageModelSAETrainingRunner + TopKTrainingSAE, "
+            f"n_batches_in_buffer={sl.cfg.n_batches_in_buffer}, exclude_special_tokens={sl.cfg.exclude_special_tokens}"
+        )
 
         def run_saelens(r: int) -> list[float]:
             # every round runs warmup + m steps (training_tokens is per run)
@@ -373,19 +491,25 @@ def main(argv: list[str] | None = None) -> int:
 
     names = list(methods)
     times: dict[str, list[float]] = {n: [] for n in names}
+    round_med: dict[str, list[float]] = {n: [] for n in names}
     t0 = time.perf_counter()
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             tr = time.perf_counter()
             step_times = methods[name](r)
             if len(step_times) != steps_per_run[r]:
                 print(f"# warning: {name} round {r}: {len(step_times)} step times for {steps_per_run[r]} steps")
-            kept = step_times[args.warmup:]
+            kept = step_times[warm[r] :]
             times[name].extend(kept)
-            print(f"# round {r} {name:8s} {time.perf_counter() - tr:6.1f}s  warmup "
-                  f"{' '.join(f'{t:.2f}' for t in step_times[: args.warmup])}  steps "
-                  f"{' '.join(f'{t:.2f}' for t in kept)}", flush=True)
+            if kept:
+                round_med[name].append(statistics.median(kept))
+            print(
+                f"# round {r} {name:8s} {time.perf_counter() - tr:6.1f}s  warmup "
+                f"{' '.join(f'{t:.2f}' for t in step_times[: warm[r]])}  steps "
+                f"{' '.join(f'{t:.2f}' for t in kept)}",
+                flush=True,
+            )
     print(f"# measured in {time.perf_counter() - t0:.1f}s")
 
     if args.profile:  # before the summary, so the figures stay the last lines
@@ -400,6 +524,16 @@ def main(argv: list[str] | None = None) -> int:
         v = times[n]
         if v:
             print(f"# {n:8s} {med[n]:13.3f} {min(v):6.2f} {max(v):6.2f} {len(v):3d} {tps[n]:9.1f}")
+
+    ref = "topk" if "topk" in names else None
+    if ref is not None:
+        for n in names:
+            pairs = [a / b for a, b in zip(round_med[n], round_med[ref])]
+            if n != ref and pairs:
+                print(
+                    f"# {n} time/step ÷ topk's, per round: {' '.join(f'{p:.2f}' for p in pairs)}  "
+                    f"(median {statistics.median(pairs):.2f})"
+                )
 
     if len(objectives) > 1 or args.objective != "topk":
         for obj in objectives:
