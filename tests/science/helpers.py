@@ -1,0 +1,375 @@
+"""Measurements behind the science regression tests (``tests/science``) and ``benchmarks/science_findings.py``.
+
+Four headline findings of the papers gsae reimplements, measured on a shipped model with gsae's own
+benchmarks (``gsae.evals.*.run``) and SAEs trained by gsae's own ``LocalSAESystem`` under a real
+``lightning.Trainer``. Every measurement returns a plain dict: the benchmark numbers, the statistic, its
+p-value and the floor it is compared with (``holds``). The tests assert ``holds``; the benchmark script
+prints the same dicts for ``gsae-tiny`` and a random-weight control side by side.
+
+Setup (the same for every model, so a random-weight model is a control):
+
+- hook ``blocks.2.hook_resid_post`` (the quickstart hook; 3 of 4 blocks before it);
+- text: ``gsae-corpus``. Evaluation contexts come from corpus seed :data:`EVAL_SEED` (text the LM and the
+  SAEs never saw; the data module's ``contexts("train")`` of that seed: its ``val`` split keeps only every
+  1000th document and takes ~20 s to generate), SAE training contexts from seed :data:`TRAIN_SEED` (the
+  text gsae-tiny was trained on; the data module's default). For ``random-small`` (byte vocabulary) the
+  data module tokenises the same text with the model's byte tokenizer (``lm.encode_text``), so both models
+  read the same documents; 64 tokens of bytes cover less text than 64 BPE tokens;
+- perturbation lengths are fractions :data:`LENGTH_FRACTIONS` of the model's median activation norm at the
+  hook (position 0 excluded, as the benchmark's statistics): Lee & Heimersheim's 1…91 at GPT-2 L6
+  (median norm 121) are 0.8%…75% of the norm.
+
+Statistics (one-sided, alternative = the paper's direction, all at level :data:`ALPHA` = 0.01):
+
+- (a), (b): the benchmark runs on :data:`N_GROUPS` disjoint groups of evaluation contexts with seeds
+  ``0..N_GROUPS-1`` (independent replicates of the whole benchmark: μ, Σ, real pool and directions are
+  refitted per group); one-sample t-test of the per-group log KL ratios > 0, plus a floor on the
+  geometric-mean ratio. In (a) the test must pass at every length (an intersection-union test: level 0.01
+  for "all lengths" without a multiplicity correction).
+- (c): the plateaus benchmark's per-perturbation MS steps are paired (same base activations); Wilcoxon
+  signed-rank test of ``step(random) − step(model_generated) > 0``, plus a floor on the mean difference.
+- (d): one TopK SAE and one g-SAE, identical settings and seeds; dead counts over latents compared with a
+  one-sided Fisher exact test (latents treated as independent trials: an approximation, stated), plus a
+  floor on the ratio of dead fractions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import time
+import warnings
+
+import torch
+from scipy import stats
+
+from gsae.data import TokenDataModule
+from gsae.evals import dead_latents, plateaus, sensitive_directions
+from gsae.lm import LanguageModel
+from gsae.sae import GradTopKSAE, TopKSAE
+
+#: model the science tests run on (``GSAE_SCIENCE_MODEL=random-small pytest tests/science`` runs the control).
+MODEL = os.environ.get("GSAE_SCIENCE_MODEL", "gsae-tiny")
+HOOK = "blocks.2.hook_resid_post"
+CONTEXT = 64
+TRAIN_SEED = 0  # corpus seed of SAE training text (gsae-tiny's own training text)
+EVAL_SEED = 4242  # corpus seed of evaluation text (never seen by the LM nor the SAEs)
+ALPHA = 0.01
+
+#: (a) perturbation lengths as fractions of the median activation norm at the hook.
+LENGTH_FRACTIONS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+MIXTURES = ("cov_random_mixture", "real_mixture")
+N_GROUPS = 8
+SEQS_PER_GROUP = 8
+#: floors on the effect sizes (well below what gsae-tiny gives; see docs/science.md).
+FLOOR_MIXTURE_RATIO = 1.2  # (a) geometric-mean KL_mixture / KL_isotropic, at every length
+FLOOR_SUBSTITUTION_RATIO = 1.5  # (b) geometric-mean KL_SAE / KL_eps-isotropic (Gurnee: 2.2-4.5)
+FLOOR_MS_DIFFERENCE = 3.0  # (c) mean MS step(random) - step(model_generated), in steps (paper: 11.4 L2, 13.0 KL)
+FLOOR_DEAD_RATIO = 0.8  # (d) dead fraction g-SAE / TopK at most this
+
+#: (c) plateaus options (paper: 1000 perturbations, absolute 0.5 step at GPT-2's norm ≈ 56 -> "auto" here).
+PLATEAU_OPTIONS = dict(
+    n_perturbations=200,
+    step_size="auto",
+    target_types=("model_generated", "random"),
+    plateau=False,
+    schedules=("absolute",),
+)
+PLATEAU_CONTEXTS = 64  # 6 windows of 10 tokens each -> 384 prompts, more than n_perturbations
+
+#: SAE training (through LocalSAESystem + lightning.Trainer, CPU).
+BATCH = 8  # contexts per step: 8 x 63 non-BOS tokens = 504 tokens per training batch
+#: (b) a quickstart-like TopK SAE (configs/quickstart/topk.yaml, smaller and shorter to train in seconds).
+SUBSTITUTION_SAE = dict(d_sae=512, k=16, k_aux=None, steps=200, lr=1e-3, dead_tokens=100_000)
+#: (d) g-SAE Table 1 regime: small k, no AuxK (smol-sae has none), β = 1e5 (paper), both SAEs identical otherwise.
+DEAD_SAE = dict(d_sae=1024, k=4, k_aux=0, steps=200, lr=1e-3, dead_tokens=10**9, beta=1e5)
+DEAD_BATCHES = 5
+
+
+# ---------------------------------------------------------------------------------------------- data, models
+def load_lm(name: str = MODEL) -> LanguageModel:
+    """The model under test (``gsae-tiny`` or a random-weight preset; seed 0)."""
+    return LanguageModel(name, seed=0)
+
+
+def eval_tokens(lm: LanguageModel, n: int, seed: int = EVAL_SEED, context_size: int = CONTEXT) -> torch.Tensor:
+    """``(n, context_size)`` contexts of unseen ``gsae-corpus`` text, packed by gsae's data module (BOS first)."""
+    dm = TokenDataModule(lm, dataset="gsae-corpus", context_size=context_size, batch_size=BATCH, seed=seed)
+    return torch.tensor(list(itertools.islice(dm.contexts("train"), n)))
+
+
+def median_norm(lm: LanguageModel, tokens: torch.Tensor, hook: str = HOOK) -> float:
+    """Median ``‖x‖`` at the hook over every position but 0 (as the benchmark's ``stats.median_norm``)."""
+    with torch.no_grad():
+        return float(lm.activations(tokens, hook)[:, 1:].norm(dim=-1).median())
+
+
+def placeholder_sae(lm: LanguageModel) -> TopKSAE:
+    """An untrained SAE for benchmark runs whose measured quantities do not use the SAE
+    (isotropic / mixture directions; model-generated / random plateau targets)."""
+    return TopKSAE(lm.d_model, 256, 8, seed=0)
+
+
+def train_sae(
+    lm: LanguageModel,
+    kind: str,
+    *,
+    d_sae: int,
+    k: int,
+    k_aux: int | None,
+    steps: int,
+    lr: float,
+    dead_tokens: int,
+    beta: float = 1e5,
+    seed: int = 0,
+    hook: str = HOOK,
+):
+    """Train a ``topk`` or ``gsae`` SAE with ``LocalSAESystem`` under a real Trainer; return ``(sae, system, seconds)``.
+
+    Identical for both kinds given the same arguments: the same seed for weights, data order and Lightning.
+    """
+    import lightning.pytorch as pl
+
+    from gsae.systems import LocalSAESystem
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    pl.seed_everything(seed, verbose=False)
+    if kind == "topk":
+        factory = lambda d: TopKSAE(d, d_sae, k, k_aux=k_aux, seed=seed)  # noqa: E731
+    elif kind == "gsae":
+        factory = lambda d: GradTopKSAE(d, d_sae, k, beta=beta, k_aux=k_aux, seed=seed)  # noqa: E731
+    else:
+        raise ValueError(kind)
+    system = LocalSAESystem(
+        lm,
+        factory,
+        hook=hook,
+        optimizer=lambda p: torch.optim.Adam(p, lr=lr),
+        lr_warmup_steps=10,
+        dead_batches=DEAD_BATCHES,
+        dead_tokens=dead_tokens,
+        buffer_size=0,
+        seed=seed,
+    )
+    data = TokenDataModule(
+        lm, dataset="gsae-corpus", context_size=CONTEXT, batch_size=BATCH, val_batches=1, seed=TRAIN_SEED
+    )
+    trainer = pl.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+    )
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(system, datamodule=data)
+    return system.sae.eval(), system, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def log_ratio_test(num: list[float], den: list[float]) -> dict:
+    """One-sided one-sample t-test of ``log(num_g / den_g) > 0`` over replicates ``g``."""
+    lr = torch.tensor([math.log(a / b) for a, b in zip(num, den)], dtype=torch.float64)
+    p = (
+        float(stats.ttest_1samp(lr.numpy(), 0.0, alternative="greater").pvalue)
+        if lr.std() > 0
+        else float(lr.mean() <= 0)
+    )
+    return {
+        "geo_mean_ratio": float(lr.mean().exp()),
+        "min_ratio": float(lr.min().exp()),
+        "max_ratio": float(lr.max().exp()),
+        "n_greater": int((lr > 0).sum()),
+        "n": len(lr),
+        "p": p,
+    }
+
+
+def _groups(tokens: torch.Tensor, n_groups: int) -> list[torch.Tensor]:
+    return list(tokens.reshape(n_groups, -1, tokens.shape[-1]))
+
+
+# ---------------------------------------------------------------------------------------------- (a)
+def measure_mixture_vs_isotropic(lm: LanguageModel, tokens: torch.Tensor | None = None) -> dict:
+    """(a) Lee & Heimersheim: KL along cov-random / real mixture directions > isotropic, at equal length.
+
+    ``sensitive_directions.run`` on each of :data:`N_GROUPS` disjoint groups (seed = group index); per length
+    and mixture type: the per-group ratios ``KL_mixture / KL_isotropic`` and the one-sided t-test on their logs.
+    """
+    t0 = time.perf_counter()
+    tokens = eval_tokens(lm, N_GROUPS * SEQS_PER_GROUP) if tokens is None else tokens
+    norm = median_norm(lm, tokens)
+    lengths = [f * norm for f in LENGTH_FRACTIONS]
+    sae = placeholder_sae(lm)
+    kinds = ["isotropic", *MIXTURES]
+    kl = {k: [] for k in kinds}  # kind -> [group][length]
+    for g, tok in enumerate(_groups(tokens, N_GROUPS)):
+        r = sensitive_directions.run(
+            sae,
+            lm,
+            HOOK,
+            tok,
+            seed=g,
+            lengths=lengths,
+            direction_types=kinds,
+            substitution=False,
+            skip_first=True,
+            batch_size=SEQS_PER_GROUP,
+        )
+        for k in kinds:
+            kl[k].append(r["curves"][k]["kl"])
+    tests = {
+        m: [log_ratio_test([grp[i] for grp in kl[m]], [grp[i] for grp in kl["isotropic"]]) for i in range(len(lengths))]
+        for m in MIXTURES
+    }
+    mean_kl = {k: [sum(grp[i] for grp in kl[k]) / N_GROUPS for i in range(len(lengths))] for k in kinds}
+    holds = all(t["p"] < ALPHA and t["geo_mean_ratio"] >= FLOOR_MIXTURE_RATIO for m in MIXTURES for t in tests[m])
+    return {
+        "model": lm.name,
+        "hook": HOOK,
+        "median_norm": norm,
+        "length_fractions": list(LENGTH_FRACTIONS),
+        "lengths": lengths,
+        "n_groups": N_GROUPS,
+        "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - 2)),
+        "mean_kl": mean_kl,
+        "tests": tests,
+        "floor": FLOOR_MIXTURE_RATIO,
+        "holds": holds,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- (b)
+def measure_substitution(lm: LanguageModel, sae, tokens: torch.Tensor | None = None) -> dict:
+    """(b) Gurnee: KL of ``x → SAE(x)`` > KL of ``x → x + ε·g/‖g‖`` with ``ε = ‖SAE(x) − x‖`` per token.
+
+    ``sensitive_directions.run`` (substitution only) on :data:`N_GROUPS` disjoint groups; t-test on the
+    per-group log ratios. The mixture ε-baselines are reported, not tested.
+    """
+    t0 = time.perf_counter()
+    tokens = eval_tokens(lm, N_GROUPS * SEQS_PER_GROUP) if tokens is None else tokens
+    per = {"sae": [], "eps_isotropic": [], "eps_cov_mixture": [], "eps_real_mixture": []}
+    eps = []
+    for g, tok in enumerate(_groups(tokens, N_GROUPS)):
+        r = sensitive_directions.run(
+            sae,
+            lm,
+            HOOK,
+            tok,
+            seed=g,
+            lengths=[1.0],
+            direction_types=[],
+            substitution=True,
+            skip_first=True,
+            batch_size=SEQS_PER_GROUP,
+        )
+        for k in per:
+            per[k].append(r["substitution"]["kl"][k])
+        eps.append(r["substitution"]["epsilon_mean"])
+    test = log_ratio_test(per["sae"], per["eps_isotropic"])
+    x = torch.cat([lm.activations(t, HOOK)[:, 1:] for t in _groups(tokens, N_GROUPS)]).reshape(-1, lm.d_model)
+    with torch.no_grad():
+        x_hat = sae(x.float()).x_hat
+    fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    mean = {k: sum(v) / N_GROUPS for k, v in per.items()}
+    return {
+        "model": lm.name,
+        "hook": HOOK,
+        "mean_kl": mean,
+        "ratios": {k: mean["sae"] / mean[k] for k in per if k != "sae"},
+        "epsilon_mean": sum(eps) / len(eps),
+        "median_norm": median_norm(lm, tokens),
+        "fvu": fvu,
+        "test": test,
+        "floor": FLOOR_SUBSTITUTION_RATIO,
+        "holds": test["p"] < ALPHA and test["geo_mean_ratio"] >= FLOOR_SUBSTITUTION_RATIO,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- (c)
+def measure_plateaus(lm: LanguageModel, tokens: torch.Tensor | None = None) -> dict:
+    """(c) Giglemiani et al.: MS step toward a model-generated activation < toward a N(μ, Σ) sample.
+
+    One ``plateaus.run``; for the L2 MS step (Table 1, the headline) and the KL MS step (App. C.1): means,
+    the paired one-sided Wilcoxon signed-rank p-value of ``random − model_generated > 0``, and ``holds``.
+    """
+    t0 = time.perf_counter()
+    tokens = eval_tokens(lm, PLATEAU_CONTEXTS) if tokens is None else tokens
+    r = plateaus.run(placeholder_sae(lm), lm, HOOK, tokens, seed=0, **PLATEAU_OPTIONS)
+    out = {
+        "model": lm.name,
+        "hook": HOOK,
+        "step_size": r["step_size"],
+        "n_perturbations": r["n_perturbations"],
+        "mean_distance": {k: r["mean_distance"][k] for k in ("model_generated", "random")},
+    }
+    for table in ("ms", "kl_ms"):
+        mg = torch.tensor(r["steps"][table]["absolute"]["model_generated"], dtype=torch.float64)
+        rd = torch.tensor(r["steps"][table]["absolute"]["random"], dtype=torch.float64)
+        d = rd - mg
+        p = float(stats.wilcoxon(d.numpy(), alternative="greater").pvalue) if bool((d != 0).any()) else 1.0
+        out[table] = {
+            "model_generated": float(mg.mean()),
+            "random": float(rd.mean()),
+            "model_generated_sd": float(mg.std()),
+            "random_sd": float(rd.std()),
+            "table_abs_mean": {k: r["tables"][table][k]["abs_mean"] for k in ("model_generated", "random")},
+            "mean_difference": float(d.mean()),
+            "p": p,
+            "floor": FLOOR_MS_DIFFERENCE,
+            "holds": p < ALPHA and float(d.mean()) >= FLOOR_MS_DIFFERENCE,
+        }
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- (d)
+def measure_dead_latents(
+    lm: LanguageModel, topk_sae, gsae_sae, tokens: torch.Tensor | None = None, train_dead: dict | None = None
+) -> dict:
+    """(d) Olmo et al. Table 1: a g-SAE has fewer dead latents than a TopK SAE at the same k and token budget.
+
+    ``dead_latents.run`` on unseen contexts cut into batches of the training batch's size (504 tokens), dead
+    = not fired in the last :data:`DEAD_BATCHES` consecutive batches (the paper's definition); one-sided
+    Fisher exact test on the dead counts (g-SAE fewer).
+    """
+    t0 = time.perf_counter()
+    tokens = eval_tokens(lm, 64) if tokens is None else tokens
+    batch_tokens = BATCH * (CONTEXT - 1)
+    res = {
+        name: dead_latents.run(sae, lm, HOOK, tokens, batch_tokens=batch_tokens, dead_batches=DEAD_BATCHES)
+        for name, sae in (("topk", topk_sae), ("gsae", gsae_sae))
+    }
+    n = topk_sae.d_sae
+    dead = {k: r["n_dead_batches"] for k, r in res.items()}
+    table = [[dead["gsae"], n - dead["gsae"]], [dead["topk"], n - dead["topk"]]]
+    p = float(stats.fisher_exact(table, alternative="less").pvalue)
+    frac = {k: r["dead_fraction_batches"] for k, r in res.items()}
+    ratio = frac["gsae"] / frac["topk"] if frac["topk"] > 0 else math.inf
+    return {
+        "model": lm.name,
+        "hook": HOOK,
+        "d_sae": n,
+        "k": topk_sae.k,
+        "dead_fraction": frac,
+        "never_fired": {k: r["n_never_fired"] for k, r in res.items()},
+        "median_density": {k: r["median_density"] for k, r in res.items()},
+        "train_dead_fraction": train_dead,
+        "n_tokens": res["topk"]["n_tokens"],
+        "batch_tokens": res["topk"]["batch_tokens"],
+        "ratio": ratio,
+        "p": p,
+        "floor": FLOOR_DEAD_RATIO,
+        "holds": p < ALPHA and ratio <= FLOOR_DEAD_RATIO,
+        "seconds": time.perf_counter() - t0,
+    }
