@@ -160,7 +160,7 @@ class SAESystem(pl.LightningModule):
         loss, out, acts, extra = self.objective(batch, stage)
         if stage == "train" and not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"non-finite training loss ({float(loss)}) at step {self.global_step}; stopping (last good checkpoint kept)"
+                f"non-finite training loss ({float(loss.detach())}) at step {self.global_step}; stopping (last good checkpoint kept)"
             )
         with torch.no_grad():
             l0 = l0_per_token(out.top_acts, out.latents)
