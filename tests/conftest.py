@@ -41,3 +41,12 @@ def quickstart_args(tmp_path, *extra: str, steps: int = 20) -> list[str]:
         "--trainer.enable_progress_bar", "false",
         *extra,
     ]
+
+
+def randomize(sae, seed: int = 1):
+    """Give every SAE parameter generic values (biases are 0 at init, which would hide bias bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return sae

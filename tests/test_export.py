@@ -12,7 +12,7 @@ import torch
 
 from gsae.export import export_saelens, load_checkpoint
 from gsae.sae import GradTopKSAE, TopKSAE
-from tests.conftest import build_topk, quickstart_args
+from tests.conftest import build_topk, quickstart_args, randomize
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 META = {"lm": {"name": "random-tiny", "fold_ln": True, "center_writing_weights": False}, "hook": "blocks.1.hook_resid_pre",
@@ -27,17 +27,9 @@ def _load_saelens(path):
         return SAE.load_from_disk(str(path))
 
 
-def _randomize(sae, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen))
-    return sae
-
-
 @torch.no_grad()
 def test_relu_topk_export_is_exact(tmp_path) -> None:
-    sae = _randomize(build_topk(d_in=16, d_sae=64, k=5, relu_after_topk=True))
+    sae = randomize(build_topk(d_in=16, d_sae=64, k=5, relu_after_topk=True))
     with torch.no_grad():
         sae.b_enc.sub_(3.0)  # some kept pre-activations negative: ReLU'd to 0 on both sides
     path = export_saelens(sae, tmp_path / "sae", META)
@@ -53,7 +45,7 @@ def test_relu_topk_export_is_exact(tmp_path) -> None:
 
 @torch.no_grad()
 def test_plain_topk_export_is_exact_when_kept_values_are_positive(tmp_path) -> None:
-    sae = _randomize(build_topk(d_in=16, d_sae=64, k=5, relu_after_topk=False))
+    sae = randomize(build_topk(d_in=16, d_sae=64, k=5, relu_after_topk=False))
     sae.b_enc.add_(10.0)  # every pre-activation positive
     theirs = _load_saelens(export_saelens(sae, tmp_path / "sae", META))
     x = torch.randn(200, 16)
@@ -66,7 +58,7 @@ def test_plain_topk_export_is_exact_when_kept_values_are_positive(tmp_path) -> N
 def test_plain_topk_export_differs_only_on_negative_kept_values(tmp_path) -> None:
     """The documented limit: SAELens ReLUs the kept values; without ``relu_after_topk`` a token whose
     kept values include a negative one encodes differently, every other token exactly the same."""
-    sae = _randomize(build_topk(d_in=16, d_sae=64, k=5, relu_after_topk=False))
+    sae = randomize(build_topk(d_in=16, d_sae=64, k=5, relu_after_topk=False))
     sae.b_enc.sub_(1.5)
     theirs = _load_saelens(export_saelens(sae, tmp_path / "sae", META))
     x = torch.randn(300, 16)
@@ -79,7 +71,7 @@ def test_plain_topk_export_differs_only_on_negative_kept_values(tmp_path) -> Non
 
 @torch.no_grad()
 def test_gsae_exports_as_its_beta_zero_topk(tmp_path) -> None:
-    sae = _randomize(GradTopKSAE(16, d_sae=64, k=5, beta=3.0, relu_after_topk=True))
+    sae = randomize(GradTopKSAE(16, d_sae=64, k=5, beta=3.0, relu_after_topk=True))
     theirs = _load_saelens(export_saelens(sae, tmp_path / "sae", {**META, "sae_class": "gsae.sae.GradTopKSAE"}))
     x = torch.randn(100, 16)
     torch.testing.assert_close(theirs.encode(x), sae.encode(x, grad=None), rtol=1e-5, atol=1e-6)
@@ -119,7 +111,7 @@ def test_load_checkpoint_of_a_system_state(tiny_lm, tmp_path) -> None:
 
     system = LocalSAESystem(lm=tiny_lm, sae=lambda d_in: GradTopKSAE(d_in, d_sae=32, k=3, beta=2.0),
                             hook="blocks.0.hook_resid_post")
-    _randomize(system.sae)
+    randomize(system.sae)
     ckpt = {"state_dict": system.state_dict()}
     system.on_save_checkpoint(ckpt)
     path = tmp_path / "system.ckpt"

@@ -7,19 +7,12 @@ import pytest
 import torch
 
 from gsae.sae import GradTopKSAE, TopKSAE
-
-
-def _randomize(sae: TopKSAE, seed: int = 1) -> TopKSAE:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen))
-    return sae
+from tests.conftest import randomize
 
 
 def _pair(beta: float, **kw) -> tuple[GradTopKSAE, TopKSAE]:
-    g_sae = _randomize(GradTopKSAE(16, d_sae=64, k=5, beta=beta, **kw))
-    t_sae = _randomize(TopKSAE(16, d_sae=64, k=5, **kw))
+    g_sae = randomize(GradTopKSAE(16, d_sae=64, k=5, beta=beta, **kw))
+    t_sae = randomize(TopKSAE(16, d_sae=64, k=5, **kw))
     torch.testing.assert_close(dict(g_sae.named_parameters()), dict(t_sae.named_parameters()))
     return g_sae, t_sae
 
@@ -83,7 +76,7 @@ def test_sparse_and_dense_backward_agree_for_gsae() -> None:
     x, g = torch.randn(64, 16), torch.randn(64, 16)
     grads = []
     for sparse in (True, False):
-        sae = _randomize(GradTopKSAE(16, d_sae=48, k=4, beta=5.0, sparse_backward=sparse))
+        sae = randomize(GradTopKSAE(16, d_sae=48, k=4, beta=5.0, sparse_backward=sparse))
         sae(x, grad=g).x_hat.sub(x).pow(2).sum().backward()
         grads.append({n: p.grad for n, p in sae.named_parameters()})
     for name in grads[0]:

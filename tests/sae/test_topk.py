@@ -9,25 +9,7 @@ from scipy.optimize import minimize
 
 from gsae.sae import TopKSAE
 from gsae.sae.base import geometric_median
-from tests.conftest import build_topk
-
-
-@pytest.fixture
-def one_thread():
-    """Many tiny ops: one intra-op thread is ~10x faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _randomize(sae: TopKSAE, seed: int = 1) -> TopKSAE:
-    """Give every parameter generic values (biases are 0 at init, which would hide bias bugs)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen))
-    return sae
+from tests.conftest import build_topk, randomize
 
 
 def naive_topk(sae: TopKSAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,7 +27,7 @@ def naive_topk(sae: TopKSAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 @pytest.mark.parametrize("sparse_backward", [True, False])
 @pytest.mark.parametrize("relu", [False, True])
 def test_forward_matches_naive_reference(sparse_backward: bool, relu: bool) -> None:
-    sae = _randomize(build_topk(d_in=16, d_sae=64, k=5, sparse_backward=sparse_backward, relu_after_topk=relu))
+    sae = randomize(build_topk(d_in=16, d_sae=64, k=5, sparse_backward=sparse_backward, relu_after_topk=relu))
     x = torch.randn(40, 16)
     out = sae(x)
     ref_latents, ref_idx, ref_x_hat = naive_topk(sae, x)
@@ -80,8 +62,8 @@ def _grads(sae: TopKSAE, x: torch.Tensor, w: torch.Tensor, naive: bool) -> dict[
 def test_sparse_backward_equals_dense_autograd(relu: bool) -> None:
     x = torch.randn(64, 16)
     w = torch.rand(64, 16)
-    sparse = _randomize(build_topk(d_in=16, d_sae=48, k=6, relu_after_topk=relu, sparse_backward=True))
-    dense = _randomize(build_topk(d_in=16, d_sae=48, k=6, relu_after_topk=relu, sparse_backward=False))
+    sparse = randomize(build_topk(d_in=16, d_sae=48, k=6, relu_after_topk=relu, sparse_backward=True))
+    dense = randomize(build_topk(d_in=16, d_sae=48, k=6, relu_after_topk=relu, sparse_backward=False))
     torch.testing.assert_close(dict(sparse.named_parameters()), dict(dense.named_parameters()))
 
     g_sparse = _grads(sparse, x, w, naive=False)
@@ -99,7 +81,7 @@ def test_sparse_backward_equals_dense_autograd(relu: bool) -> None:
 
 
 def test_sparse_backward_input_gradient() -> None:
-    sae = _randomize(build_topk(d_in=8, d_sae=32, k=3))
+    sae = randomize(build_topk(d_in=8, d_sae=32, k=3))
     x = torch.randn(10, 8, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     sae(x).x_hat.pow(2).sum().backward()
@@ -109,8 +91,8 @@ def test_sparse_backward_input_gradient() -> None:
 
 def test_relu_after_topk() -> None:
     x = torch.randn(32, 16)
-    plain = _randomize(build_topk(relu_after_topk=False, k=8))
-    relu = _randomize(build_topk(relu_after_topk=True, k=8))
+    plain = randomize(build_topk(relu_after_topk=False, k=8))
+    relu = randomize(build_topk(relu_after_topk=True, k=8))
     with torch.no_grad():  # push pre-activations down so that some kept values are negative
         plain.b_enc.sub_(2.0)
         relu.b_enc.sub_(2.0)
@@ -125,7 +107,7 @@ def test_relu_after_topk() -> None:
     torch.testing.assert_close(out_relu.x_hat, dense @ relu.W_dec + relu.b_dec, rtol=1e-5, atol=1e-5)
 
 
-def test_decoder_rows_stay_unit_norm_under_adam(one_thread) -> None:
+def test_decoder_rows_stay_unit_norm_under_adam() -> None:
     sae = build_topk(d_in=16, d_sae=64, k=4)
     opt = torch.optim.Adam(sae.parameters(), lr=3e-2)
     for _ in range(10):
@@ -152,7 +134,7 @@ def test_remove_parallel_grad_without_grad_is_noop() -> None:
 
 
 def test_auxk_loss_reaches_only_dead_latents() -> None:
-    sae = _randomize(build_topk(d_in=16, d_sae=64, k=4, k_aux=8))
+    sae = randomize(build_topk(d_in=16, d_sae=64, k=4, k_aux=8))
     x = torch.randn(50, 16)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[[3, 10, 11, 40]] = True
@@ -179,7 +161,7 @@ def _sparse_features(n: int, features: torch.Tensor, gen: torch.Generator) -> to
 
 
 @pytest.mark.parametrize("relu", [False, True])
-def test_auxk_revives_planted_dead_latent(relu: bool, one_thread) -> None:
+def test_auxk_revives_planted_dead_latent(relu: bool) -> None:
     """Data: 2 of 24 unit features per token; the SAE has 16 latents (k=2), so some features are left
     in the residual. Latent ``j`` is planted dead: a tiny encoder column keeps it below the top-k of
     every token. With AuxK it learns a missing feature from the residual and fires again; without

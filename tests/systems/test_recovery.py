@@ -46,16 +46,9 @@ def _max_cos(features: Tensor, w_dec: Tensor) -> Tensor:
     return (features @ w.T).max(dim=1).values  # (n_features,)
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is much faster than two on a busy machine
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.slow
-def test_topk_sae_recovers_planted_features(tiny_lm, one_thread) -> None:
+def test_topk_sae_recovers_planted_features(tiny_lm) -> None:
     assert tiny_lm.d_in(HOOK) == D
     system = PlantedSystem(
         lm=tiny_lm,
