@@ -79,7 +79,7 @@ def test_mean_and_sum_differ_by_the_prediction_count(tiny_lm):
     t = tokens(b=3, t=10)
     g_mean = tiny_lm.activations_and_grads(t, HOOK, "mean").grads
     g_sum = tiny_lm.activations_and_grads(t, HOOK, "sum").grads
-    torch.testing.assert_close(g_sum, g_mean * 3 * 9, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(g_sum, g_mean * 3 * 9, rtol=1e-4, atol=1e-5 * float(g_sum.abs().max()))
 
 
 def test_prefix_runs_without_autograd_and_params_get_no_grad(tiny_lm, monkeypatch):
