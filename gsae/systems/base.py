@@ -134,12 +134,22 @@ class SAESystem(pl.LightningModule):
         return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
 
     def gather_to_zero(self, obj: Any) -> list[Any] | None:
-        """Every rank's ``obj`` (picklable, tensors on the CPU), in rank order, on global rank 0; ``None`` elsewhere."""
+        """Every rank's ``obj`` (picklable, tensors on the CPU), in rank order, on global rank 0; ``None`` elsewhere.
+
+        One rank at a time, so rank 0's device never holds more than one other rank's object in transit (NCCL
+        object collectives stage the pickled bytes on the GPU; a GPT-2 g-SAE buffer is ~0.8 GB per rank)."""
         world = self._world()
         if world == 1:
             return [obj]
-        out = [None] * world if dist.get_rank() == 0 else None
-        dist.gather_object(obj, out, dst=0)
+        rank = dist.get_rank()
+        out = [obj] if rank == 0 else None
+        for src in range(1, world):
+            if rank == src:
+                dist.send_object_list([obj], dst=0)
+            elif rank == 0:
+                box = [None]
+                dist.recv_object_list(box, src=src)
+                out.append(box[0])
         return out
 
     # ------------------------------------------------------------------ harvesting

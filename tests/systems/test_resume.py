@@ -89,3 +89,34 @@ def test_cli_resume_last_continues_the_run(tmp_path, capsys):
     assert state["TokenDataModule"]["consumed_batches"] == 10  # the stream position travels in the checkpoint
     assert state["gsae"]["tokens_seen"] > 0 and state["gsae"]["hook"] == "blocks.2.hook_resid_post"
     assert not any(k.startswith(("lm.", "model.")) for k in state["state_dict"])  # never the LM's weights
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_last_equals_uninterrupted(tmp_path):
+    """``python train.py`` killed with SIGKILL just after its first checkpoint (no clean shutdown), then resumed
+    with ``--ckpt_path last``, ends with the SAE of the uninterrupted run (shuffle buffer, stream, optimizer)."""
+    import os
+    import signal
+    import time
+
+    from tests.systems.launch import assert_same_sae, finish, start, train_args
+
+    steps, every = 15, 5
+    full = start(train_args(tmp_path / "full", steps, "--checkpoint.every_n_train_steps", str(every)))
+    killed_root = tmp_path / "killed"
+    args = train_args(killed_root, steps, "--checkpoint.every_n_train_steps", str(every))
+    proc = start(args)
+    ckpts = killed_root / "quickstart-topk" / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not (ckpts / "last.saelens" / "cfg.json").exists():  # the export is written after last.ckpt is complete
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"]
+    assert 0 < killed_at < steps
+    finish(start([*args, "--ckpt_path", "last"]))
+    finish(full)
+    assert_same_sae(ckpts / "last.ckpt", tmp_path / "full" / "quickstart-topk" / "checkpoints" / "last.ckpt")
