@@ -70,6 +70,26 @@ def test_ddp_stop_and_resume_with_shuffle_buffer_equals_uninterrupted(tmp_path):
         assert torch.allclose(p, resumed.sae.state_dict()[name], atol=1e-6), f"{name} differs"
 
 
+def test_resume_from_a_buffer_saved_in_another_dtype(tmp_path):
+    """A checkpoint's buffer comes back on the CPU, possibly in another dtype than the batches (simulated: float64
+    rows and gradients); the resumed run moves it to the batch's and ends as the uninterrupted one (float32 ->
+    float64 -> float32 is exact)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    full = _fit(tmp_path / "a", "gsae")
+    _fit(tmp_path / "b", "gsae", [StopAt(STOP)])
+    ckpt = tmp_path / "b" / "ckpts" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    (rank0,) = state["gsae_buffer"]["ranks"]
+    assert rank0["x"].shape[0] > 0
+    rank0["x"], rank0["grad"] = rank0["x"].double(), rank0["grad"].double()
+    torch.save(state, ckpt)
+    resumed = _fit(tmp_path / "b", "gsae", ckpt_path=str(ckpt))
+    assert resumed.buffer.x.dtype == resumed.buffer.grad.dtype == torch.float32
+    for name, p in full.sae.state_dict().items():
+        assert torch.allclose(p, resumed.sae.state_dict()[name], atol=1e-6), f"{name} differs"
+
+
 def test_resume_on_another_world_size_is_a_one_line_error(tmp_path):
     system = build_system("topk", buffer_size=128)
     rows = {"x": torch.zeros(3, 64), "grad": None, "gen": torch.Generator().get_state(), "capacity": 128}
