@@ -93,7 +93,7 @@ class LocalSAESystem(SAESystem):
                 f"--model.grad_mean_tokens ({self.grad_mean_tokens}) differs from the checkpoint's ({saved:g})"
             )
 
-    def harvest(self, tokens: Tensor, stage: str = "train") -> ActivationBatch:
+    def harvest(self, tokens: Tensor) -> ActivationBatch:
         """Activations (and ``∇ₓL`` for g-SAEs) at the hook, special-token positions dropped, flattened."""
         lm = self.frozen_lm()
         mask = self.token_mask(tokens)  # (B, T)
@@ -101,14 +101,14 @@ class LocalSAESystem(SAESystem):
             n = float(self.sae.grad_normaliser)
             if n == 0:  # no configured scale: this device's batch; only a training batch fixes it
                 n = self.configured_grad_normaliser() or float(predictions(tokens))
-                if stage == "train":
+                if self._trainer is None or self.trainer.training:  # never the sanity check / validation
                     self.sae.grad_normaliser.fill_(n)
             acts, grads, _ = loss_gradients(lm, tokens, self.hook, n)
             return ActivationBatch(acts[mask].float(), grads[mask].float())
         return ActivationBatch(lm.activations(tokens, self.hook)[mask].float(), None)
 
     def objective(self, batch: TokenBatch, stage: str) -> tuple[Tensor, SAEOutput, ActivationBatch, dict[str, Tensor]]:
-        acts = self.harvest(batch.tokens, stage)
+        acts = self.harvest(batch.tokens)
         if stage == "train":
             acts = self.buffer.mix(acts)
             self.maybe_initialize(acts.x)

@@ -92,3 +92,16 @@ def test_ddp_batch_size_is_per_device_and_the_dead_window_counts_global_steps(tm
     assert int(system.dead.tokens_since_fired[7]) == global_tokens
     assert bool(system.dead.dead_by_batches()[7])  # STEPS >= dead_batches (5)
     assert int(system.dead.batches_since_fired.min()) == 0  # the live latents fired in the last global batch
+
+
+def test_gsae_gradient_scale_without_a_data_module_is_fixed_by_the_first_training_batch(tmp_path):
+    """Plain dataloaders (no configuration to read B and T from): the sanity validation (3-context batches) uses
+    its own count without keeping it; the first training batch (4 contexts) fixes B·(T−1) = 60."""
+    system = build_system("gsae")
+    data = build_data(system, batch_size=4, val_batch_size=3)
+    scale = tmp_path / "scale.txt"
+    record = RecordGradScale(tmp_path)
+    trainer = build_trainer(tmp_path, 2, callbacks=[record], limit_val_batches=1, num_sanity_val_steps=1)
+    trainer.fit(system, train_dataloaders=data.train_dataloader(), val_dataloaders=data.val_dataloader())
+    assert float(scale.read_text()) == 0, "the sanity validation set the gradient scale"
+    assert float(system.sae.grad_normaliser) == 4 * 15
