@@ -289,6 +289,7 @@ class SAESystem(pl.LightningModule):
         return {k: getattr(dm, k, None) for k in ("dataset", "dataset_config", "split", "context_size", "batch_size", "prepend_bos")}
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         buffer = getattr(self, "buffer", None)
         if buffer is not None and buffer.fill == 0:  # a fresh buffer: each rank mixes with its own generator
             buffer.reseed(self.seed + self.global_rank)

@@ -83,6 +83,7 @@ class LocalSAESystem(SAESystem):
 
     def on_fit_start(self) -> None:
         # after a resumed checkpoint is restored (which brings its own normaliser) and before the sanity check
+        super().on_fit_start()
         if not self.needs_grad:
             return
         n, saved = self.configured_grad_normaliser(), float(self.sae.grad_normaliser)

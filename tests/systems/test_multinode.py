@@ -42,8 +42,9 @@ def test_two_nodes_equal_two_processes_on_one_node(tmp_path, single_node, launch
             nodes.append(start(args, **slurm))
         else:  # the variables a launcher exports on each node (Lightning's LightningEnvironment reads these)
             nodes.append(start(args, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node_rank)))
-    for p in nodes:
-        finish(p)
+    logs = [finish(p) for p in nodes]
+    for node_rank, log in enumerate(logs):  # each "node" really was its own rank of one 2-process group
+        assert f"GLOBAL_RANK: {node_rank}, MEMBER: {node_rank + 1}/2" in log, log[-2000:]
     ckpt = tmp_path / "node0" / "quickstart-topk" / "checkpoints" / "last.ckpt"
     assert_same_sae(ckpt, single_node)
     assert not list((tmp_path / "node1").rglob("*.ckpt")), "only global rank 0 writes checkpoints"
