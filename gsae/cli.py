@@ -28,8 +28,17 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "gpt2" / "gsae.yaml"
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
 
 
+# The logger's default folder: replaced by --trainer.default_root_dir, so one run writes under one folder.
+RUN_ROOT = "<default_root_dir>"
+
+
 class GSAECLI(LightningCLI):
-    """LightningCLI with the LM linked from the model to the data module and ``--ckpt_path``."""
+    """LightningCLI with the LM linked from the model to the data module and ``--ckpt_path``.
+
+    One run, one folder: checkpoints, SAELens exports, evaluation JSON (``<root>/<name>/checkpoints``),
+    TensorBoard events and ``config.yaml`` (``<root>/<name>/version_N``) all go under
+    ``--trainer.default_root_dir`` (default ``checkpoints``) unless the user sets the logger's ``save_dir``.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.lm", "data.lm", apply_on="instantiate")
@@ -42,11 +51,18 @@ class GSAECLI(LightningCLI):
             help="Checkpoint to resume from: a path, or 'last' for the newest last.ckpt of this run.",
         )
 
+    def before_instantiate_classes(self) -> None:
+        trainer = self.config.get("trainer")
+        logger = trainer.get("logger") if trainer is not None else None
+        init = logger.get("init_args") if hasattr(logger, "get") else None
+        if init is not None and init.get("save_dir") == RUN_ROOT:
+            init["save_dir"] = trainer.get("default_root_dir") or os.getcwd()
+
 
 def trainer_defaults() -> dict:
     return {
         "default_root_dir": "checkpoints",
-        "logger": lazy_instance(TensorBoardLogger, save_dir="checkpoints", name="gsae"),
+        "logger": lazy_instance(TensorBoardLogger, save_dir=RUN_ROOT, name="gsae"),
         "max_epochs": -1,
         "log_every_n_steps": 10,
         "enable_model_summary": False,

@@ -33,6 +33,7 @@ def export_saelens(sae: SparseAutoencoder, path: str | Path, meta: dict) -> Path
     state["W_dec"] = sae.decoder_weight().detach().float().cpu().contiguous()
     save_file(state, str(path / "sae_weights.safetensors"))
     lm = meta.get("lm", {})
+    data = meta.get("data") or {}
     cfg_json = {
         "architecture": arch,
         "d_in": sae.d_in,
@@ -48,8 +49,9 @@ def export_saelens(sae: SparseAutoencoder, path: str | Path, meta: dict) -> Path
             "model_name": lm.get("name"),
             "hook_name": meta.get("hook"),
             "hook_head_index": None,
-            "prepend_bos": True,
-            "context_size": (meta.get("data") or {}).get("context_size", meta.get("context_size")),
+            # what the run's contexts looked like (SAELens evaluates with these); True if the run did not say
+            "prepend_bos": bool(data.get("prepend_bos", meta.get("prepend_bos", True))),
+            "context_size": data.get("context_size", meta.get("context_size")),
             "model_from_pretrained_kwargs": {
                 k: lm[k] for k in ("fold_ln", "center_writing_weights", "center_unembed") if k in lm
             },

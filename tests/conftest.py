@@ -32,12 +32,11 @@ def build_topk(d_in: int = 16, d_sae: int = 64, k: int = 4, **kw):
 
 
 def quickstart_args(tmp_path, *extra: str, steps: int = 20) -> list[str]:
-    """CLI args for a fast offline run under ``tmp_path``."""
+    """CLI args for a fast offline run under ``tmp_path`` (the root dir alone decides where everything goes)."""
     return [
         "--config", "configs/quickstart/topk.yaml",
         "--trainer.max_steps", str(steps),
         "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.enable_progress_bar", "false",
         *extra,
     ]

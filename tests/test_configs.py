@@ -120,3 +120,35 @@ def test_train_py_help_and_print_config_in_a_subprocess() -> None:
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert yaml.safe_load(run.stdout)["model"]["init_args"]["sae"]["init_args"]["d_sae"] == 1024
+
+
+PAPER = [p for p in CONFIGS if p.parent.name in ("gpt2", "scaling")]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(REPO_ROOT / "configs").as_posix())
+def test_configs_leave_the_run_folder_to_the_root_dir(parse_only, path: Path) -> None:
+    """No config hard-codes where the logger writes: ``--trainer.default_root_dir`` holds the whole run."""
+    logger = yaml.safe_load(path.read_text())["trainer"].get("logger") or {}
+    assert "save_dir" not in logger.get("init_args", {}), f"{path.name} hard-codes the logger's save_dir"
+    config = parse_only(["--config", str(path), "--trainer.default_root_dir", "/some/root"])
+    assert config.trainer.logger.init_args.save_dir == "/some/root"
+    assert config.trainer.logger.init_args.name  # every run keeps its name
+
+
+@pytest.mark.parametrize("path", [p for p in PAPER if "ReLU" not in p.read_text()], ids=lambda p: p.name)
+def test_paper_topk_configs_have_no_auxk(parse_only, path: Path) -> None:
+    """smol-sae (the g-SAE authors' base) has no AuxK; it changes late-training dead fractions (Table 1)."""
+    assert parse_only(["--config", str(path)]).model.init_args.sae.init_args.k_aux == 0
+
+
+@pytest.mark.parametrize("path", [p for p in PAPER if "GradTopKSAE" in p.read_text()], ids=lambda p: p.name)
+def test_gsae_configs_state_the_gradient_scale(parse_only, path: Path) -> None:
+    config = parse_only(["--config", str(path)])
+    # β=1e5's reference scale: the CE mean over one device's B·(T−1) predictions of this config
+    assert config.model.init_args.grad_mean_tokens == config.data.batch_size * (config.data.context_size - 1)
+
+
+def test_e2e_ds_uses_apollos_pretokenized_rows_as_is(parse_only) -> None:
+    config = parse_only(["--config", "configs/gpt2/e2e_ds.yaml"])
+    assert config.data.prepend_bos is False and config.data.context_size == 1024
+    assert config.model.init_args.sae.init_args.tied_init is False  # Apollo's untied nn.Linear encoder

@@ -90,6 +90,14 @@ def test_export_metadata_survives_saelens_loading(tmp_path) -> None:
     assert md["gsae"]["sae_config"] == build_topk(d_in=16).config()
 
 
+
+@pytest.mark.parametrize("prepend_bos", [True, False])
+def test_export_writes_the_runs_prepend_bos_and_context_size(tmp_path, prepend_bos) -> None:
+    meta = {**META, "data": {"context_size": 1024, "prepend_bos": prepend_bos, "dataset": "x"}}
+    md = _load_saelens(export_saelens(build_topk(d_in=16), tmp_path / "sae", meta)).cfg.metadata
+    assert md.prepend_bos is prepend_bos
+    assert md.context_size == 1024
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory) -> Path:
@@ -156,6 +164,7 @@ def test_saelens_export_beside_the_checkpoint(quickstart_run: Path) -> None:
     positive = (sae(x).top_acts > 0).all(-1)
     torch.testing.assert_close(theirs.encode(x)[positive], sae.encode(x)[positive], rtol=1e-5, atol=1e-5)
     assert theirs.cfg.metadata.hook_name == "blocks.2.hook_resid_post"
+    assert theirs.cfg.metadata.prepend_bos is True and theirs.cfg.metadata.context_size == 64  # the quickstart's data
 
 
 def _one_line_error(path) -> str:

@@ -5,7 +5,10 @@ buffer plus the new rows; the rest stay in the buffer. While the buffer fills (t
 ``capacity / (n/2)`` steps) only half of the incoming rows are returned. No row is ever returned
 twice and none is dropped (except what is still buffered when training stops). The buffer and its
 random generator are part of the checkpoint, so a resumed run mixes exactly as an uninterrupted one.
-Activations and gradients (g-SAE) travel together.
+Under DDP every rank has its own buffer (its own rows, generator seeded ``seed + rank``); the training
+system gathers all of them into the checkpoint and gives each rank its own back on resume. Activations
+and gradients (g-SAE) travel together. The state is saved on the CPU and restored rows follow the
+device and dtype of the next incoming batch (Lightning loads checkpoints on the CPU).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class ShuffleBuffer:
         """Add ``batch``'s rows, return a uniformly drawn set of rows of the same size (half while filling)."""
         if self.capacity == 0:
             return batch
+        self._follow(batch)
         x = batch.x if self.x is None else torch.cat([self.x, batch.x])
         g = batch.grad if self.grad is None or batch.grad is None else torch.cat([self.grad, batch.grad])
         n_in = batch.x.shape[0]
@@ -46,9 +50,23 @@ class ShuffleBuffer:
         self.grad = None if g is None else g[keep]
         return ActivationBatch(x[out], None if g is None else g[out])
 
+    def _follow(self, batch: ActivationBatch) -> None:
+        """Move the held rows to the incoming batch's device and dtype (a restored buffer is on the CPU)."""
+        if self.x is not None and (self.x.device != batch.x.device or self.x.dtype != batch.x.dtype):
+            self.x = self.x.to(batch.x.device, batch.x.dtype)
+        if self.grad is not None and batch.grad is not None:
+            if self.grad.device != batch.grad.device or self.grad.dtype != batch.grad.dtype:
+                self.grad = self.grad.to(batch.grad.device, batch.grad.dtype)
+
     def state_dict(self) -> dict:
-        return {"x": self.x, "grad": self.grad, "gen": self.gen.get_state(), "capacity": self.capacity}
+        """Held rows (on the CPU) and the generator state."""
+        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+        return {"x": cpu(self.x), "grad": cpu(self.grad), "gen": self.gen.get_state(), "capacity": self.capacity}
 
     def load_state_dict(self, state: dict) -> None:
         self.x, self.grad = state["x"], state["grad"]
-        self.gen.set_state(state["gen"])
+        self.gen.set_state(state["gen"].cpu())
+
+    def reseed(self, seed: int) -> None:
+        """Restart the generator from ``seed`` (each DDP rank mixes with its own stream)."""
+        self.gen.manual_seed(seed)

@@ -3,7 +3,8 @@
 A g-SAE's selection score ``z ∘ (1 + β|W_dec g|)`` depends on the *scale* of ``g``, which depends on how
 the LM loss is reduced (SPEC §1.2 [AMBIG]). The SAE carries that scale with it: ``g = ∇ₓ(Σ CE) / n``
 with ``n = sae.grad_normaliser``, the number of predictions the CE mean was taken over when it was
-trained (the global LM batch: ``B·(T−1)·world`` for ``grad_reduction: mean``; 1 for ``sum``). Training
+trained (one device's LM batch: ``B·(T−1)`` for ``grad_reduction: mean``, or ``grad_mean_tokens``;
+1 for ``sum``; never the number of devices). Training
 and every benchmark compute ``g`` here, so a g-SAE encodes at evaluation time exactly as it did in training.
 """
 

@@ -10,7 +10,7 @@ Choices the paper leaves open (SPEC §1.2 [AMBIG]), with our defaults:
 
 - no ReLU after TopK (smol-sae, which the authors modified), as in :class:`TopKSAE`;
 - ``W_dec g`` uses the current (unit-norm) decoder rows;
-- the scale of ``g`` is set by the CE reduction (``mean`` over the global LM batch by default); the SAE
+- the scale of ``g`` is set by the CE reduction (``mean`` over one device's LM batch by default); the SAE
   stores the normaliser it was trained with (``grad_normaliser``, see ``gsae/data/harvest.py``);
   the training system logs ``median(β·|W_dec g|)`` over the selected latents so β can be checked.
 """

@@ -2,8 +2,11 @@
 
 ``c = ReLU(x W_enc + b_enc)`` (no ``b_dec`` subtracted before the encoder), ``D = W_dec`` with every row
 normalised *in the forward* (their ``dict_elements``), ``x̂ = c D + b_dec``. The sparsity term is
-``λ · mean_tokens ‖c‖₁ / d_in`` (their φ = λ / dim(a)). Initialisation: orthogonal decoder (their code;
-the paper's App. D says Kaiming — SPEC §8.2 [AMBIG], we follow the code), encoder = decoder transpose.
+``λ · mean_tokens ‖c‖₁ / d_in`` (their φ = λ / dim(a)). Initialisation as their code (the paper's App. D
+says Kaiming — SPEC §8.2 [AMBIG], we follow the code): an orthogonal decoder and ``nn.Linear``'s default
+(untied) encoder ``W_enc, b_enc ~ U(±1/√d_in)``; ``tied_init`` instead starts from ``W_enc = W_decᵀ``,
+``b_enc = 0``. ``b_dec`` is set by the system's ``b_dec_init`` (``zeros`` keeps 0; Apollo's ``nn.Linear``
+starts it at ``U(±1/√d_sae)``, under 0.005 for 46080 latents).
 """
 
 from __future__ import annotations
@@ -20,19 +23,24 @@ class ReLUSAE(SparseAutoencoder):
 
     unit_norm_decoder = False  # the forward normalises; the training system must not renormalise the parameter
 
-    def __init__(self, d_in: int, d_sae: int = 46080, l1_coef: float = 3.0, seed: int = 0) -> None:
+    def __init__(
+        self, d_in: int, d_sae: int = 46080, l1_coef: float = 3.0, tied_init: bool = False, seed: int = 0
+    ) -> None:
         """Build a ReLU SAE.
 
         Args:
             d_in: activation width at the hook (linked from the language model; not set in configs).
             d_sae: number of latents (Braun et al.: 60 × 768 = 46080).
             l1_coef: λ of the sparsity term ``λ · mean ‖c‖₁ / d_in`` (Braun et al. Table 1, layer 6 e2e: 3.0).
-            seed: seed of the orthogonal decoder initialisation.
+            tied_init: start the encoder as the decoder transpose with ``b_enc = 0``; default False: Apollo's
+                code, an untied ``nn.Linear``-initialised encoder (``W_enc, b_enc ~ U(±1/√d_in)``).
+            seed: seed of the initialisation.
         """
         super().__init__(d_in, d_sae, seed=seed)
         if l1_coef < 0:
             raise ValueError(f"--model.sae.l1_coef must be >= 0 (got {l1_coef})")
         self.l1_coef = l1_coef
+        self.tied_init = tied_init
         self.seed = seed
         gen = torch.Generator().manual_seed(seed)
         w = torch.empty(d_in, d_sae)
@@ -41,14 +49,19 @@ class ReLUSAE(SparseAutoencoder):
             nn.init.orthogonal_(w)
         with torch.no_grad():
             self.W_dec.copy_(w.T)
-            self.W_enc.copy_(w)
+            if tied_init:
+                self.W_enc.copy_(w)
+            else:  # nn.Linear(d_in, d_sae)'s default: kaiming_uniform(a=√5) = U(±1/√fan_in), bias the same
+                bound = d_in**-0.5
+                self.W_enc.copy_((torch.rand(d_in, d_sae, generator=gen) * 2 - 1) * bound)
+                self.b_enc.copy_((torch.rand(d_sae, generator=gen) * 2 - 1) * bound)
 
     @property
     def architecture(self) -> str:
         return "relu"
 
     def config(self) -> dict:
-        return dict(d_in=self.d_in, d_sae=self.d_sae, l1_coef=self.l1_coef, seed=self.seed)
+        return dict(d_in=self.d_in, d_sae=self.d_sae, l1_coef=self.l1_coef, tied_init=self.tied_init, seed=self.seed)
 
     def decoder_weight(self) -> Tensor:
         """Row-normalised decoder ``(d_sae, d_in)``: the dictionary the forward uses."""

@@ -67,6 +67,10 @@ class SAESystem(pl.LightningModule):
             exclude_special_tokens: drop activations at special-token positions (BOS/EOS) from the
                 local objective (GPT-2's BOS position has outlier norms; SAELens masks them in evals).
             dead_batches: a latent is dead if it did not fire in this many consecutive batches (SPEC §1.5; paper: 5).
+                A batch is one optimizer step's *global* batch (firing on any rank counts), so the window is
+                ``dead_batches × batch_size × context_size × devices × num_nodes`` tokens (before special tokens
+                are dropped): at a fixed per-device ``batch_size`` more devices widen it; keep the global batch
+                fixed (divide ``batch_size`` by the device count) to keep the paper's window.
             dead_tokens: a latent is dead if it did not fire in this many tokens (Gao et al.: 10M); AuxK uses this one.
             seed: seed of the shuffle buffer and other training randomness.
         """
@@ -128,6 +132,25 @@ class SAESystem(pl.LightningModule):
         out = [torch.zeros_like(pad) for _ in range(world)]
         dist.all_gather(out, pad)
         return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+
+    def gather_to_zero(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` (picklable, tensors on the CPU), in rank order, on global rank 0; ``None`` elsewhere.
+
+        One rank at a time, so rank 0's device never holds more than one other rank's object in transit (NCCL
+        object collectives stage the pickled bytes on the GPU; a GPT-2 g-SAE buffer is ~0.8 GB per rank)."""
+        world = self._world()
+        if world == 1:
+            return [obj]
+        rank = dist.get_rank()
+        out = [obj] if rank == 0 else None
+        for src in range(1, world):
+            if rank == src:
+                dist.send_object_list([obj], dst=0)
+            elif rank == 0:
+                box = [None]
+                dist.recv_object_list(box, src=src)
+                out.append(box[0])
+        return out
 
     # ------------------------------------------------------------------ harvesting
     def token_mask(self, tokens: Tensor) -> Tensor:
@@ -265,11 +288,19 @@ class SAESystem(pl.LightningModule):
             return None
         return {k: getattr(dm, k, None) for k in ("dataset", "dataset_config", "split", "context_size", "batch_size", "prepend_bos")}
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        buffer = getattr(self, "buffer", None)
+        if buffer is not None and buffer.fill == 0:  # a fresh buffer: each rank mixes with its own generator
+            buffer.reseed(self.seed + self.global_rank)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # runs on every rank (only rank 0 writes the file): each rank's shuffle buffer goes into it
         checkpoint["gsae"] = self.describe()
         buffer = getattr(self, "buffer", None)
         if buffer is not None:
-            checkpoint["gsae_buffer"] = buffer.state_dict()
+            ranks = self.gather_to_zero(buffer.state_dict())
+            checkpoint["gsae_buffer"] = {"world_size": self._world(), "ranks": ranks}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("gsae")
@@ -282,4 +313,18 @@ class SAESystem(pl.LightningModule):
             raise ValueError(f"--ckpt_path: checkpoint hook {meta['hook']!r} differs from --model.hook {self.hook!r}")
         buffer = getattr(self, "buffer", None)
         if buffer is not None and "gsae_buffer" in checkpoint:
-            buffer.load_state_dict(checkpoint["gsae_buffer"])
+            own = self._own_buffer_state(checkpoint["gsae_buffer"])
+            if own is not None:
+                buffer.load_state_dict(own)
+
+    def _own_buffer_state(self, saved: dict) -> dict | None:
+        """This rank's shuffle-buffer state from a checkpoint holding every rank's (older files: rank 0's only)."""
+        ranks = saved["ranks"] if "ranks" in saved else [saved]
+        world, rank = self._world(), self.global_rank
+        if len(ranks) != world and any(r["x"] is not None for r in ranks):
+            raise ValueError(
+                f"--ckpt_path: the checkpoint's shuffle buffers come from {len(ranks)} DDP ranks but this run has {world} "
+                "(--trainer.devices × --trainer.num_nodes); resume with the same number, since the buffered rows "
+                "belong to the ranks that harvested them"
+            )
+        return ranks[rank] if rank < len(ranks) else None  # empty buffers: a new rank keeps its fresh one

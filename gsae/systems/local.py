@@ -4,6 +4,9 @@ loss = ``Σ_t ‖x_t − x̂_t‖² / (N_global · E‖x − x̄‖²)`` + AuxK,
 variance of the first batch (a fixed constant, so this is plain MSE up to scale, as in Gao et al.'s
 normalised MSE). ``N_global`` is the token count over all DDP ranks and each rank's loss is multiplied
 by the world size, so the DDP-averaged gradient is exactly the gradient of the global-batch loss.
+
+g-SAEs: ``∇ₓL`` is the gradient of the CE summed over one device's LM batch divided by a fixed count
+(``grad_mean_tokens``, default the per-device ``B·(T−1)``), so β means the same on 1 or 8 devices.
 """
 
 from __future__ import annotations
@@ -34,36 +37,74 @@ class LocalSAESystem(SAESystem):
         *args,
         buffer_size: int = 0,
         grad_reduction: Literal["mean", "sum"] = "mean",
+        grad_mean_tokens: int | None = None,
         **kwargs,
     ) -> None:
         """Reconstruction objective.
 
         Args:
-            buffer_size: activation shuffle buffer capacity in tokens (0 disables); mixes tokens across contexts.
-            grad_reduction: g-SAE only: reduce the LM cross-entropy by ``mean`` over the predictions of the
-                global LM batch (default, as TransformerLens' ``return_type="loss"`` on one device; the scale
-                β=1e5 was set for) or ``sum`` (gradients larger by the number of predictions); SPEC §1.2 [AMBIG].
+            buffer_size: activation shuffle buffer capacity in tokens *per device* (0 disables); mixes tokens
+                across contexts. Under DDP each rank mixes its own rows with its own generator (``seed + rank``).
+            grad_reduction: g-SAE only: ``mean`` (default) divides the summed LM cross-entropy by
+                ``grad_mean_tokens`` predictions, as TransformerLens' ``return_type="loss"`` does on one device's
+                batch (the scale β=1e5 was set for); ``sum`` keeps the sum (gradients larger by that count);
+                SPEC §1.2 [AMBIG].
+            grad_mean_tokens: g-SAE with ``grad_reduction: mean``: the number of next-token predictions the CE
+                mean is taken over, i.e. the per-*device* LM batch ``B·(T−1)``. Default: from the training
+                configuration, ``data.batch_size × (data.context_size − 1)`` (without a data module: the first
+                training batch). It never depends on the number of devices or on validation batches; set it
+                to keep β's meaning when ``batch_size`` changes (e.g. 4064 = 32 × 127 in ``configs/gpt2``).
         """
         super().__init__(*args, **kwargs)
         self.save_hyperparameters(ignore=["lm", "sae", "optimizer"])
         self.buffer = ShuffleBuffer(buffer_size, seed=self.seed)
         self.grad_reduction = grad_reduction
+        if grad_mean_tokens is not None and (grad_mean_tokens <= 0 or grad_reduction != "mean"):
+            raise ValueError(
+                f"--model.grad_mean_tokens must be > 0 and needs --model.grad_reduction mean (got {grad_mean_tokens}, "
+                f"{grad_reduction})"
+            )
+        self.grad_mean_tokens = grad_mean_tokens
 
     @property
     def needs_grad(self) -> bool:
         return isinstance(self.sae, GradTopKSAE)
+
+    def configured_grad_normaliser(self) -> float | None:
+        """The g-SAE gradient's CE normaliser from the configuration (``None``: not known before a training batch)."""
+        if self.grad_reduction == "sum":
+            return 1.0
+        if self.grad_mean_tokens is not None:
+            return float(self.grad_mean_tokens)
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "batch_size") and hasattr(dm, "context_size"):
+            return float(dm.batch_size * (dm.context_size - 1))  # per device: B·(T−1)
+        return None
+
+    def on_fit_start(self) -> None:
+        # after a resumed checkpoint is restored (which brings its own normaliser) and before the sanity check
+        super().on_fit_start()
+        if not self.needs_grad:
+            return
+        n, saved = self.configured_grad_normaliser(), float(self.sae.grad_normaliser)
+        if saved == 0 and n is not None:
+            self.sae.grad_normaliser.fill_(n)
+        elif saved != 0 and self.grad_mean_tokens is not None and saved != self.grad_mean_tokens:
+            raise ValueError(
+                f"--model.grad_mean_tokens ({self.grad_mean_tokens}) differs from the checkpoint's ({saved:g})"
+            )
 
     def harvest(self, tokens: Tensor) -> ActivationBatch:
         """Activations (and ``∇ₓL`` for g-SAEs) at the hook, special-token positions dropped, flattened."""
         lm = self.frozen_lm()
         mask = self.token_mask(tokens)  # (B, T)
         if self.needs_grad:
-            if float(self.sae.grad_normaliser) == 0:
-                # mean over the *global* LM batch (all ranks have equal batches), so that the gradient's
-                # scale, and hence β's meaning, does not depend on how the batch is split over devices
-                n = predictions(tokens) * self._world() if self.grad_reduction == "mean" else 1
-                self.sae.grad_normaliser.fill_(float(n))
-            acts, grads, _ = loss_gradients(lm, tokens, self.hook, float(self.sae.grad_normaliser))
+            n = float(self.sae.grad_normaliser)
+            if n == 0:  # no configured scale: this device's batch; only a training batch fixes it
+                n = self.configured_grad_normaliser() or float(predictions(tokens))
+                if self._trainer is None or self.trainer.training:  # never the sanity check / validation
+                    self.sae.grad_normaliser.fill_(n)
+            acts, grads, _ = loss_gradients(lm, tokens, self.hook, n)
             return ActivationBatch(acts[mask].float(), grads[mask].float())
         return ActivationBatch(lm.activations(tokens, self.hook)[mask].float(), None)
 

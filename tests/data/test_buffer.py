@@ -89,3 +89,36 @@ def test_state_dict_reproduces_future_outputs() -> None:
     # and a buffer that did not load the state differs
     c = ShuffleBuffer(48, seed=12345)
     assert not torch.equal(c.mix(_batch(0, 20)).x, ShuffleBuffer(48, seed=3).mix(_batch(0, 20)).x)
+
+
+def test_restored_rows_follow_the_batch_dtype_and_device() -> None:
+    """Lightning restores checkpoints on the CPU (and a buffer may have been saved in another dtype): the held rows
+    are moved to the next batch's device and dtype before mixing, so the output is that batch's type."""
+    a = ShuffleBuffer(48, seed=3)
+    for i in range(6):
+        a.mix(_batch(20 * i, 20))  # float64 rows
+    saved = a.state_dict()
+    assert saved["x"].device.type == "cpu" and saved["x"].dtype == torch.float64
+    b = ShuffleBuffer(48)
+    b.load_state_dict(saved)
+    for i in range(6, 9):
+        new = _batch(20 * i, 20)
+        new32 = ActivationBatch(new.x.float(), new.grad.float())
+        out_a, out_b = a.mix(new), b.mix(new32)
+        assert out_b.x.dtype == out_b.grad.dtype == b.x.dtype == b.grad.dtype == torch.float32
+        torch.testing.assert_close(out_b.x, out_a.x.float())  # the same rows, in the batch's dtype
+        torch.testing.assert_close(out_b.grad, out_a.grad.float())
+
+
+def test_state_dict_is_on_the_cpu_and_detached() -> None:
+    buf = ShuffleBuffer(16)
+    x = torch.randn(12, D, requires_grad=True)
+    buf.mix(ActivationBatch(x * 2, None))
+    state = buf.state_dict()
+    assert state["x"].device.type == "cpu" and not state["x"].requires_grad and state["grad"] is None
+
+
+def test_reseed_changes_the_mixing() -> None:
+    a, b = ShuffleBuffer(32, seed=0), ShuffleBuffer(32, seed=0)
+    b.reseed(1)
+    assert not torch.equal(a.mix(_batch(0, 32)).x, b.mix(_batch(0, 32)).x)

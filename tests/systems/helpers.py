@@ -28,14 +28,16 @@ def build_system(objective: str = "topk", buffer_size: int = 0, **kw) -> pl.Ligh
     raise ValueError(objective)
 
 
-def build_data(system, batch_size: int = 4, context_size: int = 16) -> TokenDataModule:
-    return TokenDataModule(system.lm, dataset="synthetic", context_size=context_size, batch_size=batch_size, val_batches=1)
+def build_data(system, batch_size: int = 4, context_size: int = 16, **kw) -> TokenDataModule:
+    kw.setdefault("val_batches", 1)
+    return TokenDataModule(system.lm, dataset="synthetic", context_size=context_size, batch_size=batch_size, **kw)
 
 
 def build_trainer(root, max_steps: int, callbacks=(), checkpoint_every: int | None = None, **kw) -> pl.Trainer:
     cbs = list(callbacks)
     if checkpoint_every:
         cbs.append(SAECheckpoint(dirpath=str(root / "ckpts"), every_n_train_steps=checkpoint_every, export_saelens=False))
+    kw.setdefault("limit_val_batches", 0)
     return pl.Trainer(
         default_root_dir=str(root),
         max_steps=max_steps,
@@ -43,7 +45,6 @@ def build_trainer(root, max_steps: int, callbacks=(), checkpoint_every: int | No
         enable_checkpointing=bool(checkpoint_every),
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
         callbacks=cbs,
         accelerator="cpu",
         **kw,
@@ -73,3 +74,13 @@ class StopAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.n:
             trainer.should_stop = True
+
+
+class RecordBuffer(pl.Callback):
+    """Writes each rank's final shuffle-buffer rows (and gradients) to ``<folder>/buffer<r>.pt``."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save(pl_module.buffer.state_dict(), self.folder / f"buffer{trainer.global_rank}.pt")

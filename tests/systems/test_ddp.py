@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -10,14 +11,14 @@ from tests.systems.helpers import RecordTokens, build_data, build_system, build_
 STEPS = 6
 
 
-def _train(tmp_path, objective: str, devices: int):
+def _train(tmp_path, objective: str, devices: int, batch_size: int | None = None, steps: int = STEPS, system_kw=None, **kw):
     torch.manual_seed(0)
-    system = build_system(objective)
-    data = build_data(system, batch_size=4 // devices)
+    system = build_system(objective, **(system_kw or {}))
+    data = build_data(system, batch_size=batch_size or 4 // devices, val_batch_size=kw.pop("val_batch_size", None))
     folder = tmp_path / f"d{devices}"
     folder.mkdir()
-    kw = dict(devices=devices, strategy="ddp_fork") if devices > 1 else dict(devices=1)
-    trainer = build_trainer(folder, STEPS, callbacks=[RecordTokens(folder)], **kw)
+    kw.update(dict(devices=devices, strategy="ddp_fork") if devices > 1 else dict(devices=1))
+    trainer = build_trainer(folder, steps, callbacks=[RecordTokens(folder), *kw.pop("callbacks", [])], **kw)
     trainer.fit(system, datamodule=data)
     return system, folder
 
@@ -25,8 +26,11 @@ def _train(tmp_path, objective: str, devices: int):
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["topk", "gsae", "e2e"])
 def test_ddp_two_ranks_equal_single_process(tmp_path, objective):
-    single, f1 = _train(tmp_path, objective, 1)
-    ddp, f2 = _train(tmp_path, objective, 2)
+    # the g-SAE gradient is a CE mean over a fixed count (per device by default: 1 × B and 2 × B/2 differ there),
+    # so both runs are given the same count explicitly
+    kw = dict(system_kw={"grad_mean_tokens": 4 * 15}) if objective == "gsae" else {}
+    single, f1 = _train(tmp_path, objective, 1, **kw)
+    ddp, f2 = _train(tmp_path, objective, 2, **kw)
 
     # data: ranks disjoint, and together exactly the single-process tokens of every step
     r0, r1, one = torch.load(f2 / "rank0.pt"), torch.load(f2 / "rank1.pt"), torch.load(f1 / "rank0.pt")
@@ -43,3 +47,61 @@ def test_ddp_two_ranks_equal_single_process(tmp_path, objective):
     assert torch.equal(single.dead.batches_since_fired, ddp.dead.batches_since_fired)
     assert torch.equal(single.dead.tokens_since_fired, ddp.dead.tokens_since_fired)
     assert int(single.tokens_seen) == int(ddp.tokens_seen)
+
+
+class RecordGradScale(pl.Callback):
+    """The g-SAE gradient normaliser when the first training batch starts (after the sanity validation)."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0 and trainer.global_rank == 0:
+            (self.folder / "scale.txt").write_text(str(float(pl_module.sae.grad_normaliser)))
+
+
+@pytest.mark.slow
+def test_gsae_gradient_scale_is_per_device_not_world_size_nor_validation(tmp_path):
+    """1 and 2 ranks at the same per-device batch (4 contexts of 16 tokens) use the same CE mean, B·(T−1) = 60,
+    and the sanity validation (3-context batches) runs before training without setting it."""
+    val = dict(val_batch_size=3, limit_val_batches=1, num_sanity_val_steps=1)
+    for devices in (1, 2):
+        folder = tmp_path / f"scale{devices}"
+        folder.mkdir()
+        system, _ = _train(tmp_path, "gsae", devices, batch_size=4, steps=1, callbacks=[RecordGradScale(folder)], **val)
+        assert float((folder / "scale.txt").read_text()) == 4 * 15, f"{devices} ranks"
+        assert float(system.sae.grad_normaliser) == 4 * 15, f"{devices} ranks"
+
+
+@pytest.mark.slow
+def test_ddp_batch_size_is_per_device_and_the_dead_window_counts_global_steps(tmp_path):
+    """``data.batch_size`` contexts go to *each* rank; a dead-latent "batch" is one optimizer step's global batch:
+    a latent that never fires is ``STEPS`` batches and every rank's (non-special) tokens of those steps old."""
+    system = build_system("topk")
+    with torch.no_grad():
+        system.sae.b_enc[7] = -1e9  # latent 7 can never be among the top k
+    data = build_data(system, batch_size=2)
+    trainer = build_trainer(tmp_path, STEPS, callbacks=[RecordTokens(tmp_path)], devices=2, strategy="ddp_fork")
+    trainer.fit(system, datamodule=data)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0.shape == r1.shape == (STEPS * 2, 16)  # per device: batch_size contexts per step
+    special = torch.tensor(system.lm.special_token_ids)
+    global_tokens = int((~torch.isin(torch.cat([r0, r1]), special)).sum())
+    assert int(system.tokens_seen) == global_tokens
+    assert int(system.dead.batches_since_fired[7]) == STEPS
+    assert int(system.dead.tokens_since_fired[7]) == global_tokens
+    assert bool(system.dead.dead_by_batches()[7])  # STEPS >= dead_batches (5)
+    assert int(system.dead.batches_since_fired.min()) == 0  # the live latents fired in the last global batch
+
+
+def test_gsae_gradient_scale_without_a_data_module_is_fixed_by_the_first_training_batch(tmp_path):
+    """Plain dataloaders (no configuration to read B and T from): the sanity validation (3-context batches) uses
+    its own count without keeping it; the first training batch (4 contexts) fixes B·(T−1) = 60."""
+    system = build_system("gsae")
+    data = build_data(system, batch_size=4, val_batch_size=3)
+    scale = tmp_path / "scale.txt"
+    record = RecordGradScale(tmp_path)
+    trainer = build_trainer(tmp_path, 2, callbacks=[record], limit_val_batches=1, num_sanity_val_steps=1)
+    trainer.fit(system, train_dataloaders=data.train_dataloader(), val_dataloaders=data.val_dataloader())
+    assert float(scale.read_text()) == 0, "the sanity validation set the gradient scale"
+    assert float(system.sae.grad_normaliser) == 4 * 15

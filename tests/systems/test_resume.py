@@ -7,16 +7,17 @@ import torch
 
 from gsae.cli import main
 from tests.conftest import quickstart_args
-from tests.systems.helpers import RecordTokens, StopAt, build_data, build_system, build_trainer
+from tests.systems.helpers import RecordBuffer, RecordTokens, StopAt, build_data, build_system, build_trainer
 
 STEPS, STOP = 10, 4
 
 
-def _fit(root, objective, callbacks=(), ckpt_path=None):
+def _fit(root, objective, callbacks=(), ckpt_path=None, devices=1):
     torch.manual_seed(0)
     system = build_system(objective, buffer_size=128 if objective != "e2e" else 0)
-    data = build_data(system)
-    trainer = build_trainer(root, STEPS, callbacks=callbacks, checkpoint_every=STOP)
+    data = build_data(system, batch_size=4 // devices)
+    kw = dict(devices=devices, strategy="ddp_fork") if devices > 1 else {}
+    trainer = build_trainer(root, STEPS, callbacks=callbacks, checkpoint_every=STOP, **kw)
     trainer.fit(system, datamodule=data, ckpt_path=ckpt_path)
     return system
 
@@ -47,6 +48,57 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, objective):
         assert torch.equal(full.buffer.x, resumed.buffer.x)
 
 
+@pytest.mark.slow
+def test_ddp_stop_and_resume_with_shuffle_buffer_equals_uninterrupted(tmp_path):
+    """2 gloo ranks, each with its own shuffle buffer: the checkpoint (written by rank 0 only) holds every rank's
+    buffer and generator, and each rank gets its own back, so the resumed run ends where the uninterrupted one does."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    full = _fit(a, "gsae", [RecordBuffer(a)], devices=2)
+    _fit(b, "gsae", [StopAt(STOP)], devices=2)
+    saved = torch.load(b / "ckpts" / "last.ckpt", weights_only=False)["gsae_buffer"]
+    assert saved["world_size"] == 2 and len(saved["ranks"]) == 2
+    x0, x1 = saved["ranks"][0]["x"], saved["ranks"][1]["x"]
+    assert x0.shape[0] > 0 and x1.shape[0] > 0 and not torch.equal(x0[: len(x1)], x1[: len(x0)])  # each rank's own rows
+    resumed = _fit(b, "gsae", [RecordBuffer(b)], ckpt_path=str(b / "ckpts" / "last.ckpt"), devices=2)
+    for r in range(2):  # every rank's buffer (rows, their gradients) ends as in the uninterrupted run
+        end_full, end_resumed = torch.load(a / f"buffer{r}.pt"), torch.load(b / f"buffer{r}.pt")
+        assert torch.equal(end_full["x"], end_resumed["x"]), f"rank {r}: buffered rows differ"
+        assert torch.equal(end_full["grad"], end_resumed["grad"]), f"rank {r}: buffered gradients differ"
+    for name, p in full.sae.state_dict().items():
+        assert torch.allclose(p, resumed.sae.state_dict()[name], atol=1e-6), f"{name} differs"
+
+
+def test_resume_from_a_buffer_saved_in_another_dtype(tmp_path):
+    """A checkpoint's buffer comes back on the CPU, possibly in another dtype than the batches (simulated: float64
+    rows and gradients); the resumed run moves it to the batch's and ends as the uninterrupted one (float32 ->
+    float64 -> float32 is exact)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    full = _fit(tmp_path / "a", "gsae")
+    _fit(tmp_path / "b", "gsae", [StopAt(STOP)])
+    ckpt = tmp_path / "b" / "ckpts" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    (rank0,) = state["gsae_buffer"]["ranks"]
+    assert rank0["x"].shape[0] > 0
+    rank0["x"], rank0["grad"] = rank0["x"].double(), rank0["grad"].double()
+    torch.save(state, ckpt)
+    resumed = _fit(tmp_path / "b", "gsae", ckpt_path=str(ckpt))
+    assert resumed.buffer.x.dtype == resumed.buffer.grad.dtype == torch.float32
+    for name, p in full.sae.state_dict().items():
+        assert torch.allclose(p, resumed.sae.state_dict()[name], atol=1e-6), f"{name} differs"
+
+
+def test_resume_on_another_world_size_is_a_one_line_error(tmp_path):
+    system = build_system("topk", buffer_size=128)
+    rows = {"x": torch.zeros(3, 64), "grad": None, "gen": torch.Generator().get_state(), "capacity": 128}
+    with pytest.raises(ValueError, match=r"--ckpt_path: .*2 DDP ranks but this run has 1"):
+        system._own_buffer_state({"world_size": 2, "ranks": [rows, rows]})
+    assert system._own_buffer_state({"world_size": 1, "ranks": [rows]}) is rows
+    assert system._own_buffer_state(rows) is rows  # checkpoints written before per-rank buffers
+
+
 def test_cli_resume_last_continues_the_run(tmp_path, capsys):
     assert main(quickstart_args(tmp_path, steps=6)) == 0
     ckpts = tmp_path / "quickstart-topk" / "checkpoints"
@@ -57,3 +109,34 @@ def test_cli_resume_last_continues_the_run(tmp_path, capsys):
     assert state["TokenDataModule"]["consumed_batches"] == 10  # the stream position travels in the checkpoint
     assert state["gsae"]["tokens_seen"] > 0 and state["gsae"]["hook"] == "blocks.2.hook_resid_post"
     assert not any(k.startswith(("lm.", "model.")) for k in state["state_dict"])  # never the LM's weights
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_last_equals_uninterrupted(tmp_path):
+    """``python train.py`` killed with SIGKILL just after its first checkpoint (no clean shutdown), then resumed
+    with ``--ckpt_path last``, ends with the SAE of the uninterrupted run (shuffle buffer, stream, optimizer)."""
+    import os
+    import signal
+    import time
+
+    from tests.systems.launch import assert_same_sae, finish, start, train_args
+
+    steps, every = 15, 5
+    full = start(train_args(tmp_path / "full", steps, "--checkpoint.every_n_train_steps", str(every)))
+    killed_root = tmp_path / "killed"
+    args = train_args(killed_root, steps, "--checkpoint.every_n_train_steps", str(every))
+    proc = start(args)
+    ckpts = killed_root / "quickstart-topk" / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not (ckpts / "last.saelens" / "cfg.json").exists():  # the export is written after last.ckpt is complete
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"]
+    assert 0 < killed_at < steps
+    finish(start([*args, "--ckpt_path", "last"]))
+    finish(full)
+    assert_same_sae(ckpts / "last.ckpt", tmp_path / "full" / "quickstart-topk" / "checkpoints" / "last.ckpt")
