@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 
 from jsonargparse import lazy_instance
@@ -18,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from gsae.callbacks.checkpoint import SAECheckpoint
+from gsae.cli_errors import parse_error_line
 from gsae.data.datamodule import TokenDataModule
 from gsae.systems.base import SAESystem
 
@@ -68,6 +70,7 @@ def build_cli(args: list[str] | None = None, run_defaults: bool = True) -> GSAEC
         trainer_defaults=trainer_defaults(),
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},  # parse errors raise; main() prints them as one line
     )
 
 
@@ -128,8 +131,15 @@ def main(args: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     warnings.filterwarnings("ignore", message=".*Sparse invariant checks.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    args = list(sys.argv[1:] if args is None else args)
     try:
-        cli = build_cli(args)
+        try:
+            cli = build_cli(args)
+        except ArgumentError as e:  # jsonargparse: missing/unparsable config, wrongly typed or unknown option
+            if os.environ.get("GSAE_DEBUG"):
+                raise
+            print(f"error: {parse_error_line(str(e), args)}", file=sys.stderr)
+            return 2
         ckpt = resolve_ckpt_path(cli)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     except USER_ERRORS as e:
