@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from gsae.callbacks.checkpoint import SAECheckpoint
 from gsae.cli_errors import parse_error_line
 from gsae.data.datamodule import TokenDataModule
+from gsae.loggers import curves_first
 from gsae.systems.base import SAESystem
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,44 @@ class GSAECLI(LightningCLI):
             default=None,
             help="Checkpoint to resume from: a path, or 'last' for the newest last.ckpt of this run.",
         )
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with gsae's console callbacks added (see :func:`console_callbacks`)."""
+        config = self._get(self.config_init, "trainer", default={})
+        kwargs.setdefault("callbacks", [*_as_list(config.get("callbacks")), *console_callbacks(config)])
+        trainer = super().instantiate_trainer(**kwargs)
+        curves_first(trainer.loggers)  # no `epoch` / `hp_metric` cards in TensorBoard
+        return trainer
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, list | tuple) else [x]
+
+
+def console_callbacks(trainer_config: dict) -> list:
+    """The run summary that ``main`` prints, and the step progress bar (unless the trainer's progress bar is off
+    or another is configured)."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from gsae.callbacks.progress import StepProgressBar
+    from gsae.callbacks.summary import RunSummary
+
+    configured = _as_list(trainer_config.get("callbacks"))
+    out = [] if any(isinstance(c, RunSummary) for c in configured) else [RunSummary()]
+    if trainer_config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in configured):
+        out.append(StepProgressBar())
+    return out
+
+
+def print_summary(cli: GSAECLI) -> None:
+    """Print the :class:`~gsae.callbacks.summary.RunSummary` of the run (on rank 0, once training ended or stopped)."""
+    from gsae.callbacks.summary import RunSummary
+
+    if not cli.trainer.is_global_zero:
+        return
+    for cb in cli.trainer.callbacks:
+        if isinstance(cb, RunSummary) and cb.summary is not None:
+            print(cb.render(), flush=True)
 
 
 def trainer_defaults() -> dict:
@@ -141,7 +180,10 @@ def main(args: list[str] | None = None) -> int:
             print(f"error: {parse_error_line(str(e), args)}", file=sys.stderr)
             return 2
         ckpt = resolve_ckpt_path(cli)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+        try:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+        finally:  # also after Ctrl+C (Lightning stops gracefully, then exits)
+            print_summary(cli)
     except USER_ERRORS as e:
         if os.environ.get("GSAE_DEBUG"):
             raise
