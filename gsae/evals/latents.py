@@ -117,14 +117,11 @@ def run(
         )
     dens = torch.tensor([e["density"] for e in entries]) if entries else torch.zeros(1)
     return {
-        "hook": hook,
-        "d_sae": sae.d_sae,
         "n_tokens": n_tokens,
         "n_alive": int((counts > 0).sum()),
         "n_latents": len(entries),
-        "seed": seed,
-        "gsae": attr_sum is not None,
         "median_density": float(dens.median()),
+        "setup": {"hook": hook, "d_sae": sae.d_sae, "seed": seed, "gsae": attr_sum is not None},  # not scalars
         "latents": entries,
     }
 
@@ -220,7 +217,7 @@ def artifacts(result: dict) -> dict[str, str]:
 
 def texts(result: dict) -> dict[str, str]:
     """``{"latent_00042": markdown}`` per latent, for TensorBoard's text dashboard."""
-    width = len(str(max(result["d_sae"] - 1, 1)))
+    width = len(str(max(result["setup"]["d_sae"] - 1, 1)))
     return {f"latent_{e['latent']:0{width}d}": render_markdown(e, result) for e in result["latents"]}
 
 

@@ -111,7 +111,8 @@ def _stats(entry: dict, result: dict) -> str:
 
 def render_html(result: dict) -> str:
     """The whole dashboard page."""
-    kind = "g-SAE" if result["gsae"] else "SAE"
+    setup = result["setup"]
+    kind = "g-SAE" if setup["gsae"] else "SAE"
     index_rows = []
     cards = []
     for e in result["latents"]:
@@ -129,13 +130,13 @@ def render_html(result: dict) -> str:
             f"<div><b>top {len(e['contexts'])} activating tokens</b> (outlined; numbers: activation)</div>"
             f"{contexts}</section>"
         )
-    attr_head = "<th>mean β·|W_dec∇ₓL|</th>" if result["gsae"] else ""
+    attr_head = "<th>mean β·|W_dec∇ₓL|</th>" if setup["gsae"] else ""
     head = (f"<tr><th>latent</th><th>density</th><th>max act</th>{attr_head}<th>promotes</th></tr>")
-    meta = (f"{kind} at <code>{_esc(result['hook'])}</code> · {result['n_alive']} of {result['d_sae']} latents alive "
-            f"on {result['n_tokens']} held-out tokens · {result['n_latents']} latents shown (seed {result['seed']})")
+    meta = (f"{kind} at <code>{_esc(setup['hook'])}</code> · {result['n_alive']} of {setup['d_sae']} latents alive "
+            f"on {result['n_tokens']} held-out tokens · {result['n_latents']} latents shown (seed {setup['seed']})")
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>Latents · {_esc(result['hook'])}</title><style>{CSS}</style></head><body>"
+        f"<title>Latents · {_esc(setup['hook'])}</title><style>{CSS}</style></head><body>"
         f'<h1>Latent dashboard</h1><p class="meta">{meta}</p>'
         f'<table class="index">{head}{"".join(index_rows)}</table>{"".join(cards)}</body></html>\n'
     )

@@ -106,7 +106,7 @@ def test_gsae_contexts_and_attribution_use_the_gradient(tiny) -> None:
     assert not torch.equal(dense != 0, naive_dense(sae, lm, tokens) != 0)  # the gradient changes the selection
     x, g, _ = loss_gradients(lm, tokens, HOOK, float(sae.grad_normaliser))
     attr = sae.beta * (g.reshape(-1, g.shape[-1]) @ sae.W_dec.detach().T).abs()  # (n_seq·T, d_sae)
-    assert r["gsae"]
+    assert r["setup"]["gsae"]
     for e in r["latents"]:
         fires = dense[:, e["latent"]] != 0
         assert e["n_fires"] == int(fires.sum())
