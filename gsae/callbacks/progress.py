@@ -83,7 +83,9 @@ class StepProgressBar(ProgressBar):
         self._enabled = True
         self._bar: str | None = None  # the bar line last drawn (terminal mode), None in plain mode
         self._postfix = ""
-        self._t0 = self._t_last = self._t_val = 0.0
+        self._t0 = self._t_last = 0.0
+        self._t_end: float | None = None  # end of this bar's last on_train_batch_end
+        self._validated = False
         self._step0 = 0
         self._tokens_last: float | None = None
         self._rate: float | None = None
@@ -111,7 +113,7 @@ class StepProgressBar(ProgressBar):
         self.stream = sys.stdout  # read here, not at import: tests and redirections replace it
         self._t0 = self._t_last = time.perf_counter()
         self._step0 = trainer.global_step
-        self._tokens_last, self._rate = None, None
+        self._tokens_last, self._rate, self._t_end = None, None, None
         self._bar = None if not self._enabled or self._plain() else ""
         if self._bar is not None:
             self._redraw(trainer)
@@ -131,14 +133,20 @@ class StepProgressBar(ProgressBar):
             self._redraw(trainer)
         elif refresh:
             self._write(self.describe(trainer))
+        self._t_end = time.perf_counter()
 
     @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._t_val = time.perf_counter()
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        """tokens/s counts training only: drop the time since the last step if it validated or checkpointed (and
+        evaluated) in between, all of which run after this bar's ``on_train_batch_end``."""
+        saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None) == trainer.global_step
+        if self._t_end is not None and (saved or self._validated):
+            self._t_last += time.perf_counter() - self._t_end
+        self._validated = False
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._t_last += time.perf_counter() - self._t_val  # tokens/s counts training time only
+        self._validated = True
         if not self._enabled or trainer.sanity_checking:
             return
         fields = metric_fields(trainer.callback_metrics, VAL_FIELDS)

@@ -78,8 +78,8 @@ def run(
         tokens: ``(n_seq, T)`` held-out contexts.
         seed: seed of the latent sample.
         batch_size: sequences per forward pass (memory only).
-        n_latents: latents to sample, uniformly among those firing on at least ``n_contexts`` tokens (among all
-            alive latents when fewer than ``n_latents`` do).
+        n_latents: latents to sample, uniformly among those firing on at least ``n_contexts`` tokens (topped up
+            with other alive latents when fewer do); the same latents at every checkpoint while they stay alive.
         latents: latent indices always shown (before the sample), e.g. ``[12, 907]``.
         n_contexts: top-activating tokens (contexts) shown per latent.
         context_before: tokens of context shown before the activating token.
@@ -150,12 +150,15 @@ def _harvest(sae, lm, hook, tokens, batch_size, keep) -> tuple[Tensor, Tensor, T
 
 
 def _sample(counts: Tensor, exclude: set[int], n: int, min_fires: int, seed: int) -> list[int]:
-    """``n`` latents drawn (seeded, uniformly) from those firing ``>= min_fires`` times, else from the alive ones."""
-    pool = [i for i in (counts >= min_fires).nonzero().flatten().tolist() if i not in exclude]
-    if len(pool) < n:
-        pool = [i for i in (counts > 0).nonzero().flatten().tolist() if i not in exclude]
-    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
-    return sorted(pool[int(p)] for p in perm[:n])
+    """``n`` latents, uniformly at random (seeded) among those firing ``>= min_fires`` times, topped up with other
+    alive latents if too few do. Latents are taken in the order of one seeded permutation of all ``d_sae``, so
+    successive checkpoints show the same latents while they stay alive (one TensorBoard text card each)."""
+    perm = torch.randperm(counts.shape[0], generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen = [i for i in perm if counts[i] >= min_fires and i not in exclude][:n]
+    if len(chosen) < n:
+        taken = set(chosen) | exclude
+        chosen += [i for i in perm if 0 < counts[i] and i not in taken][: n - len(chosen)]
+    return sorted(chosen)
 
 
 def _logit_lens(sae, lm, chosen: list[int], n: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:

@@ -142,7 +142,10 @@ def render_html(result: dict) -> str:
     )
 
 
-_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_{}[]()#+-.!|<>~"})
+# TensorBoard renders text with Python-Markdown (then sanitises the HTML): backslash escapes work only for its
+# escapable characters; ``<``, ``>``, ``&`` and ``|`` (table cells) become entities
+_MD_SPECIAL = str.maketrans({**{c: "\\" + c for c in "\\`*_{}[]()#+-.!"},
+                             "<": "&lt;", ">": "&gt;", "&": "&amp;", "|": "&#124;"})
 
 
 def _md(tok: str, bold: bool = False) -> str:

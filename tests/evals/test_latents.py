@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import html
 import itertools
 import json
 from html.parser import HTMLParser
 
 import pytest
 import torch
+from tensorboard import plugin_util
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
@@ -89,6 +91,8 @@ def test_sample_is_seeded_alive_and_named_latents_come_first(tiny) -> None:
     c = run_benchmark("latents", sae, lm, HOOK, tokens, seed=1, n_latents=40, n_contexts=2)
     ids = [e["latent"] for e in a["latents"]]
     assert a == b and ids != [e["latent"] for e in c["latents"]]
+    fewer = run_benchmark("latents", sae, lm, HOOK, tokens, seed=0, n_latents=20, n_contexts=2)
+    assert set(e["latent"] for e in fewer["latents"]) <= set(ids)  # one seeded order: stable across runs
     assert 5 not in ids and all(e["n_fires"] >= 2 for e in a["latents"])
     named = run_benchmark("latents", sae, lm, HOOK, tokens, seed=0, n_latents=3, latents=[5, 200], n_contexts=2)
     assert [e["latent"] for e in named["latents"]][:2] == [5, 200] and named["n_latents"] == 5
@@ -163,5 +167,14 @@ def test_texts_reach_tensorboard(tiny, tmp_path) -> None:
     assert event.step == 7 and md.startswith(f"### latent {e['latent']}")
     assert md.count("\n| ") == 1 + len(e["contexts"])  # header + one row per context
     assert "**promotes:**" in md and md.count("**") >= 2 * (len(e["contexts"]) + 2)
+    # rendered as TensorBoard renders it: one table row per context, the activating token bold, no stray escapes
+    page = plugin_util.markdown_to_safe_html(md)
+    assert page.count("<tr>") == 1 + len(e["contexts"]) and page.count("<strong>") >= len(e["contexts"]) + 2
+    first = e["contexts"][0]
+    marked = first["tokens"][first["marked"]].strip()
+    assert f"<strong>{html.escape(marked, quote=False)}</strong>" in page
+    assert "\\" not in page
+    eos = latents_mod.render_markdown({**e, "contexts": [{**first, "tokens": ["<|endoftext|>", "a|b"] + first["tokens"][2:]}]}, r)
+    assert "&lt;|endoftext|&gt;" in plugin_util.markdown_to_safe_html(eos).replace("&#124;", "|")
     figs = tagged_figures({"latents": r})
     assert list(figs) == ["eval/latents/activation_histograms"]
