@@ -38,15 +38,16 @@ def line_values(line: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory):
-    """A 20-step quickstart with stdout captured (not a terminal), validation every 10 steps."""
+    """A 20-step quickstart with stdout redirected to a file (``> train.log``), validation every 10 steps."""
     tmp = tmp_path_factory.mktemp("plain")
-    out, old = io.StringIO(), sys.stdout
-    sys.stdout = out
-    try:
-        code = main(train_args(tmp, "--trainer.val_check_interval", "10"))
-    finally:
-        sys.stdout = old
-    return code, out.getvalue(), tmp
+    log, old = tmp / "train.log", sys.stdout
+    with open(log, "w") as f:
+        sys.stdout = f
+        try:
+            code = main(train_args(tmp, "--trainer.val_check_interval", "10"))
+        finally:
+            sys.stdout = old
+    return code, log.read_text(), tmp
 
 
 def test_plain_lines_hold_the_logged_metrics(plain_run, monkeypatch) -> None:
