@@ -136,3 +136,12 @@ def test_terminal_bar_and_summary_on_ctrl_c(tmp_path, monkeypatch) -> None:
 def test_format_helpers() -> None:
     assert [format_count(x) for x in (512, 12345, 4.2e6, 3e9)] == ["512", "12.3k", "4.2M", "3G"]
     assert format_duration(3725.4) == "1:02:05"
+
+
+def test_summary_lists_the_final_checkpoint_saved_at_train_end(tmp_path, monkeypatch, capsys) -> None:
+    """The checkpoint callback saves the final state after the other callbacks' ``on_train_end``: still listed."""
+    monkeypatch.chdir(REPO_ROOT)
+    assert main(quickstart_args(tmp_path, steps=3)) == 0  # checkpoints every 100 steps: only the final one
+    out = capsys.readouterr().out
+    (ckpt,) = (tmp_path / "quickstart-topk" / "checkpoints").glob("*step=3.ckpt")
+    assert f"({ckpt.name}, last.ckpt)" in out and f"python evaluate.py {ckpt}" in out

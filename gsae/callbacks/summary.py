@@ -68,32 +68,42 @@ class Summary(NamedTuple):
 
 
 class RunSummary(Callback):
-    """Record a :class:`Summary` when training ends or is interrupted; ``train.py`` prints :meth:`render`."""
+    """Note when training ends or is interrupted; :attr:`summary` then describes the run. It is collected when
+    first read (``train.py`` reads it after ``fit`` returns), so the final checkpoint, which Lightning's
+    checkpoint callbacks save after every other callback's ``on_train_end``, and its evaluation are in it."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.summary: Summary | None = None
         self._t0 = 0.0
         self._step0 = 0
         self._tokens0 = 0
+        self._end: tuple[str, float, pl.Trainer, pl.LightningModule] | None = None
+        self._summary: Summary | None = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
         self._step0 = trainer.global_step
         self._tokens0 = _tokens(pl_module)
-        self.summary = None
+        self._end, self._summary = None, None
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.summary = self.collect(trainer, pl_module, "finished")
+        self._end = ("finished", time.perf_counter(), trainer, pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
-            self.summary = self.collect(trainer, pl_module, "stopped")
+            self._end = ("stopped", time.perf_counter(), trainer, pl_module)
 
-    def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, status: str) -> Summary:
+    @property
+    def summary(self) -> Summary | None:
+        """The run's :class:`Summary` (None before training ended or was stopped)."""
+        if self._summary is None and self._end is not None:
+            self._summary = self.collect(*self._end)
+        return self._summary
+
+    def collect(self, status: str, t_end: float, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Summary:
         metrics = trainer.callback_metrics
         ckpt_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
         ckpts = sorted(Path(ckpt_dir).glob("*.ckpt"), key=os.path.getmtime) if ckpt_dir else []
@@ -105,7 +115,7 @@ class RunSummary(Callback):
             steps_run=trainer.global_step - self._step0,
             tokens=tokens - self._tokens0,
             tokens_total=tokens,
-            wall_s=time.perf_counter() - self._t0,
+            wall_s=t_end - self._t0,
             train=metric_fields(metrics, TRAIN_FIELDS),
             val=metric_fields(metrics, VAL_FIELDS),
             eval_step=step,
@@ -121,7 +131,8 @@ class RunSummary(Callback):
 
     def render(self) -> str:
         """The summary as console text ("" before training ended)."""
-        return render(self.summary) if self.summary is not None else ""
+        summary = self.summary
+        return render(summary) if summary is not None else ""
 
 
 def newest_evaluation(trainer: pl.Trainer, ckpts: list[Path]) -> tuple[int | None, str | None, list[tuple[str, str]]]:
