@@ -35,6 +35,12 @@ def _describe(message: str, args: list[str]) -> str:
         return f"{option}: no such file {missing.group(1)!r}"
     if first.startswith("Problems parsing config"):
         return _yaml_problem(args) or f"--config: {first}"
+    if first.startswith("Unexpected config:"):
+        paths = _config_paths(args)
+        return f"--config {paths[-1] if paths else ''}: not a YAML mapping of options".replace(" :", ":")
+    arg = re.match(r"argument (?:-\w/)?(--[\w.]+): expected one argument", first)
+    if arg:
+        return f"{arg.group(1)}: expected a value"
     if first.startswith("unrecognized arguments:"):
         rest = first.split(":", 1)[1].strip()
         return f"{rest.split()[0]}: unknown option" if rest.startswith("--") else f"unrecognized arguments: {rest}"
@@ -48,7 +54,7 @@ def _describe(message: str, args: list[str]) -> str:
         if expected:
             want, value = _type_name(expected.group(1)), expected.group(2).strip()
             return f"{_typed_option(path, value, args)}: expected {want}, got {value!r}"
-        return f"--{path}: {_last_line(message)}"
+        return f"--{path}: {_KEY.sub('', _last_line(message)).lstrip(': ')}"
     return first
 
 

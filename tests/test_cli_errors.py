@@ -72,3 +72,9 @@ def test_help_still_prints_usage() -> None:
     p = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0 and "usage:" in p.stdout and "--model" in p.stdout
+
+
+def test_config_that_is_not_a_mapping(tmp_path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    check(*train("--config", str(path)), f"--config {path}: not a YAML mapping of options")
