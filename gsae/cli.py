@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 
 from jsonargparse import lazy_instance
@@ -18,7 +19,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from gsae.callbacks.checkpoint import SAECheckpoint
+from gsae.cli_errors import parse_error_line
 from gsae.data.datamodule import TokenDataModule
+from gsae.loggers import curves_first
 from gsae.systems.base import SAESystem
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +61,44 @@ class GSAECLI(LightningCLI):
         if init is not None and init.get("save_dir") == RUN_ROOT:
             init["save_dir"] = trainer.get("default_root_dir") or os.getcwd()
 
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with gsae's console callbacks added (see :func:`console_callbacks`)."""
+        config = self._get(self.config_init, "trainer", default={})
+        kwargs.setdefault("callbacks", [*_as_list(config.get("callbacks")), *console_callbacks(config)])
+        trainer = super().instantiate_trainer(**kwargs)
+        curves_first(trainer.loggers)  # no `epoch` / `hp_metric` cards in TensorBoard
+        return trainer
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, list | tuple) else [x]
+
+
+def console_callbacks(trainer_config: dict) -> list:
+    """The run summary that ``main`` prints, and the step progress bar (unless the trainer's progress bar is off
+    or another is configured)."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from gsae.callbacks.progress import StepProgressBar
+    from gsae.callbacks.summary import RunSummary
+
+    configured = _as_list(trainer_config.get("callbacks"))
+    out = [] if any(isinstance(c, RunSummary) for c in configured) else [RunSummary()]
+    if trainer_config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in configured):
+        out.append(StepProgressBar())
+    return out
+
+
+def print_summary(cli: GSAECLI) -> None:
+    """Print the :class:`~gsae.callbacks.summary.RunSummary` of the run (on rank 0, once training ended or stopped)."""
+    from gsae.callbacks.summary import RunSummary
+
+    if not cli.trainer.is_global_zero:
+        return
+    for cb in cli.trainer.callbacks:
+        if isinstance(cb, RunSummary) and cb.summary is not None:
+            print(cb.render(), flush=True)
+
 
 def trainer_defaults() -> dict:
     return {
@@ -84,6 +125,7 @@ def build_cli(args: list[str] | None = None, run_defaults: bool = True) -> GSAEC
         trainer_defaults=trainer_defaults(),
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},  # parse errors raise; main() prints them as one line
     )
 
 
@@ -144,10 +186,20 @@ def main(args: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     warnings.filterwarnings("ignore", message=".*Sparse invariant checks.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    args = list(sys.argv[1:] if args is None else args)
     try:
-        cli = build_cli(args)
+        try:
+            cli = build_cli(args)
+        except ArgumentError as e:  # jsonargparse: missing/unparsable config, wrongly typed or unknown option
+            if os.environ.get("GSAE_DEBUG"):
+                raise
+            print(f"error: {parse_error_line(str(e), args)}", file=sys.stderr)
+            return 2
         ckpt = resolve_ckpt_path(cli)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+        try:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+        finally:  # also after Ctrl+C (Lightning stops gracefully, then exits)
+            print_summary(cli)
     except USER_ERRORS as e:
         if os.environ.get("GSAE_DEBUG"):
             raise

@@ -23,6 +23,7 @@ _MODULES = {
     "sensitive_directions": "gsae.evals.sensitive_directions",
     "decoder_geometry": "gsae.evals.decoder_geometry",
     "plateaus": "gsae.evals.plateaus",
+    "latents": "gsae.evals.latents",
 }
 #: Registered but only run when named (costly: ``plateaus`` is ~1 min on the tiny model, far more on GPT-2 on CPU).
 OPT_IN = frozenset({"plateaus"})

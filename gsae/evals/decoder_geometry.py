@@ -158,7 +158,7 @@ def figures(result: dict) -> dict:
     fig2 = Figure(figsize=(4, 3.5))
     ax2 = fig2.add_subplot()
     ax2.bar(list(BINS), [result[f"dd_{b}"] for b in BINS])
-    ax2.set(ylabel="mean |∇L · d_i|", title="directional derivative by bin")
+    ax2.set(xlabel="nearest-neighbour cosine bin", ylabel="mean |∇L · d_i|", title="directional derivative by bin")
     fig.tight_layout()
     fig2.tight_layout()
     return {"nn_cos_histogram": fig, "directional_derivative": fig2}

@@ -16,7 +16,7 @@ CHEAP = ["loss_added", "dead_latents", "decoder_geometry"]
 
 def test_registry_names_every_benchmark():
     assert list(BENCHMARKS) == [
-        "loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry", "plateaus"
+        "loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry", "plateaus", "latents"
     ]
     assert OPT_IN == {"plateaus"}  # evaluate.py runs it only when named
     for name in CHEAP + ["steering", "plateaus"]:

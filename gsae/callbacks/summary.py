@@ -1,0 +1,232 @@
+"""What a run did and where it put things, for the console at the end of training (and on Ctrl+C).
+
+:class:`RunSummary` records, when training ends or is stopped (Lightning's graceful ``KeyboardInterrupt``):
+steps and tokens trained, wall time, the final ``train/`` and ``val/`` metrics, the headline numbers of the
+newest evaluation (the newest ``<checkpoint>.eval.json``, or the evaluation callback's latest results if those
+are newer), the checkpoints with their SAELens exports, evaluation JSON and latent dashboards, the TensorBoard
+event folder, and the exact ``tensorboard`` and ``evaluate.py`` commands for this run. ``train.py`` prints
+:meth:`RunSummary.render`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from gsae.callbacks.progress import TRAIN_FIELDS, VAL_FIELDS, format_count, format_duration, metric_fields
+
+#: ``benchmark -> metrics`` shown for the newest evaluation (all of them are in the JSON).
+HEADLINE = {
+    "loss_added": ("L_added", "ce_increase", "kl_sae", "explained_variance", "l0"),
+    "dead_latents": ("dead_fraction_batches", "alive_fraction"),
+    "decoder_geometry": ("nn_cos_mean",),
+    "latents": ("n_latents", "median_density"),
+}
+
+
+class Summary(NamedTuple):
+    """The record of one run.
+
+    Attributes:
+        status: ``finished`` or ``stopped`` (interrupted).
+        steps: global step at the end; ``steps_run``: steps of this invocation (less when resumed).
+        tokens: tokens trained in this invocation; ``tokens_total``: since the run began.
+        wall_s: wall-clock seconds of this invocation's training.
+        train, val: ``[(label, value)]`` final metrics.
+        eval_step: step of the newest evaluation (None if none); ``eval_source``: its JSON path or "callback".
+        headline: ``[(benchmark.metric, value)]`` of that evaluation.
+        checkpoint_dir: folder of the checkpoints; ``checkpoints``: their paths, oldest first.
+        exports, eval_json, latents_html: the SAELens folders, evaluation JSON and dashboards beside them.
+        events: TensorBoard event folder of this run (None without a TensorBoard logger).
+    """
+
+    status: str
+    steps: int
+    steps_run: int
+    tokens: int
+    tokens_total: int
+    wall_s: float
+    train: list[tuple[str, str]]
+    val: list[tuple[str, str]]
+    eval_step: int | None
+    eval_source: str | None
+    headline: list[tuple[str, str]]
+    checkpoint_dir: str | None
+    checkpoints: list[str]
+    exports: list[str]
+    eval_json: list[str]
+    latents_html: list[str]
+    events: str | None
+
+
+class RunSummary(Callback):
+    """Note when training ends or is interrupted; :attr:`summary` then describes the run. It is collected when
+    first read (``train.py`` reads it after ``fit`` returns), so the final checkpoint, which Lightning's
+    checkpoint callbacks save after every other callback's ``on_train_end``, and its evaluation are in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._t0 = 0.0
+        self._step0 = 0
+        self._tokens0 = 0
+        self._end: tuple[str, float, pl.Trainer, pl.LightningModule] | None = None
+        self._summary: Summary | None = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+        self._step0 = trainer.global_step
+        self._tokens0 = _tokens(pl_module)
+        self._end, self._summary = None, None
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end = ("finished", time.perf_counter(), trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+            self._end = ("stopped", time.perf_counter(), trainer, pl_module)
+
+    @property
+    def summary(self) -> Summary | None:
+        """The run's :class:`Summary` (None before training ended or was stopped)."""
+        if self._summary is None and self._end is not None:
+            self._summary = self.collect(*self._end)
+        return self._summary
+
+    def collect(self, status: str, t_end: float, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Summary:
+        metrics = trainer.callback_metrics
+        ckpt_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
+        ckpts = sorted(Path(ckpt_dir).glob("*.ckpt"), key=os.path.getmtime) if ckpt_dir else []
+        step, source, headline = newest_evaluation(trainer, ckpts)
+        tokens = _tokens(pl_module)
+        return Summary(
+            status=status,
+            steps=trainer.global_step,
+            steps_run=trainer.global_step - self._step0,
+            tokens=tokens - self._tokens0,
+            tokens_total=tokens,
+            wall_s=t_end - self._t0,
+            train=metric_fields(metrics, TRAIN_FIELDS),
+            val=metric_fields(metrics, VAL_FIELDS),
+            eval_step=step,
+            eval_source=source,
+            headline=headline,
+            checkpoint_dir=ckpt_dir,
+            checkpoints=[str(p) for p in ckpts],
+            exports=[str(p.with_name(p.stem + ".saelens")) for p in ckpts if p.with_name(p.stem + ".saelens").is_dir()],
+            eval_json=[str(p) + ".eval.json" for p in ckpts if Path(str(p) + ".eval.json").is_file()],
+            latents_html=[str(p) + ".latents.html" for p in ckpts if Path(str(p) + ".latents.html").is_file()],
+            events=_events_dir(trainer),
+        )
+
+    def render(self) -> str:
+        """The summary as console text ("" before training ended)."""
+        summary = self.summary
+        return render(summary) if summary is not None else ""
+
+
+def newest_evaluation(trainer: pl.Trainer, ckpts: list[Path]) -> tuple[int | None, str | None, list[tuple[str, str]]]:
+    """``(step, source, headline)`` of the newest evaluation: a callback's latest results or the newest JSON."""
+    best: tuple[int, str, dict] | None = None
+    for p in ckpts:
+        path = Path(str(p) + ".eval.json")
+        if path.is_file():
+            try:
+                payload = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if best is None or payload.get("step", -1) >= best[0]:
+                best = (int(payload.get("step", -1)), str(path), payload.get("results", {}))
+    for cb in trainer.callbacks:
+        last = getattr(cb, "_last", None)  # EvaluationCallback: (global step, {benchmark: result})
+        if isinstance(last, tuple) and len(last) == 2 and isinstance(last[1], dict):
+            if best is None or last[0] > best[0]:
+                best = (int(last[0]), "callback", last[1])
+    if best is None:
+        return None, None, []
+    return best[0], best[1], headline_numbers(best[2])
+
+
+def headline_numbers(results: dict[str, dict]) -> list[tuple[str, str]]:
+    """``[("loss_added.L_added", "0.0312"), ...]``: the :data:`HEADLINE` metrics present in ``results``."""
+    out = []
+    for bench, keys in HEADLINE.items():
+        for k in keys:
+            v = results.get(bench, {}).get(k)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                out.append((f"{bench}.{k}", f"{v:.4g}"))
+    return out
+
+
+def render(s: Summary) -> str:
+    """Console text of a :class:`Summary`; paths relative to the working directory where they are under it."""
+    rate = s.tokens / s.wall_s if s.wall_s > 0 else 0.0
+    head = "finished" if s.status == "finished" else "stopped (Ctrl+C)"
+    resumed = f" (run total {format_count(s.tokens_total)} tokens, step {s.steps})" if s.steps_run != s.steps else ""
+    lines = [
+        "── run summary " + "─" * 50,
+        f"{head}: {s.steps_run} steps, {format_count(s.tokens)} tokens in {format_duration(s.wall_s)} "
+        f"({format_count(rate)} tokens/s){resumed}",
+    ]
+    if s.train:
+        lines.append("train        " + "  ".join(f"{k} {v}" for k, v in s.train))
+    if s.val:
+        lines.append("val          " + "  ".join(f"{k} {v}" for k, v in s.val))
+    benches = list(dict.fromkeys(k.split(".", 1)[0] for k, _ in s.headline))
+    for i, bench in enumerate(benches):
+        label = f"eval @{s.eval_step}" if i == 0 else ""
+        values = "  ".join(f"{k.split('.', 1)[1]} {v}" for k, v in s.headline if k.startswith(bench + "."))
+        lines.append(f"{label:<12} {bench}: {values}")
+    if s.checkpoint_dir:
+        names = ", ".join(Path(p).name for p in s.checkpoints) or "none written"
+        lines.append(f"checkpoints  {_rel(s.checkpoint_dir)}/  ({names})")
+    for label, paths in (("exports", s.exports), ("evaluation", s.eval_json), ("latents", s.latents_html)):
+        if paths:
+            more = f"  (+{len(paths) - 1} more beside the other checkpoints)" if len(paths) > 1 else ""
+            lines.append(f"{label:<12} {_rel(_newest_step(paths))}{more}")
+    if s.events:
+        lines.append(f"events       {_rel(s.events)}")
+    lines.append("next")
+    if s.events:
+        lines.append(f"  tensorboard --logdir {shlex.quote(_rel(s.events))}")
+    if s.checkpoints:
+        lines.append(f"  python evaluate.py {shlex.quote(_rel(_newest_step(s.checkpoints)))}")
+    return "\n".join(lines)
+
+
+def _newest_step(paths: list[str]) -> str:
+    """The newest of ``paths`` (oldest first) that is not a ``last*`` copy, else the newest."""
+    steps = [p for p in paths if not Path(p).name.startswith("last")]
+    return (steps or paths)[-1]
+
+
+def _rel(path: str | os.PathLike) -> str:
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def _tokens(pl_module: pl.LightningModule) -> int:
+    t: Any = getattr(pl_module, "tokens_seen", 0)
+    return int(t)
+
+
+def _events_dir(trainer: pl.Trainer) -> str | None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for lg in trainer.loggers:
+        if isinstance(lg, TensorBoardLogger):
+            return lg.log_dir
+    return None

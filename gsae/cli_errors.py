@@ -1,0 +1,120 @@
+"""One-line messages for command-line errors that jsonargparse reports before anything is built.
+
+jsonargparse (with ``exit_on_error=False``) raises an ``ArgumentError`` whose message nests one
+``Parser key "..."`` line per level of the option, then the innermost problem. :func:`parse_error_line`
+turns it into one line naming the option as the user typed it (or the config file and line), so a missing
+``--config`` file, a YAML syntax error or ``--model.init_args.sae.init_args.k abc`` read like every other
+bad input: ``error: --option: what is wrong (see python train.py --help)``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+HINT = "see python train.py --help"
+
+_KEY = re.compile(r'Parser key "([^"]+)"')
+_EXPECTED = re.compile(r"Expected an? (.+?)\. Got value: (.*?)(?:\. Got value: .*)?$", re.M)
+_NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
+_MISSING_FILE = re.compile(r"File does not exist: '([^']+)'")
+
+
+def parse_error_line(message: str, args: list[str]) -> str:
+    """The one-line form of a jsonargparse error ``message`` raised while parsing ``args`` (no ``error:`` prefix)."""
+    text = _describe(message, args)
+    return f"{text} ({HINT})"
+
+
+def _describe(message: str, args: list[str]) -> str:
+    first = message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+    missing = _MISSING_FILE.search(message)
+    if missing:
+        key = _KEY.search(message)
+        option = "--" + key.group(1) if key else "--config"
+        return f"{option}: no such file {missing.group(1)!r}"
+    if first.startswith("Problems parsing config"):
+        return _yaml_problem(args) or f"--config: {first}"
+    if first.startswith("Unexpected config:"):
+        paths = _config_paths(args)
+        return f"--config {paths[-1] if paths else ''}: not a YAML mapping of options".replace(" :", ":")
+    arg = re.match(r"argument (?:-\w/)?(--[\w.]+): expected one argument", first)
+    if arg:
+        return f"{arg.group(1)}: expected a value"
+    if first.startswith("unrecognized arguments:"):
+        rest = first.split(":", 1)[1].strip()
+        return f"{rest.split()[0]}: unknown option" if rest.startswith("--") else f"unrecognized arguments: {rest}"
+    keys = _KEY.findall(message)
+    if keys:
+        path = ".".join(keys)
+        bad = _NOT_ACCEPTED.search(message)
+        if bad:
+            return f"{_typed_option(f'{path}.{bad.group(1)}', None, args)}: no such option for this class"
+        expected = _EXPECTED.search(message)
+        if expected:
+            want, value = _type_name(expected.group(1)), expected.group(2).strip()
+            return f"{_typed_option(path, value, args)}: expected {want}, got {value!r}"
+        return f"--{path}: {_KEY.sub('', _last_line(message)).lstrip(': ')}"
+    return first
+
+
+def _type_name(text: str) -> str:
+    """``<class 'int'>`` -> ``an int``; ``typing.Literal['a', 'b']`` -> ``one of 'a', 'b'``."""
+    cls = re.fullmatch(r"<class '(?:builtins\.)?([\w.]+)'>", text)
+    if cls:
+        name = cls.group(1).rsplit(".", 1)[-1]
+        return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(name, name)
+    lit = re.fullmatch(r"typing\.Literal\[(.*)\]", text)
+    if lit:
+        return f"one of {lit.group(1)}"
+    return text
+
+
+def _typed_option(path: str, value: str | None, args: list[str]) -> str:
+    """The option as the user typed it (``--model.init_args.sae.init_args.k``) if ``args`` set ``path`` to
+    ``value`` (any value if None); else ``--<path>`` (the value came from a config file)."""
+    plain = path.split(".")
+    for i, a in enumerate(args):
+        if not a.startswith("--"):
+            continue
+        name, eq, inline = a[2:].partition("=")
+        given = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
+        parts = [p for p in name.split(".") if p != "init_args"]
+        if (value is None or given == value) and (parts == plain or parts[-1:] == plain[-1:]):
+            return "--" + name
+    return "--" + ".".join(plain)
+
+
+def _last_line(message: str) -> str:
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else message
+
+
+def _yaml_problem(args: list[str]) -> str | None:
+    """``--config FILE: YAML syntax error at line L, column C: problem`` for the first config that does not parse."""
+    import yaml
+
+    for path in _config_paths(args):
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except OSError:
+            continue
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+            if context and cmark is not None:
+                problem += f" ({context} from line {cmark.line + 1}, column {cmark.column + 1})"
+            return f"--config {path}: YAML syntax error{where}: {problem}"
+    return None
+
+
+def _config_paths(args: list[str]) -> list[str]:
+    out = []
+    for i, a in enumerate(args):
+        if a == "--config" and i + 1 < len(args):
+            out.append(args[i + 1])
+        elif a.startswith("--config="):
+            out.append(a.split("=", 1)[1])
+    return out

@@ -1,0 +1,249 @@
+"""Latent dashboards: what a sample of latents responds to, on held-out text (g-SAE paper §4.6 rated exactly these).
+
+For a seeded sample of alive latents (plus any named in ``latents``), from the evaluation tokens:
+
+- the ``n_contexts`` top-activating tokens, each with its context window, the activating token marked and the
+  latent's activation on every token of the window;
+- the histogram of the latent's nonzero activations and its density (fraction of tokens it fires on);
+- the logit lens of its decoder direction, ``W_dec[i] @ W_U``: the tokens it promotes and suppresses most (as
+  strings; residual-stream hooks only, where ``d_in == d_model``);
+- for g-SAEs, the mean of its selection-score attribution ``β·|W_dec ∇ₓL|`` over the tokens it fires on
+  (:meth:`gsae.sae.GradTopKSAE.attribution`, with ``∇ₓL`` at the training scale, as every benchmark takes it).
+
+Outputs: the JSON result; :func:`artifacts` -> one self-contained HTML file (inline CSS and SVG, no script, no
+network) written beside each checkpoint as ``<checkpoint>.latents.html``; :func:`texts` -> one markdown entry
+per latent for TensorBoard's text dashboard; :func:`figures` -> the activation histograms.
+
+Why not ``sae-dashboard`` (pip, the SAELens ecosystem's SAEVis fork): its HTML loads d3 and Plotly from CDNs
+(``d3js.org``, ``cdn.plot.ly``), so the file does not open offline; it encodes through SAELens'
+``SAE.encode``, which has no ``∇ₓL`` argument, so a g-SAE's latents would be selected by plain TopK, not
+as trained; and it adds a heavy dependency for what is ~300 lines here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gsae.evals.common import batches, needs_grad, sae_on_tokens, special_token_mask
+from gsae.evals.latents_html import render_html, render_markdown
+from gsae.lm import LanguageModel
+from gsae.sae.base import SAEOutput, SparseAutoencoder
+
+
+def nonzero_entries(out: SAEOutput) -> tuple[Tensor, Tensor, Tensor]:
+    """``(rows, latents, values)`` of every nonzero activation in ``out`` (sparse TopK or dense form)."""
+    if out.latents is not None:
+        rows, cols = out.latents.nonzero(as_tuple=True)
+        return rows, cols, out.latents[rows, cols]
+    n, k = out.top_idx.shape
+    rows = torch.arange(n, device=out.top_idx.device).repeat_interleave(k)
+    cols, vals = out.top_idx.reshape(-1), out.top_acts.reshape(-1)
+    keep = vals != 0
+    return rows[keep], cols[keep], vals[keep]
+
+
+def token_strings(lm: LanguageModel, ids: list[int]) -> list[str]:
+    """Each token id as the text it stands for (``" the"``); byte vocabularies: the byte, ``<bos>`` for BOS."""
+    tok = lm.tokenizer
+    if tok is None:
+        return ["<bos>" if i >= 256 else bytes([i]).decode("latin-1") for i in ids]
+    return tok.batch_decode([[i] for i in ids])
+
+
+@torch.no_grad()
+def run(
+    sae: SparseAutoencoder,
+    lm: LanguageModel,
+    hook: str,
+    tokens: Tensor,
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    n_latents: int = 32,
+    latents: list[int] | None = None,
+    n_contexts: int = 8,
+    context_before: int = 12,
+    context_after: int = 4,
+    n_logit_tokens: int = 8,
+    hist_bins: int = 24,
+    exclude_special_tokens: bool = True,
+) -> dict:
+    """Dashboards of ``n_latents`` sampled alive latents (and the named ``latents``) on ``tokens (n_seq, T)``.
+
+    Args:
+        sae: any SAE (g-SAEs are encoded with ``∇ₓL``, as in training).
+        lm: the language model.
+        hook: hook the SAE reads.
+        tokens: ``(n_seq, T)`` held-out contexts.
+        seed: seed of the latent sample.
+        batch_size: sequences per forward pass (memory only).
+        n_latents: latents to sample, uniformly among those firing on at least ``n_contexts`` tokens (topped up
+            with other alive latents when fewer do); the same latents at every checkpoint while they stay alive.
+        latents: latent indices always shown (before the sample), e.g. ``[12, 907]``.
+        n_contexts: top-activating tokens (contexts) shown per latent.
+        context_before: tokens of context shown before the activating token.
+        context_after: tokens of context shown after it.
+        n_logit_tokens: promoted and suppressed tokens of the logit lens.
+        hist_bins: bins of each activation histogram.
+        exclude_special_tokens: special-token positions (BOS/EOS) are never an activating token (as in training).
+    """
+    named = [int(i) for i in (latents or [])]
+    bad = [i for i in named if not 0 <= i < sae.d_sae]
+    if bad:
+        raise ValueError(f"latents.latents: {bad} out of range for d_sae={sae.d_sae}")
+    if n_latents < 0 or n_contexts <= 0 or hist_bins <= 0:
+        raise ValueError("latents: n_latents must be >= 0, n_contexts and hist_bins > 0")
+    tokens = tokens.to(lm.device)
+    n_seq, t_len = tokens.shape
+    keep = special_token_mask(lm, tokens, exclude_special_tokens).reshape(-1).cpu()  # (n_seq·T,)
+    rows, cols, vals, attr_sum = _harvest(sae, lm, hook, tokens, batch_size, keep)
+    counts = torch.bincount(cols, minlength=sae.d_sae)
+    chosen = named + _sample(counts, set(named), n_latents, n_contexts, seed)
+    wanted = torch.zeros(sae.d_sae, dtype=torch.bool)
+    wanted[chosen] = True
+    sel = wanted[cols]
+    rows, cols, vals = rows[sel], cols[sel], vals[sel]
+    logit = _logit_lens(sae, lm, chosen, n_logit_tokens)
+    n_tokens = int(keep.sum())
+    entries = []
+    for j, i in enumerate(chosen):
+        mine = cols == i
+        act = torch.zeros(n_seq * t_len)
+        act[rows[mine]] = vals[mine]
+        entries.append(
+            _latent_entry(lm, tokens, i, act, int(counts[i]), n_tokens, attr_sum, logit, j, n_contexts,
+                          context_before, context_after, hist_bins)
+        )
+    dens = torch.tensor([e["density"] for e in entries]) if entries else torch.zeros(1)
+    return {
+        "n_tokens": n_tokens,
+        "n_alive": int((counts > 0).sum()),
+        "n_latents": len(entries),
+        "median_density": float(dens.median()),
+        "setup": {"hook": hook, "d_sae": sae.d_sae, "seed": seed, "gsae": attr_sum is not None},  # not scalars
+        "latents": entries,
+    }
+
+
+def _harvest(sae, lm, hook, tokens, batch_size, keep) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Nonzero activations ``(rows, latents, values)`` over all tokens (rows index ``n_seq·T``, special positions
+    dropped) and, for g-SAEs, ``Σ β·|W_dec g|`` per latent over the tokens it fires on."""
+    parts, attr_sum, offset = [], None, 0
+    grad_sae = needs_grad(sae) and hasattr(sae, "attribution")
+    for tok in batches(tokens, batch_size):
+        r = sae_on_tokens(sae, lm, hook, tok)
+        rows, cols, vals = (t.cpu() for t in nonzero_entries(r.out))
+        rows = rows + offset
+        ok = keep[rows]
+        parts.append((rows[ok], cols[ok], vals[ok].float()))
+        if grad_sae:
+            b, t, d = r.grad.shape
+            attr = sae.attribution(r.grad.reshape(b * t, d)).cpu()  # (B·T, d_sae)
+            fired = torch.zeros_like(attr, dtype=torch.bool)
+            fired[(rows - offset)[ok], cols[ok]] = True
+            s = (attr * fired).sum(0).double()
+            attr_sum = s if attr_sum is None else attr_sum + s
+        offset += tok.shape[0] * tok.shape[1]
+    rows, cols, vals = (torch.cat(p) for p in zip(*parts))
+    return rows, cols, vals, attr_sum
+
+
+def _sample(counts: Tensor, exclude: set[int], n: int, min_fires: int, seed: int) -> list[int]:
+    """``n`` latents, uniformly at random (seeded) among those firing ``>= min_fires`` times, topped up with other
+    alive latents if too few do. Latents are taken in the order of one seeded permutation of all ``d_sae``, so
+    successive checkpoints show the same latents while they stay alive (one TensorBoard text card each)."""
+    perm = torch.randperm(counts.shape[0], generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen = [i for i in perm if counts[i] >= min_fires and i not in exclude][:n]
+    if len(chosen) < n:
+        taken = set(chosen) | exclude
+        chosen += [i for i in perm if 0 < counts[i] and i not in taken][: n - len(chosen)]
+    return sorted(chosen)
+
+
+def _logit_lens(sae, lm, chosen: list[int], n: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """Top and bottom ``(values, ids)`` of ``W_dec[chosen] @ W_U`` (None when the hook is not d_model wide)."""
+    if not chosen or sae.d_in != lm.d_model:
+        return None
+    w_u = lm.W_U.detach().float().cpu()  # (d_model, d_vocab)
+    logits = sae.W_dec.detach()[chosen].float().cpu() @ w_u  # (n_chosen, d_vocab)
+    n = min(n, logits.shape[1])
+    top, bottom = logits.topk(n, dim=-1), logits.topk(n, dim=-1, largest=False)
+    return top.values, top.indices, bottom.values, bottom.indices
+
+
+def _latent_entry(lm, tokens, i, act, count, n_tokens, attr_sum, logit, j, n_contexts, before, after, bins) -> dict:
+    """The JSON record of latent ``i`` from its activation on every token, ``act (n_seq·T,)``."""
+    n_seq, t_len = tokens.shape
+    nz = act[act != 0]
+    fired = (act != 0).nonzero().flatten()
+    order = fired[act[fired].argsort(descending=True, stable=True)][:n_contexts]
+    contexts = []
+    for flat in order.tolist():
+        s, p = divmod(flat, t_len)
+        a, b = max(0, p - before), min(t_len, p + after + 1)
+        ids = tokens[s, a:b].tolist()
+        contexts.append({
+            "seq": s,
+            "pos": p,
+            "marked": p - a,
+            "tokens": token_strings(lm, ids),
+            "acts": [round(float(v), 4) for v in act[s * t_len + a : s * t_len + b]],
+        })
+    hi = float(nz.max()) if nz.numel() else 1.0
+    lo = min(0.0, float(nz.min())) if nz.numel() else 0.0
+    hist = torch.histc(nz, bins=bins, min=lo, max=hi if hi > lo else lo + 1) if nz.numel() else torch.zeros(bins)
+    entry = {
+        "latent": i,
+        "density": count / max(n_tokens, 1),
+        "n_fires": count,
+        "max_act": float(nz.max()) if nz.numel() else 0.0,
+        "mean_act": float(nz.mean()) if nz.numel() else 0.0,
+        "hist": {"edges": torch.linspace(lo, hi if hi > lo else lo + 1, bins + 1).tolist(),
+                 "counts": [int(c) for c in hist]},
+        "contexts": contexts,
+        "mean_beta_attribution": (float(attr_sum[i]) / count if count else None) if attr_sum is not None else None,
+        "promoted": None,
+        "suppressed": None,
+    }
+    if logit is not None:
+        tv, ti, bv, bi = (t[j] for t in logit)
+        entry["promoted"] = [[s, round(float(v), 4)] for s, v in zip(token_strings(lm, ti.tolist()), tv)]
+        entry["suppressed"] = [[s, round(float(v), 4)] for s, v in zip(token_strings(lm, bi.tolist()), bv)]
+    return entry
+
+
+def artifacts(result: dict) -> dict[str, str]:
+    """``{".latents.html": page}``: written beside each checkpoint as ``<checkpoint>.latents.html``."""
+    return {".latents.html": render_html(result)}
+
+
+def texts(result: dict) -> dict[str, str]:
+    """``{"latent_00042": markdown}`` per latent, for TensorBoard's text dashboard."""
+    width = len(str(max(result["setup"]["d_sae"] - 1, 1)))
+    return {f"latent_{e['latent']:0{width}d}": render_markdown(e, result) for e in result["latents"]}
+
+
+def figures(result: dict) -> dict:
+    """Small multiples of the sampled latents' activation histograms (first 16)."""
+    from matplotlib.figure import Figure
+
+    entries = result["latents"][:16]
+    if not entries:
+        return {}
+    cols = 4
+    rows = (len(entries) + cols - 1) // cols
+    fig = Figure(figsize=(10, 2.2 * rows + 0.6))
+    for k, e in enumerate(entries):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        ax.stairs(e["hist"]["counts"], e["hist"]["edges"], fill=True)
+        ax.set_title(f"latent {e['latent']}  (density {e['density']:.2%})", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if k // cols == rows - 1:
+            ax.set_xlabel("activation", fontsize=8)
+        if k % cols == 0:
+            ax.set_ylabel("tokens", fontsize=8)
+    fig.suptitle(f"activation histograms of {len(entries)} sampled latents ({result['n_tokens']} held-out tokens)",
+                 fontsize=9)
+    fig.tight_layout()
+    return {"activation_histograms": fig}

@@ -1,0 +1,80 @@
+"""Errors jsonargparse raises before anything is built, through the real ``python train.py`` (a subprocess):
+a non-zero exit, at most two lines on stderr naming the file or option, no usage dump, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = "configs/quickstart/topk.yaml"
+
+
+def train(*args: str) -> tuple[int, list[str]]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("GSAE_DEBUG", None)
+    p = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    return p.returncode, [line for line in p.stderr.splitlines() if line.strip()]
+
+
+def check(code: int, lines: list[str], *expected: str) -> str:
+    assert code != 0
+    assert 1 <= len(lines) <= 2, lines
+    text = "\n".join(lines)
+    assert "Traceback" not in text and "usage:" not in text, text
+    assert lines[-1].startswith("error: "), lines
+    assert "see python train.py --help" in text
+    for e in expected:
+        assert e in text, text
+    return text
+
+
+def test_missing_config_file(tmp_path) -> None:
+    path = tmp_path / "no-such.yaml"
+    check(*train("--config", str(path)), "--config", str(path), "no such file")
+
+
+def test_yaml_syntax_error(tmp_path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("trainer:\n  max_steps: 10\n  logger: [a, b\nmodel: {}\n")
+    check(*train("--config", str(path)), f"--config {path}", "YAML syntax error", "line 4")
+
+
+def test_wrongly_typed_option() -> None:
+    text = check(*train("--config", QUICKSTART, "--model.init_args.sae.init_args.k", "abc"))
+    assert "--model.init_args.sae.init_args.k: expected an integer, got 'abc'" in text
+
+
+def test_wrongly_typed_option_in_config_file(tmp_path) -> None:
+    path = tmp_path / "k.yaml"
+    path.write_text("model:\n  init_args:\n    sae:\n      init_args:\n        k: abc\n")
+    check(*train("--config", QUICKSTART, "--config", str(path)), "--model.sae.k: expected an integer, got 'abc'")
+
+
+def test_bad_choice() -> None:
+    check(*train("--config", QUICKSTART, "--model.init_args.lr_schedule", "linear"), "--model.init_args.lr_schedule",
+          "one of 'cosine', 'constant'", "'linear'")
+
+
+@pytest.mark.parametrize("option", ["--data.no_such_option", "--model.init_args.sae.init_args.beta"])
+def test_unknown_option(option: str) -> None:
+    check(*train("--config", QUICKSTART, option, "1"), option)
+
+
+def test_help_still_prints_usage() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    p = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and "usage:" in p.stdout and "--model" in p.stdout
+
+
+def test_config_that_is_not_a_mapping(tmp_path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    check(*train("--config", str(path)), f"--config {path}: not a YAML mapping of options")

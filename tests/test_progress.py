@@ -1,0 +1,147 @@
+"""The console of ``train.py``: the step progress bar (plain lines when stdout is not a terminal), the run
+summary, and TensorBoard without Lightning's ``epoch`` / ``hp_metric`` cards — through the real CLI."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gsae.callbacks.progress import format_count, format_duration
+from gsae.cli import main
+from tests.conftest import quickstart_args
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def train_args(tmp_path, *extra: str, steps: int = 20) -> list[str]:
+    return quickstart_args(
+        tmp_path, "--trainer.enable_progress_bar", "true", "--checkpoint.every_n_train_steps", "10", *extra, steps=steps
+    )
+
+
+def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def line_values(line: str) -> dict[str, str]:
+    """``step 10/20  tokens/s 1.2k  loss 0.72 ...`` -> ``{"step": "10/20", "tokens/s": "1.2k", "loss": "0.72", ...}``."""
+    return dict(part.split(" ", 1) for part in line.strip().split("  "))
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """A 20-step quickstart with stdout redirected to a file (``> train.log``), validation every 10 steps."""
+    tmp = tmp_path_factory.mktemp("plain")
+    log, old = tmp / "train.log", sys.stdout
+    with open(log, "w") as f:
+        sys.stdout = f
+        try:
+            code = main(train_args(tmp, "--trainer.val_check_interval", "10"))
+        finally:
+            sys.stdout = old
+    return code, log.read_text(), tmp
+
+
+def test_plain_lines_hold_the_logged_metrics(plain_run, monkeypatch) -> None:
+    code, out, tmp = plain_run
+    assert code == 0
+    assert "Epoch" not in out and "v_num" not in out and "\r" not in out
+    lines = {m.group(1): line for line in out.splitlines() if (m := re.match(r"step (\d+)/20 ", line))}
+    assert set(lines) == {"1", "10", "20"}, out  # the first step, then every log_every_n_steps (10)
+    events = scalars(next(tmp.glob("quickstart-topk/version_*")))
+    for step in (10, 20):
+        v = line_values(lines[str(step)])
+        assert v["step"] == f"{step}/20"
+        assert {"tokens/s", "loss", "nmse", "L0", "dead", "elapsed"} <= set(v), v
+        tb = {k: events[f"train/{k}"] for k in ("loss", "nmse", "l0", "dead_fraction")}
+        logged_at = step - 1  # Lightning logs the step-10 metrics at TensorBoard step 9
+        assert v["loss"] == f"{tb['loss'][logged_at]:.4g}"
+        assert v["nmse"] == f"{tb['nmse'][logged_at]:.4f}"
+        assert v["L0"] == f"{tb['l0'][logged_at]:.1f}"
+        assert v["dead"] == f"{tb['dead_fraction'][logged_at]:.1%}"
+        assert float(v["tokens/s"].rstrip("kM")) > 0
+    val = [line for line in out.splitlines() if line.startswith("val    step ")]
+    assert len(val) == 2 and "nmse" in val[0] and "L0" in val[0], out
+
+
+def test_summary_names_tokens_paths_and_commands(plain_run, monkeypatch) -> None:
+    code, out, tmp = plain_run
+    summary = out[out.index("── run summary"):]
+    run = tmp / "quickstart-topk"
+    events = scalars(next(run.glob("version_*")))
+    tokens = int(events["train/tokens_seen"][19])
+    assert f"finished: 20 steps, {format_count(tokens)} tokens in " in summary
+    ckpt_dir = run / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.glob("*.ckpt")) == ["epoch=0-step=10.ckpt", "epoch=0-step=20.ckpt",
+                                                              "last.ckpt"]
+    assert f"checkpoints  {ckpt_dir}/  (epoch=0-step=10.ckpt, epoch=0-step=20.ckpt, last.ckpt)" in summary
+    assert f"exports      {ckpt_dir / 'epoch=0-step=20.saelens'}" in summary
+    assert (ckpt_dir / "epoch=0-step=20.saelens").is_dir()
+    log_dir = next(run.glob("version_*"))
+    assert f"tensorboard --logdir {log_dir}\n" in summary
+    assert f"python evaluate.py {ckpt_dir / 'epoch=0-step=20.ckpt'}" in summary
+    final = line_values(next(line for line in summary.splitlines() if line.startswith("train ")).replace("train", "", 1))
+    assert final["loss"] == f"{events['train/loss'][19]:.4g}"
+
+
+def test_no_epoch_or_hp_metric_cards(plain_run) -> None:
+    _, _, tmp = plain_run
+    tags = set(scalars(next(tmp.glob("quickstart-topk/version_*"))))
+    assert {"train/loss", "train/l0", "val/nmse"} <= tags
+    assert not tags & {"epoch", "hp_metric"}, tags
+
+
+class _TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class InterruptAt(pl.Callback):
+    """Raise ``KeyboardInterrupt`` after optimizer step ``step`` (what Ctrl+C does)."""
+
+    def __init__(self, step: int = 5) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_terminal_bar_and_summary_on_ctrl_c(tmp_path, monkeypatch) -> None:
+    """On a terminal the bar is redrawn in place (``step n/12``); Ctrl+C stops cleanly and still prints the summary."""
+    monkeypatch.chdir(REPO_ROOT)
+    tty = _TTY()
+    monkeypatch.setattr(sys, "stdout", tty)
+    with pytest.raises(SystemExit) as exc:  # Lightning's graceful shutdown ends with sys.exit(1)
+        main(train_args(tmp_path, "--trainer.log_every_n_steps", "2", "--checkpoint.every_n_train_steps", "4",
+                        "--trainer.callbacks+=tests.test_progress.InterruptAt", "--trainer.callbacks.step", "6", steps=12))
+    assert exc.value.code == 1
+    out = tty.getvalue()
+    frames = out.split("\r")
+    bar = r"step 4/12 ━{7}─{13} \d:\d\d:\d\d<\d:\d\d:\d\d  tokens/s \S+  loss \S+  nmse \S+  L0 16.0  dead \S+%"
+    assert any(re.fullmatch(bar + " *", f) for f in frames), frames
+    assert any(f.startswith("step 5/12 ━━━━━━━━") for f in frames), frames  # redrawn every step
+    assert "stopped (Ctrl+C): 6 steps," in out and "tensorboard --logdir" in out
+    assert "(epoch=0-step=4.ckpt, last.ckpt)" in out and "epoch=0-step=4.ckpt\n" in out  # kept, and the evaluate command
+
+
+def test_format_helpers() -> None:
+    assert [format_count(x) for x in (512, 12345, 4.2e6, 3e9)] == ["512", "12.3k", "4.2M", "3G"]
+    assert format_duration(3725.4) == "1:02:05"
+
+
+def test_summary_lists_the_final_checkpoint_saved_at_train_end(tmp_path, monkeypatch, capsys) -> None:
+    """The checkpoint callback saves the final state after the other callbacks' ``on_train_end``: still listed."""
+    monkeypatch.chdir(REPO_ROOT)
+    assert main(quickstart_args(tmp_path, steps=3)) == 0  # checkpoints every 100 steps: only the final one
+    out = capsys.readouterr().out
+    (ckpt,) = (tmp_path / "quickstart-topk" / "checkpoints").glob("*step=3.ckpt")
+    assert f"({ckpt.name}, last.ckpt)" in out and f"python evaluate.py {ckpt}" in out
