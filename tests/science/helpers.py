@@ -92,8 +92,9 @@ FLOOR_GRADIENT_DEAD_RATIO = 1.4
 
 #: (e) steering (g-SAE §4.2): SAEs trained long enough that their decoder rows leave the initialisation
 #: (median cosine to it ≈ 0.5; the (d) SAEs, 1024 latents × 200 steps, stay at ≈ 0.95), at the paper's k
-#: range; β = 1e6 puts the gradient term median β|W_dec g| at ≈ 4 on gsae-tiny, the strength β = 1e5 gives on
-#: random-small (≈ 6) — at the paper's β = 1e5 the term is ≈ 0.4 on gsae-tiny (docs/science.md).
+#: range; β = 1e6: at the paper's β = 1e5 the gradient term is weak on gsae-tiny and the g-SAE selects almost
+#: like TopK; at 1e6 the median β|W_dec g| of the selected latents is ≈ 10, what β = 1e5 gives on random-small
+#: (≈ 12; ≈ 118 at 1e6). See docs/science.md.
 STEER_SAE = dict(d_sae=256, k=16, k_aux=0, steps=400, lr=3e-3, dead_tokens=10**9, beta=1e6)
 #: α as fractions of the median norm at the hook: the paper's α = 50 at GPT-2 layer 7 (median norm ≈ 121 at
 #: layer 6, Lee & Heimersheim) is ≈ 0.4 of the norm; its grid 0…100 is 0…0.8.
