@@ -1,6 +1,6 @@
 """Measurements behind the science regression tests (``tests/science``) and ``benchmarks/science_findings.py``.
 
-Four headline findings of the papers gsae reimplements, measured on a shipped model with gsae's own
+Headline findings of the papers gsae reimplements (and one control, (d')), measured on a shipped model with gsae's own
 benchmarks (``gsae.evals.*.run``) and SAEs trained by gsae's own ``LocalSAESystem`` under a real
 ``lightning.Trainer``. Every measurement returns a plain dict: the benchmark numbers, the statistic, its
 p-value and the floor it is compared with (``holds``). The tests assert ``holds``; the benchmark script
@@ -31,6 +31,11 @@ Statistics (one-sided, alternative = the paper's direction, all at level :data:`
 - (d): one TopK SAE and one g-SAE, identical settings and seeds; dead counts over latents compared with a
   one-sided Fisher exact test (latents treated as independent trials: an approximation, stated), plus a
   floor on the ratio of dead fractions.
+- (d'): the (d) g-SAE and :class:`ShuffledGradTopKSAE` (gradients of other tokens), otherwise identical; the
+  same Fisher test (shuffled fewer dead) and a floor on dead(true) / dead(shuffled).
+- (e): steering (``gsae.evals.run_benchmark("steering", ...)``) of a TopK SAE and a g-SAE, identical settings
+  and seeds; one-sided Welch t-test of the per-latent on-target Δp at the paper's α, plus a floor on the
+  ratio of the means.
 """
 
 from __future__ import annotations
