@@ -1,4 +1,4 @@
-"""The four science findings of ``tests/science`` on gsae-tiny and on a random-weight control, side by side.
+"""The science findings of ``tests/science`` on gsae-tiny and on a random-weight control, side by side.
 
 Computes, with exactly the tests' sizes and options (``tests/science/helpers.py``), for each model:
 
@@ -6,11 +6,15 @@ Computes, with exactly the tests' sizes and options (``tests/science/helpers.py`
 (b) Gurnee: KL(SAE substitution) ÷ KL(ε-isotropic) for a TopK SAE trained here (LocalSAESystem + Trainer);
 (c) Giglemiani et al.: MS step toward model-generated vs random targets (L2 headline and KL variant);
 (d) Olmo et al. Table 1: dead-latent fraction of a g-SAE vs a TopK SAE (same k, tokens, seeds);
+(d') the gradient control: dead fraction of that g-SAE vs the same g-SAE fed shuffled gradients;
+(e) Olmo et al. §4.2: steering, on-target added probability of g-SAE vs TopK latents at the paper's α;
 
-and prints one table (finding, paper, values per model, holds? per model) plus the per-length table of (a).
+and prints one table (finding, paper, values per model, holds? per model) plus the per-length table of (a)
+and the steering curves of (e).
 ``holds`` = the tests' criterion: one-sided test p < 0.01 and the effect-size floor. ``--seeds 0 1 2`` repeats
 everything with other SAE-training seeds and evaluation texts (seed s: training seed s, corpus seed 4242 + s)
-and adds a robustness table. 2 CPU cores, 1 thread: about 40 s per model and seed.
+and adds a robustness table. 2 CPU cores, 1 thread: 6.5 min (random-small) to 14 min (gsae-tiny) per seed on a
+heavily shared machine; (e)'s g-SAE training and steering are the bulk.
 
     python benchmarks/science_findings.py                                  # gsae-tiny and random-small, seed 0
     python benchmarks/science_findings.py --seeds 0 1 2 --json science.json
@@ -45,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def measure(name: str, seed: int) -> dict:
-    """All four measurements on model ``name`` with training seed ``seed`` and eval corpus seed ``4242 + seed``."""
+    """All measurements on model ``name`` with training seed ``seed`` and eval corpus seed ``4242 + seed``."""
     t0 = time.perf_counter()
     lm = h.load_lm(name)
     ev = h.EVAL_SEED + seed
@@ -60,6 +64,12 @@ def measure(name: str, seed: int) -> dict:
         saes[kind], system, t_dead[kind] = h.train_sae(lm, kind, **h.DEAD_SAE, seed=seed)
         train_dead[kind] = float(system.dead.dead_by_batches().float().mean())
     out["d"] = {**h.measure_dead_latents(lm, saes["topk"], saes["gsae"], tokens, train_dead), "train_seconds": t_dead}
+    shuffled, _, t_shuf = h.train_sae(lm, "gsae_shuffled", **h.DEAD_SAE, seed=seed)
+    out["d2"] = {**h.measure_gradient_control(lm, saes["gsae"], shuffled, tokens), "train_seconds": t_shuf}
+    steer, t_steer = {}, {}
+    for kind in ("topk", "gsae"):
+        steer[kind], _, t_steer[kind] = h.train_sae(lm, kind, **h.STEER_SAE, seed=seed)
+    out["e"] = {**h.measure_steering(lm, steer["topk"], steer["gsae"], tokens), "train_seconds": t_steer}
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -95,6 +105,21 @@ def cells(m: dict) -> dict[str, tuple[str, str]]:
         f"{f['gsae']:.3f} vs {f['topk']:.3f} (ratio {d['ratio']:.2f}, p {d['p']:.1g})",
         _yn(d["holds"]),
     )
+    d2 = m["d2"]
+    f = d2["dead_fraction"]
+    out["(d') dead fraction g-SAE true ∇ vs shuffled ∇ (control)"] = (
+        f"{f['true']:.3f} vs {f['shuffled']:.3f} (ratio {d2['ratio']:.2f}, p {d2['p']:.1g})",
+        _yn(d2["holds"]),
+    )
+    e = m["e"]
+    out["(e) steering on-target Δp g-SAE vs TopK at α = 0.4‖x‖"] = (
+        f"{e['on_target']['gsae']:.4f} vs {e['on_target']['topk']:.4f} (ratio {e['ratio']:.2f}, p {e['p']:.1g})",
+        _yn(e["holds"]),
+    )
+    out["(e') steering off-target added Δp g-SAE vs TopK (reported)"] = (
+        f"{e['off_target_added']['gsae']:.4f} vs {e['off_target_added']['topk']:.4f}",
+        "—",
+    )
     return out
 
 
@@ -107,6 +132,9 @@ PAPER = {
     "(c) L2 MS step MG vs random (headline)": "41.1 vs 52.5 (Table 1)",
     "(c) KL MS step MG vs random (App. C.1)": "45.5 vs 58.5 (Table C.1)",
     "(d) dead fraction g-SAE vs TopK": "k=5: 0.88 vs 0.92; k=32: 0.34 vs 0.43",
+    "(d') dead fraction g-SAE true ∇ vs shuffled ∇ (control)": "— (not in the paper)",
+    "(e) steering on-target Δp g-SAE vs TopK at α = 0.4‖x‖": "> 5× on average (α = 50, Fig. 5)",
+    "(e') steering off-target added Δp g-SAE vs TopK (reported)": "g-SAE lower (Fig. 5 bottom)",
 }
 
 
@@ -144,22 +172,45 @@ def length_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def steering_table(rows: list[dict]) -> str:
+    """(e) per α: mean on-target Δp of TopK and g-SAE latents and their ratio, per model."""
+    lines = []
+    for r in rows:
+        e = r["e"]
+        lines.append(
+            f"\n{r['model']} (median ‖x‖ {e['median_norm']:.2f}; {e['n_latents']['gsae']} / {e['n_latents']['topk']} "
+            f"latents g-SAE / TopK; β {e['beta']:g}, median β|W_dec g| of the selected latents "
+            f"{e['median_attribution']:.2f})\n"
+        )
+        lines.append("| α / ‖x‖ | α | on-target TopK | on-target g-SAE | g-SAE / TopK |")
+        lines.append("|---|---|---|---|---|")
+        c = e["on_target_curve"]
+        for i, (fr, a) in enumerate(zip(e["alpha_fractions"], e["alphas"])):
+            if fr == 0:
+                continue
+            lines.append(f"| {fr:.1f} | {a:.2f} | {c['topk'][i]:.4f} | {c['gsae'][i]:.4f} | {e['curve_ratio'][i - 1]:.2f} |")
+    return "\n".join(lines)
+
+
 def robustness(results: list[dict]) -> str:
     """Per model and seed: the main statistic of each finding and whether the test's criterion holds."""
     lines = [
         "| model | seed | (a) min ratio cov / real (holds) | (b) ratio (holds) | (c) KL MS MG vs rand (holds) "
-        "| (c) L2 MS MG vs rand (holds) | (d) dead g-SAE vs TopK (holds) | s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| (c) L2 MS MG vs rand (holds) | (d) dead g-SAE vs TopK (holds) | (d') dead true vs shuffled ∇ (holds) "
+        "| (e) steering ratio (p) (holds) | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in results:
-        a, b, c, d = m["a"], m["b"], m["c"], m["d"]
+        a, b, c, d, d2, e = m["a"], m["b"], m["c"], m["d"], m["d2"], m["e"]
         amin = {mix: min(t["geo_mean_ratio"] for t in a["tests"][mix]) for mix in h.MIXTURES}
         lines.append(
             f"| {m['model']} | {m['seed']} | {amin['cov_random_mixture']:.2f} / {amin['real_mixture']:.2f} ({_yn(a['holds'])}) "
             f"| {b['test']['geo_mean_ratio']:.2f} ({_yn(b['holds'])}) "
             f"| {c['kl_ms']['model_generated']:.1f} vs {c['kl_ms']['random']:.1f} ({_yn(c['kl_ms']['holds'])}) "
             f"| {c['ms']['model_generated']:.1f} vs {c['ms']['random']:.1f} ({_yn(c['ms']['holds'])}) "
-            f"| {d['dead_fraction']['gsae']:.3f} vs {d['dead_fraction']['topk']:.3f} ({_yn(d['holds'])}) | {m['seconds']:.0f} |"
+            f"| {d['dead_fraction']['gsae']:.3f} vs {d['dead_fraction']['topk']:.3f} ({_yn(d['holds'])}) "
+            f"| {d2['dead_fraction']['true']:.3f} vs {d2['dead_fraction']['shuffled']:.3f} ({_yn(d2['holds'])}) "
+            f"| {e['ratio']:.2f} ({e['p']:.1g}) ({_yn(e['holds'])}) | {m['seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -180,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(table(first))
     print("\n(a) per length" + length_table(first))
+    print("\n(e) steering: mean on-target Δp over the latents, per α" + steering_table(first))
     b = {r["model"]: r["b"] for r in first}
     d = {r["model"]: r["d"] for r in first}
     print(

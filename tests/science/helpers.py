@@ -1,6 +1,6 @@
 """Measurements behind the science regression tests (``tests/science``) and ``benchmarks/science_findings.py``.
 
-Four headline findings of the papers gsae reimplements, measured on a shipped model with gsae's own
+Headline findings of the papers gsae reimplements (and one control, (d')), measured on a shipped model with gsae's own
 benchmarks (``gsae.evals.*.run``) and SAEs trained by gsae's own ``LocalSAESystem`` under a real
 ``lightning.Trainer``. Every measurement returns a plain dict: the benchmark numbers, the statistic, its
 p-value and the floor it is compared with (``holds``). The tests assert ``holds``; the benchmark script
@@ -31,6 +31,11 @@ Statistics (one-sided, alternative = the paper's direction, all at level :data:`
 - (d): one TopK SAE and one g-SAE, identical settings and seeds; dead counts over latents compared with a
   one-sided Fisher exact test (latents treated as independent trials: an approximation, stated), plus a
   floor on the ratio of dead fractions.
+- (d'): the (d) g-SAE and :class:`ShuffledGradTopKSAE` (gradients of other tokens), otherwise identical; the
+  same Fisher test (shuffled fewer dead) and a floor on dead(true) / dead(shuffled).
+- (e): steering (``gsae.evals.run_benchmark("steering", ...)``) of a TopK SAE and a g-SAE, identical settings
+  and seeds; one-sided Welch t-test of the per-latent on-target Δp at the paper's α, plus a floor on the
+  ratio of the means.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ import torch
 from scipy import stats
 
 from gsae.data import TokenDataModule
-from gsae.evals import dead_latents, plateaus, sensitive_directions
+from gsae.data.harvest import loss_gradients
+from gsae.evals import dead_latents, plateaus, run_benchmark, sensitive_directions
 from gsae.lm import LanguageModel
 from gsae.sae import GradTopKSAE, TopKSAE
 
@@ -86,6 +92,21 @@ SUBSTITUTION_SAE = dict(d_sae=512, k=16, k_aux=None, steps=200, lr=1e-3, dead_to
 #: (d) g-SAE Table 1 regime: small k, no AuxK (smol-sae has none), β = 1e5 (paper), both SAEs identical otherwise.
 DEAD_SAE = dict(d_sae=1024, k=4, k_aux=0, steps=200, lr=1e-3, dead_tokens=10**9, beta=1e5)
 DEAD_BATCHES = 5
+#: (d') the gradient control: dead(g-SAE, true ∇ₓL) / dead(g-SAE, ∇ₓL of other tokens) at least this.
+FLOOR_GRADIENT_DEAD_RATIO = 1.4
+
+#: (e) steering (g-SAE §4.2): SAEs trained long enough that their decoder rows leave the initialisation
+#: (median cosine to it ≈ 0.5; the (d) SAEs, 1024 latents × 200 steps, stay at ≈ 0.95), at the paper's k
+#: range; β = 1e6: at the paper's β = 1e5 the gradient term is weak on gsae-tiny and the g-SAE selects almost
+#: like TopK; at 1e6 the median β|W_dec g| of the selected latents is ≈ 10, what β = 1e5 gives on random-small
+#: (≈ 12; ≈ 118 at 1e6). See docs/science.md.
+STEER_SAE = dict(d_sae=256, k=16, k_aux=0, steps=400, lr=3e-3, dead_tokens=10**9, beta=1e6)
+#: α as fractions of the median norm at the hook: the paper's α = 50 at GPT-2 layer 7 (median norm ≈ 121 at
+#: layer 6, Lee & Heimersheim) is ≈ 0.4 of the norm; its grid 0…100 is 0…0.8.
+STEER_ALPHA_FRACTION = 0.4
+STEER_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+STEER_OPTIONS = dict(n_latents=256, n_positions=10, top_n=10, mode="position")
+FLOOR_STEER_RATIO = 1.2  # (e) mean on-target Δp g-SAE / TopK at the paper's α (paper: > 5)
 
 
 # ---------------------------------------------------------------------------------------------- data, models
@@ -112,6 +133,24 @@ def placeholder_sae(lm: LanguageModel) -> TopKSAE:
     return TopKSAE(lm.d_model, 256, 8, seed=0)
 
 
+class ShuffledGradTopKSAE(GradTopKSAE):
+    """Control g-SAE: every forward pass pairs each activation with the gradient of *another* token of the
+    same batch (a seeded permutation of the rows of ``grad``), in training and in evaluation.
+
+    The gradient term keeps its distribution (the same β, the same ``|W_dec g|`` values), only its link to
+    the token is broken: what it still does is what any token-dependent reweighting of the TopK score does.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._perm_gen = torch.Generator().manual_seed(kwargs.get("seed", 0) + 7919)
+
+    def forward(self, x, grad=None, dead_mask=None, aux_norm=None):
+        if grad is not None:
+            grad = grad[torch.randperm(grad.shape[0], generator=self._perm_gen).to(grad.device)]
+        return super().forward(x, grad=grad, dead_mask=dead_mask, aux_norm=aux_norm)
+
+
 def train_sae(
     lm: LanguageModel,
     kind: str,
@@ -126,9 +165,9 @@ def train_sae(
     seed: int = 0,
     hook: str = HOOK,
 ):
-    """Train a ``topk`` or ``gsae`` SAE with ``LocalSAESystem`` under a real Trainer; return ``(sae, system, seconds)``.
+    """Train a ``topk``, ``gsae`` or ``gsae_shuffled`` (:class:`ShuffledGradTopKSAE`) SAE with ``LocalSAESystem`` under a real Trainer; return ``(sae, system, seconds)``.
 
-    Identical for both kinds given the same arguments: the same seed for weights, data order and Lightning.
+    Identical for every kind given the same arguments: the same seed for weights, data order and Lightning.
     """
     import lightning.pytorch as pl
 
@@ -141,6 +180,8 @@ def train_sae(
         factory = lambda d: TopKSAE(d, d_sae, k, k_aux=k_aux, seed=seed)  # noqa: E731
     elif kind == "gsae":
         factory = lambda d: GradTopKSAE(d, d_sae, k, beta=beta, k_aux=k_aux, seed=seed)  # noqa: E731
+    elif kind == "gsae_shuffled":
+        factory = lambda d: ShuffledGradTopKSAE(d, d_sae, k, beta=beta, k_aux=k_aux, seed=seed)  # noqa: E731
     else:
         raise ValueError(kind)
     system = LocalSAESystem(
@@ -371,5 +412,102 @@ def measure_dead_latents(
         "p": p,
         "floor": FLOOR_DEAD_RATIO,
         "holds": p < ALPHA and ratio <= FLOOR_DEAD_RATIO,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- (d')
+def measure_gradient_control(lm: LanguageModel, gsae_sae, shuffled_sae, tokens: torch.Tensor | None = None) -> dict:
+    """(d') Does the *information* in ``∇ₓL`` change which latents die, or only the reweighting?
+
+    Dead latents (as in (d)) of a g-SAE trained with its true gradients and of the control
+    :class:`ShuffledGradTopKSAE` (gradients of other tokens), identical otherwise. On gsae-tiny the true
+    gradients leave about twice as many latents dead as shuffled ones (they concentrate the selection on the
+    latents aligned with the loss gradient); on random weights the two are alike. One-sided Fisher exact test
+    (shuffled fewer dead) and a floor on the ratio dead(true) / dead(shuffled).
+    """
+    t0 = time.perf_counter()
+    tokens = eval_tokens(lm, 64) if tokens is None else tokens
+    batch_tokens = BATCH * (CONTEXT - 1)
+    res = {
+        name: run_benchmark(
+            "dead_latents", sae, lm, HOOK, tokens, batch_tokens=batch_tokens, dead_batches=DEAD_BATCHES
+        )
+        for name, sae in (("true", gsae_sae), ("shuffled", shuffled_sae))
+    }
+    n = gsae_sae.d_sae
+    dead = {k: r["n_dead_batches"] for k, r in res.items()}
+    table = [[dead["shuffled"], n - dead["shuffled"]], [dead["true"], n - dead["true"]]]
+    p = float(stats.fisher_exact(table, alternative="less").pvalue)
+    frac = {k: r["dead_fraction_batches"] for k, r in res.items()}
+    ratio = frac["true"] / frac["shuffled"] if frac["shuffled"] > 0 else math.inf
+    return {
+        "model": lm.name,
+        "hook": HOOK,
+        "d_sae": n,
+        "k": gsae_sae.k,
+        "beta": gsae_sae.beta,
+        "dead_fraction": frac,
+        "never_fired": {k: r["n_never_fired"] for k, r in res.items()},
+        "ratio": ratio,
+        "p": p,
+        "floor": FLOOR_GRADIENT_DEAD_RATIO,
+        "holds": p < ALPHA and ratio >= FLOOR_GRADIENT_DEAD_RATIO,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- (e)
+@torch.no_grad()
+def median_attribution(lm: LanguageModel, sae: GradTopKSAE, tokens: torch.Tensor) -> float:
+    """Median ``β|W_dec g|`` over the latents a g-SAE selects on ``tokens`` (BOS excluded; training's scale of g)."""
+    with torch.enable_grad():
+        x, g, _ = loss_gradients(lm, tokens, HOOK, float(sae.grad_normaliser))
+    x, g = x[:, 1:].reshape(-1, lm.d_model).float(), g[:, 1:].reshape(-1, lm.d_model).float()
+    out = sae(x, grad=g)
+    return float(sae.attribution(g).gather(-1, out.top_idx).median())
+
+
+def measure_steering(lm: LanguageModel, topk_sae, gsae_sae, tokens: torch.Tensor | None = None) -> dict:
+    """(e) Olmo et al. §4.2: on-target added probability of g-SAE latents > TopK latents (paper: > 5× on average).
+
+    ``steering`` (through :func:`gsae.evals.run_benchmark`) on both SAEs with the same tokens, seed, latent
+    count (all alive latents of the 256), positions and α grid (:data:`STEER_FRACTIONS` of the median norm).
+    At α = :data:`STEER_ALPHA_FRACTION` × norm: one-sided Welch t-test of the per-latent on-target Δp
+    (g-SAE > TopK; latents of two SAEs are independent samples) and a floor on the ratio of the means.
+    The whole curve and the off-target added probability are reported.
+    """
+    t0 = time.perf_counter()
+    tokens = eval_tokens(lm, 64) if tokens is None else tokens
+    norm = median_norm(lm, tokens)
+    alphas = [f * norm for f in STEER_FRACTIONS]
+    opts = dict(STEER_OPTIONS, alphas=alphas, alpha_report=STEER_ALPHA_FRACTION * norm, batch_size=BATCH)
+    saes = {"topk": topk_sae, "gsae": gsae_sae}
+    res = {name: run_benchmark("steering", sae, lm, HOOK, tokens, seed=0, **opts) for name, sae in saes.items()}
+    a = torch.tensor(res["gsae"]["per_latent_on_target"], dtype=torch.float64)
+    b = torch.tensor(res["topk"]["per_latent_on_target"], dtype=torch.float64)
+    p = float(stats.ttest_ind(a.numpy(), b.numpy(), equal_var=False, alternative="greater").pvalue)
+    ratio = float(a.mean() / b.mean()) if b.mean() > 0 else math.inf
+    curve = {k: r["on_target_curve"] for k, r in res.items()}
+    curve_ratio = [g / t if t > 0 else math.nan for g, t in zip(curve["gsae"][1:], curve["topk"][1:])]
+    return {
+        "model": lm.name,
+        "hook": HOOK,
+        "median_norm": norm,
+        "alpha_fractions": list(STEER_FRACTIONS),
+        "alphas": alphas,
+        "alpha_report": res["gsae"]["alpha_report"],
+        "n_latents": {k: r["n_latents"] for k, r in res.items()},
+        "on_target": {k: r["on_target"] for k, r in res.items()},
+        "median_on_target": {"gsae": float(a.median()), "topk": float(b.median())},
+        "off_target_added": {k: r["off_target_added"] for k, r in res.items()},
+        "on_target_curve": curve,
+        "curve_ratio": curve_ratio,
+        "median_attribution": median_attribution(lm, gsae_sae, tokens[:BATCH]),
+        "beta": gsae_sae.beta,
+        "ratio": ratio,
+        "p": p,
+        "floor": FLOOR_STEER_RATIO,
+        "holds": p < ALPHA and ratio >= FLOOR_STEER_RATIO,
         "seconds": time.perf_counter() - t0,
     }
