@@ -185,6 +185,8 @@ class TokenDataModule(pl.LightningDataModule):
             if self.num_workers:  # the parent tokenized while validating; forked workers would warn and serialise
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             mine = {s: st for s, st in self.stream_states.items() if s % world == rank}
+            for s in range(rank, self.n_streams, world):  # a source without a context fails here, in one line
+                self.open_stream(s, mine.get(s)).next_context()
             stream = StreamBatches(self.open_stream, self.n_streams, self.batch_size, rank, world, self.consumed_batches, mine)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
 
