@@ -144,6 +144,14 @@ class TextSource:
         self.ds = open_dataset(dataset, dataset_config, split, streaming, n_streams)
         self.column, self.pretokenized = self._resolve_column(self.ds, text_column)
         self.mode = "shards" if self.ds.num_shards >= n_streams else "documents"
+        if self.mode == "documents" and n_streams > 1 and local_data_files(dataset) is None:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"--data.dataset {dataset!r} has {self.ds.num_shards} shards, fewer than --data.n_streams {n_streams}: "
+                f"each of the {n_streams} streams reads the whole dataset and keeps 1 document in {n_streams}; a "
+                f"--data.n_streams <= {self.ds.num_shards} (a multiple of ranks × workers) reads each shard once"
+            )
 
     def _resolve_column(self, ds, text_column: str) -> tuple[str, bool]:
         columns = ds.column_names
