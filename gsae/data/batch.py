@@ -13,12 +13,14 @@ class StreamState(NamedTuple):
     Attributes:
         stream: the stream's id ``s`` in ``0..n_streams-1``.
         epoch: passes over the stream's documents completed (finite sources repeat, epoch by epoch).
-        docs: documents of the current epoch already packed (the next one to read is ``docs``).
+        shard: the stream's current shard, counted among its own shards (0 unless the source is cut by shards).
+        docs: documents of the current shard already packed (the next one to read is ``docs``).
         rest: ``(n,)`` tokens read but not yet in a yielded context (the packer's carry-over).
     """
 
     stream: int
     epoch: int
+    shard: int
     docs: int
     rest: Tensor
 

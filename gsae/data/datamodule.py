@@ -241,7 +241,7 @@ class TokenDataModule(pl.LightningDataModule):
         return {
             "consumed_batches": self.consumed_batches, "dataset": self.dataset, "batch_size": self.batch_size,
             "n_streams": self.n_streams,
-            "streams": [None if s not in streams else [streams[s].epoch, streams[s].docs, streams[s].rest.clone()]
+            "streams": [None if s not in streams else [streams[s].epoch, streams[s].shard, streams[s].docs, streams[s].rest.clone()]
                         for s in range(self.n_streams)],
         }
 
@@ -254,7 +254,8 @@ class TokenDataModule(pl.LightningDataModule):
                 )
         self.consumed_batches = int(state_dict["consumed_batches"])
         self.stream_states = {
-            s: StreamState(s, int(st[0]), int(st[1]), st[2]) for s, st in enumerate(state_dict.get("streams") or []) if st is not None
+            s: StreamState(s, int(st[0]), int(st[1]), int(st[2]), st[3])
+            for s, st in enumerate(state_dict.get("streams") or []) if st is not None
         }
 
 

@@ -18,6 +18,10 @@ their own size; ``gsae-corpus`` holds out its documents 0, 1000, 2000, ... (gene
 Finite sources repeat: a stream that has read all its documents starts again (``epoch + 1``) with the same
 documents in the same order, so every stream is endless and DDP ranks never run out at different times.
 A stream with no document is a :class:`DataSourceError` naming ``--data.dataset``.
+
+Resuming a stream at ``(epoch, shard, docs)`` tokenizes nothing it had consumed: in shard mode it opens its
+current shard directly (the finished shards are not read) and skips ``docs`` rows of it in pyarrow batches; in
+document mode it skips rows the same way (parsing, not tokenizing); ``gsae-corpus`` jumps.
 """
 
 from __future__ import annotations
@@ -105,6 +109,13 @@ def tokens_of(values: Iterator, pretokenized: bool, encode: Encode, chunk: int =
         yield from encode(texts)
 
 
+def _tokenized(items: Iterator[tuple], pretokenized: bool, encode: Encode, chunk: int = 32) -> Iterator[tuple[tuple, list[int]]]:
+    """``(item, tokens)`` for items whose last field is a raw document (text tokenized ``chunk`` at a time)."""
+    it = iter(items)
+    while block := list(itertools.islice(it, chunk)):
+        yield from zip(block, tokens_of((b[-1] for b in block), pretokenized, encode, chunk))
+
+
 def _corpus_train_index(i: int) -> int:
     """Index of the ``i``-th ``gsae-corpus`` training document (documents ``≡ 0 mod 1000`` are held out)."""
     return i + 1 + i // (CORPUS_VAL_EVERY - 1)
@@ -169,33 +180,49 @@ class TextSource:
         return text_column, False
 
     # ------------------------------------------------------------------ training streams
-    def _epoch_values(self, s: int, docs: int) -> Iterator:
-        """Raw documents (text or ids) of stream ``s``'s epoch from its document ``docs`` on."""
+    def _epoch_values(self, s: int, shard: int, docs: int) -> Iterator[tuple[int, int, object]]:
+        """``(shard, index in shard, raw document)`` of stream ``s``'s epoch from ``(shard, docs)`` on.
+
+        ``shard`` counts the stream's own shards (shard mode; always 0 otherwise): a resumed stream opens its
+        current shard directly (``datasets``' ``shard``), so the shards it had finished are not read again.
+        """
         S = self.n_streams
         if self.mode == "corpus":
             from gsae.tinylm.corpus import document
 
-            return (document(self.seed, _corpus_train_index(s + k * S)) for k in itertools.count(docs))
+            return ((0, k, document(self.seed, _corpus_train_index(s + k * S))) for k in itertools.count(docs))
         if self.mode == "shards":
-            shard = self.ds.shard(num_shards=S, index=s, contiguous=False)
-            return column_values(shard, self.column, start=(self.held_out if s == 0 else 0) + docs)
+            n = self.ds.num_shards
+            return (
+                (m, i, v)
+                for m, g in enumerate(range(s, n, S))
+                if m >= shard
+                for i, v in enumerate(
+                    column_values(self.ds.shard(num_shards=n, index=g), self.column,
+                                  start=(self.held_out if g == 0 else 0) + (docs if m == shard else 0)),
+                    start=docs if m == shard else 0,
+                )
+            )
         first = s + S * -(-max(self.held_out - s, 0) // S)  # first j >= held_out with j ≡ s (mod S)
-        return column_values(self.ds, self.column, start=first + docs * S, step=S)
+        return ((0, k, v) for k, v in enumerate(column_values(self.ds, self.column, start=first + docs * S, step=S), start=docs))
 
-    def stream_documents(self, s: int, epoch: int = 0, docs: int = 0) -> Iterator[tuple[int, int, list[int]]]:
-        """``(epoch, index in epoch, tokens)`` of stream ``s``'s documents from ``(epoch, docs)`` on; endless (epochs repeat)."""
+    def stream_documents(self, s: int, epoch: int = 0, shard: int = 0, docs: int = 0) -> Iterator[tuple[int, int, int, list[int]]]:
+        """``(epoch, shard, index in shard, tokens)`` of stream ``s``'s documents from ``(epoch, shard, docs)`` on.
+
+        Endless: after the stream's last document it starts again with ``epoch + 1``.
+        """
         while True:
             n = 0
-            for i, toks in enumerate(tokens_of(self._epoch_values(s, docs), self.pretokenized, self.encode), start=docs):
+            for (m, i, _), toks in _tokenized(self._epoch_values(s, shard, docs), self.pretokenized, self.encode):
                 n += 1
-                yield epoch, i, toks
-            if n == 0 and docs == 0:
+                yield epoch, m, i, toks
+            if n == 0 and shard == docs == 0:
                 raise DataSourceError(
                     f"--data.dataset: {self.dataset!r} gives no training document to stream {s} of "
                     f"--data.n_streams {self.n_streams} ({self.held_out} held out by --data.val_documents); "
                     "use more data, a smaller --data.n_streams or --data.val_documents"
                 )
-            epoch, docs = epoch + 1, 0
+            epoch, shard, docs = epoch + 1, 0, 0
 
     # ------------------------------------------------------------------ one-pass views
     def train_documents(self) -> Iterator[list[int]]:

@@ -2,7 +2,7 @@
 
 Each of the ``n_streams`` (S) streams of a :class:`gsae.data.sources.TextSource` packs its own documents
 (SPEC §5 packing: a separator between documents, ``context_size − 1`` tokens after BOS) with a
-:class:`StreamPacker`, whose :class:`~gsae.data.batch.StreamState` (epoch, documents packed, carry-over
+:class:`StreamPacker`, whose :class:`~gsae.data.batch.StreamState` (epoch, shard, documents packed, carry-over
 tokens) is enough to continue it later without re-tokenizing anything.
 
 Assignment (:class:`StreamBatches`): with ``W`` ranks, rank ``r`` owns streams ``s ≡ r (mod W)``, i.e. its local
@@ -25,8 +25,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from gsae.data.batch import StreamState, TokenBatch
 from gsae.data.tokens import DataSourceError
 
-#: ``(stream, epoch, docs) -> iterator of (epoch, index in epoch, tokens)`` (``TextSource.stream_documents``)
-StreamDocuments = Callable[[int, int, int], Iterator[tuple[int, int, list[int]]]]
+#: ``(stream, epoch, shard, docs) -> iterator of (epoch, shard, index in shard, tokens)`` (``TextSource.stream_documents``)
+StreamDocuments = Callable[[int, int, int, int], Iterator[tuple[int, int, int, list[int]]]]
 
 
 class StreamPacker:
@@ -57,17 +57,17 @@ class StreamPacker:
         self.stream, self.bos, self.prepend_bos, self.separator, self.dataset = stream, bos, prepend_bos, separator, dataset
         self.context_size = context_size
         self.body = context_size - 1 if prepend_bos else context_size
-        self.epoch, self.docs = (0, 0) if state is None else (int(state.epoch), int(state.docs))
+        self.epoch, self.shard, self.docs = (0, 0, 0) if state is None else (int(state.epoch), int(state.shard), int(state.docs))
         self.buf: list[int] = [] if state is None else [int(t) for t in state.rest.tolist()]
         self.pos = 0  # tokens of buf already in a context
-        self.docs_it = documents(stream, self.epoch, self.docs)
-        self.whole_epoch = self.docs == 0  # this epoch was read from its start (so an empty pass can be told)
+        self.docs_it = documents(stream, self.epoch, self.shard, self.docs)
+        self.whole_epoch = self.shard == self.docs == 0  # this epoch was read from its start (an empty pass can be told)
         self.made_in_epoch = 0
 
     def next_context(self) -> list[int]:
         """The stream's next context (reads and tokenizes documents as needed)."""
         while len(self.buf) - self.pos < self.body:
-            epoch, i, toks = next(self.docs_it)
+            epoch, shard, i, toks = next(self.docs_it)
             if epoch != self.epoch:  # a new pass over the stream's documents
                 if self.whole_epoch and self.made_in_epoch == 0:
                     raise DataSourceError(
@@ -75,10 +75,10 @@ class StreamPacker:
                         f"{self.context_size}-token context; use more data or a smaller --data.n_streams / --data.context_size"
                     )
                 self.whole_epoch, self.made_in_epoch = True, 0
-            if self.separator is not None and (epoch, i) != (0, 0):
+            if self.separator is not None and (epoch, shard, i) != (0, 0, 0):
                 self.buf.append(self.separator)
             self.buf.extend(toks)
-            self.epoch, self.docs = epoch, i + 1
+            self.epoch, self.shard, self.docs = epoch, shard, i + 1
         chunk = self.buf[self.pos : self.pos + self.body]
         self.pos += self.body
         if self.pos > 4096 and self.pos * 2 > len(self.buf):  # drop what is packed, keep appends amortised O(1)
@@ -92,7 +92,7 @@ class StreamPacker:
 
     def state(self) -> StreamState:
         """The stream's position after the last context returned."""
-        return StreamState(self.stream, self.epoch, self.docs, torch.tensor(self.buf[self.pos :], dtype=torch.long))
+        return StreamState(self.stream, self.epoch, self.shard, self.docs, torch.tensor(self.buf[self.pos :], dtype=torch.long))
 
 
 def check_assignment(n_streams: int, world_size: int, num_workers: int) -> None:

@@ -152,6 +152,15 @@ def test_a_source_with_enough_shards_gives_each_stream_its_files(tmp_path, tiny_
     ids = [_stream_doc_ids(_contexts(dm.open_stream(s), 100)) for s in range(2)]  # more than a pass
     assert ids[0] == set(range(5, 15)) | set(range(30, 45))  # files 0 and 2, the held-out head of file 0 skipped
     assert ids[1] == set(range(15, 30)) | set(range(45, 60))  # files 1 and 3
+    # a stream resumed in its second shard opens that shard directly: the finished one is not read again
+    packer = dm.open_stream(0)
+    while packer.state().shard == 0:
+        packer.next_context()
+    state, expected = packer.state(), _contexts(packer, 5)
+    assert state.epoch == 0 and state.shard == 1
+    (folder / "part0.jsonl").rename(folder / "gone")
+    assert _contexts(dm.open_stream(0, state), 5) == expected
+    (folder / "gone").rename(folder / "part0.jsonl")
     val = [t for c in dm.contexts("val") for t in c[1:]]
     head = [t for d in docs[:5] for t in [BYTE_BOS, *d.encode()]][1:]  # the first 5 documents of file 0, separated
     assert val and val == head[: len(val)] and len(head) - len(val) < T
