@@ -10,6 +10,8 @@ folder), tokenized with gsae-tiny's BPE, packed into 128-token contexts by :clas
   of the rank opened). Each rank only tokenizes its own streams, so this should not fall with ``W``.
 - ``scaling_W4``: ``rank_tokens_per_s_W4 / rank_tokens_per_s_W1`` (target ≥ 0.8). Measured in interleaved
   rounds (W1, W4, W1, W4, ...) so background load hits both alike; medians are printed, per-round ratios as ``#``.
+- ``--legacy``: also ``legacy_rank_tokens_per_s_W{W}`` / ``legacy_scaling_W{W}``, the previous design as a
+  control: rank 0 packs the whole stream in one process (``contexts("train")``) and keeps every ``W``-th context.
 - ``val_pass_s``: the first validation pass of the default validation set (``val_batches × batch_size``
   contexts from the first ``val_documents`` documents: read, tokenized, cached); ``val_pass_cached_s``: a later
   pass (the set is kept in memory).
@@ -48,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="contexts per batch")
     p.add_argument("--context-size", type=int, default=128, help="tokens per context")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 4], help="simulated world sizes (first = reference)")
+    p.add_argument("--legacy", action="store_true", help="also time the previous design (every rank packs everything)")
     return p.parse_args(argv)
 
 
@@ -62,6 +65,14 @@ def rank_tokens_per_s(dm: TokenDataModule, world: int, args: argparse.Namespace)
     dt = time.perf_counter() - t0
     del it  # stops the workers
     return n / dt
+
+
+def legacy_rank_tokens_per_s(dm: TokenDataModule, world: int, args: argparse.Namespace) -> float:
+    """The previous design: one process packs every context and rank 0 keeps contexts ``i ≡ 0 (mod W)``."""
+    n_ctx = args.batch_size * max(args.batches // 5, 1)
+    t0 = time.perf_counter()
+    kept = sum(len(c) for c in itertools.islice(itertools.islice(dm.contexts("train"), 0, None, world), n_ctx))
+    return kept / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,6 +99,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"rank_tokens_per_s_W{w}={med[w]:.0f}")
         for w in args.worlds[1:]:
             print(f"scaling_W{w}={med[w] / med[args.worlds[0]]:.3f}")
+        if args.legacy:
+            legacy = {w: legacy_rank_tokens_per_s(dm, w, args) for w in args.worlds}
+            for w in args.worlds:
+                print(f"legacy_rank_tokens_per_s_W{w}={legacy[w]:.0f}")
+            for w in args.worlds[1:]:
+                print(f"legacy_scaling_W{w}={legacy[w] / legacy[args.worlds[0]]:.3f}")
 
         fresh = TokenDataModule(lm, dataset=str(path), context_size=args.context_size, batch_size=args.batch_size)
         fresh.validate()
