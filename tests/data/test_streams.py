@@ -234,3 +234,16 @@ def test_a_source_without_a_context_fails_instead_of_looping(tmp_path, tiny_lm) 
     with pytest.raises(DataSourceError, match="no complete 64-token context") as exc:
         dm.train_dataloader()
     _one_line(exc)
+
+
+def test_resume_on_another_number_of_ranks_continues_every_stream(local) -> None:
+    """The checkpoint holds each stream's position, so 1 rank's run may continue on 2 ranks: nothing replayed or skipped."""
+    consumed = list(itertools.islice(StreamBatches(local.open_stream, S, 2), 6))  # streams 0, 1 twice; 2, 3 once
+    states = {b.state.stream: b.state for b in consumed}
+    for r in range(2):
+        cont = list(itertools.islice(StreamBatches(local.open_stream, S, 2, r, 2, start_batch=6, states=states), 4))
+        for j, b in enumerate(cont):
+            s = int(b.state.stream)
+            assert s % 2 == r
+            done = sum(1 for c in consumed + cont[:j] if c.state.stream == s)  # batches of stream s before this one
+            assert [list(x) for x in b.tokens.tolist()] == _reference_stream(s, 2 * done + 2)[2 * done :]
