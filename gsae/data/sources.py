@@ -152,6 +152,10 @@ class TextSource:
         if dataset == GSAE_CORPUS:
             self.ds, self.column, self.pretokenized, self.mode = None, "text", False, "corpus"
             return
+        if val_split and local_data_files(dataset) is not None:
+            raise DataSourceError(
+                f"--data.val_split: local files ({dataset!r}) have one split; hold documents out with --data.val_documents"
+            )
         self.ds = open_dataset(dataset, dataset_config, split, streaming, n_streams)
         self.column, self.pretokenized = self._resolve_column(self.ds, text_column)
         self.mode = "shards" if self.ds.num_shards >= n_streams else "documents"

@@ -219,6 +219,12 @@ def test_empty_file_is_a_one_line_error(tmp_path, tiny_lm) -> None:
         assert str(path) in _one_line(exc)
 
 
+def test_val_split_of_local_files_is_an_error(local, tiny_lm) -> None:
+    dm = TokenDataModule(lm=tiny_lm, dataset=local.dataset, val_split="validation")
+    with pytest.raises(DataSourceError, match="--data.val_split.*--data.val_documents"):
+        dm.validate()
+
+
 def test_a_source_without_a_context_fails_instead_of_looping(tmp_path, tiny_lm) -> None:
     path = _write(tmp_path, "jsonl", [{"text": d} for d in _documents()])
     # everything held out
