@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def rank_tokens_per_s(dm: TokenDataModule, world: int, args: argparse.Namespace) -> float:
     """Tokens per second rank 0 of ``world`` ranks gets from its DataLoader, after warm-up."""
-    stream = StreamBatches(dm.open_stream, dm.n_streams, args.batch_size, rank=0, world_size=world)
+    stream = StreamBatches(dm.open_streams, dm.n_streams, args.batch_size, rank=0, world_size=world)
     it = iter(DataLoader(stream, batch_size=None, num_workers=args.workers))
     for _ in itertools.islice(it, dm.n_streams // world):
         pass

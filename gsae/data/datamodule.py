@@ -5,6 +5,7 @@ re-tokenizing what was consumed."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from gsae.data.batch import StreamState, TokenBatch
-from gsae.data.sources import TextSource
+from gsae.data.sources import SharedReads, TextSource
 from gsae.data.streams import StreamBatches, StreamPacker, check_assignment
 from gsae.data.tokens import DataSourceError, TokenStream, pack, synthetic_context
 from gsae.lm import LanguageModel
@@ -165,6 +166,19 @@ class TokenDataModule(pl.LightningDataModule):
             self._separator(), state, self.dataset,
         )
 
+    def open_streams(self, states: dict[int, StreamState | None]) -> dict[int, StreamPacker]:
+        """Several streams opened together; in document mode they share one pass over the source (:class:`SharedReads`)."""
+        src = self.source()
+        if src.mode != "documents" or len(states) < 2:
+            return {s: self.open_stream(s, st) for s, st in states.items()}
+        reads = SharedReads(src, {s: (0, 0) if st is None else (int(st.epoch), int(st.docs)) for s, st in states.items()})
+        documents = functools.partial(src.stream_documents, reads=reads)
+        return {
+            s: StreamPacker(s, documents, self.context_size, self.lm.bos_token_id, self.prepend_bos, self._separator(), st,
+                            self.dataset)
+            for s, st in states.items()
+        }
+
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
         self.validate()
@@ -187,7 +201,7 @@ class TokenDataModule(pl.LightningDataModule):
             mine = {s: st for s, st in self.stream_states.items() if s % world == rank}
             for s in range(rank, self.n_streams, world):  # a source without a context fails here, in one line
                 self.open_stream(s, mine.get(s)).next_context()
-            stream = StreamBatches(self.open_stream, self.n_streams, self.batch_size, rank, world, self.consumed_batches, mine)
+            stream = StreamBatches(self.open_streams, self.n_streams, self.batch_size, rank, world, self.consumed_batches, mine)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
 
     def val_batches_of(self, rank: int = 0, world: int = 1) -> list[TokenBatch]:

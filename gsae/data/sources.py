@@ -26,6 +26,7 @@ document mode it skips rows the same way (parsing, not tokenizing); ``gsae-corpu
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 from collections.abc import Callable, Iterator
@@ -207,17 +208,25 @@ class TextSource:
                     start=docs if m == shard else 0,
                 )
             )
-        first = s + S * -(-max(self.held_out - s, 0) // S)  # first j >= held_out with j ≡ s (mod S)
-        return ((0, k, v) for k, v in enumerate(column_values(self.ds, self.column, start=first + docs * S, step=S), start=docs))
+        values = column_values(self.ds, self.column, start=self.first_document(s) + docs * S, step=S)
+        return ((0, k, v) for k, v in enumerate(values, start=docs))
 
-    def stream_documents(self, s: int, epoch: int = 0, shard: int = 0, docs: int = 0) -> Iterator[tuple[int, int, int, list[int]]]:
+    def first_document(self, s: int) -> int:
+        """Document mode: the first training document of stream ``s`` (the first ``j >= held_out``, ``j ≡ s mod S``)."""
+        return s + self.n_streams * -(-max(self.held_out - s, 0) // self.n_streams)
+
+    def stream_documents(
+        self, s: int, epoch: int = 0, shard: int = 0, docs: int = 0, reads: SharedReads | None = None
+    ) -> Iterator[tuple[int, int, int, list[int]]]:
         """``(epoch, shard, index in shard, tokens)`` of stream ``s``'s documents from ``(epoch, shard, docs)`` on.
 
-        Endless: after the stream's last document it starts again with ``epoch + 1``.
+        Endless: after the stream's last document it starts again with ``epoch + 1``. ``reads``: the
+        :class:`SharedReads` of a set of document-mode streams this one belongs to (one pass for all of them).
         """
         while True:
             n = 0
-            for (m, i, _), toks in _tokenized(self._epoch_values(s, shard, docs), self.pretokenized, self.encode):
+            raw = reads.epoch_values(s, epoch, docs) if reads is not None else self._epoch_values(s, shard, docs)
+            for (m, i, _), toks in _tokenized(raw, self.pretokenized, self.encode):
                 n += 1
                 yield epoch, m, i, toks
             if n == 0 and shard == docs == 0:
@@ -258,3 +267,55 @@ class TextSource:
             ds = self.ds.shard(num_shards=self.ds.num_shards, index=0) if self.mode == "shards" else self.ds
             values = column_values(ds, self.column, limit=self.held_out)
         return tokens_of(values, self.pretokenized, self.encode)
+
+
+class SharedReads:
+    """One pass over a document-mode source that feeds several of its streams (one DataLoader worker's).
+
+    Without it every stream parses the whole source to keep its 1/S of the documents; with it the worker
+    parses the source once and hands each document to its stream's queue. The documents each stream gets,
+    and their order, are the same (:meth:`epoch_values` = ``TextSource._epoch_values`` for that stream).
+
+    Args:
+        source: a :class:`TextSource` in document mode.
+        starts: ``stream -> (epoch, docs)``, where each stream continues (``(0, 0)``: its start).
+    """
+
+    def __init__(self, source: TextSource, starts: dict[int, tuple[int, int]]) -> None:
+        if source.mode != "documents":
+            raise ValueError("SharedReads needs a source cut by documents")
+        self.src = source
+        self.queues: dict[int, collections.deque] = {s: collections.deque() for s in starts}
+        # (epoch, global row) of the next document each stream needs; reading starts at the earliest
+        self.want = {s: (e, source.first_document(s) + d * source.n_streams) for s, (e, d) in starts.items()}
+        self.epoch, self.row = min(self.want.values())
+        self.rows: Iterator | None = None
+
+    def _advance(self) -> None:
+        """Read one batch of rows and route them; at the end of the source mark every stream's epoch as ended."""
+        src, S = self.src, self.src.n_streams
+        if self.rows is None:
+            self.rows = column_values(src.ds, src.column, start=self.row)
+        block = list(itertools.islice(self.rows, _READ_ROWS))
+        for v in block:
+            j, self.row = self.row, self.row + 1
+            q = self.queues.get(j % S)
+            if q is not None and j >= src.held_out and (self.epoch, j) >= self.want[j % S]:
+                q.append((self.epoch, (j - src.first_document(j % S)) // S, v))
+        if len(block) < _READ_ROWS:  # the source ended: every stream's epoch ends here
+            for q in self.queues.values():
+                q.append((self.epoch, None, None))
+            self.epoch, self.row, self.rows = self.epoch + 1, 0, None
+
+    def epoch_values(self, s: int, epoch: int, docs: int) -> Iterator[tuple[int, int, object]]:
+        """``(0, index in epoch, raw document)`` of stream ``s``'s epoch ``epoch`` from document ``docs`` on."""
+        q = self.queues[s]
+        while True:
+            while not q:
+                self._advance()
+            e, k, v = q.popleft()
+            if e < epoch or (k is not None and k < docs and e == epoch):
+                continue
+            if k is None:
+                return
+            yield 0, k, v

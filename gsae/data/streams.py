@@ -113,7 +113,8 @@ class StreamBatches(IterableDataset):
     """One rank's training batches from the text streams it owns (module docstring), endless.
 
     Args:
-        open_stream: ``(stream, state | None) -> StreamPacker``.
+        open_streams: ``{stream: state | None} -> {stream: StreamPacker}`` (all the streams one worker reads,
+            opened together so that they can share one pass over the source).
         n_streams: the number of logical streams S.
         batch_size: contexts per batch (per rank).
         rank, world_size: this process's place in the DDP group.
@@ -123,7 +124,7 @@ class StreamBatches(IterableDataset):
 
     def __init__(
         self,
-        open_stream: Callable[[int, StreamState | None], StreamPacker],
+        open_streams: Callable[[dict[int, StreamState | None]], dict[int, StreamPacker]],
         n_streams: int,
         batch_size: int,
         rank: int = 0,
@@ -133,7 +134,7 @@ class StreamBatches(IterableDataset):
     ) -> None:
         super().__init__()
         check_assignment(n_streams, world_size, 1)
-        self.open_stream, self.n_streams, self.batch_size = open_stream, n_streams, batch_size
+        self.open_streams, self.n_streams, self.batch_size = open_streams, n_streams, batch_size
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
         self.states = dict(states or {})
 
@@ -142,13 +143,11 @@ class StreamBatches(IterableDataset):
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
         check_assignment(self.n_streams, self.world_size, n_workers)
         per_rank = self.n_streams // self.world_size
-        packers: dict[int, StreamPacker] = {}
+        mine = [self.rank + self.world_size * i for i in range(per_rank) if (i - self.start_batch - worker) % n_workers == 0]
+        packers = self.open_streams({s: self.states.get(s) for s in mine})
         b = self.start_batch + worker
         while True:
-            s = self.rank + self.world_size * (b % per_rank)
-            if s not in packers:
-                packers[s] = self.open_stream(s, self.states.get(s))
-            packer = packers[s]
+            packer = packers[self.rank + self.world_size * (b % per_rank)]
             tokens = packer.next_batch(self.batch_size)  # (B, T)
             yield TokenBatch(tokens, b, packer.state())
             b += n_workers

@@ -87,6 +87,28 @@ def test_stream_state_resumes_without_retokenizing(local) -> None:
         assert not set(encoded) & set(mine[: state.docs]) or state.epoch > 0
 
 
+def test_streams_opened_together_share_one_pass_and_read_the_same(local, monkeypatch) -> None:
+    import gsae.data.sources as sources
+
+    passes = []
+    real = sources.column_values
+    monkeypatch.setattr(sources, "column_values", lambda *a, **kw: passes.append(kw.get("start")) or real(*a, **kw))
+    # fresh streams, and streams resumed mid-epoch and in a later epoch
+    states = {0: None, 1: None, 2: None, 3: None}
+    for s in (1, 3):
+        packer = local.open_stream(s)
+        _contexts(packer, 7 if s == 1 else 60)
+        states[s] = packer.state()
+    assert states[3].epoch >= 1 and states[1].epoch == 0
+    passes.clear()
+    together = local.open_streams(states)
+    got = {s: _contexts(p, 30) for s, p in together.items()}
+    n_shared = len(passes)
+    for s, st in states.items():
+        assert got[s] == _contexts(local.open_stream(s, st), 30), s
+    assert n_shared <= 4 < len(passes)  # a few passes over the file for all four streams, not one per stream and epoch
+
+
 @pytest.mark.parametrize("workers", [2, 4])
 def test_workers_give_the_same_batches(local, workers: int) -> None:
     single = list(itertools.islice(iter(local.train_dataloader()), 12))
@@ -101,9 +123,9 @@ def test_workers_give_the_same_batches(local, workers: int) -> None:
 
 
 def test_ranks_read_disjoint_streams_whose_union_is_one_rank(local) -> None:
-    one = list(itertools.islice(StreamBatches(local.open_stream, S, 2), 16))
+    one = list(itertools.islice(StreamBatches(local.open_streams, S, 2), 16))
     ranks = [
-        list(itertools.islice(iter(DataLoader(StreamBatches(local.open_stream, S, 1, r, 2), batch_size=None, num_workers=2)), 16))
+        list(itertools.islice(iter(DataLoader(StreamBatches(local.open_streams, S, 1, r, 2), batch_size=None, num_workers=2)), 16))
         for r in range(2)
     ]
     assert {int(b.state.stream) for b in ranks[0]} == {0, 2} and {int(b.state.stream) for b in ranks[1]} == {1, 3}
@@ -117,7 +139,7 @@ def test_assignment_errors_name_the_option(local) -> None:
     with pytest.raises(ValueError, match=r"--data\.num_workers \(3\)"):
         local.train_dataloader()
     with pytest.raises(ValueError, match=r"--data\.n_streams \(4\).*\(3"):
-        StreamBatches(local.open_stream, S, 2, 0, 3)
+        StreamBatches(local.open_streams, S, 2, 0, 3)
 
 
 def test_datamodule_state_round_trip(local, tiny_lm) -> None:
@@ -244,10 +266,10 @@ def test_a_source_without_a_context_fails_instead_of_looping(tmp_path, tiny_lm) 
 
 def test_resume_on_another_number_of_ranks_continues_every_stream(local) -> None:
     """The checkpoint holds each stream's position, so 1 rank's run may continue on 2 ranks: nothing replayed or skipped."""
-    consumed = list(itertools.islice(StreamBatches(local.open_stream, S, 2), 6))  # streams 0, 1 twice; 2, 3 once
+    consumed = list(itertools.islice(StreamBatches(local.open_streams, S, 2), 6))  # streams 0, 1 twice; 2, 3 once
     states = {b.state.stream: b.state for b in consumed}
     for r in range(2):
-        cont = list(itertools.islice(StreamBatches(local.open_stream, S, 2, r, 2, start_batch=6, states=states), 4))
+        cont = list(itertools.islice(StreamBatches(local.open_streams, S, 2, r, 2, start_batch=6, states=states), 4))
         for j, b in enumerate(cont):
             s = int(b.state.stream)
             assert s % 2 == r
