@@ -4,7 +4,8 @@ A text source (HF ``datasets``, local files, ``gsae-corpus``) is cut into ``n_st
 streams of documents. The cut depends on the source and S only, never on the number of ranks or
 DataLoader workers, which is what makes the data the same whatever ``num_workers`` is:
 
-* **shards** (the source has at least S shards: a hub dataset of many parquet files, a folder of files):
+* **shards** (the source has at least S shards: a hub dataset of many parquet files, a folder of files, or a
+  parquet file of at least S row groups — ``datasets``' ``reshard``):
   stream ``s`` reads shards ``s, s+S, s+2S, ...`` and nothing else;
 * **documents** (fewer shards, e.g. one local file): stream ``s`` keeps documents ``j ≡ s (mod S)``. Every
   stream parses the whole source (pyarrow batches, ~150× cheaper than tokenizing) but tokenizes only its own
@@ -71,6 +72,8 @@ def open_dataset(path: str, name: str | None, split: str, streaming: bool, n_sha
         raise DataSourceError(f"--data.dataset: could not open {path!r} (split {split!r}): {msg}") from None
     if not streaming:  # a memory-mapped Dataset: contiguous shards with O(1) access
         ds = ds.to_iterable_dataset(num_shards=max(1, min(n_shards, len(ds))))
+    elif ds.num_shards < n_shards:
+        ds = ds.reshard()  # parquet: one shard per row group instead of per file (other formats: unchanged)
     return ds
 
 

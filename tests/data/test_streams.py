@@ -188,6 +188,20 @@ def test_a_source_with_enough_shards_gives_each_stream_its_files(tmp_path, tiny_
     assert val and val == head[: len(val)] and len(head) - len(val) < T
 
 
+def test_a_parquet_file_is_cut_by_row_groups(tmp_path, tiny_lm) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "corpus.parquet"
+    pq.write_table(pa.Table.from_pylist([{"text": d} for d in _documents()]), str(path), row_group_size=10)
+    dm = TokenDataModule(lm=tiny_lm, dataset=str(path), context_size=T, batch_size=2, n_streams=2, val_documents=5)
+    dm.validate()
+    assert dm.source().mode == "shards" and dm.source().ds.num_shards == 6
+    ids = [_stream_doc_ids(_contexts(dm.open_stream(s), 100)) for s in range(2)]
+    assert ids[0] == set(range(5, 10)) | set(range(20, 30)) | set(range(40, 50))  # row groups 0, 2, 4
+    assert ids[1] == set(range(10, 20)) | set(range(30, 40)) | set(range(50, 60))
+
+
 def test_gsae_corpus_streams_generate_their_documents(tiny_lm) -> None:
     from gsae.tinylm.corpus import document
 
