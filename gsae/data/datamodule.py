@@ -1,24 +1,42 @@
-"""The LightningDataModule: token batches for training and held-out validation; the stream position
-is its state, so ``--ckpt_path last`` resumes at the next unseen batch (no replay, no skip)."""
+"""The LightningDataModule: token batches for training and held-out validation. The stream position is
+its state (the batches consumed and, for text sources, every logical stream's position), so
+``--ckpt_path last`` resumes at the next unseen context of every stream (no replay, no skip) without
+re-tokenizing what was consumed."""
 
 from __future__ import annotations
 
+import functools
 import itertools
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from gsae.data.batch import TokenBatch
-from gsae.data.tokens import DataSourceError, TokenStream, hf_rows, pack, row_tokens, synthetic_context
+from gsae.data.batch import StreamState, TokenBatch
+from gsae.data.sources import SharedReads, TextSource
+from gsae.data.streams import StreamBatches, StreamPacker, check_assignment
+from gsae.data.tokens import DataSourceError, TokenStream, pack, synthetic_context
 from gsae.lm import LanguageModel
 
 SYNTHETIC = "synthetic"
 
 
 class TokenDataModule(pl.LightningDataModule):
-    """Streams packed token contexts from a HF dataset, local files, or an offline synthetic source."""
+    """Streams packed token contexts from a HF dataset, local files, ``gsae-corpus`` or an offline synthetic source.
+
+    How contexts map to ranks and workers: ``synthetic`` is index-addressable, so global context ``i`` goes to
+    rank ``i mod W`` and 2 ranks × B/2 see exactly the contexts of 1 rank × B at every step. Text sources are
+    cut into ``n_streams`` logical streams (:mod:`gsae.data.sources`, :mod:`gsae.data.streams`): ranks own
+    disjoint streams, each stream is tokenized by one DataLoader worker, the batches are the same whatever
+    ``num_workers`` is, and the union over ranks is what one rank reads in as many contexts (no context
+    lost or repeated). Finite sources repeat epoch by epoch, per stream, deterministically, so training length
+    is set by ``--trainer.max_steps`` and ranks never run out at different times.
+    """
 
     def __init__(
         self,
@@ -27,7 +45,7 @@ class TokenDataModule(pl.LightningDataModule):
         dataset_config: str | None = None,
         split: str = "train",
         val_split: str | None = None,
-        val_every: int = 1000,
+        val_documents: int = 1000,
         text_column: str = "text",
         streaming: bool = True,
         context_size: int = 128,
@@ -36,6 +54,7 @@ class TokenDataModule(pl.LightningDataModule):
         val_batches: int = 4,
         prepend_bos: bool = True,
         separator: bool = True,
+        n_streams: int = 16,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -49,35 +68,39 @@ class TokenDataModule(pl.LightningDataModule):
                 of the shipped ``gsae-tiny`` model, offline), or ``synthetic`` (random tokens, offline).
             dataset_config: HF dataset configuration name, if it has several.
             split: split to train on.
-            val_split: split to validate on; if unset, every ``val_every``-th document of ``split`` is
+            val_split: split to validate on; if unset, the first ``val_documents`` documents of ``split`` are
                 held out for validation and never trained on.
-            val_every: hold out document ``j`` for validation iff ``j % val_every == 0`` (when ``val_split`` is unset).
+            val_documents: documents held out for validation when ``val_split`` is unset (the first ones of the
+                source, or of its first shard when it has ``n_streams`` shards or more; ``gsae-corpus`` holds out
+                its documents 0, 1000, 2000, ... instead). A validation pass reads only these.
             text_column: column holding the text (ignored when an ``input_ids`` column exists).
             streaming: stream the HF dataset instead of downloading it whole.
             context_size: tokens per context, BOS included (must be <= the model's ``n_ctx``).
             batch_size: contexts per training batch *per device*; tokens per optimizer step =
                 ``batch_size × context_size × devices × num_nodes``.
             val_batch_size: contexts per validation batch (default: ``batch_size``).
-            val_batches: number of validation batches (the validation set is fixed).
+            val_batches: number of validation batches per rank (the validation set is fixed, read once).
             prepend_bos: start every context with BOS (SAELens and the JB/Apollo SAEs do).
             separator: put BOS/EOS between concatenated text documents.
-            num_workers: DataLoader workers (each builds every n-th batch; order is unchanged).
+            n_streams: logical streams a text source is cut into (by shards if it has that many, else by
+                documents); must be a multiple of ``devices × num_nodes × max(num_workers, 1)``. Changing it
+                changes which contexts are trained on, nothing else does.
+            num_workers: DataLoader workers per rank; they read and tokenize text sources in parallel with
+                training (each owns whole streams; the batches do not depend on it).
             seed: seed of the ``synthetic`` and ``gsae-corpus`` sources (``gsae-corpus`` seed 0 is the text
                 gsae-tiny was trained on; other seeds give unseen text).
         """
         super().__init__()
-        if context_size < 2:
-            raise ValueError(f"--data.context_size must be >= 2 (got {context_size})")
-        if batch_size <= 0:
-            raise ValueError(f"--data.batch_size must be > 0 (got {batch_size})")
-        if val_every < 2:
-            raise ValueError(f"--data.val_every must be >= 2 (got {val_every})")
+        for name, value, low in (("context_size", context_size, 2), ("batch_size", batch_size, 1), ("val_batches", val_batches, 0),
+                                 ("n_streams", n_streams, 1), ("num_workers", num_workers, 0), ("val_documents", val_documents, 0)):
+            if value < low:
+                raise ValueError(f"--data.{name} must be >= {low} (got {value})")
         self.lm = lm
         self.dataset = dataset
         self.dataset_config = dataset_config
         self.split = split
         self.val_split = val_split
-        self.val_every = val_every
+        self.val_documents = val_documents
         self.text_column = text_column
         self.streaming = streaming
         self.context_size = context_size
@@ -86,9 +109,13 @@ class TokenDataModule(pl.LightningDataModule):
         self.val_batches = val_batches
         self.prepend_bos = prepend_bos
         self.separator = separator
+        self.n_streams = n_streams
         self.num_workers = num_workers
         self.seed = seed
         self.consumed_batches = 0  # training batches handed to training_step on this rank
+        self.stream_states: dict[int, StreamState] = {}  # text sources: each consumed stream's position
+        self._source: TextSource | None = None
+        self._val_cache: tuple[tuple[int, int], list[TokenBatch]] | None = None
 
     # ------------------------------------------------------------------ sources
     def validate(self) -> None:
@@ -100,20 +127,24 @@ class TokenDataModule(pl.LightningDataModule):
                 f"--data.context_size ({self.context_size}) exceeds the model's n_ctx ({self.lm.n_ctx}) for {self.lm.name!r}"
             )
         if self.dataset != SYNTHETIC:
-            next(self._documents("train"), None)  # opens the source: missing path / column / hub errors now
+            self.source()  # opens the source: missing path / column / hub errors, empty files now
 
-    def _documents(self, which: str) -> Iterator[list[int]]:
-        """Token lists of the training or validation documents."""
-        split = self.val_split if which == "val" and self.val_split else self.split
-        rows = hf_rows(self.dataset, self.dataset_config, split, self.streaming, seed=self.seed)
-        docs = row_tokens(rows, self.text_column, self.lm.encode_text)
-        if self.val_split is None:
-            keep = (lambda j: j % self.val_every == 0) if which == "val" else (lambda j: j % self.val_every != 0)
-            docs = (d for j, d in enumerate(docs) if keep(j))
-        return docs
+    def source(self) -> TextSource:
+        """The text source, opened once (not for ``synthetic``)."""
+        if self._source is None:
+            self._source = TextSource(
+                self.dataset, self.dataset_config, self.split, self.val_split, self.streaming, self.text_column,
+                self.lm.encode_text, self.n_streams, self.val_documents, self.seed,
+            )
+        return self._source
+
+    def _separator(self) -> int | None:
+        return None if (self.source().pretokenized or not self.separator) else self.lm.eos_token_id
 
     def contexts(self, which: str, start: int = 0) -> Iterator[list[int]]:
-        """Packed contexts of ``which`` (``train`` or ``val``) from global index ``start`` on."""
+        """Packed contexts of ``which`` from index ``start`` on: ``val`` the held-out set (what validation and
+        evaluations read), ``train`` the training documents packed in source order as one sequence (training
+        batches of text sources come from the ``n_streams`` streams instead)."""
         bos = self.lm.bos_token_id
         if self.dataset == SYNTHETIC:
             # disjoint index ranges, so val never equals train; below 2**32 because torch's CPU generator
@@ -123,16 +154,30 @@ class TokenDataModule(pl.LightningDataModule):
                 synthetic_context(offset + i, self.context_size, self.lm.d_vocab, self.seed, bos, self.prepend_bos)
                 for i in itertools.count(start)
             )
-        docs = self._documents(which)
-        pretokenized = self._is_pretokenized()
-        sep = None if (pretokenized or not self.separator) else self.lm.eos_token_id
-        return itertools.islice(pack(docs, self.context_size, bos, self.prepend_bos, sep), start, None)
+        src = self.source()
+        docs = src.val_documents() if which == "val" else src.train_documents()
+        return itertools.islice(pack(docs, self.context_size, bos, self.prepend_bos, self._separator()), start, None)
 
-    def _is_pretokenized(self) -> bool:
-        if not hasattr(self, "_pretok"):
-            first = next(hf_rows(self.dataset, self.dataset_config, self.split, self.streaming, seed=self.seed), None)
-            self._pretok = first is not None and "input_ids" in first
-        return self._pretok
+    def open_stream(self, stream: int, state: StreamState | None = None) -> StreamPacker:
+        """Stream ``stream`` of the text source, packed, from ``state`` (or its start)."""
+        src = self.source()
+        return StreamPacker(
+            stream, src.stream_documents, self.context_size, self.lm.bos_token_id, self.prepend_bos,
+            self._separator(), state, self.dataset,
+        )
+
+    def open_streams(self, states: dict[int, StreamState | None]) -> dict[int, StreamPacker]:
+        """Several streams opened together; in document mode they share one pass over the source (:class:`SharedReads`)."""
+        src = self.source()
+        if src.mode != "documents" or len(states) < 2:
+            return {s: self.open_stream(s, st) for s, st in states.items()}
+        reads = SharedReads(src, {s: (0, 0) if st is None else (int(st.epoch), int(st.docs)) for s, st in states.items()})
+        documents = functools.partial(src.stream_documents, reads=reads)
+        return {
+            s: StreamPacker(s, documents, self.context_size, self.lm.bos_token_id, self.prepend_bos, self._separator(), st,
+                            self.dataset)
+            for s, st in states.items()
+        }
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
@@ -144,34 +189,88 @@ class TokenDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        stream = TokenStream(
-            lambda start: self.contexts("train", start), self.batch_size, rank, world, start_batch=self.consumed_batches
-        )
+        if self.dataset == SYNTHETIC:
+            stream = TokenStream(
+                lambda start: self.contexts("train", start), self.batch_size, rank, world, start_batch=self.consumed_batches
+            )
+        else:
+            check_assignment(self.n_streams, world, self.num_workers)
+            self.source()
+            if self.num_workers:  # the parent tokenized while validating; forked workers would warn and serialise
+                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            mine = {s: st for s, st in self.stream_states.items() if s % world == rank}
+            for s in range(rank, self.n_streams, world):  # a source without a context fails here, in one line
+                self.open_stream(s, mine.get(s)).next_context()
+            stream = StreamBatches(self.open_streams, self.n_streams, self.batch_size, rank, world, self.consumed_batches, mine)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
 
+    def val_batches_of(self, rank: int = 0, world: int = 1) -> list[TokenBatch]:
+        """This rank's validation batches: block ``b`` of ``val_batch_size × world`` held-out contexts, rows ``≡ rank``.
+
+        Read once and kept. Warns, with the numbers, when the held-out set is smaller than asked for.
+        """
+        if self._val_cache is not None and self._val_cache[0] == (rank, world):
+            return self._val_cache[1]
+        per_batch = self.val_batch_size * world
+        wanted = self.val_batches * per_batch
+        ctx = list(itertools.islice(self.contexts("val"), wanted))
+        n = len(ctx) // per_batch
+        if n < self.val_batches:
+            where = f"--data.val_split {self.val_split!r}" if self.val_split else f"--data.val_documents {self.val_documents}"
+            rank_zero_warn(
+                f"validation: the held-out set of {self.dataset!r} ({where}) gives {len(ctx)} contexts, fewer than the "
+                f"{wanted} asked (--data.val_batches {self.val_batches} × --data.val_batch_size {self.val_batch_size} × "
+                f"{world} ranks); validating on {n} batches per rank"
+            )
+        batches = [TokenBatch(torch.tensor(ctx[b * per_batch : (b + 1) * per_batch][rank::world], dtype=torch.long), b)
+                   for b in range(n)]
+        self._val_cache = ((rank, world), batches)
+        return batches
+
     def val_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        stream = TokenStream(
-            lambda start: self.contexts("val", start), self.val_batch_size, rank, world, max_batches=self.val_batches
-        )
-        return DataLoader(stream, batch_size=None, num_workers=0)
+        return DataLoader(self.val_batches_of(*self._rank_world()), batch_size=None, num_workers=0)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
         if isinstance(batch, TokenBatch) and trainer is not None and trainer.training:
             self.consumed_batches = int(batch.index) + 1
+            if batch.state is not None:
+                state = batch.state
+                self.stream_states[int(state.stream)] = state
+                batch = batch._replace(state=None)  # the carry-over stays on the CPU
         return batch
 
+    def _all_stream_states(self) -> dict[int, StreamState]:
+        """Every rank's stream states (ranks own disjoint streams; only rank 0 writes the checkpoint)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return dict(self.stream_states)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = {s: tuple(st) for s, st in self.stream_states.items() if s % world == rank}  # not stale loaded copies
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, mine)
+        return {s: StreamState(*st) for part in gathered for s, st in part.items()}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed_batches": self.consumed_batches, "dataset": self.dataset, "batch_size": self.batch_size}
+        streams = self._all_stream_states()
+        return {
+            "consumed_batches": self.consumed_batches, "dataset": self.dataset, "batch_size": self.batch_size,
+            "n_streams": self.n_streams,
+            "streams": [None if s not in streams else [streams[s].epoch, streams[s].shard, streams[s].docs, streams[s].rest.clone()]
+                        for s in range(self.n_streams)],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("batch_size", self.batch_size) != self.batch_size:
-            raise ValueError(
-                f"--data.batch_size ({self.batch_size}) differs from the checkpoint's ({state_dict['batch_size']}); "
-                "the stream position cannot be resumed exactly"
-            )
+        for key in ("batch_size", "n_streams"):
+            if state_dict.get(key, getattr(self, key)) != getattr(self, key):
+                raise ValueError(
+                    f"--data.{key} ({getattr(self, key)}) differs from the checkpoint's ({state_dict[key]}); "
+                    "the stream position cannot be resumed exactly"
+                )
         self.consumed_batches = int(state_dict["consumed_batches"])
+        self.stream_states = {
+            s: StreamState(s, int(st[0]), int(st[1]), int(st[2]), st[3])
+            for s, st in enumerate(state_dict.get("streams") or []) if st is not None
+        }
 
 
 __all__ = ["DataSourceError", "TokenDataModule"]

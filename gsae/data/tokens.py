@@ -1,23 +1,22 @@
-"""Token sources -> fixed-length contexts -> per-rank, per-worker batches.
+"""Token-level building blocks: local files, packing, the synthetic source and its index-addressable stream.
 
-A source yields *documents* (lists of token ids): HF ``datasets`` (streaming by default; a ``text``
-column tokenized with the model's tokenizer, or a pretokenized ``input_ids`` column), local files
-(txt / jsonl / parquet through ``datasets``' ``data_files``), or ``synthetic`` (offline random
-tokens with some structure, for the quickstart and tests).
+Sources: HF ``datasets`` (streaming by default; a ``text`` column tokenized with the model's tokenizer, or a
+pretokenized ``input_ids`` column), local files (txt / jsonl / parquet through ``datasets``' ``data_files``),
+``gsae-corpus`` (generated) — the text sources of :mod:`gsae.data.sources`, batched by
+:mod:`gsae.data.streams` — or ``synthetic`` (offline random tokens with some structure, for the quickstart
+and tests), batched here by :class:`TokenStream`.
 
 Packing (SAELens ``concat_and_batch_sequences`` with BOS handling as in SPEC §5): documents are
 concatenated with a separator token (BOS=EOS for GPT-2) between them and cut into chunks of
 ``context_size − 1`` tokens, each prefixed with BOS (``prepend_bos``). Pretokenized rows are
 treated as pieces of one continuous stream (they already carry their separators).
 
-Held-out validation: document ``j`` belongs to validation iff ``j % val_every == 0`` (or a separate
-split is named), so validation tokens never appear in training.
-
-Sharding: the packed contexts of the training stream are numbered 0, 1, 2, ...; rank ``r`` of ``W``
+Sharding of ``synthetic`` (index-addressable): the contexts are numbered 0, 1, 2, ...; rank ``r`` of ``W``
 takes contexts ``i ≡ r (mod W)``, in order, and groups them into batches of ``batch_size``. So the
 global batch ``s`` is the same set of contexts whatever ``W`` is (2 ranks × B/2 = 1 rank × B), which is
 what makes DDP training equal to single-process training. DataLoader worker ``w`` of ``n`` builds the
-batches ``b ≡ w (mod n)``; the DataLoader interleaves workers round-robin, so the order is unchanged.
+batches ``b ≡ w (mod n)`` (each jumps to its contexts in O(1)); the DataLoader interleaves workers
+round-robin, so the order is unchanged.
 """
 
 from __future__ import annotations
@@ -64,54 +63,6 @@ def local_data_files(path: str) -> tuple[str, list[str]] | None:
 
 #: ``--data.dataset gsae-corpus``: the procedural corpus gsae-tiny was trained on, generated in-process (offline, endless).
 GSAE_CORPUS = "gsae-corpus"
-
-
-def hf_rows(path: str, name: str | None, split: str, streaming: bool, seed: int = 0) -> Iterator[dict]:
-    """Rows of a local-files or hub dataset (streaming by default), or of the gsae corpus (``seed`` picks its stream)."""
-    if path == GSAE_CORPUS:
-        from gsae.tinylm.corpus import rows
-
-        return rows(seed)
-    import datasets
-
-    local = local_data_files(path)
-    try:
-        if local is not None:
-            builder, files = local
-            return iter(datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming))
-        if os.environ.get("HF_DATASETS_OFFLINE") != "1" and os.environ.get("HF_HUB_OFFLINE") != "1":
-            from gsae.lm import _hub_reachable
-
-            if not _hub_reachable():
-                raise DataSourceError(
-                    f"--data.dataset: {path!r} is not a local path and the Hugging Face hub is unreachable "
-                    "(offline, use `--data.dataset synthetic` or the quickstart: configs/quickstart/topk.yaml)"
-                )
-        return iter(datasets.load_dataset(path, name, split=split, streaming=streaming))
-    except DataSourceError:
-        raise
-    except (FileNotFoundError, ValueError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataSourceError(f"--data.dataset: could not open {path!r} (split {split!r}): {msg}") from None
-
-
-def row_tokens(rows: Iterator[dict], text_column: str, encode: Callable[[list[str]], list[list[int]]], chunk: int = 64) -> Iterator[list[int]]:
-    """Token lists from dataset rows: the ``input_ids`` column if present, else ``text_column`` tokenized."""
-    rows = iter(rows)
-    first = next(rows, None)
-    if first is None:
-        return
-    if "input_ids" in first:
-        for row in itertools.chain([first], rows):
-            yield list(row["input_ids"])
-        return
-    if text_column not in first:
-        raise DataSourceError(
-            f"--data.text_column: dataset has no {text_column!r} or 'input_ids' column (columns: {sorted(first)})"
-        )
-    it = itertools.chain([first], rows)
-    while batch := [r[text_column] for r in itertools.islice(it, chunk)]:
-        yield from encode(batch)
 
 
 def pack(docs: Iterator[list[int]], context_size: int, bos: int, prepend_bos: bool, separator: int | None) -> Iterator[list[int]]:

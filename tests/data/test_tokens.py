@@ -161,33 +161,29 @@ def _doc_ids(contexts: list[list[int]]) -> set[int]:
 
 
 @pytest.mark.parametrize("fmt", ["txt", "jsonl", "parquet"])
-def test_local_text_files_hold_out_every_nth_document(tmp_path, tiny_lm, fmt: str) -> None:
+def test_local_text_files_hold_out_the_first_documents(tmp_path, tiny_lm, fmt: str) -> None:
     path = _write(tmp_path, fmt, [{"text": d} for d in _documents()])
-    dm = TokenDataModule(lm=tiny_lm, dataset=path, context_size=24, batch_size=2, val_every=3)
+    dm = TokenDataModule(lm=tiny_lm, dataset=path, context_size=24, batch_size=2, val_documents=12)
     dm.validate()
     train, val = list(dm.contexts("train")), list(dm.contexts("val"))
     assert all(len(c) == 24 and c[0] == BYTE_BOS for c in train + val)
     train_ids, val_ids = _doc_ids(train), _doc_ids(val)
     assert train_ids and val_ids
-    assert all(j % 3 != 0 for j in train_ids)
-    assert all(j % 3 == 0 for j in val_ids)
+    assert all(j >= 12 for j in train_ids)
+    assert all(j < 12 for j in val_ids)
     assert not {tuple(c) for c in train} & {tuple(c) for c in val}
     # the whole training text, in order, separated by BOS/EOS (tail cut by packing)
     expected: list[int] = []
-    for j, d in enumerate(_documents()):
-        if j % 3:
-            expected += ([BYTE_BOS] if expected else []) + list(d.encode())
+    for d in _documents()[12:]:
+        expected += ([BYTE_BOS] if expected else []) + list(d.encode())
     assert [t for c in train for t in c[1:]] == expected[: 23 * len(train)]
+    # and the held-out text is exactly the first 12 documents
+    expected_val: list[int] = []
+    for d in _documents()[:12]:
+        expected_val += ([BYTE_BOS] if expected_val else []) + list(d.encode())
+    assert [t for c in val for t in c[1:]] == expected_val[: 23 * len(val)]
     # resuming a re-packed source skips exactly
     assert list(dm.contexts("train", start=3)) == train[3:]
-
-
-def test_local_stream_ends_with_the_source(tmp_path, tiny_lm) -> None:
-    path = _write(tmp_path, "jsonl", [{"text": d} for d in _documents()])
-    dm = TokenDataModule(lm=tiny_lm, dataset=path, context_size=24, batch_size=4, val_every=3)
-    n_train = len(list(dm.contexts("train")))
-    batches = list(dm.train_dataloader())
-    assert len(batches) == n_train // 4 and batches[-1].index == n_train // 4 - 1
 
 
 def test_pretokenized_input_ids(tmp_path, tiny_lm) -> None:
@@ -195,20 +191,20 @@ def test_pretokenized_input_ids(tmp_path, tiny_lm) -> None:
     rows = [{"input_ids": torch.randint(0, 256, (int(n),), generator=gen).tolist()}
             for n in torch.randint(5, 40, (30,), generator=gen)]
     path = _write(tmp_path, "jsonl", rows)
-    dm = TokenDataModule(lm=tiny_lm, dataset=path, context_size=16, batch_size=2, val_every=5)
+    dm = TokenDataModule(lm=tiny_lm, dataset=path, context_size=16, batch_size=2, val_documents=6)
     dm.validate()
     train, val = list(dm.contexts("train")), list(dm.contexts("val"))
     # used as is: no tokenizer, no separators between rows, BOS prepended to each context
-    stream = [t for j, r in enumerate(rows) if j % 5 for t in r["input_ids"]]
+    stream = [t for r in rows[6:] for t in r["input_ids"]]
     assert [t for c in train for t in c[1:]] == stream[: 15 * len(train)]
     assert all(c[0] == BYTE_BOS for c in train)
-    val_stream = [t for j, r in enumerate(rows) if j % 5 == 0 for t in r["input_ids"]]
+    val_stream = [t for r in rows[:6] for t in r["input_ids"]]
     assert [t for c in val for t in c[1:]] == val_stream[: 15 * len(val)]
 
 
 def test_text_column_option(tmp_path, tiny_lm) -> None:
     path = _write(tmp_path, "jsonl", [{"body": d, "other": 1} for d in _documents()])
-    dm = TokenDataModule(lm=tiny_lm, dataset=path, text_column="body", context_size=24, val_every=3)
+    dm = TokenDataModule(lm=tiny_lm, dataset=path, text_column="body", context_size=24, val_documents=3)
     dm.validate()
     assert _doc_ids(list(dm.contexts("train")))
 
@@ -251,7 +247,8 @@ def test_context_size_larger_than_n_ctx(tiny_lm) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "option"),
     [(dict(context_size=1), "--data.context_size"), (dict(batch_size=0), "--data.batch_size"),
-     (dict(val_every=1), "--data.val_every")],
+     (dict(val_documents=-1), "--data.val_documents"), (dict(n_streams=0), "--data.n_streams"),
+     (dict(num_workers=-1), "--data.num_workers")],
 )
 def test_invalid_options(kwargs: dict, option: str) -> None:
     with pytest.raises(ValueError, match=option.replace(".", r"\.")):

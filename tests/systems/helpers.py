@@ -14,8 +14,8 @@ from gsae.systems import E2ESAESystem, LocalSAESystem
 HOOK = "blocks.1.hook_resid_pre"
 
 
-def build_system(objective: str = "topk", buffer_size: int = 0, **kw) -> pl.LightningModule:
-    lm = LanguageModel("random-tiny", seed=0)
+def build_system(objective: str = "topk", buffer_size: int = 0, lm_name: str = "random-tiny", **kw) -> pl.LightningModule:
+    lm = LanguageModel(lm_name, seed=0)
     common = dict(hook=HOOK, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2), lr_warmup_steps=2, dead_tokens=200, **kw)
     if objective == "topk":
         return LocalSAESystem(lm, lambda d: TopKSAE(d, 64, 4, k_aux=8), buffer_size=buffer_size, **common)

@@ -1,0 +1,33 @@
+"""Bad data sources and data options through the real CLI: exit code 1 and one ``error:`` line, never a hang."""
+
+from __future__ import annotations
+
+from tests.test_errors import run_cli  # noqa: F401  (the fixture)
+
+
+def test_empty_file_is_one_error_line(run_cli, tmp_path) -> None:  # noqa: F811
+    for name, content in [("empty.jsonl", ""), ("blank.txt", "\n\n\n")]:
+        path = tmp_path / name
+        path.write_text(content)
+        code, line = run_cli("--data.dataset", str(path), "--data.val_documents", "0")
+        assert code == 1
+        assert "--data.dataset" in line and str(path) in line
+
+
+def test_source_without_a_training_context_is_one_error_line(run_cli, tmp_path) -> None:  # noqa: F811
+    path = tmp_path / "short.txt"
+    path.write_text("hi\n" * 40)
+    code, line = run_cli("--data.dataset", str(path), "--data.val_documents", "0")  # 2-token lines, 64-token contexts
+    assert code == 1
+    assert "--data.dataset" in line and "no complete 64-token context" in line
+    code, line = run_cli("--data.dataset", str(path))  # every document held out for validation
+    assert code == 1
+    assert "--data.dataset" in line and "no training document" in line
+
+
+def test_workers_that_do_not_divide_the_streams(run_cli, tmp_path) -> None:  # noqa: F811
+    path = tmp_path / "docs.txt"
+    path.write_text("some words of text here\n" * 50)
+    code, line = run_cli("--data.dataset", str(path), "--data.num_workers", "3", "--data.val_documents", "2")
+    assert code == 1
+    assert "--data.num_workers (3)" in line and "--data.n_streams" in line

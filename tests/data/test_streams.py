@@ -1,0 +1,291 @@
+"""Text sources as logical streams: per-stream packing against a naive reference, workers, ranks, resume,
+held-out documents, shards, epochs, and the errors a bad source gives (one line, never an endless loop)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from gsae.data import DataSourceError, TokenDataModule
+from gsae.data.sources import _corpus_train_index
+from gsae.data.streams import StreamBatches
+from gsae.data.tokens import pack
+from gsae.lm import BYTE_BOS
+from tests.data.test_tokens import _doc_ids, _documents, _write
+
+S, V, T = 4, 8, 24
+
+
+@pytest.fixture
+def local(tmp_path, tiny_lm) -> TokenDataModule:
+    path = _write(tmp_path, "jsonl", [{"text": d} for d in _documents()])
+    dm = TokenDataModule(lm=tiny_lm, dataset=path, context_size=T, batch_size=2, n_streams=S, val_documents=V)
+    dm.validate()
+    return dm
+
+
+def _reference_stream(s: int, n: int, docs: list[str] | None = None) -> list[list[int]]:
+    """Stream ``s`` by hand: documents ``j >= V, j ≡ s (mod S)``, repeated epoch after epoch, packed by ``pack``."""
+    mine = [list(d.encode()) for j, d in enumerate(docs or _documents()) if j >= V and j % S == s]
+    return list(itertools.islice(pack(itertools.chain.from_iterable(itertools.repeat(mine)), T, BYTE_BOS, True, BYTE_BOS), n))
+
+
+def _stream_doc_ids(contexts: list[list[int]]) -> set[int]:
+    """Documents whose tag appears in consecutive contexts of one stream (bodies joined, so no tag is cut)."""
+    text = bytes(t for c in contexts for t in c[1:] if t != BYTE_BOS)
+    return {int(m) for m in re.findall(rb"<doc(\d{3})>", text)}
+
+
+def _contexts(packer, n: int) -> list[list[int]]:
+    return [packer.next_context() for _ in range(n)]
+
+
+def _rows(batches) -> list[tuple[int, ...]]:
+    return [tuple(r) for b in batches for r in b.tokens.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------- streams
+def test_each_stream_packs_its_own_documents_and_repeats(local) -> None:
+    assert local.source().mode == "documents"
+    epoch_lengths = []
+    for s in range(S):
+        got = _contexts(local.open_stream(s), 40)  # several passes over the stream's ~13 documents
+        assert got == _reference_stream(s, 40)
+        ids = _stream_doc_ids(got)
+        assert ids == {j for j in range(V, len(_documents())) if j % S == s}
+        epoch_lengths.append(sum(len(d) + 1 for j, d in enumerate(_documents()) if j >= V and j % S == s) // (T - 1))
+    packer = local.open_stream(0)
+    _contexts(packer, 40)
+    assert packer.state().epoch >= 2  # it wrapped around, deterministically
+    # one pass over every stream covers each training document once, and no context is repeated
+    first_pass = [c for s in range(S) for c in _contexts(local.open_stream(s), epoch_lengths[s] - 1)]
+    assert len({tuple(c) for c in first_pass}) == len(first_pass)
+    assert _doc_ids(first_pass) <= set(range(V, len(_documents())))
+
+
+def test_stream_state_resumes_without_retokenizing(local) -> None:
+    src = local.source()
+    encoded: list[str] = []
+    real_encode = src.encode
+    src.encode = lambda texts: encoded.extend(texts) or real_encode(texts)
+    for s, k in [(1, 0), (1, 5), (2, 17), (3, 29)]:
+        packer = local.open_stream(s)
+        _contexts(packer, k)
+        state = packer.state()
+        assert state.rest.numel() < T + max(len(d) for d in _documents()) + 1  # the carry-over is at most one document
+        expected = _contexts(packer, 12)
+        encoded.clear()
+        resumed = local.open_stream(s, state)
+        assert _contexts(resumed, 12) == expected == _reference_stream(s, k + 12)[k:]
+        # only documents from the state's position on are tokenized again
+        mine = [d for j, d in enumerate(_documents()) if j >= V and j % S == s]
+        assert not set(encoded) & set(mine[: state.docs]) or state.epoch > 0
+
+
+def test_streams_opened_together_share_one_pass_and_read_the_same(local, monkeypatch) -> None:
+    import gsae.data.sources as sources
+
+    passes = []
+    real = sources.column_values
+    monkeypatch.setattr(sources, "column_values", lambda *a, **kw: passes.append(kw.get("start")) or real(*a, **kw))
+    # fresh streams, and streams resumed mid-epoch and in a later epoch
+    states = {0: None, 1: None, 2: None, 3: None}
+    for s in (1, 3):
+        packer = local.open_stream(s)
+        _contexts(packer, 7 if s == 1 else 60)
+        states[s] = packer.state()
+    assert states[3].epoch >= 1 and states[1].epoch == 0
+    passes.clear()
+    together = local.open_streams(states)
+    got = {s: _contexts(p, 30) for s, p in together.items()}
+    n_shared = len(passes)
+    for s, st in states.items():
+        assert got[s] == _contexts(local.open_stream(s, st), 30), s
+    assert n_shared <= 4 < len(passes)  # a few passes over the file for all four streams, not one per stream and epoch
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_workers_give_the_same_batches(local, workers: int) -> None:
+    single = list(itertools.islice(iter(local.train_dataloader()), 12))
+    local.num_workers = workers
+    multi = list(itertools.islice(iter(local.train_dataloader()), 12))
+    assert [b.index for b in single] == list(range(12)) == [int(b.index) for b in multi]
+    assert [b.state.stream for b in single] == [b % S for b in range(12)] == [int(b.state.stream) for b in multi]
+    for a, b in zip(single, multi):
+        torch.testing.assert_close(a.tokens, b.tokens)
+    # batch b holds the next contexts of stream b mod S
+    assert [list(r) for r in single[5].tokens.tolist()] == _reference_stream(1, 4)[2:4]
+
+
+def test_ranks_read_disjoint_streams_whose_union_is_one_rank(local) -> None:
+    one = list(itertools.islice(StreamBatches(local.open_streams, S, 2), 16))
+    ranks = [
+        list(itertools.islice(iter(DataLoader(StreamBatches(local.open_streams, S, 1, r, 2), batch_size=None, num_workers=2)), 16))
+        for r in range(2)
+    ]
+    assert {int(b.state.stream) for b in ranks[0]} == {0, 2} and {int(b.state.stream) for b in ranks[1]} == {1, 3}
+    r0, r1 = _rows(ranks[0]), _rows(ranks[1])
+    assert not set(r0) & set(r1)
+    assert sorted(r0 + r1) == sorted(_rows(one))  # the same contexts, none lost or repeated
+
+
+def test_assignment_errors_name_the_option(local) -> None:
+    local.num_workers = 3
+    with pytest.raises(ValueError, match=r"--data\.num_workers \(3\)"):
+        local.train_dataloader()
+    with pytest.raises(ValueError, match=r"--data\.n_streams \(4\).*\(3"):
+        StreamBatches(local.open_streams, S, 2, 0, 3)
+
+
+def test_datamodule_state_round_trip(local, tiny_lm) -> None:
+    fresh = list(itertools.islice(iter(local.train_dataloader()), 11))
+    batches = fresh[:7]
+    for b in batches[:5]:  # consumed; the last two were only prefetched
+        local.consumed_batches = b.index + 1
+        local.stream_states[b.state.stream] = b.state
+    state = local.state_dict()
+    assert state["consumed_batches"] == 5 and len(state["streams"]) == S
+    dm = TokenDataModule(lm=tiny_lm, dataset=local.dataset, context_size=T, batch_size=2, n_streams=S, val_documents=V)
+    dm.load_state_dict(state)
+    dm.num_workers = 2
+    resumed = list(itertools.islice(iter(dm.train_dataloader()), 6))
+    assert [int(b.index) for b in resumed] == list(range(5, 11))
+    for a, b in zip(fresh[5:], resumed):
+        torch.testing.assert_close(a.tokens, b.tokens)
+    with pytest.raises(ValueError, match="--data.n_streams"):
+        TokenDataModule(lm=tiny_lm, dataset=local.dataset, batch_size=2, n_streams=8).load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------- shards, corpus
+def test_a_source_with_enough_shards_gives_each_stream_its_files(tmp_path, tiny_lm) -> None:
+    docs = _documents()
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for f in range(4):
+        (folder / f"part{f}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[15 * f : 15 * f + 15]))
+    dm = TokenDataModule(lm=tiny_lm, dataset=str(folder), context_size=T, batch_size=2, n_streams=2, val_documents=5)
+    dm.validate()
+    assert dm.source().mode == "shards"
+    ids = [_stream_doc_ids(_contexts(dm.open_stream(s), 100)) for s in range(2)]  # more than a pass
+    assert ids[0] == set(range(5, 15)) | set(range(30, 45))  # files 0 and 2, the held-out head of file 0 skipped
+    assert ids[1] == set(range(15, 30)) | set(range(45, 60))  # files 1 and 3
+    # a stream resumed in its second shard opens that shard directly: the finished one is not read again
+    packer = dm.open_stream(0)
+    while packer.state().shard == 0:
+        packer.next_context()
+    state, expected = packer.state(), _contexts(packer, 5)
+    assert state.epoch == 0 and state.shard == 1
+    (folder / "part0.jsonl").rename(folder / "gone")
+    assert _contexts(dm.open_stream(0, state), 5) == expected
+    (folder / "gone").rename(folder / "part0.jsonl")
+    val = [t for c in dm.contexts("val") for t in c[1:]]
+    head = [t for d in docs[:5] for t in [BYTE_BOS, *d.encode()]][1:]  # the first 5 documents of file 0, separated
+    assert val and val == head[: len(val)] and len(head) - len(val) < T
+
+
+def test_a_parquet_file_is_cut_by_row_groups(tmp_path, tiny_lm) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "corpus.parquet"
+    pq.write_table(pa.Table.from_pylist([{"text": d} for d in _documents()]), str(path), row_group_size=10)
+    dm = TokenDataModule(lm=tiny_lm, dataset=str(path), context_size=T, batch_size=2, n_streams=2, val_documents=5)
+    dm.validate()
+    assert dm.source().mode == "shards" and dm.source().ds.num_shards == 6
+    ids = [_stream_doc_ids(_contexts(dm.open_stream(s), 100)) for s in range(2)]
+    assert ids[0] == set(range(5, 10)) | set(range(20, 30)) | set(range(40, 50))  # row groups 0, 2, 4
+    assert ids[1] == set(range(10, 20)) | set(range(30, 40)) | set(range(50, 60))
+
+
+def test_gsae_corpus_streams_generate_their_documents(tiny_lm) -> None:
+    from gsae.tinylm.corpus import document
+
+    assert [_corpus_train_index(i) for i in (0, 998, 999, 1997, 1998)] == [1, 999, 1001, 1999, 2001]
+    assert all(_corpus_train_index(i) % 1000 for i in range(5000))
+    dm = TokenDataModule(lm=tiny_lm, dataset="gsae-corpus", context_size=T, n_streams=S)
+    docs = [list(document(0, _corpus_train_index(2 + k * S)).encode()) for k in range(3)]
+    assert _contexts(dm.open_stream(2), 5) == list(itertools.islice(pack(iter(docs), T, BYTE_BOS, True, BYTE_BOS), 5))
+    val = [list(document(0, 1000 * i).encode()) for i in range(2)]
+    assert list(itertools.islice(dm.contexts("val"), 3)) == list(itertools.islice(pack(iter(val), T, BYTE_BOS, True, BYTE_BOS), 3))
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def test_validation_reads_only_the_held_out_documents_once(local) -> None:
+    src = local.source()
+    encoded: list[str] = []
+    real_encode = src.encode
+    src.encode = lambda texts: encoded.extend(texts) or real_encode(texts)
+    local.val_batches = 1
+    first = local.val_batches_of()
+    assert len(first) == 1 and first[0].tokens.shape == (2, T)
+    assert set(encoded) <= set(_documents()[:V])
+    encoded.clear()
+    again = local.val_batches_of()
+    assert encoded == [] and again is first
+
+
+def test_small_validation_set_warns_with_the_numbers(local) -> None:
+    local.val_batch_size, local.val_batches = 4, 50
+    n_val = len(list(local.contexts("val")))
+    with pytest.warns(UserWarning, match=rf"gives {n_val} contexts, fewer than the 200 asked.*validating on {n_val // 4} batches"):
+        batches = local.val_batches_of()
+    assert len(batches) == n_val // 4 > 0
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg and "--data.dataset" in msg
+    return msg
+
+
+def test_empty_file_is_a_one_line_error(tmp_path, tiny_lm) -> None:
+    for name, content in [("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("empty.txt", "")]:
+        path = tmp_path / name
+        path.write_text(content)
+        dm = TokenDataModule(lm=tiny_lm, dataset=str(path), val_documents=0)
+        with pytest.raises(DataSourceError) as exc:
+            dm.validate()
+            dm.train_dataloader()
+        assert str(path) in _one_line(exc)
+
+
+def test_val_split_of_local_files_is_an_error(local, tiny_lm) -> None:
+    dm = TokenDataModule(lm=tiny_lm, dataset=local.dataset, val_split="validation")
+    with pytest.raises(DataSourceError, match="--data.val_split.*--data.val_documents"):
+        dm.validate()
+
+
+def test_a_source_without_a_context_fails_instead_of_looping(tmp_path, tiny_lm) -> None:
+    path = _write(tmp_path, "jsonl", [{"text": d} for d in _documents()])
+    # everything held out
+    dm = TokenDataModule(lm=tiny_lm, dataset=path, n_streams=2, val_documents=len(_documents()))
+    dm.validate()
+    with pytest.raises(DataSourceError, match="no training document") as exc:
+        dm.train_dataloader()
+    _one_line(exc)
+    # documents too short for one context in a whole pass (tested in the main process, before any worker starts)
+    short = _write(tmp_path, "txt", [{"text": "ab"}] * 5)
+    dm = TokenDataModule(lm=tiny_lm, dataset=short, context_size=64, n_streams=2, val_documents=0, num_workers=2)
+    dm.validate()
+    with pytest.raises(DataSourceError, match="no complete 64-token context") as exc:
+        dm.train_dataloader()
+    _one_line(exc)
+
+
+def test_resume_on_another_number_of_ranks_continues_every_stream(local) -> None:
+    """The checkpoint holds each stream's position, so 1 rank's run may continue on 2 ranks: nothing replayed or skipped."""
+    consumed = list(itertools.islice(StreamBatches(local.open_streams, S, 2), 6))  # streams 0, 1 twice; 2, 3 once
+    states = {b.state.stream: b.state for b in consumed}
+    for r in range(2):
+        cont = list(itertools.islice(StreamBatches(local.open_streams, S, 2, r, 2, start_batch=6, states=states), 4))
+        for j, b in enumerate(cont):
+            s = int(b.state.stream)
+            assert s % 2 == r
+            done = sum(1 for c in consumed + cont[:j] if c.state.stream == s)  # batches of stream s before this one
+            assert [list(x) for x in b.tokens.tolist()] == _reference_stream(s, 2 * done + 2)[2 * done :]
