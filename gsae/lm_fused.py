@@ -144,8 +144,9 @@ def attention(w: FusedGPT2, b: Block, x: Tensor) -> Tensor:
     """``blocks.L.hook_attn_out`` from ``blocks.L.hook_resid_pre``."""
     B, T, D = x.shape
     h = F.layer_norm(x, (D,), b.ln1_w, b.ln1_b, w.eps)
-    qkv = F.linear(h, b.W_qkv, b.b_qkv).view(B, T, 3, w.n_heads, w.d_head).permute(2, 0, 3, 1, 4)
-    z = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True, scale=1.0 / w.attn_scale)
+    # unbind (not three selects): its backward writes the three gradients into one tensor, no zero-filled copies
+    q, k, v = (t.transpose(1, 2) for t in F.linear(h, b.W_qkv, b.b_qkv).view(B, T, 3, w.n_heads, w.d_head).unbind(2))
+    z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / w.attn_scale)
     return F.linear(z.transpose(1, 2).reshape(B, T, w.n_heads * w.d_head), b.W_O, b.b_O)
 
 
