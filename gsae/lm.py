@@ -388,6 +388,8 @@ class LanguageModel:
         if fused is not None:
             w, start = fused
             if positions is not None and hook.endswith("hook_resid_mid"):  # as the patch-hook path below
+                if tokens is None:
+                    raise ValueError(f"run_from_hook: hook {hook!r} is inside a block; pass tokens")
                 x = torch.where(positions[..., None], x.to(w.W_E.dtype), self.activations(tokens, hook))
             resid, cache = self._run_fused(w, x.to(w.W_E.dtype), start, w.final_point, cache_hooks)
             return HiddenRun(lm_fused.final_hidden(w, resid), cache)
