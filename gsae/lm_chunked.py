@@ -8,7 +8,7 @@ the logits of one chunk of positions at a time: no ``(B·T, d_vocab)`` float32 t
   over the vocabulary: the caller backpropagates the returned ``∂/∂h`` from ``h`` to the hook);
 - ``KL_t(P_clean ‖ P_new) = Σ_v p_clean (log p_clean − log p_new)`` with
   ``∂ KL_t / ∂ logits_new = softmax(logits_new) − p_clean`` (:func:`kl_per_token`, an autograd function whose
-  backward recomputes the chunk's logits from the saved ``h``).
+  forward also takes the per-position gradient ``∂KL_t/∂h_t``, a ``D``-vector, so its backward is a product).
 
 Logits are computed in the autocast dtype when autocast is on (bf16 on GPU), else in ``W_U``'s dtype, and
 upcast to float32 for the softmax, as :func:`gsae.lm.next_token_loss` and :func:`gsae.metrics.kl_div_per_token`
@@ -78,30 +78,32 @@ def ce_sum_and_grad(
 
 
 class _ChunkedKL(torch.autograd.Function):
+    """KL per position; the forward also keeps ``∂KL_t/∂h_t`` ``(N, D)`` when ``h_new`` needs a gradient.
+
+    ``KL_t`` depends on ``h_new[t]`` only, so the per-position Jacobian (a ``D``-vector) is all the backward
+    needs for any upstream gradient: three vocabulary matmuls per chunk in all (clean logits, new logits, the
+    gradient), none recomputed in the backward.
+    """
+
     @staticmethod
     def forward(ctx, h_clean: Tensor, h_new: Tensor, W_U: Tensor, b_U: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
-        ctx.save_for_backward(h_clean, h_new, W_U, b_U)
-        ctx.dtype, ctx.rows = dtype, rows
         W, b = W_U.to(dtype), b_U.to(dtype)
+        grad = torch.empty_like(h_new) if ctx.needs_input_grad[1] else None
         out = torch.empty(h_new.shape[0], dtype=torch.float32, device=h_new.device)
         for i in range(0, h_new.shape[0], rows):
             lp_c = torch.log_softmax(_logits(h_clean[i : i + rows], W, b), dim=-1)
             lp_n = torch.log_softmax(_logits(h_new[i : i + rows], W, b), dim=-1)
-            out[i : i + rows] = (lp_c.exp() * (lp_c - lp_n)).sum(-1)
+            p_c = lp_c.exp()
+            out[i : i + rows] = (p_c * (lp_c - lp_n)).sum(-1)
+            if grad is not None:  # ∂KL_t/∂logits_new = softmax(logits_new) − p_clean
+                grad[i : i + rows] = (lp_n.exp_().sub_(p_c).to(dtype) @ W.T).to(grad.dtype)
+        ctx.save_for_backward(grad)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        h_clean, h_new, W_U, b_U = ctx.saved_tensors
-        W, b = W_U.to(ctx.dtype), b_U.to(ctx.dtype)
-        dh = torch.empty_like(h_new)
-        with torch.autocast(h_new.device.type, enabled=False):
-            for i in range(0, h_new.shape[0], ctx.rows):
-                p_c = torch.softmax(_logits(h_clean[i : i + ctx.rows], W, b), dim=-1)
-                d = torch.softmax(_logits(h_new[i : i + ctx.rows], W, b), dim=-1).sub_(p_c)
-                d.mul_(g[i : i + ctx.rows, None].float())
-                dh[i : i + ctx.rows] = (d.to(ctx.dtype) @ W.T).to(dh.dtype)
-        return None, dh, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        return None, grad * g[:, None].to(grad.dtype), None, None, None, None
 
 
 def kl_per_token(
