@@ -16,7 +16,9 @@ What is timed (steady-state steps; the first ``--warmup`` steps of the first rou
   forward per training step in steady state, the same mixing depth as our buffer of one batch). A step
   is the interval between two consecutive ``next(data_provider)`` calls of ``SAETrainer.fit`` (the
   last one closed when ``fit`` returns).
-- ``forward``: ``lm.activations(tokens, hook)`` alone (the LM forward up to the hook, no grad).
+- ``forward``: ``lm.activations(tokens, hook)`` alone (our LM forward up to the hook, no grad: the fused
+  GPT-2 forward of ``gsae.lm_fused`` unless ``--no-fused``); ``tl_fwd``: the same through TransformerLens
+  (``LanguageModel(..., fused=False)`` on the same weights), for ``fused_forward_speedup=``.
 - ``--objective gsae`` / ``e2e``: the same Lightning path with ``GradTopKSAE(d, d_sae, k, beta=1e5)`` in
   the ``LocalSAESystem`` (harvest = forward + backward to the hook) or ``TopKSAE`` in the
   ``E2ESAESystem`` (``kl_coef=1``; ``--e2e-downstream`` adds every later ``hook_resid_pre`` as a
@@ -36,8 +38,11 @@ Usage::
 
 The last lines of the default run are ``gsae_tokens_per_s=``, ``saelens_tokens_per_s=``,
 ``forward_only_tokens_per_s=``, ``ratio_vs_saelens=`` (gsae / SAELens) and ``ratio_vs_forward=``.
-With several objectives it prints ``objective=NAME tokens_per_s=…`` per objective and
-``gsae_cost_vs_topk=`` / ``e2e_cost_vs_topk=`` (time per token ÷ TopK's).
+With several objectives it prints ``objective=NAME tokens_per_s=…`` per objective,
+``gsae_cost_vs_topk=`` / ``e2e_cost_vs_topk=`` (time per token ÷ TopK's), ``gsae_flop_floor=`` /
+``e2e_flop_floor=`` (the same ratio of FLOPs per token, from the model's shape: :func:`flop_floor`) and
+``*_cost_vs_floor=`` (the distance). Objectives are the keys of ``SYSTEMS`` (objective -> system builder).
+On a GPU: ``--device cuda --precision bf16-mixed [--lm-dtype bfloat16]``.
 """
 
 from __future__ import annotations
