@@ -16,7 +16,9 @@ What is timed (steady-state steps; the first ``--warmup`` steps of the first rou
   forward per training step in steady state, the same mixing depth as our buffer of one batch). A step
   is the interval between two consecutive ``next(data_provider)`` calls of ``SAETrainer.fit`` (the
   last one closed when ``fit`` returns).
-- ``forward``: ``lm.activations(tokens, hook)`` alone (the LM forward up to the hook, no grad).
+- ``forward``: ``lm.activations(tokens, hook)`` alone (our LM forward up to the hook, no grad: the fused
+  GPT-2 forward of ``gsae.lm_fused`` unless ``--no-fused``); ``tl_fwd``: the same through TransformerLens
+  (``LanguageModel(..., fused=False)`` on the same weights), for ``fused_forward_speedup=``.
 - ``--objective gsae`` / ``e2e``: the same Lightning path with ``GradTopKSAE(d, d_sae, k, beta=1e5)`` in
   the ``LocalSAESystem`` (harvest = forward + backward to the hook) or ``TopKSAE`` in the
   ``E2ESAESystem`` (``kl_coef=1``; ``--e2e-downstream`` adds every later ``hook_resid_pre`` as a
@@ -36,8 +38,11 @@ Usage::
 
 The last lines of the default run are ``gsae_tokens_per_s=``, ``saelens_tokens_per_s=``,
 ``forward_only_tokens_per_s=``, ``ratio_vs_saelens=`` (gsae / SAELens) and ``ratio_vs_forward=``.
-With several objectives it prints ``objective=NAME tokens_per_s=…`` per objective and
-``gsae_cost_vs_topk=`` / ``e2e_cost_vs_topk=`` (time per token ÷ TopK's).
+With several objectives it prints ``objective=NAME tokens_per_s=…`` per objective,
+``gsae_cost_vs_topk=`` / ``e2e_cost_vs_topk=`` (time per token ÷ TopK's), ``gsae_flop_floor=`` /
+``e2e_flop_floor=`` (the same ratio of FLOPs per token, from the model's shape: :func:`flop_floor`) and
+``*_cost_vs_floor=`` (the distance). Objectives are the keys of ``SYSTEMS`` (objective -> system builder).
+On a GPU: ``--device cuda --precision bf16-mixed [--lm-dtype bfloat16]``.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 
-OBJECTIVES = ("topk", "gsae", "e2e")
+OBJECTIVES = ("topk", "gsae", "e2e")  # the keys of SYSTEMS (defined below)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -98,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--e2e-downstream", action="store_true", help="e2e+ds: every later hook_resid_pre as downstream hook"
     )
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the LM, the SAEs and SAELens on this device)")
+    p.add_argument("--precision", default="32-true", help="Lightning precision of the gsae runs, e.g. bf16-mixed")
+    p.add_argument("--lm-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="LM weights dtype")
+    p.add_argument("--no-fused", action="store_true", help="gsae's LM runs through TransformerLens (--model.lm.fused false)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fused LM steps (--model.lm.compile true)")
     p.add_argument(
         "--profile",
         type=int,
@@ -164,23 +174,34 @@ class StepTimer:
         return _StepTimer()
 
 
-def build_system(objective: str, lm, args):
-    from gsae.sae import GradTopKSAE, TopKSAE
+def build_topk(lm, args):
+    from gsae.sae import TopKSAE
     from gsae.systems import LocalSAESystem
 
     d_sae, k = args.d_sae, args.k
-    if objective == "topk":
-        return LocalSAESystem(
-            lm=lm, sae=lambda d: TopKSAE(d, d_sae, k), hook=args.hook, buffer_size=args.buffer_size, seed=args.seed
-        )
-    if objective == "gsae":
-        return LocalSAESystem(
-            lm=lm,
-            sae=lambda d: GradTopKSAE(d, d_sae, k, beta=args.beta),
-            hook=args.hook,
-            buffer_size=args.buffer_size,
-            seed=args.seed,
-        )
+    return LocalSAESystem(
+        lm=lm, sae=lambda d: TopKSAE(d, d_sae, k), hook=args.hook, buffer_size=args.buffer_size, seed=args.seed
+    )
+
+
+def build_gsae(lm, args):
+    from gsae.sae import GradTopKSAE
+    from gsae.systems import LocalSAESystem
+
+    d_sae, k = args.d_sae, args.k
+    return LocalSAESystem(
+        lm=lm,
+        sae=lambda d: GradTopKSAE(d, d_sae, k, beta=args.beta),
+        hook=args.hook,
+        buffer_size=args.buffer_size,
+        seed=args.seed,
+    )
+
+
+def build_e2e(lm, args):
+    from gsae.sae import TopKSAE
+
+    d_sae, k = args.d_sae, args.k
     try:
         from gsae.systems import E2ESAESystem
     except ImportError as e:
@@ -200,6 +221,14 @@ def build_system(objective: str, lm, args):
     )
 
 
+#: objective -> builder of its Lightning system ``(lm, args) -> LightningModule``; ``--objective all`` times each
+SYSTEMS = {"topk": build_topk, "gsae": build_gsae, "e2e": build_e2e}
+
+
+def build_system(objective: str, lm, args):
+    return SYSTEMS[objective](lm, args)
+
+
 def run_lightning(system, batches: torch.Tensor, callbacks=()) -> list[float]:
     """Fit ``system`` for ``len(batches)`` steps with a real ``lightning.Trainer``; per-step seconds."""
     import lightning.pytorch as pl
@@ -211,7 +240,8 @@ def run_lightning(system, batches: torch.Tensor, callbacks=()) -> list[float]:
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=0)
     timer = StepTimer()
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if ARGS.device.startswith("cuda") else "cpu",
+        precision=ARGS.precision,
         devices=1,
         max_steps=len(data),
         logger=False,
@@ -275,7 +305,7 @@ class SAELensBench:
             prepend_bos=True,
             exclude_special_tokens=[lm.bos_token_id],
             lr=1e-4,
-            device="cpu",
+            device=args.device,
             dtype="float32",
             logger=LoggingConfig(log_to_wandb=False),
             checkpoint_path=None,
@@ -300,12 +330,47 @@ class SAELensBench:
 
 # ---------------------------------------------------------------------------------------------- forward only
 def run_forward(lm, hook: str, batches: torch.Tensor) -> list[float]:
+    """Seconds per ``lm.activations`` call (under the gsae runs' autocast when ``--precision`` is bf16-mixed)."""
+    device = torch.device(ARGS.device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=ARGS.precision.startswith("bf16"))
     out = []
     for i in range(batches.shape[0]):
+        tokens = batches[i].to(device)
         t0 = time.perf_counter()
-        lm.activations(batches[i], hook)
+        with amp:
+            lm.activations(tokens, hook)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         out.append(time.perf_counter() - t0)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- FLOP floors
+def flop_floor(lm, hook: str, context_size: int, d_sae: int) -> dict[str, float]:
+    """FLOPs per token of each objective's unavoidable matmuls, from the model's shape.
+
+    A block's attention step costs ``2·4·D²`` (packed QKV and the output projection) ``+ 4·T·D`` (scores and
+    values over the whole context, as the dense kernels do), its MLP step ``2·2·D·d_mlp``; the unembedding
+    ``2·D·V``. ``prefix`` = the steps before the hook, ``suffix`` = the steps after it + the unembedding. The SAE
+    costs its dense encoder ``2·D·d_sae`` (the k-sparse decoder and the sparse backward are O(k·D)); a g-SAE
+    also scores every latent with ``|W_dec g|`` (``2·D·d_sae``). A backward that needs input gradients only
+    costs about its forward. TopK = prefix + SAE; g-SAE = prefix + suffix forward + suffix backward + SAE +
+    scores; e2e = prefix + clean suffix + patched suffix + its backward + SAE.
+    """
+    from gsae import lm_fused
+
+    cfg = lm.model.cfg
+    D, F_, V, L, T = cfg.d_model, cfg.d_mlp, cfg.d_vocab, cfg.n_layers, context_size
+    attn, mlp = 2 * 4 * D * D + 4 * T * D, 2 * 2 * D * F_
+    steps = [attn if s % 2 == 0 else mlp for s in range(2 * L)]
+    hp = lm_fused.hook_point(hook)
+    point = hp[0] if hp is not None and hp[1] == "point" else 2 * ((lm.hook_layer(hook) or 0) + 1)
+    prefix, suffix = sum(steps[:point]), sum(steps[point:]) + 2 * D * V
+    sae = 2 * D * d_sae
+    topk = prefix + sae
+    gsae = prefix + 2 * suffix + sae + 2 * D * d_sae
+    e2e = prefix + 3 * suffix + sae
+    return {"prefix": prefix, "suffix": suffix, "sae": sae, "topk": topk, "gsae": gsae, "e2e": e2e}
 
 
 # ---------------------------------------------------------------------------------------------- profiling
@@ -426,8 +491,12 @@ def fmt(x: float) -> str:
     return f"{x:.1f}"
 
 
+ARGS = parse_args([])  # the module-level defaults; main() replaces them with the command line
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    global ARGS
+    args = ARGS = parse_args(argv)
     quiet()
     torch.set_num_threads(args.threads)
     from gsae.lm import LanguageModel
@@ -441,8 +510,12 @@ def main(argv: list[str] | None = None) -> int:
     steps_per_run = [w + m for w, m in zip(warm, per_round)]
 
     t_setup = time.perf_counter()
-    lm = LanguageModel(args.model, seed=args.seed)
+    lm = LanguageModel(args.model, seed=args.seed, dtype=args.lm_dtype, fused=not args.no_fused, compile=args.compile)
     lm.model  # noqa: B018 - load now
+    lm.to(args.device)
+    # the same weights through TransformerLens only: the reference forward of the fused one
+    lm_tl = LanguageModel(args.model, seed=args.seed, dtype=args.lm_dtype, fused=False)
+    lm_tl._model = lm.model
     n_batches = max(steps_per_run) + 1
     # SAELens streams through its dataset across rounds (+2 batches to fill its mixing buffer): give it enough rows
     sl_batches = sum(steps_per_run) + 4
@@ -487,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
 
         methods["saelens"] = run_saelens
         methods["forward"] = lambda r: run_forward(lm, args.hook, batches_for_round(r))
+        methods["tl_fwd"] = lambda r: run_forward(lm_tl, args.hook, batches_for_round(r))
     print(f"# setup {time.perf_counter() - t_setup:.1f}s")
 
     names = list(methods)
@@ -541,15 +615,26 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"objective={obj} tokens_per_s={fmt(tps[obj])}")
             else:
                 print(f"objective={obj} tokens_per_s=n/a ({skipped.get(obj, 'not measured')})")
+        floor = flop_floor(lm, args.hook, T, args.d_sae)
+        print(
+            "# MFLOP/token: "
+            + " ".join(f"{k}={v / 1e6:.1f}" for k, v in floor.items())
+            + "  (floors: FLOPs per token ÷ TopK's; see flop_floor)"
+        )
         if "topk" in med:
             for obj in ("gsae", "e2e"):
                 if obj in objectives:
-                    val = f"{med[obj] / med['topk']:.3f}" if obj in med else "n/a"
-                    print(f"{obj}_cost_vs_topk={val}")
+                    cost = med[obj] / med["topk"] if obj in med else None
+                    print(f"{obj}_cost_vs_topk={'n/a' if cost is None else f'{cost:.3f}'}")
+                    print(f"{obj}_flop_floor={floor[obj] / floor['topk']:.3f}")
+                    if cost is not None:
+                        print(f"{obj}_cost_vs_floor={cost / (floor[obj] / floor['topk']):.3f}")
     if baselines and "topk" in tps:
         print(f"gsae_tokens_per_s={fmt(tps['topk'])}")
         print(f"saelens_tokens_per_s={fmt(tps['saelens'])}")
         print(f"forward_only_tokens_per_s={fmt(tps['forward'])}")
+        print(f"transformer_lens_forward_tokens_per_s={fmt(tps['tl_fwd'])}")
+        print(f"fused_forward_speedup={tps['forward'] / tps['tl_fwd']:.3f}")
         print(f"ratio_vs_saelens={tps['topk'] / tps['saelens']:.3f}")
         print(f"ratio_vs_forward={tps['topk'] / tps['forward']:.3f}")
 

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from jsonargparse.typing import final
 from torch import Tensor
 
+from gsae import lm_chunked, lm_fused
+
 log = logging.getLogger(__name__)
 
 #: Architectures for random-weight models, built in-process (no download). ``random-gpt2`` is
@@ -55,6 +57,18 @@ class HookRun(NamedTuple):
     """
 
     logits: Tensor
+    cache: dict[str, Tensor]
+
+
+class HiddenRun(NamedTuple):
+    """What :meth:`LanguageModel.hidden_from_hook` returns.
+
+    Attributes:
+        hidden: ``(B, T, D)`` final hidden state (after the final LayerNorm; ``logits = hidden @ W_U + b_U``).
+        cache: activations at the requested downstream hooks, ``{hook: (B, T, D)}``.
+    """
+
+    hidden: Tensor
     cache: dict[str, Tensor]
 
 
@@ -91,6 +105,8 @@ class LanguageModel:
         center_unembed: bool = True,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         seed: int = 0,
+        fused: bool = True,
+        compile: bool = False,
     ) -> None:
         """Describe the model; weights load on first use.
 
@@ -103,6 +119,12 @@ class LanguageModel:
             center_unembed: centre the unembedding (logits shift by a constant; softmax unchanged).
             dtype: dtype of the LM weights and activations (``bfloat16`` halves memory on GPU).
             seed: weight seed of random-weight presets (ignored for pretrained models).
+            fused: run residual-stream hooks (``blocks.L.hook_resid_pre/mid/post``, ``hook_attn_out``,
+                ``hook_mlp_out``, embeddings) through the fused GPT-2 forward of :mod:`gsae.lm_fused`
+                (same values as TransformerLens; ~2x faster; its packed QKV matrices are a copy, +25% of the
+                block weights' memory); ``false`` runs everything through TransformerLens. Other hooks and other
+                architectures always use TransformerLens.
+            compile: ``torch.compile`` the fused attention and MLP (GPU; the first batch pays the compilation).
         """
         self.name = name
         self.fold_ln = fold_ln
@@ -110,7 +132,11 @@ class LanguageModel:
         self.center_unembed = center_unembed
         self.dtype = dtype
         self.seed = seed
+        self.fused = fused
+        self.compile = compile
         self._model = None
+        self._fused: tuple[tuple, lm_fused.FusedGPT2] | None = None
+        self._fused_unsupported: str | None = None
         self._d_in_cache: dict[str, int] = {}
         if name.startswith("random-") and name not in RANDOM_PRESETS:
             raise LMLoadError(f"--model.lm.name: unknown random preset {name!r}; choose from {sorted(RANDOM_PRESETS)}")
@@ -203,6 +229,11 @@ class LanguageModel:
         return self.model.W_U
 
     @property
+    def b_U(self) -> Tensor:
+        """Unembedding bias ``(d_vocab,)``."""
+        return self.model.b_U
+
+    @property
     def bos_token_id(self) -> int:
         tok = self.tokenizer
         if tok is None:
@@ -274,10 +305,50 @@ class LanguageModel:
             self._d_in_cache[hook] = self.activations(tokens, hook).shape[-1]
         return self._d_in_cache[hook]
 
+    # ------------------------------------------------------------------ the fused path
+    def fused_weights(self, hooks: Sequence[str] = ()) -> lm_fused.FusedGPT2 | None:
+        """The fused forward's weights if it can serve ``hooks`` (``fused`` on, a GPT-2-architecture model,
+        every hook on the residual stream), else ``None`` (TransformerLens runs). Rebuilt when the model's
+        parameters move or change in place."""
+        if not self.fused or any(lm_fused.hook_point(h) is None for h in hooks):
+            return None
+        model = self.model
+        if self._fused_unsupported is None:
+            self._fused_unsupported = _fused_unsupported(model) or ""
+            if self._fused_unsupported:
+                log.info("the fused LM forward does not support %s (%s): TransformerLens runs", self.name, self._fused_unsupported)
+        if self._fused_unsupported:
+            return None
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+        if self._fused is None or self._fused[0] != key:
+            self._fused = (key, fused_weights(model))
+        return self._fused[1]
+
+    def _run_fused(self, w: lm_fused.FusedGPT2, x: Tensor, start: int, stop: int, cache_hooks: Sequence[str] = ()):
+        if self.compile:
+            return lm_fused.run(w, x, start, stop, cache_hooks, steps=lm_fused.compiled_steps())
+        return lm_fused.run(w, x, start, stop, cache_hooks)
+
+    def _fused_start(self, hook: str, cache_hooks: Sequence[str]) -> tuple[lm_fused.FusedGPT2, int] | None:
+        """``(weights, start point)`` when the fused path runs the model on from ``hook``."""
+        w = self.fused_weights([hook, *cache_hooks])
+        if w is None:
+            return None
+        point, kind = lm_fused.hook_point(hook)
+        if kind != "point" or any(lm_fused.hook_point(h)[0] < point for h in cache_hooks):
+            return None  # starts inside a step, or a cache hook before the start (TransformerLens' patch path)
+        return w, point
+
     # ------------------------------------------------------------------ running
     @torch.no_grad()
     def activations(self, tokens: Tensor, hook: str) -> Tensor:
         """Activations ``(B, T, D)`` at ``hook``; no layer after the hook runs (``stop_at_layer``)."""
+        w = self.fused_weights([hook])
+        if w is not None:
+            embed, pos = lm_fused.embed(w, tokens)
+            if hook in ("hook_embed", "hook_pos_embed"):
+                return (embed if hook == "hook_embed" else pos).clone()
+            return self._run_fused(w, embed + pos, 0, lm_fused.last_step([hook]), [hook])[1][hook]
         m = _LAYER_HOOK.match(hook)
         if m and m.group(2) == "hook_resid_pre":
             # the residual returned by stop_at_layer=L *is* blocks.L.hook_resid_pre
@@ -294,7 +365,50 @@ class LanguageModel:
     @torch.no_grad()
     def logits(self, tokens: Tensor) -> Tensor:
         """Clean next-token logits ``(B, T, d_vocab)``."""
+        w = self.fused_weights()
+        if w is not None:
+            embed, pos = lm_fused.embed(w, tokens)
+            resid, _ = self._run_fused(w, embed + pos, 0, w.final_point)
+            return lm_fused.unembed(w.W_U, w.b_U, lm_fused.final_hidden(w, resid))
         return self.model(tokens, return_type="logits")
+
+    def hidden_from_hook(
+        self,
+        x: Tensor,
+        hook: str,
+        tokens: Tensor | None = None,
+        cache_hooks: Sequence[str] = (),
+        positions: Tensor | None = None,
+    ) -> HiddenRun:
+        """:meth:`run_from_hook` up to the unembedding's input: the final hidden state, no full-vocabulary logits.
+
+        ``logits = hidden @ W_U + b_U``; the losses over the vocabulary take ``hidden`` in chunks of positions
+        (:mod:`gsae.lm_chunked`). Arguments as :meth:`run_from_hook`.
+        """
+        fused = self._fused_start(hook, cache_hooks)
+        if fused is not None:
+            w, start = fused
+            if positions is not None and hook.endswith("hook_resid_mid"):  # as the patch-hook path below
+                if tokens is None:
+                    raise ValueError(f"run_from_hook: hook {hook!r} is inside a block; pass tokens")
+                x = torch.where(positions[..., None], x.to(w.W_E.dtype), self.activations(tokens, hook))
+            resid, cache = self._run_fused(w, x.to(w.W_E.dtype), start, w.final_point, cache_hooks)
+            return HiddenRun(lm_fused.final_hidden(w, resid), cache)
+        cache: dict[str, Tensor] = {}
+
+        def keep(act: Tensor, hook) -> None:
+            cache[hook.name] = act
+
+        fwd_hooks: list[tuple[str, Callable]] = [(h, keep) for h in cache_hooks]
+        start = self.resume_layer(hook)
+        if start is not None:
+            resid = self.model.run_with_hooks(x, start_at_layer=start, stop_at_layer=self.n_layers, fwd_hooks=fwd_hooks)
+        else:
+            if tokens is None:
+                raise ValueError(f"run_from_hook: hook {hook!r} is inside a block; pass tokens")
+            patch = _patch_hook(x, positions)
+            resid = self.model.run_with_hooks(tokens, stop_at_layer=self.n_layers, fwd_hooks=[(hook, patch), *fwd_hooks])
+        return HiddenRun(self.model.ln_final(resid), cache)
 
     def run_from_hook(
         self,
@@ -307,8 +421,9 @@ class LanguageModel:
         """Run the model with ``x`` in place of the activation at ``hook``.
 
         For ``hook_resid_pre``/``hook_resid_post`` hooks only the layers after the hook run
-        (``start_at_layer``); for hooks inside a block the whole model runs on ``tokens`` with a
-        patch hook. Autograd is left on: callers wrap in ``torch.no_grad()`` when they need no graph.
+        (``start_at_layer``; the fused forward also starts at ``hook_resid_mid``); for other hooks inside a
+        block the whole model runs on ``tokens`` with a patch hook. Autograd is left on: callers wrap in
+        ``torch.no_grad()`` when they need no graph.
 
         Args:
             x: ``(B, T, D)`` activation to put at the hook.
@@ -316,9 +431,14 @@ class LanguageModel:
             tokens: ``(B, T)`` input tokens; needed only for hooks inside a block.
             cache_hooks: later hooks whose (patched-model) activations to return.
             positions: optional ``(B, T)`` bool mask; where False the clean activation is kept
-                (only used by the patch-hook path; with ``start_at_layer`` the caller passes the
+                (only used for hooks inside a block; with ``start_at_layer`` the caller passes the
                 clean values itself).
         """
+        fused = self._fused_start(hook, cache_hooks)
+        if fused is not None:
+            w = fused[0]
+            run = self.hidden_from_hook(x, hook, tokens, cache_hooks, positions)
+            return HookRun(lm_fused.unembed(w.W_U, w.b_U, run.hidden), run.cache)
         cache: dict[str, Tensor] = {}
 
         def keep(act: Tensor, hook) -> None:
@@ -331,13 +451,7 @@ class LanguageModel:
             return HookRun(logits, cache)
         if tokens is None:
             raise ValueError(f"run_from_hook: hook {hook!r} is inside a block; pass tokens")
-
-        def patch(act: Tensor, hook) -> Tensor:  # noqa: ARG001
-            new = x.reshape(act.shape).to(act.dtype)
-            if positions is not None:
-                new = torch.where(positions.reshape(*positions.shape, *([1] * (act.dim() - 2))), new, act)
-            return new
-
+        patch = _patch_hook(x, positions)
         logits = self.model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook, patch), *fwd_hooks])
         return HookRun(logits, cache)
 
@@ -347,8 +461,10 @@ class LanguageModel:
         """Activations at ``hook`` and ``dL/dx`` of the next-token cross-entropy, in one backward pass.
 
         The layers before the hook run without autograd (under ``no_grad``); the activation is made
-        a leaf requiring grad; the layers after it run with autograd and one ``torch.autograd.grad``
-        goes from the loss to the hook only: model parameters never get a ``.grad``.
+        a leaf requiring grad; the layers after it run with autograd up to the final hidden state, whose
+        gradient :func:`gsae.lm_chunked.ce_sum_and_grad` computes in chunks of positions (no full-vocabulary
+        logits); one ``torch.autograd.grad`` takes it from there to the hook only: model parameters never
+        get a ``.grad``.
         ``L`` is the CE of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]``, reduced by ``mean``
         over the ``B·(T−1)`` predictions (TransformerLens ``return_type="loss"``; SPEC §1.2 default) or
         ``sum``. The last position has no label, so its gradient comes only through later positions:
@@ -357,10 +473,74 @@ class LanguageModel:
         """
         x = self.activations(tokens, hook).detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = self.run_from_hook(x, hook, tokens=tokens).logits
-            loss = next_token_loss(logits, tokens, reduction=reduction)
-            (grad,) = torch.autograd.grad(loss, x)
+            hidden = self.hidden_from_hook(x, hook, tokens=tokens).hidden
+            loss, dh = lm_chunked.ce_sum_and_grad(hidden, self.W_U, self.b_U, tokens)
+            if reduction == "mean":
+                n = tokens.shape[0] * (tokens.shape[1] - 1)
+                loss, dh = loss / n, dh / n
+            (grad,) = torch.autograd.grad(hidden, x, dh.to(hidden.dtype))
         return ActsAndGrads(x.detach(), grad.detach(), loss.detach())
+
+
+def _patch_hook(x: Tensor, positions: Tensor | None) -> Callable:
+    """A TransformerLens hook putting ``x`` in place of the activation (the clean one kept where ``positions`` is False)."""
+
+    def patch(act: Tensor, hook) -> Tensor:  # noqa: ARG001
+        new = x.reshape(act.shape).to(act.dtype)
+        if positions is not None:
+            new = torch.where(positions.reshape(*positions.shape, *([1] * (act.dim() - 2))), new, act)
+        return new
+
+    return patch
+
+
+def _fused_unsupported(model) -> str | None:
+    """Why the fused forward cannot run ``model`` (a ``HookedTransformer``), or ``None`` if it can."""
+    cfg = model.cfg
+    checks = {
+        "normalization_type": cfg.normalization_type in ("LN", "LNPre"),
+        "positional_embedding_type": cfg.positional_embedding_type == "standard",
+        "act_fn": cfg.act_fn in lm_fused.ACTIVATIONS,
+        "attention_dir": cfg.attention_dir == "causal",
+        "attn_only": not cfg.attn_only,
+        "parallel_attn_mlp": not cfg.parallel_attn_mlp,
+        "gated_mlp": not cfg.gated_mlp,
+        "n_key_value_heads": cfg.n_key_value_heads is None,
+        "post_embedding_ln": not getattr(cfg, "post_embedding_ln", False),
+        "use_normalization_before_and_after": not cfg.use_normalization_before_and_after,
+        "soft caps": not (cfg.output_logits_soft_cap > 0 or cfg.attn_scores_soft_cap > 0),
+        "attn_types": cfg.attn_types is None or all(t == "global" for t in cfg.attn_types),
+        "n_devices": cfg.n_devices == 1,
+        "left padding": model.tokenizer is None or model.tokenizer.padding_side != "left",
+        "d_vocab_out": cfg.d_vocab_out == cfg.d_vocab,
+        "original_architecture": cfg.original_architecture in (None, "GPT2LMHeadModel", "gpt2"),
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    return ", ".join(bad) if bad else None
+
+
+def fused_weights(model) -> lm_fused.FusedGPT2:
+    """The fused forward's view of a GPT-2-architecture ``HookedTransformer``'s weights (only QKV is packed anew)."""
+    cfg = model.cfg
+
+    def ln(mod) -> tuple[Tensor | None, Tensor | None]:
+        return (mod.w, mod.b) if hasattr(mod, "w") else (None, None)
+
+    blocks = []
+    for blk in model.blocks:
+        a, m = blk.attn, blk.mlp
+        blocks.append(
+            lm_fused.pack_block(
+                a.W_Q, a.W_K, a.W_V, a.b_Q, a.b_K, a.b_V, a.W_O, a.b_O, m.W_in, m.b_in, m.W_out, m.b_out,
+                ln(blk.ln1), ln(blk.ln2),
+            )
+        )
+    lnf_w, lnf_b = ln(model.ln_final)
+    scale = float(cfg.attn_scale) if cfg.use_attn_scale else 1.0
+    return lm_fused.FusedGPT2(
+        model.W_E, model.W_pos, tuple(blocks), lnf_w, lnf_b, model.W_U, model.b_U,
+        cfg.n_heads, cfg.d_head, float(cfg.eps), scale, cfg.act_fn,
+    )
 
 
 def next_token_loss(logits: Tensor, tokens: Tensor, reduction: Literal["mean", "sum", "none"] = "mean") -> Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gsae import lm_fused
 from gsae.lm import LanguageModel, LMLoadError, next_token_loss
 
 HOOK = "blocks.1.hook_resid_pre"
@@ -36,24 +37,56 @@ def test_unknown_random_preset_is_named():
         LanguageModel("random-huge")
 
 
+def record_blocks(lm, monkeypatch) -> dict[int, list[bool]]:
+    """``{block index: [grad mode of each call]}`` of the blocks that ran, on either path (fused or TransformerLens)."""
+    calls: dict[int, list[bool]] = {}
+    if lm.fused:
+        w = lm.fused_weights()
+        for name in ("attention", "mlp"):
+            orig = getattr(lm_fused, name)
+
+            def wrapped(w_, b, x, _orig=orig):
+                i = next(i for i, blk in enumerate(w.blocks) if blk is b)
+                calls.setdefault(i, []).append(torch.is_grad_enabled())
+                return _orig(w_, b, x)
+
+            monkeypatch.setattr(lm_fused, name, wrapped)
+        return calls
+    for i, block in enumerate(lm.model.blocks):
+        orig = block.forward
+
+        def wrapped(*a, _orig=orig, _i=i, **k):
+            calls.setdefault(_i, []).append(torch.is_grad_enabled())
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(block, "forward", wrapped)
+    return calls
+
+
+@pytest.fixture(params=[True, False], ids=["fused", "transformer_lens"])
+def any_lm(request, tiny_lm):
+    """The tiny LM on both forward paths (the same weights)."""
+    lm = LanguageModel("random-tiny", seed=0, fused=request.param)
+    lm._model = tiny_lm.model
+    return lm
+
+
 @pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out"])
-def test_activations_stop_at_the_hook(tiny_lm, hook, monkeypatch):
-    calls = []
-    block1 = tiny_lm.model.blocks[1]
-    orig = block1.forward
-    monkeypatch.setattr(block1, "forward", lambda *a, **k: calls.append(1) or orig(*a, **k))
-    x = tiny_lm.activations(tokens(), hook)
+def test_activations_stop_at_the_hook(any_lm, hook, monkeypatch):
+    calls = record_blocks(any_lm, monkeypatch)
+    x = any_lm.activations(tokens(), hook)
     assert x.shape == (2, 12, 64)
-    assert not calls, "a layer after the hook ran"
+    assert 0 in calls or hook == "blocks.1.hook_resid_pre", "the recorder saw no block run"
+    assert 1 not in calls, "a layer after the hook ran"
 
 
 @pytest.mark.parametrize("hook", ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"])
-def test_run_from_hook_reproduces_clean_logits(tiny_lm, hook):
+def test_run_from_hook_reproduces_clean_logits(any_lm, hook):
     t = tokens()
-    x = tiny_lm.activations(t, hook)
+    x = any_lm.activations(t, hook)
     with torch.no_grad():
-        out = tiny_lm.run_from_hook(x, hook, tokens=t).logits
-    torch.testing.assert_close(out, tiny_lm.logits(t), atol=1e-5, rtol=1e-5)
+        out = any_lm.run_from_hook(x, hook, tokens=t).logits
+    torch.testing.assert_close(out, any_lm.logits(t), atol=1e-5, rtol=1e-5)
 
 
 def test_grad_matches_finite_differences(lm64):
@@ -75,25 +108,18 @@ def test_grad_matches_finite_differences(lm64):
     assert torch.all(grad[:, -1] == 0), "the last position has no label and nothing after it"
 
 
-def test_mean_and_sum_differ_by_the_prediction_count(tiny_lm):
+def test_mean_and_sum_differ_by_the_prediction_count(any_lm):
     t = tokens(b=3, t=10)
-    g_mean = tiny_lm.activations_and_grads(t, HOOK, "mean").grads
-    g_sum = tiny_lm.activations_and_grads(t, HOOK, "sum").grads
+    g_mean = any_lm.activations_and_grads(t, HOOK, "mean").grads
+    g_sum = any_lm.activations_and_grads(t, HOOK, "sum").grads
     torch.testing.assert_close(g_sum, g_mean * 3 * 9, rtol=1e-4, atol=1e-5 * float(g_sum.abs().max()))
 
 
-def test_prefix_runs_without_autograd_and_params_get_no_grad(tiny_lm, monkeypatch):
-    grad_mode = {}
-    for i, block in enumerate(tiny_lm.model.blocks):
-        orig = block.forward
-
-        def wrapped(*a, _orig=orig, _i=i, **k):
-            grad_mode.setdefault(_i, []).append(torch.is_grad_enabled())
-            return _orig(*a, **k)
-
-        monkeypatch.setattr(block, "forward", wrapped)
-    out = tiny_lm.activations_and_grads(tokens(), HOOK)
-    assert grad_mode[0] == [False], "the layer before the hook must run without autograd"
-    assert grad_mode[1] == [True]
+def test_prefix_runs_without_autograd_and_params_get_no_grad(any_lm, monkeypatch):
+    grad_mode = record_blocks(any_lm, monkeypatch)
+    out = any_lm.activations_and_grads(tokens(), HOOK)
+    calls = 2 if any_lm.fused else 1  # fused: attention and MLP are two calls per block
+    assert grad_mode[0] == [False] * calls, "the layer before the hook must run without autograd"
+    assert grad_mode[1] == [True] * calls
     assert out.grads.abs().sum() > 0
-    assert all(p.grad is None for p in tiny_lm.model.parameters())
+    assert all(p.grad is None for p in any_lm.model.parameters())

@@ -6,6 +6,10 @@ with ``n = sae.grad_normaliser``, the number of predictions the CE mean was take
 trained (one device's LM batch: ``B·(T−1)`` for ``grad_reduction: mean``, or ``grad_mean_tokens``;
 1 for ``sum``; never the number of devices). Training
 and every benchmark compute ``g`` here, so a g-SAE encodes at evaluation time exactly as it did in training.
+
+The cost is one LM forward and one backward from the loss to the hook: ``LanguageModel.activations_and_grads``
+runs the fused GPT-2 forward (``gsae.lm_fused``) and takes the cross-entropy's gradient with respect to the
+final hidden state in chunks of positions (``gsae.lm_chunked.ce_sum_and_grad``: no full-vocabulary logits).
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ The SAE output is spliced into the model at the hook and the remaining layers ru
 MSE terms are element means (F.mse_loss), as Apollo's code, so λ and the coefficients mean what
 their configs mean. Batches are whole sequences; the model is frozen and only the SAE gets
 gradients. Cost per batch: the prefix to the hook once, the suffix twice (clean, and patched with
-one backward to the SAE). With ``exclude_special_tokens`` the special-token positions keep their clean
-activation (unpatched, as SAELens evaluates) and are left out of the SAE's own terms.
+one backward to the SAE); the KL takes the final hidden states and unembeds them in chunks of positions
+(:func:`gsae.lm_chunked.kl_per_token`, equal to :func:`gsae.metrics.kl_div_per_token` of the logits).
+With ``exclude_special_tokens`` the special-token positions keep their clean activation (unpatched, as
+SAELens evaluates) and are left out of the SAE's own terms.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gsae.data.batch import ActivationBatch, TokenBatch
-from gsae.metrics import kl_div_per_token
+from gsae.lm_chunked import kl_per_token
 from gsae.sae.base import SAEOutput
 from gsae.systems.base import SAESystem
 
@@ -79,15 +81,16 @@ class E2ESAESystem(SAESystem):
         mask = self.token_mask(tokens)
         with torch.no_grad():
             x = lm.activations(tokens, self.hook)  # (B, T, D): the prefix runs once
-            clean = lm.run_from_hook(x, self.hook, tokens=tokens, cache_hooks=self.downstream_hooks)
+            clean = lm.hidden_from_hook(x, self.hook, tokens=tokens, cache_hooks=self.downstream_hooks)
         x_in = x[mask].float()
         if stage == "train":
             self.maybe_initialize(x_in)
         dead = self.dead.dead_by_tokens() if stage == "train" else None
         n_global = self.all_reduce(torch.tensor(float(x_in.shape[0]), device=self.device))
         out = self.sae(x_in, dead_mask=dead, aux_norm=self.aux_norm(n_global))
-        patched = lm.run_from_hook(self.splice(x, mask, out.x_hat).to(x.dtype), self.hook, tokens=tokens, cache_hooks=self.downstream_hooks)
-        kl = kl_div_per_token(clean.logits, patched.logits).mean()
+        patched = lm.hidden_from_hook(self.splice(x, mask, out.x_hat).to(x.dtype), self.hook, tokens=tokens, cache_hooks=self.downstream_hooks)
+        # KL over the vocabulary in chunks of positions from the final hidden states: no full (B, T, d_vocab) logits
+        kl = kl_per_token(clean.hidden, patched.hidden, lm.W_U, lm.b_U).mean()
         loss = self.kl_coef * kl + out.sparsity_loss + out.aux_loss
         extra: dict[str, Tensor] = {"kl": kl.detach(), "sparsity_loss": out.sparsity_loss.detach()}
         for h, c in zip(self.downstream_hooks, self.downstream_coefs):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
+import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
 
 from gsae.data import TokenBatch
+from gsae.lm import LanguageModel
 from gsae.sae.base import SAEOutput, SparseAutoencoder
 from tests.systems.helpers import HOOK, build_data, build_system, build_trainer
 
@@ -108,3 +113,64 @@ def test_gsae_encodes_at_evaluation_exactly_as_in_training():
     row0 = sae_on_tokens(system.sae, system.lm, HOOK, batch.tokens[:1]).out.top_idx  # a batch of one sequence
     mask = system.token_mask(batch.tokens[:1])[0]
     assert torch.equal(train_idx[: int(mask.sum())].sort(-1).values, row0[mask].sort(-1).values)
+
+
+def test_e2e_objective_is_the_same_on_the_fused_and_the_transformer_lens_path():
+    """KL, downstream MSE and the SAE's gradients from the fused forward and chunked KL = TransformerLens' full logits."""
+    results = []
+    for fused in (True, False):
+        system = build_system("e2e", exclude_special_tokens=False)
+        system.lm.fused = fused
+        system.initialized.fill_(True)
+        loss, _, _, extra = system.objective(_batch(system, seed=2), "train")
+        loss.backward()
+        results.append((extra, system.sae.W_enc.grad.clone(), system.sae.W_dec.grad.clone()))
+    (ea, ga, da), (eb, gb, db) = results
+    for key in ("kl", "ds_mse/blocks.1.hook_resid_post"):
+        torch.testing.assert_close(ea[key], eb[key], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(da, db, rtol=1e-4, atol=1e-8)
+
+
+class RecordDtypes(pl.Callback):
+    """What bf16-mixed does to a training step: the SAE's parameter and gradient dtypes, the losses."""
+
+    def __init__(self) -> None:
+        self.out: list[torch.dtype] = []
+        self.params: set[torch.dtype] = set()
+        self.grads: set[torch.dtype] = set()
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.params |= {p.dtype for p in pl_module.sae.parameters()}
+        self.losses.append(float(outputs["loss"]))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grads |= {p.grad.dtype for p in pl_module.sae.parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("lm_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("objective", ["topk", "gsae", "e2e"])
+def test_bf16_mixed_training_keeps_fp32_sae_parameters_and_runs(tmp_path, objective, lm_dtype):
+    """CPU autocast bf16 (``--trainer.precision bf16-mixed``), with the LM in float32 or bfloat16 (``--model.lm.dtype``)."""
+    system = build_system(objective)
+    system.lm = LanguageModel("random-tiny", seed=0, dtype=lm_dtype)
+    rec = RecordDtypes()
+    sae_forward = system.sae.forward
+
+    def forward(*a, **k):
+        out = sae_forward(*a, **k)
+        grad = k.get("grad")
+        rec.out.append((a[0].dtype, None if grad is None else grad.dtype, out.pre_acts.dtype, out.x_hat.dtype))
+        return out
+
+    system.sae.forward = forward
+    build_trainer(tmp_path, 3, callbacks=[rec], precision="bf16-mixed").fit(system, datamodule=build_data(system))
+    assert rec.params == {torch.float32}, "SAE parameters must stay float32 under autocast"
+    assert rec.grads == {torch.float32}
+    # the harvest hands the SAE float32 activations (and gradients); the encoder matmul runs in bf16; the
+    # decoder sums k float32 rows (embedding_bag), so the reconstruction and the losses are float32
+    grad = torch.float32 if objective == "gsae" else None
+    assert set(rec.out) == {(torch.float32, grad, torch.bfloat16, torch.float32)}, set(rec.out)
+    assert len(rec.losses) == 3 and all(math.isfinite(v) for v in rec.losses)
+    assert system.lm.model.W_E.dtype == getattr(torch, lm_dtype)

@@ -1,0 +1,125 @@
+"""Full-vocabulary losses in chunks of positions: the LM cross-entropy's gradient and the e2e KL.
+
+Both take the final hidden state ``h`` (the unembedding's input, ``(..., D)``) rather than logits, and build
+the logits of one chunk of positions at a time: no ``(B·T, d_vocab)`` float32 tensor (823 MB for GPT-2 at
+32×128 tokens) exists beyond one chunk, in the forward or the backward. The maths is the textbook one:
+
+- ``∂ Σ_t CE_t / ∂ logits_t = softmax(logits_t) − onehot(label_t)`` (:func:`ce_sum_and_grad`, no autograd graph
+  over the vocabulary: the caller backpropagates the returned ``∂/∂h`` from ``h`` to the hook);
+- ``KL_t(P_clean ‖ P_new) = Σ_v p_clean (log p_clean − log p_new)`` with
+  ``∂ KL_t / ∂ logits_new = softmax(logits_new) − p_clean`` (:func:`kl_per_token`, an autograd function whose
+  forward also takes the per-position gradient ``∂KL_t/∂h_t``, a ``D``-vector, so its backward is a product).
+
+Logits are computed in the autocast dtype when autocast is on (bf16 on GPU), else in ``W_U``'s dtype, and
+upcast to float32 for the softmax, as :func:`gsae.lm.next_token_loss` and :func:`gsae.metrics.kl_div_per_token`
+(the unchunked definitions these are tested equal to) do with full logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: float32 elements of one chunk of logits (32 Mi = 128 MB): 667 positions of GPT-2's 50,257-token vocabulary
+CHUNK_ELEMENTS = 1 << 25
+
+
+def chunk_rows(d_vocab: int, chunk_elements: int | None = None) -> int:
+    """Positions per chunk for a vocabulary of ``d_vocab``."""
+    return max(1, (chunk_elements or CHUNK_ELEMENTS) // d_vocab)
+
+
+def _compute_dtype(W_U: Tensor, device: torch.device) -> torch.dtype:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return W_U.dtype
+
+
+def _logits(h: Tensor, W_U: Tensor, b_U: Tensor) -> Tensor:
+    """float32 logits of a chunk, the matmul in ``W_U``'s (already chosen) dtype."""
+    return torch.addmm(b_U, h.to(W_U.dtype), W_U).float()
+
+
+def ce_sum_and_grad(
+    h: Tensor, W_U: Tensor, b_U: Tensor, tokens: Tensor, chunk_elements: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """``Σ`` next-token CE over the ``B·(T−1)`` predictions and its gradient with respect to ``h``.
+
+    Args:
+        h: ``(B, T, D)`` final hidden state (detached or not: no graph is built).
+        W_U, b_U: unembedding ``(D, d_vocab)`` and bias.
+        tokens: ``(B, T)`` tokens; position ``t`` predicts ``tokens[:, t+1]``, the last position nothing.
+        chunk_elements: logits elements per chunk (default :data:`CHUNK_ELEMENTS`).
+
+    Returns:
+        ``(loss_sum, dh)``: a float32 scalar and ``dh`` of ``h``'s shape and dtype (zero at the last position).
+    """
+    B, T, D = h.shape
+    dtype = _compute_dtype(W_U, h.device)
+    with torch.autocast(h.device.type, enabled=False), torch.no_grad():
+        W, b = W_U.to(dtype), b_U.to(dtype)
+        flat = h.detach().reshape(B * T, D)
+        labels = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1).reshape(-1)
+        dh = torch.empty_like(flat)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        step = chunk_rows(W.shape[1], chunk_elements)
+        for i in range(0, B * T, step):
+            lab = labels[i : i + step]
+            valid = lab >= 0
+            safe = lab.clamp_min(0)[:, None]
+            logits = _logits(flat[i : i + step], W, b)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            loss += ((lse - logits.gather(-1, safe)).squeeze(-1) * valid).sum()
+            p = logits.sub_(lse).exp_()  # softmax, in place of the chunk's logits
+            p.scatter_add_(-1, safe, -torch.ones_like(safe, dtype=p.dtype))
+            p.mul_(valid[:, None])
+            dh[i : i + step] = (p.to(dtype) @ W.T).to(dh.dtype)
+    return loss, dh.reshape(B, T, D)
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """KL per position; the forward also keeps ``∂KL_t/∂h_t`` ``(N, D)`` when ``h_new`` needs a gradient.
+
+    ``KL_t`` depends on ``h_new[t]`` only, so the per-position Jacobian (a ``D``-vector) is all the backward
+    needs for any upstream gradient: three vocabulary matmuls per chunk in all (clean logits, new logits, the
+    gradient), none recomputed in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, h_clean: Tensor, h_new: Tensor, W_U: Tensor, b_U: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
+        W, b = W_U.to(dtype), b_U.to(dtype)
+        grad = torch.empty_like(h_new) if ctx.needs_input_grad[1] else None
+        out = torch.empty(h_new.shape[0], dtype=torch.float32, device=h_new.device)
+        for i in range(0, h_new.shape[0], rows):
+            lp_c = torch.log_softmax(_logits(h_clean[i : i + rows], W, b), dim=-1)
+            lp_n = torch.log_softmax(_logits(h_new[i : i + rows], W, b), dim=-1)
+            p_c = lp_c.exp()
+            out[i : i + rows] = (p_c * (lp_c - lp_n)).sum(-1)
+            if grad is not None:  # ∂KL_t/∂logits_new = softmax(logits_new) − p_clean
+                grad[i : i + rows] = (lp_n.exp_().sub_(p_c).to(dtype) @ W.T).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (grad,) = ctx.saved_tensors
+        return None, grad * g[:, None].to(grad.dtype), None, None, None, None
+
+
+def kl_per_token(
+    h_clean: Tensor, h_new: Tensor, W_U: Tensor, b_U: Tensor, chunk_elements: int | None = None
+) -> Tensor:
+    """``KL(P_clean ‖ P_new)`` per position (float32, ``h``'s shape minus the last dim), differentiable in ``h_new``.
+
+    ``P = softmax(h @ W_U + b_U)``. The clean side is the target: no gradient flows to ``h_clean``.
+    Equal to ``gsae.metrics.kl_div_per_token(unembed(h_clean), unembed(h_new))`` without the full logits.
+    """
+    shape = h_new.shape[:-1]
+    dtype = _compute_dtype(W_U, h_new.device)
+    D = h_new.shape[-1]
+    with torch.autocast(h_new.device.type, enabled=False):
+        out = _ChunkedKL.apply(
+            h_clean.detach().reshape(-1, D), h_new.reshape(-1, D), W_U.detach(), b_U.detach(), dtype,
+            chunk_rows(W_U.shape[1], chunk_elements),
+        )
+    return out.reshape(shape)

@@ -1,0 +1,117 @@
+"""Chunked CE gradient and KL = the unchunked definitions, and no full-vocabulary tensor beyond one chunk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gsae import lm_chunked
+from gsae.lm import LanguageModel, next_token_loss
+from gsae.metrics import kl_div_per_token
+
+V, D = 97, 16
+
+
+class VocabTensors(TorchDispatchMode):
+    """Records the row count of every op output whose last dim is the vocabulary (``rows × V`` tensors),
+    views of the unembedding matrix ``W_U`` itself left out."""
+
+    def __init__(self, W_U: torch.Tensor) -> None:
+        super().__init__()
+        self.d_vocab, self.rows = W_U.shape[-1], []
+        self.w_u = W_U.untyped_storage().data_ptr()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.d_vocab:
+                if t.untyped_storage().data_ptr() != self.w_u:
+                    self.rows.append(t.numel() // self.d_vocab)
+        return out
+
+
+def setup(seed=0, b=3, t=7):
+    gen = torch.Generator().manual_seed(seed)
+    W_U, b_U = torch.randn(D, V, generator=gen) * 0.5, torch.randn(V, generator=gen)
+    h = torch.randn(b, t, D, generator=gen)
+    tokens = torch.randint(0, V, (b, t), generator=gen)
+    return h, W_U, b_U, tokens
+
+
+@pytest.mark.parametrize("chunk", [None, 4 * V, V])  # one chunk; 4 rows (21 = 5·4 + 1: a ragged last chunk); 1 row
+def test_ce_sum_and_grad_equal_the_unchunked_autograd(chunk):
+    h, W_U, b_U, tokens = setup()
+    loss, dh = lm_chunked.ce_sum_and_grad(h, W_U, b_U, tokens, chunk_elements=chunk)
+    h_ref = h.clone().requires_grad_(True)
+    ref = next_token_loss(h_ref @ W_U + b_U, tokens, "sum")
+    (g,) = torch.autograd.grad(ref, h_ref)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(dh, g, rtol=1e-5, atol=1e-6)
+    assert torch.all(dh[:, -1] == 0)
+
+
+@pytest.mark.parametrize("chunk", [None, 4 * V, V])
+def test_kl_per_token_and_its_gradient_equal_the_unchunked_definition(chunk):
+    h_clean, W_U, b_U, _ = setup(1)
+    h_new = (h_clean + 0.3 * torch.randn(h_clean.shape, generator=torch.Generator().manual_seed(5))).requires_grad_(True)
+    weights = torch.rand(h_clean.shape[:-1], generator=torch.Generator().manual_seed(6))  # a generic upstream gradient
+    kl = lm_chunked.kl_per_token(h_clean, h_new, W_U, b_U, chunk_elements=chunk)
+    (g,) = torch.autograd.grad((kl * weights).sum(), h_new)
+    h_ref = h_new.detach().clone().requires_grad_(True)
+    ref = kl_div_per_token(h_clean @ W_U + b_U, h_ref @ W_U + b_U)
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), h_ref)
+    assert kl.shape == ref.shape == h_clean.shape[:-1]
+    torch.testing.assert_close(kl, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_of_identical_states_is_zero_with_zero_gradient():
+    h, W_U, b_U, _ = setup(2)
+    hn = h.clone().requires_grad_(True)
+    kl = lm_chunked.kl_per_token(h, hn, W_U, b_U, chunk_elements=2 * V)
+    kl.sum().backward()
+    assert float(kl.detach().abs().max()) < 1e-6 and float(hn.grad.abs().max()) < 1e-6
+
+
+def test_no_full_vocabulary_tensor_beyond_one_chunk():
+    h, W_U, b_U, tokens = setup(3, b=4, t=8)
+    chunk = 3 * V
+    with VocabTensors(W_U) as seen:
+        lm_chunked.ce_sum_and_grad(h, W_U, b_U, tokens, chunk_elements=chunk)
+        hn = h.clone().requires_grad_(True)
+        lm_chunked.kl_per_token(h, hn, W_U, b_U, chunk_elements=chunk).sum().backward()
+    assert seen.rows and max(seen.rows) <= 3, seen.rows
+    # and the LM's own harvest and e2e-style KL: no (B·T, d_vocab) tensor, the default chunk is far smaller here
+    lm = LanguageModel("random-tiny", seed=0)
+    t = torch.randint(0, 256, (4, 16))
+    hook = "blocks.1.hook_resid_pre"
+    x = lm.activations(t, hook)
+    lm_chunked_rows = lm_chunked.chunk_rows(lm.d_vocab, 8 * lm.d_vocab)
+    old = lm_chunked.CHUNK_ELEMENTS
+    lm_chunked.CHUNK_ELEMENTS = 8 * lm.d_vocab
+    try:
+        with VocabTensors(lm.W_U) as seen:
+            lm.activations_and_grads(t, hook)
+            clean = lm.hidden_from_hook(x, hook).hidden
+            patched = lm.hidden_from_hook((x * 1.1).requires_grad_(True), hook).hidden
+            lm_chunked.kl_per_token(clean, patched, lm.W_U, lm.b_U).mean().backward()
+    finally:
+        lm_chunked.CHUNK_ELEMENTS = old
+    assert seen.rows and max(seen.rows) <= lm_chunked_rows, seen.rows
+    with VocabTensors(lm.W_U) as control:  # the recorder does see full logits
+        lm.logits(t)
+    assert max(control.rows) == t.numel()
+
+
+def test_under_bf16_autocast_the_outputs_are_float32_and_gradients_keep_the_input_dtype():
+    h, W_U, b_U, tokens = setup(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, dh = lm_chunked.ce_sum_and_grad(h, W_U, b_U, tokens)
+        hn = (h + 0.1).requires_grad_(True)
+        kl = lm_chunked.kl_per_token(h, hn, W_U, b_U)
+    kl.mean().backward()
+    assert loss.dtype == kl.dtype == torch.float32
+    assert dh.dtype == hn.grad.dtype == torch.float32
+    ref_loss = next_token_loss(h @ W_U + b_U, tokens, "sum")
+    assert float(loss) == pytest.approx(float(ref_loss), rel=2e-2)  # bf16 matmul, float32 softmax

@@ -1,0 +1,204 @@
+"""The fused GPT-2 forward equals TransformerLens: every supported hook, the logits, running on from a hook, ∇ₓL.
+
+The reference is TransformerLens itself (``LanguageModel(..., fused=False)`` on the same ``HookedTransformer``,
+and for ∇ₓL TransformerLens' forward with autograd through the full logits). "Relative error" is
+``max|fused − reference| / max|reference|`` over the tensor; the bar is 1e-5 in float32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gsae import lm_fused
+from gsae.lm import RANDOM_PRESETS, LanguageModel, build_hooked_transformer, next_token_loss
+
+TOL = 1e-5
+#: (fold_ln, center_writing_weights, center_unembed): none, each one alone, all
+FLAGS = [(False, False, False), (True, False, False), (False, True, False), (False, False, True), (True, True, True)]
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30))
+
+
+def pair(name: str, flags: tuple[bool, bool, bool], dtype: str = "float32") -> tuple[LanguageModel, LanguageModel]:
+    """``(fused, transformer_lens)`` LanguageModels sharing one model processed with ``flags``.
+
+    Random presets get generic weights first (LayerNorm scales and every bias are 1 / 0 at init, which would
+    make folding and centring no-ops), then TransformerLens' own weight processing, as ``from_pretrained``.
+    """
+    fold, center_w, center_u = flags
+    if name in RANDOM_PRESETS:
+        gen = torch.Generator().manual_seed(7)
+        state = LanguageModel(name, seed=3).model.state_dict()
+        state = {k: v + 0.2 * torch.randn(v.shape, generator=gen) * (v.std() if v.numel() > 1 and v.std() > 0 else 1)
+                 for k, v in state.items() if v.is_floating_point()}
+        model = build_hooked_transformer(
+            RANDOM_PRESETS[name], state_dict=state, seed=None, dtype=dtype, fold_ln=fold,
+            center_writing_weights=center_w, center_unembed=center_u, fold_value_biases=True,
+        )
+        model.eval().requires_grad_(False)
+    else:
+        model = LanguageModel(name, fold_ln=fold, center_writing_weights=center_w, center_unembed=center_u, dtype=dtype).model
+    fused, ref = LanguageModel(name, fused=True), LanguageModel(name, fused=False)
+    fused._model = ref._model = model
+    return fused, ref
+
+
+def residual_hooks(lm: LanguageModel) -> list[str]:
+    per_layer = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+    return ["hook_embed", "hook_pos_embed", *(f"blocks.{i}.{h}" for i in range(lm.n_layers) for h in per_layer)]
+
+
+def some_tokens(lm: LanguageModel, b: int = 2, t: int = 10, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, lm.d_vocab, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_grad(ref: LanguageModel, tokens: torch.Tensor, hook: str) -> torch.Tensor:
+    """∇ₓ mean CE through TransformerLens' full logits with autograd (the unchunked, unfused computation)."""
+    x = ref.activations(tokens, hook).requires_grad_(True)
+    logits = ref.model.run_with_hooks(x, start_at_layer=ref.resume_layer(hook), return_type="logits") if (
+        ref.resume_layer(hook) is not None
+    ) else ref.model.run_with_hooks(tokens, fwd_hooks=[(hook, lambda act, hook: x)])
+    (g,) = torch.autograd.grad(next_token_loss(logits, tokens, "mean"), x)
+    return g
+
+
+MODELS = ["random-tiny", "random-small", "gsae-tiny"]
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "fold{:d}-cw{:d}-cu{:d}".format(*f))
+@pytest.mark.parametrize("name", MODELS)
+def test_every_supported_hook_and_the_logits_match_transformer_lens(name, flags):
+    fused, ref = pair(name, flags)
+    assert fused.fused_weights() is not None, "the fused path must serve GPT-2-architecture models"
+    tokens = some_tokens(fused)
+    for hook in residual_hooks(fused):
+        assert fused.fused_weights([hook]) is not None, hook
+        assert rel_err(fused.activations(tokens, hook), ref.activations(tokens, hook)) <= TOL, hook
+    assert rel_err(fused.logits(tokens), ref.logits(tokens)) <= TOL
+
+
+@pytest.mark.parametrize("flags", [FLAGS[0], FLAGS[-1]], ids=["raw", "processed"])
+@pytest.mark.parametrize("name", MODELS)
+def test_running_on_from_a_hook_and_the_loss_gradient_match_transformer_lens(name, flags):
+    fused, ref = pair(name, flags)
+    tokens = some_tokens(fused, seed=1)
+    last = fused.n_layers - 1
+    for hook in ("blocks.0.hook_resid_pre", f"blocks.{last}.hook_resid_mid", "blocks.0.hook_resid_post"):
+        x = ref.activations(tokens, hook) * 1.3  # off the clean activation, so a wrong start point shows
+        later = [f"blocks.{last}.hook_resid_post", f"blocks.{last}.hook_mlp_out"]
+        with torch.no_grad():
+            a, b = fused.run_from_hook(x, hook, tokens, cache_hooks=later), ref.run_from_hook(x, hook, tokens, cache_hooks=later)
+        assert rel_err(a.logits, b.logits) <= TOL, hook
+        for h in later:
+            assert rel_err(a.cache[h], b.cache[h]) <= TOL, (hook, h)
+        acts, grads, loss = fused.activations_and_grads(tokens, hook)
+        assert rel_err(grads, reference_grad(ref, tokens, hook)) <= TOL, hook
+        assert float(loss) == pytest.approx(float(ref.model(tokens, return_type="loss")), rel=TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [FLAGS[0], FLAGS[-1]], ids=["raw", "processed"])
+def test_gpt2_shaped_model_matches_transformer_lens(flags):
+    """random-gpt2 (GPT-2 small's shape, 50,257-token vocabulary) on short sequences."""
+    fused, ref = pair("random-gpt2", flags)
+    tokens = some_tokens(fused, b=1, t=6)
+    for hook in ("blocks.0.hook_resid_pre", "blocks.6.hook_resid_pre", "blocks.5.hook_resid_mid", "blocks.11.hook_resid_post"):
+        assert rel_err(fused.activations(tokens, hook), ref.activations(tokens, hook)) <= TOL, hook
+    assert rel_err(fused.logits(tokens), ref.logits(tokens)) <= TOL
+    hook = "blocks.9.hook_resid_pre"
+    assert rel_err(fused.activations_and_grads(tokens, hook).grads, reference_grad(ref, tokens, hook)) <= TOL
+
+
+def test_resid_mid_positions_keep_the_clean_activation_as_the_patch_hook_does():
+    fused, ref = pair("random-tiny", FLAGS[-1])
+    tokens = some_tokens(fused)
+    hook = "blocks.1.hook_resid_mid"
+    x = torch.randn(*tokens.shape, fused.d_model, generator=torch.Generator().manual_seed(2))
+    positions = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(3)) < 0.5
+    with torch.no_grad():
+        a = fused.run_from_hook(x, hook, tokens, positions=positions).logits
+        b = ref.run_from_hook(x, hook, tokens, positions=positions).logits
+    assert rel_err(a, b) <= TOL
+
+
+def test_hooks_inside_blocks_and_other_architectures_fall_back_to_transformer_lens():
+    fused, ref = pair("random-tiny", FLAGS[0])
+    tokens = some_tokens(fused)
+    for hook in ("blocks.0.attn.hook_z", "blocks.1.mlp.hook_post", "blocks.0.ln1.hook_normalized"):
+        assert fused.fused_weights([hook]) is None, hook
+        torch.testing.assert_close(fused.activations(tokens, hook), ref.activations(tokens, hook), rtol=0, atol=0)
+        with torch.no_grad():
+            x = ref.activations(tokens, hook)
+            torch.testing.assert_close(fused.run_from_hook(x, hook, tokens).logits, ref.run_from_hook(x, hook, tokens).logits)
+    # a cache hook inside a block: the whole run falls back, values as TransformerLens
+    with torch.no_grad():
+        x = ref.activations(tokens, "blocks.0.hook_resid_post")
+        run = fused.run_from_hook(x, "blocks.0.hook_resid_post", cache_hooks=["blocks.1.attn.hook_z"])
+    assert "blocks.1.attn.hook_z" in run.cache
+    rotary = dict(RANDOM_PRESETS["random-tiny"], positional_embedding_type="rotary", rotary_dim=16)
+    lm = LanguageModel("random-tiny")
+    lm._model = build_hooked_transformer(rotary).eval().requires_grad_(False)
+    assert lm.fused_weights(["blocks.0.hook_resid_pre"]) is None
+    assert LanguageModel("random-tiny", fused=False).fused_weights(["blocks.0.hook_resid_pre"]) is None
+
+
+def test_fused_weights_follow_in_place_edits_and_dtype_moves():
+    fused, ref = pair("random-tiny", FLAGS[-1])
+    tokens = some_tokens(fused)
+    hook = "blocks.1.hook_resid_post"
+    before = fused.activations(tokens, hook)
+    with torch.no_grad():
+        fused.model.blocks[0].attn.W_Q.mul_(2.0)  # in place: the packed QKV must be rebuilt
+    after = fused.activations(tokens, hook)
+    assert rel_err(after, before) > 1e-3
+    assert rel_err(after, ref.activations(tokens, hook)) <= TOL
+    fused.model.double()  # new parameter tensors (TransformerLens' own LNPre would cast back to float32 here)
+    x64 = fused.activations(tokens, hook)
+    assert x64.dtype == torch.float64
+    assert rel_err(x64, after) <= TOL
+
+
+def test_bfloat16_model_close_to_transformer_lens():
+    fused, ref = pair("gsae-tiny", FLAGS[-1], dtype="bfloat16")
+    tokens = some_tokens(fused)
+    hook = "blocks.2.hook_resid_post"
+    a, b = fused.activations(tokens, hook), ref.activations(tokens, hook)
+    assert a.dtype == b.dtype == torch.bfloat16
+    assert rel_err(a, b) < 3e-2
+    assert rel_err(fused.logits(tokens), ref.logits(tokens)) < 3e-2
+    g = fused.activations_and_grads(tokens, hook).grads
+    assert g.dtype == torch.bfloat16 and torch.isfinite(g).all()
+
+
+def test_hook_points_cover_the_residual_stream():
+    assert lm_fused.hook_point("blocks.3.hook_resid_pre") == (6, "point")
+    assert lm_fused.hook_point("blocks.2.hook_resid_post") == lm_fused.hook_point("blocks.3.hook_resid_pre")
+    assert lm_fused.hook_point("blocks.3.hook_mlp_out") == (7, "mlp")
+    assert lm_fused.hook_point("blocks.3.attn.hook_z") is None
+    assert lm_fused.last_step(["blocks.3.hook_mlp_out", "blocks.1.hook_resid_pre"]) == 8
+
+
+def test_compile_option_runs_the_steps_through_torch_compile(monkeypatch):
+    """``--model.lm.compile true`` wraps the fused attention and MLP in ``torch.compile`` (replaced here by a
+    counting wrapper: a real CPU compilation takes ~60 s for the forward and ~20 s more for the backward on 2 cores;
+    measured equal to TransformerLens within 5e-7)."""
+    compiled = []
+
+    def fake_compile(fn, **kw):
+        def wrapped(*a):
+            compiled.append(fn.__name__)
+            return fn(*a)
+
+        return wrapped
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(lm_fused, "_COMPILED", None)
+    fused, ref = pair("random-tiny", FLAGS[-1])
+    fused.compile = True
+    tokens = some_tokens(fused)
+    hook = "blocks.1.hook_resid_post"
+    assert rel_err(fused.activations(tokens, hook), ref.activations(tokens, hook)) <= TOL
+    assert compiled == ["attention", "mlp", "attention", "mlp"]  # monkeypatch restores _COMPILED afterwards
