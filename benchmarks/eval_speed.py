@@ -118,7 +118,8 @@ def same_directions(sae, lm, tokens, types, seed: int) -> dict:
     stats = fit_activation_stats(acts, max_real_pool=65536, seed=seed)
     win = sd.window("all_tokens", tokens.shape[1], None, 17, False)
     deltas, _ = batch_deltas(
-        types, acts[0], stats, sae.W_dec, win.perturb, seed=seed, batch_index=0, substitution=False
+        types, acts[0], stats, sae.W_dec, win.perturb, seed=seed, first_seq=0, block_fired={0: acts[0].fired},
+        substitution=False,
     )
     return {k: F.pad(u, (0, 0, 0, 1)) for k, u in deltas.items()}  # (B, T, D)
 

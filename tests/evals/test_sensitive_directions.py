@@ -186,10 +186,14 @@ def test_batched_sweep_equals_naive_full_forward_loop(tiny_lm, tokens, sae, hook
         perturb = torch.zeros(tokens.shape[1], 1)
         perturb[4] = 1
     deltas = {}
-    for k in kinds:  # directions are drawn for the positions run: up to the last one read
+    for k in kinds:  # directions are drawn per sequence, for the positions run: up to the last one read
         x = r.x[:, : 4 + 5] if mode == "single_token" else r.x[:, :-1]
-        u = make_direction(
-            k, x, generator(seed, 0, k), stats, r.x_hat[:, : x.shape[1]], sae.W_dec, pools.get(FEATURE_POOLS.get(k, ""))
+        pool = pools.get(FEATURE_POOLS.get(k, ""))
+        u = torch.cat(
+            [
+                make_direction(k, x[i : i + 1], generator(seed, i, k), stats, r.x_hat[i : i + 1, : x.shape[1]], sae.W_dec, pool)
+                for i in range(x.shape[0])
+            ]
         )
         deltas[k] = F.pad(u, (0, 0, 0, tokens.shape[1] - x.shape[1])) * perturb
     deltas["sae"] = (r.x_hat - r.x) * perturb
