@@ -27,7 +27,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from gsae.evals import artifacts, check_benchmarks, run_benchmarks, tagged_figures, tagged_scalars, tagged_texts
+from gsae.evals import (
+    BENCHMARKS,
+    artifacts,
+    check_benchmarks,
+    run_benchmarks,
+    tagged_figures,
+    tagged_scalars,
+    tagged_texts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,24 +82,26 @@ class EvaluationCallback(Callback):
             every_n_steps: also evaluate (log only, no JSON) every this many optimizer steps; None: only at checkpoints.
             seed: seed of the benchmarks' samples (latents, positions).
             options: per-benchmark options, e.g. ``{"steering": {"n_latents": 64}}``; ``n_seqs`` there limits
-                that benchmark to the first ``n_seqs`` held-out contexts.
+                that benchmark to the first ``n_seqs`` held-out contexts (at most ``n_seqs``). Options of
+                benchmarks not in ``benchmarks`` are kept but unused, so ``--evaluation.benchmarks`` alone
+                changes the set of a config that sizes them all.
             log_figures: log each benchmark's figures to TensorBoard (when the logger is a TensorBoardLogger).
             write_json: write ``<checkpoint>.eval.json`` beside every checkpoint.
         """
         super().__init__()
         self.enabled = enabled
         self.benchmarks = check_benchmarks(list(benchmarks or DEFAULT_BENCHMARKS), "EvaluationCallback.benchmarks")
-        unknown = set(options or {}) - set(self.benchmarks)
+        unknown = set(options or {}) - set(BENCHMARKS)
         if unknown:
             raise ValueError(
-                f"EvaluationCallback.options: {sorted(unknown)} are not among the benchmarks {self.benchmarks}"
+                f"EvaluationCallback.options: {sorted(unknown)} are not benchmarks; choose from {', '.join(BENCHMARKS)}"
             )
         if n_seqs <= 0:
             raise ValueError(f"EvaluationCallback.n_seqs must be > 0 (got {n_seqs})")
         for name, opts in (options or {}).items():
             k = opts.get(N_SEQS_OPTION) if isinstance(opts, dict) else None
-            if k is not None and not 0 < int(k) <= n_seqs:
-                raise ValueError(f"EvaluationCallback.options.{name}.n_seqs must be in [1, n_seqs={n_seqs}] (got {k})")
+            if k is not None and int(k) <= 0:
+                raise ValueError(f"EvaluationCallback.options.{name}.n_seqs must be > 0 (got {k})")
         if every_n_steps is not None and every_n_steps <= 0:
             raise ValueError(f"EvaluationCallback.every_n_steps must be > 0 or null (got {every_n_steps})")
         self.n_seqs = n_seqs
