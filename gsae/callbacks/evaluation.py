@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,8 @@ class EvaluationCallback(Callback):
         self.write_json = write_json
         self._tokens: torch.Tensor | None = None
         self._last: tuple[int, dict] | None = None  # (global step, results) of the latest evaluation
+        #: wall seconds of each benchmark in the latest evaluation (logged as ``eval/seconds/<benchmark>``)
+        self.last_seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------ hooks
     def on_sae_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ckpt_path: str | Path) -> None:
@@ -150,16 +153,18 @@ class EvaluationCallback(Callback):
         tokens = self.held_out_tokens(trainer).to(lm.device)
         dm = trainer.datamodule
         batch_size = self.batch_size or getattr(dm, "batch_size", 8)
-        results = {}
+        results, self.last_seconds = {}, {}
         for name in self.benchmarks:
             opts = dict(self.options.get(name, {}))
             n = int(opts.pop(N_SEQS_OPTION, tokens.shape[0]))
+            t0 = time.perf_counter()
             results.update(
                 run_benchmarks(
                     [name], pl_module.sae, lm, pl_module.hook, tokens[:n], seed=self.seed,
                     options={name: opts}, batch_size=batch_size,
                 )
             )
+            self.last_seconds[name] = time.perf_counter() - t0
         self._last = (step, results)
         self._log(trainer, results, step)
         return results
@@ -181,7 +186,7 @@ class EvaluationCallback(Callback):
     def _log(self, trainer: pl.Trainer, results: dict[str, dict], step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        values = tagged_scalars(results)
+        values = {**tagged_scalars(results), **{f"eval/seconds/{k}": v for k, v in self.last_seconds.items()}}
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
         writers = [

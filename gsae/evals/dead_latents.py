@@ -31,7 +31,7 @@ from torch import Tensor
 
 from gsae.evals.common import batches, sae_on_tokens, special_token_mask
 from gsae.lm import LanguageModel
-from gsae.metrics import DeadLatentTracker, fire_counts, fired_mask
+from gsae.metrics import DeadLatentTracker, FireCountMetric, fired_mask
 from gsae.sae.base import SparseAutoencoder
 
 Rows = tuple[Tensor | None, Tensor | None, Tensor | None]  # (top_idx, top_acts, latents) of some tokens
@@ -43,11 +43,6 @@ def _rows(out, keep: Tensor) -> Rows:
 
 def _slice(rows: Rows, a: int, b: int) -> Rows:
     return tuple(None if t is None else t[a:b] for t in rows)
-
-
-def _fire_counts(rows: Rows, d_sae: int) -> Tensor:
-    """``(d_sae,)`` number of tokens on which each latent is nonzero."""
-    return fire_counts(*rows, d_sae)
 
 
 @torch.no_grad()
@@ -94,7 +89,7 @@ def run(
     n_used = n_total // batch_tokens * batch_tokens if enough else n_total
     window = n_used if window_tokens is None else window_tokens
     tracker = DeadLatentTracker(sae.d_sae, dead_batches, window).to(sae.W_dec.device)
-    counts = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_dec.device)
+    counts = FireCountMetric(sae.d_sae, sync_on_compute=False).to(sae.W_dec.device)  # rank 0 only: no collective
     fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_dec.device)
     seen = 0  # tokens fed so far; the current batch holds seen % batch_tokens of them
     for tok in batches(tokens.to(lm.device), batch_size):
@@ -108,13 +103,13 @@ def run(
             b = min(n, a + batch_tokens - seen % batch_tokens)
             piece = _slice(rows, a, b)
             fired |= fired_mask(*piece, sae.d_sae)
-            counts += _fire_counts(piece, sae.d_sae)
+            counts.update(*piece)
             seen += b - a
             a = b
             if seen % batch_tokens == 0 or seen == n_used:  # a full batch, or (short stream) the end
                 tracker.update(fired, batch_tokens if seen % batch_tokens == 0 else seen % batch_tokens)
                 fired.zero_()
-    out = _summary(tracker, counts, n_used, batch_tokens, dead_batches, window, log10_min, bin_width)
+    out = _summary(tracker, counts.compute()[0], n_used, batch_tokens, dead_batches, window, log10_min, bin_width)
     if not enough:
         need = dead_batches * batch_tokens
         out["dead_fraction_batches"] = out["n_dead_batches"] = None
