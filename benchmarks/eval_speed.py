@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--config", default="configs/gpt2/gsae.yaml", help="config whose batch, cadence and evaluation "
                    "budgets the callback-cost measurement uses")
+    p.add_argument("--metrics", action="store_true", help="only compare the per-step metric reduction: one packed "
+                   "all_reduce against torchmetrics states, 2 gloo ranks, at the gpt2 config's shape")
     p.add_argument("--train-steps", type=int, default=3, help="training steps timed for the callback cost (0 skips it)")
     return p.parse_args(argv)
 
@@ -185,9 +187,81 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-6) for x, y in zip(a, b))
 
 
+def _metrics_rank(rank: int, world: int, port: int, n_tok: int, d_in: int, d_sae: int, k: int, reps: int, q) -> None:
+    """One gloo rank: time the training step's reduction both ways on the same random batch."""
+    import torch.distributed as dist
+
+    from gsae.metrics import FireCountMetric, ReconMetric, ReconSums, fired_mask, recon_sums
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(n_tok, d_in, generator=g)
+    x_hat = x + 0.1 * torch.randn(n_tok, d_in, generator=g)
+    idx, acts = torch.randint(0, d_sae, (n_tok, k), generator=g), torch.rand(n_tok, k, generator=g)
+    l0 = (acts != 0).sum(-1)
+
+    def packed():  # SAESystem.shared_step's training path
+        sums = recon_sums(x, x_hat, l0)
+        buf = torch.cat([fired_mask(idx, acts, None, d_sae).double(), sums.flat()])
+        dist.all_reduce(buf)
+        return buf[:d_sae] > 0, ReconSums.unflat(buf[d_sae:])
+
+    rm, fc = ReconMetric(d_in), FireCountMetric(d_sae)
+
+    def metrics():  # the same with torchmetrics states, synced every step (dead latents need the global mask)
+        rm.reset(), fc.reset()
+        rm.update(x, x_hat, l0)
+        fc.update(idx, acts, None)
+        return fc.compute()[0] > 0, rm.compute()
+
+    out = {}
+    for name, fn in (("packed", packed), ("torchmetrics", metrics), ("packed", packed), ("torchmetrics", metrics)):
+        fn()
+        dist.barrier()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        out.setdefault(name, []).append((time.perf_counter() - t) / reps)
+    if rank == 0:
+        q.put({k: min(v) for k, v in out.items()})
+    dist.destroy_process_group()
+
+
+def metric_sync(args: argparse.Namespace) -> dict:
+    """Seconds per training step of the packed all-reduce and of torchmetrics, 2 gloo ranks (min of 2 rounds)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    import yaml
+
+    cfg = yaml.safe_load(open(args.config))
+    d_sae = cfg["model"]["init_args"]["sae"]["init_args"]["d_sae"]
+    k = cfg["model"]["init_args"]["sae"]["init_args"]["k"]
+    n_tok = cfg["data"]["batch_size"] * cfg["data"]["context_size"] // 2  # per rank
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_metrics_rank, args=(r, 2, port, n_tok, 768, d_sae, k, 10, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    res = q.get(timeout=600)
+    for p in procs:
+        p.join()
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.metrics:
+        r = metric_sync(args)
+        print(f"metric_sync_packed_ms={1000 * r['packed']:.2f} metric_sync_torchmetrics_ms={1000 * r['torchmetrics']:.2f}"
+              " (per training step, 2 gloo ranks, fired mask + ReconSums)")
+        print(f"torchmetrics_vs_packed={r['torchmetrics'] / r['packed']:.2f}")
+        return r
     assert args.n_seq <= 64, "one batch of run()'s default batch_size (64), so the naive loop sees the same directions"
     t = time.perf_counter()
     lm = LanguageModel("random-gpt2").to(args.device)
