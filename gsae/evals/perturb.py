@@ -73,7 +73,11 @@ def perturbation_runs(
     N, t_run, _ = ref.shape
     fin = final_hook(lm)
     read = read.to(ref.device)
-    kl = torch.zeros(n_jobs, N, read.numel(), dtype=torch.float64, device=ref.device)
+    R = read.numel()
+    lo = int(read[0]) if R else 0
+    if R and torch.equal(read.cpu(), torch.arange(lo, lo + R)):
+        read = slice(lo, lo + R)  # contiguous: a view of the logits, not a gathered copy
+    kl = torch.zeros(n_jobs, N, R, dtype=torch.float64, device=ref.device)
     l2 = torch.zeros_like(kl)
     group = min(N, max(1, forward_tokens // t_run))  # reference sequences per group
     per_fwd = max(1, forward_tokens // (group * t_run))  # jobs per forward
@@ -92,9 +96,9 @@ def perturbation_runs(
             nj = xp.shape[0]
             flat = xp.reshape(nj * b, t_run, -1)
             run = lm.run_from_hook(flat, hook, tokens=None if tok is None else tok.repeat(nj, 1), cache_hooks=[fin])
-            logits = run.logits[:, read].reshape(nj, b, read.numel(), -1)
+            logits = run.logits[:, read].reshape(nj, b, R, -1)
             kl[j0 : j0 + nj, s0:s1] = kl_from_logprobs(logp, p, logits).double()
-            h = run.cache.get(fin, flat)[:, read].reshape(nj, b, read.numel(), -1).float()
+            h = run.cache.get(fin, flat)[:, read].reshape(nj, b, R, -1).float()
             l2[j0 : j0 + nj, s0:s1] = (h - h_ref).norm(dim=-1).double()
             del run, xp, flat, logits, h
     return PerturbedRuns(kl, l2)

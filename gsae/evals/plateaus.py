@@ -28,8 +28,9 @@ both at ``position``, between step ``n`` and step 0.
 these curves.
 
 **Speed.** The prompts run once up to the hook (``lm.activations``); each curve is ``101`` copies of the
-prompt, cut after ``position`` (later tokens cannot change it), that run only the layers after the hook
-(``lm.run_from_hook``), many curves per forward pass (about ``forward_tokens`` tokens). Tables, ``format_table``
+prompt, cut after ``position`` (later tokens cannot change it), that run only the layers after the hook through
+:func:`gsae.evals.perturb.perturbation_runs` (the loop ``sensitive_directions`` uses): step 0 once as the
+reference, steps 1… many curves per forward pass (about ``forward_tokens`` tokens). Tables, ``format_table``
 and ``figures`` are in :mod:`gsae.evals.step_metrics`.
 """
 
