@@ -11,7 +11,8 @@ For a seeded sample of *alive* latents i (fired on some unmasked evaluation toke
 
 ``α d_i`` is added at one position t of one sequence (``mode="position"``, the SPEC §1.6 recommendation)
 or at every unmasked position ≤ t (``mode="all"``), and the distribution is read at the same t. Positions
-(sequence, t) are drawn with a seeded RNG among non-special tokens; values are averaged over positions
+(sequence, t) are drawn with a seeded RNG among non-special tokens, independently of the SAE (two SAEs on the
+same tokens are steered at the same positions); values are averaged over positions
 (per latent), then over latents. The model is causal, so only the prefix ``tokens[:, :t+1]`` is run.
 The nonzero α of the grid are batched into one ``run_from_hook`` forward whose first row is the
 unsteered ``x`` (the baseline ``M(x)``); α = 0 *is* that baseline, ``Δp = M(x) − M(x) = 0``, so it is
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 from gsae.evals.common import batches, sae_on_tokens, special_token_mask
+from gsae.evals.directions import generator
 from gsae.lm import LanguageModel
 from gsae.metrics import fired_mask
 from gsae.sae.base import SparseAutoencoder
@@ -181,7 +183,8 @@ def run(
     reason = applicable(sae, lm, hook)
     if reason:
         raise ValueError(reason)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # latents (which are alive depends on the SAE)
+    gen_pos = generator(seed, "steering_positions")  # positions: the same for every SAE on the same tokens
     tokens = tokens.to(lm.device)
     alive = alive_latents(sae, lm, hook, tokens, batch_size, exclude_special_tokens)
     latents = alive[torch.randperm(len(alive), generator=gen)[:n_latents]].sort().values
@@ -192,7 +195,7 @@ def run(
     nonzero = grid[grid != 0].unique()
     mask = special_token_mask(lm, tokens, exclude_special_tokens)
     total = torch.zeros(len(latents), len(nonzero), 3, dtype=torch.float64)
-    positions = sample_positions(mask.cpu(), n_positions, gen)
+    positions = sample_positions(mask.cpu(), n_positions, gen_pos)
     for s, t in positions:
         where = mask[s, : t + 1].clone() if mode == "all" else torch.arange(t + 1, device=mask.device) == t
         alph = nonzero.to(device=lm.device, dtype=torch.float32)

@@ -67,3 +67,13 @@ def test_two_saes_get_the_same_draws(tiny_lm):
     a = sd.run(build_topk(seed=0), tiny_lm, HOOK, toks, **kw)
     b = sd.run(build_topk(seed=5), tiny_lm, HOOK, toks, **kw)
     assert a["curves"] == b["curves"]
+
+
+def test_two_saes_are_steered_at_the_same_positions(tiny_lm):
+    from gsae.evals import steering
+
+    toks = build_tokens(6, 16)
+    kw = dict(n_latents=2, n_positions=4, alphas=[0, 10], seed=3)
+    a = steering.run(build_topk(seed=0), tiny_lm, HOOK, toks, **kw)
+    b = steering.run(build_topk(seed=7, d_sae=64), tiny_lm, HOOK, toks, **kw)
+    assert a["positions"] == b["positions"] and a["n_alive"] != b["n_alive"]
