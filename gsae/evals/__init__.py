@@ -123,19 +123,24 @@ def run_benchmarks(
 def benchmark_figures(name: str, result: dict) -> dict:
     """``figures(result)`` of benchmark ``name`` (``{}`` if it draws none)."""
     fn = getattr(BENCHMARKS[name], "figures", None)
-    return fn(result) if fn is not None and "skipped" not in result else {}
+    return fn(result) if fn is not None and not is_skipped(result) else {}
+
+
+def is_skipped(result: dict) -> bool:
+    """Whether a result is ``{"skipped": reason}`` (the benchmark did not apply), not a benchmark's own field."""
+    return isinstance(result.get("skipped"), str)
 
 
 def benchmark_artifacts(name: str, result: dict) -> dict[str, str]:
     """``artifacts(result)`` of benchmark ``name``: filename suffix -> file content (``{}`` if none)."""
     fn = getattr(BENCHMARKS[name], "artifacts", None)
-    return fn(result) if fn is not None and "skipped" not in result else {}
+    return fn(result) if fn is not None and not is_skipped(result) else {}
 
 
 def benchmark_texts(name: str, result: dict) -> dict[str, str]:
     """``texts(result)`` of benchmark ``name``: TensorBoard text tag -> markdown (``{}`` if none)."""
     fn = getattr(BENCHMARKS[name], "texts", None)
-    return fn(result) if fn is not None and "skipped" not in result else {}
+    return fn(result) if fn is not None and not is_skipped(result) else {}
 
 
 def tagged_texts(results: dict[str, dict], prefix: str = "eval") -> dict[str, str]:
@@ -177,6 +182,7 @@ __all__ = [
     "benchmark_figures",
     "benchmark_texts",
     "check_benchmarks",
+    "is_skipped",
     "run_benchmark",
     "run_benchmarks",
     "scalars",

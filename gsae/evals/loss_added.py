@@ -138,6 +138,14 @@ def _ratio(num: float, den: float) -> float:
 
 
 def figures(result: dict) -> dict:
-    """No curves: every result of this benchmark is a scalar."""
-    del result
-    return {}
+    """CE clean / with the SAE / zero-ablated and KL with the SAE / zero-ablated, as bars."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.2))
+    ax, ax2 = fig.subplots(1, 2)
+    ax.bar(["clean", "SAE", "ablation"], [result["ce_clean"], result["ce_sae"], result["ce_ablation"]])
+    ax.set(ylabel="next-token CE (nats)", title=f"L_added {result['L_added']:.3g}")
+    ax2.bar(["SAE", "ablation"], [result["kl_sae"], result["kl_ablation"]])
+    ax2.set(ylabel="KL to clean", title=f"kl_div_score {result['kl_div_score']:.3g}")
+    fig.tight_layout()
+    return {"ce_and_kl": fig}
