@@ -7,8 +7,9 @@ State accumulated over batches and ranks lives in ``torchmetrics.Metric`` s (:cl
 :class:`FireCountMetric`: ``dist_reduce_fx="sum"``), used by validation and the benchmarks. The *training
 step* keeps one packed ``all_reduce`` of ``[fired mask, ReconSums]`` (``SAESystem.shared_step``): the dead-latent
 counters need the global fired mask at every step, and torchmetrics syncs each state with its own
-``all_gather`` (8 collectives plus the gather buffers, against one); ``benchmarks/eval_speed.py --metrics``
-measures both per step.
+``all_gather`` (8 collectives plus the gather buffers, against one). ``benchmarks/eval_speed.py --metrics`` on
+2 gloo CPU ranks: 323 ms packed vs 396 ms torchmetrics per step, under 2% of a CPU g-SAE step (~0.04% there);
+not measured on GPUs, where steps are far shorter, so the packed reduction stays.
 """
 
 from __future__ import annotations
