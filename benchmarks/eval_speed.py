@@ -8,8 +8,15 @@ direction type, KL and final-residual L2 per run. The two curves must agree; the
 
 Random weights (``random-gpt2``: no download), a TopK SAE with random weights, random tokens::
 
-    python benchmarks/eval_speed.py                       # 4 × 64 tokens, 4 types × 3 lengths (~1-3 min, 2 cores)
-    python benchmarks/eval_speed.py --n-seq 8 --lengths 1 11 31 91
+    python benchmarks/eval_speed.py                       # sweep: 4 × 64 tokens, 4 types × 3 lengths; + callback cost
+    python benchmarks/eval_speed.py --n-seq 8 --lengths 1 11 31 91 --train-steps 0   # the sweep only
+
+``callback_cost_fraction`` = one ``EvaluationCallback`` run (the default benchmarks with ``--config``'s evaluation
+budgets) ÷ the training time between two checkpoints (median step × ``checkpoint.every_n_train_steps``), both
+measured in this process on random-gpt2 at the config's batch (see :func:`callback_cost`).
+
+The sweep cannot beat the naive loop by more than its FLOP ratio: the naive run is prefix + suffix + unembedding,
+ours the suffix + unembedding per copy (plus one prefix per sequence); ``sweep_flop_bound`` prints that ratio.
 """
 
 from __future__ import annotations
@@ -42,43 +49,84 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--forward-tokens", type=int, default=2048, help="tokens per forward pass of the sweep")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--callback-seqs", type=int, default=32, help="held-out contexts of the callback-cost measurement (0 skips it)")
-    p.add_argument("--batch-size", type=int, default=32, help="contexts per training step (callback-cost measurement)")
-    p.add_argument("--context-size", type=int, default=128, help="tokens per context (callback-cost measurement)")
+    p.add_argument("--config", default="configs/gpt2/gsae.yaml", help="config whose batch, cadence and evaluation "
+                   "budgets the callback-cost measurement uses")
+    p.add_argument("--metrics", action="store_true", help="only compare the per-step metric reduction: one packed "
+                   "all_reduce against torchmetrics states, 2 gloo ranks, at the gpt2 config's shape")
+    p.add_argument("--train-steps", type=int, default=3, help="training steps timed for the callback cost (0 skips it)")
     return p.parse_args(argv)
 
 
-def callback_cost(lm: LanguageModel, args: argparse.Namespace) -> tuple[float, float]:
-    """``(seconds of the default EvaluationCallback benchmarks on one checkpoint, seconds of one training step)``.
+def callback_cost(args: argparse.Namespace) -> dict:
+    """What the default ``EvaluationCallback`` costs at ``--config``'s batch, cadence and budgets, in one process.
 
-    One training step = the real ``LocalSAESystem`` step on ``batch_size × context_size`` tokens: harvest at the
-    hook, TopK SAE forward, loss, backward, Adam step. The callback = ``run_benchmarks`` of the callback's
-    default set on ``callback_seqs`` held-out contexts, as ``EvaluationCallback`` runs it at every checkpoint.
+    The model, SAE (class and options), hook, buffer, batch (``data.batch_size × data.context_size``), the
+    checkpoint cadence (``checkpoint.every_n_train_steps``) and the ``evaluation:`` section come from the config;
+    the LM is ``random-gpt2`` (GPT-2 small's shape, random weights, the config's weight-processing flags); tokens
+    are random ids with BOS first. Training: the real ``LocalSAESystem`` step (harvest with ``∇ₓL`` for a g-SAE,
+    shuffle buffer, SAE forward, loss, backward, Adam), timed over ``--train-steps`` steps after one warm-up step,
+    median, times the cadence. Callback: ``EvaluationCallback.evaluate`` exactly as at a checkpoint (every default
+    benchmark, the config's per-benchmark ``n_seqs`` and options), timed once, per benchmark too.
     """
-    from gsae.callbacks.evaluation import DEFAULT_BENCHMARKS
+    import importlib
+    from types import SimpleNamespace
+
+    import yaml
+
+    from gsae.callbacks.evaluation import EvaluationCallback
     from gsae.data import TokenBatch
-    from gsae.evals import run_benchmarks
     from gsae.systems import LocalSAESystem
 
-    system = LocalSAESystem(lm, lambda d: TopKSAE(d, args.d_sae, args.k), hook=HOOK).to(args.device)
+    cfg = yaml.safe_load(open(args.config))
+    m = cfg["model"]["init_args"]
+    mod, _, cls = m["sae"]["class_path"].rpartition(".")
+    sae_cls, sae_args = getattr(importlib.import_module(mod), cls), m["sae"].get("init_args", {})
+    flags = {k: v for k, v in m["lm"].items() if k in ("fold_ln", "center_writing_weights", "center_unembed")}
+    lm = LanguageModel("random-gpt2", **flags).to(args.device)
+    extra = {k: m[k] for k in ("buffer_size", "grad_reduction") if k in m}
+    system = LocalSAESystem(lm, lambda d: sae_cls(d, **sae_args), hook=m["hook"], **extra).to(args.device)
     opt = torch.optim.Adam(system.sae.parameters(), lr=1e-4)
+    B, T = cfg["data"]["batch_size"], cfg["data"]["context_size"]
+    every = cfg["checkpoint"]["every_n_train_steps"]
     gen = torch.Generator().manual_seed(1)
-    batch = lambda n: torch.randint(0, lm.d_vocab, (n, args.context_size), generator=gen).to(args.device)  # noqa: E731
+
+    def batch(n: int) -> torch.Tensor:
+        t = torch.randint(0, lm.d_vocab, (n, T), generator=gen)
+        t[:, 0] = lm.bos_token_id
+        return t.to(args.device)
 
     def step() -> None:
-        loss, *_ = system.objective(TokenBatch(batch(args.batch_size), 0), "train")
+        loss, *_ = system.objective(TokenBatch(batch(B), 0), "train")
         loss.backward()
         opt.step()
         opt.zero_grad()
 
-    step()  # warm-up (and b_dec initialisation)
-    steps = [timed(step)[1] for _ in range(3)]
-    step_s = sorted(steps)[1]
-    tokens = batch(args.callback_seqs)
-    _, eval_s, _ = timed(
-        run_benchmarks, list(DEFAULT_BENCHMARKS), system.sae, lm, HOOK, tokens, seed=0, batch_size=args.batch_size
+    step()  # warm-up (b_dec initialisation, Adam state)
+    steps = sorted(timed(step)[1] for _ in range(args.train_steps))
+    step_s = steps[len(steps) // 2]
+    ev = cfg.get("evaluation") or {}
+    cb = EvaluationCallback(**{k: v for k, v in ev.items() if k != "enabled"})
+    held_out = batch(cb.n_seqs)
+    dm = SimpleNamespace(contexts=lambda which: iter(held_out.cpu().tolist()), batch_size=B)
+    trainer = SimpleNamespace(is_global_zero=True, global_step=every, datamodule=dm, loggers=[])
+    _, eval_s, _ = timed(cb.evaluate, trainer, system)
+    return dict(
+        config=args.config, sae=cls, hook=m["hook"], batch=f"{B}x{T}", every=every, step_s=step_s, steps=steps,
+        eval_s=eval_s, per=cb.last_seconds, n_seqs=cb.n_seqs, benchmarks=cb.benchmarks,
     )
-    return eval_s, step_s
+
+
+def flop_bound(lm: LanguageModel, hook_layer: int, n_runs: int, T: int) -> float:
+    """FLOP ratio naive ÷ sweep: ``(n_runs + 1)`` full forwards of ``T`` tokens against one prefix of ``T`` tokens
+    plus ``(n_runs + 1)`` suffixes (layers from the hook on, and the unembedding) of ``T − 1`` tokens."""
+    d, V, L = lm.d_model, lm.d_vocab, lm.n_layers
+
+    def layers(n: int, t: int) -> float:
+        return n * t * (24 * d * d + 4 * t * d)
+
+    full = layers(L, T) + 2 * T * d * V
+    ours = layers(hook_layer, T) + (n_runs + 1) * (layers(L - hook_layer, T - 1) + 2 * (T - 1) * d * V)
+    return (n_runs + 1) * full / ours
 
 
 @torch.no_grad()
@@ -118,7 +166,8 @@ def same_directions(sae, lm, tokens, types, seed: int) -> dict:
     stats = fit_activation_stats(acts, max_real_pool=65536, seed=seed)
     win = sd.window("all_tokens", tokens.shape[1], None, 17, False)
     deltas, _ = batch_deltas(
-        types, acts[0], stats, sae.W_dec, win.perturb, seed=seed, batch_index=0, substitution=False
+        types, acts[0], stats, sae.W_dec, win.perturb, seed=seed, first_seq=0, block_fired={0: acts[0].fired},
+        substitution=False,
     )
     return {k: F.pad(u, (0, 0, 0, 1)) for k, u in deltas.items()}  # (B, T, D)
 
@@ -138,9 +187,81 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-6) for x, y in zip(a, b))
 
 
+def _metrics_rank(rank: int, world: int, port: int, n_tok: int, d_in: int, d_sae: int, k: int, reps: int, q) -> None:
+    """One gloo rank: time the training step's reduction both ways on the same random batch."""
+    import torch.distributed as dist
+
+    from gsae.metrics import FireCountMetric, ReconMetric, ReconSums, fired_mask, recon_sums
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(n_tok, d_in, generator=g)
+    x_hat = x + 0.1 * torch.randn(n_tok, d_in, generator=g)
+    idx, acts = torch.randint(0, d_sae, (n_tok, k), generator=g), torch.rand(n_tok, k, generator=g)
+    l0 = (acts != 0).sum(-1)
+
+    def packed():  # SAESystem.shared_step's training path
+        sums = recon_sums(x, x_hat, l0)
+        buf = torch.cat([fired_mask(idx, acts, None, d_sae).double(), sums.flat()])
+        dist.all_reduce(buf)
+        return buf[:d_sae] > 0, ReconSums.unflat(buf[d_sae:])
+
+    rm, fc = ReconMetric(d_in), FireCountMetric(d_sae)
+
+    def metrics():  # the same with torchmetrics states, synced every step (dead latents need the global mask)
+        rm.reset(), fc.reset()
+        rm.update(x, x_hat, l0)
+        fc.update(idx, acts, None)
+        return fc.compute()[0] > 0, rm.compute()
+
+    out = {}
+    for name, fn in (("packed", packed), ("torchmetrics", metrics), ("packed", packed), ("torchmetrics", metrics)):
+        fn()
+        dist.barrier()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        out.setdefault(name, []).append((time.perf_counter() - t) / reps)
+    if rank == 0:
+        q.put({k: min(v) for k, v in out.items()})
+    dist.destroy_process_group()
+
+
+def metric_sync(args: argparse.Namespace) -> dict:
+    """Seconds per training step of the packed all-reduce and of torchmetrics, 2 gloo ranks (min of 2 rounds)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    import yaml
+
+    cfg = yaml.safe_load(open(args.config))
+    d_sae = cfg["model"]["init_args"]["sae"]["init_args"]["d_sae"]
+    k = cfg["model"]["init_args"]["sae"]["init_args"]["k"]
+    n_tok = cfg["data"]["batch_size"] * cfg["data"]["context_size"] // 2  # per rank
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_metrics_rank, args=(r, 2, port, n_tok, 768, d_sae, k, 10, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    res = q.get(timeout=600)
+    for p in procs:
+        p.join()
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.metrics:
+        r = metric_sync(args)
+        print(f"metric_sync_packed_ms={1000 * r['packed']:.2f} metric_sync_torchmetrics_ms={1000 * r['torchmetrics']:.2f}"
+              " (per training step, 2 gloo ranks, fired mask + ReconSums)")
+        print(f"torchmetrics_vs_packed={r['torchmetrics'] / r['packed']:.2f}")
+        return r
     assert args.n_seq <= 64, "one batch of run()'s default batch_size (64), so the naive loop sees the same directions"
     t = time.perf_counter()
     lm = LanguageModel("random-gpt2").to(args.device)
@@ -183,15 +304,20 @@ def main(argv: list[str] | None = None) -> dict:
         f"naive_s={t_naive:.2f} naive_cpu_s={cpu_naive:.2f} ({n_runs} full forwards with a patch hook, directions given)"
     )
     out = dict(sweep_s=t_sweep, naive_s=t_naive, speedup=t_naive / t_sweep, agree=ok)
-    if args.callback_seqs:
-        eval_s, step_s = callback_cost(lm, args)
-        print(
-            f"callback_default_s={eval_s:.2f} (loss_added, dead_latents, decoder_geometry on {args.callback_seqs}x"
-            f"{args.context_size} held-out tokens) train_step_s={step_s:.2f} ({args.batch_size}x{args.context_size} tokens)"
-        )
-        print(f"callback_cost_in_train_steps={eval_s / step_s:.1f}")
-        out.update(callback_s=eval_s, train_step_s=step_s)
+    if args.train_steps:
+        c = callback_cost(args)
+        train_s = c["step_s"] * c["every"]
+        print(f"callback_config={c['config']} sae={c['sae']} hook={c['hook']} batch={c['batch']} "
+              f"checkpoint_every={c['every']} n_seqs={c['n_seqs']} benchmarks={','.join(c['benchmarks'])}")
+        print("train_step_s=" + f"{c['step_s']:.2f} (median of " + " ".join(f"{v:.2f}" for v in c["steps"]) + ")")
+        for name, sec in c["per"].items():
+            print(f"  callback_{name}_s={sec:.2f}")
+        print(f"callback_s={c['eval_s']:.2f} train_s_between_checkpoints={train_s:.0f} (train_step_s x {c['every']})")
+        print(f"callback_cost_fraction={c['eval_s'] / train_s:.4f}")
+        out.update(callback_s=c["eval_s"], train_step_s=c["step_s"], callback_cost_fraction=c["eval_s"] / train_s)
     print(f"sweep_speedup_vs_naive_cpu_time={cpu_naive / cpu_sweep:.2f}")
+    print(f"sweep_flop_bound={flop_bound(lm, lm.hook_layer(HOOK), n_runs, args.seq_len):.2f} (FLOP ratio naive / sweep:"
+          " the most an exact sweep can gain over full forwards at this hook)")
     print(f"sweep_speedup_vs_naive={t_naive / t_sweep:.2f}")
     return out
 

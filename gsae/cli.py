@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from gsae.callbacks.checkpoint import SAECheckpoint
+from gsae.callbacks.evaluation import EvaluationCallback
 from gsae.cli_errors import parse_error_line
 from gsae.data.datamodule import TokenDataModule
 from gsae.loggers import curves_first
@@ -47,6 +48,8 @@ class GSAECLI(LightningCLI):
         parser.link_arguments("model.lm", "data.lm", apply_on="instantiate")
         parser.add_lightning_class_args(SAECheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.every_n_train_steps": 1000})
+        # benchmarks on every checkpoint, on by default: --evaluation.enabled false / --evaluation.benchmarks [...]
+        parser.add_lightning_class_args(EvaluationCallback, "evaluation")
         parser.add_argument(
             "--ckpt_path",
             type=str | None,

@@ -12,8 +12,10 @@ The LM comes from the checkpoint (``meta["lm"]``) or the SAELens metadata (``mod
 the same held-out tokens: the first ``--n-seqs`` validation contexts of ``--dataset`` (default: the
 dataset a checkpoint was trained on, else ``synthetic`` for ``random-*`` models, else OpenWebText).
 
-Prints one column per SAE (rows ``benchmark.metric``); ``--output`` writes ``{benchmark: {sae: result}}``;
-``--logdir`` writes TensorBoard scalars and figures, one run per PATH. Bad input: one line on stderr, exit 1.
+Prints one column per SAE (rows ``benchmark.metric``); ``--output`` writes ``{benchmark: {sae: result}}`` (and,
+for benchmarks that define ``artifacts``, ``<output stem>.<sae><suffix>`` files beside it); ``--logdir`` writes
+TensorBoard scalars, figures and texts, one run per PATH. Every SAE on the same LM gets the same tokens and the same
+seeded draws, so the columns are comparable. Bad input: one line on stderr, exit 1.
 """
 
 from __future__ import annotations
@@ -31,7 +33,17 @@ from typing import NamedTuple
 
 import torch
 
-from gsae.evals import BENCHMARKS, OPT_IN, check_benchmarks, run_benchmarks, scalars, tagged_figures, tagged_scalars
+from gsae.evals import (
+    BENCHMARKS,
+    OPT_IN,
+    artifacts,
+    check_benchmarks,
+    run_benchmarks,
+    scalars,
+    tagged_figures,
+    tagged_scalars,
+    tagged_texts,
+)
 from gsae.lm import LanguageModel
 from gsae.saelens_adapter import is_saelens_folder, load_saelens_folder, load_saelens_pretrained
 
@@ -174,21 +186,26 @@ def load(src: Source, device: str, model: str | None):
     except ValueError as e:
         raise ArgumentError(f"PATH {src.label!r}: {e}") from None
     lm = dict(meta["lm"], **({"name": model} if model else {}))
+    data = meta.get("data") or {}
     return sae.to(device), {
         **meta,
         "lm": lm,
-        "context_size": (meta.get("data") or {}).get("context_size"),
+        "context_size": data.get("context_size"),
+        "prepend_bos": data.get("prepend_bos", True) is not False,
     }
 
 
 # ---------------------------------------------------------------------- tokens
-def held_out_tokens(lm: LanguageModel, dataset: str, context_size: int, n_seqs: int) -> torch.Tensor:
-    """``(n, T)`` first ``n_seqs`` validation contexts of ``dataset`` (``TokenDataModule.contexts("val")``)."""
+def held_out_tokens(
+    lm: LanguageModel, dataset: str, context_size: int, n_seqs: int, prepend_bos: bool = True
+) -> torch.Tensor:
+    """``(n, T)`` first ``n_seqs`` validation contexts of ``dataset`` (``TokenDataModule.contexts("val")``),
+    BOS first unless the SAE was trained without (``prepend_bos``: SAELens metadata, e.g. False for OpenAI v5)."""
     from gsae.data import TokenDataModule
 
     if context_size > lm.n_ctx:
         raise ArgumentError(f"--context-size ({context_size}) exceeds the model's n_ctx ({lm.n_ctx}) for {lm.name!r}")
-    dm = TokenDataModule(lm=lm, dataset=dataset, context_size=context_size)
+    dm = TokenDataModule(lm=lm, dataset=dataset, context_size=context_size, prepend_bos=prepend_bos)
     try:
         dm.validate()
         ctx = list(itertools.islice(dm.contexts("val"), n_seqs))
@@ -230,11 +247,30 @@ def log_tensorboard(logdir: str, run: str, step: int, results: dict[str, dict]) 
     """Scalars ``eval/<benchmark>/<metric>`` and figures of one SAE into the TensorBoard run ``run``."""
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(Path(logdir) / (re.sub(r"[^\w.=-]+", "_", run).strip("_") or "sae"))) as w:
+    with SummaryWriter(str(Path(logdir) / _safe(run))) as w:
         for tag, v in tagged_scalars(results).items():
             w.add_scalar(tag, v, step)
         for tag, fig in tagged_figures(results).items():
             w.add_figure(tag, fig, step, close=False)
+        for tag, text in tagged_texts(results).items():
+            w.add_text(tag, text, step)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.=-]+", "_", name).strip("_") or "sae"
+
+
+def write_artifacts(output: str, results: dict[str, dict[str, dict]], short: dict[str, str]) -> list[Path]:
+    """Files of benchmarks that define ``artifacts``, next to ``--output``: ``<output stem>.<sae><suffix>``."""
+    out, written = Path(output), []
+    labels = list(dict.fromkeys(lb for per in results.values() for lb in per))
+    for lb in labels:
+        per_sae = {b: per[lb] for b, per in results.items() if lb in per}
+        for suffix, content in artifacts(per_sae).items():
+            path = out.with_name(f"{out.stem}.{_safe(short.get(lb, lb))}{suffix}")
+            path.write_text(content)
+            written.append(path)
+    return written
 
 
 # ---------------------------------------------------------------------- main
@@ -273,7 +309,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
 
 def _lm_and_tokens(src: Source, meta: dict, args: argparse.Namespace, device: str, cache: dict):
     """``(lm, hook, tokens)`` of a source; LMs and token sets are shared through ``cache`` (same LM options,
-    dataset and context size -> the same tokens)."""
+    dataset, context size and BOS choice -> the same tokens)."""
     key = json.dumps(meta["lm"], sort_keys=True)
     if key not in cache:
         cache[key] = LanguageModel(**meta["lm"]).to(device)
@@ -282,9 +318,10 @@ def _lm_and_tokens(src: Source, meta: dict, args: argparse.Namespace, device: st
     default = "synthetic" if lm.name.startswith("random-") else "Skylion007/openwebtext"
     dataset = args.dataset or src.dataset or default
     ctx = args.context_size or min(meta.get("context_size") or 128, lm.n_ctx)
-    if (key, dataset, ctx) not in cache:
-        cache[key, dataset, ctx] = held_out_tokens(lm, dataset, ctx, args.n_seqs).to(device)
-    return lm, hook, cache[key, dataset, ctx]
+    bos = meta.get("prepend_bos", True) is not False
+    if (key, dataset, ctx, bos) not in cache:
+        cache[key, dataset, ctx, bos] = held_out_tokens(lm, dataset, ctx, args.n_seqs, bos).to(device)
+    return lm, hook, cache[key, dataset, ctx, bos]
 
 
 def _benchmarks(text: str | None) -> list[str]:
@@ -347,4 +384,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=1))
+        for path in write_artifacts(args.output, results, short):
+            log.info("wrote %s", path)
     return 0

@@ -6,6 +6,13 @@ The adapter delegates ``encode``/``decode`` to SAELens, so any architecture SAEL
 ReLU, ``topk``, ``jumprelu``, ``gated``, ...) and its input normalisation (``normalize_activations``)
 behave exactly as in SAELens. Latents are dense. SAELens has no gradient-aware selection: a g-SAE
 exported to SAELens format encodes as its β = 0 TopK (see :mod:`gsae.export`).
+
+Input normalisation: with ``normalize_activations`` ``layer_norm`` or ``constant_norm_rescale`` (the OpenAI v5
+GPT-2 family) SAELens scales the input per token in ``encode`` and undoes it in ``decode`` with the statistics
+of the last ``encode``. Decoding a code that did not come from an ``encode`` (``plateaus``' synthetic activations)
+therefore needs the activation whose statistics to undo: ``decode(latents, like=x)`` /
+``decode_sparse(acts, idx, like=x)``; without ``like`` such an SAE raises rather than decoding in the wrong scale.
+The folder's ``prepend_bos`` (False for OpenAI v5) is in ``meta`` for the evaluation tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from gsae.sae.base import SAEOutput, SparseAutoencoder
 
 #: ``LanguageModel`` options that SAELens' ``model_from_pretrained_kwargs`` can set.
 _LM_KEYS = ("fold_ln", "center_writing_weights", "center_unembed")
+#: SAELens ``normalize_activations`` values whose decode depends on the input's own statistics.
+PER_TOKEN_NORMS = ("layer_norm", "constant_norm_rescale")
 
 
 class SAELensAdapter(SparseAutoencoder):
@@ -73,19 +82,39 @@ class SAELensAdapter(SparseAutoencoder):
     def config(self) -> dict:
         return self.sl.cfg.to_dict()
 
+    @property
+    def normalizes_per_token(self) -> bool:
+        """Whether SAELens rescales each input by its own statistics (decode then needs them)."""
+        return getattr(self.sl.cfg, "normalize_activations", "none") in PER_TOKEN_NORMS
+
     def encode(self, x: Tensor, grad: Tensor | None = None) -> Tensor:
         """Dense latents ``(N, d_sae)`` from SAELens' ``encode`` (``grad`` is ignored)."""
-        return self.sl.encode(x.to(self.sl.W_dec.dtype))
+        latents = self.sl.encode(x.to(self.sl.W_dec.dtype))
+        return latents.to_dense() if latents.is_sparse else latents
 
-    def decode(self, latents: Tensor) -> Tensor:
-        return self.sl.decode(latents)
+    def decode(self, latents: Tensor, like: Tensor | None = None) -> Tensor:
+        """SAELens' ``decode`` (output de-normalisation included); ``like (N, d_in)``: the activations whose
+        normalisation statistics to undo (needed for ``layer_norm``/``constant_norm_rescale`` SAEs unless the
+        latents come from the ``encode`` just before)."""
+        if like is not None:
+            self.sl.run_time_activation_norm_fn_in(like.to(self.sl.W_dec.dtype))  # sets the statistics decode undoes
+        elif self.normalizes_per_token and not any(hasattr(self.sl, a) for a in ("ln_mu", "x_norm_coeff")):
+            raise ValueError(
+                f"SAELens SAE with normalize_activations={self.sl.cfg.normalize_activations!r}: decoding a code needs "
+                "the activations it stands for (decode(latents, like=x))"
+            )
+        return self.sl.decode(latents.to(self.sl.W_dec.dtype))
+
+    def decode_sparse(self, top_acts: Tensor, top_idx: Tensor, like: Tensor | None = None) -> Tensor:
+        """``decode`` of the code ``(top_acts, top_idx)`` (scattered to dense: SAELens decodes dense latents)."""
+        dense = top_acts.new_zeros(top_acts.shape[0], self.d_sae, dtype=self.sl.W_dec.dtype)
+        dense.scatter_add_(-1, top_idx, top_acts.to(dense.dtype))
+        return self.decode(dense, like=like)
 
     def forward(self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None) -> SAEOutput:
         """``SAEOutput`` with dense ``latents``; ``pre_acts`` holds the latents too (SAELens exposes no
         architecture-independent pre-activation); no auxiliary losses."""
         latents = self.encode(x)
-        if latents.is_sparse:
-            latents = latents.to_dense()
         x_hat = self.decode(latents).to(x.dtype)
         zero = x_hat.new_zeros(())
         return SAEOutput(x_hat, None, None, latents, latents.detach(), zero, zero)
@@ -153,7 +182,9 @@ def load_saelens_pretrained(spec: str, device: str = "cpu", model: str | None = 
 def _meta(sae, metadata, model: str | None) -> dict:
     get = metadata.get
     hook = get("hook_name") or sae.cfg.metadata.hook_name
+    prepend_bos = get("prepend_bos")
     return {
+        "prepend_bos": True if prepend_bos is None else bool(prepend_bos),
         "hook": hook,
         "lm": lm_kwargs(
             {"model_name": get("model_name"), "model_from_pretrained_kwargs": get("model_from_pretrained_kwargs")},

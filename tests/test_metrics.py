@@ -132,3 +132,78 @@ def test_fired_mask() -> None:
     assert fired_mask(top_idx, top_acts, None, 6).tolist() == [True, False, True, False, False, False]
     latents = torch.tensor([[0.0, 0.1, 0.0], [0.0, 0.0, -2.0]])
     assert fired_mask(None, None, latents, 3).tolist() == [False, True, True]
+
+
+# ---------------------------------------------------------------------- torchmetrics accumulators
+def test_recon_metric_accumulates_batches_like_one_big_batch():
+    from gsae.metrics import ReconMetric
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, 6, generator=g) + 2 for n in (5, 9, 3)]
+    xh = [x + 0.3 * torch.randn(x.shape, generator=g) for x in xs]
+    l0 = [torch.randint(0, 5, (x.shape[0],), generator=g) for x in xs]
+    m = ReconMetric(6)
+    for a, b, c in zip(xs, xh, l0):
+        m.update(a, b, c)
+    want = recon_metrics(recon_sums(torch.cat(xs), torch.cat(xh), torch.cat(l0)))
+    got = m.compute()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-12), k
+
+
+def test_recon_and_fire_count_metrics_sum_over_ranks():
+    """Two simulated ranks through torchmetrics' own sync (a gather function returning both ranks' states)."""
+    from gsae.metrics import FireCountMetric, ReconMetric
+
+    g = torch.Generator().manual_seed(1)
+    x = [torch.randn(7, 4, generator=g) for _ in range(2)]
+    xh = [v + 0.1 * torch.randn(v.shape, generator=g) for v in x]
+    idx = [torch.randint(0, 10, (7, 3), generator=g) for _ in range(2)]
+    acts = [torch.rand(7, 3, generator=g) for _ in range(2)]
+    ranks = [(ReconMetric(4), FireCountMetric(10)) for _ in range(2)]
+    for r, (rm, fc) in enumerate(ranks):
+        rm.update(x[r], xh[r], (acts[r] != 0).sum(-1))
+        fc.update(idx[r], acts[r], None)
+    other = {id(m): o for (a, b), (c, d) in [(ranks[0], ranks[1])] for m, o in ((a, c), (b, d))}
+
+    def gather_fn(m):
+        states = {name: getattr(other[id(m)], name) for name in m._defaults}
+        return lambda t, group=None: [t, next(v for k, v in states.items() if getattr(m, k) is t)]
+
+    rm, fc = ranks[0]
+    for m in (rm, fc):
+        m.sync(dist_sync_fn=gather_fn(m), distributed_available=lambda: True)
+    want = recon_metrics(recon_sums(torch.cat(x), torch.cat(xh), torch.cat([(a != 0).sum(-1) for a in acts])))
+    got = recon_metrics(rm.sums())
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-12), k
+    counts, n = fc.counts, fc.n_tokens
+    assert int(n) == 14
+    assert torch.equal(counts, torch.bincount(torch.cat(idx).reshape(-1), minlength=10))
+
+
+def test_validation_metrics_equal_a_direct_computation(tmp_path):
+    """``val/*`` from the torchmetrics accumulator equal recon_metrics over every validation token."""
+    import lightning.pytorch as pl
+
+    from gsae.metrics import l0_per_token
+    from tests.systems.helpers import build_data, build_system
+
+    system = build_system("topk")
+    dm = build_data(system)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         default_root_dir=str(tmp_path), limit_val_batches=2)
+    system.initialized.fill_(True)
+    (logged,) = trainer.validate(system, datamodule=dm, verbose=False)
+    xs, xh, l0 = [], [], []
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            acts = system.harvest(batch.tokens)
+            out = system.sae(acts.x, grad=acts.grad)
+            xs.append(acts.x), xh.append(out.x_hat), l0.append(l0_per_token(out.top_acts, out.latents))
+            if len(xs) == 2:
+                break
+    want = recon_metrics(recon_sums(torch.cat(xs), torch.cat(xh), torch.cat(l0)))
+    for k in ("mse", "nmse", "explained_variance", "l0"):
+        assert logged[f"val/{k}"] == pytest.approx(want[k], rel=1e-5), k

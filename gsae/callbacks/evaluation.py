@@ -1,15 +1,17 @@
 """Run benchmarks (:mod:`gsae.evals`) on every checkpoint, and optionally every N steps, during training.
 
-Enable it in a config::
+On by default: ``train.py`` adds this callback as the ``evaluation`` option group (like ``checkpoint``), so
+every run evaluates each checkpoint with :data:`DEFAULT_BENCHMARKS`. Each config sizes the budgets in an
+``evaluation:`` section::
 
-    trainer:
-      callbacks:
-        - class_path: gsae.callbacks.EvaluationCallback
-          init_args:
-            benchmarks: [loss_added, dead_latents, decoder_geometry]
-            n_seqs: 32
+    evaluation:
+      n_seqs: 160                        # held-out contexts read once (the largest per-benchmark budget)
+      options:
+        loss_added: {n_seqs: 64}         # a benchmark's own n_seqs: the first n of the held-out contexts
+        sensitive_directions: {n_seqs: 8, lengths: [1, 11, 31, 51, 91]}
 
-or on the command line: ``--trainer.callbacks+=gsae.callbacks.EvaluationCallback --trainer.callbacks.n_seqs 32``.
+On the command line: ``--evaluation.enabled false`` turns it off; ``--evaluation.benchmarks [loss_added,steering]``
+changes the set; ``--evaluation.n_seqs 32``, ``--evaluation.every_n_steps 200``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +28,22 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from gsae.evals import check_benchmarks, run_benchmarks, tagged_figures, tagged_scalars
+from gsae.evals import (
+    BENCHMARKS,
+    artifacts,
+    check_benchmarks,
+    run_benchmarks,
+    tagged_figures,
+    tagged_scalars,
+    tagged_texts,
+)
 
 log = logging.getLogger(__name__)
 
-#: Benchmarks run when none are named: cheap enough to run at every checkpoint.
-DEFAULT_BENCHMARKS = ("loss_added", "dead_latents", "decoder_geometry")
+#: Benchmarks run when none are named: the four promised on every checkpoint, plus decoder geometry.
+DEFAULT_BENCHMARKS = ("loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry")
+#: Option the callback reads itself from ``options[benchmark]``: that benchmark's number of held-out contexts.
+N_SEQS_OPTION = "n_seqs"
 
 
 class EvaluationCallback(Callback):
@@ -40,13 +53,16 @@ class EvaluationCallback(Callback):
 
     Runs on global rank 0 only (under DDP the other ranks skip it, so there is one answer, not one per
     rank). The held-out tokens are the first ``n_seqs`` contexts of ``trainer.datamodule.contexts("val")``,
-    read once and reused, so every evaluation of a run sees the same tokens.
+    read once and reused, so every evaluation of a run sees the same tokens; a benchmark with its own
+    ``options[name]["n_seqs"]`` gets the first that many of them. Benchmarks that define ``artifacts`` get
+    ``<checkpoint><suffix>`` files beside each checkpoint; ``texts`` go to TensorBoard as text.
     """
 
     def __init__(
         self,
+        enabled: bool = True,
         benchmarks: list[str] | None = None,
-        n_seqs: int = 32,
+        n_seqs: int = 64,
         batch_size: int | None = None,
         every_n_steps: int | None = None,
         seed: int = 0,
@@ -57,26 +73,36 @@ class EvaluationCallback(Callback):
         """Choose what to evaluate and when.
 
         Args:
-            benchmarks: benchmark names from ``gsae.evals.BENCHMARKS`` (loss_added, dead_latents, steering,
-                sensitive_directions, decoder_geometry); default loss_added, dead_latents, decoder_geometry.
-            n_seqs: held-out contexts to evaluate on (of the data module's ``context_size``).
+            enabled: evaluate at all (``--evaluation.enabled false`` turns every evaluation off).
+            benchmarks: benchmark names from ``gsae.evals.BENCHMARKS``; default loss_added, dead_latents,
+                steering, sensitive_directions, decoder_geometry (``--evaluation.benchmarks [loss_added,steering]``).
+            n_seqs: held-out contexts to read (of the data module's ``context_size``); every benchmark uses
+                all of them unless its options set a smaller ``n_seqs``.
             batch_size: sequences per forward pass; default the data module's ``batch_size`` (for g-SAEs
                 the gradient that selects latents is then taken over batches of the training size).
             every_n_steps: also evaluate (log only, no JSON) every this many optimizer steps; None: only at checkpoints.
             seed: seed of the benchmarks' samples (latents, positions).
-            options: per-benchmark options, e.g. ``{"steering": {"n_latents": 64}}``.
+            options: per-benchmark options, e.g. ``{"steering": {"n_latents": 64}}``; ``n_seqs`` there limits
+                that benchmark to the first ``n_seqs`` held-out contexts (at most ``n_seqs``). Options of
+                benchmarks not in ``benchmarks`` are kept but unused, so ``--evaluation.benchmarks`` alone
+                changes the set of a config that sizes them all.
             log_figures: log each benchmark's figures to TensorBoard (when the logger is a TensorBoardLogger).
             write_json: write ``<checkpoint>.eval.json`` beside every checkpoint.
         """
         super().__init__()
+        self.enabled = enabled
         self.benchmarks = check_benchmarks(list(benchmarks or DEFAULT_BENCHMARKS), "EvaluationCallback.benchmarks")
-        unknown = set(options or {}) - set(self.benchmarks)
+        unknown = set(options or {}) - set(BENCHMARKS)
         if unknown:
             raise ValueError(
-                f"EvaluationCallback.options: {sorted(unknown)} are not among the benchmarks {self.benchmarks}"
+                f"EvaluationCallback.options: {sorted(unknown)} are not benchmarks; choose from {', '.join(BENCHMARKS)}"
             )
         if n_seqs <= 0:
             raise ValueError(f"EvaluationCallback.n_seqs must be > 0 (got {n_seqs})")
+        for name, opts in (options or {}).items():
+            k = opts.get(N_SEQS_OPTION) if isinstance(opts, dict) else None
+            if k is not None and int(k) <= 0:
+                raise ValueError(f"EvaluationCallback.options.{name}.n_seqs must be > 0 (got {k})")
         if every_n_steps is not None and every_n_steps <= 0:
             raise ValueError(f"EvaluationCallback.every_n_steps must be > 0 or null (got {every_n_steps})")
         self.n_seqs = n_seqs
@@ -88,11 +114,13 @@ class EvaluationCallback(Callback):
         self.write_json = write_json
         self._tokens: torch.Tensor | None = None
         self._last: tuple[int, dict] | None = None  # (global step, results) of the latest evaluation
+        #: wall seconds of each benchmark in the latest evaluation (logged as ``eval/seconds/<benchmark>``)
+        self.last_seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------ hooks
     def on_sae_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ckpt_path: str | Path) -> None:
-        """Evaluate the checkpointed state (once per step: ``last.ckpt`` reuses it) and write the JSON."""
-        if not trainer.is_global_zero:
+        """Evaluate the checkpointed state (once per step: ``last.ckpt`` reuses it); write the JSON and artifacts."""
+        if not self.enabled or not trainer.is_global_zero:
             return
         results = self.evaluate(trainer, pl_module)
         if self.write_json:
@@ -104,13 +132,15 @@ class EvaluationCallback(Callback):
                 "results": results,
             }
             Path(str(ckpt_path) + ".eval.json").write_text(json.dumps(payload, indent=1))
+        for suffix, content in artifacts(results).items():
+            Path(str(ckpt_path) + suffix).write_text(content)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if self.every_n_steps and trainer.is_global_zero and step > 0 and step % self.every_n_steps == 0:
+        if self.enabled and self.every_n_steps and trainer.is_global_zero and step > 0 and step % self.every_n_steps == 0:
             self.evaluate(trainer, pl_module)
 
     # ------------------------------------------------------------------ work
@@ -123,16 +153,18 @@ class EvaluationCallback(Callback):
         tokens = self.held_out_tokens(trainer).to(lm.device)
         dm = trainer.datamodule
         batch_size = self.batch_size or getattr(dm, "batch_size", 8)
-        results = run_benchmarks(
-            self.benchmarks,
-            pl_module.sae,
-            lm,
-            pl_module.hook,
-            tokens,
-            seed=self.seed,
-            options=self.options,
-            batch_size=batch_size,
-        )
+        results, self.last_seconds = {}, {}
+        for name in self.benchmarks:
+            opts = dict(self.options.get(name, {}))
+            n = int(opts.pop(N_SEQS_OPTION, tokens.shape[0]))
+            t0 = time.perf_counter()
+            results.update(
+                run_benchmarks(
+                    [name], pl_module.sae, lm, pl_module.hook, tokens[:n], seed=self.seed,
+                    options={name: opts}, batch_size=batch_size,
+                )
+            )
+            self.last_seconds[name] = time.perf_counter() - t0
         self._last = (step, results)
         self._log(trainer, results, step)
         return results
@@ -154,7 +186,7 @@ class EvaluationCallback(Callback):
     def _log(self, trainer: pl.Trainer, results: dict[str, dict], step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        values = tagged_scalars(results)
+        values = {**tagged_scalars(results), **{f"eval/seconds/{k}": v for k, v in self.last_seconds.items()}}
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
         writers = [
@@ -164,5 +196,8 @@ class EvaluationCallback(Callback):
             for tag, fig in tagged_figures(results).items():
                 for w in writers:
                     w.add_figure(tag, fig, global_step=step, close=False)
+        for tag, text in tagged_texts(results).items():
+            for w in writers:
+                w.add_text(tag, text, global_step=step)
         log.info("evaluated %s at step %d", ", ".join(results), step)
         log.debug("eval at step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))

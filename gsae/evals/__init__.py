@@ -4,6 +4,14 @@
 ``run(sae, lm, hook, tokens, *, seed=0, **options) -> dict`` and ``figures(result) -> dict[str, Figure]``
 (see :mod:`gsae.evals.common`). The callback (:class:`gsae.callbacks.EvaluationCallback`) and
 ``evaluate.py`` both run benchmarks through :func:`run_benchmark`.
+
+Optional module functions:
+
+- ``applicable(sae, lm, hook) -> str | None``: a reason the benchmark does not apply (e.g. steering at a
+  ``hook_z`` SAE, whose logit lens means nothing); :func:`run_benchmarks` then records ``{"skipped": reason}``.
+- ``artifacts(result) -> dict[str, str]``: files to write, filename suffix (``".latents.html"``) -> content;
+  the callback writes ``<checkpoint><suffix>`` beside each checkpoint, ``evaluate.py`` ``<output stem>.<sae><suffix>``.
+- ``texts(result) -> dict[str, str]``: TensorBoard text tag -> markdown (``SummaryWriter.add_text``).
 """
 
 from __future__ import annotations
@@ -69,8 +77,13 @@ def check_benchmarks(names: list[str], option: str = "--benchmarks") -> list[str
 
 def run_benchmark(name: str, sae, lm, hook: str, tokens: Tensor, *, seed: int = 0, **options) -> dict:
     """Run benchmark ``name``, passing it only the ``options`` its ``run`` accepts (shared options such as
-    ``batch_size`` can be given to every benchmark)."""
-    fn = BENCHMARKS[name].run
+    ``batch_size`` can be given to every benchmark); ``{"skipped": reason}`` when its ``applicable`` says no."""
+    module = BENCHMARKS[name]
+    check = getattr(module, "applicable", None)
+    reason = check(sae, lm, hook) if check is not None else None
+    if reason:
+        return {"skipped": reason}
+    fn = module.run
     params = inspect.signature(fn).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         options = {k: v for k, v in options.items() if k in params}
@@ -111,7 +124,40 @@ def run_benchmarks(
 def benchmark_figures(name: str, result: dict) -> dict:
     """``figures(result)`` of benchmark ``name`` (``{}`` if it draws none)."""
     fn = getattr(BENCHMARKS[name], "figures", None)
-    return fn(result) if fn is not None else {}
+    return fn(result) if fn is not None and not is_skipped(result) else {}
+
+
+def is_skipped(result: dict) -> bool:
+    """Whether a result is ``{"skipped": reason}`` (the benchmark did not apply), not a benchmark's own field."""
+    return isinstance(result.get("skipped"), str)
+
+
+def benchmark_artifacts(name: str, result: dict) -> dict[str, str]:
+    """``artifacts(result)`` of benchmark ``name``: filename suffix -> file content (``{}`` if none)."""
+    fn = getattr(BENCHMARKS[name], "artifacts", None)
+    return fn(result) if fn is not None and not is_skipped(result) else {}
+
+
+def benchmark_texts(name: str, result: dict) -> dict[str, str]:
+    """``texts(result)`` of benchmark ``name``: TensorBoard text tag -> markdown (``{}`` if none)."""
+    fn = getattr(BENCHMARKS[name], "texts", None)
+    return fn(result) if fn is not None and not is_skipped(result) else {}
+
+
+def tagged_texts(results: dict[str, dict], prefix: str = "eval") -> dict[str, str]:
+    """``{"<prefix>/<benchmark>/<tag>": markdown}`` of ``{benchmark: result}``."""
+    return {f"{prefix}/{b}/{k}": t for b, r in results.items() for k, t in benchmark_texts(b, r).items()}
+
+
+def artifacts(results: dict[str, dict]) -> dict[str, str]:
+    """``{suffix: content}`` of every benchmark of ``{benchmark: result}`` (a suffix used twice is an error)."""
+    out: dict[str, str] = {}
+    for b, r in results.items():
+        for suffix, content in benchmark_artifacts(b, r).items():
+            if suffix in out:
+                raise ValueError(f"benchmark {b!r}: artifact suffix {suffix!r} is already written by another benchmark")
+            out[suffix] = content
+    return out
 
 
 def scalars(result: dict) -> dict[str, float]:
@@ -132,11 +178,16 @@ def tagged_figures(results: dict[str, dict], prefix: str = "eval") -> dict:
 __all__ = [
     "BENCHMARKS",
     "OPT_IN",
+    "artifacts",
+    "benchmark_artifacts",
     "benchmark_figures",
+    "benchmark_texts",
     "check_benchmarks",
+    "is_skipped",
     "run_benchmark",
     "run_benchmarks",
     "scalars",
     "tagged_figures",
     "tagged_scalars",
+    "tagged_texts",
 ]

@@ -10,9 +10,11 @@ training uses, so both definitions are the training-time ones:
 - **tokens** (Gao et al.): dead if it did not fire in the last ``window_tokens`` tokens (default: the
   whole stream, i.e. never fired in it). Counted per batch, like training.
 
-If the stream is shorter than ``dead_batches × batch_tokens``, ``batch_tokens`` shrinks to
-``n_tokens // dead_batches`` (reported as ``batch_tokens``). Tokens after the last full batch are
-dropped, so every number uses the same ``n_tokens``.
+The batches always hold ``batch_tokens`` tokens (4096, as the paper's), whatever the memory ``batch_size``:
+if the stream is shorter than ``dead_batches × batch_tokens``, the "batches" definition is not computed
+(``dead_fraction_batches`` is ``None`` and ``note`` says how many tokens it needs) rather than shrinking
+the batches to a different definition; the densities and the "tokens" definition then use every token.
+Otherwise tokens after the last full batch are dropped, so every number uses the same ``n_tokens``.
 
 Density of latent i = (#tokens where it fired) / n_tokens. Reported: its median over all latents and
 over latents that fired (g-SAE §4.3: 0.24% / 0.43% / 1.10% for g-SAE / TopK / e2e at L0 = 32), a
@@ -29,7 +31,7 @@ from torch import Tensor
 
 from gsae.evals.common import batches, sae_on_tokens, special_token_mask
 from gsae.lm import LanguageModel
-from gsae.metrics import DeadLatentTracker, fire_counts, fired_mask
+from gsae.metrics import DeadLatentTracker, FireCountMetric, fired_mask
 from gsae.sae.base import SparseAutoencoder
 
 Rows = tuple[Tensor | None, Tensor | None, Tensor | None]  # (top_idx, top_acts, latents) of some tokens
@@ -41,11 +43,6 @@ def _rows(out, keep: Tensor) -> Rows:
 
 def _slice(rows: Rows, a: int, b: int) -> Rows:
     return tuple(None if t is None else t[a:b] for t in rows)
-
-
-def _fire_counts(rows: Rows, d_sae: int) -> Tensor:
-    """``(d_sae,)`` number of tokens on which each latent is nonzero."""
-    return fire_counts(*rows, d_sae)
 
 
 @torch.no_grad()
@@ -83,13 +80,16 @@ def run(
     del seed
     special = special_token_mask(lm, tokens, exclude_special_tokens)
     n_total = int(special.sum())
-    if n_total < dead_batches:
-        raise ValueError(f"dead_latents: {n_total} evaluation tokens, fewer than dead_batches={dead_batches}")
-    batch_tokens = min(batch_tokens, n_total // dead_batches)
-    n_used = n_total // batch_tokens * batch_tokens
+    if n_total == 0 or batch_tokens <= 0 or dead_batches <= 0:
+        raise ValueError(
+            f"dead_latents: need evaluation tokens, batch_tokens > 0 and dead_batches > 0 "
+            f"(got {n_total} tokens, batch_tokens={batch_tokens}, dead_batches={dead_batches})"
+        )
+    enough = n_total >= dead_batches * batch_tokens
+    n_used = n_total // batch_tokens * batch_tokens if enough else n_total
     window = n_used if window_tokens is None else window_tokens
     tracker = DeadLatentTracker(sae.d_sae, dead_batches, window).to(sae.W_dec.device)
-    counts = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_dec.device)
+    counts = FireCountMetric(sae.d_sae, sync_on_compute=False).to(sae.W_dec.device)  # rank 0 only: no collective
     fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_dec.device)
     seen = 0  # tokens fed so far; the current batch holds seen % batch_tokens of them
     for tok in batches(tokens.to(lm.device), batch_size):
@@ -103,13 +103,21 @@ def run(
             b = min(n, a + batch_tokens - seen % batch_tokens)
             piece = _slice(rows, a, b)
             fired |= fired_mask(*piece, sae.d_sae)
-            counts += _fire_counts(piece, sae.d_sae)
+            counts.update(*piece)
             seen += b - a
             a = b
-            if seen % batch_tokens == 0:
-                tracker.update(fired, batch_tokens)
+            if seen % batch_tokens == 0 or seen == n_used:  # a full batch, or (short stream) the end
+                tracker.update(fired, batch_tokens if seen % batch_tokens == 0 else seen % batch_tokens)
                 fired.zero_()
-    return _summary(tracker, counts, n_used, batch_tokens, dead_batches, window, log10_min, bin_width)
+    out = _summary(tracker, counts.compute()[0], n_used, batch_tokens, dead_batches, window, log10_min, bin_width)
+    if not enough:
+        need = dead_batches * batch_tokens
+        out["dead_fraction_batches"] = out["n_dead_batches"] = None
+        out["note"] = (
+            f"dead_fraction_batches needs {dead_batches} batches of {batch_tokens} tokens ({need} tokens, "
+            f"{-(-need // max(tokens.shape[1], 1))} contexts of {tokens.shape[1]}); got {n_total}: raise n_seqs"
+        )
+    return out
 
 
 def _summary(tracker, counts, n_used, batch_tokens, dead_batches, window, log10_min, bin_width) -> dict:

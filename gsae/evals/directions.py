@@ -13,13 +13,15 @@ pool of real activations. One unit direction ``u`` is drawn per token (``x' = x 
 ``real_difference``        ``u ∝ a − x``, ``a`` a random real activation (position > 0; redrawn where ``a = x``)
 ``real_mixture``           ``u ∝ a_i − a_j``, two random real activations (zero differences redrawn)
 ``sae_error``              ``u ∝ SAE(x) − x`` (0 where the SAE is exact)
-``sae_feature_alive``      ``u = W_dec[i]/‖W_dec[i]‖``, ``i`` active on some eval token, inactive in the batch
-``sae_feature_active``     ``i`` active somewhere in the current batch
+``sae_feature_alive``      ``u = W_dec[i]/‖W_dec[i]‖``, ``i`` active on some eval token, inactive in the pool block
+``sae_feature_active``     ``i`` active somewhere in the sequence's pool block
 ``sae_feature_dead``       ``i`` never active on the eval tokens
 =========================  =====================================================================
 
-Every draw uses its own CPU generator seeded from ``(seed, batch index, kind)``, so a kind's directions do
-not depend on which other kinds are requested, nor on the device.
+The feature pools are per *pool block* of ``pool_seqs`` consecutive sequences (Lee & Heimersheim's batches
+of 64), kept apart from the memory batch (``batch_size``). Every draw uses its own CPU generator seeded from
+``(seed, sequence index, kind)``, so a kind's directions depend neither on which other kinds are requested,
+nor on the device, nor on ``batch_size``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from torch import Tensor
 
 from gsae.evals.common import batches, sae_on_tokens
 from gsae.lm import LanguageModel
-from gsae.metrics import fired_mask
 from gsae.sae.base import SparseAutoencoder
 
 FEATURE_POOLS = {"sae_feature_alive": "alive", "sae_feature_active": "active", "sae_feature_dead": "dead"}
@@ -86,7 +87,7 @@ class BatchActs(NamedTuple):
         tokens: ``(B, T)`` tokens.
         x: ``(B, T, D)`` activations.
         x_hat: ``(B, T, D)`` SAE reconstruction, or ``None`` when the SAE was not run.
-        fired: bool ``(d_sae,)``, latents active somewhere in the batch, or ``None``.
+        fired: bool ``(B, d_sae)``, latents active somewhere in each sequence, or ``None``.
     """
 
     tokens: Tensor
@@ -106,7 +107,17 @@ def batch_acts(
             yield BatchActs(tok, lm.activations(tok, hook), None, None)
             continue
         r = sae_on_tokens(sae, lm, hook, tok)
-        yield BatchActs(tok, r.x, r.x_hat, fired_mask(r.out.top_idx, r.out.top_acts, r.out.latents, sae.d_sae))
+        yield BatchActs(tok, r.x, r.x_hat, fired_per_sequence(r.out, tok.shape[0], sae.d_sae))
+
+
+def fired_per_sequence(out, n_seq: int, d_sae: int) -> Tensor:
+    """Bool ``(n_seq, d_sae)``: latents nonzero somewhere in each sequence of an SAE output on ``n_seq`` sequences."""
+    if out.latents is not None:
+        return (out.latents.reshape(n_seq, -1, d_sae) != 0).any(1)
+    idx = out.top_idx.reshape(n_seq, -1)
+    fired = torch.zeros(n_seq, d_sae + 1, dtype=torch.bool, device=idx.device)
+    live = out.top_acts.reshape(n_seq, -1) != 0
+    return fired.scatter_(1, torch.where(live, idx, d_sae), True)[:, :d_sae]
 
 
 @torch.no_grad()
@@ -136,7 +147,8 @@ def fit_activation_stats(acts: Iterable[BatchActs], *, max_real_pool: int, seed:
             keep = keys.topk(max_real_pool, largest=False).indices
             keys, pool = keys[keep], pool[keep.to(pool.device)]
         if b.fired is not None:
-            fired = b.fired if fired is None else fired | b.fired
+            f = b.fired.any(0)
+            fired = f if fired is None else fired | f
     if n < 2:
         raise ValueError("sensitive_directions: need at least 2 activations at positions > 0 for μ and Σ")
     mean_c = s1 / n
@@ -181,10 +193,12 @@ def sample_real_other(stats: ActivationStats, avoid: Tensor, gen: torch.Generato
     return stats.real[idx]
 
 
-def feature_pools(stats: ActivationStats, fired_batch: Tensor) -> dict[str, Tensor]:
-    """Latent ids of each pool (SPEC §3.2): alive-but-inactive in the batch, active in the batch, dead."""
-    alive = stats.fired.to(fired_batch.device)
-    masks = {"alive": alive & ~fired_batch, "active": fired_batch, "dead": ~alive}
+def feature_pools(stats: ActivationStats, fired_block: Tensor) -> dict[str, Tensor]:
+    """Latent ids of each pool (SPEC §3.2) for a pool block whose fired mask is ``fired_block (d_sae,)``
+    (or ``(B, d_sae)`` per sequence, OR-ed): alive-but-inactive in the block, active in the block, dead."""
+    fired_block = fired_block.any(0) if fired_block.dim() == 2 else fired_block
+    alive = stats.fired.to(fired_block.device)
+    masks = {"alive": alive & ~fired_block, "active": fired_block, "dead": ~alive}
     return {k: m.nonzero().squeeze(-1) for k, m in masks.items()}
 
 
@@ -236,44 +250,59 @@ def batch_deltas(
     perturb: Tensor,
     *,
     seed: int,
-    batch_index: int,
+    first_seq: int,
+    block_fired: dict[int, Tensor] | None = None,
+    pool_seqs: int = 64,
     substitution: bool,
-) -> tuple[dict[str, Tensor], list[str]]:
-    """The perturbations of one batch and the feature kinds skipped for an empty pool.
+    keep: Tensor | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The perturbations of one memory batch, and per feature kind which sequences had a non-empty pool.
 
     Only the first ``t_run = len(perturb)`` positions are built; positions where the bool ``perturb`` is
     False get 0.
 
-    Returns ``{name: (B, t_run, D)}``: the unit directions ``u`` of ``kinds`` (scaled by the lengths later)
-    and, with ``substitution``, ``SAE(x) − x`` (``sae``) and ``ε·u`` for each of :data:`EPS_BASELINES`.
-    Directions come from ``generator(seed, batch_index, kind)``; ``b`` needs ``x_hat`` (and ``fired`` for
-    the feature kinds).
+    Returns ``({name: (B, t_run, D)}, {feature kind: bool (B,)})``: the unit directions ``u`` of ``kinds``
+    (scaled by the lengths later) and, with ``substitution``, ``SAE(x) − x`` (``sae``) and ``ε·u`` for each of
+    :data:`EPS_BASELINES`, zero where ``keep (B, t_run)`` is False (special tokens: unpatched, as loss_added).
+    Sequence ``first_seq + i`` draws from ``generator(seed, first_seq + i, kind)``; its feature pools come
+    from ``block_fired[(first_seq + i) // pool_seqs]``. ``b`` needs ``x_hat`` (and ``fired`` for the feature kinds).
     """
-    x, x_hat = b.x[:, : perturb.shape[0]], b.x_hat[:, : perturb.shape[0]]
+    t_run = perturb.shape[0]
+    x, x_hat = b.x[:, :t_run], b.x_hat[:, :t_run]
+    B = x.shape[0]
     pools = {}
     if any(k in FEATURE_POOLS for k in kinds):
-        pools = feature_pools(stats, b.fired)
+        blocks = {(first_seq + i) // pool_seqs for i in range(B)}
+        pools = {blk: feature_pools(stats, block_fired[blk]) for blk in blocks}
     cache: dict[str, Tensor] = {}
+    has_pool: dict[str, Tensor] = {}
 
     def direction(kind: str) -> Tensor:
-        if kind not in cache:
-            pool = pools.get(FEATURE_POOLS.get(kind, ""))
-            cache[kind] = make_direction(kind, x, generator(seed, batch_index, kind), stats, x_hat, W_dec, pool)
+        if kind in cache:
+            return cache[kind]
+        rows, ok = [], torch.ones(B, dtype=torch.bool)
+        for i in range(B):
+            pool = pools[(first_seq + i) // pool_seqs].get(FEATURE_POOLS[kind]) if kind in FEATURE_POOLS else None
+            if pool is not None and pool.numel() == 0:
+                rows.append(torch.zeros_like(x[i : i + 1]))
+                ok[i] = False
+                continue
+            gen = generator(seed, first_seq + i, kind)
+            rows.append(make_direction(kind, x[i : i + 1], gen, stats, x_hat[i : i + 1], W_dec, pool))
+        cache[kind] = torch.cat(rows)
+        if kind in FEATURE_POOLS:
+            has_pool[kind] = ok
         return cache[kind]
 
-    out, skipped = {}, []
-    for kind in kinds:
-        if kind in FEATURE_POOLS and pools[FEATURE_POOLS[kind]].numel() == 0:
-            skipped.append(kind)
-        else:
-            out[kind] = direction(kind)
+    out = {kind: direction(kind) for kind in kinds}
     if substitution:
         eps = (x_hat - x).norm(dim=-1, keepdim=True)  # (B, t, 1)
-        out["sae"] = x_hat - x
-        g = torch.randn(x.shape, generator=generator(seed, batch_index, "eps_isotropic")).to(x)
-        out["eps_isotropic"] = eps * unit(g)
+        sub_mask = torch.ones_like(eps) if keep is None else keep[:, :t_run, None].to(eps)
+        out["sae"] = (x_hat - x) * sub_mask
+        g = torch.cat([torch.randn(x[i].shape, generator=generator(seed, first_seq + i, "eps_isotropic")) for i in range(B)])
+        out["eps_isotropic"] = eps * unit(g.reshape(x.shape).to(x)) * sub_mask
         for name, kind in EPS_BASELINES.items():
             if kind is not None:
-                out[name] = eps * direction(kind)
+                out[name] = eps * direction(kind) * sub_mask
     mask = perturb.to(x.device)[None, :, None]
-    return {k: v * mask for k, v in out.items()}, skipped
+    return {k: v * mask for k, v in out.items()}, {k: v for k, v in has_pool.items() if k in kinds}

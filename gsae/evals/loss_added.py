@@ -16,7 +16,8 @@ SAELens does. Means are token-weighted over all batches (SAELens concatenates, t
 The clean logits are computed by the same ``run_from_hook`` from the clean activation, so an SAE
 with ``x̂ = x`` gives exactly ``L_added = 0`` and ``KL = 0``.
 
-Reconstruction metrics come from :func:`gsae.metrics.recon_metrics` over the unmasked tokens, plus
+Reconstruction metrics come from :func:`gsae.metrics.recon_metrics` over the unmasked tokens (accumulated in a
+:class:`gsae.metrics.ReconMetric`), plus
 ``explained_variance_saelens_legacy`` = SAELens' ``explained_variance_legacy``:
 ``mean_t [1 − ‖x_t − x̂_t‖² / ‖x_t − x̄_batch‖²]`` with ``x̄_batch`` the mean over the unmasked tokens of
 each batch of ``batch_size`` sequences (so it depends on the batch size). SAELens ≥ 6.5x
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from gsae.evals.common import batches, sae_on_tokens, special_token_mask
 from gsae.lm import LanguageModel, next_token_loss
-from gsae.metrics import ReconSums, kl_div_per_token, l0_per_token, recon_metrics, recon_sums
+from gsae.metrics import ReconMetric, kl_div_per_token, l0_per_token
 from gsae.sae.base import SparseAutoencoder
 
 _SUMS = ("ce_clean", "ce_sae", "ce_ablation", "n_ce", "kl_sae", "kl_ablation", "n_kl", "ev_legacy", "n_ev")
@@ -92,7 +93,7 @@ def run(
     """
     del seed
     sums = dict.fromkeys(_SUMS, 0.0)
-    recon: ReconSums | None = None
+    recon = ReconMetric(sae.d_in, sync_on_compute=False).to(lm.device)  # rank 0 only under DDP: no collective
     for tok in batches(tokens.to(lm.device), batch_size):
         r = sae_on_tokens(sae, lm, hook, tok)
         mask = special_token_mask(lm, tok, exclude_special_tokens)  # (B, T)
@@ -102,15 +103,14 @@ def run(
         flat = mask.reshape(-1)
         xm, xhm = r.x.reshape(flat.shape[0], -1)[flat], r.x_hat.reshape(flat.shape[0], -1)[flat]
         l0 = l0_per_token(r.out.top_acts, r.out.latents)[flat]
-        s = recon_sums(xm, xhm, l0)
-        recon = s if recon is None else recon + s
+        recon.update(xm, xhm, l0)
         sums["ev_legacy"] += float(legacy_explained_variance_sum(xm, xhm))
         sums["n_ev"] += xm.shape[0]
-    if recon is None:
+    if recon.update_count == 0:
         raise ValueError("loss_added: no evaluation tokens")
     return {
         **_scores(sums),
-        **recon_metrics(recon),
+        **recon.compute(),
         "explained_variance_saelens_legacy": sums["ev_legacy"] / max(sums["n_ev"], 1),
     }
 
@@ -138,6 +138,14 @@ def _ratio(num: float, den: float) -> float:
 
 
 def figures(result: dict) -> dict:
-    """No curves: every result of this benchmark is a scalar."""
-    del result
-    return {}
+    """CE clean / with the SAE / zero-ablated and KL with the SAE / zero-ablated, as bars."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.2))
+    ax, ax2 = fig.subplots(1, 2)
+    ax.bar(["clean", "SAE", "ablation"], [result["ce_clean"], result["ce_sae"], result["ce_ablation"]])
+    ax.set(ylabel="next-token CE (nats)", title=f"L_added {result['L_added']:.3g}")
+    ax2.bar(["SAE", "ablation"], [result["kl_sae"], result["kl_ablation"]])
+    ax2.set(ylabel="KL to clean", title=f"kl_div_score {result['kl_div_score']:.3g}")
+    fig.tight_layout()
+    return {"ce_and_kl": fig}

@@ -28,8 +28,9 @@ both at ``position``, between step ``n`` and step 0.
 these curves.
 
 **Speed.** The prompts run once up to the hook (``lm.activations``); each curve is ``101`` copies of the
-prompt, cut after ``position`` (later tokens cannot change it), that run only the layers after the hook
-(``lm.run_from_hook``), many curves per forward pass (about ``forward_tokens`` tokens). Tables, ``format_table``
+prompt, cut after ``position`` (later tokens cannot change it), that run only the layers after the hook through
+:func:`gsae.evals.perturb.perturbation_runs` (the loop ``sensitive_directions`` uses): step 0 once as the
+reference, steps 1… many curves per forward pass (about ``forward_tokens`` tokens). Tables, ``format_table``
 and ``figures`` are in :mod:`gsae.evals.step_metrics`.
 """
 
@@ -43,10 +44,10 @@ from torch import Tensor
 
 from gsae.evals import synthetic_activations as syn
 from gsae.evals.common import batches, sae_on_tokens, special_token_mask
+from gsae.evals.perturb import perturbation_runs
 from gsae.evals.step_metrics import figures, format_table, report
 from gsae.evals.synthetic_activations import PLATEAU_BASES, TARGET_TYPES
 from gsae.lm import LanguageModel
-from gsae.metrics import kl_div_per_token
 from gsae.sae.base import SparseAutoencoder
 
 SCHEDULES = ("absolute", "relative")
@@ -149,32 +150,33 @@ def perturbation_curves(
 ) -> Curves:
     """L2 (final residual) and next-token KL at ``position`` of every step of every curve, against step 0.
 
+    Runs through :func:`gsae.evals.perturb.perturbation_runs` (the loop ``sensitive_directions`` uses): each
+    curve's step 0 is the reference, run once; steps 1… are its copies. Step 0 is exactly 0.
+
     Args:
         lm: the language model. hook: where ``steps`` go (at ``position``; earlier positions keep ``x``).
         x: ``(P, L, D)`` prompt activations at the hook. prompt_idx: ``(M,)`` the prompt of each curve.
         steps: ``(M, S, D)`` activations at ``position`` (from :func:`perturbation_steps`).
         tokens: ``(P, L)`` prompt tokens, needed only for hooks inside a block.
-        forward_tokens: about how many tokens one forward pass holds (whole curves, at least one).
+        forward_tokens: about how many tokens one forward pass holds.
     """
-    M, S, D = steps.shape
+    M, S, _ = steps.shape
     t_run = position + 1
-    fin = f"blocks.{lm.n_layers - 1}.hook_resid_post"
-    per_fwd = max(1, forward_tokens // (S * t_run))
-    l2 = torch.zeros(M, S, dtype=torch.float32)
-    kl = torch.zeros_like(l2)
-    for c0 in range(0, M, per_fwd):
-        idx = prompt_idx[c0 : c0 + per_fwd]
-        c = idx.shape[0]
-        xp = x[idx, :t_run][:, None].expand(c, S, t_run, D).clone()  # (c, S, t, D)
-        xp[:, :, position] = steps[c0 : c0 + c].to(xp)
-        xp = xp.reshape(c * S, t_run, D)
-        tok = None if tokens is None else tokens[idx, :t_run].repeat_interleave(S, 0)
-        run = lm.run_from_hook(xp, hook, tokens=tok, cache_hooks=[fin])
-        h = run.cache.get(fin, xp)[:, position].reshape(c, S, -1).float()
-        logits = run.logits[:, position].reshape(c, S, -1)
-        l2[c0 : c0 + c] = (h - h[:, :1]).norm(dim=-1).cpu()
-        kl[c0 : c0 + c] = kl_div_per_token(logits[:, :1].expand_as(logits), logits).float().cpu()
-        del run, xp
+    ref = x[prompt_idx, :t_run].clone()  # (M, t, D)
+    ref[:, position] = steps[:, 0].to(ref)
+
+    def make(jobs: Tensor, s0: int, s1: int) -> Tensor:
+        xp = ref[None, s0:s1].repeat(jobs.shape[0], 1, 1, 1)  # (nj, b, t, D)
+        xp[:, :, position] = steps[s0:s1, (jobs + 1).to(steps.device)].transpose(0, 1).to(xp)
+        return xp
+
+    tok = None if tokens is None else tokens[prompt_idx, :t_run]
+    res = perturbation_runs(
+        lm, hook, ref, S - 1, make, torch.tensor([position]), tokens=tok, forward_tokens=forward_tokens
+    )
+    zero = torch.zeros(M, 1, dtype=torch.float32)
+    kl = torch.cat([zero, res.kl[:, :, 0].T.float().cpu()], 1)
+    l2 = torch.cat([zero, res.l2[:, :, 0].T.float().cpu()], 1)
     return Curves(l2, kl)
 
 

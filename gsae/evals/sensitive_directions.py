@@ -12,28 +12,33 @@ Two experiments from SPEC §3 on the activations at ``hook``:
   the ratios ``KL_sae / KL_eps`` (Gurnee: 2.2–4.5× for GPT-2 residual SAEs with isotropic ``u``).
 
 Modes: ``all_tokens`` (default; every position perturbed, KL averaged over every position but the last,
-as ``[:, :-1]`` in their code) and ``single_token`` (Gurnee: only position ``p`` is perturbed; KL is read at
-``p, p+1, …`` — a per-offset curve; positions before ``p`` are reported as a check and must be 0).
-Position 0 is perturbed and counted by default, as in Lee & Heimersheim's code (SPEC §8.3 [AMBIG];
-``skip_first=True`` leaves it out).
+as ``[:, :-1]`` in their code) and ``single_token`` (Gurnee: only position ``p = min(32, T − 2)`` is perturbed;
+KL is read at ``p, p+1, …`` — a per-offset curve; positions before ``p`` are reported as a check and must be 0).
+Position 0 is perturbed and counted in the length sweep by default, as in Lee & Heimersheim's code (SPEC §8.3
+[AMBIG]; ``skip_first=True`` leaves it out). The substitution comparison handles special tokens (BOS) like
+``loss_added``: unpatched and left out of its means (``substitution_exclude_special``).
+
+Comparable across runs: every random draw is seeded per *sequence* (``(seed, sequence, kind)``) and the feature
+pools are per block of ``pool_seqs`` sequences (their batches of 64), so the numbers do not depend on
+``batch_size`` (memory only) — two SAEs evaluated on the same tokens get the same isotropic/covariance/real draws.
 
 Speed: the prefix up to the hook and the SAE run once per batch (kept from the statistics pass up to
-:data:`CACHE_ELEMENTS`); every perturbed copy runs only the layers after the hook
-(``LanguageModel.run_from_hook``), with the copies for all lengths and types stacked along the batch dim
-and cut into forwards of about ``forward_tokens`` tokens. The clean reference is computed by the same
-``run_from_hook`` from ``x``, so length 0 gives KL 0. Sequences are cut after the last position read
-(causality: later positions cannot change it), which in ``single_token`` mode is ``p + n_offsets − 1``.
+:data:`CACHE_ELEMENTS`); every perturbed copy runs only the layers after the hook through
+:func:`gsae.evals.perturb.perturbation_runs` (the loop ``plateaus`` uses too): the clean run and its
+log-probabilities are computed once per group of sequences and shared by every direction type and length,
+whose copies are stacked into forwards of about ``forward_tokens`` tokens. Length 0 gives KL 0. Sequences
+are cut after the last position read (causality), which in ``single_token`` mode is ``p + n_offsets − 1``.
 ``benchmarks/eval_speed.py`` times this against a naive loop of full forwards with a patch hook.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
+from gsae.evals.common import special_token_mask
 from gsae.evals.directions import (
     DIRECTION_TYPES,
     EPS_BASELINES,
@@ -42,29 +47,19 @@ from gsae.evals.directions import (
     batch_deltas,
     fit_activation_stats,
 )
+from gsae.evals.perturb import final_hook, perturbation_runs
 from gsae.lm import LanguageModel
-from gsae.metrics import kl_div_per_token
 from gsae.sae.base import SparseAutoencoder
+
+__all__ = ["run", "figures", "window", "final_hook", "DEFAULT_LENGTHS"]
 
 #: Lee & Heimersheim's "Normal" lengths: [1,3,…,19] + [20,24,…,48] + [51,61,…,91] (23 values).
 DEFAULT_LENGTHS = (*range(1, 20, 2), *range(20, 49, 4), *range(51, 92, 10))
 #: The activations and reconstructions of the evaluation set are kept between the two passes up to this
 #: many elements (512 MiB in float32); above it the prefix and the SAE run again in the second pass.
 CACHE_ELEMENTS = 2**27
-
-
-class SweepSums(NamedTuple):
-    """Per-position sums over sequences of one :func:`perturbation_sweep`.
-
-    Attributes:
-        kl: ``(J, T)`` float64, ``Σ_b KL(P_orig ‖ P_pert)`` per job and position.
-        l2: ``(J, T)`` float64, ``Σ_b ‖h_pert − h_orig‖`` at the final residual per job and position.
-        n_seq: number of sequences summed over.
-    """
-
-    kl: Tensor
-    l2: Tensor
-    n_seq: int
+#: Gurnee's single-token position (of 128-token contexts); shorter contexts use ``T − 2``.
+GURNEE_POSITION = 32
 
 
 class Window(NamedTuple):
@@ -83,61 +78,6 @@ class Window(NamedTuple):
     position: int | None
 
 
-def final_hook(lm: LanguageModel) -> str:
-    """The final residual, where the L2 distance is read (``blocks.11.hook_resid_post`` for GPT-2 small)."""
-    return f"blocks.{lm.n_layers - 1}.hook_resid_post"
-
-
-@torch.no_grad()
-def perturbation_sweep(
-    lm: LanguageModel,
-    hook: str,
-    x: Tensor,
-    deltas: Tensor,
-    job_delta: Tensor,
-    job_scale: Tensor,
-    *,
-    tokens: Tensor | None = None,
-    forward_tokens: int = 2048,
-) -> SweepSums:
-    """KL and final-residual L2 of ``x + job_scale[j]·deltas[job_delta[j]]`` for every job ``j``.
-
-    The clean run and the ``J·B`` perturbed sequences run only the layers after ``hook``, in forwards of
-    ``max(1, forward_tokens // T)`` sequences; the clean logits are computed once per group of sequences.
-
-    Args:
-        lm: the language model.
-        hook: hook ``x`` was read at.
-        x: ``(B, T, D)`` clean activations.
-        deltas: ``(K, B, T, D)`` perturbations (zero where a position is left alone).
-        job_delta: ``(J,)`` long, which delta each job adds; ``job_scale``: ``(J,)`` its factor (the length).
-        tokens: ``(B, T)`` tokens, needed only for hooks inside a block (full forward with a patch hook).
-        forward_tokens: about how many tokens one forward pass holds (bounds memory: logits are ``tokens × d_vocab``).
-    """
-    B, T, _ = x.shape
-    J = job_delta.shape[0]
-    fin = final_hook(lm)
-    kl = torch.zeros(J, T, dtype=torch.float64, device=x.device)
-    l2 = torch.zeros_like(kl)
-    per_fwd = max(1, forward_tokens // T)
-    job_delta, job_scale = job_delta.to(x.device), job_scale.to(x)
-    for s0 in range(0, B, per_fwd):
-        xs = x[s0 : s0 + per_fwd]  # (b, T, D)
-        b = xs.shape[0]
-        tok = None if tokens is None else tokens[s0 : s0 + b]
-        clean = lm.run_from_hook(xs, hook, tokens=tok, cache_hooks=[fin])
-        h_clean = clean.cache.get(fin, xs)  # the hook may itself be the final residual
-        for c0 in range(0, J * b, per_fwd):
-            f = torch.arange(c0, min(c0 + per_fwd, J * b), device=x.device)
-            j, i = f // b, f % b  # job, sequence within the group
-            xp = xs[i] + job_scale[j, None, None] * deltas[job_delta[j], s0 + i]  # (c, T, D)
-            run = lm.run_from_hook(xp, hook, tokens=None if tok is None else tok[i], cache_hooks=[fin])
-            kl.index_add_(0, j, kl_div_per_token(clean.logits[i], run.logits).double())
-            l2.index_add_(0, j, (run.cache.get(fin, xp) - h_clean[i]).float().norm(dim=-1).double())
-            del run, xp
-    return SweepSums(kl, l2, B)
-
-
 def window(mode: str, T: int, position: int | None, n_offsets: int, skip_first: bool) -> Window:
     """The :class:`Window` of a mode for sequences of length ``T`` (the last position is never read)."""
     if mode == "all_tokens":
@@ -149,7 +89,7 @@ def window(mode: str, T: int, position: int | None, n_offsets: int, skip_first: 
         return Window(T - 1, perturb, torch.arange(start, T - 1), None)
     if mode != "single_token":
         raise ValueError(f"sensitive_directions: mode must be all_tokens or single_token (got {mode!r})")
-    p, lo = T // 2 if position is None else position, 1 if skip_first else 0
+    p, lo = min(GURNEE_POSITION, T - 2) if position is None else position, 1 if skip_first else 0
     if not lo <= p <= T - 2:
         raise ValueError(
             f"sensitive_directions: position must be in [{lo}, {T - 2}] for sequences of length {T} (got {p})"
@@ -176,9 +116,11 @@ def run(
     position: int | None = None,
     n_offsets: int = 17,
     substitution: bool = True,
+    substitution_exclude_special: bool = True,
     skip_first: bool = False,
     batch_size: int = 64,
-    forward_tokens: int = 2048,
+    pool_seqs: int = 64,
+    forward_tokens: int = 1024,
     max_real_pool: int = 65536,
 ) -> dict:
     """Length sweep per direction type and SAE-substitution comparison on ``tokens (n_seq, T)``.
@@ -188,15 +130,19 @@ def run(
         lm: the language model.
         hook: hook the SAE reads and the perturbations are added at.
         tokens: ``(n_seq, T)`` evaluation contexts; μ, Σ and the real pool come from them too.
-        seed: seed of every random direction (same seed, SAE and tokens → same numbers).
+        seed: seed of every random direction (same seed and tokens → same directions, for any SAE and batch size).
         lengths: absolute perturbation norms ``L`` (default :data:`DEFAULT_LENGTHS`, 1…91).
         direction_types: subset of :data:`gsae.evals.directions.DIRECTION_TYPES` (default all).
         mode: ``all_tokens`` (Lee & Heimersheim) or ``single_token`` (Gurnee: one position ``p``).
-        position: ``p`` in ``single_token`` mode (default the middle, ``T // 2``; Gurnee used 32 of 128).
+        position: ``p`` in ``single_token`` mode (default ``min(32, T − 2)``: Gurnee's 32 of 128).
         n_offsets: positions read from ``p`` on in ``single_token`` mode (Gurnee: 17, positions 32…48).
         substitution: also compare ``x → SAE(x)`` with the ε-baselines.
-        skip_first: leave position 0 (BOS) unperturbed and out of the means (default False, as their code).
-        batch_size: sequences per batch; the ``sae_feature_alive``/``active`` pools are per batch (theirs: 64).
+        substitution_exclude_special: in the substitution, leave special-token positions (BOS) unpatched and
+            out of the means, as ``loss_added`` does (default True).
+        skip_first: leave position 0 (BOS) unperturbed and out of the length sweep's means (default False, as
+            their code).
+        batch_size: sequences per batch (memory only: the results do not depend on it).
+        pool_seqs: sequences per feature-pool block (``sae_feature_alive``/``active`` are per block; theirs: 64).
         forward_tokens: about how many tokens one forward pass holds (memory: ``forward_tokens × d_vocab`` logits).
         max_real_pool: at most this many real activations (seeded subset) for the ``real_*`` kinds.
     """
@@ -209,27 +155,53 @@ def run(
         )
     if not lengths:
         raise ValueError("sensitive_directions: lengths must not be empty")
+    if pool_seqs <= 0 or batch_size <= 0:
+        raise ValueError(f"sensitive_directions: pool_seqs and batch_size must be > 0 (got {pool_seqs}, {batch_size})")
     n_seq, T = tokens.shape
     win = window(mode, T, position, n_offsets, skip_first)
-    # pass 1: μ, Σ, real pool, latents alive on the eval set; kept for pass 2 when small enough
+    # pass 1: μ, Σ, real pool, latents alive on the eval set and per pool block; kept for pass 2 when small enough
     cached = 2 * tokens.numel() * sae.d_in <= CACHE_ELEMENTS
-    acts = batch_acts(sae, lm, hook, tokens, batch_size, with_sae=cached or any(k in FEATURE_POOLS for k in kinds))
+    features = any(k in FEATURE_POOLS for k in kinds)
+    acts = batch_acts(sae, lm, hook, tokens, batch_size, with_sae=cached or features)
     acts = list(acts) if cached else acts
-    stats = fit_activation_stats(acts, max_real_pool=max_real_pool, seed=seed)
-    sums: dict[str, list] = {}  # name -> [Σkl (n_scales, t_run), Σl2, n_seq]
-    empty, n_batches, eps = Counter(), 0, torch.zeros(3, dtype=torch.float64)  # eps: Σε, n, n(ε = 0)
-    for bi, b in enumerate(acts if cached else batch_acts(sae, lm, hook, tokens, batch_size)):
-        deltas, skipped = batch_deltas(
-            kinds, b, stats, sae.W_dec, win.perturb, seed=seed, batch_index=bi, substitution=substitution
+    block_fired: dict[int, Tensor] = {}
+
+    def with_blocks(it):
+        s0 = 0
+        for b in it:
+            if b.fired is not None:
+                for i in range(b.x.shape[0]):
+                    blk = (s0 + i) // pool_seqs
+                    block_fired[blk] = block_fired[blk] | b.fired[i] if blk in block_fired else b.fired[i]
+            s0 += b.x.shape[0]
+            yield b
+
+    stats = fit_activation_stats(with_blocks(acts), max_real_pool=max_real_pool, seed=seed)
+    read_all = torch.arange(win.t_run) if win.position is not None else win.read  # single_token: earlier ones too
+    sums: dict[str, list] = {}  # name -> [Σ w·kl (n_scales, R), Σ w·l2, Σ w (R,)]
+    empty: dict[str, int] = {}
+    eps = torch.zeros(3, dtype=torch.float64)  # Σε, n, n(ε = 0) over the substitution's tokens
+    s0 = 0
+    for b in acts if cached else batch_acts(sae, lm, hook, tokens, batch_size):
+        keep = special_token_mask(lm, b.tokens, substitution_exclude_special)[:, : win.t_run]
+        deltas, has_pool = batch_deltas(
+            kinds, b, stats, sae.W_dec, win.perturb, seed=seed, first_seq=s0, block_fired=block_fired,
+            pool_seqs=pool_seqs, substitution=substitution, keep=keep,
         )
-        empty.update(skipped)
-        n_batches += 1
-        scales = {k: (lengths if k in kinds else [1.0]) for k in deltas}
-        _sweep_into(sums, lm, hook, b.x[:, : win.t_run], b.tokens[:, : win.t_run], deltas, scales, forward_tokens)
+        weights = {k: torch.ones(b.x.shape[0], read_all.numel(), dtype=torch.float64) for k in deltas}
+        for k, ok in has_pool.items():
+            weights[k] *= ok.double()[:, None]
+            empty[k] = empty.get(k, 0) + int((~ok).sum())
         if substitution:
-            err = deltas["sae"].norm(dim=-1)[:, win.perturb.to(b.x.device)].double().cpu()  # (B, n_perturbed)
+            w_sub = keep[:, read_all.to(keep.device)].double().cpu()
+            for k in ("sae", *EPS_BASELINES):
+                weights[k] = w_sub
+            err = deltas["sae"].norm(dim=-1)[(keep & win.perturb.to(keep.device)[None])].double().cpu()
             eps += torch.stack([err.sum(), torch.tensor(err.numel()), (err == 0).sum()]).double()
-    curves = {k: _curve(sums[k], win) for k in kinds if k in sums}
+        scales = {k: (lengths if k in kinds else [1.0]) for k in deltas}
+        _sweep_into(sums, lm, hook, b, win, read_all, deltas, scales, weights, forward_tokens)
+        s0 += b.x.shape[0]
+    curves = {k: _curve(sums[k], win, read_all) for k in kinds if k in sums and float(sums[k][2].sum()) > 0}
     result = {
         "hook": hook,
         "mode": mode,
@@ -238,8 +210,9 @@ def run(
         "n_sequences": n_seq,
         "seq_len": T,
         "n_tokens": n_seq * win.read.numel(),
+        "pool_seqs": pool_seqs,
         "direction_types": list(curves),
-        "skipped": {k: f"empty feature pool in {empty[k]} of {n_batches} batches" for k in kinds if empty[k]},
+        "skipped": {k: f"empty feature pool for {n} of {n_seq} sequences" for k, n in empty.items() if n},
         "curves": curves,
         "stats": {
             "n_rows": stats.n_rows,
@@ -252,59 +225,64 @@ def run(
         **{f"kl_mean_over_lengths_{k}": sum(c["kl"]) / len(lengths) for k, c in curves.items()},
     }
     if substitution:
-        result.update(_substitution(sums, win, float(eps[0] / eps[1].clamp_min(1)), int(eps[2])))
+        result.update(_substitution(sums, win, read_all, float(eps[0] / eps[1].clamp_min(1)), int(eps[2])))
     return result
 
 
-def _sweep_into(
-    sums: dict, lm: LanguageModel, hook: str, x: Tensor, tokens: Tensor, deltas: dict, scales: dict, forward_tokens: int
-) -> None:
-    """Run every ``(name, scale)`` of one batch in one :func:`perturbation_sweep`; add the sums to ``sums``."""
+def _sweep_into(sums, lm, hook, b, win, read_all, deltas, scales, weights, forward_tokens) -> None:
+    """Run every ``(name, scale)`` of one batch through :func:`perturbation_runs`; add the weighted sums."""
     names = list(deltas)
-    job_delta = torch.tensor([i for i, k in enumerate(names) for _ in scales[k]])
-    job_scale = torch.tensor([s for k in names for s in scales[k]])
-    res = perturbation_sweep(
-        lm,
-        hook,
-        x,
-        torch.stack([deltas[k] for k in names]),
-        job_delta,
-        job_scale,
-        tokens=tokens if lm.resume_layer(hook) is None else None,
-        forward_tokens=forward_tokens,
+    job_delta = torch.tensor([i for i, k in enumerate(names) for _ in scales[k]], device=b.x.device)
+    job_scale = torch.tensor([s for k in names for s in scales[k]], device=b.x.device, dtype=b.x.dtype)
+    stacked = torch.stack([deltas[k] for k in names])  # (K, B, t_run, D)
+    x = b.x[:, : win.t_run]
+
+    def make(jobs: Tensor, s0: int, s1: int) -> Tensor:
+        return x[None, s0:s1] + job_scale[jobs, None, None, None] * stacked[job_delta[jobs], s0:s1]
+
+    tok = b.tokens[:, : win.t_run] if lm.resume_layer(hook) is None else None
+    res = perturbation_runs(
+        lm, hook, x, len(job_delta), make, read_all, tokens=tok, forward_tokens=forward_tokens
     )
+    kl, l2 = res.kl.cpu(), res.l2.cpu()  # (J, B, R)
     j0 = 0
     for k in names:
-        n = len(scales[k])
-        acc = sums.setdefault(k, [0.0, 0.0, 0])
-        acc[0], acc[1], acc[2] = acc[0] + res.kl[j0 : j0 + n], acc[1] + res.l2[j0 : j0 + n], acc[2] + res.n_seq
+        n, w = len(scales[k]), weights[k]  # w: (B, R)
+        acc = sums.setdefault(k, [0.0, 0.0, 0.0])
+        acc[0] = acc[0] + (kl[j0 : j0 + n] * w).sum(1)
+        acc[1] = acc[1] + (l2[j0 : j0 + n] * w).sum(1)
+        acc[2] = acc[2] + w.sum(0)
         j0 += n
 
 
-def _curve(acc: list, win: Window) -> dict:
-    """Means of one name's sums: per length in ``all_tokens`` mode; at ``p`` and per offset in ``single_token``
-    (``n_tokens``: tokens per mean; fewer than the run's for a feature kind whose pool was empty in some batch)."""
-    kl, l2, n = acc
+def _curve(acc: list, win: Window, read_all: Tensor) -> dict:
+    """Weighted means of one name's sums: per length in ``all_tokens`` mode; at ``p`` and per offset in
+    ``single_token`` (``n_tokens``: tokens per mean; fewer than the run's for a feature kind whose pool was
+    empty for some sequences, or for the substitution when special tokens are left out)."""
+    kl, l2, w = acc
     if win.position is None:
+        n = float(w.sum())
         return {
-            "kl": (kl[:, win.read].sum(-1) / (n * win.read.numel())).tolist(),
-            "l2": (l2[:, win.read].sum(-1) / (n * win.read.numel())).tolist(),
-            "n_tokens": n * win.read.numel(),
+            "kl": (kl.sum(-1) / max(n, 1)).tolist(),
+            "l2": (l2.sum(-1) / max(n, 1)).tolist(),
+            "n_tokens": int(n),
         }
     p = win.position
+    rd = win.read  # positions p, p+1, … (indices into read_all = 0..t_run−1)
+    wr = w[rd].clamp_min(1)
     return {
-        "kl": (kl[:, p] / n).tolist(),
-        "l2": (l2[:, p] / n).tolist(),
-        "kl_by_offset": (kl[:, win.read] / n).tolist(),
-        "l2_by_offset": (l2[:, win.read] / n).tolist(),
-        "kl_before_position": (kl[:, :p].sum(-1) / max(n * p, 1)).tolist(),
-        "n_tokens": n,
+        "kl": (kl[:, p] / wr[0]).tolist(),
+        "l2": (l2[:, p] / wr[0]).tolist(),
+        "kl_by_offset": (kl[:, rd] / wr).tolist(),
+        "l2_by_offset": (l2[:, rd] / wr).tolist(),
+        "kl_before_position": (kl[:, :p].sum(-1) / max(float(w[:p].sum()), 1)).tolist(),
+        "n_tokens": int(w[p]),
     }
 
 
-def _substitution(sums: dict, win: Window, eps_mean: float, zero_err: int) -> dict:
+def _substitution(sums: dict, win: Window, read_all: Tensor, eps_mean: float, zero_err: int) -> dict:
     """SAE substitution vs ε-baselines: mean KL / L2 per kind and ``KL_sae / KL_eps`` (``None`` when 0/0)."""
-    curves = {k: _curve(sums[k], win) for k in ("sae", *EPS_BASELINES)}
+    curves = {k: _curve(sums[k], win, read_all) for k in ("sae", *EPS_BASELINES)}
     kl = {k: c["kl"][0] for k, c in curves.items()}
     out = {
         "substitution": {
@@ -313,6 +291,7 @@ def _substitution(sums: dict, win: Window, eps_mean: float, zero_err: int) -> di
             "ratio": {k: (kl["sae"] / kl[k] if kl[k] > 0 else None) for k in EPS_BASELINES},
             "epsilon_mean": eps_mean,
             "n_exact_tokens": zero_err,
+            "n_tokens": curves["sae"]["n_tokens"],
         },
         "epsilon_mean": eps_mean,
     }

@@ -3,7 +3,7 @@
 For a seeded sample of *alive* latents i (fired on some unmasked evaluation token):
 
     d_i = W_dec[i] / ‖W_dec[i]‖                    unit direction in the hook's space
-    L_i = top-n token ids of W_Uᵀ d_i                "logit lens" of the direction (n = 10, the paper's only value)
+    L_i = top-n token ids of W_Uᵀ (γ ⊙ d_i)          "logit lens" of the direction (n = 10, the paper's only value)
     Δp(α) = M(x + α d_i)_t − M(x)_t                  next-token probabilities at position t
     on_target(α)        = Σ_{j∈L_i} Δp_j
     off_target_added(α) = Σ_{j∉L_i} max(Δp_j, 0)     probability added to all other tokens (SPEC §1.6 [AMBIG])
@@ -11,15 +11,23 @@ For a seeded sample of *alive* latents i (fired on some unmasked evaluation toke
 
 ``α d_i`` is added at one position t of one sequence (``mode="position"``, the SPEC §1.6 recommendation)
 or at every unmasked position ≤ t (``mode="all"``), and the distribution is read at the same t. Positions
-(sequence, t) are drawn with a seeded RNG among non-special tokens; values are averaged over positions
+(sequence, t) are drawn with a seeded RNG among non-special tokens, independently of the SAE (two SAEs on the
+same tokens are steered at the same positions); values are averaged over positions
 (per latent), then over latents. The model is causal, so only the prefix ``tokens[:, :t+1]`` is run.
 The nonzero α of the grid are batched into one ``run_from_hook`` forward whose first row is the
 unsteered ``x`` (the baseline ``M(x)``); α = 0 *is* that baseline, ``Δp = M(x) − M(x) = 0``, so it is
 not run again and its effect is exactly zero. Paper defaults: α up to 100, scalars at α = 50.
+
+``γ`` is ``ln_final``'s gain when the model keeps it (``fold_ln=False``, as SAELens SAEs are evaluated);
+with ``fold_ln=True`` it is already folded into ``W_U``. The logit lens reads the residual stream, so only
+SAEs on residual-stream hooks (``hook_resid_pre/mid/post``, ``hook_attn_out``, ``hook_mlp_out``) are steered;
+others (``hook_z``, MLP internals) are reported as skipped (:func:`applicable`). The target tokens are in the
+result as ids (``top_tokens``) and as strings (``top_token_strings``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Literal
 
@@ -27,11 +35,40 @@ import torch
 from torch import Tensor
 
 from gsae.evals.common import batches, sae_on_tokens, special_token_mask
+from gsae.evals.directions import generator
 from gsae.lm import LanguageModel
 from gsae.metrics import fired_mask
 from gsae.sae.base import SparseAutoencoder
 
 ALPHAS: tuple[float, ...] = tuple(float(a) for a in range(0, 101, 10))
+#: Hooks whose activations live in the residual stream's basis (the logit lens can read them).
+RESIDUAL_HOOK = re.compile(r"(^|\.)hook_(resid_(pre|mid|post)|attn_out|mlp_out)$")
+
+
+def applicable(sae: SparseAutoencoder, lm: LanguageModel, hook: str) -> str | None:
+    """Why steering does not apply to an SAE at ``hook`` (``None`` if it does): the logit lens ``W_Uᵀ d``
+    means something only for directions in the residual stream."""
+    if not RESIDUAL_HOOK.search(hook):
+        return f"steering: hook {hook!r} is not in the residual stream; the logit lens of its directions means nothing"
+    if lm.d_model != sae.d_in:
+        return f"steering: hook {hook!r} has width {sae.d_in} != d_model {lm.d_model}; W_U cannot read it"
+    return None
+
+
+def logit_lens(lm: LanguageModel, dirs: Tensor) -> Tensor:
+    """``(n, d_vocab)`` logits ``W_Uᵀ (γ ⊙ d)`` of unit directions ``dirs (n, d_model)`` (γ: ``ln_final``'s gain
+    when it is not folded into ``W_U``)."""
+    gain = getattr(lm.model.ln_final, "w", None)
+    d = dirs if gain is None else dirs * gain.to(dirs)
+    return d.to(lm.W_U.dtype) @ lm.W_U
+
+
+def token_strings(lm: LanguageModel, ids: list[list[int]]) -> list[list[str]]:
+    """Each token id as text (the tokenizer's decoding; bytes for byte-vocabulary models)."""
+    tok = lm.tokenizer
+    if tok is None:
+        return [[bytes([i]).decode("latin-1") if i < 256 else f"<{i}>" for i in row] for row in ids]
+    return [[tok.decode([i]) for i in row] for row in ids]
 
 
 @torch.no_grad()
@@ -129,7 +166,7 @@ def run(
 
     Args:
         sae: any SAE (its decoder rows are the directions; ``tokens`` decide which latents are alive).
-        lm: the language model; the hook's width must be ``d_model`` (``W_U`` reads the direction).
+        lm: the language model; the hook must be in the residual stream (``W_U`` reads the direction).
         hook: hook the steering vector is added at.
         tokens: ``(n_seq, T)`` evaluation contexts.
         seed: seed of the latent and position samples.
@@ -143,20 +180,22 @@ def run(
         exclude_special_tokens: never steer or read at special-token positions; they do not make a latent alive.
         max_rows: sequences per steering forward pass.
     """
-    if lm.d_model != sae.d_in:
-        raise ValueError(f"steering: hook {hook!r} has width {sae.d_in} != d_model {lm.d_model}; W_U cannot read it")
-    gen = torch.Generator().manual_seed(seed)
+    reason = applicable(sae, lm, hook)
+    if reason:
+        raise ValueError(reason)
+    gen = torch.Generator().manual_seed(seed)  # latents (which are alive depends on the SAE)
+    gen_pos = generator(seed, "steering_positions")  # positions: the same for every SAE on the same tokens
     tokens = tokens.to(lm.device)
     alive = alive_latents(sae, lm, hook, tokens, batch_size, exclude_special_tokens)
     latents = alive[torch.randperm(len(alive), generator=gen)[:n_latents]].sort().values
     w = sae.W_dec.detach()[latents.to(sae.W_dec.device)].float()
     dirs = (w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(lm.device)  # (n_lat, D)
-    top = (dirs.to(lm.W_U.dtype) @ lm.W_U).topk(top_n, dim=-1).indices  # (n_lat, n)
+    top = logit_lens(lm, dirs).topk(top_n, dim=-1).indices  # (n_lat, n)
     grid = torch.tensor([float(a) for a in alphas], dtype=torch.float64)
     nonzero = grid[grid != 0].unique()
     mask = special_token_mask(lm, tokens, exclude_special_tokens)
     total = torch.zeros(len(latents), len(nonzero), 3, dtype=torch.float64)
-    positions = sample_positions(mask.cpu(), n_positions, gen)
+    positions = sample_positions(mask.cpu(), n_positions, gen_pos)
     for s, t in positions:
         where = mask[s, : t + 1].clone() if mode == "all" else torch.arange(t + 1, device=mask.device) == t
         alph = nonzero.to(device=lm.device, dtype=torch.float32)
@@ -165,7 +204,9 @@ def run(
     for j, a in enumerate(grid.tolist()):
         if a != 0:
             per_latent[:, j] = total[:, int((nonzero == a).nonzero())] / len(positions)
-    return _summary(grid, per_latent, latents, top, alpha_report, len(alive), positions, sae.d_sae)
+    out = _summary(grid, per_latent, latents, top, alpha_report, len(alive), positions, sae.d_sae)
+    out["top_token_strings"] = token_strings(lm, out["top_tokens"])
+    return out
 
 
 def _summary(grid, per_latent, latents, top, alpha_report, n_alive, positions, d_sae) -> dict:

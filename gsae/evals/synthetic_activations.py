@@ -120,8 +120,14 @@ def sparse_code(out: SAEOutput) -> SparseCode:
     return SparseCode(idx, lat.gather(-1, idx))
 
 
-def decode(sae: SparseAutoencoder, code: SparseCode) -> Tensor:
-    """``(N, d_in)`` activations ``Σ_j vals[:, j]·W_dec[idx[:, j]] + b_dec`` of a code."""
+def decode(sae: SparseAutoencoder, code: SparseCode, like: Tensor | None = None) -> Tensor:
+    """``(N, d_in)`` activations ``Σ_j vals[:, j]·W_dec[idx[:, j]] + b_dec`` of a code; for SAEs that normalise
+    each input (SAELens ``layer_norm``/``constant_norm_rescale``), de-normalised with the statistics of
+    ``like (N, d_in)``, the activations the code was derived from."""
+    if getattr(sae, "normalizes_per_token", False):
+        if like is None:
+            raise ValueError("synthetic activations of an input-normalising SAE need the base activations (like=)")
+        return sae.decode_sparse(code.vals, code.idx, like=like)
     return sae.decode_sparse(code.vals, code.idx)
 
 
@@ -349,7 +355,7 @@ def build_targets(
         "model_generated": pool[other],
         "random": sample_gaussian(gauss, n, seed, "random").to(A),
         "sae_reconstruction": recon[other].to(A),
-        **{k: decode(sae, c).to(A) for k, c in codes.items()},
+        **{k: decode(sae, c, like=A).to(A) for k, c in codes.items()},
     }
     info = {
         "target_cos": {

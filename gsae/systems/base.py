@@ -18,7 +18,15 @@ from torch import Tensor
 from gsae import __version__
 from gsae.data.batch import ActivationBatch, TokenBatch
 from gsae.lm import LanguageModel
-from gsae.metrics import DeadLatentTracker, ReconSums, fired_mask, l0_per_token, recon_metrics, recon_sums
+from gsae.metrics import (
+    DeadLatentTracker,
+    ReconMetric,
+    ReconSums,
+    fired_mask,
+    l0_per_token,
+    recon_metrics,
+    recon_sums,
+)
 from gsae.sae.base import SAEOutput, SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -91,6 +99,7 @@ class SAESystem(pl.LightningModule):
         self.seed = seed
         self.sae = sae(lm.d_in(self.hook))
         self.dead = DeadLatentTracker(self.sae.d_sae, dead_batches, dead_tokens)
+        self.val_recon = ReconMetric(self.sae.d_in)  # validation sums over batches and ranks (not checkpointed)
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("act_scale", torch.tensor(1.0))  # E‖x − x̄‖² of the first batch: loss normaliser
         self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
@@ -187,20 +196,21 @@ class SAESystem(pl.LightningModule):
             )
         with torch.no_grad():
             l0 = l0_per_token(out.top_acts, out.latents)
+            if stage != "train":  # per-rank sums, reduced over ranks once per epoch (torchmetrics, in compute)
+                self.val_recon.update(acts.x, out.x_hat, l0)
+                for name, v in extra.items():
+                    self.log(f"val/{name}", v, on_step=False, on_epoch=True, sync_dist=True, batch_size=l0.shape[0])
+                return loss
             sums = recon_sums(acts.x, out.x_hat, l0)
             fired = fired_mask(out.top_idx, out.top_acts, out.latents, self.sae.d_sae)
-            # one all-reduce for the fired mask and the metric sums
+            # training: one packed all-reduce for the fired mask and the metric sums (the dead-latent counters
+            # need the global mask every step; torchmetrics would sync each state separately: see gsae.metrics)
             packed = self.all_reduce(torch.cat([fired.double(), sums.flat()]))
             fired_g, sums_g = packed[: self.sae.d_sae] > 0, ReconSums.unflat(packed[self.sae.d_sae :])
         n_tokens = int(sums_g.n)
-        if stage == "train":
-            self.dead.update(fired_g, n_tokens)
-            self.tokens_seen += n_tokens
-            self._log_train(loss, sums_g, out, extra, n_tokens)
-        else:
-            self._val_sums = sums_g if self._val_sums is None else self._val_sums + sums_g
-            for name, v in extra.items():
-                self.log(f"val/{name}", v, on_step=False, on_epoch=True, sync_dist=True, batch_size=n_tokens)
+        self.dead.update(fired_g, n_tokens)
+        self.tokens_seen += n_tokens
+        self._log_train(loss, sums_g, out, extra, n_tokens)
         return loss
 
     def training_step(self, batch: TokenBatch, batch_idx: int) -> Tensor:
@@ -210,12 +220,12 @@ class SAESystem(pl.LightningModule):
         self.shared_step(batch, "val")
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sums: ReconSums | None = None
+        self.val_recon.reset()
 
     def on_validation_epoch_end(self) -> None:
-        if self._val_sums is None:
+        if self.val_recon.update_count == 0:
             return
-        for name, v in recon_metrics(self._val_sums).items():
+        for name, v in self.val_recon.compute().items():
             self.log(f"val/{name}", v, rank_zero_only=True)
 
     def _log_train(self, loss: Tensor, sums: ReconSums, out: SAEOutput, extra: dict[str, Tensor], n_tokens: int) -> None:

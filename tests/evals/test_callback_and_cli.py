@@ -22,12 +22,9 @@ SMALL_OPTIONS = {
     "decoder_geometry": {"n_per_bin": 3},
 }
 CALLBACK_YAML = """\
-trainer:
-  callbacks:
-    - class_path: gsae.callbacks.EvaluationCallback
-      init_args:
-        benchmarks: [loss_added, dead_latents]
-        n_seqs: 4
+evaluation:
+  benchmarks: [loss_added, dead_latents]
+  n_seqs: 4
 """
 
 
@@ -130,7 +127,16 @@ def test_callback_guards(tmp_path):
     with pytest.raises(ValueError, match="EvaluationCallback.benchmarks"):
         EvaluationCallback(benchmarks=["nope"])
     with pytest.raises(ValueError, match="EvaluationCallback.options"):
-        EvaluationCallback(benchmarks=["loss_added"], options={"steering": {}})
+        EvaluationCallback(benchmarks=["loss_added"], options={"nope": {}})
+    with pytest.raises(ValueError, match="options.steering.n_seqs"):
+        EvaluationCallback(options={"steering": {"n_seqs": 0}})
+    # a config's options for benchmarks left out of the set are kept, unused (one option changes the set)
+    assert EvaluationCallback(benchmarks=["loss_added"], options={"steering": {"n_latents": 2}}).benchmarks == [
+        "loss_added"
+    ]
+    assert list(EvaluationCallback().benchmarks) == [
+        "loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry"
+    ]
     cb = EvaluationCallback()
     ckpt = tmp_path / "x.ckpt"
     cb.on_sae_checkpoint(SimpleNamespace(is_global_zero=False, global_step=1), None, ckpt)  # rank > 0: nothing
@@ -159,3 +165,76 @@ def test_callback_on_a_gsae_every_n_steps_and_at_checkpoints(tmp_path):
     written = {json.loads(p.read_text())["step"] for p in (tmp_path / "ckpts").glob("*step=*.ckpt.eval.json")}
     assert written == {3, 4} and (tmp_path / "ckpts" / "last.ckpt.eval.json").exists()
     assert system.sae.training
+
+
+@pytest.fixture
+def fake_benchmark(monkeypatch):
+    from gsae import evals
+
+    monkeypatch.setitem(evals._MODULES, "fake", "tests.evals.fake_benchmark")
+    return "fake"
+
+
+def _fake_trainer(tmp_path, tiny_lm, step=3):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from tests.evals.helpers import build_tokens
+
+    dm = SimpleNamespace(contexts=lambda which: iter(build_tokens(6, 16).tolist()), batch_size=2)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    return SimpleNamespace(is_global_zero=True, global_step=step, datamodule=dm, loggers=[logger]), logger
+
+
+def test_callback_writes_artifacts_beside_the_checkpoint_and_logs_texts(tmp_path, tiny_lm, fake_benchmark):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.evals.helpers import HOOK, build_topk
+
+    trainer, logger = _fake_trainer(tmp_path, tiny_lm)
+    module = SimpleNamespace(sae=build_topk(), hook=HOOK, lm=tiny_lm)
+    cb = EvaluationCallback(benchmarks=["loss_added", "fake"], n_seqs=6, options={"fake": {"n_seqs": 2}})
+    ckpt = tmp_path / "epoch=0-step=3.ckpt"
+    cb.on_sae_checkpoint(trainer, module, ckpt)
+    assert Path(str(ckpt) + ".fake.html").read_text() == f"<p>32 tokens at {HOOK}</p>"  # 2 of the 6 contexts
+    payload = json.loads(Path(str(ckpt) + ".eval.json").read_text())
+    assert payload["results"]["fake"]["n_tokens"] == 32 and payload["results"]["loss_added"]["n_tokens"] == 6 * 15
+    logger.experiment.flush()
+    ea = EventAccumulator(logger.log_dir)
+    ea.Reload()
+    assert "eval/fake/summary/text_summary" in ea.Tags()["tensors"]
+
+
+def test_disabled_callback_does_nothing(tmp_path, tiny_lm):
+    trainer, _ = _fake_trainer(tmp_path, tiny_lm)
+    cb = EvaluationCallback(enabled=False)
+    ckpt = tmp_path / "x.ckpt"
+    cb.on_sae_checkpoint(trainer, None, ckpt)  # would fail on the None module if it ran
+    cb.on_train_batch_end(trainer, None, None, None, 0)
+    assert list(tmp_path.glob("x.ckpt*")) == []
+
+
+def test_evaluate_py_writes_artifacts_next_to_output(tmp_path, fake_benchmark, capsys):
+    from gsae.export import export_saelens
+    from tests.evals.helpers import HOOK, build_topk
+
+    export_saelens(build_topk(), tmp_path / "a.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"}, "context_size": 16})
+    out = tmp_path / "out" / "res.json"
+    rc = evaluate_main([str(tmp_path / "a.saelens"), "--benchmarks", "fake", "--n-seqs", "3", "--output", str(out)])
+    assert rc == 0
+    (art,) = list(out.parent.glob("res.*.fake.html"))
+    assert art.read_text() == f"<p>48 tokens at {HOOK}</p>"
+
+
+def test_cli_evaluation_group_is_on_by_default_and_one_option_turns_it_off(tmp_path):
+    from gsae.cli import build_cli
+
+    cli = build_cli(quickstart_args(tmp_path, steps=1))
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, EvaluationCallback)]
+    assert cb.enabled and set(cb.benchmarks) >= {"loss_added", "dead_latents", "steering", "sensitive_directions"}
+    assert cb.options["sensitive_directions"]["n_seqs"] == 8  # the config's budgets
+    off = build_cli(quickstart_args(tmp_path, "--evaluation.enabled", "false", steps=1))
+    assert not [c for c in off.trainer.callbacks if isinstance(c, EvaluationCallback)][0].enabled
+    some = build_cli(quickstart_args(tmp_path, "--evaluation.benchmarks", "[loss_added,steering]", steps=1))
+    assert [c for c in some.trainer.callbacks if isinstance(c, EvaluationCallback)][0].benchmarks == [
+        "loss_added", "steering"
+    ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gsae.evals import dead_latents
+from gsae.evals import dead_latents, scalars
 from gsae.metrics import DeadLatentTracker
 from tests.evals.helpers import HOOK, build_tokens, build_topk, plant_dead_latent
 
@@ -38,9 +38,20 @@ def test_dead_sets_match_a_naive_tracker(tiny_lm):
     assert r["median_density"] == pytest.approx(float((dense[:180].double().mean(0)).median()))
 
 
-def test_short_stream_shrinks_batches(tiny_lm):
-    r = dead_latents.run(build_topk(), tiny_lm, HOOK, build_tokens(2, 16), dead_batches=5)
-    assert r["batch_tokens"] == 30 // 5 and r["n_tokens"] == 30
+def test_short_stream_keeps_4096_token_batches_and_says_so(tiny_lm):
+    sae = plant_dead_latent(build_topk(d_sae=16, k=8), 0)
+    r = dead_latents.run(sae, tiny_lm, HOOK, build_tokens(2, 16), dead_batches=5, batch_size=1)
+    assert r["batch_tokens"] == 4096 and r["n_tokens"] == 30  # every token still counts for densities
+    assert r["dead_fraction_batches"] is None and "20480 tokens" in r["note"] and "n_seqs" in r["note"]
+    assert "dead_fraction_batches" not in scalars(r)  # no misleading TensorBoard scalar
+    assert r["n_never_fired"] >= 1 and r["dead_fraction_tokens"] == pytest.approx(r["n_dead_tokens"] / 16)
+
+
+def test_result_does_not_depend_on_batch_size(tiny_lm):
+    toks, sae = build_tokens(8, 32), build_topk(d_sae=16, k=2)
+    a = dead_latents.run(sae, tiny_lm, HOOK, toks, batch_size=1, batch_tokens=40)
+    b = dead_latents.run(sae, tiny_lm, HOOK, toks, batch_size=8, batch_tokens=40)
+    assert a == b
 
 
 def test_figures(tiny_lm):

@@ -47,3 +47,21 @@ def test_runs_inside_inference_mode(tiny_lm):
     with torch.inference_mode():
         r = run_benchmarks(["loss_added"], GradTopKSAE(64, 128, 8), tiny_lm, HOOK, build_tokens(2, 16))
     assert r["loss_added"]["l0"] == 8.0
+
+
+def test_every_default_benchmark_draws_figures(tiny_lm):
+    """The callback promises TensorBoard figures for each default benchmark (a result's own ``skipped`` field,
+    as sensitive_directions' empty feature pools, must not hide them)."""
+    from gsae.callbacks.evaluation import DEFAULT_BENCHMARKS
+    from gsae.evals import is_skipped, tagged_figures
+
+    opts = {
+        "dead_latents": {"batch_tokens": 20},
+        "steering": {"n_latents": 2, "n_positions": 1, "alphas": [0, 50]},
+        "sensitive_directions": {"lengths": [1.0, 5.0], "direction_types": ["isotropic", "sae_feature_dead"]},
+        "decoder_geometry": {"n_per_bin": 2},
+    }
+    res = run_benchmarks(list(DEFAULT_BENCHMARKS), build_topk(), tiny_lm, HOOK, build_tokens(4, 16), options=opts)
+    assert not any(is_skipped(r) for r in res.values())
+    drawn = {tag.split("/")[1] for tag in tagged_figures(res)}
+    assert drawn == set(DEFAULT_BENCHMARKS)

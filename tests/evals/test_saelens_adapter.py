@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from gsae.evals import loss_added
+from gsae.evals import synthetic_activations as syn
 from gsae.export import export_saelens
+from gsae.sae.base import SparseAutoencoder
 from gsae.saelens_adapter import (
     SAELensAdapter,
     is_saelens_folder,
@@ -63,3 +65,125 @@ def test_pretrained_fails_fast_offline(monkeypatch):
     monkeypatch.setattr("gsae.lm._hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(ValueError, match="unreachable"):
         load_saelens_pretrained("sae_lens:gpt2-small-res-jb/blocks.8.hook_resid_pre")
+
+
+# ---------------------------------------------------------------------- SAELens architectures and normalisation
+ARCHS = ("standard", "jumprelu", "gated", "topk")
+NORMS = ("none", "layer_norm", "constant_norm_rescale")
+
+
+def saelens_sae(arch: str, norm: str, d_in: int = 64, d_sae: int = 96, seed: int = 0):
+    """A SAELens SAE of ``arch`` built in-process, with generic (nonzero, seeded) parameters."""
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    cls, cfg_cls = {
+        "standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig),
+        "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig),
+        "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig),
+        "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig),
+    }[arch]
+    extra = {"k": 6} if arch == "topk" else {}
+    meta = SAEMetadata(hook_name=HOOK, model_name="random-tiny", context_size=16, prepend_bos=True)
+    sae = cls(cfg_cls(d_in=d_in, d_sae=d_sae, normalize_activations=norm, metadata=meta, **extra))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen) + (0.05 if name == "threshold" else 0.0))
+            if name == "threshold":
+                p.abs_()
+    return sae
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adapter_equals_saelens_encode_decode(arch, norm):
+    sl = saelens_sae(arch, norm)
+    adapter = SAELensAdapter(sl)
+    x = 5.0 + 20.0 * torch.randn(12, 64, generator=torch.Generator().manual_seed(1))  # offset, large norms
+    with torch.no_grad():
+        want_lat = sl.encode(x)
+        want = sl.decode(want_lat)
+        out = adapter(x)
+        torch.testing.assert_close(out.latents, want_lat, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out.x_hat, want, atol=1e-5, rtol=1e-5)
+        assert (want_lat != 0).any(), "the test SAE must have active latents"
+        # a code decoded on its own (plateaus' synthetic activations) is de-normalised with the base's statistics
+        code = syn.sparse_code(out)
+        torch.testing.assert_close(syn.decode(adapter, code, like=x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(adapter.decode(out.latents, like=x), want, atol=1e-5, rtol=1e-5)
+    if norm == "none":
+        torch.testing.assert_close(syn.decode(adapter, code), want, atol=1e-5, rtol=1e-5)
+    else:  # without the statistics the scale would be wrong: refuse rather than decode wrongly
+        with pytest.raises(ValueError, match="like="):
+            syn.decode(adapter, code)
+        naive = SparseAutoencoder.decode_sparse(adapter, code.vals, code.idx)  # the old path, no de-normalisation
+        assert ((naive - want).norm(dim=-1) / want.norm(dim=-1)).mean() > 0.1
+
+
+def test_synthetic_targets_of_layer_norm_saelens_sae_match_saelens_decode():
+    """A modified code (plateaus' synthetic_baseline) of base A decodes as SAELens would after encoding A."""
+    sl = saelens_sae("topk", "layer_norm")
+    adapter = SAELensAdapter(sl)
+    A = 3.0 + 30.0 * torch.randn(40, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        code = syn.sparse_code(adapter(A))
+        density = syn.latent_density(syn.count_active(code, 96), 40)
+        new = syn.synthetic_baseline(code, syn.sparsity_neighbours(density, 10, 0), 0)
+        got = syn.decode(adapter, new, like=A)
+        sl.encode(A)  # SAELens' own path: encode the base, decode the modified code
+        dense = torch.zeros(40, 96).scatter_add_(-1, new.idx, new.vals)
+        want = sl.decode(dense)
+        # independent: decode in the normalised space, then undo layer_norm with A's mean and std
+        mu, sd = A.mean(-1, keepdim=True), (A - A.mean(-1, keepdim=True)).std(-1, keepdim=True)
+        manual = (dense @ sl.W_dec + sl.b_dec) * sd + mu
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, manual, atol=1e-4, rtol=1e-5)
+
+
+def test_evaluate_py_on_layer_norm_topk_folder_equals_saelens_forward(tmp_path):
+    """Acceptance (issue 10 item 4): loss_added through evaluate.py on a SAELens layer_norm TopK folder equals
+    splicing SAELens' own ``decode(encode(x))`` in with a TransformerLens hook; plateaus runs on it."""
+    import json
+
+    from gsae.evaluate import held_out_tokens
+    from gsae.evaluate import main as evaluate_main
+    from gsae.lm import LanguageModel, next_token_loss
+    from gsae.metrics import kl_div_per_token
+
+    sl = saelens_sae("topk", "layer_norm")
+    sl.save_model(tmp_path / "ln_topk")
+    out = tmp_path / "res.json"
+    opts = {"plateaus": {"n_perturbations": 4, "prompt_len": 6, "plateau": False, "schedules": ["absolute"]}}
+    args = [str(tmp_path / "ln_topk"), "--benchmarks", "loss_added,plateaus", "--n-seqs", "4", "--device", "cpu"]
+    assert evaluate_main([*args, "--options", json.dumps(opts), "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    got = next(iter(res["loss_added"].values()))
+    _, meta = load_saelens_folder(tmp_path / "ln_topk")
+    tiny_lm = LanguageModel(**meta["lm"])  # SAELens' no-processing model, as evaluate.py loads it
+    assert not tiny_lm.center_writing_weights
+    toks = held_out_tokens(tiny_lm, "synthetic", 16, 4)
+    keep = ~torch.isin(toks, torch.tensor(tiny_lm.special_token_ids))
+
+    def splice(act, hook):
+        flat = act.reshape(-1, act.shape[-1])
+        return torch.where(keep[..., None], sl.decode(sl.encode(flat)).reshape(act.shape), act)
+
+    with torch.no_grad():
+        clean = tiny_lm.model(toks)
+        patched = tiny_lm.model.run_with_hooks(toks, fwd_hooks=[(HOOK, splice)])
+    ce_mask = keep[:, :-1]
+    ce_sae = float(next_token_loss(patched, toks, "none")[ce_mask].mean())
+    kl_sae = float(kl_div_per_token(clean, patched)[keep].mean())
+    assert got["ce_sae"] == pytest.approx(ce_sae, rel=1e-5)
+    assert got["kl_sae"] == pytest.approx(kl_sae, rel=1e-4, abs=1e-7)
+    plat = next(iter(res["plateaus"].values()))
+    assert plat["n_perturbations"] == 4
+
+
+def test_prepend_bos_comes_from_the_metadata(tmp_path):
+    sl = saelens_sae("standard", "none")
+    sl.cfg.metadata.prepend_bos = False
+    sl.save_model(tmp_path / "nobos")
+    _, meta = load_saelens_folder(tmp_path / "nobos")
+    assert meta["prepend_bos"] is False

@@ -186,10 +186,14 @@ def test_batched_sweep_equals_naive_full_forward_loop(tiny_lm, tokens, sae, hook
         perturb = torch.zeros(tokens.shape[1], 1)
         perturb[4] = 1
     deltas = {}
-    for k in kinds:  # directions are drawn for the positions run: up to the last one read
+    for k in kinds:  # directions are drawn per sequence, for the positions run: up to the last one read
         x = r.x[:, : 4 + 5] if mode == "single_token" else r.x[:, :-1]
-        u = make_direction(
-            k, x, generator(seed, 0, k), stats, r.x_hat[:, : x.shape[1]], sae.W_dec, pools.get(FEATURE_POOLS.get(k, ""))
+        pool = pools.get(FEATURE_POOLS.get(k, ""))
+        u = torch.cat(
+            [
+                make_direction(k, x[i : i + 1], generator(seed, i, k), stats, r.x_hat[i : i + 1, : x.shape[1]], sae.W_dec, pool)
+                for i in range(x.shape[0])
+            ]
         )
         deltas[k] = F.pad(u, (0, 0, 0, tokens.shape[1] - x.shape[1])) * perturb
     deltas["sae"] = (r.x_hat - r.x) * perturb
@@ -261,3 +265,118 @@ def test_g_sae_and_skip_first(tiny_lm, tokens):
     )
     assert res["n_tokens"] == tokens.shape[0] * (tokens.shape[1] - 2)
     assert res["curves"]["sae_error"]["kl"][0] == pytest.approx(0, abs=1e-7) and res["kl_sae"] > 0
+
+
+# ---------------------------------------------------------------------- issue 10 item 7
+def test_eps_baselines_have_the_norm_of_the_sae_error(tiny_lm, tokens, sae):
+    """``‖ε·u‖ = ‖SAE(x) − x‖`` per token for every ε-baseline, with a non-identity SAE."""
+    from gsae.evals.directions import EPS_BASELINES, batch_deltas
+
+    (r,) = batch_acts(sae, tiny_lm, HOOK, tokens, batch_size=4)
+    stats = fit_activation_stats([r], max_real_pool=1000, seed=0)
+    perturb = torch.ones(tokens.shape[1] - 1, dtype=torch.bool)
+    deltas, _ = batch_deltas(
+        [], r, stats, sae.W_dec, perturb, seed=0, first_seq=0, block_fired={0: r.fired}, substitution=True
+    )
+    err = (r.x_hat - r.x)[:, :-1].norm(dim=-1)
+    assert err.min() > 0.1  # a real reconstruction error
+    torch.testing.assert_close(deltas["sae"].norm(dim=-1), err)
+    for name in EPS_BASELINES:
+        torch.testing.assert_close(deltas[name].norm(dim=-1), err, rtol=1e-5, atol=1e-5, msg=name)
+        assert cos(deltas[name], deltas["sae"]).abs().mean() < 0.5, name  # a different direction
+
+
+def test_feature_pools_on_a_planted_case():
+    """Latents 0-1 fire in the block, 2-3 fire elsewhere only (alive, inactive here), 4-5 never fire (dead)."""
+    stats = build_stats(fired=torch.tensor([1, 1, 1, 1, 0, 0], dtype=torch.bool))
+    block = torch.tensor([[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0]], dtype=torch.bool)  # per sequence of the block
+    pools = feature_pools(stats, block)
+    assert pools["active"].tolist() == [0, 1]
+    assert pools["alive"].tolist() == [2, 3]
+    assert pools["dead"].tolist() == [4, 5]
+    # the pools come from 64-sequence blocks, not the memory batch: a direction of a sequence uses only its block
+    W = torch.eye(6, 8)
+    x = torch.zeros(1, 5, 8)
+    u = make_direction("sae_feature_alive", x, generator(0, 0, "a"), stats, W_dec=W, pool=pools["alive"])
+    assert set(u.reshape(-1, 8).argmax(-1).tolist()) <= {2, 3}
+
+
+def _unit(v):
+    return v / v.norm()
+
+
+def test_directions_against_an_independent_per_token_implementation():
+    """Each direction type rebuilt token by token from its SPEC §3.2 formula (own Cholesky, own loops),
+    consuming the generator in the same order, equals ``make_direction``."""
+    stats = build_stats(d=8, n_real=30)
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(9))
+    x[0, 0] = stats.real[4]  # a token equal to a real activation: real_difference must redraw for it
+    flat = x.reshape(-1, 8)
+    n = flat.shape[0]
+    L = torch.linalg.cholesky(stats.cov)  # recomputed, not stats.chol
+    W = torch.randn(10, 8, generator=torch.Generator().manual_seed(3))
+    pool = torch.tensor([1, 4, 7])
+
+    def ref(kind):
+        g = generator(0, kind)
+        if kind == "isotropic":
+            z = torch.randn(n, 8, generator=g)
+            return torch.stack([_unit(stats.median_norm * z[i] - flat[i]) for i in range(n)])
+        if kind in ("cov_random_difference", "cov_random_mixture"):
+            t = torch.stack([stats.mean + L @ zi for zi in torch.randn(n, 8, generator=g)])
+            if kind == "cov_random_difference":
+                return torch.stack([_unit(t[i] - flat[i]) for i in range(n)])
+            t2 = torch.stack([stats.mean + L @ zi for zi in torch.randn(n, 8, generator=g)])
+            return torch.stack([_unit(t[i] - t2[i]) for i in range(n)])
+        if kind in ("real_difference", "real_mixture"):
+            if kind == "real_mixture":
+                first = torch.randint(30, (n,), generator=g)
+                avoid = stats.real[first]
+            else:
+                avoid = flat
+            idx = torch.randint(30, (n,), generator=g)
+            for _ in range(10):
+                same = [i for i in range(n) if torch.equal(stats.real[idx[i]], avoid[i])]
+                if not same:
+                    break
+                idx[same] = torch.randint(30, (len(same),), generator=g)
+            if kind == "real_mixture":
+                return torch.stack([_unit(avoid[i] - stats.real[idx[i]]) for i in range(n)])
+            return torch.stack([_unit(stats.real[idx[i]] - flat[i]) for i in range(n)])
+        ids = pool[torch.randint(3, (n,), generator=g)]
+        return torch.stack([_unit(W[i]) for i in ids])
+
+    for kind in ("isotropic", "cov_random_difference", "cov_random_mixture", "real_difference", "real_mixture",
+                 "sae_feature_alive"):
+        got = make_direction(kind, x, generator(0, kind), stats, W_dec=W, pool=pool).reshape(n, 8)
+        torch.testing.assert_close(got, ref(kind), rtol=1e-4, atol=1e-5, msg=kind)
+    got = make_direction("real_difference", x, generator(0, "real_difference"), stats).reshape(n, 8)
+    assert (got[0] != 0).any()  # the token equal to a real activation got another one
+
+
+def test_substitution_leaves_special_tokens_mid_sequence_unpatched_and_uncounted(tiny_lm, tokens, sae):
+    from gsae.lm import BYTE_BOS
+
+    toks = tokens.clone()
+    toks[:, 0] = BYTE_BOS
+    toks[1, 6] = BYTE_BOS  # mid-sequence
+    kw = dict(lengths=[1.0], direction_types=["isotropic"])
+    res = sd.run(sae, tiny_lm, HOOK, toks, **kw)
+    n_read = toks.shape[0] * (toks.shape[1] - 1)
+    assert res["substitution"]["n_tokens"] == n_read - toks.shape[0] - 1  # BOS at 0 (×4) and at (1, 6)
+    assert res["curves"]["isotropic"]["n_tokens"] == n_read  # the length sweep perturbs every position
+    # reference: splice SAE(x) in at the non-special positions with a patch hook; KL mean over them
+    (r,) = batch_acts(sae, tiny_lm, HOOK, toks, batch_size=64)
+    keep = toks != BYTE_BOS
+    x_new = torch.where(keep[..., None], r.x_hat, r.x)
+    with torch.no_grad():
+        clean = tiny_lm.model(toks)
+        patched = tiny_lm.model.run_with_hooks(toks, fwd_hooks=[(HOOK, lambda a, hook: x_new)])
+    kl = kl_div_per_token(clean, patched)[:, :-1][keep[:, :-1]].mean()
+    assert res["substitution"]["kl"]["sae"] == pytest.approx(float(kl), rel=1e-4)
+    assert sd.run(sae, tiny_lm, HOOK, toks, substitution_exclude_special=False, **kw)["substitution"]["n_tokens"] == n_read
+
+
+def test_single_token_default_position_is_gurnee_32():
+    assert sd.window("single_token", 128, None, 17, False).position == 32
+    assert sd.window("single_token", 12, None, 17, False).position == 10  # T − 2 for short contexts

@@ -71,3 +71,64 @@ def test_all_positions_mode_and_figures(tiny_lm):
     r = steering.run(build_topk(), tiny_lm, HOOK, build_tokens(4, 16), mode="all", **SMALL)
     assert r["n_latents"] == 3 and len(r["on_target_curve"]) == 3
     assert set(steering.figures(r)) == {"curves", "on_target_at_alpha_report"}
+
+
+def _naive_all(lm, tokens, s, t, d, alpha, top):
+    """Full-sequence forward adding ``α d`` at every non-special position (causal: later ones cannot matter)."""
+    keep = ~torch.isin(tokens[s], torch.tensor(lm.special_token_ids))
+
+    def add(act, hook):
+        return act + alpha * d * keep[None, :, None].to(act)
+
+    with torch.no_grad():
+        p0 = lm.model(tokens[s : s + 1])[0, t].softmax(-1)
+        p1 = lm.model.run_with_hooks(tokens[s : s + 1], fwd_hooks=[(HOOK, add)])[0, t].softmax(-1)
+    dp = p1 - p0
+    in_l = torch.zeros_like(dp, dtype=torch.bool)
+    in_l[top] = True
+    return float(dp[in_l].sum()), float(dp[~in_l].clamp_min(0).sum())
+
+
+def test_all_positions_mode_matches_naive_loop_with_special_tokens_mid_sequence(tiny_lm):
+    from gsae.lm import BYTE_BOS
+
+    sae, toks = build_topk(), build_tokens(3, 16)
+    toks[:, 6] = BYTE_BOS  # a special token in the middle: never steered, never read
+    r = steering.run(sae, tiny_lm, HOOK, toks, **{**SMALL, "n_positions": 3}, mode="all", max_rows=5)
+    assert all(t != 6 and t != 0 for _, t in r["positions"])
+    per_latent = torch.zeros(len(r["latents"]), 2)
+    for s, t in r["positions"]:
+        for k, latent in enumerate(r["latents"]):
+            d = sae.W_dec[latent].detach() / sae.W_dec[latent].detach().norm()
+            per_latent[k] += torch.tensor(_naive_all(tiny_lm, toks, s, t, d, 50.0, r["top_tokens"][k]))
+    per_latent /= len(r["positions"])
+    torch.testing.assert_close(torch.tensor(r["per_latent_on_target"]), per_latent[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(r["per_latent_off_target_added"]), per_latent[:, 1], atol=1e-5, rtol=0
+    )
+
+
+def test_logit_lens_includes_ln_final_gain_without_fold_ln():
+    from gsae.lm import LanguageModel
+
+    lm = LanguageModel("random-tiny", fold_ln=False)
+    with torch.no_grad():
+        lm.model.ln_final.w.copy_(torch.rand(lm.d_model, generator=torch.Generator().manual_seed(0)) * 3)
+    sae = build_topk()
+    r = steering.run(sae, lm, HOOK, build_tokens(4, 16), **SMALL)
+    for k, latent in enumerate(r["latents"]):
+        d = sae.W_dec[latent].detach() / sae.W_dec[latent].detach().norm()
+        want = ((d * lm.model.ln_final.w) @ lm.W_U).topk(5).indices.tolist()
+        assert r["top_tokens"][k] == want
+    assert r["top_token_strings"] == [[bytes([i]).decode("latin-1") for i in row] for row in r["top_tokens"]]
+
+
+def test_hook_z_sae_is_skipped_not_steered(tiny_lm):
+    from gsae.evals import run_benchmark
+
+    hook = "blocks.1.attn.hook_z"
+    sae = build_topk(d_in=tiny_lm.d_in(hook))
+    assert "residual stream" in steering.applicable(sae, tiny_lm, hook)
+    assert "skipped" in run_benchmark("steering", sae, tiny_lm, hook, build_tokens(2, 16))
+    with pytest.raises(ValueError, match="residual stream"):
+        steering.run(sae, tiny_lm, hook, build_tokens(2, 16), **SMALL)
