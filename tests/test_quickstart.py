@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ TRAIN_TAGS = {
     "train/aux_loss", "lr", "train/tokens_seen", "train/tokens_per_s",
 }
 VAL_TAGS = {"val/mse", "val/nmse", "val/explained_variance", "val/l0"}
+#: What the evaluation callback writes for every checkpoint with the shipped configs (on by default).
+EVAL_KEYS = {"loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry", "latents"}
 EXTRA = {"topk": set(), "gsae": {"train/beta_attribution_median"}, "e2e": {"train/kl", "val/kl"}}
 
 
@@ -45,3 +49,24 @@ def test_quickstart_config_trains_and_writes_everything(tmp_path, name):
     assert not missing, f"missing TensorBoard tags: {sorted(missing)}"
     ev = [e.value for e in acc.Scalars("train/explained_variance")]
     assert ev[-1] > ev[0], "the SAE should be learning"
+    check_evaluation(run, ckpts, acc)
+
+
+def check_evaluation(run: Path, ckpts: list[str], acc: EventAccumulator) -> None:
+    """Evaluation is on by default: a JSON with every promised benchmark and a latent dashboard per checkpoint,
+    `eval/` scalars, figures for each benchmark and the dashboards as TensorBoard text."""
+    for c in ckpts:
+        path = run / "checkpoints" / c
+        results = json.loads(Path(str(path) + ".eval.json").read_text())["results"]
+        assert EVAL_KEYS <= set(results), sorted(results)
+        page = Path(str(path) + ".latents.html").read_text()
+        assert "http://" not in page and "https://" not in page and "<script" not in page  # opens offline
+        assert len(re.findall(r'class="latent"', page)) >= 16
+        assert len(re.findall(r'class="ctx"', page)) >= 16 * 8
+    tags = acc.Tags()
+    benches = {t.split("/")[1] for t in tags["scalars"] if t.startswith("eval/")}
+    assert {"loss_added", "dead_latents", "steering", "sensitive_directions"} <= benches
+    figs = {t.split("/")[1] for t in tags["images"] if t.startswith("eval/")}
+    assert {"loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry", "latents"} <= figs, figs
+    texts = [t for t in tags.get("tensors", []) if "latents" in t]
+    assert len(texts) >= 16, f"latent dashboards as TensorBoard text: {texts[:3]}"

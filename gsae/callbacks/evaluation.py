@@ -41,7 +41,7 @@ from gsae.evals import (
 log = logging.getLogger(__name__)
 
 #: Benchmarks run when none are named: the four promised on every checkpoint, plus decoder geometry.
-DEFAULT_BENCHMARKS = ("loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry")
+DEFAULT_BENCHMARKS = ("loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry", "latents")
 #: Option the callback reads itself from ``options[benchmark]``: that benchmark's number of held-out contexts.
 N_SEQS_OPTION = "n_seqs"
 
@@ -75,7 +75,8 @@ class EvaluationCallback(Callback):
         Args:
             enabled: evaluate at all (``--evaluation.enabled false`` turns every evaluation off).
             benchmarks: benchmark names from ``gsae.evals.BENCHMARKS``; default loss_added, dead_latents,
-                steering, sensitive_directions, decoder_geometry (``--evaluation.benchmarks [loss_added,steering]``).
+                steering, sensitive_directions, decoder_geometry, latents (the latent dashboards:
+                ``<checkpoint>.latents.html``) (``--evaluation.benchmarks [loss_added,steering]``).
             n_seqs: held-out contexts to read (of the data module's ``context_size``); every benchmark uses
                 all of them unless its options set a smaller ``n_seqs``.
             batch_size: sequences per forward pass; default the data module's ``batch_size`` (for g-SAEs

@@ -135,7 +135,7 @@ def test_callback_guards(tmp_path):
         "loss_added"
     ]
     assert list(EvaluationCallback().benchmarks) == [
-        "loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry"
+        "loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry", "latents"
     ]
     cb = EvaluationCallback()
     ckpt = tmp_path / "x.ckpt"
