@@ -157,10 +157,10 @@ def resolve_ckpt_path(cli: GSAECLI) -> str | None:
 
 
 def _check_checkpoint(path: str) -> None:
-    from gsae.export import load_checkpoint
+    from gsae.export import load_members
 
     try:
-        load_checkpoint(path)
+        load_members(path)
     except ValueError as e:  # corrupt or foreign file
         raise ValueError(f"--ckpt_path: {e}") from None
 

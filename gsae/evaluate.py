@@ -62,6 +62,7 @@ class Source(NamedTuple):
         step: global step of a checkpoint (0 otherwise).
         dataset: the dataset a checkpoint was trained on, if recorded.
         batch_size: the training batch size (contexts per device) of a checkpoint, if recorded.
+        member: the SAE's name inside a sweep checkpoint (``gsae.systems.SweepSAESystem``); None otherwise.
     """
 
     label: str
@@ -71,6 +72,7 @@ class Source(NamedTuple):
     step: int = 0
     dataset: str | None = None
     batch_size: int | None = None
+    member: str | None = None
 
 
 class ArgumentError(ValueError):
@@ -142,13 +144,22 @@ def resolve(paths: list[str]) -> list[Source]:
         if is_saelens_folder(p):
             sources.append(Source(arg, "saelens", arg, arg))
         elif p.is_file():
-            sources.append(Source(arg, "ckpt", arg, arg, *_ckpt_info(p)))
+            sources += _ckpt_sources(arg, p, arg)
         else:
             found = _run_folder(p)
             if not found:
                 raise ArgumentError(f"PATH {arg!r}: no .ckpt files and no SAELens cfg.json in this folder")
-            sources += [Source(str(Path(arg) / c.relative_to(p)), "ckpt", str(c), arg, *_ckpt_info(c)) for c in found]
+            for c in found:
+                sources += _ckpt_sources(str(Path(arg) / c.relative_to(p)), c, arg)
     return sources
+
+
+def _ckpt_sources(label: str, path: Path, group: str) -> list[Source]:
+    """One source for a one-SAE checkpoint; one per member (``<label>:<member>``, its own TensorBoard run) for a sweep."""
+    step, dataset, batch_size, members = _ckpt_info(path)
+    if not members:
+        return [Source(label, "ckpt", str(path), group, step, dataset, batch_size)]
+    return [Source(f"{label}:{m}", "ckpt", str(path), f"{group}:{m}", step, dataset, batch_size, m) for m in members]
 
 
 def _run_folder(folder: Path) -> list[Path]:
@@ -160,17 +171,18 @@ def _run_folder(folder: Path) -> list[Path]:
     return sorted(keep, key=lambda c: (steps[c], c.name))
 
 
-def _ckpt_info(path: Path) -> tuple[int, str | None, int | None]:
-    """``(global_step, training dataset, training batch size)`` of a checkpoint (``(0, None, None)`` if
-    unreadable: loading reports it)."""
+def _ckpt_info(path: Path) -> tuple[int, str | None, int | None, list[str] | None]:
+    """``(global_step, training dataset, training batch size, sweep members or None)`` of a checkpoint
+    (``(0, None, None, None)`` if unreadable: loading reports it)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         data = ckpt.get("TokenDataModule") or {}
-        return int(ckpt.get("global_step", 0)), data.get("dataset"), data.get("batch_size")
+        members = (ckpt.get("gsae") or {}).get("members")
+        return int(ckpt.get("global_step", 0)), data.get("dataset"), data.get("batch_size"), members and list(members)
     except Exception:  # noqa: BLE001
-        return 0, None, None
+        return 0, None, None, None
 
 
 def load(src: Source, device: str, model: str | None):
@@ -182,7 +194,7 @@ def load(src: Source, device: str, model: str | None):
     from gsae.export import load_checkpoint
 
     try:
-        sae, meta = load_checkpoint(src.path)
+        sae, meta = load_checkpoint(src.path, member=src.member)
     except ValueError as e:
         raise ArgumentError(f"PATH {src.label!r}: {e}") from None
     lm = dict(meta["lm"], **({"name": model} if model else {}))

@@ -86,8 +86,8 @@ def build_sae(meta: dict) -> SparseAutoencoder:
     return cls(**meta["sae_config"])
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[SparseAutoencoder, dict]:
-    """``(sae, meta)`` from a gsae Lightning checkpoint, without Lightning or the LM."""
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The checkpoint dict of a gsae Lightning checkpoint (one line of error for anything else)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -96,12 +96,46 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"checkpoint {str(path)!r} is corrupt or unreadable: {type(e).__name__}: {e}") from None
     if not isinstance(ckpt, dict) or "gsae" not in ckpt:
         raise ValueError(f"checkpoint {str(path)!r} is not a gsae checkpoint (no 'gsae' section)")
-    meta = ckpt["gsae"]
+    return ckpt
+
+
+def checkpoint_members(ckpt: dict) -> list[str] | None:
+    """The member names of a sweep checkpoint (``gsae.systems.SweepSAESystem``); ``None`` for a one-SAE checkpoint."""
+    members = ckpt["gsae"].get("members")
+    return list(members) if members is not None else None
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", member: str | None = None, ckpt: dict | None = None
+) -> tuple[SparseAutoencoder, dict]:
+    """``(sae, meta)`` from a gsae Lightning checkpoint, without Lightning or the LM.
+
+    A sweep checkpoint holds several SAEs: ``member`` names the one to load (its ``meta`` is shaped like a
+    one-SAE checkpoint's, plus ``member``); :func:`load_members` loads them all."""
+    ckpt = read_checkpoint(path, map_location) if ckpt is None else ckpt
+    members = checkpoint_members(ckpt)
+    if members is None:
+        if member is not None:
+            raise ValueError(f"checkpoint {str(path)!r} holds one SAE, not a sweep: no member {member!r}")
+        meta, prefix = ckpt["gsae"], "sae."
+    else:
+        if member not in members:
+            raise ValueError(f"checkpoint {str(path)!r} is a sweep of {len(members)} SAEs ({', '.join(members)}); "
+                             f"name one of them (got {member!r})")
+        meta, prefix = ckpt["gsae"]["members"][member], f"members.{member}.sae."
     sae = build_sae(meta)
-    prefix = "sae."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     try:
         sae.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {str(path)!r} does not match its SAE config: {str(e).splitlines()[0]}") from None
     return sae, meta
+
+
+def load_members(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, tuple[SparseAutoencoder, dict]]:
+    """``{member: (sae, meta)}`` of a checkpoint: every member of a sweep, or ``{"": (sae, meta)}`` for one SAE."""
+    ckpt = read_checkpoint(path, map_location)
+    members = checkpoint_members(ckpt)
+    if members is None:
+        return {"": load_checkpoint(path, ckpt=ckpt)}
+    return {m: load_checkpoint(path, member=m, ckpt=ckpt) for m in members}

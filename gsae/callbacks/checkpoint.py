@@ -3,6 +3,7 @@ callbacks where the new checkpoint is."""
 
 from __future__ import annotations
 
+import glob
 import shutil
 from pathlib import Path
 
@@ -13,10 +14,17 @@ from typing_extensions import override
 from gsae.export import export_saelens
 
 
-def saelens_dir(ckpt_path: str | Path) -> Path:
-    """Where the SAELens export of a checkpoint goes: ``<name>.ckpt`` -> ``<name>.saelens/``."""
+def saelens_dir(ckpt_path: str | Path, member: str = "") -> Path:
+    """Where the SAELens export of a checkpoint goes: ``<name>.ckpt`` -> ``<name>.saelens/``; a sweep member's
+    goes to ``<name>.<member>.saelens/``."""
     p = Path(ckpt_path)
-    return p.with_name(p.stem + ".saelens")
+    return p.with_name(p.stem + (f".{member}" if member else "") + ".saelens")
+
+
+def member_path(ckpt_path: str | Path, member: str, suffix: str) -> Path:
+    """A file beside a checkpoint for one SAE: ``<ckpt><suffix>`` (``.eval.json``, ``.latents.html``), or
+    ``<ckpt>.<member><suffix>`` for a sweep member."""
+    return Path(str(ckpt_path) + (f".{member}" if member else "") + suffix)
 
 
 class SAECheckpoint(ModelCheckpoint):
@@ -76,7 +84,8 @@ class SAECheckpoint(ModelCheckpoint):
         super()._save_checkpoint(trainer, filepath)
         module = trainer.lightning_module
         if trainer.is_global_zero and self.export_saelens:
-            export_saelens(module.sae, saelens_dir(filepath), module.describe())
+            for member, (sae, meta) in module.saes().items():  # one SAE, or every member of a sweep
+                export_saelens(sae, saelens_dir(filepath, member), meta)
         for cb in trainer.callbacks:
             if cb is not self and hasattr(cb, "on_sae_checkpoint"):
                 cb.on_sae_checkpoint(trainer, module, filepath)
@@ -85,5 +94,10 @@ class SAECheckpoint(ModelCheckpoint):
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)
         if trainer.is_global_zero:
-            shutil.rmtree(saelens_dir(filepath), ignore_errors=True)
-            Path(str(filepath) + ".eval.json").unlink(missing_ok=True)
+            p = Path(filepath)
+            exports = [saelens_dir(p), *p.parent.glob(glob.escape(p.stem) + ".*.saelens")]
+            for export in exports:
+                shutil.rmtree(export, ignore_errors=True)
+            for beside in p.parent.glob(glob.escape(p.name) + ".*"):  # .eval.json, .latents.html (and members')
+                if beside.is_file():
+                    beside.unlink(missing_ok=True)

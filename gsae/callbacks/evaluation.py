@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from gsae.callbacks.checkpoint import member_path
 from gsae.evals import (
     BENCHMARKS,
     artifacts,
@@ -114,27 +115,29 @@ class EvaluationCallback(Callback):
         self.log_figures = log_figures
         self.write_json = write_json
         self._tokens: torch.Tensor | None = None
-        self._last: tuple[int, dict] | None = None  # (global step, results) of the latest evaluation
+        self._last: tuple[int, dict] | None = None  # (global step, {member: results}) of the latest evaluation
         #: wall seconds of each benchmark in the latest evaluation (logged as ``eval/seconds/<benchmark>``)
         self.last_seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------ hooks
     def on_sae_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ckpt_path: str | Path) -> None:
-        """Evaluate the checkpointed state (once per step: ``last.ckpt`` reuses it); write the JSON and artifacts."""
+        """Evaluate the checkpointed state (once per step: ``last.ckpt`` reuses it); write the JSON and artifacts
+        (for a sweep, one set per member: ``<checkpoint>.<member>.eval.json``, ``<checkpoint>.<member>.latents.html``)."""
         if not self.enabled or not trainer.is_global_zero:
             return
-        results = self.evaluate(trainer, pl_module)
-        if self.write_json:
-            payload = {
-                "checkpoint": Path(ckpt_path).name,
-                "step": trainer.global_step,
-                "seed": self.seed,
-                "n_seqs": int(self._tokens.shape[0]),
-                "results": results,
-            }
-            Path(str(ckpt_path) + ".eval.json").write_text(json.dumps(payload, indent=1))
-        for suffix, content in artifacts(results).items():
-            Path(str(ckpt_path) + suffix).write_text(content)
+        for member, results in self.evaluate(trainer, pl_module).items():
+            if self.write_json:
+                payload = {
+                    "checkpoint": Path(ckpt_path).name,
+                    **({"member": member} if member else {}),
+                    "step": trainer.global_step,
+                    "seed": self.seed,
+                    "n_seqs": int(self._tokens.shape[0]),
+                    "results": results,
+                }
+                member_path(ckpt_path, member, ".eval.json").write_text(json.dumps(payload, indent=1))
+            for suffix, content in artifacts(results).items():
+                member_path(ckpt_path, member, suffix).write_text(content)
 
     @override
     def on_train_batch_end(
@@ -145,8 +148,9 @@ class EvaluationCallback(Callback):
             self.evaluate(trainer, pl_module)
 
     # ------------------------------------------------------------------ work
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict]:
-        """``{benchmark: result}`` for the module's current SAE, logged once per global step."""
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, dict]]:
+        """``{member: {benchmark: result}}`` for the module's current SAEs (member ``""`` for a one-SAE run; every
+        member of a sweep, on the same held-out tokens and seeded draws), logged once per global step."""
         step = trainer.global_step
         if self._last is not None and self._last[0] == step:
             return self._last[1]
@@ -154,22 +158,26 @@ class EvaluationCallback(Callback):
         tokens = self.held_out_tokens(trainer).to(lm.device)
         dm = trainer.datamodule
         batch_size = self.batch_size or getattr(dm, "batch_size", 8)
-        results, self.last_seconds = {}, {}
-        for name in self.benchmarks:
-            opts = dict(self.options.get(name, {}))
-            n = int(opts.pop(N_SEQS_OPTION, tokens.shape[0]))
-            t0 = time.perf_counter()
-            results.update(
-                run_benchmarks(
-                    [name], pl_module.sae, lm, pl_module.hook, tokens[:n], seed=self.seed,
-                    options={name: opts}, batch_size=batch_size,
+        saes = pl_module.saes() if hasattr(pl_module, "saes") else {"": (pl_module.sae, {})}
+        everything: dict[str, dict[str, dict]] = {}
+        self.last_seconds = {}
+        for member, (sae, _) in saes.items():
+            results: dict[str, dict] = {}
+            for name in self.benchmarks:
+                opts = dict(self.options.get(name, {}))
+                n = int(opts.pop(N_SEQS_OPTION, tokens.shape[0]))
+                t0 = time.perf_counter()
+                results.update(
+                    run_benchmarks(
+                        [name], sae, lm, pl_module.hook, tokens[:n], seed=self.seed,
+                        options={name: opts}, batch_size=batch_size,
+                    )
                 )
-            )
-            self.last_seconds[name] = time.perf_counter() - t0
-        self._last = (step, results)
-        self._log(trainer, results, step)
-        return results
-
+                self.last_seconds[f"{member}/{name}" if member else name] = time.perf_counter() - t0
+            everything[member] = results
+        self._last = (step, everything)
+        self._log(trainer, everything, step)
+        return everything
     def held_out_tokens(self, trainer: pl.Trainer) -> torch.Tensor:
         """``(n_seqs, T)`` first held-out contexts of the data module (read once)."""
         if self._tokens is None:
@@ -184,21 +192,29 @@ class EvaluationCallback(Callback):
             self._tokens = torch.tensor(ctx, dtype=torch.long)
         return self._tokens
 
-    def _log(self, trainer: pl.Trainer, results: dict[str, dict], step: int) -> None:
+    def _log(self, trainer: pl.Trainer, everything: dict[str, dict[str, dict]], step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        values = {**tagged_scalars(results), **{f"eval/seconds/{k}": v for k, v in self.last_seconds.items()}}
+        def tag(t: str, member: str) -> str:  # a sweep member's tags: eval/<member>/<benchmark>/<metric>
+            return f"eval/{member}/{t[len('eval/'):]}" if member else t
+
+        values = {f"eval/seconds/{k}": v for k, v in self.last_seconds.items()}
+        for member, results in everything.items():
+            values.update({tag(t, member): v for t, v in tagged_scalars(results).items()})
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
         writers = [
             lg.experiment for lg in trainer.loggers if isinstance(getattr(lg, "experiment", None), SummaryWriter)
         ]
-        if self.log_figures and writers:
-            for tag, fig in tagged_figures(results).items():
+        for member, results in everything.items():
+            if self.log_figures and writers:
+                for t, fig in tagged_figures(results).items():
+                    for w in writers:
+                        w.add_figure(tag(t, member), fig, global_step=step, close=False)
+            for t, text in tagged_texts(results).items():
                 for w in writers:
-                    w.add_figure(tag, fig, global_step=step, close=False)
-        for tag, text in tagged_texts(results).items():
-            for w in writers:
-                w.add_text(tag, text, global_step=step)
-        log.info("evaluated %s at step %d", ", ".join(results), step)
+                    w.add_text(tag(t, member), text, global_step=step)
+        names = sorted({b for r in everything.values() for b in r})
+        log.info("evaluated %s at step %d%s", ", ".join(names), step,
+                 f" for {len(everything)} SAEs" if len(everything) > 1 else "")
         log.debug("eval at step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))

@@ -10,6 +10,7 @@ event folder, and the exact ``tensorboard`` and ``evaluate.py`` commands for thi
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shlex
@@ -29,6 +30,12 @@ HEADLINE = {
     "dead_latents": ("dead_fraction_batches", "alive_fraction"),
     "decoder_geometry": ("nn_cos_mean",),
     "latents": ("n_latents", "median_density"),
+}
+
+#: The shorter headline of each member of a sweep (one console line per member).
+SWEEP_HEADLINE = {
+    "loss_added": ("L_added", "explained_variance", "l0"),
+    "dead_latents": ("dead_fraction_batches",),
 }
 
 
@@ -123,9 +130,9 @@ class RunSummary(Callback):
             headline=headline,
             checkpoint_dir=ckpt_dir,
             checkpoints=[str(p) for p in ckpts],
-            exports=[str(p.with_name(p.stem + ".saelens")) for p in ckpts if p.with_name(p.stem + ".saelens").is_dir()],
-            eval_json=[str(p) + ".eval.json" for p in ckpts if Path(str(p) + ".eval.json").is_file()],
-            latents_html=[str(p) + ".latents.html" for p in ckpts if Path(str(p) + ".latents.html").is_file()],
+            exports=_beside(ckpts, ".saelens", stem=True),
+            eval_json=_beside(ckpts, ".eval.json"),
+            latents_html=_beside(ckpts, ".latents.html"),
             events=_events_dir(trainer),
         )
 
@@ -136,31 +143,39 @@ class RunSummary(Callback):
 
 
 def newest_evaluation(trainer: pl.Trainer, ckpts: list[Path]) -> tuple[int | None, str | None, list[tuple[str, str]]]:
-    """``(step, source, headline)`` of the newest evaluation: a callback's latest results or the newest JSON."""
-    best: tuple[int, str, dict] | None = None
+    """``(step, source, headline)`` of the newest evaluation: a callback's latest results or the newest JSON.
+
+    For a sweep every member has its own JSON; the headline then names each metric ``<member>:<benchmark>.<metric>``."""
+    best: tuple[int, str, dict] | None = None  # (step, source, {member: results})
     for p in ckpts:
-        path = Path(str(p) + ".eval.json")
-        if path.is_file():
+        found: dict[str, dict] = {}
+        step, source = -1, None
+        for path in sorted(p.parent.glob(glob.escape(p.name) + "*.eval.json")):
             try:
                 payload = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if best is None or payload.get("step", -1) >= best[0]:
-                best = (int(payload.get("step", -1)), str(path), payload.get("results", {}))
+            found[str(payload.get("member", ""))] = payload.get("results", {})
+            step, source = int(payload.get("step", -1)), str(path)
+        if found and (best is None or step >= best[0]):
+            best = (step, source if len(found) == 1 else str(p) + ".*.eval.json", found)
     for cb in trainer.callbacks:
-        last = getattr(cb, "_last", None)  # EvaluationCallback: (global step, {benchmark: result})
+        last = getattr(cb, "_last", None)  # EvaluationCallback: (global step, {member: {benchmark: result}})
         if isinstance(last, tuple) and len(last) == 2 and isinstance(last[1], dict):
-            if best is None or last[0] > best[0]:
+            if best is None or last[0] >= best[0]:  # the same step: the callback's, in the members' order
                 best = (int(last[0]), "callback", last[1])
     if best is None:
         return None, None, []
-    return best[0], best[1], headline_numbers(best[2])
+    members = best[2]
+    if list(members) == [""]:
+        return best[0], best[1], headline_numbers(members[""])
+    return best[0], best[1], [(f"{m}:{k}", v) for m, r in members.items() for k, v in headline_numbers(r, SWEEP_HEADLINE)]
 
 
-def headline_numbers(results: dict[str, dict]) -> list[tuple[str, str]]:
+def headline_numbers(results: dict[str, dict], which: dict[str, tuple[str, ...]] | None = None) -> list[tuple[str, str]]:
     """``[("loss_added.L_added", "0.0312"), ...]``: the :data:`HEADLINE` metrics present in ``results``."""
     out = []
-    for bench, keys in HEADLINE.items():
+    for bench, keys in (which or HEADLINE).items():
         for k in keys:
             v = results.get(bench, {}).get(k)
             if isinstance(v, int | float) and not isinstance(v, bool):
@@ -182,7 +197,14 @@ def render(s: Summary) -> str:
         lines.append("train        " + "  ".join(f"{k} {v}" for k, v in s.train))
     if s.val:
         lines.append("val          " + "  ".join(f"{k} {v}" for k, v in s.val))
-    benches = list(dict.fromkeys(k.split(".", 1)[0] for k, _ in s.headline))
+    if any(":" in k for k, _ in s.headline):  # a sweep: one line per member
+        members = list(dict.fromkeys(k.split(":", 1)[0] for k, _ in s.headline))
+        width = max(len(m) for m in members)
+        for i, m in enumerate(members):
+            label = f"eval @{s.eval_step}" if i == 0 else ""
+            values = "  ".join(f"{k.split(':', 1)[1]} {v}" for k, v in s.headline if k.split(":", 1)[0] == m)
+            lines.append(f"{label:<12} {m:<{width}}  {values}")
+    benches = [] if any(":" in k for k, _ in s.headline) else list(dict.fromkeys(k.split(".", 1)[0] for k, _ in s.headline))
     for i, bench in enumerate(benches):
         label = f"eval @{s.eval_step}" if i == 0 else ""
         values = "  ".join(f"{k.split('.', 1)[1]} {v}" for k, v in s.headline if k.startswith(bench + "."))
@@ -202,6 +224,18 @@ def render(s: Summary) -> str:
     if s.checkpoints:
         lines.append(f"  python evaluate.py {shlex.quote(_rel(_newest_step(s.checkpoints)))}")
     return "\n".join(lines)
+
+
+def _beside(ckpts: list[Path], suffix: str, stem: bool = False) -> list[str]:
+    """Files (``stem``: folders named from the checkpoint's stem) beside each checkpoint with ``suffix``: the one
+    SAE's (``<ckpt><suffix>``) and a sweep's members' (``<ckpt>.<member><suffix>``)."""
+    out = []
+    for p in ckpts:
+        base = p.stem if stem else p.name
+        own = p.with_name(base + suffix)
+        found = ([own] if own.exists() else []) + sorted(p.parent.glob(glob.escape(base) + ".*" + suffix))
+        out += [str(f) for f in dict.fromkeys(found) if f.exists()]
+    return out
 
 
 def _newest_step(paths: list[str]) -> str:

@@ -42,13 +42,34 @@ def _adam(params):
     return torch.optim.Adam(params, lr=1e-4)
 
 
+def lr_factor(
+    total: float, warm: int, schedule: str, floor: float
+) -> Callable[[int], float]:
+    """The LR multiplier of step ``step``: linear warm-up over ``warm`` steps, then cosine from 1 to ``floor`` over
+    the remaining ``total − warm`` steps (or constant). An unknown length (``total`` infinite) means constant."""
+    if math.isinf(total):
+        log.warning("--trainer.max_steps is not set: the cosine schedule needs a length; using a constant LR")
+        total, schedule = 1, "constant"
+    total = max(int(total), 1)
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if schedule == "constant":
+            return 1.0
+        t = min(max(step - warm, 0) / max(total - warm, 1), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
 class SAESystem(pl.LightningModule):
     """Base LightningModule: subclasses implement :meth:`objective` (the loss of one batch)."""
 
     def __init__(
         self,
         lm: LanguageModel,
-        sae: SAEFactory,
+        sae: SAEFactory | None,
         hook: str = "blocks.7.hook_resid_post",
         optimizer: OptimizerCallable = _adam,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
@@ -97,9 +118,10 @@ class SAESystem(pl.LightningModule):
         self.b_dec_init = b_dec_init
         self.exclude_special_tokens = exclude_special_tokens
         self.seed = seed
-        self.sae = sae(lm.d_in(self.hook))
-        self.dead = DeadLatentTracker(self.sae.d_sae, dead_batches, dead_tokens)
-        self.val_recon = ReconMetric(self.sae.d_in)  # validation sums over batches and ranks (not checkpointed)
+        if sae is not None:  # a subclass training several SAEs (gsae.systems.SweepSAESystem) builds its own
+            self.sae = sae(lm.d_in(self.hook))
+            self.dead = DeadLatentTracker(self.sae.d_sae, dead_batches, dead_tokens)
+            self.val_recon = ReconMetric(self.sae.d_in)  # validation sums over batches and ranks (not checkpointed)
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("act_scale", torch.tensor(1.0))  # E‖x − x̄‖² of the first batch: loss normaliser
         self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
@@ -259,22 +281,17 @@ class SAESystem(pl.LightningModule):
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.sae.parameters())
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
-        warm, schedule, floor = self.lr_warmup_steps, self.lr_schedule, self.lr_min_ratio
-        if math.isinf(total):
-            log.warning("--trainer.max_steps is not set: the cosine schedule needs a length; using a constant LR")
-            total, schedule = 1, "constant"
-        total = max(int(total), 1)
-
-        def factor(step: int) -> float:
-            if warm and step < warm:
-                return (step + 1) / warm
-            if schedule == "constant":
-                return 1.0
-            t = min(max(step - warm, 0) / max(total - warm, 1), 1.0)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
+        factor = lr_factor(total, self.lr_warmup_steps, self.lr_schedule, self.lr_min_ratio)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ the SAEs this module trains
+    def saes(self) -> dict[str, tuple[SparseAutoencoder, dict]]:
+        """``{member name: (sae, its describe())}``: one SAE named ``""`` here; a sweep has one entry per member.
+
+        Checkpoint exports, evaluation and the run summary iterate over this, so a sweep's members each get
+        their own SAELens export, evaluation JSON and TensorBoard namespace."""
+        return {"": (self.sae, self.describe())}
 
     # ------------------------------------------------------------------ checkpoints describe themselves
     def describe(self) -> dict:

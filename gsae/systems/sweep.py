@@ -1,0 +1,425 @@
+"""Many SAEs from one LM pass: a sweep of TopK SAEs and g-SAEs that read the same hook.
+
+The g-SAE paper's Table 1 trains TopK and g-SAE at five k each on the same activations. Run separately, every
+run repeats the same LM forward and, for g-SAEs, the same ``∇ₓL`` (the clean model's loss gradient does not
+depend on the SAE). :class:`SweepSAESystem` harvests once per batch — the activations, and ``∇ₓL`` if any
+member is a g-SAE — mixes them through one shuffle buffer, and trains every member on them:
+
+- each member has its own SAE (class, ``d_sae``, ``k``, ``β``, init ``seed``), its own optimizer state (one
+  torch optimizer with a parameter group per member: Adam's state is per parameter, so this is N separate Adams),
+  learning rate, warm-up and schedule (``LambdaLR`` with one multiplier per group), gradient clipping (each
+  member's gradient norm is clipped on its own, as a run of that SAE alone would), dead-latent counters,
+  ``b_dec``/loss-scale initialisation, and validation sums;
+- each member's loss is exactly the loss :class:`~gsae.systems.LocalSAESystem` gives that SAE; the step's loss
+  is their sum, and the members' parameters are disjoint, so one backward gives every member the gradient of
+  its own loss (DDP averages them exactly as for one SAE);
+- TopK members ignore the gradient; g-SAE members share the one harvest (one forward + one backward to the hook),
+  so a sweep with g-SAEs costs one g-SAE harvest, not one per g-SAE member.
+
+So a member ends where that SAE trained alone (``LocalSAESystem``, the same options, ``seed`` and tokens) ends —
+tested, after n steps, after a resume and under 2-rank DDP. Logs go to ``train/<member>/<metric>`` and
+``val/<member>/<metric>``; every checkpoint holds all members (``gsae`` → ``members``) and gets one SAELens
+export, evaluation JSON and latent dashboard per member (``<checkpoint>.<member>.saelens/``, …).
+
+E2E members are not supported: each would need its own patched suffix forward and backward (the SAE output
+feeds the rest of the model), so a sweep would save only the clean prefix and clean logits — about one
+suffix of the ~3 suffix passes per member (< 1/3) — while holding N patched activations graphs at once; run
+E2E SAEs as separate runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from gsae.data.batch import ActivationBatch, TokenBatch
+from gsae.data.harvest import loss_gradients, predictions
+from gsae.lm import LanguageModel
+from gsae.metrics import DeadLatentTracker, ReconMetric, ReconSums, fired_mask, l0_per_token, recon_metrics, recon_sums
+from gsae.sae.base import SparseAutoencoder
+from gsae.sae.grad_topk import GradTopKSAE
+from gsae.systems.base import NonFiniteLossError, _adam, lr_factor
+from gsae.systems.local import LocalSAESystem
+
+#: Keys a member may set (besides ``name`` and ``sae``): its optimizer group and schedule, overriding the sweep's.
+MEMBER_OPTIONS = ("lr", "optimizer", "lr_warmup_steps", "lr_schedule", "lr_min_ratio", "gradient_clip_val")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with jsonargparse ``Namespace``s turned into dicts (recursively); other values unchanged."""
+    if hasattr(obj, "as_dict") and not isinstance(obj, dict):
+        obj = obj.as_dict()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def build_member_sae(spec: Any, d_in: int, where: str) -> SparseAutoencoder:
+    """An SAE from a member's ``sae``: a ``{class_path, init_args}`` mapping (short class names resolve in
+    ``gsae.sae``) or a callable taking ``d_in`` (Python use)."""
+    if callable(spec):
+        return spec(d_in)
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ValueError(f"{where}.sae must be a mapping with class_path (and init_args), got {spec!r}")
+    path = str(spec["class_path"])
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module or "gsae.sae"), name)
+    except (ImportError, AttributeError):
+        raise ValueError(f"{where}.sae.class_path: no SAE class {path!r} (e.g. gsae.sae.TopKSAE, gsae.sae.GradTopKSAE)") from None
+    if not (isinstance(cls, type) and issubclass(cls, SparseAutoencoder)):
+        raise ValueError(f"{where}.sae.class_path: {path!r} is not a gsae SparseAutoencoder")
+    args = dict(spec.get("init_args") or {})
+    args.pop("d_in", None)  # linked from the hook
+    try:
+        return cls(d_in, **args)
+    except TypeError as e:
+        raise ValueError(f"{where}.sae.init_args: {e}") from None
+
+
+class SweepMember(nn.Module):
+    """One SAE of a sweep and everything a run of it alone would keep: counters, init flags, options."""
+
+    def __init__(self, name: str, sae: SparseAutoencoder, dead_batches: int, dead_tokens: int, options: dict) -> None:
+        super().__init__()
+        self.name = name
+        self.sae = sae
+        self.dead = DeadLatentTracker(sae.d_sae, dead_batches, dead_tokens)
+        self.val_recon = ReconMetric(sae.d_in)
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("act_scale", torch.tensor(1.0))
+        self.options = options
+
+    @property
+    def needs_grad(self) -> bool:
+        return isinstance(self.sae, GradTopKSAE)
+
+
+class SweepSAESystem(LocalSAESystem):
+    """Trains several TopK SAEs and g-SAEs on one hook from one harvest per batch (see the module docstring)."""
+
+    def __init__(
+        self,
+        lm: LanguageModel,
+        members: list[dict[str, Any]],
+        hook: str = "blocks.7.hook_resid_post",
+        optimizer: OptimizerCallable = _adam,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        lr_warmup_steps: int = 0,
+        lr_min_ratio: float = 0.1,
+        b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median",
+        exclude_special_tokens: bool = True,
+        dead_batches: int = 5,
+        dead_tokens: int = 10_000_000,
+        seed: int = 0,
+        buffer_size: int = 0,
+        grad_reduction: Literal["mean", "sum"] = "mean",
+        grad_mean_tokens: int | None = None,
+    ) -> None:
+        """A sweep: the members, and the options every member shares unless it sets its own.
+
+        Args:
+            lm: the frozen language model.
+            members: one mapping per SAE: ``name`` (letters, digits, ``_``, ``-``; unique; default ``m<i>``),
+                ``sae`` (``{class_path, init_args}`` as for ``LocalSAESystem``'s ``sae``; the init ``seed`` is an
+                SAE option), and optionally ``lr``, ``optimizer`` (other per-group options, e.g. ``betas``),
+                ``lr_warmup_steps``, ``lr_schedule``, ``lr_min_ratio`` and ``gradient_clip_val`` (default
+                ``--trainer.gradient_clip_val``, applied to this member's gradient norm alone).
+            hook, optimizer, lr_schedule, lr_warmup_steps, lr_min_ratio, b_dec_init, exclude_special_tokens,
+                dead_batches, dead_tokens, seed, buffer_size, grad_reduction, grad_mean_tokens: as for
+                :class:`~gsae.systems.LocalSAESystem`, shared by every member (the LR options are the defaults a
+                member may override; ``optimizer`` is one optimizer with a parameter group per member; ``seed``
+                seeds the one shuffle buffer, each SAE's init has its own ``seed``); ``buffer_size`` is in
+                tokens per device and holds the shared activations (and gradients) once, not once per member.
+        """
+        members = _plain(members)  # jsonargparse hands nested class_path mappings over as Namespaces
+        super().__init__(
+            lm, None, hook=hook, optimizer=optimizer, lr_schedule=lr_schedule, lr_warmup_steps=lr_warmup_steps,
+            lr_min_ratio=lr_min_ratio, b_dec_init=b_dec_init, exclude_special_tokens=exclude_special_tokens,
+            dead_batches=dead_batches, dead_tokens=dead_tokens, seed=seed, buffer_size=buffer_size,
+            grad_reduction=grad_reduction, grad_mean_tokens=grad_mean_tokens,
+        )
+        self.save_hyperparameters(ignore=["lm", "optimizer"])
+        if not isinstance(members, (list, tuple)) or not members:
+            raise ValueError("--model.members must be a non-empty list of {name, sae, ...} mappings")
+        built: dict[str, SweepMember] = {}
+        d_in = lm.d_in(self.hook)
+        for i, spec in enumerate(members):
+            where = f"--model.members[{i}]"
+            if not isinstance(spec, dict):
+                raise ValueError(f"{where} must be a mapping with name and sae, got {spec!r}")
+            name = str(spec.get("name", f"m{i}"))
+            if not _NAME.match(name):
+                raise ValueError(f"{where}.name {name!r}: use letters, digits, '_' and '-' only")
+            if name in built:
+                raise ValueError(f"{where}.name {name!r} is used twice")
+            unknown = set(spec) - {"name", "sae", *MEMBER_OPTIONS}
+            if unknown:
+                raise ValueError(f"{where}: unknown keys {sorted(unknown)}; a member has name, sae, {', '.join(MEMBER_OPTIONS)}")
+            if "sae" not in spec:
+                raise ValueError(f"{where}.sae is required")
+            options = {k: spec[k] for k in MEMBER_OPTIONS if k in spec}
+            if options.get("lr_schedule", "cosine") not in ("cosine", "constant"):
+                raise ValueError(f"{where}.lr_schedule must be cosine or constant (got {options['lr_schedule']!r})")
+            sae = build_member_sae(spec["sae"], d_in, where)
+            built[name] = SweepMember(name, sae, self.hparams.dead_batches, self.hparams.dead_tokens, options)
+        self.members = nn.ModuleDict(built)
+
+    # ------------------------------------------------------------------ what this module trains
+    def saes(self) -> dict[str, tuple[SparseAutoencoder, dict]]:
+        return {name: (m.sae, self.describe_member(name)) for name, m in self.members.items()}
+
+    @property
+    def needs_grad(self) -> bool:
+        return any(m.needs_grad for m in self.members.values())
+
+    def _grad_members(self) -> list[SweepMember]:
+        return [m for m in self.members.values() if m.needs_grad]
+
+    # ------------------------------------------------------------------ the g-SAE gradient scale (one for all)
+    def on_fit_start(self) -> None:
+        super(LocalSAESystem, self).on_fit_start()
+        n = self.configured_grad_normaliser()
+        for m in self._grad_members():
+            saved = float(m.sae.grad_normaliser)
+            if saved == 0 and n is not None:
+                m.sae.grad_normaliser.fill_(n)
+            elif saved != 0 and self.grad_mean_tokens is not None and saved != self.grad_mean_tokens:
+                raise ValueError(
+                    f"--model.grad_mean_tokens ({self.grad_mean_tokens}) differs from the checkpoint's ({saved:g}, "
+                    f"member {m.name})"
+                )
+        scales = {float(m.sae.grad_normaliser) for m in self._grad_members()}
+        if len(scales) > 1:
+            raise ValueError(f"--ckpt_path: the g-SAE members were trained with different gradient scales {sorted(scales)}")
+
+    def harvest(self, tokens: Tensor) -> ActivationBatch:
+        """One harvest for every member: activations, and ``∇ₓL`` (at the members' one scale) if any is a g-SAE."""
+        lm = self.frozen_lm()
+        mask = self.token_mask(tokens)
+        grad_members = self._grad_members()
+        if grad_members:
+            n = float(grad_members[0].sae.grad_normaliser)
+            if n == 0:
+                n = self.configured_grad_normaliser() or float(predictions(tokens))
+                if self._trainer is None or self.trainer.training:
+                    for m in grad_members:
+                        m.sae.grad_normaliser.fill_(n)
+            acts, grads, _ = loss_gradients(lm, tokens, self.hook, n)
+            return ActivationBatch(acts[mask].float(), grads[mask].float())
+        return ActivationBatch(lm.activations(tokens, self.hook)[mask].float(), None)
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def _initialize_members(self, x: Tensor) -> None:
+        todo = [m for m in self.members.values() if not bool(m.initialized)]
+        if not todo:
+            return
+        xs = self.all_gather_rows(x.float())
+        scale = float((xs - xs.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8))
+        for m in todo:
+            m.sae.init_b_dec(xs, self.b_dec_init)
+            m.act_scale.fill_(scale)
+            m.initialized.fill_(True)
+
+    def shared_step(self, batch: TokenBatch, stage: str) -> Tensor:
+        acts = self.harvest(batch.tokens)
+        train = stage == "train"
+        if train:
+            acts = self.buffer.mix(acts)
+            self._initialize_members(acts.x)
+        world = self._world()
+        n_global = self.all_reduce(torch.tensor(float(acts.x.shape[0]), device=self.device))
+        total = torch.zeros((), device=self.device)
+        logs: dict[str, dict[str, Tensor]] = {}
+        packed: list[Tensor] = []
+        for name, m in self.members.items():
+            dead = m.dead.dead_by_tokens() if train else None
+            aux_norm = world / (n_global.clamp_min(1) * m.act_scale)
+            grad = acts.grad if m.needs_grad else None
+            out = m.sae(acts.x, grad=grad, dead_mask=dead, aux_norm=aux_norm)
+            recon = (acts.x - out.x_hat).pow(2).sum() / (n_global.clamp_min(1) * m.act_scale) * world
+            loss = recon + out.aux_loss
+            if train and not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite training loss of member {name} ({float(loss.detach())}) at step {self.global_step}; "
+                    "stopping (last good checkpoint kept)"
+                )
+            total = total + loss
+            with torch.no_grad():
+                l0 = l0_per_token(out.top_acts, out.latents)
+                if not train:
+                    m.val_recon.update(acts.x, out.x_hat, l0)
+                    continue
+                extra = {"loss": loss.detach() / world, "recon_loss": recon.detach() / world, "aux_loss": out.aux_loss.detach()}
+                if m.needs_grad and acts.grad is not None:
+                    k = min(256, acts.grad.shape[0])
+                    extra["beta_attribution_median"] = m.sae.attribution(acts.grad[:k]).gather(-1, out.top_idx[:k]).median()
+                logs[name] = extra
+                sums = recon_sums(acts.x, out.x_hat, l0)
+                packed += [fired_mask(out.top_idx, out.top_acts, out.latents, m.sae.d_sae).double(), sums.flat()]
+            del out
+        if not train:
+            return total
+        # one all-reduce for every member's fired mask and metric sums
+        flat = self.all_reduce(torch.cat(packed))
+        metrics: dict[str, float] = {}
+        offset, n_tokens = 0, 0
+        for name, m in self.members.items():
+            fired = flat[offset : offset + m.sae.d_sae] > 0
+            offset += m.sae.d_sae
+            width = len(ReconSums._fields) - 1 + m.sae.d_in
+            sums = ReconSums.unflat(flat[offset : offset + width])
+            offset += width
+            n_tokens = int(sums.n)
+            m.dead.update(fired, n_tokens)
+            for k, v in recon_metrics(sums).items():
+                metrics[f"train/{name}/{k}"] = float(v)
+            for k, v in logs[name].items():
+                metrics[f"train/{name}/{k}"] = float(v)
+            metrics[f"train/{name}/dead_fraction"] = float(m.dead.dead_by_batches().float().mean())
+            metrics[f"train/{name}/dead_fraction_tokens"] = float(m.dead.dead_by_tokens().float().mean())
+        self.tokens_seen += n_tokens
+        self._log_sweep(total, metrics)
+        return total
+
+    def _log_sweep(self, total: Tensor, metrics: dict[str, float]) -> None:
+        import time
+
+        names = list(self.members)
+        mean = lambda key: sum(metrics[f"train/{n}/{key}"] for n in names) / len(names)  # noqa: E731
+        metrics["train/loss"] = float(total.detach()) / self._world()  # the sum of the members' losses
+        for key in ("nmse", "l0", "dead_fraction"):  # the progress bar's headline: the mean over members
+            metrics[f"train/{key}"] = mean(key)
+        metrics["train/tokens_seen"] = float(self.tokens_seen)
+        now, seen = time.perf_counter(), int(self.tokens_seen)
+        if self._t_last is not None and now > self._t_last:
+            metrics["train/tokens_per_s"] = (seen - self._tokens_last) / (now - self._t_last)
+        self._t_last, self._tokens_last = now, seen
+        if self._trainer is not None and self.trainer.optimizers:
+            for n, group in zip(names, self.trainer.optimizers[0].param_groups):
+                metrics[f"lr/{n}"] = group["lr"]
+        self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def objective(self, batch: TokenBatch, stage: str):  # pragma: no cover - shared_step does the work
+        raise NotImplementedError("SweepSAESystem computes every member's loss in shared_step")
+
+    def on_validation_epoch_start(self) -> None:
+        for m in self.members.values():
+            m.val_recon.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        for name, m in self.members.items():
+            if m.val_recon.update_count == 0:
+                continue
+            for k, v in m.val_recon.compute().items():
+                self.log(f"val/{name}/{k}", v, rank_zero_only=True)
+
+    # ------------------------------------------------------------------ decoder constraints, per member
+    def on_after_backward(self) -> None:
+        for m in self.members.values():
+            if m.sae.unit_norm_decoder:
+                m.sae.remove_parallel_grad()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        pl.LightningModule.optimizer_step(self, *args, **kwargs)  # renormalise inside the step, as SAESystem does
+        for m in self.members.values():
+            if m.sae.unit_norm_decoder:
+                m.sae.normalize_decoder()
+
+    # ------------------------------------------------------------------ optimizer: a parameter group per member
+    def configure_optimizers(self):
+        groups = []
+        for m in self.members.values():
+            group: dict[str, Any] = {"params": list(m.sae.parameters())}
+            group.update(m.options.get("optimizer") or {})
+            if "lr" in m.options:
+                group["lr"] = float(m.options["lr"])
+            groups.append(group)
+        opt = self.optimizer_factory(groups)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        factors = [
+            lr_factor(
+                total,
+                int(m.options.get("lr_warmup_steps", self.lr_warmup_steps)),
+                m.options.get("lr_schedule", self.lr_schedule),
+                float(m.options.get("lr_min_ratio", self.lr_min_ratio)),
+            )
+            for m in self.members.values()
+        ]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip each member's gradient on its own (a run of that SAE alone clips its own norm)."""
+        for m, group in zip(self.members.values(), optimizer.param_groups):
+            clip = m.options.get("gradient_clip_val", gradient_clip_val)
+            if not clip:
+                continue
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(group["params"], float(clip))
+            else:
+                torch.nn.utils.clip_grad_norm_(group["params"], float(clip))
+
+    # ------------------------------------------------------------------ checkpoints
+    def describe_member(self, name: str) -> dict:
+        """A member's description, shaped like a one-SAE checkpoint's (exports and evaluation read it as such)."""
+        sae = self.members[name].sae
+        return {
+            "sae_class": f"{type(sae).__module__}.{type(sae).__qualname__}",
+            "sae_config": sae.config(),
+            "architecture": sae.architecture,
+            "hook": self.hook,
+            "lm": self.lm.describe(),
+            "objective": "LocalSAESystem",
+            "member": name,
+            "gsae_version": self._version(),
+            "torch_version": str(torch.__version__),
+            "tokens_seen": int(self.tokens_seen),
+            "data": self._data_description(),
+        }
+
+    @staticmethod
+    def _version() -> str:
+        from gsae import __version__
+
+        return __version__
+
+    def describe(self) -> dict:
+        return {
+            "objective": type(self).__name__,
+            "hook": self.hook,
+            "lm": self.lm.describe(),
+            "gsae_version": self._version(),
+            "torch_version": str(torch.__version__),
+            "tokens_seen": int(self.tokens_seen),
+            "data": self._data_description(),
+            "members": {name: self.describe_member(name) for name in self.members},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("gsae")
+        if meta is None or "members" not in meta:
+            raise ValueError("--ckpt_path: not a gsae sweep checkpoint (no 'gsae' → 'members' section)")
+        saved, ours = meta["members"], {n: m.sae.config() for n, m in self.members.items()}
+        if list(saved) != list(ours):
+            raise ValueError(f"--ckpt_path: the checkpoint's members {list(saved)} differ from --model.members {list(ours)}")
+        for name, cfg in ours.items():
+            if saved[name]["sae_config"] != cfg:
+                diff = {k: (saved[name]["sae_config"].get(k), v) for k, v in cfg.items() if saved[name]["sae_config"].get(k) != v}
+                raise ValueError(f"--ckpt_path: member {name} differs from the configured one (checkpoint, config): {diff}")
+        if meta["hook"] != self.hook:
+            raise ValueError(f"--ckpt_path: checkpoint hook {meta['hook']!r} differs from --model.hook {self.hook!r}")
+        if "gsae_buffer" in checkpoint:
+            own = self._own_buffer_state(checkpoint["gsae_buffer"])
+            if own is not None:
+                self.buffer.load_state_dict(own)
