@@ -50,7 +50,11 @@ def test_config_parses(parse_only, path: Path) -> None:
     config = parse_only(["--config", str(path)])
     _assert_contains(config, yaml.safe_load(path.read_text()), path.name)
     assert config.model.class_path.startswith("gsae.systems.")
-    assert config.model.init_args.sae.class_path.startswith("gsae.sae.")
+    if config.model.class_path == "gsae.systems.SweepSAESystem":  # a sweep: every member names a gsae SAE
+        members = config.model.init_args.members
+        assert members and all(str(m["sae"]["class_path"]).startswith("gsae.sae.") for m in members)
+    else:
+        assert config.model.init_args.sae.class_path.startswith("gsae.sae.")
 
 
 def test_a_typo_in_a_config_is_rejected(parse_only, tmp_path, capsys) -> None:

@@ -382,14 +382,14 @@ class SweepSAESystem(LocalSAESystem):
             "lm": self.lm.describe(),
             "objective": "LocalSAESystem",
             "member": name,
-            "gsae_version": self._version(),
+            "gsae_version": self._gsae_version(),
             "torch_version": str(torch.__version__),
             "tokens_seen": int(self.tokens_seen),
             "data": self._data_description(),
         }
 
     @staticmethod
-    def _version() -> str:
+    def _gsae_version() -> str:
         from gsae import __version__
 
         return __version__
@@ -399,7 +399,7 @@ class SweepSAESystem(LocalSAESystem):
             "objective": type(self).__name__,
             "hook": self.hook,
             "lm": self.lm.describe(),
-            "gsae_version": self._version(),
+            "gsae_version": self._gsae_version(),
             "torch_version": str(torch.__version__),
             "tokens_seen": int(self.tokens_seen),
             "data": self._data_description(),
