@@ -21,10 +21,10 @@ tested, after n steps, after a resume and under 2-rank DDP. Logs go to ``train/<
 ``val/<member>/<metric>``; every checkpoint holds all members (``gsae`` → ``members``) and gets one SAELens
 export, evaluation JSON and latent dashboard per member (``<checkpoint>.<member>.saelens/``, …).
 
-E2E members are not supported: each would need its own patched suffix forward and backward (the SAE output
-feeds the rest of the model), so a sweep would save only the clean prefix and clean logits — about one
-suffix of the ~3 suffix passes per member (< 1/3) — while holding N patched activations graphs at once; run
-E2E SAEs as separate runs.
+E2E members are not supported (a choice, by cost): each needs its own patched suffix forward and backward (the
+SAE output feeds the rest of the model), so a sweep would share only the clean prefix and the clean-logits suffix —
+at GPT-2 small's L7 about 40% of an e2e step (prefix + 1 of its 3 suffix passes) — while holding N patched graphs
+through the unembedding at once; a local sweep shares ~all of the LM cost. Run E2E SAEs as separate runs.
 """
 
 from __future__ import annotations
@@ -149,6 +149,8 @@ class SweepSAESystem(LocalSAESystem):
             grad_reduction=grad_reduction, grad_mean_tokens=grad_mean_tokens,
         )
         self.save_hyperparameters(ignore=["lm", "optimizer"])
+        if isinstance(members, list) and any(isinstance(m, dict) and callable(m.get("sae")) for m in members):
+            self.hparams.pop("members", None)  # Python factories do not pickle; the 'gsae' section describes members
         if not isinstance(members, (list, tuple)) or not members:
             raise ValueError("--model.members must be a non-empty list of {name, sae, ...} mappings")
         built: dict[str, SweepMember] = {}
