@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -30,6 +31,9 @@ from gsae.metrics import (
 from gsae.sae.base import SAEOutput, SparseAutoencoder
 
 log = logging.getLogger(__name__)
+# validation metrics are torchmetrics states reduced over ranks in compute(); Lightning cannot tell and asks for
+# sync_dist=True once per logged name (a sweep logs dozens), which would only average identical values again
+warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 SAEFactory = Callable[[int], SparseAutoencoder]
 
@@ -248,7 +252,7 @@ class SAESystem(pl.LightningModule):
         if self.val_recon.update_count == 0:
             return
         for name, v in self.val_recon.compute().items():
-            self.log(f"val/{name}", v, rank_zero_only=True)
+            self.log(f"val/{name}", v, rank_zero_only=True)  # reduced over ranks by torchmetrics
 
     def _log_train(self, loss: Tensor, sums: ReconSums, out: SAEOutput, extra: dict[str, Tensor], n_tokens: int) -> None:
         metrics = {f"train/{k}": v for k, v in recon_metrics(sums).items()}

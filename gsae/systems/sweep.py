@@ -324,7 +324,7 @@ class SweepSAESystem(LocalSAESystem):
             if m.val_recon.update_count == 0:
                 continue
             for k, v in m.val_recon.compute().items():
-                self.log(f"val/{name}/{k}", v, rank_zero_only=True)
+                self.log(f"val/{name}/{k}", v, rank_zero_only=True)  # reduced over ranks by torchmetrics
 
     # ------------------------------------------------------------------ decoder constraints, per member
     def on_after_backward(self) -> None:
