@@ -63,20 +63,27 @@ class ReconSums(NamedTuple):
 
 @torch.no_grad()
 def recon_sums(x: Tensor, x_hat: Tensor, l0_per_token: Tensor) -> ReconSums:
-    """:class:`ReconSums` of ``x, x̂ (N, d_in)`` and the per-token active-latent counts ``(N,)``."""
-    x, x_hat = x.double(), x_hat.double()
-    err = (x - x_hat).pow(2).sum(-1)
-    sq = x.pow(2).sum(-1)
-    xn, xhn = x.norm(dim=-1).clamp_min(1e-12), x_hat.norm(dim=-1)
+    """:class:`ReconSums` of ``x, x̂ (N, d_in)`` and the per-token active-latent counts ``(N,)``.
+
+    In float64. Per token ``‖x‖``, ``‖x̂‖`` and ``‖x − x̂‖`` are norms and ``x·x̂`` a batched matmul (no ``(N, d_in)``
+    product tensors: a handful of passes over the two float64 copies); ``cos = x·x̂ / (max(‖x‖, 1e-8) ·
+    max(‖x̂‖, 1e-8))`` is ``F.cosine_similarity``'s definition.
+    """
+    xd, hd = x.double(), x_hat.to(torch.float64, copy=True)  # hd is overwritten below: never the caller's tensor
+    xn, xhn = torch.linalg.vector_norm(xd, dim=-1), torch.linalg.vector_norm(hd, dim=-1)
+    dot = torch.bmm(xd.unsqueeze(1), hd.unsqueeze(2)).view(-1)
+    sum_x = xd.sum(0)
+    err = torch.linalg.vector_norm(torch.sub(xd, hd, out=hd), dim=-1).square_()
+    sq = xn.square()
     return ReconSums(
         n=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
         sse=err.sum(),
         sum_sq=sq.sum(),
-        sum_x=x.sum(0),
+        sum_x=sum_x,
         nmse_tok=(err / sq.clamp_min(1e-12)).sum(),
         l0=l0_per_token.double().sum(),
-        cos=F.cosine_similarity(x, x_hat, dim=-1).sum(),
-        l2_ratio=(xhn / xn).sum(),
+        cos=(dot / (xn.clamp_min(1e-8) * xhn.clamp_min(1e-8))).sum(),
+        l2_ratio=(xhn / xn.clamp_min(1e-12)).sum(),
     )
 
 
@@ -213,7 +220,8 @@ def fire_counts(top_idx: Tensor | None, top_acts: Tensor | None, latents: Tensor
     """
     if latents is not None:
         return (latents != 0).sum(0)
-    return torch.bincount(top_idx[top_acts != 0].reshape(-1), minlength=d_sae)
+    counts = torch.zeros(d_sae, dtype=torch.long, device=top_idx.device)
+    return counts.index_add_(0, top_idx.reshape(-1), (top_acts != 0).reshape(-1).long())  # no boolean-mask gather
 
 
 def fired_mask(top_idx: Tensor | None, top_acts: Tensor | None, latents: Tensor | None, d_sae: int) -> Tensor:

@@ -207,3 +207,25 @@ def test_validation_metrics_equal_a_direct_computation(tmp_path):
     want = recon_metrics(recon_sums(torch.cat(xs), torch.cat(xh), torch.cat(l0)))
     for k in ("mse", "nmse", "explained_variance", "l0"):
         assert logged[f"val/{k}"] == pytest.approx(want[k], rel=1e-5), k
+
+
+def test_recon_sums_leave_inputs_alone_and_handle_zero_reconstructions() -> None:
+    x, x_hat, l0 = _data()
+    before = x_hat.clone()
+    recon_sums(x, x_hat, l0)  # float64 inputs: no copy is made by .double(), so nothing may be written in place
+    assert torch.equal(x_hat, before)
+    zero = recon_metrics(recon_sums(x, torch.zeros_like(x), l0))
+    assert zero["cossim"] == 0 and zero["l2_ratio"] == 0 and zero["fvu_uncentered"] == pytest.approx(1.0)
+
+
+def test_fire_counts_match_bincount_of_nonzero_entries() -> None:
+    from gsae.metrics import fire_counts
+
+    gen = torch.Generator().manual_seed(0)
+    top_idx = torch.randint(0, 30, (200, 5), generator=gen)
+    top_acts = torch.randn(200, 5, generator=gen).relu()  # about half are kept zeros
+    want = torch.bincount(top_idx[top_acts != 0], minlength=30)
+    got = fire_counts(top_idx, top_acts, None, 30)
+    assert got.dtype == torch.long and torch.equal(got, want)
+    dense = torch.zeros(200, 30).scatter_(-1, top_idx, top_acts)  # duplicates within a row collapse here
+    assert torch.equal(fire_counts(None, None, dense, 30) > 0, fired_mask(top_idx, top_acts, None, 30))

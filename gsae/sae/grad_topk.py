@@ -69,13 +69,13 @@ class GradTopKSAE(TopKSAE):
 
     def attribution(self, grad: Tensor) -> Tensor:
         """``β·|W_dec g|`` ``(N, d_sae)``: the gradient term of the selection score (detached)."""
-        with torch.no_grad():
-            return self.beta * (grad.to(self.W_dec.dtype) @ self.W_dec.T).abs()
+        with torch.no_grad():  # in place on the fresh product: one (N, d_sae) allocation, not three
+            return (grad.to(self.W_dec.dtype) @ self.W_dec.T).abs_().mul_(self.beta)
 
     def selection_scores(self, pre: Tensor, grad: Tensor | None) -> Tensor:
         if grad is None or self.beta == 0:
             return pre
-        return pre * (1 + self.attribution(grad))
+        return self.attribution(grad).add_(1).mul_(pre)  # pre · (1 + β|W_dec g|), in place on the attribution
 
     def forward(
         self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None, aux_norm: Tensor | float | None = None

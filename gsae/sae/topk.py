@@ -5,7 +5,10 @@ for TopK; g-SAEs change only the score, see ``grad_topk.py``); ``x̂ = Σ_{i∈K
 
 The encoder backward is sparse: only the k kept pre-activations per token receive gradient, so
 ``∂W_enc`` is a sparse (d_sae × N) · (N × d_in) product (N·k·d_in flops instead of N·d_sae·d_in),
-the trick of OpenAI's TopK kernels. ``tests/sae/test_topk.py`` checks it against dense autograd.
+the trick of OpenAI's TopK kernels. ``∂W_enc`` and ``∂W_dec`` have the same sparsity pattern: one stable sort
+of the N·k latent indices (``SparsePattern``) turns both into one ``embedding_bag`` each, a bag per latent
+(no COO tensors, no ``coalesce``, no ``(N·k, d_in)`` or ``(N, d_sae)`` intermediates).
+``tests/sae/test_topk.py`` checks it against dense autograd.
 """
 
 from __future__ import annotations
@@ -13,47 +16,56 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from gsae.sae.base import SAEOutput, SparseAutoencoder
+from gsae.sae.base import SAEOutput, SparseAutoencoder, SparseDecode, SparsePattern
 
 
 class _TopKEncode(torch.autograd.Function):
-    """``(x_c, W_enc, b_enc, scores?) -> (top_acts, top_idx)`` with a sparse backward.
+    """``(x, W_enc, b_enc, b_dec, k, scores_fn, pattern) -> (top_acts, top_idx, pre)`` with a sparse backward.
 
-    ``top_acts[n, j] = (x_c @ W_enc + b_enc)[n, top_idx[n, j]]`` where ``top_idx`` are the k largest
-    entries of ``scores`` (default: the pre-activations themselves). ``scores`` never gets gradient.
+    ``pre = (x − b_dec) @ W_enc + b_enc``; ``top_acts[n, j] = pre[n, top_idx[n, j]]`` where ``top_idx`` are the k
+    largest entries of ``scores_fn(pre)`` (default: ``pre`` itself). ``scores`` never gets gradient.
+
+    Backward (``g = ∂L/∂top_acts``, the sparse ``G (N, d_sae)`` holding ``g`` at ``top_idx``): ``∂W_enc = x_cᵀ G``
+    (one ``embedding_bag`` per latent, :meth:`SparsePattern.transposed_mm`, returned as the transpose of a
+    ``(d_sae, d_in)`` block: the layout ``W_enc`` is stored in), ``∂b_enc = Σ_n G[n]``, ``∂b_dec = −W_enc ∂b_enc``
+    (``= −Σ_n ∂x_c[n]``, without the ``(N, d_in)`` input gradient), and ``∂x = G W_encᵀ`` only when ``x`` needs it.
     """
 
     @staticmethod
-    def forward(ctx, x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, scores_fn):
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, scores_fn, pattern: SparsePattern):
+        x_c = x - b_dec
         pre = torch.addmm(b_enc, x_c, W_enc)  # (N, d_sae)
         scores = pre if scores_fn is None else scores_fn(pre)
         top_idx = scores.topk(k, dim=-1, sorted=False).indices  # (N, k)
+        del scores
         top_acts = pre.gather(-1, top_idx)
+        pattern.top_idx = top_idx
         ctx.save_for_backward(x_c, W_enc, top_idx)
-        ctx.d_sae = W_enc.shape[1]
+        ctx.pattern = pattern
         ctx.mark_non_differentiable(top_idx, pre)
+        ctx.set_materialize_grads(False)  # else autograd fills an (N, d_sae) zero gradient for ``pre`` every step
         return top_acts, top_idx, pre
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_acts: Tensor, _grad_idx, _grad_pre):
         x_c, W_enc, top_idx = ctx.saved_tensors
-        n, k = top_idx.shape
-        rows = torch.arange(n, device=top_idx.device).repeat_interleave(k)
-        # G: sparse (N, d_sae) with the k gradients of each token at its kept latents
-        G = torch.sparse_coo_tensor(
-            torch.stack([rows, top_idx.reshape(-1)]), grad_acts.reshape(-1).to(x_c.dtype), (n, ctx.d_sae),
-            check_invariants=False,  # indices are built right here: in range by construction
-        ).coalesce()
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.sparse.mm(G, W_enc.T)  # (N, d_in)
-        if ctx.needs_input_grad[1]:
-            grad_W = torch.sparse.mm(G.t(), x_c).T  # (d_in, d_sae)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(ctx.d_sae, dtype=grad_acts.dtype, device=grad_acts.device)
-            grad_b.index_add_(0, top_idx.reshape(-1), grad_acts.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None
+        need_x, need_W, need_b, need_b_dec = ctx.needs_input_grad[:4]
+        if grad_acts is None:  # the kept values did not reach the loss
+            return None, None, None, None, None, None, None
+        g = grad_acts.to(x_c.dtype)
+        grad_x = grad_W = grad_b = grad_b_dec = None
+        if need_b or need_b_dec:
+            grad_b = x_c.new_zeros(W_enc.shape[1]).index_add_(0, top_idx.reshape(-1), g.reshape(-1))
+        if need_W:
+            grad_W = ctx.pattern.transposed_mm(g, x_c).T  # (d_in, d_sae)
+        if need_b_dec:
+            grad_b_dec = -(W_enc @ grad_b)
+        if need_x:
+            grad_x = F.embedding_bag(top_idx, W_enc.T, per_sample_weights=g, mode="sum")  # Σ_j g[n, j] W_enc[:, idx]
+        return grad_x, grad_W, grad_b if need_b else None, grad_b_dec, None, None, None
 
 
 class TopKSAE(SparseAutoencoder):
@@ -123,14 +135,19 @@ class TopKSAE(SparseAutoencoder):
         """Score the top-k is taken of: the pre-activations (g-SAEs override this)."""
         return pre
 
-    def _encode_topk(self, x: Tensor, grad: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        x_c = x.to(self.W_enc.dtype) - self.b_dec
+    def _encode_topk(
+        self, x: Tensor, grad: Tensor | None, pattern: SparsePattern | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        pattern = SparsePattern(self.d_sae) if pattern is None else pattern
         if self.sparse_backward:
             scores_fn = None if grad is None and type(self).selection_scores is TopKSAE.selection_scores else (
                 lambda pre: self.selection_scores(pre, grad)
             )
-            top_acts, top_idx, pre = _TopKEncode.apply(x_c, self.W_enc, self.b_enc, self.k, scores_fn)
+            top_acts, top_idx, pre = _TopKEncode.apply(
+                x.to(self.W_enc.dtype), self.W_enc, self.b_enc, self.b_dec, self.k, scores_fn, pattern
+            )
         else:
+            x_c = x.to(self.W_enc.dtype) - self.b_dec
             pre = torch.addmm(self.b_enc, x_c, self.W_enc)
             with torch.no_grad():
                 top_idx = self.selection_scores(pre.detach(), grad).topk(self.k, dim=-1, sorted=False).indices
@@ -152,8 +169,14 @@ class TopKSAE(SparseAutoencoder):
             aux_norm: multiply the AuxK squared error by this instead of ``1/‖e − ē‖²`` of this batch
                 (the training system passes a constant so the loss is exact under DDP).
         """
-        top_acts, top_idx, pre = self._encode_topk(x, grad)
-        x_hat = self.decode_sparse(top_acts, top_idx)
+        if self.sparse_backward:  # one latent-major order serves the decoder's and the encoder's backward
+            pattern = SparsePattern(self.d_sae)
+            top_acts, top_idx, pre = self._encode_topk(x, grad, pattern)
+            x_hat = SparseDecode.apply(top_acts, self.W_dec, self.b_dec, top_idx, pattern)
+        else:  # dense autograd throughout (the reference the sparse backward is tested against)
+            top_acts, top_idx, pre = self._encode_topk(x, grad)
+            x_hat = F.embedding_bag(top_idx, self.W_dec, per_sample_weights=top_acts.to(self.W_dec.dtype), mode="sum")
+            x_hat = x_hat + self.b_dec
         aux = self.auxk_loss(x, x_hat, pre, dead_mask, aux_norm)
         zero = x_hat.new_zeros(())
         return SAEOutput(x_hat, top_acts, top_idx, None, pre, aux, zero)
@@ -178,7 +201,10 @@ class TopKSAE(SparseAutoencoder):
         if self.relu_after_topk:
             acts = F.relu(acts)
         dead_ids = dead_mask.nonzero().squeeze(-1)
-        e_hat = F.embedding_bag(dead_ids[idx], self.W_dec, per_sample_weights=acts, mode="sum")
+        if self.sparse_backward:  # N·k_aux rows: the sparse decoder backward matters most here
+            e_hat = SparseDecode.apply(acts, self.W_dec, None, dead_ids[idx], SparsePattern(self.d_sae))
+        else:
+            e_hat = F.embedding_bag(dead_ids[idx], self.W_dec, per_sample_weights=acts, mode="sum")
         e = (x.to(x_hat.dtype) - x_hat).detach()
         norm = 1 / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12) if aux_norm is None else aux_norm
         scale = min(n_dead / self.k_aux, 1.0)

@@ -264,3 +264,104 @@ def test_init_b_dec() -> None:
     assert sae.b_dec.norm() < 5  # robust to the outliers, unlike the mean
     with pytest.raises(ValueError, match="--model.b_dec_init"):
         sae.init_b_dec(x, "median")
+
+
+# ---------------------------------------------------------------------- the sparse backward, harder cases
+def _naive_auxk(sae: TopKSAE, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, aux_norm: float) -> torch.Tensor:
+    """AuxK from dense matrices: top ``k_aux`` of the dead latents' pre-activations, dense decode of the residual."""
+    pre = (x - sae.b_dec.detach()) @ sae.W_enc + sae.b_enc
+    pre_dead = pre[:, dead]
+    k_aux = min(sae.k_aux, int(dead.sum()))
+    mask = torch.zeros_like(pre_dead).scatter(-1, pre_dead.detach().topk(k_aux, dim=-1).indices, 1.0)
+    acts = pre_dead * mask
+    if sae.relu_after_topk:
+        acts = acts.relu()
+    e_hat = acts @ sae.W_dec[dead]
+    e = (x - x_hat).detach()
+    scale = min(int(dead.sum()) / sae.k_aux, 1.0)
+    return sae.aux_coef * scale * (e_hat - e).pow(2).sum() * aux_norm
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("gsae", [False, True])
+def test_sparse_backward_with_auxk_equals_dense_autograd(relu: bool, gsae: bool) -> None:
+    """Recon + AuxK through the sparse paths (shared latent-major order, ``SparseDecode`` for AuxK too) against the
+    dense autograd path and a dense-matrix reference: 96 tokens × k=6 over 40 latents, so every latent is selected
+    on many tokens (duplicate indices across tokens); a g-SAE shares the path with its own selection."""
+    from gsae.sae import GradTopKSAE
+
+    n, d_in, d_sae, k = 96, 16, 40, 6
+    gen = torch.Generator().manual_seed(3)
+    x, g, w = torch.randn(n, d_in, generator=gen), torch.randn(n, d_in, generator=gen), torch.rand(n, d_in, generator=gen)
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[[1, 4, 5, 9, 17, 22, 23, 30, 38]] = True
+
+    def build(sparse: bool) -> TopKSAE:
+        kw = dict(d_sae=d_sae, k=k, k_aux=5, relu_after_topk=relu, sparse_backward=sparse)
+        return randomize(GradTopKSAE(d_in, beta=3.0, **kw) if gsae else TopKSAE(d_in, **kw))
+
+    grads, outs = {}, {}
+    for name in ("sparse", "dense", "naive"):
+        sae = build(name != "dense")
+        out = sae(x, grad=g if gsae else None, dead_mask=dead, aux_norm=0.01)
+        x_hat, aux = out.x_hat, out.aux_loss
+        if name == "naive":  # same selection, everything else from dense matrices
+            dense = sae.densify(out)
+            pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+            latents = pre * (dense != 0).to(pre.dtype) if not relu else (pre * (dense != 0).to(pre.dtype)).relu()
+            x_hat = latents @ sae.W_dec + sae.b_dec
+            aux = _naive_auxk(sae, x, x_hat, dead, 0.01)
+        assert aux > 0
+        (((x_hat - x).pow(2) * w).sum() + aux).backward()
+        grads[name] = {p: t.grad.clone() for p, t in sae.named_parameters()}
+        outs[name] = out
+    assert torch.equal(outs["sparse"].top_idx.sort(-1).values, outs["dense"].top_idx.sort(-1).values)
+    counts = torch.bincount(outs["sparse"].top_idx.reshape(-1), minlength=d_sae)
+    assert counts.max() > 10 and (counts > 1).sum() > 30, "test setup: latents must repeat across tokens"
+    for p in ("W_enc", "b_enc", "b_dec", "W_dec"):
+        assert grads["sparse"][p].abs().sum() > 0, p
+        torch.testing.assert_close(grads["sparse"][p], grads["dense"][p], rtol=1e-4, atol=1e-5, msg=p)
+        torch.testing.assert_close(grads["sparse"][p], grads["naive"][p], rtol=1e-4, atol=1e-5, msg=p)
+
+
+def test_sparse_backward_keeps_parameter_layout_and_skips_unused_outputs() -> None:
+    """``∂W_enc`` comes in ``W_enc``'s own (transposed) layout, so autograd takes it without a copy; a loss that
+    uses only ``x̂`` and no kept value directly, or only ``pre_acts``, still works."""
+    sae = randomize(build_topk(d_in=16, d_sae=64, k=4))
+    x = torch.randn(32, 16)
+    sae(x).x_hat.pow(2).sum().backward()
+    for p in sae.parameters():
+        assert p.grad.stride() == p.stride()
+    sae.zero_grad()
+    out = sae(x)
+    out.top_acts.sum().backward()  # encoder only: no decoder gradient
+    assert sae.W_dec.grad is None and sae.W_enc.grad.abs().sum() > 0
+    # no rows at all
+    empty = sae(torch.randn(0, 16))
+    empty.x_hat.sum().backward()
+    assert empty.x_hat.shape == (0, 16)
+
+
+def test_decode_sparse_backward_equals_embedding_bag_autograd() -> None:
+    """The base class's ``decode_sparse`` (``SparseDecode``) against ``embedding_bag``'s own autograd, with indices
+    repeated within and across rows and kept values that need gradient."""
+    import torch.nn.functional as F
+
+    sae = randomize(build_topk(d_in=8, d_sae=20, k=3))
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 20, (50, 7), generator=gen)
+    idx[0] = 3  # one latent repeated within a row
+    acts = torch.randn(50, 7, generator=gen)
+    w = torch.rand(50, 8, generator=gen)
+    results = []
+    for fast in (True, False):
+        a = acts.clone().requires_grad_(True)
+        sae.zero_grad()
+        if fast:
+            out = sae.decode_sparse(a, idx)
+        else:
+            out = F.embedding_bag(idx, sae.W_dec, per_sample_weights=a, mode="sum") + sae.b_dec
+        (out.pow(2) * w).sum().backward()
+        results.append((out.detach(), a.grad, sae.W_dec.grad.clone(), sae.b_dec.grad.clone()))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
