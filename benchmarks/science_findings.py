@@ -7,17 +7,21 @@ Computes, with exactly the tests' sizes and options (``tests/science/helpers.py`
 (c) Giglemiani et al.: MS step toward model-generated vs random targets (L2 headline and KL variant);
 (d) Olmo et al. Table 1: dead-latent fraction of a g-SAE vs a TopK SAE (same k, tokens, seeds);
 (d') the gradient control: dead fraction of that g-SAE vs the same g-SAE fed shuffled gradients;
-(e) Olmo et al. §4.2: steering, on-target added probability of g-SAE vs TopK latents at the paper's α;
+(e) Olmo et al. §4.2: steering, on-target added probability of g-SAE vs TopK latents at the paper's α
+    (ratio of the means over latents and positions, ratio of the per-latent medians, and the paired
+    per-position Wilcoxon p-value the test uses);
 
 and prints one table (finding, paper, values per model, holds? per model) plus the per-length table of (a)
 and the steering curves of (e).
 ``holds`` = the tests' criterion: one-sided test p < 0.01 and the effect-size floor. ``--seeds 0 1 2`` repeats
 everything with other SAE-training seeds and evaluation texts (seed s: training seed s, corpus seed 4242 + s)
-and adds a robustness table. 2 CPU cores, 1 thread: 6.5 min (random-small) to 14 min (gsae-tiny) per seed on a
-heavily shared machine; (e)'s g-SAE training and steering are the bulk.
+and adds a robustness table; ``--findings e`` measures only some findings (their SAEs only). 2 CPU cores,
+1 thread: 6.5 min (random-small) to 14 min (gsae-tiny) per seed on a heavily shared machine; (e)'s g-SAE
+training and steering are the bulk (``--findings e``: 1–2 min (random-small) to 2–5 min (gsae-tiny) per seed).
 
     python benchmarks/science_findings.py                                  # gsae-tiny and random-small, seed 0
     python benchmarks/science_findings.py --seeds 0 1 2 --json science.json
+    python benchmarks/science_findings.py --findings e --seeds 0 1 2       # the steering finding only
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from tests.science import helpers as h  # noqa: E402
 
+FINDINGS = ("a", "b", "c", "d", "d2", "e")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,33 +49,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="SAE-training seeds; eval corpus seed = 4242 + seed"
     )
+    p.add_argument(
+        "--findings", nargs="+", choices=FINDINGS, default=list(FINDINGS), help="findings to measure (d2 = (d'))"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write every measurement here")
     return p.parse_args(argv)
 
 
-def measure(name: str, seed: int) -> dict:
-    """All measurements on model ``name`` with training seed ``seed`` and eval corpus seed ``4242 + seed``."""
+def measure(name: str, seed: int, findings=FINDINGS) -> dict:
+    """The measurements ``findings`` on model ``name`` with training seed ``seed`` and eval corpus seed ``4242 + seed``."""
     t0 = time.perf_counter()
     lm = h.load_lm(name)
     ev = h.EVAL_SEED + seed
     tokens = h.eval_tokens(lm, h.N_GROUPS * h.SEQS_PER_GROUP, seed=ev)
     out = {"model": name, "seed": seed, "eval_seed": ev}
-    out["a"] = h.measure_mixture_vs_isotropic(lm, tokens)
-    sae, _, t_sub = h.train_sae(lm, "topk", **{**h.SUBSTITUTION_SAE}, seed=seed)
-    out["b"] = {**h.measure_substitution(lm, sae, tokens), "train_seconds": t_sub}
-    out["c"] = h.measure_plateaus(lm, h.eval_tokens(lm, h.PLATEAU_CONTEXTS, seed=ev))
-    saes, train_dead, t_dead = {}, {}, {}
-    for kind in ("topk", "gsae"):
-        saes[kind], system, t_dead[kind] = h.train_sae(lm, kind, **h.DEAD_SAE, seed=seed)
-        train_dead[kind] = float(system.dead.dead_by_batches().float().mean())
-    out["d"] = {**h.measure_dead_latents(lm, saes["topk"], saes["gsae"], tokens, train_dead), "train_seconds": t_dead}
-    shuffled, _, t_shuf = h.train_sae(lm, "gsae_shuffled", **h.DEAD_SAE, seed=seed)
-    out["d2"] = {**h.measure_gradient_control(lm, saes["gsae"], shuffled, tokens), "train_seconds": t_shuf}
-    steer, t_steer = {}, {}
-    for kind in ("topk", "gsae"):
-        steer[kind], _, t_steer[kind] = h.train_sae(lm, kind, **h.STEER_SAE, seed=seed)
-    out["e"] = {**h.measure_steering(lm, steer["topk"], steer["gsae"], tokens), "train_seconds": t_steer}
+    if "a" in findings:
+        out["a"] = h.measure_mixture_vs_isotropic(lm, tokens)
+    if "b" in findings:
+        sae, _, t_sub = h.train_sae(lm, "topk", **{**h.SUBSTITUTION_SAE}, seed=seed)
+        out["b"] = {**h.measure_substitution(lm, sae, tokens), "train_seconds": t_sub}
+    if "c" in findings:
+        out["c"] = h.measure_plateaus(lm, h.eval_tokens(lm, h.PLATEAU_CONTEXTS, seed=ev))
+    if "d" in findings or "d2" in findings:
+        saes, train_dead, t_dead = {}, {}, {}
+        for kind in ("topk", "gsae"):
+            saes[kind], system, t_dead[kind] = h.train_sae(lm, kind, **h.DEAD_SAE, seed=seed)
+            train_dead[kind] = float(system.dead.dead_by_batches().float().mean())
+        out["d"] = {
+            **h.measure_dead_latents(lm, saes["topk"], saes["gsae"], tokens, train_dead),
+            "train_seconds": t_dead,
+        }
+    if "d2" in findings:
+        shuffled, _, t_shuf = h.train_sae(lm, "gsae_shuffled", **h.DEAD_SAE, seed=seed)
+        out["d2"] = {**h.measure_gradient_control(lm, saes["gsae"], shuffled, tokens), "train_seconds": t_shuf}
+    if "e" in findings:
+        steer, t_steer = {}, {}
+        for kind in ("topk", "gsae"):
+            steer[kind], _, t_steer[kind] = h.train_sae(lm, kind, **h.STEER_SAE, seed=seed)
+        out["e"] = {**h.measure_steering(lm, steer["topk"], steer["gsae"], tokens), "train_seconds": t_steer}
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -80,13 +98,34 @@ def _yn(b: bool) -> str:
 
 def cells(m: dict) -> dict[str, tuple[str, str]]:
     """``finding -> (value text, holds text)`` of one model's measurements."""
-    a, b, c, d = m["a"], m["b"], m["c"], m["d"]
+    out = {}
+    if "a" in m:
+        out.update(_cells_a(m["a"]))
+    if "b" in m:
+        out.update(_cells_b(m["b"]))
+    if "c" in m:
+        out.update(_cells_c(m["c"]))
+    if "d" in m:
+        out.update(_cells_d(m["d"]))
+    if "d2" in m:
+        out.update(_cells_d2(m["d2"]))
+    if "e" in m:
+        out.update(_cells_e(m["e"]))
+    return out
+
+
+def _cells_a(a: dict) -> dict:
     out = {}
     for mix in h.MIXTURES:
         rs = [t["geo_mean_ratio"] for t in a["tests"][mix]]
         ps = [t["p"] for t in a["tests"][mix]]
         ok = all(p < h.ALPHA and r >= h.FLOOR_MIXTURE_RATIO for r, p in zip(rs, ps))
         out[f"(a) KL {mix} / KL isotropic"] = (f"{min(rs):.2f}–{max(rs):.2f}× (max p {max(ps):.1g})", _yn(ok))
+    return out
+
+
+def _cells_b(b: dict) -> dict:
+    out = {}
     t = b["test"]
     out["(b) KL SAE(x) / KL ε-isotropic"] = (
         f"{t['geo_mean_ratio']:.2f}× [{t['min_ratio']:.2f}, {t['max_ratio']:.2f}] (p {t['p']:.1g})",
@@ -94,26 +133,46 @@ def cells(m: dict) -> dict[str, tuple[str, str]]:
     )
     for k in ("eps_cov_mixture", "eps_real_mixture"):
         out[f"(b') KL SAE(x) / KL {k} (reported)"] = (f"{b['ratios'][k]:.2f}×", "—")
+    return out
+
+
+def _cells_c(c: dict) -> dict:
+    out = {}
     for tab, label in (
         ("ms", "(c) L2 MS step MG vs random (headline)"),
         ("kl_ms", "(c) KL MS step MG vs random (App. C.1)"),
     ):
         x = c[tab]
         out[label] = (f"{x['model_generated']:.1f} vs {x['random']:.1f} (p {x['p']:.1g})", _yn(x["holds"]))
+    return out
+
+
+def _cells_d(d: dict) -> dict:
+    out = {}
     f = d["dead_fraction"]
     out["(d) dead fraction g-SAE vs TopK"] = (
         f"{f['gsae']:.3f} vs {f['topk']:.3f} (ratio {d['ratio']:.2f}, p {d['p']:.1g})",
         _yn(d["holds"]),
     )
-    d2 = m["d2"]
+    return out
+
+
+def _cells_d2(d2: dict) -> dict:
+    out = {}
     f = d2["dead_fraction"]
     out["(d') dead fraction g-SAE true ∇ vs shuffled ∇ (control)"] = (
         f"{f['true']:.3f} vs {f['shuffled']:.3f} (ratio {d2['ratio']:.2f}, p {d2['p']:.1g})",
         _yn(d2["holds"]),
     )
-    e = m["e"]
+    return out
+
+
+def _cells_e(e: dict) -> dict:
+    out = {}
     out["(e) steering on-target Δp g-SAE vs TopK at α = 0.4‖x‖"] = (
-        f"{e['on_target']['gsae']:.4f} vs {e['on_target']['topk']:.4f} (ratio {e['ratio']:.2f}, p {e['p']:.1g})",
+        f"{e['on_target']['gsae']:.4f} vs {e['on_target']['topk']:.4f} (ratio {e['ratio']:.2f}, median ratio "
+        f"{e['median_ratio']:.2f}; g-SAE higher at {e['positions_gsae_greater']}/{e['n_positions']} positions, "
+        f"p {e['p']:.1g})",
         _yn(e["holds"]),
     )
     out["(e') steering off-target added Δp g-SAE vs TopK (reported)"] = (
@@ -180,7 +239,9 @@ def steering_table(rows: list[dict]) -> str:
         lines.append(
             f"\n{r['model']} (median ‖x‖ {e['median_norm']:.2f}; {e['n_latents']['gsae']} / {e['n_latents']['topk']} "
             f"latents g-SAE / TopK; β {e['beta']:g}, median β|W_dec g| of the selected latents "
-            f"{e['median_attribution']:.2f})\n"
+            f"{e['median_attribution']:.2f}; {e['n_positions']} positions, g-SAE higher at "
+            f"{e['positions_gsae_greater']}; per-latent medians {e['median_on_target']['gsae']:.4f} / "
+            f"{e['median_on_target']['topk']:.4f}, latent Mann-Whitney p {e['latent_mwu_p']:.2g} (reported))\n"
         )
         lines.append("| α / ‖x‖ | α | on-target TopK | on-target g-SAE | g-SAE / TopK |")
         lines.append("|---|---|---|---|---|")
@@ -192,25 +253,59 @@ def steering_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _amin(a: dict) -> dict:
+    return {mix: min(t["geo_mean_ratio"] for t in a["tests"][mix]) for mix in h.MIXTURES}
+
+
+#: robustness table columns: (finding key, header, cell text of that finding's measurement).
+ROBUST_COLUMNS = (
+    (
+        "a",
+        "(a) min ratio cov / real (holds)",
+        lambda a: f"{_amin(a)['cov_random_mixture']:.2f} / {_amin(a)['real_mixture']:.2f} ({_yn(a['holds'])})",
+    ),
+    ("b", "(b) ratio (holds)", lambda b: f"{b['test']['geo_mean_ratio']:.2f} ({_yn(b['holds'])})"),
+    (
+        "c",
+        "(c) KL MS MG vs rand (holds)",
+        lambda c: f"{c['kl_ms']['model_generated']:.1f} vs {c['kl_ms']['random']:.1f} ({_yn(c['kl_ms']['holds'])})",
+    ),
+    (
+        "c",
+        "(c) L2 MS MG vs rand (holds)",
+        lambda c: f"{c['ms']['model_generated']:.1f} vs {c['ms']['random']:.1f} ({_yn(c['ms']['holds'])})",
+    ),
+    (
+        "d",
+        "(d) dead g-SAE vs TopK (holds)",
+        lambda d: f"{d['dead_fraction']['gsae']:.3f} vs {d['dead_fraction']['topk']:.3f} ({_yn(d['holds'])})",
+    ),
+    (
+        "d2",
+        "(d') dead true vs shuffled ∇ (holds)",
+        lambda d2: f"{d2['dead_fraction']['true']:.3f} vs {d2['dead_fraction']['shuffled']:.3f} ({_yn(d2['holds'])})",
+    ),
+    (
+        "e",
+        "(e) steering ratio / median ratio, positions g-SAE > TopK, Wilcoxon p (holds)",
+        lambda e: (
+            f"{e['ratio']:.2f} / {e['median_ratio']:.2f}, {e['positions_gsae_greater']}/{e['n_positions']}, "
+            f"{e['p']:.1g} ({_yn(e['holds'])})"
+        ),
+    ),
+)
+
+
 def robustness(results: list[dict]) -> str:
-    """Per model and seed: the main statistic of each finding and whether the test's criterion holds."""
+    """Per model and seed: the main statistic of each measured finding and whether the test's criterion holds."""
+    cols = [c for c in ROBUST_COLUMNS if all(c[0] in m for m in results)]
     lines = [
-        "| model | seed | (a) min ratio cov / real (holds) | (b) ratio (holds) | (c) KL MS MG vs rand (holds) "
-        "| (c) L2 MS MG vs rand (holds) | (d) dead g-SAE vs TopK (holds) | (d') dead true vs shuffled ∇ (holds) "
-        "| (e) steering ratio (p) (holds) | s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | seed | " + " | ".join(c[1] for c in cols) + " | s |",
+        "|" + "---|" * (3 + len(cols)),
     ]
     for m in results:
-        a, b, c, d, d2, e = m["a"], m["b"], m["c"], m["d"], m["d2"], m["e"]
-        amin = {mix: min(t["geo_mean_ratio"] for t in a["tests"][mix]) for mix in h.MIXTURES}
         lines.append(
-            f"| {m['model']} | {m['seed']} | {amin['cov_random_mixture']:.2f} / {amin['real_mixture']:.2f} ({_yn(a['holds'])}) "
-            f"| {b['test']['geo_mean_ratio']:.2f} ({_yn(b['holds'])}) "
-            f"| {c['kl_ms']['model_generated']:.1f} vs {c['kl_ms']['random']:.1f} ({_yn(c['kl_ms']['holds'])}) "
-            f"| {c['ms']['model_generated']:.1f} vs {c['ms']['random']:.1f} ({_yn(c['ms']['holds'])}) "
-            f"| {d['dead_fraction']['gsae']:.3f} vs {d['dead_fraction']['topk']:.3f} ({_yn(d['holds'])}) "
-            f"| {d2['dead_fraction']['true']:.3f} vs {d2['dead_fraction']['shuffled']:.3f} ({_yn(d2['holds'])}) "
-            f"| {e['ratio']:.2f} ({e['p']:.1g}) ({_yn(e['holds'])}) | {m['seconds']:.0f} |"
+            f"| {m['model']} | {m['seed']} | " + " | ".join(c[2](m[c[0]]) for c in cols) + f" | {m['seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -221,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for seed in args.seeds:
         for name in args.models:
-            m = measure(name, seed)
+            m = measure(name, seed, args.findings)
             results.append(m)
             print(f"measured {name} seed {seed} in {m['seconds']:.0f} s", flush=True)
     first = [r for r in results if r["seed"] == args.seeds[0]]
@@ -230,28 +325,35 @@ def main(argv: list[str] | None = None) -> None:
         f"SAE training seed {args.seeds[0]}; holds = one-sided p < {h.ALPHA} and the effect-size floor\n"
     )
     print(table(first))
-    print("\n(a) per length" + length_table(first))
-    print("\n(e) steering: mean on-target Δp over the latents, per α" + steering_table(first))
-    b = {r["model"]: r["b"] for r in first}
-    d = {r["model"]: r["d"] for r in first}
-    print(
-        "\n(b) SAE: "
-        + "; ".join(
-            f"{n}: FVU {x['fvu']:.3f}, mean ε {x['epsilon_mean']:.2f} (median ‖x‖ {x['median_norm']:.2f}), "
-            f"train {x['train_seconds']:.1f} s"
-            for n, x in b.items()
+    if "a" in args.findings:
+        print("\n(a) per length" + length_table(first))
+    if "e" in args.findings:
+        print(
+            f"\n(e) steering: mean on-target Δp over the latents and the {h.STEER_OPTIONS['n_positions']} positions, "
+            "per α" + steering_table(first)
         )
-    )
-    print(
-        "(d) SAEs: "
-        + "; ".join(
-            f"{n}: d_sae {x['d_sae']}, k {x['k']}, never fired g-SAE/TopK {x['never_fired']['gsae']}/"
-            f"{x['never_fired']['topk']}, training-time dead g-SAE/TopK "
-            f"{x['train_dead_fraction']['gsae']:.3f}/{x['train_dead_fraction']['topk']:.3f}, "
-            f"{x['n_tokens']} eval tokens in batches of {x['batch_tokens']}"
-            for n, x in d.items()
+    if "b" in args.findings:
+        b = {r["model"]: r["b"] for r in first}
+        print(
+            "\n(b) SAE: "
+            + "; ".join(
+                f"{n}: FVU {x['fvu']:.3f}, mean ε {x['epsilon_mean']:.2f} (median ‖x‖ {x['median_norm']:.2f}), "
+                f"train {x['train_seconds']:.1f} s"
+                for n, x in b.items()
+            )
         )
-    )
+    if "d" in first[0]:
+        d = {r["model"]: r["d"] for r in first}
+        print(
+            "(d) SAEs: "
+            + "; ".join(
+                f"{n}: d_sae {x['d_sae']}, k {x['k']}, never fired g-SAE/TopK {x['never_fired']['gsae']}/"
+                f"{x['never_fired']['topk']}, training-time dead g-SAE/TopK "
+                f"{x['train_dead_fraction']['gsae']:.3f}/{x['train_dead_fraction']['topk']:.3f}, "
+                f"{x['n_tokens']} eval tokens in batches of {x['batch_tokens']}"
+                for n, x in d.items()
+            )
+        )
     if len(args.seeds) > 1:
         print("\nrobustness over seeds\n")
         print(robustness(results))

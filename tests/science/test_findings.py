@@ -13,12 +13,14 @@ through the real ``LocalSAESystem``, and asserts the paper's direction with a on
 (d') the gradient control: a g-SAE fed its true ∇ₓL leaves more latents dead than one fed the gradients of other
     tokens (the learned gradient concentrates the selection), which random weights do not show;
 (e) Olmo et al. §4.2: g-SAE latents add more probability to their own logit-lens tokens than TopK latents when
-    used as steering vectors, at the paper's α (0.4 of the norm), same k, tokens, seeds and latents.
+    used as steering vectors, at the paper's α (0.4 of the norm), same k, tokens, seeds and latents; the two SAEs'
+    means over their latents are compared context by context (paired Wilcoxon over 32 positions).
 
 Control: ``GSAE_SCIENCE_MODEL=random-small pytest tests/science`` runs the same tests on a random-weight
 model of gsae-tiny's shape (comma-separate names to run several); (a), (b), (c), (d') and (e) fail there, (d)
 does not (the g-SAE effect on dead latents is a property of the gradient-weighted selection, present on random
-weights too; docs/science.md).
+weights too; docs/science.md). In (b) and (e) it is the effect floor that fails the control: their paired tests
+can reach p < 0.01 on random weights for differences of a few percent.
 """
 
 from __future__ import annotations
@@ -150,15 +152,22 @@ def test_true_gradients_leave_more_latents_dead_than_shuffled(lm, dead_saes, shu
 
 @pytest.mark.slow
 def test_gsae_latents_steer_their_tokens_more_than_topk(lm, tokens, steer_saes):
-    """(e) on-target added probability at α = 0.4·‖x‖ (the paper's α = 50 at GPT-2 L7), mean over all 256 latents:
-    one-sided Welch t-test p < 0.01 and ratio g-SAE / TopK >= 1.2 (paper: > 5; gsae-tiny 1.35-1.49 over 3 seeds; random-small 0.98-1.01).
+    """(e) on-target added probability at α = 0.4·‖x‖ (the paper's α = 50 at GPT-2 L7) of all 256 latents of each SAE
+    at the same 32 positions: one-sided Wilcoxon signed-rank test of the per-position differences of the latent means
+    (g-SAE − TopK) p < 0.01, and ratio of the overall means g-SAE / TopK >= 1.2 (paper: > 5; gsae-tiny 1.35-1.40,
+    p 2e-6-5e-5 over 3 seeds; random-small 1.00-1.01, which the floor rejects: its paired p reaches 0.002). The
+    per-latent median ratio and a Mann-Whitney p over latents are reported (too weak at 256 latents to test on).
     The curve over α is reported; g-SAE must not be below TopK at any α >= the paper's."""
     r = h.measure_steering(lm, steer_saes["topk"], steer_saes["gsae"], tokens)
     assert min(r["n_latents"].values()) >= 200, _show(r)  # (nearly) all latents alive: the same population
+    assert r["n_positions"] == h.STEER_OPTIONS["n_positions"], _show(r)
+    assert r["per_position_agreement"] < 1e-5, _show(r)  # the per-position values are the benchmark's
     assert r["on_target"]["topk"] > 0, _show(r)  # steering does move the target tokens
     assert r["p"] < h.ALPHA and r["ratio"] >= h.FLOOR_STEER_RATIO, (
         f"{lm.name}: on-target Δp at α = {r['alpha_report']:.2f}: g-SAE {r['on_target']['gsae']:.4f} vs TopK "
-        f"{r['on_target']['topk']:.4f} (ratio {r['ratio']:.2f}, p = {r['p']:.2g}): {_show(r)}"
+        f"{r['on_target']['topk']:.4f} (ratio {r['ratio']:.2f}, median ratio {r['median_ratio']:.2f}, "
+        f"g-SAE higher at {r['positions_gsae_greater']}/{r['n_positions']} positions, Wilcoxon p = {r['p']:.2g}): "
+        f"{_show(r)}"
     )
     at = [q for f, q in zip(r["alpha_fractions"][1:], r["curve_ratio"]) if f >= h.STEER_ALPHA_FRACTION]
     assert min(at) > 1.0, _show(r)
