@@ -144,7 +144,11 @@ def test_configs_leave_the_run_folder_to_the_root_dir(parse_only, path: Path) ->
 @pytest.mark.parametrize("path", [p for p in PAPER if "ReLU" not in p.read_text()], ids=lambda p: p.name)
 def test_paper_topk_configs_have_no_auxk(parse_only, path: Path) -> None:
     """smol-sae (the g-SAE authors' base) has no AuxK; it changes late-training dead fractions (Table 1)."""
-    assert parse_only(["--config", str(path)]).model.init_args.sae.init_args.k_aux == 0
+    model = parse_only(["--config", str(path)]).model.init_args
+    if "members" in model:  # a sweep: every member
+        assert model.members and all(m["sae"]["init_args"]["k_aux"] == 0 for m in model.members)
+    else:
+        assert model.sae.init_args.k_aux == 0
 
 
 @pytest.mark.parametrize("path", [p for p in PAPER if "GradTopKSAE" in p.read_text()], ids=lambda p: p.name)

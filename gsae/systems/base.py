@@ -43,7 +43,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _adam(params):
-    return torch.optim.Adam(params, lr=1e-4)
+    # fused: one kernel for all parameters (CPU and CUDA); ~2.5x faster than the default loop on CPU, same
+    # updates to ~1e-8 (benchmarks/README.md)
+    return torch.optim.Adam(params, lr=1e-4, fused=True)
 
 
 def lr_factor(
@@ -91,7 +93,7 @@ class SAESystem(pl.LightningModule):
             lm: the frozen language model (never saved in checkpoints).
             sae: the SAE class and its options; ``d_in`` is filled in from the hook.
             hook: TransformerLens hook the SAE reads (and, for e2e, writes), e.g. ``blocks.7.hook_resid_post``.
-            optimizer: optimizer class and options (default Adam, lr 1e-4, betas (0.9, 0.999); SPEC §1.3).
+            optimizer: optimizer class and options (default Adam, lr 1e-4, betas (0.9, 0.999), fused; SPEC §1.3).
             lr_schedule: ``cosine`` decays from the peak to ``lr_min_ratio × peak`` over the run; ``constant`` keeps the peak.
             lr_warmup_steps: linear warm-up steps from 0 to the peak learning rate.
             lr_min_ratio: final learning rate as a fraction of the peak (cosine; 0.1 gives 1e-4 -> 1e-5, as smol-sae).
