@@ -23,6 +23,30 @@ What is timed (steady-state steps; the first ``--warmup`` steps of the first rou
   the ``LocalSAESystem`` (harvest = forward + backward to the hook) or ``TopKSAE`` in the
   ``E2ESAESystem`` (``kl_coef=1``; ``--e2e-downstream`` adds every later ``hook_resid_pre`` as a
   downstream hook).
+- ``--objective sweep``: a whole Table-1-style sweep, ``--sweep-ks`` (3 5 10 32 64) × {TopK, g-SAE}
+  = 10 SAEs (``TopKSAE(d, d_sae, k, k_aux=0)``, ``GradTopKSAE(d, d_sae, k, beta, k_aux=0)``), trained two
+  ways on the same tokens, side by side in this process: ``sweep`` = ONE :class:`gsae.systems.SweepSAESystem`
+  run with the 10 as members (one harvest of activations and ``∇ₓL`` per batch, one shuffle buffer, every
+  member stepped on it), and ``sep:<member>`` = 10 separate :class:`~gsae.systems.LocalSAESystem` runs, one
+  per SAE (each with its own harvest: 5 forwards to the hook, 5 forward + backward). Each of the 11 is a
+  method of the interleaving below (a step of a separate run = one SAE trained on one batch; a step of the
+  sweep = all 10 trained on it; 10 = 2 × the number of ``--sweep-ks``). With ``T_sweep`` = the sweep's
+  median step and ``T_sep`` = the SUM over the 10 separate runs of their median steps (what 10 separate
+  runs spend per batch of tokens, all 10 SAEs trained once), both in seconds per ``batch_size ×
+  context_size`` LM tokens ``n_tok``:
+
+    ``sweep_tokens_per_s = 10 · n_tok / T_sweep`` and ``separate_tokens_per_s = 10 · n_tok / T_sep``
+    (SAE-tokens per second: each LM token trained into each of the 10 SAEs counts once, so a single-SAE
+    run's tokens/s is on the same scale), ``sweep_speedup_vs_separate = T_sep / T_sweep`` (= their ratio:
+    the wall time of the 10 separate runs ÷ the sweep's, for the same tokens; issue 11's target ≥ 4).
+
+  ``sweep_cpu_time_speedup_vs_separate`` is the same ratio of this process's CPU seconds per step (all
+  threads; steadier than wall time when other jobs share the cores).
+  ``sweep_flop_expectation`` is the same ratio of FLOPs per token (:func:`sweep_flops`: 5 TopK + 5 g-SAE
+  floors of :func:`flop_floor` ÷ one g-SAE harvest + 10 SAEs), ``sweep_speedup_vs_flops`` the measured ÷ it.
+  Defaults for this objective (CPU budget: the 11 runs are ~30 TopK-steps' work per measured step):
+  ``--batch-size 16`` (2048 tokens per step; every cost here is linear in the tokens, so the ratio does not
+  depend on it beyond per-step constants) and ``--steps 5 --warmup 1``; ``--d-sae`` stays 12288.
 
 Methods are interleaved: each of ``--rounds`` rounds (default: one per measured step) runs every method
 once (order rotated between rounds) for ``steps/rounds`` steps, plus ``--warmup`` discarded steps in the
@@ -35,13 +59,17 @@ Usage::
     python benchmarks/train_throughput.py                    # TopK: gsae vs SAELens vs forward (~3-4 min on 2 cores)
     python benchmarks/train_throughput.py --objective all    # TopK, g-SAE and e2e side by side
     python benchmarks/train_throughput.py --profile 3        # also a torch.profiler table of 3 gsae steps
+    python benchmarks/train_throughput.py --objective sweep  # 10 SAEs: one SweepSAESystem vs 10 separate runs (5-13 min)
 
 The last lines of the default run are ``gsae_tokens_per_s=``, ``saelens_tokens_per_s=``,
 ``forward_only_tokens_per_s=``, ``ratio_vs_saelens=`` (gsae / SAELens) and ``ratio_vs_forward=``.
 With several objectives it prints ``objective=NAME tokens_per_s=…`` per objective,
 ``gsae_cost_vs_topk=`` / ``e2e_cost_vs_topk=`` (time per token ÷ TopK's), ``gsae_flop_floor=`` /
 ``e2e_flop_floor=`` (the same ratio of FLOPs per token, from the model's shape: :func:`flop_floor`) and
-``*_cost_vs_floor=`` (the distance). Objectives are the keys of ``SYSTEMS`` (objective -> system builder).
+``*_cost_vs_floor=`` (the distance). ``--objective sweep`` ends with ``sweep_tokens_per_s=``,
+``separate_tokens_per_s=``, ``sweep_speedup_vs_separate=``, ``sweep_cpu_time_speedup_vs_separate=``,
+``sweep_flop_expectation=`` and ``sweep_speedup_vs_flops=``. Objectives are the keys of ``SYSTEMS``
+(objective -> system builder; ``all`` runs ``OBJECTIVES``, not the sweep).
 On a GPU: ``--device cuda --precision bf16-mixed [--lm-dtype bfloat16]``.
 """
 
@@ -49,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import logging
 import os
@@ -62,7 +91,11 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 
-OBJECTIVES = ("topk", "gsae", "e2e")  # the keys of SYSTEMS (defined below)
+OBJECTIVES = ("topk", "gsae", "e2e")  # what --objective all runs (SYSTEMS, defined below, adds "sweep")
+SWEEP = "sweep"
+#: per-objective defaults of options left unset on the command line
+OBJECTIVE_DEFAULTS = {SWEEP: {"steps": 5, "warmup": 1, "batch_size": 16}}
+GENERIC_DEFAULTS = {"steps": 6, "warmup": 2, "batch_size": 32}
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -70,14 +103,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--objective", choices=[*OBJECTIVES, "all"], default="topk", help="training objective(s) to time")
+    p.add_argument(
+        "--objective",
+        choices=[*OBJECTIVES, SWEEP, "all"],
+        default="topk",
+        help="training objective(s) to time; sweep: 10 SAEs in one SweepSAESystem vs 10 separate runs",
+    )
     p.add_argument(
         "--baselines",
         choices=["auto", "on", "off"],
         default="auto",
         help="also time SAELens and the bare forward (auto: only with --objective topk)",
     )
-    p.add_argument("--steps", type=int, default=6, help="measured steps per method")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per method (default 6; sweep: 5)")
     p.add_argument(
         "--rounds",
         type=int,
@@ -87,11 +125,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--warmup",
         type=int,
-        default=2,
-        help="discarded steps at the start of the first round (buffer fills, b_dec init, Adam state)",
+        default=None,
+        help="discarded steps at the start of the first round (buffer fills, b_dec init, Adam state; default 2, sweep: 1)",
     )
     p.add_argument("--rewarm", type=int, default=0, help="discarded steps at the start of each later round")
-    p.add_argument("--batch-size", type=int, default=32, help="contexts per step")
+    p.add_argument("--batch-size", type=int, default=None, help="contexts per step (default 32; sweep: 16)")
     p.add_argument("--context-size", type=int, default=128, help="tokens per context")
     p.add_argument("--d-sae", type=int, default=12288)
     p.add_argument("--k", type=int, default=32)
@@ -99,6 +137,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="random-gpt2", help="gsae LanguageModel name (offline: random-gpt2)")
     p.add_argument("--buffer-size", type=int, default=None, help="gsae shuffle buffer in tokens (default: one batch)")
     p.add_argument("--beta", type=float, default=1e5, help="g-SAE beta")
+    p.add_argument(
+        "--sweep-ks",
+        type=int,
+        nargs="+",
+        default=[3, 5, 10, 32, 64],
+        help="sweep: the k of its TopK and g-SAE members (2 members per k; Table 1's by default)",
+    )
     p.add_argument(
         "--e2e-downstream", action="store_true", help="e2e+ds: every later hook_resid_pre as downstream hook"
     )
@@ -117,6 +162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    for key, value in {**GENERIC_DEFAULTS, **OBJECTIVE_DEFAULTS.get(args.objective, {})}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.rounds is None:
         args.rounds = args.steps
     args.rounds = max(1, min(args.rounds, args.steps))
@@ -126,6 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def quiet() -> None:
+    import lightning.pytorch  # noqa: F401 - its import sets its logger to INFO: import first, then quieten
+
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "sae_lens", "transformer_lens", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -146,7 +196,8 @@ def split_steps(steps: int, rounds: int) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- gsae (Lightning)
 class StepTimer:
-    """Lightning callback: timestamps at every ``on_train_batch_start`` and once at epoch end."""
+    """Lightning callback: timestamps (wall, and this process's CPU time) at every ``on_train_batch_start`` and
+    once at epoch end."""
 
     def __new__(cls):
         import lightning.pytorch as pl
@@ -154,21 +205,28 @@ class StepTimer:
         class _StepTimer(pl.Callback):
             def __init__(self) -> None:
                 self.starts: list[float] = []
+                self.cpu_starts: list[float] = []
                 self.end: float | None = None
+                self.cpu_end: float | None = None
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
                 self.starts.append(time.perf_counter())
+                self.cpu_starts.append(time.process_time())
 
             def on_train_epoch_end(self, trainer, pl_module) -> None:
                 if self.end is None:
-                    self.end = time.perf_counter()
+                    self.end, self.cpu_end = time.perf_counter(), time.process_time()
 
             def on_train_end(self, trainer, pl_module) -> None:
                 if self.end is None:
-                    self.end = time.perf_counter()
+                    self.end, self.cpu_end = time.perf_counter(), time.process_time()
 
             def step_times(self) -> list[float]:
                 ts = [*self.starts, self.end]
+                return [b - a for a, b in zip(ts[:-1], ts[1:])]
+
+            def cpu_times(self) -> list[float]:
+                ts = [*self.cpu_starts, self.cpu_end]
                 return [b - a for a, b in zip(ts[:-1], ts[1:])]
 
         return _StepTimer()
@@ -221,16 +279,69 @@ def build_e2e(lm, args):
     )
 
 
-#: objective -> builder of its Lightning system ``(lm, args) -> LightningModule``; ``--objective all`` times each
-SYSTEMS = {"topk": build_topk, "gsae": build_gsae, "e2e": build_e2e}
+def sweep_members(args) -> list[dict]:
+    """The sweep's members: TopK and g-SAE at every ``--sweep-ks`` k (``k_aux=0``, as the Table 1 config)."""
+    members = []
+    for kind, cls in (("topk", "TopKSAE"), ("gsae", "GradTopKSAE")):
+        for k in args.sweep_ks:
+            init = {"d_sae": args.d_sae, "k": k, "k_aux": 0, **({"beta": args.beta} if kind == "gsae" else {})}
+            members.append({"name": f"{kind}-k{k}", "sae": {"class_path": f"gsae.sae.{cls}", "init_args": init}})
+    return members
+
+
+def build_sweep(lm, args):
+    """One :class:`SweepSAESystem` training every member of :func:`sweep_members` from one harvest per batch."""
+    from gsae.systems import SweepSAESystem
+
+    return SweepSAESystem(
+        lm=lm, members=sweep_members(args), hook=args.hook, buffer_size=args.buffer_size, seed=args.seed
+    )
+
+
+def build_separate(lm, args) -> dict:
+    """``{member name: LocalSAESystem}``: the sweep's members as separate one-SAE runs (same SAE, options, seed)."""
+    from gsae.systems import LocalSAESystem
+    from gsae.systems.sweep import build_member_sae
+
+    def one(spec):
+        return LocalSAESystem(
+            lm=lm,
+            sae=lambda d: build_member_sae(spec["sae"], d, spec["name"]),
+            hook=args.hook,
+            buffer_size=args.buffer_size,
+            seed=args.seed,
+        )
+
+    return {spec["name"]: one(spec) for spec in sweep_members(args)}
+
+
+def sweep_flops(floor: dict[str, float], members: list[dict]) -> dict[str, float]:
+    """FLOPs per LM token of the sweep and of its members as separate runs (from :func:`flop_floor`'s parts).
+
+    Sweep: one harvest (a g-SAE one, forward + backward to the hook: ``prefix + 2·suffix``, if any member is a
+    g-SAE, else ``prefix``) + every member's encoder (``sae``) + each g-SAE member's scores (another ``sae``).
+    Separate: each TopK member ``topk`` = prefix + sae, each g-SAE member ``gsae`` = prefix + 2·suffix + 2·sae.
+    """
+    n_grad = sum(m["sae"]["class_path"].endswith("GradTopKSAE") for m in members)
+    n_topk = len(members) - n_grad
+    harvest = floor["prefix"] + (2 * floor["suffix"] if n_grad else 0.0)
+    sweep = harvest + len(members) * floor["sae"] + n_grad * floor["sae"]
+    separate = n_topk * floor["topk"] + n_grad * floor["gsae"]
+    return {"sweep": sweep, "separate": separate, "expectation": separate / sweep}
+
+
+#: objective -> builder of its Lightning system ``(lm, args) -> LightningModule``; ``--objective all`` times
+#: each of ``OBJECTIVES``; ``sweep`` is also timed against :func:`build_separate`'s runs (``--objective sweep``)
+SYSTEMS = {"topk": build_topk, "gsae": build_gsae, "e2e": build_e2e, SWEEP: build_sweep}
 
 
 def build_system(objective: str, lm, args):
     return SYSTEMS[objective](lm, args)
 
 
-def run_lightning(system, batches: torch.Tensor, callbacks=()) -> list[float]:
-    """Fit ``system`` for ``len(batches)`` steps with a real ``lightning.Trainer``; per-step seconds."""
+def run_lightning(system, batches: torch.Tensor, callbacks=(), cpu_times: list | None = None) -> list[float]:
+    """Fit ``system`` for ``len(batches)`` steps with a real ``lightning.Trainer``; per-step seconds (and, into
+    ``cpu_times`` if given, per-step CPU seconds of this process, all threads)."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
@@ -254,6 +365,14 @@ def run_lightning(system, batches: torch.Tensor, callbacks=()) -> list[float]:
     )
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.fit(system, train_dataloaders=loader)
+    # a finished Trainer and its optimizer (Adam state: 2x the SAE parameters) are cyclic garbage that Python's
+    # collector may not reach for several rounds: collect now, outside the timed steps, so that runs do not pile
+    # up optimizer states (+1.5 GiB per sweep round at d_sae 12288) and slow each other through memory
+    system.trainer = None
+    del trainer
+    gc.collect()
+    if cpu_times is not None:
+        cpu_times.extend(timer.cpu_times())
     return timer.step_times()
 
 
@@ -491,6 +610,49 @@ def fmt(x: float) -> str:
     return f"{x:.1f}"
 
 
+def report_sweep(lm, args, members, med, round_med, tokens_per_step, skipped, cpu) -> None:
+    """The sweep's figures (see the module docstring): SAE-tokens per second both ways, their ratio, FLOPs."""
+    seps = [f"sep:{m['name']}" for m in members]
+    if SWEEP in skipped or SWEEP not in med or any(s not in med for s in seps):
+        print(f"sweep_tokens_per_s=n/a ({skipped.get(SWEEP, 'not measured')})")
+        return
+    n = len(members)
+    t_sweep, t_sep = med[SWEEP], sum(med[s] for s in seps)
+    t_topk = sum(med[s] for s in seps if s.startswith("sep:topk"))
+    print(
+        f"# per batch of {tokens_per_step} tokens: sweep {t_sweep:.2f} s (all {n} SAEs); separate {t_sep:.2f} s "
+        f"= sum of the {n} runs' median steps (TopK runs {t_topk:.2f} s, g-SAE runs {t_sep - t_topk:.2f} s)"
+    )
+    pairs = [sum(round_med[s][r] for s in seps) / round_med[SWEEP][r] for r in range(len(round_med[SWEEP]))]
+    print(f"# separate ÷ sweep, per round: {' '.join(f'{p:.2f}' for p in pairs)}")
+    cpu_med = {name: statistics.median(v) for name, v in cpu.items() if v}
+    cpu_speedup = None
+    if SWEEP in cpu_med and all(s in cpu_med for s in seps):
+        c_sweep, c_sep = cpu_med[SWEEP], sum(cpu_med[s] for s in seps)
+        cpu_speedup = c_sep / c_sweep
+        print(
+            f"# CPU seconds of this process per batch (all threads; less sensitive to other jobs than wall time): "
+            f"sweep {c_sweep:.2f}, separate {c_sep:.2f}"
+        )
+    floor = flop_floor(lm, args.hook, args.context_size, args.d_sae)
+    flops = sweep_flops(floor, members)
+    print(
+        "# MFLOP/token: "
+        + " ".join(f"{k}={v / 1e6:.1f}" for k, v in floor.items())
+        + f"  sweep={flops['sweep'] / 1e6:.1f} (one g-SAE harvest + {n} SAEs) separate={flops['separate'] / 1e6:.1f}"
+    )
+    speedup = t_sep / t_sweep
+    print(f"# LM tokens per second of the sweep run (each trained into all {n} SAEs):")
+    print(f"objective={SWEEP} tokens_per_s={fmt(tokens_per_step / t_sweep)}")
+    print(f"sweep_tokens_per_s={fmt(n * tokens_per_step / t_sweep)}")
+    print(f"separate_tokens_per_s={fmt(n * tokens_per_step / t_sep)}")
+    print(f"sweep_speedup_vs_separate={speedup:.3f}")
+    if cpu_speedup is not None:
+        print(f"sweep_cpu_time_speedup_vs_separate={cpu_speedup:.3f}")
+    print(f"sweep_flop_expectation={flops['expectation']:.3f}")
+    print(f"sweep_speedup_vs_flops={speedup / flops['expectation']:.3f}")
+
+
 ARGS = parse_args([])  # the module-level defaults; main() replaces them with the command line
 
 
@@ -502,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     from gsae.lm import LanguageModel
 
     objectives = list(OBJECTIVES) if args.objective == "all" else [args.objective]
+    members = sweep_members(args)
     baselines = args.baselines == "on" or (args.baselines == "auto" and args.objective == "topk")
     B, T = args.batch_size, args.context_size
     tokens_per_step = B * T
@@ -525,6 +688,11 @@ def main(argv: list[str] | None = None) -> int:
         f"# gsae train throughput: model={args.model} hook={args.hook} tokens/step={B}x{T}={tokens_per_step} "
         f"d_sae={args.d_sae} k={args.k} threads={torch.get_num_threads()} torch={torch.__version__}"
     )
+    if SWEEP in objectives:
+        print(
+            f"# sweep: {len(members)} members {[m['name'] for m in members]} (d_sae={args.d_sae}, k_aux=0, "
+            f"beta={args.beta:g}): one SweepSAESystem run vs {len(members)} LocalSAESystem runs (sep:<member>)"
+        )
     print(
         f"# rounds={args.rounds} measured steps/round={per_round} warmup steps/round={warm} "
         f"objectives={objectives} baselines={baselines} gsae buffer_size={args.buffer_size}"
@@ -536,6 +704,19 @@ def main(argv: list[str] | None = None) -> int:
     def batches_for_round(r: int) -> torch.Tensor:
         return tokens[: steps_per_run[r]]
 
+    cpu: dict[str, list[float]] = {}  # Lightning methods: measured per-step CPU seconds of this process
+
+    def lightning_method(name: str, system):
+        cpu[name] = []
+
+        def run(r: int) -> list[float]:
+            c: list[float] = []
+            out = run_lightning(system, batches_for_round(r), cpu_times=c)
+            cpu[name].extend(c[warm[r] :])
+            return out
+
+        return run
+
     for obj in objectives:
         try:
             system = build_system(obj, lm, args)
@@ -543,7 +724,10 @@ def main(argv: list[str] | None = None) -> int:
             skipped[obj] = str(e)
             print(f"# objective={obj}: SKIPPED: {e}")
             continue
-        methods[obj] = (lambda s: lambda r: run_lightning(s, batches_for_round(r)))(system)
+        methods[obj] = lightning_method(obj, system)
+        if obj == SWEEP:
+            for name, sep in build_separate(lm, args).items():
+                methods[f"sep:{name}"] = lightning_method(f"sep:{name}", sep)
     if baselines:
         import sae_lens
 
@@ -564,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# setup {time.perf_counter() - t_setup:.1f}s")
 
     names = list(methods)
+    width = max(8, *(len(n) for n in names))
     times: dict[str, list[float]] = {n: [] for n in names}
     round_med: dict[str, list[float]] = {n: [] for n in names}
     t0 = time.perf_counter()
@@ -579,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
             if kept:
                 round_med[name].append(statistics.median(kept))
             print(
-                f"# round {r} {name:8s} {time.perf_counter() - tr:6.1f}s  warmup "
+                f"# round {r} {name:{width}s} {time.perf_counter() - tr:6.1f}s  warmup "
                 f"{' '.join(f'{t:.2f}' for t in step_times[: warm[r]])}  steps "
                 f"{' '.join(f'{t:.2f}' for t in kept)}",
                 flush=True,
@@ -588,16 +773,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.profile:  # before the summary, so the figures stay the last lines
         for obj in objectives:
-            if obj not in skipped:
+            if obj == SWEEP:
+                print("# --profile: not for the sweep (profile --objective topk / gsae for its parts)")
+            elif obj not in skipped:
                 profile_objective(obj, lm, tokens, args.profile, args)
 
     med = {n: statistics.median(v) for n, v in times.items() if v}
     tps = {n: tokens_per_step / s for n, s in med.items()}
-    print(f"# {'method':8s} {'median s/step':>13s} {'min':>6s} {'max':>6s} {'n':>3s} {'tokens/s':>9s}")
+    print(f"# {'method':{width}s} {'median s/step':>13s} {'min':>6s} {'max':>6s} {'n':>3s} {'tokens/s':>9s}")
     for n in names:
         v = times[n]
         if v:
-            print(f"# {n:8s} {med[n]:13.3f} {min(v):6.2f} {max(v):6.2f} {len(v):3d} {tps[n]:9.1f}")
+            print(f"# {n:{width}s} {med[n]:13.3f} {min(v):6.2f} {max(v):6.2f} {len(v):3d} {tps[n]:9.1f}")
 
     ref = "topk" if "topk" in names else None
     if ref is not None:
@@ -609,7 +796,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"(median {statistics.median(pairs):.2f})"
                 )
 
-    if len(objectives) > 1 or args.objective != "topk":
+    if SWEEP in objectives:
+        report_sweep(lm, args, members, med, round_med, tokens_per_step, skipped, cpu)
+    elif len(objectives) > 1 or args.objective != "topk":
         for obj in objectives:
             if obj in tps:
                 print(f"objective={obj} tokens_per_s={fmt(tps[obj])}")
