@@ -99,18 +99,10 @@ def _yn(b: bool) -> str:
 def cells(m: dict) -> dict[str, tuple[str, str]]:
     """``finding -> (value text, holds text)`` of one model's measurements."""
     out = {}
-    if "a" in m:
-        out.update(_cells_a(m["a"]))
-    if "b" in m:
-        out.update(_cells_b(m["b"]))
-    if "c" in m:
-        out.update(_cells_c(m["c"]))
-    if "d" in m:
-        out.update(_cells_d(m["d"]))
-    if "d2" in m:
-        out.update(_cells_d2(m["d2"]))
-    if "e" in m:
-        out.update(_cells_e(m["e"]))
+    makers = {"a": _cells_a, "b": _cells_b, "c": _cells_c, "d": _cells_d, "d2": _cells_d2, "e": _cells_e}
+    for key, make in makers.items():
+        if key in m:
+            out.update(make(m[key]))
     return out
 
 
