@@ -144,31 +144,33 @@ def resolve(paths: list[str]) -> list[Source]:
         if is_saelens_folder(p):
             sources.append(Source(arg, "saelens", arg, arg))
         elif p.is_file():
-            sources += _ckpt_sources(arg, p, arg)
+            sources += _ckpt_sources(arg, p, arg, _ckpt_info(p))
         else:
             found = _run_folder(p)
             if not found:
                 raise ArgumentError(f"PATH {arg!r}: no .ckpt files and no SAELens cfg.json in this folder")
-            for c in found:
-                sources += _ckpt_sources(str(Path(arg) / c.relative_to(p)), c, arg)
+            for c, info in found:
+                sources += _ckpt_sources(str(Path(arg) / c.relative_to(p)), c, arg, info)
     return sources
 
 
-def _ckpt_sources(label: str, path: Path, group: str) -> list[Source]:
-    """One source for a one-SAE checkpoint; one per member (``<label>:<member>``, its own TensorBoard run) for a sweep."""
-    step, dataset, batch_size, members = _ckpt_info(path)
+def _ckpt_sources(label: str, path: Path, group: str, info: tuple) -> list[Source]:
+    """One source for a one-SAE checkpoint; one per member (``<label>:<member>``, its own TensorBoard run) for a
+    sweep. ``info`` is the checkpoint's :func:`_ckpt_info` (read once per file)."""
+    step, dataset, batch_size, members = info
     if not members:
         return [Source(label, "ckpt", str(path), group, step, dataset, batch_size)]
     return [Source(f"{label}:{m}", "ckpt", str(path), f"{group}:{m}", step, dataset, batch_size, m) for m in members]
 
 
-def _run_folder(folder: Path) -> list[Path]:
-    """Checkpoints under ``folder``, in step order; ``last*.ckpt`` dropped when it repeats a step checkpoint."""
+def _run_folder(folder: Path) -> list[tuple[Path, tuple]]:
+    """``(checkpoint, its _ckpt_info)`` under ``folder``, in step order; ``last*.ckpt`` dropped when it repeats a
+    step checkpoint."""
     ckpts = sorted({c.resolve(): c for c in folder.rglob("*.ckpt") if ".saelens" not in c.parts}.values())
-    steps = {c: _ckpt_info(c)[0] for c in ckpts}
-    named = {s for c, s in steps.items() if not c.name.startswith("last")}
-    keep = [c for c in ckpts if not (c.name.startswith("last") and steps[c] in named)]
-    return sorted(keep, key=lambda c: (steps[c], c.name))
+    infos = {c: _ckpt_info(c) for c in ckpts}
+    named = {info[0] for c, info in infos.items() if not c.name.startswith("last")}
+    keep = [c for c in ckpts if not (c.name.startswith("last") and infos[c][0] in named)]
+    return [(c, infos[c]) for c in sorted(keep, key=lambda c: (infos[c][0], c.name))]
 
 
 def _ckpt_info(path: Path) -> tuple[int, str | None, int | None, list[str] | None]:

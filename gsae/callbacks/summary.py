@@ -197,14 +197,15 @@ def render(s: Summary) -> str:
         lines.append("train        " + "  ".join(f"{k} {v}" for k, v in s.train))
     if s.val:
         lines.append("val          " + "  ".join(f"{k} {v}" for k, v in s.val))
-    if any(":" in k for k, _ in s.headline):  # a sweep: one line per member
+    sweep = any(":" in k for k, _ in s.headline)
+    if sweep:  # one line per member
         members = list(dict.fromkeys(k.split(":", 1)[0] for k, _ in s.headline))
         width = max(len(m) for m in members)
         for i, m in enumerate(members):
             label = f"eval @{s.eval_step}" if i == 0 else ""
             values = "  ".join(f"{k.split(':', 1)[1]} {v}" for k, v in s.headline if k.split(":", 1)[0] == m)
             lines.append(f"{label:<12} {m:<{width}}  {values}")
-    benches = [] if any(":" in k for k, _ in s.headline) else list(dict.fromkeys(k.split(".", 1)[0] for k, _ in s.headline))
+    benches = [] if sweep else list(dict.fromkeys(k.split(".", 1)[0] for k, _ in s.headline))
     for i, bench in enumerate(benches):
         label = f"eval @{s.eval_step}" if i == 0 else ""
         values = "  ".join(f"{k.split('.', 1)[1]} {v}" for k, v in s.headline if k.startswith(bench + "."))
@@ -233,8 +234,8 @@ def _beside(ckpts: list[Path], suffix: str, stem: bool = False) -> list[str]:
     for p in ckpts:
         base = p.stem if stem else p.name
         own = p.with_name(base + suffix)
-        found = ([own] if own.exists() else []) + sorted(p.parent.glob(glob.escape(base) + ".*" + suffix))
-        out += [str(f) for f in dict.fromkeys(found) if f.exists()]
+        members = sorted(p.parent.glob(glob.escape(base) + ".*" + suffix))  # never matches ``own``
+        out += [str(f) for f in ([own] if own.exists() else []) + members]
     return out
 
 

@@ -202,10 +202,15 @@ class SAESystem(pl.LightningModule):
         """On the first batch: ``b_dec`` and the loss scale from the *global* batch (identical on every rank)."""
         if bool(self.initialized):
             return
-        xs = self.all_gather_rows(x.float())
+        xs, scale = self.first_batch_statistics(x)
         self.sae.init_b_dec(xs, self.b_dec_init)
-        self.act_scale.fill_(float((xs - xs.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)))
+        self.act_scale.fill_(scale)
         self.initialized.fill_(True)
+
+    def first_batch_statistics(self, x: Tensor) -> tuple[Tensor, float]:
+        """``(global batch, E‖x − x̄‖²)``: the rows of every rank and the loss scale they set."""
+        xs = self.all_gather_rows(x.float())
+        return xs, float((xs - xs.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8))
 
     def aux_norm(self, n_global: Tensor) -> Tensor:
         """AuxK normaliser ``W / (N_global · E‖x − x̄‖²)``: a constant per step, so DDP-averaged gradients are exact."""
@@ -262,15 +267,20 @@ class SAESystem(pl.LightningModule):
         metrics["train/aux_loss"] = float(out.aux_loss.detach())
         metrics["train/dead_fraction"] = float(self.dead.dead_by_batches().float().mean())
         metrics["train/dead_fraction_tokens"] = float(self.dead.dead_by_tokens().float().mean())
-        metrics["train/tokens_seen"] = float(self.tokens_seen)
-        now, seen = time.perf_counter(), int(self.tokens_seen)
-        if self._t_last is not None and now > self._t_last:
-            metrics["train/tokens_per_s"] = (seen - self._tokens_last) / (now - self._t_last)
-        self._t_last, self._tokens_last = now, seen
+        metrics.update(self.progress_metrics())
         metrics.update({f"train/{k}": float(v) for k, v in extra.items()})
         if self._trainer is not None and self.trainer.optimizers:
             metrics["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def progress_metrics(self) -> dict[str, float]:
+        """``train/tokens_seen`` and ``train/tokens_per_s`` since the previous call."""
+        metrics = {"train/tokens_seen": float(self.tokens_seen)}
+        now, seen = time.perf_counter(), int(self.tokens_seen)
+        if self._t_last is not None and now > self._t_last:
+            metrics["train/tokens_per_s"] = (seen - self._tokens_last) / (now - self._t_last)
+        self._t_last, self._tokens_last = now, seen
+        return metrics
 
     # ------------------------------------------------------------------ decoder constraints
     def on_after_backward(self) -> None:
@@ -302,13 +312,23 @@ class SAESystem(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints describe themselves
     def describe(self) -> dict:
         """What a checkpoint needs to rebuild the SAE without Lightning (used by ``evaluate.py`` and exports)."""
+        return self.describe_sae(self.sae, type(self).__name__)
+
+    def describe_sae(self, sae: SparseAutoencoder, objective: str) -> dict:
+        """The description of one SAE this module trains (a sweep has one per member)."""
         return {
-            "sae_class": f"{type(self.sae).__module__}.{type(self.sae).__qualname__}",
-            "sae_config": self.sae.config(),
-            "architecture": self.sae.architecture,
+            "sae_class": f"{type(sae).__module__}.{type(sae).__qualname__}",
+            "sae_config": sae.config(),
+            "architecture": sae.architecture,
+            **self.describe_run(),
+            "objective": objective,
+        }
+
+    def describe_run(self) -> dict:
+        """What every SAE of this run shares: hook, LM, versions, tokens trained, data."""
+        return {
             "hook": self.hook,
             "lm": self.lm.describe(),
-            "objective": type(self).__name__,
             "gsae_version": __version__,
             "torch_version": str(torch.__version__),
             "tokens_seen": int(self.tokens_seen),
@@ -339,9 +359,19 @@ class SAESystem(pl.LightningModule):
         meta = checkpoint.get("gsae")
         if meta is None:
             raise ValueError("--ckpt_path: not a gsae checkpoint (no 'gsae' section)")
-        if meta["sae_config"] != self.sae.config():
-            diff = {k: (meta["sae_config"].get(k), v) for k, v in self.sae.config().items() if meta["sae_config"].get(k) != v}
-            raise ValueError(f"--ckpt_path: checkpoint SAE differs from the configured one (checkpoint, config): {diff}")
+        self.check_saved_sae(meta["sae_config"], self.sae, "checkpoint SAE")
+        self.restore_run(checkpoint)
+
+    @staticmethod
+    def check_saved_sae(saved: dict, sae: SparseAutoencoder, what: str) -> None:
+        """A one-line error if the checkpoint's SAE config differs from the configured ``sae``."""
+        if saved != sae.config():
+            diff = {k: (saved.get(k), v) for k, v in sae.config().items() if saved.get(k) != v}
+            raise ValueError(f"--ckpt_path: {what} differs from the configured one (checkpoint, config): {diff}")
+
+    def restore_run(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint's hook and give this rank its own shuffle buffer back."""
+        meta = checkpoint["gsae"]
         if meta["hook"] != self.hook:
             raise ValueError(f"--ckpt_path: checkpoint hook {meta['hook']!r} differs from --model.hook {self.hook!r}")
         buffer = getattr(self, "buffer", None)

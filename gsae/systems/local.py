@@ -66,9 +66,13 @@ class LocalSAESystem(SAESystem):
             )
         self.grad_mean_tokens = grad_mean_tokens
 
+    def grad_saes(self) -> list[GradTopKSAE]:
+        """The SAEs that select with ``∇ₓL`` (a sweep may have several; they share one harvest and one scale)."""
+        return [self.sae] if isinstance(self.sae, GradTopKSAE) else []
+
     @property
     def needs_grad(self) -> bool:
-        return isinstance(self.sae, GradTopKSAE)
+        return bool(self.grad_saes())
 
     def configured_grad_normaliser(self) -> float | None:
         """The g-SAE gradient's CE normaliser from the configuration (``None``: not known before a training batch)."""
@@ -84,26 +88,31 @@ class LocalSAESystem(SAESystem):
     def on_fit_start(self) -> None:
         # after a resumed checkpoint is restored (which brings its own normaliser) and before the sanity check
         super().on_fit_start()
-        if not self.needs_grad:
-            return
-        n, saved = self.configured_grad_normaliser(), float(self.sae.grad_normaliser)
-        if saved == 0 and n is not None:
-            self.sae.grad_normaliser.fill_(n)
-        elif saved != 0 and self.grad_mean_tokens is not None and saved != self.grad_mean_tokens:
-            raise ValueError(
-                f"--model.grad_mean_tokens ({self.grad_mean_tokens}) differs from the checkpoint's ({saved:g})"
-            )
+        n = self.configured_grad_normaliser()
+        for sae in self.grad_saes():
+            saved = float(sae.grad_normaliser)
+            if saved == 0 and n is not None:
+                sae.grad_normaliser.fill_(n)
+            elif saved != 0 and self.grad_mean_tokens is not None and saved != self.grad_mean_tokens:
+                raise ValueError(
+                    f"--model.grad_mean_tokens ({self.grad_mean_tokens}) differs from the checkpoint's ({saved:g})"
+                )
+        scales = {float(sae.grad_normaliser) for sae in self.grad_saes()}
+        if len(scales) > 1:
+            raise ValueError(f"--ckpt_path: the g-SAEs were trained with different gradient scales {sorted(scales)}")
 
     def harvest(self, tokens: Tensor) -> ActivationBatch:
-        """Activations (and ``∇ₓL`` for g-SAEs) at the hook, special-token positions dropped, flattened."""
+        """Activations (and ``∇ₓL`` if any SAE is a g-SAE) at the hook, special-token positions dropped, flattened."""
         lm = self.frozen_lm()
         mask = self.token_mask(tokens)  # (B, T)
-        if self.needs_grad:
-            n = float(self.sae.grad_normaliser)
+        grad_saes = self.grad_saes()
+        if grad_saes:
+            n = float(grad_saes[0].grad_normaliser)
             if n == 0:  # no configured scale: this device's batch; only a training batch fixes it
                 n = self.configured_grad_normaliser() or float(predictions(tokens))
                 if self._trainer is None or self.trainer.training:  # never the sanity check / validation
-                    self.sae.grad_normaliser.fill_(n)
+                    for sae in grad_saes:
+                        sae.grad_normaliser.fill_(n)
             acts, grads, _ = loss_gradients(lm, tokens, self.hook, n)
             return ActivationBatch(acts[mask].float(), grads[mask].float())
         return ActivationBatch(lm.activations(tokens, self.hook)[mask].float(), None)

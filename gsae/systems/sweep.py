@@ -38,8 +38,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from gsae.data.batch import ActivationBatch, TokenBatch
-from gsae.data.harvest import loss_gradients, predictions
+from gsae.data.batch import TokenBatch
 from gsae.lm import LanguageModel
 from gsae.metrics import DeadLatentTracker, ReconMetric, ReconSums, fired_mask, l0_per_token, recon_metrics, recon_sums
 from gsae.sae.base import SparseAutoencoder
@@ -180,45 +179,8 @@ class SweepSAESystem(LocalSAESystem):
     def saes(self) -> dict[str, tuple[SparseAutoencoder, dict]]:
         return {name: (m.sae, self.describe_member(name)) for name, m in self.members.items()}
 
-    @property
-    def needs_grad(self) -> bool:
-        return any(m.needs_grad for m in self.members.values())
-
-    def _grad_members(self) -> list[SweepMember]:
-        return [m for m in self.members.values() if m.needs_grad]
-
-    # ------------------------------------------------------------------ the g-SAE gradient scale (one for all)
-    def on_fit_start(self) -> None:
-        super(LocalSAESystem, self).on_fit_start()
-        n = self.configured_grad_normaliser()
-        for m in self._grad_members():
-            saved = float(m.sae.grad_normaliser)
-            if saved == 0 and n is not None:
-                m.sae.grad_normaliser.fill_(n)
-            elif saved != 0 and self.grad_mean_tokens is not None and saved != self.grad_mean_tokens:
-                raise ValueError(
-                    f"--model.grad_mean_tokens ({self.grad_mean_tokens}) differs from the checkpoint's ({saved:g}, "
-                    f"member {m.name})"
-                )
-        scales = {float(m.sae.grad_normaliser) for m in self._grad_members()}
-        if len(scales) > 1:
-            raise ValueError(f"--ckpt_path: the g-SAE members were trained with different gradient scales {sorted(scales)}")
-
-    def harvest(self, tokens: Tensor) -> ActivationBatch:
-        """One harvest for every member: activations, and ``∇ₓL`` (at the members' one scale) if any is a g-SAE."""
-        lm = self.frozen_lm()
-        mask = self.token_mask(tokens)
-        grad_members = self._grad_members()
-        if grad_members:
-            n = float(grad_members[0].sae.grad_normaliser)
-            if n == 0:
-                n = self.configured_grad_normaliser() or float(predictions(tokens))
-                if self._trainer is None or self.trainer.training:
-                    for m in grad_members:
-                        m.sae.grad_normaliser.fill_(n)
-            acts, grads, _ = loss_gradients(lm, tokens, self.hook, n)
-            return ActivationBatch(acts[mask].float(), grads[mask].float())
-        return ActivationBatch(lm.activations(tokens, self.hook)[mask].float(), None)
+    def grad_saes(self) -> list[GradTopKSAE]:
+        return [m.sae for m in self.members.values() if m.needs_grad]
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -226,8 +188,7 @@ class SweepSAESystem(LocalSAESystem):
         todo = [m for m in self.members.values() if not bool(m.initialized)]
         if not todo:
             return
-        xs = self.all_gather_rows(x.float())
-        scale = float((xs - xs.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8))
+        xs, scale = self.first_batch_statistics(x)
         for m in todo:
             m.sae.init_b_dec(xs, self.b_dec_init)
             m.act_scale.fill_(scale)
@@ -295,18 +256,12 @@ class SweepSAESystem(LocalSAESystem):
         return total
 
     def _log_sweep(self, total: Tensor, metrics: dict[str, float]) -> None:
-        import time
-
         names = list(self.members)
         mean = lambda key: sum(metrics[f"train/{n}/{key}"] for n in names) / len(names)  # noqa: E731
         metrics["train/loss"] = float(total.detach()) / self._world()  # the sum of the members' losses
         for key in ("nmse", "l0", "dead_fraction"):  # the progress bar's headline: the mean over members
             metrics[f"train/{key}"] = mean(key)
-        metrics["train/tokens_seen"] = float(self.tokens_seen)
-        now, seen = time.perf_counter(), int(self.tokens_seen)
-        if self._t_last is not None and now > self._t_last:
-            metrics["train/tokens_per_s"] = (seen - self._tokens_last) / (now - self._t_last)
-        self._t_last, self._tokens_last = now, seen
+        metrics.update(self.progress_metrics())
         if self._trainer is not None and self.trainer.optimizers:
             for n, group in zip(names, self.trainer.optimizers[0].param_groups):
                 metrics[f"lr/{n}"] = group["lr"]
@@ -375,36 +330,12 @@ class SweepSAESystem(LocalSAESystem):
     # ------------------------------------------------------------------ checkpoints
     def describe_member(self, name: str) -> dict:
         """A member's description, shaped like a one-SAE checkpoint's (exports and evaluation read it as such)."""
-        sae = self.members[name].sae
-        return {
-            "sae_class": f"{type(sae).__module__}.{type(sae).__qualname__}",
-            "sae_config": sae.config(),
-            "architecture": sae.architecture,
-            "hook": self.hook,
-            "lm": self.lm.describe(),
-            "objective": "LocalSAESystem",
-            "member": name,
-            "gsae_version": self._gsae_version(),
-            "torch_version": str(torch.__version__),
-            "tokens_seen": int(self.tokens_seen),
-            "data": self._data_description(),
-        }
-
-    @staticmethod
-    def _gsae_version() -> str:
-        from gsae import __version__
-
-        return __version__
+        return {**self.describe_sae(self.members[name].sae, "LocalSAESystem"), "member": name}
 
     def describe(self) -> dict:
         return {
+            **self.describe_run(),
             "objective": type(self).__name__,
-            "hook": self.hook,
-            "lm": self.lm.describe(),
-            "gsae_version": self._gsae_version(),
-            "torch_version": str(torch.__version__),
-            "tokens_seen": int(self.tokens_seen),
-            "data": self._data_description(),
             "members": {name: self.describe_member(name) for name in self.members},
         }
 
@@ -412,16 +343,11 @@ class SweepSAESystem(LocalSAESystem):
         meta = checkpoint.get("gsae")
         if meta is None or "members" not in meta:
             raise ValueError("--ckpt_path: not a gsae sweep checkpoint (no 'gsae' → 'members' section)")
-        saved, ours = meta["members"], {n: m.sae.config() for n, m in self.members.items()}
-        if list(saved) != list(ours):
-            raise ValueError(f"--ckpt_path: the checkpoint's members {list(saved)} differ from --model.members {list(ours)}")
-        for name, cfg in ours.items():
-            if saved[name]["sae_config"] != cfg:
-                diff = {k: (saved[name]["sae_config"].get(k), v) for k, v in cfg.items() if saved[name]["sae_config"].get(k) != v}
-                raise ValueError(f"--ckpt_path: member {name} differs from the configured one (checkpoint, config): {diff}")
-        if meta["hook"] != self.hook:
-            raise ValueError(f"--ckpt_path: checkpoint hook {meta['hook']!r} differs from --model.hook {self.hook!r}")
-        if "gsae_buffer" in checkpoint:
-            own = self._own_buffer_state(checkpoint["gsae_buffer"])
-            if own is not None:
-                self.buffer.load_state_dict(own)
+        saved = meta["members"]
+        if list(saved) != list(self.members):
+            raise ValueError(
+                f"--ckpt_path: the checkpoint's members {list(saved)} differ from --model.members {list(self.members)}"
+            )
+        for name, m in self.members.items():
+            self.check_saved_sae(saved[name]["sae_config"], m.sae, f"member {name}")
+        self.restore_run(checkpoint)
