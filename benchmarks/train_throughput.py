@@ -48,6 +48,11 @@ What is timed (steady-state steps; the first ``--warmup`` steps of the first rou
   ``--batch-size 16`` (2048 tokens per step; every cost here is linear in the tokens, so the ratio does not
   depend on it beyond per-step constants) and ``--steps 5 --warmup 1``; ``--d-sae`` stays 12288.
 
+Allocator: train.py tunes glibc's malloc (``gsae.allocator``: freed large tensors reused, not re-faulted), so
+the gsae methods and ``forward`` run tuned; ``saelens`` and ``tl_fwd`` run as their users run them (glibc's
+defaults in their steady state), and ``saelens_malloc`` is SAELens with the same tuning, to separate the two
+effects (``ratio_vs_saelens_same_malloc=``). ``--malloc default`` runs everything untuned.
+
 Methods are interleaved: each of ``--rounds`` rounds (default: one per measured step) runs every method
 once (order rotated between rounds) for ``steps/rounds`` steps, plus ``--warmup`` discarded steps in the
 first round; the figures are medians over all measured steps. The machine may be shared: the per-round
@@ -131,6 +136,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rewarm", type=int, default=0, help="discarded steps at the start of each later round")
     p.add_argument("--batch-size", type=int, default=None, help="contexts per step (default 32; sweep: 16)")
     p.add_argument("--context-size", type=int, default=128, help="tokens per context")
+    p.add_argument(
+        "--malloc",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="glibc allocator: tuned as train.py does (gsae.allocator; process-wide, so SAELens gets it too) or glibc's default",
+    )
     p.add_argument("--d-sae", type=int, default=12288)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--hook", default="blocks.6.hook_resid_pre")
@@ -661,7 +672,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ARGS = parse_args(argv)
     quiet()
     torch.set_num_threads(args.threads)
+    from gsae.allocator import tune_malloc
     from gsae.lm import LanguageModel
+
+    malloc_tuned = tune_malloc(args.malloc == "tuned")
 
     objectives = list(OBJECTIVES) if args.objective == "all" else [args.objective]
     members = sweep_members(args)
@@ -686,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"# gsae train throughput: model={args.model} hook={args.hook} tokens/step={B}x{T}={tokens_per_step} "
-        f"d_sae={args.d_sae} k={args.k} threads={torch.get_num_threads()} torch={torch.__version__}"
+        f"d_sae={args.d_sae} k={args.k} threads={torch.get_num_threads()} torch={torch.__version__} "
+        f"malloc_tuned={int(malloc_tuned)}"
     )
     if SWEEP in objectives:
         print(
@@ -700,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
 
     methods: dict[str, callable] = {}
     skipped: dict[str, str] = {}
+    malloc_mode: dict[str, bool] = {}  # method -> allocator tuning while it runs (default: as train.py, --malloc)
 
     def batches_for_round(r: int) -> torch.Tensor:
         return tokens[: steps_per_run[r]]
@@ -737,14 +753,22 @@ def main(argv: list[str] | None = None) -> int:
             f"n_batches_in_buffer={sl.cfg.n_batches_in_buffer}, exclude_special_tokens={sl.cfg.exclude_special_tokens}"
         )
 
-        def run_saelens(r: int) -> list[float]:
-            # every round runs warmup + m steps (training_tokens is per run)
-            sl.runner.cfg.training_tokens = steps_per_run[r] * tokens_per_step
-            return sl.run()
+        def saelens_method(bench):
+            def run_saelens(r: int) -> list[float]:
+                # every round runs warmup + m steps (training_tokens is per run)
+                bench.runner.cfg.training_tokens = steps_per_run[r] * tokens_per_step
+                return bench.run()
 
-        methods["saelens"] = run_saelens
+            return run_saelens
+
+        # SAELens and TransformerLens as their users run them: glibc's allocator defaults
+        methods["saelens"] = saelens_method(sl)
+        malloc_mode["saelens"] = False
+        if malloc_tuned:  # and SAELens with the allocator tuning train.py applies, to separate the two effects
+            methods["saelens_malloc"] = saelens_method(SAELensBench(lm, tokens[:sl_batches], steps_per_run[0], args))
         methods["forward"] = lambda r: run_forward(lm, args.hook, batches_for_round(r))
         methods["tl_fwd"] = lambda r: run_forward(lm_tl, args.hook, batches_for_round(r))
+        malloc_mode["tl_fwd"] = False
     print(f"# setup {time.perf_counter() - t_setup:.1f}s")
 
     names = list(methods)
@@ -755,6 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
+            tune_malloc(malloc_mode.get(name, malloc_tuned) and malloc_tuned)
             tr = time.perf_counter()
             step_times = methods[name](r)
             if len(step_times) != steps_per_run[r]:
@@ -824,6 +849,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"forward_only_tokens_per_s={fmt(tps['forward'])}")
         print(f"transformer_lens_forward_tokens_per_s={fmt(tps['tl_fwd'])}")
         print(f"fused_forward_speedup={tps['forward'] / tps['tl_fwd']:.3f}")
+        if "saelens_malloc" in tps:
+            print(f"saelens_tuned_malloc_tokens_per_s={fmt(tps['saelens_malloc'])}")
+            print(f"ratio_vs_saelens_same_malloc={tps['topk'] / tps['saelens_malloc']:.3f}")
         print(f"ratio_vs_saelens={tps['topk'] / tps['saelens']:.3f}")
         print(f"ratio_vs_forward={tps['topk'] / tps['forward']:.3f}")
 

@@ -18,6 +18,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from gsae.allocator import tune_malloc
 from gsae.callbacks.checkpoint import SAECheckpoint
 from gsae.callbacks.evaluation import EvaluationCallback
 from gsae.cli_errors import parse_error_line
@@ -190,6 +191,7 @@ def main(args: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*Sparse invariant checks.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     args = list(sys.argv[1:] if args is None else args)
+    tune_malloc()  # large CPU tensors reused instead of re-faulted every step (GSAE_MALLOC_TUNING=0: off)
     try:
         try:
             cli = build_cli(args)

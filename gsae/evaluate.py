@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from gsae.allocator import tune_malloc
 from gsae.evals import (
     BENCHMARKS,
     OPT_IN,
@@ -377,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``evaluate.py``: returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    tune_malloc()  # see gsae.allocator (GSAE_MALLOC_TUNING=0: off)
     try:
         args = build_parser().parse_args(argv)
         results = evaluate(args)

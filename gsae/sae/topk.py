@@ -20,6 +20,45 @@ from torch.autograd.function import once_differentiable
 
 from gsae.sae.base import SAEOutput, SparseAutoencoder, SparseDecode, SparsePattern
 
+#: candidates per row :func:`topk_indices` aims for (``k × block``); measured best at 512 for k 3–256 (below)
+TOPK_CANDIDATES = 512
+
+
+def topk_block(d: int, k: int) -> int:
+    """The strided block size :func:`topk_indices` uses for rows of ``d`` scores (0: plain ``torch.topk``)."""
+    block = 64
+    while block > 8 and block * k > TOPK_CANDIDATES:
+        block //= 2
+    while block >= 4 and d % block:
+        block //= 2
+    return block if block >= 4 and d // block > 2 * k else 0
+
+
+def topk_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices ``(N, k)`` of the k largest entries of each row of ``scores (N, d)`` (unsorted), as
+    ``scores.topk(k, dim=-1, sorted=False).indices`` up to the order of equal values.
+
+    On CPU, a two-level selection that reads the ``(N, d)`` matrix once with vectorised maxima: split each row into
+    ``b`` strided blocks ``{j, j + d/b, j + 2d/b, …}`` — a ``(N, b, d/b)`` view, so their maxima are one
+    elementwise max over ``b`` contiguous rows —, keep the ``k`` blocks with the largest maxima, and take the top k
+    of their ``k·b`` entries. Exact: if ``τ`` is the k-th largest block maximum, k entries are ``≥ τ``, so the k-th
+    largest entry ``v_k ≥ τ``; any entry ``≥ v_k`` lies in a block whose maximum is ``≥ τ``, i.e. a kept block.
+    (``torch.topk``'s per-row selection costs ~1.7 ns per entry on CPU; this ~0.5 at k = 32, d = 12288:
+    k 3 / 32 / 64: 67 / 97 / 124 ms → 21 / 54 / 75 ms for 4096 rows, 2 cores.) ``tests/sae/test_topk.py``
+    checks it against ``torch.topk`` on ties, infinities and NaNs. Other devices (GPU top-k is a different
+    kernel) and shapes without a useful block size use ``torch.topk``.
+    """
+    n, d = scores.shape
+    block = topk_block(d, k) if scores.device.type == "cpu" else 0
+    if not block:
+        return scores.topk(k, dim=-1, sorted=False).indices
+    nb = d // block
+    v = scores.view(n, block, nb)
+    top_blocks = v.amax(1).topk(k, dim=-1, sorted=False).indices  # (N, k)
+    cand = v.gather(2, top_blocks.unsqueeze(1).expand(n, block, k)).view(n, block * k)
+    sel = cand.topk(k, dim=-1, sorted=False).indices  # entry (i, j): row i of the block view, kept block j
+    return sel.div(k, rounding_mode="floor").mul_(nb).add_(top_blocks.gather(1, sel.remainder(k)))
+
 
 class _TopKEncode(torch.autograd.Function):
     """``(x, W_enc, b_enc, b_dec, k, scores_fn, pattern) -> (top_acts, top_idx, pre)`` with a sparse backward.
@@ -38,7 +77,7 @@ class _TopKEncode(torch.autograd.Function):
         x_c = x - b_dec
         pre = torch.addmm(b_enc, x_c, W_enc)  # (N, d_sae)
         scores = pre if scores_fn is None else scores_fn(pre)
-        top_idx = scores.topk(k, dim=-1, sorted=False).indices  # (N, k)
+        top_idx = topk_indices(scores if scores.is_contiguous() else scores.contiguous(), k)  # (N, k)
         del scores
         top_acts = pre.gather(-1, top_idx)
         pattern.top_idx = top_idx

@@ -9,6 +9,7 @@ from scipy.optimize import minimize
 
 from gsae.sae import TopKSAE
 from gsae.sae.base import geometric_median
+from gsae.sae.topk import topk_block, topk_indices
 from tests.conftest import build_topk, randomize
 
 
@@ -365,3 +366,24 @@ def test_decode_sparse_backward_equals_embedding_bag_autograd() -> None:
         results.append((out.detach(), a.grad, sae.W_dec.grad.clone(), sae.b_dec.grad.clone()))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("d", "k"), [(12288, 32), (12288, 3), (12288, 64), (15360, 10), (3000, 7), (768, 200), (64, 5)])
+def test_topk_indices_equals_torch_topk(d: int, k: int) -> None:
+    """The two-level CPU selection returns the same k values per row as ``torch.topk`` (indices distinct), also with
+    heavy ties, ±inf and NaN, on block and fallback shapes alike."""
+    g = torch.Generator().manual_seed(d + k)
+    s = torch.randn(96, d, generator=g)
+    s[0] = torch.randint(0, 3, (d,), generator=g).float()  # almost every value tied
+    s[1, :: max(1, d // (2 * k))] = float("inf")  # more +inf entries than k
+    s[2] = float("-inf")
+    s[2, :3] = 1.0  # fewer finite entries than k
+    s[3, 5] = float("nan")  # torch.topk ranks NaN above everything
+    s[4] = s[4].abs() * 1e-30  # tiny and denormal values
+    idx = topk_indices(s, k)
+    ref = s.topk(k, dim=-1, sorted=False).values
+    assert idx.shape == (96, k) and idx.dtype == torch.long
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all()
+    torch.testing.assert_close(s.gather(1, idx).sort(-1).values, ref.sort(-1).values, equal_nan=True, rtol=0, atol=0)
+    # the shapes of this project take the block path (measured faster), tiny ones fall back to torch.topk
+    assert (topk_block(d, k) > 0) == (d >= 3000)
