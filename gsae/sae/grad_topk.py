@@ -72,6 +72,13 @@ class GradTopKSAE(TopKSAE):
         with torch.no_grad():  # in place on the fresh product: one (N, d_sae) allocation, not three
             return (grad.to(self.W_dec.dtype) @ self.W_dec.T).abs_().mul_(self.beta)
 
+    def attribution_at(self, grad: Tensor, idx: Tensor) -> Tensor:
+        """``β·|W_dec g|`` at the latents ``idx (N, k)`` only (detached): ``attribution(grad).gather(-1, idx)`` with
+        ``N·k`` dot products instead of the ``(N, d_sae)`` matmul."""
+        with torch.no_grad():
+            rows = self.W_dec[idx]  # (N, k, d_in)
+            return torch.bmm(rows, grad.to(rows.dtype).unsqueeze(-1)).squeeze(-1).abs_().mul_(self.beta)
+
     def selection_scores(self, pre: Tensor, grad: Tensor | None) -> Tensor:
         if grad is None or self.beta == 0:
             return pre

@@ -130,7 +130,6 @@ class LocalSAESystem(SAESystem):
         loss = recon + out.aux_loss
         extra: dict[str, Tensor] = {"recon_loss": recon.detach() / self._world()}
         if self.needs_grad and acts.grad is not None and stage == "train":
-            m = min(256, acts.grad.shape[0])  # a subsample: the (N, d_sae) product is not free
-            attr = self.sae.attribution(acts.grad[:m]).gather(-1, out.top_idx[:m])
-            extra["beta_attribution_median"] = attr.median()
+            m = min(256, acts.grad.shape[0])  # a subsample
+            extra["beta_attribution_median"] = self.sae.attribution_at(acts.grad[:m], out.top_idx[:m]).median()
         return loss, out, acts, extra

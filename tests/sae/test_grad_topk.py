@@ -92,3 +92,11 @@ def test_negative_beta_is_rejected_and_config_roundtrips() -> None:
     assert sae.config()["beta"] == 7.0 and sae.architecture == "gsae"
     again = GradTopKSAE(**sae.config())
     torch.testing.assert_close(dict(again.named_parameters()), dict(sae.named_parameters()))
+
+
+def test_attribution_at_equals_the_dense_attribution_gathered() -> None:
+    g = torch.Generator().manual_seed(3)
+    sae = GradTopKSAE(16, 64, k=5, beta=7.0)
+    x, grad = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
+    idx = sae(x, grad=grad).top_idx
+    torch.testing.assert_close(sae.attribution_at(grad, idx), sae.attribution(grad).gather(-1, idx))
