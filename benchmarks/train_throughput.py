@@ -48,10 +48,10 @@ What is timed (steady-state steps; the first ``--warmup`` steps of the first rou
   ``--batch-size 16`` (2048 tokens per step; every cost here is linear in the tokens, so the ratio does not
   depend on it beyond per-step constants) and ``--steps 5 --warmup 1``; ``--d-sae`` stays 12288.
 
-Allocator: train.py tunes glibc's malloc (``gsae.allocator``: freed large tensors reused, not re-faulted), so
-the gsae methods and ``forward`` run tuned; ``saelens`` and ``tl_fwd`` run as their users run them (glibc's
-defaults in their steady state), and ``saelens_malloc`` is SAELens with the same tuning, to separate the two
-effects (``ratio_vs_saelens_same_malloc=``). ``--malloc default`` runs everything untuned.
+Allocator: the whole process runs with one allocator setting, so every method gets the same: ``--malloc tuned``
+(default) as ``train.py`` runs (``gsae.allocator``: freed large tensors reused, not re-faulted), ``--malloc default``
+glibc's. (Switching it per method, to run SAELens "as its users do", proved unmeasurable: the methods share one
+heap, and each inherits the state the others left.)
 
 Methods are interleaved: each of ``--rounds`` rounds (default: one per measured step) runs every method
 once (order rotated between rounds) for ``steps/rounds`` steps, plus ``--warmup`` discarded steps in the
@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--malloc",
         choices=["tuned", "default"],
         default="tuned",
-        help="glibc allocator: tuned as train.py does (gsae.allocator; process-wide, so SAELens gets it too) or glibc's default",
+        help="glibc allocator for the whole process, every method alike: tuned as train.py does (gsae.allocator) or glibc's default",
     )
     p.add_argument("--d-sae", type=int, default=12288)
     p.add_argument("--k", type=int, default=32)
@@ -715,7 +715,6 @@ def main(argv: list[str] | None = None) -> int:
 
     methods: dict[str, callable] = {}
     skipped: dict[str, str] = {}
-    malloc_mode: dict[str, bool] = {}  # method -> allocator tuning while it runs (default: as train.py, --malloc)
 
     def batches_for_round(r: int) -> torch.Tensor:
         return tokens[: steps_per_run[r]]
@@ -761,14 +760,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_saelens
 
-        # SAELens and TransformerLens as their users run them: glibc's allocator defaults
         methods["saelens"] = saelens_method(sl)
-        malloc_mode["saelens"] = False
-        if malloc_tuned:  # and SAELens with the allocator tuning train.py applies, to separate the two effects
-            methods["saelens_malloc"] = saelens_method(SAELensBench(lm, tokens[:sl_batches], steps_per_run[0], args))
         methods["forward"] = lambda r: run_forward(lm, args.hook, batches_for_round(r))
         methods["tl_fwd"] = lambda r: run_forward(lm_tl, args.hook, batches_for_round(r))
-        malloc_mode["tl_fwd"] = False
     print(f"# setup {time.perf_counter() - t_setup:.1f}s")
 
     names = list(methods)
@@ -779,7 +773,6 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            tune_malloc(malloc_mode.get(name, malloc_tuned) and malloc_tuned)
             tr = time.perf_counter()
             step_times = methods[name](r)
             if len(step_times) != steps_per_run[r]:
@@ -849,9 +842,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"forward_only_tokens_per_s={fmt(tps['forward'])}")
         print(f"transformer_lens_forward_tokens_per_s={fmt(tps['tl_fwd'])}")
         print(f"fused_forward_speedup={tps['forward'] / tps['tl_fwd']:.3f}")
-        if "saelens_malloc" in tps:
-            print(f"saelens_tuned_malloc_tokens_per_s={fmt(tps['saelens_malloc'])}")
-            print(f"ratio_vs_saelens_same_malloc={tps['topk'] / tps['saelens_malloc']:.3f}")
         print(f"ratio_vs_saelens={tps['topk'] / tps['saelens']:.3f}")
         print(f"ratio_vs_forward={tps['topk'] / tps['forward']:.3f}")
 
