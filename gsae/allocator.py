@@ -14,7 +14,7 @@ of PyTorch's CPU performance guide buys, done from inside the process. The cost:
 large allocations of a step (like CUDA's caching allocator), returned to the system only above the trim
 threshold.
 
-``train.py``, ``evaluate.py`` and the benchmarks call :func:`tune_malloc` at start-up; ``GSAE_MALLOC_TUNING=0``
+``train.py``, ``evaluate.py`` and ``benchmarks/train_throughput.py`` call :func:`tune_malloc` at start-up; ``GSAE_MALLOC_TUNING=0``
 turns it off. A no-op off glibc (macOS, musl, Windows).
 """
 
@@ -53,7 +53,8 @@ def tune_malloc(enable: bool | None = None) -> bool:
 
     ``enable=False`` sets glibc's defaults in the steady state they reach on their own: mmap for blocks above
     32 MiB (glibc's dynamic mmap threshold rises to the largest freed block up to that cap, once any ``mallopt``
-    call has frozen it) and a trim threshold of twice that. The benchmarks run SAELens and TransformerLens so.
+    call has frozen it) and a trim threshold of twice that: what the tests restore, and
+    ``train_throughput.py --malloc default``.
     """
     if enable is None:
         enable = os.environ.get("GSAE_MALLOC_TUNING", "1").strip().lower() not in ("0", "false", "no", "off")

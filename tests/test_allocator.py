@@ -52,7 +52,7 @@ def test_tuning_stops_the_page_faults_of_repeated_large_tensors() -> None:
     assert faults_per_step("1") < 0.05 * pages  # tuned: the heap keeps the blocks and the next step reuses them
 
 
-def test_train_py_turns_the_tuning_on(capsys: pytest.CaptureFixture) -> None:
+def test_train_py_turns_the_tuning_on() -> None:
     allocator.tune_malloc(False)
     try:
         with pytest.raises(SystemExit):  # LightningCLI's --help exits

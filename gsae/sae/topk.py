@@ -53,7 +53,7 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
     if not block:
         return scores.topk(k, dim=-1, sorted=False).indices
     nb = d // block
-    v = scores.view(n, block, nb)
+    v = scores.contiguous().view(n, block, nb)
     top_blocks = v.amax(1).topk(k, dim=-1, sorted=False).indices  # (N, k)
     cand = v.gather(2, top_blocks.unsqueeze(1).expand(n, block, k)).view(n, block * k)
     sel = cand.topk(k, dim=-1, sorted=False).indices  # entry (i, j): row i of the block view, kept block j
@@ -77,7 +77,7 @@ class _TopKEncode(torch.autograd.Function):
         x_c = x - b_dec
         pre = torch.addmm(b_enc, x_c, W_enc)  # (N, d_sae)
         scores = pre if scores_fn is None else scores_fn(pre)
-        top_idx = topk_indices(scores if scores.is_contiguous() else scores.contiguous(), k)  # (N, k)
+        top_idx = topk_indices(scores, k)  # (N, k)
         del scores
         top_acts = pre.gather(-1, top_idx)
         pattern.top_idx = top_idx

@@ -130,6 +130,5 @@ class LocalSAESystem(SAESystem):
         loss = recon + out.aux_loss
         extra: dict[str, Tensor] = {"recon_loss": recon.detach() / self._world()}
         if self.needs_grad and acts.grad is not None and stage == "train":
-            m = min(256, acts.grad.shape[0])  # a subsample
-            extra["beta_attribution_median"] = self.sae.attribution_at(acts.grad[:m], out.top_idx[:m]).median()
+            extra["beta_attribution_median"] = self.sae.attribution_median(acts.grad, out.top_idx)
         return loss, out, acts, extra

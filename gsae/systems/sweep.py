@@ -225,8 +225,7 @@ class SweepSAESystem(LocalSAESystem):
                     continue
                 extra = {"loss": loss.detach() / world, "recon_loss": recon.detach() / world, "aux_loss": out.aux_loss.detach()}
                 if m.needs_grad and acts.grad is not None:
-                    k = min(256, acts.grad.shape[0])
-                    extra["beta_attribution_median"] = m.sae.attribution_at(acts.grad[:k], out.top_idx[:k]).median()
+                    extra["beta_attribution_median"] = m.sae.attribution_median(acts.grad, out.top_idx)
                 logs[name] = extra
                 sums = recon_sums(acts.x, out.x_hat, l0)
                 packed += [fired_mask(out.top_idx, out.top_acts, out.latents, m.sae.d_sae).double(), sums.flat()]

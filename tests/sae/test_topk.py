@@ -385,5 +385,7 @@ def test_topk_indices_equals_torch_topk(d: int, k: int) -> None:
     assert idx.shape == (96, k) and idx.dtype == torch.long
     assert (idx.sort(-1).values.diff(dim=-1) > 0).all()
     torch.testing.assert_close(s.gather(1, idx).sort(-1).values, ref.sort(-1).values, equal_nan=True, rtol=0, atol=0)
+    # a non-contiguous score matrix (e.g. a transposed view) gives the same indices
+    assert torch.equal(topk_indices(s.T.contiguous().T, k), idx)
     # the shapes of this project take the block path (measured faster), tiny ones fall back to torch.topk
     assert (topk_block(d, k) > 0) == (d >= 3000)
