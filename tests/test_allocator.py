@@ -48,8 +48,12 @@ def faults_per_step(tuning: str) -> float:
 
 def test_tuning_stops_the_page_faults_of_repeated_large_tensors() -> None:
     pages = (48 << 20) / resource.getpagesize()  # of one (4096, 3072) activation
-    assert faults_per_step("0") > 2 * pages  # glibc's default: fresh mmaps, every page faulted in again each step
-    assert faults_per_step("1") < 0.05 * pages  # tuned: the heap keeps the blocks and the next step reuses them
+    untuned, tuned = faults_per_step("0"), faults_per_step("1")
+    assert untuned > 2 * pages  # glibc's default: fresh mmaps, every page faulted in again each step
+    # Tuned: the heap keeps the blocks and the next step reuses them, so not even one activation is faulted in again.
+    # (Not zero: the kernel may fault a few MiB per step of its own accord; CI's machine showed 2,048 faults = 8 MiB
+    # where this VM shows 0, so the bound is half an activation and a tenth of the untuned count, not "none".)
+    assert tuned < 0.5 * pages and tuned < 0.1 * untuned, (untuned, tuned)
 
 
 def test_train_py_turns_the_tuning_on() -> None:
