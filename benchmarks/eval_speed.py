@@ -22,12 +22,14 @@ ours the suffix + unembedding per copy (plus one prefix per sequence); ``sweep_f
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
 import torch
 import torch.nn.functional as F
 
+from gsae.allocator import tune_malloc
 from gsae.evals import sensitive_directions as sd
 from gsae.evals.directions import batch_acts, batch_deltas, fit_activation_stats
 from gsae.lm import LanguageModel
@@ -54,6 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics", action="store_true", help="only compare the per-step metric reduction: one packed "
                    "all_reduce against torchmetrics states, 2 gloo ranks, at the gpt2 config's shape")
     p.add_argument("--train-steps", type=int, default=3, help="training steps timed for the callback cost (0 skips it)")
+    p.add_argument("--sweep-eval", action="store_true", help="only time a sweep checkpoint's evaluation: every member "
+                   "at once with shared LM passes against each member's benchmarks alone (nothing shared)")
+    p.add_argument("--sweep-ks", type=int, nargs="+", default=[3, 32], help="--sweep-eval: a TopK and a g-SAE member "
+                   "per k")
+    p.add_argument("--sweep-config", default="configs/gpt2/table1_sweep.yaml", help="--sweep-eval: the evaluation "
+                   "budgets (n_seqs and per-benchmark options)")
+    p.add_argument("--sweep-scale", type=float, default=0.25, help="--sweep-eval: multiply the config's n_seqs by this")
     return p.parse_args(argv)
 
 
@@ -114,6 +123,68 @@ def callback_cost(args: argparse.Namespace) -> dict:
         config=args.config, sae=cls, hook=m["hook"], batch=f"{B}x{T}", every=every, step_s=step_s, steps=steps,
         eval_s=eval_s, per=cb.last_seconds, n_seqs=cb.n_seqs, benchmarks=cb.benchmarks,
     )
+
+
+def sweep_eval(args: argparse.Namespace) -> dict:
+    """A sweep checkpoint's evaluation, both ways, on random-gpt2 at ``HOOK``: ``run_benchmarks_many`` over every
+    member (what ``EvaluationCallback`` runs: activations and ∇ₓL of each batch once for all benchmarks and members,
+    loss_added's clean and ablated passes once per batch and kind) against each benchmark's ``run`` per member with
+    nothing shared (the callback before). Budgets: ``--sweep-config``'s ``evaluation:`` section, ``n_seqs`` ×
+    ``--sweep-scale``. The results must be equal."""
+    import yaml
+
+    from gsae.callbacks.evaluation import DEFAULT_BENCHMARKS, N_SEQS_OPTION
+    from gsae.evals import BENCHMARKS, run_benchmarks_many
+    from gsae.sae import GradTopKSAE
+
+    lm = LanguageModel("random-gpt2").to(args.device)
+    cfg = yaml.safe_load(open(args.sweep_config))
+    ev = cfg.get("evaluation") or {}
+    n_all = max(1, round(ev.get("n_seqs", 64) * args.sweep_scale))
+    batch_size = ev.get("batch_size") or (cfg.get("data") or {}).get("batch_size") or 8  # as the callback
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, lm.d_vocab, (n_all, 128), generator=gen)
+    tokens[:, 0] = lm.bos_token_id
+    tokens = tokens.to(args.device)
+    names = list(ev.get("benchmarks") or DEFAULT_BENCHMARKS)
+    per_benchmark, options = {}, {}
+    for n in names:
+        opts = dict((ev.get("options") or {}).get(n, {}))
+        per_benchmark[n] = tokens[: max(1, round(opts.pop(N_SEQS_OPTION, n_all / args.sweep_scale) * args.sweep_scale))]
+        options[n] = opts
+    saes = {}
+    for k in args.sweep_ks:
+        saes[f"topk-k{k}"] = TopKSAE(lm.d_model, d_sae=args.d_sae, k=k, seed=k).to(args.device)
+        saes[f"gsae-k{k}"] = GradTopKSAE(lm.d_model, d_sae=args.d_sae, k=k, beta=1e5, seed=100 + k).to(args.device)
+    print(f"sweep_eval: members={','.join(saes)} d_sae={args.d_sae} tokens={tuple(tokens.shape)} batch_size={batch_size} "
+          + " ".join(f"{n}:{per_benchmark[n].shape[0]}" for n in names))
+
+    def unshared() -> dict:
+        out = {}
+        for m, sae in saes.items():
+            sae.eval()
+            with torch.no_grad():
+                out[m] = {
+                    n: BENCHMARKS[n].run(sae, lm, HOOK, per_benchmark[n].clone(), seed=0, batch_size=batch_size,
+                                         **options[n])
+                    for n in names
+                }
+        return out
+
+    seconds: dict[str, float] = {}
+    shared, t_shared, cpu_shared = timed(
+        run_benchmarks_many, names, saes, lm, HOOK, per_benchmark, seed=0, options=options, seconds=seconds,
+        batch_size=batch_size,
+    )
+    alone, t_alone, cpu_alone = timed(unshared)
+    equal = json.dumps(shared, sort_keys=True, default=str) == json.dumps(alone, sort_keys=True, default=str)
+    for n in names:
+        print(f"  shared_{n}_s={sum(v for key, v in seconds.items() if key.endswith('/' + n)):.1f}")
+    print(f"results_equal={equal}")
+    print(f"sweep_eval_unshared_s={t_alone:.1f} sweep_eval_unshared_cpu_s={cpu_alone:.1f}")
+    print(f"sweep_eval_shared_s={t_shared:.1f} sweep_eval_shared_cpu_s={cpu_shared:.1f}")
+    print(f"sweep_eval_speedup={t_alone / t_shared:.2f}")
+    return dict(shared_s=t_shared, unshared_s=t_alone, equal=equal)
 
 
 def flop_bound(lm: LanguageModel, hook_layer: int, n_runs: int, T: int) -> float:
@@ -256,12 +327,15 @@ def metric_sync(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    tune_malloc()  # as train.py, where the callback runs (gsae.allocator; GSAE_MALLOC_TUNING=0: off)
     if args.metrics:
         r = metric_sync(args)
         print(f"metric_sync_packed_ms={1000 * r['packed']:.2f} metric_sync_torchmetrics_ms={1000 * r['torchmetrics']:.2f}"
               " (per training step, 2 gloo ranks, fired mask + ReconSums)")
         print(f"torchmetrics_vs_packed={r['torchmetrics'] / r['packed']:.2f}")
         return r
+    if args.sweep_eval:
+        return sweep_eval(args)
     assert args.n_seq <= 64, "one batch of run()'s default batch_size (64), so the naive loop sees the same directions"
     t = time.perf_counter()
     lm = LanguageModel("random-gpt2").to(args.device)

@@ -206,6 +206,16 @@ def split_steps(steps: int, rounds: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- gsae (Lightning)
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing): a fresh page of a large tensor
+    costs one, ~40 µs on a VM, so a step that re-faults its activations shows it here."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class StepTimer:
     """Lightning callback: timestamps (wall, and this process's CPU time) at every ``on_train_batch_start`` and
     once at epoch end."""
@@ -217,20 +227,23 @@ class StepTimer:
             def __init__(self) -> None:
                 self.starts: list[float] = []
                 self.cpu_starts: list[float] = []
+                self.fault_starts: list[int] = []
                 self.end: float | None = None
                 self.cpu_end: float | None = None
+                self.fault_end: int | None = None
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
                 self.starts.append(time.perf_counter())
                 self.cpu_starts.append(time.process_time())
+                self.fault_starts.append(minor_faults())
 
             def on_train_epoch_end(self, trainer, pl_module) -> None:
                 if self.end is None:
-                    self.end, self.cpu_end = time.perf_counter(), time.process_time()
+                    self.end, self.cpu_end, self.fault_end = time.perf_counter(), time.process_time(), minor_faults()
 
             def on_train_end(self, trainer, pl_module) -> None:
                 if self.end is None:
-                    self.end, self.cpu_end = time.perf_counter(), time.process_time()
+                    self.end, self.cpu_end, self.fault_end = time.perf_counter(), time.process_time(), minor_faults()
 
             def step_times(self) -> list[float]:
                 ts = [*self.starts, self.end]
@@ -238,6 +251,10 @@ class StepTimer:
 
             def cpu_times(self) -> list[float]:
                 ts = [*self.cpu_starts, self.cpu_end]
+                return [b - a for a, b in zip(ts[:-1], ts[1:])]
+
+            def faults(self) -> list[int]:
+                ts = [*self.fault_starts, self.fault_end]
                 return [b - a for a, b in zip(ts[:-1], ts[1:])]
 
         return _StepTimer()
@@ -350,9 +367,11 @@ def build_system(objective: str, lm, args):
     return SYSTEMS[objective](lm, args)
 
 
-def run_lightning(system, batches: torch.Tensor, callbacks=(), cpu_times: list | None = None) -> list[float]:
+def run_lightning(
+    system, batches: torch.Tensor, callbacks=(), cpu_times: list | None = None, faults: list | None = None
+) -> list[float]:
     """Fit ``system`` for ``len(batches)`` steps with a real ``lightning.Trainer``; per-step seconds (and, into
-    ``cpu_times`` if given, per-step CPU seconds of this process, all threads)."""
+    ``cpu_times`` / ``faults`` if given, per-step CPU seconds of this process, all threads, and minor page faults)."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
@@ -384,6 +403,8 @@ def run_lightning(system, batches: torch.Tensor, callbacks=(), cpu_times: list |
     gc.collect()
     if cpu_times is not None:
         cpu_times.extend(timer.cpu_times())
+    if faults is not None:
+        faults.extend(timer.faults())
     return timer.step_times()
 
 
@@ -726,8 +747,10 @@ def main(argv: list[str] | None = None) -> int:
 
         def run(r: int) -> list[float]:
             c: list[float] = []
-            out = run_lightning(system, batches_for_round(r), cpu_times=c)
+            f: list[int] = []
+            out = run_lightning(system, batches_for_round(r), cpu_times=c, faults=f)
             cpu[name].extend(c[warm[r] :])
+            print(f"# round {r} {name}: minor page faults per step {' '.join(str(x) for x in f)}")
             return out
 
         return run

@@ -45,6 +45,7 @@ from gsae.evals import (
     tagged_scalars,
     tagged_texts,
 )
+from gsae.evals.common import shared_harvests
 from gsae.lm import LanguageModel
 from gsae.saelens_adapter import is_saelens_folder, load_saelens_folder, load_saelens_pretrained
 
@@ -301,24 +302,25 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     results: dict[str, dict[str, dict]] = {n: {} for n in names}
     runs = short_labels(list(dict.fromkeys(s.group for s in sources)))
     cache: dict = {}
-    for src in sources:
-        sae, meta = load(src, device, args.model)
-        lm, hook, toks = _lm_and_tokens(src, meta, args, device, cache)
-        log.info("evaluating %s (%s, %s)", src.label, lm.name, hook)
-        res = run_benchmarks(
-            names,
-            sae,
-            lm,
-            hook,
-            toks,
-            seed=args.seed,
-            options=options,
-            batch_size=args.batch_size or src.batch_size or 8,
-        )
-        for n in names:
-            results[n][src.label] = res[n]
-        if args.logdir:
-            log_tensorboard(args.logdir, runs[src.group], src.step, res)
+    with shared_harvests():  # SAEs on the same LM, hook and tokens (a sweep's members) share the LM passes
+        for src in sources:
+            sae, meta = load(src, device, args.model)
+            lm, hook, toks = _lm_and_tokens(src, meta, args, device, cache)
+            log.info("evaluating %s (%s, %s)", src.label, lm.name, hook)
+            res = run_benchmarks(
+                names,
+                sae,
+                lm,
+                hook,
+                toks,
+                seed=args.seed,
+                options=options,
+                batch_size=args.batch_size or src.batch_size or 8,
+            )
+            for n in names:
+                results[n][src.label] = res[n]
+            if args.logdir:
+                log_tensorboard(args.logdir, runs[src.group], src.step, res)
     return results
 
 

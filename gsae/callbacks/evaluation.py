@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from gsae.evals import (
     BENCHMARKS,
     artifacts,
     check_benchmarks,
-    run_benchmarks,
+    run_benchmarks_many,
     tagged_figures,
     tagged_scalars,
     tagged_texts,
@@ -159,22 +158,18 @@ class EvaluationCallback(Callback):
         dm = trainer.datamodule
         batch_size = self.batch_size or getattr(dm, "batch_size", 8)
         saes = pl_module.saes() if hasattr(pl_module, "saes") else {"": (pl_module.sae, {})}
-        everything: dict[str, dict[str, dict]] = {}
+        per_benchmark: dict[str, torch.Tensor] = {}
+        options: dict[str, dict] = {}
+        for name in self.benchmarks:
+            opts = dict(self.options.get(name, {}))
+            per_benchmark[name] = tokens[: int(opts.pop(N_SEQS_OPTION, tokens.shape[0]))]
+            options[name] = opts
         self.last_seconds = {}
-        for member, (sae, _) in saes.items():
-            results: dict[str, dict] = {}
-            for name in self.benchmarks:
-                opts = dict(self.options.get(name, {}))
-                n = int(opts.pop(N_SEQS_OPTION, tokens.shape[0]))
-                t0 = time.perf_counter()
-                results.update(
-                    run_benchmarks(
-                        [name], sae, lm, pl_module.hook, tokens[:n], seed=self.seed,
-                        options={name: opts}, batch_size=batch_size,
-                    )
-                )
-                self.last_seconds[f"{member}/{name}" if member else name] = time.perf_counter() - t0
-            everything[member] = results
+        # one set of LM passes for every benchmark and member (shared harvests; loss_added's run_many)
+        everything = run_benchmarks_many(
+            list(self.benchmarks), {member: sae for member, (sae, _) in saes.items()}, lm, pl_module.hook,
+            per_benchmark, seed=self.seed, options=options, seconds=self.last_seconds, batch_size=batch_size,
+        )
         self._last = (step, everything)
         self._log(trainer, everything, step)
         return everything

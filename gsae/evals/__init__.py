@@ -12,12 +12,15 @@ Optional module functions:
 - ``artifacts(result) -> dict[str, str]``: files to write, filename suffix (``".latents.html"``) -> content;
   the callback writes ``<checkpoint><suffix>`` beside each checkpoint, ``evaluate.py`` ``<output stem>.<sae><suffix>``.
 - ``texts(result) -> dict[str, str]``: TensorBoard text tag -> markdown (``SummaryWriter.add_text``).
+- ``run_many(saes, lm, hook, tokens, *, seed=0, **options) -> {name: result}``: ``run`` for several SAEs at
+  once, sharing SAE-independent passes (:func:`run_benchmarks_many` uses it for a sweep's members).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import time
 from collections.abc import Iterator, Mapping
 from types import ModuleType
 
@@ -75,19 +78,26 @@ def check_benchmarks(names: list[str], option: str = "--benchmarks") -> list[str
     return names
 
 
-def run_benchmark(name: str, sae, lm, hook: str, tokens: Tensor, *, seed: int = 0, **options) -> dict:
-    """Run benchmark ``name``, passing it only the ``options`` its ``run`` accepts (shared options such as
-    ``batch_size`` can be given to every benchmark); ``{"skipped": reason}`` when its ``applicable`` says no."""
-    module = BENCHMARKS[name]
-    check = getattr(module, "applicable", None)
-    reason = check(sae, lm, hook) if check is not None else None
-    if reason:
-        return {"skipped": reason}
-    fn = module.run
+def _call(fn, *args, seed: int, options: dict):
+    """``fn(*args, seed=seed, **options)``, passing only the options ``fn`` accepts."""
     params = inspect.signature(fn).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         options = {k: v for k, v in options.items() if k in params}
-    return fn(sae, lm, hook, tokens, seed=seed, **options)
+    return fn(*args, seed=seed, **options)
+
+
+def _skip_reason(name: str, sae, lm, hook: str) -> str | None:
+    check = getattr(BENCHMARKS[name], "applicable", None)
+    return check(sae, lm, hook) if check is not None else None
+
+
+def run_benchmark(name: str, sae, lm, hook: str, tokens: Tensor, *, seed: int = 0, **options) -> dict:
+    """Run benchmark ``name``, passing it only the ``options`` its ``run`` accepts (shared options such as
+    ``batch_size`` can be given to every benchmark); ``{"skipped": reason}`` when its ``applicable`` says no."""
+    reason = _skip_reason(name, sae, lm, hook)
+    if reason:
+        return {"skipped": reason}
+    return _call(BENCHMARKS[name].run, sae, lm, hook, tokens, seed=seed, options=options)
 
 
 def run_benchmarks(
@@ -107,18 +117,68 @@ def run_benchmarks(
     to benchmark ``name`` only. The SAE's training mode is restored afterwards. Runs outside
     ``inference_mode`` (Lightning may call from validation): g-SAE encoding and ``decoder_geometry``
     need ``∇ₓL``, which ``LanguageModel.activations_and_grads`` takes under its own ``enable_grad``.
+    The benchmarks share the LM passes of identical token batches (:func:`gsae.evals.common.shared_harvests`).
     """
-    was_training = sae.training
-    sae.eval()
+    return run_benchmarks_many(names, {"": sae}, lm, hook, tokens, seed=seed, options=options, **shared)[""]
+
+
+def run_benchmarks_many(
+    names: list[str],
+    saes: Mapping[str, object],
+    lm,
+    hook: str,
+    tokens: Tensor | Mapping[str, Tensor],
+    *,
+    seed: int = 0,
+    options: dict[str, dict] | None = None,
+    seconds: dict[str, float] | None = None,
+    **shared,
+) -> dict[str, dict[str, dict]]:
+    """``{sae name: {benchmark: result}}`` for several SAEs at one hook (a sweep's members), each result equal to
+    :func:`run_benchmarks` of that SAE alone, with the SAE-independent LM work done once: the activations (and
+    ``∇ₓL``) of each token batch are shared by every benchmark and SAE (:func:`gsae.evals.common.shared_harvests`),
+    and a benchmark module's optional ``run_many(saes, lm, hook, tokens, *, seed, **options) -> {name: result}``
+    (``loss_added``: one clean and one zero-ablated pass per batch) replaces its per-SAE ``run``.
+
+    ``tokens``: one ``(n_seq, T)`` set for every benchmark, or ``{benchmark: tokens}``. ``seconds``, if given,
+    receives ``{"<sae name>/<benchmark>": wall seconds}`` (``"<benchmark>"`` for the name ``""``; a ``run_many``'s
+    time split evenly between its SAEs). Training modes are restored afterwards.
+    """
+    from gsae.evals.common import shared_harvests
+
+    results: dict[str, dict[str, dict]] = {m: {} for m in saes}
+    modes = {m: sae.training for m, sae in saes.items()}
+    for sae in saes.values():
+        sae.eval()
+
+    def record(member: str, name: str, t: float) -> None:
+        if seconds is not None:
+            seconds[f"{member}/{name}" if member else name] = t
+
     try:
-        with torch.inference_mode(False), torch.no_grad():
-            tokens = tokens.clone()  # a normal tensor even if it was made in inference mode
-            return {
-                n: run_benchmark(n, sae, lm, hook, tokens, seed=seed, **{**shared, **(options or {}).get(n, {})})
-                for n in names
-            }
+        with torch.inference_mode(False), torch.no_grad(), shared_harvests():
+            for name in names:
+                tok = (tokens[name] if isinstance(tokens, Mapping) else tokens).clone()  # not an inference tensor
+                opts = {**shared, **(options or {}).get(name, {})}
+                many = getattr(BENCHMARKS[name], "run_many", None)
+                if many is not None and len(saes) > 1:
+                    reasons = {m: _skip_reason(name, sae, lm, hook) for m, sae in saes.items()}
+                    run_on = {m: sae for m, sae in saes.items() if not reasons[m]}
+                    t0 = time.perf_counter()
+                    res = _call(many, run_on, lm, hook, tok, seed=seed, options=opts) if run_on else {}
+                    dt = (time.perf_counter() - t0) / max(len(run_on), 1)
+                    for m in saes:
+                        results[m][name] = res[m] if m in run_on else {"skipped": reasons[m]}
+                        record(m, name, dt if m in run_on else 0.0)
+                    continue
+                for m, sae in saes.items():
+                    t0 = time.perf_counter()
+                    results[m][name] = run_benchmark(name, sae, lm, hook, tok, seed=seed, **opts)
+                    record(m, name, time.perf_counter() - t0)
     finally:
-        sae.train(was_training)
+        for m, sae in saes.items():
+            sae.train(modes[m])
+    return results
 
 
 def benchmark_figures(name: str, result: dict) -> dict:
@@ -186,6 +246,7 @@ __all__ = [
     "is_skipped",
     "run_benchmark",
     "run_benchmarks",
+    "run_benchmarks_many",
     "scalars",
     "tagged_figures",
     "tagged_scalars",

@@ -12,6 +12,7 @@ same numbers.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -43,13 +44,81 @@ def needs_grad(sae: SparseAutoencoder) -> bool:
     return getattr(sae, "beta", 0) > 0
 
 
+class SharedHarvests:
+    """The SAE-independent LM work of an evaluation, done once: activations (and ``∇ₓL``) per token batch.
+
+    Every benchmark starts from the activations at the hook of its token batches (:func:`sae_on_tokens`), and
+    g-SAEs from ``∇ₓL`` too: a forward (and backward) of the LM that does not depend on the SAE. Within
+    :func:`shared_harvests`, the first request for a batch computes it and later ones (the next benchmark, the next
+    member of a sweep) reuse it. Keys are the hook, the token *values* and, for gradients, the normaliser; plain
+    activations and activations taken with the gradient are kept apart, so every SAE sees exactly the tensors it
+    would have been given alone (tested: shared and unshared results are equal). Kept up to ``max_bytes``;
+    beyond that, batches are computed as if unshared.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._store: dict[tuple, tuple[Tensor, Tensor | None]] = {}
+
+    @staticmethod
+    def key(lm: LanguageModel, hook: str, tokens: Tensor, normaliser: float | None) -> tuple:
+        tok = tokens.detach().cpu()
+        return id(lm), hook, tuple(tok.shape), tok.numpy().tobytes(), normaliser
+
+    def get(self, lm: LanguageModel, hook: str, tokens: Tensor, normaliser: float | None, compute) -> tuple:
+        key = self.key(lm, hook, tokens, normaliser)
+        hit = self._store.get(key)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        self.misses += 1
+        value = compute()
+        size = sum(t.numel() * t.element_size() for t in value if t is not None)
+        if self.bytes + size <= self.max_bytes:
+            self._store[key] = value
+            self.bytes += size
+        return value
+
+
+_ACTIVE: list[SharedHarvests] = []
+
+
+@contextmanager
+def shared_harvests(max_bytes: int = 1 << 30) -> Iterator[SharedHarvests]:
+    """Share the activations (and ``∇ₓL``) of identical token batches between the benchmarks and SAEs evaluated
+    inside the block (see :class:`SharedHarvests`); nested blocks use the outermost cache."""
+    if _ACTIVE:
+        yield _ACTIVE[0]
+        return
+    cache = SharedHarvests(max_bytes)
+    _ACTIVE.append(cache)
+    try:
+        yield cache
+    finally:
+        _ACTIVE.remove(cache)
+
+
+def harvest(lm: LanguageModel, hook: str, tokens: Tensor, normaliser: float | None = None) -> tuple[Tensor, Tensor | None]:
+    """``(x, ∇ₓL)`` at ``hook`` for ``tokens (B, T)`` (``∇ₓL`` of ``Σ CE / normaliser``, see
+    :func:`gsae.data.harvest.loss_gradients`, only when ``normaliser`` is not None; else ``(x, None)``), shared
+    within :func:`shared_harvests`."""
+
+    def compute() -> tuple[Tensor, Tensor | None]:
+        if normaliser is None:
+            return lm.activations(tokens, hook), None
+        x, g, _ = loss_gradients(lm, tokens, hook, normaliser)
+        return x, g
+
+    return _ACTIVE[0].get(lm, hook, tokens, normaliser, compute) if _ACTIVE else compute()
+
+
 @torch.no_grad()
 def sae_on_tokens(sae: SparseAutoencoder, lm: LanguageModel, hook: str, tokens: Tensor) -> SAEOnTokens:
     """Activations at ``hook`` for ``tokens (B, T)`` and the SAE's output on them."""
-    if needs_grad(sae):
-        x, g, _ = loss_gradients(lm, tokens, hook, float(getattr(sae, "grad_normaliser", 0)))
-    else:
-        x, g = lm.activations(tokens, hook), None
+    x, g = harvest(lm, hook, tokens, float(getattr(sae, "grad_normaliser", 0)) if needs_grad(sae) else None)
     b, t, d = x.shape
     xf = x.reshape(b * t, d).to(sae.W_enc.dtype)
     out = sae(xf, grad=None if g is None else g.reshape(b * t, d).to(sae.W_enc.dtype))

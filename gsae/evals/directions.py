@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gsae.evals.common import batches, sae_on_tokens
+from gsae.evals.common import batches, harvest, sae_on_tokens
 from gsae.lm import LanguageModel
 from gsae.sae.base import SparseAutoencoder
 
@@ -104,7 +104,7 @@ def batch_acts(
     run, plus the SAE (with ``∇ₓL`` for g-SAEs) when ``with_sae``."""
     for tok in batches(tokens.to(lm.device), batch_size):
         if not with_sae:
-            yield BatchActs(tok, lm.activations(tok, hook), None, None)
+            yield BatchActs(tok, harvest(lm, hook, tok)[0], None, None)
             continue
         r = sae_on_tokens(sae, lm, hook, tok)
         yield BatchActs(tok, r.x, r.x_hat, fired_per_sequence(r.out, tok.shape[0], sae.d_sae))

@@ -27,6 +27,8 @@ our centered ``explained_variance``; SAELens 6.18's uncentered form is ``1 − f
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
@@ -39,26 +41,36 @@ _SUMS = ("ce_clean", "ce_sae", "ce_ablation", "n_ce", "kl_sae", "kl_ablation", "
 
 
 @torch.no_grad()
-def downstream_sums(lm: LanguageModel, hook: str, tokens: Tensor, x: Tensor, x_new: Tensor, mask: Tensor) -> dict:
-    """Summed CE (clean / patched / zero-ablated) and KL over the unmasked positions of one batch.
+def clean_sums(lm: LanguageModel, hook: str, tokens: Tensor, x: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
+    """The SAE-independent part of one batch: the clean logits ``(B, T, V)`` and the summed clean and zero-ablated
+    CE, the ablated KL and the position counts over the unmasked positions.
 
     Args:
         lm: the language model.
         hook: hook the activations ``x`` were read at.
         tokens: ``(B, T)`` input tokens.
-        x: ``(B, T, D)`` clean activations; ``x_new``: ``(B, T, D)`` the patched ones.
+        x: ``(B, T, D)`` clean activations.
         mask: bool ``(B, T)``, True where a position counts.
     """
     ce_mask = mask[:, :-1]  # CE at t predicts t+1: dropped when the input token t is special
     logits_clean = lm.run_from_hook(x, hook, tokens).logits  # (B, T, V)
     out = {"ce_clean": next_token_loss(logits_clean, tokens, "none")[ce_mask].double().sum()}
-    for name, new in (("sae", x_new), ("ablation", torch.zeros_like(x))):
-        logits = lm.run_from_hook(new, hook, tokens).logits
-        out[f"ce_{name}"] = next_token_loss(logits, tokens, "none")[ce_mask].double().sum()
-        out[f"kl_{name}"] = kl_div_per_token(logits_clean, logits)[mask].double().sum()
-        del logits
+    logits = lm.run_from_hook(torch.zeros_like(x), hook, tokens).logits
+    out["ce_ablation"] = next_token_loss(logits, tokens, "none")[ce_mask].double().sum()
+    out["kl_ablation"] = kl_div_per_token(logits_clean, logits)[mask].double().sum()
     out["n_ce"], out["n_kl"] = ce_mask.sum().double(), mask.sum().double()
-    return out
+    return logits_clean, out
+
+
+@torch.no_grad()
+def patched_sums(lm: LanguageModel, hook: str, tokens: Tensor, logits_clean: Tensor, x_new: Tensor, mask: Tensor) -> dict:
+    """Summed CE and KL to ``logits_clean`` with ``x_new (B, T, D)`` spliced in (other arguments as in
+    :func:`clean_sums`)."""
+    logits = lm.run_from_hook(x_new, hook, tokens).logits
+    return {
+        "ce_sae": next_token_loss(logits, tokens, "none")[mask[:, :-1]].double().sum(),
+        "kl_sae": kl_div_per_token(logits_clean, logits)[mask].double().sum(),
+    }
 
 
 def legacy_explained_variance_sum(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -91,28 +103,59 @@ def run(
         batch_size: sequences per forward pass (also the batch of ``explained_variance_saelens_legacy``).
         exclude_special_tokens: leave special-token positions unpatched and out of the means (SAELens default).
     """
+    return run_many(
+        {"": sae}, lm, hook, tokens, seed=seed, batch_size=batch_size, exclude_special_tokens=exclude_special_tokens
+    )[""]
+
+
+@torch.no_grad()
+def run_many(
+    saes: Mapping[str, SparseAutoencoder],
+    lm: LanguageModel,
+    hook: str,
+    tokens: Tensor,
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    exclude_special_tokens: bool = True,
+) -> dict[str, dict]:
+    """:func:`run` for several SAEs at one hook (a sweep's members), ``{name: result}``, each result equal to
+    :func:`run` of that SAE alone. Per batch, the clean and zero-ablated passes run once for every SAE given the same
+    clean activations tensor (within :func:`gsae.evals.common.shared_harvests`: all TopK SAEs, and all g-SAEs with
+    one normaliser), so N SAEs cost about N + 2 suffix passes per batch instead of 3N."""
     del seed
-    sums = dict.fromkeys(_SUMS, 0.0)
-    recon = ReconMetric(sae.d_in, sync_on_compute=False).to(lm.device)  # rank 0 only under DDP: no collective
+    sums = {m: dict.fromkeys(_SUMS, 0.0) for m in saes}
+    # rank 0 only under DDP: no collective
+    recon = {m: ReconMetric(sae.d_in, sync_on_compute=False).to(lm.device) for m, sae in saes.items()}
     for tok in batches(tokens.to(lm.device), batch_size):
-        r = sae_on_tokens(sae, lm, hook, tok)
         mask = special_token_mask(lm, tok, exclude_special_tokens)  # (B, T)
-        x_new = torch.where(mask[..., None], r.x_hat, r.x)
-        for k, v in downstream_sums(lm, hook, tok, r.x, x_new, mask).items():
-            sums[k] += float(v)
         flat = mask.reshape(-1)
-        xm, xhm = r.x.reshape(flat.shape[0], -1)[flat], r.x_hat.reshape(flat.shape[0], -1)[flat]
-        l0 = l0_per_token(r.out.top_acts, r.out.latents)[flat]
-        recon.update(xm, xhm, l0)
-        sums["ev_legacy"] += float(legacy_explained_variance_sum(xm, xhm))
-        sums["n_ev"] += xm.shape[0]
-    if recon.update_count == 0:
-        raise ValueError("loss_added: no evaluation tokens")
-    return {
-        **_scores(sums),
-        **recon.compute(),
-        "explained_variance_saelens_legacy": sums["ev_legacy"] / max(sums["n_ev"], 1),
-    }
+        clean: list[tuple[Tensor, Tensor, dict]] = []  # (x, clean logits, clean sums) per distinct activation tensor
+        for m, sae in saes.items():
+            r = sae_on_tokens(sae, lm, hook, tok)
+            shared = next((c for c in clean if c[0] is r.x), None)
+            if shared is None:
+                shared = (r.x, *clean_sums(lm, hook, tok, r.x, mask))
+                clean.append(shared)
+            x_new = torch.where(mask[..., None], r.x_hat, r.x)
+            for k, v in {**shared[2], **patched_sums(lm, hook, tok, shared[1], x_new, mask)}.items():
+                sums[m][k] += float(v)
+            xm, xhm = r.x.reshape(flat.shape[0], -1)[flat], r.x_hat.reshape(flat.shape[0], -1)[flat]
+            l0 = l0_per_token(r.out.top_acts, r.out.latents)[flat]
+            recon[m].update(xm, xhm, l0)
+            sums[m]["ev_legacy"] += float(legacy_explained_variance_sum(xm, xhm))
+            sums[m]["n_ev"] += xm.shape[0]
+        del clean
+    out = {}
+    for m in saes:
+        if recon[m].update_count == 0:
+            raise ValueError("loss_added: no evaluation tokens")
+        out[m] = {
+            **_scores(sums[m]),
+            **recon[m].compute(),
+            "explained_variance_saelens_legacy": sums[m]["ev_legacy"] / max(sums[m]["n_ev"], 1),
+        }
+    return out
 
 
 def _scores(s: dict) -> dict:
