@@ -217,45 +217,43 @@ def minor_faults() -> int:
 
 
 class StepTimer:
-    """Lightning callback: timestamps (wall, and this process's CPU time) at every ``on_train_batch_start`` and
-    once at epoch end."""
+    """Lightning callback: a mark (wall time, this process's CPU time, its minor page faults) at every
+    ``on_train_batch_start`` and once at epoch end; per-step differences of each."""
 
     def __new__(cls):
         import lightning.pytorch as pl
 
+        def mark() -> tuple[float, float, int]:
+            return time.perf_counter(), time.process_time(), minor_faults()
+
         class _StepTimer(pl.Callback):
             def __init__(self) -> None:
-                self.starts: list[float] = []
-                self.cpu_starts: list[float] = []
-                self.fault_starts: list[int] = []
-                self.end: float | None = None
-                self.cpu_end: float | None = None
-                self.fault_end: int | None = None
+                self.marks: list[tuple[float, float, int]] = []
+                self.end: tuple[float, float, int] | None = None
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-                self.starts.append(time.perf_counter())
-                self.cpu_starts.append(time.process_time())
-                self.fault_starts.append(minor_faults())
+                self.marks.append(mark())
 
             def on_train_epoch_end(self, trainer, pl_module) -> None:
                 if self.end is None:
-                    self.end, self.cpu_end, self.fault_end = time.perf_counter(), time.process_time(), minor_faults()
+                    self.end = mark()
 
             def on_train_end(self, trainer, pl_module) -> None:
                 if self.end is None:
-                    self.end, self.cpu_end, self.fault_end = time.perf_counter(), time.process_time(), minor_faults()
+                    self.end = mark()
+
+            def _steps(self, i: int) -> list:
+                ts = [m[i] for m in (*self.marks, self.end)]
+                return [b - a for a, b in zip(ts[:-1], ts[1:])]
 
             def step_times(self) -> list[float]:
-                ts = [*self.starts, self.end]
-                return [b - a for a, b in zip(ts[:-1], ts[1:])]
+                return self._steps(0)
 
             def cpu_times(self) -> list[float]:
-                ts = [*self.cpu_starts, self.cpu_end]
-                return [b - a for a, b in zip(ts[:-1], ts[1:])]
+                return self._steps(1)
 
             def faults(self) -> list[int]:
-                ts = [*self.fault_starts, self.fault_end]
-                return [b - a for a, b in zip(ts[:-1], ts[1:])]
+                return self._steps(2)
 
         return _StepTimer()
 

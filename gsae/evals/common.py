@@ -44,6 +44,10 @@ def needs_grad(sae: SparseAutoencoder) -> bool:
     return getattr(sae, "beta", 0) > 0
 
 
+#: default budget of :class:`SharedHarvests` (bytes of activations and gradients kept)
+HARVEST_CACHE_BYTES = 1 << 30
+
+
 class SharedHarvests:
     """The SAE-independent LM work of an evaluation, done once: activations (and ``∇ₓL``) per token batch.
 
@@ -56,7 +60,7 @@ class SharedHarvests:
     beyond that, batches are computed as if unshared.
     """
 
-    def __init__(self, max_bytes: int = 1 << 30) -> None:
+    def __init__(self, max_bytes: int = HARVEST_CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.hits = 0
@@ -87,7 +91,7 @@ _ACTIVE: list[SharedHarvests] = []
 
 
 @contextmanager
-def shared_harvests(max_bytes: int = 1 << 30) -> Iterator[SharedHarvests]:
+def shared_harvests(max_bytes: int = HARVEST_CACHE_BYTES) -> Iterator[SharedHarvests]:
     """Share the activations (and ``∇ₓL``) of identical token batches between the benchmarks and SAEs evaluated
     inside the block (see :class:`SharedHarvests`); nested blocks use the outermost cache."""
     if _ACTIVE:
