@@ -455,6 +455,38 @@ class LanguageModel:
         logits = self.model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook, patch), *fwd_hooks])
         return HookRun(logits, cache)
 
+    @torch.no_grad()
+    def last_position_logits(
+        self, x: Tensor, hook: str, last: Tensor, tokens: Tensor | None = None, max_rows: int = 256
+    ) -> Tensor:
+        """Next-token logits ``(R, d_vocab)`` at the last position of one sequence run on from ``hook``, where the
+        activation is ``x (1, T, D)`` except at the last position, which row r replaces by ``last[r] (D,)``.
+
+        Equal to ``run_from_hook`` of the R patched copies, read at ``T − 1`` (TransformerLens runs exactly that,
+        in chunks of ``max_rows`` copies). The fused path runs the ``T − 1`` shared positions once and each row as
+        one new position attending to their cached keys and values (:func:`gsae.lm_fused.run_last`): R tokens of
+        work, not ``R·T``, and no logits but the read ones. ``tokens (1, T)`` are needed only for hooks inside a block.
+        """
+        R = last.shape[0]
+        fused = self._fused_start(hook, ())
+        if fused is not None:
+            w, start = fused
+            kvs = lm_fused.prefix_keys_values(w, x[:, :-1].to(w.W_E.dtype), start)
+            resid = torch.cat([lm_fused.run_last(w, last[r : r + max_rows].to(w.W_E.dtype), kvs, start)
+                               for r in range(0, R, max_rows)])
+            return self.unembed(lm_fused.final_hidden(w, resid))
+        out = []
+        for r in range(0, R, max_rows):
+            xs = x.expand(min(max_rows, R - r), -1, -1).clone()
+            xs[:, -1] = last[r : r + max_rows].to(xs.dtype)
+            tok = None if tokens is None else tokens.expand(xs.shape[0], -1)
+            out.append(self.unembed(self.hidden_from_hook(xs, hook, tokens=tok).hidden[:, -1]))
+        return torch.cat(out)
+
+    def unembed(self, hidden: Tensor) -> Tensor:
+        """Logits ``hidden @ W_U + b_U`` of final hidden states (:meth:`hidden_from_hook`)."""
+        return lm_fused.unembed(self.W_U, self.b_U, hidden)
+
     def activations_and_grads(
         self, tokens: Tensor, hook: str, reduction: Literal["mean", "sum"] = "mean"
     ) -> ActsAndGrads:

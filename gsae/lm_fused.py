@@ -198,6 +198,52 @@ def run(
     return x, cache
 
 
+# ------------------------------------------------------------------------- one new position, cached prefix
+def prefix_keys_values(w: FusedGPT2, x: Tensor, start: int) -> list[tuple[Tensor, Tensor] | None]:
+    """Per step from ``start`` on, the keys and values ``(H, P, d_head)`` of one sequence ``x (1, P, D)`` at point
+    ``start`` (``None`` for MLP steps): what a position after the sequence attends to (:func:`run_last`)."""
+    kvs: list[tuple[Tensor, Tensor] | None] = []
+    for s in range(start, w.final_point):
+        block = w.blocks[s // 2]
+        if s % 2:
+            kvs.append(None)
+            if s + 1 < w.final_point:  # the last MLP's output is read by no later key
+                x = x + mlp(w, block, x)
+            continue
+        P, D = x.shape[1], x.shape[2]
+        h = F.layer_norm(x, (D,), block.ln1_w, block.ln1_b, w.eps)
+        q, k, v = F.linear(h, block.W_qkv, block.b_qkv).view(1, P, 3, w.n_heads, w.d_head).unbind(2)
+        kvs.append((k[0].transpose(0, 1), v[0].transpose(0, 1)))
+        if s + 2 < w.final_point:  # else only the skipped last MLP would read it
+            z = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True, scale=1.0 / w.attn_scale)
+            x = x + F.linear(z.transpose(1, 2).reshape(1, P, w.n_heads * w.d_head), block.W_O, block.b_O)
+    return kvs
+
+
+def run_last(w: FusedGPT2, x: Tensor, kvs: Sequence[tuple[Tensor, Tensor] | None], start: int) -> Tensor:
+    """The residual at the final point of ``R`` alternative next positions ``x (R, D)`` at point ``start``, each
+    appended to the same prefix (``kvs``: :func:`prefix_keys_values`); ``(R, D)``.
+
+    Row r is the last position of ``cat(prefix, x[r])`` run causally: its query attends to the prefix's keys
+    (one ``(H, R, d_head) @ (H, d_head, P)`` product, no copy of the prefix per row) and to its own key.
+    """
+    R, D = x.shape
+    x = x[:, None]  # (R, 1, D)
+    for s, kv in zip(range(start, w.final_point), kvs, strict=True):
+        block = w.blocks[s // 2]
+        if kv is None:
+            x = x + mlp(w, block, x)
+            continue
+        k_p, v_p = kv
+        h = F.layer_norm(x, (D,), block.ln1_w, block.ln1_b, w.eps)
+        q, k, v = F.linear(h, block.W_qkv, block.b_qkv).view(R, 3, w.n_heads, w.d_head).permute(1, 2, 0, 3).unbind(0)  # (H, R, dh)
+        scores = torch.cat([q @ k_p.transpose(1, 2), (q * k).sum(-1, keepdim=True)], -1) / w.attn_scale  # (H, R, P+1)
+        att = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+        z = att[..., :-1] @ v_p + att[..., -1:] * v  # (H, R, dh)
+        x = x + F.linear(z.transpose(0, 1).reshape(R, 1, -1), block.W_O, block.b_O)
+    return x[:, 0]
+
+
 def final_hidden(w: FusedGPT2, resid: Tensor) -> Tensor:
     """The final LayerNorm of the residual after the last block (the unembedding's input)."""
     return F.layer_norm(resid, (resid.shape[-1],), w.lnf_w, w.lnf_b, w.eps)

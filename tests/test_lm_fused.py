@@ -99,6 +99,31 @@ def test_running_on_from_a_hook_and_the_loss_gradient_match_transformer_lens(nam
         assert float(loss) == pytest.approx(float(ref.model(tokens, return_type="loss")), rel=TOL)
 
 
+@pytest.mark.parametrize("flags", [FLAGS[0], FLAGS[-1]], ids=["raw", "processed"])
+@pytest.mark.parametrize("name", MODELS)
+def test_last_position_with_a_cached_prefix_matches_transformer_lens_on_whole_copies(name, flags):
+    """``last_position_logits``: R copies of one sequence differing at the last position, read there — the fused
+    path (prefix once, each row one new position) against TransformerLens running every copy whole. Also the
+    one-token sequence (empty prefix), hooks inside a block (TransformerLens path) and several row chunks."""
+    fused, ref = pair(name, flags)
+    gen = torch.Generator().manual_seed(4)
+    last = fused.n_layers - 1
+    hooks = ("blocks.0.hook_resid_pre", f"blocks.{last}.hook_resid_mid", f"blocks.{last}.hook_resid_post",
+             "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out")
+    for hook in hooks:
+        for t in (1, 9):
+            tokens = some_tokens(fused, b=1, t=t, seed=t)
+            x = ref.activations(tokens, hook)
+            rows = x[0, -1] + 3 * torch.randn(5, x.shape[-1], generator=gen)
+            copies = x.repeat(5, 1, 1)
+            copies[:, -1] = rows
+            with torch.no_grad():
+                want = ref.run_from_hook(copies, hook, tokens.expand(5, -1)).logits[:, -1]
+            for lm in (fused, ref):
+                assert rel_err(lm.last_position_logits(x, hook, rows, tokens, max_rows=2), want) <= TOL, (hook, t, lm.fused)
+    assert fused._fused_start("blocks.0.hook_resid_pre", ()) is not None  # the cached-prefix path was the one tested
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [FLAGS[0], FLAGS[-1]], ids=["raw", "processed"])
 def test_gpt2_shaped_model_matches_transformer_lens(flags):

@@ -14,9 +14,10 @@ or at every unmasked position ≤ t (``mode="all"``), and the distribution is re
 (sequence, t) are drawn with a seeded RNG among non-special tokens, independently of the SAE (two SAEs on the
 same tokens are steered at the same positions); values are averaged over positions
 (per latent), then over latents. The model is causal, so only the prefix ``tokens[:, :t+1]`` is run.
-The nonzero α of the grid are batched into one ``run_from_hook`` forward whose first row is the
-unsteered ``x`` (the baseline ``M(x)``); α = 0 *is* that baseline, ``Δp = M(x) − M(x) = 0``, so it is
-not run again and its effect is exactly zero. Paper defaults: α up to 100, scalars at α = 50.
+The nonzero α of the grid are batched into one forward whose first row is the unsteered ``x`` (the
+baseline ``M(x)``); in ``position`` mode only that position differs between rows, so the shared prefix runs
+once and each row is one new position (``LanguageModel.last_position_logits``). α = 0 *is* that baseline,
+``Δp = M(x) − M(x) = 0``, so it is not run again and its effect is exactly zero. Paper defaults: α up to 100, scalars at α = 50.
 
 ``γ`` is ``ln_final``'s gain when the model keeps it (``fold_ln=False``, as SAELens SAEs are evaluated);
 with ``fold_ln=True`` it is already folded into ``W_U``. The logit lens reads the residual stream, so only
@@ -120,6 +121,10 @@ def steer_at(
         alphas: ``(n_alpha,)`` nonzero steering scales.
         where: bool ``(t+1,)`` positions that receive ``α d`` (the last one only, or all unmasked ones).
         max_rows: sequences per forward pass (the unsteered row is added to each chunk).
+
+    Steering the last position only changes nothing before it, so the rows differ only there:
+    :meth:`~gsae.lm.LanguageModel.last_position_logits` runs the shared prefix once (fused forward) and reads the
+    logits at t alone. Steering every position runs each row whole, read at t.
     """
     n_a = alphas.shape[0]
     if n_a == 0 or dirs.shape[0] == 0:
@@ -129,10 +134,15 @@ def steer_at(
     out = []
     for c in range(0, dirs.shape[0], per):
         d, tp = dirs[c : c + per], top[c : c + per]
-        delta = (alphas[None, :, None] * d[:, None, :]).reshape(-1, d.shape[-1])  # (c·A, D)
-        xs = x.repeat(1 + delta.shape[0], 1, 1)
-        xs[1:, where] += delta[:, None, :].to(xs.dtype)
-        logits = lm.run_from_hook(xs, hook, tokens=prefix.expand(xs.shape[0], -1)).logits[:, -1]
+        delta = (alphas[None, :, None] * d[:, None, :]).reshape(-1, d.shape[-1]).to(x.dtype)  # (c·A, D)
+        delta = torch.cat([torch.zeros_like(delta[:1]), delta])  # row 0: unsteered
+        if bool(where[:-1].any()):
+            xs = x.repeat(delta.shape[0], 1, 1)
+            xs[:, where] += delta[:, None, :]
+            hidden = lm.hidden_from_hook(xs, hook, tokens=prefix.expand(xs.shape[0], -1)).hidden[:, -1]
+            logits = lm.unembed(hidden)
+        else:
+            logits = lm.last_position_logits(x, hook, x[0, -1] + delta, prefix, max_rows=max_rows)
         p = logits.float().softmax(-1)
         dp = (p[1:] - p[:1]).reshape(d.shape[0], n_a, -1)  # (c, A, V)
         in_l = torch.zeros(d.shape[0], 1, dp.shape[-1], dtype=torch.bool, device=dp.device)
