@@ -1,4 +1,5 @@
-"""Full-vocabulary losses in chunks of positions: the LM cross-entropy's gradient and the e2e KL.
+"""Full-vocabulary losses in chunks of positions: the LM cross-entropy's gradient, the e2e KL, and the
+evaluation's CE and KL of many runs against one clean run.
 
 Both take the final hidden state ``h`` (the unembedding's input, ``(..., D)``) rather than logits, and build
 the logits of one chunk of positions at a time: no ``(B·T, d_vocab)`` float32 tensor (823 MB for GPT-2 at
@@ -16,6 +17,9 @@ upcast to float32 for the softmax, as :func:`gsae.lm.next_token_loss` and :func:
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -144,3 +148,55 @@ def kl_per_token(
             chunk_rows(W_U.shape[1], chunk_elements, h_new.device),
         )
     return out.reshape(shape)
+
+
+class CEAndKL(NamedTuple):
+    """What :func:`ce_and_kl_per_token` returns (float32; the CE is 0 at each sequence's last position).
+
+    Attributes:
+        ce_clean: ``(B, T)`` next-token CE of the clean run.
+        ce: ``(n, B, T)`` next-token CE of each other run.
+        kl: ``(n, B, T)`` ``KL(P_clean ‖ P_run)`` of each other run.
+    """
+
+    ce_clean: Tensor
+    ce: Tensor
+    kl: Tensor
+
+
+@torch.no_grad()
+def ce_and_kl_per_token(
+    h_clean: Tensor, h_runs: Sequence[Tensor], W_U: Tensor, b_U: Tensor, tokens: Tensor, chunk_elements: int | None = None
+) -> CEAndKL:
+    """Next-token CE of a clean run and of ``n`` other runs of the same tokens, and each run's KL to the clean one,
+    from final hidden states ``(B, T, D)`` (no gradient).
+
+    Per chunk of positions the clean logits are built once and every run's logits once (``1 + n`` vocabulary
+    matmuls in all, no ``(B·T, d_vocab)`` tensor). Equal to :func:`gsae.lm.next_token_loss` (``"none"``) and
+    :func:`gsae.metrics.kl_div_per_token` of the full logits; the KL is ``Σ p_c (l_c − l_n) + lse_n − lse_c``
+    (the logit gap before any exp, as :func:`kl_per_token`), so identical states give exactly 0.
+    """
+    B, T, D = h_clean.shape
+    dtype = _compute_dtype(W_U, h_clean.device)
+    n = len(h_runs)
+    with torch.autocast(h_clean.device.type, enabled=False):
+        W, b = W_U.to(dtype), b_U.to(dtype)
+        flats = [h.reshape(B * T, D) for h in (h_clean, *h_runs)]
+        labels = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1).reshape(-1)
+        ce = torch.zeros(1 + n, B * T, dtype=torch.float32, device=h_clean.device)
+        kl = torch.zeros(n, B * T, dtype=torch.float32, device=h_clean.device)
+        step = chunk_rows(W.shape[1], chunk_elements, h_clean.device)
+        for i in range(0, B * T, step):
+            lab = labels[i : i + step]
+            valid, safe = lab >= 0, lab.clamp_min(0)[:, None]
+            l_c = _logits(flats[0][i : i + step], W, b)
+            lse_c = torch.logsumexp(l_c, -1)
+            ce[0, i : i + step] = torch.where(valid, lse_c - l_c.gather(-1, safe).squeeze(-1), 0.0)
+            p_c = (l_c - lse_c[:, None]).exp_()
+            for j in range(n):
+                l_n = _logits(flats[1 + j][i : i + step], W, b)
+                lse_n = torch.logsumexp(l_n, -1)
+                ce[1 + j, i : i + step] = torch.where(valid, lse_n - l_n.gather(-1, safe).squeeze(-1), 0.0)
+                gap = torch.sub(l_c, l_n, out=l_n).mul_(p_c).sum(-1)  # Σ p_c (l_c − l_n), in l_n's buffer
+                kl[j, i : i + step] = gap + (lse_n - lse_c)
+    return CEAndKL(ce[0].reshape(B, T), ce[1:].reshape(n, B, T), kl.reshape(n, B, T))

@@ -66,6 +66,27 @@ def test_kl_per_token_and_its_gradient_equal_the_unchunked_definition(chunk):
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [None, 4 * V, V])
+def test_evaluation_ce_and_kl_of_many_runs_equal_the_unchunked_definitions(chunk):
+    """``ce_and_kl_per_token`` (loss_added): the clean CE, each run's CE and KL to the clean run = the definitions on
+    full logits; a run identical to the clean one has exactly zero KL and the clean CE; no (B·T, V) tensor."""
+    h_clean, W_U, b_U, tokens = setup(7)
+    gen = torch.Generator().manual_seed(8)
+    runs = [torch.zeros_like(h_clean), h_clean + 0.3 * torch.randn(h_clean.shape, generator=gen), h_clean.clone()]
+    with VocabTensors(W_U) as seen:
+        res = lm_chunked.ce_and_kl_per_token(h_clean, runs, W_U, b_U, tokens, chunk_elements=chunk)
+    if chunk is not None:
+        assert max(seen.rows) <= chunk // V, seen.rows
+    logits = [h @ W_U + b_U for h in (h_clean, *runs)]
+    torch.testing.assert_close(res.ce_clean[:, :-1], next_token_loss(logits[0], tokens, "none"), rtol=1e-5, atol=1e-5)
+    assert torch.all(res.ce_clean[:, -1] == 0) and torch.all(res.ce[:, :, -1] == 0)
+    for j in range(len(runs)):
+        torch.testing.assert_close(res.ce[j, :, :-1], next_token_loss(logits[1 + j], tokens, "none"), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(res.kl[j], kl_div_per_token(logits[0], logits[1 + j]), rtol=1e-5, atol=1e-5)
+    assert torch.all(res.kl[2] == 0) and torch.equal(res.ce[2], res.ce_clean)
+    assert float(res.kl[0].min()) > 0.1  # the ablated and perturbed runs are far from the clean one
+
+
 def test_kl_of_identical_states_is_zero_with_zero_gradient():
     h, W_U, b_U, _ = setup(2)
     hn = h.clone().requires_grad_(True)

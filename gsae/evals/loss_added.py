@@ -1,7 +1,8 @@
 """Fidelity with the SAE spliced in: downstream CE and KL, and reconstruction metrics (SPEC §1.4, §5).
 
 The SAE output ``x̂`` replaces the activation at ``hook`` at every position and the rest of the model
-runs from there (``LanguageModel.run_from_hook``). Three CE-based numbers, kept apart by name:
+runs from there (``LanguageModel.hidden_from_hook``; the CE and KL over the vocabulary in chunks of positions,
+:func:`gsae.lm_chunked.ce_and_kl_per_token`). Three CE-based numbers, kept apart by name:
 
 - ``L_added = (CE_sae − CE_clean) / CE_clean`` — g-SAE §3 / smol-sae ``patch_loss``; a ratio of means.
 - ``ce_increase = CE_sae − CE_clean`` — Apollo e2e "CE loss increase" (nats).
@@ -13,7 +14,7 @@ Masking follows SAELens ``run_evals`` (SPEC §5): positions whose *input* token 
 clean activation (unpatched) and are left out of every mean; the CE at position t (predicting t+1) is
 dropped when token t is special. Zero ablation zeroes *every* position, special ones included, as
 SAELens does. Means are token-weighted over all batches (SAELens concatenates, then averages).
-The clean logits are computed by the same ``run_from_hook`` from the clean activation, so an SAE
+The clean logits are computed by the same ``hidden_from_hook`` from the clean activation, so an SAE
 with ``x̂ = x`` gives exactly ``L_added = 0`` and ``KL = 0``.
 
 Reconstruction metrics come from :func:`gsae.metrics.recon_metrics` over the unmasked tokens (accumulated in a
@@ -32,45 +33,50 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from gsae import lm_chunked
 from gsae.evals.common import batches, sae_on_tokens, special_token_mask
-from gsae.lm import LanguageModel, next_token_loss
-from gsae.metrics import ReconMetric, kl_div_per_token, l0_per_token
+from gsae.lm import LanguageModel
+from gsae.metrics import ReconMetric, l0_per_token
 from gsae.sae.base import SparseAutoencoder
 
 _SUMS = ("ce_clean", "ce_sae", "ce_ablation", "n_ce", "kl_sae", "kl_ablation", "n_kl", "ev_legacy", "n_ev")
 
 
 @torch.no_grad()
-def clean_sums(lm: LanguageModel, hook: str, tokens: Tensor, x: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
-    """The SAE-independent part of one batch: the clean logits ``(B, T, V)`` and the summed clean and zero-ablated
-    CE, the ablated KL and the position counts over the unmasked positions.
+def splice_sums(lm: LanguageModel, hook: str, tokens: Tensor, x: Tensor, spliced: list[Tensor], mask: Tensor) -> list[dict]:
+    """One batch's summed CE and KL for each activation in ``spliced``, and the clean and zero-ablated ones.
+
+    The suffix runs from ``hook`` once for ``x``, once for zeros and once per spliced tensor, up to the final hidden
+    state only; :func:`gsae.lm_chunked.ce_and_kl_per_token` takes every CE and KL from those in chunks of positions
+    (the clean logits of a chunk once for all runs, no full-vocabulary tensor).
 
     Args:
         lm: the language model.
         hook: hook the activations ``x`` were read at.
         tokens: ``(B, T)`` input tokens.
         x: ``(B, T, D)`` clean activations.
-        mask: bool ``(B, T)``, True where a position counts.
+        spliced: ``(B, T, D)`` activations to put at the hook instead, one per SAE.
+        mask: bool ``(B, T)``, True where a position counts (the CE at t, predicting t+1, needs token t unmasked).
+
+    Returns:
+        per spliced tensor, ``{ce_sae, kl_sae, ce_clean, ce_ablation, kl_ablation, n_ce, n_kl}`` as floats.
     """
-    ce_mask = mask[:, :-1]  # CE at t predicts t+1: dropped when the input token t is special
-    logits_clean = lm.run_from_hook(x, hook, tokens).logits  # (B, T, V)
-    out = {"ce_clean": next_token_loss(logits_clean, tokens, "none")[ce_mask].double().sum()}
-    logits = lm.run_from_hook(torch.zeros_like(x), hook, tokens).logits
-    out["ce_ablation"] = next_token_loss(logits, tokens, "none")[ce_mask].double().sum()
-    out["kl_ablation"] = kl_div_per_token(logits_clean, logits)[mask].double().sum()
-    out["n_ce"], out["n_kl"] = ce_mask.sum().double(), mask.sum().double()
-    return logits_clean, out
+    runs = [lm.hidden_from_hook(v, hook, tokens).hidden for v in (x, torch.zeros_like(x), *spliced)]
+    res = lm_chunked.ce_and_kl_per_token(runs[0], runs[1:], lm.W_U, lm.b_U, tokens)
+    ce_mask = mask[:, :-1]
 
+    def ce_sum(ce: Tensor) -> float:
+        return float(ce[:, :-1][ce_mask].double().sum())
 
-@torch.no_grad()
-def patched_sums(lm: LanguageModel, hook: str, tokens: Tensor, logits_clean: Tensor, x_new: Tensor, mask: Tensor) -> dict:
-    """Summed CE and KL to ``logits_clean`` with ``x_new (B, T, D)`` spliced in (other arguments as in
-    :func:`clean_sums`)."""
-    logits = lm.run_from_hook(x_new, hook, tokens).logits
-    return {
-        "ce_sae": next_token_loss(logits, tokens, "none")[mask[:, :-1]].double().sum(),
-        "kl_sae": kl_div_per_token(logits_clean, logits)[mask].double().sum(),
+    base = {
+        "ce_clean": ce_sum(res.ce_clean),
+        "ce_ablation": ce_sum(res.ce[0]),
+        "kl_ablation": float(res.kl[0][mask].double().sum()),
+        "n_ce": float(ce_mask.sum()),
+        "n_kl": float(mask.sum()),
     }
+    return [{**base, "ce_sae": ce_sum(res.ce[1 + j]), "kl_sae": float(res.kl[1 + j][mask].double().sum())}
+            for j in range(len(spliced))]
 
 
 def legacy_explained_variance_sum(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -122,7 +128,7 @@ def run_many(
     """:func:`run` for several SAEs at one hook (a sweep's members), ``{name: result}``, each result equal to
     :func:`run` of that SAE alone. Per batch, the clean and zero-ablated passes run once for every SAE given the same
     clean activations tensor (within :func:`gsae.evals.common.shared_harvests`: all TopK SAEs, and all g-SAEs with
-    one normaliser), so N SAEs cost about N + 2 suffix passes per batch instead of 3N."""
+    one normaliser), so N SAEs cost about N + 2 suffix passes per batch instead of 3N (:func:`splice_sums`)."""
     del seed
     sums = {m: dict.fromkeys(_SUMS, 0.0) for m in saes}
     # rank 0 only under DDP: no collective
@@ -130,22 +136,24 @@ def run_many(
     for tok in batches(tokens.to(lm.device), batch_size):
         mask = special_token_mask(lm, tok, exclude_special_tokens)  # (B, T)
         flat = mask.reshape(-1)
-        clean: list[tuple[Tensor, Tensor, dict]] = []  # (x, clean logits, clean sums) per distinct activation tensor
+        groups: list[tuple[Tensor, list[tuple[str, Tensor]]]] = []  # (clean x, [(member, x spliced)]) per tensor
         for m, sae in saes.items():
             r = sae_on_tokens(sae, lm, hook, tok)
-            shared = next((c for c in clean if c[0] is r.x), None)
-            if shared is None:
-                shared = (r.x, *clean_sums(lm, hook, tok, r.x, mask))
-                clean.append(shared)
-            x_new = torch.where(mask[..., None], r.x_hat, r.x)
-            for k, v in {**shared[2], **patched_sums(lm, hook, tok, shared[1], x_new, mask)}.items():
-                sums[m][k] += float(v)
+            group = next((g for g in groups if g[0] is r.x), None)
+            if group is None:
+                group = (r.x, [])
+                groups.append(group)
+            group[1].append((m, torch.where(mask[..., None], r.x_hat, r.x)))
             xm, xhm = r.x.reshape(flat.shape[0], -1)[flat], r.x_hat.reshape(flat.shape[0], -1)[flat]
             l0 = l0_per_token(r.out.top_acts, r.out.latents)[flat]
             recon[m].update(xm, xhm, l0)
             sums[m]["ev_legacy"] += float(legacy_explained_variance_sum(xm, xhm))
             sums[m]["n_ev"] += xm.shape[0]
-        del clean
+            del r
+        for x, members in groups:
+            for m, add in zip((m for m, _ in members), splice_sums(lm, hook, tok, x, [v for _, v in members], mask)):
+                for k, v in add.items():
+                    sums[m][k] += v
     out = {}
     for m in saes:
         if recon[m].update_count == 0:
