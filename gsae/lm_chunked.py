@@ -150,6 +150,34 @@ def kl_per_token(
     return out.reshape(shape)
 
 
+#: rows whose largest logit rise ``max_v (l_new − l_ref)`` exceeds this take the direct KL form (:func:`_kl_rows`)
+KL_DIRECT_ABOVE = 2.0
+
+
+def _kl_rows(l_ref: Tensor, p_ref: Tensor, l_new: Tensor) -> Tensor:
+    """float64 ``KL(P_ref ‖ P_new)`` per row of float32 logits ``(r, V)``; ``l_new``'s buffer is overwritten.
+
+    With ``u = l_new − l_ref`` (exact in float32 for nearby logits) and ``b = Σ p_ref expm1(u)``:
+    ``KL = Σ p_ref (expm1(u) − u) + log1p(b) − b`` — a sum of non-negative terms ``≈ u²/2`` plus a scalar correction
+    taken in float64, so a KL of 1e-5 nats between nearby states keeps float32's relative precision (the textbook
+    ``Σ p (log p_ref − log p_new)`` subtracts two log-normalisers of ~11 nats to get it: ~1e-3 relative error at
+    GPT-2's vocabulary). Rows where some logit rises by more than :data:`KL_DIRECT_ABOVE` (far states: ablations,
+    large perturbations; ``expm1`` could overflow) take the direct form ``−Σ p u + log Σ p e^u`` (max-shifted).
+    Identical logits give exactly 0.
+    """
+    u = torch.sub(l_new, l_ref, out=l_new)
+    top = u.amax(-1)
+    e = torch.expm1(u.clamp(max=KL_DIRECT_ABOVE))
+    b = torch.einsum("rv,rv->r", p_ref, e).double()
+    kl = torch.einsum("rv,rv->r", p_ref, e.sub_(u)).double() + (torch.log1p(b) - b)
+    far = top > KL_DIRECT_ABOVE
+    if bool(far.any()):
+        uf, pf, mf = u[far], p_ref[far], top[far, None]
+        direct = -torch.einsum("rv,rv->r", pf, uf).double() + mf.squeeze(-1).double()
+        kl[far] = direct + torch.log(torch.einsum("rv,rv->r", pf, uf.sub_(mf).exp_())).double()
+    return kl
+
+
 class CEAndKL(NamedTuple):
     """What :func:`ce_and_kl_per_token` returns (float32; the CE is 0 at each sequence's last position).
 
@@ -173,8 +201,8 @@ def ce_and_kl_per_token(
 
     Per chunk of positions the clean logits are built once and every run's logits once (``1 + n`` vocabulary
     matmuls in all, no ``(B·T, d_vocab)`` tensor). Equal to :func:`gsae.lm.next_token_loss` (``"none"``) and
-    :func:`gsae.metrics.kl_div_per_token` of the full logits; the KL is ``Σ p_c (l_c − l_n) + lse_n − lse_c``
-    (the logit gap before any exp, as :func:`kl_per_token`), so identical states give exactly 0.
+    :func:`gsae.metrics.kl_div_per_token` of the full logits; the KL is :func:`_kl_rows`' (identical states give
+    exactly 0).
     """
     B, T, D = h_clean.shape
     dtype = _compute_dtype(W_U, h_clean.device)
@@ -197,6 +225,43 @@ def ce_and_kl_per_token(
                 l_n = _logits(flats[1 + j][i : i + step], W, b)
                 lse_n = torch.logsumexp(l_n, -1)
                 ce[1 + j, i : i + step] = torch.where(valid, lse_n - l_n.gather(-1, safe).squeeze(-1), 0.0)
-                gap = torch.sub(l_c, l_n, out=l_n).mul_(p_c).sum(-1)  # Σ p_c (l_c − l_n), in l_n's buffer
-                kl[j, i : i + step] = gap + (lse_n - lse_c)
+                kl[j, i : i + step] = _kl_rows(l_c, p_c, l_n).float()
     return CEAndKL(ce[0].reshape(B, T), ce[1:].reshape(n, B, T), kl.reshape(n, B, T))
+
+
+class Reference(NamedTuple):
+    """Float32 logits, log-normaliser and probabilities ``(M, d_vocab)`` / ``(M,)`` of ``M`` reference positions,
+    kept to compare many runs against (:func:`kl_to_reference`)."""
+
+    logits: Tensor
+    lse: Tensor
+    probs: Tensor
+
+
+@torch.no_grad()
+def reference(h: Tensor, W_U: Tensor, b_U: Tensor) -> Reference:
+    """The :class:`Reference` of final hidden states ``h (M, D)``."""
+    with torch.autocast(h.device.type, enabled=False):
+        logits = _logits(h, W_U.to(_compute_dtype(W_U, h.device)), b_U.to(_compute_dtype(W_U, h.device)))
+    lse = torch.logsumexp(logits, -1)
+    return Reference(logits, lse, (logits - lse[:, None]).exp_())
+
+
+@torch.no_grad()
+def kl_to_reference(ref: Reference, h: Tensor, W_U: Tensor, b_U: Tensor, chunk_elements: int | None = None) -> Tensor:
+    """float64 ``KL(P_ref ‖ P_h)`` ``(J, M)`` of ``J`` runs ``h (J, M, D)`` against the same ``M`` reference positions.
+
+    Per chunk of positions of one run: its logits (one vocabulary matmul), then :func:`_kl_rows` (a run equal to the
+    reference gives exactly 0). Equal to :func:`gsae.metrics.kl_div_per_token` of the full logits, without them.
+    """
+    J, M, D = h.shape
+    dtype = _compute_dtype(W_U, h.device)
+    out = torch.empty(J, M, dtype=torch.float64, device=h.device)
+    step = chunk_rows(W_U.shape[1], chunk_elements, h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        W, b = W_U.to(dtype), b_U.to(dtype)
+        for j in range(J):
+            for i in range(0, M, step):
+                l_n = _logits(h[j, i : i + step], W, b)
+                out[j, i : i + step] = _kl_rows(ref.logits[i : i + step], ref.probs[i : i + step], l_n)
+    return out

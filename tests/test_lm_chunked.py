@@ -87,6 +87,25 @@ def test_evaluation_ce_and_kl_of_many_runs_equal_the_unchunked_definitions(chunk
     assert float(res.kl[0].min()) > 0.1  # the ablated and perturbed runs are far from the clean one
 
 
+@pytest.mark.parametrize("chunk", [None, 2 * V])
+def test_kl_to_a_kept_reference_equals_the_unchunked_definition(chunk):
+    """``kl_to_reference`` (the perturbation loop): J runs against one kept reference = ``kl_div_per_token`` of full
+    logits per run; the reference itself gives exactly 0; no run's logits beyond one chunk."""
+    h, W_U, b_U, _ = setup(9, b=2, t=5)
+    ref_h = h.reshape(10, D)
+    gen = torch.Generator().manual_seed(10)
+    runs = torch.stack([ref_h + 0.5 * torch.randn(ref_h.shape, generator=gen), ref_h.clone(), torch.zeros_like(ref_h)])
+    kept = lm_chunked.reference(ref_h, W_U, b_U)
+    with VocabTensors(W_U) as seen:
+        kl = lm_chunked.kl_to_reference(kept, runs, W_U, b_U, chunk_elements=chunk)
+    if chunk is not None:
+        assert max(seen.rows) <= 2, seen.rows
+    want = torch.stack([kl_div_per_token(ref_h @ W_U + b_U, r @ W_U + b_U) for r in runs])
+    assert kl.dtype == torch.float64
+    torch.testing.assert_close(kl.float(), want, rtol=1e-5, atol=1e-6)
+    assert torch.all(kl[1] == 0) and float(kl[0].min()) > 0
+
+
 def test_kl_of_identical_states_is_zero_with_zero_gradient():
     h, W_U, b_U, _ = setup(2)
     hn = h.clone().requires_grad_(True)
@@ -151,3 +170,28 @@ def test_kl_of_nearby_states_is_accurate_against_float64():
     kl = lm_chunked.kl_per_token(h_clean, h_new, W_U, b_U, chunk_elements=16 * v)
     assert float(ref.mean()) < 1e-3
     assert float(((kl.double() - ref).abs() / ref).max()) < 2.5e-3
+
+
+def test_evaluation_kl_is_accurate_against_float64_near_and_far():
+    """The evaluation KL (``_kl_rows``: ``Σ p (expm1(u) − u) + log1p(b) − b`` for nearby states, the direct form for
+    far ones) against a float64 reference at GPT-2's vocabulary: nearby states (KL ~1e-4 nats) within 1e-4 relative
+    (the log-softmax difference form is at ~1e-3 there), far states (KL of several nats, logits rising by > 2) within
+    1e-5; both through ``kl_to_reference`` and ``ce_and_kl_per_token``."""
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 48, 64, 50257
+    W_U, b_U = torch.randn(d, v, generator=g) / 4, torch.randn(v, generator=g) * 0.1
+    h_clean = torch.randn(n, d, generator=g)
+    near = h_clean + 0.005 * torch.randn(n, d, generator=g)
+    far = 3 * torch.randn(n, d, generator=g)
+    lp = lambda h: torch.log_softmax(h.double() @ W_U.double() + b_U.double(), -1)  # noqa: E731
+    want = {name: (lp(h_clean).exp() * (lp(h_clean) - lp(h))).sum(-1) for name, h in (("near", near), ("far", far))}
+    assert float(want["near"].max()) < 1e-3 and float(want["far"].min()) > 1.0
+    kept = lm_chunked.reference(h_clean, W_U, b_U)
+    via_ref = lm_chunked.kl_to_reference(kept, torch.stack([near, far]), W_U, b_U, chunk_elements=16 * v)
+    tokens = torch.randint(0, v, (1, n), generator=g)
+    via_ce = lm_chunked.ce_and_kl_per_token(h_clean[None], [near[None], far[None]], W_U, b_U, tokens).kl[:, 0]
+    for got in (via_ref, via_ce.double()):
+        assert float(((got[0] - want["near"]).abs() / want["near"]).max()) < 1e-4
+        assert float(((got[1] - want["far"]).abs() / want["far"]).max()) < 1e-5
+    textbook = kl_div_per_token(h_clean @ W_U + b_U, near @ W_U + b_U).double()
+    assert float(((textbook - want["near"]).abs() / want["near"]).max()) > 3e-4  # what the new form improves on

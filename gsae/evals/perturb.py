@@ -1,11 +1,11 @@
 """The perturbation loop shared by ``sensitive_directions`` and ``plateaus``: many perturbed copies of a few
 reference sequences, run from the hook on, compared with their reference by next-token KL and final-residual L2.
 
-For each group of reference sequences the reference runs once (only the layers after the hook,
-``LanguageModel.run_from_hook``) and its log-probabilities and final residual at the read positions are
-kept; then every job's copies of the group run in forwards of about ``forward_tokens`` tokens, and each
-copy's KL is taken against the kept log-probabilities (never recomputed per job, never gathered per copy:
-the copies of one forward are whole jobs over the group, so the reference broadcasts).
+For each group of reference sequences the reference runs once (only the layers after the hook, up to the final
+hidden state: ``LanguageModel.hidden_from_hook``) and its logits, probabilities and final residual at the read
+positions are kept; then every job's copies of the group run in forwards of about ``forward_tokens`` tokens, and
+each copy's KL is taken against the kept reference in chunks of positions (:func:`gsae.lm_chunked.kl_to_reference`:
+one vocabulary matmul per copy's chunk, no full-vocabulary logits of a forward, the reference never recomputed).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from gsae.lm import LanguageModel, upcast
+from gsae import lm_chunked
+from gsae.lm import LanguageModel
 
 #: ``make(jobs (nj,), s0, s1) -> (nj, s1 − s0, t_run, D)``: the perturbed copies of reference sequences s0:s1.
 MakeCopies = Callable[[Tensor, int, int], Tensor]
@@ -38,12 +38,6 @@ class PerturbedRuns(NamedTuple):
 def final_hook(lm: LanguageModel) -> str:
     """The final residual, where the L2 distance is read (``blocks.11.hook_resid_post`` for GPT-2 small)."""
     return f"blocks.{lm.n_layers - 1}.hook_resid_post"
-
-
-def kl_from_logprobs(logp_ref: Tensor, p_ref: Tensor, logits: Tensor) -> Tensor:
-    """``KL(P_ref ‖ softmax(logits))`` summed over the vocabulary, from the reference's kept log-probs and probs
-    (the :func:`gsae.metrics.kl_div_per_token` convention; ``logp_ref``/``p_ref`` broadcast against ``logits``)."""
-    return (p_ref * (logp_ref - F.log_softmax(upcast(logits), dim=-1))).sum(-1)
 
 
 @torch.no_grad()
@@ -68,7 +62,8 @@ def perturbation_runs(
         make: builds the copies (see :data:`MakeCopies`).
         read: long ``(R,)`` positions read (< ``t_run``).
         tokens: ``(N, t_run)`` tokens, needed only for hooks inside a block (full forward with a patch hook).
-        forward_tokens: about how many tokens one forward pass holds (memory: ``forward_tokens × d_vocab`` logits).
+        forward_tokens: about how many tokens one forward pass holds (memory: the reference's ``forward_tokens × d_vocab``
+            logits and probabilities).
     """
     N, t_run, _ = ref.shape
     fin = final_hook(lm)
@@ -85,20 +80,19 @@ def perturbation_runs(
         s1 = min(N, s0 + group)
         b = s1 - s0
         tok = None if tokens is None else tokens[s0:s1]
-        clean = lm.run_from_hook(ref[s0:s1], hook, tokens=tok, cache_hooks=[fin])
+        clean = lm.hidden_from_hook(ref[s0:s1], hook, tokens=tok, cache_hooks=[fin])
         h_ref = clean.cache.get(fin, ref[s0:s1])[:, read].float()  # the hook may itself be the final residual
-        logp = F.log_softmax(upcast(clean.logits[:, read]), dim=-1)  # (b, R, V), kept for every job
-        p = logp.exp()
+        kept = lm_chunked.reference(clean.hidden[:, read].reshape(b * R, -1), lm.W_U, lm.b_U)  # for every job
         del clean
         for j0 in range(0, n_jobs, per_fwd):
             jobs = torch.arange(j0, min(n_jobs, j0 + per_fwd), device=ref.device)
             xp = make(jobs, s0, s1)  # (nj, b, t_run, D)
             nj = xp.shape[0]
             flat = xp.reshape(nj * b, t_run, -1)
-            run = lm.run_from_hook(flat, hook, tokens=None if tok is None else tok.repeat(nj, 1), cache_hooks=[fin])
-            logits = run.logits[:, read].reshape(nj, b, R, -1)
-            kl[j0 : j0 + nj, s0:s1] = kl_from_logprobs(logp, p, logits).double()
+            run = lm.hidden_from_hook(flat, hook, tokens=None if tok is None else tok.repeat(nj, 1), cache_hooks=[fin])
+            hidden = run.hidden[:, read].reshape(nj, b * R, -1)
+            kl[j0 : j0 + nj, s0:s1] = lm_chunked.kl_to_reference(kept, hidden, lm.W_U, lm.b_U).reshape(nj, b, R)
             h = run.cache.get(fin, flat)[:, read].reshape(nj, b, R, -1).float()
             l2[j0 : j0 + nj, s0:s1] = (h - h_ref).norm(dim=-1).double()
-            del run, xp, flat, logits, h
+            del run, xp, flat, hidden, h
     return PerturbedRuns(kl, l2)
