@@ -166,15 +166,15 @@ def _kl_rows(l_ref: Tensor, p_ref: Tensor, l_new: Tensor) -> Tensor:
     Identical logits give exactly 0.
     """
     u = torch.sub(l_new, l_ref, out=l_new)
-    top = u.amax(-1)
-    e = torch.expm1(u.clamp(max=KL_DIRECT_ABOVE))
-    b = torch.einsum("rv,rv->r", p_ref, e).double()
-    kl = torch.einsum("rv,rv->r", p_ref, e.sub_(u)).double() + (torch.log1p(b) - b)
-    far = top > KL_DIRECT_ABOVE
+    far = u.amax(-1) > KL_DIRECT_ABOVE
+    e = torch.expm1(u)  # may overflow in far rows only, which are replaced below
+    b = (p_ref * e).sum(-1).double()  # (p · e).sum: ~2x faster than einsum / bmm / vecdot on CPU
+    kl = (p_ref * e.sub_(u)).sum(-1).double() + (torch.log1p(b) - b)
     if bool(far.any()):
-        uf, pf, mf = u[far], p_ref[far], top[far, None]
-        direct = -torch.einsum("rv,rv->r", pf, uf).double() + mf.squeeze(-1).double()
-        kl[far] = direct + torch.log(torch.einsum("rv,rv->r", pf, uf.sub_(mf).exp_())).double()
+        uf, pf = u[far], p_ref[far]
+        mf = uf.amax(-1, keepdim=True)
+        direct = -(pf * uf).sum(-1).double() + mf.squeeze(-1).double()
+        kl[far] = direct + torch.log((pf * uf.sub_(mf).exp_()).sum(-1)).double()
     return kl
 
 
