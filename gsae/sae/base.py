@@ -48,6 +48,8 @@ class SparseAutoencoder(nn.Module):
 
     #: Whether the decoder rows are kept at unit norm by the training system (post-step renorm).
     unit_norm_decoder: bool = True
+    #: rows per block of the decoder constraints (a block of ``W_dec`` and its gradient stays in cache)
+    ROW_BLOCK = 512
 
     def __init__(self, d_in: int, d_sae: int, seed: int | None = 0) -> None:
         super().__init__()
@@ -123,7 +125,8 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale every decoder row to unit norm (called after each optimizer step)."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        for w in self.W_dec.split(self.ROW_BLOCK):
+            w.div_(w.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
@@ -134,10 +137,10 @@ class SparseAutoencoder(nn.Module):
         """
         if self.W_dec.grad is None:
             return
-        grad, w = self.W_dec.grad, self.W_dec
-        # row dot products as a batched matmul and one fused update: no (d_sae, d_in) temporaries
-        parallel = torch.bmm(grad.unsqueeze(1), w.unsqueeze(2)).squeeze(-1)  # (d_sae, 1)
-        grad.addcmul_(parallel, w, value=-1)
+        # in blocks of rows that stay in cache between the dot products and the update: one pass over the
+        # (d_sae, d_in) gradient and decoder instead of two (a batched matmul of 1x1 products: 2x slower)
+        for grad, w in zip(self.W_dec.grad.split(self.ROW_BLOCK), self.W_dec.split(self.ROW_BLOCK)):
+            grad.addcmul_(torch.linalg.vecdot(grad, w).unsqueeze(1), w, value=-1)
 
 
 class SparsePattern:

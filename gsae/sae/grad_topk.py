@@ -87,7 +87,9 @@ class GradTopKSAE(TopKSAE):
     def selection_scores(self, pre: Tensor, grad: Tensor | None) -> Tensor:
         if grad is None or self.beta == 0:
             return pre
-        return self.attribution(grad).add_(1).mul_(pre)  # pre · (1 + β|W_dec g|), in place on the attribution
+        with torch.no_grad():  # pre + β·pre·|W_dec g| = pre · (1 + β|W_dec g|): two passes over (N, d_sae), not four
+            a = (grad.to(self.W_dec.dtype) @ self.W_dec.T).abs_()
+            return torch.addcmul(pre, pre, a, value=self.beta, out=a)
 
     def forward(
         self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None, aux_norm: Tensor | float | None = None

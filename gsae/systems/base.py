@@ -28,6 +28,7 @@ from gsae.metrics import (
     recon_metrics,
     recon_sums,
 )
+from gsae.optim import Adam
 from gsae.sae.base import SAEOutput, SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ class NonFiniteLossError(RuntimeError):
 
 def _adam(params):
     # fused: one kernel for all parameters (CPU and CUDA); ~2.5x faster than the default loop on CPU, same
-    # updates to ~1e-8 (benchmarks/README.md)
-    return torch.optim.Adam(params, lr=1e-4, fused=True)
+    # updates to ~1e-8 (benchmarks/README.md); gsae.optim.Adam: without torch's copy of the transposed W_enc's grad
+    return Adam(params, lr=1e-4, fused=True)
 
 
 def lr_factor(

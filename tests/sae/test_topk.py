@@ -389,3 +389,18 @@ def test_topk_indices_equals_torch_topk(d: int, k: int) -> None:
     assert torch.equal(topk_indices(s.T.contiguous().T, k), idx)
     # the shapes of this project take the block path (measured faster), tiny ones fall back to torch.topk
     assert (topk_block(d, k) > 0) == (d >= 3000)
+
+
+def test_decoder_constraints_in_row_blocks_equal_the_whole_matrix_formulas() -> None:
+    """remove_parallel_grad / normalize_decoder work in blocks of ROW_BLOCK rows: every block, the last partial
+    one included, gets ``g − (g·w) w`` and ``w / ‖w‖`` of its own rows."""
+    sae = build_topk(d_in=16, d_sae=2 * TopKSAE.ROW_BLOCK + 77, k=4)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(sae.d_sae, 1) + 0.5)  # rows off the sphere
+    g = torch.randn_like(sae.W_dec)
+    w = sae.W_dec.detach().clone()
+    sae.W_dec.grad = g.clone()
+    sae.remove_parallel_grad()
+    torch.testing.assert_close(sae.W_dec.grad, g - (g * w).sum(-1, keepdim=True) * w, rtol=1e-5, atol=1e-6)
+    sae.normalize_decoder()
+    torch.testing.assert_close(sae.W_dec.detach(), w / w.norm(dim=-1, keepdim=True), rtol=1e-6, atol=1e-7)

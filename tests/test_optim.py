@@ -1,0 +1,118 @@
+"""gsae.optim.Adam: torch's fused Adam on flat views of transposed parameters (no gradient copy), and moments
+realigned to their parameter's layout (torch's fused kernel pairs elements by memory position)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from gsae.optim import Adam, dense_order, flat_view
+from gsae.sae import TopKSAE
+
+
+def _params(seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(48, 32, generator=gen).T,  # (32, 48), strides (1, 32): the W_enc layout
+        torch.randn(24, 32, generator=gen),  # contiguous matrix
+        torch.randn(32, generator=gen),  # vector
+        torch.randn(4, 6, 5, generator=gen).permute(2, 0, 1),  # a 3-d permutation
+    ]
+
+
+def _grads(params, step: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=gen) * (1 + step) for p in params]  # by logical index, any layout
+
+
+def _run(cls, params, steps: int = 5, **kw) -> list[torch.Tensor]:
+    ps = [torch.nn.Parameter(p.clone()) for p in params]  # clone keeps each layout
+    opt = cls(ps, lr=1e-2, **kw)
+    for step in range(steps):
+        for p, g in zip(ps, _grads(ps, step)):
+            p.grad = torch.empty_like(p).copy_(g)  # in the parameter's layout, as autograd leaves it
+        opt.step()
+    return [p.detach() for p in ps]
+
+
+@pytest.mark.parametrize("options", [{}, {"amsgrad": True}, {"weight_decay": 0.1}, {"maximize": True}])
+def test_updates_equal_torch_fused_adam_on_contiguous_copies_bit_for_bit(options) -> None:
+    params = _params()
+    assert not params[0].is_contiguous() and not params[3].is_contiguous()
+    ours = _run(Adam, params, **options)
+    ref = _run(lambda ps, **kw: torch.optim.Adam(ps, fused=True, **kw), [p.contiguous() for p in params], **options)
+    for a, b, p in zip(ours, ref, params):
+        assert a.stride() == p.stride()  # the layout is kept
+        assert torch.equal(a, b)
+    # and torch's unfused loop agrees to rounding (the fused kernel orders its arithmetic differently)
+    loop = _run(lambda ps, **kw: torch.optim.Adam(ps, foreach=False, **kw), params, **options)
+    for a, b in zip(ours, loop):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_step_copies_no_gradient() -> None:
+    w = torch.nn.Parameter(torch.randn(2048, 512).T.clone())
+    opt = Adam([w], lr=1e-3)
+    w.grad = torch.randn(2048, 512).T.clone()
+    opt.step()  # state created
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        opt.step()
+    copies = [e for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
+    assert not [e for e in copies if any(list(s) == [512, 2048] for s in e.input_shapes)]
+    assert any(e.name == "aten::_fused_adam_" for e in prof.events()), "the fused kernel ran"
+
+
+def test_moments_restored_in_another_layout_are_realigned() -> None:
+    params = _params()[:1]
+    ref = _run(lambda ps, **kw: torch.optim.Adam(ps, foreach=False, **kw), params, steps=3)
+
+    p = torch.nn.Parameter(params[0].clone())
+    opt = Adam([p], lr=1e-2)
+    p.grad = torch.empty_like(p).copy_(_grads([p], 0)[0])
+    opt.step()
+    state = opt.state_dict()
+    for key in ("exp_avg", "exp_avg_sq"):  # as a checkpoint written with the other layout would hold them
+        state["state"][0][key] = state["state"][0][key].contiguous()
+    opt.load_state_dict(state)
+    assert opt.state[p]["exp_avg"].stride() != p.stride()
+    for step in (1, 2):
+        p.grad = torch.empty_like(p).copy_(_grads([p], step)[0])
+        opt.step()
+    torch.testing.assert_close(p.detach(), ref[0], rtol=1e-6, atol=1e-7)
+    assert opt.state[p]["exp_avg"].stride() == p.stride() == opt.state[p]["exp_avg_sq"].stride()
+
+
+def test_a_gradient_in_another_layout_is_used_elementwise() -> None:
+    params = _params()[:1]
+    ref = _run(lambda ps, **kw: torch.optim.Adam(ps, foreach=False, **kw), params, steps=2)
+    p = torch.nn.Parameter(params[0].clone())
+    opt = Adam([p], lr=1e-2)
+    for step in range(2):
+        p.grad = _grads([p], step)[0].contiguous()  # set by hand, not by autograd: contiguous, unlike p
+        opt.step()
+    torch.testing.assert_close(p.detach(), ref[0], rtol=1e-6, atol=1e-7)
+
+
+def test_sae_training_equals_torch_adam() -> None:
+    """The W_enc of every SAE is stored transposed: a few real TopK steps with either optimizer."""
+    x = torch.randn(256, 16)
+    result = {}
+    for name, make in {"gsae": lambda ps: Adam(ps, lr=1e-2), "torch": lambda ps: torch.optim.Adam(ps, lr=1e-2)}.items():
+        sae = TopKSAE(16, d_sae=64, k=4, seed=0)
+        assert not sae.W_enc.is_contiguous()
+        opt = make(sae.parameters())
+        for _ in range(4):
+            opt.zero_grad()
+            out = sae(x)
+            ((out.x_hat - x).pow(2).sum(-1).mean() + out.aux_loss).backward()
+            opt.step()
+        result[name] = dict(sae.named_parameters())
+    torch.testing.assert_close(result["gsae"], result["torch"], rtol=1e-5, atol=1e-6)
+
+
+def test_flat_view_helpers() -> None:
+    t = torch.arange(24.0).reshape(2, 3, 4).permute(2, 0, 1)
+    assert dense_order(t) == [1, 2, 0]
+    assert torch.equal(flat_view(t), torch.arange(24.0))
+    assert dense_order(torch.arange(24.0).reshape(4, 6)[:, ::2]) is None  # gaps
