@@ -75,7 +75,8 @@ def callback_cost(args: argparse.Namespace) -> dict:
     checkpoint cadence (``checkpoint.every_n_train_steps``) and the ``evaluation:`` section come from the config;
     the LM is ``random-gpt2`` (GPT-2 small's shape, random weights, the config's weight-processing flags); tokens
     are random ids with BOS first. Training: the real ``LocalSAESystem`` step (harvest with ``∇ₓL`` for a g-SAE,
-    shuffle buffer, SAE forward, loss, backward, Adam), timed over ``--train-steps`` steps after one warm-up step,
+    shuffle buffer, SAE forward, loss, backward, Adam), or ``E2ESAESystem``'s for an e2e config (clean pass, patched
+    suffix, KL and downstream terms), timed over ``--train-steps`` steps after one warm-up step,
     median, times the cadence. Callback: ``EvaluationCallback.evaluate`` exactly as at a checkpoint (every default
     benchmark, the config's per-benchmark ``n_seqs`` and options), timed once, per benchmark too.
     """
@@ -86,7 +87,8 @@ def callback_cost(args: argparse.Namespace) -> dict:
 
     from gsae.callbacks.evaluation import EvaluationCallback
     from gsae.data import TokenBatch
-    from gsae.systems import LocalSAESystem
+    from gsae.optim import Adam
+    from gsae.systems import E2ESAESystem, LocalSAESystem
 
     cfg = yaml.safe_load(open(args.config))
     m = cfg["model"]["init_args"]
@@ -94,9 +96,13 @@ def callback_cost(args: argparse.Namespace) -> dict:
     sae_cls, sae_args = getattr(importlib.import_module(mod), cls), m["sae"].get("init_args", {})
     flags = {k: v for k, v in m["lm"].items() if k in ("fold_ln", "center_writing_weights", "center_unembed")}
     lm = LanguageModel("random-gpt2", **flags).to(args.device)
-    extra = {k: m[k] for k in ("buffer_size", "grad_reduction") if k in m}
-    system = LocalSAESystem(lm, lambda d: sae_cls(d, **sae_args), hook=m["hook"], **extra).to(args.device)
-    opt = torch.optim.Adam(system.sae.parameters(), lr=1e-4)
+    if cfg["model"]["class_path"].endswith("E2ESAESystem"):  # e2e / e2e+ds: the patched suffix and the KL
+        keys, system_cls = ("kl_coef", "downstream_hooks", "downstream_coef", "downstream_coefs", "local_mse_coef"), E2ESAESystem
+    else:
+        keys, system_cls = ("buffer_size", "grad_reduction"), LocalSAESystem
+    extra = {k: m[k] for k in keys if k in m}
+    system = system_cls(lm, lambda d: sae_cls(d, **sae_args), hook=m["hook"], **extra).to(args.device)
+    opt = Adam(system.sae.parameters(), lr=1e-4)  # the configs' optimizer
     B, T = cfg["data"]["batch_size"], cfg["data"]["context_size"]
     every = cfg["checkpoint"]["every_n_train_steps"]
     gen = torch.Generator().manual_seed(1)

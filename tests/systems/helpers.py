@@ -8,6 +8,7 @@ import torch
 from gsae.callbacks.checkpoint import SAECheckpoint
 from gsae.data import TokenDataModule
 from gsae.lm import LanguageModel
+from gsae.optim import Adam
 from gsae.sae import GradTopKSAE, TopKSAE
 from gsae.systems import E2ESAESystem, LocalSAESystem
 
@@ -16,7 +17,7 @@ HOOK = "blocks.1.hook_resid_pre"
 
 def build_system(objective: str = "topk", buffer_size: int = 0, lm_name: str = "random-tiny", **kw) -> pl.LightningModule:
     lm = LanguageModel(lm_name, seed=0)
-    common = dict(hook=HOOK, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2), lr_warmup_steps=2, dead_tokens=200, **kw)
+    common = dict(hook=HOOK, optimizer=lambda p: Adam(p, lr=1e-2), lr_warmup_steps=2, dead_tokens=200, **kw)
     if objective == "topk":
         return LocalSAESystem(lm, lambda d: TopKSAE(d, 64, 4, k_aux=8), buffer_size=buffer_size, **common)
     if objective == "gsae":

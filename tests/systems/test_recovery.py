@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from gsae.data import ActivationBatch, TokenDataModule
+from gsae.optim import Adam
 from gsae.sae import TopKSAE
 from gsae.systems import LocalSAESystem
 
@@ -54,7 +55,7 @@ def test_topk_sae_recovers_planted_features(tiny_lm) -> None:
         lm=tiny_lm,
         sae=lambda d_in: TopKSAE(d_in, d_sae=128, k=4),
         hook=HOOK,
-        optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
+        optimizer=lambda params: Adam(params, lr=1e-2),  # the default optimizer, fused
         dead_tokens=20 * TOKENS_PER_STEP,
     )
     before = _max_cos(PlantedSystem.features, system.sae.W_dec.detach())

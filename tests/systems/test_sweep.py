@@ -10,6 +10,7 @@ import torch
 
 from gsae.export import load_checkpoint, load_members
 from gsae.lm import LanguageModel
+from gsae.optim import Adam
 from gsae.sae import GradTopKSAE, TopKSAE
 from gsae.systems import LocalSAESystem, SweepSAESystem
 from tests.systems.helpers import HOOK, RecordTokens, StopAt, build_data, build_trainer
@@ -36,7 +37,7 @@ def _lm() -> LanguageModel:
 
 
 def _adam(lr: float):
-    return lambda params: torch.optim.Adam(params, lr=lr)
+    return lambda params: Adam(params, lr=lr)  # the default optimizer (fused, transposed W_enc as flat views)
 
 
 def _sweep(members=MEMBERS) -> SweepSAESystem:
