@@ -3,6 +3,8 @@ realigned to their parameter's layout (torch's fused kernel pairs elements by me
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -116,3 +118,27 @@ def test_flat_view_helpers() -> None:
     assert dense_order(t) == [1, 2, 0]
     assert torch.equal(flat_view(t), torch.arange(24.0))
     assert dense_order(torch.arange(24.0).reshape(4, 6)[:, ::2]) is None  # gaps
+
+
+def test_a_state_saved_by_torch_adam_resumes() -> None:
+    """Runs saved with torch.optim.Adam (the configs' optimizer before gsae.optim.Adam) resume with ours: same
+    state keys, the step counter moved to the fused kernel's form, the same trajectory as continuing with torch's."""
+    params = _params()
+    first = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = torch.optim.Adam(first, lr=1e-2, foreach=False)
+    for p, g in zip(first, _grads(first, 0)):
+        p.grad = torch.empty_like(p).copy_(g)
+    opt.step()
+    saved = opt.state_dict()
+    results = {}
+    for name, cls in {"ours": Adam, "torch": lambda ps, lr: torch.optim.Adam(ps, lr=lr, foreach=False)}.items():
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in first]
+        o = cls(ps, lr=1e-2)
+        o.load_state_dict(copy.deepcopy(saved))  # state_dict() hands out the live tensors
+        for step in (1, 2):
+            for p, g in zip(ps, _grads(ps, step)):
+                p.grad = torch.empty_like(p).copy_(g)
+            o.step()
+        results[name] = [p.detach() for p in ps]
+    for a, b in zip(results["ours"], results["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
