@@ -160,8 +160,8 @@ def resolve_ckpt_path(cli: GSAECLI) -> str | None:
 def _check_checkpoint(path: str) -> None:
     from gsae.export import load_members
 
-    try:
-        load_members(path)
+    try:  # mapped: the check reads the SAEs, not the optimizer state Lightning is about to load anyway
+        load_members(path, mmap=True)
     except ValueError as e:  # corrupt or foreign file
         raise ValueError(f"--ckpt_path: {e}") from None
 

@@ -86,12 +86,13 @@ def build_sae(meta: dict) -> SparseAutoencoder:
     return cls(**meta["sae_config"])
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """The checkpoint dict of a gsae Lightning checkpoint (one line of error for anything else)."""
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """The checkpoint dict of a gsae Lightning checkpoint (one line of error for anything else). ``mmap``: tensors
+    are mapped, not read (a check or an SAE-only load of a sweep does not read its optimizer state)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+            ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
         raise ValueError(f"checkpoint {str(path)!r} is corrupt or unreadable: {type(e).__name__}: {e}") from None
     if not isinstance(ckpt, dict) or "gsae" not in ckpt:
@@ -132,9 +133,11 @@ def load_checkpoint(
     return sae, meta
 
 
-def load_members(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, tuple[SparseAutoencoder, dict]]:
+def load_members(
+    path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, tuple[SparseAutoencoder, dict]]:
     """``{member: (sae, meta)}`` of a checkpoint: every member of a sweep, or ``{"": (sae, meta)}`` for one SAE."""
-    ckpt = read_checkpoint(path, map_location)
+    ckpt = read_checkpoint(path, map_location, mmap=mmap)
     members = checkpoint_members(ckpt)
     if members is None:
         return {"": load_checkpoint(path, ckpt=ckpt)}
