@@ -28,19 +28,8 @@ from torch import Tensor
 from gsae.evals.common import batches, needs_grad, sae_on_tokens, special_token_mask
 from gsae.evals.latents_html import render_html, render_markdown
 from gsae.lm import LanguageModel
-from gsae.sae.base import SAEOutput, SparseAutoencoder
-
-
-def nonzero_entries(out: SAEOutput) -> tuple[Tensor, Tensor, Tensor]:
-    """``(rows, latents, values)`` of every nonzero activation in ``out`` (sparse TopK or dense form)."""
-    if out.latents is not None:
-        rows, cols = out.latents.nonzero(as_tuple=True)
-        return rows, cols, out.latents[rows, cols]
-    n, k = out.top_idx.shape
-    rows = torch.arange(n, device=out.top_idx.device).repeat_interleave(k)
-    cols, vals = out.top_idx.reshape(-1), out.top_acts.reshape(-1)
-    keep = vals != 0
-    return rows[keep], cols[keep], vals[keep]
+from gsae.metrics import fire_counts
+from gsae.sae.base import SparseAutoencoder
 
 
 def token_strings(lm: LanguageModel, ids: list[int]) -> list[str]:
@@ -97,22 +86,26 @@ def run(
     tokens = tokens.to(lm.device)
     n_seq, t_len = tokens.shape
     keep = special_token_mask(lm, tokens, exclude_special_tokens).reshape(-1).cpu()  # (n_seq·T,)
-    rows, cols, vals, attr_sum = _harvest(sae, lm, hook, tokens, batch_size, keep)
-    counts = torch.bincount(cols, minlength=sae.d_sae)
+    # One pass: per-latent fire counts (and g-SAE attribution sums) over every token, but activations kept only
+    # for a candidate set of latents (the named ones and the head of the sample's seeded order) -- never every
+    # nonzero: a ReLU SAE early in training fires on thousands of latents per token, and 128 contexts of 1024
+    # tokens would be billions of entries. Latents the sample takes beyond the candidates get a second pass.
+    perm = _order(sae.d_sae, seed)
+    candidates = list(dict.fromkeys(named + perm[: max(4 * n_latents, 64)]))
+    counts, attr_sum, acts = _harvest(sae, lm, hook, tokens, batch_size, keep, candidates)
     chosen = named + _sample(counts, set(named), n_latents, n_contexts, seed)
-    wanted = torch.zeros(sae.d_sae, dtype=torch.bool)
-    wanted[chosen] = True
-    sel = wanted[cols]
-    rows, cols, vals = rows[sel], cols[sel], vals[sel]
+    column = {i: j for j, i in enumerate(candidates)}
+    missing = [i for i in chosen if i not in column]
+    if missing:
+        _, _, more = _harvest(sae, lm, hook, tokens, batch_size, keep, missing, attribution=False)
+        column.update({i: acts.shape[1] + j for j, i in enumerate(missing)})
+        acts = torch.cat([acts, more], 1)
     logit = _logit_lens(sae, lm, chosen, n_logit_tokens)
     n_tokens = int(keep.sum())
     entries = []
     for j, i in enumerate(chosen):
-        mine = cols == i
-        act = torch.zeros(n_seq * t_len)
-        act[rows[mine]] = vals[mine]
         entries.append(
-            _latent_entry(lm, tokens, i, act, int(counts[i]), n_tokens, attr_sum, logit, j, n_contexts,
+            _latent_entry(lm, tokens, i, acts[:, column[i]], int(counts[i]), n_tokens, attr_sum, logit, j, n_contexts,
                           context_before, context_after, hist_bins)
         )
     dens = torch.tensor([e["density"] for e in entries]) if entries else torch.zeros(1)
@@ -126,34 +119,55 @@ def run(
     }
 
 
-def _harvest(sae, lm, hook, tokens, batch_size, keep) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Nonzero activations ``(rows, latents, values)`` over all tokens (rows index ``n_seq·T``, special positions
-    dropped) and, for g-SAEs, ``Σ β·|W_dec g|`` per latent over the tokens it fires on."""
-    parts, attr_sum, offset = [], None, 0
-    grad_sae = needs_grad(sae) and hasattr(sae, "attribution")
+def _harvest(
+    sae, lm, hook, tokens, batch_size, keep, columns: list[int], attribution: bool = True
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Over all tokens (special positions dropped): fire counts per latent ``(d_sae,)``; for g-SAEs,
+    ``Σ β·|W_dec g|`` per latent over the tokens it fires on (None otherwise, or when not ``attribution``); and the activations of the latents
+    ``columns`` on every token, ``(n_seq·T, len(columns))`` (zero where they do not fire)."""
+    n_tok = tokens.shape[0] * tokens.shape[1]
+    counts = torch.zeros(sae.d_sae, dtype=torch.long)
+    acts = torch.zeros(n_tok, len(columns))
+    columns_t = torch.tensor(columns, dtype=torch.long)
+    where = torch.full((sae.d_sae,), -1, dtype=torch.long)  # latent -> its column in acts (-1: not kept)
+    where[columns_t] = torch.arange(len(columns))
+    attr_sum, offset = None, 0
+    attribute = attribution and needs_grad(sae) and hasattr(sae, "attribution")
     for tok in batches(tokens, batch_size):
         r = sae_on_tokens(sae, lm, hook, tok)
-        rows, cols, vals = (t.cpu() for t in nonzero_entries(r.out))
-        rows = rows + offset
-        ok = keep[rows]
-        parts.append((rows[ok], cols[ok], vals[ok].float()))
-        if grad_sae:
+        n = tok.shape[0] * tok.shape[1]
+        ok = keep[offset : offset + n, None]
+        if r.out.latents is not None:  # dense SAE: (n, d_sae)
+            lat = torch.where(ok, r.out.latents.detach().cpu().float(), 0.0)
+            fired = lat != 0
+            counts += fire_counts(None, None, lat, sae.d_sae)
+            acts[offset : offset + n] = lat[:, columns_t]
+        else:  # TopK family: (n, k) indices and values
+            idx, val = r.out.top_idx.cpu(), torch.where(ok, r.out.top_acts.detach().cpu().float(), 0.0)
+            counts += fire_counts(idx, val, None, sae.d_sae)
+            col = where[idx]
+            sel = (val != 0) & (col >= 0)
+            acts[offset + sel.nonzero()[:, 0], col[sel]] = val[sel]
+            fired = torch.zeros(n, sae.d_sae, dtype=torch.bool).scatter_(1, idx, val != 0) if attribute else None
+        if attribute:
             b, t, d = r.grad.shape
             attr = sae.attribution(r.grad.reshape(b * t, d)).cpu()  # (B·T, d_sae)
-            fired = torch.zeros_like(attr, dtype=torch.bool)
-            fired[(rows - offset)[ok], cols[ok]] = True
             s = (attr * fired).sum(0).double()
             attr_sum = s if attr_sum is None else attr_sum + s
-        offset += tok.shape[0] * tok.shape[1]
-    rows, cols, vals = (torch.cat(p) for p in zip(*parts))
-    return rows, cols, vals, attr_sum
+        offset += n
+    return counts, attr_sum, acts
+
+
+def _order(d_sae: int, seed: int) -> list[int]:
+    """The seeded order in which :func:`_sample` takes latents."""
+    return torch.randperm(d_sae, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def _sample(counts: Tensor, exclude: set[int], n: int, min_fires: int, seed: int) -> list[int]:
     """``n`` latents, uniformly at random (seeded) among those firing ``>= min_fires`` times, topped up with other
     alive latents if too few do. Latents are taken in the order of one seeded permutation of all ``d_sae``, so
     successive checkpoints show the same latents while they stay alive (one TensorBoard text card each)."""
-    perm = torch.randperm(counts.shape[0], generator=torch.Generator().manual_seed(seed)).tolist()
+    perm = _order(counts.shape[0], seed)
     chosen = [i for i in perm if counts[i] >= min_fires and i not in exclude][:n]
     if len(chosen) < n:
         taken = set(chosen) | exclude

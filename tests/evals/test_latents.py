@@ -178,3 +178,72 @@ def test_texts_reach_tensorboard(tiny, tmp_path) -> None:
     assert "&lt;|endoftext|&gt;" in plugin_util.markdown_to_safe_html(eos).replace("&#124;", "|")
     figs = tagged_figures({"latents": r})
     assert list(figs) == ["eval/latents/activation_histograms"]
+
+
+def keep_everything(sae, lm, tokens, grad: bool, batch_size: int, **kw) -> dict:
+    """The dashboard computed the direct way: every latent's activation on every token kept (``(n_seq·T, d_sae)``,
+    from the SAE's own dense output, batch by batch as the benchmark reads them: a g-SAE's ∇ₓL is per batch),
+    then the sample and each entry made from those columns."""
+    from gsae.evals.common import sae_on_tokens
+
+    runs = [sae_on_tokens(sae, lm, HOOK, tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
+    dense = torch.cat([(sae.densify(r.out) if r.out.latents is None else r.out.latents).detach() for r in runs])
+    dense = dense.float()
+    dense[torch.isin(tokens.reshape(-1), torch.tensor(lm.special_token_ids))] = 0
+    counts = (dense != 0).sum(0)
+    named = kw.get("latents") or []
+    chosen = named + latents_mod._sample(counts, set(named), kw["n_latents"], kw["n_contexts"], kw["seed"])
+    attr_sum = None
+    if grad:
+        attr = torch.cat([sae.attribution(r.grad.reshape(-1, r.grad.shape[-1])) for r in runs])
+        attr_sum = (attr * (dense != 0)).sum(0).double()
+    logit = latents_mod._logit_lens(sae, lm, chosen, 8)
+    n_tokens = int((~torch.isin(tokens, torch.tensor(lm.special_token_ids))).sum())
+    return [
+        latents_mod._latent_entry(lm, tokens, i, dense[:, i], int(counts[i]), n_tokens, attr_sum, logit, j,
+                                  kw["n_contexts"], 12, 4, 24)
+        for j, i in enumerate(chosen)
+    ], int((counts > 0).sum())
+
+
+@pytest.mark.parametrize("kind", ["topk", "topk_second_pass", "relu", "gsae"])
+def test_streaming_dashboard_equals_keeping_every_activation(tiny, kind, monkeypatch) -> None:
+    """The benchmark keeps activations only for candidate latents (memory O(tokens · candidates), not O(nonzeros):
+    a ReLU SAE fires on about half its latents here), yet gives exactly what keeping every activation gives --
+    also when the sample reaches past the candidates (their first 64 latents dead: a second pass) and for a
+    dense ReLU SAE and a g-SAE (the gradient in the selection and the attribution)."""
+    from gsae.sae import ReLUSAE
+
+    lm, tokens = tiny
+    tokens = tokens[:16]
+    if kind == "relu":
+        sae = randomize(ReLUSAE(lm.d_model, d_sae=256), seed=5)
+    elif kind == "gsae":
+        sae = randomize(GradTopKSAE(lm.d_model, d_sae=256, k=8, beta=3e3), seed=4)
+    else:
+        sae = randomize(TopKSAE(lm.d_model, d_sae=256, k=8), seed=3)
+    kw = dict(seed=0, n_latents=6, n_contexts=4, latents=[latents_mod._order(256, 0)[100]])  # not a candidate
+    if kind == "topk_second_pass":
+        with torch.no_grad():
+            sae.b_enc[latents_mod._order(256, 0)[:64]] = -1e6  # the candidates are dead: the sample is elsewhere
+    widths = []
+    harvest = latents_mod._harvest
+
+    def spy(*a, **k):
+        out = harvest(*a, **k)
+        widths.append(out[2].shape[1])
+        return out
+
+    monkeypatch.setattr(latents_mod, "_harvest", spy)
+    with torch.no_grad() if kind != "gsae" else torch.enable_grad():
+        r = run_benchmark("latents", sae, lm, HOOK, tokens, batch_size=5, **kw)
+    want, n_alive = keep_everything(sae, lm, tokens, grad=kind == "gsae", batch_size=5, **kw)
+    attr = [(e.pop("mean_beta_attribution"), w.pop("mean_beta_attribution")) for e, w in zip(r["latents"], want)]
+    assert r["latents"] == want and r["n_alive"] == n_alive and r["n_latents"] == 7
+    for got, ref in attr:  # per-batch float sums, accumulated in float64 in both; the order of the sums differs
+        assert got == ref if ref is None else got == pytest.approx(ref, rel=1e-6)
+    assert widths == ([65, 6] if kind == "topk_second_pass" else [65])  # named + 64 candidates, then the rest
+    if kind == "relu":
+        assert n_alive > 200 and r["latents"][1]["density"] > 0.1  # dense: every nonzero would be ~half the matrix
+    if kind == "gsae":
+        assert all(got is not None for (got, _), e in zip(attr, r["latents"]) if e["n_fires"])
