@@ -67,7 +67,10 @@ Usage::
     python benchmarks/train_throughput.py --objective sweep  # 10 SAEs: one SweepSAESystem vs 10 separate runs (5-13 min)
 
 The last lines of the default run are ``gsae_tokens_per_s=``, ``saelens_tokens_per_s=``,
-``forward_only_tokens_per_s=``, ``ratio_vs_saelens=`` (gsae / SAELens) and ``ratio_vs_forward=``.
+``forward_only_tokens_per_s=``, ``ratio_vs_saelens=`` (gsae / SAELens) and ``ratio_vs_forward=``, then what FLOPs
+allow: ``ratio_vs_forward_flop_bound=`` (forward FLOPs ÷ forward + SAE FLOPs: the ratio if the SAE ran at the
+forward's FLOP rate with nothing else in the step), ``ratio_vs_forward_vs_bound=`` (the distance) and
+``saelens_flop_ratio=`` (SAELens' FLOPs per token ÷ ours: the ratio if both ran at the same FLOP rate).
 With several objectives it prints ``objective=NAME tokens_per_s=…`` per objective,
 ``gsae_cost_vs_topk=`` / ``e2e_cost_vs_topk=`` (time per token ÷ TopK's), ``gsae_flop_floor=`` /
 ``e2e_flop_floor=`` (the same ratio of FLOPs per token, from the model's shape: :func:`flop_floor`) and
@@ -501,7 +504,9 @@ def flop_floor(lm, hook: str, context_size: int, d_sae: int) -> dict[str, float]
     A block's attention step costs ``2·4·D²`` (packed QKV and the output projection) ``+ 4·T·D`` (scores and
     values over the whole context, as the dense kernels do), its MLP step ``2·2·D·d_mlp``; the unembedding
     ``2·D·V``. ``prefix`` = the steps before the hook, ``suffix`` = the steps after it + the unembedding. The SAE
-    costs its dense encoder ``2·D·d_sae`` (the k-sparse decoder and the sparse backward are O(k·D)); a g-SAE
+    costs its dense encoder ``2·D·d_sae`` (the k-sparse decoder and the sparse backward are O(k·D)); SAELens'
+    default TopK SAE (dense activations) five such matmuls (encoder; dense decoder; the decoder's two gradients
+    and the encoder's, all dense); a g-SAE
     also scores every latent with ``|W_dec g|`` (``2·D·d_sae``). A backward that needs input gradients only
     costs about its forward. TopK = prefix + SAE; g-SAE = prefix + suffix forward + suffix backward + SAE +
     scores; e2e = prefix + clean suffix + patched suffix + its backward + SAE.
@@ -519,7 +524,8 @@ def flop_floor(lm, hook: str, context_size: int, d_sae: int) -> dict[str, float]
     topk = prefix + sae
     gsae = prefix + 2 * suffix + sae + 2 * D * d_sae
     e2e = prefix + 3 * suffix + sae
-    return {"prefix": prefix, "suffix": suffix, "sae": sae, "topk": topk, "gsae": gsae, "e2e": e2e}
+    saelens = prefix + 5 * sae
+    return {"prefix": prefix, "suffix": suffix, "sae": sae, "topk": topk, "gsae": gsae, "e2e": e2e, "saelens": saelens}
 
 
 # ---------------------------------------------------------------------------------------------- profiling
@@ -865,6 +871,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fused_forward_speedup={tps['forward'] / tps['tl_fwd']:.3f}")
         print(f"ratio_vs_saelens={tps['topk'] / tps['saelens']:.3f}")
         print(f"ratio_vs_forward={tps['topk'] / tps['forward']:.3f}")
+        floor = flop_floor(lm, args.hook, T, args.d_sae)
+        bound = floor["prefix"] / floor["topk"]
+        print(f"# FLOPs per token: forward to the hook {floor['prefix'] / 1e6:.1f} M, + TopK SAE {floor['sae'] / 1e6:.1f} M"
+              f" (ours), + dense SAE forward and backward {5 * floor['sae'] / 1e6:.1f} M (SAELens' default TopK)")
+        print(f"ratio_vs_forward_flop_bound={bound:.3f}")
+        print(f"ratio_vs_forward_vs_bound={tps['topk'] / tps['forward'] / bound:.3f}")
+        print(f"saelens_flop_ratio={floor['saelens'] / floor['topk']:.3f}")
 
     return 0
 
