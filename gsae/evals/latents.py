@@ -138,10 +138,10 @@ def _harvest(
         n = tok.shape[0] * tok.shape[1]
         ok = keep[offset : offset + n, None]
         if r.out.latents is not None:  # dense SAE: (n, d_sae)
-            lat = torch.where(ok, r.out.latents.detach().cpu().float(), 0.0)
-            fired = lat != 0
-            counts += fire_counts(None, None, lat, sae.d_sae)
-            acts[offset : offset + n] = lat[:, columns_t]
+            lat = r.out.latents.detach()
+            fired = (lat != 0).logical_and_(ok.to(lat.device)).cpu()  # no masked copy of the (n, d_sae) matrix
+            counts += fired.sum(0)
+            acts[offset : offset + n] = torch.where(ok, lat[:, columns_t.to(lat.device)].cpu().float(), 0.0)
         else:  # TopK family: (n, k) indices and values
             idx, val = r.out.top_idx.cpu(), torch.where(ok, r.out.top_acts.detach().cpu().float(), 0.0)
             counts += fire_counts(idx, val, None, sae.d_sae)

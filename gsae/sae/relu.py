@@ -76,5 +76,5 @@ class ReLUSAE(SparseAutoencoder):
         """``(N, d_in) -> SAEOutput`` with dense latents and the L1 sparsity loss (``grad``/``dead_mask`` unused)."""
         c = F.relu(torch.addmm(self.b_enc, x.to(self.W_enc.dtype), self.W_enc))  # (N, d_sae)
         x_hat = self.decode(c)
-        sparsity = self.l1_coef * c.abs().sum(-1).mean() / self.d_in
+        sparsity = self.l1_coef * c.sum(-1).mean() / self.d_in  # ‖c‖₁ = Σc for c ≥ 0 (and the same gradient)
         return SAEOutput(x_hat, None, None, c, c.detach(), x_hat.new_zeros(()), sparsity)
