@@ -97,9 +97,11 @@ def callback_cost(args: argparse.Namespace) -> dict:
     flags = {k: v for k, v in m["lm"].items() if k in ("fold_ln", "center_writing_weights", "center_unembed")}
     lm = LanguageModel("random-gpt2", **flags).to(args.device)
     if cfg["model"]["class_path"].endswith("E2ESAESystem"):  # e2e / e2e+ds: the patched suffix and the KL
-        keys, system_cls = ("kl_coef", "downstream_hooks", "downstream_coef", "downstream_coefs", "local_mse_coef"), E2ESAESystem
+        system_cls = E2ESAESystem
+        keys = ("kl_coef", "downstream_hooks", "downstream_coef", "downstream_coefs", "local_mse_coef")
     else:
-        keys, system_cls = ("buffer_size", "grad_reduction"), LocalSAESystem
+        system_cls = LocalSAESystem
+        keys = ("buffer_size", "grad_reduction")
     extra = {k: m[k] for k in keys if k in m}
     system = system_cls(lm, lambda d: sae_cls(d, **sae_args), hook=m["hook"], **extra).to(args.device)
     opt = Adam(system.sae.parameters(), lr=1e-4)  # the configs' optimizer

@@ -873,8 +873,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ratio_vs_forward={tps['topk'] / tps['forward']:.3f}")
         floor = flop_floor(lm, args.hook, T, args.d_sae)
         bound = floor["prefix"] / floor["topk"]
-        print(f"# FLOPs per token: forward to the hook {floor['prefix'] / 1e6:.1f} M, + TopK SAE {floor['sae'] / 1e6:.1f} M"
-              f" (ours), + dense SAE forward and backward {5 * floor['sae'] / 1e6:.1f} M (SAELens' default TopK)")
+        print(f"# FLOPs per token: forward to the hook {floor['prefix'] / 1e6:.1f} M, + TopK SAE "
+              f"{floor['sae'] / 1e6:.1f} M (ours), + dense SAE forward and backward "
+              f"{(floor['saelens'] - floor['prefix']) / 1e6:.1f} M (SAELens' default TopK)")
         print(f"ratio_vs_forward_flop_bound={bound:.3f}")
         print(f"ratio_vs_forward_vs_bound={tps['topk'] / tps['forward'] / bound:.3f}")
         print(f"saelens_flop_ratio={floor['saelens'] / floor['topk']:.3f}")

@@ -123,8 +123,9 @@ def _harvest(
     sae, lm, hook, tokens, batch_size, keep, columns: list[int], attribution: bool = True
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Over all tokens (special positions dropped): fire counts per latent ``(d_sae,)``; for g-SAEs,
-    ``Σ β·|W_dec g|`` per latent over the tokens it fires on (None otherwise, or when not ``attribution``); and the activations of the latents
-    ``columns`` on every token, ``(n_seq·T, len(columns))`` (zero where they do not fire)."""
+    ``Σ β·|W_dec g|`` per latent over the tokens it fires on (None otherwise, or when not ``attribution``); and
+    the activations of the latents ``columns`` on every token, ``(n_seq·T, len(columns))`` (zero where they do
+    not fire)."""
     n_tok = tokens.shape[0] * tokens.shape[1]
     counts = torch.zeros(sae.d_sae, dtype=torch.long)
     acts = torch.zeros(n_tok, len(columns))

@@ -180,10 +180,10 @@ def test_texts_reach_tensorboard(tiny, tmp_path) -> None:
     assert list(figs) == ["eval/latents/activation_histograms"]
 
 
-def keep_everything(sae, lm, tokens, grad: bool, batch_size: int, **kw) -> dict:
+def keep_everything(sae, lm, tokens, grad: bool, batch_size: int, **kw) -> tuple[list[dict], int]:
     """The dashboard computed the direct way: every latent's activation on every token kept (``(n_seq·T, d_sae)``,
     from the SAE's own dense output, batch by batch as the benchmark reads them: a g-SAE's ∇ₓL is per batch),
-    then the sample and each entry made from those columns."""
+    then the sample and each entry made from those columns: ``(entries, number of alive latents)``."""
     from gsae.evals.common import sae_on_tokens
 
     runs = [sae_on_tokens(sae, lm, HOOK, tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
