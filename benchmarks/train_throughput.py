@@ -78,7 +78,9 @@ With several objectives it prints ``objective=NAME tokens_per_s=…`` per object
 ``separate_tokens_per_s=``, ``sweep_speedup_vs_separate=``, ``sweep_cpu_time_speedup_vs_separate=``,
 ``sweep_flop_expectation=`` and ``sweep_speedup_vs_flops=``. Objectives are the keys of ``SYSTEMS``
 (objective -> system builder; ``all`` runs ``OBJECTIVES``, not the sweep).
-On a GPU: ``--device cuda --precision bf16-mixed [--lm-dtype bfloat16]``.
+On a GPU: ``--device cuda --precision bf16-mixed [--lm-dtype bfloat16]`` (SAELens then runs with its own
+``autocast`` and ``autocast_lm``; every timestamp waits for the GPU's queued work). ``benchmarks/gpu.sh`` runs the
+three benchmarks so, and the CUDA tests.
 """
 
 from __future__ import annotations
@@ -209,6 +211,12 @@ def split_steps(steps: int, rounds: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- gsae (Lightning)
+def sync() -> None:
+    """Wait for the GPU's queued work, so that a timestamp closes the step it follows (a no-op on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def minor_faults() -> int:
     """Minor page faults of this process so far (0 where ``resource`` is missing): a fresh page of a large tensor
     costs one, ~40 µs on a VM, so a step that re-faults its activations shows it here."""
@@ -227,6 +235,7 @@ class StepTimer:
         import lightning.pytorch as pl
 
         def mark() -> tuple[float, float, int]:
+            sync()
             return time.perf_counter(), time.process_time(), minor_faults()
 
         class _StepTimer(pl.Callback):
@@ -421,6 +430,7 @@ class TimedProvider:
         return self
 
     def __next__(self):
+        sync()
         self.starts.append(time.perf_counter())
         return next(self.store)
 
@@ -459,6 +469,9 @@ class SAELensBench:
             lr=1e-4,
             device=args.device,
             dtype="float32",
+            # under --precision bf16-mixed, SAELens' own bf16 autocast for the SAE step and the harvest, as ours
+            autocast=args.precision.startswith("bf16"),
+            autocast_lm=args.precision.startswith("bf16"),
             logger=LoggingConfig(log_to_wandb=False),
             checkpoint_path=None,
             output_path=None,
@@ -475,6 +488,7 @@ class SAELensBench:
     def run(self) -> list[float]:
         self.timed.starts = []
         self.runner.run()
+        sync()
         end = time.perf_counter()
         ts = [*self.timed.starts, end]
         return [b - a for a, b in zip(ts[:-1], ts[1:])]

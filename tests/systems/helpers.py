@@ -39,6 +39,7 @@ def build_trainer(root, max_steps: int, callbacks=(), checkpoint_every: int | No
     if checkpoint_every:
         cbs.append(SAECheckpoint(dirpath=str(root / "ckpts"), every_n_train_steps=checkpoint_every, export_saelens=False))
     kw.setdefault("limit_val_batches", 0)
+    kw.setdefault("accelerator", "cpu")
     return pl.Trainer(
         default_root_dir=str(root),
         max_steps=max_steps,
@@ -47,7 +48,6 @@ def build_trainer(root, max_steps: int, callbacks=(), checkpoint_every: int | No
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=cbs,
-        accelerator="cpu",
         **kw,
     )
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# On a machine with a CUDA GPU: the CUDA tests (tests/gpu) and the three training benchmarks in bf16, GPT-2 small's
+# shape (random-gpt2, blocks.6.hook_resid_pre, d_sae 12288, k 32), each stage time-boxed, every log kept.
+#
+#   bash benchmarks/gpu.sh [LOG_DIR]          # logs to LOG_DIR (default gpu-logs/), a summary of name=value lines
+#   GPU_QUICK=1 bash benchmarks/gpu.sh        # a dry run of this script (CPU is fine): 1-2 steps per stage
+#
+# Stages: the CUDA tests; `train_throughput.py` (TopK vs SAELens vs our forward) at the paper's 4096 tokens per step
+# (32 x 128) and at 32768 (256 x 128); `--objective all` (TopK, g-SAE, e2e costs); `--objective sweep` (10 SAEs in
+# one run vs 10 runs). All gsae runs under `--precision bf16-mixed` (SAELens with its own autocast), LM weights in
+# float32 under autocast. Each stage's limit (seconds) is STAGE_LIMIT_<name>, overridable.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG=${1:-gpu-logs}
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+DEV=cuda
+if [ "${GPU_QUICK:-0}" = 1 ]; then
+    DEV=$($PY -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+    Q=(--steps 1 --warmup 1 --d-sae 1536 --context-size 32)
+    QS=(--batch-size 4)
+else
+    Q=()
+    QS=()
+fi
+BENCH=(--device "$DEV" --precision bf16-mixed --threads "${THREADS:-8}")
+
+stage() {  # stage NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    local var="STAGE_LIMIT_$name"
+    limit=${!var:-$limit}
+    echo "=== $name (limit ${limit}s): $*"
+    local t0=$SECONDS
+    timeout -k 5 "$limit" "$@" >"$LOG/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name: rc=$rc in $((SECONDS - t0))s"
+    grep -E '^[a-z0-9_]+=|passed|failed|error' "$LOG/$name.log" | tail -25
+}
+
+$PY - <<'EOF' 2>&1 | tee "$LOG/env.log"
+from importlib.metadata import version
+import torch
+import gsae.lm, sae_lens.training.activations_store  # noqa: F401 - everything the stages import
+print(" ".join(f"{p}={version(p)}" for p in ("torch", "lightning", "transformer_lens", "sae_lens", "datasets")),
+      f"cuda={torch.cuda.is_available()} gpu={torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+EOF
+
+if [ "${GPU_QUICK:-0}" = 1 ]; then
+    stage tests 300 $PY -m pytest -q -x tests/gpu/test_cuda.py::test_adam_on_the_device_equals_torch_unfused_adam
+else
+    stage tests 120 $PY -m pytest -q -p no:cacheprovider tests/gpu
+fi
+stage topk_4096 70 $PY benchmarks/train_throughput.py "${BENCH[@]}" --steps 6 --rounds 3 "${QS[@]}" "${Q[@]}"
+stage topk_32768 60 $PY benchmarks/train_throughput.py "${BENCH[@]}" --steps 4 --rounds 2 --batch-size 256 "${Q[@]}"
+stage all_4096 70 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective all --steps 6 --rounds 3 "${QS[@]}" "${Q[@]}"
+stage sweep_4096 100 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective sweep --steps 4 --rounds 2 \
+    --batch-size 32 "${QS[@]}" "${Q[@]}"
+grep -hE '^[a-z0-9_]+=[0-9.na/]' "$LOG"/*.log >"$LOG/summary.txt"
+echo "=== logs in $LOG/"

@@ -1,0 +1,204 @@
+"""On a CUDA device: the paths a GPU run takes, which CI (no GPU) cannot run.
+
+Run on a GPU machine with ``python -m pytest -q tests/gpu``; without CUDA they are skipped, and
+``GSAE_TEST_DEVICE=cpu`` runs them on the CPU (a check of the tests themselves: every comparison is then
+CPU against CPU). References are independent of the device under test: TransformerLens on the same device,
+torch's unfused Adam, and the same training run on the CPU.
+
+Cross-device equality is the weaker property "equal to float32 rounding": CUDA and CPU kernels sum in other
+orders, so parameters after a few Adam steps agree to ``ATOL`` / ``RTOL``, not bit for bit (Adam divides by
+``√v``, so it amplifies a rounding difference in a near-zero gradient). TF32 is off in these tests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from gsae.export import load_checkpoint
+from gsae.lm import LanguageModel
+from gsae.optim import Adam
+from gsae.systems import SweepSAESystem
+from tests.systems.helpers import HOOK, StopAt, build_data, build_system, build_trainer
+from tests.systems.test_objectives import RecordDtypes
+from tests.test_lm_fused import TOL, pair, reference_grad, rel_err, residual_hooks, some_tokens
+from tests.test_optim import _params, _run
+
+DEVICE = os.environ.get("GSAE_TEST_DEVICE", "cuda")
+ACCELERATOR = "gpu" if DEVICE == "cuda" else "cpu"
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cuda" and not torch.cuda.is_available(),
+    reason="needs a CUDA device (GSAE_TEST_DEVICE=cpu runs these tests on the CPU)",
+)
+#: parameters after a few steps, trained on the device vs on the CPU
+ATOL, RTOL = 1e-4, 1e-3
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """No TF32 in float32 matmuls (Lightning and users may switch it on; the comparisons need float32)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> dict[str, float]:
+    sa, sb = a.state_dict(), b.state_dict()
+    return {k: float((sa[k].cpu().double() - sb[k].cpu().double()).abs().max()) for k in sa}
+
+
+def _assert_close(a: torch.nn.Module, b: torch.nn.Module, what: str, atol: float = ATOL, rtol: float = RTOL) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        x, y = sa[k].cpu(), sb[k].cpu()
+        assert x.dtype == y.dtype, (what, k, x.dtype, y.dtype)
+        assert torch.allclose(x, y, atol=atol, rtol=rtol), f"{what}: {k} differs by {(x - y).abs().max():.2e}"
+
+
+# ---------------------------------------------------------------------------------------------- the LM
+@pytest.mark.parametrize("flags", [(False, False, False), (True, True, True)], ids=["raw", "processed"])
+@pytest.mark.parametrize("name", ["random-small", "gsae-tiny"])
+def test_fused_forward_on_the_device_matches_transformer_lens(name, flags):
+    """Every residual hook, the logits and ∇ₓL of the fused path on the device = TransformerLens on the device
+    (1e-5, as on the CPU), and = the CPU's results."""
+    fused, ref = pair(name, flags)
+    tokens = some_tokens(fused, b=3, t=24)
+    hooks = residual_hooks(fused)
+    on_cpu = {h: fused.activations(tokens, h) for h in hooks}
+    fused.model.to(DEVICE)  # fused and ref share one HookedTransformer
+    tokens = tokens.to(DEVICE)
+    for hook in hooks:
+        a = fused.activations(tokens, hook)
+        assert a.device.type == DEVICE and a.dtype == torch.float32
+        assert rel_err(a, ref.activations(tokens, hook)) <= TOL, hook
+        assert rel_err(a.cpu(), on_cpu[hook]) <= TOL, (hook, "vs the CPU")
+    assert rel_err(fused.logits(tokens), ref.logits(tokens)) <= TOL
+    for hook in ("blocks.0.hook_resid_pre", f"blocks.{fused.n_layers - 1}.hook_resid_mid"):
+        out = fused.activations_and_grads(tokens, hook)
+        assert out.grads.device.type == DEVICE
+        assert rel_err(out.grads, reference_grad(ref, tokens, hook)) <= TOL, hook
+
+
+@pytest.mark.parametrize("lm_dtype", ["float32", "bfloat16"])
+def test_bf16_forward_on_gpt2_shape_is_float32_within_bf16_rounding(lm_dtype):
+    """random-gpt2 (GPT-2 small's shape) under bf16 autocast, the LM in float32 or bfloat16 (the GPU run's settings,
+    flash/efficient attention kernels): activations and ∇ₓL at blocks.6 agree with float32 to bf16's ~3 digits
+    through 6 blocks (rel. 3e-2 of the largest entry), are finite, and ∇ₓL is float32 (what the SAE is given)."""
+    hook = "blocks.6.hook_resid_pre"
+    ref = LanguageModel("random-gpt2", seed=0).to(DEVICE)
+    lm = LanguageModel("random-gpt2", seed=0, dtype=lm_dtype).to(DEVICE)
+    tokens = some_tokens(ref, b=4, t=128).to(DEVICE)
+    want = ref.activations_and_grads(tokens, hook)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        got = lm.activations_and_grads(tokens, hook)
+    for a, b, what in ((got.acts, want.acts, "acts"), (got.grads, want.grads, "grads")):
+        assert torch.isfinite(a).all(), what
+        assert rel_err(a.float(), b) <= 3e-2, (what, rel_err(a.float(), b))
+    assert got.grads.dtype == torch.float32 or lm_dtype == "bfloat16"
+    assert float(got.loss) == pytest.approx(float(want.loss), rel=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------- the optimizer
+def test_adam_on_the_device_equals_torch_unfused_adam():
+    """gsae.optim.Adam (torch's fused CUDA kernel on flat views of transposed parameters) = torch's per-tensor loop."""
+    params = [p.to(DEVICE) for p in _params()]
+    ours = _run(Adam, params)
+    want = _run(torch.optim.Adam, params, fused=False, foreach=False)
+    for p, a, b in zip(params, ours, want):
+        assert a.device.type == DEVICE and a.stride() == p.stride()
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _fit(objective: str, root, accelerator: str, steps: int = 4, callbacks=(), ckpt_path=None, checkpoint_every=None,
+         precision: str = "32-true"):
+    torch.manual_seed(0)
+    system = build_system(objective, buffer_size=128 if objective != "e2e" else 0)
+    root.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(root, steps, callbacks=callbacks, checkpoint_every=checkpoint_every,
+                            accelerator=accelerator, devices=1, precision=precision)
+    trainer.fit(system, datamodule=build_data(system), ckpt_path=ckpt_path)
+    return system
+
+
+@pytest.mark.parametrize("objective", ["topk", "gsae", "e2e"])
+def test_training_on_the_device_equals_training_on_the_cpu(tmp_path, objective):
+    """4 float32 steps (shuffle buffer, AuxK, dead-latent counters) on the device end where they end on the CPU."""
+    cpu = _fit(objective, tmp_path / "cpu", "cpu")
+    dev = _fit(objective, tmp_path / "dev", ACCELERATOR)
+    assert next(dev.sae.parameters()).device.type == DEVICE
+    _assert_close(dev.sae, cpu.sae, f"{objective} on {DEVICE} vs cpu")
+    assert torch.equal(dev.dead.batches_since_fired.cpu(), cpu.dead.batches_since_fired)
+
+
+@pytest.mark.parametrize("objective", ["topk", "gsae", "e2e"])
+def test_bf16_mixed_on_the_device_keeps_float32_sae_and_finite_losses(tmp_path, objective):
+    """``--trainer.precision bf16-mixed`` on the device: SAE parameters and gradients stay float32, the SAE is handed
+    float32 activations (and ∇ₓL), its encoder runs in bf16, losses are finite, and it lands near the float32 run."""
+    rec = RecordDtypes()
+    torch.manual_seed(0)
+    system = build_system(objective, buffer_size=128 if objective != "e2e" else 0)
+    sae_forward = system.sae.forward
+
+    def forward(*a, **k):
+        out = sae_forward(*a, **k)
+        grad = k.get("grad")
+        rec.out.append((a[0].dtype, None if grad is None else grad.dtype, out.pre_acts.dtype, out.x_hat.dtype))
+        return out
+
+    system.sae.forward = forward
+    build_trainer(tmp_path, 4, callbacks=[rec], accelerator=ACCELERATOR, devices=1,
+                  precision="bf16-mixed").fit(system, datamodule=build_data(system))
+    assert rec.params == {torch.float32} and rec.grads == {torch.float32}
+    grad = torch.float32 if objective == "gsae" else None
+    assert set(rec.out) == {(torch.float32, grad, torch.bfloat16, torch.float32)}, set(rec.out)
+    assert len(rec.losses) == 4 and all(math.isfinite(v) for v in rec.losses), rec.losses
+    full = _fit(objective, tmp_path / "fp32", ACCELERATOR)
+    _assert_close(system.sae, full.sae, f"{objective} bf16-mixed vs float32", atol=5e-2, rtol=0)
+
+
+def test_sweep_bf16_mixed_on_the_device(tmp_path):
+    """A TopK + g-SAE sweep trains on the device under bf16-mixed: every member's parameters float32 and finite."""
+    members = [
+        {"name": "topk-k4", "sae": {"class_path": "gsae.sae.TopKSAE", "init_args": {"d_sae": 64, "k": 4}}},
+        {"name": "gsae-k4", "sae": {"class_path": "gsae.sae.GradTopKSAE", "init_args": {"d_sae": 64, "k": 4, "beta": 1e4}}},
+    ]
+    sweep = SweepSAESystem(LanguageModel("random-tiny", seed=0), members, hook=HOOK, buffer_size=128,
+                           optimizer=lambda p: Adam(p, lr=1e-2))
+    build_trainer(tmp_path, 3, accelerator=ACCELERATOR, devices=1, precision="bf16-mixed").fit(
+        sweep, datamodule=build_data(sweep))
+    for name, member in sweep.members.items():
+        for k, p in member.sae.state_dict().items():
+            assert p.device.type == DEVICE and p.dtype == torch.float32 and torch.isfinite(p).all(), (name, k)
+    assert int(sweep.tokens_seen) > 0
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_resume_on_the_device_equals_uninterrupted_and_checkpoints_load_anywhere(tmp_path):
+    """g-SAE with a shuffle buffer: stopped at step 4 on the device and resumed there = 8 uninterrupted steps on the
+    device; a checkpoint written on the CPU resumes on the device (buffer rows and gradients, its generator, the
+    dead-latent counters, Adam's moments all restored across devices) and ends near the CPU's uninterrupted run;
+    the device's checkpoint loads on the CPU without Lightning."""
+    full = _fit("gsae", tmp_path / "full", ACCELERATOR, steps=8)
+    _fit("gsae", tmp_path / "part", ACCELERATOR, steps=8, callbacks=[StopAt(4)], checkpoint_every=4)
+    ckpt = tmp_path / "part" / "ckpts" / "last.ckpt"
+    resumed = _fit("gsae", tmp_path / "part", ACCELERATOR, steps=8, ckpt_path=str(ckpt), checkpoint_every=4)
+    _assert_close(resumed.sae, full.sae, "resumed on the device", atol=1e-5, rtol=1e-5)
+    assert torch.equal(resumed.dead.tokens_since_fired.cpu(), full.dead.tokens_since_fired.cpu())
+
+    sae, meta = load_checkpoint(tmp_path / "part" / "ckpts" / "last.ckpt", map_location="cpu")
+    assert next(sae.parameters()).device.type == "cpu"
+    _assert_close(sae, resumed.sae, "device checkpoint loaded on the CPU", atol=0, rtol=0)
+
+    cpu_full = _fit("gsae", tmp_path / "cpu_full", "cpu", steps=8)
+    _fit("gsae", tmp_path / "cpu_part", "cpu", steps=8, callbacks=[StopAt(4)], checkpoint_every=4)
+    moved = _fit("gsae", tmp_path / "cpu_part", ACCELERATOR, steps=8,
+                 ckpt_path=str(tmp_path / "cpu_part" / "ckpts" / "last.ckpt"))
+    assert next(moved.sae.parameters()).device.type == DEVICE
+    _assert_close(moved.sae, cpu_full.sae, "CPU checkpoint resumed on the device")
+    assert torch.equal(moved.dead.tokens_since_fired.cpu(), cpu_full.dead.tokens_since_fired)
