@@ -577,10 +577,11 @@ def profile_objective(objective: str, lm, tokens: torch.Tensor, n_steps: int, ar
     from torch.profiler import ProfilerActivity, profile, record_function
 
     warm = max(args.warmup, 1)
+    cuda = args.device.startswith("cuda")
 
     class Prof(pl.Callback):
         def __init__(self) -> None:
-            self.prof = profile(activities=[ProfilerActivity.CPU])
+            self.prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])])
             self.regions: dict[str, object] = {}
             self.on = False
 
@@ -648,11 +649,14 @@ def profile_objective(objective: str, lm, tokens: torch.Tensor, n_steps: int, ar
     total = {e.key: e.cpu_time_total for e in events}
     step = total.get("# step", 0.0)
     print(f"\n=== torch.profiler: objective={objective}, {n_steps} steps after {warm} warm-up (ms per step) ===")
+    if cuda:  # GPU time: every kernel's, summed (a step whose kernels sum to less than its wall time waits on Python)
+        kernels = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        print(f"{'# GPU kernels (sum of self times)':36s} {kernels / 1e3 / n_steps:10.1f} ms")
     for label in PHASES:
         if label in total:
             ms = total[label] / 1e3 / n_steps
-            print(f"{label:36s} {ms:10.1f} ms  {100 * total[label] / max(step, 1e-9):5.1f}%")
-    print(events.table(sort_by="self_cpu_time_total", row_limit=25))
+            print(f"{label:36s} {ms:10.1f} ms  {100 * total[label] / max(step, 1e-9):5.1f}%  (host wall)")
+    print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30))
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -115,14 +116,27 @@ def test_adam_on_the_device_equals_torch_unfused_adam():
 
 
 # ---------------------------------------------------------------------------------------------- training
+class TrainedOn(pl.Callback):
+    """The device types of the trainable parameters during training steps (Lightning moves the module back to the
+    CPU when ``fit`` ends)."""
+
+    def __init__(self) -> None:
+        self.types: set[str] = set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.types |= {p.device.type for p in pl_module.parameters() if p.requires_grad}
+
+
 def _fit(objective: str, root, accelerator: str, steps: int = 4, callbacks=(), ckpt_path=None, checkpoint_every=None,
          precision: str = "32-true"):
     torch.manual_seed(0)
     system = build_system(objective, buffer_size=128 if objective != "e2e" else 0)
     root.mkdir(parents=True, exist_ok=True)
-    trainer = build_trainer(root, steps, callbacks=callbacks, checkpoint_every=checkpoint_every,
+    on = TrainedOn()
+    trainer = build_trainer(root, steps, callbacks=[*callbacks, on], checkpoint_every=checkpoint_every,
                             accelerator=accelerator, devices=1, precision=precision)
     trainer.fit(system, datamodule=build_data(system), ckpt_path=ckpt_path)
+    system.trained_on = on.types
     return system
 
 
@@ -131,7 +145,7 @@ def test_training_on_the_device_equals_training_on_the_cpu(tmp_path, objective):
     """4 float32 steps (shuffle buffer, AuxK, dead-latent counters) on the device end where they end on the CPU."""
     cpu = _fit(objective, tmp_path / "cpu", "cpu")
     dev = _fit(objective, tmp_path / "dev", ACCELERATOR)
-    assert next(dev.sae.parameters()).device.type == DEVICE
+    assert dev.trained_on == {DEVICE}
     _assert_close(dev.sae, cpu.sae, f"{objective} on {DEVICE} vs cpu")
     assert torch.equal(dev.dead.batches_since_fired.cpu(), cpu.dead.batches_since_fired)
 
@@ -170,11 +184,13 @@ def test_sweep_bf16_mixed_on_the_device(tmp_path):
     ]
     sweep = SweepSAESystem(LanguageModel("random-tiny", seed=0), members, hook=HOOK, buffer_size=128,
                            optimizer=lambda p: Adam(p, lr=1e-2))
-    build_trainer(tmp_path, 3, accelerator=ACCELERATOR, devices=1, precision="bf16-mixed").fit(
+    on = TrainedOn()
+    build_trainer(tmp_path, 3, callbacks=[on], accelerator=ACCELERATOR, devices=1, precision="bf16-mixed").fit(
         sweep, datamodule=build_data(sweep))
+    assert on.types == {DEVICE}
     for name, member in sweep.members.items():
         for k, p in member.sae.state_dict().items():
-            assert p.device.type == DEVICE and p.dtype == torch.float32 and torch.isfinite(p).all(), (name, k)
+            assert p.dtype == torch.float32 and torch.isfinite(p).all(), (name, k)
     assert int(sweep.tokens_seen) > 0
 
 
@@ -185,6 +201,7 @@ def test_resume_on_the_device_equals_uninterrupted_and_checkpoints_load_anywhere
     dead-latent counters, Adam's moments all restored across devices) and ends near the CPU's uninterrupted run;
     the device's checkpoint loads on the CPU without Lightning."""
     full = _fit("gsae", tmp_path / "full", ACCELERATOR, steps=8)
+    assert full.trained_on == {DEVICE}
     _fit("gsae", tmp_path / "part", ACCELERATOR, steps=8, callbacks=[StopAt(4)], checkpoint_every=4)
     ckpt = tmp_path / "part" / "ckpts" / "last.ckpt"
     resumed = _fit("gsae", tmp_path / "part", ACCELERATOR, steps=8, ckpt_path=str(ckpt), checkpoint_every=4)
@@ -199,6 +216,6 @@ def test_resume_on_the_device_equals_uninterrupted_and_checkpoints_load_anywhere
     _fit("gsae", tmp_path / "cpu_part", "cpu", steps=8, callbacks=[StopAt(4)], checkpoint_every=4)
     moved = _fit("gsae", tmp_path / "cpu_part", ACCELERATOR, steps=8,
                  ckpt_path=str(tmp_path / "cpu_part" / "ckpts" / "last.ckpt"))
-    assert next(moved.sae.parameters()).device.type == DEVICE
+    assert moved.trained_on == {DEVICE}
     _assert_close(moved.sae, cpu_full.sae, "CPU checkpoint resumed on the device")
     assert torch.equal(moved.dead.tokens_since_fired.cpu(), cpu_full.dead.tokens_since_fired)
