@@ -666,6 +666,15 @@ def build_hooked_transformer(
     fields = {**GPT2_BLOCK, **arch}
     fields.setdefault("d_head", fields["d_model"] // fields["n_heads"])
     cfg = HookedTransformerConfig(**fields, seed=seed, dtype=getattr(torch, dtype), device="cpu")
+    if state_dict is None and cfg.dtype != torch.float32:
+        # the random init is drawn in float32 and rounded, so a seed gives the same model in every dtype (drawn in
+        # bfloat16, torch 2.11's CUDA build gave other weights than its float32 init; 2.13's CPU build the same)
+        init = HookedTransformer(HookedTransformerConfig(**fields, seed=seed, dtype=torch.float32, device="cpu"))
+        state_dict, seed = init.state_dict(), None
+        cfg = HookedTransformerConfig(**fields, seed=None, dtype=getattr(torch, dtype), device="cpu")
+        model = HookedTransformer(cfg, tokenizer=tokenizer)
+        model.load_state_dict({k: v.to(cfg.dtype) if v.is_floating_point() else v for k, v in state_dict.items()})
+        return model
     model = HookedTransformer(cfg, tokenizer=tokenizer)
     if state_dict is not None:
         model.load_and_process_state_dict(

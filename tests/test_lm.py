@@ -123,3 +123,15 @@ def test_prefix_runs_without_autograd_and_params_get_no_grad(any_lm, monkeypatch
     assert grad_mode[1] == [True] * calls
     assert out.grads.abs().sum() > 0
     assert all(p.grad is None for p in any_lm.model.parameters())
+
+
+def test_a_random_preset_is_the_same_model_in_every_dtype():
+    """The seeded init is drawn in float32 and rounded: bfloat16 / float16 weights are the float32 ones rounded (a
+    bfloat16 draw gave other weights on torch 2.11's CUDA build), and the model computes in the asked dtype."""
+    ref = LanguageModel("random-small", seed=0).model.state_dict()
+    for dtype in ("bfloat16", "float16"):
+        model = LanguageModel("random-small", seed=0, dtype=dtype).model
+        assert model.cfg.dtype == getattr(torch, dtype) and model.W_E.dtype == getattr(torch, dtype)
+        for k, v in model.state_dict().items():
+            if ref[k].is_floating_point() and v.dtype != torch.float32:
+                assert torch.equal(v, ref[k].to(v.dtype)), (dtype, k)

@@ -125,7 +125,7 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale every decoder row to unit norm (called after each optimizer step)."""
-        for w in self.W_dec.split(self.ROW_BLOCK):
+        for w in self.W_dec.split(self._row_block()):
             w.div_(w.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
@@ -139,8 +139,14 @@ class SparseAutoencoder(nn.Module):
             return
         # in blocks of rows that stay in cache between the dot products and the update: one pass over the
         # (d_sae, d_in) gradient and decoder instead of two (a batched matmul of 1x1 products: 2x slower)
-        for grad, w in zip(self.W_dec.grad.split(self.ROW_BLOCK), self.W_dec.split(self.ROW_BLOCK)):
+        block = self._row_block()
+        for grad, w in zip(self.W_dec.grad.split(block), self.W_dec.split(block)):
             grad.addcmul_(torch.linalg.vecdot(grad, w).unsqueeze(1), w, value=-1)
+
+    def _row_block(self) -> int:
+        """Rows per block of the decoder constraints: :attr:`ROW_BLOCK` on the CPU (cache-sized); the whole matrix
+        on a GPU, where each block is a few kernel launches and the matrix passes at memory bandwidth anyway."""
+        return self.ROW_BLOCK if self.W_dec.device.type == "cpu" else max(self.W_dec.shape[0], 1)
 
 
 class SparsePattern:

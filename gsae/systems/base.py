@@ -133,6 +133,8 @@ class SAESystem(pl.LightningModule):
         self.register_buffer("act_scale", torch.tensor(1.0))  # E‖x − x̄‖² of the first batch: loss normaliser
         self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
         self._t_last: float | None = None
+        self._first_step = 0  # global step of this fit's first training step (set in on_train_start)
+        self._initialized_seen = False  # host copy of `initialized` once True (reading the buffer waits for the GPU)
         self._tokens_last = 0
 
     # ------------------------------------------------------------------ the frozen LM lives outside the module tree
@@ -201,7 +203,8 @@ class SAESystem(pl.LightningModule):
     @torch.no_grad()
     def maybe_initialize(self, x: Tensor) -> None:
         """On the first batch: ``b_dec`` and the loss scale from the *global* batch (identical on every rank)."""
-        if bool(self.initialized):
+        if self._initialized_seen or bool(self.initialized):
+            self._initialized_seen = True
             return
         xs, scale = self.first_batch_statistics(x)
         self.sae.init_b_dec(xs, self.b_dec_init)
@@ -235,17 +238,38 @@ class SAESystem(pl.LightningModule):
                 for name, v in extra.items():
                     self.log(f"val/{name}", v, on_step=False, on_epoch=True, sync_dist=True, batch_size=l0.shape[0])
                 return loss
-            sums = recon_sums(acts.x, out.x_hat, l0)
+            log = self.log_this_step()
             fired = fired_mask(out.top_idx, out.top_acts, out.latents, self.sae.d_sae)
-            # training: one packed all-reduce for the fired mask and the metric sums (the dead-latent counters
-            # need the global mask every step; torchmetrics would sync each state separately: see gsae.metrics)
-            packed = self.all_reduce(torch.cat([fired.double(), sums.flat()]))
-            fired_g, sums_g = packed[: self.sae.d_sae] > 0, ReconSums.unflat(packed[self.sae.d_sae :])
-        n_tokens = int(sums_g.n)
+            # training: one packed all-reduce for the fired mask, the token count and (on logging steps) the metric
+            # sums (the dead-latent counters need the global mask every step; torchmetrics would sync each state
+            # separately: see gsae.metrics)
+            count = torch.full((1,), float(acts.x.shape[0]), dtype=torch.float64, device=fired.device)
+            packed = self.all_reduce(torch.cat([fired.double(), recon_sums(acts.x, out.x_hat, l0).flat() if log else count]))
+            fired_g = packed[: self.sae.d_sae] > 0
+        # the token count: on one process the host knows it (no wait for the GPU); over ranks, the reduced count
+        n_tokens = acts.x.shape[0] if self._world() == 1 else int(packed[self.sae.d_sae])
         self.dead.update(fired_g, n_tokens)
         self.tokens_seen += n_tokens
-        self._log_train(loss, sums_g, out, extra, n_tokens)
+        if log:
+            self._log_train(loss, ReconSums.unflat(packed[self.sae.d_sae :]), out, extra, n_tokens)
         return loss
+
+    def log_this_step(self) -> bool:
+        """Whether this training step's metrics are computed and logged: every ``--trainer.log_every_n_steps``
+        steps (the steps Lightning sends to the logger), a fit's first and last step and a stopping one (for the progress
+        line and the run summary, which read ``trainer.callback_metrics``). Other steps skip the metric passes and, on a GPU,
+        the host-device waits their ``float()`` conversions cost (the progress bar keeps the last logged values)."""
+        if self._trainer is None:
+            return True
+        t = self.trainer
+        every = max(int(t.log_every_n_steps or 1), 1)
+        step = t.fit_loop.epoch_loop._batches_that_stepped + 1  # as Lightning's logger connector counts
+        last = t.max_steps is not None and t.max_steps > 0 and t.global_step + 1 >= t.max_steps
+        first = t.global_step == self._first_step  # the progress bar's first line
+        return step % every == 0 or last or first or t.should_stop
+
+    def on_train_start(self) -> None:
+        self._first_step = self.trainer.global_step
 
     def training_step(self, batch: TokenBatch, batch_idx: int) -> Tensor:
         return self.shared_step(batch, "train")
@@ -344,6 +368,7 @@ class SAESystem(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        self._initialized_seen = False  # read the buffers again (a checkpoint may be loaded next)
         buffer = getattr(self, "buffer", None)
         if buffer is not None and buffer.fill == 0:  # a fresh buffer: each rank mixes with its own generator
             buffer.reseed(self.seed + self.global_rank)
@@ -362,6 +387,7 @@ class SAESystem(pl.LightningModule):
             raise ValueError("--ckpt_path: not a gsae checkpoint (no 'gsae' section)")
         self.check_saved_sae(meta["sae_config"], self.sae, "checkpoint SAE")
         self.restore_run(checkpoint)
+        self._initialized_seen = False
 
     @staticmethod
     def check_saved_sae(saved: dict, sae: SparseAutoencoder, what: str) -> None:

@@ -129,6 +129,6 @@ class LocalSAESystem(SAESystem):
         recon = sse / (n_global.clamp_min(1) * self.act_scale) * self._world()
         loss = recon + out.aux_loss
         extra: dict[str, Tensor] = {"recon_loss": recon.detach() / self._world()}
-        if self.needs_grad and acts.grad is not None and stage == "train":
+        if self.needs_grad and acts.grad is not None and stage == "train" and self.log_this_step():
             extra["beta_attribution_median"] = self.sae.attribution_median(acts.grad, out.top_idx)
         return loss, out, acts, extra

@@ -185,8 +185,11 @@ class SweepSAESystem(LocalSAESystem):
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def _initialize_members(self, x: Tensor) -> None:
+        if self._initialized_seen:
+            return
         todo = [m for m in self.members.values() if not bool(m.initialized)]
         if not todo:
+            self._initialized_seen = True  # host copy: reading the members' buffers waits for the GPU
             return
         xs, scale = self.first_batch_statistics(x)
         for m in todo:
@@ -201,6 +204,7 @@ class SweepSAESystem(LocalSAESystem):
             acts = self.buffer.mix(acts)
             self._initialize_members(acts.x)
         world = self._world()
+        log = train and self.log_this_step()
         n_global = self.all_reduce(torch.tensor(float(acts.x.shape[0]), device=self.device))
         total = torch.zeros((), device=self.device)
         logs: dict[str, dict[str, Tensor]] = {}
@@ -223,27 +227,35 @@ class SweepSAESystem(LocalSAESystem):
                 if not train:
                     m.val_recon.update(acts.x, out.x_hat, l0)
                     continue
-                extra = {"loss": loss.detach() / world, "recon_loss": recon.detach() / world, "aux_loss": out.aux_loss.detach()}
-                if m.needs_grad and acts.grad is not None:
-                    extra["beta_attribution_median"] = m.sae.attribution_median(acts.grad, out.top_idx)
-                logs[name] = extra
-                sums = recon_sums(acts.x, out.x_hat, l0)
-                packed += [fired_mask(out.top_idx, out.top_acts, out.latents, m.sae.d_sae).double(), sums.flat()]
+                fired = fired_mask(out.top_idx, out.top_acts, out.latents, m.sae.d_sae).double()
+                if log:  # metrics only on logging steps (see log_this_step)
+                    extra = {"loss": loss.detach() / world, "recon_loss": recon.detach() / world,
+                             "aux_loss": out.aux_loss.detach()}
+                    if m.needs_grad and acts.grad is not None:
+                        extra["beta_attribution_median"] = m.sae.attribution_median(acts.grad, out.top_idx)
+                    logs[name] = extra
+                    packed += [fired, recon_sums(acts.x, out.x_hat, l0).flat()]
+                else:
+                    packed.append(fired)
             del out
         if not train:
             return total
-        # one all-reduce for every member's fired mask and metric sums
-        flat = self.all_reduce(torch.cat(packed))
+        # one all-reduce for the token count, every member's fired mask and (logging steps) metric sums
+        count = torch.full((1,), float(acts.x.shape[0]), dtype=torch.float64, device=acts.x.device)
+        flat = self.all_reduce(torch.cat([count, *packed]))
+        # on one process the host knows the count (no wait for the GPU); over ranks, the reduced one
+        n_tokens = acts.x.shape[0] if world == 1 else int(flat[0])
         metrics: dict[str, float] = {}
-        offset, n_tokens = 0, 0
+        offset = 1
         for name, m in self.members.items():
             fired = flat[offset : offset + m.sae.d_sae] > 0
             offset += m.sae.d_sae
+            m.dead.update(fired, n_tokens)
+            if not log:
+                continue
             width = len(ReconSums._fields) - 1 + m.sae.d_in
             sums = ReconSums.unflat(flat[offset : offset + width])
             offset += width
-            n_tokens = int(sums.n)
-            m.dead.update(fired, n_tokens)
             for k, v in recon_metrics(sums).items():
                 metrics[f"train/{name}/{k}"] = float(v)
             for k, v in logs[name].items():
@@ -251,7 +263,8 @@ class SweepSAESystem(LocalSAESystem):
             metrics[f"train/{name}/dead_fraction"] = float(m.dead.dead_by_batches().float().mean())
             metrics[f"train/{name}/dead_fraction_tokens"] = float(m.dead.dead_by_tokens().float().mean())
         self.tokens_seen += n_tokens
-        self._log_sweep(total, metrics)
+        if log:
+            self._log_sweep(total, metrics)
         return total
 
     def _log_sweep(self, total: Tensor, metrics: dict[str, float]) -> None:
@@ -350,3 +363,4 @@ class SweepSAESystem(LocalSAESystem):
         for name, m in self.members.items():
             self.check_saved_sae(saved[name]["sae_config"], m.sae, f"member {name}")
         self.restore_run(checkpoint)
+        self._initialized_seen = False
