@@ -6,8 +6,8 @@
 #   GPU_QUICK=1 bash benchmarks/gpu.sh        # a dry run of this script (CPU is fine): 1-2 steps per stage
 #
 # Stages: the CUDA tests; `train_throughput.py` (TopK vs SAELens vs our forward) at the paper's 4096 tokens per step
-# (32 x 128) and at 32768 (256 x 128); `--objective all` (TopK, g-SAE, e2e costs); `--objective sweep` (10 SAEs in
-# one run vs 10 runs). All gsae runs under `--precision bf16-mixed` (SAELens with its own autocast), LM weights in
+# (32 x 128, twice: the figures are noisy) and at 32768 (256 x 128); `--objective all` (TopK, g-SAE, e2e costs) and
+# `--objective sweep` (10 SAEs in one run vs 10 runs) at both sizes; a CUDA profile of 3 TopK steps at 4096. All gsae runs under `--precision bf16-mixed` (SAELens with its own autocast), LM weights in
 # float32 under autocast. Each stage's limit (seconds) is STAGE_LIMIT_<name>, overridable.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,9 +53,15 @@ else
     stage tests 120 $PY -m pytest -q -p no:cacheprovider tests/gpu
 fi
 stage topk_4096 70 $PY benchmarks/train_throughput.py "${BENCH[@]}" --steps 6 --rounds 3 "${QS[@]}" "${Q[@]}"
-stage topk_32768 60 $PY benchmarks/train_throughput.py "${BENCH[@]}" --steps 4 --rounds 2 --batch-size 256 "${Q[@]}"
+stage topk_4096_again 70 $PY benchmarks/train_throughput.py "${BENCH[@]}" --steps 6 --rounds 3 "${QS[@]}" "${Q[@]}"
+stage topk_32768 70 $PY benchmarks/train_throughput.py "${BENCH[@]}" --steps 4 --rounds 2 --batch-size 256 "${Q[@]}"
 stage all_4096 70 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective all --steps 6 --rounds 3 "${QS[@]}" "${Q[@]}"
+stage all_32768 70 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective all --steps 4 --rounds 2 --batch-size 256 "${Q[@]}"
 stage sweep_4096 100 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective sweep --steps 4 --rounds 2 \
     --batch-size 32 "${QS[@]}" "${Q[@]}"
+stage sweep_32768 100 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective sweep --steps 4 --rounds 2 \
+    --batch-size 256 "${Q[@]}"
+stage profile_4096 60 $PY benchmarks/train_throughput.py "${BENCH[@]}" --baselines off --steps 2 --rounds 1 --profile 3 \
+    "${QS[@]}" "${Q[@]}"
 grep -hE '^[a-z0-9_]+=[0-9.na/]' "$LOG"/*.log >"$LOG/summary.txt"
 echo "=== logs in $LOG/"
