@@ -652,7 +652,8 @@ def profile_objective(objective: str, lm, tokens: torch.Tensor, n_steps: int, ar
     step = total.get("# step", 0.0)
     print(f"\n=== torch.profiler: objective={objective}, {n_steps} steps after {warm} warm-up (ms per step) ===")
     if cuda:  # GPU time: every kernel's, summed (a step whose kernels sum to less than its wall time waits on Python)
-        kernels = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        kernels = sum(e.self_device_time_total for e in events
+                      if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith("# "))
         print(f"{'# GPU kernels (sum of self times)':36s} {kernels / 1e3 / n_steps:10.1f} ms")
     for label in PHASES:
         if label in total:

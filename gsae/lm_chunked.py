@@ -163,7 +163,8 @@ def _kl_rows(l_ref: Tensor, p_ref: Tensor, l_new: Tensor) -> Tensor:
     ``Σ p (log p_ref − log p_new)`` subtracts two log-normalisers of ~11 nats to get it: ~1e-3 relative error at
     GPT-2's vocabulary). Rows where some logit rises by more than :data:`KL_DIRECT_ABOVE` (far states: ablations,
     large perturbations; ``expm1`` could overflow) take the direct form ``−Σ p u + log Σ p e^u`` (max-shifted).
-    Identical logits give exactly 0.
+    Identical logits give exactly 0. (Identical *states* give logits equal to the BLAS's rounding: MKL may round a row
+    differently at another memory alignment, ~1e-14 nats.)
     """
     u = torch.sub(l_new, l_ref, out=l_new)
     far = u.amax(-1) > KL_DIRECT_ABOVE
@@ -202,7 +203,7 @@ def ce_and_kl_per_token(
     Per chunk of positions the clean logits are built once and every run's logits once (``1 + n`` vocabulary
     matmuls in all, no ``(B·T, d_vocab)`` tensor). Equal to :func:`gsae.lm.next_token_loss` (``"none"``) and
     :func:`gsae.metrics.kl_div_per_token` of the full logits; the KL is :func:`_kl_rows`' (identical states give
-    exactly 0).
+    0 up to the vocabulary matmul's rounding).
     """
     B, T, D = h_clean.shape
     dtype = _compute_dtype(W_U, h_clean.device)
@@ -252,7 +253,7 @@ def kl_to_reference(ref: Reference, h: Tensor, W_U: Tensor, b_U: Tensor, chunk_e
     """float64 ``KL(P_ref ‖ P_h)`` ``(J, M)`` of ``J`` runs ``h (J, M, D)`` against the same ``M`` reference positions.
 
     Per chunk of positions of one run: its logits (one vocabulary matmul), then :func:`_kl_rows` (a run equal to the
-    reference gives exactly 0). Equal to :func:`gsae.metrics.kl_div_per_token` of the full logits, without them.
+    reference gives 0 up to the vocabulary matmul's rounding). Equal to :func:`gsae.metrics.kl_div_per_token` of the full logits, without them.
     """
     J, M, D = h.shape
     dtype = _compute_dtype(W_U, h.device)

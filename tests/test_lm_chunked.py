@@ -90,7 +90,8 @@ def test_evaluation_ce_and_kl_of_many_runs_equal_the_unchunked_definitions(chunk
 @pytest.mark.parametrize("chunk", [None, 2 * V])
 def test_kl_to_a_kept_reference_equals_the_unchunked_definition(chunk):
     """``kl_to_reference`` (the perturbation loop): J runs against one kept reference = ``kl_div_per_token`` of full
-    logits per run; the reference itself gives exactly 0; no run's logits beyond one chunk."""
+    logits per run; the reference itself gives 0 to the vocabulary matmul's rounding (exactly 0 where the BLAS rounds a
+    row alike at every memory alignment; MKL on an AMD EPYC VM gave ~5e-14); no run's logits beyond one chunk."""
     h, W_U, b_U, _ = setup(9, b=2, t=5)
     ref_h = h.reshape(10, D)
     gen = torch.Generator().manual_seed(10)
@@ -103,7 +104,7 @@ def test_kl_to_a_kept_reference_equals_the_unchunked_definition(chunk):
     want = torch.stack([kl_div_per_token(ref_h @ W_U + b_U, r @ W_U + b_U) for r in runs])
     assert kl.dtype == torch.float64
     torch.testing.assert_close(kl.float(), want, rtol=1e-5, atol=1e-6)
-    assert torch.all(kl[1] == 0) and float(kl[0].min()) > 0
+    assert float(kl[1].abs().max()) < 1e-12 and float(kl[0].min()) > 0
 
 
 def test_kl_of_identical_states_is_zero_with_zero_gradient():
