@@ -157,15 +157,7 @@ def test_bf16_mixed_on_the_device_keeps_float32_sae_and_finite_losses(tmp_path, 
     rec = RecordDtypes()
     torch.manual_seed(0)
     system = build_system(objective, buffer_size=128 if objective != "e2e" else 0)
-    sae_forward = system.sae.forward
-
-    def forward(*a, **k):
-        out = sae_forward(*a, **k)
-        grad = k.get("grad")
-        rec.out.append((a[0].dtype, None if grad is None else grad.dtype, out.pre_acts.dtype, out.x_hat.dtype))
-        return out
-
-    system.sae.forward = forward
+    rec.wrap(system.sae)
     build_trainer(tmp_path, 4, callbacks=[rec], accelerator=ACCELERATOR, devices=1,
                   precision="bf16-mixed").fit(system, datamodule=build_data(system))
     assert rec.params == {torch.float32} and rec.grads == {torch.float32}

@@ -148,6 +148,18 @@ class RecordDtypes(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.grads |= {p.grad.dtype for p in pl_module.sae.parameters() if p.grad is not None}
 
+    def wrap(self, sae) -> None:
+        """Record the dtypes of every ``sae`` forward: input, ∇ₓL (or None), pre-activations, reconstruction."""
+        sae_forward = sae.forward
+
+        def forward(*a, **k):
+            out = sae_forward(*a, **k)
+            grad = k.get("grad")
+            self.out.append((a[0].dtype, None if grad is None else grad.dtype, out.pre_acts.dtype, out.x_hat.dtype))
+            return out
+
+        sae.forward = forward
+
 
 @pytest.mark.parametrize("lm_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("objective", ["topk", "gsae", "e2e"])
@@ -156,15 +168,7 @@ def test_bf16_mixed_training_keeps_fp32_sae_parameters_and_runs(tmp_path, object
     system = build_system(objective)
     system.lm = LanguageModel("random-tiny", seed=0, dtype=lm_dtype)
     rec = RecordDtypes()
-    sae_forward = system.sae.forward
-
-    def forward(*a, **k):
-        out = sae_forward(*a, **k)
-        grad = k.get("grad")
-        rec.out.append((a[0].dtype, None if grad is None else grad.dtype, out.pre_acts.dtype, out.x_hat.dtype))
-        return out
-
-    system.sae.forward = forward
+    rec.wrap(system.sae)
     build_trainer(tmp_path, 3, callbacks=[rec], precision="bf16-mixed").fit(system, datamodule=build_data(system))
     assert rec.params == {torch.float32}, "SAE parameters must stay float32 under autocast"
     assert rec.grads == {torch.float32}
