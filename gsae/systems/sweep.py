@@ -209,6 +209,7 @@ class SweepSAESystem(LocalSAESystem):
         total = torch.zeros((), device=self.device)
         logs: dict[str, dict[str, Tensor]] = {}
         packed: list[Tensor] = []
+        losses: list[Tensor] = []
         for name, m in self.members.items():
             dead = m.dead.dead_by_tokens() if train else None
             aux_norm = world / (n_global.clamp_min(1) * m.act_scale)
@@ -216,11 +217,7 @@ class SweepSAESystem(LocalSAESystem):
             out = m.sae(acts.x, grad=grad, dead_mask=dead, aux_norm=aux_norm)
             recon = (acts.x - out.x_hat).pow(2).sum() / (n_global.clamp_min(1) * m.act_scale) * world
             loss = recon + out.aux_loss
-            if train and not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"non-finite training loss of member {name} ({float(loss.detach())}) at step {self.global_step}; "
-                    "stopping (last good checkpoint kept)"
-                )
+            losses.append(loss.detach())
             total = total + loss
             with torch.no_grad():
                 l0 = l0_per_token(out.top_acts, out.latents)
@@ -240,6 +237,14 @@ class SweepSAESystem(LocalSAESystem):
             del out
         if not train:
             return total
+        # every member's loss checked at once, before the backward: one wait for the device, not one per member
+        finite = torch.isfinite(torch.stack(losses))
+        if not bool(finite.all()):
+            name, loss = next((n, v) for n, v, ok in zip(self.members, losses, finite.tolist()) if not ok)
+            raise NonFiniteLossError(
+                f"non-finite training loss of member {name} ({float(loss)}) at step {self.global_step}; "
+                "stopping (last good checkpoint kept)"
+            )
         # one all-reduce for the token count, every member's fired mask and (logging steps) metric sums
         count = torch.full((1,), float(acts.x.shape[0]), dtype=torch.float64, device=acts.x.device)
         flat = self.all_reduce(torch.cat([count, *packed]))

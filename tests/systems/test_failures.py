@@ -29,3 +29,32 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):
     sae, meta = load_checkpoint(tmp_path / "ckpts" / "last.ckpt")
     assert all(torch.isfinite(p).all() for p in sae.parameters())
     assert meta["tokens_seen"] > 0
+
+
+def test_a_sweep_member_with_a_nan_loss_stops_the_run_naming_it(tmp_path):
+    """Every member's loss is checked at once (one wait for the device per step): the first non-finite member is named,
+    with the step, before any member's update; earlier checkpoints stay and hold finite members."""
+    from gsae.export import load_members
+    from gsae.lm import LanguageModel
+    from gsae.optim import Adam
+    from gsae.systems import SweepSAESystem
+    from tests.systems.helpers import HOOK
+
+    members = [{"name": f"topk-k{k}", "sae": {"class_path": "gsae.sae.TopKSAE", "init_args": {"d_sae": 64, "k": k}}}
+               for k in (2, 3, 4)]
+    system = SweepSAESystem(LanguageModel("random-tiny", seed=0), members, hook=HOOK, buffer_size=128,
+                            optimizer=lambda p: Adam(p, lr=1e-2))
+    sae = system.members["topk-k3"].sae
+    forward = sae.forward
+
+    def poisoned(*a, **k):
+        out = forward(*a, **k)
+        return out._replace(x_hat=out.x_hat * float("nan")) if system.global_step == 3 else out
+
+    sae.forward = poisoned
+    with pytest.raises(NonFiniteLossError, match="member topk-k3 .* at step 3"):
+        build_trainer(tmp_path, 10, checkpoint_every=2).fit(system, datamodule=build_data(system))
+    assert system.global_step == 3
+    kept = load_members(tmp_path / "ckpts" / "last.ckpt")
+    assert set(kept) == {"topk-k2", "topk-k3", "topk-k4"}
+    assert all(torch.isfinite(p).all() for s, _ in kept.values() for p in s.parameters())
