@@ -137,6 +137,7 @@ class LanguageModel:
         self._model = None
         self._fused: tuple[tuple, lm_fused.FusedGPT2] | None = None
         self._fused_unsupported: str | None = None
+        self._params: tuple[object, list] | None = None  # (model, its parameters): listing them walks every module
         self._d_in_cache: dict[str, int] = {}
         if name.startswith("random-") and name not in RANDOM_PRESETS:
             raise LMLoadError(f"--model.lm.name: unknown random preset {name!r}; choose from {sorted(RANDOM_PRESETS)}")
@@ -319,7 +320,10 @@ class LanguageModel:
                 log.info("the fused LM forward does not support %s (%s): TransformerLens runs", self.name, self._fused_unsupported)
         if self._fused_unsupported:
             return None
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+        if self._params is None or self._params[0] is not model:
+            # .to() and in-place loads keep the Parameter objects (new data, a new version): list them once per model
+            self._params = (model, list(model.parameters()))
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self._params[1])
         if self._fused is None or self._fused[0] != key:
             self._fused = (key, fused_weights(model))
         return self._fused[1]
