@@ -253,7 +253,8 @@ def kl_to_reference(ref: Reference, h: Tensor, W_U: Tensor, b_U: Tensor, chunk_e
     """float64 ``KL(P_ref ‖ P_h)`` ``(J, M)`` of ``J`` runs ``h (J, M, D)`` against the same ``M`` reference positions.
 
     Per chunk of positions of one run: its logits (one vocabulary matmul), then :func:`_kl_rows` (a run equal to the
-    reference gives 0 up to the vocabulary matmul's rounding). Equal to :func:`gsae.metrics.kl_div_per_token` of the full logits, without them.
+    reference gives 0 up to the vocabulary matmul's rounding). Equal to :func:`gsae.metrics.kl_div_per_token` of the
+    full logits, without them.
     """
     J, M, D = h.shape
     dtype = _compute_dtype(W_U, h.device)

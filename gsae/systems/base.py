@@ -203,7 +203,9 @@ class SAESystem(pl.LightningModule):
     @torch.no_grad()
     def maybe_initialize(self, x: Tensor) -> None:
         """On the first batch: ``b_dec`` and the loss scale from the *global* batch (identical on every rank)."""
-        if self._initialized_seen or bool(self.initialized):
+        if self._initialized_seen:
+            return
+        if bool(self.initialized):
             self._initialized_seen = True
             return
         xs, scale = self.first_batch_statistics(x)
@@ -256,9 +258,11 @@ class SAESystem(pl.LightningModule):
 
     def log_this_step(self) -> bool:
         """Whether this training step's metrics are computed and logged: every ``--trainer.log_every_n_steps``
-        steps (the steps Lightning sends to the logger), a fit's first and last step and a stopping one (for the progress
-        line and the run summary, which read ``trainer.callback_metrics``). Other steps skip the metric passes and, on a GPU,
-        the host-device waits their ``float()`` conversions cost (the progress bar keeps the last logged values)."""
+        steps (the steps Lightning sends to the logger) and a fit's first and last step (for the progress line and the
+        run summary, which read ``trainer.callback_metrics``). Other steps skip the metric passes and, on a GPU, the
+        host-device waits their ``float()`` conversions cost (the progress bar keeps the last logged values). The
+        answer depends only on the loop's counters, so every DDP rank agrees (the packed all-reduce's size depends on
+        it); a stop requested mid-run (``should_stop``, possibly set on one rank) does not enter it."""
         if self._trainer is None:
             return True
         t = self.trainer
@@ -266,7 +270,7 @@ class SAESystem(pl.LightningModule):
         step = t.fit_loop.epoch_loop._batches_that_stepped + 1  # as Lightning's logger connector counts
         last = t.max_steps is not None and t.max_steps > 0 and t.global_step + 1 >= t.max_steps
         first = t.global_step == self._first_step  # the progress bar's first line
-        return step % every == 0 or last or first or t.should_stop
+        return step % every == 0 or last or first
 
     def on_train_start(self) -> None:
         self._first_step = self.trainer.global_step
