@@ -88,6 +88,7 @@ class LocalSAESystem(SAESystem):
     def on_fit_start(self) -> None:
         # after a resumed checkpoint is restored (which brings its own normaliser) and before the sanity check
         super().on_fit_start()
+        self._grad_n = 0.0  # the normaliser's host copy, read again below / at the first harvest
         n = self.configured_grad_normaliser()
         for sae in self.grad_saes():
             saved = float(sae.grad_normaliser)
@@ -107,12 +108,18 @@ class LocalSAESystem(SAESystem):
         mask = self.token_mask(tokens)  # (B, T)
         grad_saes = self.grad_saes()
         if grad_saes:
-            n = float(grad_saes[0].grad_normaliser)
+            # the normaliser is fixed once set: while training, its host copy (reset at every fit's start) spares a
+            # wait for the GPU at every step
+            training = self._trainer is not None and self.trainer.training
+            n = (getattr(self, "_grad_n", 0.0) if training else 0.0) or float(grad_saes[0].grad_normaliser)
             if n == 0:  # no configured scale: this device's batch; only a training batch fixes it
                 n = self.configured_grad_normaliser() or float(predictions(tokens))
                 if self._trainer is None or self.trainer.training:  # never the sanity check / validation
                     for sae in grad_saes:
                         sae.grad_normaliser.fill_(n)
+                    self._grad_n = n
+            elif training:
+                self._grad_n = n
             acts, grads, _ = loss_gradients(lm, tokens, self.hook, n)
             return ActivationBatch(acts[mask].float(), grads[mask].float())
         return ActivationBatch(lm.activations(tokens, self.hook)[mask].float(), None)
