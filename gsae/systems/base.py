@@ -245,8 +245,11 @@ class SAESystem(pl.LightningModule):
             # training: one packed all-reduce for the fired mask, the token count and (on logging steps) the metric
             # sums (the dead-latent counters need the global mask every step; torchmetrics would sync each state
             # separately: see gsae.metrics)
-            count = torch.full((1,), float(acts.x.shape[0]), dtype=torch.float64, device=fired.device)
-            packed = self.all_reduce(torch.cat([fired.double(), recon_sums(acts.x, out.x_hat, l0).flat() if log else count]))
+            if log:  # recon_sums' first field is the token count
+                counted = recon_sums(acts.x, out.x_hat, l0).flat()
+            else:
+                counted = torch.full((1,), float(acts.x.shape[0]), dtype=torch.float64, device=fired.device)
+            packed = self.all_reduce(torch.cat([fired.double(), counted]))
             fired_g = packed[: self.sae.d_sae] > 0
         # the token count: on one process the host knows it (no wait for the GPU); over ranks, the reduced count
         n_tokens = acts.x.shape[0] if self._world() == 1 else int(packed[self.sae.d_sae])
@@ -273,7 +276,9 @@ class SAESystem(pl.LightningModule):
         return step % every == 0 or last or first
 
     def on_train_start(self) -> None:
+        # after a checkpoint is restored: read the `initialized` buffers again on the first step
         self._first_step = self.trainer.global_step
+        self._initialized_seen = False
 
     def training_step(self, batch: TokenBatch, batch_idx: int) -> Tensor:
         return self.shared_step(batch, "train")
@@ -372,7 +377,6 @@ class SAESystem(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        self._initialized_seen = False  # read the buffers again (a checkpoint may be loaded next)
         buffer = getattr(self, "buffer", None)
         if buffer is not None and buffer.fill == 0:  # a fresh buffer: each rank mixes with its own generator
             buffer.reseed(self.seed + self.global_rank)
@@ -391,7 +395,6 @@ class SAESystem(pl.LightningModule):
             raise ValueError("--ckpt_path: not a gsae checkpoint (no 'gsae' section)")
         self.check_saved_sae(meta["sae_config"], self.sae, "checkpoint SAE")
         self.restore_run(checkpoint)
-        self._initialized_seen = False
 
     @staticmethod
     def check_saved_sae(saved: dict, sae: SparseAutoencoder, what: str) -> None:

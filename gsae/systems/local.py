@@ -65,6 +65,7 @@ class LocalSAESystem(SAESystem):
                 f"{grad_reduction})"
             )
         self.grad_mean_tokens = grad_mean_tokens
+        self._grad_n = 0.0  # host copy of the g-SAEs' grad_normaliser while training (0: read the buffer)
 
     def grad_saes(self) -> list[GradTopKSAE]:
         """The SAEs that select with ``∇ₓL`` (a sweep may have several; they share one harvest and one scale)."""
@@ -88,7 +89,7 @@ class LocalSAESystem(SAESystem):
     def on_fit_start(self) -> None:
         # after a resumed checkpoint is restored (which brings its own normaliser) and before the sanity check
         super().on_fit_start()
-        self._grad_n = 0.0  # the normaliser's host copy, read again below / at the first harvest
+        self._grad_n = 0.0  # read the (possibly restored) normaliser again at the first training harvest
         n = self.configured_grad_normaliser()
         for sae in self.grad_saes():
             saved = float(sae.grad_normaliser)
@@ -111,14 +112,13 @@ class LocalSAESystem(SAESystem):
             # the normaliser is fixed once set: while training, its host copy (reset at every fit's start) spares a
             # wait for the GPU at every step
             training = self._trainer is not None and self.trainer.training
-            n = (getattr(self, "_grad_n", 0.0) if training else 0.0) or float(grad_saes[0].grad_normaliser)
+            n = (self._grad_n if training else 0.0) or float(grad_saes[0].grad_normaliser)
             if n == 0:  # no configured scale: this device's batch; only a training batch fixes it
                 n = self.configured_grad_normaliser() or float(predictions(tokens))
-                if self._trainer is None or self.trainer.training:  # never the sanity check / validation
+                if self._trainer is None or training:  # never the sanity check / validation
                     for sae in grad_saes:
                         sae.grad_normaliser.fill_(n)
-                    self._grad_n = n
-            elif training:
+            if training:
                 self._grad_n = n
             acts, grads, _ = loss_gradients(lm, tokens, self.hook, n)
             return ActivationBatch(acts[mask].float(), grads[mask].float())

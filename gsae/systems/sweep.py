@@ -368,4 +368,3 @@ class SweepSAESystem(LocalSAESystem):
         for name, m in self.members.items():
             self.check_saved_sae(saved[name]["sae_config"], m.sae, f"member {name}")
         self.restore_run(checkpoint)
-        self._initialized_seen = False

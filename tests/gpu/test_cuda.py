@@ -47,11 +47,6 @@ def exact_float32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> dict[str, float]:
-    sa, sb = a.state_dict(), b.state_dict()
-    return {k: float((sa[k].cpu().double() - sb[k].cpu().double()).abs().max()) for k in sa}
-
-
 def _assert_close(a: torch.nn.Module, b: torch.nn.Module, what: str, atol: float = ATOL, rtol: float = RTOL) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
