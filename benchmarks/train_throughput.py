@@ -1,12 +1,15 @@
 """Training throughput of gsae against SAELens and against the bare LM forward, on identical tokens.
 
-What is timed (steady-state steps; the first ``--warmup`` steps of the first round are discarded):
+What is timed (steady-state steps: the first ``--warmup`` steps of the first round, the first ``--rewarm`` of every
+later round and the last step of every run are discarded; see ``COOLDOWN``):
 
 - ``gsae``: our real training path. A :class:`gsae.systems.LocalSAESystem` (``TopKSAE(d, d_sae, k)``)
   driven by a real ``lightning.Trainer`` over a DataLoader of :class:`TokenBatch` es. A step is the
   interval between two consecutive ``on_train_batch_start`` callbacks (the last one closed by
   ``on_train_epoch_end``), so it includes the batch fetch, the harvest (LM forward to the hook), the
-  shuffle buffer, the SAE forward/backward, Adam, the decoder constraints, metrics and ``self.log``.
+  shuffle buffer, the SAE forward/backward, Adam, the decoder constraints and the dead-latent counters. The
+  metrics and ``self.log`` run on 1 step in ``log_every_n_steps`` and on a fit's first and last; those are not
+  timed, and the last one's time is printed (``# a fit's last step``) for what logging costs.
 - ``saelens``: SAELens' own full training loop, ``LanguageModelSAETrainingRunner(cfg,
   override_model=lm.model, override_dataset=<in-memory pretokenized Dataset of the same contexts>)``
   with ``TopKTrainingSAEConfig(d_in, d_sae, k)`` (SAELens defaults otherwise: dense TopK activations,
@@ -55,7 +58,8 @@ heap, and each inherits the state the others left.)
 
 Methods are interleaved: each of ``--rounds`` rounds (default: one per measured step) runs every method
 once (order rotated between rounds) for ``steps/rounds`` steps, plus ``--warmup`` discarded steps in the
-first round; the figures are medians over all measured steps. The machine may be shared: the per-round
+first round (``--rewarm`` in later ones) and one discarded last step; the figures are medians over all measured
+steps. The machine may be shared: the per-round
 ratios to TopK are printed too (``#`` lines), as a check on drift in the background load.
 Tokens per second count LM tokens (``batch_size × context_size`` per step).
 
@@ -106,6 +110,12 @@ SWEEP = "sweep"
 #: per-objective defaults of options left unset on the command line
 OBJECTIVE_DEFAULTS = {SWEEP: {"steps": 5, "warmup": 1, "batch_size": 16}}
 GENERIC_DEFAULTS = {"steps": 6, "warmup": 2, "batch_size": 32}
+#: steps every run takes after its measured ones, not timed: a Lightning fit's last step computes and logs the
+#: metrics (as its first does, and then 1 step in ``log_every_n_steps``, 50, in a run) and closes the fit, so a
+#: round whose measured step is its last times the logging path, not training (on a GPU that was up to 4x a step).
+#: Every method (SAELens and the bare forward too) runs it, so they stay on the same tokens; the Lightning methods'
+#: cooldown times are reported as ``logging step`` lines.
+COOLDOWN = 1
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -138,7 +148,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="discarded steps at the start of the first round (buffer fills, b_dec init, Adam state; default 2, sweep: 1)",
     )
-    p.add_argument("--rewarm", type=int, default=0, help="discarded steps at the start of each later round")
+    p.add_argument(
+        "--rewarm",
+        type=int,
+        default=1,
+        help="discarded steps at the start of each later round (default 1: a fit's first step builds the optimizer "
+        "state and logs; see COOLDOWN for its last)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="contexts per step (default 32; sweep: 16)")
     p.add_argument("--context-size", type=int, default=128, help="tokens per context")
     p.add_argument(
@@ -388,7 +404,8 @@ def run_lightning(
     from gsae.data.batch import TokenBatch
 
     data = [TokenBatch(batches[i], i) for i in range(batches.shape[0])]
-    loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=0)
+    # as gsae's data module on a GPU: pinned batches (a pageable copy to the device waits for the queued kernels)
+    loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=0, pin_memory=ARGS.device.startswith("cuda"))
     timer = StepTimer()
     trainer = pl.Trainer(
         accelerator="gpu" if ARGS.device.startswith("cuda") else "cpu",
@@ -600,6 +617,9 @@ def profile_objective(objective: str, lm, tokens: torch.Tensor, n_steps: int, ar
             if batch_idx == warm:
                 self.prof.__enter__()
                 self.on = True
+            elif batch_idx == warm + n_steps and self.on:  # the fit's last step (logging) is not profiled
+                self.prof.__exit__(None, None, None)
+                self.on = False
             self._open("# step")
 
         def on_before_backward(self, trainer, pl_module, loss) -> None:
@@ -644,7 +664,7 @@ def profile_objective(objective: str, lm, tokens: torch.Tensor, n_steps: int, ar
     system.objective = objective_once
     system.shared_step = shared_step
     prof = Prof()
-    run_lightning(system, tokens[: warm + n_steps], callbacks=[prof])
+    run_lightning(system, tokens[: warm + n_steps + COOLDOWN], callbacks=[prof])
     events = prof.prof.key_averages()
     total: dict[str, float] = {}  # a label's host time (on a GPU its kernel-timeline twin has the same key, 0 host time)
     for e in events:
@@ -730,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens_per_step = B * T
     per_round = split_steps(args.steps, args.rounds)
     warm = [args.warmup] + [args.rewarm] * (args.rounds - 1)
-    steps_per_run = [w + m for w, m in zip(warm, per_round)]
+    steps_per_run = [w + m + COOLDOWN for w, m in zip(warm, per_round)]
 
     t_setup = time.perf_counter()
     lm = LanguageModel(args.model, seed=args.seed, dtype=args.lm_dtype, fused=not args.no_fused, compile=args.compile)
@@ -774,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
             c: list[float] = []
             f: list[int] = []
             out = run_lightning(system, batches_for_round(r), cpu_times=c, faults=f)
-            cpu[name].extend(c[warm[r] :])
+            cpu[name].extend(c[warm[r] : warm[r] + per_round[r]])
             print(f"# round {r} {name}: minor page faults per step {' '.join(str(x) for x in f)}")
             return out
 
@@ -816,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     names = list(methods)
     width = max(8, *(len(n) for n in names))
     times: dict[str, list[float]] = {n: [] for n in names}
+    cooldown: dict[str, list[float]] = {n: [] for n in names}  # each run's untimed last step(s)
     round_med: dict[str, list[float]] = {n: [] for n in names}
     t0 = time.perf_counter()
     for r in range(args.rounds):
@@ -825,14 +846,16 @@ def main(argv: list[str] | None = None) -> int:
             step_times = methods[name](r)
             if len(step_times) != steps_per_run[r]:
                 print(f"# warning: {name} round {r}: {len(step_times)} step times for {steps_per_run[r]} steps")
-            kept = step_times[warm[r] :]
+            kept = step_times[warm[r] : warm[r] + per_round[r]]
             times[name].extend(kept)
+            cooldown[name].extend(step_times[warm[r] + per_round[r] :])
             if kept:
                 round_med[name].append(statistics.median(kept))
             print(
                 f"# round {r} {name:{width}s} {time.perf_counter() - tr:6.1f}s  warmup "
                 f"{' '.join(f'{t:.2f}' for t in step_times[: warm[r]])}  steps "
-                f"{' '.join(f'{t:.2f}' for t in kept)}",
+                f"{' '.join(f'{t:.2f}' for t in kept)}  last (not timed) "
+                f"{' '.join(f'{t:.2f}' for t in step_times[warm[r] + per_round[r] :])}",
                 flush=True,
             )
     print(f"# measured in {time.perf_counter() - t0:.1f}s")
@@ -851,6 +874,13 @@ def main(argv: list[str] | None = None) -> int:
         v = times[n]
         if v:
             print(f"# {n:{width}s} {med[n]:13.3f} {min(v):6.2f} {max(v):6.2f} {len(v):3d} {tps[n]:9.1f}")
+
+    lightning_names = [n for n in names if n in cpu]
+    if any(cooldown[n] for n in lightning_names):
+        print(
+            "# a fit's last step (computes and logs the metrics, closes the fit; in a run 1 step in log_every_n_steps), "
+            "median s: " + " ".join(f"{n}={statistics.median(cooldown[n]):.3f}" for n in lightning_names if cooldown[n])
+        )
 
     ref = "topk" if "topk" in names else None
     if ref is not None:
