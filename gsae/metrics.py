@@ -153,17 +153,33 @@ def recon_metrics(s: ReconSums) -> dict[str, float]:
     - ``fvu_uncentered``: ``Σ‖x − x̂‖² / Σ‖x‖²`` (what SAELens v6 ``explained_variance`` ≈ ``1 −`` this; SPEC §5).
     - ``l0``: mean number of active latents per token. ``cossim``: mean ``cos(x, x̂)``. ``l2_ratio``: mean ``‖x̂‖/‖x‖``.
     """
+    return host_floats(recon_metric_tensors(s))
+
+
+def recon_metric_tensors(s: ReconSums) -> dict[str, Tensor]:
+    """:func:`recon_metrics` as 0-d tensors on the sums' device (no wait for it: gather them with :func:`host_floats`)."""
     n = s.n.clamp_min(1)
     centered = (s.sum_sq - s.sum_x.pow(2).sum() / n).clamp_min(1e-12)
     return {
-        "mse": float(s.sse / n),
-        "nmse": float(s.nmse_tok / n),
-        "explained_variance": float(1 - s.sse / centered),
-        "fvu_uncentered": float(s.sse / s.sum_sq.clamp_min(1e-12)),
-        "l0": float(s.l0 / n),
-        "cossim": float(s.cos / n),
-        "l2_ratio": float(s.l2_ratio / n),
+        "mse": s.sse / n,
+        "nmse": s.nmse_tok / n,
+        "explained_variance": 1 - s.sse / centered,
+        "fvu_uncentered": s.sse / s.sum_sq.clamp_min(1e-12),
+        "l0": s.l0 / n,
+        "cossim": s.cos / n,
+        "l2_ratio": s.l2_ratio / n,
     }
+
+
+def host_floats(values: dict[str, Tensor | float]) -> dict[str, float]:
+    """``values`` as Python floats, the tensors among them copied to the host in one transfer: on a GPU, one wait for
+    the device instead of one per ``float(tensor)`` (a logging step converts ~13 metrics per SAE)."""
+    keys = [k for k, v in values.items() if isinstance(v, Tensor)]
+    out = {k: float(v) for k, v in values.items() if not isinstance(v, Tensor)}
+    if keys:
+        flat = torch.stack([values[k].detach().reshape(()).to(torch.float64) for k in keys]).tolist()
+        out.update(zip(keys, flat))
+    return {k: out[k] for k in values}
 
 
 def kl_div_per_token(logits_clean: Tensor, logits_new: Tensor) -> Tensor:
@@ -199,12 +215,39 @@ class DeadLatentTracker(nn.Module):
         self.n_tokens = n_tokens
         self.register_buffer("batches_since_fired", torch.zeros(d_sae, dtype=torch.long))
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+        # on a GPU: the dead count of the last update, on its way to pinned host memory (see n_dead_by_tokens)
+        self._pending: tuple[Tensor, torch.cuda.Event, int, int] | None = None
 
     @torch.no_grad()
     def update(self, fired: Tensor, n_tokens: int) -> None:
         """Advance the counters by one batch of ``n_tokens`` tokens; ``fired`` is a bool ``(d_sae,)``."""
         self.batches_since_fired.add_(1).masked_fill_(fired, 0)
         self.tokens_since_fired.add_(int(n_tokens)).masked_fill_(fired, 0)
+        t = self.tokens_since_fired
+        self._pending = None
+        if t.is_cuda:  # start copying the new dead count to the host now; the next step reads it without a wait
+            host = torch.empty((), dtype=torch.long, pin_memory=True)
+            host.copy_((t >= self.n_tokens).sum(), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending = (host, done, t._version, t.data_ptr())
+
+    def auxk_mask(self) -> Tensor:
+        """:meth:`dead_by_tokens` (AuxK's dead latents) with its count on the host attached as ``n_true``
+        (:meth:`n_dead_by_tokens`), which :meth:`gsae.sae.TopKSAE.auxk_loss` reads instead of counting on the device."""
+        mask = self.dead_by_tokens()
+        mask.n_true = self.n_dead_by_tokens()
+        return mask
+
+    def n_dead_by_tokens(self) -> int:
+        """``int(dead_by_tokens().sum())``, the count AuxK needs on the host. On a GPU it was sent to the host by the
+        last :meth:`update`, behind that step's kernels only, so reading it rarely waits (counting now would wait for
+        every kernel queued since); counted now if the counters changed otherwise since (a restore, a move)."""
+        p, t = self._pending, self.tokens_since_fired
+        if p is not None and p[2] == t._version and p[3] == t.data_ptr():
+            p[1].synchronize()
+            return int(p[0])
+        return int(self.dead_by_tokens().sum())
 
     def dead_by_batches(self) -> Tensor:
         return self.batches_since_fired >= self.n_batches

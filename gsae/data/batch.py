@@ -35,11 +35,16 @@ class TokenBatch(NamedTuple):
         state: for text sources, the state of the stream the batch came from *after* it; the data module
             records it when the batch is consumed (prefetched batches do not count), so a resumed run
             continues every stream exactly. ``None`` for index-addressable sources (``synthetic``).
+        keep: ``(n,)`` flat indices into the ``B·T`` positions whose activations train the SAE (special tokens
+            dropped), ascending; set on the host before the batch moves to the device
+            (:meth:`gsae.systems.SAESystem.prepare_batch`) so that selecting those rows on a GPU does not wait for it
+            to count them. ``None``: the system computes the mask on the tokens' device.
     """
 
     tokens: Tensor
     index: int
     state: StreamState | None = None
+    keep: Tensor | None = None
 
 
 class ActivationBatch(NamedTuple):

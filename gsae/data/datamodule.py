@@ -202,7 +202,12 @@ class TokenDataModule(pl.LightningDataModule):
             for s in range(rank, self.n_streams, world):  # a source without a context fails here, in one line
                 self.open_stream(s, mine.get(s)).next_context()
             stream = StreamBatches(self.open_streams, self.n_streams, self.batch_size, rank, world, self.consumed_batches, mine)
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+        # on a GPU, pinned batches: copying pageable memory to the device waits for every queued kernel first
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self._on_cuda())
+
+    def _on_cuda(self) -> bool:
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def val_batches_of(self, rank: int = 0, world: int = 1) -> list[TokenBatch]:
         """This rank's validation batches: block ``b`` of ``val_batch_size × world`` held-out contexts, rows ``≡ rank``.
@@ -238,7 +243,9 @@ class TokenDataModule(pl.LightningDataModule):
                 state = batch.state
                 self.stream_states[int(state.stream)] = state
                 batch = batch._replace(state=None)  # the carry-over stays on the CPU
-        return batch
+        module = trainer.lightning_module if trainer is not None else None
+        prepare = getattr(module, "prepare_batch", None)  # Lightning calls this hook, not the module's
+        return prepare(batch) if prepare is not None else batch
 
     def _all_stream_states(self) -> dict[int, StreamState]:
         """Every rank's stream states (ranks own disjoint streams; only rank 0 writes the checkpoint)."""

@@ -24,8 +24,9 @@ from gsae.metrics import (
     ReconMetric,
     ReconSums,
     fired_mask,
+    host_floats,
     l0_per_token,
-    recon_metrics,
+    recon_metric_tensors,
     recon_sums,
 )
 from gsae.optim import Adam
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 # validation metrics are torchmetrics states reduced over ranks in compute(); Lightning cannot tell and asks for
 # sync_dist=True once per logged name (a sweep logs dozens), which would only average identical values again
 warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
+# SAESystem.on_before_batch_transfer serves runs without gsae's data module, which calls prepare_batch in its own hook
+warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer` in both.*")
 
 SAEFactory = Callable[[int], SparseAutoencoder]
 
@@ -200,6 +203,30 @@ class SAESystem(pl.LightningModule):
         special = torch.tensor(self.lm.special_token_ids, device=tokens.device)
         return ~torch.isin(tokens, special)
 
+    def prepare_batch(self, batch: Any) -> Any:
+        """A :class:`TokenBatch` still on the host, with ``keep`` (the flat indices of :meth:`token_mask`) set: the
+        harvest then selects those rows with ``index_select`` instead of a boolean mask, whose row count a GPU must
+        report to the host first (a wait for every queued kernel, at every step). Pinned when training on a GPU, as
+        the data loader pins the tokens, so that the copy does not wait either. Other batches pass unchanged."""
+        if not isinstance(batch, TokenBatch) or batch.keep is not None or batch.tokens.device.type != "cpu":
+            return batch
+        keep = self.token_mask(batch.tokens).reshape(-1).nonzero().squeeze(-1)
+        if self.device.type == "cuda":
+            keep = keep.pin_memory()
+        return batch._replace(keep=keep)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this when no data module overrides the hook; gsae's data module calls prepare_batch itself
+        return self.prepare_batch(batch)
+
+    @staticmethod
+    def select_rows(x: Tensor, mask: Tensor, keep: Tensor | None) -> Tensor:
+        """The rows of ``x (B, T, ...)`` at the kept positions, flattened to ``(n, ...)``: ``x[mask]``, or, with the
+        host's ``keep`` indices, the same rows by ``index_select`` (no wait for the device)."""
+        if keep is None:
+            return x[mask]
+        return x.reshape(-1, *x.shape[2:]).index_select(0, keep.to(x.device, non_blocking=True))
+
     @torch.no_grad()
     def maybe_initialize(self, x: Tensor) -> None:
         """On the first batch: ``b_dec`` and the loss scale from the *global* batch (identical on every rank)."""
@@ -296,13 +323,14 @@ class SAESystem(pl.LightningModule):
             self.log(f"val/{name}", v, rank_zero_only=True)  # reduced over ranks by torchmetrics
 
     def _log_train(self, loss: Tensor, sums: ReconSums, out: SAEOutput, extra: dict[str, Tensor], n_tokens: int) -> None:
-        metrics = {f"train/{k}": v for k, v in recon_metrics(sums).items()}
-        metrics["train/loss"] = float(loss.detach())
-        metrics["train/aux_loss"] = float(out.aux_loss.detach())
-        metrics["train/dead_fraction"] = float(self.dead.dead_by_batches().float().mean())
-        metrics["train/dead_fraction_tokens"] = float(self.dead.dead_by_tokens().float().mean())
+        metrics: dict[str, Tensor | float] = {f"train/{k}": v for k, v in recon_metric_tensors(sums).items()}
+        metrics["train/loss"] = loss
+        metrics["train/aux_loss"] = out.aux_loss
+        metrics["train/dead_fraction"] = self.dead.dead_by_batches().float().mean()
+        metrics["train/dead_fraction_tokens"] = self.dead.dead_by_tokens().float().mean()
+        metrics.update({f"train/{k}": v for k, v in extra.items()})
+        metrics = host_floats(metrics)  # one copy to the host for all of them
         metrics.update(self.progress_metrics())
-        metrics.update({f"train/{k}": float(v) for k, v in extra.items()})
         if self._trainer is not None and self.trainer.optimizers:
             metrics["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)

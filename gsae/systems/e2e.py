@@ -82,10 +82,10 @@ class E2ESAESystem(SAESystem):
         with torch.no_grad():
             x = lm.activations(tokens, self.hook)  # (B, T, D): the prefix runs once
             clean = lm.hidden_from_hook(x, self.hook, tokens=tokens, cache_hooks=self.downstream_hooks)
-        x_in = x[mask].float()
+        x_in = self.select_rows(x, mask, batch.keep).float()
         if stage == "train":
             self.maybe_initialize(x_in)
-        dead = self.dead.dead_by_tokens() if stage == "train" else None
+        dead = self.dead.auxk_mask() if stage == "train" else None
         n_global = self.all_reduce(torch.tensor(float(x_in.shape[0]), device=self.device))
         out = self.sae(x_in, dead_mask=dead, aux_norm=self.aux_norm(n_global))
         patched = lm.hidden_from_hook(self.splice(x, mask, out.x_hat).to(x.dtype), self.hook, tokens=tokens, cache_hooks=self.downstream_hooks)

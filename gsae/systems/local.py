@@ -103,10 +103,11 @@ class LocalSAESystem(SAESystem):
         if len(scales) > 1:
             raise ValueError(f"--ckpt_path: the g-SAEs were trained with different gradient scales {sorted(scales)}")
 
-    def harvest(self, tokens: Tensor) -> ActivationBatch:
-        """Activations (and ``∇ₓL`` if any SAE is a g-SAE) at the hook, special-token positions dropped, flattened."""
+    def harvest(self, tokens: Tensor, keep: Tensor | None = None) -> ActivationBatch:
+        """Activations (and ``∇ₓL`` if any SAE is a g-SAE) at the hook, special-token positions dropped, flattened
+        (``keep``: the kept positions' flat indices from the host, :meth:`prepare_batch`; else the mask is computed here)."""
         lm = self.frozen_lm()
-        mask = self.token_mask(tokens)  # (B, T)
+        mask = self.token_mask(tokens) if keep is None else None  # (B, T)
         grad_saes = self.grad_saes()
         if grad_saes:
             # the normaliser is fixed once set: while training, its host copy (reset at every fit's start) spares a
@@ -121,16 +122,16 @@ class LocalSAESystem(SAESystem):
             if training:
                 self._grad_n = n
             acts, grads, _ = loss_gradients(lm, tokens, self.hook, n)
-            return ActivationBatch(acts[mask].float(), grads[mask].float())
-        return ActivationBatch(lm.activations(tokens, self.hook)[mask].float(), None)
+            return ActivationBatch(self.select_rows(acts, mask, keep).float(), self.select_rows(grads, mask, keep).float())
+        return ActivationBatch(self.select_rows(lm.activations(tokens, self.hook), mask, keep).float(), None)
 
     def objective(self, batch: TokenBatch, stage: str) -> tuple[Tensor, SAEOutput, ActivationBatch, dict[str, Tensor]]:
-        acts = self.harvest(batch.tokens)
+        acts = self.harvest(batch.tokens, batch.keep)
         if stage == "train":
             acts = self.buffer.mix(acts)
             self.maybe_initialize(acts.x)
         n_global = self.all_reduce(torch.tensor(float(acts.x.shape[0]), device=self.device))
-        dead = self.dead.dead_by_tokens() if stage == "train" else None
+        dead = self.dead.auxk_mask() if stage == "train" else None
         out = self.sae(acts.x, grad=acts.grad, dead_mask=dead, aux_norm=self.aux_norm(n_global))
         sse = (acts.x - out.x_hat).pow(2).sum()
         recon = sse / (n_global.clamp_min(1) * self.act_scale) * self._world()

@@ -40,7 +40,16 @@ from torch import Tensor, nn
 
 from gsae.data.batch import TokenBatch
 from gsae.lm import LanguageModel
-from gsae.metrics import DeadLatentTracker, ReconMetric, ReconSums, fired_mask, l0_per_token, recon_metrics, recon_sums
+from gsae.metrics import (
+    DeadLatentTracker,
+    ReconMetric,
+    ReconSums,
+    fired_mask,
+    host_floats,
+    l0_per_token,
+    recon_metric_tensors,
+    recon_sums,
+)
 from gsae.sae.base import SparseAutoencoder
 from gsae.sae.grad_topk import GradTopKSAE
 from gsae.systems.base import NonFiniteLossError, _adam, lr_factor
@@ -198,7 +207,7 @@ class SweepSAESystem(LocalSAESystem):
             m.initialized.fill_(True)
 
     def shared_step(self, batch: TokenBatch, stage: str) -> Tensor:
-        acts = self.harvest(batch.tokens)
+        acts = self.harvest(batch.tokens, batch.keep)
         train = stage == "train"
         if train:
             acts = self.buffer.mix(acts)
@@ -211,7 +220,7 @@ class SweepSAESystem(LocalSAESystem):
         packed: list[Tensor] = []
         losses: list[Tensor] = []
         for name, m in self.members.items():
-            dead = m.dead.dead_by_tokens() if train else None
+            dead = m.dead.auxk_mask() if train else None
             aux_norm = world / (n_global.clamp_min(1) * m.act_scale)
             grad = acts.grad if m.needs_grad else None
             out = m.sae(acts.x, grad=grad, dead_mask=dead, aux_norm=aux_norm)
@@ -250,7 +259,7 @@ class SweepSAESystem(LocalSAESystem):
         flat = self.all_reduce(torch.cat([count, *packed]))
         # on one process the host knows the count (no wait for the GPU); over ranks, the reduced one
         n_tokens = acts.x.shape[0] if world == 1 else int(flat[0])
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Tensor | float] = {}
         offset = 1
         for name, m in self.members.items():
             fired = flat[offset : offset + m.sae.d_sae] > 0
@@ -261,21 +270,21 @@ class SweepSAESystem(LocalSAESystem):
             width = len(ReconSums._fields) - 1 + m.sae.d_in
             sums = ReconSums.unflat(flat[offset : offset + width])
             offset += width
-            for k, v in recon_metrics(sums).items():
-                metrics[f"train/{name}/{k}"] = float(v)
+            for k, v in recon_metric_tensors(sums).items():
+                metrics[f"train/{name}/{k}"] = v
             for k, v in logs[name].items():
-                metrics[f"train/{name}/{k}"] = float(v)
-            metrics[f"train/{name}/dead_fraction"] = float(m.dead.dead_by_batches().float().mean())
-            metrics[f"train/{name}/dead_fraction_tokens"] = float(m.dead.dead_by_tokens().float().mean())
+                metrics[f"train/{name}/{k}"] = v
+            metrics[f"train/{name}/dead_fraction"] = m.dead.dead_by_batches().float().mean()
+            metrics[f"train/{name}/dead_fraction_tokens"] = m.dead.dead_by_tokens().float().mean()
         self.tokens_seen += n_tokens
         if log:
-            self._log_sweep(total, metrics)
+            metrics["train/loss"] = total / world  # the sum of the members' losses
+            self._log_sweep(host_floats(metrics))  # one copy to the host for every member's metrics
         return total
 
-    def _log_sweep(self, total: Tensor, metrics: dict[str, float]) -> None:
+    def _log_sweep(self, metrics: dict[str, float]) -> None:
         names = list(self.members)
         mean = lambda key: sum(metrics[f"train/{n}/{key}"] for n in names) / len(names)  # noqa: E731
-        metrics["train/loss"] = float(total.detach()) / self._world()  # the sum of the members' losses
         for key in ("nmse", "l0", "dead_fraction"):  # the progress bar's headline: the mean over members
             metrics[f"train/{key}"] = mean(key)
         metrics.update(self.progress_metrics())

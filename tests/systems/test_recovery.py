@@ -34,7 +34,7 @@ class PlantedSystem(LocalSAESystem):
 
     features = _features()
 
-    def harvest(self, tokens: Tensor) -> ActivationBatch:
+    def harvest(self, tokens: Tensor, keep: Tensor | None = None) -> ActivationBatch:
         gen = torch.Generator().manual_seed(10_000 + self.global_step)  # deterministic per step
         active = torch.rand(TOKENS_PER_STEP, N_FEATURES, generator=gen) < 3 / N_FEATURES
         s = active * (0.5 + torch.rand(TOKENS_PER_STEP, N_FEATURES, generator=gen))  # (N, n_features)

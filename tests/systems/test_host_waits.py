@@ -1,0 +1,99 @@
+"""What a training step asks the device for: the kept positions come from the host (``TokenBatch.keep``), logged
+metrics reach the host in one copy, AuxK's dead count comes from the previous step. Each must give exactly what the
+device-side computation gives; ``tests/gpu/test_cuda.py`` counts the waits on a GPU."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from gsae.data.batch import TokenBatch
+from gsae.metrics import DeadLatentTracker, host_floats
+from gsae.systems.base import SAESystem
+from tests.systems.helpers import build_data, build_system, build_trainer
+
+
+def _tokens_with_specials(system, b: int = 3, t: int = 16) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    specials = list(system.lm.special_token_ids)
+    ordinary = torch.tensor([i for i in range(system.lm.d_vocab) if i not in specials])
+    tokens = ordinary[torch.randint(0, len(ordinary), (b, t), generator=gen)]
+    tokens[:, 0] = system.lm.bos_token_id
+    tokens[0, 5] = specials[-1]  # mid-sequence, as packed documents put EOS/BOS between them
+    tokens[1, 9] = system.lm.bos_token_id
+    tokens[2, 15] = specials[0]
+    return tokens
+
+
+@pytest.mark.parametrize("objective", ["topk", "gsae"])
+@pytest.mark.parametrize("exclude", [True, False])
+def test_harvest_with_host_kept_positions_equals_the_device_mask(objective, exclude):
+    system = build_system(objective, exclude_special_tokens=exclude)
+    tokens = _tokens_with_specials(system)
+    batch = system.prepare_batch(TokenBatch(tokens, 0))
+    mask = system.token_mask(tokens)
+    assert torch.equal(batch.keep, mask.reshape(-1).nonzero().squeeze(-1))
+    assert batch.keep.numel() == (tokens.numel() - 6 if exclude else tokens.numel())
+    ref, got = system.harvest(tokens), system.harvest(tokens, batch.keep)
+    assert torch.equal(ref.x, got.x) and ref.x.shape[0] == batch.keep.numel()
+    if objective == "gsae":
+        assert torch.equal(ref.grad, got.grad)
+    # prepare_batch leaves prepared batches and other objects alone
+    assert system.prepare_batch(batch) is batch
+    assert system.prepare_batch({"tokens": tokens}) == {"tokens": tokens}
+
+
+class _Spy(pl.Callback):
+    def __init__(self) -> None:
+        self.keeps: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.keeps.append(batch.keep is not None)
+
+
+@pytest.mark.parametrize("objective", ["topk", "gsae", "e2e"])
+def test_training_batches_reach_the_step_with_their_kept_positions(tmp_path, monkeypatch, objective):
+    """Through gsae's data module and through a plain DataLoader (no data module: the module's own hook), every
+    training batch arrives with ``keep``, and no step falls back to a boolean mask on the device."""
+    fallbacks = []
+    inner = SAESystem.select_rows
+
+    def select_rows(x, mask, keep):
+        if keep is None:
+            fallbacks.append(1)
+        return inner(x, mask, keep)
+
+    monkeypatch.setattr(SAESystem, "select_rows", staticmethod(select_rows))
+    system = build_system(objective)
+    spy = _Spy()
+    build_trainer(tmp_path / "dm", 3, callbacks=[spy]).fit(system, datamodule=build_data(system))
+    plain = [TokenBatch(_tokens_with_specials(system, 4), i) for i in range(3)]
+    system2 = build_system(objective)
+    build_trainer(tmp_path / "plain", 3, callbacks=[spy]).fit(system2, DataLoader(plain, batch_size=None))
+    assert spy.keeps == [True] * 6 and not fallbacks
+
+
+def test_host_floats_is_float_of_each_in_one_copy():
+    t = torch.tensor([1.5, -2.25, 3.0e-8], dtype=torch.float32)
+    values = {"a": t[0], "b": 7, "c": t[1] * 2, "d": torch.tensor(3, dtype=torch.long), "e": t[2]}
+    got = host_floats(values)
+    assert list(got) == list(values)
+    assert got == {k: float(v) for k, v in values.items()}
+    assert host_floats({}) == {} and host_floats({"x": 1.0}) == {"x": 1.0}
+
+
+def test_auxk_mask_carries_the_dead_count():
+    tracker = DeadLatentTracker(10, n_batches=2, n_tokens=100)
+    assert tracker.auxk_mask().n_true == 0
+    fired = torch.zeros(10, dtype=torch.bool)
+    fired[[1, 4]] = True
+    for step in range(4):
+        tracker.update(fired if step % 2 == 0 else torch.zeros(10, dtype=torch.bool), 40)
+        mask = tracker.auxk_mask()
+        assert torch.equal(mask, tracker.dead_by_tokens())
+        assert mask.n_true == int(tracker.dead_by_tokens().sum()) == tracker.n_dead_by_tokens()
+    assert tracker.auxk_mask().n_true == 8  # 160 tokens without firing; latents 1 and 4 fired 40 tokens ago
+    tracker.tokens_since_fired.zero_()  # changed outside update: counted again
+    assert tracker.auxk_mask().n_true == 0
