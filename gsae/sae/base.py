@@ -149,6 +149,22 @@ class SparseAutoencoder(nn.Module):
         return self.ROW_BLOCK if self.W_dec.device.type == "cpu" else max(self.W_dec.shape[0], 1)
 
 
+#: Under CUDA autocast (``--trainer.precision bf16-mixed``), compute ``∂W_enc`` and ``∂W_dec`` as dense matmuls in the
+#: autocast dtype instead of the sparse ``embedding_bag`` products (:meth:`SparsePattern.transposed_mm`). A GPU's
+#: tensor cores do the dense ``(d_sae × N) · (N × d_in)`` product (d_sae/k times the FLOPs) faster than the gather
+#: kernels run the sparse one; bf16 operands with float32 accumulation are autocast's own precision for a matmul
+#: (as SAELens' dense TopK under autocast). Off for float32 training and on the CPU, where the sparse path wins.
+DENSE_GRADS_UNDER_AUTOCAST = True
+
+
+def autocast_dense_dtype(t: Tensor) -> torch.dtype | None:
+    """The dtype :class:`SparsePattern` computes its products in for a forward on ``t``'s device now: the autocast
+    dtype on a CUDA device under autocast (and :data:`DENSE_GRADS_UNDER_AUTOCAST`), else ``None`` (sparse)."""
+    if not DENSE_GRADS_UNDER_AUTOCAST or t.device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
+        return None
+    return torch.get_autocast_dtype("cuda")
+
+
 class SparsePattern:
     """The latent-major order of a ``(N, k)`` top-k index matrix, computed once on first use and shared by the
     sparse backwards of one forward (the decoder's ``∂W_dec`` and the encoder's ``∂W_enc`` have the same
@@ -156,12 +172,14 @@ class SparsePattern:
 
     ``Gᵀ @ D`` for the sparse ``G (N, d_sae)`` holding ``values (N, k)`` at ``top_idx`` is then one
     ``embedding_bag`` with a bag per latent (the tokens it was selected on, in token order): no COO tensor, no
-    ``coalesce`` and no ``(N·k, d)`` intermediate.
+    ``coalesce`` and no ``(N·k, d)`` intermediate. With ``dense_dtype`` set (a forward under CUDA autocast:
+    :func:`autocast_dense_dtype`), ``G`` is built densely in that dtype and the product is one tensor-core matmul.
     """
 
-    def __init__(self, d_sae: int, top_idx: Tensor | None = None) -> None:
+    def __init__(self, d_sae: int, top_idx: Tensor | None = None, dense_dtype: torch.dtype | None = None) -> None:
         self.d_sae = d_sae
         self.top_idx = top_idx
+        self.dense_dtype = dense_dtype
         self._order: tuple[Tensor, Tensor, Tensor] | None = None
 
     def order(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -187,6 +205,10 @@ class SparsePattern:
 
     def transposed_mm(self, values: Tensor, dense: Tensor) -> Tensor:
         """``(d_sae, d) = Gᵀ @ dense`` with ``G (N, d_sae)`` sparse, ``values (N, k)`` at ``top_idx``; ``dense (N, d)``."""
+        if self.dense_dtype is not None:  # scatter then matmul (float32 accumulation), returned in dense's dtype
+            G = values.new_zeros(values.shape[0], self.d_sae, dtype=self.dense_dtype)
+            G.scatter_(1, self.top_idx, values.to(self.dense_dtype))
+            return (G.T @ dense.to(self.dense_dtype)).to(dense.dtype)
         perm, tokens, offsets = self.order()
         weights = values.reshape(-1)[perm].to(dense.dtype)
         return F.embedding_bag(tokens, dense, offsets, per_sample_weights=weights, mode="sum")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from gsae.sae.base import SAEOutput, SparseAutoencoder, SparseDecode, SparsePattern
+from gsae.sae.base import SAEOutput, SparseAutoencoder, SparseDecode, SparsePattern, autocast_dense_dtype
 
 #: candidates per row :func:`topk_indices` aims for (``k × block``); measured best at 512 for k 3–256 (below)
 TOPK_CANDIDATES = 512
@@ -58,6 +58,16 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
     cand = v.gather(2, top_blocks.unsqueeze(1).expand(n, block, k)).view(n, block * k)
     sel = cand.topk(k, dim=-1, sorted=False).indices  # entry (i, j): row i of the block view, kept block j
     return sel.div(k, rounding_mode="floor").mul_(nb).add_(top_blocks.gather(1, sel.remainder(k)))
+
+
+def true_indices(mask: Tensor, count: int, by_sort: bool | None = None) -> Tensor:
+    """The indices of ``mask``'s True entries, ascending (``mask.nonzero().squeeze(-1)``), given their ``count``.
+
+    ``by_sort`` (default: off the CPU): a stable sort puts them first, so a GPU need not report the count to the host
+    (``nonzero`` waits for every queued kernel); on the CPU ``nonzero`` is cheaper and waits for nothing."""
+    if not (mask.device.type != "cpu" if by_sort is None else by_sort):
+        return mask.nonzero().squeeze(-1)
+    return torch.sort(mask.logical_not().to(torch.uint8), stable=True).indices[:count]
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -209,7 +219,7 @@ class TopKSAE(SparseAutoencoder):
                 (the training system passes a constant so the loss is exact under DDP).
         """
         if self.sparse_backward:  # one latent-major order serves the decoder's and the encoder's backward
-            pattern = SparsePattern(self.d_sae)
+            pattern = SparsePattern(self.d_sae, dense_dtype=autocast_dense_dtype(x))
             top_acts, top_idx, pre = self._encode_topk(x, grad, pattern)
             x_hat = SparseDecode.apply(top_acts, self.W_dec, self.b_dec, top_idx, pattern)
         else:  # dense autograd throughout (the reference the sparse backward is tested against)
@@ -227,21 +237,29 @@ class TopKSAE(SparseAutoencoder):
         *dead* latents, ``Σ‖e − ê‖² / Σ‖e − ē‖²`` (normalised like sparsify), scaled by ``min(n_dead/k_aux, 1)``,
         times ``aux_coef``. ``x̂`` and ``e`` are detached: only the dead latents' parameters learn from it, and
         they learn from nothing else, so under Adam the normalisation (``aux_norm``) hardly matters.
+
+        The number of dead latents sets the shapes here, so the host needs it: a mask from
+        :meth:`gsae.metrics.DeadLatentTracker.auxk_mask` carries it (``n_true``, sent to the host by the previous
+        step); any other mask is counted here, which on a GPU waits for every queued kernel.
         """
-        if dead_mask is None or self.k_aux == 0 or not bool(dead_mask.any()):
+        if dead_mask is None or self.k_aux == 0:
             return x_hat.new_zeros(())
-        n_dead = int(dead_mask.sum())
+        n_dead = getattr(dead_mask, "n_true", None)
+        n_dead = int(dead_mask.sum()) if n_dead is None else int(n_dead)
+        if n_dead == 0:
+            return x_hat.new_zeros(())
         k_aux = min(self.k_aux, n_dead)
+        dead_ids = true_indices(dead_mask, n_dead)  # ascending, as dead_mask.nonzero()
         x_c = x.to(self.W_enc.dtype) - self.b_dec.detach()
         # recompute pre-activations with grad only for the dead columns
-        W = self.W_enc[:, dead_mask]  # (d_in, n_dead)
-        pre_dead = x_c.detach() @ W + self.b_enc[dead_mask]
+        W = self.W_enc.index_select(1, dead_ids)  # (d_in, n_dead)
+        pre_dead = x_c.detach() @ W + self.b_enc.index_select(0, dead_ids)
         acts, idx = pre_dead.topk(k_aux, dim=-1, sorted=False)
         if self.relu_after_topk:
             acts = F.relu(acts)
-        dead_ids = dead_mask.nonzero().squeeze(-1)
         if self.sparse_backward:  # N·k_aux rows: the sparse decoder backward matters most here
-            e_hat = SparseDecode.apply(acts, self.W_dec, None, dead_ids[idx], SparsePattern(self.d_sae))
+            pattern = SparsePattern(self.d_sae, dense_dtype=autocast_dense_dtype(x))
+            e_hat = SparseDecode.apply(acts, self.W_dec, None, dead_ids[idx], pattern)
         else:
             e_hat = F.embedding_bag(dead_ids[idx], self.W_dec, per_sample_weights=acts, mode="sum")
         e = (x.to(x_hat.dtype) - x_hat).detach()

@@ -206,3 +206,102 @@ def test_resume_on_the_device_equals_uninterrupted_and_checkpoints_load_anywhere
     assert moved.trained_on == {DEVICE}
     _assert_close(moved.sae, cpu_full.sae, "CPU checkpoint resumed on the device")
     assert torch.equal(moved.dead.tokens_since_fired.cpu(), cpu_full.dead.tokens_since_fired)
+
+
+# ---------------------------------------------------------------------------------------------- waits for the device
+class SyncWarnings(pl.Callback):
+    """Records the synchronising CUDA calls (``torch.cuda.set_sync_debug_mode("warn")``) of training steps
+    ``first .. last - 1``, with where in Python each came from."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+        self.found: list[str] = []
+        self._catch = None
+
+    def _stop(self) -> None:
+        if self._catch is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            self.found += [f"{w.filename}:{w.lineno}: {str(w.message)[:60]}" for w in self._log]
+            self._catch.__exit__(None, None, None)
+            self._catch = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import warnings
+
+        if batch_idx == self.first:
+            self._catch = warnings.catch_warnings(record=True)
+            self._log = self._catch.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        elif batch_idx == self.last:
+            self._stop()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._stop()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="counts CUDA synchronisations")
+@pytest.mark.parametrize("objective", ["topk", "gsae", "sweep"])
+def test_a_steady_state_step_waits_for_the_device_once(tmp_path, objective):
+    """Steps that do not log (2, 3, 4 of 6, ``log_every_n_steps`` 50) wait for the GPU once: the finiteness check of
+    the loss before the backward. The kept positions come from the host, AuxK's dead count (latents die after 200
+    tokens here, so AuxK runs) from the previous step, and the batch is pinned."""
+    torch.manual_seed(0)
+    if objective == "sweep":
+        members = [
+            {"name": "topk", "sae": {"class_path": "gsae.sae.TopKSAE", "init_args": {"d_sae": 64, "k": 4, "k_aux": 8}}},
+            {"name": "gsae", "sae": {"class_path": "gsae.sae.GradTopKSAE",
+                                     "init_args": {"d_sae": 64, "k": 4, "beta": 1e4, "k_aux": 8}}},
+        ]
+        system = SweepSAESystem(LanguageModel("random-tiny", seed=0), members, hook=HOOK, buffer_size=128,
+                                optimizer=lambda p: Adam(p, lr=1e-2), dead_tokens=200)
+    else:
+        system = build_system(objective, buffer_size=128)
+    spy = SyncWarnings(2, 5)
+    build_trainer(tmp_path, 6, callbacks=[spy], accelerator="gpu", devices=1, precision="bf16-mixed",
+                  log_every_n_steps=50).fit(system, datamodule=build_data(system))
+    assert len(spy.found) <= 3, "\n".join(spy.found)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the count's copy to the host is the GPU path")
+def test_the_dead_count_sent_to_the_host_is_the_count():
+    from gsae.metrics import DeadLatentTracker
+
+    tracker = DeadLatentTracker(100, n_batches=2, n_tokens=50).to(DEVICE)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        tracker.update((torch.rand(100, generator=gen) < 0.3).to(DEVICE), 20)
+        mask = tracker.auxk_mask()
+        assert tracker._pending is not None and mask.n_true == int(tracker.dead_by_tokens().sum())
+    other = DeadLatentTracker(100, n_batches=2, n_tokens=50).to(DEVICE)
+    other.update(torch.ones(100, dtype=torch.bool, device=DEVICE), 20)
+    assert other.auxk_mask().n_true == 0
+    other.load_state_dict(tracker.state_dict())  # restored counters: counted again, not the stale copy
+    assert other.auxk_mask().n_true == int(tracker.dead_by_tokens().sum()) > 0
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the dense products are the CUDA autocast path")
+@pytest.mark.parametrize("k_aux", [0, 64])
+def test_dense_gradients_under_autocast_equal_the_sparse_ones_to_bf16(monkeypatch, k_aux):
+    """GPT-2-like shape, bf16 autocast: ``∂W_enc``, ``∂W_dec`` and the rest from the dense tensor-core products equal
+    the sparse ``embedding_bag`` ones within bf16 rounding (2% of each gradient's largest entry)."""
+    import gsae.sae.base as sae_base
+    from gsae.sae import TopKSAE
+
+    x = torch.randn(2048, 256, device=DEVICE)
+    dead = torch.zeros(4096, dtype=torch.bool, device=DEVICE)
+    dead[::7] = True
+    grads = {}
+    for dense in (False, True):
+        monkeypatch.setattr(sae_base, "DENSE_GRADS_UNDER_AUTOCAST", dense)
+        torch.manual_seed(0)
+        sae = TopKSAE(256, 4096, 32, k_aux=k_aux).to(DEVICE)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = sae(x, dead_mask=dead if k_aux else None, aux_norm=1e-3)
+            loss = (out.x_hat.float() - x).pow(2).sum() / x.shape[0] + out.aux_loss
+        loss.backward()
+        grads[dense] = {n: p.grad.float().clone() for n, p in sae.named_parameters()}
+    for n, g in grads[False].items():
+        assert g.abs().max() > 0, n
+        err = (grads[True][n] - g).abs().max() / g.abs().max()
+        assert err < 2e-2, (n, float(err))

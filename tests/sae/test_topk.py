@@ -404,3 +404,72 @@ def test_decoder_constraints_in_row_blocks_equal_the_whole_matrix_formulas() -> 
     torch.testing.assert_close(sae.W_dec.grad, g - (g * w).sum(-1, keepdim=True) * w, rtol=1e-5, atol=1e-6)
     sae.normalize_decoder()
     torch.testing.assert_close(sae.W_dec.detach(), w / w.norm(dim=-1, keepdim=True), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("by_sort", [False, True])
+def test_true_indices_equal_nonzero(by_sort: bool) -> None:
+    from gsae.sae.topk import true_indices
+
+    gen = torch.Generator().manual_seed(0)
+    for mask in (torch.rand(300, generator=gen) < 0.1, torch.zeros(50, dtype=torch.bool), torch.ones(7, dtype=torch.bool)):
+        want = mask.nonzero().squeeze(-1)
+        assert torch.equal(true_indices(mask, int(mask.sum()), by_sort=by_sort), want)
+
+
+@pytest.mark.parametrize("gsae", [False, True])
+def test_auxk_with_the_host_count_and_the_sort_path_equals_counting_on_the_device(monkeypatch, gsae: bool) -> None:
+    """A mask carrying its count (``n_true``, as ``DeadLatentTracker.auxk_mask`` gives it) and the GPU's sort-based
+    dead indices give the loss and gradients of counting the mask."""
+    import gsae.sae.topk as topk
+    from gsae.sae import GradTopKSAE
+
+    x, g = torch.randn(64, 16), torch.randn(64, 16)
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[[2, 3, 11, 19, 20, 33]] = True
+    results = []
+    for carried in (False, True):
+        sae = randomize(GradTopKSAE(16, 40, 4, beta=2.0, k_aux=4) if gsae else TopKSAE(16, 40, 4, k_aux=4))
+        mask = dead.clone()
+        if carried:
+            mask.n_true = 6
+            inner = topk.true_indices
+            monkeypatch.setattr(topk, "true_indices", lambda m, n: inner(m, n, by_sort=True))
+        out = sae(x, grad=g if gsae else None, dead_mask=mask, aux_norm=0.1)
+        assert out.aux_loss > 0
+        out.aux_loss.backward()
+        results.append((out.aux_loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}))
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    for name in results[0][1]:
+        assert torch.equal(results[0][1][name], results[1][1][name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_transposed_mm_equals_the_sparse_one(dtype) -> None:
+    """``SparsePattern.transposed_mm`` built densely in ``dense_dtype`` (the path under CUDA autocast) against the
+    sparse ``embedding_bag`` one: equal in float32 up to summation order, within bf16 rounding in bfloat16."""
+    from gsae.sae.base import SparsePattern
+
+    n, k, d_sae, d = 256, 8, 96, 24
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.rand(n, d_sae, generator=gen).topk(k, dim=-1).indices
+    values, dense = torch.randn(n, k, generator=gen), torch.randn(n, d, generator=gen)
+    want = SparsePattern(d_sae, idx).transposed_mm(values, dense)
+    naive = torch.zeros(n, d_sae).scatter_(1, idx, values).T @ dense
+    torch.testing.assert_close(want, naive, rtol=1e-5, atol=1e-5)
+    got = SparsePattern(d_sae, idx, dense_dtype=dtype).transposed_mm(values, dense)
+    assert got.dtype == dense.dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=0.05 * float(naive.abs().max()))
+    torch.testing.assert_close(got, naive, **tol)
+
+
+def test_sae_under_cuda_autocast_only_takes_the_dense_products(monkeypatch) -> None:
+    """The dense path is chosen for CUDA tensors under CUDA autocast only (and can be switched off)."""
+    import gsae.sae.base as base
+
+    x = torch.randn(4, 8)
+    assert base.autocast_dense_dtype(x) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert base.autocast_dense_dtype(x) is None  # CPU autocast: the sparse path (FLOPs win on a CPU)
+    monkeypatch.setattr(base, "DENSE_GRADS_UNDER_AUTOCAST", False)
+    assert base.autocast_dense_dtype(x) is None
