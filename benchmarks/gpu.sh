@@ -53,7 +53,7 @@ EOF
 if [ "${GPU_QUICK:-0}" = 1 ]; then
     stage tests 300 $PY -m pytest -q -x tests/gpu/test_cuda.py::test_adam_on_the_device_equals_torch_unfused_adam
 else
-    stage tests 120 $PY -m pytest -q -p no:cacheprovider tests/gpu
+    stage tests 150 $PY -m pytest -q -p no:cacheprovider tests/gpu
 fi
 stage topk_4096 70 $PY benchmarks/train_throughput.py "${BENCH[@]}" --steps 6 --rounds 3 "${QS[@]}" "${Q[@]}"
 stage topk_4096_again 70 $PY benchmarks/train_throughput.py "${BENCH[@]}" --steps 6 --rounds 3 "${QS[@]}" "${Q[@]}"
