@@ -44,7 +44,10 @@ class ShuffleBuffer:
         n_in = batch.x.shape[0]
         n_out = n_in if self.fill + n_in // 2 >= self.capacity else n_in // 2
         n_out = max(n_out, x.shape[0] - self.capacity)  # never keep more than capacity
-        perm = torch.randperm(x.shape[0], generator=self.gen).to(x.device)
+        perm = torch.randperm(x.shape[0], generator=self.gen)
+        if x.is_cuda:  # pinned: a pageable copy to the device would wait for every queued kernel first
+            perm = perm.pin_memory()
+        perm = perm.to(x.device, non_blocking=True)
         out, keep = perm[:n_out], perm[n_out:]
         self.x = x[keep]
         self.grad = None if g is None else g[keep]

@@ -22,6 +22,10 @@ from gsae.sae.base import SAEOutput, SparseAutoencoder, SparseDecode, SparsePatt
 
 #: candidates per row :func:`topk_indices` aims for (``k × block``); measured best at 512 for k 3–256 (below)
 TOPK_CANDIDATES = 512
+#: devices :func:`topk_indices` takes the two-level selection on (elsewhere plain ``torch.topk``); on a GPU it reads
+#: the ``(N, d_sae)`` scores once with a coalesced max and leaves ``torch.topk`` rows of ``k·block`` and ``d/block``
+#: entries instead of ``d_sae`` (``benchmarks/sae_kernels.py`` times both)
+BLOCKED_TOPK_DEVICES = {"cpu", "cuda"}
 
 
 def topk_block(d: int, k: int) -> int:
@@ -45,11 +49,11 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
     largest entry ``v_k ≥ τ``; any entry ``≥ v_k`` lies in a block whose maximum is ``≥ τ``, i.e. a kept block.
     (``torch.topk``'s per-row selection costs ~1.7 ns per entry on CPU; this ~0.5 at k = 32, d = 12288:
     k 3 / 32 / 64: 67 / 97 / 124 ms → 21 / 54 / 75 ms for 4096 rows, 2 cores.) ``tests/sae/test_topk.py``
-    checks it against ``torch.topk`` on ties, infinities and NaNs. Other devices (GPU top-k is a different
-    kernel) and shapes without a useful block size use ``torch.topk``.
+    checks it against ``torch.topk`` on ties, infinities and NaNs (``tests/gpu`` on CUDA). Devices not in
+    :data:`BLOCKED_TOPK_DEVICES` and shapes without a useful block size use ``torch.topk``.
     """
     n, d = scores.shape
-    block = topk_block(d, k) if scores.device.type == "cpu" else 0
+    block = topk_block(d, k) if scores.device.type in BLOCKED_TOPK_DEVICES else 0
     if not block:
         return scores.topk(k, dim=-1, sorted=False).indices
     nb = d // block

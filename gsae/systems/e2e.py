@@ -86,7 +86,7 @@ class E2ESAESystem(SAESystem):
         if stage == "train":
             self.maybe_initialize(x_in)
         dead = self.dead.auxk_mask() if stage == "train" else None
-        n_global = self.all_reduce(torch.tensor(float(x_in.shape[0]), device=self.device))
+        n_global = self.all_reduce(torch.full((), float(x_in.shape[0]), device=self.device))  # a fill, not a copy from the host
         out = self.sae(x_in, dead_mask=dead, aux_norm=self.aux_norm(n_global))
         patched = lm.hidden_from_hook(self.splice(x, mask, out.x_hat).to(x.dtype), self.hook, tokens=tokens, cache_hooks=self.downstream_hooks)
         # KL over the vocabulary in chunks of positions from the final hidden states: no full (B, T, d_vocab) logits

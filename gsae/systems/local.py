@@ -130,7 +130,7 @@ class LocalSAESystem(SAESystem):
         if stage == "train":
             acts = self.buffer.mix(acts)
             self.maybe_initialize(acts.x)
-        n_global = self.all_reduce(torch.tensor(float(acts.x.shape[0]), device=self.device))
+        n_global = self.all_reduce(torch.full((), float(acts.x.shape[0]), device=self.device))  # a fill, not a copy from the host
         dead = self.dead.auxk_mask() if stage == "train" else None
         out = self.sae(acts.x, grad=acts.grad, dead_mask=dead, aux_norm=self.aux_norm(n_global))
         sse = (acts.x - out.x_hat).pow(2).sum()

@@ -214,7 +214,7 @@ class SweepSAESystem(LocalSAESystem):
             self._initialize_members(acts.x)
         world = self._world()
         log = train and self.log_this_step()
-        n_global = self.all_reduce(torch.tensor(float(acts.x.shape[0]), device=self.device))
+        n_global = self.all_reduce(torch.full((), float(acts.x.shape[0]), device=self.device))  # a fill, not a copy from the host
         total = torch.zeros((), device=self.device)
         logs: dict[str, dict[str, Tensor]] = {}
         packed: list[Tensor] = []

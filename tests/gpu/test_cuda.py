@@ -305,3 +305,12 @@ def test_dense_gradients_under_autocast_equal_the_sparse_ones_to_bf16(monkeypatc
         assert g.abs().max() > 0, n
         err = (grads[True][n] - g).abs().max() / g.abs().max()
         assert err < 2e-2, (n, float(err))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("d", "k"), [(12288, 32), (12288, 3), (12288, 64), (3000, 7), (768, 200)])
+def test_topk_indices_on_the_device_equal_torch_topk(d, k, dtype):
+    """The two-level selection on the device (the SAE's bf16 scores under autocast too): ties, ±inf, NaN."""
+    from tests.sae.test_topk import check_topk_indices
+
+    check_topk_indices(d, k, DEVICE, dtype)

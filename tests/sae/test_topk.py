@@ -372,6 +372,11 @@ def test_decode_sparse_backward_equals_embedding_bag_autograd() -> None:
 def test_topk_indices_equals_torch_topk(d: int, k: int) -> None:
     """The two-level CPU selection returns the same k values per row as ``torch.topk`` (indices distinct), also with
     heavy ties, ±inf and NaN, on block and fallback shapes alike."""
+    check_topk_indices(d, k)
+
+
+def check_topk_indices(d: int, k: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """:func:`test_topk_indices_equals_torch_topk` on ``device`` in ``dtype`` (``tests/gpu`` runs it on CUDA)."""
     g = torch.Generator().manual_seed(d + k)
     s = torch.randn(96, d, generator=g)
     s[0] = torch.randint(0, 3, (d,), generator=g).float()  # almost every value tied
@@ -379,7 +384,8 @@ def test_topk_indices_equals_torch_topk(d: int, k: int) -> None:
     s[2] = float("-inf")
     s[2, :3] = 1.0  # fewer finite entries than k
     s[3, 5] = float("nan")  # torch.topk ranks NaN above everything
-    s[4] = s[4].abs() * 1e-30  # tiny and denormal values
+    s[4] = s[4].abs() * (1e-30 if dtype == torch.float32 else 1e-38)  # tiny and denormal values
+    s = s.to(device, dtype)
     idx = topk_indices(s, k)
     ref = s.topk(k, dim=-1, sorted=False).values
     assert idx.shape == (96, k) and idx.dtype == torch.long
