@@ -40,6 +40,9 @@ stage() {  # stage NAME LIMIT_S COMMAND...
     local rc=$?
     echo "=== $name: rc=$rc in $((SECONDS - t0))s"
     grep -E '^[a-z0-9_]+=|passed|failed|error' "$LOG/$name.log" | tail -25
+    # every stage's log also in one file, written as the stages end: a run cut short (or a transfer that takes
+    # only a few files back) still has all of them
+    { echo "=================== $name (rc=$rc)"; cat "$LOG/$name.log"; } >>"$LOG/all.log"
 }
 
 $PY - <<'EOF' 2>&1 | tee "$LOG/env.log"
@@ -53,7 +56,7 @@ EOF
 if [ "${GPU_QUICK:-0}" = 1 ]; then
     stage tests 300 $PY -m pytest -q -x tests/gpu/test_cuda.py::test_adam_on_the_device_equals_torch_unfused_adam
 else
-    stage tests 150 $PY -m pytest -q -p no:cacheprovider tests/gpu
+    stage tests 150 $PY -m pytest -q -p no:cacheprovider -rfE tests/gpu
 fi
 stage topk_4096 70 $PY benchmarks/train_throughput.py "${BENCH[@]}" --steps 6 --rounds 3 "${QS[@]}" "${Q[@]}"
 stage topk_4096_again 70 $PY benchmarks/train_throughput.py "${BENCH[@]}" --steps 6 --rounds 3 "${QS[@]}" "${Q[@]}"

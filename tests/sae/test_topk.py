@@ -391,8 +391,12 @@ def check_topk_indices(d: int, k: int, device: str = "cpu", dtype: torch.dtype =
     assert idx.shape == (96, k) and idx.dtype == torch.long
     assert (idx.sort(-1).values.diff(dim=-1) > 0).all()
     torch.testing.assert_close(s.gather(1, idx).sort(-1).values, ref.sort(-1).values, equal_nan=True, rtol=0, atol=0)
-    # a non-contiguous score matrix (e.g. a transposed view) gives the same indices
-    assert torch.equal(topk_indices(s.T.contiguous().T, k), idx)
+    # a non-contiguous score matrix (e.g. a transposed view) gives the same indices on the CPU, the same values
+    # elsewhere (CUDA's torch.topk may pick other ones among ties, in another order, for another layout)
+    again = topk_indices(s.T.contiguous().T, k)
+    if device == "cpu":
+        assert torch.equal(again, idx)
+    torch.testing.assert_close(s.gather(1, again).sort(-1).values, ref.sort(-1).values, equal_nan=True, rtol=0, atol=0)
     # the shapes of this project take the block path (measured faster), tiny ones fall back to torch.topk
     assert (topk_block(d, k) > 0) == (d >= 3000)
 
