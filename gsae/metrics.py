@@ -232,6 +232,11 @@ class DeadLatentTracker(nn.Module):
             done.record()
             self._pending = (host, done, t._version, t.data_ptr())
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_pending"] = None  # a CUDA event and pinned memory: a copy counts on its first read
+        return state
+
     def auxk_mask(self) -> Tensor:
         """:meth:`dead_by_tokens` (AuxK's dead latents) with its count on the host attached as ``n_true``
         (:meth:`n_dead_by_tokens`), which :meth:`gsae.sae.TopKSAE.auxk_loss` reads instead of counting on the device."""

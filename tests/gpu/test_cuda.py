@@ -278,6 +278,10 @@ def test_the_dead_count_sent_to_the_host_is_the_count():
     assert other.auxk_mask().n_true == 0
     other.load_state_dict(tracker.state_dict())  # restored counters: counted again, not the stale copy
     assert other.auxk_mask().n_true == int(tracker.dead_by_tokens().sum()) > 0
+    import copy
+
+    twin = copy.deepcopy(tracker)  # (the CUDA event is not copied: the copy counts on its first read)
+    assert twin._pending is None and twin.auxk_mask().n_true == tracker.auxk_mask().n_true
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the dense products are the CUDA autocast path")

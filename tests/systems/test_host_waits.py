@@ -97,3 +97,13 @@ def test_auxk_mask_carries_the_dead_count():
     assert tracker.auxk_mask().n_true == 8  # 160 tokens without firing; latents 1 and 4 fired 40 tokens ago
     tracker.tokens_since_fired.zero_()  # changed outside update: counted again
     assert tracker.auxk_mask().n_true == 0
+
+
+def test_a_tracker_copies_and_pickles():
+    import copy
+    import pickle
+
+    tracker = DeadLatentTracker(10, n_batches=2, n_tokens=30)
+    tracker.update(torch.zeros(10, dtype=torch.bool), 40)
+    for twin in (copy.deepcopy(tracker), pickle.loads(pickle.dumps(tracker))):
+        assert torch.equal(twin.tokens_since_fired, tracker.tokens_since_fired) and twin.auxk_mask().n_true == 10
