@@ -443,7 +443,7 @@ def test_auxk_with_the_host_count_and_the_sort_path_equals_counting_on_the_devic
         if carried:
             mask.n_true = 6
             inner = topk.true_indices
-            monkeypatch.setattr(topk, "true_indices", lambda m, n: inner(m, n, by_sort=True))
+            monkeypatch.setattr(topk, "true_indices", lambda m, n, inner=inner: inner(m, n, by_sort=True))
         out = sae(x, grad=g if gsae else None, dead_mask=mask, aux_norm=0.1)
         assert out.aux_loss > 0
         out.aux_loss.backward()
