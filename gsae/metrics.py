@@ -238,10 +238,11 @@ class DeadLatentTracker(nn.Module):
         return state
 
     def auxk_mask(self) -> Tensor:
-        """:meth:`dead_by_tokens` (AuxK's dead latents) with its count on the host attached as ``n_true``
-        (:meth:`n_dead_by_tokens`), which :meth:`gsae.sae.TopKSAE.auxk_loss` reads instead of counting on the device."""
+        """:meth:`dead_by_tokens` (AuxK's dead latents) with a way to its count on the host attached as
+        ``count_true`` (:meth:`n_dead_by_tokens`), which :meth:`gsae.sae.TopKSAE.auxk_loss` calls instead of counting on
+        the device (only when AuxK runs: an SAE without it never asks)."""
         mask = self.dead_by_tokens()
-        mask.n_true = self.n_dead_by_tokens()
+        mask.count_true = self.n_dead_by_tokens
         return mask
 
     def n_dead_by_tokens(self) -> int:

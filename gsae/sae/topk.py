@@ -243,13 +243,13 @@ class TopKSAE(SparseAutoencoder):
         they learn from nothing else, so under Adam the normalisation (``aux_norm``) hardly matters.
 
         The number of dead latents sets the shapes here, so the host needs it: a mask from
-        :meth:`gsae.metrics.DeadLatentTracker.auxk_mask` carries it (``n_true``, sent to the host by the previous
-        step); any other mask is counted here, which on a GPU waits for every queued kernel.
+        :meth:`gsae.metrics.DeadLatentTracker.auxk_mask` carries a way to it (``count_true()``, sent to the host by
+        the previous step); any other mask is counted here, which on a GPU waits for every queued kernel.
         """
         if dead_mask is None or self.k_aux == 0:
             return x_hat.new_zeros(())
-        n_dead = getattr(dead_mask, "n_true", None)
-        n_dead = int(dead_mask.sum()) if n_dead is None else int(n_dead)
+        count = getattr(dead_mask, "count_true", None)
+        n_dead = int(dead_mask.sum()) if count is None else int(count())
         if n_dead == 0:
             return x_hat.new_zeros(())
         k_aux = min(self.k_aux, n_dead)

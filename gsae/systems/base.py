@@ -261,8 +261,8 @@ class SAESystem(pl.LightningModule):
                 f"non-finite training loss ({float(loss.detach())}) at step {self.global_step}; stopping (last good checkpoint kept)"
             )
         with torch.no_grad():
-            l0 = l0_per_token(out.top_acts, out.latents)
             if stage != "train":  # per-rank sums, reduced over ranks once per epoch (torchmetrics, in compute)
+                l0 = l0_per_token(out.top_acts, out.latents)
                 self.val_recon.update(acts.x, out.x_hat, l0)
                 for name, v in extra.items():
                     self.log(f"val/{name}", v, on_step=False, on_epoch=True, sync_dist=True, batch_size=l0.shape[0])
@@ -273,7 +273,7 @@ class SAESystem(pl.LightningModule):
             # sums (the dead-latent counters need the global mask every step; torchmetrics would sync each state
             # separately: see gsae.metrics)
             if log:  # recon_sums' first field is the token count
-                counted = recon_sums(acts.x, out.x_hat, l0).flat()
+                counted = recon_sums(acts.x, out.x_hat, l0_per_token(out.top_acts, out.latents)).flat()
             else:
                 counted = torch.full((1,), float(acts.x.shape[0]), dtype=torch.float64, device=fired.device)
             packed = self.all_reduce(torch.cat([fired.double(), counted]))

@@ -69,8 +69,12 @@ class E2ESAESystem(SAESystem):
         )
         self.local_mse_coef = local_mse_coef
 
-    def splice(self, x: Tensor, mask: Tensor, x_hat: Tensor) -> Tensor:
-        """``x (B, T, D)`` with the masked positions replaced by ``x_hat (N_mask, D)`` (differentiable in ``x_hat``)."""
+    def splice(self, x: Tensor, mask: Tensor | None, x_hat: Tensor, keep: Tensor | None = None) -> Tensor:
+        """``x (B, T, D)`` with the masked positions replaced by ``x_hat (N_mask, D)`` (differentiable in ``x_hat``);
+        with the host's ``keep`` (the mask's flat indices, :meth:`prepare_batch`) by ``index_copy``, no mask needed."""
+        if keep is not None:
+            flat = x.reshape(-1, x.shape[-1]).to(x_hat.dtype)
+            return flat.index_copy(0, keep.to(x.device, non_blocking=True), x_hat).view(*x.shape[:-1], x_hat.shape[-1])
         full = torch.zeros_like(x, dtype=x_hat.dtype)
         full = full.masked_scatter(mask[..., None], x_hat)
         return torch.where(mask[..., None], full, x.to(x_hat.dtype))
@@ -78,7 +82,7 @@ class E2ESAESystem(SAESystem):
     def objective(self, batch: TokenBatch, stage: str) -> tuple[Tensor, SAEOutput, ActivationBatch, dict[str, Tensor]]:
         tokens = batch.tokens
         lm = self.frozen_lm()
-        mask = self.token_mask(tokens)
+        mask = self.token_mask(tokens) if batch.keep is None else None  # with keep: no device mask (a copy of the ids)
         with torch.no_grad():
             x = lm.activations(tokens, self.hook)  # (B, T, D): the prefix runs once
             clean = lm.hidden_from_hook(x, self.hook, tokens=tokens, cache_hooks=self.downstream_hooks)
@@ -88,7 +92,7 @@ class E2ESAESystem(SAESystem):
         dead = self.dead.auxk_mask() if stage == "train" else None
         n_global = self.all_reduce(torch.full((), float(x_in.shape[0]), device=self.device))  # a fill, not a copy from the host
         out = self.sae(x_in, dead_mask=dead, aux_norm=self.aux_norm(n_global))
-        patched = lm.hidden_from_hook(self.splice(x, mask, out.x_hat).to(x.dtype), self.hook, tokens=tokens, cache_hooks=self.downstream_hooks)
+        patched = lm.hidden_from_hook(self.splice(x, mask, out.x_hat, batch.keep).to(x.dtype), self.hook, tokens=tokens, cache_hooks=self.downstream_hooks)
         # KL over the vocabulary in chunks of positions from the final hidden states: no full (B, T, d_vocab) logits
         kl = kl_per_token(clean.hidden, patched.hidden, lm.W_U, lm.b_U).mean()
         loss = self.kl_coef * kl + out.sparsity_loss + out.aux_loss

@@ -219,19 +219,19 @@ class SweepSAESystem(LocalSAESystem):
         logs: dict[str, dict[str, Tensor]] = {}
         packed: list[Tensor] = []
         losses: list[Tensor] = []
+        n_clamped = n_global.clamp_min(1)
         for name, m in self.members.items():
             dead = m.dead.auxk_mask() if train else None
-            aux_norm = world / (n_global.clamp_min(1) * m.act_scale)
+            scale = n_clamped * m.act_scale  # the loss normaliser of LocalSAESystem (aux_norm and recon), computed once
             grad = acts.grad if m.needs_grad else None
-            out = m.sae(acts.x, grad=grad, dead_mask=dead, aux_norm=aux_norm)
-            recon = (acts.x - out.x_hat).pow(2).sum() / (n_global.clamp_min(1) * m.act_scale) * world
+            out = m.sae(acts.x, grad=grad, dead_mask=dead, aux_norm=world / scale)
+            recon = (acts.x - out.x_hat).pow(2).sum() / scale * world
             loss = recon + out.aux_loss
             losses.append(loss.detach())
             total = total + loss
             with torch.no_grad():
-                l0 = l0_per_token(out.top_acts, out.latents)
                 if not train:
-                    m.val_recon.update(acts.x, out.x_hat, l0)
+                    m.val_recon.update(acts.x, out.x_hat, l0_per_token(out.top_acts, out.latents))
                     continue
                 fired = fired_mask(out.top_idx, out.top_acts, out.latents, m.sae.d_sae).double()
                 if log:  # metrics only on logging steps (see log_this_step)
@@ -240,7 +240,7 @@ class SweepSAESystem(LocalSAESystem):
                     if m.needs_grad and acts.grad is not None:
                         extra["beta_attribution_median"] = m.sae.attribution_median(acts.grad, out.top_idx)
                     logs[name] = extra
-                    packed += [fired, recon_sums(acts.x, out.x_hat, l0).flat()]
+                    packed += [fired, recon_sums(acts.x, out.x_hat, l0_per_token(out.top_acts, out.latents)).flat()]
                 else:
                     packed.append(fired)
             del out

@@ -272,16 +272,16 @@ def test_the_dead_count_sent_to_the_host_is_the_count():
     for _ in range(5):
         tracker.update((torch.rand(100, generator=gen) < 0.3).to(DEVICE), 20)
         mask = tracker.auxk_mask()
-        assert tracker._pending is not None and mask.n_true == int(tracker.dead_by_tokens().sum())
+        assert tracker._pending is not None and mask.count_true() == int(tracker.dead_by_tokens().sum())
     other = DeadLatentTracker(100, n_batches=2, n_tokens=50).to(DEVICE)
     other.update(torch.ones(100, dtype=torch.bool, device=DEVICE), 20)
-    assert other.auxk_mask().n_true == 0
+    assert other.auxk_mask().count_true() == 0
     other.load_state_dict(tracker.state_dict())  # restored counters: counted again, not the stale copy
-    assert other.auxk_mask().n_true == int(tracker.dead_by_tokens().sum()) > 0
+    assert other.auxk_mask().count_true() == int(tracker.dead_by_tokens().sum()) > 0
     import copy
 
     twin = copy.deepcopy(tracker)  # (the CUDA event is not copied: the copy counts on its first read)
-    assert twin._pending is None and twin.auxk_mask().n_true == tracker.auxk_mask().n_true
+    assert twin._pending is None and twin.auxk_mask().count_true() == tracker.auxk_mask().count_true()
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the dense products are the CUDA autocast path")

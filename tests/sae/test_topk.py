@@ -428,7 +428,7 @@ def test_true_indices_equal_nonzero(by_sort: bool) -> None:
 
 @pytest.mark.parametrize("gsae", [False, True])
 def test_auxk_with_the_host_count_and_the_sort_path_equals_counting_on_the_device(monkeypatch, gsae: bool) -> None:
-    """A mask carrying its count (``n_true``, as ``DeadLatentTracker.auxk_mask`` gives it) and the GPU's sort-based
+    """A mask carrying its count (``count_true()``, as ``DeadLatentTracker.auxk_mask`` gives it) and the GPU's sort-based
     dead indices give the loss and gradients of counting the mask."""
     import gsae.sae.topk as topk
     from gsae.sae import GradTopKSAE
@@ -441,7 +441,7 @@ def test_auxk_with_the_host_count_and_the_sort_path_equals_counting_on_the_devic
         sae = randomize(GradTopKSAE(16, 40, 4, beta=2.0, k_aux=4) if gsae else TopKSAE(16, 40, 4, k_aux=4))
         mask = dead.clone()
         if carried:
-            mask.n_true = 6
+            mask.count_true = lambda: 6
             inner = topk.true_indices
             monkeypatch.setattr(topk, "true_indices", lambda m, n, inner=inner: inner(m, n, by_sort=True))
         out = sae(x, grad=g if gsae else None, dead_mask=mask, aux_norm=0.1)

@@ -86,17 +86,17 @@ def test_host_floats_is_float_of_each_in_one_copy():
 
 def test_auxk_mask_carries_the_dead_count():
     tracker = DeadLatentTracker(10, n_batches=2, n_tokens=100)
-    assert tracker.auxk_mask().n_true == 0
+    assert tracker.auxk_mask().count_true() == 0
     fired = torch.zeros(10, dtype=torch.bool)
     fired[[1, 4]] = True
     for step in range(4):
         tracker.update(fired if step % 2 == 0 else torch.zeros(10, dtype=torch.bool), 40)
         mask = tracker.auxk_mask()
         assert torch.equal(mask, tracker.dead_by_tokens())
-        assert mask.n_true == int(tracker.dead_by_tokens().sum()) == tracker.n_dead_by_tokens()
-    assert tracker.auxk_mask().n_true == 8  # 160 tokens without firing; latents 1 and 4 fired 40 tokens ago
+        assert mask.count_true() == int(tracker.dead_by_tokens().sum()) == tracker.n_dead_by_tokens()
+    assert tracker.auxk_mask().count_true() == 8  # 160 tokens without firing; latents 1 and 4 fired 40 tokens ago
     tracker.tokens_since_fired.zero_()  # changed outside update: counted again
-    assert tracker.auxk_mask().n_true == 0
+    assert tracker.auxk_mask().count_true() == 0
 
 
 def test_a_tracker_copies_and_pickles():
@@ -106,4 +106,23 @@ def test_a_tracker_copies_and_pickles():
     tracker = DeadLatentTracker(10, n_batches=2, n_tokens=30)
     tracker.update(torch.zeros(10, dtype=torch.bool), 40)
     for twin in (copy.deepcopy(tracker), pickle.loads(pickle.dumps(tracker))):
-        assert torch.equal(twin.tokens_since_fired, tracker.tokens_since_fired) and twin.auxk_mask().n_true == 10
+        assert torch.equal(twin.tokens_since_fired, tracker.tokens_since_fired) and twin.auxk_mask().count_true() == 10
+
+
+def test_e2e_splice_with_kept_positions_equals_the_masked_one():
+    """The e2e patch: ``x`` with the kept positions replaced by the SAE output, by ``index_copy`` from the host's indices
+    and by the mask; equal values and equal gradients to the SAE output."""
+    system = build_system("e2e")
+    tokens = _tokens_with_specials(system)
+    keep = system.prepare_batch(TokenBatch(tokens, 0)).keep
+    mask = system.token_mask(tokens)
+    x = torch.randn(*tokens.shape, 16)
+    outs, grads = [], []
+    for by_keep in (False, True):
+        x_hat = torch.randn(keep.numel(), 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out = system.splice(x, None if by_keep else mask, x_hat, keep if by_keep else None)
+        (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append(x_hat.grad)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    assert torch.equal(outs[1][~mask], x[~mask])  # special positions keep the LM's activations
