@@ -69,7 +69,9 @@ def true_indices(mask: Tensor, count: int, by_sort: bool | None = None) -> Tenso
 
     ``by_sort`` (default: off the CPU): a stable sort puts them first, so a GPU need not report the count to the host
     (``nonzero`` waits for every queued kernel); on the CPU ``nonzero`` is cheaper and waits for nothing."""
-    if not (mask.device.type != "cpu" if by_sort is None else by_sort):
+    if by_sort is None:
+        by_sort = mask.device.type != "cpu"
+    if not by_sort:
         return mask.nonzero().squeeze(-1)
     return torch.sort(mask.logical_not().to(torch.uint8), stable=True).indices[:count]
 

@@ -220,7 +220,7 @@ class SAESystem(pl.LightningModule):
         return self.prepare_batch(batch)
 
     @staticmethod
-    def select_rows(x: Tensor, mask: Tensor, keep: Tensor | None) -> Tensor:
+    def select_rows(x: Tensor, mask: Tensor | None, keep: Tensor | None) -> Tensor:
         """The rows of ``x (B, T, ...)`` at the kept positions, flattened to ``(n, ...)``: ``x[mask]``, or, with the
         host's ``keep`` indices, the same rows by ``index_select`` (no wait for the device)."""
         if keep is None:
