@@ -846,16 +846,15 @@ def main(argv: list[str] | None = None) -> int:
             step_times = methods[name](r)
             if len(step_times) != steps_per_run[r]:
                 print(f"# warning: {name} round {r}: {len(step_times)} step times for {steps_per_run[r]} steps")
-            kept = step_times[warm[r] : warm[r] + per_round[r]]
+            kept, last = step_times[warm[r] : warm[r] + per_round[r]], step_times[warm[r] + per_round[r] :]
             times[name].extend(kept)
-            cooldown[name].extend(step_times[warm[r] + per_round[r] :])
+            cooldown[name].extend(last)
             if kept:
                 round_med[name].append(statistics.median(kept))
             print(
                 f"# round {r} {name:{width}s} {time.perf_counter() - tr:6.1f}s  warmup "
                 f"{' '.join(f'{t:.2f}' for t in step_times[: warm[r]])}  steps "
-                f"{' '.join(f'{t:.2f}' for t in kept)}  last (not timed) "
-                f"{' '.join(f'{t:.2f}' for t in step_times[warm[r] + per_round[r] :])}",
+                f"{' '.join(f'{t:.2f}' for t in kept)}  last (not timed) {' '.join(f'{t:.2f}' for t in last)}",
                 flush=True,
             )
     print(f"# measured in {time.perf_counter() - t0:.1f}s")
