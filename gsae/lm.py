@@ -137,6 +137,7 @@ class LanguageModel:
         self._model = None
         self._fused: tuple[tuple, lm_fused.FusedGPT2] | None = None
         self._fused_unsupported: str | None = None
+        self._unembedding: tuple[tuple, lm_chunked.Unembedding] | None = None
         self._params: tuple[object, list] | None = None  # (model, its parameters): listing them walks every module
         self._d_in_cache: dict[str, int] = {}
         if name.startswith("random-") and name not in RANDOM_PRESETS:
@@ -233,6 +234,18 @@ class LanguageModel:
     def b_U(self) -> Tensor:
         """Unembedding bias ``(d_vocab,)``."""
         return self.model.b_U
+
+    def unembedding(self) -> lm_chunked.Unembedding:
+        """``W_U`` and ``b_U`` padded with zero columns to a multiple of :data:`gsae.lm_chunked.VOCAB_MULTIPLE`
+        (GPT-2: 50,257 → 50,304) and the real vocabulary size: what the chunked losses take (their vocabulary
+        matmuls run faster on aligned rows). A copy (GPT-2: +154 MB in float32), rebuilt when the model's
+        unembedding moves or changes in place."""
+        W, b = self.W_U, self.b_U
+        key = (W.data_ptr(), W._version, W.dtype, b.data_ptr(), b._version, b.dtype)
+        if self._unembedding is None or self._unembedding[0] != key:
+            self._unembedding = None  # free the old copy before building the new one
+            self._unembedding = (key, lm_chunked.pad_unembedding(W, b))
+        return self._unembedding[1]
 
     @property
     def bos_token_id(self) -> int:
@@ -510,7 +523,8 @@ class LanguageModel:
         x = self.activations(tokens, hook).detach().requires_grad_(True)
         with torch.enable_grad():
             hidden = self.hidden_from_hook(x, hook, tokens=tokens).hidden
-            loss, dh = lm_chunked.ce_sum_and_grad(hidden, self.W_U, self.b_U, tokens)
+            W_U, b_U, d_vocab = self.unembedding()
+            loss, dh = lm_chunked.ce_sum_and_grad(hidden, W_U, b_U, tokens, d_vocab=d_vocab)
             if reduction == "mean":
                 n = tokens.shape[0] * (tokens.shape[1] - 1)
                 loss, dh = loss / n, dh / n

@@ -14,20 +14,20 @@ V, D = 97, 16
 
 
 class VocabTensors(TorchDispatchMode):
-    """Records the row count of every op output whose last dim is the vocabulary (``rows × V`` tensors),
-    views of the unembedding matrix ``W_U`` itself left out."""
+    """Records the row count of every op output whose last dim is the vocabulary or its padded width (``rows × V``
+    tensors), views of the unembedding matrices themselves (``W_U`` and its padded copies) left out."""
 
-    def __init__(self, W_U: torch.Tensor) -> None:
+    def __init__(self, *W_Us: torch.Tensor) -> None:
         super().__init__()
-        self.d_vocab, self.rows = W_U.shape[-1], []
-        self.w_u = W_U.untyped_storage().data_ptr()
+        self.widths, self.rows = {W.shape[-1] for W in W_Us}, []
+        self.w_u = {W.untyped_storage().data_ptr() for W in W_Us}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.d_vocab:
-                if t.untyped_storage().data_ptr() != self.w_u:
-                    self.rows.append(t.numel() // self.d_vocab)
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] in self.widths:
+                if t.untyped_storage().data_ptr() not in self.w_u:
+                    self.rows.append(t.numel() // t.shape[-1])
         return out
 
 
@@ -39,10 +39,31 @@ def setup(seed=0, b=3, t=7):
     return h, W_U, b_U, tokens
 
 
+def unembedding(W_U, b_U, padded: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``(W, b, kwargs)`` for the chunked functions: the unembedding as is, or padded with zero columns (97 → 128)
+    and ``d_vocab=97``, as ``LanguageModel.unembedding`` hands them over."""
+    if not padded:
+        return W_U, b_U, {}
+    W, b, d_vocab = lm_chunked.pad_unembedding(W_U, b_U)
+    assert W.shape == (D, 128) and torch.equal(W[:, :V], W_U) and not W[:, V:].any() and not b[V:].any()
+    return W, b, {"d_vocab": d_vocab}
+
+
+def test_a_vocabulary_that_is_already_a_multiple_is_not_copied():
+    W_U, b_U = torch.randn(D, 128), torch.randn(128)
+    W, b, d_vocab = lm_chunked.pad_unembedding(W_U, b_U)
+    assert W is not None and W.data_ptr() == W_U.data_ptr() and b.data_ptr() == b_U.data_ptr() and d_vocab == 128
+
+
+PADDED = pytest.mark.parametrize("padded", [False, True], ids=["vocab", "padded"])
+
+
+@PADDED
 @pytest.mark.parametrize("chunk", [None, 4 * V, V])  # one chunk; 4 rows (21 = 5·4 + 1: a ragged last chunk); 1 row
-def test_ce_sum_and_grad_equal_the_unchunked_autograd(chunk):
+def test_ce_sum_and_grad_equal_the_unchunked_autograd(chunk, padded):
     h, W_U, b_U, tokens = setup()
-    loss, dh = lm_chunked.ce_sum_and_grad(h, W_U, b_U, tokens, chunk_elements=chunk)
+    W, b, kw = unembedding(W_U, b_U, padded)
+    loss, dh = lm_chunked.ce_sum_and_grad(h, W, b, tokens, chunk_elements=chunk, **kw)
     h_ref = h.clone().requires_grad_(True)
     ref = next_token_loss(h_ref @ W_U + b_U, tokens, "sum")
     (g,) = torch.autograd.grad(ref, h_ref)
@@ -51,12 +72,14 @@ def test_ce_sum_and_grad_equal_the_unchunked_autograd(chunk):
     assert torch.all(dh[:, -1] == 0)
 
 
+@PADDED
 @pytest.mark.parametrize("chunk", [None, 4 * V, V])
-def test_kl_per_token_and_its_gradient_equal_the_unchunked_definition(chunk):
+def test_kl_per_token_and_its_gradient_equal_the_unchunked_definition(chunk, padded):
     h_clean, W_U, b_U, _ = setup(1)
+    W, b, kw = unembedding(W_U, b_U, padded)
     h_new = (h_clean + 0.3 * torch.randn(h_clean.shape, generator=torch.Generator().manual_seed(5))).requires_grad_(True)
     weights = torch.rand(h_clean.shape[:-1], generator=torch.Generator().manual_seed(6))  # a generic upstream gradient
-    kl = lm_chunked.kl_per_token(h_clean, h_new, W_U, b_U, chunk_elements=chunk)
+    kl = lm_chunked.kl_per_token(h_clean, h_new, W, b, chunk_elements=chunk, **kw)
     (g,) = torch.autograd.grad((kl * weights).sum(), h_new)
     h_ref = h_new.detach().clone().requires_grad_(True)
     ref = kl_div_per_token(h_clean @ W_U + b_U, h_ref @ W_U + b_U)
@@ -66,15 +89,17 @@ def test_kl_per_token_and_its_gradient_equal_the_unchunked_definition(chunk):
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
 
 
+@PADDED
 @pytest.mark.parametrize("chunk", [None, 4 * V, V])
-def test_evaluation_ce_and_kl_of_many_runs_equal_the_unchunked_definitions(chunk):
+def test_evaluation_ce_and_kl_of_many_runs_equal_the_unchunked_definitions(chunk, padded):
     """``ce_and_kl_per_token`` (loss_added): the clean CE, each run's CE and KL to the clean run = the definitions on
     full logits; a run identical to the clean one has exactly zero KL and the clean CE; no (B·T, V) tensor."""
     h_clean, W_U, b_U, tokens = setup(7)
     gen = torch.Generator().manual_seed(8)
     runs = [torch.zeros_like(h_clean), h_clean + 0.3 * torch.randn(h_clean.shape, generator=gen), h_clean.clone()]
-    with VocabTensors(W_U) as seen:
-        res = lm_chunked.ce_and_kl_per_token(h_clean, runs, W_U, b_U, tokens, chunk_elements=chunk)
+    W, b, kw = unembedding(W_U, b_U, padded)
+    with VocabTensors(W) as seen:
+        res = lm_chunked.ce_and_kl_per_token(h_clean, runs, W, b, tokens, chunk_elements=chunk, **kw)
     if chunk is not None:
         assert max(seen.rows) <= chunk // V, seen.rows
     logits = [h @ W_U + b_U for h in (h_clean, *runs)]
@@ -87,8 +112,9 @@ def test_evaluation_ce_and_kl_of_many_runs_equal_the_unchunked_definitions(chunk
     assert float(res.kl[0].min()) > 0.1  # the ablated and perturbed runs are far from the clean one
 
 
+@PADDED
 @pytest.mark.parametrize("chunk", [None, 2 * V])
-def test_kl_to_a_kept_reference_equals_the_unchunked_definition(chunk):
+def test_kl_to_a_kept_reference_equals_the_unchunked_definition(chunk, padded):
     """``kl_to_reference`` (the perturbation loop): J runs against one kept reference = ``kl_div_per_token`` of full
     logits per run; the reference itself gives 0 to the vocabulary matmul's rounding (exactly 0 where the BLAS rounds a
     row alike at every memory alignment; MKL on an AMD EPYC VM gave ~5e-14); no run's logits beyond one chunk."""
@@ -96,9 +122,11 @@ def test_kl_to_a_kept_reference_equals_the_unchunked_definition(chunk):
     ref_h = h.reshape(10, D)
     gen = torch.Generator().manual_seed(10)
     runs = torch.stack([ref_h + 0.5 * torch.randn(ref_h.shape, generator=gen), ref_h.clone(), torch.zeros_like(ref_h)])
-    kept = lm_chunked.reference(ref_h, W_U, b_U)
-    with VocabTensors(W_U) as seen:
-        kl = lm_chunked.kl_to_reference(kept, runs, W_U, b_U, chunk_elements=chunk)
+    W, b, kw = unembedding(W_U, b_U, padded)
+    kept = lm_chunked.reference(ref_h, W, b, **kw)
+    assert kept.logits.shape == (10, V)
+    with VocabTensors(W) as seen:
+        kl = lm_chunked.kl_to_reference(kept, runs, W, b, chunk_elements=chunk, **kw)
     if chunk is not None:
         assert max(seen.rows) <= 2, seen.rows
     want = torch.stack([kl_div_per_token(ref_h @ W_U + b_U, r @ W_U + b_U) for r in runs])
@@ -129,10 +157,11 @@ def test_no_full_vocabulary_tensor_beyond_one_chunk():
     hook = "blocks.1.hook_resid_pre"
     x = lm.activations(t, hook)
     lm_chunked_rows = lm_chunked.chunk_rows(lm.d_vocab, 8 * lm.d_vocab)
+    assert lm.unembedding().W_U.shape[1] == 320  # 257 padded: the harvest's chunks are of the padded width
     old = lm_chunked.CHUNK_ELEMENTS
     lm_chunked.CHUNK_ELEMENTS = 8 * lm.d_vocab
     try:
-        with VocabTensors(lm.W_U) as seen:
+        with VocabTensors(lm.W_U, lm.unembedding().W_U) as seen:
             lm.activations_and_grads(t, hook)
             clean = lm.hidden_from_hook(x, hook).hidden
             patched = lm.hidden_from_hook((x * 1.1).requires_grad_(True), hook).hidden

@@ -227,3 +227,24 @@ def test_compile_option_runs_the_steps_through_torch_compile(monkeypatch):
     hook = "blocks.1.hook_resid_post"
     assert rel_err(fused.activations(tokens, hook), ref.activations(tokens, hook)) <= TOL
     assert compiled == ["attention", "mlp", "attention", "mlp"]  # monkeypatch restores _COMPILED afterwards
+
+
+def test_padded_unembedding_follows_in_place_edits_and_dtype_moves():
+    """``LanguageModel.unembedding`` (the chunked losses' padded copy, 257 → 320 columns) is built once, equals the
+    model's ``W_U`` / ``b_U`` on the real columns and zero past them, and is rebuilt when they change in place or move:
+    the harvest's ∇ₓL follows an edit of the unembedding."""
+    fused, ref = pair("random-tiny", FLAGS[-1])
+    tokens = some_tokens(fused)
+    hook = "blocks.1.hook_resid_pre"
+    u = fused.unembedding()
+    assert fused.unembedding() is u and u.d_vocab == 257 and u.W_U.shape == (fused.d_model, 320)
+    assert torch.equal(u.W_U[:, :257], fused.W_U) and torch.equal(u.b_U[:257], fused.b_U)
+    assert not u.W_U[:, 257:].any() and not u.b_U[257:].any()
+    with torch.no_grad():
+        fused.model.unembed.W_U.mul_(1.5)  # the model both share; `ref` builds its padded copy after the edit
+    u2 = fused.unembedding()
+    assert u2 is not u and torch.equal(u2.W_U[:, :257], fused.W_U)
+    g, g_ref = fused.activations_and_grads(tokens, hook).grads, ref.activations_and_grads(tokens, hook).grads
+    assert rel_err(g, g_ref) <= TOL
+    fused.model.double()
+    assert fused.unembedding().W_U.dtype == torch.float64

@@ -62,7 +62,8 @@ def splice_sums(lm: LanguageModel, hook: str, tokens: Tensor, x: Tensor, spliced
         per spliced tensor, ``{ce_sae, kl_sae, ce_clean, ce_ablation, kl_ablation, n_ce, n_kl}`` as floats.
     """
     runs = [lm.hidden_from_hook(v, hook, tokens).hidden for v in (x, torch.zeros_like(x), *spliced)]
-    res = lm_chunked.ce_and_kl_per_token(runs[0], runs[1:], lm.W_U, lm.b_U, tokens)
+    W_U, b_U, d_vocab = lm.unembedding()
+    res = lm_chunked.ce_and_kl_per_token(runs[0], runs[1:], W_U, b_U, tokens, d_vocab=d_vocab)
     ce_mask = mask[:, :-1]
 
     def ce_sum(ce: Tensor) -> float:

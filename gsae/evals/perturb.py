@@ -76,13 +76,14 @@ def perturbation_runs(
     l2 = torch.zeros_like(kl)
     group = min(N, max(1, forward_tokens // t_run))  # reference sequences per group
     per_fwd = max(1, forward_tokens // (group * t_run))  # jobs per forward
+    W_U, b_U, V = lm.unembedding()
     for s0 in range(0, N, group):
         s1 = min(N, s0 + group)
         b = s1 - s0
         tok = None if tokens is None else tokens[s0:s1]
         clean = lm.hidden_from_hook(ref[s0:s1], hook, tokens=tok, cache_hooks=[fin])
         h_ref = clean.cache.get(fin, ref[s0:s1])[:, read].float()  # the hook may itself be the final residual
-        kept = lm_chunked.reference(clean.hidden[:, read].reshape(b * R, -1), lm.W_U, lm.b_U)  # for every job
+        kept = lm_chunked.reference(clean.hidden[:, read].reshape(b * R, -1), W_U, b_U, V)  # for every job
         del clean
         for j0 in range(0, n_jobs, per_fwd):
             jobs = torch.arange(j0, min(n_jobs, j0 + per_fwd), device=ref.device)
@@ -91,7 +92,7 @@ def perturbation_runs(
             flat = xp.reshape(nj * b, t_run, -1)
             run = lm.hidden_from_hook(flat, hook, tokens=None if tok is None else tok.repeat(nj, 1), cache_hooks=[fin])
             hidden = run.hidden[:, read].reshape(nj, b * R, -1)
-            kl[j0 : j0 + nj, s0:s1] = lm_chunked.kl_to_reference(kept, hidden, lm.W_U, lm.b_U).reshape(nj, b, R)
+            kl[j0 : j0 + nj, s0:s1] = lm_chunked.kl_to_reference(kept, hidden, W_U, b_U, d_vocab=V).reshape(nj, b, R)
             h = run.cache.get(fin, flat)[:, read].reshape(nj, b, R, -1).float()
             l2[j0 : j0 + nj, s0:s1] = (h - h_ref).norm(dim=-1).double()
             del run, xp, flat, hidden, h
