@@ -124,7 +124,9 @@ class LanguageModel:
                 (same values as TransformerLens; ~2x faster; its packed QKV matrices are a copy, +25% of the
                 block weights' memory); ``false`` runs everything through TransformerLens. Other hooks and other
                 architectures always use TransformerLens.
-            compile: ``torch.compile`` the fused attention and MLP (GPU; the first batch pays the compilation).
+            compile: ``torch.compile`` the fused attention and MLP, and the softmax-and-gradient math of each chunk of
+                the g-SAE's CE and the e2e KL (:func:`gsae.lm_chunked.compiled`); for GPUs: the first batch pays the
+                compilation (on 2 CPU cores about a minute).
         """
         self.name = name
         self.fold_ln = fold_ln
@@ -524,7 +526,7 @@ class LanguageModel:
         with torch.enable_grad():
             hidden = self.hidden_from_hook(x, hook, tokens=tokens).hidden
             W_U, b_U, d_vocab = self.unembedding()
-            loss, dh = lm_chunked.ce_sum_and_grad(hidden, W_U, b_U, tokens, d_vocab=d_vocab)
+            loss, dh = lm_chunked.ce_sum_and_grad(hidden, W_U, b_U, tokens, d_vocab=d_vocab, compile=self.compile)
             if reduction == "mean":
                 n = tokens.shape[0] * (tokens.shape[1] - 1)
                 loss, dh = loss / n, dh / n

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gsae import lm_fused
+from gsae import lm_chunked, lm_fused
 from gsae.lm import RANDOM_PRESETS, LanguageModel, build_hooked_transformer, next_token_loss
 
 TOL = 1e-5
@@ -227,6 +227,13 @@ def test_compile_option_runs_the_steps_through_torch_compile(monkeypatch):
     hook = "blocks.1.hook_resid_post"
     assert rel_err(fused.activations(tokens, hook), ref.activations(tokens, hook)) <= TOL
     assert compiled == ["attention", "mlp", "attention", "mlp"]  # monkeypatch restores _COMPILED afterwards
+    # the g-SAE harvest's CE: every chunk's softmax and gradient through the compiled ce_chunk, ∇ₓL unchanged
+    compiled.clear()
+    monkeypatch.setattr(lm_chunked, "_COMPILED", {})
+    hook = "blocks.1.hook_resid_pre"
+    got, want = fused.activations_and_grads(tokens, hook), ref.activations_and_grads(tokens, hook)
+    assert "ce_chunk" in compiled
+    assert rel_err(got.grads, want.grads) <= TOL and float(got.loss) == pytest.approx(float(want.loss), rel=1e-6)
 
 
 def test_padded_unembedding_follows_in_place_edits_and_dtype_moves():

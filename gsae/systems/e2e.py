@@ -95,7 +95,7 @@ class E2ESAESystem(SAESystem):
         patched = lm.hidden_from_hook(self.splice(x, mask, out.x_hat, batch.keep).to(x.dtype), self.hook, tokens=tokens, cache_hooks=self.downstream_hooks)
         # KL over the vocabulary in chunks of positions from the final hidden states: no full (B, T, d_vocab) logits
         W_U, b_U, d_vocab = lm.unembedding()
-        kl = kl_per_token(clean.hidden, patched.hidden, W_U, b_U, d_vocab=d_vocab).mean()
+        kl = kl_per_token(clean.hidden, patched.hidden, W_U, b_U, d_vocab=d_vocab, compile=lm.compile).mean()
         loss = self.kl_coef * kl + out.sparsity_loss + out.aux_loss
         extra: dict[str, Tensor] = {"kl": kl.detach(), "sparsity_loss": out.sparsity_loss.detach()}
         for h, c in zip(self.downstream_hooks, self.downstream_coefs):
