@@ -8,7 +8,9 @@
 # Stages: the CUDA tests; `train_throughput.py` (TopK vs SAELens vs our forward) at the paper's 4096 tokens per step
 # (32 x 128, twice: the figures are noisy) and at 32768 (256 x 128); `--objective all` (TopK, g-SAE, e2e costs) and
 # `--objective sweep` (10 SAEs in one run vs 10 runs) at both sizes; the SAE step's kernels alone, sparse vs dense
-# gradients (benchmarks/sae_kernels.py); CUDA profiles of 3 TopK steps at 4096 and 2 g-SAE steps at 32768. All gsae runs under `--precision bf16-mixed` (SAELens with its own autocast), LM weights in
+# gradients (benchmarks/sae_kernels.py); CUDA profiles of 3 TopK steps at 4096 and 2 g-SAE steps at 32768; last,
+# `--objective all --compile` at 32768.
+# All gsae runs under `--precision bf16-mixed` (SAELens with its own autocast), LM weights in
 # float32 under autocast. Each stage's limit (seconds) is STAGE_LIMIT_<name>, overridable.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -72,5 +74,9 @@ stage profile_4096 60 $PY benchmarks/train_throughput.py "${BENCH[@]}" --baselin
     "${QS[@]}" "${Q[@]}"
 stage profile_gsae_32768 60 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective gsae --steps 1 --rounds 1 \
     --profile 2 --batch-size 256 "${Q[@]}"
+# last (its first batches compile for a minute or two): the g-SAE and e2e costs with `--compile` (the fused steps and
+# each vocabulary chunk's softmax and gradient under torch.compile, gsae.lm_chunked.compiled)
+stage all_32768_compile 180 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective all --compile --steps 2 \
+    --rounds 1 --warmup 2 --batch-size 256 "${Q[@]}"
 grep -hE '^[a-z0-9_]+=[0-9.na/]' "$LOG"/*.log >"$LOG/summary.txt"
 echo "=== logs in $LOG/"
