@@ -17,6 +17,28 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def compile_calls(monkeypatch) -> list[str]:
+    """``torch.compile`` replaced by a wrapper that records the name of each compiled function at every call (a real
+    CPU compilation of the fused steps takes a minute on 2 cores); the compiled-function caches of ``gsae.lm_fused``
+    and ``gsae.lm_chunked`` emptied (monkeypatch restores them afterwards)."""
+    from gsae import lm_chunked, lm_fused
+
+    calls: list[str] = []
+
+    def fake_compile(fn, **kw):
+        def wrapped(*a):
+            calls.append(fn.__name__)
+            return fn(*a)
+
+        return wrapped
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(lm_fused, "_COMPILED", None)
+    monkeypatch.setattr(lm_chunked, "_COMPILED", {})
+    return calls
+
+
 @pytest.fixture(scope="session")
 def tiny_lm():
     """A frozen random-weight 2-layer GPT-2-architecture model (d_model 64, byte vocabulary)."""

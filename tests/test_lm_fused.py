@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gsae import lm_chunked, lm_fused
+from gsae import lm_fused
 from gsae.lm import RANDOM_PRESETS, LanguageModel, build_hooked_transformer, next_token_loss
 
 TOL = 1e-5
@@ -206,30 +206,20 @@ def test_hook_points_cover_the_residual_stream():
     assert lm_fused.last_step(["blocks.3.hook_mlp_out", "blocks.1.hook_resid_pre"]) == 8
 
 
-def test_compile_option_runs_the_steps_through_torch_compile(monkeypatch):
+def test_compile_option_runs_the_steps_through_torch_compile(compile_calls):
     """``--model.lm.compile true`` wraps the fused attention and MLP in ``torch.compile`` (replaced here by a
     counting wrapper: a real CPU compilation takes ~60 s for the forward and ~20 s more for the backward on 2 cores;
-    measured equal to TransformerLens within 5e-7)."""
-    compiled = []
-
-    def fake_compile(fn, **kw):
-        def wrapped(*a):
-            compiled.append(fn.__name__)
-            return fn(*a)
-
-        return wrapped
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(lm_fused, "_COMPILED", None)
+    measured equal to TransformerLens within 5e-7), and each chunk of the g-SAE's CE (a real compilation of the chunk
+    math: tests/test_lm_chunked.py)."""
+    compiled = compile_calls
     fused, ref = pair("random-tiny", FLAGS[-1])
     fused.compile = True
     tokens = some_tokens(fused)
     hook = "blocks.1.hook_resid_post"
     assert rel_err(fused.activations(tokens, hook), ref.activations(tokens, hook)) <= TOL
-    assert compiled == ["attention", "mlp", "attention", "mlp"]  # monkeypatch restores _COMPILED afterwards
+    assert compiled == ["attention", "mlp", "attention", "mlp"]
     # the g-SAE harvest's CE: every chunk's softmax and gradient through the compiled ce_chunk, ∇ₓL unchanged
     compiled.clear()
-    monkeypatch.setattr(lm_chunked, "_COMPILED", {})
     hook = "blocks.1.hook_resid_pre"
     got, want = fused.activations_and_grads(tokens, hook), ref.activations_and_grads(tokens, hook)
     assert "ce_chunk" in compiled

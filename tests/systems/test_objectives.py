@@ -72,23 +72,10 @@ def test_e2e_kl_equals_two_independent_forward_passes():
     torch.testing.assert_close(extra["kl"], ref, rtol=1e-5, atol=1e-7)
 
 
-def test_e2e_kl_under_the_compile_option_takes_the_compiled_chunks_and_the_same_values(monkeypatch):
+def test_e2e_kl_under_the_compile_option_takes_the_compiled_chunks_and_the_same_values(compile_calls):
     """``--model.lm.compile true``: the e2e KL runs each chunk through ``lm_chunked.compiled("kl")`` (replaced here
     by a counting wrapper; the real compilation is tested equal in tests/test_lm_chunked.py); loss and SAE gradients
     equal the eager path's."""
-    from gsae import lm_chunked
-
-    calls = []
-
-    def fake_compile(fn, **kw):
-        def wrapped(*a):
-            calls.append(fn.__name__)
-            return fn(*a)
-
-        return wrapped
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(lm_chunked, "_COMPILED", {})
     system = build_system("e2e")
     system.initialized.fill_(True)
     batch = _batch(system, seed=2)
@@ -99,7 +86,7 @@ def test_e2e_kl_under_the_compile_option_takes_the_compiled_chunks_and_the_same_
         loss, *_ = system.objective(batch, "train")
         loss.backward()
         got.append((loss.detach(), system.sae.W_enc.grad.clone()))
-    assert "kl_chunk" in calls
+    assert "kl_chunk" in compile_calls
     torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got[1][1], got[0][1], rtol=1e-4, atol=1e-7)
 
