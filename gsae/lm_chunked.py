@@ -131,9 +131,10 @@ _COMPILED: dict[str, Callable] = {}
 def compiled(name: str) -> Callable:
     """:func:`ce_chunk` or :func:`kl_chunk` (``name`` ``"ce"`` / ``"kl"``) under ``torch.compile`` (compiled once per
     process on first use; shapes dynamic after the first ragged chunk). Eager, each chunk makes ~10 passes over
-    ``(rows, d_vocab)`` float32 buffers, which on a GPU cost more than the chunk's two vocabulary matmuls; compiled,
-    the upcast, the reductions and the gradient read the bf16 product a few times and write the gradient once.
-    Selected by ``--model.lm.compile true`` (:class:`gsae.lm.LanguageModel`)."""
+    ``(rows, d_vocab)`` float32 buffers, which on a GPU likely cost more than the chunk's two vocabulary matmuls
+    (estimated from bandwidth and FLOPs; not yet measured there); compiled, the upcast, the reductions and the gradient
+    are fused into a few reads of the product and one write of the gradient. On 2 CPU cores: CE as fast as eager, KL
+    ~12% faster. Selected by ``--model.lm.compile true`` (:class:`gsae.lm.LanguageModel`)."""
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile({"ce": ce_chunk, "kl": kl_chunk}[name])
     return _COMPILED[name]
