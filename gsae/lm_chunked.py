@@ -79,10 +79,15 @@ def _compute_dtype(W_U: Tensor, device: torch.device) -> torch.dtype:
     return W_U.dtype
 
 
+def _product(h: Tensor, W_U: Tensor, b_U: Tensor) -> Tensor:
+    """A chunk's vocabulary product ``h @ W_U + b_U`` ``(rows, V')``, in ``W_U``'s (already chosen) dtype, padded
+    columns included (what the compiled chunk functions take)."""
+    return torch.addmm(b_U, h.to(W_U.dtype), W_U)
+
+
 def _logits(h: Tensor, W_U: Tensor, b_U: Tensor, d_vocab: int) -> Tensor:
-    """float32 logits ``(rows, d_vocab)`` of a chunk (a view of the padded product in float32), the matmul in
-    ``W_U``'s (already chosen) dtype."""
-    return torch.addmm(b_U, h.to(W_U.dtype), W_U)[:, :d_vocab].float()
+    """float32 logits ``(rows, d_vocab)`` of a chunk: :func:`_product` sliced to the vocabulary (a view in float32)."""
+    return _product(h, W_U, b_U)[:, :d_vocab].float()
 
 
 # ---------------------------------------------------------------------------------------------- one chunk, fused
@@ -176,7 +181,7 @@ def ce_sum_and_grad(
         for i in range(0, B * T, step):
             lab = labels[i : i + step]
             if fused is not None:
-                chunk_loss, p = fused(torch.addmm(b, flat[i : i + step].to(dtype), W), lab, V, dtype)
+                chunk_loss, p = fused(_product(flat[i : i + step], W, b), lab, V, dtype)
                 loss += chunk_loss
                 dh[i : i + step] = (p @ W[:, :V].T).to(dh.dtype)
                 continue
@@ -215,8 +220,8 @@ class _ChunkedKL(torch.autograd.Function):
         fused = compiled("kl") if compile else None
         for i in range(0, h_new.shape[0], rows):
             if fused is not None:
-                raw_c = torch.addmm(b, h_clean[i : i + rows].to(dtype), W)
-                out[i : i + rows], g = fused(raw_c, torch.addmm(b, h_new[i : i + rows].to(dtype), W), V, dtype)
+                rows_c, rows_n = h_clean[i : i + rows], h_new[i : i + rows]
+                out[i : i + rows], g = fused(_product(rows_c, W, b), _product(rows_n, W, b), V, dtype)
                 if grad is not None:
                     grad[i : i + rows] = (g @ W[:, :V].T).to(grad.dtype)
                 continue
