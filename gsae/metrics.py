@@ -262,15 +262,18 @@ class DeadLatentTracker(nn.Module):
         return self.tokens_since_fired >= self.n_tokens
 
 
-def fire_counts(top_idx: Tensor | None, top_acts: Tensor | None, latents: Tensor | None, d_sae: int) -> Tensor:
-    """``(d_sae,)``: on how many rows each latent has a nonzero activation (SPEC §1.5's activity test).
+def fire_counts(
+    top_idx: Tensor | None, top_acts: Tensor | None, latents: Tensor | None, d_sae: int, dtype: torch.dtype = torch.long
+) -> Tensor:
+    """``(d_sae,)``: on how many rows each latent has a nonzero activation (SPEC §1.5's activity test), in ``dtype``
+    (a training step packs them as float64 for its one all-reduce: counted in that dtype, no conversion after).
 
     Give either the sparse form (``top_idx``, ``top_acts`` of any matching shapes) or dense ``latents (N, d_sae)``.
     """
     if latents is not None:
-        return (latents != 0).sum(0)
-    counts = torch.zeros(d_sae, dtype=torch.long, device=top_idx.device)
-    return counts.index_add_(0, top_idx.reshape(-1), (top_acts != 0).reshape(-1).long())  # no boolean-mask gather
+        return (latents != 0).sum(0, dtype=dtype)
+    counts = torch.zeros(d_sae, dtype=dtype, device=top_idx.device)
+    return counts.index_add_(0, top_idx.reshape(-1), (top_acts != 0).reshape(-1).to(dtype))  # no boolean-mask gather
 
 
 def fired_mask(top_idx: Tensor | None, top_acts: Tensor | None, latents: Tensor | None, d_sae: int) -> Tensor:

@@ -214,6 +214,29 @@ class SparsePattern:
         return F.embedding_bag(tokens, dense, offsets, per_sample_weights=weights, mode="sum")
 
 
+#: entries (``n·k``, int64) :func:`_row_bags` keeps over all its shapes (128 MB); past it, it starts again
+ROW_BAGS_BUDGET = 1 << 24
+_ROW_BAGS: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def _row_bags(n: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(offsets, bag of each entry)`` of ``n`` bags of ``k`` entries (row ``i`` of a ``(n, k)`` top-k): views of
+    one pair built per ``k`` for the most rows seen (``arange(0, n·k, k)`` and ``arange(n·k) // k`` are prefixes of
+    the longer ones), so a step reuses them instead of six ops (a GPU launches each; a sweep's members are
+    host-bound there). A sweep holds a pair per distinct ``k`` (and AuxK's ``min(k_aux, dead)``), within
+    :data:`ROW_BAGS_BUDGET` entries."""
+    key = (k, torch.device(device))
+    have = _ROW_BAGS.get(key)
+    if have is None or have[0].shape[0] < n:
+        if sum(b.numel() for _, b in _ROW_BAGS.values()) + n * k > ROW_BAGS_BUDGET:
+            _ROW_BAGS.clear()
+        _ROW_BAGS[key] = have = (
+            torch.arange(0, n * k, k, device=device),
+            torch.arange(n * k, device=device).div_(k, rounding_mode="floor"),
+        )
+    return have[0][:n], have[1][: n * k]
+
+
 class SparseDecode(torch.autograd.Function):
     """``(top_acts, W_dec, b_dec, top_idx, pattern) -> Σ_j top_acts[n, j] · W_dec[top_idx[n, j]] + b_dec``
     (``b_dec=None``: no bias).
@@ -245,8 +268,7 @@ class SparseDecode(torch.autograd.Function):
         grad_acts = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             n, k = top_idx.shape
-            offsets = torch.arange(0, n * k, k, device=grad.device)
-            bags = torch.arange(n, device=grad.device).repeat_interleave(k)
+            offsets, bags = _row_bags(n, k, grad.device)
             grad_acts = torch.ops.aten._embedding_bag_per_sample_weights_backward(
                 grad, W_dec, top_idx.reshape(-1), offsets, bags, 0
             ).view(n, k)
@@ -255,6 +277,12 @@ class SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         return grad_acts, grad_W, grad_b, None, None
+
+
+def sse_loss(x_hat: Tensor, x: Tensor) -> Tensor:
+    """``Σ ‖x − x̂‖²`` over all rows: ``F.mse_loss(..., reduction="sum")``, one pass forward and one backward op, where
+    ``(x − x̂).pow(2).sum()`` records four (a GPU launches each: the sweep's members are host-bound there)."""
+    return F.mse_loss(x_hat, x.to(x_hat.dtype), reduction="sum")
 
 
 def geometric_median(x: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:

@@ -23,7 +23,7 @@ from gsae.metrics import (
     DeadLatentTracker,
     ReconMetric,
     ReconSums,
-    fired_mask,
+    fire_counts,
     host_floats,
     l0_per_token,
     recon_metric_tensors,
@@ -268,15 +268,15 @@ class SAESystem(pl.LightningModule):
                     self.log(f"val/{name}", v, on_step=False, on_epoch=True, sync_dist=True, batch_size=l0.shape[0])
                 return loss
             log = self.log_this_step()
-            fired = fired_mask(out.top_idx, out.top_acts, out.latents, self.sae.d_sae)
-            # training: one packed all-reduce for the fired mask, the token count and (on logging steps) the metric
+            fired = fire_counts(out.top_idx, out.top_acts, out.latents, self.sae.d_sae, torch.float64)
+            # training: one packed all-reduce for the fire counts, the token count and (on logging steps) the metric
             # sums (the dead-latent counters need the global mask every step; torchmetrics would sync each state
             # separately: see gsae.metrics)
             if log:  # recon_sums' first field is the token count
                 counted = recon_sums(acts.x, out.x_hat, l0_per_token(out.top_acts, out.latents)).flat()
             else:
                 counted = torch.full((1,), float(acts.x.shape[0]), dtype=torch.float64, device=fired.device)
-            packed = self.all_reduce(torch.cat([fired.double(), counted]))
+            packed = self.all_reduce(torch.cat([fired, counted]))
             fired_g = packed[: self.sae.d_sae] > 0
         # the token count: on one process the host knows it (no wait for the GPU); over ranks, the reduced count
         n_tokens = acts.x.shape[0] if self._world() == 1 else int(packed[self.sae.d_sae])

@@ -19,7 +19,7 @@ from torch import Tensor
 from gsae.data.batch import ActivationBatch, TokenBatch
 from gsae.data.buffer import ShuffleBuffer
 from gsae.data.harvest import loss_gradients, predictions
-from gsae.sae.base import SAEOutput
+from gsae.sae.base import SAEOutput, sse_loss
 from gsae.sae.grad_topk import GradTopKSAE
 from gsae.systems.base import SAESystem
 
@@ -132,9 +132,9 @@ class LocalSAESystem(SAESystem):
             self.maybe_initialize(acts.x)
         n_global = self.all_reduce(torch.full((), float(acts.x.shape[0]), device=self.device))  # a fill, not a copy from the host
         dead = self.dead.auxk_mask() if stage == "train" else None
-        out = self.sae(acts.x, grad=acts.grad, dead_mask=dead, aux_norm=self.aux_norm(n_global))
-        sse = (acts.x - out.x_hat).pow(2).sum()
-        recon = sse / (n_global.clamp_min(1) * self.act_scale) * self._world()
+        norm = self.aux_norm(n_global)  # W / (N_global · E‖x − x̄‖²): the recon's normaliser and AuxK's
+        out = self.sae(acts.x, grad=acts.grad, dead_mask=dead, aux_norm=norm)
+        recon = sse_loss(out.x_hat, acts.x) * norm
         loss = recon + out.aux_loss
         extra: dict[str, Tensor] = {"recon_loss": recon.detach() / self._world()}
         if self.needs_grad and acts.grad is not None and stage == "train" and self.log_this_step():

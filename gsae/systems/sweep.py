@@ -44,13 +44,13 @@ from gsae.metrics import (
     DeadLatentTracker,
     ReconMetric,
     ReconSums,
-    fired_mask,
+    fire_counts,
     host_floats,
     l0_per_token,
     recon_metric_tensors,
     recon_sums,
 )
-from gsae.sae.base import SparseAutoencoder
+from gsae.sae.base import SparseAutoencoder, sse_loss
 from gsae.sae.grad_topk import GradTopKSAE
 from gsae.systems.base import NonFiniteLossError, _adam, lr_factor
 from gsae.systems.local import LocalSAESystem
@@ -215,25 +215,23 @@ class SweepSAESystem(LocalSAESystem):
         world = self._world()
         log = train and self.log_this_step()
         n_global = self.all_reduce(torch.full((), float(acts.x.shape[0]), device=self.device))  # a fill, not a copy from the host
-        total = torch.zeros((), device=self.device)
         logs: dict[str, dict[str, Tensor]] = {}
         packed: list[Tensor] = []
         losses: list[Tensor] = []
         n_clamped = n_global.clamp_min(1)
         for name, m in self.members.items():
             dead = m.dead.auxk_mask() if train else None
-            scale = n_clamped * m.act_scale  # the loss normaliser of LocalSAESystem (aux_norm and recon), computed once
+            norm = world / (n_clamped * m.act_scale)  # LocalSAESystem's normaliser (aux_norm), for recon and AuxK
             grad = acts.grad if m.needs_grad else None
-            out = m.sae(acts.x, grad=grad, dead_mask=dead, aux_norm=world / scale)
-            recon = (acts.x - out.x_hat).pow(2).sum() / scale * world
+            out = m.sae(acts.x, grad=grad, dead_mask=dead, aux_norm=norm)
+            recon = sse_loss(out.x_hat, acts.x) * norm
             loss = recon + out.aux_loss
-            losses.append(loss.detach())
-            total = total + loss
+            losses.append(loss)
             with torch.no_grad():
                 if not train:
                     m.val_recon.update(acts.x, out.x_hat, l0_per_token(out.top_acts, out.latents))
                     continue
-                fired = fired_mask(out.top_idx, out.top_acts, out.latents, m.sae.d_sae).double()
+                fired = fire_counts(out.top_idx, out.top_acts, out.latents, m.sae.d_sae, torch.float64)
                 if log:  # metrics only on logging steps (see log_this_step)
                     extra = {"loss": loss.detach() / world, "recon_loss": recon.detach() / world,
                              "aux_loss": out.aux_loss.detach()}
@@ -244,12 +242,14 @@ class SweepSAESystem(LocalSAESystem):
                 else:
                     packed.append(fired)
             del out
+        stacked = torch.stack(losses)  # one op for the step's loss (the sum) and the finiteness check, not two per member
+        total = stacked.sum()
         if not train:
             return total
         # every member's loss checked at once, before the backward: one wait for the device, not one per member
-        finite = torch.isfinite(torch.stack(losses))
+        finite = torch.isfinite(stacked.detach())
         if not bool(finite.all()):
-            name, loss = next((n, v) for n, v, ok in zip(self.members, losses, finite.tolist()) if not ok)
+            name, loss = next((n, v) for n, v, ok in zip(self.members, stacked.detach().tolist(), finite.tolist()) if not ok)
             raise NonFiniteLossError(
                 f"non-finite training loss of member {name} ({float(loss)}) at step {self.global_step}; "
                 "stopping (last good checkpoint kept)"
