@@ -68,6 +68,7 @@ Usage::
     python benchmarks/train_throughput.py                    # TopK: gsae vs SAELens vs forward (~3-4 min on 2 cores)
     python benchmarks/train_throughput.py --objective all    # TopK, g-SAE and e2e side by side
     python benchmarks/train_throughput.py --profile 3        # also a torch.profiler table of 3 gsae steps
+    python benchmarks/train_throughput.py --objective sweep --count-ops 3   # also aten calls per step (GPU launches)
     python benchmarks/train_throughput.py --objective sweep  # 10 SAEs: one SweepSAESystem vs 10 separate runs (5-13 min)
 
 The last lines of the default run are ``gsae_tokens_per_s=``, ``saelens_tokens_per_s=``,
@@ -191,6 +192,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         metavar="N",
         help="after timing, profile N steps of each objective with torch.profiler and print the top ops",
+    )
+    p.add_argument(
+        "--count-ops",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, count the aten calls of N steady steps of each gsae method (a GPU launches a kernel for each "
+        "that is not a view: where a step is host-bound, what its cost scales with) and print ops_per_step_<method>=",
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -682,6 +691,48 @@ def profile_objective(objective: str, lm, tokens: torch.Tensor, n_steps: int, ar
     print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30))
 
 
+def count_ops(name: str, system, tokens: torch.Tensor, n_steps: int, args) -> dict[str, float]:
+    """aten calls per training step of ``system`` over ``n_steps`` steady-state steps (after ``--warmup`` uncounted ones;
+    the fit's last, logging, step uncounted), forward, backward and optimizer alike, split into views (no kernel on a
+    GPU), host reads of a device value (``.item()``, ``bool()``: a wait for the GPU) and the rest (a kernel launch each on
+    a GPU). Printed as ``ops_per_step_<name>=``, ``kernel_ops_per_step_<name>=`` and ``host_reads_per_step_<name>=``."""
+    import lightning.pytorch as pl
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.views = self.reads = self.kernels = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.reads += 1
+            elif func.is_view or func.overloadpacket in (torch.ops.aten.detach, torch.ops.aten.lift_fresh):
+                self.views += 1
+            else:
+                self.kernels += 1
+            return func(*args, **(kwargs or {}))
+
+    warm = max(args.warmup, 3)  # past the shuffle buffer's first fill and the fit's first (logging) step
+    count = Count()
+
+    class Counter(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == warm:
+                count.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == warm + n_steps - 1:
+                count.__exit__(None, None, None)
+
+    run_lightning(system, tokens[: warm + n_steps + COOLDOWN], callbacks=[Counter()])
+    out = {"kernel": count.kernels / n_steps, "view": count.views / n_steps, "read": count.reads / n_steps}
+    print(f"ops_per_step_{name}={(count.kernels + count.views + count.reads) / n_steps:.1f}")
+    print(f"kernel_ops_per_step_{name}={out['kernel']:.1f}")
+    print(f"host_reads_per_step_{name}={out['read']:.1f}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- main
 def fmt(x: float) -> str:
     return f"{x:.1f}"
@@ -865,6 +916,19 @@ def main(argv: list[str] | None = None) -> int:
                 print("# --profile: not for the sweep (profile --objective topk / gsae for its parts)")
             elif obj not in skipped:
                 profile_objective(obj, lm, tokens, args.profile, args)
+
+    if args.count_ops:  # before the summary, so the figures stay the last lines
+        print(f"# --count-ops: aten calls per steady step ({args.count_ops} steps after {max(args.warmup, 3)})")
+        for obj in objectives:
+            if obj in skipped:
+                continue
+            if obj == SWEEP:  # the sweep, and one TopK and one g-SAE member run alone (every k costs the same ops)
+                alone = build_separate(lm, args)
+                for key in (f"topk-k{args.sweep_ks[0]}", f"gsae-k{args.sweep_ks[0]}"):
+                    count_ops(f"sep_{key.split('-')[0]}", alone[key], tokens, args.count_ops, args)
+                count_ops("sweep", build_sweep(lm, args), tokens, args.count_ops, args)
+            else:
+                count_ops(obj, build_system(obj, lm, args), tokens, args.count_ops, args)
 
     med = {n: statistics.median(v) for n, v in times.items() if v}
     tps = {n: tokens_per_step / s for n, s in med.items()}
