@@ -205,8 +205,12 @@ class DeadLatentTracker(nn.Module):
     global token count, so every rank holds the same counters ("dead" is global: sparsify #119).
     """
 
-    def __init__(self, d_sae: int, n_batches: int = 5, n_tokens: int = 10_000_000) -> None:
+    def __init__(self, d_sae: int, n_batches: int = 5, n_tokens: int = 10_000_000, send_dead_count: bool = True) -> None:
+        """Counters for ``d_sae`` latents; ``send_dead_count``: on a GPU, every :meth:`update` starts copying the new dead
+        count to the host for the next :meth:`n_dead_by_tokens` (AuxK's); off for an SAE without AuxK (three kernels
+        and an event a step saved)."""
         super().__init__()
+        self.send_dead_count = send_dead_count
         if n_batches <= 0:
             raise ValueError(f"--model.dead_batches must be > 0 (got {n_batches})")
         if n_tokens <= 0:
@@ -225,7 +229,7 @@ class DeadLatentTracker(nn.Module):
         self.tokens_since_fired.add_(int(n_tokens)).masked_fill_(fired, 0)
         t = self.tokens_since_fired
         self._pending = None
-        if t.is_cuda:  # start copying the new dead count to the host now; the next step reads it without a wait
+        if t.is_cuda and self.send_dead_count:  # start copying the new dead count to the host now; the next step reads it
             host = torch.empty((), dtype=torch.long, pin_memory=True)
             host.copy_((t >= self.n_tokens).sum(), non_blocking=True)
             done = torch.cuda.Event()
@@ -273,7 +277,8 @@ def fire_counts(
     if latents is not None:
         return (latents != 0).sum(0, dtype=dtype)
     counts = torch.zeros(d_sae, dtype=dtype, device=top_idx.device)
-    return counts.index_add_(0, top_idx.reshape(-1), (top_acts != 0).reshape(-1).to(dtype))  # no boolean-mask gather
+    nonzero = torch.ne(top_acts.reshape(-1), 0, out=torch.empty(top_acts.numel(), dtype=dtype, device=top_idx.device))
+    return counts.index_add_(0, top_idx.reshape(-1), nonzero)  # no boolean-mask gather; the test written in dtype
 
 
 def fired_mask(top_idx: Tensor | None, top_acts: Tensor | None, latents: Tensor | None, d_sae: int) -> Tensor:

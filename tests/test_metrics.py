@@ -227,5 +227,7 @@ def test_fire_counts_match_bincount_of_nonzero_entries() -> None:
     want = torch.bincount(top_idx[top_acts != 0], minlength=30)
     got = fire_counts(top_idx, top_acts, None, 30)
     assert got.dtype == torch.long and torch.equal(got, want)
+    as_float = fire_counts(top_idx, top_acts, None, 30, torch.float64)  # what a training step packs for its all-reduce
+    assert as_float.dtype == torch.float64 and torch.equal(as_float, want.double())
     dense = torch.zeros(200, 30).scatter_(-1, top_idx, top_acts)  # duplicates within a row collapse here
     assert torch.equal(fire_counts(None, None, dense, 30) > 0, fired_mask(top_idx, top_acts, None, 30))

@@ -106,6 +106,13 @@ class SparseAutoencoder(nn.Module):
     ) -> SAEOutput:
         raise NotImplementedError
 
+    @property
+    def uses_dead_mask(self) -> bool:
+        """Whether :meth:`forward` reads ``dead_mask`` (an auxiliary loss on dead latents). A training system builds the
+        mask (and, on a GPU, sends the dead count to the host) only for SAEs that do: True unless a subclass says
+        otherwise (TopK: with AuxK; ReLU: never)."""
+        return True
+
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
     def init_b_dec(self, x: Tensor, method: str = "geometric_median") -> None:

@@ -70,6 +70,10 @@ class ReLUSAE(SparseAutoencoder):
     def decode(self, latents: Tensor) -> Tensor:
         return latents @ self.decoder_weight() + self.b_dec
 
+    @property
+    def uses_dead_mask(self) -> bool:
+        return False
+
     def forward(
         self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None, aux_norm: Tensor | float | None = None
     ) -> SAEOutput:

@@ -116,8 +116,8 @@ class _TopKEncode(torch.autograd.Function):
             grad_b = x_c.new_zeros(W_enc.shape[1]).index_add_(0, top_idx.reshape(-1), g.reshape(-1))
         if need_W:
             grad_W = ctx.pattern.transposed_mm(g, x_c).T  # (d_in, d_sae)
-        if need_b_dec:
-            grad_b_dec = -(W_enc @ grad_b)
+        if need_b_dec:  # one kernel for −W_enc ∂b_enc (beta 0: the uninitialised input is ignored)
+            grad_b_dec = torch.addmv(W_enc.new_empty(W_enc.shape[0]), W_enc, grad_b, beta=0, alpha=-1)
         if need_x:
             grad_x = F.embedding_bag(top_idx, W_enc.T, per_sample_weights=g, mode="sum")  # Σ_j g[n, j] W_enc[:, idx]
         return grad_x, grad_W, grad_b if need_b else None, grad_b_dec, None, None, None
@@ -172,6 +172,10 @@ class TopKSAE(SparseAutoencoder):
     @property
     def architecture(self) -> str:
         return "topk"
+
+    @property
+    def uses_dead_mask(self) -> bool:
+        return self.k_aux > 0  # AuxK
 
     def config(self) -> dict:
         return dict(

@@ -130,7 +130,7 @@ class SAESystem(pl.LightningModule):
         self.seed = seed
         if sae is not None:  # a subclass training several SAEs (gsae.systems.SweepSAESystem) builds its own
             self.sae = sae(lm.d_in(self.hook))
-            self.dead = DeadLatentTracker(self.sae.d_sae, dead_batches, dead_tokens)
+            self.dead = DeadLatentTracker(self.sae.d_sae, dead_batches, dead_tokens, self.sae.uses_dead_mask)
             self.val_recon = ReconMetric(self.sae.d_in)  # validation sums over batches and ranks (not checkpointed)
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("act_scale", torch.tensor(1.0))  # E‖x − x̄‖² of the first batch: loss normaliser
@@ -246,8 +246,14 @@ class SAESystem(pl.LightningModule):
         return xs, float((xs - xs.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8))
 
     def aux_norm(self, n_global: Tensor) -> Tensor:
-        """AuxK normaliser ``W / (N_global · E‖x − x̄‖²)``: a constant per step, so DDP-averaged gradients are exact."""
-        return self._world() / (n_global.clamp_min(1) * self.act_scale)
+        """Loss normaliser ``W / N_global / E‖x − x̄‖²`` (the recon's and AuxK's): a constant per step, so DDP-averaged
+        gradients are exact. A sweep computes ``W / N_global`` once and divides by each member's scale: the same ops."""
+        return self._world() / n_global.clamp_min(1) / self.act_scale
+
+    def dead_mask(self, sae: SparseAutoencoder, tracker: DeadLatentTracker, stage: str) -> Tensor | None:
+        """AuxK's dead latents for a training step of an SAE that reads them (:attr:`SparseAutoencoder.uses_dead_mask`),
+        else ``None``."""
+        return tracker.auxk_mask() if stage == "train" and sae.uses_dead_mask else None
 
     # ------------------------------------------------------------------ the step
     def objective(self, batch: TokenBatch, stage: str) -> tuple[Tensor, SAEOutput, ActivationBatch, dict[str, Tensor]]:

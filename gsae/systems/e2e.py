@@ -89,7 +89,7 @@ class E2ESAESystem(SAESystem):
         x_in = self.select_rows(x, mask, batch.keep).float()
         if stage == "train":
             self.maybe_initialize(x_in)
-        dead = self.dead.auxk_mask() if stage == "train" else None
+        dead = self.dead_mask(self.sae, self.dead, stage)
         n_global = self.all_reduce(torch.full((), float(x_in.shape[0]), device=self.device))  # a fill, not a copy from the host
         out = self.sae(x_in, dead_mask=dead, aux_norm=self.aux_norm(n_global))
         patched = lm.hidden_from_hook(self.splice(x, mask, out.x_hat, batch.keep).to(x.dtype), self.hook, tokens=tokens, cache_hooks=self.downstream_hooks)

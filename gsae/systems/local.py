@@ -131,7 +131,7 @@ class LocalSAESystem(SAESystem):
             acts = self.buffer.mix(acts)
             self.maybe_initialize(acts.x)
         n_global = self.all_reduce(torch.full((), float(acts.x.shape[0]), device=self.device))  # a fill, not a copy from the host
-        dead = self.dead.auxk_mask() if stage == "train" else None
+        dead = self.dead_mask(self.sae, self.dead, stage)
         norm = self.aux_norm(n_global)  # W / (N_global · E‖x − x̄‖²): the recon's normaliser and AuxK's
         out = self.sae(acts.x, grad=acts.grad, dead_mask=dead, aux_norm=norm)
         recon = sse_loss(out.x_hat, acts.x) * norm

@@ -101,7 +101,7 @@ class SweepMember(nn.Module):
         super().__init__()
         self.name = name
         self.sae = sae
-        self.dead = DeadLatentTracker(sae.d_sae, dead_batches, dead_tokens)
+        self.dead = DeadLatentTracker(sae.d_sae, dead_batches, dead_tokens, sae.uses_dead_mask)
         self.val_recon = ReconMetric(sae.d_in)
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("act_scale", torch.tensor(1.0))
@@ -218,10 +218,10 @@ class SweepSAESystem(LocalSAESystem):
         logs: dict[str, dict[str, Tensor]] = {}
         packed: list[Tensor] = []
         losses: list[Tensor] = []
-        n_clamped = n_global.clamp_min(1)
+        per_token = world / n_global.clamp_min(1)
         for name, m in self.members.items():
-            dead = m.dead.auxk_mask() if train else None
-            norm = world / (n_clamped * m.act_scale)  # LocalSAESystem's normaliser (aux_norm), for recon and AuxK
+            dead = self.dead_mask(m.sae, m.dead, stage)
+            norm = per_token / m.act_scale  # LocalSAESystem's normaliser (aux_norm), for recon and AuxK
             grad = acts.grad if m.needs_grad else None
             out = m.sae(acts.x, grad=grad, dead_mask=dead, aux_norm=norm)
             recon = sse_loss(out.x_hat, acts.x) * norm

@@ -10,9 +10,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from gsae.data.batch import TokenBatch
+from gsae.lm import LanguageModel
 from gsae.metrics import DeadLatentTracker, host_floats
+from gsae.sae import TopKSAE
+from gsae.systems import LocalSAESystem, SweepSAESystem
 from gsae.systems.base import SAESystem
-from tests.systems.helpers import build_data, build_system, build_trainer
+from tests.systems.helpers import HOOK, build_data, build_system, build_trainer
 
 
 def _tokens_with_specials(system, b: int = 3, t: int = 16) -> torch.Tensor:
@@ -97,6 +100,25 @@ def test_auxk_mask_carries_the_dead_count():
     assert tracker.auxk_mask().count_true() == 8  # 160 tokens without firing; latents 1 and 4 fired 40 tokens ago
     tracker.tokens_since_fired.zero_()  # changed outside update: counted again
     assert tracker.auxk_mask().count_true() == 0
+
+
+@pytest.mark.parametrize("k_aux", [0, 8])
+def test_the_dead_mask_is_built_only_for_an_sae_with_auxk(k_aux):
+    """An SAE without AuxK (the GPT-2 configs' ``k_aux: 0``) gets no dead mask, and its tracker sends no dead count to
+    the host (on a GPU: three kernels and an event a step); with AuxK, the mask with its count, in training only."""
+    lm = LanguageModel("random-tiny", seed=0)
+    system = LocalSAESystem(lm, lambda d: TopKSAE(d, 64, 4, k_aux=k_aux), hook=HOOK)
+    assert system.sae.uses_dead_mask == system.dead.send_dead_count == (k_aux > 0)
+    assert system.dead_mask(system.sae, system.dead, "val") is None
+    mask = system.dead_mask(system.sae, system.dead, "train")
+    if k_aux:
+        assert torch.equal(mask, system.dead.dead_by_tokens()) and mask.count_true() == 0
+    else:
+        assert mask is None
+    members = [{"name": f"a{k}", "sae": {"class_path": "TopKSAE", "init_args": {"d_sae": 32, "k": 2, "k_aux": k}}} for k in (0, 4)]
+    sweep = SweepSAESystem(lm, members, hook=HOOK)
+    assert [m.dead.send_dead_count for m in sweep.members.values()] == [False, True]
+    assert [sweep.dead_mask(m.sae, m.dead, "train") is None for m in sweep.members.values()] == [True, False]
 
 
 def test_a_tracker_copies_and_pickles():
