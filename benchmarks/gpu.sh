@@ -7,7 +7,8 @@
 #
 # Stages: the CUDA tests; `train_throughput.py` (TopK vs SAELens vs our forward) at the paper's 4096 tokens per step
 # (32 x 128, twice: the figures are noisy) and at 32768 (256 x 128); `--objective all` (TopK, g-SAE, e2e costs) and
-# `--objective sweep` (10 SAEs in one run vs 10 runs) at both sizes; the SAE step's kernels alone, sparse vs dense
+# `--objective sweep` (10 SAEs in one run vs 10 runs) at both sizes; kernel launches per step (`--count-ops`);
+# the SAE step's kernels alone, sparse vs dense
 # gradients (benchmarks/sae_kernels.py); CUDA profiles of 3 TopK steps at 4096 and 2 g-SAE steps at 32768; last,
 # `--objective all --compile` at 32768.
 # All gsae runs under `--precision bf16-mixed` (SAELens with its own autocast), LM weights in
@@ -69,6 +70,9 @@ stage sweep_4096 100 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objectiv
     --batch-size 32 "${QS[@]}" "${Q[@]}"
 stage sweep_32768 100 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective sweep --steps 4 --rounds 2 \
     --batch-size 256 "${Q[@]}"
+# kernel launches per steady step (views and host reads apart): the sweep, one TopK and one g-SAE run alone
+stage ops_4096 60 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective sweep --steps 1 --rounds 1 --count-ops 2 \
+    --batch-size 32 "${QS[@]}" "${Q[@]}"
 stage kernels 60 $PY benchmarks/sae_kernels.py --device "$DEV" --tokens 4096 32768 "${QK[@]}"
 stage profile_4096 60 $PY benchmarks/train_throughput.py "${BENCH[@]}" --baselines off --steps 2 --rounds 1 --profile 3 \
     "${QS[@]}" "${Q[@]}"
