@@ -8,7 +8,7 @@ import torch
 from scipy.optimize import minimize
 
 from gsae.sae import TopKSAE
-from gsae.sae.base import geometric_median
+from gsae.sae.base import SparseDecode, SparsePattern, geometric_median, sse_loss
 from gsae.sae.topk import topk_block, topk_indices
 from tests.conftest import build_topk, randomize
 
@@ -237,6 +237,40 @@ def test_config_rebuilds_the_same_sae() -> None:
 
 def _sum_dist(y, x) -> float:
     return float((x - torch.as_tensor(y, dtype=x.dtype)).norm(dim=1).sum())
+
+
+@pytest.mark.parametrize("x_hat_dtype", [torch.float32, torch.bfloat16])
+def test_sse_loss_is_the_squared_error_sum_with_its_gradient(x_hat_dtype) -> None:
+    """The training recon's one-op form equals ``(x − x̂).pow(2).sum()`` in value and gradient, also for a bf16 ``x̂``
+    (taken in float32, as the subtraction promotes: ``x`` is never rounded to bf16), with and without autocast."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 12, generator=gen) * 30 + 500  # large offsets: rounding x to bf16 would show
+    base = (x + torch.randn(50, 12, generator=gen)).to(x_hat_dtype)
+    for autocast in (False, True):
+        a, b = base.clone().requires_grad_(), base.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = sse_loss(a, x)
+            want = (x - b).pow(2).sum()
+        assert got.dtype == torch.float32
+        assert torch.allclose(got, want, rtol=1e-6)
+        got.backward()
+        want.backward()
+        assert torch.allclose(a.grad.float(), b.grad.float(), rtol=1e-2 if x_hat_dtype == torch.bfloat16 else 1e-6)
+
+
+def test_sparse_decode_input_gradient_for_changing_shapes() -> None:
+    """``SparseDecode``'s ``∂top_acts`` (whose bag indices are reused per k across steps) equals ``embedding_bag``'s
+    autograd for row counts that grow, shrink and grow again and for several k, as a sweep and AuxK call it."""
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(40, 6, generator=gen)
+    for n, k in [(7, 3), (20, 3), (5, 3), (20, 5), (33, 3), (2, 5)]:
+        idx = torch.randint(0, 40, (n, k), generator=gen)
+        acts = torch.randn(n, k, generator=gen, requires_grad=True)
+        ref = acts.detach().clone().requires_grad_()
+        g = torch.randn(n, 6, generator=gen)
+        (SparseDecode.apply(acts, W, None, idx, SparsePattern(40)) * g).sum().backward()
+        (torch.nn.functional.embedding_bag(idx, W, per_sample_weights=ref, mode="sum") * g).sum().backward()
+        assert torch.allclose(acts.grad, ref.grad, atol=1e-6), (n, k)
 
 
 def test_geometric_median_matches_brute_force() -> None:
