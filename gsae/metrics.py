@@ -241,12 +241,12 @@ class DeadLatentTracker(nn.Module):
         state["_pending"] = None  # a CUDA event and pinned memory: a copy counts on its first read
         return state
 
-    def auxk_mask(self) -> Tensor:
+    def auxk_mask(self, count: int | None = None) -> Tensor:
         """:meth:`dead_by_tokens` (AuxK's dead latents) with a way to its count on the host attached as
-        ``count_true`` (:meth:`n_dead_by_tokens`), which :meth:`gsae.sae.TopKSAE.auxk_loss` calls instead of counting on
-        the device (only when AuxK runs: an SAE without it never asks)."""
+        ``count_true`` (:meth:`n_dead_by_tokens`, or ``count`` when the caller has it already), which
+        :meth:`gsae.sae.TopKSAE.auxk_loss` calls instead of counting on the device."""
         mask = self.dead_by_tokens()
-        mask.count_true = self.n_dead_by_tokens
+        mask.count_true = self.n_dead_by_tokens if count is None else (lambda: count)
         return mask
 
     def n_dead_by_tokens(self) -> int:

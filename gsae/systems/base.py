@@ -251,9 +251,13 @@ class SAESystem(pl.LightningModule):
         return self._world() / n_global.clamp_min(1) / self.act_scale
 
     def dead_mask(self, sae: SparseAutoencoder, tracker: DeadLatentTracker, stage: str) -> Tensor | None:
-        """AuxK's dead latents for a training step of an SAE that reads them (:attr:`SparseAutoencoder.uses_dead_mask`),
-        else ``None``."""
-        return tracker.auxk_mask() if stage == "train" and sae.uses_dead_mask else None
+        """AuxK's dead latents for a training step of an SAE that reads them (:attr:`SparseAutoencoder.uses_dead_mask`)
+        when some latent is dead, else ``None`` (AuxK's loss is then 0 either way; the count is on the host already,
+        :meth:`DeadLatentTracker.n_dead_by_tokens`, so no mask is built for the many steps without a dead latent)."""
+        if stage != "train" or not sae.uses_dead_mask:
+            return None
+        n_dead = tracker.n_dead_by_tokens()
+        return tracker.auxk_mask(n_dead) if n_dead else None
 
     # ------------------------------------------------------------------ the step
     def objective(self, batch: TokenBatch, stage: str) -> tuple[Tensor, SAEOutput, ActivationBatch, dict[str, Tensor]]:

@@ -105,18 +105,29 @@ def test_auxk_mask_carries_the_dead_count():
 @pytest.mark.parametrize("k_aux", [0, 8])
 def test_the_dead_mask_is_built_only_for_an_sae_with_auxk(k_aux):
     """An SAE without AuxK (the GPT-2 configs' ``k_aux: 0``) gets no dead mask, and its tracker sends no dead count to
-    the host (on a GPU: three kernels and an event a step); with AuxK, the mask with its count, in training only."""
+    the host (on a GPU: three kernels and an event a step); with AuxK, the mask with its count, in training steps with
+    a dead latent only (without one AuxK's loss is 0 and no mask is built)."""
     lm = LanguageModel("random-tiny", seed=0)
-    system = LocalSAESystem(lm, lambda d: TopKSAE(d, 64, 4, k_aux=k_aux), hook=HOOK)
+    system = LocalSAESystem(lm, lambda d: TopKSAE(d, 64, 4, k_aux=k_aux), hook=HOOK, dead_tokens=100)
     assert system.sae.uses_dead_mask == system.dead.send_dead_count == (k_aux > 0)
+    assert system.dead_mask(system.sae, system.dead, "train") is None  # nothing dead yet
+    fired = torch.ones(64, dtype=torch.bool)
+    fired[[3, 7, 9]] = False
+    system.dead.update(fired, 150)  # latents 3, 7 and 9 dead by tokens
     assert system.dead_mask(system.sae, system.dead, "val") is None
     mask = system.dead_mask(system.sae, system.dead, "train")
     if k_aux:
-        assert torch.equal(mask, system.dead.dead_by_tokens()) and mask.count_true() == 0
+        assert torch.equal(mask, system.dead.dead_by_tokens()) and mask.count_true() == 3
+        x = torch.randn(20, system.sae.d_in)  # AuxK's loss with the mask handed over = with a plain mask, counted there
+        handed = system.sae.auxk_loss(x, x * 0.5, x @ system.sae.W_enc, mask, 0.1)
+        plain = system.sae.auxk_loss(x, x * 0.5, x @ system.sae.W_enc, system.dead.dead_by_tokens(), 0.1)
+        assert handed > 0 and torch.allclose(handed, plain)
     else:
         assert mask is None
     members = [{"name": f"a{k}", "sae": {"class_path": "TopKSAE", "init_args": {"d_sae": 32, "k": 2, "k_aux": k}}} for k in (0, 4)]
-    sweep = SweepSAESystem(lm, members, hook=HOOK)
+    sweep = SweepSAESystem(lm, members, hook=HOOK, dead_tokens=100)
+    for m in sweep.members.values():
+        m.dead.update(fired[:32], 150)
     assert [m.dead.send_dead_count for m in sweep.members.values()] == [False, True]
     assert [sweep.dead_mask(m.sae, m.dead, "train") is None for m in sweep.members.values()] == [True, False]
 
@@ -148,3 +159,25 @@ def test_e2e_splice_with_kept_positions_equals_the_masked_one():
         grads.append(x_hat.grad)
     assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
     assert torch.equal(outs[1][~mask], x[~mask])  # special positions keep the LM's activations
+
+
+def test_auxk_runs_in_training_once_latents_are_dead(tmp_path):
+    """Through a real fit: no dead mask while nothing is dead, then AuxK gets the dead latents (their count taken on the
+    host) and a positive loss, in a run alone and in a sweep member."""
+    lm = LanguageModel("random-tiny", seed=0)
+    single = LocalSAESystem(lm, lambda d: TopKSAE(d, 256, 2, k_aux=8), hook=HOOK, dead_tokens=100, buffer_size=64)
+    members = [{"name": "a", "sae": {"class_path": "TopKSAE", "init_args": {"d_sae": 256, "k": 2, "k_aux": 8}}}]
+    sweep = SweepSAESystem(lm, members, hook=HOOK, dead_tokens=100, buffer_size=64)
+    for system, sae in ((single, single.sae), (sweep, sweep.members["a"].sae)):
+        seen: list[tuple[int, float]] = []
+        auxk = sae.auxk_loss
+
+        def record(x, x_hat, pre, dead_mask, aux_norm=None, auxk=auxk, seen=seen):
+            loss = auxk(x, x_hat, pre, dead_mask, aux_norm)
+            seen.append((0 if dead_mask is None else dead_mask.count_true(), float(loss)))
+            return loss
+
+        sae.auxk_loss = record
+        build_trainer(tmp_path / type(system).__name__, 5).fit(system, datamodule=build_data(system, batch_size=4))
+        assert seen[0] == (0, 0.0)  # a fresh SAE: nothing dead, no mask, no AuxK loss
+        assert all(n > 0 and loss > 0 for n, loss in seen[-2:]), seen  # > 100 tokens in: unfired latents are dead
