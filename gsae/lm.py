@@ -138,8 +138,10 @@ class LanguageModel:
         self.compile = compile
         self._model = None
         self._fused: tuple[tuple, lm_fused.FusedGPT2] | None = None
+        self._fused_cast: dict[torch.dtype, lm_fused.FusedGPT2] = {}  # the fused weights' linears in an autocast dtype
         self._fused_unsupported: str | None = None
         self._unembedding: tuple[tuple, lm_chunked.Unembedding] | None = None
+        self._unembedding_cast: tuple[tuple, lm_chunked.Unembedding] | None = None  # the padded copy in an autocast dtype
         self._params: tuple[object, list] | None = None  # (model, its parameters): listing them walks every module
         self._d_in_cache: dict[str, int] = {}
         if name.startswith("random-") and name not in RANDOM_PRESETS:
@@ -241,13 +243,24 @@ class LanguageModel:
         """``W_U`` and ``b_U`` padded with zero columns to a multiple of :data:`gsae.lm_chunked.VOCAB_MULTIPLE`
         (GPT-2: 50,257 → 50,304) and the real vocabulary size: what the chunked losses take (their vocabulary
         matmuls run faster on aligned rows). A copy (GPT-2: +154 MB in float32), rebuilt when the model's
-        unembedding moves or changes in place."""
+        unembedding moves or changes in place. Under autocast to another dtype, that copy cast to it (kept too:
+        +77 MB in bf16), which the chunked losses would otherwise cast at every call (they compute in the autocast
+        dtype: the same values)."""
         W, b = self.W_U, self.b_U
         key = (W.data_ptr(), W._version, W.dtype, b.data_ptr(), b._version, b.dtype)
         if self._unembedding is None or self._unembedding[0] != key:
-            self._unembedding = None  # free the old copy before building the new one
+            self._unembedding = self._unembedding_cast = None  # free the old copies before building the new one
             self._unembedding = (key, lm_chunked.pad_unembedding(W, b))
-        return self._unembedding[1]
+        padded = self._unembedding[1]
+        device = W.device.type
+        if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) == W.dtype:
+            return padded
+        cast_key = (key, torch.get_autocast_dtype(device))
+        if self._unembedding_cast is None or self._unembedding_cast[0] != cast_key:
+            self._unembedding_cast = None
+            dtype = cast_key[1]
+            self._unembedding_cast = (cast_key, padded._replace(W_U=padded.W_U.to(dtype), b_U=padded.b_U.to(dtype)))
+        return self._unembedding_cast[1]
 
     @property
     def bos_token_id(self) -> int:
@@ -325,7 +338,9 @@ class LanguageModel:
     def fused_weights(self, hooks: Sequence[str] = ()) -> lm_fused.FusedGPT2 | None:
         """The fused forward's weights if it can serve ``hooks`` (``fused`` on, a GPT-2-architecture model,
         every hook on the residual stream), else ``None`` (TransformerLens runs). Rebuilt when the model's
-        parameters move or change in place."""
+        parameters move or change in place. Under autocast to a dtype other than the weights' (``bf16-mixed`` with
+        float32 LM weights) the blocks' linears come cast to it once (:func:`gsae.lm_fused.cast_linears`: the values
+        autocast would cast them to at every call), kept until the weights change."""
         if not self.fused or any(lm_fused.hook_point(h) is None for h in hooks):
             return None
         model = self.model
@@ -341,7 +356,17 @@ class LanguageModel:
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in self._params[1])
         if self._fused is None or self._fused[0] != key:
             self._fused = (key, fused_weights(model))
-        return self._fused[1]
+            self._fused_cast = {}
+        w = self._fused[1]
+        device = w.W_E.device.type
+        if not torch.is_autocast_enabled(device):
+            return w
+        dtype = torch.get_autocast_dtype(device)
+        if not w.blocks or dtype == w.blocks[0].W_qkv.dtype:
+            return w
+        if dtype not in self._fused_cast:
+            self._fused_cast[dtype] = lm_fused.cast_linears(w, dtype)
+        return self._fused_cast[dtype]
 
     def _run_fused(self, w: lm_fused.FusedGPT2, x: Tensor, start: int, stop: int, cache_hooks: Sequence[str] = ()):
         if self.compile:

@@ -186,6 +186,71 @@ def test_fused_weights_follow_in_place_edits_and_dtype_moves():
     assert rel_err(x64, after) <= TOL
 
 
+def test_under_autocast_the_linears_come_cast_once_with_the_same_values(monkeypatch):
+    """Under bf16 autocast (``--trainer.precision bf16-mixed``) with float32 LM weights, the fused forward's linears
+    get their weights and biases cast once (``lm_fused.cast_linears``), and the chunked CE its padded unembedding
+    (``LanguageModel.unembedding``), instead of casting them at every call: the activations and ∇ₓL are bit for bit
+    those of the float32 weights under autocast, the per-forward weight casts are gone, and the cast copy follows
+    in-place edits of the weights."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket is torch.ops.aten._to_copy
+            return func(*args, **(kwargs or {}))
+
+    fused, _ = pair("gsae-tiny", FLAGS[-1])
+    tokens = some_tokens(fused)
+    hook = "blocks.2.hook_resid_post"
+
+    def run(lm):
+        counted = Casts()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lm.activations(tokens, hook)  # builds the cast copy, if any
+            with counted:
+                acts = lm.activations(tokens, hook)
+            return acts, lm.activations_and_grads(tokens, hook), counted.n
+
+    plain = fused.fused_weights([hook])  # float32, outside autocast
+    assert plain.blocks[0].W_qkv.dtype == torch.float32
+    acts, grads, casts = run(fused)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = fused.fused_weights([hook])
+        assert cast.blocks[0].W_in.dtype == cast.blocks[2].b_out.dtype == torch.bfloat16
+        assert cast.W_E is plain.W_E and cast.blocks[0].ln1_w is plain.blocks[0].ln1_w  # only the linears are cast
+        assert fused.fused_weights([hook]) is cast  # built once
+    assert fused.fused_weights([hook]) is plain  # outside autocast: the float32 weights
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the chunked CE's unembedding: the padded copy in bf16, once
+        u = fused.unembedding()
+        assert u.W_U.dtype == torch.bfloat16 and fused.unembedding() is u
+    padded = fused.unembedding()
+    assert padded.W_U.dtype == torch.float32 and torch.equal(u.W_U, padded.W_U.bfloat16())
+
+    fused._fused_cast.clear()
+    monkeypatch.setattr(lm_fused, "cast_linears", lambda w, dtype: w)  # the float32 weights under autocast
+    monkeypatch.setattr(fused, "unembedding", lambda: padded)  # and the float32 unembedding
+    ref_acts, ref_grads, ref_casts = run(fused)
+    monkeypatch.undo()
+    assert torch.equal(acts, ref_acts)
+    assert torch.equal(grads.acts, ref_grads.acts) and torch.equal(grads.grads, ref_grads.grads)
+    # the casts of a forward through 3 blocks of 4 linears: autocast cast every weight and bias (24) and the two float32
+    # LayerNorm outputs a block feeds to QKV and W_in (6; the other inputs are bf16 already); cast once, the 6 only
+    assert (ref_casts, casts) == (30, 6)
+
+    fused._fused_cast.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = fused.fused_weights([hook])
+        with torch.no_grad():
+            fused.model.blocks[1].mlp.W_in.mul_(2.0)
+        edited = fused.fused_weights([hook])
+    assert edited is not before and torch.equal(edited.blocks[1].W_in, fused.model.blocks[1].mlp.W_in.T.bfloat16())
+
+
 def test_bfloat16_model_close_to_transformer_lens():
     fused, ref = pair("gsae-tiny", FLAGS[-1], dtype="bfloat16")
     tokens = some_tokens(fused)
