@@ -290,8 +290,10 @@ def sse_loss(x_hat: Tensor, x: Tensor) -> Tensor:
     """``Σ ‖x − x̂‖²`` over all rows: ``F.mse_loss(..., reduction="sum")``, one pass forward and one backward op, where
     ``(x − x̂).pow(2).sum()`` records four (a GPU launches each: the sweep's members are host-bound there). Taken in
     the promoted dtype of the two, as the subtraction did (a bf16 ``x̂`` under autocast never rounds a float32 ``x``)."""
-    dtype = torch.promote_types(x_hat.dtype, x.dtype)
-    return F.mse_loss(x_hat.to(dtype), x.to(dtype), reduction="sum")
+    if x_hat.dtype != x.dtype:
+        dtype = torch.promote_types(x_hat.dtype, x.dtype)
+        x_hat, x = x_hat.to(dtype), x.to(dtype)
+    return F.mse_loss(x_hat, x, reduction="sum")
 
 
 def geometric_median(x: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
