@@ -691,10 +691,14 @@ def profile_objective(objective: str, lm, tokens: torch.Tensor, n_steps: int, ar
     print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30))
 
 
+#: aten calls that launch no kernel although their schema is not a view's (``--count-ops`` counts them with the views)
+NO_KERNEL_OPS = (torch.ops.aten.detach, torch.ops.aten.lift_fresh, torch.ops.aten.promote_types, torch.ops.aten.result_type)
+
+
 def count_ops(name: str, system, tokens: torch.Tensor, n_steps: int, args) -> dict[str, float]:
     """aten calls per training step of ``system`` over ``n_steps`` steady-state steps (after ``--warmup`` uncounted ones;
-    the fit's last, logging, step uncounted), forward, backward and optimizer alike, split into views (no kernel on a
-    GPU), host reads of a device value (``.item()``, ``bool()``: a wait for the GPU) and the rest (a kernel launch each on
+    the fit's last, logging, step uncounted), forward, backward and optimizer alike, split into views and other calls
+    that launch nothing (:data:`NO_KERNEL_OPS`, profiler marks), host reads of a device value (``.item()``, ``bool()``: a wait for the GPU) and the rest (a kernel launch each on
     a GPU). Printed as ``ops_per_step_<name>=``, ``kernel_ops_per_step_<name>=`` and ``host_reads_per_step_<name>=``."""
     import lightning.pytorch as pl
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -707,8 +711,8 @@ def count_ops(name: str, system, tokens: torch.Tensor, n_steps: int, args) -> di
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is torch.ops.aten._local_scalar_dense.default:
                 self.reads += 1
-            elif func.is_view or func.overloadpacket in (torch.ops.aten.detach, torch.ops.aten.lift_fresh):
-                self.views += 1
+            elif func.is_view or func.namespace != "aten" or func.overloadpacket in NO_KERNEL_OPS:
+                self.views += 1  # views, profiler marks, dtype arithmetic: nothing a GPU runs
             else:
                 self.kernels += 1
             return func(*args, **(kwargs or {}))
