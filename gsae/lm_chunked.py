@@ -74,6 +74,11 @@ def chunk_rows(d_vocab: int, chunk_elements: int | None = None) -> int:
     return max(1, (CHUNK_ELEMENTS if chunk_elements is None else chunk_elements) // d_vocab)
 
 
+def _vocab(W_U: Tensor, d_vocab: int | None) -> int:
+    """The real vocabulary size: ``d_vocab``, or every column of ``W_U`` when it is not padded (``None``)."""
+    return W_U.shape[1] if d_vocab is None else d_vocab
+
+
 def _compute_dtype(W_U: Tensor, device: torch.device) -> torch.dtype:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -172,7 +177,7 @@ def ce_sum_and_grad(
     dtype = _compute_dtype(W_U, h.device)
     with torch.autocast(h.device.type, enabled=False), torch.no_grad():
         W, b = W_U.to(dtype), b_U.to(dtype)
-        V = W.shape[1] if d_vocab is None else d_vocab
+        V = _vocab(W, d_vocab)
         flat = h.detach().reshape(B * T, D)
         labels = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1).reshape(-1)
         dh = torch.empty_like(flat)
@@ -272,7 +277,7 @@ def kl_per_token(
     with torch.autocast(h_new.device.type, enabled=False):
         out = _ChunkedKL.apply(
             h_clean.detach().reshape(-1, D), h_new.reshape(-1, D), W_U.detach(), b_U.detach(), dtype,
-            chunk_rows(W_U.shape[1], chunk_elements), W_U.shape[1] if d_vocab is None else d_vocab, compile,
+            chunk_rows(W_U.shape[1], chunk_elements), _vocab(W_U, d_vocab), compile,
         )
     return out.reshape(shape)
 
@@ -343,7 +348,7 @@ def ce_and_kl_per_token(
     n = len(h_runs)
     with torch.autocast(h_clean.device.type, enabled=False):
         W, b = W_U.to(dtype), b_U.to(dtype)
-        V = W.shape[1] if d_vocab is None else d_vocab
+        V = _vocab(W, d_vocab)
         flats = [h.reshape(B * T, D) for h in (h_clean, *h_runs)]
         labels = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1).reshape(-1)
         ce = torch.zeros(1 + n, B * T, dtype=torch.float32, device=h_clean.device)
@@ -378,7 +383,7 @@ def reference(h: Tensor, W_U: Tensor, b_U: Tensor, d_vocab: int | None = None) -
     """The :class:`Reference` of final hidden states ``h (M, D)`` (``W_U`` may be padded: :func:`pad_unembedding`)."""
     dtype = _compute_dtype(W_U, h.device)
     with torch.autocast(h.device.type, enabled=False):
-        logits = _logits(h, W_U.to(dtype), b_U.to(dtype), W_U.shape[1] if d_vocab is None else d_vocab)
+        logits = _logits(h, W_U.to(dtype), b_U.to(dtype), _vocab(W_U, d_vocab))
     lse = torch.logsumexp(logits, -1)
     return Reference(logits, lse, (logits - lse[:, None]).exp_())
 
@@ -399,7 +404,7 @@ def kl_to_reference(
     step = chunk_rows(W_U.shape[1], chunk_elements)
     with torch.autocast(h.device.type, enabled=False):
         W, b = W_U.to(dtype), b_U.to(dtype)
-        V = W.shape[1] if d_vocab is None else d_vocab
+        V = _vocab(W, d_vocab)
         for j in range(J):
             for i in range(0, M, step):
                 l_n = _logits(h[j, i : i + step], W, b, V)
