@@ -141,7 +141,7 @@ class LanguageModel:
         self._fused_cast: dict[torch.dtype, lm_fused.FusedGPT2] = {}  # the fused weights' linears in an autocast dtype
         self._fused_unsupported: str | None = None
         self._unembedding: tuple[tuple, lm_chunked.Unembedding] | None = None
-        self._unembedding_cast: tuple[tuple, lm_chunked.Unembedding] | None = None  # the padded copy in an autocast dtype
+        self._unembedding_cast: dict[torch.dtype, lm_chunked.Unembedding] = {}  # the padded copy in an autocast dtype
         self._params: tuple[object, list] | None = None  # (model, its parameters): listing them walks every module
         self._d_in_cache: dict[str, int] = {}
         if name.startswith("random-") and name not in RANDOM_PRESETS:
@@ -249,18 +249,15 @@ class LanguageModel:
         W, b = self.W_U, self.b_U
         key = (W.data_ptr(), W._version, W.dtype, b.data_ptr(), b._version, b.dtype)
         if self._unembedding is None or self._unembedding[0] != key:
-            self._unembedding = self._unembedding_cast = None  # free the old copies before building the new one
+            self._unembedding, self._unembedding_cast = None, {}  # free the old copies before building the new one
             self._unembedding = (key, lm_chunked.pad_unembedding(W, b))
         padded = self._unembedding[1]
-        device = W.device.type
-        if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) == W.dtype:
+        dtype = lm_chunked.compute_dtype(W, W.device)
+        if dtype == W.dtype:
             return padded
-        cast_key = (key, torch.get_autocast_dtype(device))
-        if self._unembedding_cast is None or self._unembedding_cast[0] != cast_key:
-            self._unembedding_cast = None
-            dtype = cast_key[1]
-            self._unembedding_cast = (cast_key, padded._replace(W_U=padded.W_U.to(dtype), b_U=padded.b_U.to(dtype)))
-        return self._unembedding_cast[1]
+        if dtype not in self._unembedding_cast:
+            self._unembedding_cast[dtype] = padded._replace(W_U=padded.W_U.to(dtype), b_U=padded.b_U.to(dtype))
+        return self._unembedding_cast[dtype]
 
     @property
     def bos_token_id(self) -> int:
@@ -358,10 +355,7 @@ class LanguageModel:
             self._fused = (key, fused_weights(model))
             self._fused_cast = {}
         w = self._fused[1]
-        device = w.W_E.device.type
-        if not torch.is_autocast_enabled(device):
-            return w
-        dtype = torch.get_autocast_dtype(device)
+        dtype = lm_chunked.compute_dtype(w.W_E, w.W_E.device)  # the autocast dtype, if autocast is on
         if not w.blocks or dtype == w.blocks[0].W_qkv.dtype:
             return w
         if dtype not in self._fused_cast:

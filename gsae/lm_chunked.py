@@ -79,7 +79,8 @@ def _vocab(W_U: Tensor, d_vocab: int | None) -> int:
     return W_U.shape[1] if d_vocab is None else d_vocab
 
 
-def _compute_dtype(W_U: Tensor, device: torch.device) -> torch.dtype:
+def compute_dtype(W_U: Tensor, device: torch.device) -> torch.dtype:
+    """The dtype ``W_U``'s matmuls run in on ``device`` now: autocast's when it is on there, else ``W_U``'s own."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return W_U.dtype
@@ -174,7 +175,7 @@ def ce_sum_and_grad(
         ``(loss_sum, dh)``: a float32 scalar and ``dh`` of ``h``'s shape and dtype (zero at the last position).
     """
     B, T, D = h.shape
-    dtype = _compute_dtype(W_U, h.device)
+    dtype = compute_dtype(W_U, h.device)
     with torch.autocast(h.device.type, enabled=False), torch.no_grad():
         W, b = W_U.to(dtype), b_U.to(dtype)
         V = _vocab(W, d_vocab)
@@ -272,7 +273,7 @@ def kl_per_token(
     ``compile``: each chunk's softmaxes, KL and gradient through ``torch.compile`` (:func:`compiled`; for GPUs).
     """
     shape = h_new.shape[:-1]
-    dtype = _compute_dtype(W_U, h_new.device)
+    dtype = compute_dtype(W_U, h_new.device)
     D = h_new.shape[-1]
     with torch.autocast(h_new.device.type, enabled=False):
         out = _ChunkedKL.apply(
@@ -344,7 +345,7 @@ def ce_and_kl_per_token(
     0 up to the vocabulary matmul's rounding). ``W_U`` may be padded (:func:`pad_unembedding`, ``d_vocab`` the real size).
     """
     B, T, D = h_clean.shape
-    dtype = _compute_dtype(W_U, h_clean.device)
+    dtype = compute_dtype(W_U, h_clean.device)
     n = len(h_runs)
     with torch.autocast(h_clean.device.type, enabled=False):
         W, b = W_U.to(dtype), b_U.to(dtype)
@@ -381,7 +382,7 @@ class Reference(NamedTuple):
 @torch.no_grad()
 def reference(h: Tensor, W_U: Tensor, b_U: Tensor, d_vocab: int | None = None) -> Reference:
     """The :class:`Reference` of final hidden states ``h (M, D)`` (``W_U`` may be padded: :func:`pad_unembedding`)."""
-    dtype = _compute_dtype(W_U, h.device)
+    dtype = compute_dtype(W_U, h.device)
     with torch.autocast(h.device.type, enabled=False):
         logits = _logits(h, W_U.to(dtype), b_U.to(dtype), _vocab(W_U, d_vocab))
     lse = torch.logsumexp(logits, -1)
@@ -399,7 +400,7 @@ def kl_to_reference(
     full logits, without them. ``W_U`` may be padded (:func:`pad_unembedding`, ``d_vocab`` the real size).
     """
     J, M, D = h.shape
-    dtype = _compute_dtype(W_U, h.device)
+    dtype = compute_dtype(W_U, h.device)
     out = torch.empty(J, M, dtype=torch.float64, device=h.device)
     step = chunk_rows(W_U.shape[1], chunk_elements)
     with torch.autocast(h.device.type, enabled=False):
