@@ -8,7 +8,7 @@ later round and the last step of every run are discarded; see ``COOLDOWN``):
   interval between two consecutive ``on_train_batch_start`` callbacks (the last one closed by
   ``on_train_epoch_end``), so it includes the batch fetch, the harvest (LM forward to the hook), the
   shuffle buffer, the SAE forward/backward, Adam, the decoder constraints and the dead-latent counters. The
-  metrics and ``self.log`` run on 1 step in ``log_every_n_steps`` and on a fit's first and last; those are not
+  metrics and their logging (``SAESystem.log_step_metrics``) run on 1 step in ``log_every_n_steps`` and on a fit's first and last; those are not
   timed, and the last one's time is printed (``# a fit's last step``) for what logging costs.
 - ``saelens``: SAELens' own full training loop, ``LanguageModelSAETrainingRunner(cfg,
   override_model=lm.model, override_dataset=<in-memory pretokenized Dataset of the same contexts>)``

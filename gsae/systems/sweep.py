@@ -291,7 +291,7 @@ class SweepSAESystem(LocalSAESystem):
         if self._trainer is not None and self.trainer.optimizers:
             for n, group in zip(names, self.trainer.optimizers[0].param_groups):
                 metrics[f"lr/{n}"] = group["lr"]
-        self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+        self.log_step_metrics(metrics)
 
     def objective(self, batch: TokenBatch, stage: str):  # pragma: no cover - shared_step does the work
         raise NotImplementedError("SweepSAESystem computes every member's loss in shared_step")

@@ -40,10 +40,10 @@ def build_trainer(root, max_steps: int, callbacks=(), checkpoint_every: int | No
         cbs.append(SAECheckpoint(dirpath=str(root / "ckpts"), every_n_train_steps=checkpoint_every, export_saelens=False))
     kw.setdefault("limit_val_batches", 0)
     kw.setdefault("accelerator", "cpu")
+    kw.setdefault("logger", False)
     return pl.Trainer(
         default_root_dir=str(root),
         max_steps=max_steps,
-        logger=False,
         enable_checkpointing=bool(checkpoint_every),
         enable_progress_bar=False,
         enable_model_summary=False,

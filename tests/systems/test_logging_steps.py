@@ -5,6 +5,7 @@ count advance on every step."""
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 
@@ -86,3 +87,70 @@ def test_a_sweep_computes_member_metrics_on_logging_steps_only(tmp_path, monkeyp
     assert spy.calls == 4 * len(members)
     assert int(system.tokens_seen) + system.buffer.fill == trainer.tokens_counted > 0
     assert {"train/topk-k2/nmse", "train/topk-k4/l0", "train/loss"} <= set(trainer.callback_metrics)
+
+
+def _lightning_log(self, metrics):
+    """The reference: Lightning's own ``log_dict`` (what ``SAESystem.log_step_metrics`` stands in for)."""
+    self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+
+
+def _events(folder) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def _logged_run(kind: str, root, monkeypatch, reference: bool):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gsae.loggers import TensorBoardLogger
+
+    if reference:
+        monkeypatch.setattr(base.SAESystem, "log_step_metrics", _lightning_log)
+    torch.manual_seed(0)
+    if kind == "sweep":
+        members = [{"name": f"{cls.lower()}-k{k}", "sae": {"class_path": f"gsae.sae.{cls}", "init_args": {"d_sae": 64, "k": k}}}
+                   for cls, k in (("TopKSAE", 2), ("GradTopKSAE", 4))]
+        system = SweepSAESystem(LanguageModel("random-tiny", seed=0), members, hook=HOOK, buffer_size=128,
+                                optimizer=lambda p: Adam(p, lr=1e-2))
+    else:
+        system = build_system(kind.removesuffix("-ddp"), buffer_size=128)
+    loggers = [TensorBoardLogger(str(root), name="tb"), CSVLogger(str(root), name="csv")]
+    ddp = dict(devices=2, strategy="ddp_fork") if kind.endswith("-ddp") else {}
+    trainer = build_trainer(root, STEPS, logger=loggers, log_every_n_steps=3, **ddp)
+    trainer.fit(system, datamodule=build_data(system, batch_size=2) if ddp else build_data(system))
+    monkeypatch.undo()
+    csv = (root / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    return trainer, _events(root / "tb" / "version_0"), csv
+
+
+@pytest.mark.parametrize("kind", ["topk", "sweep", pytest.param("topk-ddp", marks=pytest.mark.slow)])
+def test_step_metrics_reach_callbacks_and_loggers_as_lightnings_log_dict_does(tmp_path, monkeypatch, kind):
+    """log_step_metrics bypasses LightningModule.log; the loggers (TensorBoard, CSV) and callback_metrics get what
+    Lightning's log_dict gives them: the same keys, steps and values (tokens_per_s is a clock reading: keys and steps),
+    also over 2 DDP ranks (rank 0 writes; the main process gets rank 0's callback_metrics back)."""
+    ours, tb, csv = _logged_run(kind, tmp_path / "ours", monkeypatch, reference=False)
+    ref, tb_ref, csv_ref = _logged_run(kind, tmp_path / "ref", monkeypatch, reference=True)
+    assert set(tb) == set(tb_ref) and "train/loss" in tb and "epoch" not in tb
+    if kind == "sweep":
+        assert {"train/topksae-k2/nmse", "train/gradtopksae-k4/beta_attribution_median", "lr/topksae-k2"} <= set(tb)
+    for tag in tb:
+        assert list(tb[tag]) == list(tb_ref[tag]) == [2, 5], tag  # steps 3 and 6 of 8, logged at steps 2 and 5
+        if tag != "train/tokens_per_s":
+            assert tb[tag] == tb_ref[tag], tag
+    # CSV: the same columns (epoch included, as Lightning adds it) and rows; Lightning's values went through float32
+    # tensors, ours are the Python floats (lr 0.01, not 0.009999999776): equal once rounded to float32
+    header = csv[0].split(",")
+    assert header == csv_ref[0].split(",") and "epoch" in header and len(csv) == len(csv_ref) == 3
+    for row, row_ref in zip(csv[1:], csv_ref[1:]):
+        for key, v, v_ref in zip(header, row.split(","), row_ref.split(",")):
+            if key != "train/tokens_per_s":
+                assert float(np.float32(v)) == float(v_ref), (key, v, v_ref)
+    # callback_metrics: every rank's own values of the last logged step (here the last step, for the progress line)
+    assert set(ours.callback_metrics) == set(ref.callback_metrics)
+    for k, v in ref.callback_metrics.items():
+        if k != "train/tokens_per_s":
+            assert float(ours.callback_metrics[k]) == pytest.approx(float(v), rel=1e-6), k
+    assert set(ours.logged_metrics) == set(ref.logged_metrics)
