@@ -16,12 +16,24 @@ in another layout than its parameter's (a checkpoint written with another ``W_en
 the wrong elements, and torch's fused Adam then updates silently wrong (tested). :class:`Adam` first copies
 any gradient or moment whose strides differ from its parameter's into the parameter's layout (once: the
 moment is replaced in the state).
+
+A sweep trains N SAEs with one optimizer, a parameter group per member (``gsae.systems.SweepSAESystem``); torch's
+Adam steps each group on its own: N rounds of Python and N fused kernels (plus N step-count increments) per step.
+:meth:`Adam.step` steps every group with the same hyperparameters (lr, betas, eps, weight decay, …: equal under
+one schedule) in one call of the fused kernel. The kernel is elementwise and takes each parameter's own step count,
+so the updates are those of the groups stepped one by one, bit for bit (``tests/test_optim.py``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam
+from torch.optim.optimizer import _use_grad_for_differentiable
+
+#: the group options ``torch.optim.adam.adam`` takes: groups equal in all of them step in one fused call
+STEP_OPTIONS = ("lr", "betas", "weight_decay", "eps", "amsgrad", "maximize", "foreach", "capturable", "differentiable",
+                "fused", "decoupled_weight_decay")
 
 
 def dense_order(t: Tensor) -> list[int] | None:
@@ -67,6 +79,41 @@ class Adam(torch.optim.Adam):
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, fused=fused
         )
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):
+        """One Adam step of every group, as ``torch.optim.Adam.step``; fused groups with equal options (a sweep's
+        members under one schedule) in one call of the fused kernel."""
+        self._accelerator_graph_capture_health_check()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        calls: dict[object, tuple[dict, list[list[Tensor]], list[bool]]] = {}
+        for i, group in enumerate(self.param_groups):
+            lists: list[list[Tensor]] = [[], [], [], [], [], []]
+            has_complex = self._init_group(group, *lists)
+            key = i  # a group of its own, unless fused with hashable options
+            if group["fused"] and not isinstance(group["lr"], Tensor):
+                key = tuple(group[k] for k in STEP_OPTIONS)
+            if key in calls:
+                _, into, complex_ = calls[key]
+                for a, b in zip(into, lists):
+                    a.extend(b)
+                complex_.append(has_complex)
+            else:
+                calls[key] = (group, lists, [has_complex])
+        for group, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps), complex_ in calls.values():
+            beta1, beta2 = group["betas"]
+            adam(
+                params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                amsgrad=group["amsgrad"], has_complex=any(complex_), beta1=beta1, beta2=beta2, lr=group["lr"],
+                weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                foreach=group["foreach"], capturable=group["capturable"], differentiable=group["differentiable"],
+                fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None), decoupled_weight_decay=group["decoupled_weight_decay"],
+            )
+        return loss
 
     def _init_group(self, group, params, grads, *rest):  # type: ignore[override]
         has_complex = super()._init_group(group, params, grads, *rest)

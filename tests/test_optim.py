@@ -142,3 +142,62 @@ def test_a_state_saved_by_torch_adam_resumes() -> None:
         results[name] = [p.detach() for p in ps]
     for a, b in zip(results["ours"], results["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+class _KernelCalls:
+    """Counts calls of the fused Adam kernel."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.n = 0
+        inner = torch._fused_adam_
+
+        def counted(*a, **k):
+            self.n += 1
+            return inner(*a, **k)
+
+        monkeypatch.setattr(torch, "_fused_adam_", counted)
+
+
+def _groups(params, lrs, extra=None) -> list[dict]:
+    """A group per parameter-pair: ``lrs[i]`` and ``extra[i]`` options (a sweep: a group per member)."""
+    extra = extra or [{}] * len(lrs)
+    return [{"params": params[2 * i : 2 * i + 2], "lr": lr, **x} for i, (lr, x) in enumerate(zip(lrs, extra))]
+
+
+@pytest.mark.parametrize(
+    "lrs, extra, calls",
+    [
+        ([1e-2, 1e-2, 1e-2, 1e-2], None, 1),  # one schedule: one call for every group
+        ([1e-2, 3e-3, 1e-2, 3e-3], None, 2),  # two learning rates: a call per rate
+        # other options: calls of their own (the amsgrad group has no gradient: no call)
+        ([1e-2] * 4, [{}, {"weight_decay": 0.1}, {"amsgrad": True}, {}], 2),
+    ],
+)
+def test_groups_with_equal_options_step_in_one_call_and_update_as_torch_group_by_group(monkeypatch, lrs, extra, calls):
+    """Groups stepped together get the updates torch's fused Adam gives them stepped one by one, bit for bit, each
+    parameter with its own step count (the last group gets gradients from step 2 on: its own bias correction); the
+    third group never gets a gradient (no state, no call)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(48, 32), (32,), (24, 16), (16,), (40, 8), (8,), (16, 16), (16,)]
+    base = [torch.randn(s, generator=gen) for s in shapes]
+    base[0] = base[0].T.contiguous().T  # the W_enc layout
+    runs = []
+    for cls in (Adam, lambda g: torch.optim.Adam(g, fused=True)):
+        ps = [torch.nn.Parameter(p.clone()) for p in base]
+        opt = cls(_groups(ps, lrs, extra))
+        counter = _KernelCalls(monkeypatch) if cls is Adam else None
+        for step in range(4):
+            for i, (p, g) in enumerate(zip(ps, _grads(ps, step))):
+                skip = (i >= 6 and step < 2) or i in (4, 5)
+                p.grad = None if skip else torch.empty_like(p).copy_(g)
+            opt.step()
+        monkeypatch.undo()
+        runs.append((ps, opt, counter))
+    (ours, opt, counter), (ref, ref_opt, _) = runs
+    assert counter.n == 4 * calls  # per step (torch: one per group with gradients)
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        assert torch.equal(a, b), i
+        if opt.state[a]:
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(opt.state[a][key], ref_opt.state[b][key]), (i, key)
+    assert int(opt.state[ours[6]]["step"]) == 2 and not opt.state[ours[4]]
