@@ -28,12 +28,12 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from gsae.callbacks.checkpoint import member_path
+from gsae.callbacks.figures import FigureRenderer
 from gsae.evals import (
     BENCHMARKS,
     artifacts,
     check_benchmarks,
     run_benchmarks_many,
-    tagged_figures,
     tagged_scalars,
     tagged_texts,
 )
@@ -69,6 +69,7 @@ class EvaluationCallback(Callback):
         options: dict[str, dict[str, Any]] | None = None,
         log_figures: bool = True,
         write_json: bool = True,
+        figures_in_background: bool | None = None,
     ) -> None:
         """Choose what to evaluate and when.
 
@@ -89,6 +90,11 @@ class EvaluationCallback(Callback):
                 changes the set of a config that sizes them all.
             log_figures: log each benchmark's figures to TensorBoard (when the logger is a TensorBoardLogger).
             write_json: write ``<checkpoint>.eval.json`` beside every checkpoint.
+            figures_in_background: draw the figures in a worker process while training goes on (written at the
+                evaluation's step when ready, at the latest when the fit ends: :mod:`gsae.callbacks.figures`), or
+                (false) in the training process before it resumes. Default (null): in the background when training
+                on a GPU, whose host has idle cores; in the training process on a CPU, whose cores train (there a
+                worker slowed the 2-core quickstart sweep by 17%).
         """
         super().__init__()
         self.enabled = enabled
@@ -113,6 +119,8 @@ class EvaluationCallback(Callback):
         self.options = options or {}
         self.log_figures = log_figures
         self.write_json = write_json
+        self.figures_in_background = figures_in_background
+        self.figures = FigureRenderer(background=bool(figures_in_background))
         self._tokens: torch.Tensor | None = None
         self._last: tuple[int, dict] | None = None  # (global step, {member: results}) of the latest evaluation
         #: wall seconds of each benchmark in the latest evaluation (logged as ``eval/seconds/<benchmark>``)
@@ -142,9 +150,23 @@ class EvaluationCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
+        self.figures.poll()  # figures drawn in the background since the last step
         step = trainer.global_step
         if self.enabled and self.every_n_steps and trainer.is_global_zero and step > 0 and step % self.every_n_steps == 0:
             self.evaluate(trainer, pl_module)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        background = self.figures_in_background
+        self.figures.background = trainer.strategy.root_device.type != "cpu" if background is None else background
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.figures.drain()  # before Lightning finalizes the loggers
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.figures.drain()
 
     # ------------------------------------------------------------------ work
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, dict]]:
@@ -202,10 +224,8 @@ class EvaluationCallback(Callback):
             lg.experiment for lg in trainer.loggers if isinstance(getattr(lg, "experiment", None), SummaryWriter)
         ]
         for member, results in everything.items():
-            if self.log_figures and writers:
-                for t, fig in tagged_figures(results).items():
-                    for w in writers:
-                        w.add_figure(tag(t, member), fig, global_step=step, close=False)
+            if self.log_figures:
+                self.figures.submit(writers, step, f"eval/{member}" if member else "eval", results)
             for t, text in tagged_texts(results).items():
                 for w in writers:
                     w.add_text(tag(t, member), text, global_step=step)
