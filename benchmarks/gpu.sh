@@ -8,6 +8,7 @@
 # Stages: the CUDA tests; `train_throughput.py` (TopK vs SAELens vs our forward) at the paper's 4096 tokens per step
 # (32 x 128, twice: the figures are noisy) and at 32768 (256 x 128); `--objective all` (TopK, g-SAE, e2e costs) and
 # `--objective sweep` (10 SAEs in one run vs 10 runs) at both sizes; kernel launches per step (`--count-ops`);
+# what logging a step's metrics costs (benchmarks/logging_cost.py);
 # the SAE step's kernels alone, sparse vs dense
 # gradients (benchmarks/sae_kernels.py); CUDA profiles of 3 TopK steps at 4096 and 2 g-SAE steps at 32768; last,
 # `--objective all --compile` at 32768.
@@ -73,6 +74,8 @@ stage sweep_32768 100 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objecti
 # kernel launches per steady step (views and host reads apart): the sweep, one TopK and one g-SAE run alone
 stage ops_4096 60 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective sweep --steps 1 --rounds 1 --count-ops 2 \
     --batch-size 32 "${QS[@]}" "${Q[@]}"
+# what logging a step's metrics costs (Lightning's log_dict vs gsae's path), tiny shape: all host time on a GPU
+stage logging 60 $PY benchmarks/logging_cost.py --device "$DEV"
 stage kernels 60 $PY benchmarks/sae_kernels.py --device "$DEV" --tokens 4096 32768 "${QK[@]}"
 stage profile_4096 60 $PY benchmarks/train_throughput.py "${BENCH[@]}" --baselines off --steps 2 --rounds 1 --profile 3 \
     "${QS[@]}" "${Q[@]}"

@@ -25,7 +25,8 @@ GPU step pays at any size.
 
 Usage::
 
-    python benchmarks/logging_cost.py            # ~1 min on 2 cores
+    python benchmarks/logging_cost.py                  # ~15 s on 2 cores
+    python benchmarks/logging_cost.py --device cuda    # on a GPU (benchmarks/gpu.sh)
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10, help="--trainer.log_every_n_steps (shipped configs: 10)")
     p.add_argument("--warmup", type=int, default=5, help="steps of each fit not timed")
     p.add_argument("--objectives", nargs="+", default=["topk", "sweep"], choices=["topk", "gsae", "sweep"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (a GPU step at this size is all host time)")
     return p.parse_args(argv)
 
 
-def fit(system, tokens, log_dir: str, every: int, lightning_path: bool) -> list[float]:
+def fit(system, tokens, log_dir: str, every: int, lightning_path: bool, device: str = "cpu") -> list[float]:
     """Per-step seconds of a fit of ``system`` over ``tokens`` logging to TensorBoard in ``log_dir``."""
     import contextlib
     import io
@@ -69,13 +71,13 @@ def fit(system, tokens, log_dir: str, every: int, lightning_path: bool) -> list[
         logger = TensorBoardLogger(log_dir, name="run")
     timer = tt.StepTimer()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=tokens.shape[0], logger=logger, log_every_n_steps=every,
+        accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, max_steps=tokens.shape[0], logger=logger, log_every_n_steps=every,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
         num_sanity_val_steps=0, callbacks=[timer],
     )
     data = [TokenBatch(tokens[i], i) for i in range(tokens.shape[0])]
     with contextlib.redirect_stdout(io.StringIO()):
-        trainer.fit(system, train_dataloaders=DataLoader(data, batch_size=None))
+        trainer.fit(system, train_dataloaders=DataLoader(data, batch_size=None, pin_memory=device.startswith("cuda")))
     logger.finalize("success")
     return timer.step_times()
 
@@ -90,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     from gsae.lm import LanguageModel
 
     targs = tt.parse_args(["--model", "random-tiny", "--hook", "blocks.1.hook_resid_pre", "--d-sae", "256",
-                           "--k", "8", "--batch-size", "4", "--context-size", "8"])
+                           "--k", "8", "--batch-size", "4", "--context-size", "8", "--device", args.device])
     targs.sweep_ks = [3, 5, 10, 32, 64]
     tt.ARGS = targs
     torch.set_num_threads(targs.threads)
     lm = LanguageModel(targs.model, seed=0)
     lm.model  # noqa: B018 - load now
+    lm.to(args.device)
     tokens = tt.make_tokens(args.steps, 4, 8, lm.d_vocab, lm.bos_token_id, 0)
     print(f"# logging cost: random-tiny, {args.steps} steps per fit, log_every_n_steps={args.log_every}, "
           f"{args.rounds} rounds, objectives {args.objectives}")
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             for obj in args.objectives:
                 for m in order:
                     system = tt.build_system(obj, lm, targs)
-                    times[(obj, m)].append(fit(system, tokens, f"{tmp}/{obj}-{m}-{r}", args.log_every, m == "lightning"))
+                    times[(obj, m)].append(fit(system, tokens, f"{tmp}/{obj}-{m}-{r}", args.log_every, m == "lightning",
+                                                         args.device))
     for obj in args.objectives:
         added = {}
         for m in methods:
