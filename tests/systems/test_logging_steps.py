@@ -116,9 +116,11 @@ def _logged_run(kind: str, root, monkeypatch, reference: bool):
         system = SweepSAESystem(LanguageModel("random-tiny", seed=0), members, hook=HOOK, buffer_size=128,
                                 optimizer=lambda p: Adam(p, lr=1e-2))
     else:
-        system = build_system(kind.removesuffix("-ddp"), buffer_size=128)
+        system = build_system(kind.split("-")[0], buffer_size=128)
     loggers = [TensorBoardLogger(str(root), name="tb"), CSVLogger(str(root), name="csv")]
     ddp = dict(devices=2, strategy="ddp_fork") if kind.endswith("-ddp") else {}
+    if kind.endswith("-accumulate"):  # 2 batches per optimizer step: Lightning logs on the stepping batch only
+        ddp["accumulate_grad_batches"] = 2
     trainer = build_trainer(root, STEPS, logger=loggers, log_every_n_steps=3, **ddp)
     trainer.fit(system, datamodule=build_data(system, batch_size=2) if ddp else build_data(system))
     monkeypatch.undo()
@@ -126,7 +128,7 @@ def _logged_run(kind: str, root, monkeypatch, reference: bool):
     return trainer, _events(root / "tb" / "version_0"), csv
 
 
-@pytest.mark.parametrize("kind", ["topk", "sweep", pytest.param("topk-ddp", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["topk", "sweep", "topk-accumulate", pytest.param("topk-ddp", marks=pytest.mark.slow)])
 def test_step_metrics_reach_callbacks_and_loggers_as_lightnings_log_dict_does(tmp_path, monkeypatch, kind):
     """log_step_metrics bypasses LightningModule.log; the loggers (TensorBoard, CSV) and callback_metrics get what
     Lightning's log_dict gives them: the same keys, steps and values (tokens_per_s is a clock reading: keys and steps),
