@@ -18,6 +18,7 @@ Needs the Debian package ``chromium`` (``apt-get install -y chromium``)::
 from __future__ import annotations
 
 import argparse
+import glob
 import itertools
 import json
 import os
@@ -58,7 +59,8 @@ def train(root: Path, steps: int) -> Path:
 def ensure_latent_dashboards(run: Path) -> None:
     """Write ``<checkpoint>.latents.html`` and the TensorBoard texts where the callback did not."""
     ckpts = sorted(run.glob("checkpoints/*.ckpt"), key=os.path.getmtime)
-    if all(Path(str(c) + ".latents.html").is_file() for c in ckpts):
+    if all(Path(str(c) + ".latents.html").is_file() or any(c.parent.glob(glob.escape(c.name) + ".*.latents.html"))
+           for c in ckpts):  # a one-SAE run's page, or a sweep's one per member (<checkpoint>.<member>.latents.html)
         return
     import torch
     from torch.utils.tensorboard import SummaryWriter

@@ -335,7 +335,8 @@ class SAESystem(pl.LightningModule):
     def _log_train(self, loss: Tensor, sums: ReconSums, out: SAEOutput, extra: dict[str, Tensor], n_tokens: int) -> None:
         metrics: dict[str, Tensor | float] = {f"train/{k}": v for k, v in recon_metric_tensors(sums).items()}
         metrics["train/loss"] = loss
-        metrics["train/aux_loss"] = out.aux_loss
+        if self.sae.uses_dead_mask:  # an SAE with an auxiliary dead-latent loss (AuxK); else it is always 0
+            metrics["train/aux_loss"] = out.aux_loss
         metrics["train/dead_fraction"] = self.dead.dead_by_batches().float().mean()
         metrics["train/dead_fraction_tokens"] = self.dead.dead_by_tokens().float().mean()
         metrics.update({f"train/{k}": v for k, v in extra.items()})

@@ -233,8 +233,9 @@ class SweepSAESystem(LocalSAESystem):
                     continue
                 fired = fire_counts(out.top_idx, out.top_acts, out.latents, m.sae.d_sae, torch.float64)
                 if log:  # metrics only on logging steps (see log_this_step)
-                    extra = {"loss": loss.detach() / world, "recon_loss": recon.detach() / world,
-                             "aux_loss": out.aux_loss.detach()}
+                    extra = {"loss": loss.detach() / world, "recon_loss": recon.detach() / world}
+                    if m.sae.uses_dead_mask:  # AuxK (k_aux 0, as every Table 1 member: always 0, not logged)
+                        extra["aux_loss"] = out.aux_loss.detach()
                     if m.needs_grad and acts.grad is not None:
                         extra["beta_attribution_median"] = m.sae.attribution_median(acts.grad, out.top_idx)
                     logs[name] = extra

@@ -111,8 +111,9 @@ def _logged_run(kind: str, root, monkeypatch, reference: bool):
         monkeypatch.setattr(base.SAESystem, "log_step_metrics", _lightning_log)
     torch.manual_seed(0)
     if kind == "sweep":
-        members = [{"name": f"{cls.lower()}-k{k}", "sae": {"class_path": f"gsae.sae.{cls}", "init_args": {"d_sae": 64, "k": k}}}
-                   for cls, k in (("TopKSAE", 2), ("GradTopKSAE", 4))]
+        members = [{"name": f"{cls.lower()}-k{k}",
+                    "sae": {"class_path": f"gsae.sae.{cls}", "init_args": {"d_sae": 64, "k": k, **extra}}}
+                   for cls, k, extra in (("TopKSAE", 2, {}), ("GradTopKSAE", 4, {"k_aux": 0}))]
         system = SweepSAESystem(LanguageModel("random-tiny", seed=0), members, hook=HOOK, buffer_size=128,
                                 optimizer=lambda p: Adam(p, lr=1e-2))
     else:
@@ -138,6 +139,8 @@ def test_step_metrics_reach_callbacks_and_loggers_as_lightnings_log_dict_does(tm
     assert set(tb) == set(tb_ref) and "train/loss" in tb and "epoch" not in tb
     if kind == "sweep":
         assert {"train/topksae-k2/nmse", "train/gradtopksae-k4/beta_attribution_median", "lr/topksae-k2"} <= set(tb)
+        # AuxK's loss only for the member that has AuxK (k_aux 0: always 0, not logged)
+        assert "train/topksae-k2/aux_loss" in tb and "train/gradtopksae-k4/aux_loss" not in tb
     for tag in tb:
         assert list(tb[tag]) == list(tb_ref[tag]) == [2, 5], tag  # steps 3 and 6 of 8, logged at steps 2 and 5
         if tag != "train/tokens_per_s":
