@@ -94,7 +94,7 @@ class EvaluationCallback(Callback):
                 evaluation's step when ready, at the latest when the fit ends: :mod:`gsae.callbacks.figures`), or
                 (false) in the training process before it resumes. Default (null): in the background when training
                 on a GPU, whose host has idle cores; in the training process on a CPU, whose cores train (there a
-                worker slowed the 2-core quickstart sweep by 17%).
+                worker cut the 2-core quickstart sweep's checkpoint stalls 8.9 → 2.4 s but slowed the run by 15%).
         """
         super().__init__()
         self.enabled = enabled
@@ -159,6 +159,8 @@ class EvaluationCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         background = self.figures_in_background
         self.figures.background = trainer.strategy.root_device.type != "cpu" if background is None else background
+        if self.enabled and self.log_figures and trainer.is_global_zero:
+            self.figures.start()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -10,53 +10,127 @@ the run's own event file (one file per run: TensorBoard follows only the newest 
 step, when it is ready: checked after every training step, waited for at the end of the fit. The images equal those
 drawn in the training process (``tests/evals/test_figures.py``).
 
-The worker is started with ``spawn`` (safe beside CUDA and the data loader's threads) the first time it is needed,
-~2 s of imports off the training loop, and serves every fit of the process. If it cannot start or dies, the figures
-are drawn in the training process, as with ``--evaluation.figures_in_background false``, and a warning says so; a
-figure's failure never stops training or loses a checkpoint. ``EvaluationCallback`` uses the worker by default only
-when training on a GPU: on a CPU the training's threads use every core, and on 2 cores the worker slowed the
-quickstart sweep (31 → 36 s) while cutting its checkpoint stalls 8.6 → 2.4 s.
+The worker is a child ``python`` running :func:`gsae.evals.render.serve` (torch and matplotlib, not Lightning; safe
+beside CUDA and the data loader's threads, and it never re-runs the user's script as ``multiprocessing``'s ``spawn``
+would). It starts with the fit, its ~1 s of imports off the training loop, and serves every fit of the process. If it
+cannot start or dies, the figures are drawn in the training process, as with
+``--evaluation.figures_in_background false``, and a warning says so; a figure's failure never stops training or
+loses a checkpoint. ``EvaluationCallback`` uses the worker by default only when training on a GPU. On a CPU the
+training's threads use every core: on 2 cores the worker cut the quickstart sweep's checkpoint stalls from 8.9 to
+2.4 s, but the run took 35–37 s instead of 31–32 (the cores shared, and the last checkpoint's figures still drawn
+before the process ends).
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import multiprocessing
-from concurrent.futures import Future, ProcessPoolExecutor
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
+
+from gsae.evals.render import render_summaries
 
 log = logging.getLogger(__name__)
 
-_POOL: ProcessPoolExecutor | None = None
+
+class _Worker:
+    """A ``python`` child running :func:`gsae.evals.render.serve`: jobs ``(id, prefix, results)`` pickled to its
+    stdin by a thread, answers ``(id, ok, summaries or error)`` pickled back on its stdout, read by a thread that
+    completes each job's Future.
+
+    A child process of its own (not ``multiprocessing``): ``spawn`` re-runs the parent's ``__main__`` script in the
+    child, which starts training again in a user's script without an ``if __name__ == "__main__"`` guard.
+    It exits when its stdin closes (this process ends, even by SIGKILL)."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_NUM_THREADS="1",
+                   MPLBACKEND="Agg")
+        self.proc = subprocess.Popen([sys.executable, "-c", "from gsae.evals.render import serve; serve()"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self._jobs: dict[int, Future] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+        self._outbox: queue.Queue = queue.Queue()
+        self.dead: str | None = None
+        threading.Thread(target=self._read, name="gsae-figures-read", daemon=True).start()
+        threading.Thread(target=self._write, name="gsae-figures-write", daemon=True).start()
+
+    def submit(self, prefix: str, results: dict[str, dict]) -> Future:
+        """Queue a job; never blocks (a thread writes it: the pipe holds 64 KB, and the worker reads a job only
+        once it has drawn the previous one, or imported its modules)."""
+        if self.dead is not None:
+            raise RuntimeError(f"the figure worker exited ({self.dead})")
+        future: Future = Future()
+        with self._lock:
+            if self.dead is not None:
+                raise RuntimeError(f"the figure worker exited ({self.dead})")
+            job, self._next = self._next, self._next + 1
+            self._jobs[job] = future
+        self._outbox.put((job, prefix, results))
+        return future
+
+    def _write(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                break
+            try:
+                pickle.dump(item, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                self.proc.stdin.flush()
+            except (OSError, ValueError) as e:  # a closed pipe: the worker is gone
+                self._fail(f"{type(e).__name__}: {e}")
+                return
+        try:
+            self.proc.stdin.close()  # the worker exits when it has answered every job
+        except OSError:
+            pass
+
+    def _read(self) -> None:
+        while True:
+            try:
+                job, ok, payload = pickle.load(self.proc.stdout)
+            except Exception as e:  # noqa: BLE001 - EOF or a broken stream: the worker is gone
+                self._fail(f"{type(e).__name__}: {e}" if not isinstance(e, EOFError) else f"exit code {self.proc.poll()}")
+                return
+            with self._lock:
+                future = self._jobs.pop(job, None)
+            if future is not None:
+                future.set_result(payload) if ok else future.set_exception(RuntimeError(payload))
+
+    def _fail(self, why: str) -> None:
+        with self._lock:
+            self.dead = self.dead or why
+            jobs, self._jobs = self._jobs, {}
+        for future in jobs.values():
+            future.set_exception(RuntimeError(f"the figure worker exited ({why})"))
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        try:
+            self.proc.wait(timeout=60)
+        except Exception:  # noqa: BLE001 - still drawing after a minute at exit: stop it
+            self.proc.kill()
 
 
-def render_summaries(prefix: str, results: dict[str, dict]) -> list[tuple[str, bytes]]:
-    """``[(tag, serialized Summary)]``: every figure of ``{benchmark: result}`` as the image summary
-    ``SummaryWriter.add_figure(tag, fig)`` writes, tags ``<prefix>/<benchmark>/<figure>``."""
-    from torch.utils.tensorboard._utils import figure_to_image
-    from torch.utils.tensorboard.summary import image
-
-    from gsae.evals import tagged_figures
-
-    return [
-        (tag, image(tag, figure_to_image(fig, close=False), dataformats="CHW").SerializeToString())
-        for tag, fig in tagged_figures(results, prefix).items()
-    ]
+_WORKER: _Worker | None = None
+#: seconds :meth:`FigureRenderer.drain` waits for one evaluation's figures (a worker that hangs is given up on)
+DRAIN_TIMEOUT = 300.0
 
 
-def _pool() -> ProcessPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        atexit.register(_shutdown)
-    return _POOL
-
-
-def _shutdown() -> None:
-    global _POOL
-    if _POOL is not None:
-        _POOL.shutdown(wait=True, cancel_futures=True)
-        _POOL = None
+def _pool() -> _Worker:
+    """The process's figure worker, started on first use (one that exited is not restarted: it raises)."""
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = _Worker()
+        atexit.register(_WORKER.close)
+    if _WORKER.dead is not None:
+        raise RuntimeError(f"the figure worker exited ({_WORKER.dead})")
+    return _WORKER
 
 
 class FigureRenderer:
@@ -77,29 +151,37 @@ class FigureRenderer:
             return
         if self.background:
             try:
-                self._pending.append((writers, step, _pool().submit(render_summaries, prefix, results)))
+                self._pending.append((writers, step, _pool().submit(prefix, results)))
                 return
             except Exception as e:  # noqa: BLE001 - a pool that cannot start (or is broken): draw here
                 self._give_up_background(e)
         self._write(writers, step, self._render_here(prefix, results))
+
+    def start(self) -> None:
+        """Start the worker now (when drawing in the background), so its imports are done by the first evaluation."""
+        if self.background:
+            try:
+                _pool()
+            except Exception as e:  # noqa: BLE001
+                self._give_up_background(e)
 
     def poll(self) -> None:
         """Write the figures whose drawing finished (in submission order; none is waited for)."""
         while self._pending and self._pending[0][2].done():
             self._finish(*self._pending.pop(0))
 
-    def drain(self) -> None:
-        """Wait for every queued figure and write it."""
+    def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
+        """Wait for every queued figure (each at most ``timeout`` seconds) and write it."""
         while self._pending:
-            self._finish(*self._pending.pop(0))
+            self._finish(*self._pending.pop(0), timeout=timeout)
 
     # ------------------------------------------------------------------ internals
-    def _finish(self, writers: list, step: int, future: Future) -> None:
+    def _finish(self, writers: list, step: int, future: Future, timeout: float | None = None) -> None:
         try:
-            summaries = future.result()
+            summaries = future.result(timeout=timeout)
         except Exception as e:  # noqa: BLE001 - the worker died or a figure failed: the figures are skipped
             log.warning("evaluation figures at step %d were not drawn (%s: %s)", step, type(e).__name__, e)
-            if "BrokenProcessPool" in type(e).__name__:
+            if _WORKER is not None and _WORKER.dead is not None:
                 self._give_up_background(e)
             return
         self._write(writers, step, summaries)
@@ -122,10 +204,6 @@ class FigureRenderer:
                 w._get_file_writer().add_summary(summary, step)
 
     def _give_up_background(self, error: BaseException) -> None:
-        global _POOL
         log.warning("evaluation figures: the background worker is unavailable (%s: %s); drawing them in the "
                     "training process from now on", type(error).__name__, error)
         self.background = False
-        if _POOL is not None:
-            _POOL.shutdown(wait=False, cancel_futures=True)
-            _POOL = None

@@ -101,9 +101,12 @@ def test_a_failing_figure_is_a_warning_not_an_error(caplog):
 
 
 def test_the_default_draws_in_the_background_on_a_gpu_only():
+    from types import SimpleNamespace
+
     cb = EvaluationCallback()
     for device, expected in (("cpu", False), ("cuda", True)):
-        trainer = type("T", (), {"strategy": type("S", (), {"root_device": type("D", (), {"type": device})()})()})()
+        # not rank 0: the worker is not started here
+        trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=SimpleNamespace(type=device)), is_global_zero=False)
         cb.setup(trainer, None, "fit")
         assert cb.figures.background is expected
     for explicit in (True, False):
@@ -130,3 +133,54 @@ def test_a_run_with_background_figures_has_every_image_in_its_one_event_file(tmp
         assert [e.step for e in ea.Images(t)] == [5, 10], t
     payload = json.loads((run / "checkpoints" / "epoch=0-step=10.ckpt.eval.json").read_text())
     assert set(payload["results"]) == {"loss_added", "dead_latents"}
+
+
+def test_a_worker_that_dies_fails_its_jobs_with_a_warning_and_figures_come_from_here_after(caplog):
+    results = RESULTS
+    w = _Writer()
+    renderer = FigureRenderer(background=True)
+    renderer.submit([w], 1, "eval", results)
+    renderer.drain()
+    assert len(w.got) == 2
+    worker = figures._pool()
+    worker.proc.kill()  # as an OOM killer would
+    worker.proc.wait()
+    with caplog.at_level(logging.WARNING, logger="gsae.callbacks.figures"):
+        renderer.submit([w], 2, "eval", results)  # fails (dead pipe or lost answer), or is drawn here
+        renderer.drain()
+        renderer.submit([w], 3, "eval", results)
+        renderer.drain()
+    steps = [s for _, s, _ in w.got]
+    assert steps.count(3) == 2 and not renderer.background  # drawn here once the worker was found dead
+    assert "unavailable" in caplog.text
+    figures._WORKER = None  # the next test starts a fresh worker
+
+
+def test_the_worker_never_reruns_the_users_script(tmp_path):
+    """A script without an ``if __name__ == "__main__"`` guard runs once: the worker is not a ``spawn`` child."""
+    import os
+    import subprocess
+    import sys
+
+    from gsae.cli import REPO_ROOT
+
+    marker = tmp_path / "runs.txt"
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "import json, sys\n"
+        f"open({str(marker)!r}, 'a').write('ran\\n')\n"
+        "from gsae.callbacks.figures import FigureRenderer\n"
+        "class W:\n"
+        "    n = 0\n"
+        "    def _get_file_writer(self): return self\n"
+        "    def add_summary(self, summary, step): W.n += len(summary.value)\n"
+        "r = FigureRenderer(background=True)\n"
+        f"r.submit([W()], 1, 'eval', json.loads({json.dumps(json.dumps(RESULTS))}))\n"
+        "r.drain()\n"
+        "print('images', W.n, 'background', r.background)\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "images 2 background True" in out.stdout
+    assert marker.read_text() == "ran\n"
