@@ -50,6 +50,7 @@ class _Worker:
     def __init__(self) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_NUM_THREADS="1",
                    MPLBACKEND="Agg")
+        self.owner = os.getpid()  # a forked child (a data loader worker) shares this object, not the worker
         self.proc = subprocess.Popen([sys.executable, "-c", "from gsae.evals.render import serve; serve()"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._jobs: dict[int, Future] = {}
@@ -110,6 +111,8 @@ class _Worker:
             future.set_exception(RuntimeError(f"the figure worker exited ({why})"))
 
     def close(self) -> None:
+        if os.getpid() != self.owner:
+            return
         self._outbox.put(None)
         try:
             self.proc.wait(timeout=60)
@@ -125,7 +128,7 @@ DRAIN_TIMEOUT = 300.0
 def _pool() -> _Worker:
     """The process's figure worker, started on first use (one that exited is not restarted: it raises)."""
     global _WORKER
-    if _WORKER is None:
+    if _WORKER is None or _WORKER.owner != os.getpid():  # in a forked child: its own worker, if ever
         _WORKER = _Worker()
         atexit.register(_WORKER.close)
     if _WORKER.dead is not None:
