@@ -258,7 +258,9 @@ class SparseDecode(torch.autograd.Function):
         ctx, top_acts: Tensor, W_dec: Tensor, b_dec: Tensor | None, top_idx: Tensor, pattern: SparsePattern
     ) -> Tensor:
         acts = top_acts.to(W_dec.dtype)
-        x_hat = F.embedding_bag(top_idx, W_dec, per_sample_weights=acts, mode="sum")
+        # embedding_bag's 2-d form builds the row offsets (an arange) at every call: the cached ones instead
+        offsets, _ = _row_bags(*top_idx.shape, top_idx.device)
+        x_hat = F.embedding_bag(top_idx.reshape(-1), W_dec, offsets, per_sample_weights=acts.reshape(-1), mode="sum")
         if b_dec is not None:
             x_hat += b_dec
         if pattern.top_idx is None:

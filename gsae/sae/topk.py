@@ -236,12 +236,13 @@ class TopKSAE(SparseAutoencoder):
             top_acts, top_idx, pre = self._encode_topk(x, grad)
             x_hat = F.embedding_bag(top_idx, self.W_dec, per_sample_weights=top_acts.to(self.W_dec.dtype), mode="sum")
             x_hat = x_hat + self.b_dec
-        aux = self.auxk_loss(x, x_hat, pre, dead_mask, aux_norm)
-        zero = x_hat.new_zeros(())
+        zero = x_hat.new_zeros(())  # the sparsity loss, and AuxK's when it has none (one fill, not two)
+        aux = self.auxk_loss(x, x_hat, pre, dead_mask, aux_norm, zero=zero)
         return SAEOutput(x_hat, top_acts, top_idx, None, pre, aux, zero)
 
     def auxk_loss(
-        self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None, aux_norm: Tensor | float | None = None
+        self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None, aux_norm: Tensor | float | None = None,
+        zero: Tensor | None = None,
     ) -> Tensor:
         """AuxK (Gao et al. 2024 App. B.1): reconstruct the residual ``e = x − x̂`` with the top ``k_aux``
         *dead* latents, ``Σ‖e − ê‖² / Σ‖e − ē‖²`` (normalised like sparsify), scaled by ``min(n_dead/k_aux, 1)``,
@@ -251,13 +252,15 @@ class TopKSAE(SparseAutoencoder):
         The number of dead latents sets the shapes here, so the host needs it: a mask from
         :meth:`gsae.metrics.DeadLatentTracker.auxk_mask` carries a way to it (``count_true()``, sent to the host by
         the previous step); any other mask is counted here, which on a GPU waits for every queued kernel.
+        Without a loss (no AuxK, no dead latent) it returns ``zero`` if given (a 0-d tensor of the caller's), else a
+        new 0.
         """
         if dead_mask is None or self.k_aux == 0:
-            return x_hat.new_zeros(())
+            return x_hat.new_zeros(()) if zero is None else zero
         count = getattr(dead_mask, "count_true", None)
         n_dead = int(dead_mask.sum()) if count is None else int(count())
         if n_dead == 0:
-            return x_hat.new_zeros(())
+            return x_hat.new_zeros(()) if zero is None else zero
         k_aux = min(self.k_aux, n_dead)
         dead_ids = true_indices(dead_mask, n_dead)  # ascending, as dead_mask.nonzero()
         x_c = x.to(self.W_enc.dtype) - self.b_dec.detach()

@@ -219,9 +219,10 @@ class SweepSAESystem(LocalSAESystem):
         packed: list[Tensor] = []
         losses: list[Tensor] = []
         per_token = world / n_global.clamp_min(1)
-        for name, m in self.members.items():
+        # LocalSAESystem's normaliser (aux_norm) of every member, for recon and AuxK: one division, not one per member
+        norms = per_token / torch.stack([m.act_scale for m in self.members.values()])
+        for (name, m), norm in zip(self.members.items(), norms):
             dead = self.dead_mask(m.sae, m.dead, stage)
-            norm = per_token / m.act_scale  # LocalSAESystem's normaliser (aux_norm), for recon and AuxK
             grad = acts.grad if m.needs_grad else None
             out = m.sae(acts.x, grad=grad, dead_mask=dead, aux_norm=norm)
             recon = sse_loss(out.x_hat, acts.x) * norm

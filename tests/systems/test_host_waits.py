@@ -172,8 +172,8 @@ def test_auxk_runs_in_training_once_latents_are_dead(tmp_path):
         seen: list[tuple[int, float]] = []
         auxk = sae.auxk_loss
 
-        def record(x, x_hat, pre, dead_mask, aux_norm=None, auxk=auxk, seen=seen):
-            loss = auxk(x, x_hat, pre, dead_mask, aux_norm)
+        def record(x, x_hat, pre, dead_mask, aux_norm=None, zero=None, auxk=auxk, seen=seen):
+            loss = auxk(x, x_hat, pre, dead_mask, aux_norm, zero)
             seen.append((0 if dead_mask is None else dead_mask.count_true(), float(loss)))
             return loss
 
