@@ -263,8 +263,9 @@ class SweepSAESystem(LocalSAESystem):
         n_tokens = acts.x.shape[0] if world == 1 else int(flat[0])
         metrics: dict[str, Tensor | float] = {}
         offset = 1
+        positive = flat > 0  # every member's fired mask in one op (the metric sums between them are not read here)
         for name, m in self.members.items():
-            fired = flat[offset : offset + m.sae.d_sae] > 0
+            fired = positive[offset : offset + m.sae.d_sae]
             offset += m.sae.d_sae
             m.dead.update(fired, n_tokens)
             if not log:
