@@ -107,6 +107,12 @@ class SparseAutoencoder(nn.Module):
         raise NotImplementedError
 
     @property
+    def has_sparsity_loss(self) -> bool:
+        """Whether :meth:`forward` returns a sparsity penalty to train on (``SAEOutput.sparsity_loss``; ReLU: L1).
+        TopK SAEs are sparse by construction: theirs is always 0, and the systems skip adding it."""
+        return False
+
+    @property
     def uses_dead_mask(self) -> bool:
         """Whether :meth:`forward` reads ``dead_mask`` (an auxiliary loss on dead latents). A training system builds the
         mask (and, on a GPU, sends the dead count to the host) only for SAEs that do: True unless a subclass says

@@ -71,6 +71,10 @@ class ReLUSAE(SparseAutoencoder):
         return latents @ self.decoder_weight() + self.b_dec
 
     @property
+    def has_sparsity_loss(self) -> bool:
+        return self.l1_coef > 0
+
+    @property
     def uses_dead_mask(self) -> bool:
         return False
 

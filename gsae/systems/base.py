@@ -250,6 +250,17 @@ class SAESystem(pl.LightningModule):
         gradients are exact. A sweep computes ``W / N_global`` once and divides by each member's scale: the same ops."""
         return self._world() / n_global.clamp_min(1) / self.act_scale
 
+    @staticmethod
+    def sae_loss(recon: Tensor, out: SAEOutput, sae: SparseAutoencoder) -> Tensor:
+        """``recon`` plus the SAE's own terms: AuxK's loss if it has AuxK, its sparsity penalty if it has one (ReLU:
+        L1). A TopK SAE without AuxK (``k_aux`` 0) adds nothing: its terms are always 0, so no add is launched."""
+        loss = recon
+        if sae.uses_dead_mask:
+            loss = loss + out.aux_loss
+        if sae.has_sparsity_loss:
+            loss = loss + out.sparsity_loss
+        return loss
+
     def dead_mask(self, sae: SparseAutoencoder, tracker: DeadLatentTracker, stage: str) -> Tensor | None:
         """AuxK's dead latents for a training step of an SAE that reads them (:attr:`SparseAutoencoder.uses_dead_mask`)
         when some latent is dead, else ``None`` (AuxK's loss is then 0 either way; the count is on the host already,

@@ -96,8 +96,10 @@ class E2ESAESystem(SAESystem):
         # KL over the vocabulary in chunks of positions from the final hidden states: no full (B, T, d_vocab) logits
         W_U, b_U, d_vocab = lm.unembedding()
         kl = kl_per_token(clean.hidden, patched.hidden, W_U, b_U, d_vocab=d_vocab, compile=lm.compile).mean()
-        loss = self.kl_coef * kl + out.sparsity_loss + out.aux_loss
-        extra: dict[str, Tensor] = {"kl": kl.detach(), "sparsity_loss": out.sparsity_loss.detach()}
+        loss = self.sae_loss(self.kl_coef * kl, out, self.sae)  # + the SAE's own terms (ReLU's L1, AuxK)
+        extra: dict[str, Tensor] = {"kl": kl.detach()}
+        if self.sae.has_sparsity_loss:
+            extra["sparsity_loss"] = out.sparsity_loss.detach()
         for h, c in zip(self.downstream_hooks, self.downstream_coefs):
             mse = F.mse_loss(patched.cache[h].float(), clean.cache[h].float())
             loss = loss + c * mse

@@ -135,8 +135,11 @@ class LocalSAESystem(SAESystem):
         norm = self.aux_norm(n_global)  # W / (N_global · E‖x − x̄‖²): the recon's normaliser and AuxK's
         out = self.sae(acts.x, grad=acts.grad, dead_mask=dead, aux_norm=norm)
         recon = sse_loss(out.x_hat, acts.x) * norm
-        loss = recon + out.aux_loss
-        extra: dict[str, Tensor] = {"recon_loss": recon.detach() / self._world()}
-        if self.needs_grad and acts.grad is not None and stage == "train" and self.log_this_step():
+        loss = self.sae_loss(recon, out, self.sae)
+        extra: dict[str, Tensor] = {}
+        logged = stage != "train" or self.log_this_step()  # the extra scalars are read on these steps only
+        if logged:
+            extra["recon_loss"] = recon.detach() / self._world()
+        if self.needs_grad and acts.grad is not None and stage == "train" and logged:
             extra["beta_attribution_median"] = self.sae.attribution_median(acts.grad, out.top_idx)
         return loss, out, acts, extra

@@ -226,7 +226,7 @@ class SweepSAESystem(LocalSAESystem):
             grad = acts.grad if m.needs_grad else None
             out = m.sae(acts.x, grad=grad, dead_mask=dead, aux_norm=norm)
             recon = sse_loss(out.x_hat, acts.x) * norm
-            loss = recon + out.aux_loss
+            loss = self.sae_loss(recon, out, m.sae)
             losses.append(loss)
             with torch.no_grad():
                 if not train:

@@ -197,3 +197,25 @@ def test_bf16_mixed_training_keeps_fp32_sae_parameters_and_runs(tmp_path, object
     assert set(rec.out) == {(torch.float32, grad, torch.bfloat16, torch.float32)}, set(rec.out)
     assert len(rec.losses) == 3 and all(math.isfinite(v) for v in rec.losses)
     assert system.lm.model.W_E.dtype == getattr(torch, lm_dtype)
+
+
+@pytest.mark.parametrize("kind", ["topk-auxk", "relu"])
+def test_local_loss_is_the_normalised_squared_error_plus_the_saes_own_terms(kind):
+    """LocalSAESystem's loss = Σ‖x − x̂‖² · W/(N·scale) + AuxK + (ReLU) the L1 penalty, against a naive sum of the
+    output's terms; a ReLU SAE's L1 was left out before, so it trained dense."""
+    from gsae.sae import ReLUSAE, TopKSAE
+    from gsae.systems import LocalSAESystem
+
+    torch.manual_seed(0)
+    lm = LanguageModel("random-tiny", seed=0)
+    make = (lambda d: TopKSAE(d, 64, 2, k_aux=8)) if kind == "topk-auxk" else (lambda d: ReLUSAE(d, 64, l1_coef=3.0))
+    system = LocalSAESystem(lm, make, hook=HOOK, dead_tokens=1)
+    batch = _batch(system)
+    system.objective(batch, "train")  # initialises b_dec and the scale; every latent unfired so far is dead after
+    system.dead.update(torch.zeros(64, dtype=torch.bool), 10)  # all dead: AuxK has a loss to add
+    loss, out, acts, extra = system.objective(_batch(system, seed=1), "train")
+    norm = system.aux_norm(torch.tensor(float(acts.x.shape[0])))
+    naive = ((acts.x - out.x_hat.float()) ** 2).sum() * norm + out.aux_loss + out.sparsity_loss
+    assert (out.aux_loss > 0) if kind == "topk-auxk" else (out.sparsity_loss > 0)
+    torch.testing.assert_close(loss, naive, rtol=1e-5, atol=0)
+    torch.testing.assert_close(extra["recon_loss"], ((acts.x - out.x_hat) ** 2).sum() * norm, rtol=1e-5, atol=0)
