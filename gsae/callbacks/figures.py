@@ -64,8 +64,6 @@ class _Worker:
     def submit(self, prefix: str, results: dict[str, dict]) -> Future:
         """Queue a job; never blocks (a thread writes it: the pipe holds 64 KB, and the worker reads a job only
         once it has drawn the previous one, or imported its modules)."""
-        if self.dead is not None:
-            raise RuntimeError(f"the figure worker exited ({self.dead})")
         future: Future = Future()
         with self._lock:
             if self.dead is not None:

@@ -108,9 +108,10 @@ class SparseAutoencoder(nn.Module):
 
     @property
     def has_sparsity_loss(self) -> bool:
-        """Whether :meth:`forward` returns a sparsity penalty to train on (``SAEOutput.sparsity_loss``; ReLU: L1).
-        TopK SAEs are sparse by construction: theirs is always 0, and the systems skip adding it."""
-        return False
+        """Whether :meth:`forward` returns a sparsity penalty to train on (``SAEOutput.sparsity_loss``; ReLU: its L1).
+        True unless a subclass says otherwise, so an SAE's own penalty is never dropped; TopK SAEs are sparse by
+        construction (theirs is always 0: the systems skip adding it)."""
+        return True
 
     @property
     def uses_dead_mask(self) -> bool:

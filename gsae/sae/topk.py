@@ -177,6 +177,10 @@ class TopKSAE(SparseAutoencoder):
     def uses_dead_mask(self) -> bool:
         return self.k_aux > 0  # AuxK
 
+    @property
+    def has_sparsity_loss(self) -> bool:
+        return False  # sparse by the top-k
+
     def config(self) -> dict:
         return dict(
             d_in=self.d_in,
