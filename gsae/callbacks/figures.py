@@ -45,7 +45,8 @@ class _Worker:
 
     A child process of its own (not ``multiprocessing``): ``spawn`` re-runs the parent's ``__main__`` script in the
     child, which starts training again in a user's script without an ``if __name__ == "__main__"`` guard.
-    It exits when its stdin closes (this process ends, even by SIGKILL)."""
+    It exits when its stdin closes or its answer finds no reader (this process ended, even by SIGKILL: checked, the
+    worker left within its current job)."""
 
     def __init__(self) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_NUM_THREADS="1",

@@ -34,5 +34,8 @@ def serve() -> None:
             answer = (job, True, render_summaries(prefix, results))
         except Exception as e:  # noqa: BLE001 - reported to the trainer as a warning
             answer = (job, False, f"{type(e).__name__}: {e}")
-        pickle.dump(answer, stdout, protocol=pickle.HIGHEST_PROTOCOL)
-        stdout.flush()
+        try:
+            pickle.dump(answer, stdout, protocol=pickle.HIGHEST_PROTOCOL)
+            stdout.flush()
+        except BrokenPipeError:  # the trainer is gone (ended, or killed): so is the job
+            return
