@@ -80,7 +80,9 @@ def test_training_batches_reach_the_step_with_their_kept_positions(tmp_path, mon
 
 def test_host_floats_is_float_of_each_in_one_copy():
     t = torch.tensor([1.5, -2.25, 3.0e-8], dtype=torch.float32)
-    values = {"a": t[0], "b": 7, "c": t[1] * 2, "d": torch.tensor(3, dtype=torch.long), "e": t[2]}
+    values = {"a": t[0], "b": 7, "c": t[1] * 2, "d": torch.tensor(3, dtype=torch.long), "e": t[2],
+              "f": torch.tensor(2**40 + 1, dtype=torch.long), "g": torch.tensor(0.1, dtype=torch.float64),
+              "h": torch.tensor(1 / 3, dtype=torch.bfloat16)}  # exact at any magnitude, whatever the dtype mix
     got = host_floats(values)
     assert list(got) == list(values)
     assert got == {k: float(v) for k, v in values.items()}
