@@ -266,7 +266,7 @@ class SparseDecode(torch.autograd.Function):
     ) -> Tensor:
         acts = top_acts.to(W_dec.dtype)
         # embedding_bag's 2-d form builds the row offsets (an arange) at every call: the cached ones instead
-        offsets, _ = _row_bags(*top_idx.shape, top_idx.device)
+        offsets, bags = _row_bags(*top_idx.shape, top_idx.device)
         x_hat = F.embedding_bag(top_idx.reshape(-1), W_dec, offsets, per_sample_weights=acts.reshape(-1), mode="sum")
         if b_dec is not None:
             x_hat += b_dec
@@ -274,6 +274,7 @@ class SparseDecode(torch.autograd.Function):
             pattern.top_idx = top_idx
         ctx.save_for_backward(acts, W_dec, top_idx)
         ctx.pattern = pattern
+        ctx.row_bags = offsets, bags  # the backward's too: one look-up per step
         return x_hat
 
     @staticmethod
@@ -284,7 +285,7 @@ class SparseDecode(torch.autograd.Function):
         grad_acts = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             n, k = top_idx.shape
-            offsets, bags = _row_bags(n, k, grad.device)
+            offsets, bags = ctx.row_bags
             grad_acts = torch.ops.aten._embedding_bag_per_sample_weights_backward(
                 grad, W_dec, top_idx.reshape(-1), offsets, bags, 0
             ).view(n, k)

@@ -376,9 +376,9 @@ class SAESystem(pl.LightningModule):
         if not (t._logger_connector.should_update_logs or t.fast_dev_run):
             return
         t.logged_metrics.update(values)
-        scalars = {**metrics, "epoch": t.current_epoch}  # Lightning adds the epoch (gsae's TensorBoard drops it)
         if not t.is_global_zero:
             return
+        scalars = {**metrics, "epoch": t.current_epoch}  # Lightning adds the epoch (gsae's TensorBoard drops it)
         step = t.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs this step's metrics at
         for logger in t.loggers:
             logger.log_metrics(metrics=scalars, step=step)
