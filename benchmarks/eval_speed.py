@@ -12,7 +12,8 @@ Random weights (``random-gpt2``: no download), a TopK SAE with random weights, r
     python benchmarks/eval_speed.py --n-seq 8 --lengths 1 11 31 91 --train-steps 0   # the sweep only
 
 ``callback_cost_fraction`` = one ``EvaluationCallback`` run (the default benchmarks with ``--config``'s evaluation
-budgets) ÷ the training time between two checkpoints (median step × ``checkpoint.every_n_train_steps``), both
+budgets, and the scalars, texts and figures it writes to a TensorBoard logger, drawn in this process as on a CPU
+run) ÷ the training time between two checkpoints (median step × ``checkpoint.every_n_train_steps``), both
 measured in this process on random-gpt2 at the config's batch (see :func:`callback_cost`).
 
 The sweep cannot beat the naive loop by more than its FLOP ratio: the naive run is prefix + suffix + unembedding,
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 
 import torch
@@ -87,6 +89,7 @@ def callback_cost(args: argparse.Namespace) -> dict:
 
     from gsae.callbacks.evaluation import EvaluationCallback
     from gsae.data import TokenBatch
+    from gsae.loggers import TensorBoardLogger
     from gsae.optim import Adam
     from gsae.systems import E2ESAESystem, LocalSAESystem
 
@@ -127,11 +130,18 @@ def callback_cost(args: argparse.Namespace) -> dict:
     cb = EvaluationCallback(**{k: v for k, v in ev.items() if k != "enabled"})
     held_out = batch(cb.n_seqs)
     dm = SimpleNamespace(contexts=lambda which: iter(held_out.cpu().tolist()), batch_size=B)
-    trainer = SimpleNamespace(is_global_zero=True, global_step=every, datamodule=dm, loggers=[])
-    _, eval_s, _ = timed(cb.evaluate, trainer, system)
+    with tempfile.TemporaryDirectory() as tmp:
+        # a real TensorBoard logger, as a run has: the callback writes its scalars, texts and figures (drawn in this
+        # process, as on a CPU run; a GPU run draws them in a worker, figures_in_background's default there)
+        logger = TensorBoardLogger(tmp, name="eval_speed")
+        trainer = SimpleNamespace(is_global_zero=True, global_step=every, datamodule=dm, loggers=[logger])
+        _, eval_s, _ = timed(cb.evaluate, trainer, system)
+        logger.finalize("success")
+    benchmarks_s = sum(cb.last_seconds.values())
     return dict(
         config=args.config, sae=cls, hook=m["hook"], batch=f"{B}x{T}", every=every, step_s=step_s, steps=steps,
         eval_s=eval_s, per=cb.last_seconds, n_seqs=cb.n_seqs, benchmarks=cb.benchmarks,
+        logging_s=eval_s - benchmarks_s,
     )
 
 
@@ -400,6 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("train_step_s=" + f"{c['step_s']:.2f} (median of " + " ".join(f"{v:.2f}" for v in c["steps"]) + ")")
         for name, sec in c["per"].items():
             print(f"  callback_{name}_s={sec:.2f}")
+        print(f"  callback_logging_s={c['logging_s']:.2f} (scalars, texts and figures to TensorBoard, drawn in-process)")
         print(f"callback_s={c['eval_s']:.2f} train_s_between_checkpoints={train_s:.0f} (train_step_s x {c['every']})")
         print(f"callback_cost_fraction={c['eval_s'] / train_s:.4f}")
         out.update(callback_s=c["eval_s"], train_step_s=c["step_s"], callback_cost_fraction=c["eval_s"] / train_s)
