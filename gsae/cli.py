@@ -26,6 +26,8 @@ from gsae.data.datamodule import TokenDataModule
 from gsae.loggers import curves_first
 from gsae.systems.base import SAESystem
 
+log = logging.getLogger(__name__)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "gpt2" / "gsae.yaml"
 
@@ -138,7 +140,8 @@ def _is_help(args: list[str]) -> bool:
 
 
 def resolve_ckpt_path(cli: GSAECLI) -> str | None:
-    """``last`` -> the ``last.ckpt`` in the run's checkpoint folder (clear error if there is none)."""
+    """``last`` -> the newest readable checkpoint in the run's checkpoint folder (:func:`newest_checkpoint`; clear
+    error if there is none); any other path is checked to be a gsae checkpoint."""
     path = cli.config.get("ckpt_path")
     if path is None:
         return None
@@ -147,14 +150,40 @@ def resolve_ckpt_path(cli: GSAECLI) -> str | None:
             logger = cli.trainer.logger
             name = logger.name if logger is not None and logger.name else "run"
             folder = Path(cb.dirpath) if cb.dirpath else Path(cli.trainer.default_root_dir) / name / "checkpoints"
-            last = sorted(folder.glob("last*.ckpt"), key=os.path.getmtime)
-            if last:
-                return str(last[-1])
-        raise FileNotFoundError("--ckpt_path last: no last.ckpt in this run's checkpoint folder; nothing to resume")
+            newest = newest_checkpoint(folder)
+            if newest is not None:
+                return newest
+        raise FileNotFoundError("--ckpt_path last: no checkpoint in this run's checkpoint folder; nothing to resume")
     if not Path(path).is_file():
         raise FileNotFoundError(f"--ckpt_path: no checkpoint at {path!r}")
     _check_checkpoint(path)
     return path
+
+
+def newest_checkpoint(folder: Path) -> str | None:
+    """The checkpoint in ``folder`` written last (by modification time, as Lightning's own ``"last"``), among
+    ``last*.ckpt`` *and* the step checkpoints, that reads as a gsae checkpoint; ``None`` if there is none.
+
+    ``last.ckpt`` is written right after each step checkpoint, so it is usually the one; but a run killed between the
+    two writes (or, before gsae deferred the evaluation, while it evaluated a new checkpoint) has a step checkpoint
+    newer than ``last.ckpt``, or none at all: resuming from ``last.ckpt`` alone would redo those steps, or fail.
+    A file that does not read (a copy cut short) is skipped with a warning, for the next newest."""
+    from gsae.export import read_checkpoint
+
+    newest_first = sorted(
+        folder.glob("*.ckpt"), key=lambda p: (os.path.getmtime(p), p.name.startswith("last")), reverse=True
+    )
+    for path in newest_first:
+        try:
+            read_checkpoint(path, mmap=True)
+        except ValueError as e:
+            log.warning("--ckpt_path last: skipping %s (%s)", path.name, e)
+            continue
+        if not path.name.startswith("last"):
+            log.info("--ckpt_path last: resuming from %s, newer than last.ckpt (the run stopped between the two)",
+                     path.name)
+        return str(path)
+    return None
 
 
 def _check_checkpoint(path: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import shutil
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -62,6 +63,7 @@ class SAECheckpoint(ModelCheckpoint):
             mode="max",
         )
         self.export_saelens = export_saelens
+        self._to_announce: list[str] = []  # checkpoints written, not yet handed to the evaluation callbacks
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -78,6 +80,23 @@ class SAECheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
         super().on_train_end(trainer, pl_module)
+        self._announce(trainer)
+
+    # Lightning saves in these hooks: the step's checkpoint, then last.ckpt; the evaluation comes after both
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        self._announce(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._announce(trainer)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._announce(trainer)
 
     @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
@@ -86,9 +105,20 @@ class SAECheckpoint(ModelCheckpoint):
         if trainer.is_global_zero and self.export_saelens:
             for member, (sae, meta) in module.saes().items():  # one SAE, or every member of a sweep
                 export_saelens(sae, saelens_dir(filepath, member), meta)
-        for cb in trainer.callbacks:
-            if cb is not self and hasattr(cb, "on_sae_checkpoint"):
-                cb.on_sae_checkpoint(trainer, module, filepath)
+        self._to_announce.append(filepath)
+
+    def _announce(self, trainer: pl.Trainer) -> None:
+        """Call ``on_sae_checkpoint`` on the other callbacks for each checkpoint written since the last call.
+
+        Deferred until the hook's saves are all done, so that ``last.ckpt`` is written before the evaluation, which
+        takes seconds to minutes: a run killed while it evaluates resumes (``--ckpt_path last``) from this step's
+        checkpoint, not the one before (or, at the first checkpoint, from nothing)."""
+        paths, self._to_announce = self._to_announce, []
+        module = trainer.lightning_module
+        for filepath in paths:
+            for cb in trainer.callbacks:
+                if cb is not self and hasattr(cb, "on_sae_checkpoint"):
+                    cb.on_sae_checkpoint(trainer, module, filepath)
 
     @override
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -112,13 +114,17 @@ def test_cli_resume_last_continues_the_run(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_sigkill_after_a_checkpoint_then_resume_last_equals_uninterrupted(tmp_path):
-    """``python train.py`` killed with SIGKILL just after its first checkpoint (no clean shutdown), then resumed
-    with ``--ckpt_path last``, ends with the SAE of the uninterrupted run (shuffle buffer, stream, optimizer)."""
+@pytest.mark.parametrize("kill_when", ["after_last_export", "at_the_first_step_checkpoint"])
+def test_sigkill_after_a_checkpoint_then_resume_last_equals_uninterrupted(tmp_path, kill_when):
+    """``python train.py`` killed with SIGKILL (no clean shutdown), then resumed with ``--ckpt_path last``, ends with
+    the SAE of the uninterrupted run (shuffle buffer, stream, optimizer). Killed once ``last.ckpt`` and its export
+    are complete, and once as soon as the first step checkpoint appears — before ``last.ckpt`` may exist, or while
+    the evaluation runs: ``last`` then resumes from that step checkpoint."""
     import os
     import signal
     import time
 
+    from gsae.cli import newest_checkpoint
     from tests.systems.launch import assert_same_sae, finish, start, train_args
 
     steps, every = 15, 5
@@ -127,16 +133,69 @@ def test_sigkill_after_a_checkpoint_then_resume_last_equals_uninterrupted(tmp_pa
     args = train_args(killed_root, steps, "--checkpoint.every_n_train_steps", str(every))
     proc = start(args)
     ckpts = killed_root / "quickstart-topk" / "checkpoints"
+    # the export is written after last.ckpt is complete; a step checkpoint appears complete (written, then moved)
+    marker = ckpts / ("last.saelens/cfg.json" if kill_when == "after_last_export" else f"epoch=0-step={every}.ckpt")
     deadline = time.monotonic() + 600
-    while not (ckpts / "last.saelens" / "cfg.json").exists():  # the export is written after last.ckpt is complete
+    while not marker.exists():
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
+        time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    killed_at = torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"]
+    killed_at = torch.load(newest_checkpoint(ckpts), weights_only=False)["global_step"]
     assert 0 < killed_at < steps
     finish(start([*args, "--ckpt_path", "last"]))
     finish(full)
     assert_same_sae(ckpts / "last.ckpt", tmp_path / "full" / "quickstart-topk" / "checkpoints" / "last.ckpt")
+
+
+def test_newest_checkpoint_is_the_last_written_readable_one(tmp_path, caplog):
+    """``--ckpt_path last`` resumes from the checkpoint written last: ``last.ckpt``, or a step checkpoint written
+    after it (a run killed between the two writes); a file cut short is skipped for the next newest."""
+    import os
+
+    from gsae.cli import newest_checkpoint
+
+    def save(name: str, step: int, mtime: float) -> None:
+        torch.save({"gsae": {}, "global_step": step}, tmp_path / name)
+        os.utime(tmp_path / name, (mtime, mtime))
+
+    assert newest_checkpoint(tmp_path) is None
+    save("epoch=0-step=5.ckpt", 5, 100.0)
+    assert newest_checkpoint(tmp_path) == str(tmp_path / "epoch=0-step=5.ckpt")  # killed before last.ckpt existed
+    save("last.ckpt", 5, 100.0)  # written in the same instant: last.ckpt
+    assert newest_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")
+    save("epoch=0-step=10.ckpt", 10, 200.0)  # last.ckpt of step 10 not written
+    with caplog.at_level("INFO", logger="gsae.cli"):
+        assert newest_checkpoint(tmp_path) == str(tmp_path / "epoch=0-step=10.ckpt")
+    assert "newer than last.ckpt" in caplog.text
+    data = (tmp_path / "epoch=0-step=10.ckpt").read_bytes()
+    (tmp_path / "epoch=0-step=15.ckpt").write_bytes(data[: len(data) // 2])  # a copy cut short
+    os.utime(tmp_path / "epoch=0-step=15.ckpt", (300.0, 300.0))
+    (tmp_path / "notes.ckpt").write_bytes(b"not a checkpoint")
+    os.utime(tmp_path / "notes.ckpt", (400.0, 400.0))
+    with caplog.at_level("WARNING", logger="gsae.cli"):
+        assert newest_checkpoint(tmp_path) == str(tmp_path / "epoch=0-step=10.ckpt")
+    assert "skipping epoch=0-step=15.ckpt" in caplog.text and "skipping notes.ckpt" in caplog.text
+
+
+def test_evaluation_runs_after_the_steps_checkpoint_and_last_ckpt_are_written(tmp_path):
+    """The evaluation (seconds to minutes at GPT-2 scale) is handed each checkpoint only once the step's checkpoint
+    *and* ``last.ckpt`` are on disk: a run killed while it evaluates resumes from this step, not the one before."""
+    import lightning.pytorch as pl
+
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_sae_checkpoint(self, trainer, pl_module, path) -> None:
+            last = tmp_path / "ckpts" / "last.ckpt"
+            last_step = torch.load(last, weights_only=False)["global_step"] if last.exists() else None
+            seen.append((Path(path).name, trainer.global_step, last_step))
+
+    torch.manual_seed(0)
+    system = build_system("topk")
+    trainer = build_trainer(tmp_path, 6, callbacks=[Probe()], checkpoint_every=3)
+    trainer.fit(system, datamodule=build_data(system, batch_size=4))
+    assert [name for name, *_ in seen] == ["epoch=0-step=3.ckpt", "last.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"]
+    assert all(step == last_step for _, step, last_step in seen), seen
