@@ -10,7 +10,7 @@ PATH is a gsae ``.ckpt``; a run folder (every ``**/*.ckpt`` under it, ``.saelens
 The LM comes from the checkpoint (``meta["lm"]``) or the SAELens metadata (``model_name`` +
 ``model_from_pretrained_kwargs``); ``--model`` overrides its name. SAEs on the same LM are evaluated on
 the same held-out tokens: the first ``--n-seqs`` validation contexts of ``--dataset`` (default: the
-dataset a checkpoint was trained on, else ``synthetic`` for ``random-*`` models, else OpenWebText).
+dataset a checkpoint or gsae's SAELens export was trained on, else ``synthetic`` for ``random-*`` models, else OpenWebText).
 
 Prints one column per SAE (rows ``benchmark.metric``); ``--output`` writes ``{benchmark: {sae: result}}`` (and,
 for benchmarks that define ``artifacts``, ``<output stem>.<sae><suffix>`` files beside it); ``--logdir`` writes
@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dataset",
         default=None,
-        help="'synthetic', a HF dataset or local files (default: a checkpoint's training dataset, else synthetic for "
+        help="'synthetic', a HF dataset or local files (default: the training dataset of a checkpoint or of gsae's "
+        "SAELens export, else synthetic for "
         "random-* models, else Skylion007/openwebtext)",
     )
     p.add_argument("--model", default=None, help="override the language model name")
@@ -333,7 +334,7 @@ def _lm_and_tokens(src: Source, meta: dict, args: argparse.Namespace, device: st
     lm = cache[key]
     hook = lm.validate_hook(meta["hook"], option=f"PATH {src.label!r}: hook")
     default = "synthetic" if lm.name.startswith("random-") else "Skylion007/openwebtext"
-    dataset = args.dataset or src.dataset or default
+    dataset = args.dataset or src.dataset or meta.get("dataset") or default
     ctx = args.context_size or min(meta.get("context_size") or 128, lm.n_ctx)
     bos = meta.get("prepend_bos", True) is not False
     if (key, dataset, ctx, bos) not in cache:

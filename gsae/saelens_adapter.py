@@ -183,8 +183,12 @@ def _meta(sae, metadata, model: str | None) -> dict:
     get = metadata.get
     hook = get("hook_name") or sae.cfg.metadata.hook_name
     prepend_bos = get("prepend_bos")
+    gsae_data = (get("gsae") or {}).get("data") or {}
     return {
         "prepend_bos": True if prepend_bos is None else bool(prepend_bos),
+        # the training dataset a gsae export records (e.g. gsae-corpus); not SAELens' dataset_path, often a
+        # pre-tokenized copy of OpenWebText under another name (evaluate.py's default for them is OpenWebText)
+        "dataset": gsae_data.get("dataset"),
         "hook": hook,
         "lm": lm_kwargs(
             {"model_name": get("model_name"), "model_from_pretrained_kwargs": get("model_from_pretrained_kwargs")},

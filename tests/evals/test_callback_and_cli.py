@@ -90,6 +90,25 @@ def test_evaluate_cli_on_the_run_folder(run_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_evaluate_cli_on_a_saelens_export_uses_the_recorded_training_dataset(run_dir, tmp_path, monkeypatch):
+    """gsae's SAELens export records its training data (gsae-corpus): evaluate.py reads its held-out tokens, as for
+    the checkpoint, instead of OpenWebText (which an offline machine cannot open, and the SAE never saw)."""
+    import gsae.evaluate as ev
+
+    used = []
+    real = ev.held_out_tokens
+    monkeypatch.setattr(ev, "held_out_tokens", lambda lm, dataset, *a: used.append(dataset) or real(lm, dataset, *a))
+    ckpt = run_dir / "checkpoints" / "epoch=0-step=10.ckpt"
+    out = tmp_path / "res.json"
+    args = ["--benchmarks", "loss_added", "--n-seqs", "4", "--device", "cpu", "--output", str(out)]
+    assert evaluate_main([str(ckpt.with_suffix(".saelens")), str(ckpt), *args]) == 0
+    assert used and set(used) == {"gsae-corpus"}
+    res = json.loads(out.read_text())["loss_added"]
+    a, b = res[str(ckpt.with_suffix(".saelens"))], res[str(ckpt)]
+    assert a["kl_sae"] == pytest.approx(b["kl_sae"], rel=1e-4) and a["l0"] == b["l0"]
+
+
+@pytest.mark.slow
 def test_evaluate_plateaus_prints_the_table_and_writes_json(run_dir, tmp_path, capsys):
     out = tmp_path / "plateaus.json"
     opts = {"plateaus": {"n_perturbations": 12, "step_size": "auto", "ap_threshold": "auto", "windows": "all"}}
