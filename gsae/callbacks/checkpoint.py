@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
@@ -63,6 +64,7 @@ class SAECheckpoint(ModelCheckpoint):
             mode="max",
         )
         self.export_saelens = export_saelens
+        self._batch_epoch: int | None = None  # the epoch of the latest training batch (names the final checkpoint)
         self._to_announce: list[str] = []  # checkpoints written, not yet handed to the evaluation callbacks
 
     @override
@@ -77,6 +79,8 @@ class SAECheckpoint(ModelCheckpoint):
         """Always keep the final state: save it unless this step was just saved."""
         if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step and not trainer.interrupted:
             candidates = self._monitor_candidates(trainer)
+            if self._batch_epoch is not None:  # Lightning has closed the epoch by now: name it the one trained in
+                candidates["epoch"] = torch.tensor(self._batch_epoch)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
         super().on_train_end(trainer, pl_module)
@@ -85,6 +89,7 @@ class SAECheckpoint(ModelCheckpoint):
     # Lightning saves in these hooks: the step's checkpoint, then last.ckpt; the evaluation comes after both
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        self._batch_epoch = trainer.current_epoch
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         self._announce(trainer)
 
