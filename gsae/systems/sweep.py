@@ -304,11 +304,17 @@ class SweepSAESystem(LocalSAESystem):
             m.val_recon.reset()
 
     def on_validation_epoch_end(self) -> None:
+        per_member: dict[str, list[float]] = {}
         for name, m in self.members.items():
             if m.val_recon.update_count == 0:
                 continue
             for k, v in m.val_recon.compute().items():
                 self.log(f"val/{name}/{k}", v, rank_zero_only=True)  # reduced over ranks by torchmetrics
+                per_member.setdefault(k, []).append(float(v))
+        # the console's validation line and the run summary's val row: the mean over members, as train/<metric>
+        for k in ("nmse", "explained_variance", "l0"):
+            if per_member.get(k):
+                self.log(f"val/{k}", sum(per_member[k]) / len(per_member[k]), rank_zero_only=True)
 
     # ------------------------------------------------------------------ decoder constraints, per member
     def on_after_backward(self) -> None:
