@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import warnings
 from argparse import ArgumentError
@@ -95,15 +96,31 @@ def console_callbacks(trainer_config: dict) -> list:
     return out
 
 
-def print_summary(cli: GSAECLI) -> None:
-    """Print the :class:`~gsae.callbacks.summary.RunSummary` of the run (on rank 0, once training ended or stopped)."""
+def print_summary(cli: GSAECLI, args: list[str]) -> None:
+    """Print the :class:`~gsae.callbacks.summary.RunSummary` of the run (on rank 0, once training ended or stopped),
+    with the command that resumes it (``args`` with ``--ckpt_path last``) if it was stopped."""
     from gsae.callbacks.summary import RunSummary
 
     if not cli.trainer.is_global_zero:
         return
     for cb in cli.trainer.callbacks:
         if isinstance(cb, RunSummary) and cb.summary is not None:
-            print(cb.render(), flush=True)
+            print(cb.render(resume_command(args, cli.trainer.world_size)), flush=True)
+
+
+def resume_command(args: list[str], world_size: int = 1) -> str:
+    """``python train.py ARGS --ckpt_path last`` (any ``--ckpt_path`` in ``args`` replaced); with several processes
+    the launcher is the user's (``torchrun …``, ``srun …``), so it is left as ``<launcher>``."""
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--ckpt_path":
+            skip = True
+        elif not a.startswith("--ckpt_path="):
+            kept.append(a)
+    launcher = "python" if world_size == 1 else "<launcher>"
+    return f"{launcher} train.py {shlex.join([*kept, '--ckpt_path', 'last'])}"
 
 
 def trainer_defaults() -> dict:
@@ -186,6 +203,20 @@ def newest_checkpoint(folder: Path) -> str | None:
     return None
 
 
+def trained_to_the_end(ckpt: str, max_steps: int) -> str | None:
+    """A one-line note if checkpoint ``ckpt`` is already at ``--trainer.max_steps`` (Lightning would end at once,
+    silently, leaving an empty TensorBoard folder); ``None`` if there is training left."""
+    from gsae.export import read_checkpoint
+
+    if max_steps is None or max_steps < 0:
+        return None
+    step = int(read_checkpoint(ckpt, mmap=True).get("global_step", 0))
+    if step < max_steps:
+        return None
+    return (f"nothing to train: {ckpt} is at step {step} and --trainer.max_steps is {max_steps} "
+            "(raise --trainer.max_steps to train on)")
+
+
 def _check_checkpoint(path: str) -> None:
     from gsae.export import load_members
 
@@ -230,10 +261,17 @@ def main(args: list[str] | None = None) -> int:
             print(f"error: {parse_error_line(str(e), args)}", file=sys.stderr)
             return 2
         ckpt = resolve_ckpt_path(cli)
+        if ckpt is not None:
+            done = trained_to_the_end(ckpt, cli.trainer.max_steps)
+            if done:
+                print(done, file=sys.stderr)
+                return 0
+            # a resumed run writes into its own checkpoint folder: Lightning's "exists and is not empty" is expected
+            warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
         try:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
         finally:  # also after Ctrl+C (Lightning stops gracefully, then exits)
-            print_summary(cli)
+            print_summary(cli, args)
     except USER_ERRORS as e:
         if os.environ.get("GSAE_DEBUG"):
             raise

@@ -86,7 +86,9 @@ def test_summary_names_tokens_paths_and_commands(plain_run, monkeypatch) -> None
     assert f"exports      {ckpt_dir / 'epoch=0-step=20.saelens'}" in summary
     assert (ckpt_dir / "epoch=0-step=20.saelens").is_dir()
     log_dir = next(run.glob("version_*"))
-    assert f"tensorboard --logdir {log_dir}\n" in summary
+    assert f"events       {log_dir}\n" in summary
+    assert f"tensorboard --logdir {run}\n" in summary  # the run's folder: a resume's version_1 continues the curves
+    assert "--ckpt_path last" not in summary  # a finished run offers no resume
     assert f"python evaluate.py {ckpt_dir / 'epoch=0-step=20.ckpt'}" in summary
     final = line_values(next(line for line in summary.splitlines() if line.startswith("train ")).replace("train", "", 1))
     assert final["loss"] == f"{events['train/loss'][19]:.4g}"
@@ -130,6 +132,8 @@ def test_terminal_bar_and_summary_on_ctrl_c(tmp_path, monkeypatch) -> None:
     assert any(re.fullmatch(bar + " *", f) for f in frames), frames
     assert any(f.startswith("step 5/12 ━━━━━━━━") for f in frames), frames  # redrawn every step
     assert "stopped (Ctrl+C): 6 steps," in out and "tensorboard --logdir" in out
+    resume = next(line.strip() for line in out.splitlines() if "--ckpt_path last" in line)
+    assert resume.startswith("python train.py --config ") and "--trainer.callbacks.step 6" in resume
     assert "(epoch=0-step=4.ckpt, last.ckpt)" in out and "epoch=0-step=4.ckpt\n" in out  # kept, and the evaluate command
 
 

@@ -136,10 +136,10 @@ class RunSummary(Callback):
             events=_events_dir(trainer),
         )
 
-    def render(self) -> str:
-        """The summary as console text ("" before training ended)."""
+    def render(self, resume_command: str | None = None) -> str:
+        """The summary as console text ("" before training ended); ``resume_command`` is offered if it was stopped."""
         summary = self.summary
-        return render(summary) if summary is not None else ""
+        return render(summary, resume_command) if summary is not None else ""
 
 
 def newest_evaluation(trainer: pl.Trainer, ckpts: list[Path]) -> tuple[int | None, str | None, list[tuple[str, str]]]:
@@ -183,8 +183,9 @@ def headline_numbers(results: dict[str, dict], which: dict[str, tuple[str, ...]]
     return out
 
 
-def render(s: Summary) -> str:
-    """Console text of a :class:`Summary`; paths relative to the working directory where they are under it."""
+def render(s: Summary, resume_command: str | None = None) -> str:
+    """Console text of a :class:`Summary`; paths relative to the working directory where they are under it.
+    ``resume_command``: the command that continues a stopped run (shown under ``next`` when it was stopped)."""
     rate = s.tokens / s.wall_s if s.wall_s > 0 else 0.0
     head = "finished" if s.status == "finished" else "stopped (Ctrl+C)"
     resumed = f" (run total {format_count(s.tokens_total)} tokens, step {s.steps})" if s.steps_run != s.steps else ""
@@ -220,8 +221,12 @@ def render(s: Summary) -> str:
     if s.events:
         lines.append(f"events       {_rel(s.events)}")
     lines.append("next")
+    if s.status != "finished" and resume_command:
+        lines.append(f"  {resume_command}")
     if s.events:
-        lines.append(f"  tensorboard --logdir {shlex.quote(_rel(s.events))}")
+        # the run's folder, not this session's version_N: a resumed run's curves continue in version_N+1, and
+        # TensorBoard shows them with the earlier sessions'
+        lines.append(f"  tensorboard --logdir {shlex.quote(_rel(str(Path(s.events).parent)))}")
     if s.checkpoints:
         lines.append(f"  python evaluate.py {shlex.quote(_rel(_newest_step(s.checkpoints)))}")
     return "\n".join(lines)

@@ -101,11 +101,20 @@ def test_resume_on_another_world_size_is_a_one_line_error(tmp_path):
     assert system._own_buffer_state(rows) is rows  # checkpoints written before per-rank buffers
 
 
-def test_cli_resume_last_continues_the_run(tmp_path, capsys):
+def test_cli_resume_last_continues_the_run(tmp_path, capsys, recwarn):
     assert main(quickstart_args(tmp_path, steps=6)) == 0
     ckpts = tmp_path / "quickstart-topk" / "checkpoints"
     assert (ckpts / "last.ckpt").exists()
+    capsys.readouterr()
+    # resuming a run that is already at max_steps says so (Lightning would end at once, silently) and writes nothing
+    assert main(quickstart_args(tmp_path, "--ckpt_path", "last", steps=6)) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"nothing to train: {ckpts / 'last.ckpt'} is at step 6 and --trainer.max_steps is 6 (raise " \
+        "--trainer.max_steps to train on)"
+    assert [p.name for p in (tmp_path / "quickstart-topk").glob("version_*")] == ["version_0"]
+    recwarn.clear()
     assert main(quickstart_args(tmp_path, "--ckpt_path", "last", steps=10)) == 0
+    assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]  # expected on a resume
     state = torch.load(ckpts / "last.ckpt", weights_only=True)  # our checkpoints load without unpickling code
     assert state["global_step"] == 10
     assert state["TokenDataModule"]["consumed_batches"] == 10  # the stream position travels in the checkpoint
