@@ -229,9 +229,15 @@ class DeadLatentTracker(nn.Module):
         self._pending: tuple[Tensor, torch.cuda.Event, int, int] | None = None
 
     @torch.no_grad()
-    def update(self, fired: Tensor, n_tokens: int) -> None:
-        """Advance the counters by one batch of ``n_tokens`` tokens; ``fired`` is a bool ``(d_sae,)``."""
-        self.batches_since_fired.add_(1).masked_fill_(fired, 0)
+    def update(self, fired: Tensor, n_tokens: int, new_batch: bool = True) -> None:
+        """Advance the counters by one batch of ``n_tokens`` tokens; ``fired`` is a bool ``(d_sae,)``.
+
+        ``new_batch=False``: these tokens are another micro-batch of the batch the last update began (an optimizer
+        step under ``accumulate_grad_batches``): the batch counter is not advanced again, and a latent that fired
+        in any micro-batch of the step counts as fired in it. The token counter advances by every micro-batch."""
+        if new_batch:
+            self.batches_since_fired.add_(1)
+        self.batches_since_fired.masked_fill_(fired, 0)
         self.tokens_since_fired.add_(int(n_tokens)).masked_fill_(fired, 0)
         t = self.tokens_since_fired
         self._pending = None

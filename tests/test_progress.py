@@ -149,3 +149,19 @@ def test_summary_lists_the_final_checkpoint_saved_at_train_end(tmp_path, monkeyp
     out = capsys.readouterr().out
     (ckpt,) = (tmp_path / "quickstart-topk" / "checkpoints").glob("*step=3.ckpt")
     assert f"({ckpt.name}, last.ckpt)" in out and f"python evaluate.py {ckpt}" in out
+
+
+def test_one_line_per_optimizer_step_under_gradient_accumulation(tmp_path, monkeypatch) -> None:
+    """With ``accumulate_grad_batches`` 2 two batches make a step: the plain log has one line per logged step (no
+    ``step 0`` line before the first optimizer step, no line printed twice)."""
+    log, old = tmp_path / "train.log", sys.stdout
+    with open(log, "w") as f:
+        sys.stdout = f
+        try:
+            code = main(train_args(tmp_path, "--trainer.accumulate_grad_batches", "2", "--trainer.log_every_n_steps",
+                                   "2", steps=6))
+        finally:
+            sys.stdout = old
+    assert code == 0
+    steps = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("step ")]
+    assert steps == ["1/6", "2/6", "4/6", "6/6"], steps

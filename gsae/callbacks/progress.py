@@ -87,6 +87,7 @@ class StepProgressBar(ProgressBar):
         self._t_end: float | None = None  # end of this bar's last on_train_batch_end
         self._validated = False
         self._step0 = 0
+        self._step_shown = 0  # the optimizer step of the last batch shown: one line or redraw per step
         self._tokens_last: float | None = None
         self._rate: float | None = None
 
@@ -112,7 +113,7 @@ class StepProgressBar(ProgressBar):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.stream = sys.stdout  # read here, not at import: tests and redirections replace it
         self._t0 = self._t_last = time.perf_counter()
-        self._step0 = trainer.global_step
+        self._step0 = self._step_shown = trainer.global_step
         self._tokens_last, self._rate, self._t_end = None, None, None
         self._bar = None if not self._enabled or self._plain() else ""
         if self._bar is not None:
@@ -123,6 +124,9 @@ class StepProgressBar(ProgressBar):
         if not self._enabled:
             return
         step, total = trainer.global_step, self._total(trainer)
+        if step == self._step_shown:  # a batch accumulated for the next optimizer step (accumulate_grad_batches)
+            return
+        self._step_shown = step
         every = max(int(trainer.log_every_n_steps or 1), 1)
         refresh = step % every == 0 or step == total or step == self._step0 + 1
         if refresh:

@@ -109,7 +109,8 @@ class SAESystem(pl.LightningModule):
                 A batch is one optimizer step's *global* batch (firing on any rank counts), so the window is
                 ``dead_batches × batch_size × context_size × devices × num_nodes`` tokens (before special tokens
                 are dropped): at a fixed per-device ``batch_size`` more devices widen it; keep the global batch
-                fixed (divide ``batch_size`` by the device count) to keep the paper's window.
+                fixed (divide ``batch_size`` by the device count) to keep the paper's window. Under
+                ``accumulate_grad_batches`` N, a step's N micro-batches are one batch of the window.
             dead_tokens: a latent is dead if it did not fire in this many tokens (Gao et al.: 10M); AuxK uses this one.
             seed: seed of the shuffle buffer and other training randomness.
         """
@@ -139,6 +140,7 @@ class SAESystem(pl.LightningModule):
         self._first_step = 0  # global step of this fit's first training step (set in on_train_start)
         self._initialized_seen = False  # host copy of `initialized` once True (reading the buffer waits for the GPU)
         self._tokens_last = 0
+        self._mid_step = False  # the last training batch left its optimizer step to later micro-batches
 
     # ------------------------------------------------------------------ the frozen LM lives outside the module tree
     def __setattr__(self, name: str, value: Any) -> None:
@@ -301,7 +303,7 @@ class SAESystem(pl.LightningModule):
             fired_g = packed[: self.sae.d_sae] > 0
         # the token count: on one process the host knows it (no wait for the GPU); over ranks, the reduced count
         n_tokens = acts.x.shape[0] if self._world() == 1 else int(packed[self.sae.d_sae])
-        self.dead.update(fired_g, n_tokens)
+        self.dead.update(fired_g, n_tokens, self.starts_optimizer_step())
         self.tokens_seen += n_tokens
         if log:
             self._log_train(loss, ReconSums.unflat(packed[self.sae.d_sae :]), out, extra, n_tokens)
@@ -323,10 +325,22 @@ class SAESystem(pl.LightningModule):
         first = t.global_step == self._first_step  # the progress bar's first line
         return step % every == 0 or last or first
 
+    def starts_optimizer_step(self) -> bool:
+        """Whether this training batch is the first of its optimizer step: False for the later micro-batches under
+        ``--trainer.accumulate_grad_batches`` (the dead-latent batch window counts optimizer steps, as documented for
+        ``dead_batches``). Call once per training batch."""
+        if self._trainer is None:
+            return True
+        starts = not self._mid_step
+        # more micro-batches of this step to come (Lightning's own test; its logger connector uses it too)
+        self._mid_step = self.trainer.fit_loop._should_accumulate()
+        return starts
+
     def on_train_start(self) -> None:
         # after a checkpoint is restored: read the `initialized` buffers again on the first step
         self._first_step = self.trainer.global_step
         self._initialized_seen = False
+        self._mid_step = False  # checkpoints are written between optimizer steps
 
     def training_step(self, batch: TokenBatch, batch_idx: int) -> Tensor:
         return self.shared_step(batch, "train")

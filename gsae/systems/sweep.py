@@ -263,11 +263,12 @@ class SweepSAESystem(LocalSAESystem):
         n_tokens = acts.x.shape[0] if world == 1 else int(flat[0])
         metrics: dict[str, Tensor | float] = {}
         offset = 1
+        new_batch = self.starts_optimizer_step()
         positive = flat > 0  # every member's fired mask in one op (the metric sums between them are not read here)
         for name, m in self.members.items():
             fired = positive[offset : offset + m.sae.d_sae]
             offset += m.sae.d_sae
-            m.dead.update(fired, n_tokens)
+            m.dead.update(fired, n_tokens, new_batch)
             if not log:
                 continue
             width = len(ReconSums._fields) - 1 + m.sae.d_in

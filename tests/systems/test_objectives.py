@@ -219,3 +219,40 @@ def test_local_loss_is_the_normalised_squared_error_plus_the_saes_own_terms(kind
     assert (out.aux_loss > 0) if kind == "topk-auxk" else (out.sparsity_loss > 0)
     torch.testing.assert_close(loss, naive, rtol=1e-5, atol=0)
     torch.testing.assert_close(extra["recon_loss"], ((acts.x - out.x_hat) ** 2).sum() * norm, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("objective", ["topk", "sweep"])
+def test_dead_batch_window_counts_optimizer_steps_under_gradient_accumulation(tmp_path, monkeypatch, objective):
+    """With ``accumulate_grad_batches`` 2 a "batch" of the dead window is an optimizer step (both micro-batches): a
+    latent is counted once per step, and as fired if it fired in either micro-batch; the token window advances by
+    every micro-batch. Checked against counters rebuilt from the recorded fired masks, pairing micro-batches."""
+    from gsae.metrics import DeadLatentTracker
+    from tests.systems.test_sweep import _sweep
+
+    seen: dict[int, list[tuple[torch.Tensor, int]]] = {}
+    real = DeadLatentTracker.update
+
+    def spy(self, fired, n_tokens, *args, **kwargs):
+        seen.setdefault(id(self), []).append((fired.clone(), int(n_tokens)))
+        return real(self, fired, n_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(DeadLatentTracker, "update", spy)
+    torch.manual_seed(0)
+    system = _sweep() if objective == "sweep" else build_system("topk")
+    steps, accumulate = 5, 2
+    trainer = build_trainer(tmp_path, steps, accumulate_grad_batches=accumulate)
+    trainer.fit(system, datamodule=build_data(system, batch_size=2))
+    trackers = [m.dead for m in system.members.values()] if objective == "sweep" else [system.dead]
+    for tracker in trackers:
+        calls = seen[id(tracker)]
+        assert len(calls) == steps * accumulate
+        batches = torch.zeros(tracker.batches_since_fired.shape, dtype=torch.long)
+        tokens = torch.zeros_like(batches)
+        for i in range(0, len(calls), accumulate):  # one optimizer step
+            step = calls[i : i + accumulate]
+            batches = torch.where(torch.stack([f for f, _ in step]).any(0), 0, batches + 1)
+            for fired, n in step:
+                tokens = torch.where(fired, 0, tokens + n)
+        assert torch.equal(tracker.batches_since_fired, batches)
+        assert torch.equal(tracker.tokens_since_fired, tokens)
+        assert int(batches.max()) <= steps and bool((batches > 0).any())  # some latent missed a step: not vacuous
