@@ -39,6 +39,7 @@ from gsae.evals import (
     OPT_IN,
     artifacts,
     check_benchmarks,
+    check_options,
     run_benchmarks,
     scalars,
     tagged_figures,
@@ -374,6 +375,10 @@ def _options(text: str | None, names: list[str]) -> dict[str, dict]:
     unknown = set(opts) - set(names)
     if unknown:
         raise ArgumentError(f"--options: {sorted(unknown)} are not among --benchmarks {names}")
+    try:
+        check_options(opts, "--options")
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
     return opts
 
 

@@ -33,6 +33,7 @@ from gsae.evals import (
     BENCHMARKS,
     artifacts,
     check_benchmarks,
+    check_options,
     run_benchmarks_many,
     tagged_scalars,
     tagged_texts,
@@ -104,6 +105,8 @@ class EvaluationCallback(Callback):
             raise ValueError(
                 f"EvaluationCallback.options: {sorted(unknown)} are not benchmarks; choose from {', '.join(BENCHMARKS)}"
             )
+        # every option name and type now, not at the first checkpoint (1000 steps into a GPT-2 run)
+        check_options(options, "--evaluation.options", extra={N_SEQS_OPTION: int})
         if n_seqs <= 0:
             raise ValueError(f"EvaluationCallback.n_seqs must be > 0 (got {n_seqs})")
         for name, opts in (options or {}).items():

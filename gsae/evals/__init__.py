@@ -23,6 +23,7 @@ import inspect
 import time
 from collections.abc import Iterator, Mapping
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -76,6 +77,74 @@ def check_benchmarks(names: list[str], option: str = "--benchmarks") -> list[str
     if unknown or not names:
         raise ValueError(f"{option}: unknown benchmark(s) {unknown or names}; choose from {', '.join(BENCHMARKS)}")
     return names
+
+
+#: options every benchmark's ``run`` takes that are not the user's to set per benchmark
+_NOT_OPTIONS = {"seed"}
+
+
+def check_options(options: Mapping[str, Any] | None, where: str, extra: Mapping[str, type] | None = None) -> None:
+    """Raise a one-line ``ValueError`` naming ``where`` (e.g. ``--options``) if ``options`` (``{benchmark: {option:
+    value}}``) names an option a benchmark's ``run`` does not take, or gives one a value of the wrong type (checked
+    against ``run``'s annotations: ``int``, ``float``, ``bool``, ``str``, ``Literal``, ``X | None``, lists and
+    tuples of those). ``extra``: options the caller reads itself (e.g. the callback's ``n_seqs: int``), allowed for
+    every benchmark. Before any work: a typo in an option name was silently dropped, and a bad value failed at the
+    first checkpoint of a run."""
+    import typing
+
+    for name, opts in (options or {}).items():
+        if name not in BENCHMARKS:
+            raise ValueError(f"{where}: {name!r} is not a benchmark; choose from {', '.join(BENCHMARKS)}")
+        if not isinstance(opts, Mapping):
+            raise ValueError(f"{where}.{name}: expected a mapping of options, got {opts!r}")
+        run = BENCHMARKS[name].run
+        params = {k: p for k, p in inspect.signature(run).parameters.items() if p.kind is p.KEYWORD_ONLY}
+        hints = typing.get_type_hints(run)
+        allowed = {k: hints.get(k, Any) for k in params if k not in _NOT_OPTIONS} | dict(extra or {})
+        for key, value in opts.items():
+            if key not in allowed:
+                raise ValueError(f"{where}.{name}: unknown option {key!r}; {name} takes {', '.join(sorted(allowed))}")
+            if not _fits(value, allowed[key]):
+                raise ValueError(f"{where}.{name}.{key}: expected {_type_name(allowed[key])}, got {value!r}")
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether ``value`` (from JSON or YAML) is an instance of the annotation ``tp`` (see :func:`check_options`)."""
+    import collections.abc
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if tp is type(None) or tp is None:
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        item = args[0] if args else Any
+        return all(_fits(v, item) for v in value)
+    return True  # an annotation this checker does not know: left to the benchmark
+
+
+def _type_name(tp: Any) -> str:
+    import typing
+
+    if typing.get_origin(tp) is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _call(fn, *args, seed: int, options: dict):

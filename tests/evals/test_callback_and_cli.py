@@ -134,6 +134,13 @@ def test_evaluate_cli_errors(tmp_path, capsys):
         (str(bad), "--benchmarks", "loss_added,nope"): "--benchmarks",
         (str(bad), "--n-seqs", "0"): "--n-seqs",
         (str(bad), "--options", "{oops"): "--options",
+        # option names and types are checked before any work (they were dropped, or failed mid-benchmark)
+        (str(bad), "--benchmarks", "loss_added", "--options", '{"loss_added": {"n_seqz": 4}}'):
+            "--options.loss_added: unknown option 'n_seqz'; loss_added takes batch_size, exclude_special_tokens",
+        (str(bad), "--benchmarks", "steering", "--options", '{"steering": {"n_latents": "abc"}}'):
+            "--options.steering.n_latents: expected int, got 'abc'",
+        (str(bad), "--benchmarks", "steering", "--options", '{"steering": {"mode": "every"}}'):
+            "--options.steering.mode: expected 'position' or 'all', got 'every'",
         (str(tmp_path / "empty"),): "no .ckpt files",
     }
     for args, needle in cases.items():
@@ -149,6 +156,17 @@ def test_callback_guards(tmp_path):
         EvaluationCallback(benchmarks=["loss_added"], options={"nope": {}})
     with pytest.raises(ValueError, match="options.steering.n_seqs"):
         EvaluationCallback(options={"steering": {"n_seqs": 0}})
+    # at construction (before training), not at the first checkpoint: names, and types from run's annotations
+    with pytest.raises(ValueError, match=r"--evaluation.options.steering: unknown option 'n_latentz'"):
+        EvaluationCallback(options={"steering": {"n_latentz": 3}})
+    with pytest.raises(ValueError, match=r"--evaluation.options.steering.n_latents: expected int, got 'abc'"):
+        EvaluationCallback(options={"steering": {"n_latents": "abc"}})
+    with pytest.raises(ValueError, match=r"sensitive_directions.lengths: expected list\[float\] \| None"):
+        EvaluationCallback(options={"sensitive_directions": {"lengths": 5}})
+    ok = {"steering": {"n_latents": 2, "alphas": [0, 50.5], "mode": "all", "n_seqs": 4},
+          "plateaus": {"step_size": "auto", "position": None, "schedules": ["linear"]},
+          "sensitive_directions": {"lengths": [1, 5.0], "direction_types": ["isotropic"]}}
+    EvaluationCallback(options=ok)
     # a config's options for benchmarks left out of the set are kept, unused (one option changes the set)
     assert EvaluationCallback(benchmarks=["loss_added"], options={"steering": {"n_latents": 2}}).benchmarks == [
         "loss_added"
