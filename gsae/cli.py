@@ -18,6 +18,7 @@ from pathlib import Path
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from gsae.allocator import tune_malloc
 from gsae.callbacks.checkpoint import SAECheckpoint
@@ -33,7 +34,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "gpt2" / "gsae.yaml"
 
 # Errors a user causes with a bad option or file: reported as one line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
+# (OSError: a folder that is a file, a path without permission; MisconfigurationException: Lightning's own checks of
+# --trainer options, e.g. --trainer.accelerator gpu without one)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError, MisconfigurationException)
 
 
 # The logger's default folder: replaced by --trainer.default_root_dir, so one run writes under one folder.
@@ -203,6 +206,16 @@ def newest_checkpoint(folder: Path) -> str | None:
     return None
 
 
+def check_trainer(trainer) -> None:
+    """One-line errors for ``--trainer`` values Lightning accepts and then divides by (a ``ZeroDivisionError`` in the
+    loop, after the first step)."""
+    if int(trainer.accumulate_grad_batches) < 1:
+        raise ValueError(f"--trainer.accumulate_grad_batches must be >= 1 (got {trainer.accumulate_grad_batches})")
+    interval = trainer.val_check_interval
+    if interval is not None and interval <= 0:
+        raise ValueError(f"--trainer.val_check_interval must be > 0 (got {interval})")
+
+
 def trained_to_the_end(ckpt: str, max_steps: int) -> str | None:
     """A one-line note if checkpoint ``ckpt`` is already at ``--trainer.max_steps`` (Lightning would end at once,
     silently, leaving an empty TensorBoard folder); ``None`` if there is training left."""
@@ -260,6 +273,7 @@ def main(args: list[str] | None = None) -> int:
                 raise
             print(f"error: {parse_error_line(str(e), args)}", file=sys.stderr)
             return 2
+        check_trainer(cli.trainer)
         ckpt = resolve_ckpt_path(cli)
         if ckpt is not None:
             done = trained_to_the_end(ckpt, cli.trainer.max_steps)

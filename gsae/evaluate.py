@@ -292,6 +292,32 @@ def write_artifacts(output: str, results: dict[str, dict[str, dict]], short: dic
 
 
 # ---------------------------------------------------------------------- main
+def _device(name: str | None) -> str:
+    """``--device`` checked before any work (default: cuda if available, else cpu)."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ArgumentError(f"--device {name!r}: {str(e).splitlines()[0]}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError(f"--device {name!r}: this machine has no CUDA GPU (use --device cpu)")
+    return name
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """``--output`` and ``--logdir`` checked before any work (the JSON used to fail after the whole evaluation)."""
+    if args.output:
+        out = Path(args.output)
+        if out.is_dir():
+            raise ArgumentError(f"--output {args.output!r} is a folder; give a file, e.g. {out / 'eval.json'}")
+        parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), None)
+        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise ArgumentError(f"--output {args.output!r}: cannot write under {str(parent or out.parent)!r}")
+    if args.logdir and Path(args.logdir).exists() and not Path(args.logdir).is_dir():
+        raise ArgumentError(f"--logdir {args.logdir!r} is a file, not a folder")
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     """``{benchmark: {sae label: result}}`` for every SAE the arguments name."""
     names = _benchmarks(args.benchmarks)
@@ -299,7 +325,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     for flag in ("n_seqs", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ArgumentError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
+    _check_outputs(args)
     sources = resolve(args.paths)
     results: dict[str, dict[str, dict]] = {n: {} for n in names}
     runs = short_labels(list(dict.fromkeys(s.group for s in sources)))
@@ -390,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         results = evaluate(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get("GSAE_DEBUG"):
             raise
         msg = str(e).strip()

@@ -43,9 +43,14 @@ def run_cli(tmp_path, monkeypatch, capsys):
         (["--model.init_args.lm.name", "random-huge"], ["--model.lm.name", "random-huge"]),
         (["--ckpt_path", "last"], ["--ckpt_path last", "nothing to resume"]),
         (["--ckpt_path", "does/not/exist.ckpt"], ["--ckpt_path", "does/not/exist.ckpt"]),
+        # --trainer values Lightning divides by after the first step, or rejects with its own exception
+        (["--trainer.accumulate_grad_batches", "0"], ["--trainer.accumulate_grad_batches must be >= 1"]),
+        (["--trainer.val_check_interval", "0"], ["--trainer.val_check_interval must be > 0"]),
+        (["--trainer.max_steps", "-5"], ["max_steps", "-5"]),
+        (["--trainer.default_root_dir", str(REPO_ROOT / "README.md")], ["Not a directory", "README.md"]),
     ],
     ids=["hook", "k>d_sae", "d_sae=0", "k=0", "context_size>n_ctx", "batch_size=0", "lm-preset", "ckpt-last",
-         "ckpt-missing"],
+         "ckpt-missing", "accumulate=0", "val_check_interval=0", "max_steps<0", "root-is-a-file"],
 )
 def test_bad_option(run_cli, args: list[str], expected: list[str]) -> None:
     code, line = run_cli(*args)
@@ -104,3 +109,40 @@ def test_unknown_option_is_a_parse_error(run_cli) -> None:
     code, line = run_cli("--model.init_args.sae.init_args.kk", "3")
     assert code == 2
     assert "--model.init_args.sae.init_args.kk" in line and "see python train.py --help" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_accelerator_without_a_gpu_is_one_line(run_cli) -> None:
+    code, line = run_cli("--trainer.accelerator", "gpu")
+    assert code == 1 and "gpu" in line
+
+
+def test_checkpoint_of_another_kind_of_run_is_one_line() -> None:
+    """A sweep's checkpoint, or a g-SAE's, given to a TopK run: said in one line (a KeyError / an empty diff)."""
+    from tests.systems.helpers import build_system
+
+    system = build_system("topk")
+    sweep = {"gsae": {"members": {"a": {}, "b": {}}, "hook": system.hook}}
+    with pytest.raises(ValueError, match=r"^--ckpt_path: a sweep checkpoint \(members a, b\) does not resume"):
+        system.on_load_checkpoint(sweep)
+    gsae = {"gsae": {"sae_class": "gsae.sae.grad_topk.GradTopKSAE", "sae_config": {}, "hook": system.hook}}
+    with pytest.raises(ValueError, match=r"checkpoint SAE is a gsae.sae.grad_topk.GradTopKSAE, the configured one a "
+                                         r"gsae.sae.topk.TopKSAE"):
+        system.on_load_checkpoint(gsae)
+    config = {**system.sae.config(), "k": 7, "beta": 1.0}  # keys on either side are compared
+    with pytest.raises(ValueError, match=r"'k': \(7, 4\).*'beta': \(1.0, None\)|'beta': \(1.0, None\).*'k': \(7, 4\)"):
+        system.on_load_checkpoint({"gsae": {"sae_config": config, "hook": system.hook}})
+
+
+def test_e2e_downstream_hook_before_the_sae_hook_is_one_line() -> None:
+    from gsae.lm import LanguageModel
+    from gsae.sae import TopKSAE
+    from gsae.systems import E2ESAESystem
+
+    lm = LanguageModel("random-tiny", seed=0)
+    with pytest.raises(ValueError, match=r"--model.downstream_hooks: 'blocks.0.hook_resid_post' is not after "
+                                         r"--model.hook 'blocks.1.hook_resid_pre'"):
+        E2ESAESystem(lm, lambda d: TopKSAE(d, 64, 4), hook="blocks.1.hook_resid_pre",
+                     downstream_hooks=["blocks.0.hook_resid_post"])
+    E2ESAESystem(lm, lambda d: TopKSAE(d, 64, 4), hook="blocks.1.hook_resid_pre",
+                 downstream_hooks=["blocks.1.hook_resid_post"])  # later: fine

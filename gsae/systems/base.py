@@ -484,14 +484,24 @@ class SAESystem(pl.LightningModule):
         meta = checkpoint.get("gsae")
         if meta is None:
             raise ValueError("--ckpt_path: not a gsae checkpoint (no 'gsae' section)")
-        self.check_saved_sae(meta["sae_config"], self.sae, "checkpoint SAE")
+        if "members" in meta:
+            raise ValueError(
+                f"--ckpt_path: a sweep checkpoint (members {', '.join(meta['members'])}) does not resume a one-SAE run; "
+                "resume it with the sweep's config (gsae.systems.SweepSAESystem)"
+            )
+        self.check_saved_sae(meta["sae_config"], self.sae, "checkpoint SAE", meta.get("sae_class"))
         self.restore_run(checkpoint)
 
     @staticmethod
-    def check_saved_sae(saved: dict, sae: SparseAutoencoder, what: str) -> None:
-        """A one-line error if the checkpoint's SAE config differs from the configured ``sae``."""
-        if saved != sae.config():
-            diff = {k: (saved.get(k), v) for k, v in sae.config().items() if saved.get(k) != v}
+    def check_saved_sae(saved: dict, sae: SparseAutoencoder, what: str, saved_class: str | None = None) -> None:
+        """A one-line error if the checkpoint's SAE (class, when recorded, and config) differs from the configured
+        ``sae``."""
+        ours = f"{type(sae).__module__}.{type(sae).__qualname__}"
+        if saved_class is not None and saved_class != ours:
+            raise ValueError(f"--ckpt_path: {what} is a {saved_class}, the configured one a {ours}")
+        config = sae.config()
+        if saved != config:
+            diff = {k: (saved.get(k), config.get(k)) for k in {**saved, **config} if saved.get(k) != config.get(k)}
             raise ValueError(f"--ckpt_path: {what} differs from the configured one (checkpoint, config): {diff}")
 
     def restore_run(self, checkpoint: dict[str, Any]) -> None:

@@ -54,8 +54,15 @@ class E2ESAESystem(SAESystem):
         super().__init__(*args, **kwargs)
         self.save_hyperparameters(ignore=["lm", "sae", "optimizer"])
         hooks = list(downstream_hooks or [])
+        start = self.lm.resume_layer(self.hook)  # the block the patched run starts at (None: a hook inside a block)
         for h in hooks:
             self.lm.validate_hook(h, option="--model.downstream_hooks")
+            layer = self.lm.hook_layer(h)
+            if start is not None and (h in ("hook_embed", "hook_pos_embed") or (layer is not None and layer < start)):
+                raise ValueError(
+                    f"--model.downstream_hooks: {h!r} is not after --model.hook {self.hook!r} (the SAE's output only "
+                    f"changes later activations: a hook in blocks.{start} or later, e.g. blocks.{start}.hook_resid_post)"
+                )
         if downstream_coefs is not None and len(downstream_coefs) != len(hooks):
             raise ValueError(
                 f"--model.downstream_coefs has {len(downstream_coefs)} entries for {len(hooks)} --model.downstream_hooks"

@@ -385,5 +385,5 @@ class SweepSAESystem(LocalSAESystem):
                 f"--ckpt_path: the checkpoint's members {list(saved)} differ from --model.members {list(self.members)}"
             )
         for name, m in self.members.items():
-            self.check_saved_sae(saved[name]["sae_config"], m.sae, f"member {name}")
+            self.check_saved_sae(saved[name]["sae_config"], m.sae, f"member {name}", saved[name].get("sae_class"))
         self.restore_run(checkpoint)

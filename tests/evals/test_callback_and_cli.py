@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from gsae.callbacks import EvaluationCallback
 from gsae.evaluate import main as evaluate_main
@@ -142,7 +143,14 @@ def test_evaluate_cli_errors(tmp_path, capsys):
         (str(bad), "--benchmarks", "steering", "--options", '{"steering": {"mode": "every"}}'):
             "--options.steering.mode: expected 'position' or 'all', got 'every'",
         (str(tmp_path / "empty"),): "no .ckpt files",
+        # checked before any work (the JSON failed after the whole evaluation, with a traceback)
+        (str(bad), "--output", str(tmp_path)): "is a folder; give a file",
+        (str(bad), "--output", str(bad / "x.json")): "cannot write under",
+        (str(bad), "--logdir", str(bad)): "is a file, not a folder",
+        (str(bad), "--device", "nonsense"): "--device 'nonsense'",
     }
+    if not torch.cuda.is_available():
+        cases[(str(bad), "--device", "cuda")] = "this machine has no CUDA GPU"
     for args, needle in cases.items():
         assert evaluate_main(list(args)) == 1, args
         err = capsys.readouterr().err.strip()
