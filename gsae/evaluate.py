@@ -421,7 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("GSAE_DEBUG"):
             raise
         msg = str(e).strip()
-        print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        msg = msg.splitlines()[0] if msg else type(e).__name__
+        # the LM's loader names train.py's option; here the name is --model's, or the checkpoint's
+        which = "--model" if "args" in locals() and getattr(args, "model", None) else "the SAE's language model"
+        print(f"error: {msg.replace('--model.lm.name:', which + ':')}", file=sys.stderr)
         return 1
     labels = list(dict.fromkeys(lb for per in results.values() for lb in per))
     short = short_labels(labels)

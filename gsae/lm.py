@@ -194,7 +194,13 @@ class LanguageModel:
                     "(offline, try `python train.py --config configs/quickstart/topk.yaml`)"
                 ) from None
             except ValueError as e:
-                raise LMLoadError(f"--model.lm.name: {_first_line(e)}") from None
+                msg = _first_line(e)
+                if "not found" in msg:  # TransformerLens lists every model it knows (~10 kB): the ones near ours
+                    raise LMLoadError(
+                        f"--model.lm.name: {self.name!r} is not a TransformerLens model (e.g. gpt2, gpt2-medium, "
+                        f"gpt2-large, gpt2-xl) nor a built-in one (gsae-tiny, {', '.join(sorted(RANDOM_PRESETS))})"
+                    ) from None
+                raise LMLoadError(f"--model.lm.name: {msg}") from None
 
     def to(self, device: torch.device | str) -> LanguageModel:
         """Move the model to ``device`` (a no-op if already there)."""

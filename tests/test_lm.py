@@ -37,6 +37,15 @@ def test_unknown_random_preset_is_named():
         LanguageModel("random-huge")
 
 
+def test_unknown_model_name_is_a_short_line_naming_the_built_in_ones():
+    """TransformerLens' own error lists every model it knows (~10 kB on one line)."""
+    with pytest.raises(LMLoadError) as e:
+        LanguageModel("gpt3-tiny").model  # noqa: B018 - loads
+    msg = str(e.value)
+    assert msg.startswith("--model.lm.name: 'gpt3-tiny' is not a TransformerLens model") and len(msg) < 300, msg
+    assert "gsae-tiny" in msg and "random-gpt2" in msg and "gpt2-medium" in msg
+
+
 def record_blocks(lm, monkeypatch) -> dict[int, list[bool]]:
     """``{block index: [grad mode of each call]}`` of the blocks that ran, on either path (fused or TransformerLens)."""
     calls: dict[int, list[bool]] = {}
