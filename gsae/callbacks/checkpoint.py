@@ -105,6 +105,8 @@ class SAECheckpoint(ModelCheckpoint):
 
     @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        # a checkpoint written over another (last.ckpt): what was beside the old one describes the old state
+        self._remove_beside(trainer, filepath)
         super()._save_checkpoint(trainer, filepath)
         module = trainer.lightning_module
         if trainer.is_global_zero and self.export_saelens:
@@ -128,6 +130,11 @@ class SAECheckpoint(ModelCheckpoint):
     @override
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)
+        self._remove_beside(trainer, filepath)
+
+    @staticmethod
+    def _remove_beside(trainer: pl.Trainer, filepath: str) -> None:
+        """Delete the SAELens exports, evaluation JSON and dashboards of checkpoint ``filepath`` (rank 0)."""
         if trainer.is_global_zero:
             p = Path(filepath)
             exports = [saelens_dir(p), *p.parent.glob(glob.escape(p.stem) + ".*.saelens")]

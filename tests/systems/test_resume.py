@@ -112,9 +112,19 @@ def test_cli_resume_last_continues_the_run(tmp_path, capsys, recwarn):
     assert err[-1] == f"nothing to train: {ckpts / 'last.ckpt'} is at step 6 and --trainer.max_steps is 6 (raise " \
         "--trainer.max_steps to train on)"
     assert [p.name for p in (tmp_path / "quickstart-topk").glob("version_*")] == ["version_0"]
+    assert (ckpts / "last.ckpt.eval.json").exists() and (ckpts / "last.ckpt.latents.html").exists()
     recwarn.clear()
-    assert main(quickstart_args(tmp_path, "--ckpt_path", "last", steps=10)) == 0
+    assert main(quickstart_args(tmp_path, "--ckpt_path", "last", "--evaluation.enabled", "false", steps=10)) == 0
     assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]  # expected on a resume
+    # last.ckpt was rewritten at step 10 without an evaluation: step 6's results beside it are gone, not stale
+    assert not (ckpts / "last.ckpt.eval.json").exists() and not (ckpts / "last.ckpt.latents.html").exists()
+    assert (ckpts / "epoch=0-step=6.ckpt.eval.json").exists()  # the step checkpoint's own stay
+    from safetensors.torch import load_file
+
+    from gsae.export import load_checkpoint
+
+    exported = load_file(ckpts / "last.saelens" / "sae_weights.safetensors")["W_dec"]
+    assert torch.equal(exported, load_checkpoint(ckpts / "last.ckpt")[0].decoder_weight().detach())  # step 10's
     state = torch.load(ckpts / "last.ckpt", weights_only=True)  # our checkpoints load without unpickling code
     assert state["global_step"] == 10
     assert state["TokenDataModule"]["consumed_batches"] == 10  # the stream position travels in the checkpoint
