@@ -18,6 +18,12 @@ _KEY = re.compile(r'Parser key "([^"]+)"')
 _EXPECTED = re.compile(r"Expected an? (.+?)\. Got value: (.*?)(?:\. Got value: .*)?$", re.M)
 _NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
 _MISSING_FILE = re.compile(r"File does not exist: '([^']+)'")
+_NESTED = re.compile(r"Given value: NestedArg\(key='([^']+)', val='([^']*)'\)\s*$")
+_NO_CLASS = re.compile(r"module '([\w.]+)' has no attribute '(\w+)'")
+_UNRECOGNIZED = re.compile(r"unrecognized arguments: --(\S+?)=")
+_CLASS_PATH = re.compile(r"Problem with given class_path '([\w.]+)'")
+_EXPECTED_TYPE = re.compile(r"Expected an? <class '(?:builtins\.)?(\w+)'>")
+_LITERAL = re.compile(r"Expected an? typing\.Literal\[(.*?)\]$", re.M)
 
 
 def parse_error_line(message: str, args: list[str]) -> str:
@@ -45,8 +51,28 @@ def _describe(message: str, args: list[str]) -> str:
         rest = first.split(":", 1)[1].strip()
         return f"{rest.split()[0]}: unknown option" if rest.startswith("--") else f"unrecognized arguments: {rest}"
     keys = _KEY.findall(message)
+    nested = _NESTED.search(message)  # a sub-option of a class (--model.sae.k): jsonargparse names it at the end
+    if keys and nested:
+        option = _typed_option(f"{keys[0]}.{nested.group(1)}".replace(".init_args", ""), nested.group(2), args)
+        missing = _NO_CLASS.search(message)
+        if missing:
+            return f"{option}: no class {missing.group(2)!r} in {missing.group(1)}"
+        unknown = _UNRECOGNIZED.search(message)
+        if unknown:
+            owner = _CLASS_PATH.search(message)
+            of = f" of {owner.group(1).rsplit('.', 1)[-1]}" if owner else ""
+            return f"{option}: no such option{of}"
+        want = [t for t in _EXPECTED_TYPE.findall(message) if t != "NoneType"]
+        if want:
+            want_name = _type_name("<class '" + want[0] + "'>")
+            return f"{option}: expected {want_name}, got {nested.group(2)!r}"
     if keys:
         path = ".".join(keys)
+        literals = _LITERAL.findall(message)
+        if literals and "Given value:" in message:  # a Union of Literals (--trainer.precision): every choice
+            given = message.rsplit("Given value:", 1)[1].strip().splitlines()[0]
+            choices = ", ".join(dict.fromkeys(c.strip() for group in literals for c in group.split(",")))
+            return f"{_typed_option(path, given, args)}: expected one of {choices}, got {given!r}"
         bad = _NOT_ACCEPTED.search(message)
         if bad:
             return f"{_typed_option(f'{path}.{bad.group(1)}', None, args)}: no such option for this class"

@@ -62,6 +62,25 @@ def test_bad_choice() -> None:
           "one of 'cosine', 'constant'", "'linear'")
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--config", QUICKSTART, "--model.init_args.sae.class_path", "gsae.sae.TopKSAEE"],
+         "--model.init_args.sae.class_path: no class 'TopKSAEE' in gsae.sae"),
+        (["--config", QUICKSTART, "--model.init_args.optimizer.init_args.lr", "inf"],
+         "--model.init_args.optimizer.init_args.lr: expected a number, got 'inf'"),
+        (["--config", QUICKSTART, "--trainer.precision", "15"], "--trainer.precision: expected one of 64, 32, 16, "),
+        (["--config", "configs/quickstart/sweep.yaml", "--model.sae.k", "8"],
+         "--model.sae.k: no such option of SweepSAESystem"),
+    ],
+    ids=["no-such-class", "lr-inf", "precision-union", "sweep-has-no-sae"],
+)
+def test_nested_and_union_errors_say_what_is_wrong(args: list[str], expected: str) -> None:
+    """jsonargparse ends these with ``Given value: NestedArg(...)``, which said nothing of what was wrong."""
+    text = check(*train(*args), expected)
+    assert "NestedArg" not in text and "Given value" not in text
+
+
 @pytest.mark.parametrize("option", ["--data.no_such_option", "--model.init_args.sae.init_args.beta"])
 def test_unknown_option(option: str) -> None:
     check(*train("--config", QUICKSTART, option, "1"), option)
