@@ -166,14 +166,17 @@ def resolve_ckpt_path(cli: GSAECLI) -> str | None:
     if path is None:
         return None
     if path == "last":
+        looked = []
         for cb in cli.trainer.checkpoint_callbacks:
             logger = cli.trainer.logger
             name = logger.name if logger is not None and logger.name else "run"
             folder = Path(cb.dirpath) if cb.dirpath else Path(cli.trainer.default_root_dir) / name / "checkpoints"
+            looked.append(folder)
             newest = newest_checkpoint(folder)
             if newest is not None:
                 return newest
-        raise FileNotFoundError("--ckpt_path last: no checkpoint in this run's checkpoint folder; nothing to resume")
+        folders = ", ".join(str(f) for f in looked) or "no checkpoint folder configured"
+        raise FileNotFoundError(f"--ckpt_path last: no checkpoint in {folders}; nothing to resume")
     if not Path(path).is_file():
         raise FileNotFoundError(f"--ckpt_path: no checkpoint at {path!r}")
     _check_checkpoint(path)
@@ -239,6 +242,11 @@ def _check_checkpoint(path: str) -> None:
         raise ValueError(f"--ckpt_path: {e}") from None
 
 
+#: torch optimizers' own checks (raised when Lightning builds the optimizer): the option they are about
+_OPTIMIZER_MESSAGES = ("Invalid learning rate", "Invalid beta parameter", "Invalid epsilon value",
+                       "Invalid weight_decay value", "Invalid momentum value")
+
+
 def user_message(e: BaseException) -> str:
     """One line for the user: the innermost error that names an option (jsonargparse wraps errors raised
     while instantiating classes in its own), else the error's first line."""
@@ -252,6 +260,10 @@ def user_message(e: BaseException) -> str:
         if text.startswith("--") or "--data." in text or "--model." in text or "--ckpt_path" in text:
             return text.splitlines()[0]
     text = str(chain[0]).strip()
+    if text.startswith(_OPTIMIZER_MESSAGES):
+        return f"--model.optimizer: {text.splitlines()[0]}"
+    if isinstance(chain[0], UnicodeDecodeError):
+        return f"a file given as text (--config?) is binary: {text.splitlines()[0]}"
     return text.splitlines()[0] if text else type(chain[0]).__name__
 
 

@@ -44,6 +44,11 @@ def _describe(message: str, args: list[str]) -> str:
     if first.startswith("Unexpected config:"):
         paths = _config_paths(args)
         return f"--config {paths[-1] if paths else ''}: not a YAML mapping of options".replace(" :", ":")
+    group = re.match(r"Group '([\w.]+)' does not accept option '([\w.]+)'", first)
+    if group:  # an unknown key in a config file
+        paths = _config_paths(args)
+        where = f" (in --config {paths[-1]})" if paths else ""
+        return f"--{group.group(1)}.{group.group(2)}: unknown option{where}"
     arg = re.match(r"argument (?:-\w/)?(--[\w.]+): expected one argument", first)
     if arg:
         return f"{arg.group(1)}: expected a value"

@@ -57,6 +57,12 @@ def test_wrongly_typed_option_in_config_file(tmp_path) -> None:
     check(*train("--config", QUICKSTART, "--config", str(path)), "--model.sae.k: expected an integer, got 'abc'")
 
 
+def test_unknown_key_in_a_config_file_names_the_option_and_the_file(tmp_path) -> None:
+    path = tmp_path / "typo.yaml"
+    path.write_text("trainer:\n  max_stepz: 3\n")
+    check(*train("--config", QUICKSTART, "--config", str(path)), f"--trainer.max_stepz: unknown option (in --config {path})")
+
+
 def test_bad_choice() -> None:
     check(*train("--config", QUICKSTART, "--model.init_args.lr_schedule", "linear"), "--model.init_args.lr_schedule",
           "one of 'cosine', 'constant'", "'linear'")

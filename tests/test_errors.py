@@ -41,16 +41,17 @@ def run_cli(tmp_path, monkeypatch, capsys):
         (["--data.context_size", "1000"], ["--data.context_size", "1000", "256"]),
         (["--data.batch_size", "0"], ["--data.batch_size"]),
         (["--model.init_args.lm.name", "random-huge"], ["--model.lm.name", "random-huge"]),
-        (["--ckpt_path", "last"], ["--ckpt_path last", "nothing to resume"]),
+        (["--ckpt_path", "last"], ["--ckpt_path last: no checkpoint in ", "quickstart-topk/checkpoints; nothing to resume"]),
         (["--ckpt_path", "does/not/exist.ckpt"], ["--ckpt_path", "does/not/exist.ckpt"]),
         # --trainer values Lightning divides by after the first step, or rejects with its own exception
         (["--trainer.accumulate_grad_batches", "0"], ["--trainer.accumulate_grad_batches must be >= 1"]),
         (["--trainer.val_check_interval", "0"], ["--trainer.val_check_interval must be > 0"]),
         (["--trainer.max_steps", "-5"], ["max_steps", "-5"]),
         (["--trainer.default_root_dir", str(REPO_ROOT / "README.md")], ["Not a directory", "README.md"]),
+        (["--model.init_args.optimizer.init_args.lr", "-0.001"], ["--model.optimizer: Invalid learning rate: -0.001"]),
     ],
     ids=["hook", "k>d_sae", "d_sae=0", "k=0", "context_size>n_ctx", "batch_size=0", "lm-preset", "ckpt-last",
-         "ckpt-missing", "accumulate=0", "val_check_interval=0", "max_steps<0", "root-is-a-file"],
+         "ckpt-missing", "accumulate=0", "val_check_interval=0", "max_steps<0", "root-is-a-file", "lr<0"],
 )
 def test_bad_option(run_cli, args: list[str], expected: list[str]) -> None:
     code, line = run_cli(*args)
