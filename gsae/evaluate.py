@@ -223,12 +223,12 @@ def held_out_tokens(
 
     if context_size > lm.n_ctx:
         raise ArgumentError(f"--context-size ({context_size}) exceeds the model's n_ctx ({lm.n_ctx}) for {lm.name!r}")
-    dm = TokenDataModule(lm=lm, dataset=dataset, context_size=context_size, prepend_bos=prepend_bos)
     try:
+        dm = TokenDataModule(lm=lm, dataset=dataset, context_size=context_size, prepend_bos=prepend_bos)
         dm.validate()
         ctx = list(itertools.islice(dm.contexts("val"), n_seqs))
     except ValueError as e:
-        raise ArgumentError(str(e).replace("--data.dataset", "--dataset")) from None
+        raise ArgumentError(str(e).replace("--data.dataset", "--dataset").replace("--data.context_size", "--context-size")) from None
     if not ctx:
         raise ArgumentError(f"--dataset {dataset!r}: no validation contexts")
     return torch.tensor(ctx, dtype=torch.long)
@@ -322,7 +322,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     """``{benchmark: {sae label: result}}`` for every SAE the arguments name."""
     names = _benchmarks(args.benchmarks)
     options = _options(args.options, names)
-    for flag in ("n_seqs", "batch_size"):
+    for flag in ("n_seqs", "batch_size", "context_size"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ArgumentError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
     device = _device(args.device)

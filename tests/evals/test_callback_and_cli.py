@@ -148,6 +148,7 @@ def test_evaluate_cli_errors(tmp_path, capsys):
         (str(bad), "--output", str(bad / "x.json")): "cannot write under",
         (str(bad), "--logdir", str(bad)): "is a file, not a folder",
         (str(bad), "--device", "nonsense"): "--device 'nonsense'",
+        (str(bad), "--context-size", "0"): "--context-size must be > 0",  # was silently the default
     }
     if not torch.cuda.is_available():
         cases[(str(bad), "--device", "cuda")] = "this machine has no CUDA GPU"
