@@ -145,6 +145,8 @@ def resolve(paths: list[str]) -> list[Source]:
         p = Path(arg)
         if not p.exists():
             raise ArgumentError(f"PATH {arg!r}: no such file or directory")
+        if p.is_dir() and (p / "cfg.json").is_file() and not is_saelens_folder(p):
+            raise ArgumentError(f"PATH {arg!r}: a SAELens folder (cfg.json) without sae_weights.safetensors")
         if is_saelens_folder(p):
             sources.append(Source(arg, "saelens", arg, arg))
         elif p.is_file():

@@ -138,8 +138,15 @@ def test_terminal_bar_and_summary_on_ctrl_c(tmp_path, monkeypatch) -> None:
 
 
 def test_format_helpers() -> None:
+    from gsae.callbacks.summary import _names
+
     assert [format_count(x) for x in (512, 12345, 4.2e6, 3e9)] == ["512", "12.3k", "4.2M", "3G"]
     assert format_duration(3725.4) == "1:02:05"
+    few = [f"/r/epoch=0-step={i}.ckpt" for i in (10, 20)] + ["/r/last.ckpt"]
+    assert _names(few) == "epoch=0-step=10.ckpt, epoch=0-step=20.ckpt, last.ckpt"
+    many = [f"/r/epoch=0-step={i * 1000}.ckpt" for i in range(1, 41)] + ["/r/last.ckpt"]  # a GPT-2 run's 41 files
+    assert _names(many) == ("epoch=0-step=1000.ckpt, epoch=0-step=2000.ckpt, … 36 more …, epoch=0-step=39000.ckpt, "
+                            "epoch=0-step=40000.ckpt, last.ckpt")
 
 
 def test_summary_lists_the_final_checkpoint_saved_at_train_end(tmp_path, monkeypatch, capsys) -> None:

@@ -212,7 +212,7 @@ def render(s: Summary, resume_command: str | None = None) -> str:
         values = "  ".join(f"{k.split('.', 1)[1]} {v}" for k, v in s.headline if k.startswith(bench + "."))
         lines.append(f"{label:<12} {bench}: {values}")
     if s.checkpoint_dir:
-        names = ", ".join(Path(p).name for p in s.checkpoints) or "none written"
+        names = _names(s.checkpoints) or "none written"
         lines.append(f"checkpoints  {_rel(s.checkpoint_dir)}/  ({names})")
     for label, paths in (("exports", s.exports), ("evaluation", s.eval_json), ("latents", s.latents_html)):
         if paths:
@@ -230,6 +230,15 @@ def render(s: Summary, resume_command: str | None = None) -> str:
     if s.checkpoints:
         lines.append(f"  python evaluate.py {shlex.quote(_rel(_newest_step(s.checkpoints)))}")
     return "\n".join(lines)
+
+
+def _names(paths: list[str], most: int = 6) -> str:
+    """The file names of ``paths`` (oldest first), the first two and the last three with a count between when there
+    are more than ``most`` (a long run keeps dozens)."""
+    names = [Path(p).name for p in paths]
+    if len(names) > most:
+        names = [*names[:2], f"… {len(names) - 5} more …", *names[-3:]]
+    return ", ".join(names)
 
 
 def _beside(ckpts: list[Path], suffix: str, stem: bool = False) -> list[str]:

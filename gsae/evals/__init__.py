@@ -74,8 +74,10 @@ BENCHMARKS: Mapping[str, ModuleType] = _LazyModules(_MODULES)
 def check_benchmarks(names: list[str], option: str = "--benchmarks") -> list[str]:
     """Return ``names`` if all are known, else raise a one-line error naming ``option``."""
     unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown or not names:
-        raise ValueError(f"{option}: unknown benchmark(s) {unknown or names}; choose from {', '.join(BENCHMARKS)}")
+    if not names:
+        raise ValueError(f"{option}: no benchmark given; choose from {', '.join(BENCHMARKS)}")
+    if unknown:
+        raise ValueError(f"{option}: unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
     return names
 
 

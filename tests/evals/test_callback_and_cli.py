@@ -129,6 +129,8 @@ def test_evaluate_cli_errors(tmp_path, capsys):
     bad = tmp_path / "bad.ckpt"
     bad.write_text("not a checkpoint")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "cfg.json").write_text("{}")
     cases = {
         (str(tmp_path / "missing.ckpt"),): "PATH",
         (str(bad),): "corrupt or unreadable",
@@ -149,6 +151,8 @@ def test_evaluate_cli_errors(tmp_path, capsys):
         (str(bad), "--logdir", str(bad)): "is a file, not a folder",
         (str(bad), "--device", "nonsense"): "--device 'nonsense'",
         (str(bad), "--context-size", "0"): "--context-size must be > 0",  # was silently the default
+        (str(bad), "--benchmarks", ""): "--benchmarks: no benchmark given",
+        (str(tmp_path / "noweights"),): "a SAELens folder (cfg.json) without sae_weights.safetensors",
     }
     if not torch.cuda.is_available():
         cases[(str(bad), "--device", "cuda")] = "this machine has no CUDA GPU"
