@@ -286,6 +286,8 @@ def main(args: list[str] | None = None) -> int:
             print(f"error: {parse_error_line(str(e), args)}", file=sys.stderr)
             return 2
         check_trainer(cli.trainer)
+        # the data's split between ranks, before DDP starts them (else each rank fails, and says so, on its own)
+        cli.datamodule.check_world(cli.trainer.world_size)
         ckpt = resolve_ckpt_path(cli)
         if ckpt is not None:
             done = trained_to_the_end(ckpt, cli.trainer.max_steps)

@@ -49,9 +49,12 @@ def run_cli(tmp_path, monkeypatch, capsys):
         (["--trainer.max_steps", "-5"], ["max_steps", "-5"]),
         (["--trainer.default_root_dir", str(REPO_ROOT / "README.md")], ["Not a directory", "README.md"]),
         (["--model.init_args.optimizer.init_args.lr", "-0.001"], ["--model.optimizer: Invalid learning rate: -0.001"]),
+        # before DDP starts the ranks (each rank used to fail, and print it, on its own)
+        (["--trainer.strategy", "ddp", "--trainer.devices", "3", "--trainer.accelerator", "cpu"],
+         ["--data.n_streams (16) must be a multiple of the number of ranks (3"]),
     ],
     ids=["hook", "k>d_sae", "d_sae=0", "k=0", "context_size>n_ctx", "batch_size=0", "lm-preset", "ckpt-last",
-         "ckpt-missing", "accumulate=0", "val_check_interval=0", "max_steps<0", "root-is-a-file", "lr<0"],
+         "ckpt-missing", "accumulate=0", "val_check_interval=0", "max_steps<0", "root-is-a-file", "lr<0", "ddp-3-ranks"],
 )
 def test_bad_option(run_cli, args: list[str], expected: list[str]) -> None:
     code, line = run_cli(*args)

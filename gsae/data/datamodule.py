@@ -187,6 +187,12 @@ class TokenDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def check_world(self, world_size: int) -> None:
+        """One-line error if a text source's ``n_streams`` cannot be split between ``world_size`` ranks and their
+        workers (checked again when the loader is built)."""
+        if self.dataset != SYNTHETIC:
+            check_assignment(self.n_streams, world_size, self.num_workers)
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         if self.dataset == SYNTHETIC:
