@@ -416,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     tune_malloc()  # see gsae.allocator (GSAE_MALLOC_TUNING=0: off)
+    args = None
     try:
         args = build_parser().parse_args(argv)
         results = evaluate(args)
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip()
         msg = msg.splitlines()[0] if msg else type(e).__name__
         # the LM's loader names train.py's option; here the name is --model's, or the checkpoint's
-        which = "--model" if "args" in locals() and getattr(args, "model", None) else "the SAE's language model"
+        which = "--model" if args is not None and args.model else "the SAE's language model"
         print(f"error: {msg.replace('--model.lm.name:', which + ':')}", file=sys.stderr)
         return 1
     labels = list(dict.fromkeys(lb for per in results.values() for lb in per))

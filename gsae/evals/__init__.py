@@ -18,9 +18,12 @@ Optional module functions:
 
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import inspect
 import time
+import types
+import typing
 from collections.abc import Iterator, Mapping
 from types import ModuleType
 from typing import Any
@@ -92,8 +95,6 @@ def check_options(options: Mapping[str, Any] | None, where: str, extra: Mapping[
     tuples of those). ``extra``: options the caller reads itself (e.g. the callback's ``n_seqs: int``), allowed for
     every benchmark. Before any work: a typo in an option name was silently dropped, and a bad value failed at the
     first checkpoint of a run."""
-    import typing
-
     for name, opts in (options or {}).items():
         if name not in BENCHMARKS:
             raise ValueError(f"{where}: {name!r} is not a benchmark; choose from {', '.join(BENCHMARKS)}")
@@ -112,10 +113,6 @@ def check_options(options: Mapping[str, Any] | None, where: str, extra: Mapping[
 
 def _fits(value: Any, tp: Any) -> bool:
     """Whether ``value`` (from JSON or YAML) is an instance of the annotation ``tp`` (see :func:`check_options`)."""
-    import collections.abc
-    import types
-    import typing
-
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return True
@@ -142,8 +139,6 @@ def _fits(value: Any, tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
-    import typing
-
     if typing.get_origin(tp) is typing.Literal:
         return " or ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

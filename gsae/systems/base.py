@@ -73,6 +73,11 @@ def lr_factor(
     return factor
 
 
+def sae_class_path(sae: SparseAutoencoder) -> str:
+    """``module.Class`` of an SAE: what a checkpoint records (``sae_class``) and a resume compares."""
+    return f"{type(sae).__module__}.{type(sae).__qualname__}"
+
+
 class SAESystem(pl.LightningModule):
     """Base LightningModule: subclasses implement :meth:`objective` (the loss of one batch)."""
 
@@ -442,7 +447,7 @@ class SAESystem(pl.LightningModule):
     def describe_sae(self, sae: SparseAutoencoder, objective: str) -> dict:
         """The description of one SAE this module trains (a sweep has one per member)."""
         return {
-            "sae_class": f"{type(sae).__module__}.{type(sae).__qualname__}",
+            "sae_class": sae_class_path(sae),
             "sae_config": sae.config(),
             "architecture": sae.architecture,
             **self.describe_run(),
@@ -496,7 +501,7 @@ class SAESystem(pl.LightningModule):
     def check_saved_sae(saved: dict, sae: SparseAutoencoder, what: str, saved_class: str | None = None) -> None:
         """A one-line error if the checkpoint's SAE (class, when recorded, and config) differs from the configured
         ``sae``."""
-        ours = f"{type(sae).__module__}.{type(sae).__qualname__}"
+        ours = sae_class_path(sae)
         if saved_class is not None and saved_class != ours:
             raise ValueError(f"--ckpt_path: {what} is a {saved_class}, the configured one a {ours}")
         config = sae.config()
