@@ -47,6 +47,20 @@ def tiny_lm():
     return LanguageModel("random-tiny", seed=0)
 
 
+class CallCounter:
+    """Counts the calls of ``owner.name`` (patched through ``monkeypatch``; the real function still runs)."""
+
+    def __init__(self, monkeypatch, owner, name: str) -> None:
+        self.calls = 0
+        inner = getattr(owner, name)
+
+        def counted(*a, **k):
+            self.calls += 1
+            return inner(*a, **k)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
 def build_topk(d_in: int = 16, d_sae: int = 64, k: int = 4, **kw):
     from gsae.sae import TopKSAE
 

@@ -11,6 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from gsae.optim import Adam, dense_order, flat_view
 from gsae.sae import TopKSAE
+from tests.conftest import CallCounter
 
 
 def _params(seed: int = 0) -> list[torch.Tensor]:
@@ -144,20 +145,6 @@ def test_a_state_saved_by_torch_adam_resumes() -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-class _KernelCalls:
-    """Counts calls of the fused Adam kernel."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.n = 0
-        inner = torch._fused_adam_
-
-        def counted(*a, **k):
-            self.n += 1
-            return inner(*a, **k)
-
-        monkeypatch.setattr(torch, "_fused_adam_", counted)
-
-
 def _groups(params, lrs, extra=None) -> list[dict]:
     """A group per parameter-pair: ``lrs[i]`` and ``extra[i]`` options (a sweep: a group per member)."""
     extra = extra or [{}] * len(lrs)
@@ -185,7 +172,7 @@ def test_groups_with_equal_options_step_in_one_call_and_update_as_torch_group_by
     for cls in (Adam, lambda g: torch.optim.Adam(g, fused=True)):
         ps = [torch.nn.Parameter(p.clone()) for p in base]
         opt = cls(_groups(ps, lrs, extra))
-        counter = _KernelCalls(monkeypatch) if cls is Adam else None
+        counter = CallCounter(monkeypatch, torch, "_fused_adam_") if cls is Adam else None  # the fused kernel
         for step in range(4):
             for i, (p, g) in enumerate(zip(ps, _grads(ps, step))):
                 skip = (i >= 6 and step < 2) or i in (4, 5)
@@ -194,7 +181,7 @@ def test_groups_with_equal_options_step_in_one_call_and_update_as_torch_group_by
         monkeypatch.undo()
         runs.append((ps, opt, counter))
     (ours, opt, counter), (ref, ref_opt, _) = runs
-    assert counter.n == 4 * calls  # per step (torch: one per group with gradients)
+    assert counter.calls == 4 * calls  # per step (torch: one per group with gradients)
     for i, (a, b) in enumerate(zip(ours, ref)):
         assert torch.equal(a, b), i
         if opt.state[a]:

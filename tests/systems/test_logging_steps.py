@@ -14,6 +14,7 @@ import gsae.systems.sweep as sweep
 from gsae.lm import LanguageModel
 from gsae.optim import Adam
 from gsae.systems import SweepSAESystem
+from tests.conftest import CallCounter
 from tests.systems.helpers import HOOK, build_data, build_system, build_trainer
 
 STEPS = 8
@@ -29,20 +30,6 @@ class CountTokens(pl.Callback):
         self.n += int(pl_module.token_mask(batch.tokens).sum())
 
 
-class Spy:
-    """Counts calls of ``module.recon_sums`` (the per-step metric sums)."""
-
-    def __init__(self, monkeypatch, module) -> None:
-        self.calls = 0
-        inner = module.recon_sums
-
-        def counted(*a, **k):
-            self.calls += 1
-            return inner(*a, **k)
-
-        monkeypatch.setattr(module, "recon_sums", counted)
-
-
 def _fit(system, tmp_path, every: int):
     count = CountTokens()
     trainer = build_trainer(tmp_path, STEPS, callbacks=[count], log_every_n_steps=every)
@@ -53,7 +40,7 @@ def _fit(system, tmp_path, every: int):
 
 @pytest.mark.parametrize("every, logged", [(1, STEPS), (3, 4), (50, 2)])  # 3: steps 0, 2, 5, 7 (first, 3rd, 6th, last)
 def test_metrics_are_computed_on_logging_steps_only(tmp_path, monkeypatch, every, logged):
-    spy = Spy(monkeypatch, base)
+    spy = CallCounter(monkeypatch, base, "recon_sums")  # the per-step metric sums
     torch.manual_seed(0)
     system = build_system("gsae", buffer_size=128)
     trainer = _fit(system, tmp_path, every)
@@ -78,7 +65,7 @@ def test_logging_steps_do_not_change_training(tmp_path):
 
 
 def test_a_sweep_computes_member_metrics_on_logging_steps_only(tmp_path, monkeypatch):
-    spy = Spy(monkeypatch, sweep)
+    spy = CallCounter(monkeypatch, sweep, "recon_sums")
     members = [{"name": f"topk-k{k}", "sae": {"class_path": "gsae.sae.TopKSAE", "init_args": {"d_sae": 64, "k": k}}}
                for k in (2, 4)]
     system = SweepSAESystem(LanguageModel("random-tiny", seed=0), members, hook=HOOK, buffer_size=128,
