@@ -406,6 +406,78 @@ class LanguageModel:
         self.model.run_with_hooks(tokens, stop_at_layer=stop, return_type=None, fwd_hooks=[(hook, save)])
         return _flatten_heads(store["x"])
 
+    def hook_depth(self, hook: str) -> float | None:
+        """Where ``hook`` sits on GPT-2's residual stream, as a sortable number (a residual point ``p`` is ``p``, the
+        attention or MLP output of step ``p → p+1`` is ``p + 0.5``); ``None`` for hooks off the residual stream
+        (inside a block, the embeddings, the final LayerNorm). Hooks several SAEs of one sweep read are ordered by it."""
+        point = lm_fused.hook_point(hook)
+        if point is None or point[1] not in ("point", "attn", "mlp"):
+            return None
+        return point[0] + (0.5 if point[1] != "point" else 0.0)
+
+    @torch.no_grad()
+    def activations_at(self, tokens: Tensor, hooks: Sequence[str]) -> dict[str, Tensor]:
+        """``{hook: (B, T, D)}`` activations at several residual-stream hooks (:meth:`hook_depth`) from one forward,
+        which stops after the deepest of them; each equals :meth:`activations` at that hook."""
+        hooks = list(dict.fromkeys(hooks))
+        if len(hooks) == 1:
+            return {hooks[0]: self.activations(tokens, hooks[0])}
+        self._check_stream_hooks(hooks)
+        w = self.fused_weights(hooks)
+        if w is not None:
+            embed, pos = lm_fused.embed(w, tokens)
+            _, cache = self._run_fused(w, embed + pos, 0, lm_fused.last_step(hooks), hooks)
+            return {h: cache[h] for h in hooks}
+        store: dict[str, Tensor] = {}
+
+        def save(act: Tensor, hook) -> None:  # noqa: ARG001 - TransformerLens hook signature
+            store[hook.name] = act
+
+        stop = max(int(_LAYER_HOOK.match(h).group(1)) + 1 for h in hooks)
+        self.model.run_with_hooks(tokens, stop_at_layer=stop, return_type=None, fwd_hooks=[(h, save) for h in hooks])
+        return {h: store[h] for h in hooks}
+
+    def activations_and_grads_at(
+        self, tokens: Tensor, hooks: Sequence[str], grad_hooks: Sequence[str]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """Activations at ``hooks`` and ``dL/dx`` (``L`` the *summed* next-token CE) at ``grad_hooks`` (a subset),
+        all from one forward and one backward: ``(acts, grads, loss)``, each ``{hook: (B, T, D)}`` detached.
+
+        The model runs without autograd up to the shallowest gradient hook, whose activation becomes the leaf; the
+        deeper hooks are read on the way on, and one ``torch.autograd.grad`` from the final hidden state gives the
+        gradient at every gradient hook. A residual-stream activation carries all that later layers see, so the
+        gradient at a deeper hook is the same ``dL/dx`` :meth:`activations_and_grads` takes there alone (tested)."""
+        hooks = list(dict.fromkeys(hooks))
+        grad_hooks = list(dict.fromkeys(grad_hooks))
+        if set(grad_hooks) - set(hooks) or not grad_hooks:
+            raise ValueError(f"activations_and_grads_at: grad_hooks {grad_hooks} must be a non-empty subset of {hooks}")
+        if len(hooks) == 1:
+            acts, grads, loss = self.activations_and_grads(tokens, hooks[0], "sum")
+            return {hooks[0]: acts}, {hooks[0]: grads}, loss
+        self._check_stream_hooks(hooks)
+        first = min(grad_hooks, key=self.hook_depth)
+        depth = self.hook_depth(first)
+        before = [h for h in hooks if self.hook_depth(h) <= depth]
+        after = [h for h in hooks if self.hook_depth(h) > depth]
+        acts = self.activations_at(tokens, before)
+        x = acts[first].detach().requires_grad_(True)
+        with torch.enable_grad():
+            run = self.hidden_from_hook(x, first, tokens=tokens, cache_hooks=after)
+            W_U, b_U, d_vocab = self.unembedding()
+            loss, dh = lm_chunked.ce_sum_and_grad(run.hidden, W_U, b_U, tokens, d_vocab=d_vocab, compile=self.compile)
+            inputs = [x if h == first else run.cache[h] for h in grad_hooks]
+            grads = torch.autograd.grad(run.hidden, inputs, dh.to(run.hidden.dtype))
+        acts.update({h: run.cache[h].detach() for h in after})
+        return {h: acts[h] for h in hooks}, {h: g.detach() for h, g in zip(grad_hooks, grads)}, loss.detach()
+
+    def _check_stream_hooks(self, hooks: Sequence[str]) -> None:
+        off = [h for h in hooks if self.hook_depth(h) is None]
+        if off:
+            raise ValueError(
+                f"several hooks in one pass must be on the residual stream (blocks.L.hook_resid_pre/mid/post, "
+                f"hook_attn_out, hook_mlp_out); got {', '.join(off)}"
+            )
+
     @torch.no_grad()
     def logits(self, tokens: Tensor) -> Tensor:
         """Clean next-token logits ``(B, T, d_vocab)``."""

@@ -124,6 +124,50 @@ def test_mean_and_sum_differ_by_the_prediction_count(any_lm):
     torch.testing.assert_close(g_sum, g_mean * 3 * 9, rtol=1e-4, atol=1e-5 * float(g_sum.abs().max()))
 
 
+STREAM_HOOKS = ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post",
+                "blocks.0.hook_attn_out"]
+
+
+@pytest.mark.parametrize(
+    "grad_hooks",
+    [["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"], ["blocks.0.hook_resid_mid", "blocks.1.hook_mlp_out"],
+     ["blocks.0.hook_attn_out", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]],
+    ids=["points", "mid+mlp", "attn+points"],
+)
+def test_several_hooks_in_one_pass_equal_each_hook_alone(any_lm, grad_hooks, monkeypatch):
+    """A sweep's harvest at several hooks: every activation and every gradient equals the one-hook harvest there (the
+    reference: :meth:`activations` and :meth:`activations_and_grads` on their own), from one forward and one backward,
+    with the layers before the shallowest gradient hook run without autograd."""
+    t = tokens(b=3, t=10)
+    acts = any_lm.activations_at(t, STREAM_HOOKS)
+    assert list(acts) == STREAM_HOOKS
+    for h in STREAM_HOOKS:
+        torch.testing.assert_close(acts[h], any_lm.activations(t, h), atol=1e-6, rtol=0)
+    acts, grads, loss = any_lm.activations_and_grads_at(t, STREAM_HOOKS, grad_hooks)
+    assert list(grads) == grad_hooks
+    for h in grad_hooks:
+        ref = any_lm.activations_and_grads(t, h, "sum")
+        torch.testing.assert_close(acts[h], ref.acts, atol=1e-5, rtol=0)
+        torch.testing.assert_close(grads[h], ref.grads, atol=1e-6 * float(ref.grads.abs().max()), rtol=0)
+        torch.testing.assert_close(loss, ref.loss, atol=1e-5, rtol=1e-6)
+    for h in STREAM_HOOKS:
+        torch.testing.assert_close(acts[h], any_lm.activations(t, h), atol=1e-5, rtol=0)
+    # one backward: autograd.grad runs once for all the gradient hooks
+    seen = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: seen.append(len(a[1])) or real(*a, **k))
+    any_lm.activations_and_grads_at(t, STREAM_HOOKS, grad_hooks)
+    assert seen == [len(grad_hooks)]
+    assert all(p.grad is None for p in any_lm.model.parameters())
+
+
+def test_several_hooks_must_be_on_the_residual_stream(tiny_lm):
+    with pytest.raises(ValueError, match="residual stream.*blocks.0.attn.hook_z"):
+        tiny_lm.activations_at(tokens(), ["blocks.1.hook_resid_pre", "blocks.0.attn.hook_z"])
+    with pytest.raises(ValueError, match="non-empty subset"):
+        tiny_lm.activations_and_grads_at(tokens(), ["blocks.1.hook_resid_pre"], ["blocks.0.hook_resid_pre"])
+
+
 def test_prefix_runs_without_autograd_and_params_get_no_grad(any_lm, monkeypatch):
     grad_mode = record_blocks(any_lm, monkeypatch)
     out = any_lm.activations_and_grads(tokens(), HOOK)

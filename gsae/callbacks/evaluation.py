@@ -192,11 +192,18 @@ class EvaluationCallback(Callback):
             per_benchmark[name] = tokens[: int(opts.pop(N_SEQS_OPTION, tokens.shape[0]))]
             options[name] = opts
         self.last_seconds = {}
-        # one set of LM passes for every benchmark and member (shared harvests; loss_added's run_many)
-        everything = run_benchmarks_many(
-            list(self.benchmarks), {member: sae for member, (sae, _) in saes.items()}, lm, pl_module.hook,
-            per_benchmark, seed=self.seed, options=options, seconds=self.last_seconds, batch_size=batch_size,
-        )
+        # one set of LM passes per hook for every benchmark and member (shared harvests; loss_added's run_many); a
+        # sweep's members may read different hooks
+        by_hook: dict[str, dict[str, torch.nn.Module]] = {}
+        for member, (sae, meta) in saes.items():
+            by_hook.setdefault(meta.get("hook", pl_module.hook), {})[member] = sae
+        results: dict[str, dict[str, dict]] = {}
+        for hook, group in by_hook.items():
+            results.update(run_benchmarks_many(
+                list(self.benchmarks), group, lm, hook, per_benchmark, seed=self.seed, options=options,
+                seconds=self.last_seconds, batch_size=batch_size,
+            ))
+        everything = {member: results[member] for member in saes}
         self._last = (step, everything)
         self._log(trainer, everything, step)
         return everything

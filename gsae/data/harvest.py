@@ -29,3 +29,13 @@ def loss_gradients(lm: LanguageModel, tokens: Tensor, hook: str, normaliser: flo
     acts, grads, loss = lm.activations_and_grads(tokens, hook, "sum")
     n = float(normaliser) if normaliser else float(predictions(tokens))
     return ActsAndGrads(acts, grads / n, loss / n)
+
+
+def loss_gradients_at(
+    lm: LanguageModel, tokens: Tensor, hooks: list[str], grad_hooks: list[str], normaliser: float | None = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """:func:`loss_gradients` at several hooks from one LM pass (a sweep whose members read different hooks):
+    ``({hook: acts}, {grad hook: ∇ₓ(Σ CE)/normaliser})``, each equal to :func:`loss_gradients` at that hook."""
+    acts, grads, _ = lm.activations_and_grads_at(tokens, hooks, grad_hooks)
+    n = float(normaliser) if normaliser else float(predictions(tokens))
+    return acts, {h: g / n for h, g in grads.items()}

@@ -108,22 +108,30 @@ class LocalSAESystem(SAESystem):
         (``keep``: the kept positions' flat indices from the host, :meth:`prepare_batch`; else the mask is computed here)."""
         lm = self.frozen_lm()
         mask = self.token_mask(tokens) if keep is None else None  # (B, T)
-        grad_saes = self.grad_saes()
-        if grad_saes:
-            # the normaliser is fixed once set: while training, its host copy (reset at every fit's start) spares a
-            # wait for the GPU at every step
-            training = self._trainer is not None and self.trainer.training
-            n = (self._grad_n if training else 0.0) or float(grad_saes[0].grad_normaliser)
-            if n == 0:  # no configured scale: this device's batch; only a training batch fixes it
-                n = self.configured_grad_normaliser() or float(predictions(tokens))
-                if self._trainer is None or training:  # never the sanity check / validation
-                    for sae in grad_saes:
-                        sae.grad_normaliser.fill_(n)
-            if training:
-                self._grad_n = n
+        n = self.harvest_grad_normaliser(tokens)
+        if n is not None:
             acts, grads, _ = loss_gradients(lm, tokens, self.hook, n)
             return ActivationBatch(self.select_rows(acts, mask, keep).float(), self.select_rows(grads, mask, keep).float())
         return ActivationBatch(self.select_rows(lm.activations(tokens, self.hook), mask, keep).float(), None)
+
+    def harvest_grad_normaliser(self, tokens: Tensor) -> float | None:
+        """The CE normaliser of this harvest's ``∇ₓL`` (``None``: no g-SAE, no gradient); the first training batch
+        fixes it in every g-SAE when the configuration does not."""
+        grad_saes = self.grad_saes()
+        if not grad_saes:
+            return None
+        # the normaliser is fixed once set: while training, its host copy (reset at every fit's start) spares a
+        # wait for the GPU at every step
+        training = self._trainer is not None and self.trainer.training
+        n = (self._grad_n if training else 0.0) or float(grad_saes[0].grad_normaliser)
+        if n == 0:  # no configured scale: this device's batch; only a training batch fixes it
+            n = self.configured_grad_normaliser() or float(predictions(tokens))
+            if self._trainer is None or training:  # never the sanity check / validation
+                for sae in grad_saes:
+                    sae.grad_normaliser.fill_(n)
+        if training:
+            self._grad_n = n
+        return n
 
     def objective(self, batch: TokenBatch, stage: str) -> tuple[Tensor, SAEOutput, ActivationBatch, dict[str, Tensor]]:
         acts = self.harvest(batch.tokens, batch.keep)

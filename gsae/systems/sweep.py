@@ -38,7 +38,8 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from gsae.data.batch import TokenBatch
+from gsae.data.batch import ActivationBatch, TokenBatch
+from gsae.data.harvest import loss_gradients_at
 from gsae.lm import LanguageModel
 from gsae.metrics import (
     DeadLatentTracker,
@@ -57,6 +58,7 @@ from gsae.systems.local import LocalSAESystem
 
 #: Keys a member may set (besides ``name`` and ``sae``): its optimizer group and schedule, overriding the sweep's.
 MEMBER_OPTIONS = ("lr", "optimizer", "lr_warmup_steps", "lr_schedule", "lr_min_ratio", "gradient_clip_val")
+DEFAULT_HOOK = "blocks.7.hook_resid_post"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 
 
@@ -95,11 +97,14 @@ def build_member_sae(spec: Any, d_in: int, where: str) -> SparseAutoencoder:
 
 
 class SweepMember(nn.Module):
-    """One SAE of a sweep and everything a run of it alone would keep: counters, init flags, options."""
+    """One SAE of a sweep and everything a run of it alone would keep: hook, counters, init flags, options."""
 
-    def __init__(self, name: str, sae: SparseAutoencoder, dead_batches: int, dead_tokens: int, options: dict) -> None:
+    def __init__(
+        self, name: str, sae: SparseAutoencoder, dead_batches: int, dead_tokens: int, options: dict, hook: str
+    ) -> None:
         super().__init__()
         self.name = name
+        self.hook = hook
         self.sae = sae
         self.dead = DeadLatentTracker(sae.d_sae, dead_batches, dead_tokens, sae.uses_dead_mask)
         self.val_recon = ReconMetric(sae.d_in)
@@ -119,7 +124,7 @@ class SweepSAESystem(LocalSAESystem):
         self,
         lm: LanguageModel,
         members: list[dict[str, Any]],
-        hook: str = "blocks.7.hook_resid_post",
+        hook: str | None = None,
         optimizer: OptimizerCallable = _adam,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         lr_warmup_steps: int = 0,
@@ -139,10 +144,13 @@ class SweepSAESystem(LocalSAESystem):
             lm: the frozen language model.
             members: one mapping per SAE: ``name`` (letters, digits, ``_``, ``-``; unique; default ``m<i>``),
                 ``sae`` (``{class_path, init_args}`` as for ``LocalSAESystem``'s ``sae``; the init ``seed`` is an
-                SAE option), and optionally ``lr``, ``optimizer`` (other per-group options, e.g. ``betas``),
-                ``lr_warmup_steps``, ``lr_schedule``, ``lr_min_ratio`` and ``gradient_clip_val`` (default
-                ``--trainer.gradient_clip_val``, applied to this member's gradient norm alone).
-            hook, optimizer, lr_schedule, lr_warmup_steps, lr_min_ratio, b_dec_init, exclude_special_tokens,
+                SAE option), and optionally ``hook`` (default: ``hook``), ``lr``, ``optimizer`` (other per-group
+                options, e.g. ``betas``), ``lr_warmup_steps``, ``lr_schedule``, ``lr_min_ratio`` and
+                ``gradient_clip_val`` (default ``--trainer.gradient_clip_val``, applied to this member's gradient
+                norm alone). Members on several hooks share one LM pass (one forward to the deepest hook and, with
+                g-SAEs, one backward to the shallowest g-SAE hook); the hooks must then be on the residual stream.
+            hook: the hook of every member that does not name its own (default ``blocks.7.hook_resid_post``).
+            optimizer, lr_schedule, lr_warmup_steps, lr_min_ratio, b_dec_init, exclude_special_tokens,
                 dead_batches, dead_tokens, seed, buffer_size, grad_reduction, grad_mean_tokens: as for
                 :class:`~gsae.systems.LocalSAESystem`, shared by every member (the LR options are the defaults a
                 member may override; ``optimizer`` is one optimizer with a parameter group per member; ``seed``
@@ -150,6 +158,10 @@ class SweepSAESystem(LocalSAESystem):
                 tokens per device and holds the shared activations (and gradients) once, not once per member.
         """
         members = _plain(members)  # jsonargparse hands nested class_path mappings over as Namespaces
+        if hook is None:  # the run's hook (checkpoints record it): the default, unless every member names its own
+            named = [m.get("hook") for m in members] if isinstance(members, (list, tuple)) else []
+            all_named = named and all(isinstance(m, dict) for m in members) and all(named)
+            hook = str(named[0]) if all_named else DEFAULT_HOOK
         super().__init__(
             lm, None, hook=hook, optimizer=optimizer, lr_schedule=lr_schedule, lr_warmup_steps=lr_warmup_steps,
             lr_min_ratio=lr_min_ratio, b_dec_init=b_dec_init, exclude_special_tokens=exclude_special_tokens,
@@ -162,7 +174,6 @@ class SweepSAESystem(LocalSAESystem):
         if not isinstance(members, (list, tuple)) or not members:
             raise ValueError("--model.members must be a non-empty list of {name, sae, ...} mappings")
         built: dict[str, SweepMember] = {}
-        d_in = lm.d_in(self.hook)
         for i, spec in enumerate(members):
             where = f"--model.members[{i}]"
             if not isinstance(spec, dict):
@@ -172,17 +183,32 @@ class SweepSAESystem(LocalSAESystem):
                 raise ValueError(f"{where}.name {name!r}: use letters, digits, '_' and '-' only")
             if name in built:
                 raise ValueError(f"{where}.name {name!r} is used twice")
-            unknown = set(spec) - {"name", "sae", *MEMBER_OPTIONS}
+            unknown = set(spec) - {"name", "sae", "hook", *MEMBER_OPTIONS}
             if unknown:
-                raise ValueError(f"{where}: unknown keys {sorted(unknown)}; a member has name, sae, {', '.join(MEMBER_OPTIONS)}")
+                raise ValueError(
+                    f"{where}: unknown keys {sorted(unknown)}; a member has name, sae, hook, {', '.join(MEMBER_OPTIONS)}"
+                )
             if "sae" not in spec:
                 raise ValueError(f"{where}.sae is required")
             options = {k: spec[k] for k in MEMBER_OPTIONS if k in spec}
             if options.get("lr_schedule", "cosine") not in ("cosine", "constant"):
                 raise ValueError(f"{where}.lr_schedule must be cosine or constant (got {options['lr_schedule']!r})")
-            sae = build_member_sae(spec["sae"], d_in, where)
-            built[name] = SweepMember(name, sae, self.hparams.dead_batches, self.hparams.dead_tokens, options)
+            hook = lm.validate_hook(str(spec.get("hook", self.hook)), option=f"{where}.hook")
+            sae = build_member_sae(spec["sae"], lm.d_in(hook), where)
+            built[name] = SweepMember(name, sae, self.hparams.dead_batches, self.hparams.dead_tokens, options, hook)
         self.members = nn.ModuleDict(built)
+        #: the hooks the members read (first-use order), and those some g-SAE reads (its ∇ₓL is harvested there)
+        self.hooks = list(dict.fromkeys(m.hook for m in built.values()))
+        self.grad_hooks = [h for h in self.hooks if any(m.needs_grad and m.hook == h for m in built.values())]
+        if len(self.hooks) > 1:
+            off = [f"{m.name}: {m.hook}" for m in built.values() if lm.hook_depth(m.hook) is None]
+            if off:
+                raise ValueError(
+                    "--model.members: members on several hooks share one LM pass, so every hook must be on the residual "
+                    f"stream (blocks.L.hook_resid_pre/mid/post, hook_attn_out, hook_mlp_out); got {', '.join(off)}"
+                )
+        self._widths = [lm.d_in(h) for h in self.hooks]
+        self._grad_widths = [lm.d_in(h) for h in self.grad_hooks]
 
     # ------------------------------------------------------------------ what this module trains
     def saes(self) -> dict[str, tuple[SparseAutoencoder, dict]]:
@@ -192,26 +218,57 @@ class SweepSAESystem(LocalSAESystem):
         return [m.sae for m in self.members.values() if m.needs_grad]
 
     # ------------------------------------------------------------------ the step
+    def harvest(self, tokens: Tensor, keep: Tensor | None = None) -> ActivationBatch:
+        """As :meth:`LocalSAESystem.harvest`, at every member's hook from one LM pass (one forward, and one backward
+        if a g-SAE reads any of them): ``x`` holds the hooks' activations side by side (:attr:`hooks` order),
+        ``grad`` the gradient hooks' (:attr:`grad_hooks`), so the rows travel through the shuffle buffer together."""
+        if len(self.hooks) == 1:
+            return super().harvest(tokens, keep)
+        lm = self.frozen_lm()
+        mask = self.token_mask(tokens) if keep is None else None
+        n = self.harvest_grad_normaliser(tokens)
+        if n is not None:
+            acts, grads = loss_gradients_at(lm, tokens, self.hooks, self.grad_hooks, n)
+            g = self.select_rows(torch.cat([grads[h] for h in self.grad_hooks], -1), mask, keep).float()
+        else:
+            acts, g = lm.activations_at(tokens, self.hooks), None
+        return ActivationBatch(self.select_rows(torch.cat([acts[h] for h in self.hooks], -1), mask, keep).float(), g)
+
+    def split_hooks(self, acts: ActivationBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``({hook: x}, {gradient hook: ∇ₓL})``: a harvest's columns per hook (contiguous, one copy per hook and
+        step, none for a one-hook sweep)."""
+        xs = {h: t.contiguous() for h, t in zip(self.hooks, acts.x.split(self._widths, dim=1))}
+        gs = {}
+        if acts.grad is not None:
+            gs = {h: t.contiguous() for h, t in zip(self.grad_hooks, acts.grad.split(self._grad_widths, dim=1))}
+        return xs, gs
+
     @torch.no_grad()
-    def _initialize_members(self, x: Tensor) -> None:
+    def _initialize_members(self, xs: dict[str, Tensor]) -> None:
         if self._initialized_seen:
             return
         todo = [m for m in self.members.values() if not bool(m.initialized)]
         if not todo:
             self._initialized_seen = True  # host copy: reading the members' buffers waits for the GPU
             return
-        xs, scale = self.first_batch_statistics(x)
-        for m in todo:
-            m.sae.init_b_dec(xs, self.b_dec_init)
-            m.act_scale.fill_(scale)
-            m.initialized.fill_(True)
+        for hook in self.hooks:  # b_dec and the loss scale from the global first batch at the member's own hook
+            at = [m for m in todo if m.hook == hook]
+            if not at:
+                continue
+            rows, scale = self.first_batch_statistics(xs[hook])
+            for m in at:
+                m.sae.init_b_dec(rows, self.b_dec_init)
+                m.act_scale.fill_(scale)
+                m.initialized.fill_(True)
 
     def shared_step(self, batch: TokenBatch, stage: str) -> Tensor:
         acts = self.harvest(batch.tokens, batch.keep)
         train = stage == "train"
         if train:
             acts = self.buffer.mix(acts)
-            self._initialize_members(acts.x)
+        xs, gs = self.split_hooks(acts)
+        if train:
+            self._initialize_members(xs)
         world = self._world()
         log = train and self.log_this_step()
         n_global = self.all_reduce(torch.full((), float(acts.x.shape[0]), device=self.device))  # a fill, not a copy from the host
@@ -223,24 +280,25 @@ class SweepSAESystem(LocalSAESystem):
         norms = per_token / torch.stack([m.act_scale for m in self.members.values()])
         for (name, m), norm in zip(self.members.items(), norms):
             dead = self.dead_mask(m.sae, m.dead, stage)
-            grad = acts.grad if m.needs_grad else None
-            out = m.sae(acts.x, grad=grad, dead_mask=dead, aux_norm=norm)
-            recon = sse_loss(out.x_hat, acts.x) * norm
+            x = xs[m.hook]
+            grad = gs.get(m.hook) if m.needs_grad else None
+            out = m.sae(x, grad=grad, dead_mask=dead, aux_norm=norm)
+            recon = sse_loss(out.x_hat, x) * norm
             loss = self.sae_loss(recon, out, m.sae)
             losses.append(loss)
             with torch.no_grad():
                 if not train:
-                    m.val_recon.update(acts.x, out.x_hat, l0_per_token(out.top_acts, out.latents))
+                    m.val_recon.update(x, out.x_hat, l0_per_token(out.top_acts, out.latents))
                     continue
                 fired = fire_counts(out.top_idx, out.top_acts, out.latents, m.sae.d_sae, torch.float64)
                 if log:  # metrics only on logging steps (see log_this_step)
                     extra = {"loss": loss.detach() / world, "recon_loss": recon.detach() / world}
                     if m.sae.uses_dead_mask:  # AuxK (k_aux 0, as every Table 1 member: always 0, not logged)
                         extra["aux_loss"] = out.aux_loss.detach()
-                    if m.needs_grad and acts.grad is not None:
-                        extra["beta_attribution_median"] = m.sae.attribution_median(acts.grad, out.top_idx)
+                    if grad is not None:
+                        extra["beta_attribution_median"] = m.sae.attribution_median(grad, out.top_idx)
                     logs[name] = extra
-                    packed += [fired, recon_sums(acts.x, out.x_hat, l0_per_token(out.top_acts, out.latents)).flat()]
+                    packed += [fired, recon_sums(x, out.x_hat, l0_per_token(out.top_acts, out.latents)).flat()]
                 else:
                     packed.append(fired)
             del out
@@ -366,7 +424,8 @@ class SweepSAESystem(LocalSAESystem):
     # ------------------------------------------------------------------ checkpoints
     def describe_member(self, name: str) -> dict:
         """A member's description, shaped like a one-SAE checkpoint's (exports and evaluation read it as such)."""
-        return {**self.describe_sae(self.members[name].sae, "LocalSAESystem"), "member": name}
+        m = self.members[name]
+        return {**self.describe_sae(m.sae, "LocalSAESystem"), "hook": m.hook, "member": name}
 
     def describe(self) -> dict:
         return {
@@ -385,5 +444,8 @@ class SweepSAESystem(LocalSAESystem):
                 f"--ckpt_path: the checkpoint's members {list(saved)} differ from --model.members {list(self.members)}"
             )
         for name, m in self.members.items():
+            hook = saved[name].get("hook", meta["hook"])
+            if hook != m.hook:
+                raise ValueError(f"--ckpt_path: member {name} was trained at hook {hook!r}, --model.members sets {m.hook!r}")
             self.check_saved_sae(saved[name]["sae_config"], m.sae, f"member {name}", saved[name].get("sae_class"))
         self.restore_run(checkpoint)

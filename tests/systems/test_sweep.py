@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gsae.export import load_checkpoint, load_members
 from gsae.lm import LanguageModel
@@ -44,11 +45,12 @@ def _sweep(members=MEMBERS) -> SweepSAESystem:
     return SweepSAESystem(_lm(), members, optimizer=_adam(LR), **COMMON)
 
 
-def _alone(spec: dict) -> LocalSAESystem:
-    """The member as its own run: its SAE, its lr / schedule options, the sweep's shared options."""
+def _alone(spec: dict, hook: str | None = None) -> LocalSAESystem:
+    """The member as its own run: its SAE at its hook (or ``hook``), its lr / schedule options, the sweep's shared
+    options."""
     cls = CLASSES[spec["sae"]["class_path"].rpartition(".")[2]]
     args = spec["sae"]["init_args"]
-    kw = dict(COMMON)
+    kw = dict(COMMON, hook=hook or spec.get("hook", HOOK))
     for key in ("lr_warmup_steps", "lr_schedule", "lr_min_ratio"):
         if key in spec:
             kw[key] = spec[key]
@@ -120,6 +122,86 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
     assert int(single.tokens_seen) == int(ddp.tokens_seen)
 
 
+#: Members on four hooks of random-tiny: a TopK before the shallowest g-SAE hook (read on the no-grad prefix), two
+#: g-SAEs on different hooks (one backward gives both gradients), a TopK after them and one on an MLP output.
+HOOKED = [
+    {"name": "topk-pre0", "hook": "blocks.0.hook_resid_mid",
+     "sae": {"class_path": "TopKSAE", "init_args": {"d_sae": 48, "k": 3, "k_aux": 8, "seed": 5}}},
+    {"name": "gsae-pre1", "sae": {"class_path": "GradTopKSAE", "init_args": {"d_sae": 64, "k": 4, "beta": 1e4, "seed": 6}}},
+    {"name": "topk-pre1", "sae": {"class_path": "TopKSAE", "init_args": {"d_sae": 32, "k": 2, "seed": 7}}, "lr": 3e-3},
+    {"name": "gsae-post1", "hook": "blocks.1.hook_resid_post",
+     "sae": {"class_path": "GradTopKSAE", "init_args": {"d_sae": 48, "k": 4, "beta": 1e3, "k_aux": 8, "seed": 8}}},
+    {"name": "topk-mlp1", "hook": "blocks.1.hook_mlp_out",
+     "sae": {"class_path": "TopKSAE", "init_args": {"d_sae": 32, "k": 3, "seed": 9}}},
+]
+
+
+def test_members_on_several_hooks_share_one_harvest(tmp_path, monkeypatch):
+    """One LM pass per batch for members on four hooks: the harvest is one forward and one backward (the gradient at
+    both g-SAE hooks), each hook's columns equal the one-hook harvest there, and each member gets its hook's rows."""
+    sweep = _sweep(HOOKED)
+    assert sweep.hooks == ["blocks.0.hook_resid_mid", HOOK, "blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"]
+    assert sweep.grad_hooks == [HOOK, "blocks.1.hook_resid_post"]
+    assert {m.hook for m in sweep.members.values()} == set(sweep.hooks)
+    tokens = torch.randint(0, 256, (3, 16))
+    tokens[:, 0] = 256
+    lm = sweep.lm
+    calls = {"grad": 0, "fwd": 0}
+    real_grad, real_fwd = lm.activations_and_grads, lm.activations
+    monkeypatch.setattr(lm, "activations_and_grads", lambda *a, **k: calls.__setitem__("grad", calls["grad"] + 1) or real_grad(*a, **k))
+    monkeypatch.setattr(lm, "activations", lambda *a, **k: calls.__setitem__("fwd", calls["fwd"] + 1) or real_fwd(*a, **k))
+    acts = sweep.harvest(tokens)
+    assert calls == {"grad": 0, "fwd": 0}  # no per-hook harvest: one pass (activations_at + one autograd.grad)
+    monkeypatch.undo()
+    xs, gs = sweep.split_hooks(acts)
+    assert list(gs) == sweep.grad_hooks
+    for hook in sweep.hooks:
+        needs_grad = hook in sweep.grad_hooks
+        one = _alone(HOOKED[1] if needs_grad else HOOKED[0], hook)
+        if needs_grad:
+            one.sae.grad_normaliser.fill_(float(sweep.grad_saes()[0].grad_normaliser))
+        ref = one.harvest(tokens)
+        assert torch.allclose(xs[hook], ref.x, atol=1e-5, rtol=0), hook
+        if needs_grad:
+            assert torch.allclose(gs[hook], ref.grad, atol=1e-6 * float(ref.grad.abs().max()), rtol=0), hook
+    # the TopK-only sweep takes no gradient at all
+    topk_only = _sweep([HOOKED[0], HOOKED[2], HOOKED[4]])
+    assert topk_only.grad_hooks == [] and topk_only.harvest(tokens).grad is None
+
+
+@pytest.mark.slow
+def test_members_on_several_hooks_equal_their_saes_trained_alone(tmp_path):
+    sweep = _fit(_sweep(HOOKED), tmp_path / "sweep")
+    for spec in HOOKED:
+        alone = _fit(_alone(spec), tmp_path / spec["name"])
+        _assert_member_equals(sweep.members[spec["name"]], alone, atol=2e-5)
+        assert float(sweep.members[spec["name"]].act_scale) == pytest.approx(float(alone.act_scale), rel=1e-5)
+    # a checkpoint describes each member at its hook; its evaluation and export read that hook
+    meta = sweep.describe()["members"]
+    assert {n: meta[n]["hook"] for n in meta} == {m.name: m.hook for m in sweep.members.values()}
+
+
+@pytest.mark.slow
+def test_several_hooks_resume_and_ddp(tmp_path):
+    """Stop + resume = uninterrupted (the shuffle buffer holds every hook's columns), and 2 gloo ranks = 1 process."""
+    full = _fit(_sweep(HOOKED), tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    _fit(_sweep(HOOKED), tmp_path / "b", callbacks=[StopAt(STOP)], checkpoint_every=STOP)
+    ckpt = tmp_path / "b" / "ckpts" / "last.ckpt"
+    resumed = _fit(_sweep(HOOKED), tmp_path / "b", ckpt_path=str(ckpt), checkpoint_every=STOP)
+    for name in full.members:
+        _assert_member_equals(resumed.members[name], full.members[name])
+    assert torch.equal(full.buffer.x, resumed.buffer.x) and torch.equal(full.buffer.grad, resumed.buffer.grad)
+    moved = [dict(m, hook="blocks.1.hook_resid_post") if m["name"] == "topk-pre0" else m for m in HOOKED]
+    with pytest.raises(ValueError, match="member topk-pre0 was trained at hook 'blocks.0.hook_resid_mid'"):
+        _fit(_sweep(moved), tmp_path / "b", ckpt_path=str(ckpt), checkpoint_every=STOP)
+    kw = dict(COMMON, buffer_size=0)
+    single = _fit(SweepSAESystem(_lm(), HOOKED, optimizer=_adam(LR), **kw), tmp_path / "d1")
+    ddp = _fit(SweepSAESystem(_lm(), HOOKED, optimizer=_adam(LR), **kw), tmp_path / "d2", devices=2)
+    for name in single.members:
+        _assert_member_equals(ddp.members[name], single.members[name], atol=2e-5)
+
+
 def test_member_options_are_checked_with_one_line_errors():
     ok = MEMBERS[0]
     cases = {
@@ -131,6 +213,8 @@ def test_member_options_are_checked_with_one_line_errors():
         "non-empty list": [],
         "lr_schedule must be": [dict(ok, lr_schedule="linear")],
         "init_args": [{"name": "x", "sae": {"class_path": "TopKSAE", "init_args": {"kk": 3}}}],
+        "unknown hook 'blocks.9.hook_resid_pre'": [dict(ok, hook="blocks.9.hook_resid_pre")],
+        "every hook must be on the residual stream": [ok, dict(ok, name="z", hook="blocks.0.attn.hook_z")],
     }
     for message, members in cases.items():
         with pytest.raises(ValueError, match="--model.members") as e:
@@ -143,7 +227,6 @@ def test_cli_sweep_writes_every_members_export_evaluation_and_tensorboard(tmp_pa
     """The quickstart sweep through train.py: each member gets its SAELens export (loadable by SAELens, equal to the
     checkpoint's member), evaluation JSON, TensorBoard namespace and summary line; evaluate.py evaluates them all."""
     from sae_lens import SAE
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from gsae.cli import main
     from gsae.evaluate import main as evaluate_main
@@ -188,3 +271,45 @@ def test_cli_sweep_writes_every_members_export_evaluation_and_tensorboard(tmp_pa
     result = json.loads((tmp_path / "e.json").read_text())["dead_latents"]
     assert len(result) == 4 and all(any(k.endswith(f":{n}") for k in result) for n in names)
     assert all(n in table for n in names)
+
+
+@pytest.mark.slow
+def test_cli_layers_sweep_exports_evaluates_and_logs_each_member_at_its_hook(tmp_path, capsys):
+    """configs/quickstart/layers_sweep.yaml through train.py: each member's checkpoint section and SAELens export name
+    its own hook, and its evaluation during training ran at that hook: evaluate.py, which reads each member's hook
+    from the checkpoint (and a TopK member's from its export), gives the same loss_added."""
+    from gsae.cli import main
+    from gsae.evaluate import main as evaluate_main
+
+    args = [
+        "--config", "configs/quickstart/layers_sweep.yaml", "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "4",
+        "--trainer.val_check_interval", "4", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "2", "--evaluation.benchmarks", "[loss_added]",
+        "--evaluation.n_seqs", "8",
+    ]
+    assert main(args) == 0
+    run = tmp_path / "quickstart-layers-sweep"
+    ckpt = run / "checkpoints" / "epoch=0-step=4.ckpt"
+    hooks = {"topk-L1": "blocks.1.hook_resid_post", "gsae-L1": "blocks.1.hook_resid_post",
+             "topk-L2": "blocks.2.hook_resid_post", "gsae-L2": "blocks.2.hook_resid_post"}
+    trained = {
+        n: json.loads(ckpt.with_name(f"{ckpt.name}.{n}.eval.json").read_text())["results"]["loss_added"]["L_added"]
+        for n in hooks
+    }
+    assert trained["topk-L1"] != trained["topk-L2"]  # the layers' SAEs read different activations
+    assert evaluate_main([str(ckpt), "--benchmarks", "loss_added", "--n-seqs", "8", "--output", str(tmp_path / "c.json")]) == 0
+    from_ckpt = json.loads((tmp_path / "c.json").read_text())["loss_added"]
+    for name, hook in hooks.items():
+        _, meta = load_checkpoint(ckpt, member=name)
+        assert meta["hook"] == hook
+        export = ckpt.with_name(f"epoch=0-step=4.{name}.saelens")
+        assert json.loads((export / "cfg.json").read_text())["metadata"]["hook_name"] == hook
+        (result,) = [v for k, v in from_ckpt.items() if k.endswith(f":{name}")]
+        assert result["L_added"] == pytest.approx(trained[name], rel=1e-4, abs=1e-6), name
+        if name.startswith("topk"):  # a g-SAE's export encodes as its β = 0 TopK (gsae.export), so TopK only
+            out = tmp_path / f"{name}.json"
+            assert evaluate_main([str(export), "--benchmarks", "loss_added", "--n-seqs", "8", "--output", str(out)]) == 0
+            (alone,) = json.loads(out.read_text())["loss_added"].values()
+            assert alone["L_added"] == pytest.approx(trained[name], rel=1e-4, abs=1e-6), name
+    tags = set(EventAccumulator(str(run / "version_0"), size_guidance={"scalars": 0}).Reload().Tags()["scalars"])
+    assert all({f"train/{n}/nmse", f"val/{n}/nmse", f"eval/{n}/loss_added/L_added"} <= tags for n in hooks)
