@@ -47,6 +47,8 @@ later round and the last step of every run are discarded; see ``COOLDOWN``):
   threads; steadier than wall time when other jobs share the cores).
   ``sweep_flop_expectation`` is the same ratio of FLOPs per token (:func:`sweep_flops`: 5 TopK + 5 g-SAE
   floors of :func:`flop_floor` ÷ one g-SAE harvest + 10 SAEs), ``sweep_speedup_vs_flops`` the measured ÷ it.
+  ``--sweep-hooks H1 H2 ...`` puts those members at every hook (a sweep over layers: one forward to the deepest hook
+  and one backward to the shallowest; each separate run at its member's hook).
   Defaults for this objective (CPU budget: the 11 runs are ~30 TopK-steps' work per measured step):
   ``--batch-size 16`` (2048 tokens per step; every cost here is linear in the tokens, so the ratio does not
   depend on it beyond per-step constants) and ``--steps 5 --warmup 1``; ``--d-sae`` stays 12288.
@@ -176,6 +178,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=[3, 5, 10, 32, 64],
         help="sweep: the k of its TopK and g-SAE members (2 members per k; Table 1's by default)",
+    )
+    p.add_argument(
+        "--sweep-hooks",
+        nargs="+",
+        default=None,
+        help="sweep: members at each of these hooks (every --sweep-ks k × {TopK, g-SAE} per hook; default --hook), "
+        "e.g. blocks.3.hook_resid_post blocks.5.hook_resid_post blocks.7.hook_resid_post blocks.9.hook_resid_post",
     )
     p.add_argument(
         "--e2e-downstream", action="store_true", help="e2e+ds: every later hook_resid_pre as downstream hook"
@@ -343,12 +352,16 @@ def build_e2e(lm, args):
 
 
 def sweep_members(args) -> list[dict]:
-    """The sweep's members: TopK and g-SAE at every ``--sweep-ks`` k (``k_aux=0``, as the Table 1 config)."""
+    """The sweep's members: TopK and g-SAE at every ``--sweep-ks`` k (``k_aux=0``, as the Table 1 config), at every
+    ``--sweep-hooks`` hook (named ``<kind>-k<k>``, plus ``-<hook>`` when there are several hooks)."""
+    hooks = args.sweep_hooks or [args.hook]
     members = []
-    for kind, cls in (("topk", "TopKSAE"), ("gsae", "GradTopKSAE")):
-        for k in args.sweep_ks:
-            init = {"d_sae": args.d_sae, "k": k, "k_aux": 0, **({"beta": args.beta} if kind == "gsae" else {})}
-            members.append({"name": f"{kind}-k{k}", "sae": {"class_path": f"gsae.sae.{cls}", "init_args": init}})
+    for hook in hooks:
+        for kind, cls in (("topk", "TopKSAE"), ("gsae", "GradTopKSAE")):
+            for k in args.sweep_ks:
+                init = {"d_sae": args.d_sae, "k": k, "k_aux": 0, **({"beta": args.beta} if kind == "gsae" else {})}
+                name = f"{kind}-k{k}" + (f"-{hook.replace('.', '_')}" if len(hooks) > 1 else "")
+                members.append({"name": name, "hook": hook, "sae": {"class_path": f"gsae.sae.{cls}", "init_args": init}})
     return members
 
 
@@ -357,7 +370,7 @@ def build_sweep(lm, args):
     from gsae.systems import SweepSAESystem
 
     return SweepSAESystem(
-        lm=lm, members=sweep_members(args), hook=args.hook, buffer_size=args.buffer_size, seed=args.seed
+        lm=lm, members=sweep_members(args), buffer_size=args.buffer_size, seed=args.seed
     )
 
 
@@ -370,7 +383,7 @@ def build_separate(lm, args) -> dict:
         return LocalSAESystem(
             lm=lm,
             sae=lambda d: build_member_sae(spec["sae"], d, spec["name"]),
-            hook=args.hook,
+            hook=spec["hook"],
             buffer_size=args.buffer_size,
             seed=args.seed,
         )
@@ -378,18 +391,23 @@ def build_separate(lm, args) -> dict:
     return {spec["name"]: one(spec) for spec in sweep_members(args)}
 
 
-def sweep_flops(floor: dict[str, float], members: list[dict]) -> dict[str, float]:
-    """FLOPs per LM token of the sweep and of its members as separate runs (from :func:`flop_floor`'s parts).
+def sweep_flops(floors: dict[str, dict[str, float]], members: list[dict]) -> dict[str, float]:
+    """FLOPs per LM token of the sweep and of its members as separate runs (from :func:`flop_floor`'s parts at each
+    member's hook: ``floors[hook]``).
 
-    Sweep: one harvest (a g-SAE one, forward + backward to the hook: ``prefix + 2·suffix``, if any member is a
-    g-SAE, else ``prefix``) + every member's encoder (``sae``) + each g-SAE member's scores (another ``sae``).
-    Separate: each TopK member ``topk`` = prefix + sae, each g-SAE member ``gsae`` = prefix + 2·suffix + 2·sae.
+    Sweep: one harvest (with a g-SAE, forward + backward to the shallowest g-SAE hook ``h``: ``prefix(h) +
+    2·suffix(h)``; else the forward to the deepest hook, the largest ``prefix``) + every member's encoder (``sae``) +
+    each g-SAE member's scores (another ``sae``). Separate: each TopK member ``topk`` = prefix + sae at its hook, each
+    g-SAE member ``gsae`` = prefix + 2·suffix + 2·sae at its hook.
     """
-    n_grad = sum(m["sae"]["class_path"].endswith("GradTopKSAE") for m in members)
-    n_topk = len(members) - n_grad
-    harvest = floor["prefix"] + (2 * floor["suffix"] if n_grad else 0.0)
-    sweep = harvest + len(members) * floor["sae"] + n_grad * floor["sae"]
-    separate = n_topk * floor["topk"] + n_grad * floor["gsae"]
+    grad = [m for m in members if m["sae"]["class_path"].endswith("GradTopKSAE")]
+    if grad:
+        first = min((floors[m["hook"]] for m in grad), key=lambda f: f["prefix"])
+        harvest = first["prefix"] + 2 * first["suffix"]
+    else:
+        harvest = max(floors[m["hook"]]["prefix"] for m in members)
+    sweep = harvest + sum(floors[m["hook"]]["sae"] for m in members) + sum(floors[m["hook"]]["sae"] for m in grad)
+    separate = sum(floors[m["hook"]]["gsae" if m in grad else "topk"] for m in members)
     return {"sweep": sweep, "separate": separate, "expectation": separate / sweep}
 
 
@@ -766,12 +784,12 @@ def report_sweep(lm, args, members, med, round_med, tokens_per_step, skipped, cp
             f"# CPU seconds of this process per batch (all threads; less sensitive to other jobs than wall time): "
             f"sweep {c_sweep:.2f}, separate {c_sep:.2f}"
         )
-    floor = flop_floor(lm, args.hook, args.context_size, args.d_sae)
-    flops = sweep_flops(floor, members)
+    floors = {m["hook"]: flop_floor(lm, m["hook"], args.context_size, args.d_sae) for m in members}
+    flops = sweep_flops(floors, members)
+    for hook, floor in floors.items():
+        print(f"# MFLOP/token at {hook}: " + " ".join(f"{k}={v / 1e6:.1f}" for k, v in floor.items()))
     print(
-        "# MFLOP/token: "
-        + " ".join(f"{k}={v / 1e6:.1f}" for k, v in floor.items())
-        + f"  sweep={flops['sweep'] / 1e6:.1f} (one g-SAE harvest + {n} SAEs) separate={flops['separate'] / 1e6:.1f}"
+        f"# MFLOP/token: sweep={flops['sweep'] / 1e6:.1f} (one harvest + {n} SAEs) separate={flops['separate'] / 1e6:.1f}"
     )
     speedup = t_sep / t_sweep
     print(f"# LM tokens per second of the sweep run (each trained into all {n} SAEs):")
@@ -928,8 +946,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if obj == SWEEP:  # the sweep, and one TopK and one g-SAE member run alone (every k costs the same ops)
                 alone = build_separate(lm, args)
-                for key in (f"topk-k{args.sweep_ks[0]}", f"gsae-k{args.sweep_ks[0]}"):
-                    count_ops(f"sep_{key.split('-')[0]}", alone[key], tokens, args.count_ops, args)
+                for kind in ("topk", "gsae"):
+                    key = next(name for name in alone if name.startswith(f"{kind}-k{args.sweep_ks[0]}"))
+                    count_ops(f"sep_{kind}", alone[key], tokens, args.count_ops, args)
                 count_ops("sweep", build_sweep(lm, args), tokens, args.count_ops, args)
             else:
                 count_ops(obj, build_system(obj, lm, args), tokens, args.count_ops, args)

@@ -16,6 +16,13 @@ member is a g-SAE — mixes them through one shuffle buffer, and trains every me
 - TopK members ignore the gradient; g-SAE members share the one harvest (one forward + one backward to the hook),
   so a sweep with g-SAEs costs one g-SAE harvest, not one per g-SAE member.
 
+Members may read different hooks (a member's ``hook``; the paper's §4.6 SAEs at layers 3, 5, 7 and 9 in one run):
+the harvest is still one LM pass — a forward to the deepest hook and, with g-SAEs, one backward from the LM loss to
+the shallowest g-SAE hook, whose ``torch.autograd.grad`` returns ``∇ₓL`` at every g-SAE hook (each the gradient a
+run at that hook alone takes, :meth:`~gsae.lm.LanguageModel.activations_and_grads_at`). A harvested row holds the
+token's activations at every hook side by side (and its gradients at the g-SAE hooks), so rows stay aligned through
+the one shuffle buffer; each member reads its hook's columns, and is initialised, evaluated and exported at it.
+
 So a member ends where that SAE trained alone (``LocalSAESystem``, the same options, ``seed`` and tokens) ends —
 tested, after n steps, after a resume and under 2-rank DDP. Logs go to ``train/<member>/<metric>`` and
 ``val/<member>/<metric>``; every checkpoint holds all members (``gsae`` → ``members``) and gets one SAELens

@@ -222,6 +222,17 @@ def test_member_options_are_checked_with_one_line_errors():
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+def _quick_args(config: str, steps: int, root) -> list[str]:
+    """train.py's arguments for ``steps`` steps of a quickstart sweep config, one checkpoint and loss_added only."""
+    n = str(steps)
+    return [
+        "--config", f"configs/quickstart/{config}.yaml", "--trainer.max_steps", n, "--checkpoint.every_n_train_steps", n,
+        "--trainer.val_check_interval", n, "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "2", "--evaluation.benchmarks", "[loss_added]",
+        "--evaluation.n_seqs", "8",
+    ]
+
+
 @pytest.mark.slow
 def test_cli_sweep_writes_every_members_export_evaluation_and_tensorboard(tmp_path, capsys):
     """The quickstart sweep through train.py: each member gets its SAELens export (loadable by SAELens, equal to the
@@ -231,13 +242,7 @@ def test_cli_sweep_writes_every_members_export_evaluation_and_tensorboard(tmp_pa
     from gsae.cli import main
     from gsae.evaluate import main as evaluate_main
 
-    args = [
-        "--config", "configs/quickstart/sweep.yaml", "--trainer.max_steps", "6", "--checkpoint.every_n_train_steps", "6",
-        "--trainer.val_check_interval", "6", "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "2", "--evaluation.benchmarks", "[loss_added]",
-        "--evaluation.n_seqs", "8",
-    ]
-    assert main(args) == 0
+    assert main(_quick_args("sweep", 6, tmp_path)) == 0
     out = capsys.readouterr().out
     run = tmp_path / "quickstart-sweep"
     ckpt = run / "checkpoints" / "epoch=0-step=6.ckpt"
@@ -281,13 +286,7 @@ def test_cli_layers_sweep_exports_evaluates_and_logs_each_member_at_its_hook(tmp
     from gsae.cli import main
     from gsae.evaluate import main as evaluate_main
 
-    args = [
-        "--config", "configs/quickstart/layers_sweep.yaml", "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "4",
-        "--trainer.val_check_interval", "4", "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "2", "--evaluation.benchmarks", "[loss_added]",
-        "--evaluation.n_seqs", "8",
-    ]
-    assert main(args) == 0
+    assert main(_quick_args("layers_sweep", 4, tmp_path)) == 0
     run = tmp_path / "quickstart-layers-sweep"
     ckpt = run / "checkpoints" / "epoch=0-step=4.ckpt"
     hooks = {"topk-L1": "blocks.1.hook_resid_post", "gsae-L1": "blocks.1.hook_resid_post",
