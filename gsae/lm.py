@@ -443,32 +443,50 @@ class LanguageModel:
         """Activations at ``hooks`` and ``dL/dx`` (``L`` the *summed* next-token CE) at ``grad_hooks`` (a subset),
         all from one forward and one backward: ``(acts, grads, loss)``, each ``{hook: (B, T, D)}`` detached.
 
-        The model runs without autograd up to the shallowest gradient hook, whose activation becomes the leaf; the
-        deeper hooks are read on the way on, and one ``torch.autograd.grad`` from the final hidden state gives the
-        gradient at every gradient hook. A residual-stream activation carries all that later layers see, so the
-        gradient at a deeper hook is the same ``dL/dx`` :meth:`activations_and_grads` takes there alone (tested)."""
+        The model runs without autograd up to the shallowest gradient point (:meth:`grad_point`), whose activation
+        becomes the leaf; the deeper hooks are read on the way on, and one ``torch.autograd.grad`` from the final
+        hidden state gives the gradient at every gradient point. A residual-stream activation carries all that later
+        layers see, so the gradient at a deeper hook is the same ``dL/dx`` :meth:`activations_and_grads` takes there
+        alone (tested); two names of one residual point (``blocks.L.hook_resid_post``, ``blocks.L+1.hook_resid_pre``)
+        get the same gradient."""
         hooks = list(dict.fromkeys(hooks))
         grad_hooks = list(dict.fromkeys(grad_hooks))
         if set(grad_hooks) - set(hooks) or not grad_hooks:
             raise ValueError(f"activations_and_grads_at: grad_hooks {grad_hooks} must be a non-empty subset of {hooks}")
-        if len(hooks) == 1:
+        if len(hooks) == 1 and (self.hook_depth(hooks[0]) is None or self.grad_point(hooks[0]) == hooks[0]):
             acts, grads, loss = self.activations_and_grads(tokens, hooks[0], "sum")
             return {hooks[0]: acts}, {hooks[0]: grads}, loss
         self._check_stream_hooks(hooks)
-        first = min(grad_hooks, key=self.hook_depth)
-        depth = self.hook_depth(first)
-        before = [h for h in hooks if self.hook_depth(h) <= depth]
+        points = {h: self.grad_point(h) for h in grad_hooks}
+        by_depth: dict[float, str] = {}  # one name per residual point
+        for p in points.values():
+            by_depth.setdefault(self.hook_depth(p), p)
+        depth = min(by_depth)
+        first = by_depth[depth]
         after = [h for h in hooks if self.hook_depth(h) > depth]
-        acts = self.activations_at(tokens, before)
+        acts = self.activations_at(tokens, [*(h for h in hooks if self.hook_depth(h) <= depth), first])
         x = acts[first].detach().requires_grad_(True)
+        deeper = sorted(d for d in by_depth if d > depth)
         with torch.enable_grad():
-            run = self.hidden_from_hook(x, first, tokens=tokens, cache_hooks=after)
+            cache_hooks = list(dict.fromkeys([*after, *(by_depth[d] for d in deeper)]))
+            run = self.hidden_from_hook(x, first, tokens=tokens, cache_hooks=cache_hooks)
             W_U, b_U, d_vocab = self.unembedding()
             loss, dh = lm_chunked.ce_sum_and_grad(run.hidden, W_U, b_U, tokens, d_vocab=d_vocab, compile=self.compile)
-            inputs = [x if h == first else run.cache[h] for h in grad_hooks]
-            grads = torch.autograd.grad(run.hidden, inputs, dh.to(run.hidden.dtype))
+            inputs = [x, *(run.cache[by_depth[d]] for d in deeper)]
+            found = dict(zip([depth, *deeper], torch.autograd.grad(run.hidden, inputs, dh.to(run.hidden.dtype))))
         acts.update({h: run.cache[h].detach() for h in after})
-        return {h: acts[h] for h in hooks}, {h: g.detach() for h, g in zip(grad_hooks, grads)}, loss.detach()
+        grads = {h: found[self.hook_depth(points[h])].detach() for h in grad_hooks}
+        return {h: acts[h] for h in hooks}, grads, loss.detach()
+
+    def grad_point(self, hook: str) -> str:
+        """The residual point whose ``dL/dx`` is ``dL/d(hook)``: ``hook`` itself for a residual point; for an attention
+        or MLP output the point right after it (``x_{p+1} = x_p + out``, so ``dL/d out = dL/dx_{p+1}``), where the
+        fused forward can start (a residual-stream hook, :meth:`hook_depth`)."""
+        point, kind = lm_fused.hook_point(hook)
+        if kind == "point":
+            return hook
+        q = point + 1
+        return f"blocks.{q // 2}.hook_resid_mid" if q % 2 else f"blocks.{q // 2 - 1}.hook_resid_post"
 
     def _check_stream_hooks(self, hooks: Sequence[str]) -> None:
         off = [h for h in hooks if self.hook_depth(h) is None]
@@ -619,6 +637,13 @@ class LanguageModel:
         it is exactly 0 for a causal model. The gradient includes the effect of ``x_t`` on every later
         position's loss through attention (SPEC §1.2 [INFERRED]).
         """
+        if self.hook_depth(hook) is not None and self.grad_point(hook) != hook:
+            # an attention / MLP output: its gradient is the next residual point's (both forward paths start there)
+            acts, grads, loss = self.activations_and_grads_at(tokens, [hook], [hook])
+            if reduction == "mean":
+                n = tokens.shape[0] * (tokens.shape[1] - 1)
+                loss, grads[hook] = loss / n, grads[hook] / n
+            return ActsAndGrads(acts[hook], grads[hook], loss)
         x = self.activations(tokens, hook).detach().requires_grad_(True)
         with torch.enable_grad():
             hidden = self.hidden_from_hook(x, hook, tokens=tokens).hidden

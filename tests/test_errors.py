@@ -138,6 +138,23 @@ def test_checkpoint_of_another_kind_of_run_is_one_line() -> None:
         system.on_load_checkpoint({"gsae": {"sae_config": config, "hook": system.hook}})
 
 
+def test_checkpoint_of_another_lm_is_one_line() -> None:
+    """Resuming on another model (name, a random preset's seed, centred writing weights) is refused in one line, where
+    the SAE's shape may even match and the run would otherwise go on on other activations; the dtype, fold_ln and the
+    forward path may change."""
+    from tests.systems.helpers import build_system
+
+    system = build_system("topk")
+    meta = {"sae_config": system.sae.config(), "hook": system.hook, "lm": system.lm.describe()}
+    for key, value in {"name": "random-small", "seed": 3, "center_writing_weights": False}.items():
+        other = {**meta, "lm": {**meta["lm"], key: value}}
+        with pytest.raises(ValueError, match=rf"^--ckpt_path: the checkpoint was trained on another LM .*'{key}'") as e:
+            system.on_load_checkpoint({"gsae": other})
+        assert "\n" not in str(e.value)
+    for key, value in {"dtype": "bfloat16", "fold_ln": False, "center_unembed": False}.items():
+        system.on_load_checkpoint({"gsae": {**meta, "lm": {**meta["lm"], key: value}}})
+
+
 def test_e2e_downstream_hook_before_the_sae_hook_is_one_line() -> None:
     from gsae.lm import LanguageModel
     from gsae.sae import TopKSAE

@@ -161,6 +161,51 @@ def test_several_hooks_in_one_pass_equal_each_hook_alone(any_lm, grad_hooks, mon
     assert all(p.grad is None for p in any_lm.model.parameters())
 
 
+def _tl_grad(lm: LanguageModel, t: torch.Tensor, hook: str) -> torch.Tensor:
+    """Reference ``dL/dx`` (summed CE) at ``hook``: TransformerLens' whole forward with autograd, the activation at
+    ``hook`` replaced by a leaf, full-vocabulary logits, ``backward``."""
+    leaf = {}
+
+    def patch(act, hook):  # noqa: ARG001
+        leaf["x"] = act.detach().requires_grad_(True)
+        return leaf["x"]
+
+    with torch.enable_grad():
+        logits = lm.model.run_with_hooks(t, fwd_hooks=[(hook, patch)])
+        next_token_loss(logits, t, "sum").backward()
+    return leaf["x"].grad
+
+
+@pytest.mark.parametrize("hook", ["blocks.0.hook_attn_out", "blocks.0.hook_mlp_out", "blocks.1.hook_attn_out",
+                                  "blocks.1.hook_mlp_out", "blocks.1.hook_resid_mid"])
+def test_gradient_at_attention_and_mlp_outputs_is_the_next_points(any_lm, hook, monkeypatch):
+    """An attention or MLP output's gradient is taken at the residual point after it (``x_{p+1} = x_p + out``), so
+    the fused forward serves it (no TransformerLens run); it equals TransformerLens' own autograd at the hook."""
+    t = tokens(b=2, t=10)
+    ref = _tl_grad(any_lm, t, hook)
+    if any_lm.fused:
+        monkeypatch.setattr(any_lm.model, "run_with_hooks", lambda *a, **k: pytest.fail("TransformerLens ran"))
+    got = any_lm.activations_and_grads(t, hook, "sum")
+    monkeypatch.undo()
+    torch.testing.assert_close(got.grads, ref, atol=2e-6 * float(ref.abs().max()), rtol=0)
+    torch.testing.assert_close(got.acts, any_lm.activations(t, hook), atol=1e-6, rtol=0)
+    assert any_lm.grad_point("blocks.1.hook_mlp_out") == "blocks.1.hook_resid_post"  # the last block: no resid_pre 2
+    assert any_lm.grad_point("blocks.0.hook_mlp_out") == "blocks.0.hook_resid_post"
+    assert any_lm.grad_point("blocks.1.hook_attn_out") == "blocks.1.hook_resid_mid"
+
+
+def test_two_names_of_one_residual_point_get_one_gradient(any_lm):
+    """``blocks.0.hook_resid_post`` is ``blocks.1.hook_resid_pre``: a sweep may name both; each gets the gradient."""
+    t = tokens(b=2, t=10)
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.1.hook_mlp_out"]
+    acts, grads, _ = any_lm.activations_and_grads_at(t, hooks, hooks)
+    ref = _tl_grad(any_lm, t, "blocks.1.hook_resid_pre")
+    for h in hooks[:2]:
+        torch.testing.assert_close(grads[h], ref, atol=2e-6 * float(ref.abs().max()), rtol=0)
+        torch.testing.assert_close(acts[h], any_lm.activations(t, h), atol=1e-6, rtol=0)
+    torch.testing.assert_close(grads[hooks[2]], _tl_grad(any_lm, t, hooks[2]), atol=2e-6 * float(ref.abs().max()), rtol=0)
+
+
 def test_several_hooks_must_be_on_the_residual_stream(tiny_lm):
     with pytest.raises(ValueError, match="residual stream.*blocks.0.attn.hook_z"):
         tiny_lm.activations_at(tokens(), ["blocks.1.hook_resid_pre", "blocks.0.attn.hook_z"])

@@ -135,11 +135,13 @@ class EvaluationCallback(Callback):
         (for a sweep, one set per member: ``<checkpoint>.<member>.eval.json``, ``<checkpoint>.<member>.latents.html``)."""
         if not self.enabled or not trainer.is_global_zero:
             return
+        saes = pl_module.saes() if hasattr(pl_module, "saes") else {}
         for member, results in self.evaluate(trainer, pl_module).items():
             if self.write_json:
                 payload = {
                     "checkpoint": Path(ckpt_path).name,
                     **({"member": member} if member else {}),
+                    "hook": saes[member][1].get("hook") if member in saes else getattr(pl_module, "hook", None),
                     "step": trainer.global_step,
                     "seed": self.seed,
                     "n_seqs": int(self._tokens.shape[0]),

@@ -509,16 +509,33 @@ class SAESystem(pl.LightningModule):
             diff = {k: (saved.get(k), config.get(k)) for k in {**saved, **config} if saved.get(k) != config.get(k)}
             raise ValueError(f"--ckpt_path: {what} differs from the configured one (checkpoint, config): {diff}")
 
-    def restore_run(self, checkpoint: dict[str, Any]) -> None:
-        """Check the checkpoint's hook and give this rank its own shuffle buffer back."""
+    def restore_run(self, checkpoint: dict[str, Any], check_hook: bool = True) -> None:
+        """Check the checkpoint's LM and hook (``check_hook``: a sweep checks each member's instead) and give this
+        rank its own shuffle buffer back."""
         meta = checkpoint["gsae"]
-        if meta["hook"] != self.hook:
+        self.check_saved_lm(meta.get("lm"))
+        if check_hook and meta["hook"] != self.hook:
             raise ValueError(f"--ckpt_path: checkpoint hook {meta['hook']!r} differs from --model.hook {self.hook!r}")
         buffer = getattr(self, "buffer", None)
         if buffer is not None and "gsae_buffer" in checkpoint:
             own = self._own_buffer_state(checkpoint["gsae_buffer"])
             if own is not None:
                 buffer.load_state_dict(own)
+
+    def check_saved_lm(self, saved: dict | None) -> None:
+        """A one-line error if the checkpoint was trained on another language model: another name, another
+        ``center_writing_weights`` (it changes the residual stream), or another weight seed of a random preset. The
+        dtype, ``fold_ln``, ``center_unembed``, ``fused`` and ``compile`` may change (the activations do not)."""
+        if not saved:
+            return
+        ours = self.lm.describe()
+        keys = ["name", "center_writing_weights"] + (["seed"] if str(ours["name"]).startswith("random-") else [])
+        diff = {k: (saved.get(k), ours[k]) for k in keys if k in saved and saved[k] != ours[k]}
+        if diff:
+            raise ValueError(
+                f"--ckpt_path: the checkpoint was trained on another LM (checkpoint, --model.lm): {diff}; resume with "
+                "the checkpoint's model options"
+            )
 
     def _own_buffer_state(self, saved: dict) -> dict | None:
         """This rank's shuffle-buffer state from a checkpoint holding every rank's (older files: rank 0's only)."""

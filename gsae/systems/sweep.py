@@ -455,4 +455,4 @@ class SweepSAESystem(LocalSAESystem):
             if hook != m.hook:
                 raise ValueError(f"--ckpt_path: member {name} was trained at hook {hook!r}, --model.members sets {m.hook!r}")
             self.check_saved_sae(saved[name]["sae_config"], m.sae, f"member {name}", saved[name].get("sae_class"))
-        self.restore_run(checkpoint)
+        self.restore_run(checkpoint, check_hook=False)  # the members' hooks are checked above; the run's is a default

@@ -167,6 +167,10 @@ def test_members_on_several_hooks_share_one_harvest(tmp_path, monkeypatch):
     # the TopK-only sweep takes no gradient at all
     topk_only = _sweep([HOOKED[0], HOOKED[2], HOOKED[4]])
     assert topk_only.grad_hooks == [] and topk_only.harvest(tokens).grad is None
+    # two names of one residual point (blocks.0.hook_resid_post is blocks.1.hook_resid_pre), both read by g-SAEs
+    alias = _sweep([HOOKED[1], dict(HOOKED[3], hook="blocks.0.hook_resid_post")])
+    xs, gs = alias.split_hooks(alias.harvest(tokens))
+    assert torch.equal(xs[HOOK], xs["blocks.0.hook_resid_post"]) and torch.equal(gs[HOOK], gs["blocks.0.hook_resid_post"])
 
 
 @pytest.mark.slow
@@ -192,6 +196,10 @@ def test_several_hooks_resume_and_ddp(tmp_path):
     for name in full.members:
         _assert_member_equals(resumed.members[name], full.members[name])
     assert torch.equal(full.buffer.x, resumed.buffer.x) and torch.equal(full.buffer.grad, resumed.buffer.grad)
+    # the sweep's own hook is only the members' default: with every member naming its hook it may change on resume
+    named = [dict(m, hook=m.get("hook", HOOK)) for m in HOOKED]
+    other_default = SweepSAESystem(_lm(), named, optimizer=_adam(LR), **dict(COMMON, hook="blocks.0.hook_resid_pre"))
+    other_default.on_load_checkpoint(torch.load(ckpt, weights_only=False))
     moved = [dict(m, hook="blocks.1.hook_resid_post") if m["name"] == "topk-pre0" else m for m in HOOKED]
     with pytest.raises(ValueError, match="member topk-pre0 was trained at hook 'blocks.0.hook_resid_mid'"):
         _fit(_sweep(moved), tmp_path / "b", ckpt_path=str(ckpt), checkpoint_every=STOP)
@@ -291,10 +299,9 @@ def test_cli_layers_sweep_exports_evaluates_and_logs_each_member_at_its_hook(tmp
     ckpt = run / "checkpoints" / "epoch=0-step=4.ckpt"
     hooks = {"topk-L1": "blocks.1.hook_resid_post", "gsae-L1": "blocks.1.hook_resid_post",
              "topk-L2": "blocks.2.hook_resid_post", "gsae-L2": "blocks.2.hook_resid_post"}
-    trained = {
-        n: json.loads(ckpt.with_name(f"{ckpt.name}.{n}.eval.json").read_text())["results"]["loss_added"]["L_added"]
-        for n in hooks
-    }
+    payloads = {n: json.loads(ckpt.with_name(f"{ckpt.name}.{n}.eval.json").read_text()) for n in hooks}
+    assert {n: p["hook"] for n, p in payloads.items()} == hooks
+    trained = {n: p["results"]["loss_added"]["L_added"] for n, p in payloads.items()}
     assert trained["topk-L1"] != trained["topk-L2"]  # the layers' SAEs read different activations
     assert evaluate_main([str(ckpt), "--benchmarks", "loss_added", "--n-seqs", "8", "--output", str(tmp_path / "c.json")]) == 0
     from_ckpt = json.loads((tmp_path / "c.json").read_text())["loss_added"]
