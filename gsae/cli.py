@@ -304,5 +304,35 @@ def main(args: list[str] | None = None) -> int:
         if os.environ.get("GSAE_DEBUG"):
             raise
         print(f"error: {user_message(e)}", file=sys.stderr)
+        if "cli" in locals():
+            remove_empty_log_dirs(cli.trainer)
         return 1
     return 0
+
+
+def remove_empty_log_dirs(trainer) -> list[Path]:
+    """Remove the TensorBoard version folders a run that failed before logging anything created (only event files
+    without a single value in them), and the run folder if that leaves it empty, so that the next run of the same
+    config is ``version_0``, not ``version_1`` beside an empty one. Returns the folders removed."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    removed: list[Path] = []
+    if getattr(trainer, "global_rank", 0) != 0:  # rank 0 owns the folder
+        return removed
+    for logger in trainer.loggers:
+        if not isinstance(logger, TensorBoardLogger) or not Path(logger.log_dir).is_dir():
+            continue
+        folder = Path(logger.log_dir)
+        logger.experiment.close()  # the event file is complete before it is read
+        files = list(folder.iterdir())
+        if not files or any(not f.name.startswith("events.out.tfevents.") or f.stat().st_size > 65536 for f in files):
+            continue
+        if any(e.HasField("summary") for f in files for e in EventFileLoader(str(f)).Load()):
+            continue
+        for f in files:
+            f.unlink()
+        folder.rmdir()
+        removed.append(folder)
+        if folder.parent.is_dir() and not any(folder.parent.iterdir()):
+            folder.parent.rmdir()
+    return removed

@@ -63,6 +63,29 @@ def test_bad_option(run_cli, args: list[str], expected: list[str]) -> None:
         assert text in line, line
 
 
+def test_a_run_that_fails_before_logging_leaves_no_empty_version_folder(run_cli, tmp_path) -> None:
+    """A bad value found when the fit starts (after the logger made ``version_0``): the empty folder goes, so the
+    next run is ``version_0``; a version folder with anything else in it, or a run that logged, stays."""
+    code, line = run_cli("--data.context_size", "100000")
+    assert code == 1 and "--data.context_size" in line
+    assert not (tmp_path / "quickstart-topk").exists(), sorted(p.name for p in tmp_path.rglob("*"))
+    kept = tmp_path / "quickstart-topk" / "version_0"
+    kept.mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
+    assert run_cli("--data.context_size", "100000")[0] == 1
+    assert sorted(p.name for p in (tmp_path / "quickstart-topk").iterdir()) == ["version_0"]
+    assert (kept / "notes.txt").read_text() == "mine"
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from gsae.cli import remove_empty_log_dirs
+
+    class Trainer:  # a logger whose folder holds one logged value
+        loggers = [TensorBoardLogger(str(tmp_path), name="logged")]
+
+    Trainer.loggers[0].experiment.add_scalar("train/loss", 1.0, 0)
+    assert remove_empty_log_dirs(Trainer) == [] and (tmp_path / "logged" / "version_0").is_dir()
+
+
 def test_missing_local_dataset(run_cli, tmp_path) -> None:
     path = str(tmp_path / "no" / "corpus.txt")
     code, line = run_cli("--data.dataset", path)
