@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -204,8 +205,14 @@ class EvaluationCallback(Callback):
             results.update(run_benchmarks_many(
                 list(self.benchmarks), group, lm, hook, per_benchmark, seed=self.seed, options=options,
                 seconds=self.last_seconds, batch_size=batch_size,
+                on_error="raise" if os.environ.get("GSAE_DEBUG") else "record",
             ))
         everything = {member: results[member] for member in saes}
+        for member, res in everything.items():  # a benchmark that raised: said once, training goes on
+            for name, r in res.items():
+                if isinstance(r.get("failed"), str):
+                    log.error("evaluation: %s%s failed at step %d (%s); the run goes on (GSAE_DEBUG=1 raises)",
+                              name, f" of {member}" if member else "", step, r["failed"])
         self._last = (step, everything)
         self._log(trainer, everything, step)
         return everything

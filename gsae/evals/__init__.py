@@ -198,6 +198,7 @@ def run_benchmarks_many(
     seed: int = 0,
     options: dict[str, dict] | None = None,
     seconds: dict[str, float] | None = None,
+    on_error: str = "raise",
     **shared,
 ) -> dict[str, dict[str, dict]]:
     """``{sae name: {benchmark: result}}`` for several SAEs at one hook (a sweep's members), each result equal to
@@ -208,7 +209,10 @@ def run_benchmarks_many(
 
     ``tokens``: one ``(n_seq, T)`` set for every benchmark, or ``{benchmark: tokens}``. ``seconds``, if given,
     receives ``{"<sae name>/<benchmark>": wall seconds}`` (``"<benchmark>"`` for the name ``""``; a ``run_many``'s
-    time split evenly between its SAEs). Training modes are restored afterwards.
+    time split evenly between its SAEs). ``on_error="record"``: a benchmark that raises gets ``{"failed": "<Error>:
+    <message>"}`` for the SAEs it ran on and the others still run (the training callback: one failing benchmark
+    neither stops training nor loses the others); ``"raise"`` (default) lets it propagate. Training modes are
+    restored afterwards.
     """
     from gsae.evals.common import shared_harvests
 
@@ -231,7 +235,12 @@ def run_benchmarks_many(
                     reasons = {m: _skip_reason(name, sae, lm, hook) for m, sae in saes.items()}
                     run_on = {m: sae for m, sae in saes.items() if not reasons[m]}
                     t0 = time.perf_counter()
-                    res = _call(many, run_on, lm, hook, tok, seed=seed, options=opts) if run_on else {}
+                    try:
+                        res = _call(many, run_on, lm, hook, tok, seed=seed, options=opts) if run_on else {}
+                    except Exception as e:  # noqa: BLE001 - recorded, see on_error
+                        if on_error == "raise":
+                            raise
+                        res = {m: _failure(e) for m in run_on}
                     dt = (time.perf_counter() - t0) / max(len(run_on), 1)
                     for m in saes:
                         results[m][name] = res[m] if m in run_on else {"skipped": reasons[m]}
@@ -239,12 +248,24 @@ def run_benchmarks_many(
                     continue
                 for m, sae in saes.items():
                     t0 = time.perf_counter()
-                    results[m][name] = run_benchmark(name, sae, lm, hook, tok, seed=seed, **opts)
+                    try:
+                        results[m][name] = run_benchmark(name, sae, lm, hook, tok, seed=seed, **opts)
+                    except Exception as e:  # noqa: BLE001 - recorded, see on_error
+                        if on_error == "raise":
+                            raise
+                        results[m][name] = _failure(e)
                     record(m, name, time.perf_counter() - t0)
     finally:
         for m, sae in saes.items():
             sae.train(modes[m])
     return results
+
+
+def _failure(e: BaseException) -> dict:
+    """``{"failed": "<Error>: <first line>"}``; on a GPU the failed benchmark's cached blocks go back first (an OOM)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"failed": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
 
 
 def benchmark_figures(name: str, result: dict) -> dict:
@@ -254,8 +275,9 @@ def benchmark_figures(name: str, result: dict) -> dict:
 
 
 def is_skipped(result: dict) -> bool:
-    """Whether a result is ``{"skipped": reason}`` (the benchmark did not apply), not a benchmark's own field."""
-    return isinstance(result.get("skipped"), str)
+    """Whether a result is ``{"skipped": reason}`` (the benchmark did not apply) or ``{"failed": error}`` (it raised,
+    :func:`run_benchmarks_many`'s ``on_error="record"``), not a benchmark's own field."""
+    return isinstance(result.get("skipped"), str) or isinstance(result.get("failed"), str)
 
 
 def benchmark_artifacts(name: str, result: dict) -> dict[str, str]:

@@ -288,3 +288,40 @@ def test_cli_evaluation_group_is_on_by_default_and_one_option_turns_it_off(tmp_p
     assert [c for c in some.trainer.callbacks if isinstance(c, EvaluationCallback)][0].benchmarks == [
         "loss_added", "steering"
     ]
+
+
+def test_a_benchmark_that_raises_during_training_is_recorded_and_training_goes_on(
+    tmp_path, fake_benchmark, monkeypatch, caplog
+):
+    """An error no up-front check can see (here a CUDA-style OOM in one benchmark) at a checkpoint: that benchmark's
+    result is ``{"failed": ...}`` in the JSON, said in one log line, the other benchmarks' results are there, and the
+    run trains to its last step (``evaluate.py`` and ``GSAE_DEBUG=1`` still raise)."""
+    import logging
+
+    from tests.evals import fake_benchmark as fake
+    from tests.systems.helpers import build_data, build_system, build_trainer
+
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nlong details")
+
+    monkeypatch.setattr(fake, "run", oom)
+    system = build_system("topk")
+    cb = EvaluationCallback(benchmarks=["loss_added", "fake"], n_seqs=4, log_figures=False)
+    trainer = build_trainer(tmp_path, 4, callbacks=[cb], checkpoint_every=2)
+    with caplog.at_level(logging.ERROR, logger="gsae.callbacks.evaluation"):
+        trainer.fit(system, datamodule=build_data(system))
+    assert trainer.global_step == 4
+    for step in (2, 4):
+        results = json.loads((tmp_path / "ckpts" / f"epoch=0-step={step}.ckpt.eval.json").read_text())["results"]
+        assert results["fake"] == {"failed": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+        assert isinstance(results["loss_added"]["L_added"], float)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("evaluation: fake failed at step 2 (RuntimeError: CUDA out of memory" in e for e in errors), errors
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):  # evaluate.py's default: the error propagates
+        from gsae.evals import run_benchmarks
+
+        run_benchmarks(["fake"], system.sae, system.lm, system.hook, torch.zeros(2, 8, dtype=torch.long))
+    monkeypatch.setenv("GSAE_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        cb._last = None
+        cb.evaluate(trainer, system)
