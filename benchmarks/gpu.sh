@@ -7,7 +7,8 @@
 #
 # Stages: the CUDA tests; `train_throughput.py` (TopK vs SAELens vs our forward) at the paper's 4096 tokens per step
 # (32 x 128, twice: the figures are noisy) and at 32768 (256 x 128); `--objective all` (TopK, g-SAE, e2e costs) and
-# `--objective sweep` (10 SAEs in one run vs 10 runs) at both sizes; kernel launches per step (`--count-ops`);
+# `--objective sweep` (10 SAEs in one run vs 10 runs) at both sizes, and over layers 3-9 (8 SAEs) at 4096;
+# kernel launches per step (`--count-ops`);
 # what logging a step's metrics costs (benchmarks/logging_cost.py);
 # the SAE step's kernels alone, sparse vs dense
 # gradients (benchmarks/sae_kernels.py); CUDA profiles of 3 TopK steps at 4096 and 2 g-SAE steps at 32768; last,
@@ -81,6 +82,10 @@ stage profile_4096 60 $PY benchmarks/train_throughput.py "${BENCH[@]}" --baselin
     "${QS[@]}" "${Q[@]}"
 stage profile_gsae_32768 60 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective gsae --steps 1 --rounds 1 \
     --profile 2 --batch-size 256 "${Q[@]}"
+# a sweep over layers: TopK and g-SAE (k 32) at layers 3, 5, 7, 9, one run vs 8 separate runs
+stage layers_sweep_4096 100 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective sweep --steps 4 --rounds 2 \
+    --batch-size 32 --sweep-ks 32 --sweep-hooks blocks.3.hook_resid_post blocks.5.hook_resid_post \
+    blocks.7.hook_resid_post blocks.9.hook_resid_post "${QS[@]}" "${Q[@]}"
 # last (its first batches compile for a minute or two): the g-SAE and e2e costs with `--compile` (the fused steps and
 # each vocabulary chunk's softmax and gradient under torch.compile, gsae.lm_chunked.compiled)
 stage all_32768_compile 180 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective all --compile --steps 2 \
