@@ -11,6 +11,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
@@ -139,7 +140,7 @@ def trainer_defaults() -> dict:
 def build_cli(args: list[str] | None = None, run_defaults: bool = True) -> GSAECLI:
     """Parse ``args`` and instantiate model, data and trainer (does not train)."""
     args = list(sys.argv[1:] if args is None else args)
-    if run_defaults and not any(a == "--config" or a.startswith("--config=") for a in args) and not _is_help(args):
+    if run_defaults and not any(_is_config_flag(a) for a in args) and not _is_help(args):
         args = ["--config", str(DEFAULT_CONFIG), *args]
     return GSAECLI(
         SAESystem,
@@ -153,6 +154,13 @@ def build_cli(args: list[str] | None = None, run_defaults: bool = True) -> GSAEC
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"exit_on_error": False},  # parse errors raise; main() prints them as one line
     )
+
+
+def _is_config_flag(arg: str) -> bool:
+    """``--config``, ``-c`` (also ``-cFILE``, ``--config=FILE``) or an abbreviation argparse accepts (``--conf``): a
+    config file the user gave, so the default GPT-2 config does not go underneath it."""
+    name = arg.split("=", 1)[0]
+    return (arg.startswith("-c") and not arg.startswith("--")) or (len(name) >= 4 and "--config".startswith(name))
 
 
 def _is_help(args: list[str]) -> bool:
@@ -277,6 +285,7 @@ def main(args: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     args = list(sys.argv[1:] if args is None else args)
     tune_malloc()  # large CPU tensors reused instead of re-faulted every step (GSAE_MALLOC_TUNING=0: off)
+    started = time.time()
     try:
         try:
             cli = build_cli(args)
@@ -305,20 +314,46 @@ def main(args: list[str] | None = None) -> int:
             raise
         print(f"error: {user_message(e)}", file=sys.stderr)
         if "cli" in locals():
-            remove_empty_log_dirs(cli.trainer)
+            remove_empty_log_dirs(cli.trainer, since=started)
         return 1
     return 0
 
 
-def remove_empty_log_dirs(trainer) -> list[Path]:
-    """Remove the TensorBoard version folders a run that failed before logging anything created (only event files
-    without a single value in them), and the run folder if that leaves it empty, so that the next run of the same
-    config is ``version_0``, not ``version_1`` beside an empty one. Returns the folders removed."""
+def remove_empty_log_dirs(trainer, since: float = 0.0) -> list[Path]:
+    """Remove the logger folders (``version_N``) of a run that failed before logging anything, and the run folder if
+    that leaves it empty, so that the next run of the same config is ``version_0``, not ``version_1`` beside an empty
+    one. A folder goes only if it holds nothing but TensorBoard event files without a single value and the
+    ``config.yaml`` / ``hparams.yaml`` this run wrote (modified after ``since``, the run's start). Returns the folders
+    removed (rank 0 only)."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    def empty_events(f: Path) -> bool:
+        return f.name.startswith("events.out.tfevents.") and f.stat().st_size <= 65536 and not any(
+            e.HasField("summary") for e in EventFileLoader(str(f)).Load()
+        )
+
+    def ours(f: Path) -> bool:
+        return f.name in ("config.yaml", "hparams.yaml") and f.stat().st_mtime >= since
 
     removed: list[Path] = []
     if getattr(trainer, "global_rank", 0) != 0:  # rank 0 owns the folder
         return removed
+    for logger in trainer.loggers:
+        folder = Path(logger.log_dir) if getattr(logger, "log_dir", None) else None
+        if folder is None or not folder.is_dir():
+            continue
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.close()  # the event file is complete before it is read
+        files = list(folder.iterdir())
+        if any(not f.is_file() or not (empty_events(f) or ours(f)) for f in files):
+            continue
+        for f in files:
+            f.unlink()
+        folder.rmdir()
+        removed.append(folder)
+        if folder.parent.is_dir() and not any(folder.parent.iterdir()):
+            folder.parent.rmdir()
+    return removed
     for logger in trainer.loggers:
         if not isinstance(logger, TensorBoardLogger) or not Path(logger.log_dir).is_dir():
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,27 @@ def test_a_run_that_fails_before_logging_leaves_no_empty_version_folder(run_cli,
     assert remove_empty_log_dirs(Trainer) == [] and (tmp_path / "logged" / "version_0").is_dir()
 
 
+def test_a_refused_resume_or_a_csv_logger_leaves_no_empty_version_folder(run_cli, tmp_path) -> None:
+    """The config.yaml a failing run wrote goes with its empty folder (a refused resume); a CSVLogger's empty folder
+    goes too; a config.yaml older than the run stays."""
+    assert run_cli("--trainer.max_steps", "2", "--checkpoint.every_n_train_steps", "2")[0] == 0
+    run = tmp_path / "quickstart-topk"
+    ckpt = run / "checkpoints" / "epoch=0-step=2.ckpt"
+    code, line = run_cli("--ckpt_path", str(ckpt), "--trainer.max_steps", "4", "--model.lm.name", "random-small")
+    assert code == 1 and "another LM" in line
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "version_0"]
+    csv = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(tmp_path),
+           "--trainer.logger.init_args.name", "csv"]
+    assert run_cli(*csv, "--data.context_size", "100000")[0] == 1
+    assert not (tmp_path / "csv").exists()
+    old = tmp_path / "csv" / "version_0"
+    old.mkdir(parents=True)
+    (old / "config.yaml").write_text("from an earlier run")
+    os.utime(old / "config.yaml", (0, 0))
+    assert run_cli(*csv, "--trainer.logger.init_args.version", "0", "--data.context_size", "100000")[0] == 1
+    assert (old / "config.yaml").exists()
+
+
 def test_missing_local_dataset(run_cli, tmp_path) -> None:
     path = str(tmp_path / "no" / "corpus.txt")
     code, line = run_cli("--data.dataset", path)
@@ -167,15 +189,21 @@ def test_checkpoint_of_another_lm_is_one_line() -> None:
     forward path may change."""
     from tests.systems.helpers import build_system
 
-    system = build_system("topk")
-    meta = {"sae_config": system.sae.config(), "hook": system.hook, "lm": system.lm.describe()}
-    for key, value in {"name": "random-small", "seed": 3, "center_writing_weights": False}.items():
-        other = {**meta, "lm": {**meta["lm"], key: value}}
-        with pytest.raises(ValueError, match=rf"^--ckpt_path: the checkpoint was trained on another LM .*'{key}'") as e:
-            system.on_load_checkpoint({"gsae": other})
-        assert "\n" not in str(e.value)
-    for key, value in {"dtype": "bfloat16", "fold_ln": False, "center_unembed": False}.items():
-        system.on_load_checkpoint({"gsae": {**meta, "lm": {**meta["lm"], key: value}}})
+    refused = {"random-tiny": {"name": "random-small", "seed": 3}, "gsae-tiny": {"center_writing_weights": False}}
+    # a random preset is built in-process (weight processing has no effect on it); gsae-tiny's seed means nothing
+    accepted = {"random-tiny": {"center_writing_weights": False}, "gsae-tiny": {"seed": 3}}
+    for lm_name in refused:
+        system = build_system("topk", lm_name=lm_name)
+        meta = {"sae_config": system.sae.config(), "hook": system.hook, "lm": system.lm.describe()}
+        for key, value in refused[lm_name].items():
+            other = {**meta, "lm": {**meta["lm"], key: value}}
+            with pytest.raises(ValueError, match=rf"^--ckpt_path: the checkpoint was trained on another LM .*'{key}'") as e:
+                system.on_load_checkpoint({"gsae": other})
+            assert "\n" not in str(e.value)
+        for key, value in {"dtype": "bfloat16", "fold_ln": False, "center_unembed": False, **accepted[lm_name]}.items():
+            system.on_load_checkpoint({"gsae": {**meta, "lm": {**meta["lm"], key: value}}})
+        system.on_load_checkpoint({"gsae": {k: v for k, v in meta.items() if k != "lm"}})  # older checkpoints: no 'lm'
+
 
 
 def test_e2e_downstream_hook_before_the_sae_hook_is_one_line() -> None:

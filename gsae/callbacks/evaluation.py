@@ -250,7 +250,7 @@ class EvaluationCallback(Callback):
             for t, text in tagged_texts(results).items():
                 for w in writers:
                     w.add_text(tag(t, member), text, global_step=step)
-        names = sorted({b for r in everything.values() for b in r})
+        names = sorted({b for r in everything.values() for b, res in r.items() if "failed" not in res})
         log.info("evaluated %s at step %d%s", ", ".join(names), step,
                  f" for {len(everything)} SAEs" if len(everything) > 1 else "")
         log.debug("eval at step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))

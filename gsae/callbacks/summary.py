@@ -173,13 +173,18 @@ def newest_evaluation(trainer: pl.Trainer, ckpts: list[Path]) -> tuple[int | Non
 
 
 def headline_numbers(results: dict[str, dict], which: dict[str, tuple[str, ...]] | None = None) -> list[tuple[str, str]]:
-    """``[("loss_added.L_added", "0.0312"), ...]``: the :data:`HEADLINE` metrics present in ``results``."""
+    """``[("loss_added.L_added", "0.0312"), ...]``: the :data:`HEADLINE` metrics present in ``results``, and
+    ``("<benchmark>.failed", "<Error>: <message>")`` for every benchmark that raised (shortened to 60 characters)."""
     out = []
     for bench, keys in (which or HEADLINE).items():
         for k in keys:
             v = results.get(bench, {}).get(k)
             if isinstance(v, int | float) and not isinstance(v, bool):
                 out.append((f"{bench}.{k}", f"{v:.4g}"))
+    for bench, result in results.items():
+        failed = result.get("failed") if isinstance(result, dict) else None
+        if isinstance(failed, str):
+            out.append((f"{bench}.failed", failed if len(failed) <= 60 else failed[:59] + "…"))
     return out
 
 

@@ -308,7 +308,7 @@ def test_a_benchmark_that_raises_during_training_is_recorded_and_training_goes_o
     system = build_system("topk")
     cb = EvaluationCallback(benchmarks=["loss_added", "fake"], n_seqs=4, log_figures=False)
     trainer = build_trainer(tmp_path, 4, callbacks=[cb], checkpoint_every=2)
-    with caplog.at_level(logging.ERROR, logger="gsae.callbacks.evaluation"):
+    with caplog.at_level(logging.INFO, logger="gsae.callbacks.evaluation"):
         trainer.fit(system, datamodule=build_data(system))
     assert trainer.global_step == 4
     for step in (2, 4):
@@ -317,6 +317,11 @@ def test_a_benchmark_that_raises_during_training_is_recorded_and_training_goes_o
         assert isinstance(results["loss_added"]["L_added"], float)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("evaluation: fake failed at step 2 (RuntimeError: CUDA out of memory" in e for e in errors), errors
+    infos = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluated ")]
+    assert infos and all("fake" not in m and "loss_added" in m for m in infos), infos
+    from gsae.callbacks.summary import headline_numbers  # the run summary's eval line says it failed
+
+    assert ("fake.failed", "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB") in headline_numbers(results)
     with pytest.raises(RuntimeError, match="CUDA out of memory"):  # evaluate.py's default: the error propagates
         from gsae.evals import run_benchmarks
 
