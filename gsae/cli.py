@@ -354,20 +354,3 @@ def remove_empty_log_dirs(trainer, since: float = 0.0) -> list[Path]:
         if folder.parent.is_dir() and not any(folder.parent.iterdir()):
             folder.parent.rmdir()
     return removed
-    for logger in trainer.loggers:
-        if not isinstance(logger, TensorBoardLogger) or not Path(logger.log_dir).is_dir():
-            continue
-        folder = Path(logger.log_dir)
-        logger.experiment.close()  # the event file is complete before it is read
-        files = list(folder.iterdir())
-        if not files or any(not f.name.startswith("events.out.tfevents.") or f.stat().st_size > 65536 for f in files):
-            continue
-        if any(e.HasField("summary") for f in files for e in EventFileLoader(str(f)).Load()):
-            continue
-        for f in files:
-            f.unlink()
-        folder.rmdir()
-        removed.append(folder)
-        if folder.parent.is_dir() and not any(folder.parent.iterdir()):
-            folder.parent.rmdir()
-    return removed
