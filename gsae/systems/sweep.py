@@ -165,10 +165,14 @@ class SweepSAESystem(LocalSAESystem):
                 tokens per device and holds the shared activations (and gradients) once, not once per member.
         """
         members = _plain(members)  # jsonargparse hands nested class_path mappings over as Namespaces
+        if not isinstance(members, (list, tuple)) or not members:
+            raise ValueError("--model.members must be a non-empty list of {name, sae, ...} mappings")
+        for i, spec in enumerate(members):
+            if not isinstance(spec, dict):
+                raise ValueError(f"--model.members[{i}] must be a mapping with name and sae, got {spec!r}")
         if hook is None:  # the run's hook (checkpoints record it): the default, unless every member names its own
-            named = [m.get("hook") for m in members] if isinstance(members, (list, tuple)) else []
-            all_named = named and all(isinstance(m, dict) for m in members) and all(named)
-            hook = str(named[0]) if all_named else DEFAULT_HOOK
+            named = [m.get("hook") for m in members]
+            hook = str(named[0]) if all(named) else DEFAULT_HOOK
         super().__init__(
             lm, None, hook=hook, optimizer=optimizer, lr_schedule=lr_schedule, lr_warmup_steps=lr_warmup_steps,
             lr_min_ratio=lr_min_ratio, b_dec_init=b_dec_init, exclude_special_tokens=exclude_special_tokens,
@@ -176,15 +180,11 @@ class SweepSAESystem(LocalSAESystem):
             grad_reduction=grad_reduction, grad_mean_tokens=grad_mean_tokens,
         )
         self.save_hyperparameters(ignore=["lm", "optimizer"])
-        if isinstance(members, list) and any(isinstance(m, dict) and callable(m.get("sae")) for m in members):
+        if any(callable(m.get("sae")) for m in members):
             self.hparams.pop("members", None)  # Python factories do not pickle; the 'gsae' section describes members
-        if not isinstance(members, (list, tuple)) or not members:
-            raise ValueError("--model.members must be a non-empty list of {name, sae, ...} mappings")
         built: dict[str, SweepMember] = {}
         for i, spec in enumerate(members):
             where = f"--model.members[{i}]"
-            if not isinstance(spec, dict):
-                raise ValueError(f"{where} must be a mapping with name and sae, got {spec!r}")
             name = str(spec.get("name", f"m{i}"))
             if not _NAME.match(name):
                 raise ValueError(f"{where}.name {name!r}: use letters, digits, '_' and '-' only")

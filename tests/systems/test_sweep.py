@@ -228,6 +228,9 @@ def test_member_options_are_checked_with_one_line_errors():
         with pytest.raises(ValueError, match="--model.members") as e:
             SweepSAESystem(_lm(), members, **COMMON)
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    # without a sweep-level hook (members may name theirs), a member that is not a mapping is still one line
+    with pytest.raises(ValueError, match=r"--model.members\[0\] must be a mapping with name and sae"):
+        SweepSAESystem(_lm(), ["x"], **{k: v for k, v in COMMON.items() if k != "hook"})
 
 
 def _quick_args(config: str, steps: int, root) -> list[str]:
