@@ -35,6 +35,7 @@ from gsae.evals import (
     artifacts,
     check_benchmarks,
     check_options,
+    failure,
     run_benchmarks_many,
     tagged_scalars,
     tagged_texts,
@@ -42,10 +43,18 @@ from gsae.evals import (
 
 log = logging.getLogger(__name__)
 
+
 #: Benchmarks run when none are named: the four promised on every checkpoint, plus decoder geometry.
 DEFAULT_BENCHMARKS = ("loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry", "latents")
 #: Option the callback reads itself from ``options[benchmark]``: that benchmark's number of held-out contexts.
 N_SEQS_OPTION = "n_seqs"
+
+
+def member_saes(pl_module: pl.LightningModule) -> dict[str, tuple[torch.nn.Module, str]]:
+    """``{member: (sae, hook)}`` of the SAEs a module trains: ``{"": (sae, hook)}`` for one SAE, every member of a
+    sweep at its own hook (its description's, else the module's)."""
+    saes = pl_module.saes() if hasattr(pl_module, "saes") else {"": (pl_module.sae, {})}
+    return {member: (sae, meta.get("hook", pl_module.hook)) for member, (sae, meta) in saes.items()}
 
 
 class EvaluationCallback(Callback):
@@ -136,13 +145,13 @@ class EvaluationCallback(Callback):
         (for a sweep, one set per member: ``<checkpoint>.<member>.eval.json``, ``<checkpoint>.<member>.latents.html``)."""
         if not self.enabled or not trainer.is_global_zero:
             return
-        saes = pl_module.saes() if hasattr(pl_module, "saes") else {}
+        hooks = {member: hook for member, (_, hook) in member_saes(pl_module).items()}
         for member, results in self.evaluate(trainer, pl_module).items():
             if self.write_json:
                 payload = {
                     "checkpoint": Path(ckpt_path).name,
                     **({"member": member} if member else {}),
-                    "hook": saes[member][1].get("hook") if member in saes else getattr(pl_module, "hook", None),
+                    "hook": hooks[member],
                     "step": trainer.global_step,
                     "seed": self.seed,
                     "n_seqs": int(self._tokens.shape[0]),
@@ -187,7 +196,7 @@ class EvaluationCallback(Callback):
         tokens = self.held_out_tokens(trainer).to(lm.device)
         dm = trainer.datamodule
         batch_size = self.batch_size or getattr(dm, "batch_size", 8)
-        saes = pl_module.saes() if hasattr(pl_module, "saes") else {"": (pl_module.sae, {})}
+        saes = member_saes(pl_module)
         per_benchmark: dict[str, torch.Tensor] = {}
         options: dict[str, dict] = {}
         for name in self.benchmarks:
@@ -198,8 +207,8 @@ class EvaluationCallback(Callback):
         # one set of LM passes per hook for every benchmark and member (shared harvests; loss_added's run_many); a
         # sweep's members may read different hooks
         by_hook: dict[str, dict[str, torch.nn.Module]] = {}
-        for member, (sae, meta) in saes.items():
-            by_hook.setdefault(meta.get("hook", pl_module.hook), {})[member] = sae
+        for member, (sae, hook) in saes.items():
+            by_hook.setdefault(hook, {})[member] = sae
         results: dict[str, dict[str, dict]] = {}
         for hook, group in by_hook.items():
             results.update(run_benchmarks_many(
@@ -210,9 +219,9 @@ class EvaluationCallback(Callback):
         everything = {member: results[member] for member in saes}
         for member, res in everything.items():  # a benchmark that raised: said once, training goes on
             for name, r in res.items():
-                if isinstance(r.get("failed"), str):
+                if failure(r):
                     log.error("evaluation: %s%s failed at step %d (%s); the run goes on (GSAE_DEBUG=1 raises)",
-                              name, f" of {member}" if member else "", step, r["failed"])
+                              name, f" of {member}" if member else "", step, failure(r))
         self._last = (step, everything)
         self._log(trainer, everything, step)
         return everything
@@ -250,7 +259,7 @@ class EvaluationCallback(Callback):
             for t, text in tagged_texts(results).items():
                 for w in writers:
                     w.add_text(tag(t, member), text, global_step=step)
-        names = sorted({b for r in everything.values() for b, res in r.items() if "failed" not in res})
+        names = sorted({b for r in everything.values() for b, res in r.items() if not failure(res)})
         log.info("evaluated %s at step %d%s", ", ".join(names), step,
                  f" for {len(everything)} SAEs" if len(everything) > 1 else "")
         log.debug("eval at step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))

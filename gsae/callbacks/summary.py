@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from gsae.callbacks.progress import TRAIN_FIELDS, VAL_FIELDS, format_count, format_duration, metric_fields
+from gsae.evals import failure
 
 #: ``benchmark -> metrics`` shown for the newest evaluation (all of them are in the JSON).
 HEADLINE = {
@@ -182,8 +183,8 @@ def headline_numbers(results: dict[str, dict], which: dict[str, tuple[str, ...]]
             if isinstance(v, int | float) and not isinstance(v, bool):
                 out.append((f"{bench}.{k}", f"{v:.4g}"))
     for bench, result in results.items():
-        failed = result.get("failed") if isinstance(result, dict) else None
-        if isinstance(failed, str):
+        failed = failure(result)
+        if failed:
             out.append((f"{bench}.failed", failed if len(failed) <= 60 else failed[:59] + "…"))
     return out
 

@@ -274,10 +274,17 @@ def benchmark_figures(name: str, result: dict) -> dict:
     return fn(result) if fn is not None and not is_skipped(result) else {}
 
 
+def failure(result: dict) -> str | None:
+    """The error of a result recorded as ``{"failed": "<Error>: <message>"}`` (:func:`run_benchmarks_many`'s
+    ``on_error="record"``: the benchmark raised), else ``None``."""
+    failed = result.get("failed") if isinstance(result, dict) else None
+    return failed if isinstance(failed, str) else None
+
+
 def is_skipped(result: dict) -> bool:
     """Whether a result is ``{"skipped": reason}`` (the benchmark did not apply) or ``{"failed": error}`` (it raised,
-    :func:`run_benchmarks_many`'s ``on_error="record"``), not a benchmark's own field."""
-    return isinstance(result.get("skipped"), str) or isinstance(result.get("failed"), str)
+    :func:`failure`), not a benchmark's own field."""
+    return isinstance(result.get("skipped"), str) or failure(result) is not None
 
 
 def benchmark_artifacts(name: str, result: dict) -> dict[str, str]:
@@ -331,6 +338,7 @@ __all__ = [
     "benchmark_figures",
     "benchmark_texts",
     "check_benchmarks",
+    "failure",
     "is_skipped",
     "run_benchmark",
     "run_benchmarks",
