@@ -27,8 +27,13 @@ def predictions(tokens: Tensor) -> int:
 def loss_gradients(lm: LanguageModel, tokens: Tensor, hook: str, normaliser: float | None = None) -> ActsAndGrads:
     """Activations and ``∇ₓ(Σ CE)/normaliser`` at ``hook``; ``normaliser`` None or 0 = this batch's prediction count (a mean)."""
     acts, grads, loss = lm.activations_and_grads(tokens, hook, "sum")
-    n = float(normaliser) if normaliser else float(predictions(tokens))
+    n = _normaliser(tokens, normaliser)
     return ActsAndGrads(acts, grads / n, loss / n)
+
+
+def _normaliser(tokens: Tensor, normaliser: float | None) -> float:
+    """The CE normaliser: ``normaliser``, or (None or 0) this batch's prediction count."""
+    return float(normaliser) if normaliser else float(predictions(tokens))
 
 
 def loss_gradients_at(
@@ -37,5 +42,5 @@ def loss_gradients_at(
     """:func:`loss_gradients` at several hooks from one LM pass (a sweep whose members read different hooks):
     ``({hook: acts}, {grad hook: ∇ₓ(Σ CE)/normaliser})``, each equal to :func:`loss_gradients` at that hook."""
     acts, grads, _ = lm.activations_and_grads_at(tokens, hooks, grad_hooks)
-    n = float(normaliser) if normaliser else float(predictions(tokens))
+    n = _normaliser(tokens, normaliser)
     return acts, {h: g / n for h, g in grads.items()}
