@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-config", default="configs/gpt2/table1_sweep.yaml", help="--sweep-eval: the evaluation "
                    "budgets (n_seqs and per-benchmark options)")
     p.add_argument("--sweep-scale", type=float, default=0.25, help="--sweep-eval: multiply the config's n_seqs by this")
+    p.add_argument("--sweep-hooks", nargs="+", default=None, help="--sweep-eval: a sweep over layers: the members at "
+                   "each of these hooks, all evaluated from one LM pass per batch (run_benchmarks_at, the callback) "
+                   "against each hook's members in their own pass (the callback before); default: one hook")
     p.add_argument("--sweep-shared-only", action="store_true", help="--sweep-eval: time the shared evaluation only "
                    "(e.g. at --sweep-scale 1, the config's real budgets), not the unshared reference")
     return p.parse_args(argv)
@@ -89,6 +92,7 @@ def callback_cost(args: argparse.Namespace) -> dict:
 
     from gsae.callbacks.evaluation import EvaluationCallback
     from gsae.data import TokenBatch
+    from gsae.evals import held_out_counts
     from gsae.loggers import TensorBoardLogger
     from gsae.optim import Adam
     from gsae.systems import E2ESAESystem, LocalSAESystem
@@ -128,7 +132,7 @@ def callback_cost(args: argparse.Namespace) -> dict:
     step_s = steps[len(steps) // 2]
     ev = cfg.get("evaluation") or {}
     cb = EvaluationCallback(**{k: v for k, v in ev.items() if k != "enabled"})
-    held_out = batch(cb.n_seqs)
+    held_out = batch(held_out_counts(cb.benchmarks, cb.n_seqs, cb.options, T)[0])  # as many as the callback reads
     dm = SimpleNamespace(contexts=lambda which: iter(held_out.cpu().tolist()), batch_size=B)
     with tempfile.TemporaryDirectory() as tmp:
         # a real TensorBoard logger, as a run has: the callback writes its scalars, texts and figures (drawn in this
@@ -140,7 +144,7 @@ def callback_cost(args: argparse.Namespace) -> dict:
     benchmarks_s = sum(cb.last_seconds.values())
     return dict(
         config=args.config, sae=cls, hook=m["hook"], batch=f"{B}x{T}", every=every, step_s=step_s, steps=steps,
-        eval_s=eval_s, per=cb.last_seconds, n_seqs=cb.n_seqs, benchmarks=cb.benchmarks,
+        eval_s=eval_s, per=cb.last_seconds, n_seqs=held_out.shape[0], benchmarks=cb.benchmarks,
         logging_s=eval_s - benchmarks_s,
     )
 
@@ -151,27 +155,15 @@ def sweep_eval(args: argparse.Namespace) -> dict:
     loss_added's clean and ablated passes once per batch and kind) against each benchmark's ``run`` per member with
     nothing shared (the callback before). Budgets: ``--sweep-config``'s ``evaluation:`` section, ``n_seqs`` ×
     ``--sweep-scale``. The results must be equal."""
-    import yaml
 
-    from gsae.callbacks.evaluation import DEFAULT_BENCHMARKS, N_SEQS_OPTION
     from gsae.evals import BENCHMARKS, run_benchmarks_many
     from gsae.sae import GradTopKSAE
 
+    if args.sweep_hooks:
+        return sweep_eval_hooks(args)
+
     lm = LanguageModel("random-gpt2").to(args.device)
-    cfg = yaml.safe_load(open(args.sweep_config))
-    ev = cfg.get("evaluation") or {}
-    n_all = max(1, round(ev.get("n_seqs", 64) * args.sweep_scale))
-    batch_size = ev.get("batch_size") or (cfg.get("data") or {}).get("batch_size") or 8  # as the callback
-    gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, lm.d_vocab, (n_all, 128), generator=gen)
-    tokens[:, 0] = lm.bos_token_id
-    tokens = tokens.to(args.device)
-    names = list(ev.get("benchmarks") or DEFAULT_BENCHMARKS)
-    per_benchmark, options = {}, {}
-    for n in names:
-        opts = dict((ev.get("options") or {}).get(n, {}))
-        per_benchmark[n] = tokens[: max(1, round(opts.pop(N_SEQS_OPTION, n_all / args.sweep_scale) * args.sweep_scale))]
-        options[n] = opts
+    names, tokens, per_benchmark, options, batch_size = sweep_budgets(args, lm)
     saes = {}
     for k in args.sweep_ks:
         saes[f"topk-k{k}"] = TopKSAE(lm.d_model, d_sae=args.d_sae, k=k, seed=k).to(args.device)
@@ -208,6 +200,78 @@ def sweep_eval(args: argparse.Namespace) -> dict:
     print(f"sweep_eval_unshared_s={t_alone:.1f} sweep_eval_unshared_cpu_s={cpu_alone:.1f}")
     print(f"sweep_eval_speedup={t_alone / t_shared:.2f}")
     return dict(shared_s=t_shared, unshared_s=t_alone, equal=equal)
+
+
+def sweep_budgets(args: argparse.Namespace, lm: LanguageModel) -> tuple:
+    """``(benchmarks, tokens, {benchmark: its tokens}, {benchmark: options}, batch_size)`` of ``--sweep-config``'s
+    ``evaluation:`` section as the callback reads it (:func:`gsae.evals.held_out_counts`: dead_latents its window),
+    every count × ``--sweep-scale``; random 128-token contexts, BOS first."""
+    import yaml
+
+    from gsae.callbacks.evaluation import DEFAULT_BENCHMARKS
+    from gsae.evals import N_SEQS_OPTION, held_out_counts, tokens_per_benchmark
+
+    cfg = yaml.safe_load(open(args.sweep_config))
+    ev = cfg.get("evaluation") or {}
+    batch_size = ev.get("batch_size") or (cfg.get("data") or {}).get("batch_size") or 8  # as the callback
+    names = list(ev.get("benchmarks") or DEFAULT_BENCHMARKS)
+    n_read, counts = held_out_counts(names, ev.get("n_seqs"), ev.get("options"), 128)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, lm.d_vocab, (n_read, 128), generator=gen)
+    tokens[:, 0] = lm.bos_token_id
+    tokens = tokens.to(args.device)
+    per_benchmark = tokens_per_benchmark(counts, tokens, lm, ev.get("options"))
+    per_benchmark = {n: t[: max(1, round(t.shape[0] * args.sweep_scale))] for n, t in per_benchmark.items()}
+    options = {n: {k: v for k, v in (ev.get("options") or {}).get(n, {}).items() if k != N_SEQS_OPTION} for n in names}
+    return names, tokens, per_benchmark, options, batch_size
+
+
+def sweep_eval_hooks(args: argparse.Namespace) -> dict:
+    """A sweep over layers (``--sweep-hooks``; a TopK and a g-SAE member per k at every hook): its evaluation as the
+    callback runs it (:func:`gsae.evals.run_benchmarks_at`: each batch harvested at every hook from one LM pass)
+    against one :func:`gsae.evals.run_benchmarks_many` per hook, each with its own shared passes (the callback before
+    the hooks shared them). Same budgets as ``--sweep-eval``; the results must be equal."""
+
+    from gsae.evals import run_benchmarks_at, run_benchmarks_many
+    from gsae.sae import GradTopKSAE
+
+    lm = LanguageModel("random-gpt2").to(args.device)
+    hooks = [lm.validate_hook(h, "--sweep-hooks") for h in args.sweep_hooks]
+    names, tokens, per_benchmark, options, batch_size = sweep_budgets(args, lm)
+    saes = {}
+    for i, hook in enumerate(hooks):
+        for k in args.sweep_ks:
+            saes[f"topk-k{k}-h{i}"] = (TopKSAE(lm.d_model, d_sae=args.d_sae, k=k, seed=k + i).to(args.device), hook)
+            gsae = GradTopKSAE(lm.d_model, d_sae=args.d_sae, k=k, beta=1e5, seed=100 + k + i).to(args.device)
+            saes[f"gsae-k{k}-h{i}"] = (gsae, hook)
+    print(f"sweep_eval_hooks: hooks={','.join(hooks)} members={len(saes)} d_sae={args.d_sae} "
+          f"tokens={tuple(tokens.shape)} batch_size={batch_size} "
+          + " ".join(f"{n}:{per_benchmark[n].shape[0]}" for n in names))
+    kw = dict(seed=0, options=options, batch_size=batch_size)
+    seconds: dict[str, float] = {}
+    shared, t_shared, cpu_shared = timed(run_benchmarks_at, names, saes, lm, per_benchmark, seconds=seconds, **kw)
+    for n in names:
+        print(f"  hooks_shared_{n}_s={sum(v for key, v in seconds.items() if key.endswith('/' + n)):.1f}")
+    print(f"sweep_eval_hooks_shared_s={t_shared:.1f} sweep_eval_hooks_shared_cpu_s={cpu_shared:.1f} "
+          f"per_member_s={t_shared / len(saes):.1f}")
+    if args.sweep_shared_only:
+        return dict(shared_s=t_shared)
+
+    def per_hook() -> dict:
+        out, secs = {}, {}
+        for hook in hooks:
+            group = {m: sae for m, (sae, h) in saes.items() if h == hook}
+            out.update(run_benchmarks_many(names, group, lm, hook, per_benchmark, seconds=secs, **kw))
+        for n in names:
+            print(f"  per_hook_{n}_s={sum(v for key, v in secs.items() if key.endswith('/' + n)):.1f}")
+        return {m: out[m] for m in saes}
+
+    alone, t_alone, cpu_alone = timed(per_hook)
+    equal = json.dumps(shared, sort_keys=True, default=str) == json.dumps(alone, sort_keys=True, default=str)
+    print(f"results_equal={equal}")
+    print(f"sweep_eval_per_hook_s={t_alone:.1f} sweep_eval_per_hook_cpu_s={cpu_alone:.1f}")
+    print(f"sweep_eval_hooks_speedup={t_alone / t_shared:.2f}")
+    return dict(shared_s=t_shared, per_hook_s=t_alone, equal=equal)
 
 
 def flop_bound(lm: LanguageModel, hook_layer: int, n_runs: int, T: int) -> float:

@@ -1,6 +1,6 @@
 """``evaluate.py``: run benchmarks on trained SAEs and compare them side by side.
 
-    python evaluate.py PATH [PATH ...] [--benchmarks loss_added,dead_latents,...] [--n-seqs 64]
+    python evaluate.py PATH [PATH ...] [--benchmarks loss_added,dead_latents,...] [--n-seqs N]
         [--context-size 128] [--batch-size 8] [--seed 0] [--device cpu] [--dataset synthetic|HF|files]
         [--model NAME] [--options JSON] [--output FILE.json] [--logdir DIR]
 
@@ -9,8 +9,13 @@ PATH is a gsae ``.ckpt``; a run folder (every ``**/*.ckpt`` under it, ``.saelens
 (``cfg.json`` + ``sae_weights.safetensors``); or ``sae_lens:RELEASE/SAE_ID`` (a pretrained SAELens SAE).
 The LM comes from the checkpoint (``meta["lm"]``) or the SAELens metadata (``model_name`` +
 ``model_from_pretrained_kwargs``); ``--model`` overrides its name. SAEs on the same LM are evaluated on
-the same held-out tokens: the first ``--n-seqs`` validation contexts of ``--dataset`` (default: the
+the same held-out tokens: the first validation contexts of ``--dataset`` (default: the
 dataset a checkpoint or gsae's SAELens export was trained on, else ``synthetic`` for ``random-*`` models, else OpenWebText).
+How many (:func:`gsae.evals.held_out_counts`, as the training callback): by default 64 per benchmark, except
+``dead_latents``, which reads as many as the paper's window needs (g-SAE Table 1: 5 batches of 4096 tokens, special
+tokens not counted; 162+ contexts of 128), so that its headline ``dead_fraction_batches`` is computed;
+``--options '{"<benchmark>": {"n_seqs": N}}'`` sets one benchmark's count; ``--n-seqs N`` reads N, which every
+benchmark uses (or its own ``n_seqs`` if smaller).
 
 Prints one column per SAE (rows ``benchmark.metric``); ``--output`` writes ``{benchmark: {sae: result}}`` (and,
 for benchmarks that define ``artifacts``, ``<output stem>.<sae><suffix>`` files beside it); ``--logdir`` writes
@@ -36,15 +41,19 @@ import torch
 from gsae.allocator import tune_malloc
 from gsae.evals import (
     BENCHMARKS,
+    DEFAULT_N_SEQS,
+    N_SEQS_OPTION,
     OPT_IN,
     artifacts,
     check_benchmarks,
     check_options,
+    held_out_counts,
     run_benchmarks,
     scalars,
     tagged_figures,
     tagged_scalars,
     tagged_texts,
+    tokens_per_benchmark,
 )
 from gsae.evals.common import shared_harvests
 from gsae.lm import LanguageModel
@@ -66,6 +75,8 @@ class Source(NamedTuple):
         dataset: the dataset a checkpoint was trained on, if recorded.
         batch_size: the training batch size (contexts per device) of a checkpoint, if recorded.
         member: the SAE's name inside a sweep checkpoint (``gsae.systems.SweepSAESystem``); None otherwise.
+        hook: a sweep member's hook, as its checkpoint records it (the members of one checkpoint share the LM's
+            passes at all their hooks); None otherwise.
     """
 
     label: str
@@ -76,6 +87,7 @@ class Source(NamedTuple):
     dataset: str | None = None
     batch_size: int | None = None
     member: str | None = None
+    hook: str | None = None
 
 
 class ArgumentError(ValueError):
@@ -98,7 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--benchmarks", default=None, help=f"comma-separated, from {', '.join(BENCHMARKS)} (default: all available)"
     )
-    p.add_argument("--n-seqs", type=int, default=64, help="held-out contexts to evaluate on")
+    p.add_argument(
+        "--n-seqs",
+        type=int,
+        default=None,
+        help=f"held-out contexts to read, every benchmark's (or its --options n_seqs if smaller); default: each "
+        f"benchmark its own n_seqs, else {DEFAULT_N_SEQS}, and dead_latents as many as its window of 5 x 4096 "
+        "tokens needs",
+    )
     p.add_argument(
         "--context-size",
         type=int,
@@ -166,7 +185,8 @@ def _ckpt_sources(label: str, path: Path, group: str, info: tuple) -> list[Sourc
     step, dataset, batch_size, members = info
     if not members:
         return [Source(label, "ckpt", str(path), group, step, dataset, batch_size)]
-    return [Source(f"{label}:{m}", "ckpt", str(path), f"{group}:{m}", step, dataset, batch_size, m) for m in members]
+    return [Source(f"{label}:{m}", "ckpt", str(path), f"{group}:{m}", step, dataset, batch_size, m, hook)
+            for m, hook in members.items()]
 
 
 def _run_folder(folder: Path) -> list[tuple[Path, tuple]]:
@@ -179,8 +199,8 @@ def _run_folder(folder: Path) -> list[tuple[Path, tuple]]:
     return [(c, infos[c]) for c in sorted(keep, key=lambda c: (infos[c][0], c.name))]
 
 
-def _ckpt_info(path: Path) -> tuple[int, str | None, int | None, list[str] | None]:
-    """``(global_step, training dataset, training batch size, sweep members or None)`` of a checkpoint
+def _ckpt_info(path: Path) -> tuple[int, str | None, int | None, dict[str, str | None] | None]:
+    """``(global_step, training dataset, training batch size, {sweep member: its hook} or None)`` of a checkpoint
     (``(0, None, None, None)`` if unreadable: loading reports it)."""
     try:
         with warnings.catch_warnings():
@@ -188,7 +208,8 @@ def _ckpt_info(path: Path) -> tuple[int, str | None, int | None, list[str] | Non
             ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         data = ckpt.get("TokenDataModule") or {}
         members = (ckpt.get("gsae") or {}).get("members")
-        return int(ckpt.get("global_step", 0)), data.get("dataset"), data.get("batch_size"), members and list(members)
+        hooks = members and {m: meta.get("hook") if isinstance(meta, dict) else None for m, meta in members.items()}
+        return int(ckpt.get("global_step", 0)), data.get("dataset"), data.get("batch_size"), hooks
     except Exception:  # noqa: BLE001
         return 0, None, None, None
 
@@ -324,6 +345,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     """``{benchmark: {sae label: result}}`` for every SAE the arguments name."""
     names = _benchmarks(args.benchmarks)
     options = _options(args.options, names)
+    # per-benchmark held-out counts come from the n_seqs of --options (gsae.evals.held_out_counts); the rest go to run
+    benchmark_options = {n: {k: v for k, v in o.items() if k != N_SEQS_OPTION} for n, o in options.items()}
     for flag in ("n_seqs", "batch_size", "context_size"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ArgumentError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
@@ -333,19 +356,20 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     results: dict[str, dict[str, dict]] = {n: {} for n in names}
     runs = short_labels(list(dict.fromkeys(s.group for s in sources)))
     cache: dict = {}
-    with shared_harvests():  # SAEs on the same LM, hook and tokens (a sweep's members) share the LM passes
+    with shared_harvests() as harvests:  # SAEs on the same LM and tokens (a sweep's members) share the LM passes
         for src in sources:
             sae, meta = load(src, device, args.model)
-            lm, hook, toks = _lm_and_tokens(src, meta, args, device, cache)
+            lm, hook, toks, counts = _lm_and_tokens(src, meta, args, device, cache, names, options)
+            harvests.plan(lm, [s.hook for s in sources if s.path == src.path and s.hook])  # a sweep over layers
             log.info("evaluating %s (%s, %s)", src.label, lm.name, hook)
             res = run_benchmarks(
                 names,
                 sae,
                 lm,
                 hook,
-                toks,
+                tokens_per_benchmark(counts, toks, lm, options),
                 seed=args.seed,
-                options=options,
+                options=benchmark_options,
                 batch_size=args.batch_size or src.batch_size or 8,
             )
             for n in names:
@@ -355,9 +379,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     return results
 
 
-def _lm_and_tokens(src: Source, meta: dict, args: argparse.Namespace, device: str, cache: dict):
-    """``(lm, hook, tokens)`` of a source; LMs and token sets are shared through ``cache`` (same LM options,
-    dataset, context size and BOS choice -> the same tokens)."""
+def _lm_and_tokens(src: Source, meta: dict, args: argparse.Namespace, device: str, cache: dict, names, options):
+    """``(lm, hook, tokens, {benchmark: count})`` of a source (:func:`gsae.evals.held_out_counts`); LMs and token
+    sets are shared through ``cache`` (same LM options, dataset, context size and BOS choice -> the same tokens)."""
     key = json.dumps(meta["lm"], sort_keys=True)
     if key not in cache:
         cache[key] = LanguageModel(**meta["lm"]).to(device)
@@ -367,9 +391,10 @@ def _lm_and_tokens(src: Source, meta: dict, args: argparse.Namespace, device: st
     dataset = args.dataset or src.dataset or meta.get("dataset") or default
     ctx = args.context_size or min(meta.get("context_size") or 128, lm.n_ctx)
     bos = meta.get("prepend_bos", True) is not False
+    n_read, counts = held_out_counts(names, args.n_seqs, options, ctx)
     if (key, dataset, ctx, bos) not in cache:
-        cache[key, dataset, ctx, bos] = held_out_tokens(lm, dataset, ctx, args.n_seqs, bos).to(device)
-    return lm, hook, cache[key, dataset, ctx, bos]
+        cache[key, dataset, ctx, bos] = held_out_tokens(lm, dataset, ctx, n_read, bos).to(device)
+    return lm, hook, cache[key, dataset, ctx, bos], counts
 
 
 def _benchmarks(text: str | None) -> list[str]:
@@ -405,9 +430,12 @@ def _options(text: str | None, names: list[str]) -> dict[str, dict]:
     if unknown:
         raise ArgumentError(f"--options: {sorted(unknown)} are not among --benchmarks {names}")
     try:
-        check_options(opts, "--options")
+        check_options(opts, "--options", extra={N_SEQS_OPTION: int})
     except ValueError as e:
         raise ArgumentError(str(e)) from None
+    for name, o in opts.items():
+        if N_SEQS_OPTION in o and o[N_SEQS_OPTION] <= 0:
+            raise ArgumentError(f"--options.{name}.n_seqs must be > 0 (got {o[N_SEQS_OPTION]})")
     return opts
 
 

@@ -5,10 +5,10 @@ every run evaluates each checkpoint with :data:`DEFAULT_BENCHMARKS`. Each config
 ``evaluation:`` section::
 
     evaluation:
-      n_seqs: 160                        # held-out contexts read once (the largest per-benchmark budget)
       options:
         loss_added: {n_seqs: 64}         # a benchmark's own n_seqs: the first n of the held-out contexts
         sensitive_directions: {n_seqs: 8, lengths: [1, 11, 31, 51, 91]}
+        # dead_latents, without an n_seqs: as many contexts as its window (5 x 4096 tokens) needs
 
 On the command line: ``--evaluation.enabled false`` turns it off; ``--evaluation.benchmarks [loss_added,steering]``
 changes the set; ``--evaluation.n_seqs 32``, ``--evaluation.every_n_steps 200``.
@@ -32,13 +32,16 @@ from gsae.callbacks.checkpoint import member_path
 from gsae.callbacks.figures import FigureRenderer
 from gsae.evals import (
     BENCHMARKS,
+    N_SEQS_OPTION,
     artifacts,
     check_benchmarks,
     check_options,
     failure,
-    run_benchmarks_many,
+    held_out_counts,
+    run_benchmarks_at,
     tagged_scalars,
     tagged_texts,
+    tokens_per_benchmark,
 )
 
 log = logging.getLogger(__name__)
@@ -46,8 +49,6 @@ log = logging.getLogger(__name__)
 
 #: Benchmarks run when none are named: the four promised on every checkpoint, plus decoder geometry.
 DEFAULT_BENCHMARKS = ("loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry", "latents")
-#: Option the callback reads itself from ``options[benchmark]``: that benchmark's number of held-out contexts.
-N_SEQS_OPTION = "n_seqs"
 
 
 def member_saes(pl_module: pl.LightningModule) -> dict[str, tuple[torch.nn.Module, str]]:
@@ -63,9 +64,9 @@ class EvaluationCallback(Callback):
     and write ``<checkpoint>.eval.json`` beside each checkpoint.
 
     Runs on global rank 0 only (under DDP the other ranks skip it, so there is one answer, not one per
-    rank). The held-out tokens are the first ``n_seqs`` contexts of ``trainer.datamodule.contexts("val")``,
-    read once and reused, so every evaluation of a run sees the same tokens; a benchmark with its own
-    ``options[name]["n_seqs"]`` gets the first that many of them. Benchmarks that define ``artifacts`` get
+    rank). The held-out tokens are the first contexts of ``trainer.datamodule.contexts("val")``, read once and
+    reused, so every evaluation of a run sees the same tokens; each benchmark gets the first ``n`` of them
+    (:func:`gsae.evals.held_out_counts`). Benchmarks that define ``artifacts`` get
     ``<checkpoint><suffix>`` files beside each checkpoint; ``texts`` go to TensorBoard as text.
     """
 
@@ -73,7 +74,7 @@ class EvaluationCallback(Callback):
         self,
         enabled: bool = True,
         benchmarks: list[str] | None = None,
-        n_seqs: int = 64,
+        n_seqs: int | None = None,
         batch_size: int | None = None,
         every_n_steps: int | None = None,
         seed: int = 0,
@@ -89,14 +90,17 @@ class EvaluationCallback(Callback):
             benchmarks: benchmark names from ``gsae.evals.BENCHMARKS``; default loss_added, dead_latents,
                 steering, sensitive_directions, decoder_geometry, latents (the latent dashboards:
                 ``<checkpoint>.latents.html``) (``--evaluation.benchmarks [loss_added,steering]``).
-            n_seqs: held-out contexts to read (of the data module's ``context_size``); every benchmark uses
-                all of them unless its options set a smaller ``n_seqs``.
+            n_seqs: held-out contexts to read (of the data module's ``context_size``); every benchmark reads them
+                all, or its own ``options`` ``n_seqs`` if smaller (``--evaluation.n_seqs 8``: a quick evaluation).
+                Default (null): every benchmark reads its own ``n_seqs``, else 64, and ``dead_latents`` without
+                one as many as its "batches" window needs (the g-SAE paper's 5 batches of 4096 tokens, special
+                tokens not counted), so its headline ``dead_fraction_batches`` is computed at any context size.
             batch_size: sequences per forward pass; default the data module's ``batch_size`` (for g-SAEs
                 the gradient that selects latents is then taken over batches of the training size).
             every_n_steps: also evaluate (log only, no JSON) every this many optimizer steps; None: only at checkpoints.
             seed: seed of the benchmarks' samples (latents, positions).
-            options: per-benchmark options, e.g. ``{"steering": {"n_latents": 64}}``; ``n_seqs`` there limits
-                that benchmark to the first ``n_seqs`` held-out contexts (at most ``n_seqs``). Options of
+            options: per-benchmark options, e.g. ``{"steering": {"n_latents": 64}}``; ``n_seqs`` there gives
+                that benchmark the first ``n_seqs`` held-out contexts (at most ``n_seqs``). Options of
                 benchmarks not in ``benchmarks`` are kept but unused, so ``--evaluation.benchmarks`` alone
                 changes the set of a config that sizes them all.
             log_figures: log each benchmark's figures to TensorBoard (when the logger is a TensorBoardLogger).
@@ -117,7 +121,7 @@ class EvaluationCallback(Callback):
             )
         # every option name and type now, not at the first checkpoint (1000 steps into a GPT-2 run)
         check_options(options, "--evaluation.options", extra={N_SEQS_OPTION: int})
-        if n_seqs <= 0:
+        if n_seqs is not None and n_seqs <= 0:
             raise ValueError(f"EvaluationCallback.n_seqs must be > 0 (got {n_seqs})")
         for name, opts in (options or {}).items():
             k = opts.get(N_SEQS_OPTION) if isinstance(opts, dict) else None
@@ -135,6 +139,7 @@ class EvaluationCallback(Callback):
         self.figures_in_background = figures_in_background
         self.figures = FigureRenderer(background=bool(figures_in_background))
         self._tokens: torch.Tensor | None = None
+        self._counts: dict[str, int | None] = {}  # benchmark -> its held-out contexts (gsae.evals.held_out_counts)
         self._last: tuple[int, dict] | None = None  # (global step, {member: results}) of the latest evaluation
         #: wall seconds of each benchmark in the latest evaluation (logged as ``eval/seconds/<benchmark>``)
         self.last_seconds: dict[str, float] = {}
@@ -197,26 +202,16 @@ class EvaluationCallback(Callback):
         dm = trainer.datamodule
         batch_size = self.batch_size or getattr(dm, "batch_size", 8)
         saes = member_saes(pl_module)
-        per_benchmark: dict[str, torch.Tensor] = {}
-        options: dict[str, dict] = {}
-        for name in self.benchmarks:
-            opts = dict(self.options.get(name, {}))
-            per_benchmark[name] = tokens[: int(opts.pop(N_SEQS_OPTION, tokens.shape[0]))]
-            options[name] = opts
+        per_benchmark = tokens_per_benchmark(self._counts, tokens, lm, self.options)
+        options = {n: {k: v for k, v in self.options.get(n, {}).items() if k != N_SEQS_OPTION} for n in self.benchmarks}
         self.last_seconds = {}
-        # one set of LM passes per hook for every benchmark and member (shared harvests; loss_added's run_many); a
-        # sweep's members may read different hooks
-        by_hook: dict[str, dict[str, torch.nn.Module]] = {}
-        for member, (sae, hook) in saes.items():
-            by_hook.setdefault(hook, {})[member] = sae
-        results: dict[str, dict[str, dict]] = {}
-        for hook, group in by_hook.items():
-            results.update(run_benchmarks_many(
-                list(self.benchmarks), group, lm, hook, per_benchmark, seed=self.seed, options=options,
-                seconds=self.last_seconds, batch_size=batch_size,
-                on_error="raise" if os.environ.get("GSAE_DEBUG") else "record",
-            ))
-        everything = {member: results[member] for member in saes}
+        # one set of LM passes for every benchmark and member (shared harvests; loss_added's run_many), and one per
+        # batch for all the hooks of a sweep whose members read different hooks
+        everything = run_benchmarks_at(
+            list(self.benchmarks), saes, lm, per_benchmark, seed=self.seed, options=options,
+            seconds=self.last_seconds, batch_size=batch_size,
+            on_error="raise" if os.environ.get("GSAE_DEBUG") else "record",
+        )
         for member, res in everything.items():  # a benchmark that raised: said once, training goes on
             for name, r in res.items():
                 if failure(r):
@@ -225,17 +220,21 @@ class EvaluationCallback(Callback):
         self._last = (step, everything)
         self._log(trainer, everything, step)
         return everything
+
     def held_out_tokens(self, trainer: pl.Trainer) -> torch.Tensor:
-        """``(n_seqs, T)`` first held-out contexts of the data module (read once)."""
+        """``(n, T)`` first held-out contexts of the data module, the most any benchmark reads (read once)."""
         if self._tokens is None:
             dm = trainer.datamodule
             if dm is None or not hasattr(dm, "contexts"):
                 raise ValueError(
                     "EvaluationCallback needs a data module with contexts('val') (gsae.data.TokenDataModule)"
                 )
-            ctx = list(itertools.islice(dm.contexts("val"), self.n_seqs))
-            if not ctx:
+            contexts = iter(dm.contexts("val"))
+            first = next(contexts, None)
+            if first is None:
                 raise ValueError("EvaluationCallback: the data module has no validation contexts")
+            n_read, self._counts = held_out_counts(self.benchmarks, self.n_seqs, self.options, len(first))
+            ctx = [first, *itertools.islice(contexts, n_read - 1)]
             self._tokens = torch.tensor(ctx, dtype=torch.long)
         return self._tokens
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections.abc
 import importlib
 import inspect
+import math
 import time
 import types
 import typing
@@ -82,6 +83,59 @@ def check_benchmarks(names: list[str], option: str = "--benchmarks") -> list[str
     if unknown:
         raise ValueError(f"{option}: unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
     return names
+
+
+#: Option the callback and ``evaluate.py`` read themselves from a benchmark's options: its number of held-out contexts.
+N_SEQS_OPTION = "n_seqs"
+
+#: Held-out contexts of a benchmark given no count (:func:`held_out_counts`), but ``dead_latents``: its window.
+DEFAULT_N_SEQS = 64
+#: ``dead_latents``' window is read with this margin over its tokens ÷ (T − 1): room for special tokens mid-context.
+WINDOW_MARGIN = 1.25
+
+
+def held_out_counts(
+    names: list[str], n_seqs: int | None, options: Mapping[str, Mapping[str, Any]] | None, context_size: int
+) -> tuple[int, dict[str, int | None]]:
+    """``(contexts to read, {benchmark: its count})`` of held-out contexts of ``context_size`` tokens.
+
+    ``n_seqs`` given: the contexts read; every benchmark reads them all, or its own ``options[name]["n_seqs"]`` if
+    that is smaller. ``n_seqs`` None (the default): every benchmark reads its own ``n_seqs``, else
+    :data:`DEFAULT_N_SEQS`, but ``dead_latents`` without one gets ``None``: as many as its "batches" definition needs
+    (the g-SAE paper's 5 batches of 4096 tokens, special tokens not counted; :func:`tokens_per_benchmark` finds how
+    many), so its headline ``dead_fraction_batches`` is computed at any context size; the contexts read are then the
+    most any benchmark uses."""
+    counts: dict[str, int | None] = {}
+    read = []
+    for name in names:
+        o = (options or {}).get(name, {})
+        own = o.get(N_SEQS_OPTION)
+        if n_seqs is not None:
+            counts[name] = min(int(own), n_seqs) if own is not None else n_seqs
+            read.append(n_seqs)
+        elif own is not None or name != "dead_latents":
+            counts[name] = int(own) if own is not None else DEFAULT_N_SEQS
+            read.append(counts[name])
+        else:
+            counts[name] = None
+            need = o.get("dead_batches", 5) * o.get("batch_tokens", 4096)
+            read.append(math.ceil(need / max(context_size - 1, 1) * WINDOW_MARGIN))
+    return max(read, default=n_seqs or DEFAULT_N_SEQS), counts
+
+
+def tokens_per_benchmark(counts: Mapping[str, int | None], tokens: Tensor, lm, options=None) -> dict[str, Tensor]:
+    """``{benchmark: its first contexts of tokens}`` for :func:`held_out_counts`' ``counts`` (``None``:
+    ``dead_latents``' window, :func:`gsae.evals.dead_latents.contexts_for_window` with its ``options``)."""
+    from gsae.evals.dead_latents import contexts_for_window
+
+    out = {}
+    for name, n in counts.items():
+        if n is None:
+            keys = ("dead_batches", "batch_tokens", "exclude_special_tokens")
+            window = {k: v for k, v in (options or {}).get(name, {}).items() if k in keys}
+            n = contexts_for_window(lm, tokens, **window)
+        out[name] = tokens[:n]
+    return out
 
 
 #: options every benchmark's ``run`` takes that are not the user's to set per benchmark
@@ -261,6 +315,31 @@ def run_benchmarks_many(
     return results
 
 
+def run_benchmarks_at(
+    names: list[str],
+    saes: Mapping[str, tuple[object, str]],
+    lm,
+    tokens: Tensor | Mapping[str, Tensor],
+    **kwargs,
+) -> dict[str, dict[str, dict]]:
+    """:func:`run_benchmarks_many` for SAEs at their own hooks (``{name: (sae, hook)}``: a sweep over layers),
+    ``{name: {benchmark: result}}`` in the order of ``saes``. The SAEs on one hook share its passes as in
+    :func:`run_benchmarks_many`, and the hooks share the LM: each batch's activations (and ``∇ₓL``) at every hook come
+    from one pass (:meth:`gsae.evals.common.SharedHarvests.plan`), not one pass per hook. ``kwargs``: those of
+    :func:`run_benchmarks_many`."""
+    from gsae.evals.common import shared_harvests
+
+    by_hook: dict[str, dict[str, object]] = {}
+    for name, (sae, hook) in saes.items():
+        by_hook.setdefault(hook, {})[name] = sae
+    results: dict[str, dict[str, dict]] = {}
+    with shared_harvests() as cache:
+        cache.plan(lm, list(by_hook))
+        for hook, group in by_hook.items():
+            results.update(run_benchmarks_many(names, group, lm, hook, tokens, **kwargs))
+    return {name: results[name] for name in saes}
+
+
 def _failure(e: BaseException) -> dict:
     """``{"failed": "<Error>: <first line>"}``; on a GPU the failed benchmark's cached blocks go back first (an OOM)."""
     if torch.cuda.is_available():
@@ -332,6 +411,8 @@ def tagged_figures(results: dict[str, dict], prefix: str = "eval") -> dict:
 
 __all__ = [
     "BENCHMARKS",
+    "DEFAULT_N_SEQS",
+    "N_SEQS_OPTION",
     "OPT_IN",
     "artifacts",
     "benchmark_artifacts",
@@ -339,12 +420,15 @@ __all__ = [
     "benchmark_texts",
     "check_benchmarks",
     "failure",
+    "held_out_counts",
     "is_skipped",
     "run_benchmark",
     "run_benchmarks",
+    "run_benchmarks_at",
     "run_benchmarks_many",
     "scalars",
     "tagged_figures",
     "tagged_scalars",
     "tagged_texts",
+    "tokens_per_benchmark",
 ]

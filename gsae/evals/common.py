@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gsae.data.harvest import loss_gradients
+from gsae.data.harvest import loss_gradients, loss_gradients_at
 from gsae.lm import LanguageModel
 from gsae.sae.base import SAEOutput, SparseAutoencoder
 
@@ -58,6 +58,14 @@ class SharedHarvests:
     activations and activations taken with the gradient are kept apart, so every SAE sees exactly the tensors it
     would have been given alone (tested: shared and unshared results are equal). Kept up to ``max_bytes``;
     beyond that, batches are computed as if unshared.
+
+    Several hooks of one LM (a sweep over layers, :meth:`plan`): a miss at a planned hook computes the batch at every
+    planned hook from one pass (:meth:`gsae.lm.LanguageModel.activations_at`, or one forward and one backward:
+    :func:`gsae.data.harvest.loss_gradients_at`) and keeps them all, so the next hook's request is a hit. Each tensor
+    equals the one-hook harvest there (tested exactly, on the fused and the TransformerLens forwards). A gradient miss
+    takes the gradient at every planned hook: the backward runs on to the shallowest of them even if only deeper hooks
+    ask (at most one backward's extra layers; every hook of a g-SAE sweep over layers asks, as does
+    ``decoder_geometry``).
     """
 
     def __init__(self, max_bytes: int = HARVEST_CACHE_BYTES) -> None:
@@ -66,6 +74,14 @@ class SharedHarvests:
         self.hits = 0
         self.misses = 0
         self._store: dict[tuple, tuple[Tensor, Tensor | None]] = {}
+        self._plans: dict[int, list[str]] = {}  # id(lm) -> hooks harvested together
+
+    def plan(self, lm: LanguageModel, hooks: list[str]) -> None:
+        """Harvest ``hooks`` of ``lm`` together from now on (see the class docstring); added to any earlier plan.
+        Only residual-stream hooks (:meth:`~gsae.lm.LanguageModel.hook_depth`) are planned; while fewer than two are,
+        every hook is harvested alone."""
+        planned = [*self._plans.get(id(lm), []), *hooks]
+        self._plans[id(lm)] = [h for h in dict.fromkeys(planned) if lm.hook_depth(h) is not None]
 
     @staticmethod
     def key(lm: LanguageModel, hook: str, tokens: Tensor, normaliser: float | None) -> tuple:
@@ -79,12 +95,34 @@ class SharedHarvests:
             self.hits += 1
             return hit
         self.misses += 1
+        hooks = self._plans.get(id(lm), [])
+        if len(hooks) > 1 and hook in hooks and self.bytes + self._size(lm, hooks, tokens, normaliser) <= self.max_bytes:
+            for h, value in self._harvest_planned(lm, hooks, tokens, normaliser).items():
+                self._keep(key[:1] + (h,) + key[2:], value)
+            return self._store[key]
         value = compute()
+        self._keep(key, value)
+        return value
+
+    def _keep(self, key: tuple, value: tuple) -> None:
         size = sum(t.numel() * t.element_size() for t in value if t is not None)
-        if self.bytes + size <= self.max_bytes:
+        if key not in self._store and self.bytes + size <= self.max_bytes:
             self._store[key] = value
             self.bytes += size
-        return value
+
+    @staticmethod
+    def _size(lm: LanguageModel, hooks: list[str], tokens: Tensor, normaliser: float | None) -> int:
+        """Bytes of one batch harvested at every planned hook (activations, and gradients if ``normaliser``)."""
+        per = tokens.numel() * lm.W_U.element_size() * (1 if normaliser is None else 2)
+        return per * sum(lm.d_in(h) for h in hooks)
+
+    @staticmethod
+    def _harvest_planned(lm: LanguageModel, hooks: list[str], tokens: Tensor, normaliser: float | None) -> dict:
+        """``{hook: (x, ∇ₓL or None)}`` of one batch at every planned hook, from one LM pass."""
+        if normaliser is None:
+            return {h: (x, None) for h, x in lm.activations_at(tokens, hooks).items()}
+        acts, grads = loss_gradients_at(lm, tokens, hooks, hooks, normaliser)
+        return {h: (acts[h], grads[h]) for h in hooks}
 
 
 _ACTIVE: list[SharedHarvests] = []

@@ -120,6 +120,18 @@ def run(
     return out
 
 
+def contexts_for_window(
+    lm: LanguageModel, tokens: Tensor, *, dead_batches: int = 5, batch_tokens: int = 4096,
+    exclude_special_tokens: bool = True,
+) -> int:
+    """How many leading contexts of ``tokens (n_seq, T)`` :func:`run` needs for the "batches" definition:
+    the fewest that hold ``dead_batches × batch_tokens`` counted tokens (special tokens left out, as :func:`run`
+    does), or all of them when they hold fewer (:func:`run` then says how many it needs)."""
+    counted = special_token_mask(lm, tokens, exclude_special_tokens).sum(1).cumsum(0)
+    enough = (counted >= dead_batches * batch_tokens).nonzero()
+    return int(enough[0, 0]) + 1 if len(enough) else int(tokens.shape[0])
+
+
 def _summary(tracker, counts, n_used, batch_tokens, dead_batches, window, log10_min, bin_width) -> dict:
     density = counts.double().cpu() / n_used
     alive = density > 0

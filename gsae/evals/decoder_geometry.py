@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gsae.data.harvest import loss_gradients
-from gsae.evals.common import batches, special_token_mask
+from gsae.evals.common import batches, harvest, special_token_mask
 from gsae.lm import LanguageModel
 from gsae.sae.base import SparseAutoencoder
 
@@ -71,7 +70,7 @@ def mean_abs_directional_derivative(
     acc = torch.zeros(dirs.shape[0], dtype=torch.float64, device=lm.device)
     n = 0
     for tok in batches(tokens.to(lm.device), batch_size):
-        g = loss_gradients(lm, tok, hook, grad_batch_size * (tok.shape[1] - 1)).grads  # (B, T, D)
+        g = harvest(lm, hook, tok, grad_batch_size * (tok.shape[1] - 1))[1]  # (B, T, D); shared by a sweep's SAEs
         m = special_token_mask(lm, tok, exclude)
         m[:, -1] = False
         acc += (g[m].double() @ dirs.double().T).abs().sum(0)

@@ -129,7 +129,9 @@ def run_many(
     """:func:`run` for several SAEs at one hook (a sweep's members), ``{name: result}``, each result equal to
     :func:`run` of that SAE alone. Per batch, the clean and zero-ablated passes run once for every SAE given the same
     clean activations tensor (within :func:`gsae.evals.common.shared_harvests`: all TopK SAEs, and all g-SAEs with
-    one normaliser), so N SAEs cost about N + 2 suffix passes per batch instead of 3N (:func:`splice_sums`)."""
+    one normaliser), so N SAEs cost about N + 2 suffix passes per batch instead of 3N (:func:`splice_sums`). SAEs given
+    different tensors of equal values (a TopK's plain activations and a g-SAE's, taken with ``∇ₓL``: the same forward)
+    share them too: the clean and ablated passes of equal inputs are the same passes."""
     del seed
     sums = {m: dict.fromkeys(_SUMS, 0.0) for m in saes}
     # rank 0 only under DDP: no collective
@@ -140,7 +142,7 @@ def run_many(
         groups: list[tuple[Tensor, list[tuple[str, Tensor]]]] = []  # (clean x, [(member, x spliced)]) per tensor
         for m, sae in saes.items():
             r = sae_on_tokens(sae, lm, hook, tok)
-            group = next((g for g in groups if g[0] is r.x), None)
+            group = next((g for g in groups if g[0] is r.x or torch.equal(g[0], r.x)), None)
             if group is None:
                 group = (r.x, [])
                 groups.append(group)

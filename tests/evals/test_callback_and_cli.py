@@ -139,7 +139,7 @@ def test_evaluate_cli_errors(tmp_path, capsys):
         (str(bad), "--options", "{oops"): "--options",
         # option names and types are checked before any work (they were dropped, or failed mid-benchmark)
         (str(bad), "--benchmarks", "loss_added", "--options", '{"loss_added": {"n_seqz": 4}}'):
-            "--options.loss_added: unknown option 'n_seqz'; loss_added takes batch_size, exclude_special_tokens",
+            "--options.loss_added: unknown option 'n_seqz'; loss_added takes batch_size, exclude_special_tokens, n_seqs",
         (str(bad), "--benchmarks", "steering", "--options", '{"steering": {"n_latents": "abc"}}'):
             "--options.steering.n_latents: expected int, got 'abc'",
         (str(bad), "--benchmarks", "steering", "--options", '{"steering": {"mode": "every"}}'):
@@ -254,6 +254,32 @@ def test_callback_writes_artifacts_beside_the_checkpoint_and_logs_texts(tmp_path
     assert "eval/fake/summary/text_summary" in ea.Tags()["tensors"]
 
 
+@pytest.mark.parametrize("context_size", [16, 32])
+def test_callback_gives_dead_latents_its_window_at_any_context_size(tmp_path, tiny_lm, context_size):
+    """Without n_seqs, dead_latents reads the contexts its "batches" window needs (5 batches of ``batch_tokens``,
+    BOS not counted), whatever the data's context size, and its ``dead_fraction_batches`` is computed; the other
+    benchmarks read their own n_seqs, or 64."""
+    from tests.evals.helpers import HOOK, build_tokens, build_topk
+
+    trainer, _ = _fake_trainer(tmp_path, tiny_lm)
+    trainer.datamodule.contexts = lambda which: iter(build_tokens(100, context_size).tolist())
+    module = SimpleNamespace(sae=build_topk(), hook=HOOK, lm=tiny_lm)
+    cb = EvaluationCallback(benchmarks=["dead_latents", "loss_added"], options={"dead_latents": {"batch_tokens": 64}},
+                            log_figures=False)
+    cb.on_sae_checkpoint(trainer, module, tmp_path / "x.ckpt")
+    need = -(-5 * 64 // (context_size - 1))  # contexts holding 5 x 64 tokens after BOS
+    assert cb._counts == {"dead_latents": None, "loss_added": 64} and cb._tokens.shape == (64, context_size)
+    result = json.loads((tmp_path / "x.ckpt.eval.json").read_text())["results"]
+    assert result["dead_latents"]["n_tokens"] == 5 * 64 and result["dead_latents"]["dead_fraction_batches"] is not None
+    assert result["loss_added"]["n_tokens"] == 64 * (context_size - 1)
+    # dead_latents alone: the contexts read are its window's, with room for special tokens (WINDOW_MARGIN 1.25)
+    cb = EvaluationCallback(benchmarks=["dead_latents"], options={"dead_latents": {"batch_tokens": 64}},
+                            log_figures=False)
+    cb.on_sae_checkpoint(trainer, module, tmp_path / "y.ckpt")
+    assert cb._tokens.shape[0] == -(-5 * 64 * 5 // (4 * (context_size - 1))) >= need
+    assert json.loads((tmp_path / "y.ckpt.eval.json").read_text())["results"]["dead_latents"]["n_tokens"] == 5 * 64
+
+
 def test_disabled_callback_does_nothing(tmp_path, tiny_lm):
     trainer, _ = _fake_trainer(tmp_path, tiny_lm)
     cb = EvaluationCallback(enabled=False)
@@ -330,3 +356,43 @@ def test_a_benchmark_that_raises_during_training_is_recorded_and_training_goes_o
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
         cb._last = None
         cb.evaluate(trainer, system)
+
+
+@pytest.mark.slow
+def test_evaluate_cli_gives_dead_latents_its_window_by_default(run_dir, tmp_path, monkeypatch, capsys):
+    """Without ``--n-seqs``, dead_latents reads the contexts its "batches" definition needs (the paper's 5 batches of
+    4096 tokens; 5 × 256 here, through its ``batch_tokens`` option), so ``dead_fraction_batches`` is computed; the
+    other benchmarks read 64. ``--n-seqs`` sets every benchmark's count, a benchmark's own ``n_seqs`` option its own."""
+    import gsae.evaluate as ev
+    from gsae.lm import LanguageModel
+
+    seen = {}
+    real, read = ev.run_benchmarks, ev.held_out_tokens
+    monkeypatch.setattr(ev, "run_benchmarks", lambda names, sae, lm, hook, toks, **kw: seen.update(
+        {n: tuple(t.shape) for n, t in toks.items()}, lm=lm) or real(names, sae, lm, hook, toks, **kw))
+    monkeypatch.setattr(ev, "held_out_tokens", lambda *a: seen.setdefault("read", []).append(read(*a)) or seen["read"][-1])
+    ckpt = str(run_dir / "checkpoints" / "epoch=0-step=10.ckpt")
+
+    def run(*extra: str) -> dict:
+        out = tmp_path / "res.json"
+        assert evaluate_main([ckpt, "--benchmarks", "dead_latents,loss_added", "--output", str(out), *extra]) == 0
+        return json.loads(out.read_text())["dead_latents"][ckpt]
+
+    dead = run("--options", json.dumps({"dead_latents": {"batch_tokens": 256}}))
+    lm: LanguageModel = seen["lm"]
+    # the reference: count each context's non-special tokens until 5 × 256 are there
+    counted, need = 0, None
+    for i, ctx in enumerate(seen["read"][-1].tolist()):
+        counted += sum(t not in lm.special_token_ids for t in ctx)
+        if counted >= 5 * 256:
+            need = i + 1
+            break
+    assert need is not None and seen["dead_latents"] == (need, 64) and seen["loss_added"] == (64, 64)
+    assert dead["n_tokens"] == 5 * 256 and dead["dead_fraction_batches"] is not None and "note" not in dead
+    dead = run("--n-seqs", "4")
+    assert seen["dead_latents"] == seen["loss_added"] == (4, 64)
+    assert dead["dead_fraction_batches"] is None and "raise n_seqs" in dead["note"]
+    run("--options", json.dumps({"dead_latents": {"n_seqs": 30}}))
+    assert seen["dead_latents"] == (30, 64) and seen["loss_added"] == (64, 64)
+    assert evaluate_main([ckpt, "--options", json.dumps({"dead_latents": {"n_seqs": 0}})]) == 1
+    assert "--options.dead_latents.n_seqs must be > 0" in capsys.readouterr().err

@@ -99,14 +99,15 @@ def test_sweep_evaluation_equals_each_member_alone_with_nothing_shared(tiny_lm, 
         )
     same(shared, alone)
     assert set(seconds) == {f"{m}/{n}" for m in saes for n in names}
-    # The SAE inputs: 3 batches of 2 contexts (loss_added's 2 are the first 2 of them), computed once per kind
-    # (plain for TopK, with ∇ₓL for the g-SAEs: one normaliser), then reused by every benchmark and member: each
-    # reuse is one LM pass that the unshared evaluation ran. Steering's prompts (chosen by each SAE's latents) and
-    # decoder_geometry's own ∇ₓL batches are per-SAE work, run either way.
-    assert cache.misses == 3 * 2 and cache.hits > 3 * 2 * len(saes)
+    # The LM inputs: 3 batches of 2 contexts (loss_added's 2 are the first 2 of them), computed once per kind (plain
+    # for TopK, with ∇ₓL for the g-SAEs: one normaliser, and decoder_geometry's ∇ₓL: another), then reused by every
+    # benchmark and member: each reuse is one LM pass that the unshared evaluation ran. Steering's prompts (chosen
+    # by each SAE's latents) are per-SAE work, run either way.
+    assert cache.misses == 3 * 3 and cache.hits > 3 * 3 * len(saes)
     saved = {k: passes_alone[k] - counter.counts[k] for k in passes_alone}
     assert saved["activations"] + saved["activations_and_grads"] == cache.hits
-    assert counter.suffix(saved) == 2 * 2 * (len(saes) - 2)  # loss_added: 2 batches, clean + ablated once per kind
+    # loss_added: 2 batches, clean + ablated once for all four (the TopK's and the g-SAEs' activations are equal)
+    assert counter.suffix(saved) == 2 * 2 * (len(saes) - 1)
 
 
 def test_loss_added_run_many_shares_the_clean_and_ablated_passes(tiny_lm, monkeypatch):
@@ -116,18 +117,39 @@ def test_loss_added_run_many_shares_the_clean_and_ablated_passes(tiny_lm, monkey
     with shared_harvests() as cache:
         many = loss_added.run_many(saes, tiny_lm, HOOK, tokens, batch_size=2)
     same(many, alone)
-    batches, groups = 3, 2  # the TopK members share one clean activation tensor per batch, the g-SAEs another
-    assert counter.suffix() == batches * (2 * groups + len(saes))  # alone: batches * 3 * len(saes)
+    # the TopK members share one clean activation tensor per batch, the g-SAEs another (taken with ∇ₓL), of equal
+    # values: one clean and one ablated pass per batch for all four
+    batches, kinds = 3, 2
+    assert counter.suffix() == batches * (2 + len(saes))  # alone: batches * 3 * len(saes)
     assert counter.counts["activations"] == batches and counter.counts["activations_and_grads"] == batches
-    assert cache.misses == batches * groups and cache.hits == batches * (len(saes) - groups)
+    assert cache.misses == batches * kinds and cache.hits == batches * (len(saes) - kinds)
 
 
 def test_without_a_shared_cache_nothing_is_kept(tiny_lm, monkeypatch):
+    """Every SAE's activations are taken again; equal ones still share the clean and ablated passes."""
     saes, tokens = members(), build_tokens(4, 32)
     counter = PassCounter(tiny_lm, monkeypatch)
-    loss_added.run_many(saes, tiny_lm, HOOK, tokens, batch_size=2)
+    many = loss_added.run_many(saes, tiny_lm, HOOK, tokens, batch_size=2)
     assert counter.counts["activations"] + counter.counts["activations_and_grads"] == 2 * len(saes)
-    assert counter.suffix() == 2 * 3 * len(saes)
+    assert counter.suffix() == 2 * (2 + len(saes))
+    same(many, {m: loss_added.run(sae.eval(), tiny_lm, HOOK, tokens, batch_size=2) for m, sae in saes.items()})
+
+
+def test_loss_added_members_with_different_activations_do_not_share_passes(tiny_lm, monkeypatch):
+    """SAEs at two hooks (different activations) get their own clean and ablated passes, as alone."""
+    saes, tokens = members(), build_tokens(4, 32)
+    real = loss_added.sae_on_tokens
+    shift = {m: i % 2 for i, m in enumerate(saes)}  # half the SAEs see activations moved off the others'
+
+    def moved(sae, lm, hook, tok):
+        r = real(sae, lm, hook, tok)
+        m = next(k for k, v in saes.items() if v is sae)
+        return r._replace(x=r.x + shift[m]) if shift[m] else r
+
+    monkeypatch.setattr(loss_added, "sae_on_tokens", moved)
+    counter = PassCounter(tiny_lm, monkeypatch)
+    loss_added.run_many(saes, tiny_lm, HOOK, tokens, batch_size=2)
+    assert counter.suffix() == 2 * (2 * 2 + len(saes))  # 2 batches: 2 groups' clean + ablated, and each SAE's
 
 
 def test_the_cache_stops_keeping_at_its_budget(tiny_lm):
@@ -145,3 +167,75 @@ def test_nested_blocks_use_the_outer_cache(nested):
         if nested:
             with shared_harvests() as inner:
                 assert inner is outer
+
+
+#: a sweep over layers on random-tiny: a residual point, an MLP output after it and the last residual point
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+
+
+def members_at_hooks() -> dict[str, tuple[torch.nn.Module, str]]:
+    """A TopK and a g-SAE at the first hook, a g-SAE at the second, a TopK at the third."""
+    saes = members()
+    return {"topk-k4": (saes["topk-k4"], HOOKS[0]), "gsae-k4": (saes["gsae-k4"], HOOKS[0]),
+            "gsae-k8": (saes["gsae-k8"], HOOKS[1]), "topk-k8": (saes["topk-k8"], HOOKS[2])}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "transformer_lens"])
+def test_members_at_several_hooks_share_one_lm_pass_per_batch(fused):
+    """A sweep over layers (the callback's evaluation of members at their own hooks): every result equals the member's
+    own benchmarks alone with nothing shared, exactly, while each batch's activations (and ``∇ₓL``) at all three hooks
+    come from one LM pass per kind, not one per hook."""
+    from gsae.evals import run_benchmarks_at
+    from gsae.lm import LanguageModel
+
+    lm = LanguageModel("random-tiny", seed=0, fused=fused)
+    saes, tokens = members_at_hooks(), build_tokens(6, 32)
+    names = list(DEFAULT_BENCHMARKS)
+    per_benchmark = {n: tokens[:4] if n == "loss_added" else tokens for n in names}
+    alone = {}
+    for m, (sae, hook) in saes.items():
+        sae.eval()
+        with torch.no_grad():
+            alone[m] = {n: BENCHMARKS[n].run(sae, lm, hook, per_benchmark[n].clone(), seed=0, batch_size=2,
+                                             **OPTIONS.get(n, {})) for n in names}
+    planned = []
+    with shared_harvests() as cache:
+        harvest_planned = cache._harvest_planned
+        cache._harvest_planned = lambda *a: planned.append(a[1]) or harvest_planned(*a)
+        shared = run_benchmarks_at(names, saes, lm, per_benchmark, seed=0, options=OPTIONS, batch_size=2)
+    same(shared, alone)
+    assert list(shared) == list(saes)
+    # 3 batches × 3 kinds (plain; ∇ₓL with the g-SAEs' normaliser; with decoder_geometry's), each at every hook at once
+    assert cache.misses == 3 * 3 and planned == [HOOKS] * 9
+    assert len(cache._store) == 3 * 3 * len(HOOKS)
+
+
+def test_members_at_several_hooks_without_room_for_every_hook_harvest_one_hook_at_a_time(tiny_lm):
+    """When one batch at every planned hook does not fit the cache's budget, each hook is harvested alone (as
+    without a plan), and the results are the same."""
+    from gsae.evals import run_benchmarks_at
+
+    saes, tokens = members_at_hooks(), build_tokens(4, 32)
+    names = ["dead_latents", "loss_added"]
+    reference = run_benchmarks_at(names, saes, tiny_lm, tokens, batch_size=2)
+    batch = 2 * 32 * 64 * 4  # one (2, 32, 64) float32 batch of activations at one hook
+    with shared_harvests(max_bytes=2 * batch) as cache:
+        results = run_benchmarks_at(names, saes, tiny_lm, tokens, batch_size=2)
+    same(results, reference)
+    assert cache._plans[id(tiny_lm)] == HOOKS
+    assert cache.bytes <= 2 * batch and len(cache._store) == 2  # each hook alone: kept until the budget is spent
+
+
+def test_a_plan_keeps_only_residual_stream_hooks(tiny_lm):
+    from gsae.evals.common import harvest
+
+    with shared_harvests() as cache:
+        cache.plan(tiny_lm, ["blocks.0.attn.hook_z", HOOKS[0]])
+        assert cache._plans[id(tiny_lm)] == [HOOKS[0]]  # one stream hook: harvested alone, as unplanned
+        harvest(tiny_lm, HOOKS[0], build_tokens(2, 32, seed=1))
+        assert len(cache._store) == 1
+        cache.plan(tiny_lm, [HOOKS[2]])  # added to the plan
+        assert cache._plans[id(tiny_lm)] == [HOOKS[0], HOOKS[2]]
+        harvest(tiny_lm, HOOKS[2], build_tokens(2, 32, seed=2))
+        assert len(cache._store) == 1 + 2
+

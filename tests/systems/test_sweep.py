@@ -290,14 +290,23 @@ def test_cli_sweep_writes_every_members_export_evaluation_and_tensorboard(tmp_pa
 
 
 @pytest.mark.slow
-def test_cli_layers_sweep_exports_evaluates_and_logs_each_member_at_its_hook(tmp_path, capsys):
+def test_cli_layers_sweep_exports_evaluates_and_logs_each_member_at_its_hook(tmp_path, capsys, monkeypatch):
     """configs/quickstart/layers_sweep.yaml through train.py: each member's checkpoint section and SAELens export name
     its own hook, and its evaluation during training ran at that hook: evaluate.py, which reads each member's hook
-    from the checkpoint (and a TopK member's from its export), gives the same loss_added."""
+    from the checkpoint (and a TopK member's from its export), gives the same loss_added. Both evaluations harvest
+    each batch at the two hooks from one LM pass."""
     from gsae.cli import main
+    from gsae.evals.common import SharedHarvests
     from gsae.evaluate import main as evaluate_main
 
+    planned = []  # the hooks of every shared harvest (SharedHarvests.plan)
+    real = SharedHarvests._harvest_planned
+    monkeypatch.setattr(SharedHarvests, "_harvest_planned",
+                        staticmethod(lambda lm, hooks, *a: planned.append(list(hooks)) or real(lm, hooks, *a)))
+    both = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
     assert main(_quick_args("layers_sweep", 4, tmp_path)) == 0
+    assert planned and all(h == both for h in planned)
+    planned.clear()
     run = tmp_path / "quickstart-layers-sweep"
     ckpt = run / "checkpoints" / "epoch=0-step=4.ckpt"
     hooks = {"topk-L1": "blocks.1.hook_resid_post", "gsae-L1": "blocks.1.hook_resid_post",
@@ -307,6 +316,7 @@ def test_cli_layers_sweep_exports_evaluates_and_logs_each_member_at_its_hook(tmp
     trained = {n: p["results"]["loss_added"]["L_added"] for n, p in payloads.items()}
     assert trained["topk-L1"] != trained["topk-L2"]  # the layers' SAEs read different activations
     assert evaluate_main([str(ckpt), "--benchmarks", "loss_added", "--n-seqs", "8", "--output", str(tmp_path / "c.json")]) == 0
+    assert planned and all(h == both for h in planned)
     from_ckpt = json.loads((tmp_path / "c.json").read_text())["loss_added"]
     for name, hook in hooks.items():
         _, meta = load_checkpoint(ckpt, member=name)
