@@ -259,7 +259,8 @@ def run_benchmarks_many(
     :func:`run_benchmarks` of that SAE alone, with the SAE-independent LM work done once: the activations (and
     ``∇ₓL``) of each token batch are shared by every benchmark and SAE (:func:`gsae.evals.common.shared_harvests`),
     and a benchmark module's optional ``run_many(saes, lm, hook, tokens, *, seed, **options) -> {name: result}``
-    (``loss_added``: one clean and one zero-ablated pass per batch) replaces its per-SAE ``run``.
+    (``loss_added``: one clean and one zero-ablated pass per batch; ``sensitive_directions``: the length sweep of the
+    directions drawn from the activations alone once) replaces its per-SAE ``run``.
 
     ``tokens``: one ``(n_seq, T)`` set for every benchmark, or ``{benchmark: tokens}``. ``seconds``, if given,
     receives ``{"<sae name>/<benchmark>": wall seconds}`` (``"<benchmark>"`` for the name ``""``; a ``run_many``'s

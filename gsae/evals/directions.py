@@ -47,6 +47,8 @@ DIRECTION_TYPES = (
     "sae_error",
     *FEATURE_POOLS,
 )
+#: The direction types drawn from the activations alone (no SAE): the same for every SAE of equal activations.
+ACTIVATION_TYPES = ("isotropic", "cov_random_difference", "cov_random_mixture", "real_difference", "real_mixture")
 #: Substitution kinds (SPEC §3.2 ``error_eval.py``): name -> the direction type ``u`` of ``x + ε·u``.
 EPS_BASELINES = {"eps_isotropic": None, "eps_cov_mixture": "cov_random_mixture", "eps_real_mixture": "real_mixture"}
 #: Added to the diagonal of the covariance (Lee & Heimersheim's code).

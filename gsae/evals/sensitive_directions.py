@@ -28,11 +28,15 @@ Speed: the prefix up to the hook and the SAE run once per batch (kept from the s
 log-probabilities are computed once per group of sequences and shared by every direction type and length,
 whose copies are stacked into forwards of about ``forward_tokens`` tokens. Length 0 gives KL 0. Sequences
 are cut after the last position read (causality), which in ``single_token`` mode is ``p + n_offsets − 1``.
-``benchmarks/eval_speed.py`` times this against a naive loop of full forwards with a patch hook.
+``benchmarks/eval_speed.py`` times this against a naive loop of full forwards with a patch hook. The direction types
+drawn from the activations alone (:data:`gsae.evals.directions.ACTIVATION_TYPES`) run in their own
+:func:`perturbation_runs` call, apart from the SAE's kinds, so that a sweep's members of equal activations share it
+(:func:`run_many`: the same passes, once).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal, NamedTuple
 
 import torch
@@ -40,6 +44,7 @@ from torch import Tensor
 
 from gsae.evals.common import special_token_mask
 from gsae.evals.directions import (
+    ACTIVATION_TYPES,
     DIRECTION_TYPES,
     EPS_BASELINES,
     FEATURE_POOLS,
@@ -51,7 +56,7 @@ from gsae.evals.perturb import final_hook, perturbation_runs
 from gsae.lm import LanguageModel
 from gsae.sae.base import SparseAutoencoder
 
-__all__ = ["run", "figures", "window", "final_hook", "DEFAULT_LENGTHS"]
+__all__ = ["run", "run_many", "figures", "window", "final_hook", "DEFAULT_LENGTHS"]
 
 #: Lee & Heimersheim's "Normal" lengths: [1,3,…,19] + [20,24,…,48] + [51,61,…,91] (23 values).
 DEFAULT_LENGTHS = (*range(1, 20, 2), *range(20, 49, 4), *range(51, 92, 10))
@@ -146,6 +151,41 @@ def run(
         forward_tokens: about how many tokens one forward pass holds (memory: ``forward_tokens × d_vocab`` logits).
         max_real_pool: at most this many real activations (seeded subset) for the ``real_*`` kinds.
     """
+    return run_many(
+        {"": sae}, lm, hook, tokens, seed=seed, lengths=lengths, direction_types=direction_types, mode=mode,
+        position=position, n_offsets=n_offsets, substitution=substitution,
+        substitution_exclude_special=substitution_exclude_special, skip_first=skip_first, batch_size=batch_size,
+        pool_seqs=pool_seqs, forward_tokens=forward_tokens, max_real_pool=max_real_pool,
+    )[""]
+
+
+@torch.no_grad()
+def run_many(
+    saes: Mapping[str, SparseAutoencoder],
+    lm: LanguageModel,
+    hook: str,
+    tokens: Tensor,
+    *,
+    seed: int = 0,
+    lengths: list[float] | None = None,
+    direction_types: list[str] | None = None,
+    mode: Literal["all_tokens", "single_token"] = "all_tokens",
+    position: int | None = None,
+    n_offsets: int = 17,
+    substitution: bool = True,
+    substitution_exclude_special: bool = True,
+    skip_first: bool = False,
+    batch_size: int = 64,
+    pool_seqs: int = 64,
+    forward_tokens: int = 1024,
+    max_real_pool: int = 65536,
+) -> dict[str, dict]:
+    """:func:`run` for several SAEs at one hook (a sweep's members), ``{name: result}``, each equal to :func:`run` of
+    that SAE alone. The direction types drawn from the activations alone (:data:`ACTIVATION_TYPES`: isotropic,
+    covariance and real-activation directions, 25 of the 49 perturbed runs per token at the default 5 lengths) do not
+    depend on the SAE: SAEs whose activations are equal (all of them at one hook, TopK and g-SAE alike) share their
+    statistics and their length sweep, run once; each SAE adds its own (``sae_error``, the feature pools and the
+    substitution). :func:`run` is this for one SAE, so both take the same passes."""
     lengths = [float(v) for v in (DEFAULT_LENGTHS if lengths is None else lengths)]
     kinds = list(DIRECTION_TYPES if direction_types is None else direction_types)
     unknown = [k for k in kinds if k not in DIRECTION_TYPES]
@@ -160,73 +200,131 @@ def run(
     n_seq, T = tokens.shape
     win = window(mode, T, position, n_offsets, skip_first)
     # pass 1: μ, Σ, real pool, latents alive on the eval set and per pool block; kept for pass 2 when small enough
-    cached = 2 * tokens.numel() * sae.d_in <= CACHE_ELEMENTS
+    d_in = next(iter(saes.values())).d_in
+    cached = 2 * tokens.numel() * d_in * len(saes) <= CACHE_ELEMENTS
     features = any(k in FEATURE_POOLS for k in kinds)
-    acts = batch_acts(sae, lm, hook, tokens, batch_size, with_sae=cached or features)
-    acts = list(acts) if cached else acts
-    block_fired: dict[int, Tensor] = {}
+    acts = {m: batch_acts(sae, lm, hook, tokens, batch_size, with_sae=cached or features) for m, sae in saes.items()}
+    if cached:
+        acts = {m: list(a) for m, a in acts.items()}
+    groups = _equal_activations(acts) if cached else [[m] for m in saes]
+    head = {"hook": hook, "mode": mode, "position": win.position, "lengths": lengths, "n_sequences": n_seq,
+            "seq_len": T, "n_tokens": n_seq * win.read.numel(), "pool_seqs": pool_seqs}
+    opts = dict(seed=seed, lengths=lengths, kinds=kinds, win=win, substitution=substitution,
+                exclude=substitution_exclude_special, pool_seqs=pool_seqs, forward_tokens=forward_tokens, head=head)
+    out = {}
+    for group in groups:
+        tally = {m: {"fired": None, "blocks": {}} for m in group}
+        first, *others = group
+        stats = fit_activation_stats(_tally_fired(acts[first], pool_seqs, tally[first]), max_real_pool=max_real_pool,
+                                     seed=seed)
+        for m in others:  # equal activations: the same statistics; only the fired latents are each SAE's
+            for _ in _tally_fired(acts[m], pool_seqs, tally[m]):
+                pass
+        members = {m: (saes[m], stats._replace(fired=tally[m]["fired"]), tally[m]["blocks"]) for m in group}
+        again = {m: (acts[m] if cached else batch_acts(saes[m], lm, hook, tokens, batch_size)) for m in group}
+        out.update(_sweep_group(lm, hook, members, again, **opts))
+    return {m: out[m] for m in saes}
 
-    def with_blocks(it):
-        s0 = 0
-        for b in it:
-            if b.fired is not None:
-                for i in range(b.x.shape[0]):
-                    blk = (s0 + i) // pool_seqs
-                    block_fired[blk] = block_fired[blk] | b.fired[i] if blk in block_fired else b.fired[i]
-            s0 += b.x.shape[0]
-            yield b
 
-    stats = fit_activation_stats(with_blocks(acts), max_real_pool=max_real_pool, seed=seed)
-    read_all = torch.arange(win.t_run) if win.position is not None else win.read  # single_token: earlier ones too
-    sums: dict[str, list] = {}  # name -> [Σ w·kl (n_scales, R), Σ w·l2, Σ w (R,)]
-    empty: dict[str, int] = {}
-    eps = torch.zeros(3, dtype=torch.float64)  # Σε, n, n(ε = 0) over the substitution's tokens
+def _tally_fired(acts, pool_seqs: int, tally: dict):
+    """``acts``' batches with ``fired`` dropped (the statistics are the activations'), after adding each batch's fired
+    latents to ``tally``: ``"fired"`` (d_sae,) over every sequence, ``"blocks"`` {pool block: (d_sae,)}."""
     s0 = 0
-    for b in acts if cached else batch_acts(sae, lm, hook, tokens, batch_size):
-        keep = special_token_mask(lm, b.tokens, substitution_exclude_special)[:, : win.t_run]
-        deltas, has_pool = batch_deltas(
-            kinds, b, stats, sae.W_dec, win.perturb, seed=seed, first_seq=s0, block_fired=block_fired,
-            pool_seqs=pool_seqs, substitution=substitution, keep=keep,
-        )
-        weights = {k: torch.ones(b.x.shape[0], read_all.numel(), dtype=torch.float64) for k in deltas}
-        for k, ok in has_pool.items():
-            weights[k] *= ok.double()[:, None]
-            empty[k] = empty.get(k, 0) + int((~ok).sum())
-        if substitution:
-            w_sub = keep[:, read_all.to(keep.device)].double().cpu()
-            for k in ("sae", *EPS_BASELINES):
-                weights[k] = w_sub
-            err = deltas["sae"].norm(dim=-1)[(keep & win.perturb.to(keep.device)[None])].double().cpu()
-            eps += torch.stack([err.sum(), torch.tensor(err.numel()), (err == 0).sum()]).double()
-        scales = {k: (lengths if k in kinds else [1.0]) for k in deltas}
-        _sweep_into(sums, lm, hook, b, win, read_all, deltas, scales, weights, forward_tokens)
+    for b in acts:
+        if b.fired is not None:
+            f = b.fired.any(0)
+            tally["fired"] = f if tally["fired"] is None else tally["fired"] | f
+            for i in range(b.x.shape[0]):
+                blk = (s0 + i) // pool_seqs
+                tally["blocks"][blk] = tally["blocks"][blk] | b.fired[i] if blk in tally["blocks"] else b.fired[i]
         s0 += b.x.shape[0]
-    curves = {k: _curve(sums[k], win, read_all) for k in kinds if k in sums and float(sums[k][2].sum()) > 0}
-    result = {
-        "hook": hook,
-        "mode": mode,
-        "position": win.position,
-        "lengths": lengths,
-        "n_sequences": n_seq,
-        "seq_len": T,
-        "n_tokens": n_seq * win.read.numel(),
-        "pool_seqs": pool_seqs,
-        "direction_types": list(curves),
-        "skipped": {k: f"empty feature pool for {n} of {n_seq} sequences" for k, n in empty.items() if n},
-        "curves": curves,
-        "stats": {
-            "n_rows": stats.n_rows,
-            "median_norm": stats.median_norm,
-            "mean_norm": float(stats.mean.norm()),
-            "cov_trace": float(stats.cov.trace()),
-            "real_pool_size": int(stats.real.shape[0]),
-            "n_alive_latents": None if stats.fired is None else int(stats.fired.sum()),
-        },
-        **{f"kl_mean_over_lengths_{k}": sum(c["kl"]) / len(lengths) for k, c in curves.items()},
-    }
-    if substitution:
-        result.update(_substitution(sums, win, read_all, float(eps[0] / eps[1].clamp_min(1)), int(eps[2])))
-    return result
+        yield b._replace(fired=None)
+
+
+def _equal_activations(acts: dict[str, list]) -> list[list[str]]:
+    """The SAEs in groups whose activations are equal in every batch (the same tensor, or equal values)."""
+    groups: list[list[str]] = []
+    for m, batches_m in acts.items():
+        for g in groups:
+            ref = acts[g[0]]
+            if all(a.x is b.x or torch.equal(a.x, b.x) for a, b in zip(ref, batches_m)):
+                g.append(m)
+                break
+        else:
+            groups.append([m])
+    return groups
+
+
+def _sweep_group(lm, hook, members, acts, *, seed, lengths, kinds, win, substitution, exclude, pool_seqs,
+                 forward_tokens, head) -> dict[str, dict]:
+    """Pass 2 for SAEs of equal activations: ``members`` ``{name: (sae, stats, block_fired)}``, ``acts`` ``{name:
+    its batches}``. Per batch, the :data:`ACTIVATION_TYPES` sweep runs once (from the first SAE's batch, of equal
+    activations) and each SAE's own kinds once per SAE; ``{name: head + result}``."""
+    shared_kinds = [k for k in kinds if k in ACTIVATION_TYPES]
+    own_kinds = [k for k in kinds if k not in ACTIVATION_TYPES]
+    first = next(iter(members))
+    stats0 = members[first][1]
+    read_all = torch.arange(win.t_run) if win.position is not None else win.read  # single_token: earlier ones too
+    shared: dict[str, list] = {}  # name -> [Σ w·kl (n_scales, R), Σ w·l2, Σ w (R,)] of the shared kinds
+    own: dict[str, dict[str, list]] = {m: {} for m in members}
+    empty: dict[str, dict[str, int]] = {m: {} for m in members}
+    eps = {m: torch.zeros(3, dtype=torch.float64) for m in members}  # Σε, n, n(ε = 0) over the substitution's tokens
+    s0 = 0
+    for bs in zip(*(acts[m] for m in members)):
+        batch = dict(zip(members, bs))
+        b0 = batch[first]
+        keep = special_token_mask(lm, b0.tokens, exclude)[:, : win.t_run]
+        common = dict(seed=seed, first_seq=s0, pool_seqs=pool_seqs, keep=keep)
+        if shared_kinds:
+            deltas, _ = batch_deltas(shared_kinds, b0, stats0, members[first][0].W_dec, win.perturb,
+                                     substitution=False, **common)
+            weights = {k: torch.ones(b0.x.shape[0], read_all.numel(), dtype=torch.float64) for k in deltas}
+            _sweep_into(shared, lm, hook, b0, win, read_all, deltas, {k: lengths for k in deltas}, weights,
+                        forward_tokens)
+        for m, (sae, stats, block_fired) in members.items():
+            if not own_kinds and not substitution:
+                continue
+            b = batch[m]
+            deltas, has_pool = batch_deltas(own_kinds, b, stats, sae.W_dec, win.perturb, block_fired=block_fired,
+                                             substitution=substitution, **common)
+            weights = {k: torch.ones(b.x.shape[0], read_all.numel(), dtype=torch.float64) for k in deltas}
+            for k, ok in has_pool.items():
+                weights[k] *= ok.double()[:, None]
+                empty[m][k] = empty[m].get(k, 0) + int((~ok).sum())
+            if substitution:
+                w_sub = keep[:, read_all.to(keep.device)].double().cpu()
+                for k in ("sae", *EPS_BASELINES):
+                    weights[k] = w_sub
+                err = deltas["sae"].norm(dim=-1)[(keep & win.perturb.to(keep.device)[None])].double().cpu()
+                eps[m] += torch.stack([err.sum(), torch.tensor(err.numel()), (err == 0).sum()]).double()
+            scales = {k: (lengths if k in kinds else [1.0]) for k in deltas}
+            _sweep_into(own[m], lm, hook, b, win, read_all, deltas, scales, weights, forward_tokens)
+        s0 += b0.x.shape[0]
+    n_seq = head["n_sequences"]
+    out = {}
+    for m, (_, stats, _) in members.items():
+        sums = {**shared, **own[m]}
+        curves = {k: _curve(sums[k], win, read_all) for k in kinds if k in sums and float(sums[k][2].sum()) > 0}
+        result = {
+            **head,
+            "direction_types": list(curves),
+            "skipped": {k: f"empty feature pool for {n} of {n_seq} sequences" for k, n in empty[m].items() if n},
+            "curves": curves,
+            "stats": {
+                "n_rows": stats.n_rows,
+                "median_norm": stats.median_norm,
+                "mean_norm": float(stats.mean.norm()),
+                "cov_trace": float(stats.cov.trace()),
+                "real_pool_size": int(stats.real.shape[0]),
+                "n_alive_latents": None if stats.fired is None else int(stats.fired.sum()),
+            },
+            **{f"kl_mean_over_lengths_{k}": sum(c["kl"]) / len(lengths) for k, c in curves.items()},
+        }
+        if substitution:
+            e = eps[m]
+            result.update(_substitution(sums, win, read_all, float(e[0] / e[1].clamp_min(1)), int(e[2])))
+        out[m] = result
+    return out
 
 
 def _sweep_into(sums, lm, hook, b, win, read_all, deltas, scales, weights, forward_tokens) -> None:

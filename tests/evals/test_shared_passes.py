@@ -106,8 +106,10 @@ def test_sweep_evaluation_equals_each_member_alone_with_nothing_shared(tiny_lm, 
     assert cache.misses == 3 * 3 and cache.hits > 3 * 3 * len(saes)
     saved = {k: passes_alone[k] - counter.counts[k] for k in passes_alone}
     assert saved["activations"] + saved["activations_and_grads"] == cache.hits
-    # loss_added: 2 batches, clean + ablated once for all four (the TopK's and the g-SAEs' activations are equal)
-    assert counter.suffix(saved) == 2 * 2 * (len(saes) - 1)
+    # loss_added: 2 batches, clean + ablated once for all four (the TopK's and the g-SAEs' activations are equal);
+    # sensitive_directions: the activation directions' sweep once for all four, 3 batches of one reference pass and
+    # one forward of its 5 types x 2 lengths
+    assert counter.suffix(saved) == 2 * 2 * (len(saes) - 1) + 3 * 2 * (len(saes) - 1)
 
 
 def test_loss_added_run_many_shares_the_clean_and_ablated_passes(tiny_lm, monkeypatch):
@@ -239,3 +241,38 @@ def test_a_plan_keeps_only_residual_stream_hooks(tiny_lm):
         harvest(tiny_lm, HOOKS[2], build_tokens(2, 32, seed=2))
         assert len(cache._store) == 1 + 2
 
+
+def test_sensitive_directions_run_many_sweeps_the_activation_directions_once(tiny_lm, monkeypatch):
+    """Sweep members of equal activations (TopK and g-SAE alike) share the statistics and the length sweep of the
+    direction types drawn from the activations alone, run once; each member adds its own kinds and substitution.
+    Every result equals the member's own run, exactly."""
+    from gsae.evals import sensitive_directions as sd
+    from gsae.evals.directions import ACTIVATION_TYPES
+
+    saes, tokens = members(), build_tokens(4, 32)
+    opts = dict(lengths=[1.0, 5.0], batch_size=2, pool_seqs=2)
+    counter = PassCounter(tiny_lm, monkeypatch)
+    sd.run(saes["topk-k4"].eval(), tiny_lm, HOOK, tokens, direction_types=list(ACTIVATION_TYPES), substitution=False,
+           **opts)
+    shared_part = counter.counts["hidden_from_hook"]  # the passes of the activation directions, for one SAE
+    counter.counts = dict.fromkeys(counter.counts, 0)
+    alone = {m: sd.run(sae.eval(), tiny_lm, HOOK, tokens, **opts) for m, sae in saes.items()}
+    passes_alone = counter.suffix()
+    counter.counts = dict.fromkeys(counter.counts, 0)
+    with shared_harvests():
+        many = sd.run_many(saes, tiny_lm, HOOK, tokens, **opts)
+    same(many, alone)
+    assert shared_part > 0 and passes_alone - counter.suffix() == (len(saes) - 1) * shared_part
+    assert all(set(ACTIVATION_TYPES) < set(r["direction_types"]) for r in many.values())
+    assert len({r["stats"]["n_alive_latents"] for r in many.values()}) > 1  # each SAE's own latents
+
+
+def test_sensitive_directions_groups_only_equal_activations(tiny_lm):
+    """SAEs at different hooks (activations not equal) are not grouped: each gets its own statistics and sweep."""
+    from gsae.evals.directions import BatchActs
+    from gsae.evals.sensitive_directions import _equal_activations
+
+    x = torch.randn(2, 4, 8)
+    acts = {"a": [BatchActs(None, x, None, None)], "b": [BatchActs(None, x.clone(), None, None)],
+            "c": [BatchActs(None, x + 1e-6, None, None)], "d": [BatchActs(None, x, None, None)]}
+    assert _equal_activations(acts) == [["a", "b", "d"], ["c"]]
