@@ -143,6 +143,8 @@ class EvaluationCallback(Callback):
         self._last: tuple[int, dict] | None = None  # (global step, {member: results}) of the latest evaluation
         #: wall seconds of each benchmark in the latest evaluation (logged as ``eval/seconds/<benchmark>``)
         self.last_seconds: dict[str, float] = {}
+        #: held-out contexts each benchmark read in the latest evaluation (the JSON's ``contexts``)
+        self.last_contexts: dict[str, int] = {}
 
     # ------------------------------------------------------------------ hooks
     def on_sae_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ckpt_path: str | Path) -> None:
@@ -160,6 +162,7 @@ class EvaluationCallback(Callback):
                     "step": trainer.global_step,
                     "seed": self.seed,
                     "n_seqs": int(self._tokens.shape[0]),
+                    "contexts": self.last_contexts,
                     "results": results,
                 }
                 member_path(ckpt_path, member, ".eval.json").write_text(json.dumps(payload, indent=1))
@@ -203,6 +206,7 @@ class EvaluationCallback(Callback):
         batch_size = self.batch_size or getattr(dm, "batch_size", 8)
         saes = member_saes(pl_module)
         per_benchmark = tokens_per_benchmark(self._counts, tokens, lm, self.options)
+        self.last_contexts = {name: int(t.shape[0]) for name, t in per_benchmark.items()}
         options = {n: {k: v for k, v in self.options.get(n, {}).items() if k != N_SEQS_OPTION} for n in self.benchmarks}
         self.last_seconds = {}
         # one set of LM passes for every benchmark and member (shared harvests; loss_added's run_many), and one per

@@ -269,7 +269,9 @@ def test_callback_gives_dead_latents_its_window_at_any_context_size(tmp_path, ti
     cb.on_sae_checkpoint(trainer, module, tmp_path / "x.ckpt")
     need = -(-5 * 64 // (context_size - 1))  # contexts holding 5 x 64 tokens after BOS
     assert cb._counts == {"dead_latents": None, "loss_added": 64} and cb._tokens.shape == (64, context_size)
-    result = json.loads((tmp_path / "x.ckpt.eval.json").read_text())["results"]
+    payload = json.loads((tmp_path / "x.ckpt.eval.json").read_text())
+    assert payload["n_seqs"] == 64 and payload["contexts"] == {"dead_latents": need, "loss_added": 64}
+    result = payload["results"]
     assert result["dead_latents"]["n_tokens"] == 5 * 64 and result["dead_latents"]["dead_fraction_batches"] is not None
     assert result["loss_added"]["n_tokens"] == 64 * (context_size - 1)
     # dead_latents alone: the contexts read are its window's, with room for special tokens (WINDOW_MARGIN 1.25)
