@@ -182,7 +182,7 @@ def run_many(
 ) -> dict[str, dict]:
     """:func:`run` for several SAEs at one hook (a sweep's members), ``{name: result}``, each equal to :func:`run` of
     that SAE alone. The direction types drawn from the activations alone (:data:`ACTIVATION_TYPES`: isotropic,
-    covariance and real-activation directions, 25 of the 49 perturbed runs per token at the default 5 lengths) do not
+    covariance and real-activation directions: 115 of the 211 perturbed runs per token at the 23 default lengths) do not
     depend on the SAE: SAEs whose activations are equal (all of them at one hook, TopK and g-SAE alike) share their
     statistics and their length sweep, run once; each SAE adds its own (``sae_error``, the feature pools and the
     substitution). :func:`run` is this for one SAE, so both take the same passes."""
