@@ -209,7 +209,7 @@ def sweep_budgets(args: argparse.Namespace, lm: LanguageModel) -> tuple:
     import yaml
 
     from gsae.callbacks.evaluation import DEFAULT_BENCHMARKS
-    from gsae.evals import N_SEQS_OPTION, held_out_counts, tokens_per_benchmark
+    from gsae.evals import held_out_counts, run_options, tokens_per_benchmark
 
     cfg = yaml.safe_load(open(args.sweep_config))
     ev = cfg.get("evaluation") or {}
@@ -222,7 +222,7 @@ def sweep_budgets(args: argparse.Namespace, lm: LanguageModel) -> tuple:
     tokens = tokens.to(args.device)
     per_benchmark = tokens_per_benchmark(counts, tokens, lm, ev.get("options"))
     per_benchmark = {n: t[: max(1, round(t.shape[0] * args.sweep_scale))] for n, t in per_benchmark.items()}
-    options = {n: {k: v for k, v in (ev.get("options") or {}).get(n, {}).items() if k != N_SEQS_OPTION} for n in names}
+    options = run_options(names, ev.get("options"))
     return names, tokens, per_benchmark, options, batch_size
 
 

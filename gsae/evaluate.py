@@ -49,6 +49,7 @@ from gsae.evals import (
     check_options,
     held_out_counts,
     run_benchmarks,
+    run_options,
     scalars,
     tagged_figures,
     tagged_scalars,
@@ -345,8 +346,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     """``{benchmark: {sae label: result}}`` for every SAE the arguments name."""
     names = _benchmarks(args.benchmarks)
     options = _options(args.options, names)
-    # per-benchmark held-out counts come from the n_seqs of --options (gsae.evals.held_out_counts); the rest go to run
-    benchmark_options = {n: {k: v for k, v in o.items() if k != N_SEQS_OPTION} for n, o in options.items()}
+    benchmark_options = run_options(names, options)  # the n_seqs of --options are held-out counts (held_out_counts)
     for flag in ("n_seqs", "batch_size", "context_size"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ArgumentError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
@@ -433,9 +433,6 @@ def _options(text: str | None, names: list[str]) -> dict[str, dict]:
         check_options(opts, "--options", extra={N_SEQS_OPTION: int})
     except ValueError as e:
         raise ArgumentError(str(e)) from None
-    for name, o in opts.items():
-        if N_SEQS_OPTION in o and o[N_SEQS_OPTION] <= 0:
-            raise ArgumentError(f"--options.{name}.n_seqs must be > 0 (got {o[N_SEQS_OPTION]})")
     return opts
 
 

@@ -39,6 +39,7 @@ from gsae.evals import (
     failure,
     held_out_counts,
     run_benchmarks_at,
+    run_options,
     tagged_scalars,
     tagged_texts,
     tokens_per_benchmark,
@@ -123,10 +124,6 @@ class EvaluationCallback(Callback):
         check_options(options, "--evaluation.options", extra={N_SEQS_OPTION: int})
         if n_seqs is not None and n_seqs <= 0:
             raise ValueError(f"EvaluationCallback.n_seqs must be > 0 (got {n_seqs})")
-        for name, opts in (options or {}).items():
-            k = opts.get(N_SEQS_OPTION) if isinstance(opts, dict) else None
-            if k is not None and int(k) <= 0:
-                raise ValueError(f"EvaluationCallback.options.{name}.n_seqs must be > 0 (got {k})")
         if every_n_steps is not None and every_n_steps <= 0:
             raise ValueError(f"EvaluationCallback.every_n_steps must be > 0 or null (got {every_n_steps})")
         self.n_seqs = n_seqs
@@ -207,7 +204,7 @@ class EvaluationCallback(Callback):
         saes = member_saes(pl_module)
         per_benchmark = tokens_per_benchmark(self._counts, tokens, lm, self.options)
         self.last_contexts = {name: int(t.shape[0]) for name, t in per_benchmark.items()}
-        options = {n: {k: v for k, v in self.options.get(n, {}).items() if k != N_SEQS_OPTION} for n in self.benchmarks}
+        options = run_options(self.benchmarks, self.options)
         self.last_seconds = {}
         # one set of LM passes for every benchmark and member (shared harvests; loss_added's run_many), and one per
         # batch for all the hooks of a sweep whose members read different hooks

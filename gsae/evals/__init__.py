@@ -123,6 +123,12 @@ def held_out_counts(
     return max(read, default=n_seqs or DEFAULT_N_SEQS), counts
 
 
+def run_options(names: list[str], options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """``{benchmark: its options}`` for ``run``: ``options`` without the held-out counts (``n_seqs``, read by
+    :func:`held_out_counts`, not by the benchmark)."""
+    return {n: {k: v for k, v in (options or {}).get(n, {}).items() if k != N_SEQS_OPTION} for n in names}
+
+
 def tokens_per_benchmark(counts: Mapping[str, int | None], tokens: Tensor, lm, options=None) -> dict[str, Tensor]:
     """``{benchmark: its first contexts of tokens}`` for :func:`held_out_counts`' ``counts`` (``None``:
     ``dead_latents``' window, :func:`gsae.evals.dead_latents.contexts_for_window` with its ``options``)."""
@@ -147,8 +153,8 @@ def check_options(options: Mapping[str, Any] | None, where: str, extra: Mapping[
     value}}``) names an option a benchmark's ``run`` does not take, or gives one a value of the wrong type (checked
     against ``run``'s annotations: ``int``, ``float``, ``bool``, ``str``, ``Literal``, ``X | None``, lists and
     tuples of those). ``extra``: options the caller reads itself (e.g. the callback's ``n_seqs: int``), allowed for
-    every benchmark. Before any work: a typo in an option name was silently dropped, and a bad value failed at the
-    first checkpoint of a run."""
+    every benchmark; an ``n_seqs`` must be > 0. Before any work: a typo in an option name was silently dropped, and a
+    bad value failed at the first checkpoint of a run."""
     for name, opts in (options or {}).items():
         if name not in BENCHMARKS:
             raise ValueError(f"{where}: {name!r} is not a benchmark; choose from {', '.join(BENCHMARKS)}")
@@ -163,6 +169,8 @@ def check_options(options: Mapping[str, Any] | None, where: str, extra: Mapping[
                 raise ValueError(f"{where}.{name}: unknown option {key!r}; {name} takes {', '.join(sorted(allowed))}")
             if not _fits(value, allowed[key]):
                 raise ValueError(f"{where}.{name}.{key}: expected {_type_name(allowed[key])}, got {value!r}")
+            if key == N_SEQS_OPTION and value <= 0:
+                raise ValueError(f"{where}.{name}.{key} must be > 0 (got {value})")
 
 
 def _fits(value: Any, tp: Any) -> bool:
@@ -427,6 +435,7 @@ __all__ = [
     "run_benchmarks",
     "run_benchmarks_at",
     "run_benchmarks_many",
+    "run_options",
     "scalars",
     "tagged_figures",
     "tagged_scalars",
