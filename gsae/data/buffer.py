@@ -6,7 +6,8 @@ buffer plus the new rows; the rest stay in the buffer. While the buffer fills (t
 twice and none is dropped (except what is still buffered when training stops). The buffer and its
 random generator are part of the checkpoint, so a resumed run mixes exactly as an uninterrupted one.
 Under DDP every rank has its own buffer (its own rows, generator seeded ``seed + rank``); the training
-system gathers all of them into the checkpoint and gives each rank its own back on resume. Activations
+system gathers all of them into the checkpoint and gives each rank its own back on resume (on another number of
+ranks it deals all the rows out: ``SAESystem._own_buffer_state``). Activations
 and gradients (g-SAE) travel together. The state is saved on the CPU and restored rows follow the
 device and dtype of the next incoming batch (Lightning loads checkpoints on the CPU).
 """

@@ -113,6 +113,9 @@ class TokenDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.consumed_batches = 0  # training batches handed to training_step on this rank
+        # (batches, global contexts) consumed when this process started: a resume on another number of ranks goes on
+        # from the global context count (synthetic contexts are addressed by it), not from batches × this world
+        self._resumed_at: tuple[int, int | None] = (0, 0)
         self.stream_states: dict[int, StreamState] = {}  # text sources: each consumed stream's position
         self._source: TextSource | None = None
         self._val_cache: tuple[tuple[int, int], list[TokenBatch]] | None = None
@@ -197,7 +200,8 @@ class TokenDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         if self.dataset == SYNTHETIC:
             stream = TokenStream(
-                lambda start: self.contexts("train", start), self.batch_size, rank, world, start_batch=self.consumed_batches
+                lambda start: self.contexts("train", start), self.batch_size, rank, world,
+                start_batch=self.consumed_batches, start_context=self.consumed_contexts(world),
             )
         else:
             check_assignment(self.n_streams, world, self.num_workers)
@@ -263,11 +267,20 @@ class TokenDataModule(pl.LightningDataModule):
         dist.all_gather_object(gathered, mine)
         return {s: StreamState(*st) for part in gathered for s, st in part.items()}
 
+    def consumed_contexts(self, world: int) -> int:
+        """Global training contexts consumed (every rank's): those before this process's start, plus ``batch_size ×
+        world`` per batch since."""
+        batches, contexts = self._resumed_at
+        if contexts is None:  # a checkpoint that did not record it: its world was this one
+            contexts = batches * self.batch_size * world
+        return contexts + (self.consumed_batches - batches) * self.batch_size * world
+
     def state_dict(self) -> dict[str, Any]:
         streams = self._all_stream_states()
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         return {
             "consumed_batches": self.consumed_batches, "dataset": self.dataset, "batch_size": self.batch_size,
-            "n_streams": self.n_streams,
+            "n_streams": self.n_streams, "consumed_contexts": self.consumed_contexts(world),
             "streams": [None if s not in streams else [streams[s].epoch, streams[s].shard, streams[s].docs, streams[s].rest.clone()]
                         for s in range(self.n_streams)],
         }
@@ -280,6 +293,8 @@ class TokenDataModule(pl.LightningDataModule):
                     "the stream position cannot be resumed exactly"
                 )
         self.consumed_batches = int(state_dict["consumed_batches"])
+        contexts = state_dict.get("consumed_contexts")
+        self._resumed_at = (self.consumed_batches, None if contexts is None else int(contexts))
         self.stream_states = {
             s: StreamState(s, int(st[0]), int(st[1]), int(st[2]), st[3])
             for s, st in enumerate(state_dict.get("streams") or []) if st is not None

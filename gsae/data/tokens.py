@@ -110,6 +110,8 @@ class TokenStream(IterableDataset):
         batch_size: contexts per batch (per rank).
         rank, world_size: this process's place in the DDP group.
         start_batch: first batch index to yield (resume).
+        start_context: global index of the first context read (resume; default ``start_batch × batch_size ×
+            world_size``, which a resume on another number of ranks would get wrong).
         max_batches: stop after this batch index (exclusive), or ``None`` for an endless stream.
     """
 
@@ -121,6 +123,7 @@ class TokenStream(IterableDataset):
         world_size: int = 1,
         start_batch: int = 0,
         max_batches: int | None = None,
+        start_context: int | None = None,
     ) -> None:
         super().__init__()
         self.contexts = contexts
@@ -129,12 +132,13 @@ class TokenStream(IterableDataset):
         self.world_size = world_size
         self.start_batch = start_batch
         self.max_batches = max_batches
+        self.start_context = start_context
 
     def __iter__(self) -> Iterator[TokenBatch]:
         info = get_worker_info()
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
         per_batch = self.batch_size * self.world_size  # global contexts per batch index
-        first = self.start_batch * per_batch
+        first = self.start_batch * per_batch if self.start_context is None else self.start_context
         it = self.contexts(first)
         b = self.start_batch
         while self.max_batches is None or b < self.max_batches:

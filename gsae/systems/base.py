@@ -521,6 +521,11 @@ class SAESystem(pl.LightningModule):
             own = self._own_buffer_state(checkpoint["gsae_buffer"])
             if own is not None:
                 buffer.load_state_dict(own)
+            if buffer.fill > buffer.capacity:  # resumed on fewer ranks: keep every row, in a larger buffer
+                if self.global_rank == 0:
+                    log.warning("resumed on fewer ranks: each rank's shuffle buffer holds %d rows (--model.buffer_size "
+                                "%d) so that no buffered row is lost", buffer.fill, buffer.capacity)
+                buffer.capacity = buffer.fill
 
     def check_saved_lm(self, saved: dict | None) -> None:
         """A one-line error if the checkpoint was trained on another language model: another name, another
@@ -540,13 +545,24 @@ class SAESystem(pl.LightningModule):
             )
 
     def _own_buffer_state(self, saved: dict) -> dict | None:
-        """This rank's shuffle-buffer state from a checkpoint holding every rank's (older files: rank 0's only)."""
+        """This rank's shuffle-buffer state from a checkpoint holding every rank's (older files: rank 0's only).
+
+        A run resumed on another number of ranks (``--trainer.devices × --trainer.num_nodes``, e.g. fewer GPUs after a
+        preemption): the saved ranks' rows are pooled in rank order and dealt out, rank ``r`` of ``W`` taking rows
+        ``r, r + W, …`` (none lost, none twice), with a generator seeded from the run's seed, the rank and both
+        numbers of ranks. On fewer ranks a share can exceed ``--model.buffer_size``: :meth:`restore_run` then keeps
+        the larger buffer (the batch size does not change)."""
         ranks = saved["ranks"] if "ranks" in saved else [saved]
         world, rank = self._world(), self.global_rank
-        if len(ranks) != world and any(r["x"] is not None for r in ranks):
-            raise ValueError(
-                f"--ckpt_path: the checkpoint's shuffle buffers come from {len(ranks)} DDP ranks but this run has {world} "
-                "(--trainer.devices × --trainer.num_nodes); resume with the same number, since the buffered rows "
-                "belong to the ranks that harvested them"
-            )
-        return ranks[rank] if rank < len(ranks) else None  # empty buffers: a new rank keeps its fresh one
+        if len(ranks) == world or all(r["x"] is None for r in ranks):
+            return ranks[rank] if rank < len(ranks) else None  # empty buffers: a new rank keeps its fresh one
+        held = [r for r in ranks if r["x"] is not None]
+        x = torch.cat([r["x"] for r in held])
+        grads = [r["grad"] for r in held]
+        grad = torch.cat(grads) if all(g is not None for g in grads) else None
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + len(ranks) * 1009 + world * 101 + rank)
+        if rank == 0:
+            log.info("resuming %d ranks' shuffle buffers (%d rows) on %d ranks: about %d rows each",
+                     len(ranks), x.shape[0], world, -(-x.shape[0] // world))
+        return {"x": x[rank::world].clone(), "grad": None if grad is None else grad[rank::world].clone(),
+                "gen": gen.get_state(), "capacity": ranks[0].get("capacity")}

@@ -161,6 +161,27 @@ def test_datamodule_state_round_trip(local, tiny_lm) -> None:
         TokenDataModule(lm=tiny_lm, dataset=local.dataset, batch_size=2, n_streams=8).load_state_dict(state)
 
 
+def test_streams_resume_on_another_number_of_ranks(local, tiny_lm, monkeypatch) -> None:
+    """Two ranks read 3 batches each (their streams 0, 2 and 1, 3), then one rank resumes from their joint state
+    (the checkpoint gathers every rank's streams): every stream goes on where it stopped, none skipped or repeated."""
+    seen: dict[int, list] = {s: [] for s in range(S)}
+    states = {}
+    for rank in range(2):
+        dm = TokenDataModule(lm=tiny_lm, dataset=local.dataset, context_size=T, batch_size=2, n_streams=S, val_documents=V)
+        monkeypatch.setattr(dm, "_rank_world", lambda r=rank: (r, 2))
+        for b in itertools.islice(iter(dm.train_dataloader()), 3):
+            seen[int(b.state.stream)] += b.tokens.tolist()
+            states[int(b.state.stream)] = b.state
+    local.stream_states, local.consumed_batches = states, 3
+    dm = TokenDataModule(lm=tiny_lm, dataset=local.dataset, context_size=T, batch_size=2, n_streams=S, val_documents=V)
+    dm.load_state_dict(local.state_dict())
+    for b in itertools.islice(iter(dm.train_dataloader()), 8):
+        seen[int(b.state.stream)] += b.tokens.tolist()
+    for s in range(S):
+        assert seen[s] == _reference_stream(s, len(seen[s])), f"stream {s}"
+    assert sum(len(v) for v in seen.values()) == (2 * 3 + 8) * 2
+
+
 # ---------------------------------------------------------------------------------------------- shards, corpus
 def test_a_source_with_enough_shards_gives_each_stream_its_files(tmp_path, tiny_lm) -> None:
     docs = _documents()

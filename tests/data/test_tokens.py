@@ -104,13 +104,33 @@ def test_start_batch_resumes_exactly(synthetic_dm) -> None:
 def test_datamodule_resumes_from_its_state(synthetic_dm, tiny_lm) -> None:
     fresh = _batches(synthetic_dm.train_dataloader(), 6)
     dm = TokenDataModule(lm=tiny_lm, dataset="synthetic", context_size=16, batch_size=4)
-    dm.load_state_dict({**synthetic_dm.state_dict(), "consumed_batches": 4})
-    resumed = _batches(dm.train_dataloader(), 2)
-    assert [b.index for b in resumed] == [4, 5]
-    for a, b in zip(fresh[4:], resumed):
-        torch.testing.assert_close(a.tokens, b.tokens)
+    state = {**synthetic_dm.state_dict(), "consumed_batches": 4}
+    for contexts in (4 * 4, None):  # recorded, or (older checkpoints) batches × this world
+        dm.load_state_dict({**state, "consumed_contexts": contexts})
+        resumed = _batches(dm.train_dataloader(), 2)
+        assert [b.index for b in resumed] == [4, 5]
+        for a, b in zip(fresh[4:], resumed):
+            torch.testing.assert_close(a.tokens, b.tokens)
     with pytest.raises(ValueError, match="--data.batch_size"):
         dm.load_state_dict({"consumed_batches": 4, "batch_size": 8})
+
+
+@pytest.mark.parametrize("saved_world, world", [(2, 1), (1, 2), (2, 3)])
+def test_datamodule_resumes_on_another_number_of_ranks_at_the_global_context(tiny_lm, monkeypatch, saved_world, world):
+    """A run of ``saved_world`` ranks stopped after 5 batches (5 × 4 × saved_world global contexts) and resumed on
+    ``world`` ranks: together the new ranks read the next contexts, none skipped or repeated."""
+    start = 5 * 4 * saved_world
+    firsts = []
+    for rank in range(world):
+        dm = TokenDataModule(lm=tiny_lm, dataset="synthetic", context_size=16, batch_size=4)
+        monkeypatch.setattr(dm, "_rank_world", lambda r=rank: (r, world))
+        dm.load_state_dict({"consumed_batches": 5, "consumed_contexts": start, "batch_size": 4, "n_streams": dm.n_streams})
+        firsts.append(_batches(dm.train_dataloader(), 2))
+    read = [c for step in range(2) for rank in range(world) for c in firsts[rank][step].tokens.tolist()]
+    expected = list(itertools.islice(dm.contexts("train", start), 2 * 4 * world))
+    assert sorted(read) == sorted(expected)
+    dm.consumed_batches = 7  # two more batches on each of the new ranks
+    assert dm.consumed_contexts(world) == start + 2 * 4 * world
 
 
 def test_synthetic_validation_never_equals_training(synthetic_dm) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -92,13 +94,64 @@ def test_resume_from_a_buffer_saved_in_another_dtype(tmp_path):
         assert torch.allclose(p, resumed.sae.state_dict()[name], atol=1e-6), f"{name} differs"
 
 
-def test_resume_on_another_world_size_is_a_one_line_error(tmp_path):
-    system = build_system("topk", buffer_size=128)
-    rows = {"x": torch.zeros(3, 64), "grad": None, "gen": torch.Generator().get_state(), "capacity": 128}
-    with pytest.raises(ValueError, match=r"--ckpt_path: .*2 DDP ranks but this run has 1"):
-        system._own_buffer_state({"world_size": 2, "ranks": [rows, rows]})
-    assert system._own_buffer_state({"world_size": 1, "ranks": [rows]}) is rows
-    assert system._own_buffer_state(rows) is rows  # checkpoints written before per-rank buffers
+def test_resume_on_another_world_size_deals_every_buffered_row_out_once(tmp_path, monkeypatch, caplog):
+    """A checkpoint of 2 ranks' buffers resumed on 1, 3 or 4 ranks: the rows (and their gradients) are pooled and
+    dealt out, none lost, none twice, shares within one row of each other; on fewer ranks a share above
+    --model.buffer_size is kept in a larger buffer, with one warning."""
+    system = build_system("gsae", buffer_size=8)
+    x = torch.arange(2 * 7 * 3, dtype=torch.float32).reshape(14, 3)
+    saved = {"world_size": 2, "ranks": [
+        {"x": x[:7], "grad": -x[:7], "gen": torch.Generator().get_state(), "capacity": 8},
+        {"x": x[7:], "grad": -x[7:], "gen": torch.Generator().get_state(), "capacity": 8},
+    ]}
+    for world in (1, 3, 4):
+        monkeypatch.setattr(type(system), "_world", lambda self, w=world: w)
+        shares = []
+        for rank in range(world):
+            monkeypatch.setattr(type(system), "global_rank", property(lambda self, r=rank: r))
+            own = system._own_buffer_state(saved)
+            assert torch.equal(own["grad"], -own["x"])  # rows and gradients stay together
+            shares.append(own["x"])
+        rows = sorted(tuple(r.tolist()) for r in torch.cat(shares))
+        assert rows == sorted(tuple(r.tolist()) for r in x), world  # every row once
+        assert max(len(t) for t in shares) - min(len(t) for t in shares) <= 1
+    monkeypatch.setattr(type(system), "_world", lambda self: 1)
+    monkeypatch.setattr(type(system), "global_rank", property(lambda self: 0))
+    with caplog.at_level("WARNING"):
+        system.restore_run({"gsae": system.describe(), "gsae_buffer": saved})
+    assert system.buffer.fill == 14 and system.buffer.capacity == 14  # 2 ranks' rows, above buffer_size 8
+    assert "holds 14 rows (--model.buffer_size 8)" in caplog.text
+    empty = {"x": None, "grad": None, "gen": torch.Generator().get_state(), "capacity": 8}
+    assert system._own_buffer_state({"world_size": 2, "ranks": [empty, empty]}) is empty  # nothing to deal out
+    assert system._own_buffer_state(saved["ranks"][0]) is saved["ranks"][0]  # checkpoints before per-rank buffers
+
+
+@pytest.mark.slow
+def test_ddp_run_resumed_on_one_rank_loses_and_repeats_nothing(tmp_path):
+    """2 gloo ranks stopped at step STOP and resumed in one process (fewer devices after a preemption): the synthetic
+    stream goes on at the global context where the two ranks stopped (not at batches × the new world), and the one
+    rank starts with both ranks' buffered rows."""
+
+    class FirstBuffer(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.x = pl_module.buffer.x.clone()
+
+    b = tmp_path / "b"
+    b.mkdir()
+    _fit(b, "gsae", [StopAt(STOP)], devices=2)  # 2 contexts per rank and step
+    saved = torch.load(b / "ckpts" / "last.ckpt", weights_only=False)
+    assert saved["TokenDataModule"]["consumed_contexts"] == STOP * 2 * 2
+    rows = torch.cat([r["x"] for r in saved["gsae_buffer"]["ranks"]])
+    torch.manual_seed(0)
+    system = build_system("gsae", buffer_size=128)
+    data = build_data(system, batch_size=2)
+    record, first = RecordTokens(b), FirstBuffer()
+    trainer = build_trainer(b, STOP + 2, callbacks=[record, first])
+    trainer.fit(system, datamodule=data, ckpt_path=str(b / "ckpts" / "last.ckpt"))
+    assert torch.equal(first.x, rows)  # both ranks' rows, rank 0's then rank 1's
+    expected = torch.tensor(list(itertools.islice(data.contexts("train", STOP * 2 * 2), 2 * 2)))
+    assert torch.equal(torch.load(b / "rank0.pt"), expected)  # global contexts 16..19: none skipped or repeated
+    assert data.consumed_contexts(1) == STOP * 2 * 2 + 2 * 2
 
 
 def test_cli_resume_last_continues_the_run(tmp_path, capsys, recwarn):
