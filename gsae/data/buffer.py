@@ -36,22 +36,26 @@ class ShuffleBuffer:
         return 0 if self.x is None else self.x.shape[0]
 
     def mix(self, batch: ActivationBatch) -> ActivationBatch:
-        """Add ``batch``'s rows, return a uniformly drawn set of rows of the same size (half while filling)."""
-        if self.capacity == 0:
+        """Add ``batch``'s rows, return a uniformly drawn set of rows of the same size (half while filling).
+
+        A buffer holding more than ``capacity`` rows (restored from more ranks, or with a smaller
+        ``--model.buffer_size``) gives up to twice the batch's rows per call until it is back at ``capacity``: the
+        surplus leaves within ``surplus / n`` calls, none dropped, and no batch is more than twice the usual size."""
+        if self.capacity == 0 and self.x is None:
             return batch
         self._follow(batch)
         x = batch.x if self.x is None else torch.cat([self.x, batch.x])
         g = batch.grad if self.grad is None or batch.grad is None else torch.cat([self.grad, batch.grad])
         n_in = batch.x.shape[0]
         n_out = n_in if self.fill + n_in // 2 >= self.capacity else n_in // 2
-        n_out = max(n_out, x.shape[0] - self.capacity)  # never keep more than capacity
+        n_out = max(n_out, min(x.shape[0] - self.capacity, 2 * n_in))  # over capacity: drain, ≤ 2 batches a call
         perm = torch.randperm(x.shape[0], generator=self.gen)
         if x.is_cuda:  # pinned: a pageable copy to the device would wait for every queued kernel first
             perm = perm.pin_memory()
         perm = perm.to(x.device, non_blocking=True)
         out, keep = perm[:n_out], perm[n_out:]
-        self.x = x[keep]
-        self.grad = None if g is None else g[keep]
+        self.x = x[keep] if keep.numel() or self.capacity else None  # a drained buffer_size-0 buffer: off again
+        self.grad = None if g is None or self.x is None else g[keep]
         return ActivationBatch(x[out], None if g is None else g[out])
 
     def _follow(self, batch: ActivationBatch) -> None:

@@ -518,14 +518,18 @@ class SAESystem(pl.LightningModule):
             raise ValueError(f"--ckpt_path: checkpoint hook {meta['hook']!r} differs from --model.hook {self.hook!r}")
         buffer = getattr(self, "buffer", None)
         if buffer is not None and "gsae_buffer" in checkpoint:
-            own = self._own_buffer_state(checkpoint["gsae_buffer"])
+            saved = checkpoint["gsae_buffer"]
+            own = self._own_buffer_state(saved)
             if own is not None:
                 buffer.load_state_dict(own)
-            if buffer.fill > buffer.capacity:  # resumed on fewer ranks: keep every row, in a larger buffer
-                if self.global_rank == 0:
-                    log.warning("resumed on fewer ranks: each rank's shuffle buffer holds %d rows (--model.buffer_size "
-                                "%d) so that no buffered row is lost", buffer.fill, buffer.capacity)
-                buffer.capacity = buffer.fill
+            if buffer.fill > buffer.capacity and self.global_rank == 0:  # fewer ranks, or a smaller buffer_size
+                log.warning("resumed shuffle buffer holds %d rows, --model.buffer_size %d: the surplus is trained on "
+                            "first, in batches up to twice the usual size (ShuffleBuffer.mix)", buffer.fill, buffer.capacity)
+            data = checkpoint.get("TokenDataModule")
+            saved_world = saved.get("world_size", 1)
+            if isinstance(data, dict) and "consumed_contexts" not in data and saved_world != self._world():
+                # written before the data module counted global contexts: they were batches × the saving world
+                data["consumed_contexts"] = int(data["consumed_batches"]) * int(data["batch_size"]) * saved_world
 
     def check_saved_lm(self, saved: dict | None) -> None:
         """A one-line error if the checkpoint was trained on another language model: another name, another
@@ -548,21 +552,26 @@ class SAESystem(pl.LightningModule):
         """This rank's shuffle-buffer state from a checkpoint holding every rank's (older files: rank 0's only).
 
         A run resumed on another number of ranks (``--trainer.devices × --trainer.num_nodes``, e.g. fewer GPUs after a
-        preemption): the saved ranks' rows are pooled in rank order and dealt out, rank ``r`` of ``W`` taking rows
+        preemption): the saved ranks' rows, in rank order, are dealt out, rank ``r`` of ``W`` taking rows
         ``r, r + W, …`` (none lost, none twice), with a generator seeded from the run's seed, the rank and both
-        numbers of ranks. On fewer ranks a share can exceed ``--model.buffer_size``: :meth:`restore_run` then keeps
-        the larger buffer (the batch size does not change)."""
+        numbers of ranks. On fewer ranks a share exceeds ``--model.buffer_size``: the surplus drains in the next
+        steps (:meth:`gsae.data.buffer.ShuffleBuffer.mix`); on more ranks each buffer refills, as a fresh one does."""
         ranks = saved["ranks"] if "ranks" in saved else [saved]
         world, rank = self._world(), self.global_rank
         if len(ranks) == world or all(r["x"] is None for r in ranks):
             return ranks[rank] if rank < len(ranks) else None  # empty buffers: a new rank keeps its fresh one
         held = [r for r in ranks if r["x"] is not None]
-        x = torch.cat([r["x"] for r in held])
-        grads = [r["grad"] for r in held]
-        grad = torch.cat(grads) if all(g is not None for g in grads) else None
+        if len({r["grad"] is None for r in held}) > 1:
+            raise ValueError("--ckpt_path: the checkpoint's shuffle buffers hold gradients on some ranks only")
+        xs, gs, offset = [], [], 0
+        for r in held:  # rows offset.. of the pool: this rank's are those ≡ rank (mod world), no pooled copy
+            first = (rank - offset) % world
+            xs.append(r["x"][first::world])
+            gs.append(None if r["grad"] is None else r["grad"][first::world])
+            offset += r["x"].shape[0]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + len(ranks) * 1009 + world * 101 + rank)
         if rank == 0:
             log.info("resuming %d ranks' shuffle buffers (%d rows) on %d ranks: about %d rows each",
-                     len(ranks), x.shape[0], world, -(-x.shape[0] // world))
-        return {"x": x[rank::world].clone(), "grad": None if grad is None else grad[rank::world].clone(),
-                "gen": gen.get_state(), "capacity": ranks[0].get("capacity")}
+                     len(ranks), offset, world, -(-offset // world))
+        return {"x": torch.cat(xs), "grad": None if gs[0] is None else torch.cat(gs), "gen": gen.get_state(),
+                "capacity": ranks[0].get("capacity")}

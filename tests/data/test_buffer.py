@@ -55,6 +55,29 @@ def test_no_row_returned_twice_or_lost(capacity: int, sizes: list[int]) -> None:
     assert sorted(seen + held) == list(range(start)), "a row was lost or duplicated"
 
 
+@pytest.mark.parametrize("capacity", [16, 0])
+def test_a_buffer_over_capacity_drains_in_batches_at_most_twice_the_size(capacity: int) -> None:
+    """Restored with more rows than it holds (a run resumed on fewer ranks, or with a smaller --model.buffer_size;
+    0 = off): the surplus leaves in outputs of at most twice the batch, none lost or twice, then the buffer is back
+    at its capacity (off again for 0)."""
+    buf = ShuffleBuffer(capacity, seed=1)
+    held = _batch(1000, 60)
+    buf.load_state_dict({"x": held.x, "grad": held.grad, "gen": torch.Generator().manual_seed(2).get_state()})
+    seen, start, sizes = [], 0, []
+    for _ in range(12):
+        out = buf.mix(_batch(start, 8))
+        start += 8
+        sizes.append(out.x.shape[0])
+        seen += out.x[:, 0].long().tolist()
+        torch.testing.assert_close(out.grad[:, 0], -out.x[:, 0])
+    assert max(sizes) == 16 and sizes[-1] == 8 and buf.fill == capacity
+    left = [] if buf.x is None else buf.x[:, 0].long().tolist()
+    assert sorted(seen + left) == sorted(list(range(start)) + list(range(1000, 1060)))
+    if capacity == 0:
+        batch = _batch(start, 8)
+        assert buf.x is None and buf.mix(batch).x is batch.x  # drained: the identity again
+
+
 def test_rows_are_mixed_across_batches() -> None:
     buf = ShuffleBuffer(256, seed=0)
     outs = [buf.mix(_batch(64 * i, 64)) for i in range(20)]

@@ -95,9 +95,10 @@ def test_resume_from_a_buffer_saved_in_another_dtype(tmp_path):
 
 
 def test_resume_on_another_world_size_deals_every_buffered_row_out_once(tmp_path, monkeypatch, caplog):
-    """A checkpoint of 2 ranks' buffers resumed on 1, 3 or 4 ranks: the rows (and their gradients) are pooled and
-    dealt out, none lost, none twice, shares within one row of each other; on fewer ranks a share above
-    --model.buffer_size is kept in a larger buffer, with one warning."""
+    """A checkpoint of 2 ranks' buffers resumed on 1, 3 or 4 ranks: the rows (and their gradients) are dealt out, none
+    lost, none twice, shares within one row of each other; on fewer ranks a share above --model.buffer_size is kept
+    (and drains: tests/data/test_buffer.py), with one warning; a checkpoint without the data module's global context
+    count gets it from the saving world."""
     system = build_system("gsae", buffer_size=8)
     x = torch.arange(2 * 7 * 3, dtype=torch.float32).reshape(14, 3)
     saved = {"world_size": 2, "ranks": [
@@ -117,13 +118,18 @@ def test_resume_on_another_world_size_deals_every_buffered_row_out_once(tmp_path
         assert max(len(t) for t in shares) - min(len(t) for t in shares) <= 1
     monkeypatch.setattr(type(system), "_world", lambda self: 1)
     monkeypatch.setattr(type(system), "global_rank", property(lambda self: 0))
+    data = {"consumed_batches": 5, "batch_size": 4}  # a data module state written before consumed_contexts
     with caplog.at_level("WARNING"):
-        system.restore_run({"gsae": system.describe(), "gsae_buffer": saved})
-    assert system.buffer.fill == 14 and system.buffer.capacity == 14  # 2 ranks' rows, above buffer_size 8
-    assert "holds 14 rows (--model.buffer_size 8)" in caplog.text
+        system.restore_run({"gsae": system.describe(), "gsae_buffer": saved, "TokenDataModule": data})
+    assert system.buffer.fill == 14 and system.buffer.capacity == 8  # 2 ranks' rows; the surplus drains (mix)
+    assert "holds 14 rows, --model.buffer_size 8" in caplog.text
+    assert data["consumed_contexts"] == 5 * 4 * 2  # the saving world's global contexts, not this world's
     empty = {"x": None, "grad": None, "gen": torch.Generator().get_state(), "capacity": 8}
     assert system._own_buffer_state({"world_size": 2, "ranks": [empty, empty]}) is empty  # nothing to deal out
     assert system._own_buffer_state(saved["ranks"][0]) is saved["ranks"][0]  # checkpoints before per-rank buffers
+    mixed = {"world_size": 2, "ranks": [saved["ranks"][0], {**saved["ranks"][1], "grad": None}]}
+    with pytest.raises(ValueError, match="gradients on some ranks only"):
+        system._own_buffer_state(mixed)
 
 
 @pytest.mark.slow
