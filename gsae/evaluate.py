@@ -360,7 +360,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
         for src in sources:
             sae, meta = load(src, device, args.model)
             lm, hook, toks, counts = _lm_and_tokens(src, meta, args, device, cache, names, options)
-            harvests.plan(lm, [s.hook for s in sources if s.path == src.path and s.hook])  # a sweep over layers
+            if sae.d_in != lm.d_in(hook):  # e.g. --model names a wider or narrower model than the SAE was trained on
+                raise ArgumentError(f"PATH {src.label!r}: the SAE reads {sae.d_in}-wide activations, {lm.name}'s {hook} "
+                                    f"is {lm.d_in(hook)} wide")
+            # a sweep over layers: its members' hooks from one pass (a hook this LM lacks fails at its own member)
+            names_here = set(lm.hook_names())
+            harvests.plan(lm, [s.hook for s in sources if s.path == src.path and s.hook in names_here])
             log.info("evaluating %s (%s, %s)", src.label, lm.name, hook)
             res = run_benchmarks(
                 names,

@@ -113,9 +113,11 @@ def run(
     if not enough:
         need = dead_batches * batch_tokens
         out["dead_fraction_batches"] = out["n_dead_batches"] = None
+        per_context = n_total / max(tokens.shape[0], 1)  # counted tokens per context here (special ones left out)
         out["note"] = (
-            f"dead_fraction_batches needs {dead_batches} batches of {batch_tokens} tokens ({need} tokens, "
-            f"{-(-need // max(tokens.shape[1], 1))} contexts of {tokens.shape[1]}); got {n_total}: raise n_seqs"
+            f"dead_fraction_batches needs {dead_batches} batches of {batch_tokens} tokens ({need} tokens, about "
+            f"{math.ceil(need / max(per_context, 1e-9))} contexts of {tokens.shape[1]}); got {n_total} in "
+            f"{tokens.shape[0]} contexts: raise n_seqs, or hold out more validation data"
         )
     return out
 

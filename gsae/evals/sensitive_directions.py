@@ -201,9 +201,10 @@ def run_many(
     win = window(mode, T, position, n_offsets, skip_first)
     # pass 1: μ, Σ, real pool, latents alive on the eval set and per pool block; kept for pass 2 when small enough
     d_in = next(iter(saes.values())).d_in
-    cached = 2 * tokens.numel() * d_in * len(saes) <= CACHE_ELEMENTS
+    one = 2 * tokens.numel() * d_in <= CACHE_ELEMENTS  # what run() of one SAE keeps (its pass 1 runs the SAE then)
+    cached = one * len(saes) <= CACHE_ELEMENTS if one else False  # every SAE's, for the grouping
     features = any(k in FEATURE_POOLS for k in kinds)
-    acts = {m: batch_acts(sae, lm, hook, tokens, batch_size, with_sae=cached or features) for m, sae in saes.items()}
+    acts = {m: batch_acts(sae, lm, hook, tokens, batch_size, with_sae=one or features) for m, sae in saes.items()}
     if cached:
         acts = {m: list(a) for m, a in acts.items()}
     groups = _equal_activations(acts) if cached else [[m] for m in saes]

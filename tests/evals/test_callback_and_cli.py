@@ -393,7 +393,7 @@ def test_evaluate_cli_gives_dead_latents_its_window_by_default(run_dir, tmp_path
     assert dead["n_tokens"] == 5 * 256 and dead["dead_fraction_batches"] is not None and "note" not in dead
     dead = run("--n-seqs", "4")
     assert seen["dead_latents"] == seen["loss_added"] == (4, 64)
-    assert dead["dead_fraction_batches"] is None and "raise n_seqs" in dead["note"]
+    assert dead["dead_fraction_batches"] is None and "raise n_seqs" in dead["note"] and "in 4 contexts" in dead["note"]
     run("--options", json.dumps({"dead_latents": {"n_seqs": 30}}))
     assert seen["dead_latents"] == (30, 64) and seen["loss_added"] == (64, 64)
     assert evaluate_main([ckpt, "--options", json.dumps({"dead_latents": {"n_seqs": 0}})]) == 1

@@ -267,6 +267,20 @@ def test_sensitive_directions_run_many_sweeps_the_activation_directions_once(tin
     assert len({r["stats"]["n_alive_latents"] for r in many.values()}) > 1  # each SAE's own latents
 
 
+@pytest.mark.parametrize("kinds", [["cov_random_mixture", "sae_error"], ["isotropic", "sae_feature_alive"]])
+def test_sensitive_directions_run_many_beyond_its_cache_equals_each_run(tiny_lm, monkeypatch, kinds):
+    """An evaluation set too large to keep for every SAE of a sweep (but not for one): each SAE streams its own
+    passes as run() does, and its results (the alive-latent count included) equal run()'s."""
+    from gsae.evals import sensitive_directions as sd
+
+    saes, tokens = members(), build_tokens(4, 32)
+    monkeypatch.setattr(sd, "CACHE_ELEMENTS", 2 * tokens.numel() * 64)  # one SAE's activations fit, four do not
+    opts = dict(lengths=[1.0, 5.0], batch_size=2, pool_seqs=2, direction_types=kinds)
+    alone = {m: sd.run(sae.eval(), tiny_lm, HOOK, tokens, **opts) for m, sae in saes.items()}
+    same(sd.run_many(saes, tiny_lm, HOOK, tokens, **opts), alone)
+    assert all(r["stats"]["n_alive_latents"] is not None for r in alone.values())
+
+
 def test_sensitive_directions_groups_only_equal_activations(tiny_lm):
     """SAEs at different hooks (activations not equal) are not grouped: each gets its own statistics and sweep."""
     from gsae.evals.directions import BatchActs

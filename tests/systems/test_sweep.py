@@ -317,6 +317,13 @@ def test_cli_layers_sweep_exports_evaluates_and_logs_each_member_at_its_hook(tmp
     assert trained["topk-L1"] != trained["topk-L2"]  # the layers' SAEs read different activations
     assert evaluate_main([str(ckpt), "--benchmarks", "loss_added", "--n-seqs", "8", "--output", str(tmp_path / "c.json")]) == 0
     assert planned and all(h == both for h in planned)
+    capsys.readouterr()
+    # --model naming a narrower LM without layer 2: one line naming the first member and the widths (the plan of the
+    # members' hooks skips a hook that LM lacks: it is that member's own error, in evaluate.py's words)
+    assert evaluate_main([str(ckpt), "--benchmarks", "loss_added", "--n-seqs", "2", "--model", "random-tiny"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: PATH '{ckpt}:topk-L1': the SAE reads 128-wide activations, random-tiny's "
+                   "blocks.1.hook_resid_post is 64 wide"), err
     from_ckpt = json.loads((tmp_path / "c.json").read_text())["loss_added"]
     for name, hook in hooks.items():
         _, meta = load_checkpoint(ckpt, member=name)
