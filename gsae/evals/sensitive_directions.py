@@ -214,30 +214,30 @@ def run_many(
                 exclude=substitution_exclude_special, pool_seqs=pool_seqs, forward_tokens=forward_tokens, head=head)
     out = {}
     for group in groups:
-        tally = {m: {"fired": None, "blocks": {}} for m in group}
+        blocks: dict[str, dict[int, Tensor]] = {m: {} for m in group}
         first, *others = group
-        stats = fit_activation_stats(_tally_fired(acts[first], pool_seqs, tally[first]), max_real_pool=max_real_pool,
+        stats = fit_activation_stats(_pool_blocks(acts[first], pool_seqs, blocks[first]), max_real_pool=max_real_pool,
                                      seed=seed)
         for m in others:  # equal activations: the same statistics; only the fired latents are each SAE's
-            for _ in _tally_fired(acts[m], pool_seqs, tally[m]):
+            for _ in _pool_blocks(acts[m], pool_seqs, blocks[m]):
                 pass
-        members = {m: (saes[m], stats._replace(fired=tally[m]["fired"]), tally[m]["blocks"]) for m in group}
+        # a latent fired on the evaluation set iff it fired in some pool block
+        fired = {m: torch.stack(list(b.values())).any(0) if b else None for m, b in blocks.items()}
+        members = {m: (saes[m], stats._replace(fired=fired[m]), blocks[m]) for m in group}
         again = {m: (acts[m] if cached else batch_acts(saes[m], lm, hook, tokens, batch_size)) for m in group}
         out.update(_sweep_group(lm, hook, members, again, **opts))
     return {m: out[m] for m in saes}
 
 
-def _tally_fired(acts, pool_seqs: int, tally: dict):
-    """``acts``' batches with ``fired`` dropped (the statistics are the activations'), after adding each batch's fired
-    latents to ``tally``: ``"fired"`` (d_sae,) over every sequence, ``"blocks"`` {pool block: (d_sae,)}."""
+def _pool_blocks(acts, pool_seqs: int, blocks: dict[int, Tensor]):
+    """``acts``' batches with ``fired`` dropped (the statistics are the activations'), after OR-ing each sequence's
+    fired latents into ``blocks`` ``{pool block: (d_sae,)}``."""
     s0 = 0
     for b in acts:
         if b.fired is not None:
-            f = b.fired.any(0)
-            tally["fired"] = f if tally["fired"] is None else tally["fired"] | f
             for i in range(b.x.shape[0]):
                 blk = (s0 + i) // pool_seqs
-                tally["blocks"][blk] = tally["blocks"][blk] | b.fired[i] if blk in tally["blocks"] else b.fired[i]
+                blocks[blk] = blocks[blk] | b.fired[i] if blk in blocks else b.fired[i]
         s0 += b.x.shape[0]
         yield b._replace(fired=None)
 
