@@ -277,10 +277,9 @@ class TokenDataModule(pl.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         streams = self._all_stream_states()
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         return {
             "consumed_batches": self.consumed_batches, "dataset": self.dataset, "batch_size": self.batch_size,
-            "n_streams": self.n_streams, "consumed_contexts": self.consumed_contexts(world),
+            "n_streams": self.n_streams, "consumed_contexts": self.consumed_contexts(self._rank_world()[1]),
             "streams": [None if s not in streams else [streams[s].epoch, streams[s].shard, streams[s].docs, streams[s].rest.clone()]
                         for s in range(self.n_streams)],
         }
