@@ -150,56 +150,68 @@ def callback_cost(args: argparse.Namespace) -> dict:
 
 
 def sweep_eval(args: argparse.Namespace) -> dict:
-    """A sweep checkpoint's evaluation, both ways, on random-gpt2 at ``HOOK``: ``run_benchmarks_many`` over every
-    member (what ``EvaluationCallback`` runs: activations and ∇ₓL of each batch once for all benchmarks and members,
-    loss_added's clean and ablated passes once per batch and kind) against each benchmark's ``run`` per member with
-    nothing shared (the callback before). Budgets: ``--sweep-config``'s ``evaluation:`` section, ``n_seqs`` ×
-    ``--sweep-scale``. The results must be equal."""
-
-    from gsae.evals import BENCHMARKS, run_benchmarks_many
+    """A sweep checkpoint's evaluation, both ways, on random-gpt2: a TopK and a g-SAE member per k at ``HOOK``, or at
+    each of ``--sweep-hooks`` (a sweep over layers). Ours: :func:`gsae.evals.run_benchmarks_at`, what
+    ``EvaluationCallback`` runs (activations and ∇ₓL of each batch once for all benchmarks, members and hooks;
+    loss_added's clean and ablated passes and sensitive_directions' activation directions once per batch and kind).
+    The reference: at one hook, each benchmark's ``run`` per member with nothing shared (``unshared``); at several,
+    one :func:`gsae.evals.run_benchmarks_many` per hook (``per_hook``: the callback before the hooks shared a pass).
+    Budgets: ``--sweep-config``'s ``evaluation:`` section, counts × ``--sweep-scale``. The results must be equal."""
+    from gsae.evals import BENCHMARKS, run_benchmarks_at, run_benchmarks_many
     from gsae.sae import GradTopKSAE
 
-    if args.sweep_hooks:
-        return sweep_eval_hooks(args)
-
     lm = LanguageModel("random-gpt2").to(args.device)
+    hooks = [lm.validate_hook(h, "--sweep-hooks") for h in args.sweep_hooks or [HOOK]]
+    layers = len(hooks) > 1
     names, tokens, per_benchmark, options, batch_size = sweep_budgets(args, lm)
     saes = {}
-    for k in args.sweep_ks:
-        saes[f"topk-k{k}"] = TopKSAE(lm.d_model, d_sae=args.d_sae, k=k, seed=k).to(args.device)
-        saes[f"gsae-k{k}"] = GradTopKSAE(lm.d_model, d_sae=args.d_sae, k=k, beta=1e5, seed=100 + k).to(args.device)
-    print(f"sweep_eval: members={','.join(saes)} d_sae={args.d_sae} tokens={tuple(tokens.shape)} batch_size={batch_size} "
+    for i, hook in enumerate(hooks):
+        tag, shift = (f"-h{i}", i) if layers else ("", 0)
+        for k in args.sweep_ks:
+            saes[f"topk-k{k}{tag}"] = (TopKSAE(lm.d_model, d_sae=args.d_sae, k=k, seed=k + shift).to(args.device), hook)
+            gsae = GradTopKSAE(lm.d_model, d_sae=args.d_sae, k=k, beta=1e5, seed=100 + k + shift).to(args.device)
+            saes[f"gsae-k{k}{tag}"] = (gsae, hook)
+    prefix, ours, ref = ("sweep_eval_hooks", "hooks_shared", "per_hook") if layers else ("sweep_eval", "shared", "unshared")
+    print(f"{prefix}: " + (f"hooks={','.join(hooks)} members={len(saes)}" if layers else f"members={','.join(saes)}")
+          + f" d_sae={args.d_sae} tokens={tuple(tokens.shape)} batch_size={batch_size} "
           + " ".join(f"{n}:{per_benchmark[n].shape[0]}" for n in names))
-
-    def unshared() -> dict:
-        out = {}
-        for m, sae in saes.items():
-            sae.eval()
-            with torch.no_grad():
-                out[m] = {
-                    n: BENCHMARKS[n].run(sae, lm, HOOK, per_benchmark[n].clone(), seed=0, batch_size=batch_size,
-                                         **options[n])
-                    for n in names
-                }
-        return out
-
+    kw = dict(seed=0, options=options, batch_size=batch_size)
     seconds: dict[str, float] = {}
-    shared, t_shared, cpu_shared = timed(
-        run_benchmarks_many, names, saes, lm, HOOK, per_benchmark, seed=0, options=options, seconds=seconds,
-        batch_size=batch_size,
-    )
-    for n in names:
-        print(f"  shared_{n}_s={sum(v for key, v in seconds.items() if key.endswith('/' + n)):.1f}")
-    print(f"sweep_eval_shared_s={t_shared:.1f} sweep_eval_shared_cpu_s={cpu_shared:.1f} "
-          f"per_member_s={t_shared / len(saes):.1f}")
+    shared, t_shared, cpu_shared = timed(run_benchmarks_at, names, saes, lm, per_benchmark, seconds=seconds, **kw)
+    _print_seconds(ours, names, seconds)
+    print(f"{prefix}_shared_s={t_shared:.1f} {prefix}_shared_cpu_s={cpu_shared:.1f} per_member_s={t_shared / len(saes):.1f}")
     if args.sweep_shared_only:
         return dict(shared_s=t_shared)
-    alone, t_alone, cpu_alone = timed(unshared)
+
+    def reference() -> dict:
+        out, secs = {}, {}
+        for hook in hooks:
+            group = {m: sae for m, (sae, h) in saes.items() if h == hook}
+            if layers:
+                out.update(run_benchmarks_many(names, group, lm, hook, per_benchmark, seconds=secs, **kw))
+                continue
+            for m, sae in group.items():
+                sae.eval()
+                with torch.no_grad():
+                    out[m] = {n: BENCHMARKS[n].run(sae, lm, hook, per_benchmark[n].clone(), seed=0,
+                                                   batch_size=batch_size, **options[n]) for n in names}
+        if layers:
+            _print_seconds(ref, names, secs)
+        return {m: out[m] for m in saes}
+
+    alone, t_alone, cpu_alone = timed(reference)
     equal = json.dumps(shared, sort_keys=True, default=str) == json.dumps(alone, sort_keys=True, default=str)
     print(f"results_equal={equal}")
-    print(f"sweep_eval_unshared_s={t_alone:.1f} sweep_eval_unshared_cpu_s={cpu_alone:.1f}")
-    print(f"sweep_eval_speedup={t_alone / t_shared:.2f}")
-    return dict(shared_s=t_shared, unshared_s=t_alone, equal=equal)
+    print(f"{prefix}_{ref}_s={t_alone:.1f} {prefix}_{ref}_cpu_s={cpu_alone:.1f}")
+    print(f"{prefix}_speedup={t_alone / t_shared:.2f}")
+    return dict(shared_s=t_shared, **{f"{ref}_s": t_alone}, equal=equal)
+
+
+def _print_seconds(label: str, names: list[str], seconds: dict[str, float]) -> None:
+    """``  <label>_<benchmark>_s=`` lines: each benchmark's wall seconds over every member (``seconds``' keys are
+    ``<member>/<benchmark>``)."""
+    for n in names:
+        print(f"  {label}_{n}_s={sum(v for key, v in seconds.items() if key.endswith('/' + n)):.1f}")
 
 
 def sweep_budgets(args: argparse.Namespace, lm: LanguageModel) -> tuple:
@@ -224,54 +236,6 @@ def sweep_budgets(args: argparse.Namespace, lm: LanguageModel) -> tuple:
     per_benchmark = {n: t[: max(1, round(t.shape[0] * args.sweep_scale))] for n, t in per_benchmark.items()}
     options = run_options(names, ev.get("options"))
     return names, tokens, per_benchmark, options, batch_size
-
-
-def sweep_eval_hooks(args: argparse.Namespace) -> dict:
-    """A sweep over layers (``--sweep-hooks``; a TopK and a g-SAE member per k at every hook): its evaluation as the
-    callback runs it (:func:`gsae.evals.run_benchmarks_at`: each batch harvested at every hook from one LM pass)
-    against one :func:`gsae.evals.run_benchmarks_many` per hook, each with its own shared passes (the callback before
-    the hooks shared them). Same budgets as ``--sweep-eval``; the results must be equal."""
-
-    from gsae.evals import run_benchmarks_at, run_benchmarks_many
-    from gsae.sae import GradTopKSAE
-
-    lm = LanguageModel("random-gpt2").to(args.device)
-    hooks = [lm.validate_hook(h, "--sweep-hooks") for h in args.sweep_hooks]
-    names, tokens, per_benchmark, options, batch_size = sweep_budgets(args, lm)
-    saes = {}
-    for i, hook in enumerate(hooks):
-        for k in args.sweep_ks:
-            saes[f"topk-k{k}-h{i}"] = (TopKSAE(lm.d_model, d_sae=args.d_sae, k=k, seed=k + i).to(args.device), hook)
-            gsae = GradTopKSAE(lm.d_model, d_sae=args.d_sae, k=k, beta=1e5, seed=100 + k + i).to(args.device)
-            saes[f"gsae-k{k}-h{i}"] = (gsae, hook)
-    print(f"sweep_eval_hooks: hooks={','.join(hooks)} members={len(saes)} d_sae={args.d_sae} "
-          f"tokens={tuple(tokens.shape)} batch_size={batch_size} "
-          + " ".join(f"{n}:{per_benchmark[n].shape[0]}" for n in names))
-    kw = dict(seed=0, options=options, batch_size=batch_size)
-    seconds: dict[str, float] = {}
-    shared, t_shared, cpu_shared = timed(run_benchmarks_at, names, saes, lm, per_benchmark, seconds=seconds, **kw)
-    for n in names:
-        print(f"  hooks_shared_{n}_s={sum(v for key, v in seconds.items() if key.endswith('/' + n)):.1f}")
-    print(f"sweep_eval_hooks_shared_s={t_shared:.1f} sweep_eval_hooks_shared_cpu_s={cpu_shared:.1f} "
-          f"per_member_s={t_shared / len(saes):.1f}")
-    if args.sweep_shared_only:
-        return dict(shared_s=t_shared)
-
-    def per_hook() -> dict:
-        out, secs = {}, {}
-        for hook in hooks:
-            group = {m: sae for m, (sae, h) in saes.items() if h == hook}
-            out.update(run_benchmarks_many(names, group, lm, hook, per_benchmark, seconds=secs, **kw))
-        for n in names:
-            print(f"  per_hook_{n}_s={sum(v for key, v in secs.items() if key.endswith('/' + n)):.1f}")
-        return {m: out[m] for m in saes}
-
-    alone, t_alone, cpu_alone = timed(per_hook)
-    equal = json.dumps(shared, sort_keys=True, default=str) == json.dumps(alone, sort_keys=True, default=str)
-    print(f"results_equal={equal}")
-    print(f"sweep_eval_per_hook_s={t_alone:.1f} sweep_eval_per_hook_cpu_s={cpu_alone:.1f}")
-    print(f"sweep_eval_hooks_speedup={t_alone / t_shared:.2f}")
-    return dict(shared_s=t_shared, per_hook_s=t_alone, equal=equal)
 
 
 def flop_bound(lm: LanguageModel, hook_layer: int, n_runs: int, T: int) -> float:
