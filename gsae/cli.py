@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -109,12 +110,13 @@ def print_summary(cli: GSAECLI, args: list[str]) -> None:
         return
     for cb in cli.trainer.callbacks:
         if isinstance(cb, RunSummary) and cb.summary is not None:
-            print(cb.render(resume_command(args, cli.trainer.world_size)), flush=True)
+            print(cb.render(resume_command(args, cli.trainer)), flush=True)
 
 
-def resume_command(args: list[str], world_size: int = 1) -> str:
-    """``python train.py ARGS --ckpt_path last`` (any ``--ckpt_path`` in ``args`` replaced); with several processes
-    the launcher is the user's (``torchrun …``, ``srun …``), so it is left as ``<launcher>``."""
+def resume_command(args: list[str], trainer=None) -> str:
+    """``python train.py ARGS --ckpt_path last`` (any ``--ckpt_path`` in ``args`` replaced); where ``trainer``'s
+    processes were started by someone else (``torchrun …``, ``srun …``) the launcher is the user's, so it is left as
+    ``<launcher>``. (``--trainer.strategy ddp``/``ddp_fork`` on one node: Lightning starts them, from ``python``.)"""
     kept, skip = [], False
     for a in args:
         if skip:
@@ -123,7 +125,8 @@ def resume_command(args: list[str], world_size: int = 1) -> str:
             skip = True
         elif not a.startswith("--ckpt_path="):
             kept.append(a)
-    launcher = "python" if world_size == 1 else "<launcher>"
+    env = getattr(getattr(trainer, "strategy", None), "cluster_environment", None)
+    launcher = "<launcher>" if env is not None and env.creates_processes_externally else "python"
     return f"{launcher} train.py {shlex.join([*kept, '--ckpt_path', 'last'])}"
 
 
@@ -219,12 +222,47 @@ def newest_checkpoint(folder: Path) -> str | None:
 
 def check_trainer(trainer) -> None:
     """One-line errors for ``--trainer`` values Lightning accepts and then divides by (a ``ZeroDivisionError`` in the
-    loop, after the first step)."""
+    loop, after the first step), and for a strategy that starts its processes by spawning (``ddp_spawn``: each process
+    would need the command line's objects pickled, the LM and the parser's optimizer factory among them)."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if isinstance(launcher, _MultiProcessingLauncher) and launcher._start_method != "fork":
+        method = launcher._start_method
+        name = "ddp_spawn" if method == "spawn" else f"{type(trainer.strategy).__name__}(start_method={method!r})"
+        raise ValueError(
+            f"--trainer.strategy {name}: train.py cannot start processes by {method}; use "
+            "--trainer.strategy ddp (Lightning starts one process per device, or launch with torchrun/srun) or ddp_fork"
+        )
     if int(trainer.accumulate_grad_batches) < 1:
         raise ValueError(f"--trainer.accumulate_grad_batches must be >= 1 (got {trainer.accumulate_grad_batches})")
     interval = trainer.val_check_interval
     if interval is not None and interval <= 0:
         raise ValueError(f"--trainer.val_check_interval must be > 0 (got {interval})")
+
+
+def forks_ranks(trainer) -> bool:
+    """Whether ``fit`` runs in processes forked from this one (``--trainer.strategy ddp_fork``), whose callbacks and
+    loggers are copies this process never sees again."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+
+
+def prepare_forked_ranks(trainer, args: list[str]) -> None:
+    """Under ``ddp_fork``, before the ranks are forked: choose each logger's version folder (``version_N``) here, so
+    the ranks inherit it and this process knows the folder they wrote (a failed run's empty one is removed by
+    :func:`remove_empty_log_dirs`, instead of this process looking for the next free ``version_N + 1``); and have rank
+    0 print the run summary, which this process's copy of the callback never sees."""
+    from gsae.callbacks.summary import RunSummary
+
+    if not forks_ranks(trainer):
+        return
+    for logger in trainer.loggers:
+        getattr(logger, "version", None)  # resolved once, then kept
+    for cb in trainer.callbacks:
+        if isinstance(cb, RunSummary):
+            cb.print_from_forked_rank(resume_command(args, trainer))
 
 
 def trained_to_the_end(ckpt: str, max_steps: int) -> str | None:
@@ -253,6 +291,30 @@ def _check_checkpoint(path: str) -> None:
 #: torch optimizers' own checks (raised when Lightning builds the optimizer): the option they are about
 _OPTIMIZER_MESSAGES = ("Invalid learning rate", "Invalid beta parameter", "Invalid epsilon value",
                        "Invalid weight_decay value", "Invalid momentum value")
+
+
+#: a child process's error, as torch.multiprocessing reports it to the parent (``ddp_fork``): its traceback as text
+_CHILD_ERROR = re.compile(r"^([A-Za-z_][\w.]*): (.+)$", re.M)
+
+
+def child_user_message(e: BaseException) -> str | None:
+    """One line for an error raised in a process Lightning forked (``--trainer.strategy ddp_fork``), which reaches the
+    parent as a ``ProcessRaisedException`` holding the child's traceback as text; ``None`` if ``e`` is not one or the
+    child's error is not a user error (a bug keeps its traceback)."""
+    from torch.multiprocessing import ProcessRaisedException
+
+    if not isinstance(e, ProcessRaisedException):
+        return None
+    trace = str(e).split("terminated with the following error:", 1)[-1]
+    errors = [(m.group(1).rsplit(".", 1)[-1], m.group(2).strip()) for m in _CHILD_ERROR.finditer(trace)]
+    users = {t.__name__ for t in USER_ERRORS}
+    users |= {"FileNotFoundError", "IsADirectoryError", "NotADirectoryError", "PermissionError"}
+    if not errors or errors[-1][0] not in users:
+        return None
+    for _, text in errors:  # chained tracebacks print the innermost cause first, as user_message prefers it
+        if text.startswith("--") or "--data." in text or "--model." in text or "--ckpt_path" in text:
+            return text
+    return errors[-1][1]
 
 
 def user_message(e: BaseException) -> str:
@@ -295,6 +357,7 @@ def main(args: list[str] | None = None) -> int:
             print(f"error: {parse_error_line(str(e), args)}", file=sys.stderr)
             return 2
         check_trainer(cli.trainer)
+        prepare_forked_ranks(cli.trainer, args)
         # the data's split between ranks, before DDP starts them (else each rank fails, and says so, on its own)
         cli.datamodule.check_world(cli.trainer.world_size)
         ckpt = resolve_ckpt_path(cli)
@@ -309,10 +372,11 @@ def main(args: list[str] | None = None) -> int:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
         finally:  # also after Ctrl+C (Lightning stops gracefully, then exits)
             print_summary(cli, args)
-    except USER_ERRORS as e:
-        if os.environ.get("GSAE_DEBUG"):
+    except Exception as e:
+        message = user_message(e) if isinstance(e, USER_ERRORS) else child_user_message(e)
+        if message is None or os.environ.get("GSAE_DEBUG"):
             raise
-        print(f"error: {user_message(e)}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         if "cli" in locals():
             remove_empty_log_dirs(cli.trainer, since=started)
         return 1

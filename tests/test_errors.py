@@ -53,9 +53,13 @@ def run_cli(tmp_path, monkeypatch, capsys):
         # before DDP starts the ranks (each rank used to fail, and print it, on its own)
         (["--trainer.strategy", "ddp", "--trainer.devices", "3", "--trainer.accelerator", "cpu"],
          ["--data.n_streams (16) must be a multiple of the number of ranks (3"]),
+        # spawned processes would need the LM and the parser's optimizer factory pickled
+        (["--trainer.strategy", "ddp_spawn", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+         ["--trainer.strategy ddp_spawn: train.py cannot start processes by spawn", "ddp_fork"]),
     ],
     ids=["hook", "k>d_sae", "d_sae=0", "k=0", "context_size>n_ctx", "batch_size=0", "lm-preset", "ckpt-last",
-         "ckpt-missing", "accumulate=0", "val_check_interval=0", "max_steps<0", "root-is-a-file", "lr<0", "ddp-3-ranks"],
+         "ckpt-missing", "accumulate=0", "val_check_interval=0", "max_steps<0", "root-is-a-file", "lr<0", "ddp-3-ranks",
+         "ddp_spawn"],
 )
 def test_bad_option(run_cli, args: list[str], expected: list[str]) -> None:
     code, line = run_cli(*args)
@@ -106,6 +110,46 @@ def test_a_refused_resume_or_a_csv_logger_leaves_no_empty_version_folder(run_cli
     os.utime(old / "config.yaml", (0, 0))
     assert run_cli(*csv, "--trainer.logger.init_args.version", "0", "--data.context_size", "100000")[0] == 1
     assert (old / "config.yaml").exists()
+
+
+def test_a_refused_resume_under_ddp_fork_is_one_line(run_cli, tmp_path) -> None:
+    """Under ``ddp_fork`` the refusal is raised in a forked rank and reaches the parent as that rank's traceback in
+    text (torch.multiprocessing's ``ProcessRaisedException``): still one line, exit code 1, no empty version folder."""
+    assert run_cli("--trainer.max_steps", "2", "--checkpoint.every_n_train_steps", "2")[0] == 0
+    run = tmp_path / "quickstart-topk"
+    ckpt = run / "checkpoints" / "epoch=0-step=2.ckpt"
+    code, line = run_cli("--ckpt_path", str(ckpt), "--trainer.max_steps", "4", "--model.init_args.hook",
+                         "blocks.1.hook_resid_post", "--trainer.strategy", "ddp_fork", "--trainer.devices", "2",
+                         "--trainer.accelerator", "cpu")
+    assert code == 1
+    assert line == ("error: --ckpt_path: checkpoint hook 'blocks.2.hook_resid_post' differs from --model.hook "
+                    "'blocks.1.hook_resid_post'"), line
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "version_0"]
+
+
+def test_a_forked_rank_s_error_keeps_its_traceback_unless_the_user_caused_it() -> None:
+    """What the parent reads from a forked rank's traceback: the innermost line naming an option, else the outermost
+    error's; a bug (not one of the user errors) is not turned into one line."""
+    from torch.multiprocessing import ProcessRaisedException
+
+    from gsae.cli import child_user_message
+
+    def raised(trace: str) -> ProcessRaisedException:
+        return ProcessRaisedException(f"\n\n-- Process 1 terminated with the following error:\n{trace}", 1, 123)
+
+    chained = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    g()\n"
+               "ValueError: --data.n_streams: 3 streams for 2 ranks\n\nThe above exception was the direct cause of "
+               "the following exception:\n\nTraceback (most recent call last):\n  File \"y.py\", line 2\n"
+               "jsonargparse.ArgumentError: Problem with given value\n")
+    assert child_user_message(raised(chained.replace("jsonargparse.ArgumentError", "RuntimeError"))) == (
+        "--data.n_streams: 3 streams for 2 ranks")
+    assert child_user_message(raised("Traceback (most recent call last):\n  File \"z.py\", line 3\n"
+                                     "FileNotFoundError: [Errno 2] No such file: 'a.ckpt'\n")) == (
+        "[Errno 2] No such file: 'a.ckpt'")
+    assert child_user_message(raised("Traceback (most recent call last):\n  File \"z.py\", line 3\n"
+                                     "ZeroDivisionError: division by zero\n")) is None
+    assert child_user_message(raised(chained)) is None  # the outermost error is not a user error
+    assert child_user_message(ValueError("--x")) is None
 
 
 def test_missing_local_dataset(run_cli, tmp_path) -> None:

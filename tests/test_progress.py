@@ -172,3 +172,50 @@ def test_one_line_per_optimizer_step_under_gradient_accumulation(tmp_path, monke
     assert code == 0
     steps = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("step ")]
     assert steps == ["1/6", "2/6", "4/6", "6/6"], steps
+
+
+def test_ddp_fork_summary_comes_from_rank_0(tmp_path) -> None:
+    """Under ``--trainer.strategy ddp_fork`` the ranks are forked children: rank 0 prints the run's summary once (the
+    parent's copy of the callback never saw the run); Ctrl+C (SIGINT to the process group, as a terminal sends it)
+    prints the resume command with the launcher the user ran, ``python``, and no summary of the parent's empty copy."""
+    import os
+    import signal
+    import subprocess
+
+    fork = ["--trainer.strategy", "ddp_fork", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+            "--evaluation.enabled", "false", "--trainer.enable_progress_bar", "true"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "train.py", *quickstart_args(tmp_path, *fork, steps=10)], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("── run summary") == 1 and "finished: 10 steps," in done.stdout, done.stdout
+
+    proc = subprocess.Popen([sys.executable, "train.py", *quickstart_args(tmp_path / "b", *fork, steps=100000)],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stdout:  # until the ranks train
+        lines.append(line)
+        if line.startswith("step 10/"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert "Traceback" not in out and "0 steps" not in out, out
+    resume = out.split("stopped (Ctrl+C); to resume:\n", 1)[1].splitlines()[0].strip()
+    assert resume.startswith("python train.py --config ") and resume.endswith("--ckpt_path last"), resume
+
+
+def test_resume_command_names_an_external_launcher() -> None:
+    """``python`` where Lightning or the user started the processes; ``<launcher>`` under torchrun or srun."""
+    from types import SimpleNamespace
+
+    from gsae.cli import resume_command
+
+    def trainer(external: bool):
+        env = SimpleNamespace(creates_processes_externally=external)
+        return SimpleNamespace(strategy=SimpleNamespace(cluster_environment=env))
+
+    args = ["--config", "c.yaml", "--ckpt_path", "x.ckpt", "--ckpt_path=y.ckpt", "--model.sae.k", "8"]
+    assert resume_command(args) == "python train.py --config c.yaml --model.sae.k 8 --ckpt_path last"
+    assert resume_command(args, trainer(False)).startswith("python train.py ")
+    assert resume_command(args, trainer(True)).startswith("<launcher> train.py ")

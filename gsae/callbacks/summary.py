@@ -87,6 +87,20 @@ class RunSummary(Callback):
         self._tokens0 = 0
         self._end: tuple[str, float, pl.Trainer, pl.LightningModule] | None = None
         self._summary: Summary | None = None
+        self._forked_print: tuple[int, str] | None = None
+
+    def print_from_forked_rank(self, resume_command: str) -> None:
+        """Print the summary from global rank 0's own process when the run ends there (``resume_command`` offered if
+        it was stopped): under ``--trainer.strategy ddp_fork`` the ranks are children forked from this process, whose
+        copy of the callback never sees the run. ``train.py`` calls this; otherwise it prints the summary itself."""
+        self._forked_print = (os.getpid(), resume_command)
+
+    def _print_if_forked(self, trainer: pl.Trainer) -> None:
+        if self._forked_print is None:
+            return
+        parent, command = self._forked_print
+        if os.getpid() != parent and trainer.is_global_zero and self.summary is not None:
+            print(self.render(command), flush=True)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -101,8 +115,18 @@ class RunSummary(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._forked_print is not None and os.getpid() == self._forked_print[0]:
+            # the process that forked the ranks ran no step; on Ctrl+C it ends them before rank 0 could report
+            if isinstance(exception, KeyboardInterrupt):
+                print(f"stopped (Ctrl+C); to resume:\n  {self._forked_print[1]}", flush=True)
+            return
         if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
             self._end = ("stopped", time.perf_counter(), trainer, pl_module)
+            self._print_if_forked(trainer)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._print_if_forked(trainer)  # after the final checkpoint and its evaluation
 
     @property
     def summary(self) -> Summary | None:
