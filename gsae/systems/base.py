@@ -523,8 +523,9 @@ class SAESystem(pl.LightningModule):
             if own is not None:
                 buffer.load_state_dict(own)
             if buffer.fill > buffer.capacity and self.global_rank == 0:  # fewer ranks, or a smaller buffer_size
-                log.warning("resumed shuffle buffer holds %d rows, --model.buffer_size %d: the surplus is trained on "
-                            "first, in batches up to twice the usual size (ShuffleBuffer.mix)", buffer.fill, buffer.capacity)
+                log.warning("resumed shuffle buffer holds %d rows, --model.buffer_size %d: the surplus waits in host "
+                            "memory and is trained on first, in batches up to twice the usual size (ShuffleBuffer.mix)",
+                            buffer.fill, buffer.capacity)
             data = checkpoint.get("TokenDataModule")
             saved_world = saved.get("world_size", 1)
             if isinstance(data, dict) and "consumed_contexts" not in data and saved_world != self._world():
@@ -554,8 +555,8 @@ class SAESystem(pl.LightningModule):
         A run resumed on another number of ranks (``--trainer.devices × --trainer.num_nodes``, e.g. fewer GPUs after a
         preemption): the saved ranks' rows, in rank order, are dealt out, rank ``r`` of ``W`` taking rows
         ``r, r + W, …`` (none lost, none twice), with a generator seeded from the run's seed, the rank and both
-        numbers of ranks. On fewer ranks a share exceeds ``--model.buffer_size``: the surplus drains in the next
-        steps (:meth:`gsae.data.buffer.ShuffleBuffer.mix`); on more ranks each buffer refills, as a fresh one does."""
+        numbers of ranks. On fewer ranks a share exceeds ``--model.buffer_size``: the surplus stays on the host and
+        drains in the next steps (:meth:`gsae.data.buffer.ShuffleBuffer.mix`); on more ranks each buffer refills, as a fresh one does."""
         ranks = saved["ranks"] if "ranks" in saved else [saved]
         world, rank = self._world(), self.global_rank
         if len(ranks) == world or all(r["x"] is None for r in ranks):

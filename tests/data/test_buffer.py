@@ -78,6 +78,38 @@ def test_a_buffer_over_capacity_drains_in_batches_at_most_twice_the_size(capacit
         assert buf.x is None and buf.mix(batch).x is batch.x  # drained: the identity again
 
 
+def test_a_restored_surplus_waits_where_it_was_loaded_and_resumes_mid_drain() -> None:
+    """The surplus of a restore (8 ranks' rows resumed on 1) stays where Lightning loaded it (the host; here: its
+    float64 stays float64 while the batches are float32) and is fed in at most a batch per call, so the rows converted
+    to the batch's device and dtype never exceed ``capacity`` plus the call's own; a checkpoint taken mid-drain resumes
+    with the same outputs as the buffer that went on."""
+    capacity = 16
+    buf = ShuffleBuffer(capacity, seed=1)
+    held = _batch(1000, 60)
+    buf.load_state_dict({"x": held.x, "grad": held.grad, "gen": torch.Generator().manual_seed(2).get_state()})
+    assert buf.fill == 60 and buf.x.shape[0] == capacity and buf.backlog_x.dtype == torch.float64
+
+    def batch32(start: int) -> ActivationBatch:
+        b = _batch(start, 8)
+        return ActivationBatch(b.x.float(), b.grad.float())
+
+    for start in (0, 8):
+        out = buf.mix(batch32(start))
+        assert out.x.dtype == out.grad.dtype == buf.x.dtype == torch.float32 and buf.backlog_x.dtype == torch.float64
+        assert buf.x.shape[0] == capacity and out.x.shape[0] == 16
+    blob = io.BytesIO()
+    torch.save(buf.state_dict(), blob)
+    blob.seek(0)
+    state = torch.load(blob, weights_only=False)
+    assert state["x"].shape[0] == buf.fill == 60 - 16 and state["x"].dtype == torch.float32  # buffer's dtype, then
+    resumed = ShuffleBuffer(capacity, seed=99)
+    resumed.load_state_dict(state)
+    for start in range(16, 16 + 8 * 8, 8):
+        a, b = buf.mix(batch32(start)), resumed.mix(batch32(start))
+        assert torch.equal(a.x, b.x) and torch.equal(a.grad, b.grad)
+    assert buf.backlog_x is None and resumed.backlog_x is None and buf.fill == capacity
+
+
 def test_rows_are_mixed_across_batches() -> None:
     buf = ShuffleBuffer(256, seed=0)
     outs = [buf.mix(_batch(64 * i, 64)) for i in range(20)]
