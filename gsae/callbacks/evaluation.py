@@ -137,6 +137,7 @@ class EvaluationCallback(Callback):
         self.figures = FigureRenderer(background=bool(figures_in_background))
         self._tokens: torch.Tensor | None = None
         self._counts: dict[str, int | None] = {}  # benchmark -> its held-out contexts (gsae.evals.held_out_counts)
+        self._per_benchmark: tuple[torch.device, dict[str, torch.Tensor]] | None = None  # (device, its tokens)
         self._last: tuple[int, dict] | None = None  # (global step, {member: results}) of the latest evaluation
         #: wall seconds of each benchmark in the latest evaluation (logged as ``eval/seconds/<benchmark>``)
         self.last_seconds: dict[str, float] = {}
@@ -198,11 +199,13 @@ class EvaluationCallback(Callback):
         if self._last is not None and self._last[0] == step:
             return self._last[1]
         lm = pl_module.frozen_lm() if hasattr(pl_module, "frozen_lm") else pl_module.lm
-        tokens = self.held_out_tokens(trainer).to(lm.device)
         dm = trainer.datamodule
         batch_size = self.batch_size or getattr(dm, "batch_size", 8)
         saes = member_saes(pl_module)
-        per_benchmark = tokens_per_benchmark(self._counts, tokens, lm, self.options)
+        if self._per_benchmark is None or self._per_benchmark[0] != lm.device:  # fixed tokens: split once
+            tokens = self.held_out_tokens(trainer).to(lm.device)
+            self._per_benchmark = (lm.device, tokens_per_benchmark(self._counts, tokens, lm, self.options))
+        per_benchmark = self._per_benchmark[1]
         self.last_contexts = {name: int(t.shape[0]) for name, t in per_benchmark.items()}
         options = run_options(self.benchmarks, self.options)
         self.last_seconds = {}
