@@ -300,19 +300,44 @@ class SAESystem(pl.LightningModule):
             # training: one packed all-reduce for the fire counts, the token count and (on logging steps) the metric
             # sums (the dead-latent counters need the global mask every step; torchmetrics would sync each state
             # separately: see gsae.metrics)
+            scalars: dict[str, Tensor] = {}
             if log:  # recon_sums' first field is the token count
                 counted = recon_sums(acts.x, out.x_hat, l0_per_token(out.top_acts, out.latents)).flat()
+                scalars = self.step_scalars(loss, out, extra)
             else:
                 counted = torch.full((1,), float(acts.x.shape[0]), dtype=torch.float64, device=fired.device)
-            packed = self.all_reduce(torch.cat([fired, counted]))
+            packed = self.all_reduce(torch.cat([fired, counted, *self.pack_scalars(scalars)]))
             fired_g = packed[: self.sae.d_sae] > 0
         # the token count: on one process the host knows it (no wait for the GPU); over ranks, the reduced count
         n_tokens = acts.x.shape[0] if self._world() == 1 else int(packed[self.sae.d_sae])
         self.dead.update(fired_g, n_tokens, self.starts_optimizer_step())
         self.tokens_seen += n_tokens
         if log:
-            self._log_train(loss, ReconSums.unflat(packed[self.sae.d_sae :]), out, extra, n_tokens)
+            n = len(scalars)
+            reduced = self.unpack_scalars(scalars, packed[packed.shape[0] - n :])
+            self._log_train(ReconSums.unflat(packed[self.sae.d_sae : packed.shape[0] - n]), reduced)
         return loss
+
+    def step_scalars(self, loss: Tensor, out: SAEOutput, extra: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A logging step's scalars that are this rank's values of a mean over ranks: the loss, AuxK's loss (an SAE
+        with a dead-latent loss) and the objective's ``extra`` scalars."""
+        aux = {"aux_loss": out.aux_loss.detach()} if self.sae.uses_dead_mask else {}
+        return {"loss": loss.detach(), **aux, **extra}
+
+    @staticmethod
+    def pack_scalars(scalars: dict[str, Tensor]) -> list[Tensor]:
+        """``scalars`` as one float64 vector for the step's packed all-reduce (``[]`` for none)."""
+        return [torch.stack([v.detach().reshape(()).to(torch.float64) for v in scalars.values()])] if scalars else []
+
+    def unpack_scalars(self, scalars: dict[str, Tensor], summed: Tensor) -> dict[str, Tensor]:
+        """The reduced :meth:`pack_scalars` vector back as ``{name: mean over ranks}``.
+
+        Each rank's loss is its share of the global objective times the number of ranks (the reconstruction is
+        normalised by the *global* token count, and DDP averages the gradients), so the global loss, which a single
+        process training on the global batch logs, is the mean over ranks, not rank 0's value: the logged ``train/loss``
+        and ``train/recon_loss`` are then the same on 1 rank and on W (the e2e KL: the mean of the ranks' means, as
+        the gradient averages them; ``beta_attribution_median``: the ranks' medians averaged)."""
+        return dict(zip(scalars, summed / self._world()))
 
     def log_this_step(self) -> bool:
         """Whether this training step's metrics are computed and logged: every ``--trainer.log_every_n_steps``
@@ -362,14 +387,13 @@ class SAESystem(pl.LightningModule):
         for name, v in self.val_recon.compute().items():
             self.log(f"val/{name}", v, rank_zero_only=True)  # reduced over ranks by torchmetrics
 
-    def _log_train(self, loss: Tensor, sums: ReconSums, out: SAEOutput, extra: dict[str, Tensor], n_tokens: int) -> None:
+    def _log_train(self, sums: ReconSums, scalars: dict[str, Tensor]) -> None:
+        """Log a training step: the reconstruction metrics from the ranks' summed ``sums``, and ``scalars`` (the loss,
+        AuxK's, the objective's extras) already averaged over ranks (:meth:`unpack_scalars`)."""
         metrics: dict[str, Tensor | float] = {f"train/{k}": v for k, v in recon_metric_tensors(sums).items()}
-        metrics["train/loss"] = loss
-        if self.sae.uses_dead_mask:  # an SAE with an auxiliary dead-latent loss (AuxK); else it is always 0
-            metrics["train/aux_loss"] = out.aux_loss
+        metrics.update({f"train/{k}": v for k, v in scalars.items()})
         metrics["train/dead_fraction"] = self.dead.dead_by_batches().float().mean()
         metrics["train/dead_fraction_tokens"] = self.dead.dead_by_tokens().float().mean()
-        metrics.update({f"train/{k}": v for k, v in extra.items()})
         metrics = host_floats(metrics)  # one copy to the host for all of them
         metrics.update(self.progress_metrics())
         if self._trainer is not None and self.trainer.optimizers:

@@ -147,7 +147,7 @@ class LocalSAESystem(SAESystem):
         extra: dict[str, Tensor] = {}
         logged = stage != "train" or self.log_this_step()  # the extra scalars are read on these steps only
         if logged:
-            extra["recon_loss"] = recon.detach() / self._world()
+            extra["recon_loss"] = recon.detach()  # this rank's share × ranks: logged as the mean over ranks
         if self.needs_grad and acts.grad is not None and stage == "train" and logged:
             extra["beta_attribution_median"] = self.sae.attribution_median(acts.grad, out.top_idx)
         return loss, out, acts, extra

@@ -298,14 +298,15 @@ class SweepSAESystem(LocalSAESystem):
                     m.val_recon.update(x, out.x_hat, l0_per_token(out.top_acts, out.latents))
                     continue
                 fired = fire_counts(out.top_idx, out.top_acts, out.latents, m.sae.d_sae, torch.float64)
-                if log:  # metrics only on logging steps (see log_this_step)
-                    extra = {"loss": loss.detach() / world, "recon_loss": recon.detach() / world}
+                if log:  # metrics only on logging steps (see log_this_step); the scalars averaged over ranks
+                    extra = {"loss": loss.detach(), "recon_loss": recon.detach()}  # (unpack_scalars)
                     if m.sae.uses_dead_mask:  # AuxK (k_aux 0, as every Table 1 member: always 0, not logged)
                         extra["aux_loss"] = out.aux_loss.detach()
                     if grad is not None:
                         extra["beta_attribution_median"] = m.sae.attribution_median(grad, out.top_idx)
                     logs[name] = extra
-                    packed += [fired, recon_sums(x, out.x_hat, l0_per_token(out.top_acts, out.latents)).flat()]
+                    packed += [fired, recon_sums(x, out.x_hat, l0_per_token(out.top_acts, out.latents)).flat(),
+                               *self.pack_scalars(extra)]
                 else:
                     packed.append(fired)
             del out
@@ -341,13 +342,15 @@ class SweepSAESystem(LocalSAESystem):
             offset += width
             for k, v in recon_metric_tensors(sums).items():
                 metrics[f"train/{name}/{k}"] = v
-            for k, v in logs[name].items():
+            scalars = self.unpack_scalars(logs[name], flat[offset : offset + len(logs[name])])
+            offset += len(logs[name])
+            for k, v in scalars.items():
                 metrics[f"train/{name}/{k}"] = v
             metrics[f"train/{name}/dead_fraction"] = m.dead.dead_by_batches().float().mean()
             metrics[f"train/{name}/dead_fraction_tokens"] = m.dead.dead_by_tokens().float().mean()
         self.tokens_seen += n_tokens
         if log:
-            metrics["train/loss"] = total / world  # the sum of the members' losses
+            metrics["train/loss"] = sum(metrics[f"train/{name}/loss"] for name in self.members)  # the members' sum
             self._log_sweep(host_floats(metrics))  # one copy to the host for every member's metrics
         return total
 

@@ -66,6 +66,48 @@ class RecordTokens(pl.Callback):
         torch.save(torch.cat(self.seen), self.folder / f"rank{trainer.global_rank}.pt")
 
 
+class RecordMetrics(pl.Callback):
+    """Writes what global rank 0 logged (``trainer.callback_metrics``: the progress bar's and the loggers' values)
+    after every training batch and at every validation end to ``<folder>/metrics.pt``, as ``{(stage, step): {tag:
+    value}}`` (stage ``train`` or ``val``)."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+        self.seen: dict[tuple[str, int], dict[str, float]] = {}
+
+    def _record(self, trainer, stage: str) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            prefix = f"{stage}/"
+            self.seen[(stage, trainer.global_step)] = {
+                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)
+            }
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._record(trainer, "train")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._record(trainer, "val")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            torch.save(self.seen, self.folder / "metrics.pt")
+
+
+def assert_same_metrics(one: dict, other: dict, rtol: float = 1e-4, atol: float = 1e-6, skip: tuple[str, ...] = ()) -> int:
+    """Two :class:`RecordMetrics` records hold the same tags with the same values (``skip``: tags left out, e.g.
+    throughput); returns how many values were compared."""
+    assert one.keys() == other.keys()
+    compared = 0
+    for key, values in one.items():
+        kept = {k for k in values if not any(s in k for s in skip)}
+        assert kept == {k for k in other[key] if not any(s in k for s in skip)}, key
+        for tag in kept:
+            a, b = values[tag], other[key][tag]
+            assert abs(a - b) <= atol + rtol * abs(b), f"{key} {tag}: {a} vs {b}"
+            compared += 1
+    return compared
+
+
 class StopAt(pl.Callback):
     """Stops training after step ``n`` (simulates an interrupted run)."""
 

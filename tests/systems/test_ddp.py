@@ -6,7 +6,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from tests.systems.helpers import RecordTokens, build_data, build_system, build_trainer
+from tests.systems.helpers import (
+    RecordMetrics,
+    RecordTokens,
+    assert_same_metrics,
+    build_data,
+    build_system,
+    build_trainer,
+)
 
 STEPS = 6
 
@@ -29,8 +36,10 @@ def test_ddp_two_ranks_equal_single_process(tmp_path, objective):
     # the g-SAE gradient is a CE mean over a fixed count (per device by default: 1 × B and 2 × B/2 differ there),
     # so both runs are given the same count explicitly
     kw = dict(system_kw={"grad_mean_tokens": 4 * 15}) if objective == "gsae" else {}
-    single, f1 = _train(tmp_path, objective, 1, **kw)
-    ddp, f2 = _train(tmp_path, objective, 2, **kw)
+    # every step logged, validation twice: the logged values are the global batch's, as one process logs them
+    kw.update(log_every_n_steps=1, limit_val_batches=1.0, val_check_interval=3)
+    single, f1 = _train(tmp_path, objective, 1, callbacks=[RecordMetrics(tmp_path / "d1")], **kw)
+    ddp, f2 = _train(tmp_path, objective, 2, callbacks=[RecordMetrics(tmp_path / "d2")], **kw)
 
     # data: ranks disjoint, and together exactly the single-process tokens of every step
     r0, r1, one = torch.load(f2 / "rank0.pt"), torch.load(f2 / "rank1.pt"), torch.load(f1 / "rank0.pt")
@@ -47,6 +56,15 @@ def test_ddp_two_ranks_equal_single_process(tmp_path, objective):
     assert torch.equal(single.dead.batches_since_fired, ddp.dead.batches_since_fired)
     assert torch.equal(single.dead.tokens_since_fired, ddp.dead.tokens_since_fired)
     assert int(single.tokens_seen) == int(ddp.tokens_seen)
+    # what was logged: the loss and its parts (each rank holds its share × ranks: they were rank 0's, halved), the
+    # reconstruction metrics, dead fractions, validation; e2e's KL is the mean of the ranks' means, as the gradient's
+    one, two = torch.load(f1 / "metrics.pt"), torch.load(f2 / "metrics.pt")
+    tags = set().union(*one.values())
+    assert {"train/loss", "train/nmse", "val/nmse"} <= tags and len(one) == STEPS + 2, (sorted(tags), list(one))
+    assert {"topk": "train/recon_loss", "gsae": "train/beta_attribution_median", "e2e": "train/kl"}[objective] in tags
+    rtol = 2e-3 if objective == "e2e" else 1e-4  # e2e: the KL over fewer tokens per rank (rank means of a mean)
+    median = ("beta_attribution_median",)  # the ranks' medians averaged: not the median of all tokens
+    assert assert_same_metrics(one, two, rtol=rtol, skip=("tokens_per_s", *median)) > 8 * (STEPS + 2)
 
 
 class RecordGradScale(pl.Callback):

@@ -14,7 +14,15 @@ from gsae.lm import LanguageModel
 from gsae.optim import Adam
 from gsae.sae import GradTopKSAE, TopKSAE
 from gsae.systems import LocalSAESystem, SweepSAESystem
-from tests.systems.helpers import HOOK, RecordTokens, StopAt, build_data, build_trainer
+from tests.systems.helpers import (
+    HOOK,
+    RecordMetrics,
+    RecordTokens,
+    StopAt,
+    assert_same_metrics,
+    build_data,
+    build_trainer,
+)
 
 STEPS, STOP = 8, 4
 COMMON = dict(hook=HOOK, lr_warmup_steps=2, dead_tokens=200, buffer_size=128, grad_mean_tokens=60)
@@ -57,10 +65,10 @@ def _alone(spec: dict, hook: str | None = None) -> LocalSAESystem:
     return LocalSAESystem(_lm(), lambda d: cls(d, **args), optimizer=_adam(spec.get("lr", LR)), **kw)
 
 
-def _fit(system, root, steps=STEPS, callbacks=(), ckpt_path=None, devices=1, clip=0.5, checkpoint_every=None):
+def _fit(system, root, steps=STEPS, callbacks=(), ckpt_path=None, devices=1, clip=0.5, checkpoint_every=None, **kw):
     torch.manual_seed(0)
     data = build_data(system, batch_size=4 // devices)
-    kw = dict(devices=devices, strategy="ddp_fork") if devices > 1 else {}
+    kw.update(dict(devices=devices, strategy="ddp_fork") if devices > 1 else {})
     root.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(
         root, steps, callbacks=list(callbacks), checkpoint_every=checkpoint_every, gradient_clip_val=clip, **kw
@@ -115,11 +123,19 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
     """2 gloo ranks × B/2 = 1 rank × B for every member (no shuffle buffer: each rank mixes its own rows)."""
     members = MEMBERS[::2]
     kw = dict(COMMON, buffer_size=0)
-    single = _fit(SweepSAESystem(_lm(), members, optimizer=_adam(LR), **kw), tmp_path / "d1")
-    ddp = _fit(SweepSAESystem(_lm(), members, optimizer=_adam(LR), **kw), tmp_path / "d2", devices=2)
+    logged = dict(log_every_n_steps=1, limit_val_batches=1.0, val_check_interval=3)  # every step, validation twice
+    single = _fit(SweepSAESystem(_lm(), members, optimizer=_adam(LR), **kw), tmp_path / "d1",
+                  callbacks=[RecordMetrics(tmp_path / "d1")], **logged)
+    ddp = _fit(SweepSAESystem(_lm(), members, optimizer=_adam(LR), **kw), tmp_path / "d2", devices=2,
+               callbacks=[RecordMetrics(tmp_path / "d2")], **logged)
     for name in single.members:
         _assert_member_equals(ddp.members[name], single.members[name], atol=2e-5)
     assert int(single.tokens_seen) == int(ddp.tokens_seen)
+    # logged: the run's and every member's loss and recon_loss (they were rank 0's shares: halved), metrics, val
+    one, two = torch.load(tmp_path / "d1" / "metrics.pt"), torch.load(tmp_path / "d2" / "metrics.pt")
+    tags = set().union(*one.values())
+    assert {"train/loss", *(f"train/{n}/{k}" for n in single.members for k in ("loss", "recon_loss", "nmse"))} <= tags
+    assert assert_same_metrics(one, two, skip=("tokens_per_s", "beta_attribution_median")) > 10 * len(one)
 
 
 #: Members on four hooks of random-tiny: a TopK before the shallowest g-SAE hook (read on the no-grad prefix), two
