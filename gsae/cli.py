@@ -101,22 +101,24 @@ def console_callbacks(trainer_config: dict) -> list:
     return out
 
 
-def print_summary(cli: GSAECLI, args: list[str]) -> None:
+def print_summary(cli: GSAECLI, resume: str) -> None:
     """Print the :class:`~gsae.callbacks.summary.RunSummary` of the run (on rank 0, once training ended or stopped),
-    with the command that resumes it (``args`` with ``--ckpt_path last``) if it was stopped."""
+    with the command that resumes it (``resume``, :func:`resume_command`) if it was stopped."""
     from gsae.callbacks.summary import RunSummary
 
     if not cli.trainer.is_global_zero:
         return
     for cb in cli.trainer.callbacks:
         if isinstance(cb, RunSummary) and cb.summary is not None:
-            print(cb.render(resume_command(args, cli.trainer)), flush=True)
+            print(cb.render(resume), flush=True)
 
 
 def resume_command(args: list[str], trainer=None) -> str:
     """``python train.py ARGS --ckpt_path last`` (any ``--ckpt_path`` in ``args`` replaced); where ``trainer``'s
     processes were started by someone else (``torchrun …``, ``srun …``) the launcher is the user's, so it is left as
-    ``<launcher>``. (``--trainer.strategy ddp``/``ddp_fork`` on one node: Lightning starts them, from ``python``.)"""
+    ``<launcher>``. (``--trainer.strategy ddp``/``ddp_fork`` on one node: Lightning starts them, from ``python``.)
+    Call it before ``fit``: Lightning's own launcher then sets ``LOCAL_RANK``, by which its environment reads as
+    external too."""
     kept, skip = [], False
     for a in args:
         if skip:
@@ -183,7 +185,7 @@ def resolve_ckpt_path(cli: GSAECLI) -> str | None:
             name = logger.name if logger is not None and logger.name else "run"
             folder = Path(cb.dirpath) if cb.dirpath else Path(cli.trainer.default_root_dir) / name / "checkpoints"
             looked.append(folder)
-            newest = newest_checkpoint(folder)
+            newest = newest_checkpoint(folder, say=cli.trainer.is_global_zero)
             if newest is not None:
                 return newest
         folders = ", ".join(str(f) for f in looked) or "no checkpoint folder configured"
@@ -194,30 +196,43 @@ def resolve_ckpt_path(cli: GSAECLI) -> str | None:
     return path
 
 
-def newest_checkpoint(folder: Path) -> str | None:
-    """The checkpoint in ``folder`` written last (by modification time, as Lightning's own ``"last"``), among
-    ``last*.ckpt`` *and* the step checkpoints, that reads as a gsae checkpoint; ``None`` if there is none.
+def newest_checkpoint(folder: Path, say: bool = True) -> str | None:
+    """The checkpoint of ``folder`` that holds the run's latest state, or ``None`` if none reads as a gsae checkpoint.
 
-    ``last.ckpt`` is written right after each step checkpoint, so it is usually the one; but a run killed between the
-    two writes (or, before gsae deferred the evaluation, while it evaluated a new checkpoint) has a step checkpoint
-    newer than ``last.ckpt``, or none at all: resuming from ``last.ckpt`` alone would redo those steps, or fail.
-    A file that does not read (a copy cut short) is skipped with a warning, for the next newest."""
+    That is ``last.ckpt`` (the newest readable ``last*.ckpt``), which is written right after each step checkpoint;
+    unless a step checkpoint written after it holds a *later step* (a run killed between the two writes, or, before
+    gsae deferred the evaluation, while it evaluated a new checkpoint): resuming from ``last.ckpt`` would redo those
+    steps. Without any ``last*.ckpt``, the step checkpoint of the latest step. File times alone do not decide: a
+    copy or a sync that does not keep them in order would otherwise resume an older step. A file that does not read
+    (a copy cut short) is skipped with a warning (``say``: log, rank 0)."""
     from gsae.export import read_checkpoint
+
+    def step_of(path: Path) -> int | None:
+        try:
+            return int(read_checkpoint(path, mmap=True).get("global_step", 0))
+        except ValueError as e:
+            if say:
+                log.warning("--ckpt_path last: skipping %s (%s)", path.name, e)
+            return None
 
     newest_first = sorted(
         folder.glob("*.ckpt"), key=lambda p: (os.path.getmtime(p), p.name.startswith("last")), reverse=True
     )
-    for path in newest_first:
-        try:
-            read_checkpoint(path, mmap=True)
-        except ValueError as e:
-            log.warning("--ckpt_path last: skipping %s (%s)", path.name, e)
-            continue
-        if not path.name.startswith("last"):
-            log.info("--ckpt_path last: resuming from %s, newer than last.ckpt (the run stopped between the two)",
-                     path.name)
-        return str(path)
-    return None
+    last = None
+    for i, path in enumerate(newest_first):
+        if path.name.startswith("last") and (step := step_of(path)) is not None:
+            last = (path, step, i)
+            break
+    best = last
+    for path in newest_first[: last[2]] if last else newest_first:  # written after last.ckpt (all, without one)
+        if not path.name.startswith("last") and (step := step_of(path)) is not None and (best is None or step > best[1]):
+            best = (path, step, 0)
+    if best is None:
+        return None
+    if last is not None and best is not last and say:
+        log.info("--ckpt_path last: resuming from %s (step %d), newer than last.ckpt (step %d): the run stopped "
+                 "between the two", best[0].name, best[1], last[1])
+    return str(best[0])
 
 
 def check_trainer(trainer) -> None:
@@ -249,7 +264,7 @@ def forks_ranks(trainer) -> bool:
     return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
-def prepare_forked_ranks(trainer, args: list[str]) -> None:
+def prepare_forked_ranks(trainer, resume: str) -> None:
     """Under ``ddp_fork``, before the ranks are forked: choose each logger's version folder (``version_N``) here, so
     the ranks inherit it and this process knows the folder they wrote (a failed run's empty one is removed by
     :func:`remove_empty_log_dirs`, instead of this process looking for the next free ``version_N + 1``); and have rank
@@ -262,7 +277,7 @@ def prepare_forked_ranks(trainer, args: list[str]) -> None:
         getattr(logger, "version", None)  # resolved once, then kept
     for cb in trainer.callbacks:
         if isinstance(cb, RunSummary):
-            cb.print_from_forked_rank(resume_command(args, trainer))
+            cb.print_from_forked_rank(resume)
 
 
 def trained_to_the_end(ckpt: str, max_steps: int) -> str | None:
@@ -317,6 +332,10 @@ def child_user_message(e: BaseException) -> str | None:
     return errors[-1][1]
 
 
+#: a Trainer argument as Lightning's messages quote it (``You set `devices=3` in Lightning, but ...``)
+_TRAINER_ARG = re.compile(r"`(devices|num_nodes|strategy|accelerator|precision|max_steps|max_epochs)=")
+
+
 def user_message(e: BaseException) -> str:
     """One line for the user: the innermost error that names an option (jsonargparse wraps errors raised
     while instantiating classes in its own), else the error's first line."""
@@ -334,6 +353,9 @@ def user_message(e: BaseException) -> str:
         return f"--model.optimizer: {text.splitlines()[0]}"
     if isinstance(chain[0], UnicodeDecodeError):
         return f"a file given as text (--config?) is binary: {text.splitlines()[0]}"
+    trainer_option = _TRAINER_ARG.search(text)  # Lightning's own checks name the Trainer argument: `devices=3`
+    if trainer_option:
+        return f"--trainer.{trainer_option.group(1)}: {text.splitlines()[0]}"
     return text.splitlines()[0] if text else type(chain[0]).__name__
 
 
@@ -357,21 +379,23 @@ def main(args: list[str] | None = None) -> int:
             print(f"error: {parse_error_line(str(e), args)}", file=sys.stderr)
             return 2
         check_trainer(cli.trainer)
-        prepare_forked_ranks(cli.trainer, args)
+        resume = resume_command(args, cli.trainer)  # before fit (see there)
+        prepare_forked_ranks(cli.trainer, resume)
         # the data's split between ranks, before DDP starts them (else each rank fails, and says so, on its own)
         cli.datamodule.check_world(cli.trainer.world_size)
         ckpt = resolve_ckpt_path(cli)
         if ckpt is not None:
             done = trained_to_the_end(ckpt, cli.trainer.max_steps)
             if done:
-                print(done, file=sys.stderr)
+                if cli.trainer.is_global_zero:  # every rank stops here; one says why
+                    print(done, file=sys.stderr)
                 return 0
             # a resumed run writes into its own checkpoint folder: Lightning's "exists and is not empty" is expected
             warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
         try:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
         finally:  # also after Ctrl+C (Lightning stops gracefully, then exits)
-            print_summary(cli, args)
+            print_summary(cli, resume)
     except Exception as e:
         message = user_message(e) if isinstance(e, USER_ERRORS) else child_user_message(e)
         if message is None or os.environ.get("GSAE_DEBUG"):

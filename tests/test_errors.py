@@ -152,6 +152,16 @@ def test_a_forked_rank_s_error_keeps_its_traceback_unless_the_user_caused_it() -
     assert child_user_message(ValueError("--x")) is None
 
 
+def test_lightning_s_own_checks_name_the_trainer_option() -> None:
+    """Lightning's messages quote the Trainer argument (under torchrun: ``--trainer.devices 3`` with 2 processes)."""
+    from gsae.cli import user_message
+
+    e = ValueError("You set `devices=3` and `num_nodes=1` in Lightning, but the product (3 * 1) does not match the "
+                   "world size (2).")
+    assert user_message(e).startswith("--trainer.devices: You set `devices=3`")
+    assert user_message(ValueError("plain")) == "plain"
+
+
 def test_missing_local_dataset(run_cli, tmp_path) -> None:
     path = str(tmp_path / "no" / "corpus.txt")
     code, line = run_cli("--data.dataset", path)

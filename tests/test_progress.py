@@ -219,3 +219,33 @@ def test_resume_command_names_an_external_launcher() -> None:
     assert resume_command(args) == "python train.py --config c.yaml --model.sae.k 8 --ckpt_path last"
     assert resume_command(args, trainer(False)).startswith("python train.py ")
     assert resume_command(args, trainer(True)).startswith("<launcher> train.py ")
+
+
+def test_resume_command_of_lightning_s_own_ddp_launcher_is_python(monkeypatch) -> None:
+    """``--trainer.strategy ddp --trainer.devices 2`` from ``python train.py``: Lightning starts the ranks, and sets
+    ``LOCAL_RANK`` in rank 0 once it has (so its environment reads as external after ``fit`` began: main computes the
+    command before); torchrun sets it before the script starts."""
+    import lightning.pytorch as pl
+
+    from gsae.cli import resume_command
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", logger=False, enable_checkpointing=False)
+    assert resume_command([], trainer) == "python train.py --ckpt_path last"
+    monkeypatch.setenv("LOCAL_RANK", "0")  # as under torchrun
+    assert resume_command([], trainer) == "<launcher> train.py --ckpt_path last"
+
+
+def test_a_run_stopped_before_its_first_checkpoint_offers_no_resume() -> None:
+    """Ctrl+C before the first checkpoint: ``--ckpt_path last`` would fail (nothing to resume), so the summary gives
+    the command that starts over; with a checkpoint, the resume."""
+    from gsae.callbacks.summary import Summary, render
+
+    s = Summary(status="stopped", steps=20, steps_run=20, tokens=1000, tokens_total=1000, wall_s=2.0, train=[], val=[],
+                eval_step=None, eval_source=None, headline=[], checkpoint_dir="/r/ckpts", checkpoints=[], exports=[],
+                eval_json=[], latents_html=[], events=None)
+    text = render(s, "python train.py --config c.yaml --ckpt_path last")
+    assert "(none written)" in text and "--ckpt_path last" not in text
+    assert "  python train.py --config c.yaml   # no checkpoint yet: starts over" in text
+    text = render(s._replace(checkpoints=["/r/ckpts/last.ckpt"]), "python train.py --config c.yaml --ckpt_path last")
+    assert "  python train.py --config c.yaml --ckpt_path last" in text

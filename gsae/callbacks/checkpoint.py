@@ -4,6 +4,7 @@ callbacks where the new checkpoint is."""
 from __future__ import annotations
 
 import glob
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -69,10 +70,28 @@ class SAECheckpoint(ModelCheckpoint):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.dirpath is None:
+        if self.dirpath is None:  # resolved, as Lightning resolves a given dirpath: one folder, one spelling
             name = trainer.logger.name if trainer.logger is not None and trainer.logger.name else "run"
-            self.dirpath = str(Path(trainer.default_root_dir) / name / "checkpoints")
+            self.dirpath = os.path.realpath(Path(trainer.default_root_dir) / name / "checkpoints")
         super().setup(trainer, pl_module, stage)
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the checkpoint bookkeeping, also when the run folder was moved, copied or spelled another way
+        (``--trainer.default_root_dir runs`` then ``/abs/runs``): Lightning then drops ``last_model_path``, so the next
+        save, finding ``last.ckpt`` there, writes ``last-v1.ckpt`` and leaves ``last.ckpt`` at the old step. The saved
+        paths are taken as the same files in this folder."""
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and saved != self.dirpath:
+            here = lambda p: str(Path(self.dirpath) / Path(p).name) if p else p  # noqa: E731
+            state_dict = {
+                **state_dict,
+                "dirpath": self.dirpath,
+                **{k: here(state_dict.get(k)) for k in ("best_model_path", "kth_best_model_path", "last_model_path")
+                   if k in state_dict},
+                "best_k_models": {here(p): v for p, v in state_dict.get("best_k_models", {}).items()},
+            }
+        super().load_state_dict(state_dict)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

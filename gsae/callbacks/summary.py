@@ -251,8 +251,10 @@ def render(s: Summary, resume_command: str | None = None) -> str:
     if s.events:
         lines.append(f"events       {_rel(s.events)}")
     lines.append("next")
-    if s.status != "finished" and resume_command:
+    if s.status != "finished" and resume_command and s.checkpoints:
         lines.append(f"  {resume_command}")
+    elif s.status != "finished" and resume_command:  # stopped before the first checkpoint: nothing to resume
+        lines.append(f"  {resume_command.removesuffix(' --ckpt_path last')}   # no checkpoint yet: starts over")
     if s.events:
         # the run's folder, not this session's version_N: a resumed run's curves continue in version_N+1, and
         # TensorBoard shows them with the earlier sessions'

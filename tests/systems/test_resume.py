@@ -229,8 +229,8 @@ def test_sigkill_after_a_checkpoint_then_resume_last_equals_uninterrupted(tmp_pa
 
 
 def test_newest_checkpoint_is_the_last_written_readable_one(tmp_path, caplog):
-    """``--ckpt_path last`` resumes from the checkpoint written last: ``last.ckpt``, or a step checkpoint written
-    after it (a run killed between the two writes); a file cut short is skipped for the next newest."""
+    """``--ckpt_path last`` resumes from ``last.ckpt``, or a step checkpoint written after it with a later step (a run
+    killed between the two writes); a file cut short is skipped for the next newest."""
     import os
 
     from gsae.cli import newest_checkpoint
@@ -256,6 +256,13 @@ def test_newest_checkpoint_is_the_last_written_readable_one(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="gsae.cli"):
         assert newest_checkpoint(tmp_path) == str(tmp_path / "epoch=0-step=10.ckpt")
     assert "skipping epoch=0-step=15.ckpt" in caplog.text and "skipping notes.ckpt" in caplog.text
+    # file times out of order (a copy or a sync that does not keep them; a touch): a step checkpoint newer than
+    # last.ckpt but of an earlier step is not resumed from (that redid steps 6..10 silently)
+    save("last.ckpt", 10, 500.0)
+    os.utime(tmp_path / "epoch=0-step=5.ckpt", (600.0, 600.0))
+    assert newest_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")
+    (tmp_path / "last.ckpt").unlink()  # and without last.ckpt: the latest step, whatever the file times
+    assert newest_checkpoint(tmp_path) == str(tmp_path / "epoch=0-step=10.ckpt")
 
 
 def test_evaluation_runs_after_the_steps_checkpoint_and_last_ckpt_are_written(tmp_path):

@@ -56,3 +56,33 @@ def test_an_explicit_logger_save_dir_is_kept(tmp_path):
     cli = build_cli(["--config", cfg])  # the default root stays checkpoints/
     assert Path(cli.trainer.logger.root_dir) == Path("checkpoints") / "quickstart-topk"
     assert Path(cli.trainer.default_root_dir).resolve() == Path("checkpoints").resolve()
+
+
+@pytest.mark.slow
+def test_a_resume_from_a_moved_or_respelled_folder_updates_last_ckpt(tmp_path, monkeypatch):
+    """The run folder given relatively, then absolutely; then the folder copied elsewhere and resumed there: each
+    resume writes ``last.ckpt`` again (no ``last-v1.ckpt`` beside a stale one) and ``--ckpt_path last`` goes on from
+    the latest step."""
+    import shutil
+
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(REPO_ROOT / "configs" / "quickstart" / "topk.yaml"), "--trainer.enable_progress_bar", "false",
+            "--checkpoint.every_n_train_steps", "2", "--evaluation.enabled", "false"]
+
+    def step_of(path: Path) -> int:
+        return int(torch.load(path, weights_only=False, map_location="cpu")["global_step"])
+
+    assert main([*args, "--trainer.default_root_dir", "runs", "--trainer.max_steps", "2"]) == 0
+    ckpts = tmp_path / "runs" / "quickstart-topk" / "checkpoints"
+    assert main([*args, "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.max_steps", "4",
+                 "--ckpt_path", "last"]) == 0
+    assert sorted(p.name for p in ckpts.glob("last*")) == ["last.ckpt", "last.saelens"]
+    assert step_of(ckpts / "last.ckpt") == 4
+    shutil.copytree(tmp_path / "runs", tmp_path / "moved")
+    assert main([*args, "--trainer.default_root_dir", "moved", "--trainer.max_steps", "6", "--ckpt_path", "last"]) == 0
+    moved = tmp_path / "moved" / "quickstart-topk" / "checkpoints"
+    assert sorted(p.name for p in moved.glob("last*")) == ["last.ckpt", "last.saelens"]
+    assert step_of(moved / "last.ckpt") == 6 and step_of(ckpts / "last.ckpt") == 4  # the original untouched
+    assert sorted(p.name for p in moved.glob("*.ckpt")) == [f"epoch=0-step={s}.ckpt" for s in (2, 4, 6)] + ["last.ckpt"]
