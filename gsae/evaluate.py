@@ -48,6 +48,7 @@ from gsae.evals import (
     check_benchmarks,
     check_options,
     held_out_counts,
+    json_text,
     run_benchmarks,
     run_options,
     scalars,
@@ -375,7 +376,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
                 tokens_per_benchmark(counts, toks, lm, options),
                 seed=args.seed,
                 options=benchmark_options,
-                batch_size=args.batch_size or src.batch_size or 8,
+                batch_size=args.batch_size or src.batch_size or meta.get("batch_size") or 8,
             )
             for n in names:
                 results[n][src.label] = res[n]
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
-        results = evaluate(args)
+        report(evaluate(args), args)
     except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get("GSAE_DEBUG"):
             raise
@@ -459,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
         which = "--model" if args is not None and args.model else "the SAE's language model"
         print(f"error: {msg.replace('--model.lm.name:', which + ':')}", file=sys.stderr)
         return 1
+    return 0
+
+
+def report(results: dict[str, dict[str, dict]], args: argparse.Namespace) -> None:
+    """Print the results table (and benchmarks' own tables); write ``--output`` and its artifacts."""
     labels = list(dict.fromkeys(lb for per in results.values() for lb in per))
     short = short_labels(labels)
     print(
@@ -470,7 +476,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{bench} — {short[lb]}\n{fmt(r)}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(results, indent=1))
+        Path(args.output).write_text(json_text(results))
         for path in write_artifacts(args.output, results, short):
             log.info("wrote %s", path)
-    return 0

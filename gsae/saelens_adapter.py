@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -144,7 +145,9 @@ def load_saelens_folder(path: str | Path, device: str = "cpu", model: str | None
 
     try:
         cfg = json.loads((Path(path) / "cfg.json").read_text())
-        sae = SAE.load_from_disk(str(path), device=device)
+        with warnings.catch_warnings():  # "load the model with these model_from_pretrained_kwargs": lm_kwargs does
+            warnings.filterwarnings("ignore", message="(?s).*model_from_pretrained_kwargs")
+            sae = SAE.load_from_disk(str(path), device=device)
     except Exception as e:  # noqa: BLE001 - any unreadable folder is reported the same way
         raise ValueError(
             f"SAELens folder {str(path)!r} could not be loaded: {type(e).__name__}: {_first_line(e)}"
@@ -195,6 +198,7 @@ def _meta(sae, metadata, model: str | None) -> dict:
             model,
         ),
         "context_size": get("context_size"),
+        "batch_size": gsae_data.get("batch_size"),  # a gsae export's training batch (contexts per device)
     }
 
 

@@ -93,10 +93,19 @@ def test_export_metadata_survives_saelens_loading(tmp_path) -> None:
 
 @pytest.mark.parametrize("prepend_bos", [True, False])
 def test_export_writes_the_runs_prepend_bos_and_context_size(tmp_path, prepend_bos) -> None:
-    meta = {**META, "data": {"context_size": 1024, "prepend_bos": prepend_bos, "dataset": "x"}}
+    meta = {**META, "data": {"context_size": 1024, "prepend_bos": prepend_bos, "dataset": "x", "batch_size": 6}}
     md = _load_saelens(export_saelens(build_topk(d_in=16), tmp_path / "sae", meta)).cfg.metadata
     assert md.prepend_bos is prepend_bos
     assert md.context_size == 1024
+    # evaluate.py reads the training dataset and batch size back, as from the checkpoint (and SAELens says nothing)
+    import warnings
+
+    from gsae.saelens_adapter import load_saelens_folder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, read = load_saelens_folder(tmp_path / "sae")
+    assert (read["dataset"], read["batch_size"], read["context_size"]) == ("x", 6, 1024)
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")

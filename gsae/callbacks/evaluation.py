@@ -17,7 +17,6 @@ changes the set; ``--evaluation.n_seqs 32``, ``--evaluation.every_n_steps 200``.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 from pathlib import Path
@@ -38,6 +37,7 @@ from gsae.evals import (
     check_options,
     failure,
     held_out_counts,
+    json_text,
     run_benchmarks_at,
     run_options,
     tagged_scalars,
@@ -163,7 +163,7 @@ class EvaluationCallback(Callback):
                     "contexts": self.last_contexts,
                     "results": results,
                 }
-                member_path(ckpt_path, member, ".eval.json").write_text(json.dumps(payload, indent=1))
+                member_path(ckpt_path, member, ".eval.json").write_text(json_text(payload))
             for suffix, content in artifacts(results).items():
                 member_path(ckpt_path, member, suffix).write_text(content)
 

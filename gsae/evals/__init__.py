@@ -21,7 +21,9 @@ from __future__ import annotations
 import collections.abc
 import importlib
 import inspect
+import json
 import math
+import re
 import time
 import types
 import typing
@@ -153,8 +155,9 @@ def check_options(options: Mapping[str, Any] | None, where: str, extra: Mapping[
     value}}``) names an option a benchmark's ``run`` does not take, or gives one a value of the wrong type (checked
     against ``run``'s annotations: ``int``, ``float``, ``bool``, ``str``, ``Literal``, ``X | None``, lists and
     tuples of those). ``extra``: options the caller reads itself (e.g. the callback's ``n_seqs: int``), allowed for
-    every benchmark; an ``n_seqs`` must be > 0. Before any work: a typo in an option name was silently dropped, and a
-    bad value failed at the first checkpoint of a run."""
+    every benchmark; an ``n_seqs`` must be > 0; and values outside a benchmark's ``OPTION_BOUNDS`` (``{option:
+    bound}``, see :func:`_breaks`). Before any work: a typo in an option name was silently dropped, and a bad value
+    failed at the first checkpoint of a run, or ran and gave NaN or the wrong latents."""
     for name, opts in (options or {}).items():
         if name not in BENCHMARKS:
             raise ValueError(f"{where}: {name!r} is not a benchmark; choose from {', '.join(BENCHMARKS)}")
@@ -171,6 +174,39 @@ def check_options(options: Mapping[str, Any] | None, where: str, extra: Mapping[
                 raise ValueError(f"{where}.{name}.{key}: expected {_type_name(allowed[key])}, got {value!r}")
             if key == N_SEQS_OPTION and value <= 0:
                 raise ValueError(f"{where}.{name}.{key} must be > 0 (got {value})")
+            bounds = getattr(BENCHMARKS[name], "OPTION_BOUNDS", {}).get(key, ())
+            for bound in (bounds,) if isinstance(bounds, str) else bounds:
+                if _breaks(value, bound):
+                    raise ValueError(f"{where}.{name}.{key} must {_bound_text(bound)} (got {value!r})")
+
+
+_BOUND = re.compile(r"^(each )?(>=|<=|>|<) (-?[\d.e+-]+)$|^(non-empty)$|^in ([(\[])(-?[\d.e+-]+), (-?[\d.e+-]+)([)\]])$")
+
+
+def _breaks(value: Any, bound: str) -> bool:
+    """Whether ``value`` breaks a benchmark's ``OPTION_BOUNDS`` entry: ``"> 0"``, ``">= 0"``, ``"< 0"``, ``"<= 1"``,
+    ``"in (0, 0.5]"``, ``"non-empty"`` (a list), ``"each >= 0"`` (every item of a list). ``None`` and strings (an
+    ``"auto"`` choice) are not numbers to bound, and pass."""
+    m = _BOUND.match(bound)
+    if m is None:
+        raise ValueError(f"OPTION_BOUNDS: cannot read {bound!r}")
+    if m.group(4):
+        return isinstance(value, (list, tuple)) and len(value) == 0
+    if m.group(1):
+        return isinstance(value, (list, tuple)) and any(_breaks(v, bound[len("each "):]) for v in value)
+    if value is None or isinstance(value, (str, list, tuple)) or isinstance(value, bool):
+        return False
+    if m.group(2):
+        limit = float(m.group(3))
+        return not {">": value > limit, ">=": value >= limit, "<": value < limit, "<=": value <= limit}[m.group(2)]
+    lo, hi = float(m.group(6)), float(m.group(7))
+    above = value > lo if m.group(5) == "(" else value >= lo
+    below = value < hi if m.group(8) == ")" else value <= hi
+    return not (above and below)
+
+
+def _bound_text(bound: str) -> str:
+    return f"have every value {bound[len('each '):]}" if bound.startswith("each ") else f"be {bound}"
 
 
 def _fits(value: Any, tp: Any) -> bool:
@@ -401,6 +437,21 @@ def artifacts(results: dict[str, dict]) -> dict[str, str]:
                 raise ValueError(f"benchmark {b!r}: artifact suffix {suffix!r} is already written by another benchmark")
             out[suffix] = content
     return out
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as strict JSON text (indent 1): a non-finite float (a metric undefined on the evaluation set) is written
+    ``null``; Python's ``json`` would write ``NaN``, which jq and JavaScript's ``JSON.parse`` reject."""
+    def finite(o: Any) -> Any:
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, Mapping):
+            return {k: finite(v) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return [finite(v) for v in o]
+        return o
+
+    return json.dumps(finite(obj), indent=1, allow_nan=False)
 
 
 def scalars(result: dict) -> dict[str, float]:

@@ -45,6 +45,14 @@ def _slice(rows: Rows, a: int, b: int) -> Rows:
     return tuple(None if t is None else t[a:b] for t in rows)
 
 
+#: the options' valid values, checked with the option names and types before any work (``check_options``:
+#: a bad value used to raise after the evaluation, or run and give NaN or the wrong latents)
+OPTION_BOUNDS: dict[str, str | tuple[str, ...]] = {
+    "batch_size": "> 0", "dead_batches": "> 0", "batch_tokens": "> 0", "window_tokens": "> 0", "log10_min": "< 0",
+    "bin_width": "> 0"
+}
+
+
 @torch.no_grad()
 def run(
     sae: SparseAutoencoder,

@@ -78,6 +78,14 @@ def mean_abs_directional_derivative(
     return (acc / max(n, 1)).cpu()
 
 
+#: the options' valid values, checked with the option names and types before any work (``check_options``:
+#: a bad value used to raise after the evaluation, or run and give NaN or the wrong latents)
+OPTION_BOUNDS: dict[str, str | tuple[str, ...]] = {
+    "batch_size": "> 0", "n_per_bin": "> 0", "tail_quantile": "in (0, 0.5]", "grad_batch_size": "> 0",
+    "hist_bins": "> 0"
+}
+
+
 @torch.no_grad()
 def run(
     sae: SparseAutoencoder,

@@ -40,6 +40,14 @@ def token_strings(lm: LanguageModel, ids: list[int]) -> list[str]:
     return tok.batch_decode([[i] for i in ids])
 
 
+#: the options' valid values, checked with the option names and types before any work (``check_options``:
+#: a bad value used to raise after the evaluation, or run and give NaN or the wrong latents)
+OPTION_BOUNDS: dict[str, str | tuple[str, ...]] = {
+    "batch_size": "> 0", "n_latents": ">= 0", "latents": "each >= 0", "n_contexts": "> 0",
+    "context_before": ">= 0", "context_after": ">= 0", "n_logit_tokens": ">= 0", "hist_bins": "> 0"
+}
+
+
 @torch.no_grad()
 def run(
     sae: SparseAutoencoder,
@@ -77,7 +85,7 @@ def run(
         hist_bins: bins of each activation histogram.
         exclude_special_tokens: special-token positions (BOS/EOS) are never an activating token (as in training).
     """
-    named = [int(i) for i in (latents or [])]
+    named = list(dict.fromkeys(int(i) for i in (latents or [])))  # each once, in the order given
     bad = [i for i in named if not 0 <= i < sae.d_sae]
     if bad:
         raise ValueError(f"latents.latents: {bad} out of range for d_sae={sae.d_sae}")

@@ -180,6 +180,15 @@ def perturbation_curves(
     return Curves(l2, kl)
 
 
+#: the options' valid values, checked with the option names and types before any work (``check_options``:
+#: a bad value used to raise after the evaluation, or run and give NaN or the wrong latents)
+OPTION_BOUNDS: dict[str, str | tuple[str, ...]] = {
+    "n_perturbations": "> 0", "prompt_len": ">= 2", "position": ">= 0", "step_size": "> 0", "ap_threshold": "> 0",
+    "baseline_neighbours": "> 0", "structured_neighbours": "> 0", "target_cos": "in [-1, 1]", "cov_jitter": ">= 0",
+    "batch_size": "> 0", "forward_tokens": "> 0", "schedules": "non-empty", "target_types": "non-empty"
+}
+
+
 @torch.no_grad()
 def run(
     sae: SparseAutoencoder,

@@ -107,6 +107,14 @@ def window(mode: str, T: int, position: int | None, n_offsets: int, skip_first: 
     return Window(p + n, perturb, torch.arange(p, p + n), p)
 
 
+#: the options' valid values, checked with the option names and types before any work (``check_options``:
+#: a bad value used to raise after the evaluation, or run and give NaN or the wrong latents)
+OPTION_BOUNDS: dict[str, str | tuple[str, ...]] = {
+    "lengths": ("non-empty", "each > 0"), "n_offsets": "> 0", "batch_size": "> 0", "pool_seqs": "> 0",
+    "forward_tokens": "> 0", "max_real_pool": "> 0", "position": ">= 0"
+}
+
+
 @torch.no_grad()
 def run(
     sae: SparseAutoencoder,

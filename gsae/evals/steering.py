@@ -154,6 +154,14 @@ def steer_at(
     return torch.cat(out).double().cpu()
 
 
+#: the options' valid values, checked with the option names and types before any work (``check_options``:
+#: a bad value used to raise after the evaluation, or run and give NaN or the wrong latents)
+OPTION_BOUNDS: dict[str, str | tuple[str, ...]] = {
+    "batch_size": "> 0", "n_latents": "> 0", "n_positions": "> 0", "top_n": "> 0", "alphas": "non-empty",
+    "max_rows": "> 0"
+}
+
+
 @torch.no_grad()
 def run(
     sae: SparseAutoencoder,

@@ -144,6 +144,16 @@ def test_evaluate_cli_errors(tmp_path, capsys):
             "--options.steering.n_latents: expected int, got 'abc'",
         (str(bad), "--benchmarks", "steering", "--options", '{"steering": {"mode": "every"}}'):
             "--options.steering.mode: expected 'position' or 'all', got 'every'",
+        # and their values (a traceback after the evaluation, a ZeroDivisionError; or NaN, or the wrong latents)
+        (str(bad), "--options", '{"dead_latents": {"bin_width": 0}}'): "--options.dead_latents.bin_width must be > 0",
+        (str(bad), "--options", '{"dead_latents": {"batch_tokens": -5}}'):
+            "--options.dead_latents.batch_tokens must be > 0 (got -5)",  # was blamed on the dataset
+        (str(bad), "--options", '{"steering": {"alphas": []}}'): "--options.steering.alphas must be non-empty",
+        (str(bad), "--options", '{"steering": {"n_latents": -3}}'): "--options.steering.n_latents must be > 0",
+        (str(bad), "--options", '{"decoder_geometry": {"tail_quantile": 0.7}}'):
+            "--options.decoder_geometry.tail_quantile must be in (0, 0.5] (got 0.7)",
+        (str(bad), "--options", '{"sensitive_directions": {"lengths": [1, -2]}}'):
+            "--options.sensitive_directions.lengths must have every value > 0 (got [1, -2])",
         (str(tmp_path / "empty"),): "no .ckpt files",
         # checked before any work (the JSON failed after the whole evaluation, with a traceback)
         (str(bad), "--output", str(tmp_path)): "is a folder; give a file",
@@ -176,8 +186,12 @@ def test_callback_guards(tmp_path):
         EvaluationCallback(options={"steering": {"n_latents": "abc"}})
     with pytest.raises(ValueError, match=r"sensitive_directions.lengths: expected list\[float\] \| None"):
         EvaluationCallback(options={"sensitive_directions": {"lengths": 5}})
+    with pytest.raises(ValueError, match=r"--evaluation.options.latents.latents must have every value >= 0"):
+        EvaluationCallback(options={"latents": {"latents": [3, -1]}})
+    with pytest.raises(ValueError, match=r"--evaluation.options.plateaus.target_cos must be in \[-1, 1\]"):
+        EvaluationCallback(options={"plateaus": {"target_cos": 1.5}})
     ok = {"steering": {"n_latents": 2, "alphas": [0, 50.5], "mode": "all", "n_seqs": 4},
-          "plateaus": {"step_size": "auto", "position": None, "schedules": ["linear"]},
+          "plateaus": {"step_size": "auto", "position": None, "schedules": ["linear"], "target_cos": "estimate"},
           "sensitive_directions": {"lengths": [1, 5.0], "direction_types": ["isotropic"]}}
     EvaluationCallback(options=ok)
     # a config's options for benchmarks left out of the set are kept, unused (one option changes the set)
@@ -301,6 +315,34 @@ def test_evaluate_py_writes_artifacts_next_to_output(tmp_path, fake_benchmark, c
     assert rc == 0
     (art,) = list(out.parent.glob("res.*.fake.html"))
     assert art.read_text() == f"<p>48 tokens at {HOOK}</p>"
+
+
+def test_evaluate_py_output_is_strict_json_and_a_failed_write_is_one_line(tmp_path, fake_benchmark, monkeypatch,
+                                                                         capsys):
+    """A metric undefined on the set (NaN) is written ``null`` (Python's ``NaN`` is not JSON: jq and JavaScript
+    reject it); writing the results or their artifacts fails with one ``error:`` line, not a traceback after the
+    whole evaluation (an artifact's name too long for the filesystem, here)."""
+    from gsae.export import export_saelens
+    from tests.evals import fake_benchmark as fake
+    from tests.evals.helpers import HOOK, build_topk
+
+    monkeypatch.setattr(fake, "run", lambda *a, seed=0, **o: {"n_tokens": 3, "hook": HOOK, "ratio": float("nan"),
+                                                              "curve": [1.0, float("inf")]})
+    export_saelens(build_topk(), tmp_path / "a.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"}, "context_size": 16})
+    args = [str(tmp_path / "a.saelens"), "--benchmarks", "fake", "--n-seqs", "3"]
+    out = tmp_path / "res.json"
+    assert evaluate_main([*args, "--output", str(out)]) == 0
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+
+    (result,) = strict(out.read_text())["fake"].values()
+    assert result["ratio"] is None and result["curve"] == [1.0, None]
+    capsys.readouterr()
+    long = tmp_path / ("r" * 240 + ".json")  # fits; "<stem>.<sae>.fake.html" beside it does not (255 bytes)
+    assert evaluate_main([*args, "--output", str(long)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1 and "File name too long" in err, err
 
 
 def test_cli_evaluation_group_is_on_by_default_and_one_option_turns_it_off(tmp_path):

@@ -97,6 +97,8 @@ def test_sample_is_seeded_alive_and_named_latents_come_first(tiny) -> None:
     named = run_benchmark("latents", sae, lm, HOOK, tokens, seed=0, n_latents=3, latents=[5, 200], n_contexts=2)
     assert [e["latent"] for e in named["latents"]][:2] == [5, 200] and named["n_latents"] == 5
     assert named["latents"][0]["contexts"] == [] and named["latents"][0]["n_fires"] == 0
+    twice = run_benchmark("latents", sae, lm, HOOK, tokens, seed=0, n_latents=3, latents=[5, 200, 5], n_contexts=2)
+    assert twice["latents"] == named["latents"] and twice["n_latents"] == 5  # a latent named twice: one dashboard
     with pytest.raises(ValueError, match="latents.latents"):
         run_benchmark("latents", sae, lm, HOOK, tokens, latents=[256])
 

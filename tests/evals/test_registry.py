@@ -25,6 +25,27 @@ def test_registry_names_every_benchmark():
         check_benchmarks(["loss_added", "nope"])
 
 
+def test_option_bounds_name_real_options_and_hold_the_defaults():
+    """Every benchmark's ``OPTION_BOUNDS`` names options its ``run`` takes, reads as a bound, and accepts the default
+    (a bound that rejects the default, or names a renamed option, would be a silent mistake)."""
+    import inspect
+
+    from gsae.evals import _breaks
+
+    for name, module in BENCHMARKS.items():
+        params = inspect.signature(module.run).parameters
+        for key, bounds in module.OPTION_BOUNDS.items():
+            assert key in params and params[key].kind is params[key].KEYWORD_ONLY, (name, key)
+            default = params[key].default
+            for bound in (bounds,) if isinstance(bounds, str) else bounds:
+                assert not _breaks(default, bound), (name, key, default, bound)
+    assert _breaks(0, "> 0") and not _breaks(1, "> 0") and _breaks(0.6, "in (0, 0.5]") and not _breaks(0.5, "in (0, 0.5]")
+    assert _breaks([], "non-empty") and _breaks([1, -1], "each >= 0") and not _breaks(None, "> 0")
+    assert not _breaks("auto", "> 0")  # a choice such as step_size "auto" is not a number to bound
+    with pytest.raises(ValueError, match="cannot read"):
+        _breaks(1, "positive")
+
+
 def test_options_go_only_where_accepted(tiny_lm):
     r = run_benchmark("loss_added", build_topk(), tiny_lm, HOOK, build_tokens(2, 16), batch_size=1, n_latents=5)
     assert r["n_tokens"] == 30
