@@ -320,16 +320,22 @@ def child_user_message(e: BaseException) -> str | None:
 
     if not isinstance(e, ProcessRaisedException):
         return None
-    trace = str(e).split("terminated with the following error:", 1)[-1]
-    errors = [(m.group(1).rsplit(".", 1)[-1], m.group(2).strip()) for m in _CHILD_ERROR.finditer(trace)]
+    found = _error_in_traceback(str(e).split("terminated with the following error:", 1)[-1])
     users = {t.__name__ for t in USER_ERRORS}
-    users |= {"FileNotFoundError", "IsADirectoryError", "NotADirectoryError", "PermissionError"}
-    if not errors or errors[-1][0] not in users:
+    users |= {"FileNotFoundError", "IsADirectoryError", "NotADirectoryError", "PermissionError", "DataSourceError"}
+    return found[1] if found is not None and found[0] in users else None
+
+
+def _error_in_traceback(trace: str) -> tuple[str, str] | None:
+    """``(outermost error's class name, line for the user)`` of a traceback printed as text: the innermost error line
+    that names an option (chained tracebacks print the innermost cause first), else the outermost error's."""
+    errors = [(m.group(1).rsplit(".", 1)[-1], m.group(2).strip()) for m in _CHILD_ERROR.finditer(trace)]
+    if not errors:
         return None
-    for _, text in errors:  # chained tracebacks print the innermost cause first, as user_message prefers it
+    for _, text in errors:
         if text.startswith("--") or "--data." in text or "--model." in text or "--ckpt_path" in text:
-            return text
-    return errors[-1][1]
+            return errors[-1][0], text
+    return errors[-1]
 
 
 #: a Trainer argument as Lightning's messages quote it (``You set `devices=3` in Lightning, but ...``)
@@ -346,6 +352,10 @@ def user_message(e: BaseException) -> str:
         e = e.__cause__ or e.__context__
     for err in reversed(chain):
         text = str(err).strip()
+        if text.startswith("Caught ") and "Original Traceback" in text:  # a DataLoader worker's error, re-raised
+            found = _error_in_traceback(text.split("Original Traceback", 1)[1])
+            if found is not None:
+                return found[1]
         if text.startswith("--") or "--data." in text or "--model." in text or "--ckpt_path" in text:
             return text.splitlines()[0]
     text = str(chain[0]).strip()

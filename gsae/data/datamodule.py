@@ -9,7 +9,7 @@ import functools
 import itertools
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -47,6 +47,7 @@ class TokenDataModule(pl.LightningDataModule):
         val_split: str | None = None,
         val_documents: int = 1000,
         text_column: str = "text",
+        text_unit: Literal["document", "paragraph", "line"] = "document",
         streaming: bool = True,
         context_size: int = 128,
         batch_size: int = 32,
@@ -64,7 +65,8 @@ class TokenDataModule(pl.LightningDataModule):
             lm: the language model (linked from ``--model.lm``; gives the tokenizer, BOS and ``n_ctx``).
             dataset: HF hub dataset (``Skylion007/openwebtext``; pretokenized ones with an ``input_ids``
                 column such as ``apollo-research/Skylion007-openwebtext-tokenizer-gpt2`` are used as is),
-                a local file / folder / glob of .txt, .jsonl or .parquet, ``gsae-corpus`` (the generated corpus
+                a local file / folder / glob of .txt, .jsonl, .json or .parquet, a ``datasets`` ``save_to_disk``
+                folder (``load_from_disk``; a ``DatasetDict``'s ``split``), ``gsae-corpus`` (the generated corpus
                 of the shipped ``gsae-tiny`` model, offline), or ``synthetic`` (random tokens, offline).
             dataset_config: HF dataset configuration name, if it has several.
             split: split to train on.
@@ -74,7 +76,14 @@ class TokenDataModule(pl.LightningDataModule):
                 source, or of its first shard when it has ``n_streams`` shards or more; ``gsae-corpus`` holds out
                 its documents 0, 1000, 2000, ... instead). A validation pass reads only these.
             text_column: column holding the text (ignored when an ``input_ids`` column exists).
-            streaming: stream the HF dataset instead of downloading it whole.
+            text_unit: what one document of a local ``.txt`` file is: the whole file (``document``, the default:
+                a folder of .txt files is a folder of documents), a blank-line-separated paragraph, or a line
+                (``datasets``' ``sample_by``; for one huge file of one document per line). Documents are packed with
+                BOS/EOS between them (``separator``); the text inside one keeps its newlines.
+            streaming: stream the HF hub dataset instead of downloading it whole. Local files are read in place
+                either way (the same documents to the same streams); a dataset held whole (downloaded, or a
+                ``save_to_disk`` folder) is cut into ``n_streams`` contiguous pieces if each holds more than the
+                ``val_documents``, else by documents.
             context_size: tokens per context, BOS included (must be <= the model's ``n_ctx``).
             batch_size: contexts per training batch *per device*; tokens per optimizer step =
                 ``batch_size × context_size × devices × num_nodes``.
@@ -102,6 +111,7 @@ class TokenDataModule(pl.LightningDataModule):
         self.val_split = val_split
         self.val_documents = val_documents
         self.text_column = text_column
+        self.text_unit = text_unit
         self.streaming = streaming
         self.context_size = context_size
         self.batch_size = batch_size
@@ -137,7 +147,8 @@ class TokenDataModule(pl.LightningDataModule):
         if self._source is None:
             self._source = TextSource(
                 self.dataset, self.dataset_config, self.split, self.val_split, self.streaming, self.text_column,
-                self.lm.encode_text, self.n_streams, self.val_documents, self.seed,
+                self.lm.encode_text, self.n_streams, self.val_documents, self.seed, vocab=self.lm.d_vocab,
+                text_unit=self.text_unit,
             )
         return self._source
 

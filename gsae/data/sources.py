@@ -13,8 +13,8 @@ DataLoader workers, which is what makes the data the same whatever ``num_workers
 * ``gsae-corpus`` (generated, index-addressable): stream ``s`` generates its own documents directly.
 
 Held out for validation (``val_split`` unset): the first ``val_documents`` documents of the source (in
-shard mode: of its first shard, ~100k documents on OpenWebText) are never trained on, and reading them costs
-their own size; ``gsae-corpus`` holds out its documents 0, 1000, 2000, ... (generated directly).
+shard mode: in shard order, so of its first shard on OpenWebText, ~100k documents each; a folder of one-document
+files holds out its first files) are never trained on, and reading them costs their own size; ``gsae-corpus`` holds out its documents 0, 1000, 2000, ... (generated directly).
 
 Finite sources repeat: a stream that has read all its documents starts again (``epoch + 1``) with the same
 documents in the same order, so every stream is endless and DDP ranks never run out at different times.
@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from gsae.data.tokens import GSAE_CORPUS, DataSourceError, local_data_files
+from gsae.data.tokens import GSAE_CORPUS, DataSourceError, local_data_files, saved_dataset
 
 #: rows per pyarrow batch read from a ``datasets`` source
 _READ_ROWS = 1024
@@ -44,15 +44,35 @@ CORPUS_VAL_EVERY = 1000
 Encode = Callable[[list[str]], list[list[int]]]
 
 
-def open_dataset(path: str, name: str | None, split: str, streaming: bool, n_shards: int):
-    """A ``datasets.IterableDataset`` over a local file/folder/glob or a hub dataset (one-line errors)."""
+#: what one document of a ``.txt`` file is (``--data.text_unit``; ``datasets``' text builder ``sample_by``)
+TEXT_UNITS = ("document", "paragraph", "line")
+
+
+def open_dataset(
+    path: str, name: str | None, split: str, streaming: bool, n_shards: int, held_out: int = 0,
+    text_unit: str = "document", option: str = "--data.split",
+):
+    """A ``datasets.IterableDataset`` over a local file/folder/glob, a ``save_to_disk`` folder or a hub dataset
+    (one-line errors).
+
+    Local files are read in place (streamed) whatever ``streaming`` says, so they give the same documents to the
+    same streams either way. A dataset held whole (a hub dataset with ``streaming`` off, a ``save_to_disk`` folder)
+    is cut into ``n_shards`` contiguous shards when its first shard still has documents after the ``held_out``
+    ones, else left as one (document mode): a small file used to leave stream 0 with nothing to train on."""
     import datasets
 
     local = local_data_files(path)
     try:
-        if local is not None:
+        if saved_dataset(path):
+            ds = _load_saved(path, split, option)
+            streaming = False
+        elif local is not None:
             builder, files = local
-            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming)
+            if split != "train":
+                raise DataSourceError(f"{option} {split!r}: local files ({path!r}) have one split, 'train'")
+            kw = {"sample_by": text_unit} if builder == "text" else {}
+            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kw)
+            streaming = True
         else:
             if os.environ.get("HF_DATASETS_OFFLINE") != "1" and os.environ.get("HF_HUB_OFFLINE") != "1":
                 from gsae.lm import _hub_reachable
@@ -71,9 +91,24 @@ def open_dataset(path: str, name: str | None, split: str, streaming: bool, n_sha
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataSourceError(f"--data.dataset: could not open {path!r} (split {split!r}): {msg}") from None
     if not streaming:  # a memory-mapped Dataset: contiguous shards with O(1) access
-        ds = ds.to_iterable_dataset(num_shards=max(1, min(n_shards, len(ds))))
+        ds = ds.to_iterable_dataset(num_shards=n_shards if len(ds) // max(n_shards, 1) > held_out else 1)
     elif ds.num_shards < n_shards:
         ds = ds.reshard()  # parquet: one shard per row group instead of per file (other formats: unchanged)
+    return ds
+
+
+def _load_saved(path: str, split: str, option: str):
+    """The ``split`` of a ``save_to_disk`` folder (a ``Dataset`` folder is its one split, whatever its name)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(os.path.expanduser(path))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise DataSourceError(f"--data.dataset: could not load the saved dataset {path!r}: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataSourceError(f"{option} {split!r}: the saved dataset {path!r} has splits {sorted(ds)}")
+        ds = ds[split]
     return ds
 
 
@@ -102,22 +137,37 @@ def column_values(ds, column: str, start: int = 0, step: int = 1, limit: int | N
         first += n
 
 
-def tokens_of(values: Iterator, pretokenized: bool, encode: Encode, chunk: int = 32) -> Iterator[list[int]]:
-    """Token lists of documents: ``input_ids`` rows as they are, text tokenized ``chunk`` documents at a time."""
+def tokens_of(
+    values: Iterator, pretokenized: bool, encode: Encode, chunk: int = 32, vocab: int | None = None, column: str = "text"
+) -> Iterator[list[int]]:
+    """Token lists of documents: ``input_ids`` rows as they are (each id checked to be below ``vocab``), text
+    tokenized ``chunk`` documents at a time (a missing value, ``null``, is an empty document: skipped in packing)."""
     if pretokenized:
         for v in values:
-            yield list(v)
+            ids = [] if v is None else list(v)
+            if vocab is not None and ids and not 0 <= min(ids) <= max(ids) < vocab:
+                bad = next(i for i in ids if not 0 <= i < vocab)
+                raise DataSourceError(
+                    f"--data.dataset: its input_ids hold token {bad}, outside the model's vocabulary of {vocab} "
+                    "(pretokenized for another tokenizer? see --model.lm.name)"
+                )
+            yield ids
         return
     it = iter(values)
     while texts := list(itertools.islice(it, chunk)):
+        texts = ["" if t is None else t for t in texts]
+        wrong = next((t for t in texts if not isinstance(t, str)), None)
+        if wrong is not None:
+            raise DataSourceError(f"--data.text_column {column!r}: holds {type(wrong).__name__} values, not text")
         yield from encode(texts)
 
 
-def _tokenized(items: Iterator[tuple], pretokenized: bool, encode: Encode, chunk: int = 32) -> Iterator[tuple[tuple, list[int]]]:
-    """``(item, tokens)`` for items whose last field is a raw document (text tokenized ``chunk`` at a time)."""
+def _tokenized(items: Iterator[tuple], pretokenized: bool, encode: Encode, chunk: int = 32, **kw) -> Iterator[tuple[tuple, list[int]]]:
+    """``(item, tokens)`` for items whose last field is a raw document (text tokenized ``chunk`` at a time;
+    ``kw``: :func:`tokens_of`'s ``vocab`` and ``column``)."""
     it = iter(items)
     while block := list(itertools.islice(it, chunk)):
-        yield from zip(block, tokens_of((b[-1] for b in block), pretokenized, encode, chunk))
+        yield from zip(block, tokens_of((b[-1] for b in block), pretokenized, encode, chunk, **kw))
 
 
 def _corpus_train_index(i: int) -> int:
@@ -134,6 +184,8 @@ class TextSource:
         n_streams: the number of logical streams S.
         val_documents: documents held out for validation when ``val_split`` is unset.
         seed: ``gsae-corpus`` seed.
+        vocab: the model's vocabulary size: pretokenized ids must be below it.
+        text_unit: what one document of a ``.txt`` file is (:data:`TEXT_UNITS`).
     """
 
     def __init__(
@@ -148,21 +200,32 @@ class TextSource:
         n_streams: int,
         val_documents: int,
         seed: int = 0,
+        vocab: int | None = None,
+        text_unit: str = "document",
     ) -> None:
         self.dataset, self.dataset_config, self.streaming = dataset, dataset_config, streaming
         self.val_split = val_split
-        self.encode, self.n_streams, self.seed = encode, n_streams, seed
+        self.encode, self.n_streams, self.seed, self.vocab, self.text_unit = encode, n_streams, seed, vocab, text_unit
         self.held_out = 0 if val_split else val_documents  # documents of the training split kept out of training
+        if text_unit not in TEXT_UNITS:
+            raise DataSourceError(f"--data.text_unit must be one of {', '.join(TEXT_UNITS)} (got {text_unit!r})")
         if dataset == GSAE_CORPUS:
+            if split != "train" or val_split:
+                raise DataSourceError(
+                    f"--data.{'val_split' if val_split else 'split'}: {GSAE_CORPUS} has no splits (it holds out its "
+                    "documents 0, 1000, 2000, … for validation)"
+                )
             self.ds, self.column, self.pretokenized, self.mode = None, "text", False, "corpus"
             return
         if val_split and local_data_files(dataset) is not None:
             raise DataSourceError(
                 f"--data.val_split: local files ({dataset!r}) have one split; hold documents out with --data.val_documents"
             )
-        self.ds = open_dataset(dataset, dataset_config, split, streaming, n_streams)
+        self.ds = open_dataset(dataset, dataset_config, split, streaming, n_streams, self.held_out, text_unit)
         self.column, self.pretokenized = self._resolve_column(self.ds, text_column)
         self.mode = "shards" if self.ds.num_shards >= n_streams else "documents"
+        #: shard mode: the held-out documents of shards 0, 1, ... (the first ``held_out`` of the source, in shard order)
+        self.held: list[int] = self._held_per_shard() if self.mode == "shards" else []
         if self.mode == "documents" and n_streams > 1 and local_data_files(dataset) is None:
             from lightning.pytorch.utilities import rank_zero_warn
 
@@ -171,6 +234,22 @@ class TextSource:
                 f"each of the {n_streams} streams reads the whole dataset and keeps 1 document in {n_streams}; a "
                 f"--data.n_streams <= {self.ds.num_shards} (a multiple of ranks × workers) reads each shard once"
             )
+
+    def _held_per_shard(self) -> list[int]:
+        """How many documents the held-out prefix takes from each of the first shards: all of a shard smaller than
+        what is left to hold out (a folder of one-document files), then the rest from the next. Reads at most
+        ``held_out`` rows (OpenWebText: the first 1000 of shard 0)."""
+        held, left, n = [], self.held_out, self.ds.num_shards
+        while left > 0 and len(held) < n:
+            shard = self.ds.shard(num_shards=n, index=len(held))
+            count = sum(1 for _ in column_values(shard, self.column, limit=left))
+            held.append(count)
+            left -= count
+        return held
+
+    def held_in(self, shard: int) -> int:
+        """Shard mode: the held-out documents at the start of ``shard`` (:attr:`held`)."""
+        return self.held[shard] if shard < len(self.held) else 0
 
     def _resolve_column(self, ds, text_column: str) -> tuple[str, bool]:
         columns = ds.column_names
@@ -207,7 +286,7 @@ class TextSource:
                 if m >= shard
                 for i, v in enumerate(
                     column_values(self.ds.shard(num_shards=n, index=g), self.column,
-                                  start=(self.held_out if g == 0 else 0) + (docs if m == shard else 0)),
+                                  start=self.held_in(g) + (docs if m == shard else 0)),
                     start=docs if m == shard else 0,
                 )
             )
@@ -229,7 +308,7 @@ class TextSource:
         while True:
             n = 0
             raw = reads.epoch_values(s, epoch, docs) if reads is not None else self._epoch_values(s, shard, docs)
-            for (m, i, _), toks in _tokenized(raw, self.pretokenized, self.encode):
+            for (m, i, _), toks in _tokenized(raw, self.pretokenized, self.encode, vocab=self.vocab, column=self.column):
                 n += 1
                 yield epoch, m, i, toks
             if n == 0 and shard == docs == 0:
@@ -250,12 +329,12 @@ class TextSource:
         elif self.mode == "shards":
             n = self.ds.num_shards
             values = itertools.chain.from_iterable(
-                column_values(self.ds.shard(num_shards=n, index=i), self.column, start=self.held_out if i == 0 else 0)
+                column_values(self.ds.shard(num_shards=n, index=i), self.column, start=self.held_in(i))
                 for i in range(n)
             )
         else:
             values = column_values(self.ds, self.column, start=self.held_out)
-        return tokens_of(values, self.pretokenized, self.encode)
+        return tokens_of(values, self.pretokenized, self.encode, vocab=self.vocab, column=self.column)
 
     def val_documents(self) -> Iterator[list[int]]:
         """The held-out documents, in order (a separate ``val_split`` whole, else the first ``val_documents``)."""
@@ -264,12 +343,18 @@ class TextSource:
 
             values = (document(self.seed, CORPUS_VAL_EVERY * i) for i in itertools.count())
         elif self.val_split:
-            ds = open_dataset(self.dataset, self.dataset_config, self.val_split, self.streaming, 1)
+            ds = open_dataset(self.dataset, self.dataset_config, self.val_split, self.streaming, 1,
+                              text_unit=self.text_unit, option="--data.val_split")
             values = column_values(ds, self._resolve_column(ds, self.column)[0])
+        elif self.mode == "shards":
+            n = self.ds.num_shards
+            values = itertools.chain.from_iterable(
+                column_values(self.ds.shard(num_shards=n, index=g), self.column, limit=count)
+                for g, count in enumerate(self.held)
+            )
         else:
-            ds = self.ds.shard(num_shards=self.ds.num_shards, index=0) if self.mode == "shards" else self.ds
-            values = column_values(ds, self.column, limit=self.held_out)
-        return tokens_of(values, self.pretokenized, self.encode)
+            values = column_values(self.ds, self.column, limit=self.held_out)
+        return tokens_of(values, self.pretokenized, self.encode, vocab=self.vocab, column=self.column)
 
 
 class SharedReads:

@@ -41,12 +41,28 @@ class DataSourceError(ValueError):
     """A dataset option is wrong (missing path, no usable column, unreachable hub)."""
 
 
+def saved_dataset(path: str) -> bool:
+    """Whether ``path`` is a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``: ``state.json`` and
+    ``dataset_info.json``; a ``DatasetDict``: ``dataset_dict.json``), read with ``load_from_disk``."""
+    folder = Path(path).expanduser()
+    return folder.is_dir() and (
+        (folder / "dataset_dict.json").is_file() or ((folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
+    )
+
+
 def local_data_files(path: str) -> tuple[str, list[str]] | None:
-    """``(datasets builder, files)`` if ``path`` is a local file, folder or glob; else ``None``."""
+    """``(datasets builder, files)`` if ``path`` is a local file, folder or glob of data files; else ``None`` (a hub
+    name, or a :func:`saved_dataset` folder). A folder's hidden files and folders (``.ipynb_checkpoints/``) are left
+    out."""
+    if saved_dataset(path):
+        return None
     if any(c in path for c in "*?["):
         files = sorted(glob.glob(path))
     elif os.path.isdir(path):
-        files = sorted(str(p) for p in Path(path).rglob("*") if p.suffix in _FILE_BUILDERS)
+        files = sorted(
+            str(p) for p in Path(path).rglob("*")
+            if p.suffix in _FILE_BUILDERS and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
     elif os.path.isfile(path):
         files = [path]
     elif path.startswith((".", "/", "~")) or Path(path).suffix in _FILE_BUILDERS:

@@ -163,7 +163,13 @@ def _documents() -> list[str]:
 
 def _write(tmp_path, fmt: str, rows: list[dict]) -> str:
     path = tmp_path / f"corpus.{fmt}"
-    if fmt == "txt":
+    if fmt == "txt":  # a folder of documents, one file each (and a hidden folder of copies, left out)
+        path.mkdir()
+        for i, r in enumerate(rows):
+            (path / f"{i:04d}.txt").write_text(r["text"])
+        (path / ".ipynb_checkpoints").mkdir()
+        (path / ".ipynb_checkpoints" / "0000-checkpoint.txt").write_text("a stale copy")
+    elif fmt == "lines.txt":  # one document per line (--data.text_unit line)
         path.write_text("\n".join(r["text"] for r in rows) + "\n")
     elif fmt == "jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -180,10 +186,19 @@ def _doc_ids(contexts: list[list[int]]) -> set[int]:
     return {int(m) for m in re.findall(rb"<doc(\d{3})>", text)}
 
 
-@pytest.mark.parametrize("fmt", ["txt", "jsonl", "parquet"])
+@pytest.mark.parametrize("fmt", ["txt", "lines.txt", "jsonl", "parquet", "saved", "saved-dict"])
 def test_local_text_files_hold_out_the_first_documents(tmp_path, tiny_lm, fmt: str) -> None:
-    path = _write(tmp_path, fmt, [{"text": d} for d in _documents()])
-    dm = TokenDataModule(lm=tiny_lm, dataset=path, context_size=24, batch_size=2, val_documents=12)
+    rows = [{"text": d} for d in _documents()]
+    if fmt.startswith("saved"):  # datasets' save_to_disk: a Dataset, or a DatasetDict read at --data.split
+        import datasets
+
+        path = str(tmp_path / "saved")
+        ds = datasets.Dataset.from_list(rows)
+        (datasets.DatasetDict({"train": ds, "test": ds.select([0])}) if fmt == "saved-dict" else ds).save_to_disk(path)
+    else:
+        path = _write(tmp_path, fmt, rows)
+    unit = "line" if fmt == "lines.txt" else "document"
+    dm = TokenDataModule(lm=tiny_lm, dataset=path, context_size=24, batch_size=2, val_documents=12, text_unit=unit)
     dm.validate()
     train, val = list(dm.contexts("train")), list(dm.contexts("val"))
     assert all(len(c) == 24 and c[0] == BYTE_BOS for c in train + val)
@@ -220,6 +235,60 @@ def test_pretokenized_input_ids(tmp_path, tiny_lm) -> None:
     assert all(c[0] == BYTE_BOS for c in train)
     val_stream = [t for r in rows[:6] for t in r["input_ids"]]
     assert [t for c in val for t in c[1:]] == val_stream[: 15 * len(val)]
+
+
+def test_local_data_edge_cases(tmp_path, tiny_lm) -> None:
+    """What a researcher's own files hold: the same streams with streaming off (a small file used to leave stream 0
+    with nothing), a .txt document keeping its newlines (one document per file; paragraphs and lines on request),
+    null texts as empty documents, a text column of numbers, pretokenized ids of another vocabulary, and split names
+    that do not exist (ignored before)."""
+    rows = [{"text": d} for d in _documents()]
+    path = _write(tmp_path, "jsonl", rows)
+
+    def streams(**kw) -> list[list[list[int]]]:
+        dm = TokenDataModule(lm=tiny_lm, dataset=path, context_size=24, batch_size=2, val_documents=4, **kw)
+        dm.validate()
+        src = dm.source()
+        return [[toks for *_, toks in itertools.islice(src.stream_documents(s), 2)] for s in range(src.n_streams)]
+
+    assert streams(streaming=False) == streams(streaming=True)
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("Line one.\nLine two.\n\nPara two.\n")
+    for unit, docs in (("document", ["Line one.\nLine two.\n\nPara two.\n"]),
+                       ("paragraph", ["Line one.\nLine two.", "Para two.\n"]),
+                       ("line", ["Line one.", "Line two.", "", "Para two."])):
+        dm = TokenDataModule(lm=tiny_lm, dataset=str(folder), context_size=8, batch_size=1, val_documents=0,
+                             n_streams=1, text_unit=unit)
+        dm.validate()
+        got = [bytes(d).decode() for d in dm.source().train_documents()]
+        assert got[: len(docs)] == docs, (unit, got)
+
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text("".join(json.dumps({"text": None if i % 3 == 0 else f"doc {i}"}) + "\n" for i in range(12)))
+    dm = TokenDataModule(lm=tiny_lm, dataset=str(nulls), context_size=8, batch_size=1, val_documents=0, n_streams=1)
+    dm.validate()
+    assert [bytes(d).decode() for d in dm.source().train_documents()][:4] == ["", "doc 1", "doc 2", ""]
+
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("".join(json.dumps({"text": i}) + "\n" for i in range(12)))
+    dm = TokenDataModule(lm=tiny_lm, dataset=str(numbers), context_size=8, batch_size=1, val_documents=0, n_streams=1)
+    dm.validate()
+    with pytest.raises(DataSourceError, match="--data.text_column 'text': holds int values, not text"):
+        list(dm.source().train_documents())
+
+    foreign = tmp_path / "ids.jsonl"
+    foreign.write_text("".join(json.dumps({"input_ids": [5, 300 + i, 7]}) + "\n" for i in range(12)))
+    dm = TokenDataModule(lm=tiny_lm, dataset=str(foreign), context_size=8, batch_size=1, val_documents=0, n_streams=1)
+    dm.validate()
+    with pytest.raises(DataSourceError, match="token 300, outside the model's vocabulary of 257"):
+        list(dm.source().train_documents())
+
+    with pytest.raises(DataSourceError, match="--data.split 'test': local files .* have one split, 'train'"):
+        TokenDataModule(lm=tiny_lm, dataset=path, split="test").validate()
+    with pytest.raises(DataSourceError, match="--data.val_split: gsae-corpus has no splits"):
+        TokenDataModule(lm=tiny_lm, dataset="gsae-corpus", val_split="validation").validate()
 
 
 def test_text_column_option(tmp_path, tiny_lm) -> None:
