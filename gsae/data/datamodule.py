@@ -290,13 +290,14 @@ class TokenDataModule(pl.LightningDataModule):
         streams = self._all_stream_states()
         return {
             "consumed_batches": self.consumed_batches, "dataset": self.dataset, "batch_size": self.batch_size,
-            "n_streams": self.n_streams, "consumed_contexts": self.consumed_contexts(self._rank_world()[1]),
+            "n_streams": self.n_streams, "text_unit": self.text_unit,
+            "consumed_contexts": self.consumed_contexts(self._rank_world()[1]),
             "streams": [None if s not in streams else [streams[s].epoch, streams[s].shard, streams[s].docs, streams[s].rest.clone()]
                         for s in range(self.n_streams)],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for key in ("batch_size", "n_streams"):
+        for key in ("batch_size", "n_streams", "text_unit"):  # (text_unit: checkpoints from before it are not checked)
             if state_dict.get(key, getattr(self, key)) != getattr(self, key):
                 raise ValueError(
                     f"--data.{key} ({getattr(self, key)}) differs from the checkpoint's ({state_dict[key]}); "

@@ -159,6 +159,8 @@ def test_datamodule_state_round_trip(local, tiny_lm) -> None:
         torch.testing.assert_close(a.tokens, b.tokens)
     with pytest.raises(ValueError, match="--data.n_streams"):
         TokenDataModule(lm=tiny_lm, dataset=local.dataset, batch_size=2, n_streams=8).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"--data.text_unit \(line\) differs from the checkpoint's \(document\)"):
+        TokenDataModule(lm=tiny_lm, dataset=local.dataset, batch_size=2, n_streams=S, text_unit="line").load_state_dict(state)
 
 
 def test_streams_resume_on_another_number_of_ranks(local, tiny_lm, monkeypatch) -> None:
