@@ -369,6 +369,11 @@ def user_message(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(chain[0]).__name__
 
 
+def _no_advert(record: logging.LogRecord) -> bool:
+    """A log filter: drop Lightning's product tips, printed at the start of every run."""
+    return not str(record.msg).startswith("💡 Tip:")
+
+
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``train.py``: returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -377,6 +382,10 @@ def main(args: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     warnings.filterwarnings("ignore", message=".*Sparse invariant checks.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    from gsae.callbacks.progress import console_log_handlers
+
+    for handler in console_log_handlers():  # Lightning's "💡 Tip: … try installing litlogger / litmodels" adverts
+        handler.addFilter(_no_advert)
     args = list(sys.argv[1:] if args is None else args)
     tune_malloc()  # large CPU tensors reused instead of re-faulted every step (GSAE_MALLOC_TUNING=0: off)
     started = time.time()

@@ -249,3 +249,34 @@ def test_a_run_stopped_before_its_first_checkpoint_offers_no_resume() -> None:
     assert "  python train.py --config c.yaml   # no checkpoint yet: starts over" in text
     text = render(s._replace(checkpoints=["/r/ckpts/last.ckpt"]), "python train.py --config c.yaml --ckpt_path last")
     assert "  python train.py --config c.yaml --ckpt_path last" in text
+
+
+def test_bar_fits_the_terminal_and_log_records_start_their_own_line(tmp_path, monkeypatch) -> None:
+    """A bar longer than the terminal wraps, and "\\r" then redraws only its last row: every refresh left a stale row
+    (202 rows for 200 steps at 80 columns). The bar is cut to the width; a log record (the evaluation's "evaluated
+    …", Lightning's "`Trainer.fit` stopped") clears the bar's line first instead of being glued to its end."""
+    import logging
+    import os
+    import shutil
+
+    from gsae.callbacks.progress import StepProgressBar, console_log_handlers
+
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=(80, 24): os.terminal_size((60, 24)))
+    tty = _TTY()
+    monkeypatch.setattr(sys, "stdout", tty)
+    assert main(train_args(tmp_path, "--trainer.log_every_n_steps", "2", "--evaluation.enabled", "false", steps=6)) == 0
+    frames = [f for f in re.split(r"[\r\n]", tty.getvalue()) if f.startswith("step ")]
+    assert frames and max(len(f.rstrip()) for f in frames) <= 59, max(frames, key=len)
+
+    bar = StepProgressBar()
+    bar.stream, bar._bar = _TTY(), "step 5/10 ━━━━━━────  loss 0.5"
+    handler = logging.StreamHandler(bar.stream)
+    logging.getLogger().addHandler(handler)
+    try:
+        assert handler in console_log_handlers()
+        handler.addFilter(bar._clear_for_log)
+        logging.getLogger("gsae.test").warning("evaluated loss_added at step 5")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert bar.stream.getvalue() == "\r" + " " * 30 + "\r" + "evaluated loss_added at step 5\n"

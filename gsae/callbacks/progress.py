@@ -13,7 +13,9 @@ The bar writes to stdout itself (as tqdm and Lightning's bars do): it is the con
 
 from __future__ import annotations
 
+import logging
 import math
+import shutil
 import sys
 import time
 from typing import IO, Any
@@ -117,6 +119,8 @@ class StepProgressBar(ProgressBar):
         self._tokens_last, self._rate, self._t_end = None, None, None
         self._bar = None if not self._enabled or self._plain() else ""
         if self._bar is not None:
+            for handler in console_log_handlers():  # a log record clears the bar first (it is redrawn at the next step)
+                handler.addFilter(self._clear_for_log)
             self._redraw(trainer)
 
     @override
@@ -215,7 +219,8 @@ class StepProgressBar(ProgressBar):
             head += f" {bar} {format_duration(elapsed)}<{format_duration(eta) if eta is not None else '?'}"
         else:
             head += f" {format_duration(elapsed)}"
-        line = f"{head}  {self._postfix}".rstrip()
+        # cut to the terminal's width: a wrapped line is not redrawn by "\r" (each refresh left a stale row)
+        line = f"{head}  {self._postfix}".rstrip()[: max(shutil.get_terminal_size((120, 24)).columns - 1, 20)]
         self.stream.write("\r" + line.ljust(len(self._bar)))
         self.stream.flush()
         self._bar = line
@@ -227,8 +232,28 @@ class StepProgressBar(ProgressBar):
             self.stream.write(line + "\n")
         self.stream.flush()
 
-    def _close(self) -> None:
-        if self._bar is not None:
-            self.stream.write("\n")
+    def _clear_for_log(self, record: logging.LogRecord) -> bool:
+        """A filter on the console's log handlers: before a record is written (gsae's "evaluated …", Lightning's
+        "`Trainer.fit` stopped …"), clear the bar's line, so the record starts a line of its own instead of being
+        glued to the bar. Lets every record through."""
+        if self._bar:
+            self.stream.write("\r" + " " * len(self._bar) + "\r")
             self.stream.flush()
+            self._bar = ""
+        return True
+
+    def _close(self) -> None:
+        for handler in console_log_handlers():
+            handler.removeFilter(self._clear_for_log)
+        if self._bar is not None:
+            if self._bar:
+                self.stream.write("\n")
+                self.stream.flush()
             self._bar = None
+
+
+def console_log_handlers() -> list[logging.Handler]:
+    """The log handlers that write to the terminal: the root logger's (``train.py``'s ``basicConfig``) and Lightning's
+    own (its loggers do not propagate)."""
+    names = ("", "lightning.pytorch", "lightning.fabric", "lightning")
+    return [h for n in names for h in logging.getLogger(n).handlers if isinstance(h, logging.StreamHandler)]

@@ -28,9 +28,9 @@ from gsae.evals import failure
 #: ``benchmark -> metrics`` shown for the newest evaluation (all of them are in the JSON).
 HEADLINE = {
     "loss_added": ("L_added", "ce_increase", "kl_sae", "explained_variance", "l0"),
-    "dead_latents": ("dead_fraction_batches", "alive_fraction"),
+    "dead_latents": ("dead_fraction_batches", "alive_fraction", "median_density"),
     "decoder_geometry": ("nn_cos_mean",),
-    "latents": ("n_latents", "median_density"),
+    "latents": ("n_latents",),  # its median_density is over the sampled latents: dead_latents' is over all
 }
 
 #: The shorter headline of each member of a sweep (one console line per member).

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -400,7 +400,7 @@ class SAESystem(pl.LightningModule):
             metrics["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log_step_metrics(metrics)
 
-    def log_step_metrics(self, metrics: dict[str, float]) -> None:
+    def log_step_metrics(self, metrics: dict[str, float], console_only: Collection[str] = ()) -> None:
         """Deliver a training step's scalars where ``self.log_dict(metrics, on_step=True, on_epoch=False,
         rank_zero_only=True)`` would: ``trainer.callback_metrics`` on every rank (the progress line, the run summary,
         checkpoint monitors) and, on the steps Lightning's logger connector sends (every ``log_every_n_steps``, a stop),
@@ -408,12 +408,16 @@ class SAESystem(pl.LightningModule):
         (``tests/systems/test_logging_steps.py`` compares the two). Without ``LightningModule.log``: its per-key
         bookkeeping costs ~0.25 ms of Python per key per call (2 CPU cores), and on a GPU one host-to-device copy per
         key and one ``.item()`` back; a 10-member sweep logs ~140 keys, 35 ms per logging step
-        (``benchmarks/logging_cost.py``)."""
+        (``benchmarks/logging_cost.py``). ``console_only``: keys for the progress bar and the run summary alone, not
+        sent to the loggers (a sweep's means over its members would plot beside real SAEs' curves of the same name)."""
         if self._trainer is None:
             return
         t = self.trainer
         values = {k: torch.tensor(float(v)) for k, v in metrics.items()}
         t.callback_metrics.update(values)
+        if console_only:
+            metrics = {k: v for k, v in metrics.items() if k not in console_only}
+            values = {k: v for k, v in values.items() if k not in console_only}
         if not t.loggers or (t.fit_loop._should_accumulate() and self.automatic_optimization):
             return
         if not (t._logger_connector.should_update_logs or t.fast_dev_run):

@@ -66,6 +66,9 @@ from gsae.systems.local import LocalSAESystem
 #: Keys a member may set (besides ``name`` and ``sae``): its optimizer group and schedule, overriding the sweep's.
 MEMBER_OPTIONS = ("lr", "optimizer", "lr_warmup_steps", "lr_schedule", "lr_min_ratio", "gradient_clip_val")
 DEFAULT_HOOK = "blocks.7.hook_resid_post"
+#: a sweep's step scalars for the progress bar and the run summary only: the members' mean nmse, L0 and dead fraction,
+#: and the members' summed loss (each member's own are ``train/<member>/...``)
+SWEEP_CONSOLE_ONLY = frozenset({"train/loss", "train/nmse", "train/l0", "train/dead_fraction"})
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 
 
@@ -363,7 +366,9 @@ class SweepSAESystem(LocalSAESystem):
         if self._trainer is not None and self.trainer.optimizers:
             for n, group in zip(names, self.trainer.optimizers[0].param_groups):
                 metrics[f"lr/{n}"] = group["lr"]
-        self.log_step_metrics(metrics)
+        # the means (and train/loss, the members' sum) are the console's and the summary's, not TensorBoard curves:
+        # beside single SAEs' train/l0 or train/loss they would read as one SAE's (an L0 of 12 no member has)
+        self.log_step_metrics(metrics, console_only=SWEEP_CONSOLE_ONLY)
 
     def objective(self, batch: TokenBatch, stage: str):  # pragma: no cover - shared_step does the work
         raise NotImplementedError("SweepSAESystem computes every member's loss in shared_step")
@@ -381,9 +386,10 @@ class SweepSAESystem(LocalSAESystem):
                 self.log(f"val/{name}/{k}", v, rank_zero_only=True)  # reduced over ranks by torchmetrics
                 per_member.setdefault(k, []).append(float(v))
         # the console's validation line and the run summary's val row: the mean over members, as train/<metric>
+        # (not sent to the loggers: see SWEEP_CONSOLE_ONLY)
         for k in ("nmse", "explained_variance", "l0"):
             if per_member.get(k):
-                self.log(f"val/{k}", sum(per_member[k]) / len(per_member[k]), rank_zero_only=True)
+                self.log(f"val/{k}", sum(per_member[k]) / len(per_member[k]), rank_zero_only=True, logger=False)
 
     # ------------------------------------------------------------------ decoder constraints, per member
     def on_after_backward(self) -> None:

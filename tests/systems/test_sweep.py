@@ -291,12 +291,13 @@ def test_cli_sweep_writes_every_members_export_evaluation_and_tensorboard(tmp_pa
     for name in names:
         assert {f"train/{name}/nmse", f"train/{name}/l0", f"train/{name}/dead_fraction", f"val/{name}/nmse"} <= tags
         assert f"eval/{name}/loss_added/L_added" in tags
-    assert {"train/loss", "train/nmse"} <= tags  # the progress bar's headline (sum of losses, mean nmse)
+    # the progress bar's headline (sum of losses, mean nmse, L0, dead) and the validation line's means are the
+    # console's: as TensorBoard curves they would plot beside single SAEs' curves of the same names
+    assert not {"train/loss", "train/nmse", "train/l0", "train/dead_fraction", "val/nmse", "val/l0"} & tags
     # the validation line and the summary's val row: the mean over members
-    val = {k: ev.Scalars(f"val/{k}")[-1].value for k in ("nmse", "l0", "explained_variance")}
-    for k, v in val.items():
-        assert v == pytest.approx(sum(ev.Scalars(f"val/{n}/{k}")[-1].value for n in names) / len(names), rel=1e-6)
+    val = {k: sum(ev.Scalars(f"val/{n}/{k}")[-1].value for n in names) / len(names) for k in ("nmse", "l0")}
     assert any(line.startswith("val ") and f"nmse {val['nmse']:.4f}" in line for line in out.splitlines()), out
+    assert "train        loss " in out and " nmse " in out  # and the summary's train row, from the same means
 
     assert evaluate_main([str(ckpt), "--benchmarks", "dead_latents", "--n-seqs", "8", "--output", str(tmp_path / "e.json")]) == 0
     table = capsys.readouterr().out
