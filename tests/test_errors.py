@@ -272,3 +272,32 @@ def test_e2e_downstream_hook_before_the_sae_hook_is_one_line() -> None:
                      downstream_hooks=["blocks.0.hook_resid_post"])
     E2ESAESystem(lm, lambda d: TopKSAE(d, 64, 4), hook="blocks.1.hook_resid_pre",
                  downstream_hooks=["blocks.1.hook_resid_post"])  # later: fine
+
+
+def test_e2e_objectives_that_train_nothing_or_the_wrong_thing_are_one_line() -> None:
+    """From an audit: a g-SAE in an e2e run trained as plain TopK (no ∇ₓL is harvested) and was then evaluated with
+    gradient selection; all coefficients 0 trained nothing (loss 0, rc 0); a negative per-hook coefficient maximised
+    the downstream MSE; a downstream_coef without hooks, or beside downstream_coefs, was silently dropped."""
+    from gsae.lm import LanguageModel
+    from gsae.sae import GradTopKSAE, TopKSAE
+    from gsae.systems import E2ESAESystem
+
+    lm = LanguageModel("random-tiny", seed=0)
+    hook, later = "blocks.0.hook_resid_post", ["blocks.1.hook_resid_post"]
+
+    def build(sae=lambda d: TopKSAE(d, 64, 4), **kw):
+        return E2ESAESystem(lm, sae, hook=hook, **kw)
+
+    with pytest.raises(ValueError, match="--model.sae: E2ESAESystem trains TopK or ReLU SAEs; a GradTopKSAE"):
+        build(lambda d: GradTopKSAE(d, 64, 4, beta=1e4))
+    build(lambda d: GradTopKSAE(d, 64, 4, beta=0.0))  # β = 0: it is a TopK SAE
+    with pytest.raises(ValueError, match="are all 0: nothing to train on"):
+        build(kl_coef=0.0)
+    with pytest.raises(ValueError, match=r"must be >= 0 \(a negative term is maximised\)"):
+        build(downstream_hooks=later, downstream_coefs=[-1.0])
+    with pytest.raises(ValueError, match="--model.downstream_coef is set but --model.downstream_hooks is empty"):
+        build(downstream_coef=2.5)
+    with pytest.raises(ValueError, match="both set: give one of them"):
+        build(downstream_hooks=later, downstream_coef=2.5, downstream_coefs=[1.0])
+    build(kl_coef=0.0, local_mse_coef=1.0)  # a local objective alone trains
+    build(kl_coef=0.5, downstream_hooks=later, downstream_coef=2.5)  # e2e+ds

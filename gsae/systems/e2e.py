@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gsae.data.batch import ActivationBatch, TokenBatch
+from gsae.evals.common import needs_grad
 from gsae.lm_chunked import kl_per_token
 from gsae.sae.base import SAEOutput
 from gsae.systems.base import SAESystem
@@ -67,14 +68,30 @@ class E2ESAESystem(SAESystem):
             raise ValueError(
                 f"--model.downstream_coefs has {len(downstream_coefs)} entries for {len(hooks)} --model.downstream_hooks"
             )
-        if kl_coef < 0 or downstream_coef < 0 or local_mse_coef < 0:
-            raise ValueError("--model.kl_coef, --model.downstream_coef and --model.local_mse_coef must be >= 0")
+        if kl_coef < 0 or downstream_coef < 0 or local_mse_coef < 0 or any(c < 0 for c in downstream_coefs or []):
+            raise ValueError(
+                "--model.kl_coef, --model.downstream_coef(s) and --model.local_mse_coef must be >= 0 (a negative "
+                "term is maximised)"
+            )
+        if downstream_coef and not hooks:
+            raise ValueError("--model.downstream_coef is set but --model.downstream_hooks is empty: name the hooks")
+        if downstream_coef and downstream_coefs is not None:
+            raise ValueError("--model.downstream_coef and --model.downstream_coefs both set: give one of them")
         self.kl_coef = kl_coef
         self.downstream_hooks = hooks
         self.downstream_coefs = (
             list(downstream_coefs) if downstream_coefs is not None else [downstream_coef / max(len(hooks), 1)] * len(hooks)
         )
         self.local_mse_coef = local_mse_coef
+        if not (kl_coef or any(self.downstream_coefs) or local_mse_coef):
+            raise ValueError(
+                "--model.kl_coef, --model.downstream_coef(s) and --model.local_mse_coef are all 0: nothing to train on"
+            )
+        if needs_grad(self.sae):  # its selection would be plain TopK here, and ∇ₓL-weighted in evaluation
+            raise ValueError(
+                f"--model.sae: E2ESAESystem trains TopK or ReLU SAEs; a {type(self.sae).__name__} selects latents by the "
+                "loss gradient, which the e2e objective does not harvest (use gsae.sae.TopKSAE, or LocalSAESystem)"
+            )
 
     def splice(self, x: Tensor, mask: Tensor | None, x_hat: Tensor, keep: Tensor | None = None) -> Tensor:
         """``x (B, T, D)`` with the masked positions replaced by ``x_hat (N_mask, D)`` (differentiable in ``x_hat``);
