@@ -371,6 +371,22 @@ class SAESystem(pl.LightningModule):
         self._first_step = self.trainer.global_step
         self._initialized_seen = False
         self._mid_step = False  # checkpoints are written between optimizer steps
+        if self.trainer.ckpt_path is not None and self.trainer.is_global_zero:
+            self.warn_kept_learning_rates()
+
+    def warn_kept_learning_rates(self) -> None:
+        """A resumed run keeps the checkpoint's optimizer state, its learning rates included (Lightning restores the
+        param groups): a learning rate configured differently would be silently ignored. Say so, once per SAE (a
+        sweep's members by name); the LR schedule and gradient clipping are the configuration's."""
+        restored = self.trainer.optimizers[0].param_groups if self.trainer.optimizers else []
+        configured = self.configure_optimizers()["optimizer"].param_groups  # a fresh copy: no state until a step
+        names = list(self.saes())
+        for i, (now, then) in enumerate(zip(configured, restored)):
+            want, kept = now.get("initial_lr", now["lr"]), then.get("initial_lr", then["lr"])
+            if not math.isclose(want, kept, rel_tol=1e-6):
+                which = f"member {names[i]}'s lr" if len(names) > 1 else "--model.optimizer lr"
+                log.warning("--ckpt_path: %s %g differs from the checkpoint's %g; the checkpoint's optimizer state is "
+                            "resumed, its learning rate included (start a new run for another)", which, want, kept)
 
     def training_step(self, batch: TokenBatch, batch_idx: int) -> Tensor:
         return self.shared_step(batch, "train")

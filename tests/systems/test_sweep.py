@@ -118,6 +118,23 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
     assert torch.equal(full.buffer.x, resumed.buffer.x) and torch.equal(full.buffer.grad, resumed.buffer.grad)
 
 
+def test_a_resume_with_another_learning_rate_says_the_checkpoint_s_is_kept(tmp_path, caplog):
+    """Lightning restores the optimizer's param groups, learning rates included: a member's lr changed for the resume
+    was silently ignored (an audit found it bit-identical to the unchanged resume). Now a warning names the member."""
+    _fit(_sweep(), tmp_path, callbacks=[StopAt(STOP)], checkpoint_every=STOP)
+    ckpt = str(tmp_path / "ckpts" / "last.ckpt")
+    changed = [dict(m, lr=0.5) if m["name"] == "topk-k2" else m for m in MEMBERS]
+    with caplog.at_level("WARNING", logger="gsae.systems.base"):
+        resumed = _fit(_sweep(changed), tmp_path, ckpt_path=ckpt, steps=STOP + 1, checkpoint_every=STOP)
+    assert "member topk-k2's lr 0.5 differs from the checkpoint's 0.003" in caplog.text, caplog.text
+    assert caplog.text.count("differs from the checkpoint's") == 1  # the other members' lr are unchanged
+    assert resumed.trainer.optimizers[0].param_groups[1]["initial_lr"] == pytest.approx(3e-3)  # as Lightning restores
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gsae.systems.base"):
+        _fit(_sweep(), tmp_path / "again", ckpt_path=ckpt, steps=STOP + 1)
+    assert "differs from the checkpoint's" not in caplog.text
+
+
 @pytest.mark.slow
 def test_ddp_two_ranks_equal_single_process(tmp_path):
     """2 gloo ranks × B/2 = 1 rank × B for every member (no shuffle buffer: each rank mixes its own rows)."""
