@@ -249,6 +249,18 @@ def test_a_run_stopped_before_its_first_checkpoint_offers_no_resume() -> None:
     assert "  python train.py --config c.yaml   # no checkpoint yet: starts over" in text
     text = render(s._replace(checkpoints=["/r/ckpts/last.ckpt"]), "python train.py --config c.yaml --ckpt_path last")
     assert "  python train.py --config c.yaml --ckpt_path last" in text
+    # stopped between logging steps: the train row says which step its numbers are from
+    assert "\ntrain @20    loss 0.5\n" in render(s._replace(steps=29, steps_run=29, train=[("loss", "0.5")], train_step=20))
+    assert "\ntrain        loss 0.5\n" in render(s._replace(train=[("loss", "0.5")]))
+    from types import SimpleNamespace
+
+    from gsae.callbacks.summary import RunSummary
+
+    cb = RunSummary()
+    cb._step0 = 0
+    at = lambda step, every=10: SimpleNamespace(global_step=step, log_every_n_steps=every)  # noqa: E731
+    assert [cb._last_logged_step("stopped", at(n)) for n in (29, 30, 5, 1)] == [20, None, 1, None]
+    assert cb._last_logged_step("finished", at(29)) is None  # a finished run logs its last step
 
 
 def test_bar_fits_the_terminal_and_log_records_start_their_own_line(tmp_path, monkeypatch) -> None:

@@ -73,6 +73,7 @@ class Summary(NamedTuple):
     eval_json: list[str]
     latents_html: list[str]
     events: str | None
+    train_step: int | None = None  # the step of the ``train`` numbers, where it is not ``steps`` (a stopped run)
 
 
 class RunSummary(Callback):
@@ -149,6 +150,7 @@ class RunSummary(Callback):
             tokens_total=tokens,
             wall_s=t_end - self._t0,
             train=metric_fields(metrics, TRAIN_FIELDS),
+            train_step=self._last_logged_step(status, trainer),
             val=metric_fields(metrics, VAL_FIELDS),
             eval_step=step,
             eval_source=source,
@@ -160,6 +162,16 @@ class RunSummary(Callback):
             latents_html=_beside(ckpts, ".latents.html"),
             events=_events_dir(trainer),
         )
+
+    def _last_logged_step(self, status: str, trainer: pl.Trainer) -> int | None:
+        """The step whose training numbers ``trainer.callback_metrics`` holds: every ``log_every_n_steps``, this
+        session's first step, and the last step of a finished run (``SAESystem.log_this_step``); None if ``steps``."""
+        step = trainer.global_step
+        if status == "finished" or step <= self._step0:
+            return None
+        every = max(int(trainer.log_every_n_steps or 1), 1)
+        logged = max(step - step % every, self._step0 + 1)
+        return None if logged == step else logged
 
     def render(self, resume_command: str | None = None) -> str:
         """The summary as console text ("" before training ended); ``resume_command`` is offered if it was stopped."""
@@ -225,7 +237,8 @@ def render(s: Summary, resume_command: str | None = None) -> str:
         f"({format_count(rate)} tokens/s){resumed}",
     ]
     if s.train:
-        lines.append("train        " + "  ".join(f"{k} {v}" for k, v in s.train))
+        label = "train" if s.train_step is None else f"train @{s.train_step}"  # a stopped run's last logged numbers
+        lines.append(f"{label:<12} " + "  ".join(f"{k} {v}" for k, v in s.train))
     if s.val:
         lines.append("val          " + "  ".join(f"{k} {v}" for k, v in s.val))
     sweep = any(":" in k for k, _ in s.headline)
