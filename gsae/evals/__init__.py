@@ -460,8 +460,14 @@ def scalars(result: dict) -> dict[str, float]:
 
 
 def tagged_scalars(results: dict[str, dict], prefix: str = "eval") -> dict[str, float]:
-    """``{"<prefix>/<benchmark>/<metric>": value}`` of ``{benchmark: result}`` (the TensorBoard tags)."""
-    return {f"{prefix}/{b}/{k}": v for b, r in results.items() for k, v in scalars(r).items()}
+    """``{"<prefix>/<benchmark>/<metric>": value}`` of ``{benchmark: result}`` (the TensorBoard tags), without the
+    numbers a benchmark lists as its ``SETTINGS`` (token counts, window sizes, how many latents it drew: the same at
+    every checkpoint, they were flat cards ahead of the curves; they stay in the JSON and ``evaluate.py``'s table)."""
+    out = {}
+    for b, r in results.items():
+        settings = set(getattr(BENCHMARKS[b], "SETTINGS", ())) if b in BENCHMARKS else set()
+        out.update({f"{prefix}/{b}/{k}": v for k, v in scalars(r).items() if k not in settings})
+    return out
 
 
 def tagged_figures(results: dict[str, dict], prefix: str = "eval") -> dict:

@@ -45,6 +45,8 @@ def _slice(rows: Rows, a: int, b: int) -> Rows:
     return tuple(None if t is None else t[a:b] for t in rows)
 
 
+#: result numbers that restate the evaluation"s settings: in the JSON, not TensorBoard curves (``tagged_scalars``)
+SETTINGS = ("n_tokens", "batch_tokens", "dead_batches", "window_tokens")
 #: the options' valid values, checked with the option names and types before any work (``check_options``:
 #: a bad value used to raise after the evaluation, or run and give NaN or the wrong latents)
 OPTION_BOUNDS: dict[str, str | tuple[str, ...]] = {

@@ -78,6 +78,8 @@ def mean_abs_directional_derivative(
     return (acc / max(n, 1)).cpu()
 
 
+#: result numbers that restate the evaluation"s settings: in the JSON, not TensorBoard curves (``tagged_scalars``)
+SETTINGS = ("grad_batch_size",)
 #: the options' valid values, checked with the option names and types before any work (``check_options``:
 #: a bad value used to raise after the evaluation, or run and give NaN or the wrong latents)
 OPTION_BOUNDS: dict[str, str | tuple[str, ...]] = {

@@ -40,6 +40,8 @@ def token_strings(lm: LanguageModel, ids: list[int]) -> list[str]:
     return tok.batch_decode([[i] for i in ids])
 
 
+#: result numbers that restate the evaluation"s settings: in the JSON, not TensorBoard curves (``tagged_scalars``)
+SETTINGS = ("n_tokens", "n_latents")
 #: the options' valid values, checked with the option names and types before any work (``check_options``:
 #: a bad value used to raise after the evaluation, or run and give NaN or the wrong latents)
 OPTION_BOUNDS: dict[str, str | tuple[str, ...]] = {

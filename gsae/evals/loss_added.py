@@ -88,6 +88,8 @@ def legacy_explained_variance_sum(x: Tensor, x_hat: Tensor) -> Tensor:
     return (1 - resid / var).sum()
 
 
+#: result numbers that restate the evaluation"s settings: in the JSON, not TensorBoard curves (``tagged_scalars``)
+SETTINGS = ("n_tokens",)
 #: the options' valid values, checked with the option names and types before any work (``check_options``:
 #: a bad value used to raise after the evaluation, or run and give NaN or the wrong latents)
 OPTION_BOUNDS: dict[str, str | tuple[str, ...]] = {"batch_size": "> 0"}

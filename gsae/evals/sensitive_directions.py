@@ -107,6 +107,8 @@ def window(mode: str, T: int, position: int | None, n_offsets: int, skip_first: 
     return Window(p + n, perturb, torch.arange(p, p + n), p)
 
 
+#: result numbers that restate the evaluation"s settings: in the JSON, not TensorBoard curves (``tagged_scalars``)
+SETTINGS = ("n_sequences", "seq_len", "n_tokens", "pool_seqs")
 #: the options' valid values, checked with the option names and types before any work (``check_options``:
 #: a bad value used to raise after the evaluation, or run and give NaN or the wrong latents)
 OPTION_BOUNDS: dict[str, str | tuple[str, ...]] = {

@@ -154,6 +154,8 @@ def steer_at(
     return torch.cat(out).double().cpu()
 
 
+#: result numbers that restate the evaluation"s settings: in the JSON, not TensorBoard curves (``tagged_scalars``)
+SETTINGS = ("alpha_report", "n_latents", "n_positions")
 #: the options' valid values, checked with the option names and types before any work (``check_options``:
 #: a bad value used to raise after the evaluation, or run and give NaN or the wrong latents)
 OPTION_BOUNDS: dict[str, str | tuple[str, ...]] = {

@@ -59,7 +59,11 @@ def test_gsae_runs_through_every_cheap_benchmark_deterministically(tiny_lm):
     b = run_benchmarks(CHEAP, sae, tiny_lm, HOOK, toks, seed=0, batch_size=2)
     assert a == b and sae.training  # training mode restored
     json.dumps(a)  # JSON-serialisable
-    assert "eval/loss_added/L_added" in tagged_scalars(a)
+    tags = tagged_scalars(a)
+    assert "eval/loss_added/L_added" in tags
+    # settings restated in the results (window sizes, token counts) are not curves; they stay in the result
+    assert "eval/dead_latents/batch_tokens" not in tags and "eval/loss_added/n_tokens" not in tags
+    assert "batch_tokens" in scalars(a["dead_latents"]) and "eval/dead_latents/dead_fraction_tokens" in tags
     assert all(isinstance(v, float) for v in scalars(a["dead_latents"]).values())
 
 
