@@ -157,11 +157,15 @@ def figures(result: dict) -> dict:
     h = result["nn_cos_hist"]
     fig = Figure(figsize=(5, 3.5))
     ax = fig.add_subplot()
-    ax.stairs(h["counts"], h["edges"], fill=True)
-    for b in BINS:
+    ax.stairs(h["counts"], h["edges"], fill=True, color="0.6")
+    for i, b in enumerate(BINS):  # each bin its own colour (one default colour made them indistinguishable)
         cos = result["bins"][b]["nn_cos"]
         if cos:
-            ax.axvspan(min(cos), max(cos), alpha=0.2, label=b)
+            ax.axvspan(min(cos), max(cos), alpha=0.25, color=f"C{i}", label=b)
+    filled = [i for i, c in enumerate(h["counts"]) if c > 0]
+    if filled:  # the range the cosines span, not the histogram's whole [-1, 1]
+        lo, hi = h["edges"][filled[0]], h["edges"][filled[-1] + 1]
+        ax.set_xlim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
     ax.set(xlabel="nearest-neighbour decoder cosine", ylabel="latents", title="decoder geometry")
     ax.legend(fontsize=7)
     fig2 = Figure(figsize=(4, 3.5))

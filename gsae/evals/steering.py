@@ -256,6 +256,7 @@ def _summary(grid, per_latent, latents, top, alpha_report, n_alive, positions, d
 def figures(result: dict) -> dict:
     """Mean steering curves (g-SAE Fig. 5) and the per-latent on-target distribution at ``alpha_report`` (Fig. 6)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(5, 3.5))
     ax = fig.add_subplot()
@@ -269,6 +270,7 @@ def figures(result: dict) -> dict:
     ax2 = fig2.add_subplot()
     ax2.hist(result["per_latent_on_target"], bins=20)
     ax2.set(xlabel=f"on-target Σ Δp at α={result['alpha_report']:g}", ylabel="latents")
+    ax2.yaxis.set_major_locator(MaxNLocator(integer=True))  # a count: no 0.5 ticks
     fig.tight_layout()
     fig2.tight_layout()
     return {"curves": fig, "on_target_at_alpha_report": fig2}
