@@ -62,7 +62,7 @@ def test_plain_lines_hold_the_logged_metrics(plain_run, monkeypatch) -> None:
         assert v["step"] == f"{step}/20"
         assert {"tokens/s", "loss", "nmse", "L0", "dead", "elapsed"} <= set(v), v
         tb = {k: events[f"train/{k}"] for k in ("loss", "nmse", "l0", "dead_fraction")}
-        logged_at = step - 1  # Lightning logs the step-10 metrics at TensorBoard step 9
+        logged_at = step  # at the step the console shows (Lightning's own log_dict would use 9 for step 10)
         assert v["loss"] == f"{tb['loss'][logged_at]:.4g}"
         assert v["nmse"] == f"{tb['nmse'][logged_at]:.4f}"
         assert v["L0"] == f"{tb['l0'][logged_at]:.1f}"
@@ -77,7 +77,7 @@ def test_summary_names_tokens_paths_and_commands(plain_run, monkeypatch) -> None
     summary = out[out.index("── run summary"):]
     run = tmp / "quickstart-topk"
     events = scalars(next(run.glob("version_*")))
-    tokens = int(events["train/tokens_seen"][19])
+    tokens = int(events["train/tokens_seen"][20])
     assert f"finished: 20 steps, {format_count(tokens)} tokens in " in summary
     ckpt_dir = run / "checkpoints"
     assert sorted(p.name for p in ckpt_dir.glob("*.ckpt")) == ["epoch=0-step=10.ckpt", "epoch=0-step=20.ckpt",
@@ -91,7 +91,7 @@ def test_summary_names_tokens_paths_and_commands(plain_run, monkeypatch) -> None
     assert "--ckpt_path last" not in summary  # a finished run offers no resume
     assert f"python evaluate.py {ckpt_dir / 'epoch=0-step=20.ckpt'}" in summary
     final = line_values(next(line for line in summary.splitlines() if line.startswith("train ")).replace("train", "", 1))
-    assert final["loss"] == f"{events['train/loss'][19]:.4g}"
+    assert final["loss"] == f"{events['train/loss'][20]:.4g}"
 
 
 def test_no_epoch_or_hp_metric_cards(plain_run) -> None:

@@ -142,6 +142,7 @@ class SAESystem(pl.LightningModule):
         self.register_buffer("act_scale", torch.tensor(1.0))  # E‖x − x̄‖² of the first batch: loss normaliser
         self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
         self._t_last: float | None = None
+        self._val_sums: dict[str, tuple] = {}  # validation extras: name -> (token-weighted sum, tokens) on this rank
         self._first_step = 0  # global step of this fit's first training step (set in on_train_start)
         self._initialized_seen = False  # host copy of `initialized` once True (reading the buffer waits for the GPU)
         self._tokens_last = 0
@@ -292,8 +293,9 @@ class SAESystem(pl.LightningModule):
             if stage != "train":  # per-rank sums, reduced over ranks once per epoch (torchmetrics, in compute)
                 l0 = l0_per_token(out.top_acts, out.latents)
                 self.val_recon.update(acts.x, out.x_hat, l0)
-                for name, v in extra.items():
-                    self.log(f"val/{name}", v, on_step=False, on_epoch=True, sync_dist=True, batch_size=l0.shape[0])
+                for name, v in extra.items():  # token-weighted sums, reduced over ranks at the epoch's end
+                    total, count = self._val_sums.get(name, (0.0, 0))
+                    self._val_sums[name] = (total + v.detach().double() * l0.shape[0], count + l0.shape[0])
                 return loss
             log = self.log_this_step()
             fired = fire_counts(out.top_idx, out.top_acts, out.latents, self.sae.d_sae, torch.float64)
@@ -396,12 +398,42 @@ class SAESystem(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.val_recon.reset()
+        self._val_sums = {}
 
     def on_validation_epoch_end(self) -> None:
         if self.val_recon.update_count == 0:
             return
-        for name, v in self.val_recon.compute().items():
-            self.log(f"val/{name}", v, rank_zero_only=True)  # reduced over ranks by torchmetrics
+        metrics = {f"val/{name}": v for name, v in self.val_recon.compute().items()}  # reduced over ranks (torchmetrics)
+        metrics.update({f"val/{name}": v for name, v in self.reduced_val_extras().items()})
+        self.log_validation_metrics(metrics)
+
+    def reduced_val_extras(self) -> dict[str, Tensor]:
+        """The objective's validation extras (``recon_loss``, e2e's ``kl``, …): token-weighted means over every rank's
+        validation batches (one all-reduce; the same on 1 rank and on W)."""
+        names = sorted(self._val_sums)
+        if not names:
+            return {}
+        packed = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device)
+                              for n in names for x in self._val_sums[n]])
+        packed = self.all_reduce(packed).view(len(names), 2)
+        return {n: packed[i, 0] / packed[i, 1].clamp_min(1) for i, n in enumerate(names)}
+
+    def log_validation_metrics(self, metrics: dict[str, Tensor | float], console_only: Collection[str] = ()) -> None:
+        """A validation's metrics (already reduced over ranks) into ``trainer.callback_metrics`` (the console's val line,
+        the run summary) and, on rank 0, every logger at the *optimizer step just done* (``global_step``), where the
+        training metrics of that step and the checkpoint's evaluation are plotted too (Lightning's own ``log`` would put
+        them one step earlier). Not during the sanity check. ``console_only``: keys not sent to the loggers."""
+        if self._trainer is None or self.trainer.sanity_checking:
+            return
+        t = self.trainer
+        floats = host_floats(dict(metrics))
+        t.callback_metrics.update({k: torch.tensor(v) for k, v in floats.items()})
+        logged = {k: v for k, v in floats.items() if k not in console_only}
+        if not t.is_global_zero or not logged:
+            return
+        for logger in t.loggers:
+            logger.log_metrics(metrics=logged, step=t.global_step)
+            logger.save()
 
     def _log_train(self, sums: ReconSums, scalars: dict[str, Tensor]) -> None:
         """Log a training step: the reconstruction metrics from the ranks' summed ``sums``, and ``scalars`` (the loss,
@@ -442,7 +474,9 @@ class SAESystem(pl.LightningModule):
         if not t.is_global_zero:
             return
         scalars = {**metrics, "epoch": t.current_epoch}  # Lightning adds the epoch (gsae's TensorBoard drops it)
-        step = t.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs this step's metrics at
+        # at the optimizer step this batch ends (global_step once it is done): as the console, the checkpoints, the
+        # validation and the evaluation count; Lightning's own log_dict would plot it one step earlier
+        step = t.fit_loop.epoch_loop._batches_that_stepped + 1
         for logger in t.loggers:
             logger.log_metrics(metrics=scalars, step=step)
             logger.save()

@@ -69,6 +69,8 @@ DEFAULT_HOOK = "blocks.7.hook_resid_post"
 #: a sweep's step scalars for the progress bar and the run summary only: the members' mean nmse, L0 and dead fraction,
 #: and the members' summed loss (each member's own are ``train/<member>/...``)
 SWEEP_CONSOLE_ONLY = frozenset({"train/loss", "train/nmse", "train/l0", "train/dead_fraction"})
+#: the validation metrics whose mean over members the console's val line and the summary show (console only too)
+VAL_MEANS = ("nmse", "explained_variance", "l0")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 
 
@@ -379,17 +381,17 @@ class SweepSAESystem(LocalSAESystem):
 
     def on_validation_epoch_end(self) -> None:
         per_member: dict[str, list[float]] = {}
+        metrics: dict[str, float] = {}
         for name, m in self.members.items():
             if m.val_recon.update_count == 0:
                 continue
-            for k, v in m.val_recon.compute().items():
-                self.log(f"val/{name}/{k}", v, rank_zero_only=True)  # reduced over ranks by torchmetrics
-                per_member.setdefault(k, []).append(float(v))
+            for k, v in host_floats(m.val_recon.compute()).items():  # reduced over ranks by torchmetrics
+                metrics[f"val/{name}/{k}"] = v
+                per_member.setdefault(k, []).append(v)
         # the console's validation line and the run summary's val row: the mean over members, as train/<metric>
         # (not sent to the loggers: see SWEEP_CONSOLE_ONLY)
-        for k in ("nmse", "explained_variance", "l0"):
-            if per_member.get(k):
-                self.log(f"val/{k}", sum(per_member[k]) / len(per_member[k]), rank_zero_only=True, logger=False)
+        means = {f"val/{k}": sum(per_member[k]) / len(per_member[k]) for k in VAL_MEANS if per_member.get(k)}
+        self.log_validation_metrics({**metrics, **means}, console_only=means)
 
     # ------------------------------------------------------------------ decoder constraints, per member
     def on_after_backward(self) -> None:
