@@ -422,14 +422,18 @@ class SAESystem(pl.LightningModule):
         """A validation's metrics (already reduced over ranks) into ``trainer.callback_metrics`` (the console's val line,
         the run summary) and, on rank 0, every logger at the *optimizer step just done* (``global_step``), where the
         training metrics of that step and the checkpoint's evaluation are plotted too (Lightning's own ``log`` would put
-        them one step earlier). Not during the sanity check. ``console_only``: keys not sent to the loggers."""
-        if self._trainer is None or self.trainer.sanity_checking:
+        them one step earlier). Not during the sanity check. ``console_only``: keys not sent to the loggers. Each also
+        goes through ``self.log`` (into ``callback_metrics``); outside ``fit`` (``trainer.validate``) Lightning logs
+        them itself, and returns them, as its API does."""
+        if self._trainer is None:
             return
         t = self.trainer
         floats = host_floats(dict(metrics))
-        t.callback_metrics.update({k: torch.tensor(v) for k, v in floats.items()})
+        fitting = t.state.fn == "fit"
+        for k, v in floats.items():  # in fit, the loggers get them below, at global_step
+            self.log(k, v, logger=not fitting and k not in console_only, rank_zero_only=True)
         logged = {k: v for k, v in floats.items() if k not in console_only}
-        if not t.is_global_zero or not logged:
+        if not fitting or t.sanity_checking or not t.is_global_zero or not logged:
             return
         for logger in t.loggers:
             logger.log_metrics(metrics=logged, step=t.global_step)
