@@ -333,9 +333,14 @@ def _error_in_traceback(trace: str) -> tuple[str, str] | None:
     if not errors:
         return None
     for _, text in errors:
-        if text.startswith("--") or "--data." in text or "--model." in text or "--ckpt_path" in text:
+        if _names_option(text):
             return errors[-1][0], text
     return errors[-1]
+
+
+def _names_option(text: str) -> bool:
+    """Whether an error message names the option it is about (gsae's own messages do)."""
+    return text.startswith("--") or "--data." in text or "--model." in text or "--ckpt_path" in text
 
 
 #: a Trainer argument as Lightning's messages quote it (``You set `devices=3` in Lightning, but ...``)
@@ -356,7 +361,7 @@ def user_message(e: BaseException) -> str:
             found = _error_in_traceback(text.split("Original Traceback", 1)[1])
             if found is not None:
                 return found[1]
-        if text.startswith("--") or "--data." in text or "--model." in text or "--ckpt_path" in text:
+        if _names_option(text):
             return text.splitlines()[0]
     text = str(chain[0]).strip()
     if text.startswith(_OPTIMIZER_MESSAGES):

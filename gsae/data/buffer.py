@@ -89,7 +89,9 @@ class ShuffleBuffer:
         """Held rows (on the CPU; the buffer's, then any backlog's) and the generator state."""
         def rows(buffered: Tensor | None, backlog: Tensor | None) -> Tensor | None:
             parts = [t.detach().cpu() for t in (buffered, backlog) if t is not None]
-            return None if not parts else parts[0] if len(parts) == 1 else torch.cat([parts[0], parts[1].to(parts[0].dtype)])
+            if len(parts) < 2:
+                return parts[0] if parts else None
+            return torch.cat([parts[0], parts[1].to(parts[0].dtype)])
 
         grad = None if self.grad is None and self.backlog_grad is None else rows(self.grad, self.backlog_grad)
         return {"x": rows(self.x, self.backlog_x), "grad": grad, "gen": self.gen.get_state(), "capacity": self.capacity}

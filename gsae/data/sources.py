@@ -14,7 +14,8 @@ DataLoader workers, which is what makes the data the same whatever ``num_workers
 
 Held out for validation (``val_split`` unset): the first ``val_documents`` documents of the source (in
 shard mode: in shard order, so of its first shard on OpenWebText, ~100k documents each; a folder of one-document
-files holds out its first files) are never trained on, and reading them costs their own size; ``gsae-corpus`` holds out its documents 0, 1000, 2000, ... (generated directly).
+files holds out its first files) are never trained on, and reading them costs their own size; ``gsae-corpus``
+holds out its documents 0, 1000, 2000, ... (generated directly).
 
 Finite sources repeat: a stream that has read all its documents starts again (``epoch + 1``) with the same
 documents in the same order, so every stream is endless and DDP ranks never run out at different times.
@@ -162,7 +163,9 @@ def tokens_of(
         yield from encode(texts)
 
 
-def _tokenized(items: Iterator[tuple], pretokenized: bool, encode: Encode, chunk: int = 32, **kw) -> Iterator[tuple[tuple, list[int]]]:
+def _tokenized(
+    items: Iterator[tuple], pretokenized: bool, encode: Encode, chunk: int = 32, **kw
+) -> Iterator[tuple[tuple, list[int]]]:
     """``(item, tokens)`` for items whose last field is a raw document (text tokenized ``chunk`` at a time;
     ``kw``: :func:`tokens_of`'s ``vocab`` and ``column``)."""
     it = iter(items)

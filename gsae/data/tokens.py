@@ -45,9 +45,8 @@ def saved_dataset(path: str) -> bool:
     """Whether ``path`` is a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``: ``state.json`` and
     ``dataset_info.json``; a ``DatasetDict``: ``dataset_dict.json``), read with ``load_from_disk``."""
     folder = Path(path).expanduser()
-    return folder.is_dir() and (
-        (folder / "dataset_dict.json").is_file() or ((folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
-    )
+    saved_dict = (folder / "dataset_dict.json").is_file()
+    return folder.is_dir() and (saved_dict or all((folder / f).is_file() for f in ("state.json", "dataset_info.json")))
 
 
 def local_data_files(path: str) -> tuple[str, list[str]] | None:

@@ -435,8 +435,12 @@ class SAESystem(pl.LightningModule):
         logged = {k: v for k, v in floats.items() if k not in console_only}
         if not fitting or t.sanity_checking or not t.is_global_zero or not logged:
             return
-        for logger in t.loggers:
-            logger.log_metrics(metrics=logged, step=t.global_step)
+        self._to_loggers(logged, t.global_step)
+
+    def _to_loggers(self, metrics: dict[str, float], step: int) -> None:
+        """Write ``metrics`` to every logger at ``step`` and flush them (rank 0 calls this)."""
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics=metrics, step=step)
             logger.save()
 
     def _log_train(self, sums: ReconSums, scalars: dict[str, Tensor]) -> None:
@@ -480,10 +484,7 @@ class SAESystem(pl.LightningModule):
         scalars = {**metrics, "epoch": t.current_epoch}  # Lightning adds the epoch (gsae's TensorBoard drops it)
         # at the optimizer step this batch ends (global_step once it is done): as the console, the checkpoints, the
         # validation and the evaluation count; Lightning's own log_dict would plot it one step earlier
-        step = t.fit_loop.epoch_loop._batches_that_stepped + 1
-        for logger in t.loggers:
-            logger.log_metrics(metrics=scalars, step=step)
-            logger.save()
+        self._to_loggers(scalars, t.fit_loop.epoch_loop._batches_that_stepped + 1)
 
     def progress_metrics(self) -> dict[str, float]:
         """``train/tokens_seen`` and ``train/tokens_per_s`` since the previous call."""
@@ -638,7 +639,8 @@ class SAESystem(pl.LightningModule):
         preemption): the saved ranks' rows, in rank order, are dealt out, rank ``r`` of ``W`` taking rows
         ``r, r + W, …`` (none lost, none twice), with a generator seeded from the run's seed, the rank and both
         numbers of ranks. On fewer ranks a share exceeds ``--model.buffer_size``: the surplus stays on the host and
-        drains in the next steps (:meth:`gsae.data.buffer.ShuffleBuffer.mix`); on more ranks each buffer refills, as a fresh one does."""
+        drains in the next steps (:meth:`gsae.data.buffer.ShuffleBuffer.mix`); on more ranks each buffer refills, as a
+        fresh one does."""
         ranks = saved["ranks"] if "ranks" in saved else [saved]
         world, rank = self._world(), self.global_rank
         if len(ranks) == world or all(r["x"] is None for r in ranks):
