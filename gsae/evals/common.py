@@ -11,6 +11,8 @@ same numbers.
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -21,6 +23,8 @@ from torch import Tensor
 from gsae.data.harvest import loss_gradients, loss_gradients_at
 from gsae.lm import LanguageModel
 from gsae.sae.base import SAEOutput, SparseAutoencoder
+
+log = logging.getLogger(__name__)
 
 
 class SAEOnTokens(NamedTuple):
@@ -157,10 +161,28 @@ def harvest(lm: LanguageModel, hook: str, tokens: Tensor, normaliser: float | No
     return _ACTIVE[0].get(lm, hook, tokens, normaliser, compute) if _ACTIVE else compute()
 
 
+_UNSCALED: weakref.WeakSet = weakref.WeakSet()  # g-SAEs already warned about (once each)
+
+
+def grad_normaliser(sae: SparseAutoencoder) -> float:
+    """The CE normaliser a g-SAE's ``∇ₓL`` is taken with (its ``grad_normaliser``, set by training). 0 (a g-SAE not
+    trained by gsae) means each evaluation batch's own prediction count, so results then depend on the evaluation's
+    batch size: said once per SAE."""
+    n = float(getattr(sae, "grad_normaliser", 0))
+    if n == 0 and sae not in _UNSCALED:
+        _UNSCALED.add(sae)
+        log.warning(
+            "this g-SAE has no grad_normaliser (not trained by gsae): its ∇ₓL is each evaluation batch's mean CE "
+            "gradient, so its selection, and the results, depend on the batch size; set sae.grad_normaliser to the "
+            "number of predictions its training loss was averaged over"
+        )
+    return n
+
+
 @torch.no_grad()
 def sae_on_tokens(sae: SparseAutoencoder, lm: LanguageModel, hook: str, tokens: Tensor) -> SAEOnTokens:
     """Activations at ``hook`` for ``tokens (B, T)`` and the SAE's output on them."""
-    x, g = harvest(lm, hook, tokens, float(getattr(sae, "grad_normaliser", 0)) if needs_grad(sae) else None)
+    x, g = harvest(lm, hook, tokens, grad_normaliser(sae) if needs_grad(sae) else None)
     b, t, d = x.shape
     xf = x.reshape(b * t, d).to(sae.W_enc.dtype)
     out = sae(xf, grad=None if g is None else g.reshape(b * t, d).to(sae.W_enc.dtype))

@@ -10,6 +10,10 @@ training uses, so both definitions are the training-time ones:
 - **tokens** (Gao et al.): dead if it did not fire in the last ``window_tokens`` tokens (default: the
   whole stream, i.e. never fired in it). Counted per batch, like training.
 
+"Fired in a batch" is ``activity_test``: ``nonzero`` (default, SPEC §1.5: some token's activation is nonzero) or
+``sum_positive`` (smol-sae's ``x_hid.sum(0) > 0``: the batch's summed activation is positive, which differs only
+when a TopK SAE without ReLU keeps negative values). The densities always count nonzero activations.
+
 The batches always hold ``batch_tokens`` tokens (4096, as the paper's), whatever the memory ``batch_size``:
 if the stream is shorter than ``dead_batches × batch_tokens``, the "batches" definition is not computed
 (``dead_fraction_batches`` is ``None`` and ``note`` says how many tokens it needs) rather than shrinking
@@ -25,6 +29,7 @@ log10 density at the histogram edges (g-SAE Fig. 8 top).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -70,6 +75,7 @@ def run(
     exclude_special_tokens: bool = True,
     log10_min: float = -7.0,
     bin_width: float = 0.25,
+    activity_test: Literal["nonzero", "sum_positive"] = "nonzero",
 ) -> dict:
     """Both dead-latent fractions, alive fraction and the density distribution of ``sae`` on ``tokens``.
 
@@ -86,8 +92,12 @@ def run(
         exclude_special_tokens: drop special-token positions from the stream (as training does).
         log10_min: lowest edge of the log10-density histogram (lower densities go to the first bin).
         bin_width: width of the histogram bins in log10 units.
+        activity_test: what "fired in a batch" means for both dead definitions: ``nonzero`` (default; some
+            activation != 0) or ``sum_positive`` (smol-sae: the batch's summed activation > 0).
     """
     del seed
+    if activity_test not in ("nonzero", "sum_positive"):
+        raise ValueError(f"dead_latents: activity_test must be 'nonzero' or 'sum_positive' (got {activity_test!r})")
     special = special_token_mask(lm, tokens, exclude_special_tokens)
     n_total = int(special.sum())
     if n_total == 0 or batch_tokens <= 0 or dead_batches <= 0:
@@ -101,6 +111,7 @@ def run(
     tracker = DeadLatentTracker(sae.d_sae, dead_batches, window).to(sae.W_dec.device)
     counts = FireCountMetric(sae.d_sae, sync_on_compute=False).to(sae.W_dec.device)  # rank 0 only: no collective
     fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_dec.device)
+    summed = torch.zeros(sae.d_sae, dtype=torch.float64, device=sae.W_dec.device)  # sum_positive: this batch's sums
     seen = 0  # tokens fed so far; the current batch holds seen % batch_tokens of them
     for tok in batches(tokens.to(lm.device), batch_size):
         if seen >= n_used:
@@ -112,11 +123,16 @@ def run(
         while a < n:  # split the rows at batch boundaries
             b = min(n, a + batch_tokens - seen % batch_tokens)
             piece = _slice(rows, a, b)
-            fired |= fired_mask(*piece, sae.d_sae)
+            if activity_test == "sum_positive":
+                summed += _activation_sums(*piece, sae.d_sae, summed.device)
+            else:
+                fired |= fired_mask(*piece, sae.d_sae)
             counts.update(*piece)
             seen += b - a
             a = b
             if seen % batch_tokens == 0 or seen == n_used:  # a full batch, or (short stream) the end
+                if activity_test == "sum_positive":
+                    fired, summed = summed > 0, summed.zero_()
                 tracker.update(fired, batch_tokens if seen % batch_tokens == 0 else seen % batch_tokens)
                 fired.zero_()
     out = _summary(tracker, counts.compute()[0], n_used, batch_tokens, dead_batches, window, log10_min, bin_width)
@@ -130,6 +146,14 @@ def run(
             f"{tokens.shape[0]} contexts: raise n_seqs, or hold out more validation data"
         )
     return out
+
+
+def _activation_sums(top_idx: Tensor | None, top_acts: Tensor | None, latents: Tensor | None, d_sae: int, device) -> Tensor:
+    """``(d_sae,)`` float64: each latent's summed activation over the rows (smol-sae's ``x_hid.sum(0)``)."""
+    if latents is not None:
+        return latents.sum(0, dtype=torch.float64).to(device)
+    out = torch.zeros(d_sae, dtype=torch.float64, device=device)
+    return out.index_add_(0, top_idx.reshape(-1).to(device), top_acts.reshape(-1).to(device, torch.float64))
 
 
 def contexts_for_window(

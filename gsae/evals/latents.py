@@ -27,6 +27,7 @@ from torch import Tensor
 
 from gsae.evals.common import batches, needs_grad, sae_on_tokens, special_token_mask
 from gsae.evals.latents_html import render_html, render_markdown
+from gsae.evals.steering import logit_lens
 from gsae.lm import LanguageModel
 from gsae.metrics import fire_counts
 from gsae.sae.base import SparseAutoencoder
@@ -187,11 +188,12 @@ def _sample(counts: Tensor, exclude: set[int], n: int, min_fires: int, seed: int
 
 
 def _logit_lens(sae, lm, chosen: list[int], n: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """Top and bottom ``(values, ids)`` of ``W_dec[chosen] @ W_U`` (None when the hook is not d_model wide)."""
+    """Top and bottom ``(values, ids)`` of the logit lens of ``W_dec[chosen]`` (steering's :func:`logit_lens`:
+    through ``ln_final``'s centring and gain; None when the hook is not d_model wide)."""
     if not chosen or sae.d_in != lm.d_model:
         return None
-    w_u = lm.W_U.detach().float().cpu()  # (d_model, d_vocab)
-    logits = sae.W_dec.detach()[chosen].float().cpu() @ w_u  # (n_chosen, d_vocab)
+    with torch.no_grad():
+        logits = logit_lens(lm, sae.W_dec.detach()[chosen].to(lm.W_U.device)).float().cpu()  # (n_chosen, d_vocab)
     n = min(n, logits.shape[1])
     top, bottom = logits.topk(n, dim=-1), logits.topk(n, dim=-1, largest=False)
     return top.values, top.indices, bottom.values, bottom.indices

@@ -57,10 +57,18 @@ def applicable(sae: SparseAutoencoder, lm: LanguageModel, hook: str) -> str | No
 
 
 def logit_lens(lm: LanguageModel, dirs: Tensor) -> Tensor:
-    """``(n, d_vocab)`` logits ``W_Uᵀ (γ ⊙ d)`` of unit directions ``dirs (n, d_model)`` (γ: ``ln_final``'s gain
-    when it is not folded into ``W_U``)."""
-    gain = getattr(lm.model.ln_final, "w", None)
-    d = dirs if gain is None else dirs * gain.to(dirs)
+    """``(n, d_vocab)`` logits ``W_Uᵀ (γ ⊙ (d − mean d))`` of directions ``dirs (n, d_model)``: what ``ln_final``
+    does to a direction before the unembedding, its centring (LayerNorm, folded or not) and its gain γ (when not
+    folded into ``W_U``). With ``fold_ln`` TransformerLens keeps the centring in ``ln_final`` and γ in ``W_U``;
+    without it both stay in ``ln_final``: the lens is the same either way (tested), so an SAE's target tokens do not
+    depend on how the LM was loaded."""
+    ln = lm.model.ln_final
+    d = dirs
+    if "LayerNorm" in type(ln).__name__:  # LayerNorm / LayerNormPre centre over d_model (RMSNorm does not)
+        d = d - d.mean(-1, keepdim=True)
+    gain = getattr(ln, "w", None)
+    if gain is not None:
+        d = d * gain.to(d)
     return d.to(lm.W_U.dtype) @ lm.W_U
 
 

@@ -60,6 +60,23 @@ def test_gsae_loss_added_does_not_depend_on_batch_size(tiny_lm):
     assert_same(a, b)
 
 
+def test_a_gsae_without_its_training_normaliser_is_said_to_depend_on_the_batch_size(tiny_lm, caplog):
+    """A g-SAE gsae did not train (grad_normaliser 0) takes each evaluation batch's mean CE gradient: its results
+    change with the batch size (kl_sae 2.19 vs 1.75 at batch 1 vs 8 in the audit), which is said once per SAE."""
+    toks, sae = build_tokens(6, 16), GradTopKSAE(64, 128, 4, beta=1e5)
+    with caplog.at_level("WARNING", logger="gsae.evals.common"):
+        a = run_benchmark("loss_added", sae, tiny_lm, HOOK, toks, batch_size=1)
+        b = run_benchmark("loss_added", sae, tiny_lm, HOOK, toks, batch_size=6)
+    said = [r for r in caplog.records if "grad_normaliser" in r.getMessage()]
+    assert len(said) == 1 and "batch size" in said[0].getMessage()
+    assert a["kl_sae"] != pytest.approx(b["kl_sae"], rel=1e-3)  # what the warning is about
+    caplog.clear()
+    trained = GradTopKSAE(64, 128, 4, beta=1e5)
+    trained.grad_normaliser.fill_(100.0)
+    run_benchmark("loss_added", trained, tiny_lm, HOOK, toks, batch_size=2)
+    assert not [r for r in caplog.records if "grad_normaliser" in r.getMessage()]
+
+
 def test_two_saes_get_the_same_draws(tiny_lm):
     """The isotropic / covariance / real directions depend on the tokens and seed, not on the SAE."""
     toks = build_tokens(4, 16)

@@ -64,3 +64,27 @@ def test_deterministic(tiny_lm):
     a = dead_latents.run(build_topk(), tiny_lm, HOOK, toks, seed=1)
     b = dead_latents.run(build_topk(), tiny_lm, HOOK, toks, seed=1)
     assert a == b
+
+
+def test_sum_positive_activity_test_is_smol_sae_s(tiny_lm):
+    """activity_test sum_positive (smol-sae: a batch fires a latent if x_hid.sum(0) > 0) against a hand-fed tracker;
+    a latent TopK keeps only with negative values fires under the default nonzero test and not under smol-sae's."""
+    import torch
+
+    sae, toks = build_topk(d_sae=16, k=16), build_tokens(6, 32)  # k = d_sae: every pre-activation is kept
+    with torch.no_grad():
+        sae.b_enc[5] = -50.0  # kept on every token, always negative
+    kw = dict(batch_size=4, batch_tokens=30, dead_batches=2, window_tokens=90)
+    nonzero = dead_latents.run(sae, tiny_lm, HOOK, toks, **kw)
+    smol = dead_latents.run(sae, tiny_lm, HOOK, toks, activity_test="sum_positive", **kw)
+    x = tiny_lm.activations(toks, HOOK)[:, 1:].reshape(-1, 64)
+    acts = sae.encode(x).double()  # (186, 16) dense, raw kept values
+    ref = DeadLatentTracker(16, 2, 90)
+    for a in range(0, 180, 30):
+        ref.update(acts[a : a + 30].sum(0) > 0, 30)
+    assert smol["n_dead_batches"] == int(ref.dead_by_batches().sum()) >= 1
+    assert smol["n_dead_tokens"] == int(ref.dead_by_tokens().sum())
+    assert nonzero["n_dead_batches"] == 0 and bool(ref.dead_by_batches()[5])
+    assert smol["median_density"] == nonzero["median_density"]  # densities count nonzero activations either way
+    with pytest.raises(ValueError, match="activity_test"):
+        dead_latents.run(sae, tiny_lm, HOOK, toks, activity_test="positive", **kw)

@@ -46,9 +46,9 @@ def test_matches_naive_full_sequence_steering(tiny_lm):
         on, off_add, _ = _naive(tiny_lm, toks, s, t, d, 50.0, r["top_tokens"][k])
         assert r["per_latent_on_target"][k] == pytest.approx(on, abs=1e-5)
         assert r["per_latent_off_target_added"][k] == pytest.approx(off_add, abs=1e-5)
-    # targets are the top-n logit-lens tokens of each direction
+    # targets are the top-n logit-lens tokens of each direction (fold_ln: γ in W_U, ln_final still centres)
     d0 = sae.W_dec[r["latents"][0]].detach()
-    assert set(r["top_tokens"][0]) == set((d0 @ tiny_lm.W_U).topk(5).indices.tolist())
+    assert set(r["top_tokens"][0]) == set(((d0 - d0.mean()) @ tiny_lm.W_U).topk(5).indices.tolist())
 
 
 def test_probability_bookkeeping(tiny_lm):
@@ -118,9 +118,29 @@ def test_logit_lens_includes_ln_final_gain_without_fold_ln():
     r = steering.run(sae, lm, HOOK, build_tokens(4, 16), **SMALL)
     for k, latent in enumerate(r["latents"]):
         d = sae.W_dec[latent].detach() / sae.W_dec[latent].detach().norm()
-        want = ((d * lm.model.ln_final.w) @ lm.W_U).topk(5).indices.tolist()
+        want = (((d - d.mean()) * lm.model.ln_final.w) @ lm.W_U).topk(5).indices.tolist()  # LayerNorm centres
         assert r["top_tokens"][k] == want
     assert r["top_token_strings"] == [[bytes([i]).decode("latin-1") for i in row] for row in r["top_tokens"]]
+
+
+def test_logit_lens_is_the_same_whether_ln_final_is_folded_or_not():
+    """TransformerLens keeps ln_final's centring in the model and folds γ into W_U (fold_ln, gsae's default) or keeps
+    both (fold_ln=False, how SAELens SAEs are evaluated): the same directions must get the same target tokens, up to
+    a constant per direction (center_unembed). Without the centring 40% of decoder rows of a trained g-SAE changed
+    their top-10 set."""
+    from gsae.evals.latents import _logit_lens
+    from gsae.lm import LanguageModel
+
+    folded, unfolded = LanguageModel("gsae-tiny", fold_ln=True), LanguageModel("gsae-tiny", fold_ln=False)
+    assert unfolded.model.ln_final.w.std() > 0.05  # a trained, non-trivial gain
+    d = torch.randn(64, folded.d_model, generator=torch.Generator().manual_seed(0)) + 0.5  # not centred
+    with torch.no_grad():
+        a, b = steering.logit_lens(folded, d), steering.logit_lens(unfolded, d)
+    torch.testing.assert_close(a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True), atol=1e-4, rtol=0)
+    assert torch.equal(a.topk(10).indices.sort().values, b.topk(10).indices.sort().values)
+    sae = build_topk(d_in=folded.d_model)  # the latent dashboards read the same lens
+    top_a, top_b = _logit_lens(sae, folded, [0, 3, 7], 8), _logit_lens(sae, unfolded, [0, 3, 7], 8)
+    assert torch.equal(top_a[1], top_b[1]) and torch.equal(top_a[3], top_b[3])
 
 
 def test_hook_z_sae_is_skipped_not_steered(tiny_lm):
