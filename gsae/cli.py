@@ -7,10 +7,12 @@ option can be overridden (``--model.sae.k 64``); ``--help`` lists them with thei
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import shlex
+import signal
 import sys
 import time
 import warnings
@@ -20,7 +22,8 @@ from pathlib import Path
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from safetensors import SafetensorError
 
 from gsae.allocator import tune_malloc
 from gsae.callbacks.checkpoint import SAECheckpoint
@@ -38,7 +41,9 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "gpt2" / "gsae.yaml"
 # Errors a user causes with a bad option or file: reported as one line, no traceback.
 # (OSError: a folder that is a file, a path without permission; MisconfigurationException: Lightning's own checks of
 # --trainer options, e.g. --trainer.accelerator gpu without one)
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError, MisconfigurationException)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, OSError, RuntimeError, MisconfigurationException, SafetensorError
+)
 
 
 # The logger's default folder: replaced by --trainer.default_root_dir, so one run writes under one folder.
@@ -254,6 +259,13 @@ def check_trainer(trainer) -> None:
     interval = trainer.val_check_interval
     if interval is not None and interval <= 0:
         raise ValueError(f"--trainer.val_check_interval must be > 0 (got {interval})")
+    precision = str(getattr(trainer, "precision", ""))
+    if precision in ("bf16-true", "16-true"):
+        raise ValueError(
+            f"--trainer.precision {precision}: would keep the SAE's weights, Adam's state and the g-SAE's gradient "
+            f"scale in half precision (1009 prediction counts stored as 1008); use bf16-mixed (half-precision compute, "
+            "float32 weights)"
+        )
 
 
 def forks_ranks(trainer) -> bool:
@@ -366,6 +378,10 @@ def user_message(e: BaseException) -> str:
     text = str(chain[0]).strip()
     if text.startswith(_OPTIMIZER_MESSAGES):
         return f"--model.optimizer: {text.splitlines()[0]}"
+    if isinstance(chain[0], OSError) and chain[0].errno == errno.ENOSPC and not chain[0].filename:
+        return f"{text.splitlines()[0]} (writing the run's files; the checkpoints already written are kept)"
+    if isinstance(chain[0], SafetensorError):  # the SAELens export's writer
+        return f"writing a SAELens export: {text.splitlines()[0]}"
     if isinstance(chain[0], UnicodeDecodeError):
         return f"a file given as text (--config?) is binary: {text.splitlines()[0]}"
     trainer_option = _TRAINER_ARG.search(text)  # Lightning's own checks name the Trainer argument: `devices=3`
@@ -420,6 +436,8 @@ def main(args: list[str] | None = None) -> int:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
         finally:  # also after Ctrl+C (Lightning stops gracefully, then exits)
             print_summary(cli, resume)
+    except SIGTERMException:  # a scheduler's preemption or time limit: last.ckpt holds the step reached
+        return 128 + signal.SIGTERM  # the shell's code for "ended by SIGTERM" (Lightning's exception exits 0)
     except Exception as e:
         message = user_message(e) if isinstance(e, USER_ERRORS) else child_user_message(e)
         if message is None or os.environ.get("GSAE_DEBUG"):
@@ -455,7 +473,10 @@ def remove_empty_log_dirs(trainer, since: float = 0.0) -> list[Path]:
         if folder is None or not folder.is_dir():
             continue
         if isinstance(logger, TensorBoardLogger):
-            logger.experiment.close()  # the event file is complete before it is read
+            try:
+                logger.experiment.close()  # the event file is complete before it is read
+            except Exception:  # noqa: BLE001 - the writer's own error (a full disk) was the run's error, said already
+                continue
         files = list(folder.iterdir())
         if any(not f.is_file() or not (empty_events(f) or ours(f)) for f in files):
             continue

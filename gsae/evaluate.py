@@ -58,6 +58,7 @@ from gsae.evals import (
     tokens_per_benchmark,
 )
 from gsae.evals.common import shared_harvests
+from gsae.files import write_text
 from gsae.lm import LanguageModel
 from gsae.saelens_adapter import is_saelens_folder, load_saelens_folder, load_saelens_pretrained
 
@@ -311,7 +312,7 @@ def write_artifacts(output: str, results: dict[str, dict[str, dict]], short: dic
         per_sae = {b: per[lb] for b, per in results.items() if lb in per}
         for suffix, content in artifacts(per_sae).items():
             path = out.with_name(f"{out.stem}.{_safe(short.get(lb, lb))}{suffix}")
-            path.write_text(content)
+            write_text(path, content)
             written.append(path)
     return written
 
@@ -460,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         which = "--model" if args is not None and args.model else "the SAE's language model"
         print(f"error: {msg.replace('--model.lm.name:', which + ':')}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # as train.py: one line; files already written are whole (gsae.files)
+        print("stopped (Ctrl+C)", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -476,6 +480,6 @@ def report(results: dict[str, dict[str, dict]], args: argparse.Namespace) -> Non
             print(f"\n{bench} — {short[lb]}\n{fmt(r)}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json_text(results))
+        write_text(args.output, json_text(results))
         for path in write_artifacts(args.output, results, short):
             log.info("wrote %s", path)

@@ -14,24 +14,31 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from gsae.files import partial_path, replace_dir, umask_mode
 from gsae.sae.base import SparseAutoencoder
 
 
 def export_saelens(sae: SparseAutoencoder, path: str | Path, meta: dict) -> Path:
     """Write ``sae`` to the folder ``path`` in SAELens format; ``meta`` is the checkpoint's ``describe()``."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    final = Path(path)
+    path = partial_path(final)  # written whole, then renamed over the old export (gsae.files)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
     cfg = sae.config()
     arch = "topk" if "k" in cfg else "standard"
     state = {name: p.detach().float().cpu().contiguous() for name, p in sae.named_parameters()}
     state["W_dec"] = sae.decoder_weight().detach().float().cpu().contiguous()
     save_file(state, str(path / "sae_weights.safetensors"))
+    os.chmod(path / "sae_weights.safetensors", umask_mode())  # safetensors writes 0600 whatever the umask
     lm = meta.get("lm", {})
     data = meta.get("data") or {}
     cfg_json = {
@@ -68,7 +75,8 @@ def export_saelens(sae: SparseAutoencoder, path: str | Path, meta: dict) -> Path
         cfg_json["k"] = cfg["k"]
         cfg_json["rescale_acts_by_decoder_norm"] = False
     (path / "cfg.json").write_text(json.dumps(cfg_json, indent=2))
-    return path
+    replace_dir(path, final)
+    return final
 
 
 def _saelens_version() -> str:

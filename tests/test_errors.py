@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def run_cli(tmp_path, monkeypatch, capsys):
         # --trainer values Lightning divides by after the first step, or rejects with its own exception
         (["--trainer.accumulate_grad_batches", "0"], ["--trainer.accumulate_grad_batches must be >= 1"]),
         (["--trainer.val_check_interval", "0"], ["--trainer.val_check_interval must be > 0"]),
+        (["--trainer.precision", "bf16-true"], ["--trainer.precision bf16-true", "use bf16-mixed"]),
         (["--trainer.max_steps", "-5"], ["max_steps", "-5"]),
         (["--trainer.default_root_dir", str(REPO_ROOT / "README.md")], ["Not a directory", "README.md"]),
         (["--model.init_args.optimizer.init_args.lr", "-0.001"], ["--model.optimizer: Invalid learning rate: -0.001"]),
@@ -58,7 +60,7 @@ def run_cli(tmp_path, monkeypatch, capsys):
          ["--trainer.strategy ddp_spawn: train.py cannot start processes by spawn", "ddp_fork"]),
     ],
     ids=["hook", "k>d_sae", "d_sae=0", "k=0", "context_size>n_ctx", "batch_size=0", "lm-preset", "ckpt-last",
-         "ckpt-missing", "accumulate=0", "val_check_interval=0", "max_steps<0", "root-is-a-file", "lr<0", "ddp-3-ranks",
+         "ckpt-missing", "accumulate=0", "val_check_interval=0", "bf16-true", "max_steps<0", "root-is-a-file", "lr<0", "ddp-3-ranks",
          "ddp_spawn"],
 )
 def test_bad_option(run_cli, args: list[str], expected: list[str]) -> None:
@@ -301,3 +303,28 @@ def test_e2e_objectives_that_train_nothing_or_the_wrong_thing_are_one_line() -> 
         build(downstream_hooks=later, downstream_coef=2.5, downstream_coefs=[1.0])
     build(kl_coef=0.0, local_mse_coef=1.0)  # a local objective alone trains
     build(kl_coef=0.5, downstream_hooks=later, downstream_coef=2.5)  # e2e+ds
+
+
+def test_an_empty_held_out_set_is_refused_before_training(run_cli, tmp_path):
+    """Evaluation (on by default) needs held-out contexts: with none, the run used to train to its first checkpoint
+    (step 1000 in the GPT-2 configs) and end there with an error naming no option, and every resume again."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": "a b c d e f g h " * 20 + str(i)}) + "\n" for i in range(40)))
+    code, line = run_cli("--data.dataset", str(data), "--data.val_documents", "0")
+    assert code == 1 and line.startswith("error: --data.val_documents 0: the held-out set gives no context")
+    assert "--evaluation.enabled false" in line
+    assert not list(tmp_path.rglob("*.ckpt"))  # refused before any step
+    code, line = run_cli("--data.dataset", str(data), "--data.val_documents", "0", "--evaluation.enabled", "false")
+    assert code == 0, line
+
+
+def test_training_saves_checkpoints_without_tmpdir(tmp_path, monkeypatch):
+    """The Trainer's checkpoint IO is gsae's same-folder one (gsae.files): no $TMPDIR detour."""
+    from gsae.cli import build_cli
+    from gsae.files import SameFolderCheckpointIO
+
+    monkeypatch.chdir(REPO_ROOT)
+    cli = build_cli(quickstart_args(tmp_path, "--evaluation.enabled", "false", steps=2))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, SameFolderCheckpointIO)
+    assert (tmp_path / "quickstart-topk" / "checkpoints" / "last.ckpt").is_file()

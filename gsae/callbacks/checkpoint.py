@@ -4,6 +4,7 @@ callbacks where the new checkpoint is."""
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -11,10 +12,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from gsae.export import export_saelens
+from gsae.files import SameFolderCheckpointIO, remove_partials
+
+log = logging.getLogger(__name__)
 
 
 def saelens_dir(ckpt_path: str | Path, member: str = "") -> Path:
@@ -73,7 +79,29 @@ class SAECheckpoint(ModelCheckpoint):
         if self.dirpath is None:  # resolved, as Lightning resolves a given dirpath: one folder, one spelling
             name = trainer.logger.name if trainer.logger is not None and trainer.logger.name else "run"
             self.dirpath = os.path.realpath(Path(trainer.default_root_dir) / name / "checkpoints")
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not $TMPDIR then a move (gsae.files)
+            trainer.strategy.checkpoint_io = SameFolderCheckpointIO()
+        if trainer.is_global_zero and Path(self.dirpath).is_dir():
+            remove_partials(self.dirpath)  # what a killed save left
         super().setup(trainer, pl_module, stage)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint, without the interval: Lightning's holds
+        ``every_n_train_steps``, so a resume with another ``--checkpoint.every_n_train_steps`` dropped the state (with
+        a warning asking to add the callback) and the next save wrote ``last-v1.ckpt`` beside a ``last.ckpt`` left at
+        the old step."""
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Take this callback's state from checkpoints written before :attr:`state_key` left out the interval."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states:
+            ours = [k for k in states if isinstance(k, str) and k.startswith(type(self).__name__ + "{")]
+            if len(ours) == 1:
+                states[self.state_key] = states.pop(ours[0])
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -123,10 +151,46 @@ class SAECheckpoint(ModelCheckpoint):
         self._announce(trainer)
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """On a resume, finish what a kill left undone at the step resumed from: its SAELens export (written after
+        the checkpoint) and its evaluation (after both; minutes at GPT-2 scale, so the likeliest work to be cut
+        short). The weights now are that checkpoint's, so both are what the uninterrupted run wrote."""
+        super().on_train_start(trainer, pl_module)
+        if not trainer.ckpt_path or not trainer.is_global_zero or self.dirpath is None:
+            return
+        step = trainer.global_step
+        ckpt = next(iter(sorted(Path(self.dirpath).glob(f"*step={step}.ckpt"))), None)  # the schedule's checkpoint
+        if ckpt is None:
+            return
+        members = list(pl_module.saes())
+        if self.export_saelens and any(not saelens_dir(ckpt, m).is_dir() for m in members):
+            for member, (sae, meta) in pl_module.saes().items():
+                export_saelens(sae, saelens_dir(ckpt, member), meta)
+        if any(not cb.evaluated(ckpt, members) for cb in trainer.callbacks if hasattr(cb, "evaluated")):
+            log.info("%s has no evaluation (the run was stopped during it): evaluating it now", ckpt.name)
+            self._to_announce.append(str(ckpt))
+            self._announce(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """On SIGTERM (a scheduler's preemption or time limit, ``kill``), save the step reached in ``last.ckpt``
+        (and its export) before the process ends: the resume loses no step. Every rank gets the signal at the same
+        step (Lightning broadcasts it), so the collective save is safe. No evaluation: a preempted job has seconds."""
+        if (isinstance(exception, SIGTERMException) and self.save_last and trainer.global_step > 0
+                and self._last_global_step_saved != trainer.global_step):
+            candidates = self._monitor_candidates(trainer)
+            if self._batch_epoch is not None:
+                candidates["epoch"] = torch.tensor(self._batch_epoch)
+            self._save_last_checkpoint(trainer, candidates)
+            self._to_announce.clear()
+        super().on_exception(trainer, pl_module, exception)
+
+    @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        # a checkpoint written over another (last.ckpt): what was beside the old one describes the old state
+        super()._save_checkpoint(trainer, filepath)  # written whole, then renamed over the old file (gsae.files)
+        # a checkpoint written over another (last.ckpt): what was beside the old one describes the old state; removed
+        # once the new one is in place, so a kill during the save leaves the old checkpoint with its export
         self._remove_beside(trainer, filepath)
-        super()._save_checkpoint(trainer, filepath)
         module = trainer.lightning_module
         if trainer.is_global_zero and self.export_saelens:
             for member, (sae, meta) in module.saes().items():  # one SAE, or every member of a sweep

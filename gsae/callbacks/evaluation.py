@@ -44,6 +44,7 @@ from gsae.evals import (
     tagged_texts,
     tokens_per_benchmark,
 )
+from gsae.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +164,16 @@ class EvaluationCallback(Callback):
                     "contexts": self.last_contexts,
                     "results": results,
                 }
-                member_path(ckpt_path, member, ".eval.json").write_text(json_text(payload))
+                write_text(member_path(ckpt_path, member, ".eval.json"), json_text(payload))
             for suffix, content in artifacts(results).items():
-                member_path(ckpt_path, member, suffix).write_text(content)
+                write_text(member_path(ckpt_path, member, suffix), content)
+
+    def evaluated(self, ckpt_path: str | Path, members: list[str]) -> bool:
+        """Whether this callback has nothing to redo for checkpoint ``ckpt_path`` (its JSON is there for every member,
+        or it writes none)."""
+        return not (self.enabled and self.write_json) or all(
+            member_path(ckpt_path, m, ".eval.json").is_file() for m in members
+        )
 
     @override
     def on_train_batch_end(
@@ -178,6 +186,8 @@ class EvaluationCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.enabled and stage == "fit":  # every rank: refused before training, not at the first checkpoint
+            self.check_held_out(trainer)
         background = self.figures_in_background
         self.figures.background = trainer.strategy.root_device.type != "cpu" if background is None else background
         if self.enabled and self.log_figures and trainer.is_global_zero:
@@ -236,11 +246,25 @@ class EvaluationCallback(Callback):
             contexts = iter(dm.contexts("val"))
             first = next(contexts, None)
             if first is None:
-                raise ValueError("EvaluationCallback: the data module has no validation contexts")
+                raise ValueError(self._no_held_out(dm))
             n_read, self._counts = held_out_counts(self.benchmarks, self.n_seqs, self.options, len(first))
             ctx = [first, *itertools.islice(contexts, n_read - 1)]
             self._tokens = torch.tensor(ctx, dtype=torch.long)
         return self._tokens
+
+    def check_held_out(self, trainer: pl.Trainer) -> None:
+        """A one-line error if the data module holds out no context to evaluate on (it used to end the run at its
+        first checkpoint, and every resume at the next)."""
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "contexts") and next(iter(dm.contexts("val")), None) is None:
+            raise ValueError(self._no_held_out(dm))
+
+    @staticmethod
+    def _no_held_out(dm) -> str:
+        where = (f"--data.val_split {dm.val_split!r}" if getattr(dm, "val_split", None)
+                 else f"--data.val_documents {getattr(dm, 'val_documents', '?')}")
+        return (f"{where}: the held-out set gives no context to evaluate on; hold out more documents, or turn the "
+                "evaluation off (--evaluation.enabled false)")
 
     def _log(self, trainer: pl.Trainer, everything: dict[str, dict[str, dict]], step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter

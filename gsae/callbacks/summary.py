@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from gsae.callbacks.progress import TRAIN_FIELDS, VAL_FIELDS, format_count, format_duration, metric_fields
@@ -44,7 +45,8 @@ class Summary(NamedTuple):
     """The record of one run.
 
     Attributes:
-        status: ``finished`` or ``stopped`` (interrupted).
+        status: ``finished``, ``stopped`` (Ctrl+C) or ``terminated`` (SIGTERM: a scheduler's preemption or time
+            limit, ``kill``; the step reached is saved in ``last.ckpt`` first).
         steps: global step at the end; ``steps_run``: steps of this invocation (less when resumed).
         tokens: tokens trained in this invocation; ``tokens_total``: since the run began.
         wall_s: wall-clock seconds of this invocation's training.
@@ -121,8 +123,9 @@ class RunSummary(Callback):
             if isinstance(exception, KeyboardInterrupt):
                 print(f"stopped (Ctrl+C); to resume:\n  {self._forked_print[1]}", flush=True)
             return
-        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
-            self._end = ("stopped", time.perf_counter(), trainer, pl_module)
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.is_global_zero:
+            status = "terminated" if isinstance(exception, SIGTERMException) else "stopped"
+            self._end = (status, time.perf_counter(), trainer, pl_module)
             self._print_if_forked(trainer)
 
     @override
@@ -229,7 +232,9 @@ def render(s: Summary, resume_command: str | None = None) -> str:
     """Console text of a :class:`Summary`; paths relative to the working directory where they are under it.
     ``resume_command``: the command that continues a stopped run (shown under ``next`` when it was stopped)."""
     rate = s.tokens / s.wall_s if s.wall_s > 0 else 0.0
-    head = "finished" if s.status == "finished" else "stopped (Ctrl+C)"
+    head = {"finished": "finished", "terminated": "stopped (SIGTERM; last.ckpt holds the step reached)"}.get(
+        s.status, "stopped (Ctrl+C)"
+    )
     resumed = f" (run total {format_count(s.tokens_total)} tokens, step {s.steps})" if s.steps_run != s.steps else ""
     lines = [
         "── run summary " + "─" * 50,

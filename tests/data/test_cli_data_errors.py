@@ -11,7 +11,7 @@ def test_empty_file_is_one_error_line(run_cli, tmp_path) -> None:  # noqa: F811
     for name, content in [("empty.jsonl", ""), ("blank.txt", "\n\n\n")]:
         path = tmp_path / name
         path.write_text(content)
-        code, line = run_cli("--data.dataset", str(path), "--data.val_documents", "0")
+        code, line = run_cli("--data.dataset", str(path), "--data.val_documents", "0", "--evaluation.enabled", "false")
         assert code == 1
         assert "--data.dataset" in line and str(path) in line
 
@@ -20,7 +20,7 @@ def test_source_without_a_training_context_is_one_error_line(run_cli, tmp_path) 
     path = tmp_path / "short.txt"
     path.write_text("hi\n" * 40)
     line_docs = ("--data.text_unit", "line")  # one document per line
-    code, line = run_cli("--data.dataset", str(path), *line_docs, "--data.val_documents", "0")  # 2-token lines, 64-token contexts
+    code, line = run_cli("--data.dataset", str(path), *line_docs, "--data.val_documents", "0", "--evaluation.enabled", "false")  # 2-token lines, 64-token contexts
     assert code == 1
     assert "--data.dataset" in line and "no complete 64-token context" in line
     code, line = run_cli("--data.dataset", str(path), *line_docs)  # every document held out for validation

@@ -440,3 +440,15 @@ def test_evaluate_cli_gives_dead_latents_its_window_by_default(run_dir, tmp_path
     assert seen["dead_latents"] == (30, 64) and seen["loss_added"] == (64, 64)
     assert evaluate_main([ckpt, "--options", json.dumps({"dead_latents": {"n_seqs": 0}})]) == 1
     assert "--options.dead_latents.n_seqs must be > 0" in capsys.readouterr().err
+
+
+def test_evaluate_py_ctrl_c_is_one_line(monkeypatch, capsys, tmp_path):
+    """Ctrl+C during evaluate.py printed a 59-line KeyboardInterrupt traceback; now one line and exit code 130."""
+    import gsae.evaluate as ev
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "evaluate", interrupted)
+    assert ev.main([str(tmp_path / "x.ckpt")]) == 130
+    assert capsys.readouterr().err.strip() == "stopped (Ctrl+C)"

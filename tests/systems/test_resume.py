@@ -287,3 +287,67 @@ def test_evaluation_runs_after_the_steps_checkpoint_and_last_ckpt_are_written(tm
         "epoch=0-step=3.ckpt", "last.ckpt", "epoch=0-step=6.ckpt", "last.ckpt", "epoch=0-step=7.ckpt", "last.ckpt"
     ]
     assert all(step == last_step for _, step, last_step in seen), seen
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_reached_and_the_resume_equals_uninterrupted(tmp_path):
+    """SIGTERM (a scheduler's preemption or time limit) used to end the run with exit code 0, no summary and the
+    steps since the last checkpoint lost. Now the step reached is saved in last.ckpt, the summary says so with the
+    resume command, the exit code is 143, and the resume ends with the uninterrupted run's SAE."""
+    import signal
+    import time
+
+    from tests.systems.launch import assert_same_sae, finish, start, train_args
+
+    steps, every = 30, 10
+    extra = ("--checkpoint.every_n_train_steps", str(every), "--evaluation.enabled", "false")
+    full = start(train_args(tmp_path / "full", steps, *extra))
+    root = tmp_path / "term"
+    args = train_args(root, steps, *extra)
+    proc = start(args)
+    ckpts = root / "quickstart-topk" / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not (ckpts / "last.saelens" / "cfg.json").exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    time.sleep(0.5)  # a few steps past the checkpoint
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "stopped (SIGTERM; last.ckpt holds the step reached)" in out and "--ckpt_path last" in out
+    saved = torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"]
+    head = next(line for line in out.splitlines() if line.startswith("stopped (SIGTERM"))
+    assert f": {saved} steps" in head and every <= saved < steps  # the step reached, not the last checkpoint's
+    assert (ckpts / "last.saelens" / "cfg.json").is_file() and not list(ckpts.glob(".*"))  # exported; no partial left
+    finish(start([*args, "--ckpt_path", "last"]))
+    finish(full)
+    assert_same_sae(ckpts / "last.ckpt", tmp_path / "full" / "quickstart-topk" / "checkpoints" / "last.ckpt")
+
+
+def test_a_resume_redoes_the_export_and_evaluation_a_kill_cut_short(tmp_path):
+    """A run killed after writing a checkpoint but before its export and evaluation were done (the evaluation takes
+    minutes at GPT-2 scale) used to leave that checkpoint without them for good. The resume, whose weights are that
+    checkpoint's, now writes both; it also keeps last.ckpt when the checkpoint interval changed (Lightning filed the
+    callback's state under the old interval and wrote last-v1.ckpt beside a stale last.ckpt)."""
+    import json
+    import shutil
+
+    from tests.systems.launch import finish, start, train_args
+
+    root = tmp_path / "run"
+    args = train_args(root, 10, "--checkpoint.every_n_train_steps", "5", "--evaluation.benchmarks", "[loss_added]")
+    finish(start(args))
+    ckpts = root / "quickstart-topk" / "checkpoints"
+    want = json.loads((ckpts / "epoch=0-step=10.ckpt.eval.json").read_text())["results"]["loss_added"]
+    shutil.rmtree(ckpts / "epoch=0-step=10.saelens")  # as a kill after the checkpoint leaves it
+    (ckpts / "epoch=0-step=10.ckpt.eval.json").unlink()
+    args = train_args(root, 16, "--checkpoint.every_n_train_steps", "4", "--evaluation.benchmarks", "[loss_added]")
+    out = finish(start([*args, "--ckpt_path", "last"]))
+    assert "epoch=0-step=10.ckpt has no evaluation" in out
+    assert (ckpts / "epoch=0-step=10.saelens" / "cfg.json").is_file()
+    again = json.loads((ckpts / "epoch=0-step=10.ckpt.eval.json").read_text())
+    assert again["step"] == 10 and again["results"]["loss_added"]["kl_sae"] == pytest.approx(want["kl_sae"], rel=1e-5)
+    assert not list(ckpts.glob("last-v*")) and "Please add the following callbacks" not in out
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 16
+    assert (ckpts / "epoch=0-step=12.ckpt").is_file() and (ckpts / "epoch=0-step=16.ckpt").is_file()
