@@ -384,6 +384,8 @@ def user_message(e: BaseException) -> str:
         return f"writing a SAELens export: {text.splitlines()[0]}"
     if isinstance(chain[0], UnicodeDecodeError):
         return f"a file given as text (--config?) is binary: {text.splitlines()[0]}"
+    if text.startswith("No supported gpu backend found"):  # Lightning's words for accelerator="gpu" without one
+        return "--trainer.accelerator gpu: this machine has no GPU (CUDA or MPS); use --trainer.accelerator cpu or auto"
     trainer_option = _TRAINER_ARG.search(text)  # Lightning's own checks name the Trainer argument: `devices=3`
     if trainer_option:
         return f"--trainer.{trainer_option.group(1)}: {text.splitlines()[0]}"

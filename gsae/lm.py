@@ -20,6 +20,7 @@ import re
 import socket
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
@@ -830,8 +831,13 @@ def build_hooked_transformer(
 
 
 def _local_loader(name: str) -> Callable | None:
-    """The loader of a model that ships with gsae: ``LOCAL_MODELS`` first, then ``gsae-*`` from gsae.tinylm."""
-    if name not in LOCAL_MODELS and name.startswith("gsae-"):
+    """The loader of a model that ships with gsae: ``LOCAL_MODELS`` first, then ``gsae-*`` from gsae.tinylm, or a
+    folder ``python -m gsae.tinylm.train --out DIR`` wrote (its ``config.json`` and ``model.safetensors``)."""
+    folder = Path(name)
+    is_tinylm_folder = name not in LOCAL_MODELS and (folder / "model.safetensors").is_file() and (
+        folder / "config.json"
+    ).is_file()
+    if name not in LOCAL_MODELS and (name.startswith("gsae-") or is_tinylm_folder):
         from gsae import tinylm
 
         return tinylm.load  # raises LMLoadError naming the option for an unknown gsae-* name

@@ -49,6 +49,8 @@ def run_cli(tmp_path, monkeypatch, capsys):
         (["--trainer.accumulate_grad_batches", "0"], ["--trainer.accumulate_grad_batches must be >= 1"]),
         (["--trainer.val_check_interval", "0"], ["--trainer.val_check_interval must be > 0"]),
         (["--trainer.precision", "bf16-true"], ["--trainer.precision bf16-true", "use bf16-mixed"]),
+        pytest.param(["--trainer.accelerator", "gpu"], ["--trainer.accelerator gpu: this machine has no GPU"],
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
         (["--trainer.max_steps", "-5"], ["max_steps", "-5"]),
         (["--trainer.default_root_dir", str(REPO_ROOT / "README.md")], ["Not a directory", "README.md"]),
         (["--model.init_args.optimizer.init_args.lr", "-0.001"], ["--model.optimizer: Invalid learning rate: -0.001"]),
@@ -60,8 +62,8 @@ def run_cli(tmp_path, monkeypatch, capsys):
          ["--trainer.strategy ddp_spawn: train.py cannot start processes by spawn", "ddp_fork"]),
     ],
     ids=["hook", "k>d_sae", "d_sae=0", "k=0", "context_size>n_ctx", "batch_size=0", "lm-preset", "ckpt-last",
-         "ckpt-missing", "accumulate=0", "val_check_interval=0", "bf16-true", "max_steps<0", "root-is-a-file", "lr<0", "ddp-3-ranks",
-         "ddp_spawn"],
+         "ckpt-missing", "accumulate=0", "val_check_interval=0", "bf16-true", "gpu-on-cpu", "max_steps<0", "root-is-a-file",
+         "lr<0", "ddp-3-ranks", "ddp_spawn"],
 )
 def test_bad_option(run_cli, args: list[str], expected: list[str]) -> None:
     code, line = run_cli(*args)

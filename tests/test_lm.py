@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -233,3 +235,18 @@ def test_a_random_preset_is_the_same_model_in_every_dtype():
         for k, v in model.state_dict().items():
             if ref[k].is_floating_point() and v.dtype != torch.float32:
                 assert torch.equal(v, ref[k].to(v.dtype)), (dtype, k)
+
+
+def test_a_model_retrained_with_tinylm_out_loads_by_its_folder(tmp_path):
+    """``python -m gsae.tinylm.train --out DIR`` writes a model that ``--model.lm.name DIR`` loads (it was refused as
+    'not a TransformerLens model')."""
+    import shutil
+
+    from gsae.lm import LanguageModel
+
+    folder = tmp_path / "my-tiny"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "gsae" / "tinylm" / "assets" / "gsae-tiny", folder)
+    shipped, mine = LanguageModel("gsae-tiny"), LanguageModel(str(folder))
+    tokens = torch.randint(0, shipped.d_vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mine.model(tokens), shipped.model(tokens), rtol=0, atol=0)
+    assert mine.encode_text(["the cat"]) == shipped.encode_text(["the cat"])

@@ -115,7 +115,7 @@ class EvaluationCallback(Callback):
         """
         super().__init__()
         self.enabled = enabled
-        self.benchmarks = check_benchmarks(list(benchmarks or DEFAULT_BENCHMARKS), "EvaluationCallback.benchmarks")
+        self.benchmarks = check_benchmarks(list(benchmarks or DEFAULT_BENCHMARKS), "--evaluation.benchmarks")
         unknown = set(options or {}) - set(BENCHMARKS)
         if unknown:
             raise ValueError(
@@ -255,7 +255,7 @@ class EvaluationCallback(Callback):
     def check_held_out(self, trainer: pl.Trainer) -> None:
         """A one-line error if the data module holds out no context to evaluate on (it used to end the run at its
         first checkpoint, and every resume at the next)."""
-        dm = trainer.datamodule
+        dm = getattr(trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "contexts") and next(iter(dm.contexts("val")), None) is None:
             raise ValueError(self._no_held_out(dm))
 

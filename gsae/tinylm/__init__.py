@@ -28,6 +28,8 @@ EOT = "<|endoftext|>"
 def assets_dir(name: str) -> Path:
     from gsae.lm import LMLoadError
 
+    if name not in MODELS and (Path(name) / "model.safetensors").is_file():  # a folder gsae.tinylm.train wrote
+        return Path(name)
     if name not in MODELS:
         raise LMLoadError(f"--model.lm.name: unknown gsae model {name!r}; choose from {sorted(MODELS)}")
     path = MODELS[name]

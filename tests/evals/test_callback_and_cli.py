@@ -128,12 +128,15 @@ def test_evaluate_plateaus_prints_the_table_and_writes_json(run_dir, tmp_path, c
 def test_evaluate_cli_errors(tmp_path, capsys):
     bad = tmp_path / "bad.ckpt"
     bad.write_text("not a checkpoint")
+    yaml_file = tmp_path / "config.yaml"
+    yaml_file.write_text("# a run's config\nseed_everything: 0\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "cfg.json").write_text("{}")
     cases = {
         (str(tmp_path / "missing.ckpt"),): "PATH",
         (str(bad),): "corrupt or unreadable",
+        (str(yaml_file),): "is not a checkpoint (a gsae .ckpt file)",  # a config.yaml is not a corrupt checkpoint
         (str(bad), "--benchmarks", "loss_added,nope"): "--benchmarks",
         (str(bad), "--n-seqs", "0"): "--n-seqs",
         (str(bad), "--options", "{oops"): "--options",
@@ -173,7 +176,7 @@ def test_evaluate_cli_errors(tmp_path, capsys):
 
 
 def test_callback_guards(tmp_path):
-    with pytest.raises(ValueError, match="EvaluationCallback.benchmarks"):
+    with pytest.raises(ValueError, match="--evaluation.benchmarks: unknown benchmark"):
         EvaluationCallback(benchmarks=["nope"])
     with pytest.raises(ValueError, match="EvaluationCallback.options"):
         EvaluationCallback(benchmarks=["loss_added"], options={"nope": {}})
