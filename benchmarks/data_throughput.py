@@ -55,7 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl",
                    help="jsonl: one shard, streams split it by documents; parquet (1000-row row groups): by shards")
     p.add_argument("--legacy", action="store_true", help="also time the previous design (every rank packs everything)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.docs <= 2000:  # the data module holds out its first 1000 documents; every stream needs some of the rest
+        p.error(f"--docs must be > 2000 (got {args.docs}): the first 1000 are held out for validation")
+    return args
 
 
 def rank_tokens_per_s(dm: TokenDataModule, world: int, args: argparse.Namespace) -> float:

@@ -168,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--d-sae", type=int, default=12288)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--hook", default="blocks.6.hook_resid_pre")
+    p.add_argument("--hook", default=None, help="default: blocks.<n_layers // 2>.hook_resid_pre (blocks.6 of GPT-2)")
     p.add_argument("--model", default="random-gpt2", help="gsae LanguageModel name (offline: random-gpt2)")
     p.add_argument("--buffer-size", type=int, default=None, help="gsae shuffle buffer in tokens (default: one batch)")
     p.add_argument("--beta", type=float, default=1e5, help="g-SAE beta")
@@ -212,6 +212,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.hook is None:  # the middle layer of whichever model: blocks.6 of GPT-2 small (the figures)
+        from gsae.lm import RANDOM_PRESETS
+
+        n_layers = RANDOM_PRESETS.get(args.model, {}).get("n_layers", 12)
+        if args.model.startswith("gsae-"):
+            from gsae.tinylm import read_config
+
+            n_layers = read_config(args.model)["arch"]["n_layers"]
+        args.hook = f"blocks.{n_layers // 2}.hook_resid_pre"
     for key, value in {**GENERIC_DEFAULTS, **OBJECTIVE_DEFAULTS.get(args.objective, {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
