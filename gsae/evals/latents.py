@@ -101,7 +101,7 @@ def run(
     # for a candidate set of latents (the named ones and the head of the sample's seeded order) -- never every
     # nonzero: a ReLU SAE early in training fires on thousands of latents per token, and 128 contexts of 1024
     # tokens would be billions of entries. Latents the sample takes beyond the candidates get a second pass.
-    perm = _order(sae.d_sae, seed)
+    perm = _order(sae.d_sae, seed).tolist()
     candidates = list(dict.fromkeys(named + perm[: max(4 * n_latents, 64)]))
     counts, attr_sum, acts = _harvest(sae, lm, hook, tokens, batch_size, keep, candidates)
     chosen = named + _sample(counts, set(named), n_latents, n_contexts, seed)
@@ -170,9 +170,9 @@ def _harvest(
     return counts, attr_sum, acts
 
 
-def _order(d_sae: int, seed: int) -> list[int]:
+def _order(d_sae: int, seed: int) -> Tensor:
     """The seeded order in which :func:`_sample` takes latents."""
-    return torch.randperm(d_sae, generator=torch.Generator().manual_seed(seed)).tolist()
+    return torch.randperm(d_sae, generator=torch.Generator().manual_seed(seed))
 
 
 def _sample(counts: Tensor, exclude: set[int], n: int, min_fires: int, seed: int) -> list[int]:
@@ -180,11 +180,16 @@ def _sample(counts: Tensor, exclude: set[int], n: int, min_fires: int, seed: int
     alive latents if too few do. Latents are taken in the order of one seeded permutation of all ``d_sae``, so
     successive checkpoints show the same latents while they stay alive (one TensorBoard text card each)."""
     perm = _order(counts.shape[0], seed)
-    chosen = [i for i in perm if counts[i] >= min_fires and i not in exclude][:n]
+    c = counts.detach().cpu()[perm]  # in the permutation's order; one mask, not a Python read per latent
+    free = torch.ones(len(perm), dtype=torch.bool)
+    if exclude:
+        free = ~torch.isin(perm, torch.tensor(sorted(exclude), dtype=perm.dtype))
+    first = (c >= min_fires) & free
+    chosen = perm[first][:n]
     if len(chosen) < n:
-        taken = set(chosen) | exclude
-        chosen += [i for i in perm if 0 < counts[i] and i not in taken][: n - len(chosen)]
-    return sorted(chosen)
+        more = perm[(c > 0) & free & ~first][: n - len(chosen)]
+        chosen = torch.cat([chosen, more])
+    return sorted(chosen.tolist())
 
 
 def _logit_lens(sae, lm, chosen: list[int], n: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
