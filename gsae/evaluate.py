@@ -26,7 +26,6 @@ seeded draws, so the columns are comparable. Bad input: one line on stderr, exit
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import os
@@ -243,8 +242,9 @@ def load(src: Source, device: str, model: str | None):
 def held_out_tokens(
     lm: LanguageModel, dataset: str, context_size: int, n_seqs: int, prepend_bos: bool = True
 ) -> torch.Tensor:
-    """``(n, T)`` first ``n_seqs`` validation contexts of ``dataset`` (``TokenDataModule.contexts("val")``),
-    BOS first unless the SAE was trained without (``prepend_bos``: SAELens metadata, e.g. False for OpenAI v5)."""
+    """``(n, T)``: ``n_seqs`` validation contexts of ``dataset``, spread over its held-out set as training's evaluation
+    takes them (``TokenDataModule.evaluation_contexts``), BOS first unless the SAE was trained without
+    (``prepend_bos``: SAELens metadata, e.g. False for OpenAI v5)."""
     from gsae.data import TokenDataModule
 
     if context_size > lm.n_ctx:
@@ -252,7 +252,7 @@ def held_out_tokens(
     try:
         dm = TokenDataModule(lm=lm, dataset=dataset, context_size=context_size, prepend_bos=prepend_bos)
         dm.validate()
-        ctx = list(itertools.islice(dm.contexts("val"), n_seqs))
+        ctx = dm.evaluation_contexts(n_seqs)
     except ValueError as e:
         raise ArgumentError(str(e).replace("--data.dataset", "--dataset").replace("--data.context_size", "--context-size")) from None
     if not ctx:

@@ -243,12 +243,14 @@ class EvaluationCallback(Callback):
                 raise ValueError(
                     "EvaluationCallback needs a data module with contexts('val') (gsae.data.TokenDataModule)"
                 )
-            contexts = iter(dm.contexts("val"))
-            first = next(contexts, None)
+            first = next(iter(dm.contexts("val")), None)
             if first is None:
                 raise ValueError(self._no_held_out(dm))
             n_read, self._counts = held_out_counts(self.benchmarks, self.n_seqs, self.options, len(first))
-            ctx = [first, *itertools.islice(contexts, n_read - 1)]
+            # spread over the held-out set (not its first contexts: a few documents); evaluate.py takes the same
+            ctx = dm.evaluation_contexts(n_read) if hasattr(dm, "evaluation_contexts") else list(
+                itertools.islice(dm.contexts("val"), n_read)
+            )
             self._tokens = torch.tensor(ctx, dtype=torch.long)
         return self._tokens
 

@@ -172,6 +172,20 @@ class TokenDataModule(pl.LightningDataModule):
         docs = src.val_documents() if which == "val" else src.train_documents()
         return itertools.islice(pack(docs, self.context_size, bos, self.prepend_bos, self._separator()), start, None)
 
+    def evaluation_contexts(self, n: int, spread: int = 8) -> list[list[int]]:
+        """``n`` held-out contexts for the benchmarks (the evaluation callback's and ``evaluate.py``'s), spread over the
+        held-out set: every ⌊m/n⌋-th of its first ``m = min(all, spread·n)`` contexts. The first ``n`` of a packed text
+        stream come from a handful of documents (OpenWebText averages ~1,100 GPT-2 tokens: 64 contexts of 128 are
+        ~7 documents), so a benchmark's numbers were a few documents' topics; spread 8, the ~400 contexts of a GPT-2
+        config's evaluation come from ~370 of the 1000 held-out documents. Synthetic contexts are i.i.d.: the first
+        ``n``."""
+        if self.dataset == SYNTHETIC:
+            return list(itertools.islice(self.contexts("val"), n))
+        ctx = list(itertools.islice(self.contexts("val"), spread * n))
+        if len(ctx) <= n:
+            return ctx
+        return [ctx[i * len(ctx) // n] for i in range(n)]
+
     def open_stream(self, stream: int, state: StreamState | None = None) -> StreamPacker:
         """Stream ``stream`` of the text source, packed, from ``state`` (or its start)."""
         src = self.source()

@@ -342,3 +342,27 @@ def test_context_size_larger_than_n_ctx(tiny_lm) -> None:
 def test_invalid_options(kwargs: dict, option: str) -> None:
     with pytest.raises(ValueError, match=option.replace(".", r"\.")):
         TokenDataModule(dataset="synthetic", **kwargs)
+
+
+def test_evaluation_contexts_spread_over_the_held_out_set(tiny_lm, tmp_path):
+    """The benchmarks read contexts spread over the held-out documents, not the first ones (a few documents of
+    OpenWebText): evenly spaced over the first min(all, 8·n) held-out contexts, in order; synthetic: the first n."""
+    import json
+
+    from gsae.data import TokenDataModule
+
+    dm = TokenDataModule(lm=tiny_lm, dataset="gsae-corpus", context_size=32)  # an endless held-out stream
+    dm.validate()
+    n = 10
+    head = list(itertools.islice(dm.contexts("val"), 8 * n))
+    picked = dm.evaluation_contexts(n)
+    where = [head.index(c) for c in picked]
+    assert len(picked) == n and where == sorted(where) and where[0] == 0 and where[-1] >= 0.85 * (8 * n - 1)
+    path = tmp_path / "docs.jsonl"  # a finite held-out set, smaller than asked: all of it
+    path.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(40)))
+    local = TokenDataModule(lm=tiny_lm, dataset=str(path), context_size=32, val_documents=3, n_streams=1)
+    local.validate()
+    every = list(local.contexts("val"))
+    assert 0 < len(every) < 40 and local.evaluation_contexts(40) == every
+    synthetic = TokenDataModule(lm=tiny_lm, dataset="synthetic", context_size=16)
+    assert synthetic.evaluation_contexts(4) == list(itertools.islice(synthetic.contexts("val"), 4))
