@@ -656,7 +656,7 @@ class SAESystem(pl.LightningModule):
             offset += r["x"].shape[0]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + len(ranks) * 1009 + world * 101 + rank)
         if rank == 0:
-            log.info("resuming %d ranks' shuffle buffers (%d rows) on %d ranks: about %d rows each",
-                     len(ranks), offset, world, -(-offset // world))
+            log.info("resuming %d ranks' shuffle buffers (%d rows) on %d rank%s: about %d rows each",
+                     len(ranks), offset, world, "" if world == 1 else "s", -(-offset // world))
         return {"x": torch.cat(xs), "grad": None if gs[0] is None else torch.cat(gs), "gen": gen.get_state(),
                 "capacity": ranks[0].get("capacity")}
