@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +44,25 @@ def _sync(path: Path) -> None:
         os.close(fd)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (the old content, or none, survives a failure; the partial is removed)."""
-    path = Path(path)
+@contextmanager
+def replacing(path: str | Path, sync: bool = False) -> Iterator[Path]:
+    """Write a file to the yielded temporary name beside ``path``; on success it is (``sync``: fsynced and) renamed
+    over ``path``, on failure removed, so the old content, or none, survives."""
     tmp = partial_path(path)
     try:
-        tmp.write_text(text)
+        yield tmp
+        if sync:
+            _sync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`replacing`)."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 def replace_dir(tmp: str | Path, path: str | Path) -> None:
@@ -80,13 +91,6 @@ class SameFolderCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if "://" in str(path) or storage_options is not None:
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = partial_path(path)
-        try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with replacing(path, sync=True) as tmp:
             torch.save(checkpoint, tmp)
-            _sync(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise

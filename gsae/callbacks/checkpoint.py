@@ -125,13 +125,25 @@ class SAECheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Always keep the final state: save it unless this step was just saved."""
         if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step and not trainer.interrupted:
-            candidates = self._monitor_candidates(trainer)
-            if self._batch_epoch is not None:  # Lightning has closed the epoch by now: name it the one trained in
-                candidates["epoch"] = torch.tensor(self._batch_epoch)
+            candidates = self._candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
         super().on_train_end(trainer, pl_module)
         self._announce(trainer)
+
+    def _candidates(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """What names a checkpoint saved outside Lightning's hooks (the final one, a SIGTERM's): Lightning has
+        closed the epoch by then, so the epoch is the one of the last training batch."""
+        candidates = self._monitor_candidates(trainer)
+        if self._batch_epoch is not None:
+            candidates["epoch"] = torch.tensor(self._batch_epoch)
+        return candidates
+
+    @staticmethod
+    def _export(module: pl.LightningModule, filepath: str | Path) -> None:
+        """The SAELens export of every SAE of ``module`` (one, or each member of a sweep) beside ``filepath``."""
+        for member, (sae, meta) in module.saes().items():
+            export_saelens(sae, saelens_dir(filepath, member), meta)
 
     # Lightning saves in these hooks: the step's checkpoint, then last.ckpt; the evaluation comes after both
     @override
@@ -164,8 +176,7 @@ class SAECheckpoint(ModelCheckpoint):
             return
         members = list(pl_module.saes())
         if self.export_saelens and any(not saelens_dir(ckpt, m).is_dir() for m in members):
-            for member, (sae, meta) in pl_module.saes().items():
-                export_saelens(sae, saelens_dir(ckpt, member), meta)
+            self._export(pl_module, ckpt)
         if any(not cb.evaluated(ckpt, members) for cb in trainer.callbacks if hasattr(cb, "evaluated")):
             log.info("%s has no evaluation (the run was stopped during it): evaluating it now", ckpt.name)
             self._to_announce.append(str(ckpt))
@@ -178,10 +189,7 @@ class SAECheckpoint(ModelCheckpoint):
         step (Lightning broadcasts it), so the collective save is safe. No evaluation: a preempted job has seconds."""
         if (isinstance(exception, SIGTERMException) and self.save_last and trainer.global_step > 0
                 and self._last_global_step_saved != trainer.global_step):
-            candidates = self._monitor_candidates(trainer)
-            if self._batch_epoch is not None:
-                candidates["epoch"] = torch.tensor(self._batch_epoch)
-            self._save_last_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, self._candidates(trainer))
             self._to_announce.clear()
         super().on_exception(trainer, pl_module, exception)
 
@@ -191,10 +199,8 @@ class SAECheckpoint(ModelCheckpoint):
         # a checkpoint written over another (last.ckpt): what was beside the old one describes the old state; removed
         # once the new one is in place, so a kill during the save leaves the old checkpoint with its export
         self._remove_beside(trainer, filepath)
-        module = trainer.lightning_module
         if trainer.is_global_zero and self.export_saelens:
-            for member, (sae, meta) in module.saes().items():  # one SAE, or every member of a sweep
-                export_saelens(sae, saelens_dir(filepath, member), meta)
+            self._export(trainer.lightning_module, filepath)
         self._to_announce.append(filepath)
 
     def _announce(self, trainer: pl.Trainer) -> None:
