@@ -306,6 +306,15 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
+def split_speedup(names: list[str], seconds: dict[str, float], world: int) -> float:
+    """How much faster ``world`` ranks evaluate one SAE than one process, if each rank has its own device: the
+    benchmarks' measured ``seconds`` over the busiest rank's share of :func:`gsae.evals.split_tasks`."""
+    from gsae.evals import evaluation_tasks, split_tasks, task_cost
+
+    costs = [task_cost(t, seconds) for t in evaluation_tasks(list(names), [""], world)]
+    return sum(costs) / max(sum(costs[i] for i in share) for share in split_tasks(costs, world))
+
+
 def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-6) for x, y in zip(a, b))
 
@@ -441,6 +450,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  callback_logging_s={c['logging_s']:.2f} (scalars, texts and figures to TensorBoard, drawn in-process)")
         print(f"callback_s={c['eval_s']:.2f} train_s_between_checkpoints={train_s:.0f} (train_step_s x {c['every']})")
         print(f"callback_cost_fraction={c['eval_s'] / train_s:.4f}")
+        for world in (2, 4, 8):  # under DDP the ranks split the benchmarks (EvaluationCallback(distributed=True))
+            print(f"callback_split_speedup_w{world}={split_speedup(c['benchmarks'], c['per'], world):.2f} (estimated: "
+                  f"the benchmarks' seconds above, split as {world} ranks on their own devices split them)")
         out.update(callback_s=c["eval_s"], train_step_s=c["step_s"], callback_cost_fraction=c["eval_s"] / train_s)
     print(f"sweep_speedup_vs_naive_cpu_time={cpu_naive / cpu_sweep:.2f}")
     print(f"sweep_flop_bound={flop_bound(lm, lm.hook_layer(HOOK), n_runs, args.seq_len):.2f} (FLOP ratio naive / sweep:"

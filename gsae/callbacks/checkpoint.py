@@ -168,18 +168,22 @@ class SAECheckpoint(ModelCheckpoint):
         the checkpoint) and its evaluation (after both; minutes at GPT-2 scale, so the likeliest work to be cut
         short). The weights now are that checkpoint's, so both are what the uninterrupted run wrote."""
         super().on_train_start(trainer, pl_module)
-        if not trainer.ckpt_path or not trainer.is_global_zero or self.dirpath is None:
+        if not trainer.ckpt_path or self.dirpath is None:
             return
-        step = trainer.global_step
-        ckpt = next(iter(sorted(Path(self.dirpath).glob(f"*step={step}.ckpt"))), None)  # the schedule's checkpoint
-        if ckpt is None:
-            return
-        members = list(pl_module.saes())
-        if self.export_saelens and any(not saelens_dir(ckpt, m).is_dir() for m in members):
-            self._export(pl_module, ckpt)
-        if any(not cb.evaluated(ckpt, members) for cb in trainer.callbacks if hasattr(cb, "evaluated")):
-            log.info("%s has no evaluation (the run was stopped during it): evaluating it now", ckpt.name)
-            self._to_announce.append(str(ckpt))
+        redo = None  # rank 0 sees the files (other nodes may not); under DDP every rank evaluates a share
+        if trainer.is_global_zero:
+            step = trainer.global_step
+            ckpt = next(iter(sorted(Path(self.dirpath).glob(f"*step={step}.ckpt"))), None)  # the schedule's checkpoint
+            if ckpt is not None:
+                members = list(pl_module.saes())
+                if self.export_saelens and any(not saelens_dir(ckpt, m).is_dir() for m in members):
+                    self._export(pl_module, ckpt)
+                if any(not cb.evaluated(ckpt, members) for cb in trainer.callbacks if hasattr(cb, "evaluated")):
+                    log.info("%s has no evaluation (the run was stopped during it): evaluating it now", ckpt.name)
+                    redo = str(ckpt)
+        redo = trainer.strategy.broadcast(redo, src=0)
+        if redo is not None:
+            self._to_announce.append(redo)
             self._announce(trainer)
 
     @override

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,17 @@ from gsae.evals import (
     artifacts,
     check_benchmarks,
     check_options,
+    evaluation_tasks,
     failure,
     held_out_counts,
     json_text,
     run_benchmarks_at,
     run_options,
+    run_tasks,
+    split_tasks,
     tagged_scalars,
     tagged_texts,
+    task_cost,
     tokens_per_benchmark,
 )
 from gsae.files import write_text
@@ -65,8 +70,10 @@ class EvaluationCallback(Callback):
     and every ``every_n_steps`` steps; log scalars as ``eval/<benchmark>/<metric>``, figures to TensorBoard,
     and write ``<checkpoint>.eval.json`` beside each checkpoint.
 
-    Runs on global rank 0 only (under DDP the other ranks skip it, so there is one answer, not one per
-    rank). The held-out tokens are the first contexts of ``trainer.datamodule.contexts("val")``, read once and
+    Under DDP the ranks share the work (``distributed``, default): the benchmarks of every member are cut into tasks
+    (:func:`gsae.evals.evaluation_tasks`), split between the ranks by their cost at the previous evaluation
+    (:func:`gsae.evals.split_tasks`), and rank 0 gathers the results, logs them and writes the files: one answer,
+    equal to a one-process evaluation, in about the time of the busiest rank's share. The held-out tokens are the first contexts of ``trainer.datamodule.contexts("val")``, read once and
     reused, so every evaluation of a run sees the same tokens; each benchmark gets the first ``n`` of them
     (:func:`gsae.evals.held_out_counts`). Benchmarks that define ``artifacts`` get
     ``<checkpoint><suffix>`` files beside each checkpoint; ``texts`` go to TensorBoard as text.
@@ -84,6 +91,7 @@ class EvaluationCallback(Callback):
         log_figures: bool = True,
         write_json: bool = True,
         figures_in_background: bool | None = None,
+        distributed: bool = True,
     ) -> None:
         """Choose what to evaluate and when.
 
@@ -112,6 +120,9 @@ class EvaluationCallback(Callback):
                 (false) in the training process before it resumes. Default (null): in the background when training
                 on a GPU, whose host has idle cores; in the training process on a CPU, whose cores train (there a
                 worker cut the 2-core quickstart sweep's checkpoint stalls 8.9 → 2.4 s but slowed the run by 15%).
+            distributed: under DDP, split the benchmarks (and a sweep's members) between the ranks and gather the
+                results on rank 0 (default); false: rank 0 evaluates alone while the others wait at their next step
+                (the evaluation then takes as long on 8 GPUs as on one, bounded by the process group's timeout).
         """
         super().__init__()
         self.enabled = enabled
@@ -135,6 +146,7 @@ class EvaluationCallback(Callback):
         self.log_figures = log_figures
         self.write_json = write_json
         self.figures_in_background = figures_in_background
+        self.distributed = distributed
         self.figures = FigureRenderer(background=bool(figures_in_background))
         self._tokens: torch.Tensor | None = None
         self._counts: dict[str, int | None] = {}  # benchmark -> its held-out contexts (gsae.evals.held_out_counts)
@@ -144,15 +156,20 @@ class EvaluationCallback(Callback):
         self.last_seconds: dict[str, float] = {}
         #: held-out contexts each benchmark read in the latest evaluation (the JSON's ``contexts``)
         self.last_contexts: dict[str, int] = {}
+        #: the ``(benchmark, members)`` tasks this process ran in the latest evaluation (all of them on one process)
+        self.last_tasks: list[tuple[str, tuple[str, ...]]] = []
 
     # ------------------------------------------------------------------ hooks
     def on_sae_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ckpt_path: str | Path) -> None:
         """Evaluate the checkpointed state (once per step: ``last.ckpt`` reuses it); write the JSON and artifacts
         (for a sweep, one set per member: ``<checkpoint>.<member>.eval.json``, ``<checkpoint>.<member>.latents.html``)."""
-        if not self.enabled or not trainer.is_global_zero:
+        if not self.enabled or not self._takes_part(trainer):
+            return
+        everything = self.evaluate(trainer, pl_module)  # every rank's share under DDP (distributed)
+        if not trainer.is_global_zero:
             return
         hooks = {member: hook for member, (_, hook) in member_saes(pl_module).items()}
-        for member, results in self.evaluate(trainer, pl_module).items():
+        for member, results in everything.items():
             if self.write_json:
                 payload = {
                     "checkpoint": Path(ckpt_path).name,
@@ -181,8 +198,19 @@ class EvaluationCallback(Callback):
     ) -> None:
         self.figures.poll()  # figures drawn in the background since the last step
         step = trainer.global_step
-        if self.enabled and self.every_n_steps and trainer.is_global_zero and step > 0 and step % self.every_n_steps == 0:
+        if self.enabled and self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and self._takes_part(trainer):
             self.evaluate(trainer, pl_module)
+
+    def _world(self, trainer: pl.Trainer) -> int:
+        """The ranks an evaluation is split between: the process group's, under DDP with ``distributed``; else 1."""
+        world = int(getattr(trainer, "world_size", 1) or 1)
+        if not self.distributed or world < 2 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return 1
+        return world
+
+    def _takes_part(self, trainer: pl.Trainer) -> bool:
+        """Whether this process runs (a share of) the evaluation: rank 0, and every rank when it is split."""
+        return trainer.is_global_zero or self._world(trainer) > 1
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -217,23 +245,56 @@ class EvaluationCallback(Callback):
             self._per_benchmark = (lm.device, tokens_per_benchmark(self._counts, tokens, lm, self.options))
         per_benchmark = self._per_benchmark[1]
         self.last_contexts = {name: int(t.shape[0]) for name, t in per_benchmark.items()}
-        options = run_options(self.benchmarks, self.options)
-        self.last_seconds = {}
-        # one set of LM passes for every benchmark and member (shared harvests; loss_added's run_many), and one per
-        # batch for all the hooks of a sweep whose members read different hooks
-        everything = run_benchmarks_at(
-            list(self.benchmarks), saes, lm, per_benchmark, seed=self.seed, options=options,
-            seconds=self.last_seconds, batch_size=batch_size,
-            on_error="raise" if os.environ.get("GSAE_DEBUG") else "record",
-        )
+        kwargs = dict(seed=self.seed, options=run_options(self.benchmarks, self.options), batch_size=batch_size,
+                      on_error="raise" if os.environ.get("GSAE_DEBUG") else "record")
+        world = self._world(trainer)
+        if world > 1:
+            everything = self._evaluate_share(trainer, saes, lm, per_benchmark, world, kwargs)
+        else:
+            self.last_seconds = {}
+            self.last_tasks = [(name, tuple(saes)) for name in self.benchmarks]
+            # one set of LM passes for every benchmark and member (shared harvests; loss_added's run_many), and one per
+            # batch for all the hooks of a sweep whose members read different hooks
+            everything = run_benchmarks_at(list(self.benchmarks), saes, lm, per_benchmark, seconds=self.last_seconds,
+                                           **kwargs)
+        self._last = (step, everything)
+        if not trainer.is_global_zero:
+            return everything
         for member, res in everything.items():  # a benchmark that raised: said once, training goes on
             for name, r in res.items():
                 if failure(r):
                     log.error("evaluation: %s%s failed at step %d (%s); the run goes on (GSAE_DEBUG=1 raises)",
                               name, f" of {member}" if member else "", step, failure(r))
-        self._last = (step, everything)
         self._log(trainer, everything, step)
         return everything
+
+    def _evaluate_share(self, trainer, saes, lm, tokens, world: int, kwargs: dict) -> dict[str, dict[str, dict]]:
+        """This rank's share of the evaluation (:func:`gsae.evals.split_tasks` of the tasks, by the seconds each took at
+        the previous evaluation, which every rank holds after the gather), then every rank's results, gathered:
+        ``{member: {benchmark: result}}`` in the order of ``saes`` and :attr:`benchmarks`, on every rank."""
+        tasks = evaluation_tasks(list(self.benchmarks), list(saes), world)
+        share = split_tasks([task_cost(t, self.last_seconds) for t in tasks], world)[trainer.global_rank]
+        self.last_tasks = [tasks[i] for i in share]
+        seconds: dict[str, float] = {}
+        mine, error = {}, None
+        try:
+            mine = run_tasks(self.last_tasks, saes, lm, tokens, seconds=seconds, **kwargs)
+        except Exception as e:  # GSAE_DEBUG=1 (else failures are recorded): every rank raises, none waits forever
+            error = e
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, (mine, seconds, None if error is None else traceback.format_exc()))
+        if error is not None:
+            raise error
+        failed = next(((r, tb) for r, (_, _, tb) in enumerate(gathered) if tb), None)
+        if failed is not None:
+            raise RuntimeError(f"the evaluation failed on rank {failed[0]}:\n{failed[1]}")
+        merged: dict[str, dict[str, dict]] = {}
+        self.last_seconds = {}
+        for results, secs, _ in gathered:
+            for member, res in results.items():
+                merged.setdefault(member, {}).update(res)
+            self.last_seconds.update(secs)
+        return {m: {b: merged[m][b] for b in self.benchmarks if b in merged.get(m, {})} for m in saes}
 
     def held_out_tokens(self, trainer: pl.Trainer) -> torch.Tensor:
         """``(n, T)`` first held-out contexts of the data module, the most any benchmark reads (read once)."""

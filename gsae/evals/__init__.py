@@ -385,6 +385,67 @@ def run_benchmarks_at(
     return {name: results[name] for name in saes}
 
 
+#: a benchmark's relative cost for one SAE, before a run has timed its own: seconds of one evaluation with
+#: configs/gpt2/gsae.yaml's budgets on 2 CPU cores (``benchmarks/eval_speed.py``); only their ratios matter
+BENCHMARK_COST = {"loss_added": 45.0, "dead_latents": 35.0, "steering": 18.0, "sensitive_directions": 66.0,
+                  "decoder_geometry": 11.0, "latents": 7.0, "plateaus": 120.0}
+
+
+def evaluation_tasks(names: list[str], members: list[str], world: int) -> list[tuple[str, tuple[str, ...]]]:
+    """The evaluation's units of work for ``world`` ranks: ``(benchmark, members)`` pairs covering every benchmark of
+    every member once, in ``names`` × ``members`` order. A benchmark runs for one member per task, except one with a
+    ``run_many`` (its SAE-independent passes shared by the members of a task), whose members are cut into chunks of
+    ``⌈members / world⌉``: as few chunks as still give every rank work."""
+    tasks: list[tuple[str, tuple[str, ...]]] = []
+    for name in names:
+        size = 1
+        if getattr(BENCHMARKS[name], "run_many", None) is not None:
+            size = -(-len(members) // max(world, 1))
+        tasks += [(name, tuple(members[i : i + size])) for i in range(0, len(members), size)]
+    return tasks
+
+
+def task_cost(task: tuple[str, tuple[str, ...]], seconds: Mapping[str, float]) -> float:
+    """A task's expected seconds: what its benchmark took for its members last time (``seconds`` as
+    :func:`run_benchmarks_many` records them), else :data:`BENCHMARK_COST` per member."""
+    name, members = task
+    keys = [f"{m}/{name}" if m else name for m in members]
+    if all(k in seconds for k in keys):
+        return sum(float(seconds[k]) for k in keys)
+    return BENCHMARK_COST.get(name, 30.0) * len(members)
+
+
+def split_tasks(costs: list[float], world: int) -> list[list[int]]:
+    """Task indices per rank, by longest processing time first: each task, costliest first (ties: first listed), goes
+    to the rank with the least work so far (ties: the lowest rank). Deterministic, so every rank computes the same
+    split; the busiest rank gets at most 4/3 of the best possible split's work (Graham 1969). Each rank's indices
+    ascending (the order the tasks were listed in)."""
+    loads = [0.0] * world
+    share: list[list[int]] = [[] for _ in range(world)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (loads[r], r))
+        loads[r] += costs[i]
+        share[r].append(i)
+    return [sorted(s) for s in share]
+
+
+def run_tasks(
+    tasks: list[tuple[str, tuple[str, ...]]], saes: Mapping[str, tuple[object, str]], lm, tokens, **kwargs
+) -> dict[str, dict[str, dict]]:
+    """``{member: {benchmark: result}}`` of ``tasks`` (:func:`evaluation_tasks`), each result what
+    :func:`run_benchmarks_at` gives; one harvest cache for them all (:func:`gsae.evals.common.shared_harvests`).
+    ``kwargs``: those of :func:`run_benchmarks_many`."""
+    from gsae.evals.common import shared_harvests
+
+    out: dict[str, dict[str, dict]] = {}
+    with shared_harvests():
+        for name, members in tasks:
+            res = run_benchmarks_at([name], {m: saes[m] for m in members}, lm, tokens, **kwargs)
+            for m, r in res.items():
+                out.setdefault(m, {})[name] = r[name]
+    return out
+
+
 def _failure(e: BaseException) -> dict:
     """``{"failed": "<Error>: <first line>"}``; on a GPU the failed benchmark's cached blocks go back first (an OOM)."""
     if torch.cuda.is_available():
@@ -477,6 +538,7 @@ def tagged_figures(results: dict[str, dict], prefix: str = "eval") -> dict:
 
 __all__ = [
     "BENCHMARKS",
+    "BENCHMARK_COST",
     "DEFAULT_N_SEQS",
     "N_SEQS_OPTION",
     "OPT_IN",
@@ -485,6 +547,7 @@ __all__ = [
     "benchmark_figures",
     "benchmark_texts",
     "check_benchmarks",
+    "evaluation_tasks",
     "failure",
     "held_out_counts",
     "is_skipped",
@@ -493,9 +556,12 @@ __all__ = [
     "run_benchmarks_at",
     "run_benchmarks_many",
     "run_options",
+    "run_tasks",
     "scalars",
+    "split_tasks",
     "tagged_figures",
     "tagged_scalars",
     "tagged_texts",
+    "task_cost",
     "tokens_per_benchmark",
 ]

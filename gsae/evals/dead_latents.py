@@ -109,7 +109,7 @@ def run(
     n_used = n_total // batch_tokens * batch_tokens if enough else n_total
     window = n_used if window_tokens is None else window_tokens
     tracker = DeadLatentTracker(sae.d_sae, dead_batches, window).to(sae.W_dec.device)
-    counts = FireCountMetric(sae.d_sae, sync_on_compute=False).to(sae.W_dec.device)  # rank 0 only: no collective
+    counts = FireCountMetric(sae.d_sae, sync_on_compute=False).to(sae.W_dec.device)  # each rank its own task under DDP: no collective
     fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_dec.device)
     summed = torch.zeros(sae.d_sae, dtype=torch.float64, device=sae.W_dec.device)  # sum_positive: this batch's sums
     seen = 0  # tokens fed so far; the current batch holds seen % batch_tokens of them

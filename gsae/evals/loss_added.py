@@ -141,7 +141,7 @@ def run_many(
     share them too: the clean and ablated passes of equal inputs are the same passes."""
     del seed
     sums = {m: dict.fromkeys(_SUMS, 0.0) for m in saes}
-    # rank 0 only under DDP: no collective
+    # each rank its own task under DDP (the evaluation callback splits them): no collective
     recon = {m: ReconMetric(sae.d_in, sync_on_compute=False).to(lm.device) for m, sae in saes.items()}
     for tok in batches(tokens.to(lm.device), batch_size):
         mask = special_token_mask(lm, tok, exclude_special_tokens)  # (B, T)

@@ -325,29 +325,36 @@ def test_sigterm_saves_the_step_reached_and_the_resume_equals_uninterrupted(tmp_
     assert_same_sae(ckpts / "last.ckpt", tmp_path / "full" / "quickstart-topk" / "checkpoints" / "last.ckpt")
 
 
-def test_a_resume_redoes_the_export_and_evaluation_a_kill_cut_short(tmp_path):
+@pytest.mark.parametrize("devices", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_resume_redoes_the_export_and_evaluation_a_kill_cut_short(tmp_path, devices):
     """A run killed after writing a checkpoint but before its export and evaluation were done (the evaluation takes
     minutes at GPT-2 scale) used to leave that checkpoint without them for good. The resume, whose weights are that
     checkpoint's, now writes both; it also keeps last.ckpt when the checkpoint interval changed (Lightning filed the
-    callback's state under the old interval and wrote last-v1.ckpt beside a stale last.ckpt)."""
+    callback's state under the old interval and wrote last-v1.ckpt beside a stale last.ckpt). Under DDP rank 0 finds
+    the missing files and every rank evaluates its share (a decision only rank 0 took hung the others)."""
     import json
     import shutil
 
-    from tests.systems.launch import finish, start, train_args
+    from tests.systems.launch import finish, free_port, start, train_args
 
     root = tmp_path / "run"
-    args = train_args(root, 10, "--checkpoint.every_n_train_steps", "5", "--evaluation.benchmarks", "[loss_added]")
-    finish(start(args))
+    ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp") if devices > 1 else ()
+    benchmarks = ("--evaluation.benchmarks", "[loss_added,decoder_geometry]")
+    args = train_args(root, 10, "--checkpoint.every_n_train_steps", "5", *benchmarks, *ddp)
+    finish(start(args, MASTER_PORT=str(free_port())))
     ckpts = root / "quickstart-topk" / "checkpoints"
-    want = json.loads((ckpts / "epoch=0-step=10.ckpt.eval.json").read_text())["results"]["loss_added"]
+    want = json.loads((ckpts / "epoch=0-step=10.ckpt.eval.json").read_text())["results"]
     shutil.rmtree(ckpts / "epoch=0-step=10.saelens")  # as a kill after the checkpoint leaves it
     (ckpts / "epoch=0-step=10.ckpt.eval.json").unlink()
-    args = train_args(root, 16, "--checkpoint.every_n_train_steps", "4", "--evaluation.benchmarks", "[loss_added]")
-    out = finish(start([*args, "--ckpt_path", "last"]))
+    args = train_args(root, 16, "--checkpoint.every_n_train_steps", "4", *benchmarks, *ddp)
+    out = finish(start([*args, "--ckpt_path", "last"], MASTER_PORT=str(free_port())))
     assert "epoch=0-step=10.ckpt has no evaluation" in out
     assert (ckpts / "epoch=0-step=10.saelens" / "cfg.json").is_file()
     again = json.loads((ckpts / "epoch=0-step=10.ckpt.eval.json").read_text())
-    assert again["step"] == 10 and again["results"]["loss_added"]["kl_sae"] == pytest.approx(want["kl_sae"], rel=1e-5)
+    assert again["step"] == 10 and list(again["results"]) == ["loss_added", "decoder_geometry"]
+    assert again["results"]["loss_added"]["kl_sae"] == pytest.approx(want["loss_added"]["kl_sae"], rel=1e-5)
+    geometry = again["results"]["decoder_geometry"]  # under DDP from rank 1 (one benchmark each)
+    assert geometry["nn_cos_median"] == pytest.approx(want["decoder_geometry"]["nn_cos_median"], rel=1e-5)
     assert not list(ckpts.glob("last-v*")) and "Please add the following callbacks" not in out
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 16
     assert (ckpts / "epoch=0-step=12.ckpt").is_file() and (ckpts / "epoch=0-step=16.ckpt").is_file()

@@ -1,0 +1,126 @@
+"""The evaluation of a checkpoint under DDP: the ranks split its benchmarks (and a sweep's members) and rank 0 gathers
+them, so its time shrinks with the ranks. What rank 0 writes equals a one-process evaluation of the same weights
+(the independent reference: the callback's sequential path over the same held-out tokens)."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from gsae.callbacks import EvaluationCallback
+from gsae.evals import evaluation_tasks, json_text, split_tasks, task_cost
+from gsae.systems import SweepSAESystem
+from tests.systems.helpers import build_data, build_system, build_trainer
+
+STEPS = 4
+#: every default benchmark, at budgets that take seconds on random-tiny
+OPTIONS = {
+    "loss_added": {"n_seqs": 8},
+    "dead_latents": {"batch_tokens": 64},
+    "steering": {"n_seqs": 8, "n_latents": 4, "n_positions": 2},
+    "sensitive_directions": {"n_seqs": 2, "lengths": [1, 3]},
+    "decoder_geometry": {"n_seqs": 8, "n_per_bin": 2},
+    "latents": {"n_seqs": 8, "n_latents": 4},
+}
+SWEEP = [
+    {"name": "topk", "sae": {"class_path": "TopKSAE", "init_args": {"d_sae": 64, "k": 4, "k_aux": 8, "seed": 1}}},
+    {"name": "gsae", "sae": {"class_path": "GradTopKSAE", "init_args": {"d_sae": 48, "k": 3, "beta": 1e4, "seed": 2}}},
+    {"name": "gsae2", "sae": {"class_path": "GradTopKSAE", "init_args": {"d_sae": 64, "k": 4, "beta": 1e3, "seed": 3}}},
+]
+
+
+class RecordTasks(pl.Callback):
+    """Writes the tasks each rank evaluated at each checkpoint to ``<folder>/tasks<rank>.json``."""
+
+    def __init__(self, folder, evaluation: EvaluationCallback) -> None:
+        self.folder, self.evaluation, self.seen = folder, evaluation, []
+
+    def on_sae_checkpoint(self, trainer, pl_module, path) -> None:
+        self.seen.append([[b, list(m)] for b, m in self.evaluation.last_tasks])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        (self.folder / f"tasks{trainer.global_rank}.json").write_text(json.dumps(self.seen))
+
+
+def _same(a, b, where: str = "") -> None:
+    """JSON values equal, floats to float32 round-off (the ranks' matmuls may split their sums differently)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: {sorted(a)} vs {sorted(b) if isinstance(b, dict) else b}"
+        for k in a:
+            _same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float | int):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6), f"{where}: {a} vs {b}"
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["gsae", "sweep"])
+def test_ddp_ranks_split_the_evaluation_and_rank_0_writes_the_one_process_results(tmp_path, objective):
+    torch.manual_seed(0)
+    if objective == "sweep":
+        system = SweepSAESystem(build_system("topk").lm, SWEEP, hook="blocks.1.hook_resid_post", lr_warmup_steps=2,
+                                dead_tokens=200, grad_mean_tokens=60, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    else:
+        system = build_system("gsae", grad_mean_tokens=60)
+    evaluation = EvaluationCallback(options=OPTIONS, log_figures=False)
+    ckpts = tmp_path / "ckpts"
+    trainer = build_trainer(tmp_path, STEPS, devices=2, strategy="ddp_fork", checkpoint_every=STEPS,
+                            callbacks=[evaluation, RecordTasks(tmp_path, evaluation)])
+    trainer.fit(system, datamodule=build_data(system, batch_size=2))
+
+    # every (benchmark, member) ran once, on one rank or the other, and both ranks had work
+    members = list(system.saes())
+    tasks = [json.loads((tmp_path / f"tasks{r}.json").read_text()) for r in (0, 1)]
+    assert len(tasks[0]) == len(tasks[1]) == 2  # the step's checkpoint and last.ckpt (evaluated once: the same tasks)
+    ran = [(b, m) for r in (0, 1) for b, ms in tasks[r][0] for m in ms]
+    assert sorted(ran) == sorted((b, m) for b in OPTIONS for m in members) and tasks[0][0] and tasks[1][0]
+
+    # the one-process reference: the same weights (the checkpoint's), the sequential path, the same held-out tokens
+    state = torch.load(ckpts / f"epoch=0-step={STEPS}.ckpt", weights_only=False)["state_dict"]
+    system.load_state_dict(state)
+    dm = build_data(system, batch_size=2)
+    one = EvaluationCallback(options=OPTIONS, log_figures=False)
+    fake = SimpleNamespace(is_global_zero=True, global_step=STEPS, datamodule=dm, loggers=[])
+    want = json.loads(json_text(one.evaluate(fake, system)))
+    assert one.last_tasks == [(b, tuple(members)) for b in OPTIONS]
+    for member in members:
+        suffix = f".{member}.eval.json" if member else ".eval.json"
+        payload = json.loads((ckpts / f"epoch=0-step={STEPS}.ckpt{suffix}").read_text())
+        assert list(payload["results"]) == list(OPTIONS)  # the benchmarks' order, whichever rank ran them
+        _same(payload["results"], want[member], member or "sae")
+
+
+def test_tasks_split_by_cost_cover_everything_once():
+    names = ["loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry", "latents"]
+    members = [f"m{i}" for i in range(10)]
+    # a benchmark with run_many keeps its members together in ⌈members / world⌉ chunks; the others run per member
+    tasks = evaluation_tasks(names, members, 4)
+    assert [m for b, m in tasks if b == "loss_added"] == [("m0", "m1", "m2"), ("m3", "m4", "m5"), ("m6", "m7", "m8"), ("m9",)]
+    assert [m for b, m in tasks if b == "steering"] == [(m,) for m in members]
+    assert sorted((b, m) for b, ms in tasks for m in ms) == sorted((b, m) for b in names for m in members)
+    assert evaluation_tasks(names, [""], 8) == [(b, ("",)) for b in names]  # one SAE: a task per benchmark
+
+    # without timings: the benchmarks' default costs; with them, what each task took last time
+    assert task_cost(("steering", ("m0", "m1")), {}) == 36.0
+    assert task_cost(("steering", ("m0", "m1")), {"m0/steering": 1.0, "m1/steering": 2.5}) == 3.5
+    assert task_cost(("steering", ("",)), {"steering": 4.0}) == 4.0
+
+    costs = [7.0, 5.0, 4.0, 4.0, 3.0, 3.0, 1.0]
+    for world in (1, 2, 3, 8):
+        share = split_tasks(costs, world)
+        assert sorted(i for s in share for i in s) == list(range(len(costs))) and len(share) == world
+        assert share == split_tasks(costs, world)  # deterministic: every rank computes the same split
+        loads = [sum(costs[i] for i in s) for s in share]
+        best = max(max(costs), sum(costs) / world)  # a lower bound on any split's busiest rank
+        assert max(loads) <= 4 / 3 * best + 1e-9, (world, loads)
+    assert split_tasks(costs, 2) == [[0, 3, 5], [1, 2, 4, 6]]  # 7+4+3 = 14 and 5+4+3+1 = 13: LPT's split
