@@ -36,6 +36,7 @@ drawn from the activations alone (:data:`gsae.evals.directions.ACTIVATION_TYPES`
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Literal, NamedTuple
 
@@ -108,12 +109,12 @@ def window(mode: str, T: int, position: int | None, n_offsets: int, skip_first: 
 
 
 #: result numbers that restate the evaluation"s settings: in the JSON, not TensorBoard curves (``tagged_scalars``)
-SETTINGS = ("n_sequences", "seq_len", "n_tokens", "pool_seqs")
+SETTINGS = ("n_sequences", "seq_len", "n_tokens", "pool_seqs", "stats_sequences")
 #: the options' valid values, checked with the option names and types before any work (``check_options``:
 #: a bad value used to raise after the evaluation, or run and give NaN or the wrong latents)
 OPTION_BOUNDS: dict[str, str | tuple[str, ...]] = {
     "lengths": ("non-empty", "each > 0"), "n_offsets": "> 0", "batch_size": "> 0", "pool_seqs": "> 0",
-    "forward_tokens": "> 0", "max_real_pool": "> 0", "position": ">= 0"
+    "forward_tokens": "> 0", "max_real_pool": "> 0", "position": ">= 0", "sweep_seqs": "> 0",
 }
 
 
@@ -137,6 +138,7 @@ def run(
     pool_seqs: int = 64,
     forward_tokens: int = 1024,
     max_real_pool: int = 65536,
+    sweep_seqs: int | None = None,
 ) -> dict:
     """Length sweep per direction type and SAE-substitution comparison on ``tokens (n_seq, T)``.
 
@@ -144,7 +146,8 @@ def run(
         sae: the SAE (its reconstruction error and decoder rows are direction types; g-SAEs get ``∇ₓL``).
         lm: the language model.
         hook: hook the SAE reads and the perturbations are added at.
-        tokens: ``(n_seq, T)`` evaluation contexts; μ, Σ and the real pool come from them too.
+        tokens: ``(n_seq, T)`` evaluation contexts; μ, Σ and the real pool come from all of them, the length sweep
+            and the substitution from the first ``sweep_seqs``.
         seed: seed of every random direction (same seed and tokens → same directions, for any SAE and batch size).
         lengths: absolute perturbation norms ``L`` (default :data:`DEFAULT_LENGTHS`, 1…91).
         direction_types: subset of :data:`gsae.evals.directions.DIRECTION_TYPES` (default all).
@@ -160,12 +163,17 @@ def run(
         pool_seqs: sequences per feature-pool block (``sae_feature_alive``/``active`` are per block; theirs: 64).
         forward_tokens: about how many tokens one forward pass holds (memory: ``forward_tokens × d_vocab`` logits).
         max_real_pool: at most this many real activations (seeded subset) for the ``real_*`` kinds.
+        sweep_seqs: sequences perturbed (the first of ``tokens``; default all). μ and Σ of GPT-2's 768 dimensions
+            need many more tokens than the sweep can afford to perturb (Lee & Heimersheim fit them on 2M): with
+            ``n_seqs: 64, sweep_seqs: 8`` (the shipped configs) they come from ~8k tokens, by a forward to the hook
+            only, instead of ~1k (a Σ from fewer tokens than dimensions is singular, so its ``cov_random`` directions
+            lay in a subspace). The latents alive (the feature pools) are those that fired on the swept sequences.
     """
     return run_many(
         {"": sae}, lm, hook, tokens, seed=seed, lengths=lengths, direction_types=direction_types, mode=mode,
         position=position, n_offsets=n_offsets, substitution=substitution,
         substitution_exclude_special=substitution_exclude_special, skip_first=skip_first, batch_size=batch_size,
-        pool_seqs=pool_seqs, forward_tokens=forward_tokens, max_real_pool=max_real_pool,
+        pool_seqs=pool_seqs, forward_tokens=forward_tokens, max_real_pool=max_real_pool, sweep_seqs=sweep_seqs,
     )[""]
 
 
@@ -189,6 +197,7 @@ def run_many(
     pool_seqs: int = 64,
     forward_tokens: int = 1024,
     max_real_pool: int = 65536,
+    sweep_seqs: int | None = None,
 ) -> dict[str, dict]:
     """:func:`run` for several SAEs at one hook (a sweep's members), ``{name: result}``, each equal to :func:`run` of
     that SAE alone. The direction types drawn from the activations alone (:data:`ACTIVATION_TYPES`: isotropic,
@@ -207,27 +216,35 @@ def run_many(
         raise ValueError("sensitive_directions: lengths must not be empty")
     if pool_seqs <= 0 or batch_size <= 0:
         raise ValueError(f"sensitive_directions: pool_seqs and batch_size must be > 0 (got {pool_seqs}, {batch_size})")
-    n_seq, T = tokens.shape
+    if sweep_seqs is not None and sweep_seqs <= 0:
+        raise ValueError(f"sensitive_directions: sweep_seqs must be > 0 (got {sweep_seqs})")
+    n_stats, T = tokens.shape
+    n_seq = n_stats if sweep_seqs is None else min(int(sweep_seqs), n_stats)
+    swept, extra = tokens[:n_seq], tokens[n_seq:]
     win = window(mode, T, position, n_offsets, skip_first)
-    # pass 1: μ, Σ, real pool, latents alive on the eval set and per pool block; kept for pass 2 when small enough
+    # pass 1: μ, Σ, real pool, latents alive on the swept sequences and per pool block; kept for pass 2 when small enough
     d_in = next(iter(saes.values())).d_in
-    one = 2 * tokens.numel() * d_in <= CACHE_ELEMENTS  # what run() of one SAE keeps (its pass 1 runs the SAE then)
+    one = 2 * swept.numel() * d_in <= CACHE_ELEMENTS  # what run() of one SAE keeps (its pass 1 runs the SAE then)
     cached = one * len(saes) <= CACHE_ELEMENTS if one else False  # every SAE's, for the grouping
     features = any(k in FEATURE_POOLS for k in kinds)
-    acts = {m: batch_acts(sae, lm, hook, tokens, batch_size, with_sae=one or features) for m, sae in saes.items()}
+    acts = {m: batch_acts(sae, lm, hook, swept, batch_size, with_sae=one or features) for m, sae in saes.items()}
     if cached:
         acts = {m: list(a) for m, a in acts.items()}
     groups = _equal_activations(acts) if cached else [[m] for m in saes]
     head = {"hook": hook, "mode": mode, "position": win.position, "lengths": lengths, "n_sequences": n_seq,
-            "seq_len": T, "n_tokens": n_seq * win.read.numel(), "pool_seqs": pool_seqs}
+            "seq_len": T, "n_tokens": n_seq * win.read.numel(), "pool_seqs": pool_seqs, "stats_sequences": n_stats}
     opts = dict(seed=seed, lengths=lengths, kinds=kinds, win=win, substitution=substitution,
                 exclude=substitution_exclude_special, pool_seqs=pool_seqs, forward_tokens=forward_tokens, head=head)
     out = {}
     for group in groups:
         blocks: dict[str, dict[int, Tensor]] = {m: {} for m in group}
         first, *others = group
-        stats = fit_activation_stats(_pool_blocks(acts[first], pool_seqs, blocks[first]), max_real_pool=max_real_pool,
-                                     seed=seed)
+        # the statistics of every context: the swept ones (their activations, at hand) then the rest, to the hook only
+        rest = batch_acts(saes[first], lm, hook, extra, batch_size, with_sae=False) if extra.shape[0] else iter(())
+        stats = fit_activation_stats(
+            itertools.chain(_pool_blocks(acts[first], pool_seqs, blocks[first]), rest), max_real_pool=max_real_pool,
+            seed=seed,
+        )
         for m in others:  # equal activations: the same statistics; only the fired latents are each SAE's
             for _ in _pool_blocks(acts[m], pool_seqs, blocks[m]):
                 pass

@@ -354,7 +354,7 @@ def test_cli_evaluation_group_is_on_by_default_and_one_option_turns_it_off(tmp_p
     cli = build_cli(quickstart_args(tmp_path, steps=1))
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, EvaluationCallback)]
     assert cb.enabled and set(cb.benchmarks) >= {"loss_added", "dead_latents", "steering", "sensitive_directions"}
-    assert cb.options["sensitive_directions"]["n_seqs"] == 8  # the config's budgets
+    assert cb.options["sensitive_directions"]["sweep_seqs"] == 8 and cb.options["sensitive_directions"]["n_seqs"] == 32  # the config's budgets
     off = build_cli(quickstart_args(tmp_path, "--evaluation.enabled", "false", steps=1))
     assert not [c for c in off.trainer.callbacks if isinstance(c, EvaluationCallback)][0].enabled
     some = build_cli(quickstart_args(tmp_path, "--evaluation.benchmarks", "[loss_added,steering]", steps=1))

@@ -380,3 +380,40 @@ def test_substitution_leaves_special_tokens_mid_sequence_unpatched_and_uncounted
 def test_single_token_default_position_is_gurnee_32():
     assert sd.window("single_token", 128, None, 17, False).position == 32
     assert sd.window("single_token", 12, None, 17, False).position == 10  # T − 2 for short contexts
+
+
+def test_sweep_seqs_fits_the_statistics_on_every_context_and_perturbs_the_first(tiny_lm, sae):
+    """μ, Σ and the real pool of GPT-2's 768 dimensions need far more tokens than a sweep can perturb (the configs'
+    8 contexts of 128 gave a Σ from ~1k tokens; the sweeps' 2, a singular one): ``sweep_seqs`` perturbs the first
+    contexts and fits the statistics on all of them."""
+    tok = torch.randint(0, 256, (10, 12), generator=torch.Generator().manual_seed(2))
+    kw = dict(lengths=[2.0, 8.0], batch_size=4)
+    res = sd.run(sae, tiny_lm, HOOK, tok, sweep_seqs=3, **kw)
+    alone = sd.run(sae, tiny_lm, HOOK, tok[:3], **kw)
+    # the statistics: every context's activations at positions > 0 (against torch.cov of the LM's activations)
+    a = tiny_lm.activations(tok, HOOK)[:, 1:].reshape(-1, 64).double()
+    stats = res["stats"]
+    assert stats["n_rows"] == a.shape[0] == 10 * 11 and stats["real_pool_size"] == 110
+    assert stats["cov_trace"] == pytest.approx(float(torch.cov(a.T).trace()) + 0.01 * 64, rel=1e-4)
+    assert stats["mean_norm"] == pytest.approx(float(a.mean(0).norm()), rel=1e-5)
+    assert stats["median_norm"] == pytest.approx(float(a.norm(dim=-1).median()), rel=1e-5)
+    assert alone["stats"]["n_rows"] == 3 * 11
+    # the sweep: the first 3 contexts, as alone
+    assert (res["n_sequences"], res["stats_sequences"], res["n_tokens"]) == (3, 10, alone["n_tokens"])
+    # what does not read the statistics equals the sweep of those contexts alone: the SAE's error and latent directions
+    # (the latents alive are those fired on the swept contexts) and the substitution itself
+    assert stats["n_alive_latents"] == alone["stats"]["n_alive_latents"]
+    for kind in ("sae_error", "sae_feature_alive", "sae_feature_active"):
+        if kind in alone["curves"]:
+            assert res["curves"][kind]["kl"] == pytest.approx(alone["curves"][kind]["kl"], rel=1e-5), kind
+    assert "sae_error" in res["curves"]
+    assert res["substitution"]["kl"]["sae"] == pytest.approx(alone["substitution"]["kl"]["sae"], rel=1e-5)
+    # what is drawn from the statistics changed (isotropic only by its scale, the median norm: a little)
+    assert res["curves"]["isotropic"]["kl"] != alone["curves"]["isotropic"]["kl"]
+    for kind in ("cov_random_mixture", "real_mixture"):
+        assert res["curves"][kind]["kl"] != pytest.approx(alone["curves"][kind]["kl"], rel=1e-3), kind
+    # sweep_seqs at or above the contexts: the plain run; below 1: one line naming the option
+    same = sd.run(sae, tiny_lm, HOOK, tok[:3], sweep_seqs=5, **kw)
+    assert same["curves"] == alone["curves"] and same["stats_sequences"] == 3
+    with pytest.raises(ValueError, match="sweep_seqs must be > 0"):
+        sd.run(sae, tiny_lm, HOOK, tok, sweep_seqs=0, **kw)

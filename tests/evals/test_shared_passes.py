@@ -242,15 +242,16 @@ def test_a_plan_keeps_only_residual_stream_hooks(tiny_lm):
         assert len(cache._store) == 1 + 2
 
 
-def test_sensitive_directions_run_many_sweeps_the_activation_directions_once(tiny_lm, monkeypatch):
+@pytest.mark.parametrize("sweep_seqs", [None, 2])
+def test_sensitive_directions_run_many_sweeps_the_activation_directions_once(tiny_lm, monkeypatch, sweep_seqs):
     """Sweep members of equal activations (TopK and g-SAE alike) share the statistics and the length sweep of the
     direction types drawn from the activations alone, run once; each member adds its own kinds and substitution.
-    Every result equals the member's own run, exactly."""
+    Every result equals the member's own run, exactly (also with statistics from more contexts than are swept)."""
     from gsae.evals import sensitive_directions as sd
     from gsae.evals.directions import ACTIVATION_TYPES
 
     saes, tokens = members(), build_tokens(4, 32)
-    opts = dict(lengths=[1.0, 5.0], batch_size=2, pool_seqs=2)
+    opts = dict(lengths=[1.0, 5.0], batch_size=2, pool_seqs=2, sweep_seqs=sweep_seqs)
     counter = PassCounter(tiny_lm, monkeypatch)
     sd.run(saes["topk-k4"].eval(), tiny_lm, HOOK, tokens, direction_types=list(ACTIVATION_TYPES), substitution=False,
            **opts)
@@ -267,15 +268,18 @@ def test_sensitive_directions_run_many_sweeps_the_activation_directions_once(tin
     assert len({r["stats"]["n_alive_latents"] for r in many.values()}) > 1  # each SAE's own latents
 
 
-@pytest.mark.parametrize("kinds", [["cov_random_mixture", "sae_error"], ["isotropic", "sae_feature_alive"]])
-def test_sensitive_directions_run_many_beyond_its_cache_equals_each_run(tiny_lm, monkeypatch, kinds):
+@pytest.mark.parametrize("kinds,sweep_seqs", [(["cov_random_mixture", "sae_error"], None),
+                                              (["isotropic", "sae_feature_alive"], None),
+                                              (["real_mixture", "sae_feature_alive"], 3)])
+def test_sensitive_directions_run_many_beyond_its_cache_equals_each_run(tiny_lm, monkeypatch, kinds, sweep_seqs):
     """An evaluation set too large to keep for every SAE of a sweep (but not for one): each SAE streams its own
     passes as run() does, and its results (the alive-latent count included) equal run()'s."""
     from gsae.evals import sensitive_directions as sd
 
     saes, tokens = members(), build_tokens(4, 32)
-    monkeypatch.setattr(sd, "CACHE_ELEMENTS", 2 * tokens.numel() * 64)  # one SAE's activations fit, four do not
-    opts = dict(lengths=[1.0, 5.0], batch_size=2, pool_seqs=2, direction_types=kinds)
+    swept = tokens[: sweep_seqs or len(tokens)]
+    monkeypatch.setattr(sd, "CACHE_ELEMENTS", 2 * swept.numel() * 64)  # one SAE's activations fit, four do not
+    opts = dict(lengths=[1.0, 5.0], batch_size=2, pool_seqs=2, direction_types=kinds, sweep_seqs=sweep_seqs)
     alone = {m: sd.run(sae.eval(), tiny_lm, HOOK, tokens, **opts) for m, sae in saes.items()}
     same(sd.run_many(saes, tiny_lm, HOOK, tokens, **opts), alone)
     assert all(r["stats"]["n_alive_latents"] is not None for r in alone.values())
