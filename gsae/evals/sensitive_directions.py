@@ -239,10 +239,13 @@ def run_many(
     for group in groups:
         blocks: dict[str, dict[int, Tensor]] = {m: {} for m in group}
         first, *others = group
-        # the statistics of every context: the swept ones (their activations, at hand) then the rest, to the hook only
-        rest = batch_acts(saes[first], lm, hook, extra, batch_size, with_sae=False) if extra.shape[0] else iter(())
+        # the statistics of every context: the swept ones (their activations, at hand) then the rest, to the hook only,
+        # in batches on the grid of batch_size (other benchmarks' batches: shared harvests, where they are kept)
+        cut = min(-(-n_seq // batch_size) * batch_size - n_seq, extra.shape[0])
+        rest = [batch_acts(saes[first], lm, hook, t, batch_size, with_sae=False) for t in (extra[:cut], extra[cut:])
+                if t.shape[0]]
         stats = fit_activation_stats(
-            itertools.chain(_pool_blocks(acts[first], pool_seqs, blocks[first]), rest), max_real_pool=max_real_pool,
+            itertools.chain(_pool_blocks(acts[first], pool_seqs, blocks[first]), *rest), max_real_pool=max_real_pool,
             seed=seed,
         )
         for m in others:  # equal activations: the same statistics; only the fired latents are each SAE's

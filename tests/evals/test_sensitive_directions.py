@@ -412,6 +412,16 @@ def test_sweep_seqs_fits_the_statistics_on_every_context_and_perturbs_the_first(
     assert res["curves"]["isotropic"]["kl"] != alone["curves"]["isotropic"]["kl"]
     for kind in ("cov_random_mixture", "real_mixture"):
         assert res["curves"][kind]["kl"] != pytest.approx(alone["curves"][kind]["kl"], rel=1e-3), kind
+    # the contexts past the swept ones are read on the grid of batch_size, as the other benchmarks read them (a TopK
+    # SAE's dead_latents): [4:8] and [8:10] come from the shared harvests ([3:4] completes the swept ones' batch)
+    from gsae.evals.common import batches, harvest, shared_harvests
+
+    with shared_harvests() as cache:
+        for t in batches(tok, 4):
+            harvest(tiny_lm, HOOK, t)
+        hits = cache.hits
+        shared = sd.run(sae, tiny_lm, HOOK, tok, sweep_seqs=3, **kw)
+    assert cache.hits - hits == 2 and shared == res
     # sweep_seqs at or above the contexts: the plain run; below 1: one line naming the option
     same = sd.run(sae, tiny_lm, HOOK, tok[:3], sweep_seqs=5, **kw)
     assert same["curves"] == alone["curves"] and same["stats_sequences"] == 3
