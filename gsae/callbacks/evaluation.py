@@ -350,6 +350,7 @@ class EvaluationCallback(Callback):
                 for w in writers:
                     w.add_text(tag(t, member), text, global_step=step)
         names = sorted({b for r in everything.values() for b, res in r.items() if not failure(res)})
-        log.info("evaluated %s at step %d%s", ", ".join(names), step,
-                 f" for {len(everything)} SAEs" if len(everything) > 1 else "")
+        world = self._world(trainer)
+        log.info("evaluated %s at step %d%s%s", ", ".join(names), step,
+                 f" for {len(everything)} SAEs" if len(everything) > 1 else "", f" on {world} ranks" if world > 1 else "")
         log.debug("eval at step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))

@@ -349,6 +349,7 @@ def test_a_resume_redoes_the_export_and_evaluation_a_kill_cut_short(tmp_path, de
     args = train_args(root, 16, "--checkpoint.every_n_train_steps", "4", *benchmarks, *ddp)
     out = finish(start([*args, "--ckpt_path", "last"], MASTER_PORT=str(free_port())))
     assert "epoch=0-step=10.ckpt has no evaluation" in out
+    assert ("evaluated decoder_geometry, loss_added at step 10 on 2 ranks" in out) == (devices > 1), out[-3000:]
     assert (ckpts / "epoch=0-step=10.saelens" / "cfg.json").is_file()
     again = json.loads((ckpts / "epoch=0-step=10.ckpt.eval.json").read_text())
     assert again["step"] == 10 and list(again["results"]) == ["loss_added", "decoder_geometry"]
