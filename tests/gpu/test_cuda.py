@@ -181,6 +181,48 @@ def test_sweep_bf16_mixed_on_the_device(tmp_path):
     assert int(sweep.tokens_seen) > 0
 
 
+# ---------------------------------------------------------------------------------------------- evaluation
+#: the headline numbers of the default benchmarks compared across devices (the selections are discrete: a near-tie
+#: between latents may fall the other way on another device, so counts get an absolute tolerance)
+EVAL_SCALARS = {
+    "loss_added": ("L_added", "kl_sae", "explained_variance", "nmse"),
+    "sensitive_directions": ("kl_mean_over_lengths_isotropic", "kl_mean_over_lengths_cov_random_mixture",
+                             "kl_mean_over_lengths_sae_error"),
+    "decoder_geometry": ("nn_cos_median",),
+}
+
+
+@pytest.mark.parametrize("objective", ["topk", "gsae"])
+def test_evaluation_on_the_device_equals_the_cpu(objective):
+    """The checkpoint evaluation (every default benchmark, the configs' kinds of budgets) on the device: the same
+    numbers as on the CPU to float32 rounding, and every benchmark runs (none recorded as failed)."""
+    from types import SimpleNamespace
+
+    from gsae.callbacks import EvaluationCallback
+    from gsae.evals import failure
+    from tests.systems.test_ddp_evaluation import OPTIONS
+
+    torch.manual_seed(0)
+    system = build_system(objective)
+    if objective == "gsae":
+        system.sae.grad_normaliser.fill_(60.0)  # as training sets it: ∇ₓL at a fixed scale on both devices
+    results = {}
+    for device in ("cpu", DEVICE):
+        system.to(device)
+        cb = EvaluationCallback(options=OPTIONS, log_figures=False)
+        trainer = SimpleNamespace(is_global_zero=True, global_step=1, datamodule=build_data(system), loggers=[])
+        results[device] = cb.evaluate(trainer, system)[""]
+        assert not [b for b, r in results[device].items() if failure(r)], results[device]
+    cpu, dev = results["cpu"], results[DEVICE]
+    assert list(dev) == list(cpu)
+    for bench, keys in EVAL_SCALARS.items():
+        for key in keys:
+            assert dev[bench][key] == pytest.approx(cpu[bench][key], rel=1e-3, abs=1e-6), (bench, key)
+    assert dev["dead_latents"]["dead_fraction_batches"] == pytest.approx(cpu["dead_latents"]["dead_fraction_batches"],
+                                                                         abs=0.05)
+    assert abs(dev["latents"]["n_alive"] - cpu["latents"]["n_alive"]) <= 2
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 def test_resume_on_the_device_equals_uninterrupted_and_checkpoints_load_anywhere(tmp_path):
     """g-SAE with a shuffle buffer: stopped at step 4 on the device and resumed there = 8 uninterrupted steps on the
