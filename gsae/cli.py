@@ -18,6 +18,7 @@ import time
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
+from types import SimpleNamespace
 
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -423,8 +424,13 @@ def main(args: list[str] | None = None) -> int:
         check_trainer(cli.trainer)
         resume = resume_command(args, cli.trainer)  # before fit (see there)
         prepare_forked_ranks(cli.trainer, resume)
-        # the data's split between ranks, before DDP starts them (else each rank fails, and says so, on its own)
+        # the data's split between ranks, its source and its held-out set, before DDP starts them (else each rank
+        # fails, and says so, on its own)
         cli.datamodule.check_world(cli.trainer.world_size)
+        cli.datamodule.validate()
+        for cb in cli.trainer.callbacks:
+            if getattr(cb, "enabled", False) and hasattr(cb, "check_held_out"):
+                cb.check_held_out(SimpleNamespace(datamodule=cli.datamodule))
         ckpt = resolve_ckpt_path(cli)
         if ckpt is not None:
             done = trained_to_the_end(ckpt, cli.trainer.max_steps)
@@ -444,7 +450,9 @@ def main(args: list[str] | None = None) -> int:
         message = user_message(e) if isinstance(e, USER_ERRORS) else child_user_message(e)
         if message is None or os.environ.get("GSAE_DEBUG"):
             raise
-        print(f"error: {message}", file=sys.stderr)
+        rank, world = (cli.trainer.global_rank, cli.trainer.world_size) if "cli" in locals() else (0, 1)
+        # every rank that fails says so (a node's own problem, e.g. its data, is only seen there); named when not rank 0
+        print(f"error (rank {rank}): {message}" if rank else f"error: {message}", file=sys.stderr)
         if "cli" in locals():
             remove_empty_log_dirs(cli.trainer, since=started)
         return 1

@@ -103,3 +103,25 @@ def test_config_that_is_not_a_mapping(tmp_path) -> None:
     path = tmp_path / "list.yaml"
     path.write_text("- a\n- b\n")
     check(*train("--config", str(path)), f"--config {path}: not a YAML mapping of options")
+
+
+@pytest.mark.parametrize("case", ["source", "held-out"])
+def test_a_data_error_under_ddp_is_said_once_before_the_ranks_start(tmp_path, case) -> None:
+    """``--trainer.devices 2 --trainer.strategy ddp`` with bad data: checked in the launching process, so one line,
+    not one per rank (each rank used to fail in its own setup and print the same error)."""
+    from tests.systems.launch import QUICKSTART, free_port, start
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "docs.txt").write_text("".join(f"document {i} has a few words in it\n\n" for i in range(50)))
+    data = {"source": ["--data.dataset", str(tmp_path / "empty")],  # no text files
+            "held-out": ["--data.dataset", str(tmp_path / "text"), "--data.val_documents", "0"]}[case]
+    args = ["--config", QUICKSTART, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator",
+            "cpu", "--trainer.default_root_dir", str(tmp_path / "run"), *data]
+    proc = start(args, MASTER_PORT=str(free_port()))
+    out, _ = proc.communicate(timeout=300)
+    errors = [line for line in out.splitlines() if line.startswith("error")]
+    assert proc.returncode == 1 and len(errors) == 1, out[-3000:]
+    want = {"source": "--data.dataset: no .txt/.jsonl/.parquet files", "held-out": "--data.val_documents 0"}[case]
+    assert errors[0].startswith(f"error: {want}"), errors
+    assert "Starting with 2 processes" not in out  # refused before the second rank started
