@@ -72,7 +72,7 @@ def test_ddp_ranks_split_the_evaluation_and_rank_0_writes_the_one_process_result
                                 dead_tokens=200, grad_mean_tokens=60, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
     else:
         system = build_system("gsae", grad_mean_tokens=60)
-    evaluation = EvaluationCallback(options=OPTIONS, log_figures=False)
+    evaluation = EvaluationCallback(options=OPTIONS, log_figures=False, every_n_steps=2)  # step 2 too: every rank
     ckpts = tmp_path / "ckpts"
     trainer = build_trainer(tmp_path, STEPS, devices=2, strategy="ddp_fork", checkpoint_every=STEPS,
                             callbacks=[evaluation, RecordTasks(tmp_path, evaluation)])
