@@ -11,6 +11,9 @@ The LM comes from the checkpoint (``meta["lm"]``) or the SAELens metadata (``mod
 ``model_from_pretrained_kwargs``); ``--model`` overrides its name. SAEs on the same LM are evaluated on
 the same held-out tokens: the first validation contexts of ``--dataset`` (default: the
 dataset a checkpoint or gsae's SAELens export was trained on, else ``synthetic`` for ``random-*`` models, else OpenWebText).
+Settings: gsae checkpoints that record the same evaluation settings (one run's: benchmarks, ``n_seqs``, options, seed,
+:meth:`gsae.callbacks.EvaluationCallback.settings`) are evaluated with them, so their ``.eval.json`` comes out again;
+the command line overrides them (``--options`` merged per benchmark). Other sources get the defaults below.
 How many (:func:`gsae.evals.held_out_counts`, as the training callback): by default 64 per benchmark, except
 ``dead_latents``, which reads as many as the paper's window needs (g-SAE Table 1: 5 batches of 4096 tokens, special
 tokens not counted; 162+ contexts of 128), so that its headline ``dead_fraction_batches`` is computed;
@@ -38,6 +41,7 @@ from typing import NamedTuple
 import torch
 
 from gsae.allocator import tune_malloc
+from gsae.callbacks.evaluation import SETTINGS_KEY
 from gsae.evals import (
     BENCHMARKS,
     DEFAULT_N_SEQS,
@@ -79,6 +83,8 @@ class Source(NamedTuple):
         member: the SAE's name inside a sweep checkpoint (``gsae.systems.SweepSAESystem``); None otherwise.
         hook: a sweep member's hook, as its checkpoint records it (the members of one checkpoint share the LM's
             passes at all their hooks); None otherwise.
+        evaluation: the evaluation settings the training run used, as a checkpoint records them
+            (:meth:`gsae.callbacks.EvaluationCallback.settings`); None if it records none.
     """
 
     label: str
@@ -90,6 +96,7 @@ class Source(NamedTuple):
     batch_size: int | None = None
     member: str | None = None
     hook: str | None = None
+    evaluation: dict | None = None
 
 
 class ArgumentError(ValueError):
@@ -110,13 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         "paths", nargs="+", metavar="PATH", help="checkpoint, run folder, SAELens folder or sae_lens:RELEASE/SAE_ID"
     )
     p.add_argument(
-        "--benchmarks", default=None, help=f"comma-separated, from {', '.join(BENCHMARKS)} (default: all available)"
+        "--benchmarks", default=None, help=f"comma-separated, from {', '.join(BENCHMARKS)} (default: the run's, else all available)"
     )
     p.add_argument(
         "--n-seqs",
         type=int,
         default=None,
-        help=f"held-out contexts to read, every benchmark's (or its --options n_seqs if smaller); default: each "
+        help=f"held-out contexts to read, every benchmark's (or its --options n_seqs if smaller); default: the run's, "
+        f"else each "
         f"benchmark its own n_seqs, else {DEFAULT_N_SEQS}, and dead_latents as many as its window of 5 x 4096 "
         "tokens needs",
     )
@@ -133,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sequences per forward pass (default: a checkpoint's training batch size, else 8; for g-SAEs the "
         "gradient that selects latents is the mean CE over one such batch)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the benchmarks' samples")
+    p.add_argument("--seed", type=int, default=None, help="seed of the benchmarks' samples (default: the run's, else 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument(
         "--dataset",
@@ -184,10 +192,10 @@ def resolve(paths: list[str]) -> list[Source]:
 def _ckpt_sources(label: str, path: Path, group: str, info: tuple) -> list[Source]:
     """One source for a one-SAE checkpoint; one per member (``<label>:<member>``, its own TensorBoard run) for a
     sweep. ``info`` is the checkpoint's :func:`_ckpt_info` (read once per file)."""
-    step, dataset, batch_size, members = info
+    step, dataset, batch_size, members, evaluation = info
     if not members:
-        return [Source(label, "ckpt", str(path), group, step, dataset, batch_size)]
-    return [Source(f"{label}:{m}", "ckpt", str(path), f"{group}:{m}", step, dataset, batch_size, m, hook)
+        return [Source(label, "ckpt", str(path), group, step, dataset, batch_size, evaluation=evaluation)]
+    return [Source(f"{label}:{m}", "ckpt", str(path), f"{group}:{m}", step, dataset, batch_size, m, hook, evaluation)
             for m, hook in members.items()]
 
 
@@ -201,9 +209,9 @@ def _run_folder(folder: Path) -> list[tuple[Path, tuple]]:
     return [(c, infos[c]) for c in sorted(keep, key=lambda c: (infos[c][0], c.name))]
 
 
-def _ckpt_info(path: Path) -> tuple[int, str | None, int | None, dict[str, str | None] | None]:
-    """``(global_step, training dataset, training batch size, {sweep member: its hook} or None)`` of a checkpoint
-    (``(0, None, None, None)`` if unreadable: loading reports it)."""
+def _ckpt_info(path: Path) -> tuple[int, str | None, int | None, dict[str, str | None] | None, dict | None]:
+    """``(global_step, training dataset, training batch size, {sweep member: its hook} or None, the run's evaluation
+    settings or None)`` of a checkpoint (``(0, None, None, None, None)`` if unreadable: loading reports it)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -211,9 +219,11 @@ def _ckpt_info(path: Path) -> tuple[int, str | None, int | None, dict[str, str |
         data = ckpt.get("TokenDataModule") or {}
         members = (ckpt.get("gsae") or {}).get("members")
         hooks = members and {m: meta.get("hook") if isinstance(meta, dict) else None for m, meta in members.items()}
-        return int(ckpt.get("global_step", 0)), data.get("dataset"), data.get("batch_size"), hooks
+        evaluation = ckpt.get(SETTINGS_KEY)
+        return (int(ckpt.get("global_step", 0)), data.get("dataset"), data.get("batch_size"), hooks,
+                evaluation if isinstance(evaluation, dict) else None)
     except Exception:  # noqa: BLE001
-        return 0, None, None, None
+        return 0, None, None, None, None
 
 
 def load(src: Source, device: str, model: str | None):
@@ -346,15 +356,16 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     """``{benchmark: {sae label: result}}`` for every SAE the arguments name."""
-    names = _benchmarks(args.benchmarks)
-    options = _options(args.options, names)
-    benchmark_options = run_options(names, options)  # the n_seqs of --options are held-out counts (held_out_counts)
     for flag in ("n_seqs", "batch_size", "context_size"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ArgumentError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
     device = _device(args.device)
     _check_outputs(args)
     sources = resolve(args.paths)
+    args = with_run_settings(args, sources)
+    names = _benchmarks(args.benchmarks)
+    options = _merged_options(args.run_options, _options(args.options, names), names)
+    benchmark_options = run_options(names, options)  # the n_seqs of --options are held-out counts (held_out_counts)
     results: dict[str, dict[str, dict]] = {n: {} for n in names}
     runs = short_labels(list(dict.fromkeys(s.group for s in sources)))
     cache: dict = {}
@@ -377,7 +388,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
                 tokens_per_benchmark(counts, toks, lm, options),
                 seed=args.seed,
                 options=benchmark_options,
-                batch_size=args.batch_size or src.batch_size or meta.get("batch_size") or 8,
+                batch_size=args.batch_size or args.run_batch_size or src.batch_size or meta.get("batch_size") or 8,
             )
             for n in names:
                 results[n][src.label] = res[n]
@@ -402,6 +413,39 @@ def _lm_and_tokens(src: Source, meta: dict, args: argparse.Namespace, device: st
     if (key, dataset, ctx, bos) not in cache:
         cache[key, dataset, ctx, bos] = held_out_tokens(lm, dataset, ctx, n_read, bos).to(device)
     return lm, hook, cache[key, dataset, ctx, bos], counts
+
+
+def with_run_settings(args: argparse.Namespace, sources: list[Source]) -> argparse.Namespace:
+    """``args`` completed with the evaluation settings the training run used (``--benchmarks``, ``--n-seqs``,
+    ``--seed``, the options and batch size), where every source is a gsae checkpoint recording the same ones (the
+    checkpoints of a run): evaluating them again then gives the run's ``.eval.json``. What the command line sets
+    wins; ``--options`` is merged into the run's options per benchmark. Other sources (SAELens, runs evaluated
+    differently, or with the evaluation off) get evaluate.py's defaults, one set for all so the columns compare."""
+    recorded = [s.evaluation for s in sources]
+    run = recorded[0] if recorded and all(r is not None and r == recorded[0] for r in recorded) else {}
+    out = argparse.Namespace(**vars(args))
+    given = [k for k in ("benchmarks", "n_seqs", "seed") if getattr(args, k) is not None]
+    if run:
+        if "benchmarks" not in given:
+            out.benchmarks = ",".join(run.get("benchmarks") or []) or None
+        if "n_seqs" not in given:
+            out.n_seqs = run.get("n_seqs")
+        if "seed" not in given:
+            out.seed = run.get("seed", 0)
+        log.info("evaluating with the run's evaluation settings (its checkpoints record them)%s",
+                 f"; {', '.join('--' + k.replace('_', '-') for k in given)} from the command line" if given else "")
+    out.seed = 0 if out.seed is None else out.seed
+    out.run_options = run.get("options") or {}
+    out.run_batch_size = run.get("batch_size")
+    return out
+
+
+def _merged_options(run: dict[str, dict], given: dict[str, dict], names: list[str]) -> dict[str, dict]:
+    """The run's options of the benchmarks run, each updated by the command line's (``--options``)."""
+    out = {b: dict(o) for b, o in run.items() if b in names}
+    for b, o in given.items():
+        out[b] = {**out.get(b, {}), **o}
+    return out
 
 
 def _benchmarks(text: str | None) -> list[str]:

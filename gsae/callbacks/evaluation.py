@@ -17,6 +17,7 @@ changes the set; ``--evaluation.n_seqs 32``, ``--evaluation.every_n_steps 200``.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import traceback
@@ -54,6 +55,9 @@ from gsae.files import write_text
 log = logging.getLogger(__name__)
 
 
+#: the checkpoint key of the evaluation settings a run used (:meth:`EvaluationCallback.settings`; ``evaluate.py``
+#: evaluates a checkpoint with them unless told otherwise, so it reproduces the run's ``.eval.json``)
+SETTINGS_KEY = "gsae_evaluation"
 #: Benchmarks run when none are named: the four promised on every checkpoint, plus decoder geometry.
 DEFAULT_BENCHMARKS = ("loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry", "latents")
 
@@ -191,6 +195,17 @@ class EvaluationCallback(Callback):
         return not (self.enabled and self.write_json) or all(
             member_path(ckpt_path, m, ".eval.json").is_file() for m in members
         )
+
+    def settings(self) -> dict[str, Any]:
+        """What decides this callback's results, as plain JSON values: benchmarks, options, ``n_seqs``, seed, batch
+        size (None: the data's)."""
+        return json.loads(json.dumps({"benchmarks": list(self.benchmarks), "options": self.options, "n_seqs": self.n_seqs,
+                                      "seed": self.seed, "batch_size": self.batch_size}, default=str))
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.enabled:
+            checkpoint[SETTINGS_KEY] = self.settings()
 
     @override
     def on_train_batch_end(

@@ -91,6 +91,28 @@ def test_evaluate_cli_on_the_run_folder(run_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_evaluate_py_on_a_checkpoint_reproduces_its_eval_json(run_dir, tmp_path):
+    """The run's evaluation settings (benchmarks, n_seqs, options, seed) are recorded in its checkpoints: evaluate.py
+    on a checkpoint, told nothing else, evaluates with them and gives the checkpoint's .eval.json. It used to take its
+    own defaults (every benchmark, 64 contexts each), so the run summary's suggested command gave other numbers."""
+    from tests.systems.test_ddp_evaluation import _same
+
+    ckpt = run_dir / "checkpoints" / "epoch=0-step=10.ckpt"
+    out = tmp_path / "again.json"
+    assert evaluate_main([str(ckpt), "--device", "cpu", "--output", str(out)]) == 0
+    want = json.loads(Path(str(ckpt) + ".eval.json").read_text())["results"]
+    got = {b: per[str(ckpt)] for b, per in json.loads(out.read_text()).items()}
+    assert list(got) == ["loss_added", "dead_latents"]
+    _same(got, want)
+    # the command line wins (here --n-seqs), and a run folder's checkpoints share the settings
+    assert evaluate_main([str(run_dir), "--n-seqs", "2", "--output", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert list(again) == ["loss_added", "dead_latents"] and len(again["loss_added"]) == 2
+    # 2 contexts of 64 (BOS and end-of-text tokens not counted), against the run's 4
+    assert all(r["n_tokens"] <= 2 * 63 < got["loss_added"]["n_tokens"] for r in again["loss_added"].values())
+
+
+@pytest.mark.slow
 def test_evaluate_cli_on_a_saelens_export_uses_the_recorded_training_dataset(run_dir, tmp_path, monkeypatch):
     """gsae's SAELens export records its training data (gsae-corpus): evaluate.py reads its held-out tokens, as for
     the checkpoint, instead of OpenWebText (which an offline machine cannot open, and the SAE never saw)."""
@@ -418,7 +440,11 @@ def test_evaluate_cli_gives_dead_latents_its_window_by_default(run_dir, tmp_path
     monkeypatch.setattr(ev, "run_benchmarks", lambda names, sae, lm, hook, toks, **kw: seen.update(
         {n: tuple(t.shape) for n, t in toks.items()}, lm=lm) or real(names, sae, lm, hook, toks, **kw))
     monkeypatch.setattr(ev, "held_out_tokens", lambda *a: seen.setdefault("read", []).append(read(*a)) or seen["read"][-1])
-    ckpt = str(run_dir / "checkpoints" / "epoch=0-step=10.ckpt")
+    # evaluate.py's own defaults: a checkpoint that records no evaluation settings (a run with the evaluation off)
+    state = torch.load(run_dir / "checkpoints" / "epoch=0-step=10.ckpt", weights_only=False)
+    del state["gsae_evaluation"]
+    ckpt = str(tmp_path / "epoch=0-step=10.ckpt")
+    torch.save(state, ckpt)
 
     def run(*extra: str) -> dict:
         out = tmp_path / "res.json"
