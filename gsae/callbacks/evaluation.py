@@ -77,10 +77,12 @@ class EvaluationCallback(Callback):
     Under DDP the ranks share the work (``distributed``, default): the benchmarks of every member are cut into tasks
     (:func:`gsae.evals.evaluation_tasks`), split between the ranks by their cost at the previous evaluation
     (:func:`gsae.evals.split_tasks`), and rank 0 gathers the results, logs them and writes the files: one answer,
-    equal to a one-process evaluation, in about the time of the busiest rank's share. The held-out tokens are the first contexts of ``trainer.datamodule.contexts("val")``, read once and
-    reused, so every evaluation of a run sees the same tokens; each benchmark gets the first ``n`` of them
+    equal to a one-process evaluation, in about the time of the busiest rank's share. The held-out tokens are the
+    first contexts of ``trainer.datamodule.contexts("val")``, read once and reused, so every evaluation of a run sees
+    the same tokens; each benchmark gets the first ``n`` of them
     (:func:`gsae.evals.held_out_counts`). Benchmarks that define ``artifacts`` get
-    ``<checkpoint><suffix>`` files beside each checkpoint; ``texts`` go to TensorBoard as text.
+    ``<checkpoint><suffix>`` files beside each checkpoint; ``texts`` go to TensorBoard as text. Every checkpoint
+    records the settings (:meth:`settings`, under :data:`SETTINGS_KEY`), with which ``evaluate.py`` evaluates it again.
     """
 
     def __init__(
