@@ -308,11 +308,13 @@ def timed(fn, *args, **kwargs):
 
 def split_speedup(names: list[str], seconds: dict[str, float], world: int) -> float:
     """How much faster ``world`` ranks evaluate one SAE than one process, if each rank has its own device: the
-    benchmarks' measured ``seconds`` over the busiest rank's share of :func:`gsae.evals.split_tasks`."""
+    benchmarks' measured ``seconds`` over the busiest rank's share of :func:`gsae.evals.split_tasks` (a benchmark cut
+    into parts counted at half its time each: its repeated statistics pass not included, so an upper estimate)."""
     from gsae.evals import evaluation_tasks, split_tasks, task_cost
 
-    costs = [task_cost(t, seconds) for t in evaluation_tasks(list(names), [""], world)]
-    return sum(costs) / max(sum(costs[i] for i in share) for share in split_tasks(costs, world))
+    costs = [task_cost(t, seconds) for t in evaluation_tasks(list(names), [""], world, seconds=seconds)]
+    total = sum(float(seconds[n]) for n in names)
+    return total / max(sum(costs[i] for i in share) for share in split_tasks(costs, world))
 
 
 def max_rel_diff(a: list[float], b: list[float]) -> float:

@@ -34,6 +34,7 @@ from gsae.callbacks.figures import FigureRenderer
 from gsae.evals import (
     BENCHMARKS,
     N_SEQS_OPTION,
+    Task,
     artifacts,
     check_benchmarks,
     check_options,
@@ -41,6 +42,7 @@ from gsae.evals import (
     failure,
     held_out_counts,
     json_text,
+    merge_parts,
     run_benchmarks_at,
     run_options,
     run_tasks,
@@ -162,8 +164,8 @@ class EvaluationCallback(Callback):
         self.last_seconds: dict[str, float] = {}
         #: held-out contexts each benchmark read in the latest evaluation (the JSON's ``contexts``)
         self.last_contexts: dict[str, int] = {}
-        #: the ``(benchmark, members)`` tasks this process ran in the latest evaluation (all of them on one process)
-        self.last_tasks: list[tuple[str, tuple[str, ...]]] = []
+        #: the tasks (:class:`gsae.evals.Task`) this process ran in the latest evaluation (all of them on one process)
+        self.last_tasks: list[Task] = []
 
     # ------------------------------------------------------------------ hooks
     def on_sae_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ckpt_path: str | Path) -> None:
@@ -269,7 +271,7 @@ class EvaluationCallback(Callback):
             everything = self._evaluate_share(trainer, saes, lm, per_benchmark, world, kwargs)
         else:
             self.last_seconds = {}
-            self.last_tasks = [(name, tuple(saes)) for name in self.benchmarks]
+            self.last_tasks = [Task(name, tuple(saes)) for name in self.benchmarks]
             # one set of LM passes for every benchmark and member (shared harvests; loss_added's run_many), and one per
             # batch for all the hooks of a sweep whose members read different hooks
             everything = run_benchmarks_at(list(self.benchmarks), saes, lm, per_benchmark, seconds=self.last_seconds,
@@ -289,7 +291,7 @@ class EvaluationCallback(Callback):
         """This rank's share of the evaluation (:func:`gsae.evals.split_tasks` of the tasks, by the seconds each took at
         the previous evaluation, which every rank holds after the gather), then every rank's results, gathered:
         ``{member: {benchmark: result}}`` in the order of ``saes`` and :attr:`benchmarks`, on every rank."""
-        tasks = evaluation_tasks(list(self.benchmarks), list(saes), world)
+        tasks = evaluation_tasks(list(self.benchmarks), list(saes), world, kwargs["options"], self.last_seconds)
         share = split_tasks([task_cost(t, self.last_seconds) for t in tasks], world)[trainer.global_rank]
         self.last_tasks = [tasks[i] for i in share]
         seconds: dict[str, float] = {}
@@ -311,6 +313,11 @@ class EvaluationCallback(Callback):
             for member, res in results.items():
                 merged.setdefault(member, {}).update(res)
             self.last_seconds.update(secs)
+        split = {t.benchmark: t.parts for t in tasks if t.part is not None}
+        for res in merged.values():  # a benchmark run in parts (maybe on several ranks): one result
+            for name, n in split.items():
+                if f"{name}#0" in res:
+                    res[name] = merge_parts(name, [res.pop(f"{name}#{i}") for i in range(n)])
         return {m: {b: merged[m][b] for b in self.benchmarks if b in merged.get(m, {})} for m in saes}
 
     def held_out_tokens(self, trainer: pl.Trainer) -> torch.Tensor:
@@ -352,7 +359,10 @@ class EvaluationCallback(Callback):
         def tag(t: str, member: str) -> str:  # a sweep member's tags: eval/<member>/<benchmark>/<metric>
             return f"eval/{member}/{t[len('eval/'):]}" if member else t
 
-        values = {f"eval/seconds/{k}": v for k, v in self.last_seconds.items()}
+        values: dict[str, float] = {}
+        for k, v in self.last_seconds.items():  # a benchmark run in parts: their sum
+            name = f"eval/seconds/{k.partition('#')[0]}"
+            values[name] = values.get(name, 0.0) + v
         for member, results in everything.items():
             values.update({tag(t, member): v for t, v in tagged_scalars(results).items()})
         for logger in trainer.loggers:

@@ -14,6 +14,9 @@ Optional module functions:
 - ``texts(result) -> dict[str, str]``: TensorBoard text tag -> markdown (``SummaryWriter.add_text``).
 - ``run_many(saes, lm, hook, tokens, *, seed=0, **options) -> {name: result}``: ``run`` for several SAEs at
   once, sharing SAE-independent passes (:func:`run_benchmarks_many` uses it for a sweep's members).
+- ``parts(options) -> list[dict]`` and ``merge(results) -> dict``: option overrides that cut one run into independent
+  runs, and the join of their results into the one run's (the evaluation callback runs a costly benchmark's parts
+  on several ranks under DDP: :func:`evaluation_tasks`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import types
 import typing
 from collections.abc import Iterator, Mapping
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -391,28 +394,72 @@ BENCHMARK_COST = {"loss_added": 45.0, "dead_latents": 35.0, "steering": 18.0, "s
                   "decoder_geometry": 11.0, "latents": 7.0, "plateaus": 120.0}
 
 
-def evaluation_tasks(names: list[str], members: list[str], world: int) -> list[tuple[str, tuple[str, ...]]]:
-    """The evaluation's units of work for ``world`` ranks: ``(benchmark, members)`` pairs covering every benchmark of
-    every member once, in ``names`` × ``members`` order. A benchmark runs for one member per task, except one with a
-    ``run_many`` (its SAE-independent passes shared by the members of a task), whose members are cut into chunks of
-    ``⌈members / world⌉``: as few chunks as still give every rank work."""
-    tasks: list[tuple[str, tuple[str, ...]]] = []
+class Task(NamedTuple):
+    """A unit of an evaluation split between ranks: ``benchmark`` for ``members``, whole (``part`` None) or the
+    ``part``-th of its ``parts`` (a benchmark's ``parts(options)``: runs whose results its ``merge`` joins)."""
+
+    benchmark: str
+    members: tuple[str, ...]
+    part: int | None = None
+    parts: int = 1
+
+    @property
+    def key(self) -> str:
+        """The name of its results and seconds: ``benchmark``, or ``benchmark#part``."""
+        return self.benchmark if self.part is None else f"{self.benchmark}#{self.part}"
+
+
+def evaluation_tasks(
+    names: list[str], members: list[str], world: int, options: Mapping[str, Mapping] | None = None,
+    seconds: Mapping[str, float] | None = None,
+) -> list[Task]:
+    """The evaluation's units of work for ``world`` ranks, covering every benchmark of every member once, in
+    ``names`` × ``members`` order. A benchmark runs for one member per task, except one with a ``run_many`` (its
+    SAE-independent passes shared by the members of a task), whose members are cut into chunks of ``⌈members /
+    world⌉``: as few chunks as still give every rank work. A task costlier than a rank's share of the whole
+    (:func:`task_cost`; ``seconds`` of the previous evaluation) is cut into its benchmark's ``parts(options)``, if it
+    has any (``sensitive_directions``: the activation-drawn directions, and the SAE's own with the substitution)."""
+    tasks: list[Task] = []
     for name in names:
         size = 1
         if getattr(BENCHMARKS[name], "run_many", None) is not None:
             size = -(-len(members) // max(world, 1))
-        tasks += [(name, tuple(members[i : i + size])) for i in range(0, len(members), size)]
-    return tasks
+        tasks += [Task(name, tuple(members[i : i + size])) for i in range(0, len(members), size)]
+    if world < 2:
+        return tasks
+    costs = [task_cost(t, seconds or {}) for t in tasks]
+    share = sum(costs) / world
+    out: list[Task] = []
+    for task, cost in zip(tasks, costs):
+        split = getattr(BENCHMARKS[task.benchmark], "parts", None)
+        n = len(split((options or {}).get(task.benchmark, {}))) if split is not None else 0
+        if n > 1 and cost > share:
+            out += [task._replace(part=i, parts=n) for i in range(n)]
+        else:
+            out.append(task)
+    return out
 
 
-def task_cost(task: tuple[str, tuple[str, ...]], seconds: Mapping[str, float]) -> float:
-    """A task's expected seconds: what its benchmark took for its members last time (``seconds`` as
-    :func:`run_benchmarks_many` records them), else :data:`BENCHMARK_COST` per member."""
-    name, members = task
+def task_cost(task: Task, seconds: Mapping[str, float]) -> float:
+    """A task's expected seconds: what it took for its members last time (``seconds`` as :func:`run_benchmarks_many`
+    records them, a part's under ``<member>/<benchmark>#<part>``), else its share of what the whole benchmark took,
+    else :data:`BENCHMARK_COST` per member."""
+    name, members, part, parts = task
     keys = [f"{m}/{name}" if m else name for m in members]
-    if all(k in seconds for k in keys):
-        return sum(float(seconds[k]) for k in keys)
-    return BENCHMARK_COST.get(name, 30.0) * len(members)
+
+    def measured(suffix: str) -> float | None:
+        return sum(float(seconds[k + suffix]) for k in keys) if all(k + suffix in seconds for k in keys) else None
+
+    if part is not None:
+        own = measured(f"#{part}")
+        if own is not None:
+            return own
+    whole = measured("")
+    if whole is None and all(f"{k}#0" in seconds for k in keys):  # measured in parts last time
+        whole = sum(float(v) for k in keys for key, v in seconds.items() if key.startswith(f"{k}#"))
+    if whole is None:
+        whole = BENCHMARK_COST.get(name, 30.0) * len(members)
+    return whole / parts if part is not None else whole
 
 
 def split_tasks(costs: list[float], world: int) -> list[list[int]]:
@@ -430,20 +477,36 @@ def split_tasks(costs: list[float], world: int) -> list[list[int]]:
 
 
 def run_tasks(
-    tasks: list[tuple[str, tuple[str, ...]]], saes: Mapping[str, tuple[object, str]], lm, tokens, **kwargs
+    tasks: list[Task], saes: Mapping[str, tuple[object, str]], lm, tokens, *, options: Mapping | None = None,
+    seconds: dict[str, float] | None = None, **kwargs
 ) -> dict[str, dict[str, dict]]:
-    """``{member: {benchmark: result}}`` of ``tasks`` (:func:`evaluation_tasks`), each result what
-    :func:`run_benchmarks_at` gives; one harvest cache for them all (:func:`gsae.evals.common.shared_harvests`).
-    ``kwargs``: those of :func:`run_benchmarks_many`."""
+    """``{member: {task key: result}}`` of ``tasks`` (:func:`evaluation_tasks`), each result what
+    :func:`run_benchmarks_at` gives (a part's with its ``parts`` options); one harvest cache for them all
+    (:func:`gsae.evals.common.shared_harvests`). ``seconds`` receives each task's under its key (``…#<part>``).
+    ``kwargs``: those of :func:`run_benchmarks_many`. :func:`merge_parts` joins the parts."""
     from gsae.evals.common import shared_harvests
 
     out: dict[str, dict[str, dict]] = {}
     with shared_harvests():
-        for name, members in tasks:
-            res = run_benchmarks_at([name], {m: saes[m] for m in members}, lm, tokens, **kwargs)
+        for task in tasks:
+            opts = {k: dict(v) for k, v in (options or {}).items()}
+            if task.part is not None:
+                opts[task.benchmark] = {**opts.get(task.benchmark, {}),
+                                        **BENCHMARKS[task.benchmark].parts(opts.get(task.benchmark, {}))[task.part]}
+            secs: dict[str, float] = {}
+            res = run_benchmarks_at([task.benchmark], {m: saes[m] for m in task.members}, lm, tokens, options=opts,
+                                    seconds=secs, **kwargs)
+            if seconds is not None:
+                seconds.update({k + ("" if task.part is None else f"#{task.part}"): v for k, v in secs.items()})
             for m, r in res.items():
-                out.setdefault(m, {})[name] = r[name]
+                out.setdefault(m, {})[task.key] = r[task.benchmark]
     return out
+
+
+def merge_parts(name: str, parts: list[dict]) -> dict:
+    """One benchmark's result from its parts' (in order): the first failure if one failed, else its ``merge``."""
+    failed = next((r for r in parts if failure(r)), None)
+    return failed if failed is not None else BENCHMARKS[name].merge(parts)
 
 
 def _failure(e: BaseException) -> dict:
@@ -542,6 +605,7 @@ __all__ = [
     "DEFAULT_N_SEQS",
     "N_SEQS_OPTION",
     "OPT_IN",
+    "Task",
     "artifacts",
     "benchmark_artifacts",
     "benchmark_figures",
@@ -549,6 +613,7 @@ __all__ = [
     "check_benchmarks",
     "evaluation_tasks",
     "failure",
+    "merge_parts",
     "held_out_counts",
     "is_skipped",
     "run_benchmark",

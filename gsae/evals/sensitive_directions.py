@@ -57,7 +57,7 @@ from gsae.evals.perturb import final_hook, perturbation_runs
 from gsae.lm import LanguageModel
 from gsae.sae.base import SparseAutoencoder
 
-__all__ = ["run", "run_many", "figures", "window", "final_hook", "DEFAULT_LENGTHS"]
+__all__ = ["run", "run_many", "parts", "merge", "figures", "window", "final_hook", "DEFAULT_LENGTHS"]
 
 #: Lee & Heimersheim's "Normal" lengths: [1,3,…,19] + [20,24,…,48] + [51,61,…,91] (23 values).
 DEFAULT_LENGTHS = (*range(1, 20, 2), *range(20, 49, 4), *range(51, 92, 10))
@@ -431,6 +431,42 @@ def _substitution(sums: dict, win: Window, read_all: Tensor, eps_mean: float, ze
     for k, v in out["substitution"]["ratio"].items():
         if v is not None:
             out[f"ratio_sae_over_{k}"] = v
+    return out
+
+
+def parts(options: Mapping) -> list[dict]:
+    """Option overrides that cut one run (of :func:`run` or :func:`run_many`, given ``options``) into two independent
+    runs whose results :func:`merge` joins: the direction types drawn from the activations alone, and the SAE's own
+    kinds with the substitution; about half the perturbed runs each at the default lengths. Every draw is seeded per
+    (sequence, kind), so the joined result is one run's to float32 round-off (the perturbed copies are stacked into
+    forwards differently). ``[]`` when there is nothing to cut. The evaluation callback runs the parts on two ranks
+    when this benchmark is more than a rank's share of the work (:func:`gsae.evals.evaluation_tasks`)."""
+    kinds = list(options.get("direction_types") or DIRECTION_TYPES)
+    drawn = [k for k in kinds if k in ACTIVATION_TYPES]
+    own = [k for k in kinds if k not in ACTIVATION_TYPES]
+    substitution = bool(options.get("substitution", True))
+    if not drawn or not (own or substitution):
+        return []
+    return [{"direction_types": drawn, "substitution": False}, {"direction_types": own, "substitution": substitution}]
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from those of :func:`parts`' runs (in their order): the curves of both, in
+    :data:`DIRECTION_TYPES` order, the SAE part's statistics (it ran the SAE: the alive latents), skips and
+    substitution."""
+    drawn, own = results
+    curves = {**drawn["curves"], **own["curves"]}
+    order = [k for k in DIRECTION_TYPES if k in curves]
+    out: dict = {}
+    for key, value in own.items():
+        if key.startswith("kl_mean_over_lengths_"):
+            continue
+        out[key] = value
+        if key == "stats":  # where a single run puts them
+            for k in order:
+                out[f"kl_mean_over_lengths_{k}"] = (drawn if k in drawn["curves"] else own)[f"kl_mean_over_lengths_{k}"]
+    out.update(direction_types=order, curves={k: curves[k] for k in order},
+               skipped={**drawn["skipped"], **own["skipped"]})
     return out
 
 

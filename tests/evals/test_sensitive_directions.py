@@ -427,3 +427,44 @@ def test_sweep_seqs_fits_the_statistics_on_every_context_and_perturbs_the_first(
     assert same["curves"] == alone["curves"] and same["stats_sequences"] == 3
     with pytest.raises(ValueError, match="sweep_seqs must be > 0"):
         sd.run(sae, tiny_lm, HOOK, tok, sweep_seqs=0, **kw)
+
+
+def _close(a, b, where: str = "") -> None:
+    """Nested results equal, floats to float32 round-off."""
+    if isinstance(a, dict):
+        assert list(a) == list(b), f"{where}: {list(a)} vs {list(b)}"  # the same keys, in the same order
+        for k in a:
+            _close(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for x, y in zip(a, b):
+            _close(x, y, where)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-9), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("mode", ["all_tokens", "single_token"])
+def test_parts_merged_equal_one_run(tiny_lm, sae, mode):
+    """The two parts the evaluation callback may run on two ranks (the activation-drawn directions; the SAE's own and
+    the substitution), merged, give one run's result: every draw is seeded per (sequence, kind)."""
+    from gsae.sae import GradTopKSAE
+
+    tok = torch.randint(0, 256, (6, 12), generator=torch.Generator().manual_seed(3))
+    opts = dict(lengths=[2.0, 8.0], batch_size=4, sweep_seqs=4, mode=mode, position=3 if mode == "single_token" else None,
+                n_offsets=4, pool_seqs=2)
+    parts = sd.parts(opts)
+    assert [p["substitution"] for p in parts] == [False, True]
+    assert sorted(parts[0]["direction_types"] + parts[1]["direction_types"]) == sorted(DIRECTION_TYPES)
+    whole = sd.run(sae, tiny_lm, HOOK, tok, **opts)
+    _close(sd.merge([sd.run(sae, tiny_lm, HOOK, tok, **{**opts, **p}) for p in parts]), whole)
+    # a sweep's members (a g-SAE among them) through run_many, as the callback runs a chunk of members
+    saes = {"topk": sae, "gsae": GradTopKSAE(64, d_sae=128, k=4, beta=10.0, seed=5).eval()}
+    saes["gsae"].grad_normaliser.fill_(40.0)
+    many = [sd.run_many(saes, tiny_lm, HOOK, tok, **{**opts, **p}) for p in parts]
+    for m in saes:
+        _close(sd.merge([r[m] for r in many]), sd.run(saes[m], tiny_lm, HOOK, tok, **opts), m)
+    # nothing to cut: the activation-drawn kinds alone, or nothing of the SAE's and no substitution
+    assert sd.parts({"direction_types": ["isotropic", "real_mixture"], "substitution": False}) == []
+    assert sd.parts({"direction_types": ["sae_error"]}) == []

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gsae.callbacks import EvaluationCallback
-from gsae.evals import evaluation_tasks, json_text, split_tasks, task_cost
+from gsae.evals import BENCHMARK_COST, Task, evaluation_tasks, json_text, split_tasks, task_cost
 from gsae.systems import SweepSAESystem
 from tests.systems.helpers import build_data, build_system, build_trainer
 
@@ -41,7 +41,7 @@ class RecordTasks(pl.Callback):
         self.folder, self.evaluation, self.seen = folder, evaluation, []
 
     def on_sae_checkpoint(self, trainer, pl_module, path) -> None:
-        self.seen.append([[b, list(m)] for b, m in self.evaluation.last_tasks])
+        self.seen.append([[t.benchmark, list(t.members), t.part] for t in self.evaluation.last_tasks])
 
     def on_train_end(self, trainer, pl_module) -> None:
         (self.folder / f"tasks{trainer.global_rank}.json").write_text(json.dumps(self.seen))
@@ -63,41 +63,57 @@ def _same(a, b, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} vs {b!r}"
 
 
+def _covered(tasks: list, names, members) -> None:
+    """Every (benchmark, member) ran exactly once, whole or in all its parts, on one rank or another."""
+    whole = sorted((b, m) for b, ms, part in tasks for m in ms if part is None)
+    parts = sorted((b, m, part) for b, ms, part in tasks for m in ms if part is not None)
+    split = {(b, m) for b, m, _ in parts}
+    assert sorted(whole + sorted(split)) == sorted((b, m) for b in names for m in members), (whole, parts)
+    assert parts == sorted((b, m, i) for b, m in split for i in range(2))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["gsae", "sweep"])
-def test_ddp_ranks_split_the_evaluation_and_rank_0_writes_the_one_process_results(tmp_path, objective):
+def test_ddp_ranks_split_the_evaluation_and_rank_0_writes_the_one_process_results(tmp_path, objective, monkeypatch):
+    # the first evaluation (the step-2 checkpoint's) has no timings: sensitive_directions, by its default cost more
+    # than a rank's share, runs in its two parts on the two ranks; later ones split by the measured times
+    monkeypatch.setitem(BENCHMARK_COST, "sensitive_directions", 1000.0)
     torch.manual_seed(0)
     if objective == "sweep":
         system = SweepSAESystem(build_system("topk").lm, SWEEP, hook="blocks.1.hook_resid_post", lr_warmup_steps=2,
                                 dead_tokens=200, grad_mean_tokens=60, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
     else:
         system = build_system("gsae", grad_mean_tokens=60)
-    evaluation = EvaluationCallback(options=OPTIONS, log_figures=False, every_n_steps=2)  # step 2 too: every rank
+    evaluation = EvaluationCallback(options=OPTIONS, log_figures=False, every_n_steps=3)  # step 3 too: every rank
     ckpts = tmp_path / "ckpts"
-    trainer = build_trainer(tmp_path, STEPS, devices=2, strategy="ddp_fork", checkpoint_every=STEPS,
+    trainer = build_trainer(tmp_path, STEPS, devices=2, strategy="ddp_fork", checkpoint_every=2,
                             callbacks=[evaluation, RecordTasks(tmp_path, evaluation)])
     trainer.fit(system, datamodule=build_data(system, batch_size=2))
 
-    # every (benchmark, member) ran once, on one rank or the other, and both ranks had work
+    # every (benchmark, member) ran once (whole or in parts), on one rank or the other, and both ranks had work
     members = list(system.saes())
     tasks = [json.loads((tmp_path / f"tasks{r}.json").read_text()) for r in (0, 1)]
-    assert len(tasks[0]) == len(tasks[1]) == 2  # the step's checkpoint and last.ckpt (evaluated once: the same tasks)
-    ran = [(b, m) for r in (0, 1) for b, ms in tasks[r][0] for m in ms]
-    assert sorted(ran) == sorted((b, m) for b in OPTIONS for m in members) and tasks[0][0] and tasks[1][0]
+    assert len(tasks[0]) == len(tasks[1]) == 4  # steps 2 and 4: the step's checkpoint and last.ckpt (one evaluation)
+    for i in (0, 2):
+        _covered(tasks[0][i] + tasks[1][i], OPTIONS, members)
+        assert tasks[0][i] and tasks[1][i]
+    # the first: the costliest task's two parts, one on each rank
+    where = {(tuple(ms), p): r for r in (0, 1) for b, ms, p in tasks[r][0] if b == "sensitive_directions" and p is not None}
+    assert where and all(where[ms, 0] != where[ms, 1] for ms, _ in where), tasks
 
     # the one-process reference: the same weights (the checkpoint's), the sequential path, the same held-out tokens
-    state = torch.load(ckpts / f"epoch=0-step={STEPS}.ckpt", weights_only=False)["state_dict"]
-    system.load_state_dict(state)
-    dm = build_data(system, batch_size=2)
-    one = EvaluationCallback(options=OPTIONS, log_figures=False)
-    fake = SimpleNamespace(is_global_zero=True, global_step=STEPS, datamodule=dm, loggers=[])
-    want = json.loads(json_text(one.evaluate(fake, system)))
-    assert one.last_tasks == [(b, tuple(members)) for b in OPTIONS]
-    for member in members:
-        suffix = f".{member}.eval.json" if member else ".eval.json"
-        payload = json.loads((ckpts / f"epoch=0-step={STEPS}.ckpt{suffix}").read_text())
-        assert list(payload["results"]) == list(OPTIONS)  # the benchmarks' order, whichever rank ran them
-        _same(payload["results"], want[member], member or "sae")
+    for step in (2, 4):
+        system.load_state_dict(torch.load(ckpts / f"epoch=0-step={step}.ckpt", weights_only=False)["state_dict"])
+        one = EvaluationCallback(options=OPTIONS, log_figures=False)
+        fake = SimpleNamespace(is_global_zero=True, global_step=step, datamodule=build_data(system, batch_size=2),
+                               loggers=[])
+        want = json.loads(json_text(one.evaluate(fake, system)))
+        assert one.last_tasks == [Task(b, tuple(members)) for b in OPTIONS]
+        for member in members:
+            suffix = f".{member}.eval.json" if member else ".eval.json"
+            payload = json.loads((ckpts / f"epoch=0-step={step}.ckpt{suffix}").read_text())
+            assert list(payload["results"]) == list(OPTIONS)  # the benchmarks' order, whichever rank ran them
+            _same(payload["results"], want[member], f"step {step} {member or 'sae'}")
 
 
 def test_tasks_split_by_cost_cover_everything_once():
@@ -105,15 +121,31 @@ def test_tasks_split_by_cost_cover_everything_once():
     members = [f"m{i}" for i in range(10)]
     # a benchmark with run_many keeps its members together in ⌈members / world⌉ chunks; the others run per member
     tasks = evaluation_tasks(names, members, 4)
-    assert [m for b, m in tasks if b == "loss_added"] == [("m0", "m1", "m2"), ("m3", "m4", "m5"), ("m6", "m7", "m8"), ("m9",)]
-    assert [m for b, m in tasks if b == "steering"] == [(m,) for m in members]
-    assert sorted((b, m) for b, ms in tasks for m in ms) == sorted((b, m) for b in names for m in members)
-    assert evaluation_tasks(names, [""], 8) == [(b, ("",)) for b in names]  # one SAE: a task per benchmark
+    assert [t.members for t in tasks if t.benchmark == "loss_added"] == [
+        ("m0", "m1", "m2"), ("m3", "m4", "m5"), ("m6", "m7", "m8"), ("m9",)]
+    assert [t.members for t in tasks if t.benchmark == "steering"] == [(m,) for m in members]
+    assert sorted((t.benchmark, m) for t in tasks for m in t.members) == sorted((b, m) for b in names for m in members)
+    assert all(t.part is None for t in tasks)  # no task above a rank's share: none cut into parts
+    assert evaluation_tasks(names, [""], 1) == [Task(b, ("",)) for b in names]  # one SAE: a task per benchmark
+    # one SAE on 4 ranks: sensitive_directions (66 of 182 by default) is above a rank's share (45.5): in its two parts,
+    # the activation-drawn directions and the SAE's own with the substitution; on 2 ranks (91 each) it stays whole
+    four = evaluation_tasks(names, [""], 4)
+    assert [t for t in four if t.benchmark == "sensitive_directions"] == [
+        Task("sensitive_directions", ("",), 0, 2), Task("sensitive_directions", ("",), 1, 2)]
+    assert all(t.part is None for t in evaluation_tasks(names, [""], 2))
+    only_drawn = {"sensitive_directions": {"direction_types": ["isotropic"], "substitution": False}}
+    assert all(t.part is None for t in evaluation_tasks(names, [""], 4, only_drawn))  # nothing to cut
 
     # without timings: the benchmarks' default costs; with them, what each task took last time
-    assert task_cost(("steering", ("m0", "m1")), {}) == 36.0
-    assert task_cost(("steering", ("m0", "m1")), {"m0/steering": 1.0, "m1/steering": 2.5}) == 3.5
-    assert task_cost(("steering", ("",)), {"steering": 4.0}) == 4.0
+    assert task_cost(Task("steering", ("m0", "m1")), {}) == 36.0
+    assert task_cost(Task("steering", ("m0", "m1")), {"m0/steering": 1.0, "m1/steering": 2.5}) == 3.5
+    assert task_cost(Task("steering", ("",)), {"steering": 4.0}) == 4.0
+    # a part: its own time, else its share of the whole's; a whole measured in parts: their sum
+    sd = "sensitive_directions"
+    assert task_cost(Task(sd, ("",), 1, 2), {sd: 10.0}) == 5.0
+    assert task_cost(Task(sd, ("",), 1, 2), {sd: 10.0, f"{sd}#1": 3.0}) == 3.0
+    assert task_cost(Task(sd, ("",)), {f"{sd}#0": 4.0, f"{sd}#1": 3.0}) == 7.0
+    assert task_cost(Task(sd, ("",), 0, 2), {}) == 33.0
 
     costs = [7.0, 5.0, 4.0, 4.0, 3.0, 3.0, 1.0]
     for world in (1, 2, 3, 8):
