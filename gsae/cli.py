@@ -450,7 +450,7 @@ def main(args: list[str] | None = None) -> int:
         message = user_message(e) if isinstance(e, USER_ERRORS) else child_user_message(e)
         if message is None or os.environ.get("GSAE_DEBUG"):
             raise
-        rank, world = (cli.trainer.global_rank, cli.trainer.world_size) if "cli" in locals() else (0, 1)
+        rank = cli.trainer.global_rank if "cli" in locals() else 0
         # every rank that fails says so (a node's own problem, e.g. its data, is only seen there); named when not rank 0
         print(f"error (rank {rank}): {message}" if rank else f"error: {message}", file=sys.stderr)
         if "cli" in locals():
