@@ -313,11 +313,12 @@ class EvaluationCallback(Callback):
             for member, res in results.items():
                 merged.setdefault(member, {}).update(res)
             self.last_seconds.update(secs)
-        split = {t.benchmark: t.parts for t in tasks if t.part is not None}
+        split = {t.benchmark: t for t in tasks if t.part is not None}
         for res in merged.values():  # a benchmark run in parts (maybe on several ranks): one result
-            for name, n in split.items():
-                if f"{name}#0" in res:
-                    res[name] = merge_parts(name, [res.pop(f"{name}#{i}") for i in range(n)])
+            for name, t in split.items():
+                keys = [t._replace(part=i).key for i in range(t.parts)]
+                if keys[0] in res:
+                    res[name] = merge_parts(name, [res.pop(k) for k in keys])
         return {m: {b: merged[m][b] for b in self.benchmarks if b in merged.get(m, {})} for m in saes}
 
     def held_out_tokens(self, trainer: pl.Trainer) -> torch.Tensor:

@@ -404,9 +404,14 @@ class Task(NamedTuple):
     parts: int = 1
 
     @property
+    def suffix(self) -> str:
+        """What a part's results and seconds carry after the benchmark's name: ``#part`` (``""`` for a whole)."""
+        return "" if self.part is None else f"#{self.part}"
+
+    @property
     def key(self) -> str:
         """The name of its results and seconds: ``benchmark``, or ``benchmark#part``."""
-        return self.benchmark if self.part is None else f"{self.benchmark}#{self.part}"
+        return self.benchmark + self.suffix
 
 
 def evaluation_tasks(
@@ -444,22 +449,22 @@ def task_cost(task: Task, seconds: Mapping[str, float]) -> float:
     """A task's expected seconds: what it took for its members last time (``seconds`` as :func:`run_benchmarks_many`
     records them, a part's under ``<member>/<benchmark>#<part>``), else its share of what the whole benchmark took,
     else :data:`BENCHMARK_COST` per member."""
-    name, members, part, parts = task
-    keys = [f"{m}/{name}" if m else name for m in members]
+    keys = [f"{m}/{task.benchmark}" if m else task.benchmark for m in task.members]
 
     def measured(suffix: str) -> float | None:
         return sum(float(seconds[k + suffix]) for k in keys) if all(k + suffix in seconds for k in keys) else None
 
-    if part is not None:
-        own = measured(f"#{part}")
+    if task.part is not None:
+        own = measured(task.suffix)
         if own is not None:
             return own
+    first = task._replace(part=0).suffix
     whole = measured("")
-    if whole is None and all(f"{k}#0" in seconds for k in keys):  # measured in parts last time
-        whole = sum(float(v) for k in keys for key, v in seconds.items() if key.startswith(f"{k}#"))
+    if whole is None and all(k + first in seconds for k in keys):  # measured in parts last time
+        whole = sum(float(v) for k in keys for key, v in seconds.items() if key.startswith(k + "#"))
     if whole is None:
-        whole = BENCHMARK_COST.get(name, 30.0) * len(members)
-    return whole / parts if part is not None else whole
+        whole = BENCHMARK_COST.get(task.benchmark, 30.0) * len(task.members)
+    return whole / task.parts if task.part is not None else whole
 
 
 def split_tasks(costs: list[float], world: int) -> list[list[int]]:
@@ -497,7 +502,7 @@ def run_tasks(
             res = run_benchmarks_at([task.benchmark], {m: saes[m] for m in task.members}, lm, tokens, options=opts,
                                     seconds=secs, **kwargs)
             if seconds is not None:
-                seconds.update({k + ("" if task.part is None else f"#{task.part}"): v for k, v in secs.items()})
+                seconds.update({k + task.suffix: v for k, v in secs.items()})
             for m, r in res.items():
                 out.setdefault(m, {})[task.key] = r[task.benchmark]
     return out

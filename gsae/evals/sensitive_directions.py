@@ -165,9 +165,9 @@ def run(
         max_real_pool: at most this many real activations (seeded subset) for the ``real_*`` kinds.
         sweep_seqs: sequences perturbed (the first of ``tokens``; default all). μ and Σ of GPT-2's 768 dimensions
             need many more tokens than the sweep can afford to perturb (Lee & Heimersheim fit them on 2M): with
-            ``n_seqs: 64, sweep_seqs: 8`` (the shipped configs) they come from ~8k tokens, by a forward to the hook
-            only, instead of ~1k (a Σ from fewer tokens than dimensions is singular, so its ``cov_random`` directions
-            lay in a subspace). The latents alive (the feature pools) are those that fired on the swept sequences.
+            ``n_seqs: 128, sweep_seqs: 8`` (the shipped GPT-2 configs) they come from ~16k tokens, by a forward to
+            the hook only, instead of ~1k (a Σ from fewer tokens than dimensions is singular, so its ``cov_random``
+            directions lie in a subspace). The latents alive (the feature pools) are those that fired on the swept sequences.
     """
     return run_many(
         {"": sae}, lm, hook, tokens, seed=seed, lengths=lengths, direction_types=direction_types, mode=mode,
