@@ -21,17 +21,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from jsonargparse import lazy_instance
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from safetensors import SafetensorError
 
 from gsae.allocator import tune_malloc
-from gsae.callbacks.checkpoint import SAECheckpoint
+from gsae.callbacks.checkpoint import SAECheckpoint, checkpoint_folder
 from gsae.callbacks.evaluation import EvaluationCallback
 from gsae.cli_errors import parse_error_line
 from gsae.data.datamodule import TokenDataModule
-from gsae.loggers import curves_first
+from gsae.loggers import LOG_FOLDER_KEY, continue_log_folder, curves_first
 from gsae.systems.base import SAESystem
 
 log = logging.getLogger(__name__)
@@ -187,9 +187,7 @@ def resolve_ckpt_path(cli: GSAECLI) -> str | None:
     if path == "last":
         looked = []
         for cb in cli.trainer.checkpoint_callbacks:
-            logger = cli.trainer.logger
-            name = logger.name if logger is not None and logger.name else "run"
-            folder = Path(cb.dirpath) if cb.dirpath else Path(cli.trainer.default_root_dir) / name / "checkpoints"
+            folder = checkpoint_folder(cli.trainer, cb)
             looked.append(folder)
             newest = newest_checkpoint(folder, say=cli.trainer.is_global_zero)
             if newest is not None:
@@ -293,18 +291,58 @@ def prepare_forked_ranks(trainer, resume: str) -> None:
             cb.print_from_forked_rank(resume)
 
 
-def trained_to_the_end(ckpt: str, max_steps: int) -> str | None:
-    """A one-line note if checkpoint ``ckpt`` is already at ``--trainer.max_steps`` (Lightning would end at once,
-    silently, leaving an empty TensorBoard folder); ``None`` if there is training left."""
-    from gsae.export import read_checkpoint
-
+def trained_to_the_end(ckpt: str, step: int, max_steps: int) -> str | None:
+    """A one-line note if checkpoint ``ckpt``, at ``step``, is already at ``--trainer.max_steps`` (Lightning would end
+    at once, silently, leaving an empty TensorBoard folder); ``None`` if there is training left."""
     if max_steps is None or max_steps < 0:
         return None
-    step = int(read_checkpoint(ckpt, mmap=True).get("global_step", 0))
     if step < max_steps:
         return None
     return (f"nothing to train: {ckpt} is at step {step} and --trainer.max_steps is {max_steps} "
             "(raise --trainer.max_steps to train on)")
+
+
+def check_run_folder(trainer, ckpt: str | None) -> None:
+    """One run per checkpoint folder: a run that does not resume from a checkpoint of its folder (a new run, or one
+    started from another run's checkpoint) is refused if the folder already holds checkpoints; Lightning would write
+    ``last-v1.ckpt``, ``epoch=0-step=N-v1.ckpt`` … among the earlier run's files, and its curves beside that run's."""
+    for cb in trainer.checkpoint_callbacks:
+        folder = checkpoint_folder(trainer, cb)
+        found = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+        if not found or (ckpt is not None and os.path.samefile(Path(ckpt).parent, folder)):
+            continue
+        shown = ", ".join(found[:3]) + (f", … {len(found) - 3} more" if len(found) > 3 else "")
+        raise FileExistsError(
+            f"{folder} holds an earlier run's checkpoints ({shown}): resume it with --ckpt_path last, or start this run "
+            "in another folder (--trainer.default_root_dir, or the config's --trainer.logger.init_args.name), or "
+            "remove that one")
+
+
+def say_if_rolled_back(ckpt: str, step: int) -> None:
+    """Warn when ``ckpt`` (at ``step``) is older than its folder's newest checkpoint (a resume from an earlier
+    checkpoint, to retrain from there): the later checkpoints are replaced as the run reaches their steps."""
+    newest = newest_checkpoint(Path(ckpt).parent, say=False)
+    if newest is None or os.path.samefile(newest, ckpt):
+        return
+    from gsae.export import read_checkpoint
+
+    reached = int(read_checkpoint(newest, mmap=True).get("global_step", 0))
+    if reached > step:
+        log.warning("resuming from step %d of a run that reached step %d (%s): its checkpoints after step %d are "
+                    "replaced as this run reaches their steps, and their TensorBoard events are dropped",
+                    step, reached, Path(newest).name, step)
+
+
+def continue_logging(trainer, ckpt: str, state: dict) -> None:
+    """A resume from checkpoint ``ckpt`` (its contents ``state``) logs on in the TensorBoard folder of the run that
+    wrote it (:func:`gsae.loggers.continue_log_folder`: one run in TensorBoard, not ``version_N+1`` beside it), and
+    writes its own configuration beside the first run's ``config.yaml`` as ``config.resume-step<S>.yaml``."""
+    step = int(state.get("global_step", 0))
+    if continue_log_folder(trainer.loggers, ckpt, state.get(LOG_FOLDER_KEY), step) is None:
+        return
+    for cb in trainer.callbacks:
+        if isinstance(cb, SaveConfigCallback):
+            cb.config_filename = f"config.resume-step{step}.yaml"
 
 
 def _check_checkpoint(path: str) -> None:
@@ -423,7 +461,6 @@ def main(args: list[str] | None = None) -> int:
             return 2
         check_trainer(cli.trainer)
         resume = resume_command(args, cli.trainer)  # before fit (see there)
-        prepare_forked_ranks(cli.trainer, resume)
         # the data's split between ranks, its source and its held-out set, before DDP starts them (else each rank
         # fails, and says so, on its own)
         cli.datamodule.check_world(cli.trainer.world_size)
@@ -432,14 +469,22 @@ def main(args: list[str] | None = None) -> int:
             if getattr(cb, "enabled", False) and hasattr(cb, "check_held_out"):
                 cb.check_held_out(SimpleNamespace(datamodule=cli.datamodule))
         ckpt = resolve_ckpt_path(cli)
+        check_run_folder(cli.trainer, ckpt)
         if ckpt is not None:
-            done = trained_to_the_end(ckpt, cli.trainer.max_steps)
+            from gsae.export import read_checkpoint
+
+            state = read_checkpoint(ckpt, mmap=True)
+            done = trained_to_the_end(ckpt, int(state.get("global_step", 0)), cli.trainer.max_steps)
             if done:
                 if cli.trainer.is_global_zero:  # every rank stops here; one says why
                     print(done, file=sys.stderr)
                 return 0
             # a resumed run writes into its own checkpoint folder: Lightning's "exists and is not empty" is expected
             warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+            if cli.trainer.is_global_zero:
+                say_if_rolled_back(ckpt, int(state.get("global_step", 0)))
+            continue_logging(cli.trainer, ckpt, state)
+        prepare_forked_ranks(cli.trainer, resume)  # after continue_logging: it settles the logger's folder
         try:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
         finally:  # also after Ctrl+C (Lightning stops gracefully, then exits)

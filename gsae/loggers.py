@@ -9,29 +9,57 @@ that name Lightning's class (:func:`curves_first`).
 It also writes a call's scalars as one event (one ``Summary`` holding every value) where Lightning's writes one per
 scalar through ``SummaryWriter.add_scalar``: TensorBoard reads the same tags, steps and values, and a 10-member sweep's
 ~140 scalars per logging step take 0.5 ms instead of 8 (``benchmarks/logging_cost.py``).
+
+A resumed run goes on in the TensorBoard folder (``version_N``) of the run it resumes, so its curves continue as one
+run, not as a second one (``version_N+1``) drawn over the first: every checkpoint records that folder
+(:data:`LOG_FOLDER_KEY`, :func:`log_folder_record`), ``train.py --ckpt_path`` points the logger back at it
+(:func:`continue_log_folder`), and what the killed run logged after the checkpoint's step, which the resume logs again,
+is dropped from the folder's event files before the first new event is written (:func:`drop_events_after`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger as _LightningTensorBoardLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from typing_extensions import override
 
+log = logging.getLogger(__name__)
+
 #: Scalars Lightning adds on its own that an SAE run does not log.
 DROPPED = frozenset({"epoch", "hp_metric"})
 
+#: The checkpoint key of the run's TensorBoard folder (:func:`log_folder_record`).
+LOG_FOLDER_KEY = "gsae_log_folder"
+
 
 class TensorBoardLogger(_LightningTensorBoardLogger):
-    """Lightning's ``TensorBoardLogger`` without the ``epoch`` and ``hp_metric`` scalars."""
+    """Lightning's ``TensorBoardLogger`` without the ``epoch`` and ``hp_metric`` scalars; on a resume into an existing
+    folder (:attr:`resume_step` set), the folder's events after that step are dropped before this run writes."""
+
+    #: the step a resume continues from, when it continues in an existing folder (:func:`continue_log_folder`)
+    resume_step: int | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("default_hp_metric", False)
         super().__init__(*args, **kwargs)
+
+    @property
+    @override
+    @rank_zero_experiment
+    def experiment(self) -> SummaryWriter:
+        if self._experiment is None and self.resume_step is not None:
+            drop_events_after(Path(self.log_dir), self.resume_step)
+            self.resume_step = None
+        return super().experiment
 
     @override
     @rank_zero_only
@@ -66,3 +94,70 @@ def curves_first(loggers: list) -> None:
         if type(lg) is _LightningTensorBoardLogger:
             lg.__class__ = TensorBoardLogger
             lg._default_hp_metric = False
+
+
+def drop_events_after(folder: Path, step: int) -> list[Path]:
+    """Rewrite the TensorBoard event files in ``folder`` without the summaries (scalars, figures, text) logged at steps
+    after ``step``: a run killed after its checkpoint at ``step`` logged them, and its resume logs those steps again.
+    Other events (file version, graphs) stay, and so do files with nothing to drop (untouched) and a record a kill cut
+    short at a file's end (left for TensorBoard, which skips it). Each file is written beside the old one, then renamed
+    over it. Returns the files rewritten."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    rewritten = []
+    for f in sorted(folder.glob("events.out.tfevents.*")):
+        records = list(RawEventFileLoader(str(f)).Load())
+        kept = [r for r in records if not _after(Event.FromString(r), step)]
+        if len(kept) == len(records):
+            continue
+        partial = f.with_name(f".{f.name}.partial")
+        with open(partial, "wb") as out:
+            writer = RecordWriter(out)
+            for r in kept:
+                writer.write(r)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, f)
+        rewritten.append(f)
+        log.info("resuming from step %d: dropped %d events logged after it from %s", step, len(records) - len(kept), f)
+    return rewritten
+
+
+def _after(event, step: int) -> bool:
+    return event.step > step and event.HasField("summary")
+
+
+def _tensorboard_logger(loggers: list):
+    return next((lg for lg in loggers if isinstance(lg, _LightningTensorBoardLogger)), None)
+
+
+def log_folder_record(loggers: list, checkpoint_dir: str | Path) -> dict[str, Any] | None:
+    """What a checkpoint in ``checkpoint_dir`` records of the run's TensorBoard folder (the first TensorBoard logger's
+    ``version_N``): its ``version`` and its ``path`` relative to the checkpoint's folder (so a run folder moved or
+    copied whole still finds it); ``None`` without a TensorBoard logger."""
+    tb = _tensorboard_logger(loggers)
+    if tb is None:
+        return None
+    return {"version": tb.version, "path": os.path.relpath(tb.log_dir, checkpoint_dir)}
+
+
+def continue_log_folder(loggers: list, ckpt: str | Path, record: dict[str, Any] | None, step: int) -> Path | None:
+    """Point the run's TensorBoard logger at the folder the checkpoint ``ckpt`` (at ``step``, recording ``record``, see
+    :func:`log_folder_record`) was logged into, so a resume continues its curves there, and have it drop the events
+    after ``step`` before writing (:class:`TensorBoardLogger`). Only where the logger would otherwise pick a new
+    ``version_N`` in that same run folder and the folder exists: a checkpoint of another run (fine-tuning from it), a
+    pinned ``version`` or a folder since deleted get a new folder, as before. Returns the folder continued, or
+    ``None``. Call it before the logger writes or settles its version (before ``fit``; ``gsae.cli.main`` does)."""
+    tb = _tensorboard_logger(loggers)
+    if not isinstance(tb, TensorBoardLogger) or record is None or tb._version is not None or tb._experiment is not None:
+        return None
+    version = record.get("version")
+    folder = Path(os.path.normpath(Path(ckpt).parent / str(record.get("path"))))
+    name = version if isinstance(version, str) else f"version_{version}"
+    if not folder.is_dir() or os.path.realpath(folder) != os.path.realpath(Path(tb.root_dir) / name):
+        return None
+    tb._version = version
+    tb.resume_step = step
+    return folder

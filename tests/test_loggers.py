@@ -68,3 +68,63 @@ def test_curves_first_converts_lightnings_logger(tmp_path):
     lg.log_metrics({"train/loss": 1.0, "epoch": 0, "hp_metric": -1}, step=0)
     lg.finalize("success")
     assert set(_read(tmp_path / "run" / "version_0")) == {"train/loss"}
+
+
+def _steps(folder, tag: str) -> list[int]:
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0}).Reload()
+    return [e.step for e in (acc.Images(tag) if tag in acc.Tags()["images"] else acc.Scalars(tag))]
+
+
+def test_drop_events_after_keeps_steps_up_to_the_checkpoint_and_leaves_other_files_alone(tmp_path):
+    """The events a killed run logged after its checkpoint's step go (scalars and images alike); files with nothing
+    after it stay byte for byte; a record a kill cut short at a file's end does not stop the rewrite."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from gsae.loggers import drop_events_after
+
+    early = SummaryWriter(str(tmp_path), filename_suffix=".a")
+    for step in (1, 2, 3):
+        early.add_scalar("train/loss", step / 10, step)
+    early.close()
+    late = SummaryWriter(str(tmp_path), filename_suffix=".b")
+    for step in (4, 5, 6, 7):
+        late.add_scalar("train/loss", step / 10, step)
+    late.add_image("eval/figure", np.zeros((3, 4, 4), np.uint8), 5)
+    late.add_image("eval/figure", np.zeros((3, 4, 4), np.uint8), 7)
+    late.close()
+    a, b = sorted(tmp_path.glob("events.out.tfevents.*"), key=lambda f: f.name[-1])
+    with open(b, "ab") as f:
+        f.write(b"\x20\x00\x00\x00\x00\x00\x00\x00truncated")  # a kill mid-record
+    a_bytes = a.read_bytes()
+    assert drop_events_after(tmp_path, 5) == [b]
+    assert a.read_bytes() == a_bytes
+    assert _steps(tmp_path, "train/loss") == [1, 2, 3, 4, 5]
+    assert _steps(tmp_path, "eval/figure") == [5]
+    assert [e.file_version for e in EventFileLoader(str(b)).Load()][0].startswith("brain.Event")  # still an event file
+    assert drop_events_after(tmp_path, 5) == [] and not list(tmp_path.glob(".*partial"))
+
+
+def test_a_logger_resumed_in_its_folder_drops_the_later_events_before_it_writes(tmp_path):
+    from gsae.loggers import continue_log_folder, log_folder_record
+
+    first = TensorBoardLogger(str(tmp_path), name="run")
+    for step in (10, 20, 30):
+        first.log_metrics({"train/loss": step}, step)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    record = log_folder_record([first], ckpt_dir)
+    assert record == {"version": 0, "path": "../version_0"}
+    first.finalize("success")
+    ckpt = ckpt_dir / "last.ckpt"  # where the record was written; not read here
+    resumed = TensorBoardLogger(str(tmp_path), name="run")
+    assert continue_log_folder([resumed], ckpt, record, step=20) == tmp_path / "run" / "version_0"
+    assert resumed.version == 0
+    resumed.log_metrics({"train/loss": 30.5}, 30)
+    resumed.finalize("success")
+    assert _read(tmp_path / "run" / "version_0")["train/loss"] == [(10, 10.0), (20, 20.0), (30, 30.5)]
+    # another run's checkpoint, a pinned version, no record, a Lightning-class subclass: a folder of their own
+    other = TensorBoardLogger(str(tmp_path / "elsewhere"), name="run")
+    assert continue_log_folder([other], ckpt, record, step=20) is None and other.version == 0
+    pinned = TensorBoardLogger(str(tmp_path), name="run", version="mine")
+    assert continue_log_folder([pinned], ckpt, record, step=20) is None and pinned.version == "mine"
+    assert continue_log_folder([TensorBoardLogger(str(tmp_path), name="run")], ckpt, None, step=20) is None
+    assert continue_log_folder([], ckpt, record, step=20) is None

@@ -87,7 +87,7 @@ def test_summary_names_tokens_paths_and_commands(plain_run, monkeypatch) -> None
     assert (ckpt_dir / "epoch=0-step=20.saelens").is_dir()
     log_dir = next(run.glob("version_*"))
     assert f"events       {log_dir}\n" in summary
-    assert f"tensorboard --logdir {run}\n" in summary  # the run's folder: a resume's version_1 continues the curves
+    assert f"tensorboard --logdir {run}\n" in summary  # the run's folder, where TensorBoard finds it
     assert "--ckpt_path last" not in summary  # a finished run offers no resume
     assert f"python evaluate.py {ckpt_dir / 'epoch=0-step=20.ckpt'}" in summary
     final = line_values(next(line for line in summary.splitlines() if line.startswith("train ")).replace("train", "", 1))

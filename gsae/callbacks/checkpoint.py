@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from gsae.export import export_saelens
 from gsae.files import SameFolderCheckpointIO, remove_partials
+from gsae.loggers import LOG_FOLDER_KEY, log_folder_record
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,19 @@ def member_path(ckpt_path: str | Path, member: str, suffix: str) -> Path:
     return Path(str(ckpt_path) + (f".{member}" if member else "") + suffix)
 
 
+def checkpoint_folder(trainer: pl.Trainer, callback: ModelCheckpoint) -> Path:
+    """The folder ``callback`` writes its checkpoints to: its ``dirpath``, else
+    ``<default_root_dir>/<logger name, or run>/checkpoints`` (what :meth:`SAECheckpoint.setup` resolves)."""
+    if callback.dirpath:
+        return Path(callback.dirpath)
+    name = trainer.logger.name if trainer.logger is not None and trainer.logger.name else "run"
+    return Path(trainer.default_root_dir) / name / "checkpoints"
+
+
 class SAECheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that keeps checkpoints in ``<root>/<run name>/checkpoints`` (the same folder
-    across restarts, so ``--ckpt_path last`` finds them), writes ``<name>.saelens/`` beside every
+    across restarts, so ``--ckpt_path last`` finds them; a checkpoint of a step written again replaces the old one),
+    writes ``<name>.saelens/`` beside every
     ``<name>.ckpt``, and calls ``on_sae_checkpoint(trainer, pl_module, path)`` on every other callback
     that has it (the evaluation callbacks)."""
 
@@ -69,6 +80,10 @@ class SAECheckpoint(ModelCheckpoint):
             save_top_k=save_top_k,
             monitor="step" if save_top_k > 0 else None,
             mode="max",
+            # a resume from an earlier checkpoint (or from the first, whose state names no last.ckpt yet) writes the
+            # steps it reaches under their own names, not as last-v1.ckpt / epoch=0-step=N-v1.ckpt beside the files
+            # of the steps it redoes; a new run never shares the folder (gsae.cli.check_run_folder)
+            enable_version_counter=False,
         )
         self.export_saelens = export_saelens
         self._batch_epoch: int | None = None  # the epoch of the latest training batch (names the final checkpoint)
@@ -77,8 +92,7 @@ class SAECheckpoint(ModelCheckpoint):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.dirpath is None:  # resolved, as Lightning resolves a given dirpath: one folder, one spelling
-            name = trainer.logger.name if trainer.logger is not None and trainer.logger.name else "run"
-            self.dirpath = os.path.realpath(Path(trainer.default_root_dir) / name / "checkpoints")
+            self.dirpath = os.path.realpath(checkpoint_folder(trainer, self))
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not $TMPDIR then a move (gsae.files)
             trainer.strategy.checkpoint_io = SameFolderCheckpointIO()
         if trainer.is_global_zero and Path(self.dirpath).is_dir():
@@ -93,6 +107,14 @@ class SAECheckpoint(ModelCheckpoint):
         a warning asking to add the callback) and the next save wrote ``last-v1.ckpt`` beside a ``last.ckpt`` left at
         the old step."""
         return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Record the run's TensorBoard folder, where a resume from this checkpoint goes on logging
+        (:func:`gsae.loggers.continue_log_folder`). Rank 0 writes the checkpoint and owns the folder."""
+        record = log_folder_record(trainer.loggers, self.dirpath) if trainer.is_global_zero and self.dirpath else None
+        if record is not None:
+            checkpoint[LOG_FOLDER_KEY] = record
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:

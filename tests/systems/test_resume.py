@@ -191,6 +191,69 @@ def test_cli_resume_last_continues_the_run(tmp_path, capsys, recwarn):
     assert not any(k.startswith(("lm.", "model.")) for k in state["state_dict"])  # never the LM's weights
 
 
+def test_a_resume_continues_the_tensorboard_run_without_the_steps_it_redoes(tmp_path, capsys, caplog):
+    """A resume logs on in the run's own ``version_0`` (one run in TensorBoard, not a second drawn over it), after the
+    killed run's events past the checkpoint it resumes from were dropped: every step once, the redone ones from the
+    resume. Its configuration goes beside the first one. A copy of the run folder resumes in the copy's folder; a
+    checkpoint of another run starts a folder of its own and leaves that run's events alone."""
+    import shutil
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def events(folder):
+        return EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0}).Reload()
+
+    run = tmp_path / "quickstart-topk"
+    args = quickstart_args(tmp_path, "--checkpoint.every_n_train_steps", "10", "--trainer.log_every_n_steps", "2",
+                           "--evaluation.benchmarks", "[dead_latents]", steps=20)
+    assert main(args) == 0
+    first = events(run / "version_0")
+    config = (run / "version_0" / "config.yaml").read_text()
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    resumed_at = time.time()
+    # as after a kill once step 20 was logged but before its checkpoint was: resume from step 10's
+    assert main([*args, "--ckpt_path", str(run / "checkpoints" / "epoch=0-step=10.ckpt")]) == 0
+    assert [p.name for p in run.glob("version_*")] == ["version_0"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == names  # no last-v1.ckpt, no …-v1.ckpt
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 20
+    assert "resuming from step 10 of a run that reached step 20 (last.ckpt): its checkpoints after step 10 are " \
+        "replaced as this run reaches their steps" in caplog.text
+    both = events(run / "version_0")
+    loss = both.Scalars("train/loss")
+    assert [e.step for e in loss] == [e.step for e in first.Scalars("train/loss")]  # each step once
+    assert max(e.step for e in loss) == 20 and all((e.wall_time > resumed_at) == (e.step > 10) for e in loss)
+    for tag in both.Tags()["images"]:  # the evaluation's figures: step 10's from the first run, step 20's redone
+        assert [(e.step, e.wall_time > resumed_at) for e in both.Images(tag)] == [(10, False), (20, True)], tag
+    assert both.Tags()["images"]
+    assert (run / "version_0" / "config.yaml").read_text() == config
+    assert "ckpt_path: " in (run / "version_0" / "config.resume-step10.yaml").read_text()
+    # the run folder copied elsewhere resumes in the copy's version_0
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy / "quickstart-topk")
+    more = ("--evaluation.enabled", "false", "--trainer.log_every_n_steps", "2")
+    assert main(quickstart_args(copy, "--ckpt_path", "last", *more, steps=22)) == 0
+    assert [p.name for p in (copy / "quickstart-topk").glob("version_*")] == ["version_0"]
+    assert max(e.step for e in events(copy / "quickstart-topk" / "version_0").Scalars("train/loss")) == 22
+    # another run's checkpoint (fine-tuning from it): a new run, in its own folder, the first run's left as it was
+    other = tmp_path / "other"
+    ckpt = run / "checkpoints" / "epoch=0-step=10.ckpt"
+    assert main(quickstart_args(other, "--ckpt_path", str(ckpt), *more, steps=12)) == 0
+    assert [e.step for e in events(other / "quickstart-topk" / "version_0").Scalars("train/loss")] == [12]
+    assert [e.step for e in events(run / "version_0").Scalars("train/loss")] == [e.step for e in loss]
+    # a new run, or one from another run's checkpoint, does not write among a run's checkpoints: one line, nothing run
+    capsys.readouterr()
+    assert main(quickstart_args(tmp_path, *more, steps=12)) == 1
+    assert main(quickstart_args(tmp_path, "--ckpt_path", str(other / "quickstart-topk" / "checkpoints" / "last.ckpt"),
+                                *more, steps=14)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0] == err[1] == (
+        f"error: {run / 'checkpoints'} holds an earlier run's checkpoints (epoch=0-step=10.ckpt, epoch=0-step=20.ckpt, "
+        "last.ckpt): resume it with --ckpt_path last, or start this run in another folder (--trainer.default_root_dir, "
+        "or the config's --trainer.logger.init_args.name), or remove that one")
+    assert [p.name for p in run.glob("version_*")] == ["version_0"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_when", ["after_last_export", "at_the_first_step_checkpoint"])
 def test_sigkill_after_a_checkpoint_then_resume_last_equals_uninterrupted(tmp_path, kill_when):
