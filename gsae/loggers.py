@@ -14,7 +14,7 @@ A resumed run goes on in the TensorBoard folder (``version_N``) of the run it re
 run, not as a second one (``version_N+1``) drawn over the first: every checkpoint records that folder
 (:data:`LOG_FOLDER_KEY`, :func:`log_folder_record`), ``train.py --ckpt_path`` points the logger back at it
 (:func:`continue_log_folder`), and what the killed run logged after the checkpoint's step, which the resume logs again,
-is dropped from the folder's event files before the first new event is written (:func:`drop_events_after`).
+is dropped from the folder's event files before the first new event is written (:func:`drop_events`).
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
 
     #: the step a resume continues from, when it continues in an existing folder (:func:`continue_log_folder`)
     resume_step: int | None = None
+    #: that folder's event files when this run's writer was made: the stopped run's
+    _earlier_files: list[Path] = []
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("default_hp_metric", False)
@@ -57,9 +59,16 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
     @rank_zero_experiment
     def experiment(self) -> SummaryWriter:
         if self._experiment is None and self.resume_step is not None:
-            drop_events_after(Path(self.log_dir), self.resume_step)
-            self.resume_step = None
+            self._earlier_files = event_files(Path(self.log_dir))
+            drop_events(self._earlier_files, after=self.resume_step)
         return super().experiment
+
+    def drop_redone(self, step: int, prefix: str = "eval/") -> None:
+        """Before a resume logs again what the stopped run logged at ``step`` (the resumed checkpoint's evaluation,
+        which a kill cut short after it was logged): drop those values (tags starting with ``prefix``) from the
+        folder's earlier event files. Nothing unless this logger continues a folder at ``step``."""
+        if self.resume_step == step and self._experiment is not None:
+            drop_events(self._earlier_files, after=step, at=step, prefix=prefix)
 
     @override
     @rank_zero_only
@@ -96,21 +105,22 @@ def curves_first(loggers: list) -> None:
             lg._default_hp_metric = False
 
 
-def drop_events_after(folder: Path, step: int) -> list[Path]:
-    """Rewrite the TensorBoard event files in ``folder`` without the summaries (scalars, figures, text) logged at steps
-    after ``step``: a run killed after its checkpoint at ``step`` logged them, and its resume logs those steps again.
-    Other events (file version, graphs) stay, and so do files with nothing to drop (untouched) and a record a kill cut
-    short at a file's end (left for TensorBoard, which skips it). Each file is written beside the old one, then renamed
-    over it. Returns the files rewritten."""
+def drop_events(files: list[Path], after: int, at: int | None = None, prefix: str = "") -> list[Path]:
+    """Rewrite TensorBoard event ``files`` without the summaries (scalars, figures, text) logged at steps after
+    ``after`` (a run killed after its checkpoint at that step logged them, and its resume logs those steps again), nor
+    the values at step ``at`` whose tag starts with ``prefix`` (an evaluation the resume does again). Other events
+    (file version, graphs) stay, and so do files with nothing to drop (untouched) and a record a kill cut short at a
+    file's end (left for TensorBoard, which skips it). Each file is written beside the old one, then renamed over it.
+    Returns the files rewritten."""
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.record_writer import RecordWriter
 
     rewritten = []
-    for f in sorted(folder.glob("events.out.tfevents.*")):
+    for f in files:
         records = list(RawEventFileLoader(str(f)).Load())
-        kept = [r for r in records if not _after(Event.FromString(r), step)]
-        if len(kept) == len(records):
+        kept = [r for r in (_without(r, Event.FromString(r), after, at, prefix) for r in records) if r is not None]
+        if kept == records:
             continue
         partial = f.with_name(f".{f.name}.partial")
         with open(partial, "wb") as out:
@@ -121,12 +131,31 @@ def drop_events_after(folder: Path, step: int) -> list[Path]:
             os.fsync(out.fileno())
         os.replace(partial, f)
         rewritten.append(f)
-        log.info("resuming from step %d: dropped %d events logged after it from %s", step, len(records) - len(kept), f)
+        log.info("resuming from step %d: dropped from %s what the stopped run logged %s", after, f,
+                 "after it" if at is None else f"after it and its {prefix}* at step {at}")
     return rewritten
 
 
-def _after(event, step: int) -> bool:
-    return event.step > step and event.HasField("summary")
+def event_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("events.out.tfevents.*"))
+
+
+def _without(record: bytes, event, after: int, at: int | None, prefix: str) -> bytes | None:
+    """``record`` (the serialized ``event``) as kept by :func:`drop_events`: itself, ``None``, or fewer values."""
+    if not event.HasField("summary"):
+        return record
+    if event.step > after:
+        return None
+    if event.step != at:
+        return record
+    values = [v for v in event.summary.value if not v.tag.startswith(prefix)]
+    if len(values) == len(event.summary.value):
+        return record
+    if not values:
+        return None
+    del event.summary.value[:]
+    event.summary.value.extend(values)
+    return event.SerializeToString()
 
 
 def _tensorboard_logger(loggers: list):

@@ -75,12 +75,12 @@ def _steps(folder, tag: str) -> list[int]:
     return [e.step for e in (acc.Images(tag) if tag in acc.Tags()["images"] else acc.Scalars(tag))]
 
 
-def test_drop_events_after_keeps_steps_up_to_the_checkpoint_and_leaves_other_files_alone(tmp_path):
+def test_drop_events_keeps_steps_up_to_the_checkpoint_and_leaves_other_files_alone(tmp_path):
     """The events a killed run logged after its checkpoint's step go (scalars and images alike); files with nothing
     after it stay byte for byte; a record a kill cut short at a file's end does not stop the rewrite."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from gsae.loggers import drop_events_after
+    from gsae.loggers import drop_events, event_files
 
     early = SummaryWriter(str(tmp_path), filename_suffix=".a")
     for step in (1, 2, 3):
@@ -96,12 +96,12 @@ def test_drop_events_after_keeps_steps_up_to_the_checkpoint_and_leaves_other_fil
     with open(b, "ab") as f:
         f.write(b"\x20\x00\x00\x00\x00\x00\x00\x00truncated")  # a kill mid-record
     a_bytes = a.read_bytes()
-    assert drop_events_after(tmp_path, 5) == [b]
+    assert drop_events(event_files(tmp_path), after=5) == [b]
     assert a.read_bytes() == a_bytes
     assert _steps(tmp_path, "train/loss") == [1, 2, 3, 4, 5]
     assert _steps(tmp_path, "eval/figure") == [5]
     assert [e.file_version for e in EventFileLoader(str(b)).Load()][0].startswith("brain.Event")  # still an event file
-    assert drop_events_after(tmp_path, 5) == [] and not list(tmp_path.glob(".*partial"))
+    assert drop_events(event_files(tmp_path), after=5) == [] and not list(tmp_path.glob(".*partial"))
 
 
 def test_a_logger_resumed_in_its_folder_drops_the_later_events_before_it_writes(tmp_path):
@@ -109,7 +109,7 @@ def test_a_logger_resumed_in_its_folder_drops_the_later_events_before_it_writes(
 
     first = TensorBoardLogger(str(tmp_path), name="run")
     for step in (10, 20, 30):
-        first.log_metrics({"train/loss": step}, step)
+        first.log_metrics({"train/loss": step, "eval/kl": step / 10}, step)  # one event holding both
     ckpt_dir = tmp_path / "run" / "checkpoints"
     record = log_folder_record([first], ckpt_dir)
     assert record == {"version": 0, "path": "../version_0"}
@@ -119,8 +119,13 @@ def test_a_logger_resumed_in_its_folder_drops_the_later_events_before_it_writes(
     assert continue_log_folder([resumed], ckpt, record, step=20) == tmp_path / "run" / "version_0"
     assert resumed.version == 0
     resumed.log_metrics({"train/loss": 30.5}, 30)
+    resumed.drop_redone(19)  # not the step resumed from: nothing
+    resumed.drop_redone(20)  # the resume evaluates step 20 again: the stopped run's eval/* at 20 go, the rest stays
+    resumed.log_metrics({"eval/kl": 2.5}, 20)
     resumed.finalize("success")
-    assert _read(tmp_path / "run" / "version_0")["train/loss"] == [(10, 10.0), (20, 20.0), (30, 30.5)]
+    got = _read(tmp_path / "run" / "version_0")
+    assert got["train/loss"] == [(10, 10.0), (20, 20.0), (30, 30.5)]
+    assert got["eval/kl"] == [(10, 1.0), (20, 2.5)]
     # another run's checkpoint, a pinned version, no record, a Lightning-class subclass: a folder of their own
     other = TensorBoardLogger(str(tmp_path / "elsewhere"), name="run")
     assert continue_log_folder([other], ckpt, record, step=20) is None and other.version == 0

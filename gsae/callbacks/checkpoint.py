@@ -203,6 +203,9 @@ class SAECheckpoint(ModelCheckpoint):
                 if any(not cb.evaluated(ckpt, members) for cb in trainer.callbacks if hasattr(cb, "evaluated")):
                     log.info("%s has no evaluation (the run was stopped during it): evaluating it now", ckpt.name)
                     redo = str(ckpt)
+                    for logger in trainer.loggers:  # what the cut-short evaluation logged: once in TensorBoard
+                        if hasattr(logger, "drop_redone"):
+                            logger.drop_redone(step)
         redo = trainer.strategy.broadcast(redo, src=0)
         if redo is not None:
             self._to_announce.append(redo)

@@ -422,3 +422,10 @@ def test_a_resume_redoes_the_export_and_evaluation_a_kill_cut_short(tmp_path, de
     assert not list(ckpts.glob("last-v*")) and "Please add the following callbacks" not in out
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 16
     assert (ckpts / "epoch=0-step=12.ckpt").is_file() and (ckpts / "epoch=0-step=16.ckpt").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # the resume logged on in the run's one TensorBoard folder (under DDP too: rank 0 writes it), each step once: the
+    # evaluation at step 10 it did again replaces the one logged before its JSON was deleted
+    assert [p.name for p in (root / "quickstart-topk").glob("version_*")] == ["version_0"]
+    events = EventAccumulator(str(root / "quickstart-topk" / "version_0"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("eval/loss_added/kl_sae")] == [5, 10, 12, 16]
