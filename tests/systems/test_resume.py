@@ -289,6 +289,14 @@ def test_sigkill_after_a_checkpoint_then_resume_last_equals_uninterrupted(tmp_pa
     finish(start([*args, "--ckpt_path", "last"]))
     finish(full)
     assert_same_sae(ckpts / "last.ckpt", tmp_path / "full" / "quickstart-topk" / "checkpoints" / "last.ckpt")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def logged(root):  # every scalar tag's steps, from the run's TensorBoard folder(s)
+        (folder,) = (root / "quickstart-topk").glob("version_*")  # one run in TensorBoard, resumed or not
+        events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
+        return {t: [e.step for e in events.Scalars(t)] for t in events.Tags()["scalars"] if "seconds" not in t}
+
+    assert logged(killed_root) == logged(tmp_path / "full")  # each step once, as uninterrupted
 
 
 def test_newest_checkpoint_is_the_last_written_readable_one(tmp_path, caplog):
@@ -386,6 +394,14 @@ def test_sigterm_saves_the_step_reached_and_the_resume_equals_uninterrupted(tmp_
     finish(start([*args, "--ckpt_path", "last"]))
     finish(full)
     assert_same_sae(ckpts / "last.ckpt", tmp_path / "full" / "quickstart-topk" / "checkpoints" / "last.ckpt")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def logged(root):  # every scalar tag's steps, from the run's TensorBoard folder(s)
+        (folder,) = (root / "quickstart-topk").glob("version_*")  # one run in TensorBoard, resumed or not
+        events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
+        return {t: [e.step for e in events.Scalars(t)] for t in events.Tags()["scalars"] if "seconds" not in t}
+
+    assert logged(killed_root) == logged(tmp_path / "full")  # each step once, as uninterrupted
 
 
 @pytest.mark.parametrize("devices", [1, pytest.param(2, marks=pytest.mark.slow)])
