@@ -111,7 +111,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     intro, _, rest = __doc__.partition("\n\n")
     p = _Parser(
-        prog="evaluate.py", description=intro, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="evaluate.py", description=intro, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # --out / --bench would silently mean --output / --benchmarks, and break on a new option
     )
     p.add_argument(
         "paths", nargs="+", metavar="PATH", help="checkpoint, run folder, SAELens folder or sae_lens:RELEASE/SAE_ID"

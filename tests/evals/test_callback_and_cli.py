@@ -188,6 +188,7 @@ def test_evaluate_cli_errors(tmp_path, capsys):
         (str(bad), "--context-size", "0"): "--context-size must be > 0",  # was silently the default
         (str(bad), "--benchmarks", ""): "--benchmarks: no benchmark given",
         (str(tmp_path / "noweights"),): "a SAELens folder (cfg.json) without sae_weights.safetensors",
+        (str(bad), "--out", "x.json"): "unrecognized arguments: --out",  # no abbreviations: --output in full
     }
     if not torch.cuda.is_available():
         cases[(str(bad), "--device", "cuda")] = "this machine has no CUDA GPU"
