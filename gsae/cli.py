@@ -163,15 +163,16 @@ def build_cli(args: list[str] | None = None, run_defaults: bool = True) -> GSAEC
         trainer_defaults=trainer_defaults(),
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False},  # parse errors raise; main() prints them as one line
+        # parse errors raise (main() prints them as one line); no abbreviations: --trainer.max_step would silently
+        # mean --trainer.max_steps, and a prefix stops naming one option once another shares it
+        parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
     )
 
 
 def _is_config_flag(arg: str) -> bool:
-    """``--config``, ``-c`` (also ``-cFILE``, ``--config=FILE``) or an abbreviation argparse accepts (``--conf``): a
-    config file the user gave, so the default GPT-2 config does not go underneath it."""
-    name = arg.split("=", 1)[0]
-    return (arg.startswith("-c") and not arg.startswith("--")) or (len(name) >= 4 and "--config".startswith(name))
+    """``--config`` or ``-c`` (also ``-cFILE``, ``--config=FILE``): a config file the user gave, so the default GPT-2
+    config does not go underneath it. (Abbreviations such as ``--conf`` are refused by the parser.)"""
+    return (arg.startswith("-c") and not arg.startswith("--")) or arg.split("=", 1)[0] == "--config"
 
 
 def _is_help(args: list[str]) -> bool:

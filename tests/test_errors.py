@@ -330,3 +330,12 @@ def test_training_saves_checkpoints_without_tmpdir(tmp_path, monkeypatch):
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert isinstance(cli.trainer.strategy.checkpoint_io, SameFolderCheckpointIO)
     assert (tmp_path / "quickstart-topk" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("args", [["--conf", "configs/quickstart/topk.yaml"], ["--trainer.max_step", "5"],
+                                  ["--model.sae.k_au", "4"]])
+def test_abbreviated_options_are_refused(run_cli, args) -> None:
+    """No prefix of an option stands for it (argparse's default): ``--trainer.max_step 5`` silently set ``max_steps``,
+    and a prefix would change meaning once another option shares it."""
+    code, err = run_cli(*args)
+    assert code == 2 and err.startswith(f"error: {args[0]}: ") and "option" in err, err

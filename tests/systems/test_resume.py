@@ -289,14 +289,17 @@ def test_sigkill_after_a_checkpoint_then_resume_last_equals_uninterrupted(tmp_pa
     finish(start([*args, "--ckpt_path", "last"]))
     finish(full)
     assert_same_sae(ckpts / "last.ckpt", tmp_path / "full" / "quickstart-topk" / "checkpoints" / "last.ckpt")
+    assert logged_steps(killed_root) == logged_steps(tmp_path / "full")  # each step once, as uninterrupted
+
+
+def logged_steps(root: Path) -> dict[str, list[int]]:
+    """Every scalar tag's logged steps (but timings) in the TensorBoard folder of the quickstart run under ``root``,
+    which must be one folder, resumed or not."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    def logged(root):  # every scalar tag's steps, from the run's TensorBoard folder(s)
-        (folder,) = (root / "quickstart-topk").glob("version_*")  # one run in TensorBoard, resumed or not
-        events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
-        return {t: [e.step for e in events.Scalars(t)] for t in events.Tags()["scalars"] if "seconds" not in t}
-
-    assert logged(killed_root) == logged(tmp_path / "full")  # each step once, as uninterrupted
+    (folder,) = (root / "quickstart-topk").glob("version_*")
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
+    return {t: [e.step for e in events.Scalars(t)] for t in events.Tags()["scalars"] if "seconds" not in t}
 
 
 def test_newest_checkpoint_is_the_last_written_readable_one(tmp_path, caplog):
@@ -394,14 +397,8 @@ def test_sigterm_saves_the_step_reached_and_the_resume_equals_uninterrupted(tmp_
     finish(start([*args, "--ckpt_path", "last"]))
     finish(full)
     assert_same_sae(ckpts / "last.ckpt", tmp_path / "full" / "quickstart-topk" / "checkpoints" / "last.ckpt")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    def logged(root):  # every scalar tag's steps, from the run's TensorBoard folder(s)
-        (folder,) = (root / "quickstart-topk").glob("version_*")  # one run in TensorBoard, resumed or not
-        events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
-        return {t: [e.step for e in events.Scalars(t)] for t in events.Tags()["scalars"] if "seconds" not in t}
-
-    assert logged(killed_root) == logged(tmp_path / "full")  # each step once, as uninterrupted
+    steps_logged = logged_steps(root)  # one TensorBoard run, each step once
+    assert steps_logged["train/loss"][-1] == steps and all(v == sorted(set(v)) for v in steps_logged.values())
 
 
 @pytest.mark.parametrize("devices", [1, pytest.param(2, marks=pytest.mark.slow)])
