@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -20,8 +21,18 @@ from torch.utils.data import DataLoader
 from gsae.data.batch import StreamState, TokenBatch
 from gsae.data.sources import SharedReads, TextSource
 from gsae.data.streams import StreamBatches, StreamPacker, check_assignment
-from gsae.data.tokens import DataSourceError, TokenStream, pack, synthetic_context
+from gsae.data.tokens import (
+    GSAE_CORPUS,
+    DataSourceError,
+    TokenStream,
+    local_data_files,
+    pack,
+    saved_dataset,
+    synthetic_context,
+)
 from gsae.lm import LanguageModel
+
+log = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic"
 
@@ -308,7 +319,39 @@ class TokenDataModule(pl.LightningDataModule):
             "consumed_contexts": self.consumed_contexts(self._rank_world()[1]),
             "streams": [None if s not in streams else [streams[s].epoch, streams[s].shard, streams[s].docs, streams[s].rest.clone()]
                         for s in range(self.n_streams)],
+            "position_options": self.position_options(),
         }
+
+    def position_options(self) -> dict[str, Any]:
+        """The options that say what the saved stream positions (shard, document, tokens left) point at: with
+        another value they point at other documents or other text (``--data.n_streams``, ``text_unit`` and
+        ``batch_size`` are checked on their own; ``context_size``, ``prepend_bos`` and ``separator`` only change the
+        packing, and a position is in tokens, so they may change)."""
+        if self.dataset in (SYNTHETIC, GSAE_CORPUS):  # generated: the seed decides the text
+            return {"dataset": self.dataset, "seed": self.seed}
+        out: dict[str, Any] = {"dataset": self.dataset, "dataset_config": self.dataset_config, "split": self.split,
+                               "val_split": self.val_split, "val_documents": None if self.val_split else self.val_documents}
+        if self._source is not None and not self._source.pretokenized:
+            out["text_column"] = self.text_column
+        if local_data_files(self.dataset) is None and not saved_dataset(self.dataset):  # a hub dataset: its shards
+            out["streaming"] = self.streaming  # are its files when streamed, n_streams contiguous pieces when not
+        return out
+
+    def _check_position_options(self, saved: dict[str, Any]) -> None:
+        """One-line refusal where an option in :meth:`position_options` differs from the checkpoint's (the run
+        would go on at the wrong documents: text trained on twice or never); a local dataset at another path with
+        the same name is taken as moved."""
+        ours = self.position_options()
+        for key, was in saved.items():
+            now = ours.get(key, was)
+            if now == was:
+                continue
+            if key == "dataset" and _moved(str(was), str(now)):
+                log.info("--data.dataset %r: the checkpoint read %r; taken as the same data, moved", now, was)
+                continue
+            raise ValueError(
+                f"--data.{key} ({now!r}) differs from the checkpoint's ({was!r}): its stream positions point into other "
+                f"data; resume with --data.{key} {was!r}, or start a new run")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key in ("batch_size", "n_streams", "text_unit"):  # (text_unit: checkpoints from before it are not checked)
@@ -317,6 +360,7 @@ class TokenDataModule(pl.LightningDataModule):
                     f"--data.{key} ({getattr(self, key)}) differs from the checkpoint's ({state_dict[key]}); "
                     "the stream position cannot be resumed exactly"
                 )
+        self._check_position_options(state_dict.get("position_options") or {})  # (checkpoints before: not checked)
         self.consumed_batches = int(state_dict["consumed_batches"])
         contexts = state_dict.get("consumed_contexts")
         self._resumed_at = (self.consumed_batches, None if contexts is None else int(contexts))
@@ -324,6 +368,12 @@ class TokenDataModule(pl.LightningDataModule):
             s: StreamState(s, int(st[0]), int(st[1]), int(st[2]), st[3])
             for s, st in enumerate(state_dict.get("streams") or []) if st is not None
         }
+
+
+def _moved(was: str, now: str) -> bool:
+    """Whether local dataset ``now`` reads as ``was`` at another path (the same file or folder name)."""
+    local = local_data_files(now) is not None or saved_dataset(now)
+    return local and os.path.basename(was.rstrip("/")) == os.path.basename(now.rstrip("/"))
 
 
 __all__ = ["DataSourceError", "TokenDataModule"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 
 import pytest
@@ -161,6 +162,48 @@ def test_datamodule_state_round_trip(local, tiny_lm) -> None:
         TokenDataModule(lm=tiny_lm, dataset=local.dataset, batch_size=2, n_streams=8).load_state_dict(state)
     with pytest.raises(ValueError, match=r"--data.text_unit \(line\) differs from the checkpoint's \(document\)"):
         TokenDataModule(lm=tiny_lm, dataset=local.dataset, batch_size=2, n_streams=S, text_unit="line").load_state_dict(state)
+
+
+def test_a_resume_on_other_data_is_refused_but_the_same_data_moved_goes_on(local, tiny_lm, tmp_path, caplog) -> None:
+    """The saved stream positions (shard, document, tokens left) are positions in one data: a resume whose options
+    make them point at other documents (another file, split, held-out count, hub download mode, generator seed) is
+    refused with one line naming the option; the same file at another path, and a new context size (positions are
+    in tokens), go on."""
+    import logging
+    import shutil
+
+    batches = list(itertools.islice(iter(local.train_dataloader()), 3))
+    for b in batches:
+        local.consumed_batches = b.index + 1
+        local.stream_states[b.state.stream] = b.state
+    state = local.state_dict()
+
+    def resume(dataset=local.dataset, **kw) -> TokenDataModule:
+        dm = TokenDataModule(lm=tiny_lm, dataset=dataset, batch_size=2, n_streams=S, **{"val_documents": V, **kw})
+        dm.load_state_dict(state)
+        return dm
+
+    with pytest.raises(ValueError, match=rf"--data.val_documents \({V + 1}\) differs from the checkpoint's \({V}\)"):
+        resume(val_documents=V + 1)  # one document more held out: every stream's documents shift
+    other = tmp_path / "other.jsonl"
+    shutil.copy(local.dataset, other)
+    with pytest.raises(ValueError, match=r"--data.dataset .*other.jsonl.* resume with --data.dataset"):
+        resume(str(other))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(local.dataset, moved / os.path.basename(local.dataset))
+    with caplog.at_level(logging.INFO):
+        assert resume(str(moved / os.path.basename(local.dataset)), context_size=T // 2).consumed_batches == 3
+    assert "taken as the same data, moved" in caplog.text
+    for dataset, saved, now in (("synthetic", {"seed": 0}, {"seed": 1}),
+                                ("Skylion007/openwebtext", {"streaming": True}, {"streaming": False}),
+                                ("Skylion007/openwebtext", {"split": "train"}, {"split": "validation"})):
+        hub = TokenDataModule(lm=tiny_lm, dataset=dataset, batch_size=2, n_streams=S, **now)  # not opened
+        state = {"consumed_batches": 1, "batch_size": 2, "n_streams": S,
+                 "position_options": {**hub.position_options(), **saved}}
+        (key,) = saved
+        with pytest.raises(ValueError, match=rf"--data.{key} .* differs from the checkpoint's"):
+            hub.load_state_dict(state)
 
 
 def test_streams_resume_on_another_number_of_ranks(local, tiny_lm, monkeypatch) -> None:
