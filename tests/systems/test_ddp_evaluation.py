@@ -156,3 +156,35 @@ def test_tasks_split_by_cost_cover_everything_once():
         best = max(max(costs), sum(costs) / world)  # a lower bound on any split's busiest rank
         assert max(loads) <= 4 / 3 * best + 1e-9, (world, loads)
     assert split_tasks(costs, 2) == [[0, 3, 5], [1, 2, 4, 6]]  # 7+4+3 = 14 and 5+4+3+1 = 13: LPT's split
+
+
+@pytest.mark.slow
+def test_an_evaluation_that_fails_on_one_rank_under_gsae_debug_stops_every_rank(tmp_path, monkeypatch):
+    """With GSAE_DEBUG=1 an evaluation error raises instead of being recorded. Under DDP the failing rank's error
+    reaches the others through the results' gather, so rank 0 stops too (naming the rank and its error) instead of
+    waiting in the gather until the process group times out (30 min): ``python train.py`` on 2 gloo ranks, the
+    evaluation made to fail on rank 1 only."""
+    import time
+
+    from tests.systems.launch import free_port, start, train_args
+
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('LOCAL_RANK') == '1':  # the rank Lightning starts as a second process\n"
+        "    import gsae.callbacks.evaluation as evaluation\n"
+        "    def run_tasks(*args, **kwargs):\n"
+        "        raise RuntimeError('planted failure on rank 1')\n"
+        "    evaluation.run_tasks = run_tasks\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(planted))
+    args = train_args(tmp_path / "run", 4, "--checkpoint.every_n_train_steps", "2", "--trainer.devices", "2",
+                      "--trainer.strategy", "ddp", "--evaluation.benchmarks", "[loss_added,decoder_geometry]")
+    started = time.monotonic()
+    proc = start(args, MASTER_PORT=str(free_port()), GSAE_DEBUG="1")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0, out[-3000:]
+    assert "RuntimeError: the evaluation failed on rank 1:" in out and "planted failure on rank 1" in out, out[-3000:]
+    assert time.monotonic() - started < 300  # stopped at the failure, not at the process group's timeout
+    assert (tmp_path / "run" / "quickstart-topk" / "checkpoints" / "epoch=0-step=2.ckpt").is_file()  # kept
