@@ -87,6 +87,10 @@ class SAECheckpoint(ModelCheckpoint):
         )
         self.export_saelens = export_saelens
         self._batch_epoch: int | None = None  # the epoch of the latest training batch (names the final checkpoint)
+        # Lightning epochs a resume added without data behind them: a run resumed from its final checkpoint starts a new
+        # epoch (Lightning closed the old one at max_steps), though the token stream just goes on; names leave them out
+        self._epochs_added = 0
+        self._loaded_batch_epoch: int | None = None
         self._to_announce: list[str] = []  # checkpoints written, not yet handed to the evaluation callbacks
 
     @override
@@ -142,6 +146,23 @@ class SAECheckpoint(ModelCheckpoint):
                 "best_k_models": {here(p): v for p, v in state_dict.get("best_k_models", {}).items()},
             }
         super().load_state_dict(state_dict)
+        self._loaded_batch_epoch = state_dict.get("batch_epoch")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Lightning's, plus the epoch the latest batch's checkpoint names (:meth:`_monitor_candidates`)."""
+        state = super().state_dict()
+        if self._batch_epoch is not None:
+            state["batch_epoch"] = self._batch_epoch - self._epochs_added
+        return state
+
+    @override
+    def _monitor_candidates(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """Lightning's, with the epoch of the token stream: without the epochs a resume from a final checkpoint added
+        (``epoch=1-step=N.ckpt`` after resuming a finished run, though no data was read twice)."""
+        candidates = super()._monitor_candidates(trainer)
+        candidates["epoch"] = torch.tensor(int(candidates.get("epoch", trainer.current_epoch)) - self._epochs_added)
+        return candidates
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -158,7 +179,7 @@ class SAECheckpoint(ModelCheckpoint):
         closed the epoch by then, so the epoch is the one of the last training batch."""
         candidates = self._monitor_candidates(trainer)
         if self._batch_epoch is not None:
-            candidates["epoch"] = torch.tensor(self._batch_epoch)
+            candidates["epoch"] = torch.tensor(self._batch_epoch - self._epochs_added)
         return candidates
 
     @staticmethod
@@ -190,6 +211,8 @@ class SAECheckpoint(ModelCheckpoint):
         the checkpoint) and its evaluation (after both; minutes at GPT-2 scale, so the likeliest work to be cut
         short). The weights now are that checkpoint's, so both are what the uninterrupted run wrote."""
         super().on_train_start(trainer, pl_module)
+        if self._loaded_batch_epoch is not None:  # restored: the epochs Lightning opened since (see __init__)
+            self._epochs_added = max(trainer.current_epoch - self._loaded_batch_epoch, 0)
         if not trainer.ckpt_path or self.dirpath is None:
             return
         redo = None  # rank 0 sees the files (other nodes may not); under DDP every rank evaluates a share

@@ -178,6 +178,8 @@ def test_cli_resume_last_continues_the_run(tmp_path, capsys, recwarn):
     # last.ckpt was rewritten at step 10 without an evaluation: step 6's results beside it are gone, not stale
     assert not (ckpts / "last.ckpt.eval.json").exists() and not (ckpts / "last.ckpt.latents.html").exists()
     assert (ckpts / "epoch=0-step=6.ckpt.eval.json").exists()  # the step checkpoint's own stay
+    # named by the token stream's epoch: Lightning opened a new one on resuming the finished run, no data was reread
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["epoch=0-step=10.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"]
     from safetensors.torch import load_file
 
     from gsae.export import load_checkpoint
