@@ -122,14 +122,18 @@ def drop_events(files: list[Path], after: int, at: int | None = None, prefix: st
         kept = [r for r in (_without(r, Event.FromString(r), after, at, prefix) for r in records) if r is not None]
         if kept == records:
             continue
-        partial = f.with_name(f".{f.name}.partial")
-        with open(partial, "wb") as out:
-            writer = RecordWriter(out)
-            for r in kept:
-                writer.write(r)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, f)
+        # beside it, under a name TensorBoard does not read (any name holding "tfevents" is read as a run's events)
+        partial = f.with_name(f".rewrite-{os.getpid()}.partial")
+        try:
+            with open(partial, "wb") as out:
+                writer = RecordWriter(out)
+                for r in kept:
+                    writer.write(r)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, f)
+        finally:
+            partial.unlink(missing_ok=True)
         rewritten.append(f)
         log.info("resuming from step %d: dropped from %s what the stopped run logged %s", after, f,
                  "after it" if at is None else f"after it and its {prefix}* at step {at}")

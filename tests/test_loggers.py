@@ -102,6 +102,12 @@ def test_drop_events_keeps_steps_up_to_the_checkpoint_and_leaves_other_files_alo
     assert _steps(tmp_path, "eval/figure") == [5]
     assert [e.file_version for e in EventFileLoader(str(b)).Load()][0].startswith("brain.Event")  # still an event file
     assert drop_events(event_files(tmp_path), after=5) == [] and not list(tmp_path.glob(".*partial"))
+    # a rewrite that fails (a full disk) leaves the file as it was and nothing TensorBoard would read as events
+    import unittest.mock
+
+    with unittest.mock.patch("os.fsync", side_effect=OSError(28, "No space left on device")), pytest.raises(OSError):
+        drop_events(event_files(tmp_path), after=4)
+    assert _steps(tmp_path, "train/loss") == [1, 2, 3, 4, 5] and len(list(tmp_path.iterdir())) == 2
 
 
 def test_a_logger_resumed_in_its_folder_drops_the_later_events_before_it_writes(tmp_path):
