@@ -334,12 +334,11 @@ def say_if_rolled_back(ckpt: str, step: int) -> None:
                     step, reached, Path(newest).name, step)
 
 
-def continue_logging(trainer, ckpt: str, state: dict) -> None:
-    """A resume from checkpoint ``ckpt`` (its contents ``state``) logs on in the TensorBoard folder of the run that
-    wrote it (:func:`gsae.loggers.continue_log_folder`: one run in TensorBoard, not ``version_N+1`` beside it), and
+def continue_logging(trainer, ckpt: str, step: int, record: dict | None) -> None:
+    """A resume from checkpoint ``ckpt`` (at ``step``, recording its TensorBoard folder as ``record``) logs on in that
+    folder (:func:`gsae.loggers.continue_log_folder`: one run in TensorBoard, not ``version_N+1`` beside it), and
     writes its own configuration beside the first run's ``config.yaml`` as ``config.resume-step<S>.yaml``."""
-    step = int(state.get("global_step", 0))
-    if continue_log_folder(trainer.loggers, ckpt, state.get(LOG_FOLDER_KEY), step) is None:
+    if continue_log_folder(trainer.loggers, ckpt, record, step) is None:
         return
     for cb in trainer.callbacks:
         if isinstance(cb, SaveConfigCallback):
@@ -475,7 +474,8 @@ def main(args: list[str] | None = None) -> int:
             from gsae.export import read_checkpoint
 
             state = read_checkpoint(ckpt, mmap=True)
-            done = trained_to_the_end(ckpt, int(state.get("global_step", 0)), cli.trainer.max_steps)
+            step = int(state.get("global_step", 0))
+            done = trained_to_the_end(ckpt, step, cli.trainer.max_steps)
             if done:
                 if cli.trainer.is_global_zero:  # every rank stops here; one says why
                     print(done, file=sys.stderr)
@@ -483,8 +483,8 @@ def main(args: list[str] | None = None) -> int:
             # a resumed run writes into its own checkpoint folder: Lightning's "exists and is not empty" is expected
             warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
             if cli.trainer.is_global_zero:
-                say_if_rolled_back(ckpt, int(state.get("global_step", 0)))
-            continue_logging(cli.trainer, ckpt, state)
+                say_if_rolled_back(ckpt, step)
+            continue_logging(cli.trainer, ckpt, step, state.get(LOG_FOLDER_KEY))
         prepare_forked_ranks(cli.trainer, resume)  # after continue_logging: it settles the logger's folder
         try:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
