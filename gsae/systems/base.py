@@ -373,22 +373,39 @@ class SAESystem(pl.LightningModule):
         self._first_step = self.trainer.global_step
         self._initialized_seen = False
         self._mid_step = False  # checkpoints are written between optimizer steps
-        if self.trainer.ckpt_path is not None and self.trainer.is_global_zero:
-            self.warn_kept_learning_rates()
+        if self.trainer.ckpt_path is not None:
+            self.apply_configured_learning_rates()
 
-    def warn_kept_learning_rates(self) -> None:
-        """A resumed run keeps the checkpoint's optimizer state, its learning rates included (Lightning restores the
-        param groups): a learning rate configured differently would be silently ignored. Say so, once per SAE (a
-        sweep's members by name); the LR schedule and gradient clipping are the configuration's."""
-        restored = self.trainer.optimizers[0].param_groups if self.trainer.optimizers else []
+    def apply_configured_learning_rates(self) -> None:
+        """A resume takes the checkpoint's optimizer state, and Lightning restores its param groups' learning rates
+        with it, so a learning rate configured for the resume (lower, after a divergence) was ignored. Here the
+        configured peak learning rate of each SAE (a sweep's members by name) replaces the checkpoint's, from the
+        resumed step on, on the configured schedule; Adam's moments are kept. One line on rank 0 names each change.
+        Every rank applies it (each holds its optimizer)."""
+        if not self.trainer.optimizers:
+            return
+        opt = self.trainer.optimizers[0]
         configured = self.configure_optimizers()["optimizer"].param_groups  # a fresh copy: no state until a step
         names = list(self.saes())
-        for i, (now, then) in enumerate(zip(configured, restored)):
-            want, kept = now.get("initial_lr", now["lr"]), then.get("initial_lr", then["lr"])
-            if not math.isclose(want, kept, rel_tol=1e-6):
+        changed = []
+        for i, (now, group) in enumerate(zip(configured, opt.param_groups)):
+            want, kept = now.get("initial_lr", now["lr"]), group.get("initial_lr", group["lr"])
+            if math.isclose(want, kept, rel_tol=1e-6):
+                continue
+            group["initial_lr"] = want
+            changed.append(i)
+            if self.trainer.is_global_zero:
                 which = f"member {names[i]}'s lr" if len(names) > 1 else "--model.optimizer lr"
-                log.warning("--ckpt_path: %s %g differs from the checkpoint's %g; the checkpoint's optimizer state is "
-                            "resumed, its learning rate included (start a new run for another)", which, want, kept)
+                log.warning("--ckpt_path: %s %g replaces the checkpoint's %g from step %d on (Adam's moments are kept)",
+                            which, want, kept, self.trainer.global_step)
+        if not changed:
+            return
+        for config in self.trainer.lr_scheduler_configs:  # the schedule's next value, from the new peaks
+            sched = config.scheduler
+            sched.base_lrs = [g["initial_lr"] for g in opt.param_groups]
+            for i in changed:  # (the others keep the restored value, as Lightning leaves them)
+                opt.param_groups[i]["lr"] = sched.base_lrs[i] * sched.lr_lambdas[i](sched.last_epoch)
+            sched._last_lr = [g["lr"] for g in opt.param_groups]
 
     def training_step(self, batch: TokenBatch, batch_idx: int) -> Tensor:
         return self.shared_step(batch, "train")

@@ -256,6 +256,26 @@ def test_a_resume_continues_the_tensorboard_run_without_the_steps_it_redoes(tmp_
     assert [p.name for p in run.glob("version_*")] == ["version_0"]
 
 
+def test_a_resume_with_another_learning_rate_applies_it(tmp_path, caplog):
+    """``--ckpt_path last`` with a new ``lr`` (lowered after a divergence) trains on with it from the resumed step,
+    on the configured schedule; it used to be overridden by the learning rate Lightning restores with the optimizer
+    state. One warning names the change."""
+    import logging
+
+    assert main(quickstart_args(tmp_path, "--evaluation.enabled", "false", steps=30)) == 0
+    ckpts = tmp_path / "quickstart-topk" / "checkpoints"
+    lr = ("--model.init_args.optimizer.init_args.lr", "0.0005")
+    with caplog.at_level(logging.WARNING):
+        assert main(quickstart_args(tmp_path, "--evaluation.enabled", "false", "--ckpt_path", "last", *lr, steps=40)) == 0
+    assert "--model.optimizer lr 0.0005 replaces the checkpoint's 0.001 from step 30 on" in caplog.text
+    (group,) = torch.load(ckpts / "last.ckpt", weights_only=False)["optimizer_states"][0]["param_groups"]
+    assert group["initial_lr"] == 0.0005 and group["lr"] < 0.0005  # on the cosine schedule, past its warm-up
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the same lr again: nothing to say
+        assert main(quickstart_args(tmp_path, "--evaluation.enabled", "false", "--ckpt_path", "last", *lr, steps=50)) == 0
+    assert "replaces the checkpoint's" not in caplog.text
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_when", ["after_last_export", "at_the_first_step_checkpoint"])
 def test_sigkill_after_a_checkpoint_then_resume_last_equals_uninterrupted(tmp_path, kill_when):
