@@ -325,7 +325,7 @@ class SweepSAESystem(LocalSAESystem):
             name, loss = next((n, v) for n, v, ok in zip(self.members, stacked.detach().tolist(), finite.tolist()) if not ok)
             raise NonFiniteLossError(
                 f"non-finite training loss of member {name} ({float(loss)}) at step {self.global_step}; "
-                "stopping (last good checkpoint kept)"
+                "stopping (last good checkpoint kept: resume from it, --ckpt_path last, with a lower lr for that member)"
             )
         # one all-reduce for the token count, every member's fired mask and (logging steps) metric sums
         count = torch.full((1,), float(acts.x.shape[0]), dtype=torch.float64, device=acts.x.device)
