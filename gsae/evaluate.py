@@ -299,10 +299,17 @@ def short_labels(labels: list[str]) -> dict[str, str]:
 
 
 def log_tensorboard(logdir: str, run: str, step: int, results: dict[str, dict]) -> None:
-    """Scalars ``eval/<benchmark>/<metric>`` and figures of one SAE into the TensorBoard run ``run``."""
+    """Scalars ``eval/<benchmark>/<metric>`` and figures of one SAE into the TensorBoard run ``run``. What an earlier
+    evaluation of these benchmarks wrote there at ``step`` is dropped first, so evaluating again replaces it (not a
+    second point); the other benchmarks' values stay."""
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(Path(logdir) / _safe(run))) as w:
+    from gsae.loggers import drop_events, event_files
+
+    folder = Path(logdir) / _safe(run)
+    if folder.is_dir():
+        drop_events(event_files(folder), at=step, prefix=tuple(f"eval/{b}/" for b in results))
+    with SummaryWriter(str(folder)) as w:
         for tag, v in tagged_scalars(results).items():
             w.add_scalar(tag, v, step)
         for tag, fig in tagged_figures(results).items():

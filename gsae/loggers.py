@@ -105,10 +105,11 @@ def curves_first(loggers: list) -> None:
             lg._default_hp_metric = False
 
 
-def drop_events(files: list[Path], after: int, at: int | None = None, prefix: str = "") -> list[Path]:
+def drop_events(files: list[Path], after: int | None = None, at: int | None = None,
+                prefix: str | tuple[str, ...] = "") -> list[Path]:
     """Rewrite TensorBoard event ``files`` without the summaries (scalars, figures, text) logged at steps after
     ``after`` (a run killed after its checkpoint at that step logged them, and its resume logs those steps again), nor
-    the values at step ``at`` whose tag starts with ``prefix`` (an evaluation the resume does again). Other events
+    the values at step ``at`` whose tag starts with ``prefix`` (or one of them: an evaluation done again). Other events
     (file version, graphs) stay, and so do files with nothing to drop (untouched) and a record a kill cut short at a
     file's end (left for TensorBoard, which skips it). Each file is written beside the old one, then renamed over it.
     Returns the files rewritten."""
@@ -135,20 +136,21 @@ def drop_events(files: list[Path], after: int, at: int | None = None, prefix: st
         finally:
             partial.unlink(missing_ok=True)
         rewritten.append(f)
-        log.info("resuming from step %d: dropped from %s what the stopped run logged %s", after, f,
-                 "after it" if at is None else f"after it and its {prefix}* at step {at}")
+        log.info("dropped from %s the events %s", f, " and ".join(
+            ([] if after is None else [f"after step {after}"]) + ([] if at is None else [f"{prefix} at step {at}"])))
     return rewritten
 
 
 def event_files(folder: Path) -> list[Path]:
+    """The TensorBoard event files in ``folder``, oldest first (their names start with the time they were made)."""
     return sorted(folder.glob("events.out.tfevents.*"))
 
 
-def _without(record: bytes, event, after: int, at: int | None, prefix: str) -> bytes | None:
+def _without(record: bytes, event, after: int | None, at: int | None, prefix: str | tuple[str, ...]) -> bytes | None:
     """``record`` (the serialized ``event``) as kept by :func:`drop_events`: itself, ``None``, or fewer values."""
     if not event.HasField("summary"):
         return record
-    if event.step > after:
+    if after is not None and event.step > after:
         return None
     if event.step != at:
         return record

@@ -88,6 +88,17 @@ def test_evaluate_cli_on_the_run_folder(run_dir, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "loss_added.L_added" in table and "epoch=0-step=10.ckpt" in table
     assert len(list((tmp_path / "tb").iterdir())) == 1  # one TensorBoard run for the run folder, steps 5 and 10
+    # evaluated again into the same --logdir: the new values replace the old at each step, not a second point
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = [str(run_dir), "--benchmarks", "loss_added", "--n-seqs", "2", "--context-size", "32", "--device", "cpu",
+            "--logdir", str(tmp_path / "tb")]
+    assert evaluate_main(args) == 0
+    (run,) = (tmp_path / "tb").iterdir()
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0}).Reload()
+    assert [e.step for e in events.Scalars("eval/loss_added/L_added")] == [5, 10]
+    assert [e.step for e in events.Images("eval/loss_added/ce_and_kl")] == [5, 10]
+    assert [e.step for e in events.Scalars("eval/dead_latents/alive_fraction")] == [5, 10]  # not evaluated again: kept
 
 
 @pytest.mark.slow
