@@ -60,7 +60,9 @@ def test_plain_lines_hold_the_logged_metrics(plain_run, monkeypatch) -> None:
     for step in (10, 20):
         v = line_values(lines[str(step)])
         assert v["step"] == f"{step}/20"
-        assert {"tokens/s", "loss", "nmse", "L0", "dead", "elapsed"} <= set(v), v
+        assert {"tokens/s", "loss", "nmse", "L0", "dead", "elapsed", "eta"} <= set(v), v
+        h, m, sec = (int(x) for x in v["eta"].split(":"))  # the time left at the pace so far: none at the end
+        assert step < 20 or h == m == sec == 0
         tb = {k: events[f"train/{k}"] for k in ("loss", "nmse", "l0", "dead_fraction")}
         logged_at = step  # at the step the console shows (Lightning's own log_dict would use 9 for step 10)
         assert v["loss"] == f"{tb['loss'][logged_at]:.4g}"

@@ -171,7 +171,8 @@ class StepProgressBar(ProgressBar):
 
     # ------------------------------------------------------------------ text
     def describe(self, trainer: pl.Trainer, with_step: bool = True) -> str:
-        """``step 120/200  tokens/s 12.3k  loss 0.0123  nmse 0.1234  L0 16.0  dead 0.0%  elapsed 0:00:12``."""
+        """``step 120/200  tokens/s 12.3k  loss 0.0123  nmse 0.1234  L0 16.0  dead 0.0%  elapsed 0:00:12  eta 0:00:08``
+        (the time left at this run's pace so far; a redirected log's lines, as the bar shows it)."""
         parts = []
         if with_step:
             total = self._total(trainer)
@@ -180,8 +181,18 @@ class StepProgressBar(ProgressBar):
             parts.append(f"tokens/s {format_count(self._rate)}")
         parts += [f"{k} {v}" for k, v in metric_fields(trainer.callback_metrics)]
         if with_step:
-            parts.append(f"elapsed {format_duration(time.perf_counter() - self._t0)}")
+            elapsed = time.perf_counter() - self._t0
+            parts.append(f"elapsed {format_duration(elapsed)}")
+            eta = self._eta(trainer, elapsed)
+            if eta is not None:
+                parts.append(f"eta {format_duration(eta)}")
         return "  ".join(parts)
+
+    def _eta(self, trainer: pl.Trainer, elapsed: float) -> float | None:
+        """Seconds left to ``max_steps`` at the pace of this process's steps so far (``None``: no end, or no step)."""
+        total, step = self._total(trainer), trainer.global_step
+        done = step - self._step0
+        return elapsed / done * (total - step) if total and done > 0 else None
 
     def _measure_rate(self, trainer: pl.Trainer) -> None:
         """Tokens per second since the previous refresh (from ``train/tokens_seen``; else ``train/tokens_per_s``)."""
@@ -213,8 +224,7 @@ class StepProgressBar(ProgressBar):
         head = f"step {step}/{total if total else '?'}"
         if total:
             filled = round(self.bar_width * min(step / total, 1.0))
-            done = step - self._step0
-            eta = elapsed / done * (total - step) if done > 0 else None
+            eta = self._eta(trainer, elapsed)
             bar = "━" * filled + "─" * (self.bar_width - filled) if self.bar_width else ""
             head += f" {bar} {format_duration(elapsed)}<{format_duration(eta) if eta is not None else '?'}"
         else:
