@@ -49,6 +49,8 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
     resume_step: int | None = None
     #: that folder's event files when this run's writer was made: the stopped run's
     _earlier_files: list[Path] = []
+    #: the tags' prefix of what this run logs again at :attr:`resume_step`, if said before its writer was made
+    _redone: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("default_hp_metric", False)
@@ -60,15 +62,22 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
     def experiment(self) -> SummaryWriter:
         if self._experiment is None and self.resume_step is not None:
             self._earlier_files = event_files(Path(self.log_dir))
-            drop_events(self._earlier_files, after=self.resume_step)
+            redone = self._redone
+            drop_events(self._earlier_files, after=self.resume_step, at=None if redone is None else self.resume_step,
+                        prefix=redone or "")
         return super().experiment
 
     def drop_redone(self, step: int, prefix: str = "eval/") -> None:
         """Before a resume logs again what the stopped run logged at ``step`` (the resumed checkpoint's evaluation,
         which a kill cut short after it was logged): drop those values (tags starting with ``prefix``) from the
-        folder's earlier event files. Nothing unless this logger continues a folder at ``step``."""
-        if self.resume_step == step and self._experiment is not None:
-            drop_events(self._earlier_files, after=step, at=step, prefix=prefix)
+        folder's earlier event files, now or, if this run has not written yet, with the events after ``step``.
+        Nothing unless this logger continues a folder at ``step``."""
+        if self.resume_step != step:
+            return
+        if self._experiment is None:
+            self._redone = prefix
+        else:
+            drop_events(self._earlier_files, at=step, prefix=prefix)
 
     @override
     @rank_zero_only

@@ -132,6 +132,14 @@ def test_a_logger_resumed_in_its_folder_drops_the_later_events_before_it_writes(
     got = _read(tmp_path / "run" / "version_0")
     assert got["train/loss"] == [(10, 10.0), (20, 20.0), (30, 30.5)]
     assert got["eval/kl"] == [(10, 1.0), (20, 2.5)]
+    # said before the resumed run's writer exists (no hyperparameters logged first): dropped when it is made
+    again = TensorBoardLogger(str(tmp_path), name="run")
+    assert continue_log_folder([again], ckpt, record, step=20) is not None
+    again.drop_redone(20)
+    again.log_metrics({"eval/kl": 2.75}, 20)
+    again.finalize("success")
+    got = _read(tmp_path / "run" / "version_0")
+    assert got["eval/kl"] == [(10, 1.0), (20, 2.75)] and got["train/loss"] == [(10, 10.0), (20, 20.0)]
     # another run's checkpoint, a pinned version, no record, a Lightning-class subclass: a folder of their own
     other = TensorBoardLogger(str(tmp_path / "elsewhere"), name="run")
     assert continue_log_folder([other], ckpt, record, step=20) is None and other.version == 0
