@@ -65,7 +65,13 @@ def fit(system, tokens, log_dir: str, every: int, lightning_path: bool, device: 
     from gsae.loggers import TensorBoardLogger
 
     if lightning_path:
-        system.log_step_metrics = lambda m: system.log_dict(m, on_step=True, on_epoch=False, rank_zero_only=True)
+        def log_step_metrics(metrics: dict, console_only=()) -> None:  # gsae's signature, Lightning's bookkeeping
+            for keys, to_logger in ((set(metrics) - set(console_only), True), (set(console_only) & set(metrics), False)):
+                if keys:
+                    system.log_dict({k: metrics[k] for k in keys}, on_step=True, on_epoch=False, rank_zero_only=True,
+                                    logger=to_logger)
+
+        system.log_step_metrics = log_step_metrics
         logger = LightningTensorBoardLogger(log_dir, name="run", default_hp_metric=False)
     else:
         logger = TensorBoardLogger(log_dir, name="run")
