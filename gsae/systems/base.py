@@ -288,7 +288,7 @@ class SAESystem(pl.LightningModule):
         if stage == "train" and not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite training loss ({float(loss.detach())}) at step {self.global_step}; stopping (last good checkpoint "
-                "kept: resume from it with a lower --model.init_args.optimizer.init_args.lr, --ckpt_path last)"
+                "kept: resume from it with a lower --model.optimizer.lr, --ckpt_path last)"
             )
         with torch.no_grad():
             if stage != "train":  # per-rank sums, reduced over ranks once per epoch (torchmetrics, in compute)

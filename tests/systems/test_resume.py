@@ -264,7 +264,7 @@ def test_a_resume_with_another_learning_rate_applies_it(tmp_path, caplog):
 
     assert main(quickstart_args(tmp_path, "--evaluation.enabled", "false", steps=30)) == 0
     ckpts = tmp_path / "quickstart-topk" / "checkpoints"
-    lr = ("--model.init_args.optimizer.init_args.lr", "0.0005")
+    lr = ("--model.optimizer.lr", "0.0005")
     with caplog.at_level(logging.WARNING):
         assert main(quickstart_args(tmp_path, "--evaluation.enabled", "false", "--ckpt_path", "last", *lr, steps=40)) == 0
     assert "--model.optimizer lr 0.0005 replaces the checkpoint's 0.001 from step 30 on" in caplog.text
