@@ -337,11 +337,14 @@ class TokenDataModule(pl.LightningDataModule):
             out["streaming"] = self.streaming  # are its files when streamed, n_streams contiguous pieces when not
         return out
 
-    def _check_position_options(self, saved: dict[str, Any]) -> None:
-        """One-line refusal where an option in :meth:`position_options` differs from the checkpoint's (the run
-        would go on at the wrong documents: text trained on twice or never); a local dataset at another path with
-        the same name is taken as moved."""
-        ours = self.position_options()
+    def _check_resumable(self, state_dict: dict[str, Any]) -> None:
+        """One-line refusal where an option the saved stream positions depend on differs from the checkpoint's:
+        ``batch_size``, ``n_streams``, ``text_unit`` and :meth:`position_options` (the run would go on at the wrong
+        documents: text trained on twice or never). Options a checkpoint does not record (written before they were)
+        are not checked; a local dataset at another path with the same name is taken as moved."""
+        kept = ("batch_size", "n_streams", "text_unit")
+        saved = {k: state_dict[k] for k in kept if k in state_dict} | (state_dict.get("position_options") or {})
+        ours = {k: getattr(self, k) for k in kept} | self.position_options()
         for key, was in saved.items():
             now = ours.get(key, was)
             if now == was:
@@ -349,18 +352,13 @@ class TokenDataModule(pl.LightningDataModule):
             if key == "dataset" and _moved(str(was), str(now)):
                 log.info("--data.dataset %r: the checkpoint read %r; taken as the same data, moved", now, was)
                 continue
+            shown = "null" if was is None else was
             raise ValueError(
-                f"--data.{key} ({now!r}) differs from the checkpoint's ({was!r}): its stream positions point into other "
-                f"data; resume with --data.{key} {was!r}, or start a new run")
+                f"--data.{key} ({now}) differs from the checkpoint's ({shown}): its stream positions cannot be resumed "
+                f"with it; resume with --data.{key} {shown}, or start a new run")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for key in ("batch_size", "n_streams", "text_unit"):  # (text_unit: checkpoints from before it are not checked)
-            if state_dict.get(key, getattr(self, key)) != getattr(self, key):
-                raise ValueError(
-                    f"--data.{key} ({getattr(self, key)}) differs from the checkpoint's ({state_dict[key]}); "
-                    "the stream position cannot be resumed exactly"
-                )
-        self._check_position_options(state_dict.get("position_options") or {})  # (checkpoints before: not checked)
+        self._check_resumable(state_dict)
         self.consumed_batches = int(state_dict["consumed_batches"])
         contexts = state_dict.get("consumed_contexts")
         self._resumed_at = (self.consumed_batches, None if contexts is None else int(contexts))
