@@ -195,6 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lm-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="LM weights dtype")
     p.add_argument("--no-fused", action="store_true", help="gsae's LM runs through TransformerLens (--model.lm.fused false)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fused LM steps (--model.lm.compile true)")
+    p.add_argument("--no-stack", action="store_true",
+                   help="sweep: step each member on its own (--model.stack_members false) instead of as one stack")
     p.add_argument(
         "--profile",
         type=int,
@@ -379,7 +381,8 @@ def build_sweep(lm, args):
     from gsae.systems import SweepSAESystem
 
     return SweepSAESystem(
-        lm=lm, members=sweep_members(args), buffer_size=args.buffer_size, seed=args.seed
+        lm=lm, members=sweep_members(args), buffer_size=args.buffer_size, seed=args.seed,
+        stack_members=not args.no_stack,
     )
 
 

@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
@@ -58,8 +59,9 @@ from gsae.metrics import (
     recon_metric_tensors,
     recon_sums,
 )
-from gsae.sae.base import SparseAutoencoder, sse_loss
+from gsae.sae.base import SAEOutput, SparseAutoencoder, sse_loss
 from gsae.sae.grad_topk import GradTopKSAE
+from gsae.sae.stacked import StackPlan, stacked_forward, stacks
 from gsae.systems.base import NonFiniteLossError, _adam, lr_factor
 from gsae.systems.local import LocalSAESystem
 
@@ -149,6 +151,7 @@ class SweepSAESystem(LocalSAESystem):
         buffer_size: int = 0,
         grad_reduction: Literal["mean", "sum"] = "mean",
         grad_mean_tokens: int | None = None,
+        stack_members: bool = True,
     ) -> None:
         """A sweep: the members, and the options every member shares unless it sets its own.
 
@@ -168,6 +171,10 @@ class SweepSAESystem(LocalSAESystem):
                 member may override; ``optimizer`` is one optimizer with a parameter group per member; ``seed``
                 seeds the one shuffle buffer, each SAE's init has its own ``seed``); ``buffer_size`` is in
                 tokens per device and holds the shared activations (and gradients) once, not once per member.
+            stack_members: step the members that share a hook, ``d_in``, ``d_sae``, ``relu_after_topk`` and dtype
+                (TopK and g-SAE alike, any ``k``, ``β``, ``k_aux``, seed, lr) as one batched pass
+                (:mod:`gsae.sae.stacked`: a few kernels for all of them instead of ~40 per member; the same
+                results up to float rounding). Default on; ``false`` steps each member on its own.
         """
         members = _plain(members)  # jsonargparse hands nested class_path mappings over as Namespaces
         if not isinstance(members, (list, tuple)) or not members:
@@ -220,6 +227,9 @@ class SweepSAESystem(LocalSAESystem):
                     f"stream (blocks.L.hook_resid_pre/mid/post, hook_attn_out, hook_mlp_out); got {', '.join(off)}"
                 )
         self._widths = [lm.d_in(h) for h in self.hooks]
+        self.stack_members = stack_members
+        self._stacks: list[StackPlan | SweepMember] | None = None  # member_stacks(), decided at the first step
+        self._stack_names: list[list[str]] = []
         self._grad_widths = [lm.d_in(h) for h in self.grad_hooks]
 
     # ------------------------------------------------------------------ what this module trains
@@ -273,6 +283,35 @@ class SweepSAESystem(LocalSAESystem):
                 m.act_scale.fill_(scale)
                 m.initialized.fill_(True)
 
+    def member_stacks(self, rows: int) -> list[StackPlan | SweepMember]:
+        """The members as this step runs them: :class:`~gsae.sae.stacked.StackPlan`\\ s of the members that share a
+        hook and a :func:`~gsae.sae.stacked.stack_key` (two or more; ``stack_members``), and the other members alone.
+        Decided once, from the configured rows per step (else the first step's ``rows``), so every DDP rank groups
+        alike (their packed all-reduce is laid out by it)."""
+        if self._stacks is None:
+            names = list(self.members)
+            if self.stack_members:
+                saes = [m.sae for m in self.members.values()]
+                dm = self._trainer.datamodule if self._trainer is not None else None
+                planned = rows  # the shuffle buffer hands on as many rows as it takes in
+                if dm is not None and hasattr(dm, "batch_size") and hasattr(dm, "context_size"):
+                    planned = int(dm.batch_size * dm.context_size)
+                by_hook: dict[str, list[int]] = {}
+                for i, m in enumerate(self.members.values()):
+                    by_hook.setdefault(m.hook, []).append(i)
+                groups = []
+                for at in by_hook.values():
+                    groups += [[at[j] for j in g] for g in stacks([saes[i] for i in at], planned)]
+            else:
+                groups = [[i] for i in range(len(names))]
+            groups.sort(key=min)  # in the members' order of first appearance (each stack is ordered by k)
+            self._stacks = [
+                StackPlan([self.members[names[i]].sae for i in g]) if len(g) > 1 else self.members[names[g[0]]]
+                for g in groups
+            ]
+            self._stack_names = [[names[i] for i in g] for g in groups]
+        return self._stacks
+
     def shared_step(self, batch: TokenBatch, stage: str) -> Tensor:
         acts = self.harvest(batch.tokens, batch.keep)
         train = stage == "train"
@@ -286,43 +325,89 @@ class SweepSAESystem(LocalSAESystem):
         n_global = self.all_reduce(torch.full((), float(acts.x.shape[0]), device=self.device))  # a fill, not a copy from the host
         logs: dict[str, dict[str, Tensor]] = {}
         packed: list[Tensor] = []
-        losses: list[Tensor] = []
+        at: dict[str, int] = {}  # member → offset of its fired mask in the packed vector (after the token count)
+        grad_terms: list[Tensor] = []  # the step's loss is their sum
+        member_loss: dict[str, Tensor] = {}  # detached, for the finiteness check and the logs
         per_token = world / n_global.clamp_min(1)
         # LocalSAESystem's normaliser (aux_norm) of every member, for recon and AuxK: one division, not one per member
-        norms = per_token / torch.stack([m.act_scale for m in self.members.values()])
-        for (name, m), norm in zip(self.members.items(), norms):
+        norms = dict(zip(self.members, per_token / torch.stack([m.act_scale for m in self.members.values()])))
+        offset = 1
+
+        def member_metrics(name: str, m: SweepMember, out: SAEOutput, x: Tensor, grad: Tensor | None, loss, recon):
+            """The member's extra scalars and sums on a logging step (packed after every fired mask), or its
+            validation sums."""
+            if not train:
+                m.val_recon.update(x, out.x_hat, l0_per_token(out.top_acts, out.latents))
+                return
+            if log:  # metrics only on logging steps (see log_this_step); the scalars averaged over ranks
+                extra = {"loss": loss, "recon_loss": recon}  # (unpack_scalars)
+                if m.sae.uses_dead_mask:  # AuxK (k_aux 0, as every Table 1 member: always 0, not logged)
+                    extra["aux_loss"] = out.aux_loss.detach()
+                if grad is not None:
+                    extra["beta_attribution_median"] = m.sae.attribution_median(grad, out.top_idx)
+                logs[name] = extra
+                sums[name] = [recon_sums(x, out.x_hat, l0_per_token(out.top_acts, out.latents)).flat(),
+                              *self.pack_scalars(extra)]
+
+        sums: dict[str, list[Tensor]] = {}  # logging steps: each member's metric sums, packed in the members' order
+        for unit, names in zip(self.member_stacks(acts.x.shape[0]), self._stack_names):
+            ms = [self.members[n] for n in names]
+            x = xs[ms[0].hook]
+            grad = gs.get(ms[0].hook) if any(m.needs_grad for m in ms) else None
+            if isinstance(unit, StackPlan):  # the members in one batched pass (gsae.sae.stacked)
+                x_hat, pre = stacked_forward(unit, x, grad)
+                dtype = torch.promote_types(x_hat.dtype, x.dtype)  # as sse_loss
+                sse = F.mse_loss(x_hat.to(dtype), x.to(dtype).expand_as(x_hat), reduction="none").sum((1, 2))
+                recon = sse * torch.stack([norms[n] for n in names])
+                grad_terms.append(recon.sum())
+                if train:  # every member's fire counts in one pass over the stacked latents
+                    with torch.no_grad():
+                        packed.append(fire_counts(unit.gidx, unit.acts, None, unit.n * unit.d_sae, torch.float64))
+                recon_d = recon.detach()
+                for i, (name, m) in enumerate(zip(names, ms)):
+                    at[name] = offset + i * unit.d_sae
+                    top_acts, top_idx = unit.top[i]
+                    zero = x_hat.new_zeros(())
+                    dead = self.dead_mask(m.sae, m.dead, stage)
+                    aux = m.sae.auxk_loss(x, x_hat[i], pre[i], dead, norms[name], zero=zero)
+                    loss = recon_d[i]
+                    if m.sae.uses_dead_mask and dead is not None:
+                        grad_terms.append(aux)
+                        loss = loss + aux.detach()
+                    member_loss[name] = loss
+                    out = SAEOutput(x_hat[i], top_acts, top_idx, None, pre[i], aux, zero)
+                    with torch.no_grad():
+                        member_metrics(name, m, out, x, grad if m.needs_grad else None, loss, recon_d[i])
+                if train:
+                    offset += unit.n * unit.d_sae
+                unit.top, unit.gidx, unit.acts = [], None, None
+                del x_hat, pre
+                continue
+            (name,), m = names, unit
             dead = self.dead_mask(m.sae, m.dead, stage)
-            x = xs[m.hook]
             grad = gs.get(m.hook) if m.needs_grad else None
-            out = m.sae(x, grad=grad, dead_mask=dead, aux_norm=norm)
-            recon = sse_loss(out.x_hat, x) * norm
+            out = m.sae(x, grad=grad, dead_mask=dead, aux_norm=norms[name])
+            recon = sse_loss(out.x_hat, x) * norms[name]
             loss = self.sae_loss(recon, out, m.sae)
-            losses.append(loss)
+            grad_terms.append(loss)
+            member_loss[name] = loss.detach()
             with torch.no_grad():
-                if not train:
-                    m.val_recon.update(x, out.x_hat, l0_per_token(out.top_acts, out.latents))
-                    continue
-                fired = fire_counts(out.top_idx, out.top_acts, out.latents, m.sae.d_sae, torch.float64)
-                if log:  # metrics only on logging steps (see log_this_step); the scalars averaged over ranks
-                    extra = {"loss": loss.detach(), "recon_loss": recon.detach()}  # (unpack_scalars)
-                    if m.sae.uses_dead_mask:  # AuxK (k_aux 0, as every Table 1 member: always 0, not logged)
-                        extra["aux_loss"] = out.aux_loss.detach()
-                    if grad is not None:
-                        extra["beta_attribution_median"] = m.sae.attribution_median(grad, out.top_idx)
-                    logs[name] = extra
-                    packed += [fired, recon_sums(x, out.x_hat, l0_per_token(out.top_acts, out.latents)).flat(),
-                               *self.pack_scalars(extra)]
-                else:
-                    packed.append(fired)
+                if train:
+                    packed.append(fire_counts(out.top_idx, out.top_acts, out.latents, m.sae.d_sae, torch.float64))
+                    at[name] = offset
+                    offset += m.sae.d_sae
+                member_metrics(name, m, out, x, grad, loss.detach(), recon.detach())
             del out
-        stacked = torch.stack(losses)  # one op for the step's loss (the sum) and the finiteness check, not two per member
-        total = stacked.sum()
+        for name in self.members:  # logging steps: each member's sums and scalars, after every fired mask
+            packed += sums.get(name, [])
+        total = grad_terms[0] if len(grad_terms) == 1 else torch.stack(grad_terms).sum()
         if not train:
             return total
         # every member's loss checked at once, before the backward: one wait for the device, not one per member
-        finite = torch.isfinite(stacked.detach())
+        stacked = torch.stack([member_loss[n] for n in self.members])
+        finite = torch.isfinite(stacked)
         if not bool(finite.all()):
-            name, loss = next((n, v) for n, v, ok in zip(self.members, stacked.detach().tolist(), finite.tolist()) if not ok)
+            name, loss = next((n, v) for n, v, ok in zip(self.members, stacked.tolist(), finite.tolist()) if not ok)
             raise NonFiniteLossError(
                 f"non-finite training loss of member {name} ({float(loss)}) at step {self.global_step}; "
                 "stopping (last good checkpoint kept: resume from it, --ckpt_path last, with a lower lr for that member)"
@@ -333,26 +418,23 @@ class SweepSAESystem(LocalSAESystem):
         # on one process the host knows the count (no wait for the GPU); over ranks, the reduced one
         n_tokens = acts.x.shape[0] if world == 1 else int(flat[0])
         metrics: dict[str, Tensor | float] = {}
-        offset = 1
         new_batch = self.starts_optimizer_step()
-        positive = flat > 0  # every member's fired mask in one op (the metric sums between them are not read here)
+        positive = flat > 0  # every member's fired mask in one op (the metric sums after them are not read here)
         for name, m in self.members.items():
-            fired = positive[offset : offset + m.sae.d_sae]
-            offset += m.sae.d_sae
-            m.dead.update(fired, n_tokens, new_batch)
-            if not log:
-                continue
-            width = len(ReconSums._fields) - 1 + m.sae.d_in
-            sums = ReconSums.unflat(flat[offset : offset + width])
-            offset += width
-            for k, v in recon_metric_tensors(sums).items():
-                metrics[f"train/{name}/{k}"] = v
-            scalars = self.unpack_scalars(logs[name], flat[offset : offset + len(logs[name])])
-            offset += len(logs[name])
-            for k, v in scalars.items():
-                metrics[f"train/{name}/{k}"] = v
-            metrics[f"train/{name}/dead_fraction"] = m.dead.dead_by_batches().float().mean()
-            metrics[f"train/{name}/dead_fraction_tokens"] = m.dead.dead_by_tokens().float().mean()
+            m.dead.update(positive[at[name] : at[name] + m.sae.d_sae], n_tokens, new_batch)
+        if log:
+            for name, m in self.members.items():  # the sums in logging order: the members' order (as `logged`)
+                width = len(ReconSums._fields) - 1 + m.sae.d_in
+                sums = ReconSums.unflat(flat[offset : offset + width])
+                offset += width
+                for k, v in recon_metric_tensors(sums).items():
+                    metrics[f"train/{name}/{k}"] = v
+                scalars = self.unpack_scalars(logs[name], flat[offset : offset + len(logs[name])])
+                offset += len(logs[name])
+                for k, v in scalars.items():
+                    metrics[f"train/{name}/{k}"] = v
+                metrics[f"train/{name}/dead_fraction"] = m.dead.dead_by_batches().float().mean()
+                metrics[f"train/{name}/dead_fraction_tokens"] = m.dead.dead_by_tokens().float().mean()
         self.tokens_seen += n_tokens
         if log:
             metrics["train/loss"] = sum(metrics[f"train/{name}/loss"] for name in self.members)  # the members' sum

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -13,6 +14,7 @@ from gsae.export import load_checkpoint, load_members
 from gsae.lm import LanguageModel
 from gsae.optim import Adam
 from gsae.sae import GradTopKSAE, TopKSAE
+from gsae.sae.stacked import StackPlan
 from gsae.systems import LocalSAESystem, SweepSAESystem
 from tests.systems.helpers import (
     HOOK,
@@ -387,3 +389,106 @@ def test_cli_layers_sweep_exports_evaluates_and_logs_each_member_at_its_hook(tmp
             assert alone["L_added"] == pytest.approx(trained[name], rel=1e-4, abs=1e-6), name
     tags = set(EventAccumulator(str(run / "version_0"), size_guidance={"scalars": 0}).Reload().Tags()["scalars"])
     assert all({f"train/{n}/nmse", f"val/{n}/nmse", f"eval/{n}/loss_added/L_added"} <= tags for n in hooks)
+
+
+#: Members that stack (gsae.sae.stacked): one shape, TopK and g-SAEs, k 2 / 3 / 3 / 5 (three runs of equal k), β 1e3
+#: and 1e4, AuxK on two (dead_tokens 200: latents die and AuxK trains within the run), their own lr and clipping; a
+#: ReLU member and another width that run alone.
+STACKING = [
+    {"name": "t-k3", "sae": {"class_path": "TopKSAE", "init_args": {"d_sae": 64, "k": 3, "k_aux": 8, "seed": 11}}},
+    {"name": "g-k2", "sae": {"class_path": "GradTopKSAE", "init_args": {"d_sae": 64, "k": 2, "beta": 1e3, "seed": 12}},
+     "lr": 3e-3},
+    {"name": "relu-k3", "sae": {"class_path": "TopKSAE", "init_args": {"d_sae": 64, "k": 3, "relu_after_topk": True,
+                                                                       "seed": 13}}},
+    {"name": "g-k3", "sae": {"class_path": "GradTopKSAE",
+                             "init_args": {"d_sae": 64, "k": 3, "beta": 1e4, "k_aux": 8, "seed": 14}},
+     "gradient_clip_val": 0.05},
+    {"name": "t-k5", "sae": {"class_path": "TopKSAE", "init_args": {"d_sae": 64, "k": 5, "k_aux": 0, "seed": 15}}},
+    {"name": "wide-k3", "sae": {"class_path": "TopKSAE", "init_args": {"d_sae": 96, "k": 3, "seed": 16}}},
+]
+
+
+class CountKernels(pl.Callback):
+    """aten calls that launch a kernel on a GPU (not views), over training steps ``first`` … ``first + n − 1``."""
+
+    def __init__(self, first: int = 3, n: int = 2) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.first, self.n, self.count = first, n, 0
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not func.is_view and func.namespace == "aten":
+                    outer.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.first:
+            self.mode.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.first + self.n - 1:
+            self.mode.__exit__(None, None, None)
+
+
+@pytest.mark.slow
+def test_stacked_members_equal_members_stepped_one_by_one(tmp_path):
+    """The default sweep steps the members that share a shape as one batched pass; the same run with
+    ``stack_members: false`` steps each member on its own (the path the sweep-vs-alone tests above pin to the single
+    runs). Both end with the same SAEs, dead-latent counters and logged metrics, and the stacked run launches far
+    fewer ops per step (what a GPU's host time scales with)."""
+    runs, counts = {}, {}
+    for stack in (True, False):
+        root = tmp_path / str(stack)
+        system = SweepSAESystem(_lm(), STACKING, optimizer=_adam(LR), stack_members=stack, **COMMON)
+        runs[stack] = _fit(system, root, callbacks=[RecordMetrics(root)], log_every_n_steps=1)
+        counter = CountKernels()  # steps that do not log (most of a run's)
+        system = SweepSAESystem(_lm(), STACKING, optimizer=_adam(LR), stack_members=stack, **COMMON)
+        _fit(system, tmp_path / f"count-{stack}", callbacks=[counter], log_every_n_steps=50)
+        counts[stack] = counter.count / counter.n
+    units = runs[True].member_stacks(0)
+    assert [[s.k for s in u.saes] for u in units if isinstance(u, StackPlan)] == [[2, 3, 3, 5]]
+    assert sum(isinstance(u, StackPlan) for u in runs[False].member_stacks(0)) == 0
+    for name in runs[True].members:
+        _assert_member_equals(runs[True].members[name], runs[False].members[name], atol=1e-5)
+    assert any(bool(m.dead.dead_by_tokens().any()) for m in runs[True].members.values())  # AuxK had dead latents
+    one, two = torch.load(tmp_path / "True" / "metrics.pt"), torch.load(tmp_path / "False" / "metrics.pt")
+    assert assert_same_metrics(one, two, skip=("tokens_per_s",), rtol=1e-4, atol=1e-5) > 10 * len(one)
+    # ~40 launches per member stepped alone; the stack of 4 takes a few for all of them
+    # ~40 launches per member stepped alone; each stacked member beyond the first saves most of its own (AuxK, the
+    # dead-latent counters and the decoder constraints stay per member)
+    assert counts[False] - counts[True] >= 15 * 3, counts
+
+
+def test_stacked_members_under_bf16_mixed(tmp_path, monkeypatch):
+    """CPU autocast bf16 (``--trainer.precision bf16-mixed``): the stacked pass's encoder runs in bf16, its
+    reconstruction, the members' parameters and gradients stay float32, and the members end near the stepped-alone
+    run's (the bf16 matmuls differ in rounding: a near-tie may select another latent)."""
+    import gsae.systems.sweep as sweep_mod
+
+    seen, grads = set(), set()
+    real = sweep_mod.stacked_forward
+
+    def record(plan, x, grad):
+        x_hat, pre = real(plan, x, grad)
+        seen.add((x.dtype, pre.dtype, x_hat.dtype))
+        return x_hat, pre
+
+    class Grads(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            grads.update(p.grad.dtype for p in pl_module.parameters() if p.grad is not None)
+
+    monkeypatch.setattr(sweep_mod, "stacked_forward", record)
+    runs = {}
+    for stack in (True, False):
+        system = SweepSAESystem(_lm(), STACKING, optimizer=_adam(LR), stack_members=stack, **COMMON)
+        runs[stack] = _fit(system, tmp_path / str(stack), steps=4, callbacks=[Grads()], precision="bf16-mixed")
+    assert seen == {(torch.float32, torch.bfloat16, torch.float32)}, seen
+    assert grads == {torch.float32}
+    for name, m in runs[True].members.items():
+        for k, p in m.sae.state_dict().items():
+            assert p.dtype == torch.float32 and torch.isfinite(p).all(), (name, k)
+            torch.testing.assert_close(p, runs[False].members[name].sae.state_dict()[k], atol=5e-2, rtol=0)

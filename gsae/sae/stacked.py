@@ -1,0 +1,250 @@
+"""Several TopK SAEs and g-SAEs of one shape, stepped as one: a sweep's members in a few batched kernels.
+
+A sweep (``gsae.systems.SweepSAESystem``) trains N SAEs on the same rows. Stepped one by one, each member's forward
+and backward is ~40 kernel launches (encoder matmul, top-k, gather, sparse decode, its backward, loss, metrics); on a
+GPU at the paper's 4096 tokens per step a member's step is host-bound (~2.8 ms of Python and launches for ~1.5 ms of
+kernels), so a 10-member sweep paid ~10× the launches for what a GPU could run as one batched pass.
+:func:`stacked_forward` runs members that share ``d_in``, ``d_sae``, ``relu_after_topk`` and the parameter dtype —
+TopK and g-SAE alike, any ``k``, ``β``, ``k_aux``, init — as one pass:
+
+- ``pre = (x − b_dec) W_enc + b_enc`` for every member in one ``baddbmm`` (each member's own ``b_dec``, as alone);
+- the g-SAE members' ``|W_dec ∇ₓL|`` in one batched matmul, their scores ``pre·(1 + β|W_dec ∇ₓL|)`` in one pass;
+- one top-k per distinct ``k`` (members ordered by ``k``: equal-``k`` members are adjacent rows of the stack);
+- the decode of every member in one ``embedding_bag`` over the stacked decoders (a bag per member and row);
+- the backward as one autograd node: ``∂W_dec`` and ``∂W_enc`` as one sparse product each over the stacked
+  latents (the latent-major order of all members' entries; dense bf16 matmuls under CUDA autocast, as
+  :class:`~gsae.sae.base.SparsePattern`), ``∂b_enc`` one ``index_add``, ``∂b_dec`` one batched matmul.
+
+Each member's parameters stay its own ``nn.Parameter``\\ s (checkpoints, exports, optimizer groups and AuxK, which
+runs per member on its slice, are unchanged); the pass stacks them (one copy of the weights per step: ~0.3% of a
+sweep step at GPT-2 shape on a GPU, ~1% on the CPU) and hands each member back its gradients as views of the stacked
+ones. The results equal the members' own forwards and backwards (:class:`~gsae.sae.TopKSAE`'s sparse path) up to
+float rounding of the batched matmuls: same selection, same bags in the same order (``tests/sae/test_stacked.py``
+checks outputs and gradients against each member alone; ``tests/systems/test_sweep.py`` whole runs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from gsae.sae.base import autocast_dense_dtype
+from gsae.sae.grad_topk import GradTopKSAE
+from gsae.sae.topk import TopKSAE, topk_indices
+
+#: the most bytes one stack's pre-activations (members × rows × d_sae, in the forward's dtype) may take; members
+#: beyond it go into another stack (:func:`stacks`). The scores of a stack with g-SAEs take as much again.
+STACK_BYTES = 4 << 30
+
+
+def stack_key(sae) -> tuple | None:
+    """What members must share to run in one stack (``None``: this SAE runs on its own: not a sparse-backward
+    :class:`TopKSAE` / :class:`GradTopKSAE`, e.g. a subclass with its own forward)."""
+    if type(sae) not in (TopKSAE, GradTopKSAE) or not sae.sparse_backward:
+        return None
+    w = sae.W_enc
+    return sae.d_in, sae.d_sae, sae.relu_after_topk, w.dtype, w.device
+
+
+def stacks(saes: list, rows: int, itemsize: int = 4) -> list[list[int]]:
+    """Positions of ``saes`` grouped into stacks: equal :func:`stack_key`, at most :data:`STACK_BYTES` of
+    pre-activations for ``rows`` rows each, ordered by ``k`` within a stack (stable). SAEs without a key are
+    stacks of one (the caller runs them alone)."""
+    groups: dict[tuple, list[int]] = {}
+    out: list[list[int]] = []
+    for i, sae in enumerate(saes):
+        key = stack_key(sae)
+        if key is None:
+            out.append([i])
+        else:
+            groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        members.sort(key=lambda i: saes[i].k)
+        per = max(1, STACK_BYTES // max(1, rows * saes[members[0]].d_sae * itemsize))
+        out += [members[j : j + per] for j in range(0, len(members), per)]
+    return out
+
+
+class StackPlan:
+    """The layout of one stack: its SAEs in stack order (by ``k``), the runs of equal ``k``, the g-SAE rows, and the
+    bag offsets of its decode (cached per row count and device)."""
+
+    def __init__(self, saes: list[TopKSAE]) -> None:
+        self.saes = saes
+        self.n = len(saes)
+        self.d_in, self.d_sae = saes[0].d_in, saes[0].d_sae
+        self.relu = saes[0].relu_after_topk
+        self.ks = [s.k for s in saes]
+        self.runs: list[tuple[int, int, int]] = []  # (k, first row, end row)
+        for i, k in enumerate(self.ks):
+            if self.runs and self.runs[-1][0] == k:
+                self.runs[-1] = (k, self.runs[-1][1], i + 1)
+            else:
+                self.runs.append((k, i, i + 1))
+        self.grad_rows = [i for i, s in enumerate(saes) if isinstance(s, GradTopKSAE) and s.beta != 0]
+        self.betas = [saes[i].beta for i in self.grad_rows]
+        self._cache: dict[tuple, tuple[Tensor, ...]] = {}
+        # set by the forward for the caller: per stack row, (top_acts (B, k), top_idx (B, k)) views; and every
+        # member's entries flat (member-major), their stacked latents (``i·d_sae + top_idx``) and kept values
+        self.top: list[tuple[Tensor, Tensor]] = []
+        self.gidx: Tensor | None = None
+        self.acts: Tensor | None = None
+
+    def params(self) -> list[Tensor]:
+        return [s.W_enc for s in self.saes] + [s.b_enc for s in self.saes] + [s.W_dec for s in self.saes] + [
+            s.b_dec for s in self.saes
+        ]
+
+    def layout(self, rows: int, device: torch.device) -> tuple[Tensor, ...]:
+        """``(bag offsets, bag of each entry, entry base of each row's member block, member offsets of the stacked
+        latents (N, 1, 1), g-SAE rows)`` for ``rows`` rows: the flat entries are member-major (member i's ``rows·k_i``
+        entries, row-major), a bag per (member, row) — bag ``i·rows + b`` — so a bag's entries are its row's k."""
+        key = (rows, device)
+        have = self._cache.get(key)
+        if have is None:
+            sizes = [rows * k for k in self.ks]
+            base = np.concatenate([[0], np.cumsum(sizes)])
+            offsets = np.concatenate([np.arange(base[i], base[i + 1], k) for i, k in enumerate(self.ks)])
+            bags = np.concatenate([np.repeat(np.arange(i * rows, (i + 1) * rows), k) for i, k in enumerate(self.ks)])
+            latent_base = np.arange(self.n).reshape(-1, 1, 1) * self.d_sae
+            have = tuple(
+                torch.as_tensor(a, dtype=torch.int64).to(device)
+                for a in (offsets, bags, base, latent_base, np.asarray(self.grad_rows, dtype=np.int64))
+            )
+            if len(self._cache) > 4:
+                self._cache.clear()
+            self._cache[key] = have
+        return have
+
+
+class _StackedOrder:
+    """The latent-major order of a stack's entries: ``(perm, bag of each sorted entry, latent offsets)`` over the
+    ``N·d_sae`` stacked latents, as :meth:`SparsePattern.order` for one SAE."""
+
+    def __init__(self, plan: StackPlan, gidx: Tensor, bags: Tensor, base: Tensor) -> None:
+        n_lat = plan.n * plan.d_sae
+        if gidx.device.type == "cpu" and plan.d_sae <= 2**16:
+            # each member's entries hold only its own latents: one numpy 16-bit radix sort per member block (~1 ms
+            # per 130k keys, single-threaded; torch's parallel CPU sort stalls on shared cores), shifted into place
+            flat = gidx.numpy()
+            starts = base.numpy()
+            perms, counts = [], []
+            for i in range(plan.n):
+                keys = (flat[starts[i] : starts[i + 1]] - i * plan.d_sae).astype(np.uint16)
+                perms.append(np.argsort(keys, kind="stable") + starts[i])
+                counts.append(np.bincount(keys, minlength=plan.d_sae))
+            c = np.concatenate(counts)
+            perm = torch.from_numpy(np.concatenate(perms).astype(np.int64, copy=False))
+            self.offsets = torch.from_numpy((np.cumsum(c) - c).astype(np.int64, copy=False))
+        else:
+            keys, perm = gidx.int().sort(stable=True) if n_lat < 2**31 else gidx.sort(stable=True)
+            self.offsets = torch.searchsorted(keys, torch.arange(n_lat, dtype=keys.dtype, device=keys.device))
+        self.perm = perm
+        self.tokens = bags[perm]
+
+    def transposed_mm(self, values: Tensor, dense: Tensor) -> Tensor:
+        """``(N·d_sae, d)``: for each stacked latent, the sum over its entries of ``value · dense[bag]``."""
+        weights = values[self.perm].to(dense.dtype)
+        return F.embedding_bag(self.tokens, dense, self.offsets, per_sample_weights=weights, mode="sum")
+
+
+class _StackedTopK(torch.autograd.Function):
+    """``(x, grad, plan, *params) -> (x̂ (N, B, d_in), pre (N, B, d_sae))`` for a stack's members; ``plan.top`` gets each
+    member's ``(top_acts, top_idx)``. ``params`` = the members' ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` (N each)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, grad: Tensor | None, plan: StackPlan, *params: Tensor):
+        n, d_sae = plan.n, plan.d_sae
+        W_enc, b_enc, W_dec, b_dec = (params[i * n : (i + 1) * n] for i in range(4))
+        dtype = W_enc[0].dtype
+        x = x.to(dtype)
+        rows = x.shape[0]
+        offsets, bags, base, latent_base, grad_rows = plan.layout(rows, x.device)
+        W_encT = torch.stack([w.T for w in W_enc])  # (N, d_sae, d_in): W_enc is stored transposed, so no transpose
+        W_dec_all = torch.stack(list(W_dec))  # (N, d_sae, d_in)
+        b_dec_all = torch.stack(list(b_dec))
+        x_c = x.unsqueeze(0) - b_dec_all.unsqueeze(1)  # (N, B, d_in): each member centres on its own b_dec
+        pre = torch.baddbmm(torch.stack(list(b_enc)).unsqueeze(1), x_c, W_encT.transpose(1, 2))  # (N, B, d_sae)
+        scores = pre
+        if grad is not None and plan.grad_rows:  # the g-SAEs' scores pre · (1 + β|W_dec g|), as GradTopKSAE's
+            a = torch.matmul(grad.to(dtype), W_dec_all.index_select(0, grad_rows).transpose(1, 2)).abs_()
+            pre_g = pre if len(plan.grad_rows) == n else pre.index_select(0, grad_rows)
+            if len(set(plan.betas)) == 1:
+                s = torch.addcmul(pre_g, pre_g, a, value=plan.betas[0], out=a)
+            else:
+                s = torch.addcmul(pre_g, pre_g, a.mul_(a.new_tensor(plan.betas).view(-1, 1, 1)), out=a)
+            scores = s if len(plan.grad_rows) == n else pre.index_copy(0, grad_rows, s)
+        idx_parts, act_parts = [], []
+        for k, first, end in plan.runs:  # one top-k per distinct k
+            m = end - first
+            idx = topk_indices(scores[first:end].reshape(m * rows, d_sae), k).view(m, rows, k)
+            acts = pre[first:end].gather(2, idx)
+            if plan.relu:
+                acts = F.relu(acts)
+            idx_parts.append(idx)
+            act_parts.append(acts)
+        del scores
+        plan.top = [(a[i], ix[i]) for a, ix in zip(act_parts, idx_parts) for i in range(a.shape[0])]
+        gidx = torch.cat([(ix + latent_base[first:end]).reshape(-1) for ix, (_, first, end) in zip(idx_parts, plan.runs)])
+        acts = torch.cat([a.reshape(-1) for a in act_parts]).to(W_dec_all.dtype)
+        plan.gidx, plan.acts = gidx, acts
+        x_hat = F.embedding_bag(gidx, W_dec_all.view(n * d_sae, -1), offsets, per_sample_weights=acts, mode="sum")
+        x_hat = x_hat.view(n, rows, -1).add_(b_dec_all.unsqueeze(1))
+        ctx.save_for_backward(x_c, W_encT, W_dec_all, gidx, acts)
+        ctx.plan, ctx.layout = plan, (offsets, bags, base)
+        ctx.dense_dtype = autocast_dense_dtype(x)
+        ctx.mark_non_differentiable(pre)
+        ctx.set_materialize_grads(False)
+        return x_hat, pre
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_x_hat: Tensor, _grad_pre):
+        plan = ctx.plan
+        n, d_sae = plan.n, plan.d_sae
+        nothing = (None, None, None, *([None] * (4 * n)))
+        if grad_x_hat is None:
+            return nothing
+        x_c, W_encT, W_dec_all, gidx, acts = ctx.saved_tensors
+        offsets, bags, base = ctx.layout
+        rows, d_in = x_c.shape[1], x_c.shape[2]
+        g = grad_x_hat.to(W_dec_all.dtype).contiguous().view(n * rows, d_in)
+        W_dec_flat = W_dec_all.view(n * d_sae, d_in)
+        # ∂acts[e] = g[bag e] · W_dec[gidx e]  (SparseDecode's, over the stacked decoders)
+        grad_acts = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, W_dec_flat, gidx, offsets, bags, 0)
+        if plan.relu:
+            grad_acts = grad_acts * (acts > 0)
+        grad_acts = grad_acts.to(x_c.dtype)
+        x_flat = x_c.view(n * rows, d_in)
+        if ctx.dense_dtype is not None:  # CUDA autocast: the sparse products as batched tensor-core matmuls
+            dt = ctx.dense_dtype
+            pos = bags * d_sae + gidx.remainder(d_sae)  # entry → (member row, local latent) of a (N·B, d_sae) matrix
+            G = acts.new_zeros(n * rows * d_sae, dtype=dt).index_put_((pos,), acts.to(dt)).view(n, rows, d_sae)
+            grad_W_dec = torch.bmm(G.transpose(1, 2), g.view(n, rows, d_in).to(dt)).to(g.dtype)
+            G.view(-1).index_put_((pos,), grad_acts.to(dt))
+            grad_W_encT = torch.bmm(G.transpose(1, 2), x_c.to(dt)).to(x_c.dtype)
+        else:
+            order = _StackedOrder(plan, gidx, bags, base)
+            grad_W_dec = order.transposed_mm(acts, g).view(n, d_sae, d_in)
+            grad_W_encT = order.transposed_mm(grad_acts, x_flat).view(n, d_sae, d_in)
+        grad_b_enc = x_c.new_zeros(n * d_sae).index_add_(0, gidx, grad_acts).view(n, d_sae)
+        # ∂b_dec = Σ_rows g (the decoder's bias) − W_enc ∂b_enc (the encoder's centring), one batched product
+        grad_b_dec = torch.baddbmm(
+            g.view(n, rows, d_in).sum(1, keepdim=True), grad_b_enc.unsqueeze(1), W_encT, alpha=-1
+        ).view(n, d_in)
+        need = ctx.needs_input_grad[3:]
+        grads = (
+            [grad_W_encT[i].T for i in range(n)] + [grad_b_enc[i] for i in range(n)]
+            + [grad_W_dec[i] for i in range(n)] + [grad_b_dec[i] for i in range(n)]
+        )
+        return (None, None, None, *(gr if ok else None for gr, ok in zip(grads, need)))
+
+
+def stacked_forward(plan: StackPlan, x: Tensor, grad: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Every member of ``plan`` on ``x (B, d_in)`` (g-SAEs scored with ``grad``, ``∇ₓL`` per row): ``(x̂ (N, B, d_in),
+    pre (N, B, d_sae))`` in stack order, ``plan.top[i] = (top_acts, top_idx)`` of member ``i`` — what
+    ``plan.saes[i](x, grad)`` gives as ``x_hat``, ``pre_acts``, ``top_acts`` and ``top_idx``."""
+    return _StackedTopK.apply(x, grad, plan, *plan.params())

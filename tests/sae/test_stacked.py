@@ -1,0 +1,169 @@
+"""Members stepped as one stack (``gsae.sae.stacked``) against each member alone: the same selection, reconstruction,
+pre-activations and parameter gradients as every SAE's own forward — checked against dense autograd (the
+``sparse_backward=False`` TopK path), so neither the stacked backward nor the members' sparse one is its own
+reference — for mixed TopK / g-SAE stacks with several ``k``, different ``β``, ReLU, the dense (autocast) products,
+both latent orders; and how members are grouped."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import gsae.sae.stacked as stacked_mod
+from gsae.sae import GradTopKSAE, ReLUSAE, TopKSAE
+from gsae.sae.stacked import StackPlan, stack_key, stacked_forward, stacks
+from tests.conftest import randomize
+
+D_IN = 12
+
+
+def _members(d_sae: int = 96, relu: bool = False) -> list[TopKSAE]:
+    """TopK and g-SAEs of one shape: k 3, 5, 5, 8, 3 (runs of equal k after ordering), β 1e2 and 5e2, AuxK on one."""
+    saes = [
+        TopKSAE(D_IN, d_sae, k=5, relu_after_topk=relu, k_aux=0, seed=1),
+        GradTopKSAE(D_IN, d_sae, k=3, beta=1e2, relu_after_topk=relu, k_aux=0, seed=2),
+        TopKSAE(D_IN, d_sae, k=3, relu_after_topk=relu, k_aux=4, seed=3),
+        GradTopKSAE(D_IN, d_sae, k=5, beta=5e2, relu_after_topk=relu, k_aux=0, seed=4),
+        TopKSAE(D_IN, d_sae, k=8, relu_after_topk=relu, k_aux=0, seed=5),
+    ]
+    return [randomize(s, seed=i) for i, s in enumerate(saes)]
+
+
+def _dense_copy(sae: TopKSAE) -> TopKSAE:
+    """The same SAE on dense autograd (``sparse_backward=False``): the independent reference."""
+    ref = copy.deepcopy(sae)
+    ref.sparse_backward = False
+    return ref
+
+
+def _reference(saes, x, grad, weights):
+    """Each member alone on dense autograd: ``(outputs, {member: {param: grad}})`` of ``Σ_i w_i·‖(x̂_i − x)·v‖²``."""
+    outs, grads = [], []
+    for sae, w in zip(saes, weights):
+        ref = _dense_copy(sae)
+        out = ref(x, grad=grad)
+        ((out.x_hat - x).pow(2) * w).sum().backward()
+        outs.append(out)
+        grads.append({n: p.grad for n, p in ref.named_parameters()})
+    return outs, grads
+
+
+def _stacked(saes, x, grad, weights):
+    order = stacks(saes, x.shape[0])
+    assert len(order) == 1
+    plan = StackPlan([saes[i] for i in order[0]])
+    x_hat, pre = stacked_forward(plan, x, grad)
+    w = torch.stack([weights[i] for i in order[0]]).unsqueeze(1)  # (N, 1, d_in)
+    ((x_hat - x).pow(2) * w).sum().backward()
+    return order[0], plan, x_hat, pre
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_stack_equals_each_member_alone(relu: bool, dense: bool, monkeypatch) -> None:
+    if dense:  # the products CUDA autocast takes (batched dense matmuls), here in float32 on the CPU
+        monkeypatch.setattr(stacked_mod, "autocast_dense_dtype", lambda t: torch.float32)
+    saes = _members(relu=relu)
+    with torch.no_grad():  # one member whose kept pre-activations are mostly negative: ReLU zeroes them
+        saes[4].b_enc.sub_(3)
+    x = torch.randn(40, D_IN) * 2
+    grad = torch.randn(40, D_IN) * 1e-2
+    weights = [torch.rand(D_IN) + 0.5 for _ in saes]  # a per-element weight per member: index bugs show
+    ref_outs, ref_grads = _reference(saes, x, grad, weights)
+    order, plan, x_hat, pre = _stacked(saes, x, grad, weights)
+    assert [saes[i].k for i in order] == [3, 3, 5, 5, 8]  # ordered by k: three runs, one top-k each
+    assert plan.runs == [(3, 0, 2), (5, 2, 4), (8, 4, 5)]
+    for row, i in enumerate(order):
+        ref = ref_outs[i]
+        top_acts, top_idx = plan.top[row]
+        assert [set(r.tolist()) for r in top_idx] == [set(r.tolist()) for r in ref.top_idx], f"member {i} selection"
+        got = torch.zeros(x.shape[0], saes[i].d_sae).scatter_(1, top_idx, top_acts)
+        want = torch.zeros_like(got).scatter_(1, ref.top_idx, ref.top_acts.detach())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x_hat[row].detach(), ref.x_hat.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pre[row], ref.pre_acts, rtol=1e-5, atol=1e-5)
+        for name, p in saes[i].named_parameters():
+            assert p.grad is not None and p.grad.shape == p.shape and p.grad.stride() == p.stride(), name
+            torch.testing.assert_close(p.grad, ref_grads[i][name], rtol=1e-4, atol=1e-5, msg=f"member {i} {name}")
+    assert not pre.requires_grad
+    if relu:  # ReLU zeroed some kept values: their latents get no encoder gradient
+        assert any((a == 0).any() for a, _ in plan.top)
+
+
+def test_the_g_sae_scores_select_and_topk_members_ignore_the_gradient() -> None:
+    """With a large β the g-SAE's selection follows |W_dec g| (differs from its TopK selection); TopK members'
+    selection is the same with or without a gradient."""
+    saes = _members()
+    x, grad = torch.randn(30, D_IN), torch.randn(30, D_IN)
+    plan = StackPlan([saes[i] for i in stacks(saes, 30)[0]])
+    stacked_forward(plan, x, grad)
+    with_grad = [ix.clone() for _, ix in plan.top]
+    stacked_forward(plan, x, None)
+    without = [ix for _, ix in plan.top]
+    for sae, a, b in zip(plan.saes, with_grad, without):
+        same = [set(r.tolist()) for r in a] == [set(r.tolist()) for r in b]
+        assert same == (not isinstance(sae, GradTopKSAE)), type(sae).__name__
+
+
+def test_both_latent_orders_give_the_same_gradients(monkeypatch) -> None:
+    """The CPU's per-member radix sort (d_sae ≤ 2**16) and the one stable sort over all stacked latents."""
+    saes = _members(d_sae=64)
+    x, grad = torch.randn(25, D_IN), torch.randn(25, D_IN) * 1e-2
+    weights = [torch.ones(D_IN) for _ in saes]
+    _stacked(saes, x, grad, weights)
+    radix = [[p.grad.clone() for p in s.parameters()] for s in saes]
+    for s in saes:
+        s.zero_grad(set_to_none=True)
+    monkeypatch.setattr(stacked_mod.np, "argsort", None)  # the numpy path would fail now: prove it is not taken
+    # the same keys and layout through the GPU branch: one stable torch sort over the stacked latents
+    monkeypatch.setattr(stacked_mod._StackedOrder, "__init__", _torch_order_init)
+    _stacked(saes, x, grad, weights)
+    for s, want in zip(saes, radix):
+        for p, w in zip(s.parameters(), want):
+            torch.testing.assert_close(p.grad, w, rtol=1e-6, atol=1e-7)
+
+
+def _torch_order_init(self, plan, gidx, bags, base) -> None:
+    """``_StackedOrder`` by its GPU branch (one stable torch sort over the stacked latents)."""
+    n_lat = plan.n * plan.d_sae
+    keys, perm = gidx.int().sort(stable=True)
+    self.offsets = torch.searchsorted(keys, torch.arange(n_lat, dtype=keys.dtype))
+    self.perm = perm
+    self.tokens = bags[perm]
+
+
+def test_members_are_grouped_by_shape_and_split_by_memory(monkeypatch) -> None:
+    saes = [
+        TopKSAE(D_IN, 64, k=4), GradTopKSAE(D_IN, 64, k=2), TopKSAE(D_IN, 32, k=4),  # d_sae 32: its own group
+        TopKSAE(D_IN, 64, k=3, relu_after_topk=True),  # ReLU: its own group
+        ReLUSAE(D_IN, 64),  # not a TopK: alone
+        GradTopKSAE(D_IN, 64, k=1, sparse_backward=False),  # dense autograd: alone
+        TopKSAE(D_IN, 64, k=1),
+    ]
+    assert stack_key(saes[4]) is None and stack_key(saes[5]) is None
+    groups = stacks(saes, rows=10)
+    assert sorted(map(sorted, groups)) == [[0, 1, 6], [2], [3], [4], [5]]
+    assert [g for g in groups if len(g) == 3] == [[6, 1, 0]]  # ordered by k: 1, 2, 4
+    # at most STACK_BYTES of pre-activations per stack: 64 latents × 10 rows × 4 bytes = 2560 per member
+    monkeypatch.setattr(stacked_mod, "STACK_BYTES", 2 * 2560)
+    assert [g for g in stacks(saes, rows=10) if 0 in g or 1 in g or 6 in g] == [[6, 1], [0]]
+    monkeypatch.setattr(stacked_mod, "STACK_BYTES", 100)
+    assert all(len(g) == 1 for g in stacks(saes, rows=10))  # each member alone, never none
+
+
+def test_a_stack_leaves_parameters_and_autograd_state_alone() -> None:
+    """The pass reads the parameters (no in-place change), keeps nothing between calls but the layout cache, and a
+    second backward through it is refused as any ``once_differentiable`` node's."""
+    saes = _members()
+    before = [[p.detach().clone() for p in s.parameters()] for s in saes]
+    x = torch.randn(20, D_IN)
+    plan = StackPlan([saes[i] for i in stacks(saes, 20)[0]])
+    x_hat, _ = stacked_forward(plan, x, None)
+    x_hat.sum().backward()
+    for s, b in zip(saes, before):
+        assert all(torch.equal(p, q) for p, q in zip(s.parameters(), b))
+    # another row count: a fresh layout, the same per-row results for the shared rows
+    x_hat2, _ = stacked_forward(plan, x[:7], None)
+    torch.testing.assert_close(x_hat2.detach(), x_hat[:, :7].detach())
