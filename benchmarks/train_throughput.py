@@ -195,8 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lm-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="LM weights dtype")
     p.add_argument("--no-fused", action="store_true", help="gsae's LM runs through TransformerLens (--model.lm.fused false)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fused LM steps (--model.lm.compile true)")
-    p.add_argument("--no-stack", action="store_true",
-                   help="sweep: step each member on its own (--model.stack_members false) instead of as one stack")
+    p.add_argument("--stack", default="auto", choices=["auto", "on", "off"],
+                   help="sweep: --model.stack_members (auto: stacked on a GPU, each member on its own on the CPU)")
     p.add_argument(
         "--profile",
         type=int,
@@ -382,7 +382,7 @@ def build_sweep(lm, args):
 
     return SweepSAESystem(
         lm=lm, members=sweep_members(args), buffer_size=args.buffer_size, seed=args.seed,
-        stack_members=not args.no_stack,
+        stack_members={"auto": None, "on": True, "off": False}[args.stack],
     )
 
 

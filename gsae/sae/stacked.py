@@ -8,8 +8,10 @@ kernels), so a 10-member sweep paid ~10× the launches for what a GPU could run 
 TopK and g-SAE alike, any ``k``, ``β``, ``k_aux``, init — as one pass:
 
 - ``pre = (x − b_dec) W_enc + b_enc`` for every member in one ``baddbmm`` (each member's own ``b_dec``, as alone);
-- the g-SAE members' ``|W_dec ∇ₓL|`` in one batched matmul, their scores ``pre·(1 + β|W_dec ∇ₓL|)`` in one pass;
-- one top-k per distinct ``k`` (members ordered by ``k``: equal-``k`` members are adjacent rows of the stack);
+- the g-SAE members' ``|W_dec ∇ₓL|`` in one batched matmul, their scores ``pre·(1 + β|W_dec ∇ₓL|)`` in one pass
+  (the g-SAEs are the stack's first rows, so their pre-activations and decoders are views, not copies, and no
+  ``(N, B, d_sae)`` scores matrix is built for the TopK members, whose scores are their pre-activations);
+- one top-k per run of equal ``k`` (g-SAEs, then TopK SAEs, each ordered by ``k``);
 - the decode of every member in one ``embedding_bag`` over the stacked decoders (a bag per member and row);
 - the backward as one autograd node: ``∂W_dec`` and ``∂W_enc`` as one sparse product each over the stacked
   latents (the latent-major order of all members' entries; dense bf16 matmuls under CUDA autocast, as
@@ -40,6 +42,11 @@ from gsae.sae.topk import TopKSAE, topk_indices
 STACK_BYTES = 4 << 30
 
 
+def scored_by_grad(sae) -> bool:
+    """Whether ``sae`` selects by ``pre·(1 + β|W_dec ∇ₓL|)`` (a g-SAE with ``β ≠ 0``) rather than by ``pre``."""
+    return isinstance(sae, GradTopKSAE) and sae.beta != 0
+
+
 def stack_key(sae) -> tuple | None:
     """What members must share to run in one stack (``None``: this SAE runs on its own: not a sparse-backward
     :class:`TopKSAE` / :class:`GradTopKSAE`, e.g. a subclass with its own forward)."""
@@ -51,8 +58,8 @@ def stack_key(sae) -> tuple | None:
 
 def stacks(saes: list, rows: int, itemsize: int = 4) -> list[list[int]]:
     """Positions of ``saes`` grouped into stacks: equal :func:`stack_key`, at most :data:`STACK_BYTES` of
-    pre-activations for ``rows`` rows each, ordered by ``k`` within a stack (stable). SAEs without a key are
-    stacks of one (the caller runs them alone)."""
+    pre-activations for ``rows`` rows each, in stack order: the g-SAEs (:func:`scored_by_grad`) first, then by
+    ``k`` (stable). SAEs without a key are stacks of one (the caller runs them alone)."""
     groups: dict[tuple, list[int]] = {}
     out: list[list[int]] = []
     for i, sae in enumerate(saes):
@@ -62,15 +69,16 @@ def stacks(saes: list, rows: int, itemsize: int = 4) -> list[list[int]]:
         else:
             groups.setdefault(key, []).append(i)
     for members in groups.values():
-        members.sort(key=lambda i: saes[i].k)
+        members.sort(key=lambda i: (not scored_by_grad(saes[i]), saes[i].k))
         per = max(1, STACK_BYTES // max(1, rows * saes[members[0]].d_sae * itemsize))
         out += [members[j : j + per] for j in range(0, len(members), per)]
     return out
 
 
 class StackPlan:
-    """The layout of one stack: its SAEs in stack order (by ``k``), the runs of equal ``k``, the g-SAE rows, and the
-    bag offsets of its decode (cached per row count and device)."""
+    """The layout of one stack: its SAEs in stack order (:func:`stacks`: g-SAEs first, each part by ``k``), its runs
+    of rows with the same ``k`` and scores, the number of g-SAE rows, and the bag offsets of its decode (cached per
+    row count and device)."""
 
     def __init__(self, saes: list[TopKSAE]) -> None:
         self.saes = saes
@@ -78,14 +86,17 @@ class StackPlan:
         self.d_in, self.d_sae = saes[0].d_in, saes[0].d_sae
         self.relu = saes[0].relu_after_topk
         self.ks = [s.k for s in saes]
-        self.runs: list[tuple[int, int, int]] = []  # (k, first row, end row)
+        scored = [scored_by_grad(s) for s in saes]
+        self.n_grad = sum(scored)  # the g-SAE rows: 0 … n_grad − 1
+        if scored != sorted(scored, reverse=True):
+            raise ValueError("StackPlan: the g-SAEs must come first (gsae.sae.stacked.stacks orders them)")
+        self.runs: list[tuple[int, int, int]] = []  # (k, first row, end row): equal k and equally scored
         for i, k in enumerate(self.ks):
-            if self.runs and self.runs[-1][0] == k:
+            if self.runs and self.runs[-1][0] == k and i != self.n_grad:
                 self.runs[-1] = (k, self.runs[-1][1], i + 1)
             else:
                 self.runs.append((k, i, i + 1))
-        self.grad_rows = [i for i, s in enumerate(saes) if isinstance(s, GradTopKSAE) and s.beta != 0]
-        self.betas = [saes[i].beta for i in self.grad_rows]
+        self.betas = [s.beta for s in saes[: self.n_grad]]
         self._cache: dict[tuple, tuple[Tensor, ...]] = {}
         # set by the forward for the caller: per stack row, (top_acts (B, k), top_idx (B, k)) views; and every
         # member's entries flat (member-major), their stacked latents (``i·d_sae + top_idx``) and kept values
@@ -100,8 +111,8 @@ class StackPlan:
 
     def layout(self, rows: int, device: torch.device) -> tuple[Tensor, ...]:
         """``(bag offsets, bag of each entry, entry base of each row's member block, member offsets of the stacked
-        latents (N, 1, 1), g-SAE rows)`` for ``rows`` rows: the flat entries are member-major (member i's ``rows·k_i``
-        entries, row-major), a bag per (member, row) — bag ``i·rows + b`` — so a bag's entries are its row's k."""
+        latents (N, 1, 1))`` for ``rows`` rows: the flat entries are member-major (member i's ``rows·k_i`` entries,
+        row-major), a bag per (member, row) — bag ``i·rows + b`` — so a bag's entries are its row's k."""
         key = (rows, device)
         have = self._cache.get(key)
         if have is None:
@@ -112,7 +123,7 @@ class StackPlan:
             latent_base = np.arange(self.n).reshape(-1, 1, 1) * self.d_sae
             have = tuple(
                 torch.as_tensor(a, dtype=torch.int64).to(device)
-                for a in (offsets, bags, base, latent_base, np.asarray(self.grad_rows, dtype=np.int64))
+                for a in (offsets, bags, base, latent_base)
             )
             if len(self._cache) > 4:
                 self._cache.clear()
@@ -162,31 +173,31 @@ class _StackedTopK(torch.autograd.Function):
         dtype = W_enc[0].dtype
         x = x.to(dtype)
         rows = x.shape[0]
-        offsets, bags, base, latent_base, grad_rows = plan.layout(rows, x.device)
+        offsets, bags, base, latent_base = plan.layout(rows, x.device)
         W_encT = torch.stack([w.T for w in W_enc])  # (N, d_sae, d_in): W_enc is stored transposed, so no transpose
         W_dec_all = torch.stack(list(W_dec))  # (N, d_sae, d_in)
         b_dec_all = torch.stack(list(b_dec))
         x_c = x.unsqueeze(0) - b_dec_all.unsqueeze(1)  # (N, B, d_in): each member centres on its own b_dec
         pre = torch.baddbmm(torch.stack(list(b_enc)).unsqueeze(1), x_c, W_encT.transpose(1, 2))  # (N, B, d_sae)
-        scores = pre
-        if grad is not None and plan.grad_rows:  # the g-SAEs' scores pre · (1 + β|W_dec g|), as GradTopKSAE's
-            a = torch.matmul(grad.to(dtype), W_dec_all.index_select(0, grad_rows).transpose(1, 2)).abs_()
-            pre_g = pre if len(plan.grad_rows) == n else pre.index_select(0, grad_rows)
+        g_rows, scores = plan.n_grad if grad is not None else 0, None
+        if g_rows:  # the g-SAEs' scores pre · (1 + β|W_dec g|), as GradTopKSAE's (their rows come first: views)
+            a = torch.matmul(grad.to(dtype), W_dec_all[:g_rows].transpose(1, 2)).abs_()
+            pre_g = pre[:g_rows]
             if len(set(plan.betas)) == 1:
-                s = torch.addcmul(pre_g, pre_g, a, value=plan.betas[0], out=a)
+                scores = torch.addcmul(pre_g, pre_g, a, value=plan.betas[0], out=a)
             else:
-                s = torch.addcmul(pre_g, pre_g, a.mul_(a.new_tensor(plan.betas).view(-1, 1, 1)), out=a)
-            scores = s if len(plan.grad_rows) == n else pre.index_copy(0, grad_rows, s)
+                scores = torch.addcmul(pre_g, pre_g, a.mul_(a.new_tensor(plan.betas).view(-1, 1, 1)), out=a)
         idx_parts, act_parts = [], []
-        for k, first, end in plan.runs:  # one top-k per distinct k
+        for k, first, end in plan.runs:  # one top-k per run of equal k (TopK rows: scored by pre itself)
             m = end - first
-            idx = topk_indices(scores[first:end].reshape(m * rows, d_sae), k).view(m, rows, k)
+            score = scores[first:end] if first < g_rows else pre[first:end]
+            idx = topk_indices(score.reshape(m * rows, d_sae), k).view(m, rows, k)
             acts = pre[first:end].gather(2, idx)
             if plan.relu:
                 acts = F.relu(acts)
             idx_parts.append(idx)
             act_parts.append(acts)
-        del scores
+        del scores, score
         plan.top = [(a[i], ix[i]) for a, ix in zip(act_parts, idx_parts) for i in range(a.shape[0])]
         gidx = torch.cat([(ix + latent_base[first:end]).reshape(-1) for ix, (_, first, end) in zip(idx_parts, plan.runs)])
         acts = torch.cat([a.reshape(-1) for a in act_parts]).to(W_dec_all.dtype)

@@ -14,7 +14,11 @@ member is a g-SAE — mixes them through one shuffle buffer, and trains every me
   is their sum, and the members' parameters are disjoint, so one backward gives every member the gradient of
   its own loss (DDP averages them exactly as for one SAE);
 - TopK members ignore the gradient; g-SAE members share the one harvest (one forward + one backward to the hook),
-  so a sweep with g-SAEs costs one g-SAE harvest, not one per g-SAE member.
+  so a sweep with g-SAEs costs one g-SAE harvest, not one per g-SAE member;
+- on a GPU, members of one shape at one hook (``d_sae``, ``relu_after_topk``; TopK and g-SAE, any ``k``, ``β``,
+  ``k_aux``) are stepped as one stacked pass (:mod:`gsae.sae.stacked`; ``stack_members``): one batched encoder,
+  a top-k per distinct ``k``, one decode and one backward for all of them, so the launches per step (a GPU's host
+  cost) stop growing by ~40 per member; AuxK, the dead-latent counters and the decoder constraints stay per member.
 
 Members may read different hooks (a member's ``hook``; the paper's §4.6 SAEs at layers 3, 5, 7 and 9 in one run):
 the harvest is still one LM pass — a forward to the deepest hook and, with g-SAEs, one backward from the LM loss to
@@ -151,7 +155,7 @@ class SweepSAESystem(LocalSAESystem):
         buffer_size: int = 0,
         grad_reduction: Literal["mean", "sum"] = "mean",
         grad_mean_tokens: int | None = None,
-        stack_members: bool = True,
+        stack_members: bool | None = None,
     ) -> None:
         """A sweep: the members, and the options every member shares unless it sets its own.
 
@@ -174,7 +178,10 @@ class SweepSAESystem(LocalSAESystem):
             stack_members: step the members that share a hook, ``d_in``, ``d_sae``, ``relu_after_topk`` and dtype
                 (TopK and g-SAE alike, any ``k``, ``β``, ``k_aux``, seed, lr) as one batched pass
                 (:mod:`gsae.sae.stacked`: a few kernels for all of them instead of ~40 per member; the same
-                results up to float rounding). Default on; ``false`` steps each member on its own.
+                results up to float rounding); ``false`` steps each member on its own. Default (``null``): on a
+                GPU, where a member's step is host-bound (launches), and off on the CPU, where it is FLOP-bound and
+                the stack's working set (every member's ``(B, d_sae)`` pre-activations at once, 1 GiB for Table 1
+                at 2048 rows) made a GPT-2-shape sweep step ~30% slower (``benchmarks/README.md``).
         """
         members = _plain(members)  # jsonargparse hands nested class_path mappings over as Namespaces
         if not isinstance(members, (list, tuple)) or not members:
@@ -290,7 +297,7 @@ class SweepSAESystem(LocalSAESystem):
         alike (their packed all-reduce is laid out by it)."""
         if self._stacks is None:
             names = list(self.members)
-            if self.stack_members:
+            if self.stack_members or (self.stack_members is None and self.device.type == "cuda"):
                 saes = [m.sae for m in self.members.values()]
                 dm = self._trainer.datamodule if self._trainer is not None else None
                 planned = rows  # the shuffle buffer hands on as many rows as it takes in
@@ -364,10 +371,10 @@ class SweepSAESystem(LocalSAESystem):
                     with torch.no_grad():
                         packed.append(fire_counts(unit.gidx, unit.acts, None, unit.n * unit.d_sae, torch.float64))
                 recon_d = recon.detach()
+                zero = x_hat.new_zeros(())  # AuxK's loss when it has none, and the sparsity loss (TopK: none)
                 for i, (name, m) in enumerate(zip(names, ms)):
                     at[name] = offset + i * unit.d_sae
                     top_acts, top_idx = unit.top[i]
-                    zero = x_hat.new_zeros(())
                     dead = self.dead_mask(m.sae, m.dead, stage)
                     aux = m.sae.auxk_loss(x, x_hat[i], pre[i], dead, norms[name], zero=zero)
                     loss = recon_d[i]

@@ -73,8 +73,10 @@ def test_a_stack_equals_each_member_alone(relu: bool, dense: bool, monkeypatch) 
     weights = [torch.rand(D_IN) + 0.5 for _ in saes]  # a per-element weight per member: index bugs show
     ref_outs, ref_grads = _reference(saes, x, grad, weights)
     order, plan, x_hat, pre = _stacked(saes, x, grad, weights)
-    assert [saes[i].k for i in order] == [3, 3, 5, 5, 8]  # ordered by k: three runs, one top-k each
-    assert plan.runs == [(3, 0, 2), (5, 2, 4), (8, 4, 5)]
+    # the g-SAEs first (their scores and decoders are views of the stack's first rows), each part ordered by k
+    assert [(type(saes[i]).__name__, saes[i].k) for i in order] == [
+        ("GradTopKSAE", 3), ("GradTopKSAE", 5), ("TopKSAE", 3), ("TopKSAE", 5), ("TopKSAE", 8)]
+    assert plan.n_grad == 2 and plan.runs == [(3, 0, 1), (5, 1, 2), (3, 2, 3), (5, 3, 4), (8, 4, 5)]
     for row, i in enumerate(order):
         ref = ref_outs[i]
         top_acts, top_idx = plan.top[row]
@@ -145,10 +147,17 @@ def test_members_are_grouped_by_shape_and_split_by_memory(monkeypatch) -> None:
     assert stack_key(saes[4]) is None and stack_key(saes[5]) is None
     groups = stacks(saes, rows=10)
     assert sorted(map(sorted, groups)) == [[0, 1, 6], [2], [3], [4], [5]]
-    assert [g for g in groups if len(g) == 3] == [[6, 1, 0]]  # ordered by k: 1, 2, 4
+    assert [g for g in groups if len(g) == 3] == [[1, 6, 0]]  # the g-SAE, then the TopK SAEs by k: 1, 4
+    plan = StackPlan([saes[i] for i in [1, 6, 0]])
+    assert plan.n_grad == 1 and plan.runs == [(2, 0, 1), (1, 1, 2), (4, 2, 3)]
+    with pytest.raises(ValueError, match="g-SAEs must come first"):
+        StackPlan([saes[i] for i in [6, 1, 0]])
+    # equal k after the g-SAEs: one run (one top-k) for both TopK SAEs
+    same_k = [GradTopKSAE(D_IN, 64, k=2), GradTopKSAE(D_IN, 64, k=2, beta=0), TopKSAE(D_IN, 64, k=2)]
+    assert StackPlan([same_k[i] for i in stacks(same_k, 10)[0]]).runs == [(2, 0, 1), (2, 1, 3)]  # β 0 scores by pre
     # at most STACK_BYTES of pre-activations per stack: 64 latents × 10 rows × 4 bytes = 2560 per member
     monkeypatch.setattr(stacked_mod, "STACK_BYTES", 2 * 2560)
-    assert [g for g in stacks(saes, rows=10) if 0 in g or 1 in g or 6 in g] == [[6, 1], [0]]
+    assert [g for g in stacks(saes, rows=10) if 0 in g or 1 in g or 6 in g] == [[1, 6], [0]]
     monkeypatch.setattr(stacked_mod, "STACK_BYTES", 100)
     assert all(len(g) == 1 for g in stacks(saes, rows=10))  # each member alone, never none
 

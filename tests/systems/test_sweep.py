@@ -51,8 +51,8 @@ def _adam(lr: float):
     return lambda params: Adam(params, lr=lr)  # the default optimizer (fused, transposed W_enc as flat views)
 
 
-def _sweep(members=MEMBERS) -> SweepSAESystem:
-    return SweepSAESystem(_lm(), members, optimizer=_adam(LR), **COMMON)
+def _sweep(members=MEMBERS, stack: bool | None = None) -> SweepSAESystem:
+    return SweepSAESystem(_lm(), members, optimizer=_adam(LR), stack_members=stack, **COMMON)
 
 
 def _alone(spec: dict, hook: str | None = None) -> LocalSAESystem:
@@ -88,8 +88,12 @@ def _assert_member_equals(member, alone, atol=1e-6) -> None:
 
 
 @pytest.mark.slow
-def test_every_member_equals_the_sae_trained_alone(tmp_path):
-    sweep = _fit(_sweep(), tmp_path / "sweep")
+@pytest.mark.parametrize("stack", [None, True], ids=["default", "stacked"])
+def test_every_member_equals_the_sae_trained_alone(tmp_path, stack):
+    """On the CPU the default steps members one by one; ``stack_members: true`` (a GPU's default) steps topk-k4 and
+    gsae-k4, one shape, as one stack (``gsae.sae.stacked``)."""
+    sweep = _fit(_sweep(stack=stack), tmp_path / "sweep")
+    assert sum(isinstance(u, StackPlan) for u in sweep.member_stacks(0)) == (1 if stack else 0)
     for spec in MEMBERS:
         alone = _fit(_alone(spec), tmp_path / spec["name"], clip=spec.get("gradient_clip_val", 0.5))
         _assert_member_equals(sweep.members[spec["name"]], alone)
@@ -106,14 +110,14 @@ def test_every_member_equals_the_sae_trained_alone(tmp_path):
 
 @pytest.mark.slow
 def test_stop_and_resume_equals_uninterrupted(tmp_path):
-    full = _fit(_sweep(), tmp_path / "a", callbacks=[RecordTokens(tmp_path)])
+    full = _fit(_sweep(stack=True), tmp_path / "a", callbacks=[RecordTokens(tmp_path)])
     (tmp_path / "b").mkdir()
-    _fit(_sweep(), tmp_path / "b", callbacks=[StopAt(STOP)], checkpoint_every=STOP)
+    _fit(_sweep(stack=True), tmp_path / "b", callbacks=[StopAt(STOP)], checkpoint_every=STOP)
     ckpt = tmp_path / "b" / "ckpts" / "last.ckpt"
     saved = torch.load(ckpt, weights_only=False)
     assert list(saved["gsae"]["members"]) == [m["name"] for m in MEMBERS]
     assert len(saved["optimizer_states"][0]["param_groups"]) == len(MEMBERS)
-    resumed = _fit(_sweep(), tmp_path / "b", ckpt_path=str(ckpt), checkpoint_every=STOP)
+    resumed = _fit(_sweep(stack=True), tmp_path / "b", ckpt_path=str(ckpt), checkpoint_every=STOP)
     assert resumed.global_step == STEPS
     for name in full.members:
         _assert_member_equals(resumed.members[name], full.members[name])
@@ -153,14 +157,15 @@ def test_a_resume_with_another_learning_rate_applies_it_to_that_member(tmp_path,
 
 @pytest.mark.slow
 def test_ddp_two_ranks_equal_single_process(tmp_path):
-    """2 gloo ranks × B/2 = 1 rank × B for every member (no shuffle buffer: each rank mixes its own rows)."""
+    """2 gloo ranks × B/2 = 1 rank × B for every member (no shuffle buffer: each rank mixes its own rows); the ranks
+    step the two members (one shape) as one stack, the single process one by one."""
     members = MEMBERS[::2]
     kw = dict(COMMON, buffer_size=0)
     logged = dict(log_every_n_steps=1, limit_val_batches=1.0, val_check_interval=3)  # every step, validation twice
-    single = _fit(SweepSAESystem(_lm(), members, optimizer=_adam(LR), **kw), tmp_path / "d1",
+    single = _fit(SweepSAESystem(_lm(), members, optimizer=_adam(LR), stack_members=False, **kw), tmp_path / "d1",
                   callbacks=[RecordMetrics(tmp_path / "d1")], **logged)
-    ddp = _fit(SweepSAESystem(_lm(), members, optimizer=_adam(LR), **kw), tmp_path / "d2", devices=2,
-               callbacks=[RecordMetrics(tmp_path / "d2")], **logged)
+    ddp = _fit(SweepSAESystem(_lm(), members, optimizer=_adam(LR), stack_members=True, **kw), tmp_path / "d2",
+               devices=2, callbacks=[RecordMetrics(tmp_path / "d2")], **logged)
     for name in single.members:
         _assert_member_equals(ddp.members[name], single.members[name], atol=2e-5)
     assert int(single.tokens_seen) == int(ddp.tokens_seen)
