@@ -7,7 +7,8 @@
 #
 # Stages: the CUDA tests; `train_throughput.py` (TopK vs SAELens vs our forward) at the paper's 4096 tokens per step
 # (32 x 128, twice: the figures are noisy) and at 32768 (256 x 128); `--objective all` (TopK, g-SAE, e2e costs) and
-# `--objective sweep` (10 SAEs in one run vs 10 runs) at both sizes, and over layers 3-9 (8 SAEs) at 4096;
+# `--objective sweep` (10 SAEs in one run vs 10 runs) at both sizes (at 4096 also with the members unstacked), and
+# over layers 3-9 (8 SAEs) at 4096;
 # kernel launches per step (`--count-ops`);
 # what logging a step's metrics costs (benchmarks/logging_cost.py);
 # the SAE step's kernels alone, sparse vs dense
@@ -70,6 +71,9 @@ stage all_4096 70 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective a
 stage all_32768 70 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective all --steps 4 --rounds 2 --batch-size 256 "${Q[@]}"
 stage sweep_4096 100 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective sweep --steps 4 --rounds 2 \
     --batch-size 32 "${QS[@]}" "${Q[@]}"
+# the same sweep with each member stepped on its own (--model.stack_members false; a GPU's default stacks them)
+stage sweep_4096_unstacked 100 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective sweep --steps 4 --rounds 2 \
+    --batch-size 32 --stack off "${QS[@]}" "${Q[@]}"
 stage sweep_32768 100 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective sweep --steps 4 --rounds 2 \
     --batch-size 256 "${Q[@]}"
 # kernel launches per steady step (views and host reads apart): the sweep, one TopK and one g-SAE run alone

@@ -21,7 +21,7 @@ CASES = {
     "topk": (["train_throughput.py", *TINY], ["ratio_vs_saelens", "ratio_vs_forward", "ratio_vs_forward_flop_bound"]),
     "all": (["train_throughput.py", *TINY, "--objective", "all"],
             ["gsae_cost_vs_topk", "e2e_cost_vs_topk", "gsae_flop_floor", "e2e_flop_floor"]),
-    "sweep": (["train_throughput.py", *TINY, "--objective", "sweep", "--count-ops", "1"],
+    "sweep": (["train_throughput.py", *TINY, "--objective", "sweep", "--count-ops", "1", "--stack", "on"],  # a GPU's default
               ["sweep_speedup_vs_separate", "kernel_ops_per_step_sweep", "sweep_flop_expectation"]),
     "logging": (["logging_cost.py", "--steps", "12", "--rounds", "1", "--log-every", "4", "--warmup", "2"],
                 ["log_step_speedup_topk", "logging_share_sweep_gsae", "logging_share_sweep_lightning"]),

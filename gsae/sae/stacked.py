@@ -259,3 +259,50 @@ def stacked_forward(plan: StackPlan, x: Tensor, grad: Tensor | None) -> tuple[Te
     pre (N, B, d_sae))`` in stack order, ``plan.top[i] = (top_acts, top_idx)`` of member ``i`` — what
     ``plan.saes[i](x, grad)`` gives as ``x_hat``, ``pre_acts``, ``top_acts`` and ``top_idx``."""
     return _StackedTopK.apply(x, grad, plan, *plan.params())
+
+
+def stacked_view(tensors: list[Tensor]) -> Tensor | None:
+    """``(N, *shape)``: ``tensors`` as one view if they are equally spaced, equally strided pieces of one storage (the
+    gradients :func:`stacked_forward`'s backward hands its members, when autograd keeps them as given), else ``None``."""
+    first = tensors[0]
+    if len(tensors) < 2:
+        return first.unsqueeze(0)
+    storage = first.untyped_storage().data_ptr()
+    step = tensors[1].storage_offset() - first.storage_offset()
+    for i, t in enumerate(tensors):
+        if (
+            t.untyped_storage().data_ptr() != storage or t.shape != first.shape or t.stride() != first.stride()
+            or t.dtype != first.dtype or t.storage_offset() != first.storage_offset() + i * step
+        ):
+            return None
+    if step < first.numel() or not first.is_contiguous():
+        return None  # overlapping pieces, or a layout this view would not describe
+    return first.as_strided((len(tensors), *first.shape), (step, *first.stride()))
+
+
+@torch.no_grad()
+def remove_parallel_grads(saes: list[TopKSAE]) -> None:
+    """:meth:`~gsae.sae.base.SparseAutoencoder.remove_parallel_grad` of every SAE of a stack in one pass: the gradient
+    of each decoder row minus its component along the (unit) row, as each SAE's own (row for row the same products)."""
+    grads = [s.W_dec.grad for s in saes]
+    if any(g is None for g in grads):
+        for s in saes:
+            s.remove_parallel_grad()
+        return
+    W = torch.stack([s.W_dec for s in saes])
+    G = stacked_view(grads)
+    copied = G is None
+    if copied:  # autograd copied the gradients: work on a stack of them and write them back in one call
+        G = torch.stack(grads)
+    G.addcmul_(torch.linalg.vecdot(G, W).unsqueeze(-1), W, value=-1)
+    if copied:
+        torch._foreach_copy_(grads, list(G.unbind(0)))
+
+
+@torch.no_grad()
+def normalize_decoders(saes: list[TopKSAE]) -> None:
+    """:meth:`~gsae.sae.base.SparseAutoencoder.normalize_decoder` of every SAE of a stack in one pass (each row divided
+    by its norm, as each SAE's own)."""
+    W = torch.stack([s.W_dec for s in saes])
+    W.div_(W.norm(dim=2, keepdim=True).clamp_min(1e-12))
+    torch._foreach_copy_([s.W_dec for s in saes], list(W.unbind(0)))

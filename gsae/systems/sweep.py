@@ -65,7 +65,7 @@ from gsae.metrics import (
 )
 from gsae.sae.base import SAEOutput, SparseAutoencoder, sse_loss
 from gsae.sae.grad_topk import GradTopKSAE
-from gsae.sae.stacked import StackPlan, stacked_forward, stacks
+from gsae.sae.stacked import StackPlan, normalize_decoders, remove_parallel_grads, stacked_forward, stacks
 from gsae.systems.base import NonFiniteLossError, _adam, lr_factor
 from gsae.systems.local import LocalSAESystem
 
@@ -483,16 +483,27 @@ class SweepSAESystem(LocalSAESystem):
         self.log_validation_metrics({**metrics, **means}, console_only=means)
 
     # ------------------------------------------------------------------ decoder constraints, per member
+    def _decoder_units(self) -> list[list[SparseAutoencoder]]:
+        """The unit-norm decoders' SAEs, a stack's together (its constraints in one pass, :mod:`gsae.sae.stacked`)."""
+        if self._stacks is None:  # no step yet: each member alone
+            return [[m.sae] for m in self.members.values() if m.sae.unit_norm_decoder]
+        units = [u.saes if isinstance(u, StackPlan) else [u.sae] for u in self._stacks]
+        return [u for u in units if u[0].unit_norm_decoder]
+
     def on_after_backward(self) -> None:
-        for m in self.members.values():
-            if m.sae.unit_norm_decoder:
-                m.sae.remove_parallel_grad()
+        for saes in self._decoder_units():
+            if len(saes) > 1:
+                remove_parallel_grads(saes)
+            else:
+                saes[0].remove_parallel_grad()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         pl.LightningModule.optimizer_step(self, *args, **kwargs)  # renormalise inside the step, as SAESystem does
-        for m in self.members.values():
-            if m.sae.unit_norm_decoder:
-                m.sae.normalize_decoder()
+        for saes in self._decoder_units():
+            if len(saes) > 1:
+                normalize_decoders(saes)
+            else:
+                saes[0].normalize_decoder()
 
     # ------------------------------------------------------------------ optimizer: a parameter group per member
     def configure_optimizers(self):

@@ -176,3 +176,49 @@ def test_a_stack_leaves_parameters_and_autograd_state_alone() -> None:
     # another row count: a fresh layout, the same per-row results for the shared rows
     x_hat2, _ = stacked_forward(plan, x[:7], None)
     torch.testing.assert_close(x_hat2.detach(), x_hat[:, :7].detach())
+
+
+@pytest.mark.parametrize("as_views", [True, False])
+def test_stacked_decoder_constraints_equal_each_members_own(as_views: bool) -> None:
+    """``remove_parallel_grads`` and ``normalize_decoders`` on a stack = each SAE's ``remove_parallel_grad`` and
+    ``normalize_decoder``: with the gradients as the stacked backward leaves them (views of one buffer) and as
+    separate tensors (autograd copied them: written back)."""
+    saes = _members()
+    plan = StackPlan([saes[i] for i in stacks(saes, 20)[0]])
+    x_hat, _ = stacked_forward(plan, torch.randn(20, D_IN), torch.randn(20, D_IN))
+    (x_hat.pow(2) * torch.rand_like(x_hat)).sum().backward()
+    grads = [s.W_dec.grad for s in plan.saes]
+    assert stacked_mod.stacked_view(grads) is not None  # autograd kept the stacked backward's views
+    if not as_views:
+        for s in plan.saes:
+            s.W_dec.grad = s.W_dec.grad.clone()
+        assert stacked_mod.stacked_view([s.W_dec.grad for s in plan.saes]) is None
+    alone = [copy.deepcopy(s) for s in plan.saes]
+    for a, s in zip(alone, plan.saes):
+        a.W_dec.grad = s.W_dec.grad.clone()
+        a.remove_parallel_grad()
+        with torch.no_grad():
+            a.W_dec.add_(0.1 * a.W_dec.grad)
+            a.normalize_decoder()
+    stacked_mod.remove_parallel_grads(plan.saes)
+    with torch.no_grad():
+        for s in plan.saes:
+            s.W_dec.add_(0.1 * s.W_dec.grad)
+    stacked_mod.normalize_decoders(plan.saes)
+    for a, s in zip(alone, plan.saes):
+        torch.testing.assert_close(s.W_dec.grad, a.W_dec.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(s.W_dec, a.W_dec, rtol=1e-6, atol=1e-7)
+        # the rows are unit-norm again
+        torch.testing.assert_close(s.W_dec.norm(dim=1), torch.ones(s.d_sae))
+
+
+def test_stacked_view_only_describes_equally_spaced_pieces_of_one_storage() -> None:
+    buf = torch.randn(4 * 6, 3)
+    pieces = list(buf.view(4, 6, 3).unbind(0))
+    assert torch.equal(stacked_mod.stacked_view(pieces), buf.view(4, 6, 3))
+    assert stacked_mod.stacked_view(pieces[::2]).shape == (2, 6, 3)  # spaced by two pieces: still one view
+    assert torch.equal(stacked_mod.stacked_view(pieces[::2]), buf.view(4, 6, 3)[::2])
+    assert stacked_mod.stacked_view([pieces[0], pieces[1], pieces[3]]) is None  # unequal spacing
+    assert stacked_mod.stacked_view([p.clone() for p in pieces]) is None  # separate storages
+    overlapping = [buf[i : i + 6] for i in range(3)]
+    assert stacked_mod.stacked_view(overlapping) is None
