@@ -40,6 +40,8 @@ from gsae.sae.topk import TopKSAE, topk_indices
 #: the most bytes one stack's pre-activations (members × rows × d_sae, in the forward's dtype) may take; members
 #: beyond it go into another stack (:func:`stacks`). The scores of a stack with g-SAEs take as much again.
 STACK_BYTES = 4 << 30
+#: devices whose latent-major order (the sparse backward's) is one numpy radix sort per member (else one torch sort)
+RADIX_SORT_DEVICES = {"cpu"}
 
 
 def scored_by_grad(sae) -> bool:
@@ -97,7 +99,9 @@ class StackPlan:
             else:
                 self.runs.append((k, i, i + 1))
         self.betas = [s.beta for s in saes[: self.n_grad]]
-        self._cache: dict[tuple, tuple[Tensor, ...]] = {}
+        self._const: dict[torch.device, tuple[Tensor, Tensor]] = {}  # layout(): k per member, latent offsets
+        self._last: tuple | None = None  # layout(): the latest row count's
+        self._betas: dict[tuple, Tensor] = {}
         # set by the forward for the caller: per stack row, (top_acts (B, k), top_idx (B, k)) views; and every
         # member's entries flat (member-major), their stacked latents (``i·d_sae + top_idx``) and kept values
         self.top: list[tuple[Tensor, Tensor]] = []
@@ -109,25 +113,34 @@ class StackPlan:
             s.b_dec for s in self.saes
         ]
 
-    def layout(self, rows: int, device: torch.device) -> tuple[Tensor, ...]:
-        """``(bag offsets, bag of each entry, entry base of each row's member block, member offsets of the stacked
+    def beta_tensor(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The g-SAEs' ``β`` as an ``(N_g, 1, 1)`` tensor (made once per device and dtype)."""
+        key = (device, dtype)
+        if key not in self._betas:
+            self._betas[key] = torch.tensor(self.betas, dtype=dtype).view(-1, 1, 1).to(device)
+        return self._betas[key]
+
+    def layout(self, rows: int, device: torch.device) -> tuple[Tensor, Tensor, np.ndarray, Tensor]:
+        """``(bag offsets, bag of each entry, start of each member's entries (host), member offsets of the stacked
         latents (N, 1, 1))`` for ``rows`` rows: the flat entries are member-major (member i's ``rows·k_i`` entries,
-        row-major), a bag per (member, row) — bag ``i·rows + b`` — so a bag's entries are its row's k."""
-        key = (rows, device)
-        have = self._cache.get(key)
-        if have is None:
-            sizes = [rows * k for k in self.ks]
-            base = np.concatenate([[0], np.cumsum(sizes)])
-            offsets = np.concatenate([np.arange(base[i], base[i + 1], k) for i, k in enumerate(self.ks)])
-            bags = np.concatenate([np.repeat(np.arange(i * rows, (i + 1) * rows), k) for i, k in enumerate(self.ks)])
-            latent_base = np.arange(self.n).reshape(-1, 1, 1) * self.d_sae
-            have = tuple(
-                torch.as_tensor(a, dtype=torch.int64).to(device)
-                for a in (offsets, bags, base, latent_base)
-            )
-            if len(self._cache) > 4:
-                self._cache.clear()
-            self._cache[key] = have
+        row-major), a bag per (member, row) — bag ``i·rows + b`` — so a bag's entries are its row's k.
+
+        Built on the device from two tensors made once per device: a step's rows vary with the special tokens it drops,
+        and a copy from the host per new row count would wait for the GPU (``repeat_interleave`` is given its output
+        size for the same reason). The latest row count's layout is kept."""
+        const = self._const.get(device)
+        if const is None:
+            ks = torch.tensor(self.ks, dtype=torch.int64).to(device)
+            const = self._const[device] = (ks, torch.arange(self.n, device=device).view(-1, 1, 1) * self.d_sae)
+        if self._last is not None and self._last[0] == (rows, device):
+            return self._last[1]
+        ks, latent_base = const
+        sizes = ks.repeat_interleave(rows, output_size=self.n * rows)  # each bag's size (its member's k)
+        offsets = sizes.cumsum(0).sub_(sizes)
+        bags = torch.arange(self.n * rows, device=device).repeat_interleave(sizes, output_size=rows * sum(self.ks))
+        starts = np.concatenate([[0], np.cumsum([rows * k for k in self.ks])])
+        have = (offsets, bags, starts, latent_base)
+        self._last = ((rows, device), have)
         return have
 
 
@@ -135,13 +148,12 @@ class _StackedOrder:
     """The latent-major order of a stack's entries: ``(perm, bag of each sorted entry, latent offsets)`` over the
     ``N·d_sae`` stacked latents, as :meth:`SparsePattern.order` for one SAE."""
 
-    def __init__(self, plan: StackPlan, gidx: Tensor, bags: Tensor, base: Tensor) -> None:
+    def __init__(self, plan: StackPlan, gidx: Tensor, bags: Tensor, starts: np.ndarray) -> None:
         n_lat = plan.n * plan.d_sae
-        if gidx.device.type == "cpu" and plan.d_sae <= 2**16:
+        if gidx.device.type in RADIX_SORT_DEVICES and plan.d_sae <= 2**16:
             # each member's entries hold only its own latents: one numpy 16-bit radix sort per member block (~1 ms
             # per 130k keys, single-threaded; torch's parallel CPU sort stalls on shared cores), shifted into place
             flat = gidx.numpy()
-            starts = base.numpy()
             perms, counts = [], []
             for i in range(plan.n):
                 keys = (flat[starts[i] : starts[i + 1]] - i * plan.d_sae).astype(np.uint16)
@@ -173,7 +185,7 @@ class _StackedTopK(torch.autograd.Function):
         dtype = W_enc[0].dtype
         x = x.to(dtype)
         rows = x.shape[0]
-        offsets, bags, base, latent_base = plan.layout(rows, x.device)
+        offsets, bags, starts, latent_base = plan.layout(rows, x.device)
         W_encT = torch.stack([w.T for w in W_enc])  # (N, d_sae, d_in): W_enc is stored transposed, so no transpose
         W_dec_all = torch.stack(list(W_dec))  # (N, d_sae, d_in)
         b_dec_all = torch.stack(list(b_dec))
@@ -185,8 +197,8 @@ class _StackedTopK(torch.autograd.Function):
             pre_g = pre[:g_rows]
             if len(set(plan.betas)) == 1:
                 scores = torch.addcmul(pre_g, pre_g, a, value=plan.betas[0], out=a)
-            else:
-                scores = torch.addcmul(pre_g, pre_g, a.mul_(a.new_tensor(plan.betas).view(-1, 1, 1)), out=a)
+            else:  # β per g-SAE: a (N_g, 1, 1) tensor made once per device (a copy per step would wait for a GPU)
+                scores = torch.addcmul(pre_g, pre_g, a.mul_(plan.beta_tensor(a.device, a.dtype)), out=a)
         idx_parts, act_parts = [], []
         for k, first, end in plan.runs:  # one top-k per run of equal k (TopK rows: scored by pre itself)
             m = end - first
@@ -205,7 +217,7 @@ class _StackedTopK(torch.autograd.Function):
         x_hat = F.embedding_bag(gidx, W_dec_all.view(n * d_sae, -1), offsets, per_sample_weights=acts, mode="sum")
         x_hat = x_hat.view(n, rows, -1).add_(b_dec_all.unsqueeze(1))
         ctx.save_for_backward(x_c, W_encT, W_dec_all, gidx, acts)
-        ctx.plan, ctx.layout = plan, (offsets, bags, base)
+        ctx.plan, ctx.layout = plan, (offsets, bags, starts)
         ctx.dense_dtype = autocast_dense_dtype(x)
         ctx.mark_non_differentiable(pre)
         ctx.set_materialize_grads(False)
@@ -220,7 +232,7 @@ class _StackedTopK(torch.autograd.Function):
         if grad_x_hat is None:
             return nothing
         x_c, W_encT, W_dec_all, gidx, acts = ctx.saved_tensors
-        offsets, bags, base = ctx.layout
+        offsets, bags, starts = ctx.layout
         rows, d_in = x_c.shape[1], x_c.shape[2]
         g = grad_x_hat.to(W_dec_all.dtype).contiguous().view(n * rows, d_in)
         W_dec_flat = W_dec_all.view(n * d_sae, d_in)
@@ -238,7 +250,7 @@ class _StackedTopK(torch.autograd.Function):
             G.view(-1).index_put_((pos,), grad_acts.to(dt))
             grad_W_encT = torch.bmm(G.transpose(1, 2), x_c.to(dt)).to(x_c.dtype)
         else:
-            order = _StackedOrder(plan, gidx, bags, base)
+            order = _StackedOrder(plan, gidx, bags, starts)
             grad_W_dec = order.transposed_mm(acts, g).view(n, d_sae, d_in)
             grad_W_encT = order.transposed_mm(grad_acts, x_flat).view(n, d_sae, d_in)
         grad_b_enc = x_c.new_zeros(n * d_sae).index_add_(0, gidx, grad_acts).view(n, d_sae)

@@ -118,22 +118,30 @@ def test_both_latent_orders_give_the_same_gradients(monkeypatch) -> None:
     radix = [[p.grad.clone() for p in s.parameters()] for s in saes]
     for s in saes:
         s.zero_grad(set_to_none=True)
-    monkeypatch.setattr(stacked_mod.np, "argsort", None)  # the numpy path would fail now: prove it is not taken
-    # the same keys and layout through the GPU branch: one stable torch sort over the stacked latents
-    monkeypatch.setattr(stacked_mod._StackedOrder, "__init__", _torch_order_init)
+    monkeypatch.setattr(stacked_mod, "RADIX_SORT_DEVICES", set())  # the GPU's branch: one stable torch sort
+    monkeypatch.setattr(stacked_mod.np, "argsort", None)  # (the numpy path would fail now: it is not taken)
     _stacked(saes, x, grad, weights)
     for s, want in zip(saes, radix):
         for p, w in zip(s.parameters(), want):
             torch.testing.assert_close(p.grad, w, rtol=1e-6, atol=1e-7)
 
 
-def _torch_order_init(self, plan, gidx, bags, base) -> None:
-    """``_StackedOrder`` by its GPU branch (one stable torch sort over the stacked latents)."""
-    n_lat = plan.n * plan.d_sae
-    keys, perm = gidx.int().sort(stable=True)
-    self.offsets = torch.searchsorted(keys, torch.arange(n_lat, dtype=keys.dtype))
-    self.perm = perm
-    self.tokens = bags[perm]
+def test_the_layout_follows_the_row_count() -> None:
+    """Bag offsets and each entry's bag, built on the device, against a naive construction, as the row count changes
+    from step to step (the special tokens a step drops) and back."""
+    saes = _members()
+    plan = StackPlan([saes[i] for i in stacks(saes, 10)[0]])
+    for rows in (7, 12, 7, 1):
+        offsets, bags, starts, latent_base = plan.layout(rows, torch.device("cpu"))
+        want_offsets, want_bags, start = [], [], 0
+        for i, k in enumerate(plan.ks):
+            for b in range(rows):
+                want_offsets.append(start)
+                want_bags += [i * rows + b] * k
+                start += k
+        assert offsets.tolist() == want_offsets and bags.tolist() == want_bags
+        assert starts.tolist() == [0, *torch.tensor(plan.ks).mul(rows).cumsum(0).tolist()]
+        assert latent_base.flatten().tolist() == [i * plan.d_sae for i in range(plan.n)]
 
 
 def test_members_are_grouped_by_shape_and_split_by_memory(monkeypatch) -> None:
@@ -222,3 +230,34 @@ def test_stacked_view_only_describes_equally_spaced_pieces_of_one_storage() -> N
     assert stacked_mod.stacked_view([p.clone() for p in pieces]) is None  # separate storages
     overlapping = [buf[i : i + 6] for i in range(3)]
     assert stacked_mod.stacked_view(overlapping) is None
+
+
+def test_steady_steps_copy_nothing_from_the_host() -> None:
+    """On a GPU a copy from the host waits for the device. After the first step (which makes the per-device constants:
+    each member's k, the latent offsets, the β), a stacked forward and backward — also at a new row count, as the
+    special tokens a step drops change it — runs no op with a host tensor. Checked on the ``meta`` device, which
+    runs the same ops without data, so a host tensor in any of them shows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    saes = [s.to("meta") for s in _members()]
+    plan = StackPlan([saes[i] for i in stacks(saes, 10)[0]])
+    assert len(set(plan.betas)) > 1  # the β tensor path too
+
+    class HostOps(TorchDispatchMode):
+        found: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+            if any(t.device.type == "cpu" for t in tensors):
+                self.found.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def step(rows: int) -> None:
+        x_hat, _ = stacked_forward(plan, torch.randn(rows, D_IN, device="meta"), torch.randn(rows, D_IN, device="meta"))
+        x_hat.sum().backward()
+
+    step(10)
+    with HostOps() as spy:
+        step(10)
+        step(9)
+    assert spy.found == []
