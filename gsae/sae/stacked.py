@@ -42,6 +42,10 @@ from gsae.sae.topk import TopKSAE, topk_indices
 STACK_BYTES = 4 << 30
 #: devices whose latent-major order (the sparse backward's) is one numpy radix sort per member (else one torch sort)
 RADIX_SORT_DEVICES = {"cpu"}
+#: devices where :func:`remove_parallel_grads` and :func:`normalize_decoders` run each SAE's own constraint (a CPU is
+#: not launch-bound, and each SAE's cache-sized row blocks beat one pass over the whole stack: 10 decoders of GPT-2
+#: shape, 2 cores, 0.10 s in one pass against 0.05 s per SAE); elsewhere one pass over the stacked decoders
+PER_SAE_CONSTRAINT_DEVICES = {"cpu"}
 
 
 def scored_by_grad(sae) -> bool:
@@ -297,7 +301,7 @@ def remove_parallel_grads(saes: list[TopKSAE]) -> None:
     """:meth:`~gsae.sae.base.SparseAutoencoder.remove_parallel_grad` of every SAE of a stack in one pass: the gradient
     of each decoder row minus its component along the (unit) row, as each SAE's own (row for row the same products)."""
     grads = [s.W_dec.grad for s in saes]
-    if any(g is None for g in grads):
+    if any(g is None for g in grads) or saes[0].W_dec.device.type in PER_SAE_CONSTRAINT_DEVICES:
         for s in saes:
             s.remove_parallel_grad()
         return
@@ -315,6 +319,10 @@ def remove_parallel_grads(saes: list[TopKSAE]) -> None:
 def normalize_decoders(saes: list[TopKSAE]) -> None:
     """:meth:`~gsae.sae.base.SparseAutoencoder.normalize_decoder` of every SAE of a stack in one pass (each row divided
     by its norm, as each SAE's own)."""
+    if saes[0].W_dec.device.type in PER_SAE_CONSTRAINT_DEVICES:
+        for s in saes:
+            s.normalize_decoder()
+        return
     W = torch.stack([s.W_dec for s in saes])
     W.div_(W.norm(dim=2, keepdim=True).clamp_min(1e-12))
     torch._foreach_copy_([s.W_dec for s in saes], list(W.unbind(0)))

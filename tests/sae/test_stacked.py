@@ -186,11 +186,15 @@ def test_a_stack_leaves_parameters_and_autograd_state_alone() -> None:
     torch.testing.assert_close(x_hat2.detach(), x_hat[:, :7].detach())
 
 
+@pytest.mark.parametrize("per_sae", [False, True], ids=["one-pass", "cpu-per-sae"])
 @pytest.mark.parametrize("as_views", [True, False])
-def test_stacked_decoder_constraints_equal_each_members_own(as_views: bool) -> None:
+def test_stacked_decoder_constraints_equal_each_members_own(as_views: bool, per_sae: bool, monkeypatch) -> None:
     """``remove_parallel_grads`` and ``normalize_decoders`` on a stack = each SAE's ``remove_parallel_grad`` and
     ``normalize_decoder``: with the gradients as the stacked backward leaves them (views of one buffer) and as
-    separate tensors (autograd copied them: written back)."""
+    separate tensors (autograd copied them: written back); in one pass over the stack (a GPU's) and each SAE's own
+    (the CPU's)."""
+    if not per_sae:
+        monkeypatch.setattr(stacked_mod, "PER_SAE_CONSTRAINT_DEVICES", set())
     saes = _members()
     plan = StackPlan([saes[i] for i in stacks(saes, 20)[0]])
     x_hat, _ = stacked_forward(plan, torch.randn(20, D_IN), torch.randn(20, D_IN))
