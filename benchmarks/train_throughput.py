@@ -210,7 +210,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         metavar="N",
         help="after timing, count the aten calls of N steady steps of each gsae method (a GPU launches a kernel for each "
-        "that is not a view: where a step is host-bound, what its cost scales with) and print ops_per_step_<method>=",
+        "that is not a view: where a step is host-bound, what its cost scales with) and print ops_per_step_<method>=; "
+        "a stacked sweep counts its GPU paths (one-pass decoder constraints, one torch sort) on any device",
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -749,6 +750,12 @@ def count_ops(name: str, system, tokens: torch.Tensor, n_steps: int, args) -> di
 
     warm = max(args.warmup, 3)  # past the shuffle buffer's first fill and the fit's first (logging) step
     count = Count()
+    import gsae.sae.stacked as stacked
+
+    # a stacked sweep's CPU-only choices (each SAE's cache-blocked constraints, numpy's radix sort) would count what a
+    # GPU does not run: count the GPU's paths (the same results, tests/sae/test_stacked.py)
+    cpu_paths = stacked.PER_SAE_CONSTRAINT_DEVICES, stacked.RADIX_SORT_DEVICES
+    stacked.PER_SAE_CONSTRAINT_DEVICES, stacked.RADIX_SORT_DEVICES = set(), set()
 
     class Counter(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -759,7 +766,10 @@ def count_ops(name: str, system, tokens: torch.Tensor, n_steps: int, args) -> di
             if batch_idx == warm + n_steps - 1:
                 count.__exit__(None, None, None)
 
-    run_lightning(system, tokens[: warm + n_steps + COOLDOWN], callbacks=[Counter()])
+    try:
+        run_lightning(system, tokens[: warm + n_steps + COOLDOWN], callbacks=[Counter()])
+    finally:
+        stacked.PER_SAE_CONSTRAINT_DEVICES, stacked.RADIX_SORT_DEVICES = cpu_paths
     out = {"kernel": count.kernels / n_steps, "view": count.views / n_steps, "read": count.reads / n_steps}
     print(f"ops_per_step_{name}={(count.kernels + count.views + count.reads) / n_steps:.1f}")
     print(f"kernel_ops_per_step_{name}={out['kernel']:.1f}")

@@ -239,6 +239,25 @@ class DeadLatentTracker(nn.Module):
             self.batches_since_fired.add_(1)
         self.batches_since_fired.masked_fill_(fired, 0)
         self.tokens_since_fired.add_(int(n_tokens)).masked_fill_(fired, 0)
+        self._send_dead_count()
+
+    @staticmethod
+    @torch.no_grad()
+    def update_many(trackers: list[DeadLatentTracker], idle: list[Tensor], n_tokens: int, new_batch: bool = True) -> None:
+        """:meth:`update` of every tracker (a sweep's members), with ``idle[i]`` the *not*-fired mask of tracker ``i``
+        as 0/1 ``long``: one ``_foreach`` call per counter operation for all trackers (one fused launch on a GPU
+        instead of four per tracker; the counters times ``idle`` is ``masked_fill_(fired, 0)``, exactly)."""
+        batches = [t.batches_since_fired for t in trackers]
+        tokens = [t.tokens_since_fired for t in trackers]
+        if new_batch:
+            torch._foreach_add_(batches, 1)
+        torch._foreach_mul_(batches, idle)
+        torch._foreach_add_(tokens, int(n_tokens))
+        torch._foreach_mul_(tokens, idle)
+        for t in trackers:
+            t._send_dead_count()
+
+    def _send_dead_count(self) -> None:
         t = self.tokens_since_fired
         self._pending = None
         if t.is_cuda and self.send_dead_count:  # start copying the new dead count to the host now; the next step reads it

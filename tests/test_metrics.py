@@ -126,6 +126,26 @@ def test_dead_latent_tracker_state_and_validation() -> None:
         DeadLatentTracker(3, n_tokens=0)
 
 
+def test_updating_many_trackers_at_once_equals_updating_each() -> None:
+    """A sweep's ``update_many`` (``_foreach`` over the members' counters, idle masks as 0/1) = each tracker's
+    ``update``, over steps with new batches and micro-batches, trackers of different widths."""
+    gen = torch.Generator().manual_seed(0)
+    widths = (5, 8, 3)
+    many = [DeadLatentTracker(d, n_batches=3, n_tokens=40) for d in widths]
+    each = [DeadLatentTracker(d, n_batches=3, n_tokens=40) for d in widths]
+    for step in range(12):
+        fired = [torch.rand(d, generator=gen) < 0.3 for d in widths]
+        n, new_batch = 7 + step, step % 3 != 2
+        idle = torch.cat(fired).logical_not().long()  # as the sweep makes them: views of one vector
+        DeadLatentTracker.update_many(many, list(idle.split(widths)), n, new_batch)
+        for t, f in zip(each, fired):
+            t.update(f, n, new_batch)
+        for a, b in zip(many, each):
+            assert torch.equal(a.batches_since_fired, b.batches_since_fired)
+            assert torch.equal(a.tokens_since_fired, b.tokens_since_fired)
+    assert any(t.dead_by_batches().any() for t in many) and any(t.dead_by_tokens().any() for t in many)
+
+
 def test_fired_mask() -> None:
     top_idx = torch.tensor([[0, 2], [2, 5]])
     top_acts = torch.tensor([[1.0, 0.0], [-0.5, 0.0]])  # a kept zero (ReLU'd) does not count as firing

@@ -426,9 +426,11 @@ class SweepSAESystem(LocalSAESystem):
         n_tokens = acts.x.shape[0] if world == 1 else int(flat[0])
         metrics: dict[str, Tensor | float] = {}
         new_batch = self.starts_optimizer_step()
-        positive = flat > 0  # every member's fired mask in one op (the metric sums after them are not read here)
-        for name, m in self.members.items():
-            m.dead.update(positive[at[name] : at[name] + m.sae.d_sae], n_tokens, new_batch)
+        idle = flat.le(0).long()  # every member's not-fired mask at once (the metric sums after them are not read)
+        DeadLatentTracker.update_many(
+            [m.dead for m in self.members.values()],
+            [idle[at[name] : at[name] + m.sae.d_sae] for name, m in self.members.items()], n_tokens, new_batch,
+        )
         if log:
             for name, m in self.members.items():  # the sums in logging order: the members' order (as `logged`)
                 width = len(ReconSums._fields) - 1 + m.sae.d_in
