@@ -497,3 +497,32 @@ def test_stacked_members_under_bf16_mixed(tmp_path, monkeypatch):
         for k, p in m.sae.state_dict().items():
             assert p.dtype == torch.float32 and torch.isfinite(p).all(), (name, k)
             torch.testing.assert_close(p, runs[False].members[name].sae.state_dict()[k], atol=5e-2, rtol=0)
+
+
+@pytest.mark.slow
+def test_stacks_at_two_hooks_with_accumulation_and_validation(tmp_path):
+    """Stacks at two hooks (members of one shape at each), a split stack (at most two members per stack), gradient
+    accumulation over two micro-batches (the stacked backward's gradient views accumulate in place) and validation:
+    the same SAEs and validation metrics as the members stepped one by one."""
+    import gsae.sae.stacked as stacked_mod
+
+    other = "blocks.1.hook_resid_post"
+    members = [*STACKING[:2], *STACKING[3:5],
+               *({**m, "name": m["name"] + "-L1", "hook": other} for m in (STACKING[0], STACKING[1], STACKING[4]))]
+    runs = {}
+    for stack in (True, False):
+        system = SweepSAESystem(_lm(), members, optimizer=_adam(LR), stack_members=stack, **COMMON)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(stacked_mod, "STACK_BYTES", 2 * 64 * 64 * 4)  # two members of 64 latents at 64 rows per stack
+            runs[stack] = _fit(system, tmp_path / str(stack), steps=6, accumulate_grad_batches=2,
+                               limit_val_batches=2, val_check_interval=3, callbacks=[RecordMetrics(tmp_path / str(stack))],
+                               log_every_n_steps=1)
+    units = [[(s.k, type(s).__name__) for s in u.saes] for u in runs[True].member_stacks(0) if isinstance(u, StackPlan)]
+    # hook 1's four: the g-SAEs, then the TopK SAEs; the other hook's three: two stacked, t-k5-L1 alone
+    assert sorted(units) == [[(2, "GradTopKSAE"), (3, "GradTopKSAE")], [(2, "GradTopKSAE"), (3, "TopKSAE")],
+                             [(3, "TopKSAE"), (5, "TopKSAE")]], units
+    for name in runs[True].members:
+        _assert_member_equals(runs[True].members[name], runs[False].members[name], atol=1e-5)
+    one, two = torch.load(tmp_path / "True" / "metrics.pt"), torch.load(tmp_path / "False" / "metrics.pt")
+    assert any(k.startswith("val/") for step in one.values() for k in step)
+    assert assert_same_metrics(one, two, skip=("tokens_per_s",), rtol=1e-4, atol=1e-5) > 10 * len(one)
