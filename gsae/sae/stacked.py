@@ -18,11 +18,15 @@ TopK and g-SAE alike, any ``k``, ``β``, ``k_aux``, init — as one pass:
   :class:`~gsae.sae.base.SparsePattern`), ``∂b_enc`` one ``index_add``, ``∂b_dec`` one batched matmul.
 
 Each member's parameters stay its own ``nn.Parameter``\\ s (checkpoints, exports, optimizer groups and AuxK, which
-runs per member on its slice, are unchanged); the pass stacks them (one copy of the weights per step: ~0.3% of a
-sweep step at GPT-2 shape on a GPU, ~1% on the CPU) and hands each member back its gradients as views of the stacked
-ones. The results equal the members' own forwards and backwards (:class:`~gsae.sae.TopKSAE`'s sparse path) up to
-float rounding of the batched matmuls: same selection, same bags in the same order (``tests/sae/test_stacked.py``
-checks outputs and gradients against each member alone; ``tests/systems/test_sweep.py`` whole runs).
+runs per member on its slice, are unchanged); the pass stacks them (a copy of the encoders and decoders per step:
+2 × 0.47 GB for Table 1's 10 SAEs, ~0.6 ms of an H100's bandwidth by arithmetic, unmeasured) and hands each member
+back its gradients as views of the stacked ones. The results equal the members' own forwards and backwards
+(:class:`~gsae.sae.TopKSAE`'s sparse path) up to float rounding of the batched matmuls: same selection, same bags in
+the same order (``tests/sae/test_stacked.py`` checks outputs and gradients against each member on dense autograd;
+``tests/systems/test_sweep.py`` whole runs against the members stepped one by one).
+
+On the CPU a member's step is FLOP-bound and the stack's working set (every member's pre-activations at once) costs
+page faults, so ``SweepSAESystem`` stacks on a GPU only by default (``benchmarks/README.md``).
 """
 
 from __future__ import annotations
