@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="steps of each fit not timed")
     p.add_argument("--objectives", nargs="+", default=["topk", "sweep"], choices=["topk", "gsae", "sweep"])
     p.add_argument("--device", default="cpu", help="cpu or cuda (a GPU step at this size is all host time)")
+    p.add_argument("--stack", default="auto", choices=["auto", "on", "off"],
+                   help="the sweep's --model.stack_members (auto: stacked on a GPU, one by one on the CPU)")
     return p.parse_args(argv)
 
 
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     targs = tt.parse_args(["--model", "random-tiny", "--hook", "blocks.1.hook_resid_pre", "--d-sae", "256",
                            "--k", "8", "--batch-size", "4", "--context-size", "8", "--device", args.device])
     targs.sweep_ks = [3, 5, 10, 32, 64]
+    targs.stack = args.stack
     tt.ARGS = targs
     torch.set_num_threads(targs.threads)
     lm = LanguageModel(targs.model, seed=0)

@@ -87,6 +87,31 @@ def recon_sums(x: Tensor, x_hat: Tensor, l0_per_token: Tensor) -> ReconSums:
     )
 
 
+def recon_sums_stacked(x: Tensor, x_hat: Tensor, l0_per_token: Tensor) -> Tensor:
+    """``(N, 7 + d_in)``: row ``i`` is :func:`recon_sums` ``(x, x_hat[i], l0_per_token[i]).flat()``, for ``N``
+    reconstructions ``x_hat (N, B, d_in)`` of the same ``x (B, d_in)`` (a stacked sweep's members on a logging step):
+    one pass of batched ops for all of them, the statistics of ``x`` alone computed once."""
+    n = x_hat.shape[0]
+    xd, hd = x.double(), x_hat.to(torch.float64, copy=True)
+    xn, xhn = torch.linalg.vector_norm(xd, dim=-1), torch.linalg.vector_norm(hd, dim=-1)  # (B,), (N, B)
+    dot = torch.linalg.vecdot(hd, xd)  # (N, B)
+    err = torch.linalg.vector_norm(hd.sub_(xd), dim=-1).square_()  # (N, B)
+    sq = xn.square()
+    scalars = torch.stack(
+        [
+            torch.full((n,), float(x.shape[0]), dtype=torch.float64, device=x.device),
+            err.sum(1),
+            sq.sum().expand(n),
+            (err / sq.clamp_min(1e-12)).sum(1),
+            l0_per_token.double().sum(1),
+            (dot / (xn.clamp_min(1e-8) * xhn.clamp_min(1e-8))).sum(1),
+            (xhn / xn.clamp_min(1e-12)).sum(1),
+        ],
+        dim=1,
+    )
+    return torch.cat([scalars, xd.sum(0).expand(n, -1)], dim=1)
+
+
 class ReconMetric(Metric):
     """:class:`ReconSums` accumulated over batches (``update``) and summed over ranks on ``compute``
     (``dist_reduce_fx="sum"``); ``compute()`` returns :func:`recon_metrics` of the total.

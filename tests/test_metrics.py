@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gsae.metrics import DeadLatentTracker, ReconSums, fired_mask, kl_div_per_token, recon_metrics, recon_sums
+from gsae.metrics import (
+    DeadLatentTracker,
+    ReconSums,
+    fired_mask,
+    kl_div_per_token,
+    recon_metrics,
+    recon_sums,
+    recon_sums_stacked,
+)
 
 
 def _data(n: int = 300, d: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,6 +152,21 @@ def test_updating_many_trackers_at_once_equals_updating_each() -> None:
             assert torch.equal(a.batches_since_fired, b.batches_since_fired)
             assert torch.equal(a.tokens_since_fired, b.tokens_since_fired)
     assert any(t.dead_by_batches().any() for t in many) and any(t.dead_by_tokens().any() for t in many)
+
+
+def test_stacked_recon_sums_equal_each_reconstructions_own() -> None:
+    """A stacked sweep's logging step: row ``i`` of ``recon_sums_stacked`` = ``recon_sums(x, x_hat[i], l0[i]).flat()``
+    (a zero row of ``x`` and a zero reconstruction included: the clamps)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 6, generator=gen) * 3
+    x[4] = 0
+    x_hat = x + 0.3 * torch.randn(3, 30, 6, generator=gen)
+    x_hat[1, 7] = 0
+    l0 = torch.randint(0, 9, (3, 30), generator=gen)
+    got = recon_sums_stacked(x, x_hat, l0)
+    assert got.dtype == torch.float64 and got.shape == (3, 7 + 6)
+    for i in range(3):
+        torch.testing.assert_close(got[i], recon_sums(x, x_hat[i], l0[i]).flat(), rtol=1e-12, atol=1e-12)
 
 
 def test_fired_mask() -> None:

@@ -121,6 +121,13 @@ class StackPlan:
             s.b_dec for s in self.saes
         ]
 
+    def l0_per_token(self, rows: int) -> Tensor:
+        """``(N, rows)``: each member's nonzero kept values per row, from the last forward (:attr:`acts`), in one
+        ``index_add`` over the bags."""
+        _, bags, _, _ = self.layout(rows, self.acts.device)
+        nonzero = self.acts.ne(0).to(self.acts.dtype)
+        return self.acts.new_zeros(self.n * rows).index_add_(0, bags, nonzero).view(self.n, rows)
+
     def beta_tensor(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         """The g-SAEs' ``β`` as an ``(N_g, 1, 1)`` tensor (made once per device and dtype)."""
         key = (device, dtype)

@@ -62,6 +62,7 @@ from gsae.metrics import (
     l0_per_token,
     recon_metric_tensors,
     recon_sums,
+    recon_sums_stacked,
 )
 from gsae.sae.base import SAEOutput, SparseAutoencoder, sse_loss
 from gsae.sae.grad_topk import GradTopKSAE
@@ -340,9 +341,10 @@ class SweepSAESystem(LocalSAESystem):
         norms = dict(zip(self.members, per_token / torch.stack([m.act_scale for m in self.members.values()])))
         offset = 1
 
-        def member_metrics(name: str, m: SweepMember, out: SAEOutput, x: Tensor, grad: Tensor | None, loss, recon):
-            """The member's extra scalars and sums on a logging step (packed after every fired mask), or its
-            validation sums."""
+        def member_metrics(name: str, m: SweepMember, out: SAEOutput, x: Tensor, grad: Tensor | None, loss, recon,
+                           row: Tensor | None = None):
+            """The member's extra scalars and sums on a logging step (packed after every fired mask; ``row``: its
+            :class:`ReconSums` already computed with its stack's), or its validation sums."""
             if not train:
                 m.val_recon.update(x, out.x_hat, l0_per_token(out.top_acts, out.latents))
                 return
@@ -353,8 +355,9 @@ class SweepSAESystem(LocalSAESystem):
                 if grad is not None:
                     extra["beta_attribution_median"] = m.sae.attribution_median(grad, out.top_idx)
                 logs[name] = extra
-                sums[name] = [recon_sums(x, out.x_hat, l0_per_token(out.top_acts, out.latents)).flat(),
-                              *self.pack_scalars(extra)]
+                if row is None:
+                    row = recon_sums(x, out.x_hat, l0_per_token(out.top_acts, out.latents)).flat()
+                sums[name] = [row, *self.pack_scalars(extra)]
 
         sums: dict[str, list[Tensor]] = {}  # logging steps: each member's metric sums, packed in the members' order
         for unit, names in zip(self.member_stacks(acts.x.shape[0]), self._stack_names):
@@ -371,6 +374,10 @@ class SweepSAESystem(LocalSAESystem):
                     with torch.no_grad():
                         packed.append(fire_counts(unit.gidx, unit.acts, None, unit.n * unit.d_sae, torch.float64))
                 recon_d = recon.detach()
+                rows = None  # a logging step: every member's ReconSums in one pass (metrics.recon_sums_stacked)
+                if log:
+                    with torch.no_grad():
+                        rows = recon_sums_stacked(x, x_hat.detach(), unit.l0_per_token(x.shape[0]))
                 zero = x_hat.new_zeros(())  # AuxK's loss when it has none, and the sparsity loss (TopK: none)
                 for i, (name, m) in enumerate(zip(names, ms)):
                     at[name] = offset + i * unit.d_sae
@@ -384,7 +391,8 @@ class SweepSAESystem(LocalSAESystem):
                     member_loss[name] = loss
                     out = SAEOutput(x_hat[i], top_acts, top_idx, None, pre[i], aux, zero)
                     with torch.no_grad():
-                        member_metrics(name, m, out, x, grad if m.needs_grad else None, loss, recon_d[i])
+                        member_metrics(name, m, out, x, grad if m.needs_grad else None, loss, recon_d[i],
+                                       None if rows is None else rows[i])
                 if train:
                     offset += unit.n * unit.d_sae
                 unit.top, unit.gidx, unit.acts = [], None, None

@@ -90,6 +90,8 @@ def test_a_stack_equals_each_member_alone(relu: bool, dense: bool, monkeypatch) 
             assert p.grad is not None and p.grad.shape == p.shape and p.grad.stride() == p.stride(), name
             torch.testing.assert_close(p.grad, ref_grads[i][name], rtol=1e-4, atol=1e-5, msg=f"member {i} {name}")
     assert not pre.requires_grad
+    l0 = plan.l0_per_token(x.shape[0])  # the logging step's per-row counts of nonzero kept values
+    assert torch.equal(l0, torch.stack([(a != 0).sum(-1) for a, _ in plan.top]).to(l0.dtype))
     if relu:  # ReLU zeroed some kept values: their latents get no encoder gradient
         assert any((a == 0).any() for a, _ in plan.top)
 
