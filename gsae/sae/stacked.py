@@ -110,6 +110,7 @@ class StackPlan:
         self._const: dict[torch.device, tuple[Tensor, Tensor]] = {}  # layout(): k per member, latent offsets
         self._last: tuple | None = None  # layout(): the latest row count's
         self._betas: dict[tuple, Tensor] = {}
+        self._storage: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # storage(): the members' parameters
         # set by the forward for the caller: per stack row, (top_acts (B, k), top_idx (B, k)) views; and every
         # member's entries flat (member-major), their stacked latents (``i·d_sae + top_idx``) and kept values
         self.top: list[tuple[Tensor, Tensor]] = []
@@ -120,6 +121,44 @@ class StackPlan:
         return [s.W_enc for s in self.saes] + [s.b_enc for s in self.saes] + [s.W_dec for s in self.saes] + [
             s.b_dec for s in self.saes
         ]
+
+    def storage(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(W_encᵀ (N, d_sae, d_in), b_enc (N, d_sae), W_dec (N, d_sae, d_in), b_dec (N, d_in))`` whose rows ARE the
+        members' parameters: each parameter's data is a view of its row (``W_enc`` the transpose of its row, the layout
+        it is kept in), so the stacked pass and the decoder constraints read and write them without a copy per step.
+
+        The parameters stay the members' own ``nn.Parameter`` objects (optimizer state, checkpoints, exports and
+        evaluation see them as before); only their data moves into the stack, on first use and again whenever
+        something replaced a parameter's data since (``.to()``, a dtype change): a check of data pointers per call."""
+        if self._storage is None or not self._packed():
+            self._pack()
+        return self._storage
+
+    def _views(self) -> list[tuple[Tensor, Tensor]]:
+        """``(parameter, the view of the stack it should be)`` for every parameter of every member."""
+        W_encT, b_enc, W_dec, b_dec = self._storage
+        out = []
+        for i, s in enumerate(self.saes):
+            out += [(s.W_enc, W_encT[i].T), (s.b_enc, b_enc[i]), (s.W_dec, W_dec[i]), (s.b_dec, b_dec[i])]
+        return out
+
+    def _packed(self) -> bool:
+        return all(
+            p.data_ptr() == v.data_ptr() and p.stride() == v.stride() and p.shape == v.shape and p.dtype == v.dtype
+            and p.device == v.device
+            for p, v in self._views()
+        )
+
+    @torch.no_grad()
+    def _pack(self) -> None:
+        self._storage = (
+            torch.stack([s.W_enc.T for s in self.saes]),
+            torch.stack([s.b_enc for s in self.saes]),
+            torch.stack([s.W_dec for s in self.saes]),
+            torch.stack([s.b_dec for s in self.saes]),
+        )
+        for p, v in self._views():
+            p.data = v
 
     def l0_per_token(self, rows: int) -> Tensor:
         """``(N, rows)``: each member's nonzero kept values per row, from the last forward (:attr:`acts`), in one
@@ -195,17 +234,16 @@ class _StackedTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, grad: Tensor | None, plan: StackPlan, *params: Tensor):
+        # the parameters arrive for autograd (their gradients go back to them); their values are read from the stack
+        # they live in (StackPlan.storage, packed by stacked_forward)
         n, d_sae = plan.n, plan.d_sae
-        W_enc, b_enc, W_dec, b_dec = (params[i * n : (i + 1) * n] for i in range(4))
-        dtype = W_enc[0].dtype
+        W_encT, b_enc_all, W_dec_all, b_dec_all = plan._storage
+        dtype = W_encT.dtype
         x = x.to(dtype)
         rows = x.shape[0]
         offsets, bags, starts, latent_base = plan.layout(rows, x.device)
-        W_encT = torch.stack([w.T for w in W_enc])  # (N, d_sae, d_in): W_enc is stored transposed, so no transpose
-        W_dec_all = torch.stack(list(W_dec))  # (N, d_sae, d_in)
-        b_dec_all = torch.stack(list(b_dec))
         x_c = x.unsqueeze(0) - b_dec_all.unsqueeze(1)  # (N, B, d_in): each member centres on its own b_dec
-        pre = torch.baddbmm(torch.stack(list(b_enc)).unsqueeze(1), x_c, W_encT.transpose(1, 2))  # (N, B, d_sae)
+        pre = torch.baddbmm(b_enc_all.unsqueeze(1), x_c, W_encT.transpose(1, 2))  # (N, B, d_sae)
         g_rows, scores = plan.n_grad if grad is not None else 0, None
         if g_rows:  # the g-SAEs' scores pre · (1 + β|W_dec g|), as GradTopKSAE's (their rows come first: views)
             a = torch.matmul(grad.to(dtype), W_dec_all[:g_rows].transpose(1, 2)).abs_()
@@ -285,6 +323,7 @@ def stacked_forward(plan: StackPlan, x: Tensor, grad: Tensor | None) -> tuple[Te
     """Every member of ``plan`` on ``x (B, d_in)`` (g-SAEs scored with ``grad``, ``∇ₓL`` per row): ``(x̂ (N, B, d_in),
     pre (N, B, d_sae))`` in stack order, ``plan.top[i] = (top_acts, top_idx)`` of member ``i`` — what
     ``plan.saes[i](x, grad)`` gives as ``x_hat``, ``pre_acts``, ``top_acts`` and ``top_idx``."""
+    plan.storage()  # the parameters' data in the stack (packed on first use, or again if it was replaced)
     return _StackedTopK.apply(x, grad, plan, *plan.params())
 
 
@@ -308,15 +347,16 @@ def stacked_view(tensors: list[Tensor]) -> Tensor | None:
 
 
 @torch.no_grad()
-def remove_parallel_grads(saes: list[TopKSAE]) -> None:
+def remove_parallel_grads(plan: StackPlan) -> None:
     """:meth:`~gsae.sae.base.SparseAutoencoder.remove_parallel_grad` of every SAE of a stack in one pass: the gradient
     of each decoder row minus its component along the (unit) row, as each SAE's own (row for row the same products)."""
+    saes = plan.saes
     grads = [s.W_dec.grad for s in saes]
     if any(g is None for g in grads) or saes[0].W_dec.device.type in PER_SAE_CONSTRAINT_DEVICES:
         for s in saes:
             s.remove_parallel_grad()
         return
-    W = torch.stack([s.W_dec for s in saes])
+    W = plan.storage()[2]
     G = stacked_view(grads)
     copied = G is None
     if copied:  # autograd copied the gradients: work on a stack of them and write them back in one call
@@ -327,13 +367,12 @@ def remove_parallel_grads(saes: list[TopKSAE]) -> None:
 
 
 @torch.no_grad()
-def normalize_decoders(saes: list[TopKSAE]) -> None:
+def normalize_decoders(plan: StackPlan) -> None:
     """:meth:`~gsae.sae.base.SparseAutoencoder.normalize_decoder` of every SAE of a stack in one pass (each row divided
-    by its norm, as each SAE's own)."""
-    if saes[0].W_dec.device.type in PER_SAE_CONSTRAINT_DEVICES:
-        for s in saes:
+    by its norm, as each SAE's own), in place in the stack the decoders live in."""
+    if plan.saes[0].W_dec.device.type in PER_SAE_CONSTRAINT_DEVICES:
+        for s in plan.saes:
             s.normalize_decoder()
         return
-    W = torch.stack([s.W_dec for s in saes])
+    W = plan.storage()[2]
     W.div_(W.norm(dim=2, keepdim=True).clamp_min(1e-12))
-    torch._foreach_copy_([s.W_dec for s in saes], list(W.unbind(0)))

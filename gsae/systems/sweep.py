@@ -493,27 +493,27 @@ class SweepSAESystem(LocalSAESystem):
         self.log_validation_metrics({**metrics, **means}, console_only=means)
 
     # ------------------------------------------------------------------ decoder constraints, per member
-    def _decoder_units(self) -> list[list[SparseAutoencoder]]:
-        """The unit-norm decoders' SAEs, a stack's together (its constraints in one pass, :mod:`gsae.sae.stacked`)."""
+    def _decoder_units(self) -> list[StackPlan | SparseAutoencoder]:
+        """The SAEs with unit-norm decoders, a stack as one (its constraints in one pass, :mod:`gsae.sae.stacked`)."""
         if self._stacks is None:  # no step yet: each member alone
-            return [[m.sae] for m in self.members.values() if m.sae.unit_norm_decoder]
-        units = [u.saes if isinstance(u, StackPlan) else [u.sae] for u in self._stacks]
-        return [u for u in units if u[0].unit_norm_decoder]
+            return [m.sae for m in self.members.values() if m.sae.unit_norm_decoder]
+        units = [u if isinstance(u, StackPlan) else u.sae for u in self._stacks]
+        return [u for u in units if (u.saes[0] if isinstance(u, StackPlan) else u).unit_norm_decoder]
 
     def on_after_backward(self) -> None:
-        for saes in self._decoder_units():
-            if len(saes) > 1:
-                remove_parallel_grads(saes)
+        for unit in self._decoder_units():
+            if isinstance(unit, StackPlan):
+                remove_parallel_grads(unit)
             else:
-                saes[0].remove_parallel_grad()
+                unit.remove_parallel_grad()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         pl.LightningModule.optimizer_step(self, *args, **kwargs)  # renormalise inside the step, as SAESystem does
-        for saes in self._decoder_units():
-            if len(saes) > 1:
-                normalize_decoders(saes)
+        for unit in self._decoder_units():
+            if isinstance(unit, StackPlan):
+                normalize_decoders(unit)
             else:
-                saes[0].normalize_decoder()
+                unit.normalize_decoder()
 
     # ------------------------------------------------------------------ optimizer: a parameter group per member
     def configure_optimizers(self):

@@ -214,11 +214,11 @@ def test_stacked_decoder_constraints_equal_each_members_own(as_views: bool, per_
         with torch.no_grad():
             a.W_dec.add_(0.1 * a.W_dec.grad)
             a.normalize_decoder()
-    stacked_mod.remove_parallel_grads(plan.saes)
+    stacked_mod.remove_parallel_grads(plan)
     with torch.no_grad():
         for s in plan.saes:
             s.W_dec.add_(0.1 * s.W_dec.grad)
-    stacked_mod.normalize_decoders(plan.saes)
+    stacked_mod.normalize_decoders(plan)
     for a, s in zip(alone, plan.saes):
         torch.testing.assert_close(s.W_dec.grad, a.W_dec.grad, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(s.W_dec, a.W_dec, rtol=1e-6, atol=1e-7)
@@ -267,3 +267,46 @@ def test_steady_steps_copy_nothing_from_the_host() -> None:
         step(10)
         step(9)
     assert spy.found == []
+
+
+def test_the_stack_holds_the_members_parameters_and_repacks_when_they_move() -> None:
+    """After a stacked pass every member's parameters are views of the stack (same objects, same values, the layouts
+    they had: ``W_enc`` transposed), so Adam's in-place steps and the constraints write the stack; a parameter whose
+    data is replaced (``.to()``, a dtype change) is packed again by the next pass, with its new values."""
+    from gsae.optim import Adam
+
+    saes = _members()
+    before = [{n: p.detach().clone() for n, p in s.named_parameters()} for s in saes]
+    ids = [[id(p) for p in s.parameters()] for s in saes]
+    strides = [[p.stride() for p in s.parameters()] for s in saes]
+    plan = StackPlan([saes[i] for i in stacks(saes, 20)[0]])
+    x = torch.randn(20, D_IN)
+    stacked_forward(plan, x, None)
+    W_encT, b_enc, W_dec, b_dec = plan.storage()
+    for i, s in enumerate(plan.saes):
+        assert s.W_enc.data_ptr() == W_encT[i].data_ptr() and s.W_dec.data_ptr() == W_dec[i].data_ptr()
+        assert s.b_enc.data_ptr() == b_enc[i].data_ptr() and s.b_dec.data_ptr() == b_dec[i].data_ptr()
+    for s, b, i, st in zip(saes, before, ids, strides):
+        assert [id(p) for p in s.parameters()] == i and [p.stride() for p in s.parameters()] == st
+        assert all(torch.equal(p, b[n]) for n, p in s.named_parameters())
+    # Adam on the packed parameters = Adam on unpacked copies, bit for bit; the stack holds the new values
+    twins = [copy.deepcopy(s) for s in plan.saes]
+    assert all(t.W_dec.untyped_storage().nbytes() == t.W_dec.numel() * 4 for t in twins)  # a copy owns its data
+    for s, t in zip(plan.saes, twins):
+        for p, q in zip(s.parameters(), t.parameters()):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+    for group in ([p for s in plan.saes for p in s.parameters()], [p for t in twins for p in t.parameters()]):
+        Adam(group, lr=1e-2).step()
+    for s, t in zip(plan.saes, twins):
+        assert all(torch.equal(p, q) for p, q in zip(s.parameters(), t.parameters()))
+    assert torch.equal(W_dec[0], plan.saes[0].W_dec)
+    # a member moved off the stack (its data replaced) is packed again, with the values it has now
+    moved = plan.saes[1]
+    with torch.no_grad():
+        moved.W_dec.data = moved.W_dec.data.clone().mul_(2)
+    want = moved.W_dec.detach().clone()
+    x_hat, _ = stacked_forward(plan, x, None)
+    assert plan.storage()[2][1].data_ptr() == moved.W_dec.data_ptr() and torch.equal(moved.W_dec, want)
+    ref = _dense_copy(moved)(x)
+    torch.testing.assert_close(x_hat[1].detach(), ref.x_hat.detach(), rtol=1e-5, atol=1e-5)
