@@ -18,9 +18,9 @@ TopK and g-SAE alike, any ``k``, ``β``, ``k_aux``, init — as one pass:
   :class:`~gsae.sae.base.SparsePattern`), ``∂b_enc`` one ``index_add``, ``∂b_dec`` one batched matmul.
 
 Each member's parameters stay its own ``nn.Parameter``\\ s (checkpoints, exports, optimizer groups and AuxK, which
-runs per member on its slice, are unchanged); the pass stacks them (a copy of the encoders and decoders per step:
-2 × 0.47 GB for Table 1's 10 SAEs, ~0.6 ms of an H100's bandwidth by arithmetic, unmeasured) and hands each member
-back its gradients as views of the stacked ones. The results equal the members' own forwards and backwards
+runs per member on its slice, are unchanged), but their data lives in the stack (:meth:`StackPlan.storage`: each
+parameter a view of its row), so no step copies the encoders and decoders (0.47 GB each at Table 1's shape); the
+backward hands each member its gradients as views of the stacked ones. The results equal the members' own forwards and backwards
 (:class:`~gsae.sae.TopKSAE`'s sparse path) up to float rounding of the batched matmuls: same selection, same bags in
 the same order (``tests/sae/test_stacked.py`` checks outputs and gradients against each member on dense autograd;
 ``tests/systems/test_sweep.py`` whole runs against the members stepped one by one).
