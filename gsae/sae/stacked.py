@@ -86,9 +86,9 @@ def stacks(saes: list, rows: int, itemsize: int = 4) -> list[list[int]]:
 
 
 class StackPlan:
-    """The layout of one stack: its SAEs in stack order (:func:`stacks`: g-SAEs first, each part by ``k``), its runs
-    of rows with the same ``k`` and scores, the number of g-SAE rows, and the bag offsets of its decode (cached per
-    row count and device)."""
+    """One stack: its SAEs in stack order (:func:`stacks`: g-SAEs first, each part by ``k``), its runs of rows with
+    the same ``k`` and scores, the number of g-SAE rows, the storage its members' parameters live in
+    (:meth:`storage`) and the bag layout of its decode (:meth:`layout`, the latest row count's)."""
 
     def __init__(self, saes: list[TopKSAE]) -> None:
         self.saes = saes

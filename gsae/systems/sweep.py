@@ -440,7 +440,7 @@ class SweepSAESystem(LocalSAESystem):
             [idle[at[name] : at[name] + m.sae.d_sae] for name, m in self.members.items()], n_tokens, new_batch,
         )
         if log:
-            for name, m in self.members.items():  # the sums in logging order: the members' order (as `logged`)
+            for name, m in self.members.items():  # the sums after the fired masks, in the members' order (as packed)
                 width = len(ReconSums._fields) - 1 + m.sae.d_in
                 sums = ReconSums.unflat(flat[offset : offset + width])
                 offset += width
@@ -492,7 +492,7 @@ class SweepSAESystem(LocalSAESystem):
         means = {f"val/{k}": sum(per_member[k]) / len(per_member[k]) for k in VAL_MEANS if per_member.get(k)}
         self.log_validation_metrics({**metrics, **means}, console_only=means)
 
-    # ------------------------------------------------------------------ decoder constraints, per member
+    # ------------------------------------------------------------------ decoder constraints, per member or per stack
     def _decoder_units(self) -> list[StackPlan | SparseAutoencoder]:
         """The SAEs with unit-norm decoders, a stack as one (its constraints in one pass, :mod:`gsae.sae.stacked`)."""
         if self._stacks is None:  # no step yet: each member alone
