@@ -182,7 +182,7 @@ class SweepSAESystem(LocalSAESystem):
                 results up to float rounding); ``false`` steps each member on its own. Default (``null``): on a
                 GPU, where a member's step is host-bound (launches), and off on the CPU, where it is FLOP-bound and
                 the stack's working set (every member's ``(B, d_sae)`` pre-activations at once, 1 GiB for Table 1
-                at 2048 rows) made a GPT-2-shape sweep step 32% slower (``benchmarks/README.md``).
+                at 2048 rows) made a GPT-2-shape sweep step 28% slower (``benchmarks/README.md``).
         """
         members = _plain(members)  # jsonargparse hands nested class_path mappings over as Namespaces
         if not isinstance(members, (list, tuple)) or not members:
