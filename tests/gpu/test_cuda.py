@@ -181,6 +181,32 @@ def test_sweep_bf16_mixed_on_the_device(tmp_path):
     assert int(sweep.tokens_seen) > 0
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_stacked_sweep_on_the_device_equals_members_stepped_one_by_one(tmp_path, precision):
+    """The device's default steps members of one shape as one stack (gsae.sae.stacked: its CUDA paths are the torch
+    sort, the one-pass constraints and, under bf16-mixed, the dense products): the same SAEs as the members stepped
+    one by one on the device, to float rounding (bf16: a near-tie may select another latent, so a loose bound)."""
+    from tests.systems.test_sweep import STACKING
+
+    runs = {}
+    for stack in (None, False):  # None: the device's default, stacked
+        torch.manual_seed(0)
+        sweep = SweepSAESystem(LanguageModel("random-tiny", seed=0), STACKING, hook=HOOK, buffer_size=128,
+                               optimizer=lambda p: Adam(p, lr=1e-2), dead_tokens=200, stack_members=stack)
+        build_trainer(tmp_path / str(stack), 6, accelerator=ACCELERATOR, devices=1, precision=precision,
+                      gradient_clip_val=0.5).fit(sweep, datamodule=build_data(sweep))
+        runs[stack] = sweep
+    from gsae.sae.stacked import StackPlan
+
+    assert any(isinstance(u, StackPlan) for u in runs[None].member_stacks(0)) == (DEVICE == "cuda")
+    tol = dict(atol=1e-4, rtol=0) if precision == "32-true" else dict(atol=5e-2, rtol=0)
+    for name, m in runs[None].members.items():
+        for k, p in m.sae.state_dict().items():
+            q = runs[False].members[name].sae.state_dict()[k]
+            assert p.dtype == torch.float32 and torch.isfinite(p).all(), (name, k)
+            torch.testing.assert_close(p, q, **tol, msg=f"{name}.{k}")
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 #: the headline numbers of the default benchmarks compared across devices (the selections are discrete: a near-tie
 #: between latents may fall the other way on another device, so counts get an absolute tolerance)
