@@ -230,13 +230,19 @@ def test_dead_batch_window_counts_optimizer_steps_under_gradient_accumulation(tm
     from tests.systems.test_sweep import _sweep
 
     seen: dict[int, list[tuple[torch.Tensor, int]]] = {}
-    real = DeadLatentTracker.update
+    real, real_many = DeadLatentTracker.update, DeadLatentTracker.update_many
 
     def spy(self, fired, n_tokens, *args, **kwargs):
         seen.setdefault(id(self), []).append((fired.clone(), int(n_tokens)))
         return real(self, fired, n_tokens, *args, **kwargs)
 
+    def spy_many(trackers, idle, n_tokens, *args, **kwargs):  # a sweep advances all its members' counters at once
+        for tracker, mask in zip(trackers, idle):
+            seen.setdefault(id(tracker), []).append((mask == 0, int(n_tokens)))
+        return real_many(trackers, idle, n_tokens, *args, **kwargs)
+
     monkeypatch.setattr(DeadLatentTracker, "update", spy)
+    monkeypatch.setattr(DeadLatentTracker, "update_many", staticmethod(spy_many))
     torch.manual_seed(0)
     system = _sweep() if objective == "sweep" else build_system("topk")
     steps, accumulate = 5, 2
