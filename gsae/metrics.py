@@ -63,45 +63,32 @@ class ReconSums(NamedTuple):
 
 @torch.no_grad()
 def recon_sums(x: Tensor, x_hat: Tensor, l0_per_token: Tensor) -> ReconSums:
-    """:class:`ReconSums` of ``x, x̂ (N, d_in)`` and the per-token active-latent counts ``(N,)``.
+    """:class:`ReconSums` of ``x, x̂ (N, d_in)`` and the per-token active-latent counts ``(N,)``: :func:`recon_sums_stacked`
+    of a stack of one reconstruction."""
+    return ReconSums.unflat(recon_sums_stacked(x, x_hat.unsqueeze(0), l0_per_token.unsqueeze(0))[0])
+
+
+@torch.no_grad()
+def recon_sums_stacked(x: Tensor, x_hat: Tensor, l0_per_token: Tensor) -> Tensor:
+    """``(M, 7 + d_in)``: row ``i`` is the :class:`ReconSums` (``.flat()``) of ``x (N, d_in)``, its reconstruction
+    ``x_hat[i]`` of ``x_hat (M, N, d_in)`` and the per-token active-latent counts ``l0_per_token[i]`` of ``(M, N)``
+    (a stacked sweep's members on a logging step: one pass of batched ops for all, the statistics of ``x`` once).
 
     In float64. Per token ``‖x‖``, ``‖x̂‖`` and ``‖x − x̂‖`` are norms and ``x·x̂`` a batched matmul (no ``(N, d_in)``
-    product tensors: a handful of passes over the two float64 copies); ``cos = x·x̂ / (max(‖x‖, 1e-8) ·
-    max(‖x̂‖, 1e-8))`` is ``F.cosine_similarity``'s definition.
+    product tensors: a handful of passes over the float64 copies); ``cos = x·x̂ / (max(‖x‖, 1e-8) · max(‖x̂‖, 1e-8))``
+    is ``F.cosine_similarity``'s definition.
     """
+    m, n = x_hat.shape[0], x.shape[0]
     xd, hd = x.double(), x_hat.to(torch.float64, copy=True)  # hd is overwritten below: never the caller's tensor
-    xn, xhn = torch.linalg.vector_norm(xd, dim=-1), torch.linalg.vector_norm(hd, dim=-1)
-    dot = torch.bmm(xd.unsqueeze(1), hd.unsqueeze(2)).view(-1)
-    sum_x = xd.sum(0)
-    err = torch.linalg.vector_norm(torch.sub(xd, hd, out=hd), dim=-1).square_()
-    sq = xn.square()
-    return ReconSums(
-        n=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
-        sse=err.sum(),
-        sum_sq=sq.sum(),
-        sum_x=sum_x,
-        nmse_tok=(err / sq.clamp_min(1e-12)).sum(),
-        l0=l0_per_token.double().sum(),
-        cos=(dot / (xn.clamp_min(1e-8) * xhn.clamp_min(1e-8))).sum(),
-        l2_ratio=(xhn / xn.clamp_min(1e-12)).sum(),
-    )
-
-
-def recon_sums_stacked(x: Tensor, x_hat: Tensor, l0_per_token: Tensor) -> Tensor:
-    """``(N, 7 + d_in)``: row ``i`` is :func:`recon_sums` ``(x, x_hat[i], l0_per_token[i]).flat()``, for ``N``
-    reconstructions ``x_hat (N, B, d_in)`` of the same ``x (B, d_in)`` (a stacked sweep's members on a logging step):
-    one pass of batched ops for all of them, the statistics of ``x`` alone computed once."""
-    n = x_hat.shape[0]
-    xd, hd = x.double(), x_hat.to(torch.float64, copy=True)
-    xn, xhn = torch.linalg.vector_norm(xd, dim=-1), torch.linalg.vector_norm(hd, dim=-1)  # (B,), (N, B)
-    dot = torch.linalg.vecdot(hd, xd)  # (N, B)
-    err = torch.linalg.vector_norm(hd.sub_(xd), dim=-1).square_()  # (N, B)
+    xn, xhn = torch.linalg.vector_norm(xd, dim=-1), torch.linalg.vector_norm(hd, dim=-1)  # (N,), (M, N)
+    dot = torch.bmm(xd.unsqueeze(1), hd.permute(1, 2, 0)).view(n, m).T  # (M, N)
+    err = torch.linalg.vector_norm(hd.sub_(xd), dim=-1).square_()  # (M, N)
     sq = xn.square()
     scalars = torch.stack(
         [
-            torch.full((n,), float(x.shape[0]), dtype=torch.float64, device=x.device),
+            torch.full((m,), float(n), dtype=torch.float64, device=x.device),
             err.sum(1),
-            sq.sum().expand(n),
+            sq.sum().expand(m),
             (err / sq.clamp_min(1e-12)).sum(1),
             l0_per_token.double().sum(1),
             (dot / (xn.clamp_min(1e-8) * xhn.clamp_min(1e-8))).sum(1),
@@ -109,7 +96,7 @@ def recon_sums_stacked(x: Tensor, x_hat: Tensor, l0_per_token: Tensor) -> Tensor
         ],
         dim=1,
     )
-    return torch.cat([scalars, xd.sum(0).expand(n, -1)], dim=1)
+    return torch.cat([scalars, xd.sum(0).expand(m, -1)], dim=1)
 
 
 class ReconMetric(Metric):

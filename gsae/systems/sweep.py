@@ -341,6 +341,8 @@ class SweepSAESystem(LocalSAESystem):
         norms = dict(zip(self.members, per_token / torch.stack([m.act_scale for m in self.members.values()])))
         offset = 1
 
+        sums: dict[str, list[Tensor]] = {}  # logging steps: each member's metric sums, packed in the members' order
+
         def member_metrics(name: str, m: SweepMember, out: SAEOutput, x: Tensor, grad: Tensor | None, loss, recon,
                            row: Tensor | None = None):
             """The member's extra scalars and sums on a logging step (packed after every fired mask; ``row``: its
@@ -359,7 +361,6 @@ class SweepSAESystem(LocalSAESystem):
                     row = recon_sums(x, out.x_hat, l0_per_token(out.top_acts, out.latents)).flat()
                 sums[name] = [row, *self.pack_scalars(extra)]
 
-        sums: dict[str, list[Tensor]] = {}  # logging steps: each member's metric sums, packed in the members' order
         for unit, names in zip(self.member_stacks(acts.x.shape[0]), self._stack_names):
             ms = [self.members[n] for n in names]
             x = xs[ms[0].hook]
@@ -400,7 +401,6 @@ class SweepSAESystem(LocalSAESystem):
                 continue
             (name,), m = names, unit
             dead = self.dead_mask(m.sae, m.dead, stage)
-            grad = gs.get(m.hook) if m.needs_grad else None
             out = m.sae(x, grad=grad, dead_mask=dead, aux_norm=norms[name])
             recon = sse_loss(out.x_hat, x) * norms[name]
             loss = self.sae_loss(recon, out, m.sae)
