@@ -298,24 +298,58 @@ def short_labels(labels: list[str]) -> dict[str, str]:
     return {lb: lb if lb.startswith(PRETRAINED) else os.path.relpath(os.path.abspath(lb), common) for lb in labels}
 
 
-def log_tensorboard(logdir: str, run: str, step: int, results: dict[str, dict]) -> None:
-    """Scalars ``eval/<benchmark>/<metric>`` and figures of one SAE into the TensorBoard run ``run``. What an earlier
-    evaluation of these benchmarks wrote there at ``step`` is dropped first, so evaluating again replaces it (not a
-    second point); the other benchmarks' values stay."""
-    from torch.utils.tensorboard import SummaryWriter
+class TensorBoardOut:
+    """``--logdir``: each SAE's scalars ``eval/<benchmark>/<metric>``, figures and texts in its TensorBoard run.
 
-    from gsae.loggers import drop_events, event_files
+    One ``SummaryWriter`` per run for the whole call, so a run's steps lie in one event file in the order written.
+    (A writer per checkpoint made files named ``…<second>.<host>.<pid>.<n>`` with ``n`` counting writers in the
+    process: two made in one second across a digit, ``…9`` and ``…10``, sort in the wrong order, and TensorBoard reads
+    a run's files in name order, so the steps came back as [10, 5].) What earlier evaluations wrote in the run's
+    older files at the steps written now, for the benchmarks run now, is dropped when the writers close — also after
+    an error or Ctrl+C, and only for the steps written, so an interrupted call loses no earlier value — so evaluating
+    again replaces a point rather than adding a second; the other benchmarks' values stay. Each older file is read
+    once per call (it used to be re-read for every checkpoint)."""
 
-    folder = Path(logdir) / _safe(run)
-    if folder.is_dir():
-        drop_events(event_files(folder), at=step, prefix=tuple(f"eval/{b}/" for b in results))
-    with SummaryWriter(str(folder)) as w:
+    def __init__(self, logdir: str | None, benchmarks: list[str]):
+        self.logdir = Path(logdir or ".")  # None: nothing is written (no --logdir)
+        self.prefix = tuple(f"eval/{b}/" for b in benchmarks)
+        self.writers: dict[str, object] = {}
+        self.older: dict[str, list[Path]] = {}
+        self.steps: dict[str, set[int]] = {}
+
+    def write(self, run: str, step: int, results: dict[str, dict]) -> None:
+        """One SAE's ``results`` (``{benchmark: result}``) at ``step`` of the TensorBoard run ``run``."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        from gsae.loggers import event_files
+
+        if run not in self.writers:
+            folder = self.logdir / _safe(run)
+            self.older[run] = event_files(folder) if folder.is_dir() else []
+            self.writers[run], self.steps[run] = SummaryWriter(str(folder)), set()
+        w = self.writers[run]
         for tag, v in tagged_scalars(results).items():
             w.add_scalar(tag, v, step)
         for tag, fig in tagged_figures(results).items():
             w.add_figure(tag, fig, step, close=False)
         for tag, text in tagged_texts(results).items():
             w.add_text(tag, text, step)
+        w.flush()
+        self.steps[run].add(step)
+
+    def close(self) -> None:
+        from gsae.loggers import drop_events
+
+        for run, w in self.writers.items():
+            w.close()
+            drop_events(self.older[run], at=self.steps[run], prefix=self.prefix)
+        self.writers.clear()
+
+    def __enter__(self) -> TensorBoardOut:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _safe(name: str) -> str:
@@ -377,7 +411,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     results: dict[str, dict[str, dict]] = {n: {} for n in names}
     runs = short_labels(list(dict.fromkeys(s.group for s in sources)))
     cache: dict = {}
-    with shared_harvests() as harvests:  # SAEs on the same LM and tokens (a sweep's members) share the LM passes
+    # a (run, step) named twice (the same folder given twice): TensorBoard gets the last, as a later call replaces it
+    last = {(runs[s.group], s.step): s for s in sources}
+    with shared_harvests() as harvests, TensorBoardOut(args.logdir, names) as tb:  # SAEs on the same LM and tokens (a sweep's members) share the LM passes
         for src in sources:
             sae, meta = load(src, device, args.model)
             lm, hook, toks, counts = _lm_and_tokens(src, meta, args, device, cache, names, options)
@@ -400,8 +436,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
             )
             for n in names:
                 results[n][src.label] = res[n]
-            if args.logdir:
-                log_tensorboard(args.logdir, runs[src.group], src.step, res)
+            if args.logdir and last[runs[src.group], src.step] is src:
+                tb.write(runs[src.group], src.step, res)
     return results
 
 

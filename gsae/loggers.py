@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +115,12 @@ def curves_first(loggers: list) -> None:
             lg._default_hp_metric = False
 
 
-def drop_events(files: list[Path], after: int | None = None, at: int | None = None,
+def drop_events(files: list[Path], after: int | None = None, at: int | Iterable[int] | None = None,
                 prefix: str | tuple[str, ...] = "") -> list[Path]:
     """Rewrite TensorBoard event ``files`` without the summaries (scalars, figures, text) logged at steps after
     ``after`` (a run killed after its checkpoint at that step logged them, and its resume logs those steps again), nor
-    the values at step ``at`` whose tag starts with ``prefix`` (or one of them: an evaluation done again). Other events
+    the values at step ``at`` (or any of the steps ``at``) whose tag starts with ``prefix`` (or one of them: an
+    evaluation done again). Other events
     (file version, graphs) stay, and so do files with nothing to drop (untouched) and a record a kill cut short at a
     file's end (left for TensorBoard, which skips it). Each file is written beside the old one, then renamed over it.
     Returns the files rewritten."""
@@ -126,10 +128,13 @@ def drop_events(files: list[Path], after: int | None = None, at: int | None = No
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.record_writer import RecordWriter
 
+    steps = frozenset() if at is None else frozenset([at] if isinstance(at, int) else at)
     rewritten = []
+    if after is None and not steps:
+        return rewritten
     for f in files:
         records = list(RawEventFileLoader(str(f)).Load())
-        kept = [r for r in (_without(r, Event.FromString(r), after, at, prefix) for r in records) if r is not None]
+        kept = [r for r in (_without(r, Event.FromString(r), after, steps, prefix) for r in records) if r is not None]
         if kept == records:
             continue
         # beside it, under a name TensorBoard does not read (any name holding "tfevents" is read as a run's events)
@@ -146,7 +151,7 @@ def drop_events(files: list[Path], after: int | None = None, at: int | None = No
             partial.unlink(missing_ok=True)
         rewritten.append(f)
         log.info("dropped from %s the events %s", f, " and ".join(
-            ([] if after is None else [f"after step {after}"]) + ([] if at is None else [f"{prefix} at step {at}"])))
+            ([] if after is None else [f"after step {after}"]) + ([f"{prefix} at step{'s' * (len(steps) > 1)} {', '.join(map(str, sorted(steps)))}"] if steps else [])))
     return rewritten
 
 
@@ -155,13 +160,14 @@ def event_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("events.out.tfevents.*"))
 
 
-def _without(record: bytes, event, after: int | None, at: int | None, prefix: str | tuple[str, ...]) -> bytes | None:
+def _without(record: bytes, event, after: int | None, steps: frozenset[int],
+             prefix: str | tuple[str, ...]) -> bytes | None:
     """``record`` (the serialized ``event``) as kept by :func:`drop_events`: itself, ``None``, or fewer values."""
     if not event.HasField("summary"):
         return record
     if after is not None and event.step > after:
         return None
-    if event.step != at:
+    if event.step not in steps:
         return record
     values = [v for v in event.summary.value if not v.tag.startswith(prefix)]
     if len(values) == len(event.summary.value):

@@ -493,3 +493,34 @@ def test_evaluate_py_ctrl_c_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(ev, "evaluate", interrupted)
     assert ev.main([str(tmp_path / "x.ckpt")]) == 130
     assert capsys.readouterr().err.strip() == "stopped (Ctrl+C)"
+
+
+def test_evaluate_tensorboard_run_reads_back_in_step_order_across_a_writer_counter_digit(tmp_path, fake_benchmark,
+                                                                                        monkeypatch):
+    """``--logdir`` keeps one writer per TensorBoard run for the whole call. A writer per checkpoint named its files
+    ``…<second>.<host>.<pid>.<n>``, ``n`` counting the process's writers: made in one second with ``n`` 9 and 10, step
+    10's file sorted first and TensorBoard (which reads a run's files in name order) gave the steps as [10, 5]. Here
+    the counter is set to 9 and the clock stopped, which made that order every time. Evaluating again, with an error
+    before the second step, replaces the first step's value and keeps the second's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer import event_file_writer
+
+    from gsae.evaluate import TensorBoardOut
+
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(9))
+    monkeypatch.setattr(event_file_writer, "time", SimpleNamespace(time=lambda: 1_800_000_000.0))
+    with TensorBoardOut(str(tmp_path), ["fake"]) as tb:
+        for step in (5, 10, 15):
+            tb.write("run", step, {"fake": {"n_tokens": step, "hook": "h"}})
+
+    def read():
+        acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+        return [(e.step, e.value) for e in acc.Scalars("eval/fake/n_tokens")], len(acc.Tensors("eval/fake/summary/text_summary"))
+
+    assert read() == ([(5, 5.0), (10, 10.0), (15, 15.0)], 3)
+    assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 1
+    with pytest.raises(KeyboardInterrupt), TensorBoardOut(str(tmp_path), ["fake"]) as tb:
+        tb.write("run", 5, {"fake": {"n_tokens": 50, "hook": "h"}})
+        raise KeyboardInterrupt
+    points, texts = read()  # (in one process and one stopped second the new file's counter, 10, sorts it first)
+    assert sorted(points) == [(5, 50.0), (10, 10.0), (15, 15.0)] and texts == 3
