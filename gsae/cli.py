@@ -292,6 +292,95 @@ def prepare_forked_ranks(trainer, resume: str) -> None:
             cb.print_from_forked_rank(resume)
 
 
+def checks_before_training(cli: GSAECLI) -> tuple[str | None, dict | None]:
+    """What is checked before any rank trains: the data's split between ranks, its source and its held-out set (before
+    DDP starts the ranks, else each fails, and says so, on its own), ``--ckpt_path`` and the run folder. Returns the
+    checkpoint to resume from and its contents (mapped), or ``(None, None)``."""
+    cli.datamodule.check_world(cli.trainer.world_size)
+    cli.datamodule.validate()
+    for cb in cli.trainer.callbacks:
+        if getattr(cb, "enabled", False) and hasattr(cb, "check_held_out"):
+            cb.check_held_out(SimpleNamespace(datamodule=cli.datamodule))
+    ckpt = resolve_ckpt_path(cli)
+    check_run_folder(cli.trainer, ckpt)
+    if ckpt is None:
+        return None, None
+    from gsae.export import read_checkpoint
+
+    return ckpt, read_checkpoint(ckpt, mmap=True)
+
+
+class OtherRanksFailed(RuntimeError):
+    """Raised on the ranks of a multi-node run whose own checks passed while another rank's failed."""
+
+
+def agree_before_training(trainer, failure: BaseException | None) -> None:
+    """On several nodes, every rank learns whether any rank's :func:`checks_before_training` failed, and all stop.
+
+    A check can fail on one node only: a node that does not see the run folder (``--ckpt_path last`` finds no
+    checkpoint there, or a new run finds an earlier run's), or lacks a data file. That node's ranks used to stop while
+    the others waited for them in DDP's set-up (30 minutes, Lightning's timeout). Here the process group is set up
+    before training (as Lightning would at the start of ``fit``, which then finds it set up; under a plain ``python
+    train.py`` per node, Lightning's other local ranks are started here rather than in ``fit``), every rank's error
+    message is gathered, and a rank that failed raises its own error (``error (rank R): …``) while the others raise
+    :class:`OtherRanksFailed` (rank 0 names the failed ranks and their messages). On one node, or with ``ddp_fork``,
+    nothing is exchanged: ``failure``, if any, is the caller's to raise (one node's ranks see the same files, and
+    Lightning starts them after these checks)."""
+    import torch.distributed as dist
+    from lightning.pytorch.strategies.launchers.subprocess_script import (
+        _launch_process_observer,
+        _SubprocessScriptLauncher,
+    )
+
+    strategy = trainer.strategy
+    launcher = getattr(strategy, "launcher", None)
+    if trainer.num_nodes <= 1 or trainer.world_size <= 1 or not isinstance(launcher, _SubprocessScriptLauncher):
+        return
+    started_here = not strategy.cluster_environment.creates_processes_externally
+    if started_here:  # this node's other ranks, which run these checks too (fit then finds them started)
+        launcher._call_children_scripts()
+    strategy.setup_environment()  # the process group (fit's set-up reuses it)
+    message = None if failure is None else (user_message(failure) if isinstance(failure, USER_ERRORS)
+                                            else f"{type(failure).__name__}: {failure}")
+    messages: list[str | None] = [None] * trainer.world_size
+    dist.all_gather_object(messages, message)
+    failed = {r: m for r, m in enumerate(messages) if m is not None}
+    if not failed:
+        if started_here:
+            _launch_process_observer(launcher.procs)  # as Lightning's launch does for the processes it starts
+        return
+    leave_process_group()
+    if started_here:  # they stop too; wait for them so none outlives this process
+        for proc in launcher.procs:
+            proc.wait()
+    if failure is not None:
+        return  # the caller raises this rank's own error
+    ranks = sorted(failed)
+    same = len(set(failed.values())) == 1
+    detail = (f"{failed[ranks[0]]}" if same else "; ".join(f"rank {r}: {failed[r]}" for r in ranks))
+    raise OtherRanksFailed(
+        f"rank{'s' * (len(ranks) > 1)} {_ranges(ranks)} of {trainer.world_size} failed before training, so all stop "
+        f"({detail}). Every node must see the same files: the run folder (a shared filesystem) and the data")
+
+
+def leave_process_group() -> None:
+    """Tear down a process group :func:`agree_before_training` set up, where no training follows."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _ranges(ranks: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    out, start = [], ranks[0]
+    for prev, r in zip(ranks, [*ranks[1:], None]):
+        if r is None or r != prev + 1:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = r
+    return ", ".join(out)
+
+
 def trained_to_the_end(ckpt: str, step: int, max_steps: int) -> str | None:
     """A one-line note if checkpoint ``ckpt``, at ``step``, is already at ``--trainer.max_steps`` (Lightning would end
     at once, silently, leaving an empty TensorBoard folder); ``None`` if there is training left."""
@@ -461,24 +550,19 @@ def main(args: list[str] | None = None) -> int:
             return 2
         check_trainer(cli.trainer)
         resume = resume_command(args, cli.trainer)  # before fit (see there)
-        # the data's split between ranks, its source and its held-out set, before DDP starts them (else each rank
-        # fails, and says so, on its own)
-        cli.datamodule.check_world(cli.trainer.world_size)
-        cli.datamodule.validate()
-        for cb in cli.trainer.callbacks:
-            if getattr(cb, "enabled", False) and hasattr(cb, "check_held_out"):
-                cb.check_held_out(SimpleNamespace(datamodule=cli.datamodule))
-        ckpt = resolve_ckpt_path(cli)
-        check_run_folder(cli.trainer, ckpt)
+        try:
+            ckpt, state = checks_before_training(cli)
+        except Exception as e:  # noqa: BLE001 (re-raised by agree_before_training, on every rank of a multi-node run)
+            agree_before_training(cli.trainer, e)
+            raise
+        agree_before_training(cli.trainer, None)
         if ckpt is not None:
-            from gsae.export import read_checkpoint
-
-            state = read_checkpoint(ckpt, mmap=True)
             step = int(state.get("global_step", 0))
             done = trained_to_the_end(ckpt, step, cli.trainer.max_steps)
             if done:
                 if cli.trainer.is_global_zero:  # every rank stops here; one says why
                     print(done, file=sys.stderr)
+                leave_process_group()
                 return 0
             # a resumed run writes into its own checkpoint folder: Lightning's "exists and is not empty" is expected
             warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
@@ -492,6 +576,10 @@ def main(args: list[str] | None = None) -> int:
             print_summary(cli, resume)
     except SIGTERMException:  # a scheduler's preemption or time limit: last.ckpt holds the step reached
         return 128 + signal.SIGTERM  # the shell's code for "ended by SIGTERM" (Lightning's exception exits 0)
+    except OtherRanksFailed as e:  # rank 0 names the ranks that failed and why; the others stop without a word
+        if cli.trainer.is_global_zero:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     except Exception as e:
         message = user_message(e) if isinstance(e, USER_ERRORS) else child_user_message(e)
         if message is None or os.environ.get("GSAE_DEBUG"):

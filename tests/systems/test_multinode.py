@@ -5,6 +5,7 @@ NODE_RANK as another launcher sets them), through
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -48,3 +49,46 @@ def test_two_nodes_equal_two_processes_on_one_node(tmp_path, single_node, launch
     ckpt = tmp_path / "node0" / "quickstart-topk" / "checkpoints" / "last.ckpt"
     assert_same_sae(ckpt, single_node)
     assert not list((tmp_path / "node1").rglob("*.ckpt")), "only global rank 0 writes checkpoints"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "env-2-per-node"])
+def test_a_check_failing_on_one_node_stops_every_node_at_once(tmp_path, single_node, launcher):
+    """Resuming where only node 0 sees the run folder (each node its own disk): node 1's ``--ckpt_path last`` finds no
+    checkpoint. Node 1 used to stop while node 0 waited for it in DDP's set-up (Lightning's 30-minute timeout); now
+    every rank learns of it before training and all stop, rank 0 naming the failed rank and why. ``env-2-per-node``:
+    plain ``python train.py`` per node with 2 devices each, whose second local rank Lightning starts (here before
+    the checks agree, not in ``fit``); node 0's checkpoint stays as it was."""
+    import subprocess
+
+    run = single_node.parent.parent
+    shutil.copytree(run, tmp_path / "node0" / run.name)
+    before = (tmp_path / "node0" / run.name / "checkpoints" / "last.ckpt").read_bytes()
+    port, devices = str(free_port()), "2" if launcher == "env-2-per-node" else "1"
+    nodes = []
+    for node_rank in (0, 1):
+        args = train_args(tmp_path / f"node{node_rank}", STEPS + 2, "--trainer.devices", devices,
+                          "--trainer.num_nodes", "2", "--trainer.strategy", "ddp", "--ckpt_path", "last")
+        if launcher == "torchrun":
+            torchrun = [shutil.which("torchrun") or "torchrun", "--nnodes", "2", "--nproc-per-node", "1",
+                        "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", port]
+            nodes.append(start(args, launcher=torchrun))
+        else:
+            nodes.append(start(args, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node_rank)))
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in nodes]
+    except subprocess.TimeoutExpired:
+        for p in nodes:
+            p.kill()
+        raise AssertionError("a node waited for the one that stopped") from None
+    assert [p.returncode for p in nodes] == [1, 1], outs
+    first = int(devices)  # node 1's first global rank
+    no_ckpt = "--ckpt_path last: no checkpoint in"
+    assert f"error (rank {first}): {no_ckpt}" in outs[1], outs[1][-2000:]
+    ranks = f"{first}-{2 * first - 1}" if first > 1 else str(first)
+    want = f"error: rank{'s' * (first > 1)} {ranks} of {2 * first} failed before training, so all stop ({no_ckpt}"
+    assert want in outs[0], outs[0][-2000:]
+    # one line each (torchrun adds its own ChildFailedError report for any worker that exits with an error)
+    assert not re.search(r'File ".*(/gsae/|train\.py)"', outs[0] + outs[1]), outs
+    assert (tmp_path / "node0" / run.name / "checkpoints" / "last.ckpt").read_bytes() == before
+    assert not list((tmp_path / "node0" / run.name / "checkpoints").glob("*step=8*"))
