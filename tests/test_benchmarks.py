@@ -27,6 +27,10 @@ CASES = {
                 ["log_step_speedup_topk", "logging_share_sweep_gsae", "logging_share_sweep_lightning"]),
     "kernels": (["sae_kernels.py", "--device", "cpu", "--tokens", "64", "--d-in", "32", "--d-sae", "256", "--k", "4",
                  "--iters", "1"], ["sae_step_ms_sparse_64", "topk_ms_torch_64"]),
+    "eval": (["eval_speed.py", "--n-seq", "1", "--seq-len", "8", "--d-sae", "256", "--k", "4", "--lengths", "1",
+              "--types", "isotropic", "--train-steps", "0"],  # random-gpt2: the script's model, no smaller one
+             ["max_rel_diff_kl", "sweep_flop_bound", "sweep_speedup_vs_naive"]),
+    "eval_metrics": (["eval_speed.py", "--metrics"], ["metric_sync_packed_ms", "torchmetrics_vs_packed"]),
     "data": (["data_throughput.py", "--docs", "2100", "--batches", "2", "--rounds", "1", "--batch-size", "2",
               "--context-size", "32", "--worlds", "1"], ["val_pass_s"]),
 }
