@@ -20,7 +20,6 @@ import itertools
 import json
 import logging
 import os
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +37,14 @@ from gsae.evals import (
     artifacts,
     check_benchmarks,
     check_options,
-    evaluation_tasks,
     failure,
     held_out_counts,
     json_text,
-    merge_parts,
     run_benchmarks_at,
     run_options,
-    run_tasks,
-    split_tasks,
+    run_split,
     tagged_scalars,
     tagged_texts,
-    task_cost,
     tokens_per_benchmark,
 )
 from gsae.files import write_text
@@ -288,38 +283,13 @@ class EvaluationCallback(Callback):
         return everything
 
     def _evaluate_share(self, trainer, saes, lm, tokens, world: int, kwargs: dict) -> dict[str, dict[str, dict]]:
-        """This rank's share of the evaluation (:func:`gsae.evals.split_tasks` of the tasks, by the seconds each took at
-        the previous evaluation, which every rank holds after the gather), then every rank's results, gathered:
+        """This rank's share of the evaluation, split by the seconds each task took at the previous evaluation (which
+        every rank holds after the gather), then every rank's results, gathered (:func:`gsae.evals.run_split`):
         ``{member: {benchmark: result}}`` in the order of ``saes`` and :attr:`benchmarks`, on every rank."""
-        tasks = evaluation_tasks(list(self.benchmarks), list(saes), world, kwargs["options"], self.last_seconds)
-        share = split_tasks([task_cost(t, self.last_seconds) for t in tasks], world)[trainer.global_rank]
-        self.last_tasks = [tasks[i] for i in share]
-        seconds: dict[str, float] = {}
-        mine, error = {}, None
-        try:
-            mine = run_tasks(self.last_tasks, saes, lm, tokens, seconds=seconds, **kwargs)
-        except Exception as e:  # GSAE_DEBUG=1 (else failures are recorded): every rank raises, none waits forever
-            error = e
-        gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, (mine, seconds, None if error is None else traceback.format_exc()))
-        if error is not None:
-            raise error
-        failed = next(((r, tb) for r, (_, _, tb) in enumerate(gathered) if tb), None)
-        if failed is not None:
-            raise RuntimeError(f"the evaluation failed on rank {failed[0]}:\n{failed[1]}")
-        merged: dict[str, dict[str, dict]] = {}
-        self.last_seconds = {}
-        for results, secs, _ in gathered:
-            for member, res in results.items():
-                merged.setdefault(member, {}).update(res)
-            self.last_seconds.update(secs)
-        split = {t.benchmark: t for t in tasks if t.part is not None}
-        for res in merged.values():  # a benchmark run in parts (maybe on several ranks): one result
-            for name, t in split.items():
-                keys = [t._replace(part=i).key for i in range(t.parts)]
-                if keys[0] in res:
-                    res[name] = merge_parts(name, [res.pop(k) for k in keys])
-        return {m: {b: merged[m][b] for b in self.benchmarks if b in merged.get(m, {})} for m in saes}
+        everything, self.last_seconds, self.last_tasks = run_split(
+            list(self.benchmarks), saes, lm, tokens, world=world, rank=trainer.global_rank,
+            seconds_before=self.last_seconds, **kwargs)
+        return everything
 
     def held_out_tokens(self, trainer: pl.Trainer) -> torch.Tensor:
         """``(n, T)`` first held-out contexts of the data module, the most any benchmark reads (read once)."""

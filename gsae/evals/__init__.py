@@ -508,6 +508,50 @@ def run_tasks(
     return out
 
 
+def run_split(
+    names: list[str], saes: Mapping[str, tuple[object, str]], lm, tokens, *, world: int, rank: int,
+    seconds_before: Mapping[str, float] | None = None, **kwargs
+) -> tuple[dict[str, dict[str, dict]], dict[str, float], list[Task]]:
+    """One evaluation split between the ``world`` ranks of the default process group, this process ``rank``: the
+    tasks (:func:`evaluation_tasks`) cut by their cost (:func:`split_tasks`, ``seconds_before`` of the previous
+    evaluation), this rank's run (:func:`run_tasks`), every rank's results gathered and the parts merged. Returns
+    ``({name: {benchmark: result}}`` in the order of ``saes`` and ``names`` (on every rank), every task's seconds,
+    this rank's tasks``)``. A rank whose share raises (``on_error="raise"``) makes every rank raise, none waits for
+    it. ``kwargs``: those of :func:`run_tasks`. The training callback and ``evaluate.py`` under torchrun."""
+    import traceback
+
+    seconds_before = seconds_before or {}
+    tasks = evaluation_tasks(names, list(saes), world, kwargs.get("options"), seconds_before)
+    mine_tasks = [tasks[i] for i in split_tasks([task_cost(t, seconds_before) for t in tasks], world)[rank]]
+    seconds: dict[str, float] = {}
+    mine, error = {}, None
+    try:
+        mine = run_tasks(mine_tasks, saes, lm, tokens, seconds=seconds, **kwargs)
+    except Exception as e:  # noqa: BLE001 - every rank raises below, none waits forever
+        error = e
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, (mine, seconds, None if error is None else traceback.format_exc()))
+    if error is not None:
+        raise error
+    failed = next(((r, tb) for r, (_, _, tb) in enumerate(gathered) if tb), None)
+    if failed is not None:
+        raise RuntimeError(f"the evaluation failed on rank {failed[0]}:\n{failed[1]}")
+    merged: dict[str, dict[str, dict]] = {}
+    all_seconds: dict[str, float] = {}
+    for results, secs, _ in gathered:
+        for member, res in results.items():
+            merged.setdefault(member, {}).update(res)
+        all_seconds.update(secs)
+    split = {t.benchmark: t for t in tasks if t.part is not None}
+    for res in merged.values():  # a benchmark run in parts (maybe on several ranks): one result
+        for name, t in split.items():
+            keys = [t._replace(part=i).key for i in range(t.parts)]
+            if keys[0] in res:
+                res[name] = merge_parts(name, [res.pop(k) for k in keys])
+    everything = {m: {b: merged[m][b] for b in names if b in merged.get(m, {})} for m in saes}
+    return everything, all_seconds, mine_tasks
+
+
 def merge_parts(name: str, parts: list[dict]) -> dict:
     """One benchmark's result from its parts' (in order): the first failure if one failed, else its ``merge``."""
     failed = next((r for r in parts if failure(r)), None)
@@ -626,6 +670,7 @@ __all__ = [
     "run_benchmarks_at",
     "run_benchmarks_many",
     "run_options",
+    "run_split",
     "run_tasks",
     "scalars",
     "split_tasks",

@@ -173,10 +173,10 @@ def test_an_evaluation_that_fails_on_one_rank_under_gsae_debug_stops_every_rank(
     (planted / "sitecustomize.py").write_text(
         "import os\n"
         "if os.environ.get('LOCAL_RANK') == '1':  # the rank Lightning starts as a second process\n"
-        "    import gsae.callbacks.evaluation as evaluation\n"
+        "    import gsae.evals as evals\n"
         "    def run_tasks(*args, **kwargs):\n"
         "        raise RuntimeError('planted failure on rank 1')\n"
-        "    evaluation.run_tasks = run_tasks\n"
+        "    evals.run_tasks = run_tasks  # what gsae.evals.run_split runs\n"
     )
     monkeypatch.setenv("PYTHONPATH", str(planted))
     args = train_args(tmp_path / "run", 4, "--checkpoint.every_n_train_steps", "2", "--trainer.devices", "2",
