@@ -24,6 +24,10 @@ Prints one column per SAE (rows ``benchmark.metric``); ``--output`` writes ``{be
 for benchmarks that define ``artifacts``, ``<output stem>.<sae><suffix>`` files beside it); ``--logdir`` writes
 TensorBoard scalars, figures and texts, one run per PATH. Every SAE on the same LM gets the same tokens and the same
 seeded draws, so the columns are comparable. Bad input: one line on stderr, exit 1.
+
+``torchrun --nproc-per-node N evaluate.py …``: each checkpoint's evaluation split between the N processes (a GPU each,
+``cuda:<LOCAL_RANK>``), as the training callback splits it (:func:`gsae.evals.run_split`); rank 0 prints and writes
+what the command without torchrun would.
 """
 
 from __future__ import annotations
@@ -371,16 +375,46 @@ def write_artifacts(output: str, results: dict[str, dict[str, dict]], short: dic
 
 # ---------------------------------------------------------------------- main
 def _device(name: str | None) -> str:
-    """``--device`` checked before any work (default: cuda if available, else cpu)."""
+    """``--device`` checked before any work (default: cuda if available, else cpu). Under torchrun, ``cuda`` (or
+    the default) is each process's own GPU, ``cuda:<LOCAL_RANK>``."""
+    local = os.environ.get("LOCAL_RANK") if _ranks()[1] > 1 else None
     if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise ArgumentError(f"--device {name!r}: {str(e).splitlines()[0]}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ArgumentError(f"--device {name!r}: this machine has no CUDA GPU (use --device cpu)")
+    if device.type == "cuda" and device.index is None and local is not None:
+        return f"cuda:{local}"
     return name
+
+
+def _ranks() -> tuple[int, int]:
+    """``(rank, world size)`` of the process group :func:`main` sets up under torchrun; ``(0, 1)`` otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _agree(error: BaseException | None) -> None:
+    """Under torchrun: raise on every rank if any rank's ``error`` (loading an SAE, its LM or the held-out tokens)
+    is set, so none waits for it at the next gather; the rank's own error where it has one."""
+    rank, world = _ranks()
+    if world == 1:
+        if error is not None:
+            raise error
+        return
+    messages: list[str | None] = [None] * world
+    torch.distributed.all_gather_object(messages, None if error is None else str(error).strip().splitlines()[0])
+    if error is not None:
+        raise error
+    failed = next(((r, m) for r, m in enumerate(messages) if m is not None), None)
+    if failed is not None:
+        raise RuntimeError(f"rank {failed[0]} failed: {failed[1]}")
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -411,6 +445,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     results: dict[str, dict[str, dict]] = {n: {} for n in names}
     runs = short_labels(list(dict.fromkeys(s.group for s in sources)))
     cache: dict = {}
+    if _ranks()[1] > 1:
+        return _evaluate_split(args, sources, names, options, benchmark_options, runs, device)
     # a (run, step) named twice (the same folder given twice): TensorBoard gets the last, as a later call replaces it
     last = {(runs[s.group], s.step): s for s in sources}
     with shared_harvests() as harvests, TensorBoardOut(args.logdir, names) as tb:  # SAEs on the same LM and tokens (a sweep's members) share the LM passes
@@ -438,6 +474,49 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
                 results[n][src.label] = res[n]
             if args.logdir and last[runs[src.group], src.step] is src:
                 tb.write(runs[src.group], src.step, res)
+    return results
+
+
+def _evaluate_split(args, sources: list[Source], names: list[str], options: dict, benchmark_options: dict,
+                    runs: dict[str, str], device: str) -> dict[str, dict[str, dict]]:
+    """:func:`evaluate` under torchrun: each checkpoint's (or SAELens SAE's) evaluation split between the ranks as
+    the training callback splits it (:func:`gsae.evals.run_split`: its benchmarks, and a sweep's members, by their
+    expected cost; the same held-out tokens and seeds on every rank, so the results are a one-process run's). Every
+    rank loads the SAEs (a sweep checkpoint's members together: they share the LM's passes); rank 0 writes
+    TensorBoard and, after :func:`evaluate`, the table and the files."""
+    from gsae.evals import run_split
+
+    rank, world = _ranks()
+    groups: dict[str, list[Source]] = {}
+    for src in sources:  # a checkpoint's members together
+        groups.setdefault(src.path, []).append(src)
+    results: dict[str, dict[str, dict]] = {n: {} for n in names}
+    cache: dict = {}
+    last = {(runs[s.group], s.step): s for s in sources}
+    with TensorBoardOut(args.logdir if rank == 0 else None, names) as tb:
+        for members in groups.values():
+            saes, error = {}, None
+            try:
+                for src in members:
+                    sae, meta = load(src, device, args.model)
+                    lm, hook, toks, counts = _lm_and_tokens(src, meta, args, device, cache, names, options)
+                    if sae.d_in != lm.d_in(hook):
+                        raise ArgumentError(f"PATH {src.label!r}: the SAE reads {sae.d_in}-wide activations, "
+                                            f"{lm.name}'s {hook} is {lm.d_in(hook)} wide")
+                    saes[src.label] = (sae, hook)
+            except (ValueError, OSError, RuntimeError) as e:
+                error = e
+            _agree(error)
+            src = members[0]
+            log.info("evaluating %s (%s, %s) on %d ranks", src.path, lm.name, hook, world)
+            batch_size = args.batch_size or args.run_batch_size or src.batch_size or meta.get("batch_size") or 8
+            everything, _, _ = run_split(names, saes, lm, tokens_per_benchmark(counts, toks, lm, options), world=world,
+                                         rank=rank, seed=args.seed, options=benchmark_options, batch_size=batch_size)
+            for src in members:
+                for n in names:
+                    results[n][src.label] = everything[src.label][n]
+                if args.logdir and rank == 0 and last[runs[src.group], src.step] is src:
+                    tb.write(runs[src.group], src.step, everything[src.label])
     return results
 
 
@@ -537,9 +616,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     tune_malloc()  # see gsae.allocator (GSAE_MALLOC_TUNING=0: off)
     args = None
+    rank = _process_group()
+    if rank > 0:  # rank 0 reports; the others say nothing unless something goes wrong
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         args = build_parser().parse_args(argv)
-        report(evaluate(args), args)
+        results = evaluate(args)
+        if rank == 0:
+            report(results, args)
     except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get("GSAE_DEBUG"):
             raise
@@ -547,12 +631,29 @@ def main(argv: list[str] | None = None) -> int:
         msg = msg.splitlines()[0] if msg else type(e).__name__
         # the LM's loader names train.py's option; here the name is --model's, or the checkpoint's
         which = "--model" if args is not None and args.model else "the SAE's language model"
-        print(f"error: {msg.replace('--model.lm.name:', which + ':')}", file=sys.stderr)
+        if rank == 0:  # under torchrun every rank stops; rank 0 names the failed rank and its error
+            print(f"error: {msg.replace('--model.lm.name:', which + ':')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # as train.py: one line; files already written are whole (gsae.files)
-        print("stopped (Ctrl+C)", file=sys.stderr)
+        if rank == 0:
+            print("stopped (Ctrl+C)", file=sys.stderr)
         return 130
+    finally:
+        if _ranks()[1] > 1:
+            torch.distributed.destroy_process_group()
     return 0
+
+
+def _process_group() -> int:
+    """Under torchrun (``WORLD_SIZE`` > 1): join the ranks' process group and return this rank. gloo, on GPUs too:
+    only results (Python objects) travel between the ranks."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank()
 
 
 def report(results: dict[str, dict[str, dict]], args: argparse.Namespace) -> None:

@@ -534,8 +534,9 @@ def run_split(
     if error is not None:
         raise error
     failed = next(((r, tb) for r, (_, _, tb) in enumerate(gathered) if tb), None)
-    if failed is not None:
-        raise RuntimeError(f"the evaluation failed on rank {failed[0]}:\n{failed[1]}")
+    if failed is not None:  # its error's line first (a one-line report shows it), then its traceback
+        raise RuntimeError(f"the evaluation failed on rank {failed[0]}: {failed[1].strip().splitlines()[-1]}\n"
+                           f"{failed[1]}")
     merged: dict[str, dict[str, dict]] = {}
     all_seconds: dict[str, float] = {}
     for results, secs, _ in gathered:
