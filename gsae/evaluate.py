@@ -438,9 +438,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     device = _device(args.device)
     _check_outputs(args)
     sources = resolve(args.paths)
+    named = args.benchmarks is not None
     args = with_run_settings(args, sources)
     names = _benchmarks(args.benchmarks)
-    options = _merged_options(args.run_options, _options(args.options, names), names)
+    given = _options(args.options, names)
+    if not named and not args.output and not args.logdir:
+        names = _shown(names, keep=set(given))
+    options = _merged_options(args.run_options, given, names)
     benchmark_options = run_options(names, options)  # the n_seqs of --options are held-out counts (held_out_counts)
     results: dict[str, dict[str, dict]] = {n: {} for n in names}
     runs = short_labels(list(dict.fromkeys(s.group for s in sources)))
@@ -589,6 +593,17 @@ def _benchmarks(text: str | None) -> list[str]:
     for n in names:
         BENCHMARKS[n]  # noqa: B018
     return names
+
+
+def _shown(names: list[str], keep: set[str]) -> list[str]:
+    """``names`` without the benchmarks whose results are files (``latents``' dashboards), when evaluate.py has
+    nowhere to put them (no ``--output``, no ``--logdir``) and neither ``--benchmarks`` nor ``--options`` (``keep``)
+    named them: the table would show only their settings."""
+    files = [n for n in names if n not in keep and getattr(BENCHMARKS[n], "artifacts", None) is not None]
+    if files:
+        log.info("not running %s: %s files (give --output or --logdir to have them, or name it in --benchmarks)",
+                 ", ".join(files), "its results are" if len(files) == 1 else "their results are")
+    return [n for n in names if n not in files]
 
 
 def _options(text: str | None, names: list[str]) -> dict[str, dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -524,3 +525,28 @@ def test_evaluate_tensorboard_run_reads_back_in_step_order_across_a_writer_count
         raise KeyboardInterrupt
     points, texts = read()  # (in one process and one stopped second the new file's counter, 10, sorts it first)
     assert sorted(points) == [(5, 50.0), (10, 10.0), (15, 15.0)] and texts == 3
+
+
+def test_evaluate_py_without_an_output_skips_the_benchmarks_whose_results_are_files(tmp_path, capsys, caplog):
+    """``latents`` (dashboards: HTML files, TensorBoard texts) runs by default only where its results can go: with
+    ``--output`` or ``--logdir``, or when ``--benchmarks`` or ``--options`` names it; else the table showed only
+    its settings, for its cost."""
+    import logging
+
+    from gsae.export import export_saelens
+    from tests.evals.helpers import HOOK, build_topk
+
+    export_saelens(build_topk(), tmp_path / "a.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"}, "context_size": 16})
+    small = json.dumps({**SMALL_OPTIONS, "steering": {**SMALL_OPTIONS["steering"], "alphas": [0, 50]}})
+    base = [str(tmp_path / "a.saelens"), "--n-seqs", "2", "--device", "cpu"]
+    with caplog.at_level(logging.INFO, logger="gsae.evaluate"):
+        assert evaluate_main([*base, "--options", small]) == 0
+    table = capsys.readouterr().out
+    assert "loss_added.L_added" in table and not re.search(r"^latents\.", table, re.M)
+    assert "not running latents" in caplog.text
+    assert evaluate_main([*base, "--options", small, "--output", str(tmp_path / "r.json")]) == 0
+    assert "latents.n_latents" in capsys.readouterr().out and list(tmp_path.glob("r.*.latents.html"))
+    opts = json.dumps({"latents": {"n_latents": 2}})
+    assert evaluate_main([*base, "--benchmarks", "loss_added,latents"]) == 0
+    assert "latents.n_latents" in capsys.readouterr().out
+    assert evaluate_main([*base, "--options", opts]) == 0 and "latents.n_latents" in capsys.readouterr().out
