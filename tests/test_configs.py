@@ -172,3 +172,30 @@ def test_e2e_ds_uses_apollos_pretokenized_rows_as_is(parse_only) -> None:
     config = parse_only(["--config", "configs/gpt2/e2e_ds.yaml"])
     assert config.data.prepend_bos is False and config.data.context_size == 1024
     assert config.model.init_args.sae.init_args.tied_init is False  # Apollo's untied nn.Linear encoder
+
+
+GPT2_CONFIGS = sorted((REPO_ROOT / "configs" / "gpt2").glob("*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", GPT2_CONFIGS, ids=lambda p: p.stem)
+def test_each_gpt2_config_trains_at_gpt2_shape(path, tmp_path):
+    """The shipped GPT-2 configs through ``python train.py`` at GPT-2 small's shape (``random-gpt2``: its weights
+    random, so no download), on synthetic tokens at a small batch: two steps of every SAE they define (the 10-member
+    Table 1 sweep, the layers sweep, e2e and e2e-ds with their KL, the g-SAE's harvest), the checkpoint and each
+    member's SAELens export. The parse-only tests above would not see a config whose options fail when the system is
+    built or stepped (a member the stack cannot hold, a schedule, a hook the model lacks). The evaluation is off: its
+    GPT-2 budgets take minutes on a CPU (``benchmarks/eval_speed.py`` times them)."""
+    from tests.systems.launch import finish, start
+
+    args = ["--config", str(path), "--model.lm.name", "random-gpt2", "--data.dataset", "synthetic",
+            "--data.batch_size", "2", "--data.context_size", "32", "--trainer.max_steps", "2",
+            "--checkpoint.every_n_train_steps", "2", "--trainer.default_root_dir", str(tmp_path),
+            "--evaluation.enabled", "false", "--trainer.enable_progress_bar", "false"]
+    out = finish(start(args), timeout=600)
+    (ckpt,) = tmp_path.rglob("epoch=0-step=2.ckpt")
+    members = yaml.safe_load(path.read_text())["model"]["init_args"].get("members")
+    exports = sorted(p.name for p in ckpt.parent.glob("epoch=0-step=2*.saelens"))
+    want = [f"epoch=0-step=2.{m['name']}.saelens" for m in members] if members else ["epoch=0-step=2.saelens"]
+    assert exports == sorted(want), exports
+    assert "finished: 2 steps" in out, out[-2000:]
