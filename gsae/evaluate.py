@@ -448,12 +448,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     benchmark_options = run_options(names, options)  # the n_seqs of --options are held-out counts (held_out_counts)
     results: dict[str, dict[str, dict]] = {n: {} for n in names}
     runs = short_labels(list(dict.fromkeys(s.group for s in sources)))
-    cache: dict = {}
     if _ranks()[1] > 1:
         return _evaluate_split(args, sources, names, options, benchmark_options, runs, device)
+    cache: dict = {}
     # a (run, step) named twice (the same folder given twice): TensorBoard gets the last, as a later call replaces it
     last = {(runs[s.group], s.step): s for s in sources}
-    with shared_harvests() as harvests, TensorBoardOut(args.logdir, names) as tb:  # SAEs on the same LM and tokens (a sweep's members) share the LM passes
+    # SAEs on the same LM and tokens (a sweep's members) share the LM passes
+    with shared_harvests() as harvests, TensorBoardOut(args.logdir, names) as tb:
         for src in sources:
             sae, meta = load(src, device, args.model)
             lm, hook, toks, counts = _lm_and_tokens(src, meta, args, device, cache, names, options)
@@ -632,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()  # see gsae.allocator (GSAE_MALLOC_TUNING=0: off)
     args = None
     rank = _process_group()
-    if rank > 0:  # rank 0 reports; the others say nothing unless something goes wrong
+    if rank > 0:  # rank 0 reports, also the errors of the others (see _agree, gsae.evals.run_split)
         logging.getLogger().setLevel(logging.WARNING)
     try:
         args = build_parser().parse_args(argv)
