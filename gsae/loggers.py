@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import custom_scalars
 from typing_extensions import override
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,21 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
         else:
             drop_events(self._earlier_files, at=step, prefix=prefix)
 
+    #: a sweep's member names (:class:`gsae.systems.SweepSAESystem` sets them): their curves get one chart per metric
+    #: in TensorBoard's Custom Scalars tab (:func:`member_layout`)
+    members: tuple[str, ...] = ()
+    #: the (section, metric) charts of the layout written last
+    _charts: frozenset[tuple[str, str]] = frozenset()
+
+    def _update_layout(self, writer: SummaryWriter, tags: Iterable[str], step: int | None) -> None:
+        """Write the members' Custom Scalars layout again when ``tags`` bring a chart it lacks (the first training,
+        validation and evaluation logs; a metric that appears later, such as AuxK's loss), at ``step``, so the newest
+        layout is the one TensorBoard shows (it reads the latest; a resume's drop of later events keeps the one before)."""
+        charts = self._charts | member_charts(self.members, tags)
+        if charts != self._charts:
+            self._charts = frozenset(charts)
+            writer._get_file_writer().add_summary(custom_scalars(member_layout(self.members, charts)), step)
+
     @override
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
@@ -102,8 +119,39 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
         if numbers:
             summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in numbers.items()])
             writer._get_file_writer().add_summary(summary, step)
+            if self.members:
+                self._update_layout(writer, numbers, step)
         if other:
             super().log_metrics(other, step)
+
+
+#: the order of a sweep's sections in the Custom Scalars tab (others after them, by name)
+SECTIONS = ("train", "val", "eval", "lr")
+
+
+def member_charts(members: Iterable[str], tags: Iterable[str]) -> set[tuple[str, str]]:
+    """``(section, metric)`` of each tag that is a sweep member's: ``<section>/<member>/<metric>`` (``train``, ``val``,
+    ``eval``: ``eval/<member>/<benchmark>/<metric>``) or ``<section>/<member>`` (``lr``, metric ``""``)."""
+    names, out = set(members), set()
+    for tag in tags:
+        parts = tag.split("/")
+        if len(parts) >= 2 and parts[1] in names:
+            out.add((parts[0], "/".join(parts[2:])))
+    return out
+
+
+def member_layout(members: Iterable[str], charts: Iterable[tuple[str, str]]) -> dict[str, dict[str, list]]:
+    """A Custom Scalars layout (``SummaryWriter.add_custom_scalars``'s) of a sweep: a category per section
+    (``sweep: train``, ``sweep: val``, ``sweep: eval``, ``sweep: lr``), in it a chart per metric drawing every
+    member's curve (a regex over the tags ``<section>/<member>/<metric>``), so the members compare at a glance; the
+    Scalars tab keeps a card per tag."""
+    alt = "|".join(re.escape(m) for m in members)
+    layout: dict[str, dict[str, list]] = {}
+    order = {s: i for i, s in enumerate(SECTIONS)}
+    for section, metric in sorted(charts, key=lambda c: (order.get(c[0], len(SECTIONS)), c[0], c[1])):
+        regex = f"^{re.escape(section)}/({alt})" + (f"/{re.escape(metric)}$" if metric else "$")
+        layout.setdefault(f"sweep: {section}", {})[metric or section] = ["Multiline", [regex]]
+    return layout
 
 
 def curves_first(loggers: list) -> None:

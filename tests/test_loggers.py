@@ -147,3 +147,35 @@ def test_a_logger_resumed_in_its_folder_drops_the_later_events_before_it_writes(
     assert continue_log_folder([pinned], ckpt, record, step=20) is None and pinned.version == "mine"
     assert continue_log_folder([TensorBoardLogger(str(tmp_path), name="run")], ckpt, None, step=20) is None
     assert continue_log_folder([], ckpt, record, step=20) is None
+
+
+def test_a_sweeps_members_get_one_custom_scalars_chart_per_metric(tmp_path):
+    """Every member's curve of a metric in one chart (TensorBoard's Custom Scalars tab), sections train, val, eval,
+    lr; rewritten when a log brings a chart it lacks (the evaluation's, AuxK's loss), the newest read back; the
+    regexes match exactly the members' tags (not the console-only means, nor another SAE's)."""
+    import re
+
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from gsae.loggers import TensorBoardLogger
+
+    lg = TensorBoardLogger(str(tmp_path), name="run")
+    lg.members = ("topk-k8", "gsae.k8")  # a dot: escaped in the regexes
+    train = {f"train/{m}/{k}": 0.5 for m in lg.members for k in ("nmse", "l0")} | {"train/tokens_seen": 9.0}
+    lg.log_metrics(train | {f"lr/{m}": 1e-3 for m in lg.members}, step=10)
+    lg.log_metrics(train, step=20)  # nothing new: no layout written
+    lg.log_metrics({f"eval/{m}/loss_added/L_added": 0.1 for m in lg.members} | {"train/topk-k8/aux_loss": 1.0}, step=30)
+    lg.finalize("success")
+    acc = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"tensors": 0}).Reload()
+    events = acc.Tensors("custom_scalars__config__")
+    assert [e.step for e in events] == [10, 30]
+    layout = layout_pb2.Layout.FromString(events[-1].tensor_proto.string_val[0])
+    charts = {(c.title, ch.title): list(ch.multiline.tag) for c in layout.category for ch in c.chart}
+    assert list(dict.fromkeys(c for c, _ in charts)) == ["sweep: train", "sweep: eval", "sweep: lr"]
+    assert sorted(charts) == [("sweep: eval", "loss_added/L_added"), ("sweep: lr", "lr"), ("sweep: train", "aux_loss"),
+                              ("sweep: train", "l0"), ("sweep: train", "nmse")]
+    tags = [*train, "train/gsaexk8/nmse", "train/nmse", "eval/topk-k8/loss_added/L_added", "lr/topk-k8", "lr/gsae.k8"]
+    (nmse,) = charts["sweep: train", "nmse"]
+    assert [t for t in tags if re.fullmatch(nmse, t)] == ["train/topk-k8/nmse", "train/gsae.k8/nmse"]
+    (lr,) = charts["sweep: lr", "lr"]
+    assert [t for t in tags if re.fullmatch(lr, t)] == ["lr/topk-k8", "lr/gsae.k8"]

@@ -458,6 +458,16 @@ class SweepSAESystem(LocalSAESystem):
             self._log_sweep(host_floats(metrics))  # one copy to the host for every member's metrics
         return total
 
+    def on_fit_start(self) -> None:
+        """Tell the TensorBoard logger the members' names: one Custom Scalars chart per metric, every member's curve
+        in it (:func:`gsae.loggers.member_layout`)."""
+        from gsae.loggers import TensorBoardLogger
+
+        super().on_fit_start()
+        for lg in self.loggers:
+            if isinstance(lg, TensorBoardLogger):
+                lg.members = tuple(self.members)
+
     def _log_sweep(self, metrics: dict[str, float]) -> None:
         names = list(self.members)
         mean = lambda key: sum(metrics[f"train/{n}/{key}"] for n in names) / len(names)  # noqa: E731

@@ -4,6 +4,7 @@ alone by ``LocalSAESystem`` on the same tokens — after n steps, after a stop a
 from __future__ import annotations
 
 import json
+import re
 
 import lightning.pytorch as pl
 import pytest
@@ -392,8 +393,18 @@ def test_cli_layers_sweep_exports_evaluates_and_logs_each_member_at_its_hook(tmp
             assert evaluate_main([str(export), "--benchmarks", "loss_added", "--n-seqs", "8", "--output", str(out)]) == 0
             (alone,) = json.loads(out.read_text())["loss_added"].values()
             assert alone["L_added"] == pytest.approx(trained[name], rel=1e-4, abs=1e-6), name
-    tags = set(EventAccumulator(str(run / "version_0"), size_guidance={"scalars": 0}).Reload().Tags()["scalars"])
+    acc = EventAccumulator(str(run / "version_0"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    tags = set(acc.Tags()["scalars"])
     assert all({f"train/{n}/nmse", f"val/{n}/nmse", f"eval/{n}/loss_added/L_added"} <= tags for n in hooks)
+    # the Custom Scalars tab: a chart per metric with the 4 members' curves, the evaluation's too (its latest layout)
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+    charts = {(c.title, ch.title): ch.multiline.tag[0] for c in layout.category for ch in c.chart}
+    assert {("sweep: train", "nmse"), ("sweep: val", "nmse"), ("sweep: eval", "loss_added/L_added"),
+            ("sweep: lr", "lr")} <= set(charts)
+    assert sorted(t for t in tags if re.fullmatch(charts["sweep: eval", "loss_added/L_added"], t)) == sorted(
+        f"eval/{n}/loss_added/L_added" for n in hooks)
 
 
 #: Members that stack (gsae.sae.stacked): one shape, TopK and g-SAEs, k 2 / 3 / 3 / 5 (three runs of equal k), β 1e3
