@@ -68,6 +68,9 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
             redone = self._redone
             drop_events(self._earlier_files, after=self.resume_step, at=None if redone is None else self.resume_step,
                         prefix=redone or "")
+            # the charts the stopped run's layout had (its evaluation's among them): the resume's first layout keeps
+            # them, rather than showing only the training charts until the next evaluation
+            self._charts = frozenset(layout_charts(self._earlier_files))
         return super().experiment
 
     def drop_redone(self, step: int, prefix: str = "eval/") -> None:
@@ -138,6 +141,35 @@ def member_charts(members: Iterable[str], tags: Iterable[str]) -> set[tuple[str,
         if len(parts) >= 2 and parts[1] in names:
             out.add((parts[0], "/".join(parts[2:])))
     return out
+
+
+#: the tag of a Custom Scalars layout (``torch.utils.tensorboard.summary.custom_scalars``)
+LAYOUT_TAG = "custom_scalars__config__"
+
+
+def layout_charts(files: list[Path]) -> set[tuple[str, str]]:
+    """The ``(section, metric)`` charts (:func:`member_charts`) of the newest :func:`member_layout` in the event
+    ``files`` (what a stopped run wrote; only records naming the layout's tag are parsed)."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    newest: tuple[int, bytes] | None = None
+    for f in files:
+        for record in RawEventFileLoader(str(f)).Load():
+            if LAYOUT_TAG.encode() not in record:
+                continue
+            event = Event.FromString(record)
+            for v in event.summary.value:
+                if v.tag == LAYOUT_TAG and (newest is None or event.step >= newest[0]):
+                    newest = (event.step, v.tensor.string_val[0])
+    if newest is None:
+        return set()
+    charts = set()
+    for category in layout_pb2.Layout.FromString(newest[1]).category:
+        section = category.title.removeprefix("sweep: ")
+        charts |= {(section, "" if c.title == section else c.title) for c in category.chart}
+    return charts
 
 
 def member_layout(members: Iterable[str], charts: Iterable[tuple[str, str]]) -> dict[str, dict[str, list]]:

@@ -179,3 +179,19 @@ def test_a_sweeps_members_get_one_custom_scalars_chart_per_metric(tmp_path):
     assert [t for t in tags if re.fullmatch(nmse, t)] == ["train/topk-k8/nmse", "train/gsae.k8/nmse"]
     (lr,) = charts["sweep: lr", "lr"]
     assert [t for t in tags if re.fullmatch(lr, t)] == ["lr/topk-k8", "lr/gsae.k8"]
+
+    def resumed(step: int, metrics: dict, at: int) -> list[tuple[int, set]]:
+        """A logger resuming the folder from ``step`` logs ``metrics`` at ``at``: the layouts left, newest last."""
+        again = TensorBoardLogger(str(tmp_path), name="run", version=0)
+        again.resume_step, again.members = step, lg.members
+        again.log_metrics(metrics, step=at)
+        again.finalize("success")
+        found = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"tensors": 0}).Reload()
+        return [(e.step, {(c.title, ch.title) for c in layout_pb2.Layout.FromString(e.tensor_proto.string_val[0]).category
+                          for ch in c.chart}) for e in found.Tensors("custom_scalars__config__")]
+
+    # resumed from step 30: the stopped run's charts (its evaluation's) are kept, no layout with the training's alone
+    assert [(st, len(c)) for st, c in resumed(30, train, 40)] == [(10, 3), (30, 5)]
+    # rolled back to step 20: the layout written at 30 goes with the events after 20; AuxK's chart comes back at 25
+    (_, first), (step, newest) = resumed(20, {"train/gsae.k8/aux_loss": 1.0}, 25)
+    assert step == 25 and newest == first | {("sweep: train", "aux_loss")} and ("sweep: eval", "loss_added/L_added") not in newest
