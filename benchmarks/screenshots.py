@@ -13,6 +13,8 @@ Needs the Debian package ``chromium`` (``apt-get install -y chromium``)::
 
     python benchmarks/screenshots.py                        # quickstart (200 steps, ~2-4 min on 2 cores) + shots
     python benchmarks/screenshots.py --run checkpoints/quickstart-topk --out /tmp/shots
+    python benchmarks/screenshots.py --config configs/quickstart/sweep.yaml --pages tensorboard_sweep_custom_scalars \
+        --width 1600 --height 1200                        # a sweep's members, one chart per metric
 """
 
 from __future__ import annotations
@@ -39,21 +41,24 @@ PAGES = {  # name -> TensorBoard URL fragment (the Scalars shot filters on the t
     "tensorboard_images": "#images",
     "tensorboard_text": "#text",
 }
+#: pages shot only when named in ``--pages`` (a sweep's: its members' charts, ``gsae.loggers.member_layout``)
+EXTRA_PAGES = {"tensorboard_sweep_custom_scalars": "#custom_scalars"}
 
 
-def train(root: Path, steps: int) -> Path:
-    """Run the TopK quickstart under ``root``; return its run folder."""
+def train(root: Path, steps: int, config: str = "configs/quickstart/topk.yaml") -> Path:
+    """Run a quickstart (``config``, default the TopK one) under ``root``; return its run folder."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     help_text = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, env=env, capture_output=True,
                                text=True).stdout
-    args = [sys.executable, "train.py", "--config", "configs/quickstart/topk.yaml", "--trainer.max_steps", str(steps),
+    args = [sys.executable, "train.py", "--config", config, "--trainer.max_steps", str(steps),
             "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)]
     if "--evaluation" not in help_text:  # before the evaluation option group: add the callback by hand
         args += ["--trainer.callbacks+=gsae.callbacks.EvaluationCallback", f"--trainer.callbacks.benchmarks={BENCHES}"]
     t = time.perf_counter()
     subprocess.run(args, cwd=REPO, env=env, check=True)
     print(f"train_s={time.perf_counter() - t:.1f}")
-    return root / "quickstart-topk"
+    (run,) = {c.parent.parent for c in root.glob("*/checkpoints/*.ckpt")}
+    return run
 
 
 def ensure_latent_dashboards(run: Path) -> None:
@@ -138,17 +143,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, default=None, help="an existing run folder (default: train the quickstart)")
     p.add_argument("--steps", type=int, default=200, help="quickstart steps when training")
+    p.add_argument("--config", default="configs/quickstart/topk.yaml", help="the quickstart to train (without --run)")
+    p.add_argument("--pages", nargs="+", default=None, choices=[*PAGES, *EXTRA_PAGES, "latents_html"],
+                   help="the shots to take (default: every TensorBoard page but the extra ones, and latents_html); "
+                   "e.g. --config configs/quickstart/sweep.yaml --pages tensorboard_sweep_custom_scalars")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots", help="where the PNGs go")
     p.add_argument("--width", type=int, default=1400)
     p.add_argument("--height", type=int, default=1000)
     a = p.parse_args()
-    run = a.run or train(Path(tempfile.mkdtemp(prefix="gsae-shots-")), a.steps)
+    wanted = a.pages or [*PAGES, "latents_html"]
+    run = a.run or train(Path(tempfile.mkdtemp(prefix="gsae-shots-")), a.steps, a.config)
     ensure_latent_dashboards(run)
     a.out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     proc = start_tensorboard(run, port)
     try:
-        for name, frag in PAGES.items():
+        for name, frag in {**PAGES, **EXTRA_PAGES}.items():
+            if name not in wanted:
+                continue
             t = time.perf_counter()
             path = a.out / f"{name}.png"
             screenshot(f"http://127.0.0.1:{port}/{frag}", path, a.width, a.height)
@@ -157,6 +169,9 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    print(f"run={run}")
+    if "latents_html" not in wanted:
+        return
     pages = sorted(run.glob("checkpoints/*.latents.html"), key=os.path.getmtime)
     steps = [q for q in pages if not q.name.startswith("last")] or pages
     html_page = steps[-1]
@@ -164,7 +179,6 @@ def main() -> None:
     screenshot(html_page.resolve().as_uri(), path, a.width, 1600, budget_ms=3000)
     shrink(path)
     print(f"latents_html={path} bytes={path.stat().st_size} source={html_page}")
-    print(f"run={run}")
     print("pages=" + json.dumps(sorted(str(q.name) for q in pages)))
 
 
