@@ -244,7 +244,9 @@ def check_trainer(trainer) -> None:
     """One-line errors for ``--trainer`` values Lightning accepts and then divides by (a ``ZeroDivisionError`` in the
     loop, after the first step), and for a strategy that starts its processes by spawning (``ddp_spawn``: each process
     would need the command line's objects pickled, the LM and the parser's optimizer factory among them)."""
+    from lightning.pytorch.plugins.environments import LightningEnvironment
     from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
     launcher = getattr(trainer.strategy, "launcher", None)
     if isinstance(launcher, _MultiProcessingLauncher) and launcher._start_method != "fork":
@@ -253,6 +255,15 @@ def check_trainer(trainer) -> None:
         raise ValueError(
             f"--trainer.strategy {name}: train.py cannot start processes by {method}; use "
             "--trainer.strategy ddp (Lightning starts one process per device, or launch with torchrun/srun) or ddp_fork"
+        )
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if (trainer.num_nodes > 1 and isinstance(launcher, _SubprocessScriptLauncher) and isinstance(env, LightningEnvironment)
+            and not {"MASTER_ADDR", "NODE_RANK", "GROUP_RANK"} & set(os.environ)):
+        # no launcher told this process which node it is nor where node 0 is: every node would be node 0 on its own
+        # 127.0.0.1 and wait for the others in DDP's set-up (30 minutes)
+        raise ValueError(
+            f"--trainer.num_nodes {trainer.num_nodes}: no launcher told this process its node: start it on every node "
+            "with torchrun or srun, or export MASTER_ADDR, MASTER_PORT and NODE_RANK (README: Multi-GPU / multi-node)"
         )
     if int(trainer.accumulate_grad_batches) < 1:
         raise ValueError(f"--trainer.accumulate_grad_batches must be >= 1 (got {trainer.accumulate_grad_batches})")

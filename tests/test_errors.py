@@ -19,6 +19,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def run_cli(tmp_path, monkeypatch, capsys):
     """Run ``train.py`` in process on the quickstart config with extra args; returns (exit code, error line)."""
     monkeypatch.chdir(REPO_ROOT)
+    for var in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)  # as a user's shell: no launcher's variables (a DDP test may set them)
 
     def run(*extra: str) -> tuple[int, str]:
         capsys.readouterr()
@@ -54,6 +56,9 @@ def run_cli(tmp_path, monkeypatch, capsys):
         (["--trainer.max_steps", "-5"], ["max_steps", "-5"]),
         (["--trainer.default_root_dir", str(REPO_ROOT / "README.md")], ["Not a directory", "README.md"]),
         (["--model.init_args.optimizer.init_args.lr", "-0.001"], ["--model.optimizer: Invalid learning rate: -0.001"]),
+        # several nodes and no launcher's variables: every node would be node 0, waiting 30 minutes for the others
+        (["--trainer.num_nodes", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"],
+         ["--trainer.num_nodes 2: no launcher told this process its node", "MASTER_ADDR, MASTER_PORT and NODE_RANK"]),
         # before DDP starts the ranks (each rank used to fail, and print it, on its own)
         (["--trainer.strategy", "ddp", "--trainer.devices", "3", "--trainer.accelerator", "cpu"],
          ["--data.n_streams (16) must be a multiple of the number of ranks (3"]),
@@ -63,7 +68,7 @@ def run_cli(tmp_path, monkeypatch, capsys):
     ],
     ids=["hook", "k>d_sae", "d_sae=0", "k=0", "context_size>n_ctx", "batch_size=0", "lm-preset", "ckpt-last",
          "ckpt-missing", "accumulate=0", "val_check_interval=0", "bf16-true", "gpu-on-cpu", "max_steps<0", "root-is-a-file",
-         "lr<0", "ddp-3-ranks", "ddp_spawn"],
+         "lr<0", "nodes-untold", "ddp-3-ranks", "ddp_spawn"],
 )
 def test_bad_option(run_cli, args: list[str], expected: list[str]) -> None:
     code, line = run_cli(*args)
