@@ -54,6 +54,11 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
     _earlier_files: list[Path] = []
     #: the tags' prefix of what this run logs again at :attr:`resume_step`, if said before its writer was made
     _redone: str | None = None
+    #: a sweep's member names (:class:`gsae.systems.SweepSAESystem` sets them): their curves get one chart per metric
+    #: in TensorBoard's Custom Scalars tab (:func:`member_layout`)
+    members: tuple[str, ...] = ()
+    #: the (section, metric) charts of the layout written last (None: not known yet, see ``_update_layout``)
+    _charts: frozenset[tuple[str, str]] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("default_hp_metric", False)
@@ -68,9 +73,6 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
             redone = self._redone
             drop_events(self._earlier_files, after=self.resume_step, at=None if redone is None else self.resume_step,
                         prefix=redone or "")
-            # the charts the stopped run's layout had (its evaluation's among them): the resume's first layout keeps
-            # them, rather than showing only the training charts until the next evaluation
-            self._charts = frozenset(layout_charts(self._earlier_files))
         return super().experiment
 
     def drop_redone(self, step: int, prefix: str = "eval/") -> None:
@@ -85,16 +87,14 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
         else:
             drop_events(self._earlier_files, at=step, prefix=prefix)
 
-    #: a sweep's member names (:class:`gsae.systems.SweepSAESystem` sets them): their curves get one chart per metric
-    #: in TensorBoard's Custom Scalars tab (:func:`member_layout`)
-    members: tuple[str, ...] = ()
-    #: the (section, metric) charts of the layout written last
-    _charts: frozenset[tuple[str, str]] = frozenset()
-
     def _update_layout(self, writer: SummaryWriter, tags: Iterable[str], step: int | None) -> None:
         """Write the members' Custom Scalars layout again when ``tags`` bring a chart it lacks (the first training,
         validation and evaluation logs; a metric that appears later, such as AuxK's loss), at ``step``, so the newest
-        layout is the one TensorBoard shows (it reads the latest; a resume's drop of later events keeps the one before)."""
+        layout is the one TensorBoard shows (it reads the latest; a resume's drop of later events keeps the one before).
+        A resume starts from the stopped run's charts (its evaluation's among them), so its first layout does not
+        show only the training's until the next evaluation."""
+        if self._charts is None:
+            self._charts = frozenset(layout_charts(self._earlier_files) if self.resume_step is not None else ())
         charts = self._charts | member_charts(self.members, tags)
         if charts != self._charts:
             self._charts = frozenset(charts)
@@ -200,9 +200,8 @@ def drop_events(files: list[Path], after: int | None = None, at: int | Iterable[
     """Rewrite TensorBoard event ``files`` without the summaries (scalars, figures, text) logged at steps after
     ``after`` (a run killed after its checkpoint at that step logged them, and its resume logs those steps again), nor
     the values at step ``at`` (or any of the steps ``at``) whose tag starts with ``prefix`` (or one of them: an
-    evaluation done again). Other events
-    (file version, graphs) stay, and so do files with nothing to drop (untouched) and a record a kill cut short at a
-    file's end (left for TensorBoard, which skips it). Each file is written beside the old one, then renamed over it.
+    evaluation done again). Other events (file version, graphs) stay, and so do files with nothing to drop
+    (untouched) and a record a kill cut short at a file's end (left for TensorBoard, which skips it). Each file is written beside the old one, then renamed over it.
     Returns the files rewritten."""
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto.event_pb2 import Event
