@@ -52,7 +52,7 @@ def test_two_nodes_equal_two_processes_on_one_node(tmp_path, single_node, launch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "env-2-per-node"])
+@pytest.mark.parametrize("launcher", ["torchrun", "srun", "env-2-per-node"])
 def test_a_check_failing_on_one_node_stops_every_node_at_once(tmp_path, single_node, launcher):
     """Resuming where only node 0 sees the run folder (each node its own disk): node 1's ``--ckpt_path last`` finds no
     checkpoint. Node 1 used to stop while node 0 waited for it in DDP's set-up (Lightning's 30-minute timeout); now
@@ -73,6 +73,11 @@ def test_a_check_failing_on_one_node_stops_every_node_at_once(tmp_path, single_n
             torchrun = [shutil.which("torchrun") or "torchrun", "--nnodes", "2", "--nproc-per-node", "1",
                         "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", port]
             nodes.append(start(args, launcher=torchrun))
+        elif launcher == "srun":
+            slurm = dict(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="2", SLURM_PROCID=str(node_rank),
+                         SLURM_LOCALID="0", SLURM_NODEID=str(node_rank), SLURM_NODELIST="127.0.0.1",
+                         SLURM_JOB_ID="4243", SLURM_JOB_NAME="gsae", MASTER_PORT=port)
+            nodes.append(start(args, **slurm))
         else:
             nodes.append(start(args, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node_rank)))
     try:
