@@ -752,10 +752,11 @@ def count_ops(name: str, system, tokens: torch.Tensor, n_steps: int, args) -> di
     count = Count()
     import gsae.sae.stacked as stacked
 
-    # a stacked sweep's CPU-only choices (each SAE's cache-blocked constraints, numpy's radix sort) would count what a
-    # GPU does not run: count the GPU's paths (the same results, tests/sae/test_stacked.py)
-    cpu_paths = stacked.PER_SAE_CONSTRAINT_DEVICES, stacked.RADIX_SORT_DEVICES
+    # a stacked sweep's CPU-only choices (each SAE's cache-blocked constraints, numpy's radix sort, a top-k per run of
+    # equal k) would count what a GPU does not run: count the GPU's paths (the same results, tests/sae/test_stacked.py)
+    cpu_paths = stacked.PER_SAE_CONSTRAINT_DEVICES, stacked.RADIX_SORT_DEVICES, stacked.GROUPED_TOPK_DEVICES
     stacked.PER_SAE_CONSTRAINT_DEVICES, stacked.RADIX_SORT_DEVICES = set(), set()
+    stacked.GROUPED_TOPK_DEVICES = {*stacked.GROUPED_TOPK_DEVICES, "cpu"}
 
     class Counter(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -769,7 +770,7 @@ def count_ops(name: str, system, tokens: torch.Tensor, n_steps: int, args) -> di
     try:
         run_lightning(system, tokens[: warm + n_steps + COOLDOWN], callbacks=[Counter()])
     finally:
-        stacked.PER_SAE_CONSTRAINT_DEVICES, stacked.RADIX_SORT_DEVICES = cpu_paths
+        stacked.PER_SAE_CONSTRAINT_DEVICES, stacked.RADIX_SORT_DEVICES, stacked.GROUPED_TOPK_DEVICES = cpu_paths
     out = {"kernel": count.kernels / n_steps, "view": count.views / n_steps, "read": count.reads / n_steps}
     print(f"ops_per_step_{name}={(count.kernels + count.views + count.reads) / n_steps:.1f}")
     print(f"kernel_ops_per_step_{name}={out['kernel']:.1f}")

@@ -11,7 +11,9 @@ TopK and g-SAE alike, any ``k``, ``β``, ``k_aux``, init — as one pass:
 - the g-SAE members' ``|W_dec ∇ₓL|`` in one batched matmul, their scores ``pre·(1 + β|W_dec ∇ₓL|)`` in one pass
   (the g-SAEs are the stack's first rows, so their pre-activations and decoders are views, not copies, and no
   ``(N, B, d_sae)`` scores matrix is built for the TopK members, whose scores are their pre-activations);
-- one top-k per run of equal ``k`` (g-SAEs, then TopK SAEs, each ordered by ``k``);
+- on a GPU one top-k per block of equally scored rows (the g-SAEs, the TopK SAEs) at the largest ``k``, sorted,
+  each member taking its best ``k`` of those (:data:`GROUPED_TOPK_DEVICES`); on the CPU one top-k per run of equal
+  ``k`` (g-SAEs, then TopK SAEs, each ordered by ``k``);
 - the decode of every member in one ``embedding_bag`` over the stacked decoders (a bag per member and row);
 - the backward as one autograd node: ``∂W_dec`` and ``∂W_enc`` as one sparse product each over the stacked
   latents (the latent-major order of all members' entries; dense bf16 matmuls under CUDA autocast, as
@@ -46,6 +48,11 @@ from gsae.sae.topk import TopKSAE, topk_indices
 STACK_BYTES = 4 << 30
 #: devices whose latent-major order (the sparse backward's) is one numpy radix sort per member (else one torch sort)
 RADIX_SORT_DEVICES = {"cpu"}
+#: devices where the stack's top-k runs once per block of equally scored rows (g-SAEs, TopK SAEs) at the largest
+#: ``k``, each member then taking its best ``k`` of those (:meth:`StackPlan.selection`), instead of once per run of
+#: equal ``k``: ~25 kernel launches for Table 1's 10 members instead of ~110 (a GPU step there is host-bound); on the
+#: CPU the top-k's cost grows with ``k`` (k 3 / 64: 21 / 75 ms for 4096 rows) and launches cost nothing
+GROUPED_TOPK_DEVICES = {"cuda"}
 #: devices where :func:`remove_parallel_grads` and :func:`normalize_decoders` run each SAE's own constraint (a CPU is
 #: not launch-bound, and each SAE's cache-sized row blocks beat one pass over the whole stack: 10 decoders of GPT-2
 #: shape, 2 cores, 0.10 s in one pass against 0.05 s per SAE); elsewhere one pass over the stacked decoders
@@ -107,8 +114,10 @@ class StackPlan:
             else:
                 self.runs.append((k, i, i + 1))
         self.betas = [s.beta for s in saes[: self.n_grad]]
+        self.k_max = max(self.ks)
         self._const: dict[torch.device, tuple[Tensor, Tensor]] = {}  # layout(): k per member, latent offsets
         self._last: tuple | None = None  # layout(): the latest row count's
+        self._last_selection: tuple | None = None  # selection(): the latest row count's
         self._betas: dict[tuple, Tensor] = {}
         self._storage: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # storage(): the members' parameters
         # set by the forward for the caller: per stack row, (top_acts (B, k), top_idx (B, k)) views; and every
@@ -198,6 +207,41 @@ class StackPlan:
         return have
 
 
+    def selection(self, rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(take, base)`` of the grouped top-k (:data:`GROUPED_TOPK_DEVICES`): for each entry of the decode's layout
+        (:meth:`layout`: member-major, then row, then its member's ``k`` best), its place in the ``(N·rows, k_max)``
+        matrix of every row's ``k_max`` best latents, best first (``bag · k_max + its rank``), and its member's offset
+        in the stacked latents (``member · d_sae``). Built on the device from :meth:`layout`'s tensors; the latest row
+        count's is kept."""
+        if self._last_selection is not None and self._last_selection[0] == (rows, device):
+            return self._last_selection[1]
+        offsets, bags, _, _ = self.layout(rows, device)
+        rank = torch.arange(bags.numel(), device=device).sub_(offsets[bags])  # each entry's place in its bag
+        have = (bags * self.k_max + rank, bags.div(rows, rounding_mode="floor").mul_(self.d_sae))
+        self._last_selection = ((rows, device), have)
+        return have
+
+
+def _grouped_top(plan: StackPlan, pre: Tensor, scores: Tensor | None, rows: int) -> tuple[Tensor, Tensor]:
+    """``(top_idx, top_acts)`` of every member, flat in the layout's order (:meth:`StackPlan.layout`): one top-k of
+    ``k_max`` per block of equally scored rows (the g-SAEs by their scores, the TopK SAEs by ``pre``), sorted by score,
+    then each member's first ``k`` (its top ``k``: the ``k_max`` best hold them) taken in one ``index_select``."""
+    n, d_sae, k_max = plan.n, plan.d_sae, plan.k_max
+    g_rows = 0 if scores is None else scores.shape[0]
+    best = []
+    for first, end in [(0, g_rows), (g_rows, n)]:
+        if end <= first:
+            continue
+        score = (scores if first == 0 and g_rows else pre[first:end]).reshape((end - first) * rows, d_sae)
+        idx = topk_indices(score, k_max)
+        order = score.gather(1, idx).argsort(dim=1, descending=True)  # best first (ties: either, as torch.topk's)
+        best.append(idx.gather(1, order))
+    best_idx = torch.cat(best) if len(best) > 1 else best[0]  # (N·rows, k_max): member-major rows, best first
+    take, _ = plan.selection(rows, pre.device)
+    acts = pre.view(n * rows, d_sae).gather(1, best_idx).view(-1).index_select(0, take)
+    return best_idx.view(-1).index_select(0, take), acts
+
+
 class _StackedOrder:
     """The latent-major order of a stack's entries: ``(perm, bag of each sorted entry, latent offsets)`` over the
     ``N·d_sae`` stacked latents, as :meth:`SparsePattern.order` for one SAE."""
@@ -252,20 +296,31 @@ class _StackedTopK(torch.autograd.Function):
                 scores = torch.addcmul(pre_g, pre_g, a, value=plan.betas[0], out=a)
             else:  # β per g-SAE: a (N_g, 1, 1) tensor made once per device (a copy per step would wait for a GPU)
                 scores = torch.addcmul(pre_g, pre_g, a.mul_(plan.beta_tensor(a.device, a.dtype)), out=a)
-        idx_parts, act_parts = [], []
-        for k, first, end in plan.runs:  # one top-k per run of equal k (TopK rows: scored by pre itself)
-            m = end - first
-            score = scores[first:end] if first < g_rows else pre[first:end]
-            idx = topk_indices(score.reshape(m * rows, d_sae), k).view(m, rows, k)
-            acts = pre[first:end].gather(2, idx)
+        if x.device.type in GROUPED_TOPK_DEVICES and len(plan.runs) > 1 + (0 < g_rows < n):
+            idx, acts = _grouped_top(plan, pre, scores, rows)  # one top-k per block of equally scored rows
+            del scores
             if plan.relu:
                 acts = F.relu(acts)
-            idx_parts.append(idx)
-            act_parts.append(acts)
-        del scores, score
-        plan.top = [(a[i], ix[i]) for a, ix in zip(act_parts, idx_parts) for i in range(a.shape[0])]
-        gidx = torch.cat([(ix + latent_base[first:end]).reshape(-1) for ix, (_, first, end) in zip(idx_parts, plan.runs)])
-        acts = torch.cat([a.reshape(-1) for a in act_parts]).to(W_dec_all.dtype)
+            plan.top = [(acts[starts[i] : starts[i + 1]].view(rows, k), idx[starts[i] : starts[i + 1]].view(rows, k))
+                        for i, k in enumerate(plan.ks)]
+            gidx = idx + plan.selection(rows, x.device)[1]
+        else:
+            idx_parts, act_parts = [], []
+            for k, first, end in plan.runs:  # one top-k per run of equal k (TopK rows: scored by pre itself)
+                m = end - first
+                score = scores[first:end] if first < g_rows else pre[first:end]
+                idx = topk_indices(score.reshape(m * rows, d_sae), k).view(m, rows, k)
+                acts = pre[first:end].gather(2, idx)
+                if plan.relu:
+                    acts = F.relu(acts)
+                idx_parts.append(idx)
+                act_parts.append(acts)
+            del scores, score
+            plan.top = [(a[i], ix[i]) for a, ix in zip(act_parts, idx_parts) for i in range(a.shape[0])]
+            gidx = torch.cat([(ix + latent_base[first:end]).reshape(-1)
+                              for ix, (_, first, end) in zip(idx_parts, plan.runs)])
+            acts = torch.cat([a.reshape(-1) for a in act_parts])
+        acts = acts.to(W_dec_all.dtype)
         plan.gidx, plan.acts = gidx, acts
         x_hat = F.embedding_bag(gidx, W_dec_all.view(n * d_sae, -1), offsets, per_sample_weights=acts, mode="sum")
         x_hat = x_hat.view(n, rows, -1).add_(b_dec_all.unsqueeze(1))

@@ -62,9 +62,16 @@ def _stacked(saes, x, grad, weights):
 
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("dense", [False, True])
-def test_a_stack_equals_each_member_alone(relu: bool, dense: bool, monkeypatch) -> None:
+@pytest.mark.parametrize("grouped", [False, True], ids=["topk-per-run", "topk-per-block"])
+def test_a_stack_equals_each_member_alone(relu: bool, dense: bool, grouped: bool, monkeypatch) -> None:
     if dense:  # the products CUDA autocast takes (batched dense matmuls), here in float32 on the CPU
         monkeypatch.setattr(stacked_mod, "autocast_dense_dtype", lambda t: torch.float32)
+    # a GPU's selection: one top-k of the largest k per block of equally scored rows (g-SAEs, TopK SAEs), each member
+    # then its best k of those; else one top-k per run of equal k
+    monkeypatch.setattr(stacked_mod, "GROUPED_TOPK_DEVICES", {"cpu"} if grouped else set())
+    calls = []
+    real_topk = stacked_mod.topk_indices
+    monkeypatch.setattr(stacked_mod, "topk_indices", lambda s, k: calls.append(k) or real_topk(s, k))
     saes = _members(relu=relu)
     with torch.no_grad():  # one member whose kept pre-activations are mostly negative: ReLU zeroes them
         saes[4].b_enc.sub_(3)
@@ -77,6 +84,7 @@ def test_a_stack_equals_each_member_alone(relu: bool, dense: bool, monkeypatch) 
     assert [(type(saes[i]).__name__, saes[i].k) for i in order] == [
         ("GradTopKSAE", 3), ("GradTopKSAE", 5), ("TopKSAE", 3), ("TopKSAE", 5), ("TopKSAE", 8)]
     assert plan.n_grad == 2 and plan.runs == [(3, 0, 1), (5, 1, 2), (3, 2, 3), (5, 3, 4), (8, 4, 5)]
+    assert calls == ([8, 8] if grouped else [3, 5, 3, 5, 8])
     for row, i in enumerate(order):
         ref = ref_outs[i]
         top_acts, top_idx = plan.top[row]
@@ -96,9 +104,11 @@ def test_a_stack_equals_each_member_alone(relu: bool, dense: bool, monkeypatch) 
         assert any((a == 0).any() for a, _ in plan.top)
 
 
-def test_the_g_sae_scores_select_and_topk_members_ignore_the_gradient() -> None:
+@pytest.mark.parametrize("grouped", [False, True], ids=["topk-per-run", "topk-per-block"])
+def test_the_g_sae_scores_select_and_topk_members_ignore_the_gradient(grouped: bool, monkeypatch) -> None:
     """With a large β the g-SAE's selection follows |W_dec g| (differs from its TopK selection); TopK members'
-    selection is the same with or without a gradient."""
+    selection is the same with or without a gradient (without one, every row is scored by ``pre``: one block)."""
+    monkeypatch.setattr(stacked_mod, "GROUPED_TOPK_DEVICES", {"cpu"} if grouped else set())
     saes = _members()
     x, grad = torch.randn(30, D_IN), torch.randn(30, D_IN)
     plan = StackPlan([saes[i] for i in stacks(saes, 30)[0]])
@@ -238,13 +248,15 @@ def test_stacked_view_only_describes_equally_spaced_pieces_of_one_storage() -> N
     assert stacked_mod.stacked_view(overlapping) is None
 
 
-def test_steady_steps_copy_nothing_from_the_host() -> None:
+@pytest.mark.parametrize("grouped", [False, True], ids=["topk-per-run", "topk-per-block"])
+def test_steady_steps_copy_nothing_from_the_host(grouped: bool, monkeypatch) -> None:
     """On a GPU a copy from the host waits for the device. After the first step (which makes the per-device constants:
     each member's k, the latent offsets, the β), a stacked forward and backward — also at a new row count, as the
     special tokens a step drops change it — runs no op with a host tensor. Checked on the ``meta`` device, which
     runs the same ops without data, so a host tensor in any of them shows."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    monkeypatch.setattr(stacked_mod, "GROUPED_TOPK_DEVICES", {"meta"} if grouped else set())
     saes = [s.to("meta") for s in _members()]
     plan = StackPlan([saes[i] for i in stacks(saes, 10)[0]])
     assert len(set(plan.betas)) > 1  # the β tensor path too

@@ -451,11 +451,12 @@ class CountKernels(pl.Callback):
 
 
 @pytest.mark.slow
-def test_stacked_members_equal_members_stepped_one_by_one(tmp_path):
+def test_stacked_members_equal_members_stepped_one_by_one(tmp_path, monkeypatch):
     """The default sweep steps the members that share a shape as one batched pass; the same run with
     ``stack_members: false`` steps each member on its own (the path the sweep-vs-alone tests above pin to the single
     runs). Both end with the same SAEs, dead-latent counters and logged metrics, and the stacked run launches far
-    fewer ops per step (what a GPU's host time scales with)."""
+    fewer ops per step (what a GPU's host time scales with). So does the stack with a GPU's selection (one top-k per
+    block of equally scored rows, ``GROUPED_TOPK_DEVICES``)."""
     runs, counts = {}, {}
     for stack in (True, False):
         root = tmp_path / str(stack)
@@ -477,6 +478,15 @@ def test_stacked_members_equal_members_stepped_one_by_one(tmp_path):
     # ~40 launches per member stepped alone; each stacked member beyond the first saves most of its own (AuxK, the
     # dead-latent counters and the decoder constraints stay per member)
     assert counts[False] - counts[True] >= 15 * 3, counts
+    import gsae.sae.stacked as stacked_mod
+
+    monkeypatch.setattr(stacked_mod, "GROUPED_TOPK_DEVICES", {"cpu"})
+    root = tmp_path / "grouped"
+    system = SweepSAESystem(_lm(), STACKING, optimizer=_adam(LR), stack_members=True, **COMMON)
+    grouped = _fit(system, root, callbacks=[RecordMetrics(root)], log_every_n_steps=1)
+    for name in grouped.members:
+        _assert_member_equals(grouped.members[name], runs[False].members[name], atol=1e-5)
+    assert assert_same_metrics(torch.load(root / "metrics.pt"), two, skip=("tokens_per_s",), rtol=1e-4, atol=1e-5) > 0
 
 
 def test_stacked_members_under_bf16_mixed(tmp_path, monkeypatch):
