@@ -197,6 +197,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the fused LM steps (--model.lm.compile true)")
     p.add_argument("--stack", default="auto", choices=["auto", "on", "off"],
                    help="sweep: --model.stack_members (auto: stacked on a GPU, each member on its own on the CPU)")
+    p.add_argument("--stack-topk", default="auto", choices=["auto", "per-run", "per-block"],
+                   help="a stacked sweep's selection: a top-k per run of equal k, or per block of equally scored rows "
+                   "at the largest k (gsae.sae.stacked.GROUPED_TOPK_DEVICES; auto: per block on a GPU)")
     p.add_argument(
         "--profile",
         type=int,
@@ -756,7 +759,8 @@ def count_ops(name: str, system, tokens: torch.Tensor, n_steps: int, args) -> di
     # equal k) would count what a GPU does not run: count the GPU's paths (the same results, tests/sae/test_stacked.py)
     cpu_paths = stacked.PER_SAE_CONSTRAINT_DEVICES, stacked.RADIX_SORT_DEVICES, stacked.GROUPED_TOPK_DEVICES
     stacked.PER_SAE_CONSTRAINT_DEVICES, stacked.RADIX_SORT_DEVICES = set(), set()
-    stacked.GROUPED_TOPK_DEVICES = {*stacked.GROUPED_TOPK_DEVICES, "cpu"}
+    if args.stack_topk != "per-run":
+        stacked.GROUPED_TOPK_DEVICES = {*stacked.GROUPED_TOPK_DEVICES, "cpu"}
 
     class Counter(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -833,6 +837,10 @@ def main(argv: list[str] | None = None) -> int:
     global ARGS
     args = ARGS = parse_args(argv)
     quiet()
+    if args.stack_topk != "auto":
+        import gsae.sae.stacked as stacked
+
+        stacked.GROUPED_TOPK_DEVICES = set() if args.stack_topk == "per-run" else {"cpu", "cuda"}
     torch.set_num_threads(args.threads)
     from gsae.allocator import tune_malloc
     from gsae.lm import LanguageModel
