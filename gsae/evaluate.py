@@ -488,7 +488,8 @@ def _evaluate_split(args, sources: list[Source], names: list[str], options: dict
     the training callback splits it (:func:`gsae.evals.run_split`: its benchmarks, and a sweep's members, by their
     expected cost; the same held-out tokens and seeds on every rank, so the results are a one-process run's). Every
     rank loads the SAEs (a sweep checkpoint's members together: they share the LM's passes); rank 0 writes
-    TensorBoard and, after :func:`evaluate`, the table and the files."""
+    TensorBoard and, after :func:`evaluate`, the table and the files. From the second checkpoint on, the split uses
+    what each (benchmark, member) took at the one before (the training callback's balance), not default costs."""
     from gsae.evals import run_split
 
     rank, world = _ranks()
@@ -498,30 +499,35 @@ def _evaluate_split(args, sources: list[Source], names: list[str], options: dict
     results: dict[str, dict[str, dict]] = {n: {} for n in names}
     cache: dict = {}
     last = {(runs[s.group], s.step): s for s in sources}
+    seconds: dict[str, float] = {}  # the previous checkpoint's, keyed by member name ("" for a one-SAE checkpoint)
     with TensorBoardOut(args.logdir if rank == 0 else None, names) as tb:
         for members in groups.values():
-            saes, error = {}, None
+            saes, key, error = {}, {}, None
             try:
                 for src in members:
+                    # by member name, so the next checkpoint's split finds these timings (the label, if one repeats)
+                    key[src.label] = (src.member or "") if (src.member or "") not in saes else src.label
                     sae, meta = load(src, device, args.model)
                     lm, hook, toks, counts = _lm_and_tokens(src, meta, args, device, cache, names, options)
                     if sae.d_in != lm.d_in(hook):
                         raise ArgumentError(f"PATH {src.label!r}: the SAE reads {sae.d_in}-wide activations, "
                                             f"{lm.name}'s {hook} is {lm.d_in(hook)} wide")
-                    saes[src.label] = (sae, hook)
+                    saes[key[src.label]] = (sae, hook)
             except (ValueError, OSError, RuntimeError) as e:
                 error = e
             _agree(error)
             src = members[0]
             log.info("evaluating %s (%s, %s) on %d ranks", src.path, lm.name, hook, world)
             batch_size = args.batch_size or args.run_batch_size or src.batch_size or meta.get("batch_size") or 8
-            everything, _, _ = run_split(names, saes, lm, tokens_per_benchmark(counts, toks, lm, options), world=world,
-                                         rank=rank, seed=args.seed, options=benchmark_options, batch_size=batch_size)
+            everything, seconds, _ = run_split(
+                names, saes, lm, tokens_per_benchmark(counts, toks, lm, options), world=world, rank=rank,
+                seconds_before=seconds, seed=args.seed, options=benchmark_options, batch_size=batch_size)
             for src in members:
+                res = everything[key[src.label]]
                 for n in names:
-                    results[n][src.label] = everything[src.label][n]
+                    results[n][src.label] = res[n]
                 if args.logdir and rank == 0 and last[runs[src.group], src.step] is src:
-                    tb.write(runs[src.group], src.step, everything[src.label])
+                    tb.write(runs[src.group], src.step, res)
     return results
 
 
