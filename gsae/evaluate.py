@@ -456,11 +456,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     # SAEs on the same LM and tokens (a sweep's members) share the LM passes
     with shared_harvests() as harvests, TensorBoardOut(args.logdir, names) as tb:
         for src in sources:
-            sae, meta = load(src, device, args.model)
-            lm, hook, toks, counts = _lm_and_tokens(src, meta, args, device, cache, names, options)
-            if sae.d_in != lm.d_in(hook):  # e.g. --model names a wider or narrower model than the SAE was trained on
-                raise ArgumentError(f"PATH {src.label!r}: the SAE reads {sae.d_in}-wide activations, {lm.name}'s {hook} "
-                                    f"is {lm.d_in(hook)} wide")
+            sae, meta, lm, hook, toks, counts = _load_with_lm(src, args, device, cache, names, options)
             # a sweep over layers: its members' hooks from one pass (a hook this LM lacks fails at its own member)
             names_here = set(lm.hook_names())
             harvests.plan(lm, [s.hook for s in sources if s.path == src.path and s.hook in names_here])
@@ -473,7 +469,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
                 tokens_per_benchmark(counts, toks, lm, options),
                 seed=args.seed,
                 options=benchmark_options,
-                batch_size=args.batch_size or args.run_batch_size or src.batch_size or meta.get("batch_size") or 8,
+                batch_size=_batch_size(args, src, meta),
             )
             for n in names:
                 results[n][src.label] = res[n]
@@ -502,23 +498,19 @@ def _evaluate_split(args, sources: list[Source], names: list[str], options: dict
     seconds: dict[str, float] = {}  # the previous checkpoint's, keyed by member name ("" for a one-SAE checkpoint)
     with TensorBoardOut(args.logdir if rank == 0 else None, names) as tb:
         for members in groups.values():
-            saes, key, error = {}, {}, None
+            saes, key, loaded, error = {}, {}, [], None
             try:
                 for src in members:
                     # by member name, so the next checkpoint's split finds these timings (the label, if one repeats)
                     key[src.label] = (src.member or "") if (src.member or "") not in saes else src.label
-                    sae, meta = load(src, device, args.model)
-                    lm, hook, toks, counts = _lm_and_tokens(src, meta, args, device, cache, names, options)
-                    if sae.d_in != lm.d_in(hook):
-                        raise ArgumentError(f"PATH {src.label!r}: the SAE reads {sae.d_in}-wide activations, "
-                                            f"{lm.name}'s {hook} is {lm.d_in(hook)} wide")
-                    saes[key[src.label]] = (sae, hook)
+                    loaded.append(_load_with_lm(src, args, device, cache, names, options))
+                    saes[key[src.label]] = (loaded[-1][0], loaded[-1][3])
             except (ValueError, OSError, RuntimeError) as e:
                 error = e
             _agree(error)
-            src = members[0]
-            log.info("evaluating %s (%s, %s) on %d ranks", src.path, lm.name, hook, world)
-            batch_size = args.batch_size or args.run_batch_size or src.batch_size or meta.get("batch_size") or 8
+            _, meta, lm, hook, toks, counts = loaded[0]  # a checkpoint's members share the LM and the tokens
+            log.info("evaluating %s (%s, %s) on %d ranks", members[0].path, lm.name, hook, world)
+            batch_size = _batch_size(args, members[0], meta)
             everything, seconds, _ = run_split(
                 names, saes, lm, tokens_per_benchmark(counts, toks, lm, options), world=world, rank=rank,
                 seconds_before=seconds, seed=args.seed, options=benchmark_options, batch_size=batch_size)
@@ -529,6 +521,24 @@ def _evaluate_split(args, sources: list[Source], names: list[str], options: dict
                 if args.logdir and rank == 0 and last[runs[src.group], src.step] is src:
                     tb.write(runs[src.group], src.step, res)
     return results
+
+
+def _load_with_lm(src: Source, args: argparse.Namespace, device: str, cache: dict, names, options):
+    """``(sae, meta, lm, hook, tokens, {benchmark: count})`` of a source (:func:`load`, :func:`_lm_and_tokens`), the
+    SAE's width checked against its hook's (e.g. ``--model`` naming a wider or narrower model than it was trained
+    on)."""
+    sae, meta = load(src, device, args.model)
+    lm, hook, toks, counts = _lm_and_tokens(src, meta, args, device, cache, names, options)
+    if sae.d_in != lm.d_in(hook):
+        raise ArgumentError(f"PATH {src.label!r}: the SAE reads {sae.d_in}-wide activations, {lm.name}'s {hook} "
+                            f"is {lm.d_in(hook)} wide")
+    return sae, meta, lm, hook, toks, counts
+
+
+def _batch_size(args: argparse.Namespace, src: Source, meta: dict) -> int:
+    """Sequences per forward pass: ``--batch-size``, else the run's evaluation setting, else the checkpoint's training
+    batch size, else 8."""
+    return args.batch_size or args.run_batch_size or src.batch_size or meta.get("batch_size") or 8
 
 
 def _lm_and_tokens(src: Source, meta: dict, args: argparse.Namespace, device: str, cache: dict, names, options):

@@ -206,7 +206,6 @@ class StackPlan:
         self._last = ((rows, device), have)
         return have
 
-
     def selection(self, rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """``(take, base)`` of the grouped top-k (:data:`GROUPED_TOPK_DEVICES`): for each entry of the decode's layout
         (:meth:`layout`: member-major, then row, then its member's ``k`` best), its place in the ``(N·rows, k_max)``
@@ -232,7 +231,7 @@ def _grouped_top(plan: StackPlan, pre: Tensor, scores: Tensor | None, rows: int)
     for first, end in [(0, g_rows), (g_rows, n)]:
         if end <= first:
             continue
-        score = (scores if first == 0 and g_rows else pre[first:end]).reshape((end - first) * rows, d_sae)
+        score = (scores if first < g_rows else pre[first:end]).reshape((end - first) * rows, d_sae)
         idx = topk_indices(score, k_max)
         order = score.gather(1, idx).argsort(dim=1, descending=True)  # best first (ties: either, as torch.topk's)
         best.append(idx.gather(1, order))
