@@ -9,6 +9,7 @@ save goes through fsspec, which writes to ``$TMPDIR`` and then moves the file: a
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -66,21 +67,69 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def replace_dir(tmp: str | Path, path: str | Path) -> None:
-    """Move the finished folder ``tmp`` to ``path`` (an older ``path`` is removed first: a crash in between leaves no
-    folder, never a half-written one)."""
+    """Move the finished folder ``tmp`` to ``path`` (an older ``path``, or a link there, is removed first: a crash in
+    between leaves no folder, never a half-written one)."""
     path = Path(path)
-    if path.exists():
+    if path.is_symlink():  # last.saelens linked to a step checkpoint's export: the link goes, not that export
+        path.unlink()
+    elif path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def symlink(target: str | Path, path: str | Path) -> None:
+    """Make ``path`` a symbolic link to ``target`` (relative to ``path``'s folder, so the two can move together),
+    replacing what is there: the link is made under a temporary name and renamed over a file or link (atomic); a
+    folder is removed first (a crash in between leaves none, as :func:`replace_dir`)."""
+    path = Path(path)
+    tmp = partial_path(path)
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, path.parent), tmp)
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def remove_partials(folder: str | Path) -> list[Path]:
     """Remove what a killed write left in ``folder`` (``.<name>.partial`` files and folders); returns them."""
     removed = []
     for p in Path(folder).glob(f".*{PARTIAL}"):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written, said in words (``torch.save`` on a full disk says ``[enforce fail at
+    inline_container.cc:672] . unexpected pos 2599419008 vs 2599418896``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def write_error(e: BaseException, tmp: Path, path: str | Path) -> CheckpointWriteError | None:
+    """What to raise for ``e``, raised while writing checkpoint ``path`` to ``tmp`` (still there), or ``None`` to
+    raise ``e`` as it is: a full disk (under 16 MiB left beside the partial file) or a quota is named, with the space
+    left and how much was written."""
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if not (full or isinstance(e, RuntimeError) and "enforce fail" in str(e)):
+        return None
+    usage = shutil.disk_usage(tmp.parent)
+    written = tmp.stat().st_size if tmp.exists() else 0
+    full = full or usage.free < 16 * 2**20
+    why = "the disk is full" if full else f"{str(e).splitlines()[0]}; a quota or file-size limit?"
+    return CheckpointWriteError(
+        f"could not write checkpoint {path}: {why} ({_gib(written)} written, {_gib(usage.free)} of {_gib(usage.total)} "
+        "free there); the checkpoints already written are kept: free space, or keep fewer with --checkpoint.save_top_k"
+    )
 
 
 class SameFolderCheckpointIO(TorchCheckpointIO):
@@ -93,4 +142,10 @@ class SameFolderCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with replacing(path, sync=True) as tmp:
-            torch.save(checkpoint, tmp)
+            try:
+                torch.save(checkpoint, tmp)
+            except (RuntimeError, OSError) as e:
+                said = write_error(e, tmp, path)
+                if said is None:
+                    raise
+                raise said from e

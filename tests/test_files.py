@@ -40,11 +40,52 @@ def test_a_failed_save_leaves_the_old_checkpoint_and_no_partial(tmp_path, monkey
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", cut_short)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match=r"could not write checkpoint .*last\.ckpt: the disk is full \(0 MiB written"):
         io.save_checkpoint({"global_step": 2}, target)
     monkeypatch.undo()
     assert torch.load(target, weights_only=True)["global_step"] == 1
     assert not partial_path(target).exists()
+
+
+FULL = """
+import resource, shutil, signal, sys
+import torch
+import gsae.files
+from gsae.files import SameFolderCheckpointIO
+target = sys.argv[1]
+SameFolderCheckpointIO().save_checkpoint({"global_step": 1}, target)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+if sys.argv[2] == "full":  # as statvfs reports a full disk
+    usage = shutil.disk_usage(".")
+    gsae.files.shutil.disk_usage = lambda p: usage._replace(free=4096)
+try:
+    SameFolderCheckpointIO().save_checkpoint({"global_step": 2, "w": torch.ones(2**20)}, target)
+except OSError as e:
+    print(f"error: {e}")
+"""
+
+
+@pytest.mark.parametrize("case", ["full", "limit"])
+def test_torch_saves_own_failure_is_said_in_words(tmp_path, case):
+    """``torch.save`` cut short by the filesystem raises ``[enforce fail at inline_container.cc:672] . unexpected pos
+    2599419008 vs 2599418896`` (what CI printed when a Table 1 sweep's checkpoint filled its disk). Written past a
+    real file-size limit (torch's own writer and error): the error names the checkpoint and the space left, calls a
+    full disk full, and the old checkpoint stays whole."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "epoch=0-step=2.ckpt"
+    out = subprocess.run([sys.executable, "-c", FULL, str(target), case], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = out.stdout.strip()
+    assert line.startswith(f"error: could not write checkpoint {target}: "), line
+    if case == "full":
+        assert "the disk is full (1 MiB written, 0 MiB of " in line, line
+    else:
+        assert "unexpected pos" in line and "a quota or file-size limit?" in line, line
+    assert "the checkpoints already written are kept" in line and "--checkpoint.save_top_k" in line
+    assert torch.load(target, weights_only=True)["global_step"] == 1 and not partial_path(target).exists()
 
 
 def test_text_and_exports_are_replaced_whole(tmp_path, monkeypatch):
