@@ -220,8 +220,12 @@ def newest_checkpoint(folder: Path, say: bool = True) -> str | None:
                 log.warning("--ckpt_path last: skipping %s (%s)", path.name, e)
             return None
 
+    found = sorted(folder.glob("*.ckpt"))
+    for path in found:
+        if not path.exists() and say:  # last.ckpt linked to a step checkpoint since deleted
+            log.warning("--ckpt_path last: skipping %s (a link to %s, which is gone)", path.name, os.readlink(path))
     newest_first = sorted(
-        folder.glob("*.ckpt"), key=lambda p: (os.path.getmtime(p), p.name.startswith("last")), reverse=True
+        (p for p in found if p.exists()), key=lambda p: (os.path.getmtime(p), p.name.startswith("last")), reverse=True
     )
     last = None
     for i, path in enumerate(newest_first):

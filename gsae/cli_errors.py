@@ -76,7 +76,8 @@ def _describe(message: str, args: list[str]) -> str:
         literals = _LITERAL.findall(message)
         if literals and "Given value:" in message:  # a Union of Literals (--trainer.precision): every choice
             given = message.rsplit("Given value:", 1)[1].strip().splitlines()[0]
-            choices = ", ".join(dict.fromkeys(c.strip() for group in literals for c in group.split(",")))
+            flags = ["true", "false"] if "Expected a <class 'bool'>" in message else []  # --checkpoint.save_last
+            choices = ", ".join(dict.fromkeys([*flags, *(c.strip() for group in literals for c in group.split(","))]))
             return f"{_typed_option(path, given, args)}: expected one of {choices}, got {given!r}"
         bad = _NOT_ACCEPTED.search(message)
         if bad:

@@ -207,7 +207,9 @@ def _ckpt_sources(label: str, path: Path, group: str, info: tuple) -> list[Sourc
 def _run_folder(folder: Path) -> list[tuple[Path, tuple]]:
     """``(checkpoint, its _ckpt_info)`` under ``folder``, in step order; ``last*.ckpt`` dropped when it repeats a
     step checkpoint."""
-    ckpts = sorted({c.resolve(): c for c in folder.rglob("*.ckpt") if ".saelens" not in c.parts}.values())
+    found = sorted((c for c in folder.rglob("*.ckpt") if ".saelens" not in c.parts and c.exists()),
+                   key=lambda c: c.name.startswith("last"), reverse=True)
+    ckpts = sorted({c.resolve(): c for c in found}.values())  # last.ckpt linked to a step checkpoint: by its name
     infos = {c: _ckpt_info(c) for c in ckpts}
     named = {info[0] for c, info in infos.items() if not c.name.startswith("last")}
     keep = [c for c in ckpts if not (c.name.startswith("last") and infos[c][0] in named)]

@@ -78,8 +78,10 @@ def test_bad_choice() -> None:
         (["--config", QUICKSTART, "--trainer.precision", "15"], "--trainer.precision: expected one of 64, 32, 16, "),
         (["--config", "configs/quickstart/sweep.yaml", "--model.sae.k", "8"],
          "--model.sae.k: no such option of SweepSAESystem"),
+        (["--config", QUICKSTART, "--checkpoint.save_last", "yes please"],
+         "--checkpoint.save_last: expected one of true, false, 'link', got 'yes please'"),
     ],
-    ids=["no-such-class", "lr-inf", "precision-union", "sweep-has-no-sae"],
+    ids=["no-such-class", "lr-inf", "precision-union", "sweep-has-no-sae", "bool-or-literal"],
 )
 def test_nested_and_union_errors_say_what_is_wrong(args: list[str], expected: str) -> None:
     """jsonargparse ends these with ``Given value: NestedArg(...)``, which said nothing of what was wrong."""

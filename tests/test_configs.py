@@ -185,17 +185,27 @@ def test_each_gpt2_config_trains_at_gpt2_shape(path, tmp_path):
     Table 1 sweep, the layers sweep, e2e and e2e-ds with their KL, the g-SAE's harvest), the checkpoint and each
     member's SAELens export. The parse-only tests above would not see a config whose options fail when the system is
     built or stepped (a member the stack cannot hold, a schedule, a hook the model lacks). The evaluation is off: its
-    GPT-2 budgets take minutes on a CPU (``benchmarks/eval_speed.py`` times them)."""
+    GPT-2 budgets take minutes on a CPU (``benchmarks/eval_speed.py`` times them). ``last.ckpt`` links the step's
+    checkpoint (the sweep's is 2.8 GB: written twice, the suite filled CI's disk); each run folder is removed after
+    its test, so the suite holds one at a time."""
+    import os
+    import shutil
+
     from tests.systems.launch import finish, start
 
+    root = tmp_path / "run"
     args = ["--config", str(path), "--model.lm.name", "random-gpt2", "--data.dataset", "synthetic",
             "--data.batch_size", "2", "--data.context_size", "32", "--trainer.max_steps", "2",
-            "--checkpoint.every_n_train_steps", "2", "--trainer.default_root_dir", str(tmp_path),
+            "--checkpoint.every_n_train_steps", "2", "--trainer.default_root_dir", str(root),
             "--evaluation.enabled", "false", "--trainer.enable_progress_bar", "false"]
-    out = finish(start(args), timeout=600)
-    (ckpt,) = tmp_path.rglob("epoch=0-step=2.ckpt")
-    members = yaml.safe_load(path.read_text())["model"]["init_args"].get("members")
-    exports = sorted(p.name for p in ckpt.parent.glob("epoch=0-step=2*.saelens"))
-    want = [f"epoch=0-step=2.{m['name']}.saelens" for m in members] if members else ["epoch=0-step=2.saelens"]
-    assert exports == sorted(want), exports
-    assert "finished: 2 steps" in out, out[-2000:]
+    try:
+        out = finish(start(args), timeout=600)
+        (ckpt,) = root.rglob("epoch=0-step=2.ckpt")
+        members = yaml.safe_load(path.read_text())["model"]["init_args"].get("members")
+        exports = sorted(p.name for p in ckpt.parent.glob("epoch=0-step=2*.saelens"))
+        want = [f"epoch=0-step=2.{m['name']}.saelens" for m in members] if members else ["epoch=0-step=2.saelens"]
+        assert exports == sorted(want), exports
+        assert os.readlink(ckpt.parent / "last.ckpt") == ckpt.name
+        assert "finished: 2 steps" in out, out[-2000:]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

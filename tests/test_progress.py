@@ -84,7 +84,9 @@ def test_summary_names_tokens_paths_and_commands(plain_run, monkeypatch) -> None
     ckpt_dir = run / "checkpoints"
     assert sorted(p.name for p in ckpt_dir.glob("*.ckpt")) == ["epoch=0-step=10.ckpt", "epoch=0-step=20.ckpt",
                                                               "last.ckpt"]
-    assert f"checkpoints  {ckpt_dir}/  (epoch=0-step=10.ckpt, epoch=0-step=20.ckpt, last.ckpt)" in summary
+    assert (f"checkpoints  {ckpt_dir}/  (epoch=0-step=10.ckpt, epoch=0-step=20.ckpt, last.ckpt → epoch=0-step=20.ckpt)"
+            in summary)
+    assert f"exports      {ckpt_dir / 'epoch=0-step=20.saelens'}  (+1 more beside the other checkpoints)" in summary
     assert f"exports      {ckpt_dir / 'epoch=0-step=20.saelens'}" in summary
     assert (ckpt_dir / "epoch=0-step=20.saelens").is_dir()
     log_dir = next(run.glob("version_*"))
@@ -136,7 +138,7 @@ def test_terminal_bar_and_summary_on_ctrl_c(tmp_path, monkeypatch) -> None:
     assert "stopped (Ctrl+C): 6 steps," in out and "tensorboard --logdir" in out
     resume = next(line.strip() for line in out.splitlines() if "--ckpt_path last" in line)
     assert resume.startswith("python train.py --config ") and "--trainer.callbacks.step 6" in resume
-    assert "(epoch=0-step=4.ckpt, last.ckpt)" in out and "epoch=0-step=4.ckpt\n" in out  # kept, and the evaluate command
+    assert "(epoch=0-step=4.ckpt, last.ckpt → epoch=0-step=4.ckpt)" in out and "epoch=0-step=4.ckpt\n" in out  # kept, and the evaluate command
 
 
 def test_format_helpers() -> None:
@@ -157,7 +159,7 @@ def test_summary_lists_the_final_checkpoint_saved_at_train_end(tmp_path, monkeyp
     assert main(quickstart_args(tmp_path, steps=3)) == 0  # checkpoints every 100 steps: only the final one
     out = capsys.readouterr().out
     (ckpt,) = (tmp_path / "quickstart-topk" / "checkpoints").glob("*step=3.ckpt")
-    assert f"({ckpt.name}, last.ckpt)" in out and f"python evaluate.py {ckpt}" in out
+    assert f"({ckpt.name}, last.ckpt → {ckpt.name})" in out and f"python evaluate.py {ckpt}" in out
 
 
 def test_one_line_per_optimizer_step_under_gradient_accumulation(tmp_path, monkeypatch) -> None:

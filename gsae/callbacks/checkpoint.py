@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from gsae.export import export_saelens
-from gsae.files import SameFolderCheckpointIO, remove_partials
+from gsae.files import SameFolderCheckpointIO, remove_partials, symlink
 from gsae.loggers import LOG_FOLDER_KEY, log_folder_record
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class SAECheckpoint(ModelCheckpoint):
         dirpath: str | None = None,
         filename: str | None = None,
         every_n_train_steps: int | None = 1000,
-        save_last: bool = True,
+        save_last: bool | Literal["link"] = "link",
         save_top_k: int = -1,
         export_saelens: bool = True,
     ) -> None:
@@ -68,7 +68,12 @@ class SAECheckpoint(ModelCheckpoint):
             dirpath: folder of the checkpoints (default ``<default_root_dir>/<run name>/checkpoints``).
             filename: Lightning checkpoint filename template (default ``epoch={epoch}-step={step}``).
             every_n_train_steps: save every this many optimizer steps (the final step is always saved).
-            save_last: also keep ``last.ckpt`` (what ``--ckpt_path last`` resumes from).
+            save_last: also keep ``last.ckpt`` (what ``--ckpt_path last`` resumes from). ``"link"`` (the default):
+                a symbolic link to the step checkpoint just written, and ``last[.<member>].saelens`` links to its
+                exports, so each checkpoint is written once (a Table 1 sweep's is ~3.5 GB with its exports), not
+                twice; where this step has no step checkpoint (a SIGTERM's save) or the folder takes no links,
+                ``last.ckpt`` is written whole. ``true``: always written whole (a copy a later clean-up of step
+                checkpoints cannot leave dangling); ``false``: none.
             save_top_k: how many step checkpoints to keep, newest first (-1 keeps all).
             export_saelens: write a SAELens-format export beside every checkpoint.
         """
@@ -76,7 +81,7 @@ class SAECheckpoint(ModelCheckpoint):
             dirpath=dirpath,
             filename=filename,
             every_n_train_steps=every_n_train_steps,
-            save_last=save_last,
+            save_last=bool(save_last),  # Lightning's own "link" would link a SIGTERM's last.ckpt to an older step
             save_top_k=save_top_k,
             monitor="step" if save_top_k > 0 else None,
             mode="max",
@@ -86,6 +91,9 @@ class SAECheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
         self.export_saelens = export_saelens
+        self.link_last = save_last == "link"
+        self._step_checkpoint: tuple[int, str] | None = None  # (global step, path) of the latest step checkpoint
+        self._saving_last = False
         self._batch_epoch: int | None = None  # the epoch of the latest training batch (names the final checkpoint)
         # Lightning epochs a resume added without data behind them: a run resumed from its final checkpoint starts a new
         # epoch (Lightning closed the old one at max_steps), though the token stream just goes on; names leave them out
@@ -246,8 +254,51 @@ class SAECheckpoint(ModelCheckpoint):
         super().on_exception(trainer, pl_module, exception)
 
     @override
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        """``last.ckpt`` (and its exports) as links to this step's checkpoint (``save_last="link"``), else written
+        whole (Lightning's)."""
+        step = self._step_checkpoint
+        if not (self.save_last and self.link_last and step is not None and step[0] == trainer.global_step):
+            self._saving_last = True
+            try:
+                return super()._save_last_checkpoint(trainer, monitor_candidates)
+            finally:
+                self._saving_last = False
+        filepath = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+        linked = self._link(trainer, step[1], filepath)
+        if not linked:  # no links on this filesystem: a copy, as save_last=true
+            self.link_last = False
+            return self._save_last_checkpoint(trainer, monitor_candidates)
+        previous, self.last_model_path = self.last_model_path, filepath
+        self._last_checkpoint_saved = filepath
+        if previous and self._should_remove_checkpoint(trainer, previous, filepath):
+            self._remove_checkpoint(trainer, previous)
+        self._to_announce.append(filepath)
+
+    def _link(self, trainer: pl.Trainer, target: str, filepath: str) -> bool:
+        """Rank 0 points ``filepath`` and its exports at ``target``'s (relative links, so the run folder can move):
+        each link made under a temporary name and renamed over the old file, so a kill leaves the old ``last.ckpt``
+        or the new one. Whether it could (every rank learns rank 0's answer)."""
+        ok = True
+        if trainer.is_global_zero and os.path.abspath(target) != os.path.abspath(filepath):
+            try:
+                symlink(target, filepath)
+            except OSError as e:
+                log.warning("could not link %s to %s (%s): writing last.ckpt whole from now on", filepath, target, e)
+                ok = False
+            if ok:
+                self._remove_beside(trainer, filepath)  # the old state's export, JSON, dashboards
+                if self.export_saelens:
+                    for member in trainer.lightning_module.saes():
+                        if saelens_dir(target, member).is_dir():
+                            symlink(saelens_dir(target, member), saelens_dir(filepath, member))
+        return bool(trainer.strategy.broadcast(ok, src=0))
+
+    @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)  # written whole, then renamed over the old file (gsae.files)
+        if not self._saving_last:
+            self._step_checkpoint = (trainer.global_step, filepath)
         # a checkpoint written over another (last.ckpt): what was beside the old one describes the old state; removed
         # once the new one is in place, so a kill during the save leaves the old checkpoint with its export
         self._remove_beside(trainer, filepath)
@@ -280,7 +331,10 @@ class SAECheckpoint(ModelCheckpoint):
             p = Path(filepath)
             exports = [saelens_dir(p), *p.parent.glob(glob.escape(p.stem) + ".*.saelens")]
             for export in exports:
-                shutil.rmtree(export, ignore_errors=True)
+                if export.is_symlink():  # last.saelens linked to a step checkpoint's export: the link, not the export
+                    export.unlink()
+                else:
+                    shutil.rmtree(export, ignore_errors=True)
             for beside in p.parent.glob(glob.escape(p.name) + ".*"):  # .eval.json, .latents.html (and members')
                 if beside.is_file():
                     beside.unlink(missing_ok=True)

@@ -284,8 +284,8 @@ def render(s: Summary, resume_command: str | None = None) -> str:
 
 def _names(paths: list[str], most: int = 6) -> str:
     """The file names of ``paths`` (oldest first), the first two and the last three with a count between when there
-    are more than ``most`` (a long run keeps dozens)."""
-    names = [Path(p).name for p in paths]
+    are more than ``most`` (a long run keeps dozens); a link with what it points at (``last.ckpt → epoch=0-step=N.ckpt``)."""
+    names = [f"{Path(p).name} → {os.readlink(p)}" if Path(p).is_symlink() else Path(p).name for p in paths]
     if len(names) > most:
         names = [*names[:2], f"… {len(names) - 5} more …", *names[-3:]]
     return ", ".join(names)
@@ -299,7 +299,7 @@ def _beside(ckpts: list[Path], suffix: str, stem: bool = False) -> list[str]:
         base = p.stem if stem else p.name
         own = p.with_name(base + suffix)
         members = sorted(p.parent.glob(glob.escape(base) + ".*" + suffix))  # never matches ``own``
-        out += [str(f) for f in ([own] if own.exists() else []) + members]
+        out += [str(f) for f in ([own] if own.exists() else []) + members if not f.is_symlink()]  # last.saelens: a link
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -416,7 +417,10 @@ def test_sigterm_saves_the_step_reached_and_the_resume_equals_uninterrupted(tmp_
     head = next(line for line in out.splitlines() if line.startswith("stopped (SIGTERM"))
     assert f": {saved} steps" in head and every <= saved < steps  # the step reached, not the last checkpoint's
     assert (ckpts / "last.saelens" / "cfg.json").is_file() and not list(ckpts.glob(".*"))  # exported; no partial left
+    if saved % every:  # no step checkpoint holds this step: last.ckpt and its export are written whole, not linked
+        assert not (ckpts / "last.ckpt").is_symlink() and not (ckpts / "last.saelens").is_symlink()
     finish(start([*args, "--ckpt_path", "last"]))
+    assert os.readlink(ckpts / "last.ckpt") == f"epoch=0-step={steps}.ckpt"  # linked again at the final checkpoint
     finish(full)
     assert_same_sae(ckpts / "last.ckpt", tmp_path / "full" / "quickstart-topk" / "checkpoints" / "last.ckpt")
     steps_logged = logged_steps(root)  # one TensorBoard run, each step once

@@ -86,3 +86,69 @@ def test_a_resume_from_a_moved_or_respelled_folder_updates_last_ckpt(tmp_path, m
     assert sorted(p.name for p in moved.glob("last*")) == ["last.ckpt", "last.saelens"]
     assert step_of(moved / "last.ckpt") == 6 and step_of(ckpts / "last.ckpt") == 4  # the original untouched
     assert sorted(p.name for p in moved.glob("*.ckpt")) == [f"epoch=0-step={s}.ckpt" for s in (2, 4, 6)] + ["last.ckpt"]
+
+
+@pytest.mark.slow
+def test_last_ckpt_links_the_newest_step_checkpoint(tmp_path, monkeypatch, caplog):
+    """``last.ckpt`` and ``last.saelens`` are relative links to the newest step checkpoint and its export (each
+    checkpoint written once: a Table 1 sweep's is ~3.5 GB); its evaluation JSON is its own, the step's results. A
+    step checkpoint deleted by hand leaves a dangling ``last.ckpt``: ``--ckpt_path last`` and ``evaluate.py RUN``
+    skip it. ``--checkpoint.save_last true`` writes it whole; a folder that takes no links falls back to that."""
+    import json
+    import logging
+    import shutil
+
+    import torch
+
+    from gsae.evaluate import _run_folder
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(REPO_ROOT / "configs" / "quickstart" / "topk.yaml"), "--trainer.enable_progress_bar", "false",
+            "--checkpoint.every_n_train_steps", "2", "--trainer.default_root_dir", "runs"]
+    step_of = lambda p: int(torch.load(p, weights_only=False, map_location="cpu")["global_step"])  # noqa: E731
+    assert main([*args, "--trainer.max_steps", "4", "--evaluation.benchmarks", "[dead_latents]"]) == 0
+    ckpts = tmp_path / "runs" / "quickstart-topk" / "checkpoints"
+    assert os.readlink(ckpts / "last.ckpt") == "epoch=0-step=4.ckpt"
+    assert os.readlink(ckpts / "last.saelens") == "epoch=0-step=4.saelens"
+    assert (ckpts / "last.saelens" / "cfg.json").is_file()
+    assert not (ckpts / "epoch=0-step=2.ckpt").is_symlink() and not (ckpts / "epoch=0-step=4.saelens").is_symlink()
+    last_json = json.loads((ckpts / "last.ckpt.eval.json").read_text())
+    step_json = json.loads((ckpts / "epoch=0-step=4.ckpt.eval.json").read_text())
+    assert not (ckpts / "last.ckpt.eval.json").is_symlink() and last_json["checkpoint"] == "last.ckpt"
+    assert last_json["results"] == step_json["results"] and last_json["step"] == 4
+    assert sorted(p.name for p in ckpts.glob(".*")) == []  # no link left half made
+    # evaluate.py RUN lists each step once, under its own name
+    assert [(c.name, info[0]) for c, info in _run_folder(ckpts)] == [("epoch=0-step=2.ckpt", 2), ("epoch=0-step=4.ckpt", 4)]
+
+    # the run moved: relative links still resolve; deleting the newest step checkpoint leaves last.ckpt dangling
+    shutil.move(tmp_path / "runs", tmp_path / "moved")
+    ckpts = tmp_path / "moved" / "quickstart-topk" / "checkpoints"
+    assert step_of(ckpts / "last.ckpt") == 4
+    (ckpts / "epoch=0-step=4.ckpt").unlink()
+    with caplog.at_level(logging.WARNING, logger="gsae.cli"):
+        assert main([*args[:-1], "moved", "--trainer.max_steps", "6", "--ckpt_path", "last",
+                     "--evaluation.enabled", "false"]) == 0
+    assert "skipping last.ckpt (a link to epoch=0-step=4.ckpt, which is gone)" in caplog.text
+    assert os.readlink(ckpts / "last.ckpt") == "epoch=0-step=6.ckpt" and step_of(ckpts / "last.ckpt") == 6
+    assert os.readlink(ckpts / "last.saelens") == "epoch=0-step=6.saelens"
+    assert not (ckpts / "last.ckpt.eval.json").exists()  # the old state's JSON went with the old link
+    assert [c.name for c, _ in _run_folder(ckpts)] == [f"epoch=0-step={s}.ckpt" for s in (2, 4, 6)]  # 4 written again
+
+    # save_last true: written whole, the link replaced by a file
+    assert main([*args[:-1], "moved", "--trainer.max_steps", "8", "--ckpt_path", "last", "--evaluation.enabled",
+                 "false", "--checkpoint.save_last", "true"]) == 0
+    assert not (ckpts / "last.ckpt").is_symlink() and not (ckpts / "last.saelens").is_symlink()
+    assert step_of(ckpts / "last.ckpt") == 8 and (ckpts / "last.saelens" / "cfg.json").is_file()
+    assert (ckpts / "epoch=0-step=6.saelens" / "cfg.json").is_file()  # the export the link pointed at is kept
+
+    # a filesystem without symbolic links: a warning, then last.ckpt written whole
+    def no_links(*a, **k):
+        raise OSError("Operation not permitted")
+
+    monkeypatch.setattr(os, "symlink", no_links)
+    with caplog.at_level(logging.WARNING):
+        assert main([*args[:-1], "moved", "--trainer.max_steps", "10", "--ckpt_path", "last",
+                     "--evaluation.enabled", "false"]) == 0
+    assert "could not link" in caplog.text and "writing last.ckpt whole" in caplog.text
+    assert not (ckpts / "last.ckpt").is_symlink() and step_of(ckpts / "last.ckpt") == 10
+    assert (ckpts / "last.saelens" / "cfg.json").is_file() and not list(ckpts.glob(".*"))
