@@ -111,8 +111,9 @@ class CheckpointWriteError(OSError):
         return str(self.args[0])
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+def size_text(n: float) -> str:
+    """A byte count for people: ``2.6 GiB``, ``5.3 MiB``."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def write_error(e: BaseException, tmp: Path, path: str | Path) -> CheckpointWriteError | None:
@@ -127,7 +128,7 @@ def write_error(e: BaseException, tmp: Path, path: str | Path) -> CheckpointWrit
     full = full or usage.free < 16 * 2**20
     why = "the disk is full" if full else f"{str(e).splitlines()[0]}; a quota or file-size limit?"
     return CheckpointWriteError(
-        f"could not write checkpoint {path}: {why} ({_gib(written)} written, {_gib(usage.free)} of {_gib(usage.total)} "
+        f"could not write checkpoint {path}: {why} ({size_text(written)} written, {size_text(usage.free)} of {size_text(usage.total)} "
         "free there); the checkpoints already written are kept: free space, or keep fewer with --checkpoint.save_top_k"
     )
 

@@ -40,7 +40,7 @@ def test_a_failed_save_leaves_the_old_checkpoint_and_no_partial(tmp_path, monkey
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", cut_short)
-    with pytest.raises(OSError, match=r"could not write checkpoint .*last\.ckpt: the disk is full \(0 MiB written"):
+    with pytest.raises(OSError, match=r"could not write checkpoint .*last\.ckpt: the disk is full \(0.0 MiB written"):
         io.save_checkpoint({"global_step": 2}, target)
     monkeypatch.undo()
     assert torch.load(target, weights_only=True)["global_step"] == 1
@@ -81,7 +81,7 @@ def test_torch_saves_own_failure_is_said_in_words(tmp_path, case):
     line = out.stdout.strip()
     assert line.startswith(f"error: could not write checkpoint {target}: "), line
     if case == "full":
-        assert "the disk is full (1 MiB written, 0 MiB of " in line, line
+        assert "the disk is full (1.0 MiB written, 0.0 MiB of " in line, line
     else:
         assert "unexpected pos" in line and "a quota or file-size limit?" in line, line
     assert "the checkpoints already written are kept" in line and "--checkpoint.save_top_k" in line

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from gsae.export import export_saelens
-from gsae.files import SameFolderCheckpointIO, remove_partials, symlink
+from gsae.files import SameFolderCheckpointIO, remove_partials, size_text, symlink
 from gsae.loggers import LOG_FOLDER_KEY, log_folder_record
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class SAECheckpoint(ModelCheckpoint):
         self.link_last = save_last == "link"
         self._step_checkpoint: tuple[int, str] | None = None  # (global step, path) of the latest step checkpoint
         self._saving_last = False
+        self._room_said = False  # warned that the checkpoints to come will not fit (once per run)
         self._batch_epoch: int | None = None  # the epoch of the latest training batch (names the final checkpoint)
         # Lightning epochs a resume added without data behind them: a run resumed from its final checkpoint starts a new
         # epoch (Lightning closed the old one at max_steps), though the token stream just goes on; names leave them out
@@ -304,7 +305,40 @@ class SAECheckpoint(ModelCheckpoint):
         self._remove_beside(trainer, filepath)
         if trainer.is_global_zero and self.export_saelens:
             self._export(trainer.lightning_module, filepath)
+        if not self._saving_last:
+            self._check_room(trainer, filepath)
         self._to_announce.append(filepath)
+
+    def _check_room(self, trainer: pl.Trainer, filepath: str) -> None:
+        """Warn, once, when the checkpoints still to come (to ``max_steps``) will not fit on the disk of the run
+        folder, measured by the one just written with its exports: a run that would stop on a full disk hours later
+        (a Table 1 sweep's checkpoint is ~3.5 GB) says so at its first checkpoint, while there is time to make room."""
+        every, max_steps, step = self._every_n_train_steps, trainer.max_steps, trainer.global_step
+        if self._room_said or not trainer.is_global_zero or not every or max_steps is None or max_steps <= step:
+            return
+        path = Path(filepath)
+        if not path.is_file():  # a remote path (s3://...)
+            return
+        remaining = max_steps // every - step // every + (1 if max_steps % every else 0)  # the final step's too
+        size = path.stat().st_size + sum(
+            f.stat().st_size for member in trainer.lightning_module.saes() for f in saelens_dir(path, member).glob("*")
+        )
+        if self.save_top_k > 0:  # at most save_top_k on disk, and the next written before the oldest goes
+            held = len([p for p in path.parent.glob("*.ckpt") if not p.is_symlink() and not p.name.startswith("last")])
+            remaining = min(remaining, max(self.save_top_k + 1 - held, 1))
+        copies = 1 if self.link_last or not self.save_last else 2  # last.ckpt written whole: a second copy each time
+        need, free = remaining * copies * size, shutil.disk_usage(path.parent).free
+        if need <= free:
+            return
+        self._room_said = True
+        fits = int(free // (copies * size))
+        stops = min((step // every + fits + 1) * every, max_steps)
+        log.warning(
+            "checkpoints: %s each with its exports; the %d still to come (to step %d) need %s more, and %s is free on "
+            "the disk of %s: the run will stop on a full disk at the checkpoint of step %d. Make room, or keep fewer "
+            "with --checkpoint.save_top_k",
+            size_text(size), remaining, max_steps, size_text(need), size_text(free), path.parent, stops,
+        )
 
     def _announce(self, trainer: pl.Trainer) -> None:
         """Call ``on_sae_checkpoint`` on the other callbacks for each checkpoint written since the last call.

@@ -152,3 +152,37 @@ def test_last_ckpt_links_the_newest_step_checkpoint(tmp_path, monkeypatch, caplo
     assert "could not link" in caplog.text and "writing last.ckpt whole" in caplog.text
     assert not (ckpts / "last.ckpt").is_symlink() and step_of(ckpts / "last.ckpt") == 10
     assert (ckpts / "last.saelens" / "cfg.json").is_file() and not list(ckpts.glob(".*"))
+
+
+@pytest.mark.slow
+def test_the_first_checkpoint_warns_when_the_rest_will_not_fit(tmp_path, monkeypatch, caplog):
+    """Measured by the checkpoint just written and its export: with room for 2.5 more, a run with 4 still to come is
+    told at step 2 that it will stop at step 8's (once); keeping 2 (``--checkpoint.save_top_k 2``) fits."""
+    import logging
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+
+    def room(folder):  # 2.5 checkpoints with their exports
+        ckpt = next(Path(folder).glob("epoch=0-step=2.ckpt"), None)
+        if ckpt is None:
+            return usage(2**40, 0, 2**40)
+        size = ckpt.stat().st_size + sum(f.stat().st_size for f in ckpt.with_suffix(".saelens").glob("*"))
+        return usage(2**40, 0, int(2.5 * size))
+
+    monkeypatch.setattr(shutil, "disk_usage", room)
+    args = ["--config", str(REPO_ROOT / "configs" / "quickstart" / "topk.yaml"), "--trainer.enable_progress_bar", "false",
+            "--checkpoint.every_n_train_steps", "2", "--trainer.max_steps", "10", "--evaluation.enabled", "false"]
+    with caplog.at_level(logging.WARNING, logger="gsae.callbacks.checkpoint"):
+        assert main([*args, "--trainer.default_root_dir", str(tmp_path / "all")]) == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoints: ")]
+    assert len(said) == 1, said
+    assert " each with its exports; the 4 still to come (to step 10) need " in said[0]
+    assert "the run will stop on a full disk at the checkpoint of step 8" in said[0] and "--checkpoint.save_top_k" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gsae.callbacks.checkpoint"):
+        assert main([*args, "--trainer.default_root_dir", str(tmp_path / "two"), "--checkpoint.save_top_k", "2"]) == 0
+    assert not [r for r in caplog.records if r.getMessage().startswith("checkpoints: ")]
+    assert sorted(p.name for p in (tmp_path / "two").rglob("*.ckpt")) == ["epoch=0-step=10.ckpt", "epoch=0-step=8.ckpt",
+                                                                       "last.ckpt"]
