@@ -13,7 +13,7 @@ Needs the Debian package ``chromium`` (``apt-get install -y chromium``)::
 
     python benchmarks/screenshots.py                        # quickstart (200 steps, ~2-4 min on 2 cores) + shots
     python benchmarks/screenshots.py --run checkpoints/quickstart-topk --out /tmp/shots
-    python benchmarks/screenshots.py --config configs/quickstart/sweep.yaml --pages tensorboard_sweep_custom_scalars \
+    python benchmarks/screenshots.py --config configs/quickstart/sweep.yaml --pages tensorboard_sweep_scalars \
         --width 1600 --height 1200                        # a sweep's members, one chart per metric
 """
 
@@ -41,8 +41,8 @@ PAGES = {  # name -> TensorBoard URL fragment (the Scalars shot filters on the t
     "tensorboard_images": "#images",
     "tensorboard_text": "#text",
 }
-#: pages shot only when named in ``--pages`` (a sweep's: its members' charts, ``gsae.loggers.member_layout``)
-EXTRA_PAGES = {"tensorboard_sweep_custom_scalars": "#custom_scalars"}
+#: pages shot only when named in ``--pages`` (a sweep's: its members, each a TensorBoard run, in one chart per metric)
+EXTRA_PAGES = {"tensorboard_sweep_scalars": "#scalars&tagFilter=%5E(train%7Cval)%2F"}
 
 
 def train(root: Path, steps: int, config: str = "configs/quickstart/topk.yaml") -> Path:
@@ -146,7 +146,7 @@ def main() -> None:
     p.add_argument("--config", default="configs/quickstart/topk.yaml", help="the quickstart to train (without --run)")
     p.add_argument("--pages", nargs="+", default=None, choices=[*PAGES, *EXTRA_PAGES, "latents_html"],
                    help="the shots to take (default: every TensorBoard page but the extra ones, and latents_html); "
-                   "e.g. --config configs/quickstart/sweep.yaml --pages tensorboard_sweep_custom_scalars")
+                   "e.g. --config configs/quickstart/sweep.yaml --pages tensorboard_sweep_scalars")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots", help="where the PNGs go")
     p.add_argument("--width", type=int, default=1400)
     p.add_argument("--height", type=int, default=1000)

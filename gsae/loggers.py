@@ -10,6 +10,12 @@ It also writes a call's scalars as one event (one ``Summary`` holding every valu
 scalar through ``SummaryWriter.add_scalar``: TensorBoard reads the same tags, steps and values, and a 10-member sweep's
 ~140 scalars per logging step take 0.5 ms instead of 8 (``benchmarks/logging_cost.py``).
 
+A sweep's members (:class:`gsae.systems.SweepSAESystem`) are TensorBoard runs of their own, ``version_N/<member>/``:
+a member's ``train/<member>/nmse`` is written there as ``train/nmse`` (``lr/<member>`` as ``lr``, ``eval/<member>/…`` as
+``eval/…``, its figures and texts too), so the Scalars tab draws one chart per metric with every member's curve in its
+own colour, named in the legend and switched on and off in the runs list, beside the run's own ``train/nmse`` (the
+members' mean, run ``version_N``). In one run they were a card per member per metric (140 for Table 1's sweep).
+
 A resumed run goes on in the TensorBoard folder (``version_N``) of the run it resumes, so its curves continue as one
 run, not as a second one (``version_N+1``) drawn over the first: every checkpoint records that folder
 (:data:`LOG_FOLDER_KEY`, :func:`log_folder_record`), ``train.py --ckpt_path`` points the logger back at it
@@ -21,18 +27,17 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.loggers.logger import _DummyExperiment
 from lightning.pytorch.loggers import TensorBoardLogger as _LightningTensorBoardLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import custom_scalars
 from typing_extensions import override
 
 log = logging.getLogger(__name__)
@@ -54,11 +59,8 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
     _earlier_files: list[Path] = []
     #: the tags' prefix of what this run logs again at :attr:`resume_step`, if said before its writer was made
     _redone: str | None = None
-    #: a sweep's member names (:class:`gsae.systems.SweepSAESystem` sets them): their curves get one chart per metric
-    #: in TensorBoard's Custom Scalars tab (:func:`member_layout`)
+    #: a sweep's member names (:class:`gsae.systems.SweepSAESystem` sets them): each a TensorBoard run of its own
     members: tuple[str, ...] = ()
-    #: the (section, metric) charts of the layout written last (None: not known yet, see ``_update_layout``)
-    _charts: frozenset[tuple[str, str]] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("default_hp_metric", False)
@@ -69,7 +71,7 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
     @rank_zero_experiment
     def experiment(self) -> SummaryWriter:
         if self._experiment is None and self.resume_step is not None:
-            self._earlier_files = event_files(Path(self.log_dir))
+            self._earlier_files = run_event_files(Path(self.log_dir))
             redone = self._redone
             drop_events(self._earlier_files, after=self.resume_step, at=None if redone is None else self.resume_step,
                         prefix=redone or "")
@@ -87,18 +89,46 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
         else:
             drop_events(self._earlier_files, at=step, prefix=prefix)
 
-    def _update_layout(self, writer: SummaryWriter, tags: Iterable[str], step: int | None) -> None:
-        """Write the members' Custom Scalars layout again when ``tags`` bring a chart it lacks (the first training,
-        validation and evaluation logs; a metric that appears later, such as AuxK's loss), at ``step``, so the newest
-        layout is the one TensorBoard shows (it reads the latest; a resume's drop of later events keeps the one before).
-        A resume starts from the stopped run's charts (its evaluation's among them), so its first layout does not
-        show only the training's until the next evaluation."""
-        if self._charts is None:
-            self._charts = frozenset(layout_charts(self._earlier_files) if self.resume_step is not None else ())
-        charts = self._charts | member_charts(self.members, tags)
-        if charts != self._charts:
-            self._charts = frozenset(charts)
-            writer._get_file_writer().add_summary(custom_scalars(member_layout(self.members, charts)), step)
+    @property
+    def _member_writers(self) -> dict[str, SummaryWriter]:
+        """The members' writers made so far (kept in the instance: :func:`curves_first` makes one without ``__init__``)."""
+        return self.__dict__.setdefault("_member_writers_", {})
+
+    def member_experiment(self, member: str) -> SummaryWriter:
+        """The writer of sweep member ``member``'s run, ``<log_dir>/<member>/`` (made on first use, after the run's own
+        writer, so that a resume's drop of the stopped run's later events has been done in every folder); on other
+        ranks than 0, Lightning's stand-in that does nothing (as :attr:`experiment`)."""
+        if rank_zero_only.rank > 0:
+            return _DummyExperiment()
+        writer = self._member_writers.get(member)
+        if writer is None:
+            main = self.experiment
+            kwargs = {k: v for k, v in self._kwargs.items() if k != "log_dir"}
+            writer = type(main)(log_dir=os.path.join(self.log_dir, member), **kwargs)
+            self._member_writers[member] = writer
+        return writer
+
+    def writer_for(self, tag: str) -> tuple[SummaryWriter, str]:
+        """``(writer, tag)`` a value tagged ``tag`` goes to: a member's tag to its run without the member's name
+        (:func:`member_tag`), any other to the run's own writer."""
+        found = member_tag(tag, self.members)
+        return (self.experiment, tag) if found is None else (self.member_experiment(found[0]), found[1])
+
+    @override
+    @rank_zero_only
+    def save(self) -> None:
+        super().save()
+        for writer in self._member_writers.values():
+            writer.flush()
+
+    @override
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        for writer in self._member_writers.values():
+            writer.flush()
+            writer.close()
+        self._member_writers.clear()
+        super().finalize(status)
 
     @override
     @rank_zero_only
@@ -119,71 +149,31 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
                 numbers[f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}" if self._prefix else k] = float(v)
             else:
                 other[k] = v
-        if numbers:
-            summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in numbers.items()])
-            writer._get_file_writer().add_summary(summary, step)
-            if self.members:
-                self._update_layout(writer, numbers, step)
+        by_writer: dict[int, tuple[SummaryWriter, list]] = {}
+        for k, v in numbers.items():  # a sweep's member values to the member's run: one event per run
+            w, tag = self.writer_for(k) if self.members else (writer, k)
+            by_writer.setdefault(id(w), (w, []))[1].append(Summary.Value(tag=tag, simple_value=v))
+        for w, values in by_writer.values():
+            w._get_file_writer().add_summary(Summary(value=values), step)
         if other:
             super().log_metrics(other, step)
 
 
-#: the order of a sweep's sections in the Custom Scalars tab (others after them, by name)
-SECTIONS = ("train", "val", "eval", "lr")
+#: names a sweep member cannot have: the run's own tags hold them where a member's name goes (``eval/seconds/…``)
+RESERVED_MEMBER_NAMES = frozenset({"seconds"})
 
 
-def member_charts(members: Iterable[str], tags: Iterable[str]) -> set[tuple[str, str]]:
-    """``(section, metric)`` of each tag that is a sweep member's: ``<section>/<member>/<metric>`` (``train``, ``val``,
-    ``eval``: ``eval/<member>/<benchmark>/<metric>``) or ``<section>/<member>`` (``lr``, metric ``""``)."""
-    names, out = set(members), set()
-    for tag in tags:
-        parts = tag.split("/")
-        if len(parts) >= 2 and parts[1] in names:
-            out.add((parts[0], "/".join(parts[2:])))
-    return out
-
-
-#: the tag of a Custom Scalars layout (``torch.utils.tensorboard.summary.custom_scalars``)
-LAYOUT_TAG = "custom_scalars__config__"
-
-
-def layout_charts(files: list[Path]) -> set[tuple[str, str]]:
-    """The ``(section, metric)`` charts (:func:`member_charts`) of the newest :func:`member_layout` in the event
-    ``files`` (what a stopped run wrote; only records naming the layout's tag are parsed)."""
-    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
-    newest: tuple[int, bytes] | None = None
-    for f in files:
-        for record in RawEventFileLoader(str(f)).Load():
-            if LAYOUT_TAG.encode() not in record:
-                continue
-            event = Event.FromString(record)
-            for v in event.summary.value:
-                if v.tag == LAYOUT_TAG and (newest is None or event.step >= newest[0]):
-                    newest = (event.step, v.tensor.string_val[0])
-    if newest is None:
-        return set()
-    charts = set()
-    for category in layout_pb2.Layout.FromString(newest[1]).category:
-        section = category.title.removeprefix("sweep: ")
-        charts |= {(section, "" if c.title == section else c.title) for c in category.chart}
-    return charts
-
-
-def member_layout(members: Iterable[str], charts: Iterable[tuple[str, str]]) -> dict[str, dict[str, list]]:
-    """A Custom Scalars layout (``SummaryWriter.add_custom_scalars``'s) of a sweep: a category per section
-    (``sweep: train``, ``sweep: val``, ``sweep: eval``, ``sweep: lr``), in it a chart per metric drawing every
-    member's curve (a regex over the tags ``<section>/<member>/<metric>``), so the members compare at a glance; the
-    Scalars tab keeps a card per tag."""
-    alt = "|".join(re.escape(m) for m in members)
-    layout: dict[str, dict[str, list]] = {}
-    order = {s: i for i, s in enumerate(SECTIONS)}
-    for section, metric in sorted(charts, key=lambda c: (order.get(c[0], len(SECTIONS)), c[0], c[1])):
-        regex = f"^{re.escape(section)}/({alt})" + (f"/{re.escape(metric)}$" if metric else "$")
-        layout.setdefault(f"sweep: {section}", {})[metric or section] = ["Multiline", [regex]]
-    return layout
+def member_tag(tag: str, members: Iterable[str]) -> tuple[str, str] | None:
+    """``(member, tag in its run)`` of a sweep member's tag: ``<section>/<member>/<metric…>`` (``train``, ``val``,
+    ``eval``) as ``<section>/<metric…>``, ``<section>/<member>`` (``lr``) as ``<section>``; ``None`` for the run's own
+    tags (``train/loss``, ``train/nmse``: the members' sum and mean). The evaluation's time for one member,
+    ``eval/seconds/<member>/<benchmark>``, is ``eval/seconds/<benchmark>`` in the member's run."""
+    parts = tag.split("/")
+    if len(parts) >= 2 and parts[1] in members and (len(parts) >= 3 or parts[0] == "lr"):
+        return parts[1], "/".join([parts[0], *parts[2:]])
+    if len(parts) >= 4 and parts[:2] == ["eval", "seconds"] and parts[2] in members:
+        return parts[2], "/".join(["eval", "seconds", *parts[3:]])
+    return None
 
 
 def curves_first(loggers: list) -> None:
@@ -237,6 +227,13 @@ def drop_events(files: list[Path], after: int | None = None, at: int | Iterable[
 def event_files(folder: Path) -> list[Path]:
     """The TensorBoard event files in ``folder``, oldest first (their names start with the time they were made)."""
     return sorted(folder.glob("events.out.tfevents.*"))
+
+
+def run_event_files(folder: Path) -> list[Path]:
+    """A training run's event files: its own (:func:`event_files`) and its sweep members' (``<folder>/<member>/``)."""
+    if not folder.is_dir():
+        return []
+    return event_files(folder) + [f for sub in sorted(p for p in folder.iterdir() if p.is_dir()) for f in event_files(sub)]
 
 
 def _without(record: bytes, event, after: int | None, steps: frozenset[int],

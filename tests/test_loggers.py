@@ -149,49 +149,51 @@ def test_a_logger_resumed_in_its_folder_drops_the_later_events_before_it_writes(
     assert continue_log_folder([], ckpt, record, step=20) is None
 
 
-def test_a_sweeps_members_get_one_custom_scalars_chart_per_metric(tmp_path):
-    """Every member's curve of a metric in one chart (TensorBoard's Custom Scalars tab), sections train, val, eval,
-    lr; rewritten when a log brings a chart it lacks (the evaluation's, AuxK's loss), the newest read back; the
-    regexes match exactly the members' tags (not the console-only means, nor another SAE's)."""
-    import re
+def test_a_sweeps_members_are_runs_of_their_own(tmp_path):
+    """Each member's values in ``version_0/<member>/`` without its name in the tag (``train/topk-k8/nmse`` as
+    ``train/nmse``, ``lr/topk-k8`` as ``lr``, ``eval/topk-k8/…`` as ``eval/…``): TensorBoard's Scalars tab then draws a
+    chart per metric with every member's curve in its own colour, beside the run's own ``train/nmse`` (the members'
+    mean), where one run had a card per member per metric. The run's own tags stay (``eval/seconds/…``, a member-like
+    name that is not a member's). A resume drops what the stopped run logged after the checkpoint in every run."""
+    from gsae.loggers import TensorBoardLogger, member_tag
 
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
-    from gsae.loggers import TensorBoardLogger
+    members = ("topk-k8", "gsae.k8")
+    assert member_tag("train/topk-k8/nmse", members) == ("topk-k8", "train/nmse")
+    assert member_tag("lr/gsae.k8", members) == ("gsae.k8", "lr")
+    assert member_tag("eval/gsae.k8/loss_added/L_added", members) == ("gsae.k8", "eval/loss_added/L_added")
+    assert member_tag("eval/seconds/gsae.k8/loss_added", members) == ("gsae.k8", "eval/seconds/loss_added")
+    assert [member_tag(t, members) for t in ("train/nmse", "train/topk-k8", "eval/seconds/x", "train/gsaexk8/nmse")] == [
+        None] * 4
 
     lg = TensorBoardLogger(str(tmp_path), name="run")
-    lg.members = ("topk-k8", "gsae.k8")  # a dot: escaped in the regexes
-    train = {f"train/{m}/{k}": 0.5 for m in lg.members for k in ("nmse", "l0")} | {"train/tokens_seen": 9.0}
-    lg.log_metrics(train | {f"lr/{m}": 1e-3 for m in lg.members}, step=10)
-    lg.log_metrics(train, step=20)  # nothing new: no layout written
-    lg.log_metrics({f"eval/{m}/loss_added/L_added": 0.1 for m in lg.members} | {"train/topk-k8/aux_loss": 1.0}, step=30)
+    lg.members = members
+    own = {"train/loss": 2.0, "train/nmse": 0.5, "train/tokens_seen": 9.0, "eval/seconds/loss_added": 3.0}
+
+    def member_values(step: int) -> dict:
+        return {f"train/{m}/{k}": step + i + (k == "l0") for i, m in enumerate(members) for k in ("nmse", "l0")}
+
+    for step in (10, 20, 30):
+        lg.log_metrics(own | member_values(step) | {f"lr/{m}": 1e-3 for m in members}, step=step)
+    lg.log_metrics({f"eval/{m}/loss_added/L_added": 0.1 * (i + 1) for i, m in enumerate(members)}, step=30)
+    lg.member_experiment("gsae.k8").add_text("eval/latents/top", "latent 3", global_step=30)
     lg.finalize("success")
-    acc = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"tensors": 0}).Reload()
-    events = acc.Tensors("custom_scalars__config__")
-    assert [e.step for e in events] == [10, 30]
-    layout = layout_pb2.Layout.FromString(events[-1].tensor_proto.string_val[0])
-    charts = {(c.title, ch.title): list(ch.multiline.tag) for c in layout.category for ch in c.chart}
-    assert list(dict.fromkeys(c for c, _ in charts)) == ["sweep: train", "sweep: eval", "sweep: lr"]
-    assert sorted(charts) == [("sweep: eval", "loss_added/L_added"), ("sweep: lr", "lr"), ("sweep: train", "aux_loss"),
-                              ("sweep: train", "l0"), ("sweep: train", "nmse")]
-    tags = [*train, "train/gsaexk8/nmse", "train/nmse", "eval/topk-k8/loss_added/L_added", "lr/topk-k8", "lr/gsae.k8"]
-    (nmse,) = charts["sweep: train", "nmse"]
-    assert [t for t in tags if re.fullmatch(nmse, t)] == ["train/topk-k8/nmse", "train/gsae.k8/nmse"]
-    (lr,) = charts["sweep: lr", "lr"]
-    assert [t for t in tags if re.fullmatch(lr, t)] == ["lr/topk-k8", "lr/gsae.k8"]
+    run = tmp_path / "run" / "version_0"
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == sorted(members)
+    assert sorted(_read(run)) == sorted(own)  # no member's tag left in the run's own events
+    for i, m in enumerate(members):
+        got = _read(run / m)
+        assert sorted(got) == ["eval/loss_added/L_added", "lr", "train/l0", "train/nmse"], (m, sorted(got))
+        assert got["train/nmse"] == [(s, float(s + i)) for s in (10, 20, 30)]
+        assert got["eval/loss_added/L_added"] == [(30, pytest.approx(0.1 * (i + 1)))]
+    texts = EventAccumulator(str(run / "gsae.k8"), size_guidance={"tensors": 0}).Reload().Tags()["tensors"]
+    assert "eval/latents/top/text_summary" in texts
 
-    def resumed(step: int, metrics: dict, at: int) -> list[tuple[int, set]]:
-        """A logger resuming the folder from ``step`` logs ``metrics`` at ``at``: the layouts left, newest last."""
-        again = TensorBoardLogger(str(tmp_path), name="run", version=0)
-        again.resume_step, again.members = step, lg.members
-        again.log_metrics(metrics, step=at)
-        again.finalize("success")
-        found = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"tensors": 0}).Reload()
-        return [(e.step, {(c.title, ch.title) for c in layout_pb2.Layout.FromString(e.tensor_proto.string_val[0]).category
-                          for ch in c.chart}) for e in found.Tensors("custom_scalars__config__")]
-
-    # resumed from step 30: the stopped run's charts (its evaluation's) are kept, no layout with the training's alone
-    assert [(st, len(c)) for st, c in resumed(30, train, 40)] == [(10, 3), (30, 5)]
-    # rolled back to step 20: the layout written at 30 goes with the events after 20; AuxK's chart comes back at 25
-    (_, first), (step, newest) = resumed(20, {"train/gsae.k8/aux_loss": 1.0}, 25)
-    assert step == 25 and newest == first | {("sweep: train", "aux_loss")} and ("sweep: eval", "loss_added/L_added") not in newest
+    # resumed from step 20: the events after it go from the run's files and every member's, then the resume logs
+    again = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    again.resume_step, again.members = 20, members
+    again.log_metrics(own | member_values(25), step=25)
+    again.finalize("success")
+    assert [s for s, _ in _read(run)["train/loss"]] == [10, 20, 25]
+    for m in members:
+        got = _read(run / m)
+        assert [s for s, _ in got["train/nmse"]] == [10, 20, 25] and "eval/loss_added/L_added" not in got, m

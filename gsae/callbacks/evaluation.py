@@ -338,15 +338,19 @@ class EvaluationCallback(Callback):
             values.update({tag(t, member): v for t, v in tagged_scalars(results).items()})
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
-        writers = [
-            lg.experiment for lg in trainer.loggers if isinstance(getattr(lg, "experiment", None), SummaryWriter)
-        ]
+        tensorboards = [lg for lg in trainer.loggers if isinstance(getattr(lg, "experiment", None), SummaryWriter)]
         for member, results in everything.items():
-            if self.log_figures:
-                self.figures.submit(writers, step, f"eval/{member}" if member else "eval", results)
-            for t, text in tagged_texts(results).items():
-                for w in writers:
-                    w.add_text(tag(t, member), text, global_step=step)
+            # a sweep member's figures and texts: in its own run (gsae.loggers.TensorBoardLogger), else tagged with it
+            own = [lg.member_experiment(member) for lg in tensorboards if member and member in getattr(lg, "members", ())]
+            shared = [lg.experiment for lg in tensorboards if not (member and member in getattr(lg, "members", ()))]
+            for writers, in_tag in ((own, False), (shared, True)):
+                if not writers:
+                    continue
+                if self.log_figures:
+                    self.figures.submit(writers, step, f"eval/{member}" if member and in_tag else "eval", results)
+                for t, text in tagged_texts(results).items():
+                    for w in writers:
+                        w.add_text(tag(t, member) if in_tag else t, text, global_step=step)
         names = sorted({b for r in everything.values() for b, res in r.items() if not failure(res)})
         world = self._world(trainer)
         log.info("evaluated %s at step %d%s%s", ", ".join(names), step,

@@ -29,7 +29,8 @@ the one shuffle buffer; each member reads its hook's columns, and is initialised
 
 So a member ends where that SAE trained alone (``LocalSAESystem``, the same options, ``seed`` and tokens) ends —
 tested, after n steps, after a resume and under 2-rank DDP. Logs go to ``train/<member>/<metric>`` and
-``val/<member>/<metric>``; every checkpoint holds all members (``gsae`` → ``members``) and gets one SAELens
+``val/<member>/<metric>``, which TensorBoard gets as ``train/<metric>`` in the member's own run (``version_N/<member>/``,
+:class:`gsae.loggers.TensorBoardLogger`); every checkpoint holds all members (``gsae`` → ``members``) and gets one SAELens
 export, evaluation JSON and latent dashboard per member (``<checkpoint>.<member>.saelens/``, …).
 
 E2E members are not supported (a choice, by cost): each needs its own patched suffix forward and backward (the
@@ -53,6 +54,7 @@ from torch import Tensor, nn
 from gsae.data.batch import ActivationBatch, TokenBatch
 from gsae.data.harvest import loss_gradients_at
 from gsae.lm import LanguageModel
+from gsae.loggers import RESERVED_MEMBER_NAMES
 from gsae.metrics import (
     DeadLatentTracker,
     ReconMetric,
@@ -208,6 +210,9 @@ class SweepSAESystem(LocalSAESystem):
             name = str(spec.get("name", f"m{i}"))
             if not _NAME.match(name):
                 raise ValueError(f"{where}.name {name!r}: use letters, digits, '_' and '-' only")
+            if name in RESERVED_MEMBER_NAMES:
+                raise ValueError(f"{where}.name {name!r}: the run's own TensorBoard tags use it (eval/{name}/…); "
+                                 "choose another")
             if name in built:
                 raise ValueError(f"{where}.name {name!r} is used twice")
             unknown = set(spec) - {"name", "sae", "hook", *MEMBER_OPTIONS}
@@ -459,8 +464,8 @@ class SweepSAESystem(LocalSAESystem):
         return total
 
     def on_fit_start(self) -> None:
-        """Tell the TensorBoard logger the members' names: one Custom Scalars chart per metric, every member's curve
-        in it (:func:`gsae.loggers.member_layout`)."""
+        """Tell the TensorBoard logger the members' names: each member's values go to a TensorBoard run of its own
+        (:class:`gsae.loggers.TensorBoardLogger`), so a chart per metric holds every member's curve."""
         from gsae.loggers import TensorBoardLogger
 
         super().on_fit_start()

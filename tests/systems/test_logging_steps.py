@@ -87,11 +87,16 @@ def _lightning_log(self, metrics, console_only=()):
 
 
 def _events(folder) -> dict[str, dict[int, float]]:
+    """Every scalar tag's ``{step: value}`` of the run in ``folder`` and of its sweep members' runs (``<member>:<tag>``)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    out = {}
+    for run in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
+        acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+        acc.Reload()
+        name = "" if run == folder else f"{run.name}:"
+        out |= {name + tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    return out
 
 
 def _logged_run(kind: str, root, monkeypatch, reference: bool):
@@ -131,9 +136,11 @@ def test_step_metrics_reach_callbacks_and_loggers_as_lightnings_log_dict_does(tm
     assert set(tb) == set(tb_ref) and ("train/loss" in tb) == (kind != "sweep") and "epoch" not in tb
     if kind == "sweep":  # the members' means and summed loss: the console's (callback_metrics), not the loggers'
         assert {"train/loss", "train/nmse", "train/l0"} <= set(ours.callback_metrics) and "train/nmse" not in tb
-        assert {"train/topksae-k2/nmse", "train/gradtopksae-k4/beta_attribution_median", "lr/topksae-k2"} <= set(tb)
+        # each member's in its own run (gsae.loggers.TensorBoardLogger), its name out of the tags
+        assert {"topksae-k2:train/nmse", "gradtopksae-k4:train/beta_attribution_median", "topksae-k2:lr"} <= set(tb)
+        assert not [t for t in tb if "/topksae" in t or "/gradtopksae" in t], sorted(tb)
         # AuxK's loss only for the member that has AuxK (k_aux 0: always 0, not logged)
-        assert "train/topksae-k2/aux_loss" in tb and "train/gradtopksae-k4/aux_loss" not in tb
+        assert "topksae-k2:train/aux_loss" in tb and "gradtopksae-k4:train/aux_loss" not in tb
     for tag in tb:
         # steps 3 and 6 of 8: at those steps, as the console, checkpoints, validation and evaluation count them
         # (Lightning's log_dict plots them one step earlier, at 2 and 5)
