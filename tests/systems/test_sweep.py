@@ -271,6 +271,7 @@ def test_member_options_are_checked_with_one_line_errors():
         "unknown keys ['k']": [dict(ok, k=3)],
         "no SAE class 'gsae.sae.Nope'": [{"name": "x", "sae": {"class_path": "gsae.sae.Nope"}}],
         "use letters, digits": [dict(ok, name="a.b")],
+        "the run's own TensorBoard tags use it (eval/seconds/…)": [dict(ok, name="seconds")],
         "sae is required": [{"name": "x"}],
         "non-empty list": [],
         "lr_schedule must be": [dict(ok, lr_schedule="linear")],
