@@ -13,8 +13,9 @@ scalar through ``SummaryWriter.add_scalar``: TensorBoard reads the same tags, st
 A sweep's members (:class:`gsae.systems.SweepSAESystem`) are TensorBoard runs of their own, ``version_N/<member>/``:
 a member's ``train/<member>/nmse`` is written there as ``train/nmse`` (``lr/<member>`` as ``lr``, ``eval/<member>/…`` as
 ``eval/…``, its figures and texts too), so the Scalars tab draws one chart per metric with every member's curve in its
-own colour, named in the legend and switched on and off in the runs list, beside the run's own ``train/nmse`` (the
-members' mean, run ``version_N``). In one run they were a card per member per metric (140 for Table 1's sweep).
+own colour, named in the legend and switched on and off in the runs list; the run's own folder keeps what is not a
+member's (``train/tokens_seen``, the evaluation's shared seconds). In one run they were a card per member per metric
+(140 for Table 1's sweep).
 
 A resumed run goes on in the TensorBoard folder (``version_N``) of the run it resumes, so its curves continue as one
 run, not as a second one (``version_N+1``) drawn over the first: every checkpoint records that folder
@@ -166,7 +167,7 @@ RESERVED_MEMBER_NAMES = frozenset({"seconds"})
 def member_tag(tag: str, members: Iterable[str]) -> tuple[str, str] | None:
     """``(member, tag in its run)`` of a sweep member's tag: ``<section>/<member>/<metric…>`` (``train``, ``val``,
     ``eval``) as ``<section>/<metric…>``, ``<section>/<member>`` (``lr``) as ``<section>``; ``None`` for the run's own
-    tags (``train/loss``, ``train/nmse``: the members' sum and mean). The evaluation's time for one member,
+    tags (``train/tokens_seen``; ``train/nmse``, the members' mean, were it logged). The evaluation's time for one member,
     ``eval/seconds/<member>/<benchmark>``, is ``eval/seconds/<benchmark>`` in the member's run."""
     parts = tag.split("/")
     if len(parts) >= 2 and parts[1] in members and (len(parts) >= 3 or parts[0] == "lr"):
