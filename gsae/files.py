@@ -120,13 +120,18 @@ def write_error(e: BaseException, tmp: Path, path: str | Path) -> CheckpointWrit
     """What to raise for ``e``, raised while writing checkpoint ``path`` to ``tmp`` (still there), or ``None`` to
     raise ``e`` as it is: a full disk (under 16 MiB left beside the partial file) or a quota is named, with the space
     left and how much was written."""
-    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-    if not (full or isinstance(e, RuntimeError) and "enforce fail" in str(e)):
+    code = e.errno if isinstance(e, OSError) else None
+    if code not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and not (
+            isinstance(e, RuntimeError) and "enforce fail" in str(e)):
         return None
     usage = shutil.disk_usage(tmp.parent)
     written = tmp.stat().st_size if tmp.exists() else 0
-    full = full or usage.free < 16 * 2**20
-    why = "the disk is full" if full else f"{str(e).splitlines()[0]}; a quota or file-size limit?"
+    if code == errno.ENOSPC or usage.free < 16 * 2**20:
+        why = "the disk is full"
+    elif code in (errno.EDQUOT, errno.EFBIG):
+        why = "the disk quota is exceeded" if code == errno.EDQUOT else "the file-size limit is reached"
+    else:
+        why = f"{str(e).splitlines()[0]}; a quota or file-size limit?"
     return CheckpointWriteError(
         f"could not write checkpoint {path}: {why} ({size_text(written)} written, {size_text(usage.free)} of {size_text(usage.total)} "
         "free there); the checkpoints already written are kept: free space, or keep fewer with --checkpoint.save_top_k"

@@ -138,3 +138,17 @@ def test_checkpoint_state_of_an_older_key_is_taken():
     cb.on_load_checkpoint(None, None, ckpt)
     assert ckpt["callbacks"] == {cb.state_key: {"last_model_path": "/x/last.ckpt"}, "RunSummary": {}}
     assert "every_n_train_steps" not in cb.state_key
+
+
+def test_quota_and_size_limits_are_not_called_a_full_disk(tmp_path):
+    import errno
+
+    from gsae.files import write_error
+
+    tmp = tmp_path / ".x.ckpt.partial"
+    tmp.write_bytes(b"x" * 2**20)
+    said = {code: str(write_error(OSError(code, "…"), tmp, tmp_path / "x.ckpt")) for code in (errno.EDQUOT, errno.EFBIG)}
+    assert ": the disk quota is exceeded (1.0 MiB written, " in said[errno.EDQUOT]
+    assert ": the file-size limit is reached (1.0 MiB written, " in said[errno.EFBIG]
+    assert write_error(OSError(errno.EACCES, "denied"), tmp, tmp_path / "x.ckpt") is None  # said as it is
+    assert write_error(ValueError("x"), tmp, tmp_path / "x.ckpt") is None
