@@ -13,8 +13,8 @@ Needs the Debian package ``chromium`` (``apt-get install -y chromium``)::
 
     python benchmarks/screenshots.py                        # quickstart (200 steps, ~2-4 min on 2 cores) + shots
     python benchmarks/screenshots.py --run checkpoints/quickstart-topk --out /tmp/shots
-    python benchmarks/screenshots.py --config configs/quickstart/sweep.yaml --pages tensorboard_sweep_scalars \
-        --width 1600 --height 1200                        # a sweep's members, one chart per metric
+    python benchmarks/screenshots.py --config configs/quickstart/sweep.yaml \
+        --pages tensorboard_sweep_scalars tensorboard_sweep_hparams --width 1600 --height 1200   # a sweep's members
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ PAGES = {  # name -> TensorBoard URL fragment (the Scalars shot filters on the t
     "tensorboard_text": "#text",
 }
 #: pages shot only when named in ``--pages`` (a sweep's: its members, each a TensorBoard run, in one chart per metric)
-EXTRA_PAGES = {"tensorboard_sweep_scalars": "#scalars&tagFilter=%5E(train%7Cval)%2F"}
+EXTRA_PAGES = {"tensorboard_sweep_scalars": "#scalars&tagFilter=%5E(train%7Cval)%2F",
+               "tensorboard_sweep_hparams": "#hparams"}
 
 
 def train(root: Path, steps: int, config: str = "configs/quickstart/topk.yaml") -> Path:

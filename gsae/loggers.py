@@ -3,7 +3,9 @@
 Lightning's ``TensorBoardLogger`` adds two scalars that mean nothing for an SAE run and, sorting first,
 are the first cards TensorBoard shows: ``epoch`` (the token stream is endless, so it stays 0) and
 ``hp_metric`` (a ``-1`` placeholder written with the hyperparameters). :class:`TensorBoardLogger` drops
-both; the hyperparameters are still written (HPARAMS tab). The CLI uses it for every run, including configs
+both, and writes the hyperparameters to the HPARAMS tab itself (Lightning writes them there only with a metric): a
+session per run (a sweep: per member, its SAE's settings, hook and learning rate), with every scalar of its run as a
+metric, so runs and members compare in one table (``k``, ``beta`` … beside ``eval/loss_added/L_added`` …). The CLI uses it for every run, including configs
 that name Lightning's class (:func:`curves_first`).
 
 It also writes a call's scalars as one event (one ``Summary`` holding every value) where Lightning's writes one per
@@ -62,6 +64,8 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
     _redone: str | None = None
     #: a sweep's member names (:class:`gsae.systems.SweepSAESystem` sets them): each a TensorBoard run of its own
     members: tuple[str, ...] = ()
+    #: a sweep's members' hyperparameters (their HPARAMS sessions, :meth:`log_hyperparams`), set with :attr:`members`
+    member_hparams: dict[str, dict[str, Any]] = {}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("default_hp_metric", False)
@@ -117,6 +121,24 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
 
     @override
     @rank_zero_only
+    def log_hyperparams(self, params: Any, metrics: dict[str, Any] | None = None, step: int | None = None) -> None:
+        """Lightning's (``hparams.yaml``; the HPARAMS tab only when given a metric), and the HPARAMS tab's session
+        without one: the run's hyperparameters, flattened (``model/sae/init_args/k``), or each sweep member's
+        (:attr:`member_hparams`) in its own run. TensorBoard takes a session's scalars as its metrics."""
+        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+
+        super().log_hyperparams(params, metrics, step)
+        if metrics or not isinstance(self.experiment, SummaryWriter):
+            return
+        if self.members:
+            sessions = [(self.member_experiment(m), hp) for m, hp in self.member_hparams.items() if m in self.members]
+        else:
+            sessions = [(self.experiment, self._sanitize_params(_flatten_dict(_convert_params(params))))]
+        for writer, hp in sessions:
+            writer._get_file_writer().add_summary(session_start(hp), step)
+
+    @override
+    @rank_zero_only
     def save(self) -> None:
         super().save()
         for writer in self._member_writers.values():
@@ -162,6 +184,17 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
 
 #: names a sweep member cannot have: the run's own tags hold them where a member's name goes (``eval/seconds/…``)
 RESERVED_MEMBER_NAMES = frozenset({"seconds"})
+
+
+def session_start(hparams: dict[str, Any]) -> Summary:
+    """The HPARAMS tab's ``session_start_info`` summary of a run with ``hparams`` (values other than numbers, text
+    and booleans as text; ``None`` as ``"None"``). No experiment summary: TensorBoard then builds the table from every
+    run's session and takes the runs' scalars as its metrics."""
+    from torch.utils.tensorboard.summary import hparams as summaries
+
+    plain = {str(k): v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
+    _, start, _ = summaries(plain, {})
+    return start
 
 
 def member_tag(tag: str, members: Iterable[str]) -> tuple[str, str] | None:

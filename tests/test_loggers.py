@@ -197,3 +197,45 @@ def test_a_sweeps_members_are_runs_of_their_own(tmp_path):
     for m in members:
         got = _read(run / m)
         assert [s for s, _ in got["train/nmse"]] == [10, 20, 25] and "eval/loss_added/L_added" not in got, m
+
+
+def _sessions(folder) -> dict[str, dict]:
+    """The HPARAMS sessions (``session_start_info``) of the run in ``folder`` and its sub-runs: ``{run: hparams}``."""
+    from tensorboard.plugins.hparams import metadata
+
+    out = {}
+    for run in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
+        acc = EventAccumulator(str(run)).Reload()
+        try:
+            content = acc.PluginTagToContent("hparams")
+        except KeyError:  # no hparams data in this run
+            content = {}
+        if metadata.SESSION_START_INFO_TAG in content:
+            info = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+            out[run.name] = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+    return out
+
+
+def test_hyperparameters_reach_the_hparams_tab(tmp_path):
+    """Lightning writes the HPARAMS tab's data only with a metric (the ``hp_metric`` placeholder this logger leaves
+    out), so it had none. Now a run is a session with its flattened hyperparameters; a sweep's members each one in
+    their own run (its SAE's settings, hook, lr), the run's own folder none (it would be a row without metrics)."""
+    from gsae.loggers import TensorBoardLogger
+
+    one = TensorBoardLogger(str(tmp_path), name="one")
+    one.log_hyperparams({"hook": "blocks.2.hook_resid_post", "sae": {"init_args": {"k": 8}}, "lr": None})
+    one.log_metrics({"train/nmse": 0.5}, step=1)
+    one.finalize("success")
+    assert _sessions(tmp_path / "one" / "version_0") == {
+        "version_0": {"hook": "blocks.2.hook_resid_post", "sae/init_args/k": 8.0, "lr": "None"}}
+
+    sweep = TensorBoardLogger(str(tmp_path), name="sweep")
+    sweep.members = ("topk-k8", "gsae-k8")
+    sweep.member_hparams = {"topk-k8": {"sae": "TopKSAE", "k": 8, "lr": 1e-3},
+                            "gsae-k8": {"sae": "GradTopKSAE", "k": 8, "beta": 1e4, "lr": 3e-3}}
+    sweep.log_hyperparams({"members": [{"name": "topk-k8"}, {"name": "gsae-k8"}]})
+    sweep.log_metrics({"train/topk-k8/nmse": 0.5, "train/gsae-k8/nmse": 0.4}, step=1)
+    sweep.finalize("success")
+    assert _sessions(tmp_path / "sweep" / "version_0") == {
+        "gsae-k8": {"sae": "GradTopKSAE", "k": 8.0, "beta": 1e4, "lr": 3e-3},
+        "topk-k8": {"sae": "TopKSAE", "k": 8.0, "lr": 1e-3}}

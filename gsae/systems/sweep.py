@@ -472,6 +472,20 @@ class SweepSAESystem(LocalSAESystem):
         for lg in self.loggers:
             if isinstance(lg, TensorBoardLogger):
                 lg.members = tuple(self.members)
+                lg.member_hparams = self.member_hparams()
+
+    def member_hparams(self) -> dict[str, dict[str, Any]]:
+        """Each member's settings for TensorBoard's HPARAMS tab: its SAE class and constructor arguments (``k``,
+        ``d_sae``, ``beta``, ``k_aux``, ``seed`` …), hook, learning rate (its own, else the run's optimizer's) and the
+        options it sets (schedule, warm-up, clipping)."""
+        groups = self.trainer.optimizers[0].param_groups if self._trainer is not None and self.trainer.optimizers else []
+        out = {}
+        for i, (name, m) in enumerate(self.members.items()):
+            lr = groups[i].get("initial_lr", groups[i].get("lr")) if i < len(groups) else m.options.get("lr")
+            options = {k: v for k, v in m.options.items() if k not in ("lr", "optimizer")}
+            out[name] = {"member": name, "sae": type(m.sae).__name__, **m.sae.config(), "hook": m.hook,
+                         **({"lr": float(lr)} if lr is not None else {}), **options}
+        return out
 
     def _log_sweep(self, metrics: dict[str, float]) -> None:
         names = list(self.members)

@@ -341,6 +341,16 @@ def test_cli_sweep_writes_every_members_export_evaluation_and_tensorboard(tmp_pa
         assert {"train/nmse", "train/l0", "train/dead_fraction", "val/nmse", "eval/loss_added/L_added", "lr"} <= set(
             found["scalars"]), (name, found["scalars"])
         assert found["images"] and all(t.startswith("eval/") and name not in t for t in found["images"]), found["images"]
+    # the HPARAMS tab: a session per member with its settings (the optimizer's lr where the member sets none)
+    from tests.test_loggers import _sessions
+
+    sessions = _sessions(version)
+    assert sorted(sessions) == sorted(names)
+    for name in names:
+        hp = sessions[name]
+        assert hp["member"] == name and hp["k"] == int(name.rsplit("k", 1)[1]) and hp["hook"] == "blocks.2.hook_resid_post"
+        assert hp["sae"] == ("GradTopKSAE" if name.startswith("gsae") else "TopKSAE") and hp["lr"] > 0
+        assert ("beta" in hp) == name.startswith("gsae")
     # the validation line and the summary's val row: the mean over members
     val = {k: sum(ev[n].Scalars(f"val/{k}")[-1].value for n in names) / len(names) for k in ("nmse", "l0")}
     assert any(line.startswith("val ") and f"nmse {val['nmse']:.4f}" in line for line in out.splitlines()), out
