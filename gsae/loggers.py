@@ -64,7 +64,8 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
     _redone: str | None = None
     #: a sweep's member names (:class:`gsae.systems.SweepSAESystem` sets them): each a TensorBoard run of its own
     members: tuple[str, ...] = ()
-    #: a sweep's members' hyperparameters (their HPARAMS sessions, :meth:`log_hyperparams`), set with :attr:`members`
+    #: each SAE's hyperparameters, ``{member: settings}`` (``""``: a one-SAE run), for the HPARAMS tab
+    #: (:meth:`log_hyperparams`; :meth:`gsae.systems.base.SAESystem.session_hparams` sets them)
     member_hparams: dict[str, dict[str, Any]] = {}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -123,17 +124,19 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
     @rank_zero_only
     def log_hyperparams(self, params: Any, metrics: dict[str, Any] | None = None, step: int | None = None) -> None:
         """Lightning's (``hparams.yaml``; the HPARAMS tab only when given a metric), and the HPARAMS tab's session
-        without one: the run's hyperparameters, flattened (``model/sae/init_args/k``), or each sweep member's
-        (:attr:`member_hparams`) in its own run. TensorBoard takes a session's scalars as its metrics."""
+        without one: each SAE's settings (:attr:`member_hparams`; a sweep member's in its own run), else the
+        hyperparameters given, flattened (``sae/init_args/k``). TensorBoard takes a session's scalars as its metrics."""
         from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 
         super().log_hyperparams(params, metrics, step)
         if metrics or not isinstance(self.experiment, SummaryWriter):
             return
-        if self.members:
-            sessions = [(self.member_experiment(m), hp) for m, hp in self.member_hparams.items() if m in self.members]
+        if self.member_hparams:  # gsae's systems: each SAE's settings (SAESystem.session_hparams)
+            sessions = [(self.member_experiment(m) if m in self.members else self.experiment, hp)
+                        for m, hp in self.member_hparams.items() if m in self.members or not self.members]
         else:
-            sessions = [(self.experiment, self._sanitize_params(_flatten_dict(_convert_params(params))))]
+            flat = self._sanitize_params(_flatten_dict(_convert_params(params)))
+            sessions = [(self.experiment, {k: v for k, v in flat.items() if not k.startswith("_")})]
         for writer, hp in sessions:
             writer._get_file_writer().add_summary(session_start(hp), step)
 

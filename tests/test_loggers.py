@@ -239,3 +239,19 @@ def test_hyperparameters_reach_the_hparams_tab(tmp_path):
     assert _sessions(tmp_path / "sweep" / "version_0") == {
         "gsae-k8": {"sae": "GradTopKSAE", "k": 8.0, "beta": 1e4, "lr": 3e-3},
         "topk-k8": {"sae": "TopKSAE", "k": 8.0, "lr": 1e-3}}
+
+
+@pytest.mark.slow
+def test_a_runs_hparams_row_names_its_sae(tmp_path):
+    """Through train.py: a one-SAE run's HPARAMS row holds its SAE's settings, hook, LM and lr (Lightning's own
+    hyperparameters left out the SAE, held apart by the CLI), the run's data seed apart from the SAE's init seed."""
+    from gsae.cli import REPO_ROOT, main
+
+    args = ["--config", str(REPO_ROOT / "configs" / "quickstart" / "topk.yaml"), "--trainer.max_steps", "2",
+            "--trainer.default_root_dir", str(tmp_path), "--evaluation.enabled", "false",
+            "--trainer.enable_progress_bar", "false", "--model.sae.init_args.seed", "7"]
+    assert main(args) == 0
+    (row,) = _sessions(tmp_path / "quickstart-topk" / "version_0").values()
+    assert {k: row[k] for k in ("objective", "sae", "k", "d_sae", "hook", "lm", "lr", "seed", "run_seed")} == {
+        "objective": "LocalSAESystem", "sae": "TopKSAE", "k": 16, "d_sae": 1024, "hook": "blocks.2.hook_resid_post",
+        "lm": "gsae-tiny", "lr": 1e-3, "seed": 7, "run_seed": 0}

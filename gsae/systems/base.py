@@ -369,6 +369,37 @@ class SAESystem(pl.LightningModule):
         self._mid_step = self.trainer.fit_loop._should_accumulate()
         return starts
 
+    def on_fit_start(self) -> None:
+        """Hand the TensorBoard logger each SAE's row of its HPARAMS tab (:meth:`session_hparams`)."""
+        from gsae.loggers import TensorBoardLogger
+
+        super().on_fit_start()
+        for lg in self.loggers:
+            if isinstance(lg, TensorBoardLogger):
+                lg.member_hparams = self.session_hparams()
+
+    def session_hparams(self) -> dict[str, dict[str, Any]]:
+        """Each SAE's settings for TensorBoard's HPARAMS tab, ``{member: settings}`` (``""`` for a one-SAE run): the
+        objective, the SAE's class and constructor arguments (``k``, ``d_sae``, ``beta``, ``k_aux``, ``seed`` …), hook,
+        LM, learning rate (its optimizer group's) and the run's plain options (``buffer_size``, ``lr_schedule`` …; one
+        named as an SAE setting prefixed ``run_``: ``run_seed``, the shuffle buffer's, beside the SAE's init ``seed``)."""
+        groups = self.trainer.optimizers[0].param_groups if self._trainer is not None and self.trainer.optimizers else []
+        run = {k: v for k, v in self.hparams.items()
+               if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str)))}
+        saes = self.saes()
+        out = {}
+        for i, (name, (sae, meta)) in enumerate(saes.items()):
+            group = groups[i] if len(groups) == len(saes) else groups[0] if groups else {}
+            lr = group.get("initial_lr", group.get("lr"))
+            own = {**({"member": name} if name else {}), "objective": meta["objective"], "sae": type(sae).__name__,
+                   **sae.config(), "hook": meta["hook"], "lm": meta["lm"]["name"],
+                   **({"lr": float(lr)} if lr is not None else {})}
+            if "k" in own and "beta" not in own:  # TopK is the g-SAE at β = 0: one beta column for both
+                own["beta"] = 0.0
+            # the run's options; one named as an SAE's (the run's data seed beside the SAE's init seed) as run_<name>
+            out[name] = {**own, **{(f"run_{k}" if k in own else k): v for k, v in run.items()}}
+        return out
+
     def on_train_start(self) -> None:
         # after a checkpoint is restored: read the `initialized` buffers again on the first step
         self._first_step = self.trainer.global_step

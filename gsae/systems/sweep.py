@@ -468,24 +468,17 @@ class SweepSAESystem(LocalSAESystem):
         (:class:`gsae.loggers.TensorBoardLogger`), so a chart per metric holds every member's curve."""
         from gsae.loggers import TensorBoardLogger
 
-        super().on_fit_start()
         for lg in self.loggers:
             if isinstance(lg, TensorBoardLogger):
                 lg.members = tuple(self.members)
-                lg.member_hparams = self.member_hparams()
+        super().on_fit_start()
 
-    def member_hparams(self) -> dict[str, dict[str, Any]]:
-        """Each member's settings for TensorBoard's HPARAMS tab: its SAE class and constructor arguments (``k``,
-        ``d_sae``, ``beta``, ``k_aux``, ``seed`` …), hook, learning rate (its own, else the run's optimizer's) and the
-        options it sets (schedule, warm-up, clipping)."""
-        groups = self.trainer.optimizers[0].param_groups if self._trainer is not None and self.trainer.optimizers else []
-        out = {}
-        for i, (name, m) in enumerate(self.members.items()):
-            lr = groups[i].get("initial_lr", groups[i].get("lr")) if i < len(groups) else m.options.get("lr")
-            options = {k: v for k, v in m.options.items() if k not in ("lr", "optimizer")}
-            out[name] = {"member": name, "sae": type(m.sae).__name__, **m.sae.config(), "hook": m.hook,
-                         **({"lr": float(lr)} if lr is not None else {}), **options}
-        return out
+    def session_hparams(self) -> dict[str, dict[str, Any]]:
+        """The base's row per member, with the options the member sets (schedule, warm-up, clipping)."""
+        rows = super().session_hparams()
+        for name, m in self.members.items():
+            rows[name].update({k: v for k, v in m.options.items() if k not in ("lr", "optimizer")})
+        return rows
 
     def _log_sweep(self, metrics: dict[str, float]) -> None:
         names = list(self.members)

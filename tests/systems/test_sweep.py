@@ -350,7 +350,7 @@ def test_cli_sweep_writes_every_members_export_evaluation_and_tensorboard(tmp_pa
         hp = sessions[name]
         assert hp["member"] == name and hp["k"] == int(name.rsplit("k", 1)[1]) and hp["hook"] == "blocks.2.hook_resid_post"
         assert hp["sae"] == ("GradTopKSAE" if name.startswith("gsae") else "TopKSAE") and hp["lr"] > 0
-        assert ("beta" in hp) == name.startswith("gsae")
+        assert hp["beta"] == (1e4 if name.startswith("gsae") else 0.0)  # TopK: the g-SAE at β = 0, one column
     # the validation line and the summary's val row: the mean over members
     val = {k: sum(ev[n].Scalars(f"val/{k}")[-1].value for n in names) / len(names) for k in ("nmse", "l0")}
     assert any(line.startswith("val ") and f"nmse {val['nmse']:.4f}" in line for line in out.splitlines()), out
