@@ -66,14 +66,20 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def remove(path: str | Path, ignore_errors: bool = False) -> None:
+    """Remove the file, folder or link ``path`` (a link, not what it points at: ``last.saelens`` linked to a step
+    checkpoint's export leaves that export); nothing if there is none."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def replace_dir(tmp: str | Path, path: str | Path) -> None:
     """Move the finished folder ``tmp`` to ``path`` (an older ``path``, or a link there, is removed first: a crash in
     between leaves no folder, never a half-written one)."""
-    path = Path(path)
-    if path.is_symlink():  # last.saelens linked to a step checkpoint's export: the link goes, not that export
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
+    remove(path)
     os.replace(tmp, path)
 
 
@@ -98,7 +104,7 @@ def remove_partials(folder: str | Path) -> list[Path]:
     """Remove what a killed write left in ``folder`` (``.<name>.partial`` files and folders); returns them."""
     removed = []
     for p in Path(folder).glob(f".*{PARTIAL}"):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        remove(p, ignore_errors=True)
         removed.append(p)
     return removed
 

@@ -131,9 +131,8 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
         super().log_hyperparams(params, metrics, step)
         if metrics or not isinstance(self.experiment, SummaryWriter):
             return
-        if self.member_hparams:  # gsae's systems: each SAE's settings (SAESystem.session_hparams)
-            sessions = [(self.member_experiment(m) if m in self.members else self.experiment, hp)
-                        for m, hp in self.member_hparams.items() if m in self.members or not self.members]
+        if self.member_hparams:  # gsae's systems: each SAE's settings (SAESystem.session_hparams; "": a one-SAE run)
+            sessions = [(self.member_experiment(m) if m else self.experiment, hp) for m, hp in self.member_hparams.items()]
         else:
             flat = self._sanitize_params(_flatten_dict(_convert_params(params)))
             sessions = [(self.experiment, {k: v for k, v in flat.items() if not k.startswith("_")})]

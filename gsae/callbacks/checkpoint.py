@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from gsae.export import export_saelens
-from gsae.files import SameFolderCheckpointIO, remove_partials, size_text, symlink
+from gsae.files import SameFolderCheckpointIO, remove, remove_partials, size_text, symlink
 from gsae.loggers import LOG_FOLDER_KEY, log_folder_record
 
 log = logging.getLogger(__name__)
@@ -365,10 +365,7 @@ class SAECheckpoint(ModelCheckpoint):
             p = Path(filepath)
             exports = [saelens_dir(p), *p.parent.glob(glob.escape(p.stem) + ".*.saelens")]
             for export in exports:
-                if export.is_symlink():  # last.saelens linked to a step checkpoint's export: the link, not the export
-                    export.unlink()
-                else:
-                    shutil.rmtree(export, ignore_errors=True)
+                remove(export, ignore_errors=True)  # last.saelens: the link, not the step checkpoint's export
             for beside in p.parent.glob(glob.escape(p.name) + ".*"):  # .eval.json, .latents.html (and members')
                 if beside.is_file():
                     beside.unlink(missing_ok=True)

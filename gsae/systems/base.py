@@ -370,12 +370,14 @@ class SAESystem(pl.LightningModule):
         return starts
 
     def on_fit_start(self) -> None:
-        """Hand the TensorBoard logger each SAE's row of its HPARAMS tab (:meth:`session_hparams`)."""
+        """Tell the TensorBoard logger a sweep's member names (each a TensorBoard run of its own, so a chart per metric
+        holds every member's curve) and each SAE's row of its HPARAMS tab (:meth:`session_hparams`)."""
         from gsae.loggers import TensorBoardLogger
 
         super().on_fit_start()
         for lg in self.loggers:
             if isinstance(lg, TensorBoardLogger):
+                lg.members = tuple(name for name in self.saes() if name)  # a one-SAE run's is "": none
                 lg.member_hparams = self.session_hparams()
 
     def session_hparams(self) -> dict[str, dict[str, Any]]:

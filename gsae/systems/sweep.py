@@ -463,16 +463,6 @@ class SweepSAESystem(LocalSAESystem):
             self._log_sweep(host_floats(metrics))  # one copy to the host for every member's metrics
         return total
 
-    def on_fit_start(self) -> None:
-        """Tell the TensorBoard logger the members' names: each member's values go to a TensorBoard run of its own
-        (:class:`gsae.loggers.TensorBoardLogger`), so a chart per metric holds every member's curve."""
-        from gsae.loggers import TensorBoardLogger
-
-        for lg in self.loggers:
-            if isinstance(lg, TensorBoardLogger):
-                lg.members = tuple(self.members)
-        super().on_fit_start()
-
     def session_hparams(self) -> dict[str, dict[str, Any]]:
         """The base's row per member, with the options the member sets (schedule, warm-up, clipping)."""
         rows = super().session_hparams()
