@@ -107,7 +107,7 @@ def _logged_run(kind: str, root, monkeypatch, reference: bool):
     if reference:
         monkeypatch.setattr(base.SAESystem, "log_step_metrics", _lightning_log)
     torch.manual_seed(0)
-    if kind == "sweep":
+    if kind.startswith("sweep"):
         members = [{"name": f"{cls.lower()}-k{k}",
                     "sae": {"class_path": f"gsae.sae.{cls}", "init_args": {"d_sae": 64, "k": k, **extra}}}
                    for cls, k, extra in (("TopKSAE", 2, {}), ("GradTopKSAE", 4, {"k_aux": 0}))]
@@ -126,15 +126,17 @@ def _logged_run(kind: str, root, monkeypatch, reference: bool):
     return trainer, _events(root / "tb" / "version_0"), csv
 
 
-@pytest.mark.parametrize("kind", ["topk", "sweep", "topk-accumulate", pytest.param("topk-ddp", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["topk", "sweep", "topk-accumulate", pytest.param("topk-ddp", marks=pytest.mark.slow),
+                                  pytest.param("sweep-ddp", marks=pytest.mark.slow)])
 def test_step_metrics_reach_callbacks_and_loggers_as_lightnings_log_dict_does(tmp_path, monkeypatch, kind):
     """log_step_metrics bypasses LightningModule.log; the loggers (TensorBoard, CSV) and callback_metrics get what
     Lightning's log_dict gives them: the same keys, steps and values (tokens_per_s is a clock reading: keys and steps),
     also over 2 DDP ranks (rank 0 writes; the main process gets rank 0's callback_metrics back)."""
     ours, tb, csv = _logged_run(kind, tmp_path / "ours", monkeypatch, reference=False)
     ref, tb_ref, csv_ref = _logged_run(kind, tmp_path / "ref", monkeypatch, reference=True)
-    assert set(tb) == set(tb_ref) and ("train/loss" in tb) == (kind != "sweep") and "epoch" not in tb
-    if kind == "sweep":  # the members' means and summed loss: the console's (callback_metrics), not the loggers'
+    sweep = kind.startswith("sweep")
+    assert set(tb) == set(tb_ref) and ("train/loss" in tb) == (not sweep) and "epoch" not in tb
+    if sweep:  # the members' means and summed loss: the console's (callback_metrics), not the loggers'
         assert {"train/loss", "train/nmse", "train/l0"} <= set(ours.callback_metrics) and "train/nmse" not in tb
         # each member's in its own run (gsae.loggers.TensorBoardLogger), its name out of the tags
         assert {"topksae-k2:train/nmse", "gradtopksae-k4:train/beta_attribution_median", "topksae-k2:lr"} <= set(tb)
