@@ -309,7 +309,8 @@ def prepare_forked_ranks(trainer, resume: str) -> None:
 
 def checks_before_training(cli: GSAECLI) -> tuple[str | None, dict | None]:
     """What is checked before any rank trains: the data's split between ranks, its source and its held-out set (before
-    DDP starts the ranks, else each fails, and says so, on its own), ``--ckpt_path`` and the run folder. Returns the
+    DDP starts the ranks, else each fails, and says so, on its own), ``--ckpt_path``, the run folder, and whether the
+    checkpoint resumes this configuration (``SAESystem.check_resumable``). Returns the
     checkpoint to resume from and its contents (mapped), or ``(None, None)``."""
     cli.datamodule.check_world(cli.trainer.world_size)
     cli.datamodule.validate()
@@ -322,7 +323,13 @@ def checks_before_training(cli: GSAECLI) -> tuple[str | None, dict | None]:
         return None, None
     from gsae.export import read_checkpoint
 
-    return ckpt, read_checkpoint(ckpt, mmap=True)
+    state = read_checkpoint(ckpt, mmap=True)
+    if hasattr(cli.model, "check_resumable"):  # a refused resume writes nothing (the fit would, before refusing)
+        cli.model.check_resumable(state)
+    data = state.get(type(cli.datamodule).__qualname__)
+    if isinstance(data, dict) and hasattr(cli.datamodule, "check_resumable"):
+        cli.datamodule.check_resumable(data)
+    return ckpt, state
 
 
 class OtherRanksFailed(RuntimeError):

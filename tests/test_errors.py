@@ -106,9 +106,20 @@ def test_a_refused_resume_or_a_csv_logger_leaves_no_empty_version_folder(run_cli
     assert run_cli("--trainer.max_steps", "2", "--checkpoint.every_n_train_steps", "2")[0] == 0
     run = tmp_path / "quickstart-topk"
     ckpt = run / "checkpoints" / "epoch=0-step=2.ckpt"
+
+    def files() -> dict[str, tuple[int, int]]:
+        return {str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+
+    before = files()
     code, line = run_cli("--ckpt_path", str(ckpt), "--trainer.max_steps", "4", "--model.lm.name", "random-small")
     assert code == 1 and "another LM" in line
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "version_0"]
+    # refused before the fit: no config.resume-step2.yaml, no empty event file in the run's version_0, nothing changed
+    code, line = run_cli("--ckpt_path", "last", "--trainer.max_steps", "4", "--model.sae.k", "8")
+    assert code == 1 and "'k': (16, 8)" in line, line
+    code, line = run_cli("--ckpt_path", "last", "--trainer.max_steps", "4", "--data.batch_size", "3")
+    assert code == 1 and "--data.batch_size" in line, line
+    assert files() == before
     csv = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(tmp_path),
            "--trainer.logger.init_args.name", "csv"]
     assert run_cli(*csv, "--data.context_size", "100000")[0] == 1
@@ -241,6 +252,11 @@ def test_checkpoint_of_another_kind_of_run_is_one_line() -> None:
     with pytest.raises(ValueError, match=r"checkpoint SAE is a gsae.sae.grad_topk.GradTopKSAE, the configured one a "
                                          r"gsae.sae.topk.TopKSAE"):
         system.on_load_checkpoint(gsae)
+    e2e = {"gsae": {"objective": "E2ESAESystem", "sae_class": "gsae.sae.topk.TopKSAE", "sae_config": system.sae.config(),
+                    "hook": system.hook}}  # the same SAE: its weights would load, and train on with another loss
+    with pytest.raises(ValueError, match=r"^--ckpt_path: the checkpoint was trained by E2ESAESystem, this config's "
+                                         r"--model is LocalSAESystem"):
+        system.on_load_checkpoint(e2e)
     config = {**system.sae.config(), "k": 7, "beta": 1.0}  # keys on either side are compared
     with pytest.raises(ValueError, match=r"'k': \(7, 4\).*'beta': \(1.0, None\)|'beta': \(1.0, None\).*'k': \(7, 4\)"):
         system.on_load_checkpoint({"gsae": {"sae_config": config, "hook": system.hook}})

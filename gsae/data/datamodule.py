@@ -337,7 +337,7 @@ class TokenDataModule(pl.LightningDataModule):
             out["streaming"] = self.streaming  # are its files when streamed, n_streams contiguous pieces when not
         return out
 
-    def _check_resumable(self, state_dict: dict[str, Any]) -> None:
+    def check_resumable(self, state_dict: dict[str, Any]) -> None:
         """One-line refusal where an option the saved stream positions depend on differs from the checkpoint's:
         ``batch_size``, ``n_streams``, ``text_unit`` and :meth:`position_options` (the run would go on at the wrong
         documents: text trained on twice or never). Options a checkpoint does not record (written before they were)
@@ -358,7 +358,7 @@ class TokenDataModule(pl.LightningDataModule):
                 f"with it; resume with --data.{key} {shown}, or start a new run")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._check_resumable(state_dict)
+        self.check_resumable(state_dict)
         self.consumed_batches = int(state_dict["consumed_batches"])
         contexts = state_dict.get("consumed_contexts")
         self._resumed_at = (self.consumed_batches, None if contexts is None else int(contexts))

@@ -52,6 +52,23 @@ def _adam(params):
     return Adam(params, lr=1e-4, fused=True)
 
 
+def check_optimizer_groups(opt: torch.optim.Optimizer, options: list[str]) -> None:
+    """One-line errors for group options torch's optimizers take unchecked (torch checks only the defaults it is
+    built with, and accepts ``lr 0``, which trains nothing): ``lr`` > 0, ``betas`` in [0, 1), ``eps`` and
+    ``weight_decay`` >= 0. ``options[i]`` names where group ``i``'s options come from (``--model.optimizer``,
+    ``--model.members[2]``)."""
+    for group, option in zip(opt.param_groups, options):
+        lr, betas = group.get("lr"), group.get("betas")
+        if isinstance(lr, (int, float)) and not lr > 0:
+            raise ValueError(f"{option}.lr must be > 0 (got {lr}): the SAE would not train")
+        if betas is not None and not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"{option}.betas must be two numbers in [0, 1) (got {list(betas)})")
+        for key in ("eps", "weight_decay"):
+            value = group.get(key)
+            if isinstance(value, (int, float)) and value < 0:
+                raise ValueError(f"{option}.{key} must be >= 0 (got {value})")
+
+
 def lr_factor(
     total: float, warm: int, schedule: str, floor: float
 ) -> Callable[[int], float]:
@@ -560,6 +577,7 @@ class SAESystem(pl.LightningModule):
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.sae.parameters())
+        check_optimizer_groups(opt, ["--model.optimizer"])
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         factor = lr_factor(total, self.lr_warmup_steps, self.lr_schedule, self.lr_min_ratio)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
@@ -620,6 +638,15 @@ class SAESystem(pl.LightningModule):
             checkpoint["gsae_buffer"] = {"world_size": self._world(), "ranks": ranks}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_resumable(checkpoint)
+        self.restore_run(checkpoint)
+
+    def check_resumable(self, checkpoint: dict[str, Any]) -> None:
+        """A one-line error if ``checkpoint`` cannot resume this configuration: not a gsae checkpoint, a sweep's, one
+        trained with another objective (an e2e SAE's resumed by a local config: its weights would load, silently
+        trained on with another loss), another SAE (class or settings), LM or hook. Reads only the checkpoint's
+        ``gsae`` section; ``train.py`` runs it before training starts (a refused resume writes nothing into the run
+        folder), and :meth:`on_load_checkpoint` again."""
         meta = checkpoint.get("gsae")
         if meta is None:
             raise ValueError("--ckpt_path: not a gsae checkpoint (no 'gsae' section)")
@@ -628,8 +655,21 @@ class SAESystem(pl.LightningModule):
                 f"--ckpt_path: a sweep checkpoint (members {', '.join(meta['members'])}) does not resume a one-SAE run; "
                 "resume it with the sweep's config (gsae.systems.SweepSAESystem)"
             )
+        self.check_saved_objective(meta.get("objective"))
         self.check_saved_sae(meta["sae_config"], self.sae, "checkpoint SAE", meta.get("sae_class"))
-        self.restore_run(checkpoint)
+        self.check_saved_lm(meta.get("lm"))
+        if meta["hook"] != self.hook:
+            raise ValueError(f"--ckpt_path: checkpoint hook {meta['hook']!r} differs from --model.hook {self.hook!r}")
+
+    def check_saved_objective(self, saved: str | None) -> None:
+        """A one-line error if the checkpoint was trained by another system (``LocalSAESystem``, ``E2ESAESystem``,
+        ``SweepSAESystem``; older checkpoints that do not say are taken as matching)."""
+        ours = type(self).__name__
+        if saved and saved != ours:
+            raise ValueError(
+                f"--ckpt_path: the checkpoint was trained by {saved}, this config's --model is {ours}: resume it with "
+                "the config it was trained with (its run folder's config.yaml)"
+            )
 
     @staticmethod
     def check_saved_sae(saved: dict, sae: SparseAutoencoder, what: str, saved_class: str | None = None) -> None:
@@ -643,13 +683,8 @@ class SAESystem(pl.LightningModule):
             diff = {k: (saved.get(k), config.get(k)) for k in {**saved, **config} if saved.get(k) != config.get(k)}
             raise ValueError(f"--ckpt_path: {what} differs from the configured one (checkpoint, config): {diff}")
 
-    def restore_run(self, checkpoint: dict[str, Any], check_hook: bool = True) -> None:
-        """Check the checkpoint's LM and hook (``check_hook``: a sweep checks each member's instead) and give this
-        rank its own shuffle buffer back."""
-        meta = checkpoint["gsae"]
-        self.check_saved_lm(meta.get("lm"))
-        if check_hook and meta["hook"] != self.hook:
-            raise ValueError(f"--ckpt_path: checkpoint hook {meta['hook']!r} differs from --model.hook {self.hook!r}")
+    def restore_run(self, checkpoint: dict[str, Any]) -> None:
+        """Give this rank its own shuffle buffer back (after :meth:`check_resumable`)."""
         buffer = getattr(self, "buffer", None)
         if buffer is not None and "gsae_buffer" in checkpoint:
             saved = checkpoint["gsae_buffer"]

@@ -69,7 +69,7 @@ from gsae.metrics import (
 from gsae.sae.base import SAEOutput, SparseAutoencoder, sse_loss
 from gsae.sae.grad_topk import GradTopKSAE
 from gsae.sae.stacked import StackPlan, normalize_decoders, remove_parallel_grads, stacked_forward, stacks
-from gsae.systems.base import NonFiniteLossError, _adam, lr_factor
+from gsae.systems.base import NonFiniteLossError, _adam, check_optimizer_groups, lr_factor
 from gsae.systems.local import LocalSAESystem
 
 #: Keys a member may set (besides ``name`` and ``sae``): its optimizer group and schedule, overriding the sweep's.
@@ -115,6 +115,44 @@ def build_member_sae(spec: Any, d_in: int, where: str) -> SparseAutoencoder:
         return cls(d_in, **args)
     except TypeError as e:
         raise ValueError(f"{where}.sae.init_args: {e}") from None
+
+
+def member_options(spec: dict, where: str) -> dict:
+    """A member's :data:`MEMBER_OPTIONS`, checked as the sweep-level options are (one line naming
+    ``--model.members[i].<option>``): ``lr`` a number > 0, ``lr_warmup_steps`` an integer >= 0, ``lr_min_ratio`` in
+    [0, 1], ``gradient_clip_val`` >= 0, ``optimizer`` a mapping of the optimizer's group options (a YAML list such as
+    ``betas: [0.9, 0.99]`` becomes the tuple torch keeps)."""
+    options = {k: spec[k] for k in MEMBER_OPTIONS if k in spec}
+
+    def number(key: str, kind: type = float) -> float:
+        value = options[key]
+        try:
+            if isinstance(value, bool) or (kind is int and float(value) != int(value)):
+                raise ValueError
+            return kind(value)
+        except (TypeError, ValueError):
+            want = "an integer" if kind is int else "a number"
+            raise ValueError(f"{where}.{key}: expected {want}, got {value!r}") from None
+
+    if "lr" in options and not number("lr") > 0:
+        raise ValueError(f"{where}.lr must be > 0 (got {options['lr']!r})")
+    if "lr_warmup_steps" in options and number("lr_warmup_steps", int) < 0:
+        raise ValueError(f"{where}.lr_warmup_steps must be >= 0 (got {options['lr_warmup_steps']!r})")
+    if "lr_min_ratio" in options and not 0 <= number("lr_min_ratio") <= 1:
+        raise ValueError(f"{where}.lr_min_ratio must be in [0, 1] (got {options['lr_min_ratio']!r})")
+    if options.get("gradient_clip_val") is not None and number("gradient_clip_val") < 0:
+        raise ValueError(f"{where}.gradient_clip_val must be >= 0 (got {options['gradient_clip_val']!r})")
+    if options.get("lr_schedule", "cosine") not in ("cosine", "constant"):
+        raise ValueError(f"{where}.lr_schedule must be cosine or constant (got {options['lr_schedule']!r})")
+    opt = options.get("optimizer")
+    if opt is not None:
+        if not isinstance(opt, dict):
+            raise ValueError(f"{where}.optimizer must be a mapping of optimizer options (e.g. {{betas: [0.9, 0.99]}}), "
+                             f"got {opt!r}")
+        if "params" in opt or "lr" in opt:
+            raise ValueError(f"{where}.optimizer: give the member's learning rate as {where}.lr")
+        options["optimizer"] = {k: tuple(v) if isinstance(v, list) else v for k, v in opt.items()}
+    return options
 
 
 class SweepMember(nn.Module):
@@ -222,9 +260,7 @@ class SweepSAESystem(LocalSAESystem):
                 )
             if "sae" not in spec:
                 raise ValueError(f"{where}.sae is required")
-            options = {k: spec[k] for k in MEMBER_OPTIONS if k in spec}
-            if options.get("lr_schedule", "cosine") not in ("cosine", "constant"):
-                raise ValueError(f"{where}.lr_schedule must be cosine or constant (got {options['lr_schedule']!r})")
+            options = member_options(spec, where)
             hook = lm.validate_hook(str(spec.get("hook", self.hook)), option=f"{where}.hook")
             sae = build_member_sae(spec["sae"], lm.d_in(hook), where)
             built[name] = SweepMember(name, sae, self.hparams.dead_batches, self.hparams.dead_tokens, options, hook)
@@ -537,6 +573,8 @@ class SweepSAESystem(LocalSAESystem):
                 group["lr"] = float(m.options["lr"])
             groups.append(group)
         opt = self.optimizer_factory(groups)
+        check_optimizer_groups(opt, [f"--model.members[{i}]" if m.options.keys() & {"lr", "optimizer"} else "--model.optimizer"
+                                     for i, m in enumerate(self.members.values())])
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         factors = [
             lr_factor(
@@ -574,10 +612,14 @@ class SweepSAESystem(LocalSAESystem):
             "members": {name: self.describe_member(name) for name in self.members},
         }
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def check_resumable(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("gsae")
         if meta is None or "members" not in meta:
+            if meta is not None and meta.get("objective"):
+                raise ValueError(f"--ckpt_path: a one-SAE checkpoint (trained by {meta['objective']}) does not resume "
+                                 "a sweep; resume it with the config it was trained with")
             raise ValueError("--ckpt_path: not a gsae sweep checkpoint (no 'gsae' → 'members' section)")
+        self.check_saved_objective(meta.get("objective"))
         saved = meta["members"]
         if list(saved) != list(self.members):
             raise ValueError(
@@ -588,4 +630,4 @@ class SweepSAESystem(LocalSAESystem):
             if hook != m.hook:
                 raise ValueError(f"--ckpt_path: member {name} was trained at hook {hook!r}, --model.members sets {m.hook!r}")
             self.check_saved_sae(saved[name]["sae_config"], m.sae, f"member {name}", saved[name].get("sae_class"))
-        self.restore_run(checkpoint, check_hook=False)  # the members' hooks are checked above; the run's is a default
+        self.check_saved_lm(meta.get("lm"))  # the members' hooks are checked above; the run's is a default

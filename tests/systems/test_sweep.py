@@ -278,6 +278,15 @@ def test_member_options_are_checked_with_one_line_errors():
         "init_args": [{"name": "x", "sae": {"class_path": "TopKSAE", "init_args": {"kk": 3}}}],
         "unknown hook 'blocks.9.hook_resid_pre'": [dict(ok, hook="blocks.9.hook_resid_pre")],
         "every hook must be on the residual stream": [ok, dict(ok, name="z", hook="blocks.0.attn.hook_z")],
+        # the options a member sets are checked as the sweep's own are (they bypass the optimizer's own checks)
+        "[0].lr must be > 0 (got -1)": [dict(ok, lr=-1)],
+        "[0].lr: expected a number, got 'fast'": [dict(ok, lr="fast")],
+        "[0].lr_min_ratio must be in [0, 1] (got 5)": [dict(ok, lr_min_ratio=5)],
+        "[0].lr_warmup_steps must be >= 0 (got -3)": [dict(ok, lr_warmup_steps=-3)],
+        "[0].lr_warmup_steps: expected an integer, got 2.5": [dict(ok, lr_warmup_steps=2.5)],
+        "[0].gradient_clip_val must be >= 0": [dict(ok, gradient_clip_val=-1.0)],
+        "[0].optimizer must be a mapping": [dict(ok, optimizer=[0.9, 0.99])],
+        "give the member's learning rate as --model.members[0].lr": [dict(ok, optimizer={"lr": 1e-3})],
     }
     for message, members in cases.items():
         with pytest.raises(ValueError, match="--model.members") as e:
@@ -286,6 +295,30 @@ def test_member_options_are_checked_with_one_line_errors():
     # without a sweep-level hook (members may name theirs), a member that is not a mapping is still one line
     with pytest.raises(ValueError, match=r"--model.members\[0\] must be a mapping with name and sae"):
         SweepSAESystem(_lm(), ["x"], **{k: v for k, v in COMMON.items() if k != "hook"})
+
+
+def test_member_optimizer_options_from_yaml_lists_are_used_and_checked():
+    """A member's ``optimizer: {betas: [0.9, 0.99]}`` (YAML gives a list) is its group's betas, and steps (the fused
+    Adam groups equal options by hashing them: a list crashed it); values torch takes unchecked in a group are refused
+    in one line naming the member."""
+    a, b = MEMBERS[0], {**MEMBERS[1], "optimizer": {"betas": [0.9, 0.99], "eps": 1e-6}}
+    system = SweepSAESystem(_lm(), [a, b], optimizer=_adam(LR), **COMMON)
+    opt = system.configure_optimizers()["optimizer"]
+    assert [g["betas"] for g in opt.param_groups] == [(0.9, 0.999), (0.9, 0.99)]
+    assert [g["eps"] for g in opt.param_groups] == [1e-8, 1e-6]
+    for p in system.parameters():
+        p.grad = torch.ones_like(p) if p.requires_grad else None
+    opt.step()
+    assert opt.state[b_param := next(system.members[b["name"]].sae.parameters())]["step"] == 1, b_param.shape
+    for bad, message in [({"betas": [2.0, 0.9]}, "[1].betas must be two numbers in [0, 1) (got [2.0, 0.9])"),
+                         ({"eps": -1.0}, "[1].eps must be >= 0 (got -1.0)"),
+                         ({"weight_decay": -0.1}, "[1].weight_decay must be >= 0")]:
+        system = SweepSAESystem(_lm(), [a, {**b, "optimizer": bad}], optimizer=_adam(LR), **COMMON)
+        with pytest.raises(ValueError, match=r"^--model\.members") as e:
+            system.configure_optimizers()
+        assert message in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match=r"^--model\.optimizer\.lr must be > 0 \(got 0"):  # the sweep's own lr 0
+        SweepSAESystem(_lm(), [a], optimizer=_adam(0.0), **COMMON).configure_optimizers()
 
 
 def _quick_args(config: str, steps: int, root) -> list[str]:
