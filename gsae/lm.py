@@ -313,6 +313,17 @@ class LanguageModel:
                 f"{option}: unknown hook {hook!r} for model {self.name!r}; valid residual hooks: "
                 f"{', '.join(resid)} (and {len(names) - len(resid)} more: blocks.L.hook_mlp_out, blocks.L.attn.hook_z, ...)"
             )
+        if hook not in self._d_in_cache:  # one vector per token? (attention patterns are per pair of positions)
+            tokens = torch.zeros(1, 3, dtype=torch.long, device=self.device)
+            with torch.no_grad():
+                shape = tuple(self.activations(tokens, hook).shape)
+            if hook.endswith(("hook_pattern", "hook_attn_scores")) or len(shape) != 3 or shape[1] != 3 or shape[2] < 2:
+                raise ValueError(
+                    f"{option}: {hook!r} is not one vector per token (attention patterns and scores are per pair of "
+                    "positions, LayerNorm scales one number); an SAE reads a vector per token: blocks.L.hook_resid_pre/mid/post, "
+                    "hook_attn_out, hook_mlp_out, attn.hook_z, mlp.hook_post, ..."
+                )
+            self._d_in_cache[hook] = shape[2]
         return hook
 
     def hook_layer(self, hook: str) -> int | None:
@@ -332,10 +343,7 @@ class LanguageModel:
 
     def d_in(self, hook: str) -> int:
         """Width of the (flattened) activation at ``hook``."""
-        self.validate_hook(hook)
-        if hook not in self._d_in_cache:
-            tokens = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-            self._d_in_cache[hook] = self.activations(tokens, hook).shape[-1]
+        self.validate_hook(hook)  # measures it
         return self._d_in_cache[hook]
 
     # ------------------------------------------------------------------ the fused path

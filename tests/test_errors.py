@@ -39,6 +39,9 @@ def run_cli(tmp_path, monkeypatch, capsys):
     [
         (["--model.init_args.hook", "blocks.99.hook_resid_pre"], ["--model.hook", "blocks.99.hook_resid_pre",
                                                                  "blocks.3.hook_resid_pre", "blocks.0.hook_resid_post"]),
+        # a hook per pair of positions (B, heads, T, T): d_in came out as 1 and the first step raised an IndexError
+        (["--model.init_args.hook", "blocks.0.attn.hook_pattern"], ["--model.hook: 'blocks.0.attn.hook_pattern' is not "
+                                                                    "one vector per token", "blocks.L.hook_resid_pre"]),
         (["--model.init_args.sae.init_args.k", "2000"], ["--model.sae.k", "2000 > 1024"]),
         (["--model.init_args.sae.init_args.d_sae", "0"], ["--model.sae.d_sae", "got 0"]),
         (["--model.init_args.sae.init_args.k", "0"], ["--model.sae.k", "got 0"]),
@@ -66,7 +69,7 @@ def run_cli(tmp_path, monkeypatch, capsys):
         (["--trainer.strategy", "ddp_spawn", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
          ["--trainer.strategy ddp_spawn: train.py cannot start processes by spawn", "ddp_fork"]),
     ],
-    ids=["hook", "k>d_sae", "d_sae=0", "k=0", "context_size>n_ctx", "batch_size=0", "lm-preset", "ckpt-last",
+    ids=["hook", "hook_pattern", "k>d_sae", "d_sae=0", "k=0", "context_size>n_ctx", "batch_size=0", "lm-preset", "ckpt-last",
          "ckpt-missing", "accumulate=0", "val_check_interval=0", "bf16-true", "gpu-on-cpu", "max_steps<0", "root-is-a-file",
          "lr<0", "nodes-untold", "ddp-3-ranks", "ddp_spawn"],
 )
