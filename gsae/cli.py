@@ -246,7 +246,7 @@ def newest_checkpoint(folder: Path, say: bool = True) -> str | None:
 
 def check_trainer(trainer) -> None:
     """One-line errors for ``--trainer`` values Lightning accepts and then divides by (a ``ZeroDivisionError`` in the
-    loop, after the first step), and for a strategy that starts its processes by spawning (``ddp_spawn``: each process
+    loop, after the first step) or that train nothing (``max_steps`` or ``limit_train_batches`` 0), and for a strategy that starts its processes by spawning (``ddp_spawn``: each process
     would need the command line's objects pickled, the LM and the parser's optimizer factory among them)."""
     from lightning.pytorch.plugins.environments import LightningEnvironment
     from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
@@ -269,6 +269,11 @@ def check_trainer(trainer) -> None:
             f"--trainer.num_nodes {trainer.num_nodes}: no launcher told this process its node: start it on every node "
             "with torchrun or srun, or export MASTER_ADDR, MASTER_PORT and NODE_RANK (README: Multi-GPU / multi-node)"
         )
+    if trainer.max_steps == 0:  # Lightning would end at once with exit code 0, leaving an empty TensorBoard run
+        raise ValueError("--trainer.max_steps 0: nothing to train (-1 or a count of steps)")
+    if trainer.limit_train_batches == 0:
+        raise ValueError("--trainer.limit_train_batches 0: nothing to train (leave it at 1.0: the stream is endless, "
+                         "--trainer.max_steps sets the run's length)")
     if int(trainer.accumulate_grad_batches) < 1:
         raise ValueError(f"--trainer.accumulate_grad_batches must be >= 1 (got {trainer.accumulate_grad_batches})")
     interval = trainer.val_check_interval

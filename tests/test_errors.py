@@ -47,6 +47,15 @@ def run_cli(tmp_path, monkeypatch, capsys):
         (["--model.init_args.sae.init_args.k", "0"], ["--model.sae.k", "got 0"]),
         (["--data.context_size", "1000"], ["--data.context_size", "1000", "256"]),
         (["--data.batch_size", "0"], ["--data.batch_size"]),
+        (["--data.val_batch_size", "-1"], ["--data.val_batch_size must be >= 1, or null"]),
+        (["--model.init_args.sae.init_args.aux_coef", "-1"], ["--model.sae.aux_coef must be >= 0"]),
+        (["--model.init_args.optimizer.init_args.lr", "0"], ["--model.optimizer.lr must be > 0 (got 0.0)"]),
+        # a template with folders wrote checkpoints outside the run's folder (one run, one folder)
+        (["--checkpoint.filename", "a/../../x{step}"], ["--checkpoint.filename 'a/../../x{step}': a file name, not a path"]),
+        (["--checkpoint.every_n_train_steps", "-1"], ["--checkpoint.every_n_train_steps must be >= 0"]),
+        (["--checkpoint.save_top_k", "-5"], ["--checkpoint.save_top_k must be -1 (keep all) or >= 0"]),
+        (["--trainer.max_steps", "0"], ["--trainer.max_steps 0: nothing to train"]),
+        (["--trainer.limit_train_batches", "0"], ["--trainer.limit_train_batches 0: nothing to train"]),
         (["--model.init_args.lm.name", "random-huge"], ["--model.lm.name", "random-huge"]),
         (["--ckpt_path", "last"], ["--ckpt_path last: no checkpoint in ", "quickstart-topk/checkpoints; nothing to resume"]),
         (["--ckpt_path", "does/not/exist.ckpt"], ["--ckpt_path", "does/not/exist.ckpt"]),
@@ -69,7 +78,8 @@ def run_cli(tmp_path, monkeypatch, capsys):
         (["--trainer.strategy", "ddp_spawn", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
          ["--trainer.strategy ddp_spawn: train.py cannot start processes by spawn", "ddp_fork"]),
     ],
-    ids=["hook", "hook_pattern", "k>d_sae", "d_sae=0", "k=0", "context_size>n_ctx", "batch_size=0", "lm-preset", "ckpt-last",
+    ids=["hook", "hook_pattern", "k>d_sae", "d_sae=0", "k=0", "context_size>n_ctx", "batch_size=0", "val_batch_size<0", "aux_coef<0",
+         "lr=0", "filename-path", "every_n<0", "save_top_k<-1", "max_steps=0", "limit_train_batches=0", "lm-preset", "ckpt-last",
          "ckpt-missing", "accumulate=0", "val_check_interval=0", "bf16-true", "gpu-on-cpu", "max_steps<0", "root-is-a-file",
          "lr<0", "nodes-untold", "ddp-3-ranks", "ddp_spawn"],
 )
@@ -363,3 +373,13 @@ def test_abbreviated_options_are_refused(run_cli, args) -> None:
     and a prefix would change meaning once another option shares it."""
     code, err = run_cli(*args)
     assert code == 2 and err.startswith(f"error: {args[0]}: ") and "option" in err, err
+
+
+def test_a_warm_up_as_long_as_the_run_is_said(run_cli, caplog) -> None:
+    """``--model.lr_warmup_steps`` >= the run's steps: the learning rate never reaches its peak (said once, run goes on)."""
+    with caplog.at_level("WARNING"):
+        code, _ = run_cli("--model.init_args.lr_warmup_steps", "8", "--evaluation.enabled", "false")
+    assert code == 0
+    said = [r.getMessage() for r in caplog.records if "lr_warmup_steps" in r.getMessage()]
+    assert said == ["--model.lr_warmup_steps 8 >= the run's 2 steps: the learning rate never reaches its peak "
+                    "(at most 0.25 of it)"], said

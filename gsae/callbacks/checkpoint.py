@@ -77,6 +77,14 @@ class SAECheckpoint(ModelCheckpoint):
             save_top_k: how many step checkpoints to keep, newest first (-1 keeps all).
             export_saelens: write a SAELens-format export beside every checkpoint.
         """
+        if filename is not None and ("/" in filename or os.sep in filename or filename in ("", ".", "..")):
+            raise ValueError(f"--checkpoint.filename {filename!r}: a file name, not a path (the folder is "
+                             "--checkpoint.dirpath; one run, one folder)")
+        if every_n_train_steps is not None and every_n_train_steps < 0:
+            raise ValueError(f"--checkpoint.every_n_train_steps must be >= 0 (got {every_n_train_steps}; 0 or null: "
+                             "only at the end of training)")
+        if save_top_k < -1:
+            raise ValueError(f"--checkpoint.save_top_k must be -1 (keep all) or >= 0 (got {save_top_k})")
         super().__init__(
             dirpath=dirpath,
             filename=filename,

@@ -133,14 +133,16 @@ class EvaluationCallback(Callback):
         unknown = set(options or {}) - set(BENCHMARKS)
         if unknown:
             raise ValueError(
-                f"EvaluationCallback.options: {sorted(unknown)} are not benchmarks; choose from {', '.join(BENCHMARKS)}"
+                f"--evaluation.options: {sorted(unknown)} are not benchmarks; choose from {', '.join(BENCHMARKS)}"
             )
         # every option name and type now, not at the first checkpoint (1000 steps into a GPT-2 run)
         check_options(options, "--evaluation.options", extra={N_SEQS_OPTION: int})
         if n_seqs is not None and n_seqs <= 0:
-            raise ValueError(f"EvaluationCallback.n_seqs must be > 0 (got {n_seqs})")
+            raise ValueError(f"--evaluation.n_seqs must be > 0 (got {n_seqs})")
         if every_n_steps is not None and every_n_steps <= 0:
-            raise ValueError(f"EvaluationCallback.every_n_steps must be > 0 or null (got {every_n_steps})")
+            raise ValueError(f"--evaluation.every_n_steps must be > 0 or null (got {every_n_steps})")
+        if batch_size is not None and batch_size <= 0:
+            raise ValueError(f"--evaluation.batch_size must be > 0, or null for --data.batch_size (got {batch_size})")
         self.n_seqs = n_seqs
         self.batch_size = batch_size
         self.every_n_steps = every_n_steps

@@ -115,6 +115,8 @@ class TokenDataModule(pl.LightningDataModule):
                                  ("n_streams", n_streams, 1), ("num_workers", num_workers, 0), ("val_documents", val_documents, 0)):
             if value < low:
                 raise ValueError(f"--data.{name} must be >= {low} (got {value})")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"--data.val_batch_size must be >= 1, or null for --data.batch_size (got {val_batch_size})")
         self.lm = lm
         self.dataset = dataset
         self.dataset_config = dataset_config

@@ -165,6 +165,9 @@ class TopKSAE(SparseAutoencoder):
         self.k_aux = d_in // 2 if k_aux is None else k_aux
         if self.k_aux < 0:
             raise ValueError(f"--model.sae.k_aux must be >= 0 (got {k_aux})")
+        if aux_coef < 0:
+            raise ValueError(f"--model.sae.aux_coef must be >= 0 (got {aux_coef}): AuxK's loss would push dead latents "
+                             "away from the residual")
         self.aux_coef = aux_coef
         self.sparse_backward = sparse_backward
         self.seed = seed

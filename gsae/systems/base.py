@@ -579,9 +579,20 @@ class SAESystem(pl.LightningModule):
         opt = self.optimizer_factory(self.sae.parameters())
         check_optimizer_groups(opt, ["--model.optimizer"])
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        self.say_if_warmup_outlasts(total, self.lr_warmup_steps, "--model.lr_warmup_steps")
         factor = lr_factor(total, self.lr_warmup_steps, self.lr_schedule, self.lr_min_ratio)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def say_if_warmup_outlasts(self, total: float, warm: int, option: str) -> None:
+        """Warn (once per option, rank 0) when the warm-up is as long as the run: the learning rate never reaches the
+        configured peak (``--model.lr_warmup_steps 1000`` in a 200-step run trains at a fifth of it at most)."""
+        said = self.__dict__.setdefault("_warmup_said", set())
+        if self._trainer is None or self.global_rank != 0 or option in said or math.isinf(total) or warm < total:
+            return
+        said.add(option)
+        log.warning("%s %d >= the run's %d steps: the learning rate never reaches its peak (at most %.2g of it)",
+                    option, warm, int(total), int(total) / warm)
 
     # ------------------------------------------------------------------ the SAEs this module trains
     def saes(self) -> dict[str, tuple[SparseAutoencoder, dict]]:

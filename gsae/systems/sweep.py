@@ -115,6 +115,11 @@ def build_member_sae(spec: Any, d_in: int, where: str) -> SparseAutoencoder:
         return cls(d_in, **args)
     except TypeError as e:
         raise ValueError(f"{where}.sae.init_args: {e}") from None
+    except ValueError as e:  # the SAE's own check names a one-SAE run's option (--model.sae.k): the member's here
+        text = str(e)
+        if text.startswith("--model.sae."):
+            raise ValueError(f"{where}.sae.init_args.{text.removeprefix('--model.sae.')}") from None
+        raise
 
 
 def member_options(spec: dict, where: str) -> dict:
@@ -576,6 +581,10 @@ class SweepSAESystem(LocalSAESystem):
         check_optimizer_groups(opt, [f"--model.members[{i}]" if m.options.keys() & {"lr", "optimizer"} else "--model.optimizer"
                                      for i, m in enumerate(self.members.values())])
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        for i, m in enumerate(self.members.values()):
+            own = "lr_warmup_steps" in m.options
+            self.say_if_warmup_outlasts(total, int(m.options.get("lr_warmup_steps", self.lr_warmup_steps)),
+                                        f"--model.members[{i}].lr_warmup_steps" if own else "--model.lr_warmup_steps")
         factors = [
             lr_factor(
                 total,

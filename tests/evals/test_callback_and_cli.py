@@ -213,8 +213,15 @@ def test_evaluate_cli_errors(tmp_path, capsys):
 def test_callback_guards(tmp_path):
     with pytest.raises(ValueError, match="--evaluation.benchmarks: unknown benchmark"):
         EvaluationCallback(benchmarks=["nope"])
-    with pytest.raises(ValueError, match="EvaluationCallback.options"):
+    with pytest.raises(ValueError, match=r"^--evaluation.options: \['nope'\] are not benchmarks"):
         EvaluationCallback(benchmarks=["loss_added"], options={"nope": {}})
+    # named as the user types them (they said EvaluationCallback.n_seqs); a batch size <= 0 failed every evaluation
+    for kwargs, message in [({"n_seqs": 0}, "--evaluation.n_seqs must be > 0"),
+                            ({"every_n_steps": -1}, "--evaluation.every_n_steps must be > 0 or null"),
+                            ({"batch_size": -2}, "--evaluation.batch_size must be > 0, or null"),
+                            ({"batch_size": 0}, "--evaluation.batch_size must be > 0, or null")]:
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            EvaluationCallback(**kwargs)
     with pytest.raises(ValueError, match="options.steering.n_seqs"):
         EvaluationCallback(options={"steering": {"n_seqs": 0}})
     # at construction (before training), not at the first checkpoint: names, and types from run's annotations

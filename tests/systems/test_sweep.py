@@ -279,6 +279,8 @@ def test_member_options_are_checked_with_one_line_errors():
         "unknown hook 'blocks.9.hook_resid_pre'": [dict(ok, hook="blocks.9.hook_resid_pre")],
         "every hook must be on the residual stream": [ok, dict(ok, name="z", hook="blocks.0.attn.hook_z")],
         # the options a member sets are checked as the sweep's own are (they bypass the optimizer's own checks)
+        "[0].sae.init_args.k must be <= d_sae (got 800 > 64)": [
+            dict(ok, sae={"class_path": "TopKSAE", "init_args": {"d_sae": 64, "k": 800}})],
         "[0].lr must be > 0 (got -1)": [dict(ok, lr=-1)],
         "[0].lr: expected a number, got 'fast'": [dict(ok, lr="fast")],
         "[0].lr_min_ratio must be in [0, 1] (got 5)": [dict(ok, lr_min_ratio=5)],
