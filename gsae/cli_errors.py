@@ -86,8 +86,59 @@ def _describe(message: str, args: list[str]) -> str:
         if expected:
             want, value = _type_name(expected.group(1)), expected.group(2).strip()
             return f"{_typed_option(path, value, args)}: expected {want}, got {value!r}"
+        given = _given(message)
+        if nested and keys[-1] != nested.group(1):
+            path = f"{path}.{nested.group(1)}"
+        option = _typed_option(path.replace(".init_args", ""), given, args)
+        problem = _class_problem(message)
+        if problem:
+            return f"{option}: {problem}"
+        want = list(dict.fromkeys(t for t in _EXPECTED_TYPE.findall(message) if t != "NoneType"))
+        if want == ["dict"] and given is not None:  # a mapping given as text (JSON / YAML) that does not parse as one
+            return f"{option}: expected a mapping ({_yaml_error(given)}), got {given!r}"
+        if want and given is not None:
+            names = " or ".join(_type_name("<class '" + t + "'>") for t in want)
+            return f"{option}: expected {names}, got {given!r}"
         return f"--{path}: {_KEY.sub('', _last_line(message)).lstrip(': ')}"
     return first
+
+
+_NOT_SUBCLASS = re.compile(r"Import path does not correspond to a subclass of (\w+)")
+_NOT_SUBCLASS_OF = re.compile(r"Expected '([\w.]+)' to be a subclass of <class '(\w+)'>")
+
+
+def _class_problem(message: str) -> str | None:
+    """What is wrong with a ``class_path`` (an option's or a config file's): a class its module lacks, or one of
+    another kind (``torch.nn.Linear`` as the model); ``None`` if the message is not about one."""
+    missing = _NO_CLASS.search(message)
+    if missing:
+        return f"no class {missing.group(2)!r} in {missing.group(1)}"
+    other = _NOT_SUBCLASS_OF.search(message)
+    if other:
+        return f"{other.group(1)} is not a {other.group(2)}"
+    other = _NOT_SUBCLASS.search(message)
+    if other:
+        given = _given(message)
+        return f"{given or 'the class'} is not a {other.group(1)}"
+    return None
+
+
+def _given(message: str) -> str | None:
+    """The outermost ``Given value:`` of a jsonargparse message (the value as the user gave it), if any."""
+    found = re.findall(r"^\s*Given value: (.*)$", message, re.M)
+    return found[-1].strip() if found else None
+
+
+def _yaml_error(text: str) -> str:
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at column {mark.column + 1}" if mark is not None else ""
+        return f"not valid YAML/JSON{where}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}"
+    return f"it reads as a {type(value).__name__}"
 
 
 def _type_name(text: str) -> str:

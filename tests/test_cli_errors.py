@@ -80,13 +80,30 @@ def test_bad_choice() -> None:
          "--model.sae.k: no such option of SweepSAESystem"),
         (["--config", QUICKSTART, "--checkpoint.save_last", "yes please"],
          "--checkpoint.save_last: expected one of true, false, 'link', got 'yes please'"),
+        # these said only "Given value: ..." (the whole model's settings for a config file's class_path)
+        (["--config", QUICKSTART, "--model", "gsae.systems.Nope"], "--model: no class 'Nope' in gsae.systems"),
+        (["--config", QUICKSTART, "--model", "torch.nn.Linear"], "--model: torch.nn.Linear is not a SAESystem"),
+        (["--config", QUICKSTART, "--model.sae", "torch.nn.Linear"],
+         "--model.sae: torch.nn.Linear is not a SparseAutoencoder"),
+        (["--config", QUICKSTART, "--seed_everything", "abc"],
+         "--seed_everything: expected true or false or an integer, got 'abc'"),
+        (["--config", QUICKSTART, "--evaluation.options", '{"loss_added": {n_seqs: 4}'],
+         "--evaluation.options: expected a mapping (not valid YAML/JSON at column 27"),
     ],
-    ids=["no-such-class", "lr-inf", "precision-union", "sweep-has-no-sae", "bool-or-literal"],
+    ids=["no-such-class", "lr-inf", "precision-union", "sweep-has-no-sae", "bool-or-literal", "no-such-system",
+         "not-a-system", "not-an-sae", "seed-union", "options-json"],
 )
 def test_nested_and_union_errors_say_what_is_wrong(args: list[str], expected: str) -> None:
     """jsonargparse ends these with ``Given value: NestedArg(...)``, which said nothing of what was wrong."""
     text = check(*train(*args), expected)
     assert "NestedArg" not in text and "Given value" not in text
+
+
+def test_an_unknown_class_in_a_config_file_is_named(tmp_path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text((REPO_ROOT / QUICKSTART).read_text().replace("gsae.sae.TopKSAE", "gsae.sae.NoSuchSAE"))
+    text = check(*train("--config", str(config)), "--model.sae: no class 'NoSuchSAE' in gsae.sae")
+    assert "Given value" not in text and "buffer_size" not in text
 
 
 @pytest.mark.parametrize("option", ["--data.no_such_option", "--model.init_args.sae.init_args.beta"])
