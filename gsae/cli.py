@@ -511,7 +511,7 @@ def _names_option(text: str) -> bool:
 
 
 #: a Trainer argument as Lightning's messages quote it (``You set `devices=3` in Lightning, but ...``)
-_TRAINER_ARG = re.compile(r"`(devices|num_nodes|strategy|accelerator|precision|max_steps|max_epochs)=")
+_TRAINER_ARG = re.compile(r"[`(](devices|num_nodes|strategy|accelerator|precision|max_steps|max_epochs)=")
 
 
 def user_message(e: BaseException) -> str:
@@ -541,6 +541,8 @@ def user_message(e: BaseException) -> str:
         return f"a file given as text (--config?) is binary: {text.splitlines()[0]}"
     if text.startswith("No supported gpu backend found"):  # Lightning's words for accelerator="gpu" without one
         return "--trainer.accelerator gpu: this machine has no GPU (CUDA or MPS); use --trainer.accelerator cpu or auto"
+    if text.startswith("`Timer(duration="):  # Lightning's words for a bad --trainer.max_time
+        return f"--trainer.max_time: {text.splitlines()[0]}"
     trainer_option = _TRAINER_ARG.search(text)  # Lightning's own checks name the Trainer argument: `devices=3`
     if trainer_option:
         return f"--trainer.{trainer_option.group(1)}: {text.splitlines()[0]}"

@@ -1,7 +1,7 @@
 """``evaluate.py``: run benchmarks on trained SAEs and compare them side by side.
 
     python evaluate.py PATH [PATH ...] [--benchmarks loss_added,dead_latents,...] [--n-seqs N]
-        [--context-size 128] [--batch-size 8] [--seed 0] [--device cpu] [--dataset synthetic|HF|files]
+        [--context-size 128] [--batch-size 8] [--seed 0] [--device cpu] [--dataset synthetic|HF|files] [--text-column text]
         [--model NAME] [--options JSON] [--output FILE.json] [--logdir DIR]
 
 PATH is a gsae ``.ckpt``; a run folder (every ``**/*.ckpt`` under it, ``.saelens`` exports skipped, and
@@ -155,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         "SAELens export, else synthetic for "
         "random-* models, else Skylion007/openwebtext)",
     )
+    p.add_argument(
+        "--text-column",
+        default="text",
+        help="the column of --dataset's text (default 'text'; a pretokenized 'input_ids' column is used as it is)",
+    )
     p.add_argument("--model", default=None, help="override the language model name")
     p.add_argument(
         "--options", default=None, help='per-benchmark options as JSON, e.g. \'{"steering": {"n_latents": 64}}\''
@@ -257,7 +262,7 @@ def load(src: Source, device: str, model: str | None):
 
 # ---------------------------------------------------------------------- tokens
 def held_out_tokens(
-    lm: LanguageModel, dataset: str, context_size: int, n_seqs: int, prepend_bos: bool = True
+    lm: LanguageModel, dataset: str, context_size: int, n_seqs: int, prepend_bos: bool = True, text_column: str = "text"
 ) -> torch.Tensor:
     """``(n, T)``: ``n_seqs`` validation contexts of ``dataset``, spread over its held-out set as training's evaluation
     takes them (``TokenDataModule.evaluation_contexts``), BOS first unless the SAE was trained without
@@ -267,11 +272,16 @@ def held_out_tokens(
     if context_size > lm.n_ctx:
         raise ArgumentError(f"--context-size ({context_size}) exceeds the model's n_ctx ({lm.n_ctx}) for {lm.name!r}")
     try:
-        dm = TokenDataModule(lm=lm, dataset=dataset, context_size=context_size, prepend_bos=prepend_bos)
+        dm = TokenDataModule(lm=lm, dataset=dataset, context_size=context_size, prepend_bos=prepend_bos,
+                             text_column=text_column)
         dm.validate()
         ctx = dm.evaluation_contexts(n_seqs)
     except ValueError as e:
-        raise ArgumentError(str(e).replace("--data.dataset", "--dataset").replace("--data.context_size", "--context-size")) from None
+        text = str(e)
+        for ours, theirs in (("--data.dataset", "--dataset"), ("--data.context_size", "--context-size"),
+                             ("--data.text_column", "--text-column")):
+            text = text.replace(ours, theirs)
+        raise ArgumentError(text) from None
     if not ctx:
         raise ArgumentError(f"--dataset {dataset!r}: no validation contexts")
     return torch.tensor(ctx, dtype=torch.long)
@@ -557,7 +567,7 @@ def _lm_and_tokens(src: Source, meta: dict, args: argparse.Namespace, device: st
     bos = meta.get("prepend_bos", True) is not False
     n_read, counts = held_out_counts(names, args.n_seqs, options, ctx)
     if (key, dataset, ctx, bos) not in cache:
-        cache[key, dataset, ctx, bos] = held_out_tokens(lm, dataset, ctx, n_read, bos).to(device)
+        cache[key, dataset, ctx, bos] = held_out_tokens(lm, dataset, ctx, n_read, bos, args.text_column).to(device)
     return lm, hook, cache[key, dataset, ctx, bos], counts
 
 

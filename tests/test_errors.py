@@ -193,6 +193,10 @@ def test_lightning_s_own_checks_name_the_trainer_option() -> None:
                    "world size (2).")
     assert user_message(e).startswith("--trainer.devices: You set `devices=3`")
     assert user_message(ValueError("plain")) == "plain"
+    e = ValueError("`Trainer(devices='0')` value is not a valid input using cpu accelerator.")
+    assert user_message(e) == "--trainer.devices: `Trainer(devices='0')` value is not a valid input using cpu accelerator."
+    e = ValueError("`Timer(duration='ten minutes')` is not a valid duration. Expected a string in the format DD:HH:MM:SS.")
+    assert user_message(e).startswith("--trainer.max_time: `Timer(duration='ten minutes')` is not a valid duration")
 
 
 def test_missing_local_dataset(run_cli, tmp_path) -> None:
@@ -200,6 +204,18 @@ def test_missing_local_dataset(run_cli, tmp_path) -> None:
     code, line = run_cli("--data.dataset", path)
     assert code == 1
     assert "--data.dataset" in line and path in line
+
+
+def test_a_local_dataset_that_does_not_read_is_named(run_cli, tmp_path) -> None:
+    """Binary data given as text, a JSON line that does not parse: one line naming --data.dataset and the file (the
+    codec's words pointed at --config; pyarrow's named no file)."""
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(128, 256)) * 64)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "no comma" "x": 1}\n')
+    for path, words in [(binary, "not UTF-8 text (invalid start byte at byte 0)"), (broken, "could not read it: JSON parse error")]:
+        code, line = run_cli("--data.dataset", str(path))
+        assert code == 1 and line.startswith(f"error: --data.dataset {str(path)!r}: {words}"), line
 
 
 def test_dataset_without_text_column(run_cli, tmp_path) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import os
 from collections.abc import Callable, Iterator
 
@@ -113,8 +114,33 @@ def _load_saved(path: str, split: str, option: str):
     return ds
 
 
-def column_values(ds, column: str, start: int = 0, step: int = 1, limit: int | None = None) -> Iterator:
-    """Values of ``column`` at rows ``start, start+step, ...`` of ``ds`` (at most ``limit``), read in pyarrow batches.
+def arrow_batches(ds, name: str, batch_size: int = _READ_ROWS) -> Iterator:
+    """``ds``'s rows as pyarrow tables of ``batch_size`` rows; a file that does not read (binary data given as text,
+    a JSON line that does not parse) is a :class:`DataSourceError` naming the dataset ``name``, not pyarrow's or the
+    codec's words alone (which name no file)."""
+    import pyarrow as pa
+
+    # datasets' json builder logs the error (twice) before raising it: said once, below, with the file named
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+    try:
+        yield from ds.with_format("arrow").iter(batch_size=batch_size)
+    except DataSourceError:
+        raise
+    except UnicodeDecodeError as e:
+        raise DataSourceError(
+            f"--data.dataset {name!r}: not UTF-8 text ({e.reason} at byte {e.start}); local datasets are text (.txt), "
+            "JSON lines / JSON (.jsonl, .json) or parquet files"
+        ) from None
+    except pa.ArrowException as e:
+        problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataSourceError(f"--data.dataset {name!r}: could not read it: {problem}") from None
+
+
+def column_values(
+    ds, column: str, start: int = 0, step: int = 1, limit: int | None = None, name: str = "(the dataset)"
+) -> Iterator:
+    """Values of ``column`` at rows ``start, start+step, ...`` of ``ds`` (at most ``limit``), read in pyarrow batches
+    (:func:`arrow_batches`; ``name`` names the dataset in a read error).
 
     ``ds.iter`` reads the whole dataset in every process (``datasets`` splits a plain ``for row in ds``
     between DataLoader workers by itself, which is what we do here explicitly, by stream).
@@ -124,7 +150,7 @@ def column_values(ds, column: str, start: int = 0, step: int = 1, limit: int | N
     if limit is not None and limit <= 0:
         return
     first, wanted, n_out = 0, start, 0  # global row of the batch's first row; next wanted row
-    for table in ds.select_columns([column]).with_format("arrow").iter(batch_size=_READ_ROWS):
+    for table in arrow_batches(ds.select_columns([column]), name):
         n = table.num_rows
         if wanted < first + n:
             idx = np.arange(wanted - first, n, step)
@@ -245,7 +271,7 @@ class TextSource:
         held, left, n = [], self.held_out, self.ds.num_shards
         while left > 0 and len(held) < n:
             shard = self.ds.shard(num_shards=n, index=len(held))
-            count = sum(1 for _ in column_values(shard, self.column, limit=left))
+            count = sum(1 for _ in column_values(shard, self.column, limit=left, name=self.dataset))
             held.append(count)
             left -= count
         return held
@@ -257,7 +283,7 @@ class TextSource:
     def _resolve_column(self, ds, text_column: str) -> tuple[str, bool]:
         columns = ds.column_names
         if not columns:  # e.g. the text builder: no features until read
-            first = next(iter(ds.with_format("arrow").iter(batch_size=1)), None)
+            first = next(iter(arrow_batches(ds, self.dataset, batch_size=1)), None)
             columns = None if first is None else first.column_names
         if not columns:
             raise DataSourceError(f"--data.dataset: {self.dataset!r} has no documents")
@@ -289,11 +315,11 @@ class TextSource:
                 if m >= shard
                 for i, v in enumerate(
                     column_values(self.ds.shard(num_shards=n, index=g), self.column,
-                                  start=self.held_in(g) + (docs if m == shard else 0)),
+                                  start=self.held_in(g) + (docs if m == shard else 0), name=self.dataset),
                     start=docs if m == shard else 0,
                 )
             )
-        values = column_values(self.ds, self.column, start=self.first_document(s) + docs * S, step=S)
+        values = column_values(self.ds, self.column, start=self.first_document(s) + docs * S, step=S, name=self.dataset)
         return ((0, k, v) for k, v in enumerate(values, start=docs))
 
     def first_document(self, s: int) -> int:
@@ -332,11 +358,11 @@ class TextSource:
         elif self.mode == "shards":
             n = self.ds.num_shards
             values = itertools.chain.from_iterable(
-                column_values(self.ds.shard(num_shards=n, index=i), self.column, start=self.held_in(i))
+                column_values(self.ds.shard(num_shards=n, index=i), self.column, start=self.held_in(i), name=self.dataset)
                 for i in range(n)
             )
         else:
-            values = column_values(self.ds, self.column, start=self.held_out)
+            values = column_values(self.ds, self.column, start=self.held_out, name=self.dataset)
         return tokens_of(values, self.pretokenized, self.encode, vocab=self.vocab, column=self.column)
 
     def val_documents(self) -> Iterator[list[int]]:
@@ -348,15 +374,15 @@ class TextSource:
         elif self.val_split:
             ds = open_dataset(self.dataset, self.dataset_config, self.val_split, self.streaming, 1,
                               text_unit=self.text_unit, option="--data.val_split")
-            values = column_values(ds, self._resolve_column(ds, self.column)[0])
+            values = column_values(ds, self._resolve_column(ds, self.column)[0], name=self.dataset)
         elif self.mode == "shards":
             n = self.ds.num_shards
             values = itertools.chain.from_iterable(
-                column_values(self.ds.shard(num_shards=n, index=g), self.column, limit=count)
+                column_values(self.ds.shard(num_shards=n, index=g), self.column, limit=count, name=self.dataset)
                 for g, count in enumerate(self.held)
             )
         else:
-            values = column_values(self.ds, self.column, limit=self.held_out)
+            values = column_values(self.ds, self.column, limit=self.held_out, name=self.dataset)
         return tokens_of(values, self.pretokenized, self.encode, vocab=self.vocab, column=self.column)
 
 
@@ -386,7 +412,7 @@ class SharedReads:
         """Read one batch of rows and route them; at the end of the source mark every stream's epoch as ended."""
         src, S = self.src, self.src.n_streams
         if self.rows is None:
-            self.rows = column_values(src.ds, src.column, start=self.row)
+            self.rows = column_values(src.ds, src.column, start=self.row, name=src.dataset)
         block = list(itertools.islice(self.rows, _READ_ROWS))
         for v in block:
             j, self.row = self.row, self.row + 1

@@ -557,3 +557,28 @@ def test_evaluate_py_without_an_output_skips_the_benchmarks_whose_results_are_fi
     assert evaluate_main([*base, "--benchmarks", "loss_added,latents"]) == 0
     assert "latents.n_latents" in capsys.readouterr().out
     assert evaluate_main([*base, "--options", opts]) == 0 and "latents.n_latents" in capsys.readouterr().out
+
+
+def test_evaluate_py_reads_a_local_dataset_s_own_text_column_and_names_a_file_that_does_not_read(run_dir, tmp_path, capsys):
+    """``--text-column`` picks a local dataset's text (training's ``--data.text_column``; evaluate.py had none, and its
+    error told the user to set that train.py option); a binary .txt or a JSON line that does not parse is one line
+    naming ``--dataset`` and the file (it was the codec's or pyarrow's words alone)."""
+    ckpt = str(run_dir / "checkpoints" / "epoch=0-step=10.ckpt")
+    body = tmp_path / "body.jsonl"
+    body.write_text("".join(json.dumps({"body": f"The red fox {i} jumps over the lazy dog. " * 8}) + "\n" for i in range(40)))
+    base = [ckpt, "--benchmarks", "loss_added", "--n-seqs", "2", "--dataset", str(body)]
+    assert evaluate_main(base) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --text-column: dataset has no 'text' or 'input_ids' column (columns: ['body'])"), err
+    out = tmp_path / "out.json"
+    assert evaluate_main([*base, "--text-column", "body", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["loss_added"]
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(128, 256)) * 64)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": "no comma" "x": 1}\n')
+    for path, words in [(binary, "not UTF-8 text"), (broken, "could not read it: JSON parse error")]:
+        capsys.readouterr()
+        assert evaluate_main([ckpt, "--benchmarks", "loss_added", "--n-seqs", "2", "--dataset", str(path)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"error: --dataset {str(path)!r}: {words}"), err
