@@ -420,11 +420,19 @@ def trained_to_the_end(ckpt: str, step: int, max_steps: int) -> str | None:
 
 
 def check_run_folder(trainer, ckpt: str | None) -> None:
-    """One run per checkpoint folder: a run that does not resume from a checkpoint of its folder (a new run, or one
+    """The checkpoint folder must take files (a read-only or foreign location stopped the run at its first checkpoint,
+    or a resume with TensorBoard's writer threads' tracebacks).
+    One run per checkpoint folder: a run that does not resume from a checkpoint of its folder (a new run, or one
     started from another run's checkpoint) is refused if the folder already holds checkpoints; Lightning would write
     ``last-v1.ckpt``, ``epoch=0-step=N-v1.ckpt`` … among the earlier run's files, and its curves beside that run's."""
+    from gsae.files import unwritable
+
     for cb in trainer.checkpoint_callbacks:
         folder = checkpoint_folder(trainer, cb)
+        why = unwritable(folder) if trainer.is_global_zero else None  # rank 0 writes the run's files
+        if why is not None:  # found now, not at the first checkpoint (the steps trained until then lost)
+            option = "--checkpoint.dirpath" if cb.dirpath else "--trainer.default_root_dir"
+            raise PermissionError(f"{option}: the run's checkpoints go to {folder}, but {why}")
         found = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
         if not found or (ckpt is not None and os.path.samefile(Path(ckpt).parent, folder)):
             continue

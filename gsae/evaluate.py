@@ -65,7 +65,7 @@ from gsae.evals import (
     tokens_per_benchmark,
 )
 from gsae.evals.common import shared_harvests
-from gsae.files import write_text
+from gsae.files import unwritable, write_text
 from gsae.lm import LanguageModel
 from gsae.saelens_adapter import is_saelens_folder, load_saelens_folder, load_saelens_pretrained
 
@@ -435,11 +435,14 @@ def _check_outputs(args: argparse.Namespace) -> None:
         out = Path(args.output)
         if out.is_dir():
             raise ArgumentError(f"--output {args.output!r} is a folder; give a file, e.g. {out / 'eval.json'}")
-        parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), None)
-        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise ArgumentError(f"--output {args.output!r}: cannot write under {str(parent or out.parent)!r}")
+        why = unwritable(out.parent)
+        if why is not None:
+            raise ArgumentError(f"--output {args.output!r}: {why}")
     if args.logdir and Path(args.logdir).exists() and not Path(args.logdir).is_dir():
         raise ArgumentError(f"--logdir {args.logdir!r} is a file, not a folder")
+    why = unwritable(args.logdir) if args.logdir else None
+    if why is not None:
+        raise ArgumentError(f"--logdir {args.logdir!r}: {why}")
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:

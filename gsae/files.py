@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,6 +108,24 @@ def remove_partials(folder: str | Path) -> list[Path]:
         remove(p, ignore_errors=True)
         removed.append(p)
     return removed
+
+
+def unwritable(folder: str | Path) -> str | None:
+    """Why files cannot be made in ``folder`` (or, where it does not exist yet, in its nearest existing parent, where
+    it would be made), or ``None`` if they can: tried with a real file, since permission bits do not tell (root
+    ignores them; a read-only mount, ``/proc`` or a quota refuse anyway)."""
+    p = Path(folder).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a folder"
+    try:
+        fd, name = tempfile.mkstemp(dir=p, prefix=".gsae-write-check.")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        return f"cannot write in {p} ({e.strerror or e})"
+    return None
 
 
 class CheckpointWriteError(OSError):

@@ -66,7 +66,13 @@ def run_cli(tmp_path, monkeypatch, capsys):
         pytest.param(["--trainer.accelerator", "gpu"], ["--trainer.accelerator gpu: this machine has no GPU"],
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
         (["--trainer.max_steps", "-5"], ["max_steps", "-5"]),
-        (["--trainer.default_root_dir", str(REPO_ROOT / "README.md")], ["Not a directory", "README.md"]),
+        (["--trainer.default_root_dir", str(REPO_ROOT / "README.md")], ["--trainer.default_root_dir: ",
+                                                                      "README.md is a file, not a folder"]),
+        (["--trainer.default_root_dir", "/proc/gsae-runs"], ["--trainer.default_root_dir: the run's checkpoints go to "
+                                                             "/proc/gsae-runs/quickstart-topk/checkpoints, but cannot "
+                                                             "write in /proc"]),
+        (["--checkpoint.dirpath", "/proc/gsae-ckpts"], ["--checkpoint.dirpath: the run's checkpoints go to "
+                                                        "/proc/gsae-ckpts, but cannot write in /proc"]),
         (["--model.init_args.optimizer.init_args.lr", "-0.001"], ["--model.optimizer: Invalid learning rate: -0.001"]),
         # several nodes and no launcher's variables: every node would be node 0, waiting 30 minutes for the others
         (["--trainer.num_nodes", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"],
@@ -80,7 +86,7 @@ def run_cli(tmp_path, monkeypatch, capsys):
     ],
     ids=["hook", "hook_pattern", "k>d_sae", "d_sae=0", "k=0", "context_size>n_ctx", "batch_size=0", "val_batch_size<0", "aux_coef<0",
          "lr=0", "filename-path", "every_n<0", "save_top_k<-1", "max_steps=0", "limit_train_batches=0", "lm-preset", "ckpt-last",
-         "ckpt-missing", "accumulate=0", "val_check_interval=0", "bf16-true", "gpu-on-cpu", "max_steps<0", "root-is-a-file",
+         "ckpt-missing", "accumulate=0", "val_check_interval=0", "bf16-true", "gpu-on-cpu", "max_steps<0", "root-is-a-file", "root-unwritable", "dirpath-unwritable",
          "lr<0", "nodes-untold", "ddp-3-ranks", "ddp_spawn"],
 )
 def test_bad_option(run_cli, args: list[str], expected: list[str]) -> None:

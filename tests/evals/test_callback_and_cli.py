@@ -194,7 +194,10 @@ def test_evaluate_cli_errors(tmp_path, capsys):
         (str(tmp_path / "empty"),): "no .ckpt files",
         # checked before any work (the JSON failed after the whole evaluation, with a traceback)
         (str(bad), "--output", str(tmp_path)): "is a folder; give a file",
-        (str(bad), "--output", str(bad / "x.json")): "cannot write under",
+        (str(bad), "--output", str(bad / "x.json")): f"{bad} is a file, not a folder",
+        # a folder that refuses files (as root, permission bits would not tell): found before the evaluation
+        (str(bad), "--output", "/proc/x.json"): "--output '/proc/x.json': cannot write in /proc",
+        (str(bad), "--logdir", "/proc/tb"): "--logdir '/proc/tb': cannot write in /proc",
         (str(bad), "--logdir", str(bad)): "is a file, not a folder",
         (str(bad), "--device", "nonsense"): "--device 'nonsense'",
         (str(bad), "--context-size", "0"): "--context-size must be > 0",  # was silently the default
