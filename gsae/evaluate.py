@@ -199,6 +199,27 @@ def resolve(paths: list[str]) -> list[Source]:
     return sources
 
 
+def _check_readable(arg: str, path: Path) -> None:
+    """A checkpoint or SAELens folder named as a PATH that does not read (a copy cut short, a file of another kind)
+    stops the call before any evaluation: the PATHs before it were evaluated in full, then all was lost."""
+    from safetensors import SafetensorError, safe_open
+
+    from gsae.export import load_members
+
+    try:
+        if path.is_dir():  # a SAELens folder: the weights' header and the config
+            with safe_open(str(path / "sae_weights.safetensors"), "pt") as f:
+                f.keys()
+            json.loads((path / "cfg.json").read_text())
+        else:
+            load_members(path, mmap=True)
+    except SafetensorError as e:
+        raise ArgumentError(f"PATH {arg!r}: sae_weights.safetensors does not read ({e})") from None
+    except (ValueError, OSError, RuntimeError) as e:
+        text = str(e).strip()
+        raise ArgumentError(f"PATH {arg!r}: {text.splitlines()[0] if text else type(e).__name__}") from None
+
+
 def _ckpt_sources(label: str, path: Path, group: str, info: tuple) -> list[Source]:
     """One source for a one-SAE checkpoint; one per member (``<label>:<member>``, its own TensorBoard run) for a
     sweep. ``info`` is the checkpoint's :func:`_ckpt_info` (read once per file)."""
@@ -461,6 +482,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
         names = _shown(names, keep=set(given))
     options = _merged_options(args.run_options, given, names)
     benchmark_options = run_options(names, options)  # the n_seqs of --options are held-out counts (held_out_counts)
+    for path, src in {s.path: s for s in sources if s.kind != "pretrained"}.items():  # each file once, before any work
+        _check_readable(src.label.rsplit(":", 1)[0] if src.member else src.label, Path(path))
     results: dict[str, dict[str, dict]] = {n: {} for n in names}
     runs = short_labels(list(dict.fromkeys(s.group for s in sources)))
     if _ranks()[1] > 1:
@@ -667,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank > 0:  # rank 0 reports, also the errors of the others (see _agree, gsae.evals.run_split)
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_intermixed_args(argv)  # PATHs after options too
         results = evaluate(args)
         if rank == 0:
             report(results, args)

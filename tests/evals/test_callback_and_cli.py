@@ -585,3 +585,30 @@ def test_evaluate_py_reads_a_local_dataset_s_own_text_column_and_names_a_file_th
         assert evaluate_main([ckpt, "--benchmarks", "loss_added", "--n-seqs", "2", "--dataset", str(path)]) == 1
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith(f"error: --dataset {str(path)!r}: {words}"), err
+
+
+def test_evaluate_py_refuses_an_unreadable_path_before_evaluating_the_others(run_dir, tmp_path, capsys, monkeypatch):
+    """A truncated checkpoint or a SAELens folder with corrupt weights as a later PATH: refused before the first PATH's
+    evaluation (which used to run in full, then be lost); PATHs may follow the options."""
+    good = run_dir / "checkpoints" / "epoch=0-step=10.ckpt"
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    export = tmp_path / "broken.saelens"
+    export.mkdir()
+    for f in (run_dir / "checkpoints" / "epoch=0-step=10.saelens").iterdir():
+        (export / f.name).write_bytes(f.read_bytes())
+    (export / "sae_weights.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    calls = []
+    import gsae.evaluate as ev
+
+    real = ev.run_benchmarks
+    monkeypatch.setattr(ev, "run_benchmarks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for bad, words in [(cut, "is corrupt or unreadable"), (export, "sae_weights.safetensors does not read")]:
+        capsys.readouterr()
+        assert evaluate_main([str(good), str(bad), "--benchmarks", "loss_added", "--n-seqs", "2"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"error: PATH {str(bad)!r}: ") and words in err, err
+    assert calls == []  # nothing evaluated
+    out = tmp_path / "after.json"
+    assert evaluate_main(["--benchmarks", "loss_added", "--n-seqs", "2", "--output", str(out), str(good)]) == 0
+    assert list(json.loads(out.read_text())["loss_added"]) == [str(good)]
