@@ -5,7 +5,11 @@ See ``gsae/evaluate.py`` (or ``python evaluate.py --help``) for the options.
 
 import sys
 
-from gsae.evaluate import main
+try:
+    from gsae.evaluate import main
+except KeyboardInterrupt:  # Ctrl+C while torch and lightning import (seconds): one line, not their traceback
+    print("stopped (Ctrl+C)", file=sys.stderr)
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,11 @@
 
 import sys
 
-from gsae.cli import main
+try:
+    from gsae.cli import main
+except KeyboardInterrupt:  # Ctrl+C while torch and lightning import (seconds): one line, not their traceback
+    print("stopped (Ctrl+C)", file=sys.stderr)
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -611,6 +611,11 @@ def main(args: list[str] | None = None) -> int:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
         finally:  # also after Ctrl+C (Lightning stops gracefully, then exits)
             print_summary(cli, resume)
+    except KeyboardInterrupt:  # Ctrl+C before the fit (loading the LM, reading the data); in it Lightning stops cleanly
+        print("stopped (Ctrl+C) before training", file=sys.stderr)
+        if "cli" in locals():
+            remove_empty_log_dirs(cli.trainer, since=started)
+        return 130
     except SIGTERMException:  # a scheduler's preemption or time limit: last.ckpt holds the step reached
         return 128 + signal.SIGTERM  # the shell's code for "ended by SIGTERM" (Lightning's exception exits 0)
     except OtherRanksFailed as e:  # rank 0 names the ranks that failed and why; the others stop without a word

@@ -13,6 +13,7 @@ from gsae.cli import main
 from tests.conftest import quickstart_args
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+QUICK = "configs/quickstart/topk.yaml"
 
 
 @pytest.fixture
@@ -405,3 +406,32 @@ def test_a_warm_up_as_long_as_the_run_is_said(run_cli, caplog) -> None:
     said = [r.getMessage() for r in caplog.records if "lr_warmup_steps" in r.getMessage()]
     assert said == ["--model.lr_warmup_steps 8 >= the run's 2 steps: the learning rate never reaches its peak "
                     "(at most 0.25 of it)"], said
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_ctrl_c_while_starting_is_one_line(script) -> None:
+    """Ctrl+C in a command's first seconds (torch and lightning importing) printed a KeyboardInterrupt traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, script, "--config" if script == "train.py" else "--help", QUICK],
+                         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.strip() == "stopped (Ctrl+C)", (p.returncode, err[-2000:])
+
+
+def test_ctrl_c_before_training_is_one_line(run_cli, monkeypatch, capsys, tmp_path) -> None:
+    """Ctrl+C while the LM loads or the data is checked (before the fit, where Lightning stops cleanly)."""
+    import gsae.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gsae.cli, "checks_before_training", interrupted)
+    assert gsae.cli.main(["--config", QUICK, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped (Ctrl+C) before training"
