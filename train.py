@@ -1,12 +1,22 @@
 """Train an SAE: ``python train.py [--config configs/X.yaml] [--model.sae.k 64] [--ckpt_path last]``."""
 
+import os
+import signal
 import sys
 
-try:
-    from gsae.cli import main
-except KeyboardInterrupt:  # Ctrl+C while torch and lightning import (seconds): one line, not their traceback
-    print("stopped (Ctrl+C)", file=sys.stderr)
-    sys.exit(130)
+
+def _stopped(*_) -> None:
+    sys.stderr.write("stopped (Ctrl+C)\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+# Ctrl+C while torch and lightning import (seconds; nothing to save yet): one line and exit code 130. A
+# KeyboardInterrupt raised inside an import printed its traceback, or left a module half-imported to fail on later.
+signal.signal(signal.SIGINT, _stopped)
+from gsae.cli import main  # noqa: E402
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if __name__ == "__main__":
     sys.exit(main())

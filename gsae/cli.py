@@ -443,19 +443,31 @@ def check_run_folder(trainer, ckpt: str | None) -> None:
             "remove that one")
 
 
-def say_if_rolled_back(ckpt: str, step: int) -> None:
-    """Warn when ``ckpt`` (at ``step``) is older than its folder's newest checkpoint (a resume from an earlier
-    checkpoint, to retrain from there): the later checkpoints are replaced as the run reaches their steps."""
+def roll_back(ckpt: str, step: int, trainer=None) -> None:
+    """A resume from ``ckpt`` (at ``step``), older than its folder's newest checkpoint (to retrain from there, e.g.
+    with a lower learning rate after a divergence): the later checkpoints move aside
+    (:func:`gsae.callbacks.checkpoint.set_aside_later_checkpoints`) and a warning says where; their TensorBoard events
+    are dropped (:func:`continue_logging`). Only where the run writes into ``ckpt``'s folder (``trainer``'s checkpoint
+    folder): a run started from another run's checkpoint, in a folder of its own, leaves that run alone."""
+    if trainer is not None and not any(
+        checkpoint_folder(trainer, cb).is_dir() and os.path.samefile(checkpoint_folder(trainer, cb), Path(ckpt).parent)
+        for cb in trainer.checkpoint_callbacks
+    ):
+        return
     newest = newest_checkpoint(Path(ckpt).parent, say=False)
     if newest is None or os.path.samefile(newest, ckpt):
         return
+    from gsae.callbacks.checkpoint import set_aside_later_checkpoints
     from gsae.export import read_checkpoint
 
     reached = int(read_checkpoint(newest, mmap=True).get("global_step", 0))
-    if reached > step:
-        log.warning("resuming from step %d of a run that reached step %d (%s): its checkpoints after step %d are "
-                    "replaced as this run reaches their steps, and their TensorBoard events are dropped",
-                    step, reached, Path(newest).name, step)
+    if reached <= step:
+        return
+    moved = set_aside_later_checkpoints(Path(ckpt).parent, step, ckpt)
+    where = (f"its checkpoints after step {step} ({', '.join(moved[1])}) are moved to {moved[0]} (remove it when "
+             "you no longer need them)") if moved else f"its checkpoints after step {step} are gone"
+    log.warning("resuming from step %d of a run that reached step %d (%s): %s, and their TensorBoard events are dropped",
+                step, reached, Path(newest).name, where)
 
 
 def continue_logging(trainer, ckpt: str, step: int, record: dict | None) -> None:
@@ -604,7 +616,7 @@ def main(args: list[str] | None = None) -> int:
             # a resumed run writes into its own checkpoint folder: Lightning's "exists and is not empty" is expected
             warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
             if cli.trainer.is_global_zero:
-                say_if_rolled_back(ckpt, step)
+                roll_back(ckpt, step, cli.trainer)
             continue_logging(cli.trainer, ckpt, step, state.get(LOG_FOLDER_KEY))
         prepare_forked_ranks(cli.trainer, resume)  # after continue_logging: it settles the logger's folder
         try:

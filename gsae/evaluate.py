@@ -232,8 +232,10 @@ def _ckpt_sources(label: str, path: Path, group: str, info: tuple) -> list[Sourc
 
 def _run_folder(folder: Path) -> list[tuple[Path, tuple]]:
     """``(checkpoint, its _ckpt_info)`` under ``folder``, in step order; ``last*.ckpt`` dropped when it repeats a
-    step checkpoint."""
-    found = sorted((c for c in folder.rglob("*.ckpt") if ".saelens" not in c.parts and c.exists()),
+    step checkpoint, and those a resume from an earlier step set aside (``*.superseded-after-step<S>``: another
+    continuation of the run, not its history)."""
+    found = sorted((c for c in folder.rglob("*.ckpt") if c.exists()
+                    and not any(".superseded-after-step" in part for part in c.relative_to(folder).parts)),
                    key=lambda c: c.name.startswith("last"), reverse=True)
     ckpts = sorted({c.resolve(): c for c in found}.values())  # last.ckpt linked to a step checkpoint: by its name
     infos = {c: _ckpt_info(c) for c in ckpts}

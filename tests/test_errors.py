@@ -399,12 +399,12 @@ def test_abbreviated_options_are_refused(run_cli, args) -> None:
 
 
 def test_a_warm_up_as_long_as_the_run_is_said(run_cli, caplog) -> None:
-    """``--model.lr_warmup_steps`` >= the run's steps: the learning rate never reaches its peak (said once, run goes on)."""
+    """``--model.lr_warmup_steps`` > the run's steps: the learning rate never reaches its peak (said once, run goes on)."""
     with caplog.at_level("WARNING"):
         code, _ = run_cli("--model.init_args.lr_warmup_steps", "8", "--evaluation.enabled", "false")
     assert code == 0
     said = [r.getMessage() for r in caplog.records if "lr_warmup_steps" in r.getMessage()]
-    assert said == ["--model.lr_warmup_steps 8 >= the run's 2 steps: the learning rate never reaches its peak "
+    assert said == ["--model.lr_warmup_steps 8 > the run's 2 steps: the learning rate never reaches its peak "
                     "(at most 0.25 of it)"], said
 
 

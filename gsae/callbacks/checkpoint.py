@@ -37,6 +37,61 @@ def member_path(ckpt_path: str | Path, member: str, suffix: str) -> Path:
     return Path(str(ckpt_path) + (f".{member}" if member else "") + suffix)
 
 
+def beside_files(ckpt_path: str | Path) -> list[Path]:
+    """What the run wrote beside checkpoint ``ckpt_path`` about its state: SAELens exports (``<stem>.saelens``,
+    ``<stem>.<member>.saelens``; folders or links) and ``<name>.*`` files (evaluation JSON, dashboards)."""
+    p = Path(ckpt_path)
+    exports = [e for e in [saelens_dir(p), *p.parent.glob(glob.escape(p.stem) + ".*.saelens")] if e.is_symlink() or e.exists()]
+    files = [f for f in p.parent.glob(glob.escape(p.name) + ".*") if f.is_file() or f.is_symlink()]
+    return exports + files
+
+
+#: the folder beside a checkpoint folder that a resume from an earlier checkpoint moves the later ones into
+SUPERSEDED = "{folder}.superseded-after-step{step}"
+
+
+def set_aside_later_checkpoints(folder: str | Path, step: int, keep: str | Path) -> tuple[Path, list[str]] | None:
+    """A resume from step ``step`` (checkpoint ``keep``) of a run that had gone further: the checkpoints of later
+    steps (and their exports, evaluation JSON and dashboards, and a ``last.ckpt`` that holds or links to one) belong
+    to the abandoned continuation. They move to ``<folder>.superseded-after-step<step>/`` beside the checkpoint
+    folder, so that the run folder holds one history: ``evaluate.py RUN`` does not mix them into the new run's
+    steps, and ``--ckpt_path last`` after a kill does not resume the abandoned branch (``last.ckpt`` linked to its
+    newest step). With another ``--checkpoint.every_n_train_steps`` the new run never writes their steps again.
+    Returns ``(that folder, the checkpoint names moved)``, or ``None`` if none was later."""
+    from gsae.export import read_checkpoint
+
+    folder, keep = Path(folder), Path(keep).resolve()
+    later = []
+    for path in sorted(folder.glob("*.ckpt")):
+        if path.is_symlink() or path.resolve() == keep:
+            continue
+        try:
+            saved = int(read_checkpoint(path, mmap=True).get("global_step", 0))
+        except ValueError:  # unreadable: left where it is
+            continue
+        if saved > step:
+            later.append(path)
+    if not later:
+        return None
+    base = dest = folder.parent / SUPERSEDED.format(folder=folder.name, step=step)
+    n = 1
+    while dest.exists():  # rolled back to this step before: each abandoned continuation its own folder
+        n += 1
+        dest = base.with_name(f"{base.name}-{n}")
+    dest.mkdir()
+    for path in later:
+        for p in [path, *beside_files(path)]:
+            os.replace(p, dest / p.name)
+    for link in folder.glob("*.ckpt"):  # last.ckpt linked to a checkpoint moved: it and its export links go too
+        if link.is_symlink() and not link.exists():
+            for p in [link, *beside_files(link)]:
+                if p.is_symlink():
+                    remove(p, ignore_errors=True)
+                else:  # last.ckpt.eval.json: a copy describing the abandoned state
+                    os.replace(p, dest / p.name)
+    return dest, [p.name for p in later]
+
+
 def checkpoint_folder(trainer: pl.Trainer, callback: ModelCheckpoint) -> Path:
     """The folder ``callback`` writes its checkpoints to: its ``dirpath``, else
     ``<default_root_dir>/<logger name, or run>/checkpoints`` (what :meth:`SAECheckpoint.setup` resolves)."""
@@ -370,10 +425,5 @@ class SAECheckpoint(ModelCheckpoint):
     def _remove_beside(trainer: pl.Trainer, filepath: str) -> None:
         """Delete the SAELens exports, evaluation JSON and dashboards of checkpoint ``filepath`` (rank 0)."""
         if trainer.is_global_zero:
-            p = Path(filepath)
-            exports = [saelens_dir(p), *p.parent.glob(glob.escape(p.stem) + ".*.saelens")]
-            for export in exports:
-                remove(export, ignore_errors=True)  # last.saelens: the link, not the step checkpoint's export
-            for beside in p.parent.glob(glob.escape(p.name) + ".*"):  # .eval.json, .latents.html (and members')
-                if beside.is_file():
-                    beside.unlink(missing_ok=True)
+            for beside in beside_files(filepath):  # last.saelens: the link, not the step checkpoint's export
+                remove(beside, ignore_errors=True)

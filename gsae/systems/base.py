@@ -585,13 +585,13 @@ class SAESystem(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def say_if_warmup_outlasts(self, total: float, warm: int, option: str) -> None:
-        """Warn (once per option, rank 0) when the warm-up is as long as the run: the learning rate never reaches the
+        """Warn (once per option, rank 0) when the warm-up outlasts the run: the learning rate never reaches the
         configured peak (``--model.lr_warmup_steps 1000`` in a 200-step run trains at a fifth of it at most)."""
         said = self.__dict__.setdefault("_warmup_said", set())
-        if self._trainer is None or self.global_rank != 0 or option in said or math.isinf(total) or warm < total:
+        if self._trainer is None or self.global_rank != 0 or option in said or math.isinf(total) or warm <= total:
             return
         said.add(option)
-        log.warning("%s %d >= the run's %d steps: the learning rate never reaches its peak (at most %.2g of it)",
+        log.warning("%s %d > the run's %d steps: the learning rate never reaches its peak (at most %.2g of it)",
                     option, warm, int(total), int(total) / warm)
 
     # ------------------------------------------------------------------ the SAEs this module trains

@@ -220,8 +220,12 @@ def test_a_resume_continues_the_tensorboard_run_without_the_steps_it_redoes(tmp_
     assert [p.name for p in run.glob("version_*")] == ["version_0"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == names  # no last-v1.ckpt, no …-v1.ckpt
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 20
-    assert "resuming from step 10 of a run that reached step 20 (last.ckpt): its checkpoints after step 10 are " \
-        "replaced as this run reaches their steps" in caplog.text
+    aside = run / "checkpoints.superseded-after-step10"  # the abandoned continuation's step 20, with what was beside it
+    assert "resuming from step 10 of a run that reached step 20 (last.ckpt): its checkpoints after step 10 " \
+        f"(epoch=0-step=20.ckpt) are moved to {aside} (remove it when you no longer need them)" in caplog.text
+    assert sorted(p.name for p in aside.iterdir()) == ["epoch=0-step=20.ckpt", "epoch=0-step=20.ckpt.eval.json",
+                                                       "epoch=0-step=20.saelens", "last.ckpt.eval.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", aside.name, "version_0"]
     both = events(run / "version_0")
     loss = both.Scalars("train/loss")
     assert [e.step for e in loss] == [e.step for e in first.Scalars("train/loss")]  # each step once

@@ -186,3 +186,37 @@ def test_the_first_checkpoint_warns_when_the_rest_will_not_fit(tmp_path, monkeyp
     assert not [r for r in caplog.records if r.getMessage().startswith("checkpoints: ")]
     assert sorted(p.name for p in (tmp_path / "two").rglob("*.ckpt")) == ["epoch=0-step=10.ckpt", "epoch=0-step=8.ckpt",
                                                                        "last.ckpt"]
+
+
+def test_retraining_from_an_earlier_step_sets_the_later_checkpoints_aside(tmp_path, monkeypatch, caplog):
+    """A resume from an earlier checkpoint with another checkpoint interval: the abandoned continuation's later
+    checkpoints (which the new run never writes again) move beside the checkpoint folder, so `evaluate.py RUN` lists
+    one history and `--ckpt_path last` after a kill does not resume the abandoned branch (last.ckpt linked to its
+    newest step)."""
+    from gsae.cli import newest_checkpoint, roll_back
+    from gsae.evaluate import _run_folder
+    from tests.conftest import quickstart_args
+
+    monkeypatch.chdir(REPO_ROOT)
+    off = ("--evaluation.enabled", "false")
+    assert main(quickstart_args(tmp_path, "--checkpoint.every_n_train_steps", "10", *off, steps=30)) == 0
+    run = tmp_path / "quickstart-topk"
+    ckpts = run / "checkpoints"
+    step10 = ckpts / "epoch=0-step=10.ckpt"
+    copy = tmp_path / "copy"  # the moment after the set-aside, before the resumed run writes anything
+    import shutil
+
+    shutil.copytree(ckpts, copy / "checkpoints", symlinks=True)
+    roll_back(str(copy / "checkpoints" / step10.name), 10)
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["epoch=0-step=10.ckpt", "epoch=0-step=10.saelens"]
+    assert newest_checkpoint(copy / "checkpoints").endswith("epoch=0-step=10.ckpt")  # not the abandoned step 30
+    with caplog.at_level("WARNING"):
+        assert main(quickstart_args(tmp_path, "--checkpoint.every_n_train_steps", "15", "--ckpt_path", str(step10), *off,
+                                    steps=25)) == 0
+    aside = run / "checkpoints.superseded-after-step10"
+    assert f"(epoch=0-step=20.ckpt, epoch=0-step=30.ckpt) are moved to {aside}" in caplog.text
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["epoch=0-step=10.ckpt", "epoch=0-step=15.ckpt",
+                                                            "epoch=0-step=25.ckpt", "last.ckpt"]
+    assert os.readlink(ckpts / "last.ckpt") == "epoch=0-step=25.ckpt"
+    assert sorted(p.name for p in aside.glob("*.ckpt")) == ["epoch=0-step=20.ckpt", "epoch=0-step=30.ckpt"]
+    assert [info[0] for _, info in _run_folder(run)] == [10, 15, 25]  # evaluate.py RUN: one history
