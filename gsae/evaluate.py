@@ -742,5 +742,6 @@ def report(results: dict[str, dict[str, dict]], args: argparse.Namespace) -> Non
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         write_text(args.output, json_text(results))
+        log.info("wrote %s", args.output)
         for path in write_artifacts(args.output, results, short):
             log.info("wrote %s", path)

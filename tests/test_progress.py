@@ -267,6 +267,29 @@ def test_a_run_stopped_before_its_first_checkpoint_offers_no_resume() -> None:
     assert cb._last_logged_step("finished", at(29)) is None  # a finished run logs its last step
 
 
+def test_the_summary_s_rate_leaves_the_evaluations_out_and_shows_the_first_member(tmp_path) -> None:
+    """The tokens/s of a run's wall time, evaluations included, read 4 tokens/s for a GPT-2 config evaluating every
+    step: the summary splits training from evaluating. A sweep's files are shown for its first member (config order,
+    not by name) of the newest step, and a linked last.ckpt's copies do not count as more files."""
+    import os
+
+    from gsae.callbacks.summary import Summary, _beside, render
+
+    s = Summary(status="finished", steps=2, steps_run=2, tokens=4000, tokens_total=4000, wall_s=1000.0, train=[],
+                val=[], eval_step=None, eval_source=None, headline=[], checkpoint_dir=None, checkpoints=[], exports=[],
+                eval_json=[], latents_html=[], events=None)
+    assert "finished: 2 steps, 4k tokens in 0:16:40 (4 tokens/s)" in render(s)
+    assert "finished: 2 steps, 4k tokens in 0:16:40 (training 0:00:10 at 400 tokens/s, evaluating 0:16:30)" in render(
+        s._replace(eval_s=990.0))
+    for name in ("s.ckpt", "s.ckpt.topk-k64.eval.json", "s.ckpt.topk-k8.eval.json", "s.ckpt.gsae-k8.eval.json"):
+        (tmp_path / name).write_text("{}")
+    os.symlink("s.ckpt", tmp_path / "last.ckpt")
+    os.symlink("s.ckpt.topk-k8.eval.json", tmp_path / "last.ckpt.topk-k8.eval.json")
+    got = _beside([tmp_path / "s.ckpt", tmp_path / "last.ckpt"], ".eval.json", members=["topk-k8", "topk-k64", "gsae-k8"])
+    assert [os.path.basename(p) for p in got] == ["s.ckpt.topk-k8.eval.json", "s.ckpt.topk-k64.eval.json",
+                                                  "s.ckpt.gsae-k8.eval.json"]
+
+
 def test_bar_fits_the_terminal_and_log_records_start_their_own_line(tmp_path, monkeypatch) -> None:
     """A bar longer than the terminal wraps, and "\\r" then redraws only its last row: every refresh left a stale row
     (202 rows for 200 steps at 80 columns). The bar is cut to the width; a log record (the evaluation's "evaluated

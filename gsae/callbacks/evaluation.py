@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,8 @@ class EvaluationCallback(Callback):
         self._counts: dict[str, int | None] = {}  # benchmark -> its held-out contexts (gsae.evals.held_out_counts)
         self._per_benchmark: tuple[torch.device, dict[str, torch.Tensor]] | None = None  # (device, its tokens)
         self._last: tuple[int, dict] | None = None  # (global step, {member: results}) of the latest evaluation
+        #: wall seconds of every evaluation in this process (the run summary's training rate leaves them out)
+        self.seconds_total = 0.0
         #: wall seconds of each benchmark in the latest evaluation (logged as ``eval/seconds/<benchmark>``)
         self.last_seconds: dict[str, float] = {}
         #: held-out contexts each benchmark read in the latest evaluation (the JSON's ``contexts``)
@@ -170,6 +173,13 @@ class EvaluationCallback(Callback):
         (for a sweep, one set per member: ``<checkpoint>.<member>.eval.json``, ``<checkpoint>.<member>.latents.html``)."""
         if not self.enabled or not self._takes_part(trainer):
             return
+        started = time.perf_counter()
+        try:
+            self._evaluate_and_write(trainer, pl_module, ckpt_path)
+        finally:
+            self.seconds_total += time.perf_counter() - started
+
+    def _evaluate_and_write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ckpt_path: str | Path) -> None:
         everything = self.evaluate(trainer, pl_module)  # every rank's share under DDP (distributed)
         if not trainer.is_global_zero:
             return

@@ -49,7 +49,7 @@ class Summary(NamedTuple):
             limit, ``kill``; the step reached is saved in ``last.ckpt`` first).
         steps: global step at the end; ``steps_run``: steps of this invocation (less when resumed).
         tokens: tokens trained in this invocation; ``tokens_total``: since the run began.
-        wall_s: wall-clock seconds of this invocation's training.
+        wall_s: wall-clock seconds of this invocation's training; ``eval_s`` of them evaluating checkpoints.
         train, val: ``[(label, value)]`` final metrics.
         eval_step: step of the newest evaluation (None if none); ``eval_source``: its JSON path or "callback".
         headline: ``[(benchmark.metric, value)]`` of that evaluation.
@@ -76,6 +76,8 @@ class Summary(NamedTuple):
     latents_html: list[str]
     events: str | None
     train_step: int | None = None  # the step of the ``train`` numbers, where it is not ``steps`` (a stopped run)
+    eval_s: float = 0.0  # of ``wall_s``, the seconds the checkpoints' evaluations took (the training rate leaves them out)
+    shown: dict[str, str] | None = None  # exports / evaluation / latents: the file shown (the newest step's first SAE)
 
 
 class RunSummary(Callback):
@@ -110,6 +112,7 @@ class RunSummary(Callback):
         self._t0 = time.perf_counter()
         self._step0 = trainer.global_step
         self._tokens0 = _tokens(pl_module)
+        self._eval0 = _eval_seconds(trainer)
         self._end, self._summary = None, None
 
     @override
@@ -145,6 +148,13 @@ class RunSummary(Callback):
         ckpts = sorted(Path(ckpt_dir).glob("*.ckpt"), key=os.path.getmtime) if ckpt_dir else []
         step, source, headline = newest_evaluation(trainer, ckpts)
         tokens = _tokens(pl_module)
+        own = [p for p in ckpts if not p.is_symlink()]  # last.ckpt linked to a step: its files repeat that step's
+        members = [m for m in pl_module.saes() if m] if hasattr(pl_module, "saes") else []
+        newest = next((p for p in reversed(own) if not p.name.startswith("last")), own[-1] if own else None)
+        shown = {} if newest is None else {
+            label: _beside([newest], suffix, stem=label == "exports", members=members)[:1]
+            for label, suffix in (("exports", ".saelens"), ("evaluation", ".eval.json"), ("latents", ".latents.html"))
+        }
         return Summary(
             status=status,
             steps=trainer.global_step,
@@ -160,10 +170,12 @@ class RunSummary(Callback):
             headline=headline,
             checkpoint_dir=ckpt_dir,
             checkpoints=[str(p) for p in ckpts],
-            exports=_beside(ckpts, ".saelens", stem=True),
-            eval_json=_beside(ckpts, ".eval.json"),
-            latents_html=_beside(ckpts, ".latents.html"),
+            exports=_beside(own, ".saelens", stem=True, members=members),
+            eval_json=_beside(own, ".eval.json", members=members),
+            latents_html=_beside(own, ".latents.html", members=members),
             events=_events_dir(trainer),
+            eval_s=_eval_seconds(trainer) - self._eval0,
+            shown={label: paths[0] for label, paths in shown.items() if paths},
         )
 
     def _last_logged_step(self, status: str, trainer: pl.Trainer) -> int | None:
@@ -232,6 +244,10 @@ def render(s: Summary, resume_command: str | None = None) -> str:
     """Console text of a :class:`Summary`; paths relative to the working directory where they are under it.
     ``resume_command``: the command that continues a stopped run (shown under ``next`` when it was stopped)."""
     rate = s.tokens / s.wall_s if s.wall_s > 0 else 0.0
+    training = s.wall_s - s.eval_s
+    # the evaluations (minutes per checkpoint at GPT-2 scale) are not training: the rate leaves them out
+    timing = (f"training {format_duration(training)} at {format_count(s.tokens / training)} tokens/s, evaluating "
+              f"{format_duration(s.eval_s)}" if s.eval_s >= 0.5 and training > 0 else f"{format_count(rate)} tokens/s")
     head = {"finished": "finished", "terminated": "stopped (SIGTERM; last.ckpt holds the step reached)"}.get(
         s.status, "stopped (Ctrl+C)"
     )
@@ -239,7 +255,7 @@ def render(s: Summary, resume_command: str | None = None) -> str:
     lines = [
         "── run summary " + "─" * 50,
         f"{head}: {s.steps_run} steps, {format_count(s.tokens)} tokens in {format_duration(s.wall_s)} "
-        f"({format_count(rate)} tokens/s){resumed}",
+        f"({timing}){resumed}",
     ]
     if s.train:
         label = "train" if s.train_step is None else f"train @{s.train_step}"  # a stopped run's last logged numbers
@@ -265,7 +281,7 @@ def render(s: Summary, resume_command: str | None = None) -> str:
     for label, paths in (("exports", s.exports), ("evaluation", s.eval_json), ("latents", s.latents_html)):
         if paths:
             more = f"  (+{len(paths) - 1} more beside the other checkpoints)" if len(paths) > 1 else ""
-            lines.append(f"{label:<12} {_rel(_newest_step(paths))}{more}")
+            lines.append(f"{label:<12} {_rel((s.shown or {}).get(label) or _newest_step(paths))}{more}")
     if s.events:
         lines.append(f"events       {_rel(s.events)}")
     lines.append("next")
@@ -291,16 +307,25 @@ def _names(paths: list[str], most: int = 6) -> str:
     return ", ".join(names)
 
 
-def _beside(ckpts: list[Path], suffix: str, stem: bool = False) -> list[str]:
+def _beside(ckpts: list[Path], suffix: str, stem: bool = False, members: list[str] | None = None) -> list[str]:
     """Files (``stem``: folders named from the checkpoint's stem) beside each checkpoint with ``suffix``: the one
-    SAE's (``<ckpt><suffix>``) and a sweep's members' (``<ckpt>.<member><suffix>``)."""
+    SAE's (``<ckpt><suffix>``) and a sweep's members' (``<ckpt>.<member><suffix>``, in ``members``' order, the
+    config's; others after them by name)."""
+    order = {m: i for i, m in enumerate(members or [])}
     out = []
     for p in ckpts:
         base = p.stem if stem else p.name
         own = p.with_name(base + suffix)
-        members = sorted(p.parent.glob(glob.escape(base) + ".*" + suffix))  # never matches ``own``
-        out += [str(f) for f in ([own] if own.exists() else []) + members if not f.is_symlink()]  # last.saelens: a link
+        found = p.parent.glob(glob.escape(base) + ".*" + suffix)  # never matches ``own``
+        cut = len(base) + 1
+        ordered = sorted(found, key=lambda f, cut=cut: (order.get(f.name[cut : -len(suffix)], len(order)), f.name))
+        out += [str(f) for f in ([own] if own.exists() else []) + ordered if not f.is_symlink()]  # last.saelens: a link
     return out
+
+
+def _eval_seconds(trainer: pl.Trainer) -> float:
+    """Seconds the evaluation callbacks have spent in this process (``EvaluationCallback.seconds_total``)."""
+    return sum(float(getattr(cb, "seconds_total", 0.0)) for cb in trainer.callbacks)
 
 
 def _newest_step(paths: list[str]) -> str:
