@@ -319,3 +319,22 @@ def test_bar_fits_the_terminal_and_log_records_start_their_own_line(tmp_path, mo
     finally:
         logging.getLogger().removeHandler(handler)
     assert bar.stream.getvalue() == "\r" + " " * 30 + "\r" + "evaluated loss_added at step 5\n"
+
+
+def test_the_eta_leaves_out_what_ran_before_the_first_step(monkeypatch) -> None:
+    """A resume redoes the evaluation a kill cut short before its first step: 3 minutes of eta for 1 s of steps left
+    (``step 41/60 … eta 0:03:13``). The pace is taken from the first step's start."""
+    from types import SimpleNamespace
+
+    import gsae.callbacks.progress as progress
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    bar = progress.StepProgressBar()
+    trainer = SimpleNamespace(global_step=40, max_steps=60, checkpoint_callback=None)
+    bar._t0, bar._step0, bar._pace0, bar._t_end, bar._validated = clock[0], 40, None, None, False  # on_train_start
+    clock[0] += 180.0  # the redone evaluation
+    bar.on_train_batch_start(trainer, None, None, 0)
+    clock[0] += 1.0  # one step
+    trainer.global_step = 41
+    assert bar._eta(trainer, elapsed=181.0) == 19.0  # 1 s a step, 19 to go; not 181 s a step

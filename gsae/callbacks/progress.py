@@ -86,6 +86,7 @@ class StepProgressBar(ProgressBar):
         self._bar: str | None = None  # the bar line last drawn (terminal mode), None in plain mode
         self._postfix = ""
         self._t0 = self._t_last = 0.0
+        self._pace0: float | None = None
         self._t_end: float | None = None  # end of this bar's last on_train_batch_end
         self._validated = False
         self._step0 = 0
@@ -115,6 +116,8 @@ class StepProgressBar(ProgressBar):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.stream = sys.stdout  # read here, not at import: tests and redirections replace it
         self._t0 = self._t_last = time.perf_counter()
+        self._pace0 = None  # the first step's start: what ran before it (a resume's redone evaluation) is
+        # no step's time, so the eta's pace leaves it out
         self._step0 = self._step_shown = trainer.global_step
         self._tokens_last, self._rate, self._t_end = None, None, None
         self._bar = None if not self._enabled or self._plain() else ""
@@ -147,6 +150,8 @@ class StepProgressBar(ProgressBar):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         """tokens/s counts training only: drop the time since the last step if it validated or checkpointed (and
         evaluated) in between, all of which run after this bar's ``on_train_batch_end``."""
+        if self._pace0 is None:
+            self._pace0 = time.perf_counter()
         saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None) == trainer.global_step
         if self._t_end is not None and (saved or self._validated):
             self._t_last += time.perf_counter() - self._t_end
@@ -189,9 +194,12 @@ class StepProgressBar(ProgressBar):
         return "  ".join(parts)
 
     def _eta(self, trainer: pl.Trainer, elapsed: float) -> float | None:
-        """Seconds left to ``max_steps`` at the pace of this process's steps so far (``None``: no end, or no step)."""
+        """Seconds left to ``max_steps`` at the pace of this process's steps so far, from its first step's start
+        (``None``: no end, or no step)."""
         total, step = self._total(trainer), trainer.global_step
         done = step - self._step0
+        if self._pace0 is not None:
+            elapsed = time.perf_counter() - self._pace0
         return elapsed / done * (total - step) if total and done > 0 else None
 
     def _measure_rate(self, trainer: pl.Trainer) -> None:
