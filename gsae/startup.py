@@ -1,0 +1,28 @@
+"""What ``train.py`` and ``evaluate.py`` do before they import torch and lightning (seconds, with nothing to save yet).
+
+Ctrl+C there used to raise a ``KeyboardInterrupt`` inside an import: its traceback, or a module left half-imported
+that failed later (a ``RecursionError`` in numpy's). Until :func:`ctrl_c_raises`, Ctrl+C ends the process at once with
+one line and the shell's exit code for it, 130. This module imports nothing heavy (``gsae/__init__.py`` neither).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def _stopped(*_) -> None:
+    sys.stderr.write("stopped (Ctrl+C)\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+def stop_on_ctrl_c() -> None:
+    """Ctrl+C ends the process now, with one line (until :func:`ctrl_c_raises`)."""
+    signal.signal(signal.SIGINT, _stopped)
+
+
+def ctrl_c_raises() -> None:
+    """Ctrl+C raises ``KeyboardInterrupt`` again (Python's default): the commands stop cleanly from here."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
