@@ -246,8 +246,9 @@ def newest_checkpoint(folder: Path, say: bool = True) -> str | None:
 
 def check_trainer(trainer) -> None:
     """One-line errors for ``--trainer`` values Lightning accepts and then divides by (a ``ZeroDivisionError`` in the
-    loop, after the first step) or that train nothing (``max_steps`` or ``limit_train_batches`` 0), and for a strategy that starts its processes by spawning (``ddp_spawn``: each process
-    would need the command line's objects pickled, the LM and the parser's optimizer factory among them)."""
+    loop, after the first step) or that train nothing (``max_steps`` or ``limit_train_batches`` 0), and for a strategy
+    that starts its processes by spawning (``ddp_spawn``: each process would need the command line's objects pickled,
+    the LM and the parser's optimizer factory among them)."""
     from lightning.pytorch.plugins.environments import LightningEnvironment
     from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
