@@ -116,3 +116,17 @@ def test_agrees_with_saelens_run_evals(tiny_lm, tmp_path):
     }
     for ours_key, sl_key in pairs.items():
         assert math.isclose(ours[ours_key], theirs[sl_key], rel_tol=1e-4), (ours_key, ours[ours_key], theirs[sl_key])
+
+
+def test_contexts_with_nothing_to_score_are_said_not_divided_by() -> None:
+    """``evaluate.py --context-size 2`` on a BOS-first SAE: the one prediction is from BOS, which is left out, so no
+    CE was summed and L_added divided by a zero ce_clean (a ZeroDivisionError traceback)."""
+    import pytest
+
+    from gsae.evals.loss_added import _scores
+
+    empty = dict.fromkeys(("ce_clean", "ce_sae", "ce_ablation", "kl_sae", "kl_ablation", "n_ce", "n_kl"), 0.0)
+    with pytest.raises(ValueError, match=r"^loss_added: no next-token prediction to score .*--context-size"):
+        _scores(empty)
+    one = {**empty, "ce_clean": 2.0, "ce_sae": 3.0, "ce_ablation": 4.0, "n_ce": 1, "n_kl": 1}
+    assert _scores(one)["L_added"] == 0.5
