@@ -273,6 +273,8 @@ class SweepSAESystem(LocalSAESystem):
         #: the hooks the members read (first-use order), and those some g-SAE reads (its ∇ₓL is harvested there)
         self.hooks = list(dict.fromkeys(m.hook for m in built.values()))
         self.grad_hooks = [h for h in self.hooks if any(m.needs_grad and m.hook == h for m in built.values())]
+        if len(self.hooks) == 1:  # the one-hook harvest (LocalSAESystem's) reads self.hook: the members' own, not the
+            self.hook = self.hooks[0]  # run's default (members all on another hook trained on --model.hook's rows)
         if len(self.hooks) > 1:
             off = [f"{m.name}: {m.hook}" for m in built.values() if lm.hook_depth(m.hook) is None]
             if off:

@@ -591,3 +591,19 @@ def test_stacks_at_two_hooks_with_accumulation_and_validation(tmp_path):
     one, two = torch.load(tmp_path / "True" / "metrics.pt"), torch.load(tmp_path / "False" / "metrics.pt")
     assert any(k.startswith("val/") for step in one.values() for k in step)
     assert assert_same_metrics(one, two, skip=("tokens_per_s",), rtol=1e-4, atol=1e-5) > 10 * len(one)
+
+
+def test_members_all_on_one_hook_other_than_the_sweeps_read_their_own():
+    """Every member on one hook that is not ``--model.hook`` (the quickstart sweep sets one): the one-hook harvest
+    read ``--model.hook``'s rows while the checkpoint and export named the members' hook (exit 0, a wrong SAE); a hook
+    of another width failed at the first step with a split_with_sizes error."""
+    other = "blocks.0.hook_resid_pre"
+    assert other != HOOK
+    moved = SweepSAESystem(_lm(), [dict(MEMBERS[2], hook=other)], optimizer=_adam(LR), **COMMON)
+    direct = SweepSAESystem(_lm(), [MEMBERS[2]], optimizer=_adam(LR), **dict(COMMON, hook=other))
+    tokens = torch.randint(1, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    a, b = moved.harvest(tokens), direct.harvest(tokens)
+    assert moved.hook == other and torch.equal(a.x, b.x) and torch.equal(a.grad, b.grad)
+    assert moved.saes()[MEMBERS[2]["name"]][1]["hook"] == other
+    wide = SweepSAESystem(_lm(), [dict(MEMBERS[0], hook="blocks.0.mlp.hook_post")], optimizer=_adam(LR), **COMMON)
+    assert wide.harvest(tokens).x.shape[1] == _lm().d_in("blocks.0.mlp.hook_post") != _lm().d_in(HOOK)
