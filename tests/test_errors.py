@@ -333,6 +333,30 @@ def test_e2e_downstream_hook_before_the_sae_hook_is_one_line() -> None:
                      downstream_hooks=["blocks.0.hook_resid_post"])
     E2ESAESystem(lm, lambda d: TopKSAE(d, 64, 4), hook="blocks.1.hook_resid_pre",
                  downstream_hooks=["blocks.1.hook_resid_post"])  # later: fine
+    # an SAE hook inside a block (mlp_out, resid_mid) skipped the check: an earlier hook, or the SAE's own, trained
+    # with a downstream term that stayed 0; a hook outside the blocks (ln_final) raised a KeyError at the first step
+    refused = {
+        ("blocks.1.hook_mlp_out", "blocks.0.hook_resid_post"): "is not after --model.hook 'blocks.1.hook_mlp_out' (the "
+                                                              "SAE's output changes only later activations: a later "
+                                                              "hook, e.g. blocks.1.hook_resid_post)",
+        ("blocks.1.hook_resid_mid", "blocks.1.hook_resid_pre"): "is not after",
+        ("blocks.1.hook_resid_mid", "blocks.1.hook_resid_mid"): "is not after",
+        ("blocks.1.hook_resid_mid", "blocks.1.attn.hook_z"): "is not after",  # attention reads resid_pre
+        ("blocks.1.hook_resid_post", "blocks.1.mlp.hook_post"): "none is later in this model: leave it empty",
+        ("blocks.0.hook_resid_post", "ln_final.hook_normalized"): "is not inside a block",
+        ("blocks.0.hook_resid_post", "hook_embed"): "is not inside a block",
+    }
+    for (hook, ds), words in refused.items():
+        with pytest.raises(ValueError, match="^--model.downstream_hooks: ") as e:
+            E2ESAESystem(lm, lambda d: TopKSAE(d, 64, 4), hook=hook, downstream_hooks=[ds])
+        assert words in str(e.value), (hook, ds, str(e.value))
+    with pytest.raises(ValueError, match="names a hook twice"):
+        E2ESAESystem(lm, lambda d: TopKSAE(d, 64, 4), hook="blocks.0.hook_resid_pre",
+                     downstream_hooks=["blocks.1.hook_resid_pre", "blocks.1.hook_resid_pre"])
+    for hook, ds in [("blocks.1.hook_resid_mid", "blocks.1.mlp.hook_post"), ("blocks.1.hook_resid_pre", "blocks.1.attn.hook_z"),
+                     ("blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"), ("hook_embed", "blocks.0.hook_resid_pre"),
+                     ("blocks.0.attn.hook_z", "blocks.1.hook_resid_pre")]:
+        E2ESAESystem(lm, lambda d: TopKSAE(d, 64, 4), hook=hook, downstream_hooks=[ds])  # each reads the SAE's output
 
 
 def test_e2e_objectives_that_train_nothing_or_the_wrong_thing_are_one_line() -> None:

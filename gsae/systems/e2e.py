@@ -29,6 +29,24 @@ from gsae.sae.base import SAEOutput
 from gsae.systems.base import SAESystem
 
 
+def downstream_of(lm, sae_hook: str, hook: str) -> bool:
+    """Whether the activation at ``hook`` (inside a block) changes when the SAE's output replaces ``sae_hook``'s: a
+    residual-stream hook deeper than the SAE's (:meth:`gsae.lm.LanguageModel.hook_depth`: resid_pre of block L is
+    2L, its attention output 2L+0.5, resid_mid 2L+1, MLP output 2L+1.5, resid_post 2L+2), or a hook inside block L
+    that reads the stream at or after the SAE's point (attention and ``ln1`` read 2L, the MLP and ``ln2`` 2L+1). For
+    an SAE inside a block (``attn.hook_z`` …), only hooks from that block's output on count (conservative)."""
+    layer, depth = lm.hook_layer(hook), lm.hook_depth(hook)
+    if layer is None:
+        return False
+    reads = depth if depth is not None else 2 * layer + (1 if (".mlp." in hook or ".ln2." in hook) else 0)
+    sae_depth, sae_layer = lm.hook_depth(sae_hook), lm.hook_layer(sae_hook)
+    if sae_depth is None and sae_layer is None:  # the embeddings: everything in the blocks reads them
+        return True
+    if sae_depth is None:
+        return depth >= 2 * sae_layer + 2 if depth is not None else layer > sae_layer
+    return depth > sae_depth if depth is not None else reads >= sae_depth
+
+
 class E2ESAESystem(SAESystem):
     """End-to-end SAE training (e2e, or e2e+ds with downstream hooks) for TopK or ReLU+L1 SAEs."""
 
@@ -55,15 +73,19 @@ class E2ESAESystem(SAESystem):
         super().__init__(*args, **kwargs)
         self.save_hyperparameters(ignore=["lm", "sae", "optimizer"])
         hooks = list(downstream_hooks or [])
-        start = self.lm.resume_layer(self.hook)  # the block the patched run starts at (None: a hook inside a block)
+        if len(set(hooks)) != len(hooks):
+            raise ValueError(f"--model.downstream_hooks names a hook twice: {hooks}")
         for h in hooks:
             self.lm.validate_hook(h, option="--model.downstream_hooks")
-            layer = self.lm.hook_layer(h)
-            if start is not None and (h in ("hook_embed", "hook_pos_embed") or (layer is not None and layer < start)):
-                raise ValueError(
-                    f"--model.downstream_hooks: {h!r} is not after --model.hook {self.hook!r} (the SAE's output only "
-                    f"changes later activations: a hook in blocks.{start} or later, e.g. blocks.{start}.hook_resid_post)"
-                )
+            if self.lm.hook_layer(h) is None:
+                raise ValueError(f"--model.downstream_hooks: {h!r} is not inside a block (blocks.L.…): the patched "
+                                 "run records the blocks' hooks, not the embeddings' or the final LayerNorm's")
+            if not downstream_of(self.lm, self.hook, h):
+                later = [f"blocks.{L}.hook_resid_post" for L in range(self.lm.n_layers)
+                         if downstream_of(self.lm, self.hook, f"blocks.{L}.hook_resid_post")]
+                hint = f"a later hook, e.g. {later[0]}" if later else "none is later in this model: leave it empty"
+                raise ValueError(f"--model.downstream_hooks: {h!r} is not after --model.hook {self.hook!r} (the SAE's "
+                                 f"output changes only later activations: {hint})")
         if downstream_coefs is not None and len(downstream_coefs) != len(hooks):
             raise ValueError(
                 f"--model.downstream_coefs has {len(downstream_coefs)} entries for {len(hooks)} --model.downstream_hooks"
