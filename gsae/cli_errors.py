@@ -93,6 +93,10 @@ def _describe(message: str, args: list[str]) -> str:
         problem = _class_problem(message)
         if problem:
             return f"{option}: {problem}"
+        required = re.search(r"the following arguments are required: ([\w.]+(?:, [\w.]+)*)", message)
+        if required:  # a class's argument without a default, set to null or left out (a sweep's members)
+            names = ", ".join(f"--{path}.{a}" for a in required.group(1).split(", "))
+            return f"{names}: required (not given, or null)"
         want = list(dict.fromkeys(t for t in _EXPECTED_TYPE.findall(message) if t != "NoneType"))
         if want == ["dict"] and given is not None:  # a mapping given as text (JSON / YAML) that does not parse as one
             return f"{option}: expected a mapping ({_yaml_error(given)}), got {given!r}"

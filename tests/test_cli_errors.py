@@ -89,9 +89,11 @@ def test_bad_choice() -> None:
          "--seed_everything: expected true or false or an integer, got 'abc'"),
         (["--config", QUICKSTART, "--evaluation.options", '{"loss_added": {n_seqs: 4}'],
          "--evaluation.options: expected a mapping (not valid YAML/JSON at column 27"),
+        (["--config", "configs/quickstart/sweep.yaml", "--model.members", "null"],
+         "--model.members: required (not given, or null)"),
     ],
     ids=["no-such-class", "lr-inf", "precision-union", "sweep-has-no-sae", "bool-or-literal", "no-such-system",
-         "not-a-system", "not-an-sae", "seed-union", "options-json"],
+         "not-a-system", "not-an-sae", "seed-union", "options-json", "members-null"],
 )
 def test_nested_and_union_errors_say_what_is_wrong(args: list[str], expected: str) -> None:
     """jsonargparse ends these with ``Given value: NestedArg(...)``, which said nothing of what was wrong."""

@@ -44,6 +44,7 @@ def run_cli(tmp_path, monkeypatch, capsys):
         (["--model.init_args.hook", "blocks.0.attn.hook_pattern"], ["--model.hook: 'blocks.0.attn.hook_pattern' is not "
                                                                     "one vector per token", "blocks.L.hook_resid_pre"]),
         (["--model.init_args.sae.init_args.k", "2000"], ["--model.sae.k", "2000 > 1024"]),
+        (["--model.sae", "null"], ["--model.sae is required for LocalSAESystem"]),  # an AttributeError traceback
         (["--model.init_args.sae.init_args.d_sae", "0"], ["--model.sae.d_sae", "got 0"]),
         (["--model.init_args.sae.init_args.k", "0"], ["--model.sae.k", "got 0"]),
         (["--data.context_size", "1000"], ["--data.context_size", "1000", "256"]),
@@ -85,7 +86,7 @@ def run_cli(tmp_path, monkeypatch, capsys):
         (["--trainer.strategy", "ddp_spawn", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
          ["--trainer.strategy ddp_spawn: train.py cannot start processes by spawn", "ddp_fork"]),
     ],
-    ids=["hook", "hook_pattern", "k>d_sae", "d_sae=0", "k=0", "context_size>n_ctx", "batch_size=0", "val_batch_size<0", "aux_coef<0",
+    ids=["hook", "hook_pattern", "k>d_sae", "no-sae", "d_sae=0", "k=0", "context_size>n_ctx", "batch_size=0", "val_batch_size<0", "aux_coef<0",
          "lr=0", "filename-path", "every_n<0", "save_top_k<-1", "max_steps=0", "limit_train_batches=0", "lm-preset", "ckpt-last",
          "ckpt-missing", "accumulate=0", "val_check_interval=0", "bf16-true", "gpu-on-cpu", "max_steps<0", "root-is-a-file", "root-unwritable", "dirpath-unwritable",
          "lr<0", "nodes-untold", "ddp-3-ranks", "ddp_spawn"],

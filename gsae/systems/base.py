@@ -98,6 +98,9 @@ def sae_class_path(sae: SparseAutoencoder) -> str:
 class SAESystem(pl.LightningModule):
     """Base LightningModule: subclasses implement :meth:`objective` (the loss of one batch)."""
 
+    #: whether the subclass builds its SAEs itself (a sweep's members) instead of taking ``sae``
+    builds_own_saes = False
+
     def __init__(
         self,
         lm: LanguageModel,
@@ -151,6 +154,9 @@ class SAESystem(pl.LightningModule):
         self.b_dec_init = b_dec_init
         self.exclude_special_tokens = exclude_special_tokens
         self.seed = seed
+        if sae is None and not self.builds_own_saes:
+            raise ValueError(f"--model.sae is required for {type(self).__name__} (e.g. --model.sae gsae.sae.TopKSAE "
+                             "--model.sae.d_sae 1024 --model.sae.k 16); gsae.systems.SweepSAESystem takes --model.members")
         if sae is not None:  # a subclass training several SAEs (gsae.systems.SweepSAESystem) builds its own
             self.sae = sae(lm.d_in(self.hook))
             self.dead = DeadLatentTracker(self.sae.d_sae, dead_batches, dead_tokens, self.sae.uses_dead_mask)

@@ -184,6 +184,8 @@ class SweepMember(nn.Module):
 class SweepSAESystem(LocalSAESystem):
     """Trains several TopK SAEs and g-SAEs on one hook from one harvest per batch (see the module docstring)."""
 
+    builds_own_saes = True
+
     def __init__(
         self,
         lm: LanguageModel,
