@@ -63,6 +63,8 @@ class StreamPacker:
         self.docs_it = documents(stream, self.epoch, self.shard, self.docs)
         self.whole_epoch = self.shard == self.docs == 0  # this epoch was read from its start (an empty pass can be told)
         self.made_in_epoch = 0
+        self.filled = False  # a document of this epoch had tokens
+        self.at_start = (self.epoch, self.shard, self.docs) == (0, 0, 0) and not self.buf  # nothing packed yet
 
     def next_context(self) -> list[int]:
         """The stream's next context (reads and tokenizes documents as needed)."""
@@ -70,13 +72,20 @@ class StreamPacker:
             epoch, shard, i, toks = next(self.docs_it)
             if epoch != self.epoch:  # a new pass over the stream's documents
                 if self.whole_epoch and self.made_in_epoch == 0:
+                    empty = " (every document of it is empty: blank lines or empty texts)" if not self.filled else ""
                     raise DataSourceError(
                         f"--data.dataset: a whole pass over stream {self.stream} of {self.dataset!r} gives no complete "
-                        f"{self.context_size}-token context; use more data or a smaller --data.n_streams / --data.context_size"
+                        f"{self.context_size}-token context{empty}; use more data or a smaller --data.n_streams / "
+                        "--data.context_size"
                     )
-                self.whole_epoch, self.made_in_epoch = True, 0
-            if self.separator is not None and (epoch, shard, i) != (0, 0, 0):
+                self.whole_epoch, self.made_in_epoch, self.filled = True, 0, False
+            if not toks:  # an empty document (a blank line, "" or null): nothing to pack, not even a separator; a
+                self.epoch, self.shard, self.docs = epoch, shard, i + 1  # stream of them would be separators only
+                continue
+            self.filled = True
+            if self.separator is not None and not self.at_start:  # between documents, not before the stream's first
                 self.buf.append(self.separator)
+            self.at_start = False
             self.buf.extend(toks)
             self.epoch, self.shard, self.docs = epoch, shard, i + 1
         chunk = self.buf[self.pos : self.pos + self.body]

@@ -355,3 +355,25 @@ def test_resume_on_another_number_of_ranks_continues_every_stream(local) -> None
             assert s % 2 == r
             done = sum(1 for c in consumed + cont[:j] if c.state.stream == s)  # batches of stream s before this one
             assert [list(x) for x in b.tokens.tolist()] == _reference_stream(s, 2 * done + 2)[2 * done :]
+
+
+def test_empty_documents_are_skipped_in_packing() -> None:
+    """Blank lines and empty texts are no documents: they added a separator each, so a stream of them packed
+    contexts of separators only (trained on, looping epoch after epoch) or failed as "no complete context"."""
+    from gsae.data.streams import StreamPacker
+
+    docs = [[], [5, 6], [], [7, 8, 9], []]
+
+    def documents(stream, epoch, shard, start):
+        for e in itertools.count(epoch):
+            for i in range(start if e == epoch else 0, len(docs)):
+                yield e, 0, i, docs[i]
+
+    p = StreamPacker(0, documents, context_size=4, bos=1, prepend_bos=True, separator=0)
+    got = [p.next_context() for _ in range(4)]
+    assert got == [[1, 5, 6, 0], [1, 7, 8, 9], [1, 0, 5, 6], [1, 0, 7, 8]]  # one separator between documents
+    empties = StreamPacker(3, lambda s, e, sh, d: ((x, 0, i, []) for x in itertools.count(e) for i in range(4)),
+                           context_size=4, bos=1, prepend_bos=True, separator=0, dataset="blank.txt")
+    with pytest.raises(DataSourceError, match=r"stream 3 of 'blank.txt' gives no complete 4-token context \(every "
+                                              r"document of it is empty"):
+        empties.next_context()
