@@ -319,6 +319,12 @@ def test_checkpoint_of_another_lm_is_one_line() -> None:
         for key, value in {"dtype": "bfloat16", "fold_ln": False, "center_unembed": False, **accepted[lm_name]}.items():
             system.on_load_checkpoint({"gsae": {**meta, "lm": {**meta["lm"], key: value}}})
         system.on_load_checkpoint({"gsae": {k: v for k, v in meta.items() if k != "lm"}})  # older checkpoints: no 'lm'
+    # another LM of another width: said as such, not as an SAE whose d_in differs
+    system = build_system("topk", lm_name="random-tiny")
+    wider = {"sae_config": {**system.sae.config(), "d_in": 128}, "hook": system.hook,
+             "lm": {**system.lm.describe(), "name": "gsae-tiny"}}
+    with pytest.raises(ValueError, match=r"^--ckpt_path: the checkpoint was trained on another LM .*'name'"):
+        system.on_load_checkpoint({"gsae": wider})
 
 
 

@@ -302,6 +302,16 @@ class SAESystem(pl.LightningModule):
         return tracker.auxk_mask(n_dead) if n_dead else None
 
     # ------------------------------------------------------------------ the step
+    def after_nonfinite(self, lower: str) -> str:
+        """What to do after a non-finite loss: resume from the last checkpoint with ``lower`` (a lower learning rate),
+        or, before the first checkpoint (none to resume), start again with it."""
+        cb = self._trainer.checkpoint_callback if self._trainer is not None else None
+        saved = bool(getattr(cb, "last_model_path", "") or getattr(cb, "best_k_models", None)) or bool(
+            self._trainer is not None and self.trainer.ckpt_path)
+        if saved:
+            return f"last good checkpoint kept: resume from it with {lower}, --ckpt_path last"
+        return f"no checkpoint written yet: start again with {lower}"
+
     def objective(self, batch: TokenBatch, stage: str) -> tuple[Tensor, SAEOutput, ActivationBatch, dict[str, Tensor]]:
         """Loss of one batch; returns ``(loss, sae_output, activations, extra scalars to log)``."""
         raise NotImplementedError
@@ -310,8 +320,8 @@ class SAESystem(pl.LightningModule):
         loss, out, acts, extra = self.objective(batch, stage)
         if stage == "train" and not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"non-finite training loss ({float(loss.detach())}) at step {self.global_step}; stopping (last good checkpoint "
-                "kept: resume from it with a lower --model.optimizer.lr, --ckpt_path last)"
+                f"non-finite training loss ({float(loss.detach())}) at step {self.global_step}; stopping "
+                f"({self.after_nonfinite('a lower --model.optimizer.lr')})"
             )
         with torch.no_grad():
             if stage != "train":  # per-rank sums, reduced over ranks once per epoch (torchmetrics, in compute)
@@ -673,8 +683,8 @@ class SAESystem(pl.LightningModule):
                 "resume it with the sweep's config (gsae.systems.SweepSAESystem)"
             )
         self.check_saved_objective(meta.get("objective"))
+        self.check_saved_lm(meta.get("lm"))  # first: another LM changes d_in, and would be reported as another SAE
         self.check_saved_sae(meta["sae_config"], self.sae, "checkpoint SAE", meta.get("sae_class"))
-        self.check_saved_lm(meta.get("lm"))
         if meta["hook"] != self.hook:
             raise ValueError(f"--ckpt_path: checkpoint hook {meta['hook']!r} differs from --model.hook {self.hook!r}")
 

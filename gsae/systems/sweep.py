@@ -475,7 +475,7 @@ class SweepSAESystem(LocalSAESystem):
             name, loss = next((n, v) for n, v, ok in zip(self.members, stacked.tolist(), finite.tolist()) if not ok)
             raise NonFiniteLossError(
                 f"non-finite training loss of member {name} ({float(loss)}) at step {self.global_step}; "
-                "stopping (last good checkpoint kept: resume from it, --ckpt_path last, with a lower lr for that member)"
+                f"stopping ({self.after_nonfinite('a lower lr for that member')})"
             )
         # one all-reduce for the token count, every member's fired mask and (logging steps) metric sums
         count = torch.full((1,), float(acts.x.shape[0]), dtype=torch.float64, device=acts.x.device)
@@ -633,6 +633,7 @@ class SweepSAESystem(LocalSAESystem):
                                  "a sweep; resume it with the config it was trained with")
             raise ValueError("--ckpt_path: not a gsae sweep checkpoint (no 'gsae' → 'members' section)")
         self.check_saved_objective(meta.get("objective"))
+        self.check_saved_lm(meta.get("lm"))  # first: another LM changes d_in, and would be reported as another SAE
         saved = meta["members"]
         if list(saved) != list(self.members):
             raise ValueError(
@@ -643,4 +644,3 @@ class SweepSAESystem(LocalSAESystem):
             if hook != m.hook:
                 raise ValueError(f"--ckpt_path: member {name} was trained at hook {hook!r}, --model.members sets {m.hook!r}")
             self.check_saved_sae(saved[name]["sae_config"], m.sae, f"member {name}", saved[name].get("sae_class"))
-        self.check_saved_lm(meta.get("lm"))  # the members' hooks are checked above; the run's is a default

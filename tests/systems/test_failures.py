@@ -22,13 +22,28 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):
 
     system.objective = poisoned
     trainer = build_trainer(tmp_path, 10, checkpoint_every=2)
-    with pytest.raises(NonFiniteLossError, match="at step 5"):
+    with pytest.raises(NonFiniteLossError, match="at step 5; stopping \\(last good checkpoint kept: resume from it"):
         trainer.fit(system, datamodule=build_data(system))
     kept = sorted(p.name for p in (tmp_path / "ckpts").glob("*.ckpt"))
     assert "epoch=0-step=4.ckpt" in kept and "last.ckpt" in kept
     sae, meta = load_checkpoint(tmp_path / "ckpts" / "last.ckpt")
     assert all(torch.isfinite(p).all() for p in sae.parameters())
     assert meta["tokens_seen"] > 0
+
+
+def test_a_nan_loss_before_the_first_checkpoint_does_not_offer_one(tmp_path):
+    """At step 1 there is no checkpoint: the message said to resume from "the last good checkpoint"."""
+    system = build_system("topk")
+    orig = system.objective
+
+    def poisoned(batch, stage):
+        loss, *rest = orig(batch, stage)
+        return (loss * float("nan") if stage == "train" else loss, *rest)
+
+    system.objective = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"at step 0; stopping \(no checkpoint written yet: start again with a "
+                                                 r"lower --model.optimizer.lr\)"):
+        build_trainer(tmp_path, 10, checkpoint_every=2).fit(system, datamodule=build_data(system))
 
 
 def test_a_sweep_member_with_a_nan_loss_stops_the_run_naming_it(tmp_path):
