@@ -32,6 +32,7 @@ from gsae.callbacks.evaluation import EvaluationCallback
 from gsae.cli_errors import parse_error_line
 from gsae.data.datamodule import TokenDataModule
 from gsae.loggers import LOG_FOLDER_KEY, continue_log_folder, curves_first
+from gsae.startup import one_line_warnings
 from gsae.systems.base import SAESystem
 
 log = logging.getLogger(__name__)
@@ -583,6 +584,9 @@ def main(args: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     warnings.filterwarnings("ignore", message=".*Sparse invariant checks.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # an empty validation set is said by the data module, with its numbers
+    warnings.filterwarnings("ignore", message=".*Total length of `DataLoader` across ranks is zero.*")
+    one_line_warnings()
     from gsae.callbacks.progress import console_log_handlers
 
     for handler in console_log_handlers():  # Lightning's "💡 Tip: … try installing litlogger / litmodels" adverts

@@ -68,6 +68,7 @@ from gsae.evals.common import shared_harvests
 from gsae.files import unwritable, write_text
 from gsae.lm import LanguageModel
 from gsae.saelens_adapter import is_saelens_folder, load_saelens_folder, load_saelens_pretrained
+from gsae.startup import one_line_warnings
 
 log = logging.getLogger(__name__)
 PRETRAINED = "sae_lens:"
@@ -686,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``evaluate.py``: returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    one_line_warnings()
     tune_malloc()  # see gsae.allocator (GSAE_MALLOC_TUNING=0: off)
     args = None
     rank = _process_group()

@@ -23,6 +23,17 @@ def stop_on_ctrl_c() -> None:
     signal.signal(signal.SIGINT, _stopped)
 
 
+def one_line_warnings() -> None:
+    """Print each Python warning as one ``warning: <message>`` line: the default format adds the source file and line
+    and the line of code (``  rank_zero_warn(``), three lines around a one-line error."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001 - warnings' signature
+        print(f"warning: {message}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show
+
+
 def ctrl_c_raises() -> None:
     """Ctrl+C raises ``KeyboardInterrupt`` again (Python's default): the commands stop cleanly from here."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
