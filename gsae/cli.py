@@ -451,11 +451,10 @@ def roll_back(ckpt: str, step: int, trainer=None) -> None:
     (:func:`gsae.callbacks.checkpoint.set_aside_later_checkpoints`) and a warning says where; their TensorBoard events
     are dropped (:func:`continue_logging`). Only where the run writes into ``ckpt``'s folder (``trainer``'s checkpoint
     folder): a run started from another run's checkpoint, in a folder of its own, leaves that run alone."""
-    if trainer is not None and not any(
-        checkpoint_folder(trainer, cb).is_dir() and os.path.samefile(checkpoint_folder(trainer, cb), Path(ckpt).parent)
-        for cb in trainer.checkpoint_callbacks
-    ):
-        return
+    if trainer is not None:
+        folders = [checkpoint_folder(trainer, cb) for cb in trainer.checkpoint_callbacks]
+        if not any(f.is_dir() and os.path.samefile(f, Path(ckpt).parent) for f in folders):
+            return
     newest = newest_checkpoint(Path(ckpt).parent, say=False)
     if newest is None or os.path.samefile(newest, ckpt):
         return

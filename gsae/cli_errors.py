@@ -59,9 +59,9 @@ def _describe(message: str, args: list[str]) -> str:
     nested = _NESTED.search(message)  # a sub-option of a class (--model.sae.k): jsonargparse names it at the end
     if keys and nested:
         option = _typed_option(f"{keys[0]}.{nested.group(1)}".replace(".init_args", ""), nested.group(2), args)
-        missing = _NO_CLASS.search(message)
-        if missing:
-            return f"{option}: no class {missing.group(2)!r} in {missing.group(1)}"
+        problem = _class_problem(message)
+        if problem:
+            return f"{option}: {problem}"
         unknown = _UNRECOGNIZED.search(message)
         if unknown:
             owner = _CLASS_PATH.search(message)
@@ -75,7 +75,7 @@ def _describe(message: str, args: list[str]) -> str:
         path = ".".join(keys)
         literals = _LITERAL.findall(message)
         if literals and "Given value:" in message:  # a Union of Literals (--trainer.precision): every choice
-            given = message.rsplit("Given value:", 1)[1].strip().splitlines()[0]
+            given = _given(message)
             flags = ["true", "false"] if "Expected a <class 'bool'>" in message else []  # --checkpoint.save_last
             choices = ", ".join(dict.fromkeys([*flags, *(c.strip() for group in literals for c in group.split(","))]))
             return f"{_typed_option(path, given, args)}: expected one of {choices}, got {given!r}"

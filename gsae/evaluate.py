@@ -462,9 +462,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
         why = unwritable(out.parent)
         if why is not None:
             raise ArgumentError(f"--output {args.output!r}: {why}")
-    if args.logdir and Path(args.logdir).exists() and not Path(args.logdir).is_dir():
-        raise ArgumentError(f"--logdir {args.logdir!r} is a file, not a folder")
-    why = unwritable(args.logdir) if args.logdir else None
+    why = unwritable(args.logdir) if args.logdir else None  # also a --logdir that is a file
     if why is not None:
         raise ArgumentError(f"--logdir {args.logdir!r}: {why}")
 

@@ -45,6 +45,9 @@ CORPUS_VAL_EVERY = 1000
 
 Encode = Callable[[list[str]], list[list[int]]]
 
+# datasets' json builder logs a file's read error (twice) before raising it: arrow_batches says it once, naming the file
+logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+
 
 #: what one document of a ``.txt`` file is (``--data.text_unit``; ``datasets``' text builder ``sample_by``)
 TEXT_UNITS = ("document", "paragraph", "line")
@@ -120,8 +123,6 @@ def arrow_batches(ds, name: str, batch_size: int = _READ_ROWS) -> Iterator:
     codec's words alone (which name no file)."""
     import pyarrow as pa
 
-    # datasets' json builder logs the error (twice) before raising it: said once, below, with the file named
-    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     try:
         yield from ds.with_format("arrow").iter(batch_size=batch_size)
     except DataSourceError:

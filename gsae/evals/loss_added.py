@@ -181,13 +181,13 @@ def _scores(s: dict) -> dict:
     if s["n_ce"] == 0:  # contexts of 2 tokens, BOS first: the one prediction is from BOS, which is left out
         raise ValueError("loss_added: no next-token prediction to score (every position of these contexts is a "
                          "special token or the last one); use longer contexts (--context-size)")
-    ce_clean, ce_sae, ce_abl = (s[k] / max(s["n_ce"], 1) for k in ("ce_clean", "ce_sae", "ce_ablation"))
+    ce_clean, ce_sae, ce_abl = (s[k] / s["n_ce"] for k in ("ce_clean", "ce_sae", "ce_ablation"))
     kl_sae, kl_abl = s["kl_sae"] / max(s["n_kl"], 1), s["kl_ablation"] / max(s["n_kl"], 1)
     return {
         "ce_clean": ce_clean,
         "ce_sae": ce_sae,
         "ce_ablation": ce_abl,
-        "L_added": _ratio(ce_sae - ce_clean, ce_clean),  # NaN (JSON null) when nothing was scored
+        "L_added": _ratio(ce_sae - ce_clean, ce_clean),  # NaN (JSON null) for a clean CE of exactly 0
         "ce_increase": ce_sae - ce_clean,
         "ce_loss_score": _ratio(ce_abl - ce_sae, ce_abl - ce_clean),
         "kl_sae": kl_sae,
