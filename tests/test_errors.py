@@ -466,3 +466,26 @@ def test_ctrl_c_before_training_is_one_line(run_cli, monkeypatch, capsys, tmp_pa
     monkeypatch.setattr(gsae.cli, "checks_before_training", interrupted)
     assert gsae.cli.main(["--config", QUICK, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path)]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped (Ctrl+C) before training"
+
+
+@pytest.mark.parametrize("config", ["configs/quickstart/gsae.yaml", "configs/quickstart/sweep.yaml"])
+def test_a_g_sae_whose_training_positions_have_no_gradient_is_refused(config, tmp_path, monkeypatch, capsys) -> None:
+    """``--data.context_size 2`` with a BOS first trains on each context's last position only, where ∇ₓL is exactly 0
+    (it predicts nothing): the g-SAE trained as a plain TopK SAE with no word. Refused before any step; at 3 it trains
+    (position 1 predicts position 2, so the gradient reaches the training rows)."""
+    monkeypatch.chdir(REPO_ROOT)
+
+    def run(size: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(["--config", config, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path / size),
+                     "--trainer.enable_progress_bar", "false", "--evaluation.enabled", "false",
+                     "--data.context_size", size])
+        return code, capsys.readouterr().err
+
+    code, err = run("2")
+    assert code == 1 and "Traceback" not in err, err
+    assert ("error: --data.context_size 2: a g-SAE trains on the positions after the BOS, here only each context's "
+            "last, whose loss gradient is 0") in err, err
+    assert not list((tmp_path / "2").rglob("*.ckpt"))
+    code, err = run("3")
+    assert code == 0, err

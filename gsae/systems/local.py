@@ -89,6 +89,7 @@ class LocalSAESystem(SAESystem):
     def on_fit_start(self) -> None:
         # after a resumed checkpoint is restored (which brings its own normaliser) and before the sanity check
         super().on_fit_start()
+        self.check_gradient_reaches_training_positions()
         self._grad_n = 0.0  # read the (possibly restored) normaliser again at the first training harvest
         n = self.configured_grad_normaliser()
         for sae in self.grad_saes():
@@ -102,6 +103,19 @@ class LocalSAESystem(SAESystem):
         scales = {float(sae.grad_normaliser) for sae in self.grad_saes()}
         if len(scales) > 1:
             raise ValueError(f"--ckpt_path: the g-SAEs were trained with different gradient scales {sorted(scales)}")
+
+    def check_gradient_reaches_training_positions(self) -> None:
+        """Refuse a g-SAE whose every training position has ``∇ₓL = 0``: ``--data.context_size 2`` with a BOS first
+        trains on position 1 only, each context's last, which predicts no token (causal LM: nothing downstream), so β
+        would weight nothing and the g-SAE would train as a plain TopK SAE, silently."""
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if not self.grad_saes() or dm is None or not getattr(dm, "prepend_bos", False):
+            return
+        if getattr(dm, "context_size", 3) <= 2:
+            raise ValueError(
+                f"--data.context_size {dm.context_size}: a g-SAE trains on the positions after the BOS, here only each "
+                "context's last, whose loss gradient is 0 (it predicts no token), so β would change nothing; use "
+                "--data.context_size 3 or more")
 
     def harvest(self, tokens: Tensor, keep: Tensor | None = None) -> ActivationBatch:
         """Activations (and ``∇ₓL`` if any SAE is a g-SAE) at the hook, special-token positions dropped, flattened
