@@ -7,6 +7,7 @@ option can be overridden (``--model.sae.k 64``); ``--help`` lists them with thei
 
 from __future__ import annotations
 
+import ast
 import errno
 import logging
 import os
@@ -149,6 +150,43 @@ def trainer_defaults() -> dict:
     }
 
 
+class _SayDroppedOptions(logging.Filter):
+    """jsonargparse's parser log, filtered to one thing: a ``class_path`` replaced on the command line (or by a later
+    config) drops the old class's options that the new one does not take, which jsonargparse says at debug level only
+    (``--model.class_path gsae.systems.E2ESAESystem`` over the TopK quickstart dropped its ``buffer_size: 4096``). Each
+    drop is said once (the parser meets it once per parse of the defaults, the config and the arguments), rank 0."""
+
+    _DROP = re.compile(r"class_path change from '([^']+)' to '([^']+)', discarding init_args: (.*)\.$", re.S)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        found = self._DROP.search(record.getMessage())
+        if found is not None and found.group(0) not in self.said:
+            self.said.add(found.group(0))
+            old, new, dropped = found.groups()
+            try:  # "{'buffer_size': 4096}" -> "buffer_size=4096"
+                dropped = ", ".join(f"{k}={v!r}" for k, v in ast.literal_eval(dropped).items())
+            except (ValueError, SyntaxError, AttributeError):
+                pass
+            rank_zero_warn(f"{new} replaces {old}: its options that {new.rsplit('.', 1)[-1]} does not take are "
+                           f"dropped ({dropped})", category=UserWarning)
+        return False  # nothing else of the parser's debug log is printed
+
+
+def parser_log() -> logging.Logger:
+    """The logger handed to the CLI's parser (see :class:`_SayDroppedOptions`)."""
+    logger = logging.getLogger("gsae.cli.parser")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    logger.filters = [_SayDroppedOptions()]  # a new parse, a new memory of what was said
+    return logger
+
+
 def build_cli(args: list[str] | None = None, run_defaults: bool = True) -> GSAECLI:
     """Parse ``args`` and instantiate model, data and trainer (does not train)."""
     args = list(sys.argv[1:] if args is None else args)
@@ -166,7 +204,7 @@ def build_cli(args: list[str] | None = None, run_defaults: bool = True) -> GSAEC
         save_config_kwargs={"overwrite": True},
         # parse errors raise (main() prints them as one line); no abbreviations: --trainer.max_step would silently
         # mean --trainer.max_steps, and a prefix stops naming one option once another shares it
-        parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
+        parser_kwargs={"exit_on_error": False, "allow_abbrev": False, "logger": parser_log()},
     )
 
 

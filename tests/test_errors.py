@@ -489,3 +489,28 @@ def test_a_g_sae_whose_training_positions_have_no_gradient_is_refused(config, tm
     assert not list((tmp_path / "2").rglob("*.ckpt"))
     code, err = run("3")
     assert code == 0, err
+
+
+def test_a_replaced_class_says_which_options_it_drops(tmp_path, monkeypatch) -> None:
+    """``--model.class_path`` / ``--model.sae.class_path`` over a config whose class took other options: jsonargparse
+    drops those options and said so only at debug level (the TopK quickstart switched to e2e lost ``buffer_size``
+    without a word). Said once each, as one warning line; a config that replaces nothing says nothing."""
+    import warnings
+
+    from gsae.cli import build_cli
+
+    monkeypatch.chdir(REPO_ROOT)
+
+    def said(*extra: str) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build_cli(quickstart_args(tmp_path, *extra, steps=2))
+        return [str(w.message) for w in caught if "replaces" in str(w.message)]
+
+    assert said("--model.class_path", "gsae.systems.E2ESAESystem") == [
+        "gsae.systems.E2ESAESystem replaces gsae.systems.LocalSAESystem: its options that E2ESAESystem does not take "
+        "are dropped (buffer_size=4096)"]
+    assert said("--model.sae.class_path", "gsae.sae.ReLUSAE") == [
+        "gsae.sae.ReLUSAE replaces gsae.sae.TopKSAE: its options that ReLUSAE does not take are dropped (k=16)"]
+    assert said("--model.sae.class_path", "gsae.sae.GradTopKSAE") == []  # takes all of TopK's options
+    assert said() == []
