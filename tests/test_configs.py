@@ -82,7 +82,7 @@ def test_command_line_overrides_the_config(parse_only) -> None:
 @pytest.mark.parametrize("flag", [["-c", "{}"], ["-c{}"], ["--config={}"]])
 def test_short_config_flags_replace_the_default_config(parse_only, flag) -> None:
     """``-c FILE`` is ``--config FILE``: the default GPT-2 config must not go underneath it (it did, and set
-    ``grad_mean_tokens`` 4064 and ``num_workers`` 2 under a quickstart)."""
+    ``grad_mean_tokens`` 8160 and ``num_workers`` 2 under a quickstart)."""
     path = "configs/quickstart/layers_sweep.yaml"
     expected = parse_only(["--config", path])
     got = parse_only([f.format(path) for f in flag])

@@ -53,7 +53,8 @@ class LocalSAESystem(SAESystem):
                 mean is taken over, i.e. the per-*device* LM batch ``B·(T−1)``. Default: from the training
                 configuration, ``data.batch_size × (data.context_size − 1)`` (without a data module: the first
                 training batch). It never depends on the number of devices or on validation batches; set it
-                to keep β's meaning when ``batch_size`` changes (e.g. 4064 = 32 × 127 in ``configs/gpt2``).
+                to keep β's meaning when ``batch_size`` or ``context_size`` changes (``configs/gpt2``: 8160 = 32 × 255,
+                smol-sae's 32 contexts of 256, which β = 1e5 was set for; SPEC §1.2).
         """
         super().__init__(*args, **kwargs)
         self.save_hyperparameters(ignore=["lm", "sae", "optimizer"])
