@@ -1,9 +1,13 @@
 """Activation plateaus and synthetic activations (Giglemiani et al. 2024, arXiv 2409.15019; SPEC §4).
 
 **Prompts.** ``prompt_len``-token windows of the eval contexts (the prefix of each context first, then the
-following non-overlapping windows; ``windows="prefix"`` keeps prefixes only). Later windows start mid-text
-without BOS, like the paper's 10-token slices of OpenWebText; they give 12× more prompts from 128-token
-contexts, for more bases and a better-conditioned ``Σ``. The base activation ``A`` is the activation at
+following non-overlapping windows; ``windows="prefix"`` keeps prefixes only), each with its context's next token
+after it. Later windows start mid-text without BOS, like the paper's 10-token slices of OpenWebText; they give 12×
+more prompts from 128-token contexts, for more bases and a better-conditioned ``Σ``. The next token is the label
+of the prompt's last position: a g-SAE encodes with ``∇ₓL`` of the prompt's next-token CE *including* it (without
+it the last position, the default ``position``, predicts nothing, its gradient is exactly 0, and every code, base and
+synthetic target of a g-SAE was its plain TopK code). It is run only up to the hook, with the SAE; the perturbed
+forward passes stop at ``position`` (causal: nothing earlier depends on it). The base activation ``A`` is the activation at
 ``hook`` at ``position`` (default the last) of a prompt; every type below uses the same bases (paired, as §4.2).
 Latent densities (sparsity, dead = never active) are counted over every non-special token of the prompts.
 
@@ -85,37 +89,44 @@ class Curves(NamedTuple):
 
 
 def prompt_windows(tokens: Tensor, prompt_len: int, windows: Literal["all", "prefix"]) -> Tensor:
-    """``(P, prompt_len)`` prompts: every context's prefix, then (``all``) its next non-overlapping windows."""
+    """``(P, prompt_len + 1)``: the prompts (every context's prefix, then, ``all``, its next non-overlapping windows),
+    each followed by its context's next token, the label of the prompt's last position (module docstring)."""
     n_seq, T = tokens.shape
-    if not 2 <= prompt_len <= T:
-        raise ValueError(f"plateaus: prompt_len must be in [2, {T}] for contexts of {T} tokens (got {prompt_len})")
+    if not 2 <= prompt_len <= T - 1:
+        raise ValueError(f"plateaus: prompt_len must be in [2, {T - 1}] for contexts of {T} tokens (a prompt and the "
+                         f"token after it; got {prompt_len})")
     if windows not in ("all", "prefix"):
         raise ValueError(f"plateaus: windows must be all or prefix (got {windows!r})")
-    n_win = T // prompt_len if windows == "all" else 1
-    return torch.cat([tokens[:, w * prompt_len : (w + 1) * prompt_len] for w in range(n_win)])
+    n_win = (T - 1) // prompt_len if windows == "all" else 1
+    return torch.cat([tokens[:, w * prompt_len : (w + 1) * prompt_len + 1] for w in range(n_win)])
 
 
 @torch.no_grad()
 def encode_prompts(
-    sae: SparseAutoencoder, lm: LanguageModel, hook: str, prompts: Tensor, position: int, batch_size: int
+    sae: SparseAutoencoder, lm: LanguageModel, hook: str, windows: Tensor, position: int, batch_size: int
 ) -> Prompts:
-    """Run the prompts up to the hook and the SAE on them; count latent densities on the non-special tokens."""
+    """Run the :func:`prompt_windows` up to the hook and the SAE on them (a g-SAE with ``∇ₓL`` of their next-token CE,
+    the token after each prompt its last position's label); count latent densities on the prompts' non-special
+    tokens. The prompts are the windows without that token."""
     xs, codes, recons, counts, n_tok = [], [], [], torch.zeros(sae.d_sae, dtype=torch.long), 0
-    for tok in batches(prompts.to(lm.device), batch_size):
+    L = windows.shape[1] - 1  # prompt length
+    for tok in batches(windows.to(lm.device), batch_size):
         r = sae_on_tokens(sae, lm, hook, tok)
-        B, L, _ = r.x.shape
+        B = r.x.shape[0]
         code = syn.sparse_code(r.out)
-        keep = special_token_mask(lm, tok).reshape(-1)
+        keep = special_token_mask(lm, tok)
+        keep[:, L] = False  # the label token is not a prompt token
+        keep = keep.reshape(-1)
         counts += syn.count_active(syn.SparseCode(code.idx[keep], code.vals[keep]), sae.d_sae).cpu()
         n_tok += int(keep.sum())
-        at = torch.arange(B, device=tok.device) * L + position  # rows of `position` in the flattened batch
-        xs.append(r.x)
+        at = torch.arange(B, device=tok.device) * (L + 1) + position  # rows of `position` in the flattened batch
+        xs.append(r.x[:, :L])
         codes.append(syn.SparseCode(code.idx[at], code.vals[at]))
         recons.append(r.x_hat[:, position])
     K = max(c.idx.shape[1] for c in codes)  # dense SAEs: codes of different batches have different widths
     pad = [syn.SparseCode(*(torch.nn.functional.pad(t, (0, K - t.shape[1])) for t in c)) for c in codes]
     code = syn.SparseCode(torch.cat([c.idx for c in pad]), torch.cat([c.vals for c in pad]))
-    return Prompts(prompts, torch.cat(xs), code, torch.cat(recons), syn.latent_density(counts, n_tok))
+    return Prompts(windows[:, :L], torch.cat(xs), code, torch.cat(recons), syn.latent_density(counts, n_tok))
 
 
 def perturbation_steps(

@@ -17,7 +17,7 @@ SMALL = dict(n_perturbations=6, prompt_len=6, step_size="auto", ap_threshold="au
 
 @pytest.fixture(scope="module")
 def tokens():
-    return build_tokens(n_seqs=8, context_size=24)  # 4 windows of 6 tokens each → 32 prompts
+    return build_tokens(n_seqs=8, context_size=24)  # 3 windows of 6 tokens (and the token after each) → 24 prompts
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +52,51 @@ def test_absolute_steps_move_s_per_step_towards_the_target():
         pl.perturbation_steps(A, T, "log", 0.5)
 
 
-def test_prompt_windows_prefixes_first():
+def test_prompt_windows_prefixes_first_each_with_the_token_after_it():
     tok = torch.arange(2 * 25).reshape(2, 25)
     p = pl.prompt_windows(tok, 10, "all")
-    assert p.shape == (4, 10)
-    assert torch.equal(p[:2], tok[:, :10]) and torch.equal(p[2:], tok[:, 10:20])
-    assert torch.equal(pl.prompt_windows(tok, 10, "prefix"), tok[:, :10])
-    with pytest.raises(ValueError, match="prompt_len"):
-        pl.prompt_windows(tok, 30, "all")
+    assert p.shape == (4, 11)
+    assert torch.equal(p[:2], tok[:, :11]) and torch.equal(p[2:], tok[:, 10:21])
+    assert torch.equal(pl.prompt_windows(tok, 10, "prefix"), tok[:, :11])
+    assert pl.prompt_windows(tok[:, :20], 10, "all").shape == (2, 11)  # the second window has no token after it
+    with pytest.raises(ValueError, match="prompt_len must be in \\[2, 24\\]"):
+        pl.prompt_windows(tok, 25, "all")
+
+
+def test_a_g_sae_encodes_the_prompts_with_the_gradient_of_their_next_token_loss(tiny_lm, tokens):
+    """A prompt's last position (the perturbed one) predicts the token after the prompt: a g-SAE's code there uses
+    ``∇ₓL`` of the prompt's CE with that label. Without it the gradient there is exactly 0 and every g-SAE code was
+    its plain TopK code. Reference: TransformerLens's forward with a hook, autograd of the summed CE / normaliser."""
+    import torch.nn.functional as F
+
+    from gsae.sae import GradTopKSAE
+
+    sae = GradTopKSAE(64, d_sae=256, k=8, beta=3.0)
+    sae.grad_normaliser.fill_(1.0)
+    windows = pl.prompt_windows(tokens, 6, "all")
+    prompts = pl.encode_prompts(sae, tiny_lm, HOOK, windows, position=5, batch_size=7)
+    assert torch.equal(prompts.tokens, windows[:, :6])
+
+    store = {}
+
+    def keep(x, hook):
+        x.requires_grad_(True)
+        store["x"] = x
+        return x
+
+    with torch.enable_grad():
+        logits = tiny_lm.model.run_with_hooks(windows, fwd_hooks=[(HOOK, keep)])
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten(), reduction="sum")
+        (g,) = torch.autograd.grad(ce, store["x"])
+    x, g = store["x"].detach()[:, 5], g[:, 5]
+    assert (g.norm(dim=-1) > 0).all()
+    torch.testing.assert_close(prompts.x[:, 5], x)
+    ref = sae(x, grad=g)
+    got = torch.zeros(len(x), 256).scatter_(1, prompts.code.idx, prompts.code.vals)
+    want = torch.zeros(len(x), 256).scatter_(1, ref.top_idx, ref.top_acts)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    plain = sae(x)  # the TopK code: the g-SAE's must differ somewhere, or this test tests nothing
+    assert (torch.sort(ref.top_idx, 1).values != torch.sort(plain.top_idx, 1).values).any(1).float().mean() > 0.2
 
 
 @pytest.mark.parametrize("hook", [HOOK, "blocks.1.hook_resid_mid"])
@@ -104,7 +141,7 @@ def test_run_returns_every_table_row(result):
     p = result["plateau"]
     assert list(p["ap_steps"]) == list(pl.PLATEAU_BASES) and p["table"]["model_generated"]["ks"] == 0.0
     assert result["step_size"] == pytest.approx(1.25 * result["mean_distance"]["model_generated"] / 100)
-    assert result["n_prompts"] == 32 and result["position"] == 5
+    assert result["n_prompts"] == 24 and result["position"] == 5
     assert -1 <= result["target_cos"]["estimated"] <= 1
     t = result["timings"]
     assert t["n_curves"] == 6 * (2 * 7 + 4) and t["curves_per_second"] > 0
