@@ -13,7 +13,9 @@ and ``kl_sae = mean_t KL(P_clean ‖ P_sae)``, ``kl_div_score = (KL_abl − KL_s
 Masking follows SAELens ``run_evals`` (SPEC §5): positions whose *input* token is special keep the
 clean activation (unpatched) and are left out of every mean; the CE at position t (predicting t+1) is
 dropped when token t is special. Zero ablation zeroes *every* position, special ones included, as
-SAELens does. Means are token-weighted over all batches (SAELens concatenates, then averages).
+SAELens does. Means are token-weighted over all batches (SAELens concatenates, then averages). smol-sae's
+``patch_loss`` patches and counts every position instead: ``exclude_special_tokens=False`` reproduces it (on gsae-tiny
+the two differ in the third digit; on GPT-2, whose BOS activation has an outlier norm, by much more).
 The clean logits are computed by the same ``hidden_from_hook`` from the clean activation, so an SAE
 with ``x̂ = x`` gives exactly ``L_added = 0`` and ``KL = 0``.
 
