@@ -46,7 +46,7 @@ class SparseAutoencoder(nn.Module):
     :meth:`init_b_dec` (see there).
     """
 
-    #: Whether the decoder rows are kept at unit norm by the training system (post-step renorm).
+    #: Whether the decoder rows are kept at unit norm by the training system (post-step renorm; TopK SAEs: an option).
     unit_norm_decoder: bool = True
     #: rows per block of the decoder constraints (a block of ``W_dec`` and its gradient stays in cache)
     ROW_BLOCK = 512

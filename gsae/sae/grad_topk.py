@@ -9,7 +9,8 @@ from switching latent i off, so latents that matter to the output are preferred.
 Choices the paper leaves open (SPEC §1.2 [AMBIG]), with our defaults:
 
 - no ReLU after TopK (smol-sae, which the authors modified), as in :class:`TopKSAE`;
-- ``W_dec g`` uses the current (unit-norm) decoder rows;
+- ``W_dec g`` uses the current decoder rows, kept at unit norm (``unit_norm_decoder``, default True; smol-sae leaves
+  them unconstrained);
 - the scale of ``g`` is set by the CE reduction (``mean`` over one device's LM batch by default); the SAE
   stores the normaliser it was trained with (``grad_normaliser``, see ``gsae/data/harvest.py``);
   the training system logs ``median(β·|W_dec g|)`` over the selected latents so β can be checked.
@@ -38,6 +39,7 @@ class GradTopKSAE(TopKSAE):
         aux_coef: float = 1 / 32,
         sparse_backward: bool = True,
         seed: int = 0,
+        unit_norm_decoder: bool = True,
     ) -> None:
         """Build a g-SAE.
 
@@ -51,8 +53,9 @@ class GradTopKSAE(TopKSAE):
             aux_coef: AuxK coefficient α.
             sparse_backward: sparse encoder backward (k columns per token).
             seed: seed of the decoder initialisation.
+            unit_norm_decoder: keep the decoder rows at unit norm (default; False: unconstrained, as smol-sae).
         """
-        super().__init__(d_in, d_sae, k, relu_after_topk, k_aux, aux_coef, sparse_backward, seed)
+        super().__init__(d_in, d_sae, k, relu_after_topk, k_aux, aux_coef, sparse_backward, seed, unit_norm_decoder)
         if beta < 0:
             raise ValueError(f"--model.sae.beta must be >= 0 (got {beta})")
         self.beta = beta

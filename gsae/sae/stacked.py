@@ -70,7 +70,7 @@ def stack_key(sae) -> tuple | None:
     if type(sae) not in (TopKSAE, GradTopKSAE) or not sae.sparse_backward:
         return None
     w = sae.W_enc
-    return sae.d_in, sae.d_sae, sae.relu_after_topk, w.dtype, w.device
+    return sae.d_in, sae.d_sae, sae.relu_after_topk, sae.unit_norm_decoder, w.dtype, w.device
 
 
 def stacks(saes: list, rows: int, itemsize: int = 4) -> list[list[int]]:

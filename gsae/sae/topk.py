@@ -140,6 +140,7 @@ class TopKSAE(SparseAutoencoder):
         aux_coef: float = 1 / 32,
         sparse_backward: bool = True,
         seed: int = 0,
+        unit_norm_decoder: bool = True,
     ) -> None:
         """Build a TopK SAE.
 
@@ -154,8 +155,13 @@ class TopKSAE(SparseAutoencoder):
             aux_coef: AuxK coefficient α (Gao et al.: 1/32).
             sparse_backward: sparse encoder backward (k columns per token); False uses dense autograd.
             seed: seed of the decoder initialisation.
+            unit_norm_decoder: keep the decoder rows at unit norm while training (Gao et al.: the gradient's component
+                along each row removed, the rows renormalised after every step; default). False trains an
+                unconstrained decoder with plain Adam from unit-norm rows, as smol-sae, the g-SAE authors' code
+                (SPEC §1.2 [AMBIG]: a g-SAE's ``|W_dec ∇ₓL|`` then also weighs each latent by its row's norm).
         """
         super().__init__(d_in, d_sae, seed=seed)
+        self.unit_norm_decoder = bool(unit_norm_decoder)
         if k <= 0:
             raise ValueError(f"--model.sae.k must be > 0 (got {k})")
         if k > d_sae:
@@ -194,6 +200,7 @@ class TopKSAE(SparseAutoencoder):
             aux_coef=self.aux_coef,
             sparse_backward=self.sparse_backward,
             seed=self.seed,
+            unit_norm_decoder=self.unit_norm_decoder,
         )
 
     # ------------------------------------------------------------------ selection

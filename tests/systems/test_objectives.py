@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from gsae.data import TokenBatch
 from gsae.lm import LanguageModel
+from gsae.optim import Adam
 from gsae.sae.base import SAEOutput, SparseAutoencoder
+from gsae.systems import LocalSAESystem
 from tests.systems.helpers import HOOK, build_data, build_system, build_trainer
 
 
@@ -262,3 +264,28 @@ def test_dead_batch_window_counts_optimizer_steps_under_gradient_accumulation(tm
         assert torch.equal(tracker.batches_since_fired, batches)
         assert torch.equal(tracker.tokens_since_fired, tokens)
         assert int(batches.max()) <= steps and bool((batches > 0).any())  # some latent missed a step: not vacuous
+
+
+@pytest.mark.parametrize("cls", ["TopKSAE", "GradTopKSAE"])
+def test_unit_norm_decoder_is_an_option(tmp_path, cls):
+    """SPEC §1.2 [AMBIG]: smol-sae (the g-SAE authors' code) trains an unconstrained decoder; gsae keeps its rows at unit
+    norm by default (Gao et al.). ``unit_norm_decoder: false`` leaves them free (and is kept through a checkpoint's
+    config); the default keeps every row at norm 1 after every step."""
+    import gsae.sae as saes
+    from gsae.export import build_sae
+    from gsae.sae.stacked import stack_key
+
+    norms = {}
+    for unit in (True, False):
+        lm = LanguageModel("random-tiny", seed=0)
+        system = LocalSAESystem(lm, lambda d, u=unit: getattr(saes, cls)(d, 64, 4, k_aux=8, unit_norm_decoder=u),
+                                hook=HOOK, optimizer=lambda p: Adam(p, lr=1e-2), lr_warmup_steps=0, dead_tokens=200)
+        build_trainer(tmp_path / str(unit), 6).fit(system, datamodule=build_data(system))
+        norms[unit] = system.sae.W_dec.detach().norm(dim=1)
+        rebuilt = build_sae({"sae_class": f"gsae.sae.{cls}", "sae_config": system.sae.config()})
+        assert rebuilt.unit_norm_decoder is unit and system.sae.unit_norm_decoder is unit
+    torch.testing.assert_close(norms[True], torch.ones(64), atol=1e-5, rtol=0)
+    assert (norms[False] - 1).abs().max() > 1e-3  # an unconstrained decoder drifts at lr 1e-2
+    # a sweep stacks only members that agree on it (the stack renormalises all its rows or none)
+    a, b = (getattr(saes, cls)(16, 64, 4, unit_norm_decoder=u) for u in (True, False))
+    assert stack_key(a) != stack_key(b)
