@@ -14,7 +14,7 @@ not measured on GPUs, where steps are far shorter, so the packed reduction stays
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -310,13 +310,21 @@ class DeadLatentTracker(nn.Module):
 
 
 def fire_counts(
-    top_idx: Tensor | None, top_acts: Tensor | None, latents: Tensor | None, d_sae: int, dtype: torch.dtype = torch.long
+    top_idx: Tensor | None, top_acts: Tensor | None, latents: Tensor | None, d_sae: int, dtype: torch.dtype = torch.long,
+    test: Literal["nonzero", "sum_positive"] = "nonzero",
 ) -> Tensor:
     """``(d_sae,)``: on how many rows each latent has a nonzero activation (SPEC §1.5's activity test), in ``dtype``
     (a training step packs them as float64 for its one all-reduce: counted in that dtype, no conversion after).
+    ``test="sum_positive"``: each latent's summed activation instead (smol-sae's ``x_hid.sum(0) > 0``); either way a
+    latent fired in the rows iff its entry, also summed over ranks, is ``> 0``.
 
     Give either the sparse form (``top_idx``, ``top_acts`` of any matching shapes) or dense ``latents (N, d_sae)``.
     """
+    if test == "sum_positive":
+        if latents is not None:
+            return latents.sum(0, dtype=dtype)
+        sums = torch.zeros(d_sae, dtype=dtype, device=top_idx.device)
+        return sums.index_add_(0, top_idx.reshape(-1), top_acts.reshape(-1).to(dtype))
     if latents is not None:
         return (latents != 0).sum(0, dtype=dtype)
     counts = torch.zeros(d_sae, dtype=dtype, device=top_idx.device)

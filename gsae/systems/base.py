@@ -114,6 +114,7 @@ class SAESystem(pl.LightningModule):
         exclude_special_tokens: bool = True,
         dead_batches: int = 5,
         dead_tokens: int = 10_000_000,
+        dead_activity_test: Literal["nonzero", "sum_positive"] = "nonzero",
         seed: int = 0,
     ) -> None:
         """Shared options of every objective.
@@ -137,6 +138,11 @@ class SAESystem(pl.LightningModule):
                 fixed (divide ``batch_size`` by the device count) to keep the paper's window. Under
                 ``accumulate_grad_batches`` N, a step's N micro-batches are one batch of the window.
             dead_tokens: a latent is dead if it did not fire in this many tokens (Gao et al.: 10M); AuxK uses this one.
+            dead_activity_test: what "fired in a batch" means for both counters: ``nonzero`` (default, SPEC §1.5: a
+                nonzero activation on some token of the global batch) or ``sum_positive`` (smol-sae's
+                ``x_hid.sum(0) > 0``: the activations summed over the global batch are positive; without ReLU after
+                TopK a latent whose kept values are negative then counts as not fired). The ``dead_latents`` benchmark's
+                ``activity_test`` is the same choice.
             seed: seed of the shuffle buffer and other training randomness.
         """
         super().__init__()
@@ -153,6 +159,9 @@ class SAESystem(pl.LightningModule):
         self.lr_min_ratio = lr_min_ratio
         self.b_dec_init = b_dec_init
         self.exclude_special_tokens = exclude_special_tokens
+        if dead_activity_test not in ("nonzero", "sum_positive"):
+            raise ValueError(f"--model.dead_activity_test must be nonzero or sum_positive (got {dead_activity_test!r})")
+        self.dead_activity_test = dead_activity_test
         self.seed = seed
         if sae is None and not self.builds_own_saes:
             raise ValueError(f"--model.sae is required for {type(self).__name__} (e.g. --model.sae gsae.sae.TopKSAE "
@@ -332,7 +341,8 @@ class SAESystem(pl.LightningModule):
                     self._val_sums[name] = (total + v.detach().double() * l0.shape[0], count + l0.shape[0])
                 return loss
             log = self.log_this_step()
-            fired = fire_counts(out.top_idx, out.top_acts, out.latents, self.sae.d_sae, torch.float64)
+            fired = fire_counts(out.top_idx, out.top_acts, out.latents, self.sae.d_sae, torch.float64,
+                                self.dead_activity_test)
             # training: one packed all-reduce for the fire counts, the token count and (on logging steps) the metric
             # sums (the dead-latent counters need the global mask every step; torchmetrics would sync each state
             # separately: see gsae.metrics)

@@ -199,6 +199,7 @@ class SweepSAESystem(LocalSAESystem):
         exclude_special_tokens: bool = True,
         dead_batches: int = 5,
         dead_tokens: int = 10_000_000,
+        dead_activity_test: Literal["nonzero", "sum_positive"] = "nonzero",
         seed: int = 0,
         buffer_size: int = 0,
         grad_reduction: Literal["mean", "sum"] = "mean",
@@ -218,12 +219,13 @@ class SweepSAESystem(LocalSAESystem):
                 g-SAEs, one backward to the shallowest g-SAE hook); the hooks must then be on the residual stream.
             hook: the hook of every member that does not name its own (default ``blocks.7.hook_resid_post``).
             optimizer, lr_schedule, lr_warmup_steps, lr_min_ratio, b_dec_init, exclude_special_tokens,
-                dead_batches, dead_tokens, seed, buffer_size, grad_reduction, grad_mean_tokens: as for
+                dead_batches, dead_tokens, dead_activity_test, seed, buffer_size, grad_reduction, grad_mean_tokens: as for
                 :class:`~gsae.systems.LocalSAESystem`, shared by every member (the LR options are the defaults a
                 member may override; ``optimizer`` is one optimizer with a parameter group per member; ``seed``
                 seeds the one shuffle buffer, each SAE's init has its own ``seed``); ``buffer_size`` is in
                 tokens per device and holds the shared activations (and gradients) once, not once per member.
-            stack_members: step the members that share a hook, ``d_in``, ``d_sae``, ``relu_after_topk`` and dtype
+            stack_members: step the members that share a hook, ``d_in``, ``d_sae``, ``relu_after_topk``,
+                ``unit_norm_decoder`` and dtype
                 (TopK and g-SAE alike, any ``k``, ``β``, ``k_aux``, seed, lr) as one batched pass
                 (:mod:`gsae.sae.stacked`: a few kernels for all of them instead of ~40 per member; the same
                 results up to float rounding); ``false`` steps each member on its own. Default (``null``): on a
@@ -243,7 +245,8 @@ class SweepSAESystem(LocalSAESystem):
         super().__init__(
             lm, None, hook=hook, optimizer=optimizer, lr_schedule=lr_schedule, lr_warmup_steps=lr_warmup_steps,
             lr_min_ratio=lr_min_ratio, b_dec_init=b_dec_init, exclude_special_tokens=exclude_special_tokens,
-            dead_batches=dead_batches, dead_tokens=dead_tokens, seed=seed, buffer_size=buffer_size,
+            dead_batches=dead_batches, dead_tokens=dead_tokens, dead_activity_test=dead_activity_test, seed=seed,
+            buffer_size=buffer_size,
             grad_reduction=grad_reduction, grad_mean_tokens=grad_mean_tokens,
         )
         self.save_hyperparameters(ignore=["lm", "optimizer"])
@@ -423,7 +426,8 @@ class SweepSAESystem(LocalSAESystem):
                 grad_terms.append(recon.sum())
                 if train:  # every member's fire counts in one pass over the stacked latents
                     with torch.no_grad():
-                        packed.append(fire_counts(unit.gidx, unit.acts, None, unit.n * unit.d_sae, torch.float64))
+                        packed.append(fire_counts(unit.gidx, unit.acts, None, unit.n * unit.d_sae, torch.float64,
+                                              self.dead_activity_test))
                 recon_d = recon.detach()
                 rows = None  # a logging step: every member's ReconSums in one pass (metrics.recon_sums_stacked)
                 if log:
@@ -458,7 +462,8 @@ class SweepSAESystem(LocalSAESystem):
             member_loss[name] = loss.detach()
             with torch.no_grad():
                 if train:
-                    packed.append(fire_counts(out.top_idx, out.top_acts, out.latents, m.sae.d_sae, torch.float64))
+                    packed.append(fire_counts(out.top_idx, out.top_acts, out.latents, m.sae.d_sae, torch.float64,
+                                              self.dead_activity_test))
                     at[name] = offset
                     offset += m.sae.d_sae
                 member_metrics(name, m, out, x, grad, loss.detach(), recon.detach())

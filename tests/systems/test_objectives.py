@@ -289,3 +289,45 @@ def test_unit_norm_decoder_is_an_option(tmp_path, cls):
     # a sweep stacks only members that agree on it (the stack renormalises all its rows or none)
     a, b = (getattr(saes, cls)(16, 64, 4, unit_norm_decoder=u) for u in (True, False))
     assert stack_key(a) != stack_key(b)
+
+
+def test_dead_activity_test_sum_positive_counts_as_smol_sae(tmp_path):
+    """``dead_activity_test: sum_positive``: a latent fired in a batch iff its activations summed over the batch are
+    positive (smol-sae: ``inactive[x_hid.sum(0) > 0] = 0``). Reference: that test in a loop over the SAE outputs
+    recorded in training. Without ReLU after
+    TopK a latent can fire with a negative sum (planted: latent 0), so the two tests give other counters on the same
+    training."""
+    from gsae.sae import TopKSAE
+
+    def planted(d: int) -> TopKSAE:  # every latent kept (k = d_sae); latent 0's values always negative
+        sae = TopKSAE(d, 64, 64, k_aux=0)
+        with torch.no_grad():
+            sae.b_enc[0] = -100.0
+        return sae
+
+    counters = {}
+    for test in ("nonzero", "sum_positive"):
+        lm = LanguageModel("random-tiny", seed=0)
+        system = LocalSAESystem(lm, planted, hook=HOOK, optimizer=lambda p: Adam(p, lr=1e-2), dead_tokens=200,
+                                dead_activity_test=test)
+        seen = []
+        forward = system.sae.forward
+
+        def record(*args, forward=forward, seen=seen, sae=system.sae, **kwargs):
+            out = forward(*args, **kwargs)
+            seen.append(sae.densify(out).detach().clone())
+            return out
+
+        system.sae.forward = record
+        build_trainer(tmp_path / test, 8).fit(system, datamodule=build_data(system))
+        assert len(seen) == 8
+        since = torch.zeros(64, dtype=torch.long)  # batches since the last that fired (never: batches seen)
+        for z in seen:
+            fired = z.sum(0) > 0 if test == "sum_positive" else (z != 0).any(0)
+            since = torch.where(fired, 0, since + 1)
+        assert torch.equal(system.dead.batches_since_fired, since), test
+        counters[test] = system.dead.batches_since_fired.clone()
+    assert counters["nonzero"][0] == 0 and counters["sum_positive"][0] == 8  # fired every batch / dead since the first
+    with pytest.raises(ValueError, match="--model.dead_activity_test must be nonzero or sum_positive"):
+        LocalSAESystem(LanguageModel("random-tiny", seed=0), lambda d: TopKSAE(d, 64, 4), hook=HOOK,
+                       dead_activity_test="any")

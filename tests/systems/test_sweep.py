@@ -607,3 +607,30 @@ def test_members_all_on_one_hook_other_than_the_sweeps_read_their_own():
     assert moved.saes()[MEMBERS[2]["name"]][1]["hook"] == other
     wide = SweepSAESystem(_lm(), [dict(MEMBERS[0], hook="blocks.0.mlp.hook_post")], optimizer=_adam(LR), **COMMON)
     assert wide.harvest(tokens).x.shape[1] == _lm().d_in("blocks.0.mlp.hook_post") != _lm().d_in(HOOK)
+
+
+@pytest.mark.parametrize("stack", [False, True], ids=["one-by-one", "stacked"])
+def test_members_count_dead_latents_with_the_sweeps_activity_test(tmp_path, stack):
+    """``dead_activity_test: sum_positive`` reaches every member, stacked or not: each member's counters equal its
+    SAE's trained alone with the same test, and latent 0, planted to be kept with a negative value on every token
+    (k = d_sae, b_enc −100), is dead by it (it fires on every token by the default ``nonzero`` test)."""
+    specs = [{"name": f"s{seed}", "sae": {"class_path": "TopKSAE",
+                                          "init_args": {"d_sae": 64, "k": 64, "k_aux": 0, "seed": seed}}}
+             for seed in (1, 2)]
+    common = dict(COMMON, dead_activity_test="sum_positive")
+
+    def plant(sae):
+        with torch.no_grad():
+            sae.b_enc[0] = -100.0
+        return sae
+
+    sweep = SweepSAESystem(_lm(), specs, optimizer=_adam(LR), stack_members=stack, **common)
+    for m in sweep.members.values():
+        plant(m.sae)
+    _fit(sweep, tmp_path / "sweep")
+    assert sum(isinstance(u, StackPlan) for u in sweep.member_stacks(0)) == int(stack)
+    for spec in specs:
+        args = spec["sae"]["init_args"]
+        alone = LocalSAESystem(_lm(), lambda d, a=args: plant(TopKSAE(d, **a)), optimizer=_adam(LR), **common)
+        _assert_member_equals(sweep.members[spec["name"]], _fit(alone, tmp_path / spec["name"]), atol=1e-5)
+        assert int(sweep.members[spec["name"]].dead.batches_since_fired[0]) == STEPS
