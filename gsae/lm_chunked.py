@@ -283,23 +283,27 @@ def kl_per_token(
     return out.reshape(shape)
 
 
-#: rows whose largest logit rise ``max_v (l_new − l_ref)`` exceeds this take the direct KL form (:func:`_kl_rows`)
+#: rows whose largest centred logit rise ``max_v (u_v − Σ p_ref u)`` exceeds this take the direct KL form (:func:`_kl_rows`)
 KL_DIRECT_ABOVE = 2.0
 
 
 def _kl_rows(l_ref: Tensor, p_ref: Tensor, l_new: Tensor) -> Tensor:
     """float64 ``KL(P_ref ‖ P_new)`` per row of float32 logits ``(r, V)``; ``l_new``'s buffer is overwritten.
 
-    With ``u = l_new − l_ref`` (exact in float32 for nearby logits) and ``b = Σ p_ref expm1(u)``:
+    With ``u = l_new − l_ref`` (exact in float32 for nearby logits) centred by its ``p_ref``-mean (softmax ignores a
+    row's common shift, so ``Σ p_ref u = 0`` changes no KL) and ``b = Σ p_ref expm1(u)`` (≥ 0 then, by convexity):
     ``KL = Σ p_ref (expm1(u) − u) + log1p(b) − b`` — a sum of non-negative terms ``≈ u²/2`` plus a scalar correction
     taken in float64, so a KL of 1e-5 nats between nearby states keeps float32's relative precision (the textbook
     ``Σ p (log p_ref − log p_new)`` subtracts two log-normalisers of ~11 nats to get it: ~1e-3 relative error at
-    GPT-2's vocabulary). Rows where some logit rises by more than :data:`KL_DIRECT_ABOVE` (far states: ablations,
-    large perturbations; ``expm1`` could overflow) take the direct form ``−Σ p u + log Σ p e^u`` (max-shifted).
-    Identical logits give exactly 0. (Identical *states* give logits equal to the BLAS's rounding: MKL may round a row
-    differently at another memory alignment, ~1e-14 nats.)
+    GPT-2's vocabulary). Without the centring, a row whose logits all moved down together (an unembedding without
+    ``center_unembed``, as SAELens loads GPT-2) had ``b`` near −1, where ``log1p`` loses every digit: a 1–5% error at
+    a shift of −10, NaN or garbage at −16. Rows where some centred logit rises by more than :data:`KL_DIRECT_ABOVE`
+    (far states: ablations, large perturbations; ``expm1`` could overflow) take the direct form
+    ``−Σ p u + log Σ p e^u`` (max-shifted). Identical logits give exactly 0. (Identical *states* give logits equal to
+    the BLAS's rounding: MKL may round a row differently at another memory alignment, ~1e-14 nats.)
     """
     u = torch.sub(l_new, l_ref, out=l_new)
+    u.sub_((p_ref * u).sum(-1, keepdim=True))  # the row's common shift out (exact identity; keeps b >= 0)
     far = u.amax(-1) > KL_DIRECT_ABOVE
     e = torch.expm1(u)  # may overflow in far rows only, which are replaced below
     b = (p_ref * e).sum(-1).double()  # (p · e).sum: ~2x faster than einsum / bmm / vecdot on CPU

@@ -278,3 +278,20 @@ def test_compiled_chunks_equal_the_eager_loop():
         loss, dh = lm_chunked.ce_sum_and_grad(h, W, b, tokens, compile=True, **kw)
     assert loss.dtype == dh.dtype == torch.float32
     assert float(loss) == pytest.approx(float(eager[0]), rel=2e-2)
+
+
+@pytest.mark.parametrize("shift", [-30.0, -16.0, -10.0, 10.0, 30.0])
+def test_evaluation_kl_ignores_a_common_shift_of_the_logits(shift):
+    """Logits that all move by the same amount (an unembedding loaded without ``center_unembed``, as SAELens evaluates
+    GPT-2, spreads a state's change over every logit) leave the KL unchanged. ``_kl_rows``' nearby-state form had
+    ``b → −1`` there: at −10 a 1–5% error, at −16 NaN or 84 nats for a true 0.12. Reference: float64 log-softmax."""
+    g = torch.Generator().manual_seed(1)
+    r, v = 64, 50257
+    l_ref = torch.randn(r, v, generator=g) * 2
+    l_new = l_ref + 0.3 * torch.randn(r, v, generator=g) + shift
+    l_new[::4] += 3 * torch.randn(r // 4, v, generator=g)  # some far rows too
+    lp_ref, lp_new = torch.log_softmax(l_ref.double(), -1), torch.log_softmax(l_new.double(), -1)
+    want = (lp_ref.exp() * (lp_ref - lp_new)).sum(-1)
+    got = lm_chunked._kl_rows(l_ref, torch.softmax(l_ref, -1), l_new.clone())
+    assert torch.isfinite(got).all()
+    assert float(((got - want).abs() / want).max()) < 1e-4, float(((got - want).abs() / want).max())
