@@ -594,7 +594,16 @@ def _lm_and_tokens(src: Source, meta: dict, args: argparse.Namespace, device: st
     bos = meta.get("prepend_bos", True) is not False
     n_read, counts = held_out_counts(names, args.n_seqs, options, ctx)
     if (key, dataset, ctx, bos) not in cache:
-        cache[key, dataset, ctx, bos] = held_out_tokens(lm, dataset, ctx, n_read, bos, args.text_column).to(device)
+        try:
+            tokens = held_out_tokens(lm, dataset, ctx, n_read, bos, args.text_column)
+        except ArgumentError as e:
+            if dataset != default or args.dataset:
+                raise
+            named = meta.get("dataset_path")  # SAELens' own record: often a pre-tokenized copy under another name
+            hint = f" (its cfg.json names dataset_path {named!r})" if named else ""
+            raise ArgumentError(f"{str(e).removeprefix('--dataset: ')}; {default} is evaluate.py's default for PATH "
+                                f"{src.label!r}, which records no gsae training dataset: pass --dataset{hint}") from None
+        cache[key, dataset, ctx, bos] = tokens.to(device)
     return lm, hook, cache[key, dataset, ctx, bos], counts
 
 

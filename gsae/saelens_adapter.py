@@ -49,6 +49,13 @@ class SAELensAdapter(SparseAutoencoder):
             sae: a ``sae_lens.SAE`` instance (any architecture).
         """
         nn.Module.__init__(self)  # parameters live in the wrapped SAE, not in SparseAutoencoder's
+        out_hook = getattr(sae.cfg.metadata, "hook_name_out", None)
+        d_out = getattr(sae.cfg, "d_out", None)
+        if "transcoder" in sae.cfg.architecture() or out_hook or (d_out is not None and d_out != sae.cfg.d_in):
+            writes = f", writes {out_hook}" if out_hook else ""
+            raise ValueError(
+                f"a {sae.cfg.architecture()} (reads {sae.cfg.metadata.hook_name}{writes}) predicts another activation "
+                "than it reads: the benchmarks splice an SAE's reconstruction of its own hook, so they do not apply")
         self.sl = sae
         self.d_in = int(sae.cfg.d_in)
         self.d_sae = int(sae.cfg.d_sae)
@@ -153,7 +160,7 @@ def load_saelens_folder(path: str | Path, device: str = "cpu", model: str | None
             f"SAELens folder {str(path)!r} could not be loaded: {type(e).__name__}: {_first_line(e)}"
         ) from None
     metadata = cfg.get("metadata", cfg)
-    return SAELensAdapter(sae), _meta(sae, metadata, model)
+    return _adapter(sae, f"SAELens folder {str(path)!r}"), _meta(sae, metadata, model)
 
 
 def load_saelens_pretrained(spec: str, device: str = "cpu", model: str | None = None) -> tuple[SAELensAdapter, dict]:
@@ -179,7 +186,15 @@ def load_saelens_pretrained(spec: str, device: str = "cpu", model: str | None = 
         sae = SAE.from_pretrained(release, sae_id, device=device)
     except Exception as e:  # noqa: BLE001 - hub, cache and conversion errors are reported the same way
         raise ValueError(f"{spec!r}: could not load: {type(e).__name__}: {_first_line(e)}") from None
-    return SAELensAdapter(sae), _meta(sae, sae.cfg.metadata, model)
+    return _adapter(sae, repr(spec)), _meta(sae, sae.cfg.metadata, model)
+
+
+def _adapter(sae, where: str) -> SAELensAdapter:
+    """:class:`SAELensAdapter` of ``sae``; one that does not apply is refused naming ``where`` it came from."""
+    try:
+        return SAELensAdapter(sae)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _meta(sae, metadata, model: str | None) -> dict:
@@ -192,6 +207,7 @@ def _meta(sae, metadata, model: str | None) -> dict:
         # the training dataset a gsae export records (e.g. gsae-corpus); not SAELens' dataset_path, often a
         # pre-tokenized copy of OpenWebText under another name (evaluate.py's default for them is OpenWebText)
         "dataset": gsae_data.get("dataset"),
+        "dataset_path": get("dataset_path"),  # SAELens' record, named in evaluate.py's error if the default fails
         "hook": hook,
         "lm": lm_kwargs(
             {"model_name": get("model_name"), "model_from_pretrained_kwargs": get("model_from_pretrained_kwargs")},

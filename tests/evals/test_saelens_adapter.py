@@ -187,3 +187,44 @@ def test_prepend_bos_comes_from_the_metadata(tmp_path):
     sl.save_model(tmp_path / "nobos")
     _, meta = load_saelens_folder(tmp_path / "nobos")
     assert meta["prepend_bos"] is False
+
+
+def test_a_transcoder_is_refused_in_one_line(tmp_path, capsys):
+    """A SAELens transcoder reads one hook and predicts another (``hook_name_out``): splicing its output into the hook
+    it reads gave meaningless numbers with exit code 0. It is refused, naming the folder and both hooks."""
+    from sae_lens import Transcoder, TranscoderConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from gsae.evaluate import main as evaluate_main
+
+    meta = SAEMetadata(hook_name="blocks.1.hook_resid_mid", hook_name_out="blocks.1.hook_mlp_out",
+                       model_name="random-tiny", context_size=16, prepend_bos=True)
+    cfg = TranscoderConfig(d_in=64, d_sae=96, d_out=64, apply_b_dec_to_input=False, metadata=meta)
+    Transcoder(cfg).save_model(tmp_path / "tc")
+    assert evaluate_main([str(tmp_path / "tc"), "--benchmarks", "loss_added", "--n-seqs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert (f"error: SAELens folder '{tmp_path / 'tc'}': a transcoder (reads blocks.1.hook_resid_mid, writes "
+            "blocks.1.hook_mlp_out) predicts another activation than it reads") in err, err
+
+
+def test_the_default_dataset_failing_says_it_is_the_default(tmp_path, capsys):
+    """A SAELens SAE records no gsae training dataset, so evaluate.py reads OpenWebText unless given ``--dataset``;
+    offline that failed with ``--dataset: could not open …``, an option the user never gave. The line now says it is
+    the default and names the folder's own ``dataset_path``."""
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    from gsae.evaluate import main as evaluate_main
+
+    meta = SAEMetadata(hook_name="blocks.2.hook_resid_pre", model_name="gsae-tiny", context_size=32, prepend_bos=True)
+    meta.dataset_path = "gsae-corpus"
+    sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=128, d_sae=96, metadata=meta)).save_model(tmp_path / "std")
+    assert evaluate_main([str(tmp_path / "std"), "--benchmarks", "loss_added", "--n-seqs", "2"]) == 1
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")][0]
+    assert line.startswith("error: could not open 'Skylion007/openwebtext'"), line
+    assert line.endswith(f"Skylion007/openwebtext is evaluate.py's default for PATH '{tmp_path / 'std'}', which "
+                         "records no gsae training dataset: pass --dataset (its cfg.json names dataset_path "
+                         "'gsae-corpus')"), line
+    assert evaluate_main([str(tmp_path / "std"), "--benchmarks", "loss_added", "--n-seqs", "2",
+                          "--dataset", "gsae-corpus"]) == 0
