@@ -51,6 +51,7 @@ from gsae.evals import (
     DEFAULT_N_SEQS,
     N_SEQS_OPTION,
     OPT_IN,
+    about_sae,
     artifacts,
     check_benchmarks,
     check_options,
@@ -396,13 +397,15 @@ def _safe(name: str) -> str:
     return re.sub(r"[^\w.=-]+", "_", name).strip("_") or "sae"
 
 
-def write_artifacts(output: str, results: dict[str, dict[str, dict]], short: dict[str, str]) -> list[Path]:
-    """Files of benchmarks that define ``artifacts``, next to ``--output``: ``<output stem>.<sae><suffix>``."""
+def write_artifacts(output: str, results: dict[str, dict[str, dict]], short: dict[str, str],
+                    abouts: dict[str, str] | None = None) -> list[Path]:
+    """Files of benchmarks that define ``artifacts``, next to ``--output``: ``<output stem>.<sae><suffix>``
+    (``abouts``: each SAE's line naming it, :func:`gsae.evals.about_sae`; default its label)."""
     out, written = Path(output), []
     labels = list(dict.fromkeys(lb for per in results.values() for lb in per))
     for lb in labels:
         per_sae = {b: per[lb] for b, per in results.items() if lb in per}
-        for suffix, content in artifacts(per_sae).items():
+        for suffix, content in artifacts(per_sae, (abouts or {}).get(lb, lb)).items():
             path = out.with_name(f"{out.stem}.{_safe(short.get(lb, lb))}{suffix}")
             write_text(path, content)
             written.append(path)
@@ -467,8 +470,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--logdir {args.logdir!r}: {why}")
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
-    """``{benchmark: {sae label: result}}`` for every SAE the arguments name."""
+def evaluate(args: argparse.Namespace, abouts: dict[str, str] | None = None) -> dict[str, dict[str, dict]]:
+    """``{benchmark: {sae label: result}}`` for every SAE the arguments name; ``abouts`` (if given) gets the line
+    naming each SAE in its files (:func:`gsae.evals.about_sae`)."""
+    abouts = {} if abouts is None else abouts
     for flag in ("n_seqs", "batch_size", "context_size"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ArgumentError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
@@ -488,7 +493,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     results: dict[str, dict[str, dict]] = {n: {} for n in names}
     runs = short_labels(list(dict.fromkeys(s.group for s in sources)))
     if _ranks()[1] > 1:
-        return _evaluate_split(args, sources, names, options, benchmark_options, runs, device)
+        return _evaluate_split(args, sources, names, options, benchmark_options, runs, device, abouts)
     cache: dict = {}
     # a (run, step) named twice (the same folder given twice): TensorBoard gets the last, as a later call replaces it
     last = {(runs[s.group], s.step): s for s in sources}
@@ -499,6 +504,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
             # a sweep over layers: its members' hooks from one pass (a hook this LM lacks fails at its own member)
             names_here = set(lm.hook_names())
             harvests.plan(lm, [s.hook for s in sources if s.path == src.path and s.hook in names_here])
+            abouts[src.label] = _about(sae, src, lm, hook)
             log.info("evaluating %s (%s, %s)", src.label, lm.name, hook)
             res = run_benchmarks(
                 names,
@@ -517,8 +523,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     return results
 
 
+def _about(sae, src: Source, lm: LanguageModel, hook: str) -> str:
+    """The line naming a source's SAE in its files (:func:`gsae.evals.about_sae`)."""
+    return about_sae(sae, src.label, f"step {src.step}" if src.kind == "ckpt" else "", lm.name, hook)
+
+
 def _evaluate_split(args, sources: list[Source], names: list[str], options: dict, benchmark_options: dict,
-                    runs: dict[str, str], device: str) -> dict[str, dict[str, dict]]:
+                    runs: dict[str, str], device: str, abouts: dict[str, str]) -> dict[str, dict[str, dict]]:
     """:func:`evaluate` under torchrun: each checkpoint's (or SAELens SAE's) evaluation split between the ranks as
     the training callback splits it (:func:`gsae.evals.run_split`: its benchmarks, and a sweep's members, by their
     expected cost; the same held-out tokens and seeds on every rank, so the results are a one-process run's). Every
@@ -544,6 +555,7 @@ def _evaluate_split(args, sources: list[Source], names: list[str], options: dict
                     key[src.label] = (src.member or "") if (src.member or "") not in saes else src.label
                     loaded.append(_load_with_lm(src, args, device, cache, names, options))
                     saes[key[src.label]] = (loaded[-1][0], loaded[-1][3])
+                    abouts[src.label] = _about(loaded[-1][0], src, loaded[-1][2], loaded[-1][3])
             except (ValueError, OSError, RuntimeError) as e:
                 error = e
             _agree(error)
@@ -702,9 +714,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         args = build_parser().parse_intermixed_args(argv)  # PATHs after options too
-        results = evaluate(args)
+        abouts: dict[str, str] = {}
+        results = evaluate(args, abouts)
         if rank == 0:
-            report(results, args)
+            report(results, args, abouts)
     except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get("GSAE_DEBUG"):
             raise
@@ -737,8 +750,9 @@ def _process_group() -> int:
     return dist.get_rank()
 
 
-def report(results: dict[str, dict[str, dict]], args: argparse.Namespace) -> None:
-    """Print the results table (and benchmarks' own tables); write ``--output`` and its artifacts."""
+def report(results: dict[str, dict[str, dict]], args: argparse.Namespace, abouts: dict[str, str] | None = None) -> None:
+    """Print the results table (and benchmarks' own tables); write ``--output`` and its artifacts (``abouts``: the
+    line naming each SAE in them)."""
     labels = list(dict.fromkeys(lb for per in results.values() for lb in per))
     short = short_labels(labels)
     print(
@@ -752,5 +766,5 @@ def report(results: dict[str, dict[str, dict]], args: argparse.Namespace) -> Non
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         write_text(args.output, json_text(results))
         log.info("wrote %s", args.output)
-        for path in write_artifacts(args.output, results, short):
+        for path in write_artifacts(args.output, results, short, abouts):
             log.info("wrote %s", path)

@@ -35,6 +35,7 @@ from gsae.evals import (
     BENCHMARKS,
     N_SEQS_OPTION,
     Task,
+    about_sae,
     artifacts,
     check_benchmarks,
     check_options,
@@ -183,13 +184,17 @@ class EvaluationCallback(Callback):
         everything = self.evaluate(trainer, pl_module)  # every rank's share under DDP (distributed)
         if not trainer.is_global_zero:
             return
-        hooks = {member: hook for member, (_, hook) in member_saes(pl_module).items()}
+        saes = member_saes(pl_module)
+        lm_name = getattr(getattr(pl_module, "lm", None), "name", "")
+        run = str(getattr(trainer.loggers[0], "name", "") or "") if getattr(trainer, "loggers", None) else ""
         for member, results in everything.items():
+            about = about_sae(saes[member][0], run, Path(ckpt_path).name, f"member {member}" if member else "",
+                              f"step {trainer.global_step}", lm_name, saes[member][1])
             if self.write_json:
                 payload = {
                     "checkpoint": Path(ckpt_path).name,
                     **({"member": member} if member else {}),
-                    "hook": hooks[member],
+                    "hook": saes[member][1],
                     "step": trainer.global_step,
                     "seed": self.seed,
                     "n_seqs": int(self._tokens.shape[0]),
@@ -197,7 +202,7 @@ class EvaluationCallback(Callback):
                     "results": results,
                 }
                 write_text(member_path(ckpt_path, member, ".eval.json"), json_text(payload))
-            for suffix, content in artifacts(results).items():
+            for suffix, content in artifacts(results, about).items():
                 write_text(member_path(ckpt_path, member, suffix), content)
 
     def evaluated(self, ckpt_path: str | Path, members: list[str]) -> bool:

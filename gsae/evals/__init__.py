@@ -9,8 +9,9 @@ Optional module functions:
 
 - ``applicable(sae, lm, hook) -> str | None``: a reason the benchmark does not apply (e.g. steering at a
   ``hook_z`` SAE, whose logit lens means nothing); :func:`run_benchmarks` then records ``{"skipped": reason}``.
-- ``artifacts(result) -> dict[str, str]``: files to write, filename suffix (``".latents.html"``) -> content;
-  the callback writes ``<checkpoint><suffix>`` beside each checkpoint, ``evaluate.py`` ``<output stem>.<sae><suffix>``.
+- ``artifacts(result, about) -> dict[str, str]``: files to write, filename suffix (``".latents.html"``) -> content;
+  the callback writes ``<checkpoint><suffix>`` beside each checkpoint, ``evaluate.py`` ``<output stem>.<sae><suffix>``;
+  ``about`` is one line saying which SAE the file is of (:func:`about_sae`), for a file read on its own.
 - ``texts(result) -> dict[str, str]``: TensorBoard text tag -> markdown (``SummaryWriter.add_text``).
 - ``run_many(saes, lm, hook, tokens, *, seed=0, **options) -> {name: result}``: ``run`` for several SAEs at
   once, sharing SAE-independent passes (:func:`run_benchmarks_many` uses it for a sweep's members).
@@ -585,10 +586,10 @@ def is_skipped(result: dict) -> bool:
     return isinstance(result.get("skipped"), str) or failure(result) is not None
 
 
-def benchmark_artifacts(name: str, result: dict) -> dict[str, str]:
-    """``artifacts(result)`` of benchmark ``name``: filename suffix -> file content (``{}`` if none)."""
+def benchmark_artifacts(name: str, result: dict, about: str = "") -> dict[str, str]:
+    """``artifacts(result, about)`` of benchmark ``name``: filename suffix -> file content (``{}`` if none)."""
     fn = getattr(BENCHMARKS[name], "artifacts", None)
-    return fn(result) if fn is not None and not is_skipped(result) else {}
+    return fn(result, about) if fn is not None and not is_skipped(result) else {}
 
 
 def benchmark_texts(name: str, result: dict) -> dict[str, str]:
@@ -602,11 +603,23 @@ def tagged_texts(results: dict[str, dict], prefix: str = "eval") -> dict[str, st
     return {f"{prefix}/{b}/{k}": t for b, r in results.items() for k, t in benchmark_texts(b, r).items()}
 
 
-def artifacts(results: dict[str, dict]) -> dict[str, str]:
-    """``{suffix: content}`` of every benchmark of ``{benchmark: result}`` (a suffix used twice is an error)."""
+def about_sae(sae, *parts: str) -> str:
+    """One line naming an SAE for files read on their own: ``parts`` (where it came from: checkpoint, member,
+    step, LM), then its class and shape (``GradTopKSAE · d_sae 1024 · k 8 · β 1e+04``)."""
+    config = sae.config() if hasattr(sae, "config") else {}
+    shape = [type(sae).__name__ if not hasattr(sae, "sl") else getattr(sae, "architecture", "SAELens SAE"),
+             f"d_sae {getattr(sae, 'd_sae', '?')}"]
+    shape += [f"k {config['k']}"] if "k" in config else []
+    shape += [f"β {config['beta']:.3g}"] if "beta" in config else []
+    return " · ".join([*(p for p in parts if p), *shape])
+
+
+def artifacts(results: dict[str, dict], about: str = "") -> dict[str, str]:
+    """``{suffix: content}`` of every benchmark of ``{benchmark: result}`` (a suffix used twice is an error);
+    ``about``: which SAE they are of (:func:`about_sae`)."""
     out: dict[str, str] = {}
     for b, r in results.items():
-        for suffix, content in benchmark_artifacts(b, r).items():
+        for suffix, content in benchmark_artifacts(b, r, about).items():
             if suffix in out:
                 raise ValueError(f"benchmark {b!r}: artifact suffix {suffix!r} is already written by another benchmark")
             out[suffix] = content

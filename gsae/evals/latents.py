@@ -244,9 +244,10 @@ def _latent_entry(lm, tokens, i, act, count, n_tokens, attr_sum, logit, j, n_con
     return entry
 
 
-def artifacts(result: dict) -> dict[str, str]:
-    """``{".latents.html": page}``: written beside each checkpoint as ``<checkpoint>.latents.html``."""
-    return {".latents.html": render_html(result)}
+def artifacts(result: dict, about: str = "") -> dict[str, str]:
+    """``{".latents.html": page}``: written beside each checkpoint as ``<checkpoint>.latents.html``; ``about`` (which
+    SAE: checkpoint, member, step, class and shape) heads the page and is its title."""
+    return {".latents.html": render_html(result, about)}
 
 
 def texts(result: dict) -> dict[str, str]:

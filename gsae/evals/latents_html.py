@@ -109,8 +109,8 @@ def _stats(entry: dict, result: dict) -> str:
     return s
 
 
-def render_html(result: dict) -> str:
-    """The whole dashboard page."""
+def render_html(result: dict, about: str = "") -> str:
+    """The whole dashboard page; ``about``: which SAE it is of (the title and the line under the heading)."""
     setup = result["setup"]
     kind = "g-SAE" if setup["gsae"] else "SAE"
     index_rows = []
@@ -136,8 +136,8 @@ def render_html(result: dict) -> str:
             f"on {result['n_tokens']} held-out tokens · {result['n_latents']} latents shown (seed {setup['seed']})")
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>Latents · {_esc(setup['hook'])}</title><style>{CSS}</style></head><body>"
-        f'<h1>Latent dashboard</h1><p class="meta">{meta}</p>'
+        f"<title>Latents · {_esc(about or setup['hook'])}</title><style>{CSS}</style></head><body>"
+        f'<h1>Latent dashboard</h1>{f"<p class=meta><b>{_esc(about)}</b></p>" if about else ""}<p class="meta">{meta}</p>'
         f'<table class="index">{head}{"".join(index_rows)}</table>{"".join(cards)}</body></html>\n'
     )
 

@@ -11,8 +11,8 @@ def figures(result: dict) -> dict:
     return {}
 
 
-def artifacts(result: dict) -> dict[str, str]:
-    return {".fake.html": f"<p>{result['n_tokens']} tokens at {result['hook']}</p>"}
+def artifacts(result: dict, about: str = "") -> dict[str, str]:
+    return {".fake.html": f"<p>{result['n_tokens']} tokens at {result['hook']} ({about})</p>"}
 
 
 def texts(result: dict) -> dict[str, str]:

@@ -307,7 +307,8 @@ def test_callback_writes_artifacts_beside_the_checkpoint_and_logs_texts(tmp_path
     cb = EvaluationCallback(benchmarks=["loss_added", "fake"], n_seqs=6, options={"fake": {"n_seqs": 2}})
     ckpt = tmp_path / "epoch=0-step=3.ckpt"
     cb.on_sae_checkpoint(trainer, module, ckpt)
-    assert Path(str(ckpt) + ".fake.html").read_text() == f"<p>32 tokens at {HOOK}</p>"  # 2 of the 6 contexts
+    page = Path(str(ckpt) + ".fake.html").read_text()  # 2 of the 6 contexts; which SAE at which step
+    assert page == f"<p>32 tokens at {HOOK} (tb · {ckpt.name} · step 3 · random-tiny · {HOOK} · TopKSAE · d_sae 128 · k 8)</p>"
     payload = json.loads(Path(str(ckpt) + ".eval.json").read_text())
     assert payload["results"]["fake"]["n_tokens"] == 32 and payload["results"]["loss_added"]["n_tokens"] == 6 * 15
     logger.experiment.flush()
@@ -362,7 +363,9 @@ def test_evaluate_py_writes_artifacts_next_to_output(tmp_path, fake_benchmark, c
     rc = evaluate_main([str(tmp_path / "a.saelens"), "--benchmarks", "fake", "--n-seqs", "3", "--output", str(out)])
     assert rc == 0
     (art,) = list(out.parent.glob("res.*.fake.html"))
-    assert art.read_text() == f"<p>48 tokens at {HOOK}</p>"
+    # which SAE: the path given, the LM, the hook, SAELens's architecture and the width (a file read on its own)
+    assert art.read_text() == (f"<p>48 tokens at {HOOK} ({tmp_path / 'a.saelens'} · random-tiny · {HOOK} · "
+                               "saelens:topk · d_sae 128 · k 8)</p>")
 
 
 def test_evaluate_py_output_is_strict_json_and_a_failed_write_is_one_line(tmp_path, fake_benchmark, monkeypatch,
@@ -498,7 +501,7 @@ def test_evaluate_py_ctrl_c_is_one_line(monkeypatch, capsys, tmp_path):
     """Ctrl+C during evaluate.py printed a 59-line KeyboardInterrupt traceback; now one line and exit code 130."""
     import gsae.evaluate as ev
 
-    def interrupted(args):
+    def interrupted(*args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ev, "evaluate", interrupted)
