@@ -268,7 +268,11 @@ def load(src: Source, device: str, model: str | None):
     if src.kind == "pretrained":
         return load_saelens_pretrained(src.path, device, model)
     if src.kind == "saelens":
-        return load_saelens_folder(src.path, device, model)
+        sae, meta = load_saelens_folder(src.path, device, model)
+        if str(meta.get("sae_class") or "").endswith("GradTopKSAE"):
+            log.warning("%s is a g-SAE's SAELens export: SAELens has no gradient-weighted selection, so it encodes as "
+                        "the plain TopK SAE of its weights (β = 0); evaluate its .ckpt for the g-SAE itself", src.label)
+        return sae, meta
     from gsae.export import load_checkpoint
 
     try:

@@ -615,3 +615,22 @@ def test_evaluate_py_refuses_an_unreadable_path_before_evaluating_the_others(run
     out = tmp_path / "after.json"
     assert evaluate_main(["--benchmarks", "loss_added", "--n-seqs", "2", "--output", str(out), str(good)]) == 0
     assert list(json.loads(out.read_text())["loss_added"]) == [str(good)]
+
+
+def test_evaluate_py_says_a_g_sae_export_encodes_as_topk(tmp_path, caplog):
+    """A g-SAE's SAELens export evaluates as the plain TopK SAE of its weights (SAELens has no gradient-weighted
+    selection): said once when it is loaded, as a researcher comparing it with its .ckpt would read them as one SAE;
+    a TopK export says nothing."""
+    from gsae.export import export_saelens
+    from gsae.sae import GradTopKSAE
+    from tests.evals.helpers import HOOK, build_topk
+
+    meta = {"hook": HOOK, "lm": {"name": "random-tiny"}, "context_size": 16}
+    export_saelens(GradTopKSAE(64, d_sae=128, k=8, beta=3.0), tmp_path / "g.saelens", {**meta, "sae_class": "gsae.sae.GradTopKSAE"})
+    export_saelens(build_topk(), tmp_path / "t.saelens", {**meta, "sae_class": "gsae.sae.TopKSAE"})
+    with caplog.at_level("WARNING"):
+        assert evaluate_main([str(tmp_path / "g.saelens"), str(tmp_path / "t.saelens"), "--benchmarks", "loss_added",
+                              "--n-seqs", "2"]) == 0
+    said = [r.getMessage() for r in caplog.records if "SAELens export" in r.getMessage()]
+    assert said == [f"{tmp_path / 'g.saelens'} is a g-SAE's SAELens export: SAELens has no gradient-weighted selection, "
+                    "so it encodes as the plain TopK SAE of its weights (β = 0); evaluate its .ckpt for the g-SAE itself"]
