@@ -209,14 +209,19 @@ def _check_readable(arg: str, path: Path) -> None:
     from gsae.export import load_members
 
     try:
-        if path.is_dir():  # a SAELens folder: the weights' header and the config
+        if path.is_dir():  # a SAELens folder: the config and the weights' header
+            try:
+                json.loads((path / "cfg.json").read_text())
+            except ValueError as e:
+                raise ArgumentError(f"PATH {arg!r}: cfg.json does not read as JSON ({e})") from None
             with safe_open(str(path / "sae_weights.safetensors"), "pt") as f:
                 f.keys()
-            json.loads((path / "cfg.json").read_text())
         else:
             load_members(path, mmap=True)
     except SafetensorError as e:
         raise ArgumentError(f"PATH {arg!r}: sae_weights.safetensors does not read ({e})") from None
+    except ArgumentError:
+        raise
     except (ValueError, OSError, RuntimeError) as e:
         text = str(e).strip()
         raise ArgumentError(f"PATH {arg!r}: {text.splitlines()[0] if text else type(e).__name__}") from None

@@ -103,7 +103,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
         if Path(path).suffix != ".ckpt":  # a config.yaml, an events file: not a checkpoint, rather than a corrupt one
-            raise ValueError(f"{str(path)!r} is not a checkpoint (a gsae .ckpt file): {type(e).__name__}: {e}") from None
+            raise ValueError(f"{str(path)!r} is not a checkpoint (a gsae .ckpt file): torch.load cannot read it") from None
         raise ValueError(f"checkpoint {str(path)!r} is corrupt or unreadable: {type(e).__name__}: {e}") from None
     if not isinstance(ckpt, dict) or "gsae" not in ckpt:
         raise ValueError(f"checkpoint {str(path)!r} is not a gsae checkpoint (no 'gsae' section)")

@@ -152,6 +152,9 @@ def load_saelens_folder(path: str | Path, device: str = "cpu", model: str | None
 
     try:
         cfg = json.loads((Path(path) / "cfg.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"SAELens folder {str(path)!r}: cfg.json does not read as JSON: {_first_line(e)}") from None
+    try:
         with warnings.catch_warnings():  # "load the model with these model_from_pretrained_kwargs": lm_kwargs does
             warnings.filterwarnings("ignore", message="(?s).*model_from_pretrained_kwargs")
             sae = SAE.load_from_disk(str(path), device=device)

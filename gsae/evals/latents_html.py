@@ -162,7 +162,8 @@ def render_markdown(entry: dict, result: dict) -> str:
     lines = [f"### latent {entry['latent']}", "", _stats(entry, result), ""]
     if entry["promoted"] is not None:
         for key, title in (("promoted", "promotes"), ("suppressed", "suppresses")):
-            lines.append(f"**{title}:** " + ", ".join(f"{_md(s)} ({v:+.2f})" for s, v in entry[key]))
+            # quoted, as in the HTML: Markdown drops a token's leading space (' from' showed as 'from')
+            lines.append(f"**{title}:** " + ", ".join(f"{_md(repr(s))} ({v:+.2f})" for s, v in entry[key]))
             lines.append("")
     lines += ["| activation | context (activating token in **bold**) |", "|---:|:---|"]
     for c in entry["contexts"]:

@@ -167,7 +167,15 @@ def test_evaluate_cli_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "cfg.json").write_text("{}")
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "cfg.json").write_text("{oops")
+    (tmp_path / "badjson" / "sae_weights.safetensors").write_bytes(b"")
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not a checkpoint either")
     cases = {
+        # named, not torch's words for it ("mmap can only be used with files saved with …")
+        (str(text_file),): f"'{text_file}' is not a checkpoint (a gsae .ckpt file): torch.load cannot read it",
+        (str(tmp_path / "badjson"),): f"PATH '{tmp_path / 'badjson'}': cfg.json does not read as JSON (Expecting",
         (str(tmp_path / "missing.ckpt"),): "PATH",
         (str(bad),): "corrupt or unreadable",
         (str(yaml_file),): "is not a checkpoint (a gsae .ckpt file)",  # a config.yaml is not a corrupt checkpoint

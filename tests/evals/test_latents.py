@@ -176,6 +176,9 @@ def test_texts_reach_tensorboard(tiny, tmp_path) -> None:
     marked = first["tokens"][first["marked"]].strip()
     assert f"<strong>{html.escape(marked, quote=False)}</strong>" in page
     assert "\\" not in page
+    # the logit lens's tokens quoted, as in the HTML: a leading space stays visible ("' from'", not "from")
+    shown = ", ".join(f"{html.escape(repr(t), quote=False)} ({v:+.2f})" for t, v in e["promoted"])
+    assert f"<strong>promotes:</strong> {shown}" in page, page
     eos = latents_mod.render_markdown({**e, "contexts": [{**first, "tokens": ["<|endoftext|>", "a|b"] + first["tokens"][2:]}]}, r)
     assert "&lt;|endoftext|&gt;" in plugin_util.markdown_to_safe_html(eos).replace("&#124;", "|")
     figs = tagged_figures({"latents": r})
