@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from safetensors import SafetensorError
 
+from gsae import sigterm
 from gsae.allocator import tune_malloc
 from gsae.callbacks.checkpoint import SAECheckpoint, checkpoint_folder
 from gsae.callbacks.evaluation import EvaluationCallback
@@ -661,10 +662,12 @@ def main(args: list[str] | None = None) -> int:
                 roll_back(ckpt, step, cli.trainer)
             continue_logging(cli.trainer, ckpt, step, state.get(LOG_FOLDER_KEY))
         prepare_forked_ranks(cli.trainer, resume)  # after continue_logging: it settles the logger's folder
+        sigterm.install(cli.trainer)  # every rank stops at one step on SIGTERM, however many got it (gsae.sigterm)
         try:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
         finally:  # also after Ctrl+C (Lightning stops gracefully, then exits)
             print_summary(cli, resume)
+            sigterm.end_workers()  # data workers a stopped fit left (they ignore SIGTERM: exit would wait for them)
     except KeyboardInterrupt:  # Ctrl+C before the fit (loading the LM, reading the data); in it Lightning stops cleanly
         print("stopped (Ctrl+C) before training", file=sys.stderr)
         if "cli" in locals():
@@ -677,6 +680,8 @@ def main(args: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 1
     except Exception as e:
+        if "cli" in locals() and sigterm.workers_ended_by_it(cli.trainer, e):  # the same stop, seen from the workers
+            return 128 + signal.SIGTERM
         message = user_message(e) if isinstance(e, USER_ERRORS) else child_user_message(e)
         if message is None or os.environ.get("GSAE_DEBUG"):
             raise

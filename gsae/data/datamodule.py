@@ -31,6 +31,7 @@ from gsae.data.tokens import (
     synthetic_context,
 )
 from gsae.lm import LanguageModel
+from gsae.sigterm import quiet_worker
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,8 @@ class TokenDataModule(pl.LightningDataModule):
                 self.open_stream(s, mine.get(s)).next_context()
             stream = StreamBatches(self.open_streams, self.n_streams, self.batch_size, rank, world, self.consumed_batches, mine)
         # on a GPU, pinned batches: copying pageable memory to the device waits for every queued kernel first
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self._on_cuda())
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self._on_cuda(),
+                          worker_init_fn=quiet_worker if self.num_workers else None)  # signals: the main's
 
     def _on_cuda(self) -> bool:
         trainer = self.trainer

@@ -472,3 +472,44 @@ def test_a_resume_redoes_the_export_and_evaluation_a_kill_cut_short(tmp_path, de
     assert [p.name for p in (root / "quickstart-topk").glob("version_*")] == ["version_0"]
     events = EventAccumulator(str(root / "quickstart-topk" / "version_0"), size_guidance={"scalars": 0}).Reload()
     assert [e.step for e in events.Scalars("eval/loss_added/kl_sae")] == [5, 10, 12, 16]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2])
+def test_sigterm_to_the_whole_process_group_saves_and_exits_143(tmp_path, devices):
+    """A SIGTERM to every process of the run (``kill -TERM -<pgid>``; SLURM's time limit for ``python train.py``),
+    data-loading workers included. Under Lightning-launched DDP it hung for good: Lightning's handler ran a broadcast
+    inside the signal handler, once per signal received, and rank 0 forwarded the signal to the ranks, which thus got
+    it twice. On one process the workers' deaths turned exit code 143 into 1 with a traceback. Now every rank stops
+    at one step, saves it in last.ckpt and exits 143 (gsae.sigterm)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from gsae.cli import REPO_ROOT
+    from tests.systems.launch import env, free_port, train_args
+
+    root = tmp_path / "run"
+    ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp") if devices > 1 else ()
+    args = train_args(root, 400, "--checkpoint.every_n_train_steps", "10", "--evaluation.enabled", "false",
+                      "--data.num_workers", "2", *ddp)
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO_ROOT, env=env(MASTER_PORT=str(free_port())),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ckpts = root / "quickstart-topk" / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not (ckpts / "last.saelens" / "cfg.json").exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    time.sleep(1.0)  # some steps past the checkpoint
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the run hung after SIGTERM:\n" + proc.communicate()[0][-3000:])
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "Traceback" not in out and "error" not in out, out[-3000:]
+    saved = torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"]
+    assert saved >= 10 and f"stopped (SIGTERM; last.ckpt holds the step reached): {saved} steps" in out, out[-3000:]

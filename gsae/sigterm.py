@@ -1,0 +1,104 @@
+"""SIGTERM (a scheduler's time limit or preemption, ``kill``): every rank stops at the same step, however many of them
+the signal reached and however often, and ``SAECheckpoint.on_exception`` saves the step reached in ``last.ckpt``.
+
+Lightning 2.6's SIGTERM handler runs a ``dist.broadcast`` *inside the handler*, on every rank that receives the
+signal and each time it does, and rank 0's handler forwards the signal to the ranks it launched. A signal to the
+whole process group (``kill -TERM -<pgid>``; SLURM's time limit for a batch step running ``python train.py``) thus
+reached the launched ranks twice and rank 0 once: the ranks issued different numbers of collectives, or paired a
+handler's broadcast with another rank's step all-reduce, and hung without saving anything. A rank also stopped on
+its own signal at the end of its batch, while the others went on to the next.
+
+Here (:func:`install`, before ``fit``) the handler only notes the signal: rank 0 still forwards it once, so a
+``kill <rank 0's pid>`` reaches the ranks it started, and on one process it sets Lightning's flag directly (its loop
+checks it after each batch). Under DDP the exchange Lightning makes at the start of every training batch anyway
+(``_broadcast_sigterm_tensor``: rank 0's flag, broadcast) becomes an all-reduce of every rank's flag, so a signal
+to any rank stops all of them, at the same batch; no collective is added.
+
+Data-loading workers (``--data.num_workers``) ignore SIGTERM and Ctrl+C (:func:`quiet_worker`): the main process
+stops, saves and ends them. A signal to the process group used to kill them first, and PyTorch's "DataLoader worker …
+is killed by signal: Terminated" then stopped a DDP rank mid-step (exit code 1, the step reached unsaved) or, on one
+process, replaced exit code 143 with 1 (:func:`workers_ended_by_it` still maps that one to 143); a second Ctrl+C
+printed a traceback per worker. As they ignore ``terminate()``, Python's exit (multiprocessing's exit hook joins
+them) would wait for them forever: ``train.py`` ends any left after the fit (:func:`end_workers`).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
+
+log = logging.getLogger(__name__)
+
+
+def install(trainer) -> None:
+    """Replace the trainer's SIGTERM handling by the one in the module docstring (call before ``fit``; it is
+    registered when ``fit`` starts)."""
+    connector = trainer._signal_connector
+    noted = {"signal": False}
+
+    def distributed() -> bool:
+        return dist.is_available() and dist.is_initialized() and trainer.world_size > 1
+
+    def note(signum, _frame) -> None:
+        log.info(rank_prefixed_message(f"Received SIGTERM: {signum}", trainer.local_rank))
+        if not noted["signal"]:
+            launcher = trainer.strategy.launcher
+            if launcher is not None:  # the ranks rank 0 started (none under torchrun / srun: they get their own)
+                launcher.kill(signum)
+        noted["signal"] = True
+        if not distributed():
+            connector.received_sigterm = True
+
+    def agree() -> None:
+        flag = torch.tensor([int(noted["signal"])], device=trainer.strategy.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            connector.received_sigterm = True
+            raise SIGTERMException()
+
+    connector._sigterm_notifier_fn = note
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = agree
+    previous = sys.unraisablehook
+
+    def unraisable(info) -> None:  # the same news from a DataLoader iterator's __del__: no traceback for it
+        if info.exc_value is None or not workers_ended_by_it(trainer, info.exc_value):
+            previous(info)
+
+    sys.unraisablehook = unraisable
+
+
+def quiet_worker(_worker_id: int) -> None:
+    """A data-loading worker's ``worker_init_fn``: SIGTERM and Ctrl+C (SIGINT) are the main process's to handle (it
+    stops, saves and ends its workers: PyTorch's shutdown, else :func:`end_workers`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def end_workers(wait: float = 1.0) -> None:
+    """After the fit: end the data-loading workers still alive (they ignore ``terminate()``'s SIGTERM,
+    :func:`quiet_worker`) after ``wait`` seconds in all for PyTorch's own shutdown; other child processes are left alone.
+    (A finished fit's workers are shut down already; a stopped one's may not be.)"""
+    from torch.utils.data._utils.worker import _worker_loop
+
+    workers = [p for p in multiprocessing.active_children() if getattr(p, "_target", None) is _worker_loop]
+    deadline = time.monotonic() + wait
+    for p in workers:
+        p.join(timeout=max(deadline - time.monotonic(), 0.0))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def workers_ended_by_it(trainer, error: BaseException) -> bool:
+    """Whether ``error`` is PyTorch's word that a data-loading worker was ended by the SIGTERM this trainer stopped
+    on (the process group's signal reached the workers too)."""
+    return (bool(getattr(trainer, "received_sigterm", False)) and isinstance(error, RuntimeError)
+            and "DataLoader worker" in str(error) and "killed by signal: Terminated" in str(error))
