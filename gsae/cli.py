@@ -669,12 +669,21 @@ def main(args: list[str] | None = None) -> int:
             print_summary(cli, resume)
             sigterm.end_workers()  # data workers a stopped fit left (they ignore SIGTERM: exit would wait for them)
     except KeyboardInterrupt:  # Ctrl+C before the fit (loading the LM, reading the data); in it Lightning stops cleanly
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl+C does not cut the exit short with a traceback
+        if "cli" in locals() and (cli.trainer.interrupted or cli.trainer.global_step > 0):
+            print("stopped (Ctrl+C)", file=sys.stderr)  # a second Ctrl+C during Lightning's own stop
+            return 130
         print("stopped (Ctrl+C) before training", file=sys.stderr)
         if "cli" in locals():
             remove_empty_log_dirs(cli.trainer, since=started)
         return 130
     except SIGTERMException:  # a scheduler's preemption or time limit: last.ckpt holds the step reached
         return 128 + signal.SIGTERM  # the shell's code for "ended by SIGTERM" (Lightning's exception exits 0)
+    except SystemExit as e:  # after SIGTERMException, a SystemExit. Lightning ends a fit stopped by Ctrl+C with
+        if e.code == 1 and "cli" in locals() and cli.trainer.interrupted:  # sys.exit(1): the shell's code for it
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl+C does not cut the exit short
+            return 130
+        raise
     except OtherRanksFailed as e:  # rank 0 names the ranks that failed and why; the others stop without a word
         if cli.trainer.is_global_zero:
             print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,9 @@ checks it after each batch). Under DDP the exchange Lightning makes at the start
 (``_broadcast_sigterm_tensor``: rank 0's flag, broadcast) becomes an all-reduce of every rank's flag, so a signal
 to any rank stops all of them, at the same batch; no collective is added.
 
+Lightning's watch over the ranks it launched no longer SIGKILLs rank 0 while it saves and reports a stop the other
+ranks have already finished (:func:`patient_observer`).
+
 Data-loading workers (``--data.num_workers``) ignore SIGTERM and Ctrl+C (:func:`quiet_worker`): the main process
 stops, saves and ends them. A signal to the process group used to kill them first, and PyTorch's "DataLoader worker …
 is killed by signal: Terminated" then stopped a DDP rank mid-step (exit code 1, the step reached unsaved) or, on one
@@ -64,6 +67,7 @@ def install(trainer) -> None:
             connector.received_sigterm = True
             raise SIGTERMException()
 
+    patient_observer()
     connector._sigterm_notifier_fn = note
     trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = agree
     previous = sys.unraisablehook
@@ -73,6 +77,34 @@ def install(trainer) -> None:
             previous(info)
 
     sys.unraisablehook = unraisable
+
+
+#: exit codes of a rank that stopped as asked: Ctrl+C (130), SIGTERM (143)
+STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
+def patient_observer() -> None:
+    """Lightning's watch over the ranks it launched (``_ChildProcessObserver``, in rank 0, every 5 s) SIGKILLs rank 0
+    as soon as a launched rank has exited with a non-zero code. A rank that stopped as asked (Ctrl+C: 130, SIGTERM:
+    143) exits once the step reached is saved, while rank 0 may still be exporting it and printing the summary: it was
+    killed there (exit 137, no summary). Such codes now wait for rank 0; any other non-zero code still ends all."""
+    from lightning.fabric.strategies.launchers import subprocess_script
+
+    observer = subprocess_script._ChildProcessObserver
+    if getattr(observer, "_gsae_patient", False):
+        return
+    lightnings = observer._run
+
+    def run(self) -> bool:
+        for proc in self._child_processes:
+            proc.poll()
+        codes = [proc.returncode for proc in self._child_processes]
+        if any(c in STOPPED for c in codes) and all(c in (None, 0, *STOPPED) for c in codes):
+            return all(c is not None for c in codes)  # stopped as asked: rank 0 finishes and exits on its own
+        return lightnings(self)
+
+    observer._run = run
+    observer._gsae_patient = True
 
 
 def quiet_worker(_worker_id: int) -> None:

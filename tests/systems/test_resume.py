@@ -475,13 +475,14 @@ def test_a_resume_redoes_the_export_and_evaluation_a_kill_cut_short(tmp_path, de
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("devices", [1, 2])
-def test_sigterm_to_the_whole_process_group_saves_and_exits_143(tmp_path, devices):
+@pytest.mark.parametrize(("devices", "sig"), [(1, "SIGTERM"), (2, "SIGTERM"), (2, "SIGINT")])
+def test_a_signal_to_the_whole_process_group_stops_cleanly(tmp_path, devices, sig):
     """A SIGTERM to every process of the run (``kill -TERM -<pgid>``; SLURM's time limit for ``python train.py``),
     data-loading workers included. Under Lightning-launched DDP it hung for good: Lightning's handler ran a broadcast
     inside the signal handler, once per signal received, and rank 0 forwarded the signal to the ranks, which thus got
     it twice. On one process the workers' deaths turned exit code 143 into 1 with a traceback. Now every rank stops
-    at one step, saves it in last.ckpt and exits 143 (gsae.sigterm)."""
+    at one step, saves it in last.ckpt and exits 143 (gsae.sigterm). Ctrl+C (SIGINT to the group, as a terminal
+    sends it) stops cleanly with the shell's code 130 (Lightning's sys.exit(1) said "failed"), no worker tracebacks."""
     import signal
     import subprocess
     import sys
@@ -503,13 +504,42 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_143(tmp_path, device
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.01)
     time.sleep(1.0)  # some steps past the checkpoint
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, getattr(signal, sig))
     try:
         out, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the run hung after SIGTERM:\n" + proc.communicate()[0][-3000:])
-    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+        pytest.fail(f"the run hung after {sig}:\n" + proc.communicate()[0][-3000:])
+    assert proc.returncode == 128 + getattr(signal, sig), out[-3000:]
     assert "Traceback" not in out and "error" not in out, out[-3000:]
     saved = torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"]
-    assert saved >= 10 and f"stopped (SIGTERM; last.ckpt holds the step reached): {saved} steps" in out, out[-3000:]
+    if sig == "SIGTERM":  # the step reached is saved
+        assert saved >= 10 and f"stopped (SIGTERM; last.ckpt holds the step reached): {saved} steps" in out, out[-3000:]
+    else:  # Ctrl+C keeps the last checkpoint
+        assert saved % 10 == 0 and "stopped (Ctrl+C): " in out, out[-3000:]
+
+
+def test_lightnings_rank_observer_lets_rank_0_finish_a_stop_the_others_finished():
+    """Lightning's observer (rank 0, every 5 s) SIGKILLed rank 0 as soon as a launched rank exited non-zero: after a
+    Ctrl+C (130) or SIGTERM (143) the other ranks exit once the step is saved, while rank 0 still exports it and prints
+    the summary. Those codes now leave rank 0 alone; a failure (any other code) still ends every process."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    from gsae.sigterm import patient_observer
+
+    patient_observer()
+    killed = []
+
+    def observe(*codes):
+        obs = _ChildProcessObserver.__new__(_ChildProcessObserver)
+        obs._child_processes = [SimpleNamespace(returncode=c, pid=100 + i, poll=lambda: None) for i, c in enumerate(codes)]
+        obs._terminate_all = lambda: killed.append(codes)
+        return obs._run()
+
+    assert observe(None, None) is False and observe(0, 0) is True
+    assert observe(143, None) is False and observe(130, 130) is True and observe(143, 0) is True
+    assert not killed
+    assert observe(1, None) is True and killed == [(1, None)]  # a rank that failed: all end, as before
+    assert observe(143, 1) is True and killed[-1] == (143, 1)
