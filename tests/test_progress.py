@@ -343,3 +343,15 @@ def test_the_eta_leaves_out_what_ran_before_the_first_step(monkeypatch) -> None:
     clock[0] += 1.0  # one step
     trainer.global_step = 41
     assert bar._eta(trainer, elapsed=181.0) == 19.0  # 1 s a step, 19 to go; not 181 s a step
+
+
+def test_the_summary_headline_has_each_default_benchmarks_finding_not_its_settings() -> None:
+    """The run summary's eval lines: steering's on-target probability and sensitive directions' SAE-error ratio (the
+    papers' claims) are shown; latents' line repeated a setting (``n_latents 32``) and is gone (its output is files)."""
+    from gsae.callbacks.summary import headline_numbers
+
+    results = {"steering": {"on_target": 0.1234, "off_target_added": 0.05, "n_latents": 128, "alpha_report": 50.0},
+               "sensitive_directions": {"ratio_sae_over_eps_isotropic": 2.5, "kl_sae": 0.1, "n_sequences": 8},
+               "latents": {"n_latents": 32, "n_alive": 1000, "median_density": 0.01}}
+    assert headline_numbers(results) == [("steering.on_target", "0.1234"), ("steering.off_target_added", "0.05"),
+                                         ("sensitive_directions.ratio_sae_over_eps_isotropic", "2.5")]

@@ -31,7 +31,10 @@ HEADLINE = {
     "loss_added": ("L_added", "ce_increase", "kl_sae", "explained_variance", "l0"),
     "dead_latents": ("dead_fraction_batches", "alive_fraction", "median_density"),
     "decoder_geometry": ("nn_cos_mean",),
-    "latents": ("n_latents",),  # its median_density is over the sampled latents: dead_latents' is over all
+    # the g-SAE paper's steering claim (on-target probability added at alpha_report) and Gurnee's pathology (KL of
+    # the SAE error over that of an ε-random direction of its size); latents writes files (its numbers are settings)
+    "steering": ("on_target", "off_target_added"),
+    "sensitive_directions": ("ratio_sae_over_eps_isotropic",),
 }
 
 #: The shorter headline of each member of a sweep (one console line per member).
