@@ -153,6 +153,8 @@ class TokenDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"--data.context_size ({self.context_size}) exceeds the model's n_ctx ({self.lm.n_ctx}) for {self.lm.name!r}"
             )
+        if self.dataset in (SYNTHETIC, GSAE_CORPUS) and self.text_column != "text":
+            raise ValueError(f"--data.text_column {self.text_column!r}: {self.dataset} is generated, with no columns")
         if self.dataset != SYNTHETIC:
             self.source()  # opens the source: missing path / column / hub errors, empty files now
 

@@ -642,3 +642,12 @@ def test_evaluate_py_says_a_g_sae_export_encodes_as_topk(tmp_path, caplog):
     said = [r.getMessage() for r in caplog.records if "SAELens export" in r.getMessage()]
     assert said == [f"{tmp_path / 'g.saelens'} is a g-SAE's SAELens export: SAELens has no gradient-weighted selection, "
                     "so it encodes as the plain TopK SAE of its weights (β = 0); evaluate its .ckpt for the g-SAE itself"]
+
+
+def test_a_text_column_for_generated_text_is_refused(run_dir, capsys):
+    """``--text-column`` with gsae-corpus (generated text, no columns) was silently ignored."""
+    ckpt = str(run_dir / "checkpoints" / "epoch=0-step=10.ckpt")
+    args = [ckpt, "--benchmarks", "loss_added", "--n-seqs", "2", "--dataset", "gsae-corpus", "--text-column", "body"]
+    assert evaluate_main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "error: --text-column 'body': gsae-corpus is generated, with no columns", err
