@@ -164,8 +164,9 @@ def test_paper_topk_configs_have_no_auxk(parse_only, path: Path) -> None:
 @pytest.mark.parametrize("path", [p for p in PAPER if "GradTopKSAE" in p.read_text()], ids=lambda p: p.name)
 def test_gsae_configs_state_the_gradient_scale(parse_only, path: Path) -> None:
     config = parse_only(["--config", str(path)])
-    # β=1e5's reference scale: the CE mean over one device's B·(T−1) predictions of this config
-    assert config.model.init_args.grad_mean_tokens == config.data.batch_size * (config.data.context_size - 1)
+    # β=1e5's reference scale: the CE mean over smol-sae's LM batch, 32 contexts of 256 (SPEC §1.2, §1.3), whatever
+    # this config's own batch (32 × 128 here: its default, 32 × 127, made each token's gradient twice the paper's)
+    assert config.model.init_args.grad_mean_tokens == 32 * (256 - 1)
 
 
 def test_e2e_ds_uses_apollos_pretokenized_rows_as_is(parse_only) -> None:

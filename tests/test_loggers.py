@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -188,7 +190,10 @@ def test_a_sweeps_members_are_runs_of_their_own(tmp_path):
     texts = EventAccumulator(str(run / "gsae.k8"), size_guidance={"tensors": 0}).Reload().Tags()["tensors"]
     assert "eval/latents/top/text_summary" in texts
 
-    # resumed from step 20: the events after it go from the run's files and every member's, then the resume logs
+    # resumed from step 20: the events after it go from the run's files and every member's, then the resume logs.
+    # (A resume is a later process: its event files' names, which start with the second they were made, sort after
+    # the run's. In one process within one second the names differ by a counter, which sorts as text: 10 < 9.)
+    time.sleep(1.05)
     again = TensorBoardLogger(str(tmp_path), name="run", version=0)
     again.resume_step, again.members = 20, members
     again.log_metrics(own | member_values(25), step=25)
