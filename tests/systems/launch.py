@@ -41,10 +41,24 @@ def env(**extra: str) -> dict[str, str]:
     return out
 
 
-def start(args: list[str], launcher: list[str] | None = None, **env_extra: str) -> subprocess.Popen:
+def start(args: list[str], launcher: list[str] | None = None, new_session: bool = False,
+          **env_extra: str) -> subprocess.Popen:
+    """``train.py args`` started (``new_session``: in a process group of its own, to signal it as a terminal or a
+    scheduler does, ``os.killpg``)."""
     cmd = [*(launcher or [sys.executable]), "train.py", *args]
     return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=new_session)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, ckpts: Path, timeout: float = 600) -> None:
+    """Until the run's first checkpoint is written whole (its ``last.saelens`` export, the last thing written)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (ckpts / "last.saelens" / "cfg.json").exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:

@@ -398,7 +398,7 @@ def test_sigterm_saves_the_step_reached_and_the_resume_equals_uninterrupted(tmp_
     import signal
     import time
 
-    from tests.systems.launch import assert_same_sae, finish, start, train_args
+    from tests.systems.launch import assert_same_sae, finish, start, train_args, wait_for_checkpoint
 
     steps, every = 30, 10
     extra = ("--checkpoint.every_n_train_steps", str(every), "--evaluation.enabled", "false")
@@ -407,11 +407,7 @@ def test_sigterm_saves_the_step_reached_and_the_resume_equals_uninterrupted(tmp_
     args = train_args(root, steps, *extra)
     proc = start(args)
     ckpts = root / "quickstart-topk" / "checkpoints"
-    deadline = time.monotonic() + 600
-    while not (ckpts / "last.saelens" / "cfg.json").exists():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
+    wait_for_checkpoint(proc, ckpts)
     time.sleep(0.5)  # a few steps past the checkpoint
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
@@ -485,24 +481,17 @@ def test_a_signal_to_the_whole_process_group_stops_cleanly(tmp_path, devices, si
     sends it) stops cleanly with the shell's code 130 (Lightning's sys.exit(1) said "failed"), no worker tracebacks."""
     import signal
     import subprocess
-    import sys
     import time
 
-    from gsae.cli import REPO_ROOT
-    from tests.systems.launch import env, free_port, train_args
+    from tests.systems.launch import free_port, start, train_args, wait_for_checkpoint
 
     root = tmp_path / "run"
     ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp") if devices > 1 else ()
     args = train_args(root, 400, "--checkpoint.every_n_train_steps", "10", "--evaluation.enabled", "false",
                       "--data.num_workers", "2", *ddp)
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO_ROOT, env=env(MASTER_PORT=str(free_port())),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = start(args, new_session=True, MASTER_PORT=str(free_port()))
     ckpts = root / "quickstart-topk" / "checkpoints"
-    deadline = time.monotonic() + 600
-    while not (ckpts / "last.saelens" / "cfg.json").exists():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
+    wait_for_checkpoint(proc, ckpts)
     time.sleep(1.0)  # some steps past the checkpoint
     os.killpg(proc.pid, getattr(signal, sig))
     try:
