@@ -107,11 +107,14 @@ def patient_observer() -> None:
     observer._gsae_patient = True
 
 
-def quiet_worker(_worker_id: int) -> None:
+def quiet_worker(_worker_id: int, keep_sigterm: bool = False) -> None:
     """A data-loading worker's ``worker_init_fn``: SIGTERM and Ctrl+C (SIGINT) are the main process's to handle (it
-    stops, saves and ends its workers: PyTorch's shutdown, else :func:`end_workers`)."""
+    stops, saves and ends its workers: PyTorch's shutdown, else :func:`end_workers`). ``keep_sigterm``: the workers of a
+    rank forked by ``ddp_fork`` keep SIGTERM (that rank exits through multiprocessing's exit hook, which ends its
+    children with ``terminate()`` and waits for them; a group SIGTERM ends them there, as it did)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not keep_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def end_workers(wait: float = 1.0) -> None:

@@ -254,8 +254,11 @@ class TokenDataModule(pl.LightningDataModule):
                 self.open_stream(s, mine.get(s)).next_context()
             stream = StreamBatches(self.open_streams, self.n_streams, self.batch_size, rank, world, self.consumed_batches, mine)
         # on a GPU, pinned batches: copying pageable memory to the device waits for every queued kernel first
+        launcher = getattr(getattr(self.trainer, "strategy", None), "launcher", None)
+        forked = type(launcher).__name__ == "_MultiProcessingLauncher"  # a rank ddp_fork forked (gsae.sigterm)
+        quiet = functools.partial(quiet_worker, keep_sigterm=forked)  # signals: the main's (gsae.sigterm)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self._on_cuda(),
-                          worker_init_fn=quiet_worker if self.num_workers else None)  # signals: the main's
+                          worker_init_fn=quiet if self.num_workers else None)
 
     def _on_cuda(self) -> bool:
         trainer = self.trainer
