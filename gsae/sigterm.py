@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.util
 import signal
 import sys
 import time
@@ -117,13 +118,20 @@ def quiet_worker(_worker_id: int, keep_sigterm: bool = False) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _end_workers_before_the_join() -> None:
+    """Any process that imports this module: multiprocessing's exit hook (``util._exit_function``) runs the
+    finalizers of priority >= 0 *before* it ``terminate()``s and joins the children, so a data-loading iterator left
+    alive (a test, a notebook, a stopped fit) cannot hang the exit on workers that ignore SIGTERM."""
+    multiprocessing.util.Finalize(None, end_workers, exitpriority=100)
+
+
 def end_workers(wait: float = 1.0) -> None:
-    """After the fit: end the data-loading workers still alive (they ignore ``terminate()``'s SIGTERM,
+    """After the fit and at exit: end the data-loading workers still alive (they ignore ``terminate()``'s SIGTERM,
     :func:`quiet_worker`) after ``wait`` seconds in all for PyTorch's own shutdown; other child processes are left alone.
     (A finished fit's workers are shut down already; a stopped one's may not be.)"""
-    from torch.utils.data._utils.worker import _worker_loop
-
-    workers = [p for p in multiprocessing.active_children() if getattr(p, "_target", None) is _worker_loop]
+    # PyTorch's workers are daemonic (multiprocessing forgets a started process's target): the children that
+    # multiprocessing's exit would terminate() anyway; a ddp_fork rank is not daemonic and is left alone
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
     deadline = time.monotonic() + wait
     for p in workers:
         p.join(timeout=max(deadline - time.monotonic(), 0.0))
@@ -137,3 +145,6 @@ def workers_ended_by_it(trainer, error: BaseException) -> bool:
     on (the process group's signal reached the workers too)."""
     return (bool(getattr(trainer, "received_sigterm", False)) and isinstance(error, RuntimeError)
             and "DataLoader worker" in str(error) and "killed by signal: Terminated" in str(error))
+
+
+_end_workers_before_the_join()

@@ -532,3 +532,27 @@ def test_lightnings_rank_observer_lets_rank_0_finish_a_stop_the_others_finished(
     assert not killed
     assert observe(1, None) is True and killed == [(1, None)]  # a rank that failed: all end, as before
     assert observe(143, 1) is True and killed[-1] == (143, 1)
+
+
+def test_a_process_whose_data_iterator_is_left_alive_still_exits(tmp_path):
+    """Data workers ignore SIGTERM (gsae.sigterm.quiet_worker), and multiprocessing's exit terminate()s and joins its
+    children: a process that left an iterator alive (a test, a notebook, a stopped fit) waited for them forever, as
+    the test suite itself did once. gsae.sigterm ends them first."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "left_alive.py"
+    script.write_text(
+        "import torch\n"
+        "from torch.utils.data import DataLoader, IterableDataset\n"
+        "from gsae.sigterm import quiet_worker\n"
+        "class Endless(IterableDataset):\n"
+        "    def __iter__(self):\n"
+        "        while True:\n"
+        "            yield torch.zeros(1)\n"
+        "it = iter(DataLoader(Endless(), batch_size=None, num_workers=2, worker_init_fn=quiet_worker))\n"
+        "next(it)\n"
+        "print('exiting', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "exiting" in done.stdout, done.stderr[-2000:]
