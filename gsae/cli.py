@@ -667,7 +667,6 @@ def main(args: list[str] | None = None) -> int:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
         finally:  # also after Ctrl+C (Lightning stops gracefully, then exits)
             print_summary(cli, resume)
-            sigterm.end_workers()  # data workers a stopped fit left (they ignore SIGTERM: exit would wait for them)
     except KeyboardInterrupt:  # Ctrl+C before the fit (loading the LM, reading the data); in it Lightning stops cleanly
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl+C does not cut the exit short with a traceback
         if "cli" in locals() and (cli.trainer.interrupted or cli.trainer.global_step > 0):
@@ -689,8 +688,6 @@ def main(args: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 1
     except Exception as e:
-        if "cli" in locals() and sigterm.workers_ended_by_it(cli.trainer, e):  # the same stop, seen from the workers
-            return 128 + signal.SIGTERM
         message = user_message(e) if isinstance(e, USER_ERRORS) else child_user_message(e)
         if message is None or os.environ.get("GSAE_DEBUG"):
             raise

@@ -20,9 +20,9 @@ ranks have already finished (:func:`patient_observer`).
 Data-loading workers (``--data.num_workers``) ignore SIGTERM and Ctrl+C (:func:`quiet_worker`): the main process
 stops, saves and ends them. A signal to the process group used to kill them first, and PyTorch's "DataLoader worker …
 is killed by signal: Terminated" then stopped a DDP rank mid-step (exit code 1, the step reached unsaved) or, on one
-process, replaced exit code 143 with 1 (:func:`workers_ended_by_it` still maps that one to 143); a second Ctrl+C
-printed a traceback per worker. As they ignore ``terminate()``, Python's exit (multiprocessing's exit hook joins
-them) would wait for them forever: ``train.py`` ends any left after the fit (:func:`end_workers`).
+process, replaced exit code 143 with 1; a second Ctrl+C printed a traceback per worker. As they ignore
+``terminate()``, Python's exit (multiprocessing's exit hook joins them) would wait for them forever: a finalizer
+that hook runs first ends any left (:func:`end_workers`), in every process that imports this module.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import logging
 import multiprocessing
 import multiprocessing.util
 import signal
-import sys
 import time
 
 import torch
@@ -71,13 +70,6 @@ def install(trainer) -> None:
     patient_observer()
     connector._sigterm_notifier_fn = note
     trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = agree
-    previous = sys.unraisablehook
-
-    def unraisable(info) -> None:  # the same news from a DataLoader iterator's __del__: no traceback for it
-        if info.exc_value is None or not workers_ended_by_it(trainer, info.exc_value):
-            previous(info)
-
-    sys.unraisablehook = unraisable
 
 
 #: exit codes of a rank that stopped as asked: Ctrl+C (130), SIGTERM (143)
@@ -138,13 +130,6 @@ def end_workers(wait: float = 1.0) -> None:
         if p.is_alive():
             p.kill()
             p.join()
-
-
-def workers_ended_by_it(trainer, error: BaseException) -> bool:
-    """Whether ``error`` is PyTorch's word that a data-loading worker was ended by the SIGTERM this trainer stopped
-    on (the process group's signal reached the workers too)."""
-    return (bool(getattr(trainer, "received_sigterm", False)) and isinstance(error, RuntimeError)
-            and "DataLoader worker" in str(error) and "killed by signal: Terminated" in str(error))
 
 
 _end_workers_before_the_join()
