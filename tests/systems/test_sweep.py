@@ -4,6 +4,8 @@ alone by ``LocalSAESystem`` on the same tokens — after n steps, after a stop a
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from unittest import mock
 
 import lightning.pytorch as pl
 import pytest
@@ -391,9 +393,20 @@ def test_cli_sweep_writes_every_members_export_evaluation_and_tensorboard(tmp_pa
     assert any(line.startswith("val ") and f"nmse {val['nmse']:.4f}" in line for line in out.splitlines()), out
     assert "train        loss " in out and " nmse " in out  # and the summary's train row, from the same means
 
-    assert evaluate_main([str(ckpt), "--benchmarks", "dead_latents", "--n-seqs", "8", "--output", str(tmp_path / "e.json")]) == 0
+    # evaluate.py maps the checkpoint, reading each member's weights only: it used to read the whole file (every
+    # member and the optimizer state, ~4x the weights with Adam) once per member, 10 times for the Table 1 sweep
+    reads, real_load = [], torch.load
+
+    def spy(path, *a, **kw):
+        if str(path).endswith(".ckpt"):
+            reads.append((Path(path).name, kw.get("mmap")))
+        return real_load(path, *a, **kw)
+
+    with mock.patch.object(torch, "load", spy):
+        assert evaluate_main([str(ckpt), "--benchmarks", "dead_latents", "--n-seqs", "8", "--output", str(tmp_path / "e.json")]) == 0
+    assert reads and all(name == ckpt.name and mmapped for name, mmapped in reads), reads
     table = capsys.readouterr().out
-    result = json.loads((tmp_path / "e.json").read_text())["dead_latents"]
+    result = json.loads((tmp_path / "e.json").read_text())["results"]["dead_latents"]
     assert len(result) == 4 and all(any(k.endswith(f":{n}") for k in result) for n in names)
     assert all(n in table for n in names)
 
@@ -433,7 +446,7 @@ def test_cli_layers_sweep_exports_evaluates_and_logs_each_member_at_its_hook(tmp
     err = capsys.readouterr().err.strip()
     assert err == (f"error: PATH '{ckpt}:topk-L1': the SAE reads 128-wide activations, random-tiny's "
                    "blocks.1.hook_resid_post is 64 wide"), err
-    from_ckpt = json.loads((tmp_path / "c.json").read_text())["loss_added"]
+    from_ckpt = json.loads((tmp_path / "c.json").read_text())["results"]["loss_added"]
     for name, hook in hooks.items():
         _, meta = load_checkpoint(ckpt, member=name)
         assert meta["hook"] == hook
@@ -444,7 +457,7 @@ def test_cli_layers_sweep_exports_evaluates_and_logs_each_member_at_its_hook(tmp
         if name.startswith("topk"):  # a g-SAE's export encodes as its β = 0 TopK (gsae.export), so TopK only
             out = tmp_path / f"{name}.json"
             assert evaluate_main([str(export), "--benchmarks", "loss_added", "--n-seqs", "8", "--output", str(out)]) == 0
-            (alone,) = json.loads(out.read_text())["loss_added"].values()
+            (alone,) = json.loads(out.read_text())["results"]["loss_added"].values()
             assert alone["L_added"] == pytest.approx(trained[name], rel=1e-4, abs=1e-6), name
     for n in hooks:  # each member's run
         tags = set(EventAccumulator(str(run / "version_0" / n), size_guidance={"scalars": 0}).Reload().Tags()["scalars"])
