@@ -20,8 +20,10 @@ tokens not counted; 162+ contexts of 128), so that its headline ``dead_fraction_
 ``--options '{"<benchmark>": {"n_seqs": N}}'`` sets one benchmark's count; ``--n-seqs N`` reads N, which every
 benchmark uses (or its own ``n_seqs`` if smaller).
 
-Prints one column per SAE (rows ``benchmark.metric``); ``--output`` writes ``{benchmark: {sae: result}}`` (and,
-for benchmarks that define ``artifacts``, ``<output stem>.<sae><suffix>`` files beside it); ``--logdir`` writes
+Prints one column per SAE (rows ``benchmark.metric``) and the held-out tokens behind them; ``--output`` writes
+``{"settings": {...}, "results": {benchmark: {sae: result}}}`` (``settings``: the benchmarks, their options, seed, device, versions,
+and per SAE its source, LM, hook, dataset, context size and the contexts each benchmark read) and, for benchmarks
+that define ``artifacts``, ``<output stem>.<sae><suffix>`` files beside it; ``--logdir`` writes
 TensorBoard scalars, figures and texts, one run per PATH. Every SAE on the same LM gets the same tokens and the same
 seeded draws, so the columns are comparable. Bad input: one line on stderr, exit 1.
 
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--options", default=None, help='per-benchmark options as JSON, e.g. \'{"steering": {"n_latents": 64}}\''
     )
-    p.add_argument("--output", default=None, help="write {benchmark: {sae: result}} JSON here")
+    p.add_argument("--output", default=None, help='write {"settings": ..., "results": {benchmark: {sae: result}}} JSON here')
     p.add_argument(
         "--logdir",
         default=None,
@@ -281,7 +283,7 @@ def load(src: Source, device: str, model: str | None):
     from gsae.export import load_checkpoint
 
     try:
-        sae, meta = load_checkpoint(src.path, member=src.member)
+        sae, meta = load_checkpoint(src.path, member=src.member, mmap=True)  # its own weights only, of a sweep too
     except ValueError as e:
         raise ArgumentError(f"PATH {src.label!r}: {e}") from None
     lm = dict(meta["lm"], **({"name": model} if model else {}))
@@ -337,6 +339,19 @@ def table(results: dict[str, dict[str, dict]], labels: list[str]) -> str:
         cells = ["" if v is None else f"{v:.6g}" for v in vals]
         lines.append(" ".join([name.ljust(width), *(s.rjust(c) for s, c in zip(cells, cols))]))
     return "\n".join(lines)
+
+
+def tokens_line(saes: dict[str, dict], short: dict[str, str]) -> str:
+    """Under the table: the held-out tokens behind its numbers, e.g. ``tokens: synthetic, contexts of 128
+    (dead_latents 165, loss_added 64)``; one line per distinct set, naming its SAEs when they differ."""
+    sets: dict[str, list[str]] = {}
+    for lb, s in saes.items():
+        counts = ", ".join(f"{b} {n}" for b, n in s["contexts"].items())
+        bos = "" if s["prepend_bos"] else ", no BOS"
+        sets.setdefault(f"{s['dataset']}, contexts of {s['context_size']}{bos} ({counts})", []).append(short.get(lb, lb))
+    if len(sets) == 1:
+        return f"tokens: {next(iter(sets))}"
+    return "\n".join(f"tokens of {', '.join(who)}: {what}" for what, who in sets.items())
 
 
 def short_labels(labels: list[str]) -> dict[str, str]:
@@ -479,10 +494,24 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--logdir {args.logdir!r}: {why}")
 
 
-def evaluate(args: argparse.Namespace, abouts: dict[str, str] | None = None) -> dict[str, dict[str, dict]]:
-    """``{benchmark: {sae label: result}}`` for every SAE the arguments name; ``abouts`` (if given) gets the line
-    naming each SAE in its files (:func:`gsae.evals.about_sae`)."""
-    abouts = {} if abouts is None else abouts
+class Evaluation(NamedTuple):
+    """What :func:`evaluate` found.
+
+    Attributes:
+        results: ``{benchmark: {sae label: result}}``.
+        saes: ``{sae label: what it was evaluated on}`` (:func:`_setup`: its line naming it, source, LM, hook,
+            dataset, context size, held-out contexts per benchmark, batch size), for ``--output``'s ``settings``.
+        settings: the settings shared by every SAE (benchmarks, their options, seed, ``--n-seqs``, device, versions).
+    """
+
+    results: dict[str, dict[str, dict]]
+    saes: dict[str, dict]
+    settings: dict
+
+
+def evaluate(args: argparse.Namespace) -> Evaluation:
+    """The results of every benchmark on every SAE the arguments name, and what each was evaluated on."""
+    saes: dict[str, dict] = {}
     for flag in ("n_seqs", "batch_size", "context_size"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ArgumentError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
@@ -501,8 +530,10 @@ def evaluate(args: argparse.Namespace, abouts: dict[str, str] | None = None) -> 
         _check_readable(src.label.rsplit(":", 1)[0] if src.member else src.label, Path(path))
     results: dict[str, dict[str, dict]] = {n: {} for n in names}
     runs = short_labels(list(dict.fromkeys(s.group for s in sources)))
+    settings = _settings(args, names, options, device)
     if _ranks()[1] > 1:
-        return _evaluate_split(args, sources, names, options, benchmark_options, runs, device, abouts)
+        results = _evaluate_split(args, sources, names, options, benchmark_options, runs, device, saes)
+        return Evaluation(results, saes, settings)
     cache: dict = {}
     # a (run, step) named twice (the same folder given twice): TensorBoard gets the last, as a later call replaces it
     last = {(runs[s.group], s.step): s for s in sources}
@@ -513,14 +544,15 @@ def evaluate(args: argparse.Namespace, abouts: dict[str, str] | None = None) -> 
             # a sweep over layers: its members' hooks from one pass (a hook this LM lacks fails at its own member)
             names_here = set(lm.hook_names())
             harvests.plan(lm, [s.hook for s in sources if s.path == src.path and s.hook in names_here])
-            abouts[src.label] = _about(sae, src, lm, hook)
+            per_benchmark = tokens_per_benchmark(counts, toks, lm, options)
+            saes[src.label] = _setup(sae, src, meta, lm, hook, args, per_benchmark)
             log.info("evaluating %s (%s, %s)", src.label, lm.name, hook)
             res = run_benchmarks(
                 names,
                 sae,
                 lm,
                 hook,
-                tokens_per_benchmark(counts, toks, lm, options),
+                per_benchmark,
                 seed=args.seed,
                 options=benchmark_options,
                 batch_size=_batch_size(args, src, meta),
@@ -529,16 +561,53 @@ def evaluate(args: argparse.Namespace, abouts: dict[str, str] | None = None) -> 
                 results[n][src.label] = res[n]
             if args.logdir and last[runs[src.group], src.step] is src:
                 tb.write(runs[src.group], src.step, res)
-    return results
+    return Evaluation(results, saes, settings)
 
 
-def _about(sae, src: Source, lm: LanguageModel, hook: str) -> str:
-    """The line naming a source's SAE in its files (:func:`gsae.evals.about_sae`)."""
-    return about_sae(sae, src.label, f"step {src.step}" if src.kind == "ckpt" else "", lm.name, hook)
+def _setup(sae, src: Source, meta: dict, lm: LanguageModel, hook: str, args: argparse.Namespace,
+           per_benchmark: dict[str, torch.Tensor]) -> dict:
+    """What a source's SAE was evaluated on, as plain JSON values: ``about`` (the line naming it in its files,
+    :func:`gsae.evals.about_sae`), where it came from, the LM and hook, the held-out tokens (dataset, context size,
+    BOS, and the contexts each benchmark read: benchmarks read different numbers, e.g. ``dead_latents`` its window
+    of 5 x 4096 tokens), and the batch size."""
+    return {
+        "about": about_sae(sae, src.label, f"step {src.step}" if src.kind == "ckpt" else "", lm.name, hook),
+        "source": {"kind": src.kind, "path": src.path, **({"member": src.member} if src.member else {}),
+                   **({"step": src.step} if src.kind == "ckpt" else {})},
+        "sae": {"class": type(sae).__name__, "d_in": sae.d_in, "d_sae": sae.d_sae},
+        "lm": lm.name,
+        "hook": hook,
+        "dataset": _dataset(args, src, meta, lm)[0],
+        "context_size": _context_size(args, meta, lm),
+        "prepend_bos": meta.get("prepend_bos", True) is not False,
+        "contexts": {b: int(t.shape[0]) for b, t in per_benchmark.items()},
+        "batch_size": _batch_size(args, src, meta),
+    }
+
+
+def _settings(args: argparse.Namespace, names: list[str], options: dict, device: str) -> dict:
+    """The settings every SAE of one command shares, as plain JSON values (``--output``'s ``settings``): with each
+    SAE's :func:`_setup`, what the numbers depend on."""
+    import sae_lens
+    import transformer_lens
+
+    import gsae
+
+    return json.loads(json.dumps({
+        "benchmarks": names,
+        "options": {n: options.get(n, {}) for n in names},
+        "seed": args.seed,
+        "n_seqs": args.n_seqs,
+        "text_column": args.text_column,
+        "device": device,
+        "versions": {"gsae": gsae.__version__, "torch": torch.__version__,
+                     "transformer_lens": getattr(transformer_lens, "__version__", None),
+                     "sae_lens": getattr(sae_lens, "__version__", None)},
+    }, default=str))
 
 
 def _evaluate_split(args, sources: list[Source], names: list[str], options: dict, benchmark_options: dict,
-                    runs: dict[str, str], device: str, abouts: dict[str, str]) -> dict[str, dict[str, dict]]:
+                    runs: dict[str, str], device: str, saes_setup: dict[str, dict]) -> dict[str, dict[str, dict]]:
     """:func:`evaluate` under torchrun: each checkpoint's (or SAELens SAE's) evaluation split between the ranks as
     the training callback splits it (:func:`gsae.evals.run_split`: its benchmarks, and a sweep's members, by their
     expected cost; the same held-out tokens and seeds on every rank, so the results are a one-process run's). Every
@@ -564,7 +633,9 @@ def _evaluate_split(args, sources: list[Source], names: list[str], options: dict
                     key[src.label] = (src.member or "") if (src.member or "") not in saes else src.label
                     loaded.append(_load_with_lm(src, args, device, cache, names, options))
                     saes[key[src.label]] = (loaded[-1][0], loaded[-1][3])
-                    abouts[src.label] = _about(loaded[-1][0], src, loaded[-1][2], loaded[-1][3])
+                    sae, meta, lm, hook, toks, counts = loaded[-1]
+                    saes_setup[src.label] = _setup(sae, src, meta, lm, hook, args,
+                                                   tokens_per_benchmark(counts, toks, lm, options))
             except (ValueError, OSError, RuntimeError) as e:
                 error = e
             _agree(error)
@@ -609,9 +680,8 @@ def _lm_and_tokens(src: Source, meta: dict, args: argparse.Namespace, device: st
         cache[key] = LanguageModel(**meta["lm"]).to(device)
     lm = cache[key]
     hook = lm.validate_hook(meta["hook"], option=f"PATH {src.label!r}: hook")
-    default = "synthetic" if lm.name.startswith("random-") else "Skylion007/openwebtext"
-    dataset = args.dataset or src.dataset or meta.get("dataset") or default
-    ctx = args.context_size or min(meta.get("context_size") or 128, lm.n_ctx)
+    dataset, default = _dataset(args, src, meta, lm)
+    ctx = _context_size(args, meta, lm)
     bos = meta.get("prepend_bos", True) is not False
     n_read, counts = held_out_counts(names, args.n_seqs, options, ctx)
     if (key, dataset, ctx, bos) not in cache:
@@ -626,6 +696,18 @@ def _lm_and_tokens(src: Source, meta: dict, args: argparse.Namespace, device: st
                                 f"{src.label!r}, which records no gsae training dataset: pass --dataset{hint}") from None
         cache[key, dataset, ctx, bos] = tokens.to(device)
     return lm, hook, cache[key, dataset, ctx, bos], counts
+
+
+def _dataset(args: argparse.Namespace, src: Source, meta: dict, lm: LanguageModel) -> tuple[str, str]:
+    """``(dataset, evaluate.py's default)`` of a source: ``--dataset``, else the one it was trained on, else the
+    default (``synthetic`` for ``random-*`` models, else OpenWebText)."""
+    default = "synthetic" if lm.name.startswith("random-") else "Skylion007/openwebtext"
+    return args.dataset or src.dataset or meta.get("dataset") or default, default
+
+
+def _context_size(args: argparse.Namespace, meta: dict, lm: LanguageModel) -> int:
+    """Tokens per held-out context: ``--context-size``, else the SAE's (128 if it records none), capped at n_ctx."""
+    return args.context_size or min(meta.get("context_size") or 128, lm.n_ctx)
 
 
 def with_run_settings(args: argparse.Namespace, sources: list[Source]) -> argparse.Namespace:
@@ -723,10 +805,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         args = build_parser().parse_intermixed_args(argv)  # PATHs after options too
-        abouts: dict[str, str] = {}
-        results = evaluate(args, abouts)
+        found = evaluate(args)
         if rank == 0:
-            report(results, args, abouts)
+            report(found, args)
     except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get("GSAE_DEBUG"):
             raise
@@ -759,21 +840,25 @@ def _process_group() -> int:
     return dist.get_rank()
 
 
-def report(results: dict[str, dict[str, dict]], args: argparse.Namespace, abouts: dict[str, str] | None = None) -> None:
-    """Print the results table (and benchmarks' own tables); write ``--output`` and its artifacts (``abouts``: the
-    line naming each SAE in them)."""
+def report(found: Evaluation, args: argparse.Namespace) -> None:
+    """Print the results table (and benchmarks' own tables) and the tokens each SAE was evaluated on; write
+    ``--output`` (``{"settings": ..., "results": {benchmark: {sae: result}}}``) and its artifacts."""
+    results = found.results
     labels = list(dict.fromkeys(lb for per in results.values() for lb in per))
     short = short_labels(labels)
     print(
         table({b: {short[lb]: r for lb, r in per.items()} for b, per in results.items()}, [short[lb] for lb in labels])
     )
+    print(tokens_line(found.saes, short))
     for bench, per in results.items():  # benchmarks with a table layout of their own (plateaus: the paper's Table 1)
         fmt = getattr(BENCHMARKS[bench], "format_table", None)
         for lb, r in per.items() if fmt else ():
             print(f"\n{bench} — {short[lb]}\n{fmt(r)}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        write_text(args.output, json_text(results))
+        settings = {**found.settings, "saes": found.saes}
+        write_text(args.output, json_text({"settings": settings, "results": results}))
         log.info("wrote %s", args.output)
+        abouts = {lb: setup["about"] for lb, setup in found.saes.items()}
         for path in write_artifacts(args.output, results, short, abouts):
             log.info("wrote %s", path)

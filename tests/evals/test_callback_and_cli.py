@@ -18,6 +18,7 @@ from gsae.evaluate import main as evaluate_main
 from tests.conftest import quickstart_args
 
 ALL = ["loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry"]
+QUICKSTART_HOOK = "blocks.2.hook_resid_post"  # configs/quickstart/topk.yaml
 SMALL_OPTIONS = {
     "steering": {"n_latents": 2, "n_positions": 1, "alphas": [0, 50]},
     "sensitive_directions": {"lengths": [1.0, 5.0], "direction_types": ["isotropic"], "substitution": False},
@@ -82,12 +83,27 @@ def test_evaluate_cli_on_the_run_folder(run_dir, tmp_path, capsys):
         ]
     )
     assert rc == 0
-    res = json.loads(out.read_text())
+    written = json.loads(out.read_text())
+    res = written["results"]
     assert list(res) == ALL
     labels = list(res["loss_added"])
     assert [Path(lb).name for lb in labels] == ["epoch=0-step=5.ckpt", "epoch=0-step=10.ckpt"]  # last.ckpt deduplicated
     table = capsys.readouterr().out
     assert "loss_added.L_added" in table and "epoch=0-step=10.ckpt" in table
+    # what the numbers were computed on is in the file (it held results only) and under the table
+    settings = written["settings"]
+    assert settings["benchmarks"] == ALL and settings["n_seqs"] == 4 and settings["device"] == "cpu"
+    assert settings["options"]["steering"]["alphas"] == [0, 50] and settings["versions"]["gsae"]
+    assert list(settings["saes"]) == labels
+    for lb, step in zip(labels, (5, 10)):
+        s = settings["saes"][lb]
+        assert s["source"] == {"kind": "ckpt", "path": lb, "step": step} and s["lm"] == "gsae-tiny"
+        assert (s["dataset"], s["context_size"], s["prepend_bos"]) == ("gsae-corpus", 32, True)
+        assert s["contexts"] == dict.fromkeys(ALL, 4) and s["hook"] == QUICKSTART_HOOK
+        assert f"step {step}" in s["about"] and s["sae"]["d_sae"] > s["sae"]["d_in"]
+        # the contexts it names are the tokens behind the results: 4 contexts of 32, BOS and end-of-text not counted
+        assert 0 < res["loss_added"][lb]["n_tokens"] <= 4 * 31
+    assert f"tokens: gsae-corpus, contexts of 32 ({', '.join(f'{b} 4' for b in ALL)})" in table
     assert len(list((tmp_path / "tb").iterdir())) == 1  # one TensorBoard run for the run folder, steps 5 and 10
     # evaluated again into the same --logdir: the new values replace the old at each step, not a second point
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -113,12 +129,12 @@ def test_evaluate_py_on_a_checkpoint_reproduces_its_eval_json(run_dir, tmp_path)
     out = tmp_path / "again.json"
     assert evaluate_main([str(ckpt), "--device", "cpu", "--output", str(out)]) == 0
     want = json.loads(Path(str(ckpt) + ".eval.json").read_text())["results"]
-    got = {b: per[str(ckpt)] for b, per in json.loads(out.read_text()).items()}
+    got = {b: per[str(ckpt)] for b, per in json.loads(out.read_text())["results"].items()}
     assert list(got) == ["loss_added", "dead_latents"]
     _same(got, want)
     # the command line wins (here --n-seqs), and a run folder's checkpoints share the settings
     assert evaluate_main([str(run_dir), "--n-seqs", "2", "--output", str(out)]) == 0
-    again = json.loads(out.read_text())
+    again = json.loads(out.read_text())["results"]
     assert list(again) == ["loss_added", "dead_latents"] and len(again["loss_added"]) == 2
     # 2 contexts of 64 (BOS and end-of-text tokens not counted), against the run's 4
     assert all(r["n_tokens"] <= 2 * 63 < got["loss_added"]["n_tokens"] for r in again["loss_added"].values())
@@ -138,7 +154,7 @@ def test_evaluate_cli_on_a_saelens_export_uses_the_recorded_training_dataset(run
     args = ["--benchmarks", "loss_added", "--n-seqs", "4", "--device", "cpu", "--output", str(out)]
     assert evaluate_main([str(ckpt.with_suffix(".saelens")), str(ckpt), *args]) == 0
     assert used and set(used) == {"gsae-corpus"}
-    res = json.loads(out.read_text())["loss_added"]
+    res = json.loads(out.read_text())["results"]["loss_added"]
     a, b = res[str(ckpt.with_suffix(".saelens"))], res[str(ckpt)]
     assert a["kl_sae"] == pytest.approx(b["kl_sae"], rel=1e-4) and a["l0"] == b["l0"]
 
@@ -152,7 +168,7 @@ def test_evaluate_plateaus_prints_the_table_and_writes_json(run_dir, tmp_path, c
     assert rc == 0
     printed = capsys.readouterr().out
     assert "model_generated" in printed and "synthetic_structured" in printed and "abs_ks" in printed
-    res = json.loads(out.read_text())
+    res = json.loads(out.read_text())["results"]
     assert list(res) == ["plateaus"]
     tables = next(iter(res["plateaus"].values()))["tables"]["ms"]
     assert tables["model_generated"]["abs_ks"] == 0.0
@@ -395,7 +411,7 @@ def test_evaluate_py_output_is_strict_json_and_a_failed_write_is_one_line(tmp_pa
     def strict(text: str):
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
 
-    (result,) = strict(out.read_text())["fake"].values()
+    (result,) = strict(out.read_text())["results"]["fake"].values()
     assert result["ratio"] is None and result["curve"] == [1.0, None]
     capsys.readouterr()
     long = tmp_path / ("r" * 240 + ".json")  # fits; "<stem>.<sae>.fake.html" beside it does not (255 bytes)
@@ -483,7 +499,7 @@ def test_evaluate_cli_gives_dead_latents_its_window_by_default(run_dir, tmp_path
     def run(*extra: str) -> dict:
         out = tmp_path / "res.json"
         assert evaluate_main([ckpt, "--benchmarks", "dead_latents,loss_added", "--output", str(out), *extra]) == 0
-        return json.loads(out.read_text())["dead_latents"][ckpt]
+        return json.loads(out.read_text())["results"]["dead_latents"][ckpt]
 
     dead = run("--options", json.dumps({"dead_latents": {"batch_tokens": 256}}))
     lm: LanguageModel = seen["lm"]
@@ -586,7 +602,7 @@ def test_evaluate_py_reads_a_local_dataset_s_own_text_column_and_names_a_file_th
     assert err.startswith("error: --text-column: dataset has no 'text' or 'input_ids' column (columns: ['body'])"), err
     out = tmp_path / "out.json"
     assert evaluate_main([*base, "--text-column", "body", "--output", str(out)]) == 0
-    assert json.loads(out.read_text())["loss_added"]
+    assert json.loads(out.read_text())["results"]["loss_added"]
     binary = tmp_path / "binary.txt"
     binary.write_bytes(bytes(range(128, 256)) * 64)
     broken = tmp_path / "broken.jsonl"
@@ -622,7 +638,7 @@ def test_evaluate_py_refuses_an_unreadable_path_before_evaluating_the_others(run
     assert calls == []  # nothing evaluated
     out = tmp_path / "after.json"
     assert evaluate_main(["--benchmarks", "loss_added", "--n-seqs", "2", "--output", str(out), str(good)]) == 0
-    assert list(json.loads(out.read_text())["loss_added"]) == [str(good)]
+    assert list(json.loads(out.read_text())["results"]["loss_added"]) == [str(good)]
 
 
 def test_evaluate_py_says_a_g_sae_export_encodes_as_topk(tmp_path, caplog):

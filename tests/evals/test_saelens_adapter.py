@@ -157,7 +157,7 @@ def test_evaluate_py_on_layer_norm_topk_folder_equals_saelens_forward(tmp_path):
     opts = {"plateaus": {"n_perturbations": 4, "prompt_len": 6, "plateau": False, "schedules": ["absolute"]}}
     args = [str(tmp_path / "ln_topk"), "--benchmarks", "loss_added,plateaus", "--n-seqs", "4", "--device", "cpu"]
     assert evaluate_main([*args, "--options", json.dumps(opts), "--output", str(out)]) == 0
-    res = json.loads(out.read_text())
+    res = json.loads(out.read_text())["results"]
     got = next(iter(res["loss_added"].values()))
     _, meta = load_saelens_folder(tmp_path / "ln_topk")
     tiny_lm = LanguageModel(**meta["lm"])  # SAELens' no-processing model, as evaluate.py loads it

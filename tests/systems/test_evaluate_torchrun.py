@@ -45,6 +45,8 @@ def test_torchrun_evaluate_py_equals_one_process(sweep_run, tmp_path):
     proc = torchrun(str(sweep_run), *ARGS, "--output", str(tmp_path / "two.json"), "--logdir", str(tmp_path / "tb"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["settings"] == one["settings"]  # also each SAE's tokens: the contexts every benchmark read
+    one, two = one["results"], two["results"]
     assert list(two) == BENCHMARKS.split(",") and list(two["loss_added"]) == list(one["loss_added"])
     assert len(one["loss_added"]) == 8  # 2 checkpoints × 4 members
     _same(two, one)
