@@ -445,8 +445,8 @@ def _device(name: str | None) -> str:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise ArgumentError(f"--device {name!r}: {str(e).splitlines()[0]}") from None
+    except RuntimeError:  # torch's message lists its 20 device types, most of which no machine here has
+        raise ArgumentError(f"--device {name!r}: not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ArgumentError(f"--device {name!r}: this machine has no CUDA GPU (use --device cpu)")
     if device.type == "cuda" and device.index is None and local is not None:

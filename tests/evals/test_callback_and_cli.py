@@ -223,7 +223,7 @@ def test_evaluate_cli_errors(tmp_path, capsys):
         (str(bad), "--output", "/proc/x.json"): "--output '/proc/x.json': cannot write in /proc",
         (str(bad), "--logdir", "/proc/tb"): "--logdir '/proc/tb': cannot write in /proc",
         (str(bad), "--logdir", str(bad)): "is a file, not a folder",
-        (str(bad), "--device", "nonsense"): "--device 'nonsense'",
+        (str(bad), "--device", "nonsense"): "--device 'nonsense': not a torch device (e.g. cpu, cuda",
         (str(bad), "--context-size", "0"): "--context-size must be > 0",  # was silently the default
         (str(bad), "--benchmarks", ""): "--benchmarks: no benchmark given",
         (str(tmp_path / "noweights"),): "a SAELens folder (cfg.json) without sae_weights.safetensors",
