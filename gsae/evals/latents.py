@@ -4,6 +4,9 @@ For a seeded sample of alive latents (plus any named in ``latents``), from the e
 
 - the ``n_contexts`` top-activating tokens, each with its context window, the activating token marked and the
   latent's activation on every token of the window;
+- ``n_per_interval`` random tokens (same windows) from each of ``n_intervals`` intervals of its nonzero activations,
+  highest first, as sae_vis's interval groups (the dashboards of Rajamanoharan et al. 2024, whose rating protocol
+  the paper follows): top examples alone overstate what a latent does at its typical activations;
 - the histogram of the latent's nonzero activations and its density (fraction of tokens it fires on);
 - the logit lens of its decoder direction, ``W_dec[i] @ W_U``: the tokens it promotes and suppresses most (as
   strings; residual-stream hooks only, where ``d_in == d_model``);
@@ -47,7 +50,8 @@ SETTINGS = ("n_tokens", "n_latents")
 #: a bad value used to raise after the evaluation, or run and give NaN or the wrong latents)
 OPTION_BOUNDS: dict[str, str | tuple[str, ...]] = {
     "batch_size": "> 0", "n_latents": ">= 0", "latents": "each >= 0", "n_contexts": "> 0",
-    "context_before": ">= 0", "context_after": ">= 0", "n_logit_tokens": ">= 0", "hist_bins": "> 0"
+    "context_before": ">= 0", "context_after": ">= 0", "n_logit_tokens": ">= 0", "hist_bins": "> 0",
+    "n_intervals": ">= 0", "n_per_interval": "> 0",
 }
 
 
@@ -63,6 +67,8 @@ def run(
     n_latents: int = 32,
     latents: list[int] | None = None,
     n_contexts: int = 8,
+    n_intervals: int = 3,
+    n_per_interval: int = 4,
     context_before: int = 12,
     context_after: int = 4,
     n_logit_tokens: int = 8,
@@ -76,12 +82,17 @@ def run(
         lm: the language model.
         hook: hook the SAE reads.
         tokens: ``(n_seq, T)`` held-out contexts.
-        seed: seed of the latent sample.
+        seed: seed of the latent sample and (with the latent's index) of its interval examples.
         batch_size: sequences per forward pass (memory only).
         n_latents: latents to sample, uniformly among those firing on at least ``n_contexts`` tokens (topped up
             with other alive latents when fewer do); the same latents at every checkpoint while they stay alive.
         latents: latent indices always shown (before the sample), e.g. ``[12, 907]``.
         n_contexts: top-activating tokens (contexts) shown per latent.
+        n_intervals: intervals of each latent's nonzero activations to show random examples from (0: none). Split at
+            quantiles, so each holds about as many tokens: activations are heavy-tailed, and sae_vis's equal-width
+            intervals in activation leave the upper ones nearly empty. Equal quantile edges (ties) are merged.
+        n_per_interval: random tokens (contexts) shown per interval, never one of the top contexts; seeded by
+            ``seed`` and the latent, so a latent's draw does not depend on which other latents are shown.
         context_before: tokens of context shown before the activating token.
         context_after: tokens of context shown after it.
         n_logit_tokens: promoted and suppressed tokens of the logit lens.
@@ -92,8 +103,8 @@ def run(
     bad = [i for i in named if not 0 <= i < sae.d_sae]
     if bad:
         raise ValueError(f"latents.latents: {bad} out of range for d_sae={sae.d_sae}")
-    if n_latents < 0 or n_contexts <= 0 or hist_bins <= 0:
-        raise ValueError("latents: n_latents must be >= 0, n_contexts and hist_bins > 0")
+    if n_latents < 0 or n_intervals < 0 or n_contexts <= 0 or hist_bins <= 0 or n_per_interval <= 0:
+        raise ValueError("latents: n_latents and n_intervals must be >= 0, n_contexts, n_per_interval, hist_bins > 0")
     tokens = tokens.to(lm.device)
     n_seq, t_len = tokens.shape
     keep = special_token_mask(lm, tokens, exclude_special_tokens).reshape(-1).cpu()  # (n_seq·T,)
@@ -117,7 +128,8 @@ def run(
     for j, i in enumerate(chosen):
         entries.append(
             _latent_entry(lm, tokens, i, acts[:, column[i]], int(counts[i]), n_tokens, attr_sum, logit, j, n_contexts,
-                          context_before, context_after, hist_bins)
+                          context_before, context_after, hist_bins, n_intervals=n_intervals,
+                          n_per_interval=n_per_interval, seed=seed)
         )
     dens = torch.tensor([e["density"] for e in entries]) if entries else torch.zeros(1)
     return {
@@ -203,24 +215,72 @@ def _logit_lens(sae, lm, chosen: list[int], n: int) -> tuple[Tensor, Tensor, Ten
     return top.values, top.indices, bottom.values, bottom.indices
 
 
-def _latent_entry(lm, tokens, i, act, count, n_tokens, attr_sum, logit, j, n_contexts, before, after, bins) -> dict:
+def _contexts(lm, tokens: Tensor, act: Tensor, flats: list[int], before: int, after: int) -> list[dict]:
+    """The context window of each token ``flats`` (indices into ``tokens (n_seq, T)`` flattened): its tokens as
+    strings, the activating one's place in them (``marked``) and the latent's activation ``act`` on each."""
+    t_len = tokens.shape[1]
+    windows = []
+    for flat in flats:
+        s, p = divmod(flat, t_len)
+        windows.append((s, p, max(0, p - before), min(t_len, p + after + 1)))
+    ids = [tokens[s, a:b].tolist() for s, _, a, b in windows]
+    strings = iter(token_strings(lm, [i for w in ids for i in w]))  # one decode call for every window
+    return [{
+        "seq": s,
+        "pos": p,
+        "marked": p - a,
+        "tokens": [next(strings) for _ in range(b - a)],
+        "acts": [round(float(v), 4) for v in act[s * t_len + a : s * t_len + b]],
+    } for s, p, a, b in windows]
+
+
+def _quantiles(sorted_vals: Tensor, q: Tensor) -> Tensor:
+    """``torch.quantile(x, q)`` (linear interpolation) of ``sorted_vals``, x sorted ascending, without its
+    2^24-element limit."""
+    pos = q.double() * (len(sorted_vals) - 1)
+    lo, hi = sorted_vals[pos.floor().long()], sorted_vals[pos.ceil().long()]
+    return torch.minimum(lo + (hi - lo) * (pos - pos.floor()).to(sorted_vals.dtype), hi)  # rounding: stays sorted
+
+
+def _intervals(act: Tensor, shown: Tensor, n_intervals: int, n_per: int, seed: int, latent: int) -> list[dict]:
+    """Intervals of the nonzero activations in ``act (n_seq·T,)``, split at their quantiles, highest first: each
+    ``{"lo", "hi", "n_tokens", "flats"}``, its bounds (rounded as contexts' activations are, so every example's
+    shown activation lies in ``[lo, hi]``), the tokens it holds (``[lo, hi)``, the last ``[lo, hi]``; top contexts
+    included) and up to ``n_per`` of them drawn uniformly at random (seeded by ``seed`` and ``latent``) from those
+    not in ``shown`` (the top contexts), highest activation first. ``[]`` when off or when every nonzero is shown."""
+    fired = act != 0
+    if n_intervals == 0 or int(fired.sum()) <= len(shown):
+        return []
+    nz = act[fired].sort().values
+    edges = _quantiles(nz, torch.linspace(0, 1, n_intervals + 1)).unique_consecutive()  # ties merge intervals
+    if len(edges) == 1:  # every activation equal: one interval [v, v]
+        edges = edges.repeat(2)
+    n_tokens = torch.bucketize(nz, edges[1:-1], right=True).bincount(minlength=len(edges) - 1)
+    free = fired.clone()
+    free[shown] = False
+    cand = free.nonzero().flatten()
+    which = torch.bucketize(act[cand], edges[1:-1], right=True)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + latent) % 2**63)
+    out = []
+    for k in reversed(range(len(edges) - 1)):
+        pool = cand[which == k]
+        pick = pool[torch.randperm(len(pool), generator=gen)[:n_per]]
+        pick = pick[act[pick].argsort(descending=True, stable=True)]
+        out.append({"lo": round(float(edges[k]), 4), "hi": round(float(edges[k + 1]), 4),
+                    "n_tokens": int(n_tokens[k]), "flats": pick.tolist()})
+    return out
+
+
+def _latent_entry(lm, tokens, i, act, count, n_tokens, attr_sum, logit, j, n_contexts, before, after, bins, *,
+                  n_intervals: int, n_per_interval: int, seed: int) -> dict:
     """The JSON record of latent ``i`` from its activation on every token, ``act (n_seq·T,)``."""
-    n_seq, t_len = tokens.shape
     nz = act[act != 0]
     fired = (act != 0).nonzero().flatten()
     order = fired[act[fired].argsort(descending=True, stable=True)][:n_contexts]
-    contexts = []
-    for flat in order.tolist():
-        s, p = divmod(flat, t_len)
-        a, b = max(0, p - before), min(t_len, p + after + 1)
-        ids = tokens[s, a:b].tolist()
-        contexts.append({
-            "seq": s,
-            "pos": p,
-            "marked": p - a,
-            "tokens": token_strings(lm, ids),
-            "acts": [round(float(v), 4) for v in act[s * t_len + a : s * t_len + b]],
-        })
+    contexts = _contexts(lm, tokens, act, order.tolist(), before, after)
+    groups = _intervals(act, order, n_intervals, n_per_interval, seed, i)
+    for g in groups:
+        g["contexts"] = _contexts(lm, tokens, act, g.pop("flats"), before, after)
     hi = float(nz.max()) if nz.numel() else 1.0
     lo = min(0.0, float(nz.min())) if nz.numel() else 0.0
     hist = torch.histc(nz, bins=bins, min=lo, max=hi if hi > lo else lo + 1) if nz.numel() else torch.zeros(bins)
@@ -233,6 +293,7 @@ def _latent_entry(lm, tokens, i, act, count, n_tokens, attr_sum, logit, j, n_con
         "hist": {"edges": torch.linspace(lo, hi if hi > lo else lo + 1, bins + 1).tolist(),
                  "counts": [int(c) for c in hist]},
         "contexts": contexts,
+        "intervals": groups,
         "mean_beta_attribution": (float(attr_sum[i]) / count if count else None) if attr_sum is not None else None,
         "promoted": None,
         "suppressed": None,

@@ -1,9 +1,9 @@
 """Rendering of :mod:`gsae.evals.latents` results: one self-contained HTML page and per-latent markdown.
 
 The page has inline CSS and inline SVG only (no script, no font or CDN link), so it opens from disk with no
-network. Token backgrounds are shaded by the latent's activation relative to its maximum; the activating
-token of each context is outlined; every token the latent fires on carries its activation as a small number
-(and all tokens as a hover title).
+network. Token backgrounds are shaded by the latent's activation relative to its maximum (in the interval
+examples too, so their shading compares with the top contexts'); the activating token of each context is outlined;
+every token the latent fires on carries its activation as a small number (and all tokens as a hover title).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ td,th{padding:2px 8px;text-align:left}th{border-bottom:1px solid #ccc}
 .tok sub{font-size:9px;color:#7a3b00;margin-left:1px}
 .tok.mark{outline:2px solid #c2410c;font-weight:600}
 .sp{color:#999}
+.ivs{margin-top:12px}
+.ivh{font-size:13px;color:#333;margin:8px 0 0;padding:2px 6px;background:#f4f4f4;border-left:3px solid #ea7a2c}
+.none{font-size:12.5px;color:#777;padding:2px 0}
 svg text{font-family:system-ui,sans-serif;font-size:10px;fill:#444}
 """
 
@@ -91,6 +94,26 @@ def _context_html(ctx: dict, max_act: float) -> str:
     return f'<div class="ctx"><span class="a">{_fmt(act)}</span>{"".join(spans)}</div>'
 
 
+def _interval_head(k: int, n: int, group: dict) -> str:
+    return (f"{k + 1}/{n} · activations {_fmt(group['lo'])}–{_fmt(group['hi'])} · "
+            f"{group['n_tokens']:,} token{'s' if group['n_tokens'] != 1 else ''}")
+
+
+def _intervals_html(entry: dict) -> str:
+    """Each activation interval's random examples under a header, highest interval first."""
+    groups = entry.get("intervals") or []
+    if not groups:
+        return ""
+    parts = ['<div class="ivs"><b>random examples across its activations</b> (intervals holding equal numbers of '
+             "its tokens, highest first; top tokens excluded)</div>"]
+    for k, g in enumerate(groups):
+        parts.append(f'<div class="ivh">Interval {_interval_head(k, len(groups), g)}</div>')
+        empty = "no tokens in this interval" if not g["n_tokens"] else "all its tokens are among the top ones above"
+        parts.append("".join(_context_html(c, entry["max_act"]) for c in g["contexts"])
+                     or f'<div class="none">{empty}</div>')
+    return "".join(parts)
+
+
 def _logits_html(entry: dict) -> str:
     if entry["promoted"] is None:
         return '<div class="logits"><i>no logit lens (the hook is not d_model wide)</i></div>'
@@ -128,7 +151,7 @@ def render_html(result: dict, about: str = "") -> str:
             f'<div class="row"><div>{histogram_svg(e["hist"]["edges"], e["hist"]["counts"])}</div>'
             f"{_logits_html(e)}</div>"
             f"<div><b>top {len(e['contexts'])} activating tokens</b> (outlined; numbers: activation)</div>"
-            f"{contexts}</section>"
+            f"{contexts}{_intervals_html(e)}</section>"
         )
     attr_head = "<th>mean β·|W_dec∇ₓL|</th>" if setup["gsae"] else ""
     head = (f"<tr><th>latent</th><th>density</th><th>max act</th>{attr_head}<th>promotes</th></tr>")
@@ -158,7 +181,8 @@ def _md(tok: str, bold: bool = False) -> str:
 
 
 def render_markdown(entry: dict, result: dict) -> str:
-    """One latent for TensorBoard's text dashboard: stats, logit lens and a table of its top contexts."""
+    """One latent for TensorBoard's text dashboard: stats, logit lens, a table of its top contexts and one line per
+    activation interval with its examples (a shorter window: the activating token, 4 before and 1 after)."""
     lines = [f"### latent {entry['latent']}", "", _stats(entry, result), ""]
     if entry["promoted"] is not None:
         for key, title in (("promoted", "promotes"), ("suppressed", "suppresses")):
@@ -169,4 +193,14 @@ def render_markdown(entry: dict, result: dict) -> str:
     for c in entry["contexts"]:
         toks = [_md(t, bold=k == c["marked"]) for k, t in enumerate(c["tokens"])]
         lines.append(f"| {_fmt(c['acts'][c['marked']])} | {''.join(toks)} |")
+    groups = entry.get("intervals") or []
+    if groups:
+        lines += ["", "**random examples by activation interval** (highest first):", ""]
+    for k, g in enumerate(groups):
+        shown = []
+        for c in g["contexts"]:
+            m = c["marked"]
+            toks = [_md(t, bold=n == m) for n, t in enumerate(c["tokens"]) if m - 4 <= n <= m + 1]
+            shown.append(f"…{''.join(toks)}… ({_fmt(c['acts'][m])})")
+        lines.append(f"- **{_interval_head(k, len(groups), g)}:** " + (" · ".join(shown) or "no other tokens"))
     return "\n".join(lines)

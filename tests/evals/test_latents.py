@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from gsae.data.harvest import loss_gradients
-from gsae.evals import BENCHMARKS, run_benchmark, run_benchmarks, tagged_figures
+from gsae.evals import BENCHMARKS, latents_html, run_benchmark, run_benchmarks, tagged_figures
 from gsae.evals import latents as latents_mod
 from gsae.sae import GradTopKSAE, TopKSAE
 from tests.conftest import randomize
@@ -66,7 +66,11 @@ def test_dashboard_matches_a_naive_reference(tiny) -> None:
         ref_top = col.topk(8).values
         got = torch.tensor([c["acts"][c["marked"]] for c in e["contexts"]])
         torch.testing.assert_close(got, ref_top, atol=2e-4, rtol=1e-4)
-        for c in e["contexts"]:  # every token of the window: its string and this latent's activation
+        examples = [c for g in e["intervals"] for c in g["contexts"]]  # checked in detail on a planted latent below
+        assert len(e["intervals"]) == 3 and 0 < len(examples) <= 12
+        assert sum(g["n_tokens"] for g in e["intervals"]) == e["n_fires"]
+        assert not {(c["seq"], c["pos"]) for c in examples} & {(c["seq"], c["pos"]) for c in e["contexts"]}
+        for c in e["contexts"] + examples:  # every token of the window: its string and this latent's activation
             a = c["pos"] - c["marked"]
             ids = tokens[c["seq"], a : a + len(c["tokens"])].tolist()
             assert c["tokens"] == [lm.tokenizer.decode([i]) for i in ids]
@@ -96,7 +100,8 @@ def test_sample_is_seeded_alive_and_named_latents_come_first(tiny) -> None:
     assert 5 not in ids and all(e["n_fires"] >= 2 for e in a["latents"])
     named = run_benchmark("latents", sae, lm, HOOK, tokens, seed=0, n_latents=3, latents=[5, 200], n_contexts=2)
     assert [e["latent"] for e in named["latents"]][:2] == [5, 200] and named["n_latents"] == 5
-    assert named["latents"][0]["contexts"] == [] and named["latents"][0]["n_fires"] == 0
+    dead = named["latents"][0]
+    assert dead["contexts"] == dead["intervals"] == [] and dead["n_fires"] == 0
     twice = run_benchmark("latents", sae, lm, HOOK, tokens, seed=0, n_latents=3, latents=[5, 200, 5], n_contexts=2)
     assert twice["latents"] == named["latents"] and twice["n_latents"] == 5  # a latent named twice: one dashboard
     with pytest.raises(ValueError, match="latents.latents"):
@@ -141,7 +146,9 @@ def test_html_is_self_contained_with_every_latent_and_context(tiny) -> None:
 
     Count().feed(page)
     assert counts["latent"] == r["n_latents"] >= 16
-    assert counts["ctx"] == sum(len(e["contexts"]) for e in r["latents"]) >= 16 * 8
+    n_examples = sum(len(g["contexts"]) for e in r["latents"] for g in e["intervals"])
+    assert counts["ctx"] == sum(len(e["contexts"]) for e in r["latents"]) + n_examples >= 16 * 8 + n_examples > 0
+    assert counts["ivh"] == sum(len(e["intervals"]) for e in r["latents"]) >= 16  # a header per interval
     assert counts["mark"] == counts["ctx"]  # one activating token marked per context
     assert counts["svg"] == r["n_latents"]  # one activation histogram each
     assert "mean β·|W_dec∇ₓL|" in page and "promotes" in page
@@ -206,7 +213,7 @@ def keep_everything(sae, lm, tokens, grad: bool, batch_size: int, **kw) -> tuple
     n_tokens = int((~torch.isin(tokens, torch.tensor(lm.special_token_ids))).sum())
     return [
         latents_mod._latent_entry(lm, tokens, i, dense[:, i], int(counts[i]), n_tokens, attr_sum, logit, j,
-                                  kw["n_contexts"], 12, 4, 24)
+                                  kw["n_contexts"], 12, 4, 24, n_intervals=3, n_per_interval=4, seed=kw["seed"])
         for j, i in enumerate(chosen)
     ], int((counts > 0).sum())
 
@@ -272,3 +279,147 @@ def test_sample_equals_the_per_latent_loop():
         for exclude in (set(), {3, 7, 100 % d_sae}):
             for seed in (0, 5):
                 assert latents_mod._sample(counts, exclude, n, min_fires, seed) == loop(counts, exclude, n, min_fires, seed)
+
+
+def planted(n_tokens: int, n_fire: int, seed: int = 0) -> torch.Tensor:
+    """A latent's activation on each of ``n_tokens`` tokens: heavy-tailed values (squared exponentials, like a real
+    latent's) on ``n_fire`` random tokens, zero elsewhere."""
+    gen = torch.Generator().manual_seed(seed)
+    act = torch.zeros(n_tokens)
+    act[torch.randperm(n_tokens, generator=gen)[:n_fire]] = torch.empty(n_fire).exponential_(generator=gen) ** 2 + 0.01
+    return act
+
+
+def entry_of(lm, tokens, act, latent: int = 7, **kw) -> dict:
+    """The dashboard entry of a latent whose activation on every token of ``tokens`` is ``act`` (8 top contexts;
+    3 intervals of 4 examples and seed 0 unless ``kw`` says otherwise)."""
+    kw = {"n_intervals": 3, "n_per_interval": 4, "seed": 0} | kw
+    n = int((act != 0).sum())
+    return latents_mod._latent_entry(lm, tokens, latent, act, n, act.numel(), None, None, 0, 8, 12, 4, 24, **kw)
+
+
+def check_examples(lm, tokens, act, e) -> set[tuple[int, int]]:
+    """Every interval example: a context window as the top contexts have (the same keys, the window's tokens and
+    this latent's activations), its activation inside its interval's ``[lo, hi]``, none a top context and none
+    twice; returns their ``(seq, pos)``."""
+    t_len = tokens.shape[1]
+    top = {(c["seq"], c["pos"]) for c in e["contexts"]}
+    seen: list[tuple[int, int]] = []
+    for g in e["intervals"]:
+        for c in g["contexts"]:
+            assert c.keys() == e["contexts"][0].keys()
+            a = c["pos"] - c["marked"]
+            assert c["marked"] == min(c["pos"], 12) and len(c["tokens"]) == min(t_len - a, c["marked"] + 5)
+            assert c["tokens"] == latents_mod.token_strings(lm, tokens[c["seq"], a : a + len(c["tokens"])].tolist())
+            flat = c["seq"] * t_len + a
+            assert c["acts"] == [round(float(v), 4) for v in act[flat : flat + len(c["tokens"])]]
+            assert g["lo"] <= c["acts"][c["marked"]] <= g["hi"] and c["acts"][c["marked"]] != 0
+            seen.append((c["seq"], c["pos"]))
+    assert len(set(seen)) == len(seen) and not set(seen) & top
+    return set(seen)
+
+
+def test_interval_examples_are_seeded_draws_from_quantile_intervals(tiny) -> None:
+    """A planted heavy-tailed latent: three intervals at the quantiles of its nonzero activations (computed here
+    with ``torch.quantile``), highest first, adjacent, holding all its tokens between them; four random examples
+    from each, inside it and never a top context; the draw fixed by the seed and the latent, not the global RNG."""
+    lm, tokens = tiny
+    tokens = tokens[:8]
+    act = planted(tokens.numel(), 300)
+    e = entry_of(lm, tokens, act)
+    nz = act[act != 0]
+    q = torch.quantile(nz, torch.linspace(0, 1, 4)).flip(0)  # highest first
+    groups = e["intervals"]
+    assert [g["hi"] for g in groups] == pytest.approx(q[:-1].tolist(), abs=1e-4)
+    assert [g["lo"] for g in groups] == pytest.approx(q[1:].tolist(), abs=1e-4)
+    inside = [int(((nz >= lo) & (nz < hi)).sum()) for hi, lo in zip(q[:-1], q[1:])]
+    inside[0] += int((nz == q[0]).sum())  # the highest interval holds the maximum
+    assert [g["n_tokens"] for g in groups] == inside and sum(inside) == 300 and min(inside) >= 99
+    assert all(len(g["contexts"]) == 4 for g in groups)
+    drawn = check_examples(lm, tokens, act, e)
+    shown = [[c["acts"][c["marked"]] for c in g["contexts"]] for g in groups]
+    assert all(a == sorted(a, reverse=True) for a in shown)  # highest first within an interval
+    rest = act.clone()
+    rest[[c["seq"] * tokens.shape[1] + c["pos"] for c in e["contexts"]]] = 0
+    highest = [[round(float(v), 4) for v in rest[(rest >= g["lo"]) & (rest <= g["hi"])].topk(4).values] for g in groups]
+    assert all(a != h for a, h in zip(shown, highest))  # a random draw, not each interval's highest
+
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert entry_of(lm, tokens, act) == e
+    other = entry_of(lm, tokens, act, seed=1)
+    bounds = [(g["lo"], g["hi"], g["n_tokens"]) for g in groups]
+    assert [(g["lo"], g["hi"], g["n_tokens"]) for g in other["intervals"]] == bounds  # another seed: other examples
+    assert check_examples(lm, tokens, act, other) != drawn
+    assert check_examples(lm, tokens, act, entry_of(lm, tokens, act, latent=8)) != drawn  # each latent its own draw
+    union = set().union(*(check_examples(lm, tokens, act, entry_of(lm, tokens, act, seed=s)) for s in range(30)))
+    assert len(union) > 150  # uniform over the ~290 candidates: 30 draws of 12 reach most of them
+    assert entry_of(lm, tokens, act, n_intervals=0)["intervals"] == []
+
+
+def test_interval_edge_cases(tiny) -> None:
+    """A latent that never fires, or fires only on its top contexts: no intervals; one that fires on two more: three
+    intervals with two examples between them (an interval may hold only top contexts); ties: equal quantile edges
+    merge (all equal: one interval ``[v, v]``)."""
+    lm, tokens = tiny
+    tokens = tokens[:4]
+    n = tokens.numel()
+    assert entry_of(lm, tokens, torch.zeros(n))["intervals"] == []
+    assert entry_of(lm, tokens, planted(n, 8))["intervals"] == []
+    act = planted(n, 10)
+    e = entry_of(lm, tokens, act)
+    assert len(e["intervals"]) == 3 and sum(g["n_tokens"] for g in e["intervals"]) == 10
+    assert len(check_examples(lm, tokens, act, e)) == 2 and e["intervals"][0]["contexts"] == []  # its top tokens shown
+
+    same = (planted(n, 50) != 0).float() * 0.5
+    e = entry_of(lm, tokens, same)
+    assert [(g["lo"], g["hi"], g["n_tokens"], len(g["contexts"])) for g in e["intervals"]] == [(0.5, 0.5, 50, 4)]
+    check_examples(lm, tokens, same, e)
+    tied = same * 2
+    tied[(tied != 0).nonzero().flatten()[:20]] = 2 + torch.rand(20)  # 30 at exactly 1, 20 between 2 and 3
+    e = entry_of(lm, tokens, tied)
+    edges = torch.quantile(tied[tied != 0], torch.linspace(0, 1, 4)).unique().flip(0)  # [max, q(2/3), 1]
+    assert len(edges) == 3 and [g["hi"] for g in e["intervals"]] == pytest.approx(edges[:-1].tolist(), abs=1e-4)
+    assert [g["lo"] for g in e["intervals"]] == pytest.approx(edges[1:].tolist(), abs=1e-4)
+    assert sum(g["n_tokens"] for g in e["intervals"]) == 50
+    assert [len(g["contexts"]) for g in e["intervals"]] == [4, 4]
+    check_examples(lm, tokens, tied, e)
+
+
+def test_interval_sections_in_html_and_markdown(tiny) -> None:
+    """Under each latent's top contexts, a header per interval (its rank, range and token count) and its examples,
+    rendered as top contexts are (outlined token); on TensorBoard, one list item per interval with its examples'
+    activating tokens in bold."""
+    lm, tokens = tiny
+    sae = randomize(TopKSAE(lm.d_model, d_sae=256, k=8), seed=3)
+    r = run_benchmark("latents", sae, lm, HOOK, tokens[:12], seed=0, n_latents=4, n_contexts=4)
+    page = latents_mod.artifacts(r)[".latents.html"]
+    fmt = latents_html._fmt
+    for e in r["latents"]:
+        card = page.split(f'id="latent-{e["latent"]}"')[1].split("</section>")[0]
+        groups = e["intervals"]
+        assert len(groups) == 3 and card.count('class="ivh"') == 3
+        at = card.index("activating tokens")
+        for k, g in enumerate(groups):
+            head = f"Interval {k + 1}/3 · activations {fmt(g['lo'])}–{fmt(g['hi'])} · {g['n_tokens']:,} tokens"
+            assert head in card and card.index(head) > at
+            at = card.index(head)
+            for c in g["contexts"]:
+                tok = latents_html._visible(c["tokens"][c["marked"]])
+                assert f'title="activation {c["acts"][c["marked"]]:.4g}">{html.escape(tok)}' in card[at:]
+        assert card.count("tok mark") == len(e["contexts"]) + sum(len(g["contexts"]) for g in groups)
+        md = latents_mod.render_markdown(e, r)
+        rendered = plugin_util.markdown_to_safe_html(md)
+        assert rendered.count("<li>") == 3 and "\\" not in rendered
+        for k, g in enumerate(groups):
+            item = rendered.split("<li>")[k + 1].split("</li>")[0]
+            assert f"{k + 1}/3 · activations {fmt(g['lo'])}–{fmt(g['hi'])}" in item
+            for c in g["contexts"]:
+                tok = c["tokens"][c["marked"]].strip()
+                if tok:
+                    assert f"<strong>{html.escape(tok, quote=False)}</strong>" in item
+    few = entry_of(lm, tokens[:4], planted(tokens[:4].numel(), 10))
+    page = latents_mod.render_html({**r, "latents": [few], "n_latents": 1})
+    assert "all its tokens are among the top ones above" in page and page.count('class="ivh"') == 3
+    off = run_benchmark("latents", sae, lm, HOOK, tokens[:12], seed=0, n_latents=4, n_contexts=4, n_intervals=0)
+    assert "Interval" not in latents_mod.artifacts(off)[".latents.html"]
+    assert "<li>" not in plugin_util.markdown_to_safe_html(latents_mod.render_markdown(off["latents"][0], off))
