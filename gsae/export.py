@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -104,6 +105,10 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
         if Path(path).suffix != ".ckpt":  # a config.yaml, an events file: not a checkpoint, rather than a corrupt one
             raise ValueError(f"{str(path)!r} is not a checkpoint (a gsae .ckpt file): torch.load cannot read it") from None
+        if Path(path).is_file() and not zipfile.is_zipfile(path):  # torch.load's own words are about mmap or pickles
+            size = Path(path).stat().st_size
+            why = "it is empty (0 bytes)" if size == 0 else f"not a torch zip archive ({size} bytes; a copy cut short?)"
+            raise ValueError(f"checkpoint {str(path)!r} is corrupt or unreadable: {why}") from None
         raise ValueError(f"checkpoint {str(path)!r} is corrupt or unreadable: {type(e).__name__}: {e}") from None
     if not isinstance(ckpt, dict) or "gsae" not in ckpt:
         raise ValueError(f"checkpoint {str(path)!r} is not a gsae checkpoint (no 'gsae' section)")
