@@ -3,6 +3,7 @@ network); ``--help`` shows the docstrings; ``--print_config`` round-trips."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from argparse import ArgumentError
@@ -165,8 +166,30 @@ def test_paper_topk_configs_have_no_auxk(parse_only, path: Path) -> None:
 def test_gsae_configs_state_the_gradient_scale(parse_only, path: Path) -> None:
     config = parse_only(["--config", str(path)])
     # β=1e5's reference scale: the CE mean over smol-sae's LM batch, 32 contexts of 256 (SPEC §1.2, §1.3), whatever
-    # this config's own batch (32 × 128 here: its default, 32 × 127, made each token's gradient twice the paper's)
+    # this config's own batch (16 × 256 here: its default, 16 × 255, made each token's gradient twice the paper's)
     assert config.model.init_args.grad_mean_tokens == 32 * (256 - 1)
+
+
+@pytest.mark.parametrize("path", [p for p in PAPER if "ReLU" not in p.read_text()], ids=lambda p: p.name)
+def test_paper_configs_train_smol_sae_batches(parse_only, path: Path) -> None:
+    """The g-SAE paper's runs as its authors' smol-sae makes them (SPEC §1.3): 4096-token steps of contexts of 256
+    (they were 32 x 128: half the context every token's gradient and every prediction sees), ~14M tokens, biases
+    initialised to zero (gsae's default is Gao et al.'s geometric median). The header's multi-GPU command keeps the
+    one-GPU run: the same tokens per step and, per device, 1/8 of the shuffle buffer (131072 per rank filled for 8x
+    as many steps, ~7% fewer tokens trained)."""
+    config = parse_only(["--config", str(path)])
+    model, data = config.model.init_args, config.data
+    assert (data.context_size, data.batch_size) == (256, 16)
+    assert 3456 * data.batch_size * data.context_size == 14_155_776  # "~14M tokens" (Fig. 4)
+    assert model.b_dec_init == "zeros"
+    header = " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
+    multi = re.search(r"--trainer\.devices (\d+) --data\.batch_size (\d+)(?: --model\.buffer_size (\d+))?", header)
+    assert multi, f"{path.name}: no multi-GPU command in its header"
+    devices, per_device, buffer = (int(g) if g else None for g in multi.groups())
+    assert devices * per_device == data.batch_size
+    assert (buffer is None) == (model.get("buffer_size") in (None, 0)), "a buffered config names its per-device buffer"
+    if buffer is not None:
+        assert devices * buffer == model.buffer_size
 
 
 def test_e2e_ds_uses_apollos_pretokenized_rows_as_is(parse_only) -> None:

@@ -43,7 +43,8 @@ class SparseAutoencoder(nn.Module):
 
     Initialisation (Gao et al. 2024 §A.1; smol-sae ``base.py``): decoder rows random unit vectors,
     encoder = decoder transpose, ``b_enc = 0``; ``b_dec`` is set from the first training batch by
-    :meth:`init_b_dec` (see there).
+    :meth:`init_b_dec` (the training system's ``b_dec_init``: Gao et al.'s geometric median by default; smol-sae's
+    zeros in the g-SAE paper's configs).
     """
 
     #: Whether the decoder rows are kept at unit norm by the training system (post-step renorm; TopK SAEs: an option).
