@@ -127,8 +127,9 @@ class SAESystem(pl.LightningModule):
             lr_schedule: ``cosine`` decays from the peak to ``lr_min_ratio × peak`` over the run; ``constant`` keeps the peak.
             lr_warmup_steps: linear warm-up steps from 0 to the peak learning rate.
             lr_min_ratio: final learning rate as a fraction of the peak (cosine; 0.1 gives 1e-4 -> 1e-5, as smol-sae).
-            b_dec_init: set ``b_dec`` from the first global batch: its geometric median (default,
-                robust to GPT-2's huge-norm outliers), its mean, or zeros.
+            b_dec_init: set ``b_dec`` from the first global batch: its geometric median (default, Gao et al.'s;
+                robust to GPT-2's huge-norm outliers), its mean, or zeros (smol-sae's, so the g-SAE paper's
+                configs' and Braun et al.'s).
             exclude_special_tokens: drop activations at special-token positions (BOS/EOS) from the
                 local objective (GPT-2's BOS position has outlier norms; SAELens masks them in evals).
             dead_batches: a latent is dead if it did not fire in this many consecutive batches (SPEC §1.5; paper: 5).
