@@ -123,3 +123,32 @@ def test_gsae_gradient_scale_without_a_data_module_is_fixed_by_the_first_trainin
     trainer.fit(system, train_dataloaders=data.train_dataloader(), val_dataloaders=data.val_dataloader())
     assert float(scale.read_text()) == 0, "the sanity validation set the gradient scale"
     assert float(system.sae.grad_normaliser) == 4 * 15
+
+
+def test_a_buffer_sized_for_one_device_is_named_when_several_fill_it_slowly(monkeypatch, caplog):
+    """``--model.buffer_size`` is per device: a one-GPU config's 131072 on 8 devices fills from 2 x 256 tokens per rank
+    and step, so ~1/7 of the gpt2 configs' 3456 steps train at half batch. The run says so once, naming the size that
+    fills as fast as on one device; it says nothing for that size, for one device, or for a buffer that fills in 5%."""
+    from types import SimpleNamespace
+
+    system = build_system("topk")
+
+    def said(world: int, capacity: int, batch: int = 2, context: int = 256, steps: int = 3456) -> str:
+        caplog.clear()
+        system.buffer.capacity = capacity
+        monkeypatch.setattr(type(system), "_world", lambda self: world)
+        system._trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=batch, context_size=context),
+                                          max_steps=steps, global_step=0, global_rank=0)
+        with caplog.at_level("WARNING"):
+            system.say_if_the_buffer_fills_slowly()
+        return caplog.text
+
+    try:
+        text = said(8, 131072)
+        assert "--model.buffer_size 131072 is per device" in text and "first ~512 of 3456 steps" in text
+        assert "--model.buffer_size 16384 (131072 / 8)" in text
+        assert said(8, 16384) == ""  # 64 steps: as on one device
+        assert said(1, 131072, batch=16) == ""  # one device: its buffer is the run's
+        assert said(2, 4096, batch=16, context=64, steps=200) == ""  # 8 of 200 steps: 4%
+    finally:
+        system._trainer = None
