@@ -188,6 +188,9 @@ def load_saelens_pretrained(spec: str, device: str = "cpu", model: str | None = 
     try:
         sae = SAE.from_pretrained(release, sae_id, device=device)
     except Exception as e:  # noqa: BLE001 - hub, cache and conversion errors are reported the same way
+        if offline and type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):  # hub's 200-char text
+            raise ValueError(f"{spec!r}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 keeps the hub from "
+                             "being asked (run once with the network to cache it)") from None
         raise ValueError(f"{spec!r}: could not load: {type(e).__name__}: {_first_line(e)}") from None
     return _adapter(sae, repr(spec)), _meta(sae, sae.cfg.metadata, model)
 

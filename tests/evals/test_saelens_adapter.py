@@ -61,6 +61,10 @@ def test_pretrained_fails_fast_offline(monkeypatch):
         load_saelens_pretrained("sae_lens:no-such-release/x")
     with pytest.raises(ValueError, match="has no SAE"):
         load_saelens_pretrained("sae_lens:gpt2-small-res-jb/no-such-id")
+    # offline with nothing cached (as here): what to do, not the hub's "check your connection and try again ..."
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 keeps the hub"):
+        load_saelens_pretrained("sae_lens:gpt2-small-res-jb/blocks.8.hook_resid_pre")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr("gsae.lm._hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(ValueError, match="unreachable"):
