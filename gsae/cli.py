@@ -170,10 +170,13 @@ class _SayDroppedOptions(logging.Filter):
         if found is not None and found.group(0) not in self.said:
             self.said.add(found.group(0))
             old, new, dropped = found.groups()
-            try:  # "{'buffer_size': 4096}" -> "buffer_size=4096"
-                dropped = ", ".join(f"{k}={v!r}" for k, v in ast.literal_eval(dropped).items())
+            try:  # "{'buffer_size': 4096}" -> "buffer_size=4096"; None: a default nobody set (the sweep configs'
+                # SweepSAESystem replacing the parser's own SAESystem drops its sae=None)
+                dropped = ", ".join(f"{k}={v!r}" for k, v in ast.literal_eval(dropped).items() if v is not None)
             except (ValueError, SyntaxError, AttributeError):
                 pass
+            if not dropped:
+                return False
             rank_zero_warn(f"{new} replaces {old}: its options that {new.rsplit('.', 1)[-1]} does not take are "
                            f"dropped ({dropped})", category=UserWarning)
         return False  # nothing else of the parser's debug log is printed

@@ -514,3 +514,9 @@ def test_a_replaced_class_says_which_options_it_drops(tmp_path, monkeypatch) -> 
         "gsae.sae.ReLUSAE replaces gsae.sae.TopKSAE: its options that ReLUSAE does not take are dropped (k=16)"]
     assert said("--model.sae.class_path", "gsae.sae.GradTopKSAE") == []  # takes all of TopK's options
     assert said() == []
+    # a sweep config replaces the parser's own SAESystem, whose sae=None nobody set: nothing to say (it said
+    # "... are dropped (sae=None)" on every sweep run)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_cli(["--config", "configs/quickstart/sweep.yaml", "--trainer.default_root_dir", str(tmp_path / "s")])
+    assert not [str(w.message) for w in caught if "replaces" in str(w.message)]
