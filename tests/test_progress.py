@@ -165,6 +165,10 @@ def test_summary_lists_the_final_checkpoint_saved_at_train_end(tmp_path, monkeyp
     out = capsys.readouterr().out
     (ckpt,) = (tmp_path / "quickstart-topk" / "checkpoints").glob("*step=3.ckpt")
     assert f"({ckpt.name}, last.ckpt → {ckpt.name})" in out and f"python evaluate.py {ckpt}" in out
+    # and its evaluation is in the run's time, as evaluating: the time ended before it, which left the training time
+    # negative, so the line showed a bare rate (GPT-2: "2 steps ... in 0:00:07" for a 176 s run)
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("finished: 3 steps")]
+    assert "(training " in line and ", evaluating " in line, line
 
 
 def test_one_line_per_optimizer_step_under_gradient_accumulation(tmp_path, monkeypatch) -> None:

@@ -136,6 +136,11 @@ class RunSummary(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._end is not None and self._end[0] == "finished":  # the run's time ends after the final checkpoint
+            # and its evaluation, which the checkpoint callback's on_train_end runs after this one's (the summary
+            # left minutes of GPT-2 evaluation out of its time and counted them as evaluating: negative training)
+            self._end = ("finished", time.perf_counter(), *self._end[2:])
+            self._summary = None
         self._print_if_forked(trainer)  # after the final checkpoint and its evaluation
 
     @property
