@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=None,
-        help="sequences per forward pass (default: a checkpoint's training batch size, else 8; for g-SAEs the "
-        "gradient that selects latents is the mean CE over one such batch)",
+        help="sequences per forward pass (default: a checkpoint's training batch size, else 8); memory only: a g-SAE's "
+        "gradient is scaled by the CE-mean token count it was trained with (grad_mean_tokens), not by this batch",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of the benchmarks' samples (default: the run's, else 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -588,10 +588,13 @@ def _setup(sae, src: Source, meta: dict, lm: LanguageModel, hook: str, args: arg
 def _settings(args: argparse.Namespace, names: list[str], options: dict, device: str) -> dict:
     """The settings every SAE of one command shares, as plain JSON values (``--output``'s ``settings``): with each
     SAE's :func:`_setup`, what the numbers depend on."""
-    import sae_lens
-    import transformer_lens
+    from importlib.metadata import PackageNotFoundError, version
 
-    import gsae
+    def installed(package: str) -> str | None:  # transformer_lens has no __version__
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
 
     return json.loads(json.dumps({
         "benchmarks": names,
@@ -600,9 +603,7 @@ def _settings(args: argparse.Namespace, names: list[str], options: dict, device:
         "n_seqs": args.n_seqs,
         "text_column": args.text_column,
         "device": device,
-        "versions": {"gsae": gsae.__version__, "torch": torch.__version__,
-                     "transformer_lens": getattr(transformer_lens, "__version__", None),
-                     "sae_lens": getattr(sae_lens, "__version__", None)},
+        "versions": {p: installed(p) for p in ("gsae", "torch", "transformer_lens", "sae_lens")},
     }, default=str))
 
 
