@@ -86,7 +86,7 @@ def test_summary_names_tokens_paths_and_commands(plain_run, monkeypatch) -> None
                                                               "last.ckpt"]
     assert (f"checkpoints  {ckpt_dir}/  (epoch=0-step=10.ckpt, epoch=0-step=20.ckpt, last.ckpt → epoch=0-step=20.ckpt)"
             in summary)
-    assert f"exports      {ckpt_dir / 'epoch=0-step=20.saelens'}  (+1 more beside the other checkpoints)" in summary
+    assert f"exports      {ckpt_dir / 'epoch=0-step=20.saelens'}  (+1 more in that folder)" in summary
     assert f"exports      {ckpt_dir / 'epoch=0-step=20.saelens'}" in summary
     assert (ckpt_dir / "epoch=0-step=20.saelens").is_dir()
     log_dir = next(run.glob("version_*"))

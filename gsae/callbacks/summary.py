@@ -288,7 +288,7 @@ def render(s: Summary, resume_command: str | None = None) -> str:
         lines.append(f"checkpoints  {_rel(s.checkpoint_dir)}/  ({names})")
     for label, paths in (("exports", s.exports), ("evaluation", s.eval_json), ("latents", s.latents_html)):
         if paths:
-            more = f"  (+{len(paths) - 1} more beside the other checkpoints)" if len(paths) > 1 else ""
+            more = f"  (+{len(paths) - 1} more in that folder)" if len(paths) > 1 else ""  # other steps, members
             lines.append(f"{label:<12} {_rel((s.shown or {}).get(label) or _newest_step(paths))}{more}")
     if s.events:
         lines.append(f"events       {_rel(s.events)}")
