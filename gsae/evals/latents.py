@@ -137,7 +137,8 @@ def run(
         "n_alive": int((counts > 0).sum()),
         "n_latents": len(entries),
         "median_density": float(dens.median()),
-        "setup": {"hook": hook, "d_sae": sae.d_sae, "seed": seed, "gsae": attr_sum is not None},  # not scalars
+        "setup": {"hook": hook, "d_sae": sae.d_sae, "seed": seed, "gsae": attr_sum is not None,  # not scalars
+                  "n_intervals": n_intervals},
         "latents": entries,
     }
 
@@ -244,9 +245,9 @@ def _quantiles(sorted_vals: Tensor, q: Tensor) -> Tensor:
 
 def _intervals(act: Tensor, shown: Tensor, n_intervals: int, n_per: int, seed: int, latent: int) -> list[dict]:
     """Intervals of the nonzero activations in ``act (n_seq·T,)``, split at their quantiles, highest first: each
-    ``{"lo", "hi", "n_tokens", "flats"}``, its bounds (rounded as contexts' activations are, so every example's
+    ``{"lo", "hi", "n_tokens", "n_top", "flats"}``, its bounds (rounded as contexts' activations are, so every example's
     shown activation lies in ``[lo, hi]``), the tokens it holds (``[lo, hi)``, the last ``[lo, hi]``; top contexts
-    included) and up to ``n_per`` of them drawn uniformly at random (seeded by ``seed`` and ``latent``) from those
+    included; ``n_top`` of them are top contexts) and up to ``n_per`` of them drawn uniformly at random (seeded by ``seed`` and ``latent``) from those
     not in ``shown`` (the top contexts), highest activation first. ``[]`` when off or when every nonzero is shown."""
     fired = act != 0
     if n_intervals == 0 or int(fired.sum()) <= len(shown):
@@ -256,6 +257,7 @@ def _intervals(act: Tensor, shown: Tensor, n_intervals: int, n_per: int, seed: i
     if len(edges) == 1:  # every activation equal: one interval [v, v]
         edges = edges.repeat(2)
     n_tokens = torch.bucketize(nz, edges[1:-1], right=True).bincount(minlength=len(edges) - 1)
+    n_top = torch.bucketize(act[shown], edges[1:-1], right=True).bincount(minlength=len(edges) - 1)
     free = fired.clone()
     free[shown] = False
     cand = free.nonzero().flatten()
@@ -267,7 +269,7 @@ def _intervals(act: Tensor, shown: Tensor, n_intervals: int, n_per: int, seed: i
         pick = pool[torch.randperm(len(pool), generator=gen)[:n_per]]
         pick = pick[act[pick].argsort(descending=True, stable=True)]
         out.append({"lo": round(float(edges[k]), 4), "hi": round(float(edges[k + 1]), 4),
-                    "n_tokens": int(n_tokens[k]), "flats": pick.tolist()})
+                    "n_tokens": int(n_tokens[k]), "n_top": int(n_top[k]), "flats": pick.tolist()})
     return out
 
 

@@ -95,15 +95,25 @@ def _context_html(ctx: dict, max_act: float) -> str:
 
 
 def _interval_head(k: int, n: int, group: dict) -> str:
+    top = group.get("n_top", 0)
     return (f"{k + 1}/{n} · activations {_fmt(group['lo'])}–{_fmt(group['hi'])} · "
-            f"{group['n_tokens']:,} token{'s' if group['n_tokens'] != 1 else ''}")
+            f"{group['n_tokens']:,} token{'s' if group['n_tokens'] != 1 else ''}"
+            + (f", {top:,} of them among the top above" if top else ""))
 
 
-def _intervals_html(entry: dict) -> str:
+def _all_top(entry: dict, result: dict) -> str:
+    """The line shown instead of the intervals when every token the latent fired on is a top context ("" when
+    intervals are off or it never fired)."""
+    if entry.get("intervals") or not result["setup"].get("n_intervals") or not entry["n_fires"]:
+        return ""
+    return f"random examples across its activations: none, all its {entry['n_fires']:,} tokens are among the top above"
+
+
+def _intervals_html(entry: dict, result: dict) -> str:
     """Each activation interval's random examples under a header, highest interval first."""
     groups = entry.get("intervals") or []
     if not groups:
-        return ""
+        return f'<div class="none">{_esc(_all_top(entry, result))}</div>' if _all_top(entry, result) else ""
     parts = ['<div class="ivs"><b>random examples across its activations</b> (intervals holding equal numbers of '
              "its tokens, highest first; top tokens excluded)</div>"]
     for k, g in enumerate(groups):
@@ -151,7 +161,7 @@ def render_html(result: dict, about: str = "") -> str:
             f'<div class="row"><div>{histogram_svg(e["hist"]["edges"], e["hist"]["counts"])}</div>'
             f"{_logits_html(e)}</div>"
             f"<div><b>top {len(e['contexts'])} activating tokens</b> (outlined; numbers: activation)</div>"
-            f"{contexts}{_intervals_html(e)}</section>"
+            f"{contexts}{_intervals_html(e, result)}</section>"
         )
     attr_head = "<th>mean β·|W_dec∇ₓL|</th>" if setup["gsae"] else ""
     head = (f"<tr><th>latent</th><th>density</th><th>max act</th>{attr_head}<th>promotes</th></tr>")
@@ -196,6 +206,8 @@ def render_markdown(entry: dict, result: dict) -> str:
     groups = entry.get("intervals") or []
     if groups:
         lines += ["", "**random examples by activation interval** (highest first):", ""]
+    elif _all_top(entry, result):
+        lines += ["", _all_top(entry, result)]
     for k, g in enumerate(groups):
         shown = []
         for c in g["contexts"]:

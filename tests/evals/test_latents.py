@@ -369,6 +369,9 @@ def test_interval_edge_cases(tiny) -> None:
     e = entry_of(lm, tokens, act)
     assert len(e["intervals"]) == 3 and sum(g["n_tokens"] for g in e["intervals"]) == 10
     assert len(check_examples(lm, tokens, act, e)) == 2 and e["intervals"][0]["contexts"] == []  # its top tokens shown
+    # each interval says how many of its tokens are top contexts (a header of "4 tokens" over 1 example read as a bug)
+    assert sum(g["n_top"] for g in e["intervals"]) == 8 and e["intervals"][0]["n_top"] == e["intervals"][0]["n_tokens"]
+    assert all(g["n_tokens"] - g["n_top"] == len(g["contexts"]) for g in e["intervals"])  # fewer than 4 left in each
 
     same = (planted(n, 50) != 0).float() * 0.5
     e = entry_of(lm, tokens, same)
@@ -420,6 +423,14 @@ def test_interval_sections_in_html_and_markdown(tiny) -> None:
     few = entry_of(lm, tokens[:4], planted(tokens[:4].numel(), 10))
     page = latents_mod.render_html({**r, "latents": [few], "n_latents": 1})
     assert "all its tokens are among the top ones above" in page and page.count('class="ivh"') == 3
+    top = few["intervals"][0]
+    assert f"{top['n_tokens']:,} token{'s' if top['n_tokens'] != 1 else ''}, {top['n_top']} of them among the top above" in page
+    # a latent whose every token is a top context says so (its section was missing, while a neighbour's said it)
+    only_top = entry_of(lm, tokens[:4], planted(tokens[:4].numel(), 8))
+    said = "random examples across its activations: none, all its 8 tokens are among the top above"
+    assert said in latents_mod.render_html({**r, "latents": [only_top], "n_latents": 1})
+    assert said in latents_mod.render_markdown(only_top, r)
+    assert said not in latents_mod.render_markdown(only_top, {**r, "setup": {**r["setup"], "n_intervals": 0}})
     off = run_benchmark("latents", sae, lm, HOOK, tokens[:12], seed=0, n_latents=4, n_contexts=4, n_intervals=0)
     assert "Interval" not in latents_mod.artifacts(off)[".latents.html"]
     assert "<li>" not in plugin_util.markdown_to_safe_html(latents_mod.render_markdown(off["latents"][0], off))
