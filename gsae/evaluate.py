@@ -191,7 +191,7 @@ def resolve(paths: list[str]) -> list[Source]:
         if p.is_dir() and (p / "cfg.json").is_file() and not is_saelens_folder(p):
             raise ArgumentError(f"PATH {arg!r}: a SAELens folder (cfg.json) without sae_weights.safetensors")
         if is_saelens_folder(p):
-            sources.append(Source(arg, "saelens", arg, arg))
+            sources.append(Source(arg, "saelens", arg, arg, evaluation=_export_evaluation(p)))
         elif p.is_file():
             sources += _ckpt_sources(arg, p, arg, _ckpt_info(p))
         else:
@@ -201,6 +201,16 @@ def resolve(paths: list[str]) -> list[Source]:
             for c, info in found:
                 sources += _ckpt_sources(str(Path(arg) / c.relative_to(p)), c, arg, info)
     return sources
+
+
+def _export_evaluation(folder: Path) -> dict | None:
+    """The run's evaluation settings a gsae SAELens export records (``metadata.gsae.evaluation``), so it is evaluated
+    as its checkpoint is; None for other SAELens folders (and unreadable ones: :func:`_check_readable` names them)."""
+    try:
+        found = ((json.loads((folder / "cfg.json").read_text()).get("metadata") or {}).get("gsae") or {}).get("evaluation")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _check_readable(arg: str, path: Path) -> None:

@@ -69,6 +69,8 @@ def export_saelens(sae: SparseAutoencoder, path: str | Path, meta: dict) -> Path
                 "objective": meta.get("objective"),
                 "lm": lm,
                 "data": meta.get("data"),
+                # the run's evaluation settings (gsae.callbacks.EvaluationCallback.settings): evaluate.py uses them
+                **({"evaluation": meta["evaluation"]} if meta.get("evaluation") else {}),
             },
         },
     }

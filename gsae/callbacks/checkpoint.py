@@ -256,9 +256,13 @@ class SAECheckpoint(ModelCheckpoint):
 
     @staticmethod
     def _export(module: pl.LightningModule, filepath: str | Path) -> None:
-        """The SAELens export of every SAE of ``module`` (one, or each member of a sweep) beside ``filepath``."""
+        """The SAELens export of every SAE of ``module`` (one, or each member of a sweep) beside ``filepath``, with the
+        run's evaluation settings (``evaluate.py`` on the export then evaluates as on the checkpoint)."""
+        trainer = module._trainer
+        settings = next((cb.settings() for cb in (trainer.callbacks if trainer is not None else [])
+                         if hasattr(cb, "settings") and getattr(cb, "enabled", False)), None)
         for member, (sae, meta) in module.saes().items():
-            export_saelens(sae, saelens_dir(filepath, member), meta)
+            export_saelens(sae, saelens_dir(filepath, member), {**meta, "evaluation": settings} if settings else meta)
 
     # Lightning saves in these hooks: the step's checkpoint, then last.ckpt; the evaluation comes after both
     @override

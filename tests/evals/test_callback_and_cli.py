@@ -133,6 +133,13 @@ def test_evaluate_py_on_a_checkpoint_reproduces_its_eval_json(run_dir, tmp_path)
     got = {b: per[str(ckpt)] for b, per in json.loads(out.read_text())["results"].items()}
     assert list(got) == ["loss_added", "dead_latents"]
     _same(got, want)
+    # its SAELens export records them too: evaluated with the run's settings on the run's data, it gives the same
+    # numbers (it took evaluate.py's defaults, 64 contexts per benchmark and every benchmark, and others)
+    export = ckpt.with_name(ckpt.stem + ".saelens")
+    assert evaluate_main([str(export), "--device", "cpu", "--output", str(out)]) == 0
+    from_export = {b: per[str(export)] for b, per in json.loads(out.read_text())["results"].items()}
+    assert list(from_export) == ["loss_added", "dead_latents"]
+    _same(from_export, want)
     # the command line wins (here --n-seqs), and a run folder's checkpoints share the settings
     assert evaluate_main([str(run_dir), "--n-seqs", "2", "--output", str(out)]) == 0
     again = json.loads(out.read_text())["results"]
