@@ -738,7 +738,7 @@ def with_run_settings(args: argparse.Namespace, sources: list[Source]) -> argpar
             out.n_seqs = run.get("n_seqs")
         if "seed" not in given:
             out.seed = run.get("seed", 0)
-        log.info("evaluating with the run's evaluation settings (its checkpoints record them)%s",
+        log.info("evaluating with the run's evaluation settings (its checkpoints and SAELens exports record them)%s",
                  f"; {', '.join('--' + k.replace('_', '-') for k in given)} from the command line" if given else "")
     out.seed = 0 if out.seed is None else out.seed
     out.run_options = run.get("options") or {}
