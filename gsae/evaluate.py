@@ -644,17 +644,17 @@ def _evaluate_split(args, sources: list[Source], names: list[str], options: dict
                     key[src.label] = (src.member or "") if (src.member or "") not in saes else src.label
                     loaded.append(_load_with_lm(src, args, device, cache, names, options))
                     saes[key[src.label]] = (loaded[-1][0], loaded[-1][3])
-                    sae, meta, lm, hook, toks, counts = loaded[-1]
-                    saes_setup[src.label] = _setup(sae, src, meta, lm, hook, args,
-                                                   tokens_per_benchmark(counts, toks, lm, options))
             except (ValueError, OSError, RuntimeError) as e:
                 error = e
             _agree(error)
             _, meta, lm, hook, toks, counts = loaded[0]  # a checkpoint's members share the LM and the tokens
+            per_benchmark = tokens_per_benchmark(counts, toks, lm, options)
+            for src, (sae, its_meta, _, its_hook, _, _) in zip(members, loaded):
+                saes_setup[src.label] = _setup(sae, src, its_meta, lm, its_hook, args, per_benchmark)
             log.info("evaluating %s (%s, %s) on %d ranks", members[0].path, lm.name, hook, world)
             batch_size = _batch_size(args, members[0], meta)
             everything, seconds, _ = run_split(
-                names, saes, lm, tokens_per_benchmark(counts, toks, lm, options), world=world, rank=rank,
+                names, saes, lm, per_benchmark, world=world, rank=rank,
                 seconds_before=seconds, seed=args.seed, options=benchmark_options, batch_size=batch_size)
             for src in members:
                 res = everything[key[src.label]]

@@ -113,7 +113,8 @@ def _intervals_html(entry: dict, result: dict) -> str:
     """Each activation interval's random examples under a header, highest interval first."""
     groups = entry.get("intervals") or []
     if not groups:
-        return f'<div class="none">{_esc(_all_top(entry, result))}</div>' if _all_top(entry, result) else ""
+        none = _all_top(entry, result)
+        return f'<div class="none">{_esc(none)}</div>' if none else ""
     parts = ['<div class="ivs"><b>random examples across its activations</b> (intervals holding equal numbers of '
              "its tokens, highest first; top tokens excluded)</div>"]
     for k, g in enumerate(groups):
@@ -204,10 +205,11 @@ def render_markdown(entry: dict, result: dict) -> str:
         toks = [_md(t, bold=k == c["marked"]) for k, t in enumerate(c["tokens"])]
         lines.append(f"| {_fmt(c['acts'][c['marked']])} | {''.join(toks)} |")
     groups = entry.get("intervals") or []
+    none = _all_top(entry, result)
     if groups:
         lines += ["", "**random examples by activation interval** (highest first):", ""]
-    elif _all_top(entry, result):
-        lines += ["", _all_top(entry, result)]
+    elif none:
+        lines += ["", none]
     for k, g in enumerate(groups):
         shown = []
         for c in g["contexts"]:
