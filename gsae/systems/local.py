@@ -120,15 +120,16 @@ class LocalSAESystem(SAESystem):
         if world < 2 or cap == 0 or self.global_rank != 0 or self.trainer.global_step > 0 or dm is None:
             return
         rows = getattr(dm, "batch_size", 0) * getattr(dm, "context_size", 0)  # per rank and batch (before specials)
-        total = self.trainer.max_steps if (self.trainer.max_steps or -1) > 0 else None
-        if not rows or total is None:
+        total = self.trainer.max_steps or 0
+        if not rows or total <= 0:
             return
-        fill = math.ceil(cap / (rows / 2))
+        # the buffer fills per batch; a step is accumulate_grad_batches of them
+        fill = math.ceil(cap / (rows / 2) / max(int(self.trainer.accumulate_grad_batches or 1), 1))
         if fill > 0.05 * total:
-            log.warning("--model.buffer_size %d is per device: each of the %d devices fills it from its own %d tokens per step, so "
-                        "the first ~%d of %d steps train at half batch; --model.buffer_size %d (%d / %d) holds as "
-                        "many tokens in all and fills %d times faster", cap, world, rows, fill, total, cap // world,
-                        cap, world, world)
+            log.warning("--model.buffer_size %d is per device: each of the %d devices fills it from its own %d tokens "
+                        "per batch, so the first ~%d of %d steps train at half batch; --model.buffer_size %d (%d / %d) "
+                        "holds as many tokens in all and fills %d times faster", cap, world, rows, fill, total,
+                        cap // world, cap, world, world)
 
     def check_gradient_reaches_training_positions(self) -> None:
         """Refuse a g-SAE whose every training position has ``∇ₓL = 0``: ``--data.context_size 2`` with a BOS first
