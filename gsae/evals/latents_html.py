@@ -2,7 +2,8 @@
 
 The page has inline CSS and inline SVG only (no script, no font or CDN link), so it opens from disk with no
 network. Token backgrounds are shaded by the latent's activation relative to its maximum (in the interval
-examples too, so their shading compares with the top contexts'); the activating token of each context is outlined;
+examples too, so their shading compares with the top contexts'); the activating token of each context is outlined
+and starts in the same column in all of a latent's contexts;
 every token the latent fires on carries its activation as a small number (and all tokens as a hover title).
 """
 
@@ -24,9 +25,13 @@ td,th{padding:2px 8px;text-align:left}th{border-bottom:1px solid #ccc}
 .logits td{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
 .logits .v{color:#666;text-align:right}
 .pos th{color:#1a7f37}.neg th{color:#b42318}
-.ctx{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;line-height:2.1;white-space:nowrap;
- overflow-x:auto;border-bottom:1px solid #f0f0f0}
-.ctx .a{display:inline-block;width:56px;color:#666;text-align:right;margin-right:10px}
+.ctxs{display:grid;grid-template-columns:max-content max-content 1fr;overflow-x:auto}
+.ctxs>div:not(.ctx){grid-column:1/-1}
+.ctx{display:contents}
+.ctx>span{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;line-height:2.1;white-space:nowrap;
+ border-bottom:1px solid #f0f0f0}
+.ctx .a{min-width:56px;color:#666;text-align:right;padding-right:10px}
+.ctx .l{text-align:right}
 .tok{white-space:pre;border-radius:2px;padding:1px 0}
 .tok sub{font-size:9px;color:#7a3b00;margin-left:1px}
 .tok.mark{outline:2px solid #c2410c;font-weight:600}
@@ -90,8 +95,11 @@ def _context_html(ctx: dict, max_act: float) -> str:
         body = _esc(text) if text.strip() else f'<span class="sp">{_esc(text.replace(" ", "·")) or "∅"}</span>'
         sub = f"<sub>{_fmt(a)}</sub>" if a else ""
         spans.append(f'<span class="{cls}"{style} title="activation {a:.4g}">{body}{sub}</span>')
-    act = ctx["acts"][ctx["marked"]]
-    return f'<div class="ctx"><span class="a">{_fmt(act)}</span>{"".join(spans)}</div>'
+    m = ctx["marked"]
+    # three grid cells (activation, the context before, the activating token and after) in the latent's one
+    # ``.ctxs`` grid, whose columns fit the widest row: every activating token starts in the same column
+    return (f'<div class="ctx"><span class="a">{_fmt(ctx["acts"][m])}</span><span class="l">{"".join(spans[:m])}</span>'
+            f'<span class="r">{"".join(spans[m:])}</span></div>')
 
 
 def _interval_head(k: int, n: int, group: dict) -> str:
@@ -155,14 +163,14 @@ def render_html(result: dict, about: str = "") -> str:
         attr = "" if e["mean_beta_attribution"] is None else f"<td>{_fmt(e['mean_beta_attribution'])}</td>"
         index_rows.append(f'<tr><td><a href="#latent-{lid}">{lid}</a></td><td>{e["density"]:.3%}</td>'
                           f'<td>{_fmt(e["max_act"])}</td>{attr}<td>{top}</td></tr>')
-        contexts = "".join(_context_html(c, e["max_act"]) for c in e["contexts"]) or "<i>never fires here</i>"
+        contexts = "".join(_context_html(c, e["max_act"]) for c in e["contexts"]) or "<div><i>never fires here</i></div>"
         cards.append(
             f'<section class="latent" id="latent-{lid}"><h2>Latent {lid}</h2>'
             f'<div class="stats">{_stats(e, result)}</div>'
             f'<div class="row"><div>{histogram_svg(e["hist"]["edges"], e["hist"]["counts"])}</div>'
             f"{_logits_html(e)}</div>"
             f"<div><b>top {len(e['contexts'])} activating tokens</b> (outlined; numbers: activation)</div>"
-            f"{contexts}{_intervals_html(e, result)}</section>"
+            f'<div class="ctxs">{contexts}{_intervals_html(e, result)}</div></section>'
         )
     attr_head = "<th>mean β·|W_dec∇ₓL|</th>" if setup["gsae"] else ""
     head = (f"<tr><th>latent</th><th>density</th><th>max act</th>{attr_head}<th>promotes</th></tr>")

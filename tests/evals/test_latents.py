@@ -434,3 +434,57 @@ def test_interval_sections_in_html_and_markdown(tiny) -> None:
     off = run_benchmark("latents", sae, lm, HOOK, tokens[:12], seed=0, n_latents=4, n_contexts=4, n_intervals=0)
     assert "Interval" not in latents_mod.artifacts(off)[".latents.html"]
     assert "<li>" not in plugin_util.markdown_to_safe_html(latents_mod.render_markdown(off["latents"][0], off))
+
+
+class _Rows(HTMLParser):
+    """Each ``.ctxs`` grid of a page as a list of rows, a row being ``{cell class: [token span classes]}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grids: list[list[dict[str, list[str]]]] = []
+        self.stack: list[str] = []
+        self.cell: str | None = None
+
+    def handle_starttag(self, tag, attrs) -> None:
+        cls = dict(attrs).get("class") or ""
+        self.stack.append(cls)
+        if cls == "ctxs":
+            self.grids.append([])
+        elif cls == "ctx":
+            self.grids[-1].append({})
+        elif self.stack[-2:-1] == ["ctx"] and tag == "span":
+            self.cell = cls
+            self.grids[-1][-1][cls] = []
+        elif self.cell is not None and cls.startswith("tok") and self.stack[-2] == self.cell:
+            self.grids[-1][-1][self.cell].append(cls)
+
+    def handle_endtag(self, tag) -> None:
+        if self.stack.pop() == self.cell:
+            self.cell = None
+
+
+def test_activating_tokens_start_in_one_column(tiny) -> None:
+    """All of a latent's contexts (top and interval examples) are rows of one grid whose columns fit the widest
+    row: the activation, the tokens before the activating one (right-aligned), then the activating token and the
+    rest, so every activating token starts in the same column however much context precedes it (a context at the
+    start of its sequence has less)."""
+    lm, tokens = tiny
+    sae = randomize(TopKSAE(lm.d_model, d_sae=256, k=8), seed=3)
+    r = run_benchmark("latents", sae, lm, HOOK, tokens[:12], seed=0, n_latents=4, n_contexts=6)
+    page = latents_mod.artifacts(r)[".latents.html"]
+    assert ".ctxs{display:grid;grid-template-columns:max-content max-content 1fr" in page
+    assert ".ctx .l{text-align:right}" in page
+    parser = _Rows()
+    parser.feed(page)
+    fired = [e for e in r["latents"] if e["contexts"]]
+    assert len(parser.grids) == len(fired) > 0
+    befores = set()
+    for grid, e in zip(parser.grids, fired):
+        contexts = [*e["contexts"], *(c for g in e["intervals"] for c in g["contexts"])]
+        assert len(grid) == len(contexts)
+        for row, c in zip(grid, contexts):
+            assert list(row) == ["a", "l", "r"]
+            assert len(row["l"]) == c["marked"] and "mark" not in " ".join(row["l"])
+            assert row["r"][0] == "tok mark" and len(row["r"]) == len(c["tokens"]) - c["marked"]
+            befores.add(c["marked"])
+    assert len(befores) > 1  # contexts with different amounts of preceding context were checked
