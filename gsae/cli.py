@@ -358,7 +358,8 @@ def prepare_forked_ranks(trainer, resume: str) -> None:
 
 def checks_before_training(cli: GSAECLI) -> tuple[str | None, dict | None]:
     """What is checked before any rank trains: the data's split between ranks, its source and its held-out set (before
-    DDP starts the ranks, else each fails, and says so, on its own), ``--ckpt_path``, the run folder, and whether the
+    DDP starts the ranks, else each fails, and says so, on its own), ``--ckpt_path``, the run folder, a new run's
+    ``init_from`` weights (loaded here: ``SAESystem.warm_start``), and whether the
     checkpoint resumes this configuration (``SAESystem.check_resumable``). Returns the
     checkpoint to resume from and its contents (mapped), or ``(None, None)``."""
     cli.datamodule.check_world(cli.trainer.world_size)
@@ -368,6 +369,8 @@ def checks_before_training(cli: GSAECLI) -> tuple[str | None, dict | None]:
             cb.check_held_out(SimpleNamespace(datamodule=cli.datamodule))
     ckpt = resolve_ckpt_path(cli)
     check_run_folder(cli.trainer, ckpt)
+    if hasattr(cli.model, "warm_start"):  # --model.init_from: a bad source stops the run before anything is written
+        cli.model.warm_start(resuming=ckpt is not None, say=cli.trainer.is_global_zero)
     if ckpt is None:
         return None, None
     from gsae.export import read_checkpoint

@@ -49,6 +49,8 @@ class SparseAutoencoder(nn.Module):
 
     #: Whether the decoder rows are kept at unit norm by the training system (post-step renorm; TopK SAEs: an option).
     unit_norm_decoder: bool = True
+    #: Whether the encoder reads ``x − b_dec`` (TopK SAEs, Gao et al.) rather than ``x`` (ReLU SAEs, Braun et al.)
+    subtracts_b_dec: bool = True
     #: rows per block of the decoder constraints (a block of ``W_dec`` and its gradient stays in cache)
     ROW_BLOCK = 512
 

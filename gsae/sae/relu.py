@@ -22,6 +22,7 @@ class ReLUSAE(SparseAutoencoder):
     """Dense ReLU SAE with an L1 penalty and a decoder normalised in the forward pass."""
 
     unit_norm_decoder = False  # the forward normalises; the training system must not renormalise the parameter
+    subtracts_b_dec = False  # c = ReLU(x W_enc + b_enc)
 
     def __init__(
         self, d_in: int, d_sae: int = 46080, l1_coef: float = 3.0, tied_init: bool = False, seed: int = 0

@@ -116,6 +116,7 @@ class SAESystem(pl.LightningModule):
         dead_tokens: int = 10_000_000,
         dead_activity_test: Literal["nonzero", "sum_positive"] = "nonzero",
         seed: int = 0,
+        init_from: str | None = None,
     ) -> None:
         """Shared options of every objective.
 
@@ -145,6 +146,12 @@ class SAESystem(pl.LightningModule):
                 TopK a latent whose kept values are negative then counts as not fired). The ``dead_latents`` benchmark's
                 ``activity_test`` is the same choice.
             seed: seed of the shuffle buffer and other training randomness.
+            init_from: start the SAE from another SAE's weights instead of its random init (fine-tuning: a local
+                TopK SAE trained on end to end, a TopK SAE turned into a g-SAE): a gsae checkpoint (a sweep's member
+                as ``CKPT:MEMBER``), a SAELens folder (``standard`` or ``topk``; gsae's ``*.saelens`` exports) or
+                ``sae_lens:RELEASE/SAE_ID``, with this SAE's ``d_in`` and ``d_sae`` (:mod:`gsae.warm_start`: what
+                is taken and converted). The optimizer, schedule and counters start fresh and ``b_dec_init`` is
+                skipped. Read when a run starts, not when it resumes (the checkpoint holds the weights since).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["lm", "sae", "optimizer"])
@@ -164,6 +171,9 @@ class SAESystem(pl.LightningModule):
             raise ValueError(f"--model.dead_activity_test must be nonzero or sum_positive (got {dead_activity_test!r})")
         self.dead_activity_test = dead_activity_test
         self.seed = seed
+        self.init_from = None if init_from in (None, "") else str(init_from)
+        self._warm_checked = False  # warm_start() ran (or a resume made it moot)
+        self._warm_started = False  # the SAE holds init_from's weights: b_dec_init is skipped
         if sae is None and not self.builds_own_saes:
             raise ValueError(f"--model.sae is required for {type(self).__name__} (e.g. --model.sae gsae.sae.TopKSAE "
                              "--model.sae.d_sae 1024 --model.sae.k 16); gsae.systems.SweepSAESystem takes --model.members")
@@ -277,7 +287,8 @@ class SAESystem(pl.LightningModule):
             self._initialized_seen = True
             return
         xs, scale = self.first_batch_statistics(x)
-        self.sae.init_b_dec(xs, self.b_dec_init)
+        if not self._warm_started:  # a warm start keeps its source's b_dec
+            self.sae.init_b_dec(xs, self.b_dec_init)
         self.act_scale.fill_(scale)
         self.initialized.fill_(True)
 
@@ -661,8 +672,43 @@ class SAESystem(pl.LightningModule):
             return None
         return {k: getattr(dm, k, None) for k in ("dataset", "dataset_config", "split", "context_size", "batch_size", "prepend_bos")}
 
+    def warm_sources(self) -> list[tuple[SparseAutoencoder, str, str, str]]:
+        """``(sae, init_from, hook, option)`` for each SAE that starts from another's weights (a sweep: per member)."""
+        return [(self.sae, self.init_from, self.hook, "--model.init_from")] if self.init_from else []
+
+    def mark_warm_started(self, sae: SparseAutoencoder) -> None:
+        self._warm_started = True
+
+    def warm_start(self, resuming: bool, say: bool = True) -> None:
+        """Load ``init_from`` into its SAE(s), once (:mod:`gsae.warm_start`; one-line errors name the option).
+        ``train.py`` calls it before training, where a bad source stops the run before anything is written; otherwise
+        :meth:`setup` does. A resumed run skips it (the checkpoint's weights replace the SAE's; the source need not
+        exist any more), saying so if ``init_from`` is set. ``say``: this process prints (rank 0)."""
+        if self._warm_checked:
+            return
+        self._warm_checked = True
+        sources = self.warm_sources()
+        if resuming:
+            if sources and say:
+                log.info("%s: not read: resuming, the checkpoint holds the SAE's weights since",
+                         ", ".join(option for *_, option in sources))
+            return
+        from gsae.warm_start import warm_start
+
+        for sae, spec, hook, option in sources:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                said = warm_start(sae, spec, hook, option)
+            self.mark_warm_started(sae)
+            if say:
+                for w in caught:
+                    log.warning("%s", w.message)
+                log.info("%s", said)
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if stage == "fit":  # Python use (train.py has done it): a resume's restore then replaces the weights
+            self.warm_start(resuming=False, say=self.global_rank == 0)
         buffer = getattr(self, "buffer", None)
         if buffer is not None and buffer.fill == 0:  # a fresh buffer: each rank mixes with its own generator
             buffer.reseed(self.seed + self.global_rank)

@@ -175,6 +175,8 @@ class SweepMember(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("act_scale", torch.tensor(1.0))
         self.options = options
+        self.init_from: tuple[str, str] | None = None  # (source, option) of a warm start (gsae.warm_start)
+        self.warm_started = False  # the SAE holds init_from's weights: b_dec_init is skipped
 
     @property
     def needs_grad(self) -> bool:
@@ -212,7 +214,8 @@ class SweepSAESystem(LocalSAESystem):
             lm: the frozen language model.
             members: one mapping per SAE: ``name`` (letters, digits, ``_``, ``-``; unique; default ``m<i>``),
                 ``sae`` (``{class_path, init_args}`` as for ``LocalSAESystem``'s ``sae``; the init ``seed`` is an
-                SAE option), and optionally ``hook`` (default: ``hook``), ``lr``, ``optimizer`` (other per-group
+                SAE option), and optionally ``hook`` (default: ``hook``), ``init_from`` (start from another SAE's
+                weights: ``LocalSAESystem``'s ``init_from``), ``lr``, ``optimizer`` (other per-group
                 options, e.g. ``betas``), ``lr_warmup_steps``, ``lr_schedule``, ``lr_min_ratio`` and
                 ``gradient_clip_val`` (default ``--trainer.gradient_clip_val``, applied to this member's gradient
                 norm alone). Members on several hooks share one LM pass (one forward to the deepest hook and, with
@@ -263,17 +266,18 @@ class SweepSAESystem(LocalSAESystem):
                                  "choose another")
             if name in built:
                 raise ValueError(f"{where}.name {name!r} is used twice")
-            unknown = set(spec) - {"name", "sae", "hook", *MEMBER_OPTIONS}
+            unknown = set(spec) - {"name", "sae", "hook", "init_from", *MEMBER_OPTIONS}
             if unknown:
-                raise ValueError(
-                    f"{where}: unknown keys {sorted(unknown)}; a member has name, sae, hook, {', '.join(MEMBER_OPTIONS)}"
-                )
+                raise ValueError(f"{where}: unknown keys {sorted(unknown)}; a member has name, sae, hook, init_from, "
+                                 f"{', '.join(MEMBER_OPTIONS)}")
             if "sae" not in spec:
                 raise ValueError(f"{where}.sae is required")
             options = member_options(spec, where)
             hook = lm.validate_hook(str(spec.get("hook", self.hook)), option=f"{where}.hook")
             sae = build_member_sae(spec["sae"], lm.d_in(hook), where)
             built[name] = SweepMember(name, sae, self.hparams.dead_batches, self.hparams.dead_tokens, options, hook)
+            if spec.get("init_from"):
+                built[name].init_from = (str(spec["init_from"]), f"{where}.init_from")
         self.members = nn.ModuleDict(built)
         #: the hooks the members read (first-use order), and those some g-SAE reads (its ∇ₓL is harvested there)
         self.hooks = list(dict.fromkeys(m.hook for m in built.values()))
@@ -299,6 +303,12 @@ class SweepSAESystem(LocalSAESystem):
 
     def grad_saes(self) -> list[GradTopKSAE]:
         return [m.sae for m in self.members.values() if m.needs_grad]
+
+    def warm_sources(self) -> list[tuple[SparseAutoencoder, str, str, str]]:
+        return [(m.sae, *m.init_from[:1], m.hook, m.init_from[1]) for m in self.members.values() if m.init_from]
+
+    def mark_warm_started(self, sae: SparseAutoencoder) -> None:
+        next(m for m in self.members.values() if m.sae is sae).warm_started = True
 
     # ------------------------------------------------------------------ the step
     def harvest(self, tokens: Tensor, keep: Tensor | None = None) -> ActivationBatch:
@@ -340,7 +350,8 @@ class SweepSAESystem(LocalSAESystem):
                 continue
             rows, scale = self.first_batch_statistics(xs[hook])
             for m in at:
-                m.sae.init_b_dec(rows, self.b_dec_init)
+                if not m.warm_started:  # a warm start keeps its source's b_dec
+                    m.sae.init_b_dec(rows, self.b_dec_init)
                 m.act_scale.fill_(scale)
                 m.initialized.fill_(True)
 
