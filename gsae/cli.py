@@ -455,6 +455,20 @@ def _ranges(ranks: list[int]) -> str:
     return ", ".join(out)
 
 
+def left_to_finish(cli: GSAECLI, step: int) -> str:
+    """What a kill left undone at the checkpoint of ``step`` in the run's folder (``"SAELens export"``,
+    ``"evaluation"``, both, or ``""``): a resume that has nothing to train still finishes it."""
+    from gsae.callbacks.checkpoint import unfinished_at
+
+    for cb in cli.trainer.checkpoint_callbacks:
+        if isinstance(cb, SAECheckpoint):
+            members = list(cli.model.saes()) if hasattr(cli.model, "saes") else [""]
+            _, export, evaluate = unfinished_at(checkpoint_folder(cli.trainer, cb), step, members, cli.trainer.callbacks,
+                                                cb.export_saelens)
+            return " and ".join(what for what, missing in (("SAELens export", export), ("evaluation", evaluate)) if missing)
+    return ""
+
+
 def trained_to_the_end(ckpt: str, step: int, max_steps: int) -> str | None:
     """A one-line note if checkpoint ``ckpt``, at ``step``, is already at ``--trainer.max_steps`` (Lightning would end
     at once, silently, leaving an empty TensorBoard folder); ``None`` if there is training left."""
@@ -657,11 +671,16 @@ def main(args: list[str] | None = None) -> int:
         if ckpt is not None:
             step = int(state.get("global_step", 0))
             done = trained_to_the_end(ckpt, step, cli.trainer.max_steps)
-            if done:
+            left = done and left_to_finish(cli, step)
+            if done and not left:
                 if cli.trainer.is_global_zero:  # every rank stops here; one says why
                     print(done, file=sys.stderr)
                 leave_process_group()
                 return 0
+            if left and cli.trainer.is_global_zero:  # the fit trains nothing and finishes them (SAECheckpoint)
+                them = "them" if " and " in left else "it"
+                print(f"{done.split(' (raise')[0]}; its {left} {'were' if them == 'them' else 'was'} cut short: "
+                      f"finishing {them}", file=sys.stderr)
             # a resumed run writes into its own checkpoint folder: Lightning's "exists and is not empty" is expected
             warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
             if cli.trainer.is_global_zero:

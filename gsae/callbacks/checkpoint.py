@@ -101,6 +101,20 @@ def checkpoint_folder(trainer: pl.Trainer, callback: ModelCheckpoint) -> Path:
     return Path(trainer.default_root_dir) / name / "checkpoints"
 
 
+def unfinished_at(
+    folder: Path, step: int, members: list[str], callbacks: list, export_saelens: bool = True
+) -> tuple[Path | None, bool, bool]:
+    """``(checkpoint, export missing, evaluation missing)`` for the schedule's checkpoint of ``step`` in ``folder``
+    (a kill after it was written cut short what comes after it: its SAELens exports, then the evaluation callbacks'
+    JSON); ``(None, False, False)`` if there is no such checkpoint."""
+    ckpt = next(iter(sorted(folder.glob(f"*step={step}.ckpt"))), None)
+    if ckpt is None:
+        return None, False, False
+    export = export_saelens and any(not saelens_dir(ckpt, m).is_dir() for m in members)
+    evaluate = any(not cb.evaluated(ckpt, members) for cb in callbacks if hasattr(cb, "evaluated"))
+    return ckpt, export, evaluate
+
+
 class SAECheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that keeps checkpoints in ``<root>/<run name>/checkpoints`` (the same folder
     across restarts, so ``--ckpt_path last`` finds them; a checkpoint of a step written again replaces the old one),
@@ -164,6 +178,7 @@ class SAECheckpoint(ModelCheckpoint):
         self._epochs_added = 0
         self._loaded_batch_epoch: int | None = None
         self._to_announce: list[str] = []  # checkpoints written, not yet handed to the evaluation callbacks
+        self._trained = False  # on_train_start ran (a fit resumed at max_steps has none)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -289,25 +304,40 @@ class SAECheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         if self._loaded_batch_epoch is not None:  # restored: the epochs Lightning opened since (see __init__)
             self._epochs_added = max(trainer.current_epoch - self._loaded_batch_epoch, 0)
+        self._trained = True
+        self._finish_resumed(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A resume from a checkpoint already at ``max_steps`` trains nothing (no :meth:`on_train_start`), but may have
+        its export or evaluation to finish (a time limit during the final evaluation): ``train.py`` then runs the
+        fit for it (:func:`unfinished_at`), and it is done here, with the checkpoint's weights restored."""
+        super().on_fit_end(trainer, pl_module)
+        if not self._trained:
+            self._finish_resumed(trainer, pl_module)
+
+    def _finish_resumed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.ckpt_path or self.dirpath is None:
             return
         redo = None  # rank 0 sees the files (other nodes may not); under DDP every rank evaluates a share
         if trainer.is_global_zero:
             step = trainer.global_step
-            ckpt = next(iter(sorted(Path(self.dirpath).glob(f"*step={step}.ckpt"))), None)  # the schedule's checkpoint
-            if ckpt is not None:
-                members = list(pl_module.saes())
-                if self.export_saelens and any(not saelens_dir(ckpt, m).is_dir() for m in members):
-                    self._export(pl_module, ckpt)
-                if any(not cb.evaluated(ckpt, members) for cb in trainer.callbacks if hasattr(cb, "evaluated")):
-                    log.info("%s has no evaluation (the run was stopped during it): evaluating it now", ckpt.name)
-                    redo = str(ckpt)
-                    for logger in trainer.loggers:  # what the cut-short evaluation logged: once in TensorBoard
-                        if hasattr(logger, "drop_redone"):
-                            logger.drop_redone(step)
+            ckpt, export, evaluate = unfinished_at(Path(self.dirpath), step, list(pl_module.saes()), trainer.callbacks,
+                                                   self.export_saelens)
+            if export:
+                self._export(pl_module, ckpt)
+            if evaluate:
+                log.info("%s has no evaluation (the run was stopped during it): evaluating it now", ckpt.name)
+                redo = [str(ckpt)]
+                last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+                if last.is_symlink() and last.resolve() == ckpt.resolve():  # its JSON too (the same results)
+                    redo.append(str(last))
+                for logger in trainer.loggers:  # what the cut-short evaluation logged: once in TensorBoard
+                    if hasattr(logger, "drop_redone"):
+                        logger.drop_redone(step)
         redo = trainer.strategy.broadcast(redo, src=0)
         if redo is not None:
-            self._to_announce.append(redo)
+            self._to_announce.extend(redo)
             self._announce(trainer)
 
     @override

@@ -470,6 +470,36 @@ def test_a_resume_redoes_the_export_and_evaluation_a_kill_cut_short(tmp_path, de
     assert [e.step for e in events.Scalars("eval/loss_added/kl_sae")] == [5, 10, 12, 16]
 
 
+def test_a_run_killed_during_its_final_evaluation_is_finished_by_the_resume(tmp_path, capsys):
+    """The final evaluation is what a time limit most often cuts short, and its checkpoint is at max_steps: the resume,
+    with nothing to train, used to say so and stop, leaving that checkpoint without evaluation (and export) for
+    good. Now it trains nothing and writes them, with the checkpoint's weights (the same results as before)."""
+    import json
+    import shutil
+
+    args = quickstart_args(tmp_path, steps=6)
+    assert main(args) == 0
+    ckpts = tmp_path / "quickstart-topk" / "checkpoints"
+    want = json.loads((ckpts / "epoch=0-step=6.ckpt.eval.json").read_text())["results"]
+    for f in ckpts.glob("*.eval.json"):  # as a kill during the final evaluation leaves the folder
+        f.unlink()
+    shutil.rmtree(ckpts / "epoch=0-step=6.saelens")
+    capsys.readouterr()
+    assert main([*args, "--ckpt_path", "last"]) == 0
+    err = capsys.readouterr().err
+    assert f"nothing to train: {ckpts / 'last.ckpt'} is at step 6 and --trainer.max_steps is 6; its SAELens export " \
+        "and evaluation were cut short: finishing them" in err
+    again = json.loads((ckpts / "epoch=0-step=6.ckpt.eval.json").read_text())
+    assert again["step"] == 6 and again["results"]["loss_added"] == pytest.approx(want["loss_added"], rel=1e-5)
+    assert json.loads((ckpts / "last.ckpt.eval.json").read_text())["results"] == again["results"]
+    assert (ckpts / "epoch=0-step=6.saelens" / "cfg.json").is_file() and (ckpts / "last.saelens" / "cfg.json").is_file()
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 6
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["epoch=0-step=6.ckpt", "last.ckpt"]
+    capsys.readouterr()
+    assert main([*args, "--ckpt_path", "last"]) == 0  # nothing left: the plain note
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("(raise --trainer.max_steps to train on)")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("devices", "sig"), [(1, "SIGTERM"), (2, "SIGTERM"), (2, "SIGINT")])
 def test_a_signal_to_the_whole_process_group_stops_cleanly(tmp_path, devices, sig):
