@@ -237,7 +237,7 @@ def resolve_ckpt_path(cli: GSAECLI) -> str | None:
             if newest is not None:
                 return newest
         folders = ", ".join(str(f) for f in looked) or "no checkpoint folder configured"
-        raise FileNotFoundError(f"--ckpt_path last: no checkpoint in {folders}; nothing to resume")
+        raise FileNotFoundError(f"--ckpt_path last: no readable checkpoint in {folders}; nothing to resume")
     if not Path(path).is_file():
         raise FileNotFoundError(f"--ckpt_path: no checkpoint at {path!r}")
     _check_checkpoint(path)
@@ -497,11 +497,26 @@ def check_run_folder(trainer, ckpt: str | None) -> None:
         found = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
         if not found or (ckpt is not None and os.path.samefile(Path(ckpt).parent, folder)):
             continue
+        in_branch = ckpt is not None and ".superseded-after-step" in Path(ckpt).parent.name
+        if in_branch and Path(ckpt).parent.name.startswith(folder.name + "."):
+            raise FileExistsError(
+                f"--ckpt_path: {ckpt} is in a branch a retraining set aside; to go back to it, move {folder} aside "
+                f"and rename {Path(ckpt).parent.name} to {folder.name}, then resume with --ckpt_path last")
         shown = ", ".join(found[:3]) + (f", … {len(found) - 3} more" if len(found) > 3 else "")
         raise FileExistsError(
             f"{folder} holds an earlier run's checkpoints ({shown}): resume it with --ckpt_path last, or start this run "
             "in another folder (--trainer.default_root_dir, or the config's --trainer.logger.init_args.name), or "
             "remove that one")
+    if trainer.is_global_zero:  # TensorBoard's folders too: its writer threads fail with tracebacks
+        for logger in trainer.loggers:
+            root = getattr(logger, "root_dir", None)  # <save_dir>/<name>, where the version_N folders are
+            if not root:
+                continue
+            folders = [Path(root), *(sorted(Path(root).glob("version_*")) if ckpt is not None else [])]
+            for f in folders:
+                why = unwritable(f)
+                if why is not None:
+                    raise PermissionError(f"--trainer.default_root_dir: the run's TensorBoard events go to {f}, but {why}")
 
 
 def roll_back(ckpt: str, step: int, trainer=None) -> None:
@@ -523,6 +538,12 @@ def roll_back(ckpt: str, step: int, trainer=None) -> None:
     reached = int(read_checkpoint(newest, mmap=True).get("global_step", 0))
     if reached <= step:
         return
+    from gsae.files import unwritable
+
+    why = unwritable(Path(ckpt).parent.parent)  # where the later checkpoints' folder goes: refused before any move
+    if why is not None:
+        raise PermissionError(f"--ckpt_path {ckpt}: retraining from it sets the later checkpoints aside beside "
+                              f"{Path(ckpt).parent}, but {why}")
     moved = set_aside_later_checkpoints(Path(ckpt).parent, step, ckpt)
     where = (f"its checkpoints after step {step} ({', '.join(moved[1])}) are moved to {moved[0]} (remove it when "
              "you no longer need them)") if moved else f"its checkpoints after step {step} are gone"

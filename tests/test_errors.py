@@ -59,7 +59,7 @@ def run_cli(tmp_path, monkeypatch, capsys):
         (["--trainer.max_steps", "0"], ["--trainer.max_steps 0: nothing to train"]),
         (["--trainer.limit_train_batches", "0"], ["--trainer.limit_train_batches 0: nothing to train"]),
         (["--model.init_args.lm.name", "random-huge"], ["--model.lm.name", "random-huge"]),
-        (["--ckpt_path", "last"], ["--ckpt_path last: no checkpoint in ", "quickstart-topk/checkpoints; nothing to resume"]),
+        (["--ckpt_path", "last"], ["--ckpt_path last: no readable checkpoint in ", "quickstart-topk/checkpoints; nothing to resume"]),
         (["--ckpt_path", "does/not/exist.ckpt"], ["--ckpt_path", "does/not/exist.ckpt"]),
         # --trainer values Lightning divides by after the first step, or rejects with its own exception
         (["--trainer.accumulate_grad_batches", "0"], ["--trainer.accumulate_grad_batches must be >= 1"]),

@@ -117,7 +117,9 @@ class LocalSAESystem(SAESystem):
         names the per-device size that fills as fast as on one device."""
         dm = self._trainer.datamodule if self._trainer is not None else None
         world, cap = self._world(), self.buffer.capacity
-        if world < 2 or cap == 0 or self.global_rank != 0 or self.trainer.global_step > 0 or dm is None:
+        # a resume (the step counter is restored after on_fit_start, so global_step is still 0 here) comes with its
+        # buffers filled: the warning is for a run's start
+        if world < 2 or cap == 0 or self.global_rank != 0 or self.trainer.ckpt_path or self.buffer.fill or dm is None:
             return
         rows = getattr(dm, "batch_size", 0) * getattr(dm, "context_size", 0)  # per rank and batch (before specials)
         total = self.trainer.max_steps or 0

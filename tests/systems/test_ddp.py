@@ -133,13 +133,14 @@ def test_a_buffer_sized_for_one_device_is_named_when_several_fill_it_slowly(monk
 
     system = build_system("topk")
 
-    def said(world: int, capacity: int, batch: int = 2, context: int = 256, steps: int = 3456, accumulate: int = 1) -> str:
+    def said(world: int, capacity: int, batch: int = 2, context: int = 256, steps: int = 3456, accumulate: int = 1,
+             ckpt_path: str | None = None) -> str:
         caplog.clear()
         system.buffer.capacity = capacity
         monkeypatch.setattr(type(system), "_world", lambda self: world)
         system._trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=batch, context_size=context),
                                           max_steps=steps, global_step=0, global_rank=0,
-                                          accumulate_grad_batches=accumulate)
+                                          accumulate_grad_batches=accumulate, ckpt_path=ckpt_path)
         with caplog.at_level("WARNING"):
             system.say_if_the_buffer_fills_slowly()
         return caplog.text
@@ -153,5 +154,7 @@ def test_a_buffer_sized_for_one_device_is_named_when_several_fill_it_slowly(monk
         assert said(2, 4096, batch=16, context=64, steps=200) == ""  # 8 of 200 steps: 4%
         assert "first ~128 of 1000 steps" in said(8, 131072, steps=1000, accumulate=4)  # 512 batches: 4 to a step
         assert said(8, 131072, accumulate=4) == ""  # 128 of 3456 steps: 3.7%
+        # a resume (global_step still 0 in on_fit_start: Lightning restores it later) brings its buffers back: silent
+        assert said(8, 131072, ckpt_path="last.ckpt") == ""
     finally:
         system._trainer = None

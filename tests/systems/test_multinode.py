@@ -88,7 +88,7 @@ def test_a_check_failing_on_one_node_stops_every_node_at_once(tmp_path, single_n
         raise AssertionError("a node waited for the one that stopped") from None
     assert [p.returncode for p in nodes] == [1, 1], outs
     first = int(devices)  # node 1's first global rank
-    no_ckpt = "--ckpt_path last: no checkpoint in"
+    no_ckpt = "--ckpt_path last: no readable checkpoint in"
     assert f"error (rank {first}): {no_ckpt}" in outs[1], outs[1][-2000:]
     ranks = f"{first}-{2 * first - 1}" if first > 1 else str(first)
     want = f"error: rank{'s' * (first > 1)} {ranks} of {2 * first} failed before training, so all stop ({no_ckpt}"

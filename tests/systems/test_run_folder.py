@@ -220,3 +220,50 @@ def test_retraining_from_an_earlier_step_sets_the_later_checkpoints_aside(tmp_pa
     assert os.readlink(ckpts / "last.ckpt") == "epoch=0-step=25.ckpt"
     assert sorted(p.name for p in aside.glob("*.ckpt")) == ["epoch=0-step=20.ckpt", "epoch=0-step=30.ckpt"]
     assert [info[0] for _, info in _run_folder(run)] == [10, 15, 25]  # evaluate.py RUN: one history
+
+
+def test_an_unwritable_tensorboard_folder_or_branch_folder_is_refused_before_anything_moves(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """A resume into a run whose TensorBoard folder cannot be written used to fail with the writer threads'
+    tracebacks, and a retraining from an earlier step moved the later checkpoints aside before failing there: now
+    one line, before anything is moved. A checkpoint of a branch set aside is refused with how to go back to it."""
+    from gsae import files
+    from tests.conftest import quickstart_args
+
+    monkeypatch.chdir(REPO_ROOT)
+    off = ("--evaluation.enabled", "false", "--checkpoint.every_n_train_steps", "5")
+    assert main(quickstart_args(tmp_path, *off, steps=10)) == 0
+    run = tmp_path / "quickstart-topk"
+    files_of = lambda: {k: v for k, v in _tree(run).items() if not (run / k).is_dir()}  # noqa: E731 - dirs: the write checks
+    before = files_of()
+    real = files.unwritable
+    denied = {run / "version_0"}
+    monkeypatch.setattr(files, "unwritable", lambda f: "cannot write in it (Permission denied)"
+                        if Path(f).absolute() in denied else real(f))
+    step5 = run / "checkpoints" / "epoch=0-step=5.ckpt"
+    for resume in ("last", str(step5)):
+        capsys.readouterr()
+        assert main(quickstart_args(tmp_path, *off, "--ckpt_path", resume, steps=15)) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == (f"error: --trainer.default_root_dir: the run's TensorBoard events go to {run / 'version_0'}, "
+                           "but cannot write in it (Permission denied)")
+        assert files_of() == before  # nothing moved, nothing written
+    denied = {run}  # the run folder, where the retraining would set the later checkpoints aside
+    monkeypatch.setattr(files, "unwritable", lambda f: "cannot write in it (Permission denied)"
+                        if Path(f).absolute() == run else real(f))
+    from gsae.cli import roll_back
+
+    with pytest.raises(PermissionError, match=r"retraining from it sets the later checkpoints aside beside .*checkpoints, "
+                       r"but cannot write in it \(Permission denied\)$"):
+        roll_back(str(step5), 5)
+    assert files_of() == before
+    monkeypatch.setattr(files, "unwritable", real)
+    assert main(quickstart_args(tmp_path, *off, "--ckpt_path", str(step5), steps=8)) == 0  # a branch set aside
+    aside = run / "checkpoints.superseded-after-step5" / "epoch=0-step=10.ckpt"
+    assert aside.is_file()
+    capsys.readouterr()
+    assert main(quickstart_args(tmp_path, *off, "--ckpt_path", str(aside), steps=12)) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --ckpt_path: {aside} is in a branch a retraining set aside; to go back to it, move "
+        f"{run / 'checkpoints'} aside and rename checkpoints.superseded-after-step5 to checkpoints, then resume with "
+        "--ckpt_path last")
