@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -197,7 +198,9 @@ class SAECheckpoint(ModelCheckpoint):
         ``every_n_train_steps``, so a resume with another ``--checkpoint.every_n_train_steps`` dropped the state (with
         a warning asking to add the callback) and the next save wrote ``last-v1.ckpt`` beside a ``last.ckpt`` left at
         the old step."""
-        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+        # nor the monitor, which --checkpoint.save_top_k sets ("step" to keep the newest k, else none): a resume with
+        # another save_top_k got the same warning and dropped the state
+        return self._generate_state_key(monitor=None, mode=self.mode)
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -234,6 +237,38 @@ class SAECheckpoint(ModelCheckpoint):
             }
         super().load_state_dict(state_dict)
         self._loaded_batch_epoch = state_dict.get("batch_epoch")
+        self._keep_newest()
+
+    def _keep_newest(self) -> None:
+        """With ``save_top_k`` k > 0, count the step checkpoints already in the folder among the k kept (newest
+        first), whatever ``save_top_k`` the run had before: Lightning only counts those its state lists, so a resume
+        that lowers ``save_top_k`` to free disk space (as a full disk's error advises) deleted none of them. The
+        surplus goes at the resumed run's first checkpoint, once a newer one is on disk."""
+        self._surplus = []
+        if self.save_top_k <= 0 or not self.dirpath or not Path(self.dirpath).is_dir():
+            return
+        found = {}
+        for path in Path(self.dirpath).glob("*.ckpt"):
+            m = re.search(r"step=(\d+)\.ckpt$", path.name)
+            if m and not path.is_symlink() and not path.name.startswith(self.CHECKPOINT_NAME_LAST):
+                found[str(path)] = int(m.group(1))
+        newest = sorted(found, key=found.get, reverse=True)
+        keep, self._surplus = newest[: self.save_top_k], newest[self.save_top_k :]
+        self.best_k_models = {p: torch.tensor(float(found[p])) for p in keep}
+        if not keep:
+            return
+        self.best_model_path = keep[0]
+        self.best_model_score = self.best_k_models[keep[0]]
+        if len(keep) == self.save_top_k:
+            self.kth_best_model_path, self.kth_value = keep[-1], self.best_k_models[keep[-1]]
+
+    @override
+    def _update_best_and_save(self, current: torch.Tensor, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._update_best_and_save(current, trainer, monitor_candidates)
+        surplus, self._surplus = getattr(self, "_surplus", []), []
+        for path in surplus:  # beyond save_top_k when the run resumed (_keep_newest); a newer checkpoint is written
+            if Path(path).exists():
+                self._remove_checkpoint(trainer, path)
 
     @override
     def state_dict(self) -> dict[str, Any]:

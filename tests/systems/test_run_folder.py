@@ -267,3 +267,28 @@ def test_an_unwritable_tensorboard_folder_or_branch_folder_is_refused_before_any
         f"error: --ckpt_path: {aside} is in a branch a retraining set aside; to go back to it, move "
         f"{run / 'checkpoints'} aside and rename checkpoints.superseded-after-step5 to checkpoints, then resume with "
         "--ckpt_path last")
+
+
+def test_a_resume_with_a_lower_save_top_k_keeps_the_newest_checkpoints(tmp_path, monkeypatch, capsys, recwarn):
+    """A full disk's error advises --checkpoint.save_top_k; on a resume it freed nothing (Lightning counts only the
+    checkpoints its saved state lists: none when the run kept all) and warned that the callback was missing (the
+    monitor, which save_top_k sets, was in the state's key). Now the folder's step checkpoints count, newest first,
+    the surplus going once the resumed run has written a newer one; and back to -1, nothing is removed."""
+    from tests.conftest import quickstart_args
+
+    monkeypatch.chdir(REPO_ROOT)
+    off = ("--evaluation.enabled", "false", "--checkpoint.every_n_train_steps", "5")
+    ckpts = tmp_path / "quickstart-topk" / "checkpoints"
+    steps = lambda: sorted(int(p.name.split("step=")[1][:-5]) for p in ckpts.glob("epoch=*.ckpt"))  # noqa: E731
+    assert main(quickstart_args(tmp_path, *off, steps=20)) == 0
+    assert steps() == [5, 10, 15, 20]
+    recwarn.clear()
+    assert main(quickstart_args(tmp_path, *off, "--checkpoint.save_top_k", "2", "--ckpt_path", "last", steps=30)) == 0
+    assert steps() == [25, 30] and sorted(p.name for p in ckpts.glob("*.saelens")) == [
+        "epoch=0-step=25.saelens", "epoch=0-step=30.saelens", "last.saelens"]
+    assert os.readlink(ckpts / "last.ckpt") == "epoch=0-step=30.ckpt"
+    assert not [w for w in recwarn if "add the following callbacks" in str(w.message)]
+    assert "add the following callbacks" not in capsys.readouterr().err
+    assert main(quickstart_args(tmp_path, *off, "--checkpoint.save_top_k", "-1", "--ckpt_path", "last", steps=40)) == 0
+    assert steps() == [25, 30, 35, 40]
+    assert "add the following callbacks" not in capsys.readouterr().err
