@@ -93,6 +93,8 @@ class Source(NamedTuple):
             passes at all their hooks); None otherwise.
         evaluation: the evaluation settings the training run used, as a checkpoint records them
             (:meth:`gsae.callbacks.EvaluationCallback.settings`); None if it records none.
+        data: the data options of a checkpoint's run that decide its held-out contexts (:data:`TOKEN_OPTIONS`:
+            ``text_unit``, ``text_column``, ``val_documents``, ...); None if it records none.
     """
 
     label: str
@@ -105,6 +107,18 @@ class Source(NamedTuple):
     member: str | None = None
     hook: str | None = None
     evaluation: dict | None = None
+    data: dict | None = None
+
+
+#: the data options, besides the dataset, context size and BOS, that decide a run's held-out contexts: recorded by
+#: checkpoints and gsae's SAELens exports, and applied when evaluating on the dataset the SAE was trained on
+TOKEN_OPTIONS = ("dataset_config", "split", "val_split", "val_documents", "text_column", "text_unit", "separator",
+                 "seed", "streaming")
+
+
+def recorded_token_options(data: dict | None) -> dict:
+    """The :data:`TOKEN_OPTIONS` a run's data description records (those it sets)."""
+    return {k: data[k] for k in TOKEN_OPTIONS if isinstance(data, dict) and data.get(k) is not None}
 
 
 class ArgumentError(ValueError):
@@ -161,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--text-column",
-        default="text",
-        help="the column of --dataset's text (default 'text'; a pretokenized 'input_ids' column is used as it is)",
+        default=None,
+        help="the column of --dataset's text (default: the run's, else 'text'; a pretokenized 'input_ids' column is "
+        "used as it is)",
     )
     p.add_argument("--model", default=None, help="override the language model name")
     p.add_argument(
@@ -242,11 +257,11 @@ def _check_readable(arg: str, path: Path) -> None:
 def _ckpt_sources(label: str, path: Path, group: str, info: tuple) -> list[Source]:
     """One source for a one-SAE checkpoint; one per member (``<label>:<member>``, its own TensorBoard run) for a
     sweep. ``info`` is the checkpoint's :func:`_ckpt_info` (read once per file)."""
-    step, dataset, batch_size, members, evaluation = info
+    step, dataset, batch_size, members, evaluation, data = info
     if not members:
-        return [Source(label, "ckpt", str(path), group, step, dataset, batch_size, evaluation=evaluation)]
-    return [Source(f"{label}:{m}", "ckpt", str(path), f"{group}:{m}", step, dataset, batch_size, m, hook, evaluation)
-            for m, hook in members.items()]
+        return [Source(label, "ckpt", str(path), group, step, dataset, batch_size, evaluation=evaluation, data=data)]
+    return [Source(f"{label}:{m}", "ckpt", str(path), f"{group}:{m}", step, dataset, batch_size, m, hook, evaluation,
+                   data) for m, hook in members.items()]
 
 
 def _run_folder(folder: Path) -> list[tuple[Path, tuple]]:
@@ -263,9 +278,11 @@ def _run_folder(folder: Path) -> list[tuple[Path, tuple]]:
     return [(c, infos[c]) for c in sorted(keep, key=lambda c: (infos[c][0], c.name))]
 
 
-def _ckpt_info(path: Path) -> tuple[int, str | None, int | None, dict[str, str | None] | None, dict | None]:
+def _ckpt_info(path: Path) -> tuple[int, str | None, int | None, dict[str, str | None] | None, dict | None, dict]:
     """``(global_step, training dataset, training batch size, {sweep member: its hook} or None, the run's evaluation
-    settings or None)`` of a checkpoint (``(0, None, None, None, None)`` if unreadable: loading reports it)."""
+    settings or None, its recorded data options)`` of a checkpoint (``(0, None, None, None, None, {})`` if unreadable:
+    loading reports it). The data options come from the run's data description (``gsae`` section) and, for
+    checkpoints written before it held them all, from the data module's saved stream options."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -274,10 +291,14 @@ def _ckpt_info(path: Path) -> tuple[int, str | None, int | None, dict[str, str |
         members = (ckpt.get("gsae") or {}).get("members")
         hooks = members and {m: meta.get("hook") if isinstance(meta, dict) else None for m, meta in members.items()}
         evaluation = ckpt.get(SETTINGS_KEY)
+        gsae = ckpt.get("gsae") or {}
+        described = gsae.get("data") or next((m.get("data") for m in (members or {}).values()
+                                              if isinstance(m, dict) and m.get("data")), None) or {}
+        options = {**(data.get("position_options") or {}), "text_unit": data.get("text_unit"), **described}
         return (int(ckpt.get("global_step", 0)), data.get("dataset"), data.get("batch_size"), hooks,
-                evaluation if isinstance(evaluation, dict) else None)
+                evaluation if isinstance(evaluation, dict) else None, recorded_token_options(options))
     except Exception:  # noqa: BLE001
-        return 0, None, None, None, None
+        return 0, None, None, None, None, {}
 
 
 def load(src: Source, device: str, model: str | None):
@@ -308,18 +329,20 @@ def load(src: Source, device: str, model: str | None):
 
 # ---------------------------------------------------------------------- tokens
 def held_out_tokens(
-    lm: LanguageModel, dataset: str, context_size: int, n_seqs: int, prepend_bos: bool = True, text_column: str = "text"
+    lm: LanguageModel, dataset: str, context_size: int, n_seqs: int, prepend_bos: bool = True,
+    text_column: str = "text", **options,
 ) -> torch.Tensor:
     """``(n, T)``: ``n_seqs`` validation contexts of ``dataset``, spread over its held-out set as training's evaluation
     takes them (``TokenDataModule.evaluation_contexts``), BOS first unless the SAE was trained without
-    (``prepend_bos``: SAELens metadata, e.g. False for OpenAI v5)."""
+    (``prepend_bos``: SAELens metadata, e.g. False for OpenAI v5); ``options``: the run's other
+    :data:`TOKEN_OPTIONS` (``text_unit``, ``val_documents``, ...)."""
     from gsae.data import TokenDataModule
 
     if context_size > lm.n_ctx:
         raise ArgumentError(f"--context-size ({context_size}) exceeds the model's n_ctx ({lm.n_ctx}) for {lm.name!r}")
     try:
         dm = TokenDataModule(lm=lm, dataset=dataset, context_size=context_size, prepend_bos=prepend_bos,
-                             text_column=text_column)
+                             text_column=text_column, **options)
         dm.validate()
         ctx = dm.evaluation_contexts(n_seqs)
     except ValueError as e:
@@ -358,10 +381,22 @@ def tokens_line(saes: dict[str, dict], short: dict[str, str]) -> str:
     for lb, s in saes.items():
         counts = ", ".join(f"{b} {n}" for b, n in s["contexts"].items())
         bos = "" if s["prepend_bos"] else ", no BOS"
-        sets.setdefault(f"{s['dataset']}, contexts of {s['context_size']}{bos} ({counts})", []).append(short.get(lb, lb))
+        data = "".join(f", {k} {v}" for k, v in (s.get("data_options") or {}).items() if v != _token_defaults().get(k))
+        sets.setdefault(f"{s['dataset']}{data}, contexts of {s['context_size']}{bos} ({counts})", []).append(
+            short.get(lb, lb))
     if len(sets) == 1:
         return f"tokens: {next(iter(sets))}"
     return "\n".join(f"tokens of {', '.join(who)}: {what}" for what, who in sets.items())
+
+
+def _token_defaults() -> dict:
+    """``TokenDataModule``'s defaults of the :data:`TOKEN_OPTIONS` (the tokens line names the others)."""
+    import inspect
+
+    from gsae.data import TokenDataModule
+
+    params = inspect.signature(TokenDataModule.__init__).parameters
+    return {k: params[k].default for k in TOKEN_OPTIONS if k in params}
 
 
 def short_labels(labels: list[str]) -> dict[str, str]:
@@ -588,6 +623,7 @@ def _setup(sae, src: Source, meta: dict, lm: LanguageModel, hook: str, args: arg
         "lm": lm.name,
         "hook": hook,
         "dataset": _dataset(args, src, meta, lm)[0],
+        **({"data_options": d} if (d := _token_options(args, src, meta, _dataset(args, src, meta, lm)[0])) else {}),
         "context_size": _context_size(args, meta, lm),
         "prepend_bos": meta.get("prepend_bos", True) is not False,
         "contexts": {b: int(t.shape[0]) for b, t in per_benchmark.items()},
@@ -694,10 +730,12 @@ def _lm_and_tokens(src: Source, meta: dict, args: argparse.Namespace, device: st
     dataset, default = _dataset(args, src, meta, lm)
     ctx = _context_size(args, meta, lm)
     bos = meta.get("prepend_bos", True) is not False
+    data = _token_options(args, src, meta, dataset)
     n_read, counts = held_out_counts(names, args.n_seqs, options, ctx)
-    if (key, dataset, ctx, bos) not in cache:
+    tkey = (key, dataset, ctx, bos, json.dumps(data, sort_keys=True, default=str))
+    if tkey not in cache:
         try:
-            tokens = held_out_tokens(lm, dataset, ctx, n_read, bos, args.text_column)
+            tokens = held_out_tokens(lm, dataset, ctx, n_read, bos, **data)
         except ArgumentError as e:
             if dataset != default or args.dataset:
                 raise
@@ -705,8 +743,20 @@ def _lm_and_tokens(src: Source, meta: dict, args: argparse.Namespace, device: st
             hint = f" (its cfg.json names dataset_path {named!r})" if named else ""
             raise ArgumentError(f"{str(e).removeprefix('--dataset: ')}; {default} is evaluate.py's default for PATH "
                                 f"{src.label!r}, which records no gsae training dataset: pass --dataset{hint}") from None
-        cache[key, dataset, ctx, bos] = tokens.to(device)
-    return lm, hook, cache[key, dataset, ctx, bos], counts
+        cache[tkey] = tokens.to(device)
+    return lm, hook, cache[tkey], counts
+
+
+def _token_options(args: argparse.Namespace, src: Source, meta: dict, dataset: str) -> dict:
+    """The data options of a source's held-out contexts: the run's recorded :data:`TOKEN_OPTIONS` when it is
+    evaluated on the dataset it was trained on (a run on paragraphs of a .txt file, or its JSONL's ``content``
+    column, is evaluated on those, as training's evaluation was), ``--text-column`` over them."""
+    recorded = src.data if src.data is not None else recorded_token_options(meta.get("data_options"))
+    trained_on = src.dataset or meta.get("dataset")
+    out = dict(recorded) if trained_on is not None and dataset == trained_on else {}
+    if args.text_column:
+        out["text_column"] = args.text_column
+    return out
 
 
 def _dataset(args: argparse.Namespace, src: Source, meta: dict, lm: LanguageModel) -> tuple[str, str]:

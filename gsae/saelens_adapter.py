@@ -221,6 +221,7 @@ def _meta(sae, metadata, model: str | None) -> dict:
         ),
         "context_size": get("context_size"),
         "batch_size": gsae_data.get("batch_size"),  # a gsae export's training batch (contexts per device)
+        "data_options": gsae_data,  # what else decides its run's held-out contexts (evaluate.recorded_token_options)
         "sae_class": (get("gsae") or {}).get("sae_class"),  # a gsae export's own class (a g-SAE's encodes as TopK here)
     }
 

@@ -670,7 +670,10 @@ class SAESystem(pl.LightningModule):
         dm = self._trainer.datamodule if self._trainer is not None else None
         if dm is None or not hasattr(dm, "context_size"):
             return None
-        return {k: getattr(dm, k, None) for k in ("dataset", "dataset_config", "split", "context_size", "batch_size", "prepend_bos")}
+        # with what decides the held-out contexts, so evaluate.py reads the run's (its checkpoints and exports)
+        return {k: getattr(dm, k, None) for k in ("dataset", "dataset_config", "split", "context_size", "batch_size",
+                                                  "prepend_bos", "val_split", "val_documents", "text_column",
+                                                  "text_unit", "separator", "seed", "streaming")}
 
     def warm_sources(self) -> list[tuple[SparseAutoencoder, str, str, str]]:
         """``(sae, init_from, hook, option)`` for each SAE that starts from another's weights (a sweep: per member)."""

@@ -156,7 +156,8 @@ def test_evaluate_cli_on_a_saelens_export_uses_the_recorded_training_dataset(run
 
     used = []
     real = ev.held_out_tokens
-    monkeypatch.setattr(ev, "held_out_tokens", lambda lm, dataset, *a: used.append(dataset) or real(lm, dataset, *a))
+    monkeypatch.setattr(ev, "held_out_tokens",
+                        lambda lm, dataset, *a, **k: used.append(dataset) or real(lm, dataset, *a, **k))
     ckpt = run_dir / "checkpoints" / "epoch=0-step=10.ckpt"
     out = tmp_path / "res.json"
     args = ["--benchmarks", "loss_added", "--n-seqs", "4", "--device", "cpu", "--output", str(out)]
@@ -675,3 +676,38 @@ def test_a_text_column_for_generated_text_is_refused(run_dir, capsys):
     assert evaluate_main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == "error: --text-column 'body': gsae-corpus is generated, with no columns", err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["txt-paragraphs", "jsonl-column"])
+def test_evaluate_py_reads_the_runs_own_held_out_text(tmp_path, capsys, data):
+    """A run on paragraphs of a .txt file, or on a JSONL's ``content`` column with 40 held-out documents: evaluate.py
+    on its checkpoint and on its SAELens export reads the held-out contexts the run's evaluation read (its recorded
+    ``text_unit``, ``text_column``, ``val_documents``), so it gives the run's .eval.json. It read whole files and the
+    'text' column (other numbers, said nowhere), or refused the JSONL; the tokens line names the options."""
+    from gsae.cli import main
+    from tests.systems.test_ddp_evaluation import _same
+
+    paragraphs = [f"Paragraph {i}: the {['red', 'blue', 'green'][i % 3]} fox {i} jumps over {i % 7} lazy dogs. "
+                  * (2 + i % 4) for i in range(1200)]
+    if data == "txt-paragraphs":
+        path = tmp_path / "docs.txt"
+        path.write_text("\n\n".join(paragraphs))
+        opts = ["--data.text_unit", "paragraph"]
+        said = "text_unit paragraph"
+    else:
+        path = tmp_path / "docs.jsonl"
+        path.write_text("".join(json.dumps({"content": p}) + "\n" for p in paragraphs))
+        opts = ["--data.text_column", "content", "--data.val_documents", "40"]
+        said = "val_documents 40, text_column content"
+    args = quickstart_args(tmp_path, "--data.dataset", str(path), *opts, "--checkpoint.every_n_train_steps", "4",
+                           "--evaluation.benchmarks", "[loss_added]", "--evaluation.n_seqs", "8", steps=4)
+    assert main(args) == 0
+    ckpt = tmp_path / "quickstart-topk" / "checkpoints" / "epoch=0-step=4.ckpt"
+    want = json.loads(Path(str(ckpt) + ".eval.json").read_text())["results"]
+    out = tmp_path / "again.json"
+    for source in (ckpt, ckpt.with_suffix(".saelens")):
+        capsys.readouterr()
+        assert evaluate_main([str(source), "--device", "cpu", "--output", str(out)]) == 0
+        assert f"tokens: {path}, {said}, contexts of 64 (loss_added 8)" in capsys.readouterr().out
+        _same({b: per[str(source)] for b, per in json.loads(out.read_text())["results"].items()}, want)
