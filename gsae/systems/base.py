@@ -185,6 +185,8 @@ class SAESystem(pl.LightningModule):
         self.register_buffer("act_scale", torch.tensor(1.0))  # E‖x − x̄‖² of the first batch: loss normaliser
         self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
         self._t_last: float | None = None
+        self._t_step_end: float | None = None  # when the latest optimizer step ended
+        self._validated = False  # a validation ran since the latest training batch
         self._val_sums: dict[str, tuple] = {}  # validation extras: name -> (token-weighted sum, tokens) on this rank
         self._first_step = 0  # global step of this fit's first training step (set in on_train_start)
         self._initialized_seen = False  # host copy of `initialized` once True (reading the buffer waits for the GPU)
@@ -592,8 +594,27 @@ class SAESystem(pl.LightningModule):
         # validation and the evaluation count; Lightning's own log_dict would plot it one step earlier
         self._to_loggers(scalars, t.fit_loop.epoch_loop._batches_that_stepped + 1)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """``train/tokens_per_s`` counts training only: the time after the previous step's optimizer step is left out
+        when that step checkpointed (and evaluated: minutes at GPT-2 scale) or validated, as the progress bar does; it
+        read a third of the rate at the point after each checkpoint."""
+        trainer = self._trainer
+        saved = trainer is not None and getattr(trainer.checkpoint_callback, "_last_global_step_saved", None) == \
+            trainer.global_step
+        if self._t_last is not None and self._t_step_end is not None and (saved or self._validated):
+            self._t_last += time.perf_counter() - self._t_step_end
+        self._validated = False
+
+    def on_validation_start(self) -> None:
+        self._validated = True
+
+    def mark_step_end(self) -> None:
+        """Called at the end of each optimizer step (:meth:`on_train_batch_start`)."""
+        self._t_step_end = time.perf_counter()
+
     def progress_metrics(self) -> dict[str, float]:
-        """``train/tokens_seen`` and ``train/tokens_per_s`` since the previous call."""
+        """``train/tokens_seen`` and ``train/tokens_per_s`` since the previous call (training time only:
+        :meth:`on_train_batch_start`)."""
         metrics = {"train/tokens_seen": float(self.tokens_seen)}
         now, seen = time.perf_counter(), int(self.tokens_seen)
         if self._t_last is not None and now > self._t_last:
@@ -611,6 +632,7 @@ class SAESystem(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         if self.sae.unit_norm_decoder:
             self.sae.normalize_decoder()
+        self.mark_step_end()
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):

@@ -587,6 +587,7 @@ class SweepSAESystem(LocalSAESystem):
                 normalize_decoders(unit)
             else:
                 unit.normalize_decoder()
+        self.mark_step_end()
 
     # ------------------------------------------------------------------ optimizer: a parameter group per member
     def configure_optimizers(self):

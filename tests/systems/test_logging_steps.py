@@ -4,6 +4,8 @@ count advance on every step."""
 
 from __future__ import annotations
 
+import time
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -165,3 +167,36 @@ def test_step_metrics_reach_callbacks_and_loggers_as_lightnings_log_dict_does(tm
         if k != "train/tokens_per_s":
             assert float(ours.callback_metrics[k]) == pytest.approx(float(v), rel=1e-6), k
     assert set(ours.logged_metrics) == set(ref.logged_metrics)
+
+
+class SlowAfterCheckpoints(pl.Callback):
+    """Stands for the evaluation a checkpoint runs (0.4 s after each) and a slow validation; records the logged
+    ``train/tokens_per_s`` of every step."""
+
+    def __init__(self) -> None:
+        self.rates: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        rate = trainer.callback_metrics.get("train/tokens_per_s")
+        if rate is not None:
+            self.rates[trainer.global_step] = float(rate)
+        if trainer.global_step % 4 == 0:
+            time.sleep(0.4)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            time.sleep(0.4)
+
+
+def test_tokens_per_s_counts_training_time_only(tmp_path):
+    """The logged ``train/tokens_per_s`` left out nothing: the point after each checkpoint (whose evaluation takes
+    minutes at GPT-2 scale) or validation read a fraction of the rate the console showed. Now the time after a step
+    that checkpointed or validated is left out, as the progress bar does."""
+    system = build_system("topk")
+    slow = SlowAfterCheckpoints()
+    trainer = build_trainer(tmp_path, 12, callbacks=[slow], checkpoint_every=4, log_every_n_steps=1,
+                            val_check_interval=6, limit_val_batches=1)
+    trainer.fit(system, datamodule=build_data(system))
+    after = [slow.rates[s] for s in (5, 7, 9)]  # the steps after a checkpoint (4, 8) or a validation (6)
+    others = [r for s, r in slow.rates.items() if s not in (1, 5, 7, 9)]
+    assert len(others) >= 6 and min(after) > 0.3 * float(np.median(others)), (after, others)
