@@ -127,11 +127,14 @@ class LocalSAESystem(SAESystem):
             return
         # the buffer fills per batch; a step is accumulate_grad_batches of them
         fill = math.ceil(cap / (rows / 2) / max(int(self.trainer.accumulate_grad_batches or 1), 1))
-        if fill > 0.05 * total:
-            log.warning("--model.buffer_size %d is per device: each of the %d devices fills it from its own %d tokens "
-                        "per batch, so the first ~%d of %d steps train at half batch; --model.buffer_size %d (%d / %d) "
-                        "holds as many tokens in all and fills %d times faster", cap, world, rows, fill, total,
-                        cap // world, cap, world, world)
+        # only when dividing it by the devices (the README's rule for a one-device config) fixes it: a buffer already
+        # divided fills in as many steps as the one-device run's, and in a short run any buffer takes a large share
+        if fill > 0.05 * total and fill / world <= 0.05 * total:
+            log.warning("--model.buffer_size %d is per device: each of the %d devices fills its own from %d tokens per "
+                        "batch, so the first ~%d of %d steps train at half batch; if %d is a one-device run's buffer, "
+                        "give --model.buffer_size %d (%d / %d): the devices then hold %d tokens in all and fill in ~%d "
+                        "steps, as one device does", cap, world, rows, fill, total, cap, cap // world, cap, world, cap,
+                        math.ceil(fill / world))
 
     def check_gradient_reaches_training_positions(self) -> None:
         """Refuse a g-SAE whose every training position has ``∇ₓL = 0``: ``--data.context_size 2`` with a BOS first

@@ -148,12 +148,16 @@ def test_a_buffer_sized_for_one_device_is_named_when_several_fill_it_slowly(monk
     try:
         text = said(8, 131072)
         assert "--model.buffer_size 131072 is per device" in text and "first ~512 of 3456 steps" in text
-        assert "--model.buffer_size 16384 (131072 / 8)" in text
+        assert "give --model.buffer_size 16384 (131072 / 8): the devices then hold 131072 tokens in all and fill in " \
+            "~64 steps, as one device does" in text
         assert said(8, 16384) == ""  # 64 steps: as on one device
         assert said(1, 131072, batch=16) == ""  # one device: its buffer is the run's
         assert said(2, 4096, batch=16, context=64, steps=200) == ""  # 8 of 200 steps: 4%
         assert "first ~128 of 1000 steps" in said(8, 131072, steps=1000, accumulate=4)  # 512 batches: 4 to a step
         assert said(8, 131072, accumulate=4) == ""  # 128 of 3456 steps: 3.7%
+        # the README's division already made (2 devices, 65536 each for one device's 131072): it fills in the one-device
+        # run's 64 steps, which a short run takes a large share of whatever the size; dividing again would not help
+        assert said(2, 65536, batch=8, steps=6) == ""
         # a resume (global_step still 0 in on_fit_start: Lightning restores it later) brings its buffers back: silent
         assert said(8, 131072, ckpt_path="last.ckpt") == ""
     finally:
