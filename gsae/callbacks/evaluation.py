@@ -45,6 +45,7 @@ from gsae.evals import (
     run_benchmarks_at,
     run_options,
     run_split,
+    stop_check,
     tagged_scalars,
     tagged_texts,
     tokens_per_benchmark,
@@ -59,6 +60,18 @@ log = logging.getLogger(__name__)
 SETTINGS_KEY = "gsae_evaluation"
 #: Benchmarks run when none are named: the four promised on every checkpoint, plus decoder geometry.
 DEFAULT_BENCHMARKS = ("loss_added", "dead_latents", "steering", "sensitive_directions", "decoder_geometry", "latents")
+
+
+def stop_if_terminated(trainer: pl.Trainer) -> None:
+    """Raise Lightning's ``SIGTERMException`` if this (one-process) run has received SIGTERM: the evaluation then
+    stops between two benchmarks, its JSON unwritten (a resume redoes it), and the run saves and exits 143 as at a
+    step (:mod:`gsae.sigterm`), instead of evaluating for minutes while the scheduler's grace period runs out."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    connector = getattr(trainer, "_signal_connector", None)
+    if connector is not None and connector.received_sigterm:
+        log.info("SIGTERM: the evaluation at step %d stops here (a resume redoes it)", trainer.global_step)
+        raise SIGTERMException()
 
 
 def member_saes(pl_module: pl.LightningModule) -> dict[str, tuple[torch.nn.Module, str]]:
@@ -286,8 +299,9 @@ class EvaluationCallback(Callback):
             self.last_tasks = [Task(name, tuple(saes)) for name in self.benchmarks]
             # one set of LM passes for every benchmark and member (shared harvests; loss_added's run_many), and one per
             # batch for all the hooks of a sweep whose members read different hooks
-            everything = run_benchmarks_at(list(self.benchmarks), saes, lm, per_benchmark, seconds=self.last_seconds,
-                                           **kwargs)
+            with stop_check(lambda: stop_if_terminated(trainer)):  # one process; DDP ranks agree at the next step
+                everything = run_benchmarks_at(list(self.benchmarks), saes, lm, per_benchmark,
+                                               seconds=self.last_seconds, **kwargs)
         self._last = (step, everything)
         if not trainer.is_global_zero:
             return everything

@@ -23,6 +23,7 @@ Optional module functions:
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import importlib
 import inspect
 import json
@@ -268,6 +269,27 @@ def run_benchmark(name: str, sae, lm, hook: str, tokens: Tensor, *, seed: int = 
     return _call(BENCHMARKS[name].run, sae, lm, hook, tokens, seed=seed, options=options)
 
 
+#: checks called between the benchmarks (and members) of an evaluation, which stop it by raising (:func:`stop_check`)
+_STOP_CHECKS: list[collections.abc.Callable[[], None]] = []
+
+
+@contextlib.contextmanager
+def stop_check(check: collections.abc.Callable[[], None]) -> Iterator[None]:
+    """Within the block, ``check()`` runs before each benchmark (and each SAE's run of it) of :func:`run_benchmarks_many`
+    and may raise to stop the evaluation there: the training callback stops at a SIGTERM (a preempted job has seconds,
+    an evaluation minutes) instead of finishing the evaluation first."""
+    _STOP_CHECKS.append(check)
+    try:
+        yield
+    finally:
+        _STOP_CHECKS.remove(check)
+
+
+def _check_stop() -> None:
+    for check in list(_STOP_CHECKS):
+        check()
+
+
 def run_benchmarks(
     names: list[str],
     sae,
@@ -331,6 +353,7 @@ def run_benchmarks_many(
     try:
         with torch.inference_mode(False), torch.no_grad(), shared_harvests():
             for name in names:
+                _check_stop()
                 tok = (tokens[name] if isinstance(tokens, Mapping) else tokens).clone()  # not an inference tensor
                 opts = {**shared, **(options or {}).get(name, {})}
                 many = getattr(BENCHMARKS[name], "run_many", None)
@@ -350,6 +373,7 @@ def run_benchmarks_many(
                         record(m, name, dt if m in run_on else 0.0)
                     continue
                 for m, sae in saes.items():
+                    _check_stop()
                     t0 = time.perf_counter()
                     try:
                         results[m][name] = run_benchmark(name, sae, lm, hook, tok, seed=seed, **opts)

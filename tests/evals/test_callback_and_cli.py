@@ -711,3 +711,33 @@ def test_evaluate_py_reads_the_runs_own_held_out_text(tmp_path, capsys, data):
         assert evaluate_main([str(source), "--device", "cpu", "--output", str(out)]) == 0
         assert f"tokens: {path}, {said}, contexts of 64 (loss_added 8)" in capsys.readouterr().out
         _same({b: per[str(source)] for b, per in json.loads(out.read_text())["results"].items()}, want)
+
+
+def test_a_sigterm_during_an_evaluation_stops_it_there(tmp_path, monkeypatch, capsys):
+    """A preempted job has seconds and an evaluation takes minutes at GPT-2 scale: a SIGTERM that arrives while the
+    callback evaluates stops the evaluation before its next benchmark (it used to run to the end first, and at the end
+    of training the signal went unnoticed), the run exits 143 with last.ckpt at the step, and the resume redoes the
+    evaluation, which the stop left unwritten."""
+    from gsae import evals
+    from gsae.cli import main
+    from tests.evals import sigterm_benchmark
+
+    monkeypatch.setitem(evals._MODULES, "sigterm_bench", "tests.evals.sigterm_benchmark")
+    monkeypatch.setitem(evals._MODULES, "fake", "tests.evals.fake_benchmark")
+    ran = []
+    real = evals.run_benchmark
+    monkeypatch.setattr(evals, "run_benchmark", lambda name, *a, **k: ran.append(name) or real(name, *a, **k))
+    sigterm_benchmark.CALLS.clear()
+    monkeypatch.setattr(sigterm_benchmark, "ARMED", [True])
+    args = quickstart_args(tmp_path, "--checkpoint.every_n_train_steps", "4", "--evaluation.benchmarks",
+                           "[sigterm_bench,fake]", steps=8)
+    assert main(args) == 143
+    assert ran == ["sigterm_bench"] and len(sigterm_benchmark.CALLS) == 1  # fake never ran
+    ckpts = tmp_path / "quickstart-topk" / "checkpoints"
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert not list(ckpts.glob("*.eval.json"))
+    assert "stopped (SIGTERM" in capsys.readouterr().out
+    monkeypatch.setattr(sigterm_benchmark, "ARMED", [False])  # no signal this time
+    assert main([*args, "--ckpt_path", "last"]) == 0
+    assert json.loads((ckpts / "epoch=0-step=4.ckpt.eval.json").read_text())["results"].keys() == {"sigterm_bench", "fake"}
+    assert (ckpts / "epoch=0-step=8.ckpt.eval.json").is_file()
