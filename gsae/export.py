@@ -61,7 +61,7 @@ def export_saelens(sae: SparseAutoencoder, path: str | Path, meta: dict) -> Path
             "prepend_bos": bool(data.get("prepend_bos", meta.get("prepend_bos", True))),
             "context_size": data.get("context_size", meta.get("context_size")),
             "model_from_pretrained_kwargs": {
-                k: lm[k] for k in ("fold_ln", "center_writing_weights", "center_unembed") if k in lm
+                k: lm[k] for k in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases") if k in lm
             },
             "gsae": {
                 "sae_class": meta.get("sae_class"),

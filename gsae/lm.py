@@ -104,6 +104,7 @@ class LanguageModel:
         fold_ln: bool = True,
         center_writing_weights: bool = True,
         center_unembed: bool = True,
+        fold_value_biases: bool = True,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         seed: int = 0,
         fused: bool = True,
@@ -118,6 +119,9 @@ class LanguageModel:
             center_writing_weights: centre the weights that write to the residual stream; changes
                 residual values (SPEC §0: JB and Apollo SAEs need True, OpenAI v5 SAEs False).
             center_unembed: centre the unembedding (logits shift by a constant; softmax unchanged).
+            fold_value_biases: fold the value biases into the attention output bias (TransformerLens' default): the
+                residual stream is unchanged, ``hook_v``/``hook_z`` shift by ``−b_V`` (SAELens evaluates without it,
+                so its ``hook_z`` SAEs are read with ``false``).
             dtype: dtype of the LM weights and activations (``bfloat16`` halves memory on GPU).
             seed: weight seed of random-weight presets (ignored for pretrained models).
             fused: run residual-stream hooks (``blocks.L.hook_resid_pre/mid/post``, ``hook_attn_out``,
@@ -133,6 +137,7 @@ class LanguageModel:
         self.fold_ln = fold_ln
         self.center_writing_weights = center_writing_weights
         self.center_unembed = center_unembed
+        self.fold_value_biases = fold_value_biases
         self.dtype = dtype
         self.seed = seed
         self.fused = fused
@@ -156,6 +161,7 @@ class LanguageModel:
             fold_ln=self.fold_ln,
             center_writing_weights=self.center_writing_weights,
             center_unembed=self.center_unembed,
+            fold_value_biases=self.fold_value_biases,
             dtype=self.dtype,
             seed=self.seed,
         )
@@ -184,6 +190,7 @@ class LanguageModel:
                 fold_ln=self.fold_ln,
                 center_writing_weights=self.center_writing_weights,
                 center_unembed=self.center_unembed,
+                fold_value_biases=self.fold_value_biases,
                 dtype=self.dtype,
                 device="cpu",
             )

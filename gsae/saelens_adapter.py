@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from gsae.sae.base import SAEOutput, SparseAutoencoder
 
 #: ``LanguageModel`` options that SAELens' ``model_from_pretrained_kwargs`` can set.
-_LM_KEYS = ("fold_ln", "center_writing_weights", "center_unembed")
+_LM_KEYS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 #: SAELens ``normalize_activations`` values whose decode depends on the input's own statistics.
 PER_TOKEN_NORMS = ("layer_norm", "constant_norm_rescale")
 

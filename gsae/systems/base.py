@@ -812,14 +812,16 @@ class SAESystem(pl.LightningModule):
 
     def check_saved_lm(self, saved: dict | None) -> None:
         """A one-line error if the checkpoint was trained on another language model: another name, another
-        ``center_writing_weights`` (it changes the residual stream; random presets ignore it), or another weight seed
+        ``center_writing_weights`` (it changes the residual stream; random presets ignore it) or ``fold_value_biases``
+        (``hook_v``/``hook_z``), or another weight seed
         of a random preset. The dtype, ``fold_ln``, ``center_unembed``, ``fused`` and ``compile`` may change (the
         activations do not)."""
         if not saved:
             return
         ours = self.lm.describe()
         random = str(ours["name"]).startswith("random-")  # built in-process: the seed matters, the weight processing not
-        keys = ["name", *(["seed"] if random else ["center_writing_weights"])]
+        keys = ["name", *(["seed"] if random else ["center_writing_weights", "fold_value_biases"])]
+        saved = {"fold_value_biases": True, **saved}  # checkpoints from before the option: TransformerLens' default
         diff = {k: (saved.get(k), ours[k]) for k in keys if k in saved and saved[k] != ours[k]}
         if diff:
             raise ValueError(

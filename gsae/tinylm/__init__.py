@@ -66,5 +66,5 @@ def load(lm):
         fold_ln=lm.fold_ln,
         center_writing_weights=lm.center_writing_weights,
         center_unembed=lm.center_unembed,
-        fold_value_biases=True,  # as TransformerLens' from_pretrained does for GPT-2
+        fold_value_biases=lm.fold_value_biases,  # True by default, as TransformerLens' from_pretrained does for GPT-2
     )

@@ -50,6 +50,7 @@ def test_lm_kwargs_follow_saelens_no_processing():
         "fold_ln": False,
         "center_writing_weights": True,
         "center_unembed": False,
+        "fold_value_biases": False,  # from_pretrained_no_processing's too: hook_z SAEs read unfolded value biases
     }
     assert lm_kwargs({"model_name": "gpt2"}, model="gpt2-medium")["name"] == "gpt2-medium"
     with pytest.raises(ValueError, match="--model"):
@@ -232,3 +233,64 @@ def test_the_default_dataset_failing_says_it_is_the_default(tmp_path, capsys):
                          "'gsae-corpus')"), line
     assert evaluate_main([str(tmp_path / "std"), "--benchmarks", "loss_added", "--n-seqs", "2",
                           "--dataset", "gsae-corpus"]) == 0
+
+
+def test_a_hook_z_saelens_sae_is_evaluated_on_the_model_saelens_evaluates_with(tmp_path):
+    """SAELens evaluates with ``from_pretrained_no_processing``, which leaves the value biases unfolded; TransformerLens'
+    default folds them into b_O, shifting ``hook_z`` by −b_V (the residual stream is the same). A ``hook_z`` SAE's
+    evaluation loaded the folded model, so it read other activations than the SAE was trained on. Checked against a
+    model built with no processing at all (SAELens' view) and the SAE's own SAELens encode/decode."""
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+    from safetensors.torch import load_file
+
+    from gsae import tinylm
+    from gsae.evaluate import main as evaluate_main
+    from gsae.lm import LanguageModel, build_hooked_transformer
+
+    hook = "blocks.1.attn.hook_z"
+    folded = LanguageModel("gsae-tiny", fold_ln=False, center_writing_weights=False, center_unembed=False)
+    unfolded = LanguageModel("gsae-tiny", fold_ln=False, center_writing_weights=False, center_unembed=False,
+                             fold_value_biases=False)
+    tokens = torch.randint(1, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = folded.bos_token_id
+    with torch.no_grad():
+        z_f = folded.activations(tokens, hook)
+        z_u = unfolded.activations(tokens, hook)
+        assert torch.allclose(folded.activations(tokens, "blocks.2.hook_resid_pre"),
+                              unfolded.activations(tokens, "blocks.2.hook_resid_pre"), atol=1e-4)
+    assert (z_f - z_u).abs().max() > 1e-3  # b_V is not zero in gsae-tiny
+    path = tinylm.assets_dir("gsae-tiny")
+    bare = build_hooked_transformer(tinylm.read_config("gsae-tiny")["arch"], tokenizer=tinylm.load_tokenizer(path),
+                                    state_dict=load_file(str(path / "model.safetensors")), seed=None)
+    bare.eval()
+    store = {}
+    with torch.no_grad():
+        bare.run_with_hooks(tokens, return_type=None, fwd_hooks=[(hook, lambda a, hook: store.__setitem__("z", a))])
+    torch.testing.assert_close(z_u, store["z"].flatten(-2), atol=1e-5, rtol=1e-5)
+
+    meta = SAEMetadata(hook_name=hook, model_name="gsae-tiny", context_size=32, prepend_bos=True)
+    d_in = z_u.shape[-1]
+    sl = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=d_in, d_sae=64, metadata=meta))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in sl.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    sl.save_model(tmp_path / "z")
+    out = tmp_path / "res.json"
+    assert evaluate_main([str(tmp_path / "z"), "--benchmarks", "loss_added", "--n-seqs", "4", "--device", "cpu",
+                          "--dataset", "gsae-corpus", "--output", str(out)]) == 0
+    import json
+
+    from gsae.evaluate import held_out_tokens
+    from gsae.saelens_adapter import load_saelens_folder
+
+    got = json.loads(out.read_text())["results"]["loss_added"][str(tmp_path / "z")]
+    toks = held_out_tokens(unfolded, "gsae-corpus", 32, 4)  # what evaluate.py read (BOS, 4 contexts of 32)
+    with torch.no_grad():
+        bare.run_with_hooks(toks, return_type=None, fwd_hooks=[(hook, lambda a, hook: store.__setitem__("z", a))])
+        x = store["z"].flatten(-2)[toks != folded.bos_token_id]
+        x_hat = sl.decode(sl.encode(x))
+    want = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert got["explained_variance"] == pytest.approx(float(want), rel=1e-4)
+    assert load_saelens_folder(tmp_path / "z")[1]["lm"]["fold_value_biases"] is False
