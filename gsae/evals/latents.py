@@ -122,7 +122,7 @@ def run(
         _, _, more = _harvest(sae, lm, hook, tokens, batch_size, keep, missing, attribution=False)
         column.update({i: acts.shape[1] + j for j, i in enumerate(missing)})
         acts = torch.cat([acts, more], 1)
-    logit = _logit_lens(sae, lm, chosen, n_logit_tokens)
+    logit = _logit_lens(sae, lm, hook, chosen, n_logit_tokens)
     n_tokens = int(keep.sum())
     entries = []
     for j, i in enumerate(chosen):
@@ -204,10 +204,13 @@ def _sample(counts: Tensor, exclude: set[int], n: int, min_fires: int, seed: int
     return sorted(chosen.tolist())
 
 
-def _logit_lens(sae, lm, chosen: list[int], n: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+def _logit_lens(sae, lm, hook: str, chosen: list[int], n: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """Top and bottom ``(values, ids)`` of the logit lens of ``W_dec[chosen]`` (steering's :func:`logit_lens`:
-    through ``ln_final``'s centring and gain; None when the hook is not d_model wide)."""
-    if not chosen or sae.d_in != lm.d_model:
+    through ``ln_final``'s centring and gain; None when the hook is not on the residual stream, as steering's
+    :data:`RESIDUAL_HOOK`: ``hook_z`` is d_model wide in GPT-2, yet W_U does not read it)."""
+    from gsae.evals.steering import RESIDUAL_HOOK
+
+    if not chosen or sae.d_in != lm.d_model or not RESIDUAL_HOOK.search(hook):
         return None
     with torch.no_grad():
         logits = logit_lens(lm, sae.W_dec.detach()[chosen].to(lm.W_U.device)).float().cpu()  # (n_chosen, d_vocab)

@@ -135,7 +135,7 @@ def _intervals_html(entry: dict, result: dict) -> str:
 
 def _logits_html(entry: dict) -> str:
     if entry["promoted"] is None:
-        return '<div class="logits"><i>no logit lens (the hook is not d_model wide)</i></div>'
+        return '<div class="logits"><i>no logit lens (the hook is not on the residual stream)</i></div>'
     tables = []
     for key, cls, title in (("promoted", "pos", "promotes"), ("suppressed", "neg", "suppresses")):
         rows = "".join(f"<tr><td>{_esc(repr(s))}</td><td class=v>{v:+.3f}</td></tr>" for s, v in entry[key])

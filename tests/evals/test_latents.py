@@ -209,7 +209,7 @@ def keep_everything(sae, lm, tokens, grad: bool, batch_size: int, **kw) -> tuple
     if grad:
         attr = torch.cat([sae.attribution(r.grad.reshape(-1, r.grad.shape[-1])) for r in runs])
         attr_sum = (attr * (dense != 0)).sum(0).double()
-    logit = latents_mod._logit_lens(sae, lm, chosen, 8)
+    logit = latents_mod._logit_lens(sae, lm, HOOK, chosen, 8)
     n_tokens = int((~torch.isin(tokens, torch.tensor(lm.special_token_ids))).sum())
     return [
         latents_mod._latent_entry(lm, tokens, i, dense[:, i], int(counts[i]), n_tokens, attr_sum, logit, j,
@@ -488,3 +488,18 @@ def test_activating_tokens_start_in_one_column(tiny) -> None:
             assert row["r"][0] == "tok mark" and len(row["r"]) == len(c["tokens"]) - c["marked"]
             befores.add(c["marked"])
     assert len(befores) > 1  # contexts with different amounts of preceding context were checked
+
+
+def test_no_logit_lens_off_the_residual_stream(tiny) -> None:
+    """A ``hook_z`` SAE (attention's per-head outputs, as wide as d_model in GPT-2 and here) got a logit lens in its
+    dashboard, although W_U never reads hook_z: steering skips it for that reason, and so does the dashboard now."""
+    lm, tokens = tiny
+    hook = "blocks.1.attn.hook_z"
+    assert lm.d_in(hook) == lm.d_model  # the case the width check let through
+    sae = randomize(TopKSAE(lm.d_in(hook), d_sae=64, k=4), seed=1)
+    r = run_benchmark("latents", sae, lm, hook, tokens[:6], seed=0, n_latents=3, n_contexts=2)
+    assert r["latents"] and all(e["promoted"] is None and e["suppressed"] is None for e in r["latents"])
+    assert "no logit lens (the hook is not on the residual stream)" in latents_mod.artifacts(r)[".latents.html"]
+    on_stream = run_benchmark("latents", randomize(TopKSAE(lm.d_model, d_sae=64, k=4), seed=1), lm, HOOK, tokens[:6],
+                              seed=0, n_latents=3, n_contexts=2)
+    assert all(e["promoted"] for e in on_stream["latents"])
