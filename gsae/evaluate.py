@@ -621,6 +621,8 @@ def _setup(sae, src: Source, meta: dict, lm: LanguageModel, hook: str, args: arg
                    **({"step": src.step} if src.kind == "ckpt" else {})},
         "sae": {"class": type(sae).__name__, "d_in": sae.d_in, "d_sae": sae.d_sae},
         "lm": lm.name,
+        # how it was loaded: a gsae run's folding and centring, SAELens' none; they change the activations
+        "lm_options": {k: v for k, v in lm.describe().items() if k != "name"},
         "hook": hook,
         "dataset": _dataset(args, src, meta, lm)[0],
         **({"data_options": d} if (d := _token_options(args, src, meta, _dataset(args, src, meta, lm)[0])) else {}),

@@ -154,6 +154,18 @@ def load_saelens_folder(path: str | Path, device: str = "cpu", model: str | None
         cfg = json.loads((Path(path) / "cfg.json").read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"SAELens folder {str(path)!r}: cfg.json does not read as JSON: {_first_line(e)}") from None
+    where = f"SAELens folder {str(path)!r}"
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: cfg.json holds a {type(cfg).__name__}, not a mapping of SAE options")
+    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else cfg
+    if not metadata.get("hook_name"):
+        raise ValueError(f"{where}: cfg.json names no hook_name (the activation the SAE reads)")
+    if metadata.get("hook_head_index") is not None:
+        raise ValueError(f"{where}: a single-head SAE (hook_head_index {metadata['hook_head_index']}): the benchmarks "
+                         "splice an SAE over its hook's whole activation, so they do not apply")
+    k, d_sae = cfg.get("k"), cfg.get("d_sae")
+    if isinstance(k, int) and isinstance(d_sae, int) and k > d_sae:
+        raise ValueError(f"{where}: cfg.json has k {k} > d_sae {d_sae}")
     try:
         with warnings.catch_warnings():  # "load the model with these model_from_pretrained_kwargs": lm_kwargs does
             warnings.filterwarnings("ignore", message="(?s).*model_from_pretrained_kwargs")
@@ -162,8 +174,11 @@ def load_saelens_folder(path: str | Path, device: str = "cpu", model: str | None
         raise ValueError(
             f"SAELens folder {str(path)!r} could not be loaded: {type(e).__name__}: {_first_line(e)}"
         ) from None
-    metadata = cfg.get("metadata", cfg)
-    return _adapter(sae, f"SAELens folder {str(path)!r}"), _meta(sae, metadata, model)
+    try:
+        meta = _meta(sae, metadata, model)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return _adapter(sae, where), meta
 
 
 def load_saelens_pretrained(spec: str, device: str = "cpu", model: str | None = None) -> tuple[SAELensAdapter, dict]:
@@ -227,5 +242,10 @@ def _meta(sae, metadata, model: str | None) -> dict:
 
 
 def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else ""
+    """The error's first line, with the next one where it only announces them (torch's ``Error(s) in loading
+    state_dict for TopKSAE:`` says which keys or shapes on the lines after), at most 300 characters."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    out = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return out if len(out) <= 300 else out[:297] + "..."

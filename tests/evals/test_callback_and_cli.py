@@ -99,6 +99,9 @@ def test_evaluate_cli_on_the_run_folder(run_dir, tmp_path, capsys):
     for lb, step in zip(labels, (5, 10)):
         s = settings["saes"][lb]
         assert s["source"] == {"kind": "ckpt", "path": lb, "step": step} and s["lm"] == "gsae-tiny"
+        # how the LM was loaded (a SAELens folder's loads without folding or centring: other activations)
+        assert {k: s["lm_options"][k] for k in ("fold_ln", "center_writing_weights", "fold_value_biases")} == dict.fromkeys(
+            ("fold_ln", "center_writing_weights", "fold_value_biases"), True)
         assert (s["dataset"], s["context_size"], s["prepend_bos"]) == ("gsae-corpus", 32, True)
         assert s["contexts"] == dict.fromkeys(ALL, 4) and s["hook"] == QUICKSTART_HOOK
         assert f"step {step}" in s["about"] and s["sae"]["d_sae"] > s["sae"]["d_in"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -294,3 +296,32 @@ def test_a_hook_z_saelens_sae_is_evaluated_on_the_model_saelens_evaluates_with(t
     want = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert got["explained_variance"] == pytest.approx(float(want), rel=1e-4)
     assert load_saelens_folder(tmp_path / "z")[1]["lm"]["fold_value_biases"] is False
+
+
+def test_folders_saelens_loads_but_gsae_cannot_evaluate_are_refused_naming_the_folder(tmp_path):
+    """Each in one line naming the folder and what is wrong (they were 'unknown hook None', a TypeError, 'selected
+    index k out of range' mid-evaluation, torch's 'Error(s) in loading state_dict for TopKSAE:' cut before the key)."""
+    import json
+
+    from gsae.saelens_adapter import load_saelens_folder
+
+    def folder(name: str, edit) -> Path:
+        sl = saelens_sae("topk", "none")
+        sl.save_model(tmp_path / name)
+        cfg = json.loads((tmp_path / name / "cfg.json").read_text())
+        (tmp_path / name / "cfg.json").write_text(json.dumps(edit(cfg)))
+        return tmp_path / name
+
+    cases = {
+        "list": (lambda c: [c], "cfg.json holds a list, not a mapping of SAE options"),
+        "no_hook": (lambda c: {**c, "metadata": {**c["metadata"], "hook_name": None}}, "cfg.json names no hook_name"),
+        "head": (lambda c: {**c, "metadata": {**c["metadata"], "hook_head_index": 1}}, "a single-head SAE"),
+        "k": (lambda c: {**c, "k": 500}, "cfg.json has k 500 > d_sae 96"),
+        "no_model": (lambda c: {**c, "metadata": {**c["metadata"], "model_name": None}}, "names no model"),
+        "shape": (lambda c: {**c, "d_sae": 48}, "size mismatch for W_dec"),
+    }
+    for name, (edit, words) in cases.items():
+        with pytest.raises(ValueError) as e:
+            load_saelens_folder(folder(name, edit))
+        text = str(e.value)
+        assert text.startswith(f"SAELens folder {str(tmp_path / name)!r}") and words in text and "\n" not in text, text
