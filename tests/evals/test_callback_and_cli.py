@@ -501,7 +501,8 @@ def test_evaluate_cli_gives_dead_latents_its_window_by_default(run_dir, tmp_path
     real, read = ev.run_benchmarks, ev.held_out_tokens
     monkeypatch.setattr(ev, "run_benchmarks", lambda names, sae, lm, hook, toks, **kw: seen.update(
         {n: tuple(t.shape) for n, t in toks.items()}, lm=lm) or real(names, sae, lm, hook, toks, **kw))
-    monkeypatch.setattr(ev, "held_out_tokens", lambda *a: seen.setdefault("read", []).append(read(*a)) or seen["read"][-1])
+    monkeypatch.setattr(ev, "held_out_tokens",
+                        lambda *a, **k: seen.setdefault("read", []).append(read(*a, **k)) or seen["read"][-1])
     # evaluate.py's own defaults: a checkpoint that records no evaluation settings (a run with the evaluation off)
     state = torch.load(run_dir / "checkpoints" / "epoch=0-step=10.ckpt", weights_only=False)
     del state["gsae_evaluation"]

@@ -139,7 +139,8 @@ def test_logit_lens_is_the_same_whether_ln_final_is_folded_or_not():
     torch.testing.assert_close(a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True), atol=1e-4, rtol=0)
     assert torch.equal(a.topk(10).indices.sort().values, b.topk(10).indices.sort().values)
     sae = build_topk(d_in=folded.d_model)  # the latent dashboards read the same lens
-    top_a, top_b = _logit_lens(sae, folded, [0, 3, 7], 8), _logit_lens(sae, unfolded, [0, 3, 7], 8)
+    hook = "blocks.1.hook_resid_post"
+    top_a, top_b = _logit_lens(sae, folded, hook, [0, 3, 7], 8), _logit_lens(sae, unfolded, hook, [0, 3, 7], 8)
     assert torch.equal(top_a[1], top_b[1]) and torch.equal(top_a[3], top_b[3])
 
 
