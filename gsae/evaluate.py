@@ -580,6 +580,11 @@ def evaluate(args: argparse.Namespace) -> Evaluation:
         results = _evaluate_split(args, sources, names, options, benchmark_options, runs, device, saes)
         return Evaluation(results, saes, settings)
     cache: dict = {}
+    # the held-out tokens of SAELens SAEs first (their LM and default dataset are the likeliest to fail, e.g. OpenWebText
+    # offline): a failure then comes before the other PATHs' evaluations, not after minutes of them, with nothing written
+    for src in sources:
+        if src.kind != "ckpt":
+            _lm_and_tokens(src, load(src, device, args.model)[1], args, device, cache, names, options)
     # a (run, step) named twice (the same folder given twice): TensorBoard gets the last, as a later call replaces it
     last = {(runs[s.group], s.step): s for s in sources}
     # SAEs on the same LM and tokens (a sweep's members) share the LM passes

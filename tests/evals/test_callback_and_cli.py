@@ -745,3 +745,24 @@ def test_a_sigterm_during_an_evaluation_stops_it_there(tmp_path, monkeypatch, ca
     assert main([*args, "--ckpt_path", "last"]) == 0
     assert json.loads((ckpts / "epoch=0-step=4.ckpt.eval.json").read_text())["results"].keys() == {"sigterm_bench", "fake"}
     assert (ckpts / "epoch=0-step=8.ckpt.eval.json").is_file()
+
+
+def test_a_saelens_sae_whose_tokens_cannot_be_read_fails_before_any_evaluation(run_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    """A SAELens SAE on gsae-tiny records no gsae dataset, so evaluate.py's default is OpenWebText, which an offline
+    machine cannot open: named after the checkpoint, that failure came after the checkpoint's evaluation (minutes at
+    GPT-2 scale), with nothing written. Its tokens are now read first."""
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    import gsae.evaluate as ev
+
+    meta = SAEMetadata(hook_name=QUICKSTART_HOOK, model_name="gsae-tiny", context_size=32, prepend_bos=True)
+    sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=128, d_sae=64, metadata=meta)).save_model(tmp_path / "sl")
+    ran = []
+    monkeypatch.setattr(ev, "run_benchmarks", lambda *a, **k: ran.append(a[0]) or {})
+    ckpt = str(run_dir / "checkpoints" / "epoch=0-step=10.ckpt")
+    assert evaluate_main([ckpt, str(tmp_path / "sl"), "--benchmarks", "loss_added", "--n-seqs", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "Skylion007/openwebtext is evaluate.py's default" in err, err
+    assert ran == []
