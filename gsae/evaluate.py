@@ -918,6 +918,11 @@ def report(found: Evaluation, args: argparse.Namespace) -> None:
         table({b: {short[lb]: r for lb, r in per.items()} for b, per in results.items()}, [short[lb] for lb in labels])
     )
     print(tokens_line(found.saes, short))
+    for bench, per in results.items():  # an empty column says why (it was blank, the reason only in --output)
+        for lb, r in per.items():
+            why = r.get("skipped") if isinstance(r, dict) else None
+            if isinstance(why, str):
+                print(f"{bench} skipped for {short[lb]}: {why.removeprefix(bench + ': ')}")
     for bench, per in results.items():  # benchmarks with a table layout of their own (plateaus: the paper's Table 1)
         fmt = getattr(BENCHMARKS[bench], "format_table", None)
         for lb, r in per.items() if fmt else ():

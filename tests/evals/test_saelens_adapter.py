@@ -237,7 +237,7 @@ def test_the_default_dataset_failing_says_it_is_the_default(tmp_path, capsys):
                           "--dataset", "gsae-corpus"]) == 0
 
 
-def test_a_hook_z_saelens_sae_is_evaluated_on_the_model_saelens_evaluates_with(tmp_path):
+def test_a_hook_z_saelens_sae_is_evaluated_on_the_model_saelens_evaluates_with(tmp_path, capsys):
     """SAELens evaluates with ``from_pretrained_no_processing``, which leaves the value biases unfolded; TransformerLens'
     default folds them into b_O, shifting ``hook_z`` by −b_V (the residual stream is the same). A ``hook_z`` SAE's
     evaluation loaded the folded model, so it read other activations than the SAE was trained on. Checked against a
@@ -296,6 +296,10 @@ def test_a_hook_z_saelens_sae_is_evaluated_on_the_model_saelens_evaluates_with(t
     want = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert got["explained_variance"] == pytest.approx(float(want), rel=1e-4)
     assert load_saelens_folder(tmp_path / "z")[1]["lm"]["fold_value_biases"] is False
+    # steering does not apply off the residual stream: its empty column says why under the table
+    assert evaluate_main([str(tmp_path / "z"), "--benchmarks", "steering", "--n-seqs", "2", "--device", "cpu",
+                          "--dataset", "gsae-corpus"]) == 0
+    assert f"steering skipped for z: hook {hook!r} is not in the residual stream" in capsys.readouterr().out
 
 
 def test_folders_saelens_loads_but_gsae_cannot_evaluate_are_refused_naming_the_folder(tmp_path):
