@@ -713,6 +713,9 @@ def _load_with_lm(src: Source, args: argparse.Namespace, device: str, cache: dic
     SAE's width checked against its hook's (e.g. ``--model`` naming a wider or narrower model than it was trained
     on)."""
     sae, meta = load(src, device, args.model)
+    bad = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if not torch.isfinite(getattr(sae, n)).all()]
+    if bad:  # its benchmarks ran, giving nulls and an L0 of k: as if they had measured something
+        raise ArgumentError(f"PATH {src.label!r}: the SAE's {', '.join(bad)} hold NaN or inf values")
     lm, hook, toks, counts = _lm_and_tokens(src, meta, args, device, cache, names, options)
     if sae.d_in != lm.d_in(hook):
         raise ArgumentError(f"PATH {src.label!r}: the SAE reads {sae.d_in}-wide activations, {lm.name}'s {hook} "

@@ -224,7 +224,9 @@ def _meta(sae, metadata, model: str | None) -> dict:
     prepend_bos = get("prepend_bos")
     gsae_data = (get("gsae") or {}).get("data") or {}
     return {
-        "prepend_bos": True if prepend_bos is None else bool(prepend_bos),
+        # a string "false" (a hand-written cfg.json) is False, not bool("false")
+        "prepend_bos": True if prepend_bos is None else (prepend_bos.strip().lower() not in ("false", "0", "no")
+                                                         if isinstance(prepend_bos, str) else bool(prepend_bos)),
         # the training dataset a gsae export records (e.g. gsae-corpus); not SAELens' dataset_path, often a
         # pre-tokenized copy of OpenWebText under another name (evaluate.py's default for them is OpenWebText)
         "dataset": gsae_data.get("dataset"),

@@ -302,7 +302,7 @@ def test_a_hook_z_saelens_sae_is_evaluated_on_the_model_saelens_evaluates_with(t
     assert f"steering skipped for z: hook {hook!r} is not in the residual stream" in capsys.readouterr().out
 
 
-def test_folders_saelens_loads_but_gsae_cannot_evaluate_are_refused_naming_the_folder(tmp_path):
+def test_folders_saelens_loads_but_gsae_cannot_evaluate_are_refused_naming_the_folder(tmp_path, capsys):
     """Each in one line naming the folder and what is wrong (they were 'unknown hook None', a TypeError, 'selected
     index k out of range' mid-evaluation, torch's 'Error(s) in loading state_dict for TopKSAE:' cut before the key)."""
     import json
@@ -324,6 +324,16 @@ def test_folders_saelens_loads_but_gsae_cannot_evaluate_are_refused_naming_the_f
         "no_model": (lambda c: {**c, "metadata": {**c["metadata"], "model_name": None}}, "names no model"),
         "shape": (lambda c: {**c, "d_sae": 48}, "size mismatch for W_dec"),
     }
+    bos = folder("bos", lambda c: {**c, "metadata": {**c["metadata"], "prepend_bos": "false"}})
+    assert load_saelens_folder(bos)[1]["prepend_bos"] is False  # a string, as a hand-written cfg.json may hold
+    sl = saelens_sae("topk", "none")
+    with torch.no_grad():
+        sl.W_dec[3, 2] = float("nan")
+    sl.save_model(tmp_path / "nan")
+    from gsae.evaluate import main as evaluate_main
+
+    assert evaluate_main([str(tmp_path / "nan"), "--benchmarks", "loss_added", "--n-seqs", "2"]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"PATH {str(tmp_path / 'nan')!r}: the SAE's W_dec hold NaN or inf values")
     for name, (edit, words) in cases.items():
         with pytest.raises(ValueError) as e:
             load_saelens_folder(folder(name, edit))
