@@ -331,6 +331,11 @@ class SAESystem(pl.LightningModule):
         cb = self._trainer.checkpoint_callback if self._trainer is not None else None
         saved = bool(getattr(cb, "last_model_path", "") or getattr(cb, "best_k_models", None)) or bool(
             self._trainer is not None and self.trainer.ckpt_path)
+        if self._trainer is not None and self.trainer.ckpt_path and self.trainer.global_step == self._first_step:
+            # at a resume's first step the checkpoint itself is the likelier cause (a copy with flipped bytes loads:
+            # torch checks no checksum), not the learning rate
+            return (f"at the first step after resuming from {self.trainer.ckpt_path}: that checkpoint may be damaged; "
+                    f"resume from an earlier one (--ckpt_path <step checkpoint>), or with {lower}")
         if saved:
             return f"last good checkpoint kept: resume from it with {lower}, --ckpt_path last"
         return f"no checkpoint written yet: start again with {lower}"

@@ -31,6 +31,23 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):
     assert meta["tokens_seen"] > 0
 
 
+def test_a_nan_loss_at_a_resumes_first_step_points_at_the_checkpoint(tmp_path):
+    """A checkpoint damaged in a copy loads (torch checks no checksum) and its resume's first step is non-finite: the
+    message sent the user to a lower learning rate; it now names the checkpoint and an earlier one first."""
+    system = build_system("topk")
+    build_trainer(tmp_path, 4, checkpoint_every=2).fit(system, datamodule=build_data(system))
+    damaged = tmp_path / "ckpts" / "epoch=0-step=4.ckpt"
+    state = torch.load(damaged, weights_only=False)
+    state["state_dict"]["sae.W_enc"][0, 0] = float("inf")
+    torch.save(state, damaged)
+    system = build_system("topk")
+    with pytest.raises(NonFiniteLossError, match=r"at step 4; stopping \(at the first step after resuming from "
+                                                 r".*epoch=0-step=4.ckpt: that checkpoint may be damaged; resume from an "
+                                                 r"earlier one"):
+        build_trainer(tmp_path, 8, checkpoint_every=2).fit(system, datamodule=build_data(system),
+                                                           ckpt_path=str(damaged))
+
+
 def test_a_nan_loss_before_the_first_checkpoint_does_not_offer_one(tmp_path):
     """At step 1 there is no checkpoint: the message said to resume from "the last good checkpoint"."""
     system = build_system("topk")
