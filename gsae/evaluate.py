@@ -583,8 +583,9 @@ def evaluate(args: argparse.Namespace) -> Evaluation:
     # the held-out tokens of SAELens SAEs first (their LM and default dataset are the likeliest to fail, e.g. OpenWebText
     # offline): a failure then comes before the other PATHs' evaluations, not after minutes of them, with nothing written
     for src in sources:
-        if src.kind != "ckpt":
-            _lm_and_tokens(src, load(src, device, args.model)[1], args, device, cache, names, options)
+        if src.kind != "ckpt":  # loaded once: kept for its evaluation (its warnings said once)
+            cache["loaded", src.label] = load(src, device, args.model)
+            _lm_and_tokens(src, cache["loaded", src.label][1], args, device, cache, names, options)
     # a (run, step) named twice (the same folder given twice): TensorBoard gets the last, as a later call replaces it
     last = {(runs[s.group], s.step): s for s in sources}
     # SAEs on the same LM and tokens (a sweep's members) share the LM passes
@@ -712,7 +713,8 @@ def _load_with_lm(src: Source, args: argparse.Namespace, device: str, cache: dic
     """``(sae, meta, lm, hook, tokens, {benchmark: count})`` of a source (:func:`load`, :func:`_lm_and_tokens`), the
     SAE's width checked against its hook's (e.g. ``--model`` naming a wider or narrower model than it was trained
     on)."""
-    sae, meta = load(src, device, args.model)
+    loaded = cache.pop(("loaded", src.label), None)  # evaluate()'s early read of a SAELens SAE's tokens
+    sae, meta = loaded if loaded is not None else load(src, device, args.model)
     bad = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if not torch.isfinite(getattr(sae, n)).all()]
     if bad:  # its benchmarks ran, giving nulls and an L0 of k: as if they had measured something
         raise ArgumentError(f"PATH {src.label!r}: the SAE's {', '.join(bad)} hold NaN or inf values")
