@@ -70,11 +70,10 @@ from gsae.evals import (
 from gsae.evals.common import shared_harvests
 from gsae.files import unwritable, write_text
 from gsae.lm import LanguageModel
-from gsae.saelens_adapter import is_saelens_folder, load_saelens_folder, load_saelens_pretrained
+from gsae.saelens_adapter import PRETRAINED, is_saelens_folder, load_saelens_folder, load_saelens_pretrained
 from gsae.startup import one_line_warnings
 
 log = logging.getLogger(__name__)
-PRETRAINED = "sae_lens:"
 
 
 class Source(NamedTuple):

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from gsae.sae.base import SAEOutput, SparseAutoencoder
 
+#: the prefix of a pretrained SAELens SAE's name: ``sae_lens:RELEASE/SAE_ID``
+PRETRAINED = "sae_lens:"
 #: ``LanguageModel`` options that SAELens' ``model_from_pretrained_kwargs`` can set.
 _LM_KEYS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 #: SAELens ``normalize_activations`` values whose decode depends on the input's own statistics.
@@ -188,7 +190,7 @@ def load_saelens_pretrained(spec: str, device: str = "cpu", model: str | None = 
 
     from gsae.lm import _hub_reachable
 
-    release, _, sae_id = spec.removeprefix("sae_lens:").partition("/")
+    release, _, sae_id = spec.removeprefix(PRETRAINED).partition("/")
     directory = get_pretrained_saes_directory()
     if release not in directory:
         raise ValueError(f"{spec!r}: unknown SAELens release {release!r} (see sae_lens/pretrained_saes.yaml)")

@@ -24,7 +24,6 @@ the first batch). The SAE configured for the run (its class, ``k``, β, ...) is 
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,8 @@ import torch
 from torch import Tensor
 
 from gsae.sae.base import SparseAutoencoder
+from gsae.saelens_adapter import PRETRAINED, is_saelens_folder, load_saelens_folder, load_saelens_pretrained
 
-PRETRAINED = "sae_lens:"
 #: SAELens architectures whose encoder and decoder are the four tensors (JumpReLU's thresholds, gated SAEs' gate
 #: weights and transcoders would be lost or mean something else)
 SAELENS_ARCHITECTURES = ("standard", "topk")
@@ -78,19 +77,14 @@ def read_source(spec: str, option: str) -> SourceWeights:
     spec = str(spec)
     try:
         if spec.startswith(PRETRAINED):
-            from gsae.saelens_adapter import load_saelens_pretrained
-
             adapter, meta = load_saelens_pretrained(spec)
             return _from_saelens(adapter.sl, meta["hook"], repr(spec))
         path, member = _split_member(spec)
         p = Path(path)
         if p.is_dir():
-            from gsae.saelens_adapter import is_saelens_folder, load_saelens_folder
-
             if not is_saelens_folder(p):
                 raise ValueError(f"{path!r} is a folder without cfg.json and sae_weights.safetensors (not a SAELens "
                                  "SAE); give a checkpoint (.ckpt), a .saelens folder or sae_lens:RELEASE/SAE_ID")
-            _check_saelens_cfg(p)
             adapter, meta = load_saelens_folder(p)
             return _from_saelens(adapter.sl, meta["hook"], f"SAELens folder {path!r}")
         if not p.exists():
@@ -111,18 +105,6 @@ def read_source(spec: str, option: str) -> SourceWeights:
     except ValueError as e:
         text = str(e)
         raise ValueError(text if text.startswith(option) else f"{option}: {text}") from None
-
-
-def _check_saelens_cfg(folder: Path) -> None:
-    """Refuse, before loading, what the four tensors cannot carry (read from ``cfg.json``)."""
-    try:
-        cfg = json.loads((folder / "cfg.json").read_text())
-    except (OSError, ValueError):
-        return  # load_saelens_folder says what is wrong with it
-    arch = cfg.get("architecture", "standard")
-    if arch not in SAELENS_ARCHITECTURES:
-        raise ValueError(f"SAELens folder {str(folder)!r} is a {arch!r} SAE: only {' and '.join(SAELENS_ARCHITECTURES)} "
-                         "SAEs start a gsae SAE (their encoder and decoder are W_enc, b_enc, W_dec, b_dec)")
 
 
 def _from_saelens(sl, hook: str | None, about: str) -> SourceWeights:
