@@ -173,7 +173,7 @@ class SAESystem(pl.LightningModule):
         self.seed = seed
         self.init_from = None if init_from in (None, "") else str(init_from)
         self._warm_checked = False  # warm_start() ran (or a resume made it moot)
-        self._warm_started = False  # the SAE holds init_from's weights: b_dec_init is skipped
+        self._warm_saes: list[SparseAutoencoder] = []  # those holding an init_from's weights: no b_dec_init
         if sae is None and not self.builds_own_saes:
             raise ValueError(f"--model.sae is required for {type(self).__name__} (e.g. --model.sae gsae.sae.TopKSAE "
                              "--model.sae.d_sae 1024 --model.sae.k 16); gsae.systems.SweepSAESystem takes --model.members")
@@ -289,7 +289,7 @@ class SAESystem(pl.LightningModule):
             self._initialized_seen = True
             return
         xs, scale = self.first_batch_statistics(x)
-        if not self._warm_started:  # a warm start keeps its source's b_dec
+        if not self.warm_started(self.sae):  # a warm start keeps its source's b_dec
             self.sae.init_b_dec(xs, self.b_dec_init)
         self.act_scale.fill_(scale)
         self.initialized.fill_(True)
@@ -706,8 +706,9 @@ class SAESystem(pl.LightningModule):
         """``(sae, init_from, hook, option)`` for each SAE that starts from another's weights (a sweep: per member)."""
         return [(self.sae, self.init_from, self.hook, "--model.init_from")] if self.init_from else []
 
-    def mark_warm_started(self, sae: SparseAutoencoder) -> None:
-        self._warm_started = True
+    def warm_started(self, sae: SparseAutoencoder) -> bool:
+        """Whether ``sae`` holds its ``init_from`` weights (:meth:`warm_start`): its first batch keeps its ``b_dec``."""
+        return any(s is sae for s in self._warm_saes)
 
     def warm_start(self, resuming: bool, say: bool = True) -> None:
         """Load ``init_from`` into its SAE(s), once (:mod:`gsae.warm_start`; one-line errors name the option).
@@ -729,7 +730,7 @@ class SAESystem(pl.LightningModule):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 said = warm_start(sae, spec, hook, option)
-            self.mark_warm_started(sae)
+            self._warm_saes.append(sae)
             if say:
                 for w in caught:
                     log.warning("%s", w.message)

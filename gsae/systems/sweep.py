@@ -176,7 +176,6 @@ class SweepMember(nn.Module):
         self.register_buffer("act_scale", torch.tensor(1.0))
         self.options = options
         self.init_from: tuple[str, str] | None = None  # (source, option) of a warm start (gsae.warm_start)
-        self.warm_started = False  # the SAE holds init_from's weights: b_dec_init is skipped
 
     @property
     def needs_grad(self) -> bool:
@@ -305,10 +304,7 @@ class SweepSAESystem(LocalSAESystem):
         return [m.sae for m in self.members.values() if m.needs_grad]
 
     def warm_sources(self) -> list[tuple[SparseAutoencoder, str, str, str]]:
-        return [(m.sae, *m.init_from[:1], m.hook, m.init_from[1]) for m in self.members.values() if m.init_from]
-
-    def mark_warm_started(self, sae: SparseAutoencoder) -> None:
-        next(m for m in self.members.values() if m.sae is sae).warm_started = True
+        return [(m.sae, m.init_from[0], m.hook, m.init_from[1]) for m in self.members.values() if m.init_from]
 
     # ------------------------------------------------------------------ the step
     def harvest(self, tokens: Tensor, keep: Tensor | None = None) -> ActivationBatch:
@@ -350,7 +346,7 @@ class SweepSAESystem(LocalSAESystem):
                 continue
             rows, scale = self.first_batch_statistics(xs[hook])
             for m in at:
-                if not m.warm_started:  # a warm start keeps its source's b_dec
+                if not self.warm_started(m.sae):  # a warm start keeps its source's b_dec
                     m.sae.init_b_dec(rows, self.b_dec_init)
                 m.act_scale.fill_(scale)
                 m.initialized.fill_(True)
