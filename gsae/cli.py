@@ -455,9 +455,10 @@ def _ranges(ranks: list[int]) -> str:
     return ", ".join(out)
 
 
-def left_to_finish(cli: GSAECLI, step: int) -> str:
+def left_to_finish(cli: GSAECLI, step: int) -> list[str]:
     """What a kill left undone at the checkpoint of ``step`` in the run's folder (``"SAELens export"``,
-    ``"evaluation"``, both, or ``""``): a resume that has nothing to train still finishes it."""
+    ``"evaluation"``, both, or none): a resume that has nothing to train still finishes it (the fit trains nothing
+    and :class:`SAECheckpoint` finishes them)."""
     from gsae.callbacks.checkpoint import unfinished_at
 
     for cb in cli.trainer.checkpoint_callbacks:
@@ -465,19 +466,23 @@ def left_to_finish(cli: GSAECLI, step: int) -> str:
             members = list(cli.model.saes()) if hasattr(cli.model, "saes") else [""]
             _, export, evaluate = unfinished_at(checkpoint_folder(cli.trainer, cb), step, members, cli.trainer.callbacks,
                                                 cb.export_saelens)
-            return " and ".join(what for what, missing in (("SAELens export", export), ("evaluation", evaluate)) if missing)
-    return ""
+            return [what for what, missing in (("SAELens export", export), ("evaluation", evaluate)) if missing]
+    return []
 
 
-def trained_to_the_end(ckpt: str, step: int, max_steps: int) -> str | None:
+def trained_to_the_end(ckpt: str, step: int, max_steps: int, left: list[str] = ()) -> str | None:
     """A one-line note if checkpoint ``ckpt``, at ``step``, is already at ``--trainer.max_steps`` (Lightning would end
-    at once, silently, leaving an empty TensorBoard folder); ``None`` if there is training left."""
+    at once, silently, leaving an empty TensorBoard folder), naming what of it is ``left`` to finish
+    (:func:`left_to_finish`); ``None`` if there is training left."""
     if max_steps is None or max_steps < 0:
         return None
     if step < max_steps:
         return None
-    return (f"nothing to train: {ckpt} is at step {step} and --trainer.max_steps is {max_steps} "
-            "(raise --trainer.max_steps to train on)")
+    head = f"nothing to train: {ckpt} is at step {step} and --trainer.max_steps is {max_steps}"
+    if not left:
+        return f"{head} (raise --trainer.max_steps to train on)"
+    several = len(left) > 1
+    return f"{head}; its {' and '.join(left)} {'were' if several else 'was'} cut short: finishing {'them' if several else 'it'}"
 
 
 def check_run_folder(trainer, ckpt: str | None) -> None:
@@ -691,17 +696,13 @@ def main(args: list[str] | None = None) -> int:
         agree_before_training(cli.trainer, None)
         if ckpt is not None:
             step = int(state.get("global_step", 0))
-            done = trained_to_the_end(ckpt, step, cli.trainer.max_steps)
-            left = done and left_to_finish(cli, step)
+            left = left_to_finish(cli, step)
+            done = trained_to_the_end(ckpt, step, cli.trainer.max_steps, left)
+            if done and cli.trainer.is_global_zero:  # every rank stops here or finishes; one says why
+                print(done, file=sys.stderr)
             if done and not left:
-                if cli.trainer.is_global_zero:  # every rank stops here; one says why
-                    print(done, file=sys.stderr)
                 leave_process_group()
                 return 0
-            if left and cli.trainer.is_global_zero:  # the fit trains nothing and finishes them (SAECheckpoint)
-                them = "them" if " and " in left else "it"
-                print(f"{done.split(' (raise')[0]}; its {left} {'were' if them == 'them' else 'was'} cut short: "
-                      f"finishing {them}", file=sys.stderr)
             # a resumed run writes into its own checkpoint folder: Lightning's "exists and is not empty" is expected
             warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
             if cli.trainer.is_global_zero:
