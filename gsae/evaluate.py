@@ -377,10 +377,11 @@ def tokens_line(saes: dict[str, dict], short: dict[str, str]) -> str:
     """Under the table: the held-out tokens behind its numbers, e.g. ``tokens: synthetic, contexts of 128
     (dead_latents 165, loss_added 64)``; one line per distinct set, naming its SAEs when they differ."""
     sets: dict[str, list[str]] = {}
+    defaults = _token_defaults()
     for lb, s in saes.items():
         counts = ", ".join(f"{b} {n}" for b, n in s["contexts"].items())
         bos = "" if s["prepend_bos"] else ", no BOS"
-        data = "".join(f", {k} {v}" for k, v in (s.get("data_options") or {}).items() if v != _token_defaults().get(k))
+        data = "".join(f", {k} {v}" for k, v in (s.get("data_options") or {}).items() if v != defaults.get(k))
         sets.setdefault(f"{s['dataset']}{data}, contexts of {s['context_size']}{bos} ({counts})", []).append(
             short.get(lb, lb))
     if len(sets) == 1:
@@ -620,6 +621,8 @@ def _setup(sae, src: Source, meta: dict, lm: LanguageModel, hook: str, args: arg
     :func:`gsae.evals.about_sae`), where it came from, the LM and hook, the held-out tokens (dataset, context size,
     BOS, and the contexts each benchmark read: benchmarks read different numbers, e.g. ``dead_latents`` its window
     of 5 x 4096 tokens), and the batch size."""
+    dataset = _dataset(args, src, meta, lm)[0]
+    data = _token_options(args, src, meta, dataset)
     return {
         "about": about_sae(sae, src.label, f"step {src.step}" if src.kind == "ckpt" else "", lm.name, hook),
         "source": {"kind": src.kind, "path": src.path, **({"member": src.member} if src.member else {}),
@@ -629,8 +632,8 @@ def _setup(sae, src: Source, meta: dict, lm: LanguageModel, hook: str, args: arg
         # how it was loaded: a gsae run's folding and centring, SAELens' none; they change the activations
         "lm_options": {k: v for k, v in lm.describe().items() if k != "name"},
         "hook": hook,
-        "dataset": _dataset(args, src, meta, lm)[0],
-        **({"data_options": d} if (d := _token_options(args, src, meta, _dataset(args, src, meta, lm)[0])) else {}),
+        "dataset": dataset,
+        **({"data_options": data} if data else {}),
         "context_size": _context_size(args, meta, lm),
         "prepend_bos": meta.get("prepend_bos", True) is not False,
         "contexts": {b: int(t.shape[0]) for b, t in per_benchmark.items()},
