@@ -253,11 +253,11 @@ def newest_checkpoint(folder: Path, say: bool = True) -> str | None:
     steps. Without any ``last*.ckpt``, the step checkpoint of the latest step. File times alone do not decide: a
     copy or a sync that does not keep them in order would otherwise resume an older step. A file that does not read
     (a copy cut short) is skipped with a warning (``say``: log, rank 0)."""
-    from gsae.export import read_checkpoint
+    from gsae.export import saved_step
 
     def step_of(path: Path) -> int | None:
         try:
-            return int(read_checkpoint(path, mmap=True).get("global_step", 0))
+            return saved_step(path)
         except ValueError as e:
             if say:
                 log.warning("--ckpt_path last: skipping %s (%s)", path.name, e)
@@ -538,12 +538,12 @@ def roll_back(ckpt: str, step: int, trainer=None) -> None:
     if newest is None or os.path.samefile(newest, ckpt):
         return
     from gsae.callbacks.checkpoint import set_aside_later_checkpoints
-    from gsae.export import read_checkpoint
+    from gsae.export import saved_step
+    from gsae.files import unwritable
 
-    reached = int(read_checkpoint(newest, mmap=True).get("global_step", 0))
+    reached = saved_step(newest)
     if reached <= step:
         return
-    from gsae.files import unwritable
 
     why = unwritable(Path(ckpt).parent.parent)  # where the later checkpoints' folder goes: refused before any move
     if why is not None:

@@ -117,6 +117,11 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     return ckpt
 
 
+def saved_step(path: str | Path) -> int:
+    """The global step a gsae checkpoint holds (its tensors mapped, not read); one-line ``ValueError`` if unreadable."""
+    return int(read_checkpoint(path, mmap=True).get("global_step", 0))
+
+
 def checkpoint_members(ckpt: dict) -> list[str] | None:
     """The member names of a sweep checkpoint (``gsae.systems.SweepSAESystem``); ``None`` for a one-SAE checkpoint."""
     members = ckpt["gsae"].get("members")

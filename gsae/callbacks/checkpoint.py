@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from gsae.export import export_saelens
+from gsae.export import export_saelens, saved_step
 from gsae.files import SameFolderCheckpointIO, remove, remove_partials, size_text, symlink
 from gsae.loggers import LOG_FOLDER_KEY, log_folder_record
 
@@ -59,15 +58,13 @@ def set_aside_later_checkpoints(folder: str | Path, step: int, keep: str | Path)
     steps, and ``--ckpt_path last`` after a kill does not resume the abandoned branch (``last.ckpt`` linked to its
     newest step). With another ``--checkpoint.every_n_train_steps`` the new run never writes their steps again.
     Returns ``(that folder, the checkpoint names moved)``, or ``None`` if none was later."""
-    from gsae.export import read_checkpoint
-
     folder, keep = Path(folder), Path(keep).resolve()
     later = []
     for path in sorted(folder.glob("*.ckpt")):
         if path.is_symlink() or path.resolve() == keep:
             continue
         try:
-            saved = int(read_checkpoint(path, mmap=True).get("global_step", 0))
+            saved = saved_step(path)
         except ValueError:  # unreadable: left where it is
             continue
         if saved > step:
@@ -248,10 +245,12 @@ class SAECheckpoint(ModelCheckpoint):
         if self.save_top_k <= 0 or not self.dirpath or not Path(self.dirpath).is_dir():
             return
         found = {}
-        for path in Path(self.dirpath).glob("*.ckpt"):
-            m = re.search(r"step=(\d+)\.ckpt$", path.name)
-            if m and not path.is_symlink() and not path.name.startswith(self.CHECKPOINT_NAME_LAST):
-                found[str(path)] = int(m.group(1))
+        for path in Path(self.dirpath).glob("*.ckpt"):  # by the step each holds (--checkpoint.filename may omit it)
+            if not path.is_symlink() and not path.name.startswith(self.CHECKPOINT_NAME_LAST):
+                try:
+                    found[str(path)] = saved_step(path)
+                except ValueError:  # unreadable: neither kept nor removed
+                    continue
         newest = sorted(found, key=found.get, reverse=True)
         keep, self._surplus = newest[: self.save_top_k], newest[self.save_top_k :]
         self.best_k_models = {p: torch.tensor(float(found[p])) for p in keep}
