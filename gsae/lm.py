@@ -14,6 +14,7 @@ flags are explicit options so that an SAE is always evaluated on the model it wa
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import re
@@ -85,6 +86,26 @@ class ActsAndGrads(NamedTuple):
     acts: Tensor
     grads: Tensor
     loss: Tensor
+
+
+def _name_bytes(error: UnicodeDecodeError) -> tuple[str, int]:
+    """A decoding error handler: bytes that are not UTF-8 as ``<0xE2>``."""
+    return "".join(f"<0x{b:02X}>" for b in error.object[error.start : error.end]), error.end
+
+
+_BYTE_NAMES = "gsae.byte_names"
+codecs.register_error(_BYTE_NAMES, _name_bytes)
+
+
+def _byte_level_bytes(symbol: str | None) -> bytes | None:
+    """The bytes a byte-level BPE token symbol stands for (GPT-2's tokenizer writes each byte as one printable
+    character, ``bytes_to_unicode``), or None if ``symbol`` is not one."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
+    if not symbol or any(c not in decoder for c in symbol):
+        return None
+    return bytes(decoder[c] for c in symbol)
 
 
 @final
@@ -306,6 +327,23 @@ class LanguageModel:
         if tok is None:
             return [list(t.encode("utf-8")) for t in texts]
         return tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Each token id as the text it stands for (``" the"``), for dashboards and steering's top tokens. A token
+        that is part of a UTF-8 character (it decodes to U+FFFD alone; GPT-2 has hundreds, gsae-tiny 128) shows its
+        bytes as SentencePiece writes its byte tokens (``"<0xE2><0x80>"``), so that eight such tokens are not eight
+        identical ``"�"``.
+        Byte-vocabulary models: the byte, ``"<bos>"`` for BOS, ``"<id>"`` for any other id."""
+        tok = self.tokenizer
+        if tok is None:
+            return [bytes([i]).decode("latin-1") if i < 256 else "<bos>" if i == BYTE_BOS else f"<{i}>" for i in ids]
+        out = tok.batch_decode([[i] for i in ids])
+        for j, text in enumerate(out):
+            if "\ufffd" in text:
+                raw = _byte_level_bytes(tok.convert_ids_to_tokens(int(ids[j])))
+                if raw is not None:
+                    out[j] = raw.decode("utf-8", errors=_BYTE_NAMES)
+        return out
 
     # ------------------------------------------------------------------ hooks
     def hook_names(self) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,24 @@ def test_a_model_retrained_with_tinylm_out_loads_by_its_folder(tmp_path):
     tokens = torch.randint(0, shipped.d_vocab, (2, 12), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(mine.model(tokens), shipped.model(tokens), rtol=0, atol=0)
     assert mine.encode_text(["the cat"]) == shipped.encode_text(["the cat"])
+
+
+def test_token_strings_tell_partial_utf8_tokens_apart_and_name_only_bos_bos():
+    """A token that is part of a UTF-8 character decodes to U+FFFD alone: its bytes are shown instead, so a
+    dashboard's logit lens does not list eight identical "�"; a whole character still decodes as text. Byte
+    models: the byte, "<bos>" for BOS only, "<id>" for the ids a GPT-2-shaped random preset has above it."""
+    lm = LanguageModel("gsae-tiny")
+    tok = lm.tokenizer
+    partial = [i for i in range(len(tok)) if "\ufffd" in tok.decode([i])]
+    assert len(partial) > 1
+    shown = lm.token_strings(partial)
+    assert "\ufffd" not in "".join(shown) and len(set(shown)) == len(partial)
+    for i, s in zip(partial, shown):  # the names are the token's bytes: reading them back gives its decoding
+        raw = re.sub(r"<0x([0-9A-F]{2})>", lambda m: chr(int(m[1], 16)), s).encode("latin-1")
+        assert raw.decode("utf-8", errors="replace") == tok.decode([i]) and "<0x" in s
+    whole = lm.encode_text([" the cat, and"])[0]
+    assert "".join(lm.token_strings(whole)) == " the cat, and"
+
+    byte_lm = LanguageModel("random-tiny")
+    assert byte_lm.token_strings([65, 10, byte_lm.bos_token_id]) == ["A", "\n", "<bos>"]
+    assert LanguageModel("random-gpt2").token_strings([300, 256]) == ["<300>", "<bos>"]

@@ -35,15 +35,6 @@ from gsae.lm import LanguageModel
 from gsae.metrics import fire_counts
 from gsae.sae.base import SparseAutoencoder
 
-
-def token_strings(lm: LanguageModel, ids: list[int]) -> list[str]:
-    """Each token id as the text it stands for (``" the"``); byte vocabularies: the byte, ``<bos>`` for BOS."""
-    tok = lm.tokenizer
-    if tok is None:
-        return ["<bos>" if i >= 256 else bytes([i]).decode("latin-1") for i in ids]
-    return tok.batch_decode([[i] for i in ids])
-
-
 #: result numbers that restate the evaluation"s settings: in the JSON, not TensorBoard curves (``tagged_scalars``)
 SETTINGS = ("n_tokens", "n_latents")
 #: the options' valid values, checked with the option names and types before any work (``check_options``:
@@ -228,7 +219,7 @@ def _contexts(lm, tokens: Tensor, act: Tensor, flats: list[int], before: int, af
         s, p = divmod(flat, t_len)
         windows.append((s, p, max(0, p - before), min(t_len, p + after + 1)))
     ids = [tokens[s, a:b].tolist() for s, _, a, b in windows]
-    strings = iter(token_strings(lm, [i for w in ids for i in w]))  # one decode call for every window
+    strings = iter(lm.token_strings([i for w in ids for i in w]))  # one decode call for every window
     return [{
         "seq": s,
         "pos": p,
@@ -305,8 +296,8 @@ def _latent_entry(lm, tokens, i, act, count, n_tokens, attr_sum, logit, j, n_con
     }
     if logit is not None:
         tv, ti, bv, bi = (t[j] for t in logit)
-        entry["promoted"] = [[s, round(float(v), 4)] for s, v in zip(token_strings(lm, ti.tolist()), tv)]
-        entry["suppressed"] = [[s, round(float(v), 4)] for s, v in zip(token_strings(lm, bi.tolist()), bv)]
+        entry["promoted"] = [[s, round(float(v), 4)] for s, v in zip(lm.token_strings(ti.tolist()), tv)]
+        entry["suppressed"] = [[s, round(float(v), 4)] for s, v in zip(lm.token_strings(bi.tolist()), bv)]
     return entry
 
 

@@ -72,14 +72,6 @@ def logit_lens(lm: LanguageModel, dirs: Tensor) -> Tensor:
     return d.to(lm.W_U.dtype) @ lm.W_U
 
 
-def token_strings(lm: LanguageModel, ids: list[list[int]]) -> list[list[str]]:
-    """Each token id as text (the tokenizer's decoding; bytes for byte-vocabulary models)."""
-    tok = lm.tokenizer
-    if tok is None:
-        return [[bytes([i]).decode("latin-1") if i < 256 else f"<{i}>" for i in row] for row in ids]
-    return [[tok.decode([i]) for i in row] for row in ids]
-
-
 @torch.no_grad()
 def alive_latents(
     sae: SparseAutoencoder, lm: LanguageModel, hook: str, tokens: Tensor, batch_size: int, exclude: bool
@@ -233,7 +225,7 @@ def run(
         if a != 0:
             per_latent[:, j] = total[:, int((nonzero == a).nonzero())] / len(positions)
     out = _summary(grid, per_latent, latents, top, alpha_report, len(alive), positions, sae.d_sae)
-    out["top_token_strings"] = token_strings(lm, out["top_tokens"])
+    out["top_token_strings"] = [lm.token_strings(row) for row in out["top_tokens"]]
     return out
 
 
