@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -22,7 +23,7 @@ EXTRA = {"topk": set(), "gsae": {"train/beta_attribution_median"}, "e2e": {"trai
 
 
 @pytest.mark.parametrize("name", ["topk", "gsae", "e2e"])
-def test_quickstart_config_trains_and_writes_everything(tmp_path, name):
+def test_quickstart_config_trains_and_writes_everything(tmp_path, name, caplog):
     args = [
         "--config", f"configs/quickstart/{name}.yaml",
         "--trainer.max_steps", "20",
@@ -33,7 +34,13 @@ def test_quickstart_config_trains_and_writes_everything(tmp_path, name):
         "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.enable_progress_bar", "false",
     ]
-    assert main(args) == 0
+    with caplog.at_level(logging.INFO, logger="gsae"):
+        assert main(args) == 0
+    # an evaluation says when it starts (at GPT-2 scale it runs for minutes after the step's line) and how long it took
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluat")]
+    assert re.fullmatch(r"evaluating .*loss_added.* at step 10", said[0]), said
+    assert re.fullmatch(r"evaluated .*loss_added.* at step 10 in 0:00:\d\d", said[1]), said
+    assert re.fullmatch(r"evaluating .* at step 20 \(the last evaluation took 0:00:\d\d\)", said[2]), said
     run = tmp_path / f"quickstart-{name}"
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
     assert ckpts == ["epoch=0-step=10.ckpt", "epoch=0-step=20.ckpt", "last.ckpt"]

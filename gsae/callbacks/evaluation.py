@@ -16,6 +16,7 @@ changes the set; ``--evaluation.n_seqs 32``, ``--evaluation.every_n_steps 200``.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import logging
@@ -176,6 +177,7 @@ class EvaluationCallback(Callback):
         self.seconds_total = 0.0
         #: wall seconds of each benchmark in the latest evaluation (logged as ``eval/seconds/<benchmark>``)
         self.last_seconds: dict[str, float] = {}
+        self._wall: float | None = None  # the last evaluation's wall seconds, said when the next one starts
         #: held-out contexts each benchmark read in the latest evaluation (the JSON's ``contexts``)
         self.last_contexts: dict[str, int] = {}
         #: the tasks (:class:`gsae.evals.Task`) this process ran in the latest evaluation (all of them on one process)
@@ -288,6 +290,11 @@ class EvaluationCallback(Callback):
             tokens = self.held_out_tokens(trainer).to(lm.device)
             self._per_benchmark = (lm.device, tokens_per_benchmark(self._counts, tokens, lm, self.options))
         per_benchmark = self._per_benchmark[1]
+        if trainer.is_global_zero:  # minutes at GPT-2 scale, after the step's line: say what runs, and how long it took
+            log.info("evaluating %s at step %d%s%s", ", ".join(self.benchmarks), step,
+                     f" for {len(saes)} SAEs" if len(saes) > 1 else "",
+                     f" (the last evaluation took {datetime.timedelta(seconds=round(self._wall))})" if self._wall else "")
+        t0 = time.perf_counter()
         self.last_contexts = {name: int(t.shape[0]) for name, t in per_benchmark.items()}
         kwargs = dict(seed=self.seed, options=run_options(self.benchmarks, self.options), batch_size=batch_size,
                       on_error="raise" if os.environ.get("GSAE_DEBUG") else "record")
@@ -310,7 +317,8 @@ class EvaluationCallback(Callback):
                 if failure(r):
                     log.error("evaluation: %s%s failed at step %d (%s); the run goes on (GSAE_DEBUG=1 raises)",
                               name, f" of {member}" if member else "", step, failure(r))
-        self._log(trainer, everything, step)
+        self._log(trainer, everything, step, t0)
+        self._wall = time.perf_counter() - t0
         return everything
 
     def _evaluate_share(self, trainer, saes, lm, tokens, world: int, kwargs: dict) -> dict[str, dict[str, dict]]:
@@ -355,7 +363,7 @@ class EvaluationCallback(Callback):
         return (f"{where}: the held-out set gives no context to evaluate on; hold out more documents, or turn the "
                 "evaluation off (--evaluation.enabled false)")
 
-    def _log(self, trainer: pl.Trainer, everything: dict[str, dict[str, dict]], step: int) -> None:
+    def _log(self, trainer: pl.Trainer, everything: dict[str, dict[str, dict]], step: int, started: float) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         def tag(t: str, member: str) -> str:  # a sweep member's tags: eval/<member>/<benchmark>/<metric>
@@ -384,6 +392,7 @@ class EvaluationCallback(Callback):
                         w.add_text(tag(t, member) if in_tag else t, text, global_step=step)
         names = sorted({b for r in everything.values() for b, res in r.items() if not failure(res)})
         world = self._world(trainer)
-        log.info("evaluated %s at step %d%s%s", ", ".join(names), step,
-                 f" for {len(everything)} SAEs" if len(everything) > 1 else "", f" on {world} ranks" if world > 1 else "")
+        log.info("evaluated %s at step %d%s%s in %s", ", ".join(names), step,
+                 f" for {len(everything)} SAEs" if len(everything) > 1 else "", f" on {world} ranks" if world > 1 else "",
+                 datetime.timedelta(seconds=round(time.perf_counter() - started)))
         log.debug("eval at step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
