@@ -167,7 +167,10 @@ def run(
             need many more tokens than the sweep can afford to perturb (Lee & Heimersheim fit them on 2M): with
             ``n_seqs: 128, sweep_seqs: 8`` (the shipped GPT-2 configs) they come from ~16k tokens, by a forward to
             the hook only, instead of ~1k (a Σ from fewer tokens than dimensions is singular, so its ``cov_random``
-            directions lie in a subspace). The latents alive (the feature pools) are those that fired on the swept sequences.
+            directions lie in a subspace). The latents alive (the feature pools: ``sae_feature_alive`` draws the
+            latents alive but silent in a pool block, ``sae_feature_dead`` the others) are those that fired on any
+            of ``tokens``, as Lee & Heimersheim's "alive on the dataset": with the swept sequences in one pool block,
+            the alive-but-silent pool would otherwise be empty.
     """
     return run_many(
         {"": sae}, lm, hook, tokens, seed=seed, lengths=lengths, direction_types=direction_types, mode=mode,
@@ -242,8 +245,13 @@ def run_many(
         # the statistics of every context: the swept ones (their activations, at hand) then the rest, to the hook only,
         # in batches on the grid of batch_size (other benchmarks' batches: shared harvests, where they are kept)
         cut = min(-(-n_seq // batch_size) * batch_size - n_seq, extra.shape[0])
-        rest = [batch_acts(saes[first], lm, hook, t, batch_size, with_sae=False) for t in (extra[:cut], extra[cut:])
-                if t.shape[0]]
+        parts = [t for t in (extra[:cut], extra[cut:]) if t.shape[0]]
+        # with feature directions, the SAE runs on these too: a latent is alive if it fired on any context (their
+        # "alive on the dataset"), so that alive-but-inactive-in-its-block latents exist when the swept contexts
+        # fit in one pool block (the shipped configs: sae_feature_alive had an empty pool)
+        alive_rest: dict[str, list[Tensor]] = {m: [] for m in group}
+        rest = [_fired_into(batch_acts(saes[first], lm, hook, t, batch_size, with_sae=features), alive_rest[first])
+                for t in parts]
         stats = fit_activation_stats(
             itertools.chain(_pool_blocks(acts[first], pool_seqs, blocks[first]), *rest), max_real_pool=max_real_pool,
             seed=seed,
@@ -251,8 +259,12 @@ def run_many(
         for m in others:  # equal activations: the same statistics; only the fired latents are each SAE's
             for _ in _pool_blocks(acts[m], pool_seqs, blocks[m]):
                 pass
-        # a latent fired on the evaluation set iff it fired in some pool block
-        fired = {m: torch.stack(list(b.values())).any(0) if b else None for m, b in blocks.items()}
+            if features:
+                for t in parts:
+                    for _ in _fired_into(batch_acts(saes[m], lm, hook, t, batch_size), alive_rest[m]):
+                        pass
+        # a latent is alive iff it fired in some pool block of the swept contexts or on the other contexts
+        fired = {m: torch.stack([*b.values(), *alive_rest[m]]).any(0) if b else None for m, b in blocks.items()}
         members = {m: (saes[m], stats._replace(fired=fired[m]), blocks[m]) for m in group}
         again = {m: (acts[m] if cached else batch_acts(saes[m], lm, hook, tokens, batch_size)) for m in group}
         out.update(_sweep_group(lm, hook, members, again, **opts))
@@ -269,6 +281,15 @@ def _pool_blocks(acts, pool_seqs: int, blocks: dict[int, Tensor]):
                 blk = (s0 + i) // pool_seqs
                 blocks[blk] = blocks[blk] | b.fired[i] if blk in blocks else b.fired[i]
         s0 += b.x.shape[0]
+        yield b._replace(fired=None)
+
+
+def _fired_into(acts, fired: list[Tensor]):
+    """``acts``' batches with ``fired`` dropped, after appending each batch's latents fired (``(d_sae,)``, if the SAE
+    ran) to ``fired``."""
+    for b in acts:
+        if b.fired is not None:
+            fired.append(b.fired.any(0))
         yield b._replace(fired=None)
 
 
@@ -344,7 +365,7 @@ def _sweep_group(lm, hook, members, acts, *, seed, lengths, kinds, win, substitu
             "stats": {
                 "n_rows": stats.n_rows,
                 "median_norm": stats.median_norm,
-                "mean_norm": float(stats.mean.norm()),
+                "norm_of_mean": float(stats.mean.norm()),  # ‖μ‖, the mean activation's norm (not a mean of norms)
                 "cov_trace": float(stats.cov.trace()),
                 "real_pool_size": int(stats.real.shape[0]),
                 "n_alive_latents": None if stats.fired is None else int(stats.fired.sum()),
