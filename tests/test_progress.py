@@ -356,6 +356,6 @@ def test_the_summary_headline_has_each_default_benchmarks_finding_not_its_settin
 
     results = {"steering": {"on_target": 0.1234, "off_target_added": 0.05, "n_latents": 128, "alpha_report": 50.0},
                "sensitive_directions": {"ratio_sae_over_eps_isotropic": 2.5, "kl_sae": 0.1, "n_sequences": 8},
-               "latents": {"n_latents": 32, "n_alive": 1000, "median_density": 0.01}}
+               "latents": {"n_latents": 32, "n_alive": 1000, "shown_median_density": 0.01}}
     assert headline_numbers(results) == [("steering.on_target", "0.1234"), ("steering.off_target_added", "0.05"),
                                          ("sensitive_directions.ratio_sae_over_eps_isotropic", "2.5")]

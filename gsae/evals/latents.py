@@ -35,8 +35,10 @@ from gsae.lm import LanguageModel
 from gsae.metrics import fire_counts
 from gsae.sae.base import SparseAutoencoder
 
-#: result numbers that restate the evaluation"s settings: in the JSON, not TensorBoard curves (``tagged_scalars``)
-SETTINGS = ("n_tokens", "n_latents")
+#: result numbers that restate the evaluation's settings, or count what ``dead_latents`` measures on its own window
+#: of tokens (``n_alive`` here: on this benchmark's contexts; a curve of it beside ``eval/dead_latents/alive_fraction``
+#: disagreed with it): in the JSON, not TensorBoard curves (``tagged_scalars``)
+SETTINGS = ("n_tokens", "n_latents", "n_alive")
 #: the options' valid values, checked with the option names and types before any work (``check_options``:
 #: a bad value used to raise after the evaluation, or run and give NaN or the wrong latents)
 OPTION_BOUNDS: dict[str, str | tuple[str, ...]] = {
@@ -127,7 +129,7 @@ def run(
         "n_tokens": n_tokens,
         "n_alive": int((counts > 0).sum()),
         "n_latents": len(entries),
-        "median_density": float(dens.median()),
+        "shown_median_density": float(dens.median()),  # of the latents shown (drawn among those firing enough)
         "setup": {"hook": hook, "d_sae": sae.d_sae, "seed": seed, "gsae": attr_sum is not None,  # not scalars
                   "n_intervals": n_intervals},
         "latents": entries,

@@ -154,8 +154,10 @@ def steer_at(
     return torch.cat(out).double().cpu()
 
 
-#: result numbers that restate the evaluation"s settings: in the JSON, not TensorBoard curves (``tagged_scalars``)
-SETTINGS = ("alpha_report", "n_latents", "n_positions")
+#: result numbers that restate the evaluation's settings, or count the pool of latents steered (alive on this
+#: benchmark's contexts: a curve of it beside ``eval/dead_latents/alive_fraction`` disagreed with it): in the JSON,
+#: not TensorBoard curves (``tagged_scalars``)
+SETTINGS = ("alpha_report", "n_latents", "n_positions", "n_alive", "alive_fraction")
 #: the options' valid values, checked with the option names and types before any work (``check_options``:
 #: a bad value used to raise after the evaluation, or run and give NaN or the wrong latents)
 OPTION_BOUNDS: dict[str, str | tuple[str, ...]] = {

@@ -67,6 +67,20 @@ def test_gsae_runs_through_every_cheap_benchmark_deterministically(tiny_lm):
     assert all(isinstance(v, float) for v in scalars(a["dead_latents"]).values())
 
 
+def test_one_alive_and_one_median_density_curve(tiny_lm):
+    """``dead_latents`` measures the alive latents and the median density on its window of tokens; steering's and the
+    dashboards' counts on their own contexts (and the dashboards' median over the latents shown) stay in the JSON:
+    as curves of the same names they disagreed with it at every checkpoint."""
+    res = run_benchmarks(["dead_latents", "steering", "latents"], build_topk(), tiny_lm, HOOK, build_tokens(4, 16),
+                         seed=0, batch_size=2, options={"steering": {"n_latents": 2, "n_positions": 2},
+                                                        "latents": {"n_latents": 2, "n_contexts": 2}})
+    tags = tagged_scalars(res)
+    alive = {t.rsplit("/", 1)[1] for t in tags if "alive" in t or "median_density" in t}
+    assert alive == {"alive_fraction", "median_density", "median_density_alive", "shown_median_density"}, sorted(alive)
+    assert "eval/latents/shown_median_density" in tags  # a name of its own: the median over the latents shown
+    assert {"n_alive", "alive_fraction"} <= set(res["steering"]) and {"n_alive", "shown_median_density"} <= set(res["latents"])
+
+
 def test_runs_inside_inference_mode(tiny_lm):
     """Lightning may checkpoint from validation (inference mode); g-SAE encoding needs ∇ₓL anyway."""
     with torch.inference_mode():
