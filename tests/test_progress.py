@@ -359,3 +359,14 @@ def test_the_summary_headline_has_each_default_benchmarks_finding_not_its_settin
                "latents": {"n_latents": 32, "n_alive": 1000, "shown_median_density": 0.01}}
     assert headline_numbers(results) == [("steering.on_target", "0.1234"), ("steering.off_target_added", "0.05"),
                                          ("sensitive_directions.ratio_sae_over_eps_isotropic", "2.5")]
+
+
+def test_the_e2e_downstream_mse_is_on_the_line_summed_over_its_hooks() -> None:
+    """e2e+ds logs one ``train/ds_mse/<hook>`` per downstream hook, most of its loss (audit E: the quickstart's loss
+    1.632 was 0.10 KL and 1.53 of it downstream MSE, which the console did not show)."""
+    from gsae.callbacks.progress import metric_fields
+
+    metrics = {"train/loss": 1.632, "train/kl": 0.1022, "train/ds_mse/blocks.3.hook_resid_post": 2.0,
+               "train/ds_mse/blocks.4.hook_resid_post": 1.0625}
+    assert metric_fields(metrics) == [("loss", "1.632"), ("kl", "0.1022"), ("ds_mse", "3.062")]
+    assert metric_fields({"train/loss": 1.0}) == [("loss", "1")]

@@ -24,13 +24,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar
 from typing_extensions import override
 
-#: ``(metric key, label, format)`` shown on the bar, in this order; missing keys are skipped.
+#: ``(metric key, label, format)`` shown on the bar, in this order; missing keys are skipped. A key ending in ``/``
+#: shows the sum of the metrics under it (e2e's downstream MSE, one per hook: most of an e2e+ds loss).
 TRAIN_FIELDS = (
     ("train/loss", "loss", "{:.4g}"),
     ("train/nmse", "nmse", "{:.4f}"),
     ("train/l0", "L0", "{:.1f}"),
     ("train/dead_fraction", "dead", "{:.1%}"),
     ("train/kl", "kl", "{:.4g}"),
+    ("train/ds_mse/", "ds_mse", "{:.4g}"),
     ("train/beta_attribution_median", "β·attr", "{:.3g}"),
 )
 VAL_FIELDS = (
@@ -39,6 +41,7 @@ VAL_FIELDS = (
     ("val/explained_variance", "expl.var", "{:.4f}"),
     ("val/l0", "L0", "{:.1f}"),
     ("val/kl", "kl", "{:.4g}"),
+    ("val/ds_mse/", "ds_mse", "{:.4g}"),
 )
 
 
@@ -59,8 +62,9 @@ def metric_fields(metrics: dict[str, Any], fields=TRAIN_FIELDS) -> list[tuple[st
     """``[(label, formatted value)]`` of the ``fields`` present and finite in ``metrics``."""
     out = []
     for key, label, fmt in fields:
-        if key in metrics:
-            v = float(metrics[key])
+        under = [float(v) for k, v in metrics.items() if k.startswith(key)] if key.endswith("/") else []
+        if key in metrics or under:
+            v = sum(under) if under else float(metrics[key])
             out.append((label, fmt.format(v) if math.isfinite(v) else str(v)))
     return out
 

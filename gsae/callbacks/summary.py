@@ -81,6 +81,7 @@ class Summary(NamedTuple):
     train_step: int | None = None  # the step of the ``train`` numbers, where it is not ``steps`` (a stopped run)
     eval_s: float = 0.0  # of ``wall_s``, the seconds the checkpoints' evaluations took (the training rate leaves them out)
     shown: dict[str, str] | None = None  # exports / evaluation / latents: the file shown (the newest step's first SAE)
+    member_train: dict[str, list[tuple[str, str]]] | None = None  # a sweep: each member's ``train`` numbers
 
 
 class RunSummary(Callback):
@@ -184,6 +185,8 @@ class RunSummary(Callback):
             events=_events_dir(trainer),
             eval_s=_eval_seconds(trainer) - self._eval0,
             shown={label: paths[0] for label, paths in shown.items() if paths},
+            member_train={m: metric_fields({k.replace(f"train/{m}/", "train/", 1): v for k, v in metrics.items()
+                                            if k.startswith(f"train/{m}/")}, TRAIN_FIELDS) for m in members} or None,
         )
 
     def _last_logged_step(self, status: str, trainer: pl.Trainer) -> int | None:
@@ -265,8 +268,13 @@ def render(s: Summary, resume_command: str | None = None) -> str:
         f"{head}: {s.steps_run} steps, {format_count(s.tokens)} tokens in {format_duration(s.wall_s)} "
         f"({timing}){resumed}",
     ]
-    if s.train:
-        label = "train" if s.train_step is None else f"train @{s.train_step}"  # a stopped run's last logged numbers
+    label = "train" if s.train_step is None else f"train @{s.train_step}"  # a stopped run's last logged numbers
+    if s.member_train and any(s.member_train.values()):
+        # a sweep: each member's own numbers (the console's line is their mean, and their summed loss: no member's)
+        width = max(len(m) for m in s.member_train)
+        for i, (m, fields) in enumerate(s.member_train.items()):
+            lines.append(f"{label if i == 0 else '':<12} {m:<{width}}  " + "  ".join(f"{k} {v}" for k, v in fields))
+    elif s.train:
         lines.append(f"{label:<12} " + "  ".join(f"{k} {v}" for k, v in s.train))
     if s.val:
         lines.append("val          " + "  ".join(f"{k} {v}" for k, v in s.val))
