@@ -627,7 +627,9 @@ def user_message(e: BaseException) -> str:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         chain.append(e)
-        e = e.__cause__ or e.__context__
+        # ``raise ... from None`` re-words an error (a sweep member's ``--model.members[i]...`` for the SAE's own
+        # ``--model.sae...``): the suppressed context is not followed, so the re-worded message is the one said
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     for err in reversed(chain):
         text = str(err).strip()
         if text.startswith("Caught ") and "Original Traceback" in text:  # a DataLoader worker's error, re-raised

@@ -4,7 +4,7 @@
         [--context-size 128] [--batch-size 8] [--seed 0] [--device cpu] [--dataset synthetic|HF|files] [--text-column text]
         [--model NAME] [--options JSON] [--output FILE.json] [--logdir DIR]
 
-PATH is a gsae ``.ckpt``; a run folder (every ``**/*.ckpt`` under it, ``.saelens`` exports skipped, and
+PATH is a gsae ``.ckpt`` (a sweep's: every member, or ``CKPT:MEMBER`` for one); a run folder (every ``**/*.ckpt`` under it, ``.saelens`` exports skipped, and
 ``last*.ckpt`` skipped when another checkpoint there has the same global step); a SAELens-format folder
 (``cfg.json`` + ``sae_weights.safetensors``); or ``sae_lens:RELEASE/SAE_ID`` (a pretrained SAELens SAE).
 The LM comes from the checkpoint (``meta["lm"]``) or the SAELens metadata (``model_name`` +
@@ -199,9 +199,18 @@ def resolve(paths: list[str]) -> list[Source]:
         if arg.startswith(PRETRAINED):
             sources.append(Source(arg, "pretrained", arg, arg))
             continue
-        p = Path(arg)
+        p, member = Path(arg), None
+        if not p.exists() and ":" in arg and Path(arg.rpartition(":")[0]).is_file():  # CKPT:MEMBER, one sweep member
+            p, member = Path(arg.rpartition(":")[0]), arg.rpartition(":")[2]
         if not p.exists():
             raise ArgumentError(f"PATH {arg!r}: no such file or directory")
+        if member is not None:
+            info = _ckpt_info(p)
+            if not info[3] or member not in info[3]:
+                what = f"its members are {', '.join(info[3])}" if info[3] else "it is not a sweep's (no members)"
+                raise ArgumentError(f"PATH {arg!r}: no member {member!r} in {p}; {what}")
+            sources += [s for s in _ckpt_sources(str(p), p, str(p), info) if s.member == member]
+            continue
         if p.is_dir() and (p / "cfg.json").is_file() and not is_saelens_folder(p):
             raise ArgumentError(f"PATH {arg!r}: a SAELens folder (cfg.json) without sae_weights.safetensors")
         if is_saelens_folder(p):

@@ -52,6 +52,11 @@ def _adam(params):
     return Adam(params, lr=1e-4, fused=True)
 
 
+#: optimizer group options a resume takes from the configuration when it differs from the checkpoint's (the others,
+#: e.g. ``amsgrad``, shape the optimizer's state: the checkpoint's stay); ``lr``: its own rule
+RESUMABLE_GROUP_OPTIONS = ("betas", "eps", "weight_decay")
+
+
 def check_optimizer_groups(opt: torch.optim.Optimizer, options: list[str]) -> None:
     """One-line errors for group options torch's optimizers take unchecked (torch checks only the defaults it is
     built with, and accepts ``lr 0``, which trains nothing): ``lr`` > 0, ``betas`` in [0, 1), ``eps`` and
@@ -485,6 +490,7 @@ class SAESystem(pl.LightningModule):
         names = list(self.saes())
         changed = []
         for i, (now, group) in enumerate(zip(configured, opt.param_groups)):
+            self._apply_group_options(now, group, names[i] if len(names) > 1 else None)
             want, kept = now.get("initial_lr", now["lr"]), group.get("initial_lr", group["lr"])
             if math.isclose(want, kept, rel_tol=1e-6):
                 continue
@@ -502,6 +508,25 @@ class SAESystem(pl.LightningModule):
             for i in changed:  # (the others keep the restored value, as Lightning leaves them)
                 opt.param_groups[i]["lr"] = sched.base_lrs[i] * sched.lr_lambdas[i](sched.last_epoch)
             sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+    def _apply_group_options(self, configured: dict, group: dict, member: str | None) -> None:
+        """The rest of a resume's configured optimizer options, as :meth:`apply_configured_learning_rates` for
+        ``lr``: Lightning restores every group option from the checkpoint, so changed ``betas`` or ``weight_decay``
+        (a sweep member's ``optimizer``, or ``--model.optimizer``'s) were dropped without a word. Adam's
+        hyperparameters (:data:`RESUMABLE_GROUP_OPTIONS`) take the configured value, said in one line; any other
+        changed option (``amsgrad``, ``fused``, which the restored state was built for) keeps the checkpoint's, said too."""
+        where = f"member {member}'s optimizer" if member else "--model.optimizer"
+        for key, want in configured.items():
+            if key in ("params", "lr", "initial_lr") or key not in group or group[key] == want:
+                continue
+            kept = group[key]
+            if key in RESUMABLE_GROUP_OPTIONS:
+                group[key] = want
+                said = f"{key} {want} replaces the checkpoint's {kept} from step {self.trainer.global_step} on"
+            else:
+                said = f"{key} {want} is not applied on resume: the checkpoint's {kept} stays (its optimizer state was built for it)"
+            if self.trainer.is_global_zero:
+                log.warning("--ckpt_path: %s %s", where, said)
 
     def training_step(self, batch: TokenBatch, batch_idx: int) -> Tensor:
         return self.shared_step(batch, "train")

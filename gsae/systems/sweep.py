@@ -111,6 +111,7 @@ def build_member_sae(spec: Any, d_in: int, where: str) -> SparseAutoencoder:
         raise ValueError(f"{where}.sae.class_path: {path!r} is not a gsae SparseAutoencoder")
     args = dict(spec.get("init_args") or {})
     args.pop("d_in", None)  # linked from the hook
+    args = _typed_init_args(cls, args, f"{where}.sae.init_args")
     try:
         return cls(d_in, **args)
     except TypeError as e:
@@ -120,6 +121,34 @@ def build_member_sae(spec: Any, d_in: int, where: str) -> SparseAutoencoder:
         if text.startswith("--model.sae."):
             raise ValueError(f"{where}.sae.init_args.{text.removeprefix('--model.sae.')}") from None
         raise
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _typed_init_args(cls: type, args: dict, where: str) -> dict:
+    """``args`` checked and converted against ``cls``'s signature by jsonargparse, as LightningCLI checks a one-SAE
+    run's ``--model.sae.init_args`` (``k: 8.5`` trained until the first top-k raised mid-run, ``seed: 1.5`` said
+    nothing of where): a one-line error naming ``<where>.<key>``."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, skip={"d_in"})
+    try:
+        parsed = parser.parse_object(args).as_dict()
+    except Exception as e:  # noqa: BLE001 - jsonargparse's ArgumentError, or a TypeError of its own checks
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        key = re.match(r'Parser key "([\w.]+)":', lines[0]) if lines else None
+        unknown = re.match(r"Option '([\w.]+)' is not accepted", lines[0]) if lines else None
+        if unknown:
+            raise ValueError(f"{where}.{unknown[1]}: not an option of {cls.__name__}") from None
+        if key and len(lines) > 1:
+            typed = re.match(r"Expected a <class '(\w+)'>\. Got value: (.*)", lines[1])
+            said = (f"expected {_TYPE_WORDS.get(typed[1], typed[1])}, got {typed[2]}" if typed
+                    else "; ".join(lines[1:3]))
+            raise ValueError(f"{where}.{key[1]}: {said}") from None
+        raise ValueError(f"{where}: {lines[0] if lines else e}") from None
+    return {k: parsed[k] for k in args}
 
 
 def member_options(spec: dict, where: str) -> dict:
@@ -277,6 +306,7 @@ class SweepSAESystem(LocalSAESystem):
             built[name] = SweepMember(name, sae, self.hparams.dead_batches, self.hparams.dead_tokens, options, hook)
             if spec.get("init_from"):
                 built[name].init_from = (str(spec["init_from"]), f"{where}.init_from")
+        self._check_member_optimizer_keys([m.options.get("optimizer") or {} for m in built.values()])
         self.members = nn.ModuleDict(built)
         #: the hooks the members read (first-use order), and those some g-SAE reads (its ∇ₓL is harvested there)
         self.hooks = list(dict.fromkeys(m.hook for m in built.values()))
@@ -295,6 +325,20 @@ class SweepSAESystem(LocalSAESystem):
         self._stacks: list[StackPlan | SweepMember] | None = None  # member_stacks(), decided at the first step
         self._stack_names: list[list[str]] = []
         self._grad_widths = [lm.d_in(h) for h in self.grad_hooks]
+
+    def _check_member_optimizer_keys(self, options: list[dict]) -> None:
+        """A member's ``optimizer`` keys must be group options of the run's optimizer (``--model.optimizer``): torch
+        keeps any key in a parameter group without a word, so ``betaz`` or ``weight_decy`` trained a plain Adam."""
+        if not any(options):
+            return
+        probe = self.optimizer_factory([nn.Parameter(torch.zeros(1))])
+        known = set(probe.defaults)
+        for i, opts in enumerate(options):
+            for key in opts:
+                if key not in known:
+                    raise ValueError(
+                        f"--model.members[{i}].optimizer.{key}: not a group option of {type(probe).__name__} (--model."
+                        f"optimizer; a member's optimizer sets its group's {', '.join(sorted(known - {'lr'}))})")
 
     # ------------------------------------------------------------------ what this module trains
     def saes(self) -> dict[str, tuple[SparseAutoencoder, dict]]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gsae.cli import user_message
 from gsae.export import load_checkpoint, load_members
 from gsae.lm import LanguageModel
 from gsae.optim import Adam
@@ -108,6 +109,28 @@ def test_every_member_equals_the_sae_trained_alone(tmp_path, stack):
     # and the members' schedules are their own: lr of the constant-schedule member stays at its peak
     groups = sweep.trainer.optimizers[0].param_groups
     assert groups[1]["lr"] == pytest.approx(3e-3) and groups[0]["lr"] < LR
+
+
+def test_a_resume_with_other_optimizer_options_applies_adams_and_says_what_it_keeps(tmp_path, caplog):
+    """Lightning restores every group option from the checkpoint: a member's betas and weight_decay changed for the
+    resume were dropped without a word (audit D). Adam's hyperparameters now take the configured values from the
+    resumed step on, each said in one line; amsgrad, which Adam's state is built for, keeps the checkpoint's, said."""
+    _fit(_sweep(), tmp_path, callbacks=[StopAt(STOP)], checkpoint_every=STOP)
+    ckpt = str(tmp_path / "ckpts" / "last.ckpt")
+    opts = {"betas": [0.5, 0.9], "weight_decay": 0.1, "amsgrad": True}
+    changed = [dict(m, optimizer=opts) if m["name"] == "topk-k2" else m for m in MEMBERS]
+    with caplog.at_level("WARNING", logger="gsae.systems.base"):
+        resumed = _fit(_sweep(changed), tmp_path / "new", ckpt_path=ckpt, steps=STOP + 1)
+    groups = resumed.trainer.optimizers[0].param_groups
+    i = [m["name"] for m in MEMBERS].index("topk-k2")
+    assert groups[i]["betas"] == (0.5, 0.9) and groups[i]["weight_decay"] == 0.1 and groups[i]["amsgrad"] is False
+    assert all(g["betas"] == (0.9, 0.999) and g["weight_decay"] == 0 for j, g in enumerate(groups) if j != i)
+    said = [r.getMessage() for r in caplog.records if "member topk-k2's optimizer" in r.getMessage()]
+    assert said == [f"--ckpt_path: member topk-k2's optimizer betas (0.5, 0.9) replaces the checkpoint's (0.9, 0.999) "
+                    f"from step {STOP} on",
+                    f"--ckpt_path: member topk-k2's optimizer weight_decay 0.1 replaces the checkpoint's 0.0 from step {STOP} on",
+                    "--ckpt_path: member topk-k2's optimizer amsgrad True is not applied on resume: the checkpoint's "
+                    "False stays (its optimizer state was built for it)"], said
 
 
 @pytest.mark.slow
@@ -291,11 +314,23 @@ def test_member_options_are_checked_with_one_line_errors():
         "[0].gradient_clip_val must be >= 0": [dict(ok, gradient_clip_val=-1.0)],
         "[0].optimizer must be a mapping": [dict(ok, optimizer=[0.9, 0.99])],
         "give the member's learning rate as --model.members[0].lr": [dict(ok, optimizer={"lr": 1e-3})],
+        # torch keeps any key in a group: a typo trained a plain Adam (audit D)
+        "[0].optimizer.betaz: not a group option of Adam": [dict(ok, optimizer={"betaz": [0.9, 0.99]})],
+        "[0].optimizer.class_path: not a group option of Adam": [dict(ok, optimizer={"class_path": "torch.optim.SGD"})],
+        # the SAE's options are typed as a one-SAE run's are (k: 8.5 trained until the first top-k raised mid-run)
+        "[0].sae.init_args.k: expected an integer, got 8.5": [
+            dict(ok, sae={"class_path": "TopKSAE", "init_args": {"d_sae": 64, "k": 8.5}})],
+        "[0].sae.init_args.seed: expected an integer, got 1.5": [
+            dict(ok, sae={"class_path": "TopKSAE", "init_args": {"d_sae": 64, "k": 4, "seed": 1.5}})],
+        "[0].sae.init_args.kk: not an option of TopKSAE": [
+            dict(ok, sae={"class_path": "TopKSAE", "init_args": {"d_sae": 64, "k": 4, "kk": 1}})],
     }
     for message, members in cases.items():
         with pytest.raises(ValueError, match="--model.members") as e:
             SweepSAESystem(_lm(), members, **COMMON)
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+        # what train.py prints: this message, not the SAE's own one it re-words (--model.sae.k must be ...)
+        assert user_message(e.value) == str(e.value)
     # without a sweep-level hook (members may name theirs), a member that is not a mapping is still one line
     with pytest.raises(ValueError, match=r"--model.members\[0\] must be a mapping with name and sae"):
         SweepSAESystem(_lm(), ["x"], **{k: v for k, v in COMMON.items() if k != "hook"})
@@ -387,11 +422,16 @@ def test_cli_sweep_writes_every_members_export_evaluation_and_tensorboard(tmp_pa
         hp = sessions[name]
         assert hp["member"] == name and hp["k"] == int(name.rsplit("k", 1)[1]) and hp["hook"] == "blocks.2.hook_resid_post"
         assert hp["sae"] == ("GradTopKSAE" if name.startswith("gsae") else "TopKSAE") and hp["lr"] > 0
-        assert hp["beta"] == (1e4 if name.startswith("gsae") else 0.0)  # TopK: the g-SAE at β = 0, one column
+        assert hp["beta"] == (1e5 if name.startswith("gsae") else 0.0)  # TopK: the g-SAE at β = 0, one column
     # the validation line and the summary's val row: the mean over members
     val = {k: sum(ev[n].Scalars(f"val/{k}")[-1].value for n in names) / len(names) for k in ("nmse", "l0")}
     assert any(line.startswith("val ") and f"nmse {val['nmse']:.4f}" in line for line in out.splitlines()), out
-    assert "train        loss " in out and " nmse " in out  # and the summary's train row, from the same means
+    # the summary's train rows: each member's own numbers (the console's line is their mean: no member's), as logged
+    rows = out.split("── run summary")[1].splitlines()
+    for name in names:
+        (row,) = [r for r in rows if r[13:].startswith(name + " ") and " nmse " in r]
+        assert f"nmse {ev[name].Scalars('train/nmse')[-1].value:.4f}" in row and f"L0 {int(name.rsplit('k', 1)[1])}.0" in row
+        assert ("β·attr" in row) == name.startswith("gsae"), row
 
     # evaluate.py maps the checkpoint, reading each member's weights only: it used to read the whole file (every
     # member and the optimizer state, ~4x the weights with Adam) once per member, 10 times for the Table 1 sweep
@@ -459,6 +499,16 @@ def test_cli_layers_sweep_exports_evaluates_and_logs_each_member_at_its_hook(tmp
             assert evaluate_main([str(export), "--benchmarks", "loss_added", "--n-seqs", "8", "--output", str(out)]) == 0
             (alone,) = json.loads(out.read_text())["results"]["loss_added"].values()
             assert alone["L_added"] == pytest.approx(trained[name], rel=1e-4, abs=1e-6), name
+    # one member alone (CKPT:MEMBER): a g-SAE, which its export cannot stand for; an unknown member is one line
+    out = tmp_path / "one.json"
+    assert evaluate_main([f"{ckpt}:gsae-L2", "--benchmarks", "loss_added", "--n-seqs", "8", "--output", str(out)]) == 0
+    assert list(json.loads(out.read_text())["results"]["loss_added"]) == [f"{ckpt}:gsae-L2"]
+    (one,) = json.loads(out.read_text())["results"]["loss_added"].values()
+    assert one["L_added"] == pytest.approx(trained["gsae-L2"], rel=1e-4, abs=1e-6)
+    capsys.readouterr()
+    assert evaluate_main([f"{ckpt}:gsae-L9", "--benchmarks", "loss_added"]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: PATH '{ckpt}:gsae-L9': no member 'gsae-L9' in {ckpt}; its "
+                                               "members are topk-L1, gsae-L1, topk-L2, gsae-L2")
     for n in hooks:  # each member's run
         tags = set(EventAccumulator(str(run / "version_0" / n), size_guidance={"scalars": 0}).Reload().Tags()["scalars"])
         assert {"train/nmse", "val/nmse", "eval/loss_added/L_added"} <= tags, (n, tags)
