@@ -191,8 +191,12 @@ _MD_SPECIAL = str.maketrans({**{c: "\\" + c for c in "\\`*_{}[]()#+-.!"},
 
 
 def _md(tok: str, bold: bool = False) -> str:
-    """A token as markdown text; ``bold`` keeps its leading space outside ``**`` (else it would not render bold)."""
+    """A token as markdown text; ``bold`` keeps its leading space outside ``**`` (else it would not render bold). A
+    whitespace-only token shows its spaces as ``·`` (the HTML dashboard's way): HTML collapses them (to nothing
+    between two others' spaces), so a run of space tokens vanished from TensorBoard's cards."""
     text = _visible(tok).translate(_MD_SPECIAL)
+    if text and not text.strip():
+        text = text.replace(" ", "·")
     if not bold:
         return text
     core = text.lstrip(" ")

@@ -199,6 +199,10 @@ def test_texts_reach_tensorboard(tiny, tmp_path) -> None:
     assert f"<strong>promotes:</strong> {shown}" in page, page
     eos = latents_mod.render_markdown({**e, "contexts": [{**first, "tokens": ["<|endoftext|>", "a|b"] + first["tokens"][2:]}]}, r)
     assert "&lt;|endoftext|&gt;" in plugin_util.markdown_to_safe_html(eos).replace("&#124;", "|")
+    # whitespace-only tokens stay visible, as in the HTML (HTML collapsed a run of them to one space, or nothing)
+    spaces = {**first, "tokens": ["a", " ", "  ", " b"], "acts": [0.0, 1.0, 0.0, 0.0], "marked": 1}
+    row = plugin_util.markdown_to_safe_html(latents_mod.render_markdown({**e, "contexts": [spaces]}, r))
+    assert "a<strong>·</strong>·· b" in row, row
     figs = tagged_figures({"latents": r})
     assert list(figs) == ["eval/latents/activation_histograms"]
 
