@@ -62,6 +62,7 @@ from gsae.evals import (
     run_benchmarks,
     run_options,
     scalars,
+    settings_of,
     tagged_figures,
     tagged_scalars,
     tagged_texts,
@@ -366,17 +367,22 @@ def held_out_tokens(
 
 # ---------------------------------------------------------------------- output
 def table(results: dict[str, dict[str, dict]], labels: list[str]) -> str:
-    """Rows ``benchmark.metric``, one column per SAE."""
-    rows = []
+    """Rows ``benchmark.metric``, one column per SAE; the numbers a benchmark lists as its ``SETTINGS`` (token counts,
+    window sizes, how many latents it drew) after the metrics, under a line saying so, not among them."""
+    rows, setting_rows = [], []
     for bench, per_sae in results.items():
         names = list(dict.fromkeys(k for r in per_sae.values() for k in scalars(r)))
-        rows += [
-            (f"{bench}.{k}", [scalars(per_sae[lb]).get(k) if lb in per_sae else None for lb in labels]) for k in names
-        ]
-    width = max([len(r[0]) for r in rows] + [6])
+        settings = settings_of(bench)
+        for k in names:
+            row = (f"{bench}.{k}", [scalars(per_sae[lb]).get(k) if lb in per_sae else None for lb in labels])
+            (setting_rows if k in settings else rows).append(row)
+    width = max([len(r[0]) for r in rows + setting_rows] + [6])
     cols = [max(12, len(lb)) for lb in labels]
     lines = [" ".join([" " * width, *(lb.rjust(c) for lb, c in zip(labels, cols))])]
-    for name, vals in rows:
+    for name, vals in rows + ([("settings and counts:", None)] if setting_rows else []) + setting_rows:
+        if vals is None:
+            lines.append(name)
+            continue
         cells = ["" if v is None else f"{v:.6g}" for v in vals]
         lines.append(" ".join([name.ljust(width), *(s.rjust(c) for s, c in zip(cells, cols))]))
     return "\n".join(lines)

@@ -670,13 +670,19 @@ def scalars(result: dict) -> dict[str, float]:
     return {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def settings_of(benchmark: str) -> set[str]:
+    """The result numbers ``benchmark`` lists as its ``SETTINGS``: what it was run with (token counts, window sizes,
+    how many latents it drew) and counts on its own contexts, not its findings."""
+    return set(getattr(BENCHMARKS[benchmark], "SETTINGS", ())) if benchmark in BENCHMARKS else set()
+
+
 def tagged_scalars(results: dict[str, dict], prefix: str = "eval") -> dict[str, float]:
     """``{"<prefix>/<benchmark>/<metric>": value}`` of ``{benchmark: result}`` (the TensorBoard tags), without the
     numbers a benchmark lists as its ``SETTINGS`` (token counts, window sizes, how many latents it drew: the same at
     every checkpoint, they were flat cards ahead of the curves; they stay in the JSON and ``evaluate.py``'s table)."""
     out = {}
     for b, r in results.items():
-        settings = set(getattr(BENCHMARKS[b], "SETTINGS", ())) if b in BENCHMARKS else set()
+        settings = settings_of(b)
         out.update({f"{prefix}/{b}/{k}": v for k, v in scalars(r).items() if k not in settings})
     return out
 
@@ -688,6 +694,7 @@ def tagged_figures(results: dict[str, dict], prefix: str = "eval") -> dict:
 
 __all__ = [
     "BENCHMARKS",
+    "settings_of",
     "BENCHMARK_COST",
     "DEFAULT_N_SEQS",
     "N_SEQS_OPTION",
