@@ -57,6 +57,7 @@ def install(trainer) -> None:
             if launcher is not None:  # the ranks rank 0 started (none under torchrun / srun: they get their own)
                 launcher.kill(signum)
         noted["signal"] = True
+        connector.gsae_noted = True  # read by the evaluation callback: a DDP evaluation cannot stop midway (it says so)
         if not distributed():
             connector.received_sigterm = True
 

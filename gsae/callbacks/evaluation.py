@@ -75,6 +75,19 @@ def stop_if_terminated(trainer: pl.Trainer) -> None:
         raise SIGTERMException()
 
 
+def say_sigterm_waited(trainer: pl.Trainer, step: int, world: int) -> None:
+    """After a DDP evaluation during which this rank got SIGTERM: say that it ran to its end (the ranks share its
+    benchmarks, so none can stop alone; they agree at the next step, :mod:`gsae.sigterm`), and what comes next. After
+    the last step there is no next step: the run then ends finished, exit code 0, which said nothing of the signal."""
+    connector = getattr(trainer, "_signal_connector", None)
+    if not (trainer.is_global_zero and getattr(connector, "gsae_noted", False)):
+        return
+    last = trainer.max_steps is not None and 0 < trainer.max_steps <= step
+    log.warning("SIGTERM during the evaluation at step %d: its %d ranks share the benchmarks, so it ran to its end; %s",
+                step, world, "training had finished, so the run ends now (nothing to resume)" if last
+                else "the run stops at the next step and saves it")
+
+
 def member_saes(pl_module: pl.LightningModule) -> dict[str, tuple[torch.nn.Module, str]]:
     """``{member: (sae, hook)}`` of the SAEs a module trains: ``{"": (sae, hook)}`` for one SAE, every member of a
     sweep at its own hook (its description's, else the module's)."""
@@ -301,6 +314,7 @@ class EvaluationCallback(Callback):
         world = self._world(trainer)
         if world > 1:
             everything = self._evaluate_share(trainer, saes, lm, per_benchmark, world, kwargs)
+            say_sigterm_waited(trainer, step, world)
         else:
             self.last_seconds = {}
             self.last_tasks = [Task(name, tuple(saes)) for name in self.benchmarks]

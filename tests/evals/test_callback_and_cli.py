@@ -747,6 +747,30 @@ def test_a_sigterm_during_an_evaluation_stops_it_there(tmp_path, monkeypatch, ca
     assert (ckpts / "epoch=0-step=8.ckpt.eval.json").is_file()
 
 
+def test_a_sigterm_during_a_ddp_evaluation_is_said(caplog):
+    """Under DDP the ranks share an evaluation's benchmarks, so none stops midway; a SIGTERM then waited for the next
+    step, and after the last step the run ended 'finished', exit 0, with no word of the signal. Rank 0 now says it."""
+    from types import SimpleNamespace
+
+    from gsae.callbacks.evaluation import say_sigterm_waited
+
+    def trainer(noted, rank0=True, max_steps=10):
+        return SimpleNamespace(is_global_zero=rank0, max_steps=max_steps,
+                               _signal_connector=SimpleNamespace(gsae_noted=noted, received_sigterm=False))
+
+    with caplog.at_level("WARNING", logger="gsae.callbacks.evaluation"):
+        say_sigterm_waited(trainer(False), 5, 2)
+        say_sigterm_waited(trainer(True, rank0=False), 5, 2)
+        assert not caplog.records
+        say_sigterm_waited(trainer(True), 5, 2)
+        say_sigterm_waited(trainer(True), 10, 2)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["SIGTERM during the evaluation at step 5: its 2 ranks share the benchmarks, so it ran to its end; "
+                    "the run stops at the next step and saves it",
+                    "SIGTERM during the evaluation at step 10: its 2 ranks share the benchmarks, so it ran to its end; "
+                    "training had finished, so the run ends now (nothing to resume)"], said
+
+
 def test_a_saelens_sae_whose_tokens_cannot_be_read_fails_before_any_evaluation(run_dir, tmp_path, capsys,
                                                                                monkeypatch):
     """A SAELens SAE on gsae-tiny records no gsae dataset, so evaluate.py's default is OpenWebText, which an offline
