@@ -39,8 +39,8 @@ def test_quickstart_config_trains_and_writes_everything(tmp_path, name, caplog):
     # an evaluation says when it starts (at GPT-2 scale it runs for minutes after the step's line) and how long it took
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluat")]
     assert re.fullmatch(r"evaluating .*loss_added.* at step 10", said[0]), said
-    assert re.fullmatch(r"evaluated .*loss_added.* at step 10 in 0:00:\d\d", said[1]), said
-    assert re.fullmatch(r"evaluating .* at step 20 \(the last evaluation took 0:00:\d\d\)", said[2]), said
+    assert re.fullmatch(r"evaluated .*loss_added.* at step 10 in \d+:\d\d:\d\d", said[1]), said
+    assert re.fullmatch(r"evaluating .* at step 20 \(the last evaluation took \d+:\d\d:\d\d\)", said[2]), said
     run = tmp_path / f"quickstart-{name}"
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
     assert ckpts == ["epoch=0-step=10.ckpt", "epoch=0-step=20.ckpt", "last.ckpt"]
