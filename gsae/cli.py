@@ -680,6 +680,7 @@ def main(args: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if args is None else args)
     tune_malloc()  # large CPU tensors reused instead of re-faulted every step (GSAE_MALLOC_TUNING=0: off)
     started = time.time()
+    held = HeldInfo()  # Lightning's "Seed set", "GPU available" lines: said once the options hold, not before an error
     try:
         try:
             cli = build_cli(args)
@@ -696,6 +697,7 @@ def main(args: list[str] | None = None) -> int:
             agree_before_training(cli.trainer, e)
             raise
         agree_before_training(cli.trainer, None)
+        held.release()
         if ckpt is not None:
             step = int(state.get("global_step", 0))
             left = left_to_finish(cli, step)
@@ -746,7 +748,51 @@ def main(args: list[str] | None = None) -> int:
         if "cli" in locals():
             remove_empty_log_dirs(cli.trainer, since=started)
         return 1
+    finally:
+        held.drop()
     return 0
+
+
+class HeldInfo:
+    """Hold the INFO lines of Lightning's own loggers (``Seed set to 0``, ``GPU available: …``, which print while the
+    trainer and the model are built) until :meth:`release`: a bad option's one-line error then comes alone, not
+    after three lines that read as if training had started. Warnings pass at once. :meth:`drop` forgets what is
+    held (after an error) and stops holding."""
+
+    LOGGERS = ("lightning.pytorch", "lightning.fabric")
+
+    def __init__(self) -> None:
+        self.records: list[tuple[logging.Handler, logging.LogRecord]] = []
+        self.handlers = [h for name in self.LOGGERS for h in logging.getLogger(name).handlers]
+        for h in self.handlers:
+            h.addFilter(self._hold_for(h))
+
+    def _hold_for(self, handler: logging.Handler):
+        def hold(record: logging.LogRecord) -> bool:
+            if record.levelno != logging.INFO:
+                return True
+            self.records.append((handler, record))
+            return False
+
+        hold.gsae_held = self  # type: ignore[attr-defined]
+        return hold
+
+    def _stop(self) -> None:
+        for h in self.handlers:
+            for f in [f for f in h.filters if getattr(f, "gsae_held", None) is self]:
+                h.removeFilter(f)
+        self.handlers = []
+
+    def release(self) -> None:
+        """Stop holding and say what was held, in order."""
+        self._stop()
+        records, self.records = self.records, []
+        for handler, record in records:
+            handler.handle(record)
+
+    def drop(self) -> None:
+        self._stop()
+        self.records = []
 
 
 def remove_empty_log_dirs(trainer, since: float = 0.0) -> list[Path]:
