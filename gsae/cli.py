@@ -381,6 +381,10 @@ def checks_before_training(cli: GSAECLI) -> tuple[str | None, dict | None]:
     data = state.get(type(cli.datamodule).__qualname__)
     if isinstance(data, dict) and hasattr(cli.datamodule, "check_resumable"):
         cli.datamodule.check_resumable(data)
+    if cli.trainer.is_global_zero:  # the roll-back's (rank 0's) refusal, here where every rank agrees on it
+        later = _later_checkpoints(ckpt, int(state.get("global_step", 0)), cli.trainer)
+        if later is not None:
+            _check_set_aside_writable(ckpt)
     return ckpt, state
 
 
@@ -530,30 +534,44 @@ def roll_back(ckpt: str, step: int, trainer=None) -> None:
     (:func:`gsae.callbacks.checkpoint.set_aside_later_checkpoints`) and a warning says where; their TensorBoard events
     are dropped (:func:`continue_logging`). Only where the run writes into ``ckpt``'s folder (``trainer``'s checkpoint
     folder): a run started from another run's checkpoint, in a folder of its own, leaves that run alone."""
-    if trainer is not None:
-        folders = [checkpoint_folder(trainer, cb) for cb in trainer.checkpoint_callbacks]
-        if not any(f.is_dir() and os.path.samefile(f, Path(ckpt).parent) for f in folders):
-            return
-    newest = newest_checkpoint(Path(ckpt).parent, say=False)
-    if newest is None or os.path.samefile(newest, ckpt):
+    later = _later_checkpoints(ckpt, step, trainer)
+    if later is None:
         return
     from gsae.callbacks.checkpoint import set_aside_later_checkpoints
-    from gsae.export import saved_step
-    from gsae.files import unwritable
 
-    reached = saved_step(newest)
-    if reached <= step:
-        return
-
-    why = unwritable(Path(ckpt).parent.parent)  # where the later checkpoints' folder goes: refused before any move
-    if why is not None:
-        raise PermissionError(f"--ckpt_path {ckpt}: retraining from it sets the later checkpoints aside beside "
-                              f"{Path(ckpt).parent}, but {why}")
+    newest, reached = later
+    _check_set_aside_writable(ckpt)  # checked before training too (checks_before_training), on rank 0, where it runs
     moved = set_aside_later_checkpoints(Path(ckpt).parent, step, ckpt)
     where = (f"its checkpoints after step {step} ({', '.join(moved[1])}) are moved to {moved[0]} (remove it when "
              "you no longer need them)") if moved else f"its checkpoints after step {step} are gone"
     log.warning("resuming from step %d of a run that reached step %d (%s): %s, and their TensorBoard events are dropped",
                 step, reached, Path(newest).name, where)
+
+
+def _later_checkpoints(ckpt: str, step: int, trainer=None) -> tuple[Path, int] | None:
+    """``(newest checkpoint, its step)`` when ``ckpt`` (at ``step``) is older than its folder's newest and the run
+    writes into that folder (:func:`roll_back`), else None."""
+    from gsae.export import saved_step
+
+    if trainer is not None:
+        folders = [checkpoint_folder(trainer, cb) for cb in trainer.checkpoint_callbacks]
+        if not any(f.is_dir() and os.path.samefile(f, Path(ckpt).parent) for f in folders):
+            return None
+    newest = newest_checkpoint(Path(ckpt).parent, say=False)
+    if newest is None or os.path.samefile(newest, ckpt):
+        return None
+    reached = saved_step(newest)
+    return (Path(newest), reached) if reached > step else None
+
+
+def _check_set_aside_writable(ckpt: str) -> None:
+    """A roll-back moves the later checkpoints into a folder beside ``ckpt``'s: refused, in one line, where it cannot."""
+    from gsae.files import unwritable
+
+    why = unwritable(Path(ckpt).parent.parent)
+    if why is not None:
+        raise PermissionError(f"--ckpt_path {ckpt}: retraining from it sets the later checkpoints aside beside "
+                              f"{Path(ckpt).parent}, but {why}")
 
 
 def continue_logging(trainer, ckpt: str, step: int, record: dict | None) -> None:

@@ -258,6 +258,20 @@ def test_an_unwritable_tensorboard_folder_or_branch_folder_is_refused_before_any
         roll_back(str(step5), 5)
     assert files_of() == before
     monkeypatch.setattr(files, "unwritable", real)
+    # through train.py it is refused among the checks every rank agrees on (torchrun: the other ranks went on into
+    # the fit, to wait there for rank 0), before the roll-back itself is reached
+    import gsae.cli
+
+    def refuse(ckpt):
+        raise PermissionError(f"--ckpt_path {ckpt}: refused (the test's)")
+
+    with monkeypatch.context() as m:
+        m.setattr(gsae.cli, "_check_set_aside_writable", refuse)
+        m.setattr(gsae.cli, "roll_back", lambda *a, **k: pytest.fail("the roll-back ran before the check"))
+        capsys.readouterr()
+        assert main(quickstart_args(tmp_path, *off, "--ckpt_path", str(step5), steps=15)) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --ckpt_path {step5}: refused (the test's)"
+    assert files_of() == before
     assert main(quickstart_args(tmp_path, *off, "--ckpt_path", str(step5), steps=8)) == 0  # a branch set aside
     aside = run / "checkpoints.superseded-after-step5" / "epoch=0-step=10.ckpt"
     assert aside.is_file()
