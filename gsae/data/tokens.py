@@ -62,6 +62,7 @@ def local_data_files(path: str) -> tuple[str, list[str]] | None:
             str(p) for p in Path(path).rglob("*")
             if p.suffix in _FILE_BUILDERS and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
+        files = _train_split(path, files)
     elif os.path.isfile(path):
         files = [path]
     elif path.startswith((".", "/", "~")) or Path(path).suffix in _FILE_BUILDERS:
@@ -74,6 +75,44 @@ def local_data_files(path: str) -> tuple[str, list[str]] | None:
     if len(suffixes) != 1 or next(iter(suffixes)) not in _FILE_BUILDERS:
         raise DataSourceError(f"--data.dataset: files at {path!r} must all be one of {sorted(_FILE_BUILDERS)} (got {sorted(suffixes)})")
     return _FILE_BUILDERS[suffixes.pop()], files
+
+
+_SPLITS_SAID: set[str] = set()
+
+
+def _train_split(folder: str, files: list[str]) -> list[str]:
+    """A folder laid out as a hub dataset repository (``data/train-*.parquet``, ``validation-*``, ``test-*``, or
+    ``train.jsonl`` beside ``test.jsonl``: the splits ``datasets`` itself finds there) trains on its train files
+    only, said in one line: all of them were read as training text, a test set included, and the held-out documents
+    came from whichever file sorted first (``test-…``). ``files`` unchanged for a folder without named splits."""
+    from datasets.data_files import get_data_patterns
+
+    try:
+        patterns = {str(k): v for k, v in get_data_patterns(folder).items()}
+    except Exception:  # noqa: BLE001 - no split layout datasets recognises: every file is training text
+        return files
+    if set(patterns) <= {"train"}:
+        return files
+    split_of = {}
+    for split, pats in patterns.items():
+        for pat in pats:
+            for f in glob.glob(os.path.join(folder, pat), recursive=True):
+                split_of.setdefault(os.path.normpath(f), split)
+    train = [f for f in files if split_of.get(os.path.normpath(f)) == "train"]
+    if not train:
+        raise DataSourceError(f"--data.dataset: {folder!r} holds the splits {', '.join(sorted(patterns))} and no train "
+                              "split; name the files to train on (a file or a glob)")
+    left = sorted(set(patterns) - {"train"})
+    if folder in _SPLITS_SAID:  # read by several parts of a run: said once
+        return train
+    _SPLITS_SAID.add(folder)
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "--data.dataset: %s holds the splits %s: training reads its train split (%d files); %s left out, and the "
+        "held-out documents come from the train files (--data.val_documents)", folder, ", ".join(sorted(patterns)),
+        len(train), ", ".join(left))
+    return train
 
 
 #: ``--data.dataset gsae-corpus``: the procedural corpus gsae-tiny was trained on, generated in-process (offline, endless).

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from gsae.data import DataSourceError, TokenDataModule
-from gsae.data.tokens import TokenStream, pack, synthetic_context
+from gsae.data.tokens import TokenStream, local_data_files, pack, synthetic_context
 from gsae.lm import BYTE_BOS
 
 
@@ -219,6 +219,29 @@ def test_local_text_files_hold_out_the_first_documents(tmp_path, tiny_lm, fmt: s
     assert [t for c in val for t in c[1:]] == expected_val[: 23 * len(val)]
     # resuming a re-packed source skips exactly
     assert list(dm.contexts("train", start=3)) == train[3:]
+
+
+def test_a_folder_laid_out_as_a_hub_repository_trains_on_its_train_split(tmp_path, tiny_lm, caplog) -> None:
+    """``data/{train,validation,test}-00000-of-00001.jsonl`` (a cloned or downloaded hub dataset): every file was read
+    as training text, the test split included, and the held-out documents came from ``test-…``, which sorts first
+    (audit G). The splits are the ones ``datasets`` finds; training and held-out documents come from train only."""
+    docs = _documents()
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    parts = {"train": docs[:30], "validation": docs[30:35], "test": docs[35:40]}
+    for split, rows in parts.items():
+        (tmp_path / "repo" / "data" / f"{split}-00000-of-00001.jsonl").write_text(
+            "".join(json.dumps({"text": d}) + "\n" for d in rows))
+    with caplog.at_level("WARNING", logger="gsae.data.tokens"):
+        dm = TokenDataModule(lm=tiny_lm, dataset=str(tmp_path / "repo"), context_size=24, batch_size=2, val_documents=6)
+        dm.validate()
+        train, val = list(dm.contexts("train")), list(dm.contexts("val"))
+    assert set() < _doc_ids(train) <= set(range(6, 30)) and set() < _doc_ids(val) <= set(range(6))
+    assert caplog.text.count("holds the splits test, train, validation: training reads its train split (1 files)") == 1
+    # a plain folder of files (no split names) is all training text, as before
+    (tmp_path / "plain").mkdir()
+    for i, d in enumerate(docs[:3]):
+        (tmp_path / "plain" / f"{i}.txt").write_text(d)
+    assert len(local_data_files(str(tmp_path / "plain"))[1]) == 3
 
 
 def test_pretokenized_input_ids(tmp_path, tiny_lm) -> None:
