@@ -361,6 +361,14 @@ class EvaluationCallback(Callback):
                 itertools.islice(dm.contexts("val"), n_read)
             )
             self._tokens = torch.tensor(ctx, dtype=torch.long)
+            if len(ctx) < n_read:  # said once (rank 0): every benchmark's numbers read fewer contexts than asked for
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                window = (" (dead_latents' window of 5 x 4096 tokens is then incomplete: no dead_fraction_batches)"
+                          if "dead_latents" in self.benchmarks else "")
+                rank_zero_warn(f"evaluation: the held-out set gives {len(ctx)} contexts of the {n_read} the benchmarks "
+                               f"read{window}; hold out more documents (--data.val_documents, --data.val_split) for "
+                               "numbers comparable across runs")
         return self._tokens
 
     def check_held_out(self, trainer: pl.Trainer) -> None:

@@ -55,6 +55,7 @@ def local_data_files(path: str) -> tuple[str, list[str]] | None:
     out."""
     if saved_dataset(path):
         return None
+    path = os.path.expanduser(path)  # a config's '~/data.txt' (no shell expands it there; save_to_disk folders did)
     if any(c in path for c in "*?["):
         files = sorted(glob.glob(path))
     elif os.path.isdir(path):
@@ -125,6 +126,8 @@ def pack(docs: Iterator[list[int]], context_size: int, bos: int, prepend_bos: bo
     buf: list[int] = []
     first = True
     for doc in docs:
+        if not doc:  # an empty document (a blank line, "" or null): nothing, as training's StreamPacker takes it
+            continue
         if separator is not None and not first:
             buf.append(separator)
         first = False

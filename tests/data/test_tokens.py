@@ -389,3 +389,14 @@ def test_evaluation_contexts_spread_over_the_held_out_set(tiny_lm, tmp_path):
     assert 0 < len(every) < 40 and local.evaluation_contexts(40) == every
     synthetic = TokenDataModule(lm=tiny_lm, dataset="synthetic", context_size=16)
     assert synthetic.evaluation_contexts(4) == list(itertools.islice(synthetic.contexts("val"), 4))
+
+
+def test_held_out_packing_skips_empty_documents_as_training_does(tmp_path, monkeypatch) -> None:
+    """Training's StreamPacker puts nothing for an empty document (a blank line, "" or null); the held-out packer put
+    a separator, so validation and evaluation contexts held EOS EOS pairs training never shows (audit G)."""
+    out = list(pack(iter([[5, 6], [], [7], [], [8, 8]]), 6, 0, False, 9))
+    assert out == [[5, 6, 9, 7, 9, 8]]
+    # and a path from a config, '~/corpus.txt' (no shell expands it there), is the user's file
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "corpus.txt").write_text("text")
+    assert local_data_files("~/corpus.txt") == ("text", [str(tmp_path / "corpus.txt")])
