@@ -6,7 +6,9 @@ normalised MSE). ``N_global`` is the token count over all DDP ranks and each ran
 by the world size, so the DDP-averaged gradient is exactly the gradient of the global-batch loss.
 
 g-SAEs: ``∇ₓL`` is the gradient of the CE summed over one device's LM batch divided by a fixed count
-(``grad_mean_tokens``, default the per-device ``B·(T−1)``), so β means the same on 1 or 8 devices.
+(``grad_mean_tokens``, default the per-device ``B·(T−1)``): β means the same on 1 or 8 devices at the same
+*per-device* batch. A run that divides a one-device batch between its devices (same global batch) sets
+``grad_mean_tokens`` to the global count to keep it (the ``configs/gpt2`` set 8160); else a warning says so.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class LocalSAESystem(SAESystem):
         self.say_if_the_buffer_fills_slowly()
         self._grad_n = 0.0  # read the (possibly restored) normaliser again at the first training harvest
         n = self.configured_grad_normaliser()
+        self.say_if_beta_scales_with_the_devices(n)
         for sae in self.grad_saes():
             saved = float(sae.grad_normaliser)
             if saved == 0 and n is not None:
@@ -109,6 +112,20 @@ class LocalSAESystem(SAESystem):
         scales = {float(sae.grad_normaliser) for sae in self.grad_saes()}
         if len(scales) > 1:
             raise ValueError(f"--ckpt_path: the g-SAEs were trained with different gradient scales {sorted(scales)}")
+
+    def say_if_beta_scales_with_the_devices(self, n: float | None) -> None:
+        """Warn (rank 0, a run's start) when a multi-device g-SAE run takes the default ``grad_mean_tokens``: the CE
+        mean over each device's ``B·(T−1)`` predictions, so with a one-device config's batch divided between W devices
+        every token's ∇ₓL is W times the one-device run's, and β acts as W·β (audit F: β·attr 0.40 on 1 rank, 1.1 on 2
+        at the same global batch). The warning gives the value that keeps the global batch's mean."""
+        world = self._world()
+        if (world < 2 or not self.grad_saes() or self.grad_reduction != "mean" or self.grad_mean_tokens is not None
+                or n is None or self.global_rank != 0 or self.trainer.ckpt_path):
+            return
+        log.warning("--model.grad_mean_tokens: g-SAE gradients are the CE mean over each device's batch (%d "
+                    "predictions); on %d devices with a one-device run's batch divided between them, β then acts as %d "
+                    "times β: set --model.grad_mean_tokens %d (the global batch's predictions) to keep its strength, "
+                    "or set it to this value to silence this", int(n), world, world, int(n) * world)
 
     def say_if_the_buffer_fills_slowly(self) -> None:
         """Warn (rank 0) when ``--model.buffer_size``, which is per device, fills in more than 5% of a multi-device

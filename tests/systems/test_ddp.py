@@ -162,3 +162,25 @@ def test_a_buffer_sized_for_one_device_is_named_when_several_fill_it_slowly(monk
         assert said(8, 131072, ckpt_path="last.ckpt") == ""
     finally:
         system._trainer = None
+
+
+def test_a_multi_device_gsae_on_the_default_gradient_count_is_told_what_keeps_beta(monkeypatch, caplog):
+    """By default ∇ₓL is the CE mean over each device's B·(T−1): a one-device config's batch divided between W
+    devices makes every token's gradient W times larger, so β acts as W·β (audit F: β·attr 0.40 on 1 rank, 1.1 on 2).
+    Rank 0 says which grad_mean_tokens keeps it; not with one device, a count given, or on a resume."""
+    from types import SimpleNamespace
+
+    system = build_system("gsae")
+    said = lambda: [r.getMessage() for r in caplog.records if "grad_mean_tokens" in r.getMessage()]  # noqa: E731
+    for world, rank, count, ckpt, expected in ((2, 0, None, None, 1), (1, 0, None, None, 0), (2, 1, None, None, 0),
+                                               (2, 0, 60, None, 0), (2, 0, None, "last.ckpt", 0)):
+        caplog.clear()
+        monkeypatch.setattr(system, "_world", lambda w=world: w)
+        monkeypatch.setattr(system, "grad_mean_tokens", count)
+        system._trainer = SimpleNamespace(global_rank=rank, ckpt_path=ckpt)
+        with caplog.at_level("WARNING", logger="gsae.systems.local"):
+            system.say_if_beta_scales_with_the_devices(30.0)
+        assert len(said()) == expected, (world, rank, count, ckpt, said())
+        if expected:
+            assert "β then acts as 2 times β: set --model.grad_mean_tokens 60" in said()[0], said()
+    system._trainer = None
