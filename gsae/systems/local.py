@@ -109,6 +109,10 @@ class LocalSAESystem(SAESystem):
                 raise ValueError(
                     f"--model.grad_mean_tokens ({self.grad_mean_tokens}) differs from the checkpoint's ({saved:g})"
                 )
+            elif saved != 0 and (self.grad_reduction == "sum") != (saved == 1.0):  # was kept without a word (audit F)
+                was = "sum" if saved == 1.0 else f"mean, over {saved:g} predictions"
+                raise ValueError(f"--model.grad_reduction {self.grad_reduction} differs from the checkpoint's ({was}); "
+                                 "resume with the checkpoint's")
         scales = {float(sae.grad_normaliser) for sae in self.grad_saes()}
         if len(scales) > 1:
             raise ValueError(f"--ckpt_path: the g-SAEs were trained with different gradient scales {sorted(scales)}")

@@ -306,3 +306,20 @@ def test_a_resume_with_a_lower_save_top_k_keeps_the_newest_checkpoints(tmp_path,
     assert main(quickstart_args(tmp_path, *off, "--checkpoint.save_top_k", "-1", "--ckpt_path", "last", steps=40)) == 0
     assert steps() == [25, 30, 35, 40]
     assert "add the following callbacks" not in capsys.readouterr().err
+
+
+def test_a_resume_with_another_gradient_reduction_is_refused(tmp_path, capsys):
+    """A g-SAE's ∇ₓL scale travels in its checkpoint; a changed --model.grad_mean_tokens was refused, but a changed
+    --model.grad_reduction was kept as the checkpoint's without a word while the resume's config recorded the new one
+    (audit F). Both are refused in one line now."""
+    def gsae(steps: int, *extra: str) -> list[str]:
+        return ["--config", "configs/quickstart/gsae.yaml", "--evaluation.enabled", "false", "--trainer.max_steps",
+                str(steps), "--checkpoint.every_n_train_steps", "2", "--trainer.default_root_dir", str(tmp_path),
+                "--trainer.enable_progress_bar", "false", *extra]
+
+    assert main(gsae(2)) == 0
+    capsys.readouterr()
+    assert main(gsae(4, "--model.grad_reduction", "sum", "--ckpt_path", "last")) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --model.grad_reduction sum differs from the checkpoint's (mean, over 1008 predictions); resume with the "
+        "checkpoint's")
