@@ -356,12 +356,13 @@ def prepare_forked_ranks(trainer, resume: str) -> None:
             cb.print_from_forked_rank(resume)
 
 
-def checks_before_training(cli: GSAECLI) -> tuple[str | None, dict | None]:
+def checks_before_training(cli: GSAECLI) -> tuple[str | None, dict | None, tuple[Path, int] | None]:
     """What is checked before any rank trains: the data's split between ranks, its source and its held-out set (before
     DDP starts the ranks, else each fails, and says so, on its own), ``--ckpt_path``, the run folder, a new run's
     ``init_from`` weights (loaded here: ``SAESystem.warm_start``), and whether the
     checkpoint resumes this configuration (``SAESystem.check_resumable``). Returns the
-    checkpoint to resume from and its contents (mapped), or ``(None, None)``."""
+    checkpoint to resume from, its contents (mapped) and, on rank 0, the later checkpoints :func:`roll_back` sets
+    aside (:func:`_later_checkpoints`: their folder checked writable here), or ``(None, None, None)``."""
     cli.datamodule.check_world(cli.trainer.world_size)
     cli.datamodule.validate()
     for cb in cli.trainer.callbacks:
@@ -372,7 +373,7 @@ def checks_before_training(cli: GSAECLI) -> tuple[str | None, dict | None]:
     if hasattr(cli.model, "warm_start"):  # --model.init_from: a bad source stops the run before anything is written
         cli.model.warm_start(resuming=ckpt is not None, say=cli.trainer.is_global_zero)
     if ckpt is None:
-        return None, None
+        return None, None, None
     from gsae.export import read_checkpoint
 
     state = read_checkpoint(ckpt, mmap=True)
@@ -381,11 +382,12 @@ def checks_before_training(cli: GSAECLI) -> tuple[str | None, dict | None]:
     data = state.get(type(cli.datamodule).__qualname__)
     if isinstance(data, dict) and hasattr(cli.datamodule, "check_resumable"):
         cli.datamodule.check_resumable(data)
+    later = None
     if cli.trainer.is_global_zero:  # the roll-back's (rank 0's) refusal, here where every rank agrees on it
         later = _later_checkpoints(ckpt, int(state.get("global_step", 0)), cli.trainer)
         if later is not None:
             _check_set_aside_writable(ckpt)
-    return ckpt, state
+    return ckpt, state, later
 
 
 class OtherRanksFailed(RuntimeError):
@@ -528,13 +530,14 @@ def check_run_folder(trainer, ckpt: str | None) -> None:
                     raise PermissionError(f"--trainer.default_root_dir: the run's TensorBoard events go to {f}, but {why}")
 
 
-def roll_back(ckpt: str, step: int, trainer=None) -> None:
+def roll_back(ckpt: str, step: int, trainer=None, later: tuple[Path, int] | None = None) -> None:
     """A resume from ``ckpt`` (at ``step``), older than its folder's newest checkpoint (to retrain from there, e.g.
     with a lower learning rate after a divergence): the later checkpoints move aside
     (:func:`gsae.callbacks.checkpoint.set_aside_later_checkpoints`) and a warning says where; their TensorBoard events
     are dropped (:func:`continue_logging`). Only where the run writes into ``ckpt``'s folder (``trainer``'s checkpoint
-    folder): a run started from another run's checkpoint, in a folder of its own, leaves that run alone."""
-    later = _later_checkpoints(ckpt, step, trainer)
+    folder): a run started from another run's checkpoint, in a folder of its own, leaves that run alone. ``later``:
+    :func:`_later_checkpoints`' answer where the caller has it (``train.py``: from :func:`checks_before_training`)."""
+    later = later or _later_checkpoints(ckpt, step, trainer)
     if later is None:
         return
     from gsae.callbacks.checkpoint import set_aside_later_checkpoints
@@ -710,7 +713,7 @@ def main(args: list[str] | None = None) -> int:
         check_trainer(cli.trainer)
         resume = resume_command(args, cli.trainer)  # before fit (see there)
         try:
-            ckpt, state = checks_before_training(cli)
+            ckpt, state, later = checks_before_training(cli)
         except Exception as e:  # noqa: BLE001 (re-raised by agree_before_training, on every rank of a multi-node run)
             agree_before_training(cli.trainer, e)
             raise
@@ -727,8 +730,8 @@ def main(args: list[str] | None = None) -> int:
                 return 0
             # a resumed run writes into its own checkpoint folder: Lightning's "exists and is not empty" is expected
             warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
-            if cli.trainer.is_global_zero:
-                roll_back(ckpt, step, cli.trainer)
+            if later is not None:  # rank 0's
+                roll_back(ckpt, step, cli.trainer, later)
             continue_logging(cli.trainer, ckpt, step, state.get(LOG_FOLDER_KEY))
         prepare_forked_ranks(cli.trainer, resume)  # after continue_logging: it settles the logger's folder
         sigterm.install(cli.trainer)  # every rank stops at one step on SIGTERM, however many got it (gsae.sigterm)
