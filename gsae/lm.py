@@ -15,6 +15,7 @@ flags are explicit options so that an SAE is always evaluated on the model it wa
 from __future__ import annotations
 
 import codecs
+import functools
 import logging
 import os
 import re
@@ -97,12 +98,17 @@ _BYTE_NAMES = "gsae.byte_names"
 codecs.register_error(_BYTE_NAMES, _name_bytes)
 
 
-def _byte_level_bytes(symbol: str | None) -> bytes | None:
-    """The bytes a byte-level BPE token symbol stands for (GPT-2's tokenizer writes each byte as one printable
-    character, ``bytes_to_unicode``), or None if ``symbol`` is not one."""
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: each printable character for the byte it stands for (``bytes_to_unicode``)."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    decoder = {c: b for b, c in bytes_to_unicode().items()}
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def _byte_level_bytes(symbol: str | None) -> bytes | None:
+    """The bytes a byte-level BPE token symbol stands for, or None if ``symbol`` is not one."""
+    decoder = _byte_decoder()
     if not symbol or any(c not in decoder for c in symbol):
         return None
     return bytes(decoder[c] for c in symbol)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from gsae.data.batch import TokenBatch
+
+log = logging.getLogger(__name__)
 
 Documents = Callable[[], Iterator[list[int]]]
 
@@ -107,9 +110,7 @@ def _train_split(folder: str, files: list[str]) -> list[str]:
     if folder in _SPLITS_SAID:  # read by several parts of a run: said once
         return train
     _SPLITS_SAID.add(folder)
-    import logging
-
-    logging.getLogger(__name__).warning(
+    log.warning(
         "--data.dataset: %s holds the splits %s: training reads its train split (%d files); %s left out, and the "
         "held-out documents come from the train files (--data.val_documents)", folder, ", ".join(sorted(patterns)),
         len(train), ", ".join(left))
