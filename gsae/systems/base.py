@@ -309,15 +309,23 @@ class SAESystem(pl.LightningModule):
         gradients are exact. A sweep computes ``W / N_global`` once and divides by each member's scale: the same ops."""
         return self._world() / n_global.clamp_min(1) / self.act_scale
 
+    def rank_share(self, n_rows: int, n_global: Tensor) -> Tensor | float:
+        """``n_rows · W / N_global``: a mean over this rank's ``n_rows`` rows times this is the rank's share of the
+        global batch's mean, × W, so the gradient DDP averages is the global batch's (as :meth:`aux_norm` makes the
+        recon's). Ranks hold different row counts when special tokens are left out; 1 in a single process."""
+        world = self._world()
+        return 1.0 if world == 1 else n_rows * world / n_global.clamp_min(1)
+
     @staticmethod
-    def sae_loss(recon: Tensor, out: SAEOutput, sae: SparseAutoencoder) -> Tensor:
+    def sae_loss(recon: Tensor, out: SAEOutput, sae: SparseAutoencoder, share: Tensor | float = 1.0) -> Tensor:
         """``recon`` plus the SAE's own terms: AuxK's loss if it has AuxK, its sparsity penalty if it has one (ReLU:
-        L1). A TopK SAE without AuxK (``k_aux`` 0) adds nothing: its terms are always 0, so no add is launched."""
+        L1, a mean over the rank's rows, times ``share``, :meth:`rank_share`). A TopK SAE without AuxK (``k_aux`` 0)
+        adds nothing: its terms are always 0, so no add is launched."""
         loss = recon
         if sae.uses_dead_mask:
             loss = loss + out.aux_loss
         if sae.has_sparsity_loss:
-            loss = loss + out.sparsity_loss
+            loss = loss + (out.sparsity_loss if isinstance(share, float) and share == 1.0 else out.sparsity_loss * share)
         return loss
 
     def dead_mask(self, sae: SparseAutoencoder, tracker: DeadLatentTracker, stage: str) -> Tensor | None:

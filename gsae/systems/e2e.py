@@ -13,7 +13,14 @@ gradients. Cost per batch: the prefix to the hook once, the suffix twice (clean,
 one backward to the SAE); the KL takes the final hidden states and unembeds them in chunks of positions
 (:func:`gsae.lm_chunked.kl_per_token`, equal to :func:`gsae.metrics.kl_div_per_token` of the logits).
 With ``exclude_special_tokens`` the special-token positions keep their clean activation (unpatched, as
-SAELens evaluates) and are left out of the SAE's own terms.
+SAELens evaluates) and are left out of the SAE's own terms. The KL and the downstream MSE average every position, as
+Apollo's do (an unpatched special position adds 0 to the KL), so ``train/kl`` is the evaluation's ``kl_sae``, which
+drops special positions as SAELens does, times the share of non-special positions (~(T−1)/T with a BOS first).
+
+Under DDP every rank holds ``B·T`` positions, so the KL and downstream means are the global batch's once DDP averages
+the ranks' gradients. The SAE's rows are not equal in number when special tokens fall mid-sequence, so the row means
+(ReLU's L1, the local MSE) are weighted by each rank's rows (:meth:`SAESystem.rank_share`), as the local objective's
+reconstruction is: 2 ranks × B/2 train as 1 × B.
 """
 
 from __future__ import annotations
@@ -137,21 +144,22 @@ class E2ESAESystem(SAESystem):
             self.maybe_initialize(x_in)
         dead = self.dead_mask(self.sae, self.dead, stage)
         n_global = self.all_reduce(torch.full((), float(x_in.shape[0]), device=self.device))  # a fill, not a copy from the host
+        share = self.rank_share(x_in.shape[0], n_global)  # the row means' (L1, local MSE) DDP weight: ranks differ in rows
         out = self.sae(x_in, dead_mask=dead, aux_norm=self.aux_norm(n_global))
         patched = lm.hidden_from_hook(self.splice(x, mask, out.x_hat, batch.keep).to(x.dtype), self.hook, tokens=tokens, cache_hooks=self.downstream_hooks)
         # KL over the vocabulary in chunks of positions from the final hidden states: no full (B, T, d_vocab) logits
         W_U, b_U, d_vocab = lm.unembedding()
         kl = kl_per_token(clean.hidden, patched.hidden, W_U, b_U, d_vocab=d_vocab, compile=lm.compile).mean()
-        loss = self.sae_loss(self.kl_coef * kl, out, self.sae)  # + the SAE's own terms (ReLU's L1, AuxK)
+        loss = self.sae_loss(self.kl_coef * kl, out, self.sae, share)  # + the SAE's own terms (ReLU's L1, AuxK)
         extra: dict[str, Tensor] = {"kl": kl.detach()}
-        if self.sae.has_sparsity_loss:
-            extra["sparsity_loss"] = out.sparsity_loss.detach()
+        if self.sae.has_sparsity_loss:  # this rank's share × ranks: logged as the mean over ranks, the global mean
+            extra["sparsity_loss"] = (out.sparsity_loss * share).detach()
         for h, c in zip(self.downstream_hooks, self.downstream_coefs):
             mse = F.mse_loss(patched.cache[h].float(), clean.cache[h].float())
             loss = loss + c * mse
             extra[f"ds_mse/{h}"] = mse.detach()
         if self.local_mse_coef:
-            local = F.mse_loss(out.x_hat, x_in)
+            local = F.mse_loss(out.x_hat, x_in) * share
             loss = loss + self.local_mse_coef * local
             extra["local_mse"] = local.detach()
         return loss, out, ActivationBatch(x_in, None), extra

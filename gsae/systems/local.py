@@ -210,7 +210,7 @@ class LocalSAESystem(SAESystem):
         norm = self.aux_norm(n_global)  # W / (N_global · E‖x − x̄‖²): the recon's normaliser and AuxK's
         out = self.sae(acts.x, grad=acts.grad, dead_mask=dead, aux_norm=norm)
         recon = sse_loss(out.x_hat, acts.x) * norm
-        loss = self.sae_loss(recon, out, self.sae)
+        loss = self.sae_loss(recon, out, self.sae, self.rank_share(acts.x.shape[0], n_global))
         extra: dict[str, Tensor] = {}
         logged = stage != "train" or self.log_this_step()  # the extra scalars are read on these steps only
         if logged:
