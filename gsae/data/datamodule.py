@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -142,6 +143,7 @@ class TokenDataModule(pl.LightningDataModule):
         self._resumed_at: tuple[int, int | None] = (0, 0)
         self.stream_states: dict[int, StreamState] = {}  # text sources: each consumed stream's position
         self._source: TextSource | None = None
+        self._data_bytes: int | None = None  # local data: its files' size (position_options), read once
         self._val_cache: tuple[tuple[int, int], list[TokenBatch]] | None = None
 
     # ------------------------------------------------------------------ sources
@@ -342,15 +344,22 @@ class TokenDataModule(pl.LightningDataModule):
                                "val_split": self.val_split, "val_documents": None if self.val_split else self.val_documents}
         if self._source is not None and not self._source.pretokenized:
             out["text_column"] = self.text_column
-        if local_data_files(self.dataset) is None and not saved_dataset(self.dataset):  # a hub dataset: its shards
-            out["streaming"] = self.streaming  # are its files when streamed, n_streams contiguous pieces when not
+        files = local_data_files(self.dataset)
+        if files is None and not saved_dataset(self.dataset):  # a hub dataset: its shards are its files when
+            out["streaming"] = self.streaming  # streamed, n_streams contiguous pieces when not
+        else:  # local data: its size tells a file of the same name with other text from the same file moved
+            if self._data_bytes is None:
+                paths = files[1] if files is not None else [p for p in Path(self.dataset).expanduser().rglob("*") if p.is_file()]
+                self._data_bytes = sum(os.path.getsize(f) for f in paths)
+            out["data_bytes"] = self._data_bytes
         return out
 
     def check_resumable(self, state_dict: dict[str, Any]) -> None:
         """One-line refusal where an option the saved stream positions depend on differs from the checkpoint's:
         ``batch_size``, ``n_streams``, ``text_unit`` and :meth:`position_options` (the run would go on at the wrong
         documents: text trained on twice or never). Options a checkpoint does not record (written before they were)
-        are not checked; a local dataset at another path with the same name is taken as moved."""
+        are not checked; a local dataset at another path with the same name and size is taken as moved, and one whose
+        files' size changed is refused."""
         kept = ("batch_size", "n_streams", "text_unit")
         saved = {k: state_dict[k] for k in kept if k in state_dict} | (state_dict.get("position_options") or {})
         ours = {k: getattr(self, k) for k in kept} | self.position_options()
@@ -361,6 +370,11 @@ class TokenDataModule(pl.LightningDataModule):
             if key == "dataset" and _moved(str(was), str(now)):
                 log.info("--data.dataset %r: the checkpoint read %r; taken as the same data, moved", now, was)
                 continue
+            if key == "data_bytes":
+                raise ValueError(
+                    f"--data.dataset {self.dataset!r} holds {now} bytes of data files, the checkpoint's "
+                    f"{saved.get('dataset')!r} held {was}: other text, at which its stream positions would point at "
+                    "other documents; resume with the checkpoint's data, or start a new run")
             shown = "null" if was is None else was
             raise ValueError(
                 f"--data.{key} ({now}) differs from the checkpoint's ({shown}): its stream positions cannot be resumed "

@@ -135,6 +135,31 @@ def test_ranks_read_disjoint_streams_whose_union_is_one_rank(local) -> None:
     assert sorted(r0 + r1) == sorted(_rows(one))  # the same contexts, none lost or repeated
 
 
+def test_training_says_once_when_its_data_starts_to_repeat(local, caplog) -> None:
+    said = lambda: [r.getMessage() for r in caplog.records if r.name == "gsae.data.streams"]  # noqa: E731
+    with caplog.at_level("WARNING", logger="gsae.data.streams"):
+        batches = iter(StreamBatches(local.open_streams, S, 2))
+        first = list(itertools.islice(batches, 4))
+        assert not said()  # no stream has ended yet
+        list(itertools.islice(batches, 60))  # every stream ends its ~7-context pass at least once
+    assert len(said()) == 1, said()
+    m = re.search(r"stream (\d) of 4 has been read to its end after (\d+) contexts and starts again", said()[0])
+    assert m and str(local.dataset) in said()[0] and "fewer than one batch" not in said()[0], said()
+    stream, n = int(m.group(1)), int(m.group(2))
+    assert stream == int(first[0].state.stream) == 0  # batch 0's stream, the first to need its next pass
+    packer = local.open_stream(stream)
+    _contexts(packer, n)
+    assert int(packer.state().epoch) == 0  # n contexts were the whole first pass ...
+    _contexts(packer, 1)
+    assert int(packer.state().epoch) == 1  # ... and the next one starts the second
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gsae.data.streams"):
+        next(iter(StreamBatches(local.open_streams, S, 3 * n)))  # a batch longer than a pass
+        next(iter(StreamBatches(local.open_streams, S, 3 * n, 1, 2)))  # rank 1 says nothing
+    assert len(said()) == 1 and f"fewer than one batch (--data.batch_size {3 * n})" in said()[0], said()
+
+
 def test_assignment_errors_name_the_option(local) -> None:
     local.num_workers = 3
     with pytest.raises(ValueError, match=r"--data\.num_workers \(3\)"):
@@ -195,6 +220,10 @@ def test_a_resume_on_other_data_is_refused_but_the_same_data_moved_goes_on(local
     with caplog.at_level(logging.INFO):
         assert resume(str(moved / os.path.basename(local.dataset)), context_size=T // 2).consumed_batches == 3
     assert "taken as the same data, moved" in caplog.text
+    (moved / os.path.basename(local.dataset)).write_text(open(local.dataset).read() + json.dumps({"text": "one document more"}) + "\n")
+    with pytest.raises(ValueError, match=r"--data.dataset .* holds \d+ bytes of data files, the checkpoint's .* held "
+                                         r"\d+: other text"):  # the same name, other text
+        resume(str(moved / os.path.basename(local.dataset)))
     for dataset, saved, now in (("synthetic", {"seed": 0}, {"seed": 1}),
                                 ("Skylion007/openwebtext", {"streaming": True}, {"streaming": False}),
                                 ("Skylion007/openwebtext", {"split": "train"}, {"split": "validation"})):
