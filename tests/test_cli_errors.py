@@ -151,8 +151,13 @@ def test_a_data_error_under_ddp_is_said_once_before_the_ranks_start(tmp_path, ca
 def test_an_error_found_while_building_comes_alone(tmp_path) -> None:
     """Options that parse but fail when the model or data is built (k > d_sae, a missing dataset file) printed
     Lightning's "Seed set to 0" / "GPU available" / "TPU available" lines first, as if training had started; they
-    are held until the checks pass, so the error is the only line."""
+    are held until the checks pass, so the error is the only line. A file that is not parquet named .parquet:
+    ``datasets``' builder logged its error twice before the one line."""
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(bytes(range(256)) * 8)
     for args, said in ((("--model.sae.k", "5000"), "error: --model.sae.k must be <= d_sae (got 5000 > 1024)"),
-                       (("--data.dataset", str(tmp_path / "none.txt")), "error: --data.dataset: local path")):
+                       (("--data.dataset", str(tmp_path / "none.txt")), "error: --data.dataset: local path"),
+                       (("--data.dataset", str(bad)), f"error: --data.dataset: could not open {str(bad)!r} (split "
+                                                       "'train'): Parquet magic bytes not found")):
         code, lines = train("--config", QUICKSTART, *args, "--trainer.default_root_dir", str(tmp_path))
         assert code == 1 and len(lines) == 1 and lines[0].startswith(said), lines

@@ -67,6 +67,10 @@ def open_dataset(
     import datasets
 
     local = local_data_files(path)
+    # datasets' file builders log the error of a bad file before raising it; its one line is said here instead
+    builders = logging.getLogger("datasets.packaged_modules")
+    level = builders.level
+    builders.setLevel(logging.CRITICAL)
     try:
         if saved_dataset(path):
             ds = _load_saved(path, split, option)
@@ -95,6 +99,8 @@ def open_dataset(
     except (FileNotFoundError, ValueError, OSError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataSourceError(f"--data.dataset: could not open {path!r} (split {split!r}): {msg}") from None
+    finally:
+        builders.setLevel(level)
     if not streaming:  # a memory-mapped Dataset: contiguous shards with O(1) access
         ds = ds.to_iterable_dataset(num_shards=n_shards if len(ds) // max(n_shards, 1) > held_out else 1)
     elif ds.num_shards < n_shards:
