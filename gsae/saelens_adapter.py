@@ -176,11 +176,55 @@ def load_saelens_folder(path: str | Path, device: str = "cpu", model: str | None
         raise ValueError(
             f"SAELens folder {str(path)!r} could not be loaded: {type(e).__name__}: {_first_line(e)}"
         ) from None
+    _fold_saved_scaler(sae, Path(path), where)
     try:
         meta = _meta(sae, metadata, model)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     return _adapter(sae, where), meta
+
+
+#: SAELens ``normalize_activations`` values whose scale a training checkpoint keeps beside its weights, unfolded
+SAVED_SCALER_NORMS = ("expected_average_only_in", "covariance_whitening")
+
+
+def _fold_saved_scaler(sae, folder: Path, where: str) -> None:
+    """Fold the activation scaler of a SAELens training checkpoint into ``sae``'s weights, as SAELens' trainer does
+    at the end of training (a scaling factor, then a whitening), so that it reads raw activations.
+
+    With ``normalize_activations`` ``expected_average_only_in`` or ``covariance_whitening``, SAELens' SAE applies no
+    normalisation of its own: its weights read activations that the trainer scaled, and the checkpoint keeps that
+    scale in ``activation_scaler.json`` (the whitening in ``activation_whitening.safetensors``) until the final
+    save folds it. Evaluated without it, the SAE would read activations in the wrong scale (kl_sae twice the true
+    value at a scale of 0.25). A folder with neither is refused in one line."""
+    from sae_lens.constants import ACTIVATION_SCALER_CFG_FILENAME
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    norm = getattr(sae.cfg, "normalize_activations", "none")
+    if norm not in SAVED_SCALER_NORMS:
+        return
+    file = folder / ACTIVATION_SCALER_CFG_FILENAME
+    if not file.is_file():
+        raise ValueError(f"{where}: normalize_activations={norm!r}, and no {ACTIVATION_SCALER_CFG_FILENAME} beside its "
+                         "weights: they read activations rescaled by a scale this folder does not hold (a SAELens "
+                         "training checkpoint keeps it there; SAELens' final save folds it in)")
+    scaler = ActivationScaler()
+    try:
+        scaler.load(file)
+    except Exception as e:  # noqa: BLE001 - a bad scaler file is reported as one line
+        raise ValueError(f"{where}: {ACTIVATION_SCALER_CFG_FILENAME} does not read: {type(e).__name__}: "
+                         f"{_first_line(e)}") from None
+    if norm == "covariance_whitening" and scaler.whitening is None:
+        raise ValueError(f"{where}: normalize_activations='covariance_whitening', and no activation_whitening.safetensors "
+                         f"beside {ACTIVATION_SCALER_CFG_FILENAME}: the whitening its weights read is not in the folder")
+    if norm == "expected_average_only_in" and scaler.scaling_factor is None:
+        raise ValueError(f"{where}: normalize_activations='expected_average_only_in', and "
+                         f"{ACTIVATION_SCALER_CFG_FILENAME} holds no scaling_factor")
+    if scaler.scaling_factor is not None:
+        sae.fold_activation_norm_scaling_factor(float(scaler.scaling_factor))
+    if scaler.whitening is not None:
+        w = scaler.whitening
+        sae.fold_activation_whitening(mean=w.mean, whitening_matrix=w.matrix, unwhitening_matrix=w.inverse_matrix)
 
 
 def load_saelens_pretrained(spec: str, device: str = "cpu", model: str | None = None) -> tuple[SAELensAdapter, dict]:

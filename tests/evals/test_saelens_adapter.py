@@ -128,6 +128,44 @@ def test_adapter_equals_saelens_encode_decode(arch, norm):
         assert ((naive - want).norm(dim=-1) / want.norm(dim=-1)).mean() > 0.1
 
 
+@pytest.mark.parametrize("arch", ["topk", "standard"])
+@pytest.mark.parametrize("norm", ["expected_average_only_in", "covariance_whitening"])
+def test_a_saelens_training_checkpoint_reads_raw_activations_through_its_saved_scaler(tmp_path, arch, norm):
+    """A SAELens training checkpoint keeps its activation scale (and whitening) beside the unfolded weights; SAELens
+    applies it outside the SAE (``run_evals``' ``activation_scaler``). The folder must compute SAELens' own
+    ``unscale(decode(encode(scale(x))))`` on raw activations; without the scaler file it is refused."""
+    from sae_lens.training.activation_scaler import ActivationScaler, ActivationWhitening
+
+    def build():
+        sl = saelens_sae(arch, norm)
+        if arch == "standard":
+            sl.cfg.apply_b_dec_to_input = False  # the whitening's b_enc shift (SAELens folds it only then)
+        return sl
+
+    sl = build()
+    gen = torch.Generator().manual_seed(2)
+    if norm == "expected_average_only_in":
+        scaler = ActivationScaler(scaling_factor=0.25)
+    else:
+        M = 0.5 * torch.eye(64) + 0.1 * torch.randn(64, 64, generator=gen)
+        scaler = ActivationScaler(whitening=ActivationWhitening(3 * torch.randn(64, generator=gen), M, torch.linalg.inv(M)))
+    sl.save_model(tmp_path / "ckpt")
+    x = 5.0 + 20.0 * torch.randn(12, 64, generator=gen)
+    with torch.no_grad():
+        want_lat = sl.encode(scaler.scale(x))
+        want = scaler.unscale(sl.decode(want_lat))
+    with pytest.raises(ValueError, match=rf"normalize_activations='{norm}', and no activation_scaler.json beside"):
+        load_saelens_folder(tmp_path / "ckpt")
+    scaler.save(str(tmp_path / "ckpt" / "activation_scaler.json"))
+    adapter, _ = load_saelens_folder(tmp_path / "ckpt")
+    with torch.no_grad():
+        got = adapter(x)
+        unscaled = SAELensAdapter(build())(x).latents  # the same weights reading x as it is
+    rel = lambda a, b: ((a - b).norm(dim=-1) / b.norm(dim=-1)).max()  # noqa: E731
+    assert rel(got.x_hat, want) < 1e-5 and rel(got.latents, want_lat) < 1e-5, (rel(got.x_hat, want), rel(got.latents, want_lat))
+    assert rel(unscaled, want_lat) > 0.2 and (want_lat != 0).any()
+
+
 def test_synthetic_targets_of_layer_norm_saelens_sae_match_saelens_decode():
     """A modified code (plateaus' synthetic_baseline) of base A decodes as SAELens would after encoding A."""
     sl = saelens_sae("topk", "layer_norm")
