@@ -192,17 +192,21 @@ class TokenDataModule(pl.LightningDataModule):
 
     def evaluation_contexts(self, n: int, spread: int = 8) -> list[list[int]]:
         """``n`` held-out contexts for the benchmarks (the evaluation callback's and ``evaluate.py``'s), spread over the
-        held-out set: every ⌊m/n⌋-th of its first ``m = min(all, spread·n)`` contexts. The first ``n`` of a packed text
-        stream come from a handful of documents (OpenWebText averages ~1,100 GPT-2 tokens: 64 contexts of 128 are
-        ~7 documents), so a benchmark's numbers were a few documents' topics; spread 8, the ~400 contexts of a GPT-2
-        config's evaluation come from ~370 of the 1000 held-out documents. Synthetic contexts are i.i.d.: the first
-        ``n``."""
+        held-out set: of its first ``m = min(all, spread·n)`` contexts, every ``spread``-th (0, 8, 16, …), then, if
+        the set is smaller than ``spread·n``, the ones halfway between (4, 12, …), and so on (2, 6, 1, 5, 3, 7 mod 8).
+        The first ``n`` of a packed text stream come from a handful of documents (OpenWebText averages ~1,100 GPT-2
+        tokens: 64 contexts of 128 are ~7 documents), so a benchmark's numbers were a few documents' topics; spread 8,
+        the ~400 contexts of a GPT-2 config's evaluation come from ~370 of the 1000 held-out documents.
+
+        The order does not depend on ``n``: each benchmark takes the first contexts it needs, so its contexts are the
+        same whichever other benchmarks (and so whichever largest ``n``) are run, on a small held-out set as well.
+        Synthetic contexts are i.i.d.: the first ``n``."""
         if self.dataset == SYNTHETIC:
             return list(itertools.islice(self.contexts("val"), n))
         ctx = list(itertools.islice(self.contexts("val"), spread * n))
-        if len(ctx) <= n:
-            return ctx
-        return [ctx[i * len(ctx) // n] for i in range(n)]
+        width = max(spread - 1, 0).bit_length()  # residues in bit-reversed order: each pass halves the gaps
+        residues = sorted(range(spread), key=lambda r: (int(f"{r:0{width}b}"[::-1], 2) if width else 0, r))
+        return [ctx[i] for r in residues for i in range(r, len(ctx), spread)][:n]
 
     def open_stream(self, stream: int, state: StreamState | None = None) -> StreamPacker:
         """Stream ``stream`` of the text source, packed, from ``state`` (or its start)."""

@@ -369,7 +369,10 @@ def test_invalid_options(kwargs: dict, option: str) -> None:
 
 def test_evaluation_contexts_spread_over_the_held_out_set(tiny_lm, tmp_path):
     """The benchmarks read contexts spread over the held-out documents, not the first ones (a few documents of
-    OpenWebText): evenly spaced over the first min(all, 8·n) held-out contexts, in order; synthetic: the first n."""
+    OpenWebText): every 8th of the first 8·n held-out contexts; on a smaller held-out set, every 8th, then those
+    halfway between, ...; synthetic: the first n. A benchmark takes the first contexts it needs, so they must not
+    depend on how many the others ask for (evaluate.py --benchmarks loss_added and loss_added,dead_latents gave
+    loss_added other contexts on a small set)."""
     import json
 
     from gsae.data import TokenDataModule
@@ -379,14 +382,19 @@ def test_evaluation_contexts_spread_over_the_held_out_set(tiny_lm, tmp_path):
     n = 10
     head = list(itertools.islice(dm.contexts("val"), 8 * n))
     picked = dm.evaluation_contexts(n)
-    where = [head.index(c) for c in picked]
-    assert len(picked) == n and where == sorted(where) and where[0] == 0 and where[-1] >= 0.85 * (8 * n - 1)
+    assert [head.index(c) for c in picked] == [8 * i for i in range(n)]
+    assert dm.evaluation_contexts(3 * n)[:n] == picked
     path = tmp_path / "docs.jsonl"  # a finite held-out set, smaller than asked: all of it
     path.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(40)))
-    local = TokenDataModule(lm=tiny_lm, dataset=str(path), context_size=32, val_documents=3, n_streams=1)
+    local = TokenDataModule(lm=tiny_lm, dataset=str(path), context_size=32, val_documents=6, n_streams=1)
     local.validate()
     every = list(local.contexts("val"))
-    assert 0 < len(every) < 40 and local.evaluation_contexts(40) == every
+    m = len(every)
+    assert 16 < m < 60 and sorted(local.evaluation_contexts(60)) == sorted(every)
+    order = [every.index(c) for c in local.evaluation_contexts(60)]
+    assert order == [i for r in (0, 4, 2, 6, 1, 5, 3, 7) for i in range(r, m, 8)]
+    for small in (2, 5, m // 8 + 2, m - 1):  # the first contexts of any count, whatever the largest count asked
+        assert all(local.evaluation_contexts(big)[:small] == local.evaluation_contexts(small) for big in (small + 1, m, 60))
     synthetic = TokenDataModule(lm=tiny_lm, dataset="synthetic", context_size=16)
     assert synthetic.evaluation_contexts(4) == list(itertools.islice(synthetic.contexts("val"), 4))
 
