@@ -18,6 +18,7 @@ The folder's ``prepend_bos`` (False for OpenAI v5) is in ``meta`` for the evalua
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -26,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from gsae.sae.base import SAEOutput, SparseAutoencoder
+
+log = logging.getLogger(__name__)
 
 #: the prefix of a pretrained SAELens SAE's name: ``sae_lens:RELEASE/SAE_ID``
 PRETRAINED = "sae_lens:"
@@ -168,11 +171,21 @@ def load_saelens_folder(path: str | Path, device: str = "cpu", model: str | None
     k, d_sae = cfg.get("k"), cfg.get("d_sae")
     if isinstance(k, int) and isinstance(d_sae, int) and k > d_sae:
         raise ValueError(f"{where}: cfg.json has k {k} > d_sae {d_sae}")
+    dropped = sorted(set(metadata.get("model_from_pretrained_kwargs") or {}) - set(_LM_KEYS))
+    if dropped:
+        log.warning("%s: model_from_pretrained_kwargs not applied: %s (of these, gsae's LanguageModel takes %s only)",
+                    where, ", ".join(dropped), ", ".join(_LM_KEYS))
     try:
         with warnings.catch_warnings():  # "load the model with these model_from_pretrained_kwargs": lm_kwargs does
             warnings.filterwarnings("ignore", message="(?s).*model_from_pretrained_kwargs")
             sae = SAE.load_from_disk(str(path), device=device)
     except Exception as e:  # noqa: BLE001 - any unreadable folder is reported the same way
+        from sae_lens.registry import SAE_CLASS_REGISTRY
+
+        arch = cfg.get("architecture")
+        if isinstance(e, KeyError) and arch is not None and arch not in SAE_CLASS_REGISTRY:  # SAELens' bare KeyError
+            raise ValueError(f"{where}: cfg.json architecture {arch!r} is not one SAELens {_saelens_version()} knows "
+                             f"({', '.join(sorted(SAE_CLASS_REGISTRY))})") from None
         raise ValueError(
             f"SAELens folder {str(path)!r} could not be loaded: {type(e).__name__}: {_first_line(e)}"
         ) from None
@@ -254,6 +267,12 @@ def load_saelens_pretrained(spec: str, device: str = "cpu", model: str | None = 
                              "being asked (run once with the network to cache it)") from None
         raise ValueError(f"{spec!r}: could not load: {type(e).__name__}: {_first_line(e)}") from None
     return _adapter(sae, repr(spec)), _meta(sae, sae.cfg.metadata, model)
+
+
+def _saelens_version() -> str:
+    from importlib.metadata import version
+
+    return version("sae-lens")
 
 
 def _adapter(sae, where: str) -> SAELensAdapter:

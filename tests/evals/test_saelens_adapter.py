@@ -377,3 +377,26 @@ def test_folders_saelens_loads_but_gsae_cannot_evaluate_are_refused_naming_the_f
             load_saelens_folder(folder(name, edit))
         text = str(e.value)
         assert text.startswith(f"SAELens folder {str(tmp_path / name)!r}") and words in text and "\n" not in text, text
+
+
+def test_a_folder_of_an_architecture_saelens_lacks_or_with_model_options_gsae_cannot_apply_says_so(tmp_path, caplog):
+    """An architecture SAELens does not know gave SAELens' bare ``KeyError: 'jumprelu_v9'``; model options other than
+    the four weight-processing flags (``dtype``, ``first_n_layers``, ...) were dropped without a word."""
+    import json
+    import logging
+
+    saelens_sae("standard", "none").save_model(tmp_path / "sae")
+    cfg_file = tmp_path / "sae" / "cfg.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "architecture": "jumprelu_v9"}))
+    with pytest.raises(ValueError, match=r"cfg.json architecture 'jumprelu_v9' is not one SAELens [\d.]+ knows "
+                                         r"\(.*jumprelu, .*standard, .*topk"):
+        load_saelens_folder(tmp_path / "sae")
+    meta = {**cfg["metadata"], "model_from_pretrained_kwargs": {"center_writing_weights": True, "dtype": "bfloat16",
+                                                                "first_n_layers": 1}}
+    cfg_file.write_text(json.dumps({**cfg, "metadata": meta}))
+    with caplog.at_level(logging.WARNING, logger="gsae.saelens_adapter"):
+        _, got = load_saelens_folder(tmp_path / "sae")
+    assert got["lm"]["center_writing_weights"] is True
+    said = [r.getMessage() for r in caplog.records if r.name == "gsae.saelens_adapter"]
+    assert len(said) == 1 and "model_from_pretrained_kwargs not applied: dtype, first_n_layers (" in said[0], said
