@@ -84,6 +84,23 @@ def test_a_saelens_topk_sae_starts_a_topk_sae_computing_the_same(tmp_path):
             torch.testing.assert_close(sae(x).x_hat, sl.decode(sl.encode(x)), atol=1e-4, rtol=1e-4)
 
 
+def test_a_saelens_training_checkpoint_starts_an_sae_reading_raw_activations(tmp_path):
+    """A SAELens training checkpoint (``expected_average_only_in``, its scale in ``activation_scaler.json``): the
+    scale is folded in, so the started SAE reconstructs raw activations as SAELens with its scaler does."""
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    sl = saelens_sae("topk", norm="expected_average_only_in", unit_rows=True)
+    sl.save_model(tmp_path / "scaled")
+    scaler = ActivationScaler(scaling_factor=0.25)
+    scaler.save(str(tmp_path / "scaled" / "activation_scaler.json"))
+    sae = TopKSAE(D_IN, d_sae=D_SAE, k=6, relu_after_topk=True)
+    warm_start(sae, str(tmp_path / "scaled"), HOOK, "--model.init_from")
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(sae(x).x_hat, scaler.unscale(sl.decode(sl.encode(scaler.scale(x)))), atol=1e-4,
+                                   rtol=1e-4)
+
+
 def test_a_gsae_checkpoint_starts_another_class_and_a_sweep_member_is_named(tmp_path):
     """A TopK checkpoint starts a g-SAE (same tensors: a TopK SAE turned g-SAE), a ReLU one a TopK SAE (``b_enc``
     absorbs ``b_dec W_enc``, so the pre-activations are the source's); a sweep checkpoint needs ``CKPT:MEMBER``."""
