@@ -294,7 +294,8 @@ class _StackedTopK(torch.autograd.Function):
             if len(set(plan.betas)) == 1:
                 scores = torch.addcmul(pre_g, pre_g, a, value=plan.betas[0], out=a)
             else:  # β per g-SAE: a (N_g, 1, 1) tensor made once per device (a copy per step would wait for a GPU)
-                scores = torch.addcmul(pre_g, pre_g, a.mul_(plan.beta_tensor(a.device, a.dtype)), out=a)
+                # β in float32 (1e5 is inf in float16, 16-mixed): β|W_dec g| is computed in float32, stored in a's dtype
+                scores = torch.addcmul(pre_g, pre_g, a.mul_(plan.beta_tensor(a.device, torch.float32)), out=a)
         if x.device.type in GROUPED_TOPK_DEVICES and len(plan.runs) > 1 + (0 < g_rows < n):
             idx, acts = _grouped_top(plan, pre, scores, rows)  # one top-k per block of equally scored rows
             del scores

@@ -322,3 +322,21 @@ def test_the_stack_holds_the_members_parameters_and_repacks_when_they_move() -> 
     assert plan.storage()[2][1].data_ptr() == moved.W_dec.data_ptr() and torch.equal(moved.W_dec, want)
     ref = _dense_copy(moved)(x)
     torch.testing.assert_close(x_hat[1].detach(), ref.x_hat.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_stack_of_gsaes_with_different_betas_selects_as_each_alone_under_float16_autocast():
+    """``--trainer.precision 16-mixed`` on a GPU (where sweeps stack their members): the per-member β tensor was made
+    in the autocast dtype, so β = 1e5 (> float16's 65504) was inf and the stacked member's selection was garbage (0%
+    of rows agreeing with the member alone, against ~98%), with a finite loss and no word."""
+    torch.manual_seed(0)
+    x, g = torch.randn(256, 64), torch.randn(256, 64) * 1e-5
+    saes = [GradTopKSAE(64, 512, k=8, beta=b, seed=i) for i, b in enumerate((1e5, 3e4))]
+    for s in saes:
+        s.b_enc.data.normal_(0, 0.1)
+    plan = StackPlan(saes)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        stacked_forward(plan, x, g)
+        alone = [s(x, grad=g).top_idx for s in saes]
+    for (_, idx), ref in zip(plan.top, alone):
+        same = (idx.sort(-1).values == ref.sort(-1).values).all(-1).float().mean()
+        assert same > 0.95, f"the stacked selection agrees with the member alone on {float(same):.0%} of rows"
