@@ -692,27 +692,28 @@ class LanguageModel:
         logits); one ``torch.autograd.grad`` takes it from there to the hook only: model parameters never
         get a ``.grad``.
         ``L`` is the CE of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]``, reduced by ``mean``
-        over the ``B·(T−1)`` predictions (TransformerLens ``return_type="loss"``; SPEC §1.2 default) or
-        ``sum``. The last position has no label, so its gradient comes only through later positions:
+        over the ``B·(T−1)`` predictions (TransformerLens ``return_type="loss"``; SPEC §1.2 default; the gradient
+        then float32, the sum's divided in float32: a float16 model's quotient would be subnormal) or
+        ``sum`` (in the model's dtype). The last position has no label, so its gradient comes only through later positions:
         it is exactly 0 for a causal model. The gradient includes the effect of ``x_t`` on every later
         position's loss through attention (SPEC §1.2 [INFERRED]).
         """
         if self.hook_depth(hook) is not None and self.grad_point(hook) != hook:
             # an attention / MLP output: its gradient is the next residual point's (both forward paths start there)
             acts, grads, loss = self.activations_and_grads_at(tokens, [hook], [hook])
-            if reduction == "mean":
+            if reduction == "mean":  # divided in float32 (a float16 LM's quotient would be subnormal)
                 n = tokens.shape[0] * (tokens.shape[1] - 1)
-                loss, grads[hook] = loss / n, grads[hook] / n
+                loss, grads[hook] = loss / n, grads[hook].float() / n
             return ActsAndGrads(acts[hook], grads[hook], loss)
         x = self.activations(tokens, hook).detach().requires_grad_(True)
         with torch.enable_grad():
             hidden = self.hidden_from_hook(x, hook, tokens=tokens).hidden
             W_U, b_U, d_vocab = self.unembedding()
             loss, dh = lm_chunked.ce_sum_and_grad(hidden, W_U, b_U, tokens, d_vocab=d_vocab, compile=self.compile)
-            if reduction == "mean":
-                n = tokens.shape[0] * (tokens.shape[1] - 1)
-                loss, dh = loss / n, dh / n
             (grad,) = torch.autograd.grad(hidden, x, dh.to(hidden.dtype))
+            if reduction == "mean":  # the sum's gradient, divided in float32 (a float16 LM's quotient would be subnormal)
+                n = tokens.shape[0] * (tokens.shape[1] - 1)
+                loss, grad = loss / n, grad.float() / n
         return ActsAndGrads(x.detach(), grad.detach(), loss.detach())
 
 

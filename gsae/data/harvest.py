@@ -28,7 +28,8 @@ def loss_gradients(lm: LanguageModel, tokens: Tensor, hook: str, normaliser: flo
     """Activations and ``∇ₓ(Σ CE)/normaliser`` at ``hook``; ``normaliser`` None or 0 = this batch's prediction count (a mean)."""
     acts, grads, loss = lm.activations_and_grads(tokens, hook, "sum")
     n = _normaliser(tokens, normaliser)
-    return ActsAndGrads(acts, grads / n, loss / n)
+    # divided in float32: a float16 LM's Σ CE gradient over n (8160 in the gpt2 configs) falls in float16's subnormals
+    return ActsAndGrads(acts, grads.float() / n, loss / n)
 
 
 def _normaliser(tokens: Tensor, normaliser: float | None) -> float:
@@ -43,4 +44,4 @@ def loss_gradients_at(
     ``({hook: acts}, {grad hook: ∇ₓ(Σ CE)/normaliser})``, each equal to :func:`loss_gradients` at that hook."""
     acts, grads, _ = lm.activations_and_grads_at(tokens, hooks, grad_hooks)
     n = _normaliser(tokens, normaliser)
-    return acts, {h: g / n for h, g in grads.items()}
+    return acts, {h: g.float() / n for h, g in grads.items()}  # in float32, as loss_gradients
