@@ -724,6 +724,8 @@ class SAESystem(pl.LightningModule):
             "torch_version": str(torch.__version__),
             "tokens_seen": int(self.tokens_seen),
             "data": self._data_description(),
+            # what a resume under another one is told (not a bit-exact continuation); None outside a Trainer
+            "precision": str(self.trainer.precision) if self._trainer is not None else None,
         }
 
     def _data_description(self) -> dict | None:
@@ -832,7 +834,18 @@ class SAESystem(pl.LightningModule):
             raise ValueError(f"--ckpt_path: {what} differs from the configured one (checkpoint, config): {diff}")
 
     def restore_run(self, checkpoint: dict[str, Any]) -> None:
-        """Give this rank its own shuffle buffer back (after :meth:`check_resumable`)."""
+        """Give this rank its own shuffle buffer back (after :meth:`check_resumable`), and say (rank 0) when the run
+        resumes under another ``--trainer.precision`` or LM dtype than it trained with: it goes on, but not as the
+        bit-exact continuation a resume otherwise is."""
+        meta = checkpoint.get("gsae") or {}
+        saved_lm = meta.get("lm") or {}
+        now = {"--trainer.precision": str(self.trainer.precision) if self._trainer is not None else None,
+               "--model.lm.dtype": self.lm.describe().get("dtype")}
+        was = {"--trainer.precision": meta.get("precision"), "--model.lm.dtype": saved_lm.get("dtype")}
+        changed = [f"{k} {now[k]} (the checkpoint's: {was[k]})" for k in now if None not in (now[k], was[k]) and now[k] != was[k]]
+        if changed and self.global_rank == 0:
+            log.warning("--ckpt_path: resumed under %s: the run goes on, but not as the bit-exact continuation of "
+                        "the checkpoint's run that a resume under its settings is", " and ".join(changed))
         buffer = getattr(self, "buffer", None)
         if buffer is not None and "gsae_buffer" in checkpoint:
             saved = checkpoint["gsae_buffer"]

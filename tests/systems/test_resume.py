@@ -95,6 +95,29 @@ def test_resume_from_a_buffer_saved_in_another_dtype(tmp_path):
         assert torch.allclose(p, resumed.sae.state_dict()[name], atol=1e-6), f"{name} differs"
 
 
+def test_a_resume_under_another_precision_says_it_is_not_a_bit_exact_continuation(tmp_path, caplog):
+    """A bf16-mixed run resumed under 32-true (or the reverse) trains on, ~2e-3 away from either uninterrupted run,
+    and said nothing; the checkpoint records the precision, and a resume under another one (or another LM dtype)
+    says so once. Under its own precision, nothing is said."""
+    import logging
+
+    root = tmp_path / "b"
+    root.mkdir()
+    system = build_system("topk")
+    build_trainer(root, STOP, checkpoint_every=STOP, precision="bf16-mixed").fit(system, datamodule=build_data(system))
+    ckpt = root / "ckpts" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["gsae"]["precision"] == "bf16-mixed"
+    said = lambda: [r.getMessage() for r in caplog.records if "bit-exact" in r.getMessage()]  # noqa: E731
+    for precision, expected in (("bf16-mixed", 0), ("32-true", 1)):
+        caplog.clear()
+        system = build_system("topk")
+        with caplog.at_level(logging.WARNING, logger="gsae.systems.base"):
+            build_trainer(root, STOP + 1, precision=precision).fit(system, datamodule=build_data(system),
+                                                                   ckpt_path=str(ckpt))
+        assert len(said()) == expected, said()
+    assert "--trainer.precision 32-true (the checkpoint's: bf16-mixed)" in said()[0]
+
+
 def test_resume_on_another_world_size_deals_every_buffered_row_out_once(tmp_path, monkeypatch, caplog):
     """A checkpoint of 2 ranks' buffers resumed on 1, 3 or 4 ranks: the rows (and their gradients) are dealt out, none
     lost, none twice, shares within one row of each other; on fewer ranks a share above --model.buffer_size is kept
