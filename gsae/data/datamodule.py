@@ -144,6 +144,7 @@ class TokenDataModule(pl.LightningDataModule):
         self.stream_states: dict[int, StreamState] = {}  # text sources: each consumed stream's position
         self._source: TextSource | None = None
         self._data_bytes: int | None = None  # local data: its files' size (position_options), read once
+        self._said_repeat = False  # say_if_data_repeats: once
         self._val_cache: tuple[tuple[int, int], list[TokenBatch]] | None = None
 
     # ------------------------------------------------------------------ sources
@@ -302,11 +303,29 @@ class TokenDataModule(pl.LightningDataModule):
             self.consumed_batches = int(batch.index) + 1
             if batch.state is not None:
                 state = batch.state
+                self.say_if_data_repeats(state, self.stream_states.get(int(state.stream)), trainer.global_rank)
                 self.stream_states[int(state.stream)] = state
                 batch = batch._replace(state=None)  # the carry-over stays on the CPU
         module = trainer.lightning_module if trainer is not None else None
         prepare = getattr(module, "prepare_batch", None)  # Lightning calls this hook, not the module's
         return prepare(batch) if prepare is not None else batch
+
+    def say_if_data_repeats(self, state: StreamState, before: StreamState | None, rank: int) -> None:
+        """Say once (rank 0) when a training stream starts its second pass over its documents: training repeats data
+        from there on. A stream that does so within its first batch of a fresh run holds less than a batch: the batch
+        then has the same text more than once."""
+        if self._said_repeat or rank != 0 or int(state.epoch) < 1 or (before is not None and int(before.epoch) >= 1):
+            return
+        self._said_repeat = True
+        short = ""
+        if before is None and self._resumed_at[0] == 0:  # its first batch: one pass is shorter than a batch
+            short = (f"; one pass of it is shorter than a batch (--data.batch_size {self.batch_size}), so a batch "
+                     "holds the same text more than once: use more data, or a smaller --data.batch_size or "
+                     "--data.n_streams")
+        log.warning("--data.dataset %r: stream %d of %d has been read to its end and starts again from its first "
+                    "document: training repeats data from here on (each stream repeats its own documents, pass after "
+                    "pass; the other streams follow as they end)%s", self.dataset, int(state.stream), self.n_streams,
+                    short)
 
     def _all_stream_states(self) -> dict[int, StreamState]:
         """Every rank's stream states (ranks own disjoint streams; only rank 0 writes the checkpoint)."""

@@ -17,7 +17,6 @@ identity holds only for index-addressable sources (``synthetic``, :class:`gsae.d
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 
 import torch
@@ -25,8 +24,6 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from gsae.data.batch import StreamState, TokenBatch
 from gsae.data.tokens import DataSourceError
-
-log = logging.getLogger(__name__)
 
 #: ``(stream, epoch, shard, docs) -> iterator of (epoch, shard, index in shard, tokens)`` (``TextSource.stream_documents``)
 StreamDocuments = Callable[[int, int, int, int], Iterator[tuple[int, int, int, list[int]]]]
@@ -68,9 +65,6 @@ class StreamPacker:
         self.made_in_epoch = 0
         self.filled = False  # a document of this epoch had tokens
         self.at_start = (self.epoch, self.shard, self.docs) == (0, 0, 0) and not self.buf  # nothing packed yet
-        #: called as ``on_new_pass(self, contexts)`` when the stream starts reading its documents again (``contexts``:
-        #: the whole pass's, or ``None`` when it was resumed within the pass); :class:`StreamBatches` says so once
-        self.on_new_pass: Callable[[StreamPacker, int | None], None] | None = None
 
     def next_context(self) -> list[int]:
         """The stream's next context (reads and tokenizes documents as needed)."""
@@ -84,8 +78,6 @@ class StreamPacker:
                         f"{self.context_size}-token context{empty}; use more data or a smaller --data.n_streams / "
                         "--data.context_size"
                     )
-                if self.on_new_pass is not None:
-                    self.on_new_pass(self, self.made_in_epoch if self.whole_epoch else None)
                 self.whole_epoch, self.made_in_epoch, self.filled = True, 0, False
             if not toks:  # an empty document (a blank line, "" or null): nothing to pack, not even a separator; a
                 self.epoch, self.shard, self.docs = epoch, shard, i + 1  # stream of them would be separators only
@@ -162,26 +154,9 @@ class StreamBatches(IterableDataset):
         per_rank = self.n_streams // self.world_size
         mine = [self.rank + self.world_size * i for i in range(per_rank) if (i - self.start_batch - worker) % n_workers == 0]
         packers = self.open_streams({s: self.states.get(s) for s in mine})
-        if self.rank == 0:  # one line per worker of rank 0, when the first of its streams starts again
-            for packer in packers.values():
-                packer.on_new_pass = self._say_new_pass
         b = self.start_batch + worker
         while True:
             packer = packers[self.rank + self.world_size * (b % per_rank)]
             tokens = packer.next_batch(self.batch_size)  # (B, T)
             yield TokenBatch(tokens, b, packer.state())
             b += n_workers
-
-    def _say_new_pass(self, packer: StreamPacker, contexts: int | None) -> None:
-        """Say (once per iterator) that training data now repeats: ``packer``'s stream has been read to its end."""
-        if getattr(self, "_said_new_pass", False):
-            return
-        self._said_new_pass = True
-        made = f" after {contexts} contexts" if contexts is not None else ""
-        small = ""
-        if contexts is not None and contexts < self.batch_size:
-            small = (f"; that is fewer than one batch (--data.batch_size {self.batch_size}), so a batch holds the same "
-                     "text more than once: use more data, or a smaller --data.batch_size or --data.n_streams")
-        log.warning("--data.dataset %r: stream %d of %d has been read to its end%s and starts again from its first "
-                    "document: training repeats data from here on (each stream repeats its own documents, pass after "
-                    "pass)%s", packer.dataset, packer.stream, self.n_streams, made, small)

@@ -135,29 +135,44 @@ def test_ranks_read_disjoint_streams_whose_union_is_one_rank(local) -> None:
     assert sorted(r0 + r1) == sorted(_rows(one))  # the same contexts, none lost or repeated
 
 
-def test_training_says_once_when_its_data_starts_to_repeat(local, caplog) -> None:
-    said = lambda: [r.getMessage() for r in caplog.records if r.name == "gsae.data.streams"]  # noqa: E731
-    with caplog.at_level("WARNING", logger="gsae.data.streams"):
-        batches = iter(StreamBatches(local.open_streams, S, 2))
-        first = list(itertools.islice(batches, 4))
-        assert not said()  # no stream has ended yet
-        list(itertools.islice(batches, 60))  # every stream ends its ~7-context pass at least once
-    assert len(said()) == 1, said()
-    m = re.search(r"stream (\d) of 4 has been read to its end after (\d+) contexts and starts again", said()[0])
-    assert m and str(local.dataset) in said()[0] and "fewer than one batch" not in said()[0], said()
-    stream, n = int(m.group(1)), int(m.group(2))
-    assert stream == int(first[0].state.stream) == 0  # batch 0's stream, the first to need its next pass
-    packer = local.open_stream(stream)
-    _contexts(packer, n)
-    assert int(packer.state().epoch) == 0  # n contexts were the whole first pass ...
-    _contexts(packer, 1)
-    assert int(packer.state().epoch) == 1  # ... and the next one starts the second
+def test_training_says_once_when_its_data_starts_to_repeat(local, tiny_lm, caplog) -> None:
+    """Rank 0's training loop says once when the first stream starts its second pass (said from the batches' stream
+    states, so once whatever the number of workers), and when one pass of a stream is shorter than a batch."""
+    from types import SimpleNamespace
 
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="gsae.data.streams"):
-        next(iter(StreamBatches(local.open_streams, S, 3 * n)))  # a batch longer than a pass
-        next(iter(StreamBatches(local.open_streams, S, 3 * n, 1, 2)))  # rank 1 says nothing
-    assert len(said()) == 1 and f"fewer than one batch (--data.batch_size {3 * n})" in said()[0], said()
+    def run(dm, n: int, rank: int = 0) -> list[str]:
+        dm.trainer = None
+        batches = list(itertools.islice(iter(dm.train_dataloader()), n))
+        dm.trainer = SimpleNamespace(training=True, global_rank=rank, lightning_module=None)  # the loop's hook
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="gsae.data.datamodule"):
+            for b in batches:
+                dm.on_before_batch_transfer(b, 0)
+        return [r.getMessage() for r in caplog.records if "starts again" in r.getMessage()]
+
+    # each stream's pass, by its packer: batch b reads 2 contexts of stream b mod S, so stream s ends its pass at the
+    # batch that needs its context number passes[s] + 1
+    passes = []
+    for s in range(S):
+        packer = local.open_stream(s)
+        n = 0
+        while int(packer.state().epoch) == 0:
+            packer.next_context()
+            n += 1
+        passes.append(n - 1)
+    first = min(range(64), key=lambda b: (2 * (b // S + 1) <= passes[b % S], b))
+    assert run(local, first) == []  # no stream has ended yet
+    said = run(local, 64)
+    assert len(said) == 1, said
+    assert f"stream {first % S} of {S} has been read to its end" in said[0] and "shorter than a batch" not in said[0]
+    assert run(local, 64) == []  # said once
+
+    big = TokenDataModule(lm=tiny_lm, dataset=local.dataset, context_size=T, batch_size=3 * max(passes), n_streams=S,
+                          val_documents=V)
+    said = run(big, 1)
+    assert len(said) == 1 and f"shorter than a batch (--data.batch_size {3 * max(passes)})" in said[0], said
+    other = TokenDataModule(lm=tiny_lm, dataset=local.dataset, context_size=T, batch_size=2, n_streams=S, val_documents=V)
+    assert run(other, 64, rank=1) == []  # rank 0 only
 
 
 def test_assignment_errors_name_the_option(local) -> None:
