@@ -322,6 +322,13 @@ class TokenDataModule(pl.LightningDataModule):
             short = (f"; one pass of it is shorter than a batch (--data.batch_size {self.batch_size}), so a batch "
                      "holds the same text more than once: use more data, or a smaller --data.batch_size or "
                      "--data.n_streams")
+        src = self._source
+        if src is not None and src.mode == "shards" and src.ds.num_shards % self.n_streams:
+            n, s = src.ds.num_shards, self.n_streams  # streams advance alike: those with fewer shards repeat sooner
+            bigger = "stream 0" if n % s == 1 else f"streams 0–{n % s - 1}"
+            short += (f"; its {n} shards are dealt {n // s + 1} to {bigger} and {n // s} to the others, so the "
+                      "documents of the smaller streams come round more often: a --data.n_streams dividing "
+                      f"{n} (and a multiple of devices × workers) deals them evenly")
         log.warning("--data.dataset %r: stream %d of %d has been read to its end and starts again from its first "
                     "document: training repeats data from here on (each stream repeats its own documents, pass after "
                     "pass; the other streams follow as they end)%s", self.dataset, int(state.stream), self.n_streams,

@@ -42,6 +42,11 @@ def _stream_doc_ids(contexts: list[list[int]]) -> set[int]:
     return {int(m) for m in re.findall(rb"<doc(\d{3})>", text)}
 
 
+def _write_lines(path: str, docs: list[str]) -> None:
+    with open(path, "w") as f:
+        f.write("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+
 def _contexts(packer, n: int) -> list[list[int]]:
     return [packer.next_context() for _ in range(n)]
 
@@ -173,6 +178,17 @@ def test_training_says_once_when_its_data_starts_to_repeat(local, tiny_lm, caplo
     assert len(said) == 1 and f"shorter than a batch (--data.batch_size {3 * max(passes)})" in said[0], said
     other = TokenDataModule(lm=tiny_lm, dataset=local.dataset, context_size=T, batch_size=2, n_streams=S, val_documents=V)
     assert run(other, 64, rank=1) == []  # rank 0 only
+
+    folder = local.dataset + ".shards"  # 3 files on 2 streams: stream 0 holds two, stream 1 one
+    os.mkdir(folder)
+    docs = _documents()
+    for f in range(3):
+        _write_lines(f"{folder}/part{f}.jsonl", docs[15 * f : 15 * f + 15])
+    sharded = TokenDataModule(lm=tiny_lm, dataset=folder, context_size=T, batch_size=2, n_streams=2, val_documents=5)
+    assert sharded.source().mode == "shards"
+    said = run(sharded, 200)
+    assert len(said) == 1 and "stream 1 of 2 has been read to its end" in said[0], said
+    assert "its 3 shards are dealt 2 to stream 0 and 1 to the others" in said[0] and "--data.n_streams dividing 3" in said[0]
 
 
 def test_assignment_errors_name_the_option(local) -> None:
