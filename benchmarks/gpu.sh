@@ -12,7 +12,8 @@
 # kernel launches per step (`--count-ops`);
 # what logging a step's metrics costs (benchmarks/logging_cost.py);
 # the SAE step's kernels alone, sparse vs dense
-# gradients (benchmarks/sae_kernels.py); CUDA profiles of 3 TopK steps at 4096 and 2 g-SAE steps at 32768; last,
+# gradients (benchmarks/sae_kernels.py); CUDA profiles of 3 TopK steps at 4096 and 2 g-SAE steps at 32768; the
+# default evaluation's cost per checkpoint at configs/gpt2/gsae.yaml (benchmarks/eval_speed.py); last,
 # `--objective all --compile` at 32768.
 # All gsae runs under `--precision bf16-mixed` (SAELens with its own autocast), LM weights in
 # float32 under autocast. Each stage's limit (seconds) is STAGE_LIMIT_<name>, overridable.
@@ -90,6 +91,15 @@ stage profile_gsae_32768 60 $PY benchmarks/train_throughput.py "${BENCH[@]}" --o
 stage layers_sweep_4096 100 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective sweep --steps 4 --rounds 2 \
     --batch-size 32 --sweep-ks 32 --sweep-hooks blocks.3.hook_resid_post blocks.5.hook_resid_post \
     blocks.7.hook_resid_post blocks.9.hook_resid_post "${QS[@]}" "${Q[@]}"
+# what the default evaluation costs per checkpoint against the training steps between checkpoints, at
+# configs/gpt2/gsae.yaml's batch, cadence and budgets (callback_cost_fraction; the configs' figures are a 2-core CPU's)
+if [ "${GPU_QUICK:-0}" = 1 ]; then
+    QE=(--n-seq 1 --seq-len 8 --d-sae 256 --k 4 --lengths 1 --types isotropic --train-steps 0)
+else
+    QE=(--train-steps 20)
+fi
+stage eval_gsae 150 $PY benchmarks/eval_speed.py --device "$DEV" --threads "${THREADS:-8}" --config configs/gpt2/gsae.yaml \
+    "${QE[@]}"
 # last (its first batches compile for a minute or two): the g-SAE and e2e costs with `--compile` (the fused steps and
 # each vocabulary chunk's softmax and gradient under torch.compile, gsae.lm_chunked.compiled)
 stage all_32768_compile 180 $PY benchmarks/train_throughput.py "${BENCH[@]}" --objective all --compile --steps 2 \
