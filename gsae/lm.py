@@ -35,11 +35,15 @@ from gsae import lm_chunked, lm_fused
 log = logging.getLogger(__name__)
 
 #: Architectures for random-weight models, built in-process (no download). ``random-gpt2`` is
-#: GPT-2 small's shape (for speed measurements); ``random-tiny`` is small enough for tests.
+#: GPT-2 small's shape (for speed measurements), ``random-gpt2-medium`` / ``-large`` / ``-xl`` the larger GPT-2s'
+#: (the scaling configs offline); ``random-tiny`` is small enough for tests.
 RANDOM_PRESETS: dict[str, dict[str, int]] = {
     "random-tiny": dict(n_layers=2, d_model=64, n_heads=4, d_mlp=256, n_ctx=128, d_vocab=257),
     "random-small": dict(n_layers=4, d_model=128, n_heads=4, d_mlp=512, n_ctx=256, d_vocab=257),
     "random-gpt2": dict(n_layers=12, d_model=768, n_heads=12, d_mlp=3072, n_ctx=1024, d_vocab=50257),
+    "random-gpt2-medium": dict(n_layers=24, d_model=1024, n_heads=16, d_mlp=4096, n_ctx=1024, d_vocab=50257),
+    "random-gpt2-large": dict(n_layers=36, d_model=1280, n_heads=20, d_mlp=5120, n_ctx=1024, d_vocab=50257),
+    "random-gpt2-xl": dict(n_layers=48, d_model=1600, n_heads=25, d_mlp=6400, n_ctx=1024, d_vocab=50257),
 }
 #: Byte-level vocabulary of the random models with ``d_vocab=257``: ids 0..255 are bytes, 256 is BOS/EOS.
 BYTE_BOS = 256
@@ -121,8 +125,9 @@ class LanguageModel:
     Names: any TransformerLens model name (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``, ...),
     loaded from the Hugging Face hub (or its local cache); or a random-weight GPT-2 architecture
     built in-process: ``random-tiny`` (2 layers, d_model 64, byte vocabulary, for tests),
-    ``random-small`` (4 layers, d_model 128) and ``random-gpt2`` (GPT-2 small's shape, for speed
-    measurements). Random models use ``seed`` for their weights.
+    ``random-small`` (4 layers, d_model 128), ``random-gpt2`` (GPT-2 small's shape, for speed
+    measurements) and ``random-gpt2-medium`` / ``-large`` / ``-xl`` (the larger GPT-2s' shapes). Random models use
+    ``seed`` for their weights.
     """
 
     def __init__(

@@ -199,6 +199,44 @@ def test_e2e_ds_uses_apollos_pretokenized_rows_as_is(parse_only) -> None:
 
 
 GPT2_CONFIGS = sorted((REPO_ROOT / "configs" / "gpt2").glob("*.yaml"))
+SCALING_CONFIGS = sorted((REPO_ROOT / "configs" / "gpt2" / "scaling").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SCALING_CONFIGS, ids=lambda p: p.stem)
+def test_each_scaling_config_has_a_random_preset_of_its_models_shape(path):
+    """The scaling configs can be tried offline on ``random-<model>``, which has the model's shape (TransformerLens'
+    config of each GPT-2 size): their hook is a layer three quarters of the way through, 20× expansion, k 32."""
+    from gsae.lm import RANDOM_PRESETS
+
+    init = yaml.safe_load(path.read_text())["model"]["init_args"]
+    model = init["lm"]["name"]
+    shape = RANDOM_PRESETS[f"random-{model}"]
+    want = {"gpt2-medium": (24, 1024, 16, 4096), "gpt2-large": (36, 1280, 20, 5120), "gpt2-xl": (48, 1600, 25, 6400)}
+    assert (shape["n_layers"], shape["d_model"], shape["n_heads"], shape["d_mlp"]) == want[model]
+    layer = int(init["hook"].split(".")[1])
+    assert layer < shape["n_layers"] and abs(layer / shape["n_layers"] - 0.75) < 0.05, init["hook"]
+    assert init["sae"]["init_args"]["d_sae"] == 20 * shape["d_model"] and init["sae"]["init_args"]["k"] == 32
+
+
+@pytest.mark.slow
+def test_the_medium_scaling_config_trains_offline_at_its_shape(tmp_path):
+    """``configs/gpt2/scaling/gpt2-medium-gsae.yaml`` on ``random-gpt2-medium`` (24 layers, d_model 1024, 20480
+    latents), two steps of a small batch: the g-SAE harvest at layer 17, the checkpoint and its export."""
+    import shutil
+
+    from tests.systems.launch import finish, start
+
+    root = tmp_path / "run"
+    args = ["--config", "configs/gpt2/scaling/gpt2-medium-gsae.yaml", "--model.lm.name", "random-gpt2-medium",
+            "--data.dataset", "synthetic", "--data.batch_size", "2", "--data.context_size", "32",
+            "--trainer.max_steps", "2", "--checkpoint.every_n_train_steps", "2", "--trainer.default_root_dir",
+            str(root), "--evaluation.enabled", "false", "--trainer.enable_progress_bar", "false"]
+    try:
+        out = finish(start(args), timeout=600)
+        assert "finished: 2 steps" in out, out[-2000:]
+        assert sorted(p.name for p in root.rglob("*.saelens")) == ["epoch=0-step=2.saelens", "last.saelens"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.slow
