@@ -290,6 +290,9 @@ def test_the_summary_s_rate_leaves_the_evaluations_out_and_shows_the_first_membe
     assert "finished: 2 steps, 4k tokens in 0:16:40 (4 tokens/s)" in render(s)
     assert "finished: 2 steps, 4k tokens in 0:16:40 (training 0:00:10 at 400 tokens/s, evaluating 0:16:30)" in render(
         s._replace(eval_s=990.0))
+    # validation is not training either (audit K: "training 0:03:01" for 2 steps of 19 s, at GPT-2 shape on a CPU)
+    assert ("(training 0:00:20 at 200 tokens/s, validating 0:02:40, evaluating 0:13:40)" in
+            render(s._replace(eval_s=820.0, val_s=160.0)))
     for name in ("s.ckpt", "s.ckpt.topk-k64.eval.json", "s.ckpt.topk-k8.eval.json", "s.ckpt.gsae-k8.eval.json"):
         (tmp_path / name).write_text("{}")
     os.symlink("s.ckpt", tmp_path / "last.ckpt")
@@ -370,3 +373,28 @@ def test_the_e2e_downstream_mse_is_on_the_line_summed_over_its_hooks() -> None:
                "train/ds_mse/blocks.4.hook_resid_post": 1.0625}
     assert metric_fields(metrics) == [("loss", "1.632"), ("kl", "0.1022"), ("ds_mse", "3.062")]
     assert metric_fields({"train/loss": 1.0}) == [("loss", "1")]
+
+
+def test_the_summary_times_validation_apart_from_training(tmp_path, monkeypatch) -> None:
+    """A real fit whose validation is slow (0.2 s a batch, 2 validations of 2 batches): the summary's ``val_s``
+    holds that time (the sanity check's left out) and the training rate does not."""
+    import time
+
+    from gsae.callbacks.summary import RunSummary
+    from tests.systems.helpers import build_data, build_system, build_trainer
+
+    system = build_system("topk")
+    step = type(system).validation_step
+
+    def slow(self, *a, **k):
+        time.sleep(0.2)
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(type(system), "validation_step", slow)
+    cb = RunSummary()
+    trainer = build_trainer(tmp_path, 4, callbacks=[cb], val_check_interval=2, limit_val_batches=2,
+                            num_sanity_val_steps=2)
+    trainer.fit(system, datamodule=build_data(system, val_batches=2))
+    s = cb.summary
+    assert 0.8 <= s.val_s < s.wall_s, (s.val_s, s.wall_s)  # 2 × 2 × 0.2 s, not the sanity check's 2 × 0.2 s more
+    assert s.val_s < 1.6

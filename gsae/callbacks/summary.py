@@ -52,7 +52,8 @@ class Summary(NamedTuple):
             limit, ``kill``; the step reached is saved in ``last.ckpt`` first).
         steps: global step at the end; ``steps_run``: steps of this invocation (less when resumed).
         tokens: tokens trained in this invocation; ``tokens_total``: since the run began.
-        wall_s: wall-clock seconds of this invocation's training; ``eval_s`` of them evaluating checkpoints.
+        wall_s: wall-clock seconds of this invocation's training; ``eval_s`` of them evaluating checkpoints,
+            ``val_s`` validating (the held-out loss every ``val_check_interval``).
         train, val: ``[(label, value)]`` final metrics.
         eval_step: step of the newest evaluation (None if none); ``eval_source``: its JSON path or "callback".
         headline: ``[(benchmark.metric, value)]`` of that evaluation.
@@ -80,6 +81,7 @@ class Summary(NamedTuple):
     events: str | None
     train_step: int | None = None  # the step of the ``train`` numbers, where it is not ``steps`` (a stopped run)
     eval_s: float = 0.0  # of ``wall_s``, the seconds the checkpoints' evaluations took (the training rate leaves them out)
+    val_s: float = 0.0  # of ``wall_s``, the seconds validation took (outside the evaluations; left out of the rate too)
     shown: dict[str, str] | None = None  # exports / evaluation / latents: the file shown (the newest step's first SAE)
     member_train: dict[str, list[tuple[str, str]]] | None = None  # a sweep: each member's ``train`` numbers
 
@@ -97,6 +99,8 @@ class RunSummary(Callback):
         self._end: tuple[str, float, pl.Trainer, pl.LightningModule] | None = None
         self._summary: Summary | None = None
         self._forked_print: tuple[int, str] | None = None
+        self._val_s = 0.0  # seconds validating (outside sanity checks and evaluations) since the train start
+        self._val0: tuple[float, float] | None = None  # the running validation's start: (clock, evaluation seconds)
 
     def print_from_forked_rank(self, resume_command: str) -> None:
         """Print the summary from global rank 0's own process when the run ends there (``resume_command`` offered if
@@ -117,7 +121,20 @@ class RunSummary(Callback):
         self._step0 = trainer.global_step
         self._tokens0 = _tokens(pl_module)
         self._eval0 = _eval_seconds(trainer)
+        self._val_s = 0.0
         self._end, self._summary = None, None
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._val0 = (time.perf_counter(), _eval_seconds(trainer))
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and self._val0 is not None:
+            t0, e0 = self._val0  # an evaluation run from a validation hook is the evaluation's time, not validation's
+            self._val_s += time.perf_counter() - t0 - (_eval_seconds(trainer) - e0)
+            self._val0 = None
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -184,6 +201,7 @@ class RunSummary(Callback):
             latents_html=_beside(own, ".latents.html", members=members),
             events=_events_dir(trainer),
             eval_s=_eval_seconds(trainer) - self._eval0,
+            val_s=self._val_s,
             shown={label: paths[0] for label, paths in shown.items() if paths},
             member_train={m: metric_fields({k.replace(f"train/{m}/", "train/", 1): v for k, v in metrics.items()
                                             if k.startswith(f"train/{m}/")}, TRAIN_FIELDS) for m in members} or None,
@@ -255,10 +273,11 @@ def render(s: Summary, resume_command: str | None = None) -> str:
     """Console text of a :class:`Summary`; paths relative to the working directory where they are under it.
     ``resume_command``: the command that continues a stopped run (shown under ``next`` when it was stopped)."""
     rate = s.tokens / s.wall_s if s.wall_s > 0 else 0.0
-    training = s.wall_s - s.eval_s
-    # the evaluations (minutes per checkpoint at GPT-2 scale) are not training: the rate leaves them out
-    timing = (f"training {format_duration(training)} at {format_count(s.tokens / training)} tokens/s, evaluating "
-              f"{format_duration(s.eval_s)}" if s.eval_s >= 0.5 and training > 0 else f"{format_count(rate)} tokens/s")
+    training = s.wall_s - s.eval_s - s.val_s
+    # the evaluations (minutes per checkpoint at GPT-2 scale) and validation are not training: the rate leaves them out
+    others = [f"{what} {format_duration(t)}" for what, t in (("validating", s.val_s), ("evaluating", s.eval_s)) if t >= 0.5]
+    timing = (", ".join([f"training {format_duration(training)} at {format_count(s.tokens / training)} tokens/s",
+                         *others]) if others and training > 0 else f"{format_count(rate)} tokens/s")
     head = {"finished": "finished", "terminated": "stopped (SIGTERM; last.ckpt holds the step reached)"}.get(
         s.status, "stopped (Ctrl+C)"
     )
