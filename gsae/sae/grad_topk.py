@@ -82,11 +82,6 @@ class GradTopKSAE(TopKSAE):
             rows = self.W_dec[idx]  # (N, k, d_in)
             return torch.bmm(rows, grad.to(rows.dtype).unsqueeze(-1)).squeeze(-1).abs_().mul_(self.beta)
 
-    def attribution_median(self, grad: Tensor, idx: Tensor, rows: int = 256) -> Tensor:
-        """Median of ``β·|W_dec g|`` over the selected latents ``idx`` of the first ``rows`` tokens: the logged check
-        that β weights the selection (``train/beta_attribution_median``)."""
-        return self.attribution_at(grad[:rows], idx[:rows]).median()
-
     def selection_scores(self, pre: Tensor, grad: Tensor | None) -> Tensor:
         if grad is None or self.beta == 0:
             return pre

@@ -414,8 +414,20 @@ class SAESystem(pl.LightningModule):
         normalised by the *global* token count, and DDP averages the gradients), so the global loss, which a single
         process training on the global batch logs, is the mean over ranks, not rank 0's value: the logged ``train/loss``
         and ``train/recon_loss`` are then the same on 1 rank and on W (the e2e KL: the mean of the ranks' means, as
-        the gradient averages them; ``beta_attribution_median``: the ranks' medians averaged)."""
+        the gradient averages them; ``beta_attribution_median`` is the same on every rank, :meth:`attribution_median`)."""
         return dict(zip(scalars, summed / self._world()))
+
+    def attribution_median(self, sae, grad: Tensor, idx: Tensor, rows: int = 256) -> Tensor:
+        """Median of ``β·|W_dec g|`` over the selected latents ``idx`` of ``rows`` tokens of the global batch (each
+        rank's first ``rows / W``, gathered from every rank): the logged check that β weights the selection
+        (``train/beta_attribution_median``), the median one process takes over as many tokens, the same on every
+        rank (it was a mean of the ranks' medians)."""
+        world = self._world()
+        n = max(rows // world, 1)
+        values = sae.attribution_at(grad[:n], idx[:n]).reshape(-1, 1)
+        if world > 1:  # a logging step, on every rank alike: two small collectives
+            values = self.all_gather_rows(values)
+        return values.median()
 
     def log_this_step(self) -> bool:
         """Whether this training step's metrics are computed and logged: every ``--trainer.log_every_n_steps``

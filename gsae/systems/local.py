@@ -216,5 +216,5 @@ class LocalSAESystem(SAESystem):
         if logged:
             extra["recon_loss"] = recon.detach()  # this rank's share × ranks: logged as the mean over ranks
         if self.needs_grad and acts.grad is not None and stage == "train" and logged:
-            extra["beta_attribution_median"] = self.sae.attribution_median(acts.grad, out.top_idx)
+            extra["beta_attribution_median"] = self.attribution_median(self.sae, acts.grad, out.top_idx)
         return loss, out, acts, extra

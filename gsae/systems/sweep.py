@@ -459,7 +459,7 @@ class SweepSAESystem(LocalSAESystem):
                 if m.sae.uses_dead_mask:  # AuxK (k_aux 0, as every Table 1 member: always 0, not logged)
                     extra["aux_loss"] = out.aux_loss.detach()
                 if grad is not None:
-                    extra["beta_attribution_median"] = m.sae.attribution_median(grad, out.top_idx)
+                    extra["beta_attribution_median"] = self.attribution_median(m.sae, grad, out.top_idx)
                 logs[name] = extra
                 if row is None:
                     row = recon_sums(x, out.x_hat, l0_per_token(out.top_acts, out.latents)).flat()
