@@ -537,13 +537,14 @@ def roll_back(ckpt: str, step: int, trainer=None, later: tuple[Path, int] | None
     are dropped (:func:`continue_logging`). Only where the run writes into ``ckpt``'s folder (``trainer``'s checkpoint
     folder): a run started from another run's checkpoint, in a folder of its own, leaves that run alone. ``later``:
     :func:`_later_checkpoints`' answer where the caller has it (``train.py``: from :func:`checks_before_training`)."""
-    later = later or _later_checkpoints(ckpt, step, trainer)
-    if later is None:
-        return
+    if later is None:  # not handed over by checks_before_training, which checked the set-aside folder then
+        later = _later_checkpoints(ckpt, step, trainer)
+        if later is None:
+            return
+        _check_set_aside_writable(ckpt)
     from gsae.callbacks.checkpoint import set_aside_later_checkpoints
 
     newest, reached = later
-    _check_set_aside_writable(ckpt)  # checked before training too (checks_before_training), on rank 0, where it runs
     moved = set_aside_later_checkpoints(Path(ckpt).parent, step, ckpt)
     where = (f"its checkpoints after step {step} ({', '.join(moved[1])}) are moved to {moved[0]} (remove it when "
              "you no longer need them)") if moved else f"its checkpoints after step {step} are gone"

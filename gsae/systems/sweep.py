@@ -508,7 +508,7 @@ class SweepSAESystem(LocalSAESystem):
             dead = self.dead_mask(m.sae, m.dead, stage)
             out = m.sae(x, grad=grad, dead_mask=dead, aux_norm=norms[name])
             recon = sse_loss(out.x_hat, x) * norms[name]
-            loss = self.sae_loss(recon, out, m.sae, x.shape[0] * per_token if world > 1 else 1.0)
+            loss = self.sae_loss(recon, out, m.sae, self.rank_share(x.shape[0], n_global))
             grad_terms.append(loss)
             member_loss[name] = loss.detach()
             with torch.no_grad():

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,9 +43,9 @@ def _stream_doc_ids(contexts: list[list[int]]) -> set[int]:
     return {int(m) for m in re.findall(rb"<doc(\d{3})>", text)}
 
 
-def _write_lines(path: str, docs: list[str]) -> None:
-    with open(path, "w") as f:
-        f.write("".join(json.dumps({"text": d}) + "\n" for d in docs))
+def _write_lines(path, docs: list[str]) -> None:
+    """A jsonl file of ``docs``, one ``{"text": ...}`` row each."""
+    Path(path).write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
 
 
 def _contexts(packer, n: int) -> list[list[int]]:
@@ -293,7 +294,7 @@ def test_a_source_with_enough_shards_gives_each_stream_its_files(tmp_path, tiny_
     folder = tmp_path / "shards"
     folder.mkdir()
     for f in range(4):
-        (folder / f"part{f}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[15 * f : 15 * f + 15]))
+        _write_lines(folder / f"part{f}.jsonl", docs[15 * f : 15 * f + 15])
     dm = TokenDataModule(lm=tiny_lm, dataset=str(folder), context_size=T, batch_size=2, n_streams=2, val_documents=5)
     dm.validate()
     assert dm.source().mode == "shards"
