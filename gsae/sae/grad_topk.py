@@ -25,6 +25,26 @@ from gsae.sae.base import SAEOutput
 from gsae.sae.topk import TopKSAE
 
 
+def half_safe_grad(grad: Tensor, weight: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(g', r)``: ``grad`` as the product ``g @ W_decᵀ`` should take it, and ``r (..., 1)`` float32 with
+    ``|W_dec g| = r·|W_dec g'|`` (``None``: ``g' = g``, nothing to undo).
+
+    Where the product runs in float16 (``16-mixed`` autocast, or a float16 decoder), ``|W_dec g|`` of a mean-reduced
+    CE gradient is ~1e-6 to 1e-9 at large batches: float16 subnormals with a few bits, or 0 (with β sized to it, a
+    g-SAE's selection kept 80% of float32's latents at 7e-8 and 26% at 7e-9; bfloat16 99%). There each row of ``g`` is
+    scaled by the power of two that puts its largest entry in [0.5, 1) (exact: no rounding; then cast to a float16
+    decoder's dtype, a normal float16), and ``r`` undoes it after the product. Elsewhere (float32, bfloat16: float32's exponent range) ``(g in weight's dtype, None)``, so
+    those paths are unchanged to the bit."""
+    dev = grad.device.type
+    autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)  # (not on 'meta')
+    half = (torch.get_autocast_dtype(dev) if autocast else weight.dtype) == torch.float16
+    if not half:
+        return grad.to(weight.dtype), None
+    g = grad.float()
+    exponent = torch.frexp(g.abs().amax(-1, keepdim=True)).exponent  # 0 for an all-zero row: scale 1
+    return torch.ldexp(g, -exponent).to(weight.dtype), torch.ldexp(torch.ones_like(g[..., :1]), exponent)
+
+
 class GradTopKSAE(TopKSAE):
     """g-SAE: TopK selection by ``z ∘ (1 + β|W_dec ∇ₓL|)``; with ``grad=None`` it is plain TopK."""
 
@@ -73,21 +93,28 @@ class GradTopKSAE(TopKSAE):
     def attribution(self, grad: Tensor) -> Tensor:
         """``β·|W_dec g|`` ``(N, d_sae)``: the gradient term of the selection score (detached)."""
         with torch.no_grad():  # in place on the fresh product: one (N, d_sae) allocation, not three
-            return (grad.to(self.W_dec.dtype) @ self.W_dec.T).abs_().mul_(self.beta)
+            g, r = half_safe_grad(grad, self.W_dec)
+            a = (g @ self.W_dec.T).abs_()
+            return a.mul_(self.beta) if r is None else a.mul_(r * self.beta)
 
     def attribution_at(self, grad: Tensor, idx: Tensor) -> Tensor:
         """``β·|W_dec g|`` at the latents ``idx (N, k)`` only (detached): ``attribution(grad).gather(-1, idx)`` with
         ``N·k`` dot products instead of the ``(N, d_sae)`` matmul."""
         with torch.no_grad():
             rows = self.W_dec[idx]  # (N, k, d_in)
-            return torch.bmm(rows, grad.to(rows.dtype).unsqueeze(-1)).squeeze(-1).abs_().mul_(self.beta)
+            g, r = half_safe_grad(grad, rows)
+            a = torch.bmm(rows, g.unsqueeze(-1)).squeeze(-1).abs_()
+            return a.mul_(self.beta) if r is None else a.mul_(r * self.beta)
 
     def selection_scores(self, pre: Tensor, grad: Tensor | None) -> Tensor:
         if grad is None or self.beta == 0:
             return pre
         with torch.no_grad():  # pre + β·pre·|W_dec g| = pre · (1 + β|W_dec g|): two passes over (N, d_sae), not four
-            a = (grad.to(self.W_dec.dtype) @ self.W_dec.T).abs_()
-            return torch.addcmul(pre, pre, a, value=self.beta, out=a)
+            g, r = half_safe_grad(grad, self.W_dec)
+            a = (g @ self.W_dec.T).abs_()
+            if r is None:
+                return torch.addcmul(pre, pre, a, value=self.beta, out=a)
+            return torch.addcmul(pre, pre, a.mul_(r * self.beta), out=a)  # β|W_dec g| ~ 1: a normal float16
 
     def forward(
         self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None, aux_norm: Tensor | float | None = None

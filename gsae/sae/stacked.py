@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from gsae.sae.base import autocast_dense_dtype
-from gsae.sae.grad_topk import GradTopKSAE
+from gsae.sae.grad_topk import GradTopKSAE, half_safe_grad
 from gsae.sae.topk import TopKSAE, topk_indices
 
 #: the most bytes one stack's pre-activations (members × rows × d_sae, in the forward's dtype) may take; members
@@ -289,13 +289,15 @@ class _StackedTopK(torch.autograd.Function):
         pre = torch.baddbmm(b_enc_all.unsqueeze(1), x_c, W_encT.transpose(1, 2))  # (N, B, d_sae)
         g_rows, scores = plan.n_grad if grad is not None else 0, None
         if g_rows:  # the g-SAEs' scores pre · (1 + β|W_dec g|), as GradTopKSAE's (their rows come first: views)
-            a = torch.matmul(grad.to(dtype), W_dec_all[:g_rows].transpose(1, 2)).abs_()
+            g, r = half_safe_grad(grad, W_dec_all)  # float16: rows scaled by powers of two, r undoes it
+            a = torch.matmul(g, W_dec_all[:g_rows].transpose(1, 2)).abs_()
             pre_g = pre[:g_rows]
-            if len(set(plan.betas)) == 1:
+            if len(set(plan.betas)) == 1 and r is None:
                 scores = torch.addcmul(pre_g, pre_g, a, value=plan.betas[0], out=a)
             else:  # β per g-SAE: a (N_g, 1, 1) tensor made once per device (a copy per step would wait for a GPU)
                 # β in float32 (1e5 is inf in float16, 16-mixed): β|W_dec g| is computed in float32, stored in a's dtype
-                scores = torch.addcmul(pre_g, pre_g, a.mul_(plan.beta_tensor(a.device, torch.float32)), out=a)
+                beta = plan.beta_tensor(a.device, torch.float32)
+                scores = torch.addcmul(pre_g, pre_g, a.mul_(beta if r is None else beta * r), out=a)
         if x.device.type in GROUPED_TOPK_DEVICES and len(plan.runs) > 1 + (0 < g_rows < n):
             idx, acts = _grouped_top(plan, pre, scores, rows)  # one top-k per block of equally scored rows
             del scores

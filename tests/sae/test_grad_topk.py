@@ -100,3 +100,54 @@ def test_attribution_at_equals_the_dense_attribution_gathered() -> None:
     x, grad = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
     idx = sae(x, grad=grad).top_idx
     torch.testing.assert_close(sae.attribution_at(grad, idx), sae.attribution(grad).gather(-1, idx))
+
+
+@pytest.mark.parametrize("sparse_backward", [True, False])
+@pytest.mark.parametrize("g_scale", [1e-6, 1e-8])
+def test_under_float16_autocast_a_small_gradient_selects_as_in_float64(sparse_backward: bool, g_scale: float) -> None:
+    """``16-mixed``: a mean-reduced CE gradient over many tokens puts ``|W_dec g|`` at ~1e-7 to 1e-9, float16
+    subnormals or 0; with β sized to it (β|W_dec g| ~ 1), β|W_dec g| was 2% off at g ~ 1e-6 and the selection kept
+    38% of float64's latents at 1e-8. Rows scaled by powers of two before the product keep both as float32 does."""
+    torch.manual_seed(0)
+    d, m, k = 64, 1024, 16
+    x, g = torch.randn(256, d), torch.randn(256, d) * g_scale
+    sae = randomize(GradTopKSAE(d, d_sae=m, k=k, beta=1.0, sparse_backward=sparse_backward, k_aux=0))
+    a64 = (g.double() @ sae.W_dec.detach().double().T).abs()
+    sae.beta = float(1 / a64.median().detach())  # the gradient term ~ 1: it moves the selection
+    z64 = (x.double() - sae.b_dec.double()) @ sae.W_enc.double() + sae.b_enc.double()
+    ref = (z64 * (1 + sae.beta * a64)).topk(k, dim=-1).indices
+    assert sum(a != b for a, b in zip(_index_sets(ref), _index_sets(z64.topk(k, dim=-1).indices))) > 128
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        out = sae(x, grad=g)
+        attr, attr_at = sae.attribution(g), sae.attribution_at(g, out.top_idx)
+    agree = sum(len(a & b) for a, b in zip(_index_sets(out.top_idx), _index_sets(ref))) / ref.numel()
+    assert agree > 0.98, f"the float16 selection keeps {agree:.1%} of float64's latents"
+    want = sae.beta * a64
+    assert float(((attr.double() - want).abs() / want.clamp_min(1e-3)).median()) < 2e-3
+    torch.testing.assert_close(attr_at.double(), want.gather(-1, out.top_idx), rtol=1e-2, atol=1e-3)
+
+
+def test_half_safe_grad_scales_rows_exactly_and_only_in_float16() -> None:
+    from gsae.sae.grad_topk import half_safe_grad
+
+    g = torch.tensor([[3e-8, -1e-9], [0.0, 0.0], [5.0, 1.0]])
+    w32, w16 = torch.randn(3, 2), torch.randn(3, 2).half()
+    same, r = half_safe_grad(g, w32)
+    assert r is None and same.dtype == torch.float32 and torch.equal(same, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert half_safe_grad(g, w32)[1] is None
+    for scaled, r in (_under_float16(lambda: half_safe_grad(g, w32)), half_safe_grad(g, w16)):
+        if scaled.dtype == torch.float32:  # autocast casts it in the product
+            assert torch.equal(scaled * r, g)  # powers of two: exact
+        else:  # a float16 decoder takes it in float16: normal numbers, float16's rounding
+            assert scaled.dtype == torch.float16
+            torch.testing.assert_close(scaled.float() * r, g, rtol=1e-3, atol=0)
+        top = scaled.float().abs().amax(-1)
+        assert ((top >= 0.5) & (top < 1)).tolist() == [True, False, True] and float(r[1]) == 1.0
+    sae = randomize(GradTopKSAE(2, d_sae=3, k=1, beta=1e8, k_aux=0)).half()  # a float16 SAE, no autocast
+    torch.testing.assert_close(sae.attribution(g[:1]).float(), 1e8 * (g[:1] @ sae.W_dec.float().T).abs(), rtol=2e-3, atol=0)
+
+
+def _under_float16(fn):
+    with torch.autocast("cpu", dtype=torch.float16):
+        return fn()

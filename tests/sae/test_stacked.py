@@ -340,3 +340,25 @@ def test_a_stack_of_gsaes_with_different_betas_selects_as_each_alone_under_float
     for (_, idx), ref in zip(plan.top, alone):
         same = (idx.sort(-1).values == ref.sort(-1).values).all(-1).float().mean()
         assert same > 0.95, f"the stacked selection agrees with the member alone on {float(same):.0%} of rows"
+
+
+def test_a_stack_of_gsaes_selects_as_in_float32_under_float16_autocast_with_a_small_gradient():
+    """``|W_dec g|`` of a CE gradient meaned over many tokens (~1e-9 here) is a float16 subnormal or 0: the stack's
+    batched product scales the gradient's rows by powers of two (as each g-SAE alone does), so its members still
+    select as in float32 (without it: 4% of rows), with one β or one per member."""
+    torch.manual_seed(0)
+    x, g = torch.randn(256, 64), torch.randn(256, 64) * 1e-9
+    for betas in ((2e8, 6e8), (4e8, 4e8)):
+        saes = [GradTopKSAE(64, 512, k=8, beta=b, seed=i) for i, b in enumerate(betas)]
+        for s in saes:
+            s.b_enc.data.normal_(0, 0.1)
+        with torch.no_grad():
+            ref = [s(x, grad=g).top_idx for s in saes]
+            plain = [s(x).top_idx for s in saes]
+        plan = StackPlan(saes)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            stacked_forward(plan, x, g)
+        for (_, idx), want, topk in zip(plan.top, ref, plain):
+            same = (idx.sort(-1).values == want.sort(-1).values).all(-1).float().mean()
+            moved = (topk.sort(-1).values != want.sort(-1).values).any(-1).float().mean()
+            assert moved > 0.5 and same > 0.95, f"stacked float16 selection: {float(same):.0%} of rows as float32"
