@@ -368,9 +368,15 @@ class SAESystem(pl.LightningModule):
             if stage != "train":  # per-rank sums, reduced over ranks once per epoch (torchmetrics, in compute)
                 l0 = l0_per_token(out.top_acts, out.latents)
                 self.val_recon.update(acts.x, out.x_hat, l0)
-                for name, v in extra.items():  # token-weighted sums, reduced over ranks at the epoch's end
-                    total, count = self._val_sums.get(name, (0.0, 0))
-                    self._val_sums[name] = (total + v.detach().double() * l0.shape[0], count + l0.shape[0])
+                if extra:  # token-weighted sums, reduced over ranks at the epoch's end. Each value is this rank's of a
+                    # mean over ranks (step_scalars), so it weighs by the batch's global rows / W, not its own rows:
+                    # ranks keep different numbers when special tokens fall mid-sequence
+                    world = self._world()
+                    weight = (self.all_reduce(torch.full((), float(l0.shape[0]), dtype=torch.float64, device=l0.device))
+                              / world) if world > 1 else float(l0.shape[0])
+                    for name, v in extra.items():
+                        total, count = self._val_sums.get(name, (0.0, 0))
+                        self._val_sums[name] = (total + v.detach().double() * weight, count + weight)
                 return loss
             log = self.log_this_step()
             fired = fire_counts(out.top_idx, out.top_acts, out.latents, self.sae.d_sae, torch.float64,
@@ -566,8 +572,9 @@ class SAESystem(pl.LightningModule):
         self.log_validation_metrics(metrics)
 
     def reduced_val_extras(self) -> dict[str, Tensor]:
-        """The objective's validation extras (``recon_loss``, e2e's ``kl``, …): token-weighted means over every rank's
-        validation batches (one all-reduce; the same on 1 rank and on W)."""
+        """The objective's validation extras (``recon_loss``, e2e's ``kl``, …): means over every rank's validation
+        batches weighted by their global rows (one all-reduce here, one per batch for the rows; the same on 1 rank and
+        on W)."""
         names = sorted(self._val_sums)
         if not names:
             return {}

@@ -194,18 +194,24 @@ class PlantedBatches(pl.LightningDataModule):
     """Fixed contexts with special tokens planted mid-sequence, so that ranks keep different numbers of SAE rows: step
     ``s`` is rows ``4s..4s+3`` (one process) or, under 2 ranks, rows ``4s+r`` and ``4s+r+2`` on rank ``r``."""
 
-    def __init__(self, tokens: torch.Tensor) -> None:
+    def __init__(self, tokens: torch.Tensor, val_tokens: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.tokens = tokens
+        self.tokens, self.val_tokens = tokens, val_tokens
 
-    def train_dataloader(self):
+    def _loader(self, tokens: torch.Tensor):
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        steps = self.tokens.view(-1, 4, self.tokens.shape[-1])
+        steps = tokens.view(-1, 4, tokens.shape[-1])
         batches = [TokenBatch(step[rank::world].clone(), i, None) for i, step in enumerate(steps)]
         return torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
 
+    def train_dataloader(self):
+        return self._loader(self.tokens)
 
-def _fit_planted(root, tokens: torch.Tensor, devices: int, objective: str):
+    def val_dataloader(self):
+        return self._loader(self.val_tokens) if self.val_tokens is not None else []
+
+
+def _fit_planted(root, tokens: torch.Tensor, devices: int, objective: str, val_tokens: torch.Tensor | None = None):
     """A ReLU SAE (L1) under ``objective`` on :class:`PlantedBatches`, plain SGD: Adam's first steps are sign-like
     and would hide how a gradient weighs the rows."""
     from gsae.sae import ReLUSAE
@@ -226,7 +232,9 @@ def _fit_planted(root, tokens: torch.Tensor, devices: int, objective: str):
     else:
         system = LocalSAESystem(lm, sae, **common)
     kw = dict(devices=devices, strategy="ddp_fork", use_distributed_sampler=False) if devices > 1 else dict(devices=1)
-    build_trainer(root, STEPS, **kw).fit(system, datamodule=PlantedBatches(tokens))
+    if val_tokens is not None:  # a validation after the last step, and what rank 0 logged
+        kw.update(limit_val_batches=None, num_sanity_val_steps=0, callbacks=[RecordMetrics(root)])
+    build_trainer(root, STEPS, **kw).fit(system, datamodule=PlantedBatches(tokens, val_tokens))
     return system
 
 
@@ -236,19 +244,28 @@ def test_row_means_weigh_each_ranks_rows_when_special_tokens_fall_mid_sequence(t
     # ReLU's L1 and e2e's local MSE are means over the SAE's rows; with BOS planted mid-sequence (special tokens are
     # left out of the SAE's rows) rank 0 and rank 1 keep different numbers of them, so a per-rank mean, which DDP
     # averages, is not the global batch's mean
+    # The same holds for what is logged: the training step's sparsity terms and the validation's extras (recon_loss,
+    # e2e's kl, sparsity_loss, local_mse), a mean over batches of unequal row counts, are 1 process's values on 2 ranks
     lm = LanguageModel("random-tiny", seed=0)
     gen = torch.Generator().manual_seed(1)  # a seed whose ranks differ at every step
-    tokens = torch.randint(0, 200, (STEPS * 4, 16), generator=gen)
+    tokens = torch.randint(0, 200, ((STEPS + 2) * 4, 16), generator=gen)
     bos = lm.special_token_ids[0]
     tokens[:, 0] = bos
     tokens[torch.rand(tokens.shape, generator=gen) < 0.2] = bos
-    kept = (tokens != bos).sum(-1).view(STEPS, 2, 2)  # (step, row pair, rank): rank r holds rows 4s+r, 4s+r+2
+    kept = (tokens != bos).sum(-1).view(STEPS + 2, 2, 2)  # (step, row pair, rank): rank r holds rows 4s+r, 4s+r+2
     assert (kept[:, :, 0].sum(-1) != kept[:, :, 1].sum(-1)).all(), "the ranks should keep different row counts"
+    assert kept[STEPS].sum() != kept[STEPS + 1].sum(), "the validation batches should differ in rows"
+    tokens, val = tokens[: STEPS * 4], tokens[STEPS * 4 :]
 
-    single = _fit_planted(tmp_path / "d1", tokens, 1, objective)
-    ddp = _fit_planted(tmp_path / "d2", tokens, 2, objective)
+    single = _fit_planted(tmp_path / "d1", tokens, 1, objective, val)
+    ddp = _fit_planted(tmp_path / "d2", tokens, 2, objective, val)
     pairs = [(single.sae, ddp.sae)] if objective != "sweep" else [(single.members[n].sae, ddp.members[n].sae) for n in single.members]
     for one, two in pairs:
         for name, p in one.state_dict().items():
             q = two.state_dict()[name]
             assert torch.allclose(p, q, atol=1e-6, rtol=1e-5), f"{objective}: {name} differs by {(p - q).abs().max():.2e}"
+    one, two = (torch.load(tmp_path / d / "metrics.pt") for d in ("d1", "d2"))
+    vals = {k for (stage, _), m in one.items() if stage == "val" for k in m}
+    assert {"val/recon_loss"} <= vals if objective == "local" else True
+    assert {"val/kl", "val/sparsity_loss", "val/local_mse"} <= vals if objective == "e2e" else True
+    assert assert_same_metrics(one, two, rtol=1e-5, skip=("tokens_per_s",)) > 10
