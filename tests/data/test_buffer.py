@@ -177,3 +177,12 @@ def test_reseed_changes_the_mixing() -> None:
     a, b = ShuffleBuffer(32, seed=0), ShuffleBuffer(32, seed=0)
     b.reseed(1)
     assert not torch.equal(a.mix(_batch(0, 32)).x, b.mix(_batch(0, 32)).x)
+
+
+def test_a_filling_buffer_gives_half_a_batch_until_half_a_batch_more_fills_it() -> None:
+    """While it fills, each call gives half its rows and keeps the rest; once what it holds plus half a batch reaches
+    the capacity it gives whole batches and stays just under full (capacity 64, batches of 16: 7 calls of 8, then 16)."""
+    buf = ShuffleBuffer(64, seed=0)
+    sizes = [buf.mix(ActivationBatch(torch.randn(16, 4), None)).x.shape[0] for _ in range(12)]
+    assert sizes == [8] * 7 + [16] * 5
+    assert buf.fill == 56

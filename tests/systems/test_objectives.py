@@ -331,3 +331,37 @@ def test_dead_activity_test_sum_positive_counts_as_smol_sae(tmp_path):
     with pytest.raises(ValueError, match="--model.dead_activity_test must be nonzero or sum_positive"):
         LocalSAESystem(LanguageModel("random-tiny", seed=0), lambda d: TopKSAE(d, 64, 4), hook=HOOK,
                        dead_activity_test="any")
+
+
+def test_e2e_loss_is_each_term_times_its_coefficient():
+    """E2E's loss = kl_coef·KL + Σ_h c_h·MSE_h + local_mse_coef·MSE_local (+ AuxK): every test trained with kl_coef 1,
+    so a dropped coefficient went unseen (audit M). The terms come back as ``extra``; the sum is checked naively."""
+    from gsae.sae import TopKSAE
+    from gsae.systems import E2ESAESystem
+
+    torch.manual_seed(0)
+    lm = LanguageModel("random-tiny", seed=0)
+    hooks = ["blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]
+    system = E2ESAESystem(lm, lambda d: TopKSAE(d, 64, 4, k_aux=0), hook=HOOK, kl_coef=0.3, downstream_hooks=hooks,
+                          downstream_coefs=[2.0, 5.0], local_mse_coef=0.7)
+    loss, out, acts, extra = system.objective(_batch(system), "val")
+    assert all(float(extra[k]) > 0 for k in ("kl", "local_mse", *(f"ds_mse/{h}" for h in hooks)))
+    naive = 0.3 * extra["kl"] + 2.0 * extra[f"ds_mse/{hooks[0]}"] + 5.0 * extra[f"ds_mse/{hooks[1]}"] + 0.7 * extra["local_mse"]
+    torch.testing.assert_close(loss.detach(), naive, rtol=1e-6, atol=0)
+    torch.testing.assert_close(extra["local_mse"], F.mse_loss(out.x_hat, acts.x), rtol=1e-6, atol=0)
+
+
+def test_lr_factor_warms_up_linearly_then_follows_the_cosine_to_its_floor():
+    """The schedule against its formula: (step + 1)/warm while warming, then floor + (1 − floor)·(1 + cos πt)/2 with t
+    the fraction of the steps after the warm-up; constant stays 1 after the warm-up, and no length means constant."""
+    from gsae.systems.base import lr_factor
+
+    f = lr_factor(100, 10, "cosine", 0.1)
+    assert [f(0), f(4), f(9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [f(10), f(55), f(100), f(150)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
+    assert f(10 + 22.5) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    g = lr_factor(100, 0, "cosine", 0.0)
+    assert [g(0), g(50), g(100)] == pytest.approx([1.0, 0.5, 0.0])
+    c = lr_factor(100, 4, "constant", 0.1)
+    assert [c(0), c(3), c(4), c(99)] == pytest.approx([0.25, 1.0, 1.0, 1.0])
+    assert lr_factor(math.inf, 0, "cosine", 0.1)(10**6) == 1.0

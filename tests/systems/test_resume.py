@@ -49,6 +49,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, objective):
         assert torch.allclose(p, resumed.sae.state_dict()[name], atol=1e-6), f"{objective}: {name} differs"
     assert torch.equal(full.dead.tokens_since_fired, resumed.dead.tokens_since_fired)
     assert torch.equal(full.dead.batches_since_fired, resumed.dead.batches_since_fired)
+    assert int(full.tokens_seen) == int(resumed.tokens_seen) > 0  # the summary's and TensorBoard's token axis
     if objective != "e2e":
         assert torch.equal(full.buffer.x, resumed.buffer.x)
 
