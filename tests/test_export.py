@@ -225,3 +225,20 @@ def test_checkpoint_whose_weights_do_not_match_its_config(quickstart_run: Path, 
     path = tmp_path / "mismatch.ckpt"
     torch.save(raw, path)
     assert "does not match" in _one_line_error(path)
+
+
+@torch.no_grad()
+def test_relu_export_holds_the_normalised_decoder_the_forward_uses(tmp_path) -> None:
+    """A ReLU SAE's forward normalises its decoder rows (its parameter is left unconstrained); the export writes the
+    rows it decodes with, so SAELens reconstructs as gsae does when the rows are far from unit norm."""
+    from gsae.sae import ReLUSAE
+
+    torch.manual_seed(0)
+    sae = randomize(ReLUSAE(16, 32, l1_coef=1.0))
+    sae.W_dec.mul_(torch.empty(32, 1).uniform_(0.5, 1.5))
+    assert (sae.W_dec.norm(dim=1) - 1).abs().max() > 0.3
+    theirs = _load_saelens(export_saelens(sae, tmp_path / "sae", {**META, "sae_class": "gsae.sae.ReLUSAE"}))
+    x = torch.randn(200, 16)
+    assert (sae.encode(x) > 0).any()
+    torch.testing.assert_close(theirs.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs(x), sae(x).x_hat, rtol=1e-5, atol=1e-5)

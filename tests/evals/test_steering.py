@@ -153,3 +153,17 @@ def test_hook_z_sae_is_skipped_not_steered(tiny_lm):
     assert "skipped" in run_benchmark("steering", sae, tiny_lm, hook, build_tokens(2, 16))
     with pytest.raises(ValueError, match="residual stream"):
         steering.run(sae, tiny_lm, hook, build_tokens(2, 16), **SMALL)
+
+
+def test_the_steering_direction_is_the_unit_decoder_row_whatever_its_norm(tiny_lm):
+    """α is a length along the latent's unit decoder direction: an SAE whose decoder rows are not unit norm (a ReLU
+    SAE's parameter, a SAELens SAE) steers exactly as with the rows normalised."""
+    sae = build_topk()
+    tokens = build_tokens(4, 16)
+    ref = steering.run(sae, tiny_lm, HOOK, tokens, **SMALL)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.2, 5.0, sae.d_sae).unsqueeze(1))
+    scaled = steering.run(sae, tiny_lm, HOOK, tokens, **SMALL)
+    assert scaled["latents"] == ref["latents"]
+    assert scaled["on_target_curve"] == pytest.approx(ref["on_target_curve"], rel=1e-5, abs=1e-9)
+    assert scaled["off_target_abs_curve"] == pytest.approx(ref["off_target_abs_curve"], rel=1e-5, abs=1e-9)

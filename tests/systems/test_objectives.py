@@ -115,10 +115,17 @@ def test_training_leaves_the_language_model_untouched(tmp_path):
 
 
 def test_gsae_beta_attribution_is_logged_in_a_sensible_range(tmp_path):
+    """``train/beta_attribution_median`` is the median of β·|W_dec g| over the selected latents of the batch's first
+    256 tokens: against the dense product gathered at the selection and the lower middle of its sorted values."""
     system = build_system("gsae")
     system.initialized.fill_(True)
-    _, _, _, extra = system.objective(_batch(system), "train")
-    assert 0 < float(extra["beta_attribution_median"]) < 1e3
+    _, out, acts, extra = system.objective(_batch(system), "train")
+    logged = float(extra["beta_attribution_median"])
+    assert 0 < logged < 1e3
+    sae = system.sae
+    dense = sae.beta * (acts.grad[:256].double() @ sae.W_dec.detach().double().T).abs()
+    values = dense.gather(-1, out.top_idx[:256]).flatten().sort().values
+    assert acts.grad.shape[0] > 8 and logged == pytest.approx(float(values[(len(values) - 1) // 2]), rel=1e-5)
 
 
 def test_gsae_encodes_at_evaluation_exactly_as_in_training():

@@ -323,3 +323,27 @@ def test_a_resume_with_another_gradient_reduction_is_refused(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --model.grad_reduction sum differs from the checkpoint's (mean, over 1008 predictions); resume with the "
         "checkpoint's")
+
+
+def test_setting_aside_moves_only_checkpoints_past_the_resumed_step(tmp_path):
+    """What a retraining from step 4 sets aside: the steps after 4 with what lies beside them, never a checkpoint of
+    step 4 itself (a whole-copy last.ckpt where links are not made, e.g. a remote file system) nor an earlier one;
+    a last.ckpt linked to a moved step goes with it."""
+    import torch
+
+    from gsae.callbacks.checkpoint import set_aside_later_checkpoints
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name, step in (("epoch=0-step=2.ckpt", 2), ("epoch=0-step=4.ckpt", 4), ("last.ckpt", 4), ("epoch=0-step=6.ckpt", 6),
+                       ("epoch=0-step=8.ckpt", 8)):
+        torch.save({"global_step": step, "gsae": {}}, folder / name)
+    (folder / "epoch=0-step=6.ckpt.eval.json").write_text("{}")
+    (folder / "epoch=0-step=8.saelens").mkdir()
+    (folder / "latest.ckpt").symlink_to("epoch=0-step=8.ckpt")
+    dest, moved = set_aside_later_checkpoints(folder, 4, folder / "epoch=0-step=4.ckpt")
+    assert moved == ["epoch=0-step=6.ckpt", "epoch=0-step=8.ckpt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in dest.iterdir()) == ["epoch=0-step=6.ckpt", "epoch=0-step=6.ckpt.eval.json",
+                                                      "epoch=0-step=8.ckpt", "epoch=0-step=8.saelens"]
+    assert set_aside_later_checkpoints(folder, 4, folder / "epoch=0-step=4.ckpt") is None  # nothing later now

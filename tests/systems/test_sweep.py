@@ -153,29 +153,33 @@ def test_a_resume_with_another_learning_rate_applies_it_to_that_member(tmp_path,
     """Lightning restores the optimizer's param groups, learning rates included: a member's lr changed for the resume
     was silently ignored (an audit found it bit-identical to the unchanged resume), then only warned about. Now it
     applies from the resumed step on: that member's first resumed Adam step is the unchanged resume's scaled by the
-    ratio of the learning rates (same gradient, same moments), and the other members' are bit for bit the same."""
+    ratio of the learning rates (same gradient, same moments), and the other members' are bit for bit the same. One
+    changed member is past its warm-up on a constant schedule, the other on the cosine (its first resumed lr is the
+    new peak times the schedule's factor at the resumed step, not the step before)."""
     _fit(_sweep(), tmp_path, callbacks=[StopAt(STOP)], checkpoint_every=STOP)
     ckpt = str(tmp_path / "ckpts" / "last.ckpt")
     before = {k: v for k, v in torch.load(ckpt, weights_only=False)["state_dict"].items() if k.startswith("members.")}
-    changed = [dict(m, lr=0.5) if m["name"] == "topk-k2" else m for m in MEMBERS]
+    new_lr = {"topk-k2": 0.5, "gsae-k3": 0.02}
+    changed = [dict(m, lr=new_lr[m["name"]]) if m["name"] in new_lr else m for m in MEMBERS]
     with caplog.at_level("WARNING", logger="gsae.systems.base"):
-        resumed = _fit(_sweep(changed), tmp_path / "new", ckpt_path=ckpt, steps=STOP + 1)
+        resumed = _fit(_sweep(changed), tmp_path / "new", ckpt_path=ckpt, callbacks=[StopAt(STOP + 1)])  # the schedule of 8
     assert f"member topk-k2's lr 0.5 replaces the checkpoint's 0.003 from step {STOP} on" in caplog.text, caplog.text
-    assert caplog.text.count("replaces the checkpoint's") == 1  # the other members' lr are unchanged
+    assert f"member gsae-k3's lr 0.02 replaces the checkpoint's 0.01 from step {STOP} on" in caplog.text, caplog.text
+    assert caplog.text.count("replaces the checkpoint's") == 2  # the other members' lr are unchanged
     assert resumed.trainer.optimizers[0].param_groups[1]["initial_lr"] == pytest.approx(0.5)
     caplog.clear()
     with caplog.at_level("WARNING", logger="gsae.systems.base"):
-        same = _fit(_sweep(), tmp_path / "again", ckpt_path=ckpt, steps=STOP + 1)
+        same = _fit(_sweep(), tmp_path / "again", ckpt_path=ckpt, callbacks=[StopAt(STOP + 1)])
     assert "replaces the checkpoint's" not in caplog.text
     for name in (m["name"] for m in MEMBERS):
         a, b = resumed.members[name].sae, same.members[name].sae
-        if name != "topk-k2":
+        if name not in new_lr:
             _assert_member_equals(resumed.members[name], same.members[name])
             continue
         key = f"members.{name}.sae.W_enc"  # not the decoder: renormalised after the step
         delta_new = a.W_enc.detach() - before[key]
         delta_old = b.W_enc.detach() - before[key]
-        ratio = 0.5 / 3e-3
+        ratio = new_lr[name] / (3e-3 if name == "topk-k2" else LR)
         torch.testing.assert_close(delta_new, delta_old * ratio, rtol=1e-3, atol=1e-6 * ratio)
         assert delta_old.abs().max() > 0
 
