@@ -386,3 +386,31 @@ def test_topk_indices_on_the_device_equal_torch_topk(d, k, dtype):
     from tests.sae.test_topk import check_topk_indices
 
     check_topk_indices(d, k, DEVICE, dtype)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_g_sae_under_float16_autocast_selects_as_float64_with_a_small_gradient(stacked):
+    """``--trainer.precision 16-mixed`` (GPUs without bf16): |W_dec g| of a CE gradient meaned over many tokens is a
+    float16 subnormal or 0 in the device's half matmul; the gradient rows rescaled by powers of two keep the
+    selection (``gsae.sae.grad_topk.half_safe_grad``), alone and stacked."""
+    from gsae.sae import GradTopKSAE
+    from gsae.sae.stacked import StackPlan, stacked_forward
+
+    torch.manual_seed(0)
+    x, g = torch.randn(512, 64), torch.randn(512, 64) * 1e-8
+    sae = GradTopKSAE(64, 1024, k=16, beta=1.0, k_aux=0)
+    sae.b_enc.data.normal_(0, 0.1)
+    a64 = (g.double() @ sae.W_dec.detach().double().T).abs()
+    sae.beta = float(1 / a64.median())
+    z64 = (x.double() - sae.b_dec.detach().double()) @ sae.W_enc.detach().double() + sae.b_enc.detach().double()
+    ref = (z64 * (1 + sae.beta * a64)).topk(16, dim=-1).indices
+    sae = sae.to(DEVICE)
+    with torch.no_grad(), torch.autocast(torch.device(DEVICE).type, dtype=torch.float16):
+        if stacked:
+            plan = StackPlan([sae, GradTopKSAE(64, 1024, k=16, beta=sae.beta, k_aux=0, seed=1).to(DEVICE)])
+            stacked_forward(plan, x.to(DEVICE), g.to(DEVICE))
+            idx = plan.top[0][1]
+        else:
+            idx = sae(x.to(DEVICE), grad=g.to(DEVICE)).top_idx
+    agree = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx.cpu(), ref)) / ref.numel()
+    assert agree > 0.98, f"float16 on {DEVICE}: {agree:.1%} of float64's latents"
