@@ -24,7 +24,7 @@ Prints one column per SAE (rows ``benchmark.metric``) and the held-out tokens be
 ``{"settings": {...}, "results": {benchmark: {sae: result}}}`` (``settings``: the benchmarks, their options, seed, device, versions,
 and per SAE its source, LM, hook, dataset, context size and the contexts each benchmark read) and, for benchmarks
 that define ``artifacts``, ``<output stem>.<sae><suffix>`` files beside it; ``--logdir`` writes
-TensorBoard scalars, figures and texts, one run per PATH. Every SAE on the same LM gets the same tokens and the same
+TensorBoard scalars, figures and texts, one run per PATH (named by its path from the current folder). Every SAE on the same LM gets the same tokens and the same
 seeded draws, so the columns are comparable. Bad input: one line on stderr, exit 1.
 
 ``torchrun --nproc-per-node N evaluate.py …``: each checkpoint's evaluation split between the N processes (a GPU each,
@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--logdir",
         default=None,
-        help="write TensorBoard scalars and figures here (one run per PATH; a run folder's checkpoints are steps)",
+        help="write TensorBoard scalars and figures here (one run per PATH, named by its path from the current folder; "
+        "a run folder's checkpoints are its steps)",
     )
     return p
 
@@ -423,6 +424,21 @@ def short_labels(labels: list[str]) -> dict[str, str]:
     return {lb: lb if lb.startswith(PRETRAINED) else os.path.relpath(os.path.abspath(lb), common) for lb in labels}
 
 
+def tensorboard_runs(groups: list[str]) -> dict[str, str]:
+    """Each PATH's TensorBoard run under ``--logdir``: its path relative to the current directory (absolute when
+    outside it), ``sae_lens:`` names as given. It does not depend on the other PATHs of the call, as the table's
+    :func:`short_labels` do: a run named relative to their common folder made a lone ``last.ckpt`` the run
+    ``last.ckpt``, so another call's ``last.ckpt`` of another SAE drew on the same curve, and one SAE evaluated alone
+    and beside another got two runs."""
+    def name(group: str) -> str:
+        if group.startswith(PRETRAINED):
+            return group
+        absolute = os.path.abspath(group)
+        relative = os.path.relpath(absolute)
+        return absolute if relative == ".." or relative.startswith(".." + os.sep) else relative
+    return {g: name(g) for g in groups}
+
+
 class TensorBoardOut:
     """``--logdir``: each SAE's scalars ``eval/<benchmark>/<metric>``, figures and texts in its TensorBoard run.
 
@@ -589,7 +605,7 @@ def evaluate(args: argparse.Namespace) -> Evaluation:
     for path, src in {s.path: s for s in sources if s.kind != "pretrained"}.items():  # each file once, before any work
         _check_readable(src.label.rsplit(":", 1)[0] if src.member else src.label, Path(path))
     results: dict[str, dict[str, dict]] = {n: {} for n in names}
-    runs = short_labels(list(dict.fromkeys(s.group for s in sources)))
+    runs = tensorboard_runs(list(dict.fromkeys(s.group for s in sources)))
     settings = _settings(args, names, options, device)
     if _ranks()[1] > 1:
         results = _evaluate_split(args, sources, names, options, benchmark_options, runs, device, saes)

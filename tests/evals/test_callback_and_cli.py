@@ -790,3 +790,27 @@ def test_a_saelens_sae_whose_tokens_cannot_be_read_fails_before_any_evaluation(r
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "Skylion007/openwebtext is evaluate.py's default" in err, err
     assert ran == []
+
+
+def test_evaluate_py_names_a_paths_tensorboard_run_by_its_own_path_whatever_the_other_paths(tmp_path, fake_benchmark,
+                                                                                          monkeypatch):
+    """``--logdir``'s runs were named relative to the PATHs' common folder: a lone ``a/last.saelens`` became the run
+    ``last.saelens``, so another call's ``b/last.saelens`` (another SAE) drew on the same curve, and ``a``'s SAE
+    evaluated beside ``b`` got a second run. Now each PATH's run is its path from the current folder."""
+    from gsae.evaluate import tensorboard_runs
+    from gsae.export import export_saelens
+    from tests.evals.helpers import HOOK, build_topk
+
+    monkeypatch.chdir(tmp_path)
+    for run, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        export_saelens(build_topk(), tmp_path / run / "last.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"},
+                                                                        "context_size": 16})
+    tb = tmp_path / "tb"
+    common = ["--benchmarks", "fake", "--n-seqs", "3", "--logdir", str(tb)]
+    assert evaluate_main(["a/last.saelens", *common]) == 0
+    assert evaluate_main([str(tmp_path / "b" / "last.saelens"), *common]) == 0  # absolute, inside the current folder
+    assert evaluate_main(["a/last.saelens", "b/last.saelens", *common]) == 0
+    assert sorted(p.name for p in tb.iterdir()) == ["a_last.saelens", "b_last.saelens"]
+    assert tensorboard_runs(["x.ckpt:m", "../y", "sae_lens:rel/id"]) == {
+        "x.ckpt:m": "x.ckpt:m", "../y": str(tmp_path.parent / "y"), "sae_lens:rel/id": "sae_lens:rel/id"}
