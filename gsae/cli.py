@@ -820,14 +820,16 @@ class HeldInfo:
 def remove_empty_log_dirs(trainer, since: float = 0.0) -> list[Path]:
     """Remove the logger folders (``version_N``) of a run that failed before logging anything, and the run folder if
     that leaves it empty, so that the next run of the same config is ``version_0``, not ``version_1`` beside an empty
-    one. A folder goes only if it holds nothing but TensorBoard event files without a single value and the
+    one. A folder goes only if it holds nothing but TensorBoard event files without a single value (the hparams
+    record the fit's start writes is not one: a data error at the first batch left it) and the
     ``config.yaml`` / ``hparams.yaml`` this run wrote (modified after ``since``, the run's start). Returns the folders
     removed (rank 0 only)."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    def empty_events(f: Path) -> bool:
+    def empty_events(f: Path) -> bool:  # no value: TensorBoard's hparams records (the fit's start) are not values
         return f.name.startswith("events.out.tfevents.") and f.stat().st_size <= 65536 and not any(
-            e.HasField("summary") for e in EventFileLoader(str(f)).Load()
+            not v.tag.startswith("_hparams_/") for e in EventFileLoader(str(f)).Load() if e.HasField("summary")
+            for v in e.summary.value
         )
 
     def ours(f: Path) -> bool:

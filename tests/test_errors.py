@@ -120,6 +120,15 @@ def test_a_run_that_fails_before_logging_leaves_no_empty_version_folder(run_cli,
     Trainer.loggers[0].experiment.add_scalar("train/loss", 1.0, 0)
     assert remove_empty_log_dirs(Trainer) == [] and (tmp_path / "logged" / "version_0").is_dir()
 
+    from gsae.loggers import TensorBoardLogger as GsaeLogger
+
+    class Started:  # a fit that started (its HPARAMS session record) and failed at the first batch (a data error)
+        loggers = [GsaeLogger(str(tmp_path), name="started")]
+
+    Started.loggers[0].log_hyperparams({"lr": 0.1})
+    assert (tmp_path / "started" / "version_0").is_dir()
+    assert remove_empty_log_dirs(Started) == [tmp_path / "started" / "version_0"] and not (tmp_path / "started").exists()
+
 
 def test_a_refused_resume_or_a_csv_logger_leaves_no_empty_version_folder(run_cli, tmp_path) -> None:
     """The config.yaml a failing run wrote goes with its empty folder (a refused resume); a CSVLogger's empty folder
