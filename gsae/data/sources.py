@@ -259,6 +259,8 @@ class TextSource:
             )
         self.ds = open_dataset(dataset, dataset_config, split, streaming, n_streams, self.held_out, text_unit)
         self.column, self.pretokenized = self._resolve_column(self.ds, text_column)
+        if local_data_files(dataset) is not None and not self._has_text():
+            raise DataSourceError(f"--data.dataset: {dataset!r} holds no text (every document in it is empty or blank)")
         self.mode = "shards" if self.ds.num_shards >= n_streams else "documents"
         #: shard mode: the held-out documents of shards 0, 1, ... (the first ``held_out`` of the source, in shard order)
         self.held: list[int] = self._held_per_shard() if self.mode == "shards" else []
@@ -270,6 +272,18 @@ class TextSource:
                 f"each of the {n_streams} streams reads the whole dataset and keeps 1 document in {n_streams}; a "
                 f"--data.n_streams <= {self.ds.num_shards} (a multiple of ranks × workers) reads each shard once"
             )
+
+    def _has_text(self) -> bool:
+        """Whether some document has text (a non-blank string, a non-empty ``input_ids`` row): read up to the first one.
+        An empty or blank local file used to be told as a held-out set without contexts, then as a stream without
+        training documents, neither naming the file's emptiness."""
+        for v in column_values(self.ds, self.column, name=self.dataset):
+            if isinstance(v, str):
+                if v.strip():
+                    return True
+            elif v is not None and (not hasattr(v, "__len__") or len(v)):  # other values: tokens_of names their type
+                return True
+        return False
 
     def _held_per_shard(self) -> list[int]:
         """How many documents the held-out prefix takes from each of the first shards: all of a shard smaller than

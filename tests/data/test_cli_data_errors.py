@@ -8,12 +8,17 @@ from tests.test_errors import run_cli  # noqa: F401  (the fixture)
 
 
 def test_empty_file_is_one_error_line(run_cli, tmp_path) -> None:  # noqa: F811
-    for name, content in [("empty.jsonl", ""), ("blank.txt", "\n\n\n")]:
+    """An empty or blank file is named as such, with the default options too (it was told as a held-out set without
+    contexts, then, with the evaluation off, as a stream without training documents)."""
+    for name, content in [("empty.jsonl", ""), ("blank.txt", "\n\n\n"), ("spaces.txt", "  \n\n   \n"),
+                          ("empty-texts.jsonl", '{"text": ""}\n{"text": "  "}\n{"text": null}\n'), ("zero.txt", "")]:
         path = tmp_path / name
         path.write_text(content)
-        code, line = run_cli("--data.dataset", str(path), "--data.val_documents", "0", "--evaluation.enabled", "false")
-        assert code == 1
-        assert "--data.dataset" in line and str(path) in line
+        for options in (("--data.val_documents", "0", "--evaluation.enabled", "false"), ()):
+            code, line = run_cli("--data.dataset", str(path), *options)
+            assert code == 1
+            assert line == f"error: --data.dataset: {str(path)!r} holds no text (every document in it is empty or blank)" or (
+                name == "empty.jsonl" and line == f"error: --data.dataset: {str(path)!r} has no documents (empty file)"), line
 
 
 def test_source_without_a_training_context_is_one_error_line(run_cli, tmp_path) -> None:  # noqa: F811
