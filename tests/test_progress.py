@@ -398,3 +398,21 @@ def test_the_summary_times_validation_apart_from_training(tmp_path, monkeypatch)
     s = cb.summary
     assert 0.8 <= s.val_s < s.wall_s, (s.val_s, s.wall_s)  # 2 × 2 × 0.2 s, not the sanity check's 2 × 0.2 s more
     assert s.val_s < 1.6
+
+
+def test_the_summary_counts_evaluations_between_checkpoints_as_evaluating(tmp_path, monkeypatch) -> None:
+    """``--evaluation.every_n_steps`` evaluations (logged, no JSON) are evaluation time in the summary, as the
+    checkpoints' are: they were counted as training ("training 0:00:31 at 6.4k tokens/s" with no "evaluating")."""
+    import time
+
+    from gsae.callbacks.evaluation import EvaluationCallback
+    from gsae.callbacks.summary import RunSummary
+    from tests.systems.helpers import build_data, build_system, build_trainer
+
+    system = build_system("topk")
+    ev = EvaluationCallback(benchmarks=["loss_added"], n_seqs=2, every_n_steps=2, log_figures=False)
+    monkeypatch.setattr(ev, "evaluate", lambda trainer, module: time.sleep(0.3) or {})
+    cb = RunSummary()
+    build_trainer(tmp_path, 4, callbacks=[cb, ev]).fit(system, datamodule=build_data(system))
+    s = cb.summary
+    assert 0.6 <= s.eval_s < 1.2, s  # steps 2 and 4

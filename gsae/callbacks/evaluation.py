@@ -258,7 +258,11 @@ class EvaluationCallback(Callback):
         self.figures.poll()  # figures drawn in the background since the last step
         step = trainer.global_step
         if self.enabled and self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and self._takes_part(trainer):
-            self.evaluate(trainer, pl_module)
+            started = time.perf_counter()
+            try:
+                self.evaluate(trainer, pl_module)
+            finally:  # evaluation time, which the run summary keeps out of the training rate
+                self.seconds_total += time.perf_counter() - started
 
     def _world(self, trainer: pl.Trainer) -> int:
         """The ranks an evaluation is split between: the process group's, under DDP with ``distributed``; else 1."""
