@@ -279,6 +279,8 @@ class EvaluationCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.enabled and stage == "fit":  # every rank: refused before training, not at the first checkpoint
             self.check_held_out(trainer)
+            if self._takes_part(trainer):  # read now (kept for every checkpoint): a short held-out set is said at the
+                self.held_out_tokens(trainer)  # start, not after the training up to the first checkpoint
         background = self.figures_in_background
         self.figures.background = trainer.strategy.root_device.type != "cpu" if background is None else background
         if self.enabled and self.log_figures and trainer.is_global_zero:

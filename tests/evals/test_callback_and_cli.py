@@ -814,3 +814,28 @@ def test_evaluate_py_names_a_paths_tensorboard_run_by_its_own_path_whatever_the_
     assert sorted(p.name for p in tb.iterdir()) == ["a_last.saelens", "b_last.saelens"]
     assert tensorboard_runs(["x.ckpt:m", "../y", "sae_lens:rel/id"]) == {
         "x.ckpt:m": "x.ckpt:m", "../y": str(tmp_path.parent / "y"), "sae_lens:rel/id": "sae_lens:rel/id"}
+
+
+def test_a_short_held_out_set_is_said_before_training_not_at_the_first_checkpoint(tmp_path):
+    """The held-out contexts are read when the fit is set up (and kept for every checkpoint), so a held-out set shorter
+    than the benchmarks read is said at the start: it was said at the first checkpoint, after the training up to it."""
+    import lightning.pytorch as pl
+
+    from gsae.data import TokenDataModule
+    from tests.systems.helpers import build_system, build_trainer
+
+    text = tmp_path / "docs.txt"
+    text.write_text("".join(f"document {i} has a few words in it, then some more words.\n\n" for i in range(300)))
+    system = build_system("topk")
+    data = TokenDataModule(system.lm, dataset=str(text), context_size=16, batch_size=4, val_documents=6,
+                           text_unit="paragraph")
+    ev = EvaluationCallback(benchmarks=["loss_added"], n_seqs=64, log_figures=False)
+    seen = []
+
+    class AtStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.append(ev._tokens is not None and 0 < ev._tokens.shape[0] < 64)
+
+    with pytest.warns(UserWarning, match=r"evaluation: the held-out set gives \d+ contexts of the 64"):
+        build_trainer(tmp_path, 1, callbacks=[ev, AtStart()]).fit(system, datamodule=data)
+    assert seen == [True]
