@@ -416,3 +416,19 @@ def test_the_summary_counts_evaluations_between_checkpoints_as_evaluating(tmp_pa
     build_trainer(tmp_path, 4, callbacks=[cb, ev]).fit(system, datamodule=build_data(system))
     s = cb.summary
     assert 0.6 <= s.eval_s < 1.2, s  # steps 2 and 4
+
+
+def test_the_summary_lists_a_link_after_the_checkpoint_it_points_at(tmp_path) -> None:
+    """``last.ckpt`` linked to the newest step reads as that step's time: on a tie the glob's order decided, and a
+    resumed run's summary said "(…, last.ckpt → epoch=0-step=300.ckpt, epoch=0-step=300.ckpt)"."""
+    import os
+
+    from gsae.callbacks.summary import checkpoints_oldest_first
+
+    for i, name in enumerate(("epoch=0-step=300.ckpt", "epoch=0-step=200.ckpt")):
+        (tmp_path / name).write_text("x")
+        os.utime(tmp_path / name, (1000 - 100 * i, 1000 - 100 * i))
+    (tmp_path / "last.ckpt").symlink_to("epoch=0-step=300.ckpt")
+    (tmp_path / "a.ckpt").symlink_to("epoch=0-step=300.ckpt")  # a name sorting before the target's
+    assert [p.name for p in checkpoints_oldest_first(tmp_path)] == [
+        "epoch=0-step=200.ckpt", "epoch=0-step=300.ckpt", "a.ckpt", "last.ckpt"]

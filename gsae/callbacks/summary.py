@@ -171,7 +171,7 @@ class RunSummary(Callback):
     def collect(self, status: str, t_end: float, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Summary:
         metrics = trainer.callback_metrics
         ckpt_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
-        ckpts = sorted(Path(ckpt_dir).glob("*.ckpt"), key=os.path.getmtime) if ckpt_dir else []
+        ckpts = checkpoints_oldest_first(Path(ckpt_dir)) if ckpt_dir else []
         step, source, headline = newest_evaluation(trainer, ckpts)
         tokens = _tokens(pl_module)
         own = [p for p in ckpts if not p.is_symlink()]  # last.ckpt linked to a step: its files repeat that step's
@@ -331,6 +331,12 @@ def render(s: Summary, resume_command: str | None = None) -> str:
     if s.checkpoints:
         lines.append(f"  python evaluate.py {shlex.quote(_rel(_newest_step(s.checkpoints)))}")
     return "\n".join(lines)
+
+
+def checkpoints_oldest_first(folder: Path) -> list[Path]:
+    """The ``*.ckpt`` of ``folder`` by time written, a link (``last.ckpt``) right after the checkpoint it points at
+    (whose time it reads as): after a resume the link came first as often as not."""
+    return sorted(folder.glob("*.ckpt"), key=lambda c: (os.path.getmtime(c), c.is_symlink(), c.name))
 
 
 def _names(paths: list[str], most: int = 6) -> str:
