@@ -34,7 +34,7 @@ from gsae.callbacks.evaluation import EvaluationCallback
 from gsae.cli_errors import parse_error_line
 from gsae.data.datamodule import TokenDataModule
 from gsae.loggers import LOG_FOLDER_KEY, continue_log_folder, curves_first
-from gsae.startup import one_line_warnings
+from gsae.startup import log_to_terminal, one_line_warnings
 from gsae.systems.base import SAESystem
 
 log = logging.getLogger(__name__)
@@ -686,7 +686,7 @@ def _no_advert(record: logging.LogRecord) -> bool:
 
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``train.py``: returns the process exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_to_terminal()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")

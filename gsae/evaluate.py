@@ -72,7 +72,7 @@ from gsae.evals.common import shared_harvests
 from gsae.files import unwritable, write_text
 from gsae.lm import LanguageModel
 from gsae.saelens_adapter import PRETRAINED, is_saelens_folder, load_saelens_folder, load_saelens_pretrained
-from gsae.startup import one_line_warnings
+from gsae.startup import log_to_terminal, one_line_warnings
 
 log = logging.getLogger(__name__)
 
@@ -901,7 +901,7 @@ def _options(text: str | None, names: list[str]) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``evaluate.py``: returns the process exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_to_terminal()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     one_line_warnings()
     tune_malloc()  # see gsae.allocator (GSAE_MALLOC_TUNING=0: off)

@@ -364,10 +364,11 @@ class LanguageModel:
         """Return ``hook`` if the model has it, else raise a one-line error listing valid names."""
         names = self.hook_names()
         if hook not in names:
-            resid = [n for n in names if "resid" in n or n in ("hook_embed", "hook_pos_embed")]
+            resid = [n for n in names if "resid" in n]
             raise ValueError(
-                f"{option}: unknown hook {hook!r} for model {self.name!r}; valid residual hooks: "
-                f"{', '.join(resid)} (and {len(names) - len(resid)} more: blocks.L.hook_mlp_out, blocks.L.attn.hook_z, ...)"
+                f"{option}: unknown hook {hook!r} for model {self.name!r}; valid residual-stream hooks: "
+                f"{', '.join(resid)} (and {len(names) - len(resid)} more: hook_embed, blocks.L.hook_mlp_out, "
+                "blocks.L.attn.hook_z, ...)"
             )
         if hook not in self._d_in_cache:  # one vector per token? (attention patterns are per pair of positions)
             tokens = torch.zeros(1, 3, dtype=torch.long, device=self.device)

@@ -7,6 +7,7 @@ one line and the shell's exit code for it, 130. This module imports nothing heav
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -32,6 +33,24 @@ def one_line_warnings() -> None:
         print(f"warning: {message}", file=file or sys.stderr, flush=True)
 
     warnings.showwarning = show
+
+
+class _LevelPrefix(logging.Formatter):
+    """``warning: <message>`` for a logged warning, as :func:`one_line_warnings` prints a Python warning (a run's
+    notices came in two styles); other levels as they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"warning: {text}" if record.levelno == logging.WARNING and not text.startswith("warning:") else text
+
+
+def log_to_terminal() -> None:
+    """The commands' logging: messages alone at INFO and above, a warning marked as :func:`one_line_warnings` marks
+    Python's."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and type(handler.formatter) is logging.Formatter:
+            handler.setFormatter(_LevelPrefix("%(message)s"))
 
 
 def ctrl_c_raises() -> None:

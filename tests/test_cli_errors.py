@@ -143,7 +143,7 @@ def test_a_data_error_under_ddp_is_said_once_before_the_ranks_start(tmp_path, ca
     out, _ = proc.communicate(timeout=300)
     errors = [line for line in out.splitlines() if line.startswith("error")]
     assert proc.returncode == 1 and len(errors) == 1, out[-3000:]
-    want = {"source": "--data.dataset: no .txt/.jsonl/.parquet files", "held-out": "--data.val_documents 0"}[case]
+    want = {"source": "--data.dataset: no .json/.jsonl/.parquet/.txt files", "held-out": "--data.val_documents 0"}[case]
     assert errors[0].startswith(f"error: {want}"), errors
     assert "Starting with 2 processes" not in out  # refused before the second rank started
 

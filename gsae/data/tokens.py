@@ -74,7 +74,7 @@ def local_data_files(path: str) -> tuple[str, list[str]] | None:
     else:
         return None
     if not files:
-        raise DataSourceError(f"--data.dataset: no .txt/.jsonl/.parquet files at {path!r}")
+        raise DataSourceError(f"--data.dataset: no {'/'.join(sorted(_FILE_BUILDERS))} files at {path!r}")
     suffixes = {Path(f).suffix for f in files}
     if len(suffixes) != 1 or next(iter(suffixes)) not in _FILE_BUILDERS:
         raise DataSourceError(f"--data.dataset: files at {path!r} must all be one of {sorted(_FILE_BUILDERS)} (got {sorted(suffixes)})")
