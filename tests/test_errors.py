@@ -529,3 +529,22 @@ def test_a_replaced_class_says_which_options_it_drops(tmp_path, monkeypatch) -> 
         warnings.simplefilter("always")
         build_cli(["--config", "configs/quickstart/sweep.yaml", "--trainer.default_root_dir", str(tmp_path / "s")])
     assert not [str(w.message) for w in caught if "replaces" in str(w.message)]
+
+
+def test_logged_warnings_are_marked_as_python_warnings_are(monkeypatch, capsys) -> None:
+    """A notice logged as a warning (the warm-up outlasting the run, a resume's changed lr) prints as ``warning: …``,
+    as a Python warning does; informational lines stay as they are."""
+    import logging
+
+    from gsae.startup import log_to_terminal
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # as train.py starts: no handler yet (pytest's own are put back)
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    log_to_terminal()
+    log = logging.getLogger("gsae.systems.base")
+    log.warning("--model.lr_warmup_steps 20 > the run's 2 steps")
+    log.info("Seed set to 0")
+    log.warning("warning: said once")
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --model.lr_warmup_steps 20 > the run's 2 steps", "Seed set to 0", "warning: said once"]
