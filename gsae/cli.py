@@ -528,6 +528,12 @@ def check_run_folder(trainer, ckpt: str | None) -> None:
                 why = unwritable(f)
                 if why is not None:
                     raise PermissionError(f"--trainer.default_root_dir: the run's TensorBoard events go to {f}, but {why}")
+            if ckpt is None:  # no checkpoint in the folder (else refused above): curves of a start stopped before one
+                earlier = [f.name for f in sorted(Path(root).glob("version_*")) if any(f.glob("events.out.tfevents.*"))]
+                if earlier:
+                    log.warning("%s holds the TensorBoard curves of an earlier start that wrote no checkpoint (%s): this "
+                                "run logs beside them, in the next version_N; remove %s to see this run alone", root,
+                                ", ".join(earlier), " and ".join(earlier))
 
 
 def roll_back(ckpt: str, step: int, trainer=None, later: tuple[Path, int] | None = None) -> None:

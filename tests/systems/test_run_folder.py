@@ -347,3 +347,25 @@ def test_setting_aside_moves_only_checkpoints_past_the_resumed_step(tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["epoch=0-step=6.ckpt", "epoch=0-step=6.ckpt.eval.json",
                                                       "epoch=0-step=8.ckpt", "epoch=0-step=8.saelens"]
     assert set_aside_later_checkpoints(folder, 4, folder / "epoch=0-step=4.ckpt") is None  # nothing later now
+
+
+def test_a_new_start_beside_an_earlier_start_without_checkpoints_says_so(tmp_path, monkeypatch, caplog):
+    """A run stopped before its first checkpoint (Ctrl+C) leaves its curves in version_0; the command the summary
+    suggests starts over beside them in version_1, which TensorBoard draws over them: one line says so and what to
+    remove. A first start in the folder says nothing."""
+    from tests.conftest import quickstart_args
+
+    monkeypatch.chdir(REPO_ROOT)
+    off = ("--evaluation.enabled", "false", "--checkpoint.every_n_train_steps", "50")
+    run = tmp_path / "quickstart-topk"
+    with caplog.at_level("WARNING", logger="gsae.cli"):
+        assert main(quickstart_args(tmp_path, *off, steps=3)) == 0
+    assert "earlier start" not in caplog.text
+    for p in (run / "checkpoints").iterdir():  # as if it had stopped before its first checkpoint
+        p.unlink() if p.is_file() or p.is_symlink() else __import__("shutil").rmtree(p)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gsae.cli"):
+        assert main(quickstart_args(tmp_path, *off, steps=3)) == 0
+    assert (f"{run} holds the TensorBoard curves of an earlier start that wrote no checkpoint (version_0): this run "
+            "logs beside them, in the next version_N; remove version_0 to see this run alone") in caplog.text
+    assert sorted(p.name for p in run.glob("version_*")) == ["version_0", "version_1"]
