@@ -274,3 +274,9 @@ def test_fire_counts_match_bincount_of_nonzero_entries() -> None:
     assert as_float.dtype == torch.float64 and torch.equal(as_float, want.double())
     dense = torch.zeros(200, 30).scatter_(-1, top_idx, top_acts)  # duplicates within a row collapse here
     assert torch.equal(fire_counts(None, None, dense, 30) > 0, fired_mask(top_idx, top_acts, None, 30))
+
+
+def test_the_reconstruction_metrics_of_no_token_are_zero_not_nan():
+    from gsae.metrics import ReconMetric
+
+    assert ReconMetric(4).compute()["l0"] == 0.0

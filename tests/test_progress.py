@@ -432,3 +432,43 @@ def test_the_summary_lists_a_link_after_the_checkpoint_it_points_at(tmp_path) ->
     (tmp_path / "a.ckpt").symlink_to("epoch=0-step=300.ckpt")  # a name sorting before the target's
     assert [p.name for p in checkpoints_oldest_first(tmp_path)] == [
         "epoch=0-step=200.ckpt", "epoch=0-step=300.ckpt", "a.ckpt", "last.ckpt"]
+
+
+class _Clock:
+    def __init__(self, *times: float) -> None:
+        self.times = list(times)
+
+    def __call__(self) -> float:
+        return self.times.pop(0)
+
+
+def test_validation_time_leaves_out_an_evaluation_run_inside_it(monkeypatch) -> None:
+    """An evaluation run from a validation hook is the evaluation's time, not validation's."""
+    from types import SimpleNamespace
+
+    from gsae.callbacks import summary
+
+    cb = summary.RunSummary()
+    evaluation = SimpleNamespace(seconds_total=1.0)
+    trainer = SimpleNamespace(sanity_checking=False, callbacks=[evaluation])
+    monkeypatch.setattr(summary.time, "perf_counter", _Clock(100.0, 110.0))
+    cb.on_validation_start(trainer, None)
+    evaluation.seconds_total = 5.0  # a 4 s evaluation ran during the validation
+    cb.on_validation_end(trainer, None)
+    assert cb._val_s == 6.0
+
+
+def test_the_bars_rate_is_the_tokens_since_the_last_refresh_over_the_time_since(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from gsae.callbacks import progress
+
+    bar = progress.StepProgressBar(plain=True)
+    trainer = SimpleNamespace(callback_metrics={"train/tokens_seen": torch.tensor(1000.0)})
+    monkeypatch.setattr(progress.time, "perf_counter", _Clock(10.0, 12.0))
+    bar._measure_rate(trainer)
+    trainer.callback_metrics["train/tokens_seen"] = torch.tensor(1400.0)
+    bar._measure_rate(trainer)
+    assert bar._rate == 200.0

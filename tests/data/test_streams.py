@@ -438,3 +438,86 @@ def test_empty_documents_are_skipped_in_packing() -> None:
     with pytest.raises(DataSourceError, match=r"stream 3 of 'blank.txt' gives no complete 4-token context \(every "
                                               r"document of it is empty"):
         empties.next_context()
+
+
+def test_column_values_keep_their_step_across_read_batches():
+    """A strided read (a document-mode stream's every S-th row) crosses pyarrow's 1024-row read batches at the right
+    row: every test source had fewer rows than one batch."""
+    import datasets
+
+    from gsae.data.sources import column_values
+
+    ds = datasets.Dataset.from_dict({"text": [str(i) for i in range(3000)]}).to_iterable_dataset()
+    assert [int(v) for v in column_values(ds, "text", start=2, step=3)] == list(range(2, 3000, 3))
+
+
+def test_a_stream_resumed_with_nothing_carried_over_separates_its_next_document():
+    """Stopped exactly at a document's end (no tokens carried over), the resumed stream still puts the separator
+    before its next document, as the uninterrupted one does (only the stream's very first document has none)."""
+    from gsae.data.streams import StreamPacker
+
+    docs = [[10 + j] * 6 for j in range(40)]
+
+    def documents(s, epoch, shard, start):
+        for e in itertools.count(epoch):
+            for i in range(start if e == epoch else 0, len(docs)):
+                yield e, 0, i, docs[i]
+
+    whole = StreamPacker(0, documents, 7, 1, True, 0)  # body 6: the first context is the first document exactly
+    assert whole.next_context() == [1, *docs[0]]
+    state = whole.state()
+    assert state.rest.numel() == 0 and state.docs == 1
+    rest = [whole.next_context() for _ in range(4)]
+    assert rest[0] == [1, 0, *docs[1][:5]]  # the separator, then the next document
+    resumed = StreamPacker(0, documents, 7, 1, True, 0, state=state)
+    assert [resumed.next_context() for _ in range(4)] == rest
+
+
+def test_a_shard_mode_resume_restores_each_streams_shard(tmp_path, tiny_lm):
+    """Through the data module's own state_dict / load_state_dict, a shard-mode stream continues in the shard it had
+    reached (the resume tests went through packer states only)."""
+    docs = _documents()
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for f in range(4):
+        _write_lines(folder / f"part{f}.jsonl", docs[15 * f : 15 * f + 15])
+    kw = dict(lm=tiny_lm, dataset=str(folder), context_size=T, batch_size=2, n_streams=2, val_documents=5)
+    dm = TokenDataModule(**kw)
+    dm.validate()
+    packer = dm.open_stream(0)
+    while packer.state().shard == 0:
+        packer.next_context()
+    dm.stream_states[0] = packer.state()
+    expected = _contexts(packer, 5)
+    again = TokenDataModule(**kw)
+    again.load_state_dict(dm.state_dict())
+    again.validate()
+    assert int(again.stream_states[0].shard) == 1
+    assert _contexts(again.open_stream(0, again.stream_states[0]), 5) == expected
+
+
+def test_a_resume_already_in_a_second_pass_does_not_say_again_that_the_data_repeats(tmp_path, tiny_lm, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from gsae.data.batch import StreamState
+
+    path = _write(tmp_path, "jsonl", [{"text": d} for d in _documents()])
+    dm = TokenDataModule(lm=tiny_lm, dataset=path, context_size=T, batch_size=2, n_streams=S, val_documents=V)
+    dm.validate()
+    dm.trainer = SimpleNamespace(training=True, global_rank=0, lightning_module=None)
+    dm.stream_states[0] = StreamState(0, 1, 0, 2, torch.tensor([], dtype=torch.long))  # loaded: in its second pass
+    later = StreamState(0, 1, 0, 3, torch.tensor([], dtype=torch.long))
+    with caplog.at_level(logging.WARNING, logger="gsae.data.datamodule"):
+        dm.say_if_data_repeats(later, dm.stream_states.get(0), 0)
+    assert not [r for r in caplog.records if "starts again" in r.getMessage()]
+
+
+def test_a_checkpoint_without_its_context_count_resumes_at_this_worlds_count(tiny_lm):
+    """A data-module state that did not record its consumed contexts (older checkpoints) was written at the world
+    size the run resumes at: its batches count × batch size × that world."""
+    dm = TokenDataModule(lm=tiny_lm, dataset="synthetic", context_size=T, batch_size=2)
+    dm.load_state_dict({"consumed_batches": 3})
+    assert dm.consumed_contexts(1) == 6 and dm.consumed_contexts(2) == 12
+    dm.consumed_batches = 5  # two more batches on this run's 2 ranks
+    assert dm.consumed_contexts(2) == 20

@@ -839,3 +839,39 @@ def test_a_short_held_out_set_is_said_before_training_not_at_the_first_checkpoin
     with pytest.warns(UserWarning, match=r"evaluation: the held-out set gives \d+ contexts of the 64"):
         build_trainer(tmp_path, 1, callbacks=[ev, AtStart()]).fit(system, datamodule=data)
     assert seen == [True]
+
+
+def test_the_runs_seed_and_options_are_taken_and_the_command_line_wins():
+    """evaluate.py takes a checkpoint's recorded seed, benchmarks, n_seqs and options; ``--seed`` and ``--options``
+    (per key) win over them."""
+    from gsae.evaluate import Source, _merged_options, build_parser, with_run_settings
+
+    run = {"benchmarks": ["steering"], "n_seqs": 4, "seed": 7, "options": {"steering": {"n_latents": 2, "alphas": [0, 5]}}}
+    src = Source("a.ckpt", "ckpt", "a.ckpt", "a.ckpt", evaluation=run)
+    args = with_run_settings(build_parser().parse_args(["a.ckpt"]), [src])
+    assert args.seed == 7 and args.n_seqs == 4 and args.benchmarks == "steering"
+    assert with_run_settings(build_parser().parse_args(["a.ckpt", "--seed", "3"]), [src]).seed == 3
+    merged = _merged_options(args.run_options, {"steering": {"n_latents": 5}}, ["steering"])
+    assert merged == {"steering": {"n_latents": 5, "alphas": [0, 5]}}
+
+
+def test_recorded_data_options_apply_only_to_the_training_dataset():
+    from gsae.evaluate import Source, _token_options, build_parser
+
+    src = Source("a.ckpt", "ckpt", "a.ckpt", "a.ckpt", dataset="train.txt", data={"text_unit": "line"})
+    args = build_parser().parse_args(["a.ckpt"])
+    assert _token_options(args, src, {}, "train.txt") == {"text_unit": "line"}
+    assert _token_options(args, src, {}, "other.jsonl") == {}
+
+
+def test_a_run_folders_last_checkpoint_at_a_new_step_is_kept(tmp_path):
+    """A last.ckpt at a step no step checkpoint holds (a run stopped between checkpoints) is one of the run's steps;
+    one at a step checkpoint's step is shown once."""
+    from gsae.evaluate import _run_folder
+
+    for name, step in (("epoch=0-step=5.ckpt", 5), ("epoch=0-step=10.ckpt", 10), ("last.ckpt", 12)):
+        torch.save({"global_step": step}, tmp_path / name)
+    assert [(c.name, info[0]) for c, info in _run_folder(tmp_path)] == [
+        ("epoch=0-step=5.ckpt", 5), ("epoch=0-step=10.ckpt", 10), ("last.ckpt", 12)]
+    torch.save({"global_step": 10}, tmp_path / "last.ckpt")  # a copy of the step-10 one: shown once
+    assert [c.name for c, _ in _run_folder(tmp_path)] == ["epoch=0-step=5.ckpt", "epoch=0-step=10.ckpt"]

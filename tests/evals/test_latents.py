@@ -518,3 +518,12 @@ def test_no_logit_lens_off_the_residual_stream(tiny) -> None:
     on_stream = run_benchmark("latents", randomize(TopKSAE(lm.d_model, d_sae=64, k=4), seed=1), lm, HOOK, tokens[:6],
                               seed=0, n_latents=3, n_contexts=2)
     assert all(e["promoted"] for e in on_stream["latents"])
+
+
+def test_interval_counts_agree_with_the_tokens_drawn_from_each_interval():
+    """An interval's ``n_tokens`` counts the tokens its examples are drawn from ([lo, hi), the last [lo, hi]), also
+    for activations equal to an inner edge."""
+    act = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0])
+    out = latents_mod._intervals(act, torch.tensor([], dtype=torch.long), n_intervals=2, n_per=10, seed=0, latent=0)
+    assert [(o["lo"], o["hi"]) for o in out] == [(3.0, 5.0), (1.0, 3.0)]
+    assert [o["n_tokens"] for o in out] == [len(o["flats"]) for o in out] == [3, 2]

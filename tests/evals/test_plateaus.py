@@ -172,3 +172,20 @@ def test_bad_options_raise(tiny_lm, sae, tokens):
         pl.run(sae, tiny_lm, HOOK, tokens, target_types=("random", "nope"), **SMALL)
     with pytest.raises(ValueError, match="position"):
         pl.run(sae, tiny_lm, HOOK, tokens, position=6, **SMALL)
+
+
+def test_plateau_densities_count_the_prompt_tokens_only(tiny_lm):
+    """The latent densities behind the plateaus' choice of latents count the prompts' tokens (special tokens left
+    out), not the label token after each prompt: against the SAE run on the prompts' own activations."""
+    from gsae.evals.common import special_token_mask
+
+    sae = build_topk(d_in=64, d_sae=256, k=8)
+    windows = pl.prompt_windows(build_tokens(n_seqs=8, context_size=24), 6, "all")
+    prompts = pl.encode_prompts(sae, tiny_lm, HOOK, windows, position=5, batch_size=7)
+    x = tiny_lm.activations(windows[:, :6], HOOK)  # causal: the prompt's activations do not see the label
+    keep = special_token_mask(tiny_lm, windows[:, :6])
+    out = sae(x[keep])
+    fired = out.top_idx[out.top_acts != 0]
+    counts = torch.zeros(256, dtype=torch.long).index_add_(0, fired, torch.ones(len(fired), dtype=torch.long))
+    assert prompts.density.n_tokens == int(keep.sum())
+    assert torch.equal(prompts.density.counts, counts)

@@ -701,3 +701,24 @@ def test_members_count_dead_latents_with_the_sweeps_activity_test(tmp_path, stac
         alone = LocalSAESystem(_lm(), lambda d, a=args: plant(TopKSAE(d, **a)), optimizer=_adam(LR), **common)
         _assert_member_equals(sweep.members[spec["name"]], _fit(alone, tmp_path / spec["name"]), atol=1e-5)
         assert int(sweep.members[spec["name"]].dead.batches_since_fired[0]) == STEPS
+
+
+def test_a_members_dead_fraction_is_the_batch_window_one(tmp_path):
+    """A member's ``train/<m>/dead_fraction`` is its dead-batch window's fraction, as a one-SAE run's
+    ``train/dead_fraction`` (stacked and one-by-one runs were compared with each other only)."""
+    class Check(pl.Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[float, float]] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            for name, m in module.members.items():
+                logged = trainer.callback_metrics.get(f"train/{name}/dead_fraction")
+                if logged is not None:
+                    self.seen.append((float(logged), float(m.dead.dead_by_batches().float().mean())))
+
+    specs = [{"name": "wide", "sae": {"class_path": "TopKSAE", "init_args": {"d_sae": 512, "k": 1, "k_aux": 0, "seed": 1}}}]
+    check = Check()
+    _fit(SweepSAESystem(_lm(), specs, optimizer=_adam(LR), **dict(COMMON, dead_batches=1, dead_tokens=10**9)), tmp_path,
+         callbacks=[check], log_every_n_steps=1)
+    assert check.seen and any(by_batches > 0 for _, by_batches in check.seen)
+    assert all(logged == by_batches for logged, by_batches in check.seen), check.seen
