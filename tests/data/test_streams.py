@@ -48,6 +48,16 @@ def _write_lines(path, docs: list[str]) -> None:
     Path(path).write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
 
 
+def _four_shards(tmp_path) -> Path:
+    """A folder of 4 jsonl files of 15 documents each (shard mode for 2 streams)."""
+    docs = _documents()
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for f in range(4):
+        _write_lines(folder / f"part{f}.jsonl", docs[15 * f : 15 * f + 15])
+    return folder
+
+
 def _contexts(packer, n: int) -> list[list[int]]:
     return [packer.next_context() for _ in range(n)]
 
@@ -290,11 +300,7 @@ def test_streams_resume_on_another_number_of_ranks(local, tiny_lm, monkeypatch) 
 
 # ---------------------------------------------------------------------------------------------- shards, corpus
 def test_a_source_with_enough_shards_gives_each_stream_its_files(tmp_path, tiny_lm) -> None:
-    docs = _documents()
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    for f in range(4):
-        _write_lines(folder / f"part{f}.jsonl", docs[15 * f : 15 * f + 15])
+    folder = _four_shards(tmp_path)
     dm = TokenDataModule(lm=tiny_lm, dataset=str(folder), context_size=T, batch_size=2, n_streams=2, val_documents=5)
     dm.validate()
     assert dm.source().mode == "shards"
@@ -311,7 +317,7 @@ def test_a_source_with_enough_shards_gives_each_stream_its_files(tmp_path, tiny_
     assert _contexts(dm.open_stream(0, state), 5) == expected
     (folder / "gone").rename(folder / "part0.jsonl")
     val = [t for c in dm.contexts("val") for t in c[1:]]
-    head = [t for d in docs[:5] for t in [BYTE_BOS, *d.encode()]][1:]  # the first 5 documents of file 0, separated
+    head = [t for d in _documents()[:5] for t in [BYTE_BOS, *d.encode()]][1:]  # the first 5 documents of file 0, separated
     assert val and val == head[: len(val)] and len(head) - len(val) < T
 
 
@@ -476,11 +482,7 @@ def test_a_stream_resumed_with_nothing_carried_over_separates_its_next_document(
 def test_a_shard_mode_resume_restores_each_streams_shard(tmp_path, tiny_lm):
     """Through the data module's own state_dict / load_state_dict, a shard-mode stream continues in the shard it had
     reached (the resume tests went through packer states only)."""
-    docs = _documents()
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    for f in range(4):
-        _write_lines(folder / f"part{f}.jsonl", docs[15 * f : 15 * f + 15])
+    folder = _four_shards(tmp_path)
     kw = dict(lm=tiny_lm, dataset=str(folder), context_size=T, batch_size=2, n_streams=2, val_documents=5)
     dm = TokenDataModule(**kw)
     dm.validate()
