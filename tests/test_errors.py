@@ -548,3 +548,38 @@ def test_logged_warnings_are_marked_as_python_warnings_are(monkeypatch, capsys) 
     log.warning("warning: said once")
     assert capsys.readouterr().err.splitlines() == [
         "warning: --model.lr_warmup_steps 20 > the run's 2 steps", "Seed set to 0", "warning: said once"]
+
+
+def test_nothing_to_train_names_one_cut_short_thing_in_the_singular():
+    from gsae.cli import trained_to_the_end
+
+    assert trained_to_the_end("x.ckpt", 6, 6, ["evaluation"]) == (
+        "nothing to train: x.ckpt is at step 6 and --trainer.max_steps is 6; its evaluation was cut short: finishing it")
+    assert trained_to_the_end("x.ckpt", 5, 6, ["evaluation"]) is None
+
+
+def test_float16_true_precision_is_refused_like_bf16_true(tmp_path, monkeypatch, capsys):
+    from gsae.cli import main
+    from tests.conftest import quickstart_args
+
+    monkeypatch.chdir(REPO_ROOT)
+    assert main(quickstart_args(tmp_path, "--trainer.precision", "16-true", steps=2)) == 1
+    err = capsys.readouterr().err
+    assert "--trainer.precision 16-true" in err and "use bf16-mixed" in err
+
+
+def test_a_resume_with_another_grad_mean_tokens_is_refused(tmp_path, monkeypatch, capsys):
+    from gsae.cli import main
+
+    monkeypatch.chdir(REPO_ROOT)
+
+    def gsae(steps, *extra):
+        return ["--config", "configs/quickstart/gsae.yaml", "--evaluation.enabled", "false", "--trainer.max_steps",
+                str(steps), "--checkpoint.every_n_train_steps", "2", "--trainer.default_root_dir", str(tmp_path),
+                "--trainer.enable_progress_bar", "false", *extra]
+
+    assert main(gsae(2)) == 0
+    capsys.readouterr()
+    assert main(gsae(4, "--model.grad_mean_tokens", "500", "--ckpt_path", "last")) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --model.grad_mean_tokens (500) differs from the checkpoint's (1008)")

@@ -242,3 +242,29 @@ def test_relu_export_holds_the_normalised_decoder_the_forward_uses(tmp_path) -> 
     assert (sae.encode(x) > 0).any()
     torch.testing.assert_close(theirs.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(theirs(x), sae(x).x_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_export_of_a_run_that_recorded_no_prepend_bos_says_true(tmp_path):
+    from gsae.export import export_saelens
+    from gsae.saelens_adapter import load_saelens_folder
+    from tests.conftest import build_topk
+    from tests.test_export import META, _load_saelens
+
+    path = export_saelens(build_topk(d_in=16), tmp_path / "sae", META)  # no data section, no prepend_bos
+    assert json.loads((path / "cfg.json").read_text())["metadata"]["prepend_bos"] is True
+    assert _load_saelens(path).cfg.metadata.prepend_bos is True
+    assert load_saelens_folder(path)[1]["prepend_bos"] is True
+
+
+def test_export_passes_every_lm_loading_flag_to_saelens(tmp_path):
+    from gsae.export import export_saelens
+    from gsae.saelens_adapter import load_saelens_folder
+    from tests.conftest import build_topk
+    from tests.test_export import META
+
+    lm = {"name": "random-tiny", "fold_ln": True, "center_writing_weights": True, "center_unembed": True,
+          "fold_value_biases": True}
+    path = export_saelens(build_topk(d_in=16), tmp_path / "sae", {**META, "lm": lm})
+    kwargs = json.loads((path / "cfg.json").read_text())["metadata"]["model_from_pretrained_kwargs"]
+    assert kwargs == {k: True for k in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")}
+    assert load_saelens_folder(path)[1]["lm"]["fold_value_biases"] is True

@@ -88,3 +88,19 @@ def test_sum_positive_activity_test_is_smol_sae_s(tiny_lm):
     assert smol["median_density"] == nonzero["median_density"]  # densities count nonzero activations either way
     with pytest.raises(ValueError, match="activity_test"):
         dead_latents.run(sae, tiny_lm, HOOK, toks, activity_test="positive", **kw)
+
+
+def test_dead_by_tokens_counts_a_short_streams_last_partial_batch_by_its_tokens(tiny_lm):
+    from gsae.evals import dead_latents
+    from gsae.metrics import DeadLatentTracker
+    from tests.evals.helpers import HOOK, build_tokens, build_topk
+
+    sae, toks = build_topk(d_sae=256, k=2), build_tokens(6, 32)
+    r = dead_latents.run(sae, tiny_lm, HOOK, toks, batch_size=4, batch_tokens=40, dead_batches=10, window_tokens=30)
+    assert r["n_tokens"] == 186 and r["dead_fraction_batches"] is None  # short: 4 batches of 40, then 26
+    x = tiny_lm.activations(toks, HOOK)[:, 1:].reshape(-1, 64)
+    dense = sae.encode(x) != 0
+    ref = DeadLatentTracker(256, 10, 30)
+    for a in range(0, 186, 40):
+        ref.update(dense[a : a + 40].any(0), min(40, 186 - a))
+    assert r["n_dead_tokens"] == int(ref.dead_by_tokens().sum())

@@ -58,3 +58,12 @@ def test_deterministic_and_figures(tiny_lm):
     b = decoder_geometry.run(build_topk(), tiny_lm, HOOK, toks, seed=2, n_per_bin=4)
     assert a == b
     assert set(decoder_geometry.figures(a)) == {"nn_cos_histogram", "directional_derivative"}
+
+
+def test_tail_bins_middle_bin_spans_the_central_tail_quantile():
+    from gsae.evals.decoder_geometry import tail_bins
+
+    bins = tail_bins(torch.arange(100) / 100, 1000, 0.1, torch.Generator().manual_seed(0))
+    assert bins["left"].tolist() == list(range(0, 10))
+    assert bins["middle"].tolist() == list(range(45, 55))
+    assert bins["right"].tolist() == list(range(90, 100))

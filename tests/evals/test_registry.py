@@ -104,3 +104,11 @@ def test_every_default_benchmark_draws_figures(tiny_lm):
     assert not any(is_skipped(r) for r in res.values())
     drawn = {tag.split("/")[1] for tag in tagged_figures(res)}
     assert drawn == set(DEFAULT_BENCHMARKS)
+
+
+def test_an_open_interval_bound_refuses_its_open_end():
+    from gsae.evals import check_options
+
+    check_options({"decoder_geometry": {"tail_quantile": 0.5}}, "--options")  # closed end: fine
+    with pytest.raises(ValueError, match=r"--options.decoder_geometry.tail_quantile must be in \(0, 0.5\] \(got 0.0\)"):
+        check_options({"decoder_geometry": {"tail_quantile": 0.0}}, "--options")

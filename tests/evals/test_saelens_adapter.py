@@ -400,3 +400,22 @@ def test_a_folder_of_an_architecture_saelens_lacks_or_with_model_options_gsae_ca
     assert got["lm"]["center_writing_weights"] is True
     said = [r.getMessage() for r in caplog.records if r.name == "gsae.saelens_adapter"]
     assert len(said) == 1 and "model_from_pretrained_kwargs not applied: dtype, first_n_layers (" in said[0], said
+
+
+def test_a_hook_z_saelens_sae_with_reshaping_reads_our_flat_activations():
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    from gsae.saelens_adapter import SAELensAdapter
+
+    meta = SAEMetadata(hook_name="blocks.1.attn.hook_z", model_name="gsae-tiny", context_size=32, prepend_bos=True)
+    sl = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=64, d_sae=32, reshape_activations="hook_z", metadata=meta))
+    ref = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=64, d_sae=32, metadata=meta))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in sl.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    ref.load_state_dict(sl.state_dict())
+    x = torch.randn(10, 64, generator=gen)
+    got = SAELensAdapter(sl)(x).x_hat
+    torch.testing.assert_close(got, ref.decode(ref.encode(x)).detach())

@@ -474,3 +474,17 @@ def test_parts_merged_equal_one_run(tiny_lm, sae, mode):
     # nothing to cut: the activation-drawn kinds alone, or nothing of the SAE's and no substitution
     assert sd.parts({"direction_types": ["isotropic", "real_mixture"], "substitution": False}) == []
     assert sd.parts({"direction_types": ["sae_error"]}) == []
+
+
+def test_substitution_ratio_is_the_saes_kl_over_each_baselines(tiny_lm):
+    from gsae.evals import sensitive_directions as sd
+    from tests.conftest import randomize
+    from tests.evals.helpers import build_tokens, build_topk
+
+    sae, tokens = randomize(build_topk(d_in=64, d_sae=128, k=8)), build_tokens(4, 16)
+    res = sd.run(sae, tiny_lm, HOOK, tokens, lengths=[1.0, 9.0], direction_types=["isotropic"])
+    sub = res["substitution"]
+    assert sub["ratio"] and all(v is not None for v in sub["ratio"].values())
+    for k, v in sub["ratio"].items():
+        assert v == pytest.approx(sub["kl"]["sae"] / sub["kl"][k], rel=1e-12)
+        assert res[f"ratio_sae_over_{k}"] == v

@@ -294,3 +294,18 @@ def test_sensitive_directions_groups_only_equal_activations(tiny_lm):
     acts = {"a": [BatchActs(None, x, None, None)], "b": [BatchActs(None, x.clone(), None, None)],
             "c": [BatchActs(None, x + 1e-6, None, None)], "d": [BatchActs(None, x, None, None)]}
     assert _equal_activations(acts) == [["a", "b", "d"], ["c"]]
+
+
+def test_a_planned_gradient_harvest_over_budget_is_done_per_hook(tiny_lm):
+    from gsae.data.harvest import loss_gradients
+    from gsae.evals.common import harvest, shared_harvests
+    from tests.evals.helpers import build_tokens
+
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    tokens = build_tokens(2, 32)
+    with shared_harvests(max_bytes=2 * 32 * 64 * 4 * 2) as cache:  # one hook's activations and gradients
+        cache.plan(tiny_lm, hooks)
+        x, g = harvest(tiny_lm, hooks[1], tokens, 60.0)
+        assert cache.bytes <= cache.max_bytes
+    ref = loss_gradients(tiny_lm, tokens, hooks[1], 60.0)
+    assert torch.equal(x, ref[0]) and torch.equal(g, ref[1])

@@ -372,3 +372,18 @@ def test_lr_factor_warms_up_linearly_then_follows_the_cosine_to_its_floor():
     c = lr_factor(100, 4, "constant", 0.1)
     assert [c(0), c(3), c(4), c(99)] == pytest.approx([0.25, 1.0, 1.0, 1.0])
     assert lr_factor(math.inf, 0, "cosine", 0.1)(10**6) == 1.0
+
+
+def test_e2e_downstream_coef_is_split_evenly_over_the_hooks():
+    from gsae.sae import TopKSAE
+    from gsae.systems import E2ESAESystem
+
+    torch.manual_seed(0)
+    lm = LanguageModel("random-tiny", seed=0)
+    hooks = ["blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]
+    system = E2ESAESystem(lm, lambda d: TopKSAE(d, 64, 4, k_aux=0), hook=HOOK, downstream_hooks=hooks,
+                          downstream_coef=3.0)
+    assert system.downstream_coefs == [1.5, 1.5]
+    loss, _, _, extra = system.objective(_batch(system), "val")
+    naive = extra["kl"] + 1.5 * extra[f"ds_mse/{hooks[0]}"] + 1.5 * extra[f"ds_mse/{hooks[1]}"]
+    torch.testing.assert_close(loss.detach(), naive, rtol=1e-6, atol=0)

@@ -369,3 +369,66 @@ def test_a_new_start_beside_an_earlier_start_without_checkpoints_says_so(tmp_pat
     assert (f"{run} holds the TensorBoard curves of an earlier start that wrote no checkpoint (version_0): this run "
             "logs beside them, in the next version_N; remove version_0 to see this run alone") in caplog.text
     assert sorted(p.name for p in run.glob("version_*")) == ["version_0", "version_1"]
+
+
+def test_a_resume_lowering_save_top_k_keeps_the_newest_after_one_new_checkpoint(tmp_path, monkeypatch):
+    from gsae.cli import main
+    from tests.conftest import quickstart_args
+
+    monkeypatch.chdir(REPO_ROOT)
+    off = ("--evaluation.enabled", "false", "--checkpoint.every_n_train_steps", "5")
+    ckpts = tmp_path / "quickstart-topk" / "checkpoints"
+    steps = lambda: sorted(int(p.name.split("step=")[1][:-5]) for p in ckpts.glob("epoch=*.ckpt"))  # noqa: E731
+    assert main(quickstart_args(tmp_path, *off, steps=20)) == 0
+    assert main(quickstart_args(tmp_path, *off, "--checkpoint.save_top_k", "2", "--ckpt_path", "last", steps=25)) == 0
+    assert steps() == [20, 25]
+
+
+def test_a_roll_back_says_the_step_resumed_and_the_step_reached(tmp_path, monkeypatch, caplog):
+    from gsae.cli import main
+    from tests.conftest import quickstart_args
+
+    monkeypatch.chdir(REPO_ROOT)
+    off = ("--evaluation.enabled", "false", "--checkpoint.every_n_train_steps", "10")
+    assert main(quickstart_args(tmp_path, *off, steps=30)) == 0
+    step10 = tmp_path / "quickstart-topk" / "checkpoints" / "epoch=0-step=10.ckpt"
+    with caplog.at_level("WARNING", logger="gsae.cli"):
+        assert main(quickstart_args(tmp_path, *off, "--ckpt_path", str(step10), steps=20)) == 0
+    assert "resuming from step 10 of a run that reached step 30 (last.ckpt)" in caplog.text, caplog.text
+
+
+def test_an_empty_tensorboard_version_folder_is_not_called_an_earlier_start(tmp_path, monkeypatch, caplog):
+    from gsae.cli import main
+    from tests.conftest import quickstart_args
+
+    monkeypatch.chdir(REPO_ROOT)
+    (tmp_path / "quickstart-topk" / "version_0").mkdir(parents=True)  # a start that logged nothing
+    with caplog.at_level("WARNING", logger="gsae.cli"):
+        assert main(quickstart_args(tmp_path, "--evaluation.enabled", "false", steps=3)) == 0
+    assert "earlier start" not in caplog.text
+
+
+def test_the_room_warning_counts_a_whole_last_ckpt_as_a_second_copy(tmp_path, monkeypatch, caplog):
+    import logging
+    import shutil
+    from collections import namedtuple
+
+    from gsae.cli import main
+
+    usage = namedtuple("usage", "total used free")
+
+    def room(folder):  # 2.5 checkpoints with their exports
+        ckpt = next(Path(folder).glob("epoch=0-step=2.ckpt"), None)
+        if ckpt is None:
+            return usage(2**40, 0, 2**40)
+        size = ckpt.stat().st_size + sum(f.stat().st_size for f in ckpt.with_suffix(".saelens").glob("*"))
+        return usage(2**40, 0, int(2.5 * size))
+
+    monkeypatch.setattr(shutil, "disk_usage", room)
+    args = ["--config", str(REPO_ROOT / "configs" / "quickstart" / "topk.yaml"), "--trainer.enable_progress_bar", "false",
+            "--checkpoint.every_n_train_steps", "2", "--trainer.max_steps", "10", "--evaluation.enabled", "false",
+            "--checkpoint.save_last", "true", "--trainer.default_root_dir", str(tmp_path)]
+    with caplog.at_level(logging.WARNING, logger="gsae.callbacks.checkpoint"):
+        assert main(args) == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoints: ")]
+    assert len(said) == 1 and "the run will stop on a full disk at the checkpoint of step 6" in said[0], said
