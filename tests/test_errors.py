@@ -566,20 +566,3 @@ def test_float16_true_precision_is_refused_like_bf16_true(tmp_path, monkeypatch,
     assert main(quickstart_args(tmp_path, "--trainer.precision", "16-true", steps=2)) == 1
     err = capsys.readouterr().err
     assert "--trainer.precision 16-true" in err and "use bf16-mixed" in err
-
-
-def test_a_resume_with_another_grad_mean_tokens_is_refused(tmp_path, monkeypatch, capsys):
-    from gsae.cli import main
-
-    monkeypatch.chdir(REPO_ROOT)
-
-    def gsae(steps, *extra):
-        return ["--config", "configs/quickstart/gsae.yaml", "--evaluation.enabled", "false", "--trainer.max_steps",
-                str(steps), "--checkpoint.every_n_train_steps", "2", "--trainer.default_root_dir", str(tmp_path),
-                "--trainer.enable_progress_bar", "false", *extra]
-
-    assert main(gsae(2)) == 0
-    capsys.readouterr()
-    assert main(gsae(4, "--model.grad_mean_tokens", "500", "--ckpt_path", "last")) == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "error: --model.grad_mean_tokens (500) differs from the checkpoint's (1008)")

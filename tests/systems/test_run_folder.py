@@ -186,6 +186,11 @@ def test_the_first_checkpoint_warns_when_the_rest_will_not_fit(tmp_path, monkeyp
     assert not [r for r in caplog.records if r.getMessage().startswith("checkpoints: ")]
     assert sorted(p.name for p in (tmp_path / "two").rglob("*.ckpt")) == ["epoch=0-step=10.ckpt", "epoch=0-step=8.ckpt",
                                                                        "last.ckpt"]
+    caplog.clear()  # a whole last.ckpt (save_last true, not a link) is a second copy of each checkpoint: stops sooner
+    with caplog.at_level(logging.WARNING, logger="gsae.callbacks.checkpoint"):
+        assert main([*args, "--trainer.default_root_dir", str(tmp_path / "copy"), "--checkpoint.save_last", "true"]) == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoints: ")]
+    assert len(said) == 1 and "the run will stop on a full disk at the checkpoint of step 6" in said[0], said
 
 
 def test_retraining_from_an_earlier_step_sets_the_later_checkpoints_aside(tmp_path, monkeypatch, caplog):
@@ -323,6 +328,9 @@ def test_a_resume_with_another_gradient_reduction_is_refused(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --model.grad_reduction sum differs from the checkpoint's (mean, over 1008 predictions); resume with the "
         "checkpoint's")
+    assert main(gsae(4, "--model.grad_mean_tokens", "500", "--ckpt_path", "last")) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --model.grad_mean_tokens (500) differs from the checkpoint's (1008)")
 
 
 def test_setting_aside_moves_only_checkpoints_past_the_resumed_step(tmp_path):
@@ -406,29 +414,3 @@ def test_an_empty_tensorboard_version_folder_is_not_called_an_earlier_start(tmp_
     with caplog.at_level("WARNING", logger="gsae.cli"):
         assert main(quickstart_args(tmp_path, "--evaluation.enabled", "false", steps=3)) == 0
     assert "earlier start" not in caplog.text
-
-
-def test_the_room_warning_counts_a_whole_last_ckpt_as_a_second_copy(tmp_path, monkeypatch, caplog):
-    import logging
-    import shutil
-    from collections import namedtuple
-
-    from gsae.cli import main
-
-    usage = namedtuple("usage", "total used free")
-
-    def room(folder):  # 2.5 checkpoints with their exports
-        ckpt = next(Path(folder).glob("epoch=0-step=2.ckpt"), None)
-        if ckpt is None:
-            return usage(2**40, 0, 2**40)
-        size = ckpt.stat().st_size + sum(f.stat().st_size for f in ckpt.with_suffix(".saelens").glob("*"))
-        return usage(2**40, 0, int(2.5 * size))
-
-    monkeypatch.setattr(shutil, "disk_usage", room)
-    args = ["--config", str(REPO_ROOT / "configs" / "quickstart" / "topk.yaml"), "--trainer.enable_progress_bar", "false",
-            "--checkpoint.every_n_train_steps", "2", "--trainer.max_steps", "10", "--evaluation.enabled", "false",
-            "--checkpoint.save_last", "true", "--trainer.default_root_dir", str(tmp_path)]
-    with caplog.at_level(logging.WARNING, logger="gsae.callbacks.checkpoint"):
-        assert main(args) == 0
-    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoints: ")]
-    assert len(said) == 1 and "the run will stop on a full disk at the checkpoint of step 6" in said[0], said
