@@ -24,8 +24,9 @@ Prints one column per SAE (rows ``benchmark.metric``) and the held-out tokens be
 ``{"settings": {...}, "results": {benchmark: {sae: result}}}`` (``settings``: the benchmarks, their options, seed, device, versions,
 and per SAE its source, LM, hook, dataset, context size and the contexts each benchmark read) and, for benchmarks
 that define ``artifacts``, ``<output stem>.<sae><suffix>`` files beside it; ``--logdir`` writes
-TensorBoard scalars, figures and texts, one run per PATH (named by its path from the current folder). Every SAE on the same LM gets the same tokens and the same
-seeded draws, so the columns are comparable. Bad input: one line on stderr, exit 1.
+TensorBoard scalars, figures and texts, one run per PATH (named by its path from the current folder). Every SAE on
+the same LM gets the same tokens and the same seeded draws, so the columns are comparable. Bad input: one line on
+stderr, exit 1.
 
 ``torchrun --nproc-per-node N evaluate.py …``: each checkpoint's evaluation split between the N processes (a GPU each,
 ``cuda:<LOCAL_RANK>``), as the training callback splits it (:func:`gsae.evals.run_split`); rank 0 prints and writes

@@ -33,8 +33,8 @@ def half_safe_grad(grad: Tensor, weight: Tensor) -> tuple[Tensor, Tensor | None]
     CE gradient is ~1e-6 to 1e-9 at large batches: float16 subnormals with a few bits, or 0 (with β sized to it, a
     g-SAE's selection kept 80% of float32's latents at 7e-8 and 26% at 7e-9; bfloat16 99%). There each row of ``g`` is
     scaled by the power of two that puts its largest entry in [0.5, 1) (exact: no rounding; then cast to a float16
-    decoder's dtype, a normal float16), and ``r`` undoes it after the product. Elsewhere (float32, bfloat16: float32's exponent range) ``(g in weight's dtype, None)``, so
-    those paths are unchanged to the bit."""
+    decoder's dtype, a normal float16), and ``r`` undoes it after the product. Elsewhere (float32; bfloat16, which has
+    float32's exponent range) ``(g in weight's dtype, None)``, so those paths are unchanged to the bit."""
     dev = grad.device.type
     autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)  # (not on 'meta')
     half = (torch.get_autocast_dtype(dev) if autocast else weight.dtype) == torch.float16
