@@ -16,6 +16,7 @@ changes the set; ``--evaluation.n_seqs 32``, ``--evaluation.every_n_steps 200``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import json
@@ -202,9 +203,16 @@ class EvaluationCallback(Callback):
         (for a sweep, one set per member: ``<checkpoint>.<member>.eval.json``, ``<checkpoint>.<member>.latents.html``)."""
         if not self.enabled or not self._takes_part(trainer):
             return
+        with self._timed():
+            self._evaluate_and_write(trainer, pl_module, ckpt_path)
+
+    @contextlib.contextmanager
+    def _timed(self):
+        """Add the block's seconds to :attr:`seconds_total` (evaluation time, which the run summary keeps out of the
+        training rate), also when it fails."""
         started = time.perf_counter()
         try:
-            self._evaluate_and_write(trainer, pl_module, ckpt_path)
+            yield
         finally:
             self.seconds_total += time.perf_counter() - started
 
@@ -258,11 +266,8 @@ class EvaluationCallback(Callback):
         self.figures.poll()  # figures drawn in the background since the last step
         step = trainer.global_step
         if self.enabled and self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and self._takes_part(trainer):
-            started = time.perf_counter()
-            try:
+            with self._timed():
                 self.evaluate(trainer, pl_module)
-            finally:  # evaluation time, which the run summary keeps out of the training rate
-                self.seconds_total += time.perf_counter() - started
 
     def _world(self, trainer: pl.Trainer) -> int:
         """The ranks an evaluation is split between: the process group's, under DDP with ``distributed``; else 1."""
@@ -278,9 +283,12 @@ class EvaluationCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.enabled and stage == "fit":  # every rank: refused before training, not at the first checkpoint
-            self.check_held_out(trainer)
-            if self._takes_part(trainer):  # read now (kept for every checkpoint): a short held-out set is said at the
-                self.held_out_tokens(trainer)  # start, not after the training up to the first checkpoint
+            if self._takes_part(trainer) and hasattr(getattr(trainer, "datamodule", None), "contexts"):
+                # read now and kept for every checkpoint: an empty held-out set is refused as check_held_out refuses
+                # it, and a short one is said at the start, not after the training up to the first checkpoint
+                self.held_out_tokens(trainer)
+            else:
+                self.check_held_out(trainer)
         background = self.figures_in_background
         self.figures.background = trainer.strategy.root_device.type != "cpu" if background is None else background
         if self.enabled and self.log_figures and trainer.is_global_zero:

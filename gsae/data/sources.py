@@ -253,18 +253,19 @@ class TextSource:
                 )
             self.ds, self.column, self.pretokenized, self.mode = None, "text", False, "corpus"
             return
-        if val_split and local_data_files(dataset) is not None:
+        local = local_data_files(dataset) is not None  # (globs a folder: once)
+        if val_split and local:
             raise DataSourceError(
                 f"--data.val_split: local files ({dataset!r}) have one split; hold documents out with --data.val_documents"
             )
         self.ds = open_dataset(dataset, dataset_config, split, streaming, n_streams, self.held_out, text_unit)
         self.column, self.pretokenized = self._resolve_column(self.ds, text_column)
-        if local_data_files(dataset) is not None and not self._has_text():
+        if local and not self._has_text():
             raise DataSourceError(f"--data.dataset: {dataset!r} holds no text (every document in it is empty or blank)")
         self.mode = "shards" if self.ds.num_shards >= n_streams else "documents"
         #: shard mode: the held-out documents of shards 0, 1, ... (the first ``held_out`` of the source, in shard order)
         self.held: list[int] = self._held_per_shard() if self.mode == "shards" else []
-        if self.mode == "documents" and n_streams > 1 and local_data_files(dataset) is None:
+        if self.mode == "documents" and n_streams > 1 and not local:
             from lightning.pytorch.utilities import rank_zero_warn
 
             rank_zero_warn(

@@ -95,7 +95,7 @@ class GradTopKSAE(TopKSAE):
         with torch.no_grad():  # in place on the fresh product: one (N, d_sae) allocation, not three
             g, r = half_safe_grad(grad, self.W_dec)
             a = (g @ self.W_dec.T).abs_()
-            return a.mul_(self.beta) if r is None else a.mul_(r * self.beta)
+            return a.mul_(self.beta if r is None else r * self.beta)
 
     def attribution_at(self, grad: Tensor, idx: Tensor) -> Tensor:
         """``β·|W_dec g|`` at the latents ``idx (N, k)`` only (detached): ``attribution(grad).gather(-1, idx)`` with
@@ -104,7 +104,7 @@ class GradTopKSAE(TopKSAE):
             rows = self.W_dec[idx]  # (N, k, d_in)
             g, r = half_safe_grad(grad, rows)
             a = torch.bmm(rows, g.unsqueeze(-1)).squeeze(-1).abs_()
-            return a.mul_(self.beta) if r is None else a.mul_(r * self.beta)
+            return a.mul_(self.beta if r is None else r * self.beta)
 
     def selection_scores(self, pre: Tensor, grad: Tensor | None) -> Tensor:
         if grad is None or self.beta == 0:
