@@ -77,3 +77,74 @@ def test_evaluate_py_turns_the_tuning_on(tmp_path) -> None:
     finally:
         allocator.tune_malloc(False)
     assert tuned
+
+
+TRIM = """
+import ctypes, sys
+from gsae import allocator
+allocator.tune_malloc(sys.argv[1] == "1")
+libc = ctypes.CDLL("libc.so.6")
+try:
+    mallinfo2 = libc.mallinfo2
+except AttributeError:  # glibc < 2.33
+    print("skip")
+    sys.exit()
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+mallinfo2.restype = Info
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+p = libc.malloc(3 << 29)  # 1.5 GiB at the top of the heap (reserved, never touched)
+libc.free(p)
+if not p:  # no room to reserve it (strict overcommit)
+    print("skip")
+    sys.exit()
+print(mallinfo2().arena >> 20)
+"""
+
+
+def test_a_large_free_is_kept_in_the_heap_up_to_two_gib() -> None:
+    """More than 1 GiB freed at once (``loss_added``'s logit tensors) stays in the heap for the next step rather than
+    going back to the kernel, which glibc's defaults (and a trim threshold of 1 GiB) do."""
+    env = {k: v for k, v in os.environ.items() if k != "GSAE_MALLOC_TUNING"}
+    held = {}
+    for tuning in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", TRIM, tuning], env=env, capture_output=True, text=True, check=True)
+        if out.stdout.strip() == "skip":
+            pytest.skip("mallinfo2 needs glibc >= 2.33, and 1.5 GiB of address space")
+        held[tuning] = int(out.stdout.strip().splitlines()[-1])  # MiB of heap after the free
+    assert held["1"] >= 1536 > 256 > held["0"], held
+
+
+@pytest.mark.parametrize("value", ["0", "off", "OFF", " False ", "no"])
+def test_any_spelling_of_off_turns_the_tuning_off(monkeypatch, value) -> None:
+    monkeypatch.setenv("GSAE_MALLOC_TUNING", value)
+    try:
+        assert allocator.tune_malloc() is False and not allocator.malloc_tuned()
+        monkeypatch.setenv("GSAE_MALLOC_TUNING", "1")
+        assert allocator.tune_malloc() is True and allocator.malloc_tuned()
+    finally:
+        allocator.tune_malloc(False)
+
+
+def test_settings_glibc_refuses_are_not_reported_as_tuned(monkeypatch) -> None:
+    """Every setting is tried and all must take; a process that never tuned is not tuned."""
+
+    class Libc:
+        def __init__(self, refused):
+            self.refused, self.calls = refused, []
+
+        def mallopt(self, param, value):
+            self.calls.append(param)
+            return 0 if param in self.refused else 1
+
+    monkeypatch.setattr(allocator, "_STATE", {})
+    assert allocator.malloc_tuned() is False
+    libc = Libc(refused={allocator.M_TRIM_THRESHOLD})
+    monkeypatch.setattr(allocator, "_libc", lambda: libc)
+    assert allocator.tune_malloc(True) is False and allocator.malloc_tuned() is False
+    assert set(libc.calls) == {allocator.M_MMAP_MAX, allocator.M_TRIM_THRESHOLD}
+    libc = Libc(refused=set())
+    assert allocator.tune_malloc(True) is True and allocator.malloc_tuned() is True
+    assert allocator.tune_malloc(False) is False and allocator.malloc_tuned() is False
+    monkeypatch.setattr(allocator, "_libc", lambda: None)  # off glibc: a no-op
+    assert allocator.tune_malloc(True) is False and allocator.malloc_tuned() is False

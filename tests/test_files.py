@@ -152,3 +152,143 @@ def test_quota_and_size_limits_are_not_called_a_full_disk(tmp_path):
     assert ": the file-size limit is reached (1.0 MiB written, " in said[errno.EFBIG]
     assert write_error(OSError(errno.EACCES, "denied"), tmp, tmp_path / "x.ckpt") is None  # said as it is
     assert write_error(ValueError("x"), tmp, tmp_path / "x.ckpt") is None
+
+
+def test_a_text_write_cut_short_leaves_the_old_file(tmp_path, monkeypatch):
+    """A kill or a full disk in the middle of writing an evaluation JSON leaves the old JSON whole."""
+    from pathlib import Path
+
+    path = tmp_path / "x.eval.json"
+    write_text(path, '{"old": 1}')
+
+    def half_then_full(self, text, *a, **kw):
+        with open(self, "w") as fh:
+            fh.write(text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    with pytest.raises(OSError):
+        write_text(path, '{"new": 2, "more": 3}')
+    monkeypatch.undo()
+    assert path.read_text() == '{"old": 1}' and not partial_path(path).exists()
+    write_text(path, '{"new": 2}')
+    assert path.read_text() == '{"new": 2}' and sorted(p.name for p in tmp_path.iterdir()) == ["x.eval.json"]
+
+
+def test_a_checkpoint_is_fsynced_before_it_is_renamed_over_the_old_one(tmp_path, monkeypatch):
+    """Renamed before its data reached the disk, a power cut could leave an empty last.ckpt where a whole one was."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), replace(a, b)))
+    target = tmp_path / "last.ckpt"
+    SameFolderCheckpointIO().save_checkpoint({"global_step": 3}, target)
+    assert events == [("fsync", target.stat().st_ino), ("replace", str(partial_path(target)))]  # the file renamed
+    assert torch.load(target, weights_only=True)["global_step"] == 3
+
+
+def test_symlink_replaces_a_file_a_link_or_a_folder_and_leaves_no_partial(tmp_path, monkeypatch):
+    """``last.ckpt``/``last.saelens`` become relative links over whatever is there: a step checkpoint's link, a whole
+    file or folder (``save_last true`` before), or a link a killed run left half made."""
+    import shutil
+
+    from gsae.files import symlink
+
+    (tmp_path / "step=2.saelens").mkdir()
+    (tmp_path / "step=4.saelens").mkdir()
+    link = tmp_path / "last.saelens"
+    (link / "sub").mkdir(parents=True)  # a whole export (save_last true) ...
+    (link / "sub" / "cfg.json").write_text("{}")
+    symlink(tmp_path / "step=2.saelens", link)  # ... replaced by a link
+    assert os.readlink(link) == "step=2.saelens"
+    os.symlink("elsewhere", partial_path(link))  # what a kill between making the link and the rename left
+    symlink(tmp_path / "step=4.saelens", link)
+    assert os.readlink(link) == "step=4.saelens" and (tmp_path / "step=2.saelens").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.saelens", "step=2.saelens", "step=4.saelens"]
+
+    def refused(*a, **kw):
+        raise OSError(13, "Permission denied")
+
+    link.unlink()
+    link.mkdir()
+    monkeypatch.setattr(shutil, "rmtree", refused)  # the old folder cannot go: the error, and no link left behind
+    with pytest.raises(OSError):
+        symlink(tmp_path / "step=4.saelens", link)
+    assert link.is_dir() and not link.is_symlink() and not os.path.lexists(partial_path(link))
+
+
+def test_remove_takes_a_link_not_what_it_points_at(tmp_path):
+    from gsae.files import remove
+
+    (tmp_path / "step=4.saelens").mkdir()
+    (tmp_path / "step=4.saelens" / "cfg.json").write_text("{}")
+    os.symlink("step=4.saelens", tmp_path / "last.saelens")
+    remove(tmp_path / "last.saelens")
+    assert not os.path.lexists(tmp_path / "last.saelens") and (tmp_path / "step=4.saelens" / "cfg.json").is_file()
+    remove(tmp_path / "step=4.saelens")
+    remove(tmp_path / "never-there")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_remove_partials_removes_only_what_killed_writes_left(tmp_path):
+    (tmp_path / ".last.ckpt.partial").write_bytes(b"half")
+    (tmp_path / ".a.saelens.partial").mkdir()
+    (tmp_path / ".a.saelens.partial" / "sae_weights.safetensors").write_bytes(b"half")
+    (tmp_path / "last.ckpt").write_bytes(b"whole")
+    (tmp_path / "notes.partial").write_text("mine, not hidden")
+    assert sorted(p.name for p in remove_partials(tmp_path)) == [".a.saelens.partial", ".last.ckpt.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "notes.partial"]
+
+
+def test_sizes_are_said_in_mib_below_one_gib_and_gib_from_it():
+    from gsae.files import size_text
+
+    assert size_text(2**30) == "1.0 GiB" and size_text(2**30 - 2**20) == "1023.0 MiB"
+    assert size_text(5.3 * 2**20) == "5.3 MiB" and size_text(2.6 * 2**30) == "2.6 GiB"
+
+
+def test_remote_checkpoint_paths_go_to_lightnings_writer(tmp_path, monkeypatch):
+    """``s3://``-style paths are not local files: written through fsspec, with no ``s3:`` folder made locally."""
+    import fsspec
+
+    monkeypatch.chdir(tmp_path)
+    SameFolderCheckpointIO().save_checkpoint({"global_step": 5}, "memory://gsae-test/ckpts/last.ckpt")
+    try:
+        with fsspec.open("memory://gsae-test/ckpts/last.ckpt", "rb") as fh:
+            assert torch.load(fh, weights_only=True)["global_step"] == 5
+    finally:
+        fsspec.filesystem("memory").rm("/gsae-test", recursive=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_save_not_for_lack_of_room_is_raised_as_it_is(tmp_path, monkeypatch):
+    io = SameFolderCheckpointIO()
+    target = tmp_path / "last.ckpt"
+
+    def denied(obj, f, *a, **kw):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(torch, "save", denied)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        io.save_checkpoint({"global_step": 2}, target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_replaces_an_older_export_or_a_link_to_one(tmp_path):
+    """``save_last true`` writes ``last.saelens`` again at every checkpoint: over the previous whole export, or over the
+    link a linked ``last.saelens`` was (the step export it pointed at is kept)."""
+    from safetensors.torch import load_file
+
+    from gsae.export import export_saelens
+    from gsae.sae import TopKSAE
+
+    sae, meta = TopKSAE(8, 16, 2), {"hook": "blocks.0.hook_resid_pre", "sae_class": "gsae.sae.TopKSAE"}
+    step = export_saelens(sae, tmp_path / "step=2.saelens", meta)
+    os.symlink("step=2.saelens", tmp_path / "last.saelens")
+    for shift in (1.0, 2.0):
+        with torch.no_grad():
+            sae.W_enc.add_(shift)
+        last = export_saelens(sae, tmp_path / "last.saelens", meta)
+        assert not last.is_symlink() and (last / "cfg.json").is_file()
+        torch.testing.assert_close(load_file(last / "sae_weights.safetensors")["W_enc"], sae.W_enc.detach())
+    assert (step / "cfg.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["last.saelens", "step=2.saelens"]

@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--baseline-contexts", type=int, default=2000, help="contexts counted for the unigram/bigram baselines")
     ap.add_argument("--threads", type=int, default=1, help="1 is far faster than 2 on a busy machine (no spinning OpenMP threads)")
     args = ap.parse_args(argv)
+    for name in ("max_steps", "time_budget_min", "warmup", "eval_every", "eval_contexts", "batch_size", "n_ctx"):
+        if not getattr(args, name) > 0:  # a zero gives a division by zero or an empty evaluation mid-run
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
 
     t0 = time.time()
     torch.set_num_threads(args.threads)
