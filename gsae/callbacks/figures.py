@@ -80,7 +80,16 @@ class _Worker:
             if item is None:
                 break
             try:
-                pickle.dump(item, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as e:  # noqa: BLE001 - results that do not pickle fail their job alone
+                with self._lock:
+                    future = self._jobs.pop(item[0], None)
+                if future is not None:
+                    future.set_exception(RuntimeError(f"the results could not be sent to the figure worker "
+                                                      f"({type(e).__name__}: {e})"))
+                continue
+            try:
+                self.proc.stdin.write(data)
                 self.proc.stdin.flush()
             except (OSError, ValueError) as e:  # a closed pipe: the worker is gone
                 self._fail(f"{type(e).__name__}: {e}")
