@@ -24,6 +24,8 @@ _UNRECOGNIZED = re.compile(r"unrecognized arguments: --(\S+?)=")
 _CLASS_PATH = re.compile(r"Problem with given class_path '([\w.]+)'")
 _EXPECTED_TYPE = re.compile(r"Expected an? <class '(?:builtins\.)?(\w+)'>")
 _LITERAL = re.compile(r"Expected an? typing\.Literal\[(.*?)\]$", re.M)
+_UNLOADABLE = re.compile(r"Unable to load config '([^']+)'")
+_NOT_A_PATH = re.compile(r"Expected a path but (.+) either not accessible or invalid$", re.M)
 
 
 def parse_error_line(message: str, args: list[str]) -> str:
@@ -42,13 +44,18 @@ def _describe(message: str, args: list[str]) -> str:
     if first.startswith("Problems parsing config"):
         return _yaml_problem(args) or f"--config: {first}"
     if first.startswith("Unexpected config:"):
-        paths = _config_paths(args)
-        return f"--config {paths[-1] if paths else ''}: not a YAML mapping of options".replace(" :", ":")
+        path = _config_holding(args, lambda data: not isinstance(data, dict))
+        return f"--config {path or ''}: not a YAML mapping of options".replace(" :", ":")
     group = re.match(r"Group '([\w.]+)' does not accept option '([\w.]+)'", first)
     if group:  # an unknown key in a config file
-        paths = _config_paths(args)
-        where = f" (in --config {paths[-1]})" if paths else ""
+        keys = f"{group.group(1)}.{group.group(2)}".split(".")
+        path = _config_holding(args, lambda data: _holds(data, keys))
+        where = f" (in --config {path})" if path else ""
         return f"--{group.group(1)}.{group.group(2)}: unknown option{where}"
+    unloadable = _UNLOADABLE.search(message)
+    if unloadable:  # --data FILE / --trainer FILE: a group's options from a file
+        key = _KEY.search(message)
+        return f"--{key.group(1) if key else 'config'}: {_file_problem(unloadable.group(1))}"
     arg = re.match(r"argument (?:-\w/)?(--[\w.]+): expected one argument", first)
     if arg:
         return f"{arg.group(1)}: expected a value"
@@ -124,13 +131,36 @@ def _class_problem(message: str) -> str | None:
     if other:
         given = _given(message)
         return f"{given or 'the class'} is not a {other.group(1)}"
+    path = _NOT_A_PATH.search(message)  # --model VALUE, --model.sae VALUE: neither a config file nor a class
+    if path and not {"float", "int", "bool", "str"} & set(_EXPECTED_TYPE.findall(message)):  # not a number's
+        value = path.group(1)
+        if Path(value).expanduser().exists() or "/" in value or Path(value).suffix in (".yaml", ".yml", ".json"):
+            return _file_problem(value)
+        return f"{value!r} is neither a class (module.Class) nor a config file"
+    spec = re.search(r"Expected an import path or a subclass spec, but got (.*)$", message, re.M)
+    if spec:
+        return f"expected a class (module.Class) or a mapping of its options, got {_given(message) or spec.group(1)!r}"
     return None
 
 
 def _given(message: str) -> str | None:
     """The outermost ``Given value:`` of a jsonargparse message (the value as the user gave it), if any."""
     found = re.findall(r"^\s*Given value: (.*)$", message, re.M)
-    return found[-1].strip() if found else None
+    if not found:
+        return None
+    outer = found[-1].strip()
+    if outer.startswith("NestedArg("):  # jsonargparse's wrapper of --model.X VALUE: the value inside
+        nested = _NESTED.search(message)
+        return nested.group(2) if nested else re.sub(r"\. Got value: .*$", "", found[0].strip())
+    return outer
+
+
+def _file_problem(value: str) -> str:
+    """What is wrong with ``value`` given where a config file (or a class path) goes."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        return f"no such file {value!r}"
+    return f"{value!r} is not a config file it can read (a YAML mapping of options)"
 
 
 def _yaml_error(text: str) -> str:
@@ -198,10 +228,39 @@ def _yaml_problem(args: list[str]) -> str | None:
 
 
 def _config_paths(args: list[str]) -> list[str]:
+    """The ``--config`` values of ``args`` in order (``--config F``, ``--config=F``, ``-c F``, ``-cF``)."""
     out = []
     for i, a in enumerate(args):
-        if a == "--config" and i + 1 < len(args):
+        if a in ("--config", "-c") and i + 1 < len(args):
             out.append(args[i + 1])
         elif a.startswith("--config="):
             out.append(a.split("=", 1)[1])
+        elif a.startswith("-c") and not a.startswith("--") and len(a) > 2:
+            out.append(a[2:].removeprefix("="))
     return out
+
+
+def _config_holding(args: list[str], test) -> str | None:
+    """The first ``--config`` file whose YAML passes ``test`` (the one an error is about), else the last one given."""
+    import yaml
+
+    paths = _config_paths(args)
+    for path in paths:
+        try:
+            data = yaml.safe_load(Path(path).expanduser().read_text())
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        if test(data):
+            return path
+    return paths[-1] if paths else None
+
+
+def _holds(data, keys: list[str]) -> bool:
+    """Whether the mapping ``data`` has the option ``keys`` (``init_args`` levels skipped)."""
+    for key in keys:
+        if isinstance(data, dict) and key not in data and isinstance(data.get("init_args"), dict):
+            data = data["init_args"]
+        if not isinstance(data, dict) or key not in data:
+            return False
+        data = data[key]
+    return True

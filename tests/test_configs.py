@@ -69,6 +69,68 @@ def test_a_typo_in_a_config_is_rejected(parse_only, tmp_path, capsys) -> None:
     assert parse_error_line(str(exc.value), args).startswith("--model.sae.kk: no such option")
 
 
+def test_parse_errors_name_the_file_or_option_the_user_gave(parse_only, tmp_path) -> None:
+    """The one line :func:`parse_error_line` makes of jsonargparse's errors, for the spellings the subprocess tests of
+    ``tests/test_cli_errors.py`` do not use: ``--config=FILE``, an inline config before a broken file, two configs of
+    which the second is not a mapping, an option without its value (last on the line), a bad value in a config file
+    beside a typed option of the same name elsewhere, and ``--print_config`` last on the line."""
+    quick = "configs/quickstart/topk.yaml"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer:\n  max_steps: 10\n  logger: [a, b\nmodel: {}\n")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    seed = tmp_path / "seed.yaml"
+    seed.write_text("model:\n  init_args:\n    sae:\n      init_args:\n        seed: abc\n")
+    k = tmp_path / "k.yaml"
+    k.write_text("model:\n  init_args:\n    sae:\n      init_args:\n        k: abc\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("trainer:\n  foo: 1\n")
+    syntax = (f"--config {broken}: YAML syntax error at line 4, column 6: expected ',' or ']', but got ':' (while "
+              "parsing a flow sequence from line 3, column 11)")
+    cases = [
+        ([f"--config={broken}"], syntax),
+        (["--config", "{trainer: {max_steps: 2}}", "--config", str(broken)], syntax),  # an inline config is no file
+        (["--config", quick, "--config", str(listed)], f"--config {listed}: not a YAML mapping of options"),
+        (["--config", quick, "--trainer.max_steps"], "--trainer.max_steps: expected a value"),
+        # --data.seed is typed, but the bad seed is the SAE's, from the file
+        (["--config", quick, "--data.seed", "1", "--config", str(seed)], "--model.sae.seed: expected an integer, got 'abc'"),
+        (["--config", quick, "--config", str(k), "--print_config"], "--model.sae.k: expected an integer, got 'abc'"),
+        # the config file at fault, not the last one given; -c as --config
+        (["--config", str(listed), "--config", quick], f"--config {listed}: not a YAML mapping of options"),
+        (["-c", str(broken)], syntax),
+        ([f"-c{listed}"], f"--config {listed}: not a YAML mapping of options"),
+        (["--config", quick, "--config", str(unknown), "--config", quick], f"--trainer.foo: unknown option (in --config {unknown})"),
+        # a group's or a class's options from a file that is not there or not a mapping; a value inside a mapping
+        (["--config", quick, "--data", "/no/such.yaml"], "--data: no such file '/no/such.yaml'"),
+        (["--config", quick, "--trainer", "/no/such.yaml"], "--trainer: no such file '/no/such.yaml'"),
+        (["--config", quick, "--model", "/no/such.yaml"], "--model: no such file '/no/such.yaml'"),
+        (["--config", quick, "--model.sae", "/no/such.yaml"], "--model.sae: no such file '/no/such.yaml'"),
+        (["--config", quick, "--model.sae", "TopKSAEE"], "--model.sae: 'TopKSAEE' is neither a class (module.Class) nor a config file"),
+        (["--config", quick, "--model.sae", str(listed)],
+         f"--model.sae: expected a class (module.Class) or a mapping of its options, got '{listed}'"),
+        (["--config", quick, "--data", str(listed)], f"--data: '{listed}' is not a config file it can read (a YAML mapping of options)"),
+        (["--config", quick, "--model.optimizer", "{lr: abc}"], "--model.optimizer.lr: expected a number, got 'abc'"),
+    ]
+    for args, line in cases:
+        with pytest.raises(ArgumentError) as exc:
+            parse_only(args)
+        assert parse_error_line(str(exc.value), args) == f"{line} (see python train.py --help)", args
+
+
+def test_a_config_without_trainer_or_checkpoint_options_gets_gsae_s_defaults(parse_only, tmp_path) -> None:
+    """What ``train.py`` sets where a config says nothing (every shipped config sets these itself, so only a user's own
+    config relies on them): a checkpoint every 1000 steps, a logged step every 10, no epoch limit (the stream is
+    endless), seed 0, the run under ``checkpoints/``, no model summary."""
+    data = yaml.safe_load((REPO_ROOT / "configs/quickstart/topk.yaml").read_text())
+    own = tmp_path / "own.yaml"
+    own.write_text(yaml.safe_dump({"model": data["model"], "data": data["data"]}))
+    config = parse_only(["--config", str(own)])
+    assert config.checkpoint.every_n_train_steps == 1000
+    assert config.trainer.log_every_n_steps == 10 and config.trainer.max_epochs == -1
+    assert config.trainer.default_root_dir == "checkpoints" and config.trainer.enable_model_summary is False
+    assert config.seed_everything == 0
+
+
 def test_command_line_overrides_the_config(parse_only) -> None:
     config = parse_only(["--config", "configs/quickstart/topk.yaml", "--model.init_args.sae.init_args.k", "8",
                          "--data.batch_size", "3"])

@@ -60,7 +60,7 @@ def run_cli(tmp_path, monkeypatch, capsys):
         (["--trainer.limit_train_batches", "0"], ["--trainer.limit_train_batches 0: nothing to train"]),
         (["--model.init_args.lm.name", "random-huge"], ["--model.lm.name", "random-huge"]),
         (["--ckpt_path", "last"], ["--ckpt_path last: no readable checkpoint in ", "quickstart-topk/checkpoints; nothing to resume"]),
-        (["--ckpt_path", "does/not/exist.ckpt"], ["--ckpt_path", "does/not/exist.ckpt"]),
+        (["--ckpt_path", "does/not/exist.ckpt"], ["--ckpt_path: no checkpoint at 'does/not/exist.ckpt'"]),
         # --trainer values Lightning divides by after the first step, or rejects with its own exception
         (["--trainer.accumulate_grad_batches", "0"], ["--trainer.accumulate_grad_batches must be >= 1"]),
         (["--trainer.val_check_interval", "0"], ["--trainer.val_check_interval must be > 0"]),
@@ -76,6 +76,9 @@ def run_cli(tmp_path, monkeypatch, capsys):
         (["--checkpoint.dirpath", "/proc/gsae-ckpts"], ["--checkpoint.dirpath: the run's checkpoints go to "
                                                         "/proc/gsae-ckpts, but cannot write in /proc"]),
         (["--model.init_args.optimizer.init_args.lr", "-0.001"], ["--model.optimizer: Invalid learning rate: -0.001"]),
+        (["--model.init_args.optimizer.init_args.betas", "[1.5, 0.999]"],
+         ["--model.optimizer: Invalid beta parameter at index 0: 1.5"]),
+        (["--model.init_args.optimizer.init_args.eps", "-1"], ["--model.optimizer: Invalid epsilon value: -1.0"]),
         # several nodes and no launcher's variables: every node would be node 0, waiting 30 minutes for the others
         (["--trainer.num_nodes", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"],
          ["--trainer.num_nodes 2: no launcher told this process its node", "MASTER_ADDR, MASTER_PORT and NODE_RANK"]),
@@ -89,7 +92,7 @@ def run_cli(tmp_path, monkeypatch, capsys):
     ids=["hook", "hook_pattern", "k>d_sae", "no-sae", "d_sae=0", "k=0", "context_size>n_ctx", "batch_size=0", "val_batch_size<0", "aux_coef<0",
          "lr=0", "filename-path", "every_n<0", "save_top_k<-1", "max_steps=0", "limit_train_batches=0", "lm-preset", "ckpt-last",
          "ckpt-missing", "accumulate=0", "val_check_interval=0", "bf16-true", "gpu-on-cpu", "max_steps<0", "root-is-a-file", "root-unwritable", "dirpath-unwritable",
-         "lr<0", "nodes-untold", "ddp-3-ranks", "ddp_spawn"],
+         "lr<0", "betas>1", "eps<0", "nodes-untold", "ddp-3-ranks", "ddp_spawn"],
 )
 def test_bad_option(run_cli, args: list[str], expected: list[str]) -> None:
     code, line = run_cli(*args)
@@ -199,6 +202,10 @@ def test_a_forked_rank_s_error_keeps_its_traceback_unless_the_user_caused_it() -
     assert child_user_message(raised("Traceback (most recent call last):\n  File \"z.py\", line 3\n"
                                      "ZeroDivisionError: division by zero\n")) is None
     assert child_user_message(raised(chained)) is None  # the outermost error is not a user error
+    unnamed = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    g()\nValueError: bad shard 3\n\n"
+               "The above exception was the direct cause of the following exception:\n\nTraceback (most recent call "
+               "last):\n  File \"y.py\", line 2\nRuntimeError: could not read the data\n")
+    assert child_user_message(raised(unnamed)) == "could not read the data"  # no line names an option: the outermost's
     assert child_user_message(ValueError("--x")) is None
 
 
@@ -214,6 +221,61 @@ def test_lightning_s_own_checks_name_the_trainer_option() -> None:
     assert user_message(e) == "--trainer.devices: `Trainer(devices='0')` value is not a valid input using cpu accelerator."
     e = ValueError("`Timer(duration='ten minutes')` is not a valid duration. Expected a string in the format DD:HH:MM:SS.")
     assert user_message(e).startswith("--trainer.max_time: `Timer(duration='ten minutes')` is not a valid duration")
+
+
+def test_a_full_disk_says_that_the_checkpoints_written_are_kept() -> None:
+    """A full disk while writing the run's files (TensorBoard's writer, a checkpoint being written) raises an error
+    naming no file of the user's: the line says what was being written and that the checkpoints already written are
+    kept. An error that names its file is said as it is."""
+    import errno
+
+    from gsae.cli import user_message
+
+    assert user_message(OSError(errno.ENOSPC, "No space left on device")) == (
+        "[Errno 28] No space left on device (writing the run's files; the checkpoints already written are kept)")
+    named = OSError(errno.ENOSPC, "No space left on device", "/runs/x/last.ckpt")
+    assert user_message(named) == "[Errno 28] No space left on device: '/runs/x/last.ckpt'"
+
+
+def test_lightning_s_info_lines_are_said_once_the_options_hold(run_cli, monkeypatch) -> None:
+    """Lightning's INFO lines (``Seed set to 0``, ``GPU available: …``) are held while the trainer and the model are
+    built: a bad option's error comes alone (and in a subprocess: tests/test_cli_errors.py), and a run whose options
+    hold says them, in order, before training. Warnings are not held; what is held after an error is dropped."""
+    import logging
+
+    from gsae.cli import HeldInfo
+
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    for name in HeldInfo.LOGGERS:
+        monkeypatch.setattr(logging.getLogger(name), "handlers", [Keep()])
+    code, _ = run_cli("--model.init_args.sae.init_args.k", "2000")
+    assert code == 1 and not any("Seed set" in s for s in said), said
+    assert run_cli("--evaluation.enabled", "false")[0] == 0
+    assert any(s.startswith("Seed set to 0") for s in said), said
+
+    log = logging.getLogger("lightning.pytorch")
+
+    def say(level: int, text: str) -> None:
+        log.handle(log.makeRecord(log.name, level, __file__, 0, text, None, None))
+
+    said.clear()
+    held = HeldInfo()
+    say(logging.INFO, "GPU available: False")
+    say(logging.WARNING, "a warning")
+    say(logging.INFO, "Seed set to 0")
+    assert said == ["a warning"]
+    held.release()
+    assert said == ["a warning", "GPU available: False", "Seed set to 0"]
+    held = HeldInfo()
+    say(logging.INFO, "held, then dropped")
+    held.drop()
+    say(logging.INFO, "after")
+    assert said[-1] == "after" and "held, then dropped" not in said
 
 
 def test_missing_local_dataset(run_cli, tmp_path) -> None:
@@ -556,6 +618,9 @@ def test_nothing_to_train_names_one_cut_short_thing_in_the_singular():
     assert trained_to_the_end("x.ckpt", 6, 6, ["evaluation"]) == (
         "nothing to train: x.ckpt is at step 6 and --trainer.max_steps is 6; its evaluation was cut short: finishing it")
     assert trained_to_the_end("x.ckpt", 5, 6, ["evaluation"]) is None
+    # no step limit (-1, Lightning's default; None): a resume always has steps to train
+    assert trained_to_the_end("x.ckpt", 6, -1, ["evaluation"]) is None
+    assert trained_to_the_end("x.ckpt", 6, None) is None
 
 
 def test_float16_true_precision_is_refused_like_bf16_true(tmp_path, monkeypatch, capsys):

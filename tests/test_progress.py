@@ -249,6 +249,44 @@ def test_resume_command_of_lightning_s_own_ddp_launcher_is_python(monkeypatch) -
     assert resume_command([], trainer) == "<launcher> train.py --ckpt_path last"
 
 
+def test_the_console_callbacks_are_added_once() -> None:
+    """gsae's run summary and step bar join the trainer's callbacks: the bar unless the progress bar is off or the
+    config names one of its own (``enable_progress_bar`` unset is Lightning's default, on); neither twice."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from gsae.callbacks.progress import StepProgressBar
+    from gsae.callbacks.summary import RunSummary
+    from gsae.cli import console_callbacks
+
+    def kinds(config: dict) -> list[type]:
+        return [type(c) for c in console_callbacks(config)]
+
+    assert kinds({}) == kinds({"enable_progress_bar": None}) == kinds({"enable_progress_bar": True}) == [
+        RunSummary, StepProgressBar]
+    assert kinds({"enable_progress_bar": False}) == [RunSummary]
+    assert kinds({"callbacks": [TQDMProgressBar()]}) == [RunSummary]
+    assert kinds({"callbacks": RunSummary()}) == [StepProgressBar]  # one callback, not in a list
+
+
+def test_only_global_rank_0_prints_the_run_summary(capsys) -> None:
+    """Every rank of a DDP run started by ``python train.py`` or torchrun runs ``main`` to its end: one summary, rank
+    0's, not one per rank."""
+    from types import SimpleNamespace
+
+    from gsae.callbacks.summary import RunSummary
+    from gsae.cli import print_summary
+
+    class Ended(RunSummary):
+        summary = "ended"
+
+        def render(self, resume_command: str | None = None) -> str:
+            return f"the run's summary; resume: {resume_command}"
+
+    for zero, printed in ((True, "the run's summary; resume: R\n"), (False, "")):
+        print_summary(SimpleNamespace(trainer=SimpleNamespace(is_global_zero=zero, callbacks=[Ended()])), "R")
+        assert capsys.readouterr().out == printed
+
+
 def test_a_run_stopped_before_its_first_checkpoint_offers_no_resume() -> None:
     """Ctrl+C before the first checkpoint: ``--ckpt_path last`` would fail (nothing to resume), so the summary gives
     the command that starts over; with a checkpoint, the resume."""

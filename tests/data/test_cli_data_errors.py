@@ -56,3 +56,5 @@ def test_pretokenized_ids_of_another_vocabulary_are_one_error_line(run_cli, tmp_
     assert code == 1
     assert line == ("error: --data.dataset: its input_ids hold token 48971, outside the model's vocabulary of 1391 "
                     "(pretokenized for another tokenizer? see --model.lm.name)"), line
+    # found at the first batch, after the logger made version_0: the empty run folder goes with it
+    assert not (tmp_path / "quickstart-topk").exists(), sorted(p.name for p in tmp_path.rglob("*"))

@@ -51,6 +51,16 @@ def test_two_nodes_equal_two_processes_on_one_node(tmp_path, single_node, launch
     assert not list((tmp_path / "node1").rglob("*.ckpt")), "only global rank 0 writes checkpoints"
 
 
+def test_the_failed_ranks_are_named_as_ranges() -> None:
+    """Rank 0's line names the ranks that failed before training in ranges (``ranks 0-2, 5 of 8 failed``)."""
+    from gsae.cli import _ranges
+
+    assert _ranges([3]) == "3"
+    assert _ranges([2, 3]) == "2-3"
+    assert _ranges([0, 1, 2, 5]) == "0-2, 5"
+    assert _ranges([1, 3, 4, 7]) == "1, 3-4, 7"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "srun", "env-2-per-node"])
 def test_a_check_failing_on_one_node_stops_every_node_at_once(tmp_path, single_node, launcher):

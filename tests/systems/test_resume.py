@@ -388,6 +388,13 @@ def test_newest_checkpoint_is_the_last_written_readable_one(tmp_path, caplog):
     assert newest_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")
     (tmp_path / "last.ckpt").unlink()  # and without last.ckpt: the latest step, whatever the file times
     assert newest_checkpoint(tmp_path) == str(tmp_path / "epoch=0-step=10.ckpt")
+    # a step checkpoint written before last.ckpt is of an earlier branch, whatever its step (one moved back from the
+    # folder a retraining set it aside in keeps its file time); one written after it at the same step is no later
+    save("last.ckpt", 10, 500.0)
+    save("epoch=0-step=30.ckpt", 30, 150.0)
+    assert newest_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")
+    os.utime(tmp_path / "epoch=0-step=10.ckpt", (700.0, 700.0))
+    assert newest_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")
 
 
 def test_evaluation_runs_after_the_steps_checkpoint_and_last_ckpt_are_written(tmp_path):
@@ -505,6 +512,12 @@ def test_a_run_killed_during_its_final_evaluation_is_finished_by_the_resume(tmp_
     assert main(args) == 0
     ckpts = tmp_path / "quickstart-topk" / "checkpoints"
     want = json.loads((ckpts / "epoch=0-step=6.ckpt.eval.json").read_text())["results"]
+    for f in ckpts.glob("*.eval.json"):  # a kill during the evaluation, after the export: the evaluation alone
+        f.unlink()
+    capsys.readouterr()
+    assert main([*args, "--ckpt_path", "last"]) == 0
+    assert f"nothing to train: {ckpts / 'last.ckpt'} is at step 6 and --trainer.max_steps is 6; its evaluation was cut " \
+        "short: finishing it" in capsys.readouterr().err
     for f in ckpts.glob("*.eval.json"):  # as a kill during the final evaluation leaves the folder
         f.unlink()
     shutil.rmtree(ckpts / "epoch=0-step=6.saelens")

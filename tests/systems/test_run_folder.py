@@ -392,6 +392,21 @@ def test_a_resume_lowering_save_top_k_keeps_the_newest_after_one_new_checkpoint(
     assert steps() == [20, 25]
 
 
+def test_a_resume_from_the_newest_step_s_own_checkpoint_rolls_nothing_back(tmp_path):
+    """A resume from the step checkpoint of the newest step, beside a ``last.ckpt`` of that step (a copy, as with
+    ``--checkpoint.save_last true``), retrains nothing: no later checkpoint to set aside (a roll-back would warn that
+    the checkpoints after that step are gone); from an earlier step, the newest is the one reached."""
+    import torch
+
+    from gsae.cli import _later_checkpoints
+
+    for i, (name, step) in enumerate([("epoch=0-step=10.ckpt", 10), ("epoch=0-step=20.ckpt", 20), ("last.ckpt", 20)]):
+        torch.save({"gsae": {}, "global_step": step}, tmp_path / name)
+        os.utime(tmp_path / name, (100.0 + i, 100.0 + i))
+    assert _later_checkpoints(str(tmp_path / "epoch=0-step=20.ckpt"), 20) is None
+    assert _later_checkpoints(str(tmp_path / "epoch=0-step=10.ckpt"), 10) == (tmp_path / "last.ckpt", 20)
+
+
 def test_a_roll_back_says_the_step_resumed_and_the_step_reached(tmp_path, monkeypatch, caplog):
     from gsae.cli import main
     from tests.conftest import quickstart_args
