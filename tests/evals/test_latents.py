@@ -6,6 +6,7 @@ import html
 import itertools
 import json
 import re
+import statistics
 from html.parser import HTMLParser
 
 import pytest
@@ -92,6 +93,25 @@ def test_dashboard_matches_a_naive_reference(tiny) -> None:
         assert decoded(lm, [s for s, _ in e["promoted"]], lens.topk(8).indices.tolist())
         assert decoded(lm, [s for s, _ in e["suppressed"]], (-lens).topk(8).indices.tolist())
         assert e["mean_beta_attribution"] is None
+        nz = col[col != 0]
+        assert e["max_act"] == pytest.approx(float(nz.max()), abs=2e-4)
+        assert e["mean_act"] == pytest.approx(float(nz.mean()), abs=2e-4)  # over the tokens it fires on, not all
+        # histogram: 24 bins from 0 (or a lower negative activation) to the maximum, counting the nonzero activations
+        lo, hi = min(0.0, float(nz.min())), float(nz.max())
+        edges, counts = e["hist"]["edges"], e["hist"]["counts"]
+        assert len(edges) == 25 and len(counts) == 24
+        assert edges[0] == pytest.approx(lo, abs=1e-4) and edges[-1] == pytest.approx(hi, abs=1e-4)
+        ref = torch.histogram(nz.double(), bins=24, range=(lo, hi)).hist
+        assert torch.equal(torch.tensor(counts, dtype=torch.float64), ref)
+        # the logit lens' values: ln_final's centring (and gain, when not folded) of the decoder row, then W_U
+        w = sae.W_dec[e["latent"]].detach()
+        d = w - w.mean()
+        if getattr(lm.model.ln_final, "w", None) is not None:
+            d = d * lm.model.ln_final.w.detach()
+        logits = d @ lm.W_U.detach()
+        assert [v for _, v in e["promoted"]] == pytest.approx(logits.topk(8).values.tolist(), abs=1e-3)
+        assert [v for _, v in e["suppressed"]] == pytest.approx((-logits).topk(8).values.neg().tolist(), abs=1e-3)
+    assert r["shown_median_density"] == pytest.approx(statistics.median_low([e["density"] for e in r["latents"]]))
     json.dumps(r)
 
 
@@ -205,6 +225,9 @@ def test_texts_reach_tensorboard(tiny, tmp_path) -> None:
     assert "a<strong>·</strong>·· b" in row, row
     figs = tagged_figures({"latents": r})
     assert list(figs) == ["eval/latents/activation_histograms"]
+    # tags are zero-padded to the width of the largest latent index, d_sae - 1 (so they sort by latent)
+    for d_sae, tag in [(10, "latent_7"), (1000, "latent_007"), (1001, "latent_0007")]:
+        assert list(latents_mod.texts({**r, "setup": {**r["setup"], "d_sae": d_sae}, "latents": [{**e, "latent": 7}]})) == [tag]
 
 
 def keep_everything(sae, lm, tokens, grad: bool, batch_size: int, **kw) -> tuple[list[dict], int]:
@@ -518,6 +541,10 @@ def test_no_logit_lens_off_the_residual_stream(tiny) -> None:
     on_stream = run_benchmark("latents", randomize(TopKSAE(lm.d_model, d_sae=64, k=4), seed=1), lm, HOOK, tokens[:6],
                               seed=0, n_latents=3, n_contexts=2)
     assert all(e["promoted"] for e in on_stream["latents"])
+    three = run_benchmark("latents", randomize(TopKSAE(lm.d_model, d_sae=64, k=4), seed=1), lm, HOOK, tokens[:6],
+                          seed=0, n_latents=3, n_contexts=2, n_logit_tokens=3)
+    for e, full in zip(three["latents"], on_stream["latents"]):  # n_logit_tokens: the first 3 of the lens' 8
+        assert e["promoted"] == full["promoted"][:3] and e["suppressed"] == full["suppressed"][:3]
 
 
 def test_interval_counts_agree_with_the_tokens_drawn_from_each_interval():
@@ -527,3 +554,113 @@ def test_interval_counts_agree_with_the_tokens_drawn_from_each_interval():
     out = latents_mod._intervals(act, torch.tensor([], dtype=torch.long), n_intervals=2, n_per=10, seed=0, latent=0)
     assert [(o["lo"], o["hi"]) for o in out] == [(3.0, 5.0), (1.0, 3.0)]
     assert [o["n_tokens"] for o in out] == [len(o["flats"]) for o in out] == [3, 2]
+    # a top context whose activation is an inner edge (3.0) counts in the interval that holds it, the upper one
+    shown = torch.tensor([3, 5])  # activations 3.0 and 5.0
+    out = latents_mod._intervals(act, shown, n_intervals=2, n_per=10, seed=0, latent=0)
+    assert [o["n_top"] for o in out] == [2, 0] and [o["n_tokens"] - len(o["flats"]) for o in out] == [2, 0]
+
+
+@pytest.mark.parametrize("bad", [{"n_contexts": 0}, {"hist_bins": 0}, {"n_per_interval": 0}, {"n_latents": -1},
+                                 {"n_intervals": -1}])
+def test_run_rejects_bad_counts_before_any_work(bad) -> None:
+    """A bad count is refused before the language model is touched (``lm=None`` here), not after the evaluation
+    (``n_contexts=0`` sampled latents firing ``>= 0`` times: dead ones)."""
+    sae = TopKSAE(8, d_sae=16, k=2)
+    with pytest.raises(ValueError, match="n_contexts, n_per_interval, hist_bins > 0"):
+        latents_mod.run(sae, None, HOOK, torch.zeros(1, 4, dtype=torch.long), **bad)
+
+
+def card(contexts: list[dict], intervals: list[dict] | None = None, gsae: bool = False, **kw) -> tuple[dict, dict]:
+    """A hand-made dashboard entry (maximum activation 4) and its result, for the renderers alone."""
+    entry = {"latent": 3, "density": 0.01, "n_fires": 9, "max_act": 4.0, "mean_act": 1.5,
+             "hist": {"edges": [0.0, 2.0, 4.0], "counts": [5, 4]}, "contexts": contexts, "intervals": intervals or [],
+             "mean_beta_attribution": 0.5 if gsae else None,
+             "promoted": [[" from", 1.5], ["<i>", 1.25]], "suppressed": [["\n", -2.0], ["&", -1.0]]} | kw
+    result = {"n_tokens": 900, "n_alive": 50, "n_latents": 1, "shown_median_density": 0.01,
+              "setup": {"hook": HOOK, "d_sae": 64, "seed": 0, "gsae": gsae, "n_intervals": 3}, "latents": [entry]}
+    return entry, result
+
+
+def ctx(tokens: list[str], acts: list[float], marked: int) -> dict:
+    return {"seq": 0, "pos": marked, "marked": marked, "tokens": tokens, "acts": acts}
+
+
+TOKEN_SPAN = re.compile(r'<span class="(tok(?: mark)?)"(?: style="background:rgba\(234,122,44,([0-9.]+)\)")? '
+                        r'title="activation [^"]*">([^<]*)(?:<sub>([^<]*)</sub>)?</span>')
+
+
+def test_html_escapes_text_and_shows_whitespace_tokens() -> None:
+    """Token strings, the logit lens' tokens and ``about`` are HTML-escaped; a newline shows as ``↵``, a run of spaces
+    as ``·`` (HTML would collapse it); the logit lens' tokens are quoted (a leading space stays visible), promoted ones
+    under "promotes", suppressed ones under "suppresses"."""
+    top = ctx(["<script>", "\n", "  ", " a&b"], [0.0, 1.0, 0.0, 4.0], 3)
+    _, result = card([top])
+    page = latents_html.render_html(result, about="ckpt <v1> & co")
+    assert "<script" not in page and "&lt;script&gt;" in page and " a&amp;b<sub>4</sub>" in page
+    assert ">↵<sub>1</sub>" in page and '<span class="sp">··</span>' in page
+    assert "<title>Latents · ckpt &lt;v1&gt; &amp; co</title>" in page and "<b>ckpt &lt;v1&gt; &amp; co</b>" in page
+    assert "50 of 64 latents alive on 900 held-out tokens · 1 latents shown" in page
+    pos = page.split('<table class="pos">')[1].split("</table>")[0]
+    neg = page.split('<table class="neg">')[1].split("</table>")[0]
+    assert "promotes" in pos and "suppresses" in neg
+    assert "<td>&#x27; from&#x27;</td><td class=v>+1.500</td>" in pos and "<td>&#x27;&lt;i&gt;&#x27;</td>" in pos
+    assert "<td>&#x27;\\n&#x27;</td><td class=v>-2.000</td>" in neg and "<td>&#x27;&amp;&#x27;</td>" in neg
+
+
+def test_html_token_shading_and_numbers_follow_the_latents_maximum() -> None:
+    """Every token is shaded by its activation over the latent's maximum (in interval examples too, so they compare
+    with the top contexts), capped at 0.85; a token carries its activation as a number only when nonzero; the row's
+    first cell is the activating token's activation, not the window's largest."""
+    tops = [ctx(["w0", "w1", "w2", "w3"], [0.0, 1.0, 0.0, 4.0], 3), ctx(["x0", "x1"], [0.5, 2.0], 1)]
+    example = ctx(["y0", "y1", "y2"], [2.0, 1.0, 0.0], 1)  # a neighbour above the activating token
+    group = {"lo": 0.5, "hi": 2.0, "n_tokens": 5, "n_top": 1, "contexts": [example]}
+    _, result = card(tops, [group])
+    page = latents_html.render_html(result)
+    want = []
+    for c in [*tops, example]:
+        for k, (t, a) in enumerate(zip(c["tokens"], c["acts"])):
+            want.append(("tok mark" if k == c["marked"] else "tok", f"{0.85 * a / 4.0:.2f}" if a else "", t,
+                         latents_html._fmt(a) if a else ""))
+    assert TOKEN_SPAN.findall(page) == want
+    assert re.findall(r'<span class="a">([^<]*)</span>', page) == ["4", "2", "1"]
+
+
+def test_dead_latent_card_says_it_never_fires() -> None:
+    """A latent that never fires (named, or dead): "never fires here", and no "all its 0 tokens are among the top"."""
+    entry, result = card([], n_fires=0, density=0.0, max_act=0.0, mean_act=0.0,
+                         hist={"edges": [0.0, 0.5, 1.0], "counts": [0, 0]})
+    page = latents_html.render_html(result)
+    assert "never fires here" in page and "random examples" not in page
+    assert "random examples" not in latents_html.render_markdown(entry, result)
+
+
+def test_gsae_index_table_has_an_attribution_column() -> None:
+    """The index table of a g-SAE's page: one header cell per column, the attribution's included."""
+    _, result = card([ctx(["a", "b"], [0.0, 4.0], 1)], gsae=True)
+    page = latents_html.render_html(result)
+    index = page.split('<table class="index">')[1].split("</table>")[0]
+    head, row = index.split("</tr>")[:2]
+    assert head.count("<th>") == row.count("<td>") == 5 and "<th>mean β·|W_dec∇ₓL|</th>" in head
+    assert "<td>0.5</td>" in row
+
+
+def test_histogram_svg_draws_one_bar_per_nonempty_bin() -> None:
+    svg = latents_html.histogram_svg([0.0, 1.0, 2.0, 3.0, 4.0], [1, 0, 3, 2])
+    bars = re.findall(r'<rect x="([\d.]+)" y="[\d.]+" width="[\d.]+" height="([\d.]+)"', svg)
+    h = 130 - 8 - 30  # the plot's height inside its margins
+    assert [float(b) for _, b in bars] == pytest.approx([h / 3, h, 2 * h / 3], abs=0.06)  # heights ∝ count
+    assert [float(x) for x, _ in bars] == sorted(float(x) for x, _ in bars)
+    assert 'text-anchor="end">3</text>' in svg  # the y axis' top: the largest count
+
+
+def test_markdown_rows_keep_pipes_and_the_activating_tokens_value() -> None:
+    """On TensorBoard: a ``|`` in a token stays in its table cell (not a new column); a row starts with the
+    activating token's activation; an interval example shows 4 tokens before the activating one and 1 after."""
+    top = ctx(["a|b", " c", "d"], [3.0, 1.0, 0.0], 1)
+    example = ctx([f"t{i}" for i in range(10)], [0.0] * 6 + [1.5, 0.0, 0.0, 0.0], 6)
+    group = {"lo": 1.0, "hi": 2.0, "n_tokens": 3, "n_top": 0, "contexts": [example]}
+    entry, result = card([top], [group])
+    page = plugin_util.markdown_to_safe_html(latents_html.render_markdown(entry, result))
+    row = page.split("<tbody>")[1].split("</tr>")[0]
+    assert re.findall(r"<td>(.*?)</td>", row) == ["1", "a&#124;b <strong>c</strong>d"]
+    assert "…t2t3t4t5<strong>t6</strong>t7… (1.5)" in page

@@ -41,11 +41,19 @@ def test_matches_naive_full_sequence_steering(tiny_lm):
     sae, toks = build_topk(), build_tokens(4, 16)
     r = steering.run(sae, tiny_lm, HOOK, toks, **{**SMALL, "n_positions": 1}, max_rows=4)  # several chunks
     s, t = r["positions"][0]
+    naive = []
     for k, latent in enumerate(r["latents"]):
         d = sae.W_dec[latent].detach() / sae.W_dec[latent].detach().norm()
-        on, off_add, _ = _naive(tiny_lm, toks, s, t, d, 50.0, r["top_tokens"][k])
+        on, off_add, off_abs = _naive(tiny_lm, toks, s, t, d, 50.0, r["top_tokens"][k])
+        naive.append((on, off_add, off_abs))
         assert r["per_latent_on_target"][k] == pytest.approx(on, abs=1e-5)
         assert r["per_latent_off_target_added"][k] == pytest.approx(off_add, abs=1e-5)
+    # the scalars and the curves at α = 50: means over the latents of the three sums
+    mean = torch.tensor(naive, dtype=torch.float64).mean(0).tolist()
+    assert [r["on_target"], r["off_target_added"], r["off_target_abs"]] == pytest.approx(mean, abs=1e-5)
+    j = r["alphas"].index(50.0)
+    curves = [r["on_target_curve"][j], r["off_target_added_curve"][j], r["off_target_abs_curve"][j]]
+    assert curves == pytest.approx(mean, abs=1e-5)
     # targets are the top-n logit-lens tokens of each direction (fold_ln: γ in W_U, ln_final still centres)
     d0 = sae.W_dec[r["latents"][0]].detach()
     assert set(r["top_tokens"][0]) == set(((d0 - d0.mean()) @ tiny_lm.W_U).topk(5).indices.tolist())
@@ -65,6 +73,7 @@ def test_deterministic_and_seeded(tiny_lm):
     c = steering.run(build_topk(), tiny_lm, HOOK, toks, seed=4, **SMALL)
     assert a == b
     assert (a["latents"], a["positions"]) != (c["latents"], c["positions"])
+    assert a["latents"] == sorted(a["latents"]) and len(set(a["latents"])) == len(a["latents"])
 
 
 def test_all_positions_mode_and_figures(tiny_lm):
@@ -167,3 +176,71 @@ def test_the_steering_direction_is_the_unit_decoder_row_whatever_its_norm(tiny_l
     assert scaled["latents"] == ref["latents"]
     assert scaled["on_target_curve"] == pytest.approx(ref["on_target_curve"], rel=1e-5, abs=1e-9)
     assert scaled["off_target_abs_curve"] == pytest.approx(ref["off_target_abs_curve"], rel=1e-5, abs=1e-9)
+
+
+def test_alive_latents_leave_special_positions_out(tiny_lm):
+    """A latent alive only on BOS is not alive (nor steered); ``n_alive`` and ``alive_fraction`` count the latents
+    selected on some non-special token, written out by hand (TopK of the raw pre-activations)."""
+    sae, toks = build_topk(d_sae=2048, k=4), build_tokens(2, 8)
+    x = tiny_lm.activations(toks, HOOK).reshape(-1, 64)
+    idx = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).topk(4, dim=-1).indices
+    special = torch.isin(toks.reshape(-1), torch.tensor(tiny_lm.special_token_ids))
+    alive = set(idx[~special].flatten().tolist())
+    assert set(idx.flatten().tolist()) != alive  # some latents are selected on BOS only
+    assert steering.alive_latents(sae, tiny_lm, HOOK, toks, 2, True).tolist() == sorted(alive)
+    assert set(steering.alive_latents(sae, tiny_lm, HOOK, toks, 2, False).tolist()) == set(idx.flatten().tolist())
+    r = steering.run(sae, tiny_lm, HOOK, toks, n_latents=4, n_positions=1, alphas=(50.0,), top_n=3)
+    assert r["n_alive"] == len(alive) and r["alive_fraction"] == len(alive) / 2048 and set(r["latents"]) <= alive
+
+
+def test_sample_positions_cycle_through_distinct_sequences_at_uniform_unmasked_positions():
+    """Every usable sequence once before any twice; sequences with no unmasked position never; t any unmasked
+    position of the sequence, uniformly (not always the same one)."""
+    from collections import Counter
+
+    mask = torch.ones(5, 12, dtype=torch.bool)
+    mask[:, 0] = False
+    mask[2] = False  # nothing to steer in sequence 2
+    mask[3, 5:] = False
+    gen = torch.Generator().manual_seed(0)
+    pos = steering.sample_positions(mask, 10, gen)
+    seqs = [s for s, _ in pos]
+    assert sorted(seqs[:4]) == sorted(seqs[4:8]) == [0, 1, 3, 4] and len(set(seqs[8:])) == 2
+    assert all(mask[s, t] for s, t in pos)
+    many = steering.sample_positions(mask, 800, gen)
+    assert all(mask[s, t] for s, t in many)
+    per_t = Counter(t for s, t in many if s == 0)  # 200 draws over the 11 unmasked positions of sequence 0
+    assert set(per_t) == set(range(1, 12)) and max(per_t.values()) < 40
+    with pytest.raises(ValueError, match="no unmasked position"):
+        steering.sample_positions(torch.zeros(2, 4, dtype=torch.bool), 1, gen)
+
+
+@pytest.mark.parametrize("mode", ["position", "all"])
+def test_no_forward_runs_more_than_max_rows(tiny_lm, monkeypatch, mode):
+    """``max_rows`` bounds the rows of every steering forward (the unsteered row included); steering one position
+    goes through ``last_position_logits`` (the shared prefix run once), steering all of them through whole rows."""
+    rows: dict[str, list[int]] = {"hidden": [], "last": []}
+    hidden, last = tiny_lm.hidden_from_hook, tiny_lm.last_position_logits
+
+    def spy_hidden(x, *a, **k):
+        rows["hidden"].append(x.shape[0])
+        return hidden(x, *a, **k)
+
+    def spy_last(x, hook, new, *a, **k):
+        rows["last"].append(new.shape[0])
+        return last(x, hook, new, *a, **k)
+
+    monkeypatch.setattr(tiny_lm, "hidden_from_hook", spy_hidden)
+    monkeypatch.setattr(tiny_lm, "last_position_logits", spy_last)
+    r = steering.run(build_topk(), tiny_lm, HOOK, build_tokens(4, 16), **SMALL, mode=mode, max_rows=4)
+    assert max(rows["hidden"] + rows["last"]) <= 4
+    chunks = r["n_positions"] * r["n_latents"]  # (4 - 1) // 2 alphas: one latent per forward
+    assert len(rows["last"]) == (chunks if mode == "position" else 0)
+
+
+def test_positions_are_the_same_for_every_sae_on_the_same_tokens(tiny_lm):
+    """Two SAEs with different numbers of alive latents (the latent draw differs) are steered at the same positions."""
+    toks = build_tokens(6, 16)
+    a = steering.run(build_topk(d_sae=128), tiny_lm, HOOK, toks, seed=3, **SMALL)
+    b = steering.run(build_topk(d_sae=300), tiny_lm, HOOK, toks, seed=3, **SMALL)
+    assert a["n_alive"] != b["n_alive"] and a["positions"] == b["positions"]
