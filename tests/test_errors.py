@@ -237,7 +237,7 @@ def test_a_full_disk_says_that_the_checkpoints_written_are_kept() -> None:
     assert user_message(named) == "[Errno 28] No space left on device: '/runs/x/last.ckpt'"
 
 
-def test_lightning_s_info_lines_are_said_once_the_options_hold(run_cli, monkeypatch) -> None:
+def test_lightning_s_info_lines_are_said_once_the_options_hold(run_cli, monkeypatch, request) -> None:
     """Lightning's INFO lines (``Seed set to 0``, ``GPU available: …``) are held while the trainer and the model are
     built: a bad option's error comes alone (and in a subprocess: tests/test_cli_errors.py), and a run whose options
     hold says them, in order, before training. Warnings are not held; what is held after an error is dropped."""
@@ -252,7 +252,10 @@ def test_lightning_s_info_lines_are_said_once_the_options_hold(run_cli, monkeypa
             said.append(record.getMessage())
 
     for name in HeldInfo.LOGGERS:
-        monkeypatch.setattr(logging.getLogger(name), "handlers", [Keep()])
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "handlers", [Keep()])
+        request.addfinalizer(lambda logger=logger, level=logger.level: logger.setLevel(level))
+        logger.setLevel(logging.INFO)  # an earlier test may have quieted Lightning (tests/science sets ERROR)
     code, _ = run_cli("--model.init_args.sae.init_args.k", "2000")
     assert code == 1 and not any("Seed set" in s for s in said), said
     assert run_cli("--evaluation.enabled", "false")[0] == 0
