@@ -211,12 +211,8 @@ def _yaml_problem(args: list[str]) -> str | None:
     """``--config FILE: YAML syntax error at line L, column C: problem`` for the first config that does not parse."""
     import yaml
 
-    for path in _config_paths(args):
-        try:
-            yaml.safe_load(Path(path).read_text())
-        except OSError:
-            continue
-        except yaml.YAMLError as e:
+    for path, e in _read_configs(args):
+        if isinstance(e, yaml.YAMLError):
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -225,6 +221,22 @@ def _yaml_problem(args: list[str]) -> str | None:
                 problem += f" ({context} from line {cmark.line + 1}, column {cmark.column + 1})"
             return f"--config {path}: YAML syntax error{where}: {problem}"
     return None
+
+
+def _read_configs(args: list[str]):
+    """``(path, YAML content or the YAMLError)`` of each ``--config`` file that can be read, in order (inline configs
+    and missing files are left out)."""
+    import yaml
+
+    for path in _config_paths(args):
+        try:
+            text = Path(path).expanduser().read_text()
+        except (OSError, ValueError):
+            continue
+        try:
+            yield path, yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            yield path, e
 
 
 def _config_paths(args: list[str]) -> list[str]:
@@ -244,15 +256,9 @@ def _config_holding(args: list[str], test) -> str | None:
     """The first ``--config`` file whose YAML passes ``test`` (the one an error is about), else the last one given."""
     import yaml
 
+    found = (path for path, data in _read_configs(args) if not isinstance(data, yaml.YAMLError) and test(data))
     paths = _config_paths(args)
-    for path in paths:
-        try:
-            data = yaml.safe_load(Path(path).expanduser().read_text())
-        except (OSError, ValueError, yaml.YAMLError):
-            continue
-        if test(data):
-            return path
-    return paths[-1] if paths else None
+    return next(found, paths[-1] if paths else None)
 
 
 def _holds(data, keys: list[str]) -> bool:
