@@ -41,6 +41,7 @@ Statistics (one-sided, alternative = the paper's direction, all at level :data:`
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -177,8 +178,6 @@ def train_sae(
 
     from gsae.systems import LocalSAESystem
 
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     pl.seed_everything(seed, verbose=False)
     if kind == "topk":
         factory = lambda d: TopKSAE(d, d_sae, k, k_aux=k_aux, seed=seed)  # noqa: E731
@@ -202,21 +201,36 @@ def train_sae(
     data = TokenDataModule(
         lm, dataset="gsae-corpus", context_size=CONTEXT, batch_size=BATCH, val_batches=1, seed=TRAIN_SEED
     )
-    trainer = pl.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-        devices=1,
-    )
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(system, datamodule=data)
+    with _lightning_quiet():
+        trainer = pl.Trainer(
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            accelerator="cpu",
+            devices=1,
+        )
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(system, datamodule=data)
     return system.sae.eval(), system, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _lightning_quiet():
+    """Lightning's loggers at ERROR for the block, then back to the levels they had (other tests read their INFO)."""
+    loggers = [logging.getLogger(name) for name in ("lightning", "lightning.pytorch", "lightning.fabric")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------- statistics
