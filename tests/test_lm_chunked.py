@@ -74,6 +74,8 @@ def test_ce_sum_and_grad_equal_the_unchunked_autograd(chunk, padded):
 
 @PADDED
 @pytest.mark.parametrize("chunk", [None, 4 * V, V])
+# a ragged last chunk gets buffers of its own size: torch's resizing of a smaller `out=` tensor is deprecated (it warns now)
+@pytest.mark.filterwarnings("error:An output with one or more elements was resized")
 def test_kl_per_token_and_its_gradient_equal_the_unchunked_definition(chunk, padded):
     h_clean, W_U, b_U, _ = setup(1)
     W, b, kw = unembedding(W_U, b_U, padded)
@@ -206,23 +208,31 @@ def test_evaluation_kl_is_accurate_against_float64_near_and_far():
     """The evaluation KL (``_kl_rows``: ``Σ p (expm1(u) − u) + log1p(b) − b`` for nearby states, the direct form for
     far ones) against a float64 reference at GPT-2's vocabulary: nearby states (KL ~1e-4 nats) within 1e-4 relative
     (the log-softmax difference form is at ~1e-3 there), far states (KL of several nats, logits rising by > 2) within
-    1e-5; both through ``kl_to_reference`` and ``ce_and_kl_per_token``."""
+    1e-5, and states in between (a centred logit rising by 8–20 nats: the direct form, ~5e-7; ``expm1``'s form lost
+    ~2e-5 to cancellation there) within 5e-6; both through ``kl_to_reference`` and ``ce_and_kl_per_token``."""
     g = torch.Generator().manual_seed(0)
     n, d, v = 48, 64, 50257
     W_U, b_U = torch.randn(d, v, generator=g) / 4, torch.randn(v, generator=g) * 0.1
     h_clean = torch.randn(n, d, generator=g)
     near = h_clean + 0.005 * torch.randn(n, d, generator=g)
     far = 3 * torch.randn(n, d, generator=g)
+    mid = h_clean + 1.5 * torch.randn(n, d, generator=g)
     lp = lambda h: torch.log_softmax(h.double() @ W_U.double() + b_U.double(), -1)  # noqa: E731
-    want = {name: (lp(h_clean).exp() * (lp(h_clean) - lp(h))).sum(-1) for name, h in (("near", near), ("far", far))}
+    states = (("near", near), ("far", far), ("mid", mid))
+    want = {name: (lp(h_clean).exp() * (lp(h_clean) - lp(h))).sum(-1) for name, h in states}
     assert float(want["near"].max()) < 1e-3 and float(want["far"].min()) > 1.0
+    p_clean = lp(h_clean).exp()
+    u = lp(mid) - lp(h_clean)
+    rise = (u - (p_clean * u).sum(-1, keepdim=True)).amax(-1)  # the largest centred logit rise of each mid row
+    assert float(rise.min()) > 8 and float(rise.max()) < 20
     kept = lm_chunked.reference(h_clean, W_U, b_U)
-    via_ref = lm_chunked.kl_to_reference(kept, torch.stack([near, far]), W_U, b_U, chunk_elements=16 * v)
+    via_ref = lm_chunked.kl_to_reference(kept, torch.stack([near, far, mid]), W_U, b_U, chunk_elements=16 * v)
     tokens = torch.randint(0, v, (1, n), generator=g)
-    via_ce = lm_chunked.ce_and_kl_per_token(h_clean[None], [near[None], far[None]], W_U, b_U, tokens).kl[:, 0]
+    via_ce = lm_chunked.ce_and_kl_per_token(h_clean[None], [near[None], far[None], mid[None]], W_U, b_U, tokens).kl[:, 0]
     for got in (via_ref, via_ce.double()):
         assert float(((got[0] - want["near"]).abs() / want["near"]).max()) < 1e-4
         assert float(((got[1] - want["far"]).abs() / want["far"]).max()) < 1e-5
+        assert float(((got[2] - want["mid"]).abs() / want["mid"]).max()) < 5e-6
     textbook = kl_div_per_token(h_clean @ W_U + b_U, near @ W_U + b_U).double()
     assert float(((textbook - want["near"]).abs() / want["near"]).max()) > 3e-4  # what the new form improves on
 
@@ -295,3 +305,105 @@ def test_evaluation_kl_ignores_a_common_shift_of_the_logits(shift):
     got = lm_chunked._kl_rows(l_ref, torch.softmax(l_ref, -1), l_new.clone())
     assert torch.isfinite(got).all()
     assert float(((got - want).abs() / want).max()) < 1e-4, float(((got - want).abs() / want).max())
+
+
+def test_a_chunk_holds_at_most_chunk_elements_of_the_padded_width():
+    """``chunk_elements`` counts the logits of the matmul's width, the padded one (``CHUNK_ELEMENTS``: 667 positions
+    of GPT-2's vocabulary padded to 50,304), not the real vocabulary's: with 4·97 elements per chunk every chunked
+    function's ``(rows, 128)`` products hold 3 rows (4 rows of 128 columns would be 512 elements)."""
+    h, W_U, b_U, tokens = setup(3, b=4, t=8)
+    W, b, kw = unembedding(W_U, b_U, True)
+    chunk = 4 * V
+    hn = (h + 0.1 * torch.randn(h.shape, generator=torch.Generator().manual_seed(4))).requires_grad_(True)
+    kept = lm_chunked.reference(h.reshape(-1, D), W, b, **kw)
+    runs = {
+        "ce_sum_and_grad": lambda: lm_chunked.ce_sum_and_grad(h, W, b, tokens, chunk_elements=chunk, **kw),
+        "kl_per_token": lambda: lm_chunked.kl_per_token(h, hn, W, b, chunk_elements=chunk, **kw).sum().backward(),
+        "ce_and_kl_per_token": lambda: lm_chunked.ce_and_kl_per_token(h, [hn.detach()], W, b, tokens,
+                                                                      chunk_elements=chunk, **kw),
+        "kl_to_reference": lambda: lm_chunked.kl_to_reference(kept, hn.detach().reshape(1, -1, D), W, b,
+                                                              chunk_elements=chunk, **kw),
+    }
+    for name, run in runs.items():
+        with VocabTensors(W) as seen:
+            run()
+        assert seen.rows and max(seen.rows) == chunk // W.shape[1] == 3, (name, seen.rows)
+
+
+def test_token_zero_is_a_next_token_like_any_other():
+    """Token id 0 (GPT-2's ``!``) is a real label: only a sequence's last position (label −1 inside the chunked
+    functions) predicts nothing. On tokens that are mostly 0, the CE sums, CE per token and the CE gradient equal the
+    unchunked definitions (a ``label > 0`` test would drop every position that predicts token 0)."""
+    h, W_U, b_U, tokens = setup(15)
+    tokens[:, ::2] = 0
+    assert (tokens[:, 1:] == 0).sum() >= 6
+    h_ref = h.clone().requires_grad_(True)
+    ref = next_token_loss(h_ref @ W_U + b_U, tokens, "sum")
+    (g,) = torch.autograd.grad(ref, h_ref)
+    loss, dh = lm_chunked.ce_sum_and_grad(h, W_U, b_U, tokens, chunk_elements=4 * V)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(dh, g, rtol=1e-5, atol=1e-6)
+    labels = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1).reshape(-1)
+    chunk_loss, _ = lm_chunked.ce_chunk(h.reshape(-1, D) @ W_U + b_U, labels, V, torch.float32)
+    torch.testing.assert_close(chunk_loss, ref, rtol=1e-6, atol=1e-5)
+    res = lm_chunked.ce_and_kl_per_token(h, [h + 0.1], W_U, b_U, tokens, chunk_elements=4 * V)
+    torch.testing.assert_close(res.ce_clean[:, :-1], next_token_loss(h @ W_U + b_U, tokens, "none"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res.ce[0, :, :-1], next_token_loss((h + 0.1) @ W_U + b_U, tokens, "none"), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_logits_spread_over_hundreds_of_nats_give_the_unchunked_values():
+    """A sharp distribution (logits spread over hundreds of nats, where ``exp`` of them overflows float32): each row is
+    shifted by its largest logit before the ``exp``, so the chunked CE, its gradient and the KL stay finite and equal
+    the unchunked (log-softmax) definitions."""
+    h, W_U, b_U, tokens = setup(16)
+    h = h * 40
+    logits = h @ W_U + b_U
+    assert float((logits.amax(-1) - logits.amin(-1)).min()) > 200
+    h_ref = h.clone().requires_grad_(True)
+    ref = next_token_loss(h_ref @ W_U + b_U, tokens, "sum")
+    (g,) = torch.autograd.grad(ref, h_ref)
+    loss, dh = lm_chunked.ce_sum_and_grad(h, W_U, b_U, tokens, chunk_elements=4 * V)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(dh, g, rtol=1e-5, atol=1e-5)
+    h_new = (h + 0.5 * torch.randn(h.shape, generator=torch.Generator().manual_seed(17))).requires_grad_(True)
+    kl = lm_chunked.kl_per_token(h, h_new, W_U, b_U, chunk_elements=4 * V)
+    (g_kl,) = torch.autograd.grad(kl.sum(), h_new)
+    h_ref = h_new.detach().clone().requires_grad_(True)
+    want = kl_div_per_token(logits, h_ref @ W_U + b_U)
+    (g_want,) = torch.autograd.grad(want.sum(), h_ref)
+    torch.testing.assert_close(kl, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g_kl, g_want, rtol=1e-4, atol=1e-4)
+    res = lm_chunked.ce_and_kl_per_token(h, [h_new.detach()], W_U, b_U, tokens, chunk_elements=4 * V)
+    torch.testing.assert_close(res.ce_clean[:, :-1], next_token_loss(logits, tokens, "none"), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(res.kl[0], want.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_under_autocast_the_vocabulary_matmuls_run_in_the_autocast_dtype():
+    """Under bf16 autocast every chunked function computes the logits in bf16 (then upcasts for the softmax), as the
+    LM's own unembedding does under autocast: the same numbers, bit for bit, as a bf16 unembedding outside autocast,
+    and not the float32 ones."""
+    h, W_U, b_U, tokens = setup(4)
+    W, b, kw = unembedding(W_U, b_U, True)
+    h_new = h + 0.2 * torch.randn(h.shape, generator=torch.Generator().manual_seed(18))
+    weights = torch.rand(h.shape[:-1], generator=torch.Generator().manual_seed(19))
+
+    def every_output(W, b):
+        loss, dh = lm_chunked.ce_sum_and_grad(h, W, b, tokens, chunk_elements=4 * W.shape[1], **kw)
+        x = h_new.clone().requires_grad_(True)
+        kl = lm_chunked.kl_per_token(h, x, W, b, chunk_elements=4 * W.shape[1], **kw)
+        (g,) = torch.autograd.grad((kl * weights).sum(), x)
+        res = lm_chunked.ce_and_kl_per_token(h, [h_new], W, b, tokens, **kw)
+        ref = lm_chunked.reference(h.reshape(-1, D), W, b, **kw)
+        to_ref = lm_chunked.kl_to_reference(ref, h_new.reshape(1, -1, D), W, b, **kw)
+        return {"ce": loss, "dh": dh, "kl": kl, "kl_grad": g, "ce_clean": res.ce_clean, "ce_run": res.ce,
+                "kl_run": res.kl, "ref_logits": ref.logits, "kl_to_reference": to_ref}
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = every_output(W, b)
+    bf16 = every_output(W.bfloat16(), b.bfloat16())
+    fp32 = every_output(W, b)
+    for key, value in autocast.items():
+        assert value.dtype == fp32[key].dtype, key  # float32 outputs; gradients in h's dtype; the KL in float64
+        assert torch.equal(value, bf16[key]), key
+        assert not torch.equal(value, fp32[key]), key

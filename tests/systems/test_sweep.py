@@ -722,3 +722,79 @@ def test_a_members_dead_fraction_is_the_batch_window_one(tmp_path):
          callbacks=[check], log_every_n_steps=1)
     assert check.seen and any(by_batches > 0 for _, by_batches in check.seen)
     assert all(logged == by_batches for logged, by_batches in check.seen), check.seen
+
+
+class RecordLogged(pl.Callback):
+    """Every value ``trainer.callback_metrics`` holds after each training batch and each validation (what the console,
+    the summary and the loggers get), as ``{(stage, step): {tag: value}}``."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, int], dict[str, float]] = {}
+
+    def _record(self, trainer, stage: str) -> None:
+        if not trainer.sanity_checking:
+            self.seen[(stage, trainer.global_step)] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._record(trainer, "train")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._record(trainer, "val")
+
+
+def test_members_log_and_count_what_their_saes_trained_alone_do(tmp_path):
+    """Each member's logged numbers are its own run's: ``train/<m>/<metric>``, ``val/<m>/<metric>`` and ``lr/<m>``
+    equal ``train/<metric>``, ``val/<metric>`` and ``lr`` of the SAE trained alone, at every logging step and at both
+    validations (each validation its own: its sums start from zero), and the console's ``train/nmse`` / ``val/nmse``
+    are the mean of the runs alone (``train/loss`` their sum). With 2 micro-batches per optimizer step the members'
+    dead-latent counters count optimizer steps, as each run alone does. (The other sweep tests compare members with
+    members, stacked or over ranks, which one shared slip in the packing of the metrics or the counters passes.)"""
+    specs = MEMBERS[:3]  # AuxK; another lr on a constant schedule; a g-SAE with its own clipping and no warm-up
+    # validation every 6 batches: after optimizer steps 3 and 6
+    kw = dict(steps=6, log_every_n_steps=1, limit_val_batches=1, val_check_interval=6, accumulate_grad_batches=2)
+    record = RecordLogged()
+    sweep = _fit(_sweep(specs), tmp_path / "sweep", callbacks=[record], **kw)
+    alone = {}
+    for spec in specs:
+        rec = RecordLogged()
+        run = _fit(_alone(spec), tmp_path / spec["name"], callbacks=[rec], clip=spec.get("gradient_clip_val", 0.5), **kw)
+        _assert_member_equals(sweep.members[spec["name"]], run)
+        alone[spec["name"]] = rec.seen
+    assert record.seen.keys() == alone["topk-k4"].keys() and ("val", 6) in record.seen and ("val", 3) in record.seen
+    compared = 0
+    for when, logged in record.seen.items():
+        for tag, value in logged.items():
+            parts = tag.split("/")
+            if parts[0] in ("train", "val") and len(parts) == 3 and parts[1] in alone:
+                want = alone[parts[1]][when][f"{parts[0]}/{parts[2]}"]
+            elif parts[0] == "lr" and len(parts) == 2:
+                want = alone[parts[1]][when]["lr"]
+            else:
+                continue
+            assert value == pytest.approx(want, rel=1e-4, abs=1e-6), (when, tag, value, want)
+            compared += 1
+        for tag in ("train/nmse", "train/l0", "val/nmse", "val/explained_variance"):
+            if tag.split("/")[0] == when[0]:
+                mean = sum(alone[n][when][tag] for n in alone) / len(alone)
+                assert logged[tag] == pytest.approx(mean, rel=1e-4, abs=1e-6), (when, tag)
+        if when[0] == "train":
+            assert logged["train/loss"] == pytest.approx(sum(alone[n][when]["train/loss"] for n in alone), rel=1e-4)
+    assert compared > 30 * len(record.seen), compared
+    assert {f"lr/{s['name']}" for s in specs} <= record.seen[("train", 6)].keys()
+
+
+def test_a_resume_names_the_members_that_were_reordered_or_changed(tmp_path):
+    """A sweep checkpoint resumes the same members only: the optimizer's parameter groups (Adam's moments) are
+    restored by position, and an SAE setting that is no parameter shape (``k``) would load silently. Reordered
+    members, or a member with another ``k``, are one line naming them, before anything is restored."""
+    _fit(_sweep(), tmp_path, steps=2, checkpoint_every=2)
+    ckpt = torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=False)
+    _sweep().check_resumable(ckpt)  # the same members: resumes
+    names = [m["name"] for m in MEMBERS]
+    with pytest.raises(ValueError, match=r"^--ckpt_path: the checkpoint's members \[.*\] differ from --model\.members") as e:
+        _sweep(MEMBERS[::-1]).on_load_checkpoint(ckpt)
+    assert str(e.value) == f"--ckpt_path: the checkpoint's members {names} differ from --model.members {names[::-1]}"
+    other_k = [dict(m, sae={**m["sae"], "init_args": {**m["sae"]["init_args"], "k": 3}}) if m["name"] == "topk-k2" else m
+               for m in MEMBERS]
+    with pytest.raises(ValueError, match=r"^--ckpt_path: member topk-k2 differs from the configured one .*'k': \(2, 3\)"):
+        _sweep(other_k).on_load_checkpoint(ckpt)
