@@ -92,6 +92,7 @@ def test_a_g_sae_encodes_the_prompts_with_the_gradient_of_their_next_token_loss(
     assert (g.norm(dim=-1) > 0).all()
     torch.testing.assert_close(prompts.x[:, 5], x)
     ref = sae(x, grad=g)
+    torch.testing.assert_close(prompts.recon, ref.x_hat, atol=1e-5, rtol=1e-5)  # SAE(T) of the sae_reconstruction targets
     got = torch.zeros(len(x), 256).scatter_(1, prompts.code.idx, prompts.code.vals)
     want = torch.zeros(len(x), 256).scatter_(1, ref.top_idx, ref.top_acts)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -99,20 +100,29 @@ def test_a_g_sae_encodes_the_prompts_with_the_gradient_of_their_next_token_loss(
     assert (torch.sort(ref.top_idx, 1).values != torch.sort(plain.top_idx, 1).values).any(1).float().mean() > 0.2
 
 
-@pytest.mark.parametrize("hook", [HOOK, "blocks.1.hook_resid_mid"])
-def test_batched_curves_match_a_naive_loop(tiny_lm, tokens, hook):
+@pytest.mark.parametrize("forward_tokens", [500, 10])
+@pytest.mark.parametrize("hook", [HOOK, "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"])
+def test_batched_curves_match_a_naive_loop(tiny_lm, tokens, hook, forward_tokens):
+    """Against one run per step of the whole prompt. ``blocks.1.hook_mlp_out`` is inside a block and off the residual
+    stream: the forward needs each prompt's own tokens (their residual stream is added back after the MLP).
+    ``forward_tokens=10`` splits the 3 curves into groups of 2 and 1. Curve 1 starts off its prompt's activation, as
+    a plateau curve from a synthetic base does: every step is compared with step 0, not with the prompt's own run."""
     prompts = tokens[:3, :6]
     x = tiny_lm.activations(prompts, hook)  # (3, 6, D)
     pos = 4  # not the last: the batched runner cuts the prompt after it
     g = torch.Generator().manual_seed(0)
     target = x[:, pos] + 3 * torch.randn(3, x.shape[-1], generator=g)
-    steps = pl.perturbation_steps(x[[2, 0, 1], pos], target, "absolute", 0.05)
+    base = x[[2, 0, 1], pos].clone()
+    base[1] += 2 * torch.randn(x.shape[-1], generator=g)
+    steps = pl.perturbation_steps(base, target, "absolute", 0.05)
     idx = torch.tensor([2, 0, 1])
     tok = prompts if tiny_lm.resume_layer(hook) is None else None
-    got = pl.perturbation_curves(tiny_lm, hook, x, idx, steps, pos, tokens=tok, forward_tokens=500)
+    got = pl.perturbation_curves(tiny_lm, hook, x, idx, steps, pos, tokens=tok, forward_tokens=forward_tokens)
     fin = f"blocks.{tiny_lm.n_layers - 1}.hook_resid_post"
     for m in range(3):
-        clean = tiny_lm.run_from_hook(x[idx[m]][None], hook, tokens=prompts[idx[m]][None], cache_hooks=[fin])
+        x0 = x[idx[m]].clone()
+        x0[pos] = steps[m, 0]
+        clean = tiny_lm.run_from_hook(x0[None], hook, tokens=prompts[idx[m]][None], cache_hooks=[fin])
         for n in (0, 1, 37, 100):
             xp = x[idx[m]].clone()
             xp[pos] = steps[m, n]
@@ -172,6 +182,10 @@ def test_bad_options_raise(tiny_lm, sae, tokens):
         pl.run(sae, tiny_lm, HOOK, tokens, target_types=("random", "nope"), **SMALL)
     with pytest.raises(ValueError, match="position"):
         pl.run(sae, tiny_lm, HOOK, tokens, position=6, **SMALL)
+    with pytest.raises(ValueError, match="must include model_generated"):  # the KS reference of every table
+        pl.run(sae, tiny_lm, HOOK, tokens, target_types=("random", "synthetic_baseline"), **SMALL)
+    with pytest.raises(ValueError, match="step_size must be > 0"):  # a zero step never leaves the base
+        pl.run(sae, tiny_lm, HOOK, tokens, **dict(SMALL, step_size=0.0))
 
 
 def test_plateau_densities_count_the_prompt_tokens_only(tiny_lm):
@@ -189,3 +203,66 @@ def test_plateau_densities_count_the_prompt_tokens_only(tiny_lm):
     counts = torch.zeros(256, dtype=torch.long).index_add_(0, fired, torch.ones(len(fired), dtype=torch.long))
     assert prompts.density.n_tokens == int(keep.sum())
     assert torch.equal(prompts.density.counts, counts)
+
+
+def naive_curves(lm, hook, windows, bases, targets, prompt_idx, step_size, pos=5):
+    """L2 and KL curves, one run of the whole prompt per step: the prompt's activation at ``pos`` moved by
+    ``step_size·n`` along ``unit(T − A)``, ``n = 0..100``; each step against step 0."""
+    from gsae.evals.perturb import final_hook
+
+    fin = final_hook(lm)
+    x = lm.activations(windows[:, :-1], hook)
+    l2, kl = [], []
+    for A, T, p in zip(bases, targets, prompt_idx.tolist()):
+        n = torch.arange(101.0)[:, None]
+        xs = x[p].repeat(101, 1, 1)
+        xs[:, pos] = A + step_size * n * (T - A) / (T - A).norm()
+        run = lm.run_from_hook(xs, hook, tokens=windows[p, :-1].repeat(101, 1), cache_hooks=[fin])
+        h, logits = run.cache[fin][:, pos], run.logits[:, pos]
+        l2.append((h - h[0]).norm(dim=-1))
+        kl.append(kl_div_per_token(logits[0].expand_as(logits), logits))
+    return torch.stack(l2), torch.stack(kl)
+
+
+@pytest.mark.parametrize("hook", [HOOK, "blocks.1.hook_mlp_out"])
+def test_run_curves_match_a_naive_loop_over_the_bases_and_targets(tiny_lm, sae, tokens, hook):
+    """``run``'s mean curves of each target type and of each plateau base, and its automatic step, against naive
+    runs of the prompts: base ``A`` = the activation at the last position of the prompt ``base_idx`` names, the
+    target types' ``T`` and the plateau's bases and random target from ``build_targets``, every plateau curve on the
+    absolute schedule (the default; SPEC §4.2)."""
+    from gsae.evals import synthetic_activations as syn
+
+    types = ("model_generated", "random", "synthetic_structured")
+    res = pl.run(sae, tiny_lm, hook, tokens, seed=3, n_perturbations=4, prompt_len=6, step_size="auto",
+                 ap_threshold="auto", schedules=("absolute",), target_types=types)
+    windows = pl.prompt_windows(tokens, 6, "all")
+    prompts = pl.encode_prompts(sae, tiny_lm, hook, windows, position=5, batch_size=64)
+    setup = syn.build_targets(sae, prompts.x[:, 5], prompts.recon, prompts.code, prompts.density, 4, 3)
+    A = tiny_lm.activations(windows[:, :6], hook)[setup.base_idx, 5]
+    s = 1.25 * float((setup.targets["model_generated"] - A).norm(dim=-1).mean()) / 100
+    assert res["step_size"] == pytest.approx(s, rel=1e-5)
+    for t in types:
+        l2, kl = naive_curves(tiny_lm, hook, windows, A, setup.targets[t], setup.base_idx, s)
+        got = res["mean_curves"]["absolute"][t]
+        torch.testing.assert_close(torch.tensor(got["l2"]), l2.mean(0), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(got["kl"]), kl.mean(0).float(), atol=1e-5, rtol=1e-3)
+    plateau_bases = {"model_generated": A, **{b: setup.targets[b] for b in pl.PLATEAU_BASES if b != "model_generated"}}
+    for b, base in plateau_bases.items():
+        l2, _ = naive_curves(tiny_lm, hook, windows, base, setup.plateau_target, setup.base_idx, s)
+        torch.testing.assert_close(torch.tensor(res["plateau"]["mean_curves"][b]), l2.mean(0), atol=1e-4, rtol=1e-4)
+
+
+def test_curves_of_many_perturbations_run_in_blocks_as_one(tiny_lm, tokens):
+    """``_run_jobs`` cuts a job into blocks of curves (memory): each block keeps its own prompts and targets."""
+    windows = pl.prompt_windows(tokens, 6, "all")[:, :6]
+    x = tiny_lm.activations(windows, HOOK)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(x), generator=g)[:7]
+    A, T = x[idx, 5], x[idx, 5] + 2 * torch.randn(7, x.shape[-1], generator=g)
+    jobs = {"j": (A, T, "absolute")}
+    small = pl._run_jobs(tiny_lm, HOOK, x, idx, 5, 0.1, jobs, None, 8192, block=3)["j"]
+    for i in range(7):
+        steps = pl.perturbation_steps(A[i : i + 1], T[i : i + 1], "absolute", 0.1)
+        one = pl.perturbation_curves(tiny_lm, HOOK, x, idx[i : i + 1], steps, 5)
+        torch.testing.assert_close(small.l2[i], one.l2[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(small.kl[i], one.kl[0], atol=1e-6, rtol=1e-4)

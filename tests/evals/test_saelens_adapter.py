@@ -419,3 +419,23 @@ def test_a_hook_z_saelens_sae_with_reshaping_reads_our_flat_activations():
     x = torch.randn(10, 64, generator=gen)
     got = SAELensAdapter(sl)(x).x_hat
     torch.testing.assert_close(got, ref.decode(ref.encode(x)).detach())
+
+
+def test_build_targets_of_a_layer_norm_saelens_sae_denormalise_with_the_base():
+    """Plateaus' synthetic targets of an input-normalising SAE: the base's swapped code, de-normalised with the
+    *base's* mean and std (SAELens after encoding the base), not with another activation's."""
+    sl = saelens_sae("topk", "layer_norm")
+    adapter = SAELensAdapter(sl)
+    pool = 3.0 + 30.0 * torch.randn(40, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = adapter(pool)
+        code = syn.sparse_code(out)
+        density = syn.latent_density(syn.count_active(code, 96), 40)
+        t = syn.build_targets(adapter, pool, out.x_hat, code, density, 12, seed=0)
+        A = pool[t.base_idx]
+        base_code = syn.SparseCode(code.idx[t.base_idx], code.vals[t.base_idx])
+        new = syn.synthetic_baseline(base_code, syn.sparsity_neighbours(density, 10, 0), 0)
+        dense = torch.zeros(12, 96).scatter_add_(-1, new.idx, new.vals)
+        mu = A.mean(-1, keepdim=True)
+        manual = (dense @ sl.W_dec + sl.b_dec) * (A - mu).std(-1, keepdim=True) + mu
+    torch.testing.assert_close(t.targets["synthetic_baseline"], manual, atol=1e-4, rtol=1e-5)
