@@ -148,7 +148,10 @@ def sparsity_neighbours(density: LatentDensity, n: int, seed: int) -> Tensor:
     """``(d_sae, n')`` for every latent the ``n' = min(n, n_alive − 1)`` non-dead latents (not itself) closest in log10 density.
 
     The ``n`` nearest values to ``q`` in a sorted array lie within ``n + 1`` places of ``q``'s insertion
-    point, so only that window is searched.
+    point, so only that window is searched. A non-dead latent's window is centred on its own place in the
+    (randomly tie-broken) order, not on the insertion point of its density: latents of equal density (many
+    rare ones fire the same number of times) each get their own draw from the tie, rather than all sharing the
+    same ``n`` neighbours.
     """
     alive = density.alive.nonzero().squeeze(-1)
     if alive.numel() < 2:
@@ -161,7 +164,9 @@ def sparsity_neighbours(density: LatentDensity, n: int, seed: int) -> Tensor:
     ids, s = alive[order], density.log10[alive[order]]  # (n_alive,) sorted by density
     q = density.log10  # (d_sae,)
     width = min(2 * n + 2, ids.numel())
-    start = (torch.searchsorted(s, q) - (n + 1)).clamp(0, ids.numel() - width)
+    centre = torch.searchsorted(s, q)  # dead latents: where their density would go
+    centre[ids] = torch.arange(ids.numel())  # non-dead ones: their own place among the ties
+    start = (centre - (n + 1)).clamp(0, ids.numel() - width)
     cand = start[:, None] + torch.arange(width)  # (d_sae, width) positions in the sorted array
     dist = (s[cand] - q[:, None]).abs()
     dist[ids[cand] == torch.arange(q.numel())[:, None]] = float("inf")  # never itself

@@ -347,3 +347,17 @@ def test_build_targets_from_the_bases_and_the_pool(readable):
         assert t.info["mean_distance"][k] == pytest.approx(float((T - A).norm(dim=-1).mean()), rel=1e-6)
     other = syn.build_targets(sae, pool, recon, code, dens, n, seed=6).targets["model_generated"]
     assert (other != mg).any(-1).float().mean() > 0.5  # the targets are the seed's draws too
+
+
+def test_latents_of_equal_density_do_not_share_one_neighbourhood():
+    """200 latents that each fired once (common for rare latents on few density tokens) and 56 of distinct density:
+    each tied latent's 10 nearest are all in the tie, and the tied latents' neighbourhoods spread over the tie rather
+    than all being the same 10 or 11 (which would make the synthetic baseline swap every rare latent onto them)."""
+    counts = torch.cat([torch.ones(200, dtype=torch.long), torch.arange(2, 58)])
+    dens = density_of(counts[torch.randperm(256, generator=torch.Generator().manual_seed(0))])
+    tied = (dens.log10 == dens.log10.min()).nonzero().squeeze(-1)
+    nb = syn.sparsity_neighbours(dens, 10, seed=0)
+    assert torch.isin(nb[tied], tied).all()  # still the nearest: distance 0
+    assert nb[tied].unique().numel() > 150
+    hits = torch.bincount(nb[tied].flatten(), minlength=256)[tied]
+    assert hits.max() <= 25  # 2000 picks over 200: 10 each on average
