@@ -58,15 +58,20 @@ def test_a_vocabulary_that_is_already_a_multiple_is_not_copied():
 PADDED = pytest.mark.parametrize("padded", [False, True], ids=["vocab", "padded"])
 
 
+def reference_ce_sum_and_grad(h, W_U, b_U, tokens):
+    """The summed next-token CE of the full logits and its gradient in ``h``, by autograd (the unchunked definition)."""
+    h_ref = h.clone().requires_grad_(True)
+    ref = next_token_loss(h_ref @ W_U + b_U, tokens, "sum")
+    return ref, torch.autograd.grad(ref, h_ref)[0]
+
+
 @PADDED
 @pytest.mark.parametrize("chunk", [None, 4 * V, V])  # one chunk; 4 rows (21 = 5·4 + 1: a ragged last chunk); 1 row
 def test_ce_sum_and_grad_equal_the_unchunked_autograd(chunk, padded):
     h, W_U, b_U, tokens = setup()
     W, b, kw = unembedding(W_U, b_U, padded)
     loss, dh = lm_chunked.ce_sum_and_grad(h, W, b, tokens, chunk_elements=chunk, **kw)
-    h_ref = h.clone().requires_grad_(True)
-    ref = next_token_loss(h_ref @ W_U + b_U, tokens, "sum")
-    (g,) = torch.autograd.grad(ref, h_ref)
+    ref, g = reference_ce_sum_and_grad(h, W_U, b_U, tokens)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(dh, g, rtol=1e-5, atol=1e-6)
     assert torch.all(dh[:, -1] == 0)
@@ -337,9 +342,7 @@ def test_token_zero_is_a_next_token_like_any_other():
     h, W_U, b_U, tokens = setup(15)
     tokens[:, ::2] = 0
     assert (tokens[:, 1:] == 0).sum() >= 6
-    h_ref = h.clone().requires_grad_(True)
-    ref = next_token_loss(h_ref @ W_U + b_U, tokens, "sum")
-    (g,) = torch.autograd.grad(ref, h_ref)
+    ref, g = reference_ce_sum_and_grad(h, W_U, b_U, tokens)
     loss, dh = lm_chunked.ce_sum_and_grad(h, W_U, b_U, tokens, chunk_elements=4 * V)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(dh, g, rtol=1e-5, atol=1e-6)
@@ -360,9 +363,7 @@ def test_logits_spread_over_hundreds_of_nats_give_the_unchunked_values():
     h = h * 40
     logits = h @ W_U + b_U
     assert float((logits.amax(-1) - logits.amin(-1)).min()) > 200
-    h_ref = h.clone().requires_grad_(True)
-    ref = next_token_loss(h_ref @ W_U + b_U, tokens, "sum")
-    (g,) = torch.autograd.grad(ref, h_ref)
+    ref, g = reference_ce_sum_and_grad(h, W_U, b_U, tokens)
     loss, dh = lm_chunked.ce_sum_and_grad(h, W_U, b_U, tokens, chunk_elements=4 * V)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(dh, g, rtol=1e-5, atol=1e-5)
