@@ -77,7 +77,7 @@ def _steps(folder, tag: str) -> list[int]:
     return [e.step for e in (acc.Images(tag) if tag in acc.Tags()["images"] else acc.Scalars(tag))]
 
 
-def test_drop_events_keeps_steps_up_to_the_checkpoint_and_leaves_other_files_alone(tmp_path):
+def test_drop_events_keeps_steps_up_to_the_checkpoint_and_leaves_other_files_alone(tmp_path, caplog):
     """The events a killed run logged after its checkpoint's step go (scalars and images alike); files with nothing
     after it stay byte for byte; a record a kill cut short at a file's end does not stop the rewrite."""
     from torch.utils.tensorboard import SummaryWriter
@@ -98,7 +98,9 @@ def test_drop_events_keeps_steps_up_to_the_checkpoint_and_leaves_other_files_alo
     with open(b, "ab") as f:
         f.write(b"\x20\x00\x00\x00\x00\x00\x00\x00truncated")  # a kill mid-record
     a_bytes = a.read_bytes()
-    assert drop_events(event_files(tmp_path), after=5) == [b]
+    with caplog.at_level("INFO", logger="gsae.loggers"):
+        assert drop_events(event_files(tmp_path), after=5) == [b]
+    assert caplog.messages == [f"dropped from {b} the events after step 5"]
     assert a.read_bytes() == a_bytes
     assert _steps(tmp_path, "train/loss") == [1, 2, 3, 4, 5]
     assert _steps(tmp_path, "eval/figure") == [5]
@@ -110,6 +112,22 @@ def test_drop_events_keeps_steps_up_to_the_checkpoint_and_leaves_other_files_alo
     with unittest.mock.patch("os.fsync", side_effect=OSError(28, "No space left on device")), pytest.raises(OSError):
         drop_events(event_files(tmp_path), after=4)
     assert _steps(tmp_path, "train/loss") == [1, 2, 3, 4, 5] and len(list(tmp_path.iterdir())) == 2
+
+
+def test_drop_events_at_a_step_removes_an_event_left_without_values(tmp_path):
+    """An evaluation done again drops its values at that step (``at``, ``prefix``): an event that held only those goes
+    whole (no empty event is left at the step), one holding others keeps them, and the other steps stay."""
+    from gsae.loggers import drop_events, event_files
+
+    lg = TensorBoardLogger(str(tmp_path), name="run")
+    lg.log_metrics({"eval/kl": 0.5}, 10)  # an event of evaluation values only
+    lg.log_metrics({"train/loss": 1.0, "eval/l0": 8.0}, 10)  # an event holding both
+    lg.log_metrics({"eval/kl": 0.25}, 20)
+    lg.finalize("success")
+    folder = tmp_path / "run" / "version_0"
+    assert drop_events(event_files(folder), at=10, prefix="eval/") == event_files(folder)
+    events = [e for f in event_files(folder) for e in EventFileLoader(str(f)).Load() if e.HasField("summary")]
+    assert [(e.step, [v.tag for v in e.summary.value]) for e in events] == [(10, ["train/loss"]), (20, ["eval/kl"])]
 
 
 def test_a_logger_resumed_in_its_folder_drops_the_later_events_before_it_writes(tmp_path):
@@ -127,7 +145,7 @@ def test_a_logger_resumed_in_its_folder_drops_the_later_events_before_it_writes(
     assert continue_log_folder([resumed], ckpt, record, step=20) == tmp_path / "run" / "version_0"
     assert resumed.version == 0
     resumed.log_metrics({"train/loss": 30.5}, 30)
-    resumed.drop_redone(19)  # not the step resumed from: nothing
+    resumed.drop_redone(10)  # not the step resumed from: nothing (eval/kl at 10 stays)
     resumed.drop_redone(20)  # the resume evaluates step 20 again: the stopped run's eval/* at 20 go, the rest stays
     resumed.log_metrics({"eval/kl": 2.5}, 20)
     resumed.finalize("success")
@@ -164,8 +182,8 @@ def test_a_sweeps_members_are_runs_of_their_own(tmp_path):
     assert member_tag("lr/gsae.k8", members) == ("gsae.k8", "lr")
     assert member_tag("eval/gsae.k8/loss_added/L_added", members) == ("gsae.k8", "eval/loss_added/L_added")
     assert member_tag("eval/seconds/gsae.k8/loss_added", members) == ("gsae.k8", "eval/seconds/loss_added")
-    assert [member_tag(t, members) for t in ("train/nmse", "train/topk-k8", "eval/seconds/x", "train/gsaexk8/nmse")] == [
-        None] * 4
+    assert [member_tag(t, members) for t in ("train/nmse", "train/topk-k8", "eval/seconds/x", "train/gsaexk8/nmse",
+                                             "eval/seconds/gsae.k8")] == [None] * 5
 
     lg = TensorBoardLogger(str(tmp_path), name="run")
     lg.members = members
@@ -260,3 +278,84 @@ def test_a_runs_hparams_row_names_its_sae(tmp_path):
     assert {k: row[k] for k in ("objective", "sae", "k", "d_sae", "hook", "lm", "lr", "seed", "run_seed")} == {
         "objective": "LocalSAESystem", "sae": "TopKSAE", "k": 16, "d_sae": 1024, "hook": "blocks.2.hook_resid_post",
         "lm": "gsae-tiny", "lr": 1e-3, "seed": 7, "run_seed": 0}
+
+
+def _hparams_values(folder) -> list[str]:
+    """The tags of the HPARAMS summaries in ``folder``'s event files, in the order written."""
+    return [v.tag for f in sorted(folder.glob("events.out.tfevents.*")) for e in EventFileLoader(str(f)).Load()
+            for v in e.summary.value if v.metadata.plugin_data.plugin_name == "hparams"]
+
+
+def test_a_run_is_one_hparams_session_without_an_experiment_summary(tmp_path):
+    """One ``session_start_info`` per run and no ``experiment`` summary (TensorBoard builds the table from the runs'
+    sessions, their scalars the metrics): no ``hp_metric`` column, also for Lightning's class made gsae's by
+    :func:`curves_first`. Hyperparameters whose names start with ``_`` (the CLI's ``_instantiator``) are left out.
+    Given a metric, Lightning writes the session: not a second one. A one-SAE run's session is in its own folder."""
+    from tensorboard.plugins.hparams import metadata
+
+    start = metadata.SESSION_START_INFO_TAG
+    ours = TensorBoardLogger(str(tmp_path), name="ours")
+    (theirs,) = loggers = [LightningTensorBoardLogger(str(tmp_path), name="theirs")]
+    curves_first(loggers)
+    for lg in (ours, theirs):
+        lg.log_hyperparams({"k": 8, "_instantiator": "x"})
+        lg.finalize("success")
+        assert _hparams_values(tmp_path / lg.name / "version_0") == [start]
+    assert _sessions(tmp_path / "ours" / "version_0") == {"version_0": {"k": 8.0}}
+    assert "hp_metric" not in _read(tmp_path / "theirs" / "version_0")
+
+    given = TensorBoardLogger(str(tmp_path), name="given")
+    given.log_hyperparams({"k": 8}, metrics={"val/nmse": 0.5})
+    given.finalize("success")
+    assert _hparams_values(tmp_path / "given" / "version_0").count(start) == 1
+
+    one = TensorBoardLogger(str(tmp_path), name="one")
+    one.member_hparams = {"": {"sae": "TopKSAE", "k": 8}}
+    one.log_hyperparams({"model": "x"})
+    one.finalize("success")
+    assert len(list((tmp_path / "one" / "version_0").glob("events.out.tfevents.*"))) == 1
+    assert _sessions(tmp_path / "one" / "version_0") == {"version_0": {"sae": "TopKSAE", "k": 8.0}}
+
+
+def test_member_runs_on_save_after_finalize_and_on_other_ranks(tmp_path, monkeypatch):
+    """A sweep member's events are on disk after :meth:`save` (at each checkpoint, as the run's own are), not only at
+    the end; a logger used again after ``finalize`` (``trainer.validate`` after ``fit``) writes its members' values
+    too; on a rank other than 0 a member's writer is Lightning's stand-in, and no folder is made."""
+    from lightning.fabric.loggers.logger import _DummyExperiment
+    from lightning.pytorch.utilities import rank_zero_only
+
+    lg = TensorBoardLogger(str(tmp_path), name="run")
+    lg.members = ("topk-k8",)
+    lg.log_metrics({"train/topk-k8/nmse": 0.5, "train/tokens_seen": 64.0}, step=1)
+    lg.save()
+    run = tmp_path / "run" / "version_0"
+    assert _read(run / "topk-k8") == {"train/nmse": [(1, 0.5)]}
+    # save waits for the member's queued events (TensorBoard's writer thread writes them soon after, so reading the
+    # file cannot tell; a SIGKILL right after a checkpoint can): it flushes the member's writer as the run's own
+    member = lg.member_experiment("topk-k8")
+    flushes = []
+    monkeypatch.setattr(member, "flush", lambda: flushes.append(1))
+    lg.save()
+    assert flushes == [1]
+    monkeypatch.undo()
+    lg.finalize("success")
+    lg.log_metrics({"val/topk-k8/nmse": 0.25}, step=2)
+    lg.finalize("success")
+    assert _read(run / "topk-k8")["val/nmse"] == [(2, 0.25)]
+
+    other = TensorBoardLogger(str(tmp_path), name="other")
+    other.members = ("topk-k8",)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert isinstance(other.member_experiment("topk-k8"), _DummyExperiment)
+    assert not (tmp_path / "other").exists()
+
+
+def test_curves_first_leaves_a_subclass_alone(tmp_path):
+    """Only Lightning's own class is made gsae's: a config's subclass of it keeps its class (and its overrides)."""
+
+    class Custom(LightningTensorBoardLogger):
+        pass
+
+    lg = Custom(str(tmp_path), name="run")
+    curves_first([lg])
+    assert type(lg) is Custom

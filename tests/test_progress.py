@@ -4,6 +4,8 @@ summary, and TensorBoard without Lightning's ``epoch`` / ``hp_metric`` cards —
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -88,6 +90,12 @@ def test_summary_names_tokens_paths_and_commands(plain_run, monkeypatch) -> None
             in summary)
     assert f"exports      {ckpt_dir / 'epoch=0-step=20.saelens'}  (+1 more in that folder)" in summary
     assert f"exports      {ckpt_dir / 'epoch=0-step=20.saelens'}" in summary
+    # last.ckpt links to step 20 but its JSON and dashboard are files of their own: not counted as more
+    assert f"evaluation   {ckpt_dir / 'epoch=0-step=20.ckpt.eval.json'}  (+1 more in that folder)\n" in summary
+    assert f"latents      {ckpt_dir / 'epoch=0-step=20.ckpt.latents.html'}  (+1 more in that folder)\n" in summary
+    results = json.loads((ckpt_dir / "epoch=0-step=20.ckpt.eval.json").read_text())["results"]
+    row = next(line for line in summary.splitlines() if line.startswith("eval @20     loss_added: "))
+    assert f"L_added {results['loss_added']['L_added']:.4g}  " in row, row
     assert (ckpt_dir / "epoch=0-step=20.saelens").is_dir()
     log_dir = next(run.glob("version_*"))
     assert f"events       {log_dir}\n" in summary
@@ -150,7 +158,10 @@ def test_format_helpers() -> None:
     from gsae.callbacks.summary import _names
 
     assert [format_count(x) for x in (512, 12345, 4.2e6, 3e9)] == ["512", "12.3k", "4.2M", "3G"]
+    assert [format_count(x) for x in (999, 1000, 1e6)] == ["999", "1k", "1M"]  # a scale's first value: its suffix
+    assert [format_count(x) for x in (-12345, -4.2e6)] == ["-12.3k", "-4.2M"]  # a negative count is scaled by its size
     assert format_duration(3725.4) == "1:02:05"
+    assert format_duration(59.6) == "0:01:00"  # rounded, not cut
     few = [f"/r/epoch=0-step={i}.ckpt" for i in (10, 20)] + ["/r/last.ckpt"]
     assert _names(few) == "epoch=0-step=10.ckpt, epoch=0-step=20.ckpt, last.ckpt"
     many = [f"/r/epoch=0-step={i * 1000}.ckpt" for i in range(1, 41)] + ["/r/last.ckpt"]  # a GPT-2 run's 41 files
@@ -216,6 +227,23 @@ def test_ddp_fork_summary_comes_from_rank_0(tmp_path) -> None:
     assert "Traceback" not in out and "0 steps" not in out, out
     resume = out.split("stopped (Ctrl+C); to resume:\n", 1)[1].splitlines()[0].strip()
     assert resume.startswith("python train.py --config ") and resume.endswith("--ckpt_path last"), resume
+
+
+def test_the_forking_process_offers_the_resume_on_ctrl_c_only(capsys) -> None:
+    """Under ``ddp_fork`` the process that forked the ranks runs no step (rank 0 prints the summary): on Ctrl+C it
+    prints the resume command; on another exception (a rank failed, re-raised there) it says nothing of a resume."""
+    from types import SimpleNamespace
+
+    from gsae.callbacks.summary import RunSummary
+
+    cb = RunSummary()
+    cb.print_from_forked_rank("python train.py --config c.yaml --ckpt_path last")
+    trainer = SimpleNamespace(is_global_zero=True)
+    cb.on_exception(trainer, None, RuntimeError("rank 1 failed"))
+    assert capsys.readouterr().out == "" and cb.summary is None
+    cb.on_exception(trainer, None, KeyboardInterrupt())
+    assert capsys.readouterr().out == "stopped (Ctrl+C); to resume:\n  python train.py --config c.yaml --ckpt_path last\n"
+    assert cb.summary is None
 
 
 def test_resume_command_names_an_external_launcher() -> None:
@@ -312,6 +340,7 @@ def test_a_run_stopped_before_its_first_checkpoint_offers_no_resume() -> None:
     at = lambda step, every=10: SimpleNamespace(global_step=step, log_every_n_steps=every)  # noqa: E731
     assert [cb._last_logged_step("stopped", at(n)) for n in (29, 30, 5, 1)] == [20, None, 1, None]
     assert cb._last_logged_step("finished", at(29)) is None  # a finished run logs its last step
+    assert cb._last_logged_step("stopped", at(0)) is None  # stopped before its first step: no numbers of a later one
 
 
 def test_the_summary_s_rate_leaves_the_evaluations_out_and_shows_the_first_member(tmp_path) -> None:
@@ -400,6 +429,9 @@ def test_the_summary_headline_has_each_default_benchmarks_finding_not_its_settin
                "latents": {"n_latents": 32, "n_alive": 1000, "shown_median_density": 0.01}}
     assert headline_numbers(results) == [("steering.on_target", "0.1234"), ("steering.off_target_added", "0.05"),
                                          ("sensitive_directions.ratio_sae_over_eps_isotropic", "2.5")]
+    error = "RuntimeError: " + "x" * 100  # a failed benchmark's error, cut to 60 characters
+    assert headline_numbers({"fake": {"failed": error}}) == [("fake.failed", error[:59] + "…")]
+    assert headline_numbers({"steering": {"on_target": True}}) == []  # a flag under a metric's name is not a number
 
 
 def test_the_e2e_downstream_mse_is_on_the_line_summed_over_its_hooks() -> None:
@@ -411,6 +443,10 @@ def test_the_e2e_downstream_mse_is_on_the_line_summed_over_its_hooks() -> None:
                "train/ds_mse/blocks.4.hook_resid_post": 1.0625}
     assert metric_fields(metrics) == [("loss", "1.632"), ("kl", "0.1022"), ("ds_mse", "3.062")]
     assert metric_fields({"train/loss": 1.0}) == [("loss", "1")]
+    # a diverged run's numbers read as they are, not through the field's format ("nan%")
+    nan, inf = float("nan"), float("inf")
+    assert metric_fields({"train/loss": nan, "train/nmse": inf, "train/dead_fraction": nan}) == [
+        ("loss", "nan"), ("nmse", "inf"), ("dead", "nan")]
 
 
 def test_the_summary_times_validation_apart_from_training(tmp_path, monkeypatch) -> None:
@@ -505,8 +541,270 @@ def test_the_bars_rate_is_the_tokens_since_the_last_refresh_over_the_time_since(
 
     bar = progress.StepProgressBar(plain=True)
     trainer = SimpleNamespace(callback_metrics={"train/tokens_seen": torch.tensor(1000.0)})
-    monkeypatch.setattr(progress.time, "perf_counter", _Clock(10.0, 12.0))
+    monkeypatch.setattr(progress.time, "perf_counter", _Clock(10.0, 12.0, 13.0))
     bar._measure_rate(trainer)
     trainer.callback_metrics["train/tokens_seen"] = torch.tensor(1400.0)
     bar._measure_rate(trainer)
     assert bar._rate == 200.0
+    trainer.callback_metrics["train/tokens_per_s"] = torch.tensor(150.0)  # no token since: the logged rate, not 0
+    bar._measure_rate(trainer)
+    assert bar._rate == 150.0
+
+
+def _bar_trainer(max_steps: int, every: int, step: int = 0):
+    """What the bar reads of a Lightning trainer."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(global_step=step, max_steps=max_steps, log_every_n_steps=every, callback_metrics={},
+                           checkpoint_callback=None, sanity_checking=False)
+
+
+def _steps(bar, trainer, clock: list[float], steps: list[tuple[int, float, float, dict]]) -> None:
+    """Run ``(global step, batch start time, batch end time, metrics)`` through the bar's batch hooks."""
+    for step, start, end, metrics in steps:
+        clock[0] = start
+        bar.on_train_batch_start(trainer, None, None, 0)
+        clock[0] = end
+        trainer.global_step = step
+        trainer.callback_metrics.update(metrics)
+        bar.on_train_batch_end(trainer, None, None, None, 0)
+
+
+def test_the_plain_lines_of_a_run_with_a_validation(monkeypatch) -> None:
+    """The redirected log of 5 steps, ``log_every_n_steps`` 2, a 10 s validation after step 1 (read on a fake clock):
+    a line at the first step, every second step and the last (5, not a multiple of 2); tokens/s over training time only
+    (the validation, which runs after the bar's batch end, is left out; the data loading before a batch is not);
+    the eta at the pace since the first step's start; a validation line with every validation number (none for the
+    sanity check)."""
+    import torch
+
+    from gsae.callbacks import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    bar = progress.StepProgressBar()  # made before stdout is redirected: the bar writes where stdout is at the start
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    trainer = _bar_trainer(max_steps=5, every=2)
+    trainer.sanity_checking = True
+    trainer.callback_metrics.update({"val/nmse": 0.5, "val/l0": 3.0})
+    bar.on_validation_end(trainer, None)  # the sanity check's: no line
+    trainer.sanity_checking = False
+    bar.on_train_start(trainer, None)
+
+    def tokens(n: float, loss: float = 0.5) -> dict:
+        return {"train/tokens_seen": torch.tensor(n), "train/loss": torch.tensor(loss)}
+
+    _steps(bar, trainer, clock, [(1, 0.0, 1.0, tokens(100))])
+    clock[0] = 11.0
+    trainer.callback_metrics.update({"val/loss": 1.5, "val/nmse": 0.25, "val/explained_variance": 0.75,
+                                     "val/l0": 15.5, "val/ds_mse/a": 1.0, "val/ds_mse/b": 2.0})
+    bar.on_validation_end(trainer, None)
+    _steps(bar, trainer, clock, [(2, 11.0, 12.0, tokens(200)), (3, 12.5, 13.5, tokens(300)),
+                                 (4, 13.5, 14.0, tokens(400, 0.25)), (5, 14.0, 15.0, tokens(500, 0.125))])
+    # step 2: 100 tokens in the 1 s since step 1 less the validation's 10 s; eta 12 s / 2 steps × 3 left
+    # step 4: 200 tokens since step 2 in 2 s (step 3's 0.5 s before its batch counts); eta 14 / 4 × 1 = 3.5 s → 4 s
+    assert out.getvalue().splitlines() == [
+        "step 1/5  loss 0.5  elapsed 0:00:01  eta 0:00:04",
+        "val    step 1  loss 1.5  nmse 0.2500  expl.var 0.7500  L0 15.5  ds_mse 3",
+        "step 2/5  tokens/s 100  loss 0.5  elapsed 0:00:12  eta 0:00:18",
+        "step 4/5  tokens/s 100  loss 0.25  elapsed 0:00:14  eta 0:00:04",
+        "step 5/5  tokens/s 100  loss 0.125  elapsed 0:00:15  eta 0:00:00",
+    ]
+
+
+def test_an_endless_or_resumed_run_s_plain_lines(monkeypatch) -> None:
+    """``--trainer.max_steps -1`` (train until stopped): ``step n/?`` and no eta, on a line or on the bar. A run
+    resumed at step 10 under gradient accumulation prints nothing for the batches before its first optimizer step."""
+    import torch
+
+    from gsae.callbacks import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    bar, trainer = progress.StepProgressBar(), _bar_trainer(max_steps=-1, every=2)
+    bar.on_train_start(trainer, None)
+    _steps(bar, trainer, clock, [(1, 0.0, 65.0, {"train/loss": torch.tensor(0.5)})])
+    assert out.getvalue() == "step 1/?  loss 0.5  elapsed 0:01:05\n"
+
+    tty = _TTY()
+    monkeypatch.setattr(sys, "stdout", tty)
+    bar, trainer = progress.StepProgressBar(), _bar_trainer(max_steps=-1, every=2)
+    bar.on_train_start(trainer, None)
+    _steps(bar, trainer, clock, [(1, 65.0, 66.0, {"train/loss": torch.tensor(0.5)})])
+    bar.on_train_end(trainer, None)
+    assert tty.getvalue().split("\r")[1:] == ["step 0/? 0:00:00", "step 1/? 0:00:01  loss 0.5\n"]
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    bar, trainer = progress.StepProgressBar(), _bar_trainer(max_steps=20, every=2, step=10)
+    bar.on_train_start(trainer, None)
+    _steps(bar, trainer, clock, [(10, 70.0, 71.0, {}), (11, 71.0, 72.0, {})])  # the first batch accumulates
+    assert [line.split()[1] for line in out.getvalue().splitlines()] == ["11/20"]
+
+
+def test_the_terminal_bar_redraws_prints_and_closes_on_lines_of_its_own(monkeypatch) -> None:
+    """On a terminal: a shorter redraw blanks the longer bar's tail; a log record (the root logger's or Lightning's,
+    which does not propagate) clears the bar first; a printed line (the validation's) goes above the bar, which is
+    redrawn under it; the end of training ends the bar's line (the summary starts on its own); the bar's log filters
+    go with it. A disabled bar (every rank but 0) writes nothing."""
+    import logging
+
+    import torch
+
+    from gsae.callbacks import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    tty = _TTY()
+    monkeypatch.setattr(sys, "stdout", tty)
+    root, lightning = logging.StreamHandler(tty), logging.StreamHandler(tty)
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", False)  # as Lightning sets it
+    logging.getLogger().addHandler(root)
+    logging.getLogger("lightning.pytorch").addHandler(lightning)
+    bar, trainer = progress.StepProgressBar(bar_width=4), _bar_trainer(max_steps=4, every=1)
+    try:
+        bar.on_train_start(trainer, None)
+        _steps(bar, trainer, clock, [(1, 0.0, 1.0, {"train/loss": torch.tensor(0.1234)}),
+                                     (2, 1.0, 2.0, {"train/loss": torch.tensor(0.5)})])
+        logging.getLogger("gsae.test").warning("evaluated at step 2")
+        _steps(bar, trainer, clock, [(3, 2.0, 3.0, {})])
+        logging.getLogger("lightning.pytorch.test").warning("Trainer.fit stopped")
+        _steps(bar, trainer, clock, [(4, 3.0, 4.0, {"val/nmse": 0.25})])
+        bar.on_validation_end(trainer, None)
+        bar.print("done", 4, sep=", ")
+        bar.on_train_end(trainer, None)
+        assert bar._clear_for_log not in root.filters and bar._clear_for_log not in lightning.filters
+    finally:
+        logging.getLogger().removeHandler(root)
+        logging.getLogger("lightning.pytorch").removeHandler(lightning)
+    bars = ["step 0/4 ──── 0:00:00<?", "step 1/4 ━─── 0:00:01<0:00:03  loss 0.1234",
+            "step 2/4 ━━── 0:00:02<0:00:02  loss 0.5", "step 3/4 ━━━─ 0:00:03<0:00:01  loss 0.5",
+            "step 4/4 ━━━━ 0:00:04<0:00:00  loss 0.5"]
+    val, printed = "val    step 4  nmse 0.2500", "done, 4"
+
+    def clear(line: str) -> str:
+        return "\r" + " " * len(line) + "\r"
+
+    assert tty.getvalue() == "".join([
+        "\r" + bars[0], "\r" + bars[1], "\r" + bars[2].ljust(len(bars[1])),
+        clear(bars[2]), "evaluated at step 2\n", "\r" + bars[3],
+        clear(bars[3]), "Trainer.fit stopped\n", "\r" + bars[4],
+        clear(bars[4]), val + "\n" + bars[4], clear(bars[4]), printed + "\n" + bars[4], "\n",
+    ])
+
+    quiet = _TTY()
+    monkeypatch.setattr(sys, "stdout", quiet)
+    bar, trainer = progress.StepProgressBar(), _bar_trainer(max_steps=4, every=1)
+    bar.disable()
+    bar.on_train_start(trainer, None)
+    _steps(bar, trainer, clock, [(1, 4.0, 5.0, {})])
+    bar.on_validation_end(trainer, None)
+    bar.on_train_end(trainer, None)
+    assert quiet.getvalue() == ""
+
+    # a narrow terminal (a split pane of 30 columns): each frame is cut to 29 characters
+    import shutil
+
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=(120, 24): os.terminal_size((30, 24)))
+    narrow = _TTY()
+    monkeypatch.setattr(sys, "stdout", narrow)
+    bar, trainer = progress.StepProgressBar(), _bar_trainer(max_steps=4, every=1)
+    bar.on_train_start(trainer, None)
+    assert narrow.getvalue() == "\r" + "step 0/4 " + "─" * 20 + " 0:00:00<?"[:29 - 9 - 20]
+    assert progress.StepProgressBar(bar_width=0).bar_width == 0
+    with pytest.raises(ValueError, match="bar_width must be >= 0"):
+        progress.StepProgressBar(bar_width=-1)
+
+
+def test_the_summary_s_rows() -> None:
+    """The summary's lines for a resumed run (its own tokens and rate, then the run's totals), a stop by SIGTERM, a
+    validation shorter than half a second (left out) or longer, an evaluation time over the wall time (a bare rate,
+    not a negative training time), the val row, one eval row per benchmark and a sweep's rows per member, and the
+    file shown for a sweep (the newest step's first member, not the newest name)."""
+    from gsae.callbacks.summary import Summary, _names, render
+
+    s = Summary(status="finished", steps=2, steps_run=2, tokens=4000, tokens_total=4000, wall_s=1000.0, train=[],
+                val=[], eval_step=None, eval_source=None, headline=[], checkpoint_dir=None, checkpoints=[], exports=[],
+                eval_json=[], latents_html=[], events=None)
+
+    def head(**changes) -> str:
+        return render(s._replace(**changes)).splitlines()[1]
+
+    assert head(steps=5, tokens_total=10000) == ("finished: 2 steps, 4k tokens in 0:16:40 (4 tokens/s) "
+                                                 "(run total 10k tokens, step 5)")
+    assert head() == "finished: 2 steps, 4k tokens in 0:16:40 (4 tokens/s)"
+    assert head(status="terminated").startswith("stopped (SIGTERM; last.ckpt holds the step reached): 2 steps, ")
+    assert head(val_s=0.4) == "finished: 2 steps, 4k tokens in 0:16:40 (4 tokens/s)"
+    assert head(val_s=2.0) == "finished: 2 steps, 4k tokens in 0:16:40 (training 0:16:38 at 4.01 tokens/s, validating 0:00:02)"
+    assert head(eval_s=1200.0) == "finished: 2 steps, 4k tokens in 0:16:40 (4 tokens/s)"
+
+    rows = render(s._replace(val=[("nmse", "0.1000"), ("L0", "16.0")], eval_step=2, headline=[
+        ("loss_added.L_added", "0.03"), ("loss_added.l0", "16"), ("dead_latents.alive_fraction", "0.9")])).splitlines()
+    assert rows[2:5] == ["val          nmse 0.1000  L0 16.0", "eval @2      loss_added: L_added 0.03  l0 16",
+                         "             dead_latents: alive_fraction 0.9"]
+    sweep = render(s._replace(
+        member_train={"topk": [("loss", "1")], "gsae-k8": [("loss", "2")]},
+        eval_step=2, headline=[("topk:loss_added.L_added", "0.03"), ("gsae-k8:loss_added.L_added", "0.02")],
+        exports=[f"/r/s{n}.{m}.saelens" for n in (1, 2) for m in ("topk", "gsae-k8")],
+        shown={"exports": "/r/s2.topk.saelens"})).splitlines()
+    assert sweep[2:7] == ["train        topk     loss 1", "             gsae-k8  loss 2",
+                          "eval @2      topk     loss_added.L_added 0.03",
+                          "             gsae-k8  loss_added.L_added 0.02",
+                          "exports      /r/s2.topk.saelens  (+3 more in that folder)"]
+    six = [f"/r/{i}.ckpt" for i in range(6)]
+    assert _names(six) == "0.ckpt, 1.ckpt, 2.ckpt, 3.ckpt, 4.ckpt, 5.ckpt"  # up to 6: every name
+    assert _names([*six, "/r/6.ckpt"]) == "0.ckpt, 1.ckpt, … 2 more …, 4.ckpt, 5.ckpt, 6.ckpt"
+
+
+def test_the_summary_of_a_resumed_sweep_run(tmp_path) -> None:
+    """Collected from the trainer: this session's steps and tokens apart from the run's, each member's own train
+    numbers (``train/<member>/…`` as ``train/…``), the newest evaluation (the callback's over a JSON of the same step,
+    in the members' order; otherwise the newest step's JSON files), and the newest step's files, not a ``last``
+    checkpoint's."""
+    from types import SimpleNamespace
+
+    from gsae.callbacks.summary import RunSummary, newest_evaluation
+
+    for n, members in ((10, ("gsae-k8", "topk")), (20, ("gsae-k8", "topk"))):
+        (tmp_path / f"s{n}.ckpt").write_text("x")
+        for m in members:
+            (tmp_path / f"s{n}.ckpt.{m}.eval.json").write_text(json.dumps(
+                {"step": n, "member": m, "results": {"loss_added": {"L_added": n / 100 + (m == "topk")}}}))
+            (tmp_path / f"s{n}.{m}.saelens").mkdir()
+    (tmp_path / "last.ckpt").write_text("x")  # a stopped run's (SIGTERM): a copy, not a link
+    (tmp_path / "last.topk.saelens").mkdir()
+    for age, name in enumerate(("s10.ckpt", "s20.ckpt", "last.ckpt")):
+        os.utime(tmp_path / name, (1000 + age, 1000 + age))
+    module = SimpleNamespace(tokens_seen=1000, saes=lambda: {"topk": None, "gsae-k8": None})
+    trainer = SimpleNamespace(global_step=10, log_every_n_steps=10, callbacks=[], loggers=[], is_global_zero=True,
+                              checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)), callback_metrics={})
+    cb = RunSummary()
+    cb.on_train_start(trainer, module)
+    trainer.global_step, module.tokens_seen = 25, 4000
+    trainer.callback_metrics = {"train/loss": 3.0, "train/topk/loss": 1.0, "train/gsae-k8/loss": 2.0}
+    cb.on_exception(trainer, module, KeyboardInterrupt())
+    s = cb.summary
+    assert (s.status, s.steps, s.steps_run, s.tokens, s.tokens_total) == ("stopped", 25, 15, 3000, 4000)
+    assert s.member_train == {"topk": [("loss", "1")], "gsae-k8": [("loss", "2")]}
+    assert (s.eval_step, s.eval_source) == (20, str(tmp_path / "s20.ckpt") + ".*.eval.json")
+    assert s.headline == [("gsae-k8:loss_added.L_added", "0.2"), ("topk:loss_added.L_added", "1.2")]
+    assert s.shown["exports"] == str(tmp_path / "s20.topk.saelens")
+    assert f"\n  python evaluate.py {tmp_path / 's20.ckpt'}" in cb.render()  # the newest step's, not last.ckpt
+
+    cb.on_train_start(trainer, module)  # the same callback in a second fit (a notebook): the second's summary
+    trainer.global_step = 30
+    cb.on_exception(trainer, module, KeyboardInterrupt())
+    assert (cb.summary.steps, cb.summary.steps_run) == (30, 5)
+
+    results = {"topk": {"loss_added": {"L_added": 0.5}}, "gsae-k8": {"loss_added": {"L_added": 0.25}}}
+    trainer.callbacks = [SimpleNamespace(_last=(20, results))]  # the evaluation callback's, of step 20
+    assert newest_evaluation(trainer, [tmp_path / "s10.ckpt", tmp_path / "s20.ckpt"]) == (
+        20, "callback", [("topk:loss_added.L_added", "0.5"), ("gsae-k8:loss_added.L_added", "0.25")])
+    one = tmp_path / "one" / "s5.ckpt"  # a one-SAE run's
+    one.parent.mkdir()
+    (one.parent / "s5.ckpt.eval.json").write_text(json.dumps({"step": 5, "results": {"loss_added": {"l0": 8}}}))
+    trainer.callbacks = []
+    assert newest_evaluation(trainer, [one]) == (5, str(one) + ".eval.json", [("loss_added.l0", "8")])
