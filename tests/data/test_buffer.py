@@ -186,3 +186,12 @@ def test_a_filling_buffer_gives_half_a_batch_until_half_a_batch_more_fills_it() 
     sizes = [buf.mix(ActivationBatch(torch.randn(16, 4), None)).x.shape[0] for _ in range(12)]
     assert sizes == [8] * 7 + [16] * 5
     assert buf.fill == 56
+
+
+def test_a_filling_buffer_gives_the_lower_half_of_an_odd_batch() -> None:
+    """Batches of 15 into a buffer of 64: while filling each call gives ``15 // 2 = 7`` rows and keeps 8, until the
+    rows held plus 7 reach the capacity (after 8 calls: 64 held), then whole batches."""
+    buf = ShuffleBuffer(64, seed=0)
+    sizes = [buf.mix(ActivationBatch(torch.randn(15, 4), None)).x.shape[0] for _ in range(12)]
+    assert sizes == [7] * 8 + [15] * 4
+    assert buf.fill == 64

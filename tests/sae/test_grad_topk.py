@@ -151,3 +151,16 @@ def test_half_safe_grad_scales_rows_exactly_and_only_in_float16() -> None:
 def _under_float16(fn):
     with torch.autocast("cpu", dtype=torch.float16):
         return fn()
+
+
+def test_the_grad_normaliser_travels_in_the_state_dict() -> None:
+    """The gradient scale a g-SAE was trained with is part of its weights (a checkpoint or export): a fresh SAE that
+    loads the state dict selects with the trained scale, not the 'unset' 0 (= whatever batch it is evaluated on)."""
+    sae = GradTopKSAE(16, d_sae=64, k=4, beta=3.0)
+    sae.grad_normaliser.fill_(8160.0)
+    state = sae.state_dict()
+    assert float(state["grad_normaliser"]) == 8160.0
+    fresh = GradTopKSAE(**sae.config())
+    assert float(fresh.grad_normaliser) == 0.0
+    fresh.load_state_dict(state)
+    assert float(fresh.grad_normaliser) == 8160.0

@@ -362,3 +362,56 @@ def test_a_stack_of_gsaes_selects_as_in_float32_under_float16_autocast_with_a_sm
             same = (idx.sort(-1).values == want.sort(-1).values).all(-1).float().mean()
             moved = (topk.sort(-1).values != want.sort(-1).values).any(-1).float().mean()
             assert moved > 0.5 and same > 0.95, f"stacked float16 selection: {float(same):.0%} of rows as float32"
+
+
+def test_members_with_and_without_unit_norm_decoders_are_not_stacked_together() -> None:
+    """A stack's decoder constraints run for the whole stack (``remove_parallel_grads`` / ``normalize_decoders``, as
+    its first member asks): a member with an unconstrained decoder (smol-sae's ``unit_norm_decoder: false``) stacked
+    with constrained ones would have its rows renormalised every step. Members differing only in it form two stacks."""
+    saes = [TopKSAE(D_IN, 64, k=4, seed=0), TopKSAE(D_IN, 64, k=4, unit_norm_decoder=False, seed=1),
+            GradTopKSAE(D_IN, 64, k=2, unit_norm_decoder=False, seed=2), TopKSAE(D_IN, 64, k=2, seed=3)]
+    groups = stacks(saes, rows=10)
+    assert sorted(map(sorted, groups)) == [[0, 3], [1, 2]]
+    for g in groups:
+        assert len({saes[i].unit_norm_decoder for i in g}) == 1
+
+
+def test_the_grouped_selection_follows_the_row_count(monkeypatch) -> None:
+    """A GPU's grouped top-k (each member's best ``k`` of the ``k_max`` best, placed by :meth:`StackPlan.selection`)
+    with the row count changing from step to step (the special tokens a step drops) and back: every step's selection
+    and reconstruction equal each member's own forward."""
+    monkeypatch.setattr(stacked_mod, "GROUPED_TOPK_DEVICES", {"cpu"})
+    saes = _members()
+    plan = StackPlan([saes[i] for i in stacks(saes, 16)[0]])
+    gen = torch.Generator().manual_seed(6)
+    for rows in (16, 9, 16, 3):
+        x, grad = torch.randn(rows, D_IN, generator=gen), torch.randn(rows, D_IN, generator=gen) * 1e-2
+        with torch.no_grad():
+            x_hat, _ = stacked_forward(plan, x, grad)
+            for row, sae in enumerate(plan.saes):
+                ref = _dense_copy(sae)(x, grad=grad)
+                top_acts, top_idx = plan.top[row]
+                assert top_idx.shape == (rows, sae.k)
+                assert [set(r.tolist()) for r in top_idx] == [set(r.tolist()) for r in ref.top_idx], (rows, row)
+                torch.testing.assert_close(x_hat[row], ref.x_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_a_stack_past_16_bit_latent_ids_gives_each_members_gradients() -> None:
+    """The CPU's per-member radix sort keys latents as uint16: past ``2**16`` latents the stack takes the torch sort;
+    its gradients equal each member's own on dense autograd, with selected latents on both sides of 2**16."""
+    d_sae, rows = 2**16 + 8, 6
+    saes = [TopKSAE(4, d_sae, k=2, k_aux=0, seed=1), TopKSAE(4, d_sae, k=3, k_aux=0, seed=2)]
+    for i, s in enumerate(saes):
+        randomize(s, seed=i)
+        with torch.no_grad():  # make the top latents sit on both sides of 2**16
+            s.b_enc[-5:] += 50.0
+            s.b_enc[:3] += 50.0
+    x = torch.randn(rows, 4)
+    weights = [torch.rand(4) + 0.5 for _ in saes]
+    ref_outs, ref_grads = _reference(saes, x, None, weights)
+    assert all((o.top_idx >= 2**16).any() and (o.top_idx < 2**16).any() for o in ref_outs)
+    order, plan, x_hat, _ = _stacked(saes, x, None, weights)
+    for row, i in enumerate(order):
+        torch.testing.assert_close(x_hat[row].detach(), ref_outs[i].x_hat.detach(), rtol=1e-5, atol=1e-5)
+        for name, p in saes[i].named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[i][name], rtol=1e-4, atol=1e-5, msg=f"member {i} {name}")

@@ -517,3 +517,144 @@ def test_sae_under_cuda_autocast_only_takes_the_dense_products(monkeypatch) -> N
         assert base.autocast_dense_dtype(x) is None  # CPU autocast: the sparse path (FLOPs win on a CPU)
     monkeypatch.setattr(base, "DENSE_GRADS_UNDER_AUTOCAST", False)
     assert base.autocast_dense_dtype(x) is None
+
+
+# ---------------------------------------------------------------------- audit W: gaps the mutation audit found
+@pytest.mark.parametrize("gsae", [False, True])
+def test_config_names_every_constructor_argument_with_its_given_value(gsae: bool) -> None:
+    """``config()`` is what a checkpoint rebuilds the SAE from: every constructor argument (read from the signature),
+    each with the non-default value it was given, so a rebuilt SAE trains and selects as the saved one (a dropped
+    ``unit_norm_decoder`` or ``relu_after_topk`` would silently come back as its default)."""
+    import inspect
+
+    from gsae.sae import GradTopKSAE
+
+    cls = GradTopKSAE if gsae else TopKSAE
+    given = dict(d_in=16, d_sae=64, k=4, relu_after_topk=True, k_aux=3, aux_coef=0.5, sparse_backward=False, seed=5,
+                 unit_norm_decoder=False)
+    if gsae:
+        given["beta"] = 7.0
+    assert set(given) == set(inspect.signature(cls.__init__).parameters) - {"self"}
+    sae = cls(**given)
+    assert sae.config() == given
+    again = cls(**sae.config())
+    assert (again.unit_norm_decoder, again.relu_after_topk, again.sparse_backward) == (False, True, False)
+
+
+def test_auxk_loss_without_aux_norm_is_the_centred_ratio_scaled_by_the_dead_share() -> None:
+    """AuxK's own normalisation (no ``aux_norm``: the loss the SAE computes alone) against a per-row loop: with 5 dead
+    latents and ``k_aux = 8`` every dead latent is used, the loss is ``aux_coef · (5/8) · Σ‖e − ê‖² / Σ‖e − ē‖²``
+    (``ē`` the mean residual over the rows)."""
+    sae = randomize(build_topk(d_in=8, d_sae=40, k=4, k_aux=8, aux_coef=0.25))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(30, 8, generator=gen) * 2 + 3  # an offset: the residual has a mean, so centring matters
+    dead_ids = [2, 7, 19, 20, 33]
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[dead_ids] = True
+    with torch.no_grad():
+        out = sae(x, dead_mask=dead)
+        e = x - out.x_hat
+        num = 0.0
+        for n in range(x.shape[0]):
+            e_hat = torch.zeros(8)
+            for j in dead_ids:  # all 5 dead latents are among the top k_aux = 8
+                pre = float((x[n] - sae.b_dec) @ sae.W_enc[:, j] + sae.b_enc[j])
+                e_hat += pre * sae.W_dec[j]
+            num += float((e[n] - e_hat).pow(2).sum())
+        den = float((e - e.mean(0)).pow(2).sum())
+    assert float(out.aux_loss) == pytest.approx(0.25 * (5 / 8) * num / den, rel=1e-5)
+
+
+def test_aux_coef_zero_is_accepted_and_gives_no_auxk_loss() -> None:
+    """``--model.sae.aux_coef`` must be ``>= 0``: 0 is valid (AuxK off by its coefficient), only negatives are refused."""
+    sae = randomize(build_topk(d_in=8, d_sae=32, k=2, k_aux=4, aux_coef=0.0))
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[:6] = True
+    assert float(sae(torch.randn(10, 8), dead_mask=dead).aux_loss.detach()) == 0.0
+    with pytest.raises(ValueError, match=r"--model\.sae\.aux_coef"):
+        build_topk(aux_coef=-1e-3)
+
+
+def test_geometric_median_at_its_default_tolerance_is_near_the_optimum() -> None:
+    """``init_b_dec`` takes the default ``tol``: the median it stops at is within 1e-3 of the true minimiser of the
+    summed distances (a brute-force Nelder-Mead), not just a few Weiszfeld steps from the mean."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 4, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.5, 2.0], dtype=torch.float64)
+    x[:30] += 40.0  # outliers: the mean is far from the median, so stopping early shows
+    ref = minimize(_sum_dist, x.median(0).values.numpy(), args=(x,), method="Nelder-Mead",
+                   options=dict(xatol=1e-10, fatol=1e-12, maxiter=20000, maxfev=20000))
+    gm = geometric_median(x)
+    assert float((gm - torch.as_tensor(ref.x)).norm()) < 1e-3
+
+
+def test_the_latent_order_is_exact_past_16_bit_latent_ids() -> None:
+    """``SparsePattern``'s CPU radix sort keys latents as uint16: past ``2**16`` latents it must take the torch sort,
+    whose order (tokens, offsets) is checked here against the dense ``Gᵀ @ D`` with latents on both sides of 2**16."""
+    d_sae, n, k, d = 2**16 + 40, 64, 5, 6
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, d_sae, (n, k), generator=gen)
+    idx[:, 0] = d_sae - 1 - torch.arange(n)  # latents above 2**16 (their uint16 keys would wrap onto 0..39)
+    idx[:3, 1] = torch.tensor([2**16, 0, 2**16 - 1])
+    idx[3:6, 1] = 7  # a latent on several tokens
+    values, dense = torch.randn(n, k, generator=gen), torch.randn(n, d, generator=gen)
+    want = torch.zeros(n, d_sae).scatter_add_(1, idx, values).T @ dense
+    got = SparsePattern(d_sae, idx).transposed_mm(values, dense)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_tensors_under_cuda_autocast_keep_the_sparse_products() -> None:
+    """Only a CUDA tensor under CUDA autocast takes the dense products: a CPU tensor with CUDA autocast on (a CPU-side
+    computation inside a GPU run's autocast region) keeps the sparse path."""
+    import gsae.sae.base as base
+
+    torch.set_autocast_enabled("cuda", True)  # the flag alone: no CUDA device needed
+    try:
+        assert torch.is_autocast_enabled("cuda")
+        assert base.autocast_dense_dtype(torch.randn(4, 8)) is None
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_init_is_unit_decoder_rows_with_the_encoder_their_transpose_and_zero_biases(seed: int) -> None:
+    """Gao et al. §A.1 / smol-sae (SPEC §1.3): decoder rows random unit vectors, ``W_enc = W_decᵀ`` exactly (same
+    directions and scale), ``b_enc = b_dec = 0``, reproducible per seed and different across seeds."""
+    sae = TopKSAE(16, d_sae=64, k=4, seed=seed)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64), rtol=0, atol=1e-6)
+    assert torch.equal(sae.W_enc, sae.W_dec.T)
+    assert torch.equal(sae.b_enc, torch.zeros(64)) and torch.equal(sae.b_dec, torch.zeros(16))
+    assert torch.equal(TopKSAE(16, d_sae=64, k=4, seed=seed).W_dec, sae.W_dec)
+    assert not torch.equal(TopKSAE(16, d_sae=64, k=4, seed=seed + 1).W_dec, sae.W_dec)
+
+
+def test_sparse_backward_with_a_frozen_encoder_bias_still_trains_b_dec() -> None:
+    """``∂b_dec``'s encoder part is ``−W_enc ∂b_enc``: it is needed even when ``b_enc`` itself is frozen (no
+    ``requires_grad``); the sparse backward then gives the dense autograd's ``∂b_dec``, ``∂W_enc`` and ``∂W_dec``."""
+    x, w = torch.randn(40, 16), torch.rand(40, 16)
+    grads = []
+    for sparse in (True, False):
+        sae = randomize(build_topk(d_in=16, d_sae=48, k=5, sparse_backward=sparse))
+        sae.b_enc.requires_grad_(False)
+        ((sae(x).x_hat - x).pow(2) * w).sum().backward()
+        assert sae.b_enc.grad is None
+        grads.append({n: p.grad for n, p in sae.named_parameters() if p.requires_grad})
+    assert grads[0]["b_dec"].abs().sum() > 0
+    for name in ("W_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("sparse_backward", [True, False])
+@pytest.mark.parametrize("x_dtype", [torch.float64, torch.bfloat16])
+def test_activations_of_another_dtype_are_encoded_in_the_saes_dtype(sparse_backward: bool, x_dtype) -> None:
+    """Activations arrive in the LM's dtype (a float64 reference model, a bfloat16 one) while the SAE trains in
+    float32: the forward casts them to the SAE's dtype first, so it selects and reconstructs as the naive float32
+    reference on ``x.float()`` (and the AuxK path takes them too)."""
+    sae = randomize(build_topk(d_in=16, d_sae=64, k=5, sparse_backward=sparse_backward))
+    x = torch.randn(30, 16).to(x_dtype)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[[1, 2, 3]] = True
+    out = sae(x, dead_mask=dead)
+    _, ref_idx, ref_x_hat = naive_topk(sae, x.float())
+    assert out.x_hat.dtype == torch.float32 and out.aux_loss > 0
+    assert [set(r.tolist()) for r in out.top_idx] == [set(r.tolist()) for r in ref_idx]
+    torch.testing.assert_close(out.x_hat, ref_x_hat, rtol=1e-5, atol=1e-5)
