@@ -22,20 +22,24 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30))
 
 
-def pair(name: str, flags: tuple[bool, bool, bool], dtype: str = "float32") -> tuple[LanguageModel, LanguageModel]:
+def pair(
+    name: str, flags: tuple[bool, bool, bool], dtype: str = "float32", arch: dict | None = None
+) -> tuple[LanguageModel, LanguageModel]:
     """``(fused, transformer_lens)`` LanguageModels sharing one model processed with ``flags``.
 
     Random presets get generic weights first (LayerNorm scales and every bias are 1 / 0 at init, which would
     make folding and centring no-ops), then TransformerLens' own weight processing, as ``from_pretrained``.
+    ``arch``: config fields overriding the random preset's (another activation function, attention scale).
     """
     fold, center_w, center_u = flags
     if name in RANDOM_PRESETS:
         gen = torch.Generator().manual_seed(7)
-        state = LanguageModel(name, seed=3).model.state_dict()
+        fields = {**RANDOM_PRESETS[name], **(arch or {})}
+        state = (build_hooked_transformer(fields, seed=3) if arch else LanguageModel(name, seed=3).model).state_dict()
         state = {k: v + 0.2 * torch.randn(v.shape, generator=gen) * (v.std() if v.numel() > 1 and v.std() > 0 else 1)
                  for k, v in state.items() if v.is_floating_point()}
         model = build_hooked_transformer(
-            RANDOM_PRESETS[name], state_dict=state, seed=None, dtype=dtype, fold_ln=fold,
+            fields, state_dict=state, seed=None, dtype=dtype, fold_ln=fold,
             center_writing_weights=center_w, center_unembed=center_u, fold_value_biases=True,
         )
         model.eval().requires_grad_(False)
@@ -122,6 +126,38 @@ def test_last_position_with_a_cached_prefix_matches_transformer_lens_on_whole_co
             for lm in (fused, ref):
                 assert rel_err(lm.last_position_logits(x, hook, rows, tokens, max_rows=2), want) <= TOL, (hook, t, lm.fused)
     assert fused._fused_start("blocks.0.hook_resid_pre", ()) is not None  # the cached-prefix path was the one tested
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        {"act_fn": "gelu_fast"},
+        {"act_fn": "gelu", "use_attn_scale": False},  # scores q·k unscaled
+        {"act_fn": "relu", "attn_scale": 2.5},  # a scale other than sqrt(d_head) = 4
+        {"act_fn": "silu"},
+    ],
+    ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()),
+)
+def test_other_activations_and_attention_scales_match_transformer_lens(arch):
+    """The fused path serves every activation in ``lm_fused.ACTIVATIONS`` and any ``attn_scale`` / ``use_attn_scale``
+    (GPT-2 presets all use gelu_new and sqrt(d_head), where a wrong formula or a hard-wired scale would not show):
+    the MLP output, the residual and the logits equal TransformerLens' own forward, and so do the cached-prefix
+    last-position logits (``run_last``'s own scaled scores)."""
+    fused, ref = pair("random-tiny", FLAGS[-1], arch=arch)
+    assert fused.model.cfg.act_fn == arch["act_fn"]
+    assert fused.fused_weights() is not None, "the fused path must serve this model"
+    tokens = some_tokens(fused, seed=5)
+    for hook in ("blocks.0.hook_mlp_out", "blocks.0.hook_attn_out", "blocks.1.hook_resid_post"):
+        assert rel_err(fused.activations(tokens, hook), ref.activations(tokens, hook)) <= TOL, hook
+    assert rel_err(fused.logits(tokens), ref.logits(tokens)) <= TOL
+    hook = "blocks.0.hook_resid_post"
+    x = ref.activations(tokens[:1], hook)
+    rows = x[0, -1] + 2 * torch.randn(3, x.shape[-1], generator=torch.Generator().manual_seed(6))
+    copies = x.repeat(3, 1, 1)
+    copies[:, -1] = rows
+    with torch.no_grad():
+        want = ref.run_from_hook(copies, hook).logits[:, -1]
+    assert rel_err(fused.last_position_logits(x, hook, rows), want) <= TOL
 
 
 @pytest.mark.slow

@@ -280,3 +280,58 @@ def test_the_reconstruction_metrics_of_no_token_are_zero_not_nan():
     from gsae.metrics import ReconMetric
 
     assert ReconMetric(4).compute()["l0"] == 0.0
+
+
+def test_kl_div_per_token_of_bfloat16_logits_is_computed_in_float32() -> None:
+    """bfloat16 logits (a ``bf16-mixed`` run) are upcast before the softmax: the KL equals a float64 computation on the
+    same bfloat16 values, to float32 rounding (a bfloat16 softmax would be off by percents: 3 significant digits)."""
+    gen = torch.Generator().manual_seed(0)
+    clean = (torch.randn(4, 9, 300, generator=gen) * 3).bfloat16()
+    new = (clean.float() + 0.3 * torch.randn(4, 9, 300, generator=gen)).bfloat16()
+    kl = kl_div_per_token(clean, new)
+    lp_c, lp_n = F.log_softmax(clean.double(), -1), F.log_softmax(new.double(), -1)
+    ref = (lp_c.exp() * (lp_c - lp_n)).sum(-1)
+    assert kl.dtype == torch.float32
+    torch.testing.assert_close(kl.double(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_fire_counts_sum_positive_are_the_summed_activations() -> None:
+    """``test="sum_positive"`` (smol-sae's ``x_hid.sum(0) > 0``): each latent's activations summed over the rows, negative
+    kept values included, sparse and dense forms alike, against a loop over the entries."""
+    from gsae.metrics import fire_counts
+
+    gen = torch.Generator().manual_seed(0)
+    top_idx = torch.randint(0, 12, (50, 4), generator=gen)
+    top_acts = torch.randn(50, 4, generator=gen, dtype=torch.float64)  # TopK without ReLU: about half negative
+    want = torch.zeros(12, dtype=torch.float64)
+    dense = torch.zeros(50, 12, dtype=torch.float64)
+    for r in range(50):
+        for j in range(4):
+            want[top_idx[r, j]] += top_acts[r, j]
+            dense[r, top_idx[r, j]] += top_acts[r, j]
+    assert (want < 0).any() and (want > 0).any()
+    sparse = fire_counts(top_idx, top_acts, None, 12, torch.float64, test="sum_positive")
+    torch.testing.assert_close(sparse, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fire_counts(None, None, dense, 12, torch.float64, test="sum_positive"), want,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_cossim_of_tiny_rows_is_f_cosine_similarity() -> None:
+    """The cosine clamps each norm at 1e-8 (``F.cosine_similarity``'s definition), not their product: rows of norm
+    ~1e-5 still have their true cosine."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 6, generator=gen, dtype=torch.float64) * 1e-5
+    x_hat = x + 0.3e-5 * torch.randn(20, 6, generator=gen, dtype=torch.float64)
+    m = recon_metrics(recon_sums(x, x_hat, torch.zeros(20)))
+    assert m["cossim"] == pytest.approx(float(F.cosine_similarity(x, x_hat, dim=-1).mean()), rel=1e-9)
+    assert m["cossim"] > 0.5
+
+
+def test_l0_per_token_counts_negative_kept_values() -> None:
+    """``l0`` counts nonzero latents (SAELens ``!= 0``): a TopK SAE without ReLU keeps negative values, which count."""
+    from gsae.metrics import l0_per_token
+
+    top_acts = torch.tensor([[1.0, -2.0, 0.0], [-0.5, -0.1, 3.0]])
+    assert l0_per_token(top_acts, None).tolist() == [2, 3]
+    latents = torch.tensor([[0.0, -1.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
+    assert l0_per_token(None, latents).tolist() == [2, 0]

@@ -54,6 +54,24 @@ def test_updates_equal_torch_fused_adam_on_contiguous_copies_bit_for_bit(options
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_defaults_are_spec_adam_fused() -> None:
+    """Without options: SPEC §1.3's Adam (lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay), fused: the same
+    trajectory, bit for bit, as torch's fused Adam given those numbers explicitly."""
+    params = _params()
+    ours = [torch.nn.Parameter(p.clone()) for p in params]
+    ref = [torch.nn.Parameter(p.contiguous().clone()) for p in params]
+    opts = [Adam(ours), torch.optim.Adam(ref, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)]
+    assert opts[0].defaults["fused"] is True
+    for step in range(3):
+        for ps, opt in zip((ours, ref), opts):
+            for p, g in zip(ps, _grads(ps, step)):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+    assert not torch.equal(ours[1], params[1])  # it moved
+
+
 def test_step_copies_no_gradient() -> None:
     w = torch.nn.Parameter(torch.randn(2048, 512).T.clone())
     opt = Adam([w], lr=1e-3)
@@ -158,6 +176,9 @@ def _groups(params, lrs, extra=None) -> list[dict]:
         ([1e-2, 3e-3, 1e-2, 3e-3], None, 2),  # two learning rates: a call per rate
         # other options: calls of their own (the amsgrad group has no gradient: no call)
         ([1e-2] * 4, [{}, {"weight_decay": 0.1}, {"amsgrad": True}, {}], 2),
+        ([1e-2] * 4, [{}, {"eps": 1e-1}, {}, {}], 2),  # eps, betas, maximize: each a call of its own
+        ([1e-2] * 4, [{}, {"betas": (0.5, 0.9)}, {}, {}], 2),
+        ([1e-2] * 4, [{}, {"maximize": True}, {}, {}], 2),
     ],
 )
 def test_groups_with_equal_options_step_in_one_call_and_update_as_torch_group_by_group(monkeypatch, lrs, extra, calls):

@@ -84,6 +84,44 @@ def test_a_saelens_topk_sae_starts_a_topk_sae_computing_the_same(tmp_path):
             torch.testing.assert_close(sae(x).x_hat, sl.decode(sl.encode(x)), atol=1e-4, rtol=1e-4)
 
 
+def test_rows_a_little_off_unit_norm_are_still_normalised_for_a_relu_sae(tmp_path):
+    """Decoder rows of norms 0.96–1.04 (a source trained without the constraint, or rounded) are not "unit already":
+    the ReLU SAE normalises its rows in the forward, so their norms must move into the encoder as for any other norm,
+    or every latent's contribution is off by up to 4%. SAELens' own forward is the reference; a ReLU SAE is not
+    warned about (the norms fold exactly through the ReLU)."""
+    import warnings
+
+    sl = saelens_sae("standard", unit_rows=True)
+    with torch.no_grad():
+        sl.W_dec.mul_(1 + 0.04 * (2 * torch.rand(D_SAE, 1, generator=torch.Generator().manual_seed(2)) - 1))
+    sl.save_model(tmp_path / "near")
+    sae = ReLUSAE(D_IN, d_sae=D_SAE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warm_start(sae, str(tmp_path / "near"), HOOK, "--model.init_from")
+    x = _x()
+    with torch.no_grad():
+        want = sl.decode(sl.encode(x))
+        torch.testing.assert_close(sae(x).x_hat, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sae.decoder_weight().norm(dim=1), torch.ones(D_SAE))
+
+
+def test_a_topk_sae_without_the_unit_norm_constraint_takes_the_rows_as_they_are(tmp_path):
+    """A TopK SAE that does not keep its rows at unit norm (``unit_norm_decoder=False``, as smol-sae) gets the source's
+    four tensors unchanged, rows of norms 0.3–3 included: folding the norms into the encoder would change which
+    latents TopK keeps. Its reconstruction is SAELens' own."""
+    sl = saelens_sae("topk")
+    assert (sl.W_dec.norm(dim=1) - 1).abs().max() > 0.5
+    sl.save_model(tmp_path / "topk")
+    sae = TopKSAE(D_IN, d_sae=D_SAE, k=6, relu_after_topk=True, unit_norm_decoder=False)
+    warm_start(sae, str(tmp_path / "topk"), HOOK, "--model.init_from")
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(sae, name).detach(), getattr(sl, name).detach()), name
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(sae(x).x_hat, sl.decode(sl.encode(x)), atol=1e-4, rtol=1e-4)
+
+
 def test_a_saelens_training_checkpoint_starts_an_sae_reading_raw_activations(tmp_path):
     """A SAELens training checkpoint (``expected_average_only_in``, its scale in ``activation_scaler.json``): the
     scale is folded in, so the started SAE reconstructs raw activations as SAELens with its scaler does."""
@@ -155,6 +193,8 @@ def test_bad_sources_fail_in_one_line(tmp_path):
     saelens_sae("topk").save_model(tmp_path / "topk")
     with pytest.raises(ValueError, match=r"has d_in 64 and d_sae 96; this run's SAE has d_in 64 and d_sae 128$"):
         warm_start(TopKSAE(D_IN, d_sae=128, k=4), str(tmp_path / "topk"), HOOK, opt)
+    with pytest.raises(ValueError, match=r"has d_in 64 and d_sae 96; this run's SAE has d_in 32 and d_sae 96$"):
+        warm_start(TopKSAE(32, d_sae=D_SAE, k=4), str(tmp_path / "topk"), HOOK, opt)
     with pytest.warns(UserWarning, match=rf"was trained at {HOOK}; this run reads blocks.0.hook_resid_post$"):
         warm_start(TopKSAE(D_IN, d_sae=D_SAE, k=4), str(tmp_path / "topk"), "blocks.0.hook_resid_post", opt)
     with pytest.warns(UserWarning, match=r": its decoder rows have norms 0\.3\d*–[23](\.\d+)?; this run keeps them at 1"):

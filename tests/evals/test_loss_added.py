@@ -118,6 +118,51 @@ def test_agrees_with_saelens_run_evals(tiny_lm, tmp_path):
         assert math.isclose(ours[ours_key], theirs[sl_key], rel_tol=1e-4), (ours_key, ours[ours_key], theirs[sl_key])
 
 
+def test_special_tokens_inside_contexts_are_masked_as_saelens_does(tiny_lm, tmp_path):
+    """Packed contexts hold document boundaries: a BOS in mid-context stays unpatched and out of every mean, its KL
+    included (it attends to patched positions before it, so its KL is not 0 as the first position's is). Agreement
+    with SAELens ``run_evals`` on such contexts."""
+    from gsae.export import export_saelens
+    from gsae.lm import BYTE_BOS
+
+    sae = build_topk(relu_after_topk=True)
+    export_saelens(sae, tmp_path / "sae", {"hook": HOOK, "lm": tiny_lm.describe()})
+    _mark_saelens_v6(tmp_path / "sae" / "cfg.json")
+    toks = build_tokens(4, 32)
+    toks[:, 13] = BYTE_BOS
+    toks[2, 25] = BYTE_BOS
+    assert BYTE_BOS in tiny_lm.special_token_ids
+    ours = loss_added.run(sae, tiny_lm, HOOK, toks, batch_size=2)
+    theirs = _saelens_run_evals(tiny_lm, tmp_path / "sae", toks, 2)
+    assert ours["n_tokens"] == 4 * 32 - 9
+    for ours_key, sl_key in {"ce_clean": "ce_loss_without_sae", "ce_sae": "ce_loss_with_sae",
+                             "kl_sae": "kl_div_with_sae", "kl_ablation": "kl_div_with_ablation", "mse": "mse"}.items():
+        assert math.isclose(ours[ours_key], theirs[sl_key], rel_tol=1e-4), (ours_key, ours[ours_key], theirs[sl_key])
+
+
+def test_without_special_token_exclusion_l_added_is_smol_sae_patch_loss(tiny_lm):
+    """``exclude_special_tokens=False`` reproduces smol-sae's ``patch_loss`` (SPEC §1.4): TransformerLens' mean CE
+    (``return_type="loss"``) with the SAE output at every position, BOS included, against the clean one; every
+    position counts."""
+    sae, toks = build_topk(), build_tokens(4, 32)
+    r = loss_added.run(sae, tiny_lm, HOOK, toks, batch_size=4, exclude_special_tokens=False)
+
+    def splice(act, hook):  # noqa: ARG001
+        return sae(act.reshape(-1, act.shape[-1])).x_hat.reshape(act.shape)
+
+    with torch.no_grad():
+        clean = float(tiny_lm.model(toks, return_type="loss"))
+        patched = float(tiny_lm.model.run_with_hooks(toks, return_type="loss", fwd_hooks=[(HOOK, splice)]))
+        x = tiny_lm.activations(toks, HOOK).reshape(-1, 64)
+        mse = float((x - sae(x).x_hat).pow(2).sum(-1).mean())
+    assert r["n_tokens"] == 4 * 32
+    assert r["ce_clean"] == pytest.approx(clean, rel=1e-5)
+    assert r["L_added"] == pytest.approx((patched - clean) / clean, rel=1e-4)
+    assert r["mse"] == pytest.approx(mse, rel=1e-5)
+    masked = loss_added.run(sae, tiny_lm, HOOK, toks, batch_size=4)
+    assert masked["n_tokens"] == 4 * 31 and masked["L_added"] != pytest.approx(r["L_added"], rel=1e-4)
+
+
 def test_contexts_with_nothing_to_score_are_said_not_divided_by() -> None:
     """``evaluate.py --context-size 2`` on a BOS-first SAE: the one prediction is from BOS, which is left out, so no
     CE was summed and L_added divided by a zero ce_clean (a ZeroDivisionError traceback)."""
