@@ -228,7 +228,8 @@ def run_many(
     # pass 1: μ, Σ, real pool, latents alive on the swept sequences and per pool block; kept for pass 2 when small enough
     d_in = next(iter(saes.values())).d_in
     one = 2 * swept.numel() * d_in <= CACHE_ELEMENTS  # what run() of one SAE keeps (its pass 1 runs the SAE then)
-    cached = one * len(saes) <= CACHE_ELEMENTS if one else False  # every SAE's, for the grouping
+    # every SAE's, for the grouping (audit Y: was ``one * len(saes)``, a bool times the count: always kept)
+    cached = 2 * swept.numel() * d_in * len(saes) <= CACHE_ELEMENTS
     features = any(k in FEATURE_POOLS for k in kinds)
     acts = {m: batch_acts(sae, lm, hook, swept, batch_size, with_sae=one or features) for m, sae in saes.items()}
     if cached:
@@ -266,7 +267,7 @@ def run_many(
         # a latent is alive iff it fired in some pool block of the swept contexts or on the other contexts
         fired = {m: torch.stack([*b.values(), *alive_rest[m]]).any(0) if b else None for m, b in blocks.items()}
         members = {m: (saes[m], stats._replace(fired=fired[m]), blocks[m]) for m in group}
-        again = {m: (acts[m] if cached else batch_acts(saes[m], lm, hook, tokens, batch_size)) for m in group}
+        again = {m: (acts[m] if cached else batch_acts(saes[m], lm, hook, swept, batch_size)) for m in group}
         out.update(_sweep_group(lm, hook, members, again, **opts))
     return {m: out[m] for m in saes}
 

@@ -229,6 +229,7 @@ def test_single_token_mode_leaves_earlier_positions_alone(tiny_lm, tokens, sae):
         assert c["kl_before_position"] == [0.0, 0.0]
         assert len(c["kl_by_offset"][0]) == 4 and c["kl_by_offset"][1][0] > 0
         assert c["kl"] == [row[0] for row in c["kl_by_offset"]]
+        assert c["n_tokens"] == tokens.shape[0]  # the means at p: one token per sequence
     assert len(res["substitution"]["kl_by_offset"]["sae"]) == 4
 
 
@@ -238,6 +239,8 @@ def test_result_is_json_and_figures_draw(tiny_lm, tokens, sae):
     res = sd.run(sae, tiny_lm, HOOK, tokens, lengths=[1.0, 9.0], direction_types=["isotropic", "cov_random_mixture"])
     json.dumps(res, allow_nan=False)
     assert res["lengths"] == [1.0, 9.0] and res["n_tokens"] == tokens.shape[0] * (tokens.shape[1] - 1)
+    for kind, c in res["curves"].items():  # the scalar summary is the curve's mean over the lengths
+        assert res[f"kl_mean_over_lengths_{kind}"] == pytest.approx((c["kl"][0] + c["kl"][1]) / 2, rel=1e-12), kind
     assert all(math.isfinite(v) for v in res["substitution"]["ratio"].values())
     assert set(sd.figures(res)) == {"kl_vs_length", "l2_vs_length", "substitution_kl"}
 
@@ -377,9 +380,70 @@ def test_substitution_leaves_special_tokens_mid_sequence_unpatched_and_uncounted
     assert sd.run(sae, tiny_lm, HOOK, toks, substitution_exclude_special=False, **kw)["substitution"]["n_tokens"] == n_read
 
 
+def test_substitution_epsilon_and_every_kinds_mean_cover_the_same_non_special_tokens(tiny_lm, tokens, sae, monkeypatch):
+    """``epsilon_mean`` is the mean ‖SAE(x) − x‖ over the substituted tokens (the non-special positions run), from the
+    LM's activations and the SAE directly; the SAE's and every ε-baseline's mean KL are the per-token KLs (as
+    :func:`perturbation_runs` returned them) averaged over those same tokens: a BOS counted in one baseline's mean but
+    not in the SAE's biases the ratio."""
+    from gsae.evals.directions import EPS_BASELINES
+    from gsae.lm import BYTE_BOS
+
+    toks = tokens.clone()
+    toks[:, 0] = BYTE_BOS
+    toks[1, 6] = BYTE_BOS
+    seen = []
+    real = sd.perturbation_runs
+
+    def spy(*args, **kwargs):
+        res = real(*args, **kwargs)
+        seen.append(res.kl)
+        return res
+
+    monkeypatch.setattr(sd, "perturbation_runs", spy)
+    res = sd.run(sae, tiny_lm, HOOK, toks, lengths=[1.0], direction_types=[], batch_size=64)
+    keep = (toks != BYTE_BOS)[:, :-1]
+    x = tiny_lm.activations(toks, HOOK)[:, :-1]
+    with torch.no_grad():
+        err = (sae(x.reshape(-1, 64)).x_hat.reshape(x.shape) - x).norm(dim=-1)
+    sub = res["substitution"]
+    assert sub["epsilon_mean"] == pytest.approx(float(err[keep].mean()), rel=1e-5)
+    assert sub["n_exact_tokens"] == 0 and sub["n_tokens"] == int(keep.sum()) == 4 * 11 - 5
+    (kl,) = seen  # one forward group: the jobs are "sae", then the baselines, each at scale 1
+    assert kl.shape[0] == 1 + len(EPS_BASELINES)
+    for j, kind in enumerate(("sae", *EPS_BASELINES)):
+        assert float(kl[j][keep].mean()) > 0
+        assert sub["kl"][kind] == pytest.approx(float(kl[j][keep].double().mean()), rel=1e-5), kind
+
+
+def test_feature_pool_blocks_do_not_depend_on_the_batch_size(tiny_lm, sae):
+    """The feature pools are per block of ``pool_seqs`` sequences counted over the whole run, not per memory batch:
+    with 2-sequence blocks, batches of 2 or 4 give the feature kinds of one batch of all 6 sequences (where every
+    sequence's index in its batch is its index in the run)."""
+    tok = torch.randint(0, 256, (6, 12), generator=torch.Generator().manual_seed(4))
+    kw = dict(lengths=[3.0], direction_types=["sae_feature_active", "sae_feature_alive"], substitution=False,
+              pool_seqs=2)
+    ref = sd.run(sae, tiny_lm, HOOK, tok, batch_size=6, **kw)
+    assert ref["curves"]["sae_feature_active"]["n_tokens"] == 6 * 11
+    for batch_size in (2, 4):
+        _close(sd.run(sae, tiny_lm, HOOK, tok, batch_size=batch_size, **kw), ref)
+
+
 def test_single_token_default_position_is_gurnee_32():
     assert sd.window("single_token", 128, None, 17, False).position == 32
     assert sd.window("single_token", 12, None, 17, False).position == 10  # T − 2 for short contexts
+
+
+def test_windows_never_read_the_last_position_and_skip_first_leaves_position_0_alone():
+    """The positions perturbed and read, by hand: the last position predicts nothing and is never read (nor run);
+    ``n_offsets`` past it is cut; ``skip_first`` neither perturbs nor reads position 0."""
+    w = sd.window("single_token", 12, None, 17, False)  # p = 10: only position 10 is left to read
+    assert (w.t_run, w.read.tolist(), w.perturb.tolist()) == (11, [10], [False] * 10 + [True])
+    w = sd.window("single_token", 12, 4, 3, False)
+    assert (w.t_run, w.read.tolist(), w.perturb.nonzero().flatten().tolist()) == (7, [4, 5, 6], [4])
+    for skip in (False, True):
+        w = sd.window("all_tokens", 12, None, 17, skip)
+        assert w.t_run == 11 and w.read.tolist() == list(range(int(skip), 11))
+        assert w.perturb.tolist() == [not skip] + [True] * 10
 
 
 def test_sweep_seqs_fits_the_statistics_on_every_context_and_perturbs_the_first(tiny_lm, sae):
@@ -433,6 +497,26 @@ def test_sweep_seqs_fits_the_statistics_on_every_context_and_perturbs_the_first(
     assert same["curves"] == alone["curves"] and same["stats_sequences"] == 3
     with pytest.raises(ValueError, match="sweep_seqs must be > 0"):
         sd.run(sae, tiny_lm, HOOK, tok, sweep_seqs=0, **kw)
+
+
+def test_sweep_seqs_perturbs_only_the_first_contexts_when_the_activations_are_not_kept(tiny_lm, sae, monkeypatch):
+    """Above :data:`CACHE_ELEMENTS` (a large evaluation, or a sweep of many SAEs through ``run_many``) pass 2 runs the
+    prefix and the SAE again: it ran them on every context, not the ``sweep_seqs`` swept ones, so the length sweep
+    and the substitution perturbed all 10 contexts (110 tokens for 33) while ``n_sequences`` said 3. Against the run
+    that keeps its activations and the three contexts swept alone."""
+    tok = torch.randint(0, 256, (10, 12), generator=torch.Generator().manual_seed(2))
+    kw = dict(lengths=[2.0, 8.0], batch_size=4)
+    kept = sd.run(sae, tiny_lm, HOOK, tok, sweep_seqs=3, **kw)
+    alone = sd.run(sae, tiny_lm, HOOK, tok[:3], **kw)
+    monkeypatch.setattr(sd, "CACHE_ELEMENTS", 0)
+    again = sd.run(sae, tiny_lm, HOOK, tok, sweep_seqs=3, **kw)
+    assert again["n_sequences"] == 3 and again["n_tokens"] == 3 * 11
+    assert {k: c["n_tokens"] for k, c in again["curves"].items()} == {k: 3 * 11 for k in kept["curves"]}
+    assert again["substitution"]["n_tokens"] == 3 * 11
+    _close(again, kept)
+    for kind in ("sae_error", "sae_feature_active"):  # what does not read the statistics: the three contexts' alone
+        assert again["curves"][kind]["kl"] == pytest.approx(alone["curves"][kind]["kl"], rel=1e-5), kind
+    assert again["substitution"]["kl"]["sae"] == pytest.approx(alone["substitution"]["kl"]["sae"], rel=1e-5)
 
 
 def _close(a, b, where: str = "") -> None:

@@ -280,8 +280,12 @@ def test_sensitive_directions_run_many_beyond_its_cache_equals_each_run(tiny_lm,
     swept = tokens[: sweep_seqs or len(tokens)]
     monkeypatch.setattr(sd, "CACHE_ELEMENTS", 2 * swept.numel() * 64)  # one SAE's activations fit, four do not
     opts = dict(lengths=[1.0, 5.0], batch_size=2, pool_seqs=2, direction_types=kinds, sweep_seqs=sweep_seqs)
+    kept, group = [], sd._equal_activations  # called only when the activations are kept for pass 2
+    monkeypatch.setattr(sd, "_equal_activations", lambda acts: kept.append(len(acts)) or group(acts))
     alone = {m: sd.run(sae.eval(), tiny_lm, HOOK, tokens, **opts) for m, sae in saes.items()}
+    assert kept == [1] * len(saes)  # one SAE's fit
     same(sd.run_many(saes, tiny_lm, HOOK, tokens, **opts), alone)
+    assert kept == [1] * len(saes)  # four SAEs' did not: streamed (audit Y: a bool times the count kept them all)
     assert all(r["stats"]["n_alive_latents"] is not None for r in alone.values())
 
 
