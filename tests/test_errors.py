@@ -459,8 +459,10 @@ def test_e2e_objectives_that_train_nothing_or_the_wrong_thing_are_one_line() -> 
     build(lambda d: GradTopKSAE(d, 64, 4, beta=0.0))  # β = 0: it is a TopK SAE
     with pytest.raises(ValueError, match="are all 0: nothing to train on"):
         build(kl_coef=0.0)
-    with pytest.raises(ValueError, match=r"must be >= 0 \(a negative term is maximised\)"):
-        build(downstream_hooks=later, downstream_coefs=[-1.0])
+    for negative in (dict(downstream_hooks=later, downstream_coefs=[-1.0]), dict(kl_coef=-1.0, local_mse_coef=1.0),
+                     dict(local_mse_coef=-0.5), dict(downstream_hooks=later, downstream_coef=-2.5)):
+        with pytest.raises(ValueError, match=r"must be >= 0 \(a negative term is maximised\)"):
+            build(**negative)
     with pytest.raises(ValueError, match="--model.downstream_coef is set but --model.downstream_hooks is empty"):
         build(downstream_coef=2.5)
     with pytest.raises(ValueError, match="both set: give one of them"):

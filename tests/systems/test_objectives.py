@@ -387,3 +387,132 @@ def test_e2e_downstream_coef_is_split_evenly_over_the_hooks():
     loss, _, _, extra = system.objective(_batch(system), "val")
     naive = extra["kl"] + 1.5 * extra[f"ds_mse/{hooks[0]}"] + 1.5 * extra[f"ds_mse/{hooks[1]}"]
     torch.testing.assert_close(loss.detach(), naive, rtol=1e-6, atol=0)
+
+
+def _e2e_reference_loss(system, tokens, kl_coef, downstream, local_coef):
+    """The e2e loss rebuilt with TransformerLens hooks on full forwards: SAE(x) spliced in at the non-special
+    positions (the BOS keep their clean activation), KL(P_clean ‖ P_sae) averaged over every position, the element
+    MSE of each downstream hook against the clean run's, and the local element MSE over the SAE's rows."""
+    from gsae.lm import BYTE_BOS
+
+    model = system.lm.model
+    keep = tokens != BYTE_BOS
+    rows = {}
+
+    def patch(act, hook):
+        out = system.sae(act[keep].float())
+        rows["x"], rows["x_hat"] = act[keep].float(), out.x_hat
+        new = act.float().clone()
+        new[keep] = out.x_hat
+        return new
+
+    def record(into):
+        return lambda act, hook: into.__setitem__(hook.name, act)
+
+    clean_cache, patched_cache = {}, {}
+    with torch.no_grad():
+        clean = model.run_with_hooks(tokens, fwd_hooks=[(h, record(clean_cache)) for h in downstream])
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, patch), *((h, record(patched_cache)) for h in downstream)])
+    kl = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(clean, -1).flatten(0, 1), log_target=True,
+                  reduction="batchmean")
+    ds = sum(c * ((patched_cache[h] - clean_cache[h]) ** 2).mean() for h, c in downstream.items())
+    return kl_coef * kl + ds + local_coef * ((rows["x_hat"] - rows["x"]) ** 2).mean()
+
+
+@pytest.mark.parametrize(
+    "terms",
+    [
+        dict(kl_coef=1.0),
+        dict(kl_coef=0.0, downstream={"blocks.1.hook_resid_mid": 2.0, "blocks.1.hook_resid_post": 5.0}),
+        dict(kl_coef=0.0, local_mse_coef=0.7),
+        dict(kl_coef=0.3, downstream={"blocks.1.hook_resid_mid": 2.0, "blocks.1.hook_resid_post": 5.0}, local_mse_coef=0.7),
+    ],
+    ids=["kl", "downstream", "local", "all"],
+)
+def test_e2e_loss_and_sae_gradients_equal_a_transformer_lens_reference_per_term(terms):
+    """Each term's value AND gradient into the SAE, against autograd through full TransformerLens forwards with a
+    patch hook (BOS first and one mid-sequence BOS left clean): a ``.detach()`` on the KL's, a downstream hook's or
+    the local term's input kept the loss's value and silently dropped that term from training (audit Y); a special
+    position patched changes the value."""
+    from gsae.sae import TopKSAE
+    from gsae.systems import E2ESAESystem
+
+    torch.manual_seed(0)
+    downstream = terms.get("downstream", {})
+    system = E2ESAESystem(LanguageModel("random-tiny", seed=0), lambda d: TopKSAE(d, 64, 4, k_aux=0), hook=HOOK,
+                          kl_coef=terms["kl_coef"], downstream_hooks=list(downstream) or None,
+                          downstream_coefs=list(downstream.values()) or None,
+                          local_mse_coef=terms.get("local_mse_coef", 0.0))
+    system.initialized.fill_(True)
+    batch = _batch(system, seed=3)
+    batch.tokens[1, 7] = batch.tokens[0, 0]  # a BOS mid-sequence too
+    grads = []
+    for make in (lambda: system.objective(batch, "val")[0],
+                 lambda: _e2e_reference_loss(system, batch.tokens, terms["kl_coef"], downstream,
+                                             terms.get("local_mse_coef", 0.0))):
+        system.sae.zero_grad()
+        loss = make()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in system.sae.named_parameters() if p.grad is not None}))
+    (loss, got), (ref_loss, ref) = grads
+    assert float(ref_loss) > 0 and ref["W_enc"].abs().sum() > 0 and ref["W_dec"].abs().sum() > 0
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-8)
+    assert set(got) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_gsae_harvest_divides_the_summed_ce_gradient_by_the_configured_count_and_refuses_a_zero_count():
+    """Outside a fit (no data module), ``grad_mean_tokens`` is what the first harvest divides the CE sum's ∇ₓL by
+    and writes into the g-SAE (not the batch's own ``B·(T−1)`` = 60); ``grad_reduction: sum`` keeps the sum
+    (normaliser 1). Reference: the sum-reduction harvest of the same tokens, divided by 500."""
+    from gsae.sae import GradTopKSAE
+
+    def harvest(**kw):
+        torch.manual_seed(0)
+        system = LocalSAESystem(LanguageModel("random-tiny", seed=0), lambda d: GradTopKSAE(d, 64, 4, beta=1e4),
+                                hook=HOOK, **kw)
+        acts = system.harvest(_batch(system).tokens)
+        return float(system.sae.grad_normaliser), acts
+
+    n_mean, mean = harvest(grad_mean_tokens=500)
+    n_sum, total = harvest(grad_reduction="sum")
+    assert (n_mean, n_sum) == (500.0, 1.0)
+    assert total.grad.abs().max() > 0
+    torch.testing.assert_close(mean.x, total.x)
+    torch.testing.assert_close(mean.grad, total.grad / 500, rtol=1e-5, atol=1e-9)
+    for bad in (dict(grad_mean_tokens=0), dict(grad_mean_tokens=60, grad_reduction="sum")):  # 0: a division by zero
+        with pytest.raises(ValueError, match="--model.grad_mean_tokens must be > 0 and needs --model.grad_reduction mean"):
+            LocalSAESystem(LanguageModel("random-tiny", seed=0), lambda d: GradTopKSAE(d, 64, 4, beta=1e4), hook=HOOK,
+                           **bad)
+
+
+@pytest.mark.parametrize("objective", ["topk", "e2e"])
+def test_the_first_training_batch_not_a_validation_batch_initialises_b_dec_and_the_loss_scale(objective):
+    """A validation batch (the sanity check runs before training) leaves the SAE's ``b_dec`` and the loss scale alone;
+    the first training batch sets the scale to E‖x − x̄‖² of its rows (by hand) and moves ``b_dec`` off its init."""
+    system = build_system(objective)
+    batch = _batch(system)
+    b_dec, scale = system.sae.b_dec.detach().clone(), float(system.act_scale)
+    system.objective(batch, "val")
+    assert not bool(system.initialized) and float(system.act_scale) == scale
+    assert torch.equal(system.sae.b_dec.detach(), b_dec)
+    _, _, acts, _ = system.objective(batch, "train")
+    x = acts.x.double()
+    assert bool(system.initialized) and acts.x.shape[0] == 4 * 15  # the BOS rows left out
+    assert float(system.act_scale) == pytest.approx(float((x - x.mean(0)).pow(2).sum(-1).mean()), rel=1e-5)
+    assert not torch.equal(system.sae.b_dec.detach(), b_dec)
+
+
+def test_validation_batches_bypass_the_shuffle_buffer():
+    """The shuffle buffer mixes training rows only: a validation batch is evaluated on its own rows (the LM's
+    activations at its non-BOS positions, by hand) and leaves the buffer empty, so no held-out row is trained on."""
+    system = build_system("topk", buffer_size=128)
+    system.initialized.fill_(True)
+    batch = _batch(system)
+    _, _, acts, _ = system.objective(batch, "val")
+    ref = system.lm.activations(batch.tokens, HOOK)[batch.tokens != batch.tokens[0, 0]]
+    torch.testing.assert_close(acts.x, ref.float())
+    assert system.buffer.fill == 0
+    system.objective(batch, "train")
+    assert system.buffer.fill > 0  # a training batch does go through it
