@@ -523,3 +523,227 @@ def test_a_checkpoint_without_its_context_count_resumes_at_this_worlds_count(tin
     assert dm.consumed_contexts(1) == 6 and dm.consumed_contexts(2) == 12
     dm.consumed_batches = 5  # two more batches on this run's 2 ranks
     assert dm.consumed_contexts(2) == 20
+
+
+def test_column_values_start_and_limit_across_read_batches():
+    """A start on a read batch's first row, and a limit reached in a later read batch (held-out prefixes of
+    more than 1024 documents), give exactly the rows asked for; a limit of 0 gives none."""
+    import datasets
+
+    from gsae.data.sources import column_values
+
+    ds = datasets.Dataset.from_dict({"text": [str(i) for i in range(3000)]}).to_iterable_dataset()
+    assert [int(v) for v in column_values(ds, "text", start=1024)] == list(range(1024, 3000))
+    assert [int(v) for v in column_values(ds, "text", start=2048, step=5)] == list(range(2048, 3000, 5))
+    assert [int(v) for v in column_values(ds, "text", limit=1500)] == list(range(1500))
+    assert [int(v) for v in column_values(ds, "text", start=10, step=2, limit=700)] == list(range(10, 1410, 2))
+    assert list(column_values(ds, "text", limit=0)) == []
+
+
+def _endless(docs: list[list[int]], last_epoch: int = 10**9):
+    """``stream_documents`` of a stream of ``docs`` repeated epoch after epoch (a loop past ``last_epoch`` fails)."""
+
+    def documents(stream, epoch, shard, start):
+        for e in itertools.count(epoch):
+            if e > last_epoch:
+                raise RuntimeError("the packer kept reading pass after pass")
+            for i in range(start if e == epoch else 0, len(docs)):
+                yield e, 0, i, docs[i]
+
+    return documents
+
+
+def test_stream_packer_without_bos_fills_whole_contexts():
+    """``prepend_bos`` off: every context is ``context_size`` tokens of the stream, separators between documents."""
+    from gsae.data.streams import StreamPacker
+
+    p = StreamPacker(0, _endless([[5, 6, 7], [8, 9]]), context_size=4, bos=1, prepend_bos=False, separator=0)
+    # the stream: 5 6 7 0 8 9 0 5 6 7 0 8 9 0 ...
+    assert [p.next_context() for _ in range(4)] == [[5, 6, 7, 0], [8, 9, 0, 5], [6, 7, 0, 8], [9, 0, 5, 6]]
+
+
+def test_a_pass_of_exactly_one_context_packs_it_and_reads_no_further():
+    """A stream whose one pass is exactly one context's body gives that context, says its position is still in the
+    first pass (nothing of the second read yet), and goes on into the next pass."""
+    from gsae.data.streams import StreamPacker
+
+    p = StreamPacker(0, _endless([[5, 6, 7]]), context_size=4, bos=1, prepend_bos=True, separator=0)
+    assert p.next_context() == [1, 5, 6, 7]
+    state = p.state()
+    assert (int(state.epoch), int(state.docs), state.rest.tolist()) == (0, 1, [])
+    assert [p.next_context() for _ in range(3)] == [[1, 0, 5, 6], [1, 7, 0, 5], [1, 6, 7, 0]]
+
+
+def test_a_stream_resumed_mid_pass_fails_on_a_later_pass_without_a_context():
+    """A stream resumed in the middle of a pass whose passes give no context (a resume with a larger
+    --data.context_size) still fails once a whole pass made nothing, instead of reading pass after pass forever."""
+    from gsae.data.batch import StreamState
+    from gsae.data.streams import StreamPacker
+
+    state = StreamState(0, 0, 0, 1, torch.tensor([5], dtype=torch.long))
+    p = StreamPacker(0, _endless([[5], [6], [7]], last_epoch=4), context_size=64, bos=1, prepend_bos=True,
+                     separator=0, state=state, dataset="short.txt")
+    with pytest.raises(DataSourceError, match="stream 0 of 'short.txt' gives no complete 64-token context") as exc:
+        p.next_context()
+    assert "empty" not in str(exc.value)  # its documents have tokens, too few: not told as blank lines
+
+
+def test_a_resumed_stream_with_a_short_rest_of_its_pass_goes_on_into_the_next_pass():
+    """Resumed near a pass's end (the rest of it shorter than a context), the stream reads on into the next pass:
+    only a pass read from its start can tell that it gives no context."""
+    from gsae.data.batch import StreamState
+    from gsae.data.streams import StreamPacker
+
+    docs = [[5] * 6, [6] * 6, [7, 7]]
+    state = StreamState(0, 0, 0, 2, torch.tensor([], dtype=torch.long))  # the last, short document is next
+    p = StreamPacker(0, _endless(docs), context_size=7, bos=1, prepend_bos=True, separator=0, state=state)
+    # the stream from there: 0 7 7 | 0 5 5 5 5 5 5 0 6 6 6 6 6 6 0 7 7 ...
+    assert [p.next_context() for _ in range(3)] == [[1, 0, 7, 7, 0, 5, 5], [1, 5, 5, 5, 5, 0, 6], [1, 6, 6, 6, 6, 6, 0]]
+
+
+def test_a_long_stream_packs_every_token_once_past_the_buffer_compaction():
+    """Hundreds of contexts (the packer drops what it has packed once past 4096 tokens) are the documents joined
+    by separators and cut into bodies, by hand, nothing lost or repeated at the compaction."""
+    from gsae.data.streams import StreamPacker
+
+    docs = [[2 + (j * 7 + k) % 50 for k in range(5 + j % 11)] for j in range(37)]
+    p = StreamPacker(0, _endless(docs), context_size=T, bos=1, prepend_bos=True, separator=0)
+    flat: list[int] = []
+    for e in range(40):
+        for j, d in enumerate(docs):
+            flat += ([] if e == j == 0 else [0]) + d
+    n = 400  # 400 × 23 = 9200 tokens: past the compaction twice
+    assert len(flat) > n * (T - 1)
+    assert [p.next_context() for _ in range(n)] == [[1, *flat[k * (T - 1) : (k + 1) * (T - 1)]] for k in range(n)]
+
+
+def test_a_held_out_prefix_longer_than_the_first_shards_spans_them(tmp_path, tiny_lm):
+    """Shard mode, ``val_documents`` 50 over 4 files of 15: the first three files and the head of the last are held
+    out (validation reads all 50, in order), and training reads documents 50..59 only."""
+    folder = _four_shards(tmp_path)
+    dm = TokenDataModule(lm=tiny_lm, dataset=str(folder), context_size=T, batch_size=2, n_streams=1, val_documents=50)
+    dm.validate()
+    assert dm.source().mode == "shards" and dm.source().held == [15, 15, 15, 5]
+    assert _stream_doc_ids(_contexts(dm.open_stream(0), 40)) == set(range(50, 60))
+    val = [t for c in dm.contexts("val") for t in c[1:]]
+    head = [t for d in _documents()[:50] for t in [BYTE_BOS, *d.encode()]][1:]
+    assert val == head[: len(val)] and len(head) - len(val) < T
+
+
+def test_a_separate_val_split_holds_out_no_training_document(tmp_path):
+    """With ``val_split`` the held-out set is that split: ``val_documents`` then keeps nothing of the training split
+    out, each training document goes to one stream, and validation reads the validation split whole."""
+    import datasets
+
+    from gsae.data.sources import TextSource
+
+    train = [f"train document {i}" for i in range(20)]
+    held = [f"validation document {i}" for i in range(3)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
+                          "validation": datasets.Dataset.from_dict({"text": held})}).save_to_disk(str(tmp_path / "saved"))
+    encode = lambda texts: [list(t.encode()) for t in texts]  # noqa: E731
+    src = TextSource(str(tmp_path / "saved"), None, "train", "validation", False, "text", encode, n_streams=2,
+                     val_documents=5)
+    per_stream = [[bytes(toks).decode() for e, _, _, toks in itertools.takewhile(lambda d: d[0] == 0, src.stream_documents(s))]
+                  for s in range(2)]
+    assert sorted(per_stream[0] + per_stream[1]) == sorted(train) and not set(per_stream[0]) & set(per_stream[1])
+    assert [bytes(t).decode() for t in src.train_documents()] == train
+    assert [bytes(t).decode() for t in src.val_documents()] == held
+
+
+def test_workers_must_divide_each_ranks_streams_not_all_streams():
+    """4 streams on 2 ranks are 2 per rank: 4 workers per rank would leave two of them without a stream (and the
+    batches of those streams without a worker), although 4 divides the 4 streams."""
+    from gsae.data.streams import check_assignment
+
+    with pytest.raises(ValueError, match=r"--data.num_workers \(4\) must divide the streams per rank .* = 2\)"):
+        check_assignment(4, 2, 4)
+    for n_streams, world, workers in [(4, 2, 2), (6, 3, 2), (8, 2, 4), (3, 1, 0), (6, 2, 1)]:
+        check_assignment(n_streams, world, workers)  # every rank's streams split evenly: no error
+    with pytest.raises(ValueError, match=r"--data.n_streams \(6\) must be a multiple of the number of ranks \(4"):
+        check_assignment(6, 4, 1)
+
+
+def test_stream_documents_resume_at_any_document_and_start_the_next_pass_from_its_start(tmp_path):
+    """``stream_documents`` from a position: in document mode (stream 0 of 2, documents 2, 4, 6, 8 after 2 held out)
+    and in shard mode (1 stream over 4 files, 5 held out of the first), resumed mid-pass, in a later shard, or just
+    after a pass's last document, it reads on from there and the next pass starts with the stream's first document."""
+    from gsae.data.sources import TextSource
+
+    docs = _documents()
+    encode = lambda texts: [list(t.encode()) for t in texts]  # noqa: E731
+
+    def read(src, n, *position):
+        return [(e, m, i, bytes(t).decode()) for e, m, i, t in itertools.islice(src.stream_documents(0, *position), n)]
+
+    _write_lines(tmp_path / "ten.jsonl", docs[:10])
+    src = TextSource(str(tmp_path / "ten.jsonl"), None, "train", None, True, "text", encode, n_streams=2, val_documents=2)
+    assert src.mode == "documents"
+    assert read(src, 3, 0, 0, 3) == [(0, 0, 3, docs[8]), (1, 0, 0, docs[2]), (1, 0, 1, docs[4])]
+    assert read(src, 2, 0, 0, 4) == [(1, 0, 0, docs[2]), (1, 0, 1, docs[4])]  # the pass had ended: no error
+    assert read(src, 2, 3, 0, 1) == [(3, 0, 1, docs[4]), (3, 0, 2, docs[6])]
+    # one pass over the training documents, in source order, and the held-out ones
+    assert [bytes(t).decode() for t in src.train_documents()] == docs[2:10]
+    assert [bytes(t).decode() for t in src.val_documents()] == docs[:2]
+
+    src = TextSource(str(_four_shards(tmp_path)), None, "train", None, True, "text", encode, n_streams=1, val_documents=5)
+    assert src.mode == "shards"
+    got = read(src, 12 + 15 + 15 + 2, 0, 1, 3)
+    assert got[:13] == [(0, 1, i, docs[15 + i]) for i in range(3, 15)] + [(0, 2, 0, docs[30])]
+    assert got[12:42] == [(0, 2 + k // 15, k % 15, docs[30 + k]) for k in range(30)]  # later shards: from their start
+    assert got[42:] == [(1, 0, 0, docs[5]), (1, 0, 1, docs[6])]  # next pass: shard 0 after its held-out head
+    assert [bytes(t).decode() for t in src.train_documents()] == docs[5:60]
+    assert [bytes(t).decode() for t in src.val_documents()] == docs[:5]
+
+
+def test_pretokenized_ids_must_lie_in_the_vocabulary_exactly():
+    """``input_ids`` rows pass through as they are while every id is in ``0 .. vocab − 1``; the first id outside (the
+    vocabulary size itself, or a negative one) is the error, named."""
+    from gsae.data.sources import tokens_of
+
+    assert list(tokens_of(iter([[0, 255], None, [7]]), True, encode=None, vocab=256)) == [[0, 255], [], [7]]
+    for row, bad in [([3, 256, 4], 256), ([3, -1], -1)]:
+        with pytest.raises(DataSourceError, match=rf"input_ids hold token {bad}, outside the model's vocabulary of 256"):
+            list(tokens_of(iter([[1], row]), True, encode=None, vocab=256))
+
+
+def test_as_many_shards_as_streams_give_each_stream_one_shard(tmp_path):
+    """4 files for 4 streams is shard mode (at least S shards): stream ``s`` reads file ``s`` alone (file 0 after its
+    5 held-out documents), not every 4th document of all four."""
+    from gsae.data.sources import TextSource
+
+    docs = _documents()
+    src = TextSource(str(_four_shards(tmp_path)), None, "train", None, True, "text",
+                     lambda texts: [list(t.encode()) for t in texts], n_streams=4, val_documents=5)
+    assert src.mode == "shards"
+    for s in range(4):
+        first_pass = itertools.takewhile(lambda d: d[0] == 0, src.stream_documents(s))
+        assert [bytes(t).decode() for *_, t in first_pass] == docs[max(15 * s, 5) : 15 * s + 15]
+
+
+def test_a_saved_dataset_whose_first_shard_would_be_all_held_out_is_cut_by_documents(tmp_path):
+    """A ``save_to_disk`` dataset of 20 documents for 2 streams with 10 held out: two shards of 10 would leave
+    stream 0 nothing to train on, so it stays one shard (document mode) and each stream keeps every other document."""
+    import datasets
+
+    from gsae.data.sources import TextSource
+
+    texts = [f"document {i}" for i in range(20)]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+    src = TextSource(str(tmp_path / "saved"), None, "train", None, False, "text",
+                     lambda batch: [list(t.encode()) for t in batch], n_streams=2, val_documents=10)
+    assert src.mode == "documents"
+    for s in range(2):
+        first_pass = itertools.takewhile(lambda d: d[0] == 0, src.stream_documents(s))
+        assert [bytes(t).decode() for *_, t in first_pass] == texts[10 + s :: 2]
+
+
+def test_a_local_file_of_blank_text_is_told_as_holding_no_text(tmp_path):
+    """Whitespace only (spaces and newlines) is no text: the file is named as such when the source opens, not
+    later as a stream without a complete context."""
+    from gsae.data.sources import TextSource
+
+    (tmp_path / "blank.txt").write_text("   \n\n \t \n")
+    with pytest.raises(DataSourceError, match=r"blank.txt' holds no text \(every document in it is empty or blank\)"):
+        TextSource(str(tmp_path / "blank.txt"), None, "train", None, True, "text", lambda t: [list(x.encode()) for x in t],
+                   n_streams=1, val_documents=0)

@@ -408,3 +408,64 @@ def test_held_out_packing_skips_empty_documents_as_training_does(tmp_path, monke
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "corpus.txt").write_text("text")
     assert local_data_files("~/corpus.txt") == ("text", [str(tmp_path / "corpus.txt")])
+
+
+def test_synthetic_context_never_draws_the_bos_id_even_from_a_tiny_vocabulary() -> None:
+    """With BOS the last id of a 4-token vocabulary, a body drawn over all 4 ids would hold BOS about 1 token in 8;
+    the body keeps to ids 0..2 (the 257-id test above almost never draws id 256 whatever the code does)."""
+    bodies = [synthetic_context(i, 64, 4, seed=0, bos=3, prepend_bos=True)[1:] for i in range(20)]
+    assert all(len(b) == 63 for b in bodies)
+    assert {t for b in bodies for t in b} == {0, 1, 2}
+    # a BOS id that is not the last one leaves the whole vocabulary to the body
+    assert {t for i in range(20) for t in synthetic_context(i, 64, 4, seed=0, bos=0, prepend_bos=False)} == {0, 1, 2, 3}
+
+
+def _numbered_contexts(n: int):
+    """A finite source of ``n`` contexts, context ``i`` being ``[i, i]``: which contexts a batch holds is its rows."""
+    return lambda start: iter([[i, i] for i in range(start, n)])
+
+
+def test_token_stream_deals_contexts_to_ranks_by_index_and_ends_with_its_source() -> None:
+    """Rank ``r`` of ``W`` takes the global contexts ``i ≡ r (mod W)`` of each batch (module docstring), batch ``b``
+    is global contexts ``b·B·W .. (b+1)·B·W − 1``, a source that runs out ends the stream without a short batch, and
+    ``max_batches`` is exclusive."""
+    rows = lambda stream: [[r[0] for r in b.tokens.tolist()] for b in stream]  # noqa: E731
+    assert rows(TokenStream(_numbered_contexts(10), 3)) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]  # context 9: no batch
+    assert rows(TokenStream(_numbered_contexts(10), 3, max_batches=2)) == [[0, 1, 2], [3, 4, 5]]
+    assert rows(TokenStream(_numbered_contexts(13), 2, rank=0, world_size=2)) == [[0, 2], [4, 6], [8, 10]]
+    assert rows(TokenStream(_numbered_contexts(13), 2, rank=1, world_size=2)) == [[1, 3], [5, 7], [9, 11]]
+    resumed = TokenStream(_numbered_contexts(13), 2, rank=1, world_size=2, start_batch=1)
+    assert [b.index for b in resumed] == [1, 2] and rows(resumed) == [[5, 7], [9, 11]]
+
+
+def test_token_stream_workers_keep_the_order_from_an_odd_start_batch() -> None:
+    """Worker ``w`` of ``n`` builds the batches ``b ≡ start + w (mod n)``: from an odd start the DataLoader's
+    round-robin still gives ``start, start+1, ...`` (a resume at batch 4 with 2 workers cannot tell)."""
+    stream = TokenStream(_numbered_contexts(100), 2, start_batch=3, max_batches=8)
+    got = list(DataLoader(stream, batch_size=None, num_workers=2))
+    assert [int(b.index) for b in got] == [3, 4, 5, 6, 7]
+    assert [[r[0] for r in b.tokens.tolist()] for b in got] == [[2 * b, 2 * b + 1] for b in range(3, 8)]
+
+
+def test_local_data_files_sorts_a_glob_and_refuses_mixed_formats(tmp_path) -> None:
+    """A glob's files are read in sorted order (the order the documents and shards are numbered in), whatever order
+    they were written in; a folder of two formats is an error naming them, and a folder is a ``save_to_disk`` one
+    only with both ``state.json`` and ``dataset_info.json``."""
+    from gsae.data.tokens import saved_dataset
+
+    names = [f"part-{i:02d}.txt" for i in (7, 3, 11, 0, 9, 1, 5, 10, 2, 8, 4, 6)]
+    for name in names:
+        (tmp_path / name).write_text(name)
+    assert local_data_files(str(tmp_path / "part-*.txt")) == ("text", [str(tmp_path / n) for n in sorted(names)])
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.txt").write_text("a")
+    (mixed / "b.jsonl").write_text('{"text": "b"}\n')
+    with pytest.raises(DataSourceError, match=r"must all be one of .*\['.jsonl', '.txt'\]"):
+        local_data_files(str(mixed))
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "state.json").write_text("{}")
+    assert not saved_dataset(str(saved))  # a state.json alone is a JSON data file, not a saved dataset
+    (saved / "dataset_info.json").write_text("{}")
+    assert saved_dataset(str(saved))
