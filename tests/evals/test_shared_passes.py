@@ -313,3 +313,35 @@ def test_a_planned_gradient_harvest_over_budget_is_done_per_hook(tiny_lm):
         assert cache.bytes <= cache.max_bytes
     ref = loss_gradients(tiny_lm, tokens, hooks[1], 60.0)
     assert torch.equal(x, ref[0]) and torch.equal(g, ref[1])
+
+
+def test_special_token_mask_masks_every_special_id_and_nothing_without_exclude():
+    from types import SimpleNamespace
+
+    from gsae.evals.common import special_token_mask
+
+    lm = SimpleNamespace(special_token_ids=[0, 5])
+    tokens = torch.tensor([[0, 1, 5, 2], [3, 5, 0, 0]])
+    naive = torch.tensor([[t not in (0, 5) for t in row] for row in tokens.tolist()])
+    assert torch.equal(special_token_mask(lm, tokens), naive)
+    assert special_token_mask(lm, tokens, exclude=False).all()
+
+
+def test_needs_grad_only_for_saes_with_a_positive_beta():
+    from gsae.evals.common import needs_grad
+
+    assert not needs_grad(TopKSAE(64, d_sae=96, k=4))
+    assert needs_grad(GradTopKSAE(64, d_sae=96, k=4, beta=1.0))
+    assert not needs_grad(GradTopKSAE(64, d_sae=96, k=4, beta=0.0))
+
+
+def test_a_hook_outside_the_plan_is_harvested_alone(tiny_lm):
+    from gsae.evals.common import harvest
+
+    tokens = build_tokens(2, 32, seed=3)
+    reference = tiny_lm.activations(tokens, HOOK)  # HOOK is a stream hook the plan leaves out
+    with shared_harvests() as cache:
+        cache.plan(tiny_lm, [HOOKS[0], HOOKS[2]])
+        x, g = harvest(tiny_lm, HOOK, tokens)
+        assert torch.equal(x, reference) and g is None
+        assert [k[1] for k in cache._store] == [HOOK]  # the planned hooks were not harvested for it

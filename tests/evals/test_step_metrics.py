@@ -105,3 +105,41 @@ def test_bad_variants_and_short_curves_raise():
         nl_step(CURVES, "nope")
     with pytest.raises(ValueError, match="steps"):
         nl_step(CURVES[:, :8])
+
+
+def test_nl_slope_variant_of_a_falling_curve_uses_the_size_of_the_slope():
+    # slope −1 until n = 30, then −4: the local slope deviates from s₀ = −1 by 3 > 10%·|s₀| first at n = 31
+    assert nl_step(-KINK[None], "slope").tolist() == [31]
+    assert nl_step(-RAMP[None], "slope").tolist() == [S]  # a falling straight line never deviates
+
+
+def test_plateau_auto_threshold_is_a_fraction_of_the_median_final_l2_and_never_is_none():
+    from types import SimpleNamespace
+
+    from gsae.evals.step_metrics import AP_AUTO_FRACTION, _plateau
+
+    finals = [1.0, 2.0, 30.0]  # median 2, mean 11
+    curves = torch.stack([torch.linspace(0, v, 11) for v in finals])  # (3, 11)
+    flat = torch.zeros(2, 11)  # never crosses; 5 final values, so the median is one of them
+    plat = {"model_generated": SimpleNamespace(l2=curves), "random": SimpleNamespace(l2=flat)}
+    out = _plateau(plat, "auto")
+    thr = AP_AUTO_FRACTION * float(np.median(finals + [0.0, 0.0]))  # the median over every base's final L2
+    assert out["threshold"] == pytest.approx(thr)
+    naive = [next((n for n in range(11) if float(c[n]) > thr), None) for c in curves]
+    assert out["ap_steps"]["model_generated"] == naive
+    assert out["ap_steps"]["random"] == [None, None]
+    assert out["table"]["random"]["n_never"] == 2 and out["table"]["random"]["mean"] is None
+
+
+def test_auc_draft_step_stops_one_short_of_the_last_step_like_the_draft():
+    # zero until the last step: every draft ratio (x ≤ S−2) is 0, so the first allowed x; the paper's ends at S−1
+    spike = torch.where(N == S - 1, 1.0, 0.0).double()
+    assert auc_step(spike[None]).tolist() == [draft_ratio_step(spike.numpy())] == [5]
+    assert auc_step(spike[None], "paper").tolist() == [S - 1]
+
+
+def test_nl_slope_variant_checks_only_from_step_10_on():
+    # the local slope f(9) − f(8) = 0.5 deviates from s₀ = 1, but steps before 10 never count; from 10 on it is 1
+    bent = RAMP.clone()
+    bent[8] = 8.5
+    assert nl_step(bent[None], "slope").tolist() == [S]
