@@ -268,3 +268,31 @@ def test_export_passes_every_lm_loading_flag_to_saelens(tmp_path):
     kwargs = json.loads((path / "cfg.json").read_text())["metadata"]["model_from_pretrained_kwargs"]
     assert kwargs == {k: True for k in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")}
     assert load_saelens_folder(path)[1]["lm"]["fold_value_biases"] is True
+
+
+def test_export_records_the_runs_evaluation_settings(tmp_path):
+    """evaluate.py reads a run's evaluation settings back from its export; an export without any writes no key."""
+    evaluation = {"benchmarks": ["loss_added"], "n_seqs": 8, "options": {"loss_added": {"batch": 2}}}
+    path = export_saelens(build_topk(d_in=16), tmp_path / "sae", {**META, "evaluation": evaluation})
+    assert _load_saelens(path).cfg.metadata["gsae"]["evaluation"] == evaluation
+    plain = export_saelens(build_topk(d_in=16), tmp_path / "plain", META)
+    assert "evaluation" not in json.loads((plain / "cfg.json").read_text())["metadata"]["gsae"]
+
+
+def test_saved_step_and_load_members_of_a_one_sae_checkpoint(tiny_lm, tmp_path):
+    """``saved_step`` reads the checkpoint's ``global_step`` (not its epoch); ``load_members`` of a one-SAE checkpoint
+    is ``{"": (sae, meta)}`` with the SAE's own weights."""
+    from gsae.export import load_members, saved_step
+    from gsae.systems import LocalSAESystem
+
+    system = LocalSAESystem(lm=tiny_lm, sae=lambda d_in: TopKSAE(d_in, d_sae=32, k=3), hook="blocks.0.hook_resid_post")
+    randomize(system.sae)
+    ckpt = {"state_dict": system.state_dict(), "global_step": 7, "epoch": 2}
+    system.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "one.ckpt")
+    assert saved_step(tmp_path / "one.ckpt") == 7
+    members = load_members(tmp_path / "one.ckpt")
+    assert list(members) == [""]
+    sae, meta = members[""]
+    torch.testing.assert_close(sae.state_dict(), system.sae.state_dict(), rtol=0, atol=0)
+    assert meta["hook"] == "blocks.0.hook_resid_post"

@@ -439,3 +439,95 @@ def test_build_targets_of_a_layer_norm_saelens_sae_denormalise_with_the_base():
         mu = A.mean(-1, keepdim=True)
         manual = (dense @ sl.W_dec + sl.b_dec) * (A - mu).std(-1, keepdim=True) + mu
     torch.testing.assert_close(t.targets["synthetic_baseline"], manual, atol=1e-4, rtol=1e-5)
+
+
+def test_a_gated_saelens_sae_exposes_its_gate_bias_as_b_enc():
+    """A gated SAE has no ``b_enc``: the adapter's ``b_enc`` is SAELens' ``b_gate`` (zeros only without either)."""
+    sl = saelens_sae("gated", "none")
+    assert not isinstance(getattr(sl, "b_enc", None), torch.Tensor)
+    adapter = SAELensAdapter(sl)
+    assert adapter.b_enc is sl.b_gate and (sl.b_gate != 0).any()
+    std = saelens_sae("standard", "none")
+    assert SAELensAdapter(std).b_enc is std.b_enc
+
+
+def test_the_adapter_returns_reconstructions_in_the_inputs_dtype():
+    """A float32 SAELens SAE reading float64 activations computes in float32 and hands back float64, as ours do."""
+    sl = saelens_sae("topk", "none")
+    x = torch.randn(8, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = SAELensAdapter(sl)(x)
+        want = sl.decode(sl.encode(x.float()))
+    assert out.x_hat.dtype == torch.float64
+    torch.testing.assert_close(out.x_hat, want.double())
+
+
+def test_a_folder_with_k_one_above_d_sae_or_head_index_zero_is_refused(tmp_path):
+    """The boundaries of the refusals: ``k = d_sae + 1`` (``k = d_sae`` loads) and head index 0 (a head, not None)."""
+    import json
+
+    def folder(name: str, edit) -> Path:
+        saelens_sae("topk", "none").save_model(tmp_path / name)
+        cfg = json.loads((tmp_path / name / "cfg.json").read_text())
+        (tmp_path / name / "cfg.json").write_text(json.dumps(edit(cfg)))
+        return tmp_path / name
+
+    with pytest.raises(ValueError, match=r"cfg.json has k 97 > d_sae 96"):
+        load_saelens_folder(folder("k97", lambda c: {**c, "k": 97}))
+    assert load_saelens_folder(folder("k96", lambda c: {**c, "k": 96}))[0].d_sae == 96
+    with pytest.raises(ValueError, match=r"a single-head SAE \(hook_head_index 0\)"):
+        load_saelens_folder(folder("head0", lambda c: {**c, "metadata": {**c["metadata"], "hook_head_index": 0}}))
+
+
+def test_long_saelens_errors_are_cut_to_300_characters():
+    from gsae.saelens_adapter import _first_line
+
+    assert _first_line(ValueError("x" * 400)) == "x" * 297 + "..."
+    assert _first_line(ValueError("y" * 300)) == "y" * 300
+    assert _first_line(RuntimeError("Error(s) in loading state_dict for TopKSAE:\n  size mismatch\nmore")) == (
+        "Error(s) in loading state_dict for TopKSAE: size mismatch")
+
+
+def test_signed_latents_of_an_abstopk_saelens_sae_pass_through_unchanged():
+    """SAELens' ``abstopk`` keeps the k largest |pre-activations| with their sign: the adapter's latents and
+    reconstruction are SAELens' own, negative latents included (no ReLU of ours on top)."""
+    from sae_lens.saes.abstopk_sae import AbsTopKSAE, AbsTopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    meta = SAEMetadata(hook_name=HOOK, model_name="random-tiny", context_size=16, prepend_bos=True)
+    sl = AbsTopKSAE(AbsTopKSAEConfig(d_in=64, d_sae=96, k=6, metadata=meta))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in sl.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        x = torch.randn(12, 64, generator=gen)
+        want = sl.encode(x)
+        out = SAELensAdapter(sl)(x)
+        manual = sl.decode(want)
+    assert (want < 0).any() and (want > 0).any()
+    torch.testing.assert_close(out.latents, want)
+    torch.testing.assert_close(out.x_hat, manual)
+
+
+def test_a_folder_that_records_no_prepend_bos_evaluates_with_bos(tmp_path):
+    """``prepend_bos`` True (TransformerLens' default tokenisation) when cfg.json says nothing."""
+    import json
+
+    saelens_sae("standard", "none").save_model(tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    cfg["metadata"].pop("prepend_bos", None)
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    assert load_saelens_folder(tmp_path / "sae")[1]["prepend_bos"] is True
+
+
+def test_a_transcoder_recording_no_output_hook_is_still_refused():
+    """A transcoder whose metadata names no ``hook_name_out`` and whose ``d_out`` equals ``d_in`` is refused by its
+    architecture alone."""
+    from sae_lens import Transcoder, TranscoderConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    meta = SAEMetadata(hook_name="blocks.1.hook_resid_mid", model_name="random-tiny", context_size=16, prepend_bos=True)
+    tc = Transcoder(TranscoderConfig(d_in=64, d_sae=96, d_out=64, apply_b_dec_to_input=False, metadata=meta))
+    assert getattr(tc.cfg.metadata, "hook_name_out", None) is None
+    with pytest.raises(ValueError, match=r"a transcoder \(reads blocks.1.hook_resid_mid\) predicts another activation"):
+        SAELensAdapter(tc)
