@@ -227,9 +227,9 @@ def run_many(
     win = window(mode, T, position, n_offsets, skip_first)
     # pass 1: μ, Σ, real pool, latents alive on the swept sequences and per pool block; kept for pass 2 when small enough
     d_in = next(iter(saes.values())).d_in
-    one = 2 * swept.numel() * d_in <= CACHE_ELEMENTS  # what run() of one SAE keeps (its pass 1 runs the SAE then)
-    # every SAE's, for the grouping (audit Y: was ``one * len(saes)``, a bool times the count: always kept)
-    cached = 2 * swept.numel() * d_in * len(saes) <= CACHE_ELEMENTS
+    kept = 2 * swept.numel() * d_in  # elements one SAE's pass 1 keeps: its activations and its SAE's output
+    one = kept <= CACHE_ELEMENTS  # what run() of one SAE keeps (its pass 1 runs the SAE then)
+    cached = kept * len(saes) <= CACHE_ELEMENTS  # every SAE's, for the grouping
     features = any(k in FEATURE_POOLS for k in kinds)
     acts = {m: batch_acts(sae, lm, hook, swept, batch_size, with_sae=one or features) for m, sae in saes.items()}
     if cached:
