@@ -261,28 +261,22 @@ def test_a_float16_lms_mean_gradient_is_divided_in_float32(hook):
 
 @pytest.mark.parametrize("normaliser", [None, 0, 0.0, 5.0])
 def test_the_harvest_is_the_ce_sum_and_its_gradient_at_the_hook_over_the_normaliser(normaliser):
-    """``loss_gradients``: activations at the hook, ``∇ₓ(Σ CE)/n`` and ``Σ CE/n`` against TransformerLens' own mean CE
-    (``return_type="loss"``) and autograd through a hook that makes the activation a leaf. ``n`` is the given
+    """``loss_gradients``: activations at the hook, ``∇ₓ(Σ CE)/n`` and ``Σ CE/n`` against TransformerLens: its own
+    mean CE (``return_type="loss"``) and autograd through its whole forward (:func:`_tl_grad`). ``n`` is the given
     normaliser, or for None and 0 (a g-SAE whose ``grad_normaliser`` was never set) the batch's ``B·(T−1)``
     predictions: a plain mean, never a division by 0."""
     from gsae.data.harvest import loss_gradients, predictions
 
     lm, t, hook = LanguageModel("gsae-tiny"), tokens(b=3, t=10), "blocks.0.hook_resid_post"
-    leaf = {}
-
-    def grab(x, hook):
-        leaf["x"] = x.detach().requires_grad_(True)
-        return leaf["x"]
-
-    mean_ce = lm.model.run_with_hooks(t, return_type="loss", fwd_hooks=[(hook, grab)])
-    (mean_grad,) = torch.autograd.grad(mean_ce, leaf["x"])
+    with torch.no_grad():
+        mean_ce = lm.model(t, return_type="loss")
     assert predictions(t) == 3 * 9
-    scale = 1.0 if not normaliser else 27 / normaliser  # the mean's, times 27 / n
+    n = normaliser or 27
     acts, grads, loss = loss_gradients(lm, t, hook, normaliser)
-    torch.testing.assert_close(acts.reshape(leaf["x"].shape), leaf["x"].detach(), rtol=1e-5, atol=1e-5)
-    want = mean_grad * scale
-    assert float((grads.reshape(want.shape) - want).norm() / want.norm()) < 1e-4  # the fused path's own summation order
-    torch.testing.assert_close(loss, mean_ce.detach() * scale, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acts, lm.activations(t, hook), rtol=1e-5, atol=1e-5)
+    want = _tl_grad(lm, t, hook) / n
+    assert float((grads - want).norm() / want.norm()) < 1e-4  # the fused path's own summation order
+    torch.testing.assert_close(loss, mean_ce * 27 / n, rtol=1e-5, atol=1e-6)
 
 
 def test_a_model_retrained_with_tinylm_out_loads_by_its_folder(tmp_path):

@@ -103,6 +103,15 @@ def test_running_on_from_a_hook_and_the_loss_gradient_match_transformer_lens(nam
         assert float(loss) == pytest.approx(float(ref.model(tokens, return_type="loss")), rel=TOL)
 
 
+def whole_copies_last_logits(ref: LanguageModel, x, hook: str, rows, tokens=None):
+    """The reference of ``last_position_logits``: ``ref`` runs, from ``hook``, one whole copy of ``x (1, T, d)`` per
+    row of ``rows (R, d)`` in place of its last position; the logits there, ``(R, vocab)``."""
+    copies = x.repeat(rows.shape[0], 1, 1)
+    copies[:, -1] = rows
+    with torch.no_grad():
+        return ref.run_from_hook(copies, hook, None if tokens is None else tokens.expand(rows.shape[0], -1)).logits[:, -1]
+
+
 @pytest.mark.parametrize("flags", [FLAGS[0], FLAGS[-1]], ids=["raw", "processed"])
 @pytest.mark.parametrize("name", MODELS)
 def test_last_position_with_a_cached_prefix_matches_transformer_lens_on_whole_copies(name, flags):
@@ -119,10 +128,7 @@ def test_last_position_with_a_cached_prefix_matches_transformer_lens_on_whole_co
             tokens = some_tokens(fused, b=1, t=t, seed=t)
             x = ref.activations(tokens, hook)
             rows = x[0, -1] + 3 * torch.randn(5, x.shape[-1], generator=gen)
-            copies = x.repeat(5, 1, 1)
-            copies[:, -1] = rows
-            with torch.no_grad():
-                want = ref.run_from_hook(copies, hook, tokens.expand(5, -1)).logits[:, -1]
+            want = whole_copies_last_logits(ref, x, hook, rows, tokens)
             for lm in (fused, ref):
                 assert rel_err(lm.last_position_logits(x, hook, rows, tokens, max_rows=2), want) <= TOL, (hook, t, lm.fused)
     assert fused._fused_start("blocks.0.hook_resid_pre", ()) is not None  # the cached-prefix path was the one tested
@@ -153,11 +159,7 @@ def test_other_activations_and_attention_scales_match_transformer_lens(arch):
     hook = "blocks.0.hook_resid_post"
     x = ref.activations(tokens[:1], hook)
     rows = x[0, -1] + 2 * torch.randn(3, x.shape[-1], generator=torch.Generator().manual_seed(6))
-    copies = x.repeat(3, 1, 1)
-    copies[:, -1] = rows
-    with torch.no_grad():
-        want = ref.run_from_hook(copies, hook).logits[:, -1]
-    assert rel_err(fused.last_position_logits(x, hook, rows), want) <= TOL
+    assert rel_err(fused.last_position_logits(x, hook, rows), whole_copies_last_logits(ref, x, hook, rows)) <= TOL
 
 
 @pytest.mark.slow

@@ -525,6 +525,21 @@ def test_a_checkpoint_without_its_context_count_resumes_at_this_worlds_count(tin
     assert dm.consumed_contexts(2) == 20
 
 
+def _byte_encode(texts: list[str]) -> list[list[int]]:
+    """A byte-level tokenizer for :class:`TextSource`: each text's UTF-8 bytes."""
+    return [list(t.encode()) for t in texts]
+
+
+def _texts(documents) -> list[str]:
+    """Byte-encoded documents as their texts."""
+    return [bytes(t).decode() for t in documents]
+
+
+def _first_pass(src, s: int) -> list[str]:
+    """The texts of stream ``s``'s first pass (epoch 0) over ``src``."""
+    return _texts(t for *_, t in itertools.takewhile(lambda d: d[0] == 0, src.stream_documents(s)))
+
+
 def test_column_values_start_and_limit_across_read_batches():
     """A start on a read batch's first row, and a limit reached in a later read batch (held-out prefixes of
     more than 1024 documents), give exactly the rows asked for; a limit of 0 gives none."""
@@ -641,14 +656,12 @@ def test_a_separate_val_split_holds_out_no_training_document(tmp_path):
     held = [f"validation document {i}" for i in range(3)]
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
                           "validation": datasets.Dataset.from_dict({"text": held})}).save_to_disk(str(tmp_path / "saved"))
-    encode = lambda texts: [list(t.encode()) for t in texts]  # noqa: E731
-    src = TextSource(str(tmp_path / "saved"), None, "train", "validation", False, "text", encode, n_streams=2,
+    src = TextSource(str(tmp_path / "saved"), None, "train", "validation", False, "text", _byte_encode, n_streams=2,
                      val_documents=5)
-    per_stream = [[bytes(toks).decode() for e, _, _, toks in itertools.takewhile(lambda d: d[0] == 0, src.stream_documents(s))]
-                  for s in range(2)]
+    per_stream = [_first_pass(src, s) for s in range(2)]
     assert sorted(per_stream[0] + per_stream[1]) == sorted(train) and not set(per_stream[0]) & set(per_stream[1])
-    assert [bytes(t).decode() for t in src.train_documents()] == train
-    assert [bytes(t).decode() for t in src.val_documents()] == held
+    assert _texts(src.train_documents()) == train
+    assert _texts(src.val_documents()) == held
 
 
 def test_workers_must_divide_each_ranks_streams_not_all_streams():
@@ -671,29 +684,30 @@ def test_stream_documents_resume_at_any_document_and_start_the_next_pass_from_it
     from gsae.data.sources import TextSource
 
     docs = _documents()
-    encode = lambda texts: [list(t.encode()) for t in texts]  # noqa: E731
 
     def read(src, n, *position):
         return [(e, m, i, bytes(t).decode()) for e, m, i, t in itertools.islice(src.stream_documents(0, *position), n)]
 
     _write_lines(tmp_path / "ten.jsonl", docs[:10])
-    src = TextSource(str(tmp_path / "ten.jsonl"), None, "train", None, True, "text", encode, n_streams=2, val_documents=2)
+    src = TextSource(str(tmp_path / "ten.jsonl"), None, "train", None, True, "text", _byte_encode, n_streams=2,
+                     val_documents=2)
     assert src.mode == "documents"
     assert read(src, 3, 0, 0, 3) == [(0, 0, 3, docs[8]), (1, 0, 0, docs[2]), (1, 0, 1, docs[4])]
     assert read(src, 2, 0, 0, 4) == [(1, 0, 0, docs[2]), (1, 0, 1, docs[4])]  # the pass had ended: no error
     assert read(src, 2, 3, 0, 1) == [(3, 0, 1, docs[4]), (3, 0, 2, docs[6])]
     # one pass over the training documents, in source order, and the held-out ones
-    assert [bytes(t).decode() for t in src.train_documents()] == docs[2:10]
-    assert [bytes(t).decode() for t in src.val_documents()] == docs[:2]
+    assert _texts(src.train_documents()) == docs[2:10]
+    assert _texts(src.val_documents()) == docs[:2]
 
-    src = TextSource(str(_four_shards(tmp_path)), None, "train", None, True, "text", encode, n_streams=1, val_documents=5)
+    src = TextSource(str(_four_shards(tmp_path)), None, "train", None, True, "text", _byte_encode, n_streams=1,
+                     val_documents=5)
     assert src.mode == "shards"
     got = read(src, 12 + 15 + 15 + 2, 0, 1, 3)
     assert got[:13] == [(0, 1, i, docs[15 + i]) for i in range(3, 15)] + [(0, 2, 0, docs[30])]
     assert got[12:42] == [(0, 2 + k // 15, k % 15, docs[30 + k]) for k in range(30)]  # later shards: from their start
     assert got[42:] == [(1, 0, 0, docs[5]), (1, 0, 1, docs[6])]  # next pass: shard 0 after its held-out head
-    assert [bytes(t).decode() for t in src.train_documents()] == docs[5:60]
-    assert [bytes(t).decode() for t in src.val_documents()] == docs[:5]
+    assert _texts(src.train_documents()) == docs[5:60]
+    assert _texts(src.val_documents()) == docs[:5]
 
 
 def test_pretokenized_ids_must_lie_in_the_vocabulary_exactly():
@@ -713,12 +727,11 @@ def test_as_many_shards_as_streams_give_each_stream_one_shard(tmp_path):
     from gsae.data.sources import TextSource
 
     docs = _documents()
-    src = TextSource(str(_four_shards(tmp_path)), None, "train", None, True, "text",
-                     lambda texts: [list(t.encode()) for t in texts], n_streams=4, val_documents=5)
+    src = TextSource(str(_four_shards(tmp_path)), None, "train", None, True, "text", _byte_encode, n_streams=4,
+                     val_documents=5)
     assert src.mode == "shards"
     for s in range(4):
-        first_pass = itertools.takewhile(lambda d: d[0] == 0, src.stream_documents(s))
-        assert [bytes(t).decode() for *_, t in first_pass] == docs[max(15 * s, 5) : 15 * s + 15]
+        assert _first_pass(src, s) == docs[max(15 * s, 5) : 15 * s + 15]
 
 
 def test_a_saved_dataset_whose_first_shard_would_be_all_held_out_is_cut_by_documents(tmp_path):
@@ -730,12 +743,11 @@ def test_a_saved_dataset_whose_first_shard_would_be_all_held_out_is_cut_by_docum
 
     texts = [f"document {i}" for i in range(20)]
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
-    src = TextSource(str(tmp_path / "saved"), None, "train", None, False, "text",
-                     lambda batch: [list(t.encode()) for t in batch], n_streams=2, val_documents=10)
+    src = TextSource(str(tmp_path / "saved"), None, "train", None, False, "text", _byte_encode, n_streams=2,
+                     val_documents=10)
     assert src.mode == "documents"
     for s in range(2):
-        first_pass = itertools.takewhile(lambda d: d[0] == 0, src.stream_documents(s))
-        assert [bytes(t).decode() for *_, t in first_pass] == texts[10 + s :: 2]
+        assert _first_pass(src, s) == texts[10 + s :: 2]
 
 
 def test_a_local_file_of_blank_text_is_told_as_holding_no_text(tmp_path):
@@ -745,5 +757,5 @@ def test_a_local_file_of_blank_text_is_told_as_holding_no_text(tmp_path):
 
     (tmp_path / "blank.txt").write_text("   \n\n \t \n")
     with pytest.raises(DataSourceError, match=r"blank.txt' holds no text \(every document in it is empty or blank\)"):
-        TextSource(str(tmp_path / "blank.txt"), None, "train", None, True, "text", lambda t: [list(x.encode()) for x in t],
-                   n_streams=1, val_documents=0)
+        TextSource(str(tmp_path / "blank.txt"), None, "train", None, True, "text", _byte_encode, n_streams=1,
+                   val_documents=0)

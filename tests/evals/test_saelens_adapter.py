@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 import pytest
@@ -102,6 +104,15 @@ def saelens_sae(arch: str, norm: str, d_in: int = 64, d_sae: int = 96, seed: int
     return sae
 
 
+def edited_folder(tmp_path: Path, name: str, edit, arch: str = "topk") -> Path:
+    """A SAELens folder of :func:`saelens_sae` (``arch``, no normalisation) saved as ``tmp_path/name``, its cfg.json
+    rewritten as ``edit(cfg)`` returns it."""
+    saelens_sae(arch, "none").save_model(tmp_path / name)
+    cfg = tmp_path / name / "cfg.json"
+    cfg.write_text(json.dumps(edit(json.loads(cfg.read_text()))))
+    return tmp_path / name
+
+
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_adapter_equals_saelens_encode_decode(arch, norm):
@@ -189,8 +200,6 @@ def test_synthetic_targets_of_layer_norm_saelens_sae_match_saelens_decode():
 def test_evaluate_py_on_layer_norm_topk_folder_equals_saelens_forward(tmp_path):
     """Acceptance (issue 10 item 4): loss_added through evaluate.py on a SAELens layer_norm TopK folder equals
     splicing SAELens' own ``decode(encode(x))`` in with a TransformerLens hook; plateaus runs on it."""
-    import json
-
     from gsae.evaluate import held_out_tokens
     from gsae.evaluate import main as evaluate_main
     from gsae.lm import LanguageModel, next_token_loss
@@ -320,8 +329,6 @@ def test_a_hook_z_saelens_sae_is_evaluated_on_the_model_saelens_evaluates_with(t
     out = tmp_path / "res.json"
     assert evaluate_main([str(tmp_path / "z"), "--benchmarks", "loss_added", "--n-seqs", "4", "--device", "cpu",
                           "--dataset", "gsae-corpus", "--output", str(out)]) == 0
-    import json
-
     from gsae.evaluate import held_out_tokens
     from gsae.saelens_adapter import load_saelens_folder
 
@@ -343,17 +350,9 @@ def test_a_hook_z_saelens_sae_is_evaluated_on_the_model_saelens_evaluates_with(t
 def test_folders_saelens_loads_but_gsae_cannot_evaluate_are_refused_naming_the_folder(tmp_path, capsys):
     """Each in one line naming the folder and what is wrong (they were 'unknown hook None', a TypeError, 'selected
     index k out of range' mid-evaluation, torch's 'Error(s) in loading state_dict for TopKSAE:' cut before the key)."""
-    import json
-
     from gsae.saelens_adapter import load_saelens_folder
 
-    def folder(name: str, edit) -> Path:
-        sl = saelens_sae("topk", "none")
-        sl.save_model(tmp_path / name)
-        cfg = json.loads((tmp_path / name / "cfg.json").read_text())
-        (tmp_path / name / "cfg.json").write_text(json.dumps(edit(cfg)))
-        return tmp_path / name
-
+    folder = functools.partial(edited_folder, tmp_path)
     cases = {
         "list": (lambda c: [c], "cfg.json holds a list, not a mapping of SAE options"),
         "no_hook": (lambda c: {**c, "metadata": {**c["metadata"], "hook_name": None}}, "cfg.json names no hook_name"),
@@ -382,7 +381,6 @@ def test_folders_saelens_loads_but_gsae_cannot_evaluate_are_refused_naming_the_f
 def test_a_folder_of_an_architecture_saelens_lacks_or_with_model_options_gsae_cannot_apply_says_so(tmp_path, caplog):
     """An architecture SAELens does not know gave SAELens' bare ``KeyError: 'jumprelu_v9'``; model options other than
     the four weight-processing flags (``dtype``, ``first_n_layers``, ...) were dropped without a word."""
-    import json
     import logging
 
     saelens_sae("standard", "none").save_model(tmp_path / "sae")
@@ -464,14 +462,7 @@ def test_the_adapter_returns_reconstructions_in_the_inputs_dtype():
 
 def test_a_folder_with_k_one_above_d_sae_or_head_index_zero_is_refused(tmp_path):
     """The boundaries of the refusals: ``k = d_sae + 1`` (``k = d_sae`` loads) and head index 0 (a head, not None)."""
-    import json
-
-    def folder(name: str, edit) -> Path:
-        saelens_sae("topk", "none").save_model(tmp_path / name)
-        cfg = json.loads((tmp_path / name / "cfg.json").read_text())
-        (tmp_path / name / "cfg.json").write_text(json.dumps(edit(cfg)))
-        return tmp_path / name
-
+    folder = functools.partial(edited_folder, tmp_path)
     with pytest.raises(ValueError, match=r"cfg.json has k 97 > d_sae 96"):
         load_saelens_folder(folder("k97", lambda c: {**c, "k": 97}))
     assert load_saelens_folder(folder("k96", lambda c: {**c, "k": 96}))[0].d_sae == 96
@@ -511,13 +502,8 @@ def test_signed_latents_of_an_abstopk_saelens_sae_pass_through_unchanged():
 
 def test_a_folder_that_records_no_prepend_bos_evaluates_with_bos(tmp_path):
     """``prepend_bos`` True (TransformerLens' default tokenisation) when cfg.json says nothing."""
-    import json
-
-    saelens_sae("standard", "none").save_model(tmp_path / "sae")
-    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
-    cfg["metadata"].pop("prepend_bos", None)
-    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
-    assert load_saelens_folder(tmp_path / "sae")[1]["prepend_bos"] is True
+    meta_without_bos = lambda c: {**c, "metadata": {k: v for k, v in c["metadata"].items() if k != "prepend_bos"}}  # noqa: E731
+    assert load_saelens_folder(edited_folder(tmp_path, "sae", meta_without_bos, arch="standard"))[1]["prepend_bos"] is True
 
 
 def test_a_transcoder_recording_no_output_hook_is_still_refused():

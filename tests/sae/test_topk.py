@@ -508,18 +508,24 @@ def test_dense_transposed_mm_equals_the_sparse_one(dtype) -> None:
 
 
 def test_sae_under_cuda_autocast_only_takes_the_dense_products(monkeypatch) -> None:
-    """The dense path is chosen for CUDA tensors under CUDA autocast only (and can be switched off)."""
+    """The dense path is chosen for CUDA tensors under CUDA autocast only (and can be switched off): not for a CPU
+    tensor under CPU autocast, nor for one under CUDA autocast."""
     import gsae.sae.base as base
 
     x = torch.randn(4, 8)
     assert base.autocast_dense_dtype(x) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert base.autocast_dense_dtype(x) is None  # CPU autocast: the sparse path (FLOPs win on a CPU)
+    torch.set_autocast_enabled("cuda", True)  # the flag alone (no CUDA device needed): a CPU-side computation inside
+    try:  # a GPU run's autocast region keeps the sparse path
+        assert torch.is_autocast_enabled("cuda")
+        assert base.autocast_dense_dtype(x) is None
+    finally:
+        torch.set_autocast_enabled("cuda", False)
     monkeypatch.setattr(base, "DENSE_GRADS_UNDER_AUTOCAST", False)
     assert base.autocast_dense_dtype(x) is None
 
 
-# ---------------------------------------------------------------------- audit W: gaps the mutation audit found
 @pytest.mark.parametrize("gsae", [False, True])
 def test_config_names_every_constructor_argument_with_its_given_value(gsae: bool) -> None:
     """``config()`` is what a checkpoint rebuilds the SAE from: every constructor argument (read from the signature),
@@ -600,19 +606,6 @@ def test_the_latent_order_is_exact_past_16_bit_latent_ids() -> None:
     want = torch.zeros(n, d_sae).scatter_add_(1, idx, values).T @ dense
     got = SparsePattern(d_sae, idx).transposed_mm(values, dense)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-
-def test_cpu_tensors_under_cuda_autocast_keep_the_sparse_products() -> None:
-    """Only a CUDA tensor under CUDA autocast takes the dense products: a CPU tensor with CUDA autocast on (a CPU-side
-    computation inside a GPU run's autocast region) keeps the sparse path."""
-    import gsae.sae.base as base
-
-    torch.set_autocast_enabled("cuda", True)  # the flag alone: no CUDA device needed
-    try:
-        assert torch.is_autocast_enabled("cuda")
-        assert base.autocast_dense_dtype(torch.randn(4, 8)) is None
-    finally:
-        torch.set_autocast_enabled("cuda", False)
 
 
 @pytest.mark.parametrize("seed", [0, 7])
