@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gsae import lm_fused
-from gsae.lm import LanguageModel, LMLoadError, next_token_loss
+from gsae.lm import RANDOM_PRESETS, LanguageModel, LMLoadError, next_token_loss
 
 HOOK = "blocks.1.hook_resid_pre"
 
@@ -33,6 +33,20 @@ def test_model_is_frozen_and_never_trainable(tiny_lm):
 def test_unknown_hook_error_lists_valid_names(tiny_lm):
     with pytest.raises(ValueError, match=r"--model.hook: unknown hook 'blocks.9.hook_resid_pre'.*blocks.1.hook_resid_post"):
         tiny_lm.validate_hook("blocks.9.hook_resid_pre")
+
+
+def test_hook_widths_and_blocks_and_hooks_that_are_not_one_vector_per_token(tiny_lm):
+    """``d_in`` is the width of one token's (flattened) activation: ``n_heads·d_head`` at ``attn.hook_z``, ``d_mlp`` at
+    ``mlp.hook_post``; attention patterns and LayerNorm scales are refused; ``hook_layer`` is the block's index and
+    ``None`` off the blocks."""
+    assert tiny_lm.d_in("blocks.1.hook_resid_pre") == 64 and tiny_lm.d_in("blocks.0.attn.hook_z") == 4 * 16
+    assert tiny_lm.d_in("blocks.1.mlp.hook_post") == 256
+    assert tiny_lm.activations(tokens(), "blocks.0.attn.hook_z").shape == (2, 12, 64)
+    for hook in ("blocks.0.attn.hook_pattern", "blocks.0.ln1.hook_scale", "ln_final.hook_scale"):
+        with pytest.raises(ValueError, match="is not one vector per token"):
+            tiny_lm.validate_hook(hook)
+    assert [tiny_lm.hook_layer(h) for h in ("hook_embed", "ln_final.hook_normalized", "blocks.1.attn.hook_z")] == [
+        None, None, 1]
 
 
 def test_unknown_random_preset_is_named():
@@ -83,13 +97,29 @@ def any_lm(request, tiny_lm):
     return lm
 
 
-@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out"])
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out",
+                                  "hook_embed", "hook_pos_embed"])
 def test_activations_stop_at_the_hook(any_lm, hook, monkeypatch):
     calls = record_blocks(any_lm, monkeypatch)
     x = any_lm.activations(tokens(), hook)
     assert x.shape == (2, 12, 64)
+    if hook.startswith("hook_"):
+        assert not calls, "a block ran for an embedding hook"
+        return
     assert 0 in calls or hook == "blocks.1.hook_resid_pre", "the recorder saw no block run"
     assert 1 not in calls, "a layer after the hook ran"
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_embedding_activations_are_copies_not_views_of_the_weights(any_lm, b):
+    """The fused path's ``hook_pos_embed`` is ``W_pos[:T]`` expanded over the batch: it is returned as a copy, so a
+    caller that edits its activations in place (an SAE's input normalisation) leaves the model alone."""
+    t = tokens(b=b)
+    before = any_lm.logits(t)
+    for hook in ("hook_embed", "hook_pos_embed"):
+        x = any_lm.activations(t, hook)
+        x += 1.0
+    torch.testing.assert_close(any_lm.logits(t), before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("hook", ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"])
@@ -120,11 +150,17 @@ def test_grad_matches_finite_differences(lm64):
     assert torch.all(grad[:, -1] == 0), "the last position has no label and nothing after it"
 
 
-def test_mean_and_sum_differ_by_the_prediction_count(any_lm):
+@pytest.mark.parametrize("hook", [HOOK, "blocks.0.hook_mlp_out"])
+def test_mean_and_sum_differ_by_the_prediction_count(any_lm, hook):
+    """Gradients and losses: the mean's are the sum's over the ``B·(T−1)`` predictions, and the mean loss is
+    TransformerLens' own (``return_type="loss"``), at a residual point and at an MLP output."""
     t = tokens(b=3, t=10)
-    g_mean = any_lm.activations_and_grads(t, HOOK, "mean").grads
-    g_sum = any_lm.activations_and_grads(t, HOOK, "sum").grads
+    mean, total = any_lm.activations_and_grads(t, hook, "mean"), any_lm.activations_and_grads(t, hook, "sum")
+    g_mean, g_sum = mean.grads, total.grads
     torch.testing.assert_close(g_sum, g_mean * 3 * 9, rtol=1e-4, atol=1e-5 * float(g_sum.abs().max()))
+    with torch.no_grad():
+        want = float(any_lm.model(t, return_type="loss"))
+    assert float(mean.loss) == pytest.approx(want, rel=1e-5) and float(total.loss) == pytest.approx(want * 27, rel=1e-5)
 
 
 STREAM_HOOKS = ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post",
@@ -148,6 +184,7 @@ def test_several_hooks_in_one_pass_equal_each_hook_alone(any_lm, grad_hooks, mon
         torch.testing.assert_close(acts[h], any_lm.activations(t, h), atol=1e-6, rtol=0)
     acts, grads, loss = any_lm.activations_and_grads_at(t, STREAM_HOOKS, grad_hooks)
     assert list(grads) == grad_hooks
+    assert not any(v.requires_grad for v in [*acts.values(), *grads.values(), loss]), "the results keep the graph"
     for h in grad_hooks:
         ref = any_lm.activations_and_grads(t, h, "sum")
         torch.testing.assert_close(acts[h], ref.acts, atol=1e-5, rtol=0)
@@ -214,6 +251,8 @@ def test_several_hooks_must_be_on_the_residual_stream(tiny_lm):
         tiny_lm.activations_at(tokens(), ["blocks.1.hook_resid_pre", "blocks.0.attn.hook_z"])
     with pytest.raises(ValueError, match="non-empty subset"):
         tiny_lm.activations_and_grads_at(tokens(), ["blocks.1.hook_resid_pre"], ["blocks.0.hook_resid_pre"])
+    with pytest.raises(ValueError, match="non-empty subset"):
+        tiny_lm.activations_and_grads_at(tokens(), ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_post"], [])
 
 
 def test_prefix_runs_without_autograd_and_params_get_no_grad(any_lm, monkeypatch):
@@ -256,7 +295,7 @@ def test_a_float16_lms_mean_gradient_is_divided_in_float32(hook):
         at = loss_gradients_at(lm16, t, [hook], [hook], n)[1][hook]
         assert rel(at, want / n) < 1e-2, (n, rel(at, want / n))
     mean = lm16.activations_and_grads(t, hook, "mean").grads
-    assert rel(mean, want / (4 * 23)) < 1e-2
+    assert mean.dtype == torch.float32 and rel(mean, want / (4 * 23)) < 1e-2
 
 
 @pytest.mark.parametrize("normaliser", [None, 0, 0.0, 5.0])
@@ -310,6 +349,71 @@ def test_token_strings_tell_partial_utf8_tokens_apart_and_name_only_bos_bos():
     whole = lm.encode_text([" the cat, and"])[0]
     assert "".join(lm.token_strings(whole)) == " the cat, and"
 
+    from gsae.lm import _byte_level_bytes
+
+    assert _byte_level_bytes("\u0120the") == b" the"  # GPT-2's alphabet: Ġ is the space
+    assert _byte_level_bytes("\u2581the") is None and _byte_level_bytes("") is None  # SentencePiece's ▁ is not in it
+
     byte_lm = LanguageModel("random-tiny")
     assert byte_lm.token_strings([65, 10, byte_lm.bos_token_id]) == ["A", "\n", "<bos>"]
     assert LanguageModel("random-gpt2").token_strings([300, 256]) == ["<300>", "<bos>"]
+
+
+def test_the_options_reach_the_model_and_describe_rebuilds_it(monkeypatch):
+    """Every option changes the model as TransformerLens' weight processing says, ``describe()`` gives back every one,
+    and a pretrained name hands them all to ``from_pretrained``: folding LayerNorm leaves ``LNPre``, centring the
+    writing weights gives a residual stream of mean 0 over ``d_model``, centring the unembedding logits of mean 0
+    over the vocabulary, folding the value biases ``b_V = 0``; a random preset's ``seed`` and ``dtype`` are
+    TransformerLens' own seeded init in that dtype."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    import gsae.lm as lm_module
+
+    t = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(0))
+    flags = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+    for on in (True, False):
+        lm = LanguageModel("gsae-tiny", **dict.fromkeys(flags, on))
+        assert (lm.model.cfg.normalization_type == "LNPre") == on
+        resid_mean = float(lm.activations(t, "blocks.1.hook_resid_pre").mean(-1).abs().max())
+        assert (resid_mean < 1e-5) == on, resid_mean
+        assert (float(lm.logits(t).mean(-1).abs().max()) < 1e-4) == on
+        assert (float(lm.model.blocks[0].attn.b_V.abs().max()) == 0) == on
+    options = dict(name="random-tiny", fold_ln=False, center_writing_weights=False, center_unembed=True,
+                   fold_value_biases=False, dtype="bfloat16", seed=3)
+    lm = LanguageModel(**options)
+    assert lm.describe() == options
+    cfg = HookedTransformerConfig(**lm_module.GPT2_BLOCK, **RANDOM_PRESETS["random-tiny"], d_head=16, seed=3)
+    want = HookedTransformer(cfg).W_E
+    assert lm.model.W_E.dtype == torch.bfloat16 and torch.equal(lm.model.W_E, want.bfloat16())
+    assert not torch.equal(LanguageModel("random-tiny", seed=0).model.W_E, want)
+    seen = {}
+    monkeypatch.setattr(lm_module, "_from_pretrained_offline_first", lambda cls, name, kw: seen.update(kw, name=name))
+    LanguageModel(**{**options, "name": "gpt2"})._load()
+    assert seen == {**{k: v for k, v in options.items() if k != "seed"}, "name": "gpt2", "device": "cpu"}
+
+
+def test_special_tokens_of_byte_models_and_of_a_tokenizer_with_its_own_bos():
+    """Byte models: BOS = EOS = 256, the only special id, text as its UTF-8 bytes. A tokenizer whose BOS is not its
+    EOS (GPT-2's are one token): ``bos_token_id`` is its BOS, ``eos_token_id`` its EOS, and the special ids are all
+    of the tokenizer's that the model's vocabulary has (a pad token added past ``d_vocab`` is not one)."""
+    from types import SimpleNamespace
+
+    from gsae import tinylm
+
+    byte_lm = LanguageModel("random-tiny")
+    assert byte_lm.bos_token_id == byte_lm.eos_token_id == 256 and byte_lm.special_token_ids == [256]
+    assert byte_lm.encode_text(["é!"]) == [[0xC3, 0xA9, 0x21]]
+    tok = tinylm.load_tokenizer(tinylm.assets_dir("gsae-tiny"))
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    tok.add_special_tokens({"bos_token": "<bos>"})
+    bos = tok.convert_tokens_to_ids("<bos>")
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    lm = LanguageModel("gsae-tiny")
+    lm._model = SimpleNamespace(tokenizer=tok, cfg=SimpleNamespace(d_vocab=bos + 1))
+    assert (lm.bos_token_id, lm.eos_token_id) == (bos, eot) and bos != eot
+    assert lm.special_token_ids == sorted([eot, bos])
+
+
+def test_to_moves_the_model():
+    lm = LanguageModel("random-tiny")
+    assert lm.to("meta") is lm and lm.device == torch.device("meta") and lm.model.W_E.is_meta

@@ -141,6 +141,7 @@ def test_last_position_with_a_cached_prefix_matches_transformer_lens_on_whole_co
         {"act_fn": "gelu", "use_attn_scale": False},  # scores q·k unscaled
         {"act_fn": "relu", "attn_scale": 2.5},  # a scale other than sqrt(d_head) = 4
         {"act_fn": "silu"},
+        {"act_fn": "gelu_new", "eps": 0.5},  # a LayerNorm eps other than GPT-2's 1e-5
     ],
     ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()),
 )
@@ -205,6 +206,55 @@ def test_hooks_inside_blocks_and_other_architectures_fall_back_to_transformer_le
     lm = LanguageModel("random-tiny")
     lm._model = build_hooked_transformer(rotary).eval().requires_grad_(False)
     assert lm.fused_weights(["blocks.0.hook_resid_pre"]) is None
+
+
+@pytest.mark.parametrize(
+    "arch, reason",
+    [({"n_key_value_heads": 2}, "n_key_value_heads"), ({"normalization_type": "RMS"}, "normalization_type"),
+     ({"act_fn": "solu_ln"}, "act_fn"), ({"d_vocab_out": 100}, "d_vocab_out")],
+    ids=["gqa", "rms", "solu_ln", "d_vocab_out"],
+)
+def test_an_architecture_the_fused_forward_does_not_compute_runs_on_transformer_lens(arch, reason):
+    """Grouped-query attention, RMSNorm, an activation the fused MLP does not know and an output vocabulary other than
+    the input's each differ from GPT-2's forward: the fused path declines the model (naming why) and every
+    activation and the logits are TransformerLens' own."""
+    model = build_hooked_transformer({**RANDOM_PRESETS["random-tiny"], **arch}, seed=3).eval().requires_grad_(False)
+    fused, ref = LanguageModel("random-tiny"), LanguageModel("random-tiny", fused=False)
+    fused._model = ref._model = model
+    assert fused.fused_weights(["blocks.1.hook_resid_pre"]) is None and fused._fused_unsupported == reason
+    tokens = some_tokens(fused)
+    for hook in ("blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"):
+        torch.testing.assert_close(fused.activations(tokens, hook), ref.activations(tokens, hook), rtol=0, atol=0)
+    torch.testing.assert_close(fused.logits(tokens), model(tokens), rtol=0, atol=0)
+
+
+def test_cache_hooks_in_the_first_step_run_fused(monkeypatch):
+    """Running on from ``blocks.1.hook_resid_pre`` while caching that block's own attention output (what a sweep's
+    harvest asks when one SAE reads the residual point and another the attention after it): the fused path serves
+    it, with TransformerLens' values."""
+    fused, ref = pair("random-tiny", FLAGS[-1])
+    tokens = some_tokens(fused)
+    hook, later = "blocks.1.hook_resid_pre", ["blocks.1.hook_attn_out", "blocks.1.hook_resid_mid"]
+    x = ref.activations(tokens, hook) * 1.3
+    with torch.no_grad():
+        want = ref.run_from_hook(x, hook, tokens, cache_hooks=later)
+        monkeypatch.setattr(fused.model, "run_with_hooks", lambda *a, **k: pytest.fail("TransformerLens ran"))
+        got = fused.run_from_hook(x, hook, tokens, cache_hooks=later)
+    assert rel_err(got.logits, want.logits) <= TOL
+    for h in later:
+        assert rel_err(got.cache[h], want.cache[h]) <= TOL, h
+
+
+def test_a_model_put_in_place_of_another_is_the_one_that_runs():
+    """The fused weights are of the model the LanguageModel holds now (a test or a tool that sets ``_model`` after a
+    first run gets its new model's values, not the cached weights of the old one)."""
+    fused, ref = pair("random-tiny", FLAGS[0])
+    tokens = some_tokens(fused)
+    hook = "blocks.1.hook_resid_post"
+    fused.activations(tokens, hook)
+    other = LanguageModel("random-tiny", seed=5, fused=False)
+    fused._model = other.model
+    assert rel_err(fused.activations(tokens, hook), other.activations(tokens, hook)) <= TOL
     assert LanguageModel("random-tiny", fused=False).fused_weights(["blocks.0.hook_resid_pre"]) is None
 
 
@@ -344,6 +394,11 @@ def test_padded_unembedding_follows_in_place_edits_and_dtype_moves():
         fused.model.unembed.W_U.mul_(1.5)  # the model both share; `ref` builds its padded copy after the edit
     u2 = fused.unembedding()
     assert u2 is not u and torch.equal(u2.W_U[:, :257], fused.W_U)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the autocast copy follows an edit too
+        fused.unembedding()
+        with torch.no_grad():
+            fused.model.unembed.W_U.mul_(2.0)
+        assert torch.equal(fused.unembedding().W_U[:, :257], fused.W_U.bfloat16())
     g, g_ref = fused.activations_and_grads(tokens, hook).grads, ref.activations_and_grads(tokens, hook).grads
     assert rel_err(g, g_ref) <= TOL
     fused.model.double()

@@ -19,6 +19,7 @@ from gsae.evals.directions import (
     generator,
     make_direction,
     sample_cov_random,
+    sample_real_other,
 )
 from gsae.metrics import kl_div_per_token
 from gsae.sae.base import SAEOutput, SparseAutoencoder
@@ -113,6 +114,48 @@ def test_fitted_stats_match_torch_cov_without_position_0(tiny_lm, tokens, sae):
         batch_acts(sae, tiny_lm, HOOK, tokens, batch_size=4, with_sae=False), max_real_pool=10, seed=0
     )
     torch.testing.assert_close(again.real, stats.real)
+    assert stats.median_norm == pytest.approx(float(a.norm(dim=-1).median()), rel=1e-6)  # position 0 left out too
+    # bfloat16 activations: the statistics in float32 (a bfloat16 Σ is too coarse to sample), over the same rows
+    half = [r._replace(x=r.x.bfloat16()) for r in acts]
+    stats16 = fit_activation_stats(half, max_real_pool=10, seed=0)
+    assert stats16.mean.dtype == stats16.cov.dtype == stats16.chol.dtype == stats16.real.dtype == torch.float32
+    a16 = torch.cat([r.x[:, 1:].reshape(-1, 64).float() for r in half])
+    torch.testing.assert_close(stats16.cov, torch.cov(a16.T) + 0.01 * torch.eye(64), atol=1e-4, rtol=1e-4)
+    one = [acts[0]._replace(x=acts[0].x[:1, :2])]  # a single activation at a position > 0: no covariance
+    with pytest.raises(ValueError, match="at least 2 activations"):
+        fit_activation_stats(one, max_real_pool=10, seed=0)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        sample_real_other(stats._replace(real=stats.real[:1]), a[:3], torch.Generator().manual_seed(0))
+
+
+def test_fired_per_sequence_is_every_latent_nonzero_somewhere_in_the_sequence():
+    """Against a loop over the tokens, for a dense SAE's latents and a TopK SAE's (index, value) pairs, where a
+    selected latent of value 0 (TopK keeps the k largest, ReLU-ed: some may be 0) did not fire."""
+    from gsae.evals.directions import fired_per_sequence
+
+    n_seq, T, d_sae, k = 3, 4, 10, 3
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.relu(torch.randn(n_seq * T, d_sae, generator=gen)) * (torch.rand(n_seq * T, d_sae, generator=gen) < 0.2)
+    latents[:T] = 0  # a sequence where nothing fires
+    top_acts, top_idx = latents.topk(k, dim=-1)
+    want = torch.zeros(n_seq, d_sae, dtype=torch.bool)
+    for row in range(n_seq * T):
+        for j in range(d_sae):
+            if latents[row, j] != 0:
+                want[row // T, j] = True
+    assert want.any() and not want[0].any() and not want.all()
+    zero = torch.zeros(())
+    dense = SAEOutput(latents, None, None, latents, latents, zero, zero)
+    topk = SAEOutput(latents, top_acts, top_idx, None, latents, zero, zero)
+    assert torch.equal(fired_per_sequence(dense, n_seq, d_sae), want)
+    assert torch.equal(fired_per_sequence(topk, n_seq, d_sae), want)
+    # the statistics' alive latents: fired in some sequence of any batch (a union over the batches)
+    from gsae.evals.directions import BatchActs
+
+    x = torch.randn(2 * n_seq, T, 5, generator=gen)
+    batches = [BatchActs(None, x[:n_seq], None, want), BatchActs(None, x[n_seq:], None, want.roll(1, dims=-1))]
+    assert torch.equal(fit_activation_stats(batches, max_real_pool=4, seed=0).fired,
+                       want.any(0) | want.roll(1, dims=-1).any(0))
 
 
 def test_length_zero_gives_zero_kl_and_l2(tiny_lm, tokens, sae):
@@ -287,6 +330,28 @@ def test_eps_baselines_have_the_norm_of_the_sae_error(tiny_lm, tokens, sae):
     for name in EPS_BASELINES:
         torch.testing.assert_close(deltas[name].norm(dim=-1), err, rtol=1e-5, atol=1e-5, msg=name)
         assert cos(deltas[name], deltas["sae"]).abs().mean() < 0.5, name  # a different direction
+    # each kind draws its own numbers: the ε-baselines are not the sweep's directions of the same sequence scaled by ε
+    # (drawn from one generator they would be: the ε-isotropic g is the isotropic g, s·g − x ≈ s·g), and each mixture
+    # baseline is its own mixture kind, whose direction does not point away from x
+    sweep, _ = batch_deltas(["isotropic", "cov_random_mixture", "real_mixture"], r, stats, sae.W_dec, perturb, seed=0,
+                            first_seq=0, block_fired={0: r.fired}, substitution=False)
+    assert cos(deltas["eps_isotropic"], sweep["isotropic"]).abs().mean() < 0.5
+    for name, kind in {"eps_cov_mixture": "cov_random_mixture", "eps_real_mixture": "real_mixture"}.items():
+        torch.testing.assert_close(deltas[name], err[..., None] * sweep[kind], rtol=1e-5, atol=1e-5, msg=name)
+    # a sequence's substitution deltas are its own, whichever memory batch it is in (sequences 2-3 as a batch of 2)
+    tail = r._replace(tokens=r.tokens[2:], x=r.x[2:], x_hat=r.x_hat[2:], fired=r.fired[2:])
+    alone, _ = batch_deltas([], tail, stats, sae.W_dec, perturb, seed=0, first_seq=2, block_fired={0: r.fired},
+                            substitution=True)
+    for name, v in alone.items():
+        torch.testing.assert_close(v, deltas[name][2:], rtol=0, atol=0, msg=name)
+    # special tokens (keep False) are left unpatched by the SAE and by every ε-baseline alike; the rest is unchanged
+    keep = torch.ones(r.x.shape[:2], dtype=torch.bool)
+    keep[:, 0], keep[1, 5] = False, False
+    kept, _ = batch_deltas([], r, stats, sae.W_dec, perturb, seed=0, first_seq=0, block_fired={0: r.fired},
+                           substitution=True, keep=keep)
+    for name in ("sae", *EPS_BASELINES):
+        assert not kept[name][~keep[:, :-1]].any(), name
+        torch.testing.assert_close(kept[name][keep[:, :-1]], deltas[name][keep[:, :-1]], rtol=0, atol=0, msg=name)
 
 
 def test_feature_pools_on_a_planted_case():
@@ -301,7 +366,7 @@ def test_feature_pools_on_a_planted_case():
     W = torch.eye(6, 8)
     x = torch.zeros(1, 5, 8)
     u = make_direction("sae_feature_alive", x, generator(0, 0, "a"), stats, W_dec=W, pool=pools["alive"])
-    assert set(u.reshape(-1, 8).argmax(-1).tolist()) <= {2, 3}
+    assert set(u.reshape(-1, 8).argmax(-1).tolist()) == {2, 3}  # only the pool's latents, each of them drawn
 
 
 def _unit(v):
