@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,24 @@ def test_streams_opened_together_share_one_pass_and_read_the_same(local, monkeyp
     for s, st in states.items():
         assert got[s] == _contexts(local.open_stream(s, st), 30), s
     assert n_shared <= 4 < len(passes)  # a few passes over the file for all four streams, not one per stream and epoch
+    # streams all resumed in their third pass: the shared reading starts in that pass, as each stream's own does (it
+    # started at the first pass, and read the whole source twice for nothing)
+    for s in (1, 3):
+        packer = local.open_stream(s)
+        while int(packer.state().epoch) < 2:
+            packer.next_context()
+        _contexts(packer, 3)
+        states[s] = packer.state()
+    later = {s: states[s] for s in (1, 3)}
+    passes.clear()
+    got = {s: _contexts(p, 10) for s, p in local.open_streams(later).items()}
+    n_shared = len(passes)
+    alone = []
+    for s, st in later.items():
+        passes.clear()
+        assert got[s] == _contexts(local.open_stream(s, st), 10), s
+        alone.append(len(passes))
+    assert n_shared <= max(alone), (n_shared, alone)
 
 
 @pytest.mark.parametrize("workers", [2, 4])
@@ -277,6 +296,42 @@ def test_a_resume_on_other_data_is_refused_but_the_same_data_moved_goes_on(local
             hub.load_state_dict(state)
 
 
+def test_what_a_resume_checks_is_what_names_the_documents(tmp_path, tiny_lm) -> None:
+    """A folder moved, named with a trailing slash, is the same data; a hub dataset of another owner with the same name
+    is not; ``gsae-corpus`` is its seed's text; the held-out count of a run with its own ``val_split`` is not checked
+    (no training document is held out)."""
+    import shutil
+
+    folder = _four_shards(tmp_path)
+    dm = TokenDataModule(lm=tiny_lm, dataset=str(folder), context_size=T, batch_size=2, n_streams=2, val_documents=5)
+    dm.validate()
+    dm.consumed_batches = 2
+    state = dm.state_dict()
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.copytree(folder, moved / folder.name)
+    again = TokenDataModule(lm=tiny_lm, dataset=str(moved / folder.name) + "/", context_size=T, batch_size=2, n_streams=2,
+                            val_documents=5)
+    again.load_state_dict(state)
+    assert again.consumed_batches == 2
+
+    def hub_state(**kw) -> dict:
+        hub = TokenDataModule(lm=tiny_lm, batch_size=2, n_streams=S, **kw)  # not opened
+        return {"consumed_batches": 1, "batch_size": 2, "n_streams": S, "position_options": hub.position_options()}
+
+    saved = hub_state(dataset="someone/openwebtext")
+    with pytest.raises(ValueError, match=r"--data.dataset \(Skylion007/openwebtext\) differs from the checkpoint's"):
+        TokenDataModule(lm=tiny_lm, dataset="Skylion007/openwebtext", batch_size=2, n_streams=S).load_state_dict(saved)
+    saved = hub_state(dataset="gsae-corpus", seed=0)
+    with pytest.raises(ValueError, match=r"--data.seed \(1\) differs from the checkpoint's \(0\)"):
+        TokenDataModule(lm=tiny_lm, dataset="gsae-corpus", seed=1, batch_size=2, n_streams=S).load_state_dict(saved)
+    saved = hub_state(dataset="Skylion007/openwebtext", val_split="validation", val_documents=1000)
+    resumed = TokenDataModule(lm=tiny_lm, dataset="Skylion007/openwebtext", val_split="validation", val_documents=10,
+                              batch_size=2, n_streams=S)
+    resumed.load_state_dict(saved)
+    assert resumed.consumed_batches == 1
+
+
 def test_streams_resume_on_another_number_of_ranks(local, tiny_lm, monkeypatch) -> None:
     """Two ranks read 3 batches each (their streams 0, 2 and 1, 3), then one rank resumes from their joint state
     (the checkpoint gathers every rank's streams): every stream goes on where it stopped, none skipped or repeated."""
@@ -368,6 +423,13 @@ def test_small_validation_set_warns_with_the_numbers(local) -> None:
     with pytest.warns(UserWarning, match=rf"gives {n_val} contexts, fewer than the 200 asked.*validating on {n_val // 4} batches"):
         batches = local.val_batches_of()
     assert len(batches) == n_val // 4 > 0
+    local.val_batches, local._val_cache = n_val // 4 + 1, None  # one batch short: said too
+    with pytest.warns(UserWarning, match=rf"gives {n_val} contexts, fewer than the {4 * (n_val // 4 + 1)} asked"):
+        assert len(local.val_batches_of()) == n_val // 4
+    local.val_batches, local._val_cache = n_val // 4, None  # all there: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(local.val_batches_of()) == n_val // 4
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -513,6 +575,14 @@ def test_a_resume_already_in_a_second_pass_does_not_say_again_that_the_data_repe
     with caplog.at_level(logging.WARNING, logger="gsae.data.datamodule"):
         dm.say_if_data_repeats(later, dm.stream_states.get(0), 0)
     assert not [r for r in caplog.records if "starts again" in r.getMessage()]
+    # a resumed run's first batch of a stream that had no saved position is not a fresh run's first batch: the pass
+    # it ends is not said to be shorter than a batch
+    resumed = TokenDataModule(lm=tiny_lm, dataset=path, context_size=T, batch_size=2, n_streams=S, val_documents=V)
+    resumed.load_state_dict({"consumed_batches": 40, "batch_size": 2, "n_streams": S, "streams": [None] * S})
+    with caplog.at_level(logging.WARNING, logger="gsae.data.datamodule"):
+        resumed.say_if_data_repeats(later, None, 0)
+    said = [r.getMessage() for r in caplog.records if "starts again" in r.getMessage()]
+    assert len(said) == 1 and "shorter than a batch" not in said[0], said
 
 
 def test_a_checkpoint_without_its_context_count_resumes_at_this_worlds_count(tiny_lm):

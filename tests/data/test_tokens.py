@@ -115,22 +115,64 @@ def test_datamodule_resumes_from_its_state(synthetic_dm, tiny_lm) -> None:
         dm.load_state_dict({"consumed_batches": 4, "batch_size": 8})
 
 
-@pytest.mark.parametrize("saved_world, world", [(2, 1), (1, 2), (2, 3)])
-def test_datamodule_resumes_on_another_number_of_ranks_at_the_global_context(tiny_lm, monkeypatch, saved_world, world):
+@pytest.mark.parametrize("saved_world, world, recorded", [(2, 1, True), (1, 2, True), (2, 3, True), (2, 2, False)])
+def test_datamodule_resumes_on_another_number_of_ranks_at_the_global_context(tiny_lm, monkeypatch, saved_world, world,
+                                                                               recorded):
     """A run of ``saved_world`` ranks stopped after 5 batches (5 × 4 × saved_world global contexts) and resumed on
-    ``world`` ranks: together the new ranks read the next contexts, none skipped or repeated."""
+    ``world`` ranks: together the new ranks read the next contexts, none skipped or repeated. A checkpoint that did
+    not record its context count (``recorded`` false) was written by as many ranks as resume it."""
     start = 5 * 4 * saved_world
     firsts = []
     for rank in range(world):
         dm = TokenDataModule(lm=tiny_lm, dataset="synthetic", context_size=16, batch_size=4)
         monkeypatch.setattr(dm, "_rank_world", lambda r=rank: (r, world))
-        dm.load_state_dict({"consumed_batches": 5, "consumed_contexts": start, "batch_size": 4, "n_streams": dm.n_streams})
+        dm.load_state_dict({"consumed_batches": 5, "consumed_contexts": start if recorded else None, "batch_size": 4,
+                            "n_streams": dm.n_streams})
         firsts.append(_batches(dm.train_dataloader(), 2))
     read = [c for step in range(2) for rank in range(world) for c in firsts[rank][step].tokens.tolist()]
     expected = list(itertools.islice(dm.contexts("train", start), 2 * 4 * world))
     assert sorted(read) == sorted(expected)
     dm.consumed_batches = 7  # two more batches on each of the new ranks
     assert dm.consumed_contexts(world) == start + 2 * 4 * world
+    assert dm.state_dict()["consumed_contexts"] == start + 2 * 4 * world  # what a checkpoint of this world records
+
+
+def test_validation_batches_are_val_batch_size_rows_of_each_ranks_block(tiny_lm) -> None:
+    """Rank r of W validates, in batch b, rows r, r + W, ... of held-out contexts b·V·W to (b+1)·V·W (V =
+    val_batch_size, not batch_size); the batches are read once per (rank, world) and indexed 0, 1, ..."""
+    held_out = list(itertools.islice(TokenDataModule(lm=tiny_lm, dataset="synthetic", context_size=16).contexts("val"), 24))
+    dm = TokenDataModule(lm=tiny_lm, dataset="synthetic", context_size=16, batch_size=4, val_batch_size=3, val_batches=2)
+    for world in (1, 2, 1):  # back to one rank after two: not the two-rank batches kept
+        for rank in range(world):
+            batches = dm.val_batches_of(rank, world)
+            assert [int(b.index) for b in batches] == [0, 1]
+            for b, batch in enumerate(batches):
+                expected = [held_out[b * 3 * world + rank + world * j] for j in range(3)]
+                assert batch.tokens.tolist() == expected, (world, rank, b)
+
+
+def test_data_workers_leave_ctrl_c_and_sigterm_to_the_main_process(tiny_lm) -> None:
+    """The training loader's workers ignore SIGINT and SIGTERM (the main process stops, saves and ends them), except
+    a ``ddp_fork`` rank's workers, which keep SIGTERM (gsae.sigterm); without workers there is nothing to set up."""
+    import signal
+    from types import SimpleNamespace
+
+    assert TokenDataModule(lm=tiny_lm, dataset="synthetic", batch_size=2).train_dataloader().worker_init_fn is None
+    forking = type("_MultiProcessingLauncher", (), {})()
+    for launcher, sigterm_ignored in ((None, True), (forking, False)):
+        dm = TokenDataModule(lm=tiny_lm, dataset="synthetic", batch_size=2, num_workers=2)
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=1, strategy=SimpleNamespace(
+            launcher=launcher, root_device=torch.device("cpu")))
+        init = dm.train_dataloader().worker_init_fn
+        saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            init(0)  # what each worker runs first
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert (signal.getsignal(signal.SIGTERM) is signal.SIG_IGN) is sigterm_ignored
+        finally:
+            for s, handler in saved.items():
+                signal.signal(s, handler)
 
 
 def test_synthetic_validation_never_equals_training(synthetic_dm) -> None:
@@ -258,6 +300,11 @@ def test_pretokenized_input_ids(tmp_path, tiny_lm) -> None:
     assert all(c[0] == BYTE_BOS for c in train)
     val_stream = [t for r in rows[:6] for t in r["input_ids"]]
     assert [t for c in val for t in c[1:]] == val_stream[: 15 * len(val)]
+    # no text column is read from pretokenized rows: a resume with another --data.text_column reads the same documents
+    other = TokenDataModule(lm=tiny_lm, dataset=path, context_size=16, batch_size=2, val_documents=6, text_column="body")
+    other.validate()
+    other.load_state_dict({**dm.state_dict(), "consumed_batches": 3})
+    assert other.consumed_batches == 3
 
 
 def test_local_data_edge_cases(tmp_path, tiny_lm) -> None:
@@ -360,7 +407,8 @@ def test_context_size_larger_than_n_ctx(tiny_lm) -> None:
     ("kwargs", "option"),
     [(dict(context_size=1), "--data.context_size"), (dict(batch_size=0), "--data.batch_size"),
      (dict(val_documents=-1), "--data.val_documents"), (dict(n_streams=0), "--data.n_streams"),
-     (dict(num_workers=-1), "--data.num_workers")],
+     (dict(num_workers=-1), "--data.num_workers"), (dict(val_batches=-1), "--data.val_batches"),
+     (dict(val_batch_size=0), "--data.val_batch_size")],  # 0 is not null: it must not fall back to batch_size
 )
 def test_invalid_options(kwargs: dict, option: str) -> None:
     with pytest.raises(ValueError, match=option.replace(".", r"\.")):

@@ -257,6 +257,7 @@ def test_callback_guards(tmp_path):
     # named as the user types them (they said EvaluationCallback.n_seqs); a batch size <= 0 failed every evaluation
     for kwargs, message in [({"n_seqs": 0}, "--evaluation.n_seqs must be > 0"),
                             ({"every_n_steps": -1}, "--evaluation.every_n_steps must be > 0 or null"),
+                            ({"every_n_steps": 0}, "--evaluation.every_n_steps must be > 0 or null"),  # else: never
                             ({"batch_size": -2}, "--evaluation.batch_size must be > 0, or null"),
                             ({"batch_size": 0}, "--evaluation.batch_size must be > 0, or null")]:
         with pytest.raises(ValueError, match="^" + re.escape(message)):
@@ -388,6 +389,133 @@ def test_disabled_callback_does_nothing(tmp_path, tiny_lm):
     cb.on_sae_checkpoint(trainer, None, ckpt)  # would fail on the None module if it ran
     cb.on_train_batch_end(trainer, None, None, None, 0)
     assert list(tmp_path.glob("x.ckpt*")) == []
+
+
+def test_every_n_steps_evaluates_at_its_multiples_but_not_at_step_0(tmp_path, tiny_lm):
+    """``every_n_steps``: at global steps n, 2n, ...; the micro-batches a gradient accumulation ends before the first
+    optimizer step (global step 0) do not evaluate the untrained SAE."""
+    trainer, _ = _fake_trainer(tmp_path, tiny_lm)
+    cb = EvaluationCallback(every_n_steps=2, log_figures=False)
+    steps: list[int] = []
+    cb.evaluate = lambda trainer, module: steps.append(trainer.global_step)
+    for step in (0, 0, 1, 1, 2, 3, 4):
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, None, None, None, 0)
+    assert steps == [2, 4]
+
+
+def test_evaluation_seconds_add_up_also_when_an_evaluation_fails():
+    """``seconds_total`` (kept out of the run summary's training rate) is the sum over evaluations, failed ones too."""
+    import time
+
+    cb = EvaluationCallback()
+    cb.seconds_total = 100.0  # the evaluations before
+    with cb._timed():
+        time.sleep(0.01)
+    assert cb.seconds_total >= 100.01
+    with pytest.raises(RuntimeError, match="boom"), cb._timed():
+        time.sleep(0.01)
+        raise RuntimeError("boom")
+    assert cb.seconds_total >= 100.02
+
+
+def test_the_json_and_the_checkpoint_record_the_callbacks_seed_and_batch_size(tmp_path, tiny_lm, fake_benchmark,
+                                                                                monkeypatch):
+    """The benchmarks run with the callback's seed and batch size (not the data's); the JSON records the seed, and the
+    checkpoint the settings ``evaluate.py`` re-evaluates it with."""
+    from gsae.callbacks import evaluation
+    from tests.evals.helpers import HOOK, build_topk
+
+    calls = []
+    real = evaluation.run_benchmarks_at
+    monkeypatch.setattr(evaluation, "run_benchmarks_at", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    trainer, _ = _fake_trainer(tmp_path, tiny_lm)  # the data's batch_size is 2
+    module = SimpleNamespace(sae=build_topk(), hook=HOOK, lm=tiny_lm)
+    cb = EvaluationCallback(benchmarks=["fake"], n_seqs=5, batch_size=3, seed=7, options={"fake": {"n_seqs": 2}},
+                            log_figures=False)
+    cb.on_sae_checkpoint(trainer, module, tmp_path / "x.ckpt")
+    assert [(kw["seed"], kw["batch_size"]) for kw in calls] == [(7, 3)]
+    payload = json.loads((tmp_path / "x.ckpt.eval.json").read_text())
+    assert payload["seed"] == 7 and payload["results"]["fake"]["seed"] == 7
+    assert payload["n_seqs"] == 5 and payload["contexts"] == {"fake": 2}
+    checkpoint: dict = {}
+    cb.on_save_checkpoint(trainer, module, checkpoint)
+    assert checkpoint == {"gsae_evaluation": {"benchmarks": ["fake"], "options": {"fake": {"n_seqs": 2}}, "n_seqs": 5,
+                                              "seed": 7, "batch_size": 3}}
+    checkpoint = {}
+    EvaluationCallback(enabled=False).on_save_checkpoint(trainer, module, checkpoint)
+    assert checkpoint == {}
+    # write_json false: the artifacts, no JSON, and nothing for a resume to redo
+    quiet = EvaluationCallback(benchmarks=["fake"], n_seqs=2, write_json=False, log_figures=False)
+    quiet.on_sae_checkpoint(trainer, module, tmp_path / "y.ckpt")
+    assert (tmp_path / "y.ckpt.fake.html").exists() and not (tmp_path / "y.ckpt.eval.json").exists()
+    assert quiet.evaluated(tmp_path / "y.ckpt", [""])
+    # a sweep's checkpoint is evaluated once every member's JSON is there (<checkpoint>.<member>.eval.json)
+    assert not cb.evaluated(tmp_path / "z.ckpt", ["a", "b"])
+    (tmp_path / "z.ckpt.a.eval.json").write_text("{}")
+    assert not cb.evaluated(tmp_path / "z.ckpt", ["a", "b"])
+    (tmp_path / "z.ckpt.b.eval.json").write_text("{}")
+    assert cb.evaluated(tmp_path / "z.ckpt", ["a", "b"]) and cb.evaluated(tmp_path / "x.ckpt", [""])
+
+
+def test_figures_are_drawn_in_the_background_by_default_only_on_a_gpu(tmp_path, tiny_lm):
+    trainer, _ = _fake_trainer(tmp_path, tiny_lm)
+    for device, background in (("cpu", False), ("cuda", True)):
+        trainer.strategy = SimpleNamespace(root_device=torch.device(device))
+        cb = EvaluationCallback(log_figures=False)  # not started: no worker process
+        cb.setup(trainer, None, "validate")
+        assert cb.figures.background is background, device
+        cb = EvaluationCallback(log_figures=False, figures_in_background=not background)
+        cb.setup(trainer, None, "validate")
+        assert cb.figures.background is (not background), device
+
+
+def test_under_ddp_every_rank_evaluates_only_when_distributed(tmp_path, monkeypatch):
+    """Under DDP the ranks share an evaluation (``distributed``, the default); with ``distributed: false`` rank 0
+    evaluates alone and the other ranks do nothing at a checkpoint."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    rank1 = SimpleNamespace(world_size=2, is_global_zero=False, global_step=3)
+    shared, alone = EvaluationCallback(), EvaluationCallback(distributed=False)
+    assert shared._world(rank1) == 2 and shared._takes_part(rank1)
+    assert alone._world(rank1) == 1 and not alone._takes_part(rank1)
+    alone.on_sae_checkpoint(rank1, None, tmp_path / "x.ckpt")  # would fail on the None module if it ran
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_seconds_of_a_benchmark_run_in_parts_are_logged_as_their_sum():
+    """A DDP evaluation times each part of a benchmark split between ranks (``name#part``): one scalar, their sum."""
+    import time
+
+    logged = []
+    trainer = SimpleNamespace(loggers=[SimpleNamespace(log_metrics=lambda values, step: logged.append((step, values)))])
+    cb = EvaluationCallback(log_figures=False)
+    cb.last_seconds = {"loss_added#0": 1.5, "loss_added#1": 2.0, "steering": 4.0}
+    cb._log(trainer, {"": {}}, 7, time.perf_counter())
+    assert logged == [(7, {"eval/seconds/loss_added": 3.5, "eval/seconds/steering": 4.0})]
+
+
+def test_a_sweeps_members_on_a_plain_tensorboard_logger_are_tagged_with_their_names(tmp_path, tiny_lm,
+                                                                                       fake_benchmark):
+    """A sweep logged by a TensorBoard logger without a run per member: each member's texts and figures under
+    ``eval/<member>/``; with ``log_figures`` false, no figure."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.evals.helpers import HOOK, build_topk
+
+    trainer, logger = _fake_trainer(tmp_path, tiny_lm)
+    saes = {"a": (build_topk(), {}), "b": (build_topk(), {"hook": HOOK})}
+    module = SimpleNamespace(saes=lambda: saes, hook=HOOK, lm=tiny_lm)
+    for step, figures in ((3, False), (4, True)):
+        trainer.global_step = step
+        cb = EvaluationCallback(benchmarks=["fake", "dead_latents"], n_seqs=4, log_figures=figures)
+        cb.on_sae_checkpoint(trainer, module, tmp_path / f"step={step}.ckpt")
+        cb.figures.drain()
+    logger.experiment.flush()
+    ea = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "tensors": 0}).Reload()
+    assert {"eval/a/fake/summary/text_summary", "eval/b/fake/summary/text_summary"} <= set(ea.Tags()["tensors"])
+    images = ea.Tags()["images"]
+    assert {"eval/a/dead_latents/density_histogram", "eval/b/dead_latents/density_histogram"} <= set(images), images
+    assert all(t.startswith(("eval/a/", "eval/b/")) and [e.step for e in ea.Images(t)] == [4] for t in images), images
 
 
 def test_evaluate_py_writes_artifacts_next_to_output(tmp_path, fake_benchmark, capsys):
@@ -839,6 +967,22 @@ def test_a_short_held_out_set_is_said_before_training_not_at_the_first_checkpoin
     with pytest.warns(UserWarning, match=r"evaluation: the held-out set gives \d+ contexts of the 64"):
         build_trainer(tmp_path, 1, callbacks=[ev, AtStart()]).fit(system, datamodule=data)
     assert seen == [True]
+
+
+def test_a_held_out_set_one_context_short_is_said_and_an_empty_one_is_refused_in_one_line(tmp_path, tiny_lm):
+    from tests.evals.helpers import build_tokens
+
+    trainer, _ = _fake_trainer(tmp_path, tiny_lm)
+    trainer.datamodule.contexts = lambda which: iter(build_tokens(63, 16).tolist())
+    cb = EvaluationCallback(benchmarks=["loss_added"], n_seqs=64, log_figures=False)
+    with pytest.warns(UserWarning, match=r"evaluation: the held-out set gives 63 contexts of the 64"):
+        assert cb.held_out_tokens(trainer).shape == (63, 16)
+    trainer.datamodule.contexts, trainer.datamodule.val_documents = (lambda which: iter([])), 0
+    empty = r"^--data.val_documents 0: the held-out set gives no context to evaluate on"
+    with pytest.raises(ValueError, match=empty):
+        EvaluationCallback(benchmarks=["loss_added"]).held_out_tokens(trainer)
+    with pytest.raises(ValueError, match=empty):  # the ranks that do not evaluate check it too
+        EvaluationCallback(benchmarks=["loss_added"]).check_held_out(trainer)
 
 
 def test_the_runs_seed_and_options_are_taken_and_the_command_line_wins():

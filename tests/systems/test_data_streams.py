@@ -90,3 +90,10 @@ def test_ddp_resume_keeps_every_ranks_streams(tmp_path, corpus_file) -> None:
     for r in range(2):
         full = torch.load(tmp_path / "full" / f"rank{r}.pt")
         assert torch.equal(torch.load(tmp_path / "part" / f"rank{r}.pt"), full[STOP * 2 :]), f"rank {r}"
+    # the resumed run's checkpoint holds every stream where the uninterrupted run's does: each rank's own positions,
+    # not the copies of the other rank's streams it loaded at the resume
+    ends = [torch.load(root / "ckpts" / "last.ckpt", weights_only=True)["TokenDataModule"] for root in
+            (tmp_path / "full", tmp_path / "part")]
+    assert ends[0]["consumed_batches"] == ends[1]["consumed_batches"] == STEPS
+    for s, (a, b) in enumerate(zip(ends[0]["streams"], ends[1]["streams"])):
+        assert a[:3] == b[:3] and torch.equal(a[3], b[3]), f"stream {s}: {a[:3]} != {b[:3]}"

@@ -406,8 +406,10 @@ def test_cli_sweep_writes_every_members_export_evaluation_and_tensorboard(tmp_pa
     version = run / "version_0"
     assert sorted(p.name for p in version.iterdir() if p.is_dir()) == sorted(names)
     size = {"scalars": 0, "images": 0, "tensors": 0}
-    tags = set(EventAccumulator(str(version), size_guidance=size).Reload().Tags()["scalars"])
+    root = EventAccumulator(str(version), size_guidance=size).Reload().Tags()
+    tags = set(root["scalars"])
     assert "train/tokens_seen" in tags and not [t for t in tags if any(f"/{n}" in t for n in names)], sorted(tags)
+    assert not [t for t in root["images"] if any(f"/{n}/" in t for n in names)], root["images"]  # in their own runs only
     # the progress bar's headline (sum of losses, mean nmse, L0, dead) and the validation line's means are the
     # console's: as TensorBoard curves they would plot beside the members' curves of the same names
     assert not {"train/loss", "train/nmse", "train/l0", "train/dead_fraction", "val/nmse", "val/l0"} & tags
