@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 
 from gsae.callbacks.checkpoint import SAECheckpoint
 from gsae.data import TokenDataModule
@@ -13,6 +16,9 @@ from gsae.sae import GradTopKSAE, TopKSAE
 from gsae.systems import E2ESAESystem, LocalSAESystem
 
 HOOK = "blocks.1.hook_resid_pre"
+# A rank that stops taking part in a collective (a bug) fails its test after this, not after gloo's 30 minutes, which
+# would pass CI's time limit; the longest legitimate wait of a test's rank for another is a few seconds.
+DDP_TIMEOUT = timedelta(minutes=3)
 
 
 def build_system(objective: str = "topk", buffer_size: int = 0, lm_name: str = "random-tiny", **kw) -> pl.LightningModule:
@@ -41,6 +47,8 @@ def build_trainer(root, max_steps: int, callbacks=(), checkpoint_every: int | No
     kw.setdefault("limit_val_batches", 0)
     kw.setdefault("accelerator", "cpu")
     kw.setdefault("logger", False)
+    if kw.get("strategy") == "ddp_fork":
+        kw["strategy"] = DDPStrategy(start_method="fork", timeout=DDP_TIMEOUT)
     return pl.Trainer(
         default_root_dir=str(root),
         max_steps=max_steps,
