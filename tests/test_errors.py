@@ -636,3 +636,74 @@ def test_float16_true_precision_is_refused_like_bf16_true(tmp_path, monkeypatch,
     assert main(quickstart_args(tmp_path, "--trainer.precision", "16-true", steps=2)) == 1
     err = capsys.readouterr().err
     assert "--trainer.precision 16-true" in err and "use bf16-mixed" in err
+
+
+def test_only_warnings_are_marked_and_a_formatter_set_before_is_kept(monkeypatch, capsys) -> None:
+    """``log_to_terminal`` marks warnings alone (an error or a critical line is not called a warning), and only
+    through plain formatters: a handler with a formatter class of its own keeps it."""
+    import io
+    import logging
+
+    from gsae.startup import log_to_terminal
+
+    class Bracketed(logging.Formatter):  # a formatter of its own (pytest's, a user's)
+        pass
+
+    root = logging.getLogger()
+    own = logging.StreamHandler(io.StringIO())
+    own.setFormatter(Bracketed("[%(levelname)s] %(message)s"))
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    log_to_terminal()
+    root.addHandler(own)
+    log_to_terminal()  # a second call (evaluate.py after train.py in one process) leaves the chosen formatter alone
+    log = logging.getLogger("gsae.systems.base")
+    log.error("the disk is full")
+    log.critical("stopped")
+    log.warning("slow")
+    assert capsys.readouterr().err.splitlines() == ["the disk is full", "stopped", "warning: slow"]
+    assert own.stream.getvalue().splitlines() == ["[ERROR] the disk is full", "[CRITICAL] stopped", "[WARNING] slow"]
+
+
+def test_python_warnings_are_one_line_where_they_are_sent_and_ctrl_c_raises_again(monkeypatch) -> None:
+    """``one_line_warnings`` prints ``warning: <message>`` to the file a warning is sent to (stderr if none);
+    ``ctrl_c_raises`` after ``stop_on_ctrl_c``: Ctrl+C raises ``KeyboardInterrupt`` again (the fit stops cleanly)."""
+    import io
+    import signal
+    import warnings
+
+    from gsae.startup import ctrl_c_raises, one_line_warnings, stop_on_ctrl_c
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    one_line_warnings()
+    sent = io.StringIO()
+    warnings.showwarning(UserWarning("half the tokens are padding"), UserWarning, "x.py", 3, file=sent)
+    assert sent.getvalue() == "warning: half the tokens are padding\n"
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        stop_on_ctrl_c()
+        ctrl_c_raises()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not SIG_DFL, which would end the process
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # the handler runs at the next bytecode
+                pass
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_checkpoint_options_out_of_range_are_refused_in_one_line() -> None:
+    """``--checkpoint.every_n_train_steps`` 0 or null (only at the end of training) and ``save_top_k`` -1 (all) or
+    ``>= 0`` are taken; below those, and a filename that is a path, are refused with the option's name."""
+    from gsae.callbacks.checkpoint import SAECheckpoint
+
+    for ok in ({"every_n_train_steps": 0}, {"every_n_train_steps": None}, {"save_top_k": -1}, {"save_top_k": 0},
+               {"filename": "step{step}"}):
+        SAECheckpoint(**ok)
+    with pytest.raises(ValueError, match=r"--checkpoint.every_n_train_steps must be >= 0 \(got -1;"):
+        SAECheckpoint(every_n_train_steps=-1)
+    with pytest.raises(ValueError, match=r"--checkpoint.save_top_k must be -1 \(keep all\) or >= 0 \(got -2\)"):
+        SAECheckpoint(save_top_k=-2)
+    for path in ("a/b", "", ".", ".."):
+        with pytest.raises(ValueError, match="a file name, not a path"):
+            SAECheckpoint(filename=path)

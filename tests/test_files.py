@@ -29,6 +29,36 @@ def test_checkpoints_are_written_beside_the_target_not_in_tmpdir(tmp_path, monke
     assert not partial_path(target).exists()
 
 
+
+def test_a_runs_checkpoints_are_written_by_the_same_folder_writer(tmp_path, monkeypatch):
+    """``SAECheckpoint.setup`` puts the writer above in place of Lightning's: a fit's step checkpoints and
+    ``last.ckpt`` never touch $TMPDIR. A writer of the user's own (not Lightning's default) is kept."""
+    import tempfile
+
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from tests.systems.helpers import build_data, build_system, build_trainer
+
+    def no_tmp(*a, **kw):
+        raise AssertionError("a temporary file outside the checkpoint's folder")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_tmp)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", no_tmp)
+    system = build_system("topk")
+    trainer = build_trainer(tmp_path, 3, checkpoint_every=3)
+    trainer.fit(system, datamodule=build_data(system, batch_size=4))
+    assert type(trainer.strategy.checkpoint_io) is SameFolderCheckpointIO
+    assert torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+    class Mine(TorchCheckpointIO):
+        pass
+
+    monkeypatch.undo()
+    system = build_system("topk")
+    trainer = build_trainer(tmp_path / "mine", 1, checkpoint_every=1, plugins=[Mine()])
+    trainer.fit(system, datamodule=build_data(system, batch_size=4))
+    assert type(trainer.strategy.checkpoint_io) is Mine
+
 def test_a_failed_save_leaves_the_old_checkpoint_and_no_partial(tmp_path, monkeypatch):
     io = SameFolderCheckpointIO()
     target = tmp_path / "last.ckpt"

@@ -397,9 +397,11 @@ def test_newest_checkpoint_is_the_last_written_readable_one(tmp_path, caplog):
     assert newest_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")
 
 
-def test_evaluation_runs_after_the_steps_checkpoint_and_last_ckpt_are_written(tmp_path):
+@pytest.mark.parametrize(("steps", "saved"), [(7, (3, 6, 7)), (6, (3, 6))])
+def test_evaluation_runs_after_the_steps_checkpoint_and_last_ckpt_are_written(tmp_path, steps, saved):
     """The evaluation (seconds to minutes at GPT-2 scale) is handed each checkpoint only once the step's checkpoint
-    *and* ``last.ckpt`` are on disk: a run killed while it evaluates resumes from this step, not the one before."""
+    *and* ``last.ckpt`` are on disk: a run killed while it evaluates resumes from this step, not the one before. A
+    final step on the cadence is saved (and evaluated) once."""
     import lightning.pytorch as pl
 
     seen = []
@@ -412,13 +414,12 @@ def test_evaluation_runs_after_the_steps_checkpoint_and_last_ckpt_are_written(tm
 
     torch.manual_seed(0)
     system = build_system("topk")
-    trainer = build_trainer(tmp_path, 7, callbacks=[Probe()], checkpoint_every=3)
+    trainer = build_trainer(tmp_path, steps, callbacks=[Probe()], checkpoint_every=3)
     trainer.fit(system, datamodule=build_data(system, batch_size=4))
     # the final step (7, off the cadence) is saved at the end of training, named for the epoch it was trained in
-    assert [name for name, *_ in seen] == [
-        "epoch=0-step=3.ckpt", "last.ckpt", "epoch=0-step=6.ckpt", "last.ckpt", "epoch=0-step=7.ckpt", "last.ckpt"
-    ]
+    assert [name for name, *_ in seen] == [name for s in saved for name in (f"epoch=0-step={s}.ckpt", "last.ckpt")]
     assert all(step == last_step for _, step, last_step in seen), seen
+    assert not list((tmp_path / "ckpts").glob("*.saelens"))  # export_saelens=False (build_trainer): no export
 
 
 @pytest.mark.slow
@@ -623,3 +624,146 @@ def test_a_process_whose_data_iterator_is_left_alive_still_exits(tmp_path):
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "exiting" in done.stdout, done.stderr[-2000:]
+
+
+def test_what_a_kill_left_unfinished_at_a_step_is_found_per_member(tmp_path):
+    """``unfinished_at``: a sweep checkpoint with one member's export missing has its export to redo (not only when
+    all are missing); with ``--checkpoint.export_saelens false`` there is none to redo; the evaluation is to redo when
+    an evaluation callback has not evaluated it; no checkpoint of that step: nothing."""
+    from types import SimpleNamespace
+
+    from gsae.callbacks.checkpoint import unfinished_at
+
+    ckpt = tmp_path / "epoch=0-step=6.ckpt"
+    ckpt.write_bytes(b"")
+    (tmp_path / "epoch=0-step=6.a.saelens").mkdir()
+    done = SimpleNamespace(evaluated=lambda path, members: True)
+    cut = SimpleNamespace(evaluated=lambda path, members: Path(path) != ckpt)
+    assert unfinished_at(tmp_path, 6, ["a", "b"], [done, object()]) == (ckpt, True, False)
+    assert unfinished_at(tmp_path, 6, ["a", "b"], [done], export_saelens=False) == (ckpt, False, False)
+    assert unfinished_at(tmp_path, 6, ["a"], [done, cut]) == (ckpt, False, True)
+    assert unfinished_at(tmp_path, 5, ["a"], [cut]) == (None, False, False)
+
+
+def test_sigterm_handler_forwards_once_and_notes_the_signal(monkeypatch):
+    """``gsae.sigterm.install``'s handler: the first signal is forwarded to the ranks rank 0 launched, a second one is
+    not (they got it already); the evaluation callback's flag is set, and on one process Lightning's own flag, which
+    its loop checks after each batch. It also puts the patient watch over the launched ranks in place."""
+    from types import SimpleNamespace
+
+    from gsae import sigterm
+
+    kills = []
+    connector = SimpleNamespace(received_sigterm=False)
+    trainer = SimpleNamespace(_signal_connector=connector, local_rank=0, world_size=1,
+                              strategy=SimpleNamespace(launcher=SimpleNamespace(kill=kills.append)),
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace()))
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    monkeypatch.setattr(_ChildProcessObserver, "_run", _ChildProcessObserver._run)  # put back after the test
+    monkeypatch.delattr(_ChildProcessObserver, "_gsae_patient", raising=False)  # as in a fresh process
+    sigterm.install(trainer)
+    assert _ChildProcessObserver._gsae_patient  # Lightning's watch over the ranks is the patient one
+    assert not connector.received_sigterm and not getattr(connector, "gsae_noted", False)
+    connector._sigterm_notifier_fn(15, None)
+    assert kills == [15] and connector.gsae_noted and connector.received_sigterm
+    connector._sigterm_notifier_fn(15, None)
+    assert kills == [15]  # forwarded once
+
+
+def test_data_workers_leave_sigterm_and_ctrl_c_to_the_main_process():
+    """``quiet_worker``: a data-loading worker ignores SIGINT and SIGTERM; a ``ddp_fork`` rank's workers keep SIGTERM."""
+    import signal
+
+    from gsae.sigterm import quiet_worker
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        quiet_worker(0, keep_sigterm=True)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        quiet_worker(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def _agree_on_rank(rank: int, port: int, answers) -> None:
+    """One of two gloo ranks: the start-of-batch exchange (``gsae.sigterm.install``'s) before and after rank 1 alone
+    notes a SIGTERM."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from gsae import sigterm
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    connector = SimpleNamespace(received_sigterm=False)
+    trainer = SimpleNamespace(_signal_connector=connector, local_rank=rank, world_size=2,
+                              strategy=SimpleNamespace(launcher=None, root_device=torch.device("cpu")),
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace()))
+    sigterm.install(trainer)
+    said = []
+    for signalled in (False, True):
+        if signalled and rank == 1:
+            connector._sigterm_notifier_fn(15, None)
+            said.append(connector.received_sigterm)  # noted only: the rank does not stop alone at its batch's end
+        try:
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor()
+            said.append("go on")
+        except SIGTERMException:
+            said.append("stop")
+    said.append(connector.received_sigterm)
+    dist.destroy_process_group()
+    answers.put((rank, said))
+
+
+def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_batch():
+    """Under DDP the exchange at the start of each batch takes any rank's noted signal (an all-reduce of the flags,
+    not rank 0's alone): with no signal both go on; after rank 1 alone got one, both stop there."""
+    import multiprocessing
+
+    from tests.systems.launch import free_port
+
+    ctx = multiprocessing.get_context("fork")
+    answers, port = ctx.Queue(), free_port()
+    ranks = [ctx.Process(target=_agree_on_rank, args=(r, port, answers)) for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    try:
+        got = dict(answers.get(timeout=120) for _ in ranks)
+    finally:
+        for p in ranks:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert got == {0: ["go on", "stop", True], 1: ["go on", False, "stop", True]}
+
+
+def test_a_sigterm_at_a_step_just_saved_leaves_its_last_ckpt_alone(tmp_path):
+    """SIGTERM at a step whose checkpoint, ``last.ckpt`` link and evaluation are all written already (the signal
+    noted during that step's evaluation): nothing to save, and ``last.ckpt``'s evaluation JSON stays (saving again
+    relinked ``last.ckpt`` and removed it)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from gsae.callbacks.checkpoint import SAECheckpoint
+
+    step = tmp_path / "epoch=0-step=5.ckpt"
+    step.write_bytes(b"step 5")
+    (tmp_path / "epoch=0-step=5.saelens").mkdir()
+    (tmp_path / "last.ckpt").symlink_to(step.name)
+    (tmp_path / "last.saelens").symlink_to("epoch=0-step=5.saelens")
+    (tmp_path / "last.ckpt.eval.json").write_text('{"step": 5}')
+    cb = SAECheckpoint(dirpath=str(tmp_path), every_n_train_steps=5)
+    cb._last_global_step_saved, cb._step_checkpoint = 5, (5, str(step))
+    trainer = SimpleNamespace(global_step=5, current_epoch=0, callback_metrics={}, is_global_zero=True,
+                              lightning_module=SimpleNamespace(saes=lambda: {"": None}),
+                              strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))
+    cb.on_exception(trainer, None, SIGTERMException())
+    assert (tmp_path / "last.ckpt.eval.json").read_text() == '{"step": 5}'
+    assert os.readlink(tmp_path / "last.ckpt") == step.name and cb._to_announce == []

@@ -59,7 +59,7 @@ def test_an_explicit_logger_save_dir_is_kept(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_resume_from_a_moved_or_respelled_folder_updates_last_ckpt(tmp_path, monkeypatch):
+def test_a_resume_from_a_moved_or_respelled_folder_updates_last_ckpt(tmp_path, monkeypatch, capsys, recwarn):
     """The run folder given relatively, then absolutely; then the folder copied elsewhere and resumed there: each
     resume writes ``last.ckpt`` again (no ``last-v1.ckpt`` beside a stale one) and ``--ckpt_path last`` goes on from
     the latest step."""
@@ -81,8 +81,13 @@ def test_a_resume_from_a_moved_or_respelled_folder_updates_last_ckpt(tmp_path, m
     assert sorted(p.name for p in ckpts.glob("last*")) == ["last.ckpt", "last.saelens"]
     assert step_of(ckpts / "last.ckpt") == 4
     shutil.copytree(tmp_path / "runs", tmp_path / "moved")
+    capsys.readouterr()
+    recwarn.clear()
     assert main([*args, "--trainer.default_root_dir", "moved", "--trainer.max_steps", "6", "--ckpt_path", "last"]) == 0
     moved = tmp_path / "moved" / "quickstart-topk" / "checkpoints"
+    # the saved paths are taken as this folder's: Lightning's "won't be reloaded" warning has nothing to say
+    assert "dirpath has changed" not in capsys.readouterr().err
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
     assert sorted(p.name for p in moved.glob("last*")) == ["last.ckpt", "last.saelens"]
     assert step_of(moved / "last.ckpt") == 6 and step_of(ckpts / "last.ckpt") == 4  # the original untouched
     assert sorted(p.name for p in moved.glob("*.ckpt")) == [f"epoch=0-step={s}.ckpt" for s in (2, 4, 6)] + ["last.ckpt"]
@@ -134,12 +139,14 @@ def test_last_ckpt_links_the_newest_step_checkpoint(tmp_path, monkeypatch, caplo
     assert not (ckpts / "last.ckpt.eval.json").exists()  # the old state's JSON went with the old link
     assert [c.name for c, _ in _run_folder(ckpts)] == [f"epoch=0-step={s}.ckpt" for s in (2, 4, 6)]  # 4 written again
 
-    # save_last true: written whole, the link replaced by a file
+    # save_last true: written whole, the link replaced by a file; the JSON of the state last.ckpt held goes with it
+    (ckpts / "last.ckpt.eval.json").write_text('{"step": 6}')
     assert main([*args[:-1], "moved", "--trainer.max_steps", "8", "--ckpt_path", "last", "--evaluation.enabled",
                  "false", "--checkpoint.save_last", "true"]) == 0
     assert not (ckpts / "last.ckpt").is_symlink() and not (ckpts / "last.saelens").is_symlink()
     assert step_of(ckpts / "last.ckpt") == 8 and (ckpts / "last.saelens" / "cfg.json").is_file()
     assert (ckpts / "epoch=0-step=6.saelens" / "cfg.json").is_file()  # the export the link pointed at is kept
+    assert not (ckpts / "last.ckpt.eval.json").exists()  # evaluation off: no JSON of step 8, and none of step 6 left
 
     # a filesystem without symbolic links: a warning, then last.ckpt written whole
     def no_links(*a, **k):
@@ -192,6 +199,67 @@ def test_the_first_checkpoint_warns_when_the_rest_will_not_fit(tmp_path, monkeyp
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoints: ")]
     assert len(said) == 1 and "the run will stop on a full disk at the checkpoint of step 6" in said[0], said
 
+
+@pytest.mark.parametrize(("save_top_k", "save_last", "free", "said"), [
+    (-1, "link", 4499, "the 3 still to come (to step 10)"),  # steps 6, 9 and the final 10: room for 2
+    (-1, "link", 4500, None),
+    (2, True, 5999, "the 2 still to come (to step 10)"),  # 2 kept, 1 on disk (last.ckpt, a copy, not counted): 2 more
+    (2, True, 6000, None),  # ... each with its whole last.ckpt copy: 2 * 2 * 1500 bytes
+])
+def test_the_room_check_counts_the_checkpoints_still_to_come_by_hand(tmp_path, monkeypatch, caplog, save_top_k, save_last,
+                                                                     free, said):
+    """``_check_room`` at step 3 of 10, every 3 steps, measured by a 1000-byte checkpoint with a 500-byte export: the
+    final step off the cadence is one more checkpoint; with ``save_top_k`` the ones still to come are those kept
+    beyond the step checkpoints on disk (a whole ``last.ckpt`` is not one of them) plus the next, written before the
+    oldest goes; a whole ``last.ckpt`` doubles each."""
+    import logging
+    import shutil
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    from gsae.callbacks.checkpoint import SAECheckpoint
+
+    ckpt = tmp_path / "epoch=0-step=3.ckpt"
+    ckpt.write_bytes(b"x" * 1000)
+    (tmp_path / "epoch=0-step=3.saelens").mkdir()
+    (tmp_path / "epoch=0-step=3.saelens" / "sae_weights.safetensors").write_bytes(b"x" * 500)
+    if save_last is True:
+        (tmp_path / "last.ckpt").write_bytes(b"x" * 1000)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: namedtuple("usage", "total used free")(2**40, 0, free))
+    cb = SAECheckpoint(dirpath=str(tmp_path), every_n_train_steps=3, save_top_k=save_top_k, save_last=save_last)
+    trainer = SimpleNamespace(max_steps=10, global_step=3, is_global_zero=True,
+                              lightning_module=SimpleNamespace(saes=lambda: {"": None}))
+    with caplog.at_level(logging.WARNING, logger="gsae.callbacks.checkpoint"):
+        cb._check_room(trainer, str(ckpt))
+        cb._check_room(trainer, str(ckpt))  # once per run
+    warned = [r.getMessage() for r in caplog.records]
+    if said is None:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and said in warned[0], warned
+        stops = 10 if save_top_k < 0 else 9  # room for 2 (6, 9) / for 1 with its copy (6): the next one fails
+        assert f"at the checkpoint of step {stops}." in warned[0], warned
+
+
+
+def test_a_whole_last_ckpt_is_not_measured_for_the_room_check(tmp_path, monkeypatch, caplog):
+    """The room check measures step checkpoints only: ``last.ckpt`` written whole at a step with no step checkpoint
+    (a SIGTERM's save, as the run stops) says nothing about the checkpoints to come."""
+    import logging
+    import shutil
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    from gsae.callbacks.checkpoint import SAECheckpoint
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: namedtuple("usage", "total used free")(2**40, 0, 10))
+    cb = SAECheckpoint(dirpath=str(tmp_path), every_n_train_steps=3, export_saelens=False)
+    trainer = SimpleNamespace(max_steps=10, global_step=4, is_global_zero=True, loggers=[],
+                              save_checkpoint=lambda path, weights_only=False: Path(path).write_bytes(b"x" * 1000))
+    cb._saving_last = True  # as Lightning's _save_last_checkpoint calls it
+    with caplog.at_level(logging.WARNING, logger="gsae.callbacks.checkpoint"):
+        cb._save_checkpoint(trainer, str(tmp_path / "last.ckpt"))
+    assert (tmp_path / "last.ckpt").stat().st_size == 1000 and not caplog.records
 
 def test_retraining_from_an_earlier_step_sets_the_later_checkpoints_aside(tmp_path, monkeypatch, caplog):
     """A resume from an earlier checkpoint with another checkpoint interval: the abandoned continuation's later
@@ -357,6 +425,42 @@ def test_setting_aside_moves_only_checkpoints_past_the_resumed_step(tmp_path):
     assert set_aside_later_checkpoints(folder, 4, folder / "epoch=0-step=4.ckpt") is None  # nothing later now
 
 
+def test_setting_aside_again_at_one_step_links_and_unreadable_files(tmp_path):
+    """Each roll-back to one step gets its own folder (``-2``, ``-3``: the second roll-back's files never land in the
+    first's); what links to a moved checkpoint goes (``latest.saelens`` too, dangling once its export moved), a link to
+    a kept one stays; an unreadable ``.ckpt`` is left where it is; a checkpoint name with glob characters takes its
+    JSON along."""
+    import torch
+
+    from gsae.callbacks.checkpoint import set_aside_later_checkpoints
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name, step in (("epoch=0-step=2.ckpt", 2), ("epoch=0-step=4.ckpt", 4)):
+        torch.save({"global_step": step, "gsae": {}}, folder / name)
+    (folder / "broken.ckpt").write_bytes(b"cut short")  # unreadable: neither moved nor an error
+    (folder / "previous.ckpt").symlink_to("epoch=0-step=2.ckpt")  # a link to a kept checkpoint stays
+    dests = []
+    for n in range(3):  # three abandoned continuations after step 4
+        torch.save({"global_step": 6, "gsae": {}}, folder / "run[a]-step=6.ckpt")
+        (folder / "run[a]-step=6.ckpt.eval.json").write_text(str(n))
+        (folder / "run[a]-step=6.saelens").mkdir()
+        (folder / "latest.ckpt").symlink_to("run[a]-step=6.ckpt")
+        (folder / "latest.saelens").symlink_to("run[a]-step=6.saelens")
+        (folder / "latest.ckpt.eval.json").symlink_to("run[a]-step=6.ckpt.eval.json")
+        dest, moved = set_aside_later_checkpoints(folder, 4, folder / "epoch=0-step=4.ckpt")
+        assert moved == ["run[a]-step=6.ckpt"]
+        dests.append(dest.name)
+        assert sorted(p.name for p in folder.iterdir()) == ["broken.ckpt", "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt",
+                                                          "previous.ckpt"]
+        assert os.readlink(folder / "previous.ckpt") == "epoch=0-step=2.ckpt"
+        assert sorted(p.name for p in dest.iterdir()) == ["run[a]-step=6.ckpt", "run[a]-step=6.ckpt.eval.json",
+                                                          "run[a]-step=6.saelens"]
+        assert (dest / "run[a]-step=6.ckpt.eval.json").read_text() == str(n)  # this continuation's, not an earlier one's
+    assert dests == ["checkpoints.superseded-after-step4", "checkpoints.superseded-after-step4-2",
+                     "checkpoints.superseded-after-step4-3"]
+
+
 def test_a_new_start_beside_an_earlier_start_without_checkpoints_says_so(tmp_path, monkeypatch, caplog):
     """A run stopped before its first checkpoint (Ctrl+C) leaves its curves in version_0; the command the summary
     suggests starts over beside them in version_1, which TensorBoard draws over them: one line says so and what to
@@ -388,8 +492,51 @@ def test_a_resume_lowering_save_top_k_keeps_the_newest_after_one_new_checkpoint(
     ckpts = tmp_path / "quickstart-topk" / "checkpoints"
     steps = lambda: sorted(int(p.name.split("step=")[1][:-5]) for p in ckpts.glob("epoch=*.ckpt"))  # noqa: E731
     assert main(quickstart_args(tmp_path, *off, steps=20)) == 0
+    (ckpts / ".epoch=0-step=23.ckpt.partial").write_bytes(b"cut short")  # what a killed save leaves
+    (ckpts / ".epoch=0-step=23.saelens.partial").mkdir()
     assert main(quickstart_args(tmp_path, *off, "--checkpoint.save_top_k", "2", "--ckpt_path", "last", steps=25)) == 0
     assert steps() == [20, 25]
+    assert not list(ckpts.glob(".*"))  # the resume's setup removed the partial files
+
+
+def test_a_resume_counts_the_folders_step_checkpoints_newest_first(tmp_path):
+    """``_keep_newest`` (a resume with ``save_top_k`` 2): the step checkpoints on disk, by the step each holds (not
+    its name), the newest two kept and the rest the surplus, newest first; a whole ``last.ckpt`` (a copy of step 20),
+    a link and an unreadable file are none of them."""
+    import torch
+
+    from gsae.callbacks.checkpoint import SAECheckpoint
+
+    for name, step in (("a.ckpt", 15), ("b.ckpt", 5), ("c.ckpt", 20), ("d.ckpt", 10), ("last.ckpt", 20)):
+        torch.save({"global_step": step, "gsae": {}}, tmp_path / name)
+    (tmp_path / "newest.ckpt").symlink_to("c.ckpt")
+    (tmp_path / "broken.ckpt").write_bytes(b"cut short")
+    cb = SAECheckpoint(dirpath=str(tmp_path), every_n_train_steps=5, save_top_k=2)
+    cb._keep_newest()
+    assert {Path(p).name: float(v) for p, v in cb.best_k_models.items()} == {"c.ckpt": 20.0, "a.ckpt": 15.0}
+    assert [Path(p).name for p in cb._surplus] == ["d.ckpt", "b.ckpt"]
+    assert Path(cb.best_model_path).name == "c.ckpt" and Path(cb.kth_best_model_path).name == "a.ckpt"
+    assert float(cb.kth_value) == 15.0
+    cb = SAECheckpoint(dirpath=str(tmp_path), every_n_train_steps=5, save_top_k=5)  # room for all: no k-th yet
+    cb._keep_newest()
+    assert len(cb.best_k_models) == 4 and cb._surplus == [] and cb.kth_best_model_path == ""
+
+
+def test_the_checkpoint_folder_is_the_given_one_else_under_the_run_name(tmp_path):
+    """``checkpoint_folder``: ``--checkpoint.dirpath`` if given, else ``<default_root_dir>/<logger name>/checkpoints``,
+    ``run`` standing for a logger without a name or no logger."""
+    from types import SimpleNamespace
+
+    from gsae.callbacks.checkpoint import SAECheckpoint, checkpoint_folder
+
+    def trainer(logger):
+        return SimpleNamespace(logger=logger, default_root_dir=str(tmp_path))
+
+    named = SimpleNamespace(name="quickstart-topk")
+    assert checkpoint_folder(trainer(named), SAECheckpoint()) == tmp_path / "quickstart-topk" / "checkpoints"
+    assert checkpoint_folder(trainer(None), SAECheckpoint()) == tmp_path / "run" / "checkpoints"
+    assert checkpoint_folder(trainer(SimpleNamespace(name="")), SAECheckpoint()) == tmp_path / "run" / "checkpoints"
+    assert checkpoint_folder(trainer(named), SAECheckpoint(dirpath=str(tmp_path / "mine"))) == tmp_path / "mine"
 
 
 def test_a_resume_from_the_newest_step_s_own_checkpoint_rolls_nothing_back(tmp_path):
