@@ -216,6 +216,11 @@ def test_cli_resume_last_continues_the_run(tmp_path, capsys, recwarn):
     assert state["TokenDataModule"]["consumed_batches"] == 10  # the stream position travels in the checkpoint
     assert state["gsae"]["tokens_seen"] > 0 and state["gsae"]["hook"] == "blocks.2.hook_resid_post"
     assert not any(k.startswith(("lm.", "model.")) for k in state["state_dict"])  # never the LM's weights
+    # resumed again (a finished resumed run): Lightning opens epoch 2; the step checkpoints saved in its hooks (12) and
+    # the final one (14) are still named by the stream's epoch 0
+    assert main(quickstart_args(tmp_path, "--ckpt_path", "last", "--evaluation.enabled", "false",
+                                "--checkpoint.every_n_train_steps", "2", steps=14)) == 0
+    assert sorted(p.name for p in ckpts.glob("epoch=*.ckpt")) == [f"epoch=0-step={s}.ckpt" for s in (10, 12, 14, 6)]
 
 
 def test_a_resume_continues_the_tensorboard_run_without_the_steps_it_redoes(tmp_path, capsys, caplog):
