@@ -371,6 +371,10 @@ def test_checkpoint_of_another_kind_of_run_is_one_line() -> None:
     config = {**system.sae.config(), "k": 7, "beta": 1.0}  # keys on either side are compared
     with pytest.raises(ValueError, match=r"'k': \(7, 4\).*'beta': \(1.0, None\)|'beta': \(1.0, None\).*'k': \(7, 4\)"):
         system.on_load_checkpoint({"gsae": {"sae_config": config, "hook": system.hook}})
+    # the same SAE read at another hook
+    with pytest.raises(ValueError, match=r"^--ckpt_path: checkpoint hook 'blocks.0.hook_resid_post' differs from "
+                                         r"--model.hook 'blocks.1.hook_resid_pre'$"):
+        system.on_load_checkpoint({"gsae": {"sae_config": system.sae.config(), "hook": "blocks.0.hook_resid_post"}})
 
 
 def test_checkpoint_of_another_lm_is_one_line() -> None:
@@ -393,6 +397,14 @@ def test_checkpoint_of_another_lm_is_one_line() -> None:
         for key, value in {"dtype": "bfloat16", "fold_ln": False, "center_unembed": False, **accepted[lm_name]}.items():
             system.on_load_checkpoint({"gsae": {**meta, "lm": {**meta["lm"], key: value}}})
         system.on_load_checkpoint({"gsae": {k: v for k, v in meta.items() if k != "lm"}})  # older checkpoints: no 'lm'
+    # checkpoints from before fold_value_biases was recorded were TransformerLens' default, True
+    system = build_system("topk", lm_name="gsae-tiny")
+    assert system.lm.describe()["fold_value_biases"] is True
+    older = {"sae_config": system.sae.config(), "hook": system.hook,
+             "lm": {k: v for k, v in system.lm.describe().items() if k != "fold_value_biases"}}
+    system.on_load_checkpoint({"gsae": older})
+    with pytest.raises(ValueError, match=r"another LM .*'fold_value_biases': \(False, True\)"):
+        system.on_load_checkpoint({"gsae": {**older, "lm": {**older["lm"], "fold_value_biases": False}}})
     # another LM of another width: said as such, not as an SAE whose d_in differs
     system = build_system("topk", lm_name="random-tiny")
     wider = {"sae_config": {**system.sae.config(), "d_in": 128}, "hook": system.hook,
@@ -505,7 +517,7 @@ def test_abbreviated_options_are_refused(run_cli, args) -> None:
     assert code == 2 and err.startswith(f"error: {args[0]}: ") and "option" in err, err
 
 
-def test_a_warm_up_as_long_as_the_run_is_said(run_cli, caplog) -> None:
+def test_a_warm_up_as_long_as_the_run_is_said(run_cli, caplog, tmp_path) -> None:
     """``--model.lr_warmup_steps`` > the run's steps: the learning rate never reaches its peak (said once, run goes on)."""
     with caplog.at_level("WARNING"):
         code, _ = run_cli("--model.init_args.lr_warmup_steps", "8", "--evaluation.enabled", "false")
@@ -513,6 +525,11 @@ def test_a_warm_up_as_long_as_the_run_is_said(run_cli, caplog) -> None:
     said = [r.getMessage() for r in caplog.records if "lr_warmup_steps" in r.getMessage()]
     assert said == ["--model.lr_warmup_steps 8 > the run's 2 steps: the learning rate never reaches its peak "
                     "(at most 0.25 of it)"], said
+    caplog.clear()  # a warm-up exactly as long as the run reaches the peak at its last step: nothing to say
+    with caplog.at_level("WARNING"):
+        code, _ = run_cli("--model.init_args.lr_warmup_steps", "2", "--evaluation.enabled", "false",
+                          "--trainer.default_root_dir", str(tmp_path / "equal"))
+    assert code == 0 and not [r for r in caplog.records if "lr_warmup_steps" in r.getMessage()]
 
 
 @pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
@@ -707,3 +724,38 @@ def test_checkpoint_options_out_of_range_are_refused_in_one_line() -> None:
     for path in ("a/b", "", ".", ".."):
         with pytest.raises(ValueError, match="a file name, not a path"):
             SAECheckpoint(filename=path)
+
+
+def test_optimizer_group_options_and_schedule_options_torch_takes_unchecked_are_one_line() -> None:
+    """``check_optimizer_groups`` refuses what torch's optimizers take unchecked in a param group (a sweep member's
+    options are groups), at the bounds' edges: lr 0, a beta of exactly 1, negative eps or weight_decay; a one-SAE
+    system refuses a negative warm-up and a floor outside [0, 1], and takes their edges."""
+    from gsae.lm import LanguageModel
+    from gsae.optim import Adam
+    from gsae.sae import TopKSAE
+    from gsae.systems import LocalSAESystem
+    from gsae.systems.base import check_optimizer_groups
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    bad = {"lr": (0.0, r"\[1\].lr must be > 0 \(got 0.0\)"),
+           "betas": ((0.9, 1.0), r"\[1\].betas must be two numbers in \[0, 1\) \(got \[0.9, 1.0\]\)"),
+           "eps": (-1e-8, r"\[1\].eps must be >= 0"), "weight_decay": (-0.1, r"\[1\].weight_decay must be >= 0")}
+    for key, (value, message) in bad.items():
+        opt = Adam([{"params": [p]}, {"params": [torch.nn.Parameter(torch.zeros(2))], key: value}], lr=1e-3)
+        with pytest.raises(ValueError, match=message):
+            check_optimizer_groups(opt, ["--model.members[0]", "--model.members[1]"])
+    edges = Adam([{"params": [p], "betas": (0.0, 0.0), "eps": 0.0, "weight_decay": 0.0, "lr": 1e-9}], lr=1e-3)
+    check_optimizer_groups(edges, ["--model.optimizer"])
+
+    lm = LanguageModel("random-tiny", seed=0)
+
+    def build(**kw):
+        return LocalSAESystem(lm, lambda d: TopKSAE(d, 64, 4), hook="blocks.0.hook_resid_post", **kw)
+
+    with pytest.raises(ValueError, match=r"--model.lr_warmup_steps must be >= 0 \(got -1\)"):
+        build(lr_warmup_steps=-1)
+    for ratio in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"--model.lr_min_ratio must be in \[0, 1\] \(got {ratio}\)"):
+            build(lr_min_ratio=ratio)
+    build(lr_warmup_steps=0, lr_min_ratio=0.0)
+    build(lr_min_ratio=1.0)

@@ -200,3 +200,55 @@ def test_tokens_per_s_counts_training_time_only(tmp_path):
     after = [slow.rates[s] for s in (5, 7, 9)]  # the steps after a checkpoint (4, 8) or a validation (6)
     others = [r for s, r in slow.rates.items() if s not in (1, 5, 7, 9)]
     assert len(others) >= 6 and min(after) > 0.3 * float(np.median(others)), (after, others)
+
+
+def test_validation_metrics_are_plotted_at_the_step_just_done_and_not_for_the_sanity_check(tmp_path):
+    """A validation's metrics go to the loggers at the optimizer step it follows (``global_step``: 3 and 6 for a
+    validation every 3 batches), where that step's training metrics are, and the sanity check before training plots
+    nothing."""
+    from gsae.loggers import TensorBoardLogger
+
+    torch.manual_seed(0)
+    system = build_system("topk", buffer_size=128)
+    trainer = build_trainer(tmp_path, STEPS, logger=[TensorBoardLogger(str(tmp_path), name="tb")], log_every_n_steps=3,
+                            val_check_interval=3, limit_val_batches=1, num_sanity_val_steps=1)
+    trainer.fit(system, datamodule=build_data(system))
+    tb = _events(tmp_path / "tb" / "version_0")
+    assert list(tb["train/loss"]) == [3, 6]
+    val = {tag: list(steps) for tag, steps in tb.items() if tag.startswith("val/")}
+    assert {"val/nmse", "val/recon_loss"} <= set(val) and all(steps == [3, 6] for steps in val.values()), val
+
+
+def test_tokens_per_s_is_the_tokens_since_the_previous_logging_step_over_the_time_since(monkeypatch):
+    """``train/tokens_per_s`` = (tokens now − tokens at the previous call) / (seconds between them), by hand with a
+    fixed clock: not all tokens seen so far over the last interval."""
+    system = build_system("topk")
+    clock = iter([10.0, 12.0, 16.0])
+    monkeypatch.setattr(base.time, "perf_counter", lambda: next(clock))
+    system.tokens_seen.fill_(100)
+    assert system.progress_metrics() == {"train/tokens_seen": 100.0}  # no previous call: no rate yet
+    system.tokens_seen.fill_(300)
+    assert system.progress_metrics() == {"train/tokens_seen": 300.0, "train/tokens_per_s": 100.0}
+    system.tokens_seen.fill_(340)
+    assert system.progress_metrics()["train/tokens_per_s"] == 10.0
+
+
+def test_auxk_loss_is_logged_as_the_part_of_the_loss_that_is_not_the_reconstruction(tmp_path):
+    """``train/aux_loss`` is logged for an SAE with AuxK: once latents are dead (``dead_tokens`` 1), ``train/loss`` =
+    ``train/recon_loss`` + ``train/aux_loss`` > 0; an SAE without it (``k_aux`` 0) logs none."""
+    from gsae.sae import TopKSAE
+    from gsae.systems import LocalSAESystem
+
+    for k_aux in (8, 0):
+        torch.manual_seed(0)
+        system = LocalSAESystem(LanguageModel("random-tiny", seed=0), lambda d, a=k_aux: TopKSAE(d, 64, 4, k_aux=a),
+                                hook=HOOK, optimizer=lambda p: Adam(p, lr=1e-2), dead_tokens=1)
+        trainer = build_trainer(tmp_path / str(k_aux), 3, log_every_n_steps=1)
+        trainer.fit(system, datamodule=build_data(system))
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        assert m["train/dead_fraction_tokens"] > 0
+        if k_aux:
+            assert m["train/aux_loss"] > 0
+            assert m["train/aux_loss"] == pytest.approx(m["train/loss"] - m["train/recon_loss"], rel=1e-4)
+        else:
+            assert "train/aux_loss" not in m

@@ -516,3 +516,71 @@ def test_validation_batches_bypass_the_shuffle_buffer():
     assert system.buffer.fill == 0
     system.objective(batch, "train")
     assert system.buffer.fill > 0  # a training batch does go through it
+
+
+def test_the_shuffle_buffer_mixes_with_the_runs_seed_and_each_rank_its_own_stream(monkeypatch):
+    """``--model.seed`` seeds the shuffle buffer's mixing when a fit starts (``setup``): the same seed and rank mix the
+    same training rows alike, another seed or another rank differently."""
+    from gsae.data.batch import ActivationBatch
+
+    def mixed(seed: int, rank: int = 0) -> torch.Tensor:
+        monkeypatch.setattr(LocalSAESystem, "global_rank", property(lambda self: rank))
+        system = build_system("topk", buffer_size=8, seed=seed)
+        system.setup("fit")
+        rows = torch.arange(12 * 3, dtype=torch.float32).reshape(12, 3)
+        return system.buffer.mix(ActivationBatch(rows, None)).x
+
+    base = mixed(7)
+    assert torch.equal(base, mixed(7))
+    assert not torch.equal(base, mixed(8))
+    assert not torch.equal(base, mixed(7, rank=1))
+    assert not torch.equal(mixed(0), base)
+
+
+def test_validation_recon_loss_is_the_token_weighted_mean_over_its_batches_and_starts_afresh():
+    """``val/recon_loss`` over batches that keep different numbers of rows (BOS planted mid-sequence) is
+    ``Σ‖x − x̂‖² / (Σ N · scale)`` over all of them, by hand from the LM's activations, not a mean of the batches'
+    means; the next validation sums its own batches only."""
+    system = build_system("topk")
+    system.initialized.fill_(True)
+    system.act_scale.fill_(3.0)
+    bos = system.lm.special_token_ids[0]
+    a, b = _batch(system), _batch(system, seed=1)
+    b.tokens[:, 3:9] = bos  # b keeps far fewer rows than a
+    sse, rows = [], []
+    with torch.no_grad():
+        for batch in (a, b):
+            x = system.lm.activations(batch.tokens, HOOK)[batch.tokens != bos].float()
+            sse.append(float(((x - system.sae(x).x_hat) ** 2).sum()))
+            rows.append(x.shape[0])
+    assert rows[0] > rows[1] + 20
+    system.on_validation_epoch_start()
+    for batch in (a, b):
+        system.validation_step(batch, 0)
+    got = float(system.reduced_val_extras()["recon_loss"])
+    assert got == pytest.approx(sum(sse) / sum(rows) / 3.0, rel=1e-5)
+    system.on_validation_epoch_start()  # the next validation: b alone
+    system.validation_step(b, 0)
+    assert float(system.reduced_val_extras()["recon_loss"]) == pytest.approx(sse[1] / rows[1] / 3.0, rel=1e-5)
+
+
+def test_the_decoder_gradient_is_made_tangent_to_its_unit_rows_after_backward():
+    """With ``unit_norm_decoder`` (default), the system's backward hook removes each decoder row's gradient component
+    along the row (Gao et al. App. A.4): ``g − (g·w) w`` by hand for unit rows, so the step moves along the sphere;
+    ``unit_norm_decoder: false`` leaves the gradient as autograd gave it."""
+    from gsae.sae import TopKSAE
+
+    for unit in (True, False):
+        torch.manual_seed(0)
+        system = LocalSAESystem(LanguageModel("random-tiny", seed=0), lambda d, u=unit: TopKSAE(d, 64, 4, unit_norm_decoder=u),
+                                hook=HOOK)
+        system.initialized.fill_(True)
+        system.objective(_batch(system), "train")[0].backward()
+        w, raw = system.sae.W_dec.detach().clone(), system.sae.W_dec.grad.clone()
+        assert raw.abs().max() > 0
+        system.on_after_backward()
+        want = raw - (raw * w).sum(-1, keepdim=True) * w if unit else raw
+        torch.testing.assert_close(system.sae.W_dec.grad, want, atol=1e-7, rtol=1e-5)
+        if unit:
+            torch.testing.assert_close(w.norm(dim=1), torch.ones(64), atol=1e-5, rtol=0)
+            assert (raw * w).sum(-1).abs().max() > 1e-3 * raw.abs().max()  # there was a parallel part to remove

@@ -132,12 +132,14 @@ def test_resume_on_another_world_size_deals_every_buffered_row_out_once(tmp_path
     ]}
     for world in (1, 3, 4):
         monkeypatch.setattr(type(system), "_world", lambda self, w=world: w)
-        shares = []
+        shares, gens = [], []
         for rank in range(world):
             monkeypatch.setattr(type(system), "global_rank", property(lambda self, r=rank: r))
             own = system._own_buffer_state(saved)
             assert torch.equal(own["grad"], -own["x"])  # rows and gradients stay together
             shares.append(own["x"])
+            gens.append(tuple(own["gen"].tolist()))
+        assert len(set(gens)) == world  # each rank mixes its share with a generator of its own
         rows = sorted(tuple(r.tolist()) for r in torch.cat(shares))
         assert rows == sorted(tuple(r.tolist()) for r in x), world  # every row once
         assert max(len(t) for t in shares) - min(len(t) for t in shares) <= 1
@@ -149,6 +151,11 @@ def test_resume_on_another_world_size_deals_every_buffered_row_out_once(tmp_path
     assert system.buffer.fill == 14 and system.buffer.capacity == 8  # 2 ranks' rows; the surplus drains (mix)
     assert "holds 14 rows, --model.buffer_size 8" in caplog.text
     assert data["consumed_contexts"] == 5 * 4 * 2  # the saving world's global contexts, not this world's
+    caplog.clear()  # 2 ranks' 4 rows each fill one buffer of 8 exactly: no surplus, nothing to say
+    full = {"world_size": 2, "ranks": [{**r, "x": r["x"][:4], "grad": r["grad"][:4]} for r in saved["ranks"]]}
+    with caplog.at_level("WARNING"):
+        system.restore_run({"gsae": system.describe(), "gsae_buffer": full})
+    assert system.buffer.fill == 8 and "resumed shuffle buffer" not in caplog.text
     empty = {"x": None, "grad": None, "gen": torch.Generator().get_state(), "capacity": 8}
     assert system._own_buffer_state({"world_size": 2, "ranks": [empty, empty]}) is empty  # nothing to deal out
     assert system._own_buffer_state(saved["ranks"][0]) is saved["ranks"][0]  # checkpoints before per-rank buffers
