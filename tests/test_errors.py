@@ -413,7 +413,6 @@ def test_checkpoint_of_another_lm_is_one_line() -> None:
         system.on_load_checkpoint({"gsae": wider})
 
 
-
 def test_e2e_downstream_hook_before_the_sae_hook_is_one_line() -> None:
     from gsae.lm import LanguageModel
     from gsae.sae import TopKSAE

@@ -90,7 +90,6 @@ def test_export_metadata_survives_saelens_loading(tmp_path) -> None:
     assert md["gsae"]["sae_config"] == build_topk(d_in=16).config()
 
 
-
 @pytest.mark.parametrize("prepend_bos", [True, False])
 def test_export_writes_the_runs_prepend_bos_and_context_size(tmp_path, prepend_bos) -> None:
     meta = {**META, "data": {"context_size": 1024, "prepend_bos": prepend_bos, "dataset": "x", "batch_size": 6}}
@@ -106,6 +105,7 @@ def test_export_writes_the_runs_prepend_bos_and_context_size(tmp_path, prepend_b
         warnings.simplefilter("error")
         _, read = load_saelens_folder(tmp_path / "sae")
     assert (read["dataset"], read["batch_size"], read["context_size"]) == ("x", 6, 1024)
+
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")

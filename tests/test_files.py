@@ -29,7 +29,6 @@ def test_checkpoints_are_written_beside_the_target_not_in_tmpdir(tmp_path, monke
     assert not partial_path(target).exists()
 
 
-
 def test_a_runs_checkpoints_are_written_by_the_same_folder_writer(tmp_path, monkeypatch):
     """``SAECheckpoint.setup`` puts the writer above in place of Lightning's: a fit's step checkpoints and
     ``last.ckpt`` never touch $TMPDIR. A writer of the user's own (not Lightning's default) is kept."""
@@ -58,6 +57,7 @@ def test_a_runs_checkpoints_are_written_by_the_same_folder_writer(tmp_path, monk
     trainer = build_trainer(tmp_path / "mine", 1, checkpoint_every=1, plugins=[Mine()])
     trainer.fit(system, datamodule=build_data(system, batch_size=4))
     assert type(trainer.strategy.checkpoint_io) is Mine
+
 
 def test_a_failed_save_leaves_the_old_checkpoint_and_no_partial(tmp_path, monkeypatch):
     io = SameFolderCheckpointIO()

@@ -31,6 +31,7 @@ def decoded(lm, shown: list[str], ids: list[int]) -> bool:
         assert s == text if "\ufffd" not in text else re.fullmatch(r"<0x[89A-F][0-9A-F]>", s), (s, text)
     return True
 
+
 HOOK = "blocks.2.hook_resid_post"
 
 

@@ -531,6 +531,7 @@ def test_sweep_seqs_fits_the_statistics_on_every_context_and_perturbs_the_first(
     assert (res["n_sequences"], res["stats_sequences"], res["n_tokens"]) == (3, 10, alone["n_tokens"])
     # the latents alive: those fired on ANY context (their "alive on the dataset"), against the SAE on the LM's
     # activations; the swept 3 fit in one pool block, so alive-but-silent-there latents come from the other 7 only
+
     def fired(t):
         out = sae(tiny_lm.activations(t, HOOK).reshape(-1, 64))
         return torch.zeros(128, dtype=torch.bool).index_fill_(0, out.top_idx[out.top_acts != 0], True)

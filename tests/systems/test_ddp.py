@@ -189,7 +189,6 @@ def test_a_multi_device_gsae_on_the_default_gradient_count_is_told_what_keeps_be
     system._trainer = None
 
 
-
 class PlantedBatches(pl.LightningDataModule):
     """Fixed contexts with special tokens planted mid-sequence, so that ranks keep different numbers of SAE rows: step
     ``s`` is rows ``4s..4s+3`` (one process) or, under 2 ranks, rows ``4s+r`` and ``4s+r+2`` on rank ``r``."""

@@ -47,7 +47,6 @@ def _max_cos(features: Tensor, w_dec: Tensor) -> Tensor:
     return (features @ w.T).max(dim=1).values  # (n_features,)
 
 
-
 @pytest.mark.slow
 def test_topk_sae_recovers_planted_features(tiny_lm) -> None:
     assert tiny_lm.d_in(HOOK) == D

@@ -241,7 +241,6 @@ def test_the_room_check_counts_the_checkpoints_still_to_come_by_hand(tmp_path, m
         assert f"at the checkpoint of step {stops}." in warned[0], warned
 
 
-
 def test_a_whole_last_ckpt_is_not_measured_for_the_room_check(tmp_path, monkeypatch, caplog):
     """The room check measures step checkpoints only: ``last.ckpt`` written whole at a step with no step checkpoint
     (a SIGTERM's save, as the run stops) says nothing about the checkpoints to come."""
@@ -260,6 +259,7 @@ def test_a_whole_last_ckpt_is_not_measured_for_the_room_check(tmp_path, monkeypa
     with caplog.at_level(logging.WARNING, logger="gsae.callbacks.checkpoint"):
         cb._save_checkpoint(trainer, str(tmp_path / "last.ckpt"))
     assert (tmp_path / "last.ckpt").stat().st_size == 1000 and not caplog.records
+
 
 def test_retraining_from_an_earlier_step_sets_the_later_checkpoints_aside(tmp_path, monkeypatch, caplog):
     """A resume from an earlier checkpoint with another checkpoint interval: the abandoned continuation's later
