@@ -17,6 +17,15 @@ def _tree(folder: Path) -> dict[str, float]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
 
 
+def _disk_free(monkeypatch, free) -> None:
+    """``shutil.disk_usage`` answering ``free`` bytes free: a number, or a function of the folder asked about."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(2**40, 0, free(folder) if callable(free) else free))
+
+
 @pytest.mark.slow
 def test_default_root_dir_holds_the_whole_run(tmp_path, monkeypatch):
     cwd, root = tmp_path / "cwd", tmp_path / "elsewhere" / "run-root"
@@ -166,19 +175,15 @@ def test_the_first_checkpoint_warns_when_the_rest_will_not_fit(tmp_path, monkeyp
     """Measured by the checkpoint just written and its export: with room for 2.5 more, a run with 4 still to come is
     told at step 2 that it will stop at step 8's (once); keeping 2 (``--checkpoint.save_top_k 2``) fits."""
     import logging
-    import shutil
-    from collections import namedtuple
-
-    usage = namedtuple("usage", "total used free")
 
     def room(folder):  # 2.5 checkpoints with their exports
         ckpt = next(Path(folder).glob("epoch=0-step=2.ckpt"), None)
         if ckpt is None:
-            return usage(2**40, 0, 2**40)
+            return 2**40
         size = ckpt.stat().st_size + sum(f.stat().st_size for f in ckpt.with_suffix(".saelens").glob("*"))
-        return usage(2**40, 0, int(2.5 * size))
+        return int(2.5 * size)
 
-    monkeypatch.setattr(shutil, "disk_usage", room)
+    _disk_free(monkeypatch, room)
     args = ["--config", str(REPO_ROOT / "configs" / "quickstart" / "topk.yaml"), "--trainer.enable_progress_bar", "false",
             "--checkpoint.every_n_train_steps", "2", "--trainer.max_steps", "10", "--evaluation.enabled", "false"]
     with caplog.at_level(logging.WARNING, logger="gsae.callbacks.checkpoint"):
@@ -213,8 +218,6 @@ def test_the_room_check_counts_the_checkpoints_still_to_come_by_hand(tmp_path, m
     beyond the step checkpoints on disk (a whole ``last.ckpt`` is not one of them) plus the next, written before the
     oldest goes; a whole ``last.ckpt`` doubles each."""
     import logging
-    import shutil
-    from collections import namedtuple
     from types import SimpleNamespace
 
     from gsae.callbacks.checkpoint import SAECheckpoint
@@ -225,7 +228,7 @@ def test_the_room_check_counts_the_checkpoints_still_to_come_by_hand(tmp_path, m
     (tmp_path / "epoch=0-step=3.saelens" / "sae_weights.safetensors").write_bytes(b"x" * 500)
     if save_last is True:
         (tmp_path / "last.ckpt").write_bytes(b"x" * 1000)
-    monkeypatch.setattr(shutil, "disk_usage", lambda _: namedtuple("usage", "total used free")(2**40, 0, free))
+    _disk_free(monkeypatch, free)
     cb = SAECheckpoint(dirpath=str(tmp_path), every_n_train_steps=3, save_top_k=save_top_k, save_last=save_last)
     trainer = SimpleNamespace(max_steps=10, global_step=3, is_global_zero=True,
                               lightning_module=SimpleNamespace(saes=lambda: {"": None}))
@@ -245,13 +248,11 @@ def test_a_whole_last_ckpt_is_not_measured_for_the_room_check(tmp_path, monkeypa
     """The room check measures step checkpoints only: ``last.ckpt`` written whole at a step with no step checkpoint
     (a SIGTERM's save, as the run stops) says nothing about the checkpoints to come."""
     import logging
-    import shutil
-    from collections import namedtuple
     from types import SimpleNamespace
 
     from gsae.callbacks.checkpoint import SAECheckpoint
 
-    monkeypatch.setattr(shutil, "disk_usage", lambda _: namedtuple("usage", "total used free")(2**40, 0, 10))
+    _disk_free(monkeypatch, 10)
     cb = SAECheckpoint(dirpath=str(tmp_path), every_n_train_steps=3, export_saelens=False)
     trainer = SimpleNamespace(max_steps=10, global_step=4, is_global_zero=True, loggers=[],
                               save_checkpoint=lambda path, weights_only=False: Path(path).write_bytes(b"x" * 1000))
