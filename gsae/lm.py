@@ -127,7 +127,8 @@ class LanguageModel:
     built in-process: ``random-tiny`` (2 layers, d_model 64, byte vocabulary, for tests),
     ``random-small`` (4 layers, d_model 128), ``random-gpt2`` (GPT-2 small's shape, for speed
     measurements) and ``random-gpt2-medium`` / ``-large`` / ``-xl`` (the larger GPT-2s' shapes). Random models use
-    ``seed`` for their weights.
+    ``seed`` for their weights and keep them as drawn: the weight-processing options do not apply to them, and
+    :meth:`describe` reports them off.
     """
 
     def __init__(
@@ -166,10 +167,13 @@ class LanguageModel:
                 compilation (on 2 CPU cores about a minute).
         """
         self.name = name
-        self.fold_ln = fold_ln
-        self.center_writing_weights = center_writing_weights
-        self.center_unembed = center_unembed
-        self.fold_value_biases = fold_value_biases
+        # a random preset's weights are used as drawn (its LayerNorms are the identity, its biases 0): recorded as
+        # unprocessed, so that a checkpoint or export does not claim a processing its activations never had
+        processed = name not in RANDOM_PRESETS
+        self.fold_ln = fold_ln and processed
+        self.center_writing_weights = center_writing_weights and processed
+        self.center_unembed = center_unembed and processed
+        self.fold_value_biases = fold_value_biases and processed
         self.dtype = dtype
         self.seed = seed
         self.fused = fused

@@ -381,7 +381,10 @@ def test_the_options_reach_the_model_and_describe_rebuilds_it(monkeypatch):
     options = dict(name="random-tiny", fold_ln=False, center_writing_weights=False, center_unembed=True,
                    fold_value_biases=False, dtype="bfloat16", seed=3)
     lm = LanguageModel(**options)
-    assert lm.describe() == options
+    assert lm.describe() == {**options, "center_unembed": False}  # a random preset's weights as drawn: none applies
+    assert LanguageModel("random-tiny").describe() == {**options, **dict.fromkeys(flags, False), "dtype": "float32",
+                                                       "seed": 0}
+    assert lm.model.cfg.normalization_type == "LN" and float(lm.logits(t % 257).float().mean(-1).abs().max()) > 1e-3
     cfg = HookedTransformerConfig(**lm_module.GPT2_BLOCK, **RANDOM_PRESETS["random-tiny"], d_head=16, seed=3)
     want = HookedTransformer(cfg).W_E
     assert lm.model.W_E.dtype == torch.bfloat16 and torch.equal(lm.model.W_E, want.bfloat16())

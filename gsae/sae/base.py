@@ -24,7 +24,9 @@ class SAEOutput(NamedTuple):
         top_idx: ``(N, k)`` indices of the active latents — for dense SAEs, ``None``.
         latents: ``(N, d_sae)`` dense latent activations; materialised lazily by :meth:`SparseAutoencoder.densify`
             for TopK SAEs (``None`` in the training path), always set for dense SAEs.
-        pre_acts: ``(N, d_sae)`` encoder pre-activations (detached; used by AuxK and diagnostics).
+        pre_acts: ``(N, d_sae)`` encoder pre-activations (detached; used by AuxK and diagnostics); dense SAEs
+            (:class:`~gsae.sae.relu.ReLUSAE`, the SAELens adapter) give their latents here, as nothing reads a dense
+            SAE's pre-activations and keeping them would cost a second ``(N, d_sae)`` tensor.
         aux_loss: AuxK dead-latent loss (0 when disabled or no latent is dead).
         sparsity_loss: L1 penalty for ReLU SAEs (0 for TopK).
     """

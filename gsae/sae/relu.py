@@ -82,7 +82,8 @@ class ReLUSAE(SparseAutoencoder):
     def forward(
         self, x: Tensor, grad: Tensor | None = None, dead_mask: Tensor | None = None, aux_norm: Tensor | float | None = None
     ) -> SAEOutput:
-        """``(N, d_in) -> SAEOutput`` with dense latents and the L1 sparsity loss (``grad``/``dead_mask`` unused)."""
+        """``(N, d_in) -> SAEOutput`` with dense latents (also as ``pre_acts``: see :class:`SAEOutput`) and the L1
+        sparsity loss (``grad``/``dead_mask`` unused)."""
         c = F.relu(torch.addmm(self.b_enc, x.to(self.W_enc.dtype), self.W_enc))  # (N, d_sae)
         x_hat = self.decode(c)
         sparsity = self.l1_coef * c.sum(-1).mean() / self.d_in  # ‖c‖₁ = Σc for c ≥ 0 (and the same gradient)
