@@ -612,12 +612,7 @@ def evaluate(args: argparse.Namespace) -> Evaluation:
         results = _evaluate_split(args, sources, names, options, benchmark_options, runs, device, saes)
         return Evaluation(results, saes, settings)
     cache: dict = {}
-    # the held-out tokens of SAELens SAEs first (their LM and default dataset are the likeliest to fail, e.g. OpenWebText
-    # offline): a failure then comes before the other PATHs' evaluations, not after minutes of them, with nothing written
-    for src in sources:
-        if src.kind != "ckpt":  # loaded once: kept for its evaluation (its warnings said once)
-            cache["loaded", src.label] = load(src, device, args.model)
-            _lm_and_tokens(src, cache["loaded", src.label][1], args, device, cache, names, options)
+    _load_saelens_first(sources, args, device, cache, names, options)
     # a (run, step) named twice (the same folder given twice): TensorBoard gets the last, as a later call replaces it
     last = {(runs[s.group], s.step): s for s in sources}
     # SAEs on the same LM and tokens (a sweep's members) share the LM passes
@@ -695,6 +690,18 @@ def _settings(args: argparse.Namespace, names: list[str], options: dict, device:
     }, default=str))
 
 
+def _load_saelens_first(sources: list[Source], args: argparse.Namespace, device: str, cache: dict, names,
+                        options) -> None:
+    """Load the SAELens SAEs and read their held-out tokens into ``cache`` before any evaluation: their LM and default
+    dataset are the likeliest to fail (e.g. OpenWebText offline), and a failure then comes before the other PATHs'
+    evaluations, not after minutes of them with nothing written. Each is loaded once (its warnings said once) and
+    kept for its evaluation (:func:`_load_with_lm`)."""
+    for src in sources:
+        if src.kind != "ckpt":
+            cache["loaded", src.label] = load(src, device, args.model)
+            _lm_and_tokens(src, cache["loaded", src.label][1], args, device, cache, names, options)
+
+
 def _evaluate_split(args, sources: list[Source], names: list[str], options: dict, benchmark_options: dict,
                     runs: dict[str, str], device: str, saes_setup: dict[str, dict]) -> dict[str, dict[str, dict]]:
     """:func:`evaluate` under torchrun: each checkpoint's (or SAELens SAE's) evaluation split between the ranks as
@@ -711,6 +718,12 @@ def _evaluate_split(args, sources: list[Source], names: list[str], options: dict
         groups.setdefault(src.path, []).append(src)
     results: dict[str, dict[str, dict]] = {n: {} for n in names}
     cache: dict = {}
+    error = None
+    try:  # as one process does, and every rank stopped with the one that fails
+        _load_saelens_first(sources, args, device, cache, names, options)
+    except (ValueError, OSError, RuntimeError) as e:
+        error = e
+    _agree(error)
     last = {(runs[s.group], s.step): s for s in sources}
     seconds: dict[str, float] = {}  # the previous checkpoint's, keyed by member name ("" for a one-SAE checkpoint)
     with TensorBoardOut(args.logdir if rank == 0 else None, names) as tb:

@@ -284,6 +284,38 @@ def test_the_default_dataset_failing_says_it_is_the_default(tmp_path, capsys):
                           "--dataset", "gsae-corpus"]) == 0
 
 
+def test_under_torchrun_a_saelens_sae_fails_before_the_paths_before_it_are_evaluated(tmp_path, monkeypatch):
+    """As one process does, ``torchrun … evaluate.py`` loads SAELens SAEs and reads their held-out tokens before
+    evaluating anything: a later PATH whose default dataset cannot be read (OpenWebText offline) stopped every rank
+    only after the PATHs before it were evaluated, whose results were then lost. Two ranks are stood in for (rank 0
+    of 2, the exchange of errors a one-rank raise): no evaluation starts, and the error is the one-process one."""
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    import gsae.evals
+    import gsae.evaluate as ev
+    from gsae.export import export_saelens
+
+    export_saelens(build_topk(), tmp_path / "t.saelens",
+                   {"hook": HOOK, "lm": {"name": "random-tiny"}, "context_size": 16, "sae_class": "gsae.sae.TopKSAE"})
+    meta = SAEMetadata(hook_name="blocks.2.hook_resid_pre", model_name="gsae-tiny", context_size=32, prepend_bos=True)
+    sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=128, d_sae=96, metadata=meta)).save_model(tmp_path / "std")
+    args = ev.build_parser().parse_intermixed_args(
+        [str(tmp_path / "t.saelens"), str(tmp_path / "std"), "--benchmarks", "loss_added", "--n-seqs", "2"])
+
+    def agree(error):  # rank 0 of 2 where no other rank failed
+        if error is not None:
+            raise error
+
+    calls = []
+    monkeypatch.setattr(ev, "_ranks", lambda: (0, 2))
+    monkeypatch.setattr(ev, "_agree", agree)
+    monkeypatch.setattr(gsae.evals, "run_split", lambda *a, **k: calls.append(a) or pytest.fail("evaluated"))
+    with pytest.raises(ev.ArgumentError, match=r"^could not open 'Skylion007/openwebtext'.* pass --dataset$"):
+        ev.evaluate(args)
+    assert calls == []
+
+
 def test_a_hook_z_saelens_sae_is_evaluated_on_the_model_saelens_evaluates_with(tmp_path, capsys):
     """SAELens evaluates with ``from_pretrained_no_processing``, which leaves the value biases unfolded; TransformerLens'
     default folds them into b_O, shifting ``hook_z`` by −b_V (the residual stream is the same). A ``hook_z`` SAE's
