@@ -808,3 +808,26 @@ def test_the_summary_of_a_resumed_sweep_run(tmp_path) -> None:
     (one.parent / "s5.ckpt.eval.json").write_text(json.dumps({"step": 5, "results": {"loss_added": {"l0": 8}}}))
     trainer.callbacks = []
     assert newest_evaluation(trainer, [one]) == (5, str(one) + ".eval.json", [("loss_added.l0", "8")])
+    # two JSONs of one step (a stopped run's last.ckpt, evaluated at its newest checkpoint's step): the newer file's
+    for name, l0 in (("s5.ckpt", 8), ("last.ckpt", 9)):
+        (one.parent / f"{name}.eval.json").write_text(json.dumps({"step": 5, "results": {"loss_added": {"l0": l0}}}))
+    assert newest_evaluation(trainer, [one, one.with_name("last.ckpt")]) == (
+        5, str(one.with_name("last.ckpt")) + ".eval.json", [("loss_added.l0", "9")])
+
+
+def test_the_summary_counts_only_this_fits_evaluation_seconds() -> None:
+    """The evaluation callback's seconds are a running total of the process (a notebook's earlier fit, an evaluation
+    before the first step): the summary's ``eval_s`` is what this fit added to it."""
+    from types import SimpleNamespace
+
+    from gsae.callbacks.summary import RunSummary
+
+    evaluation = SimpleNamespace(seconds_total=5.0)
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=1, callbacks=[evaluation], loggers=[],
+                              is_global_zero=True, checkpoint_callback=None, callback_metrics={})
+    module = SimpleNamespace(tokens_seen=0)
+    cb = RunSummary()
+    cb.on_train_start(trainer, module)
+    evaluation.seconds_total, trainer.global_step = 8.0, 4
+    cb.on_train_end(trainer, module)
+    assert cb.summary.eval_s == 3.0

@@ -724,6 +724,8 @@ def test_evaluate_py_without_an_output_skips_the_benchmarks_whose_results_are_fi
     assert "not running latents" in caplog.text
     assert evaluate_main([*base, "--options", small, "--output", str(tmp_path / "r.json")]) == 0
     assert "latents.n_latents" in capsys.readouterr().out and list(tmp_path.glob("r.*.latents.html"))
+    assert evaluate_main([*base, "--options", small, "--logdir", str(tmp_path / "tb")]) == 0  # its texts go there
+    assert "latents.n_latents" in capsys.readouterr().out
     opts = json.dumps({"latents": {"n_latents": 2}})
     assert evaluate_main([*base, "--benchmarks", "loss_added,latents"]) == 0
     assert "latents.n_latents" in capsys.readouterr().out
@@ -940,8 +942,15 @@ def test_evaluate_py_names_a_paths_tensorboard_run_by_its_own_path_whatever_the_
     assert evaluate_main([str(tmp_path / "b" / "last.saelens"), *common]) == 0  # absolute, inside the current folder
     assert evaluate_main(["a/last.saelens", "b/last.saelens", *common]) == 0
     assert sorted(p.name for p in tb.iterdir()) == ["a_last.saelens", "b_last.saelens"]
-    assert tensorboard_runs(["x.ckpt:m", "../y", "sae_lens:rel/id"]) == {
-        "x.ckpt:m": "x.ckpt:m", "../y": str(tmp_path.parent / "y"), "sae_lens:rel/id": "sae_lens:rel/id"}
+    # a PATH named twice: its run gets one point (as a later call replaces it), not two at one step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert evaluate_main(["a/last.saelens", "a/last.saelens", *common]) == 0
+    events = EventAccumulator(str(tb / "a_last.saelens"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("eval/fake/n_tokens")] == [0]
+    assert tensorboard_runs(["x.ckpt:m", "../y", "..", "sae_lens:rel/id"]) == {
+        "x.ckpt:m": "x.ckpt:m", "../y": str(tmp_path.parent / "y"), "..": str(tmp_path.parent),
+        "sae_lens:rel/id": "sae_lens:rel/id"}
 
 
 def test_a_short_held_out_set_is_said_before_training_not_at_the_first_checkpoint(tmp_path):
@@ -988,7 +997,8 @@ def test_a_held_out_set_one_context_short_is_said_and_an_empty_one_is_refused_in
 def test_the_runs_seed_and_options_are_taken_and_the_command_line_wins():
     """evaluate.py takes a checkpoint's recorded seed, benchmarks, n_seqs and options; ``--seed`` and ``--options``
     (per key) win over them."""
-    from gsae.evaluate import Source, _merged_options, build_parser, with_run_settings
+    from gsae.evals import BENCHMARKS, OPT_IN
+    from gsae.evaluate import Source, _batch_size, _benchmarks, _merged_options, build_parser, with_run_settings
 
     run = {"benchmarks": ["steering"], "n_seqs": 4, "seed": 7, "options": {"steering": {"n_latents": 2, "alphas": [0, 5]}}}
     src = Source("a.ckpt", "ckpt", "a.ckpt", "a.ckpt", evaluation=run)
@@ -997,6 +1007,18 @@ def test_the_runs_seed_and_options_are_taken_and_the_command_line_wins():
     assert with_run_settings(build_parser().parse_args(["a.ckpt", "--seed", "3"]), [src]).seed == 3
     merged = _merged_options(args.run_options, {"steering": {"n_latents": 5}}, ["steering"])
     assert merged == {"steering": {"n_latents": 5, "alphas": [0, 5]}}
+    # the run's evaluation batch size is the one evaluate.py uses, unless --batch-size says otherwise
+    src = src._replace(evaluation={**run, "batch_size": 6}, batch_size=2)
+    args = with_run_settings(build_parser().parse_args(["a.ckpt"]), [src])
+    assert _batch_size(args, src, {}) == 6
+    assert _batch_size(with_run_settings(build_parser().parse_args(["a.ckpt", "--batch-size", "3"]), [src]), src, {}) == 3
+    # checkpoints evaluated differently (or SAELens folders) get evaluate.py's defaults, one set for all
+    other = src._replace(label="b.ckpt", evaluation={**run, "seed": 8})
+    args = with_run_settings(build_parser().parse_args(["a.ckpt", "b.ckpt"]), [src, other])
+    assert (args.seed, args.n_seqs, args.benchmarks, args.run_options, args.run_batch_size) == (0, None, None, {}, None)
+    assert _batch_size(args, src, {}) == 2
+    # by default every benchmark but the opt-in ones (plateaus: minutes per SAE)
+    assert _benchmarks(None) == [b for b in BENCHMARKS if b not in OPT_IN] and "plateaus" in BENCHMARKS
 
 
 def test_recorded_data_options_apply_only_to_the_training_dataset():
@@ -1019,3 +1041,135 @@ def test_a_run_folders_last_checkpoint_at_a_new_step_is_kept(tmp_path):
         ("epoch=0-step=5.ckpt", 5), ("epoch=0-step=10.ckpt", 10), ("last.ckpt", 12)]
     torch.save({"global_step": 10}, tmp_path / "last.ckpt")  # a copy of the step-10 one: shown once
     assert [c.name for c, _ in _run_folder(tmp_path)] == ["epoch=0-step=5.ckpt", "epoch=0-step=10.ckpt"]
+
+
+def test_evaluate_py_table_tokens_line_and_short_labels_by_hand():
+    """The printed table (a benchmark's ``SETTINGS`` rows under their own line, six significant digits, columns at
+    least 12 wide), the tokens line (the data options that differ from ``TokenDataModule``'s defaults, "no BOS") and
+    the table's labels (the common leading folder removed), written out by hand."""
+    from gsae.evaluate import short_labels, table, tokens_line
+
+    results = {"loss_added": {"a": {"L_added": 0.0123456789, "n_tokens": 100}, "bb": {"L_added": 2.5, "n_tokens": 7}}}
+    assert table(results, ["a", "bb"]).splitlines() == [
+        " " * 19 + " " + "a".rjust(12) + " " + "bb".rjust(12),  # the longest row name: 19 characters
+        "loss_added.L_added " + " " + "0.0123457".rjust(12) + " " + "2.5".rjust(12),
+        "settings and counts:",
+        "loss_added.n_tokens" + " " + "100".rjust(12) + " " + "7".rjust(12),
+    ]
+    saes = {"x/a.ckpt": {"dataset": "d.txt", "context_size": 16, "prepend_bos": False, "contexts": {"loss_added": 4},
+                         "data_options": {"text_unit": "paragraph", "split": "train", "seed": 0}}}
+    assert tokens_line(saes, {"x/a.ckpt": "a.ckpt"}) == "tokens: d.txt, text_unit paragraph, contexts of 16, no BOS (loss_added 4)"
+    saes["y/b.ckpt"] = {**saes["x/a.ckpt"], "prepend_bos": True, "data_options": {}}
+    assert tokens_line(saes, {"x/a.ckpt": "x/a.ckpt", "y/b.ckpt": "y/b.ckpt"}).splitlines() == [
+        "tokens of x/a.ckpt: d.txt, text_unit paragraph, contexts of 16, no BOS (loss_added 4)",
+        "tokens of y/b.ckpt: d.txt, contexts of 16 (loss_added 4)"]
+    assert short_labels(["runs/a/x.ckpt"]) == {"runs/a/x.ckpt": "x.ckpt"}
+    assert short_labels(["runs/a/x.ckpt", "runs/b/y.ckpt:m", "sae_lens:r/i"]) == {
+        "runs/a/x.ckpt": "a/x.ckpt", "runs/b/y.ckpt:m": "b/y.ckpt:m", "sae_lens:r/i": "sae_lens:r/i"}
+
+
+def test_evaluate_py_passes_its_seed_and_batch_size_and_says_why_a_benchmark_was_skipped(tmp_path, fake_benchmark,
+                                                                                         monkeypatch, capsys):
+    """``--seed`` and ``--batch-size`` reach the benchmark (and the JSON's settings); a benchmark's ``skipped`` reason is
+    printed under the table; the SAE's own context size is capped at the model's n_ctx (here 128, of 1000), and a
+    context size of exactly n_ctx is taken."""
+    from gsae.export import export_saelens
+    from tests.evals import fake_benchmark as fake
+    from tests.evals.helpers import HOOK, build_topk
+
+    seen = {}
+
+    def run(sae, lm, hook, tokens, *, seed=0, **options):
+        seen.update(seed=seed, batch_size=options.get("batch_size"), shape=tuple(tokens.shape), first=tokens[:, 0].tolist(),
+                    bos=lm.bos_token_id)
+        return {"n_tokens": int(tokens.numel()), "hook": hook, "skipped": "fake: nothing to measure here"}
+
+    monkeypatch.setattr(fake, "run", run)
+    export_saelens(build_topk(), tmp_path / "a.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"},
+                                                          "context_size": 1000})
+    out = tmp_path / "res.json"
+    args = [str(tmp_path / "a.saelens"), "--benchmarks", "fake", "--n-seqs", "3", "--output", str(out)]
+    assert evaluate_main([*args, "--seed", "5", "--batch-size", "3"]) == 0
+    assert seen["seed"] == 5 and seen["batch_size"] == 3 and seen["shape"] == (3, 128)
+    assert set(seen["first"]) == {seen["bos"]}  # BOS first: the export records prepend_bos True
+    (setup,) = json.loads(out.read_text())["settings"]["saes"].values()
+    assert setup["batch_size"] == 3 and setup["context_size"] == 128
+    assert "fake skipped for a.saelens: nothing to measure here" in capsys.readouterr().out
+    # a SAELens SAE trained without BOS is evaluated on contexts without it
+    export_saelens(build_topk(), tmp_path / "n.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"},
+                                                          "context_size": 16, "prepend_bos": False})
+    assert evaluate_main([str(tmp_path / "n.saelens"), "--benchmarks", "fake", "--n-seqs", "3"]) == 0
+    assert seen["shape"] == (3, 16) and seen["bos"] not in seen["first"]
+    assert "no BOS" in capsys.readouterr().out
+
+
+def test_evaluate_py_refuses_an_sae_that_cannot_be_evaluated_in_one_line(tmp_path, fake_benchmark, capsys):
+    """NaN weights (their benchmarks gave nulls and an L0 of k), an SAE narrower than its hook, a batch size of 0 and
+    options for a benchmark not run: one ``error:`` line each, exit 1."""
+    from gsae.export import export_saelens
+    from tests.evals.helpers import HOOK, build_topk
+
+    nan = build_topk()
+    with torch.no_grad():
+        nan.W_enc[0, 0] = float("nan")
+    export_saelens(nan, tmp_path / "nan.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"}, "context_size": 16})
+    export_saelens(build_topk(d_in=32), tmp_path / "narrow.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"},
+                                                                      "context_size": 16})
+    export_saelens(build_topk(), tmp_path / "ok.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"}, "context_size": 16})
+    cases = {
+        (str(tmp_path / "nan.saelens"),): "the SAE's W_enc hold NaN or inf values",
+        (str(tmp_path / "narrow.saelens"),): f"the SAE reads 32-wide activations, random-tiny's {HOOK} is 64 wide",
+        (str(tmp_path / "ok.saelens"), "--batch-size", "0"): "--batch-size must be > 0 (got 0)",
+        (str(tmp_path / "ok.saelens"), "--options", '{"loss_added": {"n_seqs": 2}}'):
+            "--options: ['loss_added'] are not among --benchmarks ['fake']",
+    }
+    for args, needle in cases.items():
+        assert evaluate_main([*args, "--benchmarks", "fake", "--n-seqs", "2"]) == 1, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and needle in err and "\n" not in err, (args, err)
+
+
+def test_evaluate_py_device_default_and_a_failed_rank_under_torchrun(monkeypatch):
+    """The default device is cuda where there is one (under torchrun: this process's ``cuda:<LOCAL_RANK>``); a rank
+    without an error of its own stops on another rank's, named by its rank."""
+    import gsae.evaluate as ev
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ev._device(None) == "cuda" and ev._device("cpu") == "cpu"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(ev, "_ranks", lambda: (1, 2))
+    assert ev._device(None) == "cuda:1" and ev._device("cuda:0") == "cuda:0"
+
+    def gather(into, mine):  # rank 0 failed; this is rank 1, which did not
+        into[:] = ["OSError: disk full", mine]
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
+    with pytest.raises(RuntimeError, match=r"^rank 0 failed: OSError: disk full$"):
+        ev._agree(None)
+    with pytest.raises(ValueError, match="its own"):
+        ev._agree(ValueError("its own"))
+
+
+def test_evaluate_py_reads_a_checkpoint_trained_without_bos_without_it(run_dir, tmp_path, fake_benchmark, monkeypatch,
+                                                                       capsys):
+    """A checkpoint of a run whose contexts had no BOS (``--data.prepend_bos false``, as its ``gsae`` section records)
+    is evaluated on contexts without it, and the JSON and the tokens line say so."""
+    from tests.evals import fake_benchmark as fake
+
+    firsts = []
+    monkeypatch.setattr(fake, "run", lambda sae, lm, hook, tokens, **o: firsts.append(
+        (set(tokens[:, 0].tolist()), lm.bos_token_id)) or {"n_tokens": int(tokens.numel()), "hook": hook})
+    state = torch.load(run_dir / "checkpoints" / "epoch=0-step=10.ckpt", weights_only=False)
+    ckpts = {}
+    for bos in (True, False):
+        state["gsae"]["data"]["prepend_bos"] = bos
+        ckpts[bos] = tmp_path / f"bos={bos}.ckpt"
+        torch.save(state, ckpts[bos])
+    out = tmp_path / "res.json"
+    args = [str(ckpts[True]), str(ckpts[False]), "--benchmarks", "fake", "--n-seqs", "2", "--output", str(out)]
+    assert evaluate_main(args) == 0
+    (with_bos, bos_id), (without, _) = firsts
+    assert with_bos == {bos_id} and bos_id not in without
+    saes = json.loads(out.read_text())["settings"]["saes"]
+    assert [saes[str(ckpts[b])]["prepend_bos"] for b in (True, False)] == [True, False]
+    assert "tokens of bos=False.ckpt: gsae-corpus, contexts of 64, no BOS (fake 2)" in capsys.readouterr().out
