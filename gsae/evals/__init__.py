@@ -549,13 +549,13 @@ def run_split(
     tasks = evaluation_tasks(names, list(saes), world, kwargs.get("options"), seconds_before)
     mine_tasks = [tasks[i] for i in split_tasks([task_cost(t, seconds_before) for t in tasks], world)[rank]]
     seconds: dict[str, float] = {}
-    mine, error = {}, None
+    mine, error, trace = {}, None, None
     try:
         mine = run_tasks(mine_tasks, saes, lm, tokens, seconds=seconds, **kwargs)
     except Exception as e:  # noqa: BLE001 - every rank raises below, none waits forever
-        error = e
+        error, trace = e, traceback.format_exc()  # here: after the except block it is "NoneType: None"
     gathered: list[Any] = [None] * world
-    torch.distributed.all_gather_object(gathered, (mine, seconds, None if error is None else traceback.format_exc()))
+    torch.distributed.all_gather_object(gathered, (mine, seconds, trace))
     if error is not None:
         raise error
     failed = next(((r, tb) for r, (_, _, tb) in enumerate(gathered) if tb), None)

@@ -345,3 +345,112 @@ def test_a_hook_outside_the_plan_is_harvested_alone(tiny_lm):
         x, g = harvest(tiny_lm, HOOK, tokens)
         assert torch.equal(x, reference) and g is None
         assert [k[1] for k in cache._store] == [HOOK]  # the planned hooks were not harvested for it
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Two scripted benchmarks on a fake clock: ``many`` (a ``run_many`` taking 6 s for all its SAEs, not applicable to
+    an SAE with ``skip``, raising for one with ``fail="many"``) and ``single`` (a ``run`` of 2 s per SAE, raising for
+    one with ``fail="run"``). ``seen`` records
+    each call with the SAEs' training modes and whether autograd was on."""
+    import sys
+    import types
+
+    from gsae import evals
+
+    clock, seen = [0.0], []
+
+    def run(sae, lm, hook, tokens, *, seed=0, **options):
+        clock[0] += 2.0
+        sae.options = options
+        seen.append(("single", sae.name, sae.training, torch.is_grad_enabled()))
+        if sae.fail == "run":
+            raise RuntimeError("boom\nits details")
+        return {"v": 1.0}
+
+    def run_many(saes, lm, hook, tokens, *, seed=0, **options):
+        clock[0] += 6.0
+        seen.append(("many", tuple(saes), tuple(s.training for s in saes.values()), torch.is_grad_enabled()))
+        if any(s.fail == "many" for s in saes.values()):
+            raise RuntimeError("many boom")
+        return {m: {"v": 2.0} for m in saes}
+
+    for name, fns in (("single", dict(run=run)), ("many", dict(run=run, run_many=run_many,
+                                                              applicable=lambda s, lm, h: "not here" if s.skip else None))):
+        module = types.ModuleType(f"tests.evals.scripted_{name}")
+        module.__dict__.update(fns)
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        monkeypatch.setitem(evals._MODULES, name, module.__name__)
+    monkeypatch.setattr(evals, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def sae(name, training=True, skip=False, fail=""):
+        module = torch.nn.Linear(1, 1).train(training)
+        module.name, module.skip, module.fail = name, skip, fail
+        return module
+
+    return sae, seen
+
+
+def test_a_sweeps_seconds_skips_failures_and_modes(scripted):
+    """``run_many``'s time is split between the SAEs it ran on (a skipped one gets 0 s); a single SAE's seconds are
+    keyed by the benchmark alone; a failing ``run``/``run_many`` is recorded under ``on_error="record"`` and raises by
+    default; every SAE runs in eval mode without autograd, and gets its own training mode back."""
+    make, seen = scripted
+    saes = {"a": make("a"), "b": make("b", training=False, fail="run"), "c": make("c", skip=True)}
+    seconds: dict[str, float] = {}
+    res = run_benchmarks_many(["many", "single"], saes, None, "h", torch.zeros(2, 3, dtype=torch.long),
+                              seconds=seconds, on_error="record")
+    assert res == {"a": {"many": {"v": 2.0}, "single": {"v": 1.0}},
+                   "b": {"many": {"v": 2.0}, "single": {"failed": "RuntimeError: boom"}},
+                   "c": {"many": {"skipped": "not here"}, "single": {"v": 1.0}}}
+    assert seconds == {"a/many": 3.0, "b/many": 3.0, "c/many": 0.0, "a/single": 2.0, "b/single": 2.0, "c/single": 2.0}
+    assert seen[0] == ("many", ("a", "b"), (False, False), False)
+    assert all(not training and not grad for _, _, training, grad in seen[1:])
+    assert [s.training for s in saes.values()] == [True, False, True]
+    one: dict[str, float] = {}
+    alone = make("a")
+    run_benchmarks_many(["single"], {"": alone}, None, "h", torch.zeros(2, 3, dtype=torch.long), seconds=one,
+                        options={"single": {"batch_size": 1}}, batch_size=4, top_n=3)
+    assert one == {"single": 2.0} and alone.options == {"batch_size": 1, "top_n": 3}  # a benchmark's own option wins
+    with pytest.raises(RuntimeError, match="many boom"):
+        run_benchmarks_many(["many"], {"a": make("a"), "b": make("b", fail="many")}, None, "h", torch.zeros(1, 2))
+    with pytest.raises(RuntimeError, match="boom"):
+        run_benchmarks_many(["single"], {"b": make("b", fail="run")}, None, "h", torch.zeros(1, 2))
+    assert saes["a"].training
+
+
+def test_a_stop_check_runs_before_every_benchmark_and_member_and_only_within_its_block(scripted):
+    from gsae.evals import stop_check
+
+    make, seen = scripted
+    saes = {"a": make("a"), "b": make("b")}
+
+    def stop_after(n):
+        def check():
+            if len(seen) >= n:
+                raise _Stop
+        return check
+
+    with stop_check(stop_after(1)), pytest.raises(_Stop):  # between the members of a benchmark
+        run_benchmarks_many(["single", "many"], saes, None, "h", torch.zeros(1, 2))
+    assert [s[:2] for s in seen] == [("single", "a")]
+    seen.clear()
+    with stop_check(stop_after(2)), pytest.raises(_Stop):  # before a benchmark run for every member at once
+        run_benchmarks_many(["single", "many"], saes, None, "h", torch.zeros(1, 2))
+    assert [s[:2] for s in seen] == [("single", "a"), ("single", "b")]
+    seen.clear()
+    run_benchmarks_many(["single", "many"], saes, None, "h", torch.zeros(1, 2))  # the block is left: no check
+    assert len(seen) == 3
+
+
+def test_saes_at_several_hooks_come_back_in_their_order(scripted, tiny_lm):
+    from gsae.evals import run_benchmarks_at
+
+    make, seen = scripted
+    saes = {"x": (make("x"), HOOKS[0]), "y": (make("y"), HOOKS[1]), "z": (make("z"), HOOKS[0])}
+    res = run_benchmarks_at(["single"], saes, tiny_lm, torch.zeros(1, 2, dtype=torch.long))
+    assert list(res) == ["x", "y", "z"] and [s[1] for s in seen] == ["x", "z", "y"]  # run grouped by hook

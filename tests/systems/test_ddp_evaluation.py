@@ -156,6 +156,13 @@ def test_tasks_split_by_cost_cover_everything_once():
         best = max(max(costs), sum(costs) / world)  # a lower bound on any split's busiest rank
         assert max(loads) <= 4 / 3 * best + 1e-9, (world, loads)
     assert split_tasks(costs, 2) == [[0, 3, 5], [1, 2, 4, 6]]  # 7+4+3 = 14 and 5+4+3+1 = 13: LPT's split
+    assert split_tasks([1.0, 5.0], 1) == [[0, 1]]  # a rank's tasks in the order listed, not the costliest first
+    # a whole measured in parts counts only when every member's was; else the default cost (66 per member)
+    assert task_cost(Task(sd, ("a", "b")), {f"a/{sd}#0": 1.0, f"a/{sd}#1": 2.0}) == 132.0
+    assert task_cost(Task(sd, ("a", "b")), {f"a/{sd}#0": 1.0, f"a/{sd}#1": 2.0, f"b/{sd}#0": 4.0}) == 7.0
+    # on 2 ranks, a benchmark measured above a rank's share (1000 of 1116 s) is cut into its parts
+    two = evaluation_tasks(names, [""], 2, seconds={sd: 1000.0})
+    assert [t for t in two if t.benchmark == sd] == [Task(sd, ("",), 0, 2), Task(sd, ("",), 1, 2)]
 
 
 @pytest.mark.slow
@@ -185,6 +192,51 @@ def test_an_evaluation_that_fails_on_one_rank_under_gsae_debug_stops_every_rank(
     proc = start(args, MASTER_PORT=str(free_port()), GSAE_DEBUG="1")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0, out[-3000:]
-    assert "RuntimeError: the evaluation failed on rank 1:" in out and "planted failure on rank 1" in out, out[-3000:]
+    # rank 0's one line names rank 1's error (it said "NoneType: None": the traceback was read after its except block)
+    assert "RuntimeError: the evaluation failed on rank 1: RuntimeError: planted failure on rank 1" in out, out[-3000:]
     assert time.monotonic() - started < 300  # stopped at the failure, not at the process group's timeout
     assert (tmp_path / "run" / "quickstart-topk" / "checkpoints" / "epoch=0-step=2.ckpt").is_file()  # kept
+
+
+def test_run_split_gathers_every_ranks_share_merges_the_parts_and_raises_a_ranks_failure(tiny_lm, monkeypatch):
+    """:func:`run_split` for the two ranks of one evaluation, in one process: the gather replayed from what each rank
+    sends. Rank 0's answer (the benchmarks' order, both ranks' results, the parts merged, every task's seconds) equals
+    the one-process run (:func:`run_benchmarks_at`) to float32 round-off; a rank whose share raises makes rank 0
+    raise, naming it and its error."""
+    from gsae import evals
+    from tests.evals.helpers import HOOK, build_tokens, build_topk
+
+    monkeypatch.setitem(BENCHMARK_COST, "sensitive_directions", 1000.0)  # above a rank's share: in its two parts
+    names = ["sensitive_directions", "loss_added", "dead_latents"]
+    options = {"dead_latents": {"batch_tokens": 20}, "sensitive_directions": {"lengths": [1.0, 3.0], "pool_seqs": 2}}
+    saes, tokens = {"": (build_topk(seed=1), HOOK)}, build_tokens(4, 16)
+    sent: dict[int, tuple] = {}
+
+    def gather_as(rank):
+        def gather(out, obj):
+            sent[rank] = obj
+            out[:] = [sent.get(r, ({}, {}, None)) for r in range(2)]
+        return gather
+
+    runs = {}
+    for rank in (1, 0):
+        monkeypatch.setattr(torch.distributed, "all_gather_object", gather_as(rank))
+        runs[rank] = evals.run_split(names, saes, tiny_lm, tokens, world=2, rank=rank, options=options, batch_size=2)
+    everything, seconds, mine = runs[0]
+    theirs = runs[1][2]
+    assert mine == [Task("sensitive_directions", ("",), 0, 2), Task("loss_added", ("",))]
+    assert theirs == [Task("sensitive_directions", ("",), 1, 2), Task("dead_latents", ("",))]
+    assert set(seconds) == {"sensitive_directions#0", "sensitive_directions#1", "loss_added", "dead_latents"}
+    assert list(everything) == [""] and list(everything[""]) == names
+    want = evals.run_benchmarks_at(names, saes, tiny_lm, tokens, options=options, batch_size=2)
+    _same(json.loads(json_text(everything)), json.loads(json_text(want)))
+
+    sent.clear()
+    monkeypatch.setattr(evals, "run_tasks", lambda *a, **k: (_ for _ in ()).throw(ValueError("planted failure")))
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather_as(1))
+    with pytest.raises(ValueError, match="planted failure"):
+        evals.run_split(names, saes, tiny_lm, tokens, world=2, rank=1, options=options, batch_size=2)
+    monkeypatch.setattr(evals, "run_tasks", lambda *a, **k: {})
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather_as(0))
+    with pytest.raises(RuntimeError, match="the evaluation failed on rank 1: ValueError: planted failure"):
+        evals.run_split(names, saes, tiny_lm, tokens, world=2, rank=0, options=options, batch_size=2)
