@@ -219,8 +219,8 @@ class SAECheckpoint(ModelCheckpoint):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the checkpoint bookkeeping, also when the run folder was moved, copied or spelled another way
-        (``--trainer.default_root_dir runs`` then ``/abs/runs``): Lightning then drops ``last_model_path``, so the next
-        save, finding ``last.ckpt`` there, writes ``last-v1.ckpt`` and leaves ``last.ckpt`` at the old step. The saved
+        (``--trainer.default_root_dir runs`` then ``/abs/runs``): Lightning then warns that the dirpath changed and drops
+        the saved paths, so ``save_top_k`` no longer knew the checkpoints it had kept (nor ``last.ckpt``'s). The saved
         paths are taken as the same files in this folder."""
         saved = state_dict.get("dirpath")
         if saved and self.dirpath and saved != self.dirpath:
