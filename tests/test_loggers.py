@@ -48,10 +48,12 @@ def test_scalars_match_lightnings_logger(tmp_path, prefix):
 
 
 def test_one_call_is_one_event(tmp_path):
+    """Numbers and one-element tensors (half of them here) alike: one event of 140 values, not one event each."""
     logger = TensorBoardLogger(str(tmp_path), name="run")
-    logger.log_metrics({f"train/m{i}/nmse": i / 7 for i in range(140)}, step=3)
+    logger.log_metrics({f"train/m{i}/nmse": torch.tensor(i / 7) if i % 2 else i / 7 for i in range(140)}, step=3)
     logger.finalize("success")
-    assert len(_read(tmp_path / "run" / "version_0")) == 140
+    got = _read(tmp_path / "run" / "version_0")
+    assert len(got) == 140 and got["train/m3/nmse"] == [(3, pytest.approx(3 / 7))]
     (events,) = list((tmp_path / "run" / "version_0").glob("events.out.tfevents.*"))
     summaries = [e for e in EventFileLoader(str(events)).Load() if e.HasField("summary")]
     assert len(summaries) == 1 and len(summaries[0].summary.value) == 140 and summaries[0].step == 3

@@ -613,6 +613,42 @@ def test_the_plain_lines_of_a_run_with_a_validation(monkeypatch) -> None:
     ]
 
 
+def test_the_rate_leaves_out_the_time_of_a_checkpoint_saved_at_the_step_before(monkeypatch) -> None:
+    """A checkpoint saved after a step (with the evaluation run there) is not training: tokens/s leaves its time out as
+    it does a validation's; the next step, after no checkpoint, keeps the time since (its data loading) in."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from gsae.callbacks import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    bar, trainer = progress.StepProgressBar(), _bar_trainer(max_steps=4, every=1)
+    trainer.checkpoint_callback = SimpleNamespace(_last_global_step_saved=0)
+    bar.on_train_start(trainer, None)
+    _steps(bar, trainer, clock, [(1, 0.0, 1.0, {"train/tokens_seen": torch.tensor(100.0)})])
+    trainer.checkpoint_callback._last_global_step_saved = 1  # step 1's checkpoint: 10 s before step 2's batch
+    _steps(bar, trainer, clock, [(2, 11.0, 12.0, {"train/tokens_seen": torch.tensor(200.0)}),
+                                 (3, 16.0, 17.0, {"train/tokens_seen": torch.tensor(300.0)})])
+    rates = [line.split("tokens/s ")[1].split()[0] for line in out.getvalue().splitlines() if "tokens/s" in line]
+    assert rates == ["100", "20"]  # 100 tokens in 1 s of training; then in the 5 s since step 2's end
+
+
+def test_the_bar_of_a_run_resumed_past_its_max_steps_is_full_not_longer(monkeypatch) -> None:
+    """A checkpoint at step 6 resumed with ``max_steps`` 4: the bar is drawn full, its width, not 6/4 of it."""
+    from gsae.callbacks import progress
+
+    tty = _TTY()
+    monkeypatch.setattr(sys, "stdout", tty)
+    bar, trainer = progress.StepProgressBar(bar_width=4), _bar_trainer(max_steps=4, every=1, step=6)
+    bar.on_train_start(trainer, None)
+    bar.on_train_end(trainer, None)
+    assert tty.getvalue() == "\rstep 6/4 ━━━━ 0:00:00<?\n"
+
+
 def test_an_endless_or_resumed_run_s_plain_lines(monkeypatch) -> None:
     """``--trainer.max_steps -1`` (train until stopped): ``step n/?`` and no eta, on a line or on the bar. A run
     resumed at step 10 under gradient accumulation prints nothing for the batches before its first optimizer step."""

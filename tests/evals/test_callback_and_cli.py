@@ -527,6 +527,7 @@ def test_evaluate_py_writes_artifacts_next_to_output(tmp_path, fake_benchmark, c
     rc = evaluate_main([str(tmp_path / "a.saelens"), "--benchmarks", "fake", "--n-seqs", "3", "--output", str(out)])
     assert rc == 0
     (art,) = list(out.parent.glob("res.*.fake.html"))
+    assert art.name == "res.a.saelens.fake.html"  # named by the SAE's table label (its folders left out), not its path
     # which SAE: the path given, the LM, the hook, SAELens's architecture and the width (a file read on its own)
     assert art.read_text() == (f"<p>48 tokens at {HOOK} ({tmp_path / 'a.saelens'} · random-tiny · {HOOK} · "
                                "saelens:topk · d_sae 128 · k 8)</p>")
@@ -672,6 +673,11 @@ def test_evaluate_py_ctrl_c_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(ev, "evaluate", interrupted)
     assert ev.main([str(tmp_path / "x.ckpt")]) == 130
     assert capsys.readouterr().err.strip() == "stopped (Ctrl+C)"
+    for error, line in ((RuntimeError("CUDA out of memory.\nTried to allocate 2.00 GiB"), "CUDA out of memory."),
+                        (OSError(), "OSError")):  # an error of several lines: its first; none: its type
+        monkeypatch.setattr(ev, "evaluate", lambda args, error=error: (_ for _ in ()).throw(error))
+        assert ev.main([str(tmp_path / "x.ckpt")]) == 1
+        assert capsys.readouterr().err == f"error: {line}\n"
 
 
 def test_evaluate_tensorboard_run_reads_back_in_step_order_across_a_writer_counter_digit(tmp_path, fake_benchmark,
@@ -1028,6 +1034,54 @@ def test_recorded_data_options_apply_only_to_the_training_dataset():
     args = build_parser().parse_args(["a.ckpt"])
     assert _token_options(args, src, {}, "train.txt") == {"text_unit": "line"}
     assert _token_options(args, src, {}, "other.jsonl") == {}
+
+
+def test_a_checkpoints_info_has_its_training_batch_size_and_its_data_description_over_its_stream_options(tmp_path):
+    """What evaluate.py reads of a checkpoint: the training batch size (the data module's: the evaluation's batch size
+    when the run recorded no evaluation settings) and the data options, the run's data description (``gsae``
+    section) over the data module's saved stream options, which only fill in what the description lacks."""
+    from gsae.evaluate import _ckpt_info
+
+    torch.save({"global_step": 7, "TokenDataModule": {
+        "dataset": "d.txt", "batch_size": 3, "text_unit": "document",
+        "position_options": {"dataset": "d.txt", "split": "train", "text_column": "text", "val_documents": 50}},
+        "gsae": {"data": {"text_unit": "paragraph", "text_column": "content"}}}, tmp_path / "a.ckpt")
+    step, dataset, batch_size, hooks, evaluation, options = _ckpt_info(tmp_path / "a.ckpt")
+    assert (step, dataset, batch_size, hooks, evaluation) == (7, "d.txt", 3, None, None)
+    assert options == {"split": "train", "val_documents": 50, "text_column": "content", "text_unit": "paragraph"}
+
+
+def test_an_empty_held_out_set_is_refused_in_one_line(tmp_path, tiny_lm):
+    """A held-out set that gives no context (a run's ``val_documents`` 0): refused by name, not handed to the
+    benchmarks as an empty tensor."""
+    from gsae.evaluate import ArgumentError, held_out_tokens
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello world this is text\n\nmore text here\n")
+    assert held_out_tokens(tiny_lm, str(text), 16, 2).shape == (2, 16)
+    with pytest.raises(ArgumentError, match=r"^--dataset '.*t\.txt': no validation contexts$"):
+        held_out_tokens(tiny_lm, str(text), 16, 2, val_documents=0)
+
+
+def test_evaluate_py_says_which_model_did_not_load_and_names_a_recorded_dataset_that_is_gone(run_dir, tmp_path,
+                                                                                               capsys):
+    """An LM that does not load is ``--model``'s when given (train.py's option name replaced), and a checkpoint
+    whose recorded training dataset (a local file) is gone gets that file's error alone: not the hint for an SAE
+    that records no dataset ("… is evaluate.py's default … pass --dataset")."""
+    from gsae.export import export_saelens
+    from tests.evals.helpers import HOOK, build_topk
+
+    export_saelens(build_topk(), tmp_path / "a.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"}, "context_size": 16})
+    assert evaluate_main([str(tmp_path / "a.saelens"), "--benchmarks", "loss_added", "--n-seqs", "2",
+                          "--model", "random-nope"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --model: unknown random preset 'random-nope'; choose from"), err
+    state = torch.load(run_dir / "checkpoints" / "epoch=0-step=10.ckpt", weights_only=False)
+    gone = tmp_path / "gone.txt"
+    state["TokenDataModule"]["dataset"] = state["gsae"]["data"]["dataset"] = str(gone)
+    torch.save(state, tmp_path / "g.ckpt")
+    assert evaluate_main([str(tmp_path / "g.ckpt"), "--benchmarks", "loss_added", "--n-seqs", "2"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --dataset: local path {str(gone)!r} does not exist"
 
 
 def test_a_run_folders_last_checkpoint_at_a_new_step_is_kept(tmp_path):
