@@ -36,12 +36,14 @@ what the command without torchrun would.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -557,6 +559,18 @@ def _agree(error: BaseException | None) -> None:
         raise RuntimeError(f"rank {failed[0]} failed: {failed[1]}")
 
 
+@contextlib.contextmanager
+def _together() -> Iterator[None]:
+    """Run the block on every rank and :func:`_agree` on its outcome: a load error (``ValueError``, ``OSError``,
+    ``RuntimeError``, as :func:`main` reports them) raised on every rank, so none waits for the failed one."""
+    error = None
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError) as e:
+        error = e
+    _agree(error)
+
+
 def _check_outputs(args: argparse.Namespace) -> None:
     """``--output`` and ``--logdir`` checked before any work (the JSON used to fail after the whole evaluation)."""
     if args.output:
@@ -718,26 +732,19 @@ def _evaluate_split(args, sources: list[Source], names: list[str], options: dict
         groups.setdefault(src.path, []).append(src)
     results: dict[str, dict[str, dict]] = {n: {} for n in names}
     cache: dict = {}
-    error = None
-    try:  # as one process does, and every rank stopped with the one that fails
+    with _together():  # as one process does, and every rank stopped with the one that fails
         _load_saelens_first(sources, args, device, cache, names, options)
-    except (ValueError, OSError, RuntimeError) as e:
-        error = e
-    _agree(error)
     last = {(runs[s.group], s.step): s for s in sources}
     seconds: dict[str, float] = {}  # the previous checkpoint's, keyed by member name ("" for a one-SAE checkpoint)
     with TensorBoardOut(args.logdir if rank == 0 else None, names) as tb:
         for members in groups.values():
-            saes, key, loaded, error = {}, {}, [], None
-            try:
+            saes, key, loaded = {}, {}, []
+            with _together():
                 for src in members:
                     # by member name, so the next checkpoint's split finds these timings (the label, if one repeats)
                     key[src.label] = (src.member or "") if (src.member or "") not in saes else src.label
                     loaded.append(_load_with_lm(src, args, device, cache, names, options))
                     saes[key[src.label]] = (loaded[-1][0], loaded[-1][3])
-            except (ValueError, OSError, RuntimeError) as e:
-                error = e
-            _agree(error)
             _, meta, lm, hook, toks, counts = loaded[0]  # a checkpoint's members share the LM and the tokens
             per_benchmark = tokens_per_benchmark(counts, toks, lm, options)
             for src, (sae, its_meta, _, its_hook, _, _) in zip(members, loaded):
