@@ -21,6 +21,16 @@ def build_topk(d_in: int = 64, d_sae: int = 128, k: int = 8, **kw) -> TopKSAE:
     return TopKSAE(d_in, d_sae=d_sae, k=k, **kw)
 
 
+def export_tiny(path, sae: SparseAutoencoder | None = None, **meta):
+    """``sae`` (default :func:`build_topk`) written in SAELens format to the folder ``path``, as an SAE of random-tiny's
+    ``HOOK`` trained on contexts of 16; ``meta`` adds to or overrides that record. Returns ``path``."""
+    from gsae.export import export_saelens
+
+    export_saelens(build_topk() if sae is None else sae, path,
+                   {"hook": HOOK, "lm": {"name": "random-tiny"}, "context_size": 16, **meta})
+    return path
+
+
 class IdentitySAE(SparseAutoencoder):
     """``x̂ = x`` exactly: latents are the coordinates of ``x`` (``W_enc = W_dec = I``, biases 0)."""
 

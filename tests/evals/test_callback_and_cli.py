@@ -519,10 +519,9 @@ def test_a_sweeps_members_on_a_plain_tensorboard_logger_are_tagged_with_their_na
 
 
 def test_evaluate_py_writes_artifacts_next_to_output(tmp_path, fake_benchmark, capsys):
-    from gsae.export import export_saelens
-    from tests.evals.helpers import HOOK, build_topk
+    from tests.evals.helpers import HOOK, export_tiny
 
-    export_saelens(build_topk(), tmp_path / "a.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"}, "context_size": 16})
+    export_tiny(tmp_path / "a.saelens")
     out = tmp_path / "out" / "res.json"
     rc = evaluate_main([str(tmp_path / "a.saelens"), "--benchmarks", "fake", "--n-seqs", "3", "--output", str(out)])
     assert rc == 0
@@ -538,13 +537,12 @@ def test_evaluate_py_output_is_strict_json_and_a_failed_write_is_one_line(tmp_pa
     """A metric undefined on the set (NaN) is written ``null`` (Python's ``NaN`` is not JSON: jq and JavaScript
     reject it); writing the results or their artifacts fails with one ``error:`` line, not a traceback after the
     whole evaluation (an artifact's name too long for the filesystem, here)."""
-    from gsae.export import export_saelens
     from tests.evals import fake_benchmark as fake
-    from tests.evals.helpers import HOOK, build_topk
+    from tests.evals.helpers import HOOK, export_tiny
 
     monkeypatch.setattr(fake, "run", lambda *a, seed=0, **o: {"n_tokens": 3, "hook": HOOK, "ratio": float("nan"),
                                                               "curve": [1.0, float("inf")]})
-    export_saelens(build_topk(), tmp_path / "a.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"}, "context_size": 16})
+    export_tiny(tmp_path / "a.saelens")
     args = [str(tmp_path / "a.saelens"), "--benchmarks", "fake", "--n-seqs", "3"]
     out = tmp_path / "res.json"
     assert evaluate_main([*args, "--output", str(out)]) == 0
@@ -717,10 +715,9 @@ def test_evaluate_py_without_an_output_skips_the_benchmarks_whose_results_are_fi
     its settings, for its cost."""
     import logging
 
-    from gsae.export import export_saelens
-    from tests.evals.helpers import HOOK, build_topk
+    from tests.evals.helpers import export_tiny
 
-    export_saelens(build_topk(), tmp_path / "a.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"}, "context_size": 16})
+    export_tiny(tmp_path / "a.saelens")
     small = json.dumps({**SMALL_OPTIONS, "steering": {**SMALL_OPTIONS["steering"], "alphas": [0, 50]}})
     base = [str(tmp_path / "a.saelens"), "--n-seqs", "2", "--device", "cpu"]
     with caplog.at_level(logging.INFO, logger="gsae.evaluate"):
@@ -934,14 +931,12 @@ def test_evaluate_py_names_a_paths_tensorboard_run_by_its_own_path_whatever_the_
     ``last.saelens``, so another call's ``b/last.saelens`` (another SAE) drew on the same curve, and ``a``'s SAE
     evaluated beside ``b`` got a second run. Now each PATH's run is its path from the current folder."""
     from gsae.evaluate import tensorboard_runs
-    from gsae.export import export_saelens
-    from tests.evals.helpers import HOOK, build_topk
+    from tests.evals.helpers import export_tiny
 
     monkeypatch.chdir(tmp_path)
     for run, seed in (("a", 0), ("b", 1)):
         torch.manual_seed(seed)
-        export_saelens(build_topk(), tmp_path / run / "last.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"},
-                                                                        "context_size": 16})
+        export_tiny(tmp_path / run / "last.saelens")
     tb = tmp_path / "tb"
     common = ["--benchmarks", "fake", "--n-seqs", "3", "--logdir", str(tb)]
     assert evaluate_main(["a/last.saelens", *common]) == 0
@@ -1068,10 +1063,9 @@ def test_evaluate_py_says_which_model_did_not_load_and_names_a_recorded_dataset_
     """An LM that does not load is ``--model``'s when given (train.py's option name replaced), and a checkpoint
     whose recorded training dataset (a local file) is gone gets that file's error alone: not the hint for an SAE
     that records no dataset ("… is evaluate.py's default … pass --dataset")."""
-    from gsae.export import export_saelens
-    from tests.evals.helpers import HOOK, build_topk
+    from tests.evals.helpers import export_tiny
 
-    export_saelens(build_topk(), tmp_path / "a.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"}, "context_size": 16})
+    export_tiny(tmp_path / "a.saelens")
     assert evaluate_main([str(tmp_path / "a.saelens"), "--benchmarks", "loss_added", "--n-seqs", "2",
                           "--model", "random-nope"]) == 1
     err = capsys.readouterr().err.strip()
@@ -1127,9 +1121,8 @@ def test_evaluate_py_passes_its_seed_and_batch_size_and_says_why_a_benchmark_was
     """``--seed`` and ``--batch-size`` reach the benchmark (and the JSON's settings); a benchmark's ``skipped`` reason is
     printed under the table; the SAE's own context size is capped at the model's n_ctx (here 128, of 1000), and a
     context size of exactly n_ctx is taken."""
-    from gsae.export import export_saelens
     from tests.evals import fake_benchmark as fake
-    from tests.evals.helpers import HOOK, build_topk
+    from tests.evals.helpers import export_tiny
 
     seen = {}
 
@@ -1139,8 +1132,7 @@ def test_evaluate_py_passes_its_seed_and_batch_size_and_says_why_a_benchmark_was
         return {"n_tokens": int(tokens.numel()), "hook": hook, "skipped": "fake: nothing to measure here"}
 
     monkeypatch.setattr(fake, "run", run)
-    export_saelens(build_topk(), tmp_path / "a.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"},
-                                                          "context_size": 1000})
+    export_tiny(tmp_path / "a.saelens", context_size=1000)
     out = tmp_path / "res.json"
     args = [str(tmp_path / "a.saelens"), "--benchmarks", "fake", "--n-seqs", "3", "--output", str(out)]
     assert evaluate_main([*args, "--seed", "5", "--batch-size", "3"]) == 0
@@ -1150,8 +1142,7 @@ def test_evaluate_py_passes_its_seed_and_batch_size_and_says_why_a_benchmark_was
     assert setup["batch_size"] == 3 and setup["context_size"] == 128
     assert "fake skipped for a.saelens: nothing to measure here" in capsys.readouterr().out
     # a SAELens SAE trained without BOS is evaluated on contexts without it
-    export_saelens(build_topk(), tmp_path / "n.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"},
-                                                          "context_size": 16, "prepend_bos": False})
+    export_tiny(tmp_path / "n.saelens", prepend_bos=False)
     assert evaluate_main([str(tmp_path / "n.saelens"), "--benchmarks", "fake", "--n-seqs", "3"]) == 0
     assert seen["shape"] == (3, 16) and seen["bos"] not in seen["first"]
     assert "no BOS" in capsys.readouterr().out
@@ -1160,16 +1151,14 @@ def test_evaluate_py_passes_its_seed_and_batch_size_and_says_why_a_benchmark_was
 def test_evaluate_py_refuses_an_sae_that_cannot_be_evaluated_in_one_line(tmp_path, fake_benchmark, capsys):
     """NaN weights (their benchmarks gave nulls and an L0 of k), an SAE narrower than its hook, a batch size of 0 and
     options for a benchmark not run: one ``error:`` line each, exit 1."""
-    from gsae.export import export_saelens
-    from tests.evals.helpers import HOOK, build_topk
+    from tests.evals.helpers import HOOK, build_topk, export_tiny
 
     nan = build_topk()
     with torch.no_grad():
         nan.W_enc[0, 0] = float("nan")
-    export_saelens(nan, tmp_path / "nan.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"}, "context_size": 16})
-    export_saelens(build_topk(d_in=32), tmp_path / "narrow.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"},
-                                                                      "context_size": 16})
-    export_saelens(build_topk(), tmp_path / "ok.saelens", {"hook": HOOK, "lm": {"name": "random-tiny"}, "context_size": 16})
+    export_tiny(tmp_path / "nan.saelens", nan)
+    export_tiny(tmp_path / "narrow.saelens", build_topk(d_in=32))
+    export_tiny(tmp_path / "ok.saelens")
     cases = {
         (str(tmp_path / "nan.saelens"),): "the SAE's W_enc hold NaN or inf values",
         (str(tmp_path / "narrow.saelens"),): f"the SAE reads 32-wide activations, random-tiny's {HOOK} is 64 wide",

@@ -20,7 +20,7 @@ from gsae.saelens_adapter import (
     load_saelens_folder,
     load_saelens_pretrained,
 )
-from tests.evals.helpers import HOOK, build_tokens, build_topk
+from tests.evals.helpers import HOOK, build_tokens, build_topk, export_tiny
 
 
 @pytest.fixture
@@ -294,10 +294,8 @@ def test_under_torchrun_a_saelens_sae_fails_before_the_paths_before_it_are_evalu
 
     import gsae.evals
     import gsae.evaluate as ev
-    from gsae.export import export_saelens
 
-    export_saelens(build_topk(), tmp_path / "t.saelens",
-                   {"hook": HOOK, "lm": {"name": "random-tiny"}, "context_size": 16, "sae_class": "gsae.sae.TopKSAE"})
+    export_tiny(tmp_path / "t.saelens", sae_class="gsae.sae.TopKSAE")
     meta = SAEMetadata(hook_name="blocks.2.hook_resid_pre", model_name="gsae-tiny", context_size=32, prepend_bos=True)
     sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=128, d_sae=96, metadata=meta)).save_model(tmp_path / "std")
     args = ev.build_parser().parse_intermixed_args(
